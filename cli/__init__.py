@@ -1,0 +1,1 @@
+"""The ``pytunnel`` command line: a thin click front end over the library."""

@@ -1,0 +1,689 @@
+"""A multiplexed session over any trio ``Stream``: the only place where frames meet I/O.
+
+One reader task feeds transport bytes into the sans-IO :class:`Multiplexer` and dispatches its
+events to :class:`MuxStream` objects; one writer task drains the multiplexer's queued frames to
+the transport, coalescing whatever accumulated since its last write into a single ``send_all``.
+There is no task per frame or per stream: application tasks calling ``send_all`` enqueue frames
+synchronously and park only when the stream's window or the session's write buffer is full.
+
+Both background tasks live in the session's own nursery, so leaving :func:`open_session` (or
+losing the transport, or a protocol violation) ends them and wakes every parked stream with
+``ClosedResourceError`` (we closed) or ``BrokenResourceError`` (the peer or transport did).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import TracebackType
+
+import attrs
+import trio
+
+from .errors import (
+    ErrorCode,
+    LocalProtocolError,
+    RemoteProtocolError,
+    SessionClosedError,
+    StreamLimitError,
+    TunnelError,
+    goaway_error,
+    refusal_error,
+)
+from .protocol.frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder
+from .protocol.mux import (
+    DEFAULT_MAX_DATA_CHUNK,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_WINDOW,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    Multiplexer,
+    PingReceived,
+    PongReceived,
+    Role,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamRefused,
+    StreamReset,
+    WindowOpened,
+)
+
+__all__ = [
+    "IncomingStream",
+    "MuxStream",
+    "Session",
+    "SessionConfig",
+    "StreamResetError",
+    "open_session",
+]
+
+log = logging.getLogger("pytunnel.session")
+
+
+@attrs.frozen
+class SessionConfig:
+    """Tunables of one multiplexed session. The defaults are measured; see performance.md."""
+
+    #: Receive window announced for every stream (bytes buffered per stream at most).
+    window: int = DEFAULT_WINDOW
+    #: Largest frame body accepted from the peer.
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    #: Largest payload per Data frame we send.
+    max_data_chunk: int = DEFAULT_MAX_DATA_CHUNK
+    #: Concurrently open streams (both directions); further opens are refused.
+    max_streams: int = DEFAULT_MAX_STREAMS
+    #: Senders park once this many bytes are queued for the transport.
+    write_buffer_high: int = 256 * 1024
+    #: ``max_bytes`` for each transport ``receive_some``.
+    receive_size: int = 256 * 1024
+    #: How long a graceful close waits to flush ``GoAway`` before dropping the transport.
+    close_timeout: float = 1.0
+
+
+class StreamResetError(TunnelError):
+    """The peer reset the stream; ``code`` is the reason it gave. Raised as the ``__cause__``
+    of the ``BrokenResourceError`` that stream operations raise."""
+
+    default_code = ErrorCode.CANCELLED
+
+
+class _ConflictDetector:
+    """Raise ``BusyResourceError`` when two tasks use the same half of a stream at once."""
+
+    __slots__ = ("_held", "_what")
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._held = False
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(f"another task is already {self._what}")
+        self._held = True
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._held = False
+
+
+class MuxStream(trio.abc.HalfCloseableStream):
+    """One stream of a session: a full-duplex, half-closeable trio stream.
+
+    ``receive_some`` returns buffered chunks without copying when it can; the buffer never holds
+    more than the stream's receive window because the peer may not send more than that.
+    """
+
+    def __init__(
+        self, session: Session, stream_id: int, host: str = "", port: int = 0, tag: int = 0
+    ) -> None:
+        self._session = session
+        self.stream_id = stream_id
+        #: What the opener asked for (target address and application tag).
+        self.host = host
+        self.port = port
+        self.tag = tag
+        self._buffer: deque[bytes] = deque()
+        self._buffered = 0
+        self._eof = False
+        self._fin_sent = False
+        self._closed = False
+        self._broken: BaseException | None = None
+        self._receive_lot = trio.lowlevel.ParkingLot()
+        self._send_lot = trio.lowlevel.ParkingLot()
+        self._receive_conflict = _ConflictDetector("receiving on this stream")
+        self._send_conflict = _ConflictDetector("sending on this stream")
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def __repr__(self) -> str:
+        return f"<MuxStream {self.stream_id} {self.host}:{self.port}>"
+
+    # -------------------------------------------------------------- called by the session
+
+    def _on_data(self, data: bytes) -> None:
+        self._buffer.append(data)
+        self._buffered += len(data)
+        self.bytes_received += len(data)
+        self._receive_lot.unpark_all()
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        self._receive_lot.unpark_all()
+
+    def _break(self, cause: BaseException) -> None:
+        if self._broken is None:
+            self._broken = cause
+        self._buffer.clear()
+        self._buffered = 0
+        self._receive_lot.unpark_all()
+        self._send_lot.unpark_all()
+
+    def _wake_sender(self) -> None:
+        self._send_lot.unpark_all()
+
+    def _check_send(self) -> None:
+        if self._closed or self._fin_sent:
+            raise trio.ClosedResourceError("stream was closed for sending")
+        if self._broken is not None:
+            raise trio.BrokenResourceError("stream is broken") from self._broken
+
+    # -------------------------------------------------------------- trio stream API
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Next chunk of data, ``b""`` at the peer's Fin."""
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
+        with self._receive_conflict:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed")
+                if self._buffer:
+                    break
+                if self._broken is not None:
+                    raise trio.BrokenResourceError("stream is broken") from self._broken
+                if self._eof:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return b""
+                await self._receive_lot.park()
+            chunk = self._buffer.popleft()
+            if max_bytes is not None and len(chunk) > max_bytes:
+                self._buffer.appendleft(chunk[max_bytes:])
+                chunk = chunk[:max_bytes]
+            self._buffered -= len(chunk)
+            self._session._consumed(self.stream_id, len(chunk))
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return chunk
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send every byte, parking while the peer's window or our write buffer is full."""
+        with self._send_conflict:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_send()
+            session = self._session
+            mux = session._mux
+            with memoryview(data) as view:
+                view = view.cast("B")
+                total = len(view)
+                pos = 0
+                while pos < total:
+                    self._check_send()
+                    window = mux.send_window(self.stream_id)
+                    if window <= 0:
+                        await self._send_lot.park()
+                        continue
+                    size = min(window, total - pos)
+                    mux.send_data(self.stream_id, view[pos : pos + size])
+                    pos += size
+                    self.bytes_sent += size
+                    session._kick_writer()
+                    await session._wait_drained()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Return once the peer's window has room (or the stream can no longer send)."""
+        with self._send_conflict:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_send()
+            while self._broken is None and not self._closed:
+                if self._session._mux.send_window(self.stream_id) > 0:
+                    break
+                await self._send_lot.park()
+            self._check_send()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def send_eof(self) -> None:
+        """Half-close: the peer reads ``b""`` after everything sent so far. Idempotent."""
+        with self._send_conflict:
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if not self._fin_sent:
+                if self._broken is not None:
+                    raise trio.BrokenResourceError("stream is broken") from self._broken
+                self._fin_sent = True
+                self._session._send_fin(self.stream_id)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def aclose(self) -> None:
+        """Close both directions. Clean (Fin) if everything received was read, else Reset.
+
+        Completes its work before its checkpoint, so a cancelled ``aclose`` still closes.
+        """
+        if not self._closed:
+            self._closed = True
+            unread = bool(self._buffer)
+            self._buffer.clear()
+            self._buffered = 0
+            self._session._close_stream(self.stream_id, abort=unread)
+            self._receive_lot.unpark_all()
+            self._send_lot.unpark_all()
+        await trio.lowlevel.checkpoint()
+
+
+class IncomingStream:
+    """A stream the peer asked to open; answer with :meth:`accept` or :meth:`refuse`."""
+
+    def __init__(self, session: Session, stream: MuxStream) -> None:
+        self._session = session
+        self._stream = stream
+        self._answered = False
+
+    @property
+    def stream_id(self) -> int:
+        return self._stream.stream_id
+
+    @property
+    def host(self) -> str:
+        return self._stream.host
+
+    @property
+    def port(self) -> int:
+        return self._stream.port
+
+    @property
+    def tag(self) -> int:
+        return self._stream.tag
+
+    def accept(self) -> MuxStream:
+        """Open the stream and return it (no I/O wait: the Accept is queued)."""
+        self._answer()
+        self._session._accept(self._stream)
+        return self._stream
+
+    def refuse(self, code: int, message: str = "") -> None:
+        """Refuse the stream; ``code`` (an ``ErrorCode``) becomes the opener's exception."""
+        self._answer()
+        self._session._refuse(self._stream, code, message)
+
+    def _answer(self) -> None:
+        if self._answered:
+            raise LocalProtocolError("this stream was already answered")
+        self._answered = True
+        if self._session.closed:
+            raise SessionClosedError("session is closed") from self._session.close_reason
+
+
+class Session:
+    """Many streams over one transport. Create with :func:`open_session`."""
+
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        role: Role,
+        config: SessionConfig,
+        *,
+        decoder: FrameDecoder | None = None,
+        peer_max_frame_size: int | None = None,
+        name: str = "",
+    ) -> None:
+        self._transport = transport
+        self.role = role
+        self.config = config
+        self.name = name or role.name.lower()
+        self._mux = Multiplexer(
+            role,
+            window=config.window,
+            max_frame_size=config.max_frame_size,
+            peer_max_frame_size=peer_max_frame_size or config.max_frame_size,
+            max_data_chunk=config.max_data_chunk,
+            max_streams=config.max_streams,
+            decoder=decoder,
+        )
+        self._streams: dict[int, MuxStream] = {}
+        self._opening: dict[int, trio.Event] = {}
+        self._refusals: dict[int, BaseException] = {}
+        # Bounded in practice by max_streams: the multiplexer refuses opens beyond it.
+        self._incoming_send, self._incoming_receive = trio.open_memory_channel[IncomingStream](
+            math.inf
+        )
+        self._pings: dict[int, trio.Event] = {}
+        self._next_ping = 0
+        self._write_event = trio.Event()
+        self._drain_lot = trio.lowlevel.ParkingLot()
+        self._closed_event = trio.Event()
+        self._cancel_scope = trio.CancelScope()
+        self.close_reason: BaseException | None = None
+        #: True when we ended the session (streams then raise ClosedResourceError).
+        self._closed_locally = False
+        self.bytes_written = 0
+        self.bytes_read = 0
+
+    def __repr__(self) -> str:
+        return f"<Session {self.name} streams={len(self._streams)} closed={self.closed}>"
+
+    # -------------------------------------------------------------- public API
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_event.is_set()
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    async def wait_closed(self) -> None:
+        """Wait until the session has ended, for whatever reason (see ``close_reason``)."""
+        await self._closed_event.wait()
+
+    async def open_stream(self, host: str = "", port: int = 0, tag: int = 0) -> MuxStream:
+        """Open a stream and wait for the peer's answer.
+
+        Raises the typed refusal (``NodeTimeoutError``, ``StreamLimitError``...) if the peer
+        refuses, ``SessionClosedError`` if the session ends first. If cancelled while waiting,
+        the half-open stream is reset so nothing is left behind on either side.
+        """
+        self._check_open()
+        try:
+            stream_id = self._mux.open_stream(host, port, tag)
+        except LocalProtocolError as exc:
+            raise SessionClosedError("session is going away", code=ErrorCode.GOING_AWAY) from exc
+        except StreamLimitError:
+            raise
+        stream = MuxStream(self, stream_id, host, port, tag)
+        self._streams[stream_id] = stream
+        answered = self._opening[stream_id] = trio.Event()
+        self._kick_writer()
+        try:
+            await answered.wait()
+        except BaseException:
+            self._opening.pop(stream_id, None)
+            self._streams.pop(stream_id, None)
+            self._refusals.pop(stream_id, None)
+            if not self.closed:
+                self._mux.reset_stream(stream_id, ErrorCode.CANCELLED, "open cancelled")
+                self._kick_writer()
+            raise
+        refusal = self._refusals.pop(stream_id, None)
+        if refusal is not None:
+            raise refusal
+        if self.closed:
+            raise self._closed_error()
+        return stream
+
+    async def accept_stream(self) -> IncomingStream:
+        """Wait for the peer to open a stream. Raises ``SessionClosedError`` once it ends."""
+        try:
+            return await self._incoming_receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise self._closed_error() from None
+
+    async def ping(self) -> float:
+        """Round-trip time of one Ping/Pong, in seconds."""
+        self._check_open()
+        self._next_ping = (self._next_ping + 1) % 2**64
+        opaque = self._next_ping
+        done = self._pings[opaque] = trio.Event()
+        start = trio.current_time()
+        self._mux.ping(opaque)
+        self._kick_writer()
+        try:
+            await done.wait()
+        finally:
+            self._pings.pop(opaque, None)
+        if self.closed:
+            raise self._closed_error()
+        return trio.current_time() - start
+
+    async def aclose(self, code: int = ErrorCode.NORMAL, message: str = "") -> None:
+        """End the session: send ``GoAway``, flush it briefly, close the transport.
+
+        Every stream still open raises ``ClosedResourceError`` afterwards. Idempotent and safe
+        to call from any task, including when cancelled (the teardown itself is shielded and
+        bounded by ``close_timeout``).
+        """
+        if self.closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed_locally = True
+        with trio.CancelScope(shield=True):
+            self._mux.go_away(code, message)
+            self._kick_writer()
+            with trio.move_on_after(self.config.close_timeout):
+                await self._flush()
+            self._terminate(SessionClosedError(message or "session closed locally", code=code))
+            await trio.aclose_forcefully(self._transport)
+
+    # -------------------------------------------------------------- stream callbacks
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise self._closed_error()
+
+    def _closed_error(self) -> SessionClosedError:
+        reason = self.close_reason
+        if isinstance(reason, SessionClosedError):
+            err = SessionClosedError(reason.message, code=reason.code)
+        elif isinstance(reason, TunnelError):
+            err = SessionClosedError(str(reason), code=reason.code)
+        else:
+            err = SessionClosedError(f"session ended: {reason!r}")
+        err.__cause__ = reason
+        return err
+
+    def _consumed(self, stream_id: int, size: int) -> None:
+        if not self.closed:
+            before = self._mux.bytes_to_send
+            self._mux.consumed(stream_id, size)
+            if self._mux.bytes_to_send != before:
+                self._kick_writer()
+
+    def _send_fin(self, stream_id: int) -> None:
+        if not self.closed and self._mux.can_send(stream_id):
+            self._mux.send_fin(stream_id)
+            self._kick_writer()
+
+    def _close_stream(self, stream_id: int, *, abort: bool) -> None:
+        self._streams.pop(stream_id, None)
+        if self.closed:
+            return
+        if abort:
+            self._mux.reset_stream(stream_id, ErrorCode.CANCELLED, "closed with unread data")
+        else:
+            self._mux.close_stream(stream_id)
+        self._kick_writer()
+
+    def _accept(self, stream: MuxStream) -> None:
+        self._mux.accept_stream(stream.stream_id)
+        self._kick_writer()
+
+    def _refuse(self, stream: MuxStream, code: int, message: str) -> None:
+        self._streams.pop(stream.stream_id, None)
+        self._mux.refuse_stream(stream.stream_id, code, message)
+        self._kick_writer()
+
+    def _kick_writer(self) -> None:
+        self._write_event.set()
+
+    async def _wait_drained(self) -> None:
+        """Back-pressure: park while the transport write buffer is over its high-water mark."""
+        while self._mux.bytes_to_send > self.config.write_buffer_high:
+            if self.closed:
+                raise trio.BrokenResourceError("session ended") from self.close_reason
+            await self._drain_lot.park()
+
+    async def _flush(self) -> None:
+        while self._mux.bytes_to_send and not self.closed:
+            await self._drain_lot.park()
+
+    # -------------------------------------------------------------- background tasks
+
+    async def _run(self) -> None:
+        with self._cancel_scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._writer)
+
+    async def _writer(self) -> None:
+        mux = self._mux
+        transport = self._transport
+        try:
+            while True:
+                if not mux.bytes_to_send:
+                    self._drain_lot.unpark_all()
+                    self._write_event = trio.Event()
+                    await self._write_event.wait()
+                    continue
+                data = mux.data_to_send()
+                self._drain_lot.unpark_all()
+                await transport.send_all(data)
+                self.bytes_written += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._terminate(exc)
+
+    async def _reader(self) -> None:
+        mux = self._mux
+        transport = self._transport
+        size = self.config.receive_size
+        try:
+            while True:
+                data = await transport.receive_some(size)
+                self.bytes_read += len(data)
+                try:
+                    events = mux.receive_data(data)
+                except RemoteProtocolError as exc:
+                    log.warning("%s: protocol violation by the peer: %s", self.name, exc)
+                    self._closed_locally = False
+                    self._mux.go_away(exc.code, exc.message)
+                    self._kick_writer()
+                    with trio.move_on_after(self.config.close_timeout):
+                        await self._flush()
+                    self._terminate(exc)
+                    return
+                for event in events:
+                    self._dispatch(event)
+                if mux.bytes_to_send:
+                    self._kick_writer()
+                if not data:
+                    if mux.goaway_received and self.close_reason is None:
+                        return self._terminate(self._goaway_reason or SessionClosedError())
+                    self._terminate(trio.BrokenResourceError("transport closed by the peer"))
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._terminate(exc)
+
+    _goaway_reason: TunnelError | None = None
+
+    def _dispatch(self, event: Event) -> None:
+        match event:
+            case DataReceived(stream_id, data):
+                stream = self._streams.get(stream_id)
+                if stream is not None:
+                    stream._on_data(data)
+                else:  # the app closed it; the multiplexer already knows
+                    self._mux.consumed(stream_id, len(data))
+            case WindowOpened(stream_id):
+                stream = self._streams.get(stream_id)
+                if stream is not None:
+                    stream._wake_sender()
+            case StreamOpened(stream_id, host, port, tag):
+                stream = MuxStream(self, stream_id, host, port, tag)
+                self._streams[stream_id] = stream
+                self._incoming_send.send_nowait(IncomingStream(self, stream))
+            case StreamAccepted(stream_id):
+                answered = self._opening.pop(stream_id, None)
+                if answered is not None:
+                    answered.set()
+            case StreamRefused(stream_id, code, message):
+                answered = self._opening.pop(stream_id, None)
+                refused = self._streams.pop(stream_id, None)
+                if answered is not None:
+                    target = f"{refused.host}:{refused.port}" if refused is not None else ""
+                    self._refusals[stream_id] = refusal_error(code, message, target=target)
+                    answered.set()
+            case StreamEnded(stream_id):
+                stream = self._streams.get(stream_id)
+                if stream is not None:
+                    stream._on_eof()
+            case StreamReset(stream_id, code, message):
+                stream = self._streams.pop(stream_id, None)
+                if stream is not None:
+                    stream._break(StreamResetError(message, code=code))
+            case PongReceived(opaque):
+                waiter = self._pings.get(opaque)
+                if waiter is not None:
+                    waiter.set()
+            case GoAwayReceived(code, message):
+                self._goaway_reason = goaway_error(code, message)
+                log.debug("%s: peer sent GoAway: %s", self.name, self._goaway_reason)
+                self._incoming_send.close()
+            case PingReceived():
+                pass
+
+    def _terminate(self, reason: BaseException) -> None:
+        """End everything synchronously: streams, waiters, background tasks."""
+        if self.closed:
+            return
+        if self._goaway_reason is not None and not self._closed_locally:
+            reason = self._goaway_reason
+        self.close_reason = reason
+        self._closed_event.set()
+        self._cancel_scope.cancel()
+        for stream in list(self._streams.values()):
+            if self._closed_locally:
+                stream._closed = True
+                stream._receive_lot.unpark_all()
+                stream._send_lot.unpark_all()
+            else:
+                stream._break(reason)
+        self._streams.clear()
+        for event in list(self._opening.values()):
+            event.set()
+        self._opening.clear()
+        for event in list(self._pings.values()):
+            event.set()
+        self._incoming_send.close()
+        self._drain_lot.unpark_all()
+        self._write_event.set()
+        if not self._closed_locally:
+            log.debug("%s: session ended: %r", self.name, reason)
+
+
+@asynccontextmanager
+async def open_session(
+    transport: trio.abc.Stream,
+    role: Role,
+    config: SessionConfig | None = None,
+    *,
+    decoder: FrameDecoder | None = None,
+    peer_max_frame_size: int | None = None,
+    name: str = "",
+) -> AsyncIterator[Session]:
+    """Run a session over ``transport`` for the duration of the ``async with`` block.
+
+    ``decoder`` hands over bytes already read past the handshake. The block's own exceptions
+    propagate unwrapped (no ``ExceptionGroup``); leaving the block closes the session and the
+    transport, and no task started here outlives it.
+    """
+    session = Session(
+        transport,
+        role,
+        config or SessionConfig(),
+        decoder=decoder,
+        peer_max_frame_size=peer_max_frame_size,
+        name=name,
+    )
+    body_error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session._run)
+        try:
+            yield session
+        except BaseException as exc:
+            body_error = exc
+        finally:
+            await session.aclose()
+            session._cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error

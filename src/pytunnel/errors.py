@@ -1,0 +1,224 @@
+"""The one exception hierarchy of pytunnel.
+
+Every error carries a stable numeric ``code``. The codes are part of the wire protocol: they travel
+in ``GoAway``, ``Refuse`` and ``Reset`` messages, so that the side that asked can raise the same
+typed exception that the side that failed would have raised. They never change meaning once
+released; see ``docs/protocol.md`` for the table.
+
+This module is deliberately free of ``trio`` so that the sans-IO protocol layer can use it.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+
+class ErrorCode(enum.IntEnum):
+    """Stable numeric codes shared by exceptions and the wire protocol."""
+
+    #: Clean shutdown (only in ``GoAway``/``Reset``; not an error).
+    NORMAL = 0
+    #: Unspecified internal failure of the peer.
+    INTERNAL = 1000
+    #: The tunnel server could not be reached or the connection failed.
+    CONNECT_FAILED = 1001
+    #: The token was wrong (or the server could not prove it knows it).
+    AUTHENTICATION_FAILED = 1002
+    #: The peers share no protocol version.
+    UNSUPPORTED_VERSION = 1003
+    #: The handshake did not finish within its time limit.
+    HANDSHAKE_TIMEOUT = 1004
+    #: The peer is shutting down (``GoAway`` during server or client shutdown).
+    GOING_AWAY = 1005
+    #: A stream was cancelled by the application (``Reset`` after ``aclose`` with unread data).
+    CANCELLED = 1006
+    #: The peer has too many open streams.
+    STREAM_LIMIT = 1007
+
+    # -- remote protocol violations (1100-1199) --
+    PROTOCOL_ERROR = 1100
+    FRAME_TOO_LARGE = 1101
+    MALFORMED_FRAME = 1102
+    UNKNOWN_MESSAGE = 1103
+    INVALID_FIELD = 1104
+    TRUNCATED_FRAME = 1105
+    FLOW_CONTROL_ERROR = 1106
+    STREAM_STATE_ERROR = 1107
+    UNEXPECTED_MESSAGE = 1108
+
+    # -- dial outcomes (2000-2099) --
+    DIAL_FAILED = 2000
+    NODE_TIMEOUT = 2001
+    NODE_UNSTABLE = 2002
+    TARGET_FORBIDDEN = 2003
+
+
+class TunnelError(Exception):
+    """Base of every error pytunnel raises on purpose.
+
+    ``code`` is stable across releases and is what crosses the wire; ``str(error)`` is an English
+    message for people and may change.
+    """
+
+    default_code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
+
+    def __init__(self, message: str = "", *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code: int = int(code if code is not None else self.default_code)
+
+    def __str__(self) -> str:
+        name = _code_name(self.code)
+        return f"[{name}] {self.message}" if self.message else f"[{name}]"
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return f"CODE_{code}"
+
+
+# --------------------------------------------------------------------------- protocol errors
+
+
+class ProtocolError(TunnelError):
+    """The protocol was not followed; see the two subclasses for whose fault it was."""
+
+    default_code = ErrorCode.PROTOCOL_ERROR
+
+
+class LocalProtocolError(ProtocolError):
+    """Our own code asked the protocol layer for something the protocol forbids.
+
+    This is a bug in the caller (sending on a stream that does not exist, reusing a stream id);
+    nothing was sent to the peer.
+    """
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids: a bad frame, message, field or state.
+
+    The session that sees it answers with ``GoAway`` carrying ``code`` and closes the connection.
+    """
+
+
+# --------------------------------------------------------------------------- session errors
+
+
+class ConnectError(TunnelError):
+    """The tunnel could not be established (server unreachable, connection lost in handshake)."""
+
+    default_code = ErrorCode.CONNECT_FAILED
+
+
+class AuthenticationError(ConnectError):
+    """The peer rejected our token, or could not prove it knows the token itself.
+
+    The message never contains the token.
+    """
+
+    default_code = ErrorCode.AUTHENTICATION_FAILED
+
+
+class VersionMismatchError(ConnectError):
+    """The two ends share no protocol version."""
+
+    default_code = ErrorCode.UNSUPPORTED_VERSION
+
+
+class HandshakeTimeoutError(ConnectError):
+    """The handshake did not complete in time (a slow or silent peer)."""
+
+    default_code = ErrorCode.HANDSHAKE_TIMEOUT
+
+
+class SessionClosedError(TunnelError):
+    """The session ended (``GoAway`` received, transport lost, or closed locally).
+
+    ``code`` is the reason code from the ``GoAway`` when there was one.
+    """
+
+    default_code = ErrorCode.GOING_AWAY
+
+
+# --------------------------------------------------------------------------- stream errors
+
+
+class StreamRefusedError(TunnelError):
+    """The peer refused to open a stream; the code says why.
+
+    Refusals whose code is a dial outcome are raised as the matching :class:`DialError`
+    subclass instead (see :func:`error_from_code`).
+    """
+
+    default_code = ErrorCode.INTERNAL
+
+
+class StreamLimitError(StreamRefusedError):
+    """The peer already has as many open streams as it allows."""
+
+    default_code = ErrorCode.STREAM_LIMIT
+
+
+class DialError(StreamRefusedError):
+    """Dialling a target failed. ``target`` is ``"host:port"``; ``category`` is the log tag."""
+
+    default_code = ErrorCode.DIAL_FAILED
+    category: ClassVar[str] = "DIAL_FAILED"
+
+    def __init__(self, message: str = "", *, target: str = "", code: int | None = None) -> None:
+        super().__init__(message, code=code)
+        self.target = target
+
+
+class NodeTimeoutError(DialError):
+    """The dial timed out: the target did not answer within the connect timeout."""
+
+    default_code = ErrorCode.NODE_TIMEOUT
+    category = "NODE_TIMEOUT"
+
+
+class NodeUnstableError(DialError):
+    """The dial failed fast: refused, unreachable, DNS failure or reset."""
+
+    default_code = ErrorCode.NODE_UNSTABLE
+    category = "NODE_UNSTABLE"
+
+
+class TargetForbiddenError(DialError):
+    """The target is not allowed by the dialling side's policy (``--permit-open``)."""
+
+    default_code = ErrorCode.TARGET_FORBIDDEN
+    category = "TARGET_FORBIDDEN"
+
+
+_BY_CODE: dict[int, type[TunnelError]] = {
+    ErrorCode.AUTHENTICATION_FAILED: AuthenticationError,
+    ErrorCode.UNSUPPORTED_VERSION: VersionMismatchError,
+    ErrorCode.HANDSHAKE_TIMEOUT: HandshakeTimeoutError,
+    ErrorCode.STREAM_LIMIT: StreamLimitError,
+    ErrorCode.DIAL_FAILED: DialError,
+    ErrorCode.NODE_TIMEOUT: NodeTimeoutError,
+    ErrorCode.NODE_UNSTABLE: NodeUnstableError,
+    ErrorCode.TARGET_FORBIDDEN: TargetForbiddenError,
+}
+
+
+def refusal_error(code: int, message: str, *, target: str = "") -> StreamRefusedError:
+    """Build the exception that a ``Refuse`` with ``code`` stands for on the asking side."""
+    cls = _BY_CODE.get(code, StreamRefusedError)
+    if issubclass(cls, DialError):
+        return cls(message, target=target, code=code)
+    if issubclass(cls, StreamRefusedError):
+        return cls(message, code=code)
+    return StreamRefusedError(message, code=code)
+
+
+def goaway_error(code: int, message: str) -> TunnelError:
+    """Build the exception that a ``GoAway`` with ``code`` stands for on the receiving side."""
+    cls = _BY_CODE.get(code)
+    if cls is not None and issubclass(cls, ConnectError):
+        return cls(message, code=code)
+    return SessionClosedError(message, code=code)

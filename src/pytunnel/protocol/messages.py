@@ -1,0 +1,299 @@
+"""Every message of the wire protocol, and the one converter that maps them to msgpack.
+
+Each message is a frozen attrs class. On the wire a message is a msgpack map whose ``"t"`` key
+names the type (the class's ``TAG``) and whose other keys are the fields, so a peer written in
+another language needs nothing but a msgpack library. Payload bytes are msgpack ``bin``.
+
+Field types are checked strictly when structuring (an ``int`` field does not accept ``"5"``, a
+``bytes`` field does not accept a ``str``): a lenient decoder would let two implementations
+disagree about what a frame means.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, TypeVar, Union
+
+import attrs
+from cattrs.preconf.msgpack import make_converter
+from cattrs.strategies import configure_tagged_union
+
+__all__ = [
+    "MAX_STREAM_ID",
+    "MAX_WINDOW",
+    "Accept",
+    "Auth",
+    "Challenge",
+    "Data",
+    "Fin",
+    "GoAway",
+    "Hello",
+    "Message",
+    "Open",
+    "Ping",
+    "Pong",
+    "Refuse",
+    "Reset",
+    "WindowUpdate",
+    "Welcome",
+    "converter",
+]
+
+MAX_U32 = 2**32 - 1
+MAX_U64 = 2**64 - 1
+#: Stream ids are unsigned 32-bit; 0 is reserved (never a stream).
+MAX_STREAM_ID = MAX_U32
+#: A window (and a window update) is at most 2**31 - 1 bytes, as in HTTP/2.
+MAX_WINDOW = 2**31 - 1
+#: Text fields are capped so a peer cannot make us hold megabytes of "reason".
+MAX_TEXT = 1024
+MAX_HOST = 255
+NONCE_SIZE = 32
+MAC_SIZE = 32
+
+
+def _u32(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 0 <= value <= MAX_U32:
+        raise ValueError(f"{attribute.name} must be an unsigned 32-bit integer, got {value}")
+
+
+def _u64(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 0 <= value <= MAX_U64:
+        raise ValueError(f"{attribute.name} must be an unsigned 64-bit integer, got {value}")
+
+
+def _stream_id(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 1 <= value <= MAX_STREAM_ID:
+        raise ValueError(f"{attribute.name} must be in 1..2**32-1, got {value}")
+
+
+def _window(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 0 <= value <= MAX_WINDOW:
+        raise ValueError(f"{attribute.name} must be in 0..2**31-1, got {value}")
+
+
+def _delta(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 1 <= value <= MAX_WINDOW:
+        raise ValueError(f"{attribute.name} must be in 1..2**31-1, got {value}")
+
+
+def _max_len(limit: int) -> Any:
+    def check(_inst: object, attribute: attrs.Attribute[Any], value: str | bytes) -> None:
+        if len(value) > limit:
+            raise ValueError(f"{attribute.name} is longer than {limit}")
+
+    return check
+
+
+def _exact_len(size: int) -> Any:
+    def check(_inst: object, attribute: attrs.Attribute[bytes], value: bytes) -> None:
+        if len(value) != size:
+            raise ValueError(f"{attribute.name} must be exactly {size} bytes")
+
+    return check
+
+
+def _port(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{attribute.name} must be a port number, got {value}")
+
+
+# ----------------------------------------------------------------------------- handshake
+
+
+@attrs.frozen
+class Hello:
+    """Client -> server, first frame: the versions the client speaks and its nonce."""
+
+    TAG: ClassVar[str] = "hello"
+    versions: tuple[int, ...] = attrs.field(validator=_max_len(16))
+    nonce: bytes = attrs.field(validator=_exact_len(NONCE_SIZE))
+
+
+@attrs.frozen
+class Challenge:
+    """Server -> client: the chosen version and the server's nonce."""
+
+    TAG: ClassVar[str] = "challenge"
+    version: int = attrs.field(validator=_u32)
+    nonce: bytes = attrs.field(validator=_exact_len(NONCE_SIZE))
+
+
+@attrs.frozen
+class Auth:
+    """Client -> server: HMAC-SHA256(token, client proof input); see ``protocol.handshake``."""
+
+    TAG: ClassVar[str] = "auth"
+    mac: bytes = attrs.field(validator=_exact_len(MAC_SIZE))
+    #: The largest frame body the client accepts after the handshake.
+    max_frame_size: int = attrs.field(validator=_u32)
+
+
+@attrs.frozen
+class Welcome:
+    """Server -> client: authentication succeeded; ``mac`` proves the server knows the token."""
+
+    TAG: ClassVar[str] = "welcome"
+    mac: bytes = attrs.field(validator=_exact_len(MAC_SIZE))
+    #: The largest frame the server accepts after the handshake.
+    max_frame_size: int = attrs.field(validator=_u32)
+
+
+# ----------------------------------------------------------------------------- streams
+
+
+@attrs.frozen
+class Open:
+    """Open stream ``stream``. ``window`` is the opener's receive window.
+
+    ``host``/``port`` name a target the receiver should dial and ``tag`` an application route
+    (for example a forward id); the multiplexer carries them without interpreting them.
+    """
+
+    TAG: ClassVar[str] = "open"
+    stream: int = attrs.field(validator=_stream_id)
+    window: int = attrs.field(validator=_window)
+    host: str = attrs.field(default="", validator=_max_len(MAX_HOST))
+    port: int = attrs.field(default=0, validator=_port)
+    tag: int = attrs.field(default=0, validator=_u32)
+
+
+@attrs.frozen
+class Accept:
+    """The stream is open; ``window`` is the acceptor's receive window."""
+
+    TAG: ClassVar[str] = "accept"
+    stream: int = attrs.field(validator=_stream_id)
+    window: int = attrs.field(validator=_window)
+
+
+@attrs.frozen
+class Refuse:
+    """The stream will not be opened; ``code`` is an ``ErrorCode`` (dial outcome, limit...)."""
+
+    TAG: ClassVar[str] = "refuse"
+    stream: int = attrs.field(validator=_stream_id)
+    code: int = attrs.field(validator=_u32)
+    message: str = attrs.field(default="", validator=_max_len(MAX_TEXT))
+
+
+@attrs.frozen
+class Data:
+    """Payload bytes on a stream; counts against the receiver's window."""
+
+    TAG: ClassVar[str] = "data"
+    stream: int = attrs.field(validator=_stream_id)
+    data: bytes
+
+
+@attrs.frozen
+class WindowUpdate:
+    """The receiver consumed ``delta`` more bytes: the sender may send that much more."""
+
+    TAG: ClassVar[str] = "window"
+    stream: int = attrs.field(validator=_stream_id)
+    delta: int = attrs.field(validator=_delta)
+
+
+@attrs.frozen
+class Fin:
+    """The sender will send no more data on the stream (half-close)."""
+
+    TAG: ClassVar[str] = "fin"
+    stream: int = attrs.field(validator=_stream_id)
+
+
+@attrs.frozen
+class Reset:
+    """Abort the stream in both directions at once."""
+
+    TAG: ClassVar[str] = "reset"
+    stream: int = attrs.field(validator=_stream_id)
+    code: int = attrs.field(validator=_u32)
+    message: str = attrs.field(default="", validator=_max_len(MAX_TEXT))
+
+
+# ----------------------------------------------------------------------------- session
+
+
+@attrs.frozen
+class Ping:
+    """Ask for a ``Pong`` with the same ``opaque`` value (keep-alive and RTT)."""
+
+    TAG: ClassVar[str] = "ping"
+    opaque: int = attrs.field(validator=_u64)
+
+
+@attrs.frozen
+class Pong:
+    """Answer to ``Ping``."""
+
+    TAG: ClassVar[str] = "pong"
+    opaque: int = attrs.field(validator=_u64)
+
+
+@attrs.frozen
+class GoAway:
+    """The sender is ending the session; ``code`` is an ``ErrorCode`` (0 = normal)."""
+
+    TAG: ClassVar[str] = "goaway"
+    code: int = attrs.field(validator=_u32)
+    message: str = attrs.field(default="", validator=_max_len(MAX_TEXT))
+
+
+Message = Union[  # noqa: UP007 - cattrs needs a real Union object at runtime on 3.10
+    Hello,
+    Challenge,
+    Auth,
+    Welcome,
+    Open,
+    Accept,
+    Refuse,
+    Data,
+    WindowUpdate,
+    Fin,
+    Reset,
+    Ping,
+    Pong,
+    GoAway,
+]
+
+MESSAGE_TYPES: tuple[type[Any], ...] = Message.__args__  # type: ignore[attr-defined]
+
+_T = TypeVar("_T")
+
+
+def _strict(expected: type[_T]) -> Any:
+    """A structure hook that accepts exactly ``expected`` (no ``int("5")``, no ``bool`` ints)."""
+
+    def hook(value: object, _type: object) -> _T:
+        if type(value) is not expected:
+            raise TypeError(f"expected {expected.__name__}, got {type(value).__name__}")
+        return value
+
+    return hook
+
+
+def _int_tuple(value: object, _type: object) -> tuple[int, ...]:
+    if type(value) is not list:
+        raise TypeError(f"expected array, got {type(value).__name__}")
+    if any(type(v) is not int for v in value):
+        raise TypeError("expected array of integers")
+    return tuple(value)
+
+
+def _build_converter() -> Any:
+    conv = make_converter(forbid_extra_keys=True)
+    for t in (int, str, bytes):
+        conv.register_structure_hook(t, _strict(t))
+    conv.register_structure_hook_func(lambda t: t == tuple[int, ...], _int_tuple)
+    configure_tagged_union(
+        Message,
+        conv,
+        tag_generator=lambda cls: str(getattr(cls, "TAG")),  # noqa: B009
+        tag_name="t",
+    )
+    return conv
+
+
+#: The single converter between message objects and msgpack-ready primitives.
+converter = _build_converter()

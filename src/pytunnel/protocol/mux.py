@@ -1,0 +1,536 @@
+"""The multiplexer state machine: many streams over one ordered byte stream (sans-IO).
+
+Modelled on yamux and HTTP/2. Bytes from the transport go into :meth:`Multiplexer.receive_data`
+and come out as events; calls such as :meth:`Multiplexer.send_data` queue frames that the I/O
+layer drains with :meth:`Multiplexer.data_to_send`. All protocol rules live here: stream id
+parity, the per-stream state machine and flow control. Every violation by the peer is a
+:class:`RemoteProtocolError`; every misuse by our caller a :class:`LocalProtocolError`.
+
+Stream lifecycle (one side's view)::
+
+    opened by us:    OPENING --Accept--> OPEN       OPENING --Refuse--> (gone)
+    opened by peer:  PENDING --accept--> OPEN       PENDING --refuse--> (gone)
+    OPEN: each direction ends with a Fin; when both have, the stream is gone.
+    Reset, from either side and in any state, ends the stream at once.
+
+Flow control: each side announces a receive window when it opens or accepts a stream. The
+sender may have at most that many unacknowledged payload bytes in flight; the receiver grants
+more with ``WindowUpdate`` once the application has consumed at least half the window (the
+rule h2's ``WindowManager`` uses), so a slow reader bounds its own buffer without touching any
+other stream.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Union
+
+import attrs
+
+from ..errors import ErrorCode, LocalProtocolError, RemoteProtocolError, StreamLimitError
+from .frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_message
+from .messages import (
+    MAX_WINDOW,
+    Accept,
+    Data,
+    Fin,
+    GoAway,
+    Message,
+    Open,
+    Ping,
+    Pong,
+    Refuse,
+    Reset,
+    WindowUpdate,
+)
+
+__all__ = [
+    "DEFAULT_MAX_DATA_CHUNK",
+    "DEFAULT_MAX_STREAMS",
+    "DEFAULT_WINDOW",
+    "DataReceived",
+    "Event",
+    "GoAwayReceived",
+    "Multiplexer",
+    "PingReceived",
+    "PongReceived",
+    "Role",
+    "StreamAccepted",
+    "StreamEnded",
+    "StreamOpened",
+    "StreamRefused",
+    "StreamReset",
+    "WindowOpened",
+]
+
+#: Per-stream receive window. Chosen from bench/bench_window.py (see docs/performance.md):
+#: single-stream throughput stops growing around this size on loopback.
+DEFAULT_WINDOW = 1024 * 1024
+#: Largest payload put in one Data frame: big enough to amortise per-frame cost, small enough
+#: that one bulk stream does not delay another stream's frames for long.
+DEFAULT_MAX_DATA_CHUNK = 64 * 1024
+DEFAULT_MAX_STREAMS = 4096
+#: Room for a Data frame's msgpack envelope around its payload.
+_DATA_OVERHEAD = 64
+
+
+class Role(enum.Enum):
+    """Which end of the connection we are; decides stream id parity."""
+
+    CLIENT = 1  # opens odd stream ids
+    SERVER = 2  # opens even stream ids
+
+
+class _Phase(enum.Enum):
+    OPENING = "opening"  # we sent Open, waiting for Accept/Refuse
+    PENDING = "pending"  # peer sent Open, we have not answered
+    OPEN = "open"
+
+
+# ----------------------------------------------------------------------------- events
+
+
+@attrs.frozen
+class StreamOpened:
+    """The peer asks to open ``stream``; answer with accept_stream or refuse_stream."""
+
+    stream: int
+    host: str
+    port: int
+    tag: int
+
+
+@attrs.frozen
+class StreamAccepted:
+    """The peer accepted a stream we opened; it is now open in both directions."""
+
+    stream: int
+
+
+@attrs.frozen
+class StreamRefused:
+    """The peer refused a stream we opened; the stream is gone."""
+
+    stream: int
+    code: int
+    message: str
+
+
+@attrs.frozen
+class DataReceived:
+    """Payload arrived. Call :meth:`Multiplexer.consumed` once the application has used it."""
+
+    stream: int
+    data: bytes
+
+
+@attrs.frozen
+class StreamEnded:
+    """The peer sent Fin: no more data will arrive on ``stream``."""
+
+    stream: int
+
+
+@attrs.frozen
+class StreamReset:
+    """The stream was aborted by the peer; it is gone."""
+
+    stream: int
+    code: int
+    message: str
+
+
+@attrs.frozen
+class WindowOpened:
+    """The peer granted more send window on ``stream``."""
+
+    stream: int
+
+
+@attrs.frozen
+class PingReceived:
+    """The peer pinged; the Pong has already been queued."""
+
+    opaque: int
+
+
+@attrs.frozen
+class PongReceived:
+    """Answer to one of our pings."""
+
+    opaque: int
+
+
+@attrs.frozen
+class GoAwayReceived:
+    """The peer is ending the session."""
+
+    code: int
+    message: str
+
+
+Event = Union[  # noqa: UP007
+    StreamOpened,
+    StreamAccepted,
+    StreamRefused,
+    DataReceived,
+    StreamEnded,
+    StreamReset,
+    WindowOpened,
+    PingReceived,
+    PongReceived,
+    GoAwayReceived,
+]
+
+
+class _Stream:
+    __slots__ = (
+        "id",
+        "local_closed",
+        "local_fin",
+        "phase",
+        "recv_window",
+        "remote_fin",
+        "send_window",
+        "unacked",
+    )
+
+    def __init__(self, stream_id: int, phase: _Phase, send_window: int, recv_window: int) -> None:
+        self.id = stream_id
+        self.phase = phase
+        self.send_window = send_window
+        #: How many more bytes the peer may send before a WindowUpdate.
+        self.recv_window = recv_window
+        #: Bytes the application consumed that we have not yet granted back.
+        self.unacked = 0
+        self.local_fin = False
+        self.remote_fin = False
+        #: The application closed its end: further data from the peer is answered with Reset.
+        self.local_closed = False
+
+
+def _error(code: ErrorCode, message: str) -> RemoteProtocolError:
+    return RemoteProtocolError(message, code=code)
+
+
+class Multiplexer:
+    """Stream multiplexing state for one end of one connection.
+
+    ``window`` is the receive window we announce for every stream; ``peer_max_frame_size`` the
+    largest frame body the peer accepts (we chunk data to fit it); ``max_frame_size`` the largest
+    we accept. ``max_streams`` caps concurrently open streams, counting both directions.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        window: int = DEFAULT_WINDOW,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        peer_max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_data_chunk: int = DEFAULT_MAX_DATA_CHUNK,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        decoder: FrameDecoder | None = None,
+    ) -> None:
+        if not 1 <= window <= MAX_WINDOW:
+            raise ValueError(f"window must be in 1..2**31-1, got {window}")
+        if max_streams < 1:
+            raise ValueError("max_streams must be at least 1")
+        self.role = role
+        self.window = window
+        self.max_streams = max_streams
+        self.max_data_chunk = max(1, min(max_data_chunk, peer_max_frame_size - _DATA_OVERHEAD))
+        self._peer_max_frame_size = peer_max_frame_size
+        self._decoder = decoder if decoder is not None else FrameDecoder(max_frame_size)
+        self._decoder.max_frame_size = max_frame_size
+        self._streams: dict[int, _Stream] = {}
+        self._next_id = 1 if role is Role.CLIENT else 2
+        self._peer_parity = 0 if role is Role.CLIENT else 1
+        self._last_peer_id = 0
+        self._out = bytearray()
+        self.goaway_sent = False
+        self.goaway_received = False
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def open_streams(self) -> int:
+        """Streams currently tracked (any phase)."""
+        return len(self._streams)
+
+    def has_stream(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    def send_window(self, stream_id: int) -> int:
+        """How many payload bytes may be sent on ``stream_id`` right now (0 if none)."""
+        st = self._streams.get(stream_id)
+        if st is None or st.phase is not _Phase.OPEN or st.local_fin:
+            return 0
+        return st.send_window
+
+    def can_send(self, stream_id: int) -> bool:
+        """Whether the stream still accepts data from us at all (open, no Fin sent)."""
+        st = self._streams.get(stream_id)
+        return st is not None and st.phase is _Phase.OPEN and not st.local_fin
+
+    # ------------------------------------------------------------------ outgoing
+
+    def _emit(self, message: Message) -> None:
+        self._out += encode_message(message, self._peer_max_frame_size)
+
+    def data_to_send(self) -> bytes | bytearray:
+        """Take every queued frame (coalesced into one buffer) for one transport write."""
+        out = self._out
+        self._out = bytearray()
+        return out
+
+    @property
+    def bytes_to_send(self) -> int:
+        return len(self._out)
+
+    def _get(self, stream_id: int) -> _Stream:
+        st = self._streams.get(stream_id)
+        if st is None:
+            raise LocalProtocolError(
+                f"stream {stream_id} is not open", code=ErrorCode.STREAM_STATE_ERROR
+            )
+        return st
+
+    def open_stream(self, host: str = "", port: int = 0, tag: int = 0) -> int:
+        """Queue an Open for a new stream and return its id."""
+        if self.goaway_sent or self.goaway_received:
+            raise LocalProtocolError("session is going away", code=ErrorCode.GOING_AWAY)
+        if len(self._streams) >= self.max_streams:
+            raise StreamLimitError(f"already {len(self._streams)} streams open")
+        stream_id = self._next_id
+        if stream_id > 2**32 - 1:
+            raise LocalProtocolError("stream ids exhausted", code=ErrorCode.STREAM_STATE_ERROR)
+        self._emit(Open(stream_id, self.window, host, port, tag))
+        self._next_id += 2
+        self._streams[stream_id] = _Stream(stream_id, _Phase.OPENING, 0, self.window)
+        return stream_id
+
+    def accept_stream(self, stream_id: int) -> None:
+        """Accept a stream the peer opened."""
+        st = self._get(stream_id)
+        if st.phase is not _Phase.PENDING:
+            raise LocalProtocolError(f"stream {stream_id} is not awaiting an answer")
+        st.phase = _Phase.OPEN
+        self._emit(Accept(stream_id, self.window))
+
+    def refuse_stream(self, stream_id: int, code: int, message: str = "") -> None:
+        """Refuse a stream the peer opened; ``code`` says why (an ``ErrorCode``)."""
+        st = self._get(stream_id)
+        if st.phase is not _Phase.PENDING:
+            raise LocalProtocolError(f"stream {stream_id} is not awaiting an answer")
+        del self._streams[stream_id]
+        self._emit(Refuse(stream_id, code, message[:1024]))
+
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data``; it must fit the send window (see :meth:`send_window`)."""
+        st = self._get(stream_id)
+        if st.phase is not _Phase.OPEN or st.local_fin:
+            raise LocalProtocolError(
+                f"stream {stream_id} is not open for sending", code=ErrorCode.STREAM_STATE_ERROR
+            )
+        size = len(data)
+        if size > st.send_window:
+            raise LocalProtocolError(
+                f"{size} bytes exceed the send window of {st.send_window}",
+                code=ErrorCode.FLOW_CONTROL_ERROR,
+            )
+        st.send_window -= size
+        chunk = self.max_data_chunk
+        if size <= chunk:
+            self._emit(Data(stream_id, bytes(data)))
+            return
+        view = memoryview(data)
+        for start in range(0, size, chunk):
+            self._emit(Data(stream_id, bytes(view[start : start + chunk])))
+
+    def send_fin(self, stream_id: int) -> None:
+        """Half-close: we will send no more data. Idempotent."""
+        st = self._get(stream_id)
+        if st.phase is not _Phase.OPEN:
+            raise LocalProtocolError(f"stream {stream_id} is not open")
+        if st.local_fin:
+            return
+        st.local_fin = True
+        self._emit(Fin(stream_id))
+        if st.remote_fin:
+            del self._streams[stream_id]
+
+    def reset_stream(
+        self, stream_id: int, code: int = ErrorCode.CANCELLED, message: str = ""
+    ) -> None:
+        """Abort the stream both ways. A no-op for a stream that is already gone."""
+        if self._streams.pop(stream_id, None) is None:
+            return
+        self._emit(Reset(stream_id, code, message[:1024]))
+
+    def close_stream(self, stream_id: int) -> None:
+        """The application is done with the stream and has read everything it was sent.
+
+        TCP's rule: if the peer has finished too, this is a clean close (Fin); otherwise we send
+        our Fin and answer any further data with Reset, so a peer still writing learns it is
+        talking to nobody instead of filling a window that will never be read.
+        """
+        st = self._streams.get(stream_id)
+        if st is None:
+            return
+        if st.phase is not _Phase.OPEN:
+            self.reset_stream(stream_id, ErrorCode.CANCELLED, "closed before the stream opened")
+            return
+        st.local_closed = True
+        if not st.local_fin:
+            self.send_fin(stream_id)  # removes the stream if the peer had finished
+        elif st.remote_fin:
+            del self._streams[stream_id]
+
+    def consumed(self, stream_id: int, size: int) -> None:
+        """The application consumed ``size`` received bytes; grant window back when due."""
+        st = self._streams.get(stream_id)
+        if st is None or st.remote_fin or size <= 0:
+            return
+        st.unacked += size
+        if st.unacked >= self.window // 2:
+            delta = st.unacked
+            st.unacked = 0
+            st.recv_window += delta
+            self._emit(WindowUpdate(stream_id, delta))
+
+    def ping(self, opaque: int) -> None:
+        self._emit(Ping(opaque))
+
+    def go_away(self, code: int = ErrorCode.NORMAL, message: str = "") -> None:
+        """Announce the end of the session. Only the first call sends anything."""
+        if self.goaway_sent:
+            return
+        self.goaway_sent = True
+        self._emit(GoAway(code, message[:1024]))
+
+    # ------------------------------------------------------------------ incoming
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Feed transport bytes (``b""`` at end of stream); return the resulting events."""
+        decoder = self._decoder
+        decoder.receive_data(data)
+        events: list[Event] = []
+        while (message := decoder.next_message()) is not None:
+            event = self._handle(message)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _handle(self, msg: Message) -> Event | None:
+        match msg:
+            case Data():
+                return self._on_data(msg)
+            case WindowUpdate(stream_id, delta):
+                st = self._streams.get(stream_id)
+                if st is None:
+                    self._check_known_id(stream_id)
+                    return None
+                if st.phase is not _Phase.OPEN:
+                    raise _error(
+                        ErrorCode.STREAM_STATE_ERROR, f"window update on {st.id} too early"
+                    )
+                st.send_window += delta
+                if st.send_window > MAX_WINDOW:
+                    raise _error(ErrorCode.FLOW_CONTROL_ERROR, f"window of {st.id} overflowed")
+                return WindowOpened(st.id)
+            case Open():
+                return self._on_open(msg)
+            case Accept(stream_id) | Refuse(stream_id):
+                st = self._streams.get(stream_id)
+                if st is None:
+                    self._check_known_id(stream_id)  # we may have reset it while it was opening
+                    return None
+                if st.phase is not _Phase.OPENING:
+                    raise _error(ErrorCode.STREAM_STATE_ERROR, f"stream {st.id} was not opening")
+                if isinstance(msg, Refuse):
+                    del self._streams[st.id]
+                    return StreamRefused(st.id, msg.code, msg.message)
+                st.phase = _Phase.OPEN
+                st.send_window = msg.window
+                return StreamAccepted(st.id)
+            case Fin(stream_id):
+                st = self._streams.get(stream_id)
+                if st is None:
+                    self._check_known_id(stream_id)
+                    return None
+                if st.phase is not _Phase.OPEN or st.remote_fin:
+                    raise _error(ErrorCode.STREAM_STATE_ERROR, f"unexpected Fin on stream {st.id}")
+                st.remote_fin = True
+                if st.local_fin:
+                    del self._streams[st.id]
+                return StreamEnded(st.id)
+            case Reset(stream_id, code, message):
+                if self._streams.pop(stream_id, None) is None:
+                    self._check_known_id(stream_id)
+                    return None
+                return StreamReset(stream_id, code, message)
+            case Ping(opaque):
+                self._emit(Pong(opaque))
+                return PingReceived(opaque)
+            case Pong(opaque):
+                return PongReceived(opaque)
+            case GoAway(code, message):
+                self.goaway_received = True
+                return GoAwayReceived(code, message)
+        raise _error(
+            ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} is not valid after the handshake"
+        )
+
+    def _is_peer_id(self, stream_id: int) -> bool:
+        return stream_id % 2 == self._peer_parity
+
+    def _check_known_id(self, stream_id: int) -> None:
+        """A frame for a stream we no longer track is fine if the stream ever existed.
+
+        Frames cross on the wire (we reset while the peer was still sending), so such frames are
+        dropped silently; a frame for a stream id that was never opened is a violation.
+        """
+        if self._is_peer_id(stream_id):
+            existed = stream_id <= self._last_peer_id
+        else:
+            existed = stream_id < self._next_id
+        if not existed:
+            raise _error(ErrorCode.STREAM_STATE_ERROR, f"frame for unknown stream {stream_id}")
+
+    def _on_open(self, msg: Open) -> Event | None:
+        sid = msg.stream
+        if not self._is_peer_id(sid):
+            raise _error(ErrorCode.STREAM_STATE_ERROR, f"peer used our stream id parity: {sid}")
+        if sid <= self._last_peer_id:
+            raise _error(ErrorCode.STREAM_STATE_ERROR, f"stream id {sid} reused or not increasing")
+        self._last_peer_id = sid
+        if self.goaway_sent:
+            self._emit(Refuse(sid, ErrorCode.GOING_AWAY, "session is going away"))
+            return None
+        if len(self._streams) >= self.max_streams:
+            self._emit(Refuse(sid, ErrorCode.STREAM_LIMIT, f"limit of {self.max_streams} streams"))
+            return None
+        self._streams[sid] = _Stream(sid, _Phase.PENDING, msg.window, self.window)
+        return StreamOpened(sid, msg.host, msg.port, msg.tag)
+
+    def _on_data(self, msg: Data) -> Event | None:
+        st = self._streams.get(msg.stream)
+        if st is None:
+            self._check_known_id(msg.stream)
+            return None
+        size = len(msg.data)
+        if st.phase is not _Phase.OPEN or st.remote_fin:
+            raise _error(ErrorCode.STREAM_STATE_ERROR, f"data on stream {st.id} in wrong state")
+        if size > st.recv_window:
+            raise _error(
+                ErrorCode.FLOW_CONTROL_ERROR,
+                f"stream {st.id}: {size} bytes exceed the window of {st.recv_window}",
+            )
+        st.recv_window -= size
+        if st.local_closed:
+            self.reset_stream(st.id, ErrorCode.CANCELLED, "stream closed by the receiver")
+            return None
+        if not size:
+            return None
+        return DataReceived(st.id, msg.data)

@@ -1,0 +1,17 @@
+import trio
+
+from conftest import open_pair, session_pair
+
+
+async def test_roundtrip(transport: str) -> None:
+    async with session_pair(transport) as (client, server):
+        a, b = await open_pair(client, server, host="example", port=80, tag=7)
+        await a.send_all(b"hello")
+        assert await b.receive_some() == b"hello"
+        await b.send_all(b"world")
+        await b.send_eof()
+        assert await a.receive_some() == b"world"
+        assert await a.receive_some() == b""
+        await a.aclose()
+        await b.aclose()
+        assert await client.ping() >= 0
