@@ -358,6 +358,7 @@ class Session:
         self.close_reason: BaseException | None = None
         #: True when we ended the session (streams then raise ClosedResourceError).
         self._closed_locally = False
+        self._writing = False
         self.bytes_written = 0
         self.bytes_read = 0
 
@@ -515,7 +516,8 @@ class Session:
             await self._drain_lot.park()
 
     async def _flush(self) -> None:
-        while self._mux.bytes_to_send and not self.closed:
+        """Wait until everything queued so far has been handed to the transport."""
+        while (self._mux.bytes_to_send or self._writing) and not self.closed:
             await self._drain_lot.park()
 
     # -------------------------------------------------------------- background tasks
@@ -538,7 +540,9 @@ class Session:
                     continue
                 data = mux.data_to_send()
                 self._drain_lot.unpark_all()
+                self._writing = True
                 await transport.send_all(data)
+                self._writing = False
                 self.bytes_written += len(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._terminate(exc)

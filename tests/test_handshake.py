@@ -1,0 +1,179 @@
+"""The authenticated handshake: tokens, versions, slow peers, hostile first frames."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+import trio.testing
+
+from conftest import tcp_stream_pair
+from pytunnel import (
+    AuthenticationError,
+    ConnectError,
+    ErrorCode,
+    HandshakeTimeoutError,
+    RemoteProtocolError,
+    VersionMismatchError,
+    open_client_session,
+    open_server_session,
+)
+from pytunnel._handshake import client_handshake, server_handshake
+from pytunnel.protocol.frames import FrameDecoder, encode_message
+from pytunnel.protocol.messages import GoAway
+
+TOKEN = "correct horse battery staple"
+
+
+async def _server(stream: trio.abc.Stream, token: str, errors: list[BaseException]) -> None:
+    try:
+        async with open_server_session(stream, token, peer="test") as session:
+            incoming = await session.accept_stream()
+            s = incoming.accept()
+            await s.send_all(await s.receive_some())
+            await s.aclose()
+    except Exception as exc:
+        errors.append(exc)
+
+
+async def test_handshake_then_traffic_over_tcp() -> None:
+    a, b = await tcp_stream_pair()
+    errors: list[BaseException] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_server, b, TOKEN, errors)
+            async with open_client_session(a, TOKEN) as session:
+                stream = await session.open_stream()
+                await stream.send_all(b"ping")
+                assert await stream.receive_some() == b"ping"
+    assert errors == []
+
+
+async def test_wrong_token(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    a, b = await tcp_stream_pair()
+    errors: list[BaseException] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_server, b, TOKEN, errors)
+            with pytest.raises(AuthenticationError) as info:
+                async with open_client_session(a, "wrong-secret-token"):
+                    pass  # pragma: no cover
+    assert info.value.code == 1002
+    assert len(errors) == 1 and isinstance(errors[0], AuthenticationError)
+    assert errors[0].code == ErrorCode.AUTHENTICATION_FAILED
+    # the connection is closed on the server side too
+    with pytest.raises((trio.BrokenResourceError, trio.ClosedResourceError)):
+        for _ in range(100):
+            await a.send_all(b"x" * 1000)
+    text = caplog.text + str(info.value) + str(errors[0])
+    assert "authentication failed" in caplog.text
+    assert TOKEN not in text and "wrong-secret-token" not in text
+
+
+async def test_server_must_prove_the_token() -> None:
+    """Mutual authentication: an impostor server that lacks the token is detected."""
+    a, b = trio.testing.memory_stream_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def impostor() -> None:
+                # accepts anything: answers with a Welcome computed from a different token
+                with pytest.raises(AuthenticationError):
+                    await server_handshake(b, "other token", max_frame_size=2**20)
+
+            nursery.start_soon(impostor)
+            with pytest.raises(AuthenticationError):
+                await client_handshake(a, TOKEN, max_frame_size=2**20)
+
+
+async def test_version_mismatch_is_typed_on_both_sides() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    server_errors: list[BaseException] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def server() -> None:
+                try:
+                    await server_handshake(b, TOKEN, max_frame_size=2**20)
+                except VersionMismatchError as exc:
+                    server_errors.append(exc)
+
+            nursery.start_soon(server)
+            with pytest.raises(VersionMismatchError) as info:
+                await client_handshake(a, TOKEN, max_frame_size=2**20, versions=(99,))
+    assert info.value.code == ErrorCode.UNSUPPORTED_VERSION
+    assert "99" in str(info.value)
+    assert len(server_errors) == 1
+
+
+async def test_silent_client_is_dropped(autojump_clock: trio.abc.Clock) -> None:
+    """Slow-loris: a client that connects and says nothing is dropped after 10 s."""
+    a, b = trio.testing.memory_stream_pair()
+    start = trio.current_time()
+    with pytest.raises(HandshakeTimeoutError):
+        await server_handshake(b, TOKEN, max_frame_size=2**20)
+    assert trio.current_time() - start == pytest.approx(10)
+    with pytest.raises((trio.BrokenResourceError, trio.ClosedResourceError)):
+        await a.send_all(b"late")
+
+
+async def test_trickling_client_is_dropped(autojump_clock: trio.abc.Clock) -> None:
+    """A client sending one byte every second still hits the overall deadline."""
+    a, b = trio.testing.memory_stream_pair()
+    frame = encode_message(GoAway(0, "x" * 500))
+
+    async def trickle() -> None:
+        for byte in frame:
+            await trio.sleep(1)
+            try:
+                await a.send_all(bytes([byte]))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trickle)
+        with pytest.raises(HandshakeTimeoutError):
+            await server_handshake(b, TOKEN, max_frame_size=2**20, timeout=5)
+
+
+async def test_client_gives_up_on_silent_server(autojump_clock: trio.abc.Clock) -> None:
+    a, _b = trio.testing.memory_stream_pair()
+    with pytest.raises(HandshakeTimeoutError):
+        await client_handshake(a, TOKEN, max_frame_size=2**20)
+
+
+async def test_large_preauth_frame_is_rejected() -> None:
+    """Before authentication, frames are capped at 4 KiB: no big allocation for strangers."""
+    a, b = trio.testing.memory_stream_pair()
+    await a.send_all((64 * 1024).to_bytes(4, "big"))
+    with trio.fail_after(10), pytest.raises(RemoteProtocolError) as info:
+        await server_handshake(b, TOKEN, max_frame_size=2**20)
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE
+    # the server said why before closing
+    decoder = FrameDecoder()
+    messages = decoder.feed(await a.receive_some())
+    assert isinstance(messages[0], GoAway)
+    assert messages[0].code == ErrorCode.FRAME_TOO_LARGE
+
+
+async def test_wrong_first_message_is_rejected() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    await a.send_all(encode_message(GoAway(0, "")))
+    with trio.fail_after(10), pytest.raises(RemoteProtocolError) as info:
+        await server_handshake(b, TOKEN, max_frame_size=2**20)
+    assert info.value.code == ErrorCode.UNEXPECTED_MESSAGE
+
+
+async def test_connection_closed_mid_handshake() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    await a.send_all(b"\x00\x00")
+    await a.aclose()
+    with trio.fail_after(10), pytest.raises(RemoteProtocolError) as info:
+        await server_handshake(b, TOKEN, max_frame_size=2**20)
+    assert info.value.code == ErrorCode.TRUNCATED_FRAME
+    a, b = trio.testing.memory_stream_pair()
+    await a.aclose()
+    with trio.fail_after(10), pytest.raises(ConnectError):
+        await server_handshake(b, TOKEN, max_frame_size=2**20)

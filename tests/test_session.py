@@ -1,0 +1,400 @@
+"""The multiplexed session over real loopback TCP and over memory streams."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+import pytest
+import trio
+import trio.testing
+
+from conftest import count_tasks, open_pair, session_pair, tcp_stream_pair
+from pytunnel import (
+    ErrorCode,
+    NodeTimeoutError,
+    NodeUnstableError,
+    RemoteProtocolError,
+    Role,
+    SessionClosedError,
+    SessionConfig,
+    StreamLimitError,
+    StreamResetError,
+    open_session,
+)
+from pytunnel.protocol.frames import encode_message
+from pytunnel.protocol.messages import Data, Open
+
+
+async def _send_and_eof(stream: trio.abc.HalfCloseableStream, data: bytes, chunk: int) -> None:
+    for i in range(0, len(data), chunk):
+        await stream.send_all(data[i : i + chunk])
+    await stream.send_eof()
+
+
+async def _read_all(stream: trio.abc.ReceiveStream) -> bytes:
+    parts = []
+    while chunk := await stream.receive_some():
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def test_100_concurrent_streams_sha256(transport: str) -> None:
+    """Each stream carries random data both ways; the far end checks SHA-256."""
+    rng = random.Random(1234)
+    failures: list[str] = []
+    with trio.fail_after(60):
+        async with session_pair(transport) as (client, server):
+
+            async def server_side() -> None:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(100):
+                        incoming = await server.accept_stream()
+                        nursery.start_soon(echo_digest, incoming.accept())
+
+            async def echo_digest(stream: trio.abc.HalfCloseableStream) -> None:
+                # read everything, answer with its digest followed by a payload of our own
+                data = await _read_all(stream)
+                reply = os.urandom(len(data) // 3 + 1)
+                await stream.send_all(hashlib.sha256(data).digest())
+                await stream.send_all(hashlib.sha256(reply).digest())
+                await _send_and_eof(stream, reply, 7001)
+                await stream.aclose()
+
+            async def client_side(index: int, size: int) -> None:
+                data = os.urandom(size)
+                stream = await client.open_stream(tag=index)
+                await _send_and_eof(stream, data, rng.randint(1, 100_000))
+                got = await _read_all(stream)
+                await stream.aclose()
+                digest, reply_digest, reply = got[:32], got[32:64], got[64:]
+                if digest != hashlib.sha256(data).digest():
+                    failures.append(f"stream {index}: server saw different bytes")
+                if reply_digest != hashlib.sha256(reply).digest():
+                    failures.append(f"stream {index}: client saw different bytes")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server_side)
+                for i in range(100):
+                    nursery.start_soon(client_side, i, rng.choice([1, 1000, 65_537, 300_000]))
+    assert failures == []
+
+
+async def test_slow_reader_does_not_stall_others() -> None:
+    """One stream whose reader stops; another still moves 50 MiB; buffers stay bounded."""
+    window = 256 * 1024
+    total = 50 * 1024 * 1024
+    with trio.fail_after(90):
+        async with session_pair("tcp", window=window) as (client, server):
+            stalled_a, stalled_b = await open_pair(client, server)
+            bulk_a, bulk_b = await open_pair(client, server)
+            stalled_sent = 0
+
+            async def stalled_writer() -> None:
+                nonlocal stalled_sent
+                chunk = b"s" * 65536
+                while True:  # ends by cancellation below; blocks once the window is full
+                    await stalled_a.send_all(chunk)
+                    stalled_sent += len(chunk)
+
+            received = 0
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stalled_writer)
+                nursery.start_soon(_send_and_eof, bulk_a, b"b" * (1024 * 1024) * 50, 1024 * 1024)
+                while chunk := await bulk_b.receive_some():
+                    received += len(chunk)
+                    assert stalled_b._buffered <= window  # type: ignore[attr-defined]
+                nursery.cancel_scope.cancel()
+            assert received == total
+            # the stalled stream's sender got at most one window ahead (plus the chunk in hand)
+            assert stalled_b._buffered <= window  # type: ignore[attr-defined]
+            assert stalled_sent <= window
+            assert stalled_b._buffered > 0  # type: ignore[attr-defined]
+            # and everything it buffered is still readable afterwards, in order
+            assert (await stalled_b.receive_some(10)) == b"s" * 10
+
+
+async def test_half_close_each_direction(transport: str) -> None:
+    with trio.fail_after(10):
+        async with session_pair(transport) as (client, server):
+            # client finishes first, still gets the full reply (like `ssh -L` with shutdown(WR))
+            a, b = await open_pair(client, server)
+            await a.send_all(b"request")
+            await a.send_eof()
+            assert await _read_all(b) == b"request"
+            await b.send_all(b"reply " * 1000)
+            await b.send_eof()
+            assert await _read_all(a) == b"reply " * 1000
+            await a.aclose()
+            await b.aclose()
+            # server finishes first
+            a, b = await open_pair(client, server)
+            await b.send_all(b"banner")
+            await b.send_eof()
+            assert await _read_all(a) == b"banner"
+            with pytest.raises(trio.ClosedResourceError):
+                await b.send_all(b"more")
+            await a.send_all(b"late")
+            await a.send_eof()
+            assert await _read_all(b) == b"late"
+            await a.aclose()
+            await b.aclose()
+            assert client.open_streams == 0
+            assert server.open_streams == 0
+            assert client._mux.open_streams == 0
+            assert server._mux.open_streams == 0
+
+
+async def test_reset_mid_transfer(transport: str) -> None:
+    """A receiver closing with unread data resets the stream: the writer sees it broken."""
+    with trio.fail_after(10):
+        async with session_pair(transport) as (client, server):
+            a, b = await open_pair(client, server)
+            await a.send_all(b"x" * 100_000)
+            await trio.testing.wait_all_tasks_blocked()
+            assert await b.receive_some(10) == b"x" * 10
+            await b.aclose()  # unread data left: Reset
+            with pytest.raises(trio.BrokenResourceError) as info:
+                for _ in range(1000):
+                    await a.send_all(b"y" * 65536)
+            assert isinstance(info.value.__cause__, StreamResetError)
+            assert info.value.__cause__.code == ErrorCode.CANCELLED
+            with pytest.raises(trio.BrokenResourceError):
+                await a.receive_some()
+            await a.aclose()
+            # the session itself is unharmed
+            c, d = await open_pair(client, server)
+            await c.send_all(b"ok")
+            assert await d.receive_some() == b"ok"
+
+
+async def test_closed_peer_answers_late_data_with_reset(transport: str) -> None:
+    """Clean close (nothing unread) sends Fin; data the peer sends afterwards gets Reset."""
+    with trio.fail_after(10):
+        async with session_pair(transport) as (client, server):
+            a, b = await open_pair(client, server)
+            await b.aclose()
+            assert await a.receive_some() == b""  # b's Fin
+            with pytest.raises(trio.BrokenResourceError):
+                for _ in range(1000):
+                    await a.send_all(b"z" * 1000)
+                    await trio.sleep(0)
+
+
+async def _collect(how: str, transport: str) -> tuple[set[type[BaseException]], object]:
+    async with session_pair(transport, window=1024) as (client, server):
+        streams = [await open_pair(client, server) for _ in range(5)]
+        outcomes: set[type[BaseException]] = set()
+
+        async def blocked_read(s: trio.abc.ReceiveStream) -> None:
+            try:
+                await s.receive_some()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                outcomes.add(type(exc))
+
+        async def blocked_write(s: trio.abc.SendStream) -> None:
+            try:
+                while True:
+                    await s.send_all(b"w" * 4096)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                outcomes.add(type(exc))
+
+        async with trio.open_nursery() as nursery:
+            for a, _b in streams:
+                nursery.start_soon(blocked_read, a)
+                nursery.start_soon(blocked_write, a)
+            await trio.testing.wait_all_tasks_blocked()
+            if how == "close-session":
+                await client.aclose()
+            elif how == "peer-closes-session":
+                await server.aclose()
+            else:
+                await trio.aclose_forcefully(server._transport)
+        with pytest.raises(SessionClosedError):
+            await client.open_stream()
+        with pytest.raises(SessionClosedError):
+            await client.accept_stream()
+        return outcomes, client.close_reason
+
+
+async def test_streams_see_closed_when_we_close(transport: str) -> None:
+    with trio.fail_after(10):
+        outcomes, reason = await _collect("close-session", transport)
+    assert outcomes == {trio.ClosedResourceError}
+    assert isinstance(reason, SessionClosedError)
+
+
+async def test_streams_see_broken_when_peer_closes(transport: str) -> None:
+    with trio.fail_after(10):
+        outcomes, reason = await _collect("peer-closes-session", transport)
+    assert outcomes == {trio.BrokenResourceError}
+    assert isinstance(reason, SessionClosedError)
+    assert reason.code == ErrorCode.NORMAL
+
+
+async def test_streams_see_broken_when_transport_lost(transport: str) -> None:
+    with trio.fail_after(10):
+        outcomes, reason = await _collect("transport-lost", transport)
+    assert outcomes == {trio.BrokenResourceError}
+    assert isinstance(reason, trio.BrokenResourceError)
+
+
+async def test_no_task_outlives_the_session(transport: str) -> None:
+    baseline = count_tasks()
+    with trio.fail_after(10):
+        async with session_pair(transport) as (client, server):
+            pairs = [await open_pair(client, server) for _ in range(20)]
+            for a, b in pairs:
+                await a.send_all(b"data")
+                assert await b.receive_some() == b"data"
+            assert count_tasks() > baseline
+    assert count_tasks() == baseline
+
+
+async def test_cancelling_the_caller_ends_everything() -> None:
+    baseline = count_tasks()
+    with trio.move_on_after(0.5) as scope:
+        async with session_pair("tcp") as (client, server):
+            a, b = await open_pair(client, server)
+            await b.receive_some()  # blocks until cancelled
+    assert scope.cancelled_caught
+    assert count_tasks() == baseline
+
+
+async def test_refusal_is_typed(transport: str) -> None:
+    with trio.fail_after(10):
+        async with session_pair(transport) as (client, server):
+
+            async def refuse_all() -> None:
+                for code in (ErrorCode.NODE_TIMEOUT, ErrorCode.NODE_UNSTABLE):
+                    incoming = await server.accept_stream()
+                    assert (incoming.host, incoming.port) == ("db.internal", 5432)
+                    incoming.refuse(code, "dial failed")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(refuse_all)
+                with pytest.raises(NodeTimeoutError) as timeout_info:
+                    await client.open_stream("db.internal", 5432)
+                with pytest.raises(NodeUnstableError) as unstable_info:
+                    await client.open_stream("db.internal", 5432)
+            assert timeout_info.value.target == "db.internal:5432"
+            assert timeout_info.value.code == ErrorCode.NODE_TIMEOUT
+            assert unstable_info.value.category == "NODE_UNSTABLE"
+            assert client.open_streams == 0
+            assert server.open_streams == 0
+
+
+async def test_cancelled_open_leaves_nothing(transport: str) -> None:
+    with trio.fail_after(10):
+        async with session_pair(transport) as (client, server):
+            with trio.move_on_after(0.05):
+                await client.open_stream("slow", 1)  # nobody answers
+            incoming = await server.accept_stream()
+            await trio.sleep(0.05)  # let the Reset arrive
+            assert client.open_streams == 0
+            assert client._mux.open_streams == 0
+            assert server._mux.open_streams == 0
+            stream = incoming.accept() if server.open_streams else None
+            assert stream is None or stream._broken is not None
+
+
+async def test_stream_limit(transport: str) -> None:
+    with trio.fail_after(10):
+        async with session_pair(transport, max_streams=2) as (client, server):
+            await open_pair(client, server)
+            await open_pair(client, server)
+            with pytest.raises(StreamLimitError):
+                await client.open_stream()
+
+
+async def test_peer_stream_limit_refuses(transport: str) -> None:
+    """The limit is enforced by the receiver too, whatever the opener's own setting."""
+    with trio.fail_after(10):
+        a, b = (
+            trio.testing.memory_stream_pair() if transport == "memory" else await tcp_stream_pair()
+        )
+        async with (
+            open_session(a, Role.CLIENT, SessionConfig(max_streams=10)) as client,
+            open_session(b, Role.SERVER, SessionConfig(max_streams=1)) as server,
+        ):
+            await open_pair(client, server)
+            with pytest.raises(StreamLimitError):
+                await client.open_stream()
+
+
+async def test_ping_measures_rtt(transport: str) -> None:
+    with trio.fail_after(10):
+        async with session_pair(transport) as (client, server):
+            assert 0 <= await client.ping() < 5
+            assert 0 <= await server.ping() < 5
+
+
+async def test_protocol_violation_closes_session_with_goaway(transport: str) -> None:
+    """A peer that sends data beyond the window gets GoAway(FLOW_CONTROL_ERROR)."""
+    a, raw = trio.testing.memory_stream_pair() if transport == "memory" else await tcp_stream_pair()
+    with trio.fail_after(10):
+        async with open_session(a, Role.SERVER, SessionConfig(window=100)) as server:
+            await raw.send_all(encode_message(Open(1, 1000)))
+            incoming = await server.accept_stream()
+            stream = incoming.accept()
+            await raw.send_all(encode_message(Data(1, b"x" * 101)))
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await stream.receive_some()
+            await server.wait_closed()
+            reason = server.close_reason
+            assert isinstance(reason, RemoteProtocolError)
+            assert reason.code == ErrorCode.FLOW_CONTROL_ERROR
+            assert info.value.__cause__ is reason
+            # the peer was told why
+            from pytunnel.protocol.frames import FrameDecoder
+            from pytunnel.protocol.messages import Accept, GoAway
+
+            decoder = FrameDecoder()
+            seen = []
+            while not any(isinstance(m, GoAway) for m in seen):
+                seen.extend(decoder.feed(await raw.receive_some()))
+            assert isinstance(seen[0], Accept)
+            goaway = seen[-1]
+            assert isinstance(goaway, GoAway)
+            assert goaway.code == ErrorCode.FLOW_CONTROL_ERROR
+
+
+async def test_garbage_from_peer_is_typed_error() -> None:
+    a, raw = trio.testing.memory_stream_pair()
+    with trio.fail_after(10):
+        async with open_session(a, Role.SERVER) as server:
+            await raw.send_all(b"\x00\x00\x00\x03abc")
+            await server.wait_closed()
+            assert isinstance(server.close_reason, RemoteProtocolError)
+            assert server.close_reason.code == ErrorCode.MALFORMED_FRAME
+
+
+async def test_oversized_frame_rejected_before_allocation() -> None:
+    a, raw = trio.testing.memory_stream_pair()
+    with trio.fail_after(10):
+        async with open_session(a, Role.SERVER) as server:
+            await raw.send_all((2**32 - 1).to_bytes(4, "big"))
+            await server.wait_closed()
+            assert isinstance(server.close_reason, RemoteProtocolError)
+            assert server.close_reason.code == ErrorCode.FRAME_TOO_LARGE
+
+
+async def test_goaway_stops_new_streams(transport: str) -> None:
+    with trio.fail_after(10):
+        async with session_pair(transport) as (client, server):
+            await server.aclose(ErrorCode.GOING_AWAY, "maintenance")
+            await client.wait_closed()
+            reason = client.close_reason
+            assert isinstance(reason, SessionClosedError)
+            assert reason.code == ErrorCode.GOING_AWAY
+            with pytest.raises(SessionClosedError) as info:
+                await client.open_stream()
+            assert info.value.code == ErrorCode.GOING_AWAY
+
+
+async def test_body_exception_is_not_wrapped() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    with pytest.raises(KeyError):
+        async with open_session(a, Role.CLIENT):
+            raise KeyError("mine")
