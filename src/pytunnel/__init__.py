@@ -3,6 +3,9 @@
 Public names are re-exported explicitly here; everything else is private.
 """
 
+import logging
+
+from ._dial import DEFAULT_CONNECT_TIMEOUT as DEFAULT_CONNECT_TIMEOUT
 from ._handshake import (
     DEFAULT_HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT,
 )
@@ -12,6 +15,10 @@ from ._handshake import (
 from ._handshake import (
     open_server_session as open_server_session,
 )
+from ._policy import PermitOpen as PermitOpen
+from ._policy import PortRange as PortRange
+from ._relay import DEFAULT_IDLE_TIMEOUT as DEFAULT_IDLE_TIMEOUT
+from ._relay import RelayStats as RelayStats
 from ._session import (
     IncomingStream as IncomingStream,
 )
@@ -30,6 +37,33 @@ from ._session import (
 from ._session import (
     open_session as open_session,
 )
+from .client import (
+    Forward as Forward,
+)
+from .client import (
+    ForwardStatus as ForwardStatus,
+)
+from .client import (
+    LocalForward as LocalForward,
+)
+from .client import (
+    RemoteForward as RemoteForward,
+)
+from .client import (
+    Tunnel as Tunnel,
+)
+from .client import (
+    connect as connect,
+)
+from .client import (
+    connect_tunnel as connect_tunnel,
+)
+from .client import (
+    wrap_tunnel as wrap_tunnel,
+)
+from .errors import (
+    AddressInUseError as AddressInUseError,
+)
 from .errors import (
     AuthenticationError as AuthenticationError,
 )
@@ -43,6 +77,9 @@ from .errors import (
     ErrorCode as ErrorCode,
 )
 from .errors import (
+    ForwardError as ForwardError,
+)
+from .errors import (
     HandshakeTimeoutError as HandshakeTimeoutError,
 )
 from .errors import (
@@ -53,6 +90,12 @@ from .errors import (
 )
 from .errors import (
     NodeUnstableError as NodeUnstableError,
+)
+from .errors import (
+    PermissionDeniedError as PermissionDeniedError,
+)
+from .errors import (
+    PortNotAllowedError as PortNotAllowedError,
 )
 from .errors import (
     ProtocolError as ProtocolError,
@@ -79,5 +122,11 @@ from .errors import (
     VersionMismatchError as VersionMismatchError,
 )
 from .protocol.mux import Role as Role
+from .server import ServerConfig as ServerConfig
+from .server import TunnelServer as TunnelServer
+from .server import serve as serve
 
 __version__ = "0.1.0.dev0"
+
+# A library does not decide where logs go: without configuration, stay silent.
+logging.getLogger("pytunnel").addHandler(logging.NullHandler())

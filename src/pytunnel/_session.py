@@ -308,6 +308,12 @@ class IncomingStream:
         self._answer()
         self._session._refuse(self._stream, code, message)
 
+    def refuse_with(self, error: TunnelError) -> None:
+        """Refuse with ``error``'s code and message; a no-op if the session has already ended
+        (the opener then learns of it from the session's end instead)."""
+        if not self._session.closed:
+            self.refuse(error.code, error.message)
+
     def _answer(self) -> None:
         if self._answered:
             raise LocalProtocolError("this stream was already answered")

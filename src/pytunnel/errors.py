@@ -35,6 +35,8 @@ class ErrorCode(enum.IntEnum):
     CANCELLED = 1006
     #: The peer has too many open streams.
     STREAM_LIMIT = 1007
+    #: A relayed connection was idle for longer than its idle timeout.
+    IDLE_TIMEOUT = 1008
 
     # -- remote protocol violations (1100-1199) --
     PROTOCOL_ERROR = 1100
@@ -52,6 +54,12 @@ class ErrorCode(enum.IntEnum):
     NODE_TIMEOUT = 2001
     NODE_UNSTABLE = 2002
     TARGET_FORBIDDEN = 2003
+
+    # -- forward set-up outcomes (2100-2199) --
+    FORWARD_FAILED = 2100
+    ADDRESS_IN_USE = 2101
+    PERMISSION_DENIED = 2102
+    PORT_NOT_ALLOWED = 2103
 
 
 class TunnelError(Exception):
@@ -194,7 +202,39 @@ class TargetForbiddenError(DialError):
     category = "TARGET_FORBIDDEN"
 
 
+class ForwardError(StreamRefusedError):
+    """A forward could not be set up. ``address`` is the ``"host:port"`` that was asked for."""
+
+    default_code = ErrorCode.FORWARD_FAILED
+
+    def __init__(self, message: str = "", *, address: str = "", code: int | None = None) -> None:
+        super().__init__(message, code=code)
+        self.address = address
+
+
+class AddressInUseError(ForwardError):
+    """The port to listen on is already taken."""
+
+    default_code = ErrorCode.ADDRESS_IN_USE
+
+
+class PermissionDeniedError(ForwardError):
+    """The operating system refused the bind (a privileged port, for example)."""
+
+    default_code = ErrorCode.PERMISSION_DENIED
+
+
+class PortNotAllowedError(ForwardError):
+    """The server's policy does not allow listening on that port or address."""
+
+    default_code = ErrorCode.PORT_NOT_ALLOWED
+
+
 _BY_CODE: dict[int, type[TunnelError]] = {
+    ErrorCode.FORWARD_FAILED: ForwardError,
+    ErrorCode.ADDRESS_IN_USE: AddressInUseError,
+    ErrorCode.PERMISSION_DENIED: PermissionDeniedError,
+    ErrorCode.PORT_NOT_ALLOWED: PortNotAllowedError,
     ErrorCode.AUTHENTICATION_FAILED: AuthenticationError,
     ErrorCode.UNSUPPORTED_VERSION: VersionMismatchError,
     ErrorCode.HANDSHAKE_TIMEOUT: HandshakeTimeoutError,
@@ -211,6 +251,8 @@ def refusal_error(code: int, message: str, *, target: str = "") -> StreamRefused
     cls = _BY_CODE.get(code, StreamRefusedError)
     if issubclass(cls, DialError):
         return cls(message, target=target, code=code)
+    if issubclass(cls, ForwardError):
+        return cls(message, address=target, code=code)
     if issubclass(cls, StreamRefusedError):
         return cls(message, code=code)
     return StreamRefusedError(message, code=code)

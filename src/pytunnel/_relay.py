@@ -1,0 +1,107 @@
+"""The bidirectional pump between two streams: half-close, idle timeout, byte counters.
+
+One relay is one child nursery with two pump tasks, so cancelling the relay's parent (the
+forward, the session) ends both directions at once and closes both streams. There is no task
+per chunk and no buffer beyond the chunk in hand: back-pressure flows through ``send_all``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import attrs
+import trio
+
+__all__ = ["DEFAULT_IDLE_TIMEOUT", "RelayStats", "relay"]
+
+log = logging.getLogger("pytunnel.relay")
+
+#: Seconds without a byte in either direction before a relay is closed.
+DEFAULT_IDLE_TIMEOUT = 300.0
+_CHUNK = 256 * 1024
+
+
+@attrs.define
+class RelayStats:
+    """Live counters, shared by every relay of one forward."""
+
+    #: Bytes from the side that accepted the connection towards the target.
+    bytes_out: int = 0
+    #: Bytes from the target back.
+    bytes_in: int = 0
+    active_connections: int = 0
+    total_connections: int = 0
+
+
+async def _pump(
+    source: trio.abc.ReceiveStream,
+    sink: trio.abc.HalfCloseableStream | trio.abc.SendStream,
+    scope: trio.CancelScope,
+    idle_timeout: float,
+    stats: RelayStats | None,
+    outbound: bool,
+    name: str,
+) -> None:
+    try:
+        await _copy(source, sink, scope, idle_timeout, stats, outbound)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        # one side broke: the other direction has nothing left to do either
+        log.debug("%s ended by a broken side: %r", name, exc)
+        scope.cancel()
+
+
+async def _copy(
+    source: trio.abc.ReceiveStream,
+    sink: trio.abc.HalfCloseableStream | trio.abc.SendStream,
+    scope: trio.CancelScope,
+    idle_timeout: float,
+    stats: RelayStats | None,
+    outbound: bool,
+) -> None:
+    while True:
+        chunk = await source.receive_some(_CHUNK)
+        if not chunk:
+            break
+        await sink.send_all(chunk)
+        scope.deadline = trio.current_time() + idle_timeout
+        if stats is not None:
+            if outbound:
+                stats.bytes_out += len(chunk)
+            else:
+                stats.bytes_in += len(chunk)
+    if isinstance(sink, trio.abc.HalfCloseableStream):
+        await sink.send_eof()
+    else:  # pragma: no cover - every stream we relay is half-closeable
+        await sink.aclose()
+
+
+async def relay(
+    a: trio.abc.HalfCloseableStream,
+    b: trio.abc.HalfCloseableStream,
+    *,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    stats: RelayStats | None = None,
+    name: str = "relay",
+) -> None:
+    """Copy ``a`` -> ``b`` and ``b`` -> ``a`` until both directions have ended, then close both.
+
+    A half-close is carried across (EOF on one side becomes ``send_eof`` on the other), so a
+    client that shuts down its write side still receives the whole reply. If either side
+    breaks, or nothing moves for ``idle_timeout`` seconds, both streams are closed at once.
+    Never raises for the peers' failures; those are logged at debug level.
+    """
+    if stats is not None:
+        stats.active_connections += 1
+        stats.total_connections += 1
+    try:
+        with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_pump, a, b, scope, idle_timeout, stats, True, name)
+                nursery.start_soon(_pump, b, a, scope, idle_timeout, stats, False, name)
+        if scope.cancelled_caught and trio.current_time() >= scope.deadline:
+            log.info("%s closed after %g s idle", name, idle_timeout)
+    finally:
+        if stats is not None:
+            stats.active_connections -= 1
+        await trio.aclose_forcefully(a)
+        await trio.aclose_forcefully(b)

@@ -1,0 +1,17 @@
+"""What the ``tag`` of an ``Open`` means in the tunnel protocol (the multiplexer ignores it).
+
+Streams the *client* opens:
+
+* ``CONNECT`` (0): dial ``host:port`` at the server and relay (local and dynamic forwards,
+  ``Tunnel.open_stream``).
+* ``LISTEN`` (1): a remote forward request: listen on ``host:port`` at the server. The stream
+  stays open as the forward's control stream; closing it removes the forward.
+
+Streams the *server* opens carry, as ``tag``, the stream id of the remote forward's control
+stream they belong to, and the public peer's address as ``host``/``port`` (informational).
+"""
+
+from __future__ import annotations
+
+CONNECT = 0
+LISTEN = 1
