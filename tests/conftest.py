@@ -84,3 +84,94 @@ def count_tasks() -> int:
         for nursery in task.child_nurseries:
             stack.extend(nursery.child_tasks)
     return count
+
+
+# ----------------------------------------------------------------------------- tunnel fixtures
+
+TOKEN = "test-token-5f1b"
+
+
+def count_fds() -> int:
+    """Open file descriptors of this process."""
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def echo_handler(stream: trio.SocketStream) -> None:
+    """Echo until EOF, then half-close back (so half-close is visible end to end)."""
+    try:
+        async for chunk in stream:
+            await stream.send_all(chunk)
+        await stream.send_eof()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+@pytest.fixture
+async def echo_port(nursery: trio.Nursery) -> int:
+    """A real TCP echo service on loopback."""
+    import functools
+
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, echo_handler, 0, host="127.0.0.1")
+    )
+    return int(listeners[0].socket.getsockname()[1])
+
+
+@pytest.fixture
+async def tunnel_server(nursery: trio.Nursery) -> "pytunnel.TunnelServer":  # noqa: F821
+    import pytunnel
+
+    server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
+    return server
+
+
+@pytest.fixture
+async def tunnel(nursery: trio.Nursery, tunnel_server: "pytunnel.TunnelServer") -> "pytunnel.Tunnel":  # noqa: F821
+    import pytunnel
+
+    return await pytunnel.connect_tunnel(nursery, tunnel_server.address, token=TOKEN)
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening (bound then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Blackhole:
+    """A loopback port whose listen queue is full, so new connects hang (SYN dropped):
+    the only way to get a real dial timeout without leaving loopback."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.port = int(self.listener.getsockname()[1])
+        self.fillers: list[socket.socket] = []
+        for _ in range(4):  # fill the accept queue; never accepted
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", self.port))
+            except BlockingIOError:
+                pass
+            self.fillers.append(s)
+
+    def close(self) -> None:
+        for s in self.fillers:
+            s.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def blackhole() -> "Iterator[Blackhole]":  # noqa: F821
+    hole = Blackhole()
+    yield hole
+    hole.close()

@@ -5,7 +5,12 @@ Public names are re-exported explicitly here; everything else is private.
 
 import logging
 
-from ._dial import DEFAULT_CONNECT_TIMEOUT as DEFAULT_CONNECT_TIMEOUT
+from ._dial import (
+    DEFAULT_CONNECT_TIMEOUT as DEFAULT_CONNECT_TIMEOUT,
+)
+from ._dial import (
+    format_target as format_target,
+)
 from ._handshake import (
     DEFAULT_HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT,
 )

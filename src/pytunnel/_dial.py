@@ -17,7 +17,7 @@ import trio
 
 from .errors import DialError, NodeTimeoutError, NodeUnstableError
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "dial", "format_target"]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "describe_os_error", "dial", "format_target"]
 
 log = logging.getLogger("pytunnel.dial")
 
@@ -32,7 +32,7 @@ def format_target(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _reason(exc: BaseException) -> str:
+def describe_os_error(exc: BaseException) -> str:
     """The OS-level reason inside what ``open_tcp_stream`` raised ("Connection refused")."""
     codes = _errnos(exc)
     if codes:
@@ -71,7 +71,7 @@ async def dial(
     except trio.TooSlowError:
         error = NodeTimeoutError(f"dial {target} timed out after {timeout:g} s", target=target)
     except OSError as exc:
-        reason = _reason(exc)
+        reason = describe_os_error(exc)
         if _errnos(exc) & _TIMEOUT_ERRNOS:
             error = NodeTimeoutError(f"dial {target} failed: {reason}", target=target)
         else:

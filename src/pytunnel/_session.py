@@ -361,6 +361,7 @@ class Session:
         self._drain_lot = trio.lowlevel.ParkingLot()
         self._closed_event = trio.Event()
         self._cancel_scope = trio.CancelScope()
+        self._writer_scope = trio.CancelScope(shield=True)
         self.close_reason: BaseException | None = None
         #: True when we ended the session (streams then raise ClosedResourceError).
         self._closed_locally = False
@@ -535,23 +536,28 @@ class Session:
                 nursery.start_soon(self._writer)
 
     async def _writer(self) -> None:
+        # Shielded: when the surrounding task tree is cancelled, the writer must stay alive long
+        # enough for aclose() to flush GoAway; _terminate() cancels this scope explicitly.
         mux = self._mux
         transport = self._transport
-        try:
-            while True:
-                if not mux.bytes_to_send:
+        with self._writer_scope:
+            try:
+                while True:
+                    if not mux.bytes_to_send:
+                        self._drain_lot.unpark_all()
+                        self._write_event = trio.Event()
+                        await self._write_event.wait()
+                        continue
+                    data = mux.data_to_send()
                     self._drain_lot.unpark_all()
-                    self._write_event = trio.Event()
-                    await self._write_event.wait()
-                    continue
-                data = mux.data_to_send()
-                self._drain_lot.unpark_all()
-                self._writing = True
-                await transport.send_all(data)
-                self._writing = False
-                self.bytes_written += len(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._terminate(exc)
+                    self._writing = True
+                    try:
+                        await transport.send_all(data)
+                    finally:
+                        self._writing = False
+                    self.bytes_written += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._terminate(exc)
 
     async def _reader(self) -> None:
         mux = self._mux
@@ -641,6 +647,7 @@ class Session:
         self.close_reason = reason
         self._closed_event.set()
         self._cancel_scope.cancel()
+        self._writer_scope.cancel()
         for stream in list(self._streams.values()):
             if self._closed_locally:
                 stream._closed = True

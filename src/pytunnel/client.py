@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ._dial import DEFAULT_CONNECT_TIMEOUT, dial, format_target
+from ._dial import DEFAULT_CONNECT_TIMEOUT, describe_os_error, dial, format_target
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, open_client_session
 from ._listen import bind, bound_port
 from ._relay import DEFAULT_IDLE_TIMEOUT, RelayStats, relay
@@ -461,9 +461,8 @@ async def connect_tunnel(
             f"cannot reach tunnel server {format_target(host, port)}: timed out"
         ) from None
     except OSError as exc:
-        reason = exc.strerror or str(exc)
         raise ConnectError(
-            f"cannot reach tunnel server {format_target(host, port)}: {reason}"
+            f"cannot reach tunnel server {format_target(host, port)}: {describe_os_error(exc)}"
         ) from None
     return await wrap_tunnel(
         nursery,
@@ -491,22 +490,28 @@ async def connect(
     Leaving the block closes every forward and the connection; no task outlives it. The block's
     own exceptions propagate unwrapped.
     """
-    body_error: BaseException | None = None
+    # Errors are caught inside the nursery and re-raised after it, so callers see the typed
+    # exception itself rather than an ExceptionGroup wrapping it.
+    error: BaseException | None = None
     async with trio.open_nursery() as nursery:
-        tunnel = await connect_tunnel(
-            nursery,
-            address,
-            token=token,
-            session_config=session_config,
-            handshake_timeout=handshake_timeout,
-            idle_timeout=idle_timeout,
-            connect_timeout=connect_timeout,
-        )
         try:
-            yield tunnel
+            tunnel = await connect_tunnel(
+                nursery,
+                address,
+                token=token,
+                session_config=session_config,
+                handshake_timeout=handshake_timeout,
+                idle_timeout=idle_timeout,
+                connect_timeout=connect_timeout,
+            )
         except BaseException as exc:
-            body_error = exc
-        finally:
-            await tunnel.aclose()
-    if body_error is not None:
-        raise body_error
+            error = exc
+        else:
+            try:
+                yield tunnel
+            except BaseException as exc:
+                error = exc
+            finally:
+                await tunnel.aclose()
+    if error is not None:
+        raise error

@@ -63,6 +63,12 @@ def decode_body(body: bytes | memoryview) -> Message:
             f"frame body must be a msgpack map, got {type(obj).__name__}",
             code=ErrorCode.MALFORMED_FRAME,
         )
+    if len(obj) != _map_length(body):
+        # msgpack-python keeps the last of duplicate keys, another decoder may keep the first:
+        # two implementations must never disagree about what a frame means.
+        raise RemoteProtocolError(
+            "frame body has duplicate map keys", code=ErrorCode.MALFORMED_FRAME
+        )
     tag = obj.get("t")
     if type(tag) is not str or tag not in _BY_TAG:
         raise RemoteProtocolError(
@@ -75,6 +81,16 @@ def decode_body(body: bytes | memoryview) -> Message:
             f"invalid {tag!r} message: {_describe(exc)}"[:300], code=ErrorCode.INVALID_FIELD
         ) from None
     return message
+
+
+def _map_length(body: bytes | memoryview) -> int:
+    """The entry count in the header of the top-level map ``body`` starts with."""
+    first = body[0]
+    if first & 0xF0 == 0x80:  # fixmap
+        return first & 0x0F
+    if first == 0xDE:  # map 16
+        return int.from_bytes(body[1:3], "big")
+    return int.from_bytes(body[1:5], "big")  # 0xdf, map 32: the only other map header
 
 
 def _describe(exc: BaseException) -> str:
@@ -121,7 +137,8 @@ class FrameDecoder:
         if not data:
             self._eof = True
             return
-        self._buffer += data
+        if self._error is None:  # a broken decoder drops input instead of buffering it forever
+            self._buffer += data
 
     def next_message(self) -> Message | None:
         """Return the next complete message, or ``None`` if more bytes are needed.

@@ -20,8 +20,10 @@ from cattrs.strategies import configure_tagged_union
 __all__ = [
     "MAX_STREAM_ID",
     "MAX_WINDOW",
+    "MIN_MAX_FRAME_SIZE",
     "Accept",
     "Auth",
+    "Bound",
     "Challenge",
     "Data",
     "Fin",
@@ -36,6 +38,7 @@ __all__ = [
     "WindowUpdate",
     "Welcome",
     "converter",
+    "truncate_text",
 ]
 
 MAX_U32 = 2**32 - 1
@@ -44,44 +47,83 @@ MAX_U64 = 2**64 - 1
 MAX_STREAM_ID = MAX_U32
 #: A window (and a window update) is at most 2**31 - 1 bytes, as in HTTP/2.
 MAX_WINDOW = 2**31 - 1
-#: Text fields are capped so a peer cannot make us hold megabytes of "reason".
+#: Text fields are capped so a peer cannot make us hold megabytes of "reason". The limits count
+#: bytes of UTF-8 (what crosses the wire), not characters, so every implementation agrees.
 MAX_TEXT = 1024
 MAX_HOST = 255
+MAX_VERSIONS = 16
 NONCE_SIZE = 32
 MAC_SIZE = 32
+#: Smallest ``max_frame_size`` a peer may announce in ``Auth``/``Welcome``. Every message except
+#: ``Data`` encodes to well under this (the text limits above are in bytes for that reason), so a
+#: peer announcing at least this much can always be sent any control frame.
+MIN_MAX_FRAME_SIZE = 4096
+
+
+def _is_int(value: object) -> bool:
+    # ``bool`` is an ``int`` to Python but msgpack encodes it as true/false, which no int field
+    # accepts on decoding: refuse it here so that every valid message survives a round trip.
+    return isinstance(value, int) and value.__class__ is not bool
 
 
 def _u32(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if not 0 <= value <= MAX_U32:
-        raise ValueError(f"{attribute.name} must be an unsigned 32-bit integer, got {value}")
+    if not (_is_int(value) and 0 <= value <= MAX_U32):
+        raise ValueError(f"{attribute.name} must be an unsigned 32-bit integer, got {value!r}")
 
 
 def _u64(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if not 0 <= value <= MAX_U64:
-        raise ValueError(f"{attribute.name} must be an unsigned 64-bit integer, got {value}")
+    if not (_is_int(value) and 0 <= value <= MAX_U64):
+        raise ValueError(f"{attribute.name} must be an unsigned 64-bit integer, got {value!r}")
 
 
 def _stream_id(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if not 1 <= value <= MAX_STREAM_ID:
-        raise ValueError(f"{attribute.name} must be in 1..2**32-1, got {value}")
+    if not (_is_int(value) and 1 <= value <= MAX_STREAM_ID):
+        raise ValueError(f"{attribute.name} must be in 1..2**32-1, got {value!r}")
 
 
 def _window(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if not 0 <= value <= MAX_WINDOW:
-        raise ValueError(f"{attribute.name} must be in 0..2**31-1, got {value}")
+    if not (_is_int(value) and 0 <= value <= MAX_WINDOW):
+        raise ValueError(f"{attribute.name} must be in 0..2**31-1, got {value!r}")
 
 
 def _delta(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if not 1 <= value <= MAX_WINDOW:
-        raise ValueError(f"{attribute.name} must be in 1..2**31-1, got {value}")
+    if not (_is_int(value) and 1 <= value <= MAX_WINDOW):
+        raise ValueError(f"{attribute.name} must be in 1..2**31-1, got {value!r}")
 
 
-def _max_len(limit: int) -> Any:
-    def check(_inst: object, attribute: attrs.Attribute[Any], value: str | bytes) -> None:
-        if len(value) > limit:
-            raise ValueError(f"{attribute.name} is longer than {limit}")
+def _frame_limit(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not (_is_int(value) and MIN_MAX_FRAME_SIZE <= value <= MAX_U32):
+        raise ValueError(
+            f"{attribute.name} must be in {MIN_MAX_FRAME_SIZE}..2**32-1, got {value!r}"
+        )
+
+
+def _versions(_inst: object, attribute: attrs.Attribute[tuple[int, ...]], value: Any) -> None:
+    if len(value) > MAX_VERSIONS:
+        raise ValueError(f"{attribute.name} has more than {MAX_VERSIONS} entries")
+    for version in value:
+        if not (_is_int(version) and 0 <= version <= MAX_U32):
+            raise ValueError(f"{attribute.name} entries must be unsigned 32-bit integers")
+
+
+def _max_utf8(limit: int) -> Any:
+    def check(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
+        # Fast path for ASCII; otherwise measure the UTF-8 encoding, which also rejects lone
+        # surrogates (they cannot be encoded, so msgpack could not send them anyway).
+        if len(value) > limit or (not value.isascii() and len(value.encode("utf-8")) > limit):
+            raise ValueError(f"{attribute.name} is longer than {limit} bytes of UTF-8")
 
     return check
+
+
+def truncate_text(text: str, limit: int = MAX_TEXT) -> str:
+    """Cut ``text`` to at most ``limit`` bytes of UTF-8 without splitting a character."""
+    if len(text) <= limit and text.isascii():
+        return text
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return raw.decode("utf-8")
+    return raw[:limit].decode("utf-8", "ignore")
 
 
 def _exact_len(size: int) -> Any:
@@ -93,8 +135,8 @@ def _exact_len(size: int) -> Any:
 
 
 def _port(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if not 0 <= value <= 65535:
-        raise ValueError(f"{attribute.name} must be a port number, got {value}")
+    if not (_is_int(value) and 0 <= value <= 65535):
+        raise ValueError(f"{attribute.name} must be a port number, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- handshake
@@ -105,7 +147,7 @@ class Hello:
     """Client -> server, first frame: the versions the client speaks and its nonce."""
 
     TAG: ClassVar[str] = "hello"
-    versions: tuple[int, ...] = attrs.field(validator=_max_len(16))
+    versions: tuple[int, ...] = attrs.field(validator=_versions)
     nonce: bytes = attrs.field(validator=_exact_len(NONCE_SIZE))
 
 
@@ -124,8 +166,8 @@ class Auth:
 
     TAG: ClassVar[str] = "auth"
     mac: bytes = attrs.field(validator=_exact_len(MAC_SIZE))
-    #: The largest frame body the client accepts after the handshake.
-    max_frame_size: int = attrs.field(validator=_u32)
+    #: The largest frame body the client accepts after the handshake (at least 4096).
+    max_frame_size: int = attrs.field(validator=_frame_limit)
 
 
 @attrs.frozen
@@ -134,8 +176,8 @@ class Welcome:
 
     TAG: ClassVar[str] = "welcome"
     mac: bytes = attrs.field(validator=_exact_len(MAC_SIZE))
-    #: The largest frame the server accepts after the handshake.
-    max_frame_size: int = attrs.field(validator=_u32)
+    #: The largest frame body the server accepts after the handshake (at least 4096).
+    max_frame_size: int = attrs.field(validator=_frame_limit)
 
 
 # ----------------------------------------------------------------------------- streams
@@ -152,7 +194,7 @@ class Open:
     TAG: ClassVar[str] = "open"
     stream: int = attrs.field(validator=_stream_id)
     window: int = attrs.field(validator=_window)
-    host: str = attrs.field(default="", validator=_max_len(MAX_HOST))
+    host: str = attrs.field(default="", validator=_max_utf8(MAX_HOST))
     port: int = attrs.field(default=0, validator=_port)
     tag: int = attrs.field(default=0, validator=_u32)
 
@@ -173,7 +215,7 @@ class Refuse:
     TAG: ClassVar[str] = "refuse"
     stream: int = attrs.field(validator=_stream_id)
     code: int = attrs.field(validator=_u32)
-    message: str = attrs.field(default="", validator=_max_len(MAX_TEXT))
+    message: str = attrs.field(default="", validator=_max_utf8(MAX_TEXT))
 
 
 @attrs.frozen
@@ -209,7 +251,7 @@ class Reset:
     TAG: ClassVar[str] = "reset"
     stream: int = attrs.field(validator=_stream_id)
     code: int = attrs.field(validator=_u32)
-    message: str = attrs.field(default="", validator=_max_len(MAX_TEXT))
+    message: str = attrs.field(default="", validator=_max_utf8(MAX_TEXT))
 
 
 # ----------------------------------------------------------------------------- session
@@ -237,7 +279,23 @@ class GoAway:
 
     TAG: ClassVar[str] = "goaway"
     code: int = attrs.field(validator=_u32)
-    message: str = attrs.field(default="", validator=_max_len(MAX_TEXT))
+    message: str = attrs.field(default="", validator=_max_utf8(MAX_TEXT))
+
+
+# ----------------------------------------------------------------------------- in-stream
+
+
+@attrs.frozen
+class Bound:
+    """Sent framed *inside* a remote-forward control stream, never at session level.
+
+    Server -> client, first payload of an accepted listen request: where the server is actually
+    listening (the port is the real one when 0 was asked for).
+    """
+
+    TAG: ClassVar[str] = "bound"
+    host: str = attrs.field(validator=_max_utf8(MAX_HOST))
+    port: int = attrs.field(validator=_port)
 
 
 Message = Union[  # noqa: UP007 - cattrs needs a real Union object at runtime on 3.10
@@ -255,6 +313,7 @@ Message = Union[  # noqa: UP007 - cattrs needs a real Union object at runtime on
     Ping,
     Pong,
     GoAway,
+    Bound,
 ]
 
 MESSAGE_TYPES: tuple[type[Any], ...] = Message.__args__  # type: ignore[attr-defined]

@@ -42,6 +42,7 @@ from .messages import (
     Refuse,
     Reset,
     WindowUpdate,
+    truncate_text,
 )
 
 __all__ = [
@@ -324,7 +325,7 @@ class Multiplexer:
         if st.phase is not _Phase.PENDING:
             raise LocalProtocolError(f"stream {stream_id} is not awaiting an answer")
         del self._streams[stream_id]
-        self._emit(Refuse(stream_id, code, message[:1024]))
+        self._emit(Refuse(stream_id, code, truncate_text(message)))
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data``; it must fit the send window (see :meth:`send_window`)."""
@@ -366,7 +367,7 @@ class Multiplexer:
         """Abort the stream both ways. A no-op for a stream that is already gone."""
         if self._streams.pop(stream_id, None) is None:
             return
-        self._emit(Reset(stream_id, code, message[:1024]))
+        self._emit(Reset(stream_id, code, truncate_text(message)))
 
     def close_stream(self, stream_id: int) -> None:
         """The application is done with the stream and has read everything it was sent.
@@ -407,7 +408,7 @@ class Multiplexer:
         if self.goaway_sent:
             return
         self.goaway_sent = True
-        self._emit(GoAway(code, message[:1024]))
+        self._emit(GoAway(code, truncate_text(message)))
 
     # ------------------------------------------------------------------ incoming
 

@@ -1,0 +1,303 @@
+"""``pytunnel serve`` and ``pytunnel connect``: parse arguments, call the library, report.
+
+Everything here is presentation: the library does the work inside ``trio.run``. Every option is
+also read from a ``PYTUNNEL_*`` environment variable (shown in ``--help``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import click
+import trio
+
+import pytunnel
+from pytunnel._policy import parse_port_ranges
+from pytunnel._spec import ForwardSpec, parse_forward_spec, parse_host_port
+
+CONTEXT = {"auto_envvar_prefix": "PYTUNNEL", "show_default": True, "max_content_width": 100}
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _say(line: str) -> None:
+    """User-facing output on stdout, flushed at once (scripts wait for these lines)."""
+    click.echo(line)
+    sys.stdout.flush()
+
+
+def _run(main: Callable[[], Awaitable[None]]) -> None:
+    """Run ``main`` under trio; SIGINT/SIGTERM end it cleanly with status 0, a TunnelError
+    ends it with one line on stderr and status 1."""
+    failure: list[pytunnel.TunnelError] = []
+
+    async def wrapper() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    async for signum in signals:
+                        logging.getLogger("pytunnel").info(
+                            "received %s, shutting down", signal.Signals(signum).name
+                        )
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(watch)
+                try:
+                    await main()
+                except pytunnel.TunnelError as exc:
+                    failure.append(exc)
+                nursery.cancel_scope.cancel()
+
+    trio.run(wrapper)
+    if failure:
+        click.echo(f"pytunnel: error: {failure[0]}", err=True)
+        sys.exit(1)
+
+
+def _host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[str, int]:
+    try:
+        return parse_host_port(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _forward_specs(
+    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+) -> list[ForwardSpec]:
+    try:
+        return [parse_forward_spec(v) for v in values]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _port_ranges(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_port_ranges(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+log_level_option = click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    help="Least severe log level shown.",
+)
+log_format_option = click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="Log line format on stderr.",
+)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(pytunnel.__version__, prog_name="pytunnel")
+def main() -> None:
+    """Expose local services and reach remote ones through one authenticated connection."""
+
+
+@main.command(context_settings=CONTEXT)
+@click.option(
+    "--listen",
+    default="127.0.0.1:7000",
+    callback=_host_port,
+    help="Address clients connect to.",
+)
+@click.option(
+    "--token",
+    envvar="PYTUNNEL_TOKEN",
+    show_envvar=True,
+    help="Shared secret. Without one, a random token is made and printed.",
+)
+@click.option(
+    "--public-host",
+    default="127.0.0.1",
+    help="Address remote forwards listen on (0.0.0.0 exposes them on all interfaces).",
+)
+@click.option(
+    "--allow-ports",
+    callback=_port_ranges,
+    help="Ports remote forwards may use, e.g. 8000,9000-9100. Default: any.",
+)
+@click.option(
+    "--permit-open",
+    multiple=True,
+    help="Targets clients may open, OpenSSH PermitOpen style (host:port, * wildcards). "
+    "Repeatable. Default: any.",
+)
+@click.option(
+    "--connect-timeout",
+    type=float,
+    default=pytunnel.DEFAULT_CONNECT_TIMEOUT,
+    help="Seconds a dial may take (then NODE_TIMEOUT).",
+)
+@click.option(
+    "--idle-timeout",
+    type=float,
+    default=pytunnel.DEFAULT_IDLE_TIMEOUT,
+    help="Seconds a relayed connection may stay silent.",
+)
+@log_level_option
+@log_format_option
+def serve(
+    listen: tuple[str, int],
+    token: str | None,
+    public_host: str,
+    allow_ports: str | None,
+    permit_open: tuple[str, ...],
+    connect_timeout: float,
+    idle_timeout: float,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Run a tunnel server."""
+    _setup_logging(log_level, log_format)
+    generated = token is None
+    secret = token or secrets.token_urlsafe(24)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            server: pytunnel.TunnelServer = await nursery.start(
+                functools.partial(
+                    pytunnel.serve,
+                    secret,
+                    listen[1],
+                    host=listen[0],
+                    public_host=public_host,
+                    allow_ports=allow_ports,
+                    permit_open=list(permit_open) or None,
+                    connect_timeout=connect_timeout,
+                    idle_timeout=idle_timeout,
+                )
+            )
+            address = pytunnel.format_target(*server.address)
+            _say(f"pytunnel server listening on {address}")
+            if generated:
+                _say(f"connect with: pytunnel connect {address} --token {secret}")
+
+    _run(run)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("server", callback=_host_port, envvar="PYTUNNEL_SERVER")
+@click.option(
+    "--token",
+    envvar="PYTUNNEL_TOKEN",
+    show_envvar=True,
+    required=True,
+    help="Shared secret of the server.",
+)
+@click.option(
+    "-R",
+    "--remote",
+    "remote",
+    multiple=True,
+    callback=_forward_specs,
+    metavar="[BIND:]PORT:HOST:HOSTPORT",
+    help="Remote forward: the server listens on PORT (0: any), connections reach HOST:HOSTPORT "
+    "from here. Repeatable.",
+)
+@click.option(
+    "-L",
+    "--local",
+    "local",
+    multiple=True,
+    callback=_forward_specs,
+    metavar="[BIND:]PORT:HOST:HOSTPORT",
+    help="Local forward: listen here on PORT (0: any), connections reach HOST:HOSTPORT from "
+    "the server. Repeatable.",
+)
+@click.option(
+    "--connect-timeout",
+    type=float,
+    default=pytunnel.DEFAULT_CONNECT_TIMEOUT,
+    help="Seconds to reach the server, and for remote-forward dials here.",
+)
+@click.option(
+    "--idle-timeout",
+    type=float,
+    default=pytunnel.DEFAULT_IDLE_TIMEOUT,
+    help="Seconds a relayed connection may stay silent.",
+)
+@log_level_option
+@log_format_option
+def connect(
+    server: tuple[str, int],
+    token: str,
+    remote: list[ForwardSpec],
+    local: list[ForwardSpec],
+    connect_timeout: float,
+    idle_timeout: float,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Connect to a tunnel server and set up forwards."""
+    _setup_logging(log_level, log_format)
+
+    async def run() -> None:
+        async with pytunnel.connect(
+            server, token=token, connect_timeout=connect_timeout, idle_timeout=idle_timeout
+        ) as tunnel:
+            _say(f"connected to {pytunnel.format_target(*server)}")
+            for spec in remote:
+                fwd: pytunnel.Forward = await tunnel.forward_remote(
+                    spec.target_host,
+                    spec.target_port,
+                    remote_port=spec.bind_port,
+                    remote_host=spec.bind_host or "",
+                )
+                _say(f"remote forward {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
+            for spec in local:
+                fwd = await tunnel.forward_local(
+                    spec.target_host,
+                    spec.target_port,
+                    local_port=spec.bind_port,
+                    local_host=spec.bind_host or "127.0.0.1",
+                )
+                _say(f"local forward {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
+            await tunnel.wait_closed()
+            raise pytunnel.SessionClosedError("connection to the server was lost")
+
+    _run(run)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

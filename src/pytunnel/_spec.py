@@ -1,0 +1,81 @@
+"""Parsing OpenSSH-style forward specifications: ``[bind_address:]port:host:hostport``."""
+
+from __future__ import annotations
+
+import attrs
+
+__all__ = ["ForwardSpec", "parse_forward_spec", "parse_host_port"]
+
+
+@attrs.frozen
+class ForwardSpec:
+    """One ``-L``/``-R`` argument. ``bind_host`` is ``None`` when not given."""
+
+    bind_host: str | None
+    bind_port: int
+    target_host: str
+    target_port: int
+
+
+def _split(spec: str) -> list[str]:
+    """Split on ``:`` outside ``[...]`` (IPv6 literals), dropping the brackets."""
+    parts: list[str] = []
+    current = ""
+    depth = 0
+    for char in spec:
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        elif char == ":" and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        current += char
+    if depth != 0:
+        raise ValueError(f"unbalanced brackets in {spec!r}")
+    parts.append(current)
+    return [p.removeprefix("[").removesuffix("]") for p in parts]
+
+
+def _port(text: str, what: str, spec: str, *, allow_zero: bool) -> int:
+    if not text.isdigit():
+        raise ValueError(f"{what} {text!r} in {spec!r} is not a number")
+    port = int(text)
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"{what} {port} in {spec!r} is out of range {low}-65535")
+    return port
+
+
+def parse_forward_spec(spec: str) -> ForwardSpec:
+    """``"8080:localhost:80"`` or ``"0.0.0.0:8080:[::1]:80"`` -> :class:`ForwardSpec`.
+
+    Port 0 is allowed for the listening side (any free port). Raises ``ValueError`` with a
+    message naming the offending part.
+    """
+    parts = _split(spec)
+    if len(parts) == 3:
+        bind_host, (port, host, hostport) = None, parts
+    elif len(parts) == 4:
+        bind_host, port, host, hostport = parts
+    else:
+        raise ValueError(f"expected [bind_address:]port:host:hostport, got {spec!r}")
+    if not host:
+        raise ValueError(f"missing target host in {spec!r}")
+    return ForwardSpec(
+        bind_host or None,
+        _port(port, "port", spec, allow_zero=True),
+        host,
+        _port(hostport, "target port", spec, allow_zero=False),
+    )
+
+
+def parse_host_port(text: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``"host:port"``, ``"[::1]:7000"`` or ``":7000"`` -> ``(host, port)``."""
+    parts = _split(text)
+    if len(parts) == 1:
+        return default_host, _port(parts[0], "port", text, allow_zero=True)
+    if len(parts) != 2:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return parts[0] or default_host, _port(parts[1], "port", text, allow_zero=True)

@@ -1,0 +1,243 @@
+"""The real ``pytunnel`` command, run as subprocesses, with bytes pushed through it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+
+pytestmark = pytest.mark.timeout(60)
+PYTUNNEL = [sys.executable, "-m", "cli.main"]
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+        self.request.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture
+def echo_address() -> Iterator[tuple[str, int]]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[0], server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+class Proc:
+    """A pytunnel subprocess whose stdout lines can be awaited with a deadline."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.popen = subprocess.Popen(
+            [*PYTUNNEL, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+        )
+        self._pending = b""
+
+    def readline(self, timeout: float = 15) -> str:
+        assert self.popen.stdout is not None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._pending:
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([self.popen.stdout], [], [], max(0, remaining))
+            if not ready:
+                raise TimeoutError(f"no output line; stderr: {self.stderr_so_far()}")
+            chunk = os.read(self.popen.stdout.fileno(), 4096)
+            if not chunk:
+                raise EOFError(f"process exited; stderr: {self.stderr_so_far()}")
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line.decode()
+
+    def stderr_so_far(self) -> str:
+        return "(see process stderr)"
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 5) -> tuple[int, str]:
+        self.popen.send_signal(sig)
+        try:
+            _, err = self.popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.communicate()
+            raise AssertionError("process did not exit after the signal") from None
+        return self.popen.returncode, err.decode()
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.communicate()
+
+
+def _address(line: str) -> tuple[str, int]:
+    match = re.search(r"(\d+\.\d+\.\d+\.\d+):(\d+)", line)
+    assert match, line
+    return match.group(1), int(match.group(2))
+
+
+def _roundtrip(address: tuple[str, int], payload: bytes) -> bytes:
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while data := s.recv(65536):
+            out += data
+        return out
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[Proc, tuple[str, int], str]]:
+    proc = Proc("serve", "--listen", "127.0.0.1:0")
+    try:
+        listening = proc.readline()
+        connect_line = proc.readline()
+        assert listening.startswith("pytunnel server listening on ")
+        token = connect_line.split("--token ")[1].strip()
+        assert connect_line.startswith(f"connect with: pytunnel connect {_address(listening)[0]}:")
+        yield proc, _address(listening), token
+    finally:
+        proc.kill()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_and_connect_relay_bytes(
+    server: tuple[Proc, tuple[str, int], str], echo_address: tuple[str, int], sig: int
+) -> None:
+    _, (host, port), token = server
+    echo = f"{echo_address[0]}:{echo_address[1]}"
+    client = Proc(
+        "connect", f"{host}:{port}", "--token", token, "-R", f"0:{echo}", "-L", f"0:{echo}"
+    )
+    try:
+        assert client.readline() == f"connected to {host}:{port}"
+        remote_line, local_line = client.readline(), client.readline()
+        assert remote_line.startswith("remote forward 127.0.0.1:") and remote_line.endswith(echo)
+        assert local_line.startswith("local forward 127.0.0.1:") and local_line.endswith(echo)
+        payload = os.urandom(300_000)
+        assert _roundtrip(_address(remote_line), payload) == payload
+        assert _roundtrip(_address(local_line), payload) == payload
+        code, err = client.stop(sig)
+        assert code == 0, err
+        assert "Traceback" not in err
+    finally:
+        client.kill()
+    code, err = server[0].stop(sig)
+    assert code == 0, err
+
+
+def test_token_from_environment(
+    server: tuple[Proc, tuple[str, int], str], echo_address: tuple[str, int]
+) -> None:
+    _, (host, port), token = server
+    client = Proc(
+        "connect",
+        f"{host}:{port}",
+        "-L",
+        f"0:{echo_address[0]}:{echo_address[1]}",
+        env={"PYTUNNEL_TOKEN": token},
+    )
+    try:
+        client.readline()
+        assert _roundtrip(_address(client.readline()), b"env") == b"env"
+    finally:
+        client.kill()
+
+
+def test_wrong_token_is_one_clear_line(server: tuple[Proc, tuple[str, int], str]) -> None:
+    _, (host, port), _ = server
+    out = subprocess.run(
+        [*PYTUNNEL, "connect", f"{host}:{port}", "--token", "wrong"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert "pytunnel: error: [AUTHENTICATION_FAILED]" in out.stderr
+    assert "wrong" not in out.stderr.replace("--token wrong", "")
+
+
+def test_unreachable_server_is_one_clear_line() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run(
+        [*PYTUNNEL, "connect", f"127.0.0.1:{port}", "--token", "t"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert "[CONNECT_FAILED] cannot reach tunnel server" in out.stderr
+
+
+def test_server_killed_ends_client_with_error(
+    server: tuple[Proc, tuple[str, int], str], echo_address: tuple[str, int]
+) -> None:
+    proc, (host, port), token = server
+    client = Proc("connect", f"{host}:{port}", "--token", token)
+    try:
+        client.readline()
+        proc.popen.kill()
+        _, err = client.popen.communicate(timeout=15)
+        assert client.popen.returncode == 1
+        assert "connection to the server was lost" in err.decode()
+    finally:
+        client.kill()
+
+
+def test_json_log_format(server: tuple[Proc, tuple[str, int], str]) -> None:
+    _, (host, port), token = server
+    client = Proc("connect", f"{host}:{port}", "--token", token, "--log-format", "json")
+    try:
+        client.readline()
+        code, err = client.stop()
+    finally:
+        client.kill()
+    assert code == 0
+    lines = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert lines and all({"time", "level", "logger", "message"} <= set(e) for e in lines)
+    assert token not in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["connect", "127.0.0.1:7000", "--token", "t", "-L", "nonsense"],
+        ["connect", "127.0.0.1:7000", "--token", "t", "-R", "1:host:99999"],
+        ["connect", "not-an-address", "--token", "t"],
+        ["serve", "--listen", "127.0.0.1:x"],
+        ["serve", "--allow-ports", "9-1"],
+        ["connect", "127.0.0.1:7000"],
+    ],
+)
+def test_bad_arguments_are_usage_errors(args: list[str]) -> None:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "Usage:" in result.output
+
+
+def test_help_shows_environment_variables() -> None:
+    result = CliRunner().invoke(main, ["serve", "--help"])
+    assert result.exit_code == 0
+    assert "PYTUNNEL_TOKEN" in result.output

@@ -1,0 +1,399 @@
+"""The tunnel end to end over real loopback sockets: forwards, dial errors, policies."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import random
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import trio
+import trio.testing
+
+import pytunnel
+from conftest import TOKEN, Blackhole, closed_port, count_fds, count_tasks
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def _echo_once(address: tuple[str, int], payload: bytes) -> bytes:
+    """Send ``payload`` then EOF while reading concurrently; return everything read."""
+    stream = await trio.open_tcp_stream(*address)
+
+    async def send() -> None:
+        view = memoryview(payload)
+        for i in range(0, len(payload), 1 << 20):
+            await stream.send_all(view[i : i + (1 << 20)])
+        await stream.send_eof()
+
+    try:
+        parts = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            while chunk := await stream.receive_some():
+                parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        await stream.aclose()
+
+
+async def _expect_closed(address: tuple[str, int]) -> None:
+    """The tunnel closes the connection (EOF, or reset since our byte was never read)."""
+    stream = await trio.open_tcp_stream(*address)
+    try:
+        await stream.send_all(b"x")
+        with trio.fail_after(5):
+            assert await stream.receive_some() == b""
+    except trio.BrokenResourceError:
+        pass
+    finally:
+        await stream.aclose()
+
+
+async def test_remote_forward_relays_bytes(tunnel: pytunnel.Tunnel, echo_port: int) -> None:
+    forward = await tunnel.forward_remote("127.0.0.1", echo_port)
+    assert forward.listen_port != 0
+    assert forward.status is pytunnel.ForwardStatus.ACTIVE
+    for _ in range(3):
+        assert await _echo_once(forward.address, b"hello remote") == b"hello remote"
+    await trio.sleep(0.05)
+    assert forward.stats.total_connections == 3
+    assert forward.stats.bytes_out == forward.stats.bytes_in == 3 * len(b"hello remote")
+    assert forward.stats.active_connections == 0
+
+
+async def test_local_forward_relays_bytes(tunnel: pytunnel.Tunnel, echo_port: int) -> None:
+    forward = await tunnel.forward_local("127.0.0.1", echo_port)
+    assert forward.address[0] == "127.0.0.1" and forward.listen_port != 0
+    assert await _echo_once(forward.address, b"hello local") == b"hello local"
+    await trio.sleep(0.05)
+    assert forward.stats.total_connections == 1
+    assert forward.stats.bytes_out == len(b"hello local")
+
+
+async def test_open_stream_exits_at_server(tunnel: pytunnel.Tunnel, echo_port: int) -> None:
+    stream = await tunnel.open_stream("127.0.0.1", echo_port)
+    assert isinstance(stream, trio.abc.HalfCloseableStream)
+    await stream.send_all(b"abc")
+    await stream.send_eof()
+    assert await stream.receive_some() == b"abc"
+    assert await stream.receive_some() == b""
+    await stream.aclose()
+
+
+@pytest.mark.parametrize("kind", ["local", "remote"])
+async def test_exact_bytes_random_sizes(tunnel: pytunnel.Tunnel, echo_port: int, kind: str) -> None:
+    """Random sizes from 1 byte to 64 MiB, SHA-256 compared, with half-close carried."""
+    if kind == "local":
+        forward: pytunnel.Forward = await tunnel.forward_local("127.0.0.1", echo_port)
+    else:
+        forward = await tunnel.forward_remote("127.0.0.1", echo_port)
+    rng = random.Random(7)
+    sizes = [1, 2, 1000, 65_535, 65_536, 65_537, rng.randint(1, 5_000_000)]
+    if kind == "local":
+        sizes.append(64 * 1024 * 1024)
+    for size in sizes:
+        payload = rng.randbytes(size)
+        got = await _echo_once(forward.address, payload)
+        assert len(got) == size
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+
+
+async def test_half_close_carried_end_to_end(tunnel: pytunnel.Tunnel, nursery: trio.Nursery) -> None:
+    """A client that sends its request and shuts down writing still gets the whole reply."""
+
+    async def slow_reply(stream: trio.SocketStream) -> None:
+        request = b""
+        while chunk := await stream.receive_some():
+            request += chunk
+        for _ in range(50):  # reply only after EOF, in pieces
+            await stream.send_all(request.upper())
+            await trio.sleep(0.001)
+        await stream.aclose()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, slow_reply, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    for forward in (
+        await tunnel.forward_local("127.0.0.1", port),
+        await tunnel.forward_remote("127.0.0.1", port),
+    ):
+        assert await _echo_once(forward.address, b"get /") == b"GET /" * 50
+
+
+async def test_refused_target_is_node_unstable(
+    tunnel: pytunnel.Tunnel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    port = closed_port()
+    with pytest.raises(pytunnel.NodeUnstableError) as info:
+        await tunnel.open_stream("127.0.0.1", port)
+    assert info.value.code == pytunnel.ErrorCode.NODE_UNSTABLE
+    assert info.value.target == f"127.0.0.1:{port}"
+    assert "[NODE_UNSTABLE]" in caplog.text and "Connection refused" in caplog.text
+    # through a local forward: the local connection is closed, nothing hangs
+    forward = await tunnel.forward_local("127.0.0.1", port)
+    await _expect_closed(forward.address)
+
+
+async def test_dns_failure_is_node_unstable(tunnel: pytunnel.Tunnel) -> None:
+    with pytest.raises(pytunnel.NodeUnstableError) as info:
+        await tunnel.open_stream("does-not-exist.invalid", 80)
+    assert "name resolution" in info.value.message
+
+
+async def test_dial_timeout_is_node_timeout(
+    nursery: trio.Nursery,
+    tunnel_server: pytunnel.TunnelServer,
+    blackhole: Blackhole,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    server = await nursery.start(
+        functools.partial(pytunnel.serve, TOKEN, 0, connect_timeout=0.2)
+    )
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
+    with pytest.raises(pytunnel.NodeTimeoutError) as info:
+        await tunnel.open_stream("127.0.0.1", blackhole.port)
+    assert info.value.code == pytunnel.ErrorCode.NODE_TIMEOUT
+    assert "[NODE_TIMEOUT]" in caplog.text
+
+
+async def test_remote_forward_dial_failures_close_public_connection(
+    tunnel: pytunnel.Tunnel, blackhole: Blackhole, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    refused = await tunnel.forward_remote("127.0.0.1", closed_port())
+    await _expect_closed(refused.address)
+    timing_out = await tunnel.forward_remote("127.0.0.1", blackhole.port, connect_timeout=0.2)
+    await _expect_closed(timing_out.address)
+    # the client (the dialling side) logged the category; so did the server
+    records = [r for r in caplog.records if r.name == "pytunnel.dial"]
+    assert any("[NODE_UNSTABLE]" in r.getMessage() for r in records)
+    assert any("[NODE_TIMEOUT]" in r.getMessage() for r in records)
+    server_lines = [r.getMessage() for r in caplog.records if r.name == "pytunnel.server"]
+    assert any("[NODE_TIMEOUT]" in m for m in server_lines)
+    assert any("[NODE_UNSTABLE]" in m for m in server_lines)
+
+
+async def test_failed_dials_leave_nothing_behind(
+    nursery: trio.Nursery, blackhole: Blackhole
+) -> None:
+    """1,000 failed dials of each kind; tasks and fds return to their baseline."""
+    # the timeout must be long enough that a refused dial on a busy machine never exceeds it
+    server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, 0, connect_timeout=0.5))
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
+    logging.getLogger("pytunnel").setLevel(logging.ERROR)
+    try:
+        await trio.sleep(0.1)
+        tasks, fds = count_tasks(), count_fds()
+        port = closed_port()
+        errors: dict[type[BaseException], int] = {}
+
+        async def attempt(target_port: int) -> None:
+            try:
+                await tunnel.open_stream("127.0.0.1", target_port)
+            except pytunnel.DialError as exc:
+                errors[type(exc)] = errors.get(type(exc), 0) + 1
+
+        for target_port in (port, blackhole.port):
+            for _ in range(4):  # batches of 250 concurrent dials
+                async with trio.open_nursery() as batch:
+                    for _ in range(250):
+                        batch.start_soon(attempt, target_port)
+        assert errors == {pytunnel.NodeUnstableError: 1000, pytunnel.NodeTimeoutError: 1000}
+        await trio.sleep(0.1)
+        assert count_tasks() == tasks
+        assert count_fds() == fds
+        assert tunnel.session.open_streams == 0
+        assert tunnel.session._mux.open_streams == 0
+    finally:
+        logging.getLogger("pytunnel").setLevel(logging.NOTSET)
+
+
+async def test_remote_port_in_use(tunnel: pytunnel.Tunnel) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(pytunnel.AddressInUseError) as info:
+            await tunnel.forward_remote("127.0.0.1", 1, remote_port=port)
+    assert info.value.code == pytunnel.ErrorCode.ADDRESS_IN_USE
+    assert str(port) in info.value.address
+    assert tunnel.forwards == []
+
+
+async def test_local_port_in_use(tunnel: pytunnel.Tunnel) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(pytunnel.AddressInUseError):
+            await tunnel.forward_local("127.0.0.1", 1, local_port=port)
+    assert tunnel.forwards == []
+
+
+async def test_port_outside_allowed_range(nursery: trio.Nursery) -> None:
+    free = closed_port()
+    server = await nursery.start(
+        functools.partial(pytunnel.serve, TOKEN, 0, allow_ports=f"{free}-{free}")
+    )
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
+    with pytest.raises(pytunnel.PortNotAllowedError) as info:
+        await tunnel.forward_remote("127.0.0.1", 1, remote_port=free + 1 if free < 65535 else free - 1)
+    assert "outside the allowed range" in str(info.value)
+    with pytest.raises(pytunnel.PortNotAllowedError):
+        await tunnel.forward_remote("127.0.0.1", 1, remote_port=free, remote_host="0.0.0.0")
+    # port 0 picks from the range
+    forward = await tunnel.forward_remote("127.0.0.1", 1)
+    assert forward.listen_port == free
+
+
+def test_permission_denied_is_typed() -> None:
+    """Binding a privileged port as an unprivileged user (a subprocess that drops root)."""
+    script = textwrap.dedent(
+        """
+        import os, trio, encodings.idna
+        from pytunnel._listen import bind
+        from pytunnel import PermissionDeniedError
+        if os.geteuid() == 0:
+            os.setgid(65534); os.setuid(65534)
+        async def main():
+            try:
+                await bind("127.0.0.1", 81)
+            except PermissionDeniedError as exc:
+                print("typed", exc.code, exc.address)
+        trio.run(main)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "typed 2102 127.0.0.1:81", out.stderr
+
+
+async def test_permit_open_refuses_and_logs(
+    nursery: trio.Nursery, echo_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    server = await nursery.start(
+        functools.partial(pytunnel.serve, TOKEN, 0, permit_open=[f"localhost:{echo_port}"])
+    )
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
+    stream = await tunnel.open_stream("LOCALHOST", echo_port)  # case-insensitive, like OpenSSH
+    await stream.aclose()
+    with pytest.raises(pytunnel.TargetForbiddenError) as info:
+        await tunnel.open_stream("127.0.0.1", echo_port)
+    assert info.value.code == pytunnel.ErrorCode.TARGET_FORBIDDEN
+    forward = await tunnel.forward_local("127.0.0.1", echo_port)
+    await _expect_closed(forward.address)
+    server_lines = [r.getMessage() for r in caplog.records if r.name == "pytunnel.server"]
+    client_lines = [r.getMessage() for r in caplog.records if r.name == "pytunnel.client"]
+    assert any("[TARGET_FORBIDDEN]" in m for m in server_lines)
+    assert any("not permitted" in m for m in client_lines)
+
+
+async def test_session_end_frees_remote_port_at_once(
+    nursery: trio.Nursery, tunnel_server: pytunnel.TunnelServer, echo_port: int
+) -> None:
+    """The same client can bind the same public port again immediately after reconnecting."""
+    async with pytunnel.connect(tunnel_server.address, token=TOKEN) as tunnel:
+        forward = await tunnel.forward_remote("127.0.0.1", echo_port)
+        port = forward.listen_port
+        assert await _echo_once(forward.address, b"1") == b"1"
+    async with pytunnel.connect(tunnel_server.address, token=TOKEN) as tunnel:
+        forward = await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+        assert forward.listen_port == port
+        assert await _echo_once(forward.address, b"2") == b"2"
+
+
+async def test_forward_closable_on_its_own(tunnel: pytunnel.Tunnel, echo_port: int) -> None:
+    remote = await tunnel.forward_remote("127.0.0.1", echo_port)
+    local = await tunnel.forward_local("127.0.0.1", echo_port)
+    await remote.aclose()
+    await local.aclose()
+    assert remote.status is local.status is pytunnel.ForwardStatus.STOPPED
+    assert tunnel.forwards == []
+    await trio.sleep(0.05)
+    for address in (remote.address, local.address):
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream(*address)
+    # the tunnel itself still works
+    assert await _echo_once((await tunnel.forward_local("127.0.0.1", echo_port)).address, b"k") == b"k"
+
+
+async def test_idle_timeout_closes_relay(nursery: trio.Nursery, echo_port: int) -> None:
+    server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, 0, idle_timeout=0.2))
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN, idle_timeout=0.2)
+    forward = await tunnel.forward_local("127.0.0.1", echo_port)
+    stream = await trio.open_tcp_stream(*forward.address)
+    await stream.send_all(b"a")
+    assert await stream.receive_some() == b"a"
+    with trio.fail_after(5):
+        assert await stream.receive_some() == b""  # closed by the idle timeout
+    await stream.aclose()
+
+
+async def test_wrong_token_and_unreachable_server(tunnel_server: pytunnel.TunnelServer) -> None:
+    with pytest.raises(pytunnel.AuthenticationError) as info:
+        async with pytunnel.connect(tunnel_server.address, token="nope"):
+            pass  # pragma: no cover
+    assert info.value.code == 1002
+    with pytest.raises(pytunnel.ConnectError) as info2:
+        async with pytunnel.connect(("127.0.0.1", closed_port()), token=TOKEN):
+            pass  # pragma: no cover
+    assert info2.value.code == 1001
+    assert "Connection refused" in str(info2.value)
+
+
+async def test_leaving_connect_block_leaves_nothing(
+    tunnel_server: pytunnel.TunnelServer, echo_port: int
+) -> None:
+    await trio.sleep(0.05)
+    tasks, fds = count_tasks(), count_fds()
+    async with pytunnel.connect(tunnel_server.address, token=TOKEN) as tunnel:
+        forward = await tunnel.forward_local("127.0.0.1", echo_port)
+        remote = await tunnel.forward_remote("127.0.0.1", echo_port)
+        held = [await trio.open_tcp_stream(*f.address) for f in (forward, remote) for _ in range(5)]
+        for s in held:
+            await s.send_all(b"x")
+            assert await s.receive_some() == b"x"
+    for s in held:
+        with trio.fail_after(1):
+            assert await s.receive_some() == b""
+        await s.aclose()
+    await trio.sleep(0.1)
+    assert tunnel.closed
+    assert tunnel_server.session_count == 0
+    assert count_tasks() == tasks
+    assert count_fds() == fds
+
+
+async def test_memory_stream_tunnel(nursery: trio.Nursery, echo_port: int) -> None:
+    """The whole tunnel over an in-memory transport: server.handle_stream + wrap_tunnel."""
+    server_config = pytunnel.ServerConfig(token=TOKEN)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    server = pytunnel.TunnelServer(listeners, server_config)
+    a, b = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.handle_stream, b)
+    tunnel = await pytunnel.wrap_tunnel(nursery, a, token=TOKEN)
+    forward = await tunnel.forward_local("127.0.0.1", echo_port)
+    assert await _echo_once(forward.address, b"over memory") == b"over memory"
+    await tunnel.aclose()
+    for listener in listeners:
+        await listener.aclose()
+
+
+async def test_server_aclose_ends_clients(tunnel_server: pytunnel.TunnelServer, tunnel: pytunnel.Tunnel) -> None:
+    assert tunnel_server.session_count == 1
+    with trio.fail_after(2):
+        await tunnel_server.aclose()
+        await tunnel.wait_closed()
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream(*tunnel_server.address)
+
+
+_ = os
