@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 
 import pytest
 import trio
 import trio.testing
 
+import pytunnel
 from pytunnel import Role, Session, SessionConfig, open_session
 
 SessionPair = tuple[Session, Session]
@@ -58,7 +59,9 @@ def transport(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-async def open_pair(client: Session, server: Session, **kw: object) -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
+async def open_pair(
+    client: Session, server: Session, **kw: object
+) -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
     """Open one stream from ``client`` and accept it on ``server``."""
     async with trio.open_nursery() as nursery:
         box: list[trio.abc.HalfCloseableStream] = []
@@ -120,17 +123,13 @@ async def echo_port(nursery: trio.Nursery) -> int:
 
 
 @pytest.fixture
-async def tunnel_server(nursery: trio.Nursery) -> "pytunnel.TunnelServer":  # noqa: F821
-    import pytunnel
-
+async def tunnel_server(nursery: trio.Nursery) -> pytunnel.TunnelServer:
     server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
     return server
 
 
 @pytest.fixture
-async def tunnel(nursery: trio.Nursery, tunnel_server: "pytunnel.TunnelServer") -> "pytunnel.Tunnel":  # noqa: F821
-    import pytunnel
-
+async def tunnel(nursery: trio.Nursery, tunnel_server: pytunnel.TunnelServer) -> pytunnel.Tunnel:
     return await pytunnel.connect_tunnel(nursery, tunnel_server.address, token=TOKEN)
 
 
@@ -158,10 +157,8 @@ class Blackhole:
         for _ in range(4):  # fill the accept queue; never accepted
             s = socket.socket()
             s.setblocking(False)
-            try:
+            with suppress(BlockingIOError):
                 s.connect(("127.0.0.1", self.port))
-            except BlockingIOError:
-                pass
             self.fillers.append(s)
 
     def close(self) -> None:
@@ -171,7 +168,7 @@ class Blackhole:
 
 
 @pytest.fixture
-def blackhole() -> "Iterator[Blackhole]":  # noqa: F821
+def blackhole() -> Iterator[Blackhole]:
     hole = Blackhole()
     yield hole
     hole.close()

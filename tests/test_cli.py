@@ -130,8 +130,10 @@ def test_serve_and_connect_relay_bytes(
     try:
         assert client.readline() == f"connected to {host}:{port}"
         remote_line, local_line = client.readline(), client.readline()
-        assert remote_line.startswith("remote forward 127.0.0.1:") and remote_line.endswith(echo)
-        assert local_line.startswith("local forward 127.0.0.1:") and local_line.endswith(echo)
+        assert remote_line.startswith("remote forward 127.0.0.1:")
+        assert remote_line.endswith(echo)
+        assert local_line.startswith("local forward 127.0.0.1:")
+        assert local_line.endswith(echo)
         payload = os.urandom(300_000)
         assert _roundtrip(_address(remote_line), payload) == payload
         assert _roundtrip(_address(local_line), payload) == payload
@@ -216,7 +218,8 @@ def test_json_log_format(server: tuple[Proc, tuple[str, int], str]) -> None:
         client.kill()
     assert code == 0
     lines = [json.loads(line) for line in err.splitlines() if line.strip()]
-    assert lines and all({"time", "level", "logger", "message"} <= set(e) for e in lines)
+    assert lines
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in lines)
     assert token not in err
 
 

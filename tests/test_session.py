@@ -8,9 +8,10 @@ import random
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
-
 from conftest import count_tasks, open_pair, session_pair, tcp_stream_pair
+
 from pytunnel import (
     ErrorCode,
     NodeTimeoutError,
@@ -155,7 +156,7 @@ async def test_reset_mid_transfer(transport: str) -> None:
             await trio.testing.wait_all_tasks_blocked()
             assert await b.receive_some(10) == b"x" * 10
             await b.aclose()  # unread data left: Reset
-            with pytest.raises(trio.BrokenResourceError) as info:
+            with pytest.raises(trio.BrokenResourceError) as info:  # noqa: PT012
                 for _ in range(1000):
                     await a.send_all(b"y" * 65536)
             assert isinstance(info.value.__cause__, StreamResetError)
@@ -176,10 +177,10 @@ async def test_closed_peer_answers_late_data_with_reset(transport: str) -> None:
             a, b = await open_pair(client, server)
             await b.aclose()
             assert await a.receive_some() == b""  # b's Fin
-            with pytest.raises(trio.BrokenResourceError):
+            with pytest.raises(trio.BrokenResourceError):  # noqa: PT012
                 for _ in range(1000):
                     await a.send_all(b"z" * 1000)
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
 
 
 async def _collect(how: str, transport: str) -> tuple[set[type[BaseException]], object]:
@@ -256,7 +257,7 @@ async def test_cancelling_the_caller_ends_everything() -> None:
     baseline = count_tasks()
     with trio.move_on_after(0.5) as scope:
         async with session_pair("tcp") as (client, server):
-            a, b = await open_pair(client, server)
+            _a, b = await open_pair(client, server)
             await b.receive_some()  # blocks until cancelled
     assert scope.cancelled_caught
     assert count_tasks() == baseline
@@ -394,7 +395,7 @@ async def test_goaway_stops_new_streams(transport: str) -> None:
 
 
 async def test_body_exception_is_not_wrapped() -> None:
-    a, b = trio.testing.memory_stream_pair()
+    a, _b = trio.testing.memory_stream_pair()
     with pytest.raises(KeyError):
         async with open_session(a, Role.CLIENT):
             raise KeyError("mine")

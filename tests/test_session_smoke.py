@@ -1,5 +1,3 @@
-import trio
-
 from conftest import open_pair, session_pair
 
 

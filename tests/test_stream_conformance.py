@@ -6,9 +6,9 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
+from conftest import open_pair, session_pair
 from trio.testing import check_half_closeable_stream
 
-from conftest import open_pair, session_pair
 from pytunnel import SessionConfig
 
 

@@ -7,6 +7,7 @@ import errno
 import trio
 
 from ._dial import format_target
+from ._util import aclose_all
 from .errors import AddressInUseError, ForwardError, PermissionDeniedError
 
 __all__ = ["bind"]
@@ -32,8 +33,7 @@ async def bind(host: str, port: int) -> list[trio.SocketListener]:
             ) from None
         raise ForwardError(f"cannot listen on {address}: {reason}", address=address) from None
     if port == 0 and len(listeners) > 1:
-        for extra in listeners[1:]:
-            await extra.aclose()
+        await aclose_all(*listeners[1:])
         listeners = listeners[:1]
     return listeners
 

@@ -12,6 +12,8 @@ import logging
 import attrs
 import trio
 
+from ._util import aclose_all
+
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "RelayStats", "relay"]
 
 log = logging.getLogger("pytunnel.relay")
@@ -103,5 +105,4 @@ async def relay(
     finally:
         if stats is not None:
             stats.active_connections -= 1
-        await trio.aclose_forcefully(a)
-        await trio.aclose_forcefully(b)
+        await aclose_all(a, b)

@@ -21,6 +21,7 @@ from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, open_client_session
 from ._listen import bind, bound_port
 from ._relay import DEFAULT_IDLE_TIMEOUT, RelayStats, relay
 from ._session import IncomingStream, MuxStream, Session, SessionConfig
+from ._util import aclose_all
 from .errors import (
     ConnectError,
     DialError,
@@ -135,8 +136,7 @@ class LocalForward(Forward):
                         self.status = ForwardStatus.ACTIVE
                         task_status.started()
                 finally:
-                    for listener in listeners:
-                        await trio.aclose_forcefully(listener)
+                    await aclose_all(*listeners)
         except OSError as exc:
             error = f"listener failed: {exc}"
         finally:

@@ -23,6 +23,7 @@ from ._listen import bind, bound_port
 from ._policy import PermitOpen, PortRange, parse_port_ranges
 from ._relay import DEFAULT_IDLE_TIMEOUT, relay
 from ._session import IncomingStream, MuxStream, Session, SessionConfig
+from ._util import aclose_all
 from .errors import (
     DialError,
     ErrorCode,
@@ -117,9 +118,10 @@ class TunnelServer:
                         nursery.start_soon(self._accept_loop, listener, nursery)
                     task_status.started(self)
         finally:
-            for listener in self.listeners:
-                await trio.aclose_forcefully(listener)
-            self._done.set()
+            try:
+                await aclose_all(*self.listeners)
+            finally:
+                self._done.set()
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
@@ -252,8 +254,7 @@ class _ClientSession:
         try:
             control = incoming.accept()
         except SessionClosedError:
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
+            await aclose_all(*listeners)
             return
         host, port = self.config.public_host, bound_port(listeners)
         address = format_target(host, port)
@@ -268,9 +269,7 @@ class _ClientSession:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
-            await trio.aclose_forcefully(control)
+            await aclose_all(*listeners, control)
             log.info("client %s: remote forward on %s closed", self.peer, address)
 
     async def _accept_public(

@@ -12,7 +12,7 @@ from typing import Any
 import msgpack
 
 from ..errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from .messages import MESSAGE_TYPES, Message, converter
+from .messages import MESSAGE_TYPES, Message, converter, truncate_text
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
@@ -72,13 +72,14 @@ def decode_body(body: bytes | memoryview) -> Message:
     tag = obj.get("t")
     if type(tag) is not str or tag not in _BY_TAG:
         raise RemoteProtocolError(
-            f"unknown message type {tag!r}"[:200], code=ErrorCode.UNKNOWN_MESSAGE
+            truncate_text(f"unknown message type {tag!r}", 200), code=ErrorCode.UNKNOWN_MESSAGE
         )
     try:
         message: Message = _structure(obj, Message)
     except Exception as exc:  # cattrs/attrs validation: wrong type, range, missing field
         raise RemoteProtocolError(
-            f"invalid {tag!r} message: {_describe(exc)}"[:300], code=ErrorCode.INVALID_FIELD
+            truncate_text(f"invalid {tag!r} message: {_describe(exc)}", 300),
+            code=ErrorCode.INVALID_FIELD,
         ) from None
     return message
 
