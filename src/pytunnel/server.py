@@ -87,12 +87,13 @@ class TunnelServer:
         self._sessions: set[_ClientSession] = set()
         self._cancel_scope = trio.CancelScope()
         self._done = trio.Event()
+        host, port = listeners[0].socket.getsockname()[:2]
+        self._address = (str(host), int(port))
 
     @property
     def address(self) -> tuple[str, int]:
         """``(host, port)`` of the control listener (the real port when 0 was asked for)."""
-        host, port = self.listeners[0].socket.getsockname()[:2]
-        return str(host), int(port)
+        return self._address
 
     @property
     def port(self) -> int:
