@@ -24,8 +24,8 @@ from pytunnel import (
     StreamResetError,
     open_session,
 )
-from pytunnel.protocol.frames import encode_message
-from pytunnel.protocol.messages import Data, Open
+from pytunnel.protocol.frames import FrameDecoder, encode_message
+from pytunnel.protocol.messages import Accept, Data, GoAway, Open
 
 
 async def _send_and_eof(stream: trio.abc.HalfCloseableStream, data: bytes, chunk: int) -> None:
@@ -348,9 +348,6 @@ async def test_protocol_violation_closes_session_with_goaway(transport: str) -> 
             assert reason.code == ErrorCode.FLOW_CONTROL_ERROR
             assert info.value.__cause__ is reason
             # the peer was told why
-            from pytunnel.protocol.frames import FrameDecoder
-            from pytunnel.protocol.messages import Accept, GoAway
-
             decoder = FrameDecoder()
             seen = []
             while not any(isinstance(m, GoAway) for m in seen):
@@ -369,6 +366,21 @@ async def test_garbage_from_peer_is_typed_error() -> None:
             await server.wait_closed()
             assert isinstance(server.close_reason, RemoteProtocolError)
             assert server.close_reason.code == ErrorCode.MALFORMED_FRAME
+            # the peer is told why, then sees the connection closed (not left dangling)
+            received = b""
+            with trio.fail_after(5):
+                while chunk := await raw.receive_some():
+                    received += chunk
+            (goaway,) = FrameDecoder().feed(received)
+            assert isinstance(goaway, GoAway)
+            assert goaway.code == ErrorCode.MALFORMED_FRAME
+
+
+def test_session_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="max_frame_size"):
+        SessionConfig(max_frame_size=100)
+    with pytest.raises(ValueError, match="window"):
+        SessionConfig(window=0)
 
 
 async def test_oversized_frame_rejected_before_allocation() -> None:

@@ -28,7 +28,7 @@ from .errors import (
 )
 from .protocol import handshake as hs
 from .protocol.frames import FrameDecoder, encode_message
-from .protocol.messages import Auth, Challenge, GoAway, Hello, Message, Welcome
+from .protocol.messages import Auth, Challenge, GoAway, Hello, Message, Welcome, truncate_text
 from .protocol.mux import Role
 
 __all__ = [
@@ -83,7 +83,7 @@ async def _goodbye(stream: trio.abc.Stream, code: int, text: str) -> None:
         trio.move_on_after(1, shield=True),
         suppress(trio.BrokenResourceError, trio.ClosedResourceError),
     ):
-        await _send(stream, GoAway(code, text))
+        await _send(stream, GoAway(code, truncate_text(text)))
     await trio.aclose_forcefully(stream)
 
 

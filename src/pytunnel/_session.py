@@ -35,6 +35,7 @@ from .errors import (
     refusal_error,
 )
 from .protocol.frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder
+from .protocol.messages import MAX_WINDOW, MIN_MAX_FRAME_SIZE
 from .protocol.mux import (
     DEFAULT_MAX_DATA_CHUNK,
     DEFAULT_MAX_STREAMS,
@@ -66,24 +67,35 @@ __all__ = [
 log = logging.getLogger("pytunnel.session")
 
 
-@attrs.frozen
+_positive = attrs.validators.ge(1)
+
+
+@attrs.frozen(kw_only=True)
 class SessionConfig:
-    """Tunables of one multiplexed session. The defaults are measured; see performance.md."""
+    """Tunables of one multiplexed session. The defaults are measured; see performance.md.
+
+    Invalid values raise ``ValueError`` here, not in the middle of a handshake.
+    """
 
     #: Receive window announced for every stream (bytes buffered per stream at most).
-    window: int = DEFAULT_WINDOW
-    #: Largest frame body accepted from the peer.
-    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    window: int = attrs.field(
+        default=DEFAULT_WINDOW, validator=[_positive, attrs.validators.le(MAX_WINDOW)]
+    )
+    #: Largest frame body accepted from the peer (at least 4096, the protocol's minimum).
+    max_frame_size: int = attrs.field(
+        default=DEFAULT_MAX_FRAME_SIZE,
+        validator=[attrs.validators.ge(MIN_MAX_FRAME_SIZE), attrs.validators.le(2**32 - 1)],
+    )
     #: Largest payload per Data frame we send.
-    max_data_chunk: int = DEFAULT_MAX_DATA_CHUNK
+    max_data_chunk: int = attrs.field(default=DEFAULT_MAX_DATA_CHUNK, validator=_positive)
     #: Concurrently open streams (both directions); further opens are refused.
-    max_streams: int = DEFAULT_MAX_STREAMS
+    max_streams: int = attrs.field(default=DEFAULT_MAX_STREAMS, validator=_positive)
     #: Senders park once this many bytes are queued for the transport.
-    write_buffer_high: int = 256 * 1024
+    write_buffer_high: int = attrs.field(default=256 * 1024, validator=attrs.validators.ge(0))
     #: ``max_bytes`` for each transport ``receive_some``.
-    receive_size: int = 256 * 1024
+    receive_size: int = attrs.field(default=256 * 1024, validator=_positive)
     #: How long a graceful close waits to flush ``GoAway`` before dropping the transport.
-    close_timeout: float = 1.0
+    close_timeout: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
 
 
 class StreamResetError(TunnelError):
@@ -453,7 +465,9 @@ class Session:
         bounded by ``close_timeout``).
         """
         if self.closed:
-            await trio.lowlevel.checkpoint()
+            # the session may have ended by itself (peer EOF, protocol violation, write error):
+            # the transport must still be released
+            await trio.aclose_forcefully(self._transport)
             return
         self._closed_locally = True
         with trio.CancelScope(shield=True):
@@ -577,6 +591,7 @@ class Session:
                     with trio.move_on_after(self.config.close_timeout):
                         await self._flush()
                     self._terminate(exc)
+                    await trio.aclose_forcefully(transport)
                     return
                 for event in events:
                     self._dispatch(event)

@@ -1,0 +1,398 @@
+"""Framing: a 4-byte big-endian length, then a msgpack body; any chunking, any garbage."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_messages import any_message
+
+from pytunnel.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from pytunnel.protocol import messages as m
+from pytunnel.protocol.frames import (
+    DEFAULT_MAX_FRAME_SIZE,
+    HEADER_SIZE,
+    FrameDecoder,
+    encode_message,
+)
+
+ERROR_CODES = {int(code) for code in ErrorCode}
+#: Everything the decoder itself may raise.
+DECODER_CODES = {
+    ErrorCode.FRAME_TOO_LARGE,
+    ErrorCode.MALFORMED_FRAME,
+    ErrorCode.UNKNOWN_MESSAGE,
+    ErrorCode.INVALID_FIELD,
+    ErrorCode.TRUNCATED_FRAME,
+}
+
+
+def frame(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+def drain(decoder: FrameDecoder) -> list[Any]:
+    out = []
+    while (message := decoder.next_message()) is not None:
+        out.append(message)
+    return out
+
+
+def decode_chunks(chunks: list[bytes], max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> list[Any]:
+    decoder = FrameDecoder(max_frame_size)
+    out: list[Any] = []
+    for chunk in chunks:
+        out += decoder.feed(chunk)
+    out += decoder.feed(b"")  # clean end of stream: nothing left over
+    assert decoder.buffered == 0
+    return out
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    edges = [0, *points, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(edges) if b > a]
+
+
+messages_list = st.lists(any_message, min_size=1, max_size=8)
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def test_header_is_big_endian_length_of_body() -> None:
+    encoded = encode_message(m.Ping(1))
+    body = encoded[HEADER_SIZE:]
+    assert encoded[:HEADER_SIZE] == len(body).to_bytes(4, "big")
+    assert msgpack.unpackb(body) == {"t": "ping", "opaque": 1}
+
+
+def test_known_encoding() -> None:
+    """Pin one exact frame (the example in docs/protocol.md)."""
+    encoded = encode_message(m.Data(1, b"hi"))
+    assert encoded.hex() == "0000001983a673747265616d01a464617461c4026869a174a464617461"
+
+
+def test_examples_in_the_protocol_document() -> None:
+    """The hex dumps in docs/protocol.md section 4.5 are what the code produces."""
+    doc = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+    if not doc.exists():  # pragma: no cover - e.g. an installed copy of the tests
+        pytest.skip("docs/protocol.md not found")
+    dumps: list[str] = []
+    current: list[str] = []
+    for line in doc.read_text().splitlines():
+        if re.fullmatch(r"(?:[0-9a-f]{2} )*[0-9a-f]{2}", line.strip()):
+            current.append(line.strip())
+        elif current:
+            dumps.append(" ".join(current))
+            current = []
+    examples: list[Any] = [
+        m.Open(1, 1048576, "example.org", 443, 0),
+        m.WindowUpdate(3, 524288),
+        m.Ping(7),
+        m.GoAway(1107, "bad"),
+    ]
+    assert [encode_message(msg).hex(" ") for msg in examples] == dumps
+
+
+@pytest.mark.parametrize(
+    ("size", "marker"),
+    [
+        (0, b"\xc4\x00"),
+        (255, b"\xc4\xff"),
+        (256, b"\xc5\x01\x00"),
+        (65535, b"\xc5\xff\xff"),
+        (65536, b"\xc6\x00\x01\x00\x00"),
+        (100_000, b"\xc6\x00\x01\x86\xa0"),
+    ],
+)
+def test_data_payload_is_msgpack_bin(size: int, marker: bytes) -> None:
+    payload = bytes([0x61]) * size  # ASCII: would be a valid str too, yet must travel as bin
+    encoded = encode_message(m.Data(3, payload))
+    assert marker + payload in encoded
+    obj = msgpack.unpackb(encoded[HEADER_SIZE:], raw=True)
+    assert type(obj[b"data"]) is bytes
+    # the same map with a str payload is refused
+    bad = msgpack.packb({"t": "data", "stream": 3, "data": payload.decode()})
+    with pytest.raises(RemoteProtocolError) as info:
+        FrameDecoder().feed(frame(bad))
+    assert info.value.code == ErrorCode.INVALID_FIELD
+
+
+def test_encode_over_limit_is_local_error() -> None:
+    message = m.Data(1, bytes(1000))
+    size = len(encode_message(message)) - HEADER_SIZE
+    assert encode_message(message, max_frame_size=size)  # exactly at the limit is fine
+    with pytest.raises(LocalProtocolError) as info:
+        encode_message(message, max_frame_size=size - 1)
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE
+
+
+@settings(max_examples=50, deadline=None)
+@given(any_message)
+def test_every_control_message_fits_the_minimum_frame_size(message: Any) -> None:
+    """What makes ``MIN_MAX_FRAME_SIZE`` safe to announce: only Data can be bigger."""
+    if not isinstance(message, m.Data):
+        encode_message(message, max_frame_size=m.MIN_MAX_FRAME_SIZE)
+
+
+def test_largest_possible_control_frames_fit() -> None:
+    big = "\U0001f600" * (m.MAX_TEXT // 4)
+    host = "\u00e9" * (m.MAX_HOST // 2)
+    largest: list[Any] = [
+        m.Refuse(2**32 - 1, 2**32 - 1, big),
+        m.Reset(2**32 - 1, 2**32 - 1, big),
+        m.GoAway(2**32 - 1, big),
+        m.Open(2**32 - 1, 2**31 - 1, host, 65535, 2**32 - 1),
+        m.Hello(tuple(range(2**32 - 16, 2**32)), bytes(32)),
+    ]
+    for message in largest:
+        assert len(encode_message(message)) - HEADER_SIZE < 1200
+
+
+# ----------------------------------------------------------------------------- chunking
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages=messages_list, cuts=st.lists(st.integers(0, 2**20), max_size=20))
+def test_any_chunking_yields_the_same_messages(messages: list[Any], cuts: list[int]) -> None:
+    stream = b"".join(encode_message(msg) for msg in messages)
+    assert decode_chunks(split(stream, cuts)) == messages
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(any_message.filter(lambda x: not isinstance(x, m.Data)), min_size=1, max_size=4))
+def test_one_byte_at_a_time(messages: list[Any]) -> None:
+    frames = [encode_message(msg) for msg in messages]
+    ends = [sum(len(f) for f in frames[: i + 1]) for i in range(len(frames))]
+    stream = b"".join(frames)
+    decoder = FrameDecoder()
+    out: list[Any] = []
+    for i in range(len(stream)):
+        out += decoder.feed(stream[i : i + 1])
+        # a message comes out exactly when its last byte arrives, never earlier
+        assert len(out) == sum(1 for end in ends if end <= i + 1)
+    assert out == messages
+    assert decoder.feed(b"") == []
+
+
+def test_one_byte_at_a_time_large_data() -> None:
+    message = m.Data(5, bytes(range(256)) * 300)
+    out = []
+    decoder = FrameDecoder()
+    for byte in memoryview(encode_message(message)):
+        out += decoder.feed(bytes([byte]))
+    assert out == [message]
+
+
+@settings(
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example],
+)
+@given(st.lists(any_message, min_size=100, max_size=100), st.randoms(use_true_random=False))
+def test_hundred_frames_at_once_and_in_random_chunks(
+    messages: list[Any], rnd: random.Random
+) -> None:
+    stream = b"".join(encode_message(msg) for msg in messages)
+    assert decode_chunks([stream]) == messages
+    chunks, pos = [], 0
+    while pos < len(stream):
+        size = rnd.choice([1, 2, 3, 4, 5, 7, 100, 4096, 70000])
+        chunks.append(stream[pos : pos + size])
+        pos += size
+    assert decode_chunks(chunks) == messages
+
+
+def test_accepts_bytearray_and_memoryview_input() -> None:
+    stream = encode_message(m.Ping(1)) + encode_message(m.Data(1, b"x"))
+    assert FrameDecoder().feed(bytearray(stream)) == [m.Ping(1), m.Data(1, b"x")]
+    assert FrameDecoder().feed(memoryview(stream)) == [m.Ping(1), m.Data(1, b"x")]
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+def test_header_over_limit_fails_before_the_body_arrives() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(b"\xff\xff")
+    assert decoder.next_message() is None  # half a header: nothing known yet
+    decoder.receive_data(b"\xff\xff")  # a 4 GiB frame announced, none of it sent
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next_message()
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE
+    assert decoder.buffered == 0
+
+
+@pytest.mark.parametrize("limit", [4096, DEFAULT_MAX_FRAME_SIZE])
+def test_limit_is_inclusive(limit: int) -> None:
+    def body(n: int) -> bytes:
+        return msgpack.packb({"t": "data", "stream": 1, "data": bytes(n)})
+
+    size = next(n for n in range(limit, 0, -1) if len(body(n)) == limit)
+    exact, payload = body(size), bytes(size)
+    assert FrameDecoder(limit).feed(frame(exact)) == [m.Data(1, payload)]
+    with pytest.raises(RemoteProtocolError) as info:
+        FrameDecoder(limit - 1).feed(frame(exact)[:HEADER_SIZE])
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE
+
+
+def test_limit_can_change_between_frames() -> None:
+    small, big = encode_message(m.Ping(1)), encode_message(m.Data(1, bytes(5000)))
+    decoder = FrameDecoder(4096)
+    assert decoder.feed(small) == [m.Ping(1)]
+    decoder.max_frame_size = 8192  # e.g. after the handshake
+    assert decoder.feed(big) == [m.Data(1, bytes(5000))]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2**32])
+def test_limit_must_fit_the_header(bad: int) -> None:
+    with pytest.raises(ValueError, match="max_frame_size"):
+        FrameDecoder(bad)
+
+
+# ----------------------------------------------------------------------------- end of stream
+
+
+@pytest.mark.parametrize("keep", [1, 3, 4, 5, -1])
+def test_eof_mid_frame_is_truncated(keep: int) -> None:
+    encoded = encode_message(m.Data(1, b"hello"))
+    decoder = FrameDecoder()
+    assert decoder.feed(encoded + encoded[:keep]) == [m.Data(1, b"hello")]
+    decoder.receive_data(b"")
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next_message()
+    assert info.value.code == ErrorCode.TRUNCATED_FRAME
+
+
+def test_clean_eof() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(encode_message(m.Ping(1)) * 2)
+    decoder.receive_data(b"")
+    # whole frames received before the end are still delivered
+    assert drain(decoder) == [m.Ping(1), m.Ping(1)]
+    assert decoder.next_message() is None
+
+
+def test_data_after_eof_is_a_local_error() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(b"")
+    with pytest.raises(LocalProtocolError):
+        decoder.receive_data(b"x")
+
+
+# ----------------------------------------------------------------------------- broken decoder
+
+
+def test_decoder_stays_broken() -> None:
+    decoder = FrameDecoder()
+    good = encode_message(m.Ping(1))
+    with pytest.raises(RemoteProtocolError) as first:
+        decoder.feed(frame(b"\xc1"))
+    assert first.value.code == ErrorCode.MALFORMED_FRAME
+    for _ in range(3):
+        decoder.receive_data(good)  # input after the error is dropped, not buffered
+        assert decoder.buffered == 0
+        with pytest.raises(RemoteProtocolError) as again:
+            decoder.next_message()
+        assert again.value.code == ErrorCode.MALFORMED_FRAME
+
+
+def test_error_in_the_middle_of_a_batch() -> None:
+    good = encode_message(m.Ping(1))
+    decoder = FrameDecoder()
+    decoder.receive_data(good + frame(msgpack.packb({"t": "nope"})) + good)
+    assert decoder.next_message() == m.Ping(1)
+    for _ in range(2):
+        with pytest.raises(RemoteProtocolError) as info:
+            decoder.next_message()
+        assert info.value.code == ErrorCode.UNKNOWN_MESSAGE
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+
+def _assert_only_remote_errors(chunks: list[bytes], max_frame_size: int) -> None:
+    decoder = FrameDecoder(max_frame_size)
+    error: RemoteProtocolError | None = None
+    try:
+        for chunk in [*chunks, b""]:
+            decoder.feed(chunk)
+    except RemoteProtocolError as exc:  # anything else propagates and fails the test
+        error = exc
+    if error is not None:
+        assert error.code in ERROR_CODES
+        assert error.code in DECODER_CODES
+        with pytest.raises(RemoteProtocolError):
+            decoder.next_message()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.lists(st.integers(0, 200), max_size=5))
+def test_random_garbage(garbage: bytes, cuts: list[int]) -> None:
+    _assert_only_remote_errors(split(garbage, cuts), 1 << 16)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_garbage_inside_a_valid_header(body: bytes) -> None:
+    _assert_only_remote_errors([frame(body)], 4096)
+
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=10)
+    | st.binary(max_size=10),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=8) | st.integers(0, 5), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+field_names = st.sampled_from(
+    ["t", "stream", "window", "data", "code", "message", "opaque", "nonce", "versions", "x"]
+)
+tags = st.sampled_from(["data", "open", "ping", "hello", "reset", "goaway", "bound", "zzz"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(field_names, msgpack_values, max_size=6), tags)
+def test_random_maps_decode_or_fail_cleanly(obj: dict[str, Any], tag: str) -> None:
+    obj.setdefault("t", tag)
+    body = msgpack.packb(obj)
+    decoder = FrameDecoder()
+    error: RemoteProtocolError | None = None
+    try:
+        messages = decoder.feed(frame(body))
+    except RemoteProtocolError as exc:
+        error = exc
+    if error is not None:
+        assert error.code in {
+            ErrorCode.MALFORMED_FRAME,
+            ErrorCode.UNKNOWN_MESSAGE,
+            ErrorCode.INVALID_FIELD,
+        }
+    else:  # it happened to be valid: it must then re-encode to the same values
+        assert len(messages) == 1
+        again = msgpack.unpackb(encode_message(messages[0])[HEADER_SIZE:])
+        for key, value in obj.items():
+            assert again[key] == value
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages_list, st.integers(0, 10_000), st.binary(min_size=1, max_size=8))
+def test_corrupting_a_valid_stream(messages: list[Any], where: int, junk: bytes) -> None:
+    stream = bytearray(b"".join(encode_message(msg) for msg in messages))
+    pos = where % len(stream)
+    stream[pos : pos + len(junk)] = junk
+    _assert_only_remote_errors([bytes(stream)], DEFAULT_MAX_FRAME_SIZE)

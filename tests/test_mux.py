@@ -1,0 +1,973 @@
+"""The sans-IO multiplexer: two instances wired back to back, no sockets, no trio."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+)
+
+from pytunnel.errors import (
+    ErrorCode,
+    LocalProtocolError,
+    RemoteProtocolError,
+    StreamLimitError,
+)
+from pytunnel.protocol import messages as m
+from pytunnel.protocol.frames import FrameDecoder, encode_message
+from pytunnel.protocol.messages import MAX_WINDOW
+from pytunnel.protocol.mux import (
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    Multiplexer,
+    PingReceived,
+    PongReceived,
+    Role,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamRefused,
+    StreamReset,
+    WindowOpened,
+)
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_pair(**kw: Any) -> tuple[Multiplexer, Multiplexer]:
+    return Multiplexer(Role.CLIENT, **kw), Multiplexer(Role.SERVER, **kw)
+
+
+def pump(src: Multiplexer, dst: Multiplexer) -> list[Event]:
+    """Move everything ``src`` queued into ``dst``; return ``dst``'s events."""
+    data = src.data_to_send()
+    return dst.receive_data(data) if data else []  # b"" would mean end of stream
+
+
+def sent_frames(mux: Multiplexer) -> list[Any]:
+    """Take and decode what ``mux`` queued (without delivering it anywhere)."""
+    return FrameDecoder(2**32 - 1).feed(bytes(mux.data_to_send()))
+
+
+def feed(mux: Multiplexer, *messages: Any) -> list[Event]:
+    """Hand-craft frames from the peer."""
+    return mux.receive_data(b"".join(encode_message(msg) for msg in messages))
+
+
+@contextmanager
+def remote_error(code: ErrorCode) -> Iterator[None]:
+    with pytest.raises(RemoteProtocolError) as info:
+        yield
+    assert info.value.code == code, info.value
+
+
+def opened(opener: Multiplexer, acceptor: Multiplexer, **kw: Any) -> int:
+    """Open a stream from ``opener``, accept it on ``acceptor``, deliver both ways."""
+    sid = opener.open_stream(**kw)
+    [event] = pump(opener, acceptor)
+    assert event == StreamOpened(sid, kw.get("host", ""), kw.get("port", 0), kw.get("tag", 0))
+    acceptor.accept_stream(sid)
+    assert pump(acceptor, opener) == [StreamAccepted(sid)]
+    return sid
+
+
+def received(events: list[Event], sid: int) -> bytes:
+    return b"".join(e.data for e in events if isinstance(e, DataReceived) and e.stream == sid)
+
+
+# ----------------------------------------------------------------------------- opening
+
+
+def test_open_accept() -> None:
+    client, server = make_pair(window=1000)
+    sid = client.open_stream("example.org", 443, 7)
+    assert sid == 1
+    assert client.has_stream(1)
+    assert client.send_window(1) == 0  # nothing may be sent before the Accept
+    assert not client.can_send(1)
+    with pytest.raises(LocalProtocolError) as info:
+        client.send_data(1, b"x")
+    assert info.value.code == ErrorCode.STREAM_STATE_ERROR
+    [frame] = FrameDecoder().feed(bytes(client.data_to_send()))
+    assert frame == m.Open(1, 1000, "example.org", 443, 7)
+    assert server.receive_data(encode_message(frame)) == [StreamOpened(1, "example.org", 443, 7)]
+    assert server.send_window(1) == 0  # not open until we accept
+    server.accept_stream(1)
+    assert server.send_window(1) == 1000
+    assert pump(server, client) == [StreamAccepted(1)]
+    assert client.send_window(1) == 1000
+    assert client.can_send(1)
+    assert server.can_send(1)
+    with pytest.raises(LocalProtocolError):
+        server.accept_stream(1)  # answered already
+
+
+def test_windows_are_per_side() -> None:
+    client = Multiplexer(Role.CLIENT, window=100)
+    server = Multiplexer(Role.SERVER, window=5000)
+    sid = opened(client, server)
+    assert client.send_window(sid) == 5000
+    assert server.send_window(sid) == 100
+
+
+def test_stream_id_parity() -> None:
+    client, server = make_pair()
+    assert [client.open_stream() for _ in range(3)] == [1, 3, 5]
+    assert [server.open_stream() for _ in range(3)] == [2, 4, 6]
+    events = pump(client, server) + pump(server, client)
+    assert {e.stream for e in events if isinstance(e, StreamOpened)} == {1, 2, 3, 4, 5, 6}
+
+
+def test_refuse_with_code_and_message() -> None:
+    client, server = make_pair()
+    sid = client.open_stream("10.0.0.1", 22)
+    pump(client, server)
+    server.refuse_stream(sid, ErrorCode.NODE_TIMEOUT, "no answer in 10 s")
+    assert not server.has_stream(sid)
+    assert pump(server, client) == [StreamRefused(sid, ErrorCode.NODE_TIMEOUT, "no answer in 10 s")]
+    assert not client.has_stream(sid)
+    assert client.open_streams == server.open_streams == 0
+    with pytest.raises(LocalProtocolError):
+        server.refuse_stream(sid, 1)  # gone
+
+
+def test_long_texts_are_truncated_to_the_byte_limit() -> None:
+    client, server = make_pair()
+    sid = client.open_stream()
+    pump(client, server)
+    server.refuse_stream(sid, 1, "\u00e9" * 2000)
+    [event] = pump(server, client)
+    assert isinstance(event, StreamRefused)
+    assert event.message == "\u00e9" * 512
+    client.go_away(0, "x" * 5000)
+    [goaway] = pump(client, server)
+    assert goaway == GoAwayReceived(0, "x" * 1024)
+
+
+def test_answer_unknown_stream_is_local_error() -> None:
+    client, _ = make_pair()
+    with pytest.raises(LocalProtocolError):
+        client.accept_stream(7)
+    with pytest.raises(LocalProtocolError):
+        client.send_data(7, b"x")
+    with pytest.raises(LocalProtocolError):
+        client.send_fin(7)
+    own = client.open_stream()
+    with pytest.raises(LocalProtocolError):
+        client.accept_stream(own)  # we opened it: only the peer answers
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_data_both_directions() -> None:
+    client, server = make_pair()
+    sid = opened(client, server)
+    client.send_data(sid, b"ping")
+    assert pump(client, server) == [DataReceived(sid, b"ping")]
+    server.send_data(sid, bytearray(b"pong"))
+    server.send_data(sid, memoryview(b"!!"))
+    assert pump(server, client) == [DataReceived(sid, b"pong"), DataReceived(sid, b"!!")]
+
+
+def test_large_data_is_chunked() -> None:
+    client, server = make_pair(max_data_chunk=1000)
+    sid = opened(client, server)
+    payload = bytes(range(256)) * 20
+    client.send_data(sid, payload)
+    frames = sent_frames(client)
+    assert [len(f.data) for f in frames] == [1000] * 5 + [120]
+    assert b"".join(f.data for f in frames) == payload
+
+
+def test_chunks_fit_the_peers_frame_limit() -> None:
+    client = Multiplexer(Role.CLIENT, peer_max_frame_size=4096)
+    server = Multiplexer(Role.SERVER, max_frame_size=4096)
+    sid = opened(client, server)
+    assert client.max_data_chunk <= 4096 - 64
+    client.send_data(sid, bytes(50_000))
+    assert received(pump(client, server), sid) == bytes(50_000)
+
+
+def test_many_streams_interleaved() -> None:
+    client, server = make_pair()
+    sids = [opened(client, server) for _ in range(10)]
+    for sid in sids:
+        client.send_data(sid, str(sid).encode() * 3)
+    events = pump(client, server)
+    for sid in sids:
+        assert received(events, sid) == str(sid).encode() * 3
+
+
+# ----------------------------------------------------------------------------- flow control
+
+
+def test_sender_cannot_exceed_window() -> None:
+    client, server = make_pair(window=1000)
+    sid = opened(client, server)
+    client.send_data(sid, bytes(600))
+    assert client.send_window(sid) == 400
+    with pytest.raises(LocalProtocolError) as info:
+        client.send_data(sid, bytes(401))
+    assert info.value.code == ErrorCode.FLOW_CONTROL_ERROR
+    client.send_data(sid, bytes(400))
+    assert client.send_window(sid) == 0
+    with pytest.raises(LocalProtocolError) as info:
+        client.send_data(sid, b"x")
+    assert info.value.code == ErrorCode.FLOW_CONTROL_ERROR
+    assert received(pump(client, server), sid) == bytes(1000)
+
+
+def test_peer_exceeding_window_is_flow_control_error() -> None:
+    client, server = make_pair(window=1000)
+    sid = opened(client, server)
+    with remote_error(ErrorCode.FLOW_CONTROL_ERROR):
+        feed(server, m.Data(sid, bytes(1001)))
+
+
+def test_peer_exceeding_window_over_several_frames() -> None:
+    client, server = make_pair(window=1000)
+    sid = opened(client, server)
+    assert received(feed(server, m.Data(sid, bytes(700))), sid) == bytes(700)
+    with remote_error(ErrorCode.FLOW_CONTROL_ERROR):
+        feed(server, m.Data(sid, bytes(301)))
+
+
+def test_window_update_after_half_consumed() -> None:
+    client, server = make_pair(window=1000)
+    sid = opened(client, server)
+    client.send_data(sid, bytes(1000))
+    pump(client, server)
+    assert client.send_window(sid) == 0
+    server.consumed(sid, 300)
+    assert server.bytes_to_send == 0  # less than half: nothing yet
+    server.consumed(sid, 199)
+    assert server.bytes_to_send == 0
+    server.consumed(sid, 1)  # 500 = half the window
+    assert sent_frames(server) == [m.WindowUpdate(sid, 500)]
+    feed(client, m.WindowUpdate(sid, 500))
+    assert client.send_window(sid) == 500
+    server.consumed(sid, 500)
+    assert pump(server, client) == [WindowOpened(sid)]
+    assert client.send_window(sid) == 1000
+    # the granted window is really usable, and exactly
+    client.send_data(sid, bytes(1000))
+    assert received(pump(client, server), sid) == bytes(1000)
+
+
+def test_no_window_update_after_peer_fin_or_for_nothing() -> None:
+    client, server = make_pair(window=100)
+    sid = opened(client, server)
+    client.send_data(sid, bytes(100))
+    client.send_fin(sid)
+    pump(client, server)
+    server.consumed(sid, 100)
+    server.consumed(sid, 0)
+    server.consumed(99, 100)  # unknown stream: ignored
+    assert server.bytes_to_send == 0
+
+
+def test_zero_window_announced() -> None:
+    _, server = make_pair()
+    events = feed(server, m.Open(1, 0))
+    assert events == [StreamOpened(1, "", 0, 0)]
+    server.accept_stream(1)
+    assert server.send_window(1) == 0
+    assert feed(server, m.WindowUpdate(1, 10)) == [WindowOpened(1)]
+    assert server.send_window(1) == 10
+
+
+def test_window_update_overflow() -> None:
+    client, server = make_pair(window=MAX_WINDOW)
+    sid = opened(client, server)
+    assert client.send_window(sid) == MAX_WINDOW
+    with remote_error(ErrorCode.FLOW_CONTROL_ERROR):
+        feed(client, m.WindowUpdate(sid, 1))
+
+
+def test_window_update_before_accept_is_state_error() -> None:
+    _, server = make_pair()
+    feed(server, m.Open(1, 100))
+    with remote_error(ErrorCode.STREAM_STATE_ERROR):
+        feed(server, m.WindowUpdate(1, 10))
+
+
+# ----------------------------------------------------------------------------- fin / reset / close
+
+
+def test_fin_both_ways_removes_the_stream() -> None:
+    client, server = make_pair()
+    sid = opened(client, server)
+    client.send_data(sid, b"request")
+    client.send_fin(sid)
+    assert not client.can_send(sid)
+    assert client.send_window(sid) == 0
+    client.send_fin(sid)  # idempotent: nothing more sent
+    events = pump(client, server)
+    assert events == [DataReceived(sid, b"request"), StreamEnded(sid)]
+    assert server.has_stream(sid)  # half-closed: the server may still answer
+    server.send_data(sid, b"response")
+    server.send_fin(sid)
+    assert not server.has_stream(sid)
+    assert pump(server, client) == [DataReceived(sid, b"response"), StreamEnded(sid)]
+    assert not client.has_stream(sid)
+    with pytest.raises(LocalProtocolError):
+        client.send_data(sid, b"late")
+
+
+def test_send_after_fin_is_local_error() -> None:
+    client, server = make_pair()
+    sid = opened(client, server)
+    client.send_fin(sid)
+    with pytest.raises(LocalProtocolError) as info:
+        client.send_data(sid, b"x")
+    assert info.value.code == ErrorCode.STREAM_STATE_ERROR
+
+
+def test_fin_twice_is_state_error() -> None:
+    client, server = make_pair()
+    sid = opened(client, server)
+    feed(server, m.Fin(sid))
+    with remote_error(ErrorCode.STREAM_STATE_ERROR):
+        feed(server, m.Fin(sid))
+
+
+def test_data_after_fin_is_state_error() -> None:
+    client, server = make_pair()
+    sid = opened(client, server)
+    feed(server, m.Fin(sid))
+    with remote_error(ErrorCode.STREAM_STATE_ERROR):
+        feed(server, m.Data(sid, b"x"))
+
+
+def test_fin_before_accept_is_state_error() -> None:
+    _, server = make_pair()
+    feed(server, m.Open(1, 100))
+    with remote_error(ErrorCode.STREAM_STATE_ERROR):
+        feed(server, m.Fin(1))
+
+
+def test_reset() -> None:
+    client, server = make_pair()
+    sid = opened(client, server)
+    server.send_data(sid, b"in flight")
+    server.send_fin(sid)
+    client.reset_stream(sid, ErrorCode.CANCELLED, "bored")
+    assert not client.has_stream(sid)
+    client.reset_stream(sid)  # already gone: a no-op
+    # frames the server sent before it saw the Reset cross it on the wire: dropped silently
+    assert pump(server, client) == []
+    assert pump(client, server) == [StreamReset(sid, ErrorCode.CANCELLED, "bored")]
+    assert not server.has_stream(sid)
+    assert client.open_streams == server.open_streams == 0
+
+
+def test_reset_while_opening() -> None:
+    client, server = make_pair()
+    sid = client.open_stream()
+    client.reset_stream(sid, ErrorCode.CANCELLED)
+    assert pump(client, server) == [StreamOpened(sid, "", 0, 0), StreamReset(sid, 1006, "")]
+    with pytest.raises(LocalProtocolError):
+        server.accept_stream(sid)
+    assert not server.has_stream(sid)
+
+
+def test_accept_crossing_a_reset_is_ignored() -> None:
+    client, server = make_pair()
+    sid = client.open_stream()
+    pump(client, server)
+    server.accept_stream(sid)
+    server.send_data(sid, b"hello")
+    client.reset_stream(sid)
+    assert pump(server, client) == []  # Accept and Data for a stream we reset
+    assert pump(client, server) == [StreamReset(sid, ErrorCode.CANCELLED, "")]
+
+
+def test_frames_for_a_reset_stream_are_ignored() -> None:
+    client, server = make_pair(window=100)
+    sid = opened(client, server)
+    feed(client, m.Reset(sid, 1, ""))
+    assert not client.has_stream(sid)
+    for late in [
+        m.Data(sid, b"x"),
+        m.WindowUpdate(sid, 5),
+        m.Fin(sid),
+        m.Reset(sid, 2, ""),
+        m.Accept(sid, 5),
+        m.Refuse(sid, 5),
+    ]:
+        assert feed(client, late) == []
+    assert client.bytes_to_send == 0
+
+
+def test_peer_reset_of_pending_stream() -> None:
+    client, server = make_pair()
+    sid = client.open_stream()
+    pump(client, server)
+    server.reset_stream(sid, ErrorCode.TARGET_FORBIDDEN, "no")
+    assert pump(server, client) == [StreamReset(sid, ErrorCode.TARGET_FORBIDDEN, "no")]
+
+
+def test_close_then_peer_data_is_answered_with_reset() -> None:
+    client, server = make_pair()
+    sid = opened(client, server)
+    server.close_stream(sid)
+    assert sent_frames(server) == [m.Fin(sid)]
+    feed(client, m.Fin(sid))
+    assert server.has_stream(sid)  # the client has not finished yet
+    # the client keeps writing: the server answers with Reset instead of buffering it
+    assert feed(server, m.Data(sid, b"anyone there?")) == []
+    assert sent_frames(server) == [
+        m.Reset(sid, ErrorCode.CANCELLED, "stream closed by the receiver")
+    ]
+    assert not server.has_stream(sid)
+    assert feed(server, m.Data(sid, b"more")) == []  # later frames: ignored
+
+
+def test_close_then_peer_fin_is_clean() -> None:
+    client, server = make_pair()
+    sid = opened(client, server)
+    server.close_stream(sid)
+    assert pump(server, client) == [StreamEnded(sid)]
+    client.send_fin(sid)
+    assert not client.has_stream(sid)
+    assert pump(client, server) == [StreamEnded(sid)]
+    assert not server.has_stream(sid)
+    assert server.bytes_to_send == 0  # no Reset
+
+
+def test_close_after_peer_fin_is_clean() -> None:
+    client, server = make_pair()
+    sid = opened(client, server)
+    client.send_fin(sid)
+    pump(client, server)
+    server.close_stream(sid)
+    assert not server.has_stream(sid)
+    assert sent_frames(server) == [m.Fin(sid)]
+
+
+def test_close_after_own_fin() -> None:
+    client, server = make_pair()
+    sid = opened(client, server)
+    server.send_fin(sid)
+    server.close_stream(sid)
+    assert server.has_stream(sid)
+    assert sent_frames(server) == [m.Fin(sid)]
+    feed(server, m.Data(sid, b"x"))
+    assert [type(f) for f in sent_frames(server)] == [m.Reset]
+    server.close_stream(sid)  # gone: a no-op
+
+
+@pytest.mark.parametrize("side", ["opener", "acceptor"])
+def test_close_before_open_resets(side: str) -> None:
+    client, server = make_pair()
+    sid = client.open_stream()
+    pump(client, server)
+    closer, other = (client, server) if side == "opener" else (server, client)
+    closer.close_stream(sid)
+    assert not closer.has_stream(sid)
+    [event] = pump(closer, other)
+    assert isinstance(event, StreamReset)
+    assert event.code == ErrorCode.CANCELLED
+    assert not other.has_stream(sid)
+
+
+# ----------------------------------------------------------------------------- session level
+
+
+def test_ping_is_answered_automatically() -> None:
+    client, server = make_pair()
+    client.ping(2**64 - 1)
+    assert pump(client, server) == [PingReceived(2**64 - 1)]
+    assert pump(server, client) == [PongReceived(2**64 - 1)]
+    assert client.bytes_to_send == 0
+
+
+def test_go_away() -> None:
+    client, server = make_pair()
+    sid = opened(client, server)
+    racing = server.open_stream()  # crosses the GoAway on the wire
+    client.go_away(ErrorCode.NORMAL, "bye")
+    client.go_away(ErrorCode.INTERNAL, "again")  # only the first is sent
+    assert client.goaway_sent
+    with pytest.raises(LocalProtocolError) as info:
+        client.open_stream()
+    assert info.value.code == ErrorCode.GOING_AWAY
+    assert pump(client, server) == [GoAwayReceived(0, "bye")]
+    assert server.goaway_received
+    with pytest.raises(LocalProtocolError) as info:
+        server.open_stream()
+    assert info.value.code == ErrorCode.GOING_AWAY
+    assert pump(server, client) == []  # the racing Open was refused automatically
+    assert pump(client, server) == [
+        StreamRefused(racing, ErrorCode.GOING_AWAY, "session is going away")
+    ]
+    # streams already open keep working until the session closes
+    client.send_data(sid, b"still here")
+    assert pump(client, server) == [DataReceived(sid, b"still here")]
+
+
+def test_stream_limit() -> None:
+    client = Multiplexer(Role.CLIENT)
+    server = Multiplexer(Role.SERVER, max_streams=2)
+    sids = [client.open_stream() for _ in range(3)]
+    events = pump(client, server)
+    assert events == [StreamOpened(sids[0], "", 0, 0), StreamOpened(sids[1], "", 0, 0)]
+    assert pump(server, client) == [
+        StreamRefused(sids[2], ErrorCode.STREAM_LIMIT, "limit of 2 streams")
+    ]
+    server.refuse_stream(sids[0], ErrorCode.DIAL_FAILED)
+    sid = client.open_stream()  # room again
+    pump(server, client)
+    assert pump(client, server) == [StreamOpened(sid, "", 0, 0)]
+    # the local side counts too
+    with pytest.raises(StreamLimitError):
+        server.open_stream()
+
+
+def test_local_stream_limit() -> None:
+    client = Multiplexer(Role.CLIENT, max_streams=1)
+    client.open_stream()
+    with pytest.raises(StreamLimitError) as info:
+        client.open_stream()
+    assert info.value.code == ErrorCode.STREAM_LIMIT
+
+
+# ----------------------------------------------------------------------------- violations
+
+
+def test_stream_id_reuse() -> None:
+    _, server = make_pair()
+    feed(server, m.Open(1, 100))
+    with remote_error(ErrorCode.STREAM_STATE_ERROR):
+        feed(server, m.Open(1, 100))
+
+
+def test_stream_id_not_increasing() -> None:
+    _, server = make_pair()
+    feed(server, m.Open(5, 100))
+    with remote_error(ErrorCode.STREAM_STATE_ERROR):
+        feed(server, m.Open(3, 100))
+
+
+def test_stream_id_reuse_after_close() -> None:
+    client, server = make_pair()
+    sid = opened(client, server)
+    client.reset_stream(sid)
+    pump(client, server)
+    with remote_error(ErrorCode.STREAM_STATE_ERROR):
+        feed(server, m.Open(sid, 100))
+
+
+@pytest.mark.parametrize(("role", "sid"), [(Role.SERVER, 2), (Role.CLIENT, 1), (Role.CLIENT, 3)])
+def test_wrong_parity(role: Role, sid: int) -> None:
+    mux = Multiplexer(role)
+    with remote_error(ErrorCode.STREAM_STATE_ERROR):
+        feed(mux, m.Open(sid, 100))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        m.Data(9, b"x"),
+        m.Data(10, b"x"),
+        m.WindowUpdate(9, 1),
+        m.Fin(9),
+        m.Reset(9, 0),
+        m.Accept(9, 1),
+        m.Refuse(9, 1),
+        m.Accept(2, 1),  # the server's own (unused) id
+    ],
+)
+def test_unknown_stream_id(message: Any) -> None:
+    _, server = make_pair()
+    feed(server, m.Open(1, 100))
+    with remote_error(ErrorCode.STREAM_STATE_ERROR):
+        feed(server, message)
+
+
+def test_data_on_pending_stream() -> None:
+    _, server = make_pair()
+    feed(server, m.Open(1, 100))
+    with remote_error(ErrorCode.STREAM_STATE_ERROR):
+        feed(server, m.Data(1, b"too early"))
+
+
+@pytest.mark.parametrize("answer", [m.Accept(1, 100), m.Refuse(1, 1)])
+def test_answer_twice_or_to_own_open(answer: Any) -> None:
+    client, server = make_pair()
+    sid = opened(client, server)
+    with remote_error(ErrorCode.STREAM_STATE_ERROR):
+        feed(client, answer)  # already open
+    with remote_error(ErrorCode.STREAM_STATE_ERROR):
+        feed(server, m.Accept(sid, 100))  # the server is the acceptor, not the opener
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        m.Hello((1,), bytes(32)),
+        m.Challenge(1, bytes(32)),
+        m.Auth(bytes(32), 4096),
+        m.Welcome(bytes(32), 4096),
+        m.Bound("0.0.0.0", 80),
+    ],
+    ids=lambda msg: type(msg).__name__,
+)
+def test_handshake_message_after_handshake(message: Any) -> None:
+    client, server = make_pair()
+    with remote_error(ErrorCode.UNEXPECTED_MESSAGE):
+        feed(server, message)
+    with remote_error(ErrorCode.UNEXPECTED_MESSAGE):
+        feed(client, message)
+
+
+def test_decoder_errors_surface_through_the_mux() -> None:
+    client, server = make_pair(max_frame_size=4096)
+    with remote_error(ErrorCode.FRAME_TOO_LARGE):
+        server.receive_data((4097).to_bytes(4, "big"))
+    with remote_error(ErrorCode.TRUNCATED_FRAME):
+        client.receive_data(encode_message(m.Ping(1))[:-1])
+        client.receive_data(b"")
+
+
+def test_end_of_stream_between_frames_is_clean() -> None:
+    client, server = make_pair()
+    client.ping(1)
+    assert server.receive_data(bytes(client.data_to_send()) + b"") == [PingReceived(1)]
+    assert server.receive_data(b"") == []
+
+
+def test_pong_never_exceeds_a_minimal_peer_limit() -> None:
+    """A peer may announce ``MIN_MAX_FRAME_SIZE``: every control frame must still fit."""
+    server = Multiplexer(Role.SERVER, peer_max_frame_size=m.MIN_MAX_FRAME_SIZE)
+    feed(server, m.Ping(2**64 - 1), m.Open(1, 1))
+    server.refuse_stream(1, 2**32 - 1, "\U0001f600" * 5000)
+    server.go_away(2**32 - 1, "\U0001f600" * 5000)
+    frames = server.data_to_send()
+    assert len(FrameDecoder(m.MIN_MAX_FRAME_SIZE).feed(bytes(frames))) == 3
+
+
+# ----------------------------------------------------------------------------- random operations
+
+
+class Chooser(Protocol):
+    def choice(self, options: list[int]) -> int: ...
+    def integer(self, low: int, high: int) -> int: ...
+    def payload(self, size: int) -> bytes: ...
+
+
+class Model:
+    """Both ends of a connection driven by random *legal* operations, with a reference model.
+
+    Nothing may raise; every byte delivered is a prefix of what was sent on that stream and
+    direction; a Fin arrives only after all the data; once all frames are delivered, streams
+    that were not aborted (reset, or closed while the peer was writing) delivered everything.
+    """
+
+    SIDES = ("client", "server")
+
+    def __init__(self, window: int, chunk: int, max_streams: int) -> None:
+        self.mux = {
+            role.name.lower(): Multiplexer(
+                role, window=window, max_data_chunk=chunk, max_streams=max_streams
+            )
+            for role in Role
+        }
+        self.sent: dict[tuple[str, int], bytearray] = defaultdict(bytearray)
+        self.got: dict[tuple[str, int], bytearray] = defaultdict(bytearray)
+        self.unconsumed: dict[tuple[str, int], int] = defaultdict(int)
+        self.pending: dict[str, set[int]] = {"client": set(), "server": set()}
+        self.known: set[int] = set()
+        self.aborted: set[int] = set()
+        self.pings: dict[str, list[int]] = {"client": [], "server": []}
+        self.delivered_bytes = 0
+
+    @staticmethod
+    def other(side: str) -> str:
+        return "server" if side == "client" else "client"
+
+    def deliver(self, side: str) -> None:
+        to = self.other(side)
+        for event in pump(self.mux[side], self.mux[to]):
+            self.handle(to, event)
+
+    def handle(self, side: str, event: Event) -> None:
+        peer = self.other(side)
+        match event:
+            case StreamOpened(sid):
+                self.pending[side].add(sid)
+            case DataReceived(sid, data):
+                assert data
+                self.got[side, sid] += data
+                self.unconsumed[side, sid] += len(data)
+                self.delivered_bytes += len(data)
+                assert self.sent[peer, sid].startswith(self.got[side, sid])
+            case StreamEnded(sid):
+                assert self.got[side, sid] == self.sent[peer, sid]
+            case StreamReset(sid):
+                self.aborted.add(sid)
+            case PongReceived(opaque):
+                assert self.pings[side].pop(0) == opaque
+            case _:
+                pass
+
+    def can_open(self, side: str) -> bool:
+        mux = self.mux[side]
+        return not (mux.goaway_sent or mux.goaway_received or mux.open_streams >= mux.max_streams)
+
+    # -- operations (each one legal by construction)
+
+    def open(self, side: str) -> None:
+        if self.can_open(side):
+            self.known.add(self.mux[side].open_stream("h", 1, 2))
+
+    def open_and_accept(self, side: str) -> None:
+        """Open, deliver, accept at once: gets streams to carry data within a short run."""
+        if not self.can_open(side):
+            return
+        peer = self.other(side)
+        sid = self.mux[side].open_stream()
+        self.known.add(sid)
+        self.deliver(side)
+        if sid in self.pending[peer] and self.mux[peer].has_stream(sid):
+            self.pending[peer].discard(sid)
+            self.mux[peer].accept_stream(sid)
+            self.deliver(peer)
+
+    def answer(self, side: str, pick: Chooser, accept: bool) -> None:
+        mux = self.mux[side]
+        self.pending[side] = {s for s in self.pending[side] if mux.has_stream(s)}
+        if not self.pending[side]:
+            return
+        sid = pick.choice(sorted(self.pending[side]))
+        self.pending[side].discard(sid)
+        if accept:
+            mux.accept_stream(sid)
+        else:
+            mux.refuse_stream(sid, ErrorCode.DIAL_FAILED, "nope")
+
+    def send(self, side: str, pick: Chooser) -> None:
+        mux = self.mux[side]
+        options = sorted(s for s in self.known if mux.send_window(s) > 0)
+        if not options:
+            return
+        sid = pick.choice(options)
+        payload = pick.payload(pick.integer(1, min(mux.send_window(sid), 300)))
+        mux.send_data(sid, payload)
+        self.sent[side, sid] += payload
+
+    def consume(self, side: str, pick: Chooser) -> None:
+        options = sorted(s for s in self.known if self.unconsumed[side, s] > 0)
+        if not options:
+            return
+        sid = pick.choice(options)
+        size = pick.integer(1, self.unconsumed[side, sid])
+        self.unconsumed[side, sid] -= size
+        self.mux[side].consumed(sid, size)
+
+    def fin(self, side: str, pick: Chooser) -> None:
+        mux = self.mux[side]
+        options = sorted(s for s in self.known if mux.can_send(s))
+        if options:
+            mux.send_fin(pick.choice(options))
+
+    def close(self, side: str, pick: Chooser) -> None:
+        if self.known:
+            sid = pick.choice(sorted(self.known))
+            self.mux[side].close_stream(sid)
+            self.aborted.add(sid)  # the peer's further data is refused, not delivered
+
+    def reset(self, side: str, pick: Chooser) -> None:
+        if self.known:
+            sid = pick.choice(sorted(self.known))
+            self.mux[side].reset_stream(sid, ErrorCode.CANCELLED, "random reset")
+            self.aborted.add(sid)
+
+    def ping(self, side: str, opaque: int) -> None:
+        self.mux[side].ping(opaque)
+        self.pings[side].append(opaque)
+
+    def go_away(self, side: str) -> None:
+        self.mux[side].go_away(ErrorCode.NORMAL, "done")
+
+    def settle(self) -> None:
+        """Deliver until both directions are quiet, then everything sent must have arrived."""
+        while self.mux["client"].bytes_to_send or self.mux["server"].bytes_to_send:
+            self.deliver("client")
+            self.deliver("server")
+        for (side, sid), sent in self.sent.items():
+            got = self.got[self.other(side), sid]
+            if sid in self.aborted:
+                assert sent.startswith(got)
+            else:
+                assert got == sent, (side, sid)
+        assert not self.pings["client"]
+        assert not self.pings["server"]
+
+    def check(self) -> None:
+        for mux in self.mux.values():
+            assert mux.open_streams <= mux.max_streams
+            for sid in self.known:
+                assert 0 <= mux.send_window(sid) <= MAX_WINDOW
+
+
+class _DrawChooser:
+    def __init__(self, data: st.DataObject) -> None:
+        self.data = data
+
+    def choice(self, options: list[int]) -> int:
+        return self.data.draw(st.sampled_from(options))
+
+    def integer(self, low: int, high: int) -> int:
+        return self.data.draw(st.integers(low, high))
+
+    def payload(self, size: int) -> bytes:
+        return self.data.draw(st.binary(min_size=size, max_size=size))
+
+
+class _RandomChooser:
+    def __init__(self, rnd: random.Random) -> None:
+        self.rnd = rnd
+
+    def choice(self, options: list[int]) -> int:
+        return self.rnd.choice(options)
+
+    def integer(self, low: int, high: int) -> int:
+        return self.rnd.randint(low, high)
+
+    def payload(self, size: int) -> bytes:
+        return self.rnd.randbytes(size)
+
+
+sides = st.sampled_from(Model.SIDES)
+
+
+class MuxPair(RuleBasedStateMachine):
+    """Hypothesis drives :class:`Model`: it shrinks any failure to a minimal sequence."""
+
+    @initialize(
+        window=st.sampled_from([1, 2, 7, 64, 1000]),
+        chunk=st.sampled_from([1, 3, 64]),
+        max_streams=st.integers(1, 6),
+    )
+    def setup(self, window: int, chunk: int, max_streams: int) -> None:
+        self.model = Model(window, chunk, max_streams)
+
+    @rule(side=sides)
+    def open(self, side: str) -> None:
+        self.model.open(side)
+
+    @rule(side=sides)
+    def open_and_accept(self, side: str) -> None:
+        self.model.open_and_accept(side)
+
+    @rule(side=sides)
+    def deliver(self, side: str) -> None:
+        self.model.deliver(side)
+
+    @rule(side=sides, data=st.data(), accept=st.booleans())
+    def answer(self, side: str, data: st.DataObject, accept: bool) -> None:
+        self.model.answer(side, _DrawChooser(data), accept)
+
+    @rule(side=sides, data=st.data())
+    def send(self, side: str, data: st.DataObject) -> None:
+        self.model.send(side, _DrawChooser(data))
+
+    @rule(side=sides, data=st.data())
+    def send_and_deliver(self, side: str, data: st.DataObject) -> None:
+        self.model.send(side, _DrawChooser(data))
+        self.model.deliver(side)
+
+    @rule(side=sides, data=st.data())
+    def consume(self, side: str, data: st.DataObject) -> None:
+        self.model.consume(side, _DrawChooser(data))
+
+    @rule(side=sides, data=st.data())
+    def fin(self, side: str, data: st.DataObject) -> None:
+        self.model.fin(side, _DrawChooser(data))
+
+    @rule(side=sides, data=st.data(), dice=st.integers(0, 3))
+    def close(self, side: str, data: st.DataObject, dice: int) -> None:
+        if dice == 0:
+            self.model.close(side, _DrawChooser(data))
+
+    @rule(side=sides, data=st.data(), dice=st.integers(0, 3))
+    def reset(self, side: str, data: st.DataObject, dice: int) -> None:
+        if dice == 0:
+            self.model.reset(side, _DrawChooser(data))
+
+    @rule(side=sides, opaque=st.integers(0, 2**64 - 1))
+    def ping(self, side: str, opaque: int) -> None:
+        self.model.ping(side, opaque)
+
+    @rule(side=sides, dice=st.integers(0, 9))
+    def go_away(self, side: str, dice: int) -> None:
+        if dice == 0:  # rarely: it ends all opening
+            self.model.go_away(side)
+
+    @rule()
+    def settle(self) -> None:
+        self.model.settle()
+
+    @invariant()
+    def sane(self) -> None:
+        self.model.check()
+
+    def teardown(self) -> None:
+        if hasattr(self, "model"):
+            self.model.settle()
+
+
+TestMuxPair = MuxPair.TestCase
+TestMuxPair.settings = settings(
+    max_examples=60,
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_operations_soak(seed: int) -> None:
+    """Long seeded runs for volume (the state machine above is for shrinking)."""
+    rnd = random.Random(seed)
+    pick = _RandomChooser(rnd)
+    model = Model(
+        window=rnd.choice([1, 10, 100, 1000, 5000]),
+        chunk=rnd.choice([1, 7, 100, 1000]),
+        max_streams=rnd.randint(1, 8),
+    )
+    weighted: list[tuple[float, Callable[[str], None]]] = [
+        (3, lambda side: model.open_and_accept(side)),
+        (1, lambda side: model.open(side)),
+        (3, lambda side: model.deliver(side)),
+        (2, lambda side: model.answer(side, pick, rnd.random() < 0.8)),
+        (8, lambda side: model.send(side, pick)),
+        (4, lambda side: model.consume(side, pick)),
+        (1, lambda side: model.fin(side, pick)),
+        (0.15, lambda side: model.close(side, pick)),
+        (0.15, lambda side: model.reset(side, pick)),
+        (1, lambda side: model.ping(side, rnd.getrandbits(64))),
+        (0.003, lambda side: model.go_away(side)),
+        (0.2, lambda side: model.settle()),
+    ]
+    ops = [op for _, op in weighted]
+    weights = [weight for weight, _ in weighted]
+    for _ in range(1500):
+        rnd.choices(ops, weights)[0](rnd.choice(Model.SIDES))
+        model.check()
+    model.settle()
+    assert model.delivered_bytes > 0
