@@ -82,6 +82,7 @@ STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     m.Pong: st.builds(m.Pong, opaque=u64s),
     m.GoAway: st.builds(m.GoAway, code=error_codes, message=utf8_text(m.MAX_TEXT)),
     m.Bound: st.builds(m.Bound, host=utf8_text(m.MAX_HOST), port=ports),
+    m.ForwardState: st.builds(m.ForwardState, online=st.booleans(), reason=utf8_text(m.MAX_TEXT)),
 }
 
 #: One fixed, valid instance of every type (for table-driven tests).
@@ -101,6 +102,7 @@ EXAMPLES: dict[type[Any], Any] = {
     m.Pong: m.Pong(42),
     m.GoAway: m.GoAway(ErrorCode.NORMAL, "shutdown"),
     m.Bound: m.Bound("0.0.0.0", 8080),
+    m.ForwardState: m.ForwardState(False, "3 probes failed"),
 }
 
 #: Any valid message of any type.
@@ -163,7 +165,7 @@ def test_wire_map_uses_only_primitive_msgpack_types(message: Any) -> None:
     obj = msgpack.unpackb(encode_message(message)[4:], raw=False)
     for key, value in obj.items():
         assert type(key) is str
-        assert type(value) in (int, str, bytes, list), (key, value)
+        assert type(value) in (int, str, bytes, list, bool), (key, value)
         if type(value) is list:
             assert all(type(v) is int for v in value)
 
@@ -198,6 +200,7 @@ def test_field_names_and_tags_are_stable() -> None:
         "pong": ["opaque"],
         "goaway": ["code", "message"],
         "bound": ["host", "port"],
+        "fwdstate": ["online", "reason"],
     }
     actual = {cls.TAG: [f.name for f in attrs.fields(cls)] for cls in MESSAGE_TYPES}
     assert actual == expected
@@ -277,6 +280,8 @@ def _wrong_values(kind: Any, name: str) -> list[Any]:
         return [*common, b"text", 5, True, "x" * 1025]
     if kind is bytes:
         return [*common, "x" * 32, 5, True, [0] * 32]
+    if kind is bool:
+        return [*common, 0, 1, "true", b"\x01"]
     if kind == tuple[int, ...]:
         return [*common[:2], "1", b"\x01", 1, [True], ["1"], [1.0], [-1], [2**32], [0] * 17]
     raise AssertionError(f"no wrong values for {kind}")

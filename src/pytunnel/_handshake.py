@@ -33,6 +33,7 @@ from .protocol.mux import Role
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
+    "send_goaway",
     "HandshakeResult",
     "client_handshake",
     "open_client_session",
@@ -77,7 +78,7 @@ async def _send(stream: trio.abc.Stream, message: Message) -> None:
     await stream.send_all(encode_message(message))
 
 
-async def _goodbye(stream: trio.abc.Stream, code: int, text: str) -> None:
+async def send_goaway(stream: trio.abc.Stream, code: int, text: str) -> None:
     """Best effort: tell the peer why, then close. Never raises, never waits long."""
     with (
         trio.move_on_after(1, shield=True),
@@ -184,11 +185,11 @@ async def server_handshake(
         raise ConnectError(f"connection from {peer} lost during the handshake") from exc
     except AuthenticationError:
         log.warning("authentication failed for %s", peer)
-        await _goodbye(stream, ErrorCode.AUTHENTICATION_FAILED, "authentication failed")
+        await send_goaway(stream, ErrorCode.AUTHENTICATION_FAILED, "authentication failed")
         raise
     except TunnelError as exc:
         log.warning("handshake with %s failed: %s", peer, exc)
-        await _goodbye(stream, exc.code, exc.message)
+        await send_goaway(stream, exc.code, exc.message)
         raise
     decoder.max_frame_size = max_frame_size
     return HandshakeResult(version, decoder, auth.max_frame_size)

@@ -378,6 +378,8 @@ class Session:
         #: True when we ended the session (streams then raise ClosedResourceError).
         self._closed_locally = False
         self._writing = False
+        #: ``trio.current_time()`` when the transport last delivered bytes (heartbeat checks).
+        self.last_received = trio.current_time()
         self.bytes_written = 0
         self.bytes_read = 0
 
@@ -477,6 +479,17 @@ class Session:
                 await self._flush()
             self._terminate(SessionClosedError(message or "session closed locally", code=code))
             await trio.aclose_forcefully(self._transport)
+
+    async def abort(self, error: TunnelError) -> None:
+        """End the session at once because the link is unusable (a missed heartbeat, say).
+
+        Unlike :meth:`aclose` nothing is flushed, since a dead link would only make us wait;
+        streams raise ``BrokenResourceError`` with ``error`` as the cause, as if the peer had
+        vanished.
+        """
+        if not self.closed:
+            self._terminate(error)
+        await trio.aclose_forcefully(self._transport)
 
     # -------------------------------------------------------------- stream callbacks
 
@@ -581,6 +594,7 @@ class Session:
             while True:
                 data = await transport.receive_some(size)
                 self.bytes_read += len(data)
+                self.last_received = trio.current_time()
                 try:
                     events = mux.receive_data(data)
                 except RemoteProtocolError as exc:

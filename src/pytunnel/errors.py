@@ -37,6 +37,10 @@ class ErrorCode(enum.IntEnum):
     STREAM_LIMIT = 1007
     #: A relayed connection was idle for longer than its idle timeout.
     IDLE_TIMEOUT = 1008
+    #: The server has too many connections waiting to authenticate; try again later.
+    SERVER_BUSY = 1009
+    #: No heartbeat answer within the heartbeat timeout: the link is considered dead.
+    HEARTBEAT_TIMEOUT = 1010
 
     # -- remote protocol violations (1100-1199) --
     PROTOCOL_ERROR = 1100
@@ -60,6 +64,8 @@ class ErrorCode(enum.IntEnum):
     ADDRESS_IN_USE = 2101
     PERMISSION_DENIED = 2102
     PORT_NOT_ALLOWED = 2103
+    #: The client already has as many forwards as the server allows.
+    FORWARD_LIMIT = 2104
 
 
 class TunnelError(Exception):
@@ -140,6 +146,12 @@ class HandshakeTimeoutError(ConnectError):
     """The handshake did not complete in time (a slow or silent peer)."""
 
     default_code = ErrorCode.HANDSHAKE_TIMEOUT
+
+
+class ServerBusyError(ConnectError):
+    """The server refused the connection before the handshake: too many pending handshakes."""
+
+    default_code = ErrorCode.SERVER_BUSY
 
 
 class SessionClosedError(TunnelError):
@@ -230,11 +242,19 @@ class PortNotAllowedError(ForwardError):
     default_code = ErrorCode.PORT_NOT_ALLOWED
 
 
+class ForwardLimitError(ForwardError):
+    """The client already has as many forwards as the server allows."""
+
+    default_code = ErrorCode.FORWARD_LIMIT
+
+
 _BY_CODE: dict[int, type[TunnelError]] = {
     ErrorCode.FORWARD_FAILED: ForwardError,
     ErrorCode.ADDRESS_IN_USE: AddressInUseError,
     ErrorCode.PERMISSION_DENIED: PermissionDeniedError,
     ErrorCode.PORT_NOT_ALLOWED: PortNotAllowedError,
+    ErrorCode.FORWARD_LIMIT: ForwardLimitError,
+    ErrorCode.SERVER_BUSY: ServerBusyError,
     ErrorCode.AUTHENTICATION_FAILED: AuthenticationError,
     ErrorCode.UNSUPPORTED_VERSION: VersionMismatchError,
     ErrorCode.HANDSHAKE_TIMEOUT: HandshakeTimeoutError,

@@ -8,7 +8,6 @@ once (so the same port can be bound again immediately) and every relay is torn d
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import random
@@ -18,29 +17,33 @@ import attrs
 import trio
 
 from ._dial import DEFAULT_CONNECT_TIMEOUT, dial, format_target
-from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, open_server_session
+from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, send_goaway, server_handshake
 from ._listen import bind, bound_port
 from ._policy import PermitOpen, PortRange, parse_port_ranges
 from ._relay import DEFAULT_IDLE_TIMEOUT, relay
-from ._session import IncomingStream, MuxStream, Session, SessionConfig
+from ._session import IncomingStream, MuxStream, Session, SessionConfig, open_session
 from ._util import aclose_all
 from .errors import (
     DialError,
     ErrorCode,
     ForwardError,
     PortNotAllowedError,
+    RemoteProtocolError,
     SessionClosedError,
     StreamRefusedError,
     TunnelError,
 )
 from .protocol import routes
-from .protocol.frames import encode_message
-from .protocol.messages import Bound
+from .protocol.frames import FrameDecoder, encode_message
+from .protocol.messages import Bound, ForwardState
+from .protocol.mux import Role
 
 __all__ = ["ServerConfig", "TunnelServer", "serve"]
 
 log = logging.getLogger("pytunnel.server")
 
+#: Seconds of silence after which a peer is considered gone (both ends use it).
+DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 _ACCEPT_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _PORT_0_ATTEMPTS = 64
 
@@ -73,6 +76,16 @@ class ServerConfig:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     session: SessionConfig = attrs.field(factory=SessionConfig)
+    #: A client silent for this long (no byte, not even a heartbeat) is dropped.
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
+    #: How often sessions are checked for silence.
+    heartbeat_check_interval: float = 5.0
+    #: Remote forwards one client may hold at once.
+    max_forwards_per_client: int = 64
+    #: Relayed streams across all clients (each session also has ``session.max_streams``).
+    max_streams: int = 16384
+    #: Connections still in their handshake; more are turned away with SERVER_BUSY.
+    max_pending_handshakes: int = 128
 
     def port_allowed(self, port: int) -> bool:
         return self.allow_ports is None or any(port in r for r in self.allow_ports)
@@ -85,6 +98,10 @@ class TunnelServer:
         self.listeners = listeners
         self.config = config
         self._sessions: set[_ClientSession] = set()
+        #: Connections accepted but not yet authenticated.
+        self.pending_handshakes = 0
+        #: Relayed streams open across all clients.
+        self.active_streams = 0
         self._cancel_scope = trio.CancelScope()
         self._done = trio.Event()
         host, port = listeners[0].socket.getsockname()[:2]
@@ -150,13 +167,33 @@ class TunnelServer:
 
         Returns when the client's session has ended; never raises for the client's failures.
         """
+        if self.pending_handshakes >= self.config.max_pending_handshakes:
+            log.warning(
+                "turning away %s: %d connections are already in their handshake",
+                peer,
+                self.pending_handshakes,
+            )
+            await send_goaway(stream, ErrorCode.SERVER_BUSY, "too many pending handshakes")
+            return
         try:
-            async with open_server_session(
+            self.pending_handshakes += 1
+            try:
+                result = await server_handshake(
+                    stream,
+                    self.config.token,
+                    timeout=self.config.handshake_timeout,
+                    max_frame_size=self.config.session.max_frame_size,
+                    peer=peer,
+                )
+            finally:
+                self.pending_handshakes -= 1
+            async with open_session(
                 stream,
-                self.config.token,
+                Role.SERVER,
                 self.config.session,
-                handshake_timeout=self.config.handshake_timeout,
-                peer=peer,
+                decoder=result.decoder,
+                peer_max_frame_size=result.peer_max_frame_size,
+                name=f"server<{peer}>",
             ) as session:
                 client = _ClientSession(self, session, peer)
                 self._sessions.add(client)
@@ -180,21 +217,79 @@ class _ClientSession:
         self.config = server.config
         self.session = session
         self.peer = peer
+        self.forwards = 0
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:  # the session nursery
+            nursery.start_soon(self._watch_heartbeat)
             while True:
                 try:
                     incoming = await self.session.accept_stream()
                 except SessionClosedError:
                     break
                 if incoming.tag == routes.CONNECT:
+                    if self._stream_limit_reached(incoming):
+                        continue
                     nursery.start_soon(self._serve_connect, incoming)
                 elif incoming.tag == routes.LISTEN:
+                    if self.forwards >= self.config.max_forwards_per_client:
+                        log.warning(
+                            "client %s: remote forward refused: limit of %d forwards reached",
+                            self.peer,
+                            self.config.max_forwards_per_client,
+                        )
+                        incoming.refuse(
+                            ErrorCode.FORWARD_LIMIT,
+                            f"limit of {self.config.max_forwards_per_client} forwards reached",
+                        )
+                        continue
+                    self.forwards += 1
                     nursery.start_soon(self._serve_listen, incoming)
                 else:
                     incoming.refuse(ErrorCode.PROTOCOL_ERROR, f"unknown route {incoming.tag}")
             nursery.cancel_scope.cancel()
+
+    async def _watch_heartbeat(self) -> None:
+        """Drop a client that has sent nothing (not even a ping) for ``heartbeat_timeout``:
+        a half-open connection is found by the clock, not by waiting for the kernel."""
+        timeout = self.config.heartbeat_timeout
+        while True:
+            await trio.sleep(self.config.heartbeat_check_interval)
+            silent = trio.current_time() - self.session.last_received
+            if silent > timeout:
+                log.warning(
+                    "client %s silent for %.0f s (heartbeat timeout %g s); dropping it",
+                    self.peer,
+                    silent,
+                    timeout,
+                )
+                await self.session.abort(
+                    SessionClosedError(
+                        f"no traffic for {silent:.0f} s", code=ErrorCode.HEARTBEAT_TIMEOUT
+                    )
+                )
+                return
+
+    def _stream_limit_reached(self, incoming: IncomingStream | None) -> bool:
+        if self.server.active_streams < self.config.max_streams:
+            return False
+        log.warning(
+            "client %s: stream refused: the server's limit of %d streams is reached",
+            self.peer,
+            self.config.max_streams,
+        )
+        if incoming is not None:
+            incoming.refuse(ErrorCode.STREAM_LIMIT, "server stream limit reached")
+        return True
+
+    async def _relay(
+        self, a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream, name: str
+    ) -> None:
+        self.server.active_streams += 1
+        try:
+            await relay(a, b, idle_timeout=self.config.idle_timeout, name=name)
+        finally:
+            self.server.active_streams -= 1
 
     # ---------------------------------------------------------------- local forwards
 
@@ -218,9 +313,7 @@ class _ClientSession:
         except SessionClosedError:
             await trio.aclose_forcefully(sock)
             return
-        await relay(
-            stream, sock, idle_timeout=self.config.idle_timeout, name=f"{self.peer}->{target}"
-        )
+        await self._relay(stream, sock, f"{self.peer}->{target}")
 
     # ---------------------------------------------------------------- remote forwards
 
@@ -245,6 +338,12 @@ class _ClientSession:
         raise PortNotAllowedError("no free port in the allowed range", address=address)
 
     async def _serve_listen(self, incoming: IncomingStream) -> None:
+        try:
+            await self._run_remote_forward(incoming)
+        finally:
+            self.forwards -= 1
+
+    async def _run_remote_forward(self, incoming: IncomingStream) -> None:
         requested = format_target(incoming.host or self.config.public_host, incoming.port)
         try:
             listeners = await self._bind(incoming.host, incoming.port)
@@ -258,34 +357,22 @@ class _ClientSession:
             await aclose_all(*listeners)
             return
         host, port = self.config.public_host, bound_port(listeners)
-        address = format_target(host, port)
+        forward = _PublicPort(self, control, host, port, listeners)
         try:
             await control.send_all(encode_message(Bound(host, port)))
-            log.info("client %s: remote forward listening on %s", self.peer, address)
+            log.info("client %s: remote forward listening on %s", self.peer, forward.address)
             async with trio.open_nursery() as nursery:
-                for listener in listeners:
-                    nursery.start_soon(self._accept_public, listener, control, nursery)
-                await _wait_closed(control)
+                forward.relays = nursery
+                forward.start_accepting()
+                await forward.follow_control_stream()
                 nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except RemoteProtocolError as exc:
+            log.warning("client %s: bad message on forward %s: %s", self.peer, forward.address, exc)
         finally:
-            await aclose_all(*listeners, control)
-            log.info("client %s: remote forward on %s closed", self.peer, address)
-
-    async def _accept_public(
-        self, listener: trio.SocketListener, control: MuxStream, nursery: trio.Nursery
-    ) -> None:
-        while True:
-            try:
-                conn = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in _ACCEPT_RESOURCE_ERRNOS:
-                    raise
-                log.error("accept failed (%s); pausing 100 ms", exc.strerror)
-                await trio.sleep(0.1)
-                continue
-            nursery.start_soon(self._relay_public, conn, control.stream_id)
+            await aclose_all(*forward.listeners, control)
+            log.info("client %s: remote forward on %s closed", self.peer, forward.address)
 
     async def _relay_public(self, conn: trio.SocketStream, forward_id: int) -> None:
         try:
@@ -304,24 +391,94 @@ class _ClientSession:
             log.info("client %s: public connection dropped: %s", self.peer, exc)
             await trio.aclose_forcefully(conn)
             return
-        await relay(
-            conn, stream, idle_timeout=self.config.idle_timeout, name=f"public->{self.peer}"
-        )
+        await self._relay(conn, stream, f"public->{self.peer}")
 
 
-def _answer(incoming: IncomingStream, exc: TunnelError) -> None:
-    """Refuse with the error's code, unless the session is already gone."""
-    with contextlib.suppress(SessionClosedError):
-        incoming.refuse(exc.code, exc.message)
+class _PublicPort:
+    """The server side of one remote forward: its public listeners and its control stream.
 
+    While the client reports the forward's target offline, the listeners are closed so the
+    port refuses connections at once (no accept-then-drop black hole); back online, the same
+    port is bound again. Relays already running are not affected either way.
+    """
 
-async def _wait_closed(stream: MuxStream) -> None:
-    """Until the peer closes (or breaks) the stream; anything it sends is ignored."""
-    try:
-        while await stream.receive_some():
-            pass
-    except trio.BrokenResourceError:
-        pass
+    def __init__(
+        self,
+        client: _ClientSession,
+        control: MuxStream,
+        host: str,
+        port: int,
+        listeners: list[trio.SocketListener],
+    ) -> None:
+        self.client = client
+        self.control = control
+        self.host = host
+        self.port = port
+        self.address = format_target(host, port)
+        self.listeners = listeners
+        self.relays: trio.Nursery | None = None
+        self._accepting = trio.CancelScope()
+
+    def start_accepting(self) -> None:
+        assert self.relays is not None
+        self._accepting = trio.CancelScope()
+        self.relays.start_soon(self._accept_all, self._accepting)
+
+    async def _accept_all(self, scope: trio.CancelScope) -> None:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                for listener in self.listeners:
+                    nursery.start_soon(self._accept_loop, listener)
+
+    async def _accept_loop(self, listener: trio.SocketListener) -> None:
+        assert self.relays is not None
+        while True:
+            try:
+                conn = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_RESOURCE_ERRNOS:
+                    raise
+                log.error("accept failed (%s); pausing 100 ms", exc.strerror)
+                await trio.sleep(0.1)
+                continue
+            if self.client._stream_limit_reached(None):
+                await trio.aclose_forcefully(conn)
+                continue
+            self.relays.start_soon(self.client._relay_public, conn, self.control.stream_id)
+
+    async def follow_control_stream(self) -> None:
+        """Apply the client's ForwardState messages until it closes the control stream."""
+        decoder = FrameDecoder(4096)
+        while True:
+            data = await self.control.receive_some()
+            decoder.receive_data(data)
+            while (message := decoder.next_message()) is not None:
+                if not isinstance(message, ForwardState):
+                    raise RemoteProtocolError(
+                        f"unexpected {type(message).__name__} on a forward's control stream",
+                        code=ErrorCode.UNEXPECTED_MESSAGE,
+                    )
+                await self._set_online(message.online, message.reason)
+            if not data:
+                return
+
+    async def _set_online(self, online: bool, reason: str) -> None:
+        peer = self.client.peer
+        if not online and self.listeners:
+            self._accepting.cancel()
+            listeners, self.listeners = self.listeners, []
+            await aclose_all(*listeners)
+            log.warning("client %s: forward %s offline: %s", peer, self.address, reason)
+        elif online and not self.listeners:
+            try:
+                self.listeners = await bind(self.host, self.port)
+            except ForwardError as exc:
+                log.error(
+                    "client %s: forward %s cannot come back online: %s", peer, self.address, exc
+                )
+                raise trio.ClosedResourceError(str(exc)) from exc
+            self.start_accepting()
+            log.info("client %s: forward %s back online", peer, self.address)
 
 
 async def serve(

@@ -27,6 +27,7 @@ __all__ = [
     "Challenge",
     "Data",
     "Fin",
+    "ForwardState",
     "GoAway",
     "Hello",
     "Message",
@@ -298,6 +299,20 @@ class Bound:
     port: int = attrs.field(validator=_port)
 
 
+@attrs.frozen
+class ForwardState:
+    """Sent framed inside a remote-forward control stream, client -> server.
+
+    The client's health probes found the forward's target down (``online`` false) or back up.
+    While offline the server stops listening, so the public port refuses connections at once
+    instead of accepting and dropping them.
+    """
+
+    TAG: ClassVar[str] = "fwdstate"
+    online: bool
+    reason: str = attrs.field(default="", validator=_max_utf8(MAX_TEXT))
+
+
 Message = Union[  # noqa: UP007 - cattrs needs a real Union object at runtime on 3.10
     Hello,
     Challenge,
@@ -314,6 +329,7 @@ Message = Union[  # noqa: UP007 - cattrs needs a real Union object at runtime on
     Pong,
     GoAway,
     Bound,
+    ForwardState,
 ]
 
 MESSAGE_TYPES: tuple[type[Any], ...] = Message.__args__  # type: ignore[attr-defined]
@@ -342,7 +358,7 @@ def _int_tuple(value: object, _type: object) -> tuple[int, ...]:
 
 def _build_converter() -> Any:
     conv = make_converter(forbid_extra_keys=True)
-    for t in (int, str, bytes):
+    for t in (int, str, bytes, bool):
         conv.register_structure_hook(t, _strict(t))
     conv.register_structure_hook_func(lambda t: t == tuple[int, ...], _int_tuple)
     configure_tagged_union(
