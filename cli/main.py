@@ -175,6 +175,42 @@ def main() -> None:
     default=pytunnel.DEFAULT_IDLE_TIMEOUT,
     help="Seconds a relayed connection may stay silent.",
 )
+@click.option(
+    "--heartbeat-timeout",
+    type=float,
+    default=30.0,
+    help="Drop a client silent for this many seconds.",
+)
+@click.option(
+    "--max-forwards-per-client",
+    type=click.IntRange(min=0),
+    default=64,
+    help="Remote forwards one client may hold.",
+)
+@click.option(
+    "--max-streams",
+    type=click.IntRange(min=1),
+    default=16384,
+    help="Relayed connections across all clients.",
+)
+@click.option(
+    "--max-session-streams",
+    type=click.IntRange(min=1),
+    default=4096,
+    help="Concurrent streams in one client's session.",
+)
+@click.option(
+    "--max-pending-handshakes",
+    type=click.IntRange(min=1),
+    default=128,
+    help="Connections allowed in their handshake at once.",
+)
+@click.option(
+    "--max-frame-size",
+    type=click.IntRange(min=4096),
+    default=1024 * 1024,
+    help="Largest protocol frame accepted, in bytes.",
+)
 @log_level_option
 @log_format_option
 def serve(
@@ -185,6 +221,12 @@ def serve(
     permit_open: tuple[str, ...],
     connect_timeout: float,
     idle_timeout: float,
+    heartbeat_timeout: float,
+    max_forwards_per_client: int,
+    max_streams: int,
+    max_session_streams: int,
+    max_pending_handshakes: int,
+    max_frame_size: int,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -206,6 +248,13 @@ def serve(
                     permit_open=list(permit_open) or None,
                     connect_timeout=connect_timeout,
                     idle_timeout=idle_timeout,
+                    heartbeat_timeout=heartbeat_timeout,
+                    max_forwards_per_client=max_forwards_per_client,
+                    max_streams=max_streams,
+                    max_pending_handshakes=max_pending_handshakes,
+                    session=pytunnel.SessionConfig(
+                        max_streams=max_session_streams, max_frame_size=max_frame_size
+                    ),
                 )
             )
             address = pytunnel.format_target(*server.address)
@@ -257,6 +306,48 @@ def serve(
     default=pytunnel.DEFAULT_IDLE_TIMEOUT,
     help="Seconds a relayed connection may stay silent.",
 )
+@click.option(
+    "--reconnect/--no-reconnect",
+    default=True,
+    help="Reconnect with exponential backoff when the connection is lost.",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Reconnection attempts in a row before giving up (0: unlimited).",
+)
+@click.option(
+    "--backoff-max",
+    type=float,
+    default=16.0,
+    help="Longest wait between reconnection attempts, in seconds.",
+)
+@click.option("--heartbeat-interval", type=float, default=10.0, help="Seconds between pings.")
+@click.option(
+    "--heartbeat-timeout",
+    type=float,
+    default=30.0,
+    help="The link is dead when a ping is unanswered this long.",
+)
+@click.option(
+    "--probe-interval",
+    type=float,
+    default=30.0,
+    help="Health-probe remote forward targets this often, in seconds (0: off).",
+)
+@click.option(
+    "--probe-failures",
+    type=click.IntRange(min=1),
+    default=3,
+    help="Failed probes in a row that take a remote forward offline.",
+)
+@click.option(
+    "--status-interval",
+    type=float,
+    default=0,
+    help="Print a summary of every forward this often, in seconds (0: never).",
+)
 @log_level_option
 @log_format_option
 def connect(
@@ -266,16 +357,34 @@ def connect(
     local: list[ForwardSpec],
     connect_timeout: float,
     idle_timeout: float,
+    reconnect: bool,
+    max_attempts: int,
+    backoff_max: float,
+    heartbeat_interval: float,
+    heartbeat_timeout: float,
+    probe_interval: float,
+    probe_failures: int,
+    status_interval: float,
     log_level: str,
     log_format: str,
 ) -> None:
-    """Connect to a tunnel server and set up forwards."""
+    """Connect to a tunnel server and set up forwards; keep them up until interrupted."""
     _setup_logging(log_level, log_format)
+    config = pytunnel.ClientConfig(
+        token=token,
+        connect_timeout=connect_timeout,
+        idle_timeout=idle_timeout,
+        reconnect=reconnect,
+        max_attempts=max_attempts or None,
+        backoff_max=backoff_max,
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_timeout=heartbeat_timeout,
+        probe_interval=probe_interval,
+        probe_failures=probe_failures,
+    )
 
     async def run() -> None:
-        async with pytunnel.connect(
-            server, token=token, connect_timeout=connect_timeout, idle_timeout=idle_timeout
-        ) as tunnel:
+        async with pytunnel.connect(server, token=token, config=config) as tunnel:
             _say(f"connected to {pytunnel.format_target(*server)}")
             for spec in remote:
                 fwd: pytunnel.Forward = await tunnel.forward_remote(
@@ -293,10 +402,39 @@ def connect(
                     local_host=spec.bind_host or "127.0.0.1",
                 )
                 _say(f"local forward {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
-            await tunnel.wait_closed()
-            raise pytunnel.SessionClosedError("connection to the server was lost")
+            async with trio.open_nursery() as nursery:
+                if status_interval > 0:
+                    nursery.start_soon(_print_status, tunnel, status_interval)
+                await tunnel.wait_closed()
+                nursery.cancel_scope.cancel()
+            if tunnel.failure is not None:
+                raise tunnel.failure
 
     _run(run)
+
+
+def format_status(tunnel: pytunnel.Tunnel) -> list[str]:
+    """One compact line per forward: status, connections, bytes each way, errors."""
+    lines = []
+    for fwd in sorted(tunnel.forwards, key=lambda f: (f.kind, f.listen_port)):
+        stats = fwd.stats
+        errors = ",".join(f"{k}={v}" for k, v in sorted(stats.errors.items())) or "-"
+        lines.append(
+            f"status {fwd.kind} {pytunnel.format_target(*fwd.address)} -> {fwd.target}: "
+            f"{fwd.status.value} conns={stats.active_connections}/{stats.total_connections} "
+            f"out={stats.bytes_out} in={stats.bytes_in} errors={errors}"
+        )
+    link = "up" if tunnel.connected else "down"
+    rtt = f"{tunnel.rtt * 1000:.1f} ms" if tunnel.rtt is not None else "-"
+    lines.append(f"status link {link} rtt={rtt} reconnects={tunnel.reconnects}")
+    return lines
+
+
+async def _print_status(tunnel: pytunnel.Tunnel, interval: float) -> None:
+    while True:
+        await trio.sleep(interval)
+        for line in format_status(tunnel):
+            _say(line)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -105,7 +105,7 @@ def _port_is_free(port: int) -> bool:
 async def _loaded_tunnel(
     server_address: tuple[str, int], echo: EchoService
 ) -> AsyncIterator[tuple[pytunnel.Tunnel, Load, int]]:
-    async with pytunnel.connect(server_address, token=TOKEN) as tunnel:
+    async with pytunnel.connect(server_address, token=TOKEN, reconnect=False) as tunnel:
         remote = await tunnel.forward_remote("127.0.0.1", echo.port)
         local = await tunnel.forward_local("127.0.0.1", echo.port)
         load = Load()

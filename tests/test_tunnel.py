@@ -396,14 +396,32 @@ async def test_memory_stream_tunnel(nursery: trio.Nursery, echo_port: int) -> No
 
 
 async def test_server_aclose_ends_clients(
-    tunnel_server: pytunnel.TunnelServer, tunnel: pytunnel.Tunnel
+    nursery: trio.Nursery, tunnel_server: pytunnel.TunnelServer, echo_port: int
 ) -> None:
-    assert tunnel_server.session_count == 1
-    with trio.fail_after(2):
+    quitter = await pytunnel.connect_tunnel(
+        nursery, tunnel_server.address, token=TOKEN, reconnect=False
+    )
+    stayer = await pytunnel.connect_tunnel(
+        nursery, tunnel_server.address, token=TOKEN, backoff_initial=0.05
+    )
+    forward = await stayer.forward_local("127.0.0.1", echo_port)
+    assert tunnel_server.session_count == 2
+    with trio.fail_after(5):
         await tunnel_server.aclose()
-        await tunnel.wait_closed()
+        await quitter.wait_closed()
+        while stayer.connected:
+            await trio.sleep(0.01)
+    assert isinstance(quitter.failure, pytunnel.SessionClosedError)
     with pytest.raises(OSError, match="connect"):
         await trio.open_tcp_stream(*tunnel_server.address)
+    # the reconnecting client keeps its forward declared, suspended, and its port open
+    assert not stayer.closed
+    assert forward.status is pytunnel.ForwardStatus.SUSPENDED
+    probe = await trio.open_tcp_stream(*forward.address)
+    await probe.aclose()
+    await stayer.aclose()
+    assert forward.status is pytunnel.ForwardStatus.STOPPED
+
 
 
 _ = os

@@ -43,7 +43,13 @@ from ._session import (
     open_session as open_session,
 )
 from .client import (
+    ClientConfig as ClientConfig,
+)
+from .client import (
     Forward as Forward,
+)
+from .client import (
+    ForwardEvent as ForwardEvent,
 )
 from .client import (
     ForwardStatus as ForwardStatus,
@@ -85,6 +91,9 @@ from .errors import (
     ForwardError as ForwardError,
 )
 from .errors import (
+    ForwardLimitError as ForwardLimitError,
+)
+from .errors import (
     HandshakeTimeoutError as HandshakeTimeoutError,
 )
 from .errors import (
@@ -107,6 +116,9 @@ from .errors import (
 )
 from .errors import (
     RemoteProtocolError as RemoteProtocolError,
+)
+from .errors import (
+    ServerBusyError as ServerBusyError,
 )
 from .errors import (
     SessionClosedError as SessionClosedError,

@@ -56,7 +56,12 @@ def _errnos(exc: BaseException) -> set[int]:
 
 
 async def dial(
-    host: str, port: int, *, timeout: float = DEFAULT_CONNECT_TIMEOUT, logger: logging.Logger = log
+    host: str,
+    port: int,
+    *,
+    timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    logger: logging.Logger = log,
+    level: int = logging.WARNING,
 ) -> trio.SocketStream:
     """Connect to ``host:port`` or raise ``NodeTimeoutError`` / ``NodeUnstableError``.
 
@@ -76,5 +81,5 @@ async def dial(
             error = NodeTimeoutError(f"dial {target} failed: {reason}", target=target)
         else:
             error = NodeUnstableError(f"dial {target} failed: {reason}", target=target)
-    logger.warning("[%s] %s", error.category, error.message)
+    logger.log(level, "[%s] %s", error.category, error.message)
     raise error

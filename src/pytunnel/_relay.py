@@ -33,6 +33,12 @@ class RelayStats:
     bytes_in: int = 0
     active_connections: int = 0
     total_connections: int = 0
+    #: Failed connections by category: ``NODE_TIMEOUT``, ``NODE_UNSTABLE``, ``REFUSED``
+    #: (policy or limit), ``LINK_DOWN`` (no tunnel connection at the time).
+    errors: dict[str, int] = attrs.field(factory=dict)
+
+    def count_error(self, category: str) -> None:
+        self.errors[category] = self.errors.get(category, 0) + 1
 
 
 async def _pump(

@@ -1,28 +1,45 @@
-"""The tunnel client: ``connect()`` and the forwards it sets up.
+"""The tunnel client: ``connect()``, reconnection, and the forwards it keeps alive.
 
 Three tiers, as in trio-websocket: ``async with connect(...)`` owns its nursery;
 ``connect_tunnel(nursery, ...)`` runs in the caller's; ``wrap_tunnel(nursery, stream, ...)``
-runs over any trio stream (memory streams in tests). In every tier the tunnel, its forwards and
-their relays form one task tree under one cancel scope: ``Tunnel.aclose()`` (or losing the
-control connection) tears all of it down.
+runs over any trio stream (memory streams in tests; no reconnection, as there is nothing to
+reconnect to).
+
+Task tree::
+
+    tunnel nursery                      (Tunnel._run; lives until the tunnel is closed)
+    ├── supervisor: connect, run one session, back off, reconnect
+    │   └── session nursery             (one per connection; dies with the link)
+    │       ├── session reader/writer, heartbeat, accept loop
+    │       └── per remote forward: control stream, health probe, relays of its connections
+    └── per local forward: listener, one task per connection -> relay
+
+Forwards are declared on the tunnel, not on a connection: a local forward keeps its listening
+socket through an outage, a remote forward is registered again (asking for the port it had)
+after each reconnect. Their status says where they are.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import AsyncIterator
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import attrs
 import trio
 
 from ._dial import DEFAULT_CONNECT_TIMEOUT, describe_os_error, dial, format_target
-from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, open_client_session
+from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, HandshakeResult, client_handshake
 from ._listen import bind, bound_port
 from ._relay import DEFAULT_IDLE_TIMEOUT, RelayStats, relay
-from ._session import IncomingStream, MuxStream, Session, SessionConfig
+from ._session import IncomingStream, MuxStream, Session, SessionConfig, open_session
 from ._util import aclose_all
 from .errors import (
+    AuthenticationError,
     ConnectError,
     DialError,
     ErrorCode,
@@ -30,13 +47,18 @@ from .errors import (
     RemoteProtocolError,
     SessionClosedError,
     StreamRefusedError,
+    TunnelError,
+    VersionMismatchError,
 )
 from .protocol import routes
-from .protocol.frames import FrameDecoder
-from .protocol.messages import Bound
+from .protocol.frames import FrameDecoder, encode_message
+from .protocol.messages import Bound, ForwardState
+from .protocol.mux import Role
 
 __all__ = [
+    "ClientConfig",
     "Forward",
+    "ForwardEvent",
     "ForwardStatus",
     "LocalForward",
     "RemoteForward",
@@ -48,18 +70,73 @@ __all__ = [
 
 log = logging.getLogger("pytunnel.client")
 
+Connector = Callable[[], Awaitable[trio.abc.Stream]]
+
+
+@attrs.frozen(kw_only=True)
+class ClientConfig:
+    """How a client connects, watches its link, reconnects and probes its targets."""
+
+    #: Shared secret; never logged, never sent.
+    token: str | bytes = attrs.field(repr=False)
+    session: SessionConfig = attrs.field(factory=SessionConfig)
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    #: Seconds to reach the server, and for dials of remote-forward targets here.
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    #: A ping every this many seconds ...
+    heartbeat_interval: float = 10.0
+    #: ... and the link is dead if its pong has not come back within this many.
+    heartbeat_timeout: float = 30.0
+    #: Reconnect when the connection is lost (never after an authentication failure).
+    reconnect: bool = True
+    #: Backoff: ``initial * factor**(n-1)`` seconds, at most ``max``, times 1 +- ``jitter``.
+    backoff_initial: float = 1.0
+    backoff_factor: float = 2.0
+    backoff_max: float = 16.0
+    backoff_jitter: float = 0.2
+    #: Consecutive failed reconnection attempts before giving up; ``None``: never give up.
+    max_attempts: int | None = None
+    #: How long a connection to a local forward waits for the link during an outage.
+    outage_wait: float = 10.0
+    #: Health probe of each remote forward's target every this many seconds (0: off) ...
+    probe_interval: float = 30.0
+    #: ... and this many consecutive failures take the forward offline at the server.
+    probe_failures: int = 3
+
+    def backoff(self, attempt: int) -> float:
+        """Delay before reconnection attempt ``attempt`` (1-based), jitter included."""
+        base = min(self.backoff_initial * self.backoff_factor ** (attempt - 1), self.backoff_max)
+        return max(0.0, base * (1 + random.uniform(-self.backoff_jitter, self.backoff_jitter)))
+
 
 class ForwardStatus(enum.Enum):
-    """Where a forward is in its life."""
+    """Where a forward is in its life. See docs/resilience.md for the transitions."""
 
-    STARTING = "starting"
-    ACTIVE = "active"
-    STOPPED = "stopped"  #: closed by the user (or the tunnel was closed)
-    ERROR = "error"  #: ended by a failure; see ``Forward.error``
+    STARTING = "starting"  #: being set up
+    ACTIVE = "active"  #: listening and relaying
+    SUSPENDED = "suspended"  #: the tunnel connection is down; restored on reconnect
+    OFFLINE = "offline"  #: health probes find the target down; the public port refuses
+    STOPPED = "stopped"  #: closed by the user, or the tunnel was closed
+    ERROR = "error"  #: ended by a failure; ``Forward.error`` says which
+
+
+_FINAL = (ForwardStatus.STOPPED, ForwardStatus.ERROR)
+
+
+@attrs.frozen
+class ForwardEvent:
+    """A forward changed status. ``time`` is wall-clock (``time.time()``)."""
+
+    forward: Forward
+    old: ForwardStatus
+    new: ForwardStatus
+    reason: str
+    time: float
 
 
 class Forward:
-    """A forward set up on a tunnel: where it listens, where it leads, how it is doing."""
+    """A forward declared on a tunnel: where it listens, where it leads, how it is doing."""
 
     kind: str = "forward"
 
@@ -68,21 +145,25 @@ class Forward:
         #: Where connections are relayed to.
         self.target_host = target_host
         self.target_port = target_port
-        #: Where it listens (filled in once bound; the real port when 0 was asked for).
+        #: Where it listens (the real port when 0 was asked for).
         self.listen_host = ""
         self.listen_port = 0
         self.status = ForwardStatus.STARTING
-        #: Why the forward ended, when ``status`` is ``ERROR``.
+        #: Why the status last changed (an English sentence).
+        self.reason = ""
+        #: The failure that ended the forward, when ``status`` is ``ERROR``.
         self.error: str | None = None
-        #: Live counters: bytes each way, active and total connections.
+        #: Wall-clock time of the last status change.
+        self.changed_at = time.time()
+        #: Live counters: bytes each way, active and total connections, errors by category.
         self.stats = RelayStats()
         self._cancel_scope = trio.CancelScope()
         self._done = trio.Event()
 
     def __repr__(self) -> str:
         return (
-            f"<{type(self).__name__} {self.listen_host}:{self.listen_port} -> "
-            f"{self.target_host}:{self.target_port} {self.status.value}>"
+            f"<{type(self).__name__} {format_target(*self.address)} -> {self.target} "
+            f"{self.status.value}>"
         )
 
     @property
@@ -96,35 +177,65 @@ class Forward:
 
     async def aclose(self) -> None:
         """Stop this forward: stop listening and end its relayed connections."""
-        if self.status in (ForwardStatus.STARTING, ForwardStatus.ACTIVE):
-            self.status = ForwardStatus.STOPPED
+        self._set_status(ForwardStatus.STOPPED, "closed by the user")
         self._cancel_scope.cancel()
         await self._done.wait()
 
     async def wait_closed(self) -> None:
+        """Until the forward has stopped or failed for good."""
         await self._done.wait()
 
-    def _ended(self, error: str | None) -> None:
-        if self.status in (ForwardStatus.STARTING, ForwardStatus.ACTIVE):
-            if error is None or self._tunnel._closing:
-                self.status = ForwardStatus.STOPPED
-            else:
-                self.status = ForwardStatus.ERROR
-                self.error = error
-                log.warning("%s %s ended: %s", self.kind, self.target, error)
-        self._tunnel._forwards.discard(self)
-        self._done.set()
+    def _set_status(self, new: ForwardStatus, reason: str) -> None:
+        old = self.status
+        if old == new or old in _FINAL:
+            return
+        self.status = new
+        self.reason = reason
+        self.changed_at = time.time()
+        if new is ForwardStatus.ERROR:
+            self.error = reason
+        level = (
+            logging.WARNING
+            if new in (ForwardStatus.ERROR, ForwardStatus.OFFLINE)
+            else (logging.INFO)
+        )
+        log.log(
+            level,
+            "%s %s -> %s: %s -> %s (%s)",
+            self.kind,
+            format_target(*self.address),
+            self.target,
+            old.value,
+            new.value,
+            reason,
+        )
+        self._tunnel._emit(ForwardEvent(self, old, new, reason, self.changed_at))
+        if new in _FINAL:
+            self._tunnel._forwards.discard(self)
+            self._cancel_scope.cancel()
+            self._done.set()
+
+    def _count_failure(self, exc: BaseException) -> None:
+        if isinstance(exc, DialError) and exc.category in ("NODE_TIMEOUT", "NODE_UNSTABLE"):
+            self.stats.count_error(exc.category)
+        elif isinstance(exc, SessionClosedError):
+            self.stats.count_error("LINK_DOWN")
+        else:
+            self.stats.count_error("REFUSED")
 
 
 class LocalForward(Forward):
-    """``-L``: the client listens; each connection is relayed to the target via the server."""
+    """``-L``: the client listens; each connection is relayed to the target via the server.
+
+    The listening socket stays open through an outage; a connection made then waits up to
+    ``outage_wait`` for the link and is closed cleanly if it does not come back.
+    """
 
     kind = "local forward"
 
     async def _run(
         self, host: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        error: str | None = None
         try:
             with self._cancel_scope:
                 listeners = await bind(host, port)
@@ -133,14 +244,17 @@ class LocalForward(Forward):
                     async with trio.open_nursery() as nursery:
                         for listener in listeners:
                             nursery.start_soon(self._accept_loop, listener, nursery)
-                        self.status = ForwardStatus.ACTIVE
+                        if self._tunnel.connected:
+                            self._set_status(ForwardStatus.ACTIVE, "listening")
+                        else:
+                            self._set_status(ForwardStatus.SUSPENDED, "listening; link down")
                         task_status.started()
                 finally:
                     await aclose_all(*listeners)
         except OSError as exc:
-            error = f"listener failed: {exc}"
+            self._set_status(ForwardStatus.ERROR, f"listener failed: {exc}")
         finally:
-            self._ended(error)
+            self._set_status(ForwardStatus.STOPPED, "forward ended")
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
@@ -151,6 +265,7 @@ class LocalForward(Forward):
         try:
             stream = await self._tunnel.open_stream(self.target_host, self.target_port)
         except DialError as exc:
+            self._count_failure(exc)
             log.warning(
                 "[%s] local forward %s: the server could not reach the target: %s",
                 exc.category,
@@ -160,75 +275,99 @@ class LocalForward(Forward):
             await trio.aclose_forcefully(conn)
             return
         except (StreamRefusedError, SessionClosedError) as exc:
-            log.warning("local forward %s: connection refused: %s", self.listen_port, exc)
+            self._count_failure(exc)
+            log.warning("local forward %s: connection dropped: %s", self.listen_port, exc)
             await trio.aclose_forcefully(conn)
             return
         await relay(
             conn,
             stream,
-            idle_timeout=self._tunnel.idle_timeout,
+            idle_timeout=self._tunnel.config.idle_timeout,
             stats=self.stats,
             name=f"local {self.listen_port}->{self.target}",
         )
 
 
 class RemoteForward(Forward):
-    """``-R``: the server listens; each connection there is relayed to the target here."""
+    """``-R``: the server listens; each connection there is relayed to the target here.
+
+    Registered again after every reconnect, asking for the port it had, and health-probed:
+    when its target stops answering, the server is told to refuse connections instead of
+    accepting them into a black hole.
+    """
 
     kind = "remote forward"
 
     def __init__(
-        self, tunnel: Tunnel, target_host: str, target_port: int, connect_timeout: float
+        self,
+        tunnel: Tunnel,
+        target_host: str,
+        target_port: int,
+        remote_host: str,
+        remote_port: int,
+        connect_timeout: float,
     ) -> None:
         super().__init__(tunnel, target_host, target_port)
         self.connect_timeout = connect_timeout
-        self._nursery: trio.Nursery | None = None
+        self._remote_host = remote_host
+        self._remote_port = remote_port
+        self._connections: trio.Nursery | None = None
         self._control: MuxStream | None = None
 
-    @property
-    def forward_id(self) -> int:
-        assert self._control is not None
-        return self._control.stream_id
-
-    async def _run(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    async def _attach(
+        self, session: Session, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        error: str | None = None
-        try:
-            with self._cancel_scope:
-                control = await self._tunnel.session.open_stream(host, port, tag=routes.LISTEN)
+        """Register on ``session`` and serve until the forward or the session ends."""
+        with self._cancel_scope:
+            control = await session.open_stream(
+                self._remote_host, self._remote_port, tag=routes.LISTEN
+            )
+            tunnel = self._tunnel
+            try:
+                bound = await _receive_bound(control)
+                self.listen_host, self.listen_port = bound.host, bound.port
+                self._remote_port = bound.port  # after a reconnect, ask for the same port
+                tunnel._remote[control.stream_id] = self
                 self._control = control
-                try:
-                    bound = await _receive_bound(control)
-                    self.listen_host, self.listen_port = bound.host, bound.port
-                    self._tunnel._remote[control.stream_id] = self
-                    async with trio.open_nursery() as nursery:
-                        self._nursery = nursery
-                        self.status = ForwardStatus.ACTIVE
-                        task_status.started()
-                        while await control.receive_some():
-                            pass  # nothing is sent on the control stream after Bound yet
-                        error = "the server closed the forward"
-                        nursery.cancel_scope.cancel()
-                finally:
-                    self._nursery = None
-                    self._tunnel._remote.pop(control.stream_id, None)
-                    await trio.aclose_forcefully(control)
-        except trio.BrokenResourceError:
-            error = "the tunnel connection was lost"
-        finally:
-            self._ended(error)
+                async with trio.open_nursery() as nursery:
+                    self._connections = nursery
+                    self._set_status(ForwardStatus.ACTIVE, "registered at the server")
+                    task_status.started()
+                    if tunnel.config.probe_interval > 0:
+                        nursery.start_soon(self._probe_loop, control)
+                    while await control.receive_some():
+                        pass  # the server sends nothing after Bound
+                    if not session.closed:
+                        self._set_status(ForwardStatus.ERROR, "the server closed the forward")
+                    nursery.cancel_scope.cancel()
+            except trio.BrokenResourceError:
+                pass  # the session ended; the tunnel marks the forward suspended
+            finally:
+                self._connections = None
+                self._control = None
+                tunnel._remote.pop(control.stream_id, None)
+                await trio.aclose_forcefully(control)
+
+    async def _reattach(self, session: Session) -> None:
+        """After a reconnect: register again; a refusal now is the forward's end."""
+        try:
+            await self._attach(session)
+        except SessionClosedError:
+            pass  # lost the link again; stays suspended
+        except TunnelError as exc:
+            self._set_status(ForwardStatus.ERROR, f"could not be restored: {exc}")
 
     def _dispatch(self, incoming: IncomingStream) -> None:
-        if self._nursery is None:
+        if self._connections is None:
             incoming.refuse(ErrorCode.FORWARD_FAILED, "forward is closing")
             return
-        self._nursery.start_soon(self._handle, incoming)
+        self._connections.start_soon(self._handle, incoming)
 
     async def _handle(self, incoming: IncomingStream) -> None:
         try:
             sock = await dial(self.target_host, self.target_port, timeout=self.connect_timeout)
         except DialError as exc:
+            self._count_failure(exc)
             incoming.refuse_with(exc)
             return
         try:
@@ -239,10 +378,41 @@ class RemoteForward(Forward):
         await relay(
             stream,
             sock,
-            idle_timeout=self._tunnel.idle_timeout,
+            idle_timeout=self._tunnel.config.idle_timeout,
             stats=self.stats,
             name=f"remote {self.listen_port}->{self.target}",
         )
+
+    async def _probe_loop(self, control: MuxStream) -> None:
+        """TCP-connect the target every ``probe_interval``; after ``probe_failures`` failures
+        in a row take the forward offline, and bring it back at the first success."""
+        config = self._tunnel.config
+        failures = 0
+        offline = False
+        while True:
+            await trio.sleep(config.probe_interval)
+            try:
+                sock = await dial(
+                    self.target_host,
+                    self.target_port,
+                    timeout=self.connect_timeout,
+                    logger=log,
+                    level=logging.DEBUG,
+                )
+            except DialError as exc:
+                failures += 1
+                if failures >= config.probe_failures and not offline:
+                    offline = True
+                    reason = f"{failures} health probes failed: {exc.message}"
+                    await control.send_all(encode_message(ForwardState(False, reason[:1000])))
+                    self._set_status(ForwardStatus.OFFLINE, reason)
+                continue
+            await trio.aclose_forcefully(sock)
+            failures = 0
+            if offline:
+                offline = False
+                await control.send_all(encode_message(ForwardState(True, "target reachable")))
+                self._set_status(ForwardStatus.ACTIVE, "target reachable again")
 
 
 async def _receive_bound(control: MuxStream) -> Bound:
@@ -264,40 +434,91 @@ async def _receive_bound(control: MuxStream) -> Bound:
 
 
 class Tunnel:
-    """A connected tunnel client. Set up forwards on it; close it to tear everything down."""
+    """A tunnel client. Set up forwards on it; close it to tear everything down.
 
-    def __init__(self, session: Session, *, idle_timeout: float, connect_timeout: float) -> None:
-        self.session = session
-        self.idle_timeout = idle_timeout
-        self.connect_timeout = connect_timeout
+    While the link is down (``connected`` false) the tunnel reconnects with exponential
+    backoff; ``failure`` is set if it gives up (authentication failure, attempts exhausted).
+    """
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        connector: Connector | None,
+        stream: trio.abc.Stream | None = None,
+    ) -> None:
+        self.config = config
+        self._connector = connector
+        self._first_stream = stream
+        #: The current session, ``None`` while disconnected.
+        self.session: Session | None = None
+        #: Round-trip time of the last heartbeat, in seconds.
+        self.rtt: float | None = None
+        #: Successful reconnections so far.
+        self.reconnects = 0
+        #: Why the tunnel ended by itself, if it did.
+        self.failure: TunnelError | None = None
         self._forwards: set[Forward] = set()
         self._remote: dict[int, RemoteForward] = {}
         self._nursery: trio.Nursery | None = None
+        self._session_nursery: trio.Nursery | None = None
+        self._link_up = trio.Event()
         self._cancel_scope = trio.CancelScope()
         self._closing = False
         self._done = trio.Event()
+        self._subscribers: list[trio.MemorySendChannel[ForwardEvent]] = []
+
+    # ------------------------------------------------------------------ state
 
     @property
     def forwards(self) -> list[Forward]:
-        """The forwards currently set up."""
+        """The forwards currently declared (any status but stopped/error)."""
         return list(self._forwards)
+
+    @property
+    def connected(self) -> bool:
+        return self.session is not None and not self.session.closed
 
     @property
     def closed(self) -> bool:
         return self._done.is_set()
 
     async def wait_closed(self) -> None:
-        """Until the tunnel has ended (closed by us, or the connection was lost)."""
+        """Until the tunnel has ended: closed by us, or it gave up (see ``failure``)."""
         await self._done.wait()
+
+    async def wait_connected(self, timeout: float = math.inf) -> bool:
+        """Until the link is up (True) or ``timeout`` passed (False)."""
+        with trio.move_on_after(timeout):
+            await self._link_up.wait()
+        return self.connected
+
+    def events(self, buffer: int = 256) -> trio.MemoryReceiveChannel[ForwardEvent]:
+        """Subscribe to forward status changes. Events beyond ``buffer`` unread are dropped
+        (status is also always readable on the forward itself)."""
+        send, receive = trio.open_memory_channel[ForwardEvent](buffer)
+        self._subscribers.append(send)
+        return receive
+
+    def _emit(self, event: ForwardEvent) -> None:
+        for channel in list(self._subscribers):
+            try:
+                channel.send_nowait(event)
+            except trio.WouldBlock:
+                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.remove(channel)
+
+    # ------------------------------------------------------------------ user API
 
     async def open_stream(self, host: str, port: int) -> MuxStream:
         """A stream to ``host:port`` that exits at the server (it dials there).
 
-        Raises ``NodeTimeoutError`` / ``NodeUnstableError`` if the server's dial fails,
-        ``TargetForbiddenError`` if its policy refuses, ``SessionClosedError`` if the tunnel is
-        gone.
+        Waits up to ``outage_wait`` for the link if it is down. Raises ``NodeTimeoutError`` /
+        ``NodeUnstableError`` if the server's dial fails, ``TargetForbiddenError`` if its
+        policy refuses, ``SessionClosedError`` if there is no link.
         """
-        return await self.session.open_stream(host, port, tag=routes.CONNECT)
+        session = await self._current_session()
+        return await session.open_stream(host, port, tag=routes.CONNECT)
 
     async def forward_local(
         self,
@@ -310,8 +531,13 @@ class Tunnel:
         """Listen on ``local_host:local_port`` here; relay each connection to the target,
         dialled by the server. Raises ``AddressInUseError`` / ``PermissionDeniedError``."""
         forward = LocalForward(self, target_host, target_port)
-        await self._start(forward, local_host, local_port)
-        log.info("local forward %s -> %s", format_target(*forward.address), forward.target)
+        nursery = self._require_nursery()
+        self._forwards.add(forward)
+        try:
+            await nursery.start(forward._run, local_host, local_port)
+        except BaseException:
+            self._forwards.discard(forward)
+            raise
         return forward
 
     async def forward_remote(
@@ -324,27 +550,27 @@ class Tunnel:
         connect_timeout: float | None = None,
     ) -> RemoteForward:
         """Ask the server to listen on ``remote_port`` (0: any); relay each connection there
-        to the target, dialled here. Raises ``AddressInUseError``, ``PermissionDeniedError`` or
-        ``PortNotAllowedError`` and leaves nothing bound."""
+        to the target, dialled here. Raises ``AddressInUseError``, ``PermissionDeniedError``,
+        ``PortNotAllowedError`` or ``ForwardLimitError`` and leaves nothing bound."""
         forward = RemoteForward(
             self,
             target_host,
             target_port,
-            self.connect_timeout if connect_timeout is None else connect_timeout,
+            remote_host,
+            remote_port,
+            self.config.connect_timeout if connect_timeout is None else connect_timeout,
         )
-        await self._start(forward, remote_host, remote_port)
-        log.info("remote forward %s -> %s", format_target(*forward.address), forward.target)
-        return forward
-
-    async def _start(self, forward: LocalForward | RemoteForward, host: str, port: int) -> None:
-        if self._nursery is None or self.closed:
-            raise SessionClosedError("the tunnel is closed")
+        session = await self._current_session()
+        nursery = self._session_nursery
+        if nursery is None:  # pragma: no cover - set whenever a session is current
+            raise SessionClosedError("the tunnel is not connected")
         self._forwards.add(forward)
         try:
-            await self._nursery.start(forward._run, host, port)
+            await nursery.start(forward._attach, session)
         except BaseException:
             self._forwards.discard(forward)
             raise
+        return forward
 
     async def aclose(self) -> None:
         """Close every forward and the connection. Bounded in time; idempotent."""
@@ -352,27 +578,177 @@ class Tunnel:
         self._cancel_scope.cancel()
         await self._done.wait()
 
+    def _require_nursery(self) -> trio.Nursery:
+        if self._nursery is None or self._closing:
+            raise SessionClosedError("the tunnel is closed")
+        return self._nursery
+
+    async def _current_session(self) -> Session:
+        self._require_nursery()
+        if not self.connected:
+            await self.wait_connected(self.config.outage_wait)
+        session = self.session
+        if session is None or session.closed:
+            raise SessionClosedError("the tunnel is not connected")
+        return session
+
+    # ------------------------------------------------------------------ running
+
     async def _run(
         self, *, task_status: trio.TaskStatus[Tunnel] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        # The first connection happens before any nursery exists, so its failure reaches the
+        # caller of connect() as the typed exception itself, not inside an ExceptionGroup.
+        first = await self._establish(self._first_stream)
         try:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    task_status.started(self)
-                    await self._accept_loop()
+                    await self._supervise(first, task_status)
                     nursery.cancel_scope.cancel()
         finally:
-            self._nursery = None
             self._closing = True
+            self._nursery = None
+            reason = f"tunnel ended: {self.failure}" if self.failure else "tunnel closed"
+            for forward in list(self._forwards):
+                if self.failure is not None:
+                    forward._set_status(ForwardStatus.ERROR, reason)
+                else:
+                    forward._set_status(ForwardStatus.STOPPED, reason)
+            for channel in self._subscribers:
+                channel.close()
             self._done.set()
 
-    async def _accept_loop(self) -> None:
+    async def _establish(
+        self, stream: trio.abc.Stream | None
+    ) -> tuple[trio.abc.Stream, HandshakeResult]:
+        """Open a connection (unless given one) and authenticate; close it on failure."""
+        if stream is None:
+            if self._connector is None:
+                raise SessionClosedError("nothing to reconnect to")
+            stream = await self._connector()
+        try:
+            result = await client_handshake(
+                stream,
+                self.config.token,
+                timeout=self.config.handshake_timeout,
+                max_frame_size=self.config.session.max_frame_size,
+            )
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream, result
+
+    async def _supervise(
+        self,
+        first: tuple[trio.abc.Stream, HandshakeResult],
+        task_status: trio.TaskStatus[Tunnel],
+    ) -> None:
+        """Run a session until it ends, back off, reconnect; until told to stop or giving up.
+
+        Never reconnects after an authentication or version failure: retrying cannot fix it.
+        """
+        await self._run_session(*first, task_status)
+        attempt = 0
+        while not self._closing:
+            if not self.config.reconnect or self._connector is None:
+                self.failure = SessionClosedError("the connection to the server was lost")
+                return
+            attempt += 1
+            if self.config.max_attempts is not None and attempt > self.config.max_attempts:
+                self.failure = ConnectError(
+                    f"gave up after {self.config.max_attempts} reconnection attempts"
+                )
+                log.error("%s", self.failure)
+                return
+            delay = self.config.backoff(attempt)
+            log.info("reconnecting in %.1f s (attempt %d)", delay, attempt)
+            await trio.sleep(delay)
+            try:
+                stream, result = await self._establish(None)
+            except (AuthenticationError, VersionMismatchError) as exc:
+                log.error("giving up: %s", exc)
+                self.failure = exc
+                return
+            except TunnelError as exc:
+                log.warning("reconnection attempt %d failed: %s", attempt, exc)
+                continue
+            self.reconnects += 1
+            log.info("reconnected after %d attempt(s)", attempt)
+            attempt = 0
+            await self._run_session(stream, result, None)
+
+    async def _run_session(
+        self,
+        stream: trio.abc.Stream,
+        result: HandshakeResult,
+        task_status: trio.TaskStatus[Tunnel] | None,
+    ) -> None:
+        try:
+            async with (
+                open_session(
+                    stream,
+                    Role.CLIENT,
+                    self.config.session,
+                    decoder=result.decoder,
+                    peer_max_frame_size=result.peer_max_frame_size,
+                    name="client",
+                ) as session,
+                trio.open_nursery() as nursery,
+            ):
+                self.session = session
+                self._session_nursery = nursery
+                nursery.start_soon(self._heartbeat, session)
+                for forward in list(self._forwards):
+                    if isinstance(forward, RemoteForward):
+                        nursery.start_soon(forward._reattach, session)
+                    elif forward.status is ForwardStatus.SUSPENDED:
+                        forward._set_status(ForwardStatus.ACTIVE, "link restored")
+                self._link_up.set()
+                if task_status is not None:
+                    task_status.started(self)
+                await self._accept_loop(session)
+                nursery.cancel_scope.cancel()
+        finally:
+            reason = self.session.close_reason if self.session is not None else None
+            self.session = None
+            self._session_nursery = None
+            self._link_up = trio.Event()
+            await trio.aclose_forcefully(stream)
+            if not self._closing:
+                log.warning("tunnel connection lost: %s", _describe_reason(reason))
+                for forward in list(self._forwards):
+                    if forward.status in (ForwardStatus.ACTIVE, ForwardStatus.OFFLINE):
+                        forward._set_status(ForwardStatus.SUSPENDED, "tunnel connection lost")
+
+    async def _heartbeat(self, session: Session) -> None:
+        """Ping every ``heartbeat_interval``; a pong missing for ``heartbeat_timeout`` means a
+        dead link, found by the clock rather than by the kernel's retransmission timeout."""
+        config = self.config
+        while True:
+            await trio.sleep(config.heartbeat_interval)
+            with trio.move_on_after(config.heartbeat_timeout):
+                try:
+                    self.rtt = await session.ping()
+                except SessionClosedError:
+                    return
+                continue
+            log.warning(
+                "no heartbeat answer within %g s: the link is dead", config.heartbeat_timeout
+            )
+            await session.abort(
+                SessionClosedError(
+                    f"no heartbeat answer within {config.heartbeat_timeout:g} s",
+                    code=ErrorCode.HEARTBEAT_TIMEOUT,
+                )
+            )
+            return
+
+    async def _accept_loop(self, session: Session) -> None:
         while True:
             try:
-                incoming = await self.session.accept_stream()
+                incoming = await session.accept_stream()
             except SessionClosedError:
-                log.info("tunnel connection ended: %s", self.session.close_reason)
                 return
             forward = self._remote.get(incoming.tag)
             if forward is None:
@@ -381,51 +757,10 @@ class Tunnel:
                 forward._dispatch(incoming)
 
 
-async def _serve_tunnel(
-    stream: trio.abc.Stream,
-    token: str | bytes,
-    config: SessionConfig,
-    handshake_timeout: float,
-    idle_timeout: float,
-    connect_timeout: float,
-    *,
-    task_status: trio.TaskStatus[Tunnel] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    try:
-        async with open_client_session(
-            stream, token, config, handshake_timeout=handshake_timeout
-        ) as session:
-            tunnel = Tunnel(session, idle_timeout=idle_timeout, connect_timeout=connect_timeout)
-            await tunnel._run(task_status=task_status)
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
-async def wrap_tunnel(
-    nursery: trio.Nursery,
-    stream: trio.abc.Stream,
-    *,
-    token: str | bytes,
-    session_config: SessionConfig | None = None,
-    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-) -> Tunnel:
-    """Authenticate over an existing trio stream and run the tunnel in ``nursery``.
-
-    Raises ``AuthenticationError`` (1002), ``VersionMismatchError``, ``HandshakeTimeoutError``
-    or ``ConnectError``; the stream is closed on failure.
-    """
-    tunnel: Tunnel = await nursery.start(
-        _serve_tunnel,
-        stream,
-        token,
-        session_config or SessionConfig(),
-        handshake_timeout,
-        idle_timeout,
-        connect_timeout,
-    )
-    return tunnel
+def _describe_reason(reason: BaseException | None) -> str:
+    if reason is None:
+        return "unknown reason"
+    return str(reason) or type(reason).__name__
 
 
 def _split_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -437,42 +772,71 @@ def _split_address(address: str | tuple[str, int]) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def tcp_connector(address: str | tuple[str, int], timeout: float) -> Connector:
+    """A connector that opens a TCP connection to the server, or raises ``ConnectError``."""
+    host, port = _split_address(address)
+
+    async def connect_tcp() -> trio.abc.Stream:
+        try:
+            with trio.fail_after(timeout):
+                return await trio.open_tcp_stream(host, port)
+        except trio.TooSlowError:
+            raise ConnectError(
+                f"cannot reach tunnel server {format_target(host, port)}: timed out"
+            ) from None
+        except OSError as exc:
+            raise ConnectError(
+                f"cannot reach tunnel server {format_target(host, port)}: {describe_os_error(exc)}"
+            ) from None
+
+    return connect_tcp
+
+
+def _config(
+    token: str | bytes, config: ClientConfig | None, options: dict[str, object]
+) -> ClientConfig:
+    if config is not None:
+        return attrs.evolve(config, token=token, **options)  # type: ignore[arg-type]
+    return ClientConfig(token=token, **options)  # type: ignore[arg-type]
+
+
+async def wrap_tunnel(
+    nursery: trio.Nursery,
+    stream: trio.abc.Stream,
+    *,
+    token: str | bytes,
+    config: ClientConfig | None = None,
+    **options: object,
+) -> Tunnel:
+    """Authenticate over an existing trio stream and run the tunnel in ``nursery``.
+
+    There is nothing to reconnect to, so losing the stream ends the tunnel. ``options`` are
+    :class:`ClientConfig` fields. Raises ``AuthenticationError`` (1002),
+    ``VersionMismatchError``, ``HandshakeTimeoutError`` or ``ConnectError``.
+    """
+    tunnel = Tunnel(_config(token, config, options), None, stream)
+    started: Tunnel = await nursery.start(tunnel._run)
+    return started
+
+
 async def connect_tunnel(
     nursery: trio.Nursery,
     address: str | tuple[str, int],
     *,
     token: str | bytes,
-    session_config: SessionConfig | None = None,
-    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    config: ClientConfig | None = None,
+    **options: object,
 ) -> Tunnel:
     """Connect to a server at ``address`` (``"host:port"`` or a tuple) in the caller's nursery.
 
-    Raises ``ConnectError`` (1001) if the server cannot be reached, and the handshake errors of
-    :func:`wrap_tunnel`.
+    ``options`` are :class:`ClientConfig` fields (``reconnect=False``, ``heartbeat_interval``,
+    ...). The first connection's failure is raised: ``ConnectError`` (1001) if the server
+    cannot be reached, or the handshake's errors. Later losses are handled by reconnecting.
     """
-    host, port = _split_address(address)
-    try:
-        with trio.fail_after(connect_timeout):
-            stream = await trio.open_tcp_stream(host, port)
-    except trio.TooSlowError:
-        raise ConnectError(
-            f"cannot reach tunnel server {format_target(host, port)}: timed out"
-        ) from None
-    except OSError as exc:
-        raise ConnectError(
-            f"cannot reach tunnel server {format_target(host, port)}: {describe_os_error(exc)}"
-        ) from None
-    return await wrap_tunnel(
-        nursery,
-        stream,
-        token=token,
-        session_config=session_config,
-        handshake_timeout=handshake_timeout,
-        idle_timeout=idle_timeout,
-        connect_timeout=connect_timeout,
-    )
+    client_config = _config(token, config, options)
+    tunnel = Tunnel(client_config, tcp_connector(address, client_config.connect_timeout))
+    started: Tunnel = await nursery.start(tunnel._run)
+    return started
 
 
 @asynccontextmanager
@@ -480,30 +844,18 @@ async def connect(
     address: str | tuple[str, int],
     *,
     token: str | bytes,
-    session_config: SessionConfig | None = None,
-    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    config: ClientConfig | None = None,
+    **options: object,
 ) -> AsyncIterator[Tunnel]:
     """``async with pytunnel.connect("host:7000", token=...) as tunnel:``
 
-    Leaving the block closes every forward and the connection; no task outlives it. The block's
-    own exceptions propagate unwrapped.
+    Leaving the block closes every forward and the connection; no task outlives it. Errors
+    are raised as themselves, not wrapped in an ``ExceptionGroup``.
     """
-    # Errors are caught inside the nursery and re-raised after it, so callers see the typed
-    # exception itself rather than an ExceptionGroup wrapping it.
     error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         try:
-            tunnel = await connect_tunnel(
-                nursery,
-                address,
-                token=token,
-                session_config=session_config,
-                handshake_timeout=handshake_timeout,
-                idle_timeout=idle_timeout,
-                connect_timeout=connect_timeout,
-            )
+            tunnel = await connect_tunnel(nursery, address, token=token, config=config, **options)
         except BaseException as exc:
             error = exc
         else:

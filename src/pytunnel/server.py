@@ -12,6 +12,7 @@ import errno
 import logging
 import random
 from collections.abc import Iterable
+from typing import Any
 
 import attrs
 import trio
@@ -486,31 +487,21 @@ async def serve(
     port: int = 7000,
     *,
     host: str = "127.0.0.1",
-    public_host: str = "127.0.0.1",
-    allow_ports: str | Iterable[PortRange] | None = None,
-    permit_open: PermitOpen | Iterable[str] | str | None = None,
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-    session_config: SessionConfig | None = None,
+    config: ServerConfig | None = None,
     task_status: trio.TaskStatus[TunnelServer] = trio.TASK_STATUS_IGNORED,
+    **options: Any,
 ) -> None:
     """Run a tunnel server on ``host:port`` until cancelled (or ``TunnelServer.aclose``).
 
     In the style of ``trio.serve_tcp``: ``server = await nursery.start(serve, token, 0)`` hands
     back the :class:`TunnelServer` once it is listening (port 0 picks a free port; use
-    ``functools.partial`` for the keyword options).
+    ``functools.partial`` for keyword options). ``options`` are :class:`ServerConfig` fields
+    (``public_host``, ``allow_ports``, ``permit_open``, ``heartbeat_timeout``, limits...).
     """
-    config = ServerConfig(
-        token=token,
-        public_host=public_host,
-        allow_ports=allow_ports,
-        permit_open=permit_open,
-        connect_timeout=connect_timeout,
-        idle_timeout=idle_timeout,
-        handshake_timeout=handshake_timeout,
-        session=session_config or SessionConfig(),
-    )
+    if config is None:
+        config = ServerConfig(token=token, **options)
+    else:
+        config = attrs.evolve(config, token=token, **options)
     listeners = await trio.open_tcp_listeners(port, host=host)
     server = TunnelServer(listeners, config)
     log.info("listening for tunnel clients on %s", format_target(*server.address))
