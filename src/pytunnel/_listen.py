@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 
 import trio
 
@@ -10,7 +11,12 @@ from ._dial import format_target
 from ._util import aclose_all
 from .errors import AddressInUseError, ForwardError, PermissionDeniedError
 
-__all__ = ["bind"]
+__all__ = ["accept", "bind", "bound_port"]
+
+log = logging.getLogger("pytunnel.listen")
+
+#: accept() failures that mean "out of resources right now", not "this listener is broken".
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 async def bind(host: str, port: int) -> list[trio.SocketListener]:
@@ -42,3 +48,16 @@ def bound_port(listeners: list[trio.SocketListener]) -> int:
     """The port the (first) listener actually got."""
     port: int = listeners[0].socket.getsockname()[1]
     return port
+
+
+async def accept(listener: trio.SocketListener) -> trio.SocketStream:
+    """Accept one connection, riding out resource exhaustion (out of fds, say) by pausing
+    instead of crashing the listener, as ``trio.serve_listeners`` does."""
+    while True:
+        try:
+            return await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _RESOURCE_ERRNOS:
+                raise
+            log.error("accept failed (%s); pausing 100 ms", exc.strerror)
+            await trio.sleep(0.1)

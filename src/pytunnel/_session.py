@@ -269,6 +269,17 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 self._session._send_fin(self.stream_id)
             await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def reset(self, code: int = ErrorCode.CANCELLED, message: str = "") -> None:
+        """Abort both directions now. The peer's operations on the stream raise
+        ``BrokenResourceError`` caused by a :class:`StreamResetError` carrying ``code``."""
+        if not self._closed:
+            self._closed = True
+            self._buffer.clear()
+            self._buffered = 0
+            self._session._reset_stream(self.stream_id, code, message)
+            self._receive_lot.unpark_all()
+            self._send_lot.unpark_all()
+
     async def aclose(self) -> None:
         """Close both directions. Clean (Fin) if everything received was read, else Reset.
 
@@ -529,6 +540,12 @@ class Session:
         else:
             self._mux.close_stream(stream_id)
         self._kick_writer()
+
+    def _reset_stream(self, stream_id: int, code: int, message: str) -> None:
+        self._streams.pop(stream_id, None)
+        if not self.closed:
+            self._mux.reset_stream(stream_id, code, message)
+            self._kick_writer()
 
     def _accept(self, stream: MuxStream) -> None:
         self._mux.accept_stream(stream.stream_id)

@@ -34,9 +34,16 @@ import trio
 
 from ._dial import DEFAULT_CONNECT_TIMEOUT, describe_os_error, dial, format_target
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, HandshakeResult, client_handshake
-from ._listen import bind, bound_port
+from ._listen import accept, bind, bound_port
 from ._relay import DEFAULT_IDLE_TIMEOUT, RelayStats, relay
-from ._session import IncomingStream, MuxStream, Session, SessionConfig, open_session
+from ._session import (
+    IncomingStream,
+    MuxStream,
+    Session,
+    SessionConfig,
+    StreamResetError,
+    open_session,
+)
 from ._util import aclose_all
 from .errors import (
     AuthenticationError,
@@ -52,7 +59,7 @@ from .errors import (
 )
 from .protocol import routes
 from .protocol.frames import FrameDecoder, encode_message
-from .protocol.messages import Bound, ForwardState
+from .protocol.messages import Bound, ForwardState, truncate_text
 from .protocol.mux import Role
 
 __all__ = [
@@ -159,6 +166,9 @@ class Forward:
         self.stats = RelayStats()
         self._cancel_scope = trio.CancelScope()
         self._done = trio.Event()
+        #: Set once none of the forward's tasks runs any more.
+        self._finished = trio.Event()
+        self._finished.set()
 
     def __repr__(self) -> str:
         return (
@@ -178,8 +188,7 @@ class Forward:
     async def aclose(self) -> None:
         """Stop this forward: stop listening and end its relayed connections."""
         self._set_status(ForwardStatus.STOPPED, "closed by the user")
-        self._cancel_scope.cancel()
-        await self._done.wait()
+        await self._finished.wait()
 
     async def wait_closed(self) -> None:
         """Until the forward has stopped or failed for good."""
@@ -212,8 +221,11 @@ class Forward:
         self._tunnel._emit(ForwardEvent(self, old, new, reason, self.changed_at))
         if new in _FINAL:
             self._tunnel._forwards.discard(self)
-            self._cancel_scope.cancel()
+            self._cancel()
             self._done.set()
+
+    def _cancel(self) -> None:
+        self._cancel_scope.cancel()
 
     def _count_failure(self, exc: BaseException) -> None:
         if isinstance(exc, DialError) and exc.category in ("NODE_TIMEOUT", "NODE_UNSTABLE"):
@@ -236,6 +248,7 @@ class LocalForward(Forward):
     async def _run(
         self, host: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        self._finished = trio.Event()
         try:
             with self._cancel_scope:
                 listeners = await bind(host, port)
@@ -255,11 +268,11 @@ class LocalForward(Forward):
             self._set_status(ForwardStatus.ERROR, f"listener failed: {exc}")
         finally:
             self._set_status(ForwardStatus.STOPPED, "forward ended")
+            self._finished.set()
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
-            conn = await listener.accept()
-            nursery.start_soon(self._handle, conn)
+            nursery.start_soon(self._handle, await accept(listener))
 
     async def _handle(self, conn: trio.SocketStream) -> None:
         try:
@@ -313,12 +326,27 @@ class RemoteForward(Forward):
         self._remote_port = remote_port
         self._connections: trio.Nursery | None = None
         self._control: MuxStream | None = None
+        #: Scope of the current registration; a new one per session.
+        self._attach_scope = trio.CancelScope()
+
+    def _cancel(self) -> None:
+        self._attach_scope.cancel()
 
     async def _attach(
         self, session: Session, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Register on ``session`` and serve until the forward or the session ends."""
-        with self._cancel_scope:
+        if self.status in _FINAL:
+            return
+        self._attach_scope = trio.CancelScope()
+        self._finished = trio.Event()
+        try:
+            await self._serve_attached(session, task_status)
+        finally:
+            self._finished.set()
+
+    async def _serve_attached(self, session: Session, task_status: trio.TaskStatus[None]) -> None:
+        with self._attach_scope:
             control = await session.open_stream(
                 self._remote_host, self._remote_port, tag=routes.LISTEN
             )
@@ -335,18 +363,24 @@ class RemoteForward(Forward):
                     task_status.started()
                     if tunnel.config.probe_interval > 0:
                         nursery.start_soon(self._probe_loop, control)
-                    while await control.receive_some():
-                        pass  # the server sends nothing after Bound
-                    if not session.closed:
-                        self._set_status(ForwardStatus.ERROR, "the server closed the forward")
+                    # errors are handled here, inside the nursery, so they are not wrapped
+                    self._follow_server(await _wait_end(control), session)
                     nursery.cancel_scope.cancel()
-            except trio.BrokenResourceError:
-                pass  # the session ended; the tunnel marks the forward suspended
             finally:
                 self._connections = None
                 self._control = None
                 tunnel._remote.pop(control.stream_id, None)
                 await trio.aclose_forcefully(control)
+
+    def _follow_server(self, end: BaseException | None, session: Session) -> None:
+        """Why the control stream ended decides what the forward becomes."""
+        cause = end.__cause__ if end is not None else None
+        if isinstance(cause, StreamResetError) and cause.code != ErrorCode.GOING_AWAY:
+            self._set_status(ForwardStatus.ERROR, f"the server ended the forward: {cause}")
+        elif end is None and not session.closed:
+            self._set_status(ForwardStatus.ERROR, "the server closed the forward")
+        else:  # the session ended, or the server is shutting down
+            self._set_status(ForwardStatus.SUSPENDED, "tunnel connection lost")
 
     async def _reattach(self, session: Session) -> None:
         """After a reconnect: register again; a refusal now is the forward's end."""
@@ -404,15 +438,36 @@ class RemoteForward(Forward):
                 if failures >= config.probe_failures and not offline:
                     offline = True
                     reason = f"{failures} health probes failed: {exc.message}"
-                    await control.send_all(encode_message(ForwardState(False, reason[:1000])))
+                    if not await _tell(control, ForwardState(False, truncate_text(reason))):
+                        return
                     self._set_status(ForwardStatus.OFFLINE, reason)
                 continue
             await trio.aclose_forcefully(sock)
             failures = 0
             if offline:
                 offline = False
-                await control.send_all(encode_message(ForwardState(True, "target reachable")))
+                if not await _tell(control, ForwardState(True, "target reachable")):
+                    return
                 self._set_status(ForwardStatus.ACTIVE, "target reachable again")
+
+
+async def _tell(control: MuxStream, message: ForwardState) -> bool:
+    """Send on the control stream; False if it is gone (the forward is ending anyway)."""
+    try:
+        await control.send_all(encode_message(message))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+    return True
+
+
+async def _wait_end(control: MuxStream) -> BaseException | None:
+    """Until the server ends the control stream: ``None`` for a clean close, else the error."""
+    try:
+        while await control.receive_some():
+            pass  # the server sends nothing after Bound
+    except trio.BrokenResourceError as exc:
+        return exc
+    return None
 
 
 async def _receive_bound(control: MuxStream) -> Bound:
@@ -605,19 +660,22 @@ class Tunnel:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     await self._supervise(first, task_status)
+                    self._end_forwards()  # before the cancellation below ends them as stopped
                     nursery.cancel_scope.cancel()
         finally:
             self._closing = True
             self._nursery = None
-            reason = f"tunnel ended: {self.failure}" if self.failure else "tunnel closed"
-            for forward in list(self._forwards):
-                if self.failure is not None:
-                    forward._set_status(ForwardStatus.ERROR, reason)
-                else:
-                    forward._set_status(ForwardStatus.STOPPED, reason)
+            self._end_forwards()
             for channel in self._subscribers:
                 channel.close()
             self._done.set()
+
+    def _end_forwards(self) -> None:
+        if self.failure is not None:
+            for forward in list(self._forwards):
+                forward._set_status(ForwardStatus.ERROR, f"tunnel ended: {self.failure}")
+        for forward in list(self._forwards):
+            forward._set_status(ForwardStatus.STOPPED, "tunnel closed")
 
     async def _establish(
         self, stream: trio.abc.Stream | None

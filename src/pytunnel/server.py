@@ -8,7 +8,6 @@ once (so the same port can be bound again immediately) and every relay is torn d
 
 from __future__ import annotations
 
-import errno
 import logging
 import random
 from collections.abc import Iterable
@@ -19,7 +18,7 @@ import trio
 
 from ._dial import DEFAULT_CONNECT_TIMEOUT, dial, format_target
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, send_goaway, server_handshake
-from ._listen import bind, bound_port
+from ._listen import accept, bind, bound_port
 from ._policy import PermitOpen, PortRange, parse_port_ranges
 from ._relay import DEFAULT_IDLE_TIMEOUT, relay
 from ._session import IncomingStream, MuxStream, Session, SessionConfig, open_session
@@ -45,7 +44,6 @@ log = logging.getLogger("pytunnel.server")
 
 #: Seconds of silence after which a peer is considered gone (both ends use it).
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
-_ACCEPT_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _PORT_0_ATTEMPTS = 64
 
 
@@ -144,15 +142,7 @@ class TunnelServer:
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in _ACCEPT_RESOURCE_ERRNOS:
-                    raise
-                log.error("accept failed (%s); pausing 100 ms", exc.strerror)
-                await trio.sleep(0.1)
-                continue
-            nursery.start_soon(self._handle_socket, stream)
+            nursery.start_soon(self._handle_socket, await accept(listener))
 
     async def _handle_socket(self, stream: trio.SocketStream) -> None:
         try:
@@ -359,19 +349,30 @@ class _ClientSession:
             return
         host, port = self.config.public_host, bound_port(listeners)
         forward = _PublicPort(self, control, host, port, listeners)
+        # Unless the client ends the forward itself, it learns why by a Reset code: GOING_AWAY
+        # (server or session shutting down: the forward is suspended, to be restored) or the
+        # failure's own code.
+        outcome: TunnelError | None = SessionClosedError("server shutting down")
         try:
             await control.send_all(encode_message(Bound(host, port)))
             log.info("client %s: remote forward listening on %s", self.peer, forward.address)
             async with trio.open_nursery() as nursery:
                 forward.relays = nursery
                 forward.start_accepting()
-                await forward.follow_control_stream()
+                try:
+                    await forward.follow_control_stream()
+                    outcome = None
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    outcome = None  # the stream is gone: nobody to tell
+                except (RemoteProtocolError, ForwardError) as exc:
+                    log.warning("client %s: forward %s failed: %s", self.peer, forward.address, exc)
+                    outcome = exc
                 nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except RemoteProtocolError as exc:
-            log.warning("client %s: bad message on forward %s: %s", self.peer, forward.address, exc)
+            outcome = None
         finally:
+            if outcome is not None:
+                control.reset(outcome.code, outcome.message)
             await aclose_all(*forward.listeners, control)
             log.info("client %s: remote forward on %s closed", self.peer, forward.address)
 
@@ -434,14 +435,7 @@ class _PublicPort:
     async def _accept_loop(self, listener: trio.SocketListener) -> None:
         assert self.relays is not None
         while True:
-            try:
-                conn = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in _ACCEPT_RESOURCE_ERRNOS:
-                    raise
-                log.error("accept failed (%s); pausing 100 ms", exc.strerror)
-                await trio.sleep(0.1)
-                continue
+            conn = await accept(listener)
             if self.client._stream_limit_reached(None):
                 await trio.aclose_forcefully(conn)
                 continue
@@ -477,7 +471,7 @@ class _PublicPort:
                 log.error(
                     "client %s: forward %s cannot come back online: %s", peer, self.address, exc
                 )
-                raise trio.ClosedResourceError(str(exc)) from exc
+                raise
             self.start_accepting()
             log.info("client %s: forward %s back online", peer, self.address)
 

@@ -1,0 +1,400 @@
+"""Heartbeats, reconnection with rule restore, health probes, status events and limits."""
+
+from __future__ import annotations
+
+import functools
+import socket
+import subprocess
+import sys
+
+import pytest
+import trio
+import trio.testing
+from conftest import TOKEN, closed_port, count_fds, count_tasks
+
+import pytunnel
+
+pytestmark = pytest.mark.timeout(180)
+FAST = {"backoff_initial": 0.02, "backoff_max": 0.1, "backoff_jitter": 0.0}
+
+
+class SilentStream(trio.abc.Stream):
+    """Wraps a stream; once ``silence()`` is called nothing more is delivered in either
+    direction, yet no error or EOF is seen: a half-open connection (the peer vanished)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.silent = False
+        self._forever = trio.Event()
+
+    def silence(self) -> None:
+        self.silent = True
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.silent:
+            await self.inner.send_all(data)
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        while True:
+            if self.silent:
+                await self._forever.wait()
+            data = await self.inner.receive_some(max_bytes)
+            if not self.silent:
+                return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def _echo_once(address: tuple[str, int], payload: bytes = b"ping") -> bytes:
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(*address)
+        async with stream:
+            await stream.send_all(payload)
+            await stream.send_eof()
+            out = b""
+            while chunk := await stream.receive_some():
+                out += chunk
+            return out
+
+
+# ----------------------------------------------------------------------------- heartbeats
+
+
+async def test_client_detects_silent_link(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery
+) -> None:
+    """Ping every 10 s, dead after 30 s without a pong: found by the clock, not the kernel."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    server = pytunnel.TunnelServer(
+        listeners, pytunnel.ServerConfig(token=TOKEN, heartbeat_timeout=10**6)
+    )
+    a, b = trio.testing.memory_stream_pair()
+    silent = SilentStream(a)
+    nursery.start_soon(server.handle_stream, b)
+    tunnel = await pytunnel.wrap_tunnel(nursery, silent, token=TOKEN, probe_interval=0)
+    await trio.sleep(25)
+    assert tunnel.connected and tunnel.rtt is not None  # pongs came back
+    start = trio.current_time()
+    silent.silence()
+    await tunnel.wait_closed()
+    assert 30 <= trio.current_time() - start <= 41  # next ping within 10 s, then 30 s
+    assert isinstance(tunnel.failure, pytunnel.SessionClosedError)
+    await listeners[0].aclose()
+
+
+async def test_server_drops_silent_client(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery
+) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    server = pytunnel.TunnelServer(listeners, pytunnel.ServerConfig(token=TOKEN))
+    a, b = trio.testing.memory_stream_pair()
+    silent = SilentStream(b)
+    done = trio.Event()
+
+    async def serve_one() -> None:
+        await server.handle_stream(silent)
+        done.set()
+
+    nursery.start_soon(serve_one)
+    await pytunnel.wrap_tunnel(
+        nursery, a, token=TOKEN, heartbeat_interval=10**6, heartbeat_timeout=10**6
+    )
+    await trio.sleep(1)
+    assert server.session_count == 1
+    start = trio.current_time()
+    silent.silence()
+    await done.wait()
+    # checked every 5 s, dropped once silent for more than 30 s
+    assert 30 <= trio.current_time() - start <= 36
+    assert server.session_count == 0
+    await listeners[0].aclose()
+
+
+# ----------------------------------------------------------------------------- reconnect
+
+
+async def test_reconnect_restores_forwards(nursery: trio.Nursery, echo_port: int) -> None:
+    port = closed_port()
+    async with trio.open_nursery() as server_nursery:
+        await server_nursery.start(functools.partial(pytunnel.serve, TOKEN, port))
+        tunnel = await pytunnel.connect_tunnel(nursery, ("127.0.0.1", port), token=TOKEN, **FAST)
+        events = tunnel.events()
+        remote = await tunnel.forward_remote("127.0.0.1", echo_port)
+        local = await tunnel.forward_local("127.0.0.1", echo_port)
+        assert await _echo_once(remote.address) == b"ping"
+        server_nursery.cancel_scope.cancel()
+    with trio.fail_after(5):
+        while remote.status is not pytunnel.ForwardStatus.SUSPENDED:
+            await trio.sleep(0.01)
+    assert local.status is pytunnel.ForwardStatus.SUSPENDED
+    assert not tunnel.connected
+    # a connection to the local forward during the outage waits for the link ...
+    async with trio.open_nursery() as waiting:
+        result: list[bytes] = []
+
+        async def during_outage() -> None:
+            result.append(await _echo_once(local.address, b"patient"))
+
+        waiting.start_soon(during_outage)
+        await trio.sleep(0.2)
+        # ... the server comes back on the same port
+        server_nursery2 = await nursery.start(functools.partial(pytunnel.serve, TOKEN, port))
+    assert result == [b"patient"]
+    with trio.fail_after(5):
+        while remote.status is not pytunnel.ForwardStatus.ACTIVE:
+            await trio.sleep(0.01)
+    assert remote.address[1] == remote.listen_port  # same public port as before
+    assert await _echo_once(remote.address) == b"ping"
+    assert await _echo_once(local.address) == b"ping"
+    assert tunnel.reconnects == 1
+    seen = []
+    while True:
+        try:
+            event = events.receive_nowait()
+        except trio.WouldBlock:
+            break
+        seen.append((event.forward.kind, event.old.value, event.new.value))
+    assert ("remote forward", "active", "suspended") in seen
+    assert ("remote forward", "suspended", "active") in seen
+    assert ("local forward", "suspended", "active") in seen
+    await server_nursery2.aclose()
+    await tunnel.aclose()
+
+
+async def test_outage_waiting_connection_is_closed_cleanly(nursery: trio.Nursery) -> None:
+    port = closed_port()
+    async with trio.open_nursery() as server_nursery:
+        await server_nursery.start(functools.partial(pytunnel.serve, TOKEN, port))
+        tunnel = await pytunnel.connect_tunnel(
+            nursery, ("127.0.0.1", port), token=TOKEN, outage_wait=0.2, **FAST
+        )
+        local = await tunnel.forward_local("127.0.0.1", 9)
+        server_nursery.cancel_scope.cancel()
+    with trio.fail_after(5):
+        while tunnel.connected:
+            await trio.sleep(0.01)
+    stream = await trio.open_tcp_stream(*local.address)
+    with trio.fail_after(5):
+        assert await stream.receive_some() == b""  # closed after outage_wait, not hung
+    await stream.aclose()
+    assert local.stats.errors.get("LINK_DOWN") == 1
+    await tunnel.aclose()
+
+
+async def test_fifty_outages_leak_nothing(nursery: trio.Nursery, echo_port: int) -> None:
+    port = closed_port()
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, TOKEN, port)
+    )
+    tunnel = await pytunnel.connect_tunnel(nursery, ("127.0.0.1", port), token=TOKEN, **FAST)
+    remote = await tunnel.forward_remote("127.0.0.1", echo_port)
+    local = await tunnel.forward_local("127.0.0.1", echo_port)
+    public_port = remote.listen_port
+    baseline: tuple[int, int] | None = None
+    for cycle in range(50):
+        await server.aclose()
+        with trio.fail_after(5):
+            while tunnel.connected:
+                await trio.sleep(0.005)
+        server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, port))
+        with trio.fail_after(5):
+            while remote.status is not pytunnel.ForwardStatus.ACTIVE:
+                await trio.sleep(0.005)
+        assert remote.listen_port == public_port
+        assert await _echo_once(remote.address) == b"ping"
+        assert await _echo_once(local.address) == b"ping"
+        await trio.sleep(0.02)
+        if cycle == 0:
+            baseline = (count_tasks(), count_fds())
+    assert tunnel.reconnects == 50
+    assert (count_tasks(), count_fds()) == baseline
+    await tunnel.aclose()
+    await server.aclose()
+
+
+async def test_authentication_failure_ends_at_once(nursery: trio.Nursery) -> None:
+    """After a reconnect finds the token rejected, the tunnel gives up with code 1002."""
+    port = closed_port()
+    async with trio.open_nursery() as server_nursery:
+        await server_nursery.start(functools.partial(pytunnel.serve, TOKEN, port))
+        tunnel = await pytunnel.connect_tunnel(nursery, ("127.0.0.1", port), token=TOKEN, **FAST)
+        server_nursery.cancel_scope.cancel()
+    other = await nursery.start(functools.partial(pytunnel.serve, "rotated-token", port))
+    with trio.fail_after(5):
+        await tunnel.wait_closed()
+    assert isinstance(tunnel.failure, pytunnel.AuthenticationError)
+    assert tunnel.failure.code == 1002
+    await other.aclose()
+
+
+async def test_gives_up_after_max_attempts(nursery: trio.Nursery) -> None:
+    port = closed_port()
+    async with trio.open_nursery() as server_nursery:
+        await server_nursery.start(functools.partial(pytunnel.serve, TOKEN, port))
+        tunnel = await pytunnel.connect_tunnel(
+            nursery, ("127.0.0.1", port), token=TOKEN, max_attempts=3, **FAST
+        )
+        forward = await tunnel.forward_local("127.0.0.1", 9)
+        server_nursery.cancel_scope.cancel()
+    with trio.fail_after(5):
+        await tunnel.wait_closed()
+    assert isinstance(tunnel.failure, pytunnel.ConnectError)
+    assert "3 reconnection attempts" in str(tunnel.failure)
+    assert forward.status is pytunnel.ForwardStatus.ERROR
+
+
+def test_backoff_schedule() -> None:
+    config = pytunnel.ClientConfig(token="t", backoff_jitter=0)
+    assert [config.backoff(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 16, 16]
+    jittery = pytunnel.ClientConfig(token="t", backoff_jitter=0.2)
+    assert all(0.8 <= jittery.backoff(1) <= 1.2 for _ in range(100))
+
+
+async def test_server_process_killed_and_restarted(nursery: trio.Nursery, echo_port: int) -> None:
+    """The CLI server is SIGKILLed mid-traffic and started again on the same port."""
+    port = closed_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--token",
+        TOKEN,
+    ]
+
+    async def start_server() -> trio.Process:
+        proc = await trio.lowlevel.open_process(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        assert proc.stdout is not None
+        with trio.fail_after(20):
+            await proc.stdout.receive_some()  # "pytunnel server listening on ..."
+        return proc
+
+    proc = await start_server()
+    try:
+        tunnel = await pytunnel.connect_tunnel(nursery, ("127.0.0.1", port), token=TOKEN, **FAST)
+        remote = await tunnel.forward_remote("127.0.0.1", echo_port)
+        public = remote.address
+        stream = await trio.open_tcp_stream(*public)
+        await stream.send_all(b"mid-traffic")
+        assert await stream.receive_some() == b"mid-traffic"
+        await trio.sleep(0.1)
+        tasks, fds = count_tasks(), count_fds()
+        proc.kill()
+        await proc.wait()
+        with trio.fail_after(5):  # the open connection through the dead server ends
+            try:
+                assert await stream.receive_some() == b""
+            except trio.BrokenResourceError:
+                pass
+        await stream.aclose()
+        proc = await start_server()
+        with trio.fail_after(10):
+            while not (tunnel.reconnects == 1 and remote.status is pytunnel.ForwardStatus.ACTIVE):
+                await trio.sleep(0.01)
+        assert remote.address == public
+        assert await _echo_once(public, b"after restart") == b"after restart"
+        await trio.sleep(0.1)
+        assert count_tasks() <= tasks  # no task left from the dead session
+        assert count_fds() <= fds
+        await tunnel.aclose()
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+async def test_health_probes_take_forward_offline_and_back(nursery: trio.Nursery) -> None:
+    server = await nursery.start(pytunnel.serve, TOKEN, 0)
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, probe_interval=0.05, probe_failures=3
+    )
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen()
+    target_port = target.getsockname()[1]
+    forward = await tunnel.forward_remote("127.0.0.1", target_port)
+    public = forward.address
+    (await trio.open_tcp_stream(*public)).socket.close()  # accepted while the target is up
+    target.close()  # the service goes away
+    with trio.fail_after(5):
+        while forward.status is not pytunnel.ForwardStatus.OFFLINE:
+            await trio.sleep(0.01)
+    assert "3 health probes failed" in forward.reason
+    await trio.sleep(0.1)
+    with pytest.raises(OSError, match="connect"):  # refused at once: no black hole
+        await trio.open_tcp_stream(*public)
+    # the service comes back on the same port
+    target = socket.socket()
+    target.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    target.bind(("127.0.0.1", target_port))
+    target.listen()
+    with trio.fail_after(5):
+        while forward.status is not pytunnel.ForwardStatus.ACTIVE:
+            await trio.sleep(0.01)
+    await trio.sleep(0.1)
+    conn = await trio.open_tcp_stream(*public)
+    await conn.aclose()
+    target.close()
+    await tunnel.aclose()
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+async def test_forward_limit_per_client(nursery: trio.Nursery) -> None:
+    server = await nursery.start(
+        functools.partial(pytunnel.serve, TOKEN, 0, max_forwards_per_client=2)
+    )
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
+    first = await tunnel.forward_remote("127.0.0.1", 9)
+    await tunnel.forward_remote("127.0.0.1", 9)
+    with pytest.raises(pytunnel.ForwardLimitError) as info:
+        await tunnel.forward_remote("127.0.0.1", 9)
+    assert info.value.code == pytunnel.ErrorCode.FORWARD_LIMIT
+    await first.aclose()  # frees a slot
+    await trio.sleep(0.05)
+    await tunnel.forward_remote("127.0.0.1", 9)
+
+
+async def test_server_wide_stream_limit(nursery: trio.Nursery, echo_port: int) -> None:
+    server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, 0, max_streams=2))
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
+    held = [await tunnel.open_stream("127.0.0.1", echo_port) for _ in range(2)]
+    with pytest.raises(pytunnel.StreamLimitError):
+        await tunnel.open_stream("127.0.0.1", echo_port)
+    # what already runs is unaffected
+    await held[0].send_all(b"still fine")
+    assert await held[0].receive_some() == b"still fine"
+    for stream in held:
+        await stream.aclose()
+    await trio.sleep(0.05)
+    stream = await tunnel.open_stream("127.0.0.1", echo_port)
+    await stream.aclose()
+
+
+async def test_pending_handshake_limit(nursery: trio.Nursery) -> None:
+    server = await nursery.start(
+        functools.partial(pytunnel.serve, TOKEN, 0, max_pending_handshakes=3)
+    )
+    silent = [await trio.open_tcp_stream(*server.address) for _ in range(3)]
+    await trio.sleep(0.1)
+    with pytest.raises(pytunnel.ServerBusyError) as info:
+        await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
+    assert info.value.code == pytunnel.ErrorCode.SERVER_BUSY
+    for s in silent:
+        await s.aclose()
+    await trio.sleep(0.1)
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
+    assert tunnel.connected
