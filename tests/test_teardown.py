@@ -86,7 +86,7 @@ class Load:
 
 async def _until(predicate: Callable[[], bool], seconds: float, what: str) -> None:
     with trio.move_on_after(seconds):
-        while not predicate():  # noqa: ASYNC110 - polls state owned by other tasks
+        while not predicate():
             await trio.sleep(0.01)
     assert predicate(), what
 

@@ -423,5 +423,4 @@ async def test_server_aclose_ends_clients(
     assert forward.status is pytunnel.ForwardStatus.STOPPED
 
 
-
 _ = os

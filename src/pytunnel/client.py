@@ -166,6 +166,7 @@ class Forward:
         self.stats = RelayStats()
         self._cancel_scope = trio.CancelScope()
         self._done = trio.Event()
+        self._changed = trio.lowlevel.ParkingLot()
         #: Set once none of the forward's tasks runs any more.
         self._finished = trio.Event()
         self._finished.set()
@@ -194,6 +195,13 @@ class Forward:
         """Until the forward has stopped or failed for good."""
         await self._done.wait()
 
+    async def wait_status(self, *statuses: ForwardStatus) -> ForwardStatus:
+        """Until the forward is in one of ``statuses`` (returned at once if it already is)."""
+        while self.status not in statuses:
+            await self._changed.park()
+        await trio.lowlevel.checkpoint()
+        return self.status
+
     def _set_status(self, new: ForwardStatus, reason: str) -> None:
         old = self.status
         if old == new or old in _FINAL:
@@ -219,6 +227,7 @@ class Forward:
             reason,
         )
         self._tunnel._emit(ForwardEvent(self, old, new, reason, self.changed_at))
+        self._changed.unpark_all()
         if new in _FINAL:
             self._tunnel._forwards.discard(self)
             self._cancel()
