@@ -244,3 +244,25 @@ def test_help_shows_environment_variables() -> None:
     result = CliRunner().invoke(main, ["serve", "--help"])
     assert result.exit_code == 0
     assert "PYTUNNEL_TOKEN" in result.output
+
+
+def test_status_interval_prints_summaries(
+    server: tuple[Proc, tuple[str, int], str], echo_address: tuple[str, int]
+) -> None:
+    _, (host, port), token = server
+    echo = f"{echo_address[0]}:{echo_address[1]}"
+    client = Proc(
+        "connect", f"{host}:{port}", "--token", token, "-L", f"0:{echo}", "--status-interval", "0.2"
+    )
+    try:
+        client.readline()
+        local_line = client.readline()
+        assert _roundtrip(_address(local_line), b"count me") == b"count me"
+        lines = [client.readline() for _ in range(4)]
+    finally:
+        client.kill()
+    forward_lines = [line for line in lines if line.startswith("status local forward")]
+    link_lines = [line for line in lines if line.startswith("status link up")]
+    assert forward_lines and link_lines
+    assert "active" in forward_lines[-1]
+    assert "conns=0/1" in forward_lines[-1] or "conns=1/1" in forward_lines[-1]
