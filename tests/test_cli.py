@@ -263,6 +263,7 @@ def test_status_interval_prints_summaries(
         client.kill()
     forward_lines = [line for line in lines if line.startswith("status local forward")]
     link_lines = [line for line in lines if line.startswith("status link up")]
-    assert forward_lines and link_lines
+    assert forward_lines
+    assert link_lines
     assert "active" in forward_lines[-1]
     assert "conns=0/1" in forward_lines[-1] or "conns=1/1" in forward_lines[-1]
