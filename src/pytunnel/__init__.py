@@ -42,6 +42,18 @@ from ._session import (
 from ._session import (
     open_session as open_session,
 )
+from ._tls import (
+    certificate_fingerprint as certificate_fingerprint,
+)
+from ._tls import (
+    client_tls_context as client_tls_context,
+)
+from ._tls import (
+    ensure_self_signed as ensure_self_signed,
+)
+from ._tls import (
+    server_tls_context as server_tls_context,
+)
 from .client import (
     ClientConfig as ClientConfig,
 )
@@ -115,6 +127,9 @@ from .errors import (
     ProtocolError as ProtocolError,
 )
 from .errors import (
+    RateLimitedError as RateLimitedError,
+)
+from .errors import (
     RemoteProtocolError as RemoteProtocolError,
 )
 from .errors import (
@@ -131,6 +146,9 @@ from .errors import (
 )
 from .errors import (
     TargetForbiddenError as TargetForbiddenError,
+)
+from .errors import (
+    TLSError as TLSError,
 )
 from .errors import (
     TunnelError as TunnelError,

@@ -22,6 +22,7 @@ from .errors import (
     ErrorCode,
     HandshakeTimeoutError,
     RemoteProtocolError,
+    TLSError,
     TunnelError,
     VersionMismatchError,
     goaway_error,
@@ -62,16 +63,27 @@ def _token_bytes(token: str | bytes) -> bytes:
     return token.encode("utf-8") if isinstance(token, str) else bytes(token)
 
 
-async def _receive(stream: trio.abc.Stream, decoder: FrameDecoder) -> Message:
+#: A TLS record starts with its content type (22 handshake, 21 alert) and version 3.x; as a
+#: length prefix that would be a frame of hundreds of megabytes, so it cannot be ours.
+_TLS_RECORD_STARTS = (b"\x16\x03", b"\x15\x03")
+
+
+async def _receive(
+    stream: trio.abc.Stream, decoder: FrameDecoder, *, tls_hint: str = "", eof_hint: str = ""
+) -> Message:
+    first = decoder.buffered == 0
     while True:
         message = decoder.next_message()
         if message is not None:
             return message
         data = await stream.receive_some(hs.PRE_AUTH_MAX_FRAME_SIZE)
+        if first and tls_hint and data[:2] in _TLS_RECORD_STARTS:
+            raise TLSError(tls_hint)
+        first = False
         decoder.receive_data(data)
         if not data:
             decoder.next_message()  # raises TRUNCATED_FRAME if a partial frame is pending
-            raise ConnectError("connection closed during the handshake")
+            raise ConnectError(eof_hint or "connection closed during the handshake")
 
 
 async def _send(stream: trio.abc.Stream, message: Message) -> None:
@@ -111,7 +123,13 @@ async def client_handshake(
         with trio.fail_after(timeout):
             client_nonce = hs.new_nonce()
             await _send(stream, Hello(versions, client_nonce))
-            reply = await _receive(stream, decoder)
+            reply = await _receive(
+                stream,
+                decoder,
+                tls_hint="the server speaks TLS: connect with TLS (--tls)",
+                eof_hint="the server closed the connection before answering "
+                "(if it is a TLS server, connect with TLS: --tls)",
+            )
             if isinstance(reply, GoAway):
                 raise goaway_error(reply.code, reply.message)
             if not isinstance(reply, Challenge):
@@ -158,7 +176,9 @@ async def server_handshake(
     decoder = FrameDecoder(hs.PRE_AUTH_MAX_FRAME_SIZE)
     try:
         with trio.fail_after(timeout):
-            hello = await _receive(stream, decoder)
+            hello = await _receive(
+                stream, decoder, tls_hint="the client speaks TLS but this server has no TLS set up"
+            )
             if not isinstance(hello, Hello):
                 raise _unexpected(hello, "Hello")
             version = hs.choose_version(hello.versions, versions)

@@ -25,6 +25,7 @@ import enum
 import logging
 import math
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -44,6 +45,7 @@ from ._session import (
     StreamResetError,
     open_session,
 )
+from ._tls import client_tls_context, tls_connect
 from ._util import aclose_all
 from .errors import (
     AuthenticationError,
@@ -110,6 +112,14 @@ class ClientConfig:
     probe_interval: float = 30.0
     #: ... and this many consecutive failures take the forward offline at the server.
     probe_failures: int = 3
+    #: TLS for the control connection (see ``pytunnel.client_tls_context``); ``None``: plain
+    #: unless ``tls_fingerprint`` is set.
+    tls: ssl.SSLContext | None = None
+    #: Name the server certificate must carry; default: the host connected to.
+    tls_server_hostname: str | None = None
+    #: Pin the server certificate (``SHA256:...``, as printed by ``pytunnel serve``) instead of
+    #: (or on top of) verifying its chain: for self-signed servers.
+    tls_fingerprint: str | None = None
 
     def backoff(self, attempt: int) -> float:
         """Delay before reconnection attempt ``attempt`` (1-based), jitter included."""
@@ -513,6 +523,8 @@ class Tunnel:
         self.config = config
         self._connector = connector
         self._first_stream = stream
+        #: The server's host name, for TLS verification (set by ``connect_tunnel``).
+        self.server_host: str | None = None
         #: The current session, ``None`` while disconnected.
         self.session: Session | None = None
         #: Round-trip time of the last heartbeat, in seconds.
@@ -694,6 +706,16 @@ class Tunnel:
             if self._connector is None:
                 raise SessionClosedError("nothing to reconnect to")
             stream = await self._connector()
+        config = self.config
+        if config.tls is not None or config.tls_fingerprint is not None:
+            context = config.tls or await client_tls_context(pinned=True)
+            stream = await tls_connect(
+                stream,
+                context,
+                server_hostname=config.tls_server_hostname or self.server_host,
+                fingerprint=config.tls_fingerprint,
+                timeout=config.handshake_timeout,
+            )
         try:
             result = await client_handshake(
                 stream,
@@ -902,6 +924,7 @@ async def connect_tunnel(
     """
     client_config = _config(token, config, options)
     tunnel = Tunnel(client_config, tcp_connector(address, client_config.connect_timeout))
+    tunnel.server_host = _split_address(address)[0]
     started: Tunnel = await nursery.start(tunnel._run)
     return started
 

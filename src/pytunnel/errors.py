@@ -41,6 +41,11 @@ class ErrorCode(enum.IntEnum):
     SERVER_BUSY = 1009
     #: No heartbeat answer within the heartbeat timeout: the link is considered dead.
     HEARTBEAT_TIMEOUT = 1010
+    #: The TLS handshake failed: untrusted or expired certificate, wrong name or pin, or the
+    #: peer does not speak TLS.
+    TLS_FAILED = 1011
+    #: Too many failed authentications from this address: try again later.
+    RATE_LIMITED = 1012
 
     # -- remote protocol violations (1100-1199) --
     PROTOCOL_ERROR = 1100
@@ -154,6 +159,19 @@ class ServerBusyError(ConnectError):
     default_code = ErrorCode.SERVER_BUSY
 
 
+class TLSError(ConnectError):
+    """The TLS layer failed: certificate not trusted, expired, wrong host name, fingerprint
+    mismatch, or the peer is not speaking TLS."""
+
+    default_code = ErrorCode.TLS_FAILED
+
+
+class RateLimitedError(ConnectError):
+    """The server refuses this address for a while after repeated authentication failures."""
+
+    default_code = ErrorCode.RATE_LIMITED
+
+
 class SessionClosedError(TunnelError):
     """The session ended (``GoAway`` received, transport lost, or closed locally).
 
@@ -255,6 +273,7 @@ _BY_CODE: dict[int, type[TunnelError]] = {
     ErrorCode.PORT_NOT_ALLOWED: PortNotAllowedError,
     ErrorCode.FORWARD_LIMIT: ForwardLimitError,
     ErrorCode.SERVER_BUSY: ServerBusyError,
+    ErrorCode.RATE_LIMITED: RateLimitedError,
     ErrorCode.AUTHENTICATION_FAILED: AuthenticationError,
     ErrorCode.UNSUPPORTED_VERSION: VersionMismatchError,
     ErrorCode.HANDSHAKE_TIMEOUT: HandshakeTimeoutError,

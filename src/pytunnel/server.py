@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 from collections.abc import Iterable
 from typing import Any
 
@@ -22,8 +23,10 @@ from ._listen import accept, bind, bound_port
 from ._policy import PermitOpen, PortRange, parse_port_ranges
 from ._relay import DEFAULT_IDLE_TIMEOUT, relay
 from ._session import IncomingStream, MuxStream, Session, SessionConfig, open_session
+from ._tls import tls_accept
 from ._util import aclose_all
 from .errors import (
+    AuthenticationError,
     DialError,
     ErrorCode,
     ForwardError,
@@ -31,6 +34,7 @@ from .errors import (
     RemoteProtocolError,
     SessionClosedError,
     StreamRefusedError,
+    TLSError,
     TunnelError,
 )
 from .protocol import routes
@@ -85,9 +89,65 @@ class ServerConfig:
     max_streams: int = 16384
     #: Connections still in their handshake; more are turned away with SERVER_BUSY.
     max_pending_handshakes: int = 128
+    #: TLS for the control connection (see ``pytunnel.server_tls_context``); ``None``: plain.
+    tls: ssl.SSLContext | None = None
+    #: After a failed authentication, that source address is refused for this long, doubling
+    #: with each further failure up to ``auth_failure_max_delay`` ...
+    auth_failure_delay: float = 0.5
+    auth_failure_max_delay: float = 30.0
+    #: ... and after this many failures in a row it is banned for ``auth_ban_time`` seconds.
+    auth_ban_after: int = 10
+    auth_ban_time: float = 300.0
 
     def port_allowed(self, port: int) -> bool:
         return self.allow_ports is None or any(port in r for r in self.allow_ports)
+
+
+class AuthThrottle:
+    """Failed authentications per source address: exponential delay, then a temporary ban.
+
+    A throttled address is refused before any handshake work (one ``GoAway``), so an attacker
+    hammering the server costs it almost nothing and holds no slot of the pending-handshake
+    limit. The table is bounded: the oldest entries are forgotten first.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_delay: float,
+        max_delay: float,
+        ban_after: int,
+        ban_time: float,
+        max_entries: int = 10_000,
+    ) -> None:
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.ban_after = ban_after
+        self.ban_time = ban_time
+        self.max_entries = max_entries
+        # host -> (consecutive failures, refused until)
+        self._strikes: dict[str, tuple[int, float]] = {}
+
+    def blocked_for(self, host: str) -> float:
+        """Seconds this address is still refused (0: allowed)."""
+        entry = self._strikes.get(host)
+        if entry is None:
+            return 0.0
+        return max(0.0, entry[1] - trio.current_time())
+
+    def failure(self, host: str) -> None:
+        failures = self._strikes.pop(host, (0, 0.0))[0] + 1
+        if failures >= self.ban_after:
+            delay = self.ban_time
+            log.warning("%s banned for %g s after %d failed authentications", host, delay, failures)
+        else:
+            delay = min(self.base_delay * 2 ** (failures - 1), self.max_delay)
+        self._strikes[host] = (failures, trio.current_time() + delay)
+        while len(self._strikes) > self.max_entries:
+            del self._strikes[next(iter(self._strikes))]
+
+    def success(self, host: str) -> None:
+        self._strikes.pop(host, None)
 
 
 class TunnelServer:
@@ -101,6 +161,12 @@ class TunnelServer:
         self.pending_handshakes = 0
         #: Relayed streams open across all clients.
         self.active_streams = 0
+        self._throttle = AuthThrottle(
+            base_delay=config.auth_failure_delay,
+            max_delay=config.auth_failure_max_delay,
+            ban_after=config.auth_ban_after,
+            ban_time=config.auth_ban_time,
+        )
         self._cancel_scope = trio.CancelScope()
         self._done = trio.Event()
         host, port = listeners[0].socket.getsockname()[:2]
@@ -151,13 +217,25 @@ class TunnelServer:
         except OSError:  # the peer is already gone
             await trio.aclose_forcefully(stream)
             return
-        await self.handle_stream(stream, peer=peer)
+        await self.handle_stream(stream, peer=peer, peer_host=str(host))
 
-    async def handle_stream(self, stream: trio.abc.Stream, *, peer: str = "?") -> None:
+    async def handle_stream(
+        self, stream: trio.abc.Stream, *, peer: str = "?", peer_host: str | None = None
+    ) -> None:
         """Serve one control connection over any trio stream (a memory stream in tests).
 
+        ``peer_host`` (the source address) is what failed authentications are counted by.
         Returns when the client's session has ended; never raises for the client's failures.
         """
+        if peer_host is not None:
+            wait = self._throttle.blocked_for(peer_host)
+            if wait > 0:
+                await send_goaway(
+                    stream,
+                    ErrorCode.RATE_LIMITED,
+                    f"too many failed authentications; retry in {wait:.0f} s",
+                )
+                return
         if self.pending_handshakes >= self.config.max_pending_handshakes:
             log.warning(
                 "turning away %s: %d connections are already in their handshake",
@@ -169,6 +247,10 @@ class TunnelServer:
         try:
             self.pending_handshakes += 1
             try:
+                if self.config.tls is not None:
+                    stream = await tls_accept(
+                        stream, self.config.tls, timeout=self.config.handshake_timeout, peer=peer
+                    )
                 result = await server_handshake(
                     stream,
                     self.config.token,
@@ -176,8 +258,17 @@ class TunnelServer:
                     max_frame_size=self.config.session.max_frame_size,
                     peer=peer,
                 )
+            except AuthenticationError:
+                if peer_host is not None:
+                    self._throttle.failure(peer_host)
+                raise
+            except TLSError as exc:
+                log.warning("%s", exc)
+                raise
             finally:
                 self.pending_handshakes -= 1
+            if peer_host is not None:
+                self._throttle.success(peer_host)
             async with open_session(
                 stream,
                 Role.SERVER,

@@ -1,0 +1,174 @@
+"""TLS on the control connection: chains, names, pins, expiry, mutual TLS, wrong protocols.
+
+Every failure must be fast, typed (TLSError, code 1011, or another ConnectError) and carry
+one clear sentence.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import logging
+import os
+import ssl
+import stat
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+from conftest import TOKEN
+
+import pytunnel
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def _server_ctx(cert: trustme.LeafCert, client_ca: trustme.CA | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    if client_ca is not None:
+        client_ca.configure_trust(ctx)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _client_ctx(trusted: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    trusted.configure_trust(ctx)
+    return ctx
+
+
+async def _start(nursery: trio.Nursery, ctx: ssl.SSLContext | None) -> pytunnel.TunnelServer:
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, TOKEN, 0, tls=ctx)
+    )
+    return server
+
+
+async def _roundtrip(tunnel: pytunnel.Tunnel, echo_port: int) -> None:
+    forward = await tunnel.forward_local("127.0.0.1", echo_port)
+    stream = await trio.open_tcp_stream(*forward.address)
+    await stream.send_all(b"over tls")
+    assert await stream.receive_some() == b"over tls"
+    await stream.aclose()
+
+
+async def test_valid_chain(nursery: trio.Nursery, ca: trustme.CA, echo_port: int) -> None:
+    server = await _start(nursery, _server_ctx(ca.issue_cert("localhost", "127.0.0.1")))
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, tls=_client_ctx(ca), reconnect=False
+    )
+    assert isinstance(tunnel.session._transport, trio.SSLStream)  # type: ignore[union-attr]
+    await _roundtrip(tunnel, echo_port)
+    await tunnel.aclose()
+
+
+async def _expect_tls_error(server: pytunnel.TunnelServer, **options: object) -> pytunnel.TLSError:
+    with trio.fail_after(10), pytest.raises(pytunnel.TLSError) as info:
+        async with pytunnel.connect(server.address, token=TOKEN, reconnect=False, **options):
+            pass  # pragma: no cover
+    assert info.value.code == pytunnel.ErrorCode.TLS_FAILED
+    assert "\n" not in str(info.value)
+    return info.value
+
+
+async def test_wrong_ca(nursery: trio.Nursery, ca: trustme.CA) -> None:
+    server = await _start(nursery, _server_ctx(ca.issue_cert("127.0.0.1")))
+    error = await _expect_tls_error(server, tls=_client_ctx(trustme.CA()))
+    assert "certificate verification failed" in str(error)
+
+
+async def test_wrong_host_name(nursery: trio.Nursery, ca: trustme.CA) -> None:
+    server = await _start(nursery, _server_ctx(ca.issue_cert("example.org")))
+    error = await _expect_tls_error(server, tls=_client_ctx(ca))
+    assert "Hostname mismatch" in str(error) or "IP address mismatch" in str(error)
+
+
+async def test_expired_certificate(nursery: trio.Nursery, ca: trustme.CA) -> None:
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
+    cert = ca.issue_cert("127.0.0.1", not_before=past - datetime.timedelta(days=30), not_after=past)
+    server = await _start(nursery, _server_ctx(cert))
+    error = await _expect_tls_error(server, tls=_client_ctx(ca))
+    assert "expired" in str(error)
+
+
+async def test_pinned_self_signed(nursery: trio.Nursery, tmp_path: Path, echo_port: int) -> None:
+    cert, key, fingerprint = await pytunnel.ensure_self_signed(tmp_path / "tls")
+    server = await _start(nursery, await pytunnel.server_tls_context(cert, key))
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, tls_fingerprint=fingerprint, reconnect=False
+    )
+    await _roundtrip(tunnel, echo_port)
+    await tunnel.aclose()
+    wrong = "SHA256:" + "A" * 43
+    error = await _expect_tls_error(server, tls_fingerprint=wrong)
+    assert "fingerprint mismatch" in str(error)
+    assert fingerprint in str(error)
+
+
+async def test_self_signed_files_are_private_and_reused(tmp_path: Path) -> None:
+    cert, key, first = await pytunnel.ensure_self_signed(tmp_path / "tls")
+    for path in (cert, key):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    again = await pytunnel.ensure_self_signed(tmp_path / "tls")
+    assert again == (cert, key, first)
+    assert first.startswith("SHA256:")
+    assert len(first) == 7 + 43
+
+
+async def test_plain_client_against_tls_server(
+    nursery: trio.Nursery, ca: trustme.CA, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    server = await _start(nursery, _server_ctx(ca.issue_cert("127.0.0.1")))
+    with trio.fail_after(10), pytest.raises(pytunnel.ConnectError) as info:
+        async with pytunnel.connect(server.address, token=TOKEN, reconnect=False):
+            pass  # pragma: no cover
+    assert "TLS server" in str(info.value)
+    await trio.sleep(0.05)
+    assert any("not speaking TLS" in r.getMessage() for r in caplog.records)
+
+
+async def test_tls_client_against_plain_server(nursery: trio.Nursery, ca: trustme.CA) -> None:
+    server = await _start(nursery, None)
+    error = await _expect_tls_error(server, tls=_client_ctx(ca))
+    assert "not speaking TLS" in str(error)
+
+
+async def test_mutual_tls(nursery: trio.Nursery, ca: trustme.CA, echo_port: int) -> None:
+    client_ca = trustme.CA()
+    server = await _start(nursery, _server_ctx(ca.issue_cert("127.0.0.1"), client_ca=client_ca))
+    with_cert = _client_ctx(ca)
+    client_ca.issue_cert("client@example").configure_cert(with_cert)
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, tls=with_cert, reconnect=False
+    )
+    await _roundtrip(tunnel, echo_port)
+    await tunnel.aclose()
+    # without a client certificate the server ends the connection: typed, fast
+    with trio.fail_after(10), pytest.raises(pytunnel.ConnectError):
+        async with pytunnel.connect(
+            server.address, token=TOKEN, tls=_client_ctx(ca), reconnect=False
+        ):
+            pass  # pragma: no cover
+
+
+def test_fingerprint_formats() -> None:
+    from pytunnel._tls import parse_fingerprint
+
+    digest = bytes(range(32))
+    import base64
+
+    b64 = "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+    assert parse_fingerprint(b64) == digest
+    assert parse_fingerprint(digest.hex()) == digest
+    assert parse_fingerprint(":".join(f"{b:02X}" for b in digest)) == digest
+    for bad in ("SHA256:!!", "abcd", "SHA256:" + "A" * 10):
+        with pytest.raises(ValueError, match="bad fingerprint"):
+            parse_fingerprint(bad)
