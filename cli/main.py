@@ -11,17 +11,21 @@ import json
 import logging
 import secrets
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import attrs
 import click
 import trio
 
 import pytunnel
 from pytunnel._policy import parse_port_ranges
 from pytunnel._spec import ForwardSpec, parse_forward_spec, parse_host_port
+from pytunnel._tls import parse_fingerprint
 
 CONTEXT = {"auto_envvar_prefix": "PYTUNNEL", "show_default": True, "max_content_width": 100}
 
@@ -112,6 +116,33 @@ def _port_ranges(_ctx: click.Context, _param: click.Parameter, value: str | None
         except ValueError as exc:
             raise click.BadParameter(str(exc)) from None
     return value
+
+
+def _read_token(ctx: click.Context, token: str | None, token_file: str | None) -> str | None:
+    """The token from --token-file, or --token / PYTUNNEL_TOKEN; warn when it was typed on
+    the command line, where every user of the machine can read it in ``ps``."""
+    if token_file is not None:
+        with open(token_file, encoding="utf-8") as handle:
+            token = handle.read().strip()
+        if not token:
+            raise click.BadParameter("the token file is empty", param_hint="--token-file")
+        return token
+    if (
+        token is not None
+        and ctx.get_parameter_source("token") is click.core.ParameterSource.COMMANDLINE
+    ):
+        logging.getLogger("pytunnel.cli").warning(
+            "--token on the command line is visible to other users in ps; "
+            "prefer --token-file or PYTUNNEL_TOKEN"
+        )
+    return token
+
+
+token_file_option = click.option(
+    "--token-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Read the shared secret from this file (keeps it out of ps).",
+)
 
 
 log_level_option = click.option(
@@ -211,9 +242,40 @@ def main() -> None:
     default=1024 * 1024,
     help="Largest protocol frame accepted, in bytes.",
 )
+@token_file_option
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    help="TLS certificate (PEM) for the control connection.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Private key (PEM) of --tls-cert.",
+)
+@click.option(
+    "--tls-self-signed",
+    is_flag=True,
+    help="Use TLS with a self-signed certificate, made on first start in --tls-dir "
+    "and reused; prints the fingerprint clients pin.",
+)
+@click.option(
+    "--tls-dir",
+    type=click.Path(file_okay=False),
+    default=lambda: str(Path.home() / ".config" / "pytunnel" / "tls"),
+    show_default="~/.config/pytunnel/tls",
+    help="Where --tls-self-signed keeps its certificate and key (0600).",
+)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Require client certificates signed by this CA (mutual TLS).",
+)
 @log_level_option
 @log_format_option
+@click.pass_context
 def serve(
+    ctx: click.Context,
     listen: tuple[str, int],
     token: str | None,
     public_host: str,
@@ -227,15 +289,37 @@ def serve(
     max_session_streams: int,
     max_pending_handshakes: int,
     max_frame_size: int,
+    token_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_self_signed: bool,
+    tls_dir: str,
+    tls_client_ca: str | None,
     log_level: str,
     log_format: str,
 ) -> None:
     """Run a tunnel server."""
     _setup_logging(log_level, log_format)
+    token = _read_token(ctx, token, token_file)
     generated = token is None
     secret = token or secrets.token_urlsafe(24)
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if tls_cert and tls_self_signed:
+        raise click.UsageError("--tls-cert and --tls-self-signed exclude each other")
 
     async def run() -> None:
+        tls: ssl.SSLContext | None = None
+        fingerprint: str | None = None
+        cert, key = tls_cert, tls_key
+        if tls_self_signed:
+            cert_path, key_path, fingerprint = await pytunnel.ensure_self_signed(tls_dir)
+            cert, key = str(cert_path), str(key_path)
+        if cert is not None and key is not None:
+            tls = await pytunnel.server_tls_context(cert, key, client_ca_file=tls_client_ca)
+            if fingerprint is None:
+                der = ssl.PEM_cert_to_DER_cert(await trio.Path(cert).read_text())
+                fingerprint = pytunnel.certificate_fingerprint(der)
         async with trio.open_nursery() as nursery:
             server: pytunnel.TunnelServer = await nursery.start(
                 functools.partial(
@@ -255,12 +339,17 @@ def serve(
                     session=pytunnel.SessionConfig(
                         max_streams=max_session_streams, max_frame_size=max_frame_size
                     ),
+                    tls=tls,
                 )
             )
             address = pytunnel.format_target(*server.address)
-            _say(f"pytunnel server listening on {address}")
+            _say(f"pytunnel server listening on {address}" + (" (TLS)" if tls else ""))
+            if fingerprint is not None:
+                _say(f"TLS certificate fingerprint: {fingerprint}")
             if generated:
-                _say(f"connect with: pytunnel connect {address} --token {secret}")
+                pin = f" --tls-fingerprint {fingerprint}" if tls_self_signed else ""
+                tls_flag = " --tls" if tls and not tls_self_signed else ""
+                _say(f"connect with: pytunnel connect {address} --token {secret}{tls_flag}{pin}")
 
     _run(run)
 
@@ -271,8 +360,36 @@ def serve(
     "--token",
     envvar="PYTUNNEL_TOKEN",
     show_envvar=True,
-    required=True,
-    help="Shared secret of the server.",
+    help="Shared secret of the server (or --token-file).",
+)
+@token_file_option
+@click.option(
+    "--tls",
+    "use_tls",
+    is_flag=True,
+    help="Use TLS, verifying the server against the system trust store.",
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Use TLS, verifying the server against this CA bundle instead.",
+)
+@click.option(
+    "--tls-fingerprint",
+    metavar="SHA256:...",
+    help="Use TLS and pin the server certificate (for self-signed servers).",
+)
+@click.option(
+    "--tls-server-name",
+    help="Name the server certificate must carry (default: the host connected to).",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Client certificate (PEM) for mutual TLS.",
+)
+@click.option(
+    "--tls-key", type=click.Path(exists=True, dir_okay=False), help="Private key of --tls-cert."
 )
 @click.option(
     "-R",
@@ -350,9 +467,18 @@ def serve(
 )
 @log_level_option
 @log_format_option
+@click.pass_context
 def connect(
+    ctx: click.Context,
     server: tuple[str, int],
-    token: str,
+    token: str | None,
+    token_file: str | None,
+    use_tls: bool,
+    tls_ca: str | None,
+    tls_fingerprint: str | None,
+    tls_server_name: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
     remote: list[ForwardSpec],
     local: list[ForwardSpec],
     connect_timeout: float,
@@ -370,8 +496,18 @@ def connect(
 ) -> None:
     """Connect to a tunnel server and set up forwards; keep them up until interrupted."""
     _setup_logging(log_level, log_format)
+    secret = _read_token(ctx, token, token_file)
+    if secret is None:
+        raise click.UsageError("a token is needed: --token, --token-file or PYTUNNEL_TOKEN")
+    if tls_fingerprint is not None:
+        try:
+            parse_fingerprint(tls_fingerprint)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--tls-fingerprint") from None
     config = pytunnel.ClientConfig(
-        token=token,
+        token=secret,
+        tls_fingerprint=tls_fingerprint,
+        tls_server_hostname=tls_server_name,
         connect_timeout=connect_timeout,
         idle_timeout=idle_timeout,
         reconnect=reconnect,
@@ -384,7 +520,16 @@ def connect(
     )
 
     async def run() -> None:
-        async with pytunnel.connect(server, token=token, config=config) as tunnel:
+        client_config = config
+        if use_tls or tls_ca or tls_cert:
+            context = await pytunnel.client_tls_context(
+                ca_file=tls_ca,
+                cert_file=tls_cert,
+                key_file=tls_key,
+                pinned=tls_fingerprint is not None,
+            )
+            client_config = attrs.evolve(config, tls=context)
+        async with pytunnel.connect(server, token=secret, config=client_config) as tunnel:
             _say(f"connected to {pytunnel.format_target(*server)}")
             for spec in remote:
                 fwd: pytunnel.Forward = await tunnel.forward_remote(

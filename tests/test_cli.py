@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -267,3 +268,53 @@ def test_status_interval_prints_summaries(
     assert link_lines
     assert "active" in forward_lines[-1]
     assert "conns=0/1" in forward_lines[-1] or "conns=1/1" in forward_lines[-1]
+
+
+def test_tls_self_signed_two_commands(tmp_path: Path, echo_address: tuple[str, int]) -> None:
+    """A secure setup is still two commands: serve prints the pinned connect command."""
+    tls_dir = tmp_path / "tls"
+    server = Proc(
+        "serve", "--listen", "127.0.0.1:0", "--tls-self-signed", "--tls-dir", str(tls_dir)
+    )
+    try:
+        listening = server.readline()
+        fingerprint_line = server.readline()
+        connect_line = server.readline()
+        assert listening.endswith("(TLS)")
+        fingerprint = fingerprint_line.split(": ")[1]
+        assert fingerprint.startswith("SHA256:")
+        assert connect_line.endswith(f"--tls-fingerprint {fingerprint}")
+        args = connect_line.removeprefix("connect with: pytunnel ").split()
+        echo = f"{echo_address[0]}:{echo_address[1]}"
+        client = Proc(*args, "-L", f"0:{echo}")
+        try:
+            client.readline()
+            assert _roundtrip(_address(client.readline()), b"secure") == b"secure"
+        finally:
+            client.kill()
+        assert oct(os.stat(tls_dir / "server.key").st_mode & 0o777) == "0o600"
+    finally:
+        server.kill()
+
+
+def test_token_file_and_command_line_warning(
+    tmp_path: Path, server: tuple[Proc, tuple[str, int], str]
+) -> None:
+    _, (host, port), token = server
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    client = Proc("connect", f"{host}:{port}", "--token-file", str(token_file))
+    try:
+        assert client.readline().startswith("connected to")
+        code, err = client.stop()
+    finally:
+        client.kill()
+    assert code == 0
+    assert "visible to other users" not in err
+    client = Proc("connect", f"{host}:{port}", "--token", token)
+    try:
+        client.readline()
+        _, err = client.stop()
+    finally:
+        client.kill()
+    assert "--token on the command line is visible to other users" in err
