@@ -79,6 +79,7 @@ async def test_client_detects_silent_link(
     silent = SilentStream(a)
     nursery.start_soon(server.handle_stream, b)
     tunnel = await pytunnel.wrap_tunnel(nursery, silent, token=TOKEN, probe_interval=0)
+    events = tunnel.events()
     await trio.sleep(25)
     assert tunnel.connected  # pongs came back
     assert tunnel.rtt is not None
@@ -87,6 +88,9 @@ async def test_client_detects_silent_link(
     await tunnel.wait_closed()
     assert 30 <= trio.current_time() - start <= 41  # next ping within 10 s, then 30 s
     assert isinstance(tunnel.failure, pytunnel.SessionClosedError)
+    kinds = [event.kind async for event in events]  # ends with the tunnel
+    assert pytunnel.EventKind.HEARTBEAT_LOST in kinds
+    assert kinds[-1] is pytunnel.EventKind.DISCONNECTED
     await listeners[0].aclose()
 
 
@@ -154,12 +158,24 @@ async def test_reconnect_restores_forwards(nursery: trio.Nursery, echo_port: int
     assert await _echo_once(local.address) == b"ping"
     assert tunnel.reconnects == 1
     seen = []
+    kinds = set()
     while True:
         try:
             event = events.receive_nowait()
         except trio.WouldBlock:
             break
-        seen.append((event.forward.kind, event.old.value, event.new.value))
+        kinds.add(event.kind)
+        if event.kind is pytunnel.EventKind.STATUS:
+            assert event.forward is not None
+            assert event.old
+            assert event.new
+            seen.append((event.forward.kind, event.old.value, event.new.value))
+    assert {
+        pytunnel.EventKind.DISCONNECTED,
+        pytunnel.EventKind.RECONNECT_ATTEMPT,
+        pytunnel.EventKind.RECONNECT_FAILED,
+        pytunnel.EventKind.CONNECTED,
+    } <= kinds
     assert ("remote forward", "active", "suspended") in seen
     assert ("remote forward", "suspended", "active") in seen
     assert ("local forward", "suspended", "active") in seen
@@ -342,6 +358,55 @@ async def test_health_probes_take_forward_offline_and_back(nursery: trio.Nursery
     conn = await trio.open_tcp_stream(*public)
     await conn.aclose()
     target.close()
+    await tunnel.aclose()
+
+
+async def test_health_probes_with_virtual_time(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery
+) -> None:
+    """Default schedule (every 30 s, offline after 3 failures) in virtual time."""
+    server = await nursery.start(pytunnel.serve, TOKEN, 0)
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen()
+    target_port = target.getsockname()[1]
+    forward = await tunnel.forward_remote("127.0.0.1", target_port)
+    events = tunnel.events()
+    await trio.sleep(100)
+    assert forward.status is pytunnel.ForwardStatus.ACTIVE  # probes succeed
+    target.close()
+    gone = trio.current_time()
+    await forward.wait_status(pytunnel.ForwardStatus.OFFLINE)
+    assert 60 <= trio.current_time() - gone <= 91  # the third failed probe
+    target = socket.socket()
+    target.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    target.bind(("127.0.0.1", target_port))
+    target.listen()
+    back = trio.current_time()
+    await forward.wait_status(pytunnel.ForwardStatus.ACTIVE)
+    assert trio.current_time() - back <= 31  # the first successful probe
+    kinds = []
+    while True:
+        try:
+            kinds.append(events.receive_nowait().kind)
+        except trio.WouldBlock:
+            break
+    assert kinds.count(pytunnel.EventKind.PROBE_FAILED) >= 3
+    assert pytunnel.EventKind.PROBE_OK in kinds
+    target.close()
+    await tunnel.aclose()
+
+
+async def test_events_never_buffer_without_bound(nursery: trio.Nursery) -> None:
+    server = await nursery.start(pytunnel.serve, TOKEN, 0)
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
+    unread = tunnel.events(buffer=2)
+    for _ in range(5):
+        forward = await tunnel.forward_local("127.0.0.1", 9)
+        await forward.aclose()
+    assert unread.statistics().current_buffer_used == 2
+    assert tunnel.dropped_events >= 8
     await tunnel.aclose()
 
 

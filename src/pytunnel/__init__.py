@@ -58,10 +58,10 @@ from .client import (
     ClientConfig as ClientConfig,
 )
 from .client import (
-    Forward as Forward,
+    EventKind as EventKind,
 )
 from .client import (
-    ForwardEvent as ForwardEvent,
+    Forward as Forward,
 )
 from .client import (
     ForwardStatus as ForwardStatus,
@@ -74,6 +74,9 @@ from .client import (
 )
 from .client import (
     Tunnel as Tunnel,
+)
+from .client import (
+    TunnelEvent as TunnelEvent,
 )
 from .client import (
     connect as connect,

@@ -67,7 +67,8 @@ from .protocol.mux import Role
 __all__ = [
     "ClientConfig",
     "Forward",
-    "ForwardEvent",
+    "EventKind",
+    "TunnelEvent",
     "ForwardStatus",
     "LocalForward",
     "RemoteForward",
@@ -141,15 +142,29 @@ class ForwardStatus(enum.Enum):
 _FINAL = (ForwardStatus.STOPPED, ForwardStatus.ERROR)
 
 
-@attrs.frozen
-class ForwardEvent:
-    """A forward changed status. ``time`` is wall-clock (``time.time()``)."""
+class EventKind(enum.Enum):
+    """What a :class:`TunnelEvent` reports."""
 
-    forward: Forward
-    old: ForwardStatus
-    new: ForwardStatus
-    reason: str
-    time: float
+    STATUS = "status"  #: a forward changed status (``forward``, ``old``, ``new``)
+    CONNECTED = "connected"  #: the link is up (first connection or reconnection)
+    DISCONNECTED = "disconnected"  #: the link was lost
+    RECONNECT_ATTEMPT = "reconnect_attempt"  #: waiting before reconnection attempt N
+    RECONNECT_FAILED = "reconnect_failed"  #: an attempt failed (``message`` says why)
+    HEARTBEAT_LOST = "heartbeat_lost"  #: a ping went unanswered: the link is dead
+    PROBE_FAILED = "probe_failed"  #: a health probe of ``forward``'s target failed
+    PROBE_OK = "probe_ok"  #: a health probe succeeded after failures
+
+
+@attrs.frozen
+class TunnelEvent:
+    """Something happened to the tunnel or one of its forwards. ``time`` is wall-clock."""
+
+    kind: EventKind
+    message: str
+    time: float = attrs.field(factory=time.time)
+    forward: Forward | None = None
+    old: ForwardStatus | None = None
+    new: ForwardStatus | None = None
 
 
 class Forward:
@@ -236,7 +251,7 @@ class Forward:
             new.value,
             reason,
         )
-        self._tunnel._emit(ForwardEvent(self, old, new, reason, self.changed_at))
+        self._tunnel._emit(TunnelEvent(EventKind.STATUS, reason, self.changed_at, self, old, new))
         self._changed.unpark_all()
         if new in _FINAL:
             self._tunnel._forwards.discard(self)
@@ -454,6 +469,7 @@ class RemoteForward(Forward):
                 )
             except DialError as exc:
                 failures += 1
+                self._tunnel._emit(TunnelEvent(EventKind.PROBE_FAILED, exc.message, forward=self))
                 if failures >= config.probe_failures and not offline:
                     offline = True
                     reason = f"{failures} health probes failed: {exc.message}"
@@ -462,6 +478,14 @@ class RemoteForward(Forward):
                     self._set_status(ForwardStatus.OFFLINE, reason)
                 continue
             await trio.aclose_forcefully(sock)
+            if failures:
+                self._tunnel._emit(
+                    TunnelEvent(
+                        EventKind.PROBE_OK,
+                        f"target reachable after {failures} failures",
+                        forward=self,
+                    )
+                )
             failures = 0
             if offline:
                 offline = False
@@ -541,7 +565,9 @@ class Tunnel:
         self._cancel_scope = trio.CancelScope()
         self._closing = False
         self._done = trio.Event()
-        self._subscribers: list[trio.MemorySendChannel[ForwardEvent]] = []
+        self._subscribers: list[trio.MemorySendChannel[TunnelEvent]] = []
+        #: Events not delivered because a subscriber's buffer was full.
+        self.dropped_events = 0
 
     # ------------------------------------------------------------------ state
 
@@ -568,19 +594,24 @@ class Tunnel:
             await self._link_up.wait()
         return self.connected
 
-    def events(self, buffer: int = 256) -> trio.MemoryReceiveChannel[ForwardEvent]:
-        """Subscribe to forward status changes. Events beyond ``buffer`` unread are dropped
-        (status is also always readable on the forward itself)."""
-        send, receive = trio.open_memory_channel[ForwardEvent](buffer)
+    def events(self, buffer: int = 256) -> trio.MemoryReceiveChannel[TunnelEvent]:
+        """Subscribe to events: ``async for event in tunnel.events(): ...``.
+
+        Status changes, link up/down, reconnection attempts, heartbeat loss, probe results.
+        Buffering is bounded: events beyond ``buffer`` unread are dropped and counted in
+        ``dropped_events`` (the current state is always readable on the objects themselves).
+        The iterator ends when the tunnel ends.
+        """
+        send, receive = trio.open_memory_channel[TunnelEvent](buffer)
         self._subscribers.append(send)
         return receive
 
-    def _emit(self, event: ForwardEvent) -> None:
+    def _emit(self, event: TunnelEvent) -> None:
         for channel in list(self._subscribers):
             try:
                 channel.send_nowait(event)
             except trio.WouldBlock:
-                pass
+                self.dropped_events += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._subscribers.remove(channel)
 
@@ -752,6 +783,9 @@ class Tunnel:
                 return
             delay = self.config.backoff(attempt)
             log.info("reconnecting in %.1f s (attempt %d)", delay, attempt)
+            self._emit(
+                TunnelEvent(EventKind.RECONNECT_ATTEMPT, f"attempt {attempt} in {delay:.1f} s")
+            )
             await trio.sleep(delay)
             try:
                 stream, result = await self._establish(None)
@@ -761,6 +795,7 @@ class Tunnel:
                 return
             except TunnelError as exc:
                 log.warning("reconnection attempt %d failed: %s", attempt, exc)
+                self._emit(TunnelEvent(EventKind.RECONNECT_FAILED, str(exc)))
                 continue
             self.reconnects += 1
             log.info("reconnected after %d attempt(s)", attempt)
@@ -794,6 +829,7 @@ class Tunnel:
                     elif forward.status is ForwardStatus.SUSPENDED:
                         forward._set_status(ForwardStatus.ACTIVE, "link restored")
                 self._link_up.set()
+                self._emit(TunnelEvent(EventKind.CONNECTED, "link up"))
                 if task_status is not None:
                     task_status.started(self)
                 await self._accept_loop(session)
@@ -806,6 +842,7 @@ class Tunnel:
             await trio.aclose_forcefully(stream)
             if not self._closing:
                 log.warning("tunnel connection lost: %s", _describe_reason(reason))
+                self._emit(TunnelEvent(EventKind.DISCONNECTED, _describe_reason(reason)))
                 for forward in list(self._forwards):
                     if forward.status in (ForwardStatus.ACTIVE, ForwardStatus.OFFLINE):
                         forward._set_status(ForwardStatus.SUSPENDED, "tunnel connection lost")
@@ -824,6 +861,12 @@ class Tunnel:
                 continue
             log.warning(
                 "no heartbeat answer within %g s: the link is dead", config.heartbeat_timeout
+            )
+            self._emit(
+                TunnelEvent(
+                    EventKind.HEARTBEAT_LOST,
+                    f"no answer within {config.heartbeat_timeout:g} s",
+                )
             )
             await session.abort(
                 SessionClosedError(
