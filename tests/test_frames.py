@@ -396,3 +396,53 @@ def test_corrupting_a_valid_stream(messages: list[Any], where: int, junk: bytes)
     pos = where % len(stream)
     stream[pos : pos + len(junk)] = junk
     _assert_only_remote_errors([bytes(stream)], DEFAULT_MAX_FRAME_SIZE)
+
+
+# ----------------------------------------------------------------------------- Data fast path
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    stream=st.integers(min_value=1, max_value=2**32 - 1),
+    payload=st.one_of(
+        st.binary(max_size=300),
+        st.sampled_from([b"x" * 255, b"y" * 256, b"z" * 65535, b"w" * 65536, b"v" * 70000]),
+    ),
+)
+def test_data_fast_path_is_byte_identical(stream: int, payload: bytes) -> None:
+    """The hand-built Data frame equals the generic encoder's, and decodes to the same."""
+    from pytunnel.protocol.frames import append_data_frame
+    from pytunnel.protocol.messages import Data
+
+    out = bytearray()
+    append_data_frame(out, stream, memoryview(payload))
+    assert bytes(out) == encode_message(Data(stream, payload))
+    decoder = FrameDecoder(2**20)
+    assert decoder.feed(bytes(out)) == [Data(stream, payload)]
+    # split anywhere, including inside the header and the payload
+    cut = len(out) // 3
+    decoder = FrameDecoder(2**20)
+    assert decoder.feed(bytes(out[:cut])) + decoder.feed(bytes(out[cut:])) == [
+        Data(stream, payload)
+    ]
+
+
+def test_data_fast_path_respects_the_frame_limit() -> None:
+    from pytunnel.protocol.frames import append_data_frame
+
+    with pytest.raises(LocalProtocolError):
+        append_data_frame(bytearray(), 1, b"x" * 5000, 4096)
+
+
+def test_non_canonical_data_goes_through_the_strict_decoder() -> None:
+    """Same Data, other key order: accepted by the generic path; stream 0 is still refused."""
+    import msgpack
+
+    from pytunnel.protocol.messages import Data
+
+    body = msgpack.packb({"t": "data", "data": b"abc", "stream": 3})
+    assert FrameDecoder().feed(len(body).to_bytes(4, "big") + body) == [Data(3, b"abc")]
+    zero = b"\x83\xa6stream\x00\xa4data\xc4\x01x\xa1t\xa4data"
+    with pytest.raises(RemoteProtocolError) as info:
+        FrameDecoder().feed(len(zero).to_bytes(4, "big") + zero)
+    assert info.value.code == ErrorCode.INVALID_FIELD

@@ -12,7 +12,7 @@ from typing import Any
 import msgpack
 
 from ..errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from .messages import MESSAGE_TYPES, Message, converter, truncate_text
+from .messages import MESSAGE_TYPES, Data, Message, converter, truncate_text
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
@@ -30,8 +30,100 @@ MAX_FRAME_SIZE_LIMIT = 2**32 - 1
 _BY_TAG: dict[str, type[Any]] = {cls.TAG: cls for cls in MESSAGE_TYPES}
 _packb = msgpack.packb
 _unpackb = msgpack.unpackb
-_unstructure = converter.unstructure
-_structure = converter.structure
+# Resolved once: converter.structure(obj, Message) would look the union's hook up (hashing the
+# Union type) on every frame.
+_unstructure_message = converter.get_unstructure_hook(Message)
+_structure_message = converter.get_structure_hook(Message)
+
+# The exact bytes encode_message produces around a Data payload: the map header and "stream"
+# key, then the stream id, the "data" key, the bin header and payload, and the "t" entry last.
+# Data frames are built and recognised with these directly (the hot path); the output is
+# byte-identical to the generic encoder's, and anything else goes through msgpack + cattrs.
+_DATA_HEAD = b"\x83\xa6stream"
+_DATA_KEY = b"\xa4data"
+_DATA_TAIL = b"\xa1t\xa4data"
+
+
+def _msgpack_uint(n: int) -> bytes:
+    if n < 0x80:
+        return n.to_bytes(1, "big")
+    if n < 0x100:
+        return b"\xcc" + n.to_bytes(1, "big")
+    if n < 0x10000:
+        return b"\xcd" + n.to_bytes(2, "big")
+    return b"\xce" + n.to_bytes(4, "big")
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 0x100:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 0x10000:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def append_data_frame(
+    out: bytearray,
+    stream_id: int,
+    payload: bytes | bytearray | memoryview,
+    max_frame_size: int = MAX_FRAME_SIZE_LIMIT,
+) -> None:
+    """Append a complete Data frame to ``out``, copying the payload once.
+
+    Byte-identical to ``encode_message(Data(stream_id, bytes(payload)))`` (a test checks it),
+    without building the message object or the intermediate copies.
+    """
+    size = len(payload)
+    head = _DATA_HEAD + _msgpack_uint(stream_id) + _DATA_KEY + _bin_header(size)
+    body_size = len(head) + size + len(_DATA_TAIL)
+    if body_size > max_frame_size:
+        raise LocalProtocolError(
+            f"Data frame of {body_size} bytes exceeds the limit of {max_frame_size}",
+            code=ErrorCode.FRAME_TOO_LARGE,
+        )
+    out += body_size.to_bytes(HEADER_SIZE, "big")
+    out += head
+    out += payload
+    out += _DATA_TAIL
+
+
+def _parse_data(buf: bytes | bytearray, start: int, end: int) -> Data | None:
+    """The Data message if ``buf[start:end]`` is exactly the canonical Data body, else None
+    (then the generic decoder decides, with all its checks)."""
+    p = start + 8
+    if buf[start:p] != _DATA_HEAD or p >= end:
+        return None
+    b = buf[p]
+    if b < 0x80:
+        stream, p = b, p + 1
+    elif b == 0xCC:
+        stream, p = buf[p + 1], p + 2
+    elif b == 0xCD:
+        stream, p = int.from_bytes(buf[p + 1 : p + 3], "big"), p + 3
+    elif b == 0xCE:
+        stream, p = int.from_bytes(buf[p + 1 : p + 5], "big"), p + 5
+    else:
+        return None
+    if buf[p : p + 5] != _DATA_KEY or p + 5 >= end:
+        return None
+    p += 5
+    b = buf[p]
+    if b == 0xC4:
+        n, p = buf[p + 1], p + 2
+    elif b == 0xC5:
+        n, p = int.from_bytes(buf[p + 1 : p + 3], "big"), p + 3
+    elif b == 0xC6:
+        n, p = int.from_bytes(buf[p + 1 : p + 5], "big"), p + 5
+    else:
+        return None
+    if p + n + len(_DATA_TAIL) != end or buf[p + n : end] != _DATA_TAIL or stream < 1:
+        return None
+    if type(buf) is bytes:
+        payload = buf[p : p + n]
+    else:
+        with memoryview(buf) as view, view[p : p + n] as piece:
+            payload = bytes(piece)
+    return Data(stream, payload)
 
 
 def encode_message(message: Message, max_frame_size: int = MAX_FRAME_SIZE_LIMIT) -> bytes:
@@ -40,7 +132,7 @@ def encode_message(message: Message, max_frame_size: int = MAX_FRAME_SIZE_LIMIT)
     Raises :class:`LocalProtocolError` if the body would exceed ``max_frame_size``: the caller
     (the multiplexer) is responsible for chunking data to fit the peer's limit.
     """
-    body = _packb(_unstructure(message, Message))
+    body = _packb(_unstructure_message(message))
     size = len(body)
     if size > max_frame_size:
         raise LocalProtocolError(
@@ -75,7 +167,7 @@ def decode_body(body: bytes | memoryview) -> Message:
             truncate_text(f"unknown message type {tag!r}", 200), code=ErrorCode.UNKNOWN_MESSAGE
         )
     try:
-        message: Message = _structure(obj, Message)
+        message: Message = _structure_message(obj, Message)
     except Exception as exc:  # cattrs/attrs validation: wrong type, range, missing field
         raise RemoteProtocolError(
             truncate_text(f"invalid {tag!r} message: {_describe(exc)}", 300),
@@ -105,13 +197,18 @@ def _describe(exc: BaseException) -> str:
 class FrameDecoder:
     """Incremental decoder: feed any chunking of the byte stream, take out whole messages.
 
-    Once it has raised, the decoder stays broken and raises the same error again: a byte stream
-    that lost framing cannot be resynchronized.
+    Frames are parsed in place in the chunk the transport returned; only a frame that straddles
+    two chunks is copied into a pending buffer. Once it has raised, the decoder stays broken and
+    raises the same error again: a byte stream that lost framing cannot be resynchronized.
     """
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.max_frame_size = max_frame_size
-        self._buffer = bytearray()
+        #: The last chunk received, parsed from ``_pos`` on (never copied).
+        self._chunk: bytes = b""
+        self._pos = 0
+        #: The beginning of a frame that straddles chunks (the only bytes ever copied).
+        self._pending = bytearray()
         self._error: RemoteProtocolError | None = None
         self._eof = False
 
@@ -129,7 +226,7 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as messages."""
-        return len(self._buffer)
+        return len(self._pending) + len(self._chunk) - self._pos
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes from the transport. ``b""`` means end of stream."""
@@ -138,8 +235,18 @@ class FrameDecoder:
         if not data:
             self._eof = True
             return
-        if self._error is None:  # a broken decoder drops input instead of buffering it forever
-            self._buffer += data
+        if self._error is not None:  # a broken decoder drops input instead of keeping it
+            return
+        if self._pos < len(self._chunk):
+            # the caller did not take every message out first: keep the rest, then the new bytes
+            self._pending += memoryview(self._chunk)[self._pos :]
+            self._pending += data
+            self._chunk, self._pos = b"", 0
+        elif self._pending:
+            self._chunk, self._pos = bytes(data), 0
+        else:
+            self._chunk = data if type(data) is bytes else bytes(data)
+            self._pos = 0
 
     def next_message(self) -> Message | None:
         """Return the next complete message, or ``None`` if more bytes are needed.
@@ -152,32 +259,54 @@ class FrameDecoder:
             return self._next()
         except RemoteProtocolError as exc:
             self._error = exc
-            self._buffer = bytearray()
+            self._chunk, self._pos, self._pending = b"", 0, bytearray()
             raise
 
-    def _next(self) -> Message | None:
-        buf = self._buffer
-        have = len(buf)
-        if have >= HEADER_SIZE:
-            size = int.from_bytes(buf[:HEADER_SIZE], "big")
-            if size > self._max_frame_size:
-                raise RemoteProtocolError(
-                    f"frame of {size} bytes exceeds the limit of {self._max_frame_size}",
-                    code=ErrorCode.FRAME_TOO_LARGE,
-                )
-            end = HEADER_SIZE + size
-            if have >= end:
-                with memoryview(buf) as view:
-                    body = view[HEADER_SIZE:end]
-                    try:
-                        message = decode_body(body)
-                    finally:
-                        body.release()
-                del buf[:end]
-                return message
-        if self._eof and have:
+    def _size(self, header: bytes | bytearray) -> int:
+        size = int.from_bytes(header, "big")
+        if size > self._max_frame_size:
             raise RemoteProtocolError(
-                f"connection closed in the middle of a frame ({have} bytes pending)",
+                f"frame of {size} bytes exceeds the limit of {self._max_frame_size}",
+                code=ErrorCode.FRAME_TOO_LARGE,
+            )
+        return size
+
+    def _take(self, want: int) -> int:
+        """Move up to ``want`` bytes of the current chunk into the pending buffer."""
+        chunk, pos = self._chunk, self._pos
+        take = min(want, len(chunk) - pos)
+        if take > 0:
+            with memoryview(chunk) as view, view[pos : pos + take] as piece:
+                self._pending += piece
+            self._pos = pos + take
+            return take
+        return 0
+
+    def _next(self) -> Message | None:
+        pending = self._pending
+        if pending:  # finish the frame that straddles chunks
+            if len(pending) < HEADER_SIZE:
+                self._take(HEADER_SIZE - len(pending))
+            if len(pending) >= HEADER_SIZE:
+                size = self._size(pending[:HEADER_SIZE])
+                need = HEADER_SIZE + size - len(pending)
+                if self._take(need) == need:
+                    self._pending = bytearray()
+                    return _decode(pending, HEADER_SIZE, HEADER_SIZE + size)
+        else:
+            chunk, pos = self._chunk, self._pos
+            available = len(chunk) - pos
+            if available >= HEADER_SIZE:
+                size = self._size(chunk[pos : pos + HEADER_SIZE])
+                end = pos + HEADER_SIZE + size
+                if end <= len(chunk):
+                    self._pos = end
+                    return _decode(chunk, pos + HEADER_SIZE, end)
+            if available > 0:
+                self._take(available)
+        if self._eof and self._pending:
+            raise RemoteProtocolError(
+                f"connection closed in the middle of a frame ({len(self._pending)} bytes pending)",
                 code=ErrorCode.TRUNCATED_FRAME,
             )
         return None
@@ -189,3 +318,11 @@ class FrameDecoder:
         while (message := self.next_message()) is not None:
             out.append(message)
         return out
+
+
+def _decode(buf: bytes | bytearray, start: int, end: int) -> Message:
+    message = _parse_data(buf, start, end)
+    if message is None:
+        with memoryview(buf) as view, view[start:end] as body:
+            return decode_body(body)
+    return message

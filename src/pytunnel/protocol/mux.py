@@ -28,7 +28,7 @@ from typing import Union
 import attrs
 
 from ..errors import ErrorCode, LocalProtocolError, RemoteProtocolError, StreamLimitError
-from .frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_message
+from .frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, append_data_frame, encode_message
 from .messages import (
     MAX_WINDOW,
     Accept,
@@ -64,8 +64,8 @@ __all__ = [
     "WindowOpened",
 ]
 
-#: Per-stream receive window. Chosen from bench/bench_window.py (see docs/performance.md):
-#: single-stream throughput stops growing around this size on loopback.
+#: Per-stream receive window. Chosen from ``bench/bench_session.py --window-sweep`` (see
+#: docs/performance.md): on loopback, single-stream throughput stops growing at this size.
 DEFAULT_WINDOW = 1024 * 1024
 #: Largest payload put in one Data frame: big enough to amortise per-frame cost, small enough
 #: that one bulk stream does not delay another stream's frames for long.
@@ -343,11 +343,12 @@ class Multiplexer:
         st.send_window -= size
         chunk = self.max_data_chunk
         if size <= chunk:
-            self._emit(Data(stream_id, bytes(data)))
+            append_data_frame(self._out, stream_id, data, self._peer_max_frame_size)
             return
-        view = memoryview(data)
-        for start in range(0, size, chunk):
-            self._emit(Data(stream_id, bytes(view[start : start + chunk])))
+        with memoryview(data) as view:
+            for start in range(0, size, chunk):
+                with view[start : start + chunk] as piece:
+                    append_data_frame(self._out, stream_id, piece, self._peer_max_frame_size)
 
     def send_fin(self, stream_id: int) -> None:
         """Half-close: we will send no more data. Idempotent."""
