@@ -261,6 +261,18 @@ class Forward:
     def _cancel(self) -> None:
         self._cancel_scope.cancel()
 
+    async def _relay(
+        self, accepted: trio.abc.HalfCloseableStream, toward_target: trio.abc.HalfCloseableStream
+    ) -> None:
+        """Relay one connection of this forward, counted in its stats."""
+        await relay(
+            accepted,
+            toward_target,
+            idle_timeout=self._tunnel.config.idle_timeout,
+            stats=self.stats,
+            name=f"{self.kind} {self.listen_port}->{self.target}",
+        )
+
     def _count_failure(self, exc: BaseException) -> None:
         if isinstance(exc, DialError) and exc.category in ("NODE_TIMEOUT", "NODE_UNSTABLE"):
             self.stats.count_error(exc.category)
@@ -326,13 +338,7 @@ class LocalForward(Forward):
             log.warning("local forward %s: connection dropped: %s", self.listen_port, exc)
             await trio.aclose_forcefully(conn)
             return
-        await relay(
-            conn,
-            stream,
-            idle_timeout=self._tunnel.config.idle_timeout,
-            stats=self.stats,
-            name=f"local {self.listen_port}->{self.target}",
-        )
+        await self._relay(conn, stream)
 
 
 class RemoteForward(Forward):
@@ -443,13 +449,7 @@ class RemoteForward(Forward):
         except SessionClosedError:
             await trio.aclose_forcefully(sock)
             return
-        await relay(
-            stream,
-            sock,
-            idle_timeout=self._tunnel.config.idle_timeout,
-            stats=self.stats,
-            name=f"remote {self.listen_port}->{self.target}",
-        )
+        await self._relay(stream, sock)
 
     async def _probe_loop(self, control: MuxStream) -> None:
         """TCP-connect the target every ``probe_interval``; after ``probe_failures`` failures
