@@ -109,6 +109,15 @@ def _forward_specs(
         raise click.BadParameter(str(exc)) from None
 
 
+def _dynamic_specs(
+    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+) -> list[tuple[str, int]]:
+    try:
+        return [parse_host_port(v) for v in values]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _port_ranges(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     if value is not None:
         try:
@@ -364,6 +373,21 @@ def serve(
 )
 @token_file_option
 @click.option(
+    "-D",
+    "--dynamic",
+    "dynamic",
+    multiple=True,
+    callback=_dynamic_specs,
+    metavar="[BIND:]PORT",
+    help="Dynamic forward: a SOCKS5/4a proxy here on PORT (0: any) whose connections exit at "
+    "the server, DNS included. Repeatable.",
+)
+@click.option(
+    "--socks-auth",
+    metavar="USER:PASSWORD",
+    help="Require this username and password from SOCKS clients (RFC 1929).",
+)
+@click.option(
     "--tls",
     "use_tls",
     is_flag=True,
@@ -473,6 +497,8 @@ def connect(
     server: tuple[str, int],
     token: str | None,
     token_file: str | None,
+    dynamic: list[tuple[str, int]],
+    socks_auth: str | None,
     use_tls: bool,
     tls_ca: str | None,
     tls_fingerprint: str | None,
@@ -504,6 +530,12 @@ def connect(
             parse_fingerprint(tls_fingerprint)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--tls-fingerprint") from None
+    auth: tuple[str, str] | None = None
+    if socks_auth is not None:
+        user, sep, password = socks_auth.partition(":")
+        if not sep or not user:
+            raise click.BadParameter("expected USER:PASSWORD", param_hint="--socks-auth")
+        auth = (user, password)
     config = pytunnel.ClientConfig(
         token=secret,
         tls_fingerprint=tls_fingerprint,
@@ -547,6 +579,11 @@ def connect(
                     local_host=spec.bind_host or "127.0.0.1",
                 )
                 _say(f"local forward {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
+            for bind_host, bind_port in dynamic:
+                fwd = await tunnel.forward_dynamic(
+                    local_port=bind_port, local_host=bind_host, auth=auth
+                )
+                _say(f"dynamic forward {pytunnel.format_target(*fwd.address)} -> SOCKS")
             async with trio.open_nursery() as nursery:
                 if status_interval > 0:
                     nursery.start_soon(_print_status, tunnel, status_interval)

@@ -318,3 +318,30 @@ def test_token_file_and_command_line_warning(
     finally:
         client.kill()
     assert "--token on the command line is visible to other users" in err
+
+
+def test_dynamic_forward_cli(
+    server: tuple[Proc, tuple[str, int], str], echo_address: tuple[str, int]
+) -> None:
+    import struct
+
+    _, (host, port), token = server
+    client = Proc("connect", f"{host}:{port}", "-D", "0", env={"PYTUNNEL_TOKEN": token})
+    try:
+        client.readline()
+        line = client.readline()
+        assert line.startswith("dynamic forward 127.0.0.1:")
+        assert line.endswith("-> SOCKS")
+        with socket.create_connection(_address(line), timeout=10) as s:
+            s.sendall(b"\x05\x01\x00")
+            assert s.recv(2) == b"\x05\x00"
+            s.sendall(
+                b"\x05\x01\x00\x01"
+                + socket.inet_aton(echo_address[0])
+                + struct.pack("!H", echo_address[1])
+            )
+            assert s.recv(10)[:2] == b"\x05\x00"
+            s.sendall(b"raw socks5")
+            assert s.recv(100) == b"raw socks5"
+    finally:
+        client.kill()

@@ -58,6 +58,9 @@ from .client import (
     ClientConfig as ClientConfig,
 )
 from .client import (
+    DynamicForward as DynamicForward,
+)
+from .client import (
     EventKind as EventKind,
 )
 from .client import (

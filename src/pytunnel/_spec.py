@@ -54,6 +54,13 @@ def parse_forward_spec(spec: str) -> ForwardSpec:
     Port 0 is allowed for the listening side (any free port). Raises ``ValueError`` with a
     message naming the offending part.
     """
+    body, slash, protocol = spec.rpartition("/")
+    if slash:
+        if protocol.lower() == "udp":
+            raise ValueError(f"UDP forwards are not supported yet: {spec!r}")
+        if protocol.lower() != "tcp":
+            raise ValueError(f"unknown protocol {protocol!r} in {spec!r} (expected /tcp)")
+        spec = body
     parts = _split(spec)
     if len(parts) == 3:
         bind_host, (port, host, hostport) = None, parts

@@ -21,6 +21,7 @@ after each reconnect. Their status says where they are.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
@@ -63,9 +64,17 @@ from .protocol import routes
 from .protocol.frames import FrameDecoder, encode_message
 from .protocol.messages import Bound, ForwardState, truncate_text
 from .protocol.mux import Role
+from .protocol.socks import (
+    MAX_MESSAGE_SIZE,
+    ConnectRequest,
+    SocksError,
+    SocksServerConnection,
+    reply_code_for_error,
+)
 
 __all__ = [
     "ClientConfig",
+    "DynamicForward",
     "Forward",
     "EventKind",
     "TunnelEvent",
@@ -337,6 +346,76 @@ class LocalForward(Forward):
             self._count_failure(exc)
             log.warning("local forward %s: connection dropped: %s", self.listen_port, exc)
             await trio.aclose_forcefully(conn)
+            return
+        await self._relay(conn, stream)
+
+
+class DynamicForward(LocalForward):
+    """``-D``: a local SOCKS proxy (SOCKS5, SOCKS4 and 4a) whose connections exit at the server.
+
+    Domain names are resolved by the server, so DNS does not leak on the client side; the
+    server's target policy (``permit_open``) applies to every destination. A failed dial is
+    answered with the SOCKS reply that matches it (timeout, refused, unreachable, forbidden).
+    """
+
+    kind = "dynamic forward"
+
+    def __init__(
+        self, tunnel: Tunnel, auth: tuple[str, str] | None, negotiation_timeout: float
+    ) -> None:
+        super().__init__(tunnel, "socks", 0)
+        self.auth = auth
+        self.negotiation_timeout = negotiation_timeout
+
+    @property
+    def target(self) -> str:
+        return "SOCKS"
+
+    async def _handle(self, conn: trio.SocketStream) -> None:
+        socks = SocksServerConnection(self.auth)
+        request: ConnectRequest | None = None
+        try:
+            with trio.move_on_after(self.negotiation_timeout):
+                while request is None:
+                    events = socks.receive_data(await conn.receive_some(MAX_MESSAGE_SIZE))
+                    reply = socks.data_to_send()
+                    if reply:
+                        await conn.send_all(reply)
+                    if events:
+                        request = events[0]
+        except SocksError as exc:
+            self.stats.count_error("REFUSED")
+            log.info(
+                "dynamic forward %s: SOCKS negotiation failed: %s", self.listen_port, exc.reason
+            )
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                if exc.reply:
+                    await conn.send_all(exc.reply)
+            await trio.aclose_forcefully(conn)
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await trio.aclose_forcefully(conn)
+            return
+        if request is None:  # negotiation deadline passed
+            self.stats.count_error("REFUSED")
+            await trio.aclose_forcefully(conn)
+            return
+        try:
+            stream = await self._tunnel.open_stream(request.host, request.port)
+        except (StreamRefusedError, SessionClosedError) as exc:
+            self._count_failure(exc)
+            target = format_target(request.host, request.port)
+            log.warning("dynamic forward %s: %s unreachable: %s", self.listen_port, target, exc)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await conn.send_all(socks.reject(reply_code_for_error(exc.code, exc.message)))
+            await trio.aclose_forcefully(conn)
+            return
+        try:
+            await conn.send_all(socks.accept())
+            if socks.leftover:
+                await stream.send_all(socks.leftover)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await aclose_all(conn, stream)
             return
         await self._relay(conn, stream)
 
@@ -638,13 +717,30 @@ class Tunnel:
         """Listen on ``local_host:local_port`` here; relay each connection to the target,
         dialled by the server. Raises ``AddressInUseError`` / ``PermissionDeniedError``."""
         forward = LocalForward(self, target_host, target_port)
+        await self._start_listening(forward, local_host, local_port)
+        return forward
+
+    async def _start_listening(self, forward: LocalForward, host: str, port: int) -> None:
         nursery = self._require_nursery()
         self._forwards.add(forward)
         try:
-            await nursery.start(forward._run, local_host, local_port)
+            await nursery.start(forward._run, host, port)
         except BaseException:
             self._forwards.discard(forward)
             raise
+
+    async def forward_dynamic(
+        self,
+        *,
+        local_port: int = 0,
+        local_host: str = "127.0.0.1",
+        auth: tuple[str, str] | None = None,
+        negotiation_timeout: float = 10.0,
+    ) -> DynamicForward:
+        """A SOCKS proxy on ``local_host:local_port`` whose connections exit at the server
+        (``ssh -D``). ``auth``: require RFC 1929 username/password (SOCKS5 only then)."""
+        forward = DynamicForward(self, auth, negotiation_timeout)
+        await self._start_listening(forward, local_host, local_port)
         return forward
 
     async def forward_remote(

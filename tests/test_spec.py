@@ -1,0 +1,48 @@
+"""OpenSSH-style forward specifications."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytunnel._spec import ForwardSpec, parse_forward_spec, parse_host_port
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("8080:localhost:80", ForwardSpec(None, 8080, "localhost", 80)),
+        ("0:127.0.0.1:22", ForwardSpec(None, 0, "127.0.0.1", 22)),
+        ("0.0.0.0:8080:db:5432", ForwardSpec("0.0.0.0", 8080, "db", 5432)),
+        ("[::1]:8080:[2001:db8::1]:443", ForwardSpec("::1", 8080, "2001:db8::1", 443)),
+        ("8080:localhost:80/tcp", ForwardSpec(None, 8080, "localhost", 80)),
+    ],
+)
+def test_valid_specs(spec: str, expected: ForwardSpec) -> None:
+    assert parse_forward_spec(spec) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("8080", "expected"),
+        ("x:host:80", "not a number"),
+        ("8080:host:0", "out of range"),
+        ("70000:host:80", "out of range"),
+        ("8080::80", "missing target host"),
+        ("[::1:8080:host:80", "unbalanced"),
+        ("5353:127.0.0.1:53/udp", "UDP forwards are not supported yet"),
+        ("8080:host:80/sctp", "unknown protocol"),
+    ],
+)
+def test_invalid_specs(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_forward_spec(spec)
+
+
+def test_host_port() -> None:
+    assert parse_host_port("7000") == ("127.0.0.1", 7000)
+    assert parse_host_port(":7000") == ("127.0.0.1", 7000)
+    assert parse_host_port("[::1]:7000") == ("::1", 7000)
+    assert parse_host_port("example.org:1") == ("example.org", 1)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_host_port("a:b:c")
