@@ -569,16 +569,18 @@ def connect(
                     spec.target_port,
                     remote_port=spec.bind_port,
                     remote_host=spec.bind_host or "",
+                    protocol=spec.protocol,
                 )
-                _say(f"remote forward {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
+                _say(f"{fwd.kind} {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
             for spec in local:
                 fwd = await tunnel.forward_local(
                     spec.target_host,
                     spec.target_port,
                     local_port=spec.bind_port,
                     local_host=spec.bind_host or "127.0.0.1",
+                    protocol=spec.protocol,
                 )
-                _say(f"local forward {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
+                _say(f"{fwd.kind} {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
             for bind_host, bind_port in dynamic:
                 fwd = await tunnel.forward_dynamic(
                     local_port=bind_port, local_host=bind_host, auth=auth

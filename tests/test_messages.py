@@ -82,6 +82,7 @@ STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     m.Pong: st.builds(m.Pong, opaque=u64s),
     m.GoAway: st.builds(m.GoAway, code=error_codes, message=utf8_text(m.MAX_TEXT)),
     m.Bound: st.builds(m.Bound, host=utf8_text(m.MAX_HOST), port=ports),
+    m.Datagram: st.builds(m.Datagram, stream=stream_ids, data=st.binary(max_size=2000)),
     m.ForwardState: st.builds(m.ForwardState, online=st.booleans(), reason=utf8_text(m.MAX_TEXT)),
 }
 
@@ -102,6 +103,7 @@ EXAMPLES: dict[type[Any], Any] = {
     m.Pong: m.Pong(42),
     m.GoAway: m.GoAway(ErrorCode.NORMAL, "shutdown"),
     m.Bound: m.Bound("0.0.0.0", 8080),
+    m.Datagram: m.Datagram(5, b"\x12\x34 dns query"),
     m.ForwardState: m.ForwardState(False, "3 probes failed"),
 }
 
@@ -201,6 +203,7 @@ def test_field_names_and_tags_are_stable() -> None:
         "goaway": ["code", "message"],
         "bound": ["host", "port"],
         "fwdstate": ["online", "reason"],
+        "dgram": ["stream", "data"],
     }
     actual = {cls.TAG: [f.name for f in attrs.fields(cls)] for cls in MESSAGE_TYPES}
     assert actual == expected

@@ -15,6 +15,7 @@ from pytunnel._spec import ForwardSpec, parse_forward_spec, parse_host_port
         ("0.0.0.0:8080:db:5432", ForwardSpec("0.0.0.0", 8080, "db", 5432)),
         ("[::1]:8080:[2001:db8::1]:443", ForwardSpec("::1", 8080, "2001:db8::1", 443)),
         ("8080:localhost:80/tcp", ForwardSpec(None, 8080, "localhost", 80)),
+        ("5353:127.0.0.1:53/udp", ForwardSpec(None, 5353, "127.0.0.1", 53, "udp")),
     ],
 )
 def test_valid_specs(spec: str, expected: ForwardSpec) -> None:
@@ -30,7 +31,6 @@ def test_valid_specs(spec: str, expected: ForwardSpec) -> None:
         ("70000:host:80", "out of range"),
         ("8080::80", "missing target host"),
         ("[::1:8080:host:80", "unbalanced"),
-        ("5353:127.0.0.1:53/udp", "UDP forwards are not supported yet"),
         ("8080:host:80/sctp", "unknown protocol"),
     ],
 )

@@ -82,6 +82,12 @@ from .client import (
     TunnelEvent as TunnelEvent,
 )
 from .client import (
+    UdpLocalForward as UdpLocalForward,
+)
+from .client import (
+    UdpRemoteForward as UdpRemoteForward,
+)
+from .client import (
     connect as connect,
 )
 from .client import (

@@ -61,3 +61,28 @@ async def accept(listener: trio.SocketListener) -> trio.SocketStream:
                 raise
             log.error("accept failed (%s); pausing 100 ms", exc.strerror)
             await trio.sleep(0.1)
+
+
+async def bind_udp(host: str, port: int) -> trio.socket.SocketType:
+    """A UDP socket bound to ``host:port`` (0 = any free port), with the same typed errors as
+    :func:`bind`."""
+    address = format_target(host, port)
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
+        family, _, _, _, sockaddr = infos[0]
+        sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise ForwardError(f"cannot listen on {address}: {exc}", address=address) from None
+    try:
+        await sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUseError(f"{address} (udp) is already in use", address=address) from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise PermissionDeniedError(
+                f"not allowed to listen on {address} (udp): {reason}", address=address
+            ) from None
+        raise ForwardError(f"cannot listen on {address} (udp): {reason}", address=address) from None
+    return sock

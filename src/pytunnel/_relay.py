@@ -36,6 +36,8 @@ class RelayStats:
     #: Failed connections by category: ``NODE_TIMEOUT``, ``NODE_UNSTABLE``, ``REFUSED``
     #: (policy or limit), ``LINK_DOWN`` (no tunnel connection at the time).
     errors: dict[str, int] = attrs.field(factory=dict)
+    #: UDP forwards: datagrams dropped (queue full, too many associations, send failed).
+    datagrams_dropped: int = 0
 
     def count_error(self, category: str) -> None:
         self.errors[category] = self.errors.get(category, 0) + 1

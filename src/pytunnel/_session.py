@@ -35,11 +35,12 @@ from .errors import (
     refusal_error,
 )
 from .protocol.frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder
-from .protocol.messages import MAX_WINDOW, MIN_MAX_FRAME_SIZE
+from .protocol.messages import MAX_DATAGRAM, MAX_WINDOW, MIN_MAX_FRAME_SIZE
 from .protocol.mux import (
     DEFAULT_MAX_DATA_CHUNK,
     DEFAULT_MAX_STREAMS,
     DEFAULT_WINDOW,
+    DatagramReceived,
     DataReceived,
     Event,
     GoAwayReceived,
@@ -156,6 +157,15 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._send_conflict = _ConflictDetector("sending on this stream")
         self.bytes_sent = 0
         self.bytes_received = 0
+        # UDP associations: datagrams ride on the stream, outside its flow control, in a
+        # bounded queue that drops (and counts) when full instead of growing.
+        self._datagrams: deque[bytes] = deque()
+        self._datagram_lot = trio.lowlevel.ParkingLot()
+        self.datagram_queue = 256
+        self.datagrams_sent = 0
+        self.datagrams_received = 0
+        #: Datagrams dropped because a queue was full (either direction).
+        self.datagrams_dropped = 0
 
     def __repr__(self) -> str:
         return f"<MuxStream {self.stream_id} {self.host}:{self.port}>"
@@ -171,6 +181,15 @@ class MuxStream(trio.abc.HalfCloseableStream):
     def _on_eof(self) -> None:
         self._eof = True
         self._receive_lot.unpark_all()
+        self._datagram_lot.unpark_all()
+
+    def _on_datagram(self, data: bytes) -> None:
+        if len(self._datagrams) >= self.datagram_queue:
+            self.datagrams_dropped += 1
+            return
+        self._datagrams.append(data)
+        self.datagrams_received += 1
+        self._datagram_lot.unpark_all()
 
     def _break(self, cause: BaseException) -> None:
         if self._broken is None:
@@ -179,6 +198,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._buffered = 0
         self._receive_lot.unpark_all()
         self._send_lot.unpark_all()
+        self._datagram_lot.unpark_all()
 
     def _wake_sender(self) -> None:
         self._send_lot.unpark_all()
@@ -244,6 +264,39 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     await session._wait_drained()
             await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def send_datagram(self, data: bytes | bytearray | memoryview) -> bool:
+        """Send one datagram on this stream, never waiting: if the session's write buffer is
+        full the datagram is dropped and counted (``False``), as UDP would; a bulk transfer on
+        another stream is never stalled by datagrams, nor the other way round."""
+        self._check_send_datagram()
+        if self._session._send_datagram(self.stream_id, data):
+            self.datagrams_sent += 1
+            return True
+        self.datagrams_dropped += 1
+        return False
+
+    def _check_send_datagram(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if self._broken is not None:
+            raise trio.BrokenResourceError("stream is broken") from self._broken
+
+    async def receive_datagram(self) -> bytes:
+        """The next datagram; ``trio.EndOfChannel`` once the peer closed the stream."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+            if self._datagrams:
+                data = self._datagrams.popleft()
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+            if self._broken is not None:
+                raise trio.BrokenResourceError("stream is broken") from self._broken
+            if self._eof:
+                raise trio.EndOfChannel
+            await self._datagram_lot.park()
+
     async def wait_send_all_might_not_block(self) -> None:
         """Return once the peer's window has room (or the stream can no longer send)."""
         with self._send_conflict:
@@ -290,9 +343,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
             unread = bool(self._buffer)
             self._buffer.clear()
             self._buffered = 0
+            self._datagrams.clear()
             self._session._close_stream(self.stream_id, abort=unread)
             self._receive_lot.unpark_all()
             self._send_lot.unpark_all()
+            self._datagram_lot.unpark_all()
         await trio.lowlevel.checkpoint()
 
 
@@ -372,6 +427,8 @@ class Session:
             decoder=decoder,
         )
         self._streams: dict[int, MuxStream] = {}
+        # a datagram must fit the peer's frame limit with its envelope
+        self._max_datagram = min(MAX_DATAGRAM, (peer_max_frame_size or config.max_frame_size) - 64)
         self._opening: dict[int, trio.Event] = {}
         self._refusals: dict[int, BaseException] = {}
         # Bounded in practice by max_streams: the multiplexer refuses opens beyond it.
@@ -556,6 +613,15 @@ class Session:
         self._mux.refuse_stream(stream.stream_id, code, message)
         self._kick_writer()
 
+    def _send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> bool:
+        if self.closed or self._mux.bytes_to_send > self.config.write_buffer_high:
+            return False
+        if not self._mux.can_send_datagram(stream_id) or len(data) > self._max_datagram:
+            return False
+        self._mux.send_datagram(stream_id, data)
+        self._kick_writer()
+        return True
+
     def _kick_writer(self) -> None:
         self._write_event.set()
 
@@ -646,6 +712,10 @@ class Session:
                     stream._on_data(data)
                 else:  # the app closed it; the multiplexer already knows
                     self._mux.consumed(stream_id, len(data))
+            case DatagramReceived(stream_id, data):
+                stream = self._streams.get(stream_id)
+                if stream is not None:
+                    stream._on_datagram(data)
             case WindowOpened(stream_id):
                 stream = self._streams.get(stream_id)
                 if stream is not None:

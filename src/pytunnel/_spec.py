@@ -15,6 +15,7 @@ class ForwardSpec:
     bind_port: int
     target_host: str
     target_port: int
+    protocol: str = "tcp"
 
 
 def _split(spec: str) -> list[str]:
@@ -54,12 +55,12 @@ def parse_forward_spec(spec: str) -> ForwardSpec:
     Port 0 is allowed for the listening side (any free port). Raises ``ValueError`` with a
     message naming the offending part.
     """
-    body, slash, protocol = spec.rpartition("/")
+    body, slash, suffix = spec.rpartition("/")
+    protocol = "tcp"
     if slash:
-        if protocol.lower() == "udp":
-            raise ValueError(f"UDP forwards are not supported yet: {spec!r}")
-        if protocol.lower() != "tcp":
-            raise ValueError(f"unknown protocol {protocol!r} in {spec!r} (expected /tcp)")
+        protocol = suffix.lower()
+        if protocol not in ("tcp", "udp"):
+            raise ValueError(f"unknown protocol {suffix!r} in {spec!r} (expected /tcp or /udp)")
         spec = body
     parts = _split(spec)
     if len(parts) == 3:
@@ -75,6 +76,7 @@ def parse_forward_spec(spec: str) -> ForwardSpec:
         _port(port, "port", spec, allow_zero=True),
         host,
         _port(hostport, "target port", spec, allow_zero=False),
+        protocol,
     )
 
 

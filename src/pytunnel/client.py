@@ -36,7 +36,7 @@ import trio
 
 from ._dial import DEFAULT_CONNECT_TIMEOUT, describe_os_error, dial, format_target
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, HandshakeResult, client_handshake
-from ._listen import accept, bind, bound_port
+from ._listen import accept, bind, bind_udp, bound_port
 from ._relay import DEFAULT_IDLE_TIMEOUT, RelayStats, relay
 from ._session import (
     IncomingStream,
@@ -47,6 +47,13 @@ from ._session import (
     open_session,
 )
 from ._tls import client_tls_context, tls_connect
+from ._udp import (
+    DEFAULT_MAX_ASSOCIATIONS,
+    DEFAULT_UDP_IDLE_TIMEOUT,
+    relay_association,
+    serve_associations,
+    udp_connect,
+)
 from ._util import aclose_all
 from .errors import (
     AuthenticationError,
@@ -81,6 +88,8 @@ __all__ = [
     "ForwardStatus",
     "LocalForward",
     "RemoteForward",
+    "UdpLocalForward",
+    "UdpRemoteForward",
     "Tunnel",
     "connect",
     "connect_tunnel",
@@ -122,6 +131,10 @@ class ClientConfig:
     probe_interval: float = 30.0
     #: ... and this many consecutive failures take the forward offline at the server.
     probe_failures: int = 3
+    #: UDP associations idle for this long are closed.
+    udp_idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT
+    #: Associations one local UDP forward keeps at once.
+    max_udp_associations: int = DEFAULT_MAX_ASSOCIATIONS
     #: TLS for the control connection (see ``pytunnel.client_tls_context``); ``None``: plain
     #: unless ``tls_fingerprint`` is set.
     tls: ssl.SSLContext | None = None
@@ -429,6 +442,7 @@ class RemoteForward(Forward):
     """
 
     kind = "remote forward"
+    _listen_route = routes.LISTEN
 
     def __init__(
         self,
@@ -467,7 +481,7 @@ class RemoteForward(Forward):
     async def _serve_attached(self, session: Session, task_status: trio.TaskStatus[None]) -> None:
         with self._attach_scope:
             control = await session.open_stream(
-                self._remote_host, self._remote_port, tag=routes.LISTEN
+                self._remote_host, self._remote_port, tag=self._listen_route
             )
             tunnel = self._tunnel
             try:
@@ -480,7 +494,7 @@ class RemoteForward(Forward):
                     self._connections = nursery
                     self._set_status(ForwardStatus.ACTIVE, "registered at the server")
                     task_status.started()
-                    if tunnel.config.probe_interval > 0:
+                    if tunnel.config.probe_interval > 0 and self._listen_route == routes.LISTEN:
                         nursery.start_soon(self._probe_loop, control)
                     # errors are handled here, inside the nursery, so they are not wrapped
                     self._follow_server(await _wait_end(control), session)
@@ -571,6 +585,72 @@ class RemoteForward(Forward):
                 if not await _tell(control, ForwardState(True, "target reachable")):
                     return
                 self._set_status(ForwardStatus.ACTIVE, "target reachable again")
+
+
+class UdpLocalForward(LocalForward):
+    """``-L port:host:hostport/udp``: datagrams to the local UDP port reach the target from
+    the server; replies come back to each source. One association per source address."""
+
+    kind = "local udp forward"
+
+    async def _run(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self._finished = trio.Event()
+        try:
+            with self._cancel_scope:
+                sock = await bind_udp(host, port)
+                with sock:
+                    self.listen_host, self.listen_port = host, int(sock.getsockname()[1])
+                    self._set_status(
+                        ForwardStatus.ACTIVE if self._tunnel.connected else ForwardStatus.SUSPENDED,
+                        "listening (udp)",
+                    )
+                    task_status.started()
+                    await serve_associations(
+                        sock,
+                        self._open_association,
+                        idle_timeout=self._tunnel.config.udp_idle_timeout,
+                        max_associations=self._tunnel.config.max_udp_associations,
+                        stats=self.stats,
+                        name=f"{self.kind} {self.listen_port}",
+                    )
+        except OSError as exc:
+            self._set_status(ForwardStatus.ERROR, f"socket failed: {exc}")
+        finally:
+            self._set_status(ForwardStatus.STOPPED, "forward ended")
+            self._finished.set()
+
+    async def _open_association(self, source: tuple[str, int]) -> MuxStream:
+        try:
+            return await self._tunnel._open(self.target_host, self.target_port, routes.UDP_CONNECT)
+        except (StreamRefusedError, SessionClosedError) as exc:
+            self._count_failure(exc)
+            raise
+
+
+class UdpRemoteForward(RemoteForward):
+    """``-R port:host:hostport/udp``: the server listens on a UDP port; each source address
+    there becomes an association relayed to the target, dialled here."""
+
+    kind = "remote udp forward"
+    _listen_route = routes.UDP_LISTEN
+
+    async def _handle(self, incoming: IncomingStream) -> None:
+        try:
+            sock = await udp_connect(self.target_host, self.target_port)
+        except DialError as exc:
+            self._count_failure(exc)
+            incoming.refuse_with(exc)
+            return
+        try:
+            stream = incoming.accept()
+        except SessionClosedError:
+            sock.close()
+            return
+        await relay_association(
+            stream, sock, idle_timeout=self._tunnel.config.udp_idle_timeout, stats=self.stats
+        )
 
 
 async def _tell(control: MuxStream, message: ForwardState) -> bool:
@@ -703,8 +783,11 @@ class Tunnel:
         ``NodeUnstableError`` if the server's dial fails, ``TargetForbiddenError`` if its
         policy refuses, ``SessionClosedError`` if there is no link.
         """
+        return await self._open(host, port, routes.CONNECT)
+
+    async def _open(self, host: str, port: int, route: int) -> MuxStream:
         session = await self._current_session()
-        return await session.open_stream(host, port, tag=routes.CONNECT)
+        return await session.open_stream(host, port, tag=route)
 
     async def forward_local(
         self,
@@ -713,10 +796,11 @@ class Tunnel:
         *,
         local_port: int = 0,
         local_host: str = "127.0.0.1",
+        protocol: str = "tcp",
     ) -> LocalForward:
         """Listen on ``local_host:local_port`` here; relay each connection to the target,
         dialled by the server. Raises ``AddressInUseError`` / ``PermissionDeniedError``."""
-        forward = LocalForward(self, target_host, target_port)
+        forward = _LOCAL_KINDS[_protocol(protocol)](self, target_host, target_port)
         await self._start_listening(forward, local_host, local_port)
         return forward
 
@@ -751,11 +835,12 @@ class Tunnel:
         remote_port: int = 0,
         remote_host: str = "",
         connect_timeout: float | None = None,
+        protocol: str = "tcp",
     ) -> RemoteForward:
         """Ask the server to listen on ``remote_port`` (0: any); relay each connection there
         to the target, dialled here. Raises ``AddressInUseError``, ``PermissionDeniedError``,
         ``PortNotAllowedError`` or ``ForwardLimitError`` and leaves nothing bound."""
-        forward = RemoteForward(
+        forward = _REMOTE_KINDS[_protocol(protocol)](
             self,
             target_host,
             target_port,
@@ -989,6 +1074,16 @@ def _describe_reason(reason: BaseException | None) -> str:
     if reason is None:
         return "unknown reason"
     return str(reason) or type(reason).__name__
+
+
+_LOCAL_KINDS: dict[str, type[LocalForward]] = {"tcp": LocalForward, "udp": UdpLocalForward}
+_REMOTE_KINDS: dict[str, type[RemoteForward]] = {"tcp": RemoteForward, "udp": UdpRemoteForward}
+
+
+def _protocol(protocol: str) -> str:
+    if protocol not in ("tcp", "udp"):
+        raise ValueError(f"protocol must be 'tcp' or 'udp', not {protocol!r}")
+    return protocol
 
 
 def _split_address(address: str | tuple[str, int]) -> tuple[str, int]:

@@ -8,22 +8,30 @@ once (so the same port can be bound again immediately) and every relay is torn d
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import ssl
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import attrs
 import trio
 
 from ._dial import DEFAULT_CONNECT_TIMEOUT, dial, format_target
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, send_goaway, server_handshake
-from ._listen import accept, bind, bound_port
+from ._listen import accept, bind, bind_udp, bound_port
 from ._policy import PermitOpen, PortRange, parse_port_ranges
-from ._relay import DEFAULT_IDLE_TIMEOUT, relay
+from ._relay import DEFAULT_IDLE_TIMEOUT, RelayStats, relay
 from ._session import IncomingStream, MuxStream, Session, SessionConfig, open_session
 from ._tls import tls_accept
+from ._udp import (
+    DEFAULT_MAX_ASSOCIATIONS,
+    DEFAULT_UDP_IDLE_TIMEOUT,
+    relay_association,
+    serve_associations,
+    udp_connect,
+)
 from ._util import aclose_all
 from .errors import (
     AuthenticationError,
@@ -49,6 +57,7 @@ log = logging.getLogger("pytunnel.server")
 #: Seconds of silence after which a peer is considered gone (both ends use it).
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 _PORT_0_ATTEMPTS = 64
+_Bound = TypeVar("_Bound")
 
 
 def _ranges(value: str | Iterable[PortRange] | None) -> tuple[PortRange, ...] | None:
@@ -89,6 +98,10 @@ class ServerConfig:
     max_streams: int = 16384
     #: Connections still in their handshake; more are turned away with SERVER_BUSY.
     max_pending_handshakes: int = 128
+    #: UDP associations idle for this long are closed.
+    udp_idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT
+    #: Associations one UDP remote forward keeps at once.
+    max_udp_associations: int = DEFAULT_MAX_ASSOCIATIONS
     #: TLS for the control connection (see ``pytunnel.server_tls_context``); ``None``: plain.
     tls: ssl.SSLContext | None = None
     #: After a failed authentication, that source address is refused for this long, doubling
@@ -313,7 +326,11 @@ class _ClientSession:
                     if self._stream_limit_reached(incoming):
                         continue
                     nursery.start_soon(self._serve_connect, incoming)
-                elif incoming.tag == routes.LISTEN:
+                elif incoming.tag == routes.UDP_CONNECT:
+                    if self._stream_limit_reached(incoming):
+                        continue
+                    nursery.start_soon(self._serve_udp_connect, incoming)
+                elif incoming.tag in (routes.LISTEN, routes.UDP_LISTEN):
                     if self.forwards >= self.config.max_forwards_per_client:
                         log.warning(
                             "client %s: remote forward refused: limit of %d forwards reached",
@@ -326,7 +343,10 @@ class _ClientSession:
                         )
                         continue
                     self.forwards += 1
-                    nursery.start_soon(self._serve_listen, incoming)
+                    if incoming.tag == routes.LISTEN:
+                        nursery.start_soon(self._serve_listen, incoming)
+                    else:
+                        nursery.start_soon(self._serve_udp_listen, incoming)
                 else:
                     incoming.refuse(ErrorCode.PROTOCOL_ERROR, f"unknown route {incoming.tag}")
             nursery.cancel_scope.cancel()
@@ -399,25 +419,111 @@ class _ClientSession:
 
     # ---------------------------------------------------------------- remote forwards
 
-    async def _bind(self, host: str, port: int) -> list[trio.SocketListener]:
+    def _check_bind(self, host: str, port: int) -> str:
+        """The host to bind, or raise: clients only get the public host and allowed ports."""
         address = format_target(host, port)
         if host not in ("", self.config.public_host):
             raise PortNotAllowedError(
                 f"server only listens on {self.config.public_host}, not {host}", address=address
             )
-        host = self.config.public_host
         if port and not self.config.port_allowed(port):
             raise PortNotAllowedError(f"port {port} is outside the allowed range", address=address)
+        return self.config.public_host
+
+    async def _bind(
+        self,
+        host: str,
+        port: int,
+        binder: Callable[[str, int], Awaitable[_Bound]],
+    ) -> _Bound:
+        """Bind as the policy allows: the public host only, and with port 0 and an allowed
+        range, a free port inside the range (never an arbitrary one)."""
+        host = self._check_bind(host, port)
         if port or self.config.allow_ports is None:
-            return await bind(host, port)
-        # port 0 with a range: pick free ports inside it
+            return await binder(host, port)
         candidates = [p for r in self.config.allow_ports for p in range(r.low, r.high + 1)]
         for candidate in random.sample(candidates, min(len(candidates), _PORT_0_ATTEMPTS)):
             try:
-                return await bind(host, candidate)
+                return await binder(host, candidate)
             except ForwardError:
                 continue
-        raise PortNotAllowedError("no free port in the allowed range", address=address)
+        raise PortNotAllowedError(
+            "no free port in the allowed range", address=format_target(host, port)
+        )
+
+    # ---------------------------------------------------------------- UDP
+
+    async def _serve_udp_connect(self, incoming: IncomingStream) -> None:
+        host, port = incoming.host, incoming.port
+        target = format_target(host, port)
+        if not host or not 1 <= port <= 65535 or not self.config.permit_open.allows(host, port):
+            log.warning("[TARGET_FORBIDDEN] client %s may not open udp %s", self.peer, target)
+            incoming.refuse(ErrorCode.TARGET_FORBIDDEN, f"udp {target} is not permitted")
+            return
+        try:
+            sock = await udp_connect(host, port)
+        except DialError as exc:
+            incoming.refuse_with(exc)
+            return
+        try:
+            stream = incoming.accept()
+        except SessionClosedError:
+            sock.close()
+            return
+        self.server.active_streams += 1
+        try:
+            await relay_association(stream, sock, idle_timeout=self.config.udp_idle_timeout)
+        finally:
+            self.server.active_streams -= 1
+
+    async def _serve_udp_listen(self, incoming: IncomingStream) -> None:
+        try:
+            await self._run_udp_forward(incoming)
+        finally:
+            self.forwards -= 1
+
+    async def _run_udp_forward(self, incoming: IncomingStream) -> None:
+        try:
+            sock = await self._bind(incoming.host, incoming.port, bind_udp)
+        except ForwardError as exc:
+            log.warning("client %s: udp remote forward refused: %s", self.peer, exc)
+            incoming.refuse_with(exc)
+            return
+        try:
+            control = incoming.accept()
+        except SessionClosedError:
+            sock.close()
+            return
+        host, port = self.config.public_host, int(sock.getsockname()[1])
+        address = format_target(host, port)
+        stats = RelayStats()
+
+        async def open_association(source: tuple[str, int]) -> MuxStream:
+            return await self.session.open_stream(source[0], source[1], tag=control.stream_id)
+
+        try:
+            await control.send_all(encode_message(Bound(host, port)))
+            log.info("client %s: udp remote forward listening on %s", self.peer, address)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    functools.partial(
+                        serve_associations,
+                        sock,
+                        open_association,
+                        idle_timeout=self.config.udp_idle_timeout,
+                        max_associations=self.config.max_udp_associations,
+                        stats=stats,
+                        name=f"udp {address}",
+                    )
+                )
+                await _wait_end(control)
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            sock.close()
+            await trio.aclose_forcefully(control)
+            log.info("client %s: udp remote forward on %s closed", self.peer, address)
 
     async def _serve_listen(self, incoming: IncomingStream) -> None:
         try:
@@ -428,7 +534,7 @@ class _ClientSession:
     async def _run_remote_forward(self, incoming: IncomingStream) -> None:
         requested = format_target(incoming.host or self.config.public_host, incoming.port)
         try:
-            listeners = await self._bind(incoming.host, incoming.port)
+            listeners = await self._bind(incoming.host, incoming.port, bind)
         except ForwardError as exc:
             log.warning("client %s: remote forward on %s refused: %s", self.peer, requested, exc)
             incoming.refuse_with(exc)
@@ -485,6 +591,15 @@ class _ClientSession:
             await trio.aclose_forcefully(conn)
             return
         await self._relay(conn, stream, f"public->{self.peer}")
+
+
+async def _wait_end(stream: MuxStream) -> None:
+    """Until the peer closes (or breaks) the stream; anything it sends is ignored."""
+    try:
+        while await stream.receive_some():
+            pass
+    except trio.BrokenResourceError:
+        pass
 
 
 class _PublicPort:

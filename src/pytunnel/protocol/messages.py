@@ -26,6 +26,7 @@ __all__ = [
     "Bound",
     "Challenge",
     "Data",
+    "Datagram",
     "Fin",
     "ForwardState",
     "GoAway",
@@ -55,6 +56,8 @@ MAX_HOST = 255
 MAX_VERSIONS = 16
 NONCE_SIZE = 32
 MAC_SIZE = 32
+#: Largest UDP payload carried (the IPv4 maximum: 65535 - 8 - 20).
+MAX_DATAGRAM = 65507
 #: Smallest ``max_frame_size`` a peer may announce in ``Auth``/``Welcome``. Every message except
 #: ``Data`` encodes to well under this (the text limits above are in bytes for that reason), so a
 #: peer announcing at least this much can always be sent any control frame.
@@ -125,6 +128,14 @@ def truncate_text(text: str, limit: int = MAX_TEXT) -> str:
     if len(raw) <= limit:
         return raw.decode("utf-8")
     return raw[:limit].decode("utf-8", "ignore")
+
+
+def _max_len_bytes(limit: int) -> Any:
+    def check(_inst: object, attribute: attrs.Attribute[bytes], value: bytes) -> None:
+        if len(value) > limit:
+            raise ValueError(f"{attribute.name} is longer than {limit} bytes")
+
+    return check
 
 
 def _exact_len(size: int) -> Any:
@@ -229,6 +240,20 @@ class Data:
 
 
 @attrs.frozen
+class Datagram:
+    """One UDP datagram belonging to stream ``stream`` (a UDP association).
+
+    Not flow-controlled and never split: boundaries are kept, one datagram per message. A
+    receiver drops datagrams it has no room for (that is UDP's contract) rather than stalling
+    the session; datagrams for a stream that no longer exists are dropped silently.
+    """
+
+    TAG: ClassVar[str] = "dgram"
+    stream: int = attrs.field(validator=_stream_id)
+    data: bytes = attrs.field(validator=_max_len_bytes(MAX_DATAGRAM))
+
+
+@attrs.frozen
 class WindowUpdate:
     """The receiver consumed ``delta`` more bytes: the sender may send that much more."""
 
@@ -322,6 +347,7 @@ Message = Union[  # noqa: UP007 - cattrs needs a real Union object at runtime on
     Accept,
     Refuse,
     Data,
+    Datagram,
     WindowUpdate,
     Fin,
     Reset,

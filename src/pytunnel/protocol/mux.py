@@ -30,9 +30,11 @@ import attrs
 from ..errors import ErrorCode, LocalProtocolError, RemoteProtocolError, StreamLimitError
 from .frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, append_data_frame, encode_message
 from .messages import (
+    MAX_DATAGRAM,
     MAX_WINDOW,
     Accept,
     Data,
+    Datagram,
     Fin,
     GoAway,
     Message,
@@ -50,6 +52,7 @@ __all__ = [
     "DEFAULT_MAX_STREAMS",
     "DEFAULT_WINDOW",
     "DataReceived",
+    "DatagramReceived",
     "Event",
     "GoAwayReceived",
     "Multiplexer",
@@ -126,6 +129,14 @@ class DataReceived:
 
 
 @attrs.frozen
+class DatagramReceived:
+    """A datagram arrived on ``stream`` (not flow-controlled; see ``Datagram``)."""
+
+    stream: int
+    data: bytes
+
+
+@attrs.frozen
 class StreamEnded:
     """The peer sent Fin: no more data will arrive on ``stream``."""
 
@@ -175,6 +186,7 @@ Event = Union[  # noqa: UP007
     StreamAccepted,
     StreamRefused,
     DataReceived,
+    DatagramReceived,
     StreamEnded,
     StreamReset,
     WindowOpened,
@@ -269,6 +281,11 @@ class Multiplexer:
             return 0
         return st.send_window
 
+    def can_send_datagram(self, stream_id: int) -> bool:
+        """Whether a datagram may be sent on the stream (open; Fin does not matter)."""
+        st = self._streams.get(stream_id)
+        return st is not None and st.phase is _Phase.OPEN
+
     def can_send(self, stream_id: int) -> bool:
         """Whether the stream still accepts data from us at all (open, no Fin sent)."""
         st = self._streams.get(stream_id)
@@ -350,6 +367,17 @@ class Multiplexer:
                 with view[start : start + chunk] as piece:
                     append_data_frame(self._out, stream_id, piece, self._peer_max_frame_size)
 
+    def send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue one datagram on an open stream (no window: callers bound their own queues)."""
+        st = self._get(stream_id)
+        if st.phase is not _Phase.OPEN:
+            raise LocalProtocolError(
+                f"stream {stream_id} is not open", code=ErrorCode.STREAM_STATE_ERROR
+            )
+        if len(data) > MAX_DATAGRAM:
+            raise LocalProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
+        self._emit(Datagram(stream_id, bytes(data)))
+
     def send_fin(self, stream_id: int) -> None:
         """Half-close: we will send no more data. Idempotent."""
         st = self._get(stream_id)
@@ -428,6 +456,18 @@ class Multiplexer:
         match msg:
             case Data():
                 return self._on_data(msg)
+            case Datagram(stream_id, data):
+                st = self._streams.get(stream_id)
+                if st is None:
+                    self._check_known_id(stream_id)
+                    return None
+                if st.phase is not _Phase.OPEN:
+                    raise _error(
+                        ErrorCode.STREAM_STATE_ERROR, f"datagram on stream {st.id} before accept"
+                    )
+                if st.local_closed:
+                    return None
+                return DatagramReceived(stream_id, data)
             case WindowUpdate(stream_id, delta):
                 st = self._streams.get(stream_id)
                 if st is None:

@@ -6,6 +6,9 @@ Streams the *client* opens:
   ``Tunnel.open_stream``).
 * ``LISTEN`` (1): a remote forward request: listen on ``host:port`` at the server. The stream
   stays open as the forward's control stream; closing it removes the forward.
+* ``UDP_CONNECT`` (2): a UDP association with ``host:port`` at the server; datagrams travel
+  as ``Datagram`` messages on the stream.
+* ``UDP_LISTEN`` (3): a UDP remote forward request, like ``LISTEN``.
 
 Streams the *server* opens carry, as ``tag``, the stream id of the remote forward's control
 stream they belong to, and the public peer's address as ``host``/``port`` (informational).
@@ -15,3 +18,7 @@ from __future__ import annotations
 
 CONNECT = 0
 LISTEN = 1
+#: UDP association to ``host:port`` (datagrams via ``Datagram`` messages on the stream).
+UDP_CONNECT = 2
+#: UDP remote forward request; the control stream stays open like ``LISTEN``'s.
+UDP_LISTEN = 3

@@ -1,0 +1,245 @@
+"""UDP forwarding: datagrams over the multiplexed session, one stream per association.
+
+An *association* is one (source address, target) pair, as in NAT tables: the listening side
+keeps a table of them, each with an idle expiry and a cap on how many exist; each is carried
+by one mux stream whose datagrams travel as ``Datagram`` messages, boundaries kept.
+
+No task per packet (see the async review in the seeds): the listening side has one receive
+loop per forward plus one task per association; the dialing side two tasks per association.
+Every queue is bounded and drops (counting) when full: dropping is UDP's contract, stalling
+the TCP streams that share the session is not.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import attrs
+import trio
+
+from ._dial import format_target
+from ._relay import RelayStats
+from ._session import MuxStream
+from ._util import aclose_all
+from .errors import NodeUnstableError
+from .protocol.messages import MAX_DATAGRAM
+
+__all__ = [
+    "DEFAULT_MAX_ASSOCIATIONS",
+    "DEFAULT_UDP_IDLE_TIMEOUT",
+    "relay_association",
+    "serve_associations",
+    "udp_connect",
+]
+
+log = logging.getLogger("pytunnel.udp")
+
+#: An association with no datagram either way for this long is closed.
+DEFAULT_UDP_IDLE_TIMEOUT = 60.0
+#: Associations one UDP forward keeps at once; datagrams from further sources are dropped.
+DEFAULT_MAX_ASSOCIATIONS = 1024
+#: Datagrams held for an association whose stream is still opening.
+_PENDING_LIMIT = 16
+_RECV_SIZE = 65536
+
+Address = tuple[str, int]
+
+
+@attrs.define
+class _Association:
+    address: Address
+    pending: deque[bytes] = attrs.field(factory=deque)
+    stream: MuxStream | None = None
+    scope: trio.CancelScope | None = None
+
+
+def _touch(association: _Association, idle_timeout: float) -> None:
+    if association.scope is not None:
+        association.scope.deadline = trio.current_time() + idle_timeout
+
+
+async def serve_associations(
+    sock: trio.socket.SocketType,
+    open_association: Callable[[Address], Awaitable[MuxStream]],
+    *,
+    idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT,
+    max_associations: int = DEFAULT_MAX_ASSOCIATIONS,
+    stats: RelayStats,
+    name: str,
+) -> None:
+    """The listening side of a UDP forward: read ``sock`` forever, route each datagram to its
+    source's association (opening one, through ``open_association``, for a new source)."""
+    associations: dict[Address, _Association] = {}
+    async with trio.open_nursery() as nursery:
+        while True:
+            data, raw_address = await sock.recvfrom(_RECV_SIZE)
+            address: Address = (str(raw_address[0]), int(raw_address[1]))
+            association = associations.get(address)
+            if association is None:
+                if len(associations) >= max_associations:
+                    stats.datagrams_dropped += 1
+                    continue
+                association = associations[address] = _Association(address)
+                nursery.start_soon(
+                    _run_association,
+                    sock,
+                    association,
+                    associations,
+                    open_association,
+                    idle_timeout,
+                    stats,
+                    name,
+                )
+            stats.bytes_out += len(data)
+            stream = association.stream
+            if stream is None:
+                if len(association.pending) < _PENDING_LIMIT:
+                    association.pending.append(data)
+                else:
+                    stats.datagrams_dropped += 1
+            elif _forward(stream, data, stats):
+                _touch(association, idle_timeout)
+
+
+def _forward(stream: MuxStream, data: bytes, stats: RelayStats) -> bool:
+    try:
+        sent = stream.send_datagram(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+    if not sent:
+        stats.datagrams_dropped += 1
+    return sent
+
+
+async def _run_association(
+    sock: trio.socket.SocketType,
+    association: _Association,
+    associations: dict[Address, _Association],
+    open_association: Callable[[Address], Awaitable[MuxStream]],
+    idle_timeout: float,
+    stats: RelayStats,
+    name: str,
+) -> None:
+    stats.active_connections += 1
+    stats.total_connections += 1
+    stream: MuxStream | None = None
+    try:
+        try:
+            stream = await open_association(association.address)
+        except Exception as exc:
+            category = getattr(exc, "category", "REFUSED")
+            stats.count_error(
+                category if category in ("NODE_TIMEOUT", "NODE_UNSTABLE") else "REFUSED"
+            )
+            log.info(
+                "%s: association for %s refused: %s", name, format_target(*association.address), exc
+            )
+            return
+        association.stream = stream
+        with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
+            association.scope = scope
+            while association.pending:
+                _forward(stream, association.pending.popleft(), stats)
+            while True:
+                try:
+                    data = await stream.receive_datagram()
+                except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                try:
+                    await sock.sendto(data, association.address)
+                except OSError:
+                    stats.datagrams_dropped += 1
+                    continue
+                stats.bytes_in += len(data)
+                scope.deadline = trio.current_time() + idle_timeout
+    finally:
+        associations.pop(association.address, None)
+        stats.active_connections -= 1
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+
+
+async def udp_connect(host: str, port: int) -> trio.socket.SocketType:
+    """A UDP socket connected to ``host:port`` (DNS at this side); ``NodeUnstableError`` if
+    the name does not resolve. (UDP has no handshake, so there is no dial timeout.)"""
+    target = format_target(host, port)
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
+        family, _, _, _, sockaddr = infos[0]
+        sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
+    except OSError as exc:
+        error = NodeUnstableError(f"udp target {target}: {exc}", target=target)
+        log.warning("[%s] %s", error.category, error.message)
+        raise error from None
+    try:
+        await sock.connect(sockaddr)
+    except OSError as exc:
+        sock.close()
+        error = NodeUnstableError(f"udp target {target}: {exc}", target=target)
+        log.warning("[%s] %s", error.category, error.message)
+        raise error from None
+    return sock
+
+
+async def relay_association(
+    stream: MuxStream,
+    sock: trio.socket.SocketType,
+    *,
+    idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT,
+    stats: RelayStats | None = None,
+) -> None:
+    """The dialing side of one association: stream datagrams to ``sock`` and back, until the
+    peer closes the stream or nothing moves for ``idle_timeout``."""
+    if stats is not None:
+        stats.active_connections += 1
+        stats.total_connections += 1
+    try:
+        with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
+
+            async def outbound() -> None:
+                while True:
+                    try:
+                        data = await stream.receive_datagram()
+                    except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
+                        scope.cancel()
+                        return
+                    try:
+                        await sock.send(data)
+                    except OSError:  # e.g. an ICMP "port unreachable" from an earlier send
+                        if stats is not None:
+                            stats.datagrams_dropped += 1
+                        continue
+                    scope.deadline = trio.current_time() + idle_timeout
+                    if stats is not None:
+                        stats.bytes_out += len(data)
+
+            async def inbound() -> None:
+                while True:
+                    try:
+                        data = await sock.recv(_RECV_SIZE)
+                    except OSError:  # ICMP errors surface here on connected UDP sockets
+                        continue
+                    if len(data) > MAX_DATAGRAM:  # pragma: no cover - cannot happen over IPv4
+                        continue
+                    try:
+                        sent = stream.send_datagram(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        scope.cancel()
+                        return
+                    scope.deadline = trio.current_time() + idle_timeout
+                    if stats is not None:
+                        if sent:
+                            stats.bytes_in += len(data)
+                        else:
+                            stats.datagrams_dropped += 1
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(outbound)
+                nursery.start_soon(inbound)
+    finally:
+        if stats is not None:
+            stats.active_connections -= 1
+        sock.close()
+        await aclose_all(stream)
