@@ -75,6 +75,9 @@ async def dial(
             return await trio.open_tcp_stream(host, port)
     except trio.TooSlowError:
         error = NodeTimeoutError(f"dial {target} timed out after {timeout:g} s", target=target)
+    except (UnicodeError, ValueError) as exc:
+        # not a name that can be looked up at all (IDNA: empty or over-long labels)
+        error = NodeUnstableError(f"dial {target} failed: invalid host name ({exc})", target=target)
     except OSError as exc:
         reason = describe_os_error(exc)
         if _errnos(exc) & _TIMEOUT_ERRNOS:

@@ -7,12 +7,17 @@ per chunk and no buffer beyond the chunk in hand: back-pressure flows through ``
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import struct
 
 import attrs
 import trio
 
+from ._session import MuxStream
 from ._util import aclose_all
+from .errors import ErrorCode
 
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "RelayStats", "relay"]
 
@@ -103,14 +108,32 @@ async def relay(
     if stats is not None:
         stats.active_connections += 1
         stats.total_connections += 1
+    clean = False
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_pump, a, b, scope, idle_timeout, stats, True, name)
                 nursery.start_soon(_pump, b, a, scope, idle_timeout, stats, False, name)
-        if scope.cancelled_caught and trio.current_time() >= scope.deadline:
+        idle = scope.cancelled_caught and trio.current_time() >= scope.deadline
+        if idle:
             log.info("%s closed after %g s idle", name, idle_timeout)
+        # both directions ended with EOF, or an idle timeout: a clean close on both sides
+        clean = idle or not scope.cancelled_caught
     finally:
         if stats is not None:
             stats.active_connections -= 1
+        if not clean:
+            # one side broke (or the relay was cancelled): the other must not mistake the
+            # truncated transfer for a complete one, so it is reset rather than closed with EOF
+            _abort(a)
+            _abort(b)
         await aclose_all(a, b)
+
+
+def _abort(stream: trio.abc.HalfCloseableStream) -> None:
+    """Arrange for the coming close to be a reset: RST on TCP, Reset on a mux stream."""
+    if isinstance(stream, MuxStream):
+        stream.reset(ErrorCode.CANCELLED, "the other side of the relay broke")
+    elif isinstance(stream, trio.SocketStream):
+        with contextlib.suppress(OSError):
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

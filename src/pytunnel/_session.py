@@ -24,6 +24,7 @@ from types import TracebackType
 import attrs
 import trio
 
+from ._util import unwrap_cancelled
 from .errors import (
     ErrorCode,
     LocalProtocolError,
@@ -151,6 +152,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._fin_sent = False
         self._closed = False
         self._broken: BaseException | None = None
+        #: Set when only the sending side is gone (the peer had finished before the end).
+        self._send_broken: BaseException | None = None
         self._receive_lot = trio.lowlevel.ParkingLot()
         self._send_lot = trio.lowlevel.ParkingLot()
         self._receive_conflict = _ConflictDetector("receiving on this stream")
@@ -200,14 +203,20 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._send_lot.unpark_all()
         self._datagram_lot.unpark_all()
 
+    def _break_sending(self, cause: BaseException) -> None:
+        self._send_broken = cause
+        self._send_lot.unpark_all()
+        self._datagram_lot.unpark_all()
+
     def _wake_sender(self) -> None:
         self._send_lot.unpark_all()
 
     def _check_send(self) -> None:
         if self._closed or self._fin_sent:
             raise trio.ClosedResourceError("stream was closed for sending")
-        if self._broken is not None:
-            raise trio.BrokenResourceError("stream is broken") from self._broken
+        broken = self._broken or self._send_broken
+        if broken is not None:
+            raise trio.BrokenResourceError("stream is broken") from broken
 
     # -------------------------------------------------------------- trio stream API
 
@@ -250,18 +259,23 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 view = view.cast("B")
                 total = len(view)
                 pos = 0
+                chunk = session.config.max_data_chunk
                 while pos < total:
                     self._check_send()
                     window = mux.send_window(self.stream_id)
                     if window <= 0:
                         await self._send_lot.park()
                         continue
-                    size = min(window, total - pos)
+                    size = min(window, total - pos, chunk)
+                    # Room first, then queue (nothing awaits in between): however many
+                    # streams send at once, the queue holds at most the mark plus one chunk.
+                    if not session._has_room(size):
+                        await session._wait_drained(size)
+                        continue
                     mux.send_data(self.stream_id, view[pos : pos + size])
                     pos += size
                     self.bytes_sent += size
                     session._kick_writer()
-                    await session._wait_drained()
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     def send_datagram(self, data: bytes | bytearray | memoryview) -> bool:
@@ -278,8 +292,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
     def _check_send_datagram(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("stream was closed")
-        if self._broken is not None:
-            raise trio.BrokenResourceError("stream is broken") from self._broken
+        broken = self._broken or self._send_broken
+        if broken is not None:
+            raise trio.BrokenResourceError("stream is broken") from broken
 
     async def receive_datagram(self) -> bytes:
         """The next datagram; ``trio.EndOfChannel`` once the peer closed the stream."""
@@ -302,7 +317,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         with self._send_conflict:
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_send()
-            while self._broken is None and not self._closed:
+            while self._broken is None and self._send_broken is None and not self._closed:
                 if self._session._mux.send_window(self.stream_id) > 0:
                     break
                 await self._send_lot.park()
@@ -382,9 +397,15 @@ class IncomingStream:
         return self._stream
 
     def refuse(self, code: int, message: str = "") -> None:
-        """Refuse the stream; ``code`` (an ``ErrorCode``) becomes the opener's exception."""
-        self._answer()
-        self._session._refuse(self._stream, code, message)
+        """Refuse the stream; ``code`` (an ``ErrorCode``) becomes the opener's exception.
+
+        A no-op once the session has ended: the opener learns of that from the session.
+        """
+        if self._answered:
+            raise LocalProtocolError("this stream was already answered")
+        self._answered = True
+        if not self._session.closed:
+            self._session._refuse(self._stream, code, message)
 
     def refuse_with(self, error: TunnelError) -> None:
         """Refuse with ``error``'s code and message; a no-op if the session has already ended
@@ -605,13 +626,19 @@ class Session:
             self._kick_writer()
 
     def _accept(self, stream: MuxStream) -> None:
+        if not self._mux.has_stream(stream.stream_id):
+            # the opener gave up (Reset) while we were dialling: hand back a broken stream so
+            # the caller's relay ends at once, rather than raising into its nursery
+            stream._break(StreamResetError("the opener cancelled the stream"))
+            return
         self._mux.accept_stream(stream.stream_id)
         self._kick_writer()
 
     def _refuse(self, stream: MuxStream, code: int, message: str) -> None:
         self._streams.pop(stream.stream_id, None)
-        self._mux.refuse_stream(stream.stream_id, code, message)
-        self._kick_writer()
+        if self._mux.has_stream(stream.stream_id):
+            self._mux.refuse_stream(stream.stream_id, code, message)
+            self._kick_writer()
 
     def _send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> bool:
         if self.closed or self._mux.bytes_to_send > self.config.write_buffer_high:
@@ -625,10 +652,16 @@ class Session:
     def _kick_writer(self) -> None:
         self._write_event.set()
 
-    async def _wait_drained(self) -> None:
-        """Back-pressure: park while the transport write buffer is over its high-water mark."""
-        while self._mux.bytes_to_send > self.config.write_buffer_high:
+    def _has_room(self, size: int) -> bool:
+        queued = self._mux.bytes_to_send
+        return queued == 0 or queued + size <= self.config.write_buffer_high
+
+    async def _wait_drained(self, size: int = 0) -> None:
+        """Back-pressure: park until ``size`` more bytes fit under the high-water mark."""
+        while not self._has_room(size):
             if self.closed:
+                if self._closed_locally:
+                    raise trio.ClosedResourceError("session was closed")
                 raise trio.BrokenResourceError("session ended") from self.close_reason
             await self._drain_lot.park()
 
@@ -741,6 +774,11 @@ class Session:
                     stream._on_eof()
             case StreamReset(stream_id, code, message):
                 stream = self._streams.pop(stream_id, None)
+                answered = self._opening.pop(stream_id, None)
+                if answered is not None:  # reset before it was accepted: a refusal
+                    target = f"{stream.host}:{stream.port}" if stream is not None else ""
+                    self._refusals[stream_id] = refusal_error(code, message, target=target)
+                    answered.set()
                 if stream is not None:
                     stream._break(StreamResetError(message, code=code))
             case PongReceived(opaque):
@@ -769,6 +807,10 @@ class Session:
                 stream._closed = True
                 stream._receive_lot.unpark_all()
                 stream._send_lot.unpark_all()
+                stream._datagram_lot.unpark_all()
+            elif stream._eof:
+                # the peer had finished sending: what it sent stays readable, then b""
+                stream._break_sending(reason)
             else:
                 stream._break(reason)
         self._streams.clear()
@@ -809,14 +851,15 @@ async def open_session(
         name=name,
     )
     body_error: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session._run)
-        try:
-            yield session
-        except BaseException as exc:
-            body_error = exc
-        finally:
-            await session.aclose()
-            session._cancel_scope.cancel()
+    with unwrap_cancelled():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session._run)
+            try:
+                yield session
+            except BaseException as exc:
+                body_error = exc
+            finally:
+                await session.aclose()
+                session._cancel_scope.cancel()
     if body_error is not None:
         raise body_error

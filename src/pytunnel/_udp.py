@@ -169,7 +169,7 @@ async def udp_connect(host: str, port: int) -> trio.socket.SocketType:
         infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
         family, _, _, _, sockaddr = infos[0]
         sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         error = NodeUnstableError(f"udp target {target}: {exc}", target=target)
         log.warning("[%s] %s", error.category, error.message)
         raise error from None

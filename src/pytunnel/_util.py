@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
+
 import trio
 
-__all__ = ["aclose_all"]
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]
+
+__all__ = ["aclose_all", "owned", "unwrap_cancelled"]
 
 
 async def aclose_all(*resources: trio.abc.AsyncResource) -> None:
@@ -24,3 +32,40 @@ async def aclose_all(*resources: trio.abc.AsyncResource) -> None:
                 error = exc
     if error is not None:
         raise error
+
+
+_R = TypeVar("_R", bound=trio.abc.AsyncResource)
+
+
+async def owned(resource: _R, handler: Callable[[_R], Awaitable[object]]) -> None:
+    """Run ``handler(resource)`` and close the resource afterwards, whatever happened.
+
+    A connection handed to a handler task belongs to that task: if the task is cancelled while
+    it still waits (for a dial at the far end, say), the connection must not outlive it.
+    Closing twice is harmless, so handlers may close it themselves as usual.
+    """
+    try:
+        await handler(resource)
+    finally:
+        await trio.aclose_forcefully(resource)
+
+
+@contextlib.contextmanager
+def unwrap_cancelled() -> Iterator[None]:
+    """Let a cancellation leave a public context manager as the ``Cancelled`` it is.
+
+    Under an outer cancellation every task of a nursery raises ``Cancelled`` and the nursery
+    groups them; a caller that catches ``trio.Cancelled`` (or a cancel scope above it) would
+    see a ``BaseExceptionGroup`` instead. A group made only of ``Cancelled`` is collapsed to
+    its first one; anything else is re-raised untouched.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        cancelled, rest = group.split(trio.Cancelled)
+        if rest is None and cancelled is not None:
+            leaf: BaseException = cancelled
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            raise leaf from None
+        raise

@@ -54,7 +54,7 @@ from ._udp import (
     serve_associations,
     udp_connect,
 )
-from ._util import aclose_all
+from ._util import aclose_all, owned, unwrap_cancelled
 from .errors import (
     AuthenticationError,
     ConnectError,
@@ -340,7 +340,7 @@ class LocalForward(Forward):
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
-            nursery.start_soon(self._handle, await accept(listener))
+            nursery.start_soon(owned, await accept(listener), self._handle)
 
     async def _handle(self, conn: trio.SocketStream) -> None:
         try:
@@ -683,7 +683,13 @@ async def _receive_bound(control: MuxStream) -> Bound:
                     code=ErrorCode.UNEXPECTED_MESSAGE,
                 )
             return message
-        data = await control.receive_some()
+        try:
+            data = await control.receive_some()
+        except trio.BrokenResourceError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, StreamResetError):
+                raise ForwardError(f"the server withdrew the forward: {cause}") from None
+            raise SessionClosedError("the tunnel connection was lost") from exc
         decoder.receive_data(data)
         if not data:
             decoder.next_message()
@@ -762,7 +768,10 @@ class Tunnel:
         The iterator ends when the tunnel ends.
         """
         send, receive = trio.open_memory_channel[TunnelEvent](buffer)
-        self._subscribers.append(send)
+        if self.closed:
+            send.close()  # nothing more will happen: the iterator ends at once
+        else:
+            self._subscribers.append(send)
         return receive
 
     def _emit(self, event: TunnelEvent) -> None:
@@ -1177,17 +1186,21 @@ async def connect(
     are raised as themselves, not wrapped in an ``ExceptionGroup``.
     """
     error: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-        try:
-            tunnel = await connect_tunnel(nursery, address, token=token, config=config, **options)
-        except BaseException as exc:
-            error = exc
-        else:
+    with unwrap_cancelled():
+        async with trio.open_nursery() as nursery:
             try:
-                yield tunnel
+                tunnel = await connect_tunnel(
+                    nursery, address, token=token, config=config, **options
+                )
             except BaseException as exc:
                 error = exc
-            finally:
-                await tunnel.aclose()
+            else:
+                try:
+                    yield tunnel
+                except BaseException as exc:
+                    error = exc
+                finally:
+                    with trio.CancelScope(shield=True):  # bounded: aclose never waits on the peer
+                        await tunnel.aclose()
     if error is not None:
         raise error

@@ -32,7 +32,7 @@ from ._udp import (
     serve_associations,
     udp_connect,
 )
-from ._util import aclose_all
+from ._util import aclose_all, owned
 from .errors import (
     AuthenticationError,
     DialError,
@@ -58,6 +58,7 @@ log = logging.getLogger("pytunnel.server")
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 _PORT_0_ATTEMPTS = 64
 _Bound = TypeVar("_Bound")
+_T = TypeVar("_T")
 
 
 def _ranges(value: str | Iterable[PortRange] | None) -> tuple[PortRange, ...] | None:
@@ -322,14 +323,14 @@ class _ClientSession:
                     incoming = await self.session.accept_stream()
                 except SessionClosedError:
                     break
-                if incoming.tag == routes.CONNECT:
-                    if self._stream_limit_reached(incoming):
-                        continue
-                    nursery.start_soon(self._serve_connect, incoming)
-                elif incoming.tag == routes.UDP_CONNECT:
-                    if self._stream_limit_reached(incoming):
-                        continue
-                    nursery.start_soon(self._serve_udp_connect, incoming)
+                if incoming.tag in (routes.CONNECT, routes.UDP_CONNECT):
+                    if self._reserve_stream(incoming):
+                        handler = (
+                            self._serve_connect
+                            if incoming.tag == routes.CONNECT
+                            else self._serve_udp_connect
+                        )
+                        nursery.start_soon(self._counted, handler, incoming)
                 elif incoming.tag in (routes.LISTEN, routes.UDP_LISTEN):
                     if self.forwards >= self.config.max_forwards_per_client:
                         log.warning(
@@ -372,9 +373,12 @@ class _ClientSession:
                 )
                 return
 
-    def _stream_limit_reached(self, incoming: IncomingStream | None) -> bool:
+    def _reserve_stream(self, incoming: IncomingStream | None) -> bool:
+        """Take one of the server's stream slots at admission (before any dial), so a burst
+        cannot overshoot the limit; released by :meth:`_counted` when the stream's task ends."""
         if self.server.active_streams < self.config.max_streams:
-            return False
+            self.server.active_streams += 1
+            return True
         log.warning(
             "client %s: stream refused: the server's limit of %d streams is reached",
             self.peer,
@@ -382,16 +386,18 @@ class _ClientSession:
         )
         if incoming is not None:
             incoming.refuse(ErrorCode.STREAM_LIMIT, "server stream limit reached")
-        return True
+        return False
+
+    async def _counted(self, handler: Callable[[_T], Awaitable[None]], item: _T) -> None:
+        try:
+            await handler(item)
+        finally:
+            self.server.active_streams -= 1
 
     async def _relay(
         self, a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream, name: str
     ) -> None:
-        self.server.active_streams += 1
-        try:
-            await relay(a, b, idle_timeout=self.config.idle_timeout, name=name)
-        finally:
-            self.server.active_streams -= 1
+        await relay(a, b, idle_timeout=self.config.idle_timeout, name=name)
 
     # ---------------------------------------------------------------- local forwards
 
@@ -470,11 +476,7 @@ class _ClientSession:
         except SessionClosedError:
             sock.close()
             return
-        self.server.active_streams += 1
-        try:
-            await relay_association(stream, sock, idle_timeout=self.config.udp_idle_timeout)
-        finally:
-            self.server.active_streams -= 1
+        await relay_association(stream, sock, idle_timeout=self.config.udp_idle_timeout)
 
     async def _serve_udp_listen(self, incoming: IncomingStream) -> None:
         try:
@@ -642,10 +644,15 @@ class _PublicPort:
         assert self.relays is not None
         while True:
             conn = await accept(listener)
-            if self.client._stream_limit_reached(None):
+            if not self.client._reserve_stream(None):
                 await trio.aclose_forcefully(conn)
                 continue
-            self.relays.start_soon(self.client._relay_public, conn, self.control.stream_id)
+            relay_public = functools.partial(
+                self.client._relay_public, forward_id=self.control.stream_id
+            )
+            self.relays.start_soon(
+                self.client._counted, functools.partial(owned, handler=relay_public), conn
+            )
 
     async def follow_control_stream(self) -> None:
         """Apply the client's ForwardState messages until it closes the control stream."""
