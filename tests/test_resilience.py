@@ -458,3 +458,28 @@ async def test_pending_handshake_limit(nursery: trio.Nursery) -> None:
     await trio.sleep(0.1)
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
     assert tunnel.connected
+
+
+async def test_offline_survives_a_reconnect(nursery: trio.Nursery) -> None:
+    """A forward whose target is down stays offline (port refusing) after a reconnect,
+    instead of accepting into a black hole until the probes notice again."""
+    port = closed_port()
+    async with trio.open_nursery() as server_nursery:
+        await server_nursery.start(functools.partial(pytunnel.serve, TOKEN, port))
+        tunnel = await pytunnel.connect_tunnel(
+            nursery, ("127.0.0.1", port), token=TOKEN, probe_interval=0.05, **FAST
+        )
+        forward = await tunnel.forward_remote("127.0.0.1", closed_port())
+        with trio.fail_after(5):
+            await forward.wait_status(pytunnel.ForwardStatus.OFFLINE)
+        server_nursery.cancel_scope.cancel()
+    with trio.fail_after(5):
+        await forward.wait_status(pytunnel.ForwardStatus.SUSPENDED)
+    server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, port))
+    with trio.fail_after(5):
+        await forward.wait_status(pytunnel.ForwardStatus.OFFLINE)
+    await trio.sleep(0.1)
+    with pytest.raises(OSError, match="connect"):
+        await trio.open_tcp_stream(*forward.address)
+    await tunnel.aclose()
+    await server.aclose()

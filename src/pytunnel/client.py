@@ -461,6 +461,8 @@ class RemoteForward(Forward):
         self._control: MuxStream | None = None
         #: Scope of the current registration; a new one per session.
         self._attach_scope = trio.CancelScope()
+        #: Why health probes took the forward offline (kept across reconnections).
+        self._offline_reason: str | None = None
 
     def _cancel(self) -> None:
         self._attach_scope.cancel()
@@ -492,7 +494,13 @@ class RemoteForward(Forward):
                 self._control = control
                 async with trio.open_nursery() as nursery:
                     self._connections = nursery
-                    self._set_status(ForwardStatus.ACTIVE, "registered at the server")
+                    if self._offline_reason is not None:
+                        # still down when we lost the link: keep the public port refusing
+                        # rather than accepting into a black hole until a probe succeeds
+                        await _tell(control, ForwardState(False, self._offline_reason))
+                        self._set_status(ForwardStatus.OFFLINE, self._offline_reason)
+                    else:
+                        self._set_status(ForwardStatus.ACTIVE, "registered at the server")
                     task_status.started()
                     if tunnel.config.probe_interval > 0 and self._listen_route == routes.LISTEN:
                         nursery.start_soon(self._probe_loop, control)
@@ -548,8 +556,7 @@ class RemoteForward(Forward):
         """TCP-connect the target every ``probe_interval``; after ``probe_failures`` failures
         in a row take the forward offline, and bring it back at the first success."""
         config = self._tunnel.config
-        failures = 0
-        offline = False
+        failures = config.probe_failures if self._offline_reason is not None else 0
         while True:
             await trio.sleep(config.probe_interval)
             try:
@@ -563,10 +570,10 @@ class RemoteForward(Forward):
             except DialError as exc:
                 failures += 1
                 self._tunnel._emit(TunnelEvent(EventKind.PROBE_FAILED, exc.message, forward=self))
-                if failures >= config.probe_failures and not offline:
-                    offline = True
-                    reason = f"{failures} health probes failed: {exc.message}"
-                    if not await _tell(control, ForwardState(False, truncate_text(reason))):
+                if failures >= config.probe_failures and self._offline_reason is None:
+                    reason = truncate_text(f"{failures} health probes failed: {exc.message}")
+                    self._offline_reason = reason
+                    if not await _tell(control, ForwardState(False, reason)):
                         return
                     self._set_status(ForwardStatus.OFFLINE, reason)
                 continue
@@ -580,8 +587,8 @@ class RemoteForward(Forward):
                     )
                 )
             failures = 0
-            if offline:
-                offline = False
+            if self._offline_reason is not None:
+                self._offline_reason = None
                 if not await _tell(control, ForwardState(True, "target reachable")):
                     return
                 self._set_status(ForwardStatus.ACTIVE, "target reachable again")
@@ -726,7 +733,8 @@ class Tunnel:
         self._remote: dict[int, RemoteForward] = {}
         self._nursery: trio.Nursery | None = None
         self._session_nursery: trio.Nursery | None = None
-        self._link_up = trio.Event()
+        #: Woken whenever a session starts or ends (see wait_connected).
+        self._link_changed = trio.lowlevel.ParkingLot()
         self._cancel_scope = trio.CancelScope()
         self._closing = False
         self._done = trio.Event()
@@ -756,7 +764,8 @@ class Tunnel:
     async def wait_connected(self, timeout: float = math.inf) -> bool:
         """Until the link is up (True) or ``timeout`` passed (False)."""
         with trio.move_on_after(timeout):
-            await self._link_up.wait()
+            while not self.connected:
+                await self._link_changed.park()
         return self.connected
 
     def events(self, buffer: int = 256) -> trio.MemoryReceiveChannel[TunnelEvent]:
@@ -1018,7 +1027,7 @@ class Tunnel:
                         nursery.start_soon(forward._reattach, session)
                     elif forward.status is ForwardStatus.SUSPENDED:
                         forward._set_status(ForwardStatus.ACTIVE, "link restored")
-                self._link_up.set()
+                self._link_changed.unpark_all()
                 self._emit(TunnelEvent(EventKind.CONNECTED, "link up"))
                 if task_status is not None:
                     task_status.started(self)
@@ -1028,7 +1037,7 @@ class Tunnel:
             reason = self.session.close_reason if self.session is not None else None
             self.session = None
             self._session_nursery = None
-            self._link_up = trio.Event()
+            self._link_changed.unpark_all()
             await trio.aclose_forcefully(stream)
             if not self._closing:
                 log.warning("tunnel connection lost: %s", _describe_reason(reason))

@@ -224,6 +224,14 @@ class TunnelServer:
         while True:
             nursery.start_soon(self._handle_socket, await accept(listener))
 
+    async def _turn_away(self, stream: trio.abc.Stream, code: int, text: str) -> None:
+        """Refuse before any handshake work. A TLS client could not read a plaintext GoAway,
+        and answering it would mean a TLS handshake for a refused peer: it is just closed."""
+        if self.config.tls is None:
+            await send_goaway(stream, code, text)
+        else:
+            await trio.aclose_forcefully(stream)
+
     async def _handle_socket(self, stream: trio.SocketStream) -> None:
         try:
             host, port = stream.socket.getpeername()[:2]
@@ -244,7 +252,7 @@ class TunnelServer:
         if peer_host is not None:
             wait = self._throttle.blocked_for(peer_host)
             if wait > 0:
-                await send_goaway(
+                await self._turn_away(
                     stream,
                     ErrorCode.RATE_LIMITED,
                     f"too many failed authentications; retry in {wait:.0f} s",
@@ -256,11 +264,13 @@ class TunnelServer:
                 peer,
                 self.pending_handshakes,
             )
-            await send_goaway(stream, ErrorCode.SERVER_BUSY, "too many pending handshakes")
+            await self._turn_away(stream, ErrorCode.SERVER_BUSY, "too many pending handshakes")
             return
         try:
             self.pending_handshakes += 1
             try:
+                # one deadline for TLS and authentication together
+                deadline = trio.current_time() + self.config.handshake_timeout
                 if self.config.tls is not None:
                     stream = await tls_accept(
                         stream, self.config.tls, timeout=self.config.handshake_timeout, peer=peer
@@ -268,7 +278,7 @@ class TunnelServer:
                 result = await server_handshake(
                     stream,
                     self.config.token,
-                    timeout=self.config.handshake_timeout,
+                    timeout=max(0.0, deadline - trio.current_time()),
                     max_frame_size=self.config.session.max_frame_size,
                     peer=peer,
                 )
