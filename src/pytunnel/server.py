@@ -255,7 +255,7 @@ class TunnelServer:
                 await self._turn_away(
                     stream,
                     ErrorCode.RATE_LIMITED,
-                    f"too many failed authentications; retry in {wait:.0f} s",
+                    f"too many failed authentications; retry in {wait:.1f} s",
                 )
                 return
         if self.pending_handshakes >= self.config.max_pending_handshakes:

@@ -1,0 +1,185 @@
+"""A synchronous face for harnesses that are not Trio (plain pytest, unittest, asyncio).
+
+The tunnel runs in a background thread with its own Trio loop; these context managers drive
+it through ``trio.from_thread``. Errors raised in the Trio thread reach the caller as the same
+typed exceptions. Stopping is bounded in time and never hangs, even with connections open
+(the complaint about sshtunnel's ``stop()``): leaving a block cancels everything under it.
+
+    with pytunnel.sync.serve(token="t") as server:
+        with pytunnel.sync.connect(server.address, token="t") as tunnel:
+            with tunnel.forward_local("db.internal", 5432) as fwd:
+                psycopg.connect(port=fwd.port, ...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import trio
+
+from .client import Forward, Tunnel, connect_tunnel
+from .server import TunnelServer
+from .server import serve as _serve
+
+__all__ = ["SyncForward", "SyncServer", "SyncTunnel", "connect", "serve"]
+
+_T = TypeVar("_T")
+#: How long stopping may take before the background thread is abandoned (it is a daemon).
+STOP_TIMEOUT = 5.0
+
+
+class _Portal:
+    """A Trio loop in a daemon thread, and a way to run coroutines in it from outside."""
+
+    def __init__(self, name: str) -> None:
+        self._ready = threading.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._thread_main, name=name, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:  # pragma: no cover - trio failed to start
+            raise self._error
+
+    def _thread_main(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as exc:  # pragma: no cover - reported to the caller
+            self._error = exc
+            self._ready.set()
+
+    async def _main(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._token = trio.lowlevel.current_trio_token()
+            self._ready.set()
+            await trio.sleep_forever()
+
+    def run(self, afn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        return trio.from_thread.run(afn, *args, trio_token=self._token)
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        assert self._nursery is not None
+        return self._nursery
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Cancel everything in the loop and wait (bounded) for the thread to end."""
+        if self._thread.is_alive() and self._nursery is not None:
+            with contextlib.suppress(trio.RunFinishedError):  # already gone: nothing to stop
+                trio.from_thread.run_sync(self._nursery.cancel_scope.cancel, trio_token=self._token)
+        self._thread.join(timeout)
+
+
+class SyncForward:
+    """A forward seen from a plain thread; a context manager that closes it."""
+
+    def __init__(self, portal: _Portal, forward: Forward) -> None:
+        self._portal = portal
+        self.forward = forward
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.forward.address
+
+    @property
+    def port(self) -> int:
+        return self.forward.listen_port
+
+    @property
+    def status(self) -> str:
+        return self.forward.status.value
+
+    def close(self) -> None:
+        self._portal.run(self.forward.aclose)
+
+    def __enter__(self) -> SyncForward:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class SyncTunnel:
+    """A connected tunnel client driven from a plain thread."""
+
+    def __init__(self, portal: _Portal, tunnel: Tunnel) -> None:
+        self._portal = portal
+        self.tunnel = tunnel
+
+    @property
+    def connected(self) -> bool:
+        return self.tunnel.connected
+
+    def forward_local(self, target_host: str, target_port: int, **options: Any) -> SyncForward:
+        """Like ``Tunnel.forward_local``; use as ``with tunnel.forward_local(...) as fwd:``."""
+        forward = self._portal.run(
+            functools.partial(self.tunnel.forward_local, target_host, target_port, **options)
+        )
+        return SyncForward(self._portal, forward)
+
+    def forward_remote(self, target_host: str, target_port: int, **options: Any) -> SyncForward:
+        """Like ``Tunnel.forward_remote``."""
+        forward = self._portal.run(
+            functools.partial(self.tunnel.forward_remote, target_host, target_port, **options)
+        )
+        return SyncForward(self._portal, forward)
+
+    def forward_dynamic(self, **options: Any) -> SyncForward:
+        """Like ``Tunnel.forward_dynamic`` (a SOCKS proxy)."""
+        forward = self._portal.run(functools.partial(self.tunnel.forward_dynamic, **options))
+        return SyncForward(self._portal, forward)
+
+
+class SyncServer:
+    """A running server driven from a plain thread."""
+
+    def __init__(self, server: TunnelServer) -> None:
+        self.server = server
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.address
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+
+@contextmanager
+def connect(
+    address: str | tuple[str, int], *, token: str | bytes, **options: Any
+) -> Iterator[SyncTunnel]:
+    """``with pytunnel.sync.connect("host:7000", token=...) as tunnel:`` in any thread."""
+    portal = _Portal("pytunnel-client")
+    try:
+
+        async def start() -> Tunnel:
+            return await connect_tunnel(portal.nursery, address, token=token, **options)
+
+        yield SyncTunnel(portal, portal.run(start))
+    finally:
+        portal.stop()
+
+
+@contextmanager
+def serve(token: str | bytes, port: int = 0, **options: Any) -> Iterator[SyncServer]:
+    """A tunnel server in a background thread (port 0: any free port) for one block."""
+    portal = _Portal("pytunnel-server")
+    try:
+
+        async def start() -> TunnelServer:
+            server: TunnelServer = await portal.nursery.start(
+                functools.partial(_serve, token, port, **options)
+            )
+            return server
+
+        yield SyncServer(portal.run(start))
+    finally:
+        portal.stop()

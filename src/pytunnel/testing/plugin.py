@@ -1,0 +1,100 @@
+"""pytest plugin: real tunnels as fixtures, torn down and checked for leaks after each test.
+
+Registered through the ``pytest11`` entry point, so it is installed with pytunnel; it does
+nothing unless a test asks for one of its fixtures. Needs pytest-trio (the fixtures are async).
+
+Fixtures (all function-scoped, as pytest-trio requires):
+
+``pytunnel_server_options`` / ``pytunnel_client_options``
+    dicts of ``ServerConfig`` / ``ClientConfig`` fields; override them in your ``conftest.py``.
+``pytunnel_server``
+    a running ``TunnelServer`` on a free loopback port.
+``pytunnel_tunnel``
+    a ``Tunnel`` connected to it.
+``pytunnel_expose``
+    an async function ``expose(host, port) -> (host, port)``: a remote forward of a local
+    service, returning its public address.
+
+After each test, the plugin checks that the tunnel's tasks are gone (``LeakError`` if not).
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import trio
+
+from ..client import Tunnel, connect_tunnel
+from ..server import TunnelServer, serve
+from . import count_tasks
+
+__all__ = ["LeakError"]
+
+
+class LeakError(AssertionError):
+    """Tasks started by the tunnel fixtures were still alive after the test."""
+
+
+@pytest.fixture
+def pytunnel_token() -> str:
+    return secrets.token_urlsafe(16)
+
+
+@pytest.fixture
+def pytunnel_server_options() -> dict[str, Any]:
+    """Override in conftest.py to configure the server (``ServerConfig`` fields)."""
+    return {}
+
+
+@pytest.fixture
+def pytunnel_client_options() -> dict[str, Any]:
+    """Override in conftest.py to configure the client (``ClientConfig`` fields)."""
+    return {"reconnect": False}
+
+
+@pytest.fixture
+async def pytunnel_server(
+    pytunnel_token: str, pytunnel_server_options: dict[str, Any]
+) -> AsyncIterator[TunnelServer]:
+    baseline = count_tasks()
+    async with trio.open_nursery() as nursery:
+        server: TunnelServer = await nursery.start(
+            functools.partial(serve, pytunnel_token, 0, **pytunnel_server_options)
+        )
+        yield server
+        await server.aclose()
+        nursery.cancel_scope.cancel()
+    leftover = count_tasks() - baseline
+    if leftover > 0:
+        raise LeakError(f"{leftover} task(s) of the tunnel server outlived the test")
+
+
+@pytest.fixture
+async def pytunnel_tunnel(
+    pytunnel_server: TunnelServer, pytunnel_token: str, pytunnel_client_options: dict[str, Any]
+) -> AsyncIterator[Tunnel]:
+    baseline = count_tasks()
+    async with trio.open_nursery() as nursery:
+        tunnel = await connect_tunnel(
+            nursery, pytunnel_server.address, token=pytunnel_token, **pytunnel_client_options
+        )
+        yield tunnel
+        await tunnel.aclose()
+    leftover = count_tasks() - baseline
+    if leftover > 0:
+        raise LeakError(f"{leftover} task(s) of the tunnel client outlived the test")
+
+
+@pytest.fixture
+def pytunnel_expose(
+    pytunnel_tunnel: Tunnel,
+) -> Callable[[str, int], Awaitable[tuple[str, int]]]:
+    async def expose(host: str, port: int) -> tuple[str, int]:
+        forward = await pytunnel_tunnel.forward_remote(host, port)
+        return forward.address
+
+    return expose
