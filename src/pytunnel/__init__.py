@@ -11,6 +11,8 @@ from ._dial import (
 from ._dial import (
     format_target as format_target,
 )
+from ._faults import DirectionFaults as DirectionFaults
+from ._faults import Faults as Faults
 from ._handshake import (
     DEFAULT_HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT,
 )

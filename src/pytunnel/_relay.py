@@ -15,6 +15,7 @@ import struct
 import attrs
 import trio
 
+from ._faults import FaultClosedError, Faults, send_with_faults
 from ._session import MuxStream
 from ._util import aclose_all
 from .errors import ErrorCode
@@ -26,6 +27,14 @@ log = logging.getLogger("pytunnel.relay")
 #: Seconds without a byte in either direction before a relay is closed.
 DEFAULT_IDLE_TIMEOUT = 300.0
 _CHUNK = 256 * 1024
+
+
+@attrs.define
+class _Ending:
+    """How a relay's directions ended, as far as its pumps know."""
+
+    #: An injected "close after N bytes" stopped it: a deliberate, clean close.
+    injected_close: bool = False
 
 
 @attrs.define
@@ -56,9 +65,15 @@ async def _pump(
     stats: RelayStats | None,
     outbound: bool,
     name: str,
+    faults: Faults | None,
+    ending: _Ending,
 ) -> None:
     try:
-        await _copy(source, sink, scope, idle_timeout, stats, outbound)
+        await _copy(source, sink, scope, idle_timeout, stats, outbound, faults)
+    except FaultClosedError as exc:
+        log.debug("%s: %s", name, exc)
+        ending.injected_close = True
+        scope.cancel()
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         # one side broke: the other direction has nothing left to do either
         log.debug("%s ended by a broken side: %r", name, exc)
@@ -72,12 +87,19 @@ async def _copy(
     idle_timeout: float,
     stats: RelayStats | None,
     outbound: bool,
+    faults: Faults | None,
 ) -> None:
+    sent = 0
     while True:
         chunk = await source.receive_some(_CHUNK)
         if not chunk:
             break
-        await sink.send_all(chunk)
+        side = faults.side(outbound) if faults is not None else None
+        if side is not None and side.active:
+            sent += await send_with_faults(sink, chunk, side, sent)
+        else:
+            await sink.send_all(chunk)
+            sent += len(chunk)
         scope.deadline = trio.current_time() + idle_timeout
         if stats is not None:
             if outbound:
@@ -97,6 +119,7 @@ async def relay(
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     stats: RelayStats | None = None,
     name: str = "relay",
+    faults: Faults | None = None,
 ) -> None:
     """Copy ``a`` -> ``b`` and ``b`` -> ``a`` until both directions have ended, then close both.
 
@@ -109,16 +132,34 @@ async def relay(
         stats.active_connections += 1
         stats.total_connections += 1
     clean = False
+    ending = _Ending()
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_pump, a, b, scope, idle_timeout, stats, True, name)
-                nursery.start_soon(_pump, b, a, scope, idle_timeout, stats, False, name)
+            if faults is not None:
+                faults._relays.add(scope)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for source, sink, outbound in ((a, b, True), (b, a, False)):
+                        nursery.start_soon(
+                            _pump,
+                            source,
+                            sink,
+                            scope,
+                            idle_timeout,
+                            stats,
+                            outbound,
+                            name,
+                            faults,
+                            ending,
+                        )
+            finally:
+                if faults is not None:
+                    faults._relays.discard(scope)
         idle = scope.cancelled_caught and trio.current_time() >= scope.deadline
         if idle:
             log.info("%s closed after %g s idle", name, idle_timeout)
-        # both directions ended with EOF, or an idle timeout: a clean close on both sides
-        clean = idle or not scope.cancelled_caught
+        # both directions ended with EOF, an idle timeout or an injected close: a clean close
+        clean = idle or not scope.cancelled_caught or ending.injected_close
     finally:
         if stats is not None:
             stats.active_connections -= 1

@@ -35,6 +35,7 @@ import attrs
 import trio
 
 from ._dial import DEFAULT_CONNECT_TIMEOUT, describe_os_error, dial, format_target
+from ._faults import Faults
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, HandshakeResult, client_handshake
 from ._listen import accept, bind, bind_udp, bound_port
 from ._relay import DEFAULT_IDLE_TIMEOUT, RelayStats, relay
@@ -211,6 +212,8 @@ class Forward:
         self.changed_at = time.time()
         #: Live counters: bytes each way, active and total connections, errors by category.
         self.stats = RelayStats()
+        #: Fault injection for tests (latency, bandwidth, blackhole, resets...), per direction.
+        self.faults = Faults()
         self._cancel_scope = trio.CancelScope()
         self._done = trio.Event()
         self._changed = trio.lowlevel.ParkingLot()
@@ -293,6 +296,7 @@ class Forward:
             idle_timeout=self._tunnel.config.idle_timeout,
             stats=self.stats,
             name=f"{self.kind} {self.listen_port}->{self.target}",
+            faults=self.faults,
         )
 
     def _count_failure(self, exc: BaseException) -> None:

@@ -64,6 +64,11 @@ class _Portal:
     def run(self, afn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
         return trio.from_thread.run(afn, *args, trio_token=self._token)
 
+    def run_sync(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        return trio.from_thread.run_sync(
+            functools.partial(fn, *args, **kwargs), trio_token=self._token
+        )
+
     @property
     def nursery(self) -> trio.Nursery:
         assert self._nursery is not None
@@ -95,6 +100,17 @@ class SyncForward:
     @property
     def status(self) -> str:
         return self.forward.status.value
+
+    def set_faults(self, direction: str = "both", **settings: object) -> None:
+        """Set faults on this forward (see ``pytunnel.Faults.set``), from any thread."""
+        self._portal.run_sync(self.forward.faults.set, direction, **settings)
+
+    def clear_faults(self, direction: str = "both") -> None:
+        self._portal.run_sync(self.forward.faults.clear, direction)
+
+    def reset_connections(self) -> int:
+        """Reset every connection of this forward now."""
+        return self._portal.run_sync(self.forward.faults.reset_connections)
 
     def close(self) -> None:
         self._portal.run(self.forward.aclose)

@@ -1,0 +1,104 @@
+"""Fault injection on a forward, measured: latency, bandwidth, blackhole, resets, cut-offs."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+import pytunnel
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _rtt(stream: trio.SocketStream, payload: bytes = b"ping") -> float:
+    start = trio.current_time()
+    await stream.send_all(payload)
+    got = b""
+    while len(got) < len(payload):
+        got += await stream.receive_some()
+    return trio.current_time() - start
+
+
+async def test_latency_is_added(tunnel: pytunnel.Tunnel, echo_port: int) -> None:
+    forward = await tunnel.forward_local("127.0.0.1", echo_port)
+    stream = await trio.open_tcp_stream(*forward.address)
+    base = min([await _rtt(stream) for _ in range(5)])
+    forward.faults.set("in", latency=0.2, jitter=0.02)  # on replies only
+    slow = [await _rtt(stream) for _ in range(5)]
+    assert all(0.18 <= rtt - base <= 0.4 for rtt in slow), (base, slow)
+    forward.faults.clear()
+    assert await _rtt(stream) < 0.15
+    await stream.aclose()
+
+
+async def test_bandwidth_is_limited(tunnel: pytunnel.Tunnel, echo_port: int) -> None:
+    forward = await tunnel.forward_local("127.0.0.1", echo_port)
+    forward.faults.set("out", bandwidth=2_000_000)  # 2 MB/s towards the target
+    stream = await trio.open_tcp_stream(*forward.address)
+    payload = b"b" * 1_000_000
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.send_all, payload)
+        got = 0
+        while got < len(payload):
+            got += len(await stream.receive_some())
+    rate = len(payload) / (trio.current_time() - start)
+    assert 1_600_000 <= rate <= 2_400_000, rate  # within 20 %
+    await stream.aclose()
+
+
+async def test_blackhole_keeps_the_connection_open(tunnel: pytunnel.Tunnel, echo_port: int) -> None:
+    """An application heartbeat over the connection detects the blackhole; nothing closes."""
+    forward = await tunnel.forward_local("127.0.0.1", echo_port)
+    stream = await trio.open_tcp_stream(*forward.address)
+    assert await _rtt(stream) < 1
+    forward.faults.set("out", blackhole=True)
+    with trio.move_on_after(0.5) as heartbeat:
+        await _rtt(stream)
+    assert heartbeat.cancelled_caught  # no answer: the heartbeat notices
+    forward.faults.clear()
+    assert await _rtt(stream, b"back") < 1  # the same connection works again
+    await stream.aclose()
+
+
+async def test_reset_every_connection_now(tunnel: pytunnel.Tunnel, echo_port: int) -> None:
+    forward = await tunnel.forward_local("127.0.0.1", echo_port)
+    streams = [await trio.open_tcp_stream(*forward.address) for _ in range(3)]
+    for s in streams:
+        await _rtt(s)
+    assert forward.faults.reset_connections() == 3
+    for s in streams:
+        with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+            await s.receive_some()  # a reset, not a clean EOF
+        await s.aclose()
+
+
+async def test_close_after_n_bytes_and_slicing(tunnel: pytunnel.Tunnel, echo_port: int) -> None:
+    forward = await tunnel.forward_local("127.0.0.1", echo_port)
+    forward.faults.set("in", slice_size=3, slice_delay=0.01)
+    stream = await trio.open_tcp_stream(*forward.address)
+    await stream.send_all(b"abcdefghi")
+    pieces = []
+    while sum(map(len, pieces)) < 9:
+        pieces.append(await stream.receive_some())
+    assert b"".join(pieces) == b"abcdefghi"
+    assert len(pieces) >= 3  # delivered in small slices
+    await stream.aclose()
+    forward.faults.clear()
+    forward.faults.set("in", close_after=5)  # counted per connection, like toxiproxy's limit
+    stream = await trio.open_tcp_stream(*forward.address)
+    await stream.send_all(b"0123456789")
+    got = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some():  # then a clean close
+            got += chunk
+    assert got == b"01234"
+    await stream.aclose()
+
+
+def test_unknown_fault_is_rejected() -> None:
+    faults = pytunnel.Faults()
+    with pytest.raises(TypeError, match="unknown fault"):
+        faults.set(latenzy=1)
+    with pytest.raises(ValueError, match="direction"):
+        faults.set("sideways", latency=1)
