@@ -231,13 +231,38 @@ def session_config(args: argparse.Namespace, **override: int) -> SessionConfig:
     return SessionConfig(**kw)
 
 
+def _tls_contexts() -> tuple[Any, Any]:
+    """A throwaway CA and certificate (trustme, a test dependency) for the TLS cases."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ca.configure_trust(client_ctx)
+    return server_ctx, client_ctx
+
+
 async def case_session(
-    args: argparse.Namespace, streams: int, config: SessionConfig
+    args: argparse.Namespace, streams: int, config: SessionConfig, *, tls: bool = False
 ) -> tuple[int, float, float]:
-    """``streams`` streams of one session, each sending total/streams bytes client -> server."""
+    """``streams`` streams of one session, each sending total/streams bytes client -> server.
+
+    ``tls``: the session runs inside trio.SSLStream on both ends (the control connection's
+    TLS), handshake done before the clock starts."""
     sock_a, sock_b = await tcp_pair()
     a: trio.abc.Stream = sock_a
     b: trio.abc.Stream = sock_b
+    if tls:
+        server_ctx, client_ctx = _tls_contexts()
+        tls_a = trio.SSLStream(sock_a, client_ctx, server_hostname="localhost")
+        tls_b = trio.SSLStream(sock_b, server_ctx, server_side=True)
+        async with trio.open_nursery() as handshakes:
+            handshakes.start_soon(tls_a.do_handshake)
+            handshakes.start_soon(tls_b.do_handshake)
+        a, b = tls_a, tls_b
     chunk = b"x" * args.chunk
     sent, got = [0], [0]
     per = args.bytes // streams
@@ -581,6 +606,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         ]
         if args.plain8:
             cases.append(("plain, 8 sockets in parallel", lambda: case_plain(args, 8)))
+        if args.tls:
+            cases.append(
+                ("session over TLS, 1 stream", lambda: case_session(args, 1, cfg, tls=True))
+            )
+            cases.append(
+                ("session over TLS, 8 streams", lambda: case_session(args, 8, cfg, tls=True))
+            )
         for which in experiment_names(args):
             for n in (1, 8):
                 cases.append(
@@ -651,6 +683,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recv-size", type=parse_size, default=64 * KiB, help="receive_some size")
     parser.add_argument("--quick", action="store_true", help="64 MiB / 2 s per case, 1 repeat")
     parser.add_argument("--plain8", action="store_true", help="also 8 plain sockets in parallel")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also the session over TLS (trio.SSLStream), 1 and 8 streams",
+    )
     parser.add_argument(
         "--rtt-ms",
         type=float,
