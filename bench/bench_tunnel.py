@@ -1,0 +1,1635 @@
+#!/usr/bin/env python3
+"""End-to-end tunnel benchmark over loopback: pytunnel -L / -R against a direct connection and
+``ssh -L`` (a private sshd), side by side in one run, with references: pytunnel -L with TLS on
+the tunnel, ``ssh -L -c aes128-gcm@openssh.com``, a ``socat`` relay, and two chained plain trio
+relays (the floor for any two-process Python/trio relay).
+
+Figures, each the median of ``--repeat`` samples (3), with its ratio to the direct connection
+and to ``ssh -L`` (default cipher) measured in the same run:
+
+1. bulk throughput, iperf3 (JSON): 1 stream and ``-P 4``, each both directions (``-R``);
+2. HTTP: wrk ``-t2 -c50 -d5s --latency`` against nginx serving a small static file:
+   requests/s, p50 and p99 latency;
+3. memory: RSS growth of the tunnel processes per idle TCP connection (2,000 connections held
+   open through a fresh tunnel, ``VmRSS`` from ``/proc/PID/status``).
+
+Everything runs as child processes on 127.0.0.1 only: iperf3 server, nginx, sshd (own host key,
+authorized_keys and config in a temporary directory), ``pytunnel serve`` / ``pytunnel connect``
+(the CLI), ssh clients, socat, the trio relays (this file, ``--trio-relay``). Each one is ended
+by its pid (and the pids of the children it forked, found in ``/proc``) when the benchmark
+ends, however it ends; the temporary directory is removed. Every loop is bounded in count and
+in time. Samples of one case run back to back over all paths, in an order rotated per repeat.
+
+The tools come from ``bench/setup_tools.sh`` (Debian packages); this is not part of CI.
+
+    /work/venv/bin/python bench/bench_tunnel.py                  # full run, ~20 min
+    /work/venv/bin/python bench/bench_tunnel.py --quick          # 1 repeat, 2 s samples, ~4 min
+    /work/venv/bin/python bench/bench_tunnel.py --json out.json  # + every sample as JSON
+    /work/venv/bin/python bench/bench_tunnel.py --report out.json  # the tables again
+    /work/venv/bin/python bench/bench_tunnel.py --paths direct,pytunnel-L,ssh-L --no-rss
+    /work/venv/bin/python bench/bench_tunnel.py --only-profile --profile-dir /tmp/prof
+        # py-spy (pip install py-spy) on the pytunnel -L client and server under iperf3 and
+        # wrk load; --profile-path pytunnel-L-tls for the TLS tunnel
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import getpass
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import resource
+import selectors
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+SSH_AES = "aes128-gcm@openssh.com"
+HTTP_FILE = "index.html"
+HTTP_FILE_SIZE = 1024
+
+# --------------------------------------------------------------------------- /proc helpers
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def proc_stat(pid: int) -> tuple[int, int, list[str]] | None:
+    """(ppid, starttime, fields after the command name) of ``pid``, or None if it is gone."""
+    text = _read(f"/proc/{pid}/stat")
+    if text is None:
+        return None
+    rest = text[text.rfind(")") + 2 :].split()
+    # rest[0] is the state (field 3), so field n is rest[n - 3]
+    return int(rest[1]), int(rest[19]), rest
+
+
+def process_table() -> dict[int, int]:
+    """pid -> ppid for every process."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = proc_stat(int(name))
+            if st is not None:
+                table[int(name)] = st[0]
+    return table
+
+
+def descendants(root: int, table: dict[int, int] | None = None) -> list[int]:
+    table = process_table() if table is None else table
+    children: dict[int, list[int]] = {}
+    for pid, ppid in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = [], [root]
+    for _ in range(100_000):  # bounded walk
+        if not todo:
+            break
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime + cutime + cstime of ``pid`` in clock ticks (0 if it is gone)."""
+    st = proc_stat(pid)
+    if st is None:
+        return 0
+    f = st[2]
+    return int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+
+
+def rss_kib(pid: int) -> int:
+    text = _read(f"/proc/{pid}/status") or ""
+    m = re.search(r"^VmRSS:\s+(\d+) kB", text, re.M)
+    return int(m.group(1)) if m else 0
+
+
+def listening(port: int) -> bool:
+    """Whether something listens on TCP ``port`` (IPv4 or IPv6), from /proc/net/tcp*."""
+    suffix = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in (_read(table) or "").splitlines()[1:]:
+            parts = line.split()
+            if len(parts) > 3 and parts[1].endswith(suffix) and parts[3] == "0A":
+                return True
+    return False
+
+
+def cpu_busy(interval: float = 0.2) -> float:
+    """Fraction of all CPUs busy during ``interval`` (everything on the machine)."""
+
+    def snap() -> tuple[int, int]:
+        values = [int(v) for v in (_read("/proc/stat") or "cpu 0 0 0 0").split("\n")[0].split()[1:]]
+        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)
+
+    a = snap()
+    time.sleep(interval)
+    b = snap()
+    return 0.0 if b[0] == a[0] else 1.0 - (b[1] - a[1]) / (b[0] - a[0])
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
+    """Wait (at most ``max_wait`` s) until the machine is nearly idle; return the last busy
+    fraction, so that a contended sample can be flagged."""
+    deadline = time.monotonic() + max_wait
+    busy = cpu_busy()
+    for _ in range(int(max_wait / 0.4) + 1):
+        if busy < threshold or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+        busy = cpu_busy()
+    return busy
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def loadavg() -> str:
+    return " ".join((_read("/proc/loadavg") or "? ? ?").split()[:3])
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class BenchError(Exception):
+    pass
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        text = _read(str(self.log)) or ""
+        return "\n".join("    | " + x for x in text.splitlines()[-lines:])
+
+
+class Processes:
+    """Every process the benchmark starts, so that each can be ended by its pid.
+
+    Children forked by them (sshd's per-connection processes, socat's per-connection forks,
+    nginx's worker) are found through /proc at cleanup, and also recorded whenever the
+    benchmark looks at a tree, in case their parent is already gone by then.
+    """
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.children: list[Child] = []
+        self.seen: dict[int, int] = {}  # descendant pid -> its starttime
+        self.pdeathsig = shutil.which("setpriv")
+        self._counter = 0
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        self._counter += 1
+        log = self.tmp / f"{self._counter:02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
+        # setpriv --pdeathsig: the child gets SIGTERM if the benchmark itself is killed outright
+        wrapped = [self.pdeathsig, "--pdeathsig", "TERM", "--", *argv] if self.pdeathsig else argv
+        with open(log, "wb") as out:
+            popen = subprocess.Popen(
+                wrapped,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+        child = Child(name, argv, popen, log)
+        self.children.append(child)
+        return child
+
+    def tree(self, child: Child) -> list[int]:
+        """``child`` and its live descendants (remembered for cleanup)."""
+        pids = descendants(child.pid)
+        for pid in pids:
+            st = proc_stat(pid)
+            if st is not None:
+                self.seen.setdefault(pid, st[1])
+        return [child.pid, *pids]
+
+    def stop(self, child: Child, timeout: float = 5.0) -> None:
+        self._terminate([child], timeout)
+        if child in self.children:
+            self.children.remove(child)
+
+    def _terminate(self, children: list[Child], timeout: float) -> None:
+        table = process_table()
+        extra: dict[int, int] = {}
+        for child in children:
+            for pid in descendants(child.pid, table):
+                st = proc_stat(pid)
+                if st is not None:
+                    extra[pid] = st[1]
+        if children is self.children:  # full cleanup: also the ones seen earlier
+            for pid, start in self.seen.items():
+                extra.setdefault(pid, start)
+
+        def same(pid: int, start: int) -> bool:
+            st = proc_stat(pid)
+            return st is not None and st[1] == start and st[2][0] != "Z"
+
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for child in children:
+                if child.alive():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.pid, sig)
+            for pid, start in extra.items():
+                if same(pid, start):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+            deadline = time.monotonic() + timeout
+            for _ in range(int(timeout / 0.05) + 1):
+                if all(not c.alive() for c in children) and not any(
+                    same(p, s) for p, s in extra.items()
+                ):
+                    break
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        for child in children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.popen.wait(timeout=2)
+
+    def cleanup(self) -> None:
+        if self.children or self.seen:
+            self._terminate(self.children, 5.0)
+        self.children = []
+        self.seen = {}
+
+
+def wait_for(what: str, check, timeout: float, child: Child | None = None, step: float = 0.05):
+    """Poll ``check()`` until it returns something truthy; bounded by ``timeout``."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / step) + 2):
+        value = check()
+        if value:
+            return value
+        if child is not None and not child.alive():
+            raise BenchError(
+                f"{child.name} exited ({child.popen.returncode}) while waiting for "
+                f"{what}:\n{child.log_tail()}"
+            )
+        if time.monotonic() > deadline:
+            break
+        time.sleep(step)
+    tail = f"\n{child.log_tail()}" if child is not None else ""
+    raise BenchError(f"timed out after {timeout:g} s waiting for {what}{tail}")
+
+
+def run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.access(p, os.X_OK)), None
+    )
+
+
+# --------------------------------------------------------------------------- targets
+
+
+class IdleSink:
+    """A TCP server in a thread that accepts connections and holds them, sending nothing.
+
+    A connection is closed when its peer closes it (so relays through a tunnel can finish).
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind((HOST, 0))
+        self.listener.listen(4096)
+        self.listener.setblocking(False)
+        self.port = int(self.listener.getsockname()[1])
+        self.accepted = 0
+        self.open = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="idle-sink", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ, None)
+        conns: set[socket.socket] = set()
+        try:
+            while not self._stop.is_set():
+                for key, _ in sel.select(timeout=0.1):
+                    if key.data is None:
+                        for _ in range(256):
+                            try:
+                                conn, _ = self.listener.accept()
+                            except (BlockingIOError, InterruptedError):
+                                break
+                            except OSError:
+                                break
+                            conn.setblocking(False)
+                            sel.register(conn, selectors.EVENT_READ, "conn")
+                            conns.add(conn)
+                            self.accepted += 1
+                            self.open = len(conns)
+                    else:
+                        conn = key.fileobj
+                        try:
+                            data = conn.recv(65536)
+                        except (BlockingIOError, InterruptedError):
+                            continue
+                        except OSError:
+                            data = b""
+                        if not data:
+                            sel.unregister(conn)
+                            conn.close()
+                            conns.discard(conn)
+                            self.open = len(conns)
+        finally:
+            for conn in conns:
+                conn.close()
+            sel.close()
+            self.listener.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+@dataclass
+class Targets:
+    iperf: int
+    http: int
+    sink: int
+
+
+# --------------------------------------------------------------------------- paths
+
+
+@dataclass
+class Path_:
+    """One way to reach the targets: the front port for each target port, and the processes
+    that carry the traffic (their CPU and memory are what is measured)."""
+
+    key: str
+    label: str
+    front: dict[int, int] = field(default_factory=dict)
+    #: (role, child) of the processes relaying the traffic, e.g. ("client", ...)
+    procs: list[tuple[str, Child]] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+
+
+class Env:
+    """Starts targets and paths; knows every tool's location."""
+
+    def __init__(self, args: argparse.Namespace, procs: Processes, tmp: Path) -> None:
+        self.args = args
+        self.procs = procs
+        self.tmp = tmp
+        self.pytunnel = args.pytunnel
+        self.token = "bench-" + os.urandom(12).hex()
+        self.iperf3 = which("iperf3")
+        self.wrk = which("wrk")
+        self.nginx = which("nginx")
+        self.sshd = which("sshd")
+        self.ssh = which("ssh")
+        self.ssh_keygen = which("ssh-keygen")
+        self.socat = which("socat")
+        self.sshd_port = 0
+        self.sshd_child: Child | None = None
+        self.ssh_key = tmp / "id_ed25519"
+
+    # ---------------------------------------------------------------- targets
+
+    def start_iperf_server(self, port: int | None = None) -> tuple[int, Child]:
+        port = port or free_port()
+        argv = [self.iperf3, "-s", "-B", HOST, "-p", str(port)]
+        child = self.procs.start("iperf3-server", argv)
+        wait_for(f"iperf3 server on {port}", lambda: listening(port), 10, child)
+        return port, child
+
+    def start_nginx(self) -> tuple[int, Child]:
+        port = free_port()
+        root = self.tmp / "nginx"
+        www = root / "www"
+        (root / "tmp").mkdir(parents=True)
+        www.mkdir()
+        (www / HTTP_FILE).write_bytes(b"x" * (HTTP_FILE_SIZE - 1) + b"\n")
+        for d in (root, www, root / "tmp"):
+            d.chmod(0o755)
+        (www / HTTP_FILE).chmod(0o644)
+        conf = root / "nginx.conf"
+        t = root / "tmp"
+        conf.write_text(
+            f"""daemon off;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+worker_rlimit_nofile 16384;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {t}/body;
+    proxy_temp_path {t}/proxy;
+    fastcgi_temp_path {t}/fastcgi;
+    uwsgi_temp_path {t}/uwsgi;
+    scgi_temp_path {t}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 65;
+    default_type application/octet-stream;
+    server {{
+        listen {HOST}:{port} backlog=4096;
+        root {www};
+        location / {{ }}
+    }}
+}}
+"""
+        )
+        argv = [self.nginx, "-p", str(root), "-e", str(root / "stderr.log"), "-c", str(conf)]
+        child = self.procs.start("nginx", argv)
+        wait_for(f"nginx on {port}", lambda: listening(port), 10, child)
+        return port, child
+
+    # ---------------------------------------------------------------- sshd
+
+    def setup_sshd(self) -> None:
+        tmp = self.tmp / "ssh"
+        tmp.mkdir()
+        tmp.chmod(0o700)
+        host_key = tmp / "ssh_host_ed25519_key"
+        for key in (host_key, self.ssh_key):
+            r = run([self.ssh_keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(key)], 30)
+            if r.returncode:
+                raise BenchError(f"ssh-keygen failed: {r.stderr}")
+        auth = tmp / "authorized_keys"
+        shutil.copy(f"{self.ssh_key}.pub", auth)
+        auth.chmod(0o600)
+        cfg = tmp / "sshd_config"
+        cfg.write_text(
+            f"""ListenAddress {HOST}
+HostKey {host_key}
+PidFile {tmp}/sshd.pid
+AuthorizedKeysFile {auth}
+AuthenticationMethods publickey
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PermitRootLogin prohibit-password
+AllowTcpForwarding yes
+PermitOpen any
+X11Forwarding no
+PrintMotd no
+UseDNS no
+MaxStartups 100
+LogLevel ERROR
+"""
+        )
+        if not os.path.isdir("/run/sshd") and os.geteuid() == 0:
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        r = run([self.sshd, "-t", "-f", str(cfg)], 30)
+        if r.returncode:
+            raise BenchError(f"sshd -t rejected the config: {r.stderr.strip()}")
+        port = free_port()
+        argv = [self.sshd, "-D", "-e", "-f", str(cfg), "-p", str(port)]
+        self.sshd_child = self.procs.start("sshd", argv)
+        self.sshd_port = port
+        wait_for(f"sshd on {port}", lambda: listening(port), 10, self.sshd_child)
+
+    def ssh_default_cipher(self) -> str:
+        r = run([self.ssh, "-G", "-F", "/dev/null", HOST], 10)
+        m = re.search(r"^ciphers (\S+)", r.stdout, re.M)
+        return m.group(1).split(",")[0] if m else "?"
+
+    # ---------------------------------------------------------------- paths
+
+    def path_direct(self, targets: list[int]) -> Path_:
+        return Path_("direct", "direct", {t: t for t in targets})
+
+    def _pytunnel_server(self, name: str, tls: bool) -> tuple[Child, int, str | None]:
+        argv = [self.pytunnel, "serve", "--listen", f"{HOST}:0", "--log-level", "warning"]
+        if tls:  # a self-signed certificate made in the temp dir; the client pins it
+            argv += ["--tls-self-signed", "--tls-dir", str(self.tmp / f"tls-{name}")]
+        child = self.procs.start(name, argv, env={"PYTUNNEL_TOKEN": self.token})
+
+        def address() -> tuple[int, str | None] | None:
+            log = _read(str(child.log)) or ""
+            m = re.search(r"pytunnel server listening on \S+:(\d+)", log)
+            f = re.search(r"fingerprint: (SHA256:\S+)", log)
+            if m and (f or not tls):
+                return int(m.group(1)), (f.group(1) if f else None)
+            return None
+
+        port, fingerprint = wait_for("pytunnel server address", address, 20, child)
+        return child, port, fingerprint
+
+    def path_pytunnel(self, mode: str, targets: list[int], tls: bool = False) -> Path_:
+        """``mode`` is "L" or "R"; forwards are asked for on port 0 and read back from the
+        lines ``pytunnel connect`` prints. ``tls``: TLS on the tunnel connection, so that, as
+        with ssh, the bytes between the two processes are encrypted."""
+        suffix = mode + ("-tls" if tls else "")
+        server, port, fingerprint = self._pytunnel_server(f"pytunnel-serve-{suffix}", tls)
+        argv = [self.pytunnel, "connect", f"{HOST}:{port}", "--log-level", "warning"]
+        if fingerprint:
+            argv += ["--tls-fingerprint", fingerprint]
+        for t in targets:
+            argv += [f"-{mode}", f"0:{HOST}:{t}"]
+        client = self.procs.start(
+            f"pytunnel-connect-{suffix}", argv, env={"PYTUNNEL_TOKEN": self.token}
+        )
+        kind = "local" if mode == "L" else "remote"
+        pattern = re.compile(rf"^{kind} forward \S+:(\d+) -> \S+:(\d+)$", re.M)
+
+        def forwards() -> dict[int, int] | None:
+            found = {int(t): int(f) for f, t in pattern.findall(_read(str(client.log)) or "")}
+            return found if len(found) == len(targets) else None
+
+        front = wait_for(f"pytunnel -{mode} forwards", forwards, 20, client)
+        for f in front.values():
+            wait_for(f"listener on {f}", lambda f=f: listening(f), 10, client)
+        cmd_s = "PYTUNNEL_TOKEN=... " + shlex.join(server.argv)
+        cmd_c = "PYTUNNEL_TOKEN=... " + shlex.join(argv)
+        return Path_(
+            f"pytunnel-{suffix}",
+            f"pytunnel -{mode}" + (" (TLS)" if tls else ""),
+            front,
+            [("client", client), ("server", server)],
+            [cmd_s, cmd_c],
+        )
+
+    def path_ssh(self, targets: list[int], cipher: str | None) -> Path_:
+        assert self.sshd_child is not None
+        front = {t: free_port() for t in targets}
+        argv = [
+            self.ssh,
+            "-N",
+            "-F",
+            "/dev/null",
+            "-p",
+            str(self.sshd_port),
+            "-i",
+            str(self.ssh_key),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ]
+        if cipher:
+            argv += ["-c", cipher]
+        for t, f in front.items():
+            argv += ["-L", f"{HOST}:{f}:{HOST}:{t}"]
+        argv.append(f"{getpass.getuser()}@{HOST}")
+        name = "ssh-L" + (f"-{cipher.split('@')[0]}" if cipher else "")
+        client = self.procs.start(name, argv)
+        for f in front.values():
+            wait_for(f"ssh -L listener on {f}", lambda f=f: listening(f), 20, client)
+        key = "ssh-L" if not cipher else "ssh-L-aes"
+        label = "ssh -L" if not cipher else f"ssh -L -c {cipher.split('@')[0]}"
+        # the sshd process serving this connection is a child of the listener: the newest one
+        return Path_(
+            key,
+            label,
+            front,
+            [("client", client), ("server", self.sshd_child)],
+            [shlex.join(self.sshd_child.argv), shlex.join(argv)],
+        )
+
+    def path_socat(self, targets: list[int]) -> Path_:
+        front, children, cmds = {}, [], []
+        for t in targets:
+            f = free_port()
+            argv = [
+                self.socat,
+                f"TCP-LISTEN:{f},bind={HOST},reuseaddr,fork,backlog=4096",
+                f"TCP:{HOST}:{t}",
+            ]
+            child = self.procs.start(f"socat-{t}", argv)
+            wait_for(f"socat on {f}", lambda f=f: listening(f), 10, child)
+            front[t] = f
+            children.append(("relay", child))
+            cmds.append(shlex.join(argv))
+        return Path_("socat", "socat", front, children, cmds)
+
+    def _trio_relay(self, name: str, maps: list[int]) -> tuple[Child, dict[int, int]]:
+        argv = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--trio-relay",
+            ",".join(str(t) for t in maps),
+        ]
+        child = self.procs.start(name, argv)
+        pattern = re.compile(r"^relay (\d+) -> (\d+)$", re.M)
+
+        def ports() -> dict[int, int] | None:
+            found = {int(t): int(f) for f, t in pattern.findall(_read(str(child.log)) or "")}
+            return found if len(found) == len(maps) else None
+
+        return child, wait_for(f"{name} ports", ports, 20, child)
+
+    def path_trio_relay(self, targets: list[int]) -> Path_:
+        """Two chained plain trio relays (one connection per connection, no multiplexing, no
+        framing): the floor for a two-process Python/trio design such as pytunnel's."""
+        server, near = self._trio_relay("trio-relay-server", targets)
+        client, far = self._trio_relay("trio-relay-client", [near[t] for t in targets])
+        front = {t: far[near[t]] for t in targets}
+        return Path_(
+            "trio-relay",
+            "trio relay x2",
+            front,
+            [("client", client), ("server", server)],
+            [shlex.join(server.argv), shlex.join(client.argv)],
+        )
+
+    def make_path(self, key: str, targets: list[int]) -> Path_:
+        if key == "direct":
+            return self.path_direct(targets)
+        if key == "pytunnel-L":
+            return self.path_pytunnel("L", targets)
+        if key == "pytunnel-R":
+            return self.path_pytunnel("R", targets)
+        if key == "pytunnel-L-tls":
+            return self.path_pytunnel("L", targets, tls=True)
+        if key == "ssh-L":
+            return self.path_ssh(targets, None)
+        if key == "ssh-L-aes":
+            return self.path_ssh(targets, SSH_AES)
+        if key == "socat":
+            return self.path_socat(targets)
+        if key == "trio-relay":
+            return self.path_trio_relay(targets)
+        raise ValueError(key)
+
+    def stop_path(self, path: Path_) -> None:
+        for _role, child in path.procs:
+            if child is not self.sshd_child:
+                self.procs.stop(child)
+
+
+def path_cpu(procs: Processes, path: Path_) -> int:
+    """CPU ticks used so far by the processes of ``path`` (and their children)."""
+    total = 0
+    for _, child in path.procs:
+        for pid in procs.tree(child):
+            total += cpu_ticks(pid)
+    return total
+
+
+def check_http(path: Path_, http_port: int) -> None:
+    url = f"http://{HOST}:{path.front[http_port]}/{HTTP_FILE}"
+    for attempt in range(5):
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                body = resp.read()
+            if len(body) == HTTP_FILE_SIZE:
+                return
+            raise BenchError(f"{path.label}: got {len(body)} bytes from {url}")
+        except OSError as exc:
+            if attempt == 4:
+                raise BenchError(f"{path.label}: GET {url} failed: {exc}") from None
+            time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------- measurements
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Sample:
+    figure: str
+    case: str
+    path: str
+    rep: int
+    values: dict[str, float | None]
+    busy_before: float
+    tunnel_cpu: float | None  # CPU seconds of the path's processes / wall seconds
+    command: str
+    error: str | None = None
+
+
+def iperf_cases(quick: bool) -> list[tuple[str, list[str]]]:
+    return [
+        ("1 stream", []),
+        ("1 stream -R", ["-R"]),
+        ("-P 4", ["-P", "4"]),
+        ("-P 4 -R", ["-P", "4", "-R"]),
+    ]
+
+
+def run_iperf(env: Env, port: int, extra: list[str], seconds: float) -> tuple[dict, str]:
+    argv = [
+        env.iperf3,
+        "-c",
+        HOST,
+        "-p",
+        str(port),
+        "-t",
+        f"{seconds:g}",
+        "-J",
+        "--connect-timeout",
+        "5000",
+        *extra,
+    ]
+    r = run(argv, seconds + 30)
+    cmd = shlex.join(argv)
+    try:
+        data = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        raise BenchError(f"iperf3 printed no JSON (rc {r.returncode}): {r.stderr[-300:]}") from None
+    if "error" in data:
+        raise BenchError(f"iperf3: {data['error']}")
+    return data, cmd
+
+
+def run_wrk(env: Env, port: int, seconds: float, threads: int, conns: int) -> tuple[dict, str]:
+    url = f"http://{HOST}:{port}/{HTTP_FILE}"
+    argv = [
+        env.wrk,
+        f"-t{threads}",
+        f"-c{conns}",
+        f"-d{seconds:g}s",
+        "--latency",
+        "--timeout",
+        "5s",
+        url,
+    ]
+    r = run(argv, seconds + 30)
+    cmd = shlex.join(argv)
+    out = r.stdout
+    if r.returncode != 0:
+        raise BenchError(f"wrk failed (rc {r.returncode}): {r.stderr[-300:]} {out[-300:]}")
+
+    def lat(pct: str) -> float | None:
+        m = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+        if not m:
+            return None
+        scale = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}[m.group(2)]
+        return float(m.group(1)) * scale
+
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    errors = 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    return {
+        "rps": float(rps.group(1)) if rps else None,
+        "p50_ms": lat("50"),
+        "p99_ms": lat("99"),
+        "errors": float(errors),
+    }, cmd
+
+
+def measure_rss(
+    env: Env, procs: Processes, key: str, sink: IdleSink, n: int, rep: int, log
+) -> Sample:
+    """Fresh tunnel processes; warm up; open ``n`` idle connections; VmRSS growth / n."""
+    path = env.make_path(key, [sink.port])
+    conns: list[socket.socket] = []
+    values: dict[str, float | None] = {}
+    error = None
+    try:
+        front = path.front[sink.port]
+
+        def roles_rss() -> dict[str, int]:
+            out: dict[str, int] = {}
+            for role, child in path.procs:
+                pids = procs.tree(child)
+                if child is env.sshd_child:
+                    pids = pids[1:]  # the listener does not grow; its per-connection children do
+                out[role] = out.get(role, 0) + sum(rss_kib(p) for p in pids)
+            return out
+
+        def open_conns(count: int, deadline: float) -> None:
+            for _ in range(count):
+                if time.monotonic() > deadline:
+                    raise BenchError(f"opening {count} connections took too long")
+                conns.append(socket.create_connection((HOST, front), timeout=5))
+
+        def wait_sink(accepted: int, open_: int | None, timeout: float) -> None:
+            wait_for(
+                f"{accepted} connections at the sink",
+                lambda: sink.accepted >= accepted and (open_ is None or sink.open <= open_),
+                timeout,
+                step=0.05,
+            )
+
+        # warm-up: first connections pay for imports, caches and first allocations
+        base_acc = sink.accepted
+        open_conns(50, time.monotonic() + 30)
+        wait_sink(base_acc + 50, None, 30)
+        for c in conns:
+            c.close()
+        conns.clear()
+        wait_sink(0, 0, 30)
+        time.sleep(1.0)
+        before = roles_rss()
+        base_acc = sink.accepted
+        t0 = time.monotonic()
+        open_conns(n, time.monotonic() + 120)
+        wait_sink(base_acc + n, None, 120)
+        opened = time.monotonic() - t0
+        time.sleep(1.5)
+        during = roles_rss()
+        for c in conns:
+            c.close()
+        conns.clear()
+        wait_sink(0, 0, 60)
+        time.sleep(1.5)
+        after = roles_rss()
+        total = 0.0
+        for role in before:
+            grow = (during[role] - before[role]) * 1024 / n
+            values[f"{role}_bytes_per_conn"] = grow
+            values[f"{role}_rss_before_kib"] = before[role]
+            values[f"{role}_rss_loaded_kib"] = during[role]
+            values[f"{role}_rss_after_close_kib"] = after[role]
+            total += grow
+        values["total_bytes_per_conn"] = total
+        values["open_seconds"] = opened
+    except (BenchError, OSError) as exc:
+        error = str(exc)
+    finally:
+        for c in conns:
+            c.close()
+        env.stop_path(path)
+    sample = Sample(
+        "rss", f"{n} idle conns", key, rep, values, 0.0, None, " ; ".join(path.commands), error
+    )
+    if error:
+        log(f"  [{rep + 1}] rss {path.label:<22} ERROR {error}")
+    else:
+        per = " ".join(
+            f"{k.split('_')[0]}={(v or 0) / 1024:.1f}KiB/conn"
+            for k, v in values.items()
+            if k.endswith("bytes_per_conn")
+        )
+        log(f"  [{rep + 1}] rss {path.label:<22} {per} (opened in {values['open_seconds']:.1f}s)")
+    return sample
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}x"
+
+
+def summarize(samples: list[Sample], figure: str, case: str, path: str, key: str):
+    xs = [
+        s.values[key]
+        for s in samples
+        if s.figure == figure
+        and s.case == case
+        and s.path == path
+        and s.error is None
+        and s.values.get(key) is not None
+    ]
+    return median(xs), (min(xs) if xs else None), (max(xs) if xs else None), len(xs)
+
+
+def cpu_median(samples: list[Sample], figure: str, case: str, path: str) -> float | None:
+    xs = [
+        s.tunnel_cpu
+        for s in samples
+        if s.figure == figure
+        and s.case == case
+        and s.path == path
+        and s.error is None
+        and s.tunnel_cpu is not None
+    ]
+    return median(xs)
+
+
+def report(samples: list[Sample], paths: list[tuple[str, str]], args, log) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    ref = "ssh-L"
+    has_ssh = any(k == ref for k, _ in paths)
+    cases = sorted(
+        {s.case for s in samples if s.figure == "iperf"},
+        key=lambda c: [c for c, _ in iperf_cases(False)].index(c),
+    )
+    if cases:
+        log("")
+        log(
+            f"### Bulk throughput (iperf3, {args.seconds:g} s per sample, median of "
+            f"{args.repeat}; Gbit/s received)"
+        )
+        log("")
+        log("| case | path | Gbit/s | min..max | vs direct | vs ssh -L | tunnel CPU |")
+        log("|---|---|---:|---:|---:|---:|---:|")
+        for case in cases:
+            d = summarize(samples, "iperf", case, "direct", "gbps")[0]
+            s = summarize(samples, "iperf", case, ref, "gbps")[0] if has_ssh else None
+            for key, label in paths:
+                m, lo, hi, _n = summarize(samples, "iperf", case, key, "gbps")
+                cpu = cpu_median(samples, "iperf", case, key)
+                summary.setdefault("iperf", {}).setdefault(case, {})[key] = m
+                log(
+                    f"| {case} | {label} | {fmt(m)} | {fmt(lo)}..{fmt(hi)} | {ratio(m, d)} | "
+                    f"{ratio(m, s)} | {'-' if cpu is None else f'{cpu * 100:.0f}%'} |"
+                )
+        log("")
+        log(
+            "tunnel CPU: CPU time of the relaying processes (both ends, children included) per "
+            "second of wall clock; 100% = one core."
+        )
+    if any(s.figure == "wrk" for s in samples):
+        log("")
+        log(
+            f"### HTTP (wrk -t{args.wrk_threads} -c{args.wrk_conns} -d{args.wrk_seconds:g}s "
+            f"--latency, nginx, {HTTP_FILE_SIZE}-byte file; median of {args.repeat})"
+        )
+        log("")
+        log(
+            "| path | req/s | vs direct | vs ssh -L | p50 ms | p50 vs ssh -L | p99 ms | "
+            "p99 vs ssh -L | errors | tunnel CPU |"
+        )
+        log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        case = "http"
+        d = summarize(samples, "wrk", case, "direct", "rps")[0]
+        s_rps = summarize(samples, "wrk", case, ref, "rps")[0] if has_ssh else None
+        s50 = summarize(samples, "wrk", case, ref, "p50_ms")[0] if has_ssh else None
+        s99 = summarize(samples, "wrk", case, ref, "p99_ms")[0] if has_ssh else None
+        for key, label in paths:
+            rps = summarize(samples, "wrk", case, key, "rps")[0]
+            p50 = summarize(samples, "wrk", case, key, "p50_ms")[0]
+            p99 = summarize(samples, "wrk", case, key, "p99_ms")[0]
+            err = summarize(samples, "wrk", case, key, "errors")[0]
+            cpu = cpu_median(samples, "wrk", case, key)
+            summary.setdefault("wrk", {})[key] = {"rps": rps, "p50_ms": p50, "p99_ms": p99}
+            log(
+                f"| {label} | {fmt(rps, 0)} | {ratio(rps, d)} | {ratio(rps, s_rps)} | "
+                f"{fmt(p50)} | {ratio(p50, s50)} | {fmt(p99)} | {ratio(p99, s99)} | "
+                f"{fmt(err, 0)} | {'-' if cpu is None else f'{cpu * 100:.0f}%'} |"
+            )
+    rss = [s for s in samples if s.figure == "rss"]
+    if rss:
+        case = rss[0].case
+        log("")
+        log(
+            f"### Memory per idle connection ({case}, fresh processes per sample; VmRSS growth "
+            f"/ connections; median of {args.repeat})"
+        )
+        log("")
+        log(
+            "| path | client side B/conn | server side B/conn | total B/conn | total vs ssh -L | "
+            "client RSS idle -> loaded -> closed (MiB) | server RSS idle -> loaded -> closed "
+            "(MiB) |"
+        )
+        log("|---|---:|---:|---:|---:|---:|---:|")
+        s_tot = summarize(samples, "rss", case, ref, "total_bytes_per_conn")[0]
+        for key, label in paths:
+            if not any(s.path == key for s in rss):
+                continue
+            c = summarize(samples, "rss", case, key, "client_bytes_per_conn")[0]
+            sv = summarize(samples, "rss", case, key, "server_bytes_per_conn")[0]
+            tot = summarize(samples, "rss", case, key, "total_bytes_per_conn")[0]
+            summary.setdefault("rss", {})[key] = {"client": c, "server": sv, "total": tot}
+
+            def trio_(role: str, key: str = key) -> str:
+                parts = [
+                    summarize(samples, "rss", case, key, f"{role}_rss_{w}_kib")[0]
+                    for w in ("before", "loaded", "after_close")
+                ]
+                return " -> ".join(fmt(None if p is None else p / 1024, 1) for p in parts)
+
+            log(
+                f"| {label} | {fmt(c, 0)} | {fmt(sv, 0)} | {fmt(tot, 0)} | {ratio(tot, s_tot)} | "
+                f"{trio_('client')} | {trio_('server')} |"
+            )
+        log("")
+        log(
+            "ssh -L: client = the ssh process; server = sshd's per-connection processes (not the "
+            "listener). Each column is its own median, so total need not equal client + server."
+        )
+    # the issue's target
+    iperf = summary.get("iperf", {})
+    verdicts = []
+    for case in cases:
+        p, s = iperf[case].get("pytunnel-L"), iperf[case].get(ref)
+        if p is not None and s:
+            verdicts.append((case, p / s, paired_ratio(samples, case, "pytunnel-L", ref)))
+    if verdicts:
+        log("")
+        log("### Target: bulk throughput through pytunnel -L >= 0.5x ssh -L (same run)")
+        log("")
+        log(
+            "ratio of medians; in brackets the median of the per-repeat ratios (within one "
+            "repeat the paths of a case run back to back, so they share the machine's load)"
+        )
+        log("")
+        for case, r, pr in verdicts:
+            paired = "" if pr is None else f" [paired {pr:.2f}x]"
+            log(f"- {case}: {r:.2f}x{paired} -> {'met' if r >= 0.5 else 'NOT met'}")
+        met = all(r >= 0.5 for _, r, _ in verdicts)
+        log(f"- overall: {'MET' if met else 'NOT MET'} (every case must reach 0.5x)")
+        tls = [(c, iperf[c].get("pytunnel-L-tls"), iperf[c].get(ref)) for c in cases]
+        tls_r = [
+            (c, t / s, paired_ratio(samples, c, "pytunnel-L-tls", ref))
+            for c, t, s in tls
+            if t is not None and s
+        ]
+        if tls_r:
+            log(
+                "- with TLS on the tunnel (encrypted, as ssh is): "
+                + "; ".join(
+                    f"{c} {r:.2f}x" + ("" if pr is None else f" [paired {pr:.2f}x]")
+                    for c, r, pr in tls_r
+                )
+            )
+        summary["target"] = {
+            "ratios": {c: r for c, r, _ in verdicts},
+            "paired_ratios": {c: pr for c, _, pr in verdicts},
+            "met": met,
+        }
+    return summary
+
+
+def paired_ratio(samples: list[Sample], case: str, a: str, b: str) -> float | None:
+    """Median over repeats of (a's sample / b's sample) within the same repeat."""
+    by_rep: dict[int, dict[str, float]] = {}
+    for s in samples:
+        if s.figure == "iperf" and s.case == case and s.error is None and s.path in (a, b):
+            value = s.values.get("gbps")
+            if value:
+                by_rep.setdefault(s.rep, {})[s.path] = value
+    ratios = [v[a] / v[b] for v in by_rep.values() if a in v and b in v]
+    return median(ratios)
+
+
+# --------------------------------------------------------------------------- profiling
+
+
+def profile(
+    env: Env,
+    procs: Processes,
+    targets: Targets,
+    out_dir: Path,
+    seconds: float,
+    log,
+    key: str = "pytunnel-L",
+) -> None:
+    """py-spy record on the pytunnel -L client and server during iperf3 and wrk runs.
+
+    py-spy samples only while a thread is running (not parked in epoll), so the shares below
+    are shares of the CPU each process used; ``--nonblocking`` leaves the process running.
+    """
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not os.access(pyspy, os.X_OK):
+        log("profile: py-spy not found (pip install py-spy); skipped")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases: list[tuple[str, list[str] | None]] = [
+        ("iperf-1", []),
+        ("iperf-1-R", ["-R"]),
+        ("iperf-P4-R", ["-P", "4", "-R"]),
+        ("wrk", None),
+    ]
+    path = env.make_path(key, [targets.iperf, targets.http])
+    try:
+        for case, extra in cases:
+            spies = []
+            for role, child in path.procs:
+                raw = out_dir / f"{key}-{case}-{role}.txt"
+                argv = [
+                    pyspy,
+                    "record",
+                    "--pid",
+                    str(child.pid),
+                    "--rate",
+                    "250",
+                    "--duration",
+                    f"{seconds:g}",
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--output",
+                    str(raw),
+                ]
+                spies.append((role, raw, procs.start(f"py-spy-{role}", argv)))
+            time.sleep(1.0)
+            c0 = path_cpu(procs, path)
+            t0 = time.monotonic()
+            if extra is None:
+                vals, cmd = run_wrk(env, path.front[targets.http], seconds - 2, 2, 50)
+                result = f"{vals['rps']:.0f} req/s"
+            else:
+                data, cmd = run_iperf(env, path.front[targets.iperf], extra, seconds - 2)
+                result = f"{data['end']['sum_received']['bits_per_second'] / 1e9:.2f} Gbit/s"
+            wall = time.monotonic() - t0
+            cpu = (path_cpu(procs, path) - c0) / TICK / wall
+            log(f"profile {path.label} {case}: {result}, tunnel CPU {cpu * 100:.0f}% ({cmd})")
+            for role, raw, spy in spies:
+                try:
+                    spy.popen.wait(timeout=seconds + 30)
+                except subprocess.TimeoutExpired:
+                    procs.stop(spy)
+                procs.children = [c for c in procs.children if c is not spy]
+                log(f"  {role}: {raw}")
+                log(summarize_raw(raw, 14))
+    finally:
+        env.stop_path(path)
+
+
+#: Frames every sample passes through (click, the CLI, trio's run loop): left out of
+#: the inclusive list, which would otherwise start with them.
+_WRAPPER_FRAME = re.compile(r"\((core|decorators|main)\.py\)$|^(unrolled_run|run) \(_run\.py\)$")
+
+
+def summarize_raw(raw: Path, top: int) -> str:
+    """Self and inclusive sample shares per function from py-spy's raw (collapsed) output."""
+    selfc: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    for line in (_read(str(raw)) or "").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        frames = [
+            re.sub(r" \((?:.*/)?([^/]+\.py):\d+\)", r" (\1)", f) for f in stack.split(";")[1:]
+        ]  # first entry: process/thread name
+        if not frames:
+            continue
+        total += n
+        selfc[frames[-1]] += n
+        for f in set(frames):
+            if not _WRAPPER_FRAME.search(f):
+                incl[f] += n
+    if not total:
+        return "    (no samples)"
+    lines = [f"    {total} samples; self:"]
+    lines += [f"      {c / total * 100:5.1f}%  {f}" for f, c in selfc.most_common(top)]
+    lines.append("    inclusive:")
+    lines += [f"      {c / total * 100:5.1f}%  {f}" for f, c in incl.most_common(top + 6)]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+ALL_PATHS = [
+    "direct",
+    "pytunnel-L",
+    "pytunnel-R",
+    "pytunnel-L-tls",
+    "ssh-L",
+    "ssh-L-aes",
+    "socat",
+    "trio-relay",
+]
+
+
+def trio_relay_main(spec: str) -> int:
+    """``--trio-relay T1,T2``: listen on a free port per target port and relay each
+    connection to it with two trio tasks (the simplest trio relay: no framing, no
+    multiplexing). Prints ``relay FRONT -> TARGET`` per target."""
+    import trio
+
+    async def pump(src: Any, dst: Any) -> None:
+        try:
+            while data := await src.receive_some(256 * 1024):
+                await dst.send_all(data)
+            await dst.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    async def handle(conn: Any, target: int) -> None:
+        async with conn:
+            try:
+                upstream = await trio.open_tcp_stream(HOST, target)
+            except OSError:
+                return
+            async with upstream, trio.open_nursery() as nursery:
+                nursery.start_soon(pump, conn, upstream)
+                nursery.start_soon(pump, upstream, conn)
+
+    async def serve(target: int, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host=HOST, backlog=4096)
+        print(f"relay {listeners[0].socket.getsockname()[1]} -> {target}", flush=True)
+        task_status.started()
+
+        async def one(conn: Any) -> None:
+            await handle(conn, target)
+
+        await trio.serve_listeners(one, listeners)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for t in spec.split(","):
+                await nursery.start(serve, int(t))
+
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(main)
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 repeat, 2 s samples, 200 idle connections: a smoke run",
+    )
+    p.add_argument("--repeat", type=int, default=None, help="samples per figure (3)")
+    p.add_argument("--seconds", type=float, default=None, help="iperf3 -t (5)")
+    p.add_argument("--wrk-seconds", type=float, default=None, help="wrk -d (5)")
+    p.add_argument("--wrk-threads", type=int, default=2)
+    p.add_argument("--wrk-conns", type=int, default=50)
+    p.add_argument("--rss-conns", type=int, default=None, help="idle connections (2000)")
+    p.add_argument(
+        "--paths",
+        default=",".join(ALL_PATHS),
+        help=f"comma-separated subset of {','.join(ALL_PATHS)}",
+    )
+    p.add_argument("--no-iperf", action="store_true")
+    p.add_argument("--no-wrk", action="store_true")
+    p.add_argument("--no-rss", action="store_true")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=2.0,
+        help="before each sample, wait up to this many seconds for idle CPUs",
+    )
+    p.add_argument("--pytunnel", default=None, help="pytunnel CLI (default: next to python)")
+    p.add_argument("--json", type=Path, default=None, help="write every sample here")
+    p.add_argument(
+        "--profile-dir",
+        type=Path,
+        default=None,
+        help="also py-spy the pytunnel -L client and server under iperf3 load",
+    )
+    p.add_argument("--profile-seconds", type=float, default=12.0)
+    p.add_argument(
+        "--profile-path",
+        default="pytunnel-L",
+        choices=["pytunnel-L", "pytunnel-R", "pytunnel-L-tls"],
+        help="which pytunnel path --profile-dir profiles",
+    )
+    p.add_argument("--only-profile", action="store_true", help="skip the measurements")
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="print the tables again from a --json file; measure nothing",
+    )
+    args = p.parse_args(argv)
+    q = args.quick
+    args.repeat = args.repeat or (1 if q else 3)
+    args.seconds = args.seconds or (2.0 if q else 5.0)
+    args.wrk_seconds = args.wrk_seconds or (2.0 if q else 5.0)
+    args.rss_conns = args.rss_conns or (200 if q else 2000)
+    if args.pytunnel is None:
+        local = Path(sys.executable).parent / "pytunnel"
+        args.pytunnel = str(local) if local.exists() else (shutil.which("pytunnel") or "pytunnel")
+    args.paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    for x in args.paths:
+        if x not in ALL_PATHS:
+            p.error(f"unknown path {x!r}")
+    if "direct" not in args.paths:
+        args.paths.insert(0, "direct")
+    return args
+
+
+def raise_nofile(need: int) -> tuple[int, int]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(soft, need)
+    if hard != resource.RLIM_INFINITY and want > hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))  # root only
+            return want, want
+        except (ValueError, OSError):
+            want = hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def machine_info(env: Env) -> list[str]:
+    cpu = "?"
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+
+    def version(pkg: str) -> str:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return "?"
+
+    def tool(argv: list[str], pattern: str) -> str:
+        try:
+            r = run(argv, 10)
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+        m = re.search(pattern, r.stdout + r.stderr)
+        return m.group(1) if m else "?"
+
+    git = "?"
+    try:
+        root = Path(__file__).resolve().parent.parent
+        head = run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], 10).stdout.strip()
+        dirty = run(["git", "-C", str(root), "status", "--porcelain", "src"], 10).stdout
+        git = f"{head} ({len(dirty.splitlines())} files modified in src/)"
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    tools = [
+        tool([env.ssh, "-V"], r"(OpenSSH_\S+)"),
+        tool([env.iperf3, "--version"], r"(iperf \S+)"),
+        "wrk " + tool([env.wrk, "-v"], r"wrk (\S+)"),
+        tool([env.nginx, "-v"], r"(nginx/\S+)"),
+        "socat " + tool([env.socat, "-V"], r"socat version (\S+)"),
+    ]
+    return [
+        f"machine: nproc {os.cpu_count()}, CPU {cpu}, kernel {platform.release()}",
+        f"python {platform.python_version()} | trio {version('trio')} | "
+        f"msgpack {version('msgpack')} | pytunnel {version('pytunnel')} | git {git}",
+        "tools: " + ", ".join(tools),
+    ]
+
+
+def report_from(path: Path) -> int:
+    data = json.loads(path.read_text())
+    saved = argparse.Namespace(**data["args"])
+    samples = [Sample(**s) for s in data["samples"]]
+    print(f"report of: {data['command']}")
+    for line in data["machine"]:
+        print(line)
+    labels = {
+        "direct": "direct",
+        "pytunnel-L": "pytunnel -L",
+        "pytunnel-R": "pytunnel -R",
+        "pytunnel-L-tls": "pytunnel -L (TLS)",
+        "ssh-L": "ssh -L",
+        "ssh-L-aes": f"ssh -L -c {SSH_AES.split('@')[0]}",
+        "socat": "socat",
+        "trio-relay": "trio relay x2",
+    }
+    paths = [(k, labels[k]) for k in saved.paths]
+    report(samples, paths, saved, print)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--trio-relay"] and len(argv) == 2:  # the trio-relay reference path
+        return trio_relay_main(argv[1])
+    args = parse_args(argv)
+    if args.report is not None:
+        return report_from(args.report)
+    print("command:", shlex.join([sys.executable, *sys.argv]), flush=True)
+    nofile = raise_nofile(4 * args.rss_conns + 4096)
+
+    def on_signal(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+    tmp = Path(tempfile.mkdtemp(prefix="pytunnel-bench-"))
+    tmp.chmod(0o711)  # nginx's worker (nobody) must reach its document root
+    procs = Processes(tmp)
+    done = False
+
+    def cleanup() -> None:
+        nonlocal done
+        if done:
+            return
+        done = True
+        while _SINKS:
+            _SINKS.pop().close()
+        procs.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    atexit.register(cleanup)
+    try:
+        env = Env(args, procs, tmp)
+        return _main(args, env, procs, tmp, nofile)
+    finally:
+        cleanup()
+
+
+#: Idle sinks to close at cleanup (threads of this process).
+_SINKS: list[IdleSink] = []
+
+
+def _main(args, env: Env, procs: Processes, tmp: Path, nofile) -> int:
+    def log(line: str = "") -> None:
+        print(line, flush=True)
+
+    missing = [
+        n for n, p in (("iperf3", env.iperf3), ("wrk", env.wrk), ("nginx", env.nginx)) if p is None
+    ]
+    if any(k.startswith("ssh") for k in args.paths):
+        missing += [
+            n
+            for n, p in (("sshd", env.sshd), ("ssh", env.ssh), ("ssh-keygen", env.ssh_keygen))
+            if p is None
+        ]
+    if "socat" in args.paths and env.socat is None:
+        missing.append("socat")
+    if missing:
+        log(f"missing tools: {', '.join(missing)}; run bench/setup_tools.sh first")
+        return 2
+    machine = machine_info(env)  # at the start: src/ may change while the benchmark runs
+    for line in machine:
+        log(line)
+    log(f"RLIMIT_NOFILE {nofile[0]} (children inherit it); temp dir {tmp}")
+    log(f"load average at start: {loadavg()}")
+
+    iperf_port, iperf_child = env.start_iperf_server()
+    http_port, _ = env.start_nginx()
+    sink = IdleSink()
+    _SINKS.append(sink)
+    targets = Targets(iperf_port, http_port, sink.port)
+    if any(k.startswith("ssh") for k in args.paths):
+        env.setup_sshd()
+        log(f"ssh default cipher (client's first choice): {env.ssh_default_cipher()}")
+
+    samples: list[Sample] = []
+    try:
+        if not args.only_profile:
+            target_ports = [iperf_port, http_port]
+            paths = [env.make_path(k, target_ports) for k in args.paths]
+            labels = [(p.key, p.label) for p in paths]
+            log("")
+            log("targets:")
+            log(f"  {shlex.join(iperf_child.argv)}")
+            log(
+                f"  nginx: 1 worker, {HTTP_FILE_SIZE}-byte /{HTTP_FILE}, access_log off "
+                f"(port {http_port})"
+            )
+            log("paths (front port per target):")
+            for p in paths:
+                check_http(p, http_port)
+                log(f"  {p.label}: iperf3 via {p.front[iperf_port]}, http via {p.front[http_port]}")
+                for c in p.commands:
+                    log(f"      {c}")
+            log("")
+            deadline_note = time.monotonic()
+            for rep in range(args.repeat):
+                order = paths[rep % len(paths) :] + paths[: rep % len(paths)]  # rotate
+                if not args.no_iperf:
+                    for case, extra in iperf_cases(args.quick):
+                        for p in order:
+                            busy = wait_quiet(args.quiet_wait)
+                            c0, t0 = path_cpu(procs, p), time.monotonic()
+                            err, gbps, cmd = None, None, ""
+                            try:
+                                data, cmd = run_iperf(env, p.front[iperf_port], extra, args.seconds)
+                                gbps = data["end"]["sum_received"]["bits_per_second"] / 1e9
+                            except (BenchError, subprocess.TimeoutExpired, KeyError) as exc:
+                                err = str(exc)
+                                # a failed test can leave iperf3's server busy: start a new one
+                                procs.stop(iperf_child)
+                                _, iperf_child = env.start_iperf_server(iperf_port)
+                            wall = time.monotonic() - t0
+                            cpu = (path_cpu(procs, p) - c0) / TICK / wall if p.procs else None
+                            samples.append(
+                                Sample(
+                                    "iperf", case, p.key, rep, {"gbps": gbps}, busy, cpu, cmd, err
+                                )
+                            )
+                            log(
+                                f"  [{rep + 1}] iperf3 {case:<12} {p.label:<22} "
+                                + (f"ERROR {err}" if err else f"{gbps:6.2f} Gbit/s")
+                                + ("" if cpu is None else f"  cpu {cpu * 100:4.0f}%")
+                                + f"  (busy before {busy * 100:.0f}%)"
+                            )
+                if not args.no_wrk:
+                    for p in order:
+                        busy = wait_quiet(args.quiet_wait)
+                        c0, t0 = path_cpu(procs, p), time.monotonic()
+                        err, vals, cmd = None, {}, ""
+                        try:
+                            vals, cmd = run_wrk(
+                                env,
+                                p.front[http_port],
+                                args.wrk_seconds,
+                                args.wrk_threads,
+                                args.wrk_conns,
+                            )
+                        except (BenchError, subprocess.TimeoutExpired) as exc:
+                            err = str(exc)
+                        wall = time.monotonic() - t0
+                        cpu = (path_cpu(procs, p) - c0) / TICK / wall if p.procs else None
+                        samples.append(Sample("wrk", "http", p.key, rep, vals, busy, cpu, cmd, err))
+                        log(
+                            f"  [{rep + 1}] wrk {p.label:<22} "
+                            + (
+                                f"ERROR {err}"
+                                if err
+                                else f"{vals['rps']:9.0f} req/s  p50 {fmt(vals['p50_ms'])} ms  "
+                                f"p99 {fmt(vals['p99_ms'])} ms  errors {vals['errors']:.0f}"
+                            )
+                            + ("" if cpu is None else f"  cpu {cpu * 100:4.0f}%")
+                            + f"  (busy before {busy * 100:.0f}%)"
+                        )
+            for p in paths:
+                env.stop_path(p)
+            log(f"(bulk + http phase: {time.monotonic() - deadline_note:.0f} s)")
+            if not args.no_rss:
+                rss_keys = [
+                    k
+                    for k in ("pytunnel-L", "pytunnel-R", "ssh-L", "trio-relay")
+                    if k in args.paths
+                ]
+                for rep in range(args.repeat):
+                    for key in rss_keys:
+                        samples.append(measure_rss(env, procs, key, sink, args.rss_conns, rep, log))
+            log("")
+            log(f"load average at end: {loadavg()}")
+            log("")
+            log("commands (ports are picked per run):")
+            seen = set()
+            for s in samples:
+                if s.command and (s.figure, s.path) not in seen:
+                    seen.add((s.figure, s.path))
+                    log(f"  {s.figure:5} {s.path:<11} {s.command}")
+            summary = report(samples, labels, args, log)
+            if args.json:
+                args.json.write_text(
+                    json.dumps(
+                        {
+                            "command": shlex.join([sys.executable, *sys.argv]),
+                            "machine": machine,
+                            "args": {
+                                k: (str(v) if isinstance(v, Path) else v)
+                                for k, v in vars(args).items()
+                            },
+                            "samples": [s.__dict__ for s in samples],
+                            "summary": summary,
+                        },
+                        indent=1,
+                    )
+                )
+                log(f"\nwrote {args.json}")
+        if args.profile_dir:
+            log("")
+            profile(
+                env, procs, targets, args.profile_dir, args.profile_seconds, log, args.profile_path
+            )
+    except BenchError as exc:
+        log(f"benchmark failed: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
