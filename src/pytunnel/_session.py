@@ -162,8 +162,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self.bytes_received = 0
         # UDP associations: datagrams ride on the stream, outside its flow control, in a
         # bounded queue that drops (and counts) when full instead of growing.
-        self._datagrams: deque[bytes] = deque()
-        self._datagram_lot = trio.lowlevel.ParkingLot()
+        # created on first use: most streams carry TCP and never need them (memory per stream)
+        self._datagrams: deque[bytes] | None = None
+        self._datagram_lot: trio.lowlevel.ParkingLot | None = None
         self.datagram_queue = 256
         self.datagrams_sent = 0
         self.datagrams_received = 0
@@ -181,18 +182,24 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self.bytes_received += len(data)
         self._receive_lot.unpark_all()
 
+    def _wake_datagram_readers(self) -> None:
+        if self._datagram_lot is not None:
+            self._datagram_lot.unpark_all()
+
     def _on_eof(self) -> None:
         self._eof = True
         self._receive_lot.unpark_all()
-        self._datagram_lot.unpark_all()
+        self._wake_datagram_readers()
 
     def _on_datagram(self, data: bytes) -> None:
+        if self._datagrams is None:
+            self._datagrams = deque()
         if len(self._datagrams) >= self.datagram_queue:
             self.datagrams_dropped += 1
             return
         self._datagrams.append(data)
         self.datagrams_received += 1
-        self._datagram_lot.unpark_all()
+        self._wake_datagram_readers()
 
     def _break(self, cause: BaseException) -> None:
         if self._broken is None:
@@ -201,12 +208,12 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._buffered = 0
         self._receive_lot.unpark_all()
         self._send_lot.unpark_all()
-        self._datagram_lot.unpark_all()
+        self._wake_datagram_readers()
 
     def _break_sending(self, cause: BaseException) -> None:
         self._send_broken = cause
         self._send_lot.unpark_all()
-        self._datagram_lot.unpark_all()
+        self._wake_datagram_readers()
 
     def _wake_sender(self) -> None:
         self._send_lot.unpark_all()
@@ -310,6 +317,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 raise trio.BrokenResourceError("stream is broken") from self._broken
             if self._eof:
                 raise trio.EndOfChannel
+            if self._datagram_lot is None:
+                self._datagram_lot = trio.lowlevel.ParkingLot()
             await self._datagram_lot.park()
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -358,11 +367,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
             unread = bool(self._buffer)
             self._buffer.clear()
             self._buffered = 0
-            self._datagrams.clear()
+            self._datagrams = None
             self._session._close_stream(self.stream_id, abort=unread)
             self._receive_lot.unpark_all()
             self._send_lot.unpark_all()
-            self._datagram_lot.unpark_all()
+            self._wake_datagram_readers()
         await trio.lowlevel.checkpoint()
 
 
@@ -807,7 +816,7 @@ class Session:
                 stream._closed = True
                 stream._receive_lot.unpark_all()
                 stream._send_lot.unpark_all()
-                stream._datagram_lot.unpark_all()
+                stream._wake_datagram_readers()
             elif stream._eof:
                 # the peer had finished sending: what it sent stays readable, then b""
                 stream._break_sending(reason)
