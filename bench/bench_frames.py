@@ -15,7 +15,6 @@ repeated ``--repeat`` times; the table shows the median (and the min..max spread
 
     /work/venv/bin/python bench/bench_frames.py            # full run, ~1.5 s per measurement
     /work/venv/bin/python bench/bench_frames.py --quick    # ~0.3 s per measurement, 1 repeat
-    ... --fastpath   # also bench/fastpath.py's experimental Data encoder/decoder
 
 ``msgpack-only`` is a reference: ``packb``+``unpackb`` of the same dict without cattrs or framing.
 """
@@ -149,17 +148,15 @@ def op_raw_msgpack(msg: Message) -> Callable[[int], int]:
     return run
 
 
-def op_send_data(msg: Message, fast: bool) -> Callable[[int], int]:
-    """``Multiplexer.send_data`` of the payload (what the session really calls), stock or with
-    bench/fastpath.py's Data encoder; the queued bytes are dropped after each call."""
-    import fastpath
-
+def op_send_data(msg: Message) -> Callable[[int], int]:
+    """``Multiplexer.send_data`` of the payload (what the session really calls, with the Data
+    fast path); the queued bytes are dropped after each call."""
     from pytunnel.protocol import mux
 
     m = mux.Multiplexer(mux.Role.CLIENT)
     sid = msg.stream  # type: ignore[union-attr]
     m._streams[sid] = mux._Stream(sid, mux._Phase.OPEN, 2**31 - 1, 2**20)
-    send = fastpath.send_data if fast else mux.Multiplexer.send_data
+    send = mux.Multiplexer.send_data
     payload = memoryview(msg.data)  # type: ignore[union-attr]
 
     def run(n: int) -> int:
@@ -172,22 +169,6 @@ def op_send_data(msg: Message, fast: bool) -> Callable[[int], int]:
     return run
 
 
-def op_decode_stream_fast(msg: Message, read_size: int) -> Callable[[int], int]:
-    """``decode-stream`` with bench/fastpath.py's decoder patched in while it runs."""
-    import fastpath
-
-    inner = op_decode_stream(msg, read_size)
-
-    def run(n: int) -> int:
-        fastpath.install(encode=False, decode=True)
-        try:
-            return inner(n)
-        finally:
-            fastpath.uninstall()
-
-    return run
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=1.5, help="time per measurement")
@@ -195,11 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-iters", type=int, default=5_000_000, help="op cap per measurement")
     parser.add_argument("--read-size", type=int, default=256 * KiB, help="decode-stream read size")
     parser.add_argument("--quick", action="store_true", help="0.3 s per measurement, 1 repeat")
-    parser.add_argument(
-        "--fastpath",
-        action="store_true",
-        help="also time bench/fastpath.py's Data encoder/decoder (experiment) for Data frames",
-    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.quick:
@@ -221,13 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         ("roundtrip", op_roundtrip),
         ("msgpack-only", op_raw_msgpack),
     ]
-    data_ops: list[tuple[str, Callable[[Message], Callable[[int], int]]]] = []
-    if args.fastpath:
-        data_ops = [
-            ("mux.send_data", lambda m: op_send_data(m, fast=False)),
-            ("send_data[fp]", lambda m: op_send_data(m, fast=True)),
-            ("decode-strm[fp]", lambda m: op_decode_stream_fast(m, args.read_size)),
-        ]
+    data_ops: list[tuple[str, Callable[[Message], Callable[[int], int]]]] = [
+        ("mux.send_data", op_send_data),
+    ]
     results: list[dict[str, Any]] = []
     header = f"{'frame':<14}{'op':<16}{'bytes':>7}{'frames/s':>13}{'MB/s':>10}   spread (frames/s)"
     print(header)

@@ -330,13 +330,11 @@ async def with_patches(
 ) -> tuple[int, float, float]:
     """``case`` (default ``case_session``) with bench/fastpath.py experiments patched in.
 
-    ``which``: "+"-separated names: "fastpath" (Data frame encode/decode), "inline" (inline
-    non-blocking write), "batch" (batching writer).
+    ``which``: "+"-separated names: "inline" (inline non-blocking write), "batch" (batching
+    writer). (The Data-frame fast path these were first measured with is now the library's.)
     """
     import fastpath
 
-    if "fastpath" in which:
-        fastpath.install()
     if "inline" in which:
         fastpath.install_inline_write()
     if "batch" in which:
@@ -344,7 +342,6 @@ async def with_patches(
     try:
         return await (case or case_session)(args, streams, config)
     finally:
-        fastpath.uninstall()
         fastpath.uninstall_inline_write()
         fastpath.uninstall_batching_writer()
 
@@ -562,16 +559,10 @@ def print_table(
 
 def experiment_names(args: argparse.Namespace) -> list[str]:
     names = []
-    if args.fastpath:
-        names.append("fastpath")
     if args.inline_write:
         names.append("inline")
-        if args.fastpath:
-            names.append("fastpath+inline")
     if args.batch_writer:
         names.append("batch")
-        if args.fastpath:
-            names.append("fastpath+batch")
     return names
 
 
@@ -701,11 +692,6 @@ def main(argv: list[str] | None = None) -> int:
         help="before each sample wait up to this many s for other processes to go idle (0: off)",
     )
     parser.add_argument(
-        "--fastpath",
-        action="store_true",
-        help="also run the session cases with bench/fastpath.py's Data fast path (experiment)",
-    )
-    parser.add_argument(
         "--batch-writer",
         action="store_true",
         help="also run them with bench/fastpath.py's batching writer (experiment)",
@@ -772,11 +758,9 @@ def main(argv: list[str] | None = None) -> int:
         f"send chunk {fmt_size(args.chunk)}, receive_some {fmt_size(args.recv_size)}"
     )
     if args.profile:
-        if args.fastpath or args.inline_write or args.batch_writer:
+        if args.inline_write or args.batch_writer:
             import fastpath
 
-            if args.fastpath:
-                fastpath.install()
             if args.inline_write:
                 fastpath.install_inline_write()
             if args.batch_writer:

@@ -25,11 +25,10 @@ print("python", sys.version.split()[0], "| trio", trio.__version__,
     echo "git: $(git rev-parse --short HEAD) $(git status --porcelain src | wc -l) files modified in src/"
 } | tee "$OUT/machine.txt"
 
-"$PY" bench/fastpath.py
-run frames bench/bench_frames.py --fastpath
-run session_a bench/bench_session.py --repeat 5 --plain8 --fastpath --batch-writer --inline-write --quiet-wait 3
-run session_b bench/bench_session.py --repeat 5 --plain8 --fastpath --batch-writer --quiet-wait 3
-run latency bench/bench_session.py --latency --fastpath --batch-writer --inline-write --repeat 5 --pings 3000 --quiet-wait 3
+run frames bench/bench_frames.py
+run session_a bench/bench_session.py --repeat 5 --plain8 --tls --batch-writer --inline-write --quiet-wait 3
+run session_b bench/bench_session.py --repeat 5 --plain8 --batch-writer --quiet-wait 3
+run latency bench/bench_session.py --latency --batch-writer --inline-write --repeat 5 --pings 3000 --quiet-wait 3
 run window bench/bench_session.py --window-sweep --windows 64K,256K,1M,2M,4M,16M --repeat 5 --quiet-wait 3
 run window_rtt10 bench/bench_session.py --window-sweep --rtt-ms 10 --repeat 3 --quiet-wait 3
 run wbh_recv bench/bench_session.py --wbh-sweep --receive-size-sweep --repeat 5 --quiet-wait 3
