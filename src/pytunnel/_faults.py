@@ -34,7 +34,7 @@ class DirectionFaults:
     bandwidth: float | None = None
     #: Drop every byte while keeping the connection open (a silent peer).
     blackhole: bool = False
-    #: Close the connection (with a reset) once this many bytes went this way.
+    #: Close the connection (cleanly, both ways) once this many bytes went this way on it.
     close_after: int | None = None
     #: Deliver data in slices of this many bytes, ``slice_delay`` seconds apart.
     slice_size: int | None = None
@@ -55,10 +55,16 @@ class Faults:
 
     def set(self, direction: Direction = "both", **settings: object) -> None:
         """``faults.set("in", latency=0.2, jitter=0.02)``; unknown names raise ``TypeError``."""
-        for side in self._sides(direction):
+        sides = self._sides(direction)
+        known = {field.name for field in attrs.fields(DirectionFaults)}
+        unknown = sorted(set(settings) - known)
+        if unknown:  # all or nothing: nothing is changed when a name is wrong
+            raise TypeError(f"unknown fault {unknown[0]!r}")
+        for name, value in settings.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= 0:
+                raise ValueError(f"fault {name} must be >= 0, got {value!r}")
+        for side in sides:
             for name, value in settings.items():
-                if not hasattr(side, name):
-                    raise TypeError(f"unknown fault {name!r}")
                 setattr(side, name, value)
 
     def clear(self, direction: Direction = "both") -> None:
@@ -93,7 +99,7 @@ async def send_with_faults(
     """
     if faults.blackhole:
         return 0
-    if faults.close_after is not None and sent + len(chunk) > faults.close_after:
+    if faults.close_after is not None and sent + len(chunk) >= faults.close_after:
         allowed = max(0, faults.close_after - sent)
         if allowed:
             await sink.send_all(chunk[:allowed])

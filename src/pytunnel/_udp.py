@@ -23,7 +23,7 @@ from ._dial import format_target
 from ._relay import RelayStats
 from ._session import MuxStream
 from ._util import aclose_all
-from .errors import NodeUnstableError
+from .errors import NodeUnstableError, SessionClosedError
 from .protocol.messages import MAX_DATAGRAM
 
 __all__ = [
@@ -74,7 +74,10 @@ async def serve_associations(
     associations: dict[Address, _Association] = {}
     async with trio.open_nursery() as nursery:
         while True:
-            data, raw_address = await sock.recvfrom(_RECV_SIZE)
+            try:
+                data, raw_address = await sock.recvfrom(_RECV_SIZE)
+            except ConnectionError:  # ICMP errors are reported here on some systems
+                continue
             address: Address = (str(raw_address[0]), int(raw_address[1]))
             association = associations.get(address)
             if association is None:
@@ -92,14 +95,15 @@ async def serve_associations(
                     stats,
                     name,
                 )
-            stats.bytes_out += len(data)
             stream = association.stream
             if stream is None:
                 if len(association.pending) < _PENDING_LIMIT:
                     association.pending.append(data)
+                    stats.bytes_out += len(data)
                 else:
                     stats.datagrams_dropped += 1
             elif _forward(stream, data, stats):
+                stats.bytes_out += len(data)
                 _touch(association, idle_timeout)
 
 
@@ -129,10 +133,13 @@ async def _run_association(
         try:
             stream = await open_association(association.address)
         except Exception as exc:
-            category = getattr(exc, "category", "REFUSED")
-            stats.count_error(
-                category if category in ("NODE_TIMEOUT", "NODE_UNSTABLE") else "REFUSED"
-            )
+            if isinstance(exc, SessionClosedError):
+                stats.count_error("LINK_DOWN")
+            else:
+                category = getattr(exc, "category", "REFUSED")
+                stats.count_error(
+                    category if category in ("NODE_TIMEOUT", "NODE_UNSTABLE") else "REFUSED"
+                )
             log.info(
                 "%s: association for %s refused: %s", name, format_target(*association.address), exc
             )

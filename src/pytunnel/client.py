@@ -633,11 +633,8 @@ class UdpLocalForward(LocalForward):
             self._finished.set()
 
     async def _open_association(self, source: tuple[str, int]) -> MuxStream:
-        try:
-            return await self._tunnel._open(self.target_host, self.target_port, routes.UDP_CONNECT)
-        except (StreamRefusedError, SessionClosedError) as exc:
-            self._count_failure(exc)
-            raise
+        # a refusal is counted (by category) where associations are run: _udp._run_association
+        return await self._tunnel._open(self.target_host, self.target_port, routes.UDP_CONNECT)
 
 
 class UdpRemoteForward(RemoteForward):

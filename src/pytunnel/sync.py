@@ -50,7 +50,7 @@ class _Portal:
     def _thread_main(self) -> None:
         try:
             trio.run(self._main)
-        except BaseException as exc:  # pragma: no cover - reported to the caller
+        except BaseException as exc:  # reported to the caller by its next call
             self._error = exc
             self._ready.set()
 
@@ -62,12 +62,26 @@ class _Portal:
             await trio.sleep_forever()
 
     def run(self, afn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
-        return trio.from_thread.run(afn, *args, trio_token=self._token)
+        try:
+            return trio.from_thread.run(afn, *args, trio_token=self._token)
+        except trio.RunFinishedError:
+            self._raise_crash()
+            raise
+
+    def _raise_crash(self) -> None:
+        """If the loop died of an error, that error (not RunFinishedError) is the news."""
+        self._thread.join(STOP_TIMEOUT)
+        if self._error is not None:
+            raise self._error
 
     def run_sync(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        return trio.from_thread.run_sync(
-            functools.partial(fn, *args, **kwargs), trio_token=self._token
-        )
+        try:
+            return trio.from_thread.run_sync(
+                functools.partial(fn, *args, **kwargs), trio_token=self._token
+            )
+        except trio.RunFinishedError:
+            self._raise_crash()
+            raise
 
     @property
     def nursery(self) -> trio.Nursery:
