@@ -603,10 +603,11 @@ def format_status(tunnel: pytunnel.Tunnel) -> list[str]:
     for fwd in sorted(tunnel.forwards, key=lambda f: (f.kind, f.listen_port)):
         stats = fwd.stats
         errors = ",".join(f"{k}={v}" for k, v in sorted(stats.errors.items())) or "-"
+        dropped = f" dropped={stats.datagrams_dropped}" if "udp" in fwd.kind else ""
         lines.append(
             f"status {fwd.kind} {pytunnel.format_target(*fwd.address)} -> {fwd.target}: "
             f"{fwd.status.value} conns={stats.active_connections}/{stats.total_connections} "
-            f"out={stats.bytes_out} in={stats.bytes_in} errors={errors}"
+            f"out={stats.bytes_out} in={stats.bytes_in} errors={errors}{dropped}"
         )
     link = "up" if tunnel.connected else "down"
     rtt = f"{tunnel.rtt * 1000:.1f} ms" if tunnel.rtt is not None else "-"

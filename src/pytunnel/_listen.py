@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 
@@ -71,6 +72,8 @@ async def bind_udp(host: str, port: int) -> trio.socket.SocketType:
         infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
         family, _, _, _, sockaddr = infos[0]
         sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
+        with contextlib.suppress(OSError):  # absorb bursts (capped by net.core.rmem_max)
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4 * 1024 * 1024)
     except OSError as exc:
         raise ForwardError(f"cannot listen on {address}: {exc}", address=address) from None
     try:

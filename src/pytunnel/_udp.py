@@ -12,6 +12,7 @@ the TCP streams that share the session is not.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,16 @@ DEFAULT_MAX_ASSOCIATIONS = 1024
 #: Datagrams held for an association whose stream is still opening.
 _PENDING_LIMIT = 16
 _RECV_SIZE = 65536
+#: Receive buffer asked for on every UDP socket (the kernel caps it at net.core.rmem_max):
+#: bursts are absorbed instead of being dropped by the kernel before we read them.
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+
+
+def tune_udp_socket(sock: trio.socket.SocketType) -> None:
+    """Ask for a larger receive buffer (best effort)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+
 
 Address = tuple[str, int]
 
@@ -176,6 +187,7 @@ async def udp_connect(host: str, port: int) -> trio.socket.SocketType:
         infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
         family, _, _, _, sockaddr = infos[0]
         sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
+        tune_udp_socket(sock)
     except (OSError, ValueError) as exc:
         error = NodeUnstableError(f"udp target {target}: {exc}", target=target)
         log.warning("[%s] %s", error.category, error.message)

@@ -1,0 +1,357 @@
+#!/usr/bin/env python3
+"""UDP forwarding benchmark over loopback: ``iperf3 -u`` at fixed offered rates, direct to the
+iperf3 server and through ``pytunnel connect -L P:HOST:IPERF/udp``, side by side in one run.
+
+iperf3 -u also needs its TCP control connection, on the same port number as the UDP data, so
+the tunnel carries two forwards on one local port P: ``-L P:127.0.0.1:IPERF`` (TCP) and
+``-L P:127.0.0.1:IPERF/udp``.
+
+Figures per offered rate and path, each the median of ``--repeat`` samples (3): the rate the
+client sent, the rate the server received (``end.sum_received``), loss % and jitter (the
+server's, as the client reports them in ``end.sum``), the received rate as a ratio to direct,
+and the CPU time of the two pytunnel processes over the sample.
+
+Every process (iperf3 server, ``pytunnel serve``, ``pytunnel connect``) is a child started and
+ended by its pid through ``bench_tunnel.Processes``; every loop is bounded.
+
+    /work/venv/bin/python bench/bench_udp.py            # 10M 50M 100M 200M, 3 x 5 s, ~3 min
+    /work/venv/bin/python bench/bench_udp.py --quick    # 1 x 2 s, 3 rates, ~30 s
+    /work/venv/bin/python bench/bench_udp.py --reverse  # also -R (server -> client)
+    /work/venv/bin/python bench/bench_udp.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_tunnel import (
+    HOST,
+    BenchError,
+    Child,
+    Processes,
+    _read,
+    cpu_ticks,
+    fmt,
+    listening,
+    loadavg,
+    median,
+    run,
+    wait_for,
+    wait_quiet,
+    which,
+)
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def udp_bound(port: int) -> bool:
+    """Whether a UDP socket is bound to ``port``, from /proc/net/udp*."""
+    suffix = f":{port:04X}"
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        for line in (_read(table) or "").splitlines()[1:]:
+            parts = line.split()
+            if len(parts) > 1 and parts[1].endswith(suffix):
+                return True
+    return False
+
+
+def free_port_both() -> int:
+    """A port free for both TCP and UDP on HOST (bounded tries)."""
+    for _ in range(200):
+        with socket.socket() as t:
+            t.bind((HOST, 0))
+            port = int(t.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind((HOST, port))
+                except OSError:
+                    continue
+                return port
+    raise BenchError("no port free for both TCP and UDP")
+
+
+def parse_rate(text: str) -> float:
+    mult = {"K": 1e3, "M": 1e6, "G": 1e9}
+    t = text.strip().upper()
+    return float(t[:-1]) * mult[t[-1]] if t[-1] in mult else float(t)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, procs: Processes, tmp: Path) -> None:
+        self.args = args
+        self.procs = procs
+        self.tmp = tmp
+        self.iperf3 = which("iperf3")
+        if not self.iperf3:
+            raise BenchError("iperf3 not found (bench/setup_tools.sh)")
+        self.token = "bench-" + os.urandom(12).hex()
+        self.iperf_port = 0
+        self.iperf_child: Child | None = None
+        self.server: Child | None = None
+        self.client: Child | None = None
+        self.front = 0
+        self.commands: list[str] = []
+
+    def start_iperf(self) -> None:
+        if self.iperf_child is not None:
+            self.procs.stop(self.iperf_child)
+        port = self.iperf_port or free_port_both()
+        argv = [self.iperf3, "-s", "-B", HOST, "-p", str(port)]
+        child = self.procs.start("iperf3-server", argv)
+        wait_for(f"iperf3 server on {port}", lambda: listening(port), 10, child)
+        self.iperf_port, self.iperf_child = port, child
+        if len(self.commands) == 0:
+            self.commands.append(shlex.join(argv))
+
+    def start_tunnel(self) -> None:
+        pt = self.args.pytunnel
+        argv_s = [pt, "serve", "--listen", f"{HOST}:0", "--log-level", "warning"]
+        env = {"PYTUNNEL_TOKEN": self.token}
+        self.server = self.procs.start("pytunnel-serve", argv_s, env=env)
+
+        def address() -> int | None:
+            m = _read(str(self.server.log)) or ""
+            import re
+
+            found = re.search(r"pytunnel server listening on \S+:(\d+)", m)
+            return int(found.group(1)) if found else None
+
+        sport = wait_for("pytunnel server address", address, 20, self.server)
+        self.front = free_port_both()
+        t = f"{HOST}:{self.iperf_port}"
+        argv_c = [
+            pt, "connect", f"{HOST}:{sport}", "--log-level", "warning",
+            "-L", f"{self.front}:{t}", "-L", f"{self.front}:{t}/udp",
+        ]  # fmt: skip
+        self.client = self.procs.start("pytunnel-connect", argv_c, env=env)
+        wait_for(
+            "pytunnel -L forwards",
+            lambda: (
+                "local udp forward" in (_read(str(self.client.log)) or "")
+                and listening(self.front)
+                and udp_bound(self.front)
+            ),
+            20,
+            self.client,
+        )
+        self.commands += [
+            "PYTUNNEL_TOKEN=... " + shlex.join(argv_s),
+            "PYTUNNEL_TOKEN=... " + shlex.join(argv_c),
+        ]
+
+    def tunnel_cpu(self) -> int:
+        return sum(cpu_ticks(c.pid) for c in (self.client, self.server) if c is not None)
+
+    def iperf_argv(self, port: int, rate: str, reverse: bool) -> list[str]:
+        a = self.args
+        argv = [
+            self.iperf3, "-c", HOST, "-p", str(port), "-u", "-b", rate,
+            "-l", str(a.length), "-t", f"{a.seconds:g}", "-J", "--connect-timeout", "5000",
+        ]  # fmt: skip
+        return argv + (["-R"] if reverse else [])
+
+    def sample(self, path: str, rate: str, reverse: bool) -> dict:
+        port = self.iperf_port if path == "direct" else self.front
+        argv = self.iperf_argv(port, rate, reverse)
+        busy = wait_quiet(self.args.quiet_wait)
+        cpu0, t0 = self.tunnel_cpu(), time.monotonic()
+        out: dict = {"path": path, "rate": rate, "reverse": reverse, "cmd": shlex.join(argv)}
+        out["busy_before"] = round(busy, 3)
+        try:
+            r = run(argv, self.args.seconds + 30)
+            data = json.loads(r.stdout)
+        except (json.JSONDecodeError, OSError) as exc:
+            out["error"] = f"no JSON: {exc}"
+            return out
+        except Exception as exc:  # subprocess.TimeoutExpired
+            out["error"] = repr(exc)
+            return out
+        wall = time.monotonic() - t0
+        out["tunnel_cpu_pct"] = 100.0 * (self.tunnel_cpu() - cpu0) / CLK_TCK / wall
+        if "error" in data:
+            out["error"] = data["error"]
+            return out
+        end = data.get("end", {})
+        s = end.get("sum", {})
+        sent = end.get("sum_sent", s).get("bits_per_second")
+        recv = end.get("sum_received", {}).get("bits_per_second")
+        lost = s.get("lost_percent")
+        if recv is None and sent is not None and lost is not None:
+            recv = sent * (1 - lost / 100)
+        out.update(
+            sum_bps=s.get("bits_per_second"),
+            sent_bps=sent,
+            recv_bps=recv,
+            lost_percent=lost,
+            lost_packets=s.get("lost_packets"),
+            packets=s.get("packets"),
+            jitter_ms=s.get("jitter_ms"),
+        )
+        return out
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 repeat, 2 s samples, 10M/100M/200M")
+    p.add_argument("--rates", default=None, help="offered rates, comma separated (10M,50M,...)")
+    p.add_argument("--repeat", type=int, default=None)
+    p.add_argument("--seconds", type=float, default=None)
+    p.add_argument("--length", type=int, default=1400, help="datagram payload (iperf3 -l)")
+    p.add_argument("--reverse", action="store_true", help="also run -R (server sends)")
+    p.add_argument("--quiet-wait", type=float, default=3.0, help="max s to wait for idle CPU")
+    p.add_argument("--pytunnel", default=shutil.which("pytunnel") or "/work/venv/bin/pytunnel")
+    p.add_argument("--json", type=Path, default=None, help="write every sample here")
+    a = p.parse_args(argv)
+    if a.rates is None:
+        a.rates = "10M,100M,200M" if a.quick else "10M,50M,100M,200M"
+    a.rates = [r.strip() for r in a.rates.split(",") if r.strip()]
+    a.repeat = a.repeat or (1 if a.quick else 3)
+    a.seconds = a.seconds or (2.0 if a.quick else 5.0)
+    a.repeat = max(1, min(a.repeat, 20))
+    return a
+
+
+def report(samples: list[dict], args, log) -> None:
+    paths = [("direct", "direct"), ("pytunnel", "pytunnel -L …/udp")]
+    dirs = [False, True] if args.reverse else [False]
+    log("")
+    log(
+        "| offered | dir | path | sent Mbit/s | received Mbit/s | loss % | jitter ms "
+        "| recv vs direct | pytunnel CPU % | n |"
+    )
+    log("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for reverse in dirs:
+        for rate in args.rates:
+            ref = None
+            for key, label in paths:
+                ok = [
+                    s for s in samples
+                    if s["path"] == key and s["rate"] == rate and s["reverse"] == reverse
+                    and "error" not in s
+                ]  # fmt: skip
+                errs = sum(
+                    1 for s in samples
+                    if s["path"] == key and s["rate"] == rate and s["reverse"] == reverse
+                    and "error" in s
+                )  # fmt: skip
+
+                def med(k: str, ok=ok) -> float | None:
+                    return median([s[k] for s in ok if s.get(k) is not None])
+
+                sent, recv = med("sent_bps"), med("recv_bps")
+                if key == "direct":
+                    ref = recv
+                rel = "-" if recv is None or not ref else f"{recv / ref:.2f}x"
+                cpu = med("tunnel_cpu_pct") if key != "direct" else None
+                n = f"{len(ok)}" + (f" ({errs} failed)" if errs else "")
+                log(
+                    f"| {rate} | {'-R' if reverse else 'c→s'} | {label} "
+                    f"| {fmt(sent and sent / 1e6, 1)} | {fmt(recv and recv / 1e6, 1)} "
+                    f"| {fmt(med('lost_percent'), 2)} | {fmt(med('jitter_ms'), 3)} | {rel} "
+                    f"| {fmt(cpu, 0)} | {n} |"
+                )
+    failed = [s for s in samples if "error" in s]
+    for s in failed[:10]:
+        log(f"failed: {s['path']} {s['rate']}{' -R' if s['reverse'] else ''}: {s['error']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    print("command:", shlex.join([sys.executable, *sys.argv]), flush=True)
+
+    def on_signal(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    tmp = Path(tempfile.mkdtemp(prefix="pytunnel-bench-udp-"))
+    procs = Processes(tmp)
+    done = False
+
+    def cleanup() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            procs.cleanup()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    atexit.register(cleanup)
+
+    def log(line: str = "") -> None:
+        print(line, flush=True)
+
+    try:
+        b = Bench(args, procs, tmp)
+        b.start_iperf()
+        b.start_tunnel()
+        log(f"nproc {os.cpu_count()}, loadavg {loadavg()}, {args.repeat} x {args.seconds:g} s, "
+            f"-l {args.length}, rates {','.join(args.rates)}")  # fmt: skip
+        log("processes:")
+        for c in b.commands:
+            log(f"    {c}")
+        log("clients (per sample):")
+        for rate in args.rates[:1]:
+            log(f"    direct:   {shlex.join(b.iperf_argv(b.iperf_port, rate, False))}")
+            log(f"    pytunnel: {shlex.join(b.iperf_argv(b.front, rate, False))}")
+        log("    (-b varies per row; --reverse adds -R)")
+        samples: list[dict] = []
+        order = ["direct", "pytunnel"]
+        dirs = [False, True] if args.reverse else [False]
+        for reverse in dirs:
+            for rate in args.rates:
+                for rep in range(args.repeat):
+                    rot = order[rep % 2 :] + order[: rep % 2]
+                    for path in rot:
+                        s = b.sample(path, rate, reverse)
+                        samples.append(s)
+                        tag = f"{rate}{' -R' if reverse else ''} {path} #{rep + 1}"
+                        if "error" in s:
+                            log(f"  {tag}: ERROR {s['error']}")
+                            # an aborted test can leave iperf3 -s wedged: restart it
+                            b.start_iperf()
+                        else:
+                            log(
+                                f"  {tag}: sent {s['sent_bps'] / 1e6:.1f} recv "
+                                f"{(s['recv_bps'] or 0) / 1e6:.1f} Mbit/s, loss "
+                                f"{s['lost_percent']:.2f}%, jitter {s['jitter_ms']:.3f} ms"
+                                + (f", tunnel CPU {s['tunnel_cpu_pct']:.0f}%"
+                                   if path != "direct" else "")
+                            )  # fmt: skip
+                        for c in (b.client, b.server):
+                            if c is not None and not c.alive():
+                                raise BenchError(f"{c.name} died:\n{c.log_tail()}")
+        report(samples, args, log)
+        warn = [
+            x for x in (_read(str(b.client.log)) or "").splitlines()
+            if not x.startswith(("connected to", "local forward", "local udp forward"))
+        ]  # fmt: skip
+        if warn:
+            log("\npytunnel connect log (after the forward lines):")
+            for line in warn[-10:]:
+                log(f"    {line}")
+        if args.json:
+            meta = vars(args) | {"json": str(args.json)}
+            args.json.write_text(json.dumps({"args": meta, "samples": samples}, indent=1))
+        return 0
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
