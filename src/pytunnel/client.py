@@ -320,27 +320,34 @@ class LocalForward(Forward):
     async def _run(
         self, host: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        """The forward's life: listen (``_listen``), report the status, end as stopped."""
         self._finished = trio.Event()
         try:
             with self._cancel_scope:
-                listeners = await bind(host, port)
-                self.listen_host, self.listen_port = host, bound_port(listeners)
-                try:
-                    async with trio.open_nursery() as nursery:
-                        for listener in listeners:
-                            nursery.start_soon(self._accept_loop, listener, nursery)
-                        if self._tunnel.connected:
-                            self._set_status(ForwardStatus.ACTIVE, "listening")
-                        else:
-                            self._set_status(ForwardStatus.SUSPENDED, "listening; link down")
-                        task_status.started()
-                finally:
-                    await aclose_all(*listeners)
+                await self._listen(host, port, task_status)
         except OSError as exc:
             self._set_status(ForwardStatus.ERROR, f"listener failed: {exc}")
         finally:
             self._set_status(ForwardStatus.STOPPED, "forward ended")
             self._finished.set()
+
+    def _listening(self, host: str, port: int, task_status: trio.TaskStatus[None]) -> None:
+        self.listen_host, self.listen_port = host, port
+        if self._tunnel.connected:
+            self._set_status(ForwardStatus.ACTIVE, "listening")
+        else:
+            self._set_status(ForwardStatus.SUSPENDED, "listening; link down")
+        task_status.started()
+
+    async def _listen(self, host: str, port: int, task_status: trio.TaskStatus[None]) -> None:
+        listeners = await bind(host, port)
+        try:
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener, nursery)
+                self._listening(host, bound_port(listeners), task_status)
+        finally:
+            await aclose_all(*listeners)
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
@@ -604,33 +611,17 @@ class UdpLocalForward(LocalForward):
 
     kind = "local udp forward"
 
-    async def _run(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        self._finished = trio.Event()
-        try:
-            with self._cancel_scope:
-                sock = await bind_udp(host, port)
-                with sock:
-                    self.listen_host, self.listen_port = host, int(sock.getsockname()[1])
-                    self._set_status(
-                        ForwardStatus.ACTIVE if self._tunnel.connected else ForwardStatus.SUSPENDED,
-                        "listening (udp)",
-                    )
-                    task_status.started()
-                    await serve_associations(
-                        sock,
-                        self._open_association,
-                        idle_timeout=self._tunnel.config.udp_idle_timeout,
-                        max_associations=self._tunnel.config.max_udp_associations,
-                        stats=self.stats,
-                        name=f"{self.kind} {self.listen_port}",
-                    )
-        except OSError as exc:
-            self._set_status(ForwardStatus.ERROR, f"socket failed: {exc}")
-        finally:
-            self._set_status(ForwardStatus.STOPPED, "forward ended")
-            self._finished.set()
+    async def _listen(self, host: str, port: int, task_status: trio.TaskStatus[None]) -> None:
+        with await bind_udp(host, port) as sock:
+            self._listening(host, int(sock.getsockname()[1]), task_status)
+            await serve_associations(
+                sock,
+                self._open_association,
+                idle_timeout=self._tunnel.config.udp_idle_timeout,
+                max_associations=self._tunnel.config.max_udp_associations,
+                stats=self.stats,
+                name=f"{self.kind} {self.listen_port}",
+            )
 
     async def _open_association(self, source: tuple[str, int]) -> MuxStream:
         # a refusal is counted (by category) where associations are run: _udp._run_association
