@@ -12,12 +12,35 @@ from ._dial import format_target
 from ._util import aclose_all
 from .errors import AddressInUseError, ForwardError, PermissionDeniedError
 
-__all__ = ["accept", "bind", "bound_port"]
+__all__ = ["accept", "bind", "bind_udp", "bound_port", "tune_udp_socket"]
 
 log = logging.getLogger("pytunnel.listen")
 
 #: accept() failures that mean "out of resources right now", not "this listener is broken".
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+#: Receive buffer asked for on every UDP socket (the kernel caps it at net.core.rmem_max):
+#: bursts are absorbed instead of being dropped by the kernel before we read them.
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+
+
+def tune_udp_socket(sock: trio.socket.SocketType) -> None:
+    """Ask for a larger receive buffer (best effort)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+
+
+def _bind_error(exc: OSError, address: str, what: str = "") -> ForwardError:
+    """The typed forward error for a failed bind: in use, not permitted, or anything else."""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        return AddressInUseError(f"{address}{what} is already in use", address=address)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PermissionDeniedError(
+            f"not allowed to listen on {address}{what}: {reason}", address=address
+        )
+    return ForwardError(f"cannot listen on {address}{what}: {reason}", address=address)
 
 
 async def bind(host: str, port: int) -> list[trio.SocketListener]:
@@ -31,14 +54,7 @@ async def bind(host: str, port: int) -> list[trio.SocketListener]:
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if exc.errno == errno.EADDRINUSE:
-            raise AddressInUseError(f"{address} is already in use", address=address) from None
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            raise PermissionDeniedError(
-                f"not allowed to listen on {address}: {reason}", address=address
-            ) from None
-        raise ForwardError(f"cannot listen on {address}: {reason}", address=address) from None
+        raise _bind_error(exc, address) from None
     if port == 0 and len(listeners) > 1:
         await aclose_all(*listeners[1:])
         listeners = listeners[:1]
@@ -72,20 +88,12 @@ async def bind_udp(host: str, port: int) -> trio.socket.SocketType:
         infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
         family, _, _, _, sockaddr = infos[0]
         sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
-        with contextlib.suppress(OSError):  # absorb bursts (capped by net.core.rmem_max)
-            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4 * 1024 * 1024)
+        tune_udp_socket(sock)
     except OSError as exc:
         raise ForwardError(f"cannot listen on {address}: {exc}", address=address) from None
     try:
         await sock.bind(sockaddr)
     except OSError as exc:
         sock.close()
-        reason = exc.strerror or str(exc)
-        if exc.errno == errno.EADDRINUSE:
-            raise AddressInUseError(f"{address} (udp) is already in use", address=address) from None
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            raise PermissionDeniedError(
-                f"not allowed to listen on {address} (udp): {reason}", address=address
-            ) from None
-        raise ForwardError(f"cannot listen on {address} (udp): {reason}", address=address) from None
+        raise _bind_error(exc, address, " (udp)") from None
     return sock

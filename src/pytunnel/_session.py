@@ -835,6 +835,17 @@ class Session:
             log.debug("%s: session ended: %r", self.name, reason)
 
 
+async def wait_stream_end(stream: MuxStream) -> BaseException | None:
+    """Until the peer ends ``stream`` (data it sends is discarded, as on a control stream):
+    ``None`` for a clean close, else the ``BrokenResourceError`` (its cause says why)."""
+    try:
+        while await stream.receive_some():
+            pass
+    except trio.BrokenResourceError as exc:
+        return exc
+    return None
+
+
 @asynccontextmanager
 async def open_session(
     transport: trio.abc.Stream,

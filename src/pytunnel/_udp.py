@@ -12,7 +12,6 @@ the TCP streams that share the session is not.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -21,6 +20,7 @@ import attrs
 import trio
 
 from ._dial import format_target
+from ._listen import tune_udp_socket
 from ._relay import RelayStats
 from ._session import MuxStream
 from ._util import aclose_all
@@ -44,15 +44,6 @@ DEFAULT_MAX_ASSOCIATIONS = 1024
 #: Datagrams held for an association whose stream is still opening.
 _PENDING_LIMIT = 16
 _RECV_SIZE = 65536
-#: Receive buffer asked for on every UDP socket (the kernel caps it at net.core.rmem_max):
-#: bursts are absorbed instead of being dropped by the kernel before we read them.
-UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
-
-
-def tune_udp_socket(sock: trio.socket.SocketType) -> None:
-    """Ask for a larger receive buffer (best effort)."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
 
 
 Address = tuple[str, int]

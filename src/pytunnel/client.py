@@ -46,6 +46,7 @@ from ._session import (
     SessionConfig,
     StreamResetError,
     open_session,
+    wait_stream_end,
 )
 from ._tls import client_tls_context, tls_connect
 from ._udp import (
@@ -516,7 +517,7 @@ class RemoteForward(Forward):
                     if tunnel.config.probe_interval > 0 and self._listen_route == routes.LISTEN:
                         nursery.start_soon(self._probe_loop, control)
                     # errors are handled here, inside the nursery, so they are not wrapped
-                    self._follow_server(await _wait_end(control), session)
+                    self._follow_server(await wait_stream_end(control), session)
                     nursery.cancel_scope.cancel()
             finally:
                 self._connections = None
@@ -659,16 +660,6 @@ async def _tell(control: MuxStream, message: ForwardState) -> bool:
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return False
     return True
-
-
-async def _wait_end(control: MuxStream) -> BaseException | None:
-    """Until the server ends the control stream: ``None`` for a clean close, else the error."""
-    try:
-        while await control.receive_some():
-            pass  # the server sends nothing after Bound
-    except trio.BrokenResourceError as exc:
-        return exc
-    return None
 
 
 async def _receive_bound(control: MuxStream) -> Bound:

@@ -23,7 +23,14 @@ from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, send_goaway, server_handshake
 from ._listen import accept, bind, bind_udp, bound_port
 from ._policy import PermitOpen, PortRange, parse_port_ranges
 from ._relay import DEFAULT_IDLE_TIMEOUT, RelayStats, relay
-from ._session import IncomingStream, MuxStream, Session, SessionConfig, open_session
+from ._session import (
+    IncomingStream,
+    MuxStream,
+    Session,
+    SessionConfig,
+    open_session,
+    wait_stream_end,
+)
 from ._tls import tls_accept
 from ._udp import (
     DEFAULT_MAX_ASSOCIATIONS,
@@ -528,7 +535,7 @@ class _ClientSession:
                         name=f"udp {address}",
                     )
                 )
-                await _wait_end(control)
+                await wait_stream_end(control)
                 nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -603,15 +610,6 @@ class _ClientSession:
             await trio.aclose_forcefully(conn)
             return
         await self._relay(conn, stream, f"public->{self.peer}")
-
-
-async def _wait_end(stream: MuxStream) -> None:
-    """Until the peer closes (or breaks) the stream; anything it sends is ignored."""
-    try:
-        while await stream.receive_some():
-            pass
-    except trio.BrokenResourceError:
-        pass
 
 
 class _PublicPort:
