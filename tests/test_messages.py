@@ -69,6 +69,7 @@ STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
         host=utf8_text(m.MAX_HOST),
         port=ports,
         tag=u32s,
+        datagrams=st.booleans(),
     ),
     m.Accept: st.builds(m.Accept, stream=stream_ids, window=windows),
     m.Refuse: st.builds(
@@ -155,7 +156,10 @@ def test_round_trip_each_type(cls: type[Any], data: st.DataObject) -> None:
     message = data.draw(STRATEGIES[cls])
     obj = wire_map(message)
     assert obj["t"] == cls.TAG
-    assert set(obj) == {"t", *(f.name for f in attrs.fields(cls))}
+    expected = {"t", *(f.name for f in attrs.fields(cls))}
+    if cls is m.Open and not message.datagrams:
+        expected.discard("datagrams")  # left off the wire when false
+    assert set(obj) == expected
     decoded = decode_body(encode_message(message)[4:])
     assert type(decoded) is cls
     assert decoded == message
@@ -179,6 +183,21 @@ def test_optional_fields_may_be_omitted() -> None:
     assert decode_map({"t": "goaway", "code": 0}) == m.GoAway(0, "")
 
 
+def test_a_byte_stream_open_is_encoded_as_before_the_kind_existed() -> None:
+    """``datagrams`` is omitted when false: a byte stream's Open stays byte-identical, and only
+    a datagram stream's Open carries the field."""
+    assert "datagrams" not in wire_map(m.Open(1, 5))
+    assert wire_map(m.Open(1, 5, datagrams=True))["datagrams"] is True
+    assert decode_map({"t": "open", "stream": 1, "window": 5, "datagrams": True}).datagrams
+    assert decode_map({"t": "open", "stream": 1, "window": 5, "datagrams": False}) == m.Open(1, 5)
+
+
+def test_open_kind_must_be_a_msgpack_bool() -> None:
+    assert_rejected(
+        {"t": "open", "stream": 1, "window": 5, "datagrams": 1}, ErrorCode.INVALID_FIELD
+    )
+
+
 def test_key_order_is_irrelevant() -> None:
     body = b"\x82\xa1t\xa4ping\xa6opaque\x07"  # "t" first, unlike our encoder
     assert decode_body(body) == m.Ping(7)
@@ -191,7 +210,7 @@ def test_field_names_and_tags_are_stable() -> None:
         "challenge": ["version", "nonce"],
         "auth": ["mac", "max_frame_size"],
         "welcome": ["mac", "max_frame_size"],
-        "open": ["stream", "window", "host", "port", "tag"],
+        "open": ["stream", "window", "host", "port", "tag", "datagrams"],
         "accept": ["stream", "window"],
         "refuse": ["stream", "code", "message"],
         "data": ["stream", "data"],
@@ -228,6 +247,7 @@ def test_field_names_and_tags_are_stable() -> None:
         lambda: m.Ping(-1),
         lambda: m.Ping(2**64),
         lambda: m.Ping(True),
+        lambda: m.Open(1, 1, datagrams=1),
         lambda: m.Fin(True),
         lambda: m.Refuse(1, -1),
         lambda: m.Reset(1, 1, "x" * 1025),

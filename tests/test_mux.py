@@ -28,6 +28,7 @@ from pytunnel.protocol import messages as m
 from pytunnel.protocol.frames import FrameDecoder, encode_message
 from pytunnel.protocol.messages import MAX_WINDOW
 from pytunnel.protocol.mux import (
+    DatagramReceived,
     DataReceived,
     Event,
     GoAwayReceived,
@@ -77,7 +78,9 @@ def opened(opener: Multiplexer, acceptor: Multiplexer, **kw: Any) -> int:
     """Open a stream from ``opener``, accept it on ``acceptor``, deliver both ways."""
     sid = opener.open_stream(**kw)
     [event] = pump(opener, acceptor)
-    assert event == StreamOpened(sid, kw.get("host", ""), kw.get("port", 0), kw.get("tag", 0))
+    assert event == StreamOpened(
+        sid, kw.get("host", ""), kw.get("port", 0), kw.get("tag", 0), kw.get("datagrams", False)
+    )
     acceptor.accept_stream(sid)
     assert pump(acceptor, opener) == [StreamAccepted(sid)]
     return sid
@@ -971,3 +974,287 @@ def test_random_operations_soak(seed: int) -> None:
         model.check()
     model.settle()
     assert model.delivered_bytes > 0
+
+
+# ----------------------------------------------------------------------------- window checks
+
+
+def test_receive_window_accepts_exactly_the_window_and_not_one_byte_more() -> None:
+    client, server = make_pair(window=1000)
+    sid = opened(client, server)
+    assert received(feed(server, m.Data(sid, bytes(1000))), sid) == bytes(1000)
+    with remote_error(ErrorCode.FLOW_CONTROL_ERROR):
+        feed(server, m.Data(sid, b"x"))
+
+
+def test_receive_window_grows_by_exactly_what_was_granted() -> None:
+    client, server = make_pair(window=1000)
+    sid = opened(client, server)
+    feed(server, m.Data(sid, bytes(1000)))
+    server.consumed(sid, 600)
+    assert sent_frames(server) == [m.WindowUpdate(sid, 600)]
+    assert received(feed(server, m.Data(sid, bytes(600))), sid) == bytes(600)
+    with remote_error(ErrorCode.FLOW_CONTROL_ERROR):
+        feed(server, m.Data(sid, b"x"))
+
+
+def test_send_window_grows_by_exactly_the_update() -> None:
+    client, server = make_pair(window=1000)
+    sid = opened(client, server)
+    client.send_data(sid, bytes(1000))
+    feed(client, m.WindowUpdate(sid, 7))
+    assert client.send_window(sid) == 7
+    with pytest.raises(LocalProtocolError) as info:
+        client.send_data(sid, bytes(8))
+    assert info.value.code == ErrorCode.FLOW_CONTROL_ERROR
+    client.send_data(sid, bytes(7))
+    assert client.send_window(sid) == 0
+
+
+def test_windows_are_per_stream_and_per_direction() -> None:
+    client, server = make_pair(window=100)
+    first = opened(client, server)
+    second = opened(client, server)
+    feed(server, m.Data(first, bytes(100)))  # fills only the first stream, one direction
+    assert received(feed(server, m.Data(second, bytes(100))), second) == bytes(100)
+    assert server.send_window(first) == 100
+    server.send_data(first, bytes(100))
+    with remote_error(ErrorCode.FLOW_CONTROL_ERROR):
+        feed(server, m.Data(first, b"x"))
+
+
+def test_a_chunked_send_counts_every_chunk_against_the_window() -> None:
+    client, server = make_pair(window=1000, max_data_chunk=64)
+    sid = opened(client, server)
+    client.send_data(sid, bytes(1000))
+    frames = sent_frames(client)
+    assert len(frames) == 16
+    assert sum(len(f.data) for f in frames) == 1000
+    assert client.send_window(sid) == 0
+
+
+# ----------------------------------------------------------------------------- stream kinds
+
+
+def test_the_datagram_kind_travels_in_open() -> None:
+    client, server = make_pair()
+    sid = client.open_stream("dns.example", 53, 2, datagrams=True)
+    assert sent_frames(client) == [m.Open(sid, client.window, "dns.example", 53, 2, True)]
+    assert feed(server, m.Open(1, 100, datagrams=True)) == [StreamOpened(1, "", 0, 0, True)]
+    assert feed(server, m.Open(3, 100)) == [StreamOpened(3, "", 0, 0, False)]
+
+
+def test_datagrams_flow_on_a_datagram_stream() -> None:
+    client, server = make_pair()
+    sid = opened(client, server, datagrams=True)
+    assert client.can_send_datagram(sid)
+    assert server.can_send_datagram(sid)
+    client.send_datagram(sid, b"query")
+    assert pump(client, server) == [DatagramReceived(sid, b"query")]
+    server.send_datagram(sid, b"answer")
+    assert pump(server, client) == [DatagramReceived(sid, b"answer")]
+
+
+def test_datagram_on_a_byte_stream_is_a_protocol_violation() -> None:
+    """A byte stream never queues datagrams: a peer sending one there is cut off."""
+    client, server = make_pair()
+    sid = opened(client, server)
+    with remote_error(ErrorCode.STREAM_STATE_ERROR):
+        feed(server, m.Datagram(sid, b"x" * 60_000))
+    client2, server2 = make_pair()
+    sid = opened(server2, client2)  # the same from the server's side
+    with remote_error(ErrorCode.STREAM_STATE_ERROR):
+        feed(server2, m.Datagram(sid, b"x"))
+
+
+def test_a_byte_stream_cannot_send_datagrams() -> None:
+    client, server = make_pair()
+    sid = opened(client, server)
+    assert not client.can_send_datagram(sid)
+    with pytest.raises(LocalProtocolError) as info:
+        client.send_datagram(sid, b"x")
+    assert info.value.code == ErrorCode.STREAM_STATE_ERROR
+    assert client.bytes_to_send == 0
+
+
+# ----------------------------------------------------------------------------- control first
+
+
+def test_control_frames_overtake_queued_data() -> None:
+    client, server = make_pair(window=10_000)
+    sid = opened(client, server)
+    client.send_data(sid, bytes(5000))
+    client.send_fin(sid)
+    client.ping(7)
+    feed(client, m.Ping(9))
+    feed(client, m.Data(sid, bytes(600)))
+    client.consumed(sid, 6000)
+    client.go_away(ErrorCode.NORMAL, "bye")
+    assert [type(f).__name__ for f in sent_frames(client)] == [
+        "Ping",
+        "Pong",
+        "WindowUpdate",
+        "GoAway",
+        "Data",
+        "Fin",
+    ]
+
+
+def test_reset_waits_behind_the_open_of_its_own_stream() -> None:
+    """A Reset may not reach the peer before the Open it cancels (the id would be unknown)."""
+    client, server = make_pair()
+    other = opened(client, server)
+    client.send_data(other, bytes(100))
+    sid = client.open_stream()
+    client.reset_stream(sid)
+    frames = sent_frames(client)
+    assert [type(f).__name__ for f in frames] == ["Data", "Open", "Reset"]
+    # once the Open has gone out, a Reset jumps ahead of other streams' data
+    client.send_data(other, bytes(100))
+    another = client.open_stream()
+    client.data_to_send()
+    client.send_data(other, bytes(100))
+    client.reset_stream(another)
+    assert [type(f).__name__ for f in sent_frames(client)] == ["Reset", "Data"]
+
+
+def test_reordering_keeps_every_stream_valid_for_the_peer() -> None:
+    """Whatever mix of frames is queued, the peer decodes it without a protocol error."""
+    rng = random.Random(5)
+    client, server = make_pair(window=4000)
+    live: list[int] = []
+    for _ in range(400):
+        action = rng.randrange(6)
+        if action == 0 or not live:
+            live.append(client.open_stream())
+        elif action == 1:
+            client.reset_stream(live.pop(rng.randrange(len(live))))
+        elif action == 2:
+            client.ping(rng.randrange(100))
+        else:
+            sid = rng.choice(live)
+            if client.send_window(sid):
+                client.send_data(sid, bytes(min(50, client.send_window(sid))))
+        if rng.random() < 0.3:
+            for event in pump(client, server):
+                if isinstance(event, StreamOpened) and server.has_stream(event.stream):
+                    server.accept_stream(event.stream)
+            pump(server, client)
+    pump(client, server)
+
+
+# ----------------------------------------------------------------------------- floods
+
+
+def test_ping_flood_without_reading_is_cut_off() -> None:
+    _, server = make_pair(max_control_queue=10_000)
+    pong = len(encode_message(m.Pong(2**64 - 1)))
+    with remote_error(ErrorCode.FLOOD):
+        for opaque in range(10_000 // pong + 2):
+            feed(server, m.Ping(2**64 - 1 - opaque))
+    assert server.bytes_to_send <= 10_000 + pong
+
+
+def test_replies_taken_by_the_transport_do_not_count() -> None:
+    _, server = make_pair(max_control_queue=1000)
+    for opaque in range(500):
+        feed(server, m.Ping(opaque))
+        server.data_to_send()  # a peer that reads: never a flood
+
+
+def test_refusal_flood_without_reading_is_cut_off() -> None:
+    _, server = make_pair(max_streams=1, max_control_queue=2000)
+    feed(server, m.Open(1, 100))
+    with remote_error(ErrorCode.FLOOD):
+        for sid in range(3, 400, 2):
+            feed(server, m.Open(sid, 100))
+
+
+def test_refusals_by_the_application_count_as_replies() -> None:
+    _, server = make_pair(max_control_queue=2000)
+    with remote_error(ErrorCode.FLOOD):
+        for sid in range(1, 400, 2):
+            feed(server, m.Open(sid, 100))
+            server.refuse_stream(sid, ErrorCode.DIAL_FAILED, "x" * 50)
+
+
+def test_resets_of_data_sent_to_closed_streams_count_as_replies() -> None:
+    client, server = make_pair(max_control_queue=300)
+    sids = [opened(client, server) for _ in range(30)]
+    for sid in sids:
+        server.close_stream(sid)
+    server.data_to_send()
+    with remote_error(ErrorCode.FLOOD):
+        for sid in sids:
+            feed(server, m.Data(sid, b"x"))
+
+
+def test_a_burst_is_decoded_in_bounded_batches() -> None:
+    _, server = make_pair()
+    server.feed(b"".join(encode_message(m.Ping(i)) for i in range(10)))
+    assert server.next_events(4) == [PingReceived(i) for i in range(4)]
+    assert server.frames_pending
+    assert server.next_events(4) == [PingReceived(i) for i in range(4, 8)]
+    assert server.next_events(4) == [PingReceived(8), PingReceived(9)]
+    assert not server.frames_pending
+    assert server.next_events() == []
+
+
+# ----------------------------------------------------------------------------- linger
+
+
+def test_a_closed_stream_lingers_until_the_peer_finishes() -> None:
+    client, server = make_pair()
+    sid = opened(client, server)
+    client.close_stream(sid, now=10.0)
+    assert client.lingering == 1
+    assert client.oldest_lingering == 10.0
+    assert client.expire_lingering(closed_before=9.0) == 0
+    pump(client, server)
+    server.send_fin(sid)
+    pump(server, client)
+    assert not client.has_stream(sid)
+    assert client.lingering == 0
+    assert client.oldest_lingering is None
+
+
+def test_a_silent_peer_loses_its_half_closed_streams_after_the_linger() -> None:
+    client, server = make_pair()
+    first, second, third = (opened(client, server) for _ in range(3))
+    client.close_stream(first, now=1.0)
+    client.close_stream(second, now=2.0)
+    client.close_stream(third, now=3.0)
+    client.data_to_send()
+    assert client.expire_lingering(closed_before=2.0) == 2
+    assert client.open_streams == 1
+    assert client.lingering == 1
+    assert sent_frames(client) == [
+        m.Reset(first, ErrorCode.CANCELLED, "the peer did not finish in time"),
+        m.Reset(second, ErrorCode.CANCELLED, "the peer did not finish in time"),
+    ]
+    assert client.oldest_lingering == 3.0
+
+
+def test_a_stream_closed_after_the_peer_finished_does_not_linger() -> None:
+    client, server = make_pair()
+    sid = opened(client, server)
+    server.send_fin(sid)
+    pump(server, client)
+    client.close_stream(sid, now=1.0)
+    assert client.lingering == 0
+    assert not client.has_stream(sid)
+
+
+@pytest.mark.parametrize("end", ["reset_by_peer", "reset_by_us", "data_after_close"])
+def test_a_lingering_stream_that_ends_otherwise_is_forgotten(end: str) -> None:
+    client, server = make_pair()
+    sid = opened(client, server)
+    client.close_stream(sid, now=1.0)
+    if end == "reset_by_peer":
+        feed(client, m.Reset(sid, ErrorCode.CANCELLED))
+    elif end == "reset_by_us":
+        client.reset_stream(sid)
+    else:
+        feed(client, m.Data(sid, b"late"))
+    assert client.lingering == 0
+    assert client.oldest_lingering is None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
+import socket
 
 import pytest
 import trio
@@ -14,6 +16,7 @@ from conftest import count_tasks, open_pair, session_pair, tcp_stream_pair
 
 from pytunnel import (
     ErrorCode,
+    LocalProtocolError,
     NodeTimeoutError,
     NodeUnstableError,
     RemoteProtocolError,
@@ -24,8 +27,10 @@ from pytunnel import (
     StreamResetError,
     open_session,
 )
+from pytunnel._relay import relay
+from pytunnel._session import Session
 from pytunnel.protocol.frames import FrameDecoder, encode_message
-from pytunnel.protocol.messages import Accept, Data, GoAway, Open
+from pytunnel.protocol.messages import Data, Datagram, GoAway, Open, Ping, Pong
 
 
 async def _send_and_eof(stream: trio.abc.HalfCloseableStream, data: bytes, chunk: int) -> None:
@@ -347,14 +352,14 @@ async def test_protocol_violation_closes_session_with_goaway(transport: str) -> 
             assert isinstance(reason, RemoteProtocolError)
             assert reason.code == ErrorCode.FLOW_CONTROL_ERROR
             assert info.value.__cause__ is reason
-            # the peer was told why
+            # the peer was told why (GoAway may overtake the queued Accept: it is a control
+            # frame)
             decoder = FrameDecoder()
             seen = []
-            while not any(isinstance(m, GoAway) for m in seen):
-                seen.extend(decoder.feed(await raw.receive_some()))
-            assert isinstance(seen[0], Accept)
-            goaway = seen[-1]
-            assert isinstance(goaway, GoAway)
+            while chunk := await raw.receive_some():
+                seen.extend(decoder.feed(chunk))
+            assert sorted(type(m).__name__ for m in seen) == ["Accept", "GoAway"]
+            goaway = next(m for m in seen if isinstance(m, GoAway))
             assert goaway.code == ErrorCode.FLOW_CONTROL_ERROR
 
 
@@ -411,3 +416,195 @@ async def test_body_exception_is_not_wrapped() -> None:
     with pytest.raises(KeyError):
         async with open_session(a, Role.CLIENT):
             raise KeyError("mine")
+
+
+# ----------------------------------------------------------------------------- stream kinds
+
+
+async def test_a_datagram_stream_carries_datagrams_both_ways(transport: str) -> None:
+    with trio.fail_after(10):
+        async with session_pair(transport) as (client, server):
+            opened, accepted = await open_pair(client, server, datagrams=True)
+            assert opened.datagrams
+            assert accepted.datagrams
+            assert opened.send_datagram(b"query")
+            assert await accepted.receive_datagram() == b"query"
+            assert accepted.send_datagram(b"answer")
+            assert await opened.receive_datagram() == b"answer"
+
+
+async def test_a_byte_stream_refuses_to_send_datagrams() -> None:
+    with trio.fail_after(10):
+        async with session_pair() as (client, server):
+            opened, accepted = await open_pair(client, server)
+            assert not opened.datagrams
+            assert not accepted.datagrams
+            with pytest.raises(LocalProtocolError) as info:
+                opened.send_datagram(b"x")
+            assert info.value.code == ErrorCode.STREAM_STATE_ERROR
+
+
+async def test_datagram_on_a_byte_stream_ends_the_session_without_queueing() -> None:
+    """A peer cannot park datagrams on a TCP relay's stream: the first one is a protocol
+    violation, and nothing was queued for it."""
+    a, raw = await tcp_stream_pair()
+    with trio.fail_after(10):
+        async with open_session(a, Role.SERVER) as server:
+            await raw.send_all(encode_message(Open(1, 1000)))
+            stream = (await server.accept_stream()).accept()
+            await raw.send_all(encode_message(Datagram(1, b"x" * 60_000)))
+            await server.wait_closed()
+            reason = server.close_reason
+            assert isinstance(reason, RemoteProtocolError)
+            assert reason.code == ErrorCode.STREAM_STATE_ERROR
+            assert stream._datagrams is None
+            decoder = FrameDecoder()
+            seen = []
+            while chunk := await raw.receive_some():
+                seen.extend(decoder.feed(chunk))
+            assert [m.code for m in seen if isinstance(m, GoAway)] == [ErrorCode.STREAM_STATE_ERROR]
+    await raw.aclose()
+
+
+# ----------------------------------------------------------------------------- floods
+
+
+async def _flood(raw: trio.SocketStream, frame: bytes, session: Session, limit: int) -> int:
+    """Send ``frame`` in batches, never reading, until ``session`` ends (at most ``limit``
+    frames); return how many were sent."""
+    batch = frame * 1000
+    sent = 0
+    try:
+        while not session.closed and sent < limit:
+            await raw.send_all(batch)
+            sent += 1000
+    except trio.BrokenResourceError:
+        pass
+    return sent
+
+
+async def test_ping_flood_from_a_peer_that_does_not_read_is_cut_off() -> None:
+    a, raw = await tcp_stream_pair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with trio.fail_after(60):
+        async with open_session(a, Role.SERVER, SessionConfig(max_control_queue=64 * 1024)) as s:
+            await _flood(raw, encode_message(Ping(2**64 - 1)), s, limit=2_000_000)
+            await s.wait_closed()
+            assert isinstance(s.close_reason, RemoteProtocolError)
+            assert s.close_reason.code == ErrorCode.FLOOD
+            assert s._mux.bytes_to_send < 64 * 1024 + 4096  # what was queued stayed bounded
+    await raw.aclose()
+
+
+async def test_a_large_burst_does_not_monopolise_the_event_loop() -> None:
+    """Decoding a burst of thousands of frames checkpoints between batches."""
+    a, raw = trio.testing.memory_stream_pair()
+    burst = b"".join(encode_message(Ping(i)) for i in range(5000))
+    ticks = 0
+    with trio.fail_after(10):
+        async with open_session(a, Role.SERVER) as server, trio.open_nursery() as nursery:
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await trio.lowlevel.checkpoint()
+
+            nursery.start_soon(tick)
+            before = server.bytes_read
+            await raw.send_all(burst)
+            start = ticks
+            while server.bytes_read - before < len(burst) or server._mux.frames_pending:
+                await trio.lowlevel.checkpoint()
+            assert ticks - start >= 5000 // 256
+            nursery.cancel_scope.cancel()
+
+
+async def test_frames_pipelined_with_the_handshake_are_answered_without_more_bytes() -> None:
+    """Bytes a handshake read past its last frame are decoded at once, not at the next read."""
+    a, raw = trio.testing.memory_stream_pair()
+    decoder = FrameDecoder()
+    decoder.receive_data(encode_message(Ping(5)))
+    with trio.fail_after(10):
+        async with open_session(a, Role.SERVER, decoder=decoder):
+            reply = FrameDecoder()
+            seen: list[object] = []
+            while not seen:
+                seen.extend(reply.feed(await raw.receive_some()))
+            assert seen == [Pong(5)]
+
+
+# ----------------------------------------------------------------------------- linger
+
+
+async def test_a_stream_closed_on_a_silent_peer_is_reset_after_the_linger(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(120):
+        async with session_pair(close_linger=10.0) as (client, server):
+            opened, accepted = await open_pair(client, server)
+            await opened.aclose()  # our Fin; the peer never answers with its own
+            assert await accepted.receive_some() == b""
+            start = trio.current_time()
+            while server._mux.has_stream(accepted.stream_id):  # the silent peer waits
+                await trio.sleep(1)
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await accepted.send_all(b"late")
+            assert isinstance(info.value.__cause__, StreamResetError)
+            assert trio.current_time() - start >= 10.0
+            assert client._mux.open_streams == 0
+            assert server._mux.open_streams == 0
+
+
+async def test_a_stream_whose_peer_finishes_in_time_is_not_reset(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(120):
+        async with session_pair(close_linger=10.0) as (client, server):
+            opened, accepted = await open_pair(client, server)
+            await opened.aclose()
+            assert await accepted.receive_some() == b""
+            await trio.sleep(5)
+            await accepted.aclose()
+            while client._mux.open_streams:
+                await trio.sleep(1)
+            assert trio.current_time() < 10
+            assert client._mux.lingering == 0
+
+
+# ----------------------------------------------------------------------------- send_eof
+
+
+async def test_send_eof_crosses_a_session_and_a_relay() -> None:
+    """EOF from the opener reaches the TCP target through the relay, and the target's reply
+    and its EOF come back: a broken half-close fails here in seconds, not as a long hang."""
+    received: list[bytes] = []
+
+    async def target(conn: trio.SocketStream) -> None:
+        data = await _read_all(conn)  # returns only at EOF
+        received.append(data)
+        await conn.send_all(hashlib.sha256(data).digest())
+        await conn.send_eof()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            [listener] = await nursery.start(
+                functools.partial(trio.serve_tcp, target, 0, host="127.0.0.1")
+            )
+            port = listener.socket.getsockname()[1]
+            async with session_pair("tcp") as (client, server):
+
+                async def serve() -> None:
+                    incoming = await server.accept_stream()
+                    conn = await trio.open_tcp_stream("127.0.0.1", incoming.port)
+                    await relay(incoming.accept(), conn, idle_timeout=30)
+
+                nursery.start_soon(serve)
+                stream = await client.open_stream("127.0.0.1", port)
+                payload = os.urandom(300_000)
+                await stream.send_all(payload)
+                await stream.send_eof()
+                assert await _read_all(stream) == hashlib.sha256(payload).digest()
+                assert received == [payload]
+            nursery.cancel_scope.cancel()

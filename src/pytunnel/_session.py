@@ -38,6 +38,7 @@ from .errors import (
 from .protocol.frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder
 from .protocol.messages import MAX_DATAGRAM, MAX_WINDOW, MIN_MAX_FRAME_SIZE
 from .protocol.mux import (
+    DEFAULT_MAX_CONTROL_QUEUE,
     DEFAULT_MAX_DATA_CHUNK,
     DEFAULT_MAX_STREAMS,
     DEFAULT_WINDOW,
@@ -67,6 +68,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("pytunnel.session")
+
+#: Frames decoded between two checkpoints of the reader (a 256 KiB read of pings is ~9,000).
+_FRAMES_PER_BATCH = 256
 
 
 _positive = attrs.validators.ge(1)
@@ -98,6 +102,12 @@ class SessionConfig:
     receive_size: int = attrs.field(default=256 * 1024, validator=_positive)
     #: How long a graceful close waits to flush ``GoAway`` before dropping the transport.
     close_timeout: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
+    #: Bytes of replies (Pong, Refuse, Reset) queued for a peer that does not read them before
+    #: the session ends with ``FLOOD``.
+    max_control_queue: int = attrs.field(default=DEFAULT_MAX_CONTROL_QUEUE, validator=_positive)
+    #: Seconds a stream we closed waits for the peer's Fin before it is reset and its slot
+    #: freed (TCP's FIN_WAIT_2 timeout, for the same reason: a silent peer).
+    close_linger: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
 
 
 class StreamResetError(TunnelError):
@@ -138,10 +148,19 @@ class MuxStream(trio.abc.HalfCloseableStream):
     """
 
     def __init__(
-        self, session: Session, stream_id: int, host: str = "", port: int = 0, tag: int = 0
+        self,
+        session: Session,
+        stream_id: int,
+        host: str = "",
+        port: int = 0,
+        tag: int = 0,
+        *,
+        datagrams: bool = False,
     ) -> None:
         self._session = session
         self.stream_id = stream_id
+        #: A datagram stream (UDP association) or a byte stream, fixed when it was opened.
+        self.datagrams = datagrams
         #: What the opener asked for (target address and application tag).
         self.host = host
         self.port = port
@@ -161,8 +180,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self.bytes_sent = 0
         self.bytes_received = 0
         # UDP associations: datagrams ride on the stream, outside its flow control, in a
-        # bounded queue that drops (and counts) when full instead of growing.
-        # created on first use: most streams carry TCP and never need them (memory per stream)
+        # bounded queue that drops (and counts) when full instead of growing. Only a datagram
+        # stream ever gets one (the multiplexer rejects datagrams on byte streams), created on
+        # first use.
         self._datagrams: deque[bytes] | None = None
         self._datagram_lot: trio.lowlevel.ParkingLot | None = None
         self.datagram_queue = 256
@@ -192,6 +212,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._wake_datagram_readers()
 
     def _on_datagram(self, data: bytes) -> None:
+        if not self.datagrams:  # the multiplexer already refuses these; never queue one
+            return
         if self._datagrams is None:
             self._datagrams = deque()
         if len(self._datagrams) >= self.datagram_queue:
@@ -288,7 +310,15 @@ class MuxStream(trio.abc.HalfCloseableStream):
     def send_datagram(self, data: bytes | bytearray | memoryview) -> bool:
         """Send one datagram on this stream, never waiting: if the session's write buffer is
         full the datagram is dropped and counted (``False``), as UDP would; a bulk transfer on
-        another stream is never stalled by datagrams, nor the other way round."""
+        another stream is never stalled by datagrams, nor the other way round.
+
+        Raises ``LocalProtocolError`` on a byte stream: only a stream opened with
+        ``datagrams=True`` carries datagrams."""
+        if not self.datagrams:
+            raise LocalProtocolError(
+                f"stream {self.stream_id} is a byte stream, not a datagram stream",
+                code=ErrorCode.STREAM_STATE_ERROR,
+            )
         self._check_send_datagram()
         if self._session._send_datagram(self.stream_id, data):
             self.datagrams_sent += 1
@@ -399,6 +429,11 @@ class IncomingStream:
     def tag(self) -> int:
         return self._stream.tag
 
+    @property
+    def datagrams(self) -> bool:
+        """Whether the opener made it a datagram stream (check it against the route)."""
+        return self._stream.datagrams
+
     def accept(self) -> MuxStream:
         """Open the stream and return it (no I/O wait: the Accept is queued)."""
         self._answer()
@@ -454,6 +489,7 @@ class Session:
             peer_max_frame_size=peer_max_frame_size or config.max_frame_size,
             max_data_chunk=config.max_data_chunk,
             max_streams=config.max_streams,
+            max_control_queue=config.max_control_queue,
             decoder=decoder,
         )
         self._streams: dict[int, MuxStream] = {}
@@ -468,6 +504,8 @@ class Session:
         self._pings: dict[int, trio.Event] = {}
         self._next_ping = 0
         self._write_event = trio.Event()
+        #: Set when a closed stream starts lingering (wakes the reaper).
+        self._linger_event = trio.Event()
         self._drain_lot = trio.lowlevel.ParkingLot()
         self._closed_event = trio.Event()
         self._cancel_scope = trio.CancelScope()
@@ -498,8 +536,11 @@ class Session:
         """Wait until the session has ended, for whatever reason (see ``close_reason``)."""
         await self._closed_event.wait()
 
-    async def open_stream(self, host: str = "", port: int = 0, tag: int = 0) -> MuxStream:
-        """Open a stream and wait for the peer's answer.
+    async def open_stream(
+        self, host: str = "", port: int = 0, tag: int = 0, *, datagrams: bool = False
+    ) -> MuxStream:
+        """Open a stream and wait for the peer's answer. ``datagrams`` opens a datagram stream
+        (a UDP association) instead of a byte stream.
 
         Raises the typed refusal (``NodeTimeoutError``, ``StreamLimitError``...) if the peer
         refuses, ``SessionClosedError`` if the session ends first. If cancelled while waiting,
@@ -507,12 +548,12 @@ class Session:
         """
         self._check_open()
         try:
-            stream_id = self._mux.open_stream(host, port, tag)
+            stream_id = self._mux.open_stream(host, port, tag, datagrams=datagrams)
         except LocalProtocolError as exc:
             raise SessionClosedError("session is going away", code=ErrorCode.GOING_AWAY) from exc
         except StreamLimitError:
             raise
-        stream = MuxStream(self, stream_id, host, port, tag)
+        stream = MuxStream(self, stream_id, host, port, tag, datagrams=datagrams)
         self._streams[stream_id] = stream
         answered = self._opening[stream_id] = trio.Event()
         self._kick_writer()
@@ -625,7 +666,9 @@ class Session:
         if abort:
             self._mux.reset_stream(stream_id, ErrorCode.CANCELLED, "closed with unread data")
         else:
-            self._mux.close_stream(stream_id)
+            self._mux.close_stream(stream_id, trio.current_time())
+            if self._mux.lingering:
+                self._linger_event.set()
         self._kick_writer()
 
     def _reset_stream(self, stream_id: int, code: int, message: str) -> None:
@@ -686,6 +729,22 @@ class Session:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader)
                 nursery.start_soon(self._writer)
+                nursery.start_soon(self._reaper)
+
+    async def _reaper(self) -> None:
+        """Reset the streams we closed whose peer has not sent its Fin within
+        ``close_linger``: their slots are freed instead of held by a silent peer."""
+        mux = self._mux
+        linger = self.config.close_linger
+        while True:
+            oldest = mux.oldest_lingering
+            if oldest is None:
+                self._linger_event = trio.Event()
+                await self._linger_event.wait()
+                continue
+            await trio.sleep_until(oldest + linger)
+            if mux.expire_lingering(trio.current_time() - linger):
+                self._kick_writer()
 
     async def _writer(self) -> None:
         # Shielded: when the surrounding task tree is cancelled, the writer must stay alive long
@@ -715,13 +774,14 @@ class Session:
         mux = self._mux
         transport = self._transport
         size = self.config.receive_size
+        eof = False
         try:
             while True:
-                data = await transport.receive_some(size)
-                self.bytes_read += len(data)
-                self.last_received = trio.current_time()
+                # Frames already buffered go first: the handshake may have read some past
+                # Auth/Welcome. A large burst is decoded in batches with a checkpoint between
+                # them, so one busy peer cannot monopolise the event loop.
                 try:
-                    events = mux.receive_data(data)
+                    events = mux.next_events(_FRAMES_PER_BATCH)
                 except RemoteProtocolError as exc:
                     log.warning("%s: protocol violation by the peer: %s", self.name, exc)
                     self._closed_locally = False
@@ -736,11 +796,19 @@ class Session:
                     self._dispatch(event)
                 if mux.bytes_to_send:
                     self._kick_writer()
-                if not data:
+                if mux.frames_pending:
+                    await trio.lowlevel.checkpoint()
+                    continue
+                if eof:
                     if mux.goaway_received and self.close_reason is None:
                         return self._terminate(self._goaway_reason or SessionClosedError())
                     self._terminate(trio.BrokenResourceError("transport closed by the peer"))
                     return
+                data = await transport.receive_some(size)
+                self.bytes_read += len(data)
+                self.last_received = trio.current_time()
+                mux.feed(data)
+                eof = not data
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._terminate(exc)
 
@@ -762,8 +830,8 @@ class Session:
                 stream = self._streams.get(stream_id)
                 if stream is not None:
                     stream._wake_sender()
-            case StreamOpened(stream_id, host, port, tag):
-                stream = MuxStream(self, stream_id, host, port, tag)
+            case StreamOpened(stream_id, host, port, tag, datagrams):
+                stream = MuxStream(self, stream_id, host, port, tag, datagrams=datagrams)
                 self._streams[stream_id] = stream
                 self._incoming_send.send_nowait(IncomingStream(self, stream))
             case StreamAccepted(stream_id):

@@ -788,7 +788,9 @@ class Tunnel:
 
     async def _open(self, host: str, port: int, route: int) -> MuxStream:
         session = await self._current_session()
-        return await session.open_stream(host, port, tag=route)
+        return await session.open_stream(
+            host, port, tag=route, datagrams=route == routes.UDP_CONNECT
+        )
 
     async def forward_local(
         self,
@@ -1067,6 +1069,12 @@ class Tunnel:
             forward = self._remote.get(incoming.tag)
             if forward is None:
                 incoming.refuse(ErrorCode.FORWARD_FAILED, f"no forward with id {incoming.tag}")
+            elif incoming.datagrams != isinstance(forward, UdpRemoteForward):
+                incoming.refuse(
+                    ErrorCode.PROTOCOL_ERROR,
+                    f"forward {incoming.tag} does not take a "
+                    f"{'datagram' if incoming.datagrams else 'byte'} stream",
+                )
             else:
                 forward._dispatch(incoming)
 

@@ -57,6 +57,8 @@ class ErrorCode(enum.IntEnum):
     FLOW_CONTROL_ERROR = 1106
     STREAM_STATE_ERROR = 1107
     UNEXPECTED_MESSAGE = 1108
+    #: The peer keeps sending requests (pings, opens) without reading the replies.
+    FLOOD = 1109
 
     # -- dial outcomes (2000-2099) --
     DIAL_FAILED = 2000

@@ -340,7 +340,15 @@ class _ClientSession:
                     incoming = await self.session.accept_stream()
                 except SessionClosedError:
                     break
-                if incoming.tag in (routes.CONNECT, routes.UDP_CONNECT):
+                if incoming.datagrams != (incoming.tag == routes.UDP_CONNECT):
+                    # the kind is fixed at Open: a byte stream never gets a datagram queue,
+                    # and a UDP association never a byte relay
+                    incoming.refuse(
+                        ErrorCode.PROTOCOL_ERROR,
+                        f"route {incoming.tag} does not take a "
+                        f"{'datagram' if incoming.datagrams else 'byte'} stream",
+                    )
+                elif incoming.tag in (routes.CONNECT, routes.UDP_CONNECT):
                     if self._reserve_stream(incoming):
                         handler = (
                             self._serve_connect
@@ -518,7 +526,9 @@ class _ClientSession:
         stats = RelayStats()
 
         async def open_association(source: tuple[str, int]) -> MuxStream:
-            return await self.session.open_stream(source[0], source[1], tag=control.stream_id)
+            return await self.session.open_stream(
+                source[0], source[1], tag=control.stream_id, datagrams=True
+            )
 
         try:
             await control.send_all(encode_message(Bound(host, port)))

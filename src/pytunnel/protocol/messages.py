@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, TypeVar, Union
 
 import attrs
+from cattrs.gen import make_dict_unstructure_fn, override
 from cattrs.preconf.msgpack import make_converter
 from cattrs.strategies import configure_tagged_union
 
@@ -93,6 +94,11 @@ def _window(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
 def _delta(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
     if not (_is_int(value) and 1 <= value <= MAX_WINDOW):
         raise ValueError(f"{attribute.name} must be in 1..2**31-1, got {value!r}")
+
+
+def _bool(_inst: object, attribute: attrs.Attribute[bool], value: bool) -> None:
+    if value.__class__ is not bool:
+        raise ValueError(f"{attribute.name} must be a bool, got {value!r}")
 
 
 def _frame_limit(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -201,6 +207,10 @@ class Open:
 
     ``host``/``port`` name a target the receiver should dial and ``tag`` an application route
     (for example a forward id); the multiplexer carries them without interpreting them.
+    ``datagrams`` fixes the stream's kind for its whole life: only a datagram stream (a UDP
+    association) may carry ``Datagram`` messages, so a byte stream never needs, and a peer can
+    never fill, a datagram queue. It is left off the wire when false, so a byte stream's
+    ``Open`` is the same as before the field existed.
     """
 
     TAG: ClassVar[str] = "open"
@@ -209,6 +219,7 @@ class Open:
     host: str = attrs.field(default="", validator=_max_utf8(MAX_HOST))
     port: int = attrs.field(default=0, validator=_port)
     tag: int = attrs.field(default=0, validator=_u32)
+    datagrams: bool = attrs.field(default=False, validator=_bool)
 
 
 @attrs.frozen
@@ -387,6 +398,9 @@ def _build_converter() -> Any:
     for t in (int, str, bytes, bool):
         conv.register_structure_hook(t, _strict(t))
     conv.register_structure_hook_func(lambda t: t == tuple[int, ...], _int_tuple)
+    conv.register_unstructure_hook(
+        Open, make_dict_unstructure_fn(Open, conv, datagrams=override(omit_if_default=True))
+    )
     configure_tagged_union(
         Message,
         conv,

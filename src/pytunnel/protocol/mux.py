@@ -18,6 +18,13 @@ sender may have at most that many unacknowledged payload bytes in flight; the re
 more with ``WindowUpdate`` once the application has consumed at least half the window (the
 rule h2's ``WindowManager`` uses), so a slow reader bounds its own buffer without touching any
 other stream.
+
+Output goes into two queues, drained control first: frames that are not ordered relative to a
+stream's payload (``WindowUpdate``, ``Ping``, ``Pong``, ``GoAway``, ``Refuse`` and a ``Reset``
+of a stream with nothing queued) overtake bulk data, so a heartbeat answer never waits behind
+megabytes; ``Open``/``Accept``/``Data``/``Fin``/``Datagram`` keep their order. Replies to the
+peer's requests (``Pong``, ``Refuse``, the ``Reset`` of data sent to a closed stream) are
+bounded: a peer that keeps asking while not reading the answers is cut off with ``FLOOD``.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from .messages import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_CONTROL_QUEUE",
     "DEFAULT_MAX_DATA_CHUNK",
     "DEFAULT_MAX_STREAMS",
     "DEFAULT_WINDOW",
@@ -74,6 +82,10 @@ DEFAULT_WINDOW = 1024 * 1024
 #: that one bulk stream does not delay another stream's frames for long.
 DEFAULT_MAX_DATA_CHUNK = 64 * 1024
 DEFAULT_MAX_STREAMS = 4096
+#: Bytes of replies (Pong, Refuse, Reset) that may wait for the transport before the peer is
+#: considered a flood: about 9,000 unanswered pings. A peer that reads never gets near it,
+#: since every transport write takes the whole queue.
+DEFAULT_MAX_CONTROL_QUEUE = 256 * 1024
 #: Room for a Data frame's msgpack envelope around its payload.
 _DATA_OVERHEAD = 64
 
@@ -102,6 +114,8 @@ class StreamOpened:
     host: str
     port: int
     tag: int
+    #: The stream's kind: a datagram stream (UDP association) or a byte stream.
+    datagrams: bool = False
 
 
 @attrs.frozen
@@ -198,18 +212,33 @@ Event = Union[  # noqa: UP007
 
 class _Stream:
     __slots__ = (
+        "datagrams",
         "id",
         "local_closed",
         "local_fin",
         "phase",
+        "queued",
         "recv_window",
         "remote_fin",
         "send_window",
         "unacked",
     )
 
-    def __init__(self, stream_id: int, phase: _Phase, send_window: int, recv_window: int) -> None:
+    def __init__(
+        self,
+        stream_id: int,
+        phase: _Phase,
+        send_window: int,
+        recv_window: int,
+        datagrams: bool = False,
+    ) -> None:
         self.id = stream_id
+        #: Fixed at Open: only a datagram stream may carry Datagram messages.
+        self.datagrams = datagrams
+        #: The data-queue generation that last received a frame of this stream (-1: none), so
+        #: a Reset knows whether it may overtake the data queue without passing this stream's
+        #: own Open.
+        self.queued = -1
         self.phase = phase
         self.send_window = send_window
         #: How many more bytes the peer may send before a WindowUpdate.
@@ -232,6 +261,7 @@ class Multiplexer:
     ``window`` is the receive window we announce for every stream; ``peer_max_frame_size`` the
     largest frame body the peer accepts (we chunk data to fit it); ``max_frame_size`` the largest
     we accept. ``max_streams`` caps concurrently open streams, counting both directions.
+    ``max_control_queue`` bounds the replies waiting for the transport (see ``FLOOD``).
     """
 
     def __init__(
@@ -243,6 +273,7 @@ class Multiplexer:
         peer_max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_data_chunk: int = DEFAULT_MAX_DATA_CHUNK,
         max_streams: int = DEFAULT_MAX_STREAMS,
+        max_control_queue: int = DEFAULT_MAX_CONTROL_QUEUE,
         decoder: FrameDecoder | None = None,
     ) -> None:
         if not 1 <= window <= MAX_WINDOW:
@@ -252,6 +283,7 @@ class Multiplexer:
         self.role = role
         self.window = window
         self.max_streams = max_streams
+        self.max_control_queue = max_control_queue
         self.max_data_chunk = max(1, min(max_data_chunk, peer_max_frame_size - _DATA_OVERHEAD))
         self._peer_max_frame_size = peer_max_frame_size
         self._decoder = decoder if decoder is not None else FrameDecoder(max_frame_size)
@@ -260,9 +292,21 @@ class Multiplexer:
         self._next_id = 1 if role is Role.CLIENT else 2
         self._peer_parity = 0 if role is Role.CLIENT else 1
         self._last_peer_id = 0
+        #: Payload-ordered frames (Open, Accept, Data, Fin, Datagram) and, ahead of them, the
+        #: frames that may overtake payload.
         self._out = bytearray()
+        self._control = bytearray()
+        #: Incremented each time the data queue is taken (see ``_Stream.queued``).
+        self._generation = 0
+        #: Bytes of replies to the peer queued since the transport last took the queues.
+        self._replies = 0
+        #: Streams the application closed while the peer had not finished, in closing order,
+        #: with the time the caller gave (see :meth:`expire_lingering`).
+        self._lingering: dict[int, float] = {}
         self.goaway_sent = False
         self.goaway_received = False
+        #: Whether the last :meth:`next_events` stopped at its limit (more may be decodable).
+        self.frames_pending = False
 
     # ------------------------------------------------------------------ introspection
 
@@ -282,9 +326,22 @@ class Multiplexer:
         return st.send_window
 
     def can_send_datagram(self, stream_id: int) -> bool:
-        """Whether a datagram may be sent on the stream (open; Fin does not matter)."""
+        """Whether a datagram may be sent on the stream (an open datagram stream; Fin does not
+        matter)."""
         st = self._streams.get(stream_id)
-        return st is not None and st.phase is _Phase.OPEN
+        return st is not None and st.phase is _Phase.OPEN and st.datagrams
+
+    @property
+    def lingering(self) -> int:
+        """Streams closed by the application that still wait for the peer's Fin."""
+        return len(self._lingering)
+
+    @property
+    def oldest_lingering(self) -> float | None:
+        """The closing time of the stream that has lingered longest, or ``None``."""
+        for closed_at in self._lingering.values():
+            return closed_at
+        return None
 
     def can_send(self, stream_id: int) -> bool:
         """Whether the stream still accepts data from us at all (open, no Fin sent)."""
@@ -293,18 +350,50 @@ class Multiplexer:
 
     # ------------------------------------------------------------------ outgoing
 
-    def _emit(self, message: Message) -> None:
+    def _emit(self, message: Message, st: _Stream | None = None) -> None:
+        """Queue a frame that keeps its place among the payload frames."""
         self._out += encode_message(message, self._peer_max_frame_size)
+        if st is not None:
+            st.queued = self._generation
+
+    def _emit_control(self, message: Message) -> None:
+        """Queue a frame that may overtake queued payload."""
+        self._control += encode_message(message, self._peer_max_frame_size)
+
+    def _reply(self, message: Message) -> None:
+        frame = encode_message(message, self._peer_max_frame_size)
+        self._control += frame
+        self._replies += len(frame)
+
+    def _emit_reset(self, st: _Stream, code: int, message: str) -> None:
+        reset = Reset(st.id, code, truncate_text(message))
+        if st.queued == self._generation:
+            # the stream's Open (or Accept, Data...) is still queued: the peer must see it first
+            self._emit(reset)
+        else:
+            self._emit_control(reset)
 
     def data_to_send(self) -> bytes | bytearray:
-        """Take every queued frame (coalesced into one buffer) for one transport write."""
-        out = self._out
-        self._out = bytearray()
+        """Take every queued frame (coalesced into one buffer) for one transport write, the
+        control frames first."""
+        self._replies = 0
+        out, data = self._control, self._out
+        if data:
+            self._generation += 1
+            self._out = bytearray()
+            if not out:
+                return data
+            out += data
+        self._control = bytearray()
         return out
 
     @property
     def bytes_to_send(self) -> int:
-        return len(self._out)
+        return len(self._control) + len(self._out)
+
+    def _forget(self, stream_id: int) -> None:
+        del self._streams[stream_id]
+        self._lingering.pop(stream_id, None)
 
     def _get(self, stream_id: int) -> _Stream:
         st = self._streams.get(stream_id)
@@ -314,8 +403,14 @@ class Multiplexer:
             )
         return st
 
-    def open_stream(self, host: str = "", port: int = 0, tag: int = 0) -> int:
-        """Queue an Open for a new stream and return its id."""
+    def open_stream(
+        self, host: str = "", port: int = 0, tag: int = 0, *, datagrams: bool = False
+    ) -> int:
+        """Queue an Open for a new stream and return its id.
+
+        ``datagrams`` makes it a datagram stream (a UDP association): the only kind that may
+        carry datagrams, in either direction.
+        """
         if self.goaway_sent or self.goaway_received:
             raise LocalProtocolError("session is going away", code=ErrorCode.GOING_AWAY)
         if len(self._streams) >= self.max_streams:
@@ -323,9 +418,10 @@ class Multiplexer:
         stream_id = self._next_id
         if stream_id > 2**32 - 1:
             raise LocalProtocolError("stream ids exhausted", code=ErrorCode.STREAM_STATE_ERROR)
-        self._emit(Open(stream_id, self.window, host, port, tag))
+        st = _Stream(stream_id, _Phase.OPENING, 0, self.window, datagrams)
+        self._emit(Open(stream_id, self.window, host, port, tag, datagrams), st)
         self._next_id += 2
-        self._streams[stream_id] = _Stream(stream_id, _Phase.OPENING, 0, self.window)
+        self._streams[stream_id] = st
         return stream_id
 
     def accept_stream(self, stream_id: int) -> None:
@@ -334,7 +430,7 @@ class Multiplexer:
         if st.phase is not _Phase.PENDING:
             raise LocalProtocolError(f"stream {stream_id} is not awaiting an answer")
         st.phase = _Phase.OPEN
-        self._emit(Accept(stream_id, self.window))
+        self._emit(Accept(stream_id, self.window), st)
 
     def refuse_stream(self, stream_id: int, code: int, message: str = "") -> None:
         """Refuse a stream the peer opened; ``code`` says why (an ``ErrorCode``)."""
@@ -342,7 +438,8 @@ class Multiplexer:
         if st.phase is not _Phase.PENDING:
             raise LocalProtocolError(f"stream {stream_id} is not awaiting an answer")
         del self._streams[stream_id]
-        self._emit(Refuse(stream_id, code, truncate_text(message)))
+        # an answer to the peer's Open: bounded like the automatic ones
+        self._reply(Refuse(stream_id, code, truncate_text(message)))
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data``; it must fit the send window (see :meth:`send_window`)."""
@@ -358,6 +455,7 @@ class Multiplexer:
                 code=ErrorCode.FLOW_CONTROL_ERROR,
             )
         st.send_window -= size
+        st.queued = self._generation
         chunk = self.max_data_chunk
         if size <= chunk:
             append_data_frame(self._out, stream_id, data, self._peer_max_frame_size)
@@ -374,9 +472,14 @@ class Multiplexer:
             raise LocalProtocolError(
                 f"stream {stream_id} is not open", code=ErrorCode.STREAM_STATE_ERROR
             )
+        if not st.datagrams:
+            raise LocalProtocolError(
+                f"stream {stream_id} is a byte stream, not a datagram stream",
+                code=ErrorCode.STREAM_STATE_ERROR,
+            )
         if len(data) > MAX_DATAGRAM:
             raise LocalProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
-        self._emit(Datagram(stream_id, bytes(data)))
+        self._emit(Datagram(stream_id, bytes(data)), st)
 
     def send_fin(self, stream_id: int) -> None:
         """Half-close: we will send no more data. Idempotent."""
@@ -386,24 +489,28 @@ class Multiplexer:
         if st.local_fin:
             return
         st.local_fin = True
-        self._emit(Fin(stream_id))
+        self._emit(Fin(stream_id), st)
         if st.remote_fin:
-            del self._streams[stream_id]
+            self._forget(stream_id)
 
     def reset_stream(
         self, stream_id: int, code: int = ErrorCode.CANCELLED, message: str = ""
     ) -> None:
         """Abort the stream both ways. A no-op for a stream that is already gone."""
-        if self._streams.pop(stream_id, None) is None:
+        st = self._streams.get(stream_id)
+        if st is None:
             return
-        self._emit(Reset(stream_id, code, truncate_text(message)))
+        self._forget(stream_id)
+        self._emit_reset(st, code, message)
 
-    def close_stream(self, stream_id: int) -> None:
+    def close_stream(self, stream_id: int, now: float = 0.0) -> None:
         """The application is done with the stream and has read everything it was sent.
 
         TCP's rule: if the peer has finished too, this is a clean close (Fin); otherwise we send
         our Fin and answer any further data with Reset, so a peer still writing learns it is
-        talking to nobody instead of filling a window that will never be read.
+        talking to nobody instead of filling a window that will never be read. A stream left
+        waiting for the peer's Fin lingers from ``now`` (any clock the caller keeps) until
+        :meth:`expire_lingering` resets it, so a silent peer cannot keep its slot for ever.
         """
         st = self._streams.get(stream_id)
         if st is None:
@@ -415,7 +522,20 @@ class Multiplexer:
         if not st.local_fin:
             self.send_fin(stream_id)  # removes the stream if the peer had finished
         elif st.remote_fin:
-            del self._streams[stream_id]
+            self._forget(stream_id)
+        if stream_id in self._streams:
+            self._lingering[stream_id] = now
+
+    def expire_lingering(self, closed_before: float) -> int:
+        """Reset every closed stream that has waited for the peer's Fin since ``closed_before``
+        or earlier (same clock as :meth:`close_stream`); return how many."""
+        expired = 0
+        for stream_id, closed_at in list(self._lingering.items()):
+            if closed_at > closed_before:
+                break
+            self.reset_stream(stream_id, ErrorCode.CANCELLED, "the peer did not finish in time")
+            expired += 1
+        return expired
 
     def consumed(self, stream_id: int, size: int) -> None:
         """The application consumed ``size`` received bytes; grant window back when due."""
@@ -427,29 +547,52 @@ class Multiplexer:
             delta = st.unacked
             st.unacked = 0
             st.recv_window += delta
-            self._emit(WindowUpdate(stream_id, delta))
+            self._emit_control(WindowUpdate(stream_id, delta))
 
     def ping(self, opaque: int) -> None:
-        self._emit(Ping(opaque))
+        self._emit_control(Ping(opaque))
 
     def go_away(self, code: int = ErrorCode.NORMAL, message: str = "") -> None:
         """Announce the end of the session. Only the first call sends anything."""
         if self.goaway_sent:
             return
         self.goaway_sent = True
-        self._emit(GoAway(code, truncate_text(message)))
+        self._emit_control(GoAway(code, truncate_text(message)))
 
     # ------------------------------------------------------------------ incoming
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed transport bytes (``b""`` at end of stream); return the resulting events."""
+        self._decoder.receive_data(data)
+        return self.next_events()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed transport bytes (``b""`` at end of stream) without decoding them yet."""
+        self._decoder.receive_data(data)
+
+    def next_events(self, max_frames: int | None = None) -> list[Event]:
+        """Decode up to ``max_frames`` frames (all, if ``None``) of the bytes received so far,
+        including any the handshake left in the decoder, and return their events.
+
+        A caller that takes a large burst in bounded batches can yield between them, so one
+        peer's backlog never monopolises the event loop; fewer events than ``max_frames`` means
+        nothing complete is left. (Frames without an event count too.)
+        """
         decoder = self._decoder
-        decoder.receive_data(data)
         events: list[Event] = []
-        while (message := decoder.next_message()) is not None:
+        remaining = -1 if max_frames is None else max_frames
+        while remaining and (message := decoder.next_message()) is not None:
+            remaining -= 1
             event = self._handle(message)
+            if self._replies > self.max_control_queue:
+                raise _error(
+                    ErrorCode.FLOOD,
+                    f"the peer sends requests without reading the replies "
+                    f"({self._replies} bytes of replies queued)",
+                )
             if event is not None:
                 events.append(event)
+        self.frames_pending = remaining == 0
         return events
 
     def _handle(self, msg: Message) -> Event | None:
@@ -464,6 +607,11 @@ class Multiplexer:
                 if st.phase is not _Phase.OPEN:
                     raise _error(
                         ErrorCode.STREAM_STATE_ERROR, f"datagram on stream {st.id} before accept"
+                    )
+                if not st.datagrams:
+                    raise _error(
+                        ErrorCode.STREAM_STATE_ERROR,
+                        f"datagram on stream {st.id}, which is a byte stream",
                     )
                 if st.local_closed:
                     return None
@@ -491,7 +639,7 @@ class Multiplexer:
                 if st.phase is not _Phase.OPENING:
                     raise _error(ErrorCode.STREAM_STATE_ERROR, f"stream {st.id} was not opening")
                 if isinstance(msg, Refuse):
-                    del self._streams[st.id]
+                    self._forget(st.id)
                     return StreamRefused(st.id, msg.code, msg.message)
                 st.phase = _Phase.OPEN
                 st.send_window = msg.window
@@ -505,15 +653,16 @@ class Multiplexer:
                     raise _error(ErrorCode.STREAM_STATE_ERROR, f"unexpected Fin on stream {st.id}")
                 st.remote_fin = True
                 if st.local_fin:
-                    del self._streams[st.id]
+                    self._forget(st.id)
                 return StreamEnded(st.id)
             case Reset(stream_id, code, message):
-                if self._streams.pop(stream_id, None) is None:
+                if stream_id not in self._streams:
                     self._check_known_id(stream_id)
                     return None
+                self._forget(stream_id)
                 return StreamReset(stream_id, code, message)
             case Ping(opaque):
-                self._emit(Pong(opaque))
+                self._reply(Pong(opaque))
                 return PingReceived(opaque)
             case Pong(opaque):
                 return PongReceived(opaque)
@@ -548,13 +697,13 @@ class Multiplexer:
             raise _error(ErrorCode.STREAM_STATE_ERROR, f"stream id {sid} reused or not increasing")
         self._last_peer_id = sid
         if self.goaway_sent:
-            self._emit(Refuse(sid, ErrorCode.GOING_AWAY, "session is going away"))
+            self._reply(Refuse(sid, ErrorCode.GOING_AWAY, "session is going away"))
             return None
         if len(self._streams) >= self.max_streams:
-            self._emit(Refuse(sid, ErrorCode.STREAM_LIMIT, f"limit of {self.max_streams} streams"))
+            self._reply(Refuse(sid, ErrorCode.STREAM_LIMIT, f"limit of {self.max_streams} streams"))
             return None
-        self._streams[sid] = _Stream(sid, _Phase.PENDING, msg.window, self.window)
-        return StreamOpened(sid, msg.host, msg.port, msg.tag)
+        self._streams[sid] = _Stream(sid, _Phase.PENDING, msg.window, self.window, msg.datagrams)
+        return StreamOpened(sid, msg.host, msg.port, msg.tag, msg.datagrams)
 
     def _on_data(self, msg: Data) -> Event | None:
         st = self._streams.get(msg.stream)
@@ -571,7 +720,10 @@ class Multiplexer:
             )
         st.recv_window -= size
         if st.local_closed:
-            self.reset_stream(st.id, ErrorCode.CANCELLED, "stream closed by the receiver")
+            self._forget(st.id)
+            before = self.bytes_to_send
+            self._emit_reset(st, ErrorCode.CANCELLED, "stream closed by the receiver")
+            self._replies += self.bytes_to_send - before
             return None
         if not size:
             return None
