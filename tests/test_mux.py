@@ -1258,3 +1258,30 @@ def test_a_lingering_stream_that_ends_otherwise_is_forgotten(end: str) -> None:
         feed(client, m.Data(sid, b"late"))
     assert client.lingering == 0
     assert client.oldest_lingering is None
+
+
+def test_expiring_every_lingering_stream() -> None:
+    client, server = make_pair()
+    sids = [opened(client, server) for _ in range(3)]
+    for sid in sids:
+        client.close_stream(sid, now=1.0)
+    assert client.expire_lingering(closed_before=100.0) == 3
+    assert client.open_streams == 0
+    assert client.oldest_lingering is None
+
+
+def test_datagram_edge_cases_on_a_datagram_stream() -> None:
+    client, server = make_pair()
+    sid = opened(client, server, datagrams=True)
+    with pytest.raises(LocalProtocolError):
+        client.send_datagram(sid, bytes(m.MAX_DATAGRAM + 1))
+    server.close_stream(sid)
+    assert feed(server, m.Datagram(sid, b"after close")) == []  # closed: dropped
+    server.reset_stream(sid)
+    assert feed(server, m.Datagram(sid, b"after reset")) == []  # gone: dropped
+    with remote_error(ErrorCode.STREAM_STATE_ERROR):
+        feed(server, m.Datagram(99, b"never opened"))
+    _, acceptor = make_pair()
+    feed(acceptor, m.Open(1, 100, datagrams=True))
+    with remote_error(ErrorCode.STREAM_STATE_ERROR):
+        feed(acceptor, m.Datagram(1, b"before accept"))
