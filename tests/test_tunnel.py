@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -19,6 +20,10 @@ import trio.testing
 from conftest import TOKEN, Blackhole, closed_port, count_fds, count_tasks
 
 import pytunnel
+from pytunnel._handshake import client_handshake
+from pytunnel.protocol import routes
+from pytunnel.protocol.frames import FrameDecoder, encode_message
+from pytunnel.protocol.messages import Accept, Bound, Message, Open, Reset
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -426,3 +431,83 @@ async def test_server_aclose_ends_clients(
 
 
 _ = os
+
+
+# ------------------------------------------------------------------------ open then reset
+
+
+async def _next_message(
+    stream: trio.abc.ReceiveStream, decoder: FrameDecoder, kind: type[Message]
+) -> Message:
+    """The next message of type ``kind`` read from ``stream`` (others are skipped)."""
+    while True:
+        while (message := decoder.next_message()) is not None:
+            if isinstance(message, kind):
+                return message
+        data = await stream.receive_some()
+        assert data, "stream ended"
+        decoder.receive_data(data)
+
+
+async def _wait_for(predicate: Callable[[], bool], within: float) -> bool:
+    """Poll ``predicate`` until it holds or ``within`` seconds pass (a hang detector)."""
+    with trio.move_on_after(within):
+        while not predicate():
+            await trio.sleep(0.01)
+        return True
+    return predicate()
+
+
+async def test_open_then_reset_releases_the_server_slot_and_cancels_the_dial(
+    nursery: trio.Nursery, blackhole: Blackhole, echo_port: int
+) -> None:
+    # the dial would hang for a minute: only the Reset can end it promptly
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, TOKEN, 0, connect_timeout=60.0)
+    )
+    stream = await trio.open_tcp_stream(*server.address)
+    try:
+        await client_handshake(stream, TOKEN, max_frame_size=2**20)
+        pairs = 500
+        burst = b"".join(
+            encode_message(Open(2 * i + 1, 65536, "127.0.0.1", blackhole.port, routes.CONNECT))
+            + encode_message(Reset(2 * i + 1, pytunnel.ErrorCode.CANCELLED, ""))
+            for i in range(pairs)
+        )
+        # then one real open: once it is accepted, the server has admitted every stream before
+        last = 2 * pairs + 1
+        burst += encode_message(Open(last, 65536, "127.0.0.1", echo_port, routes.CONNECT))
+        await stream.send_all(burst)
+        with trio.fail_after(10):
+            assert await _next_message(stream, FrameDecoder(2**20), Accept) == Accept(
+                last, pytunnel.SessionConfig().window
+            )
+        # only the accepted stream holds a slot: the 500 dials were cancelled by their resets
+        assert await _wait_for(lambda: server.active_streams == 1, 10.0), server.active_streams
+        assert server.session_count == 1
+    finally:
+        await stream.aclose()
+
+
+async def test_public_connection_gives_up_when_the_client_never_answers(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, TOKEN, 0, connect_timeout=0.5)
+    )
+    transport = await trio.open_tcp_stream(*server.address)
+    result = await client_handshake(transport, TOKEN, max_frame_size=2**20)
+    async with pytunnel.open_session(
+        transport, pytunnel.Role.CLIENT, decoder=result.decoder
+    ) as session:
+        # a client that registers a forward and then never answers the server's opens
+        control = await session.open_stream("", 0, tag=routes.LISTEN)
+        bound = await _next_message(control, FrameDecoder(4096), Bound)
+        assert isinstance(bound, Bound)
+        conn = await trio.open_tcp_stream("127.0.0.1", bound.port)
+        with trio.fail_after(10):  # hang detector; the server gives up after 0.5 s
+            with contextlib.suppress(trio.BrokenResourceError):
+                assert await conn.receive_some() == b""
+        assert await _wait_for(lambda: server.active_streams == 0, 10.0)
+        await conn.aclose()
+    assert "did not answer a public connection" in caplog.text

@@ -382,6 +382,23 @@ class IncomingStream:
         self._session = session
         self._stream = stream
         self._answered = False
+        self._cancel_scope = trio.CancelScope()
+
+    @property
+    def cancel_scope(self) -> trio.CancelScope:
+        """Cancelled when the opener resets the stream, or the session ends, before it is
+        answered. Whatever prepares the answer (a dial) runs inside it: an opener that gives up
+        at once ("rapid reset") must not keep a dial, a socket and a server slot busy until the
+        dial's own timeout. Enter it at most once."""
+        return self._cancel_scope
+
+    @property
+    def abandoned(self) -> bool:
+        """True once the opener reset the stream (or the session ended) before an answer."""
+        return self._cancel_scope.cancel_called
+
+    def _abandon(self) -> None:
+        self._cancel_scope.cancel()
 
     @property
     def stream_id(self) -> int:
@@ -402,6 +419,7 @@ class IncomingStream:
     def accept(self) -> MuxStream:
         """Open the stream and return it (no I/O wait: the Accept is queued)."""
         self._answer()
+        self._session._unanswered.pop(self.stream_id, None)
         self._session._accept(self._stream)
         return self._stream
 
@@ -413,6 +431,7 @@ class IncomingStream:
         if self._answered:
             raise LocalProtocolError("this stream was already answered")
         self._answered = True
+        self._session._unanswered.pop(self.stream_id, None)
         if not self._session.closed:
             self._session._refuse(self._stream, code, message)
 
@@ -460,6 +479,9 @@ class Session:
         # a datagram must fit the peer's frame limit with its envelope
         self._max_datagram = min(MAX_DATAGRAM, (peer_max_frame_size or config.max_frame_size) - 64)
         self._opening: dict[int, trio.Event] = {}
+        #: Streams the peer opened that we have not answered yet (their cancel scopes fire if
+        #: the peer resets them first).
+        self._unanswered: dict[int, IncomingStream] = {}
         self._refusals: dict[int, BaseException] = {}
         # Bounded in practice by max_streams: the multiplexer refuses opens beyond it.
         self._incoming_send, self._incoming_receive = trio.open_memory_channel[IncomingStream](
@@ -765,7 +787,8 @@ class Session:
             case StreamOpened(stream_id, host, port, tag):
                 stream = MuxStream(self, stream_id, host, port, tag)
                 self._streams[stream_id] = stream
-                self._incoming_send.send_nowait(IncomingStream(self, stream))
+                incoming = self._unanswered[stream_id] = IncomingStream(self, stream)
+                self._incoming_send.send_nowait(incoming)
             case StreamAccepted(stream_id):
                 answered = self._opening.pop(stream_id, None)
                 if answered is not None:
@@ -783,6 +806,9 @@ class Session:
                     stream._on_eof()
             case StreamReset(stream_id, code, message):
                 stream = self._streams.pop(stream_id, None)
+                unanswered = self._unanswered.pop(stream_id, None)
+                if unanswered is not None:
+                    unanswered._abandon()
                 answered = self._opening.pop(stream_id, None)
                 if answered is not None:  # reset before it was accepted: a refusal
                     target = f"{stream.host}:{stream.port}" if stream is not None else ""
@@ -823,6 +849,9 @@ class Session:
             else:
                 stream._break(reason)
         self._streams.clear()
+        for incoming in list(self._unanswered.values()):
+            incoming._abandon()
+        self._unanswered.clear()
         for event in list(self._opening.values()):
             event.set()
         self._opening.clear()

@@ -551,11 +551,15 @@ class RemoteForward(Forward):
         self._connections.start_soon(self._handle, incoming)
 
     async def _handle(self, incoming: IncomingStream) -> None:
-        try:
-            sock = await dial(self.target_host, self.target_port, timeout=self.connect_timeout)
-        except DialError as exc:
-            self._count_failure(exc)
-            incoming.refuse_with(exc)
+        sock: trio.SocketStream | None = None
+        with incoming.cancel_scope:  # the server may give up on the public connection
+            try:
+                sock = await dial(self.target_host, self.target_port, timeout=self.connect_timeout)
+            except DialError as exc:
+                self._count_failure(exc)
+                incoming.refuse_with(exc)
+                return
+        if sock is None:
             return
         try:
             stream = incoming.accept()
@@ -637,11 +641,15 @@ class UdpRemoteForward(RemoteForward):
     _listen_route = routes.UDP_LISTEN
 
     async def _handle(self, incoming: IncomingStream) -> None:
-        try:
-            sock = await udp_connect(self.target_host, self.target_port)
-        except DialError as exc:
-            self._count_failure(exc)
-            incoming.refuse_with(exc)
+        sock: trio.socket.SocketType | None = None
+        with incoming.cancel_scope:
+            try:
+                sock = await udp_connect(self.target_host, self.target_port)
+            except DialError as exc:
+                self._count_failure(exc)
+                incoming.refuse_with(exc)
+                return
+        if sock is None:
             return
         try:
             stream = incoming.accept()

@@ -428,10 +428,15 @@ class _ClientSession:
             log.warning("[TARGET_FORBIDDEN] client %s may not open %s", self.peer, target)
             incoming.refuse(ErrorCode.TARGET_FORBIDDEN, f"{target} is not permitted by the server")
             return
-        try:
-            sock = await dial(host, port, timeout=self.config.connect_timeout, logger=log)
-        except DialError as exc:
-            incoming.refuse_with(exc)
+        sock: trio.SocketStream | None = None
+        with incoming.cancel_scope:  # the client may give up (Reset) while we dial
+            try:
+                sock = await dial(host, port, timeout=self.config.connect_timeout, logger=log)
+            except DialError as exc:
+                incoming.refuse_with(exc)
+                return
+        if sock is None:
+            log.debug("client %s: open of %s cancelled during the dial", self.peer, target)
             return
         try:
             stream = incoming.accept()
@@ -483,10 +488,14 @@ class _ClientSession:
             log.warning("[TARGET_FORBIDDEN] client %s may not open udp %s", self.peer, target)
             incoming.refuse(ErrorCode.TARGET_FORBIDDEN, f"udp {target} is not permitted")
             return
-        try:
-            sock = await udp_connect(host, port)
-        except DialError as exc:
-            incoming.refuse_with(exc)
+        sock: trio.socket.SocketType | None = None
+        with incoming.cancel_scope:  # the client may give up (Reset) while we resolve
+            try:
+                sock = await udp_connect(host, port)
+            except DialError as exc:
+                incoming.refuse_with(exc)
+                return
+        if sock is None:
             return
         try:
             stream = incoming.accept()
@@ -593,9 +602,21 @@ class _ClientSession:
             log.info("client %s: remote forward on %s closed", self.peer, forward.address)
 
     async def _relay_public(self, conn: trio.SocketStream, forward_id: int) -> None:
+        timeout = self.config.connect_timeout
+        stream: MuxStream | None = None
         try:
             host, port = conn.socket.getpeername()[:2]
-            stream = await self.session.open_stream(str(host), int(port), tag=forward_id)
+            # bounded: a client that never answers must not pin the connection and its slot
+            with trio.move_on_after(timeout):
+                stream = await self.session.open_stream(str(host), int(port), tag=forward_id)
+            if stream is None:
+                log.warning(
+                    "[NODE_TIMEOUT] client %s did not answer a public connection within %g s",
+                    self.peer,
+                    timeout,
+                )
+                await trio.aclose_forcefully(conn)
+                return
         except DialError as exc:
             log.warning(
                 "[%s] client %s could not reach its target: %s",
