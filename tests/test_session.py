@@ -411,3 +411,58 @@ async def test_body_exception_is_not_wrapped() -> None:
     with pytest.raises(KeyError):
         async with open_session(a, Role.CLIENT):
             raise KeyError("mine")
+
+
+# ------------------------------------------------------------------------ stream slots
+
+
+async def test_wait_stream_slot_parks_at_the_cap_until_a_stream_closes(transport: str) -> None:
+    async with session_pair(transport, max_streams=2) as (client, server):
+        first, first_peer = await open_pair(client, server)
+        slot = await client.wait_stream_slot()  # the second slot, reserved
+        assert client.free_stream_slots == 0
+        got: list[object] = []
+
+        async def waiter() -> None:
+            got.append(await client.wait_stream_slot())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []  # parked: one stream open, one slot reserved
+            slot.release()  # giving a reservation back frees its slot at once
+            with trio.fail_after(5):
+                while not got:
+                    await trio.sleep(0.01)
+        second = got[0]
+        assert client.free_stream_slots == 0
+        got.clear()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []
+            await first.aclose()  # the close completes when the peer's Fin comes back
+            await first_peer.aclose()
+            with trio.fail_after(5):
+                while not got:
+                    await trio.sleep(0.01)
+        # a reservation is used by open_stream, and the slot counts as an open stream then
+        async with trio.open_nursery() as nursery:
+
+            async def accept() -> None:
+                (await server.accept_stream()).accept()
+
+            nursery.start_soon(accept)
+            stream = await client.open_stream(slot=second)  # type: ignore[arg-type]
+        assert not second.held  # type: ignore[attr-defined]
+        assert client.free_stream_slots == 0  # one open, one reserved
+        await stream.aclose()
+
+
+async def test_wait_stream_slot_raises_when_the_session_ends() -> None:
+    async with session_pair(max_streams=1) as (client, server):
+        await client.wait_stream_slot()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.aclose)
+            with pytest.raises(SessionClosedError), trio.fail_after(5):
+                await client.wait_stream_slot()

@@ -511,3 +511,94 @@ async def test_public_connection_gives_up_when_the_client_never_answers(
         assert await _wait_for(lambda: server.active_streams == 0, 10.0)
         await conn.aclose()
     assert "did not answer a public connection" in caplog.text
+
+
+# ------------------------------------------------------------------------ client stream cap
+
+
+async def test_local_forward_at_the_stream_cap_stops_accepting_instead_of_resetting(
+    nursery: trio.Nursery,
+    tunnel_server: pytunnel.TunnelServer,
+    echo_port: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cap, total = 8, 40
+    tunnel = await pytunnel.connect_tunnel(
+        nursery,
+        tunnel_server.address,
+        token=TOKEN,
+        reconnect=False,
+        probe_interval=0,
+        session=pytunnel.SessionConfig(max_streams=cap),
+    )
+    forward = await tunnel.forward_local("127.0.0.1", echo_port)
+    assert tunnel.session is not None
+    session = tunnel.session
+    caplog.set_level(logging.INFO, logger="pytunnel")
+    release = trio.Event()
+    served: list[int] = []
+
+    async def one(i: int) -> None:
+        payload = f"connection {i}".encode()
+        with trio.fail_after(60):  # hang detector
+            conn = await trio.open_tcp_stream(*forward.address)
+            async with conn:
+                await conn.send_all(payload)
+                received = b""
+                while len(received) < len(payload):
+                    chunk = await conn.receive_some()  # a reset would raise here
+                    assert chunk, f"connection {i} closed early"
+                    received += chunk
+                assert received == payload
+                served.append(i)
+                await release.wait()
+
+    async with trio.open_nursery() as clients:
+        for i in range(cap):
+            clients.start_soon(one, i)
+        with trio.fail_after(10):
+            while len(served) < cap:
+                await trio.sleep(0.01)
+        for i in range(cap, total):
+            clients.start_soon(one, i)
+        # the listener is at the cap: it says so, and the rest wait in the kernel's backlog
+        def at_cap() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "limit of 8 streams" in r.message]
+
+        with trio.fail_after(10):
+            while not at_cap():
+                await trio.sleep(0.01)
+        assert session.open_streams == cap
+        assert len(served) == cap
+        assert len(at_cap()) == 1, at_cap()
+        release.set()  # slots free up: every waiting connection is served in turn
+    assert sorted(served) == list(range(total))
+    assert not forward.stats.errors, forward.stats.errors
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # once per episode, never once per connection (40 connections, at most 5 waves of 8)
+    assert 1 <= len(warnings) <= total // cap, [r.getMessage() for r in warnings]
+    assert not any("dropped" in r.getMessage() for r in warnings)
+
+
+async def test_server_logs_refusals_at_its_stream_limit_once_per_episode(
+    nursery: trio.Nursery, echo_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pytunnel.server")
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, TOKEN, 0, max_streams=2)
+    )
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, reconnect=False, probe_interval=0
+    )
+    held = [await tunnel.open_stream("127.0.0.1", echo_port) for _ in range(2)]
+    for _ in range(20):
+        with pytest.raises(pytunnel.StreamLimitError):
+            await tunnel.open_stream("127.0.0.1", echo_port)
+    refusing = [r for r in caplog.records if "refusing streams" in r.getMessage()]
+    assert len(refusing) == 1, [r.getMessage() for r in refusing]
+    for stream in held:
+        await stream.aclose()
+    assert await _wait_for(lambda: server.active_streams == 0, 10.0)
+    again = await tunnel.open_stream("127.0.0.1", echo_port)
+    await again.aclose()
+    assert any("admitted again after 20 refused" in r.getMessage() for r in caplog.records)

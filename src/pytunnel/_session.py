@@ -63,6 +63,7 @@ __all__ = [
     "Session",
     "SessionConfig",
     "StreamResetError",
+    "StreamSlot",
     "open_session",
 ]
 
@@ -449,6 +450,33 @@ class IncomingStream:
             raise SessionClosedError("session is closed") from self._session.close_reason
 
 
+class StreamSlot:
+    """One of a session's stream slots, reserved by :meth:`Session.wait_stream_slot`.
+
+    A listener reserves before it accepts, so it never takes a connection it has no stream
+    for: at the cap it simply stops accepting and the kernel's backlog holds the rest. The
+    reservation is used by ``open_stream(..., slot=)`` or given back with :meth:`release`
+    (idempotent; a slot of a session that has ended is worth nothing and releasing it is a
+    no-op).
+    """
+
+    __slots__ = ("_held", "session")
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self._held = True
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.session._reserved -= 1
+            self.session._wake_slot_waiters()
+
+
 class Session:
     """Many streams over one transport. Create with :func:`open_session`."""
 
@@ -489,6 +517,9 @@ class Session:
         )
         self._pings: dict[int, trio.Event] = {}
         self._next_ping = 0
+        #: Stream slots reserved by wait_stream_slot and not yet used or released.
+        self._reserved = 0
+        self._slot_lot = trio.lowlevel.ParkingLot()
         self._write_event = trio.Event()
         self._drain_lot = trio.lowlevel.ParkingLot()
         self._closed_event = trio.Event()
@@ -520,13 +551,44 @@ class Session:
         """Wait until the session has ended, for whatever reason (see ``close_reason``)."""
         await self._closed_event.wait()
 
-    async def open_stream(self, host: str = "", port: int = 0, tag: int = 0) -> MuxStream:
+    @property
+    def free_stream_slots(self) -> int:
+        """Streams that could still be opened: the cap minus open streams (both directions)
+        and slots reserved but not yet used."""
+        return self.config.max_streams - self._mux.open_streams - self._reserved
+
+    async def wait_stream_slot(self) -> StreamSlot:
+        """Reserve a stream slot, waiting until one is free; pass it to :meth:`open_stream`.
+
+        Raises ``SessionClosedError`` if the session ends while waiting.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            self._check_open()
+            if self.free_stream_slots > 0:
+                break
+            await self._slot_lot.park()
+        self._reserved += 1
+        return StreamSlot(self)
+
+    def _wake_slot_waiters(self) -> None:
+        if self._slot_lot:
+            self._slot_lot.unpark_all()
+
+    async def open_stream(
+        self, host: str = "", port: int = 0, tag: int = 0, *, slot: StreamSlot | None = None
+    ) -> MuxStream:
         """Open a stream and wait for the peer's answer.
 
         Raises the typed refusal (``NodeTimeoutError``, ``StreamLimitError``...) if the peer
         refuses, ``SessionClosedError`` if the session ends first. If cancelled while waiting,
-        the half-open stream is reset so nothing is left behind on either side.
+        the half-open stream is reset so nothing is left behind on either side. ``slot``, a
+        reservation from :meth:`wait_stream_slot`, is used up (whatever the outcome).
         """
+        if slot is not None:
+            if slot.session is not self:
+                raise LocalProtocolError("that stream slot belongs to another session")
+            slot.release()
         self._check_open()
         try:
             stream_id = self._mux.open_stream(host, port, tag)
@@ -547,6 +609,7 @@ class Session:
             if not self.closed:
                 self._mux.reset_stream(stream_id, ErrorCode.CANCELLED, "open cancelled")
                 self._kick_writer()
+                self._wake_slot_waiters()
             raise
         refusal = self._refusals.pop(stream_id, None)
         if refusal is not None:
@@ -649,12 +712,14 @@ class Session:
         else:
             self._mux.close_stream(stream_id)
         self._kick_writer()
+        self._wake_slot_waiters()
 
     def _reset_stream(self, stream_id: int, code: int, message: str) -> None:
         self._streams.pop(stream_id, None)
         if not self.closed:
             self._mux.reset_stream(stream_id, code, message)
             self._kick_writer()
+        self._wake_slot_waiters()
 
     def _accept(self, stream: MuxStream) -> None:
         if not self._mux.has_stream(stream.stream_id):
@@ -670,6 +735,7 @@ class Session:
         if self._mux.has_stream(stream.stream_id):
             self._mux.refuse_stream(stream.stream_id, code, message)
             self._kick_writer()
+        self._wake_slot_waiters()
 
     def _send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> bool:
         if self.closed or self._mux.bytes_to_send > self.config.write_buffer_high:
@@ -756,6 +822,8 @@ class Session:
                     return
                 for event in events:
                     self._dispatch(event)
+                if events:
+                    self._wake_slot_waiters()
                 if mux.bytes_to_send:
                     self._kick_writer()
                 if not data:
@@ -859,6 +927,7 @@ class Session:
             event.set()
         self._incoming_send.close()
         self._drain_lot.unpark_all()
+        self._slot_lot.unpark_all()
         self._write_event.set()
         if not self._closed_locally:
             log.debug("%s: session ended: %r", self.name, reason)

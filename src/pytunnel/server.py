@@ -331,6 +331,8 @@ class _ClientSession:
         self.session = session
         self.peer = peer
         self.forwards = 0
+        #: Streams refused at the server's limit since the last one admitted (log episodes).
+        self._refused_streams = 0
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:  # the session nursery
@@ -395,12 +397,21 @@ class _ClientSession:
         cannot overshoot the limit; released by :meth:`_counted` when the stream's task ends."""
         if self.server.active_streams < self.config.max_streams:
             self.server.active_streams += 1
+            if self._refused_streams:
+                log.info(
+                    "client %s: streams admitted again after %d refused at the server's limit",
+                    self.peer,
+                    self._refused_streams,
+                )
+                self._refused_streams = 0
             return True
-        log.warning(
-            "client %s: stream refused: the server's limit of %d streams is reached",
-            self.peer,
-            self.config.max_streams,
-        )
+        if not self._refused_streams:  # once per episode, not once per stream
+            log.warning(
+                "client %s: refusing streams: the server's limit of %d streams is reached",
+                self.peer,
+                self.config.max_streams,
+            )
+        self._refused_streams += 1
         if incoming is not None:
             incoming.refuse(ErrorCode.STREAM_LIMIT, "server stream limit reached")
         return False
