@@ -466,3 +466,46 @@ async def test_wait_stream_slot_raises_when_the_session_ends() -> None:
             nursery.start_soon(server.aclose)
             with pytest.raises(SessionClosedError), trio.fail_after(5):
                 await client.wait_stream_slot()
+
+
+# ------------------------------------------------------------------------ small reads
+
+
+async def test_small_reads_return_every_byte_in_order(transport: str) -> None:
+    payload = os.urandom(300_000)
+    async with session_pair(transport) as (client, server):
+        a, b = await open_pair(client, server)
+        for n in (1, 7, 100, 4096, 65535, 65536, 65537, 10**6):
+            expected = payload[: 5_000 if n < 100 else None]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a.send_all, expected)
+                got = bytearray()
+                while len(got) < len(expected):
+                    chunk = await b.receive_some(n)
+                    assert 0 < len(chunk) <= n
+                    got += chunk
+                assert bytes(got) == expected, n
+        await a.send_eof()
+        assert await b.receive_some(3) == b""
+
+
+async def test_small_reads_do_not_copy_the_rest_of_the_chunk() -> None:
+    """A partial read takes its bytes from the buffered chunk in place: the chunk itself stays
+    queued (read on from an offset) instead of being re-sliced, which made reading one
+    64 KiB chunk in n-byte steps cost O(chunk**2 / n) bytes copied."""
+    async with session_pair() as (client, server):
+        a, b = await open_pair(client, server)
+        data = os.urandom(64 * 1024)
+        await a.send_all(data)
+        with trio.fail_after(10):
+            while b._buffered < len(data):  # type: ignore[attr-defined]
+                await trio.sleep(0.01)
+        head = b._buffer[0]  # type: ignore[attr-defined]
+        got = bytearray()
+        for _ in range(1000):
+            got += await b.receive_some(16)
+            assert b._buffer[0] is head  # type: ignore[attr-defined]
+        while len(got) < len(data):
+            got += await b.receive_some(5000)
+        assert bytes(got) == data
+        assert not b._buffer  # type: ignore[attr-defined]
