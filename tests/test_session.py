@@ -509,3 +509,19 @@ async def test_small_reads_do_not_copy_the_rest_of_the_chunk() -> None:
             got += await b.receive_some(5000)
         assert bytes(got) == data
         assert not b._buffer  # type: ignore[attr-defined]
+
+
+async def test_open_stream_with_an_invalid_target_raises_a_typed_error(transport: str) -> None:
+    from pytunnel import InvalidTargetError, StreamRefusedError
+
+    async with session_pair(transport) as (client, server):
+        for host, port in (("a" * 256, 80), ("\udcff", 80), ("ok", 70000), ("ok", -1)):
+            with pytest.raises(InvalidTargetError) as info:
+                await client.open_stream(host, port)
+            assert isinstance(info.value, StreamRefusedError)  # handled like a refusal
+        # nothing was sent: the session and its stream ids are intact
+        a, b = await open_pair(client, server, host="a" * 255, port=80)
+        assert b.host == "a" * 255  # type: ignore[attr-defined]
+        await a.aclose()
+        assert not client.closed
+        assert not server.closed

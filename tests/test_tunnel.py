@@ -602,3 +602,23 @@ async def test_server_logs_refusals_at_its_stream_limit_once_per_episode(
     again = await tunnel.open_stream("127.0.0.1", echo_port)
     await again.aclose()
     assert any("admitted again after 20 refused" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------------ invalid targets
+
+
+async def test_forward_to_a_host_over_255_bytes_is_rejected_when_declared(
+    tunnel: pytunnel.Tunnel,
+) -> None:
+    long_host = "a" * 300
+    with pytest.raises(pytunnel.InvalidTargetError, match="at most 255"):
+        await tunnel.forward_local(long_host, 80)
+    with pytest.raises(pytunnel.InvalidTargetError, match="at most 255"):
+        await tunnel.forward_remote(long_host, 80)
+    with pytest.raises(pytunnel.InvalidTargetError):
+        await tunnel.forward_local("localhost", 0)
+    assert tunnel.forwards == []
+    # a direct open of such a target is one refusal for its caller, not the tunnel's end
+    with pytest.raises(pytunnel.InvalidTargetError):
+        await tunnel.open_stream(long_host, 80)
+    assert tunnel.connected

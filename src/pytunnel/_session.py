@@ -24,6 +24,7 @@ from types import TracebackType
 import attrs
 import trio
 
+from ._spec import check_target
 from ._util import unwrap_cancelled
 from .errors import (
     ErrorCode,
@@ -592,7 +593,8 @@ class Session:
         """Open a stream and wait for the peer's answer.
 
         Raises the typed refusal (``NodeTimeoutError``, ``StreamLimitError``...) if the peer
-        refuses, ``SessionClosedError`` if the session ends first. If cancelled while waiting,
+        refuses, ``InvalidTargetError`` for a target no ``Open`` can carry (nothing is sent),
+        ``SessionClosedError`` if the session ends first. If cancelled while waiting,
         the half-open stream is reset so nothing is left behind on either side. ``slot``, a
         reservation from :meth:`wait_stream_slot`, is used up (whatever the outcome).
         """
@@ -600,6 +602,7 @@ class Session:
             if slot.session is not self:
                 raise LocalProtocolError("that stream slot belongs to another session")
             slot.release()
+        check_target(host, port, allow_port_zero=True)  # InvalidTargetError, a refusal
         self._check_open()
         try:
             stream_id = self._mux.open_stream(host, port, tag)

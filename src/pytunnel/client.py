@@ -50,6 +50,7 @@ from ._session import (
     open_session,
     wait_stream_end,
 )
+from ._spec import check_target
 from ._tls import client_tls_context, tls_connect
 from ._udp import (
     DEFAULT_MAX_ASSOCIATIONS,
@@ -865,7 +866,9 @@ class Tunnel:
         protocol: str = "tcp",
     ) -> LocalForward:
         """Listen on ``local_host:local_port`` here; relay each connection to the target,
-        dialled by the server. Raises ``AddressInUseError`` / ``PermissionDeniedError``."""
+        dialled by the server. Raises ``AddressInUseError`` / ``PermissionDeniedError``, or
+        ``InvalidTargetError`` for a target no connection could ever reach."""
+        check_target(target_host, target_port)
         forward = _LOCAL_KINDS[_protocol(protocol)](self, target_host, target_port)
         await self._start_listening(forward, local_host, local_port)
         return forward
@@ -905,7 +908,10 @@ class Tunnel:
     ) -> RemoteForward:
         """Ask the server to listen on ``remote_port`` (0: any); relay each connection there
         to the target, dialled here. Raises ``AddressInUseError``, ``PermissionDeniedError``,
-        ``PortNotAllowedError`` or ``ForwardLimitError`` and leaves nothing bound."""
+        ``PortNotAllowedError`` or ``ForwardLimitError`` and leaves nothing bound;
+        ``InvalidTargetError`` for a target (or remote host) no request can carry."""
+        check_target(target_host, target_port)
+        check_target(remote_host, remote_port, allow_port_zero=True)
         forward = _REMOTE_KINDS[_protocol(protocol)](
             self,
             target_host,

@@ -232,6 +232,15 @@ class TargetForbiddenError(DialError):
     category = "TARGET_FORBIDDEN"
 
 
+class InvalidTargetError(TargetForbiddenError, ValueError):
+    """The target cannot even be asked for: a host name over 255 bytes of UTF-8 (or not
+    encodable), a port out of range. Raised locally, before anything is sent, so one bad
+    target fails its own request instead of the session; also a ``ValueError``, since it is
+    a bad argument."""
+
+    category = "INVALID_TARGET"
+
+
 class ForwardError(StreamRefusedError):
     """A forward could not be set up. ``address`` is the ``"host:port"`` that was asked for."""
 
