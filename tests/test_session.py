@@ -21,6 +21,7 @@ from pytunnel import (
     SessionClosedError,
     SessionConfig,
     StreamLimitError,
+    StreamRefusedError,
     StreamResetError,
     open_session,
 )
@@ -512,7 +513,7 @@ async def test_small_reads_do_not_copy_the_rest_of_the_chunk() -> None:
 
 
 async def test_open_stream_with_an_invalid_target_raises_a_typed_error(transport: str) -> None:
-    from pytunnel import InvalidTargetError, StreamRefusedError
+    from pytunnel import InvalidTargetError
 
     async with session_pair(transport) as (client, server):
         for host, port in (("a" * 256, 80), ("\udcff", 80), ("ok", 70000), ("ok", -1)):
@@ -525,3 +526,41 @@ async def test_open_stream_with_an_invalid_target_raises_a_typed_error(transport
         await a.aclose()
         assert not client.closed
         assert not server.closed
+
+
+# ------------------------------------------------------------------------ peer text
+
+
+def test_printable_escapes_what_could_forge_a_log_line() -> None:
+    from pytunnel.errors import printable
+
+    assert printable("db.example:5432 é") == "db.example:5432 é"
+    assert printable("a\nb\r\x1b[2J\u2028\udcff") == "a\\nb\\r\\x1b[2J\\u2028\\udcff"
+    assert printable("a\\nb") == "a\\\\nb"  # a literal backslash cannot pass for an escape
+
+
+async def test_peer_reasons_in_refusals_resets_and_goaway_are_escaped() -> None:
+    async with session_pair() as (client, server):
+
+        async def answer() -> None:
+            (await server.accept_stream()).refuse(ErrorCode.TARGET_FORBIDDEN, "no\nFORGED line")
+            (await server.accept_stream()).accept().reset(ErrorCode.CANCELLED, "x\r\nFORGED")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer)
+            with pytest.raises(StreamRefusedError) as refused:
+                await client.open_stream("h", 1)
+            stream = await client.open_stream("h", 2)
+        assert refused.value.message == "no\\nFORGED line"
+        assert "\n" not in str(refused.value)
+        with pytest.raises(trio.BrokenResourceError) as broken:
+            await stream.receive_some()
+        cause = broken.value.__cause__
+        assert isinstance(cause, StreamResetError)
+        assert cause.message == "x\\r\\nFORGED"
+        await server.aclose(ErrorCode.GOING_AWAY, "bye\nFORGED")
+        await client.wait_closed()
+        with pytest.raises(SessionClosedError) as ended:
+            await client.open_stream("h", 3)
+        assert "\n" not in str(ended.value)
+        assert "bye\\nFORGED" in str(ended.value)

@@ -622,3 +622,24 @@ async def test_forward_to_a_host_over_255_bytes_is_rejected_when_declared(
     with pytest.raises(pytunnel.InvalidTargetError):
         await tunnel.open_stream(long_host, 80)
     assert tunnel.connected
+
+
+async def test_peer_supplied_hosts_are_logged_escaped(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, TOKEN, 0, permit_open=["127.0.0.1:*"])
+    )
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, reconnect=False, probe_interval=0
+    )
+    caplog.clear()
+    for host in ("evil\nFORGED server line", "fine.example\r\nFORGED"):
+        with pytest.raises(pytunnel.TargetForbiddenError) as refused:
+            await tunnel.open_stream(host, 80)
+        assert "\n" not in str(refused.value)
+    messages = [r.getMessage() for r in caplog.records if r.name == "pytunnel.server"]
+    assert any("evil\\nFORGED server line" in m for m in messages), messages
+    assert any("fine.example\\r\\nFORGED" in m for m in messages), messages
+    assert not any("\n" in m or "\r" in m for m in messages), messages
+    assert tunnel.connected

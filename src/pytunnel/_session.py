@@ -34,6 +34,7 @@ from .errors import (
     StreamLimitError,
     TunnelError,
     goaway_error,
+    printable,
     refusal_error,
 )
 from .protocol.frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder
@@ -897,7 +898,7 @@ class Session:
                     self._refusals[stream_id] = refusal_error(code, message, target=target)
                     answered.set()
                 if stream is not None:
-                    stream._break(StreamResetError(message, code=code))
+                    stream._break(StreamResetError(printable(message), code=code))
             case PongReceived(opaque):
                 waiter = self._pings.get(opaque)
                 if waiter is not None:

@@ -51,6 +51,7 @@ from .errors import (
     StreamRefusedError,
     TLSError,
     TunnelError,
+    printable,
 )
 from .protocol import routes
 from .protocol.frames import FrameDecoder, encode_message
@@ -431,9 +432,13 @@ class _ClientSession:
 
     async def _serve_connect(self, incoming: IncomingStream) -> None:
         host, port = incoming.host, incoming.port
-        target = format_target(host, port)
-        if not host or not 1 <= port <= 65535:
-            incoming.refuse(ErrorCode.TARGET_FORBIDDEN, f"invalid target {target!r}")
+        target = printable(format_target(host, port))  # the client's text, for logs
+        if not host or not 1 <= port <= 65535 or not host.isprintable():
+            # no name with control characters resolves: refuse before any lookup logs it
+            log.warning(
+                "[TARGET_FORBIDDEN] client %s asked for invalid target %s", self.peer, target
+            )
+            incoming.refuse(ErrorCode.TARGET_FORBIDDEN, f"invalid target {target}")
             return
         if not self.config.permit_open.allows(host, port):
             log.warning("[TARGET_FORBIDDEN] client %s may not open %s", self.peer, target)
@@ -494,8 +499,13 @@ class _ClientSession:
 
     async def _serve_udp_connect(self, incoming: IncomingStream) -> None:
         host, port = incoming.host, incoming.port
-        target = format_target(host, port)
-        if not host or not 1 <= port <= 65535 or not self.config.permit_open.allows(host, port):
+        target = printable(format_target(host, port))  # the client's text, for logs
+        if (
+            not host
+            or not 1 <= port <= 65535
+            or not host.isprintable()
+            or not self.config.permit_open.allows(host, port)
+        ):
             log.warning("[TARGET_FORBIDDEN] client %s may not open udp %s", self.peer, target)
             incoming.refuse(ErrorCode.TARGET_FORBIDDEN, f"udp {target} is not permitted")
             return
@@ -716,7 +726,7 @@ class _PublicPort:
             self._accepting.cancel()
             listeners, self.listeners = self.listeners, []
             await aclose_all(*listeners)
-            log.warning("client %s: forward %s offline: %s", peer, self.address, reason)
+            log.warning("client %s: forward %s offline: %s", peer, self.address, printable(reason))
         elif online and not self.listeners:
             try:
                 self.listeners = await bind(self.host, self.port)
