@@ -513,6 +513,31 @@ async def test_public_connection_gives_up_when_the_client_never_answers(
     assert "did not answer a public connection" in caplog.text
 
 
+async def test_public_connection_given_up_by_the_server_cancels_the_client_dial(
+    nursery: trio.Nursery, blackhole: Blackhole
+) -> None:
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, TOKEN, 0, connect_timeout=0.5)
+    )
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, reconnect=False, probe_interval=0
+    )
+    # the client would wait a minute for its target; the server gives up after 0.5 s
+    forward = await tunnel.forward_remote("127.0.0.1", blackhole.port, connect_timeout=60.0)
+    tasks = count_tasks()
+    conns = [await trio.open_tcp_stream("127.0.0.1", forward.listen_port) for _ in range(20)]
+    with trio.fail_after(10):  # hang detector
+        for conn in conns:
+            with contextlib.suppress(trio.BrokenResourceError):
+                assert await conn.receive_some() == b""
+            await conn.aclose()
+    # the server's Reset cancelled every dial at the client: its handler tasks are gone
+    assert await _wait_for(lambda: count_tasks() <= tasks, 10.0), (count_tasks(), tasks)
+    assert await _wait_for(lambda: server.active_streams == 0, 10.0)
+    assert "NODE_TIMEOUT" not in forward.stats.errors
+    assert tunnel.connected
+
+
 # ------------------------------------------------------------------------ client stream cap
 
 
