@@ -484,6 +484,14 @@ def serve(
     help="Failed probes in a row that take a remote forward offline.",
 )
 @click.option(
+    "--max-streams",
+    type=click.IntRange(min=1),
+    default=pytunnel.SessionConfig().max_streams,
+    show_default=True,
+    help="Concurrent streams on the tunnel connection; at the limit, local forwards stop "
+    "accepting until one closes.",
+)
+@click.option(
     "--status-interval",
     type=float,
     default=0,
@@ -516,6 +524,7 @@ def connect(
     heartbeat_timeout: float,
     probe_interval: float,
     probe_failures: int,
+    max_streams: int,
     status_interval: float,
     log_level: str,
     log_format: str,
@@ -549,6 +558,7 @@ def connect(
         heartbeat_timeout=heartbeat_timeout,
         probe_interval=probe_interval,
         probe_failures=probe_failures,
+        session=pytunnel.SessionConfig(max_streams=max_streams),
     )
 
     async def run() -> None:

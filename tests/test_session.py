@@ -24,6 +24,7 @@ from pytunnel import (
     SessionClosedError,
     SessionConfig,
     StreamLimitError,
+    StreamRefusedError,
     StreamResetError,
     open_session,
 )
@@ -608,3 +609,155 @@ async def test_send_eof_crosses_a_session_and_a_relay() -> None:
                 assert await _read_all(stream) == hashlib.sha256(payload).digest()
                 assert received == [payload]
             nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------------ stream slots
+
+
+async def test_wait_stream_slot_parks_at_the_cap_until_a_stream_closes(transport: str) -> None:
+    async with session_pair(transport, max_streams=2) as (client, server):
+        first, first_peer = await open_pair(client, server)
+        slot = await client.wait_stream_slot()  # the second slot, reserved
+        assert client.free_stream_slots == 0
+        got: list[object] = []
+
+        async def waiter() -> None:
+            got.append(await client.wait_stream_slot())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []  # parked: one stream open, one slot reserved
+            slot.release()  # giving a reservation back frees its slot at once
+            with trio.fail_after(5):
+                while not got:
+                    await trio.sleep(0.01)
+        second = got[0]
+        assert client.free_stream_slots == 0
+        got.clear()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []
+            await first.aclose()  # the close completes when the peer's Fin comes back
+            await first_peer.aclose()
+            with trio.fail_after(5):
+                while not got:
+                    await trio.sleep(0.01)
+        # a reservation is used by open_stream, and the slot counts as an open stream then
+        async with trio.open_nursery() as nursery:
+
+            async def accept() -> None:
+                (await server.accept_stream()).accept()
+
+            nursery.start_soon(accept)
+            stream = await client.open_stream(slot=second)  # type: ignore[arg-type]
+        assert not second.held  # type: ignore[attr-defined]
+        assert client.free_stream_slots == 0  # one open, one reserved
+        await stream.aclose()
+
+
+async def test_wait_stream_slot_raises_when_the_session_ends() -> None:
+    async with session_pair(max_streams=1) as (client, server):
+        await client.wait_stream_slot()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.aclose)
+            with pytest.raises(SessionClosedError), trio.fail_after(5):
+                await client.wait_stream_slot()
+
+
+# ------------------------------------------------------------------------ small reads
+
+
+async def test_small_reads_return_every_byte_in_order(transport: str) -> None:
+    payload = os.urandom(300_000)
+    async with session_pair(transport) as (client, server):
+        a, b = await open_pair(client, server)
+        for n in (1, 7, 100, 4096, 65535, 65536, 65537, 10**6):
+            expected = payload[: 5_000 if n < 100 else None]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a.send_all, expected)
+                got = bytearray()
+                while len(got) < len(expected):
+                    chunk = await b.receive_some(n)
+                    assert 0 < len(chunk) <= n
+                    got += chunk
+                assert bytes(got) == expected, n
+        await a.send_eof()
+        assert await b.receive_some(3) == b""
+
+
+async def test_small_reads_do_not_copy_the_rest_of_the_chunk() -> None:
+    """A partial read takes its bytes from the buffered chunk in place: the chunk itself stays
+    queued (read on from an offset) instead of being re-sliced, which made reading one
+    64 KiB chunk in n-byte steps cost O(chunk**2 / n) bytes copied."""
+    async with session_pair() as (client, server):
+        a, b = await open_pair(client, server)
+        data = os.urandom(64 * 1024)
+        await a.send_all(data)
+        with trio.fail_after(10):
+            while b._buffered < len(data):  # type: ignore[attr-defined]
+                await trio.sleep(0.01)
+        head = b._buffer[0]  # type: ignore[attr-defined]
+        got = bytearray()
+        for _ in range(1000):
+            got += await b.receive_some(16)
+            assert b._buffer[0] is head  # type: ignore[attr-defined]
+        while len(got) < len(data):
+            got += await b.receive_some(5000)
+        assert bytes(got) == data
+        assert not b._buffer  # type: ignore[attr-defined]
+
+
+async def test_open_stream_with_an_invalid_target_raises_a_typed_error(transport: str) -> None:
+    from pytunnel import InvalidTargetError
+
+    async with session_pair(transport) as (client, server):
+        for host, port in (("a" * 256, 80), ("\udcff", 80), ("ok", 70000), ("ok", -1)):
+            with pytest.raises(InvalidTargetError) as info:
+                await client.open_stream(host, port)
+            assert isinstance(info.value, StreamRefusedError)  # handled like a refusal
+        # nothing was sent: the session and its stream ids are intact
+        a, b = await open_pair(client, server, host="a" * 255, port=80)
+        assert b.host == "a" * 255  # type: ignore[attr-defined]
+        await a.aclose()
+        assert not client.closed
+        assert not server.closed
+
+
+# ------------------------------------------------------------------------ peer text
+
+
+def test_printable_escapes_what_could_forge_a_log_line() -> None:
+    from pytunnel.errors import printable
+
+    assert printable("db.example:5432 é") == "db.example:5432 é"
+    assert printable("a\nb\r\x1b[2J\u2028\udcff") == "a\\nb\\r\\x1b[2J\\u2028\\udcff"
+    assert printable("a\\nb") == "a\\\\nb"  # a literal backslash cannot pass for an escape
+
+
+async def test_peer_reasons_in_refusals_resets_and_goaway_are_escaped() -> None:
+    async with session_pair() as (client, server):
+
+        async def answer() -> None:
+            (await server.accept_stream()).refuse(ErrorCode.TARGET_FORBIDDEN, "no\nFORGED line")
+            (await server.accept_stream()).accept().reset(ErrorCode.CANCELLED, "x\r\nFORGED")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer)
+            with pytest.raises(StreamRefusedError) as refused:
+                await client.open_stream("h", 1)
+            stream = await client.open_stream("h", 2)
+        assert refused.value.message == "no\\nFORGED line"
+        assert "\n" not in str(refused.value)
+        with pytest.raises(trio.BrokenResourceError) as broken:
+            await stream.receive_some()
+        cause = broken.value.__cause__
+        assert isinstance(cause, StreamResetError)
+        assert cause.message == "x\\r\\nFORGED"
+        await server.aclose(ErrorCode.GOING_AWAY, "bye\nFORGED")
+        await client.wait_closed()
+        with pytest.raises(SessionClosedError) as ended:
+            await client.open_stream("h", 3)
+        assert "\n" not in str(ended.value)
+        assert "bye\\nFORGED" in str(ended.value)

@@ -46,3 +46,14 @@ def test_host_port() -> None:
     assert parse_host_port("example.org:1") == ("example.org", 1)
     with pytest.raises(ValueError, match="HOST:PORT"):
         parse_host_port("a:b:c")
+
+
+def test_target_host_over_255_bytes_is_rejected_by_the_spec() -> None:
+    from pytunnel import InvalidTargetError
+
+    with pytest.raises(InvalidTargetError, match="300 bytes long; at most 255"):
+        parse_forward_spec("1:" + "a" * 300 + ":80")
+    # UTF-8 bytes count, not characters: 128 two-byte characters are 256 bytes
+    with pytest.raises(ValueError, match="256 bytes long"):
+        parse_forward_spec("1:" + "é" * 128 + ":80")
+    assert parse_forward_spec("1:" + "a" * 255 + ":80").target_host == "a" * 255

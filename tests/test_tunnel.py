@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -19,6 +20,10 @@ import trio.testing
 from conftest import TOKEN, Blackhole, closed_port, count_fds, count_tasks
 
 import pytunnel
+from pytunnel._handshake import client_handshake
+from pytunnel.protocol import routes
+from pytunnel.protocol.frames import FrameDecoder, encode_message
+from pytunnel.protocol.messages import Accept, Bound, Message, Open, Reset
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -426,3 +431,240 @@ async def test_server_aclose_ends_clients(
 
 
 _ = os
+
+
+# ------------------------------------------------------------------------ open then reset
+
+
+async def _next_message(
+    stream: trio.abc.ReceiveStream, decoder: FrameDecoder, kind: type[Message]
+) -> Message:
+    """The next message of type ``kind`` read from ``stream`` (others are skipped)."""
+    while True:
+        while (message := decoder.next_message()) is not None:
+            if isinstance(message, kind):
+                return message
+        data = await stream.receive_some()
+        assert data, "stream ended"
+        decoder.receive_data(data)
+
+
+async def _wait_for(predicate: Callable[[], bool], within: float) -> bool:
+    """Poll ``predicate`` until it holds or ``within`` seconds pass (a hang detector)."""
+    with trio.move_on_after(within):
+        while not predicate():
+            await trio.sleep(0.01)
+        return True
+    return predicate()
+
+
+async def test_open_then_reset_releases_the_server_slot_and_cancels_the_dial(
+    nursery: trio.Nursery, blackhole: Blackhole, echo_port: int
+) -> None:
+    # the dial would hang for a minute: only the Reset can end it promptly
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, TOKEN, 0, connect_timeout=60.0)
+    )
+    stream = await trio.open_tcp_stream(*server.address)
+    try:
+        await client_handshake(stream, TOKEN, max_frame_size=2**20)
+        pairs = 500
+        burst = b"".join(
+            encode_message(Open(2 * i + 1, 65536, "127.0.0.1", blackhole.port, routes.CONNECT))
+            + encode_message(Reset(2 * i + 1, pytunnel.ErrorCode.CANCELLED, ""))
+            for i in range(pairs)
+        )
+        # then one real open: once it is accepted, the server has admitted every stream before
+        last = 2 * pairs + 1
+        burst += encode_message(Open(last, 65536, "127.0.0.1", echo_port, routes.CONNECT))
+        await stream.send_all(burst)
+        with trio.fail_after(10):
+            assert await _next_message(stream, FrameDecoder(2**20), Accept) == Accept(
+                last, pytunnel.SessionConfig().window
+            )
+        # only the accepted stream holds a slot: the 500 dials were cancelled by their resets
+        assert await _wait_for(lambda: server.active_streams == 1, 10.0), server.active_streams
+        assert server.session_count == 1
+    finally:
+        await stream.aclose()
+
+
+async def test_public_connection_gives_up_when_the_client_never_answers(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, TOKEN, 0, connect_timeout=0.5)
+    )
+    transport = await trio.open_tcp_stream(*server.address)
+    result = await client_handshake(transport, TOKEN, max_frame_size=2**20)
+    async with pytunnel.open_session(
+        transport, pytunnel.Role.CLIENT, decoder=result.decoder
+    ) as session:
+        # a client that registers a forward and then never answers the server's opens
+        control = await session.open_stream("", 0, tag=routes.LISTEN)
+        bound = await _next_message(control, FrameDecoder(4096), Bound)
+        assert isinstance(bound, Bound)
+        conn = await trio.open_tcp_stream("127.0.0.1", bound.port)
+        with trio.fail_after(10):  # hang detector; the server gives up after 0.5 s
+            with contextlib.suppress(trio.BrokenResourceError):
+                assert await conn.receive_some() == b""
+        assert await _wait_for(lambda: server.active_streams == 0, 10.0)
+        await conn.aclose()
+    assert "did not answer a public connection" in caplog.text
+
+
+async def test_public_connection_given_up_by_the_server_cancels_the_client_dial(
+    nursery: trio.Nursery, blackhole: Blackhole
+) -> None:
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, TOKEN, 0, connect_timeout=0.5)
+    )
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, reconnect=False, probe_interval=0
+    )
+    # the client would wait a minute for its target; the server gives up after 0.5 s
+    forward = await tunnel.forward_remote("127.0.0.1", blackhole.port, connect_timeout=60.0)
+    tasks = count_tasks()
+    conns = [await trio.open_tcp_stream("127.0.0.1", forward.listen_port) for _ in range(20)]
+    with trio.fail_after(10):  # hang detector
+        for conn in conns:
+            with contextlib.suppress(trio.BrokenResourceError):
+                assert await conn.receive_some() == b""
+            await conn.aclose()
+    # the server's Reset cancelled every dial at the client: its handler tasks are gone
+    assert await _wait_for(lambda: count_tasks() <= tasks, 10.0), (count_tasks(), tasks)
+    assert await _wait_for(lambda: server.active_streams == 0, 10.0)
+    assert "NODE_TIMEOUT" not in forward.stats.errors
+    assert tunnel.connected
+
+
+# ------------------------------------------------------------------------ client stream cap
+
+
+async def test_local_forward_at_the_stream_cap_stops_accepting_instead_of_resetting(
+    nursery: trio.Nursery,
+    tunnel_server: pytunnel.TunnelServer,
+    echo_port: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cap, total = 8, 40
+    tunnel = await pytunnel.connect_tunnel(
+        nursery,
+        tunnel_server.address,
+        token=TOKEN,
+        reconnect=False,
+        probe_interval=0,
+        session=pytunnel.SessionConfig(max_streams=cap),
+    )
+    forward = await tunnel.forward_local("127.0.0.1", echo_port)
+    assert tunnel.session is not None
+    session = tunnel.session
+    caplog.set_level(logging.INFO, logger="pytunnel")
+    release = trio.Event()
+    served: list[int] = []
+
+    async def one(i: int) -> None:
+        payload = f"connection {i}".encode()
+        with trio.fail_after(60):  # hang detector
+            conn = await trio.open_tcp_stream(*forward.address)
+            async with conn:
+                await conn.send_all(payload)
+                received = b""
+                while len(received) < len(payload):
+                    chunk = await conn.receive_some()  # a reset would raise here
+                    assert chunk, f"connection {i} closed early"
+                    received += chunk
+                assert received == payload
+                served.append(i)
+                await release.wait()
+
+    async with trio.open_nursery() as clients:
+        for i in range(cap):
+            clients.start_soon(one, i)
+        with trio.fail_after(10):
+            while len(served) < cap:
+                await trio.sleep(0.01)
+        for i in range(cap, total):
+            clients.start_soon(one, i)
+        # the listener is at the cap: it says so, and the rest wait in the kernel's backlog
+        def at_cap() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "limit of 8 streams" in r.message]
+
+        with trio.fail_after(10):
+            while not at_cap():
+                await trio.sleep(0.01)
+        assert session.open_streams == cap
+        assert len(served) == cap
+        assert len(at_cap()) == 1, at_cap()
+        release.set()  # slots free up: every waiting connection is served in turn
+    assert sorted(served) == list(range(total))
+    assert not forward.stats.errors, forward.stats.errors
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # once per episode, never once per connection (40 connections, at most 5 waves of 8)
+    assert 1 <= len(warnings) <= total // cap, [r.getMessage() for r in warnings]
+    assert not any("dropped" in r.getMessage() for r in warnings)
+
+
+async def test_server_logs_refusals_at_its_stream_limit_once_per_episode(
+    nursery: trio.Nursery, echo_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pytunnel.server")
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, TOKEN, 0, max_streams=2)
+    )
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, reconnect=False, probe_interval=0
+    )
+    held = [await tunnel.open_stream("127.0.0.1", echo_port) for _ in range(2)]
+    for _ in range(20):
+        with pytest.raises(pytunnel.StreamLimitError):
+            await tunnel.open_stream("127.0.0.1", echo_port)
+    refusing = [r for r in caplog.records if "refusing streams" in r.getMessage()]
+    assert len(refusing) == 1, [r.getMessage() for r in refusing]
+    for stream in held:
+        await stream.aclose()
+    assert await _wait_for(lambda: server.active_streams == 0, 10.0)
+    again = await tunnel.open_stream("127.0.0.1", echo_port)
+    await again.aclose()
+    assert any("admitted again after 20 refused" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------------ invalid targets
+
+
+async def test_forward_to_a_host_over_255_bytes_is_rejected_when_declared(
+    tunnel: pytunnel.Tunnel,
+) -> None:
+    long_host = "a" * 300
+    with pytest.raises(pytunnel.InvalidTargetError, match="at most 255"):
+        await tunnel.forward_local(long_host, 80)
+    with pytest.raises(pytunnel.InvalidTargetError, match="at most 255"):
+        await tunnel.forward_remote(long_host, 80)
+    with pytest.raises(pytunnel.InvalidTargetError):
+        await tunnel.forward_local("localhost", 0)
+    assert tunnel.forwards == []
+    # a direct open of such a target is one refusal for its caller, not the tunnel's end
+    with pytest.raises(pytunnel.InvalidTargetError):
+        await tunnel.open_stream(long_host, 80)
+    assert tunnel.connected
+
+
+async def test_peer_supplied_hosts_are_logged_escaped(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, TOKEN, 0, permit_open=["127.0.0.1:*"])
+    )
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, reconnect=False, probe_interval=0
+    )
+    caplog.clear()
+    for host in ("evil\nFORGED server line", "fine.example\r\nFORGED"):
+        with pytest.raises(pytunnel.TargetForbiddenError) as refused:
+            await tunnel.open_stream(host, 80)
+        assert "\n" not in str(refused.value)
+    messages = [r.getMessage() for r in caplog.records if r.name == "pytunnel.server"]
+    assert any("evil\\nFORGED server line" in m for m in messages), messages
+    assert any("fine.example\\r\\nFORGED" in m for m in messages), messages
+    assert not any("\n" in m or "\r" in m for m in messages), messages
+    assert tunnel.connected

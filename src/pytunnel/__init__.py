@@ -123,6 +123,9 @@ from .errors import (
     HandshakeTimeoutError as HandshakeTimeoutError,
 )
 from .errors import (
+    InvalidTargetError as InvalidTargetError,
+)
+from .errors import (
     LocalProtocolError as LocalProtocolError,
 )
 from .errors import (

@@ -24,6 +24,7 @@ from types import TracebackType
 import attrs
 import trio
 
+from ._spec import check_target
 from ._util import unwrap_cancelled
 from .errors import (
     ErrorCode,
@@ -33,6 +34,7 @@ from .errors import (
     StreamLimitError,
     TunnelError,
     goaway_error,
+    printable,
     refusal_error,
 )
 from .protocol.frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder
@@ -64,6 +66,7 @@ __all__ = [
     "Session",
     "SessionConfig",
     "StreamResetError",
+    "StreamSlot",
     "open_session",
 ]
 
@@ -166,6 +169,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self.port = port
         self.tag = tag
         self._buffer: deque[bytes] = deque()
+        #: Bytes of ``_buffer[0]`` already handed out: a small ``max_bytes`` reads on from here
+        #: instead of re-slicing the rest of the chunk each time (quadratic).
+        self._offset = 0
         self._buffered = 0
         self._eof = False
         self._fin_sent = False
@@ -227,6 +233,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if self._broken is None:
             self._broken = cause
         self._buffer.clear()
+        self._offset = 0
         self._buffered = 0
         self._receive_lot.unpark_all()
         self._send_lot.unpark_all()
@@ -268,10 +275,15 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     await trio.lowlevel.cancel_shielded_checkpoint()
                     return b""
                 await self._receive_lot.park()
-            chunk = self._buffer.popleft()
-            if max_bytes is not None and len(chunk) > max_bytes:
-                self._buffer.appendleft(chunk[max_bytes:])
-                chunk = chunk[:max_bytes]
+            head, start = self._buffer[0], self._offset
+            end = len(head) if max_bytes is None else min(len(head), start + max_bytes)
+            if end == len(head):
+                self._buffer.popleft()
+                self._offset = 0
+                chunk = head if start == 0 else head[start:]
+            else:
+                self._offset = end
+                chunk = head[start:end]
             self._buffered -= len(chunk)
             self._session._consumed(self.stream_id, len(chunk))
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -382,6 +394,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if not self._closed:
             self._closed = True
             self._buffer.clear()
+            self._offset = 0
             self._buffered = 0
             self._session._reset_stream(self.stream_id, code, message)
             self._receive_lot.unpark_all()
@@ -396,6 +409,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._closed = True
             unread = bool(self._buffer)
             self._buffer.clear()
+            self._offset = 0
             self._buffered = 0
             self._datagrams = None
             self._session._close_stream(self.stream_id, abort=unread)
@@ -412,6 +426,23 @@ class IncomingStream:
         self._session = session
         self._stream = stream
         self._answered = False
+        self._cancel_scope = trio.CancelScope()
+
+    @property
+    def cancel_scope(self) -> trio.CancelScope:
+        """Cancelled when the opener resets the stream, or the session ends, before it is
+        answered. Whatever prepares the answer (a dial) runs inside it: an opener that gives up
+        at once ("rapid reset") must not keep a dial, a socket and a server slot busy until the
+        dial's own timeout. Enter it at most once."""
+        return self._cancel_scope
+
+    @property
+    def abandoned(self) -> bool:
+        """True once the opener reset the stream (or the session ended) before an answer."""
+        return self._cancel_scope.cancel_called
+
+    def _abandon(self) -> None:
+        self._cancel_scope.cancel()
 
     @property
     def stream_id(self) -> int:
@@ -437,6 +468,7 @@ class IncomingStream:
     def accept(self) -> MuxStream:
         """Open the stream and return it (no I/O wait: the Accept is queued)."""
         self._answer()
+        self._session._unanswered.pop(self.stream_id, None)
         self._session._accept(self._stream)
         return self._stream
 
@@ -448,6 +480,7 @@ class IncomingStream:
         if self._answered:
             raise LocalProtocolError("this stream was already answered")
         self._answered = True
+        self._session._unanswered.pop(self.stream_id, None)
         if not self._session.closed:
             self._session._refuse(self._stream, code, message)
 
@@ -463,6 +496,33 @@ class IncomingStream:
         self._answered = True
         if self._session.closed:
             raise SessionClosedError("session is closed") from self._session.close_reason
+
+
+class StreamSlot:
+    """One of a session's stream slots, reserved by :meth:`Session.wait_stream_slot`.
+
+    A listener reserves before it accepts, so it never takes a connection it has no stream
+    for: at the cap it simply stops accepting and the kernel's backlog holds the rest. The
+    reservation is used by ``open_stream(..., slot=)`` or given back with :meth:`release`
+    (idempotent; a slot of a session that has ended is worth nothing and releasing it is a
+    no-op).
+    """
+
+    __slots__ = ("_held", "session")
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self._held = True
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.session._reserved -= 1
+            self.session._wake_slot_waiters()
 
 
 class Session:
@@ -496,6 +556,9 @@ class Session:
         # a datagram must fit the peer's frame limit with its envelope
         self._max_datagram = min(MAX_DATAGRAM, (peer_max_frame_size or config.max_frame_size) - 64)
         self._opening: dict[int, trio.Event] = {}
+        #: Streams the peer opened that we have not answered yet (their cancel scopes fire if
+        #: the peer resets them first).
+        self._unanswered: dict[int, IncomingStream] = {}
         self._refusals: dict[int, BaseException] = {}
         # Bounded in practice by max_streams: the multiplexer refuses opens beyond it.
         self._incoming_send, self._incoming_receive = trio.open_memory_channel[IncomingStream](
@@ -503,6 +566,9 @@ class Session:
         )
         self._pings: dict[int, trio.Event] = {}
         self._next_ping = 0
+        #: Stream slots reserved by wait_stream_slot and not yet used or released.
+        self._reserved = 0
+        self._slot_lot = trio.lowlevel.ParkingLot()
         self._write_event = trio.Event()
         #: Set when a closed stream starts lingering (wakes the reaper).
         self._linger_event = trio.Event()
@@ -536,16 +602,53 @@ class Session:
         """Wait until the session has ended, for whatever reason (see ``close_reason``)."""
         await self._closed_event.wait()
 
+    @property
+    def free_stream_slots(self) -> int:
+        """Streams that could still be opened: the cap minus open streams (both directions)
+        and slots reserved but not yet used."""
+        return self.config.max_streams - self._mux.open_streams - self._reserved
+
+    async def wait_stream_slot(self) -> StreamSlot:
+        """Reserve a stream slot, waiting until one is free; pass it to :meth:`open_stream`.
+
+        Raises ``SessionClosedError`` if the session ends while waiting.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            self._check_open()
+            if self.free_stream_slots > 0:
+                break
+            await self._slot_lot.park()
+        self._reserved += 1
+        return StreamSlot(self)
+
+    def _wake_slot_waiters(self) -> None:
+        if self._slot_lot:
+            self._slot_lot.unpark_all()
+
     async def open_stream(
-        self, host: str = "", port: int = 0, tag: int = 0, *, datagrams: bool = False
+        self,
+        host: str = "",
+        port: int = 0,
+        tag: int = 0,
+        *,
+        datagrams: bool = False,
+        slot: StreamSlot | None = None,
     ) -> MuxStream:
         """Open a stream and wait for the peer's answer. ``datagrams`` opens a datagram stream
         (a UDP association) instead of a byte stream.
 
         Raises the typed refusal (``NodeTimeoutError``, ``StreamLimitError``...) if the peer
-        refuses, ``SessionClosedError`` if the session ends first. If cancelled while waiting,
-        the half-open stream is reset so nothing is left behind on either side.
+        refuses, ``InvalidTargetError`` for a target no ``Open`` can carry (nothing is sent),
+        ``SessionClosedError`` if the session ends first. If cancelled while waiting,
+        the half-open stream is reset so nothing is left behind on either side. ``slot``, a
+        reservation from :meth:`wait_stream_slot`, is used up (whatever the outcome).
         """
+        if slot is not None:
+            if slot.session is not self:
+                raise LocalProtocolError("that stream slot belongs to another session")
+            slot.release()
+        check_target(host, port, allow_port_zero=True)  # InvalidTargetError, a refusal
         self._check_open()
         try:
             stream_id = self._mux.open_stream(host, port, tag, datagrams=datagrams)
@@ -566,6 +669,7 @@ class Session:
             if not self.closed:
                 self._mux.reset_stream(stream_id, ErrorCode.CANCELLED, "open cancelled")
                 self._kick_writer()
+                self._wake_slot_waiters()
             raise
         refusal = self._refusals.pop(stream_id, None)
         if refusal is not None:
@@ -670,12 +774,14 @@ class Session:
             if self._mux.lingering:
                 self._linger_event.set()
         self._kick_writer()
+        self._wake_slot_waiters()
 
     def _reset_stream(self, stream_id: int, code: int, message: str) -> None:
         self._streams.pop(stream_id, None)
         if not self.closed:
             self._mux.reset_stream(stream_id, code, message)
             self._kick_writer()
+        self._wake_slot_waiters()
 
     def _accept(self, stream: MuxStream) -> None:
         if not self._mux.has_stream(stream.stream_id):
@@ -691,6 +797,7 @@ class Session:
         if self._mux.has_stream(stream.stream_id):
             self._mux.refuse_stream(stream.stream_id, code, message)
             self._kick_writer()
+        self._wake_slot_waiters()
 
     def _send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> bool:
         if self.closed or self._mux.bytes_to_send > self.config.write_buffer_high:
@@ -794,6 +901,8 @@ class Session:
                     return
                 for event in events:
                     self._dispatch(event)
+                if events:
+                    self._wake_slot_waiters()
                 if mux.bytes_to_send:
                     self._kick_writer()
                 if mux.frames_pending:
@@ -833,7 +942,8 @@ class Session:
             case StreamOpened(stream_id, host, port, tag, datagrams):
                 stream = MuxStream(self, stream_id, host, port, tag, datagrams=datagrams)
                 self._streams[stream_id] = stream
-                self._incoming_send.send_nowait(IncomingStream(self, stream))
+                incoming = self._unanswered[stream_id] = IncomingStream(self, stream)
+                self._incoming_send.send_nowait(incoming)
             case StreamAccepted(stream_id):
                 answered = self._opening.pop(stream_id, None)
                 if answered is not None:
@@ -851,13 +961,16 @@ class Session:
                     stream._on_eof()
             case StreamReset(stream_id, code, message):
                 stream = self._streams.pop(stream_id, None)
+                unanswered = self._unanswered.pop(stream_id, None)
+                if unanswered is not None:
+                    unanswered._abandon()
                 answered = self._opening.pop(stream_id, None)
                 if answered is not None:  # reset before it was accepted: a refusal
                     target = f"{stream.host}:{stream.port}" if stream is not None else ""
                     self._refusals[stream_id] = refusal_error(code, message, target=target)
                     answered.set()
                 if stream is not None:
-                    stream._break(StreamResetError(message, code=code))
+                    stream._break(StreamResetError(printable(message), code=code))
             case PongReceived(opaque):
                 waiter = self._pings.get(opaque)
                 if waiter is not None:
@@ -891,6 +1004,9 @@ class Session:
             else:
                 stream._break(reason)
         self._streams.clear()
+        for incoming in list(self._unanswered.values()):
+            incoming._abandon()
+        self._unanswered.clear()
         for event in list(self._opening.values()):
             event.set()
         self._opening.clear()
@@ -898,6 +1014,7 @@ class Session:
             event.set()
         self._incoming_send.close()
         self._drain_lot.unpark_all()
+        self._slot_lot.unpark_all()
         self._write_event.set()
         if not self._closed_locally:
             log.debug("%s: session ended: %r", self.name, reason)

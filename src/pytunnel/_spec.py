@@ -4,7 +4,31 @@ from __future__ import annotations
 
 import attrs
 
-__all__ = ["ForwardSpec", "parse_forward_spec", "parse_host_port"]
+from .errors import InvalidTargetError
+from .protocol.messages import MAX_HOST
+
+__all__ = ["ForwardSpec", "check_target", "parse_forward_spec", "parse_host_port"]
+
+
+def check_target(host: str, port: int, *, allow_port_zero: bool = False) -> None:
+    """Raise :class:`InvalidTargetError` for a target no ``Open`` can carry.
+
+    Checked where a target is declared (a forward, a spec, ``open_stream``) so that a bad one
+    is one clear error for its own caller, never an exception escaping into a session or a
+    forward's accept loop on its first connection.
+    """
+    try:
+        size = len(host.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidTargetError(f"host {host!r} is not valid text", target=host) from None
+    if size > MAX_HOST:
+        raise InvalidTargetError(
+            f"host {host[:32]!r}... is {size} bytes long; at most {MAX_HOST} are allowed",
+            target=host[:64],
+        )
+    low = 0 if allow_port_zero else 1
+    if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= 65535:
+        raise InvalidTargetError(f"port {port!r} is out of range {low}-65535", target=host)
 
 
 @attrs.frozen
@@ -71,11 +95,13 @@ def parse_forward_spec(spec: str) -> ForwardSpec:
         raise ValueError(f"expected [bind_address:]port:host:hostport, got {spec!r}")
     if not host:
         raise ValueError(f"missing target host in {spec!r}")
+    target_port = _port(hostport, "target port", spec, allow_zero=False)
+    check_target(host, target_port)
     return ForwardSpec(
         bind_host or None,
         _port(port, "port", spec, allow_zero=True),
         host,
-        _port(hostport, "target port", spec, allow_zero=False),
+        target_port,
         protocol,
     )
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import logging
 import math
 import random
@@ -45,9 +46,11 @@ from ._session import (
     Session,
     SessionConfig,
     StreamResetError,
+    StreamSlot,
     open_session,
     wait_stream_end,
 )
+from ._spec import check_target
 from ._tls import client_tls_context, tls_connect
 from ._udp import (
     DEFAULT_MAX_ASSOCIATIONS,
@@ -317,6 +320,8 @@ class LocalForward(Forward):
     """
 
     kind = "local forward"
+    #: True while the listener waits for a stream slot (one log line per episode).
+    _at_stream_cap = False
 
     async def _run(
         self, host: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -352,11 +357,57 @@ class LocalForward(Forward):
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
-            nursery.start_soon(owned, await accept(listener), self._handle)
+            # a stream slot first: at the session's cap the listener stops accepting and the
+            # kernel's backlog holds the rest, rather than accepting connections to reset them
+            slot = await self._reserve_slot()
+            try:
+                conn = await accept(listener)
+            except BaseException:
+                if slot is not None:
+                    slot.release()
+                raise
+            nursery.start_soon(owned, conn, functools.partial(self._serve_reserved, slot=slot))
 
-    async def _handle(self, conn: trio.SocketStream) -> None:
+    async def _reserve_slot(self) -> StreamSlot | None:
+        """A slot of the current session, waiting while it is at its stream cap; ``None``
+        while there is no link (connections then wait for one, as before).
+
+        Said once per episode: the episode ends when half the slots are free again, so a
+        listener working through its backlog at the cap does not log once per connection.
+        """
+        session = self._tunnel.session
+        if session is None or session.closed:
+            return None
+        free, cap = session.free_stream_slots, session.config.max_streams
+        if free <= 0 and not self._at_stream_cap:
+            self._at_stream_cap = True
+            log.warning(
+                "%s %s: the session's limit of %d streams is reached; "
+                "not accepting connections until some close",
+                self.kind,
+                self.listen_port,
+                cap,
+            )
+        elif self._at_stream_cap and free >= max(1, cap // 2):
+            self._at_stream_cap = False
+            log.info("%s %s: below the stream limit again", self.kind, self.listen_port)
         try:
-            stream = await self._tunnel.open_stream(self.target_host, self.target_port)
+            return await session.wait_stream_slot()
+        except SessionClosedError:
+            return None
+
+    async def _serve_reserved(self, conn: trio.SocketStream, slot: StreamSlot | None) -> None:
+        try:
+            await self._handle(conn, slot)
+        finally:
+            if slot is not None:
+                slot.release()
+
+    async def _handle(self, conn: trio.SocketStream, slot: StreamSlot | None = None) -> None:
+        try:
+            stream = await self._tunnel._open(
+                self.target_host, self.target_port, routes.CONNECT, slot=slot
+            )
         except DialError as exc:
             self._count_failure(exc)
             log.warning(
@@ -396,7 +447,7 @@ class DynamicForward(LocalForward):
     def target(self) -> str:
         return "SOCKS"
 
-    async def _handle(self, conn: trio.SocketStream) -> None:
+    async def _handle(self, conn: trio.SocketStream, slot: StreamSlot | None = None) -> None:
         socks = SocksServerConnection(self.auth)
         request: ConnectRequest | None = None
         try:
@@ -426,7 +477,7 @@ class DynamicForward(LocalForward):
             await trio.aclose_forcefully(conn)
             return
         try:
-            stream = await self._tunnel.open_stream(request.host, request.port)
+            stream = await self._tunnel._open(request.host, request.port, routes.CONNECT, slot=slot)
         except (StreamRefusedError, SessionClosedError) as exc:
             self._count_failure(exc)
             target = format_target(request.host, request.port)
@@ -551,11 +602,15 @@ class RemoteForward(Forward):
         self._connections.start_soon(self._handle, incoming)
 
     async def _handle(self, incoming: IncomingStream) -> None:
-        try:
-            sock = await dial(self.target_host, self.target_port, timeout=self.connect_timeout)
-        except DialError as exc:
-            self._count_failure(exc)
-            incoming.refuse_with(exc)
+        sock: trio.SocketStream | None = None
+        with incoming.cancel_scope:  # the server may give up on the public connection
+            try:
+                sock = await dial(self.target_host, self.target_port, timeout=self.connect_timeout)
+            except DialError as exc:
+                self._count_failure(exc)
+                incoming.refuse_with(exc)
+                return
+        if sock is None:
             return
         try:
             stream = incoming.accept()
@@ -637,11 +692,15 @@ class UdpRemoteForward(RemoteForward):
     _listen_route = routes.UDP_LISTEN
 
     async def _handle(self, incoming: IncomingStream) -> None:
-        try:
-            sock = await udp_connect(self.target_host, self.target_port)
-        except DialError as exc:
-            self._count_failure(exc)
-            incoming.refuse_with(exc)
+        sock: trio.socket.SocketType | None = None
+        with incoming.cancel_scope:
+            try:
+                sock = await udp_connect(self.target_host, self.target_port)
+            except DialError as exc:
+                self._count_failure(exc)
+                incoming.refuse_with(exc)
+                return
+        if sock is None:
             return
         try:
             stream = incoming.accept()
@@ -786,10 +845,17 @@ class Tunnel:
         """
         return await self._open(host, port, routes.CONNECT)
 
-    async def _open(self, host: str, port: int, route: int) -> MuxStream:
+    async def _open(
+        self, host: str, port: int, route: int, *, slot: StreamSlot | None = None
+    ) -> MuxStream:
+        """Open on the current session; ``slot`` (reserved by a listener) is used if it belongs
+        to that session, else given back (the link changed since it was reserved)."""
         session = await self._current_session()
+        if slot is not None and (slot.session is not session or not slot.held):
+            slot.release()
+            slot = None
         return await session.open_stream(
-            host, port, tag=route, datagrams=route == routes.UDP_CONNECT
+            host, port, tag=route, datagrams=route == routes.UDP_CONNECT, slot=slot
         )
 
     async def forward_local(
@@ -802,7 +868,9 @@ class Tunnel:
         protocol: str = "tcp",
     ) -> LocalForward:
         """Listen on ``local_host:local_port`` here; relay each connection to the target,
-        dialled by the server. Raises ``AddressInUseError`` / ``PermissionDeniedError``."""
+        dialled by the server. Raises ``AddressInUseError`` / ``PermissionDeniedError``, or
+        ``InvalidTargetError`` for a target no connection could ever reach."""
+        check_target(target_host, target_port)
         forward = _LOCAL_KINDS[_protocol(protocol)](self, target_host, target_port)
         await self._start_listening(forward, local_host, local_port)
         return forward
@@ -842,7 +910,10 @@ class Tunnel:
     ) -> RemoteForward:
         """Ask the server to listen on ``remote_port`` (0: any); relay each connection there
         to the target, dialled here. Raises ``AddressInUseError``, ``PermissionDeniedError``,
-        ``PortNotAllowedError`` or ``ForwardLimitError`` and leaves nothing bound."""
+        ``PortNotAllowedError`` or ``ForwardLimitError`` and leaves nothing bound;
+        ``InvalidTargetError`` for a target (or remote host) no request can carry."""
+        check_target(target_host, target_port)
+        check_target(remote_host, remote_port, allow_port_zero=True)
         forward = _REMOTE_KINDS[_protocol(protocol)](
             self,
             target_host,

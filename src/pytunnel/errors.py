@@ -234,6 +234,15 @@ class TargetForbiddenError(DialError):
     category = "TARGET_FORBIDDEN"
 
 
+class InvalidTargetError(TargetForbiddenError, ValueError):
+    """The target cannot even be asked for: a host name over 255 bytes of UTF-8 (or not
+    encodable), a port out of range. Raised locally, before anything is sent, so one bad
+    target fails its own request instead of the session; also a ``ValueError``, since it is
+    a bad argument."""
+
+    category = "INVALID_TARGET"
+
+
 class ForwardError(StreamRefusedError):
     """A forward could not be set up. ``address`` is the ``"host:port"`` that was asked for."""
 
@@ -287,8 +296,31 @@ _BY_CODE: dict[int, type[TunnelError]] = {
 }
 
 
+def printable(text: str) -> str:
+    """``text`` safe to put in a log line or an error message: control and other
+    non-printable characters (newlines, escape sequences, U+2028...) and backslashes are
+    escaped backslash-style, so a peer-supplied string can never forge or split a log line.
+
+    Applied where peer-supplied text (hosts, reasons) enters an error or a log line.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(map(_escape, text))
+
+
+def _escape(char: str) -> str:
+    if char == "\\":  # escaped too, so an escape in the output is never the peer's own text
+        return "\\\\"
+    if char.isprintable():
+        return char
+    return char.encode("unicode_escape").decode("ascii")
+
+
 def refusal_error(code: int, message: str, *, target: str = "") -> StreamRefusedError:
-    """Build the exception that a ``Refuse`` with ``code`` stands for on the asking side."""
+    """Build the exception that a ``Refuse`` with ``code`` stands for on the asking side.
+
+    ``message`` comes from the peer: it is escaped (see :func:`printable`)."""
+    message = printable(message)
     cls = _BY_CODE.get(code, StreamRefusedError)
     if issubclass(cls, DialError):
         return cls(message, target=target, code=code)
@@ -300,7 +332,9 @@ def refusal_error(code: int, message: str, *, target: str = "") -> StreamRefused
 
 
 def goaway_error(code: int, message: str) -> TunnelError:
-    """Build the exception that a ``GoAway`` with ``code`` stands for on the receiving side."""
+    """Build the exception that a ``GoAway`` with ``code`` stands for on the receiving side
+    (``message``, from the peer, escaped)."""
+    message = printable(message)
     cls = _BY_CODE.get(code)
     if cls is not None and issubclass(cls, ConnectError):
         return cls(message, code=code)

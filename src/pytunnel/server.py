@@ -51,6 +51,7 @@ from .errors import (
     StreamRefusedError,
     TLSError,
     TunnelError,
+    printable,
 )
 from .protocol import routes
 from .protocol.frames import FrameDecoder, encode_message
@@ -331,6 +332,8 @@ class _ClientSession:
         self.session = session
         self.peer = peer
         self.forwards = 0
+        #: Streams refused at the server's limit since the last one admitted (log episodes).
+        self._refused_streams = 0
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:  # the session nursery
@@ -403,12 +406,21 @@ class _ClientSession:
         cannot overshoot the limit; released by :meth:`_counted` when the stream's task ends."""
         if self.server.active_streams < self.config.max_streams:
             self.server.active_streams += 1
+            if self._refused_streams:
+                log.info(
+                    "client %s: streams admitted again after %d refused at the server's limit",
+                    self.peer,
+                    self._refused_streams,
+                )
+                self._refused_streams = 0
             return True
-        log.warning(
-            "client %s: stream refused: the server's limit of %d streams is reached",
-            self.peer,
-            self.config.max_streams,
-        )
+        if not self._refused_streams:  # once per episode, not once per stream
+            log.warning(
+                "client %s: refusing streams: the server's limit of %d streams is reached",
+                self.peer,
+                self.config.max_streams,
+            )
+        self._refused_streams += 1
         if incoming is not None:
             incoming.refuse(ErrorCode.STREAM_LIMIT, "server stream limit reached")
         return False
@@ -428,18 +440,27 @@ class _ClientSession:
 
     async def _serve_connect(self, incoming: IncomingStream) -> None:
         host, port = incoming.host, incoming.port
-        target = format_target(host, port)
-        if not host or not 1 <= port <= 65535:
-            incoming.refuse(ErrorCode.TARGET_FORBIDDEN, f"invalid target {target!r}")
+        target = printable(format_target(host, port))  # the client's text, for logs
+        if not host or not 1 <= port <= 65535 or not host.isprintable():
+            # no name with control characters resolves: refuse before any lookup logs it
+            log.warning(
+                "[TARGET_FORBIDDEN] client %s asked for invalid target %s", self.peer, target
+            )
+            incoming.refuse(ErrorCode.TARGET_FORBIDDEN, f"invalid target {target}")
             return
         if not self.config.permit_open.allows(host, port):
             log.warning("[TARGET_FORBIDDEN] client %s may not open %s", self.peer, target)
             incoming.refuse(ErrorCode.TARGET_FORBIDDEN, f"{target} is not permitted by the server")
             return
-        try:
-            sock = await dial(host, port, timeout=self.config.connect_timeout, logger=log)
-        except DialError as exc:
-            incoming.refuse_with(exc)
+        sock: trio.SocketStream | None = None
+        with incoming.cancel_scope:  # the client may give up (Reset) while we dial
+            try:
+                sock = await dial(host, port, timeout=self.config.connect_timeout, logger=log)
+            except DialError as exc:
+                incoming.refuse_with(exc)
+                return
+        if sock is None:
+            log.debug("client %s: open of %s cancelled during the dial", self.peer, target)
             return
         try:
             stream = incoming.accept()
@@ -486,15 +507,24 @@ class _ClientSession:
 
     async def _serve_udp_connect(self, incoming: IncomingStream) -> None:
         host, port = incoming.host, incoming.port
-        target = format_target(host, port)
-        if not host or not 1 <= port <= 65535 or not self.config.permit_open.allows(host, port):
+        target = printable(format_target(host, port))  # the client's text, for logs
+        if (
+            not host
+            or not 1 <= port <= 65535
+            or not host.isprintable()
+            or not self.config.permit_open.allows(host, port)
+        ):
             log.warning("[TARGET_FORBIDDEN] client %s may not open udp %s", self.peer, target)
             incoming.refuse(ErrorCode.TARGET_FORBIDDEN, f"udp {target} is not permitted")
             return
-        try:
-            sock = await udp_connect(host, port)
-        except DialError as exc:
-            incoming.refuse_with(exc)
+        sock: trio.socket.SocketType | None = None
+        with incoming.cancel_scope:  # the client may give up (Reset) while we resolve
+            try:
+                sock = await udp_connect(host, port)
+            except DialError as exc:
+                incoming.refuse_with(exc)
+                return
+        if sock is None:
             return
         try:
             stream = incoming.accept()
@@ -603,9 +633,21 @@ class _ClientSession:
             log.info("client %s: remote forward on %s closed", self.peer, forward.address)
 
     async def _relay_public(self, conn: trio.SocketStream, forward_id: int) -> None:
+        timeout = self.config.connect_timeout
+        stream: MuxStream | None = None
         try:
             host, port = conn.socket.getpeername()[:2]
-            stream = await self.session.open_stream(str(host), int(port), tag=forward_id)
+            # bounded: a client that never answers must not pin the connection and its slot
+            with trio.move_on_after(timeout):
+                stream = await self.session.open_stream(str(host), int(port), tag=forward_id)
+            if stream is None:
+                log.warning(
+                    "[NODE_TIMEOUT] client %s did not answer a public connection within %g s",
+                    self.peer,
+                    timeout,
+                )
+                await trio.aclose_forcefully(conn)
+                return
         except DialError as exc:
             log.warning(
                 "[%s] client %s could not reach its target: %s",
@@ -694,7 +736,7 @@ class _PublicPort:
             self._accepting.cancel()
             listeners, self.listeners = self.listeners, []
             await aclose_all(*listeners)
-            log.warning("client %s: forward %s offline: %s", peer, self.address, reason)
+            log.warning("client %s: forward %s offline: %s", peer, self.address, printable(reason))
         elif online and not self.listeners:
             try:
                 self.listeners = await bind(self.host, self.port)
