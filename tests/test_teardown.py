@@ -1,6 +1,6 @@
 """Deterministic teardown: with 500 relayed connections open and moving data, every way of
-ending the tunnel closes every relayed socket within 1 s, frees the public port and leaves no
-task behind."""
+ending the tunnel resets every relayed socket within 1 s (a transfer cut by the teardown must
+never look complete), frees the public port and leaves no task behind."""
 
 from __future__ import annotations
 
@@ -15,28 +15,31 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 from conftest import TOKEN, count_tasks
 
 import pytunnel
 
 pytestmark = pytest.mark.timeout(120)
 PER_FORWARD = 250  # 250 through -R and 250 through -L: 500 relays
+PACE = 1.0  # seconds between round trips of one connection: 500 a second in all
 
 
 class EchoService:
-    """An echo target that counts the connections it still holds."""
+    """An echo target that counts the connections it still holds and how they ended."""
 
     def __init__(self) -> None:
         self.live = 0
         self.port = 0
+        self.resets = 0
 
     async def handler(self, stream: trio.SocketStream) -> None:
         self.live += 1
         try:
             async for chunk in stream:
                 await stream.send_all(chunk)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except trio.BrokenResourceError:
+            self.resets += 1
         finally:
             self.live -= 1
 
@@ -53,28 +56,44 @@ class Load:
     def __init__(self) -> None:
         self.open = 0
         self.ended = 0
-        self.roundtrips = 0
+        #: How each connection ended: a reset, or an EOF (which a cut transfer must not be).
+        self.resets = 0
+        self.eofs = 0
+        #: Verified round trips, per connection.
+        self.roundtrips: list[int] = []
 
     async def pinger(self, address: tuple[str, int], *, task_status: trio.TaskStatus[None]) -> None:
+        index = len(self.roundtrips)
+        self.roundtrips.append(0)
+        # each connection sends its own bytes, so a relay that crossed two connections shows
+        payload = f"{id(self):x}-{index:06d}".encode().ljust(100, b".")
         stream = await trio.open_tcp_stream(*address)
         self.open += 1
         started = False
         try:
             while True:
-                await stream.send_all(b"p" * 100)
-                got = 0
-                while got < 100:
-                    chunk = await stream.receive_some(100 - got)
+                await stream.send_all(payload)
+                got = b""
+                while len(got) < len(payload):
+                    chunk = await stream.receive_some(len(payload) - len(got))
                     if not chunk:
+                        self.eofs += 1
                         return
-                    got += len(chunk)
-                self.roundtrips += 1
+                    got += chunk
+                assert got == payload, f"connection {index} got {got!r}"
+                self.roundtrips[index] += 1
                 if not started:
                     started = True
                     task_status.started()
-                await trio.sleep(0.2)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+                # between round trips the connection is watched, so its end is seen at once
+                with trio.move_on_after(PACE):
+                    unexpected = await stream.receive_some()
+                    if not unexpected:
+                        self.eofs += 1
+                        return
+                    raise AssertionError(f"connection {index} got {unexpected!r} unasked")
+        except trio.BrokenResourceError:
+            self.resets += 1
         finally:
             self.ended += 1
             await stream.aclose()
@@ -82,6 +101,16 @@ class Load:
     async def start(self, nursery: trio.Nursery, address: tuple[str, int], count: int) -> None:
         for _ in range(count):
             await nursery.start(self.pinger, address)
+
+    async def all_moving(self) -> None:
+        """Wait until every connection completed one more round trip after all of them were
+        open: the teardown then cuts relays that are all carrying bytes at that moment."""
+        before = list(self.roundtrips)
+        await _until(
+            lambda: all(now > then for now, then in zip(self.roundtrips, before, strict=True)),
+            30,
+            "some connections stopped carrying data before the teardown",
+        )
 
 
 async def _until(predicate: Callable[[], bool], seconds: float, what: str) -> None:
@@ -101,28 +130,59 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
+class Loads:
+    """The load through the remote forward and the load through the local forward."""
+
+    def __init__(self) -> None:
+        self.remote = Load()
+        self.local = Load()
+
+    @property
+    def ended(self) -> int:
+        return self.remote.ended + self.local.ended
+
+    @property
+    def resets(self) -> int:
+        return self.remote.resets + self.local.resets
+
+
 @asynccontextmanager
 async def _loaded_tunnel(
     server_address: tuple[str, int], echo: EchoService
-) -> AsyncIterator[tuple[pytunnel.Tunnel, Load, int]]:
-    async with pytunnel.connect(server_address, token=TOKEN, reconnect=False) as tunnel:
-        remote = await tunnel.forward_remote("127.0.0.1", echo.port)
-        local = await tunnel.forward_local("127.0.0.1", echo.port)
-        load = Load()
-        async with trio.open_nursery() as load_nursery:
-            await load.start(load_nursery, remote.address, PER_FORWARD)
-            await load.start(load_nursery, local.address, PER_FORWARD)
-            assert load.open == 2 * PER_FORWARD
-            assert echo.live == 2 * PER_FORWARD
-            yield tunnel, load, remote.listen_port
+) -> AsyncIterator[tuple[pytunnel.Tunnel, Loads, int]]:
+    """A tunnel with 250 connections through each forward. The connections live in a nursery
+    outside the tunnel, so they end because the tunnel ends them, not because they were
+    cancelled with it."""
+    loads = Loads()
+    async with trio.open_nursery() as load_nursery:
+        try:
+            async with pytunnel.connect(server_address, token=TOKEN, reconnect=False) as tunnel:
+                remote = await tunnel.forward_remote("127.0.0.1", echo.port)
+                local = await tunnel.forward_local("127.0.0.1", echo.port)
+                await loads.remote.start(load_nursery, remote.address, PER_FORWARD)
+                await loads.local.start(load_nursery, local.address, PER_FORWARD)
+                assert loads.remote.open == loads.local.open == PER_FORWARD
+                assert echo.live == 2 * PER_FORWARD
+                await loads.remote.all_moving()
+                await loads.local.all_moving()
+                yield tunnel, loads, remote.listen_port
+            await _until(lambda: loads.ended == 2 * PER_FORWARD, 1, f"only {loads.ended} closed")
+        finally:
             load_nursery.cancel_scope.cancel()
 
 
-async def _check_after(load: Load, echo: EchoService, port: int, baseline: int) -> None:
-    await _until(lambda: load.ended == 2 * PER_FORWARD, 1, f"only {load.ended} sockets closed")
+async def _check_after(loads: Loads, echo: EchoService, port: int, baseline: int) -> None:
+    await _until(lambda: loads.ended == 2 * PER_FORWARD, 1, f"only {loads.ended} sockets closed")
     await _until(lambda: echo.live == 0, 1, f"{echo.live} target sockets still open")
+    _assert_all_reset(loads, echo)
     assert _port_is_free(port), "the remote forward's port is still bound"
     await _until(lambda: count_tasks() <= baseline, 1, "tasks outlived the teardown")
+
+
+def _assert_all_reset(loads: Loads, echo: EchoService) -> None:
+    """The teardown cut every relay mid-conversation: each end must see a reset, not an EOF."""
+    assert (loads.resets, loads.remote.eofs + loads.local.eofs) == (2 * PER_FORWARD, 0)
+    assert echo.resets == 2 * PER_FORWARD
 
 
 async def test_leaving_client_block(nursery: trio.Nursery) -> None:
@@ -130,10 +190,9 @@ async def test_leaving_client_block(nursery: trio.Nursery) -> None:
     await echo.start(nursery)
     server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
     baseline = count_tasks()
-    async with _loaded_tunnel(server.address, echo) as (_tunnel, load, port):
-        await trio.sleep(0.3)
-        assert load.roundtrips >= 2 * PER_FORWARD
-    await _check_after(load, echo, port, baseline)
+    async with _loaded_tunnel(server.address, echo) as (_tunnel, loads, port):
+        pass
+    await _check_after(loads, echo, port, baseline)
     assert server.session_count == 0
 
 
@@ -142,10 +201,11 @@ async def test_closing_the_server(nursery: trio.Nursery) -> None:
     await echo.start(nursery)
     server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
     baseline = count_tasks()
-    async with _loaded_tunnel(server.address, echo) as (tunnel, load, port):
+    async with _loaded_tunnel(server.address, echo) as (tunnel, loads, port):
         await server.aclose()
-        await _until(lambda: load.ended == 2 * PER_FORWARD, 1, f"only {load.ended} closed")
+        await _until(lambda: loads.ended == 2 * PER_FORWARD, 1, f"only {loads.ended} closed")
         await _until(lambda: echo.live == 0, 1, f"{echo.live} target sockets still open")
+        _assert_all_reset(loads, echo)
         assert _port_is_free(port)
         await tunnel.wait_closed()
     await _until(lambda: count_tasks() <= baseline - 2, 1, "tasks outlived the teardown")
@@ -155,14 +215,21 @@ async def test_cancelling_the_server_from_outside(nursery: trio.Nursery) -> None
     echo = EchoService()
     await echo.start(nursery)
     baseline = count_tasks()
-    async with trio.open_nursery() as server_nursery:
-        server: pytunnel.TunnelServer = await server_nursery.start(pytunnel.serve, TOKEN, 0)
-        async with _loaded_tunnel(server.address, echo) as (tunnel, load, port):
-            server_nursery.cancel_scope.cancel()
-            await _until(lambda: load.ended == 2 * PER_FORWARD, 1, f"only {load.ended} closed")
-            await _until(lambda: echo.live == 0, 1, f"{echo.live} target sockets still open")
-            assert _port_is_free(port)
-            await tunnel.wait_closed()
+    # the server runs under a scope of its own: cancelling it must not cancel the checks below
+    server_scope = trio.CancelScope()
+
+    async def run_server(*, task_status: trio.TaskStatus[pytunnel.TunnelServer]) -> None:
+        with server_scope:
+            await pytunnel.serve(TOKEN, 0, task_status=task_status)
+
+    server: pytunnel.TunnelServer = await nursery.start(run_server)
+    async with _loaded_tunnel(server.address, echo) as (tunnel, loads, port):
+        server_scope.cancel()
+        await _until(lambda: loads.ended == 2 * PER_FORWARD, 1, f"only {loads.ended} closed")
+        await _until(lambda: echo.live == 0, 1, f"{echo.live} target sockets still open")
+        _assert_all_reset(loads, echo)
+        assert _port_is_free(port)
+        await tunnel.wait_closed()
     await _until(lambda: count_tasks() <= baseline, 1, "tasks outlived the teardown")
 
 
@@ -171,7 +238,7 @@ async def test_client_process_killed(nursery: trio.Nursery) -> None:
     echo = EchoService()
     await echo.start(nursery)
     server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
-    await trio.sleep(0.05)
+    await trio.testing.wait_all_tasks_blocked()  # the server's tasks are all parked
     baseline = count_tasks()
     host, port = server.address
     proc = await trio.lowlevel.open_process(
@@ -200,15 +267,21 @@ async def test_client_process_killed(nursery: trio.Nursery) -> None:
         lines = output.decode().splitlines()
         remote_port = int(lines[1].split()[2].rsplit(":", 1)[1])
         local_port = int(lines[2].split()[2].rsplit(":", 1)[1])
-        load = Load()
+        loads = Loads()
         async with trio.open_nursery() as load_nursery:
-            await load.start(load_nursery, ("127.0.0.1", remote_port), PER_FORWARD)
-            await load.start(load_nursery, ("127.0.0.1", local_port), PER_FORWARD)
+            await loads.remote.start(load_nursery, ("127.0.0.1", remote_port), PER_FORWARD)
+            await loads.local.start(load_nursery, ("127.0.0.1", local_port), PER_FORWARD)
             assert echo.live == 2 * PER_FORWARD
+            await loads.remote.all_moving()
+            await loads.local.all_moving()
             os.kill(proc.pid, signal.SIGKILL)
-            await _until(lambda: load.ended == 2 * PER_FORWARD, 1, f"only {load.ended} closed")
+            await _until(lambda: loads.ended == 2 * PER_FORWARD, 1, f"only {loads.ended} closed")
             await _until(lambda: echo.live == 0, 1, f"{echo.live} target sockets still open")
             await _until(lambda: server.session_count == 0, 1, "server kept the session")
+            # the server's relays (the public port's connections, the local forward's targets)
+            # are reset; the killed process's own sockets are closed by its kernel, FIN or RST
+            assert (loads.remote.resets, loads.remote.eofs) == (PER_FORWARD, 0)
+            assert echo.resets >= PER_FORWARD
             assert _port_is_free(remote_port)
         await _until(lambda: count_tasks() <= baseline, 1, "server tasks outlived the client")
     finally:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import socket
 import struct
+from collections.abc import Iterator
 
 import attrs
 import trio
@@ -24,17 +26,39 @@ __all__ = ["DEFAULT_IDLE_TIMEOUT", "RelayStats", "relay"]
 
 log = logging.getLogger("pytunnel.relay")
 
-#: Seconds without a byte in either direction before a relay is closed.
+#: Seconds without a byte moving in either direction before a relay is reset.
 DEFAULT_IDLE_TIMEOUT = 300.0
 _CHUNK = 256 * 1024
 
 
 @attrs.define
 class _Ending:
-    """How a relay's directions ended, as far as its pumps know."""
+    """What the two pumps of one relay share: the idle clock and how their directions ended."""
 
+    scope: trio.CancelScope
+    idle_timeout: float
+    #: Sends (or half-closes) in progress. A pump parked in ``send_all`` because its reader is
+    #: slow is moving data, not idle, so the idle clock stops while this is above zero.
+    sending: int = 0
     #: An injected "close after N bytes" stopped it: a deliberate, clean close.
     injected_close: bool = False
+
+    def touch(self) -> None:
+        """Restart the idle clock (a byte arrived or a send completed)."""
+        if self.sending:
+            self.scope.deadline = math.inf
+        else:
+            self.scope.deadline = trio.current_time() + self.idle_timeout
+
+    @contextlib.contextmanager
+    def send(self) -> Iterator[None]:
+        self.sending += 1
+        self.scope.deadline = math.inf
+        try:
+            yield
+        finally:
+            self.sending -= 1
+            self.touch()
 
 
 @attrs.define
@@ -60,8 +84,6 @@ class RelayStats:
 async def _pump(
     source: trio.abc.ReceiveStream,
     sink: trio.abc.HalfCloseableStream | trio.abc.SendStream,
-    scope: trio.CancelScope,
-    idle_timeout: float,
     stats: RelayStats | None,
     outbound: bool,
     name: str,
@@ -69,47 +91,48 @@ async def _pump(
     ending: _Ending,
 ) -> None:
     try:
-        await _copy(source, sink, scope, idle_timeout, stats, outbound, faults)
+        await _copy(source, sink, stats, outbound, faults, ending)
     except FaultClosedError as exc:
         log.debug("%s: %s", name, exc)
         ending.injected_close = True
-        scope.cancel()
+        ending.scope.cancel()
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         # one side broke: the other direction has nothing left to do either
         log.debug("%s ended by a broken side: %r", name, exc)
-        scope.cancel()
+        ending.scope.cancel()
 
 
 async def _copy(
     source: trio.abc.ReceiveStream,
     sink: trio.abc.HalfCloseableStream | trio.abc.SendStream,
-    scope: trio.CancelScope,
-    idle_timeout: float,
     stats: RelayStats | None,
     outbound: bool,
     faults: Faults | None,
+    ending: _Ending,
 ) -> None:
     sent = 0
     while True:
         chunk = await source.receive_some(_CHUNK)
+        ending.touch()
         if not chunk:
             break
         side = faults.side(outbound) if faults is not None else None
-        if side is not None and side.active:
-            sent += await send_with_faults(sink, chunk, side, sent)
-        else:
-            await sink.send_all(chunk)
-            sent += len(chunk)
-        scope.deadline = trio.current_time() + idle_timeout
+        with ending.send():
+            if side is not None and side.active:
+                sent += await send_with_faults(sink, chunk, side, sent)
+            else:
+                await sink.send_all(chunk)
+                sent += len(chunk)
         if stats is not None:
             if outbound:
                 stats.bytes_out += len(chunk)
             else:
                 stats.bytes_in += len(chunk)
-    if isinstance(sink, trio.abc.HalfCloseableStream):
-        await sink.send_eof()
-    else:  # pragma: no cover - every stream we relay is half-closeable
-        await sink.aclose()
+    with ending.send():
+        if isinstance(sink, trio.abc.HalfCloseableStream):
+            await sink.send_eof()
+        else:  # pragma: no cover - every stream we relay is half-closeable
+            await sink.aclose()
 
 
 async def relay(
@@ -124,57 +147,55 @@ async def relay(
     """Copy ``a`` -> ``b`` and ``b`` -> ``a`` until both directions have ended, then close both.
 
     A half-close is carried across (EOF on one side becomes ``send_eof`` on the other), so a
-    client that shuts down its write side still receives the whole reply. If either side
-    breaks, or nothing moves for ``idle_timeout`` seconds, both streams are closed at once.
-    Never raises for the peers' failures; those are logged at debug level.
+    client that shuts down its write side still receives the whole reply. Only a relay whose
+    two directions both reached EOF ends with a clean close: when either side breaks, the
+    relay is cancelled, or it is idle for ``idle_timeout`` seconds, both streams are reset
+    (RST on TCP, ``Reset`` on a mux stream), because a direction that had not reached its EOF
+    was cut short and its reader must not take what it got for the whole transfer. Idle means
+    no byte arrived from either side and no send was in progress: a send parked on a slow
+    reader is data on the move. Never raises for the peers' failures; those are logged at
+    debug level.
     """
     if stats is not None:
         stats.active_connections += 1
         stats.total_connections += 1
     clean = False
-    ending = _Ending()
+    reason = (ErrorCode.CANCELLED, "the other side of the relay broke")
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
+            ending = _Ending(scope, idle_timeout)
             if faults is not None:
                 faults._relays.add(scope)
             try:
                 async with trio.open_nursery() as nursery:
                     for source, sink, outbound in ((a, b, True), (b, a, False)):
                         nursery.start_soon(
-                            _pump,
-                            source,
-                            sink,
-                            scope,
-                            idle_timeout,
-                            stats,
-                            outbound,
-                            name,
-                            faults,
-                            ending,
+                            _pump, source, sink, stats, outbound, name, faults, ending
                         )
             finally:
                 if faults is not None:
                     faults._relays.discard(scope)
-        idle = scope.cancelled_caught and trio.current_time() >= scope.deadline
-        if idle:
-            log.info("%s closed after %g s idle", name, idle_timeout)
-        # both directions ended with EOF, an idle timeout or an injected close: a clean close
-        clean = idle or not scope.cancelled_caught or ending.injected_close
+        if scope.cancelled_caught and trio.current_time() >= scope.deadline:
+            log.info("%s reset after %g s idle", name, idle_timeout)
+            reason = (ErrorCode.IDLE_TIMEOUT, f"idle for {idle_timeout:g} s")
+        # both directions ended with EOF, or an injected close stopped them: a clean close
+        clean = not scope.cancelled_caught or ending.injected_close
     finally:
         if stats is not None:
             stats.active_connections -= 1
         if not clean:
-            # one side broke (or the relay was cancelled): the other must not mistake the
-            # truncated transfer for a complete one, so it is reset rather than closed with EOF
-            _abort(a)
-            _abort(b)
+            # a direction was cut before its EOF (a broken side, a cancelled relay, the idle
+            # timeout): the other end must not mistake the truncated transfer for a complete
+            # one, so it is reset rather than closed with EOF
+            _abort(a, *reason)
+            _abort(b, *reason)
         await aclose_all(a, b)
 
 
-def _abort(stream: trio.abc.HalfCloseableStream) -> None:
+def _abort(stream: trio.abc.HalfCloseableStream, code: int, message: str) -> None:
     """Arrange for the coming close to be a reset: RST on TCP, Reset on a mux stream."""
     if isinstance(stream, MuxStream):
-        stream.reset(ErrorCode.CANCELLED, "the other side of the relay broke")
+        stream.reset(code, message)
     elif isinstance(stream, trio.SocketStream):
         with contextlib.suppress(OSError):
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

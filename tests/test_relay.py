@@ -1,0 +1,190 @@
+"""The relay's promises over real loopback sockets: a slow reader is not idle, and a relay that
+ends before both directions reached EOF resets both sides instead of closing them cleanly."""
+
+from __future__ import annotations
+
+import functools
+import socket
+
+import pytest
+import trio
+from conftest import TOKEN, open_pair, session_pair, tcp_stream_pair
+
+import pytunnel
+from pytunnel import ErrorCode, StreamResetError
+from pytunnel._relay import relay
+
+pytestmark = pytest.mark.timeout(60)
+
+PAYLOAD = bytes(range(256)) * (8 * 1024 * 1024 // 256)  # 8 MiB, position-dependent content
+SMALL_BUFFER = 64 * 1024
+
+
+def _small_buffers(stream: trio.SocketStream) -> None:
+    """Keep the kernel from absorbing the transfer, so the relay really waits on its reader."""
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+
+
+async def _write_all_then_eof(stream: trio.SocketStream) -> None:
+    """A sender that writes the payload, half-closes, then waits for the other side's end."""
+    try:
+        await stream.send_all(PAYLOAD)
+        await stream.send_eof()
+        while await stream.receive_some():
+            pass
+    except trio.BrokenResourceError:
+        pass  # a reset is one of the allowed outcomes; the reader side decides the verdict
+    finally:
+        await stream.aclose()
+
+
+async def _read_with_a_pause(stream: trio.SocketStream, pause: float) -> tuple[bytes, bool]:
+    """Read a little, stop reading for ``pause`` s (a paused consumer), then read to the end.
+
+    Returns what arrived and whether the end was a reset (``True``) or a clean EOF.
+    """
+    got = bytearray()
+    reset = False
+    try:
+        got += await stream.receive_some(SMALL_BUFFER)
+        await trio.sleep(pause)  # the behaviour under test: a reader that stops reading
+        while chunk := await stream.receive_some(256 * 1024):
+            got += chunk
+    except trio.BrokenResourceError:
+        reset = True
+    finally:
+        await stream.aclose()
+    return bytes(got), reset
+
+
+def _complete_or_reset(got: bytes, reset: bool) -> None:
+    """A transfer either arrives whole or ends in a reset; a partial one never ends cleanly."""
+    if not reset:
+        assert len(got) == len(PAYLOAD), f"clean EOF after {len(got)} of {len(PAYLOAD)} bytes"
+        assert got == PAYLOAD
+    else:
+        assert PAYLOAD.startswith(got)
+
+
+async def test_paused_reader_gets_every_byte_or_a_reset() -> None:
+    """8 MiB through a relay with a 0.5 s idle timeout to a reader that pauses for 1.5 s."""
+    reader, relay_a = await tcp_stream_pair()
+    writer, relay_b = await tcp_stream_pair()
+    for stream in (reader, relay_a, writer, relay_b):
+        _small_buffers(stream)
+    result: list[tuple[bytes, bool]] = []
+
+    async def read() -> None:
+        result.append(await _read_with_a_pause(reader, 1.5))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(relay, relay_a, relay_b, idle_timeout=0.5))
+            nursery.start_soon(_write_all_then_eof, writer)
+            nursery.start_soon(read)
+    _complete_or_reset(*result[0])
+
+
+async def test_send_blocked_on_a_slow_reader_is_not_idle() -> None:
+    """While the relay waits for its reader to make room, the transfer is alive: all of it
+    arrives, although the pause is three times the idle timeout."""
+    reader, relay_a = await tcp_stream_pair()
+    writer, relay_b = await tcp_stream_pair()
+    for stream in (reader, relay_a, writer, relay_b):
+        _small_buffers(stream)
+    result: list[tuple[bytes, bool]] = []
+
+    async def read() -> None:
+        result.append(await _read_with_a_pause(reader, 1.5))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(relay, relay_a, relay_b, idle_timeout=0.5))
+            nursery.start_soon(_write_all_then_eof, writer)
+            nursery.start_soon(read)
+    got, reset = result[0]
+    assert not reset
+    assert got == PAYLOAD
+
+
+async def test_paused_reader_through_a_tunnel_gets_every_byte_or_a_reset(
+    nursery: trio.Nursery,
+) -> None:
+    """The same through ``forward_local``: the relays on both ends of the tunnel (TCP -> mux
+    stream on the server, mux stream -> TCP on the client) wait on a paused reader."""
+
+    async def serve_payload(stream: trio.SocketStream) -> None:
+        _small_buffers(stream)
+        await _write_all_then_eof(stream)
+
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, serve_payload, 0, host="127.0.0.1")
+    )
+    target_port = listeners[0].socket.getsockname()[1]
+    server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, 0, idle_timeout=0.5))
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN, idle_timeout=0.5)
+    forward = await tunnel.forward_local("127.0.0.1", target_port)
+    reader = await trio.open_tcp_stream(*forward.address)
+    _small_buffers(reader)
+    with trio.fail_after(30):
+        got, reset = await _read_with_a_pause(reader, 1.5)
+    _complete_or_reset(got, reset)
+
+
+async def test_idle_relay_is_reset_on_both_sides() -> None:
+    """Nothing moving for the idle timeout cuts a connection whose directions had not ended:
+    both ends see a reset, not an EOF they could take for the end of the transfer."""
+    left, relay_a = await tcp_stream_pair()
+    right, relay_b = await tcp_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(relay, relay_a, relay_b, idle_timeout=0.2))
+        await left.send_all(b"hello")
+        assert await right.receive_some() == b"hello"
+        for end in (left, right):
+            with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+                await end.receive_some()
+    await left.aclose()
+    await right.aclose()
+
+
+async def test_idle_relay_resets_its_mux_stream_with_idle_timeout_code() -> None:
+    """A relay between TCP and a mux stream tells the peer why: ``IDLE_TIMEOUT``."""
+    async with session_pair("tcp") as (client, server):
+        mine, theirs = await open_pair(client, server)
+        outside, relay_side = await tcp_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(relay, relay_side, mine, idle_timeout=0.2))
+            with trio.fail_after(10), pytest.raises(trio.BrokenResourceError) as info:
+                await theirs.receive_some()
+            with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+                await outside.receive_some()
+        assert isinstance(info.value.__cause__, StreamResetError)
+        assert info.value.__cause__.code == ErrorCode.IDLE_TIMEOUT
+        await outside.aclose()
+        await theirs.aclose()
+
+
+async def test_half_closed_relay_still_ends_cleanly() -> None:
+    """Both directions reaching EOF is the one clean ending: each side reads everything, then
+    EOF, even with an idle timeout shorter than the time the relay lives."""
+    left, relay_a = await tcp_stream_pair()
+    right, relay_b = await tcp_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(relay, relay_a, relay_b, idle_timeout=5))
+        await left.send_all(b"request")
+        await left.send_eof()
+        got = b""
+        with trio.fail_after(10):
+            while chunk := await right.receive_some():
+                got += chunk
+        assert got == b"request"
+        await right.send_all(b"reply")
+        await right.send_eof()
+        got = b""
+        with trio.fail_after(10):
+            while chunk := await left.receive_some():
+                got += chunk
+        assert got == b"reply"
+    await left.aclose()
+    await right.aclose()
