@@ -520,6 +520,13 @@ class _ClientSession:
         async def open_association(source: tuple[str, int]) -> MuxStream:
             return await self.session.open_stream(source[0], source[1], tag=control.stream_id)
 
+        def admit_association() -> bool:
+            # an association holds a stream like a public TCP connection: same budget
+            return self._reserve_stream(None)
+
+        def release_association() -> None:
+            self.server.active_streams -= 1
+
         try:
             await control.send_all(encode_message(Bound(host, port)))
             log.info("client %s: udp remote forward listening on %s", self.peer, address)
@@ -531,6 +538,8 @@ class _ClientSession:
                         open_association,
                         idle_timeout=self.config.udp_idle_timeout,
                         max_associations=self.config.max_udp_associations,
+                        admit=admit_association,
+                        release=release_association,
                         stats=stats,
                         name=f"udp {address}",
                     )
