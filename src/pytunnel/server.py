@@ -726,7 +726,7 @@ async def serve(
         config = ServerConfig(token=token, **options)
     else:
         config = attrs.evolve(config, token=token, **options)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await bind(host, port)
     server = TunnelServer(listeners, config)
     log.info("listening for tunnel clients on %s", format_target(*server.address))
     await server.serve_forever(task_status=task_status)
