@@ -6,6 +6,7 @@ also read from a ``PYTUNNEL_*`` environment variable (shown in ``--help``).
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -16,7 +17,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import click
@@ -26,6 +27,9 @@ import pytunnel
 from pytunnel._policy import parse_port_ranges
 from pytunnel._spec import ForwardSpec, parse_forward_spec, parse_host_port
 from pytunnel._tls import parse_fingerprint
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]
 
 CONTEXT = {"auto_envvar_prefix": "PYTUNNEL", "show_default": True, "max_content_width": 100}
 
@@ -63,10 +67,58 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
+def _startup_error(exc: BaseException) -> pytunnel.TunnelError | OSError | None:
+    """The typed error behind ``exc``, looking through exception groups (nurseries wrap
+    what a task raised): the first TunnelError or OSError if the group holds nothing else,
+    ``None`` if it holds anything else (a bug, whose traceback must not be hidden)."""
+    if isinstance(exc, BaseExceptionGroup):
+        found: pytunnel.TunnelError | OSError | None = None
+        for inner in exc.exceptions:
+            typed = _startup_error(inner)
+            if typed is None:
+                return None
+            found = found or typed
+        return found
+    if isinstance(exc, (pytunnel.TunnelError, OSError)):
+        return exc
+    return None
+
+
+_ERRNO_CODES = {
+    errno.EADDRINUSE: pytunnel.ErrorCode.ADDRESS_IN_USE,
+    errno.EACCES: pytunnel.ErrorCode.PERMISSION_DENIED,
+    errno.EPERM: pytunnel.ErrorCode.PERMISSION_DENIED,
+}
+
+
+def _describe(error: pytunnel.TunnelError | OSError) -> str:
+    """``[CODE_NAME] message``: the error code's name, or for an OS error the matching
+    code's name if there is one, else the errno's."""
+    if isinstance(error, pytunnel.TunnelError):
+        return str(error)
+    code = _ERRNO_CODES.get(error.errno or 0)
+    if code is not None:
+        name = code.name
+    elif isinstance(error, ssl.SSLError):
+        name = pytunnel.ErrorCode.TLS_FAILED.name
+    else:
+        name = errno.errorcode.get(error.errno or 0, "OS_ERROR")
+    reason = error.strerror or str(error)
+    if error.filename is not None:
+        reason = f"{error.filename}: {reason}"
+    return f"[{name}] {reason}"
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"pytunnel: error: {message}", err=True)
+    sys.exit(1)
+
+
 def _run(main: Callable[[], Awaitable[None]]) -> None:
     """Run ``main`` under trio; SIGINT/SIGTERM end it cleanly with status 0, a TunnelError
-    ends it with one line on stderr and status 1."""
-    failure: list[pytunnel.TunnelError] = []
+    or OSError (however deeply nested in exception groups) ends it with one line on stderr
+    and status 1."""
+    failure: list[pytunnel.TunnelError | OSError] = []
 
     async def wrapper() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -83,14 +135,16 @@ def _run(main: Callable[[], Awaitable[None]]) -> None:
                 nursery.start_soon(watch)
                 try:
                     await main()
-                except pytunnel.TunnelError as exc:
-                    failure.append(exc)
+                except (pytunnel.TunnelError, OSError, BaseExceptionGroup) as exc:
+                    typed = _startup_error(exc)
+                    if typed is None:
+                        raise
+                    failure.append(typed)
                 nursery.cancel_scope.cancel()
 
     trio.run(wrapper)
     if failure:
-        click.echo(f"pytunnel: error: {failure[0]}", err=True)
-        sys.exit(1)
+        _fail(_describe(failure[0]))
 
 
 def _host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[str, int]:
@@ -131,8 +185,13 @@ def _read_token(ctx: click.Context, token: str | None, token_file: str | None) -
     """The token from --token-file, or --token / PYTUNNEL_TOKEN; warn when it was typed on
     the command line, where every user of the machine can read it in ``ps``."""
     if token_file is not None:
-        with open(token_file, encoding="utf-8") as handle:
-            token = handle.read().strip()
+        try:
+            with open(token_file, encoding="utf-8") as handle:
+                token = handle.read().strip()
+        except OSError as exc:
+            _fail(f"{_describe(exc)} (--token-file)")
+        except UnicodeDecodeError:
+            _fail(f"[INVALID_FIELD] {token_file}: the token file is not UTF-8 text")
         if not token:
             raise click.BadParameter("the token file is empty", param_hint="--token-file")
         return token

@@ -345,3 +345,144 @@ def test_dynamic_forward_cli(
             assert s.recv(100) == b"raw socks5"
     finally:
         client.kill()
+
+
+# ------------------------------------------------------------ startup errors: one line, exit 1
+
+
+def _startup_failure(*args: str, token: str = "t") -> str:
+    """Run the command expecting a startup failure; return its one stderr line."""
+    out = subprocess.run(
+        [*PYTUNNEL, *args, "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTUNNEL_TOKEN": token},
+    )
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("pytunnel: error: ["), lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def port_in_use() -> Iterator[int]:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+@pytest.fixture
+def garbage_pem(tmp_path: Path) -> str:
+    path = tmp_path / "garbage.pem"
+    path.write_text("not a certificate\n")
+    return str(path)
+
+
+def test_serve_on_a_port_in_use_is_one_line(port_in_use: int) -> None:
+    line = _startup_failure("serve", "--listen", f"127.0.0.1:{port_in_use}")
+    assert f"[ADDRESS_IN_USE] 127.0.0.1:{port_in_use} is already in use" in line
+
+
+async def test_serve_on_a_port_in_use_raises_the_typed_error(port_in_use: int) -> None:
+    import pytunnel
+
+    with pytest.raises(pytunnel.AddressInUseError):
+        await pytunnel.serve("t", port_in_use)
+
+
+def test_serve_with_unloadable_tls_files_is_one_line(garbage_pem: str) -> None:
+    line = _startup_failure(
+        "serve", "--listen", "127.0.0.1:0", "--tls-cert", garbage_pem, "--tls-key", garbage_pem
+    )
+    assert "[TLS_FAILED] cannot load the certificate" in line
+
+
+def test_serve_with_unloadable_client_ca_is_one_line(tmp_path: Path, garbage_pem: str) -> None:
+    tls_dir = str(tmp_path / "tls")
+    line = _startup_failure(
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-self-signed",
+        "--tls-dir",
+        tls_dir,
+        "--tls-client-ca",
+        garbage_pem,
+    )
+    assert "[TLS_FAILED] cannot load the client CA" in line
+
+
+def test_serve_with_unusable_tls_dir_is_one_line(garbage_pem: str) -> None:
+    line = _startup_failure(
+        "serve", "--listen", "127.0.0.1:0", "--tls-self-signed", "--tls-dir", f"{garbage_pem}/tls"
+    )
+    assert "[TLS_FAILED] cannot set up the self-signed certificate" in line
+
+
+@pytest.mark.parametrize("command", ["serve", "connect"])
+def test_undecodable_token_file_is_one_line(tmp_path: Path, command: str) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_bytes(b"\xff\xfe not text")
+    target = ["--listen", "127.0.0.1:0"] if command == "serve" else ["127.0.0.1:1"]
+    line = _startup_failure(command, *target, "--token-file", str(token_file))
+    assert "the token file is not UTF-8 text" in line
+
+
+def test_connect_with_local_port_in_use_is_one_line(
+    server: tuple[Proc, tuple[str, int], str], port_in_use: int
+) -> None:
+    _, (host, port), token = server
+    line = _startup_failure(
+        "connect", f"{host}:{port}", "-L", f"{port_in_use}:127.0.0.1:80", token=token
+    )
+    assert f"[ADDRESS_IN_USE] 127.0.0.1:{port_in_use} is already in use" in line
+
+
+def test_connect_with_remote_port_in_use_is_one_line(
+    server: tuple[Proc, tuple[str, int], str], port_in_use: int
+) -> None:
+    _, (host, port), token = server
+    line = _startup_failure(
+        "connect", f"{host}:{port}", "-R", f"{port_in_use}:127.0.0.1:80", token=token
+    )
+    assert "[ADDRESS_IN_USE]" in line
+
+
+def test_connect_with_tls_to_a_plain_server_is_one_line(
+    server: tuple[Proc, tuple[str, int], str],
+) -> None:
+    _, (host, port), token = server
+    line = _startup_failure("connect", f"{host}:{port}", "--tls", token=token)
+    assert "[TLS_FAILED] the peer is not speaking TLS" in line
+
+
+def test_connect_with_unloadable_tls_ca_is_one_line(
+    server: tuple[Proc, tuple[str, int], str], garbage_pem: str
+) -> None:
+    _, (host, port), token = server
+    line = _startup_failure("connect", f"{host}:{port}", "--tls-ca", garbage_pem, token=token)
+    assert "[TLS_FAILED] cannot load the CA" in line
+
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import ExceptionGroup
+
+
+def test_startup_error_is_found_inside_nested_groups() -> None:
+    import pytunnel
+    from cli.main import _describe, _startup_error
+
+    typed = pytunnel.AddressInUseError("127.0.0.1:1 is already in use")
+    nested = ExceptionGroup("outer", [ExceptionGroup("inner", [typed])])
+    assert _startup_error(nested) is typed
+    assert _describe(typed) == "[ADDRESS_IN_USE] 127.0.0.1:1 is already in use"
+    oserror = OSError(98, "Address already in use")
+    assert _describe(_startup_error(ExceptionGroup("g", [oserror])) or typed) == (
+        "[ADDRESS_IN_USE] Address already in use"
+    )
+    # anything else in the group is a bug: its traceback must not be hidden
+    assert _startup_error(ExceptionGroup("g", [typed, ValueError("bug")])) is None

@@ -483,3 +483,37 @@ async def test_offline_survives_a_reconnect(nursery: trio.Nursery) -> None:
         await trio.open_tcp_stream(*forward.address)
     await tunnel.aclose()
     await server.aclose()
+
+
+# ------------------------------------------------------------- event subscribers are bounded
+
+
+async def test_abandoned_event_subscribers_are_dropped(
+    nursery: trio.Nursery, tunnel_server: pytunnel.TunnelServer, echo_port: int
+) -> None:
+    """Receivers dropped without closing (garbage-collected) or closed are forgotten, and
+    the number kept is capped; a live subscriber keeps getting events throughout."""
+    tunnel = await pytunnel.connect_tunnel(nursery, tunnel_server.address, token=TOKEN)
+    live = tunnel.events()
+    for _ in range(10_000):
+        tunnel.events()  # dropped at once
+        tunnel.events().close()
+        assert len(tunnel._subscribers) <= 3
+    kept = [tunnel.events() for _ in range(tunnel.max_subscribers + 100)]
+    assert len(tunnel._subscribers) == tunnel.max_subscribers
+    assert tunnel.dropped_subscribers == 101  # the oldest (including ``live``) went first
+    with trio.fail_after(5):
+        async for _ in live:  # unsubscribed: the iteration ends
+            pass
+    newest = kept[-1]
+    del kept
+    live = tunnel.events()
+    forward = await tunnel.forward_local("127.0.0.1", echo_port)
+    with trio.fail_after(5):
+        event = await live.receive()
+    assert event.kind is pytunnel.EventKind.STATUS
+    assert event.forward is forward
+    assert len(tunnel._subscribers) <= 2  # the 1,124 kept receivers were collected
+    with trio.fail_after(5):
+        assert (await newest.receive()).forward is forward
+    await tunnel.aclose()

@@ -13,6 +13,7 @@ import os
 import ssl
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -172,3 +173,104 @@ def test_fingerprint_formats() -> None:
     for bad in ("SHA256:!!", "abcd", "SHA256:" + "A" * 10):
         with pytest.raises(ValueError, match="bad fingerprint"):
             parse_fingerprint(bad)
+
+
+# ------------------------------------------------ contexts built once, off the loop; key files
+
+
+async def test_reconnects_reuse_one_tls_context_built_off_the_loop(
+    nursery: trio.Nursery, tmp_path: Path, echo_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building a context reads the system CA store from disk: it must happen in a worker
+    thread, once per tunnel, not on the event loop at every reconnection."""
+    import threading
+
+    import pytunnel._tls
+    import pytunnel.client
+
+    built_in: list[bool] = []
+    used: list[ssl.SSLContext] = []
+    base_context = pytunnel._tls._base_context
+    tls_connect = pytunnel.client.tls_connect
+
+    def spy_base_context(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        built_in.append(threading.current_thread() is threading.main_thread())
+        return base_context(*args, **kwargs)
+
+    async def spy_tls_connect(stream: Any, context: ssl.SSLContext, **kwargs: Any) -> Any:
+        used.append(context)
+        return await tls_connect(stream, context, **kwargs)
+
+    monkeypatch.setattr(pytunnel._tls, "_base_context", spy_base_context)
+    monkeypatch.setattr(pytunnel.client, "tls_connect", spy_tls_connect)
+    cert, key, fingerprint = await pytunnel.ensure_self_signed(tmp_path / "tls")
+    server = await _start(nursery, await pytunnel.server_tls_context(cert, key))
+    built_in.clear()  # the server's own context
+    tunnel = await pytunnel.connect_tunnel(
+        nursery,
+        server.address,
+        token=TOKEN,
+        tls_fingerprint=fingerprint,
+        backoff_initial=0.02,
+        backoff_max=0.1,
+    )
+    for reconnects in (1, 2):
+        assert tunnel.session is not None
+        await tunnel.session.abort(pytunnel.SessionClosedError("cut by the test"))
+        with trio.fail_after(10):
+            while tunnel.reconnects < reconnects or not tunnel.connected:
+                await trio.sleep(0.01)
+    await _roundtrip(tunnel, echo_port)
+    assert built_in == [False], "one context, built in a worker thread"
+    assert len(used) == 3
+    assert all(context is used[0] for context in used)
+    await tunnel.aclose()
+
+
+async def test_self_signed_key_path_symlink_is_refused_not_followed(tmp_path: Path) -> None:
+    directory = tmp_path / "tls"
+    directory.mkdir()
+    victim = tmp_path / "victim"
+    (directory / "server.key").symlink_to(victim)  # dangling: "does not exist" to exists()
+    with pytest.raises(pytunnel.TLSError, match="refusing to write"):
+        await pytunnel.ensure_self_signed(directory)
+    assert not victim.exists()
+    victim.write_text("precious")
+    (directory / "server.crt").unlink(missing_ok=True)
+    with pytest.raises(pytunnel.TLSError, match="refusing to write"):
+        await pytunnel.ensure_self_signed(directory)
+    assert victim.read_text() == "precious"
+    assert (directory / "server.key").is_symlink()
+
+
+async def test_self_signed_files_are_0600_whatever_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o277)  # would leave 0400 if the mode came from open() alone
+    try:
+        cert, key, _ = await pytunnel.ensure_self_signed(tmp_path / "tls")
+    finally:
+        os.umask(previous)
+    for path in (cert, key):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+async def test_self_signed_pair_half_missing_is_made_anew(tmp_path: Path) -> None:
+    cert, key, first = await pytunnel.ensure_self_signed(tmp_path / "tls")
+    cert.unlink()
+    again_cert, again_key, second = await pytunnel.ensure_self_signed(tmp_path / "tls")
+    assert (again_cert, again_key) == (cert, key)
+    assert second != first
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+
+
+async def test_unloadable_tls_files_are_one_typed_error(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    with pytest.raises(pytunnel.TLSError, match="cannot load the certificate"):
+        await pytunnel.server_tls_context(garbage, garbage)
+    cert, key, _ = await pytunnel.ensure_self_signed(tmp_path / "tls")
+    with pytest.raises(pytunnel.TLSError, match="cannot load the client CA"):
+        await pytunnel.server_tls_context(cert, key, client_ca_file=garbage)
+    with pytest.raises(pytunnel.TLSError, match="cannot load the CA"):
+        await pytunnel.client_tls_context(ca_file=garbage)
+    with pytest.raises(pytunnel.TLSError, match="cannot set up the self-signed"):
+        await pytunnel.ensure_self_signed(garbage / "inside a file")

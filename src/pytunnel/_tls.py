@@ -10,12 +10,14 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import functools
 import hashlib
 import hmac
 import ipaddress
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -60,10 +62,29 @@ def parse_fingerprint(text: str) -> bytes:
     return digest
 
 
-def _base_context(purpose: ssl.Purpose) -> ssl.SSLContext:
-    context = ssl.create_default_context(purpose)
+def _base_context(purpose: ssl.Purpose, *, system_store: bool = True) -> ssl.SSLContext:
+    """The defaults of ``ssl.create_default_context``; with ``system_store``, the system's
+    CA certificates are loaded, which reads files: call it in a worker thread."""
+    if system_store:
+        context = ssl.create_default_context(purpose)
+    else:
+        context = ssl.SSLContext(
+            ssl.PROTOCOL_TLS_CLIENT
+            if purpose is ssl.Purpose.SERVER_AUTH
+            else ssl.PROTOCOL_TLS_SERVER
+        )
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+async def _load(what: str, load: Callable[[], None]) -> None:
+    """Run a file-reading ``load`` in a worker thread; a bad or unreadable file becomes one
+    TLSError naming it."""
+    try:
+        await trio.to_thread.run_sync(load)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        raise TLSError(f"cannot load {what}: {reason}") from None
 
 
 async def server_tls_context(
@@ -74,10 +95,16 @@ async def server_tls_context(
 ) -> ssl.SSLContext:
     """A server context (TLS 1.2+, 1.3 preferred by OpenSSL). With ``client_ca_file``, clients
     must present a certificate signed by it (mutual TLS)."""
-    context = _base_context(ssl.Purpose.CLIENT_AUTH)
-    await trio.to_thread.run_sync(context.load_cert_chain, str(cert_file), str(key_file))
+    context = await trio.to_thread.run_sync(_base_context, ssl.Purpose.CLIENT_AUTH)
+    await _load(
+        f"the certificate {cert_file} and key {key_file}",
+        functools.partial(context.load_cert_chain, str(cert_file), str(key_file)),
+    )
     if client_ca_file is not None:
-        await trio.to_thread.run_sync(context.load_verify_locations, str(client_ca_file))
+        await _load(
+            f"the client CA {client_ca_file}",
+            functools.partial(context.load_verify_locations, str(client_ca_file)),
+        )
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 
@@ -91,16 +118,25 @@ async def client_tls_context(
 ) -> ssl.SSLContext:
     """A client context verifying the server against the system store or ``ca_file``, with
     the host name checked. ``pinned``: verification is done by fingerprint instead (for
-    self-signed servers), so the chain and name are not checked by OpenSSL."""
-    context = _base_context(ssl.Purpose.SERVER_AUTH)
+    self-signed servers), so the chain and name are not checked by OpenSSL and the system
+    store is not even loaded. Every file is read in a worker thread, never on the event
+    loop; build the context once and reuse it for every connection."""
+    context = await trio.to_thread.run_sync(
+        functools.partial(_base_context, ssl.Purpose.SERVER_AUTH, system_store=not pinned)
+    )
     if pinned:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     elif ca_file is not None:
-        await trio.to_thread.run_sync(context.load_verify_locations, str(ca_file))
+        await _load(
+            f"the CA {ca_file}", functools.partial(context.load_verify_locations, str(ca_file))
+        )
     if cert_file is not None:
-        await trio.to_thread.run_sync(
-            context.load_cert_chain, str(cert_file), str(key_file) if key_file else None
+        await _load(
+            f"the client certificate {cert_file}",
+            functools.partial(
+                context.load_cert_chain, str(cert_file), str(key_file) if key_file else None
+            ),
         )
     return context
 
@@ -173,11 +209,30 @@ async def tls_accept(
     return tls
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Create ``path`` for us alone: a new file (never an existing one, never through a
+    symlink someone planted there), 0600 before the first byte whatever the umask."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise TLSError(f"refusing to write {path}: something (a link?) is already there") from None
     with os.fdopen(fd, "wb") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # the umask may have taken bits off, never added
         handle.write(data)
-    os.chmod(path, 0o600)
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove what is left of an incomplete pair, if it is a plain file of ours; anything
+    else (a symlink, say) stays, and writing the new file is refused."""
+    try:
+        if path.is_symlink() or not path.is_file():
+            return
+    except OSError:
+        return
+    path.unlink()
 
 
 def _make_self_signed(cert_path: Path, key_path: Path, names: list[str]) -> None:
@@ -220,6 +275,8 @@ def _load_or_make(directory: Path, names: list[str]) -> tuple[Path, Path, str]:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     cert_path, key_path = directory / "server.crt", directory / "server.key"
     if not (cert_path.exists() and key_path.exists()):
+        _remove_stale(cert_path)
+        _remove_stale(key_path)
         _make_self_signed(cert_path, key_path, names)
         log.info("created a self-signed certificate in %s", directory)
     der = ssl.PEM_cert_to_DER_cert(cert_path.read_text())
@@ -237,3 +294,8 @@ async def ensure_self_signed(
         )
     except ImportError:  # pragma: no cover - cryptography is a dependency
         raise ConnectError("the 'cryptography' package is needed for --tls-self-signed") from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise TLSError(
+            f"cannot set up the self-signed certificate in {directory}: {reason}"
+        ) from None

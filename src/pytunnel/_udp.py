@@ -13,7 +13,7 @@ the TCP streams that share the session is not.
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 
 import attrs
@@ -29,6 +29,7 @@ from .protocol.messages import MAX_DATAGRAM
 
 __all__ = [
     "DEFAULT_MAX_ASSOCIATIONS",
+    "DEFAULT_REFUSAL_MEMORY",
     "DEFAULT_UDP_IDLE_TIMEOUT",
     "relay_association",
     "serve_associations",
@@ -39,8 +40,12 @@ log = logging.getLogger("pytunnel.udp")
 
 #: An association with no datagram either way for this long is closed.
 DEFAULT_UDP_IDLE_TIMEOUT = 60.0
-#: Associations one UDP forward keeps at once; datagrams from further sources are dropped.
+#: Associations one UDP forward keeps at once; a new source beyond it evicts the least
+#: recently used association.
 DEFAULT_MAX_ASSOCIATIONS = 1024
+#: A source whose association was refused is not retried for this long: its datagrams are
+#: dropped instead of each opening a stream that would be refused again.
+DEFAULT_REFUSAL_MEMORY = 5.0
 #: Datagrams held for an association whose stream is still opening.
 _PENDING_LIMIT = 16
 _RECV_SIZE = 65536
@@ -49,17 +54,71 @@ _RECV_SIZE = 65536
 Address = tuple[str, int]
 
 
-@attrs.define
+def _admit_always() -> bool:
+    return True
+
+
+def _release_nothing() -> None:
+    pass
+
+
+@attrs.define(eq=False)
 class _Association:
     address: Address
     pending: deque[bytes] = attrs.field(factory=deque)
     stream: MuxStream | None = None
-    scope: trio.CancelScope | None = None
+    #: Covers the whole association, opening included, so eviction can end it at any point;
+    #: its deadline is the idle expiry once the stream is open.
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
 
 
-def _touch(association: _Association, idle_timeout: float) -> None:
-    if association.scope is not None:
-        association.scope.deadline = trio.current_time() + idle_timeout
+@attrs.define(eq=False)
+class _Table:
+    """The associations of one forward, least recently used first, and the sources refused
+    lately (oldest first; both bounded by ``max_associations``)."""
+
+    idle_timeout: float
+    max_associations: int
+    refusal_memory: float
+    associations: OrderedDict[Address, _Association] = attrs.field(factory=OrderedDict)
+    refused: OrderedDict[Address, float] = attrs.field(factory=OrderedDict)
+
+    def touch(self, association: _Association) -> None:
+        """Mark activity: the association becomes the most recently used and, once open,
+        its idle expiry restarts."""
+        if self.associations.get(association.address) is association:
+            self.associations.move_to_end(association.address)
+        if association.stream is not None:
+            association.scope.deadline = trio.current_time() + self.idle_timeout
+
+    def evict_oldest(self) -> _Association:
+        """Make room for a new source by ending the least recently used association, so
+        sources that stopped talking (or never could, being spoofed) cannot keep the
+        table full for an idle timeout each."""
+        _, association = self.associations.popitem(last=False)
+        association.scope.cancel()
+        return association
+
+    def remove(self, association: _Association) -> None:
+        if self.associations.get(association.address) is association:
+            del self.associations[association.address]
+
+    def refuse(self, address: Address) -> None:
+        if self.refusal_memory <= 0:
+            return
+        self.refused.pop(address, None)
+        self.refused[address] = trio.current_time() + self.refusal_memory
+        while len(self.refused) > self.max_associations:
+            self.refused.popitem(last=False)
+
+    def is_refused(self, address: Address) -> bool:
+        now = trio.current_time()
+        while self.refused:  # expiries are in insertion order: drop the stale ones first
+            oldest, expiry = next(iter(self.refused.items()))
+            if expiry > now:
+                break
+            del self.refused[oldest]
+        return address in self.refused
 
 
 async def serve_associations(
@@ -68,12 +127,21 @@ async def serve_associations(
     *,
     idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT,
     max_associations: int = DEFAULT_MAX_ASSOCIATIONS,
+    refusal_memory: float = DEFAULT_REFUSAL_MEMORY,
+    admit: Callable[[], bool] = _admit_always,
+    release: Callable[[], None] = _release_nothing,
     stats: RelayStats,
     name: str,
 ) -> None:
     """The listening side of a UDP forward: read ``sock`` forever, route each datagram to its
-    source's association (opening one, through ``open_association``, for a new source)."""
-    associations: dict[Address, _Association] = {}
+    source's association (opening one, through ``open_association``, for a new source).
+
+    ``admit`` takes a slot of the owner's stream budget for a new association (False: the
+    source is refused); ``release`` gives it back when that association ends. A refused
+    source is remembered for ``refusal_memory`` seconds, during which its datagrams are
+    dropped without opening anything.
+    """
+    table = _Table(idle_timeout, max_associations, refusal_memory)
     async with trio.open_nursery() as nursery:
         while True:
             try:
@@ -81,19 +149,31 @@ async def serve_associations(
             except ConnectionError:  # ICMP errors are reported here on some systems
                 continue
             address: Address = (str(raw_address[0]), int(raw_address[1]))
-            association = associations.get(address)
+            association = table.associations.get(address)
             if association is None:
-                if len(associations) >= max_associations:
+                if table.is_refused(address):
                     stats.datagrams_dropped += 1
                     continue
-                association = associations[address] = _Association(address)
+                if not admit():
+                    stats.count_error("REFUSED")
+                    stats.datagrams_dropped += 1
+                    table.refuse(address)
+                    continue
+                if len(table.associations) >= max_associations:
+                    evicted = table.evict_oldest()
+                    log.debug(
+                        "%s: association for %s evicted (table full)",
+                        name,
+                        format_target(*evicted.address),
+                    )
+                association = table.associations[address] = _Association(address)
                 nursery.start_soon(
                     _run_association,
                     sock,
                     association,
-                    associations,
+                    table,
                     open_association,
-                    idle_timeout,
+                    release,
                     stats,
                     name,
                 )
@@ -101,12 +181,11 @@ async def serve_associations(
             if stream is None:
                 if len(association.pending) < _PENDING_LIMIT:
                     association.pending.append(data)
-                    stats.bytes_out += len(data)
                 else:
                     stats.datagrams_dropped += 1
             elif _forward(stream, data, stats):
                 stats.bytes_out += len(data)
-                _touch(association, idle_timeout)
+                table.touch(association)
 
 
 def _forward(stream: MuxStream, data: bytes, stats: RelayStats) -> bool:
@@ -122,9 +201,9 @@ def _forward(stream: MuxStream, data: bytes, stats: RelayStats) -> bool:
 async def _run_association(
     sock: trio.socket.SocketType,
     association: _Association,
-    associations: dict[Address, _Association],
+    table: _Table,
     open_association: Callable[[Address], Awaitable[MuxStream]],
-    idle_timeout: float,
+    release: Callable[[], None],
     stats: RelayStats,
     name: str,
 ) -> None:
@@ -132,25 +211,33 @@ async def _run_association(
     stats.total_connections += 1
     stream: MuxStream | None = None
     try:
-        try:
-            stream = await open_association(association.address)
-        except Exception as exc:
-            if isinstance(exc, SessionClosedError):
-                stats.count_error("LINK_DOWN")
-            else:
-                category = getattr(exc, "category", "REFUSED")
-                stats.count_error(
-                    category if category in ("NODE_TIMEOUT", "NODE_UNSTABLE") else "REFUSED"
+        with association.scope:
+            try:
+                stream = await open_association(association.address)
+            except Exception as exc:
+                table.refuse(association.address)
+                stats.datagrams_dropped += len(association.pending)
+                association.pending.clear()
+                if isinstance(exc, SessionClosedError):
+                    stats.count_error("LINK_DOWN")
+                else:
+                    category = getattr(exc, "category", "REFUSED")
+                    stats.count_error(
+                        category if category in ("NODE_TIMEOUT", "NODE_UNSTABLE") else "REFUSED"
+                    )
+                log.info(
+                    "%s: association for %s refused: %s",
+                    name,
+                    format_target(*association.address),
+                    exc,
                 )
-            log.info(
-                "%s: association for %s refused: %s", name, format_target(*association.address), exc
-            )
-            return
-        association.stream = stream
-        with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
-            association.scope = scope
+                return
+            association.stream = stream
+            table.touch(association)
             while association.pending:
-                _forward(stream, association.pending.popleft(), stats)
+                data = association.pending.popleft()
+                if _forward(stream, data, stats):
+                    stats.bytes_out += len(data)
             while True:
                 try:
                     data = await stream.receive_datagram()
@@ -162,10 +249,11 @@ async def _run_association(
                     stats.datagrams_dropped += 1
                     continue
                 stats.bytes_in += len(data)
-                scope.deadline = trio.current_time() + idle_timeout
+                table.touch(association)
     finally:
-        associations.pop(association.address, None)
+        table.remove(association)
         stats.active_connections -= 1
+        release()
         if stream is not None:
             await trio.aclose_forcefully(stream)
 

@@ -29,6 +29,7 @@ import math
 import random
 import ssl
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -780,9 +781,18 @@ class Tunnel:
         self._cancel_scope = trio.CancelScope()
         self._closing = False
         self._done = trio.Event()
-        self._subscribers: list[trio.MemorySendChannel[TunnelEvent]] = []
+        #: Each subscriber's send side, oldest first, with a weak reference to the receive side
+        #: so that one dropped without being closed is noticed and let go.
+        self._subscribers: dict[
+            trio.MemorySendChannel[TunnelEvent], weakref.ref[trio.MemoryReceiveChannel[TunnelEvent]]
+        ] = {}
         #: Events not delivered because a subscriber's buffer was full.
         self.dropped_events = 0
+        #: Subscribers unsubscribed because there were more than ``max_subscribers``.
+        self.dropped_subscribers = 0
+        #: The TLS context of every connection of this tunnel, built (off the event loop)
+        #: for the first one and reused for each reconnection.
+        self._tls_context: ssl.SSLContext | None = config.tls
 
     # ------------------------------------------------------------------ state
 
@@ -810,6 +820,9 @@ class Tunnel:
                 await self._link_changed.park()
         return self.connected
 
+    #: Event subscribers kept at once (see :meth:`events`).
+    max_subscribers = 1024
+
     def events(self, buffer: int = 256) -> trio.MemoryReceiveChannel[TunnelEvent]:
         """Subscribe to events: ``async for event in tunnel.events(): ...``.
 
@@ -817,22 +830,44 @@ class Tunnel:
         Buffering is bounded: events beyond ``buffer`` unread are dropped and counted in
         ``dropped_events`` (the current state is always readable on the objects themselves).
         The iterator ends when the tunnel ends.
+
+        Subscribers are bounded: one whose receiver was closed or garbage-collected is
+        forgotten, and beyond ``max_subscribers`` the oldest is unsubscribed (its iterator
+        ends), so code that subscribes in a loop cannot grow the tunnel without limit.
         """
         send, receive = trio.open_memory_channel[TunnelEvent](buffer)
         if self.closed:
             send.close()  # nothing more will happen: the iterator ends at once
-        else:
-            self._subscribers.append(send)
+            return receive
+        self._forget_abandoned()
+        while len(self._subscribers) >= self.max_subscribers:
+            oldest = next(iter(self._subscribers))
+            del self._subscribers[oldest]
+            oldest.close()
+            self.dropped_subscribers += 1
+            if self.dropped_subscribers == 1:  # once: a leaking caller would flood the log
+                log.warning(
+                    "more than %d event subscribers: the oldest are being unsubscribed",
+                    self.max_subscribers,
+                )
+        self._subscribers[send] = weakref.ref(receive)
         return receive
 
+    def _forget_abandoned(self) -> None:
+        for channel, receiver in list(self._subscribers.items()):
+            if receiver() is None or channel.statistics().open_receive_channels == 0:
+                del self._subscribers[channel]
+                channel.close()
+
     def _emit(self, event: TunnelEvent) -> None:
+        self._forget_abandoned()
         for channel in list(self._subscribers):
             try:
                 channel.send_nowait(event)
             except trio.WouldBlock:
                 self.dropped_events += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._subscribers.remove(channel)
+                self._subscribers.pop(channel, None)
 
     # ------------------------------------------------------------------ user API
 
@@ -988,16 +1023,18 @@ class Tunnel:
         self, stream: trio.abc.Stream | None
     ) -> tuple[trio.abc.Stream, HandshakeResult]:
         """Open a connection (unless given one) and authenticate; close it on failure."""
+        config = self.config
+        use_tls = config.tls is not None or config.tls_fingerprint is not None
+        if use_tls and self._tls_context is None:
+            self._tls_context = await client_tls_context(pinned=True)
         if stream is None:
             if self._connector is None:
                 raise SessionClosedError("nothing to reconnect to")
             stream = await self._connector()
-        config = self.config
-        if config.tls is not None or config.tls_fingerprint is not None:
-            context = config.tls or await client_tls_context(pinned=True)
+        if use_tls and self._tls_context is not None:
             stream = await tls_connect(
                 stream,
-                context,
+                self._tls_context,
                 server_hostname=config.tls_server_hostname or self.server_host,
                 fingerprint=config.tls_fingerprint,
                 timeout=config.handshake_timeout,

@@ -560,6 +560,13 @@ class _ClientSession:
                 source[0], source[1], tag=control.stream_id, datagrams=True
             )
 
+        def admit_association() -> bool:
+            # an association holds a stream like a public TCP connection: same budget
+            return self._reserve_stream(None)
+
+        def release_association() -> None:
+            self.server.active_streams -= 1
+
         try:
             await control.send_all(encode_message(Bound(host, port)))
             log.info("client %s: udp remote forward listening on %s", self.peer, address)
@@ -571,6 +578,8 @@ class _ClientSession:
                         open_association,
                         idle_timeout=self.config.udp_idle_timeout,
                         max_associations=self.config.max_udp_associations,
+                        admit=admit_association,
+                        release=release_association,
                         stats=stats,
                         name=f"udp {address}",
                     )
@@ -769,7 +778,7 @@ async def serve(
         config = ServerConfig(token=token, **options)
     else:
         config = attrs.evolve(config, token=token, **options)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await bind(host, port)
     server = TunnelServer(listeners, config)
     log.info("listening for tunnel clients on %s", format_target(*server.address))
     await server.serve_forever(task_status=task_status)
