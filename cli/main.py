@@ -24,7 +24,7 @@ import click
 import trio
 
 import pytunnel
-from pytunnel._policy import parse_port_ranges
+from pytunnel._policy import PermitOpen, parse_port_ranges
 from pytunnel._spec import ForwardSpec, parse_forward_spec, parse_host_port
 from pytunnel._tls import parse_fingerprint
 
@@ -181,6 +181,16 @@ def _port_ranges(_ctx: click.Context, _param: click.Parameter, value: str | None
     return value
 
 
+def _permit_open(
+    _ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    try:
+        PermitOpen.parse(list(value))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def _read_token(ctx: click.Context, token: str | None, token_file: str | None) -> str | None:
     """The token from --token-file, or --token / PYTUNNEL_TOKEN; warn when it was typed on
     the command line, where every user of the machine can read it in ``ps``."""
@@ -259,8 +269,11 @@ def main() -> None:
 @click.option(
     "--permit-open",
     multiple=True,
-    help="Targets clients may open, OpenSSH PermitOpen style (host:port, * wildcards). "
-    "Repeatable. Default: any.",
+    callback=_permit_open,
+    help="Targets clients may open, OpenSSH PermitOpen style: NAME:PORT (* wildcards, matched "
+    "against the name asked for) or IP:PORT, 10.0.0.*:PORT, 10.0.0.0/24:PORT (matched "
+    "against the address the name resolves to, which is the address dialled); PORT is a "
+    "number, LOW-HIGH or *. Repeatable. Default: any.",
 )
 @click.option(
     "--connect-timeout",
@@ -290,7 +303,8 @@ def main() -> None:
     "--max-streams",
     type=click.IntRange(min=1),
     default=16384,
-    help="Relayed connections across all clients.",
+    help="Relayed connections across all clients (lowered to what the file descriptor "
+    "limit allows; the soft limit is raised to the hard one at start).",
 )
 @click.option(
     "--max-session-streams",
@@ -303,6 +317,30 @@ def main() -> None:
     type=click.IntRange(min=1),
     default=128,
     help="Connections allowed in their handshake at once.",
+)
+@click.option(
+    "--max-handshakes-per-address",
+    type=click.IntRange(min=1),
+    default=8,
+    help="Connections one source address may have in their handshake at once.",
+)
+@click.option(
+    "--first-frame-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=3.0,
+    help="Seconds a new connection has to send its first frame (after TLS, if any).",
+)
+@click.option(
+    "--auth-failure-burst",
+    type=click.IntRange(min=1),
+    default=10,
+    help="Failed authentications one address may make in a burst before it is refused.",
+)
+@click.option(
+    "--auth-failure-interval",
+    type=click.FloatRange(min=0),
+    default=6.0,
+    help="Seconds after which one more failed authentication is forgiven (the refill rate).",
 )
 @click.option(
     "--max-frame-size",
@@ -356,6 +394,10 @@ def serve(
     max_streams: int,
     max_session_streams: int,
     max_pending_handshakes: int,
+    max_handshakes_per_address: int,
+    first_frame_timeout: float,
+    auth_failure_burst: int,
+    auth_failure_interval: float,
     max_frame_size: int,
     token_file: str | None,
     tls_cert: str | None,
@@ -404,6 +446,10 @@ def serve(
                     max_forwards_per_client=max_forwards_per_client,
                     max_streams=max_streams,
                     max_pending_handshakes=max_pending_handshakes,
+                    max_handshakes_per_address=max_handshakes_per_address,
+                    first_frame_timeout=first_frame_timeout,
+                    auth_failure_burst=auth_failure_burst,
+                    auth_failure_interval=auth_failure_interval,
                     session=pytunnel.SessionConfig(
                         max_streams=max_session_streams, max_frame_size=max_frame_size
                     ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -232,6 +233,13 @@ def test_json_log_format(server: tuple[Proc, tuple[str, int], str]) -> None:
         ["connect", "not-an-address", "--token", "t"],
         ["serve", "--listen", "127.0.0.1:x"],
         ["serve", "--allow-ports", "9-1"],
+        ["serve", "--permit-open", "no-port"],
+        ["serve", "--permit-open", "db:0"],
+        ["serve", "--permit-open", "10.0.0.0/33:80"],
+        ["serve", "--max-handshakes-per-address", "0"],
+        ["serve", "--first-frame-timeout", "0"],
+        ["serve", "--auth-failure-burst", "0"],
+        ["serve", "--auth-failure-interval", "-1"],
         ["connect", "127.0.0.1:7000"],
     ],
 )
@@ -486,3 +494,72 @@ def test_startup_error_is_found_inside_nested_groups() -> None:
     )
     # anything else in the group is a bug: its traceback must not be hidden
     assert _startup_error(ExceptionGroup("g", [typed, ValueError("bug")])) is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(*args: str) -> tuple[Proc, tuple[str, int], str]:
+    proc = Proc("serve", "--listen", "127.0.0.1:0", *args)
+    listening = proc.readline()
+    token = proc.readline().split("--token ")[1].strip()
+    return proc, _address(listening), token
+
+
+def test_allow_ports_comma_list_through_the_cli(echo_address: tuple[str, int]) -> None:
+    """``--allow-ports 1-2,PORT``: a port in a later element of the list is allowed, one in
+    none of them is refused with one line."""
+    allowed, other = _free_port(), _free_port()
+    proc, (host, port), token = _serve("--allow-ports", f"1-2, {allowed}")
+    echo = f"{echo_address[0]}:{echo_address[1]}"
+    env = {"PYTUNNEL_TOKEN": token}
+    client = Proc("connect", f"{host}:{port}", "-R", f"{allowed}:{echo}", env=env)
+    try:
+        client.readline()
+        line = client.readline()
+        assert line.startswith(f"remote forward 127.0.0.1:{allowed} ")
+        assert _roundtrip(_address(line), b"in the list") == b"in the list"
+    finally:
+        client.kill()
+    try:
+        out = subprocess.run(
+            [*PYTUNNEL, "connect", f"{host}:{port}", "-R", f"{other}:{echo}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, **env},
+        )
+        assert out.returncode == 1
+        assert f"[PORT_NOT_ALLOWED] port {other} is outside the allowed range" in out.stderr
+        assert "Traceback" not in out.stderr
+    finally:
+        proc.kill()
+
+
+def test_permit_open_wildcard_through_the_cli(echo_address: tuple[str, int]) -> None:
+    """``--permit-open 127.0.0.*:PORT`` admits ``localhost``, which resolves into it, and
+    refuses a port the pattern does not cover."""
+    echo_port = echo_address[1]
+    proc, (host, port), token = _serve("--permit-open", f"127.0.0.*:{echo_port}")
+    client = Proc(
+        "connect",
+        f"{host}:{port}",
+        "-L",
+        f"0:localhost:{echo_port}",
+        "-L",
+        f"0:localhost:{_free_port()}",
+        env={"PYTUNNEL_TOKEN": token},
+    )
+    try:
+        client.readline()
+        allowed, forbidden = client.readline(), client.readline()
+        assert _roundtrip(_address(allowed), b"wildcard") == b"wildcard"
+        # refused by the server: the local connection is closed (or reset), nothing echoed
+        with contextlib.suppress(ConnectionResetError):
+            assert _roundtrip(_address(forbidden), b"refused") == b""
+    finally:
+        client.kill()
+        proc.kill()

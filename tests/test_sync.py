@@ -54,8 +54,8 @@ def test_plain_threads(echo_address: tuple[str, int]) -> None:
 
 
 def test_typed_errors_cross_the_thread() -> None:
-    # no failed-authentication delay, so the right token may follow the wrong one at once
-    with pytunnel.sync.serve("t", auth_failure_delay=0) as server:
+    # no failed-authentication penalty, so the right token may follow the wrong one at once
+    with pytunnel.sync.serve("t", auth_failure_interval=0) as server:
         with (
             pytest.raises(pytunnel.AuthenticationError),
             pytunnel.sync.connect(server.address, token="wrong"),

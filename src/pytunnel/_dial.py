@@ -12,12 +12,21 @@ import errno
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from .errors import DialError, NodeTimeoutError, NodeUnstableError
+from ._policy import PermitOpen
+from .errors import DialError, NodeTimeoutError, NodeUnstableError, TargetForbiddenError
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "describe_os_error", "dial", "format_target"]
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "describe_os_error",
+    "dial",
+    "dial_permitted",
+    "format_target",
+    "resolve",
+]
 
 log = logging.getLogger("pytunnel.dial")
 
@@ -55,6 +64,29 @@ def _errnos(exc: BaseException) -> set[int]:
     return found
 
 
+async def resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to for a TCP connection, in the resolver's order
+    (an IP literal is its own answer, without DNS)."""
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses: list[str] = []
+    for *_, sockaddr in infos:
+        address = str(sockaddr[0])
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+async def _open_first(addresses: Sequence[str], port: int) -> trio.SocketStream:
+    """Connect to the first of ``addresses`` that answers; IP literals only, so no lookup."""
+    last: OSError = OSError(errno.EADDRNOTAVAIL, "no address to connect to")
+    for address in addresses:
+        try:
+            return await trio.open_tcp_stream(address, port)
+        except OSError as exc:
+            last = exc
+    raise last
+
+
 async def dial(
     host: str,
     port: int,
@@ -62,17 +94,80 @@ async def dial(
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
     logger: logging.Logger = log,
     level: int = logging.WARNING,
+    addresses: Sequence[str] | None = None,
 ) -> trio.SocketStream:
     """Connect to ``host:port`` or raise ``NodeTimeoutError`` / ``NodeUnstableError``.
 
     DNS resolution happens here, at the dialling side, through trio's resolver (in a thread),
-    inside the same deadline as the connect.
+    inside the same deadline as the connect. With ``addresses`` (already resolved and
+    checked), exactly those are dialled and no second lookup can change where the connection
+    goes; ``host`` then only names the target in errors.
     """
+
+    async def connect() -> trio.SocketStream:
+        if addresses is None:
+            return await trio.open_tcp_stream(host, port)
+        return await _open_first(addresses, port)
+
+    return await _guarded(connect, host, port, timeout=timeout, logger=logger, level=level)
+
+
+async def dial_permitted(
+    permit: PermitOpen,
+    host: str,
+    port: int,
+    *,
+    timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    logger: logging.Logger = log,
+    level: int = logging.WARNING,
+) -> trio.SocketStream:
+    """Dial ``host:port`` if ``permit`` allows it, deciding on what is actually dialled.
+
+    Allowed by name (or ``any``): dialled by name. Otherwise, when an IP pattern covers the
+    port, the name is resolved once (inside the dial's deadline), the addresses the policy
+    allows are kept, and only those are dialled. Raises ``TargetForbiddenError`` (not logged:
+    the caller says who asked) or the dial's ``DialError``.
+    """
+    target = format_target(host, port)
+    if permit.allows_name(host, port):
+        return await dial(host, port, timeout=timeout, logger=logger, level=level)
+    forbidden = TargetForbiddenError(f"{target} is not permitted by the server", target=target)
+    if not permit.needs_address(port):
+        raise forbidden
+
+    async def connect() -> trio.SocketStream:
+        try:
+            resolved = await resolve(host, port)
+        except (OSError, UnicodeError, ValueError) as exc:
+            # a name with no address cannot be shown to be permitted: that is the answer
+            # the client gets, with the reason
+            reason = describe_os_error(exc) if isinstance(exc, OSError) else "invalid host name"
+            raise TargetForbiddenError(
+                f"{target} is not permitted by the server ({reason})", target=target
+            ) from None
+        allowed = [a for a in resolved if permit.allows_address(a, port)]
+        if not allowed:
+            raise forbidden
+        return await _open_first(allowed, port)
+
+    return await _guarded(connect, host, port, timeout=timeout, logger=logger, level=level)
+
+
+async def _guarded(
+    connect: Callable[[], Awaitable[trio.SocketStream]],
+    host: str,
+    port: int,
+    *,
+    timeout: float,
+    logger: logging.Logger,
+    level: int,
+) -> trio.SocketStream:
+    """Run ``connect`` within ``timeout`` and sort its failure into one typed, logged error."""
     target = format_target(host, port)
     error: DialError
     try:
         with trio.fail_after(timeout):
-            return await trio.open_tcp_stream(host, port)
+            return await connect()
     except trio.TooSlowError:
         error = NodeTimeoutError(f"dial {target} timed out after {timeout:g} s", target=target)
     except (UnicodeError, ValueError) as exc:

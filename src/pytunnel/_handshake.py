@@ -169,16 +169,27 @@ async def server_handshake(
     max_frame_size: int,
     versions: tuple[int, ...] = hs.SUPPORTED_VERSIONS,
     peer: str = "?",
+    first_frame_timeout: float | None = None,
 ) -> HandshakeResult:
     """Authenticate a client. On failure the peer is told why (``GoAway``), the stream is
-    closed and the same typed error is raised here. The token is never logged."""
+    closed and the same typed error is raised here. The token is never logged.
+
+    ``first_frame_timeout`` bounds the wait for the client's ``Hello`` alone: an honest client
+    sends it at once, so a connection that stays silent is dropped long before ``timeout``
+    and cannot hold a pending-handshake slot for the whole handshake deadline."""
     key = _token_bytes(token)
     decoder = FrameDecoder(hs.PRE_AUTH_MAX_FRAME_SIZE)
+    waiting_for = "Hello"
+    first_timeout = timeout if first_frame_timeout is None else min(timeout, first_frame_timeout)
     try:
         with trio.fail_after(timeout):
-            hello = await _receive(
-                stream, decoder, tls_hint="the client speaks TLS but this server has no TLS set up"
-            )
+            with trio.fail_after(first_timeout):
+                hello = await _receive(
+                    stream,
+                    decoder,
+                    tls_hint="the client speaks TLS but this server has no TLS set up",
+                )
+            waiting_for = "Auth"
             if not isinstance(hello, Hello):
                 raise _unexpected(hello, "Hello")
             version = hs.choose_version(hello.versions, versions)
@@ -197,9 +208,14 @@ async def server_handshake(
             proof = hs.server_proof(key, version, hello.nonce, server_nonce)
             await _send(stream, Welcome(proof, max_frame_size))
     except trio.TooSlowError:
-        log.info("handshake with %s timed out after %s s", peer, timeout)
+        limit = first_timeout if waiting_for == "Hello" else timeout
+        log.info(
+            "handshake with %s timed out waiting for its %s (%.1f s)", peer, waiting_for, limit
+        )
         await trio.aclose_forcefully(stream)
-        raise HandshakeTimeoutError(f"handshake with {peer} timed out") from None
+        raise HandshakeTimeoutError(
+            f"handshake with {peer} timed out waiting for its {waiting_for}"
+        ) from None
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         await trio.aclose_forcefully(stream)
         raise ConnectError(f"connection from {peer} lost during the handshake") from exc

@@ -11,7 +11,11 @@ This module is deliberately free of ``trio`` so that the sans-IO protocol layer 
 from __future__ import annotations
 
 import enum
+import re
 from typing import ClassVar
+
+#: How a refusal names the time to retry ("... retry in 4.5 s"); part of the GoAway text.
+_RETRY_IN = re.compile(r"retry in (\d+(?:\.\d+)?) s")
 
 
 class ErrorCode(enum.IntEnum):
@@ -169,9 +173,17 @@ class TLSError(ConnectError):
 
 
 class RateLimitedError(ConnectError):
-    """The server refuses this address for a while after repeated authentication failures."""
+    """The server refuses this address for a while after repeated authentication failures.
+
+    ``retry_after`` is the wait in seconds the server named in its refusal (``None`` if it
+    named none): an attempt after it is answered normally again."""
 
     default_code = ErrorCode.RATE_LIMITED
+
+    @property
+    def retry_after(self) -> float | None:
+        match = _RETRY_IN.search(self.message)
+        return float(match.group(1)) if match else None
 
 
 class SessionClosedError(TunnelError):

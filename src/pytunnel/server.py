@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import random
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from ._dial import DEFAULT_CONNECT_TIMEOUT, dial, format_target
+from ._dial import DEFAULT_CONNECT_TIMEOUT, dial_permitted, format_target
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, send_goaway, server_handshake
 from ._listen import accept, bind, bind_udp, bound_port
 from ._policy import PermitOpen, PortRange, parse_port_ranges
@@ -49,6 +50,7 @@ from .errors import (
     RemoteProtocolError,
     SessionClosedError,
     StreamRefusedError,
+    TargetForbiddenError,
     TLSError,
     TunnelError,
     printable,
@@ -64,6 +66,8 @@ log = logging.getLogger("pytunnel.server")
 
 #: Seconds of silence after which a peer is considered gone (both ends use it).
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
+#: Relayed streams across all clients unless configured (or lowered by the fd limit).
+DEFAULT_MAX_STREAMS = 16384
 _PORT_0_ATTEMPTS = 64
 _Bound = TypeVar("_Bound")
 _T = TypeVar("_T")
@@ -104,7 +108,8 @@ class ServerConfig:
     #: Remote forwards one client may hold at once.
     max_forwards_per_client: int = 64
     #: Relayed streams across all clients (each session also has ``session.max_streams``).
-    max_streams: int = 16384
+    #: ``serve()`` lowers it to what the process's file-descriptor limit can carry.
+    max_streams: int = DEFAULT_MAX_STREAMS
     #: Connections still in their handshake; more are turned away with SERVER_BUSY.
     max_pending_handshakes: int = 128
     #: UDP associations idle for this long are closed.
@@ -113,63 +118,83 @@ class ServerConfig:
     max_udp_associations: int = DEFAULT_MAX_ASSOCIATIONS
     #: TLS for the control connection (see ``pytunnel.server_tls_context``); ``None``: plain.
     tls: ssl.SSLContext | None = None
-    #: After a failed authentication, that source address is refused for this long, doubling
-    #: with each further failure up to ``auth_failure_max_delay`` ...
-    auth_failure_delay: float = 0.5
-    auth_failure_max_delay: float = 30.0
-    #: ... and after this many failures in a row it is banned for ``auth_ban_time`` seconds.
-    auth_ban_after: int = 10
-    auth_ban_time: float = 300.0
+    #: Connections one source address may have in their handshake at once, so a single
+    #: address cannot hold the whole ``max_pending_handshakes`` budget.
+    max_handshakes_per_address: int = 8
+    #: Seconds from accept until the client's first frame (``Hello``, after TLS if any) must
+    #: be complete; an idle connection is dropped well before ``handshake_timeout``.
+    first_frame_timeout: float = 3.0
+    #: Failed authentications per source address, as a token bucket: ``auth_failure_burst``
+    #: failures in a row are answered normally; after that the address is refused
+    #: (``RATE_LIMITED``, with the time to retry) until the bucket refills, one failure's
+    #: worth every ``auth_failure_interval`` seconds.
+    auth_failure_burst: int = 10
+    auth_failure_interval: float = 6.0
 
     def port_allowed(self, port: int) -> bool:
         return self.allow_ports is None or any(port in r for r in self.allow_ports)
 
 
 class AuthThrottle:
-    """Failed authentications per source address: exponential delay, then a temporary ban.
+    """Failed authentications per source address, as a token bucket.
 
-    A throttled address is refused before any handshake work (one ``GoAway``), so an attacker
-    hammering the server costs it almost nothing and holds no slot of the pending-handshake
-    limit. The table is bounded: the oldest entries are forgotten first.
+    Each address has ``burst`` tokens; a failed authentication takes one, and one comes back
+    every ``interval`` seconds. While fewer than one is left the address is refused before any
+    handshake work (one ``GoAway`` saying when to retry), so a token-guessing storm costs the
+    server almost nothing and holds no slot of the pending-handshake limit. Refused attempts
+    take nothing: a penalty ends on time however often a stale client retries, and a client
+    with the right token behind the same address (NAT) is served as soon as the penalty ends,
+    and a stale neighbour can take at most one attempt per ``interval`` from it. A slow
+    trickle of failures (no more than one per ``interval``) is never throttled at all.
+
+    The table is bounded: the least recently updated entries are forgotten first (a
+    forgotten address starts again with a full bucket).
     """
 
-    def __init__(
-        self,
-        *,
-        base_delay: float,
-        max_delay: float,
-        ban_after: int,
-        ban_time: float,
-        max_entries: int = 10_000,
-    ) -> None:
-        self.base_delay = base_delay
-        self.max_delay = max_delay
-        self.ban_after = ban_after
-        self.ban_time = ban_time
+    #: Slack for float rounding, so a client retrying exactly when told is let in.
+    _EPSILON = 1e-6
+
+    def __init__(self, *, burst: int, interval: float, max_entries: int = 10_000) -> None:
+        if burst < 1:
+            raise ValueError("auth_failure_burst must be at least 1")
+        if interval < 0:
+            raise ValueError("auth_failure_interval must not be negative")
+        self.burst = burst
+        self.interval = interval
         self.max_entries = max_entries
-        # host -> (consecutive failures, refused until)
-        self._strikes: dict[str, tuple[int, float]] = {}
+        # host -> (tokens left, when that was computed)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def _tokens(self, host: str, now: float) -> float:
+        entry = self._buckets.get(host)
+        if entry is None:
+            return float(self.burst)
+        tokens, at = entry
+        if self.interval == 0:
+            return float(self.burst)
+        return min(float(self.burst), tokens + (now - at) / self.interval)
 
     def blocked_for(self, host: str) -> float:
         """Seconds this address is still refused (0: allowed)."""
-        entry = self._strikes.get(host)
-        if entry is None:
+        tokens = self._tokens(host, trio.current_time())
+        if tokens >= 1 - self._EPSILON:
             return 0.0
-        return max(0.0, entry[1] - trio.current_time())
+        return (1 - tokens) * self.interval
 
     def failure(self, host: str) -> None:
-        failures = self._strikes.pop(host, (0, 0.0))[0] + 1
-        if failures >= self.ban_after:
-            delay = self.ban_time
-            log.warning("%s banned for %g s after %d failed authentications", host, delay, failures)
-        else:
-            delay = min(self.base_delay * 2 ** (failures - 1), self.max_delay)
-        self._strikes[host] = (failures, trio.current_time() + delay)
-        while len(self._strikes) > self.max_entries:
-            del self._strikes[next(iter(self._strikes))]
-
-    def success(self, host: str) -> None:
-        self._strikes.pop(host, None)
+        now = trio.current_time()
+        tokens = max(0.0, self._tokens(host, now) - 1)
+        self._buckets.pop(host, None)
+        self._buckets[host] = (tokens, now)
+        if tokens < 1 - self._EPSILON:
+            log.warning(
+                "%s throttled for %.1f s: more than %d failed authentications in a burst",
+                host,
+                self.blocked_for(host),
+                self.burst,
+            )
+        while len(self._buckets) > self.max_entries:
+            del self._buckets[next(iter(self._buckets))]
 
 
 class TunnelServer:
@@ -183,11 +208,12 @@ class TunnelServer:
         self.pending_handshakes = 0
         #: Relayed streams open across all clients.
         self.active_streams = 0
+        #: Connections in their handshake, per source address.
+        self._pending_by_host: dict[str, int] = {}
+        #: Addresses being turned away for being at that cap (logged once per episode).
+        self._over_cap: set[str] = set()
         self._throttle = AuthThrottle(
-            base_delay=config.auth_failure_delay,
-            max_delay=config.auth_failure_max_delay,
-            ban_after=config.auth_ban_after,
-            ban_time=config.auth_ban_time,
+            burst=config.auth_failure_burst, interval=config.auth_failure_interval
         )
         self._cancel_scope = trio.CancelScope()
         self._done = trio.Event()
@@ -232,6 +258,13 @@ class TunnelServer:
         while True:
             nursery.start_soon(self._handle_socket, await accept(listener))
 
+    def _release_pending(self, host: str) -> None:
+        left = self._pending_by_host.pop(host) - 1
+        if left:
+            self._pending_by_host[host] = left
+        if left < self.config.max_handshakes_per_address:
+            self._over_cap.discard(host)
+
     async def _turn_away(self, stream: trio.abc.Stream, code: int, text: str) -> None:
         """Refuse before any handshake work. A TLS client could not read a plaintext GoAway,
         and answering it would mean a TLS handshake for a refused peer: it is just closed."""
@@ -260,10 +293,12 @@ class TunnelServer:
         if peer_host is not None:
             wait = self._throttle.blocked_for(peer_host)
             if wait > 0:
+                # rounded up, so a client that retries when told is let in
+                retry = math.ceil(wait * 10) / 10
                 await self._turn_away(
                     stream,
                     ErrorCode.RATE_LIMITED,
-                    f"too many failed authentications; retry in {wait:.1f} s",
+                    f"too many failed authentications; retry in {retry:.1f} s",
                 )
                 return
         if self.pending_handshakes >= self.config.max_pending_handshakes:
@@ -274,19 +309,41 @@ class TunnelServer:
             )
             await self._turn_away(stream, ErrorCode.SERVER_BUSY, "too many pending handshakes")
             return
+        host_key = peer_host if peer_host is not None else peer
+        pending_here = self._pending_by_host.get(host_key, 0)
+        if pending_here >= self.config.max_handshakes_per_address:
+            if host_key not in self._over_cap:  # once per episode, not per connection
+                self._over_cap.add(host_key)
+                log.warning(
+                    "turning away connections from %s: %d already in their handshake",
+                    host_key,
+                    pending_here,
+                )
+            await self._turn_away(
+                stream, ErrorCode.SERVER_BUSY, "too many pending handshakes from your address"
+            )
+            return
         try:
             self.pending_handshakes += 1
+            self._pending_by_host[host_key] = pending_here + 1
             try:
-                # one deadline for TLS and authentication together
-                deadline = trio.current_time() + self.config.handshake_timeout
+                # one deadline for TLS and authentication together, a shorter one for the
+                # first frame: an idle connection gives up its slot early
+                now = trio.current_time()
+                deadline = now + self.config.handshake_timeout
+                first_deadline = min(deadline, now + self.config.first_frame_timeout)
                 if self.config.tls is not None:
                     stream = await tls_accept(
-                        stream, self.config.tls, timeout=self.config.handshake_timeout, peer=peer
+                        stream,
+                        self.config.tls,
+                        timeout=max(0.0, first_deadline - trio.current_time()),
+                        peer=peer,
                     )
                 result = await server_handshake(
                     stream,
                     self.config.token,
                     timeout=max(0.0, deadline - trio.current_time()),
+                    first_frame_timeout=max(0.0, first_deadline - trio.current_time()),
                     max_frame_size=self.config.session.max_frame_size,
                     peer=peer,
                 )
@@ -299,8 +356,7 @@ class TunnelServer:
                 raise
             finally:
                 self.pending_handshakes -= 1
-            if peer_host is not None:
-                self._throttle.success(peer_host)
+                self._release_pending(host_key)
             async with open_session(
                 stream,
                 Role.SERVER,
@@ -448,14 +504,20 @@ class _ClientSession:
             )
             incoming.refuse(ErrorCode.TARGET_FORBIDDEN, f"invalid target {target}")
             return
-        if not self.config.permit_open.allows(host, port):
-            log.warning("[TARGET_FORBIDDEN] client %s may not open %s", self.peer, target)
-            incoming.refuse(ErrorCode.TARGET_FORBIDDEN, f"{target} is not permitted by the server")
-            return
         sock: trio.SocketStream | None = None
         with incoming.cancel_scope:  # the client may give up (Reset) while we dial
             try:
-                sock = await dial(host, port, timeout=self.config.connect_timeout, logger=log)
+                sock = await dial_permitted(
+                    self.config.permit_open,
+                    host,
+                    port,
+                    timeout=self.config.connect_timeout,
+                    logger=log,
+                )
+            except TargetForbiddenError as exc:
+                log.warning("[TARGET_FORBIDDEN] client %s may not open %s", self.peer, target)
+                incoming.refuse_with(exc)
+                return
             except DialError as exc:
                 incoming.refuse_with(exc)
                 return
@@ -758,6 +820,56 @@ class _PublicPort:
             log.info("client %s: forward %s back online", peer, self.address)
 
 
+#: File descriptors kept out of the stream budget: listeners, control connections, logs,
+#: the resolver's threads, and whatever the embedding program has open.
+FD_HEADROOM = 256
+
+
+def raise_fd_limit() -> int | None:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; the limit now in force, or ``None``
+    when there is none (or the platform has no such notion)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # pragma: no cover - e.g. macOS OPEN_MAX
+            log.debug("could not raise the file descriptor limit to %s: %s", hard, exc)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def stream_budget(fd_limit: int, config: ServerConfig) -> int:
+    """Relayed streams ``fd_limit`` descriptors can carry: each costs the server one socket
+    (the dialled target or the public connection), after the pending handshakes and a fixed
+    headroom for everything else."""
+    return max(1, fd_limit - config.max_pending_handshakes - FD_HEADROOM)
+
+
+def _fit_fd_limit(config: ServerConfig, fd_limit: int | None) -> ServerConfig:
+    """Cap ``max_streams`` so that the limit is what refuses a stream (a clean STREAM_LIMIT),
+    never an ``EMFILE`` from accept or dial halfway through."""
+    if fd_limit is None:
+        log.info("file descriptors: no limit; at most %d relayed streams", config.max_streams)
+        return config
+    budget = stream_budget(fd_limit, config)
+    if config.max_streams > budget:
+        level = logging.INFO if config.max_streams == DEFAULT_MAX_STREAMS else logging.WARNING
+        log.log(
+            level,
+            "file descriptors: limit %d; max_streams lowered from %d to %d",
+            fd_limit,
+            config.max_streams,
+            budget,
+        )
+        return attrs.evolve(config, max_streams=budget)
+    log.info("file descriptors: limit %d; at most %d relayed streams", fd_limit, config.max_streams)
+    return config
+
+
 async def serve(
     token: str | bytes,
     port: int = 7000,
@@ -778,6 +890,7 @@ async def serve(
         config = ServerConfig(token=token, **options)
     else:
         config = attrs.evolve(config, token=token, **options)
+    config = _fit_fd_limit(config, raise_fd_limit())
     listeners = await bind(host, port)
     server = TunnelServer(listeners, config)
     log.info("listening for tunnel clients on %s", format_target(*server.address))
