@@ -26,6 +26,7 @@ import pytunnel
 from pytunnel._policy import parse_port_ranges
 from pytunnel._spec import ForwardSpec, parse_forward_spec, parse_host_port
 from pytunnel._tls import parse_fingerprint
+from pytunnel.protocol.messages import valid_client_id
 
 CONTEXT = {"auto_envvar_prefix": "PYTUNNEL", "show_default": True, "max_content_width": 100}
 
@@ -489,6 +490,15 @@ def serve(
     default=0,
     help="Print a summary of every forward this often, in seconds (0: never).",
 )
+@click.option(
+    "--client-id",
+    envvar="PYTUNNEL_CLIENT_ID",
+    show_envvar=True,
+    metavar="ID",
+    help="This client's identity at the server (1-64 of A-Z a-z 0-9 . _ : -; default: random "
+    "per run). A new connection with it replaces the server's old session of this client at "
+    "once, ports included; never give two clients the same one.",
+)
 @log_level_option
 @log_format_option
 @click.pass_context
@@ -517,6 +527,7 @@ def connect(
     probe_interval: float,
     probe_failures: int,
     status_interval: float,
+    client_id: str | None,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -536,8 +547,13 @@ def connect(
         if not sep or not user:
             raise click.BadParameter("expected USER:PASSWORD", param_hint="--socks-auth")
         auth = (user, password)
+    if client_id is not None and (not client_id or not valid_client_id(client_id)):
+        raise click.BadParameter(
+            "expected 1-64 characters of letters, digits and . _ : -", param_hint="--client-id"
+        )
     config = pytunnel.ClientConfig(
         token=secret,
+        client_id=client_id,
         tls_fingerprint=tls_fingerprint,
         tls_server_hostname=tls_server_name,
         connect_timeout=connect_timeout,
