@@ -696,32 +696,37 @@ async def test_closing_a_remote_forward_under_a_connection_storm(
         address = remote.address
         stop = trio.Event()
 
-        async def hammer(address: tuple[str, int] = address, stop: trio.Event = stop) -> None:
-            for _ in range(1000):
-                if stop.is_set():
-                    return
-                try:
-                    stream = await trio.open_tcp_stream(*address)
-                except OSError:
-                    return  # the port refuses: the forward is gone
-                with trio.fail_after(10):  # hang detector: every connection gets an answer
-                    async with stream:
-                        try:
-                            await stream.send_all(b"x")
-                            await stream.send_eof()
-                            while await stream.receive_some():
-                                pass
-                        except trio.BrokenResourceError:
+        async def one(address: tuple[str, int] = address) -> bool:
+            try:
+                stream = await trio.open_tcp_stream(*address)
+            except OSError:
+                return False  # the port refuses: the forward is gone
+            with trio.fail_after(10):  # hang detector: every connection gets an answer
+                async with stream:
+                    try:
+                        await stream.send_all(b"x")
+                        await stream.send_eof()
+                        while await stream.receive_some():
                             pass
+                    except trio.BrokenResourceError:
+                        pass
+            return True
+
+        async def hammer(stop: trio.Event = stop) -> None:
+            for _ in range(1000):
+                if stop.is_set() or not await one():
+                    return
 
         async with trio.open_nursery() as storm:
-            for _ in range(16):
+            for _ in range(8):
                 storm.start_soon(hammer)
             await _poll(
                 functools.partial(lambda s: s.total_connections >= 4, remote.stats),
                 10,
                 "no connections",
             )
+            for _ in range(48):  # and a burst: many opens reach the client in one read
+                storm.start_soon(one)
             with trio.fail_after(10):
                 await remote.aclose()
             stop.set()
