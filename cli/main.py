@@ -27,6 +27,7 @@ import pytunnel
 from pytunnel._policy import PermitOpen, parse_port_ranges
 from pytunnel._spec import ForwardSpec, parse_forward_spec, parse_host_port
 from pytunnel._tls import parse_fingerprint
+from pytunnel.protocol.messages import valid_client_id
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]
@@ -602,6 +603,15 @@ def serve(
     default=0,
     help="Print a summary of every forward this often, in seconds (0: never).",
 )
+@click.option(
+    "--client-id",
+    envvar="PYTUNNEL_CLIENT_ID",
+    show_envvar=True,
+    metavar="ID",
+    help="This client's identity at the server (1-64 of A-Z a-z 0-9 . _ : -; default: random "
+    "per run). A new connection with it replaces the server's old session of this client at "
+    "once, ports included; never give two clients the same one.",
+)
 @log_level_option
 @log_format_option
 @click.pass_context
@@ -631,6 +641,7 @@ def connect(
     probe_failures: int,
     max_streams: int,
     status_interval: float,
+    client_id: str | None,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -650,8 +661,13 @@ def connect(
         if not sep or not user:
             raise click.BadParameter("expected USER:PASSWORD", param_hint="--socks-auth")
         auth = (user, password)
+    if client_id is not None and (not client_id or not valid_client_id(client_id)):
+        raise click.BadParameter(
+            "expected 1-64 characters of letters, digits and . _ : -", param_hint="--client-id"
+        )
     config = pytunnel.ClientConfig(
         token=secret,
+        client_id=client_id,
         tls_fingerprint=tls_fingerprint,
         tls_server_hostname=tls_server_name,
         connect_timeout=connect_timeout,

@@ -241,6 +241,7 @@ def test_json_log_format(server: tuple[Proc, tuple[str, int], str]) -> None:
         ["serve", "--auth-failure-burst", "0"],
         ["serve", "--auth-failure-interval", "-1"],
         ["connect", "127.0.0.1:7000"],
+        ["connect", "127.0.0.1:7000", "--token", "t", "--client-id", "bad id"],
     ],
 )
 def test_bad_arguments_are_usage_errors(args: list[str]) -> None:

@@ -11,6 +11,7 @@ from conftest import tcp_stream_pair
 
 from pytunnel import (
     AuthenticationError,
+    ClientConfig,
     ConnectError,
     ErrorCode,
     HandshakeTimeoutError,
@@ -20,10 +21,13 @@ from pytunnel import (
     open_server_session,
 )
 from pytunnel._handshake import client_handshake, server_handshake
+from pytunnel.protocol import handshake as hs
 from pytunnel.protocol.frames import FrameDecoder, encode_message
-from pytunnel.protocol.messages import GoAway
+from pytunnel.protocol.messages import Auth, Challenge, GoAway, Hello, Welcome
 
 TOKEN = "correct horse battery staple"
+CLIENT_PROOF_WITH_ID = "7a8ba2dfc77151509e8ea949b1eafc0fdb5a29b420052402b8ad5d90178455e0"
+SERVER_PROOF_WITH_ID = "b5b10b3e10bb7015386359db008b35167528d2aeb08d321c1a0a2a48e5df7fa6"
 
 
 async def _server(stream: trio.abc.Stream, token: str, errors: list[BaseException]) -> None:
@@ -179,3 +183,107 @@ async def test_connection_closed_mid_handshake() -> None:
     await a.aclose()
     with trio.fail_after(10), pytest.raises(ConnectError):
         await server_handshake(b, TOKEN, max_frame_size=2**20)
+
+
+# ----------------------------------------------------------------------------- client identity
+
+
+async def _receive_one(stream: trio.abc.Stream, decoder: FrameDecoder) -> object:
+    while (message := decoder.next_message()) is None:
+        decoder.receive_data(await stream.receive_some())
+    return message
+
+
+async def test_client_identity_reaches_the_server() -> None:
+    a, b = await tcp_stream_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            results = []
+
+            async def serve() -> None:
+                results.append(await server_handshake(b, TOKEN, max_frame_size=65536))
+
+            nursery.start_soon(serve)
+            mine = await client_handshake(a, TOKEN, max_frame_size=65536, client_id="laptop-1")
+    assert mine.client_id == "laptop-1"
+    assert results[0].client_id == "laptop-1"
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_swapped_client_identity_fails_authentication() -> None:
+    """The identity is bound into the client's proof: an on-path peer that replaces it (to
+    take over another client's session and ports) makes the proof wrong."""
+    a, b = await tcp_stream_pair()
+    errors: list[BaseException] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                try:
+                    await server_handshake(b, TOKEN, max_frame_size=65536)
+                except AuthenticationError as exc:
+                    errors.append(exc)
+
+            nursery.start_soon(serve)
+            decoder = FrameDecoder(4096)
+            nonce = hs.new_nonce()
+            await a.send_all(encode_message(Hello((1,), nonce)))
+            challenge = await _receive_one(a, decoder)
+            assert isinstance(challenge, Challenge)
+            mac = hs.client_proof(TOKEN.encode(), 1, nonce, challenge.nonce, "alice")
+            await a.send_all(encode_message(Auth(mac, 65536, client_id="mallory")))
+            reply = await _receive_one(a, decoder)
+    assert isinstance(reply, GoAway)
+    assert reply.code == ErrorCode.AUTHENTICATION_FAILED
+    assert len(errors) == 1
+    await a.aclose()
+
+
+async def test_server_proof_covers_the_client_identity() -> None:
+    """A server (or impostor) whose proof ignores the identity the client sent is refused."""
+    a, b = await tcp_stream_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def fake_server() -> None:
+                decoder = FrameDecoder(4096)
+                hello = await _receive_one(b, decoder)
+                assert isinstance(hello, Hello)
+                server_nonce = hs.new_nonce()
+                await b.send_all(encode_message(Challenge(1, server_nonce)))
+                auth = await _receive_one(b, decoder)
+                assert isinstance(auth, Auth)
+                assert auth.client_id == "laptop-1"
+                proof = hs.server_proof(TOKEN.encode(), 1, hello.nonce, server_nonce)  # no id
+                await b.send_all(encode_message(Welcome(proof, 65536)))
+
+            nursery.start_soon(fake_server)
+            with pytest.raises(AuthenticationError):
+                await client_handshake(a, TOKEN, max_frame_size=65536, client_id="laptop-1")
+    await b.aclose()
+
+
+def test_client_identity_proof_vector() -> None:
+    """Published in docs/protocol.md; without an identity the proofs are unchanged."""
+    key = TOKEN.encode()
+    client_nonce, server_nonce = bytes(range(32)), bytes(range(32, 64))
+    assert hs.client_proof(key, 1, client_nonce, server_nonce, "") == bytes.fromhex(
+        "672ee45daff96176a7538d8a8ec9ad170ee4b73aa4f830839010ba1682551b6a"
+    )
+    assert hs.client_proof(key, 1, client_nonce, server_nonce, "laptop-1") == bytes.fromhex(
+        CLIENT_PROOF_WITH_ID
+    )
+    assert hs.server_proof(key, 1, client_nonce, server_nonce, "laptop-1") == bytes.fromhex(
+        SERVER_PROOF_WITH_ID
+    )
+
+
+@pytest.mark.parametrize("bad", ["has space", "new\nline", "x" * 65, "é"])
+def test_malformed_client_identity_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="client_id"):
+        Auth(bytes(32), 4096, client_id=bad)
+    with pytest.raises(ValueError, match="client_id"):
+        ClientConfig(token=TOKEN, client_id=bad)
+    with pytest.raises(ValueError, match="client_id"):
+        ClientConfig(token=TOKEN, client_id="")

@@ -208,7 +208,7 @@ def test_field_names_and_tags_are_stable() -> None:
     expected = {
         "hello": ["versions", "nonce"],
         "challenge": ["version", "nonce"],
-        "auth": ["mac", "max_frame_size"],
+        "auth": ["mac", "max_frame_size", "client_id"],
         "welcome": ["mac", "max_frame_size"],
         "open": ["stream", "window", "host", "port", "tag", "datagrams"],
         "accept": ["stream", "window"],

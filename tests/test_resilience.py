@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import socket
+import struct
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -134,6 +136,7 @@ async def test_reconnect_restores_forwards(nursery: trio.Nursery, echo_port: int
         remote = await tunnel.forward_remote("127.0.0.1", echo_port)
         local = await tunnel.forward_local("127.0.0.1", echo_port)
         assert await _echo_once(remote.address) == b"ping"
+        public_port = remote.listen_port
         server_nursery.cancel_scope.cancel()
     with trio.fail_after(5):
         await remote.wait_status(pytunnel.ForwardStatus.SUSPENDED)
@@ -153,8 +156,8 @@ async def test_reconnect_restores_forwards(nursery: trio.Nursery, echo_port: int
     assert result == [b"patient"]
     with trio.fail_after(5):
         await remote.wait_status(pytunnel.ForwardStatus.ACTIVE)
-    assert remote.address[1] == remote.listen_port  # same public port as before
-    assert await _echo_once(remote.address) == b"ping"
+    assert remote.listen_port == public_port  # the port it had before the outage ...
+    assert await _echo_once(("127.0.0.1", public_port)) == b"ping"  # ... really relays again
     assert await _echo_once(local.address) == b"ping"
     assert tunnel.reconnects == 1
     seen = []
@@ -517,3 +520,307 @@ async def test_abandoned_event_subscribers_are_dropped(
     with trio.fail_after(5):
         assert (await newest.receive()).forward is forward
     await tunnel.aclose()
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+class LinkProxy:
+    """A TCP relay between a client and the server, to break the link in chosen ways.
+
+    ``reset_client_side()`` resets (RST, ``SO_LINGER`` 0) only the client-facing sockets and
+    keeps the server-facing ones open and silent: the server still sees a healthy, quiet
+    client, as after a NAT rebinding or a middlebox reset. ``cut()`` closes both sides.
+    While ``refusing`` is set, new connections are closed at once.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self.refusing = False
+        self._links: list[tuple[trio.SocketStream, trio.SocketStream, trio.CancelScope]] = []
+        self.ghosts: list[trio.SocketStream] = []
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
+        )
+        self.port = int(listeners[0].socket.getsockname()[1])
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        if self.refusing:
+            return  # serve_tcp closes it
+        server = await trio.open_tcp_stream(*self.target)
+        scope = trio.CancelScope()
+        self._links.append((client, server, scope))
+        with scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, server)
+                nursery.start_soon(self._pump, server, client)
+
+    @staticmethod
+    async def _pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async for chunk in source:
+                await sink.send_all(chunk)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await sink.send_eof()
+
+    @staticmethod
+    def _reset(stream: trio.SocketStream) -> None:
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()
+
+    def reset_client_side(self) -> None:
+        links, self._links = self._links, []
+        for client, server, scope in links:
+            scope.cancel()
+            self._reset(client)
+            self.ghosts.append(server)  # open, and nobody reads or writes it any more
+
+    def cut(self) -> None:
+        links, self._links = self._links, []
+        for client, server, scope in links:
+            scope.cancel()
+            self._reset(client)
+            self._reset(server)
+
+    def close(self) -> None:
+        self.cut()
+        for ghost in self.ghosts:
+            ghost.socket.close()
+
+
+async def _poll(predicate: Callable[[], bool], seconds: float, what: str) -> None:
+    with trio.move_on_after(seconds):
+        while not predicate():
+            await trio.sleep(0.01)
+    assert predicate(), what
+
+
+async def test_one_sided_reset_gets_the_same_port_back_at_once(
+    nursery: trio.Nursery, echo_port: int
+) -> None:
+    """Only the client's side of the link dies; the server still holds the session (and the
+    public port) until its heartbeat would drop it, 30 s later. The reconnecting client has
+    the same identity, so its new session replaces the ghost at once and gets the port."""
+    server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
+    proxy = LinkProxy(server.address)
+    await proxy.start(nursery)
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, proxy.address, token=TOKEN, backoff_initial=0.2, backoff_jitter=0.0
+    )
+    remote = await tunnel.forward_remote("127.0.0.1", echo_port)
+    public = ("127.0.0.1", remote.listen_port)
+    assert await _echo_once(public) == b"ping"
+    try:
+        proxy.reset_client_side()
+        with trio.fail_after(3):
+            while tunnel.reconnects < 1:
+                await trio.sleep(0.01)
+            status = await remote.wait_status(
+                pytunnel.ForwardStatus.ACTIVE, pytunnel.ForwardStatus.ERROR
+            )
+            assert status is pytunnel.ForwardStatus.ACTIVE, remote.reason
+            assert remote.listen_port == public[1]
+            assert await _echo_once(public) == b"ping"
+        assert server.session_count == 1  # the ghost session is gone, not merely outnumbered
+        assert proxy.ghosts  # ... although its connection is still open
+    finally:
+        await tunnel.aclose()
+        proxy.close()
+
+
+async def test_link_dropped_while_server_runs_then_port_comes_back(
+    nursery: trio.Nursery, echo_port: int
+) -> None:
+    server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
+    proxy = LinkProxy(server.address)
+    await proxy.start(nursery)
+    tunnel = await pytunnel.connect_tunnel(nursery, proxy.address, token=TOKEN, **FAST)
+    remote = await tunnel.forward_remote("127.0.0.1", echo_port)
+    public = ("127.0.0.1", remote.listen_port)
+    assert await _echo_once(public) == b"ping"
+    try:
+        proxy.cut()
+        with trio.fail_after(5):
+            while tunnel.reconnects < 1:
+                await trio.sleep(0.01)
+            status = await remote.wait_status(
+                pytunnel.ForwardStatus.ACTIVE, pytunnel.ForwardStatus.ERROR
+            )
+        assert status is pytunnel.ForwardStatus.ACTIVE, remote.reason
+        assert remote.listen_port == public[1]
+        assert await _echo_once(public) == b"ping"
+    finally:
+        await tunnel.aclose()
+        proxy.close()
+
+
+async def test_restore_meeting_a_port_in_use_stays_suspended_and_retries(
+    nursery: trio.Nursery, echo_port: int
+) -> None:
+    """Another client (another identity: no takeover) holds the port when the forward is
+    restored: the forward waits, suspended and saying why, and gets the port once free."""
+    server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
+    proxy = LinkProxy(server.address)
+    await proxy.start(nursery)
+    tunnel = await pytunnel.connect_tunnel(nursery, proxy.address, token=TOKEN, **FAST)
+    remote = await tunnel.forward_remote("127.0.0.1", echo_port)
+    port = remote.listen_port
+    other = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
+    assert other.client_id != tunnel.client_id
+    try:
+        proxy.refusing = True
+        proxy.cut()
+        await _poll(lambda: server.session_count == 1, 5, "the cut session is still there")
+        squatter = await other.forward_remote("127.0.0.1", echo_port, remote_port=port)
+        proxy.refusing = False
+        await _poll(
+            lambda: tunnel.reconnects >= 1 and "in use" in remote.reason, 5, "no restore attempt"
+        )
+        assert remote.status is pytunnel.ForwardStatus.SUSPENDED
+        assert "retrying" in remote.reason
+        assert squatter.status is pytunnel.ForwardStatus.ACTIVE  # not taken over
+        await squatter.aclose()
+        with trio.fail_after(5):
+            status = await remote.wait_status(
+                pytunnel.ForwardStatus.ACTIVE, pytunnel.ForwardStatus.ERROR
+            )
+        assert status is pytunnel.ForwardStatus.ACTIVE, remote.reason
+        assert remote.listen_port == port
+        assert await _echo_once(("127.0.0.1", port)) == b"ping"
+    finally:
+        await other.aclose()
+        await tunnel.aclose()
+        proxy.close()
+
+
+async def test_restore_refused_for_good_is_final(nursery: trio.Nursery, echo_port: int) -> None:
+    """A permanent refusal (the port is no longer allowed) ends the forward in ERROR."""
+    port = closed_port()
+    async with trio.open_nursery() as server_nursery:
+        await server_nursery.start(functools.partial(pytunnel.serve, TOKEN, port))
+        tunnel = await pytunnel.connect_tunnel(nursery, ("127.0.0.1", port), token=TOKEN, **FAST)
+        remote = await tunnel.forward_remote("127.0.0.1", echo_port)
+        public = remote.listen_port
+        server_nursery.cancel_scope.cancel()
+    others = f"{public + 1 if public < 65535 else public - 1}"
+    server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, port, allow_ports=others))
+    with trio.fail_after(5):
+        await remote.wait_status(pytunnel.ForwardStatus.ERROR)
+    assert "PORT_NOT_ALLOWED" in (remote.error or "")
+    await tunnel.aclose()
+    await server.aclose()
+
+
+async def test_closing_a_remote_forward_under_a_connection_storm(
+    nursery: trio.Nursery, echo_port: int
+) -> None:
+    """Connections keep arriving while the forward closes: each is relayed or refused, none
+    is left unanswered, nothing is started in a closed nursery, the tunnel lives on."""
+    server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
+    for _ in range(50):
+        remote = await tunnel.forward_remote("127.0.0.1", echo_port)
+        address = remote.address
+        stop = trio.Event()
+
+        async def one(address: tuple[str, int] = address) -> bool:
+            try:
+                stream = await trio.open_tcp_stream(*address)
+            except OSError:
+                return False  # the port refuses: the forward is gone
+            with trio.fail_after(10):  # hang detector: every connection gets an answer
+                async with stream:
+                    try:
+                        await stream.send_all(b"x")
+                        await stream.send_eof()
+                        while await stream.receive_some():
+                            pass
+                    except trio.BrokenResourceError:
+                        pass
+            return True
+
+        async def hammer(stop: trio.Event = stop) -> None:
+            for _ in range(1000):
+                if stop.is_set() or not await one():
+                    return
+
+        async with trio.open_nursery() as storm:
+            for _ in range(8):
+                storm.start_soon(hammer)
+            await _poll(
+                functools.partial(lambda s: s.total_connections >= 4, remote.stats),
+                10,
+                "no connections",
+            )
+            for _ in range(48):  # and a burst: many opens reach the client in one read
+                storm.start_soon(one)
+            with trio.fail_after(10):
+                await remote.aclose()
+            stop.set()
+        assert remote.status is pytunnel.ForwardStatus.STOPPED
+        assert tunnel.connected, tunnel.failure
+    await _poll(lambda: server.active_streams == 0, 10, "the server still holds streams")
+    local = await tunnel.forward_local("127.0.0.1", echo_port)
+    assert await _echo_once(local.address) == b"ping"
+    await tunnel.aclose()
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+async def test_session_end_closes_the_public_port_before_the_relays(
+    nursery: trio.Nursery, echo_port: int
+) -> None:
+    """By the time any relayed connection of a dying session is reset, its forward's public
+    port already refuses (and can be bound by the next owner): no connection is accepted
+    into a forward that is going away."""
+    server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
+    proxy = LinkProxy(server.address)
+    await proxy.start(nursery)
+    tunnel = await pytunnel.connect_tunnel(nursery, proxy.address, token=TOKEN, reconnect=False)
+    remote = await tunnel.forward_remote("127.0.0.1", echo_port)
+    port = remote.listen_port
+    conns = []
+    for _ in range(30):
+        conn = await trio.open_tcp_stream("127.0.0.1", port)
+        await conn.send_all(b"x")
+        assert await conn.receive_some() == b"x"
+        conns.append(conn)
+    ended = trio.Event()
+    free_at_first_end: list[bool] = []
+
+    async def watch(conn: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await conn.receive_some()
+        if not ended.is_set():
+            free_at_first_end.append(_port_is_free(port))
+            ended.set()
+
+    try:
+        async with trio.open_nursery() as watchers:
+            for conn in conns:
+                watchers.start_soon(watch, conn)
+            proxy.cut()
+            with trio.fail_after(10):
+                await ended.wait()
+            watchers.cancel_scope.cancel()
+        assert free_at_first_end == [True]
+    finally:
+        for conn in conns:
+            await conn.aclose()
+        await tunnel.aclose()
+        proxy.close()

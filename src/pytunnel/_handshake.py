@@ -57,6 +57,8 @@ class HandshakeResult:
     decoder: FrameDecoder
     #: Largest frame body the peer accepts.
     peer_max_frame_size: int
+    #: The identity the client authenticated with ("" for none).
+    client_id: str = ""
 
 
 def _token_bytes(token: str | bytes) -> bytes:
@@ -113,10 +115,11 @@ async def client_handshake(
     timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     max_frame_size: int,
     versions: tuple[int, ...] = hs.SUPPORTED_VERSIONS,
+    client_id: str = "",
 ) -> HandshakeResult:
-    """Authenticate to a server. On failure the stream is closed and a typed error raised:
-    ``AuthenticationError`` (1002), ``VersionMismatchError`` (1003), ``HandshakeTimeoutError``,
-    ``RemoteProtocolError`` or ``ConnectError``."""
+    """Authenticate to a server, as ``client_id`` if given. On failure the stream is closed
+    and a typed error raised: ``AuthenticationError`` (1002), ``VersionMismatchError`` (1003),
+    ``HandshakeTimeoutError``, ``RemoteProtocolError`` or ``ConnectError``."""
     key = _token_bytes(token)
     decoder = FrameDecoder(hs.PRE_AUTH_MAX_FRAME_SIZE)
     try:
@@ -138,14 +141,14 @@ async def client_handshake(
                 raise VersionMismatchError(
                     f"server chose version {reply.version}, we speak {list(versions)}"
                 )
-            proof = hs.client_proof(key, reply.version, client_nonce, reply.nonce)
-            await _send(stream, Auth(proof, max_frame_size))
+            proof = hs.client_proof(key, reply.version, client_nonce, reply.nonce, client_id)
+            await _send(stream, Auth(proof, max_frame_size, client_id))
             welcome = await _receive(stream, decoder)
             if isinstance(welcome, GoAway):
                 raise goaway_error(welcome.code, welcome.message)
             if not isinstance(welcome, Welcome):
                 raise _unexpected(welcome, "Welcome")
-            expected = hs.server_proof(key, reply.version, client_nonce, reply.nonce)
+            expected = hs.server_proof(key, reply.version, client_nonce, reply.nonce, client_id)
             if not hs.verify(expected, welcome.mac):
                 raise AuthenticationError("the server could not prove it knows the token")
     except trio.TooSlowError:
@@ -158,7 +161,7 @@ async def client_handshake(
         await trio.aclose_forcefully(stream)
         raise
     decoder.max_frame_size = max_frame_size
-    return HandshakeResult(reply.version, decoder, welcome.max_frame_size)
+    return HandshakeResult(reply.version, decoder, welcome.max_frame_size, client_id)
 
 
 async def server_handshake(
@@ -202,10 +205,10 @@ async def server_handshake(
             auth = await _receive(stream, decoder)
             if not isinstance(auth, Auth):
                 raise _unexpected(auth, "Auth")
-            expected = hs.client_proof(key, version, hello.nonce, server_nonce)
+            expected = hs.client_proof(key, version, hello.nonce, server_nonce, auth.client_id)
             if not hs.verify(expected, auth.mac):
                 raise AuthenticationError(f"client {peer} sent a wrong token proof")
-            proof = hs.server_proof(key, version, hello.nonce, server_nonce)
+            proof = hs.server_proof(key, version, hello.nonce, server_nonce, auth.client_id)
             await _send(stream, Welcome(proof, max_frame_size))
     except trio.TooSlowError:
         limit = first_timeout if waiting_for == "Hello" else timeout
@@ -228,7 +231,7 @@ async def server_handshake(
         await send_goaway(stream, exc.code, exc.message)
         raise
     decoder.max_frame_size = max_frame_size
-    return HandshakeResult(version, decoder, auth.max_frame_size)
+    return HandshakeResult(version, decoder, auth.max_frame_size, auth.client_id)
 
 
 @asynccontextmanager

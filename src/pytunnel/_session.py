@@ -17,7 +17,7 @@ import logging
 import math
 import operator
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
 
@@ -465,6 +465,11 @@ class IncomingStream:
         """Whether the opener made it a datagram stream (check it against the route)."""
         return self._stream.datagrams
 
+    @property
+    def answered(self) -> bool:
+        """Whether :meth:`accept` or :meth:`refuse` was called."""
+        return self._answered
+
     def accept(self) -> MuxStream:
         """Open the stream and return it (no I/O wait: the Accept is queued)."""
         self._answer()
@@ -577,6 +582,7 @@ class Session:
         self._cancel_scope = trio.CancelScope()
         self._writer_scope = trio.CancelScope(shield=True)
         self.close_reason: BaseException | None = None
+        self._on_terminate: list[Callable[[], None]] = []
         #: True when we ended the session (streams then raise ClosedResourceError).
         self._closed_locally = False
         self._writing = False
@@ -601,6 +607,19 @@ class Session:
     async def wait_closed(self) -> None:
         """Wait until the session has ended, for whatever reason (see ``close_reason``)."""
         await self._closed_event.wait()
+
+    def on_terminate(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (which must not raise) the moment the session ends, before any
+        stream learns of it; at once if it has already ended.
+
+        Waking tasks are run in no set order, so this is the only way to act strictly before
+        the streams' users do: the server closes a client's public listeners here, so that no
+        connection is accepted into a forward whose relays are about to break.
+        """
+        if self.closed:
+            callback()
+        else:
+            self._on_terminate.append(callback)
 
     @property
     def free_stream_slots(self) -> int:
@@ -990,6 +1009,9 @@ class Session:
             reason = self._goaway_reason
         self.close_reason = reason
         self._closed_event.set()
+        callbacks, self._on_terminate = self._on_terminate, []
+        for callback in callbacks:
+            callback()
         self._cancel_scope.cancel()
         self._writer_scope.cancel()
         for stream in list(self._streams.values()):

@@ -27,6 +27,7 @@ import functools
 import logging
 import math
 import random
+import secrets
 import ssl
 import time
 import weakref
@@ -62,6 +63,7 @@ from ._udp import (
 )
 from ._util import aclose_all, owned, unwrap_cancelled
 from .errors import (
+    AddressInUseError,
     AuthenticationError,
     ConnectError,
     DialError,
@@ -75,7 +77,7 @@ from .errors import (
 )
 from .protocol import routes
 from .protocol.frames import FrameDecoder, encode_message
-from .protocol.messages import Bound, ForwardState, truncate_text
+from .protocol.messages import Bound, ForwardState, truncate_text, valid_client_id
 from .protocol.mux import Role
 from .protocol.socks import (
     MAX_MESSAGE_SIZE,
@@ -107,12 +109,25 @@ log = logging.getLogger("pytunnel.client")
 Connector = Callable[[], Awaitable[trio.abc.Stream]]
 
 
+def _check_client_id(
+    _inst: object, _attribute: attrs.Attribute[str | None], value: str | None
+) -> None:
+    if value is not None and (not value or not valid_client_id(value)):
+        raise ValueError(
+            f"client_id must be 1-64 characters of letters, digits and ._:- (got {value!r})"
+        )
+
+
 @attrs.frozen(kw_only=True)
 class ClientConfig:
     """How a client connects, watches its link, reconnects and probes its targets."""
 
     #: Shared secret; never logged, never sent.
     token: str | bytes = attrs.field(repr=False)
+    #: This client's identity for the life of its tunnel; ``None``: a random one per tunnel.
+    #: A new session with the identity of a live one replaces it at the server (its public
+    #: ports are freed for the newcomer), so two clients must never share one.
+    client_id: str | None = attrs.field(default=None, validator=_check_client_id)
     session: SessionConfig = attrs.field(factory=SessionConfig)
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
@@ -521,7 +536,8 @@ class RemoteForward(Forward):
         self.connect_timeout = connect_timeout
         self._remote_host = remote_host
         self._remote_port = remote_port
-        self._connections: trio.Nursery | None = None
+        #: Where incoming streams go while registered; ``None`` (or closed): they are refused.
+        self._incoming: trio.MemorySendChannel[IncomingStream] | None = None
         self._control: MuxStream | None = None
         #: Scope of the current registration; a new one per session.
         self._attach_scope = trio.CancelScope()
@@ -554,10 +570,13 @@ class RemoteForward(Forward):
                 bound = await _receive_bound(control)
                 self.listen_host, self.listen_port = bound.host, bound.port
                 self._remote_port = bound.port  # after a reconnect, ask for the same port
-                tunnel._remote[control.stream_id] = self
                 self._control = control
+                # unbounded, as the session's stream limit already bounds incoming streams
+                send, receive = trio.open_memory_channel[IncomingStream](math.inf)
                 async with trio.open_nursery() as nursery:
-                    self._connections = nursery
+                    self._incoming = send
+                    tunnel._remote[control.stream_id] = self
+                    nursery.start_soon(self._start_handlers, receive, nursery)
                     if self._offline_reason is not None:
                         # still down when we lost the link: keep the public port refusing
                         # rather than accepting into a black hole until a probe succeeds
@@ -572,7 +591,7 @@ class RemoteForward(Forward):
                     self._follow_server(await wait_stream_end(control), session)
                     nursery.cancel_scope.cancel()
             finally:
-                self._connections = None
+                self._incoming = None
                 self._control = None
                 tunnel._remote.pop(control.stream_id, None)
                 await trio.aclose_forcefully(control)
@@ -588,19 +607,76 @@ class RemoteForward(Forward):
             self._set_status(ForwardStatus.SUSPENDED, "tunnel connection lost")
 
     async def _reattach(self, session: Session) -> None:
-        """After a reconnect: register again; a refusal now is the forward's end."""
-        try:
-            await self._attach(session)
-        except SessionClosedError:
-            pass  # lost the link again; stays suspended
-        except TunnelError as exc:
-            self._set_status(ForwardStatus.ERROR, f"could not be restored: {exc}")
+        """After a reconnect: register again, asking for the port the forward had.
+
+        A port in use by another owner may be released (a client that has not yet been
+        dropped, a program that exits), so the forward stays suspended, says why, and asks
+        again with the reconnect backoff for as long as this session lives. Any other refusal
+        (the port is not allowed, the forward limit) cannot be fixed by waiting: it is final.
+        """
+        attempt = 0
+        while True:
+            try:
+                await self._attach(session)
+                return
+            except SessionClosedError:
+                return  # lost the link again; stays suspended
+            except AddressInUseError as exc:
+                attempt += 1
+                delay = self._tunnel.config.backoff(attempt)
+                self._explain(f"could not be restored: {exc}; retrying in {delay:.1f} s")
+            except TunnelError as exc:
+                self._set_status(ForwardStatus.ERROR, f"could not be restored: {exc}")
+                return
+            if self.status in _FINAL:
+                return
+            self._attach_scope = trio.CancelScope()  # aclose() cancels the wait
+            with self._attach_scope:
+                await trio.sleep(delay)
+
+    def _explain(self, reason: str) -> None:
+        """A new reason for the current status (which does not change)."""
+        self.reason = reason
+        log.warning("%s %s -> %s: %s", self.kind, format_target(*self.address), self.target, reason)
 
     def _dispatch(self, incoming: IncomingStream) -> None:
-        if self._connections is None:
+        """Hand an incoming stream to the forward, or refuse it if the forward is closing.
+
+        The stream goes through a channel that the forward's own task drains, so a handler is
+        only ever started in the forward's nursery by a task of that nursery (which is
+        therefore still open), whatever state the forward is in.
+        """
+        try:
+            if self._incoming is None:
+                raise trio.ClosedResourceError
+            self._incoming.send_nowait(incoming)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
             incoming.refuse(ErrorCode.FORWARD_FAILED, "forward is closing")
-            return
-        self._connections.start_soon(self._handle, incoming)
+
+    async def _start_handlers(
+        self, receive: trio.MemoryReceiveChannel[IncomingStream], nursery: trio.Nursery
+    ) -> None:
+        try:
+            async for incoming in receive:
+                nursery.start_soon(self._answer, incoming)
+        finally:
+            # refuse what is queued and close, with no checkpoint in between: from now on
+            # _dispatch finds the channel broken and refuses by itself
+            while True:
+                try:
+                    incoming = receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                incoming.refuse(ErrorCode.FORWARD_FAILED, "forward is closing")
+            receive.close()
+
+    async def _answer(self, incoming: IncomingStream) -> None:
+        """Run the handler; a stream it had not answered when cancelled is refused."""
+        try:
+            await self._handle(incoming)
+        finally:
+            if not incoming.answered:
+                incoming.refuse(ErrorCode.FORWARD_FAILED, "forward is closing")
 
     async def _handle(self, incoming: IncomingStream) -> None:
         sock: trio.SocketStream | None = None
@@ -772,6 +848,8 @@ class Tunnel:
         self.reconnects = 0
         #: Why the tunnel ended by itself, if it did.
         self.failure: TunnelError | None = None
+        #: This client's identity at the server, the same for every connection of the tunnel.
+        self.client_id = config.client_id or secrets.token_hex(16)
         self._forwards: set[Forward] = set()
         self._remote: dict[int, RemoteForward] = {}
         self._nursery: trio.Nursery | None = None
@@ -1045,6 +1123,7 @@ class Tunnel:
                 self.config.token,
                 timeout=self.config.handshake_timeout,
                 max_frame_size=self.config.session.max_frame_size,
+                client_id=self.client_id,
             )
         except BaseException:
             await trio.aclose_forcefully(stream)

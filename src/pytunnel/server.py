@@ -204,6 +204,8 @@ class TunnelServer:
         self.listeners = listeners
         self.config = config
         self._sessions: set[_ClientSession] = set()
+        #: The live session of each client identity (clients that sent one).
+        self._by_identity: dict[str, _ClientSession] = {}
         #: Connections accepted but not yet authenticated.
         self.pending_handshakes = 0
         #: Relayed streams open across all clients.
@@ -365,12 +367,16 @@ class TunnelServer:
                 peer_max_frame_size=result.peer_max_frame_size,
                 name=f"server<{peer}>",
             ) as session:
-                client = _ClientSession(self, session, peer)
+                client = _ClientSession(self, session, peer, result.client_id)
                 self._sessions.add(client)
                 log.info("client %s connected", peer)
                 try:
+                    await self._take_over(client)
                     await client.run()
                 finally:
+                    if self._by_identity.get(client.client_id) is client:
+                        del self._by_identity[client.client_id]
+                    client.ended.set()
                     self._sessions.discard(client)
                     log.info("client %s disconnected", peer)
         except TunnelError as exc:
@@ -378,20 +384,63 @@ class TunnelServer:
         finally:
             await trio.aclose_forcefully(stream)
 
+    async def _take_over(self, client: _ClientSession) -> None:
+        """Make ``client`` the one session of its identity, ending any older one first.
+
+        A client whose own side of the link died (NAT rebinding, a middlebox reset) reconnects
+        long before the heartbeat would drop its old session here; that ghost still holds the
+        client's public ports. The new session proved it knows the token and claims the same
+        identity (bound into its proof), so it is the same client: the old session is ended
+        at once and this returns once its public listeners are closed and its relays reset,
+        so that the new session's forwards can have the same ports again.
+        """
+        if not client.client_id:
+            return
+        old = self._by_identity.get(client.client_id)
+        self._by_identity[client.client_id] = client
+        if old is None:
+            return
+        log.warning(
+            "client %s (id %s) replaces its previous session from %s",
+            client.peer,
+            client.client_id,
+            old.peer,
+        )
+        await old.session.abort(
+            SessionClosedError(
+                "replaced by a newer session of the same client", code=ErrorCode.GOING_AWAY
+            )
+        )
+        await old.ended.wait()
+
 
 class _ClientSession:
     """One authenticated client: dispatches the streams it opens."""
 
-    def __init__(self, server: TunnelServer, session: Session, peer: str) -> None:
+    def __init__(
+        self, server: TunnelServer, session: Session, peer: str, client_id: str = ""
+    ) -> None:
         self.server = server
         self.config = server.config
         self.session = session
         self.peer = peer
+        #: The identity the client authenticated with ("" for none).
+        self.client_id = client_id
         self.forwards = 0
         #: Streams refused at the server's limit since the last one admitted (log episodes).
         self._refused_streams = 0
+        #: The client's TCP remote forwards, whose listeners close the moment the session ends.
+        self.public_ports: set[_PublicPort] = set()
+        #: Set once nothing of this client runs any more (listeners closed, relays gone).
+        self.ended = trio.Event()
+
+    def _stop_listening(self) -> None:
+        for forward in list(self.public_ports):
+            forward.stop_listening()
 
     async def run(self) -> None:
+        # Called inside the session's end, before its streams (and so the relays) break.
+        self.session.on_terminate(self._stop_listening)
         async with trio.open_nursery() as nursery:  # the session nursery
             nursery.start_soon(self._watch_heartbeat)
             while True:
@@ -676,6 +725,9 @@ class _ClientSession:
             return
         host, port = self.config.public_host, bound_port(listeners)
         forward = _PublicPort(self, control, host, port, listeners)
+        self.public_ports.add(forward)
+        if self.session.closed:  # ended while we were binding
+            forward.stop_listening()
         # Unless the client ends the forward itself, it learns why by a Reset code: GOING_AWAY
         # (server or session shutting down: the forward is suspended, to be restored) or the
         # failure's own code.
@@ -694,10 +746,16 @@ class _ClientSession:
                 except (RemoteProtocolError, ForwardError) as exc:
                     log.warning("client %s: forward %s failed: %s", self.peer, forward.address, exc)
                     outcome = exc
+                finally:
+                    # the port refuses before the relays are torn down, never accepting
+                    # into a forward that is going away
+                    forward.stop_listening()
                 nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             outcome = None
         finally:
+            self.public_ports.discard(forward)
+            forward.stop_listening()
             if outcome is not None:
                 control.reset(outcome.code, outcome.message)
             await aclose_all(*forward.listeners, control)
@@ -759,9 +817,13 @@ class _PublicPort:
         self.listeners = listeners
         self.relays: trio.Nursery | None = None
         self._accepting = trio.CancelScope()
+        #: Set for good once the forward stops listening (it is ending).
+        self._stopped = False
 
     def start_accepting(self) -> None:
         assert self.relays is not None
+        if self._stopped:
+            return
         self._accepting = trio.CancelScope()
         self.relays.start_soon(self._accept_all, self._accepting)
 
@@ -771,10 +833,25 @@ class _PublicPort:
                 for listener in self.listeners:
                     nursery.start_soon(self._accept_loop, listener)
 
+    def stop_listening(self) -> None:
+        """Close the public listeners now, synchronously, for good.
+
+        The accept loops are cancelled first, so they end quietly rather than with the error
+        of a socket closed under them; a connection still in the kernel's backlog is reset.
+        """
+        self._stopped = True
+        self._accepting.cancel()
+        listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            listener.socket.close()
+
     async def _accept_loop(self, listener: trio.SocketListener) -> None:
         assert self.relays is not None
         while True:
-            conn = await accept(listener)
+            try:
+                conn = await accept(listener)
+            except trio.ClosedResourceError:
+                return  # stop_listening() closed it
             if not self.client._reserve_stream(None):
                 await trio.aclose_forcefully(conn)
                 continue
@@ -808,14 +885,18 @@ class _PublicPort:
             listeners, self.listeners = self.listeners, []
             await aclose_all(*listeners)
             log.warning("client %s: forward %s offline: %s", peer, self.address, printable(reason))
-        elif online and not self.listeners:
+        elif online and not self.listeners and not self._stopped:
             try:
-                self.listeners = await bind(self.host, self.port)
+                listeners = await bind(self.host, self.port)
             except ForwardError as exc:
                 log.error(
                     "client %s: forward %s cannot come back online: %s", peer, self.address, exc
                 )
                 raise
+            if self._stopped:  # the forward ended while we were binding
+                await aclose_all(*listeners)
+                return
+            self.listeners = listeners
             self.start_accepting()
             log.info("client %s: forward %s back online", peer, self.address)
 

@@ -4,13 +4,15 @@ The exchange (see ``docs/protocol.md``)::
 
     client -> server  Hello(versions, client_nonce)
     server -> client  Challenge(version, server_nonce)        or GoAway(1003)
-    client -> server  Auth(mac = HMAC(token, client transcript))
+    client -> server  Auth(mac = HMAC(token, client transcript), client_id)
     server -> client  Welcome(mac = HMAC(token, server transcript), max_frame_size)
                                                               or GoAway(1002)
 
 Both nonces are fresh random 32-byte values, so a recorded exchange cannot be replayed, and the
 two transcripts are domain-separated so the server's proof cannot be reflected back as a
-client's. The token itself never crosses the wire.
+client's. The client's identity (``Auth.client_id``) is part of both transcripts, so nobody
+without the token can present a session under another client's identity. The token itself
+never crosses the wire.
 """
 
 from __future__ import annotations
@@ -55,19 +57,32 @@ def choose_version(
     return max(common) if common else None
 
 
-def _transcript(label: bytes, version: int, client_nonce: bytes, server_nonce: bytes) -> bytes:
-    return label + version.to_bytes(4, "big") + client_nonce + server_nonce
+def _transcript(
+    label: bytes, version: int, client_nonce: bytes, server_nonce: bytes, client_id: str
+) -> bytes:
+    # Everything before the identity has a fixed length, so appending it with a length byte
+    # keeps transcripts unambiguous; without an identity the transcript is what it always was.
+    head = label + version.to_bytes(4, "big") + client_nonce + server_nonce
+    if not client_id:
+        return head
+    raw = client_id.encode("ascii")
+    return head + len(raw).to_bytes(1, "big") + raw
 
 
-def client_proof(token: bytes, version: int, client_nonce: bytes, server_nonce: bytes) -> bytes:
-    """HMAC-SHA256 proving the client knows ``token``."""
-    msg = _transcript(_CLIENT_LABEL, version, client_nonce, server_nonce)
+def client_proof(
+    token: bytes, version: int, client_nonce: bytes, server_nonce: bytes, client_id: str = ""
+) -> bytes:
+    """HMAC-SHA256 proving the client knows ``token``, bound to the identity it claims."""
+    msg = _transcript(_CLIENT_LABEL, version, client_nonce, server_nonce, client_id)
     return hmac.new(token, msg, hashlib.sha256).digest()
 
 
-def server_proof(token: bytes, version: int, client_nonce: bytes, server_nonce: bytes) -> bytes:
-    """HMAC-SHA256 proving the server knows ``token`` (mutual authentication)."""
-    msg = _transcript(_SERVER_LABEL, version, client_nonce, server_nonce)
+def server_proof(
+    token: bytes, version: int, client_nonce: bytes, server_nonce: bytes, client_id: str = ""
+) -> bytes:
+    """HMAC-SHA256 proving the server knows ``token`` (mutual authentication) and saw the
+    identity the client claimed."""
+    msg = _transcript(_SERVER_LABEL, version, client_nonce, server_nonce, client_id)
     return hmac.new(token, msg, hashlib.sha256).digest()
 
 

@@ -19,6 +19,7 @@ from cattrs.preconf.msgpack import make_converter
 from cattrs.strategies import configure_tagged_union
 
 __all__ = [
+    "MAX_CLIENT_ID",
     "MAX_STREAM_ID",
     "MAX_WINDOW",
     "MIN_MAX_FRAME_SIZE",
@@ -42,6 +43,7 @@ __all__ = [
     "Welcome",
     "converter",
     "truncate_text",
+    "valid_client_id",
 ]
 
 MAX_U32 = 2**32 - 1
@@ -55,6 +57,8 @@ MAX_WINDOW = 2**31 - 1
 MAX_TEXT = 1024
 MAX_HOST = 255
 MAX_VERSIONS = 16
+#: A client identity is at most this many bytes (a 128-bit random id is 32 hex digits).
+MAX_CLIENT_ID = 64
 NONCE_SIZE = 32
 MAC_SIZE = 32
 #: Largest UDP payload carried (the IPv4 maximum: 65535 - 8 - 20).
@@ -114,6 +118,25 @@ def _versions(_inst: object, attribute: attrs.Attribute[tuple[int, ...]], value:
     for version in value:
         if not (_is_int(version) and 0 <= version <= MAX_U32):
             raise ValueError(f"{attribute.name} entries must be unsigned 32-bit integers")
+
+
+_CLIENT_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
+
+
+def valid_client_id(value: str) -> bool:
+    """Whether ``value`` may be a client identity: empty (none), or 1-64 of ``[A-Za-z0-9._:-]``.
+
+    A restricted alphabet means the server can log an identity as it is, with no escaping,
+    and two implementations never disagree about whether two identities are the same.
+    """
+    return len(value) <= MAX_CLIENT_ID and all(c in _CLIENT_ID_CHARS for c in value)
+
+
+def _client_id(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not valid_client_id(value):
+        raise ValueError(
+            f"{attribute.name} must be at most {MAX_CLIENT_ID} characters of [A-Za-z0-9._:-]"
+        )
 
 
 def _max_utf8(limit: int) -> Any:
@@ -186,6 +209,9 @@ class Auth:
     mac: bytes = attrs.field(validator=_exact_len(MAC_SIZE))
     #: The largest frame body the client accepts after the handshake (at least 4096).
     max_frame_size: int = attrs.field(validator=_frame_limit)
+    #: The client's identity for the life of its tunnel ("" for none). A new session with
+    #: the identity of a live one replaces it. Covered by ``mac``, so it cannot be swapped.
+    client_id: str = attrs.field(default="", validator=_client_id)
 
 
 @attrs.frozen
