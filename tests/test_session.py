@@ -443,6 +443,8 @@ async def test_a_byte_stream_refuses_to_send_datagrams() -> None:
             with pytest.raises(LocalProtocolError) as info:
                 opened.send_datagram(b"x")
             assert info.value.code == ErrorCode.STREAM_STATE_ERROR
+            with pytest.raises(LocalProtocolError):
+                await accepted.receive_datagram()
 
 
 async def test_datagram_on_a_byte_stream_ends_the_session_without_queueing() -> None:
@@ -761,3 +763,38 @@ async def test_peer_reasons_in_refusals_resets_and_goaway_are_escaped() -> None:
             await client.open_stream("h", 3)
         assert "\n" not in str(ended.value)
         assert "bye\\nFORGED" in str(ended.value)
+
+
+async def test_a_pong_overtakes_queued_bulk_data() -> None:
+    """On a link that drains slowly, the answer to a heartbeat goes out with the next write
+    instead of behind everything queued."""
+    a, raw = trio.testing.lockstep_stream_pair()  # every write waits for the reader
+    high, chunk = 64 * 1024, 16 * 1024
+    config = SessionConfig(write_buffer_high=high, max_data_chunk=chunk)
+    decoder = FrameDecoder(2**24)
+
+    async def next_message() -> object:
+        while (message := decoder.next_message()) is None:
+            decoder.receive_data(await raw.receive_some(4096))
+        return message
+
+    with trio.fail_after(20):
+        async with open_session(a, Role.SERVER, config) as server, trio.open_nursery() as nursery:
+            await raw.send_all(encode_message(Open(1, 2**24)))
+            stream = (await server.accept_stream()).accept()
+            nursery.start_soon(stream.send_all, bytes(4 * 1024 * 1024))
+            while not isinstance(await next_message(), Data):
+                pass
+            await trio.testing.wait_all_tasks_blocked()  # a write in flight, more queued
+            await raw.send_all(encode_message(Ping(77)))
+            await trio.testing.wait_all_tasks_blocked()
+            data_before_pong = 0
+            while not isinstance(message := await next_message(), Pong):
+                if isinstance(message, Data):
+                    data_before_pong += len(message.data)
+            assert message == Pong(77)
+            # at most the rest of the write in flight (at most high + chunk bytes, one chunk of
+            # which was read before the Ping), not the queue behind it
+            assert data_before_pong <= high
+            stream.reset()
+            nursery.cancel_scope.cancel()

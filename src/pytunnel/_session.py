@@ -346,7 +346,14 @@ class MuxStream(trio.abc.HalfCloseableStream):
             raise trio.BrokenResourceError("stream is broken") from broken
 
     async def receive_datagram(self) -> bytes:
-        """The next datagram; ``trio.EndOfChannel`` once the peer closed the stream."""
+        """The next datagram; ``trio.EndOfChannel`` once the peer closed the stream.
+
+        Raises ``LocalProtocolError`` on a byte stream, where no datagram can ever arrive."""
+        if not self.datagrams:
+            raise LocalProtocolError(
+                f"stream {self.stream_id} is a byte stream, not a datagram stream",
+                code=ErrorCode.STREAM_STATE_ERROR,
+            )
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             if self._closed:

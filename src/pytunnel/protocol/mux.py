@@ -524,7 +524,7 @@ class Multiplexer:
         elif st.remote_fin:
             self._forget(stream_id)
         if stream_id in self._streams:
-            self._lingering[stream_id] = now
+            self._lingering.setdefault(stream_id, now)  # keeps the dict in closing order
 
     def expire_lingering(self, closed_before: float) -> int:
         """Reset every closed stream that has waited for the peer's Fin since ``closed_before``
