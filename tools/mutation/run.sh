@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Mutation run over pytunnel's protocol core, handshake, TLS, policy and relay (docs/mutation.md).
+#
+#   tools/mutation/run.sh            # full run, then the list of survivors
+#   MUTATION_JOBS=1 tools/mutation/run.sh
+#   tools/mutation/run.sh 'pytunnel._policy*'   # only mutants whose name matches
+#
+# Environment: MUTMUT (the mutmut 3 executable, default: `mutmut` on PATH),
+# MUTATION_WORKDIR (scratch copy, default /tmp/pytunnel-mutation), MUTATION_JOBS (default 2).
+# The checkout is copied into the scratch directory (tracked and untracked-but-not-ignored
+# files, so local edits are included) and mutmut runs there: the checkout never gets a
+# mutants/ directory, and a re-run in the same scratch directory reuses mutmut's cache for
+# functions whose code has not changed.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+work="${MUTATION_WORKDIR:-/tmp/pytunnel-mutation}"
+jobs="${MUTATION_JOBS:-2}"
+mutmut="${MUTMUT:-mutmut}"
+
+mkdir -p "$work"
+# refresh the copy of the sources but keep mutmut's cache (mutants/) between runs
+(cd "$root" && git ls-files -z --cached --others --exclude-standard \
+    | tar --null -T - -cf -) | tar -xf - -C "$work"
+cat "$here/mutmut.toml" >> "$work/pyproject.toml"
+
+cd "$work"
+# mutmut puts mutants/src and mutants/ first on sys.path; an outside PYTHONPATH pointing at a
+# checkout would shadow the mutated code
+unset PYTHONPATH
+"$mutmut" run --max-children "$jobs" "$@" || true
+"$mutmut" results
