@@ -8,6 +8,7 @@ import socket
 
 import pytest
 import trio
+import trio.testing
 from conftest import TOKEN, open_pair, session_pair, tcp_stream_pair
 
 import pytunnel
@@ -188,3 +189,46 @@ async def test_half_closed_relay_still_ends_cleanly() -> None:
         assert got == b"reply"
     await left.aclose()
     await right.aclose()
+
+
+class _BreaksUnderBothPumps(trio.abc.HalfCloseableStream):
+    """A side that breaks while both pumps use it: the send fails at once and wakes the
+    parked receive, which fails too, so neither pump ever meets a ``Cancelled``."""
+
+    def __init__(self) -> None:
+        self._broke = trio.Event()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await self._broke.wait()
+        raise trio.BrokenResourceError("broken")
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._broke.set()
+        raise trio.BrokenResourceError("broken")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        raise trio.BrokenResourceError("broken")
+
+    async def send_eof(self) -> None:
+        raise trio.BrokenResourceError("broken")
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_both_directions_meeting_a_break_reset_the_other_side() -> None:
+    """Both pumps can meet the break without a ``Cancelled`` ever being raised: the relay was
+    still cut, so the healthy side must see a reset, never the clean EOF of a finished
+    transfer (seen as a few clean EOFs among hundreds of connections torn down at once)."""
+    ours, theirs = await tcp_stream_pair()
+    with trio.fail_after(10):  # hang detector
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(relay, ours, _BreaksUnderBothPumps(), idle_timeout=30)
+            )
+            await trio.testing.wait_all_tasks_blocked()  # both pumps parked on their reads
+            await theirs.send_all(b"data that meets the broken side")
+        with pytest.raises(trio.BrokenResourceError):
+            while await theirs.receive_some():
+                pass
+    await theirs.aclose()

@@ -42,6 +42,11 @@ class _Ending:
     sending: int = 0
     #: An injected "close after N bytes" stopped it: a deliberate, clean close.
     injected_close: bool = False
+    #: Directions that reached their EOF and carried it across. Only when both have is the
+    #: relay complete: a pump that met a broken side may end without any ``Cancelled`` being
+    #: raised (the other pump can meet the break too, before its next checkpoint), so the
+    #: cancel scope alone cannot tell a cut relay from a finished one.
+    finished: int = 0
 
     def touch(self) -> None:
         """Restart the idle clock (a byte arrived or a send completed)."""
@@ -92,6 +97,7 @@ async def _pump(
 ) -> None:
     try:
         await _copy(source, sink, stats, outbound, faults, ending)
+        ending.finished += 1
     except FaultClosedError as exc:
         log.debug("%s: %s", name, exc)
         ending.injected_close = True
@@ -179,7 +185,7 @@ async def relay(
             log.info("%s reset after %g s idle", name, idle_timeout)
             reason = (ErrorCode.IDLE_TIMEOUT, f"idle for {idle_timeout:g} s")
         # both directions ended with EOF, or an injected close stopped them: a clean close
-        clean = not scope.cancelled_caught or ending.injected_close
+        clean = ending.finished == 2 or ending.injected_close
     finally:
         if stats is not None:
             stats.active_connections -= 1

@@ -878,6 +878,7 @@ class Session:
             await trio.sleep_until(oldest + linger)
             if mux.expire_lingering(trio.current_time() - linger):
                 self._kick_writer()
+                self._wake_slot_waiters()  # the freed slots may be what a listener waits for
 
     async def _writer(self) -> None:
         # Shielded: when the surrounding task tree is cancelled, the writer must stay alive long
