@@ -229,6 +229,10 @@ async def test_both_directions_meeting_a_break_reset_the_other_side() -> None:
             await trio.testing.wait_all_tasks_blocked()  # both pumps parked on their reads
             await theirs.send_all(b"data that meets the broken side")
         with pytest.raises(trio.BrokenResourceError):
-            while await theirs.receive_some():
-                pass
+            await _read_to_the_end(theirs)
     await theirs.aclose()
+
+
+async def _read_to_the_end(stream: trio.SocketStream) -> None:
+    while await stream.receive_some():
+        pass
