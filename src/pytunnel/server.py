@@ -289,7 +289,8 @@ class TunnelServer:
     ) -> None:
         """Serve one control connection over any trio stream (a memory stream in tests).
 
-        ``peer_host`` (the source address) is what failed authentications are counted by.
+        ``peer_host`` (the source address) is what failed authentications and the
+        per-address handshake cap count by.
         Returns when the client's session has ended; never raises for the client's failures.
         """
         if peer_host is not None:
@@ -311,9 +312,10 @@ class TunnelServer:
             )
             await self._turn_away(stream, ErrorCode.SERVER_BUSY, "too many pending handshakes")
             return
-        host_key = peer_host if peer_host is not None else peer
-        pending_here = self._pending_by_host.get(host_key, 0)
-        if pending_here >= self.config.max_handshakes_per_address:
+        # a stream without a source address (in-memory, in tests) is not counted per address
+        host_key = peer_host
+        pending_here = 0 if host_key is None else self._pending_by_host.get(host_key, 0)
+        if host_key is not None and pending_here >= self.config.max_handshakes_per_address:
             if host_key not in self._over_cap:  # once per episode, not per connection
                 self._over_cap.add(host_key)
                 log.warning(
@@ -327,7 +329,8 @@ class TunnelServer:
             return
         try:
             self.pending_handshakes += 1
-            self._pending_by_host[host_key] = pending_here + 1
+            if host_key is not None:
+                self._pending_by_host[host_key] = pending_here + 1
             try:
                 # one deadline for TLS and authentication together, a shorter one for the
                 # first frame: an idle connection gives up its slot early
@@ -358,7 +361,8 @@ class TunnelServer:
                 raise
             finally:
                 self.pending_handshakes -= 1
-                self._release_pending(host_key)
+                if host_key is not None:
+                    self._release_pending(host_key)
             async with open_session(
                 stream,
                 Role.SERVER,
