@@ -446,3 +446,30 @@ def test_non_canonical_data_goes_through_the_strict_decoder() -> None:
     with pytest.raises(RemoteProtocolError) as info:
         FrameDecoder().feed(len(zero).to_bytes(4, "big") + zero)
     assert info.value.code == ErrorCode.INVALID_FIELD
+
+
+# ------------------------------------------------------- receiving before every message is taken
+
+
+def test_receiving_before_the_previous_chunk_is_drained_keeps_order() -> None:
+    """A caller may hand over more bytes while complete messages are still waiting: nothing
+    is lost or reordered, including a frame that straddles the old and the new bytes."""
+    first, second, third = m.Ping(1), m.Data(3, b"x" * 100), m.Pong(2)
+    decoder = FrameDecoder()
+    wire = encode_message(first) + encode_message(second) + encode_message(third)
+    cut = len(encode_message(first)) + len(encode_message(second)) + 2  # inside third's header
+    decoder.receive_data(wire[:cut])
+    assert decoder.next_message() == first
+    assert decoder.buffered == cut - len(encode_message(first))
+    decoder.receive_data(wire[cut:])  # second is still waiting in the first chunk
+    assert decoder.next_message() == second
+    assert decoder.next_message() == third
+    assert decoder.next_message() is None
+    assert decoder.buffered == 0
+
+
+def test_max_frame_size_reads_back() -> None:
+    decoder = FrameDecoder(4096)
+    assert decoder.max_frame_size == 4096
+    decoder.max_frame_size = 1 << 20
+    assert decoder.max_frame_size == 1 << 20
