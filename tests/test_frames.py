@@ -473,3 +473,19 @@ def test_max_frame_size_reads_back() -> None:
     assert decoder.max_frame_size == 4096
     decoder.max_frame_size = 1 << 20
     assert decoder.max_frame_size == 1 << 20
+
+
+def test_frames_left_after_the_handshake_decode_with_the_next_bytes() -> None:
+    """The handshake takes ``Auth`` out and hands the decoder on with an ``Open`` still in
+    it; the session then feeds the next bytes before asking for messages. Everything must
+    come out, in order (the ``Open`` and all that followed used to be stuck for good)."""
+    decoder = FrameDecoder(4096)
+    decoder.receive_data(encode_message(m.Auth(bytes(32), 1 << 20)) + encode_message(m.Ping(7)))
+    assert isinstance(decoder.next_message(), m.Auth)
+    decoder.max_frame_size = 1 << 20
+    for i in range(3):
+        decoder.receive_data(encode_message(m.Pong(i)))
+        got = []
+        while (message := decoder.next_message()) is not None:
+            got.append(message)
+        assert got == ([m.Ping(7), m.Pong(0)] if i == 0 else [m.Pong(i)])
