@@ -90,11 +90,6 @@ import pytunnel
 import pytunnel.testing.plugin
 
 
-@pytest.fixture(autouse=True)
-def quick_leak_check(monkeypatch):
-    monkeypatch.setattr(pytunnel.testing.plugin, "LEAK_TIMEOUT", 0.5)
-
-
 async def _does_not_close(self):
     pass
 
@@ -102,10 +97,12 @@ async def _does_not_close(self):
 async def test_tunnel_that_outlives_its_close(pytunnel_tunnel, monkeypatch):
     # a Tunnel.aclose that returns without ending the tunnel's task: the leak it must catch
     monkeypatch.setattr(pytunnel.Tunnel, "aclose", _does_not_close)
+    monkeypatch.setattr(pytunnel.testing.plugin, "LEAK_TIMEOUT", 0.5)
 
 
 async def test_server_that_outlives_its_close(pytunnel_server, monkeypatch):
     monkeypatch.setattr(pytunnel.TunnelServer, "aclose", _does_not_close)
+    monkeypatch.setattr(pytunnel.testing.plugin, "LEAK_TIMEOUT", 0.5)
 
 
 async def test_closes_properly(pytunnel_tunnel):
