@@ -411,12 +411,15 @@ def test_status_interval_fields(
             contextlib.suppress(ConnectionResetError),
         ):
             assert refused.recv(1) == b""  # the dial failed at the server: closed
-        wanted = [
-            rf"status local forward 127\.0\.0\.1:{greeter_port} -> {re.escape(greeter)}: "
-            r"active conns=0/1 out=8 in=9 errors=-",
-            rf"status local forward 127\.0\.0\.1:{closed_port} -> {re.escape(closed)}: "
+        tcp_lines = {
+            greeter_port: rf"status local forward 127\.0\.0\.1:{greeter_port} -> "
+            rf"{re.escape(greeter)}: active conns=0/1 out=8 in=9 errors=-",
             # a failed dial is counted as an error, not as a relayed connection
-            r"active conns=0/0 out=0 in=0 errors=NODE_UNSTABLE=1",
+            closed_port: rf"status local forward 127\.0\.0\.1:{closed_port} -> "
+            rf"{re.escape(closed)}: active conns=0/0 out=0 in=0 errors=NODE_UNSTABLE=1",
+        }
+        wanted = [
+            *(tcp_lines[p] for p in sorted(tcp_lines)),  # by kind, then by port
             rf"status local udp forward 127\.0\.0\.1:{udp_port} -> {re.escape(echo)}\S*: "
             r"active conns=0/0 out=0 in=0 errors=- dropped=0",
             r"status link up rtt=\d+\.\d ms reconnects=0",
