@@ -564,3 +564,97 @@ def test_permit_open_wildcard_through_the_cli(echo_address: tuple[str, int]) -> 
     finally:
         client.kill()
         proc.kill()
+
+
+# ------------------------------------------------------------- the fields of --status-interval
+
+
+class _Greeter(socketserver.BaseRequestHandler):
+    """Says one thing whatever it is told, so the bytes each way differ."""
+
+    def handle(self) -> None:
+        self.request.sendall(b"greetings")
+        while self.request.recv(65536):
+            pass
+
+
+@pytest.fixture
+def greeter_address() -> Iterator[tuple[str, int]]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Greeter)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[0], server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_status_interval_fields(
+    server: tuple[Proc, tuple[str, int], str],
+    greeter_address: tuple[str, int],
+    echo_address: tuple[str, int],
+) -> None:
+    """Every field of the summary, with known values: one line per forward, sorted by kind
+    then port, connections active/total, bytes each way, errors by category, UDP drops, then
+    the link line with a measured round trip."""
+    _, (host, port), token = server
+    greeter = f"{greeter_address[0]}:{greeter_address[1]}"
+    echo = f"{echo_address[0]}:{echo_address[1]}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    client = Proc(
+        "connect",
+        f"{host}:{port}",
+        "--token",
+        token,
+        "-L",
+        f"0:{greeter}",
+        "-L",
+        f"0:{closed}",
+        "-L",
+        f"0:{echo}/udp",
+        "--status-interval",
+        "0.2",
+        "--heartbeat-interval",
+        "0.2",
+    )
+    try:
+        assert client.readline() == f"connected to {host}:{port}"
+        declared = [client.readline() for _ in range(3)]
+        greeter_port, closed_port, udp_port = (_address(line)[1] for line in declared)
+        assert _roundtrip(("127.0.0.1", greeter_port), b"count me") == b"greetings"
+        with (
+            socket.create_connection(("127.0.0.1", closed_port), timeout=10) as refused,
+            contextlib.suppress(ConnectionResetError),
+        ):
+            assert refused.recv(1) == b""  # the dial failed at the server: closed
+        tcp_lines = {
+            greeter_port: rf"status local forward 127\.0\.0\.1:{greeter_port} -> "
+            rf"{re.escape(greeter)}: active conns=0/1 out=8 in=9 errors=-",
+            # a failed dial is counted as an error, not as a relayed connection
+            closed_port: rf"status local forward 127\.0\.0\.1:{closed_port} -> "
+            rf"{re.escape(closed)}: active conns=0/0 out=0 in=0 errors=NODE_UNSTABLE=1",
+        }
+        wanted = [
+            *(tcp_lines[p] for p in sorted(tcp_lines)),  # by kind, then by port
+            rf"status local udp forward 127\.0\.0\.1:{udp_port} -> {re.escape(echo)}\S*: "
+            r"active conns=0/0 out=0 in=0 errors=- dropped=0",
+            r"status link up rtt=\d+\.\d ms reconnects=0",
+        ]
+        block: list[str] = []
+        deadline = time.monotonic() + 30
+        while True:
+            line = client.readline()
+            assert line.startswith("status "), line
+            block.append(line)
+            if not line.startswith("status link "):
+                continue
+            if len(block) == len(wanted) and all(
+                re.fullmatch(pattern, got) for pattern, got in zip(wanted, block, strict=True)
+            ):
+                break
+            assert time.monotonic() < deadline, "\n".join(block)
+            block = []
+    finally:
+        client.kill()

@@ -446,3 +446,46 @@ def test_non_canonical_data_goes_through_the_strict_decoder() -> None:
     with pytest.raises(RemoteProtocolError) as info:
         FrameDecoder().feed(len(zero).to_bytes(4, "big") + zero)
     assert info.value.code == ErrorCode.INVALID_FIELD
+
+
+# ------------------------------------------------------- receiving before every message is taken
+
+
+def test_receiving_before_the_previous_chunk_is_drained_keeps_order() -> None:
+    """A caller may hand over more bytes while complete messages are still waiting: nothing
+    is lost or reordered, including a frame that straddles the old and the new bytes."""
+    first, second, third = m.Ping(1), m.Data(3, b"x" * 100), m.Pong(2)
+    decoder = FrameDecoder()
+    wire = encode_message(first) + encode_message(second) + encode_message(third)
+    cut = len(encode_message(first)) + len(encode_message(second)) + 2  # inside third's header
+    decoder.receive_data(wire[:cut])
+    assert decoder.next_message() == first
+    assert decoder.buffered == cut - len(encode_message(first))
+    decoder.receive_data(wire[cut:])  # second is still waiting in the first chunk
+    assert decoder.next_message() == second
+    assert decoder.next_message() == third
+    assert decoder.next_message() is None
+    assert decoder.buffered == 0
+
+
+def test_max_frame_size_reads_back() -> None:
+    decoder = FrameDecoder(4096)
+    assert decoder.max_frame_size == 4096
+    decoder.max_frame_size = 1 << 20
+    assert decoder.max_frame_size == 1 << 20
+
+
+def test_frames_left_after_the_handshake_decode_with_the_next_bytes() -> None:
+    """The handshake takes ``Auth`` out and hands the decoder on with an ``Open`` still in
+    it; the session then feeds the next bytes before asking for messages. Everything must
+    come out, in order (the ``Open`` and all that followed used to be stuck for good)."""
+    decoder = FrameDecoder(4096)
+    decoder.receive_data(encode_message(m.Auth(bytes(32), 1 << 20)) + encode_message(m.Ping(7)))
+    assert isinstance(decoder.next_message(), m.Auth)
+    decoder.max_frame_size = 1 << 20
+    for i in range(3):
+        decoder.receive_data(encode_message(m.Pong(i)))
+        got = []
+        while (message := decoder.next_message()) is not None:
+            got.append(message)
+        assert got == ([m.Ping(7), m.Pong(0)] if i == 0 else [m.Pong(i)])

@@ -1,15 +1,30 @@
-"""The pure parts of the handshake: proofs, their transcript, verification, version choice."""
+"""The handshake's proofs, their transcript, verification, version choice; and a client
+that meets an impostor server which lets any token in but cannot prove its own."""
 
 from __future__ import annotations
 
+import functools
 import hmac
+import os
+from collections.abc import Callable
 
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import pytunnel
 from pytunnel.protocol import handshake as hs
-from pytunnel.protocol.messages import MAC_SIZE, NONCE_SIZE
+from pytunnel.protocol.frames import FrameDecoder, encode_message
+from pytunnel.protocol.messages import (
+    MAC_SIZE,
+    NONCE_SIZE,
+    Auth,
+    Challenge,
+    Hello,
+    Message,
+    Welcome,
+)
 
 nonces = st.binary(min_size=NONCE_SIZE, max_size=NONCE_SIZE)
 tokens = st.binary(min_size=1, max_size=64)
@@ -158,3 +173,71 @@ def test_choose_version_is_the_highest_common(offered: list[int], supported: lis
 
 def test_pre_auth_limit() -> None:
     assert hs.PRE_AUTH_MAX_FRAME_SIZE == 4096
+
+
+# --------------------------------------------------------------- an impostor on a real socket
+
+
+async def _impostor_server(
+    stream: trio.SocketStream, forge: Callable[[Auth], bytes], seen: list[str]
+) -> None:
+    """Speaks the handshake correctly but does not know the token: it accepts any ``Auth``
+    and answers ``Welcome`` with a MAC of its choosing. Records what the client did next."""
+    decoder = FrameDecoder(hs.PRE_AUTH_MAX_FRAME_SIZE)
+
+    async def receive() -> Message | None:
+        while (message := decoder.next_message()) is None:
+            data = await stream.receive_some()
+            if not data:
+                return None
+            decoder.receive_data(data)
+        return message
+
+    try:
+        hello = await receive()
+        assert isinstance(hello, Hello)
+        await stream.send_all(encode_message(Challenge(1, hs.new_nonce())))
+        auth = await receive()
+        assert isinstance(auth, Auth)
+        await stream.send_all(encode_message(Welcome(forge(auth), 1 << 20)))
+        after = await receive()
+        seen.append("eof" if after is None else type(after).__name__)
+    except trio.BrokenResourceError:
+        seen.append("reset")
+    finally:
+        await stream.aclose()
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        pytest.param(lambda auth: auth.mac, id="reflects-the-client-proof"),
+        pytest.param(lambda auth: bytes(MAC_SIZE), id="zeros"),
+        pytest.param(lambda auth: os.urandom(MAC_SIZE), id="random"),
+    ],
+)
+async def test_client_refuses_a_forged_welcome(
+    nursery: trio.Nursery, forge: Callable[[Auth], bytes]
+) -> None:
+    """The client checks the server's proof: a server that lets any token in (so the
+    client's own proof never fails) but cannot prove the token is refused, typed, before the
+    session starts; the client sends nothing after the forged Welcome."""
+    seen: list[str] = []
+    listeners = await nursery.start(
+        functools.partial(
+            trio.serve_tcp,
+            functools.partial(_impostor_server, forge=forge, seen=seen),
+            0,
+            host="127.0.0.1",
+        )
+    )
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(10), pytest.raises(pytunnel.AuthenticationError) as info:
+        async with pytunnel.connect(("127.0.0.1", port), token=TOKEN, reconnect=False):
+            pass  # pragma: no cover
+    assert info.value.code == pytunnel.ErrorCode.AUTHENTICATION_FAILED
+    assert "server could not prove" in str(info.value)
+    with trio.fail_after(10):
+        while not seen:
+            await trio.sleep(0.01)
+    assert seen in (["eof"], ["reset"])

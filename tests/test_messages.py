@@ -454,3 +454,17 @@ def test_error_messages_fit_a_goaway(obj: dict[str, Any], code: ErrorCode) -> No
     err = assert_rejected(obj, code)
     assert len(err.message.encode()) <= 300
     m.GoAway(err.code, err.message)
+
+
+def test_datagram_over_the_limit_is_refused_at_construction() -> None:
+    """A datagram larger than MAX_DATAGRAM can be neither built nor decoded: UDP's own
+    limit, so no peer can make us hold a bigger one."""
+    m.Datagram(1, bytes(m.MAX_DATAGRAM))
+    with pytest.raises(ValueError, match=f"data is longer than {m.MAX_DATAGRAM} bytes"):
+        m.Datagram(1, bytes(m.MAX_DATAGRAM + 1))
+
+
+def test_truncate_text_keeps_short_non_ascii_whole() -> None:
+    """Text that is not ASCII but fits in the limit is returned as it is, not re-cut."""
+    assert m.truncate_text("caf\u00e9", 5) == "caf\u00e9"
+    assert m.truncate_text("caf\u00e9", 4) == "caf"

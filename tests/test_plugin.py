@@ -81,3 +81,46 @@ async def test_leaks_a_forward_task(pytunnel_tunnel):
     )
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+LEAKY = """
+import pytest
+
+import pytunnel
+import pytunnel.testing.plugin
+
+
+async def _does_not_close(self):
+    pass
+
+
+async def test_tunnel_that_outlives_its_close(pytunnel_tunnel, monkeypatch):
+    # a Tunnel.aclose that returns without ending the tunnel's task: the leak it must catch
+    monkeypatch.setattr(pytunnel.Tunnel, "aclose", _does_not_close)
+    monkeypatch.setattr(pytunnel.testing.plugin, "LEAK_TIMEOUT", 0.5)
+
+
+async def test_server_that_outlives_its_close(pytunnel_server, monkeypatch):
+    monkeypatch.setattr(pytunnel.TunnelServer, "aclose", _does_not_close)
+    monkeypatch.setattr(pytunnel.testing.plugin, "LEAK_TIMEOUT", 0.5)
+
+
+async def test_closes_properly(pytunnel_tunnel):
+    assert pytunnel_tunnel.connected
+"""
+
+
+def test_leak_check_fires_on_tasks_that_outlive_the_fixture(pytester: pytest.Pytester) -> None:
+    """A fixture whose close leaves its task running fails the test with LeakError naming the
+    task, and the task is cancelled, so the run goes on (the next test passes)."""
+    pytester.makeini("[pytest]\ntrio_mode = true\n")
+    pytester.makepyfile(test_leaky=LEAKY)
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", "--timeout", "60")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed") == 1, result.stdout.str()
+    assert outcomes.get("failed", 0) + outcomes.get("errors", outcomes.get("error", 0)) == 2
+    out = result.stdout.str()
+    assert "LeakError: task(s) of the tunnel client outlived the test: " in out
+    assert "LeakError: task(s) of the tunnel server outlived the test: " in out
+    assert "Tunnel._run" in out
+    assert "Timeout" not in out

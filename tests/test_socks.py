@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
+import queue
 import shutil
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import trio
@@ -37,18 +43,117 @@ async def _through(proxy_port: int, host: str, port: int, payload: bytes, **kw: 
     return b"".join(parts)
 
 
+async def _eventually(predicate: Callable[[], bool], timeout: float = 10) -> None:
+    """Poll ``predicate`` until it holds; fail after a generous ``timeout``."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+#: A name that only the server's resolver knows (``.test`` is reserved: no DNS has it).
+SERVER_ONLY_NAME = "only-the-server-knows.test"
+
+
+class _Resolver(trio.abc.HostnameResolver):
+    """Records every name looked up; ``known`` resolves to 127.0.0.1, ``refused`` fails as an
+    unknown name would, anything else goes to the system resolver."""
+
+    def __init__(self, known: str | None = None, refused: str | None = None) -> None:
+        self.known, self.refused = known, refused
+        self.asked: list[str] = []
+
+    async def getaddrinfo(
+        self,
+        host: bytes | None,
+        port: bytes | str | int | None,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[Any]:
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        self.asked.append(name)
+        if name == self.known:
+            number = int(port.decode() if isinstance(port, bytes) else port or 0)
+            return [
+                (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", number))
+            ]
+        if name == self.refused:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return await trio.to_thread.run_sync(
+            lambda: socket.getaddrinfo(host, port, family, type, proto, flags)
+        )
+
+    async def getnameinfo(
+        self, sockaddr: tuple[str, int] | tuple[str, int, int, int], flags: int
+    ) -> tuple[str, str]:
+        return await trio.to_thread.run_sync(socket.getnameinfo, sockaddr, flags)
+
+
+@contextlib.asynccontextmanager
+async def _server_in_its_own_run(resolver: _Resolver) -> AsyncIterator[tuple[str, int]]:
+    """A tunnel server in another thread's ``trio.run``, with ``resolver`` as its resolver.
+
+    Trio keeps the custom resolver per run, so the server and the client below have
+    different resolvers although they share the process: what one can resolve, the other
+    cannot, which tells where a name was resolved."""
+    ready: queue.Queue[
+        tuple[tuple[str, int], trio.lowlevel.TrioToken, trio.CancelScope] | BaseException
+    ] = queue.Queue()
+
+    def run() -> None:
+        async def main() -> None:
+            trio.socket.set_custom_hostname_resolver(resolver)
+            async with trio.open_nursery() as nursery:
+                server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, 0))
+                token = trio.lowlevel.current_trio_token()
+                ready.put((server.address, token, nursery.cancel_scope))
+
+        try:
+            trio.run(main)
+        except BaseException as exc:
+            ready.put(exc)
+            raise
+
+    thread = threading.Thread(target=run, name="tunnel-server-run", daemon=True)
+    thread.start()
+    item = await trio.to_thread.run_sync(functools.partial(ready.get, timeout=30))
+    if isinstance(item, BaseException):
+        raise item
+    address, token, scope = item
+    try:
+        yield address
+    finally:
+        token.run_sync_soon(scope.cancel)
+        await trio.to_thread.run_sync(functools.partial(thread.join, timeout=30))
+        assert not thread.is_alive()
+
+
 async def test_socks5_domain_resolved_at_server_byte_exact(
-    tunnel: pytunnel.Tunnel, echo_port: int
+    nursery: trio.Nursery, echo_port: int
 ) -> None:
-    forward = await tunnel.forward_dynamic()
-    payload = os.urandom(3_000_000)
-    got = await _through(forward.listen_port, "localhost", echo_port, payload)
-    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
-    got = await _through(forward.listen_port, "127.0.0.1", echo_port, b"ipv4 literal")
-    assert got == b"ipv4 literal"
-    await trio.sleep(0.05)
-    assert forward.stats.total_connections == 2
-    assert forward.status is pytunnel.ForwardStatus.ACTIVE
+    """The SOCKS client names a host only the server can resolve: the bytes get through, the
+    server's resolver was asked, the client's never was."""
+    at_server = _Resolver(known=SERVER_ONLY_NAME)
+    at_client = _Resolver(refused=SERVER_ONLY_NAME)
+    previous = trio.socket.set_custom_hostname_resolver(at_client)
+    try:
+        async with _server_in_its_own_run(at_server) as address:
+            tunnel = await pytunnel.connect_tunnel(nursery, address, token=TOKEN, reconnect=False)
+            forward = await tunnel.forward_dynamic()
+            payload = os.urandom(3_000_000)
+            got = await _through(forward.listen_port, SERVER_ONLY_NAME, echo_port, payload)
+            assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+            got = await _through(forward.listen_port, "127.0.0.1", echo_port, b"ipv4 literal")
+            assert got == b"ipv4 literal"
+            await _eventually(lambda: forward.stats.active_connections == 0)
+            assert forward.stats.total_connections == 2
+            assert forward.status is pytunnel.ForwardStatus.ACTIVE
+            await tunnel.aclose()
+    finally:
+        trio.socket.set_custom_hostname_resolver(previous)
+    assert SERVER_ONLY_NAME in at_server.asked
+    assert SERVER_ONLY_NAME not in at_client.asked
 
 
 async def test_200_concurrent_socks_connections(tunnel: pytunnel.Tunnel, echo_port: int) -> None:

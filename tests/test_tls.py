@@ -10,8 +10,14 @@ import datetime
 import functools
 import logging
 import os
+import re
+import shutil
+import signal
 import ssl
 import stat
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,8 @@ import trustme
 from conftest import TOKEN
 
 import pytunnel
+from pytunnel.protocol.frames import encode_message
+from pytunnel.protocol.messages import NONCE_SIZE, Hello
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -274,3 +282,285 @@ async def test_unloadable_tls_files_are_one_typed_error(tmp_path: Path) -> None:
         await pytunnel.client_tls_context(ca_file=garbage)
     with pytest.raises(pytunnel.TLSError, match="cannot set up the self-signed"):
         await pytunnel.ensure_self_signed(garbage / "inside a file")
+
+
+# ------------------------------------------------- mutual TLS through the library's own contexts
+
+
+@pytest.fixture
+def mtls_files(tmp_path: Path, ca: trustme.CA) -> dict[str, Path]:
+    """PEM files as a user has them: the server's chain and key, the CA that signs client
+    certificates, a client certificate from it, and one from a CA the server does not trust."""
+    client_ca = trustme.CA()
+    stranger_ca = trustme.CA()
+    files = {
+        "ca": tmp_path / "ca.pem",
+        "server_cert": tmp_path / "server.pem",
+        "server_key": tmp_path / "server.key",
+        "client_ca": tmp_path / "client-ca.pem",
+        "client_cert": tmp_path / "client.pem",
+        "client_key": tmp_path / "client.key",
+        "stranger_cert": tmp_path / "stranger.pem",
+        "stranger_key": tmp_path / "stranger.key",
+    }
+    ca.cert_pem.write_to_path(files["ca"])
+    server_leaf = ca.issue_cert("127.0.0.1", "localhost")
+    server_leaf.cert_chain_pems[0].write_to_path(files["server_cert"])
+    for pem in server_leaf.cert_chain_pems[1:]:
+        pem.write_to_path(files["server_cert"], append=True)
+    server_leaf.private_key_pem.write_to_path(files["server_key"])
+    client_ca.cert_pem.write_to_path(files["client_ca"])
+    for name, issuer in (("client", client_ca), ("stranger", stranger_ca)):
+        leaf = issuer.issue_cert(f"{name}@example")
+        leaf.cert_chain_pems[0].write_to_path(files[f"{name}_cert"])
+        leaf.private_key_pem.write_to_path(files[f"{name}_key"])
+    return files
+
+
+async def _mtls_server(nursery: trio.Nursery, files: dict[str, Path]) -> pytunnel.TunnelServer:
+    context = await pytunnel.server_tls_context(
+        files["server_cert"], files["server_key"], client_ca_file=files["client_ca"]
+    )
+    return await _start(nursery, context)
+
+
+async def _client_context(files: dict[str, Path], who: str | None) -> ssl.SSLContext:
+    if who is None:
+        return await pytunnel.client_tls_context(ca_file=files["ca"])
+    return await pytunnel.client_tls_context(
+        ca_file=files["ca"], cert_file=files[f"{who}_cert"], key_file=files[f"{who}_key"]
+    )
+
+
+#: What the server logs when it refuses a client in the TLS handshake, per reason.
+NO_CLIENT_CERT = "PEER_DID_NOT_RETURN_A_CERTIFICATE"
+UNTRUSTED_CLIENT_CERT = "certificate verification failed"
+
+
+async def _refused_by_mtls_server(
+    server: pytunnel.TunnelServer,
+    context: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+    reason: str,
+) -> None:
+    """The connection fails, typed and fast, and it is the server that refused it in the TLS
+    handshake for ``reason`` (so the refusal is the certificate check, not anything later)."""
+    caplog.set_level(logging.WARNING, logger="pytunnel")
+    with trio.fail_after(10), pytest.raises(pytunnel.ConnectError):
+        async with pytunnel.connect(server.address, token=TOKEN, tls=context, reconnect=False):
+            pass  # pragma: no cover
+
+    def refusals() -> list[str]:
+        return [m for r in caplog.records if "TLS handshake with" in (m := r.getMessage())]
+
+    with trio.fail_after(10):
+        while not refusals():
+            await trio.sleep(0.01)
+    assert reason in refusals()[0]
+    assert server.session_count == 0
+
+
+async def test_server_tls_context_with_client_ca_requires_a_client_certificate(
+    nursery: trio.Nursery,
+    mtls_files: dict[str, Path],
+    echo_port: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    context = await pytunnel.server_tls_context(
+        mtls_files["server_cert"], mtls_files["server_key"], client_ca_file=mtls_files["client_ca"]
+    )
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    server = await _mtls_server(nursery, mtls_files)
+    tunnel = await pytunnel.connect_tunnel(
+        nursery,
+        server.address,
+        token=TOKEN,
+        tls=await _client_context(mtls_files, "client"),
+        reconnect=False,
+    )
+    await _roundtrip(tunnel, echo_port)
+    await tunnel.aclose()
+    await _refused_by_mtls_server(
+        server, await _client_context(mtls_files, None), caplog, NO_CLIENT_CERT
+    )
+
+
+async def test_server_tls_context_with_client_ca_refuses_a_certificate_from_another_ca(
+    nursery: trio.Nursery, mtls_files: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await _mtls_server(nursery, mtls_files)
+    await _refused_by_mtls_server(
+        server, await _client_context(mtls_files, "stranger"), caplog, UNTRUSTED_CLIENT_CERT
+    )
+
+
+async def test_server_tls_context_without_client_ca_asks_for_no_certificate(
+    mtls_files: dict[str, Path],
+) -> None:
+    context = await pytunnel.server_tls_context(mtls_files["server_cert"], mtls_files["server_key"])
+    assert context.verify_mode == ssl.CERT_NONE
+
+
+def _serve_cli(*args: str) -> tuple[subprocess.Popen[bytes], tuple[str, int]]:
+    """``pytunnel serve`` as a user runs it, with its listening address read from stdout."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "serve", "--listen", "127.0.0.1:0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTUNNEL_TOKEN": TOKEN},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    match = re.search(r"listening on (\S+):(\d+) \(TLS\)", line)
+    if match is None:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"no listening line: {line!r} {err.decode()!r}")
+    return proc, (match.group(1), int(match.group(2)))
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err.decode()
+
+
+@pytest.fixture
+def mtls_cli_server(
+    mtls_files: dict[str, Path],
+) -> Iterator[tuple[subprocess.Popen[bytes], tuple[str, int]]]:
+    proc, address = _serve_cli(
+        "--tls-cert",
+        str(mtls_files["server_cert"]),
+        "--tls-key",
+        str(mtls_files["server_key"]),
+        "--tls-client-ca",
+        str(mtls_files["client_ca"]),
+    )
+    try:
+        yield proc, address
+    finally:
+        _stop(proc)
+
+
+def _connect_cli(address: tuple[str, int], *args: str) -> subprocess.CompletedProcess[str]:
+    """``pytunnel connect`` that exits after connecting: a forward to nothing, no reconnect,
+    so the outcome is the exit status and stderr."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "connect",
+            f"{address[0]}:{address[1]}",
+            "--no-reconnect",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTUNNEL_TOKEN": TOKEN},
+        check=False,
+    )
+
+
+def test_cli_tls_client_ca_admits_a_client_certificate(
+    mtls_cli_server: tuple[subprocess.Popen[bytes], tuple[str, int]],
+    mtls_files: dict[str, Path],
+) -> None:
+    _, address = mtls_cli_server
+    client = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "connect",
+            f"{address[0]}:{address[1]}",
+            "--no-reconnect",
+            "--tls-ca",
+            str(mtls_files["ca"]),
+            "--tls-cert",
+            str(mtls_files["client_cert"]),
+            "--tls-key",
+            str(mtls_files["client_key"]),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTUNNEL_TOKEN": TOKEN},
+    )
+    try:
+        assert client.stdout is not None
+        line = client.stdout.readline().decode().strip()
+        assert line == f"connected to {address[0]}:{address[1]}", _stop(client)
+    finally:
+        err = _stop(client)
+    assert client.returncode == 0, err
+
+
+@pytest.mark.parametrize("who", [None, "stranger"])
+def test_cli_tls_client_ca_refuses_clients_without_a_trusted_certificate(
+    mtls_cli_server: tuple[subprocess.Popen[bytes], tuple[str, int]],
+    mtls_files: dict[str, Path],
+    who: str | None,
+) -> None:
+    proc, address = mtls_cli_server
+    cert_args = (
+        []
+        if who is None
+        else [
+            "--tls-cert",
+            str(mtls_files[f"{who}_cert"]),
+            "--tls-key",
+            str(mtls_files[f"{who}_key"]),
+        ]
+    )
+    out = _connect_cli(address, "--tls-ca", str(mtls_files["ca"]), *cert_args)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "connected to" not in out.stdout
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("pytunnel: error: [")
+    err = _stop(proc)
+    assert "TLS handshake with 127.0.0.1" in err
+    assert (NO_CLIENT_CERT if who is None else UNTRUSTED_CLIENT_CERT) in err
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+def test_openssl_client_without_certificate_is_refused(
+    mtls_cli_server: tuple[subprocess.Popen[bytes], tuple[str, int]],
+    mtls_files: dict[str, Path],
+    version: str,
+) -> None:
+    """Another TLS implementation, not ours, gets the same answer: no certificate, no entry.
+
+    ``s_client`` sends a valid pytunnel Hello once connected: a server that let it in would
+    answer with a Challenge, so silence plus the server's refusal line prove the refusal."""
+    proc, address = mtls_cli_server
+    hello = encode_message(Hello((1,), bytes(NONCE_SIZE)))
+    out = subprocess.run(
+        [
+            "openssl",
+            "s_client",
+            version,
+            "-quiet",
+            "-ign_eof",
+            "-connect",
+            f"{address[0]}:{address[1]}",
+            "-CAfile",
+            str(mtls_files["ca"]),
+            "-verify_return_error",
+        ],
+        input=hello,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert b"challenge" not in out.stdout, out.stdout
+    err = _stop(proc)
+    assert "TLS handshake with 127.0.0.1" in err, err
+    assert NO_CLIENT_CERT in err

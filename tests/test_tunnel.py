@@ -62,13 +62,20 @@ async def _expect_closed(address: tuple[str, int]) -> None:
         await stream.aclose()
 
 
+async def _eventually(predicate: Callable[[], bool], timeout: float = 10) -> None:
+    """Poll ``predicate`` until it holds; fail after a generous ``timeout``."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
 async def test_remote_forward_relays_bytes(tunnel: pytunnel.Tunnel, echo_port: int) -> None:
     forward = await tunnel.forward_remote("127.0.0.1", echo_port)
     assert forward.listen_port != 0
     assert forward.status is pytunnel.ForwardStatus.ACTIVE
     for _ in range(3):
         assert await _echo_once(forward.address, b"hello remote") == b"hello remote"
-    await trio.sleep(0.05)
+    await _eventually(lambda: forward.stats.active_connections == 0)
     assert forward.stats.total_connections == 3
     assert forward.stats.bytes_out == forward.stats.bytes_in == 3 * len(b"hello remote")
     assert forward.stats.active_connections == 0
@@ -79,7 +86,7 @@ async def test_local_forward_relays_bytes(tunnel: pytunnel.Tunnel, echo_port: in
     assert forward.address[0] == "127.0.0.1"
     assert forward.listen_port != 0
     assert await _echo_once(forward.address, b"hello local") == b"hello local"
-    await trio.sleep(0.05)
+    await _eventually(lambda: forward.stats.active_connections == 0)
     assert forward.stats.total_connections == 1
     assert forward.stats.bytes_out == len(b"hello local")
 
@@ -217,7 +224,7 @@ async def test_failed_dials_leave_nothing_behind(
                     for _ in range(250):
                         batch.start_soon(attempt, target_port)
         assert errors == {pytunnel.NodeUnstableError: 1000, pytunnel.NodeTimeoutError: 1000}
-        await trio.sleep(0.1)
+        await _eventually(lambda: count_tasks() == tasks and count_fds() == fds)
         assert count_tasks() == tasks
         assert count_fds() == fds
         assert tunnel.session.open_streams == 0
@@ -329,7 +336,6 @@ async def test_forward_closable_on_its_own(tunnel: pytunnel.Tunnel, echo_port: i
     await local.aclose()
     assert remote.status is local.status is pytunnel.ForwardStatus.STOPPED
     assert tunnel.forwards == []
-    await trio.sleep(0.05)
     for address in (remote.address, local.address):
         with pytest.raises(OSError, match="connect"):
             await trio.open_tcp_stream(*address)
@@ -668,3 +674,96 @@ async def test_peer_supplied_hosts_are_logged_escaped(
     assert any("fine.example\\r\\nFORGED" in m for m in messages), messages
     assert not any("\n" in m or "\r" in m for m in messages), messages
     assert tunnel.connected
+
+
+# ------------------------------------------------------------------------ IPv6 end to end
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+ipv6 = pytest.mark.skipif(not _ipv6_loopback(), reason="::1 is not available on this machine")
+
+
+@pytest.fixture
+async def echo_port_v6(nursery: trio.Nursery) -> int:
+    """The echo service on ``::1`` only, so a dial that went over IPv4 would be refused."""
+    from conftest import echo_handler
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, echo_handler, 0, host="::1"))
+    assert listeners[0].socket.family == socket.AF_INET6
+    return int(listeners[0].socket.getsockname()[1])
+
+
+async def _echo_over_ipv6(address: tuple[str, int], payload: bytes) -> bytes:
+    assert address[0] == "::1"
+    stream = await trio.open_tcp_stream(*address)
+    try:
+        assert stream.socket.family == socket.AF_INET6
+        await stream.send_all(payload)
+        await stream.send_eof()
+        parts = []
+        while chunk := await stream.receive_some():
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        await stream.aclose()
+
+
+@ipv6
+async def test_ipv6_forwards_bind_and_dial_loopback_v6(
+    nursery: trio.Nursery, echo_port_v6: int
+) -> None:
+    """The control connection, both listeners and both dials on ``::1``."""
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, TOKEN, 0, host="::1", public_host="::1")
+    )
+    assert server.address[0] == "::1"
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, f"[::1]:{server.address[1]}", token=TOKEN, reconnect=False
+    )
+    local = await tunnel.forward_local("::1", echo_port_v6, local_host="::1")
+    remote = await tunnel.forward_remote("::1", echo_port_v6, remote_host="::1")
+    for forward in (local, remote):
+        assert forward.address[0] == "::1"
+        assert forward.target == f"[::1]:{echo_port_v6}"
+        payload = os.urandom(200_000)
+        assert await _echo_over_ipv6(forward.address, payload) == payload
+        await _eventually(lambda f=forward: f.stats.active_connections == 0)  # type: ignore[misc]
+        assert forward.stats.total_connections == 1
+        assert forward.stats.bytes_out == forward.stats.bytes_in == len(payload)
+    stream = await tunnel.open_stream("::1", echo_port_v6)
+    await stream.send_all(b"v6")
+    await stream.send_eof()
+    assert await stream.receive_some() == b"v6"
+    await stream.aclose()
+    await tunnel.aclose()
+
+
+@ipv6
+async def test_ipv6_target_through_socks(tunnel: pytunnel.Tunnel, echo_port_v6: int) -> None:
+    """A SOCKS5 request with an IPv6 address (ATYP 4) is dialled at the server over IPv6."""
+    forward = await tunnel.forward_dynamic()
+    stream = await trio.open_tcp_stream("127.0.0.1", forward.listen_port)
+    try:
+        await stream.send_all(b"\x05\x01\x00")
+        assert await stream.receive_some(2) == b"\x05\x00"
+        request = socket.inet_pton(socket.AF_INET6, "::1") + echo_port_v6.to_bytes(2, "big")
+        await stream.send_all(b"\x05\x01\x00\x04" + request)
+        reply = b""
+        with trio.fail_after(10):
+            while len(reply) < 4 or len(reply) < (10 if reply[3] == 1 else 22):
+                chunk = await stream.receive_some()
+                assert chunk, reply
+                reply += chunk
+        assert reply[:2] == b"\x05\x00", reply
+        await stream.send_all(b"six")
+        assert await stream.receive_some() == b"six"
+    finally:
+        await stream.aclose()

@@ -238,10 +238,13 @@ class FrameDecoder:
         if self._error is not None:  # a broken decoder drops input instead of keeping it
             return
         if self._pos < len(self._chunk):
-            # the caller did not take every message out first: keep the rest, then the new bytes
-            self._pending += memoryview(self._chunk)[self._pos :]
-            self._pending += data
-            self._chunk, self._pos = b"", 0
+            # The caller did not take every message out first. The rest may hold several
+            # frames, so it stays a chunk (never pending, which holds one frame at most);
+            # ``_pending`` is empty here, since a frame straddles chunks only once the last
+            # chunk is used up.
+            with memoryview(self._chunk) as view, view[self._pos :] as rest:
+                self._chunk = b"".join((rest, data))
+            self._pos = 0
         elif self._pending:
             self._chunk, self._pos = bytes(data), 0
         else:

@@ -1,0 +1,17 @@
+#!/bin/sh
+# Branch coverage of the whole suite, `pytunnel` subprocesses included: pyproject.toml sets
+# `[tool.coverage.run] patch = ["subprocess"]` (coverage >= 7.10), so every Python process
+# the tests start is measured and its data file combined here.
+# Usage: tools/coverage.sh [pytest arguments]
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+rm -f .coverage .coverage.*
+python -m coverage run -m pytest -q -p no:cacheprovider "$@"
+status=$?
+python -m coverage combine -q
+python -m coverage report
+echo
+echo "cli/:";      python -m coverage report --include='cli/*' | tail -1
+echo "protocol/:"; python -m coverage report --include='src/pytunnel/protocol/*' | tail -1
+exit $status
