@@ -824,3 +824,38 @@ async def test_session_end_closes_the_public_port_before_the_relays(
             await conn.aclose()
         await tunnel.aclose()
         proxy.close()
+
+
+# ------------------------------------------------------------ a rate-limited reconnection waits
+
+
+async def test_reconnection_waits_as_long_as_a_rate_limit_says(nursery: trio.Nursery) -> None:
+    """A tunnel whose address is penalised (its NAT neighbour keeps failing authentication)
+    waits for the retry time the refusal names instead of being refused at every backoff
+    step, and is served once the penalty is over."""
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(
+            pytunnel.serve, TOKEN, 0, auth_failure_burst=1, auth_failure_interval=2.0
+        )
+    )
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, backoff_initial=0.05, backoff_max=0.05
+    )
+    events = tunnel.events()
+    for _ in range(2):  # the neighbour's stale token spends the address's budget
+        with pytest.raises((pytunnel.AuthenticationError, pytunnel.RateLimitedError)):
+            async with pytunnel.connect(server.address, token="stale", reconnect=False):
+                pass
+    [client] = list(server._sessions)
+    await client.session.abort(pytunnel.SessionClosedError("link dropped"))
+    failures = 0
+    with trio.fail_after(20):  # hang detector
+        async for event in events:
+            if event.kind is pytunnel.EventKind.RECONNECT_FAILED:
+                assert "RATE_LIMITED" in event.message or "retry in" in event.message, event
+                failures += 1
+            if event.kind is pytunnel.EventKind.CONNECTED:
+                break
+    # refused once, told when to come back, then served: not refused every 50 ms for 2 s
+    assert 1 <= failures <= 2, failures
+    assert tunnel.connected

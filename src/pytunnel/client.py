@@ -69,6 +69,7 @@ from .errors import (
     DialError,
     ErrorCode,
     ForwardError,
+    RateLimitedError,
     RemoteProtocolError,
     SessionClosedError,
     StreamRefusedError,
@@ -1141,6 +1142,9 @@ class Tunnel:
         """
         await self._run_session(*first, task_status)
         attempt = 0
+        #: The server's own word on when to come back (a RATE_LIMITED refusal's retry time):
+        #: an attempt before it would only be refused again.
+        not_before = 0.0
         while not self._closing:
             if not self.config.reconnect or self._connector is None:
                 self.failure = SessionClosedError("the connection to the server was lost")
@@ -1152,7 +1156,7 @@ class Tunnel:
                 )
                 log.error("%s", self.failure)
                 return
-            delay = self.config.backoff(attempt)
+            delay = max(self.config.backoff(attempt), not_before - trio.current_time())
             log.info("reconnecting in %.1f s (attempt %d)", delay, attempt)
             self._emit(
                 TunnelEvent(EventKind.RECONNECT_ATTEMPT, f"attempt {attempt} in {delay:.1f} s")
@@ -1167,6 +1171,8 @@ class Tunnel:
             except TunnelError as exc:
                 log.warning("reconnection attempt %d failed: %s", attempt, exc)
                 self._emit(TunnelEvent(EventKind.RECONNECT_FAILED, str(exc)))
+                if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
+                    not_before = trio.current_time() + exc.retry_after
                 continue
             self.reconnects += 1
             log.info("reconnected after %d attempt(s)", attempt)
