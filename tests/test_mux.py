@@ -1094,10 +1094,35 @@ def test_control_frames_overtake_queued_data() -> None:
         "Ping",
         "Pong",
         "WindowUpdate",
-        "GoAway",
         "Data",
         "Fin",
+        "GoAway",
     ]
+
+
+def test_goaway_does_not_overtake_what_was_queued_before_it() -> None:
+    """GoAway means "nothing more from me": an Open, Data and Fin queued before it reach the
+    peer before it, so closing a busy session loses nothing it had already sent."""
+    client, server = make_pair()
+    sid = opened(client, server)
+    client.send_data(sid, b"hello")
+    client.send_fin(sid)
+    late = client.open_stream()
+    client.go_away(ErrorCode.NORMAL, "bye")
+    events = pump(client, server)
+    assert events[:4] == [
+        DataReceived(sid, b"hello"),
+        StreamEnded(sid),
+        StreamOpened(late, "", 0, 0),
+        GoAwayReceived(0, "bye"),
+    ]
+
+
+def test_an_open_after_the_peers_goaway_is_refused() -> None:
+    client, server = make_pair()
+    feed(server, m.GoAway(0, "bye"))
+    feed(server, m.Open(1, 1000))
+    assert [type(f).__name__ for f in sent_frames(server)] == ["Refuse"]
 
 
 def test_reset_waits_behind_the_open_of_its_own_stream() -> None:

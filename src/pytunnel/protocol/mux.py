@@ -20,7 +20,7 @@ rule h2's ``WindowManager`` uses), so a slow reader bounds its own buffer withou
 other stream.
 
 Output goes into two queues, drained control first: frames that are not ordered relative to a
-stream's payload (``WindowUpdate``, ``Ping``, ``Pong``, ``GoAway``, ``Refuse`` and a ``Reset``
+stream's payload (``WindowUpdate``, ``Ping``, ``Pong``, ``Refuse`` and a ``Reset``
 of a stream with nothing queued) overtake bulk data, so a heartbeat answer never waits behind
 megabytes; ``Open``/``Accept``/``Data``/``Fin``/``Datagram`` keep their order. Replies to the
 peer's requests (``Pong``, ``Refuse``, the ``Reset`` of data sent to a closed stream) are
@@ -557,7 +557,9 @@ class Multiplexer:
         if self.goaway_sent:
             return
         self.goaway_sent = True
-        self._emit_control(GoAway(code, truncate_text(message)))
+        # ordered: GoAway promises "no more streams from me", so it must not pass an Open (or
+        # the Data and Fin the peer should still receive) that was queued before it
+        self._emit(GoAway(code, truncate_text(message)))
 
     # ------------------------------------------------------------------ incoming
 
@@ -696,7 +698,8 @@ class Multiplexer:
         if sid <= self._last_peer_id:
             raise _error(ErrorCode.STREAM_STATE_ERROR, f"stream id {sid} reused or not increasing")
         self._last_peer_id = sid
-        if self.goaway_sent:
+        if self.goaway_sent or self.goaway_received:
+            # an Open after the peer's own GoAway is refused like one crossing ours
             self._reply(Refuse(sid, ErrorCode.GOING_AWAY, "session is going away"))
             return None
         if len(self._streams) >= self.max_streams:
