@@ -1119,7 +1119,7 @@ def test_goaway_does_not_overtake_what_was_queued_before_it() -> None:
 
 
 def test_an_open_after_the_peers_goaway_is_refused() -> None:
-    client, server = make_pair()
+    _client, server = make_pair()
     feed(server, m.GoAway(0, "bye"))
     feed(server, m.Open(1, 1000))
     assert [type(f).__name__ for f in sent_frames(server)] == ["Refuse"]
