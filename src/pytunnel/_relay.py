@@ -29,6 +29,8 @@ log = logging.getLogger("pytunnel.relay")
 #: Seconds without a byte moving in either direction before a relay is reset.
 DEFAULT_IDLE_TIMEOUT = 300.0
 _CHUNK = 256 * 1024
+#: Progress granularity of a send: the size of one Data frame of a tunnel stream.
+_PIECE = 64 * 1024
 
 
 @attrs.define
@@ -37,8 +39,8 @@ class _Ending:
 
     scope: trio.CancelScope
     idle_timeout: float
-    #: Sends (or half-closes) in progress. A pump parked in ``send_all`` because its reader is
-    #: slow is moving data, not idle, so the idle clock stops while this is above zero.
+    #: Sends that stop the idle clock while they last: half-closes and sends through injected
+    #: faults (whose delays are deliberate). Plain sends restart the clock piece by piece.
     sending: int = 0
     #: An injected "close after N bytes" stopped it: a deliberate, clean close.
     injected_close: bool = False
@@ -123,12 +125,18 @@ async def _copy(
         if not chunk:
             break
         side = faults.side(outbound) if faults is not None else None
-        with ending.send():
-            if side is not None and side.active:
+        if side is not None and side.active:
+            with ending.send():  # injected delays are the test's, not the peers' idleness
                 sent += await send_with_faults(sink, chunk, side, sent)
-            else:
-                await sink.send_all(chunk)
-                sent += len(chunk)
+        else:
+            # in pieces, each completed piece restarting the idle clock: a reader that takes
+            # its bytes slowly keeps the relay alive, one that takes nothing for idle_timeout
+            # (a stalled or hostile peer holding the relay's sockets and slot) does not
+            with memoryview(chunk) as view:
+                for start in range(0, len(view), _PIECE):
+                    await sink.send_all(view[start : start + _PIECE])
+                    ending.touch()
+            sent += len(chunk)
         if stats is not None:
             if outbound:
                 stats.bytes_out += len(chunk)
@@ -158,9 +166,11 @@ async def relay(
     relay is cancelled, or it is idle for ``idle_timeout`` seconds, both streams are reset
     (RST on TCP, ``Reset`` on a mux stream), because a direction that had not reached its EOF
     was cut short and its reader must not take what it got for the whole transfer. Idle means
-    no byte arrived from either side and no send was in progress: a send parked on a slow
-    reader is data on the move. Never raises for the peers' failures; those are logged at
-    debug level.
+    no progress either way: no byte arrived from either side and no piece (64 KiB) of a send
+    completed, so a reader that takes its bytes slowly keeps the relay, while one that stops
+    taking them (or a peer that never grants window) loses it after ``idle_timeout``, with a
+    reset, instead of holding its sockets and slot for ever. Never raises for the peers'
+    failures; those are logged at debug level.
     """
     if stats is not None:
         stats.active_connections += 1
