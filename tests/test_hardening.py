@@ -286,6 +286,25 @@ def test_auth_throttle_is_a_decaying_budget(autojump_clock: trio.testing.MockClo
     trio.run(main, clock=autojump_clock)
 
 
+def test_concurrent_failed_handshakes_each_cost_a_token(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Handshakes admitted together while one token was left all fail on their own account:
+    eight concurrent wrong guesses run the address into debt (at most one burst, so the
+    penalty still ends), and concurrency buys no guesses that sequential attempts would not
+    get."""
+
+    async def main() -> None:
+        throttle = AuthThrottle(burst=1, interval=6.0)
+        for _ in range(8):  # all admitted before the first failed
+            throttle.failure("10.3.3.3")
+        assert throttle.blocked_for("10.3.3.3") == pytest.approx(2 * 6.0)  # one burst of debt
+        await trio.sleep(12.0)
+        assert throttle.blocked_for("10.3.3.3") == 0
+
+    trio.run(main, clock=autojump_clock)
+
+
 def test_auth_throttle_table_is_bounded(autojump_clock: trio.testing.MockClock) -> None:
     async def main() -> None:
         throttle = AuthThrottle(burst=1, interval=60.0, max_entries=100)

@@ -676,6 +676,21 @@ async def test_peer_supplied_hosts_are_logged_escaped(
     assert tunnel.connected
 
 
+async def test_remote_forward_bind_hosts_are_logged_escaped(
+    tunnel: pytunnel.Tunnel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A remote-forward request names the host to bind: the server's refusal and its log
+    line carry it escaped, so a client cannot forge server log lines through it."""
+    caplog.clear()
+    with pytest.raises(pytunnel.PortNotAllowedError) as refused:
+        await tunnel.forward_remote("127.0.0.1", 80, remote_host="x\nCRITICAL pytunnel: forged")
+    assert "\n" not in str(refused.value)
+    messages = [r.getMessage() for r in caplog.records if r.name == "pytunnel.server"]
+    assert any("x\\nCRITICAL pytunnel: forged" in m for m in messages), messages
+    assert not any("\n" in m for m in messages), messages
+    assert tunnel.connected
+
+
 # ------------------------------------------------------------------------ IPv6 end to end
 
 

@@ -183,7 +183,10 @@ class AuthThrottle:
 
     def failure(self, host: str) -> None:
         now = trio.current_time()
-        tokens = max(0.0, self._tokens(host, now) - 1)
+        # down to one burst of debt: handshakes admitted together while a token was left each
+        # fail on their own account, so concurrency buys no extra guesses (and the debt is
+        # bounded, so the penalty still ends)
+        tokens = max(-float(self.burst), self._tokens(host, now) - 1)
         self._buckets.pop(host, None)
         self._buckets[host] = (tokens, now)
         if tokens < 1 - self._EPSILON:
@@ -588,10 +591,11 @@ class _ClientSession:
 
     def _check_bind(self, host: str, port: int) -> str:
         """The host to bind, or raise: clients only get the public host and allowed ports."""
-        address = format_target(host, port)
+        address = printable(format_target(host, port))  # the client's text, for logs
         if host not in ("", self.config.public_host):
             raise PortNotAllowedError(
-                f"server only listens on {self.config.public_host}, not {host}", address=address
+                f"server only listens on {self.config.public_host}, not {printable(host)}",
+                address=address,
             )
         if port and not self.config.port_allowed(port):
             raise PortNotAllowedError(f"port {port} is outside the allowed range", address=address)
@@ -715,7 +719,9 @@ class _ClientSession:
             self.forwards -= 1
 
     async def _run_remote_forward(self, incoming: IncomingStream) -> None:
-        requested = format_target(incoming.host or self.config.public_host, incoming.port)
+        requested = printable(
+            format_target(incoming.host or self.config.public_host, incoming.port)
+        )
         try:
             listeners = await self._bind(incoming.host, incoming.port, bind)
         except ForwardError as exc:
