@@ -107,6 +107,9 @@ __all__ = [
 
 log = logging.getLogger("pytunnel.client")
 
+#: The longest wait a server's RATE_LIMITED refusal can impose on a reconnecting client.
+_MAX_RETRY_AFTER = 300.0
+
 Connector = Callable[[], Awaitable[trio.abc.Stream]]
 
 
@@ -1172,7 +1175,10 @@ class Tunnel:
                 log.warning("reconnection attempt %d failed: %s", attempt, exc)
                 self._emit(TunnelEvent(EventKind.RECONNECT_FAILED, str(exc)))
                 if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
-                    not_before = trio.current_time() + exc.retry_after
+                    # capped: the refusal comes before authentication, so anything that answers
+                    # the connection could name years; beyond the cap the backoff rules again
+                    wait = min(exc.retry_after, max(self.config.backoff_max, _MAX_RETRY_AFTER))
+                    not_before = trio.current_time() + wait
                 continue
             self.reconnects += 1
             log.info("reconnected after %d attempt(s)", attempt)
