@@ -547,6 +547,32 @@ async def test_public_connection_given_up_by_the_server_cancels_the_client_dial(
 # ------------------------------------------------------------------------ client stream cap
 
 
+async def test_idle_listeners_hold_no_stream_slot(
+    nursery: trio.Nursery, tunnel_server: pytunnel.TunnelServer, echo_port: int
+) -> None:
+    """With a cap of one stream, each of two idle forwards still serves its connection: a
+    listener reserves a slot only once a connection is waiting for it."""
+    tunnel = await pytunnel.connect_tunnel(
+        nursery,
+        tunnel_server.address,
+        token=TOKEN,
+        reconnect=False,
+        probe_interval=0,
+        session=pytunnel.SessionConfig(max_streams=1),
+    )
+    first = await tunnel.forward_local("127.0.0.1", echo_port)
+    second = await tunnel.forward_local("127.0.0.1", echo_port)
+    await trio.testing.wait_all_tasks_blocked()
+    assert tunnel.session is not None
+    assert tunnel.session.free_stream_slots == 1
+    for forward in (second, first, second):
+        with trio.fail_after(10):  # hang detector
+            assert await _echo_once(forward.address, b"through") == b"through"
+        await _eventually(
+            lambda: tunnel.session is not None and tunnel.session.free_stream_slots == 1
+        )
+
+
 async def test_local_forward_at_the_stream_cap_stops_accepting_instead_of_resetting(
     nursery: trio.Nursery,
     tunnel_server: pytunnel.TunnelServer,
@@ -592,6 +618,7 @@ async def test_local_forward_at_the_stream_cap_stops_accepting_instead_of_resett
                 await trio.sleep(0.01)
         for i in range(cap, total):
             clients.start_soon(one, i)
+
         # the listener is at the cap: it says so, and the rest wait in the kernel's backlog
         def at_cap() -> list[str]:
             return [r.getMessage() for r in caplog.records if "limit of 8 streams" in r.message]

@@ -377,8 +377,10 @@ class LocalForward(Forward):
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
-            # a stream slot first: at the session's cap the listener stops accepting and the
-            # kernel's backlog holds the rest, rather than accepting connections to reset them
+            # a connection waiting first, then a stream slot: at the session's cap the listener
+            # stops accepting and the kernel's backlog holds the rest, rather than accepting
+            # connections to reset them; an idle listener holds no slot
+            await trio.lowlevel.wait_readable(listener.socket)
             slot = await self._reserve_slot()
             try:
                 conn = await accept(listener)
