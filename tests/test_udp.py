@@ -276,30 +276,60 @@ async def test_full_table_evicts_the_least_recently_used_association(
 
 
 async def test_udp_associations_count_against_the_server_stream_budget(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery, echo_port: int
 ) -> None:
+    """Associations hold slots of the server's stream budget; when the budget is spent (here
+    by TCP streams), a new source takes the slot of the forward's least recently used
+    association instead of being refused, so the forward never holds more, and quiet or
+    spoofed sources cannot lock live ones out."""
     import functools
 
-    server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, 0, max_streams=2))
+    server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, 0, max_streams=8))
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
+    tcp = [await tunnel.open_stream("127.0.0.1", echo_port) for _ in range(6)]
     port = await nursery.start(_udp_echo)
     udp = await tunnel.forward_remote("127.0.0.1", port, protocol="udp")
     first, second, third = [await _client_socket() for _ in range(3)]
     try:
         assert await _ask(udp.address, b"one", first) == b"one"
         assert await _ask(udp.address, b"two", second) == b"two"
-        assert server.active_streams == 2
-        await third.sendto(b"three", udp.address)
-        # datagrams are handled in order: once "one" is answered again, "three" was refused
-        assert await _ask(udp.address, b"one", first) == b"one"
-        assert server.active_streams == 2
-        assert udp.stats.total_connections == 2
+        assert server.active_streams == 8  # the budget is spent
+        assert await _ask(udp.address, b"three", third) == b"three"  # "one" made way
+        assert server.active_streams == 8
+        assert udp.stats.total_connections == 3
+        assert await _ask(udp.address, b"one again", first) == b"one again"  # "two" made way
+        assert server.active_streams == 8
+        for stream in tcp:  # the TCP streams that spent the budget are untouched
+            await stream.send_all(b"tcp")
+            assert await stream.receive_some() == b"tcp"
         await udp.aclose()
         with trio.fail_after(10):
-            while server.active_streams:
+            while server.active_streams > 6:
                 await trio.sleep(0.01)
     finally:
         for sock in (first, second, third):
+            sock.close()
+        for stream in tcp:
+            await stream.aclose()
+
+
+async def test_one_udp_forward_takes_at_most_a_quarter_of_the_stream_budget(
+    nursery: trio.Nursery,
+) -> None:
+    import functools
+
+    server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, 0, max_streams=8))
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
+    port = await nursery.start(_udp_echo)
+    udp = await tunnel.forward_remote("127.0.0.1", port, protocol="udp")
+    sockets = [await _client_socket() for _ in range(5)]
+    try:
+        for i, sock in enumerate(sockets):
+            assert await _ask(udp.address, b"q%d" % i, sock) == b"q%d" % i
+            assert server.active_streams <= 2
+        assert udp.stats.total_connections == 5
+    finally:
+        for sock in sockets:
             sock.close()
 
 

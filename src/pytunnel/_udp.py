@@ -70,6 +70,13 @@ class _Association:
     #: Covers the whole association, opening included, so eviction can end it at any point;
     #: its deadline is the idle expiry once the stream is open.
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    #: Whether its slot of the owner's stream budget was given back (exactly once).
+    released: bool = False
+
+    def release(self, release: Callable[[], None]) -> None:
+        if not self.released:
+            self.released = True
+            release()
 
 
 @attrs.define(eq=False)
@@ -154,7 +161,20 @@ async def serve_associations(
                 if table.is_refused(address):
                     stats.datagrams_dropped += 1
                     continue
-                if not admit():
+                admitted = admit()
+                if not admitted and table.associations:
+                    # the budget is spent: this forward's least recently used association
+                    # makes way (its slot given back now, not when its task gets to run), so
+                    # sources that went quiet (or were spoofed) cannot lock live ones out
+                    evicted = table.evict_oldest()
+                    evicted.release(release)
+                    log.debug(
+                        "%s: association for %s evicted (stream budget spent)",
+                        name,
+                        format_target(*evicted.address),
+                    )
+                    admitted = admit()
+                if not admitted:
                     stats.count_error("REFUSED")
                     stats.datagrams_dropped += 1
                     table.refuse(address)
@@ -253,7 +273,7 @@ async def _run_association(
     finally:
         table.remove(association)
         stats.active_connections -= 1
-        release()
+        association.release(release)
         if stream is not None:
             await trio.aclose_forcefully(stream)
 

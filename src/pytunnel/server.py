@@ -696,7 +696,11 @@ class _ClientSession:
                         sock,
                         open_association,
                         idle_timeout=self.config.udp_idle_timeout,
-                        max_associations=self.config.max_udp_associations,
+                        # one public UDP port may not take more than a quarter of the
+                        # server's stream budget, whatever its sources claim to be
+                        max_associations=max(
+                            1, min(self.config.max_udp_associations, self.config.max_streams // 4)
+                        ),
                         admit=admit_association,
                         release=release_association,
                         stats=stats,
