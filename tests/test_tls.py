@@ -564,3 +564,8 @@ def test_openssl_client_without_certificate_is_refused(
     err = _stop(proc)
     assert "TLS handshake with 127.0.0.1" in err, err
     assert NO_CLIENT_CERT in err
+
+
+def test_a_malformed_pin_is_refused_when_the_config_is_made() -> None:
+    with pytest.raises(ValueError, match="bad fingerprint"):
+        pytunnel.ClientConfig(token=TOKEN, tls_fingerprint="SHA256:!!")

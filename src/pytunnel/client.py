@@ -53,7 +53,7 @@ from ._session import (
     wait_stream_end,
 )
 from ._spec import check_target
-from ._tls import client_tls_context, tls_connect
+from ._tls import client_tls_context, parse_fingerprint, tls_connect
 from ._udp import (
     DEFAULT_MAX_ASSOCIATIONS,
     DEFAULT_UDP_IDLE_TIMEOUT,
@@ -122,6 +122,13 @@ def _check_client_id(
         )
 
 
+def _valid_fingerprint(_inst: object, _attribute: object, value: str | None) -> None:
+    """A malformed pin is the caller's error, said when the config is made (``ValueError``),
+    not a surprise after the first TLS handshake."""
+    if value is not None:
+        parse_fingerprint(value)
+
+
 @attrs.frozen(kw_only=True)
 class ClientConfig:
     """How a client connects, watches its link, reconnects and probes its targets."""
@@ -167,7 +174,7 @@ class ClientConfig:
     tls_server_hostname: str | None = None
     #: Pin the server certificate (``SHA256:...``, as printed by ``pytunnel serve``) instead of
     #: (or on top of) verifying its chain: for self-signed servers.
-    tls_fingerprint: str | None = None
+    tls_fingerprint: str | None = attrs.field(default=None, validator=_valid_fingerprint)
 
     def backoff(self, attempt: int) -> float:
         """Delay before reconnection attempt ``attempt`` (1-based), jitter included."""
