@@ -17,6 +17,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -419,6 +420,23 @@ def _serve_cli(*args: str) -> tuple[subprocess.Popen[bytes], tuple[str, int]]:
     return proc, (match.group(1), int(match.group(2)))
 
 
+def _stop_when_logged(proc: subprocess.Popen[bytes], needle: str, timeout: float = 10) -> str:
+    """Stop the server once its log has ``needle`` (or after a generous ``timeout``): it
+    logs a refused handshake when the handshake ends, which may be after the client quit."""
+    assert proc.stderr is not None
+    os.set_blocking(proc.stderr.fileno(), False)
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while needle.encode() not in seen and time.monotonic() < deadline and proc.poll() is None:
+        chunk = proc.stderr.read()
+        if chunk:
+            seen += chunk
+        else:
+            time.sleep(0.02)
+    os.set_blocking(proc.stderr.fileno(), True)
+    return seen.decode() + _stop(proc)
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> str:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -524,9 +542,10 @@ def test_cli_tls_client_ca_refuses_clients_without_a_trusted_certificate(
     assert "connected to" not in out.stdout
     assert "Traceback" not in out.stderr
     assert out.stderr.startswith("pytunnel: error: [")
-    err = _stop(proc)
+    expected = NO_CLIENT_CERT if who is None else UNTRUSTED_CLIENT_CERT
+    err = _stop_when_logged(proc, expected)
     assert "TLS handshake with 127.0.0.1" in err
-    assert (NO_CLIENT_CERT if who is None else UNTRUSTED_CLIENT_CERT) in err
+    assert expected in err
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
@@ -561,7 +580,7 @@ def test_openssl_client_without_certificate_is_refused(
         check=False,
     )
     assert b"challenge" not in out.stdout, out.stdout
-    err = _stop(proc)
+    err = _stop_when_logged(proc, NO_CLIENT_CERT)
     assert "TLS handshake with 127.0.0.1" in err, err
     assert NO_CLIENT_CERT in err
 
