@@ -513,3 +513,15 @@ def test_data_with_an_unusual_stream_id_encoding_goes_through_the_strict_decoder
         assert info.value.code == ErrorCode.INVALID_FIELD
     else:
         assert FrameDecoder().feed(frame(body)) == [expected]
+
+
+@pytest.mark.parametrize("payload_field", [b"\xa3abc", b"\xc0"])  # a str, nil: not bin
+def test_data_whose_payload_is_not_bin_is_refused_by_the_strict_decoder(
+    payload_field: bytes,
+) -> None:
+    """The fast path takes only a bin payload; anything else (canonical keys otherwise) goes to
+    the generic decoder, which refuses it with one typed error."""
+    body = b"\x83\xa6stream\x03\xa4data" + payload_field + b"\xa1t\xa4data"
+    with pytest.raises(RemoteProtocolError) as info:
+        FrameDecoder().feed(frame(body))
+    assert info.value.code == ErrorCode.INVALID_FIELD
