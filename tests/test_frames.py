@@ -489,3 +489,39 @@ def test_frames_left_after_the_handshake_decode_with_the_next_bytes() -> None:
         while (message := decoder.next_message()) is not None:
             got.append(message)
         assert got == ([m.Ping(7), m.Pong(0)] if i == 0 else [m.Pong(i)])
+
+
+@pytest.mark.parametrize(
+    ("stream_field", "expected"),
+    [
+        (b"\xcf" + (3).to_bytes(8, "big"), m.Data(3, b"abc")),  # uint64: legal, not minimal
+        (b"\xd0\x03", m.Data(3, b"abc")),  # int8 holding a positive id
+        (b"\xff", None),  # -1: refused by the strict decoder
+    ],
+)
+def test_data_with_an_unusual_stream_id_encoding_goes_through_the_strict_decoder(
+    stream_field: bytes, expected: m.Data | None
+) -> None:
+    """The fast path reads only the minimal unsigned encodings of the stream id; any other
+    (canonical key order otherwise) falls back to the generic decoder, which accepts a valid id
+    however it is encoded and refuses a negative one."""
+    body = b"\x83\xa6stream" + stream_field + b"\xa4data\xc4\x03abc\xa1t\xa4data"
+    assert msgpack.unpackb(body)["stream"] == (expected.stream if expected else -1)
+    if expected is None:
+        with pytest.raises(RemoteProtocolError) as info:
+            FrameDecoder().feed(frame(body))
+        assert info.value.code == ErrorCode.INVALID_FIELD
+    else:
+        assert FrameDecoder().feed(frame(body)) == [expected]
+
+
+@pytest.mark.parametrize("payload_field", [b"\xa3abc", b"\xc0"])  # a str, nil: not bin
+def test_data_whose_payload_is_not_bin_is_refused_by_the_strict_decoder(
+    payload_field: bytes,
+) -> None:
+    """The fast path takes only a bin payload; anything else (canonical keys otherwise) goes to
+    the generic decoder, which refuses it with one typed error."""
+    body = b"\x83\xa6stream\x03\xa4data" + payload_field + b"\xa1t\xa4data"
+    with pytest.raises(RemoteProtocolError) as info:
+        FrameDecoder().feed(frame(body))
+    assert info.value.code == ErrorCode.INVALID_FIELD

@@ -1310,3 +1310,117 @@ def test_datagram_edge_cases_on_a_datagram_stream() -> None:
     feed(acceptor, m.Open(1, 100, datagrams=True))
     with remote_error(ErrorCode.STREAM_STATE_ERROR):
         feed(acceptor, m.Datagram(1, b"before accept"))
+
+
+# ----------------------------------------------------------------------------- local misuse
+
+
+@pytest.mark.parametrize("window", [0, -1, MAX_WINDOW + 1])
+def test_constructor_refuses_a_window_outside_the_protocol_range(window: int) -> None:
+    with pytest.raises(ValueError, match="window"):
+        Multiplexer(Role.CLIENT, window=window)
+
+
+@pytest.mark.parametrize("max_streams", [0, -5])
+def test_constructor_refuses_a_stream_cap_below_one(max_streams: int) -> None:
+    with pytest.raises(ValueError, match="max_streams"):
+        Multiplexer(Role.SERVER, max_streams=max_streams)
+
+
+def test_constructor_accepts_the_bounds_of_the_window_range() -> None:
+    assert Multiplexer(Role.CLIENT, window=1).window == 1
+    assert Multiplexer(Role.CLIENT, window=MAX_WINDOW).window == MAX_WINDOW
+
+
+@pytest.mark.parametrize(("role", "last"), [(Role.CLIENT, 2**32 - 1), (Role.SERVER, 2**32 - 2)])
+def test_opening_past_the_last_stream_id_is_a_typed_local_error(role: Role, last: int) -> None:
+    """Stream ids are u32 and never reused: once a side has used its last id of its parity,
+    opening fails cleanly (nothing queued, nothing registered) instead of sending an id the
+    peer must reject. Opening 2**31 streams is not practical, so the counter is moved to the
+    last id directly."""
+    mux = Multiplexer(role)
+    mux._next_id = last
+    assert mux.open_stream() == last
+    assert mux.has_stream(last)
+    assert [type(f) for f in sent_frames(mux)] == [m.Open]
+    with pytest.raises(LocalProtocolError) as info:
+        mux.open_stream()
+    assert info.value.code == ErrorCode.STREAM_STATE_ERROR
+    assert mux.open_streams == 1
+    assert mux.bytes_to_send == 0
+
+
+def test_refusing_a_stream_that_is_not_awaiting_an_answer_is_a_local_error() -> None:
+    client, server = make_pair()
+    sid = opened(client, server)  # accepted already
+    with pytest.raises(LocalProtocolError, match="not awaiting an answer"):
+        server.refuse_stream(sid, ErrorCode.CANCELLED)
+    own = client.open_stream()  # ours: only the peer answers it
+    client.data_to_send()
+    with pytest.raises(LocalProtocolError, match="not awaiting an answer"):
+        client.refuse_stream(own, ErrorCode.CANCELLED)
+    # both streams are untouched and nothing was queued
+    assert server.can_send(sid)
+    assert client.has_stream(own)
+    assert client.bytes_to_send == server.bytes_to_send == 0
+
+
+def test_sending_a_datagram_before_the_stream_is_accepted_is_a_typed_local_error() -> None:
+    client, server = make_pair()
+    sid = client.open_stream(datagrams=True)
+    queued = client.bytes_to_send  # the Open
+    assert not client.can_send_datagram(sid)
+    with pytest.raises(LocalProtocolError) as info:
+        client.send_datagram(sid, b"too early")
+    assert info.value.code == ErrorCode.STREAM_STATE_ERROR
+    assert client.bytes_to_send == queued
+    pump(client, server)
+    server.accept_stream(sid)
+    pump(server, client)
+    client.send_datagram(sid, b"now")  # the same stream, once open
+    assert pump(client, server) == [DatagramReceived(sid, b"now")]
+
+
+def test_fin_before_the_stream_is_accepted_is_a_local_error() -> None:
+    client, _ = make_pair()
+    sid = client.open_stream()
+    client.data_to_send()
+    with pytest.raises(LocalProtocolError, match="not open"):
+        client.send_fin(sid)
+    assert client.has_stream(sid)
+    assert client.bytes_to_send == 0
+
+
+def test_an_empty_data_frame_is_accepted_and_yields_no_event() -> None:
+    """An empty Data frame is valid (it costs no window): nothing to deliver, the stream stays
+    open with its window whole, and the next data still arrives."""
+    client, server = make_pair(window=100)
+    sid = opened(client, server)
+    assert feed(server, m.Data(sid, b"")) == []
+    assert server.has_stream(sid)
+    assert feed(server, m.Data(sid, b"x" * 100)) == [DataReceived(sid, b"x" * 100)]
+
+
+@pytest.mark.parametrize("last_fin", ["local", "remote"])
+def test_a_stream_finished_both_ways_is_forgotten_and_closing_it_is_a_no_op(
+    last_fin: str,
+) -> None:
+    """Whichever Fin comes last, the stream leaves the table at once, so ``close_stream`` never
+    meets a stream finished both ways: it has nothing left to send or to linger on."""
+    client, server = make_pair()
+    sid = opened(client, server)
+    if last_fin == "local":
+        server.send_fin(sid)
+        assert pump(server, client) == [StreamEnded(sid)]
+        client.send_fin(sid)
+    else:
+        client.send_fin(sid)
+        pump(client, server)
+        server.send_fin(sid)
+        assert pump(server, client) == [StreamEnded(sid)]
+    assert not client.has_stream(sid)
+    client.data_to_send()
+    client.close_stream(sid, now=1.0)
+    assert client.lingering == 0
+    assert client.bytes_to_send == 0
+    assert client.open_streams == 0

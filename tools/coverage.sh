@@ -12,6 +12,9 @@ status=$?
 python -m coverage combine -q
 python -m coverage report
 echo
-echo "cli/:";      python -m coverage report --include='cli/*' | tail -1
-echo "protocol/:"; python -m coverage report --include='src/pytunnel/protocol/*' | tail -1
+# `--format=total`: the figure alone (the report skips fully covered files, so its last
+# line is not always the total)
+echo "total:     $(python -m coverage report --format=total) %"
+echo "cli/:      $(python -m coverage report --include='cli/*' --format=total) %"
+echo "protocol/: $(python -m coverage report --include='src/pytunnel/protocol/*' --format=total) %"
 exit $status

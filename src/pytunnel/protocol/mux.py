@@ -519,10 +519,10 @@ class Multiplexer:
             self.reset_stream(stream_id, ErrorCode.CANCELLED, "closed before the stream opened")
             return
         st.local_closed = True
+        # A stream finished both ways is already gone (the last Fin, sent or received, forgets
+        # it), so one still here has not sent its Fin or waits for the peer's.
         if not st.local_fin:
             self.send_fin(stream_id)  # removes the stream if the peer had finished
-        elif st.remote_fin:
-            self._forget(stream_id)
         if stream_id in self._streams:
             self._lingering.setdefault(stream_id, now)  # keeps the dict in closing order
 
