@@ -103,3 +103,56 @@ def test_permit_open_ipv6_pattern_in_brackets_matches_the_address() -> None:
 def test_permit_open_pattern_without_host_or_port_is_refused(text: str) -> None:
     with pytest.raises(ValueError, match=r"^bad permit-open pattern .*: expected HOST:PORT$"):
         PermitOpen.parse(text)
+
+
+def test_permit_open_name_patterns_with_digits_stay_name_patterns() -> None:
+    # "db1" is all hex digits and "db1.example.com" has a dot: neither is an address pattern,
+    # so both match the requested name before any DNS
+    policy = PermitOpen.parse("db1:5432 db1.example.com:443")
+    assert policy.allows("db1", 5432)
+    assert policy.allows("DB1.example.com", 443)
+    assert not policy.needs_address(5432)
+    assert not policy.needs_address(443)
+
+
+def test_permit_open_network_pattern_with_host_bits_set_covers_its_network() -> None:
+    policy = PermitOpen.parse("10.0.0.5/24:22")
+    assert policy.allows("10.0.0.200", 22)
+    assert not policy.allows("10.0.1.5", 22)
+
+
+def test_permit_open_ipv6_literal_pattern_matches_every_spelling_of_the_address() -> None:
+    policy = PermitOpen.parse("[0:0:0:0:0:0:0:1]:22")
+    assert policy.allows("::1", 22)
+    assert policy.allows("0::1", 22)
+    assert not policy.allows("::2", 22)
+
+
+def test_permit_open_ipv6_wildcard_pattern_matches_addresses_not_names() -> None:
+    policy = PermitOpen.parse("[fe80::*]:22")
+    assert policy.needs_address(22)
+    assert policy.allows("fe80::1", 22)
+    assert not policy.allows("fe81::1", 22)
+
+
+def test_permit_open_ipv6_zone_is_not_part_of_the_matched_address() -> None:
+    policy = PermitOpen.parse("[fe80::?]:22")
+    assert policy.allows("fe80::1%eth0", 22)
+    assert policy.allows("[fe80::1%eth0]", 22)
+
+
+def test_permit_open_a_name_wrapping_an_allowed_address_is_not_that_address() -> None:
+    policy = PermitOpen.parse("127.0.0.1:22")
+    assert not policy.allows("X127.0.0.1X", 22)
+    assert policy.allows_address("X127.0.0.1X", 22) is False
+
+
+def test_permit_open_requested_name_in_brackets_is_matched_without_them() -> None:
+    assert PermitOpen.parse("db.internal:5432").allows("[db.internal]", 5432)
+
+
+def test_permit_open_allows_address_refuses_a_name_and_any_allows_every_address() -> None:
+    assert PermitOpen.parse("10.0.0.0/8:22").allows_address("db.internal", 22) is False
+    assert PermitOpen.parse("*:22").allows_address("db.internal", 22) is False
+    assert PermitOpen.parse(None).allows_address("10.1.2.3", 22) is True
+    assert PermitOpen.parse(None).allows_address("db.internal", 22) is True
