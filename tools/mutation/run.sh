@@ -27,7 +27,8 @@ cat "$here/mutmut.toml" >> "$work/pyproject.toml"
 
 cd "$work"
 # mutmut puts mutants/src and mutants/ first on sys.path; an outside PYTHONPATH pointing at a
-# checkout would shadow the mutated code
-unset PYTHONPATH
+# checkout would shadow the mutated code. Subprocesses the tests start (the CLI) get the
+# mutated copy too, so they run the mutant under test rather than an installed pytunnel.
+export PYTHONPATH="$work/mutants/src:$work/mutants"
 "$mutmut" run --max-children "$jobs" "$@" || true
 "$mutmut" results
