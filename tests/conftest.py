@@ -142,6 +142,19 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_is_free(port: int) -> bool:
+    """Whether ``port`` on 127.0.0.1 can be bound right now (nothing listens on it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 class Blackhole:
     """A loopback port whose listen queue is full, so new connects hang (SYN dropped):
     the only way to get a real dial timeout without leaving loopback."""

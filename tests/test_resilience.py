@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 import trio
 import trio.testing
-from conftest import TOKEN, closed_port, count_fds, count_tasks
+from conftest import TOKEN, closed_port, count_fds, count_tasks, port_is_free
 
 import pytunnel
 
@@ -772,16 +772,6 @@ async def test_closing_a_remote_forward_under_a_connection_storm(
     await tunnel.aclose()
 
 
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 async def test_session_end_closes_the_public_port_before_the_relays(
     nursery: trio.Nursery, echo_port: int
 ) -> None:
@@ -807,7 +797,7 @@ async def test_session_end_closes_the_public_port_before_the_relays(
         with contextlib.suppress(trio.BrokenResourceError):
             await conn.receive_some()
         if not ended.is_set():
-            free_at_first_end.append(_port_is_free(port))
+            free_at_first_end.append(port_is_free(port))
             ended.set()
 
     try:

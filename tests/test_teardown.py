@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -16,7 +15,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
-from conftest import TOKEN, count_tasks
+from conftest import TOKEN, count_tasks, port_is_free
 
 import pytunnel
 
@@ -125,16 +124,6 @@ async def _until(predicate: Callable[[], bool], seconds: float, what: Callable[[
     assert predicate(), what()
 
 
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 class Loads:
     """The load through the remote forward and the load through the local forward."""
 
@@ -184,7 +173,7 @@ async def _check_after(loads: Loads, echo: EchoService, port: int, baseline: int
     )
     await _until(lambda: echo.live == 0, HANG, lambda: f"{echo.live} target sockets still open")
     _assert_all_reset(loads, echo)
-    assert _port_is_free(port), "the remote forward's port is still bound"
+    assert port_is_free(port), "the remote forward's port is still bound"
     await _until(lambda: count_tasks() <= baseline, HANG, lambda: "tasks outlived the teardown")
 
 
@@ -217,7 +206,7 @@ async def test_closing_the_server(nursery: trio.Nursery) -> None:
         )
         await _until(lambda: echo.live == 0, HANG, lambda: f"{echo.live} target sockets still open")
         _assert_all_reset(loads, echo)
-        assert _port_is_free(port)
+        assert port_is_free(port)
         await tunnel.wait_closed()
     await _until(lambda: count_tasks() <= baseline - 2, HANG, lambda: "tasks outlived the teardown")
 
@@ -241,7 +230,7 @@ async def test_cancelling_the_server_from_outside(nursery: trio.Nursery) -> None
         )
         await _until(lambda: echo.live == 0, HANG, lambda: f"{echo.live} target sockets still open")
         _assert_all_reset(loads, echo)
-        assert _port_is_free(port)
+        assert port_is_free(port)
         await tunnel.wait_closed()
     await _until(lambda: count_tasks() <= baseline, HANG, lambda: "tasks outlived the teardown")
 
@@ -299,7 +288,7 @@ async def test_client_process_killed(nursery: trio.Nursery) -> None:
             # are reset; the killed process's own sockets are closed by its kernel, FIN or RST
             assert (loads.remote.resets, loads.remote.eofs) == (PER_FORWARD, 0)
             assert echo.resets >= PER_FORWARD
-            assert _port_is_free(remote_port)
+            assert port_is_free(remote_port)
         await _until(
             lambda: count_tasks() <= baseline, HANG, lambda: "server tasks outlived the client"
         )
