@@ -273,3 +273,12 @@ async def test_server_permit_open_wildcards_apply_to_resolved_addresses(
         await tunnel.open_stream("localhost", echo_port + 1 if echo_port < 65535 else 1)
     with pytest.raises(pytunnel.NodeUnstableError):  # allowed by name, then dialled
         await tunnel.open_stream("a.example", 1)
+
+
+def test_an_ipv4_mapped_address_matches_literal_network_and_wildcard_patterns_alike() -> None:
+    """``::ffff:10.0.0.5`` is the host 10.0.0.5: every kind of IPv4 pattern treats it so."""
+    for pattern in ("10.0.0.5:5432", "10.0.0.0/24:5432", "10.0.0.*:5432"):
+        policy = PermitOpen.parse(pattern)
+        assert policy.allows_address("::ffff:10.0.0.5", 5432), pattern
+        assert not policy.allows_address("::ffff:10.0.1.5", 5432), pattern
+    assert PermitOpen.parse("[::ffff:10.0.0.5]:5432").allows_address("::ffff:10.0.0.5", 5432)

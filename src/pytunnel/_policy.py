@@ -98,11 +98,12 @@ class _Pattern:
         """An IP pattern against an address the connection would go to."""
         if not self.is_ip or not self.covers_port(port):
             return False
+        # an IPv4-mapped IPv6 address is the IPv4 host it maps to, for every kind of pattern
+        mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+        candidates = (address,) if mapped is None else (address, mapped)
         if self.network is not None:
-            return address in self.network
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return fnmatch.fnmatchcase(address.compressed, self.host)
+            return any(candidate in self.network for candidate in candidates)
+        return fnmatch.fnmatchcase(candidates[-1].compressed, self.host)
 
 
 def _parse_pattern(text: str) -> _Pattern:
