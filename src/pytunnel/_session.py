@@ -17,9 +17,10 @@ import logging
 import math
 import operator
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
+from typing import TypeVar
 
 import attrs
 import trio
@@ -27,6 +28,7 @@ import trio
 from ._spec import check_target
 from ._util import unwrap_cancelled
 from .errors import (
+    DialError,
     ErrorCode,
     LocalProtocolError,
     RemoteProtocolError,
@@ -71,6 +73,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("pytunnel.session")
+
+_T = TypeVar("_T")
 
 #: Frames decoded between two checkpoints of the reader (a 256 KiB read of pings is ~9,000).
 _FRAMES_PER_BATCH = 256
@@ -450,6 +454,27 @@ class IncomingStream:
 
     def _abandon(self) -> None:
         self._cancel_scope.cancel()
+
+    async def dial(
+        self,
+        connect: Callable[[], Awaitable[_T]],
+        on_failure: Callable[[DialError], None] | None = None,
+    ) -> _T | None:
+        """Make the connection this stream asks for, while the opener still wants it.
+
+        ``connect`` runs inside :attr:`cancel_scope`, so an opener that gives up (Reset), or a
+        session that ends, cancels the dial. A failed dial refuses the stream with its typed
+        error, after ``on_failure`` (the caller's counters and log lines). Returns ``None``
+        unless connected: the stream is then refused or abandoned already.
+        """
+        with self._cancel_scope:
+            try:
+                return await connect()
+            except DialError as exc:
+                if on_failure is not None:
+                    on_failure(exc)
+                self.refuse_with(exc)
+        return None
 
     @property
     def stream_id(self) -> int:

@@ -692,14 +692,13 @@ class RemoteForward(Forward):
                 incoming.refuse(ErrorCode.FORWARD_FAILED, "forward is closing")
 
     async def _handle(self, incoming: IncomingStream) -> None:
-        sock: trio.SocketStream | None = None
-        with incoming.cancel_scope:  # the server may give up on the public connection
-            try:
-                sock = await dial(self.target_host, self.target_port, timeout=self.connect_timeout)
-            except DialError as exc:
-                self._count_failure(exc)
-                incoming.refuse_with(exc)
-                return
+        # the server may give up on the public connection, cancelling the dial
+        sock = await incoming.dial(
+            functools.partial(
+                dial, self.target_host, self.target_port, timeout=self.connect_timeout
+            ),
+            self._count_failure,
+        )
         if sock is None:
             return
         try:
@@ -782,14 +781,10 @@ class UdpRemoteForward(RemoteForward):
     _listen_route = routes.UDP_LISTEN
 
     async def _handle(self, incoming: IncomingStream) -> None:
-        sock: trio.socket.SocketType | None = None
-        with incoming.cancel_scope:
-            try:
-                sock = await udp_connect(self.target_host, self.target_port)
-            except DialError as exc:
-                self._count_failure(exc)
-                incoming.refuse_with(exc)
-                return
+        sock = await incoming.dial(
+            functools.partial(udp_connect, self.target_host, self.target_port),
+            self._count_failure,
+        )
         if sock is None:
             return
         try:

@@ -560,25 +560,26 @@ class _ClientSession:
             )
             incoming.refuse(ErrorCode.TARGET_FORBIDDEN, f"invalid target {target}")
             return
-        sock: trio.SocketStream | None = None
-        with incoming.cancel_scope:  # the client may give up (Reset) while we dial
-            try:
-                sock = await dial_permitted(
-                    self.config.permit_open,
-                    host,
-                    port,
-                    timeout=self.config.connect_timeout,
-                    logger=log,
-                )
-            except TargetForbiddenError as exc:
+
+        def forbidden(exc: DialError) -> None:
+            if isinstance(exc, TargetForbiddenError):
                 log.warning("[TARGET_FORBIDDEN] client %s may not open %s", self.peer, target)
-                incoming.refuse_with(exc)
-                return
-            except DialError as exc:
-                incoming.refuse_with(exc)
-                return
+
+        # the client may give up (Reset) while we dial, cancelling it
+        sock = await incoming.dial(
+            functools.partial(
+                dial_permitted,
+                self.config.permit_open,
+                host,
+                port,
+                timeout=self.config.connect_timeout,
+                logger=log,
+            ),
+            forbidden,
+        )
         if sock is None:
-            log.debug("client %s: open of %s cancelled during the dial", self.peer, target)
+            if incoming.abandoned:
+                log.debug("client %s: open of %s cancelled during the dial", self.peer, target)
             return
         try:
             stream = incoming.accept()
@@ -636,13 +637,8 @@ class _ClientSession:
             log.warning("[TARGET_FORBIDDEN] client %s may not open udp %s", self.peer, target)
             incoming.refuse(ErrorCode.TARGET_FORBIDDEN, f"udp {target} is not permitted")
             return
-        sock: trio.socket.SocketType | None = None
-        with incoming.cancel_scope:  # the client may give up (Reset) while we resolve
-            try:
-                sock = await udp_connect(host, port)
-            except DialError as exc:
-                incoming.refuse_with(exc)
-                return
+        # the client may give up (Reset) while we resolve
+        sock = await incoming.dial(functools.partial(udp_connect, host, port))
         if sock is None:
             return
         try:
