@@ -435,9 +435,9 @@ def serve(
             server: pytunnel.TunnelServer = await nursery.start(
                 functools.partial(
                     pytunnel.serve,
-                    secret,
                     listen[1],
                     host=listen[0],
+                    token=secret,
                     public_host=public_host,
                     allow_ports=allow_ports,
                     permit_open=list(permit_open) or None,
@@ -692,7 +692,7 @@ def connect(
                 pinned=tls_fingerprint is not None,
             )
             client_config = attrs.evolve(config, tls=context)
-        async with pytunnel.connect(server, token=secret, config=client_config) as tunnel:
+        async with pytunnel.open_tunnel(server, config=client_config) as tunnel:
             _say(f"connected to {pytunnel.format_target(*server)}")
             for spec in remote:
                 fwd: pytunnel.Forward = await tunnel.forward_remote(
@@ -734,7 +734,7 @@ def format_status(tunnel: pytunnel.Tunnel) -> list[str]:
     for fwd in sorted(tunnel.forwards, key=lambda f: (f.kind, f.listen_port)):
         stats = fwd.stats
         errors = ",".join(f"{k}={v}" for k, v in sorted(stats.errors.items())) or "-"
-        dropped = f" dropped={stats.datagrams_dropped}" if "udp" in fwd.kind else ""
+        dropped = f" dropped={stats.datagrams_dropped}" if fwd.kind.udp else ""
         lines.append(
             f"status {fwd.kind} {pytunnel.format_target(*fwd.address)} -> {fwd.target}: "
             f"{fwd.status.value} conns={stats.active_connections}/{stats.total_connections} "

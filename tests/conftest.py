@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 
@@ -124,7 +125,9 @@ async def echo_port(nursery: trio.Nursery) -> int:
 
 @pytest.fixture
 async def tunnel_server(nursery: trio.Nursery) -> pytunnel.TunnelServer:
-    server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN)
+    )
     return server
 
 

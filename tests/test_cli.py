@@ -400,7 +400,7 @@ async def test_serve_on_a_port_in_use_raises_the_typed_error(port_in_use: int) -
     import pytunnel
 
     with pytest.raises(pytunnel.AddressInUseError):
-        await pytunnel.serve("t", port_in_use)
+        await pytunnel.serve(port_in_use, token="t")
 
 
 def test_serve_with_unloadable_tls_files_is_one_line(garbage_pem: str) -> None:

@@ -106,7 +106,7 @@ async def real_server(**options: Any) -> AsyncIterator[pytunnel.TunnelServer]:
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
             lambda task_status: pytunnel.serve(
-                TOKEN, 0, heartbeat_timeout=30, task_status=task_status, **options
+                0, token=TOKEN, heartbeat_timeout=30, task_status=task_status, **options
             )
         )
         yield server

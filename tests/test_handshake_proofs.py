@@ -233,7 +233,7 @@ async def test_client_refuses_a_forged_welcome(
     )
     port = listeners[0].socket.getsockname()[1]
     with trio.fail_after(10), pytest.raises(pytunnel.AuthenticationError) as info:
-        async with pytunnel.connect(("127.0.0.1", port), token=TOKEN, reconnect=False):
+        async with pytunnel.open_tunnel(("127.0.0.1", port), token=TOKEN, reconnect=False):
             pass  # pragma: no cover
     assert info.value.code == pytunnel.ErrorCode.AUTHENTICATION_FAILED
     assert "server could not prove" in str(info.value)

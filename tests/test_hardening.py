@@ -59,7 +59,9 @@ async def test_wrong_token_storm_is_throttled(
     task or fd left behind, and an authenticated client elsewhere keeps working throughout."""
     caplog.set_level(logging.WARNING)
     server: pytunnel.TunnelServer = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, 0, auth_failure_burst=5, auth_failure_interval=600)
+        functools.partial(
+            pytunnel.serve, 0, token=TOKEN, auth_failure_burst=5, auth_failure_interval=600
+        )
     )
     good = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN, reconnect=False)
     forward = await good.forward_local("127.0.0.1", echo_port)
@@ -110,8 +112,8 @@ async def test_policy_cannot_be_bypassed_by_a_modified_client(nursery: trio.Nurs
     server: pytunnel.TunnelServer = await nursery.start(
         functools.partial(
             pytunnel.serve,
-            TOKEN,
             0,
+            token=TOKEN,
             allow_ports="40000-40010",
             permit_open=["db.internal:5432"],
         )
@@ -141,7 +143,7 @@ async def test_policy_cannot_be_bypassed_by_a_modified_client(nursery: trio.Nurs
 async def _fuzz_one(frames: list[bytes], authenticate: bool) -> None:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     server = pytunnel.TunnelServer(
-        listeners, pytunnel.ServerConfig(token=TOKEN, handshake_timeout=5, heartbeat_timeout=5)
+        pytunnel.ServerConfig(token=TOKEN, handshake_timeout=5, heartbeat_timeout=5), listeners
     )
     async with trio.open_nursery() as nursery:
         a, b = trio.testing.memory_stream_pair()
@@ -322,7 +324,9 @@ async def test_rate_limited_refusal_says_when_to_retry_and_then_serves(
     """Against a real server: after the burst, the refusal carries the retry time, the client
     surfaces it in its typed error, and the right token is served once that time has passed."""
     server: pytunnel.TunnelServer = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, 0, auth_failure_burst=3, auth_failure_interval=2)
+        functools.partial(
+            pytunnel.serve, 0, token=TOKEN, auth_failure_burst=3, auth_failure_interval=2
+        )
     )
 
     async def attempt(token: str) -> None:
@@ -340,7 +344,7 @@ async def test_rate_limited_refusal_says_when_to_retry_and_then_serves(
     assert 0 < retry_after <= 2.0
     assert f"retry in {retry_after:.1f} s" in str(info.value)
     # another address is unaffected, through the public client API
-    async with pytunnel.connect(server.address, token=TOKEN, reconnect=False) as tunnel:
+    async with pytunnel.open_tunnel(server.address, token=TOKEN, reconnect=False) as tunnel:
         assert tunnel.connected
     # waiting as told is enough: the right token is served at once
     await trio.sleep(retry_after)
@@ -359,7 +363,9 @@ async def test_one_address_cannot_hold_the_handshake_slots(
     straight away throughout."""
     caplog.set_level(logging.INFO)
     server: pytunnel.TunnelServer = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, 0, first_frame_timeout=2.0, handshake_timeout=60)
+        functools.partial(
+            pytunnel.serve, 0, token=TOKEN, first_frame_timeout=2.0, handshake_timeout=60
+        )
     )
     fds = count_fds()
     idle: list[trio.SocketStream] = []
@@ -405,7 +411,9 @@ async def test_first_frame_deadline_does_not_cut_a_slow_but_started_handshake(
     """The first-frame deadline is about the Hello only: a client that sent it has the
     whole handshake deadline for the rest."""
     server: pytunnel.TunnelServer = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, 0, first_frame_timeout=0.3, handshake_timeout=30)
+        functools.partial(
+            pytunnel.serve, 0, token=TOKEN, first_frame_timeout=0.3, handshake_timeout=30
+        )
     )
     stream = await trio.open_tcp_stream(*server.address)
     await stream.send_all(encode_message(Hello((1,), b"n" * 32)))
@@ -431,7 +439,7 @@ def test_serve_raises_the_fd_limit_and_sizes_max_streams_from_it() -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
         async def main():
             async with trio.open_nursery() as nursery:
-                server = await nursery.start(functools.partial(pytunnel.serve, "t", 0))
+                server = await nursery.start(functools.partial(pytunnel.serve, 0, token="t"))
                 soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
                 print(soft, server.config.max_streams, flush=True)
                 nursery.cancel_scope.cancel()

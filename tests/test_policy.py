@@ -250,8 +250,8 @@ async def test_server_permit_open_wildcards_apply_to_resolved_addresses(
     server = await nursery.start(
         functools.partial(
             pytunnel.serve,
-            TOKEN,
             0,
+            token=TOKEN,
             permit_open=[f"10.0.0.*:{echo_port}", f"127.0.0.1:{echo_port}", "*.example:1-2"],
         )
     )

@@ -33,7 +33,7 @@ class _Crash:
         self, *, task_status: trio.TaskStatus[pytunnel.TunnelServer], **kw: object
     ) -> None:
         try:
-            await pytunnel.serve(TOKEN, 0, task_status=task_status, **kw)
+            await pytunnel.serve(0, token=TOKEN, task_status=task_status, **kw)
         except trio.Cancelled:
             raise
         except BaseException as exc:
@@ -81,7 +81,7 @@ async def test_queued_opens_then_eof_do_not_crash_the_server(nursery: trio.Nurse
 
 async def test_server_stream_limit_holds_for_a_burst(nursery: trio.Nursery, echo_port: int) -> None:
     server: pytunnel.TunnelServer = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, 0, max_streams=2)
+        functools.partial(pytunnel.serve, 0, token=TOKEN, max_streams=2)
     )
     tunnel = await pytunnel.connect_tunnel(
         nursery, server.address, token=TOKEN, reconnect=False, probe_interval=0
@@ -342,7 +342,7 @@ async def test_connect_does_not_wrap_cancelled(tunnel_server: pytunnel.TunnelSer
     seen: list[BaseException] = []
     with trio.CancelScope() as scope:
         try:
-            async with pytunnel.connect(tunnel_server.address, token=TOKEN) as _:
+            async with pytunnel.open_tunnel(tunnel_server.address, token=TOKEN) as _:
                 scope.cancel()
                 await trio.sleep(1)
         except BaseException as exc:
@@ -397,7 +397,7 @@ async def _sees_eof_or_reset(conn: trio.SocketStream, within: float) -> bool:
 async def test_local_connection_waiting_for_dial_is_closed_with_the_tunnel(
     tunnel_server: pytunnel.TunnelServer, blackhole: object
 ) -> None:
-    async with pytunnel.connect(tunnel_server.address, token=TOKEN) as tunnel:
+    async with pytunnel.open_tunnel(tunnel_server.address, token=TOKEN) as tunnel:
         forward = await tunnel.forward_local("127.0.0.1", blackhole.port)  # type: ignore[attr-defined]
         conn = await trio.open_tcp_stream(*forward.address)
         await trio.sleep(0.3)  # the server is now dialling the black hole (5 s)

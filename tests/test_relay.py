@@ -163,7 +163,9 @@ async def test_paused_reader_through_a_tunnel_gets_every_byte_or_a_reset(
         functools.partial(trio.serve_tcp, serve_payload, 0, host="127.0.0.1")
     )
     target_port = listeners[0].socket.getsockname()[1]
-    server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, 0, idle_timeout=0.5))
+    server = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN, idle_timeout=0.5)
+    )
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN, idle_timeout=0.5)
     forward = await tunnel.forward_local("127.0.0.1", target_port)
     reader = await trio.open_tcp_stream(*forward.address)

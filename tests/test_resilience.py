@@ -75,7 +75,7 @@ async def test_client_detects_silent_link(
     """Ping every 10 s, dead after 30 s without a pong: found by the clock, not the kernel."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     server = pytunnel.TunnelServer(
-        listeners, pytunnel.ServerConfig(token=TOKEN, heartbeat_timeout=10**6)
+        pytunnel.ServerConfig(token=TOKEN, heartbeat_timeout=10**6), listeners
     )
     a, b = trio.testing.memory_stream_pair()
     silent = SilentStream(a)
@@ -100,7 +100,7 @@ async def test_server_drops_silent_client(
     autojump_clock: trio.abc.Clock, nursery: trio.Nursery
 ) -> None:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    server = pytunnel.TunnelServer(listeners, pytunnel.ServerConfig(token=TOKEN))
+    server = pytunnel.TunnelServer(pytunnel.ServerConfig(token=TOKEN), listeners)
     a, b = trio.testing.memory_stream_pair()
     silent = SilentStream(b)
     done = trio.Event()
@@ -130,7 +130,7 @@ async def test_server_drops_silent_client(
 async def test_reconnect_restores_forwards(nursery: trio.Nursery, echo_port: int) -> None:
     port = closed_port()
     async with trio.open_nursery() as server_nursery:
-        await server_nursery.start(functools.partial(pytunnel.serve, TOKEN, port))
+        await server_nursery.start(functools.partial(pytunnel.serve, port, token=TOKEN))
         tunnel = await pytunnel.connect_tunnel(nursery, ("127.0.0.1", port), token=TOKEN, **FAST)
         events = tunnel.events()
         remote = await tunnel.forward_remote("127.0.0.1", echo_port)
@@ -152,7 +152,7 @@ async def test_reconnect_restores_forwards(nursery: trio.Nursery, echo_port: int
         waiting.start_soon(during_outage)
         await trio.sleep(0.2)
         # ... the server comes back on the same port
-        server_nursery2 = await nursery.start(functools.partial(pytunnel.serve, TOKEN, port))
+        server_nursery2 = await nursery.start(functools.partial(pytunnel.serve, port, token=TOKEN))
     assert result == [b"patient"]
     with trio.fail_after(5):
         await remote.wait_status(pytunnel.ForwardStatus.ACTIVE)
@@ -189,7 +189,7 @@ async def test_reconnect_restores_forwards(nursery: trio.Nursery, echo_port: int
 async def test_outage_waiting_connection_is_closed_cleanly(nursery: trio.Nursery) -> None:
     port = closed_port()
     async with trio.open_nursery() as server_nursery:
-        await server_nursery.start(functools.partial(pytunnel.serve, TOKEN, port))
+        await server_nursery.start(functools.partial(pytunnel.serve, port, token=TOKEN))
         tunnel = await pytunnel.connect_tunnel(
             nursery, ("127.0.0.1", port), token=TOKEN, outage_wait=0.2, **FAST
         )
@@ -209,7 +209,7 @@ async def test_outage_waiting_connection_is_closed_cleanly(nursery: trio.Nursery
 async def test_fifty_outages_leak_nothing(nursery: trio.Nursery, echo_port: int) -> None:
     port = closed_port()
     server: pytunnel.TunnelServer = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, port)
+        functools.partial(pytunnel.serve, port, token=TOKEN)
     )
     tunnel = await pytunnel.connect_tunnel(nursery, ("127.0.0.1", port), token=TOKEN, **FAST)
     remote = await tunnel.forward_remote("127.0.0.1", echo_port)
@@ -221,7 +221,7 @@ async def test_fifty_outages_leak_nothing(nursery: trio.Nursery, echo_port: int)
         with trio.fail_after(5):
             while tunnel.connected:
                 await trio.sleep(0.005)
-        server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, port))
+        server = await nursery.start(functools.partial(pytunnel.serve, port, token=TOKEN))
         with trio.fail_after(5):
             await remote.wait_status(pytunnel.ForwardStatus.ACTIVE)
         assert remote.listen_port == public_port
@@ -240,10 +240,10 @@ async def test_authentication_failure_ends_at_once(nursery: trio.Nursery) -> Non
     """After a reconnect finds the token rejected, the tunnel gives up with code 1002."""
     port = closed_port()
     async with trio.open_nursery() as server_nursery:
-        await server_nursery.start(functools.partial(pytunnel.serve, TOKEN, port))
+        await server_nursery.start(functools.partial(pytunnel.serve, port, token=TOKEN))
         tunnel = await pytunnel.connect_tunnel(nursery, ("127.0.0.1", port), token=TOKEN, **FAST)
         server_nursery.cancel_scope.cancel()
-    other = await nursery.start(functools.partial(pytunnel.serve, "rotated-token", port))
+    other = await nursery.start(functools.partial(pytunnel.serve, port, token="rotated-token"))
     with trio.fail_after(5):
         await tunnel.wait_closed()
     assert isinstance(tunnel.failure, pytunnel.AuthenticationError)
@@ -254,7 +254,7 @@ async def test_authentication_failure_ends_at_once(nursery: trio.Nursery) -> Non
 async def test_gives_up_after_max_attempts(nursery: trio.Nursery) -> None:
     port = closed_port()
     async with trio.open_nursery() as server_nursery:
-        await server_nursery.start(functools.partial(pytunnel.serve, TOKEN, port))
+        await server_nursery.start(functools.partial(pytunnel.serve, port, token=TOKEN))
         tunnel = await pytunnel.connect_tunnel(
             nursery, ("127.0.0.1", port), token=TOKEN, max_attempts=3, **FAST
         )
@@ -332,7 +332,7 @@ async def test_server_process_killed_and_restarted(nursery: trio.Nursery, echo_p
 
 
 async def test_health_probes_take_forward_offline_and_back(nursery: trio.Nursery) -> None:
-    server = await nursery.start(pytunnel.serve, TOKEN, 0)
+    server = await nursery.start(functools.partial(pytunnel.serve, 0, token=TOKEN))
     tunnel = await pytunnel.connect_tunnel(
         nursery, server.address, token=TOKEN, probe_interval=0.05, probe_failures=3
     )
@@ -368,7 +368,7 @@ async def test_health_probes_with_virtual_time(
     autojump_clock: trio.abc.Clock, nursery: trio.Nursery
 ) -> None:
     """Default schedule (every 30 s, offline after 3 failures) in virtual time."""
-    server = await nursery.start(pytunnel.serve, TOKEN, 0)
+    server = await nursery.start(functools.partial(pytunnel.serve, 0, token=TOKEN))
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
     target = socket.socket()
     target.bind(("127.0.0.1", 0))
@@ -402,7 +402,7 @@ async def test_health_probes_with_virtual_time(
 
 
 async def test_events_never_buffer_without_bound(nursery: trio.Nursery) -> None:
-    server = await nursery.start(pytunnel.serve, TOKEN, 0)
+    server = await nursery.start(functools.partial(pytunnel.serve, 0, token=TOKEN))
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
     unread = tunnel.events(buffer=2)
     for _ in range(5):
@@ -418,7 +418,7 @@ async def test_events_never_buffer_without_bound(nursery: trio.Nursery) -> None:
 
 async def test_forward_limit_per_client(nursery: trio.Nursery) -> None:
     server = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, 0, max_forwards_per_client=2)
+        functools.partial(pytunnel.serve, 0, token=TOKEN, max_forwards_per_client=2)
     )
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
     first = await tunnel.forward_remote("127.0.0.1", 9)
@@ -432,7 +432,7 @@ async def test_forward_limit_per_client(nursery: trio.Nursery) -> None:
 
 
 async def test_server_wide_stream_limit(nursery: trio.Nursery, echo_port: int) -> None:
-    server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, 0, max_streams=2))
+    server = await nursery.start(functools.partial(pytunnel.serve, 0, token=TOKEN, max_streams=2))
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
     held = [await tunnel.open_stream("127.0.0.1", echo_port) for _ in range(2)]
     with pytest.raises(pytunnel.StreamLimitError):
@@ -449,7 +449,7 @@ async def test_server_wide_stream_limit(nursery: trio.Nursery, echo_port: int) -
 
 async def test_pending_handshake_limit(nursery: trio.Nursery) -> None:
     server = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, 0, max_pending_handshakes=3)
+        functools.partial(pytunnel.serve, 0, token=TOKEN, max_pending_handshakes=3)
     )
     silent = [await trio.open_tcp_stream(*server.address) for _ in range(3)]
     await trio.sleep(0.1)
@@ -468,7 +468,7 @@ async def test_offline_survives_a_reconnect(nursery: trio.Nursery) -> None:
     instead of accepting into a black hole until the probes notice again."""
     port = closed_port()
     async with trio.open_nursery() as server_nursery:
-        await server_nursery.start(functools.partial(pytunnel.serve, TOKEN, port))
+        await server_nursery.start(functools.partial(pytunnel.serve, port, token=TOKEN))
         tunnel = await pytunnel.connect_tunnel(
             nursery, ("127.0.0.1", port), token=TOKEN, probe_interval=0.05, **FAST
         )
@@ -478,7 +478,7 @@ async def test_offline_survives_a_reconnect(nursery: trio.Nursery) -> None:
         server_nursery.cancel_scope.cancel()
     with trio.fail_after(5):
         await forward.wait_status(pytunnel.ForwardStatus.SUSPENDED)
-    server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, port))
+    server = await nursery.start(functools.partial(pytunnel.serve, port, token=TOKEN))
     with trio.fail_after(5):
         await forward.wait_status(pytunnel.ForwardStatus.OFFLINE)
     await trio.sleep(0.1)
@@ -608,7 +608,9 @@ async def test_one_sided_reset_gets_the_same_port_back_at_once(
     """Only the client's side of the link dies; the server still holds the session (and the
     public port) until its heartbeat would drop it, 30 s later. The reconnecting client has
     the same identity, so its new session replaces the ghost at once and gets the port."""
-    server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN)
+    )
     proxy = LinkProxy(server.address)
     await proxy.start(nursery)
     tunnel = await pytunnel.connect_tunnel(
@@ -638,7 +640,9 @@ async def test_one_sided_reset_gets_the_same_port_back_at_once(
 async def test_link_dropped_while_server_runs_then_port_comes_back(
     nursery: trio.Nursery, echo_port: int
 ) -> None:
-    server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN)
+    )
     proxy = LinkProxy(server.address)
     await proxy.start(nursery)
     tunnel = await pytunnel.connect_tunnel(nursery, proxy.address, token=TOKEN, **FAST)
@@ -666,7 +670,9 @@ async def test_restore_meeting_a_port_in_use_stays_suspended_and_retries(
 ) -> None:
     """Another client (another identity: no takeover) holds the port when the forward is
     restored: the forward waits, suspended and saying why, and gets the port once free."""
-    server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN)
+    )
     proxy = LinkProxy(server.address)
     await proxy.start(nursery)
     tunnel = await pytunnel.connect_tunnel(nursery, proxy.address, token=TOKEN, **FAST)
@@ -704,16 +710,18 @@ async def test_restore_refused_for_good_is_final(nursery: trio.Nursery, echo_por
     """A permanent refusal (the port is no longer allowed) ends the forward in ERROR."""
     port = closed_port()
     async with trio.open_nursery() as server_nursery:
-        await server_nursery.start(functools.partial(pytunnel.serve, TOKEN, port))
+        await server_nursery.start(functools.partial(pytunnel.serve, port, token=TOKEN))
         tunnel = await pytunnel.connect_tunnel(nursery, ("127.0.0.1", port), token=TOKEN, **FAST)
         remote = await tunnel.forward_remote("127.0.0.1", echo_port)
         public = remote.listen_port
         server_nursery.cancel_scope.cancel()
     others = f"{public + 1 if public < 65535 else public - 1}"
-    server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, port, allow_ports=others))
+    server = await nursery.start(
+        functools.partial(pytunnel.serve, port, token=TOKEN, allow_ports=others)
+    )
     with trio.fail_after(5):
         await remote.wait_status(pytunnel.ForwardStatus.ERROR)
-    assert "PORT_NOT_ALLOWED" in (remote.error or "")
+    assert "PORT_NOT_ALLOWED" in str(remote.error)
     await tunnel.aclose()
     await server.aclose()
 
@@ -723,7 +731,9 @@ async def test_closing_a_remote_forward_under_a_connection_storm(
 ) -> None:
     """Connections keep arriving while the forward closes: each is relayed or refused, none
     is left unanswered, nothing is started in a closed nursery, the tunnel lives on."""
-    server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN)
+    )
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
     for _ in range(50):
         remote = await tunnel.forward_remote("127.0.0.1", echo_port)
@@ -778,7 +788,9 @@ async def test_session_end_closes_the_public_port_before_the_relays(
     """By the time any relayed connection of a dying session is reset, its forward's public
     port already refuses (and can be bound by the next owner): no connection is accepted
     into a forward that is going away."""
-    server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN)
+    )
     proxy = LinkProxy(server.address)
     await proxy.start(nursery)
     tunnel = await pytunnel.connect_tunnel(nursery, proxy.address, token=TOKEN, reconnect=False)
@@ -825,7 +837,7 @@ async def test_reconnection_waits_as_long_as_a_rate_limit_says(nursery: trio.Nur
     step, and is served once the penalty is over."""
     server: pytunnel.TunnelServer = await nursery.start(
         functools.partial(
-            pytunnel.serve, TOKEN, 0, auth_failure_burst=1, auth_failure_interval=2.0
+            pytunnel.serve, 0, token=TOKEN, auth_failure_burst=1, auth_failure_interval=2.0
         )
     )
     tunnel = await pytunnel.connect_tunnel(
@@ -834,7 +846,7 @@ async def test_reconnection_waits_as_long_as_a_rate_limit_says(nursery: trio.Nur
     events = tunnel.events()
     for _ in range(2):  # the neighbour's stale token spends the address's budget
         with pytest.raises((pytunnel.AuthenticationError, pytunnel.RateLimitedError)):
-            async with pytunnel.connect(server.address, token="stale", reconnect=False):
+            async with pytunnel.open_tunnel(server.address, token="stale", reconnect=False):
                 pass
     [client] = list(server._sessions)
     await client.session.abort(pytunnel.SessionClosedError("link dropped"))

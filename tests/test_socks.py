@@ -105,7 +105,7 @@ async def _server_in_its_own_run(resolver: _Resolver) -> AsyncIterator[tuple[str
         async def main() -> None:
             trio.socket.set_custom_hostname_resolver(resolver)
             async with trio.open_nursery() as nursery:
-                server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, 0))
+                server = await nursery.start(functools.partial(pytunnel.serve, 0, token=TOKEN))
                 token = trio.lowlevel.current_trio_token()
                 ready.put((server.address, token, nursery.cancel_scope))
 
@@ -179,8 +179,8 @@ async def test_socks_errors_map_to_replies(
     server = await nursery.start(
         functools.partial(
             pytunnel.serve,
-            TOKEN,
             0,
+            token=TOKEN,
             connect_timeout=0.3,
             permit_open=["127.0.0.1:*", "localhost:*"],
         )

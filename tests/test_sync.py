@@ -42,8 +42,8 @@ def _roundtrip(address: tuple[str, int], payload: bytes) -> bytes:
 
 def test_plain_threads(echo_address: tuple[str, int]) -> None:
     with (
-        pytunnel.sync.serve("t") as server,
-        pytunnel.sync.connect(server.address, token="t") as tunnel,
+        pytunnel.sync.open_server(token="t") as server,
+        pytunnel.sync.open_tunnel(server.address, token="t") as tunnel,
     ):
         assert tunnel.connected
         with tunnel.forward_local(*echo_address) as fwd:
@@ -55,13 +55,13 @@ def test_plain_threads(echo_address: tuple[str, int]) -> None:
 
 def test_typed_errors_cross_the_thread() -> None:
     # no failed-authentication penalty, so the right token may follow the wrong one at once
-    with pytunnel.sync.serve("t", auth_failure_interval=0) as server:
+    with pytunnel.sync.open_server(token="t", auth_failure_interval=0) as server:
         with (
             pytest.raises(pytunnel.AuthenticationError),
-            pytunnel.sync.connect(server.address, token="wrong"),
+            pytunnel.sync.open_tunnel(server.address, token="wrong"),
         ):
             pass  # pragma: no cover
-        with pytunnel.sync.connect(server.address, token="t") as tunnel:
+        with pytunnel.sync.open_tunnel(server.address, token="t") as tunnel:
             taken = socket.socket()
             taken.bind(("127.0.0.1", 0))
             taken.listen()
@@ -75,8 +75,8 @@ def test_stop_is_bounded_with_connections_open(echo_address: tuple[str, int]) ->
     held = []
     start = time.monotonic()
     with (
-        pytunnel.sync.serve("t") as server,
-        pytunnel.sync.connect(server.address, token="t") as tunnel,
+        pytunnel.sync.open_server(token="t") as server,
+        pytunnel.sync.open_tunnel(server.address, token="t") as tunnel,
     ):
         fwd = tunnel.forward_local(*echo_address)
         for _ in range(20):
@@ -97,8 +97,8 @@ def test_stop_is_bounded_with_connections_open(echo_address: tuple[str, int]) ->
 def test_from_an_asyncio_program(echo_address: tuple[str, int]) -> None:
     async def main() -> bytes:
         with (
-            pytunnel.sync.serve("t") as server,
-            pytunnel.sync.connect(server.address, token="t") as tunnel,
+            pytunnel.sync.open_server(token="t") as server,
+            pytunnel.sync.open_tunnel(server.address, token="t") as tunnel,
             tunnel.forward_local(*echo_address) as fwd,
         ):
             reader, writer = await asyncio.open_connection(*fwd.address)

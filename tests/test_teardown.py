@@ -150,7 +150,7 @@ async def _loaded_tunnel(
     loads = Loads()
     async with trio.open_nursery() as load_nursery:
         try:
-            async with pytunnel.connect(server_address, token=TOKEN, reconnect=False) as tunnel:
+            async with pytunnel.open_tunnel(server_address, token=TOKEN, reconnect=False) as tunnel:
                 remote = await tunnel.forward_remote("127.0.0.1", echo.port)
                 local = await tunnel.forward_local("127.0.0.1", echo.port)
                 await loads.remote.start(load_nursery, remote.address, PER_FORWARD)
@@ -186,7 +186,9 @@ def _assert_all_reset(loads: Loads, echo: EchoService) -> None:
 async def test_leaving_client_block(nursery: trio.Nursery) -> None:
     echo = EchoService()
     await echo.start(nursery)
-    server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN)
+    )
     baseline = count_tasks()
     async with _loaded_tunnel(server.address, echo) as (_tunnel, loads, port):
         pass
@@ -197,7 +199,9 @@ async def test_leaving_client_block(nursery: trio.Nursery) -> None:
 async def test_closing_the_server(nursery: trio.Nursery) -> None:
     echo = EchoService()
     await echo.start(nursery)
-    server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN)
+    )
     baseline = count_tasks()
     async with _loaded_tunnel(server.address, echo) as (tunnel, loads, port):
         await server.aclose()
@@ -220,7 +224,7 @@ async def test_cancelling_the_server_from_outside(nursery: trio.Nursery) -> None
 
     async def run_server(*, task_status: trio.TaskStatus[pytunnel.TunnelServer]) -> None:
         with server_scope:
-            await pytunnel.serve(TOKEN, 0, task_status=task_status)
+            await pytunnel.serve(0, token=TOKEN, task_status=task_status)
 
     server: pytunnel.TunnelServer = await nursery.start(run_server)
     async with _loaded_tunnel(server.address, echo) as (tunnel, loads, port):
@@ -239,7 +243,9 @@ async def test_client_process_killed(nursery: trio.Nursery) -> None:
     """SIGKILL the CLI client: the server notices, closes the public port and every relay."""
     echo = EchoService()
     await echo.start(nursery)
-    server: pytunnel.TunnelServer = await nursery.start(pytunnel.serve, TOKEN, 0)
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN)
+    )
     await trio.testing.wait_all_tasks_blocked()  # the server's tasks are all parked
     baseline = count_tasks()
     host, port = server.address

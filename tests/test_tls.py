@@ -56,7 +56,7 @@ def _client_ctx(trusted: trustme.CA) -> ssl.SSLContext:
 
 async def _start(nursery: trio.Nursery, ctx: ssl.SSLContext | None) -> pytunnel.TunnelServer:
     server: pytunnel.TunnelServer = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, 0, tls=ctx)
+        functools.partial(pytunnel.serve, 0, token=TOKEN, tls=ctx)
     )
     return server
 
@@ -81,7 +81,7 @@ async def test_valid_chain(nursery: trio.Nursery, ca: trustme.CA, echo_port: int
 
 async def _expect_tls_error(server: pytunnel.TunnelServer, **options: object) -> pytunnel.TLSError:
     with trio.fail_after(10), pytest.raises(pytunnel.TLSError) as info:
-        async with pytunnel.connect(server.address, token=TOKEN, reconnect=False, **options):
+        async with pytunnel.open_tunnel(server.address, token=TOKEN, reconnect=False, **options):
             pass  # pragma: no cover
     assert info.value.code == pytunnel.ErrorCode.TLS_FAILED
     assert "\n" not in str(info.value)
@@ -138,7 +138,7 @@ async def test_plain_client_against_tls_server(
     caplog.set_level(logging.INFO)
     server = await _start(nursery, _server_ctx(ca.issue_cert("127.0.0.1")))
     with trio.fail_after(10), pytest.raises(pytunnel.ConnectError) as info:
-        async with pytunnel.connect(server.address, token=TOKEN, reconnect=False):
+        async with pytunnel.open_tunnel(server.address, token=TOKEN, reconnect=False):
             pass  # pragma: no cover
     assert "TLS server" in str(info.value)
     await trio.sleep(0.05)
@@ -163,7 +163,7 @@ async def test_mutual_tls(nursery: trio.Nursery, ca: trustme.CA, echo_port: int)
     await tunnel.aclose()
     # without a client certificate the server ends the connection: typed, fast
     with trio.fail_after(10), pytest.raises(pytunnel.ConnectError):
-        async with pytunnel.connect(
+        async with pytunnel.open_tunnel(
             server.address, token=TOKEN, tls=_client_ctx(ca), reconnect=False
         ):
             pass  # pragma: no cover
@@ -348,7 +348,7 @@ async def _refused_by_mtls_server(
     handshake for ``reason`` (so the refusal is the certificate check, not anything later)."""
     caplog.set_level(logging.WARNING, logger="pytunnel")
     with trio.fail_after(10), pytest.raises(pytunnel.ConnectError):
-        async with pytunnel.connect(server.address, token=TOKEN, tls=context, reconnect=False):
+        async with pytunnel.open_tunnel(server.address, token=TOKEN, tls=context, reconnect=False):
             pass  # pragma: no cover
 
     def refusals() -> list[str]:

@@ -173,7 +173,9 @@ async def test_dial_timeout_is_node_timeout(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
-    server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, 0, connect_timeout=0.2))
+    server = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN, connect_timeout=0.2)
+    )
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
     with pytest.raises(pytunnel.NodeTimeoutError) as info:
         await tunnel.open_stream("127.0.0.1", blackhole.port)
@@ -203,7 +205,9 @@ async def test_failed_dials_leave_nothing_behind(
 ) -> None:
     """1,000 failed dials of each kind; tasks and fds return to their baseline."""
     # the timeout must be long enough that a refused dial on a busy machine never exceeds it
-    server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, 0, connect_timeout=0.5))
+    server = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN, connect_timeout=0.5)
+    )
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
     logging.getLogger("pytunnel").setLevel(logging.ERROR)
     try:
@@ -258,7 +262,7 @@ async def test_local_port_in_use(tunnel: pytunnel.Tunnel) -> None:
 async def test_port_outside_allowed_range(nursery: trio.Nursery) -> None:
     free = closed_port()
     server = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, 0, allow_ports=f"{free}-{free}")
+        functools.partial(pytunnel.serve, 0, token=TOKEN, allow_ports=f"{free}-{free}")
     )
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
     with pytest.raises(pytunnel.PortNotAllowedError) as info:
@@ -299,7 +303,7 @@ async def test_permit_open_refuses_and_logs(
 ) -> None:
     caplog.set_level(logging.INFO)
     server = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, 0, permit_open=[f"localhost:{echo_port}"])
+        functools.partial(pytunnel.serve, 0, token=TOKEN, permit_open=[f"localhost:{echo_port}"])
     )
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
     stream = await tunnel.open_stream("LOCALHOST", echo_port)  # case-insensitive, like OpenSSH
@@ -319,11 +323,11 @@ async def test_session_end_frees_remote_port_at_once(
     nursery: trio.Nursery, tunnel_server: pytunnel.TunnelServer, echo_port: int
 ) -> None:
     """The same client can bind the same public port again immediately after reconnecting."""
-    async with pytunnel.connect(tunnel_server.address, token=TOKEN) as tunnel:
+    async with pytunnel.open_tunnel(tunnel_server.address, token=TOKEN) as tunnel:
         forward = await tunnel.forward_remote("127.0.0.1", echo_port)
         port = forward.listen_port
         assert await _echo_once(forward.address, b"1") == b"1"
-    async with pytunnel.connect(tunnel_server.address, token=TOKEN) as tunnel:
+    async with pytunnel.open_tunnel(tunnel_server.address, token=TOKEN) as tunnel:
         forward = await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
         assert forward.listen_port == port
         assert await _echo_once(forward.address, b"2") == b"2"
@@ -346,7 +350,9 @@ async def test_forward_closable_on_its_own(tunnel: pytunnel.Tunnel, echo_port: i
 
 
 async def test_idle_timeout_closes_relay(nursery: trio.Nursery, echo_port: int) -> None:
-    server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, 0, idle_timeout=0.2))
+    server = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN, idle_timeout=0.2)
+    )
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN, idle_timeout=0.2)
     forward = await tunnel.forward_local("127.0.0.1", echo_port)
     stream = await trio.open_tcp_stream(*forward.address)
@@ -359,11 +365,11 @@ async def test_idle_timeout_closes_relay(nursery: trio.Nursery, echo_port: int) 
 
 async def test_wrong_token_and_unreachable_server(tunnel_server: pytunnel.TunnelServer) -> None:
     with pytest.raises(pytunnel.AuthenticationError) as info:
-        async with pytunnel.connect(tunnel_server.address, token="nope"):
+        async with pytunnel.open_tunnel(tunnel_server.address, token="nope"):
             pass  # pragma: no cover
     assert info.value.code == 1002
     with pytest.raises(pytunnel.ConnectError) as info2:
-        async with pytunnel.connect(("127.0.0.1", closed_port()), token=TOKEN):
+        async with pytunnel.open_tunnel(("127.0.0.1", closed_port()), token=TOKEN):
             pass  # pragma: no cover
     assert info2.value.code == 1001
     assert "Connection refused" in str(info2.value)
@@ -374,7 +380,7 @@ async def test_leaving_connect_block_leaves_nothing(
 ) -> None:
     await trio.sleep(0.05)
     tasks, fds = count_tasks(), count_fds()
-    async with pytunnel.connect(tunnel_server.address, token=TOKEN) as tunnel:
+    async with pytunnel.open_tunnel(tunnel_server.address, token=TOKEN) as tunnel:
         forward = await tunnel.forward_local("127.0.0.1", echo_port)
         remote = await tunnel.forward_remote("127.0.0.1", echo_port)
         held = [await trio.open_tcp_stream(*f.address) for f in (forward, remote) for _ in range(5)]
@@ -397,7 +403,7 @@ async def test_memory_stream_tunnel(nursery: trio.Nursery, echo_port: int) -> No
     """The whole tunnel over an in-memory transport: server.handle_stream + wrap_tunnel."""
     server_config = pytunnel.ServerConfig(token=TOKEN)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    server = pytunnel.TunnelServer(listeners, server_config)
+    server = pytunnel.TunnelServer(server_config, listeners)
     a, b = trio.testing.memory_stream_pair()
     nursery.start_soon(server.handle_stream, b)
     tunnel = await pytunnel.wrap_tunnel(nursery, a, token=TOKEN)
@@ -469,7 +475,7 @@ async def test_open_then_reset_releases_the_server_slot_and_cancels_the_dial(
 ) -> None:
     # the dial would hang for a minute: only the Reset can end it promptly
     server: pytunnel.TunnelServer = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, 0, connect_timeout=60.0)
+        functools.partial(pytunnel.serve, 0, token=TOKEN, connect_timeout=60.0)
     )
     stream = await trio.open_tcp_stream(*server.address)
     try:
@@ -499,7 +505,7 @@ async def test_public_connection_gives_up_when_the_client_never_answers(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
     server: pytunnel.TunnelServer = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, 0, connect_timeout=0.5)
+        functools.partial(pytunnel.serve, 0, token=TOKEN, connect_timeout=0.5)
     )
     transport = await trio.open_tcp_stream(*server.address)
     result = await client_handshake(transport, TOKEN, max_frame_size=2**20)
@@ -523,7 +529,7 @@ async def test_public_connection_given_up_by_the_server_cancels_the_client_dial(
     nursery: trio.Nursery, blackhole: Blackhole
 ) -> None:
     server: pytunnel.TunnelServer = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, 0, connect_timeout=0.5)
+        functools.partial(pytunnel.serve, 0, token=TOKEN, connect_timeout=0.5)
     )
     tunnel = await pytunnel.connect_tunnel(
         nursery, server.address, token=TOKEN, reconnect=False, probe_interval=0
@@ -643,7 +649,7 @@ async def test_server_logs_refusals_at_its_stream_limit_once_per_episode(
 ) -> None:
     caplog.set_level(logging.INFO, logger="pytunnel.server")
     server: pytunnel.TunnelServer = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, 0, max_streams=2)
+        functools.partial(pytunnel.serve, 0, token=TOKEN, max_streams=2)
     )
     tunnel = await pytunnel.connect_tunnel(
         nursery, server.address, token=TOKEN, reconnect=False, probe_interval=0
@@ -686,7 +692,7 @@ async def test_peer_supplied_hosts_are_logged_escaped(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
     server: pytunnel.TunnelServer = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, 0, permit_open=["127.0.0.1:*"])
+        functools.partial(pytunnel.serve, 0, token=TOKEN, permit_open=["127.0.0.1:*"])
     )
     tunnel = await pytunnel.connect_tunnel(
         nursery, server.address, token=TOKEN, reconnect=False, probe_interval=0
@@ -764,7 +770,7 @@ async def test_ipv6_forwards_bind_and_dial_loopback_v6(
 ) -> None:
     """The control connection, both listeners and both dials on ``::1``."""
     server: pytunnel.TunnelServer = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, 0, host="::1", public_host="::1")
+        functools.partial(pytunnel.serve, 0, token=TOKEN, host="::1", public_host="::1")
     )
     assert server.address[0] == "::1"
     tunnel = await pytunnel.connect_tunnel(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 from collections.abc import Callable, Collection
@@ -100,7 +101,7 @@ async def test_fifty_sources_get_their_own_replies(
 
 
 async def test_association_expiry(autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
-    server = await nursery.start(pytunnel.serve, "t", 0)
+    server = await nursery.start(functools.partial(pytunnel.serve, 0, token="t"))
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token="t", udp_idle_timeout=60)
     port = await nursery.start(_udp_echo)
     forward = await tunnel.forward_local("127.0.0.1", port, protocol="udp")
@@ -284,7 +285,7 @@ async def test_udp_associations_count_against_the_server_stream_budget(
     spoofed sources cannot lock live ones out."""
     import functools
 
-    server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, 0, max_streams=8))
+    server = await nursery.start(functools.partial(pytunnel.serve, 0, token=TOKEN, max_streams=8))
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
     tcp = [await tunnel.open_stream("127.0.0.1", echo_port) for _ in range(6)]
     port = await nursery.start(_udp_echo)
@@ -318,7 +319,7 @@ async def test_one_udp_forward_takes_at_most_a_quarter_of_the_stream_budget(
 ) -> None:
     import functools
 
-    server = await nursery.start(functools.partial(pytunnel.serve, TOKEN, 0, max_streams=8))
+    server = await nursery.start(functools.partial(pytunnel.serve, 0, token=TOKEN, max_streams=8))
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
     port = await nursery.start(_udp_echo)
     udp = await tunnel.forward_remote("127.0.0.1", port, protocol="udp")
@@ -365,7 +366,7 @@ async def test_refused_source_is_remembered_not_reopened_per_datagram(
     import functools
 
     server = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, 0, permit_open="127.0.0.1:1")
+        functools.partial(pytunnel.serve, 0, token=TOKEN, permit_open="127.0.0.1:1")
     )
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
     port = await nursery.start(_udp_echo)
@@ -401,7 +402,7 @@ async def test_refusal_memory_expires(
     import functools
 
     server = await nursery.start(
-        functools.partial(pytunnel.serve, TOKEN, 0, permit_open="127.0.0.1:1")
+        functools.partial(pytunnel.serve, 0, token=TOKEN, permit_open="127.0.0.1:1")
     )
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
     port = await nursery.start(_udp_echo)
@@ -438,7 +439,7 @@ async def test_udp_port_in_use_and_policy(nursery: trio.Nursery) -> None:
     import functools
 
     server = await nursery.start(
-        functools.partial(pytunnel.serve, "t", 0, allow_ports="40100-40110")
+        functools.partial(pytunnel.serve, 0, token="t", allow_ports="40100-40110")
     )
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token="t")
     with pytest.raises(pytunnel.PortNotAllowedError):

@@ -60,6 +60,9 @@ from .client import (
     ClientConfig as ClientConfig,
 )
 from .client import (
+    ClientOptions as ClientOptions,
+)
+from .client import (
     DynamicForward as DynamicForward,
 )
 from .client import (
@@ -67,6 +70,9 @@ from .client import (
 )
 from .client import (
     Forward as Forward,
+)
+from .client import (
+    ForwardKind as ForwardKind,
 )
 from .client import (
     ForwardStatus as ForwardStatus,
@@ -90,10 +96,10 @@ from .client import (
     UdpRemoteForward as UdpRemoteForward,
 )
 from .client import (
-    connect as connect,
+    connect_tunnel as connect_tunnel,
 )
 from .client import (
-    connect_tunnel as connect_tunnel,
+    open_tunnel as open_tunnel,
 )
 from .client import (
     wrap_tunnel as wrap_tunnel,
@@ -175,8 +181,11 @@ from .errors import (
 )
 from .protocol.mux import Role as Role
 from .server import ServerConfig as ServerConfig
+from .server import ServerOptions as ServerOptions
 from .server import TunnelServer as TunnelServer
+from .server import open_server as open_server
 from .server import serve as serve
+from .server import wrap_server_stream as wrap_server_stream
 
 __version__ = "0.1.0.dev0"
 

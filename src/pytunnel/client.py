@@ -1,6 +1,6 @@
-"""The tunnel client: ``connect()``, reconnection, and the forwards it keeps alive.
+"""The tunnel client: ``open_tunnel()``, reconnection, and the forwards it keeps alive.
 
-Three tiers, as in trio-websocket: ``async with connect(...)`` owns its nursery;
+Three tiers, as in trio-websocket: ``async with open_tunnel(...)`` owns its nursery;
 ``connect_tunnel(nursery, ...)`` runs in the caller's; ``wrap_tunnel(nursery, stream, ...)``
 runs over any trio stream (memory streams in tests; no reconnection, as there is nothing to
 reconnect to).
@@ -33,6 +33,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, TypedDict
 
 import attrs
 import trio
@@ -80,6 +81,10 @@ from .protocol import routes
 from .protocol.frames import FrameDecoder, encode_message
 from .protocol.messages import Bound, ForwardState, truncate_text, valid_client_id
 from .protocol.mux import Role
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 from .protocol.socks import (
     MAX_MESSAGE_SIZE,
     ConnectRequest,
@@ -100,7 +105,9 @@ __all__ = [
     "UdpLocalForward",
     "UdpRemoteForward",
     "Tunnel",
-    "connect",
+    "ClientOptions",
+    "ForwardKind",
+    "open_tunnel",
     "connect_tunnel",
     "wrap_tunnel",
 ]
@@ -182,8 +189,40 @@ class ClientConfig:
         return max(0.0, base * (1 + random.uniform(-self.backoff_jitter, self.backoff_jitter)))
 
 
-class ForwardStatus(enum.Enum):
-    """Where a forward is in its life. See docs/resilience.md for the transitions."""
+class ClientOptions(TypedDict, total=False):
+    """The :class:`ClientConfig` fields as keyword arguments of ``open_tunnel`` and its
+    tiers, so type checkers and editors see each one (the token is its own argument).
+    ``tests/test_tunnel.py`` checks that the two lists stay the same."""
+
+    client_id: str | None
+    session: SessionConfig
+    handshake_timeout: float
+    idle_timeout: float
+    connect_timeout: float
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    reconnect: bool
+    backoff_initial: float
+    backoff_factor: float
+    backoff_max: float
+    backoff_jitter: float
+    max_attempts: int | None
+    outage_wait: float
+    probe_interval: float
+    probe_failures: int
+    udp_idle_timeout: float
+    max_udp_associations: int
+    tls: ssl.SSLContext | None
+    tls_server_hostname: str | None
+    tls_fingerprint: str | None
+
+
+class ForwardStatus(str, enum.Enum):
+    """Where a forward is in its life. See docs/resilience.md for the transitions.
+
+    A ``str`` enum: a status compares equal to its value (``"active"``) and prints as it, so
+    logs, JSON and the sync API carry the same value as the enum.
+    """
 
     STARTING = "starting"  #: being set up
     ACTIVE = "active"  #: listening and relaying
@@ -191,6 +230,32 @@ class ForwardStatus(enum.Enum):
     OFFLINE = "offline"  #: health probes find the target down; the public port refuses
     STOPPED = "stopped"  #: closed by the user, or the tunnel was closed
     ERROR = "error"  #: ended by a failure; ``Forward.error`` says which
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ForwardKind(str, enum.Enum):
+    """What a forward does; the value is the phrase logs and the CLI print."""
+
+    LOCAL = "local forward"  #: ``-L``: listens here, dials at the server
+    DYNAMIC = "dynamic forward"  #: ``-D``: a SOCKS server here, dials at the server
+    REMOTE = "remote forward"  #: ``-R``: listens at the server, dials here
+    LOCAL_UDP = "local udp forward"  #: ``-L`` for UDP datagrams
+    REMOTE_UDP = "remote udp forward"  #: ``-R`` for UDP datagrams
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def udp(self) -> bool:
+        """Whether it carries datagrams rather than a byte stream."""
+        return self in (ForwardKind.LOCAL_UDP, ForwardKind.REMOTE_UDP)
+
+    @property
+    def remote(self) -> bool:
+        """Whether it listens at the server (``-R``)."""
+        return self in (ForwardKind.REMOTE, ForwardKind.REMOTE_UDP)
 
 
 _FINAL = (ForwardStatus.STOPPED, ForwardStatus.ERROR)
@@ -224,7 +289,7 @@ class TunnelEvent:
 class Forward:
     """A forward declared on a tunnel: where it listens, where it leads, how it is doing."""
 
-    kind: str = "forward"
+    kind: ForwardKind
 
     def __init__(self, tunnel: Tunnel, target_host: str, target_port: int) -> None:
         self._tunnel = tunnel
@@ -237,8 +302,9 @@ class Forward:
         self.status = ForwardStatus.STARTING
         #: Why the status last changed (an English sentence).
         self.reason = ""
-        #: The failure that ended the forward, when ``status`` is ``ERROR``.
-        self.error: str | None = None
+        #: The failure that ended the forward, when ``status`` is ``ERROR`` (an exception, as
+        #: ``Tunnel.failure`` is; ``reason`` has the sentence).
+        self.error: BaseException | None = None
         #: Wall-clock time of the last status change.
         self.changed_at = time.time()
         #: Live counters: bytes each way, active and total connections, errors by category.
@@ -283,7 +349,13 @@ class Forward:
         await trio.lowlevel.checkpoint()
         return self.status
 
-    def _set_status(self, new: ForwardStatus, reason: str) -> None:
+    def _fail(self, error: BaseException, reason: str) -> None:
+        """End the forward for good because of ``error``."""
+        self._set_status(ForwardStatus.ERROR, reason, error)
+
+    def _set_status(
+        self, new: ForwardStatus, reason: str, error: BaseException | None = None
+    ) -> None:
         old = self.status
         if old == new or old in _FINAL:
             return
@@ -291,7 +363,7 @@ class Forward:
         self.reason = reason
         self.changed_at = time.time()
         if new is ForwardStatus.ERROR:
-            self.error = reason
+            self.error = error if error is not None else ForwardError(reason)
         level = (
             logging.WARNING
             if new in (ForwardStatus.ERROR, ForwardStatus.OFFLINE)
@@ -346,7 +418,7 @@ class LocalForward(Forward):
     ``outage_wait`` for the link and is closed cleanly if it does not come back.
     """
 
-    kind = "local forward"
+    kind = ForwardKind.LOCAL
     #: True while the listener waits for a stream slot (one log line per episode).
     _at_stream_cap = False
 
@@ -359,7 +431,7 @@ class LocalForward(Forward):
             with self._cancel_scope:
                 await self._listen(host, port, task_status)
         except OSError as exc:
-            self._set_status(ForwardStatus.ERROR, f"listener failed: {exc}")
+            self._fail(exc, f"listener failed: {exc}")
         finally:
             self._set_status(ForwardStatus.STOPPED, "forward ended")
             self._finished.set()
@@ -463,7 +535,7 @@ class DynamicForward(LocalForward):
     answered with the SOCKS reply that matches it (timeout, refused, unreachable, forbidden).
     """
 
-    kind = "dynamic forward"
+    kind = ForwardKind.DYNAMIC
 
     def __init__(
         self, tunnel: Tunnel, auth: tuple[str, str] | None, negotiation_timeout: float
@@ -533,7 +605,7 @@ class RemoteForward(Forward):
     accepting them into a black hole.
     """
 
-    kind = "remote forward"
+    kind = ForwardKind.REMOTE
     _listen_route = routes.LISTEN
 
     def __init__(
@@ -613,9 +685,11 @@ class RemoteForward(Forward):
         """Why the control stream ended decides what the forward becomes."""
         cause = end.__cause__ if end is not None else None
         if isinstance(cause, StreamResetError) and cause.code != ErrorCode.GOING_AWAY:
-            self._set_status(ForwardStatus.ERROR, f"the server ended the forward: {cause}")
+            self._fail(cause, f"the server ended the forward: {cause}")
         elif end is None and not session.closed:
-            self._set_status(ForwardStatus.ERROR, "the server closed the forward")
+            self._fail(
+                ForwardError("the server closed the forward"), "the server closed the forward"
+            )
         else:  # the session ended, or the server is shutting down
             self._set_status(ForwardStatus.SUSPENDED, "tunnel connection lost")
 
@@ -639,7 +713,7 @@ class RemoteForward(Forward):
                 delay = self._tunnel.config.backoff(attempt)
                 self._explain(f"could not be restored: {exc}; retrying in {delay:.1f} s")
             except TunnelError as exc:
-                self._set_status(ForwardStatus.ERROR, f"could not be restored: {exc}")
+                self._fail(exc, f"could not be restored: {exc}")
                 return
             if self.status in _FINAL:
                 return
@@ -754,7 +828,7 @@ class UdpLocalForward(LocalForward):
     """``-L port:host:hostport/udp``: datagrams to the local UDP port reach the target from
     the server; replies come back to each source. One association per source address."""
 
-    kind = "local udp forward"
+    kind = ForwardKind.LOCAL_UDP
 
     async def _listen(self, host: str, port: int, task_status: trio.TaskStatus[None]) -> None:
         with await bind_udp(host, port) as sock:
@@ -777,7 +851,7 @@ class UdpRemoteForward(RemoteForward):
     """``-R port:host:hostport/udp``: the server listens on a UDP port; each source address
     there becomes an association relayed to the target, dialled here."""
 
-    kind = "remote udp forward"
+    kind = ForwardKind.REMOTE_UDP
     _listen_route = routes.UDP_LISTEN
 
     async def _handle(self, incoming: IncomingStream) -> None:
@@ -1101,7 +1175,7 @@ class Tunnel:
     def _end_forwards(self) -> None:
         if self.failure is not None:
             for forward in list(self._forwards):
-                forward._set_status(ForwardStatus.ERROR, f"tunnel ended: {self.failure}")
+                forward._fail(self.failure, f"tunnel ended: {self.failure}")
         for forward in list(self._forwards):
             forward._set_status(ForwardStatus.STOPPED, "tunnel closed")
 
@@ -1328,26 +1402,43 @@ def tcp_connector(address: str | tuple[str, int], timeout: float) -> Connector:
 
 
 def _config(
-    token: str | bytes, config: ClientConfig | None, options: dict[str, object]
+    token: str | bytes | None, config: ClientConfig | None, options: ClientOptions
 ) -> ClientConfig:
-    if config is not None:
-        return attrs.evolve(config, token=token, **options)  # type: ignore[arg-type]
-    return ClientConfig(token=token, **options)  # type: ignore[arg-type]
+    """The one configuration of a tunnel: the token comes either from ``token`` or from
+    ``config``, never from both (two tokens that could disagree)."""
+    if config is None:
+        if token is None:
+            raise TypeError("a token is needed: pass token=... or config=ClientConfig(token=...)")
+        return ClientConfig(token=token, **options)
+    if token is not None:
+        raise TypeError("the token is given twice: pass it as token=... or in config, not both")
+    return attrs.evolve(config, **options)
 
 
 async def wrap_tunnel(
     nursery: trio.Nursery,
     stream: trio.abc.Stream,
     *,
-    token: str | bytes,
+    token: str | bytes | None = None,
     config: ClientConfig | None = None,
-    **options: object,
+    **options: Unpack[ClientOptions],
 ) -> Tunnel:
     """Authenticate over an existing trio stream and run the tunnel in ``nursery``.
 
-    There is nothing to reconnect to, so losing the stream ends the tunnel. ``options`` are
-    :class:`ClientConfig` fields. Raises ``AuthenticationError`` (1002),
-    ``VersionMismatchError``, ``HandshakeTimeoutError`` or ``ConnectError``.
+    Only needed to run a tunnel over a transport pytunnel does not open itself (a memory
+    stream in tests, a pipe, a proxy's socket); use :func:`open_tunnel` to reach a server by
+    address. There is nothing to reconnect to, so losing the stream ends the tunnel.
+
+    Args:
+      nursery: where the tunnel's tasks run; the tunnel ends when it is cancelled.
+      stream: the transport, already connected; the tunnel owns and closes it.
+      token: the shared secret (or give it in ``config``, not both).
+      config: every option in one object; ``options`` override its fields.
+      **options: :class:`ClientConfig` fields (see :class:`ClientOptions`).
+
+    Raises:
+      AuthenticationError: the server refused the token (1002).
+      VersionMismatchError, HandshakeTimeoutError, ConnectError: the handshake failed.
     """
     tunnel = Tunnel(_config(token, config, options), None, stream)
     started: Tunnel = await nursery.start(tunnel._run)
@@ -1358,15 +1449,17 @@ async def connect_tunnel(
     nursery: trio.Nursery,
     address: str | tuple[str, int],
     *,
-    token: str | bytes,
+    token: str | bytes | None = None,
     config: ClientConfig | None = None,
-    **options: object,
+    **options: Unpack[ClientOptions],
 ) -> Tunnel:
     """Connect to a server at ``address`` (``"host:port"`` or a tuple) in the caller's nursery.
 
-    ``options`` are :class:`ClientConfig` fields (``reconnect=False``, ``heartbeat_interval``,
-    ...). The first connection's failure is raised: ``ConnectError`` (1001) if the server
-    cannot be reached, or the handshake's errors. Later losses are handled by reconnecting.
+    For code that already runs a nursery whose lifetime should bound the tunnel; otherwise
+    :func:`open_tunnel` is simpler. Same arguments as :func:`open_tunnel`, plus ``nursery``.
+    The first connection's failure is raised: ``ConnectError`` (1001) if the server cannot be
+    reached, or the handshake's errors. Later losses are handled by reconnecting (unless
+    ``reconnect=False``); ``Tunnel.failure`` says why a tunnel ended.
     """
     client_config = _config(token, config, options)
     tunnel = Tunnel(client_config, tcp_connector(address, client_config.connect_timeout))
@@ -1376,17 +1469,29 @@ async def connect_tunnel(
 
 
 @asynccontextmanager
-async def connect(
+async def open_tunnel(
     address: str | tuple[str, int],
     *,
-    token: str | bytes,
+    token: str | bytes | None = None,
     config: ClientConfig | None = None,
-    **options: object,
+    **options: Unpack[ClientOptions],
 ) -> AsyncIterator[Tunnel]:
-    """``async with pytunnel.connect("host:7000", token=...) as tunnel:``
+    """``async with pytunnel.open_tunnel("host:7000", token=...) as tunnel:``
 
-    Leaving the block closes every forward and the connection; no task outlives it. Errors
-    are raised as themselves, not wrapped in an ``ExceptionGroup``.
+    The tier most code wants: the tunnel owns its nursery, and leaving the block closes every
+    forward and the connection; no task outlives it.
+
+    Args:
+      address: the server, ``"host:port"`` or ``(host, port)``.
+      token: the shared secret (or give it in ``config``, not both).
+      config: every option in one object; ``options`` override its fields.
+      **options: :class:`ClientConfig` fields (``reconnect=False``, ``heartbeat_interval``,
+        ...; see :class:`ClientOptions`).
+
+    Raises:
+      ConnectError: the server cannot be reached (1001), or the handshake's errors
+        (``AuthenticationError``, ...). Errors are raised as themselves, not wrapped in an
+        ``ExceptionGroup``.
     """
     error: BaseException | None = None
     with unwrap_cancelled():

@@ -13,8 +13,9 @@ import logging
 import math
 import random
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, TypedDict, TypeVar
 
 import attrs
 import trio
@@ -40,7 +41,7 @@ from ._udp import (
     serve_associations,
     udp_connect,
 )
-from ._util import aclose_all, owned
+from ._util import aclose_all, owned, unwrap_cancelled
 from .errors import (
     AuthenticationError,
     DialError,
@@ -60,7 +61,17 @@ from .protocol.frames import FrameDecoder, encode_message
 from .protocol.messages import Bound, ForwardState
 from .protocol.mux import Role
 
-__all__ = ["ServerConfig", "TunnelServer", "serve"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = [
+    "ServerConfig",
+    "ServerOptions",
+    "TunnelServer",
+    "open_server",
+    "serve",
+    "wrap_server_stream",
+]
 
 log = logging.getLogger("pytunnel.server")
 
@@ -135,6 +146,46 @@ class ServerConfig:
         return self.allow_ports is None or any(port in r for r in self.allow_ports)
 
 
+class ServerOptions(TypedDict, total=False):
+    """The :class:`ServerConfig` fields as keyword arguments of ``serve`` and its tiers, so
+    type checkers and editors see each one (the token is its own argument).
+    ``tests/test_tunnel.py`` checks that the two lists stay the same."""
+
+    public_host: str
+    allow_ports: str | Iterable[PortRange] | None
+    permit_open: PermitOpen | Iterable[str] | str | None
+    connect_timeout: float
+    idle_timeout: float
+    handshake_timeout: float
+    session: SessionConfig
+    heartbeat_timeout: float
+    heartbeat_check_interval: float
+    max_forwards_per_client: int
+    max_streams: int
+    max_pending_handshakes: int
+    udp_idle_timeout: float
+    max_udp_associations: int
+    tls: ssl.SSLContext | None
+    max_handshakes_per_address: int
+    first_frame_timeout: float
+    auth_failure_burst: int
+    auth_failure_interval: float
+
+
+def _server_config(
+    token: str | bytes | None, config: ServerConfig | None, options: ServerOptions
+) -> ServerConfig:
+    """The one configuration of a server: the token comes either from ``token`` or from
+    ``config``, never from both."""
+    if config is None:
+        if token is None:
+            raise TypeError("a token is needed: pass token=... or config=ServerConfig(token=...)")
+        return ServerConfig(token=token, **options)
+    if token is not None:
+        raise TypeError("the token is given twice: pass it as token=... or in config, not both")
+    return attrs.evolve(config, **options)
+
+
 class AuthThrottle:
     """Failed authentications per source address, as a token bucket.
 
@@ -201,10 +252,15 @@ class AuthThrottle:
 
 
 class TunnelServer:
-    """A running server, as handed back by ``await nursery.start(serve, ...)``."""
+    """A running server, as handed back by ``await nursery.start(serve, ...)``,
+    ``open_server`` and ``wrap_server_stream``.
 
-    def __init__(self, listeners: list[trio.SocketListener], config: ServerConfig) -> None:
-        self.listeners = listeners
+    ``listeners`` are its control listeners; a server made without any (see
+    :func:`wrap_server_stream`) serves only the streams handed to :meth:`handle_stream`.
+    """
+
+    def __init__(self, config: ServerConfig, listeners: Sequence[trio.SocketListener] = ()) -> None:
+        self.listeners = list(listeners)
         self.config = config
         self._sessions: set[_ClientSession] = set()
         #: The live session of each client identity (clients that sent one).
@@ -222,12 +278,24 @@ class TunnelServer:
         )
         self._cancel_scope = trio.CancelScope()
         self._done = trio.Event()
-        host, port = listeners[0].socket.getsockname()[:2]
-        self._address = (str(host), int(port))
+        #: Whether ``serve_forever`` runs (so ``aclose`` waits for its listeners to close).
+        self._serving = False
+        self._closing = False
+        #: One cancel scope per control connection being served, wherever its task runs.
+        self._handlers: dict[int, trio.CancelScope] = {}
+        self._handlers_left = trio.lowlevel.ParkingLot()
+        self._address: tuple[str, int] | None = None
+        if self.listeners:
+            host, port = self.listeners[0].socket.getsockname()[:2]
+            self._address = (str(host), int(port))
 
     @property
     def address(self) -> tuple[str, int]:
-        """``(host, port)`` of the control listener (the real port when 0 was asked for)."""
+        """``(host, port)`` of the control listener (the real port when 0 was asked for).
+
+        Raises ``RuntimeError`` for a server without a listener."""
+        if self._address is None:
+            raise RuntimeError("this server has no control listener (see wrap_server_stream)")
         return self._address
 
     @property
@@ -240,13 +308,22 @@ class TunnelServer:
         return len(self._sessions)
 
     async def aclose(self) -> None:
-        """Stop serving: close the control listener and end every client session."""
+        """Stop serving: close the control listener and end every client session, including
+        those handed to :meth:`handle_stream` from elsewhere. Returns once all have ended."""
+        self._closing = True
         self._cancel_scope.cancel()
-        await self._done.wait()
+        for scope in list(self._handlers.values()):
+            scope.cancel()
+        if self._serving:
+            await self._done.wait()
+        while self._handlers:
+            await self._handlers_left.park()
+        await trio.lowlevel.checkpoint()
 
     async def serve_forever(
         self, *, task_status: trio.TaskStatus[TunnelServer] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        self._serving = True
         try:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
@@ -294,8 +371,27 @@ class TunnelServer:
 
         ``peer_host`` (the source address) is what failed authentications and the
         per-address handshake cap count by.
-        Returns when the client's session has ended; never raises for the client's failures.
+        Returns when the client's session has ended (or the server is closed); never raises
+        for the client's failures.
         """
+        scope = trio.CancelScope()
+        if self._closing:
+            scope.cancel()
+        self._handlers[id(scope)] = scope
+        try:
+            with scope:
+                await self._serve_stream(stream, peer, peer_host)
+        finally:
+            # bookkeeping first: the close checkpoints, and under the server's own
+            # cancellation nothing after it would run
+            del self._handlers[id(scope)]
+            if not self._handlers:
+                self._handlers_left.unpark_all()
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_stream(
+        self, stream: trio.abc.Stream, peer: str, peer_host: str | None
+    ) -> None:
         if peer_host is not None:
             wait = self._throttle.blocked_for(peer_host)
             if wait > 0:
@@ -389,6 +485,7 @@ class TunnelServer:
         except TunnelError as exc:
             log.debug("control connection from %s ended: %s", peer, exc)
         finally:
+            # the TLS wrapper, if any, owns the transport
             await trio.aclose_forcefully(stream)
 
     async def _take_over(self, client: _ClientSession) -> None:
@@ -962,27 +1059,93 @@ def _fit_fd_limit(config: ServerConfig, fd_limit: int | None) -> ServerConfig:
 
 
 async def serve(
-    token: str | bytes,
     port: int = 7000,
     *,
     host: str = "127.0.0.1",
+    token: str | bytes | None = None,
     config: ServerConfig | None = None,
     task_status: trio.TaskStatus[TunnelServer] = trio.TASK_STATUS_IGNORED,
-    **options: Any,
+    **options: Unpack[ServerOptions],
 ) -> None:
-    """Run a tunnel server on ``host:port`` until cancelled (or ``TunnelServer.aclose``).
+    """Run a tunnel server on ``host:port``; never returns (cancel it, or ``aclose`` it).
 
-    In the style of ``trio.serve_tcp``: ``server = await nursery.start(serve, token, 0)`` hands
-    back the :class:`TunnelServer` once it is listening (port 0 picks a free port; use
-    ``functools.partial`` for keyword options). ``options`` are :class:`ServerConfig` fields
-    (``public_host``, ``allow_ports``, ``permit_open``, ``heartbeat_timeout``, limits...).
+    In the style of ``trio.serve_tcp``:
+    ``server = await nursery.start(functools.partial(serve, 0, token=...))`` hands back the
+    :class:`TunnelServer` once it is listening (port 0 picks a free port). Use
+    :func:`open_server` for a server bounded by an ``async with`` block.
+
+    Args:
+      port: the control port clients connect to.
+      host: the address to listen on (loopback unless told otherwise).
+      token: the shared secret (or give it in ``config``, not both).
+      config: every option in one object; ``options`` override its fields.
+      **options: :class:`ServerConfig` fields (``public_host``, ``allow_ports``,
+        ``permit_open``, ``heartbeat_timeout``, limits...; see :class:`ServerOptions`).
+
+    Raises:
+      AddressInUseError, PermissionDeniedError: the control port cannot be bound.
     """
-    if config is None:
-        config = ServerConfig(token=token, **options)
-    else:
-        config = attrs.evolve(config, token=token, **options)
-    config = _fit_fd_limit(config, raise_fd_limit())
+    server_config = _fit_fd_limit(_server_config(token, config, options), raise_fd_limit())
     listeners = await bind(host, port)
-    server = TunnelServer(listeners, config)
+    server = TunnelServer(server_config, listeners)
     log.info("listening for tunnel clients on %s", format_target(*server.address))
     await server.serve_forever(task_status=task_status)
+
+
+@asynccontextmanager
+async def open_server(
+    port: int = 0,
+    *,
+    host: str = "127.0.0.1",
+    token: str | bytes | None = None,
+    config: ServerConfig | None = None,
+    **options: Unpack[ServerOptions],
+) -> AsyncIterator[TunnelServer]:
+    """``async with pytunnel.open_server(token=...) as server:`` a listening server
+    (``server.address``) whose clients are all disconnected when the block is left.
+
+    Same arguments as :func:`serve`, except that ``port`` defaults to 0 (a free port), as
+    embedded servers in tests and applications want. Errors are raised as themselves.
+    """
+    error: BaseException | None = None
+    with unwrap_cancelled():
+        async with trio.open_nursery() as nursery:
+            try:
+                server: TunnelServer = await nursery.start(
+                    functools.partial(serve, port, host=host, token=token, config=config, **options)
+                )
+            except BaseException as exc:
+                error = exc
+            else:
+                try:
+                    yield server
+                except BaseException as exc:
+                    error = exc
+                finally:
+                    with trio.CancelScope(shield=True):  # bounded: aclose waits on no peer
+                        await server.aclose()
+    if error is not None:
+        raise error
+
+
+async def wrap_server_stream(
+    nursery: trio.Nursery,
+    stream: trio.abc.Stream,
+    *,
+    token: str | bytes | None = None,
+    config: ServerConfig | None = None,
+    peer: str = "?",
+    **options: Unpack[ServerOptions],
+) -> TunnelServer:
+    """Serve one client's session over an existing trio stream, in ``nursery``.
+
+    Only needed for transports pytunnel does not listen on itself (memory streams in tests,
+    a pipe, a socket accepted elsewhere); use :func:`serve` or :func:`open_server` to listen
+    on a port. The returned server has no control listener; more streams can be handed to
+    its :meth:`TunnelServer.handle_stream`. The session ends when the stream does, or when
+    ``nursery`` is cancelled. Remote forwards of that client still bind public ports.
+    """
+    server = TunnelServer(_server_config(token, config, options))
+    nursery.start_soon(functools.partial(server.handle_stream, stream, peer=peer))
+    await trio.lowlevel.checkpoint()
+    return server

@@ -5,8 +5,8 @@ it through ``trio.from_thread``. Errors raised in the Trio thread reach the call
 typed exceptions. Stopping is bounded in time and never hangs, even with connections open
 (the complaint about sshtunnel's ``stop()``): leaving a block cancels everything under it.
 
-    with pytunnel.sync.serve(token="t") as server:
-        with pytunnel.sync.connect(server.address, token="t") as tunnel:
+    with pytunnel.sync.open_server(token="t") as server:
+        with pytunnel.sync.open_tunnel(server.address, token="t") as tunnel:
             with tunnel.forward_local("db.internal", 5432) as fwd:
                 psycopg.connect(port=fwd.port, ...)
 """
@@ -18,15 +18,20 @@ import functools
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from .client import Forward, Tunnel, connect_tunnel
-from .server import TunnelServer
-from .server import serve as _serve
+from .client import ClientConfig, Forward, ForwardStatus, Tunnel, connect_tunnel
+from .server import ServerConfig, TunnelServer, serve
 
-__all__ = ["SyncForward", "SyncServer", "SyncTunnel", "connect", "serve"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .client import ClientOptions
+    from .server import ServerOptions
+
+__all__ = ["SyncForward", "SyncServer", "SyncTunnel", "open_server", "open_tunnel"]
 
 _T = TypeVar("_T")
 #: How long stopping may take before the background thread is abandoned (it is a daemon).
@@ -112,8 +117,8 @@ class SyncForward:
         return self.forward.listen_port
 
     @property
-    def status(self) -> str:
-        return self.forward.status.value
+    def status(self) -> ForwardStatus:
+        return self.forward.status
 
     def set_faults(self, direction: str = "both", **settings: object) -> None:
         """Set faults on this forward (see ``pytunnel.Faults.set``), from any thread."""
@@ -183,15 +188,23 @@ class SyncServer:
 
 
 @contextmanager
-def connect(
-    address: str | tuple[str, int], *, token: str | bytes, **options: Any
+def open_tunnel(
+    address: str | tuple[str, int],
+    *,
+    token: str | bytes | None = None,
+    config: ClientConfig | None = None,
+    **options: Unpack[ClientOptions],
 ) -> Iterator[SyncTunnel]:
-    """``with pytunnel.sync.connect("host:7000", token=...) as tunnel:`` in any thread."""
+    """``with pytunnel.sync.open_tunnel("host:7000", token=...) as tunnel:`` in any thread.
+
+    The arguments of :func:`pytunnel.open_tunnel`."""
     portal = _Portal("pytunnel-client")
     try:
 
         async def start() -> Tunnel:
-            return await connect_tunnel(portal.nursery, address, token=token, **options)
+            return await connect_tunnel(
+                portal.nursery, address, token=token, config=config, **options
+            )
 
         yield SyncTunnel(portal, portal.run(start))
     finally:
@@ -199,14 +212,23 @@ def connect(
 
 
 @contextmanager
-def serve(token: str | bytes, port: int = 0, **options: Any) -> Iterator[SyncServer]:
-    """A tunnel server in a background thread (port 0: any free port) for one block."""
+def open_server(
+    port: int = 0,
+    *,
+    host: str = "127.0.0.1",
+    token: str | bytes | None = None,
+    config: ServerConfig | None = None,
+    **options: Unpack[ServerOptions],
+) -> Iterator[SyncServer]:
+    """A tunnel server in a background thread (port 0: any free port) for one block.
+
+    The arguments of :func:`pytunnel.open_server`."""
     portal = _Portal("pytunnel-server")
     try:
 
         async def start() -> TunnelServer:
             server: TunnelServer = await portal.nursery.start(
-                functools.partial(_serve, token, port, **options)
+                functools.partial(serve, port, host=host, token=token, config=config, **options)
             )
             return server
 

@@ -33,7 +33,7 @@ async def open_tunnel_pair(
     secret = token or secrets.token_urlsafe(16)
     async with trio.open_nursery() as nursery:
         server: TunnelServer = await nursery.start(
-            functools.partial(serve, secret, 0, **(server_options or {}))
+            functools.partial(serve, 0, token=secret, **(server_options or {}))
         )
         tunnel = await connect_tunnel(
             nursery, server.address, token=secret, **(client_options or {})

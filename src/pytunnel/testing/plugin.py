@@ -78,7 +78,7 @@ async def pytunnel_server(
 ) -> AsyncIterator[TunnelServer]:
     async with trio.open_nursery() as nursery:
         server: TunnelServer = await nursery.start(
-            functools.partial(serve, pytunnel_token, 0, **pytunnel_server_options)
+            functools.partial(serve, 0, token=pytunnel_token, **pytunnel_server_options)
         )
         yield server
         await server.aclose()
