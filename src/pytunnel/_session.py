@@ -34,6 +34,7 @@ from .errors import (
     RemoteProtocolError,
     SessionClosedError,
     StreamLimitError,
+    StreamResetError,
     TunnelError,
     goaway_error,
     printable,
@@ -115,13 +116,6 @@ class SessionConfig:
     #: Seconds a stream we closed waits for the peer's Fin before it is reset and its slot
     #: freed (TCP's FIN_WAIT_2 timeout, for the same reason: a silent peer).
     close_linger: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
-
-
-class StreamResetError(TunnelError):
-    """The peer reset the stream; ``code`` is the reason it gave. Raised as the ``__cause__``
-    of the ``BrokenResourceError`` that stream operations raise."""
-
-    default_code = ErrorCode.CANCELLED
 
 
 class _ConflictDetector:
