@@ -24,11 +24,24 @@ _T = TypeVar("_T")
 
 
 class IncomingStream:
-    """A stream the peer asked to open; answer with :meth:`accept` or :meth:`refuse`."""
+    """A stream the peer asked to open; answer with :meth:`accept` or :meth:`refuse`.
 
-    def __init__(self, session: Session, stream: MuxStream) -> None:
+    The session that made it passes the two answers in (``on_accept``, ``on_refuse``), and
+    cancels :attr:`cancel_scope` when the opener gives up; nothing else crosses between them.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        stream: MuxStream,
+        *,
+        on_accept: Callable[[MuxStream], None],
+        on_refuse: Callable[[MuxStream, int, str], None],
+    ) -> None:
         self._session = session
         self._stream = stream
+        self._on_accept = on_accept
+        self._on_refuse = on_refuse
         self._answered = False
         self._cancel_scope = trio.CancelScope()
 
@@ -44,9 +57,6 @@ class IncomingStream:
     def abandoned(self) -> bool:
         """True once the opener reset the stream (or the session ended) before an answer."""
         return self._cancel_scope.cancel_called
-
-    def _abandon(self) -> None:
-        self._cancel_scope.cancel()
 
     async def dial(
         self,
@@ -98,8 +108,7 @@ class IncomingStream:
     def accept(self) -> MuxStream:
         """Open the stream and return it (no I/O wait: the Accept is queued)."""
         self._answer()
-        self._session._unanswered.pop(self.stream_id, None)
-        self._session._accept(self._stream)
+        self._on_accept(self._stream)
         return self._stream
 
     def refuse(self, code: int, message: str = "") -> None:
@@ -110,9 +119,7 @@ class IncomingStream:
         if self._answered:
             raise LocalProtocolError("this stream was already answered")
         self._answered = True
-        self._session._unanswered.pop(self.stream_id, None)
-        if not self._session.closed:
-            self._session._refuse(self._stream, code, message)
+        self._on_refuse(self._stream, code, message)
 
     def refuse_with(self, error: TunnelError) -> None:
         """Refuse with ``error``'s code and message; a no-op if the session has already ended
@@ -138,10 +145,11 @@ class StreamSlot:
     no-op).
     """
 
-    __slots__ = ("_held", "session")
+    __slots__ = ("_held", "_on_release", "session")
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, on_release: Callable[[], None]) -> None:
         self.session = session
+        self._on_release = on_release
         self._held = True
 
     @property
@@ -151,5 +159,4 @@ class StreamSlot:
     def release(self) -> None:
         if self._held:
             self._held = False
-            self.session._reserved -= 1
-            self.session._wake_slot_waiters()
+            self._on_release()

@@ -11,16 +11,65 @@ from __future__ import annotations
 import operator
 from collections import deque
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
 from .errors import ErrorCode, LocalProtocolError
 
-if TYPE_CHECKING:
-    from .session import Session
+__all__ = ["MuxStream", "StreamCarrier"]
 
-__all__ = ["MuxStream"]
+
+class StreamCarrier(Protocol):
+    """What a :class:`MuxStream` needs from the session that carries it, and nothing more.
+
+    The stream decides *when* to send (its own state, its parked tasks); the carrier decides
+    *how* (frames, windows, the shared write buffer). Keeping the boundary this narrow is what
+    lets a stream be tested, or carried, without a multiplexer behind it.
+    """
+
+    @property
+    def max_data_chunk(self) -> int:
+        """Largest payload of one Data frame."""
+        ...
+
+    def send_window(self, stream_id: int) -> int:
+        """Bytes the peer will accept on the stream now (0 once it cannot send any more)."""
+        ...
+
+    def has_room(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit in the shared write buffer now."""
+        ...
+
+    async def wait_for_room(self, size: int) -> None:
+        """Park until ``size`` more bytes fit in the shared write buffer.
+
+        Raises ``ClosedResourceError`` or ``BrokenResourceError`` if the session ends first."""
+        ...
+
+    def send_data(self, stream_id: int, data: memoryview) -> None:
+        """Queue ``data`` (within the window and the room just checked) for the peer."""
+        ...
+
+    def send_fin(self, stream_id: int) -> None:
+        """Queue the end of what we send on the stream."""
+        ...
+
+    def send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> bool:
+        """Queue one datagram if it fits now; ``False`` if it was dropped."""
+        ...
+
+    def consumed(self, stream_id: int, size: int) -> None:
+        """The application read ``size`` bytes: the peer may send that much more."""
+        ...
+
+    def close_stream(self, stream_id: int, *, abort: bool) -> None:
+        """The application closed the stream: Fin, or Reset if ``abort`` (unread data)."""
+        ...
+
+    def reset_stream(self, stream_id: int, code: int, message: str) -> None:
+        """The application reset the stream with ``code``."""
+        ...
 
 
 class _ConflictDetector:
@@ -55,7 +104,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
     def __init__(
         self,
-        session: Session,
+        carrier: StreamCarrier,
         stream_id: int,
         host: str = "",
         port: int = 0,
@@ -63,7 +112,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         *,
         datagrams: bool = False,
     ) -> None:
-        self._session = session
+        self._carrier = carrier
         self.stream_id = stream_id
         #: A datagram stream (UDP association) or a byte stream, fixed when it was opened.
         self.datagrams = datagrams
@@ -75,7 +124,6 @@ class MuxStream(trio.abc.HalfCloseableStream):
         #: Bytes of ``_buffer[0]`` already handed out: a small ``max_bytes`` reads on from here
         #: instead of re-slicing the rest of the chunk each time (quadratic).
         self._offset = 0
-        self._buffered = 0
         self._eof = False
         self._fin_sent = False
         self._closed = False
@@ -103,11 +151,16 @@ class MuxStream(trio.abc.HalfCloseableStream):
     def __repr__(self) -> str:
         return f"<MuxStream {self.stream_id} {self.host}:{self.port}>"
 
-    # -------------------------------------------------------------- called by the session
+    @property
+    def bytes_buffered(self) -> int:
+        """Bytes received and not read yet (never more than the stream's receive window)."""
+        return sum(map(len, self._buffer)) - self._offset
 
-    def _on_data(self, data: bytes) -> None:
+    # -------------------------------------------------------------- called by the carrier
+
+    def deliver_data(self, data: bytes) -> None:
+        """The peer sent ``data``: buffer it for ``receive_some``."""
         self._buffer.append(data)
-        self._buffered += len(data)
         self.bytes_received += len(data)
         self._receive_lot.unpark_all()
 
@@ -115,12 +168,14 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if self._datagram_lot is not None:
             self._datagram_lot.unpark_all()
 
-    def _on_eof(self) -> None:
+    def deliver_eof(self) -> None:
+        """The peer finished sending: ``receive_some`` returns ``b""`` after the buffer."""
         self._eof = True
         self._receive_lot.unpark_all()
         self._wake_datagram_readers()
 
-    def _on_datagram(self, data: bytes) -> None:
+    def deliver_datagram(self, data: bytes) -> None:
+        """The peer sent a datagram: queue it, or drop and count it if the queue is full."""
         if not self.datagrams:  # the multiplexer already refuses these; never queue one
             return
         if self._datagrams is None:
@@ -132,12 +187,13 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self.datagrams_received += 1
         self._wake_datagram_readers()
 
-    def _break(self, cause: BaseException) -> None:
+    def break_with(self, cause: BaseException) -> None:
+        """The stream is unusable (the peer reset it, the session died): every operation,
+        pending or later, raises ``BrokenResourceError`` caused by ``cause``."""
         if self._broken is None:
             self._broken = cause
         self._buffer.clear()
         self._offset = 0
-        self._buffered = 0
         self._receive_lot.unpark_all()
         self._send_lot.unpark_all()
         self._wake_datagram_readers()
@@ -147,8 +203,23 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._send_lot.unpark_all()
         self._wake_datagram_readers()
 
-    def _wake_sender(self) -> None:
+    def window_opened(self) -> None:
+        """The peer granted more window: a parked sender may go on."""
         self._send_lot.unpark_all()
+
+    def session_ended(self, reason: BaseException, *, locally: bool) -> None:
+        """The carrying session ended. Closed ``locally`` (we closed it), the stream raises
+        ``ClosedResourceError``; otherwise ``BrokenResourceError`` caused by ``reason``,
+        except that what a peer that had finished sending sent stays readable, then ``b""``."""
+        if locally:
+            self._closed = True
+            self._receive_lot.unpark_all()
+            self._send_lot.unpark_all()
+            self._wake_datagram_readers()
+        elif self._eof:
+            self._break_sending(reason)
+        else:
+            self.break_with(reason)
 
     def _check_send(self) -> None:
         if self._closed or self._fin_sent:
@@ -187,8 +258,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             else:
                 self._offset = end
                 chunk = head[start:end]
-            self._buffered -= len(chunk)
-            self._session._consumed(self.stream_id, len(chunk))
+            self._carrier.consumed(self.stream_id, len(chunk))
             await trio.lowlevel.cancel_shielded_checkpoint()
             return chunk
 
@@ -197,29 +267,27 @@ class MuxStream(trio.abc.HalfCloseableStream):
         with self._send_conflict:
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_send()
-            session = self._session
-            mux = session._mux
+            carrier = self._carrier
             with memoryview(data) as view:
                 view = view.cast("B")
                 total = len(view)
                 pos = 0
-                chunk = session.config.max_data_chunk
+                chunk = carrier.max_data_chunk
                 while pos < total:
                     self._check_send()
-                    window = mux.send_window(self.stream_id)
+                    window = carrier.send_window(self.stream_id)
                     if window <= 0:
                         await self._send_lot.park()
                         continue
                     size = min(window, total - pos, chunk)
                     # Room first, then queue (nothing awaits in between): however many
                     # streams send at once, the queue holds at most the mark plus one chunk.
-                    if not session._has_room(size):
-                        await session._wait_drained(size)
+                    if not carrier.has_room(size):
+                        await carrier.wait_for_room(size)
                         continue
-                    mux.send_data(self.stream_id, view[pos : pos + size])
+                    carrier.send_data(self.stream_id, view[pos : pos + size])
                     pos += size
                     self.bytes_sent += size
-                    session._kick_writer()
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     def send_datagram(self, data: bytes | bytearray | memoryview) -> bool:
@@ -235,7 +303,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 code=ErrorCode.STREAM_STATE_ERROR,
             )
         self._check_send_datagram()
-        if self._session._send_datagram(self.stream_id, data):
+        if self._carrier.send_datagram(self.stream_id, data):
             self.datagrams_sent += 1
             return True
         self.datagrams_dropped += 1
@@ -279,7 +347,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_send()
             while self._broken is None and self._send_broken is None and not self._closed:
-                if self._session._mux.send_window(self.stream_id) > 0:
+                if self._carrier.send_window(self.stream_id) > 0:
                     break
                 await self._send_lot.park()
             self._check_send()
@@ -295,7 +363,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 if self._broken is not None:
                     raise trio.BrokenResourceError("stream is broken") from self._broken
                 self._fin_sent = True
-                self._session._send_fin(self.stream_id)
+                self._carrier.send_fin(self.stream_id)
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     def reset(self, code: int = ErrorCode.CANCELLED, message: str = "") -> None:
@@ -305,8 +373,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._closed = True
             self._buffer.clear()
             self._offset = 0
-            self._buffered = 0
-            self._session._reset_stream(self.stream_id, code, message)
+            self._carrier.reset_stream(self.stream_id, code, message)
             self._receive_lot.unpark_all()
             self._send_lot.unpark_all()
 
@@ -320,9 +387,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
             unread = bool(self._buffer)
             self._buffer.clear()
             self._offset = 0
-            self._buffered = 0
             self._datagrams = None
-            self._session._close_stream(self.stream_id, abort=unread)
+            self._carrier.close_stream(self.stream_id, abort=unread)
             self._receive_lot.unpark_all()
             self._send_lot.unpark_all()
             self._wake_datagram_readers()

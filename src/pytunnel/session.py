@@ -9,6 +9,16 @@ synchronously and park only when the stream's window or the session's write buff
 Both background tasks live in the session's own nursery, so leaving :func:`open_session` (or
 losing the transport, or a protocol violation) ends them and wakes every parked stream with
 ``ClosedResourceError`` (we closed) or ``BrokenResourceError`` (the peer or transport did).
+
+This is the public namespace of the multiplexer over any trio stream (``pytunnel.session``);
+it knows nothing of tunnels, routes or handshakes. :class:`Session` is the
+:class:`~pytunnel._stream.StreamCarrier` of its streams: a :class:`MuxStream` reaches the
+session only through that interface, and the session reaches a stream only through its
+``deliver_*``, ``window_opened``, ``break_with`` and ``session_ended`` calls.
+
+Over 500 lines on purpose: the reader's dispatch, the writer, the reaper and the carrier calls
+all read and write the same multiplexer and the same tables of streams, openers and pings;
+split apart, each half would have to reach into the other's state.
 """
 
 from __future__ import annotations
@@ -30,7 +40,6 @@ from .errors import (
     LocalProtocolError,
     RemoteProtocolError,
     SessionClosedError,
-    StreamLimitError,
     StreamResetError,
     TunnelError,
     goaway_error,
@@ -223,7 +232,11 @@ class Session:
                 break
             await self._slot_lot.park()
         self._reserved += 1
-        return StreamSlot(self)
+        return StreamSlot(self, self._release_slot)
+
+    def _release_slot(self) -> None:
+        self._reserved -= 1
+        self._wake_slot_waiters()
 
     def _wake_slot_waiters(self) -> None:
         if self._slot_lot:
@@ -257,8 +270,6 @@ class Session:
             stream_id = self._mux.open_stream(host, port, tag, datagrams=datagrams)
         except LocalProtocolError as exc:
             raise SessionClosedError("session is going away", code=ErrorCode.GOING_AWAY) from exc
-        except StreamLimitError:
-            raise
         stream = MuxStream(self, stream_id, host, port, tag, datagrams=datagrams)
         self._streams[stream_id] = stream
         answered = self._opening[stream_id] = trio.Event()
@@ -337,7 +348,7 @@ class Session:
             self._terminate(error)
         await trio.aclose_forcefully(self._transport)
 
-    # -------------------------------------------------------------- stream callbacks
+    # -------------------------------------------------------------- internals
 
     def _check_open(self) -> None:
         if self.closed:
@@ -354,19 +365,38 @@ class Session:
         err.__cause__ = reason
         return err
 
-    def _consumed(self, stream_id: int, size: int) -> None:
+    # -------------------------------------------------------------- StreamCarrier, for MuxStream
+
+    @property
+    def max_data_chunk(self) -> int:
+        """Largest payload of one Data frame we send (``config.max_data_chunk``)."""
+        return self.config.max_data_chunk
+
+    def send_window(self, stream_id: int) -> int:
+        """Bytes the peer accepts on ``stream_id`` now."""
+        return self._mux.send_window(stream_id)
+
+    def send_data(self, stream_id: int, data: memoryview) -> None:
+        """Queue ``data`` on ``stream_id``; the caller checked window and :meth:`has_room`."""
+        self._mux.send_data(stream_id, data)
+        self._kick_writer()
+
+    def consumed(self, stream_id: int, size: int) -> None:
+        """The application read ``size`` bytes of ``stream_id`` (window credit for the peer)."""
         if not self.closed:
             before = self._mux.bytes_to_send
             self._mux.consumed(stream_id, size)
             if self._mux.bytes_to_send != before:
                 self._kick_writer()
 
-    def _send_fin(self, stream_id: int) -> None:
+    def send_fin(self, stream_id: int) -> None:
+        """Queue a Fin on ``stream_id`` unless it can no longer send."""
         if not self.closed and self._mux.can_send(stream_id):
             self._mux.send_fin(stream_id)
             self._kick_writer()
 
-    def _close_stream(self, stream_id: int, *, abort: bool) -> None:
+    def close_stream(self, stream_id: int, *, abort: bool) -> None:
+        """The application closed ``stream_id``: Fin (then linger) or, if ``abort``, Reset."""
         self._streams.pop(stream_id, None)
         if self.closed:
             return
@@ -379,7 +409,8 @@ class Session:
         self._kick_writer()
         self._wake_slot_waiters()
 
-    def _reset_stream(self, stream_id: int, code: int, message: str) -> None:
+    def reset_stream(self, stream_id: int, code: int, message: str) -> None:
+        """The application reset ``stream_id``."""
         self._streams.pop(stream_id, None)
         if not self.closed:
             self._mux.reset_stream(stream_id, code, message)
@@ -387,22 +418,28 @@ class Session:
         self._wake_slot_waiters()
 
     def _accept(self, stream: MuxStream) -> None:
+        self._unanswered.pop(stream.stream_id, None)
         if not self._mux.has_stream(stream.stream_id):
             # the opener gave up (Reset) while we were dialling: hand back a broken stream so
             # the caller's relay ends at once, rather than raising into its nursery
-            stream._break(StreamResetError("the opener cancelled the stream"))
+            stream.break_with(StreamResetError("the opener cancelled the stream"))
             return
         self._mux.accept_stream(stream.stream_id)
         self._kick_writer()
 
     def _refuse(self, stream: MuxStream, code: int, message: str) -> None:
+        self._unanswered.pop(stream.stream_id, None)
+        if self.closed:  # the opener learns of the end from the session instead
+            return
         self._streams.pop(stream.stream_id, None)
         if self._mux.has_stream(stream.stream_id):
             self._mux.refuse_stream(stream.stream_id, code, message)
             self._kick_writer()
         self._wake_slot_waiters()
 
-    def _send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> bool:
+    def send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> bool:
+        """Queue one datagram on ``stream_id`` unless the write buffer is over its mark or it
+        does not fit the peer's frames; ``False`` if dropped."""
         if self.closed or self._mux.bytes_to_send > self.config.write_buffer_high:
             return False
         if not self._mux.can_send_datagram(stream_id) or len(data) > self._max_datagram:
@@ -414,13 +451,15 @@ class Session:
     def _kick_writer(self) -> None:
         self._write_event.set()
 
-    def _has_room(self, size: int) -> bool:
+    def has_room(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit under the write buffer's high-water mark (always
+        when nothing is queued, so a chunk larger than the mark still goes)."""
         queued = self._mux.bytes_to_send
         return queued == 0 or queued + size <= self.config.write_buffer_high
 
-    async def _wait_drained(self, size: int = 0) -> None:
+    async def wait_for_room(self, size: int) -> None:
         """Back-pressure: park until ``size`` more bytes fit under the high-water mark."""
-        while not self._has_room(size):
+        while not self.has_room(size):
             if self.closed:
                 if self._closed_locally:
                     raise trio.ClosedResourceError("session was closed")
@@ -532,21 +571,23 @@ class Session:
             case DataReceived(stream_id, data):
                 stream = self._streams.get(stream_id)
                 if stream is not None:
-                    stream._on_data(data)
+                    stream.deliver_data(data)
                 else:  # the app closed it; the multiplexer already knows
                     self._mux.consumed(stream_id, len(data))
             case DatagramReceived(stream_id, data):
                 stream = self._streams.get(stream_id)
                 if stream is not None:
-                    stream._on_datagram(data)
+                    stream.deliver_datagram(data)
             case WindowOpened(stream_id):
                 stream = self._streams.get(stream_id)
                 if stream is not None:
-                    stream._wake_sender()
+                    stream.window_opened()
             case StreamOpened(stream_id, host, port, tag, datagrams):
                 stream = MuxStream(self, stream_id, host, port, tag, datagrams=datagrams)
                 self._streams[stream_id] = stream
-                incoming = self._unanswered[stream_id] = IncomingStream(self, stream)
+                incoming = self._unanswered[stream_id] = IncomingStream(
+                    self, stream, on_accept=self._accept, on_refuse=self._refuse
+                )
                 self._incoming_send.send_nowait(incoming)
             case StreamAccepted(stream_id):
                 answered = self._opening.pop(stream_id, None)
@@ -562,19 +603,19 @@ class Session:
             case StreamEnded(stream_id):
                 stream = self._streams.get(stream_id)
                 if stream is not None:
-                    stream._on_eof()
+                    stream.deliver_eof()
             case StreamReset(stream_id, code, message):
                 stream = self._streams.pop(stream_id, None)
                 unanswered = self._unanswered.pop(stream_id, None)
                 if unanswered is not None:
-                    unanswered._abandon()
+                    unanswered.cancel_scope.cancel()
                 answered = self._opening.pop(stream_id, None)
                 if answered is not None:  # reset before it was accepted: a refusal
                     target = f"{stream.host}:{stream.port}" if stream is not None else ""
                     self._refusals[stream_id] = refusal_error(code, message, target=target)
                     answered.set()
                 if stream is not None:
-                    stream._break(StreamResetError(printable(message), code=code))
+                    stream.break_with(StreamResetError(printable(message), code=code))
             case PongReceived(opaque):
                 waiter = self._pings.get(opaque)
                 if waiter is not None:
@@ -600,19 +641,10 @@ class Session:
         self._cancel_scope.cancel()
         self._writer_scope.cancel()
         for stream in list(self._streams.values()):
-            if self._closed_locally:
-                stream._closed = True
-                stream._receive_lot.unpark_all()
-                stream._send_lot.unpark_all()
-                stream._wake_datagram_readers()
-            elif stream._eof:
-                # the peer had finished sending: what it sent stays readable, then b""
-                stream._break_sending(reason)
-            else:
-                stream._break(reason)
+            stream.session_ended(reason, locally=self._closed_locally)
         self._streams.clear()
         for incoming in list(self._unanswered.values()):
-            incoming._abandon()
+            incoming.cancel_scope.cancel()
         self._unanswered.clear()
         for event in list(self._opening.values()):
             event.set()
