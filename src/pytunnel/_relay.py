@@ -17,10 +17,10 @@ from collections.abc import Iterator
 import attrs
 import trio
 
-from ._faults import FaultClosedError, Faults, send_with_faults
 from ._session import MuxStream
 from ._util import aclose_all
 from .errors import ErrorCode
+from .testing.faults import FaultClosedError, Faults, send_with_faults
 
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "RelayStats", "relay"]
 
