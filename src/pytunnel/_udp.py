@@ -22,10 +22,10 @@ import trio
 from ._dial import format_target
 from ._listen import tune_udp_socket
 from ._relay import RelayStats
-from ._session import MuxStream
 from ._util import aclose_all
 from .errors import NodeUnstableError, SessionClosedError
 from .protocol.messages import MAX_DATAGRAM
+from .session import MuxStream
 
 __all__ = [
     "DEFAULT_MAX_ASSOCIATIONS",

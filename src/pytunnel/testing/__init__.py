@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .faults import DirectionFaults, Faults
+from .faults import DirectionFaults, Faults, FaultyStream
 
 if TYPE_CHECKING:
     from ..client import Tunnel
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DirectionFaults",
     "Faults",
+    "FaultyStream",
     "count_tasks",
     "expose",
     "open_tunnel_pair",

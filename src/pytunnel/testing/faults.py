@@ -1,26 +1,32 @@
-"""Fault injection on a forward: what toxiproxy does, inside the tunnel.
+"""Fault injection: what toxiproxy does, inside the tunnel, as a trio stream wrapper.
 
-Each forward carries a :class:`Faults` object; its settings apply per direction ("out": from the
-side that accepted the connection towards the target; "in": back) and can be changed or cleared
-at any time from the test. The relay consults it for every chunk, so a change takes effect on
-connections already open.
+:class:`FaultyStream` wraps any ``trio.abc.HalfCloseableStream`` and applies one direction of a
+:class:`Faults` object to what is sent into it. Each forward carries a ``Faults``; its settings
+apply per direction ("out": from the side that accepted the connection towards the target;
+"in": back) and can be changed or cleared at any time from the test: the wrapper reads them on
+every send, so a change takes effect on connections already open.
+
+This module knows nothing of sessions, forwards or the relay's internals: whoever sets up a
+relay wraps its two streams (:meth:`Faults.wrap`) and the relay treats them like any other
+stream. Two capabilities let it do so without knowing the class: ``paced`` (a send that is
+slow on purpose is not idleness) and ``reset`` (abort the wrapped stream).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import attrs
 import trio
 
-__all__ = ["DirectionFaults", "Faults", "FaultClosedError"]
+from .._relay import abort
+
+__all__ = ["DirectionFaults", "Faults", "FaultyStream"]
 
 Direction = Literal["out", "in", "both"]
-
-
-class FaultClosedError(Exception):
-    """Raised inside a relay when a fault closes its connection (``close_after``)."""
 
 
 @attrs.define
@@ -51,7 +57,7 @@ class Faults:
     def __init__(self) -> None:
         self.out = DirectionFaults()
         self.in_ = DirectionFaults()
-        self._relays: set[trio.CancelScope] = set()
+        self._links: set[_Link] = set()
 
     def set(self, direction: Direction = "both", **settings: object) -> None:
         """``faults.set("in", latency=0.2, jitter=0.02)``; unknown names raise ``TypeError``."""
@@ -75,11 +81,25 @@ class Faults:
             self.in_ = DirectionFaults()
 
     def reset_connections(self) -> int:
-        """Reset every connection of the forward now (RST to both ends); returns how many."""
-        scopes = list(self._relays)
-        for scope in scopes:
-            scope.cancel()
-        return len(scopes)
+        """Reset every connection set up by :meth:`wrap` and still open (RST to both ends);
+        returns how many."""
+        links = list(self._links)
+        for link in links:
+            link.end(reset=True)
+        return len(links)
+
+    def wrap(
+        self, accepted: trio.abc.HalfCloseableStream, toward_target: trio.abc.HalfCloseableStream
+    ) -> tuple[FaultyStream, FaultyStream]:
+        """Wrap the two ends of one relayed connection: "out" faults apply to what is sent
+        towards the target, "in" faults to what is sent back. The two share their fate: a
+        ``close_after`` closes both, :meth:`reset_connections` resets both."""
+        link = _Link(self._links.discard)
+        self._links.add(link)
+        return (
+            FaultyStream(accepted, self, "in", _link=link),
+            FaultyStream(toward_target, self, "out", _link=link),
+        )
 
     def _sides(self, direction: Direction) -> list[DirectionFaults]:
         if direction not in ("out", "in", "both"):
@@ -90,29 +110,142 @@ class Faults:
         return self.out if outbound else self.in_
 
 
-async def send_with_faults(
-    sink: trio.abc.SendStream, chunk: bytes | bytearray, faults: DirectionFaults, sent: int
-) -> int:
-    """Send ``chunk`` through ``faults``; return how many bytes count as delivered.
+class _Link:
+    """What the wrapped ends of one connection share: whether a fault ended it, and the
+    operations in flight that the end must interrupt."""
 
-    ``sent`` is how many bytes already went this way (for ``close_after``).
+    def __init__(self, on_close: Callable[[_Link], None]) -> None:
+        self._on_close = on_close
+        #: ``close_after`` fired: both ends read EOF and drop what is sent, so the relay
+        #: carries the close across like any EOF, cleanly.
+        self.cut = False
+        #: :meth:`Faults.reset_connections`: every operation raises ``BrokenResourceError``.
+        self.reset = False
+        #: In-flight operations, each with whether a cut interrupts it (a half-close does not:
+        #: it is how the cut reaches the peers).
+        self._pending: dict[trio.CancelScope, bool] = {}
+
+    @contextlib.contextmanager
+    def guard(self, *, cuttable: bool = True) -> Iterator[trio.CancelScope]:
+        with trio.CancelScope() as scope:
+            self._pending[scope] = cuttable
+            try:
+                yield scope
+            finally:
+                del self._pending[scope]
+
+    def end(self, *, reset: bool) -> None:
+        if reset:
+            self.reset = True
+        else:
+            self.cut = True
+        for scope, cuttable in list(self._pending.items()):
+            if reset or cuttable:
+                scope.cancel()
+
+    def close(self) -> None:
+        self._on_close(self)
+
+
+class FaultyStream(trio.abc.HalfCloseableStream):
+    """``stream`` with one direction of ``faults`` applied to what is sent into it.
+
+    ``direction`` is ``"out"`` for the stream towards the target, ``"in"`` for the one back to
+    the side that accepted the connection. Receiving is untouched (the other end's wrapper
+    applies the other direction). Prefer :meth:`Faults.wrap`, which links the two ends of a
+    connection so that ``close_after`` and :meth:`Faults.reset_connections` act on both.
     """
-    if faults.blackhole:
-        return 0
-    if faults.close_after is not None and sent + len(chunk) >= faults.close_after:
-        allowed = max(0, faults.close_after - sent)
-        if allowed:
-            await sink.send_all(chunk[:allowed])
-        raise FaultClosedError(f"closed after {faults.close_after} bytes")
-    if faults.latency or faults.jitter:
-        delay = faults.latency + random.uniform(-faults.jitter, faults.jitter)
-        await trio.sleep(max(0.0, delay))
-    size = faults.slice_size or len(chunk)
-    for start in range(0, len(chunk), size):
-        piece = chunk[start : start + size]
-        if faults.bandwidth:
-            await trio.sleep(len(piece) / faults.bandwidth)
-        await sink.send_all(piece)
-        if faults.slice_size and faults.slice_delay and start + size < len(chunk):
-            await trio.sleep(faults.slice_delay)
-    return len(chunk)
+
+    def __init__(
+        self,
+        stream: trio.abc.HalfCloseableStream,
+        faults: Faults,
+        direction: Literal["out", "in"],
+        *,
+        _link: _Link | None = None,
+    ) -> None:
+        if direction not in ("out", "in"):
+            raise ValueError(f"direction must be 'out' or 'in', not {direction!r}")
+        self.stream = stream
+        self._faults = faults
+        self._outbound = direction == "out"
+        self._link = _link if _link is not None else _Link(lambda link: None)
+        #: Bytes delivered into ``stream`` so far (what ``close_after`` counts).
+        self._sent = 0
+
+    @property
+    def paced(self) -> bool:
+        """True while faults apply to sends: their delays are the test's, not idleness."""
+        return self._faults.side(self._outbound).active
+
+    def reset(self, code: int, message: str) -> None:
+        """Abort the wrapped stream (RST on TCP, Reset on a mux stream)."""
+        abort(self.stream, code, message)
+
+    def _check(self) -> None:
+        if self._link.reset:
+            raise trio.BrokenResourceError("connection reset by an injected fault")
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        self._check()
+        if not self._link.cut:
+            with self._link.guard():
+                return await self.stream.receive_some(max_bytes)
+            self._check()
+        await trio.lowlevel.checkpoint()
+        return b""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._check()
+        if not self._link.cut:
+            cut = False
+            with self._link.guard():
+                cut = await self._send(data, self._faults.side(self._outbound))
+            if cut:
+                self._link.end(reset=False)
+            self._check()
+        await trio.lowlevel.checkpoint()
+
+    async def _send(self, data: bytes | bytearray | memoryview, faults: DirectionFaults) -> bool:
+        """Send ``data`` through ``faults``; True once ``close_after`` is reached."""
+        if not faults.active:
+            await self.stream.send_all(data)
+            self._sent += len(data)
+            return False
+        if faults.blackhole:
+            return False
+        if faults.close_after is not None and self._sent + len(data) >= faults.close_after:
+            allowed = max(0, faults.close_after - self._sent)
+            if allowed:
+                await self.stream.send_all(data[:allowed])
+                self._sent += allowed
+            return True
+        if faults.latency or faults.jitter:
+            delay = faults.latency + random.uniform(-faults.jitter, faults.jitter)
+            await trio.sleep(max(0.0, delay))
+        size = faults.slice_size or len(data)
+        for start in range(0, len(data), size):
+            piece = data[start : start + size]
+            if faults.bandwidth:
+                await trio.sleep(len(piece) / faults.bandwidth)
+            await self.stream.send_all(piece)
+            self._sent += len(piece)
+            if faults.slice_size and faults.slice_delay and start + size < len(data):
+                await trio.sleep(faults.slice_delay)
+        return False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check()
+        with self._link.guard():
+            await self.stream.wait_send_all_might_not_block()
+        self._check()
+
+    async def send_eof(self) -> None:
+        self._check()
+        with self._link.guard(cuttable=False):
+            await self.stream.send_eof()
+        self._check()
+
+    async def aclose(self) -> None:
+        self._link.close()
+        await self.stream.aclose()
