@@ -594,12 +594,7 @@ class Session:
                 if answered is not None:
                     answered.set()
             case StreamRefused(stream_id, code, message):
-                answered = self._opening.pop(stream_id, None)
-                refused = self._streams.pop(stream_id, None)
-                if answered is not None:
-                    target = f"{refused.host}:{refused.port}" if refused is not None else ""
-                    self._refusals[stream_id] = refusal_error(code, message, target=target)
-                    answered.set()
+                self._refused(stream_id, self._streams.pop(stream_id, None), code, message)
             case StreamEnded(stream_id):
                 stream = self._streams.get(stream_id)
                 if stream is not None:
@@ -609,11 +604,7 @@ class Session:
                 unanswered = self._unanswered.pop(stream_id, None)
                 if unanswered is not None:
                     unanswered.cancel_scope.cancel()
-                answered = self._opening.pop(stream_id, None)
-                if answered is not None:  # reset before it was accepted: a refusal
-                    target = f"{stream.host}:{stream.port}" if stream is not None else ""
-                    self._refusals[stream_id] = refusal_error(code, message, target=target)
-                    answered.set()
+                self._refused(stream_id, stream, code, message)  # reset before Accept
                 if stream is not None:
                     stream.break_with(StreamResetError(printable(message), code=code))
             case PongReceived(opaque):
@@ -626,6 +617,15 @@ class Session:
                 self._incoming_send.close()
             case PingReceived():
                 pass
+
+    def _refused(self, stream_id: int, stream: MuxStream | None, code: int, message: str) -> None:
+        """A stream we are opening was refused (or reset before it was accepted): its opener
+        wakes to raise the typed refusal."""
+        answered = self._opening.pop(stream_id, None)
+        if answered is not None:
+            target = f"{stream.host}:{stream.port}" if stream is not None else ""
+            self._refusals[stream_id] = refusal_error(code, message, target=target)
+            answered.set()
 
     def _terminate(self, reason: BaseException) -> None:
         """End everything synchronously: streams, waiters, background tasks."""
