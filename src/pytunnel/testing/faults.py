@@ -197,14 +197,15 @@ class FaultyStream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self._check()
-        if not self._link.cut:
-            cut = False
-            with self._link.guard():
-                cut = await self._send(data, self._faults.side(self._outbound))
-            if cut:
-                self._link.end(reset=False)
-            self._check()
-        await trio.lowlevel.checkpoint()
+        if self._link.cut:  # the connection is closing: what is sent now is dropped
+            await trio.lowlevel.checkpoint()
+            return
+        cut = False
+        with self._link.guard():
+            cut = await self._send(data, self._faults.side(self._outbound))
+        if cut:
+            self._link.end(reset=False)
+        self._check()
 
     async def _send(self, data: bytes | bytearray | memoryview, faults: DirectionFaults) -> bool:
         """Send ``data`` through ``faults``; True once ``close_after`` is reached."""
