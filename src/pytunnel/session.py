@@ -33,7 +33,7 @@ import trio
 
 from ._incoming import IncomingStream, StreamSlot
 from ._spec import check_target
-from ._stream import MuxStream
+from ._stream import MuxStream, StreamCarrier
 from ._util import unwrap_cancelled
 from .errors import (
     ErrorCode,
@@ -74,6 +74,7 @@ __all__ = [
     "MuxStream",
     "Session",
     "SessionConfig",
+    "StreamCarrier",
     "StreamSlot",
     "open_session",
     "wait_stream_end",
