@@ -1,11 +1,19 @@
-"""Fault injection on a forward, measured: latency, bandwidth, blackhole, resets, cut-offs."""
+"""Fault injection, measured: latency, bandwidth, blackhole, resets, cut-offs, on a forward and
+through the ``FaultyStream`` wrapper under a plain relay."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import trio
+from conftest import open_pair, session_pair, tcp_stream_pair
+from trio.testing import check_half_closeable_stream
 
 import pytunnel
+from pytunnel import StreamResetError
+from pytunnel._relay import relay
+from pytunnel.testing import FaultyStream
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -129,3 +137,93 @@ def test_unknown_fault_is_rejected() -> None:
         faults.set(latenzy=1)
     with pytest.raises(ValueError, match="direction"):
         faults.set("sideways", latency=1)
+
+
+# ---------------------------------------------------------------- the wrapper on its own
+
+
+async def _wrapped_pair(
+    faults: pytunnel.Faults,
+) -> tuple[trio.SocketStream, trio.SocketStream, FaultyStream, FaultyStream]:
+    """Two loopback connections whose relay-side ends are wrapped as a relay's would be:
+    ``left`` is the accepting side's peer, ``right`` the target's."""
+    left, accepted = await tcp_stream_pair()
+    right, toward_target = await tcp_stream_pair()
+    wrapped_a, wrapped_b = faults.wrap(accepted, toward_target)
+    return left, right, wrapped_a, wrapped_b
+
+
+async def test_faulty_stream_without_faults_is_a_conforming_half_closeable_stream() -> None:
+    async def maker() -> tuple[FaultyStream, FaultyStream]:
+        faults = pytunnel.Faults()
+        a, b = await tcp_stream_pair()
+        return FaultyStream(a, faults, "out"), FaultyStream(b, faults, "in")
+
+    await check_half_closeable_stream(maker, None)
+
+
+async def test_a_plain_relay_applies_faults_through_wrapped_streams() -> None:
+    """The relay has no fault logic: wrapped streams alone add the latency, and an injected
+    delay longer than the idle timeout is not idleness (the wrapper is ``paced``)."""
+    faults = pytunnel.Faults()
+    faults.set("in", latency=0.6)
+    left, right, a, b = await _wrapped_pair(faults)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(relay, a, b, idle_timeout=0.3))
+        await left.send_all(b"ping")
+        with trio.fail_after(10):
+            assert await right.receive_some() == b"ping"  # "out" has no fault
+        start = trio.current_time()
+        await right.send_all(b"pong")
+        with trio.fail_after(10):
+            assert await left.receive_some() == b"pong"  # not reset after 0.3 s idle
+        assert trio.current_time() - start >= 0.6
+        await left.send_eof()
+        await right.send_eof()
+        with trio.fail_after(10):
+            assert await left.receive_some() == b""
+            assert await right.receive_some() == b""
+    await left.aclose()
+    await right.aclose()
+
+
+async def test_close_after_ends_both_directions_of_a_plain_relay_cleanly() -> None:
+    faults = pytunnel.Faults()
+    faults.set("out", close_after=3)
+    left, right, a, b = await _wrapped_pair(faults)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay, a, b)
+        await left.send_all(b"abcdef")
+        got = b""
+        with trio.fail_after(10):
+            while chunk := await right.receive_some():  # a clean EOF, not a reset
+                got += chunk
+            assert await left.receive_some() == b""  # the other way closes too
+    assert got == b"abc"
+    assert faults.reset_connections() == 0  # the connection is gone from the faults
+    await left.aclose()
+    await right.aclose()
+
+
+async def test_reset_connections_resets_a_mux_stream_through_its_wrapper() -> None:
+    """``reset_connections`` breaks the wrapped pair; the relay's reset reaches the mux
+    stream inside the wrapper (``reset`` is a capability, not a class check)."""
+    faults = pytunnel.Faults()
+    async with session_pair("tcp") as (client, server):
+        mine, theirs = await open_pair(client, server)
+        outside, relay_side = await tcp_stream_pair()
+        a, b = faults.wrap(relay_side, mine)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay, a, b)
+            await outside.send_all(b"hi")
+            with trio.fail_after(10):
+                assert await theirs.receive_some() == b"hi"
+            assert faults.reset_connections() == 1
+            with trio.fail_after(10), pytest.raises(trio.BrokenResourceError) as info:
+                await theirs.receive_some()
+            with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+                await outside.receive_some()
+        assert isinstance(info.value.__cause__, StreamResetError)
+        assert faults.reset_connections() == 0
+        await outside.aclose()
+        await theirs.aclose()

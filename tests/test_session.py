@@ -111,13 +111,13 @@ async def test_slow_reader_does_not_stall_others() -> None:
                 nursery.start_soon(_send_and_eof, bulk_a, b"b" * (1024 * 1024) * 50, 1024 * 1024)
                 while chunk := await bulk_b.receive_some():
                     received += len(chunk)
-                    assert stalled_b._buffered <= window  # type: ignore[attr-defined]
+                    assert stalled_b.bytes_buffered <= window
                 nursery.cancel_scope.cancel()
             assert received == total
             # the stalled stream's sender got at most one window ahead (plus the chunk in hand)
-            assert stalled_b._buffered <= window  # type: ignore[attr-defined]
+            assert stalled_b.bytes_buffered <= window
             assert stalled_sent <= window
-            assert stalled_b._buffered > 0  # type: ignore[attr-defined]
+            assert stalled_b.bytes_buffered > 0
             # and everything it buffered is still readable afterwards, in order
             assert (await stalled_b.receive_some(10)) == b"s" * 10
 
@@ -698,7 +698,7 @@ async def test_small_reads_do_not_copy_the_rest_of_the_chunk() -> None:
         data = os.urandom(64 * 1024)
         await a.send_all(data)
         with trio.fail_after(10):
-            while b._buffered < len(data):  # type: ignore[attr-defined]
+            while b.bytes_buffered < len(data):
                 await trio.sleep(0.01)
         head = b._buffer[0]  # type: ignore[attr-defined]
         got = bytearray()

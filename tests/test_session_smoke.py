@@ -13,3 +13,14 @@ async def test_roundtrip(transport: str) -> None:
         await a.aclose()
         await b.aclose()
         assert await client.ping() >= 0
+
+
+def test_the_session_namespace_holds_the_multiplexer_api() -> None:
+    import pytunnel
+    import pytunnel.session
+    from pytunnel import _session
+
+    for name in ("IncomingStream", "MuxStream", "Session", "SessionConfig", "StreamSlot"):
+        assert getattr(pytunnel.session, name) is getattr(_session, name)
+    assert pytunnel.session.open_session is pytunnel.open_session
+    assert _session.StreamResetError is pytunnel.errors.StreamResetError

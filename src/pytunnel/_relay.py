@@ -3,6 +3,12 @@
 One relay is one child nursery with two pump tasks, so cancelling the relay's parent (the
 forward, the session) ends both directions at once and closes both streams. There is no task
 per chunk and no buffer beyond the chunk in hand: back-pressure flows through ``send_all``.
+
+Every stream is treated alike, whatever its class: a stream that can be reset (``reset``: a mux
+stream, or a wrapper around one) is reset when the relay is cut, a TCP socket gets RST instead
+of FIN, and a stream whose sends are slow on purpose (``paced``: fault injection) does not count
+as idle while it sends. Fault injection itself is a stream wrapper
+(:mod:`pytunnel.testing.faults`) that this module does not depend on.
 """
 
 from __future__ import annotations
@@ -13,16 +19,25 @@ import math
 import socket
 import struct
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import attrs
 import trio
 
-from ._faults import FaultClosedError, Faults, send_with_faults
-from ._session import MuxStream
 from ._util import aclose_all
 from .errors import ErrorCode
 
-__all__ = ["DEFAULT_IDLE_TIMEOUT", "RelayStats", "relay"]
+if TYPE_CHECKING:
+    from .testing.faults import Faults
+
+__all__ = [
+    "DEFAULT_IDLE_TIMEOUT",
+    "PacedStream",
+    "RelayStats",
+    "ResettableStream",
+    "abort",
+    "relay",
+]
 
 log = logging.getLogger("pytunnel.relay")
 
@@ -39,11 +54,9 @@ class _Ending:
 
     scope: trio.CancelScope
     idle_timeout: float
-    #: Sends that stop the idle clock while they last: half-closes and sends through injected
-    #: faults (whose delays are deliberate). Plain sends restart the clock piece by piece.
+    #: Sends that stop the idle clock while they last: half-closes and sends into paced
+    #: streams (whose delays are deliberate). Plain sends restart the clock piece by piece.
     sending: int = 0
-    #: An injected "close after N bytes" stopped it: a deliberate, clean close.
-    injected_close: bool = False
     #: Directions that reached their EOF and carried it across. Only when both have is the
     #: relay complete: a pump that met a broken side may end without any ``Cancelled`` being
     #: raised (the other pump can meet the break too, before its next checkpoint), so the
@@ -68,6 +81,23 @@ class _Ending:
             self.touch()
 
 
+@runtime_checkable
+class ResettableStream(Protocol):
+    """A stream that can abort both directions at once, so its peer sees a reset, not EOF."""
+
+    def reset(self, code: int, message: str) -> None: ...
+
+
+@runtime_checkable
+class PacedStream(Protocol):
+    """A stream whose sends may be slow on purpose (injected latency, bandwidth caps)."""
+
+    @property
+    def paced(self) -> bool:
+        """True while sends are delayed deliberately: the relay's idle clock stops for them."""
+        ...
+
+
 @attrs.define
 class RelayStats:
     """Live counters, shared by every relay of one forward."""
@@ -90,20 +120,15 @@ class RelayStats:
 
 async def _pump(
     source: trio.abc.ReceiveStream,
-    sink: trio.abc.HalfCloseableStream | trio.abc.SendStream,
+    sink: trio.abc.HalfCloseableStream,
     stats: RelayStats | None,
     outbound: bool,
     name: str,
-    faults: Faults | None,
     ending: _Ending,
 ) -> None:
     try:
-        await _copy(source, sink, stats, outbound, faults, ending)
+        await _copy(source, sink, stats, outbound, ending)
         ending.finished += 1
-    except FaultClosedError as exc:
-        log.debug("%s: %s", name, exc)
-        ending.injected_close = True
-        ending.scope.cancel()
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         # one side broke: the other direction has nothing left to do either
         log.debug("%s ended by a broken side: %r", name, exc)
@@ -112,22 +137,20 @@ async def _pump(
 
 async def _copy(
     source: trio.abc.ReceiveStream,
-    sink: trio.abc.HalfCloseableStream | trio.abc.SendStream,
+    sink: trio.abc.HalfCloseableStream,
     stats: RelayStats | None,
     outbound: bool,
-    faults: Faults | None,
     ending: _Ending,
 ) -> None:
-    sent = 0
+    paced = sink if isinstance(sink, PacedStream) else None
     while True:
         chunk = await source.receive_some(_CHUNK)
         ending.touch()
         if not chunk:
             break
-        side = faults.side(outbound) if faults is not None else None
-        if side is not None and side.active:
-            with ending.send():  # injected delays are the test's, not the peers' idleness
-                sent += await send_with_faults(sink, chunk, side, sent)
+        if paced is not None and paced.paced:
+            with ending.send():  # deliberate delays are the test's, not the peers' idleness
+                await sink.send_all(chunk)
         else:
             # in pieces, each completed piece restarting the idle clock: a reader that takes
             # its bytes slowly keeps the relay alive, one that takes nothing for idle_timeout
@@ -136,17 +159,13 @@ async def _copy(
                 for start in range(0, len(view), _PIECE):
                     await sink.send_all(view[start : start + _PIECE])
                     ending.touch()
-            sent += len(chunk)
         if stats is not None:
             if outbound:
                 stats.bytes_out += len(chunk)
             else:
                 stats.bytes_in += len(chunk)
     with ending.send():
-        if isinstance(sink, trio.abc.HalfCloseableStream):
-            await sink.send_eof()
-        else:  # pragma: no cover - every stream we relay is half-closeable
-            await sink.aclose()
+        await sink.send_eof()
 
 
 async def relay(
@@ -171,31 +190,28 @@ async def relay(
     taking them (or a peer that never grants window) loses it after ``idle_timeout``, with a
     reset, instead of holding its sockets and slot for ever. Never raises for the peers'
     failures; those are logged at debug level.
+
+    ``faults`` wraps both streams first (:meth:`pytunnel.testing.Faults.wrap`), for the
+    callers that hold a forward's faults; the relay itself never looks at them.
     """
     if stats is not None:
         stats.active_connections += 1
         stats.total_connections += 1
+    if faults is not None:
+        a, b = faults.wrap(a, b)
     clean = False
     reason = (ErrorCode.CANCELLED, "the other side of the relay broke")
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
             ending = _Ending(scope, idle_timeout)
-            if faults is not None:
-                faults._relays.add(scope)
-            try:
-                async with trio.open_nursery() as nursery:
-                    for source, sink, outbound in ((a, b, True), (b, a, False)):
-                        nursery.start_soon(
-                            _pump, source, sink, stats, outbound, name, faults, ending
-                        )
-            finally:
-                if faults is not None:
-                    faults._relays.discard(scope)
+            async with trio.open_nursery() as nursery:
+                for source, sink, outbound in ((a, b, True), (b, a, False)):
+                    nursery.start_soon(_pump, source, sink, stats, outbound, name, ending)
         if scope.cancelled_caught and trio.current_time() >= scope.deadline:
             log.info("%s reset after %g s idle", name, idle_timeout)
             reason = (ErrorCode.IDLE_TIMEOUT, f"idle for {idle_timeout:g} s")
-        # both directions ended with EOF, or an injected close stopped them: a clean close
-        clean = ending.finished == 2 or ending.injected_close
+        # both directions ended with EOF: a clean close
+        clean = ending.finished == 2
     finally:
         if stats is not None:
             stats.active_connections -= 1
@@ -203,14 +219,16 @@ async def relay(
             # a direction was cut before its EOF (a broken side, a cancelled relay, the idle
             # timeout): the other end must not mistake the truncated transfer for a complete
             # one, so it is reset rather than closed with EOF
-            _abort(a, *reason)
-            _abort(b, *reason)
+            abort(a, *reason)
+            abort(b, *reason)
         await aclose_all(a, b)
 
 
-def _abort(stream: trio.abc.HalfCloseableStream, code: int, message: str) -> None:
-    """Arrange for the coming close to be a reset: RST on TCP, Reset on a mux stream."""
-    if isinstance(stream, MuxStream):
+def abort(stream: trio.abc.AsyncResource, code: int, message: str) -> None:
+    """Arrange for the coming close of ``stream`` to be a reset, not a clean end: ``reset``
+    on a stream that has it (a mux stream's ``Reset`` carries ``code`` and ``message``), RST
+    (``SO_LINGER`` 0) on a TCP socket; other streams are left to close as they do."""
+    if isinstance(stream, ResettableStream):
         stream.reset(code, message)
     elif isinstance(stream, trio.SocketStream):
         with contextlib.suppress(OSError):

@@ -4,7 +4,7 @@ An *association* is one (source address, target) pair, as in NAT tables: the lis
 keeps a table of them, each with an idle expiry and a cap on how many exist; each is carried
 by one mux stream whose datagrams travel as ``Datagram`` messages, boundaries kept.
 
-No task per packet (see the async review in the seeds): the listening side has one receive
+No task per packet, so a burst of datagrams costs no tasks: the listening side has one receive
 loop per forward plus one task per association; the dialing side two tasks per association.
 Every queue is bounded and drops (counting) when full: dropping is UDP's contract, stalling
 the TCP streams that share the session is not.
@@ -22,10 +22,10 @@ import trio
 from ._dial import format_target
 from ._listen import tune_udp_socket
 from ._relay import RelayStats
-from ._session import MuxStream
 from ._util import aclose_all
 from .errors import NodeUnstableError, SessionClosedError
 from .protocol.messages import MAX_DATAGRAM
+from .session import MuxStream
 
 __all__ = [
     "DEFAULT_MAX_ASSOCIATIONS",

@@ -351,3 +351,10 @@ def goaway_error(code: int, message: str) -> TunnelError:
     if cls is not None and issubclass(cls, ConnectError):
         return cls(message, code=code)
     return SessionClosedError(message, code=code)
+
+
+class StreamResetError(TunnelError):
+    """The peer reset the stream; ``code`` is the reason it gave. Raised as the ``__cause__``
+    of the ``BrokenResourceError`` that stream operations raise."""
+
+    default_code = ErrorCode.CANCELLED

@@ -12,14 +12,24 @@ import functools
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..client import Tunnel, connect_tunnel
-from ..server import TunnelServer, serve
+from .faults import DirectionFaults, Faults, FaultyStream
 
-__all__ = ["count_tasks", "expose", "open_tunnel_pair"]
+if TYPE_CHECKING:
+    from ..client import Tunnel
+    from ..server import TunnelServer
+
+__all__ = [
+    "DirectionFaults",
+    "Faults",
+    "FaultyStream",
+    "count_tasks",
+    "expose",
+    "open_tunnel_pair",
+]
 
 
 @asynccontextmanager
@@ -30,6 +40,10 @@ async def open_tunnel_pair(
     client_options: dict[str, Any] | None = None,
 ) -> AsyncIterator[tuple[TunnelServer, Tunnel]]:
     """A server on ``127.0.0.1:0`` and a client connected to it, for one ``async with``."""
+    # imported here: the tunnel itself uses this package's fault injection
+    from ..client import connect_tunnel
+    from ..server import serve
+
     secret = token or secrets.token_urlsafe(16)
     async with trio.open_nursery() as nursery:
         server: TunnelServer = await nursery.start(

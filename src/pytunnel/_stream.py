@@ -1,0 +1,395 @@
+"""One stream of a multiplexed session: :class:`MuxStream`, a ``trio.abc.HalfCloseableStream``.
+
+It holds what the application has not read yet, the parked readers and writers, and the
+stream's half of the close semantics (Fin when everything was read, Reset otherwise). It knows
+nothing of frames, the transport or the other streams: everything it sends goes through the
+session that carries it.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import deque
+from types import TracebackType
+from typing import Protocol
+
+import trio
+
+from .errors import ErrorCode, LocalProtocolError
+
+__all__ = ["MuxStream", "StreamCarrier"]
+
+
+class StreamCarrier(Protocol):
+    """What a :class:`MuxStream` needs from the session that carries it, and nothing more.
+
+    The stream decides *when* to send (its own state, its parked tasks); the carrier decides
+    *how* (frames, windows, the shared write buffer). Keeping the boundary this narrow is what
+    lets a stream be tested, or carried, without a multiplexer behind it.
+    """
+
+    @property
+    def max_data_chunk(self) -> int:
+        """Largest payload of one Data frame."""
+        ...
+
+    def send_window(self, stream_id: int) -> int:
+        """Bytes the peer will accept on the stream now (0 once it cannot send any more)."""
+        ...
+
+    def has_room(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit in the shared write buffer now."""
+        ...
+
+    async def wait_for_room(self, size: int) -> None:
+        """Park until ``size`` more bytes fit in the shared write buffer.
+
+        Raises ``ClosedResourceError`` or ``BrokenResourceError`` if the session ends first."""
+        ...
+
+    def send_data(self, stream_id: int, data: memoryview) -> None:
+        """Queue ``data`` (within the window and the room just checked) for the peer."""
+        ...
+
+    def send_fin(self, stream_id: int) -> None:
+        """Queue the end of what we send on the stream."""
+        ...
+
+    def send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> bool:
+        """Queue one datagram if it fits now; ``False`` if it was dropped."""
+        ...
+
+    def consumed(self, stream_id: int, size: int) -> None:
+        """The application read ``size`` bytes: the peer may send that much more."""
+        ...
+
+    def close_stream(self, stream_id: int, *, abort: bool) -> None:
+        """The application closed the stream: Fin, or Reset if ``abort`` (unread data)."""
+        ...
+
+    def reset_stream(self, stream_id: int, code: int, message: str) -> None:
+        """The application reset the stream with ``code``."""
+        ...
+
+
+class _ConflictDetector:
+    """Raise ``BusyResourceError`` when two tasks use the same half of a stream at once."""
+
+    __slots__ = ("_held", "_what")
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._held = False
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(f"another task is already {self._what}")
+        self._held = True
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._held = False
+
+
+class MuxStream(trio.abc.HalfCloseableStream):
+    """One stream of a session: a full-duplex, half-closeable trio stream.
+
+    ``receive_some`` returns buffered chunks without copying when it can; the buffer never holds
+    more than the stream's receive window because the peer may not send more than that.
+    """
+
+    def __init__(
+        self,
+        carrier: StreamCarrier,
+        stream_id: int,
+        host: str = "",
+        port: int = 0,
+        tag: int = 0,
+        *,
+        datagrams: bool = False,
+    ) -> None:
+        self._carrier = carrier
+        self.stream_id = stream_id
+        #: A datagram stream (UDP association) or a byte stream, fixed when it was opened.
+        self.datagrams = datagrams
+        #: What the opener asked for (target address and application tag).
+        self.host = host
+        self.port = port
+        self.tag = tag
+        self._buffer: deque[bytes] = deque()
+        #: Bytes of ``_buffer[0]`` already handed out: a small ``max_bytes`` reads on from here
+        #: instead of re-slicing the rest of the chunk each time (quadratic).
+        self._offset = 0
+        self._eof = False
+        self._fin_sent = False
+        self._closed = False
+        self._broken: BaseException | None = None
+        #: Set when only the sending side is gone (the peer had finished before the end).
+        self._send_broken: BaseException | None = None
+        self._receive_lot = trio.lowlevel.ParkingLot()
+        self._send_lot = trio.lowlevel.ParkingLot()
+        self._receive_conflict = _ConflictDetector("receiving on this stream")
+        self._send_conflict = _ConflictDetector("sending on this stream")
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        # UDP associations: datagrams ride on the stream, outside its flow control, in a
+        # bounded queue that drops (and counts) when full instead of growing. Only a datagram
+        # stream ever gets one (the multiplexer rejects datagrams on byte streams), created on
+        # first use.
+        self._datagrams: deque[bytes] | None = None
+        self._datagram_lot: trio.lowlevel.ParkingLot | None = None
+        self.datagram_queue = 256
+        self.datagrams_sent = 0
+        self.datagrams_received = 0
+        #: Datagrams dropped because a queue was full (either direction).
+        self.datagrams_dropped = 0
+
+    def __repr__(self) -> str:
+        return f"<MuxStream {self.stream_id} {self.host}:{self.port}>"
+
+    @property
+    def bytes_buffered(self) -> int:
+        """Bytes received and not read yet (never more than the stream's receive window)."""
+        return sum(map(len, self._buffer)) - self._offset
+
+    # -------------------------------------------------------------- called by the carrier
+
+    def deliver_data(self, data: bytes) -> None:
+        """The peer sent ``data``: buffer it for ``receive_some``."""
+        self._buffer.append(data)
+        self.bytes_received += len(data)
+        self._receive_lot.unpark_all()
+
+    def _wake_datagram_readers(self) -> None:
+        if self._datagram_lot is not None:
+            self._datagram_lot.unpark_all()
+
+    def deliver_eof(self) -> None:
+        """The peer finished sending: ``receive_some`` returns ``b""`` after the buffer."""
+        self._eof = True
+        self._receive_lot.unpark_all()
+        self._wake_datagram_readers()
+
+    def deliver_datagram(self, data: bytes) -> None:
+        """The peer sent a datagram: queue it, or drop and count it if the queue is full."""
+        if not self.datagrams:  # the multiplexer already refuses these; never queue one
+            return
+        if self._datagrams is None:
+            self._datagrams = deque()
+        if len(self._datagrams) >= self.datagram_queue:
+            self.datagrams_dropped += 1
+            return
+        self._datagrams.append(data)
+        self.datagrams_received += 1
+        self._wake_datagram_readers()
+
+    def break_with(self, cause: BaseException) -> None:
+        """The stream is unusable (the peer reset it, the session died): every operation,
+        pending or later, raises ``BrokenResourceError`` caused by ``cause``."""
+        if self._broken is None:
+            self._broken = cause
+        self._buffer.clear()
+        self._offset = 0
+        self._receive_lot.unpark_all()
+        self._send_lot.unpark_all()
+        self._wake_datagram_readers()
+
+    def _break_sending(self, cause: BaseException) -> None:
+        self._send_broken = cause
+        self._send_lot.unpark_all()
+        self._wake_datagram_readers()
+
+    def window_opened(self) -> None:
+        """The peer granted more window: a parked sender may go on."""
+        self._send_lot.unpark_all()
+
+    def session_ended(self, reason: BaseException, *, locally: bool) -> None:
+        """The carrying session ended. Closed ``locally`` (we closed it), the stream raises
+        ``ClosedResourceError``; otherwise ``BrokenResourceError`` caused by ``reason``,
+        except that what a peer that had finished sending sent stays readable, then ``b""``."""
+        if locally:
+            self._closed = True
+            self._receive_lot.unpark_all()
+            self._send_lot.unpark_all()
+            self._wake_datagram_readers()
+        elif self._eof:
+            self._break_sending(reason)
+        else:
+            self.break_with(reason)
+
+    def _check_send(self) -> None:
+        if self._closed or self._fin_sent:
+            raise trio.ClosedResourceError("stream was closed for sending")
+        broken = self._broken or self._send_broken
+        if broken is not None:
+            raise trio.BrokenResourceError("stream is broken") from broken
+
+    # -------------------------------------------------------------- trio stream API
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Next chunk of data, ``b""`` at the peer's Fin."""
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
+        with self._receive_conflict:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed")
+                if self._buffer:
+                    break
+                if self._broken is not None:
+                    raise trio.BrokenResourceError("stream is broken") from self._broken
+                if self._eof:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return b""
+                await self._receive_lot.park()
+            head, start = self._buffer[0], self._offset
+            end = len(head) if max_bytes is None else min(len(head), start + max_bytes)
+            if end == len(head):
+                self._buffer.popleft()
+                self._offset = 0
+                chunk = head if start == 0 else head[start:]
+            else:
+                self._offset = end
+                chunk = head[start:end]
+            self._carrier.consumed(self.stream_id, len(chunk))
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return chunk
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send every byte, parking while the peer's window or our write buffer is full."""
+        with self._send_conflict:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_send()
+            carrier = self._carrier
+            with memoryview(data) as view:
+                view = view.cast("B")
+                total = len(view)
+                pos = 0
+                chunk = carrier.max_data_chunk
+                while pos < total:
+                    self._check_send()
+                    window = carrier.send_window(self.stream_id)
+                    if window <= 0:
+                        await self._send_lot.park()
+                        continue
+                    size = min(window, total - pos, chunk)
+                    # Room first, then queue (nothing awaits in between): however many
+                    # streams send at once, the queue holds at most the mark plus one chunk.
+                    if not carrier.has_room(size):
+                        await carrier.wait_for_room(size)
+                        continue
+                    carrier.send_data(self.stream_id, view[pos : pos + size])
+                    pos += size
+                    self.bytes_sent += size
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def send_datagram(self, data: bytes | bytearray | memoryview) -> bool:
+        """Send one datagram on this stream, never waiting: if the session's write buffer is
+        full the datagram is dropped and counted (``False``), as UDP would; a bulk transfer on
+        another stream is never stalled by datagrams, nor the other way round.
+
+        Raises ``LocalProtocolError`` on a byte stream: only a stream opened with
+        ``datagrams=True`` carries datagrams."""
+        if not self.datagrams:
+            raise LocalProtocolError(
+                f"stream {self.stream_id} is a byte stream, not a datagram stream",
+                code=ErrorCode.STREAM_STATE_ERROR,
+            )
+        self._check_send_datagram()
+        if self._carrier.send_datagram(self.stream_id, data):
+            self.datagrams_sent += 1
+            return True
+        self.datagrams_dropped += 1
+        return False
+
+    def _check_send_datagram(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        broken = self._broken or self._send_broken
+        if broken is not None:
+            raise trio.BrokenResourceError("stream is broken") from broken
+
+    async def receive_datagram(self) -> bytes:
+        """The next datagram; ``trio.EndOfChannel`` once the peer closed the stream.
+
+        Raises ``LocalProtocolError`` on a byte stream, where no datagram can ever arrive."""
+        if not self.datagrams:
+            raise LocalProtocolError(
+                f"stream {self.stream_id} is a byte stream, not a datagram stream",
+                code=ErrorCode.STREAM_STATE_ERROR,
+            )
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+            if self._datagrams:
+                data = self._datagrams.popleft()
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+            if self._broken is not None:
+                raise trio.BrokenResourceError("stream is broken") from self._broken
+            if self._eof:
+                raise trio.EndOfChannel
+            if self._datagram_lot is None:
+                self._datagram_lot = trio.lowlevel.ParkingLot()
+            await self._datagram_lot.park()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Return once the peer's window has room (or the stream can no longer send)."""
+        with self._send_conflict:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_send()
+            while self._broken is None and self._send_broken is None and not self._closed:
+                if self._carrier.send_window(self.stream_id) > 0:
+                    break
+                await self._send_lot.park()
+            self._check_send()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def send_eof(self) -> None:
+        """Half-close: the peer reads ``b""`` after everything sent so far. Idempotent."""
+        with self._send_conflict:
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if not self._fin_sent:
+                if self._broken is not None:
+                    raise trio.BrokenResourceError("stream is broken") from self._broken
+                self._fin_sent = True
+                self._carrier.send_fin(self.stream_id)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def reset(self, code: int = ErrorCode.CANCELLED, message: str = "") -> None:
+        """Abort both directions now. The peer's operations on the stream raise
+        ``BrokenResourceError`` caused by a :class:`StreamResetError` carrying ``code``."""
+        if not self._closed:
+            self._closed = True
+            self._buffer.clear()
+            self._offset = 0
+            self._carrier.reset_stream(self.stream_id, code, message)
+            self._receive_lot.unpark_all()
+            self._send_lot.unpark_all()
+
+    async def aclose(self) -> None:
+        """Close both directions. Clean (Fin) if everything received was read, else Reset.
+
+        Completes its work before its checkpoint, so a cancelled ``aclose`` still closes.
+        """
+        if not self._closed:
+            self._closed = True
+            unread = bool(self._buffer)
+            self._buffer.clear()
+            self._offset = 0
+            self._datagrams = None
+            self._carrier.close_stream(self.stream_id, abort=unread)
+            self._receive_lot.unpark_all()
+            self._send_lot.unpark_all()
+            self._wake_datagram_readers()
+        await trio.lowlevel.checkpoint()

@@ -1,0 +1,710 @@
+"""A multiplexed session over any trio ``Stream``: the only place where frames meet I/O.
+
+One reader task feeds transport bytes into the sans-IO :class:`Multiplexer` and dispatches its
+events to :class:`MuxStream` objects; one writer task drains the multiplexer's queued frames to
+the transport, coalescing whatever accumulated since its last write into a single ``send_all``.
+There is no task per frame or per stream: application tasks calling ``send_all`` enqueue frames
+synchronously and park only when the stream's window or the session's write buffer is full.
+
+Both background tasks live in the session's own nursery, so leaving :func:`open_session` (or
+losing the transport, or a protocol violation) ends them and wakes every parked stream with
+``ClosedResourceError`` (we closed) or ``BrokenResourceError`` (the peer or transport did).
+
+This is the public namespace of the multiplexer over any trio stream (``pytunnel.session``);
+it knows nothing of tunnels, routes or handshakes. :class:`Session` is the
+:class:`~pytunnel._stream.StreamCarrier` of its streams: a :class:`MuxStream` reaches the
+session only through that interface, and the session reaches a stream only through its
+``deliver_*``, ``window_opened``, ``break_with`` and ``session_ended`` calls.
+
+Over 500 lines on purpose: the reader's dispatch, the writer, the reaper and the carrier calls
+all read and write the same multiplexer and the same tables of streams, openers and pings;
+split apart, each half would have to reach into the other's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from ._incoming import IncomingStream, StreamSlot
+from ._spec import check_target
+from ._stream import MuxStream, StreamCarrier
+from ._util import unwrap_cancelled
+from .errors import (
+    ErrorCode,
+    LocalProtocolError,
+    RemoteProtocolError,
+    SessionClosedError,
+    StreamResetError,
+    TunnelError,
+    goaway_error,
+    printable,
+    refusal_error,
+)
+from .protocol.frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder
+from .protocol.messages import MAX_DATAGRAM, MAX_WINDOW, MIN_MAX_FRAME_SIZE
+from .protocol.mux import (
+    DEFAULT_MAX_CONTROL_QUEUE,
+    DEFAULT_MAX_DATA_CHUNK,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_WINDOW,
+    DatagramReceived,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    Multiplexer,
+    PingReceived,
+    PongReceived,
+    Role,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamRefused,
+    StreamReset,
+    WindowOpened,
+)
+
+__all__ = [
+    "IncomingStream",
+    "MuxStream",
+    "Session",
+    "SessionConfig",
+    "StreamCarrier",
+    "StreamSlot",
+    "open_session",
+    "wait_stream_end",
+]
+
+
+log = logging.getLogger("pytunnel.session")
+
+#: Frames decoded between two checkpoints of the reader (a 256 KiB read of pings is ~9,000).
+_FRAMES_PER_BATCH = 256
+
+
+_positive = attrs.validators.ge(1)
+
+
+@attrs.frozen(kw_only=True)
+class SessionConfig:
+    """Tunables of one multiplexed session. The defaults are measured; see performance.md.
+
+    Invalid values raise ``ValueError`` here, not in the middle of a handshake.
+    """
+
+    #: Receive window announced for every stream (bytes buffered per stream at most).
+    window: int = attrs.field(
+        default=DEFAULT_WINDOW, validator=[_positive, attrs.validators.le(MAX_WINDOW)]
+    )
+    #: Largest frame body accepted from the peer (at least 4096, the protocol's minimum).
+    max_frame_size: int = attrs.field(
+        default=DEFAULT_MAX_FRAME_SIZE,
+        validator=[attrs.validators.ge(MIN_MAX_FRAME_SIZE), attrs.validators.le(2**32 - 1)],
+    )
+    #: Largest payload per Data frame we send.
+    max_data_chunk: int = attrs.field(default=DEFAULT_MAX_DATA_CHUNK, validator=_positive)
+    #: Concurrently open streams (both directions); further opens are refused.
+    max_streams: int = attrs.field(default=DEFAULT_MAX_STREAMS, validator=_positive)
+    #: Senders park once this many bytes are queued for the transport.
+    write_buffer_high: int = attrs.field(default=256 * 1024, validator=attrs.validators.ge(0))
+    #: ``max_bytes`` for each transport ``receive_some``.
+    receive_size: int = attrs.field(default=256 * 1024, validator=_positive)
+    #: How long a graceful close waits to flush ``GoAway`` before dropping the transport.
+    close_timeout: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
+    #: Bytes of replies (Pong, Refuse, Reset) queued for a peer that does not read them before
+    #: the session ends with ``FLOOD``.
+    max_control_queue: int = attrs.field(default=DEFAULT_MAX_CONTROL_QUEUE, validator=_positive)
+    #: Seconds a stream we closed waits for the peer's Fin before it is reset and its slot
+    #: freed (TCP's FIN_WAIT_2 timeout, for the same reason: a silent peer).
+    close_linger: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+
+
+class Session:
+    """Many streams over one transport. Create with :func:`open_session`."""
+
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        role: Role,
+        config: SessionConfig,
+        *,
+        decoder: FrameDecoder | None = None,
+        peer_max_frame_size: int | None = None,
+        name: str = "",
+    ) -> None:
+        self._transport = transport
+        self.role = role
+        self.config = config
+        self.name = name or role.name.lower()
+        self._mux = Multiplexer(
+            role,
+            window=config.window,
+            max_frame_size=config.max_frame_size,
+            peer_max_frame_size=peer_max_frame_size or config.max_frame_size,
+            max_data_chunk=config.max_data_chunk,
+            max_streams=config.max_streams,
+            max_control_queue=config.max_control_queue,
+            decoder=decoder,
+        )
+        self._streams: dict[int, MuxStream] = {}
+        # a datagram must fit the peer's frame limit with its envelope
+        self._max_datagram = min(MAX_DATAGRAM, (peer_max_frame_size or config.max_frame_size) - 64)
+        self._opening: dict[int, trio.Event] = {}
+        #: Streams the peer opened that we have not answered yet (their cancel scopes fire if
+        #: the peer resets them first).
+        self._unanswered: dict[int, IncomingStream] = {}
+        self._refusals: dict[int, BaseException] = {}
+        # Bounded in practice by max_streams: the multiplexer refuses opens beyond it.
+        self._incoming_send, self._incoming_receive = trio.open_memory_channel[IncomingStream](
+            math.inf
+        )
+        self._pings: dict[int, trio.Event] = {}
+        self._next_ping = 0
+        #: Stream slots reserved by wait_stream_slot and not yet used or released.
+        self._reserved = 0
+        self._slot_lot = trio.lowlevel.ParkingLot()
+        self._write_event = trio.Event()
+        #: Set when a closed stream starts lingering (wakes the reaper).
+        self._linger_event = trio.Event()
+        self._drain_lot = trio.lowlevel.ParkingLot()
+        self._closed_event = trio.Event()
+        self._cancel_scope = trio.CancelScope()
+        self._writer_scope = trio.CancelScope(shield=True)
+        self.close_reason: BaseException | None = None
+        self._on_terminate: list[Callable[[], None]] = []
+        #: True when we ended the session (streams then raise ClosedResourceError).
+        self._closed_locally = False
+        self._writing = False
+        #: ``trio.current_time()`` when the transport last delivered bytes (heartbeat checks).
+        self.last_received = trio.current_time()
+        self.bytes_written = 0
+        self.bytes_read = 0
+
+    def __repr__(self) -> str:
+        return f"<Session {self.name} streams={len(self._streams)} closed={self.closed}>"
+
+    # -------------------------------------------------------------- public API
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_event.is_set()
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    async def wait_closed(self) -> None:
+        """Wait until the session has ended, for whatever reason (see ``close_reason``)."""
+        await self._closed_event.wait()
+
+    def on_terminate(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (which must not raise) the moment the session ends, before any
+        stream learns of it; at once if it has already ended.
+
+        Waking tasks are run in no set order, so this is the only way to act strictly before
+        the streams' users do: the server closes a client's public listeners here, so that no
+        connection is accepted into a forward whose relays are about to break.
+        """
+        if self.closed:
+            callback()
+        else:
+            self._on_terminate.append(callback)
+
+    @property
+    def free_stream_slots(self) -> int:
+        """Streams that could still be opened: the cap minus open streams (both directions)
+        and slots reserved but not yet used."""
+        return self.config.max_streams - self._mux.open_streams - self._reserved
+
+    async def wait_stream_slot(self) -> StreamSlot:
+        """Reserve a stream slot, waiting until one is free; pass it to :meth:`open_stream`.
+
+        Raises ``SessionClosedError`` if the session ends while waiting.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            self._check_open()
+            if self.free_stream_slots > 0:
+                break
+            await self._slot_lot.park()
+        self._reserved += 1
+        return StreamSlot(self, self._release_slot)
+
+    def _release_slot(self) -> None:
+        self._reserved -= 1
+        self._wake_slot_waiters()
+
+    def _wake_slot_waiters(self) -> None:
+        if self._slot_lot:
+            self._slot_lot.unpark_all()
+
+    async def open_stream(
+        self,
+        host: str = "",
+        port: int = 0,
+        tag: int = 0,
+        *,
+        datagrams: bool = False,
+        slot: StreamSlot | None = None,
+    ) -> MuxStream:
+        """Open a stream and wait for the peer's answer. ``datagrams`` opens a datagram stream
+        (a UDP association) instead of a byte stream.
+
+        Raises the typed refusal (``NodeTimeoutError``, ``StreamLimitError``...) if the peer
+        refuses, ``InvalidTargetError`` for a target no ``Open`` can carry (nothing is sent),
+        ``SessionClosedError`` if the session ends first. If cancelled while waiting,
+        the half-open stream is reset so nothing is left behind on either side. ``slot``, a
+        reservation from :meth:`wait_stream_slot`, is used up (whatever the outcome).
+        """
+        if slot is not None:
+            if slot.session is not self:
+                raise LocalProtocolError("that stream slot belongs to another session")
+            slot.release()
+        check_target(host, port, allow_port_zero=True)  # InvalidTargetError, a refusal
+        self._check_open()
+        try:
+            stream_id = self._mux.open_stream(host, port, tag, datagrams=datagrams)
+        except LocalProtocolError as exc:
+            raise SessionClosedError("session is going away", code=ErrorCode.GOING_AWAY) from exc
+        stream = MuxStream(self, stream_id, host, port, tag, datagrams=datagrams)
+        self._streams[stream_id] = stream
+        answered = self._opening[stream_id] = trio.Event()
+        self._kick_writer()
+        try:
+            await answered.wait()
+        except BaseException:
+            self._opening.pop(stream_id, None)
+            self._streams.pop(stream_id, None)
+            self._refusals.pop(stream_id, None)
+            if not self.closed:
+                self._mux.reset_stream(stream_id, ErrorCode.CANCELLED, "open cancelled")
+                self._kick_writer()
+                self._wake_slot_waiters()
+            raise
+        refusal = self._refusals.pop(stream_id, None)
+        if refusal is not None:
+            raise refusal
+        if self.closed:
+            raise self._closed_error()
+        return stream
+
+    async def accept_stream(self) -> IncomingStream:
+        """Wait for the peer to open a stream. Raises ``SessionClosedError`` once it ends."""
+        try:
+            return await self._incoming_receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise self._closed_error() from None
+
+    async def ping(self) -> float:
+        """Round-trip time of one Ping/Pong, in seconds."""
+        self._check_open()
+        self._next_ping = (self._next_ping + 1) % 2**64
+        opaque = self._next_ping
+        done = self._pings[opaque] = trio.Event()
+        start = trio.current_time()
+        self._mux.ping(opaque)
+        self._kick_writer()
+        try:
+            await done.wait()
+        finally:
+            self._pings.pop(opaque, None)
+        if self.closed:
+            raise self._closed_error()
+        return trio.current_time() - start
+
+    async def aclose(self, code: int = ErrorCode.NORMAL, message: str = "") -> None:
+        """End the session: send ``GoAway``, flush it briefly, close the transport.
+
+        Every stream still open raises ``ClosedResourceError`` afterwards. Idempotent and safe
+        to call from any task, including when cancelled (the teardown itself is shielded and
+        bounded by ``close_timeout``).
+        """
+        if self.closed:
+            # the session may have ended by itself (peer EOF, protocol violation, write error):
+            # the transport must still be released
+            await trio.aclose_forcefully(self._transport)
+            return
+        self._closed_locally = True
+        with trio.CancelScope(shield=True):
+            self._mux.go_away(code, message)
+            self._kick_writer()
+            with trio.move_on_after(self.config.close_timeout):
+                await self._flush()
+            self._terminate(SessionClosedError(message or "session closed locally", code=code))
+            await trio.aclose_forcefully(self._transport)
+
+    async def abort(self, error: TunnelError) -> None:
+        """End the session at once because the link is unusable (a missed heartbeat, say).
+
+        Unlike :meth:`aclose` nothing is flushed, since a dead link would only make us wait;
+        streams raise ``BrokenResourceError`` with ``error`` as the cause, as if the peer had
+        vanished.
+        """
+        if not self.closed:
+            self._terminate(error)
+        await trio.aclose_forcefully(self._transport)
+
+    # -------------------------------------------------------------- internals
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise self._closed_error()
+
+    def _closed_error(self) -> SessionClosedError:
+        reason = self.close_reason
+        if isinstance(reason, SessionClosedError):
+            err = SessionClosedError(reason.message, code=reason.code)
+        elif isinstance(reason, TunnelError):
+            err = SessionClosedError(str(reason), code=reason.code)
+        else:
+            err = SessionClosedError(f"session ended: {reason!r}")
+        err.__cause__ = reason
+        return err
+
+    # -------------------------------------------------------------- StreamCarrier, for MuxStream
+
+    @property
+    def max_data_chunk(self) -> int:
+        """Largest payload of one Data frame we send (``config.max_data_chunk``)."""
+        return self.config.max_data_chunk
+
+    def send_window(self, stream_id: int) -> int:
+        """Bytes the peer accepts on ``stream_id`` now."""
+        return self._mux.send_window(stream_id)
+
+    def send_data(self, stream_id: int, data: memoryview) -> None:
+        """Queue ``data`` on ``stream_id``; the caller checked window and :meth:`has_room`."""
+        self._mux.send_data(stream_id, data)
+        self._kick_writer()
+
+    def consumed(self, stream_id: int, size: int) -> None:
+        """The application read ``size`` bytes of ``stream_id`` (window credit for the peer)."""
+        if not self.closed:
+            before = self._mux.bytes_to_send
+            self._mux.consumed(stream_id, size)
+            if self._mux.bytes_to_send != before:
+                self._kick_writer()
+
+    def send_fin(self, stream_id: int) -> None:
+        """Queue a Fin on ``stream_id`` unless it can no longer send."""
+        if not self.closed and self._mux.can_send(stream_id):
+            self._mux.send_fin(stream_id)
+            self._kick_writer()
+
+    def close_stream(self, stream_id: int, *, abort: bool) -> None:
+        """The application closed ``stream_id``: Fin (then linger) or, if ``abort``, Reset."""
+        self._streams.pop(stream_id, None)
+        if self.closed:
+            return
+        if abort:
+            self._mux.reset_stream(stream_id, ErrorCode.CANCELLED, "closed with unread data")
+        else:
+            self._mux.close_stream(stream_id, trio.current_time())
+            if self._mux.lingering:
+                self._linger_event.set()
+        self._kick_writer()
+        self._wake_slot_waiters()
+
+    def reset_stream(self, stream_id: int, code: int, message: str) -> None:
+        """The application reset ``stream_id``."""
+        self._streams.pop(stream_id, None)
+        if not self.closed:
+            self._mux.reset_stream(stream_id, code, message)
+            self._kick_writer()
+        self._wake_slot_waiters()
+
+    def _accept(self, stream: MuxStream) -> None:
+        self._unanswered.pop(stream.stream_id, None)
+        if not self._mux.has_stream(stream.stream_id):
+            # the opener gave up (Reset) while we were dialling: hand back a broken stream so
+            # the caller's relay ends at once, rather than raising into its nursery
+            stream.break_with(StreamResetError("the opener cancelled the stream"))
+            return
+        self._mux.accept_stream(stream.stream_id)
+        self._kick_writer()
+
+    def _refuse(self, stream: MuxStream, code: int, message: str) -> None:
+        self._unanswered.pop(stream.stream_id, None)
+        if self.closed:  # the opener learns of the end from the session instead
+            return
+        self._streams.pop(stream.stream_id, None)
+        if self._mux.has_stream(stream.stream_id):
+            self._mux.refuse_stream(stream.stream_id, code, message)
+            self._kick_writer()
+        self._wake_slot_waiters()
+
+    def send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> bool:
+        """Queue one datagram on ``stream_id`` unless the write buffer is over its mark or it
+        does not fit the peer's frames; ``False`` if dropped."""
+        if self.closed or self._mux.bytes_to_send > self.config.write_buffer_high:
+            return False
+        if not self._mux.can_send_datagram(stream_id) or len(data) > self._max_datagram:
+            return False
+        self._mux.send_datagram(stream_id, data)
+        self._kick_writer()
+        return True
+
+    def _kick_writer(self) -> None:
+        self._write_event.set()
+
+    def has_room(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit under the write buffer's high-water mark (always
+        when nothing is queued, so a chunk larger than the mark still goes)."""
+        queued = self._mux.bytes_to_send
+        return queued == 0 or queued + size <= self.config.write_buffer_high
+
+    async def wait_for_room(self, size: int) -> None:
+        """Back-pressure: park until ``size`` more bytes fit under the high-water mark."""
+        while not self.has_room(size):
+            if self.closed:
+                if self._closed_locally:
+                    raise trio.ClosedResourceError("session was closed")
+                raise trio.BrokenResourceError("session ended") from self.close_reason
+            await self._drain_lot.park()
+
+    async def _flush(self) -> None:
+        """Wait until everything queued so far has been handed to the transport."""
+        while (self._mux.bytes_to_send or self._writing) and not self.closed:
+            await self._drain_lot.park()
+
+    # -------------------------------------------------------------- background tasks
+
+    async def _run(self) -> None:
+        with self._cancel_scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._reaper)
+
+    async def _reaper(self) -> None:
+        """Reset the streams we closed whose peer has not sent its Fin within
+        ``close_linger``: their slots are freed instead of held by a silent peer."""
+        mux = self._mux
+        linger = self.config.close_linger
+        while True:
+            oldest = mux.oldest_lingering
+            if oldest is None:
+                self._linger_event = trio.Event()
+                await self._linger_event.wait()
+                continue
+            await trio.sleep_until(oldest + linger)
+            if mux.expire_lingering(trio.current_time() - linger):
+                self._kick_writer()
+                self._wake_slot_waiters()  # the freed slots may be what a listener waits for
+
+    async def _writer(self) -> None:
+        # Shielded: when the surrounding task tree is cancelled, the writer must stay alive long
+        # enough for aclose() to flush GoAway; _terminate() cancels this scope explicitly.
+        mux = self._mux
+        transport = self._transport
+        with self._writer_scope:
+            try:
+                while True:
+                    if not mux.bytes_to_send:
+                        self._drain_lot.unpark_all()
+                        self._write_event = trio.Event()
+                        await self._write_event.wait()
+                        continue
+                    data = mux.data_to_send()
+                    self._drain_lot.unpark_all()
+                    self._writing = True
+                    try:
+                        await transport.send_all(data)
+                    finally:
+                        self._writing = False
+                    self.bytes_written += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._terminate(exc)
+
+    async def _reader(self) -> None:
+        mux = self._mux
+        transport = self._transport
+        size = self.config.receive_size
+        eof = False
+        try:
+            while True:
+                # Frames already buffered go first: the handshake may have read some past
+                # Auth/Welcome. A large burst is decoded in batches with a checkpoint between
+                # them, so one busy peer cannot monopolise the event loop.
+                try:
+                    events = mux.next_events(_FRAMES_PER_BATCH)
+                except RemoteProtocolError as exc:
+                    log.warning("%s: protocol violation by the peer: %s", self.name, exc)
+                    self._closed_locally = False
+                    self._mux.go_away(exc.code, exc.message)
+                    self._kick_writer()
+                    with trio.move_on_after(self.config.close_timeout):
+                        await self._flush()
+                    self._terminate(exc)
+                    await trio.aclose_forcefully(transport)
+                    return
+                for event in events:
+                    self._dispatch(event)
+                if events:
+                    self._wake_slot_waiters()
+                if mux.bytes_to_send:
+                    self._kick_writer()
+                if mux.frames_pending:
+                    await trio.lowlevel.checkpoint()
+                    continue
+                if eof:
+                    if mux.goaway_received and self.close_reason is None:
+                        return self._terminate(self._goaway_reason or SessionClosedError())
+                    self._terminate(trio.BrokenResourceError("transport closed by the peer"))
+                    return
+                data = await transport.receive_some(size)
+                self.bytes_read += len(data)
+                self.last_received = trio.current_time()
+                mux.feed(data)
+                eof = not data
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._terminate(exc)
+
+    _goaway_reason: TunnelError | None = None
+
+    def _dispatch(self, event: Event) -> None:
+        match event:
+            case DataReceived(stream_id, data):
+                stream = self._streams.get(stream_id)
+                if stream is not None:
+                    stream.deliver_data(data)
+                else:  # the app closed it; the multiplexer already knows
+                    self._mux.consumed(stream_id, len(data))
+            case DatagramReceived(stream_id, data):
+                stream = self._streams.get(stream_id)
+                if stream is not None:
+                    stream.deliver_datagram(data)
+            case WindowOpened(stream_id):
+                stream = self._streams.get(stream_id)
+                if stream is not None:
+                    stream.window_opened()
+            case StreamOpened(stream_id, host, port, tag, datagrams):
+                stream = MuxStream(self, stream_id, host, port, tag, datagrams=datagrams)
+                self._streams[stream_id] = stream
+                incoming = self._unanswered[stream_id] = IncomingStream(
+                    self, stream, on_accept=self._accept, on_refuse=self._refuse
+                )
+                self._incoming_send.send_nowait(incoming)
+            case StreamAccepted(stream_id):
+                answered = self._opening.pop(stream_id, None)
+                if answered is not None:
+                    answered.set()
+            case StreamRefused(stream_id, code, message):
+                self._refused(stream_id, self._streams.pop(stream_id, None), code, message)
+            case StreamEnded(stream_id):
+                stream = self._streams.get(stream_id)
+                if stream is not None:
+                    stream.deliver_eof()
+            case StreamReset(stream_id, code, message):
+                stream = self._streams.pop(stream_id, None)
+                unanswered = self._unanswered.pop(stream_id, None)
+                if unanswered is not None:
+                    unanswered.cancel_scope.cancel()
+                self._refused(stream_id, stream, code, message)  # reset before Accept
+                if stream is not None:
+                    stream.break_with(StreamResetError(printable(message), code=code))
+            case PongReceived(opaque):
+                waiter = self._pings.get(opaque)
+                if waiter is not None:
+                    waiter.set()
+            case GoAwayReceived(code, message):
+                self._goaway_reason = goaway_error(code, message)
+                log.debug("%s: peer sent GoAway: %s", self.name, self._goaway_reason)
+                self._incoming_send.close()
+            case PingReceived():
+                pass
+
+    def _refused(self, stream_id: int, stream: MuxStream | None, code: int, message: str) -> None:
+        """A stream we are opening was refused (or reset before it was accepted): its opener
+        wakes to raise the typed refusal."""
+        answered = self._opening.pop(stream_id, None)
+        if answered is not None:
+            target = f"{stream.host}:{stream.port}" if stream is not None else ""
+            self._refusals[stream_id] = refusal_error(code, message, target=target)
+            answered.set()
+
+    def _terminate(self, reason: BaseException) -> None:
+        """End everything synchronously: streams, waiters, background tasks."""
+        if self.closed:
+            return
+        if self._goaway_reason is not None and not self._closed_locally:
+            reason = self._goaway_reason
+        self.close_reason = reason
+        self._closed_event.set()
+        callbacks, self._on_terminate = self._on_terminate, []
+        for callback in callbacks:
+            callback()
+        self._cancel_scope.cancel()
+        self._writer_scope.cancel()
+        for stream in list(self._streams.values()):
+            stream.session_ended(reason, locally=self._closed_locally)
+        self._streams.clear()
+        for incoming in list(self._unanswered.values()):
+            incoming.cancel_scope.cancel()
+        self._unanswered.clear()
+        for event in list(self._opening.values()):
+            event.set()
+        self._opening.clear()
+        for event in list(self._pings.values()):
+            event.set()
+        self._incoming_send.close()
+        self._drain_lot.unpark_all()
+        self._slot_lot.unpark_all()
+        self._write_event.set()
+        if not self._closed_locally:
+            log.debug("%s: session ended: %r", self.name, reason)
+
+
+async def wait_stream_end(stream: MuxStream) -> BaseException | None:
+    """Until the peer ends ``stream`` (data it sends is discarded, as on a control stream):
+    ``None`` for a clean close, else the ``BrokenResourceError`` (its cause says why)."""
+    try:
+        while await stream.receive_some():
+            pass
+    except trio.BrokenResourceError as exc:
+        return exc
+    return None
+
+
+@asynccontextmanager
+async def open_session(
+    transport: trio.abc.Stream,
+    role: Role,
+    config: SessionConfig | None = None,
+    *,
+    decoder: FrameDecoder | None = None,
+    peer_max_frame_size: int | None = None,
+    name: str = "",
+) -> AsyncIterator[Session]:
+    """Run a session over ``transport`` for the duration of the ``async with`` block.
+
+    ``decoder`` hands over bytes already read past the handshake. The block's own exceptions
+    propagate unwrapped (no ``ExceptionGroup``); leaving the block closes the session and the
+    transport, and no task started here outlives it.
+    """
+    session = Session(
+        transport,
+        role,
+        config or SessionConfig(),
+        decoder=decoder,
+        peer_max_frame_size=peer_max_frame_size,
+        name=name,
+    )
+    body_error: BaseException | None = None
+    with unwrap_cancelled():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session._run)
+            try:
+                yield session
+            except BaseException as exc:
+                body_error = exc
+            finally:
+                await session.aclose()
+                session._cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error

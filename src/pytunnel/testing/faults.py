@@ -1,0 +1,252 @@
+"""Fault injection: what toxiproxy does, inside the tunnel, as a trio stream wrapper.
+
+:class:`FaultyStream` wraps any ``trio.abc.HalfCloseableStream`` and applies one direction of a
+:class:`Faults` object to what is sent into it. Each forward carries a ``Faults``; its settings
+apply per direction ("out": from the side that accepted the connection towards the target;
+"in": back) and can be changed or cleared at any time from the test: the wrapper reads them on
+every send, so a change takes effect on connections already open.
+
+This module knows nothing of sessions, forwards or the relay's internals: whoever sets up a
+relay wraps its two streams (:meth:`Faults.wrap`) and the relay treats them like any other
+stream. Two capabilities let it do so without knowing the class: ``paced`` (a send that is
+slow on purpose is not idleness) and ``reset`` (abort the wrapped stream).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import attrs
+import trio
+
+from .._relay import abort
+
+__all__ = ["DirectionFaults", "Faults", "FaultyStream"]
+
+Direction = Literal["out", "in", "both"]
+
+
+@attrs.define
+class DirectionFaults:
+    """Faults for one direction. All off by default."""
+
+    #: Added delay per chunk, in seconds, plus a uniform random jitter of +- ``jitter``.
+    latency: float = 0.0
+    jitter: float = 0.0
+    #: Throughput cap in bytes per second (``None``: unlimited).
+    bandwidth: float | None = None
+    #: Drop every byte while keeping the connection open (a silent peer).
+    blackhole: bool = False
+    #: Close the connection (cleanly, both ways) once this many bytes went this way on it.
+    close_after: int | None = None
+    #: Deliver data in slices of this many bytes, ``slice_delay`` seconds apart.
+    slice_size: int | None = None
+    slice_delay: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self != DirectionFaults()
+
+
+class Faults:
+    """The faults of one forward, settable and clearable at runtime."""
+
+    def __init__(self) -> None:
+        self.out = DirectionFaults()
+        self.in_ = DirectionFaults()
+        self._links: set[_Link] = set()
+
+    def set(self, direction: Direction = "both", **settings: object) -> None:
+        """``faults.set("in", latency=0.2, jitter=0.02)``; unknown names raise ``TypeError``."""
+        sides = self._sides(direction)
+        known = {field.name for field in attrs.fields(DirectionFaults)}
+        unknown = sorted(set(settings) - known)
+        if unknown:  # all or nothing: nothing is changed when a name is wrong
+            raise TypeError(f"unknown fault {unknown[0]!r}")
+        for name, value in settings.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= 0:
+                raise ValueError(f"fault {name} must be >= 0, got {value!r}")
+        for side in sides:
+            for name, value in settings.items():
+                setattr(side, name, value)
+
+    def clear(self, direction: Direction = "both") -> None:
+        """Remove every fault (of one direction)."""
+        if direction in ("out", "both"):
+            self.out = DirectionFaults()
+        if direction in ("in", "both"):
+            self.in_ = DirectionFaults()
+
+    def reset_connections(self) -> int:
+        """Reset every connection set up by :meth:`wrap` and still open (RST to both ends);
+        returns how many."""
+        links = list(self._links)
+        for link in links:
+            link.end(reset=True)
+        return len(links)
+
+    def wrap(
+        self, accepted: trio.abc.HalfCloseableStream, toward_target: trio.abc.HalfCloseableStream
+    ) -> tuple[FaultyStream, FaultyStream]:
+        """Wrap the two ends of one relayed connection: "out" faults apply to what is sent
+        towards the target, "in" faults to what is sent back. The two share their fate: a
+        ``close_after`` closes both, :meth:`reset_connections` resets both."""
+        link = _Link(self._links.discard)
+        self._links.add(link)
+        return (
+            FaultyStream(accepted, self, "in", _link=link),
+            FaultyStream(toward_target, self, "out", _link=link),
+        )
+
+    def _sides(self, direction: Direction) -> list[DirectionFaults]:
+        if direction not in ("out", "in", "both"):
+            raise ValueError(f"direction must be 'out', 'in' or 'both', not {direction!r}")
+        return [s for d, s in (("out", self.out), ("in", self.in_)) if direction in (d, "both")]
+
+    def side(self, outbound: bool) -> DirectionFaults:
+        return self.out if outbound else self.in_
+
+
+class _Link:
+    """What the wrapped ends of one connection share: whether a fault ended it, and the
+    operations in flight that the end must interrupt."""
+
+    def __init__(self, on_close: Callable[[_Link], None]) -> None:
+        self._on_close = on_close
+        #: ``close_after`` fired: both ends read EOF and drop what is sent, so the relay
+        #: carries the close across like any EOF, cleanly.
+        self.cut = False
+        #: :meth:`Faults.reset_connections`: every operation raises ``BrokenResourceError``.
+        self.reset = False
+        #: In-flight operations, each with whether a cut interrupts it (a half-close does not:
+        #: it is how the cut reaches the peers).
+        self._pending: dict[trio.CancelScope, bool] = {}
+
+    @contextlib.contextmanager
+    def guard(self, *, cuttable: bool = True) -> Iterator[trio.CancelScope]:
+        with trio.CancelScope() as scope:
+            self._pending[scope] = cuttable
+            try:
+                yield scope
+            finally:
+                del self._pending[scope]
+
+    def end(self, *, reset: bool) -> None:
+        if reset:
+            self.reset = True
+        else:
+            self.cut = True
+        for scope, cuttable in list(self._pending.items()):
+            if reset or cuttable:
+                scope.cancel()
+
+    def close(self) -> None:
+        self._on_close(self)
+
+
+class FaultyStream(trio.abc.HalfCloseableStream):
+    """``stream`` with one direction of ``faults`` applied to what is sent into it.
+
+    ``direction`` is ``"out"`` for the stream towards the target, ``"in"`` for the one back to
+    the side that accepted the connection. Receiving is untouched (the other end's wrapper
+    applies the other direction). Prefer :meth:`Faults.wrap`, which links the two ends of a
+    connection so that ``close_after`` and :meth:`Faults.reset_connections` act on both.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.HalfCloseableStream,
+        faults: Faults,
+        direction: Literal["out", "in"],
+        *,
+        _link: _Link | None = None,
+    ) -> None:
+        if direction not in ("out", "in"):
+            raise ValueError(f"direction must be 'out' or 'in', not {direction!r}")
+        self.stream = stream
+        self._faults = faults
+        self._outbound = direction == "out"
+        self._link = _link if _link is not None else _Link(lambda link: None)
+        #: Bytes delivered into ``stream`` so far (what ``close_after`` counts).
+        self._sent = 0
+
+    @property
+    def paced(self) -> bool:
+        """True while faults apply to sends: their delays are the test's, not idleness."""
+        return self._faults.side(self._outbound).active
+
+    def reset(self, code: int, message: str) -> None:
+        """Abort the wrapped stream (RST on TCP, Reset on a mux stream)."""
+        abort(self.stream, code, message)
+
+    def _check(self) -> None:
+        if self._link.reset:
+            raise trio.BrokenResourceError("connection reset by an injected fault")
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        self._check()
+        if not self._link.cut:
+            with self._link.guard():
+                return await self.stream.receive_some(max_bytes)
+            self._check()
+        await trio.lowlevel.checkpoint()
+        return b""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._check()
+        if self._link.cut:  # the connection is closing: what is sent now is dropped
+            await trio.lowlevel.checkpoint()
+            return
+        cut = False
+        with self._link.guard():
+            cut = await self._send(data, self._faults.side(self._outbound))
+        if cut:
+            self._link.end(reset=False)
+        self._check()
+
+    async def _send(self, data: bytes | bytearray | memoryview, faults: DirectionFaults) -> bool:
+        """Send ``data`` through ``faults``; True once ``close_after`` is reached."""
+        if not faults.active:
+            await self.stream.send_all(data)
+            self._sent += len(data)
+            return False
+        if faults.blackhole:
+            return False
+        if faults.close_after is not None and self._sent + len(data) >= faults.close_after:
+            allowed = max(0, faults.close_after - self._sent)
+            if allowed:
+                await self.stream.send_all(data[:allowed])
+                self._sent += allowed
+            return True
+        if faults.latency or faults.jitter:
+            delay = faults.latency + random.uniform(-faults.jitter, faults.jitter)
+            await trio.sleep(max(0.0, delay))
+        size = faults.slice_size or len(data)
+        for start in range(0, len(data), size):
+            piece = data[start : start + size]
+            if faults.bandwidth:
+                await trio.sleep(len(piece) / faults.bandwidth)
+            await self.stream.send_all(piece)
+            self._sent += len(piece)
+            if faults.slice_size and faults.slice_delay and start + size < len(data):
+                await trio.sleep(faults.slice_delay)
+        return False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check()
+        with self._link.guard():
+            await self.stream.wait_send_all_might_not_block()
+        self._check()
+
+    async def send_eof(self) -> None:
+        self._check()
+        with self._link.guard(cuttable=False):
+            await self.stream.send_eof()
+        self._check()
+
+    async def aclose(self) -> None:
+        self._link.close()
+        await self.stream.aclose()
