@@ -501,9 +501,9 @@ async def test_abandoned_event_subscribers_are_dropped(
     for _ in range(10_000):
         tunnel.events()  # dropped at once
         tunnel.events().close()
-        assert len(tunnel._subscribers) <= 3
+        assert tunnel.subscriber_count <= 3
     kept = [tunnel.events() for _ in range(tunnel.max_subscribers + 100)]
-    assert len(tunnel._subscribers) == tunnel.max_subscribers
+    assert tunnel.subscriber_count == tunnel.max_subscribers
     assert tunnel.dropped_subscribers == 101  # the oldest (including ``live``) went first
     with trio.fail_after(5):
         async for _ in live:  # unsubscribed: the iteration ends
@@ -516,7 +516,7 @@ async def test_abandoned_event_subscribers_are_dropped(
         event = await live.receive()
     assert event.kind is pytunnel.EventKind.STATUS
     assert event.forward is forward
-    assert len(tunnel._subscribers) <= 2  # the 1,124 kept receivers were collected
+    assert tunnel.subscriber_count <= 2  # the 1,124 kept receivers were collected
     with trio.fail_after(5):
         assert (await newest.receive()).forward is forward
     await tunnel.aclose()

@@ -194,13 +194,13 @@ async def test_reconnects_reuse_one_tls_context_built_off_the_loop(
     thread, once per tunnel, not on the event loop at every reconnection."""
     import threading
 
+    import pytunnel._supervisor
     import pytunnel._tls
-    import pytunnel.client
 
     built_in: list[bool] = []
     used: list[ssl.SSLContext] = []
     base_context = pytunnel._tls._base_context
-    tls_connect = pytunnel.client.tls_connect
+    tls_connect = pytunnel._supervisor.tls_connect
 
     def spy_base_context(*args: Any, **kwargs: Any) -> ssl.SSLContext:
         built_in.append(threading.current_thread() is threading.main_thread())
@@ -211,7 +211,7 @@ async def test_reconnects_reuse_one_tls_context_built_off_the_loop(
         return await tls_connect(stream, context, **kwargs)
 
     monkeypatch.setattr(pytunnel._tls, "_base_context", spy_base_context)
-    monkeypatch.setattr(pytunnel.client, "tls_connect", spy_tls_connect)
+    monkeypatch.setattr(pytunnel._supervisor, "tls_connect", spy_tls_connect)
     cert, key, fingerprint = await pytunnel.ensure_self_signed(tmp_path / "tls")
     server = await _start(nursery, await pytunnel.server_tls_context(cert, key))
     built_in.clear()  # the server's own context

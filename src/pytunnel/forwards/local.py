@@ -1,0 +1,153 @@
+"""``-L``: a listener here whose connections are relayed to a target dialled by the server.
+
+Also the start of every listening forward: :class:`DynamicForward` (SOCKS) and the UDP local
+forward reuse its life cycle (listen, report, stop) and replace what a connection does.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from .._listen import accept, bind, bound_port
+from .._util import aclose_all, owned
+from ..errors import DialError, SessionClosedError, StreamRefusedError
+from ..protocol import routes
+from ._base import Forward, ForwardKind, ForwardStatus
+
+if TYPE_CHECKING:
+    from ..session import StreamSlot
+
+__all__ = ["LocalForward"]
+
+log = logging.getLogger("pytunnel.client")
+
+
+class LocalForward(Forward):
+    """``-L``: the client listens; each connection is relayed to the target via the server.
+
+    The listening socket stays open through an outage; a connection made then waits up to
+    ``outage_wait`` for the link and is closed cleanly if it does not come back.
+    """
+
+    kind = ForwardKind.LOCAL
+    #: True while the listener waits for a stream slot (one log line per episode).
+    _at_stream_cap = False
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen on ``host:port`` (0: any free port) in the tunnel's nursery; a bind failure
+        (``AddressInUseError``, ``PermissionDeniedError``) is raised and leaves nothing."""
+        nursery = self._link.require_nursery()
+        self._link.add(self)
+        try:
+            await nursery.start(self._run, host, port)
+        except BaseException:
+            self._link.forget(self)
+            raise
+
+    async def _run(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The forward's life: listen (``_listen``), report the status, end as stopped."""
+        self._finished = trio.Event()
+        try:
+            with self._cancel_scope:
+                await self._listen(host, port, task_status)
+        except OSError as exc:
+            self._fail(exc, f"listener failed: {exc}")
+        finally:
+            self._set_status(ForwardStatus.STOPPED, "forward ended")
+            self._finished.set()
+
+    def _listening(self, host: str, port: int, task_status: trio.TaskStatus[None]) -> None:
+        self.listen_host, self.listen_port = host, port
+        if self._link.connected:
+            self._set_status(ForwardStatus.ACTIVE, "listening")
+        else:
+            self._set_status(ForwardStatus.SUSPENDED, "listening; link down")
+        task_status.started()
+
+    async def _listen(self, host: str, port: int, task_status: trio.TaskStatus[None]) -> None:
+        listeners = await bind(host, port)
+        try:
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener, nursery)
+                self._listening(host, bound_port(listeners), task_status)
+        finally:
+            await aclose_all(*listeners)
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            # a connection waiting first, then a stream slot: at the session's cap the listener
+            # stops accepting and the kernel's backlog holds the rest, rather than accepting
+            # connections to reset them; an idle listener holds no slot
+            await trio.lowlevel.wait_readable(listener.socket)
+            slot = await self._reserve_slot()
+            try:
+                conn = await accept(listener)
+            except BaseException:
+                if slot is not None:
+                    slot.release()
+                raise
+            nursery.start_soon(owned, conn, functools.partial(self._serve_reserved, slot=slot))
+
+    async def _reserve_slot(self) -> StreamSlot | None:
+        """A slot of the current session, waiting while it is at its stream cap; ``None``
+        while there is no link (connections then wait for one, as before).
+
+        Said once per episode: the episode ends when half the slots are free again, so a
+        listener working through its backlog at the cap does not log once per connection.
+        """
+        session = self._link.session
+        if session is None or session.closed:
+            return None
+        free, cap = session.free_stream_slots, session.config.max_streams
+        if free <= 0 and not self._at_stream_cap:
+            self._at_stream_cap = True
+            log.warning(
+                "%s %s: the session's limit of %d streams is reached; "
+                "not accepting connections until some close",
+                self.kind,
+                self.listen_port,
+                cap,
+            )
+        elif self._at_stream_cap and free >= max(1, cap // 2):
+            self._at_stream_cap = False
+            log.info("%s %s: below the stream limit again", self.kind, self.listen_port)
+        try:
+            return await session.wait_stream_slot()
+        except SessionClosedError:
+            return None
+
+    async def _serve_reserved(self, conn: trio.SocketStream, slot: StreamSlot | None) -> None:
+        try:
+            await self._handle(conn, slot)
+        finally:
+            if slot is not None:
+                slot.release()
+
+    async def _handle(self, conn: trio.SocketStream, slot: StreamSlot | None = None) -> None:
+        try:
+            stream = await self._link.open(
+                self.target_host, self.target_port, routes.CONNECT, slot=slot
+            )
+        except DialError as exc:
+            self._count_failure(exc)
+            log.warning(
+                "[%s] local forward %s: the server could not reach the target: %s",
+                exc.category,
+                self.listen_port,
+                exc.message,
+            )
+            await trio.aclose_forcefully(conn)
+            return
+        except (StreamRefusedError, SessionClosedError) as exc:
+            self._count_failure(exc)
+            log.warning("local forward %s: connection dropped: %s", self.listen_port, exc)
+            await trio.aclose_forcefully(conn)
+            return
+        await self._relay(conn, stream)
