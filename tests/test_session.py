@@ -29,7 +29,7 @@ from pytunnel import (
     open_session,
 )
 from pytunnel._relay import relay
-from pytunnel._session import Session
+from pytunnel.session import Session
 from pytunnel.protocol.frames import FrameDecoder, encode_message
 from pytunnel.protocol.messages import Data, Datagram, GoAway, Open, Ping, Pong
 

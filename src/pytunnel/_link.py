@@ -20,7 +20,7 @@ from .protocol import routes
 
 if TYPE_CHECKING:
     from ._client_config import ClientConfig
-    from ._session import MuxStream, Session, StreamSlot
+    from .session import MuxStream, Session, StreamSlot
     from .forwards import Forward, RemoteForward
 
 __all__ = ["Link"]
