@@ -22,12 +22,12 @@ in time. Samples of one case run back to back over all paths, in an order rotate
 
 The tools come from ``bench/setup_tools.sh`` (Debian packages); this is not part of CI.
 
-    /work/venv/bin/python bench/bench_tunnel.py                  # full run, ~20 min
-    /work/venv/bin/python bench/bench_tunnel.py --quick          # 1 repeat, 2 s samples, ~4 min
-    /work/venv/bin/python bench/bench_tunnel.py --json out.json  # + every sample as JSON
-    /work/venv/bin/python bench/bench_tunnel.py --report out.json  # the tables again
-    /work/venv/bin/python bench/bench_tunnel.py --paths direct,pytunnel-L,ssh-L --no-rss
-    /work/venv/bin/python bench/bench_tunnel.py --only-profile --profile-dir /tmp/prof
+    python bench/bench_tunnel.py                  # full run, ~20 min
+    python bench/bench_tunnel.py --quick          # 1 repeat, 2 s samples, ~4 min
+    python bench/bench_tunnel.py --json out.json  # + every sample as JSON
+    python bench/bench_tunnel.py --report out.json  # the tables again
+    python bench/bench_tunnel.py --paths direct,pytunnel-L,ssh-L --no-rss
+    python bench/bench_tunnel.py --only-profile --profile-dir /tmp/prof
         # py-spy (pip install py-spy) on the pytunnel -L client and server under iperf3 and
         # wrk load; --profile-path pytunnel-L-tls for the TLS tunnel
 """
@@ -60,6 +60,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from _quiet import wait_quiet
 
 HOST = "127.0.0.1"
 SSH_AES = "aes128-gcm@openssh.com"
@@ -139,30 +141,9 @@ def listening(port: int) -> bool:
     return False
 
 
-def cpu_busy(interval: float = 0.2) -> float:
-    """Fraction of all CPUs busy during ``interval`` (everything on the machine)."""
-
-    def snap() -> tuple[int, int]:
-        values = [int(v) for v in (_read("/proc/stat") or "cpu 0 0 0 0").split("\n")[0].split()[1:]]
-        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)
-
-    a = snap()
-    time.sleep(interval)
-    b = snap()
-    return 0.0 if b[0] == a[0] else 1.0 - (b[1] - a[1]) / (b[0] - a[0])
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
-    """Wait (at most ``max_wait`` s) until the machine is nearly idle; return the last busy
-    fraction, so that a contended sample can be flagged."""
-    deadline = time.monotonic() + max_wait
-    busy = cpu_busy()
-    for _ in range(int(max_wait / 0.4) + 1):
-        if busy < threshold or time.monotonic() >= deadline:
-            break
-        time.sleep(0.2)
-        busy = cpu_busy()
-    return busy
+#: Busy fraction of all CPUs below which a sample may start (``_quiet.wait_quiet``): between
+#: samples this benchmark's own processes idle, so what is busy is other work.
+QUIET_THRESHOLD = 0.15
 
 
 def free_port() -> int:
@@ -1336,8 +1317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.wrk_seconds = args.wrk_seconds or (2.0 if q else 5.0)
     args.rss_conns = args.rss_conns or (200 if q else 2000)
     if args.pytunnel is None:
-        local = Path(sys.executable).parent / "pytunnel"
-        args.pytunnel = str(local) if local.exists() else (shutil.which("pytunnel") or "pytunnel")
+        args.pytunnel = default_pytunnel()
     args.paths = [x.strip() for x in args.paths.split(",") if x.strip()]
     for x in args.paths:
         if x not in ALL_PATHS:
@@ -1345,6 +1325,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "direct" not in args.paths:
         args.paths.insert(0, "direct")
     return args
+
+
+def default_pytunnel() -> str:
+    """The ``pytunnel`` console script of the running interpreter's environment, else PATH's."""
+    local = Path(sys.executable).parent / "pytunnel"
+    return str(local) if local.exists() else (shutil.which("pytunnel") or "pytunnel")
 
 
 def raise_nofile(need: int) -> tuple[int, int]:
@@ -1399,7 +1385,7 @@ def machine_info(env: Env) -> list[str]:
     return [
         f"machine: nproc {os.cpu_count()}, CPU {cpu}, kernel {platform.release()}",
         f"python {platform.python_version()} | trio {version('trio')} | "
-        f"msgpack {version('msgpack')} | pytunnel {version('pytunnel')} | git {git}",
+        f"msgpack {version('msgpack')} | trio-pytunnel {version('trio-pytunnel')} | git {git}",
         "tools: " + ", ".join(tools),
     ]
 
@@ -1528,7 +1514,7 @@ def _main(args, env: Env, procs: Processes, tmp: Path, nofile) -> int:
                 if not args.no_iperf:
                     for case, extra in iperf_cases(args.quick):
                         for p in order:
-                            busy = wait_quiet(args.quiet_wait)
+                            busy = wait_quiet(args.quiet_wait, QUIET_THRESHOLD)
                             c0, t0 = path_cpu(procs, p), time.monotonic()
                             err, gbps, cmd = None, None, ""
                             try:
@@ -1554,7 +1540,7 @@ def _main(args, env: Env, procs: Processes, tmp: Path, nofile) -> int:
                             )
                 if not args.no_wrk:
                     for p in order:
-                        busy = wait_quiet(args.quiet_wait)
+                        busy = wait_quiet(args.quiet_wait, QUIET_THRESHOLD)
                         c0, t0 = path_cpu(procs, p), time.monotonic()
                         err, vals, cmd = None, {}, ""
                         try:

@@ -14,10 +14,10 @@ and the CPU time of the two pytunnel processes over the sample.
 Every process (iperf3 server, ``pytunnel serve``, ``pytunnel connect``) is a child started and
 ended by its pid through ``bench_tunnel.Processes``; every loop is bounded.
 
-    /work/venv/bin/python bench/bench_udp.py            # 10M 50M 100M 200M, 3 x 5 s, ~3 min
-    /work/venv/bin/python bench/bench_udp.py --quick    # 1 x 2 s, 3 rates, ~30 s
-    /work/venv/bin/python bench/bench_udp.py --reverse  # also -R (server -> client)
-    /work/venv/bin/python bench/bench_udp.py --json out.json
+    python bench/bench_udp.py            # 10M 50M 100M 200M, 3 x 5 s, ~3 min
+    python bench/bench_udp.py --quick    # 1 x 2 s, 3 rates, ~30 s
+    python bench/bench_udp.py --reverse  # also -R (server -> client)
+    python bench/bench_udp.py --json out.json
 """
 
 from __future__ import annotations
@@ -37,20 +37,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _quiet import wait_quiet
 from bench_tunnel import (
     HOST,
+    QUIET_THRESHOLD,
     BenchError,
     Child,
     Processes,
     _read,
     cpu_ticks,
+    default_pytunnel,
     fmt,
     listening,
     loadavg,
     median,
     run,
     wait_for,
-    wait_quiet,
     which,
 )
 
@@ -166,7 +168,7 @@ class Bench:
     def sample(self, path: str, rate: str, reverse: bool) -> dict:
         port = self.iperf_port if path == "direct" else self.front
         argv = self.iperf_argv(port, rate, reverse)
-        busy = wait_quiet(self.args.quiet_wait)
+        busy = wait_quiet(self.args.quiet_wait, QUIET_THRESHOLD)
         cpu0, t0 = self.tunnel_cpu(), time.monotonic()
         out: dict = {"path": path, "rate": rate, "reverse": reverse, "cmd": shlex.join(argv)}
         out["busy_before"] = round(busy, 3)
@@ -212,7 +214,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--length", type=int, default=1400, help="datagram payload (iperf3 -l)")
     p.add_argument("--reverse", action="store_true", help="also run -R (server sends)")
     p.add_argument("--quiet-wait", type=float, default=3.0, help="max s to wait for idle CPU")
-    p.add_argument("--pytunnel", default=shutil.which("pytunnel") or "/work/venv/bin/pytunnel")
+    p.add_argument("--pytunnel", default=default_pytunnel())
     p.add_argument("--json", type=Path, default=None, help="write every sample here")
     a = p.parse_args(argv)
     if a.rates is None:
