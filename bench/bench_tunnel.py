@@ -197,7 +197,13 @@ class Processes:
         self.pdeathsig = shutil.which("setpriv")
         self._counter = 0
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Child:
         self._counter += 1
         log = self.tmp / f"{self._counter:02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
         # setpriv --pdeathsig: the child gets SIGTERM if the benchmark itself is killed outright
@@ -209,6 +215,7 @@ class Processes:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
+                cwd=cwd,
                 start_new_session=True,
             )
         child = Child(name, argv, popen, log)
