@@ -57,6 +57,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,6 +280,40 @@ class Processes:
             self._terminate(self.children, 5.0)
         self.children = []
         self.seen = {}
+
+
+@contextlib.contextmanager
+def run_dir(prefix: str, on_cleanup: Callable[[], None] | None = None) -> Iterator[Processes]:
+    """A temporary directory and the registry of the processes started in it.
+
+    When the block ends, however it ends (SIGTERM and SIGHUP become ``SystemExit``; atexit
+    covers an exit from elsewhere), ``on_cleanup`` runs, every child is ended by its pid and
+    the directory is removed, once.
+    """
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    procs = Processes(Path(tempfile.mkdtemp(prefix=prefix)))
+    done = False
+
+    def cleanup() -> None:
+        nonlocal done
+        if done:
+            return
+        done = True
+        if on_cleanup is not None:
+            on_cleanup()
+        procs.cleanup()
+        shutil.rmtree(procs.tmp, ignore_errors=True)
+
+    atexit.register(cleanup)
+    try:
+        yield procs
+    finally:
+        cleanup()
 
 
 def wait_for(what: str, check, timeout: float, child: Child | None = None, step: float = 0.05):
@@ -1429,33 +1464,15 @@ def main(argv: list[str] | None = None) -> int:
     print("command:", shlex.join([sys.executable, *sys.argv]), flush=True)
     nofile = raise_nofile(4 * args.rss_conns + 4096)
 
-    def on_signal(signum, _frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-
-    tmp = Path(tempfile.mkdtemp(prefix="pytunnel-bench-"))
-    tmp.chmod(0o711)  # nginx's worker (nobody) must reach its document root
-    procs = Processes(tmp)
-    done = False
-
-    def cleanup() -> None:
-        nonlocal done
-        if done:
-            return
-        done = True
+    def close_sinks() -> None:
         while _SINKS:
             _SINKS.pop().close()
-        procs.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
 
-    atexit.register(cleanup)
-    try:
+    with run_dir("pytunnel-bench-", close_sinks) as procs:
+        tmp = procs.tmp
+        tmp.chmod(0o711)  # nginx's worker (nobody) must reach its document root
         env = Env(args, procs, tmp)
         return _main(args, env, procs, tmp, nofile)
-    finally:
-        cleanup()
 
 
 #: Idle sinks to close at cleanup (threads of this process).

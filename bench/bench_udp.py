@@ -23,16 +23,13 @@ ended by its pid through ``bench_tunnel.Processes``; every loop is bounded.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import shlex
-import shutil
-import signal
 import socket
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,6 +49,7 @@ from bench_tunnel import (
     loadavg,
     median,
     run,
+    run_dir,
     wait_for,
     which,
 )
@@ -274,29 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     print("command:", shlex.join([sys.executable, *sys.argv]), flush=True)
 
-    def on_signal(signum, _frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    tmp = Path(tempfile.mkdtemp(prefix="pytunnel-bench-udp-"))
-    procs = Processes(tmp)
-    done = False
-
-    def cleanup() -> None:
-        nonlocal done
-        if not done:
-            done = True
-            procs.cleanup()
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    atexit.register(cleanup)
-
     def log(line: str = "") -> None:
         print(line, flush=True)
 
+    with run_dir("pytunnel-bench-udp-") as procs:
+        return _main(args, procs, log)
+
+
+def _main(args: argparse.Namespace, procs: Processes, log: Callable[[str], None]) -> int:
     try:
-        b = Bench(args, procs, tmp)
+        b = Bench(args, procs, procs.tmp)
         b.start_iperf()
         b.start_tunnel()
         log(f"nproc {os.cpu_count()}, loadavg {loadavg()}, {args.repeat} x {args.seconds:g} s, "
@@ -351,8 +336,6 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        cleanup()
 
 
 if __name__ == "__main__":

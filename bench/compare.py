@@ -33,7 +33,7 @@ script works across commits that move the CLI. The targets run in a child proces
 is ended by its pid (``bench_tunnel.Processes``); every loop is bounded in count and time, and
 ``--max-minutes`` bounds the whole run (the report then covers the repeats completed).
 
-    python bench/compare.py main                 # main against HEAD, ~4 min
+    python bench/compare.py main                 # main against HEAD, ~5 min
     python bench/compare.py main WORKTREE --quick  # against uncommitted changes, < 3 min
     python bench/compare.py HEAD~3 HEAD --repeat 9 --json ab.json
 """
@@ -41,20 +41,17 @@ is ended by its pid (``bench_tunnel.Processes``); every loop is bounded in count
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import socket
 import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -75,6 +72,7 @@ from bench_tunnel import (
     free_port,
     listening,
     loadavg,
+    run_dir,
     wait_for,
 )
 
@@ -487,30 +485,12 @@ def main(argv: list[str] | None = None) -> int:
         return serve_targets()
     print("command:", shlex.join([sys.executable, *sys.argv]), flush=True)
 
-    def on_signal(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    tmp = Path(tempfile.mkdtemp(prefix="pytunnel-compare-"))
-    procs = Processes(tmp)
-    done = False
-
-    def cleanup() -> None:
-        nonlocal done
-        if not done:
-            done = True
-            procs.cleanup()
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    atexit.register(cleanup)
-    try:
-        return _main(args, procs, tmp)
-    except BenchError as exc:
-        print(f"compare failed: {exc}", flush=True)
-        return 1
-    finally:
-        cleanup()
+    with run_dir("pytunnel-compare-") as procs:
+        try:
+            return _main(args, procs, procs.tmp)
+        except BenchError as exc:
+            print(f"compare failed: {exc}", flush=True)
+            return 1
 
 
 def _main(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
