@@ -13,8 +13,8 @@ header included) for:
 Each measurement runs for ``--seconds`` (bounded also by ``--max-iters`` operations) and is
 repeated ``--repeat`` times; the table shows the median (and the min..max spread).
 
-    /work/venv/bin/python bench/bench_frames.py            # full run, ~1.5 s per measurement
-    /work/venv/bin/python bench/bench_frames.py --quick    # ~0.3 s per measurement, 1 repeat
+    python bench/bench_frames.py            # full run, ~1.5 s per measurement
+    python bench/bench_frames.py --quick    # ~0.3 s per measurement, 1 repeat
 
 ``msgpack-only`` is a reference: ``packb``+``unpackb`` of the same dict without cattrs or framing.
 """

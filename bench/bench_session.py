@@ -321,31 +321,6 @@ async def _session_body(
     return got[0], elapsed, cpu
 
 
-async def with_patches(
-    args: argparse.Namespace,
-    streams: int,
-    config: SessionConfig,
-    which: str,
-    case: Callable[..., Awaitable[tuple[int, float, float]]] | None = None,
-) -> tuple[int, float, float]:
-    """``case`` (default ``case_session``) with bench/fastpath.py experiments patched in.
-
-    ``which``: "+"-separated names: "inline" (inline non-blocking write), "batch" (batching
-    writer). (The Data-frame fast path these were first measured with is now the library's.)
-    """
-    import fastpath
-
-    if "inline" in which:
-        fastpath.install_inline_write()
-    if "batch" in which:
-        fastpath.install_batching_writer()
-    try:
-        return await (case or case_session)(args, streams, config)
-    finally:
-        fastpath.uninstall_inline_write()
-        fastpath.uninstall_batching_writer()
-
-
 # --------------------------------------------------------------------------- latency
 
 PING_SIZE = 64
@@ -423,7 +398,7 @@ async def case_ping_session(
     return result
 
 
-async def run_latency(args: argparse.Namespace, experiments: list[str]) -> list[dict[str, Any]]:
+async def run_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Round trips of PING_SIZE bytes: plain sockets against one session stream."""
     from _quiet import wait_quiet
 
@@ -432,13 +407,6 @@ async def run_latency(args: argparse.Namespace, experiments: list[str]) -> list[
         ("plain trio sockets", lambda: case_ping_plain(args)),
         ("session stream", lambda: case_ping_session(args, 1, cfg)),
     ]
-    for which in experiments:
-        cases.append(
-            (
-                f"session stream [{which}]",
-                lambda which=which: with_patches(args, 1, cfg, which, case_ping_session),
-            )
-        )
     us: dict[str, list[float]] = {name: [] for name, _ in cases}
     for _name, fn in cases:  # warm-up
         await fn()
@@ -557,15 +525,6 @@ def print_table(
     return rows
 
 
-def experiment_names(args: argparse.Namespace) -> list[str]:
-    names = []
-    if args.inline_write:
-        names.append("inline")
-    if args.batch_writer:
-        names.append("batch")
-    return names
-
-
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     plain_name = "plain trio socket copy"
@@ -584,7 +543,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         sweep.append(("receive_size", args.receive_sizes))
 
     if args.latency:
-        out["latency"] = await run_latency(args, experiment_names(args))
+        out["latency"] = await run_latency(args)
         return out
 
     if not sweep:
@@ -604,14 +563,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             cases.append(
                 ("session over TLS, 8 streams", lambda: case_session(args, 8, cfg, tls=True))
             )
-        for which in experiment_names(args):
-            for n in (1, 8):
-                cases.append(
-                    (
-                        f"session, {n} stream{'s' if n > 1 else ''} [{which}]",
-                        lambda n=n, which=which: with_patches(args, n, cfg, which),
-                    )
-                )
         samples = await run_cases(cases, args)
         out["main"] = print_table("Throughput (one-way bulk)", samples, plain[0])
         return out
@@ -691,16 +642,6 @@ def main(argv: list[str] | None = None) -> int:
         default=15.0,
         help="before each sample wait up to this many s for other processes to go idle (0: off)",
     )
-    parser.add_argument(
-        "--batch-writer",
-        action="store_true",
-        help="also run them with bench/fastpath.py's batching writer (experiment)",
-    )
-    parser.add_argument(
-        "--inline-write",
-        action="store_true",
-        help="also run them with bench/fastpath.py's inline non-blocking write (experiment)",
-    )
     g = parser.add_argument_group("session config (default: SessionConfig defaults)")
     g.add_argument("--window", type=parse_size)
     g.add_argument("--max-data-chunk", type=parse_size)
@@ -758,14 +699,6 @@ def main(argv: list[str] | None = None) -> int:
         f"send chunk {fmt_size(args.chunk)}, receive_some {fmt_size(args.recv_size)}"
     )
     if args.profile:
-        if args.inline_write or args.batch_writer:
-            import fastpath
-
-            if args.inline_write:
-                fastpath.install_inline_write()
-            if args.batch_writer:
-                fastpath.install_batching_writer()
-            print("(profiling WITH bench/fastpath.py experiments patched in)")
         run_profile(args)
         return 0
     t0 = time.perf_counter()

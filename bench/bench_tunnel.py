@@ -22,12 +22,12 @@ in time. Samples of one case run back to back over all paths, in an order rotate
 
 The tools come from ``bench/setup_tools.sh`` (Debian packages); this is not part of CI.
 
-    /work/venv/bin/python bench/bench_tunnel.py                  # full run, ~20 min
-    /work/venv/bin/python bench/bench_tunnel.py --quick          # 1 repeat, 2 s samples, ~4 min
-    /work/venv/bin/python bench/bench_tunnel.py --json out.json  # + every sample as JSON
-    /work/venv/bin/python bench/bench_tunnel.py --report out.json  # the tables again
-    /work/venv/bin/python bench/bench_tunnel.py --paths direct,pytunnel-L,ssh-L --no-rss
-    /work/venv/bin/python bench/bench_tunnel.py --only-profile --profile-dir /tmp/prof
+    python bench/bench_tunnel.py                  # full run, ~20 min
+    python bench/bench_tunnel.py --quick          # 1 repeat, 2 s samples, ~4 min
+    python bench/bench_tunnel.py --json out.json  # + every sample as JSON
+    python bench/bench_tunnel.py --report out.json  # the tables again
+    python bench/bench_tunnel.py --paths direct,pytunnel-L,ssh-L --no-rss
+    python bench/bench_tunnel.py --only-profile --profile-dir /tmp/prof
         # py-spy (pip install py-spy) on the pytunnel -L client and server under iperf3 and
         # wrk load; --profile-path pytunnel-L-tls for the TLS tunnel
 """
@@ -57,9 +57,12 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from _quiet import wait_quiet
 
 HOST = "127.0.0.1"
 SSH_AES = "aes128-gcm@openssh.com"
@@ -139,30 +142,9 @@ def listening(port: int) -> bool:
     return False
 
 
-def cpu_busy(interval: float = 0.2) -> float:
-    """Fraction of all CPUs busy during ``interval`` (everything on the machine)."""
-
-    def snap() -> tuple[int, int]:
-        values = [int(v) for v in (_read("/proc/stat") or "cpu 0 0 0 0").split("\n")[0].split()[1:]]
-        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)
-
-    a = snap()
-    time.sleep(interval)
-    b = snap()
-    return 0.0 if b[0] == a[0] else 1.0 - (b[1] - a[1]) / (b[0] - a[0])
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
-    """Wait (at most ``max_wait`` s) until the machine is nearly idle; return the last busy
-    fraction, so that a contended sample can be flagged."""
-    deadline = time.monotonic() + max_wait
-    busy = cpu_busy()
-    for _ in range(int(max_wait / 0.4) + 1):
-        if busy < threshold or time.monotonic() >= deadline:
-            break
-        time.sleep(0.2)
-        busy = cpu_busy()
-    return busy
+#: Busy fraction of all CPUs below which a sample may start (``_quiet.wait_quiet``): between
+#: samples this benchmark's own processes idle, so what is busy is other work.
+QUIET_THRESHOLD = 0.15
 
 
 def free_port() -> int:
@@ -216,7 +198,13 @@ class Processes:
         self.pdeathsig = shutil.which("setpriv")
         self._counter = 0
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Child:
         self._counter += 1
         log = self.tmp / f"{self._counter:02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
         # setpriv --pdeathsig: the child gets SIGTERM if the benchmark itself is killed outright
@@ -228,6 +216,7 @@ class Processes:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
+                cwd=cwd,
                 start_new_session=True,
             )
         child = Child(name, argv, popen, log)
@@ -291,6 +280,40 @@ class Processes:
             self._terminate(self.children, 5.0)
         self.children = []
         self.seen = {}
+
+
+@contextlib.contextmanager
+def run_dir(prefix: str, on_cleanup: Callable[[], None] | None = None) -> Iterator[Processes]:
+    """A temporary directory and the registry of the processes started in it.
+
+    When the block ends, however it ends (SIGTERM and SIGHUP become ``SystemExit``; atexit
+    covers an exit from elsewhere), ``on_cleanup`` runs, every child is ended by its pid and
+    the directory is removed, once.
+    """
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    procs = Processes(Path(tempfile.mkdtemp(prefix=prefix)))
+    done = False
+
+    def cleanup() -> None:
+        nonlocal done
+        if done:
+            return
+        done = True
+        if on_cleanup is not None:
+            on_cleanup()
+        procs.cleanup()
+        shutil.rmtree(procs.tmp, ignore_errors=True)
+
+    atexit.register(cleanup)
+    try:
+        yield procs
+    finally:
+        cleanup()
 
 
 def wait_for(what: str, check, timeout: float, child: Child | None = None, step: float = 0.05):
@@ -1336,8 +1359,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.wrk_seconds = args.wrk_seconds or (2.0 if q else 5.0)
     args.rss_conns = args.rss_conns or (200 if q else 2000)
     if args.pytunnel is None:
-        local = Path(sys.executable).parent / "pytunnel"
-        args.pytunnel = str(local) if local.exists() else (shutil.which("pytunnel") or "pytunnel")
+        args.pytunnel = default_pytunnel()
     args.paths = [x.strip() for x in args.paths.split(",") if x.strip()]
     for x in args.paths:
         if x not in ALL_PATHS:
@@ -1345,6 +1367,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "direct" not in args.paths:
         args.paths.insert(0, "direct")
     return args
+
+
+def default_pytunnel() -> str:
+    """The ``pytunnel`` console script of the running interpreter's environment, else PATH's."""
+    local = Path(sys.executable).parent / "pytunnel"
+    return str(local) if local.exists() else (shutil.which("pytunnel") or "pytunnel")
 
 
 def raise_nofile(need: int) -> tuple[int, int]:
@@ -1399,7 +1427,7 @@ def machine_info(env: Env) -> list[str]:
     return [
         f"machine: nproc {os.cpu_count()}, CPU {cpu}, kernel {platform.release()}",
         f"python {platform.python_version()} | trio {version('trio')} | "
-        f"msgpack {version('msgpack')} | pytunnel {version('pytunnel')} | git {git}",
+        f"msgpack {version('msgpack')} | trio-pytunnel {version('trio-pytunnel')} | git {git}",
         "tools: " + ", ".join(tools),
     ]
 
@@ -1436,33 +1464,15 @@ def main(argv: list[str] | None = None) -> int:
     print("command:", shlex.join([sys.executable, *sys.argv]), flush=True)
     nofile = raise_nofile(4 * args.rss_conns + 4096)
 
-    def on_signal(signum, _frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-
-    tmp = Path(tempfile.mkdtemp(prefix="pytunnel-bench-"))
-    tmp.chmod(0o711)  # nginx's worker (nobody) must reach its document root
-    procs = Processes(tmp)
-    done = False
-
-    def cleanup() -> None:
-        nonlocal done
-        if done:
-            return
-        done = True
+    def close_sinks() -> None:
         while _SINKS:
             _SINKS.pop().close()
-        procs.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
 
-    atexit.register(cleanup)
-    try:
+    with run_dir("pytunnel-bench-", close_sinks) as procs:
+        tmp = procs.tmp
+        tmp.chmod(0o711)  # nginx's worker (nobody) must reach its document root
         env = Env(args, procs, tmp)
         return _main(args, env, procs, tmp, nofile)
-    finally:
-        cleanup()
 
 
 #: Idle sinks to close at cleanup (threads of this process).
@@ -1528,7 +1538,7 @@ def _main(args, env: Env, procs: Processes, tmp: Path, nofile) -> int:
                 if not args.no_iperf:
                     for case, extra in iperf_cases(args.quick):
                         for p in order:
-                            busy = wait_quiet(args.quiet_wait)
+                            busy = wait_quiet(args.quiet_wait, QUIET_THRESHOLD)
                             c0, t0 = path_cpu(procs, p), time.monotonic()
                             err, gbps, cmd = None, None, ""
                             try:
@@ -1554,7 +1564,7 @@ def _main(args, env: Env, procs: Processes, tmp: Path, nofile) -> int:
                             )
                 if not args.no_wrk:
                     for p in order:
-                        busy = wait_quiet(args.quiet_wait)
+                        busy = wait_quiet(args.quiet_wait, QUIET_THRESHOLD)
                         c0, t0 = path_cpu(procs, p), time.monotonic()
                         err, vals, cmd = None, {}, ""
                         try:

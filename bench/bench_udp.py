@@ -14,43 +14,43 @@ and the CPU time of the two pytunnel processes over the sample.
 Every process (iperf3 server, ``pytunnel serve``, ``pytunnel connect``) is a child started and
 ended by its pid through ``bench_tunnel.Processes``; every loop is bounded.
 
-    /work/venv/bin/python bench/bench_udp.py            # 10M 50M 100M 200M, 3 x 5 s, ~3 min
-    /work/venv/bin/python bench/bench_udp.py --quick    # 1 x 2 s, 3 rates, ~30 s
-    /work/venv/bin/python bench/bench_udp.py --reverse  # also -R (server -> client)
-    /work/venv/bin/python bench/bench_udp.py --json out.json
+    python bench/bench_udp.py            # 10M 50M 100M 200M, 3 x 5 s, ~3 min
+    python bench/bench_udp.py --quick    # 1 x 2 s, 3 rates, ~30 s
+    python bench/bench_udp.py --reverse  # also -R (server -> client)
+    python bench/bench_udp.py --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import shlex
-import shutil
-import signal
 import socket
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _quiet import wait_quiet
 from bench_tunnel import (
     HOST,
+    QUIET_THRESHOLD,
     BenchError,
     Child,
     Processes,
     _read,
     cpu_ticks,
+    default_pytunnel,
     fmt,
     listening,
     loadavg,
     median,
     run,
+    run_dir,
     wait_for,
-    wait_quiet,
     which,
 )
 
@@ -166,7 +166,7 @@ class Bench:
     def sample(self, path: str, rate: str, reverse: bool) -> dict:
         port = self.iperf_port if path == "direct" else self.front
         argv = self.iperf_argv(port, rate, reverse)
-        busy = wait_quiet(self.args.quiet_wait)
+        busy = wait_quiet(self.args.quiet_wait, QUIET_THRESHOLD)
         cpu0, t0 = self.tunnel_cpu(), time.monotonic()
         out: dict = {"path": path, "rate": rate, "reverse": reverse, "cmd": shlex.join(argv)}
         out["busy_before"] = round(busy, 3)
@@ -212,7 +212,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--length", type=int, default=1400, help="datagram payload (iperf3 -l)")
     p.add_argument("--reverse", action="store_true", help="also run -R (server sends)")
     p.add_argument("--quiet-wait", type=float, default=3.0, help="max s to wait for idle CPU")
-    p.add_argument("--pytunnel", default=shutil.which("pytunnel") or "/work/venv/bin/pytunnel")
+    p.add_argument("--pytunnel", default=default_pytunnel())
     p.add_argument("--json", type=Path, default=None, help="write every sample here")
     a = p.parse_args(argv)
     if a.rates is None:
@@ -272,29 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     print("command:", shlex.join([sys.executable, *sys.argv]), flush=True)
 
-    def on_signal(signum, _frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    tmp = Path(tempfile.mkdtemp(prefix="pytunnel-bench-udp-"))
-    procs = Processes(tmp)
-    done = False
-
-    def cleanup() -> None:
-        nonlocal done
-        if not done:
-            done = True
-            procs.cleanup()
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    atexit.register(cleanup)
-
     def log(line: str = "") -> None:
         print(line, flush=True)
 
+    with run_dir("pytunnel-bench-udp-") as procs:
+        return _main(args, procs, log)
+
+
+def _main(args: argparse.Namespace, procs: Processes, log: Callable[[str], None]) -> int:
     try:
-        b = Bench(args, procs, tmp)
+        b = Bench(args, procs, procs.tmp)
         b.start_iperf()
         b.start_tunnel()
         log(f"nproc {os.cpu_count()}, loadavg {loadavg()}, {args.repeat} x {args.seconds:g} s, "
@@ -349,8 +336,6 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        cleanup()
 
 
 if __name__ == "__main__":

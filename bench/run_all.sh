@@ -4,7 +4,8 @@
 # sample waits up to --quiet-wait seconds for the CPUs to go idle). Each command has a timeout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-/work/venv/bin/python}
+# the interpreter of the active virtual environment unless PYTHON names another
+PY=${PYTHON:-python}
 OUT=bench/results
 mkdir -p "$OUT"
 run() {
@@ -26,9 +27,9 @@ print("python", sys.version.split()[0], "| trio", trio.__version__,
 } | tee "$OUT/machine.txt"
 
 run frames bench/bench_frames.py
-run session_a bench/bench_session.py --repeat 5 --plain8 --tls --batch-writer --inline-write --quiet-wait 3
-run session_b bench/bench_session.py --repeat 5 --plain8 --batch-writer --quiet-wait 3
-run latency bench/bench_session.py --latency --batch-writer --inline-write --repeat 5 --pings 3000 --quiet-wait 3
+run session_a bench/bench_session.py --repeat 5 --plain8 --tls --quiet-wait 3
+run session_b bench/bench_session.py --repeat 5 --plain8 --quiet-wait 3
+run latency bench/bench_session.py --latency --repeat 5 --pings 3000 --quiet-wait 3
 run window bench/bench_session.py --window-sweep --windows 64K,256K,1M,2M,4M,16M --repeat 5 --quiet-wait 3
 run window_rtt10 bench/bench_session.py --window-sweep --rtt-ms 10 --repeat 3 --quiet-wait 3
 run wbh_recv bench/bench_session.py --wbh-sweep --receive-size-sweep --repeat 5 --quiet-wait 3
