@@ -51,29 +51,46 @@ class ErrorCode(enum.IntEnum):
     #: Too many failed authentications from this address: try again later.
     RATE_LIMITED = 1012
 
-    # -- remote protocol violations (1100-1199) --
+    # -- protocol violations (1100-1199): remote ones end the session with GoAway --
+    #: A protocol violation with no more precise code; also an ``Open`` with an unknown route.
     PROTOCOL_ERROR = 1100
+    #: A frame's length header is above the receiver's limit (or, locally, an oversized frame).
     FRAME_TOO_LARGE = 1101
+    #: A frame body is not one valid msgpack map with unique string keys.
     MALFORMED_FRAME = 1102
+    #: A frame's ``"t"`` tag is missing, not a string, or names no message type.
     UNKNOWN_MESSAGE = 1103
+    #: A field is missing, extra, of the wrong msgpack type or out of range.
     INVALID_FIELD = 1104
+    #: The connection ended in the middle of a frame.
     TRUNCATED_FRAME = 1105
+    #: Data beyond the receive window, a window above 2**31-1, or (locally) beyond the send window.
     FLOW_CONTROL_ERROR = 1106
+    #: A frame or call that the stream's id or state does not allow.
     STREAM_STATE_ERROR = 1107
+    #: A valid message of another layer or step (a handshake message in the session, ...).
     UNEXPECTED_MESSAGE = 1108
     #: The peer keeps sending requests (pings, opens) without reading the replies.
     FLOOD = 1109
 
     # -- dial outcomes (2000-2099) --
+    #: Connecting to the requested target failed, for no more precise reason.
     DIAL_FAILED = 2000
+    #: The target did not answer within the connect timeout.
     NODE_TIMEOUT = 2001
+    #: The dial failed fast: refused, unreachable, DNS failure or reset.
     NODE_UNSTABLE = 2002
+    #: The dialling side's policy (``--permit-open``) does not allow the target.
     TARGET_FORBIDDEN = 2003
 
     # -- forward set-up outcomes (2100-2199) --
+    #: A remote forward could not be set up, for no more precise reason.
     FORWARD_FAILED = 2100
+    #: The port to listen on is already taken.
     ADDRESS_IN_USE = 2101
+    #: The operating system refused the bind (a privileged port, for example).
     PERMISSION_DENIED = 2102
+    #: The server's policy does not allow listening on that port or address.
     PORT_NOT_ALLOWED = 2103
     #: The client already has as many forwards as the server allows.
     FORWARD_LIMIT = 2104
