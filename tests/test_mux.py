@@ -1424,3 +1424,13 @@ def test_a_stream_finished_both_ways_is_forgotten_and_closing_it_is_a_no_op(
     assert client.lingering == 0
     assert client.bytes_to_send == 0
     assert client.open_streams == 0
+
+
+def test_multiplexer_decodes_session_frames_only_whatever_decoder_it_is_given() -> None:
+    """The handshake's decoder is handed over with its layer: the multiplexer switches it to
+    session frames, so a ForwardState at session level is refused by decoding."""
+    decoder = FrameDecoder(4096, layer=m.HANDSHAKE)
+    server = Multiplexer(Role.SERVER, decoder=decoder)
+    assert decoder.layer is m.SESSION
+    with remote_error(ErrorCode.UNEXPECTED_MESSAGE):
+        server.receive_data(encode_message(m.ForwardState(True)))

@@ -30,7 +30,7 @@ bounded: a peer that keeps asking while not reading the answers is cut off with 
 from __future__ import annotations
 
 import enum
-from typing import Union
+from typing import Union, cast
 
 import attrs
 
@@ -43,6 +43,7 @@ from .messages import (
     Data,
     Datagram,
     Fin,
+    SESSION,
     GoAway,
     Message,
     Open,
@@ -50,6 +51,7 @@ from .messages import (
     Pong,
     Refuse,
     Reset,
+    SessionMessage,
     WindowUpdate,
     truncate_text,
 )
@@ -288,6 +290,8 @@ class Multiplexer:
         self._peer_max_frame_size = peer_max_frame_size
         self._decoder = decoder if decoder is not None else FrameDecoder(max_frame_size)
         self._decoder.max_frame_size = max_frame_size
+        # the decoder rejects every other layer's messages, so _handle sees session frames only
+        self._decoder.layer = SESSION
         self._streams: dict[int, _Stream] = {}
         self._next_id = 1 if role is Role.CLIENT else 2
         self._peer_parity = 0 if role is Role.CLIENT else 1
@@ -585,7 +589,7 @@ class Multiplexer:
         remaining = -1 if max_frames is None else max_frames
         while remaining and (message := decoder.next_message()) is not None:
             remaining -= 1
-            event = self._handle(message)
+            event = self._handle(cast(SessionMessage, message))
             if self._replies > self.max_control_queue:
                 raise _error(
                     ErrorCode.FLOOD,
@@ -597,7 +601,7 @@ class Multiplexer:
         self.frames_pending = remaining == 0
         return events
 
-    def _handle(self, msg: Message) -> Event | None:
+    def _handle(self, msg: SessionMessage) -> Event | None:
         match msg:
             case Data():
                 return self._on_data(msg)
@@ -671,9 +675,6 @@ class Multiplexer:
             case GoAway(code, message):
                 self.goaway_received = True
                 return GoAwayReceived(code, message)
-        raise _error(
-            ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} is not valid after the handshake"
-        )
 
     def _is_peer_id(self, stream_id: int) -> bool:
         return stream_id % 2 == self._peer_parity
