@@ -39,11 +39,11 @@ from .frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, append_data_frame, enc
 from .messages import (
     MAX_DATAGRAM,
     MAX_WINDOW,
+    SESSION,
     Accept,
     Data,
     Datagram,
     Fin,
-    SESSION,
     GoAway,
     Message,
     Open,
