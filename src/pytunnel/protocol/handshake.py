@@ -184,11 +184,20 @@ class _Machine:
         self.expecting = expecting
         self._error: TunnelError | None = None
 
-    def _check_waiting(self) -> None:
+    def receive(self, message: HandshakeMessage) -> Step:
+        """Take the peer's next message; the subclass says which errors it raises. Once one
+        was raised, every later call raises it again."""
         if self._error is not None:
             raise self._error
         if self.state is not HandshakeState.WAITING:
             raise LocalProtocolError(f"the handshake expects no message ({self.state.value})")
+        try:
+            return self._receive(message)
+        except TunnelError as exc:
+            raise self._fail(exc) from None
+
+    def _receive(self, message: HandshakeMessage) -> Step:
+        raise NotImplementedError
 
     def _expect(self, name: str) -> None:
         self.expecting = name
@@ -246,14 +255,6 @@ class ClientHandshake(_Machine):
         self.state = HandshakeState.WAITING
         self._expect("Challenge")
         return Hello(self._versions, self._nonce)
-
-    def receive(self, message: HandshakeMessage) -> Step:
-        """Take the server's next message; see the class for the errors."""
-        self._check_waiting()
-        try:
-            return self._receive(message)
-        except TunnelError as exc:
-            raise self._fail(exc) from None
 
     def _receive(self, message: HandshakeMessage) -> Step:
         if isinstance(message, GoAway):  # the server refused us, at either step
@@ -316,14 +317,6 @@ class ServerHandshake(_Machine):
         self._nonce = new_nonce() if nonce is None else nonce
         self._hello: Hello | None = None
         self._version = 0
-
-    def receive(self, message: HandshakeMessage) -> Step:
-        """Take the client's next message; see the class for the errors."""
-        self._check_waiting()
-        try:
-            return self._receive(message)
-        except TunnelError as exc:
-            raise self._fail(exc) from None
 
     def _receive(self, message: HandshakeMessage) -> Step:
         hello = self._hello
