@@ -1548,8 +1548,11 @@ def test_peer_violation_is_sticky() -> None:
     """After a violation nothing more from the peer is processed: not even a valid Ping that
     came in the same chunk, and every later feed raises the same error."""
     _client, server = make_pair()
-    with remote_error(ErrorCode.STREAM_STATE_ERROR):
+    with pytest.raises(RemoteProtocolError) as first:
         feed(server, m.Data(99, b"x"), m.Ping(1))  # stream 99 was never opened
+    with pytest.raises(RemoteProtocolError) as info:
+        server.next_events()  # the Ping behind the violation is not processed
+    assert info.value is first.value
     error = server.error
     assert error is not None
     assert error.code == ErrorCode.STREAM_STATE_ERROR
