@@ -145,7 +145,7 @@ async def test_control_channel_over_a_session() -> None:
                 assert incoming.tag == routes.LISTEN
                 channel = ControlChannel(incoming.accept(), ControlRole.SERVER)
                 await channel.send(BOUND)
-                async for message in channel:
+                async for message in channel.forward_states():
                     received.append(message)
 
             nursery.start_soon(server_side)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from .protocol.control import ControlProtocol, ControlRole
-from .protocol.messages import Bound, ControlMessage
+from .protocol.messages import Bound, ControlMessage, ForwardState
 
 __all__ = ["ControlChannel"]
 
@@ -65,6 +65,12 @@ class ControlChannel:
         message = await self.receive()  # the protocol lets nothing but Bound come first
         assert isinstance(message, Bound)
         return message
+
+    async def forward_states(self) -> AsyncIterator[ForwardState]:
+        """(Server) the client's ``ForwardState`` updates, until it ends the stream."""
+        async for message in self:
+            assert isinstance(message, ForwardState)  # all the protocol lets a client send
+            yield message
 
     def __aiter__(self) -> AsyncIterator[ControlMessage]:
         return self._messages()
