@@ -525,3 +525,75 @@ def test_data_whose_payload_is_not_bin_is_refused_by_the_strict_decoder(
     with pytest.raises(RemoteProtocolError) as info:
         FrameDecoder().feed(frame(body))
     assert info.value.code == ErrorCode.INVALID_FIELD
+
+
+# ----------------------------------------------------------------------------- layers
+
+LAYER_EXAMPLES = [
+    (m.SESSION, m.Hello((1,), bytes(32))),
+    (m.SESSION, m.Welcome(bytes(32), 4096)),
+    (m.SESSION, m.Bound("0.0.0.0", 80)),
+    (m.HANDSHAKE, m.Open(1, 1000)),
+    (m.HANDSHAKE, m.Data(1, b"x")),  # the Data fast path checks the layer too
+    (m.CONTROL, m.Data(1, b"x")),
+    (m.CONTROL, m.GoAway(0, "")),
+    (m.CONTROL, m.Auth(bytes(32), 4096)),
+]
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"), LAYER_EXAMPLES, ids=lambda x: getattr(x, "where", type(x).__name__)
+)
+def test_decoder_of_a_layer_refuses_another_layers_message(layer: m.Layer, message: Any) -> None:
+    """A decoder only returns its own layer's kinds: another layer's valid message is
+    UNEXPECTED_MESSAGE, and the decoder stays broken like after any decode error."""
+    decoder = FrameDecoder(layer=layer)
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.feed(encode_message(message))
+    assert info.value.code == ErrorCode.UNEXPECTED_MESSAGE
+    assert f"{type(message).__name__} is not valid {layer.where}" in str(info.value)
+    with pytest.raises(RemoteProtocolError):
+        decoder.next_message()
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        (m.HANDSHAKE, m.Hello((1,), bytes(32))),
+        (m.HANDSHAKE, m.GoAway(1003, "no common version")),
+        (m.SESSION, m.Data(1, b"x")),
+        (m.SESSION, m.GoAway(0, "")),
+        (m.CONTROL, m.Bound("::", 8080)),
+        (m.CONTROL, m.ForwardState(False, "down")),
+    ],
+    ids=lambda x: getattr(x, "where", type(x).__name__),
+)
+def test_decoder_of_a_layer_returns_its_own_messages(layer: m.Layer, message: Any) -> None:
+    assert FrameDecoder(layer=layer).feed(encode_message(message)) == [message]
+
+
+def test_layer_can_change_between_frames() -> None:
+    """The handshake hands its decoder to the session, which switches it to session frames."""
+    decoder = FrameDecoder(layer=m.HANDSHAKE)
+    decoder.receive_data(encode_message(m.Welcome(bytes(32), 4096)) + encode_message(m.Ping(1)))
+    assert decoder.next_message() == m.Welcome(bytes(32), 4096)
+    decoder.layer = m.SESSION
+    assert decoder.next_message() == m.Ping(1)
+
+
+def test_malformed_message_of_another_layer_is_still_invalid_field() -> None:
+    """Fields are checked before the layer, so the code does not depend on the layer."""
+    body = msgpack.packb({"t": "hello", "versions": [1], "nonce": b"short"})
+    with pytest.raises(RemoteProtocolError) as info:
+        FrameDecoder(layer=m.SESSION).feed(frame(body))
+    assert info.value.code == ErrorCode.INVALID_FIELD
+
+
+def test_layers_partition_the_messages() -> None:
+    """Every message belongs to a layer; only GoAway to two (the server's handshake refusal
+    and the end of a session)."""
+    layers = (m.HANDSHAKE, m.SESSION, m.CONTROL)
+    assert set().union(*(layer.types for layer in layers)) == set(m.MESSAGE_TYPES)
+    assert m.HANDSHAKE.types & m.SESSION.types == {m.GoAway}
+    assert not m.CONTROL.types & (m.HANDSHAKE.types | m.SESSION.types)
+    assert m.ANY_LAYER.types == set(m.MESSAGE_TYPES)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 from conftest import tcp_stream_pair
 
+import pytunnel
 from pytunnel import (
     AuthenticationError,
     ClientConfig,
@@ -21,6 +23,7 @@ from pytunnel import (
     open_server_session,
 )
 from pytunnel._handshake import client_handshake, server_handshake
+from pytunnel.errors import LocalProtocolError
 from pytunnel.protocol import handshake as hs
 from pytunnel.protocol.frames import FrameDecoder, encode_message
 from pytunnel.protocol.messages import Auth, Challenge, GoAway, Hello, Welcome
@@ -287,3 +290,112 @@ def test_malformed_client_identity_is_refused(bad: str) -> None:
         ClientConfig(token=TOKEN, client_id=bad)
     with pytest.raises(ValueError, match="client_id"):
         ClientConfig(token=TOKEN, client_id="")
+
+
+# ----------------------------------------------------------------------------- sans-IO
+
+
+CLIENT_NONCE = bytes(range(32))
+SERVER_NONCE = bytes(range(32, 64))
+
+
+def _machines(
+    client_token: bytes = b"tok", server_token: bytes = b"tok", client_id: str = ""
+) -> tuple[hs.ClientHandshake, hs.ServerHandshake]:
+    client = hs.ClientHandshake(
+        client_token, max_frame_size=65536, client_id=client_id, nonce=CLIENT_NONCE
+    )
+    server = hs.ServerHandshake(
+        server_token, max_frame_size=131072, peer="test", nonce=SERVER_NONCE
+    )
+    return client, server
+
+
+def test_handshake_machines_complete_against_each_other_without_io() -> None:
+    client, server = _machines(client_id="laptop-1")
+    hello = client.start()
+    assert hello == Hello(hs.SUPPORTED_VERSIONS, CLIENT_NONCE)
+    assert server.expecting == "Hello"
+    step = server.receive(hello)
+    assert step == hs.Step(send=Challenge(hs.PROTOCOL_VERSION, SERVER_NONCE))
+    assert server.expecting == "Auth"
+    step = client.receive(step.send)
+    proof = hs.client_proof(b"tok", 1, CLIENT_NONCE, SERVER_NONCE, "laptop-1")
+    assert step == hs.Step(send=Auth(proof, 65536, "laptop-1"))
+    done = server.receive(step.send)
+    assert done.result == hs.Authenticated(1, 65536, "laptop-1")
+    assert isinstance(done.send, Welcome)
+    assert client.receive(done.send) == hs.Step(result=hs.Authenticated(1, 131072, "laptop-1"))
+    assert client.state is server.state is hs.HandshakeState.DONE
+    with pytest.raises(LocalProtocolError):
+        server.receive(hello)  # a finished handshake expects nothing
+
+
+@pytest.mark.parametrize(
+    "first",
+    [Auth(bytes(32), 4096), Welcome(bytes(32), 4096), Challenge(1, bytes(32)), GoAway(0, "")],
+    ids=lambda m: type(m).__name__,
+)
+def test_server_machine_wants_hello_first_and_stays_failed(first: Any) -> None:
+    """Any message but Hello first is UNEXPECTED_MESSAGE; the failure is sticky."""
+    _, server = _machines()
+    with pytest.raises(RemoteProtocolError) as info:
+        server.receive(first)
+    assert info.value.code == ErrorCode.UNEXPECTED_MESSAGE
+    assert server.state is hs.HandshakeState.ERROR
+    with pytest.raises(RemoteProtocolError) as again:
+        server.receive(Hello((1,), CLIENT_NONCE))
+    assert again.value is info.value
+    assert server.refusal(info.value) == GoAway(
+        ErrorCode.UNEXPECTED_MESSAGE, "expected Hello, got " + type(first).__name__
+    )
+
+
+def test_server_machine_refuses_a_wrong_token_and_says_no_more() -> None:
+    client, server = _machines(client_token=b"wrong")
+    auth = client.receive(server.receive(client.start()).send).send
+    with pytest.raises(AuthenticationError, match="client test sent a wrong token proof") as info:
+        server.receive(auth)
+    assert server.refusal(info.value) == GoAway(
+        ErrorCode.AUTHENTICATION_FAILED, "authentication failed"
+    )
+
+
+def test_server_machine_binds_the_client_id_into_the_proof() -> None:
+    """An Auth whose identity was swapped in transit fails: the proof covers it."""
+    client, server = _machines(client_id="alice")
+    auth = client.receive(server.receive(client.start()).send).send
+    assert isinstance(auth, Auth)
+    with pytest.raises(AuthenticationError):
+        server.receive(Auth(auth.mac, auth.max_frame_size, "mallory"))
+
+
+def test_server_machine_refuses_without_a_common_version() -> None:
+    _, server = _machines()
+    with pytest.raises(VersionMismatchError) as info:
+        server.receive(Hello((7, 8), CLIENT_NONCE))
+    assert server.refusal(info.value).code == ErrorCode.UNSUPPORTED_VERSION
+
+
+def test_client_machine_checks_version_order_and_server_proof() -> None:
+    client, _ = _machines()
+    with pytest.raises(LocalProtocolError):
+        client.receive(Challenge(1, SERVER_NONCE))  # before start()
+    client.start()
+    with pytest.raises(VersionMismatchError, match="server chose version 99"):
+        client.receive(Challenge(99, SERVER_NONCE))
+    client, _ = _machines()
+    client.start()
+    with pytest.raises(RemoteProtocolError) as info:
+        client.receive(Welcome(bytes(32), 4096))
+    assert info.value.code == ErrorCode.UNEXPECTED_MESSAGE
+    client, _ = _machines()
+    client.start()
+    client.receive(Challenge(1, SERVER_NONCE))
+    with pytest.raises(AuthenticationError, match="could not prove"):
+        client.receive(Welcome(bytes(32), 4096))  # an impostor's proof
+    client, _ = _machines()
+    client.start()
+    with pytest.raises(pytunnel.ServerBusyError):
+        client.receive(GoAway(ErrorCode.SERVER_BUSY, "busy"))
+    assert client.state is hs.HandshakeState.ERROR

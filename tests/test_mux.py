@@ -1424,3 +1424,191 @@ def test_a_stream_finished_both_ways_is_forgotten_and_closing_it_is_a_no_op(
     assert client.lingering == 0
     assert client.bytes_to_send == 0
     assert client.open_streams == 0
+
+
+def test_multiplexer_decodes_session_frames_only_whatever_decoder_it_is_given() -> None:
+    """The handshake's decoder is handed over with its layer: the multiplexer switches it to
+    session frames, so a ForwardState at session level is refused by decoding."""
+    decoder = FrameDecoder(4096, layer=m.HANDSHAKE)
+    server = Multiplexer(Role.SERVER, decoder=decoder)
+    assert decoder.layer is m.SESSION
+    with remote_error(ErrorCode.UNEXPECTED_MESSAGE):
+        server.receive_data(encode_message(m.ForwardState(True)))
+
+
+# ----------------------------------------------------------------------------- state table
+
+from pytunnel.protocol.streams import (  # noqa: E402
+    TRANSITIONS,
+    VIOLATIONS,
+    StreamEvent,
+    StreamState,
+    allows,
+)
+
+LIVE_STATES = [s for s in StreamState if s is not StreamState.CLOSED]
+
+
+def test_state_table_as_a_whole() -> None:
+    """The rules read from the table: data goes only where that direction is open,
+    datagrams wherever the stream is open, a Reset anywhere, and nothing leaves CLOSED."""
+    sends = {s for s in StreamState if allows(s, StreamEvent.SEND_DATA)}
+    receives = {s for s in StreamState if allows(s, StreamEvent.RECV_DATA)}
+    assert sends == {StreamState.OPEN, StreamState.REMOTE_FIN}
+    assert receives == {StreamState.OPEN, StreamState.LOCAL_FIN}
+    for event in (StreamEvent.SEND_DATAGRAM, StreamEvent.RECV_DATAGRAM, StreamEvent.RECV_WINDOW):
+        assert {s for s in StreamState if allows(s, event)} == sends | receives
+    for event in (StreamEvent.RECV_RESET, StreamEvent.SEND_RESET):
+        assert {s for s in StreamState if allows(s, event)} == set(LIVE_STATES)
+    assert not any(state is StreamState.CLOSED for state, _ in TRANSITIONS)
+    # every event some state forbids has its error
+    for event in StreamEvent:
+        if any(not allows(s, event) for s in LIVE_STATES):
+            assert event in VIOLATIONS
+
+
+def _stream_in(state: StreamState) -> tuple[Multiplexer, int]:
+    """A multiplexer holding datagram stream ``sid`` in ``state`` (so every frame kind is
+    about the state only, never about the stream's kind)."""
+    client, server = make_pair()
+    if state is StreamState.PENDING:
+        sid = client.open_stream(datagrams=True)
+        pump(client, server)
+        return server, sid
+    if state is StreamState.OPENING:
+        return client, client.open_stream(datagrams=True)
+    sid = opened(client, server, datagrams=True)
+    if state is StreamState.LOCAL_FIN:
+        client.send_fin(sid)
+    elif state is StreamState.REMOTE_FIN:
+        server.send_fin(sid)
+        pump(server, client)
+    return client, sid
+
+
+RECEIVED = {
+    StreamEvent.RECV_ACCEPT: lambda sid: m.Accept(sid, 1000),
+    StreamEvent.RECV_REFUSE: lambda sid: m.Refuse(sid, 1),
+    StreamEvent.RECV_DATA: lambda sid: m.Data(sid, b"x"),
+    StreamEvent.RECV_DATAGRAM: lambda sid: m.Datagram(sid, b"x"),
+    StreamEvent.RECV_WINDOW: lambda sid: m.WindowUpdate(sid, 1),
+    StreamEvent.RECV_FIN: lambda sid: m.Fin(sid),
+    StreamEvent.RECV_RESET: lambda sid: m.Reset(sid, 1),
+}
+
+
+@pytest.mark.parametrize("state", LIVE_STATES, ids=lambda s: s.name)
+@pytest.mark.parametrize("event", list(RECEIVED), ids=lambda e: e.name)
+def test_received_frame_follows_the_state_table(state: StreamState, event: StreamEvent) -> None:
+    mux, sid = _stream_in(state)
+    frame = RECEIVED[event](sid)
+    if allows(state, event):
+        feed(mux, frame)
+        assert mux.has_stream(sid) == (TRANSITIONS[state, event] is not StreamState.CLOSED)
+    else:
+        code, text = VIOLATIONS[event]
+        with remote_error(code):
+            feed(mux, frame)
+        assert mux.error is not None
+        assert mux.error.message == text.format(id=sid)
+
+
+SENT = {
+    StreamEvent.SEND_ACCEPT: lambda mux, sid: mux.accept_stream(sid),
+    StreamEvent.SEND_REFUSE: lambda mux, sid: mux.refuse_stream(sid, 1),
+    StreamEvent.SEND_DATA: lambda mux, sid: mux.send_data(sid, b""),
+    StreamEvent.SEND_DATAGRAM: lambda mux, sid: mux.send_datagram(sid, b"x"),
+    StreamEvent.SEND_FIN: lambda mux, sid: mux.send_fin(sid),
+    StreamEvent.SEND_RESET: lambda mux, sid: mux.reset_stream(sid),
+}
+
+
+@pytest.mark.parametrize("state", LIVE_STATES, ids=lambda s: s.name)
+@pytest.mark.parametrize("event", list(SENT), ids=lambda e: e.name)
+def test_local_call_follows_the_state_table(state: StreamState, event: StreamEvent) -> None:
+    """A forbidden call is a LocalProtocolError that changes nothing: the multiplexer stays
+    usable (unlike after the peer's violation)."""
+    mux, sid = _stream_in(state)
+    if allows(state, event):
+        SENT[event](mux, sid)
+        assert mux.has_stream(sid) == (TRANSITIONS[state, event] is not StreamState.CLOSED)
+    else:
+        code, text = VIOLATIONS[event]
+        with pytest.raises(LocalProtocolError) as info:
+            SENT[event](mux, sid)
+        assert (info.value.code, info.value.message) == (code, text.format(id=sid))
+        assert mux.has_stream(sid)
+        assert mux.error is None
+
+
+# ----------------------------------------------------------------------------- sticky error
+
+
+def test_peer_violation_is_sticky() -> None:
+    """After a violation nothing more from the peer is processed: not even a valid Ping that
+    came in the same chunk, and every later feed raises the same error."""
+    _client, server = make_pair()
+    with pytest.raises(RemoteProtocolError) as first:
+        feed(server, m.Data(99, b"x"), m.Ping(1))  # stream 99 was never opened
+    with pytest.raises(RemoteProtocolError) as info:
+        server.next_events()  # the Ping behind the violation is not processed
+    assert info.value is first.value
+    error = server.error
+    assert error is not None
+    assert error.code == ErrorCode.STREAM_STATE_ERROR
+    for call in (
+        server.next_events,
+        lambda: server.receive_data(encode_message(m.Ping(2))),
+        lambda: server.feed(b""),
+    ):
+        with pytest.raises(RemoteProtocolError) as info:
+            call()
+        assert info.value is error
+    assert server.bytes_to_send == 0  # no Pong for the Ping behind the violation
+
+
+def test_after_a_violation_streams_are_gone_and_sends_raise_its_code() -> None:
+    client, server = make_pair(window=1000)
+    sid = opened(client, server)
+    with remote_error(ErrorCode.FLOW_CONTROL_ERROR):
+        feed(server, m.Data(sid, bytes(1001)))
+    error = server.error
+    assert error is not None
+    assert not server.has_stream(sid)
+    assert server.open_streams == 0
+    assert server.send_window(sid) == 0
+    assert not server.can_send(sid)
+    assert not server.can_send_datagram(sid)
+    for call in (
+        lambda: server.send_data(sid, b"x"),
+        lambda: server.send_fin(sid),
+        lambda: server.accept_stream(sid),
+    ):
+        with pytest.raises(LocalProtocolError) as info:
+            call()
+        assert info.value.code == error.code
+        assert info.value.__cause__ is error
+    with pytest.raises(LocalProtocolError) as info:
+        server.open_stream()
+    assert info.value.code == ErrorCode.GOING_AWAY
+    # teardown stays possible: these queue nothing and raise nothing
+    server.ping(1)
+    server.reset_stream(sid)
+    server.close_stream(sid)
+    server.consumed(sid, 10)
+    assert server.bytes_to_send == 0
+    server.go_away(error.code, error.message)  # the one frame still sent
+    assert sent_frames(server) == [m.GoAway(error.code, error.message)]
+
+
+def test_local_misuse_is_not_sticky() -> None:
+    """A refused call is checked before anything changes, so the multiplexer is not left in
+    an inconsistent state and stays usable (h11 needs ERROR for a half-sent message; nothing
+    here is ever half-queued)."""
+    client, server = make_pair()
+    sid = opened(client, server)
+    with pytest.raises(LocalProtocolError):
+        client.accept_stream(sid)
+    assert client.error is None
+    client.send_data(sid, b"ok")
+    assert received(pump(client, server), sid) == b"ok"

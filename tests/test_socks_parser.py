@@ -12,7 +12,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytunnel.errors import ErrorCode, LocalProtocolError
+from pytunnel.errors import (
+    ConnectError,
+    DialError,
+    DialFailure,
+    ErrorCode,
+    InvalidTargetError,
+    LocalProtocolError,
+    NodeTimeoutError,
+    NodeUnstableError,
+    StreamLimitError,
+    StreamRefusedError,
+    TargetForbiddenError,
+    TunnelError,
+)
 from pytunnel.protocol.socks import (
     MAX_MESSAGE_SIZE,
     AddressType,
@@ -21,6 +34,7 @@ from pytunnel.protocol.socks import (
     SocksError,
     SocksServerConnection,
     SocksState,
+    reply_code_for,
     reply_code_for_error,
 )
 
@@ -578,6 +592,32 @@ def test_error_attributes() -> None:
 def test_reply_code_for_error(code: int, message: str, reply: int) -> None:
     assert reply_code_for_error(code, message) == reply
     assert isinstance(reply_code_for_error(code, message), ReplyCode)
+
+
+@pytest.mark.parametrize(
+    ("error", "reply"),
+    [
+        (NodeTimeoutError("refused, says the text"), 0x06),
+        (NodeUnstableError("timed out, says the text", failure=DialFailure.REFUSED), 0x05),
+        (NodeUnstableError("", failure=DialFailure.RESET), 0x05),
+        (NodeUnstableError("", failure=DialFailure.NETWORK_UNREACHABLE), 0x03),
+        (NodeUnstableError("", failure=DialFailure.HOST_UNREACHABLE), 0x04),
+        (NodeUnstableError("connection refused", failure=DialFailure.DNS), 0x04),
+        (NodeUnstableError("connection refused", failure=DialFailure.INVALID_HOST), 0x01),
+        (NodeUnstableError("connection refused"), 0x01),  # reason unknown: text is not read
+        (DialError("", failure=DialFailure.REFUSED), 0x05),
+        (TargetForbiddenError("h:1 is not permitted"), 0x02),
+        (InvalidTargetError("host too long"), 0x02),
+        # not a dial outcome: the target was never tried
+        (ConnectError("tunnel server: Connection refused"), 0x01),
+        (StreamLimitError(""), 0x01),
+        (StreamRefusedError("refused", code=99999), 0x01),
+    ],
+    ids=lambda x: type(x).__name__ if isinstance(x, Exception) else hex(x),
+)
+def test_reply_code_is_chosen_from_the_errors_structure(error: TunnelError, reply: int) -> None:
+    assert reply_code_for(error) == reply
+    assert isinstance(reply_code_for(error), ReplyCode)
 
 
 # --------------------------------------------------------------------------- properties

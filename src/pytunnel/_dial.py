@@ -1,5 +1,8 @@
 """Dialling targets, with every failure sorted into NODE_TIMEOUT or NODE_UNSTABLE.
 
+Each failure also gets its reason as a :class:`~pytunnel.errors.DialFailure`, decided from the
+OS's errno and the exception's type (``failure_of``), never from an error message's text.
+
 Whichever side dials uses this, logs one English line tagged with the category, and reports
 the outcome back over the protocol (``Refuse`` with the code), so the side that asked raises the
 same typed exception. A failed dial leaves nothing behind: ``open_tcp_stream`` closes its
@@ -17,12 +20,19 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from ._policy import PermitOpen
-from .errors import DialError, NodeTimeoutError, NodeUnstableError, TargetForbiddenError
+from .errors import (
+    DialError,
+    DialFailure,
+    NodeTimeoutError,
+    NodeUnstableError,
+    TargetForbiddenError,
+)
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "describe_os_error",
     "dial",
+    "failure_of",
     "dial_permitted",
     "format_target",
     "resolve",
@@ -34,6 +44,16 @@ log = logging.getLogger("pytunnel.dial")
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
 _TIMEOUT_ERRNOS = {errno.ETIMEDOUT}
+
+#: errno -> reason, in the order a reason wins when several addresses failed differently (the
+#: target's own answer first: a refusal says more about it than a route that failed).
+_FAILURE_ERRNOS: tuple[tuple[DialFailure, frozenset[int]], ...] = (
+    (DialFailure.REFUSED, frozenset({errno.ECONNREFUSED})),
+    (DialFailure.RESET, frozenset({errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE})),
+    (DialFailure.NETWORK_UNREACHABLE, frozenset({errno.ENETUNREACH, errno.ENETDOWN})),
+    (DialFailure.HOST_UNREACHABLE, frozenset({errno.EHOSTUNREACH, errno.EHOSTDOWN})),
+    (DialFailure.TIMEOUT, frozenset(_TIMEOUT_ERRNOS)),
+)
 
 
 def format_target(host: str, port: int) -> str:
@@ -62,6 +82,32 @@ def _errnos(exc: BaseException) -> set[int]:
         if e.__cause__ is not None:
             stack.append(e.__cause__)
     return found
+
+
+def failure_of(exc: BaseException) -> DialFailure:
+    """The reason of a failed connect, from the errnos and exception types inside ``exc``
+    (``open_tcp_stream`` may raise a group of one error per address tried)."""
+    if isinstance(exc, (UnicodeError, ValueError)):
+        return DialFailure.INVALID_HOST
+    codes = _errnos(exc)
+    for failure, known in _FAILURE_ERRNOS:
+        if codes & known:
+            return failure
+    if _has_gaierror(exc):
+        return DialFailure.DNS
+    return DialFailure.UNKNOWN
+
+
+def _has_gaierror(exc: BaseException) -> bool:
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, socket.gaierror):
+            return True
+        stack.extend(getattr(e, "exceptions", ()))
+        if e.__cause__ is not None:
+            stack.append(e.__cause__)
+    return False
 
 
 async def resolve(host: str, port: int) -> list[str]:
@@ -172,12 +218,18 @@ async def _guarded(
         error = NodeTimeoutError(f"dial {target} timed out after {timeout:g} s", target=target)
     except (UnicodeError, ValueError) as exc:
         # not a name that can be looked up at all (IDNA: empty or over-long labels)
-        error = NodeUnstableError(f"dial {target} failed: invalid host name ({exc})", target=target)
+        error = NodeUnstableError(
+            f"dial {target} failed: invalid host name ({exc})",
+            target=target,
+            failure=DialFailure.INVALID_HOST,
+        )
     except OSError as exc:
         reason = describe_os_error(exc)
         if _errnos(exc) & _TIMEOUT_ERRNOS:
             error = NodeTimeoutError(f"dial {target} failed: {reason}", target=target)
         else:
-            error = NodeUnstableError(f"dial {target} failed: {reason}", target=target)
+            error = NodeUnstableError(
+                f"dial {target} failed: {reason}", target=target, failure=failure_of(exc)
+            )
     logger.log(level, "[%s] %s", error.category, error.message)
     raise error

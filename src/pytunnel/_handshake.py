@@ -1,9 +1,11 @@
-"""The authentication handshake over a trio stream (the I/O half of ``protocol.handshake``).
+"""The authentication handshake over a trio stream: the I/O driver of ``protocol.handshake``.
 
-The handshake runs before the session exists, with a small frame limit and a deadline, so an
-unauthenticated peer can neither make us allocate nor hold a connection open for long. After it,
-the same :class:`FrameDecoder` (with any bytes already read past the handshake) is handed to the
-session.
+The state machines there decide everything about the exchange; this module only reads frames
+(handshake messages only, at most 4 KiB each, within a deadline, so an unauthenticated peer can
+neither make us allocate nor hold a connection open for long), feeds them in, writes what the
+machine answers, and turns I/O failures into typed errors. After it, the same
+:class:`FrameDecoder` (with any bytes already read past the handshake) is handed to the
+session. It knows nothing of proofs, versions or message order.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from typing import cast
 
 import attrs
 import trio
@@ -19,17 +22,13 @@ from ._session import Session, SessionConfig, open_session
 from .errors import (
     AuthenticationError,
     ConnectError,
-    ErrorCode,
     HandshakeTimeoutError,
-    RemoteProtocolError,
     TLSError,
     TunnelError,
-    VersionMismatchError,
-    goaway_error,
 )
 from .protocol import handshake as hs
 from .protocol.frames import FrameDecoder, encode_message
-from .protocol.messages import Auth, Challenge, GoAway, Hello, Message, Welcome, truncate_text
+from .protocol.messages import HANDSHAKE, GoAway, HandshakeMessage, Message, truncate_text
 from .protocol.mux import Role
 
 __all__ = [
@@ -61,23 +60,23 @@ class HandshakeResult:
     client_id: str = ""
 
 
-def _token_bytes(token: str | bytes) -> bytes:
-    return token.encode("utf-8") if isinstance(token, str) else bytes(token)
-
-
 #: A TLS record starts with its content type (22 handshake, 21 alert) and version 3.x; as a
 #: length prefix that would be a frame of hundreds of megabytes, so it cannot be ours.
 _TLS_RECORD_STARTS = (b"\x16\x03", b"\x15\x03")
 
 
+def _new_decoder() -> FrameDecoder:
+    return FrameDecoder(hs.PRE_AUTH_MAX_FRAME_SIZE, layer=HANDSHAKE)
+
+
 async def _receive(
     stream: trio.abc.Stream, decoder: FrameDecoder, *, tls_hint: str = "", eof_hint: str = ""
-) -> Message:
+) -> HandshakeMessage:
     first = decoder.buffered == 0
     while True:
         message = decoder.next_message()
         if message is not None:
-            return message
+            return cast(HandshakeMessage, message)  # the decoder's layer is HANDSHAKE
         data = await stream.receive_some(hs.PRE_AUTH_MAX_FRAME_SIZE)
         if first and tls_hint and data[:2] in _TLS_RECORD_STARTS:
             raise TLSError(tls_hint)
@@ -102,12 +101,6 @@ async def send_goaway(stream: trio.abc.Stream, code: int, text: str) -> None:
     await trio.aclose_forcefully(stream)
 
 
-def _unexpected(message: Message, wanted: str) -> RemoteProtocolError:
-    return RemoteProtocolError(
-        f"expected {wanted}, got {type(message).__name__}", code=ErrorCode.UNEXPECTED_MESSAGE
-    )
-
-
 async def client_handshake(
     stream: trio.abc.Stream,
     token: str | bytes,
@@ -120,37 +113,26 @@ async def client_handshake(
     """Authenticate to a server, as ``client_id`` if given. On failure the stream is closed
     and a typed error raised: ``AuthenticationError`` (1002), ``VersionMismatchError`` (1003),
     ``HandshakeTimeoutError``, ``RemoteProtocolError`` or ``ConnectError``."""
-    key = _token_bytes(token)
-    decoder = FrameDecoder(hs.PRE_AUTH_MAX_FRAME_SIZE)
+    machine = hs.ClientHandshake(
+        token, max_frame_size=max_frame_size, versions=versions, client_id=client_id
+    )
+    decoder = _new_decoder()
     try:
         with trio.fail_after(timeout):
-            client_nonce = hs.new_nonce()
-            await _send(stream, Hello(versions, client_nonce))
-            reply = await _receive(
-                stream,
-                decoder,
-                tls_hint="the server speaks TLS: connect with TLS (--tls)",
-                eof_hint="the server closed the connection before answering "
-                "(if it is a TLS server, connect with TLS: --tls)",
-            )
-            if isinstance(reply, GoAway):
-                raise goaway_error(reply.code, reply.message)
-            if not isinstance(reply, Challenge):
-                raise _unexpected(reply, "Challenge")
-            if reply.version not in versions:
-                raise VersionMismatchError(
-                    f"server chose version {reply.version}, we speak {list(versions)}"
+            await _send(stream, machine.start())
+            step = machine.receive(
+                await _receive(
+                    stream,
+                    decoder,
+                    tls_hint="the server speaks TLS: connect with TLS (--tls)",
+                    eof_hint="the server closed the connection before answering "
+                    "(if it is a TLS server, connect with TLS: --tls)",
                 )
-            proof = hs.client_proof(key, reply.version, client_nonce, reply.nonce, client_id)
-            await _send(stream, Auth(proof, max_frame_size, client_id))
-            welcome = await _receive(stream, decoder)
-            if isinstance(welcome, GoAway):
-                raise goaway_error(welcome.code, welcome.message)
-            if not isinstance(welcome, Welcome):
-                raise _unexpected(welcome, "Welcome")
-            expected = hs.server_proof(key, reply.version, client_nonce, reply.nonce, client_id)
-            if not hs.verify(expected, welcome.mac):
-                raise AuthenticationError("the server could not prove it knows the token")
+            )
+            while step.result is None:
+                if step.send is not None:
+                    await _send(stream, step.send)
+                step = machine.receive(await _receive(stream, decoder))
     except trio.TooSlowError:
         await trio.aclose_forcefully(stream)
         raise HandshakeTimeoutError(f"no handshake answer within {timeout} s") from None
@@ -160,8 +142,12 @@ async def client_handshake(
     except TunnelError:
         await trio.aclose_forcefully(stream)
         raise
+    return _result(step.result, decoder, max_frame_size)
+
+
+def _result(done: hs.Authenticated, decoder: FrameDecoder, max_frame_size: int) -> HandshakeResult:
     decoder.max_frame_size = max_frame_size
-    return HandshakeResult(reply.version, decoder, welcome.max_frame_size, client_id)
+    return HandshakeResult(done.version, decoder, done.peer_max_frame_size, done.client_id)
 
 
 async def server_handshake(
@@ -180,10 +166,10 @@ async def server_handshake(
     ``first_frame_timeout`` bounds the wait for the client's ``Hello`` alone: an honest client
     sends it at once, so a connection that stays silent is dropped long before ``timeout``
     and cannot hold a pending-handshake slot for the whole handshake deadline."""
-    key = _token_bytes(token)
-    decoder = FrameDecoder(hs.PRE_AUTH_MAX_FRAME_SIZE)
-    waiting_for = "Hello"
+    machine = hs.ServerHandshake(token, max_frame_size=max_frame_size, versions=versions, peer=peer)
+    decoder = _new_decoder()
     first_timeout = timeout if first_frame_timeout is None else min(timeout, first_frame_timeout)
+    waiting_for = machine.expecting
     try:
         with trio.fail_after(timeout):
             with trio.fail_after(first_timeout):
@@ -192,24 +178,15 @@ async def server_handshake(
                     decoder,
                     tls_hint="the client speaks TLS but this server has no TLS set up",
                 )
-            waiting_for = "Auth"
-            if not isinstance(hello, Hello):
-                raise _unexpected(hello, "Hello")
-            version = hs.choose_version(hello.versions, versions)
-            if version is None:
-                raise VersionMismatchError(
-                    f"client speaks versions {list(hello.versions)}, server speaks {list(versions)}"
-                )
-            server_nonce = hs.new_nonce()
-            await _send(stream, Challenge(version, server_nonce))
-            auth = await _receive(stream, decoder)
-            if not isinstance(auth, Auth):
-                raise _unexpected(auth, "Auth")
-            expected = hs.client_proof(key, version, hello.nonce, server_nonce, auth.client_id)
-            if not hs.verify(expected, auth.mac):
-                raise AuthenticationError(f"client {peer} sent a wrong token proof")
-            proof = hs.server_proof(key, version, hello.nonce, server_nonce, auth.client_id)
-            await _send(stream, Welcome(proof, max_frame_size))
+            step = machine.receive(hello)
+            waiting_for = machine.expecting
+            while step.result is None:
+                if step.send is not None:
+                    await _send(stream, step.send)
+                waiting_for = machine.expecting
+                step = machine.receive(await _receive(stream, decoder))
+            if step.send is not None:
+                await _send(stream, step.send)
     except trio.TooSlowError:
         limit = first_timeout if waiting_for == "Hello" else timeout
         log.info(
@@ -222,16 +199,15 @@ async def server_handshake(
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         await trio.aclose_forcefully(stream)
         raise ConnectError(f"connection from {peer} lost during the handshake") from exc
-    except AuthenticationError:
-        log.warning("authentication failed for %s", peer)
-        await send_goaway(stream, ErrorCode.AUTHENTICATION_FAILED, "authentication failed")
-        raise
     except TunnelError as exc:
-        log.warning("handshake with %s failed: %s", peer, exc)
-        await send_goaway(stream, exc.code, exc.message)
+        if isinstance(exc, AuthenticationError):
+            log.warning("authentication failed for %s", peer)
+        else:
+            log.warning("handshake with %s failed: %s", peer, exc)
+        refusal = machine.refusal(exc)
+        await send_goaway(stream, refusal.code, refusal.message)
         raise
-    decoder.max_frame_size = max_frame_size
-    return HandshakeResult(version, decoder, auth.max_frame_size, auth.client_id)
+    return _result(step.result, decoder, max_frame_size)
 
 
 @asynccontextmanager

@@ -51,29 +51,60 @@ class ErrorCode(enum.IntEnum):
     #: Too many failed authentications from this address: try again later.
     RATE_LIMITED = 1012
 
-    # -- remote protocol violations (1100-1199) --
+    # -- protocol violations (1100-1199): remote ones end the session with GoAway --
+    #: A protocol violation with no more precise code; also an ``Open`` with an unknown route.
     PROTOCOL_ERROR = 1100
+    #: A frame's length header is above the receiver's limit (or, locally, an oversized frame).
     FRAME_TOO_LARGE = 1101
+    #: A frame body is not one valid msgpack map with unique string keys.
     MALFORMED_FRAME = 1102
+    #: A frame's ``"t"`` tag is missing, not a string, or names no message type.
     UNKNOWN_MESSAGE = 1103
+    #: A field is missing, extra, of the wrong msgpack type or out of range.
     INVALID_FIELD = 1104
+    #: The connection ended in the middle of a frame.
     TRUNCATED_FRAME = 1105
+    #: Data beyond the receive window, a window above 2**31-1, or (locally) beyond the send window.
     FLOW_CONTROL_ERROR = 1106
+    #: A frame or call that the stream's id or state does not allow.
     STREAM_STATE_ERROR = 1107
+    #: A valid message of another layer or step (a handshake message in the session, ...).
     UNEXPECTED_MESSAGE = 1108
     #: The peer keeps sending requests (pings, opens) without reading the replies.
     FLOOD = 1109
 
     # -- dial outcomes (2000-2099) --
+    #: Connecting to the requested target failed, for no more precise reason.
     DIAL_FAILED = 2000
+    #: The target did not answer within the connect timeout.
     NODE_TIMEOUT = 2001
+    #: The dial failed fast: refused, unreachable, DNS failure or reset.
     NODE_UNSTABLE = 2002
+    #: The dialling side's policy (``--permit-open``) does not allow the target.
     TARGET_FORBIDDEN = 2003
+    # NODE_UNSTABLE with its reason, in ``Refuse`` only (see ``refusal_code``); the exception
+    # raised for each is ``NodeUnstableError`` with code NODE_UNSTABLE and that ``failure``.
+    #: NODE_UNSTABLE: the target refused the connection.
+    NODE_REFUSED = 2010
+    #: NODE_UNSTABLE: the connection was reset or aborted while being set up.
+    NODE_RESET = 2011
+    #: NODE_UNSTABLE: no route to the target's network (network unreachable or down).
+    NODE_NETWORK_UNREACHABLE = 2012
+    #: NODE_UNSTABLE: no route to the target host (host unreachable or down).
+    NODE_HOST_UNREACHABLE = 2013
+    #: NODE_UNSTABLE: the target's name did not resolve.
+    NODE_DNS_FAILED = 2014
+    #: NODE_UNSTABLE: the target's name cannot even be looked up (an invalid IDNA name).
+    NODE_INVALID_HOST = 2015
 
     # -- forward set-up outcomes (2100-2199) --
+    #: A remote forward could not be set up, for no more precise reason.
     FORWARD_FAILED = 2100
+    #: The port to listen on is already taken.
     ADDRESS_IN_USE = 2101
+    #: The operating system refused the bind (a privileged port, for example).
     PERMISSION_DENIED = 2102
+    #: The server's policy does not allow listening on that port or address.
     PORT_NOT_ALLOWED = 2103
     #: The client already has as many forwards as the server allows.
     FORWARD_LIMIT = 2104
@@ -214,15 +245,53 @@ class StreamLimitError(StreamRefusedError):
     default_code = ErrorCode.STREAM_LIMIT
 
 
+class DialFailure(enum.IntEnum):
+    """Why a dial failed, as a structure: what a SOCKS reply (or any caller) decides on, so
+    that nothing has to read the English of an error message.
+
+    The dialling side sorts the OS's failure into one of these (``_dial``); it crosses the
+    wire inside the ``Refuse`` code (see :func:`refusal_code`).
+    """
+
+    #: Not known: an older peer, or an OS error with no better category.
+    UNKNOWN = 0
+    #: No answer within the connect timeout (or the OS's own ETIMEDOUT).
+    TIMEOUT = 1
+    #: The target actively refused the connection (RST to our SYN).
+    REFUSED = 2
+    #: The connection was reset or aborted while being set up.
+    RESET = 3
+    #: No route to the target's network.
+    NETWORK_UNREACHABLE = 4
+    #: No route to the target host.
+    HOST_UNREACHABLE = 5
+    #: The target's name did not resolve.
+    DNS = 6
+    #: The target's name cannot be looked up at all.
+    INVALID_HOST = 7
+    #: The dialling side's policy does not allow the target.
+    NOT_PERMITTED = 8
+
+
 class DialError(StreamRefusedError):
-    """Dialling a target failed. ``target`` is ``"host:port"``; ``category`` is the log tag."""
+    """Dialling a target failed. ``target`` is ``"host:port"``; ``category`` is the log tag;
+    ``failure`` says why, as a :class:`DialFailure`."""
 
     default_code = ErrorCode.DIAL_FAILED
     category: ClassVar[str] = "DIAL_FAILED"
+    default_failure: ClassVar[DialFailure] = DialFailure.UNKNOWN
 
-    def __init__(self, message: str = "", *, target: str = "", code: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        target: str = "",
+        code: int | None = None,
+        failure: DialFailure | None = None,
+    ) -> None:
         super().__init__(message, code=code)
         self.target = target
+        self.failure = self.default_failure if failure is None else failure
 
 
 class NodeTimeoutError(DialError):
@@ -230,6 +299,7 @@ class NodeTimeoutError(DialError):
 
     default_code = ErrorCode.NODE_TIMEOUT
     category = "NODE_TIMEOUT"
+    default_failure = DialFailure.TIMEOUT
 
 
 class NodeUnstableError(DialError):
@@ -244,6 +314,7 @@ class TargetForbiddenError(DialError):
 
     default_code = ErrorCode.TARGET_FORBIDDEN
     category = "TARGET_FORBIDDEN"
+    default_failure = DialFailure.NOT_PERMITTED
 
 
 class InvalidTargetError(TargetForbiddenError, ValueError):
@@ -328,11 +399,40 @@ def _escape(char: str) -> str:
     return char.encode("unicode_escape").decode("ascii")
 
 
+#: The ``Refuse`` code that carries each reason of a NODE_UNSTABLE dial failure.
+_UNSTABLE_CODES: dict[DialFailure, ErrorCode] = {
+    DialFailure.REFUSED: ErrorCode.NODE_REFUSED,
+    DialFailure.RESET: ErrorCode.NODE_RESET,
+    DialFailure.NETWORK_UNREACHABLE: ErrorCode.NODE_NETWORK_UNREACHABLE,
+    DialFailure.HOST_UNREACHABLE: ErrorCode.NODE_HOST_UNREACHABLE,
+    DialFailure.DNS: ErrorCode.NODE_DNS_FAILED,
+    DialFailure.INVALID_HOST: ErrorCode.NODE_INVALID_HOST,
+}
+_UNSTABLE_FAILURES: dict[int, DialFailure] = {c: f for f, c in _UNSTABLE_CODES.items()}
+
+
+def refusal_code(error: TunnelError) -> int:
+    """The code to put in the ``Refuse`` that reports ``error`` to the side that asked.
+
+    A ``NodeUnstableError`` whose reason is known is sent as that reason's own code
+    (``NODE_REFUSED``...), so the reason crosses the wire as a number, not as English; the
+    asking side's :func:`refusal_error` turns it back into a ``NodeUnstableError`` with code
+    ``NODE_UNSTABLE`` and the same ``failure``. A peer that does not know those codes raises
+    the generic ``StreamRefusedError`` for them, as it must for any code it does not know.
+    Every other error is sent as its own code."""
+    if isinstance(error, NodeUnstableError):
+        return _UNSTABLE_CODES.get(error.failure, error.code)
+    return error.code
+
+
 def refusal_error(code: int, message: str, *, target: str = "") -> StreamRefusedError:
     """Build the exception that a ``Refuse`` with ``code`` stands for on the asking side.
 
     ``message`` comes from the peer: it is escaped (see :func:`printable`)."""
     message = printable(message)
+    failure = _UNSTABLE_FAILURES.get(code)
+    if failure is not None:
+        return NodeUnstableError(message, target=target, failure=failure)
     cls = _BY_CODE.get(code, StreamRefusedError)
     if issubclass(cls, DialError):
         return cls(message, target=target, code=code)

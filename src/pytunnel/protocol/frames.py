@@ -12,7 +12,7 @@ from typing import Any
 import msgpack
 
 from ..errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from .messages import MESSAGE_TYPES, Data, Message, converter, truncate_text
+from .messages import ANY_LAYER, MESSAGE_TYPES, Data, Layer, Message, converter, truncate_text
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
@@ -142,8 +142,9 @@ def encode_message(message: Message, max_frame_size: int = MAX_FRAME_SIZE_LIMIT)
     return size.to_bytes(HEADER_SIZE, "big") + body
 
 
-def decode_body(body: bytes | memoryview) -> Message:
-    """Turn one frame body into a message, or raise :class:`RemoteProtocolError`."""
+def decode_body(body: bytes | memoryview, layer: Layer = ANY_LAYER) -> Message:
+    """Turn one frame body into a message of ``layer``, or raise :class:`RemoteProtocolError`
+    (a valid message of another layer is ``UNEXPECTED_MESSAGE``)."""
     try:
         obj = _unpackb(body, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises a zoo of types; all mean "not valid msgpack"
@@ -173,6 +174,16 @@ def decode_body(body: bytes | memoryview) -> Message:
             truncate_text(f"invalid {tag!r} message: {_describe(exc)}", 300),
             code=ErrorCode.INVALID_FIELD,
         ) from None
+    return _check_layer(message, layer)
+
+
+def _check_layer(message: Message, layer: Layer) -> Message:
+    # After structuring, so a malformed message of another layer is still INVALID_FIELD.
+    if type(message) not in layer.types:
+        raise RemoteProtocolError(
+            f"{type(message).__name__} is not valid {layer.where}",
+            code=ErrorCode.UNEXPECTED_MESSAGE,
+        )
     return message
 
 
@@ -200,10 +211,17 @@ class FrameDecoder:
     Frames are parsed in place in the chunk the transport returned; only a frame that straddles
     two chunks is copied into a pending buffer. Once it has raised, the decoder stays broken and
     raises the same error again: a byte stream that lost framing cannot be resynchronized.
+
+    ``layer`` is the set of message kinds accepted (see :class:`~.messages.Layer`); any other
+    valid message is ``UNEXPECTED_MESSAGE``. It may be changed between frames, as when the
+    handshake hands its decoder to the session.
     """
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, layer: Layer = ANY_LAYER
+    ) -> None:
         self.max_frame_size = max_frame_size
+        self.layer = layer
         #: The last chunk received, parsed from ``_pos`` on (never copied).
         self._chunk: bytes = b""
         self._pos = 0
@@ -295,7 +313,7 @@ class FrameDecoder:
                 need = HEADER_SIZE + size - len(pending)
                 if self._take(need) == need:
                     self._pending = bytearray()
-                    return _decode(pending, HEADER_SIZE, HEADER_SIZE + size)
+                    return _decode(pending, HEADER_SIZE, HEADER_SIZE + size, self.layer)
         else:
             chunk, pos = self._chunk, self._pos
             available = len(chunk) - pos
@@ -304,7 +322,7 @@ class FrameDecoder:
                 end = pos + HEADER_SIZE + size
                 if end <= len(chunk):
                     self._pos = end
-                    return _decode(chunk, pos + HEADER_SIZE, end)
+                    return _decode(chunk, pos + HEADER_SIZE, end, self.layer)
             if available > 0:
                 self._take(available)
         if self._eof and self._pending:
@@ -323,9 +341,9 @@ class FrameDecoder:
         return out
 
 
-def _decode(buf: bytes | bytearray, start: int, end: int) -> Message:
+def _decode(buf: bytes | bytearray, start: int, end: int, layer: Layer) -> Message:
     message = _parse_data(buf, start, end)
     if message is None:
         with memoryview(buf) as view, view[start:end] as body:
-            return decode_body(body)
-    return message
+            return decode_body(body, layer)
+    return _check_layer(message, layer)

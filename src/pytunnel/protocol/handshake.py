@@ -1,4 +1,11 @@
-"""The authentication handshake's pure parts: versions, nonces and the two proofs.
+"""The authentication handshake: two sans-IO state machines and their pure parts.
+
+:class:`ClientHandshake` and :class:`ServerHandshake` hold every rule that decides a
+handshake: the order of the messages, the choice of version, both proof checks, the binding of
+``client_id`` and what a refused client is told. Feed each the peer's message and it answers
+with the message to send, the outcome, or a typed error; the I/O driver (``_handshake.py``)
+only reads frames with its deadline and frame limit and writes what it is told. Nothing here
+imports trio or touches a socket, so the whole exchange runs synchronously in tests.
 
 The exchange (see ``docs/protocol.md``)::
 
@@ -17,16 +24,44 @@ never crosses the wire.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable
+from typing import TypeAlias
 
-from .messages import NONCE_SIZE
+import attrs
+
+from ..errors import (
+    AuthenticationError,
+    ErrorCode,
+    LocalProtocolError,
+    RemoteProtocolError,
+    TunnelError,
+    VersionMismatchError,
+    goaway_error,
+)
+from .messages import (
+    NONCE_SIZE,
+    Auth,
+    Challenge,
+    GoAway,
+    HandshakeMessage,
+    Hello,
+    Welcome,
+    truncate_text,
+)
 
 __all__ = [
     "PRE_AUTH_MAX_FRAME_SIZE",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
+    "Authenticated",
+    "ClientHandshake",
+    "HandshakeState",
+    "ServerHandshake",
+    "Step",
     "choose_version",
     "client_proof",
     "new_nonce",
@@ -39,6 +74,9 @@ PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS: tuple[int, ...] = (PROTOCOL_VERSION,)
 #: Until a peer has authenticated, no frame may be larger than this.
 PRE_AUTH_MAX_FRAME_SIZE = 4096
+
+#: ``client_proof`` or ``server_proof``: (token, version, client nonce, server nonce, id).
+_Proof: TypeAlias = Callable[[bytes, int, bytes, bytes, str], bytes]
 
 _CLIENT_LABEL = b"pytunnel client proof\x00"
 _SERVER_LABEL = b"pytunnel server proof\x00"
@@ -89,3 +127,227 @@ def server_proof(
 def verify(expected: bytes, received: bytes) -> bool:
     """Constant-time comparison, so timing does not leak how much of a MAC was right."""
     return hmac.compare_digest(expected, received)
+
+
+def token_bytes(token: str | bytes) -> bytes:
+    """The HMAC key for ``token`` (UTF-8 for text)."""
+    return token.encode("utf-8") if isinstance(token, str) else bytes(token)
+
+
+# --------------------------------------------------------------------------- state machines
+
+
+class HandshakeState(enum.Enum):
+    """Where one side's handshake is. ``DONE`` and ``ERROR`` are final."""
+
+    #: Client only: ``Hello`` not sent yet (see :meth:`ClientHandshake.start`).
+    START = "start"
+    #: The next message from the peer is the one named by ``expecting``.
+    WAITING = "waiting"
+    DONE = "done"
+    #: The handshake failed; every later call raises the same error again.
+    ERROR = "error"
+
+
+@attrs.frozen
+class Authenticated:
+    """What a successful handshake established, for the session that follows."""
+
+    version: int
+    #: Largest frame body the peer accepts from now on.
+    peer_max_frame_size: int
+    #: The identity the client authenticated with ("" for none).
+    client_id: str = ""
+
+
+@attrs.frozen
+class Step:
+    """The answer to one received message: what to send now (if anything) and, once the
+    handshake has succeeded, its outcome."""
+
+    send: HandshakeMessage | None = None
+    result: Authenticated | None = None
+
+
+def _unexpected(message: HandshakeMessage, wanted: str) -> RemoteProtocolError:
+    return RemoteProtocolError(
+        f"expected {wanted}, got {type(message).__name__}", code=ErrorCode.UNEXPECTED_MESSAGE
+    )
+
+
+class _Machine:
+    """The state both sides share: the sticky ERROR and what is expected next."""
+
+    def __init__(self, expecting: str) -> None:
+        self.state = HandshakeState.WAITING
+        #: The name of the message the peer must send next ("" when none is).
+        self.expecting = expecting
+        self._error: TunnelError | None = None
+
+    def receive(self, message: HandshakeMessage) -> Step:
+        """Take the peer's next message; the subclass says which errors it raises. Once one
+        was raised, every later call raises it again."""
+        if self._error is not None:
+            raise self._error
+        if self.state is not HandshakeState.WAITING:
+            raise LocalProtocolError(f"the handshake expects no message ({self.state.value})")
+        try:
+            return self._receive(message)
+        except TunnelError as exc:
+            raise self._fail(exc) from None
+
+    def _receive(self, message: HandshakeMessage) -> Step:
+        raise NotImplementedError
+
+    def _expect(self, name: str) -> None:
+        self.expecting = name
+
+    def _finish(self) -> None:
+        self.state = HandshakeState.DONE
+        self.expecting = ""
+
+    def _fail(self, error: TunnelError) -> TunnelError:
+        self.state = HandshakeState.ERROR
+        self.expecting = ""
+        self._error = error
+        return error
+
+
+class ClientHandshake(_Machine):
+    """The client's side: send ``Hello``, answer ``Challenge`` with ``Auth``, check
+    ``Welcome``.
+
+    Args:
+      token: the shared secret (never sent; only HMACs of it are).
+      max_frame_size: the largest frame body we accept after the handshake (sent in ``Auth``).
+      versions: the versions we offer.
+      client_id: the identity we claim ("" for none); bound into both proofs.
+      nonce: our nonce; a fresh random one unless given (tests pin it).
+
+    Errors from :meth:`receive`: ``SessionClosedError`` and the ``ConnectError`` subclasses a
+    server's ``GoAway`` stands for, :class:`VersionMismatchError` for a version we did not
+    offer, :class:`AuthenticationError` when the server cannot prove it knows the token,
+    :class:`RemoteProtocolError` (``UNEXPECTED_MESSAGE``) for a message out of order.
+    """
+
+    def __init__(
+        self,
+        token: str | bytes,
+        *,
+        max_frame_size: int,
+        versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+        client_id: str = "",
+        nonce: bytes | None = None,
+    ) -> None:
+        super().__init__("")
+        self.state = HandshakeState.START
+        self._key = token_bytes(token)
+        self._max_frame_size = max_frame_size
+        self._versions = versions
+        self._client_id = client_id
+        self._nonce = new_nonce() if nonce is None else nonce
+        self._challenge: Challenge | None = None
+
+    def start(self) -> Hello:
+        """The first message to send."""
+        if self.state is not HandshakeState.START:
+            raise LocalProtocolError("the handshake has already started")
+        self.state = HandshakeState.WAITING
+        self._expect("Challenge")
+        return Hello(self._versions, self._nonce)
+
+    def _receive(self, message: HandshakeMessage) -> Step:
+        if isinstance(message, GoAway):  # the server refused us, at either step
+            raise goaway_error(message.code, message.message)
+        challenge = self._challenge
+        if challenge is None:
+            if not isinstance(message, Challenge):
+                raise _unexpected(message, "Challenge")
+            if message.version not in self._versions:
+                raise VersionMismatchError(
+                    f"server chose version {message.version}, we speak {list(self._versions)}"
+                )
+            self._challenge = message
+            self._expect("Welcome")
+            proof = self._proof(client_proof, message)
+            return Step(send=Auth(proof, self._max_frame_size, self._client_id))
+        if not isinstance(message, Welcome):
+            raise _unexpected(message, "Welcome")
+        if not verify(self._proof(server_proof, challenge), message.mac):
+            raise AuthenticationError("the server could not prove it knows the token")
+        self._finish()
+        return Step(
+            result=Authenticated(challenge.version, message.max_frame_size, self._client_id)
+        )
+
+    def _proof(self, kind: _Proof, challenge: Challenge) -> bytes:
+        return kind(self._key, challenge.version, self._nonce, challenge.nonce, self._client_id)
+
+
+class ServerHandshake(_Machine):
+    """The server's side: answer ``Hello`` with ``Challenge``, check ``Auth``, send
+    ``Welcome``.
+
+    Args:
+      token: the shared secret.
+      max_frame_size: the largest frame body we accept after the handshake (in ``Welcome``).
+      versions: the versions we speak; the highest one in common is chosen.
+      peer: who the client is, for error messages (never sent to it).
+      nonce: our nonce; a fresh random one unless given (tests pin it).
+
+    Errors from :meth:`receive`: :class:`VersionMismatchError` (no common version),
+    :class:`AuthenticationError` (a wrong proof), :class:`RemoteProtocolError` for a message
+    out of order. Whatever the error, :meth:`refusal` is the ``GoAway`` to send before closing.
+    """
+
+    def __init__(
+        self,
+        token: str | bytes,
+        *,
+        max_frame_size: int,
+        versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+        peer: str = "?",
+        nonce: bytes | None = None,
+    ) -> None:
+        super().__init__("Hello")
+        self._key = token_bytes(token)
+        self._max_frame_size = max_frame_size
+        self._versions = versions
+        self._peer = peer
+        self._nonce = new_nonce() if nonce is None else nonce
+        self._hello: Hello | None = None
+        self._version = 0
+
+    def _receive(self, message: HandshakeMessage) -> Step:
+        hello = self._hello
+        if hello is None:
+            if not isinstance(message, Hello):
+                raise _unexpected(message, "Hello")
+            version = choose_version(message.versions, self._versions)
+            if version is None:
+                raise VersionMismatchError(
+                    f"client speaks versions {list(message.versions)}, "
+                    f"server speaks {list(self._versions)}"
+                )
+            self._hello, self._version = message, version
+            self._expect("Auth")
+            return Step(send=Challenge(version, self._nonce))
+        if not isinstance(message, Auth):
+            raise _unexpected(message, "Auth")
+        args = (self._key, self._version, hello.nonce, self._nonce, message.client_id)
+        if not verify(client_proof(*args), message.mac):
+            raise AuthenticationError(f"client {self._peer} sent a wrong token proof")
+        self._finish()
+        return Step(
+            send=Welcome(server_proof(*args), self._max_frame_size),
+            result=Authenticated(self._version, message.max_frame_size, message.client_id),
+        )
+
+    @staticmethod
+    def refusal(error: TunnelError) -> GoAway:
+        """The ``GoAway`` that tells a refused client why. A failed authentication is told
+        no more than that (which step failed, or for whom, is nothing a guesser should learn);
+        any other error is told by its code and message."""
+        if isinstance(error, AuthenticationError):
+            return GoAway(ErrorCode.AUTHENTICATION_FAILED, "authentication failed")
+        return GoAway(error.code, truncate_text(error.message))

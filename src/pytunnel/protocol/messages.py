@@ -7,6 +7,11 @@ another language needs nothing but a msgpack library. Payload bytes are msgpack 
 Field types are checked strictly when structuring (an ``int`` field does not accept ``"5"``, a
 ``bytes`` field does not accept a ``str``): a lenient decoder would let two implementations
 disagree about what a frame means.
+
+The messages fall into three layers, each with its own union (``HandshakeMessage``,
+``SessionMessage``, ``ControlMessage``) and :class:`Layer`: a decoder is told which layer it
+reads, so what it returns is already known to belong there. ``Message`` is the union of all
+of them, for encoding.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from cattrs.preconf.msgpack import make_converter
 from cattrs.strategies import configure_tagged_union
 
 __all__ = [
+    "ANY_LAYER",
+    "CONTROL",
+    "HANDSHAKE",
     "MAX_CLIENT_ID",
     "MAX_STREAM_ID",
     "MAX_WINDOW",
@@ -27,18 +35,23 @@ __all__ = [
     "Auth",
     "Bound",
     "Challenge",
+    "ControlMessage",
     "Data",
     "Datagram",
     "Fin",
     "ForwardState",
     "GoAway",
+    "HandshakeMessage",
     "Hello",
+    "Layer",
     "Message",
     "Open",
     "Ping",
     "Pong",
     "Refuse",
     "Reset",
+    "SESSION",
+    "SessionMessage",
     "WindowUpdate",
     "Welcome",
     "converter",
@@ -375,11 +388,12 @@ class ForwardState:
     reason: str = attrs.field(default="", validator=_max_utf8(MAX_TEXT))
 
 
-Message = Union[  # noqa: UP007 - cattrs needs a real Union object at runtime on 3.10
-    Hello,
-    Challenge,
-    Auth,
-    Welcome,
+# ----------------------------------------------------------------------------- layers
+
+#: What may cross the wire before the session exists (``GoAway`` is the server's refusal).
+HandshakeMessage = Union[Hello, Challenge, Auth, Welcome, GoAway]  # noqa: UP007
+#: What the multiplexer exchanges once the handshake is over.
+SessionMessage = Union[  # noqa: UP007
     Open,
     Accept,
     Refuse,
@@ -391,11 +405,45 @@ Message = Union[  # noqa: UP007 - cattrs needs a real Union object at runtime on
     Ping,
     Pong,
     GoAway,
-    Bound,
-    ForwardState,
 ]
+#: What travels framed inside a remote forward's control stream.
+ControlMessage = Union[Bound, ForwardState]  # noqa: UP007
+
+#: Every message, for encoding (a real Union object: cattrs needs one at runtime on 3.10).
+Message = Union[HandshakeMessage, SessionMessage, ControlMessage]  # noqa: UP007
 
 MESSAGE_TYPES: tuple[type[Any], ...] = Message.__args__  # type: ignore[attr-defined]
+
+
+@attrs.frozen
+class Layer:
+    """The message kinds one layer of the protocol accepts from its peer.
+
+    A frame decoder is given its layer, so a message of another layer (a ``Hello`` in the
+    session, an ``Open`` inside a control stream) is a decode error, ``UNEXPECTED_MESSAGE``,
+    and the state machine above it only ever sees its own kinds.
+    """
+
+    #: Says where the layer's messages travel, for error messages ("after the handshake").
+    where: str
+    types: frozenset[type[Any]]
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in self.types
+
+
+def _kinds(union: Any) -> frozenset[type[Any]]:
+    return frozenset(union.__args__)
+
+
+#: Before the session: ``Hello``, ``Challenge``, ``Auth``, ``Welcome`` and ``GoAway``.
+HANDSHAKE = Layer("during the handshake", _kinds(HandshakeMessage))
+#: The multiplexer's frames.
+SESSION = Layer("after the handshake", _kinds(SessionMessage))
+#: ``Bound`` and ``ForwardState``, framed inside a control stream.
+CONTROL = Layer("on a forward's control stream", _kinds(ControlMessage))
+#: Every message: for tools and tests that decode any frame.
+ANY_LAYER = Layer("anywhere", frozenset(MESSAGE_TYPES))
 
 _T = TypeVar("_T")
 

@@ -3,15 +3,20 @@
 Modelled on yamux and HTTP/2. Bytes from the transport go into :meth:`Multiplexer.receive_data`
 and come out as events; calls such as :meth:`Multiplexer.send_data` queue frames that the I/O
 layer drains with :meth:`Multiplexer.data_to_send`. All protocol rules live here: stream id
-parity, the per-stream state machine and flow control. Every violation by the peer is a
-:class:`RemoteProtocolError`; every misuse by our caller a :class:`LocalProtocolError`.
+parity, flow control, and the per-stream state machine, whose rules are the one transition
+table of :mod:`.streams`. Every violation by the peer is a :class:`RemoteProtocolError`; every
+misuse by our caller a :class:`LocalProtocolError` that changes nothing.
 
-Stream lifecycle (one side's view)::
+Stream lifecycle (one side's view; the table in :mod:`.streams` is the authority)::
 
     opened by us:    OPENING --Accept--> OPEN       OPENING --Refuse--> (gone)
     opened by peer:  PENDING --accept--> OPEN       PENDING --refuse--> (gone)
-    OPEN: each direction ends with a Fin; when both have, the stream is gone.
+    OPEN --our Fin--> LOCAL_FIN, OPEN --their Fin--> REMOTE_FIN; the other Fin: gone.
     Reset, from either side and in any state, ends the stream at once.
+
+A violation by the peer is sticky, as h11's ERROR state: the multiplexer stops (see
+:attr:`Multiplexer.error`), nothing the peer sent after it is processed, and the only frame
+still queued is the ``GoAway`` that tells the peer why.
 
 Flow control: each side announces a receive window when it opens or accepts a stream. The
 sender may have at most that many unacknowledged payload bytes in flight; the receiver grants
@@ -25,12 +30,15 @@ of a stream with nothing queued) overtake bulk data, so a heartbeat answer never
 megabytes; ``Open``/``Accept``/``Data``/``Fin``/``Datagram`` keep their order. Replies to the
 peer's requests (``Pong``, ``Refuse``, the ``Reset`` of data sent to a closed stream) are
 bounded: a peer that keeps asking while not reading the answers is cut off with ``FLOOD``.
+
+Over 500 lines because the stream table, the two output queues and flow control share every
+stream's record; split apart they would reach into each other's private state.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Union
+from typing import Union, cast
 
 import attrs
 
@@ -39,6 +47,7 @@ from .frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, append_data_frame, enc
 from .messages import (
     MAX_DATAGRAM,
     MAX_WINDOW,
+    SESSION,
     Accept,
     Data,
     Datagram,
@@ -50,9 +59,11 @@ from .messages import (
     Pong,
     Refuse,
     Reset,
+    SessionMessage,
     WindowUpdate,
     truncate_text,
 )
+from .streams import StreamEvent, StreamState, allows, next_state
 
 __all__ = [
     "DEFAULT_MAX_CONTROL_QUEUE",
@@ -95,12 +106,6 @@ class Role(enum.Enum):
 
     CLIENT = 1  # opens odd stream ids
     SERVER = 2  # opens even stream ids
-
-
-class _Phase(enum.Enum):
-    OPENING = "opening"  # we sent Open, waiting for Accept/Refuse
-    PENDING = "pending"  # peer sent Open, we have not answered
-    OPEN = "open"
 
 
 # ----------------------------------------------------------------------------- events
@@ -215,19 +220,17 @@ class _Stream:
         "datagrams",
         "id",
         "local_closed",
-        "local_fin",
-        "phase",
         "queued",
         "recv_window",
-        "remote_fin",
         "send_window",
+        "state",
         "unacked",
     )
 
     def __init__(
         self,
         stream_id: int,
-        phase: _Phase,
+        state: StreamState,
         send_window: int,
         recv_window: int,
         datagrams: bool = False,
@@ -239,14 +242,13 @@ class _Stream:
         #: a Reset knows whether it may overtake the data queue without passing this stream's
         #: own Open.
         self.queued = -1
-        self.phase = phase
+        #: Where the stream is in :data:`.streams.TRANSITIONS`.
+        self.state = state
         self.send_window = send_window
         #: How many more bytes the peer may send before a WindowUpdate.
         self.recv_window = recv_window
         #: Bytes the application consumed that we have not yet granted back.
         self.unacked = 0
-        self.local_fin = False
-        self.remote_fin = False
         #: The application closed its end: further data from the peer is answered with Reset.
         self.local_closed = False
 
@@ -288,6 +290,8 @@ class Multiplexer:
         self._peer_max_frame_size = peer_max_frame_size
         self._decoder = decoder if decoder is not None else FrameDecoder(max_frame_size)
         self._decoder.max_frame_size = max_frame_size
+        # the decoder rejects every other layer's messages, so _handle sees session frames only
+        self._decoder.layer = SESSION
         self._streams: dict[int, _Stream] = {}
         self._next_id = 1 if role is Role.CLIENT else 2
         self._peer_parity = 0 if role is Role.CLIENT else 1
@@ -307,6 +311,8 @@ class Multiplexer:
         self.goaway_received = False
         #: Whether the last :meth:`next_events` stopped at its limit (more may be decodable).
         self.frames_pending = False
+        #: The peer's violation once the multiplexer has stopped (see :attr:`error`).
+        self._error: RemoteProtocolError | None = None
 
     # ------------------------------------------------------------------ introspection
 
@@ -321,7 +327,7 @@ class Multiplexer:
     def send_window(self, stream_id: int) -> int:
         """How many payload bytes may be sent on ``stream_id`` right now (0 if none)."""
         st = self._streams.get(stream_id)
-        if st is None or st.phase is not _Phase.OPEN or st.local_fin:
+        if st is None or not allows(st.state, StreamEvent.SEND_DATA):
             return 0
         return st.send_window
 
@@ -329,7 +335,7 @@ class Multiplexer:
         """Whether a datagram may be sent on the stream (an open datagram stream; Fin does not
         matter)."""
         st = self._streams.get(stream_id)
-        return st is not None and st.phase is _Phase.OPEN and st.datagrams
+        return st is not None and st.datagrams and allows(st.state, StreamEvent.SEND_DATAGRAM)
 
     @property
     def lingering(self) -> int:
@@ -346,7 +352,7 @@ class Multiplexer:
     def can_send(self, stream_id: int) -> bool:
         """Whether the stream still accepts data from us at all (open, no Fin sent)."""
         st = self._streams.get(stream_id)
-        return st is not None and st.phase is _Phase.OPEN and not st.local_fin
+        return st is not None and allows(st.state, StreamEvent.SEND_DATA)
 
     # ------------------------------------------------------------------ outgoing
 
@@ -395,9 +401,21 @@ class Multiplexer:
         del self._streams[stream_id]
         self._lingering.pop(stream_id, None)
 
+    def _enter(self, st: _Stream, state: StreamState) -> None:
+        """Move ``st`` to ``state`` (from :func:`.streams.next_state`); CLOSED forgets it."""
+        if state is StreamState.CLOSED:
+            self._forget(st.id)
+        else:
+            st.state = state
+
     def _get(self, stream_id: int) -> _Stream:
         st = self._streams.get(stream_id)
         if st is None:
+            if self._error is not None:
+                raise LocalProtocolError(
+                    f"the multiplexer stopped after a protocol violation: {self._error.message}",
+                    code=self._error.code,
+                ) from self._error
             raise LocalProtocolError(
                 f"stream {stream_id} is not open", code=ErrorCode.STREAM_STATE_ERROR
             )
@@ -411,14 +429,16 @@ class Multiplexer:
         ``datagrams`` makes it a datagram stream (a UDP association): the only kind that may
         carry datagrams, in either direction.
         """
-        if self.goaway_sent or self.goaway_received:
-            raise LocalProtocolError("session is going away", code=ErrorCode.GOING_AWAY)
+        if self.goaway_sent or self.goaway_received or self._error is not None:
+            raise LocalProtocolError(
+                "session is going away", code=ErrorCode.GOING_AWAY
+            ) from self._error
         if len(self._streams) >= self.max_streams:
             raise StreamLimitError(f"already {len(self._streams)} streams open")
         stream_id = self._next_id
         if stream_id > 2**32 - 1:
             raise LocalProtocolError("stream ids exhausted", code=ErrorCode.STREAM_STATE_ERROR)
-        st = _Stream(stream_id, _Phase.OPENING, 0, self.window, datagrams)
+        st = _Stream(stream_id, StreamState.OPENING, 0, self.window, datagrams)
         self._emit(Open(stream_id, self.window, host, port, tag, datagrams), st)
         self._next_id += 2
         self._streams[stream_id] = st
@@ -427,27 +447,20 @@ class Multiplexer:
     def accept_stream(self, stream_id: int) -> None:
         """Accept a stream the peer opened."""
         st = self._get(stream_id)
-        if st.phase is not _Phase.PENDING:
-            raise LocalProtocolError(f"stream {stream_id} is not awaiting an answer")
-        st.phase = _Phase.OPEN
+        self._enter(st, next_state(st.state, StreamEvent.SEND_ACCEPT, stream_id))
         self._emit(Accept(stream_id, self.window), st)
 
     def refuse_stream(self, stream_id: int, code: int, message: str = "") -> None:
         """Refuse a stream the peer opened; ``code`` says why (an ``ErrorCode``)."""
         st = self._get(stream_id)
-        if st.phase is not _Phase.PENDING:
-            raise LocalProtocolError(f"stream {stream_id} is not awaiting an answer")
-        del self._streams[stream_id]
+        self._enter(st, next_state(st.state, StreamEvent.SEND_REFUSE, stream_id))
         # an answer to the peer's Open: bounded like the automatic ones
         self._reply(Refuse(stream_id, code, truncate_text(message)))
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data``; it must fit the send window (see :meth:`send_window`)."""
         st = self._get(stream_id)
-        if st.phase is not _Phase.OPEN or st.local_fin:
-            raise LocalProtocolError(
-                f"stream {stream_id} is not open for sending", code=ErrorCode.STREAM_STATE_ERROR
-            )
+        next_state(st.state, StreamEvent.SEND_DATA, stream_id)  # data never changes the state
         size = len(data)
         if size > st.send_window:
             raise LocalProtocolError(
@@ -468,10 +481,7 @@ class Multiplexer:
     def send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue one datagram on an open stream (no window: callers bound their own queues)."""
         st = self._get(stream_id)
-        if st.phase is not _Phase.OPEN:
-            raise LocalProtocolError(
-                f"stream {stream_id} is not open", code=ErrorCode.STREAM_STATE_ERROR
-            )
+        next_state(st.state, StreamEvent.SEND_DATAGRAM, stream_id)
         if not st.datagrams:
             raise LocalProtocolError(
                 f"stream {stream_id} is a byte stream, not a datagram stream",
@@ -484,14 +494,11 @@ class Multiplexer:
     def send_fin(self, stream_id: int) -> None:
         """Half-close: we will send no more data. Idempotent."""
         st = self._get(stream_id)
-        if st.phase is not _Phase.OPEN:
-            raise LocalProtocolError(f"stream {stream_id} is not open")
-        if st.local_fin:
+        state = next_state(st.state, StreamEvent.SEND_FIN, stream_id)
+        if st.state is StreamState.LOCAL_FIN:
             return
-        st.local_fin = True
         self._emit(Fin(stream_id), st)
-        if st.remote_fin:
-            self._forget(stream_id)
+        self._enter(st, state)
 
     def reset_stream(
         self, stream_id: int, code: int = ErrorCode.CANCELLED, message: str = ""
@@ -500,7 +507,7 @@ class Multiplexer:
         st = self._streams.get(stream_id)
         if st is None:
             return
-        self._forget(stream_id)
+        self._enter(st, next_state(st.state, StreamEvent.SEND_RESET, stream_id))
         self._emit_reset(st, code, message)
 
     def close_stream(self, stream_id: int, now: float = 0.0) -> None:
@@ -515,13 +522,13 @@ class Multiplexer:
         st = self._streams.get(stream_id)
         if st is None:
             return
-        if st.phase is not _Phase.OPEN:
+        if st.state in (StreamState.OPENING, StreamState.PENDING):
             self.reset_stream(stream_id, ErrorCode.CANCELLED, "closed before the stream opened")
             return
         st.local_closed = True
         # A stream finished both ways is already gone (the last Fin, sent or received, forgets
         # it), so one still here has not sent its Fin or waits for the peer's.
-        if not st.local_fin:
+        if st.state is not StreamState.LOCAL_FIN:
             self.send_fin(stream_id)  # removes the stream if the peer had finished
         if stream_id in self._streams:
             self._lingering.setdefault(stream_id, now)  # keeps the dict in closing order
@@ -540,7 +547,7 @@ class Multiplexer:
     def consumed(self, stream_id: int, size: int) -> None:
         """The application consumed ``size`` received bytes; grant window back when due."""
         st = self._streams.get(stream_id)
-        if st is None or st.remote_fin or size <= 0:
+        if st is None or st.state is StreamState.REMOTE_FIN or size <= 0:
             return
         st.unacked += size
         if st.unacked >= self.window // 2:
@@ -550,7 +557,10 @@ class Multiplexer:
             self._emit_control(WindowUpdate(stream_id, delta))
 
     def ping(self, opaque: int) -> None:
-        self._emit_control(Ping(opaque))
+        """Queue a Ping; after a protocol violation nothing is queued (the session is ending,
+        and its end is what answers the caller's wait)."""
+        if self._error is None:
+            self._emit_control(Ping(opaque))
 
     def go_away(self, code: int = ErrorCode.NORMAL, message: str = "") -> None:
         """Announce the end of the session. Only the first call sends anything."""
@@ -563,13 +573,34 @@ class Multiplexer:
 
     # ------------------------------------------------------------------ incoming
 
+    @property
+    def error(self) -> RemoteProtocolError | None:
+        """The peer's protocol violation that stopped the multiplexer, or ``None``.
+
+        Once set it is sticky: every later :meth:`feed`, :meth:`receive_data` and
+        :meth:`next_events` raises it again, every call that needs a stream raises a
+        :class:`LocalProtocolError` with its code, and no stream is tracked any more. Only
+        :meth:`go_away` still queues a frame: telling the peer why is all that is left to do.
+        """
+        return self._error
+
+    def _fail(self, error: RemoteProtocolError) -> RemoteProtocolError:
+        """Enter ERROR: nothing the peer sends after a violation is processed, and the
+        streams are dead (the session ends), so none is kept."""
+        self._error = error
+        self._streams.clear()
+        self._lingering.clear()
+        return error
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed transport bytes (``b""`` at end of stream); return the resulting events."""
-        self._decoder.receive_data(data)
+        self.feed(data)
         return self.next_events()
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Feed transport bytes (``b""`` at end of stream) without decoding them yet."""
+        if self._error is not None:
+            raise self._error
         self._decoder.receive_data(data)
 
     def next_events(self, max_frames: int | None = None) -> list[Event]:
@@ -580,36 +611,45 @@ class Multiplexer:
         peer's backlog never monopolises the event loop; fewer events than ``max_frames`` means
         nothing complete is left. (Frames without an event count too.)
         """
+        if self._error is not None:
+            raise self._error
         decoder = self._decoder
         events: list[Event] = []
         remaining = -1 if max_frames is None else max_frames
-        while remaining and (message := decoder.next_message()) is not None:
-            remaining -= 1
-            event = self._handle(message)
-            if self._replies > self.max_control_queue:
-                raise _error(
-                    ErrorCode.FLOOD,
-                    f"the peer sends requests without reading the replies "
-                    f"({self._replies} bytes of replies queued)",
-                )
-            if event is not None:
-                events.append(event)
+        try:
+            while remaining and (message := decoder.next_message()) is not None:
+                remaining -= 1
+                event = self._handle(cast(SessionMessage, message))
+                if self._replies > self.max_control_queue:
+                    raise _error(
+                        ErrorCode.FLOOD,
+                        f"the peer sends requests without reading the replies "
+                        f"({self._replies} bytes of replies queued)",
+                    )
+                if event is not None:
+                    events.append(event)
+        except RemoteProtocolError as exc:
+            raise self._fail(exc) from None
         self.frames_pending = remaining == 0
         return events
 
-    def _handle(self, msg: Message) -> Event | None:
+    def _live(self, stream_id: int, event: StreamEvent) -> tuple[_Stream, StreamState] | None:
+        """The stream a received frame is about and the state the frame moves it to, or
+        ``None`` for a stream that existed once (the frame crossed our Reset: dropped)."""
+        st = self._streams.get(stream_id)
+        if st is None:
+            self._check_known_id(stream_id)
+            return None
+        return st, next_state(st.state, event, stream_id)
+
+    def _handle(self, msg: SessionMessage) -> Event | None:
         match msg:
             case Data():
                 return self._on_data(msg)
             case Datagram(stream_id, data):
-                st = self._streams.get(stream_id)
-                if st is None:
-                    self._check_known_id(stream_id)
+                if (live := self._live(stream_id, StreamEvent.RECV_DATAGRAM)) is None:
                     return None
-                if st.phase is not _Phase.OPEN:
-                    raise _error(
-                        ErrorCode.STREAM_STATE_ERROR, f"datagram on stream {st.id} before accept"
-                    )
+                st, _ = live  # a datagram never changes the state
                 if not st.datagrams:
                     raise _error(
                         ErrorCode.STREAM_STATE_ERROR,
@@ -619,49 +659,37 @@ class Multiplexer:
                     return None
                 return DatagramReceived(stream_id, data)
             case WindowUpdate(stream_id, delta):
-                st = self._streams.get(stream_id)
-                if st is None:
-                    self._check_known_id(stream_id)
+                if (live := self._live(stream_id, StreamEvent.RECV_WINDOW)) is None:
                     return None
-                if st.phase is not _Phase.OPEN:
-                    raise _error(
-                        ErrorCode.STREAM_STATE_ERROR, f"window update on {st.id} too early"
-                    )
+                st, _ = live
                 st.send_window += delta
                 if st.send_window > MAX_WINDOW:
                     raise _error(ErrorCode.FLOW_CONTROL_ERROR, f"window of {st.id} overflowed")
                 return WindowOpened(st.id)
             case Open():
                 return self._on_open(msg)
-            case Accept(stream_id) | Refuse(stream_id):
-                st = self._streams.get(stream_id)
-                if st is None:
-                    self._check_known_id(stream_id)  # we may have reset it while it was opening
+            case Accept(stream_id, window):
+                # None: we may have reset it while it was opening
+                if (live := self._live(stream_id, StreamEvent.RECV_ACCEPT)) is None:
                     return None
-                if st.phase is not _Phase.OPENING:
-                    raise _error(ErrorCode.STREAM_STATE_ERROR, f"stream {st.id} was not opening")
-                if isinstance(msg, Refuse):
-                    self._forget(st.id)
-                    return StreamRefused(st.id, msg.code, msg.message)
-                st.phase = _Phase.OPEN
-                st.send_window = msg.window
+                st, state = live
+                self._enter(st, state)
+                st.send_window = window
                 return StreamAccepted(st.id)
+            case Refuse(stream_id, code, message):
+                if (live := self._live(stream_id, StreamEvent.RECV_REFUSE)) is None:
+                    return None
+                self._enter(*live)
+                return StreamRefused(stream_id, code, message)
             case Fin(stream_id):
-                st = self._streams.get(stream_id)
-                if st is None:
-                    self._check_known_id(stream_id)
+                if (live := self._live(stream_id, StreamEvent.RECV_FIN)) is None:
                     return None
-                if st.phase is not _Phase.OPEN or st.remote_fin:
-                    raise _error(ErrorCode.STREAM_STATE_ERROR, f"unexpected Fin on stream {st.id}")
-                st.remote_fin = True
-                if st.local_fin:
-                    self._forget(st.id)
-                return StreamEnded(st.id)
+                self._enter(*live)
+                return StreamEnded(stream_id)
             case Reset(stream_id, code, message):
-                if stream_id not in self._streams:
-                    self._check_known_id(stream_id)
+                if (live := self._live(stream_id, StreamEvent.RECV_RESET)) is None:
                     return None
-                self._forget(stream_id)
+                self._enter(*live)
                 return StreamReset(stream_id, code, message)
             case Ping(opaque):
                 self._reply(Pong(opaque))
@@ -671,9 +699,6 @@ class Multiplexer:
             case GoAway(code, message):
                 self.goaway_received = True
                 return GoAwayReceived(code, message)
-        raise _error(
-            ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} is not valid after the handshake"
-        )
 
     def _is_peer_id(self, stream_id: int) -> bool:
         return stream_id % 2 == self._peer_parity
@@ -705,17 +730,16 @@ class Multiplexer:
         if len(self._streams) >= self.max_streams:
             self._reply(Refuse(sid, ErrorCode.STREAM_LIMIT, f"limit of {self.max_streams} streams"))
             return None
-        self._streams[sid] = _Stream(sid, _Phase.PENDING, msg.window, self.window, msg.datagrams)
+        self._streams[sid] = _Stream(
+            sid, StreamState.PENDING, msg.window, self.window, msg.datagrams
+        )
         return StreamOpened(sid, msg.host, msg.port, msg.tag, msg.datagrams)
 
     def _on_data(self, msg: Data) -> Event | None:
-        st = self._streams.get(msg.stream)
-        if st is None:
-            self._check_known_id(msg.stream)
+        if (live := self._live(msg.stream, StreamEvent.RECV_DATA)) is None:
             return None
+        st, _ = live  # data never changes the state
         size = len(msg.data)
-        if st.phase is not _Phase.OPEN or st.remote_fin:
-            raise _error(ErrorCode.STREAM_STATE_ERROR, f"data on stream {st.id} in wrong state")
         if size > st.recv_window:
             raise _error(
                 ErrorCode.FLOW_CONTROL_ERROR,
@@ -723,7 +747,7 @@ class Multiplexer:
             )
         st.recv_window -= size
         if st.local_closed:
-            self._forget(st.id)
+            self._enter(st, next_state(st.state, StreamEvent.SEND_RESET, st.id))
             before = self.bytes_to_send
             self._emit_reset(st, ErrorCode.CANCELLED, "stream closed by the receiver")
             self._replies += self.bytes_to_send - before

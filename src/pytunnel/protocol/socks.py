@@ -32,7 +32,7 @@ from typing import Literal
 
 import attrs
 
-from ..errors import ErrorCode, LocalProtocolError
+from ..errors import DialError, DialFailure, ErrorCode, LocalProtocolError, TunnelError
 
 __all__ = [
     "MAX_MESSAGE_SIZE",
@@ -45,6 +45,7 @@ __all__ = [
     "SocksEvent",
     "SocksServerConnection",
     "SocksState",
+    "reply_code_for",
     "reply_code_for_error",
 ]
 
@@ -613,6 +614,36 @@ def _not_socks(buf: bytearray) -> str:
 
 # --------------------------------------------------------------------------- error mapping
 
+#: The reply for each reason a dial failed (RFC 1928 has no "timed out": Tor and Dante answer
+#: connect timeouts with 0x06 TTL expired, and curl and python-socks report it as such, whereas
+#: 0x04 would claim the host has no route, which a timeout does not show; a name that does not
+#: resolve is 0x04, Tor's choice).
+_REPLY_FOR_FAILURE: dict[DialFailure, ReplyCode] = {
+    DialFailure.TIMEOUT: ReplyCode.TTL_EXPIRED,
+    DialFailure.REFUSED: ReplyCode.CONNECTION_REFUSED,
+    DialFailure.RESET: ReplyCode.CONNECTION_REFUSED,
+    DialFailure.NETWORK_UNREACHABLE: ReplyCode.NETWORK_UNREACHABLE,
+    DialFailure.HOST_UNREACHABLE: ReplyCode.HOST_UNREACHABLE,
+    DialFailure.DNS: ReplyCode.HOST_UNREACHABLE,
+    DialFailure.NOT_PERMITTED: ReplyCode.NOT_ALLOWED,
+}
+
+
+def reply_code_for(error: TunnelError) -> ReplyCode:
+    """The SOCKS5 ``REP`` that tells a client best why its target could not be reached,
+    decided from ``error``'s structure: its code, and for a dial error its ``failure``.
+
+    A dial error maps by its reason (``DialFailure``): timeout -> ``0x06``, refused or reset ->
+    ``0x05``, network unreachable -> ``0x03``, host unreachable or DNS -> ``0x04``, forbidden
+    by the server's ``--permit-open`` -> ``0x02``, unknown -> ``0x01``. Anything else (the
+    session failed, a stream limit...) is ``0x01 general failure``: the target was never tried,
+    so no target-specific code would be true.
+    """
+    if not isinstance(error, DialError):
+        return ReplyCode.GENERAL_FAILURE
+    return _REPLY_FOR_FAILURE.get(error.failure, ReplyCode.GENERAL_FAILURE)
+
+
 _REFUSED = ("refused", "reset by peer", "connection reset")
 _NETWORK_UNREACHABLE = ("network is unreachable", "network unreachable", "network is down")
 _HOST_UNREACHABLE = (
@@ -631,7 +662,10 @@ _TIMED_OUT = ("timed out", "timeout")
 
 
 def reply_code_for_error(error_code: int, message: str) -> ReplyCode:
-    """The SOCKS5 ``REP`` that tells a client best why its target could not be reached.
+    """The SOCKS5 ``REP`` for an error known only by its code and English message.
+
+    Superseded by :func:`reply_code_for`, which decides from the error's structure; this one
+    reads the message's text, and stays only for callers that still pass code and message.
 
     ``error_code``/``message`` are those of the pytunnel error (a ``Refuse`` from the tunnel
     server, or the raised :class:`~pytunnel.errors.TunnelError`'s ``code`` and ``message``):
