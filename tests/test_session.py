@@ -29,9 +29,9 @@ from pytunnel import (
     open_session,
 )
 from pytunnel._relay import relay
-from pytunnel.session import Session
 from pytunnel.protocol.frames import FrameDecoder, encode_message
 from pytunnel.protocol.messages import Data, Datagram, GoAway, Open, Ping, Pong
+from pytunnel.session import Session
 
 
 async def _send_and_eof(stream: trio.abc.HalfCloseableStream, data: bytes, chunk: int) -> None:

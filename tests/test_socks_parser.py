@@ -16,7 +16,6 @@ from pytunnel.errors import (
     ConnectError,
     DialError,
     DialFailure,
-    ErrorCode,
     InvalidTargetError,
     LocalProtocolError,
     NodeTimeoutError,
@@ -35,7 +34,6 @@ from pytunnel.protocol.socks import (
     SocksServerConnection,
     SocksState,
     reply_code_for,
-    reply_code_for_error,
 )
 
 ZERO_ADDR = b"\x01\x00\x00\x00\x00\x00\x00"  # BND of a failure: ATYP IPv4, 0.0.0.0, port 0
@@ -562,39 +560,6 @@ def test_error_attributes() -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "message", "reply"),
-    [
-        (ErrorCode.NODE_TIMEOUT, "dial example.com:80 timed out after 5 s", 0x06),
-        (ErrorCode.NODE_TIMEOUT, "dial example.com:80 failed: Connection timed out", 0x06),
-        (ErrorCode.NODE_UNSTABLE, "dial example.com:80 failed: Connection refused", 0x05),
-        (ErrorCode.NODE_UNSTABLE, "dial h:1 failed: Connection reset by peer", 0x05),
-        (ErrorCode.NODE_UNSTABLE, "dial h:1 failed: Network is unreachable", 0x03),
-        (ErrorCode.NODE_UNSTABLE, "dial h:1 failed: No route to host", 0x04),
-        (ErrorCode.NODE_UNSTABLE, "dial h:1 failed: Host is unreachable", 0x04),
-        (
-            ErrorCode.NODE_UNSTABLE,
-            "dial nx.invalid:80 failed: name resolution failed: Name or service not known",
-            0x04,
-        ),
-        (ErrorCode.NODE_UNSTABLE, "dial h:1 failed: [Errno -2] Name or service not known", 0x04),
-        (ErrorCode.NODE_UNSTABLE, "dial h:1 failed: something odd", 0x01),
-        (ErrorCode.NODE_UNSTABLE, "dial h:1 failed: Operation timed out", 0x06),
-        (ErrorCode.DIAL_FAILED, "connection refused", 0x05),
-        (ErrorCode.TARGET_FORBIDDEN, "h:1 is not permitted", 0x02),
-        # not a dial outcome: the target was never tried, whatever the text says
-        (ErrorCode.CONNECT_FAILED, "tunnel server: Connection refused", 0x01),
-        (ErrorCode.STREAM_LIMIT, "", 0x01),
-        (ErrorCode.GOING_AWAY, "", 0x01),
-        (ErrorCode.NORMAL, "", 0x01),
-        (99999, "refused", 0x01),
-    ],
-)
-def test_reply_code_for_error(code: int, message: str, reply: int) -> None:
-    assert reply_code_for_error(code, message) == reply
-    assert isinstance(reply_code_for_error(code, message), ReplyCode)
-
-
-@pytest.mark.parametrize(
     ("error", "reply"),
     [
         (NodeTimeoutError("refused, says the text"), 0x06),
@@ -792,7 +757,7 @@ def test_python_socks_client_sans_io() -> None:
     client.receive(server.data_to_send())
     server.receive_data(client.send(socks5.ConnectRequest("::1", 22)))
     with pytest.raises(Exception, match="TTL expired"):
-        client.receive(server.reject(reply_code_for_error(ErrorCode.NODE_TIMEOUT, "")))
+        client.receive(server.reject(reply_code_for(NodeTimeoutError(""))))
 
     server = SocksServerConnection()
     [event] = server.receive_data(socks4.ConnectRequest("example.com", 80, "me").dumps())

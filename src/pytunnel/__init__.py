@@ -117,6 +117,9 @@ from .errors import (
     DialError as DialError,
 )
 from .errors import (
+    DialFailure as DialFailure,
+)
+from .errors import (
     ErrorCode as ErrorCode,
 )
 from .errors import (

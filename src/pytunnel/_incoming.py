@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TypeVar
 import trio
 
 from ._stream import MuxStream
-from .errors import DialError, LocalProtocolError, SessionClosedError, TunnelError
+from .errors import DialError, LocalProtocolError, SessionClosedError, TunnelError, refusal_code
 
 if TYPE_CHECKING:
     from .session import Session
@@ -125,7 +125,7 @@ class IncomingStream:
         """Refuse with ``error``'s code and message; a no-op if the session has already ended
         (the opener then learns of it from the session's end instead)."""
         if not self._session.closed:
-            self.refuse(error.code, error.message)
+            self.refuse(refusal_code(error), error.message)
 
     def _answer(self) -> None:
         if self._answered:

@@ -20,8 +20,8 @@ from .protocol import routes
 
 if TYPE_CHECKING:
     from ._client_config import ClientConfig
-    from .session import MuxStream, Session, StreamSlot
     from .forwards import Forward, RemoteForward
+    from .session import MuxStream, Session, StreamSlot
 
 __all__ = ["Link"]
 

@@ -326,8 +326,12 @@ class InvalidTargetError(TargetForbiddenError, ValueError):
     category = "INVALID_TARGET"
 
 
-class ForwardError(StreamRefusedError):
-    """A forward could not be set up. ``address`` is the ``"host:port"`` that was asked for."""
+class ForwardError(TunnelError):
+    """A forward could not be set up. ``address`` is the ``"host:port"`` that was asked for.
+
+    Not a :class:`StreamRefusedError`, although the server says it by refusing a stream: to
+    the caller of ``forward_remote`` it is a forward that failed, and an ``except
+    StreamRefusedError`` around ``open_stream`` must not also catch a busy port."""
 
     default_code = ErrorCode.FORWARD_FAILED
 
@@ -425,7 +429,7 @@ def refusal_code(error: TunnelError) -> int:
     return error.code
 
 
-def refusal_error(code: int, message: str, *, target: str = "") -> StreamRefusedError:
+def refusal_error(code: int, message: str, *, target: str = "") -> TunnelError:
     """Build the exception that a ``Refuse`` with ``code`` stands for on the asking side.
 
     ``message`` comes from the peer: it is escaped (see :func:`printable`)."""

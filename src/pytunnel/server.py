@@ -50,7 +50,6 @@ from .errors import (
     PortNotAllowedError,
     RemoteProtocolError,
     SessionClosedError,
-    StreamRefusedError,
     TargetForbiddenError,
     TLSError,
     TunnelError,
@@ -893,7 +892,7 @@ class _ClientSession:
             )
             await trio.aclose_forcefully(conn)
             return
-        except (StreamRefusedError, SessionClosedError, OSError) as exc:
+        except (TunnelError, OSError) as exc:
             log.info("client %s: public connection dropped: %s", self.peer, exc)
             await trio.aclose_forcefully(conn)
             return

@@ -21,7 +21,7 @@ from ..protocol.socks import (
     ConnectRequest,
     SocksError,
     SocksServerConnection,
-    reply_code_for_error,
+    reply_code_for,
 )
 from ._base import ForwardKind
 from .local import LocalForward
@@ -92,7 +92,7 @@ class DynamicForward(LocalForward):
             target = format_target(request.host, request.port)
             log.warning("dynamic forward %s: %s unreachable: %s", self.listen_port, target, exc)
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await conn.send_all(socks.reject(reply_code_for_error(exc.code, exc.message)))
+                await conn.send_all(socks.reject(reply_code_for(exc)))
             await trio.aclose_forcefully(conn)
             return
         try:

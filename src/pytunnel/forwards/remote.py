@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .._control import ControlChannel
 from .._dial import dial, format_target
 from .._events import EventKind, TunnelEvent
 from ..errors import (
@@ -22,20 +23,19 @@ from ..errors import (
     DialError,
     ErrorCode,
     ForwardError,
-    RemoteProtocolError,
     SessionClosedError,
     StreamResetError,
     TunnelError,
 )
 from ..protocol import routes
-from ..protocol.frames import FrameDecoder, encode_message
+from ..protocol.control import ControlRole
 from ..protocol.messages import Bound, ForwardState, truncate_text
 from ..session import IncomingStream, wait_stream_end
 from ._base import FINAL, Forward, ForwardKind, ForwardStatus
 
 if TYPE_CHECKING:
     from .._link import Link
-    from ..session import MuxStream, Session
+    from ..session import Session
 
 __all__ = ["RemoteForward"]
 
@@ -68,7 +68,6 @@ class RemoteForward(Forward):
         self._remote_port = remote_port
         #: Where incoming streams go while registered; ``None`` (or closed): they are refused.
         self._incoming: trio.MemorySendChannel[IncomingStream] | None = None
-        self._control: MuxStream | None = None
         #: Scope of the current registration; a new one per session.
         self._attach_scope = trio.CancelScope()
         #: Why health probes took the forward offline (kept across reconnections).
@@ -115,10 +114,10 @@ class RemoteForward(Forward):
             )
             link = self._link
             try:
-                bound = await _receive_bound(control)
+                channel = ControlChannel(control, ControlRole.CLIENT)
+                bound = await _receive_bound(channel)
                 self.listen_host, self.listen_port = bound.host, bound.port
                 self._remote_port = bound.port  # after a reconnect, ask for the same port
-                self._control = control
                 # unbounded, as the session's stream limit already bounds incoming streams
                 send, receive = trio.open_memory_channel[IncomingStream](math.inf)
                 async with trio.open_nursery() as nursery:
@@ -128,19 +127,18 @@ class RemoteForward(Forward):
                     if self._offline_reason is not None:
                         # still down when we lost the link: keep the public port refusing
                         # rather than accepting into a black hole until a probe succeeds
-                        await _tell(control, ForwardState(False, self._offline_reason))
+                        await _tell(channel, ForwardState(False, self._offline_reason))
                         self._set_status(ForwardStatus.OFFLINE, self._offline_reason)
                     else:
                         self._set_status(ForwardStatus.ACTIVE, "registered at the server")
                     task_status.started()
                     if link.config.probe_interval > 0 and self._listen_route == routes.LISTEN:
-                        nursery.start_soon(self._probe_loop, control)
+                        nursery.start_soon(self._probe_loop, channel)
                     # errors are handled here, inside the nursery, so they are not wrapped
                     self._follow_server(await wait_stream_end(control), session)
                     nursery.cancel_scope.cancel()
             finally:
                 self._incoming = None
-                self._control = None
                 link.unroute(control.stream_id)
                 await trio.aclose_forcefully(control)
 
@@ -245,7 +243,7 @@ class RemoteForward(Forward):
             return
         await self._relay(stream, sock)
 
-    async def _probe_loop(self, control: MuxStream) -> None:
+    async def _probe_loop(self, channel: ControlChannel) -> None:
         """TCP-connect the target every ``probe_interval``; after ``probe_failures`` failures
         in a row take the forward offline, and bring it back at the first success."""
         config = self._link.config
@@ -266,7 +264,7 @@ class RemoteForward(Forward):
                 if failures >= config.probe_failures and self._offline_reason is None:
                     reason = truncate_text(f"{failures} health probes failed: {exc.message}")
                     self._offline_reason = reason
-                    if not await _tell(control, ForwardState(False, reason)):
+                    if not await _tell(channel, ForwardState(False, reason)):
                         return
                     self._set_status(ForwardStatus.OFFLINE, reason)
                 continue
@@ -282,39 +280,26 @@ class RemoteForward(Forward):
             failures = 0
             if self._offline_reason is not None:
                 self._offline_reason = None
-                if not await _tell(control, ForwardState(True, "target reachable")):
+                if not await _tell(channel, ForwardState(True, "target reachable")):
                     return
                 self._set_status(ForwardStatus.ACTIVE, "target reachable again")
 
 
-async def _tell(control: MuxStream, message: ForwardState) -> bool:
+async def _tell(channel: ControlChannel, message: ForwardState) -> bool:
     """Send on the control stream; False if it is gone (the forward is ending anyway)."""
     try:
-        await control.send_all(encode_message(message))
+        await channel.send(message)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return False
     return True
 
 
-async def _receive_bound(control: MuxStream) -> Bound:
-    decoder = FrameDecoder(4096)
-    while True:
-        message = decoder.next_message()
-        if message is not None:
-            if not isinstance(message, Bound):
-                raise RemoteProtocolError(
-                    f"expected Bound, got {type(message).__name__}",
-                    code=ErrorCode.UNEXPECTED_MESSAGE,
-                )
-            return message
-        try:
-            data = await control.receive_some()
-        except trio.BrokenResourceError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, StreamResetError):
-                raise ForwardError(f"the server withdrew the forward: {cause}") from None
-            raise SessionClosedError("the tunnel connection was lost") from exc
-        decoder.receive_data(data)
-        if not data:
-            decoder.next_message()
-            raise ForwardError("the server closed the forward before confirming it")
+async def _receive_bound(channel: ControlChannel) -> Bound:
+    """Where the server listens for this forward, or why it will not."""
+    try:
+        return await channel.receive_bound()
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, StreamResetError):
+            raise ForwardError(f"the server withdrew the forward: {cause}") from None
+        raise SessionClosedError("the tunnel connection was lost") from exc

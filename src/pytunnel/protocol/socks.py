@@ -32,7 +32,7 @@ from typing import Literal
 
 import attrs
 
-from ..errors import DialError, DialFailure, ErrorCode, LocalProtocolError, TunnelError
+from ..errors import DialError, DialFailure, LocalProtocolError, TunnelError
 
 __all__ = [
     "MAX_MESSAGE_SIZE",
@@ -46,7 +46,6 @@ __all__ = [
     "SocksServerConnection",
     "SocksState",
     "reply_code_for",
-    "reply_code_for_error",
 ]
 
 
@@ -325,7 +324,7 @@ class SocksServerConnection:
         """The failure reply to send before closing; ``reply_code`` is a SOCKS5 ``REP``.
 
         SOCKS4 has a single failure code, so every ``reply_code`` becomes ``5B`` there. See
-        :func:`reply_code_for_error` to turn a pytunnel error into the fitting code.
+        :func:`reply_code_for` to turn a pytunnel error into the fitting code.
         """
         request = self._expect_reply_state("reject")
         if not 0x01 <= reply_code <= 0xFF:
@@ -642,58 +641,3 @@ def reply_code_for(error: TunnelError) -> ReplyCode:
     if not isinstance(error, DialError):
         return ReplyCode.GENERAL_FAILURE
     return _REPLY_FOR_FAILURE.get(error.failure, ReplyCode.GENERAL_FAILURE)
-
-
-_REFUSED = ("refused", "reset by peer", "connection reset")
-_NETWORK_UNREACHABLE = ("network is unreachable", "network unreachable", "network is down")
-_HOST_UNREACHABLE = (
-    "no route to host",
-    "host is unreachable",
-    "host unreachable",
-    "host is down",
-    "name resolution",
-    "name or service not known",
-    "nodename nor servname",
-    "no address associated",
-    "getaddrinfo",
-    "could not resolve",
-)
-_TIMED_OUT = ("timed out", "timeout")
-
-
-def reply_code_for_error(error_code: int, message: str) -> ReplyCode:
-    """The SOCKS5 ``REP`` for an error known only by its code and English message.
-
-    Superseded by :func:`reply_code_for`, which decides from the error's structure; this one
-    reads the message's text, and stays only for callers that still pass code and message.
-
-    ``error_code``/``message`` are those of the pytunnel error (a ``Refuse`` from the tunnel
-    server, or the raised :class:`~pytunnel.errors.TunnelError`'s ``code`` and ``message``):
-
-    * ``NODE_TIMEOUT`` -> ``0x06 TTL expired``. RFC 1928 has no "timed out"; Tor and Dante answer
-      connect timeouts with 0x06, and curl ("TTL expired") and python-socks report it as such,
-      whereas 0x04 would tell the user the host has no route, which a timeout does not show.
-    * ``TARGET_FORBIDDEN`` -> ``0x02 not allowed by ruleset`` (the server's ``--permit-open``).
-    * ``NODE_UNSTABLE`` and ``DIAL_FAILED`` are sorted by the OS reason in the message, as
-      ``_dial`` writes it: "refused" or a reset -> ``0x05``; network unreachable/down ->
-      ``0x03``; no route, host unreachable/down, or a DNS failure -> ``0x04`` (Tor's choice for
-      failed resolution); anything else -> ``0x01``.
-    * Every other code (the session failed, stream limit, ...) -> ``0x01 general failure``: the
-      target was never tried, so no target-specific code would be true.
-    """
-    if error_code == ErrorCode.NODE_TIMEOUT:
-        return ReplyCode.TTL_EXPIRED
-    if error_code == ErrorCode.TARGET_FORBIDDEN:
-        return ReplyCode.NOT_ALLOWED
-    if error_code not in (ErrorCode.NODE_UNSTABLE, ErrorCode.DIAL_FAILED):
-        return ReplyCode.GENERAL_FAILURE
-    text = message.lower()
-    if any(word in text for word in _REFUSED):
-        return ReplyCode.CONNECTION_REFUSED
-    if any(word in text for word in _NETWORK_UNREACHABLE):
-        return ReplyCode.NETWORK_UNREACHABLE
-    if any(word in text for word in _HOST_UNREACHABLE):
-        return ReplyCode.HOST_UNREACHABLE
-    if any(word in text for word in _TIMED_OUT):
-        return ReplyCode.TTL_EXPIRED
-    return ReplyCode.GENERAL_FAILURE
