@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
+from pytunnel.cli import main
 
 pytestmark = pytest.mark.timeout(60)
-PYTUNNEL = [sys.executable, "-m", "cli.main"]
+PYTUNNEL = [sys.executable, "-m", "pytunnel"]
 
 
 class _Echo(socketserver.BaseRequestHandler):
@@ -483,7 +483,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
 
 def test_startup_error_is_found_inside_nested_groups() -> None:
     import pytunnel
-    from cli.main import _describe, _startup_error
+    from pytunnel.cli.main import _describe, _startup_error
 
     typed = pytunnel.AddressInUseError("127.0.0.1:1 is already in use")
     nested = ExceptionGroup("outer", [ExceptionGroup("inner", [typed])])
