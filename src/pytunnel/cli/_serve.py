@@ -1,0 +1,216 @@
+"""``pytunnel serve``: run a tunnel server until interrupted.
+
+Parses the server's options into the library's ``serve`` call and reports where it listens
+(and how to connect); the serving itself is the library's.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+
+import click
+import trio
+
+import pytunnel
+
+from ._logs import setup_logging
+from ._options import (
+    CONTEXT,
+    host_port,
+    log_format_option,
+    log_level_option,
+    permit_open,
+    port_ranges,
+)
+from ._output import say
+from ._run import run as run_command
+from ._tlsfiles import check_server_tls, server_tls, server_tls_options
+from ._token import read_token, token_file_option
+
+
+@click.command(context_settings=CONTEXT)
+@click.option(
+    "--listen",
+    default="127.0.0.1:7000",
+    callback=host_port,
+    help="Address clients connect to.",
+)
+@click.option(
+    "--token",
+    envvar="PYTUNNEL_TOKEN",
+    show_envvar=True,
+    help="Shared secret. Without one, a random token is made and printed.",
+)
+@click.option(
+    "--public-host",
+    default="127.0.0.1",
+    help="Address remote forwards listen on (0.0.0.0 exposes them on all interfaces).",
+)
+@click.option(
+    "--allow-ports",
+    callback=port_ranges,
+    help="Ports remote forwards may use, e.g. 8000,9000-9100. Default: any.",
+)
+@click.option(
+    "--permit-open",
+    multiple=True,
+    callback=permit_open,
+    help="Targets clients may open, OpenSSH PermitOpen style: NAME:PORT (* wildcards, matched "
+    "against the name asked for) or IP:PORT, 10.0.0.*:PORT, 10.0.0.0/24:PORT (matched "
+    "against the address the name resolves to, which is the address dialled); PORT is a "
+    "number, LOW-HIGH or *. Repeatable. Default: any.",
+)
+@click.option(
+    "--connect-timeout",
+    type=float,
+    default=pytunnel.DEFAULT_CONNECT_TIMEOUT,
+    help="Seconds a dial may take (then NODE_TIMEOUT).",
+)
+@click.option(
+    "--idle-timeout",
+    type=float,
+    default=pytunnel.DEFAULT_IDLE_TIMEOUT,
+    help="Seconds a relayed connection may stay silent.",
+)
+@click.option(
+    "--heartbeat-timeout",
+    type=float,
+    default=30.0,
+    help="Drop a client silent for this many seconds.",
+)
+@click.option(
+    "--max-forwards-per-client",
+    type=click.IntRange(min=0),
+    default=64,
+    help="Remote forwards one client may hold.",
+)
+@click.option(
+    "--max-streams",
+    type=click.IntRange(min=1),
+    default=16384,
+    help="Relayed connections across all clients (lowered to what the file descriptor "
+    "limit allows; the soft limit is raised to the hard one at start).",
+)
+@click.option(
+    "--max-session-streams",
+    type=click.IntRange(min=1),
+    default=4096,
+    help="Concurrent streams in one client's session.",
+)
+@click.option(
+    "--max-pending-handshakes",
+    type=click.IntRange(min=1),
+    default=128,
+    help="Connections allowed in their handshake at once.",
+)
+@click.option(
+    "--max-handshakes-per-address",
+    type=click.IntRange(min=1),
+    default=8,
+    help="Connections one source address may have in their handshake at once.",
+)
+@click.option(
+    "--first-frame-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=3.0,
+    help="Seconds a new connection has to send its first frame (after TLS, if any).",
+)
+@click.option(
+    "--auth-failure-burst",
+    type=click.IntRange(min=1),
+    default=10,
+    help="Failed authentications one address may make in a burst before it is refused.",
+)
+@click.option(
+    "--auth-failure-interval",
+    type=click.FloatRange(min=0),
+    default=6.0,
+    help="Seconds after which one more failed authentication is forgiven (the refill rate).",
+)
+@click.option(
+    "--max-frame-size",
+    type=click.IntRange(min=4096),
+    default=1024 * 1024,
+    help="Largest protocol frame accepted, in bytes.",
+)
+@token_file_option
+@server_tls_options
+@log_level_option
+@log_format_option
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    listen: tuple[str, int],
+    token: str | None,
+    public_host: str,
+    allow_ports: str | None,
+    permit_open: tuple[str, ...],
+    connect_timeout: float,
+    idle_timeout: float,
+    heartbeat_timeout: float,
+    max_forwards_per_client: int,
+    max_streams: int,
+    max_session_streams: int,
+    max_pending_handshakes: int,
+    max_handshakes_per_address: int,
+    first_frame_timeout: float,
+    auth_failure_burst: int,
+    auth_failure_interval: float,
+    max_frame_size: int,
+    token_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_self_signed: bool,
+    tls_dir: str,
+    tls_client_ca: str | None,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Run a tunnel server."""
+    setup_logging(log_level, log_format)
+    token = read_token(ctx, token, token_file)
+    generated = token is None
+    secret = token or secrets.token_urlsafe(24)
+    check_server_tls(tls_cert, tls_key, tls_self_signed)
+
+    async def run() -> None:
+        tls, fingerprint = await server_tls(
+            tls_cert, tls_key, tls_self_signed, tls_dir, tls_client_ca
+        )
+        async with trio.open_nursery() as nursery:
+            server: pytunnel.TunnelServer = await nursery.start(
+                functools.partial(
+                    pytunnel.serve,
+                    secret,
+                    listen[1],
+                    host=listen[0],
+                    public_host=public_host,
+                    allow_ports=allow_ports,
+                    permit_open=list(permit_open) or None,
+                    connect_timeout=connect_timeout,
+                    idle_timeout=idle_timeout,
+                    heartbeat_timeout=heartbeat_timeout,
+                    max_forwards_per_client=max_forwards_per_client,
+                    max_streams=max_streams,
+                    max_pending_handshakes=max_pending_handshakes,
+                    max_handshakes_per_address=max_handshakes_per_address,
+                    first_frame_timeout=first_frame_timeout,
+                    auth_failure_burst=auth_failure_burst,
+                    auth_failure_interval=auth_failure_interval,
+                    session=pytunnel.SessionConfig(
+                        max_streams=max_session_streams, max_frame_size=max_frame_size
+                    ),
+                    tls=tls,
+                )
+            )
+            address = pytunnel.format_target(*server.address)
+            say(f"pytunnel server listening on {address}" + (" (TLS)" if tls else ""))
+            if fingerprint is not None:
+                say(f"TLS certificate fingerprint: {fingerprint}")
+            if generated:
+                pin = f" --tls-fingerprint {fingerprint}" if tls_self_signed else ""
+                tls_flag = " --tls" if tls and not tls_self_signed else ""
+                say(f"connect with: pytunnel connect {address} --token {secret}{tls_flag}{pin}")
+
+    run_command(run)
