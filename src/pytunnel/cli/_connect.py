@@ -11,34 +11,36 @@ import click
 import trio
 
 import pytunnel
-from pytunnel._spec import ForwardSpec
-from pytunnel._tls import parse_fingerprint
-from pytunnel.protocol.messages import valid_client_id
 
 from ._logs import setup_logging
 from ._options import (
     CONTEXT,
+    config_check,
+    connect_timeout_option,
     dynamic_specs,
     forward_specs,
+    heartbeat_timeout_option,
     host_port,
+    idle_timeout_option,
     log_format_option,
     log_level_option,
+    max_streams_option,
+    usage_errors,
 )
 from ._output import say
 from ._run import run as run_command
 from ._status import print_status
 from ._tlsfiles import client_tls, client_tls_options
-from ._token import read_token, token_file_option
+from ._token import read_token, token_file_option, token_option
+
+# Every default shown is the config classes' own.
+_CLIENT = attrs.fields(pytunnel.ClientConfig)
+_SESSION = attrs.fields(pytunnel.SessionConfig)
 
 
 @click.command(context_settings=CONTEXT)
 @click.argument("server", callback=host_port, envvar="PYTUNNEL_SERVER")
-@click.option(
-    "--token",
-    envvar="PYTUNNEL_TOKEN",
-    show_envvar=True,
-    help="Shared secret of the server (or --token-file).",
-)
+@token_option(help="Shared secret of the server (or --token-file).")
 @token_file_option
 @click.option(
     "-D",
@@ -76,59 +78,52 @@ from ._token import read_token, token_file_option
     help="Local forward: listen here on PORT (0: any), connections reach HOST:HOSTPORT from "
     "the server. Repeatable.",
 )
-@click.option(
-    "--connect-timeout",
-    type=float,
-    default=pytunnel.DEFAULT_CONNECT_TIMEOUT,
+@connect_timeout_option(
+    default=_CLIENT.connect_timeout.default,
     help="Seconds to reach the server, and for remote-forward dials here.",
 )
-@click.option(
-    "--idle-timeout",
-    type=float,
-    default=pytunnel.DEFAULT_IDLE_TIMEOUT,
-    help="Seconds a relayed connection may stay silent.",
-)
+@idle_timeout_option(default=_CLIENT.idle_timeout.default)
 @click.option(
     "--reconnect/--no-reconnect",
-    default=True,
+    default=_CLIENT.reconnect.default,
     help="Reconnect with exponential backoff when the connection is lost.",
 )
 @click.option(
     "--max-attempts",
     type=click.IntRange(min=0),
-    default=0,
+    default=_CLIENT.max_attempts.default or 0,  # 0 spells the config's None: never give up
     help="Reconnection attempts in a row before giving up (0: unlimited).",
 )
 @click.option(
     "--backoff-max",
     type=float,
-    default=16.0,
+    default=_CLIENT.backoff_max.default,
     help="Longest wait between reconnection attempts, in seconds.",
 )
-@click.option("--heartbeat-interval", type=float, default=10.0, help="Seconds between pings.")
 @click.option(
-    "--heartbeat-timeout",
+    "--heartbeat-interval",
     type=float,
-    default=30.0,
+    default=_CLIENT.heartbeat_interval.default,
+    help="Seconds between pings.",
+)
+@heartbeat_timeout_option(
+    default=_CLIENT.heartbeat_timeout.default,
     help="The link is dead when a ping is unanswered this long.",
 )
 @click.option(
     "--probe-interval",
     type=float,
-    default=30.0,
+    default=_CLIENT.probe_interval.default,
     help="Health-probe remote forward targets this often, in seconds (0: off).",
 )
 @click.option(
     "--probe-failures",
     type=click.IntRange(min=1),
-    default=3,
+    default=_CLIENT.probe_failures.default,
     help="Failed probes in a row that take a remote forward offline.",
 )
-@click.option(
-    "--max-streams",
-    type=click.IntRange(min=1),
-    default=pytunnel.SessionConfig().max_streams,
-    show_default=True,
+@max_streams_option(
+    default=_SESSION.max_streams.default,
     help="Concurrent streams on the tunnel connection; at the limit, local forwards stop "
     "accepting until one closes.",
 )
@@ -143,6 +138,7 @@ from ._token import read_token, token_file_option
     envvar="PYTUNNEL_CLIENT_ID",
     show_envvar=True,
     metavar="ID",
+    callback=config_check(pytunnel.ClientConfig, "client_id"),
     help="This client's identity at the server (1-64 of A-Z a-z 0-9 . _ : -; default: random "
     "per run). A new connection with it replaces the server's old session of this client at "
     "once, ports included; never give two clients the same one.",
@@ -163,8 +159,8 @@ def connect(
     tls_server_name: str | None,
     tls_cert: str | None,
     tls_key: str | None,
-    remote: list[ForwardSpec],
-    local: list[ForwardSpec],
+    remote: list[pytunnel.ForwardSpec],
+    local: list[pytunnel.ForwardSpec],
     connect_timeout: float,
     idle_timeout: float,
     reconnect: bool,
@@ -185,37 +181,29 @@ def connect(
     secret = read_token(ctx, token, token_file)
     if secret is None:
         raise click.UsageError("a token is needed: --token, --token-file or PYTUNNEL_TOKEN")
-    if tls_fingerprint is not None:
-        try:
-            parse_fingerprint(tls_fingerprint)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--tls-fingerprint") from None
     auth: tuple[str, str] | None = None
     if socks_auth is not None:
         user, sep, password = socks_auth.partition(":")
         if not sep or not user:
             raise click.BadParameter("expected USER:PASSWORD", param_hint="--socks-auth")
         auth = (user, password)
-    if client_id is not None and (not client_id or not valid_client_id(client_id)):
-        raise click.BadParameter(
-            "expected 1-64 characters of letters, digits and . _ : -", param_hint="--client-id"
+    with usage_errors():
+        config = pytunnel.ClientConfig(
+            token=secret,
+            client_id=client_id,
+            tls_fingerprint=tls_fingerprint,
+            tls_server_hostname=tls_server_name,
+            connect_timeout=connect_timeout,
+            idle_timeout=idle_timeout,
+            reconnect=reconnect,
+            max_attempts=max_attempts or None,
+            backoff_max=backoff_max,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            probe_interval=probe_interval,
+            probe_failures=probe_failures,
+            session=pytunnel.SessionConfig(max_streams=max_streams),
         )
-    config = pytunnel.ClientConfig(
-        token=secret,
-        client_id=client_id,
-        tls_fingerprint=tls_fingerprint,
-        tls_server_hostname=tls_server_name,
-        connect_timeout=connect_timeout,
-        idle_timeout=idle_timeout,
-        reconnect=reconnect,
-        max_attempts=max_attempts or None,
-        backoff_max=backoff_max,
-        heartbeat_interval=heartbeat_interval,
-        heartbeat_timeout=heartbeat_timeout,
-        probe_interval=probe_interval,
-        probe_failures=probe_failures,
-        session=pytunnel.SessionConfig(max_streams=max_streams),
-    )
 
     async def run() -> None:
         client_config = config

@@ -1,17 +1,20 @@
 """Options and argument parsers both commands share, declared once.
 
-Declarations only: what an option means is decided by the command that reads it.
+Declarations only: what an option means is decided by the command that reads it, and its
+default comes from that command's config class (``attrs.fields(...).x.default``), passed in,
+so no default is written twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import attrs
 import click
 
-from pytunnel._policy import PermitOpen, parse_port_ranges
-from pytunnel._spec import ForwardSpec, parse_forward_spec, parse_host_port
+import pytunnel
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -32,18 +35,48 @@ def stack(*decorators: Callable[[Any], Any]) -> Callable[[_F], _F]:
     return apply
 
 
+def config_check(
+    config: type[attrs.AttrsInstance], name: str
+) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback that checks a value with the validator of ``config``'s field
+    ``name``: the rule stays in the config class, and a bad value is this option's usage
+    error (status 2, naming the option) rather than a failure once the config is built."""
+    field = attrs.fields_dict(config)[name]
+
+    def check(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+        if value is not None and field.validator is not None:
+            try:
+                field.validator(None, field, value)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc)) from None
+        return value
+
+    return check
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Turn a ``ValueError`` of a config class being built from the options into a usage
+    error (status 2, the config's message), for the rules no option type expresses (a
+    frame limit above 2**32 - 1, say): one clear line instead of a traceback."""
+    try:
+        yield
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 def host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[str, int]:
     try:
-        return parse_host_port(value)
+        return pytunnel.parse_host_port(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
 
 def forward_specs(
     _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
-) -> list[ForwardSpec]:
+) -> list[pytunnel.ForwardSpec]:
     try:
-        return [parse_forward_spec(v) for v in values]
+        return [pytunnel.parse_forward_spec(v) for v in values]
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
@@ -52,28 +85,54 @@ def dynamic_specs(
     _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
 ) -> list[tuple[str, int]]:
     try:
-        return [parse_host_port(v) for v in values]
+        return [pytunnel.parse_host_port(v) for v in values]
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
 
-def port_ranges(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    if value is not None:
-        try:
-            parse_port_ranges(value)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc)) from None
-    return value
+def port_ranges(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> tuple[pytunnel.PortRange, ...] | None:
+    if value is None:
+        return None
+    try:
+        return pytunnel.parse_port_ranges(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def permit_open(
     _ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
-) -> tuple[str, ...]:
+) -> pytunnel.PermitOpen:
     try:
-        PermitOpen.parse(list(value))
+        return pytunnel.PermitOpen.parse(list(value) or None)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    return value
+
+
+#: A file that must exist when the command starts (certificates, keys, CAs, token files).
+EXISTING_FILE = click.Path(exists=True, dir_okay=False)
+
+
+def connect_timeout_option(*, default: float | None, help: str) -> Callable[[_F], _F]:
+    return click.option("--connect-timeout", type=float, default=default, help=help)
+
+
+def idle_timeout_option(*, default: float | None) -> Callable[[_F], _F]:
+    return click.option(
+        "--idle-timeout",
+        type=float,
+        default=default,
+        help="Seconds a relayed connection may stay silent.",
+    )
+
+
+def heartbeat_timeout_option(*, default: float | None, help: str) -> Callable[[_F], _F]:
+    return click.option("--heartbeat-timeout", type=float, default=default, help=help)
+
+
+def max_streams_option(*, default: int | None, help: str) -> Callable[[_F], _F]:
+    return click.option("--max-streams", type=click.IntRange(min=1), default=default, help=help)
 
 
 log_level_option = click.option(

@@ -7,8 +7,10 @@ Parses the server's options into the library's ``serve`` call and reports where 
 from __future__ import annotations
 
 import functools
+import inspect
 import secrets
 
+import attrs
 import click
 import trio
 
@@ -17,34 +19,40 @@ import pytunnel
 from ._logs import setup_logging
 from ._options import (
     CONTEXT,
+    connect_timeout_option,
+    heartbeat_timeout_option,
     host_port,
+    idle_timeout_option,
     log_format_option,
     log_level_option,
+    max_streams_option,
     permit_open,
     port_ranges,
+    usage_errors,
 )
 from ._output import say
 from ._run import run as run_command
 from ._tlsfiles import check_server_tls, server_tls, server_tls_options
-from ._token import read_token, token_file_option
+from ._token import read_token, token_file_option, token_option
+
+# Every default shown comes from the library: the config classes' fields, and ``serve``'s own
+# parameters for the address it listens on.
+_SERVER = attrs.fields(pytunnel.ServerConfig)
+_SESSION = attrs.fields(pytunnel.SessionConfig)
+_SERVE = inspect.signature(pytunnel.serve).parameters
 
 
 @click.command(context_settings=CONTEXT)
 @click.option(
     "--listen",
-    default="127.0.0.1:7000",
+    default=pytunnel.format_target(_SERVE["host"].default, _SERVE["port"].default),
     callback=host_port,
     help="Address clients connect to.",
 )
-@click.option(
-    "--token",
-    envvar="PYTUNNEL_TOKEN",
-    show_envvar=True,
-    help="Shared secret. Without one, a random token is made and printed.",
-)
+@token_option(help="Shared secret. Without one, a random token is made and printed.")
 @click.option(
     "--public-host",
-    default="127.0.0.1",
+    default=_SERVER.public_host.default,
     help="Address remote forwards listen on (0.0.0.0 exposes them on all interfaces).",
 )
 @click.option(
@@ -61,77 +69,65 @@ from ._token import read_token, token_file_option
     "against the address the name resolves to, which is the address dialled); PORT is a "
     "number, LOW-HIGH or *. Repeatable. Default: any.",
 )
-@click.option(
-    "--connect-timeout",
-    type=float,
-    default=pytunnel.DEFAULT_CONNECT_TIMEOUT,
-    help="Seconds a dial may take (then NODE_TIMEOUT).",
+@connect_timeout_option(
+    default=_SERVER.connect_timeout.default, help="Seconds a dial may take (then NODE_TIMEOUT)."
 )
-@click.option(
-    "--idle-timeout",
-    type=float,
-    default=pytunnel.DEFAULT_IDLE_TIMEOUT,
-    help="Seconds a relayed connection may stay silent.",
-)
-@click.option(
-    "--heartbeat-timeout",
-    type=float,
-    default=30.0,
+@idle_timeout_option(default=_SERVER.idle_timeout.default)
+@heartbeat_timeout_option(
+    default=_SERVER.heartbeat_timeout.default,
     help="Drop a client silent for this many seconds.",
 )
 @click.option(
     "--max-forwards-per-client",
     type=click.IntRange(min=0),
-    default=64,
+    default=_SERVER.max_forwards_per_client.default,
     help="Remote forwards one client may hold.",
 )
-@click.option(
-    "--max-streams",
-    type=click.IntRange(min=1),
-    default=16384,
+@max_streams_option(
+    default=_SERVER.max_streams.default,
     help="Relayed connections across all clients (lowered to what the file descriptor "
     "limit allows; the soft limit is raised to the hard one at start).",
 )
 @click.option(
     "--max-session-streams",
     type=click.IntRange(min=1),
-    default=4096,
+    default=_SESSION.max_streams.default,
     help="Concurrent streams in one client's session.",
 )
 @click.option(
     "--max-pending-handshakes",
     type=click.IntRange(min=1),
-    default=128,
+    default=_SERVER.max_pending_handshakes.default,
     help="Connections allowed in their handshake at once.",
 )
 @click.option(
     "--max-handshakes-per-address",
     type=click.IntRange(min=1),
-    default=8,
+    default=_SERVER.max_handshakes_per_address.default,
     help="Connections one source address may have in their handshake at once.",
 )
 @click.option(
     "--first-frame-timeout",
     type=click.FloatRange(min=0, min_open=True),
-    default=3.0,
+    default=_SERVER.first_frame_timeout.default,
     help="Seconds a new connection has to send its first frame (after TLS, if any).",
 )
 @click.option(
     "--auth-failure-burst",
     type=click.IntRange(min=1),
-    default=10,
+    default=_SERVER.auth_failure_burst.default,
     help="Failed authentications one address may make in a burst before it is refused.",
 )
 @click.option(
     "--auth-failure-interval",
     type=click.FloatRange(min=0),
-    default=6.0,
+    default=_SERVER.auth_failure_interval.default,
     help="Seconds after which one more failed authentication is forgiven (the refill rate).",
 )
 @click.option(
     "--max-frame-size",
-    type=click.IntRange(min=4096),
-    default=1024 * 1024,
+    type=click.IntRange(min=pytunnel.MIN_MAX_FRAME_SIZE),
+    default=_SESSION.max_frame_size.default,
     help="Largest protocol frame accepted, in bytes.",
 )
 @token_file_option
@@ -144,8 +140,8 @@ def serve(
     listen: tuple[str, int],
     token: str | None,
     public_host: str,
-    allow_ports: str | None,
-    permit_open: tuple[str, ...],
+    allow_ports: tuple[pytunnel.PortRange, ...] | None,
+    permit_open: pytunnel.PermitOpen,
     connect_timeout: float,
     idle_timeout: float,
     heartbeat_timeout: float,
@@ -173,6 +169,26 @@ def serve(
     generated = token is None
     secret = token or secrets.token_urlsafe(24)
     check_server_tls(tls_cert, tls_key, tls_self_signed)
+    with usage_errors():
+        config = pytunnel.ServerConfig(
+            token=secret,
+            public_host=public_host,
+            allow_ports=allow_ports,
+            permit_open=permit_open,
+            connect_timeout=connect_timeout,
+            idle_timeout=idle_timeout,
+            heartbeat_timeout=heartbeat_timeout,
+            max_forwards_per_client=max_forwards_per_client,
+            max_streams=max_streams,
+            max_pending_handshakes=max_pending_handshakes,
+            max_handshakes_per_address=max_handshakes_per_address,
+            first_frame_timeout=first_frame_timeout,
+            auth_failure_burst=auth_failure_burst,
+            auth_failure_interval=auth_failure_interval,
+            session=pytunnel.SessionConfig(
+                max_streams=max_session_streams, max_frame_size=max_frame_size
+            ),
+        )
 
     async def run() -> None:
         tls, fingerprint = await server_tls(
@@ -185,23 +201,7 @@ def serve(
                     secret,
                     listen[1],
                     host=listen[0],
-                    public_host=public_host,
-                    allow_ports=allow_ports,
-                    permit_open=list(permit_open) or None,
-                    connect_timeout=connect_timeout,
-                    idle_timeout=idle_timeout,
-                    heartbeat_timeout=heartbeat_timeout,
-                    max_forwards_per_client=max_forwards_per_client,
-                    max_streams=max_streams,
-                    max_pending_handshakes=max_pending_handshakes,
-                    max_handshakes_per_address=max_handshakes_per_address,
-                    first_frame_timeout=first_frame_timeout,
-                    auth_failure_burst=auth_failure_burst,
-                    auth_failure_interval=auth_failure_interval,
-                    session=pytunnel.SessionConfig(
-                        max_streams=max_session_streams, max_frame_size=max_frame_size
-                    ),
-                    tls=tls,
+                    config=attrs.evolve(config, tls=tls),
                 )
             )
             address = pytunnel.format_target(*server.address)

@@ -12,19 +12,19 @@ from pathlib import Path
 import click
 import trio
 
-import pytunnel
+import pytunnel.tls
 
-from ._options import stack
+from ._options import EXISTING_FILE, config_check, stack
 
 server_tls_options = stack(
     click.option(
         "--tls-cert",
-        type=click.Path(exists=True, dir_okay=False),
+        type=EXISTING_FILE,
         help="TLS certificate (PEM) for the control connection.",
     ),
     click.option(
         "--tls-key",
-        type=click.Path(exists=True, dir_okay=False),
+        type=EXISTING_FILE,
         help="Private key (PEM) of --tls-cert.",
     ),
     click.option(
@@ -42,7 +42,7 @@ server_tls_options = stack(
     ),
     click.option(
         "--tls-client-ca",
-        type=click.Path(exists=True, dir_okay=False),
+        type=EXISTING_FILE,
         help="Require client certificates signed by this CA (mutual TLS).",
     ),
 )
@@ -56,12 +56,13 @@ client_tls_options = stack(
     ),
     click.option(
         "--tls-ca",
-        type=click.Path(exists=True, dir_okay=False),
+        type=EXISTING_FILE,
         help="Use TLS, verifying the server against this CA bundle instead.",
     ),
     click.option(
         "--tls-fingerprint",
         metavar="SHA256:...",
+        callback=config_check(pytunnel.ClientConfig, "tls_fingerprint"),
         help="Use TLS and pin the server certificate (for self-signed servers).",
     ),
     click.option(
@@ -70,12 +71,12 @@ client_tls_options = stack(
     ),
     click.option(
         "--tls-cert",
-        type=click.Path(exists=True, dir_okay=False),
+        type=EXISTING_FILE,
         help="Client certificate (PEM) for mutual TLS.",
     ),
     click.option(
         "--tls-key",
-        type=click.Path(exists=True, dir_okay=False),
+        type=EXISTING_FILE,
         help="Private key of --tls-cert.",
     ),
 )
@@ -105,13 +106,13 @@ async def server_tls(
     fingerprint: str | None = None
     cert, key = tls_cert, tls_key
     if tls_self_signed:
-        cert_path, key_path, fingerprint = await pytunnel.ensure_self_signed(tls_dir)
+        cert_path, key_path, fingerprint = await pytunnel.tls.ensure_self_signed(tls_dir)
         cert, key = str(cert_path), str(key_path)
     if cert is not None and key is not None:
-        tls = await pytunnel.server_tls_context(cert, key, client_ca_file=tls_client_ca)
+        tls = await pytunnel.tls.server_tls_context(cert, key, client_ca_file=tls_client_ca)
         if fingerprint is None:
             der = ssl.PEM_cert_to_DER_cert(await trio.Path(cert).read_text())
-            fingerprint = pytunnel.certificate_fingerprint(der)
+            fingerprint = pytunnel.tls.certificate_fingerprint(der)
     return tls, fingerprint
 
 
@@ -125,7 +126,7 @@ async def client_tls(
     """The client's TLS context, or ``None`` when no option asks for TLS (a fingerprint
     alone makes the library use TLS with the pin as the only check)."""
     if use_tls or tls_ca or tls_cert:
-        return await pytunnel.client_tls_context(
+        return await pytunnel.tls.client_tls_context(
             ca_file=tls_ca,
             cert_file=tls_cert,
             key_file=tls_key,

@@ -6,9 +6,12 @@ Never logs or prints the token itself (``serve`` prints a token it generated, on
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
+from ._options import EXISTING_FILE
 from ._output import fail
 from ._run import describe
 
@@ -38,8 +41,15 @@ def read_token(ctx: click.Context, token: str | None, token_file: str | None) ->
     return token
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def token_option(*, help: str) -> Callable[[_F], _F]:
+    return click.option("--token", envvar="PYTUNNEL_TOKEN", show_envvar=True, help=help)
+
+
 token_file_option = click.option(
     "--token-file",
-    type=click.Path(exists=True, dir_okay=False),
+    type=EXISTING_FILE,
     help="Read the shared secret from this file (keeps it out of ps).",
 )
