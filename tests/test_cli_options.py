@@ -117,6 +117,8 @@ def test_listen_default_is_serves_own(monkeypatch: pytest.MonkeyPatch) -> None:
         ),
         (["connect", "127.0.0.1:7000", "--client-id", "bad id"], "--client-id"),
         (["connect", "127.0.0.1:7000", "--client-id", "x" * 65], "--client-id"),
+        (["connect", "127.0.0.1:7000", "--socks-auth", ":password"], "--socks-auth"),
+        (["connect", "127.0.0.1:7000", "--socks-auth", "user"], "--socks-auth"),
     ],
 )
 def test_config_field_rules_are_usage_errors_naming_the_option(
@@ -137,3 +139,14 @@ def test_out_of_range_config_value_is_a_usage_error() -> None:
     assert result.exit_code == 2, result.output
     assert "Usage:" in result.output
     assert "max_frame_size" in result.output
+
+
+def test_server_port_zero_is_a_usage_error() -> None:
+    """Port 0 means "any free port" to listen on; as the server to connect to it is a bad
+    argument (status 2), not a connection attempt that fails later."""
+    result = CliRunner().invoke(main, ["connect", "127.0.0.1:0", "--token", "t"])
+    assert result.exit_code == 2, result.output
+    assert "out of range 1-65535" in result.output
+    assert isinstance(main, click.Group)
+    with main.commands["serve"].make_context("serve", ["--listen", "127.0.0.1:0"]) as ctx:
+        assert ctx.params["listen"] == ("127.0.0.1", 0)

@@ -20,11 +20,12 @@ from ._options import (
     dynamic_specs,
     forward_specs,
     heartbeat_timeout_option,
-    host_port,
     idle_timeout_option,
     log_format_option,
     log_level_option,
     max_streams_option,
+    parsed,
+    server_address,
     usage_errors,
 )
 from ._output import say
@@ -38,8 +39,18 @@ _CLIENT = attrs.fields(pytunnel.ClientConfig)
 _SESSION = attrs.fields(pytunnel.SessionConfig)
 
 
+def _credentials(value: str | None) -> tuple[str, str] | None:
+    """``USER:PASSWORD`` of ``--socks-auth``; the password may contain ``:``."""
+    if value is None:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user:
+        raise ValueError("expected USER:PASSWORD")
+    return user, password
+
+
 @click.command(context_settings=CONTEXT)
-@click.argument("server", callback=host_port, envvar="PYTUNNEL_SERVER")
+@click.argument("server", callback=server_address, envvar="PYTUNNEL_SERVER")
 @token_option(help="Shared secret of the server (or --token-file).")
 @token_file_option
 @click.option(
@@ -55,6 +66,7 @@ _SESSION = attrs.fields(pytunnel.SessionConfig)
 @click.option(
     "--socks-auth",
     metavar="USER:PASSWORD",
+    callback=parsed(_credentials),
     help="Require this username and password from SOCKS clients (RFC 1929).",
 )
 @client_tls_options
@@ -152,7 +164,7 @@ def connect(
     token: str | None,
     token_file: str | None,
     dynamic: list[tuple[str, int]],
-    socks_auth: str | None,
+    socks_auth: tuple[str, str] | None,
     use_tls: bool,
     tls_ca: str | None,
     tls_fingerprint: str | None,
@@ -181,12 +193,6 @@ def connect(
     secret = read_token(ctx, token, token_file)
     if secret is None:
         raise click.UsageError("a token is needed: --token, --token-file or PYTUNNEL_TOKEN")
-    auth: tuple[str, str] | None = None
-    if socks_auth is not None:
-        user, sep, password = socks_auth.partition(":")
-        if not sep or not user:
-            raise click.BadParameter("expected USER:PASSWORD", param_hint="--socks-auth")
-        auth = (user, password)
     with usage_errors():
         config = pytunnel.ClientConfig(
             token=secret,
@@ -232,7 +238,7 @@ def connect(
                 say(f"{fwd.kind} {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
             for bind_host, bind_port in dynamic:
                 fwd = await tunnel.forward_dynamic(
-                    local_port=bind_port, local_host=bind_host, auth=auth
+                    local_port=bind_port, local_host=bind_host, auth=socks_auth
                 )
                 say(f"dynamic forward {pytunnel.format_target(*fwd.address)} -> SOCKS")
             async with trio.open_nursery() as nursery:

@@ -8,6 +8,7 @@ so no default is written twice.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ import click
 import pytunnel
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T")
 
 #: Every option can also come from ``PYTUNNEL_<COMMAND>_<OPTION>``, and ``--help`` shows each
 #: default: a user reads the defaults the library applies, not a copy that may drift.
@@ -35,23 +37,34 @@ def stack(*decorators: Callable[[Any], Any]) -> Callable[[_F], _F]:
     return apply
 
 
+def parsed(parse: Callable[[Any], _T]) -> Callable[[click.Context, click.Parameter, Any], _T]:
+    """A click callback that hands the command ``parse(value)``: the library's parser decides
+    what is valid, and its ``ValueError`` becomes this option's usage error (status 2, naming
+    the option)."""
+
+    def callback(_ctx: click.Context, _param: click.Parameter, value: Any) -> _T:
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return callback
+
+
 def config_check(
     config: type[attrs.AttrsInstance], name: str
 ) -> Callable[[click.Context, click.Parameter, Any], Any]:
     """A click callback that checks a value with the validator of ``config``'s field
     ``name``: the rule stays in the config class, and a bad value is this option's usage
-    error (status 2, naming the option) rather than a failure once the config is built."""
+    error rather than a failure once the config is built."""
     field = attrs.fields_dict(config)[name]
 
-    def check(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+    def check(value: Any) -> Any:
         if value is not None and field.validator is not None:
-            try:
-                field.validator(None, field, value)
-            except ValueError as exc:
-                raise click.BadParameter(str(exc)) from None
+            field.validator(None, field, value)
         return value
 
-    return check
+    return parsed(check)
 
 
 @contextlib.contextmanager
@@ -65,49 +78,15 @@ def usage_errors() -> Iterator[None]:
         raise click.UsageError(str(exc)) from None
 
 
-def host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[str, int]:
-    try:
-        return pytunnel.parse_host_port(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def forward_specs(
-    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
-) -> list[pytunnel.ForwardSpec]:
-    try:
-        return [pytunnel.parse_forward_spec(v) for v in values]
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def dynamic_specs(
-    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
-) -> list[tuple[str, int]]:
-    try:
-        return [pytunnel.parse_host_port(v) for v in values]
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def port_ranges(
-    _ctx: click.Context, _param: click.Parameter, value: str | None
-) -> tuple[pytunnel.PortRange, ...] | None:
-    if value is None:
-        return None
-    try:
-        return pytunnel.parse_port_ranges(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def permit_open(
-    _ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
-) -> pytunnel.PermitOpen:
-    try:
-        return pytunnel.PermitOpen.parse(list(value) or None)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+#: ``HOST:PORT`` to listen on (port 0: any free port) and to connect to (a real port).
+listen_address = parsed(pytunnel.parse_host_port)
+server_address = parsed(functools.partial(pytunnel.parse_host_port, allow_zero=False))
+#: ``-L``/``-R`` specifications and ``-D`` listening addresses, each repeatable.
+forward_specs = parsed(lambda values: [pytunnel.parse_forward_spec(v) for v in values])
+dynamic_specs = parsed(lambda values: [pytunnel.parse_host_port(v) for v in values])
+#: ``--allow-ports`` and ``--permit-open``, parsed as the server config holds them.
+port_ranges = parsed(lambda value: None if value is None else pytunnel.parse_port_ranges(value))
+permit_open = parsed(lambda values: pytunnel.PermitOpen.parse(list(values) or None))
 
 
 #: A file that must exist when the command starts (certificates, keys, CAs, token files).

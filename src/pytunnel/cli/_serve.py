@@ -21,8 +21,8 @@ from ._options import (
     CONTEXT,
     connect_timeout_option,
     heartbeat_timeout_option,
-    host_port,
     idle_timeout_option,
+    listen_address,
     log_format_option,
     log_level_option,
     max_streams_option,
@@ -46,7 +46,7 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
 @click.option(
     "--listen",
     default=pytunnel.format_target(_SERVE["host"].default, _SERVE["port"].default),
-    callback=host_port,
+    callback=listen_address,
     help="Address clients connect to.",
 )
 @token_option(help="Shared secret. Without one, a random token is made and printed.")
