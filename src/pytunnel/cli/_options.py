@@ -93,11 +93,17 @@ permit_open = parsed(lambda values: pytunnel.PermitOpen.parse(list(values) or No
 EXISTING_FILE = click.Path(exists=True, dir_okay=False)
 
 
+# The options both commands have. Each takes its default from the command's own config class
+# (the server's and the client's could differ) and, where the meaning differs by side, its help.
+
+
 def connect_timeout_option(*, default: float | None, help: str) -> Callable[[_F], _F]:
+    """``--connect-timeout``: seconds a dial may take (the server's, or the client's)."""
     return click.option("--connect-timeout", type=float, default=default, help=help)
 
 
 def idle_timeout_option(*, default: float | None) -> Callable[[_F], _F]:
+    """``--idle-timeout``: the same meaning on both sides, so the same help."""
     return click.option(
         "--idle-timeout",
         type=float,
@@ -107,10 +113,13 @@ def idle_timeout_option(*, default: float | None) -> Callable[[_F], _F]:
 
 
 def heartbeat_timeout_option(*, default: float | None, help: str) -> Callable[[_F], _F]:
+    """``--heartbeat-timeout``: how long silence (server) or an unanswered ping (client)
+    may last."""
     return click.option("--heartbeat-timeout", type=float, default=default, help=help)
 
 
 def max_streams_option(*, default: int | None, help: str) -> Callable[[_F], _F]:
+    """``--max-streams``: the server's total across clients, the client's per session."""
     return click.option("--max-streams", type=click.IntRange(min=1), default=default, help=help)
 
 

@@ -45,6 +45,8 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def token_option(*, help: str) -> Callable[[_F], _F]:
+    """``--token``, also ``PYTUNNEL_TOKEN`` (shown in ``--help``: the way to keep it out of
+    ``ps``); only the help differs between the commands."""
     return click.option("--token", envvar="PYTUNNEL_TOKEN", show_envvar=True, help=help)
 
 
