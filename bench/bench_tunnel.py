@@ -1209,7 +1209,9 @@ def profile(
 
 #: Frames every sample passes through (click, the CLI, trio's run loop): left out of
 #: the inclusive list, which would otherwise start with them.
-_WRAPPER_FRAME = re.compile(r"\((core|decorators|main)\.py\)$|^(unrolled_run|run) \(_run\.py\)$")
+_WRAPPER_FRAME = re.compile(
+    r"\((core|decorators|_serve|_connect)\.py\)$|^(unrolled_run|run|wrapper) \(_run\.py\)$"
+)
 
 
 def summarize_raw(raw: Path, top: int) -> str:

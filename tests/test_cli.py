@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
+from pytunnel.cli import main
 
 pytestmark = pytest.mark.timeout(60)
-PYTUNNEL = [sys.executable, "-m", "cli.main"]
+PYTUNNEL = [sys.executable, "-m", "pytunnel"]
 
 
 class _Echo(socketserver.BaseRequestHandler):
@@ -483,18 +483,18 @@ if sys.version_info < (3, 11):  # pragma: no cover
 
 def test_startup_error_is_found_inside_nested_groups() -> None:
     import pytunnel
-    from cli.main import _describe, _startup_error
+    from pytunnel.cli._run import describe, startup_error
 
     typed = pytunnel.AddressInUseError("127.0.0.1:1 is already in use")
     nested = ExceptionGroup("outer", [ExceptionGroup("inner", [typed])])
-    assert _startup_error(nested) is typed
-    assert _describe(typed) == "[ADDRESS_IN_USE] 127.0.0.1:1 is already in use"
+    assert startup_error(nested) is typed
+    assert describe(typed) == "[ADDRESS_IN_USE] 127.0.0.1:1 is already in use"
     oserror = OSError(98, "Address already in use")
-    assert _describe(_startup_error(ExceptionGroup("g", [oserror])) or typed) == (
+    assert describe(startup_error(ExceptionGroup("g", [oserror])) or typed) == (
         "[ADDRESS_IN_USE] Address already in use"
     )
     # anything else in the group is a bug: its traceback must not be hidden
-    assert _startup_error(ExceptionGroup("g", [typed, ValueError("bug")])) is None
+    assert startup_error(ExceptionGroup("g", [typed, ValueError("bug")])) is None
 
 
 def _free_port() -> int:

@@ -280,7 +280,7 @@ async def test_server_process_killed_and_restarted(nursery: trio.Nursery, echo_p
     cmd = [
         sys.executable,
         "-m",
-        "cli.main",
+        "pytunnel",
         "serve",
         "--listen",
         f"127.0.0.1:{port}",

@@ -48,6 +48,31 @@ def test_host_port() -> None:
         parse_host_port("a:b:c")
 
 
+def test_host_port_accepts_an_address_tuple() -> None:
+    """A client's ``connect(("::1", 7000))`` and ``connect("[::1]:7000")`` mean the same and
+    meet the same checks."""
+    assert parse_host_port(("::1", 7000)) == parse_host_port("[::1]:7000") == ("::1", 7000)
+    assert parse_host_port(("", 7000)) == ("127.0.0.1", 7000)
+    for port in (70000, -1, True, "7000"):
+        with pytest.raises(ValueError, match="out of range"):
+            parse_host_port(("host", port))  # type: ignore[arg-type]
+
+
+def test_host_port_refuses_port_zero_when_told() -> None:
+    """Port 0 is "any free port" for an address to listen on, never one to connect to."""
+    assert parse_host_port("host:0") == ("host", 0)
+    with pytest.raises(ValueError, match="out of range 1-65535"):
+        parse_host_port("host:0", allow_zero=False)
+    with pytest.raises(ValueError, match="out of range 1-65535"):
+        parse_host_port(("host", 0), allow_zero=False)
+    assert parse_host_port("host:1", allow_zero=False) == ("host", 1)
+
+
+def test_host_port_unbracketed_ipv6_says_brackets() -> None:
+    with pytest.raises(ValueError, match=r"brackets: \[::1\]:7000"):
+        parse_host_port("::1:7000")
+
+
 def test_target_host_over_255_bytes_is_rejected_by_the_spec() -> None:
     from pytunnel import InvalidTargetError
 

@@ -253,7 +253,7 @@ async def test_client_process_killed(nursery: trio.Nursery) -> None:
         [
             sys.executable,
             "-m",
-            "cli.main",
+            "pytunnel",
             "connect",
             f"{host}:{port}",
             "--token",

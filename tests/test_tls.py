@@ -405,7 +405,7 @@ async def test_server_tls_context_without_client_ca_asks_for_no_certificate(
 def _serve_cli(*args: str) -> tuple[subprocess.Popen[bytes], tuple[str, int]]:
     """``pytunnel serve`` as a user runs it, with its listening address read from stdout."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "serve", "--listen", "127.0.0.1:0", *args],
+        [sys.executable, "-m", "pytunnel", "serve", "--listen", "127.0.0.1:0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTUNNEL_TOKEN": TOKEN},
@@ -473,7 +473,7 @@ def _connect_cli(address: tuple[str, int], *args: str) -> subprocess.CompletedPr
         [
             sys.executable,
             "-m",
-            "cli.main",
+            "pytunnel",
             "connect",
             f"{address[0]}:{address[1]}",
             "--no-reconnect",
@@ -496,7 +496,7 @@ def test_cli_tls_client_ca_admits_a_client_certificate(
         [
             sys.executable,
             "-m",
-            "cli.main",
+            "pytunnel",
             "connect",
             f"{address[0]}:{address[1]}",
             "--no-reconnect",

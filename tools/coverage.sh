@@ -15,6 +15,6 @@ echo
 # `--format=total`: the figure alone (the report skips fully covered files, so its last
 # line is not always the total)
 echo "total:     $(python -m coverage report --format=total) %"
-echo "cli/:      $(python -m coverage report --include='cli/*' --format=total) %"
+echo "cli/:      $(python -m coverage report --include='src/pytunnel/cli/*' --format=total) %"
 echo "protocol/: $(python -m coverage report --include='src/pytunnel/protocol/*' --format=total) %"
 exit $status

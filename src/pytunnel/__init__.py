@@ -190,6 +190,15 @@ from .server import open_server as open_server
 from .server import serve as serve
 from .server import wrap_server_stream as wrap_server_stream
 
+# isort: split
+# What the command line (pytunnel.cli) reaches besides the names above: forward and address
+# specifications, port ranges, the smallest frame limit a session accepts.
+from ._policy import parse_port_ranges as parse_port_ranges
+from ._spec import ForwardSpec as ForwardSpec
+from ._spec import parse_forward_spec as parse_forward_spec
+from ._spec import parse_host_port as parse_host_port
+from .protocol.messages import MIN_MAX_FRAME_SIZE as MIN_MAX_FRAME_SIZE
+
 __version__ = "0.1.0.dev0"
 
 # A library does not decide where logs go: without configuration, stay silent.

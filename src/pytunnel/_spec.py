@@ -106,11 +106,39 @@ def parse_forward_spec(spec: str) -> ForwardSpec:
     )
 
 
-def parse_host_port(text: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """``"host:port"``, ``"[::1]:7000"`` or ``":7000"`` -> ``(host, port)``."""
-    parts = _split(text)
+def parse_host_port(
+    address: str | tuple[str, int],
+    *,
+    default_host: str = "127.0.0.1",
+    allow_zero: bool = True,
+) -> tuple[str, int]:
+    """``"host:port"``, ``"[::1]:7000"``, ``":7000"`` or ``"7000"`` -> ``(host, port)``.
+
+    The one parser for every address a user writes (the command line's ``--listen``, ``-D``
+    and server argument, and the address a client connects to), so that all of them accept
+    the same forms. A ``(host, port)`` tuple passes through the same checks.
+
+    Args:
+      address: the text, or a ``(host, port)`` tuple already split.
+      default_host: the host when the text names none (``"7000"``, ``":7000"``, ``("", 7000)``).
+      allow_zero: accept port 0 ("any free port"): right for an address to listen on, wrong
+        for one to connect to.
+
+    Raises:
+      ValueError: naming the bad part. An IPv6 address without brackets is refused, not
+        guessed at: ``::1:7000`` is itself a valid IPv6 address.
+    """
+    low = 0 if allow_zero else 1
+    if isinstance(address, tuple):
+        host, port = address
+        if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= 65535:
+            raise ValueError(f"port {port!r} in {address!r} is out of range {low}-65535")
+        return host or default_host, port
+    parts = _split(address)
     if len(parts) == 1:
-        return default_host, _port(parts[0], "port", text, allow_zero=True)
+        return default_host, _port(parts[0], "port", address, allow_zero=allow_zero)
     if len(parts) != 2:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return parts[0] or default_host, _port(parts[1], "port", text, allow_zero=True)
+        raise ValueError(
+            f"expected HOST:PORT, got {address!r} (an IPv6 address goes in brackets: [::1]:7000)"
+        )
+    return parts[0] or default_host, _port(parts[1], "port", address, allow_zero=allow_zero)

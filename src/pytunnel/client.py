@@ -266,12 +266,6 @@ class Tunnel:
         await self._supervisor.run(lambda: task_status.started(self))
 
 
-def _server_address(address: str | tuple[str, int]) -> tuple[str, int]:
-    if isinstance(address, tuple):
-        return address
-    return parse_host_port(address)
-
-
 def tcp_connector(host: str, port: int, timeout: float) -> Connector:
     """A connector that opens a TCP connection to the server, or raises ``ConnectError``
     (the dial's own timeout and failure categories, said as "cannot reach the server")."""
@@ -349,7 +343,7 @@ async def connect_tunnel(
     ``reconnect=False``); ``Tunnel.failure`` says why a tunnel ended.
     """
     client_config = _config(token, config, options)
-    host, port = _server_address(address)
+    host, port = parse_host_port(address, allow_zero=False)
     connector = tcp_connector(host, port, client_config.connect_timeout)
     tunnel = Tunnel(client_config, connector, server_host=host)
     started: Tunnel = await nursery.start(tunnel._run)

@@ -1,1 +1,0 @@
-"""The ``pytunnel`` command line: a thin click front end over the library."""

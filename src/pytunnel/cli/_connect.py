@@ -1,0 +1,252 @@
+"""``pytunnel connect``: connect to a server, set up forwards, keep them up until interrupted.
+
+Parses the forward specifications and the client's options into the library's ``connect``
+call and prints one line per forward; reconnection and relaying are the library's.
+"""
+
+from __future__ import annotations
+
+import attrs
+import click
+import trio
+
+import pytunnel
+
+from ._logs import setup_logging
+from ._options import (
+    CONTEXT,
+    config_check,
+    connect_timeout_option,
+    dynamic_specs,
+    forward_specs,
+    heartbeat_timeout_option,
+    idle_timeout_option,
+    log_format_option,
+    log_level_option,
+    max_streams_option,
+    parsed,
+    server_address,
+    usage_errors,
+)
+from ._output import say
+from ._run import run as run_command
+from ._status import print_status
+from ._tlsfiles import client_tls, client_tls_options
+from ._token import read_token, token_file_option, token_option
+
+# Every default shown is the config classes' own.
+_CLIENT = attrs.fields(pytunnel.ClientConfig)
+_SESSION = attrs.fields(pytunnel.SessionConfig)
+
+
+def _credentials(value: str | None) -> tuple[str, str] | None:
+    """``USER:PASSWORD`` of ``--socks-auth``; the password may contain ``:``."""
+    if value is None:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user:
+        raise ValueError("expected USER:PASSWORD")
+    return user, password
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("server", callback=server_address, envvar="PYTUNNEL_SERVER")
+@token_option(help="Shared secret of the server (or --token-file).")
+@token_file_option
+@click.option(
+    "-D",
+    "--dynamic",
+    "dynamic",
+    multiple=True,
+    callback=dynamic_specs,
+    metavar="[BIND:]PORT",
+    help="Dynamic forward: a SOCKS5/4a proxy here on PORT (0: any) whose connections exit at "
+    "the server, DNS included. Repeatable.",
+)
+@click.option(
+    "--socks-auth",
+    metavar="USER:PASSWORD",
+    callback=parsed(_credentials),
+    help="Require this username and password from SOCKS clients (RFC 1929).",
+)
+@client_tls_options
+@click.option(
+    "-R",
+    "--remote",
+    "remote",
+    multiple=True,
+    callback=forward_specs,
+    metavar="[BIND:]PORT:HOST:HOSTPORT",
+    help="Remote forward: the server listens on PORT (0: any), connections reach HOST:HOSTPORT "
+    "from here. Repeatable.",
+)
+@click.option(
+    "-L",
+    "--local",
+    "local",
+    multiple=True,
+    callback=forward_specs,
+    metavar="[BIND:]PORT:HOST:HOSTPORT",
+    help="Local forward: listen here on PORT (0: any), connections reach HOST:HOSTPORT from "
+    "the server. Repeatable.",
+)
+@connect_timeout_option(
+    default=_CLIENT.connect_timeout.default,
+    help="Seconds to reach the server, and for remote-forward dials here.",
+)
+@idle_timeout_option(default=_CLIENT.idle_timeout.default)
+@click.option(
+    "--reconnect/--no-reconnect",
+    default=_CLIENT.reconnect.default,
+    help="Reconnect with exponential backoff when the connection is lost.",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=0),
+    default=_CLIENT.max_attempts.default or 0,  # 0 spells the config's None: never give up
+    help="Reconnection attempts in a row before giving up (0: unlimited).",
+)
+@click.option(
+    "--backoff-max",
+    type=float,
+    default=_CLIENT.backoff_max.default,
+    help="Longest wait between reconnection attempts, in seconds.",
+)
+@click.option(
+    "--heartbeat-interval",
+    type=float,
+    default=_CLIENT.heartbeat_interval.default,
+    help="Seconds between pings.",
+)
+@heartbeat_timeout_option(
+    default=_CLIENT.heartbeat_timeout.default,
+    help="The link is dead when a ping is unanswered this long.",
+)
+@click.option(
+    "--probe-interval",
+    type=float,
+    default=_CLIENT.probe_interval.default,
+    help="Health-probe remote forward targets this often, in seconds (0: off).",
+)
+@click.option(
+    "--probe-failures",
+    type=click.IntRange(min=1),
+    default=_CLIENT.probe_failures.default,
+    help="Failed probes in a row that take a remote forward offline.",
+)
+@max_streams_option(
+    default=_SESSION.max_streams.default,
+    help="Concurrent streams on the tunnel connection; at the limit, local forwards stop "
+    "accepting until one closes.",
+)
+@click.option(
+    "--status-interval",
+    type=float,
+    default=0,
+    help="Print a summary of every forward this often, in seconds (0: never).",
+)
+@click.option(
+    "--client-id",
+    envvar="PYTUNNEL_CLIENT_ID",
+    show_envvar=True,
+    metavar="ID",
+    callback=config_check(pytunnel.ClientConfig, "client_id"),
+    help="This client's identity at the server (1-64 of A-Z a-z 0-9 . _ : -; default: random "
+    "per run). A new connection with it replaces the server's old session of this client at "
+    "once, ports included; never give two clients the same one.",
+)
+@log_level_option
+@log_format_option
+@click.pass_context
+def connect(
+    ctx: click.Context,
+    server: tuple[str, int],
+    token: str | None,
+    token_file: str | None,
+    dynamic: list[tuple[str, int]],
+    socks_auth: tuple[str, str] | None,
+    use_tls: bool,
+    tls_ca: str | None,
+    tls_fingerprint: str | None,
+    tls_server_name: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    remote: list[pytunnel.ForwardSpec],
+    local: list[pytunnel.ForwardSpec],
+    connect_timeout: float,
+    idle_timeout: float,
+    reconnect: bool,
+    max_attempts: int,
+    backoff_max: float,
+    heartbeat_interval: float,
+    heartbeat_timeout: float,
+    probe_interval: float,
+    probe_failures: int,
+    max_streams: int,
+    status_interval: float,
+    client_id: str | None,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Connect to a tunnel server and set up forwards; keep them up until interrupted."""
+    setup_logging(log_level, log_format)
+    secret = read_token(ctx, token, token_file)
+    if secret is None:
+        raise click.UsageError("a token is needed: --token, --token-file or PYTUNNEL_TOKEN")
+    with usage_errors():
+        config = pytunnel.ClientConfig(
+            token=secret,
+            client_id=client_id,
+            tls_fingerprint=tls_fingerprint,
+            tls_server_hostname=tls_server_name,
+            connect_timeout=connect_timeout,
+            idle_timeout=idle_timeout,
+            reconnect=reconnect,
+            max_attempts=max_attempts or None,
+            backoff_max=backoff_max,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            probe_interval=probe_interval,
+            probe_failures=probe_failures,
+            session=pytunnel.SessionConfig(max_streams=max_streams),
+        )
+
+    async def run() -> None:
+        client_config = config
+        context = await client_tls(use_tls, tls_ca, tls_cert, tls_key, tls_fingerprint)
+        if context is not None:
+            client_config = attrs.evolve(config, tls=context)
+        async with pytunnel.open_tunnel(server, config=client_config) as tunnel:
+            say(f"connected to {pytunnel.format_target(*server)}")
+            for spec in remote:
+                fwd: pytunnel.Forward = await tunnel.forward_remote(
+                    spec.target_host,
+                    spec.target_port,
+                    remote_port=spec.bind_port,
+                    remote_host=spec.bind_host or "",
+                    protocol=spec.protocol,
+                )
+                say(f"{fwd.kind} {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
+            for spec in local:
+                fwd = await tunnel.forward_local(
+                    spec.target_host,
+                    spec.target_port,
+                    local_port=spec.bind_port,
+                    local_host=spec.bind_host or "127.0.0.1",
+                    protocol=spec.protocol,
+                )
+                say(f"{fwd.kind} {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
+            for bind_host, bind_port in dynamic:
+                fwd = await tunnel.forward_dynamic(
+                    local_port=bind_port, local_host=bind_host, auth=socks_auth
+                )
+                say(f"dynamic forward {pytunnel.format_target(*fwd.address)} -> SOCKS")
+            async with trio.open_nursery() as nursery:
+                if status_interval > 0:
+                    nursery.start_soon(print_status, tunnel, status_interval)
+                await tunnel.wait_closed()
+                nursery.cancel_scope.cancel()
+            if tunnel.failure is not None:
+                raise tunnel.failure
+
+    run_command(run)

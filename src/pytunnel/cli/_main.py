@@ -1,0 +1,24 @@
+"""The ``pytunnel`` command group: its version option and its two commands.
+
+Each command lives in its own module; this one only assembles them.
+"""
+
+from __future__ import annotations
+
+import click
+
+import pytunnel
+
+from ._connect import connect
+from ._options import CONTEXT
+from ._serve import serve
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(pytunnel.__version__, prog_name="pytunnel")
+def main() -> None:
+    """Expose local services and reach remote ones through one authenticated connection."""
+
+
+main.add_command(serve)
+main.add_command(connect)

@@ -1,0 +1,97 @@
+"""Running a command's body under trio: signals end it cleanly, a startup failure is one line.
+
+Knows nothing about the commands' options; each command hands over an async function.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Awaitable, Callable
+
+import trio
+
+import pytunnel
+
+from ._output import fail
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]
+
+
+def startup_error(exc: BaseException) -> pytunnel.TunnelError | OSError | None:
+    """The typed error behind ``exc``, looking through exception groups (nurseries wrap
+    what a task raised): the first TunnelError or OSError if the group holds nothing else,
+    ``None`` if it holds anything else (a bug, whose traceback must not be hidden)."""
+    if isinstance(exc, BaseExceptionGroup):
+        found: pytunnel.TunnelError | OSError | None = None
+        for inner in exc.exceptions:
+            typed = startup_error(inner)
+            if typed is None:
+                return None
+            found = found or typed
+        return found
+    if isinstance(exc, (pytunnel.TunnelError, OSError)):
+        return exc
+    return None
+
+
+_ERRNO_CODES = {
+    errno.EADDRINUSE: pytunnel.ErrorCode.ADDRESS_IN_USE,
+    errno.EACCES: pytunnel.ErrorCode.PERMISSION_DENIED,
+    errno.EPERM: pytunnel.ErrorCode.PERMISSION_DENIED,
+}
+
+
+def describe(error: pytunnel.TunnelError | OSError) -> str:
+    """``[CODE_NAME] message``: the error code's name, or for an OS error the matching
+    code's name if there is one, else the errno's."""
+    if isinstance(error, pytunnel.TunnelError):
+        return str(error)
+    code = _ERRNO_CODES.get(error.errno or 0)
+    if code is not None:
+        name = code.name
+    elif isinstance(error, ssl.SSLError):
+        name = pytunnel.ErrorCode.TLS_FAILED.name
+    else:
+        name = errno.errorcode.get(error.errno or 0, "OS_ERROR")
+    reason = error.strerror or str(error)
+    if error.filename is not None:
+        reason = f"{error.filename}: {reason}"
+    return f"[{name}] {reason}"
+
+
+def run(main: Callable[[], Awaitable[None]]) -> None:
+    """Run ``main`` under trio; SIGINT/SIGTERM end it cleanly with status 0, a TunnelError
+    or OSError (however deeply nested in exception groups) ends it with one line on stderr
+    and status 1."""
+    failure: list[pytunnel.TunnelError | OSError] = []
+
+    async def wrapper() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    async for signum in signals:
+                        logging.getLogger("pytunnel").info(
+                            "received %s, shutting down", signal.Signals(signum).name
+                        )
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(watch)
+                try:
+                    await main()
+                except (pytunnel.TunnelError, OSError, BaseExceptionGroup) as exc:
+                    typed = startup_error(exc)
+                    if typed is None:
+                        raise
+                    failure.append(typed)
+                nursery.cancel_scope.cancel()
+
+    trio.run(wrapper)
+    if failure:
+        fail(describe(failure[0]))

@@ -1,0 +1,215 @@
+"""``pytunnel serve``: run a tunnel server until interrupted.
+
+Parses the server's options into the library's ``serve`` call and reports where it listens
+(and how to connect); the serving itself is the library's.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import secrets
+
+import attrs
+import click
+import trio
+
+import pytunnel
+
+from ._logs import setup_logging
+from ._options import (
+    CONTEXT,
+    connect_timeout_option,
+    heartbeat_timeout_option,
+    idle_timeout_option,
+    listen_address,
+    log_format_option,
+    log_level_option,
+    max_streams_option,
+    permit_open,
+    port_ranges,
+    usage_errors,
+)
+from ._output import say
+from ._run import run as run_command
+from ._tlsfiles import check_server_tls, server_tls, server_tls_options
+from ._token import read_token, token_file_option, token_option
+
+# Every default shown comes from the library: the config classes' fields, and ``serve``'s own
+# parameters for the address it listens on.
+_SERVER = attrs.fields(pytunnel.ServerConfig)
+_SESSION = attrs.fields(pytunnel.SessionConfig)
+_SERVE = inspect.signature(pytunnel.serve).parameters
+
+
+@click.command(context_settings=CONTEXT)
+@click.option(
+    "--listen",
+    default=pytunnel.format_target(_SERVE["host"].default, _SERVE["port"].default),
+    callback=listen_address,
+    help="Address clients connect to.",
+)
+@token_option(help="Shared secret. Without one, a random token is made and printed.")
+@click.option(
+    "--public-host",
+    default=_SERVER.public_host.default,
+    help="Address remote forwards listen on (0.0.0.0 exposes them on all interfaces).",
+)
+@click.option(
+    "--allow-ports",
+    callback=port_ranges,
+    help="Ports remote forwards may use, e.g. 8000,9000-9100. Default: any.",
+)
+@click.option(
+    "--permit-open",
+    multiple=True,
+    callback=permit_open,
+    help="Targets clients may open, OpenSSH PermitOpen style: NAME:PORT (* wildcards, matched "
+    "against the name asked for) or IP:PORT, 10.0.0.*:PORT, 10.0.0.0/24:PORT (matched "
+    "against the address the name resolves to, which is the address dialled); PORT is a "
+    "number, LOW-HIGH or *. Repeatable. Default: any.",
+)
+@connect_timeout_option(
+    default=_SERVER.connect_timeout.default, help="Seconds a dial may take (then NODE_TIMEOUT)."
+)
+@idle_timeout_option(default=_SERVER.idle_timeout.default)
+@heartbeat_timeout_option(
+    default=_SERVER.heartbeat_timeout.default,
+    help="Drop a client silent for this many seconds.",
+)
+@click.option(
+    "--max-forwards-per-client",
+    type=click.IntRange(min=0),
+    default=_SERVER.max_forwards_per_client.default,
+    help="Remote forwards one client may hold.",
+)
+@max_streams_option(
+    default=_SERVER.max_streams.default,
+    help="Relayed connections across all clients (lowered to what the file descriptor "
+    "limit allows; the soft limit is raised to the hard one at start).",
+)
+@click.option(
+    "--max-session-streams",
+    type=click.IntRange(min=1),
+    default=_SESSION.max_streams.default,
+    help="Concurrent streams in one client's session.",
+)
+@click.option(
+    "--max-pending-handshakes",
+    type=click.IntRange(min=1),
+    default=_SERVER.max_pending_handshakes.default,
+    help="Connections allowed in their handshake at once.",
+)
+@click.option(
+    "--max-handshakes-per-address",
+    type=click.IntRange(min=1),
+    default=_SERVER.max_handshakes_per_address.default,
+    help="Connections one source address may have in their handshake at once.",
+)
+@click.option(
+    "--first-frame-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_SERVER.first_frame_timeout.default,
+    help="Seconds a new connection has to send its first frame (after TLS, if any).",
+)
+@click.option(
+    "--auth-failure-burst",
+    type=click.IntRange(min=1),
+    default=_SERVER.auth_failure_burst.default,
+    help="Failed authentications one address may make in a burst before it is refused.",
+)
+@click.option(
+    "--auth-failure-interval",
+    type=click.FloatRange(min=0),
+    default=_SERVER.auth_failure_interval.default,
+    help="Seconds after which one more failed authentication is forgiven (the refill rate).",
+)
+@click.option(
+    "--max-frame-size",
+    type=click.IntRange(min=pytunnel.MIN_MAX_FRAME_SIZE),
+    default=_SESSION.max_frame_size.default,
+    help="Largest protocol frame accepted, in bytes.",
+)
+@token_file_option
+@server_tls_options
+@log_level_option
+@log_format_option
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    listen: tuple[str, int],
+    token: str | None,
+    public_host: str,
+    allow_ports: tuple[pytunnel.PortRange, ...] | None,
+    permit_open: pytunnel.PermitOpen,
+    connect_timeout: float,
+    idle_timeout: float,
+    heartbeat_timeout: float,
+    max_forwards_per_client: int,
+    max_streams: int,
+    max_session_streams: int,
+    max_pending_handshakes: int,
+    max_handshakes_per_address: int,
+    first_frame_timeout: float,
+    auth_failure_burst: int,
+    auth_failure_interval: float,
+    max_frame_size: int,
+    token_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_self_signed: bool,
+    tls_dir: str,
+    tls_client_ca: str | None,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Run a tunnel server."""
+    setup_logging(log_level, log_format)
+    token = read_token(ctx, token, token_file)
+    generated = token is None
+    secret = token or secrets.token_urlsafe(24)
+    check_server_tls(tls_cert, tls_key, tls_self_signed)
+    with usage_errors():
+        config = pytunnel.ServerConfig(
+            token=secret,
+            public_host=public_host,
+            allow_ports=allow_ports,
+            permit_open=permit_open,
+            connect_timeout=connect_timeout,
+            idle_timeout=idle_timeout,
+            heartbeat_timeout=heartbeat_timeout,
+            max_forwards_per_client=max_forwards_per_client,
+            max_streams=max_streams,
+            max_pending_handshakes=max_pending_handshakes,
+            max_handshakes_per_address=max_handshakes_per_address,
+            first_frame_timeout=first_frame_timeout,
+            auth_failure_burst=auth_failure_burst,
+            auth_failure_interval=auth_failure_interval,
+            session=pytunnel.SessionConfig(
+                max_streams=max_session_streams, max_frame_size=max_frame_size
+            ),
+        )
+
+    async def run() -> None:
+        tls, fingerprint = await server_tls(
+            tls_cert, tls_key, tls_self_signed, tls_dir, tls_client_ca
+        )
+        async with trio.open_nursery() as nursery:
+            server: pytunnel.TunnelServer = await nursery.start(
+                functools.partial(
+                    pytunnel.serve,
+                    listen[1],
+                    host=listen[0],
+                    config=attrs.evolve(config, tls=tls),
+                )
+            )
+            address = pytunnel.format_target(*server.address)
+            say(f"pytunnel server listening on {address}" + (" (TLS)" if tls else ""))
+            if fingerprint is not None:
+                say(f"TLS certificate fingerprint: {fingerprint}")
+            if generated:
+                pin = f" --tls-fingerprint {fingerprint}" if tls_self_signed else ""
+                tls_flag = " --tls" if tls and not tls_self_signed else ""
+                say(f"connect with: pytunnel connect {address} --token {secret}{tls_flag}{pin}")
+
+    run_command(run)
