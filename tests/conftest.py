@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 import pytunnel
-from pytunnel import Role, Session, SessionConfig, open_session
+from pytunnel.session import Role, Session, SessionConfig, open_session
 
 SessionPair = tuple[Session, Session]
 PairFactory = Callable[..., AbstractAsyncContextManager[SessionPair]]

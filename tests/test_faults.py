@@ -132,7 +132,7 @@ async def test_close_after_n_bytes_and_slicing(tunnel: pytunnel.Tunnel, echo_por
 
 
 def test_unknown_fault_is_rejected() -> None:
-    faults = pytunnel.Faults()
+    faults = pytunnel.testing.Faults()
     with pytest.raises(TypeError, match="unknown fault"):
         faults.set(latenzy=1)
     with pytest.raises(ValueError, match="direction"):
@@ -143,7 +143,7 @@ def test_unknown_fault_is_rejected() -> None:
 
 
 async def _wrapped_pair(
-    faults: pytunnel.Faults,
+    faults: pytunnel.testing.Faults,
 ) -> tuple[trio.SocketStream, trio.SocketStream, FaultyStream, FaultyStream]:
     """Two loopback connections whose relay-side ends are wrapped as a relay's would be:
     ``left`` is the accepting side's peer, ``right`` the target's."""
@@ -155,7 +155,7 @@ async def _wrapped_pair(
 
 async def test_faulty_stream_without_faults_is_a_conforming_half_closeable_stream() -> None:
     async def maker() -> tuple[FaultyStream, FaultyStream]:
-        faults = pytunnel.Faults()
+        faults = pytunnel.testing.Faults()
         a, b = await tcp_stream_pair()
         return FaultyStream(a, faults, "out"), FaultyStream(b, faults, "in")
 
@@ -165,7 +165,7 @@ async def test_faulty_stream_without_faults_is_a_conforming_half_closeable_strea
 async def test_a_plain_relay_applies_faults_through_wrapped_streams() -> None:
     """The relay has no fault logic: wrapped streams alone add the latency, and an injected
     delay longer than the idle timeout is not idleness (the wrapper is ``paced``)."""
-    faults = pytunnel.Faults()
+    faults = pytunnel.testing.Faults()
     faults.set("in", latency=0.6)
     left, right, a, b = await _wrapped_pair(faults)
     async with trio.open_nursery() as nursery:
@@ -188,7 +188,7 @@ async def test_a_plain_relay_applies_faults_through_wrapped_streams() -> None:
 
 
 async def test_close_after_ends_both_directions_of_a_plain_relay_cleanly() -> None:
-    faults = pytunnel.Faults()
+    faults = pytunnel.testing.Faults()
     faults.set("out", close_after=3)
     left, right, a, b = await _wrapped_pair(faults)
     async with trio.open_nursery() as nursery:
@@ -208,7 +208,7 @@ async def test_close_after_ends_both_directions_of_a_plain_relay_cleanly() -> No
 async def test_reset_connections_resets_a_mux_stream_through_its_wrapper() -> None:
     """``reset_connections`` breaks the wrapped pair; the relay's reset reaches the mux
     stream inside the wrapper (``reset`` is a capability, not a class check)."""
-    faults = pytunnel.Faults()
+    faults = pytunnel.testing.Faults()
     async with session_pair("tcp") as (client, server):
         mine, theirs = await open_pair(client, server)
         outside, relay_side = await tcp_stream_pair()

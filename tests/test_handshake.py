@@ -19,10 +19,13 @@ from pytunnel import (
     HandshakeTimeoutError,
     RemoteProtocolError,
     VersionMismatchError,
+)
+from pytunnel._handshake import (
+    client_handshake,
     open_client_session,
     open_server_session,
+    server_handshake,
 )
-from pytunnel._handshake import client_handshake, server_handshake
 from pytunnel.errors import LocalProtocolError
 from pytunnel.protocol import handshake as hs
 from pytunnel.protocol.frames import FrameDecoder, encode_message

@@ -120,9 +120,9 @@ async def test_policy_cannot_be_bypassed_by_a_modified_client(nursery: trio.Nurs
     )
     stream = await trio.open_tcp_stream(*server.address)
     result = await client_handshake(stream, TOKEN, max_frame_size=2**20)
-    async with pytunnel.open_session(
+    async with pytunnel.session.open_session(
         stream,
-        pytunnel.Role.CLIENT,
+        pytunnel.session.Role.CLIENT,
         decoder=result.decoder,
         peer_max_frame_size=result.peer_max_frame_size,
     ) as session:

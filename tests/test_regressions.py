@@ -13,11 +13,12 @@ import trio.testing
 from conftest import TOKEN, session_pair, tcp_stream_pair
 
 import pytunnel
-from pytunnel import ErrorCode, Role, open_session
+from pytunnel import ErrorCode
 from pytunnel._handshake import client_handshake, open_server_session, server_handshake
 from pytunnel.client import ForwardStatus
 from pytunnel.protocol.frames import FrameDecoder, encode_message
 from pytunnel.protocol.messages import Bound, Open, Reset
+from pytunnel.session import Role, open_session
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -38,7 +38,7 @@ async def test_close_after_exact_boundary(tunnel: pytunnel.Tunnel, echo_port: in
 
 
 def test_faults_set_is_all_or_nothing() -> None:
-    faults = pytunnel.Faults()
+    faults = pytunnel.testing.Faults()
     with pytest.raises(TypeError):
         faults.set(latency=1.0, latenzy=2.0)
     assert faults.out.latency == 0.0

@@ -20,18 +20,16 @@ from pytunnel import (
     NodeTimeoutError,
     NodeUnstableError,
     RemoteProtocolError,
-    Role,
     SessionClosedError,
     SessionConfig,
     StreamLimitError,
     StreamRefusedError,
     StreamResetError,
-    open_session,
 )
 from pytunnel._relay import relay
 from pytunnel.protocol.frames import FrameDecoder, encode_message
 from pytunnel.protocol.messages import Data, Datagram, GoAway, Open, Ping, Pong
-from pytunnel.session import Session
+from pytunnel.session import Role, Session, open_session
 
 
 async def _send_and_eof(stream: trio.abc.HalfCloseableStream, data: bytes, chunk: int) -> None:

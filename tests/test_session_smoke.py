@@ -22,5 +22,5 @@ def test_the_session_namespace_holds_the_multiplexer_api() -> None:
 
     for name in ("IncomingStream", "MuxStream", "Session", "SessionConfig", "StreamSlot"):
         assert getattr(pytunnel.session, name) is getattr(_session, name)
-    assert pytunnel.session.open_session is pytunnel.open_session
+    assert pytunnel.session.open_session is _session.open_session
     assert _session.StreamResetError is pytunnel.errors.StreamResetError

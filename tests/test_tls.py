@@ -109,8 +109,8 @@ async def test_expired_certificate(nursery: trio.Nursery, ca: trustme.CA) -> Non
 
 
 async def test_pinned_self_signed(nursery: trio.Nursery, tmp_path: Path, echo_port: int) -> None:
-    cert, key, fingerprint = await pytunnel.ensure_self_signed(tmp_path / "tls")
-    server = await _start(nursery, await pytunnel.server_tls_context(cert, key))
+    cert, key, fingerprint = await pytunnel.tls.ensure_self_signed(tmp_path / "tls")
+    server = await _start(nursery, await pytunnel.tls.server_tls_context(cert, key))
     tunnel = await pytunnel.connect_tunnel(
         nursery, server.address, token=TOKEN, tls_fingerprint=fingerprint, reconnect=False
     )
@@ -123,10 +123,10 @@ async def test_pinned_self_signed(nursery: trio.Nursery, tmp_path: Path, echo_po
 
 
 async def test_self_signed_files_are_private_and_reused(tmp_path: Path) -> None:
-    cert, key, first = await pytunnel.ensure_self_signed(tmp_path / "tls")
+    cert, key, first = await pytunnel.tls.ensure_self_signed(tmp_path / "tls")
     for path in (cert, key):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    again = await pytunnel.ensure_self_signed(tmp_path / "tls")
+    again = await pytunnel.tls.ensure_self_signed(tmp_path / "tls")
     assert again == (cert, key, first)
     assert first.startswith("SHA256:")
     assert len(first) == 7 + 43
@@ -212,8 +212,8 @@ async def test_reconnects_reuse_one_tls_context_built_off_the_loop(
 
     monkeypatch.setattr(pytunnel._tls, "_base_context", spy_base_context)
     monkeypatch.setattr(pytunnel._supervisor, "tls_connect", spy_tls_connect)
-    cert, key, fingerprint = await pytunnel.ensure_self_signed(tmp_path / "tls")
-    server = await _start(nursery, await pytunnel.server_tls_context(cert, key))
+    cert, key, fingerprint = await pytunnel.tls.ensure_self_signed(tmp_path / "tls")
+    server = await _start(nursery, await pytunnel.tls.server_tls_context(cert, key))
     built_in.clear()  # the server's own context
     tunnel = await pytunnel.connect_tunnel(
         nursery,
@@ -242,12 +242,12 @@ async def test_self_signed_key_path_symlink_is_refused_not_followed(tmp_path: Pa
     victim = tmp_path / "victim"
     (directory / "server.key").symlink_to(victim)  # dangling: "does not exist" to exists()
     with pytest.raises(pytunnel.TLSError, match="refusing to write"):
-        await pytunnel.ensure_self_signed(directory)
+        await pytunnel.tls.ensure_self_signed(directory)
     assert not victim.exists()
     victim.write_text("precious")
     (directory / "server.crt").unlink(missing_ok=True)
     with pytest.raises(pytunnel.TLSError, match="refusing to write"):
-        await pytunnel.ensure_self_signed(directory)
+        await pytunnel.tls.ensure_self_signed(directory)
     assert victim.read_text() == "precious"
     assert (directory / "server.key").is_symlink()
 
@@ -255,7 +255,7 @@ async def test_self_signed_key_path_symlink_is_refused_not_followed(tmp_path: Pa
 async def test_self_signed_files_are_0600_whatever_the_umask(tmp_path: Path) -> None:
     previous = os.umask(0o277)  # would leave 0400 if the mode came from open() alone
     try:
-        cert, key, _ = await pytunnel.ensure_self_signed(tmp_path / "tls")
+        cert, key, _ = await pytunnel.tls.ensure_self_signed(tmp_path / "tls")
     finally:
         os.umask(previous)
     for path in (cert, key):
@@ -263,9 +263,9 @@ async def test_self_signed_files_are_0600_whatever_the_umask(tmp_path: Path) -> 
 
 
 async def test_self_signed_pair_half_missing_is_made_anew(tmp_path: Path) -> None:
-    cert, key, first = await pytunnel.ensure_self_signed(tmp_path / "tls")
+    cert, key, first = await pytunnel.tls.ensure_self_signed(tmp_path / "tls")
     cert.unlink()
-    again_cert, again_key, second = await pytunnel.ensure_self_signed(tmp_path / "tls")
+    again_cert, again_key, second = await pytunnel.tls.ensure_self_signed(tmp_path / "tls")
     assert (again_cert, again_key) == (cert, key)
     assert second != first
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
@@ -275,14 +275,14 @@ async def test_unloadable_tls_files_are_one_typed_error(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate")
     with pytest.raises(pytunnel.TLSError, match="cannot load the certificate"):
-        await pytunnel.server_tls_context(garbage, garbage)
-    cert, key, _ = await pytunnel.ensure_self_signed(tmp_path / "tls")
+        await pytunnel.tls.server_tls_context(garbage, garbage)
+    cert, key, _ = await pytunnel.tls.ensure_self_signed(tmp_path / "tls")
     with pytest.raises(pytunnel.TLSError, match="cannot load the client CA"):
-        await pytunnel.server_tls_context(cert, key, client_ca_file=garbage)
+        await pytunnel.tls.server_tls_context(cert, key, client_ca_file=garbage)
     with pytest.raises(pytunnel.TLSError, match="cannot load the CA"):
-        await pytunnel.client_tls_context(ca_file=garbage)
+        await pytunnel.tls.client_tls_context(ca_file=garbage)
     with pytest.raises(pytunnel.TLSError, match="cannot set up the self-signed"):
-        await pytunnel.ensure_self_signed(garbage / "inside a file")
+        await pytunnel.tls.ensure_self_signed(garbage / "inside a file")
 
 
 # ------------------------------------------------- mutual TLS through the library's own contexts
@@ -319,7 +319,7 @@ def mtls_files(tmp_path: Path, ca: trustme.CA) -> dict[str, Path]:
 
 
 async def _mtls_server(nursery: trio.Nursery, files: dict[str, Path]) -> pytunnel.TunnelServer:
-    context = await pytunnel.server_tls_context(
+    context = await pytunnel.tls.server_tls_context(
         files["server_cert"], files["server_key"], client_ca_file=files["client_ca"]
     )
     return await _start(nursery, context)
@@ -327,8 +327,8 @@ async def _mtls_server(nursery: trio.Nursery, files: dict[str, Path]) -> pytunne
 
 async def _client_context(files: dict[str, Path], who: str | None) -> ssl.SSLContext:
     if who is None:
-        return await pytunnel.client_tls_context(ca_file=files["ca"])
-    return await pytunnel.client_tls_context(
+        return await pytunnel.tls.client_tls_context(ca_file=files["ca"])
+    return await pytunnel.tls.client_tls_context(
         ca_file=files["ca"], cert_file=files[f"{who}_cert"], key_file=files[f"{who}_key"]
     )
 
@@ -367,7 +367,7 @@ async def test_server_tls_context_with_client_ca_requires_a_client_certificate(
     echo_port: int,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    context = await pytunnel.server_tls_context(
+    context = await pytunnel.tls.server_tls_context(
         mtls_files["server_cert"], mtls_files["server_key"], client_ca_file=mtls_files["client_ca"]
     )
     assert context.verify_mode == ssl.CERT_REQUIRED
@@ -398,7 +398,9 @@ async def test_server_tls_context_with_client_ca_refuses_a_certificate_from_anot
 async def test_server_tls_context_without_client_ca_asks_for_no_certificate(
     mtls_files: dict[str, Path],
 ) -> None:
-    context = await pytunnel.server_tls_context(mtls_files["server_cert"], mtls_files["server_key"])
+    context = await pytunnel.tls.server_tls_context(
+        mtls_files["server_cert"], mtls_files["server_key"]
+    )
     assert context.verify_mode == ssl.CERT_NONE
 
 

@@ -509,8 +509,8 @@ async def test_public_connection_gives_up_when_the_client_never_answers(
     )
     transport = await trio.open_tcp_stream(*server.address)
     result = await client_handshake(transport, TOKEN, max_frame_size=2**20)
-    async with pytunnel.open_session(
-        transport, pytunnel.Role.CLIENT, decoder=result.decoder
+    async with pytunnel.session.open_session(
+        transport, pytunnel.session.Role.CLIENT, decoder=result.decoder
     ) as session:
         # a client that registers a forward and then never answers the server's opens
         control = await session.open_stream("", 0, tag=routes.LISTEN)

@@ -72,6 +72,7 @@ from .protocol.mux import (
 __all__ = [
     "IncomingStream",
     "MuxStream",
+    "Role",
     "Session",
     "SessionConfig",
     "StreamCarrier",

@@ -121,7 +121,7 @@ class SyncForward:
         return self.forward.status
 
     def set_faults(self, direction: str = "both", **settings: object) -> None:
-        """Set faults on this forward (see ``pytunnel.Faults.set``), from any thread."""
+        """Set faults on this forward (see ``pytunnel.testing.Faults.set``), from any thread."""
         self._portal.run_sync(self.forward.faults.set, direction, **settings)
 
     def clear_faults(self, direction: str = "both") -> None:
