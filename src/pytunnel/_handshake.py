@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import cast
 
 import attrs
 import trio
 
-from ._session import Session, SessionConfig, open_session
 from .errors import (
     AuthenticationError,
     ConnectError,
@@ -30,6 +29,7 @@ from .protocol import handshake as hs
 from .protocol.frames import FrameDecoder, encode_message
 from .protocol.messages import HANDSHAKE, GoAway, HandshakeMessage, Message, truncate_text
 from .protocol.mux import Role
+from .session import Session, SessionConfig, open_session
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
@@ -58,6 +58,20 @@ class HandshakeResult:
     peer_max_frame_size: int
     #: The identity the client authenticated with ("" for none).
     client_id: str = ""
+
+    def open_session(
+        self, stream: trio.abc.Stream, role: Role, config: SessionConfig, *, name: str
+    ) -> AbstractAsyncContextManager[Session]:
+        """The session that follows this handshake on ``stream``: it starts with the bytes the
+        handshake read past its last frame and sends frames up to the peer's limit."""
+        return open_session(
+            stream,
+            role,
+            config,
+            decoder=self.decoder,
+            peer_max_frame_size=self.peer_max_frame_size,
+            name=name,
+        )
 
 
 #: A TLS record starts with its content type (22 handshake, 21 alert) and version 3.x; as a
@@ -224,14 +238,7 @@ async def open_client_session(
     result = await client_handshake(
         stream, token, timeout=handshake_timeout, max_frame_size=config.max_frame_size
     )
-    async with open_session(
-        stream,
-        Role.CLIENT,
-        config,
-        decoder=result.decoder,
-        peer_max_frame_size=result.peer_max_frame_size,
-        name=name,
-    ) as session:
+    async with result.open_session(stream, Role.CLIENT, config, name=name) as session:
         yield session
 
 
@@ -249,12 +256,5 @@ async def open_server_session(
     result = await server_handshake(
         stream, token, timeout=handshake_timeout, max_frame_size=config.max_frame_size, peer=peer
     )
-    async with open_session(
-        stream,
-        Role.SERVER,
-        config,
-        decoder=result.decoder,
-        peer_max_frame_size=result.peer_max_frame_size,
-        name=f"server<{peer}>",
-    ) as session:
+    async with result.open_session(stream, Role.SERVER, config, name=f"server<{peer}>") as session:
         yield session

@@ -37,7 +37,7 @@ from .errors import (
     VersionMismatchError,
 )
 from .protocol.mux import Role
-from .session import Session, open_session
+from .session import Session
 
 __all__ = ["Connector", "Supervisor"]
 
@@ -222,13 +222,8 @@ class Supervisor:
         session: Session | None = None
         try:
             async with (
-                open_session(
-                    stream,
-                    Role.CLIENT,
-                    self._config.session,
-                    decoder=result.decoder,
-                    peer_max_frame_size=result.peer_max_frame_size,
-                    name="client",
+                result.open_session(
+                    stream, Role.CLIENT, self._config.session, name="client"
                 ) as session,
                 trio.open_nursery() as nursery,
             ):
