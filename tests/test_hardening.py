@@ -21,7 +21,7 @@ from pytunnel._handshake import client_handshake
 from pytunnel.protocol import routes
 from pytunnel.protocol.frames import FrameDecoder, encode_message
 from pytunnel.protocol.messages import Challenge, GoAway, Hello, Open
-from pytunnel.server import AuthThrottle, _fit_fd_limit
+from pytunnel._admission import AuthThrottle, _fit_fd_limit
 
 pytestmark = pytest.mark.timeout(180)
 

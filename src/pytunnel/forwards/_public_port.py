@@ -1,0 +1,142 @@
+"""The server side of one TCP remote forward: its public listeners and its control stream.
+
+It knows only the narrow :class:`PortOwner` interface of the client session that owns it
+(a stream slot, a way to carry one public connection to the client, a peer name), never the
+session's internals.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from .._dial import format_target
+from .._listen import accept, bind
+from .._session import (
+    MuxStream,
+)
+from .._util import aclose_all, owned
+from ..errors import (
+    ErrorCode,
+    ForwardError,
+    RemoteProtocolError,
+    printable,
+)
+from ..protocol.frames import FrameDecoder
+from ..protocol.messages import ForwardState
+
+if TYPE_CHECKING:
+    from .._server_session import _ClientSession
+
+
+log = logging.getLogger("pytunnel.server")
+
+
+class _PublicPort:
+    """The server side of one remote forward: its public listeners and its control stream.
+
+    While the client reports the forward's target offline, the listeners are closed so the
+    port refuses connections at once (no accept-then-drop black hole); back online, the same
+    port is bound again. Relays already running are not affected either way.
+    """
+
+    def __init__(
+        self,
+        client: _ClientSession,
+        control: MuxStream,
+        host: str,
+        port: int,
+        listeners: list[trio.SocketListener],
+    ) -> None:
+        self.client = client
+        self.control = control
+        self.host = host
+        self.port = port
+        self.address = format_target(host, port)
+        self.listeners = listeners
+        self.relays: trio.Nursery | None = None
+        self._accepting = trio.CancelScope()
+        #: Set for good once the forward stops listening (it is ending).
+        self._stopped = False
+
+    def start_accepting(self) -> None:
+        assert self.relays is not None
+        if self._stopped:
+            return
+        self._accepting = trio.CancelScope()
+        self.relays.start_soon(self._accept_all, self._accepting)
+
+    async def _accept_all(self, scope: trio.CancelScope) -> None:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                for listener in self.listeners:
+                    nursery.start_soon(self._accept_loop, listener)
+
+    def stop_listening(self) -> None:
+        """Close the public listeners now, synchronously, for good.
+
+        The accept loops are cancelled first, so they end quietly rather than with the error
+        of a socket closed under them; a connection still in the kernel's backlog is reset.
+        """
+        self._stopped = True
+        self._accepting.cancel()
+        listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            listener.socket.close()
+
+    async def _accept_loop(self, listener: trio.SocketListener) -> None:
+        assert self.relays is not None
+        while True:
+            try:
+                conn = await accept(listener)
+            except trio.ClosedResourceError:
+                return  # stop_listening() closed it
+            if not self.client._reserve_stream(None):
+                await trio.aclose_forcefully(conn)
+                continue
+            relay_public = functools.partial(
+                self.client._relay_public, forward_id=self.control.stream_id
+            )
+            self.relays.start_soon(
+                self.client._counted, functools.partial(owned, handler=relay_public), conn
+            )
+
+    async def follow_control_stream(self) -> None:
+        """Apply the client's ForwardState messages until it closes the control stream."""
+        decoder = FrameDecoder(4096)
+        while True:
+            data = await self.control.receive_some()
+            decoder.receive_data(data)
+            while (message := decoder.next_message()) is not None:
+                if not isinstance(message, ForwardState):
+                    raise RemoteProtocolError(
+                        f"unexpected {type(message).__name__} on a forward's control stream",
+                        code=ErrorCode.UNEXPECTED_MESSAGE,
+                    )
+                await self._set_online(message.online, message.reason)
+            if not data:
+                return
+
+    async def _set_online(self, online: bool, reason: str) -> None:
+        peer = self.client.peer
+        if not online and self.listeners:
+            self._accepting.cancel()
+            listeners, self.listeners = self.listeners, []
+            await aclose_all(*listeners)
+            log.warning("client %s: forward %s offline: %s", peer, self.address, printable(reason))
+        elif online and not self.listeners and not self._stopped:
+            try:
+                listeners = await bind(self.host, self.port)
+            except ForwardError as exc:
+                log.error(
+                    "client %s: forward %s cannot come back online: %s", peer, self.address, exc
+                )
+                raise
+            if self._stopped:  # the forward ended while we were binding
+                await aclose_all(*listeners)
+                return
+            self.listeners = listeners
+            self.start_accepting()
+            log.info("client %s: forward %s back online", peer, self.address)
