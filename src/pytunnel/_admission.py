@@ -5,13 +5,20 @@ address), the first-frame and handshake deadlines, the turn-away of a refused pe
 file-descriptor helpers that size the server's stream budget. It knows nothing of sessions,
 routes or forwards: it hands back an authenticated stream or nothing.
 """
+
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING
 
 import attrs
 import trio
+
+from ._handshake import HandshakeResult, send_goaway, server_handshake
+from ._tls import tls_accept
+from ._util import Episodes
+from .errors import AuthenticationError, ErrorCode, TLSError
 
 if TYPE_CHECKING:
     from .server import ServerConfig
@@ -136,3 +143,131 @@ def _fit_fd_limit(config: ServerConfig, fd_limit: int | None) -> ServerConfig:
         return attrs.evolve(config, max_streams=budget)
     log.info("file descriptors: limit %d; at most %d relayed streams", fd_limit, config.max_streams)
     return config
+
+
+class Admission:
+    """The gate between an accepted connection and an authenticated one.
+
+    It owns the counters that must hold across connections: the handshakes under way (in all
+    and per source address) and the failed authentications per address. A refused peer is
+    turned away before any handshake work, and an admitted one has two deadlines: a short one
+    for its first frame (an idle connection gives up its slot early) and one for TLS and
+    authentication together.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        #: Connections accepted but not yet authenticated.
+        self.pending = 0
+        #: Connections in their handshake, per source address.
+        self._pending_by_host: dict[str, int] = {}
+        #: Addresses being turned away for being at that cap.
+        self._over_cap: Episodes[str] = Episodes()
+        self.throttle = AuthThrottle(
+            burst=config.auth_failure_burst, interval=config.auth_failure_interval
+        )
+
+    def _release_pending(self, host: str) -> None:
+        left = self._pending_by_host.pop(host) - 1
+        if left:
+            self._pending_by_host[host] = left
+        if left < self.config.max_handshakes_per_address:
+            self._over_cap.end(host)
+
+    async def _turn_away(self, stream: trio.abc.Stream, code: int, text: str) -> None:
+        """Refuse before any handshake work. A TLS client could not read a plaintext GoAway,
+        and answering it would mean a TLS handshake for a refused peer: it is just closed."""
+        if self.config.tls is None:
+            await send_goaway(stream, code, text)
+        else:
+            await trio.aclose_forcefully(stream)
+
+    async def authenticate(
+        self, stream: trio.abc.Stream, peer: str, peer_host: str | None
+    ) -> tuple[trio.abc.Stream, HandshakeResult] | None:
+        """Admit and authenticate one control connection.
+
+        Args:
+          stream: the connection as accepted.
+          peer: its name, for logs.
+          peer_host: the source address the per-address cap and the throttle count by
+            (``None`` for a stream without one, which only the global cap counts).
+
+        Returns:
+          The stream to run the session on (the TLS stream over ``stream`` when TLS is on)
+          and the handshake's result; ``None`` when the peer was turned away.
+
+        Raises:
+          TunnelError: the handshake failed (the TLS stream, if any, is closed already).
+        """
+        if peer_host is not None:
+            wait = self.throttle.blocked_for(peer_host)
+            if wait > 0:
+                # rounded up, so a client that retries when told is let in
+                retry = math.ceil(wait * 10) / 10
+                await self._turn_away(
+                    stream,
+                    ErrorCode.RATE_LIMITED,
+                    f"too many failed authentications; retry in {retry:.1f} s",
+                )
+                return None
+        if self.pending >= self.config.max_pending_handshakes:
+            log.warning(
+                "turning away %s: %d connections are already in their handshake",
+                peer,
+                self.pending,
+            )
+            await self._turn_away(stream, ErrorCode.SERVER_BUSY, "too many pending handshakes")
+            return None
+        # a stream without a source address (in-memory, in tests) is not counted per address
+        host_key = peer_host
+        pending_here = 0 if host_key is None else self._pending_by_host.get(host_key, 0)
+        if host_key is not None and pending_here >= self.config.max_handshakes_per_address:
+            if self._over_cap.refuse(host_key):
+                log.warning(
+                    "turning away connections from %s: %d already in their handshake",
+                    host_key,
+                    pending_here,
+                )
+            await self._turn_away(
+                stream, ErrorCode.SERVER_BUSY, "too many pending handshakes from your address"
+            )
+            return None
+        self.pending += 1
+        if host_key is not None:
+            self._pending_by_host[host_key] = pending_here + 1
+        transport = stream
+        try:
+            # one deadline for TLS and authentication together, a shorter one for the
+            # first frame: an idle connection gives up its slot early
+            now = trio.current_time()
+            deadline = now + self.config.handshake_timeout
+            first_deadline = min(deadline, now + self.config.first_frame_timeout)
+            if self.config.tls is not None:
+                stream = await tls_accept(
+                    stream,
+                    self.config.tls,
+                    timeout=max(0.0, first_deadline - trio.current_time()),
+                    peer=peer,
+                )
+            result = await server_handshake(
+                stream,
+                self.config.token,
+                timeout=max(0.0, deadline - trio.current_time()),
+                first_frame_timeout=max(0.0, first_deadline - trio.current_time()),
+                max_frame_size=self.config.session.max_frame_size,
+                peer=peer,
+            )
+        except BaseException as exc:
+            if isinstance(exc, AuthenticationError) and peer_host is not None:
+                self.throttle.failure(peer_host)
+            elif isinstance(exc, TLSError):
+                log.warning("%s", exc)
+            if stream is not transport:  # the TLS wrapper owns the transport
+                await trio.aclose_forcefully(stream)
+            raise
+        finally:
+            self.pending -= 1
+            if host_key is not None:
+                self._release_pending(host_key)
+        return stream, result

@@ -5,6 +5,7 @@ Everything the client causes runs in its session nursery, so that ending the ses
 all. It does not know how connections are admitted (see ``_admission``) nor how the server
 listens for control connections (``server``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,7 +30,7 @@ from ._udp import (
     serve_associations,
     udp_connect,
 )
-from ._util import aclose_all
+from ._util import Episodes, aclose_all, owned
 from .errors import (
     DialError,
     ErrorCode,
@@ -71,8 +72,8 @@ class _ClientSession:
         #: The identity the client authenticated with ("" for none).
         self.client_id = client_id
         self.forwards = 0
-        #: Streams refused at the server's limit since the last one admitted (log episodes).
-        self._refused_streams = 0
+        #: Streams refused at the server's limit since the last one admitted.
+        self._refused_streams: Episodes[None] = Episodes()
         #: The client's TCP remote forwards, whose listeners close the moment the session ends.
         self.public_ports: set[_PublicPort] = set()
         #: Set once nothing of this client runs any more (listeners closed, relays gone).
@@ -101,7 +102,7 @@ class _ClientSession:
                         f"{'datagram' if incoming.datagrams else 'byte'} stream",
                     )
                 elif incoming.tag in (routes.CONNECT, routes.UDP_CONNECT):
-                    if self._reserve_stream(incoming):
+                    if self.reserve_stream(incoming):
                         handler = (
                             self._serve_connect
                             if incoming.tag == routes.CONNECT
@@ -150,29 +151,35 @@ class _ClientSession:
                 )
                 return
 
-    def _reserve_stream(self, incoming: IncomingStream | None) -> bool:
+    def reserve_stream(self, incoming: IncomingStream | None = None) -> bool:
         """Take one of the server's stream slots at admission (before any dial), so a burst
         cannot overshoot the limit; released by :meth:`_counted` when the stream's task ends."""
         if self.server.active_streams < self.config.max_streams:
             self.server.active_streams += 1
-            if self._refused_streams:
+            refused = self._refused_streams.end(None)
+            if refused:
                 log.info(
                     "client %s: streams admitted again after %d refused at the server's limit",
                     self.peer,
-                    self._refused_streams,
+                    refused,
                 )
-                self._refused_streams = 0
             return True
-        if not self._refused_streams:  # once per episode, not once per stream
+        if self._refused_streams.refuse(None):
             log.warning(
                 "client %s: refusing streams: the server's limit of %d streams is reached",
                 self.peer,
                 self.config.max_streams,
             )
-        self._refused_streams += 1
         if incoming is not None:
             incoming.refuse(ErrorCode.STREAM_LIMIT, "server stream limit reached")
         return False
+
+    async def carry_public(self, conn: trio.SocketStream, forward_id: int) -> None:
+        """Carry one public connection of forward ``forward_id`` to the client, in a stream
+        slot taken by :meth:`reserve_stream`: the slot is given back and ``conn`` closed when
+        this returns, whatever happened."""
+        relay_public = functools.partial(self._relay_public, forward_id=forward_id)
+        await self._counted(functools.partial(owned, handler=relay_public), conn)
 
     async def _counted(self, handler: Callable[[_T], Awaitable[None]], item: _T) -> None:
         try:
@@ -314,7 +321,7 @@ class _ClientSession:
 
         def admit_association() -> bool:
             # an association holds a stream like a public TCP connection: same budget
-            return self._reserve_stream(None)
+            return self.reserve_stream(None)
 
         def release_association() -> None:
             self.server.active_streams -= 1

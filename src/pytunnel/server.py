@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import ssl
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -21,12 +20,12 @@ import trio
 
 from ._admission import (
     DEFAULT_MAX_STREAMS,
-    AuthThrottle,
+    Admission,
     _fit_fd_limit,
     raise_fd_limit,
 )
 from ._dial import DEFAULT_CONNECT_TIMEOUT, format_target
-from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, send_goaway, server_handshake
+from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT
 from ._listen import accept, bind
 from ._policy import PermitOpen, PortRange, parse_port_ranges
 from ._relay import DEFAULT_IDLE_TIMEOUT
@@ -35,17 +34,14 @@ from ._session import (
     SessionConfig,
     open_session,
 )
-from ._tls import tls_accept
 from ._udp import (
     DEFAULT_MAX_ASSOCIATIONS,
     DEFAULT_UDP_IDLE_TIMEOUT,
 )
 from ._util import aclose_all, unwrap_cancelled
 from .errors import (
-    AuthenticationError,
     ErrorCode,
     SessionClosedError,
-    TLSError,
     TunnelError,
 )
 from .protocol.mux import Role
@@ -184,17 +180,9 @@ class TunnelServer:
         self._sessions: set[_ClientSession] = set()
         #: The live session of each client identity (clients that sent one).
         self._by_identity: dict[str, _ClientSession] = {}
-        #: Connections accepted but not yet authenticated.
-        self.pending_handshakes = 0
+        self._admission = Admission(config)
         #: Relayed streams open across all clients.
         self.active_streams = 0
-        #: Connections in their handshake, per source address.
-        self._pending_by_host: dict[str, int] = {}
-        #: Addresses being turned away for being at that cap (logged once per episode).
-        self._over_cap: set[str] = set()
-        self._throttle = AuthThrottle(
-            burst=config.auth_failure_burst, interval=config.auth_failure_interval
-        )
         self._cancel_scope = trio.CancelScope()
         self._done = trio.Event()
         #: Whether ``serve_forever`` runs (so ``aclose`` waits for its listeners to close).
@@ -220,6 +208,11 @@ class TunnelServer:
     @property
     def port(self) -> int:
         return self.address[1]
+
+    @property
+    def pending_handshakes(self) -> int:
+        """Connections accepted but not yet authenticated."""
+        return self._admission.pending
 
     @property
     def session_count(self) -> int:
@@ -259,21 +252,6 @@ class TunnelServer:
         while True:
             nursery.start_soon(self._handle_socket, await accept(listener))
 
-    def _release_pending(self, host: str) -> None:
-        left = self._pending_by_host.pop(host) - 1
-        if left:
-            self._pending_by_host[host] = left
-        if left < self.config.max_handshakes_per_address:
-            self._over_cap.discard(host)
-
-    async def _turn_away(self, stream: trio.abc.Stream, code: int, text: str) -> None:
-        """Refuse before any handshake work. A TLS client could not read a plaintext GoAway,
-        and answering it would mean a TLS handshake for a refused peer: it is just closed."""
-        if self.config.tls is None:
-            await send_goaway(stream, code, text)
-        else:
-            await trio.aclose_forcefully(stream)
-
     async def _handle_socket(self, stream: trio.SocketStream) -> None:
         try:
             host, port = stream.socket.getpeername()[:2]
@@ -311,76 +289,11 @@ class TunnelServer:
     async def _serve_stream(
         self, stream: trio.abc.Stream, peer: str, peer_host: str | None
     ) -> None:
-        if peer_host is not None:
-            wait = self._throttle.blocked_for(peer_host)
-            if wait > 0:
-                # rounded up, so a client that retries when told is let in
-                retry = math.ceil(wait * 10) / 10
-                await self._turn_away(
-                    stream,
-                    ErrorCode.RATE_LIMITED,
-                    f"too many failed authentications; retry in {retry:.1f} s",
-                )
-                return
-        if self.pending_handshakes >= self.config.max_pending_handshakes:
-            log.warning(
-                "turning away %s: %d connections are already in their handshake",
-                peer,
-                self.pending_handshakes,
-            )
-            await self._turn_away(stream, ErrorCode.SERVER_BUSY, "too many pending handshakes")
-            return
-        # a stream without a source address (in-memory, in tests) is not counted per address
-        host_key = peer_host
-        pending_here = 0 if host_key is None else self._pending_by_host.get(host_key, 0)
-        if host_key is not None and pending_here >= self.config.max_handshakes_per_address:
-            if host_key not in self._over_cap:  # once per episode, not per connection
-                self._over_cap.add(host_key)
-                log.warning(
-                    "turning away connections from %s: %d already in their handshake",
-                    host_key,
-                    pending_here,
-                )
-            await self._turn_away(
-                stream, ErrorCode.SERVER_BUSY, "too many pending handshakes from your address"
-            )
-            return
         try:
-            self.pending_handshakes += 1
-            if host_key is not None:
-                self._pending_by_host[host_key] = pending_here + 1
-            try:
-                # one deadline for TLS and authentication together, a shorter one for the
-                # first frame: an idle connection gives up its slot early
-                now = trio.current_time()
-                deadline = now + self.config.handshake_timeout
-                first_deadline = min(deadline, now + self.config.first_frame_timeout)
-                if self.config.tls is not None:
-                    stream = await tls_accept(
-                        stream,
-                        self.config.tls,
-                        timeout=max(0.0, first_deadline - trio.current_time()),
-                        peer=peer,
-                    )
-                result = await server_handshake(
-                    stream,
-                    self.config.token,
-                    timeout=max(0.0, deadline - trio.current_time()),
-                    first_frame_timeout=max(0.0, first_deadline - trio.current_time()),
-                    max_frame_size=self.config.session.max_frame_size,
-                    peer=peer,
-                )
-            except AuthenticationError:
-                if peer_host is not None:
-                    self._throttle.failure(peer_host)
-                raise
-            except TLSError as exc:
-                log.warning("%s", exc)
-                raise
-            finally:
-                self.pending_handshakes -= 1
-                if host_key is not None:
-                    self._release_pending(host_key)
+            admitted = await self._admission.authenticate(stream, peer, peer_host)
+            if admitted is None:
+                return
+            stream, result = admitted
             async with open_session(
                 stream,
                 Role.SERVER,

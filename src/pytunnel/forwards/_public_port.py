@@ -4,11 +4,11 @@ It knows only the narrow :class:`PortOwner` interface of the client session that
 (a stream slot, a way to carry one public connection to the client, a peer name), never the
 session's internals.
 """
+
 from __future__ import annotations
 
-import functools
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
@@ -17,7 +17,7 @@ from .._listen import accept, bind
 from .._session import (
     MuxStream,
 )
-from .._util import aclose_all, owned
+from .._util import aclose_all
 from ..errors import (
     ErrorCode,
     ForwardError,
@@ -27,11 +27,27 @@ from ..errors import (
 from ..protocol.frames import FrameDecoder
 from ..protocol.messages import ForwardState
 
-if TYPE_CHECKING:
-    from .._server_session import _ClientSession
-
-
 log = logging.getLogger("pytunnel.server")
+
+
+class PortOwner(Protocol):
+    """What a public port needs of the client session it belongs to, and nothing more."""
+
+    @property
+    def peer(self) -> str:
+        """The client's name, for logs."""
+        ...
+
+    def reserve_stream(self) -> bool:
+        """Take one of the server's stream slots for a public connection; false at the limit
+        (the owner logs the refusal)."""
+        ...
+
+    async def carry_public(self, conn: trio.SocketStream, forward_id: int) -> None:
+        """Open a stream of forward ``forward_id`` to the client and relay ``conn`` over it,
+        in the slot taken by :meth:`reserve_stream`; gives the slot back and closes ``conn``
+        when it returns."""
+        ...
 
 
 class _PublicPort:
@@ -44,7 +60,7 @@ class _PublicPort:
 
     def __init__(
         self,
-        client: _ClientSession,
+        client: PortOwner,
         control: MuxStream,
         host: str,
         port: int,
@@ -93,15 +109,10 @@ class _PublicPort:
                 conn = await accept(listener)
             except trio.ClosedResourceError:
                 return  # stop_listening() closed it
-            if not self.client._reserve_stream(None):
+            if not self.client.reserve_stream():
                 await trio.aclose_forcefully(conn)
                 continue
-            relay_public = functools.partial(
-                self.client._relay_public, forward_id=self.control.stream_id
-            )
-            self.relays.start_soon(
-                self.client._counted, functools.partial(owned, handler=relay_public), conn
-            )
+            self.relays.start_soon(self.client.carry_public, conn, self.control.stream_id)
 
     async def follow_control_stream(self) -> None:
         """Apply the client's ForwardState messages until it closes the control stream."""
