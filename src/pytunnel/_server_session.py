@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 import trio
 
 from ._dial import dial_permitted, format_target
+from ._egress import refuse_wrong_kind, serve_egress
 from ._listen import bind, bind_udp, bound_port
 from ._relay import RelayStats, relay
 from ._session import (
@@ -93,14 +94,8 @@ class _ClientSession:
                     incoming = await self.session.accept_stream()
                 except SessionClosedError:
                     break
-                if incoming.datagrams != (incoming.tag == routes.UDP_CONNECT):
-                    # the kind is fixed at Open: a byte stream never gets a datagram queue,
-                    # and a UDP association never a byte relay
-                    incoming.refuse(
-                        ErrorCode.PROTOCOL_ERROR,
-                        f"route {incoming.tag} does not take a "
-                        f"{'datagram' if incoming.datagrams else 'byte'} stream",
-                    )
+                if refuse_wrong_kind(incoming, incoming.tag == routes.UDP_CONNECT):
+                    pass
                 elif incoming.tag in (routes.CONNECT, routes.UDP_CONNECT):
                     if self.reserve_stream(incoming):
                         handler = (
@@ -210,7 +205,8 @@ class _ClientSession:
                 log.warning("[TARGET_FORBIDDEN] client %s may not open %s", self.peer, target)
 
         # the client may give up (Reset) while we dial, cancelling it
-        sock = await incoming.dial(
+        carried = await serve_egress(
+            incoming,
             functools.partial(
                 dial_permitted,
                 self.config.permit_open,
@@ -219,18 +215,11 @@ class _ClientSession:
                 timeout=self.config.connect_timeout,
                 logger=log,
             ),
+            functools.partial(self._relay, name=f"{self.peer}->{target}"),
             forbidden,
         )
-        if sock is None:
-            if incoming.abandoned:
-                log.debug("client %s: open of %s cancelled during the dial", self.peer, target)
-            return
-        try:
-            stream = incoming.accept()
-        except SessionClosedError:
-            await trio.aclose_forcefully(sock)
-            return
-        await self._relay(stream, sock, f"{self.peer}->{target}")
+        if not carried and incoming.abandoned:
+            log.debug("client %s: open of %s cancelled during the dial", self.peer, target)
 
     # ---------------------------------------------------------------- remote forwards
 
@@ -282,15 +271,11 @@ class _ClientSession:
             incoming.refuse(ErrorCode.TARGET_FORBIDDEN, f"udp {target} is not permitted")
             return
         # the client may give up (Reset) while we resolve
-        sock = await incoming.dial(functools.partial(udp_connect, host, port))
-        if sock is None:
-            return
-        try:
-            stream = incoming.accept()
-        except SessionClosedError:
-            sock.close()
-            return
-        await relay_association(stream, sock, idle_timeout=self.config.udp_idle_timeout)
+        await serve_egress(
+            incoming,
+            functools.partial(udp_connect, host, port),
+            functools.partial(relay_association, idle_timeout=self.config.udp_idle_timeout),
+        )
 
     async def _serve_udp_listen(self, incoming: IncomingStream) -> None:
         try:
