@@ -31,7 +31,7 @@ from ._udp import (
     serve_associations,
     udp_connect,
 )
-from ._util import Episodes, aclose_all, owned
+from ._util import Episodes, aclose_all
 from .errors import (
     DialError,
     ErrorCode,
@@ -169,18 +169,15 @@ class _ClientSession:
             incoming.refuse(ErrorCode.STREAM_LIMIT, "server stream limit reached")
         return False
 
-    async def carry_public(self, conn: trio.SocketStream, forward_id: int) -> None:
-        """Carry one public connection of forward ``forward_id`` to the client, in a stream
-        slot taken by :meth:`reserve_stream`: the slot is given back and ``conn`` closed when
-        this returns, whatever happened."""
-        relay_public = functools.partial(self._relay_public, forward_id=forward_id)
-        await self._counted(functools.partial(owned, handler=relay_public), conn)
+    def release_stream(self) -> None:
+        """Give back a slot taken by :meth:`reserve_stream`."""
+        self.server.active_streams -= 1
 
     async def _counted(self, handler: Callable[[_T], Awaitable[None]], item: _T) -> None:
         try:
             await handler(item)
         finally:
-            self.server.active_streams -= 1
+            self.release_stream()
 
     async def _relay(
         self, a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream, name: str
@@ -309,7 +306,7 @@ class _ClientSession:
             return self.reserve_stream(None)
 
         def release_association() -> None:
-            self.server.active_streams -= 1
+            self.release_stream()
 
         try:
             await control.send_all(encode_message(Bound(host, port)))
@@ -400,7 +397,9 @@ class _ClientSession:
             await aclose_all(*forward.listeners, control)
             log.info("client %s: remote forward on %s closed", self.peer, forward.address)
 
-    async def _relay_public(self, conn: trio.SocketStream, forward_id: int) -> None:
+    async def relay_public(self, conn: trio.SocketStream, forward_id: int) -> None:
+        """Open a stream of forward ``forward_id`` to the client and relay ``conn`` over it;
+        a client that does not answer within ``connect_timeout`` loses the connection."""
         timeout = self.config.connect_timeout
         stream: MuxStream | None = None
         try:

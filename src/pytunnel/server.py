@@ -26,7 +26,7 @@ from ._admission import (
 )
 from ._dial import DEFAULT_CONNECT_TIMEOUT, format_target
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT
-from ._listen import accept, bind
+from ._listen import bind
 from ._policy import PermitOpen, PortRange, parse_port_ranges
 from ._relay import DEFAULT_IDLE_TIMEOUT
 from ._server_session import _ClientSession
@@ -239,18 +239,22 @@ class TunnelServer:
         try:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
-                    for listener in self.listeners:
-                        nursery.start_soon(self._accept_loop, listener, nursery)
+                    # each control connection is served in this nursery; one that cannot be
+                    # accepted for want of descriptors is retried after a pause
+                    nursery.start_soon(
+                        functools.partial(
+                            trio.serve_listeners,
+                            self._handle_socket,
+                            list(self.listeners),
+                            handler_nursery=nursery,
+                        )
+                    )
                     task_status.started(self)
         finally:
             try:
                 await aclose_all(*self.listeners)
             finally:
                 self._done.set()
-
-    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        while True:
-            nursery.start_soon(self._handle_socket, await accept(listener))
 
     async def _handle_socket(self, stream: trio.SocketStream) -> None:
         try:

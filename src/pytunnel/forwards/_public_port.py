@@ -13,7 +13,8 @@ from typing import Protocol
 import trio
 
 from .._dial import format_target
-from .._listen import accept, bind
+from .._ingress import serve_ingress
+from .._listen import bind
 from .._session import (
     MuxStream,
 )
@@ -43,10 +44,12 @@ class PortOwner(Protocol):
         (the owner logs the refusal)."""
         ...
 
-    async def carry_public(self, conn: trio.SocketStream, forward_id: int) -> None:
-        """Open a stream of forward ``forward_id`` to the client and relay ``conn`` over it,
-        in the slot taken by :meth:`reserve_stream`; gives the slot back and closes ``conn``
-        when it returns."""
+    def release_stream(self) -> None:
+        """Give back a slot :meth:`reserve_stream` took."""
+        ...
+
+    async def relay_public(self, conn: trio.SocketStream, forward_id: int) -> None:
+        """Open a stream of forward ``forward_id`` to the client and relay ``conn`` over it."""
         ...
 
 
@@ -104,15 +107,20 @@ class _PublicPort:
 
     async def _accept_loop(self, listener: trio.SocketListener) -> None:
         assert self.relays is not None
-        while True:
-            try:
-                conn = await accept(listener)
-            except trio.ClosedResourceError:
-                return  # stop_listening() closed it
-            if not self.client.reserve_stream():
-                await trio.aclose_forcefully(conn)
-                continue
-            self.relays.start_soon(self.client.carry_public, conn, self.control.stream_id)
+        await serve_ingress(listener, self._reserve, self._carry, self._release, self.relays)
+
+    async def _reserve(self) -> bool:
+        # at the server's limit the connection is accepted and closed at once: a public
+        # port never makes its callers wait in the backlog for a client that may be stuck
+        return self.client.reserve_stream()
+
+    async def _carry(self, conn: trio.SocketStream, admitted: bool) -> None:
+        if admitted:
+            await self.client.relay_public(conn, self.control.stream_id)
+
+    def _release(self, admitted: bool) -> None:
+        if admitted:
+            self.client.release_stream()
 
     async def follow_control_stream(self) -> None:
         """Apply the client's ForwardState messages until it closes the control stream."""
