@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pytunnel
+from pytunnel._admission import AuthThrottle, _fit_fd_limit
 from pytunnel._handshake import client_handshake
 from pytunnel.protocol import routes
 from pytunnel.protocol.frames import FrameDecoder, encode_message
 from pytunnel.protocol.messages import Challenge, GoAway, Hello, Open
-from pytunnel.server import AuthThrottle, _fit_fd_limit
 
 pytestmark = pytest.mark.timeout(180)
 

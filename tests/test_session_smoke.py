@@ -18,9 +18,12 @@ async def test_roundtrip(transport: str) -> None:
 def test_the_session_namespace_holds_the_multiplexer_api() -> None:
     import pytunnel
     import pytunnel.session
-    from pytunnel import _session
+    from pytunnel import _incoming, _stream
 
-    for name in ("IncomingStream", "MuxStream", "Session", "SessionConfig", "StreamSlot"):
-        assert getattr(pytunnel.session, name) is getattr(_session, name)
-    assert pytunnel.session.open_session is _session.open_session
-    assert _session.StreamResetError is pytunnel.errors.StreamResetError
+    assert pytunnel.session.MuxStream is _stream.MuxStream
+    assert pytunnel.session.IncomingStream is _incoming.IncomingStream
+    assert pytunnel.session.StreamSlot is _incoming.StreamSlot
+    assert pytunnel.session.SessionConfig is pytunnel.SessionConfig
+    for name in pytunnel.session.__all__:
+        assert getattr(pytunnel.session, name) is not None
+    assert not hasattr(pytunnel, "open_session")  # the lower layer has its own namespace

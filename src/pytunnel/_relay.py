@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from ._util import aclose_all
-from .errors import ErrorCode
+from .errors import ErrorCode, SessionClosedError
 
 if TYPE_CHECKING:
     from .testing.faults import Faults
@@ -116,6 +116,17 @@ class RelayStats:
 
     def count_error(self, category: str) -> None:
         self.errors[category] = self.errors.get(category, 0) + 1
+
+    def count_failure(self, exc: BaseException) -> None:
+        """Count a connection that failed with ``exc`` under its category: the dial's own
+        (``NODE_TIMEOUT`` / ``NODE_UNSTABLE``), ``LINK_DOWN``, or else ``REFUSED``."""
+        category = getattr(exc, "category", None)
+        if category in ("NODE_TIMEOUT", "NODE_UNSTABLE"):
+            self.count_error(category)
+        elif isinstance(exc, SessionClosedError):
+            self.count_error("LINK_DOWN")
+        else:
+            self.count_error("REFUSED")
 
 
 async def _pump(

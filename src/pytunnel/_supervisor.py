@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from ._egress import refuse_wrong_kind
 from ._events import EventKind, TunnelEvent
 from ._handshake import HandshakeResult, client_handshake
 from ._link import Link
@@ -285,11 +286,5 @@ class Supervisor:
             forward = self._link.remote_forward(incoming.tag)
             if forward is None:
                 incoming.refuse(ErrorCode.FORWARD_FAILED, f"no forward with id {incoming.tag}")
-            elif incoming.datagrams != forward.kind.udp:
-                incoming.refuse(
-                    ErrorCode.PROTOCOL_ERROR,
-                    f"forward {incoming.tag} does not take a "
-                    f"{'datagram' if incoming.datagrams else 'byte'} stream",
-                )
-            else:
+            elif not refuse_wrong_kind(incoming, forward.kind.udp, what="forward"):
                 forward.dispatch(incoming)

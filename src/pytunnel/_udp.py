@@ -23,7 +23,7 @@ from ._dial import format_target
 from ._listen import tune_udp_socket
 from ._relay import RelayStats
 from ._util import aclose_all
-from .errors import NodeUnstableError, SessionClosedError
+from .errors import NodeUnstableError
 from .protocol.messages import MAX_DATAGRAM
 from .session import MuxStream
 
@@ -238,13 +238,7 @@ async def _run_association(
                 table.refuse(association.address)
                 stats.datagrams_dropped += len(association.pending)
                 association.pending.clear()
-                if isinstance(exc, SessionClosedError):
-                    stats.count_error("LINK_DOWN")
-                else:
-                    category = getattr(exc, "category", "REFUSED")
-                    stats.count_error(
-                        category if category in ("NODE_TIMEOUT", "NODE_UNSTABLE") else "REFUSED"
-                    )
+                stats.count_failure(exc)
                 log.info(
                     "%s: association for %s refused: %s",
                     name,

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Hashable, Iterator
+from typing import Generic, TypeVar
 
 import trio
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]
 
-__all__ = ["aclose_all", "owned", "unwrap_cancelled"]
+__all__ = ["Episodes", "aclose_all", "owned", "unwrap_cancelled"]
 
 
 async def aclose_all(*resources: trio.abc.AsyncResource) -> None:
@@ -69,3 +69,27 @@ def unwrap_cancelled() -> Iterator[None]:
                 leaf = leaf.exceptions[0]
             raise leaf from None
         raise
+
+
+_K = TypeVar("_K", bound=Hashable)
+
+
+class Episodes(Generic[_K]):
+    """Refusals counted by episode, so that a storm is logged once, not once per refusal.
+
+    An episode of ``key`` starts with its first refusal (the one to log) and lasts until
+    :meth:`end`; what ends it (back under a cap, a slot admitted again) is the caller's rule.
+    """
+
+    def __init__(self) -> None:
+        self._refused: dict[_K, int] = {}
+
+    def refuse(self, key: _K) -> bool:
+        """Count one refusal of ``key``; true for the first of its episode."""
+        count = self._refused.get(key, 0)
+        self._refused[key] = count + 1
+        return count == 0
+
+    def end(self, key: _K) -> int:
+        """End the episode of ``key``; how many refusals it counted (0: none was running)."""
+        return self._refused.pop(key, 0)

@@ -18,7 +18,7 @@ import trio
 from .._dial import format_target
 from .._events import EventKind, TunnelEvent
 from .._relay import RelayStats, relay
-from ..errors import DialError, ForwardError, SessionClosedError
+from ..errors import ForwardError
 from ..testing.faults import Faults
 
 if TYPE_CHECKING:
@@ -214,9 +214,4 @@ class Forward:
         )
 
     def _count_failure(self, exc: BaseException) -> None:
-        if isinstance(exc, DialError) and exc.category in ("NODE_TIMEOUT", "NODE_UNSTABLE"):
-            self.stats.count_error(exc.category)
-        elif isinstance(exc, SessionClosedError):
-            self.stats.count_error("LINK_DOWN")
-        else:
-            self.stats.count_error("REFUSED")
+        self.stats.count_failure(exc)

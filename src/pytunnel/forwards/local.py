@@ -6,19 +6,20 @@ forward reuse its life cycle (listen, report, stop) and replace what a connectio
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import TYPE_CHECKING
 
 import trio
 
-from .._listen import accept, bind, bound_port
-from .._util import aclose_all, owned
+from .._ingress import serve_ingress
+from .._listen import bind, bound_port
+from .._util import Episodes, aclose_all
 from ..errors import DialError, SessionClosedError, StreamRefusedError
 from ..protocol import routes
 from ._base import Forward, ForwardKind, ForwardStatus
 
 if TYPE_CHECKING:
+    from .._link import Link
     from ..session import StreamSlot
 
 __all__ = ["LocalForward"]
@@ -34,8 +35,11 @@ class LocalForward(Forward):
     """
 
     kind = ForwardKind.LOCAL
-    #: True while the listener waits for a stream slot (one log line per episode).
-    _at_stream_cap = False
+
+    def __init__(self, link: Link, target_host: str, target_port: int) -> None:
+        super().__init__(link, target_host, target_port)
+        #: Whether the listeners wait for a stream slot (one log line per episode).
+        self._stream_cap: Episodes[None] = Episodes()
 
     async def start(self, host: str, port: int) -> None:
         """Listen on ``host:port`` (0: any free port) in the tunnel's nursery; a bind failure
@@ -81,19 +85,10 @@ class LocalForward(Forward):
             await aclose_all(*listeners)
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        while True:
-            # a connection waiting first, then a stream slot: at the session's cap the listener
-            # stops accepting and the kernel's backlog holds the rest, rather than accepting
-            # connections to reset them; an idle listener holds no slot
-            await trio.lowlevel.wait_readable(listener.socket)
-            slot = await self._reserve_slot()
-            try:
-                conn = await accept(listener)
-            except BaseException:
-                if slot is not None:
-                    slot.release()
-                raise
-            nursery.start_soon(owned, conn, functools.partial(self._serve_reserved, slot=slot))
+        # a connection waiting first, then a stream slot: at the session's cap the listener
+        # stops accepting and the kernel's backlog holds the rest, rather than accepting
+        # connections to reset them; an idle listener holds no slot
+        await serve_ingress(listener, self._reserve_slot, self._handle, _release, nursery)
 
     async def _reserve_slot(self) -> StreamSlot | None:
         """A slot of the current session, waiting while it is at its stream cap; ``None``
@@ -106,29 +101,21 @@ class LocalForward(Forward):
         if session is None or session.closed:
             return None
         free, cap = session.free_stream_slots, session.config.max_streams
-        if free <= 0 and not self._at_stream_cap:
-            self._at_stream_cap = True
-            log.warning(
-                "%s %s: the session's limit of %d streams is reached; "
-                "not accepting connections until some close",
-                self.kind,
-                self.listen_port,
-                cap,
-            )
-        elif self._at_stream_cap and free >= max(1, cap // 2):
-            self._at_stream_cap = False
+        if free <= 0:
+            if self._stream_cap.refuse(None):
+                log.warning(
+                    "%s %s: the session's limit of %d streams is reached; "
+                    "not accepting connections until some close",
+                    self.kind,
+                    self.listen_port,
+                    cap,
+                )
+        elif free >= max(1, cap // 2) and self._stream_cap.end(None):
             log.info("%s %s: below the stream limit again", self.kind, self.listen_port)
         try:
             return await session.wait_stream_slot()
         except SessionClosedError:
             return None
-
-    async def _serve_reserved(self, conn: trio.SocketStream, slot: StreamSlot | None) -> None:
-        try:
-            await self._handle(conn, slot)
-        finally:
-            if slot is not None:
-                slot.release()
 
     async def _handle(self, conn: trio.SocketStream, slot: StreamSlot | None = None) -> None:
         try:
@@ -151,3 +138,8 @@ class LocalForward(Forward):
             await trio.aclose_forcefully(conn)
             return
         await self._relay(conn, stream)
+
+
+def _release(slot: StreamSlot | None) -> None:
+    if slot is not None:
+        slot.release()

@@ -17,6 +17,7 @@ import trio
 
 from .._control import ControlChannel
 from .._dial import dial, format_target
+from .._egress import serve_egress
 from .._events import EventKind, TunnelEvent
 from ..errors import (
     AddressInUseError,
@@ -228,20 +229,14 @@ class RemoteForward(Forward):
 
     async def _handle(self, incoming: IncomingStream) -> None:
         # the server may give up on the public connection, cancelling the dial
-        sock = await incoming.dial(
+        await serve_egress(
+            incoming,
             functools.partial(
                 dial, self.target_host, self.target_port, timeout=self.connect_timeout
             ),
+            self._relay,
             self._count_failure,
         )
-        if sock is None:
-            return
-        try:
-            stream = incoming.accept()
-        except SessionClosedError:
-            await trio.aclose_forcefully(sock)
-            return
-        await self._relay(stream, sock)
 
     async def _probe_loop(self, channel: ControlChannel) -> None:
         """TCP-connect the target every ``probe_interval``; after ``probe_failures`` failures

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .._egress import serve_egress
 from .._listen import bind_udp
 from .._udp import relay_association, serve_associations, udp_connect
-from ..errors import SessionClosedError
 from ..protocol import routes
 from ._base import ForwardKind
 from .local import LocalForward
@@ -56,17 +56,11 @@ class UdpRemoteForward(RemoteForward):
     _listen_route = routes.UDP_LISTEN
 
     async def _handle(self, incoming: IncomingStream) -> None:
-        sock = await incoming.dial(
+        await serve_egress(
+            incoming,
             functools.partial(udp_connect, self.target_host, self.target_port),
+            functools.partial(
+                relay_association, idle_timeout=self._link.config.udp_idle_timeout, stats=self.stats
+            ),
             self._count_failure,
-        )
-        if sock is None:
-            return
-        try:
-            stream = incoming.accept()
-        except SessionClosedError:
-            sock.close()
-            return
-        await relay_association(
-            stream, sock, idle_timeout=self._link.config.udp_idle_timeout, stats=self.stats
         )

@@ -1,0 +1,77 @@
+"""Ingress: a listening socket whose connections each take a stream slot and are carried
+through the tunnel.
+
+The role is the same at the server (a remote forward's public port) and at the client (a
+local forward's listener); what differs is passed in: how a slot is taken (at once or
+refused at the server's limit; waiting through the session's cap or an outage at the
+client), how a connection is carried, how the slot is given back. This module knows nothing
+of sessions, forwards, limits or logs.
+
+It does not use ``trio.serve_listeners``: that accepts every connection as soon as it arrives,
+while here the slot is taken *before* the accept, so that a side waiting for a slot leaves
+the connections in the kernel's backlog instead of accepting them to reset them. Riding out
+``EMFILE`` is kept, by :func:`._listen.accept`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import trio
+
+from ._listen import accept
+
+__all__ = ["serve_ingress"]
+
+_Slot = TypeVar("_Slot")
+
+
+async def serve_ingress(
+    listener: trio.SocketListener,
+    reserve: Callable[[], Awaitable[_Slot]],
+    carry: Callable[[trio.SocketStream, _Slot], Awaitable[object]],
+    release: Callable[[_Slot], None],
+    handler_nursery: trio.Nursery,
+) -> None:
+    """Accept connections on ``listener`` for ever, each in a slot and a task of its own.
+
+    For each connection waiting: ``reserve()`` takes a slot (it may wait; what it returns,
+    even a refusal such as ``False``, is handed on), then the connection is accepted and
+    ``carry(conn, slot)`` runs in ``handler_nursery``. The connection is closed and
+    ``release(slot)`` called when ``carry`` returns, whatever happened; a slot taken for an
+    accept that failed is released at once.
+
+    Returns quietly when the listener is closed under it (a port going offline or away).
+    """
+    while True:
+        if listener.socket.fileno() < 0:
+            # closed between two connections: waiting on it would be an error, not a wait
+            return
+        try:
+            await trio.lowlevel.wait_readable(listener.socket)
+        except trio.ClosedResourceError:
+            return
+        slot = await reserve()
+        try:
+            conn = await accept(listener)
+        except trio.ClosedResourceError:
+            release(slot)
+            return
+        except BaseException:
+            release(slot)
+            raise
+        handler_nursery.start_soon(_carry, conn, slot, carry, release)
+
+
+async def _carry(
+    conn: trio.SocketStream,
+    slot: _Slot,
+    carry: Callable[[trio.SocketStream, _Slot], Awaitable[object]],
+    release: Callable[[_Slot], None],
+) -> None:
+    try:
+        await carry(conn, slot)
+    finally:
+        release(slot)
+        await trio.aclose_forcefully(conn)
