@@ -43,7 +43,6 @@ from .errors import (
 from .protocol.mux import Role
 from .session import (
     SessionConfig,
-    open_session,
 )
 
 if TYPE_CHECKING:
@@ -298,13 +297,8 @@ class TunnelServer:
             if admitted is None:
                 return
             stream, result = admitted
-            async with open_session(
-                stream,
-                Role.SERVER,
-                self.config.session,
-                decoder=result.decoder,
-                peer_max_frame_size=result.peer_max_frame_size,
-                name=f"server<{peer}>",
+            async with result.open_session(
+                stream, Role.SERVER, self.config.session, name=f"server<{peer}>"
             ) as session:
                 client = _ClientSession(self, session, peer, result.client_id)
                 self._sessions.add(client)
