@@ -7,23 +7,36 @@ apart from files other work is reshaping at the same time.
 
 from __future__ import annotations
 
+import functools
+import logging
+import socket
+import struct
+
 import pytest
 import trio
 import trio.testing
+from conftest import open_pair, session_pair, tcp_stream_pair
 
 from pytunnel import (
+    AuthenticationError,
+    ConnectError,
     ErrorCode,
+    Faults,
+    HandshakeTimeoutError,
     PermitOpen,
     PortRange,
+    RelayStats,
     RemoteProtocolError,
+    StreamResetError,
     TLSError,
     VersionMismatchError,
 )
-from pytunnel._handshake import client_handshake, server_handshake
+from pytunnel._handshake import HandshakeResult, client_handshake, send_goaway, server_handshake
 from pytunnel._policy import parse_port_ranges
+from pytunnel._relay import relay
 from pytunnel.protocol import handshake as hs
 from pytunnel.protocol.frames import FrameDecoder, encode_message
-from pytunnel.protocol.messages import Challenge, Message, Welcome
+from pytunnel.protocol.messages import Auth, Challenge, GoAway, Hello, Message, Ping, Welcome
 
 # --- server policy: --allow-ports ranges ------------------------------------------------------
 
@@ -253,3 +266,434 @@ async def test_handshake_without_identity_carries_none_and_the_peers_frame_limit
     assert mine.version == theirs.version == hs.PROTOCOL_VERSION
     assert mine.peer_max_frame_size == 70000
     assert theirs.peer_max_frame_size == 80000
+
+
+# --- the handshake: what each side says when it refuses, and what it reads ------------------------
+
+
+async def _read_frames(stream: trio.abc.Stream, count: int) -> list[Message]:
+    decoder = FrameDecoder(hs.PRE_AUTH_MAX_FRAME_SIZE)
+    messages: list[Message] = []
+    while len(messages) < count:
+        data = await stream.receive_some()
+        if not data:
+            break
+        messages.extend(decoder.feed(data))
+    return messages
+
+
+async def test_server_handshake_names_the_message_it_wanted_and_the_one_it_got() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    hello = Hello(hs.SUPPORTED_VERSIONS, b"\2" * 32)
+    await a.send_all(encode_message(hello))
+    await a.send_all(encode_message(hello))  # a second Hello where the Auth belongs
+    with trio.fail_after(10), pytest.raises(RemoteProtocolError) as info:
+        await server_handshake(b, TOKEN, max_frame_size=65536)
+    assert info.value.code == ErrorCode.UNEXPECTED_MESSAGE
+    assert info.value.message == "expected Auth, got Hello"
+    challenge, goaway = await _read_frames(a, 2)
+    assert isinstance(challenge, Challenge)
+    assert isinstance(goaway, GoAway)
+    assert (goaway.code, goaway.message) == (
+        ErrorCode.UNEXPECTED_MESSAGE,
+        "expected Auth, got Hello",
+    )
+
+
+async def test_server_handshake_names_a_wrong_first_message() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    await a.send_all(encode_message(Welcome(b"\0" * 32, 65536)))
+    with trio.fail_after(10), pytest.raises(RemoteProtocolError) as info:
+        await server_handshake(b, TOKEN, max_frame_size=65536)
+    assert info.value.message == "expected Hello, got Welcome"
+
+
+@pytest.mark.parametrize(
+    ("replies", "text"),
+    [
+        ([Welcome(b"\0" * 32, 65536)], "expected Challenge, got Welcome"),
+        (
+            [
+                Challenge(hs.PROTOCOL_VERSION, b"\1" * 32),
+                Challenge(hs.PROTOCOL_VERSION, b"\1" * 32),
+            ],
+            "expected Welcome, got Challenge",
+        ),
+    ],
+    ids=["instead-of-challenge", "instead-of-welcome"],
+)
+async def test_client_handshake_names_the_message_it_wanted_and_the_one_it_got(
+    replies: list[Message], text: str
+) -> None:
+    a, b = trio.testing.memory_stream_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_scripted_server, b, replies)
+            with pytest.raises(RemoteProtocolError) as info:
+                await client_handshake(a, TOKEN, max_frame_size=65536)
+            nursery.cancel_scope.cancel()
+    assert info.value.message == text
+
+
+async def test_server_handshake_speaks_only_the_versions_it_is_given() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    await a.send_all(encode_message(Hello((hs.PROTOCOL_VERSION,), b"\2" * 32)))
+    with trio.fail_after(10), pytest.raises(VersionMismatchError):
+        await server_handshake(b, TOKEN, max_frame_size=65536, versions=(hs.PROTOCOL_VERSION + 1,))
+
+
+async def test_handshake_errors_say_what_happened_in_full() -> None:
+    # a client that closes before its Hello
+    a, b = trio.testing.memory_stream_pair()
+    await a.aclose()
+    with trio.fail_after(10), pytest.raises(ConnectError) as info:
+        await server_handshake(b, TOKEN, max_frame_size=65536)
+    assert info.value.message == "connection closed during the handshake"
+    # a server that closes without answering
+    a, b = trio.testing.memory_stream_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def close_after_hello() -> None:
+                await b.receive_some()
+                await b.aclose()
+
+            nursery.start_soon(close_after_hello)
+            with pytest.raises(ConnectError) as info:
+                await client_handshake(a, TOKEN, max_frame_size=65536)
+    assert info.value.message == (
+        "the server closed the connection before answering "
+        "(if it is a TLS server, connect with TLS: --tls)"
+    )
+    # TLS on the other end, both ways round
+    a, b = trio.testing.memory_stream_pair()
+    await a.send_all(b"\x16\x03\x01\x00\x2a" + b"\0" * 42)
+    with trio.fail_after(10), pytest.raises(TLSError) as tls_info:
+        await server_handshake(b, TOKEN, max_frame_size=65536)
+    assert tls_info.value.message == "the client speaks TLS but this server has no TLS set up"
+    a, b = trio.testing.memory_stream_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def tls_server() -> None:
+                await b.receive_some()
+                await b.send_all(b"\x16\x03\x03\x00\x2a" + b"\0" * 42)
+
+            nursery.start_soon(tls_server)
+            with pytest.raises(TLSError) as tls_info:
+                await client_handshake(a, TOKEN, max_frame_size=65536)
+    assert tls_info.value.message == "the server speaks TLS: connect with TLS (--tls)"
+
+
+async def test_server_handshake_with_a_peer_gone_before_the_challenge_is_a_connect_error() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    await a.send_all(encode_message(Hello(hs.SUPPORTED_VERSIONS, b"\2" * 32)))
+    await a.aclose()  # the Challenge finds nobody to send it to
+    with trio.fail_after(10), pytest.raises(ConnectError) as info:
+        await server_handshake(b, TOKEN, max_frame_size=65536, peer="10.0.0.9:1234")
+    assert info.value.message == "connection from 10.0.0.9:1234 lost during the handshake"
+
+
+async def test_client_handshake_with_a_server_gone_before_the_auth_is_a_connect_error() -> None:
+    a, b = trio.testing.memory_stream_pair()
+
+    async def challenge_and_leave() -> None:
+        await b.receive_some()
+        await b.send_all(encode_message(Challenge(hs.PROTOCOL_VERSION, b"\1" * 32)))
+        await b.aclose()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(challenge_and_leave)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(ConnectError, match="connection lost during the handshake: "):
+                await client_handshake(a, TOKEN, max_frame_size=65536)
+
+
+async def test_handshake_timeouts_say_which_message_was_awaited_and_the_limit(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "pytunnel.handshake")
+    # silent from the start: the first-frame limit applies
+    _a, b = trio.testing.memory_stream_pair()
+    with pytest.raises(HandshakeTimeoutError) as info:
+        await server_handshake(b, TOKEN, max_frame_size=65536, timeout=10, first_frame_timeout=2)
+    assert info.value.message == "handshake with ? timed out waiting for its Hello"
+    # silent after the Hello: the whole handshake's limit applies
+    a, b = trio.testing.memory_stream_pair()
+    await a.send_all(encode_message(Hello(hs.SUPPORTED_VERSIONS, b"\2" * 32)))
+    with pytest.raises(HandshakeTimeoutError) as info:
+        await server_handshake(
+            b, TOKEN, max_frame_size=65536, timeout=10, first_frame_timeout=2, peer="p:1"
+        )
+    assert info.value.message == "handshake with p:1 timed out waiting for its Auth"
+    assert [r.getMessage() for r in caplog.records] == [
+        "handshake with ? timed out waiting for its Hello (2.0 s)",
+        "handshake with p:1 timed out waiting for its Auth (10.0 s)",
+    ]
+    # the client's own deadline
+    a, _b = trio.testing.memory_stream_pair()
+    with pytest.raises(HandshakeTimeoutError) as client_info:
+        await client_handshake(a, TOKEN, max_frame_size=65536, timeout=3)
+    assert client_info.value.message == "no handshake answer within 3 s"
+
+
+async def test_wrong_token_is_logged_with_the_peer_and_the_client_is_told(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "pytunnel.handshake")
+    a, b = trio.testing.memory_stream_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server_errors: list[AuthenticationError] = []
+
+            async def serve() -> None:
+                try:
+                    await server_handshake(b, TOKEN, max_frame_size=65536, peer="p:2")
+                except AuthenticationError as exc:
+                    server_errors.append(exc)
+
+            nursery.start_soon(serve)
+            with pytest.raises(AuthenticationError) as info:
+                await client_handshake(a, "another token", max_frame_size=65536)
+    assert info.value.message == "authentication failed"
+    assert server_errors[0].message == "client p:2 sent a wrong token proof"
+    assert [r.getMessage() for r in caplog.records] == ["authentication failed for p:2"]
+
+
+async def test_a_refused_handshake_is_logged_with_the_peer_and_the_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "pytunnel.handshake")
+    a, b = trio.testing.memory_stream_pair()
+    await a.send_all(encode_message(Welcome(b"\0" * 32, 65536)))
+    with trio.fail_after(10), pytest.raises(RemoteProtocolError):
+        await server_handshake(b, TOKEN, max_frame_size=65536, peer="p:3")
+    assert [r.getMessage() for r in caplog.records] == [
+        "handshake with p:3 failed: [UNEXPECTED_MESSAGE] expected Hello, got Welcome"
+    ]
+
+
+async def test_client_handshake_refuses_a_server_that_cannot_prove_the_token() -> None:
+    a, b = trio.testing.memory_stream_pair()
+
+    async def impostor() -> None:
+        await b.receive_some()
+        # the nonce starts a read of its own with the bytes that begin a TLS record: only the
+        # first bytes of the answer are checked for TLS, never the middle of a frame
+        frame = encode_message(Challenge(hs.PROTOCOL_VERSION, b"\x16\x03" + b"\1" * 30))
+        cut = frame.index(b"\x16\x03")
+        await b.send_all(frame[:cut])
+        await trio.testing.wait_all_tasks_blocked()
+        await b.send_all(frame[cut:])
+        await b.receive_some()
+        await b.send_all(encode_message(Welcome(b"\0" * 32, 65536)))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(impostor)
+            with pytest.raises(AuthenticationError) as info:
+                await client_handshake(a, TOKEN, max_frame_size=65536)
+    assert info.value.message == "the server could not prove it knows the token"
+
+
+async def test_tls_looking_bytes_after_the_hello_are_an_oversized_frame_not_tls() -> None:
+    a, b = trio.testing.memory_stream_pair()
+
+    async def hello_then_tls() -> None:
+        await a.send_all(encode_message(Hello(hs.SUPPORTED_VERSIONS, b"\2" * 32)))
+        await _read_frames(a, 1)  # the Challenge: the next read starts afresh
+        await a.send_all(b"\x16\x03\x01\x00\x2a" + b"\0" * 42)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hello_then_tls)
+            with pytest.raises(RemoteProtocolError) as info:
+                await server_handshake(b, TOKEN, max_frame_size=65536)
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE
+
+
+async def test_server_handshake_reads_no_further_ahead_than_a_pre_auth_frame() -> None:
+    """Bytes pipelined after the Auth stay in the returned decoder, and no read takes more than
+    the pre-authentication frame limit, so an unauthenticated peer cannot make us buffer more."""
+    a, b = trio.testing.memory_stream_pair()
+    ping = encode_message(Ping(7))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            results: list[HandshakeResult] = []
+
+            async def serve() -> None:
+                results.append(await server_handshake(b, TOKEN, max_frame_size=65536))
+
+            nursery.start_soon(serve)
+            client_nonce = b"\2" * 32
+            await a.send_all(encode_message(Hello(hs.SUPPORTED_VERSIONS, client_nonce)))
+            (challenge,) = await _read_frames(a, 1)
+            assert isinstance(challenge, Challenge)
+            proof = hs.client_proof(
+                TOKEN.encode(), challenge.version, client_nonce, challenge.nonce, ""
+            )
+            await a.send_all(encode_message(Auth(proof, 65536, "")) + ping * 1000)
+    decoder = results[0].decoder
+    assert 0 < decoder.buffered <= hs.PRE_AUTH_MAX_FRAME_SIZE
+    assert decoder.next_message() == Ping(7)
+
+
+async def test_send_goaway_never_raises_on_a_closed_stream() -> None:
+    a, _b = trio.testing.memory_stream_pair()
+    await a.aclose()
+    with trio.fail_after(10):
+        await send_goaway(a, ErrorCode.PROTOCOL_ERROR, "x")
+
+
+async def test_send_goaway_is_sent_even_when_the_caller_is_cancelled() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await send_goaway(b, ErrorCode.PROTOCOL_ERROR, "bye")
+    with trio.fail_after(10):
+        (goaway,) = await _read_frames(a, 1)
+    assert goaway == GoAway(ErrorCode.PROTOCOL_ERROR, "bye")
+
+
+async def test_send_goaway_to_a_peer_that_does_not_read_gives_up_after_a_second(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    _a, b = trio.testing.lockstep_stream_pair()
+    start = trio.current_time()
+    await send_goaway(b, ErrorCode.PROTOCOL_ERROR, "bye")
+    assert trio.current_time() - start == pytest.approx(1)
+
+
+# --- the relay ------------------------------------------------------------------------------------
+
+
+def test_relay_stats_count_errors_per_category() -> None:
+    stats = RelayStats()
+    stats.count_error("REFUSED")
+    stats.count_error("REFUSED")
+    stats.count_error("LINK_DOWN")
+    assert stats.errors == {"REFUSED": 2, "LINK_DOWN": 1}
+
+
+async def test_relay_stats_count_relays_open_at_once() -> None:
+    stats = RelayStats()
+    ends = [trio.testing.memory_stream_pair() for _ in range(4)]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for (_left, a), (_right, b) in (ends[0:2], ends[2:4]):
+                nursery.start_soon(functools.partial(relay, a, b, stats=stats))
+            await trio.testing.wait_all_tasks_blocked()
+            assert (stats.active_connections, stats.total_connections) == (2, 2)
+            for outside, _relay_side in ends:
+                await outside.send_eof()
+    assert (stats.active_connections, stats.total_connections) == (0, 2)
+
+
+async def test_relay_close_after_counts_every_byte_that_went_that_way() -> None:
+    """``close_after`` is a budget for the whole direction: bytes sent before the fault was
+    set and bytes of every earlier chunk count, so the cut comes after exactly that many."""
+    left, relay_a = trio.testing.memory_stream_pair()
+    right, relay_b = trio.testing.memory_stream_pair()
+    faults = Faults()
+    got = bytearray()
+
+    async def send_and_see_it_arrive(chunk: bytes) -> None:
+        await left.send_all(chunk)
+        while len(got) % len(chunk) or not got:
+            got.extend(await right.receive_some())
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(relay, relay_a, relay_b, faults=faults))
+            await send_and_see_it_arrive(b"a" * 400)  # no fault yet
+            await send_and_see_it_arrive(b"b" * 400)
+            faults.set("out", close_after=1400)
+            await send_and_see_it_arrive(b"c" * 400)  # 1,200 so far
+            await left.send_all(b"d" * 400)  # only 200 of these fit the budget
+            while chunk := await right.receive_some():
+                got.extend(chunk)
+    assert bytes(got) == b"a" * 400 + b"b" * 400 + b"c" * 400 + b"d" * 200
+
+
+async def _read_to_the_end(stream: trio.abc.ReceiveStream) -> None:
+    while await stream.receive_some():
+        pass
+
+
+def _rst_close(stream: trio.SocketStream) -> None:
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+async def test_relay_resets_the_requester_when_the_reply_is_cut() -> None:
+    """The request reached its EOF but the reply did not: the requester must see a reset, not
+    an EOF that would make the cut reply look complete."""
+    requester, relay_a = await tcp_stream_pair()
+    target, relay_b = await tcp_stream_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay, relay_a, relay_b)
+            await requester.send_all(b"request")
+            await requester.send_eof()
+            got = b""
+            while chunk := await target.receive_some():
+                got += chunk
+            assert got == b"request"
+            await target.send_all(b"half a rep")
+            _rst_close(target)
+            await target.aclose()
+            with pytest.raises(trio.BrokenResourceError):
+                await _read_to_the_end(requester)
+    await requester.aclose()
+
+
+async def test_relay_tells_the_mux_peer_the_other_side_broke() -> None:
+    async with session_pair("tcp") as (client, server):
+        mine, theirs = await open_pair(client, server)
+        outside, relay_side = await tcp_stream_pair()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(functools.partial(relay, relay_side, mine, idle_timeout=60))
+                await outside.send_all(b"x")
+                assert await theirs.receive_some() == b"x"
+                _rst_close(outside)
+                await outside.aclose()
+                with pytest.raises(trio.BrokenResourceError) as info:
+                    await theirs.receive_some()
+        cause = info.value.__cause__
+        assert isinstance(cause, StreamResetError)
+        assert (cause.code, cause.message) == (
+            ErrorCode.CANCELLED,
+            "the other side of the relay broke",
+        )
+        await theirs.aclose()
+
+
+async def test_relay_idle_for_exactly_its_timeout_is_an_idle_reset(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with session_pair("memory") as (client, server):
+        mine, theirs = await open_pair(client, server)
+        _outside, relay_side = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(relay, relay_side, mine, idle_timeout=7))
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await theirs.receive_some()
+        cause = info.value.__cause__
+        assert isinstance(cause, StreamResetError)
+        assert (cause.code, cause.message) == (ErrorCode.IDLE_TIMEOUT, "idle for 7 s")
+        await theirs.aclose()
+
+
+async def test_relay_whose_socket_is_closed_under_it_does_not_raise() -> None:
+    outside, relay_a = await tcp_stream_pair()
+    other, relay_b = await tcp_stream_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay, relay_a, relay_b)
+            await trio.testing.wait_all_tasks_blocked()
+            await relay_a.aclose()  # the relay's own socket, closed by someone else
+            with pytest.raises(trio.BrokenResourceError):
+                await _read_to_the_end(other)
+    await outside.aclose()
+    await other.aclose()
