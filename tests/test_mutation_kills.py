@@ -7,10 +7,18 @@ apart from files other work is reshaping at the same time.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import functools
+import hashlib
+import ipaddress
 import logging
+import os
 import socket
+import ssl
+import stat
 import struct
+from pathlib import Path
 
 import pytest
 import trio
@@ -34,6 +42,15 @@ from pytunnel import (
 from pytunnel._handshake import HandshakeResult, client_handshake, send_goaway, server_handshake
 from pytunnel._policy import parse_port_ranges
 from pytunnel._relay import relay
+from pytunnel._tls import (
+    certificate_fingerprint,
+    client_tls_context,
+    ensure_self_signed,
+    parse_fingerprint,
+    server_tls_context,
+    tls_accept,
+    tls_connect,
+)
 from pytunnel.protocol import handshake as hs
 from pytunnel.protocol.frames import FrameDecoder, encode_message
 from pytunnel.protocol.messages import Auth, Challenge, GoAway, Hello, Message, Ping, Welcome
@@ -590,17 +607,22 @@ async def test_relay_stats_count_relays_open_at_once() -> None:
     assert (stats.active_connections, stats.total_connections) == (0, 2)
 
 
-async def test_relay_close_after_counts_every_byte_that_went_that_way() -> None:
+async def test_relay_close_after_counts_every_byte_that_went_that_way(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """``close_after`` is a budget for the whole direction: bytes sent before the fault was
     set and bytes of every earlier chunk count, so the cut comes after exactly that many."""
     left, relay_a = trio.testing.memory_stream_pair()
     right, relay_b = trio.testing.memory_stream_pair()
     faults = Faults()
     got = bytearray()
+    caplog.set_level(logging.DEBUG, "pytunnel.relay")
 
     async def send_and_see_it_arrive(chunk: bytes) -> None:
+        # one chunk at a time, so that each is one read of the relay's
+        expected = len(got) + len(chunk)
         await left.send_all(chunk)
-        while len(got) % len(chunk) or not got:
+        while len(got) < expected:
             got.extend(await right.receive_some())
 
     with trio.fail_after(10):
@@ -614,6 +636,8 @@ async def test_relay_close_after_counts_every_byte_that_went_that_way() -> None:
             while chunk := await right.receive_some():
                 got.extend(chunk)
     assert bytes(got) == b"a" * 400 + b"b" * 400 + b"c" * 400 + b"d" * 200
+    assert [r.getMessage() for r in caplog.records] == ["relay: closed after 1400 bytes"]
+    assert faults.reset_connections() == 0  # the finished relay is no longer the forward's
 
 
 async def _read_to_the_end(stream: trio.abc.ReceiveStream) -> None:
@@ -647,7 +671,10 @@ async def test_relay_resets_the_requester_when_the_reply_is_cut() -> None:
     await requester.aclose()
 
 
-async def test_relay_tells_the_mux_peer_the_other_side_broke() -> None:
+async def test_relay_tells_the_mux_peer_the_other_side_broke(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, "pytunnel.relay")
     async with session_pair("tcp") as (client, server):
         mine, theirs = await open_pair(client, server)
         outside, relay_side = await tcp_stream_pair()
@@ -666,12 +693,15 @@ async def test_relay_tells_the_mux_peer_the_other_side_broke() -> None:
             ErrorCode.CANCELLED,
             "the other side of the relay broke",
         )
+        (record,) = caplog.records
+        assert record.getMessage().startswith("relay ended by a broken side: BrokenResourceError(")
         await theirs.aclose()
 
 
 async def test_relay_idle_for_exactly_its_timeout_is_an_idle_reset(
-    autojump_clock: trio.abc.Clock,
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "pytunnel.relay")
     async with session_pair("memory") as (client, server):
         mine, theirs = await open_pair(client, server)
         _outside, relay_side = trio.testing.memory_stream_pair()
@@ -682,6 +712,7 @@ async def test_relay_idle_for_exactly_its_timeout_is_an_idle_reset(
         cause = info.value.__cause__
         assert isinstance(cause, StreamResetError)
         assert (cause.code, cause.message) == (ErrorCode.IDLE_TIMEOUT, "idle for 7 s")
+        assert [r.getMessage() for r in caplog.records] == ["relay reset after 7 s idle"]
         await theirs.aclose()
 
 
@@ -697,3 +728,148 @@ async def test_relay_whose_socket_is_closed_under_it_does_not_raise() -> None:
                 await _read_to_the_end(other)
     await outside.aclose()
     await other.aclose()
+
+
+# --- TLS: fingerprints, contexts, the self-signed certificate, handshake deadlines -------------
+
+
+def test_fingerprint_with_a_character_outside_base64_is_refused() -> None:
+    good = certificate_fingerprint(b"any certificate")
+    assert parse_fingerprint(good) == hashlib.sha256(b"any certificate").digest()
+    with pytest.raises(ValueError, match="not base64"):
+        parse_fingerprint(good[:-1] + "!" + good[-1])
+    with pytest.raises(
+        ValueError, match=r"^bad fingerprint 'not hex': expected SHA256:<base64> or hex$"
+    ):
+        parse_fingerprint("not hex")
+
+
+async def test_tls_files_that_cannot_be_loaded_are_named_with_the_reason(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pem"
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(TLSError) as info:
+        await client_tls_context(ca_file=missing)
+    assert info.value.message == f"cannot load the CA {missing}: No such file or directory"
+    with pytest.raises(TLSError) as info:
+        await client_tls_context(cert_file=missing)
+    assert info.value.message == (
+        f"cannot load the client certificate {missing}: No such file or directory"
+    )
+    with pytest.raises(TLSError) as info:
+        await client_tls_context(ca_file=garbage)
+    # OpenSSL's short reason where it gives one, not the whole "[X509: ...] ..." text
+    assert info.value.message == f"cannot load the CA {garbage}: NO_CERTIFICATE_OR_CRL_FOUND"
+    with pytest.raises(TLSError) as info:
+        await client_tls_context(ca_file="nul\0byte.pem")
+    assert info.value.message.startswith("cannot load the CA nul\0byte.pem: embedded null ")
+
+
+async def test_client_tls_context_trusts_the_system_store_unless_pinned() -> None:
+    system = ssl.create_default_context().cert_store_stats()["x509_ca"]
+    verified = await client_tls_context()
+    assert verified.cert_store_stats()["x509_ca"] == system
+    assert verified.check_hostname
+    pinned = await client_tls_context(pinned=True)
+    assert pinned.cert_store_stats()["x509_ca"] == 0
+    assert not pinned.check_hostname
+
+
+async def test_client_certificate_and_key_in_one_file_need_no_key_file(tmp_path: Path) -> None:
+    cert, key, _ = await ensure_self_signed(tmp_path / "tls")
+    both = tmp_path / "both.pem"
+    both.write_bytes(cert.read_bytes() + key.read_bytes())
+    await client_tls_context(cert_file=both, pinned=True)
+
+
+async def test_self_signed_certificate_is_a_leaf_for_its_names_valid_now(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    directory = tmp_path / "not" / "yet" / "there"
+    cert_path, key_path, _ = await ensure_self_signed(directory)
+    assert (cert_path.name, key_path.name) == ("server.crt", "server.key")
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    common_name = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    assert common_name == "localhost"
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert not san.critical
+    assert san.value.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert san.value.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    ]
+    constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert constraints.critical
+    assert constraints.value.ca is False
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert cert.not_valid_before_utc <= now
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == datetime.timedelta(
+        days=3650, minutes=5
+    )
+
+
+async def test_self_signed_certificate_in_an_impossible_place_says_why(tmp_path: Path) -> None:
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    with pytest.raises(TLSError) as info:
+        await ensure_self_signed(blocker / "tls")
+    assert info.value.message == (
+        f"cannot set up the self-signed certificate in {blocker / 'tls'}: Not a directory"
+    )
+
+
+async def test_tls_handshakes_that_never_finish_time_out_with_a_tls_error(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    a, _b = trio.testing.memory_stream_pair()
+    context = await client_tls_context(pinned=True)
+    with pytest.raises(TLSError) as info:
+        await tls_connect(a, context, server_hostname=None, timeout=4)
+    assert info.value.message == "TLS handshake did not finish within 4 s"
+    _a, b = trio.testing.memory_stream_pair()
+    with pytest.raises(TLSError) as info:
+        await tls_accept(
+            b, ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), timeout=4, peer="p:4"
+        )
+    assert info.value.message == "TLS handshake with p:4 timed out"
+
+
+async def test_tls_peer_answering_with_an_impossible_record_is_not_speaking_tls() -> None:
+    a, b = trio.testing.memory_stream_pair()
+
+    async def not_tls() -> None:
+        await b.receive_some()
+        await b.send_all(b"\x16\x03\x03\xff\xff" + b"\0" * 100)  # a record longer than TLS allows
+
+    context = await client_tls_context(pinned=True)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(not_tls)
+            with pytest.raises(TLSError) as info:
+                await tls_connect(a, context, server_hostname=None, timeout=10)
+    assert info.value.message == "the peer is not speaking TLS (PACKET_LENGTH_TOO_LONG)"
+
+
+async def test_tls_pin_mismatch_names_both_fingerprints(tmp_path: Path) -> None:
+    cert, key, fingerprint = await ensure_self_signed(tmp_path / "tls")
+    server_context = await server_tls_context(cert, key)
+    client_context = await client_tls_context(pinned=True)
+    wrong = "SHA256:" + "A" * 43
+    a, b = trio.testing.memory_stream_pair()
+
+    async def serve() -> None:
+        with contextlib.suppress(TLSError):
+            await tls_accept(b, server_context, timeout=10, peer="p:5")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            with pytest.raises(TLSError) as info:
+                await tls_connect(
+                    a, client_context, server_hostname=None, fingerprint=wrong, timeout=10
+                )
+    assert info.value.message == (
+        f"server certificate fingerprint mismatch: expected {wrong}, got {fingerprint}"
+    )
