@@ -31,6 +31,7 @@ from pytunnel import (
     ErrorCode,
     Faults,
     HandshakeTimeoutError,
+    LocalProtocolError,
     PermitOpen,
     PortRange,
     RelayStats,
@@ -52,8 +53,26 @@ from pytunnel._tls import (
     tls_connect,
 )
 from pytunnel.protocol import handshake as hs
-from pytunnel.protocol.frames import FrameDecoder, encode_message
-from pytunnel.protocol.messages import Auth, Challenge, GoAway, Hello, Message, Ping, Welcome
+from pytunnel.protocol.frames import (
+    _DATA_HEAD,
+    _DATA_KEY,
+    _DATA_TAIL,
+    HEADER_SIZE,
+    FrameDecoder,
+    append_data_frame,
+    decode_body,
+    encode_message,
+)
+from pytunnel.protocol.messages import (
+    Auth,
+    Challenge,
+    Data,
+    GoAway,
+    Hello,
+    Message,
+    Ping,
+    Welcome,
+)
 
 # --- server policy: --allow-ports ranges ------------------------------------------------------
 
@@ -873,3 +892,87 @@ async def test_tls_pin_mismatch_names_both_fingerprints(tmp_path: Path) -> None:
     assert info.value.message == (
         f"server certificate fingerprint mismatch: expected {wrong}, got {fingerprint}"
     )
+
+
+# --- frames: the Data fast paths and what the decoder says about bad bodies ----------------------
+
+
+@pytest.mark.parametrize("n", [1, 127, 128, 255, 256, 65535, 65536])
+def test_data_frame_fast_paths_agree_with_msgpack_at_every_integer_width(n: int) -> None:
+    """Stream ids and payload sizes at the edges of msgpack's integer and bin widths: the
+    hand-written encoder and parser must agree with the generic codec byte for byte."""
+    message = Data(n, b"\x5a" * n)
+    out = bytearray()
+    append_data_frame(out, n, message.data)
+    assert bytes(out) == encode_message(message)
+    assert FrameDecoder().feed(bytes(out)) == [message]
+    assert decode_body(bytes(out[HEADER_SIZE:])) == message
+
+
+def test_data_frame_of_exactly_the_limit_is_allowed_and_one_byte_more_is_not() -> None:
+    exact = len(encode_message(Data(1, b"x" * 100))) - HEADER_SIZE
+    append_data_frame(bytearray(), 1, b"x" * 100, max_frame_size=exact)
+    with pytest.raises(LocalProtocolError) as info:
+        append_data_frame(bytearray(), 1, b"x" * 101, max_frame_size=exact)
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE
+    assert info.value.message == f"Data frame of {exact + 1} bytes exceeds the limit of {exact}"
+    with pytest.raises(LocalProtocolError) as info:
+        encode_message(Ping(1), max_frame_size=3)
+    assert info.value.message == "Ping frame of 16 bytes exceeds the limit of 3"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # a stream id of 0x80 in one byte is an empty map in msgpack, not the number 128
+        _DATA_HEAD + b"\x80" + _DATA_KEY + b"\xc4\x01x" + _DATA_TAIL,
+        # a map header announcing four entries where three follow
+        b"\x84" + _DATA_HEAD[1:] + b"\x01" + _DATA_KEY + b"\xc4\x01x" + _DATA_TAIL,
+    ],
+    ids=["0x80-is-a-map", "wrong-map-length"],
+)
+def test_a_body_that_only_looks_like_data_is_left_to_the_generic_decoder(body: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode_body(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "text"),
+    [
+        (b"\xc1", ErrorCode.MALFORMED_FRAME, "frame body is not valid msgpack: "),
+        (b"\x91\x01", ErrorCode.MALFORMED_FRAME, "frame body must be a msgpack map, got list"),
+        (
+            b"\x82\xa1t\xa4ping\xa1t\xa4ping",
+            ErrorCode.MALFORMED_FRAME,
+            "frame body has duplicate map keys",
+        ),
+        (b"\x81\xa1t\xa4nope", ErrorCode.UNKNOWN_MESSAGE, "unknown message type 'nope'"),
+        (
+            b"\x83\xa1t\xa4data\xa6stream\xa1x\xa4data\xa1y",
+            ErrorCode.INVALID_FIELD,
+            "invalid 'data' message: TypeError: expected int, got str; "
+            "TypeError: expected bytes, got str",
+        ),
+    ],
+    ids=["not-msgpack", "not-a-map", "duplicate-keys", "unknown-type", "two-bad-fields"],
+)
+def test_decode_body_says_exactly_what_is_wrong(body: bytes, code: int, text: str) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_body(body)
+    assert (info.value.code, info.value.message) == (code, text)
+
+
+def test_unknown_message_type_is_quoted_in_at_most_200_characters() -> None:
+    tag = "z" * 300
+    body = b"\x81\xa1t\xda" + len(tag).to_bytes(2, "big") + tag.encode()
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_body(body)
+    assert len(info.value.message) == 200
+
+
+def test_a_map_of_256_or_more_distinct_keys_is_not_taken_for_duplicates() -> None:
+    keys = b"".join(b"\xa4" + f"k{i:03d}".encode() + b"\x00" for i in range(300))
+    body = b"\xde" + (302).to_bytes(2, "big") + b"\xa1t\xa4ping\xa6opaque\x01" + keys
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_body(body)
+    assert info.value.code == ErrorCode.INVALID_FIELD  # extra fields, not duplicate keys
