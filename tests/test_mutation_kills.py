@@ -18,6 +18,7 @@ import socket
 import ssl
 import stat
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -756,7 +757,7 @@ def test_fingerprint_with_a_character_outside_base64_is_refused() -> None:
     good = certificate_fingerprint(b"any certificate")
     assert parse_fingerprint(good) == hashlib.sha256(b"any certificate").digest()
     with pytest.raises(ValueError, match="not base64"):
-        parse_fingerprint(good[:-1] + "!" + good[-1])
+        parse_fingerprint(good + "!!!!")  # still a multiple of four once the "!" are dropped
     with pytest.raises(
         ValueError, match=r"^bad fingerprint 'not hex': expected SHA256:<base64> or hex$"
     ):
@@ -794,7 +795,7 @@ async def test_client_tls_context_trusts_the_system_store_unless_pinned() -> Non
     assert not pinned.check_hostname
 
 
-async def test_client_certificate_and_key_in_one_file_need_no_key_file(tmp_path: Path) -> None:
+async def test_tls_client_certificate_and_key_in_one_file_need_no_key_file(tmp_path: Path) -> None:
     cert, key, _ = await ensure_self_signed(tmp_path / "tls")
     both = tmp_path / "both.pem"
     both.write_bytes(cert.read_bytes() + key.read_bytes())
@@ -837,6 +838,31 @@ async def test_self_signed_certificate_in_an_impossible_place_says_why(tmp_path:
     assert info.value.message == (
         f"cannot set up the self-signed certificate in {blocker / 'tls'}: Not a directory"
     )
+    with pytest.raises(TLSError) as info:
+        await ensure_self_signed("nul\0dir")
+    assert info.value.message.startswith(
+        "cannot set up the self-signed certificate in nul\0dir: embedded null "
+    )
+
+
+async def test_self_signed_certificate_is_valid_now_in_any_local_time_zone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cryptography import x509
+
+    caplog.set_level(logging.INFO, "pytunnel.tls")
+    monkeypatch.setenv("TZ", "XXX-9")  # nine hours east of UTC
+    time.tzset()
+    try:
+        cert_path, _, _ = await ensure_self_signed(tmp_path / "tls")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    assert cert.not_valid_before_utc <= datetime.datetime.now(datetime.timezone.utc)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"created a self-signed certificate in {tmp_path / 'tls'}"
+    ]
 
 
 async def test_tls_handshakes_that_never_finish_time_out_with_a_tls_error(
