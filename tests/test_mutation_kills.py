@@ -960,6 +960,8 @@ def test_data_frame_of_exactly_the_limit_is_allowed_and_one_byte_more_is_not() -
 def test_a_body_that_only_looks_like_data_is_left_to_the_generic_decoder(body: bytes) -> None:
     with pytest.raises(RemoteProtocolError):
         decode_body(body)
+    with pytest.raises(RemoteProtocolError):  # the decoder's fast path for Data frames
+        FrameDecoder().feed(len(body).to_bytes(HEADER_SIZE, "big") + body)
 
 
 @pytest.mark.parametrize(
@@ -989,11 +991,11 @@ def test_decode_body_says_exactly_what_is_wrong(body: bytes, code: int, text: st
 
 
 def test_unknown_message_type_is_quoted_in_at_most_200_characters() -> None:
-    tag = "z" * 300
-    body = b"\x81\xa1t\xda" + len(tag).to_bytes(2, "big") + tag.encode()
+    tag = "z" * 178  # one character too many for the 200 of the whole message
+    body = b"\x81\xa1t\xd9" + len(tag).to_bytes(1, "big") + tag.encode()
     with pytest.raises(RemoteProtocolError) as info:
         decode_body(body)
-    assert len(info.value.message) == 200
+    assert info.value.message == f"unknown message type '{tag}'"[:200]
 
 
 def test_a_map_of_256_or_more_distinct_keys_is_not_taken_for_duplicates() -> None:
