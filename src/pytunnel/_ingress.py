@@ -21,8 +21,10 @@ from typing import TypeVar
 import trio
 
 from ._listen import accept
+from .errors import TunnelError
+from .session import MuxStream
 
-__all__ = ["serve_ingress"]
+__all__ = ["carry_over_stream", "serve_ingress"]
 
 _Slot = TypeVar("_Slot")
 
@@ -75,3 +77,24 @@ async def _carry(
     finally:
         release(slot)
         await trio.aclose_forcefully(conn)
+
+
+async def carry_over_stream(
+    conn: trio.SocketStream,
+    open_stream: Callable[[], Awaitable[MuxStream | None]],
+    carry: Callable[[trio.SocketStream, MuxStream], Awaitable[object]],
+    on_failure: Callable[[TunnelError | OSError], None],
+) -> None:
+    """The second half of ingress: open the stream an accepted connection goes through, then
+    ``carry`` the two. A stream that cannot be opened closes the connection, after
+    ``on_failure`` (the caller's count and log line); ``open_stream`` returning ``None`` means
+    it gave up and has said why."""
+    try:
+        stream = await open_stream()
+    except (TunnelError, OSError) as exc:
+        on_failure(exc)
+        stream = None
+    if stream is None:
+        await trio.aclose_forcefully(conn)
+        return
+    await carry(conn, stream)

@@ -12,7 +12,7 @@ from ._dial import format_target
 from ._util import aclose_all
 from .errors import AddressInUseError, ForwardError, PermissionDeniedError
 
-__all__ = ["accept", "bind", "bind_udp", "bound_port", "tune_udp_socket"]
+__all__ = ["accept", "bind", "bind_udp", "bound_port", "tune_udp_socket", "udp_socket_for"]
 
 log = logging.getLogger("pytunnel.listen")
 
@@ -80,15 +80,25 @@ async def accept(listener: trio.SocketListener) -> trio.SocketStream:
             await trio.sleep(0.1)
 
 
+async def udp_socket_for(
+    host: str, port: int
+) -> tuple[trio.socket.SocketType, tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes]]:
+    """A tuned UDP socket of the family ``host`` resolves to, and the address to bind or
+    connect it to. Raises what the lookup raises (``OSError``, ``ValueError``): each caller
+    says it its own way."""
+    infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
+    family, _, _, _, sockaddr = infos[0]
+    sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
+    tune_udp_socket(sock)
+    return sock, sockaddr
+
+
 async def bind_udp(host: str, port: int) -> trio.socket.SocketType:
     """A UDP socket bound to ``host:port`` (0 = any free port), with the same typed errors as
     :func:`bind`."""
     address = format_target(host, port)
     try:
-        infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
-        family, _, _, _, sockaddr = infos[0]
-        sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
-        tune_udp_socket(sock)
+        sock, sockaddr = await udp_socket_for(host, port)
     except OSError as exc:
         raise ForwardError(f"cannot listen on {address}: {exc}", address=address) from None
     try:

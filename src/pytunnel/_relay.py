@@ -209,7 +209,7 @@ async def relay(
         stats.active_connections += 1
         stats.total_connections += 1
     if faults is not None:
-        a, b = faults.wrap(a, b)
+        a, b = faults.wrap(a, b, name)
     clean = False
     reason = (ErrorCode.CANCELLED, "the other side of the relay broke")
     try:

@@ -19,6 +19,7 @@ import trio
 from ._control import ControlChannel
 from ._dial import dial_permitted, format_target
 from ._egress import refuse_wrong_kind, serve_egress
+from ._ingress import carry_over_stream
 from ._listen import bind, bind_udp, bound_port
 from ._relay import RelayStats, relay
 from ._udp import (
@@ -402,31 +403,33 @@ class _ClientSession:
         """Open a stream of forward ``forward_id`` to the client and relay ``conn`` over it;
         a client that does not answer within ``connect_timeout`` loses the connection."""
         timeout = self.config.connect_timeout
-        stream: MuxStream | None = None
-        try:
+
+        async def open_to_client() -> MuxStream | None:
             host, port = conn.socket.getpeername()[:2]
             # bounded: a client that never answers must not pin the connection and its slot
             with trio.move_on_after(timeout):
-                stream = await self.session.open_stream(str(host), int(port), tag=forward_id)
-            if stream is None:
-                log.warning(
-                    "[NODE_TIMEOUT] client %s did not answer a public connection within %g s",
-                    self.peer,
-                    timeout,
-                )
-                await trio.aclose_forcefully(conn)
-                return
-        except DialError as exc:
+                return await self.session.open_stream(str(host), int(port), tag=forward_id)
             log.warning(
-                "[%s] client %s could not reach its target: %s",
-                exc.category,
+                "[NODE_TIMEOUT] client %s did not answer a public connection within %g s",
                 self.peer,
-                exc.message,
+                timeout,
             )
-            await trio.aclose_forcefully(conn)
-            return
-        except (TunnelError, OSError) as exc:
-            log.info("client %s: public connection dropped: %s", self.peer, exc)
-            await trio.aclose_forcefully(conn)
-            return
-        await self._relay(conn, stream, f"public->{self.peer}")
+            return None
+
+        def failed(exc: TunnelError | OSError) -> None:
+            if isinstance(exc, DialError):
+                log.warning(
+                    "[%s] client %s could not reach its target: %s",
+                    exc.category,
+                    self.peer,
+                    exc.message,
+                )
+            else:
+                log.info("client %s: public connection dropped: %s", self.peer, exc)
+
+        await carry_over_stream(
+            conn,
+            open_to_client,
+            functools.partial(self._relay, name=f"public->{self.peer}"),
+            failed,
+        )

@@ -20,7 +20,7 @@ import attrs
 import trio
 
 from ._dial import format_target
-from ._listen import tune_udp_socket
+from ._listen import udp_socket_for
 from ._relay import RelayStats
 from ._util import aclose_all
 from .errors import NodeUnstableError
@@ -277,10 +277,7 @@ async def udp_connect(host: str, port: int) -> trio.socket.SocketType:
     the name does not resolve. (UDP has no handshake, so there is no dial timeout.)"""
     target = format_target(host, port)
     try:
-        infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
-        family, _, _, _, sockaddr = infos[0]
-        sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
-        tune_udp_socket(sock)
+        sock, sockaddr = await udp_socket_for(host, port)
     except (OSError, ValueError) as exc:
         error = NodeUnstableError(f"udp target {target}: {exc}", target=target)
         log.warning("[%s] %s", error.category, error.message)

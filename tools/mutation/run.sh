@@ -4,9 +4,12 @@
 #   tools/mutation/run.sh            # full run, then the list of survivors
 #   MUTATION_JOBS=1 tools/mutation/run.sh
 #   tools/mutation/run.sh 'pytunnel._policy*'   # only mutants whose name matches
+#   MUTATION_TOML=tools/mutation/mutmut-sansio.toml tools/mutation/run.sh 'pytunnel.protocol.mux*'
 #
 # Environment: MUTMUT (the mutmut 3 executable, default: `mutmut` on PATH),
-# MUTATION_WORKDIR (scratch copy, default /tmp/pytunnel-mutation), MUTATION_JOBS (default 2).
+# MUTATION_WORKDIR (scratch copy, default /tmp/pytunnel-mutation), MUTATION_JOBS (default 2),
+# MUTATION_TOML (the mutmut table: default mutmut.toml, the wide test selection; the sans-IO
+# modules use mutmut-sansio.toml, see docs/mutation.md).
 # The checkout is copied into the scratch directory (tracked and untracked-but-not-ignored
 # files, so local edits are included) and mutmut runs there: the checkout never gets a
 # mutants/ directory, and a re-run in the same scratch directory reuses mutmut's cache for
@@ -23,7 +26,7 @@ mkdir -p "$work"
 # refresh the copy of the sources but keep mutmut's cache (mutants/) between runs
 (cd "$root" && git ls-files -z --cached --others --exclude-standard \
     | tar --null -T - -cf -) | tar -xf - -C "$work"
-cat "$here/mutmut.toml" >> "$work/pyproject.toml"
+cat "${MUTATION_TOML:-$here/mutmut.toml}" >> "$work/pyproject.toml"
 
 cd "$work"
 # mutmut puts mutants/src and mutants/ first on sys.path; an outside PYTHONPATH pointing at a

@@ -6,15 +6,16 @@ forward reuse its life cycle (listen, report, stop) and replace what a connectio
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING
 
 import trio
 
-from .._ingress import serve_ingress
+from .._ingress import carry_over_stream, serve_ingress
 from .._listen import bind, bound_port
 from .._util import Episodes, aclose_all
-from ..errors import DialError, SessionClosedError, StreamRefusedError
+from ..errors import DialError, SessionClosedError, TunnelError
 from ..protocol import routes
 from ._base import Forward, ForwardKind, ForwardStatus
 
@@ -118,26 +119,26 @@ class LocalForward(Forward):
             return None
 
     async def _handle(self, conn: trio.SocketStream, slot: StreamSlot | None = None) -> None:
-        try:
-            stream = await self._link.open(
-                self.target_host, self.target_port, routes.CONNECT, slot=slot
-            )
-        except DialError as exc:
-            self._count_failure(exc)
+        await carry_over_stream(
+            conn,
+            functools.partial(
+                self._link.open, self.target_host, self.target_port, routes.CONNECT, slot=slot
+            ),
+            self._relay,
+            self._open_failed,
+        )
+
+    def _open_failed(self, exc: TunnelError | OSError) -> None:
+        self._count_failure(exc)
+        if isinstance(exc, DialError):
             log.warning(
                 "[%s] local forward %s: the server could not reach the target: %s",
                 exc.category,
                 self.listen_port,
                 exc.message,
             )
-            await trio.aclose_forcefully(conn)
-            return
-        except (StreamRefusedError, SessionClosedError) as exc:
-            self._count_failure(exc)
+        else:
             log.warning("local forward %s: connection dropped: %s", self.listen_port, exc)
-            await trio.aclose_forcefully(conn)
-            return
-        await self._relay(conn, stream)
 
 
 def _release(slot: StreamSlot | None) -> None:

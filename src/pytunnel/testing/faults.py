@@ -15,6 +15,7 @@ slow on purpose is not idleness) and ``reset`` (abort the wrapped stream).
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 from collections.abc import Callable, Iterator
 from typing import Literal
@@ -23,6 +24,9 @@ import attrs
 import trio
 
 from .._relay import abort
+
+#: The relay's logger: a connection a fault closed is said where relays are.
+log = logging.getLogger("pytunnel.relay")
 
 __all__ = ["DirectionFaults", "Faults", "FaultyStream"]
 
@@ -89,12 +93,16 @@ class Faults:
         return len(links)
 
     def wrap(
-        self, accepted: trio.abc.HalfCloseableStream, toward_target: trio.abc.HalfCloseableStream
+        self,
+        accepted: trio.abc.HalfCloseableStream,
+        toward_target: trio.abc.HalfCloseableStream,
+        name: str = "relay",
     ) -> tuple[FaultyStream, FaultyStream]:
         """Wrap the two ends of one relayed connection: "out" faults apply to what is sent
         towards the target, "in" faults to what is sent back. The two share their fate: a
-        ``close_after`` closes both, :meth:`reset_connections` resets both."""
-        link = _Link(self._links.discard)
+        ``close_after`` closes both, :meth:`reset_connections` resets both. ``name`` is the
+        connection's name in the log line that says a fault closed it."""
+        link = _Link(self._links.discard, name)
         self._links.add(link)
         return (
             FaultyStream(accepted, self, "in", _link=link),
@@ -114,8 +122,9 @@ class _Link:
     """What the wrapped ends of one connection share: whether a fault ended it, and the
     operations in flight that the end must interrupt."""
 
-    def __init__(self, on_close: Callable[[_Link], None]) -> None:
+    def __init__(self, on_close: Callable[[_Link], None], name: str = "relay") -> None:
         self._on_close = on_close
+        self.name = name
         #: ``close_after`` fired: both ends read EOF and drop what is sent, so the relay
         #: carries the close across like any EOF, cleanly.
         self.cut = False
@@ -201,9 +210,11 @@ class FaultyStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint()
             return
         cut = False
+        side = self._faults.side(self._outbound)
         with self._link.guard():
-            cut = await self._send(data, self._faults.side(self._outbound))
+            cut = await self._send(data, side)
         if cut:
+            log.debug("%s: closed after %d bytes", self._link.name, side.close_after)
             self._link.end(reset=False)
         self._check()
 
