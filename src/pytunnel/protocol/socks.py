@@ -20,6 +20,9 @@ bytes to write before closing: the client always gets an answer it understands (
 waiting for one), and the caller needs no SOCKS knowledge to produce it. A client cannot make the
 parser buffer more than :data:`MAX_MESSAGE_SIZE` bytes: every field is either length-prefixed
 with a one-byte length or, in SOCKS4, NUL-terminated and capped at 255 bytes.
+
+Over 500 lines because three protocol versions share one state machine and one buffer: split,
+each part would need the others' states to decide what a first byte means.
 """
 
 from __future__ import annotations
