@@ -55,6 +55,28 @@ async def session_pair(
         yield client, server
 
 
+async def echo_once(address: tuple[str, int], payload: bytes) -> bytes:
+    """Send ``payload`` then EOF while reading concurrently (so a payload larger than the
+    socket buffers cannot deadlock against an echo); return everything read."""
+    stream = await trio.open_tcp_stream(*address)
+
+    async def send() -> None:
+        view = memoryview(payload)
+        for i in range(0, len(payload), 1 << 20):
+            await stream.send_all(view[i : i + (1 << 20)])
+        await stream.send_eof()
+
+    try:
+        parts = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            while chunk := await stream.receive_some():
+                parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        await stream.aclose()
+
+
 @pytest.fixture(params=["memory", "tcp"])
 def transport(request: pytest.FixtureRequest) -> str:
     return str(request.param)

@@ -8,20 +8,9 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from conftest import TOKEN, count_tasks
+from conftest import TOKEN, count_tasks, echo_once
 
 import pytunnel
-
-
-async def _echo_once(address: tuple[str, int], payload: bytes) -> bytes:
-    stream = await trio.open_tcp_stream(*address)
-    async with stream:
-        await stream.send_all(payload)
-        await stream.send_eof()
-        parts = []
-        while chunk := await stream.receive_some():
-            parts.append(chunk)
-        return b"".join(parts)
 
 
 def test_client_options_name_every_client_config_field_but_the_token() -> None:
@@ -41,7 +30,7 @@ async def test_open_server_and_open_tunnel_carry_bytes_and_leave_no_task(echo_po
         pytunnel.open_tunnel(server.address, token=TOKEN) as tunnel,
     ):
         forward = await tunnel.forward_local("127.0.0.1", echo_port)
-        assert await _echo_once(forward.address, b"tiers") == b"tiers"
+        assert await echo_once(forward.address, b"tiers") == b"tiers"
         assert server.session_count == 1
     assert tunnel.closed
     assert count_tasks() == tasks
@@ -89,7 +78,7 @@ async def test_wrap_server_stream_and_wrap_tunnel_over_memory_streams(
     server = await pytunnel.wrap_server_stream(nursery, b, token=TOKEN, peer="memory")
     tunnel = await pytunnel.wrap_tunnel(nursery, a, token=TOKEN)
     forward = await tunnel.forward_local("127.0.0.1", echo_port)
-    assert await _echo_once(forward.address, b"over memory") == b"over memory"
+    assert await echo_once(forward.address, b"over memory") == b"over memory"
     with pytest.raises(RuntimeError, match="no control listener"):
         server.address  # noqa: B018
     # closing a server without a listener ends the sessions it was handed

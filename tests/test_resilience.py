@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 import trio
 import trio.testing
-from conftest import TOKEN, closed_port, count_fds, count_tasks, port_is_free
+from conftest import TOKEN, closed_port, count_fds, count_tasks, echo_once, port_is_free
 
 import pytunnel
 
@@ -56,14 +56,7 @@ class SilentStream(trio.abc.Stream):
 
 async def _echo_once(address: tuple[str, int], payload: bytes = b"ping") -> bytes:
     with trio.fail_after(10):
-        stream = await trio.open_tcp_stream(*address)
-        async with stream:
-            await stream.send_all(payload)
-            await stream.send_eof()
-            out = b""
-            while chunk := await stream.receive_some():
-                out += chunk
-            return out
+        return await echo_once(address, payload)
 
 
 # ----------------------------------------------------------------------------- heartbeats

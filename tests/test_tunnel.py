@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pytest
 import trio
 import trio.testing
-from conftest import TOKEN, Blackhole, closed_port, count_fds, count_tasks
+from conftest import TOKEN, Blackhole, closed_port, count_fds, count_tasks, echo_once
 
 import pytunnel
 from pytunnel._handshake import client_handshake
@@ -26,27 +26,6 @@ from pytunnel.protocol.frames import FrameDecoder, encode_message
 from pytunnel.protocol.messages import Accept, Bound, Message, Open, Reset
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def _echo_once(address: tuple[str, int], payload: bytes) -> bytes:
-    """Send ``payload`` then EOF while reading concurrently; return everything read."""
-    stream = await trio.open_tcp_stream(*address)
-
-    async def send() -> None:
-        view = memoryview(payload)
-        for i in range(0, len(payload), 1 << 20):
-            await stream.send_all(view[i : i + (1 << 20)])
-        await stream.send_eof()
-
-    try:
-        parts = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send)
-            while chunk := await stream.receive_some():
-                parts.append(chunk)
-        return b"".join(parts)
-    finally:
-        await stream.aclose()
 
 
 async def _expect_closed(address: tuple[str, int]) -> None:
@@ -74,7 +53,7 @@ async def test_remote_forward_relays_bytes(tunnel: pytunnel.Tunnel, echo_port: i
     assert forward.listen_port != 0
     assert forward.status is pytunnel.ForwardStatus.ACTIVE
     for _ in range(3):
-        assert await _echo_once(forward.address, b"hello remote") == b"hello remote"
+        assert await echo_once(forward.address, b"hello remote") == b"hello remote"
     await _eventually(lambda: forward.stats.active_connections == 0)
     assert forward.stats.total_connections == 3
     assert forward.stats.bytes_out == forward.stats.bytes_in == 3 * len(b"hello remote")
@@ -85,7 +64,7 @@ async def test_local_forward_relays_bytes(tunnel: pytunnel.Tunnel, echo_port: in
     forward = await tunnel.forward_local("127.0.0.1", echo_port)
     assert forward.address[0] == "127.0.0.1"
     assert forward.listen_port != 0
-    assert await _echo_once(forward.address, b"hello local") == b"hello local"
+    assert await echo_once(forward.address, b"hello local") == b"hello local"
     await _eventually(lambda: forward.stats.active_connections == 0)
     assert forward.stats.total_connections == 1
     assert forward.stats.bytes_out == len(b"hello local")
@@ -114,7 +93,7 @@ async def test_exact_bytes_random_sizes(tunnel: pytunnel.Tunnel, echo_port: int,
         sizes.append(64 * 1024 * 1024)
     for size in sizes:
         payload = rng.randbytes(size)
-        got = await _echo_once(forward.address, payload)
+        got = await echo_once(forward.address, payload)
         assert len(got) == size
         assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
 
@@ -141,7 +120,7 @@ async def test_half_close_carried_end_to_end(
         await tunnel.forward_local("127.0.0.1", port),
         await tunnel.forward_remote("127.0.0.1", port),
     ):
-        assert await _echo_once(forward.address, b"get /") == b"GET /" * 50
+        assert await echo_once(forward.address, b"get /") == b"GET /" * 50
 
 
 async def test_refused_target_is_node_unstable(
@@ -326,11 +305,11 @@ async def test_session_end_frees_remote_port_at_once(
     async with pytunnel.open_tunnel(tunnel_server.address, token=TOKEN) as tunnel:
         forward = await tunnel.forward_remote("127.0.0.1", echo_port)
         port = forward.listen_port
-        assert await _echo_once(forward.address, b"1") == b"1"
+        assert await echo_once(forward.address, b"1") == b"1"
     async with pytunnel.open_tunnel(tunnel_server.address, token=TOKEN) as tunnel:
         forward = await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
         assert forward.listen_port == port
-        assert await _echo_once(forward.address, b"2") == b"2"
+        assert await echo_once(forward.address, b"2") == b"2"
 
 
 async def test_forward_closable_on_its_own(tunnel: pytunnel.Tunnel, echo_port: int) -> None:
@@ -345,7 +324,7 @@ async def test_forward_closable_on_its_own(tunnel: pytunnel.Tunnel, echo_port: i
             await trio.open_tcp_stream(*address)
     # the tunnel itself still works
     assert (
-        await _echo_once((await tunnel.forward_local("127.0.0.1", echo_port)).address, b"k") == b"k"
+        await echo_once((await tunnel.forward_local("127.0.0.1", echo_port)).address, b"k") == b"k"
     )
 
 
@@ -408,7 +387,7 @@ async def test_memory_stream_tunnel(nursery: trio.Nursery, echo_port: int) -> No
     nursery.start_soon(server.handle_stream, b)
     tunnel = await pytunnel.wrap_tunnel(nursery, a, token=TOKEN)
     forward = await tunnel.forward_local("127.0.0.1", echo_port)
-    assert await _echo_once(forward.address, b"over memory") == b"over memory"
+    assert await echo_once(forward.address, b"over memory") == b"over memory"
     await tunnel.aclose()
     for listener in listeners:
         await listener.aclose()
@@ -573,7 +552,7 @@ async def test_idle_listeners_hold_no_stream_slot(
     assert tunnel.session.free_stream_slots == 1
     for forward in (second, first, second):
         with trio.fail_after(10):  # hang detector
-            assert await _echo_once(forward.address, b"through") == b"through"
+            assert await echo_once(forward.address, b"through") == b"through"
         await _eventually(
             lambda: tunnel.session is not None and tunnel.session.free_stream_slots == 1
         )
