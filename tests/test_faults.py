@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import trio
-from conftest import open_pair, session_pair, tcp_stream_pair
+from helpers import open_pair, session_pair, tcp_stream_pair
 from trio.testing import check_half_closeable_stream
 
 import pytunnel

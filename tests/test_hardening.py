@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import trio
 import trio.testing
-from conftest import TOKEN, count_fds, count_tasks
+from helpers import TOKEN, count_fds, count_tasks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

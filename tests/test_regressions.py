@@ -10,7 +10,7 @@ import functools
 import pytest
 import trio
 import trio.testing
-from conftest import TOKEN, session_pair, tcp_stream_pair
+from helpers import TOKEN, session_pair, tcp_stream_pair
 
 import pytunnel
 from pytunnel import ErrorCode

@@ -9,7 +9,7 @@ import socket
 import pytest
 import trio
 import trio.testing
-from conftest import TOKEN, open_pair, session_pair, tcp_stream_pair
+from helpers import TOKEN, open_pair, session_pair, tcp_stream_pair
 
 import pytunnel
 from pytunnel import ErrorCode, StreamResetError

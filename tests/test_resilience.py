@@ -8,12 +8,11 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
 
 import pytest
 import trio
 import trio.testing
-from conftest import TOKEN, closed_port, count_fds, count_tasks, port_is_free
+from helpers import TOKEN, closed_port, count_fds, count_tasks, port_is_free, wait_until
 
 import pytunnel
 
@@ -595,13 +594,6 @@ class LinkProxy:
             ghost.socket.close()
 
 
-async def _poll(predicate: Callable[[], bool], seconds: float, what: str) -> None:
-    with trio.move_on_after(seconds):
-        while not predicate():
-            await trio.sleep(0.01)
-    assert predicate(), what
-
-
 async def test_one_sided_reset_gets_the_same_port_back_at_once(
     nursery: trio.Nursery, echo_port: int
 ) -> None:
@@ -683,10 +675,10 @@ async def test_restore_meeting_a_port_in_use_stays_suspended_and_retries(
     try:
         proxy.refusing = True
         proxy.cut()
-        await _poll(lambda: server.session_count == 1, 5, "the cut session is still there")
+        await wait_until(lambda: server.session_count == 1, 5, "the cut session is still there")
         squatter = await other.forward_remote("127.0.0.1", echo_port, remote_port=port)
         proxy.refusing = False
-        await _poll(
+        await wait_until(
             lambda: tunnel.reconnects >= 1 and "in use" in remote.reason, 5, "no restore attempt"
         )
         assert remote.status is pytunnel.ForwardStatus.SUSPENDED
@@ -764,7 +756,7 @@ async def test_closing_a_remote_forward_under_a_connection_storm(
         async with trio.open_nursery() as storm:
             for _ in range(8):
                 storm.start_soon(hammer)
-            await _poll(
+            await wait_until(
                 functools.partial(lambda s: s.total_connections >= 4, remote.stats),
                 10,
                 "no connections",
@@ -776,7 +768,7 @@ async def test_closing_a_remote_forward_under_a_connection_storm(
             stop.set()
         assert remote.status is pytunnel.ForwardStatus.STOPPED
         assert tunnel.connected, tunnel.failure
-    await _poll(lambda: server.active_streams == 0, 10, "the server still holds streams")
+    await wait_until(lambda: server.active_streams == 0, 10, "the server still holds streams")
     local = await tunnel.forward_local("127.0.0.1", echo_port)
     assert await _echo_once(local.address) == b"ping"
     await tunnel.aclose()

@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
-from conftest import count_tasks, open_pair, session_pair, tcp_stream_pair
+from helpers import count_tasks, open_pair, session_pair, tcp_stream_pair
 
 from pytunnel import (
     ErrorCode,

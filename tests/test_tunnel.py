@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pytest
 import trio
 import trio.testing
-from conftest import TOKEN, Blackhole, closed_port, count_fds, count_tasks
+from helpers import TOKEN, Blackhole, closed_port, count_fds, count_tasks, wait_until
 
 import pytunnel
 from pytunnel._handshake import client_handshake
@@ -62,20 +62,13 @@ async def _expect_closed(address: tuple[str, int]) -> None:
         await stream.aclose()
 
 
-async def _eventually(predicate: Callable[[], bool], timeout: float = 10) -> None:
-    """Poll ``predicate`` until it holds; fail after a generous ``timeout``."""
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
-
-
 async def test_remote_forward_relays_bytes(tunnel: pytunnel.Tunnel, echo_port: int) -> None:
     forward = await tunnel.forward_remote("127.0.0.1", echo_port)
     assert forward.listen_port != 0
     assert forward.status is pytunnel.ForwardStatus.ACTIVE
     for _ in range(3):
         assert await _echo_once(forward.address, b"hello remote") == b"hello remote"
-    await _eventually(lambda: forward.stats.active_connections == 0)
+    await wait_until(lambda: forward.stats.active_connections == 0)
     assert forward.stats.total_connections == 3
     assert forward.stats.bytes_out == forward.stats.bytes_in == 3 * len(b"hello remote")
     assert forward.stats.active_connections == 0
@@ -86,7 +79,7 @@ async def test_local_forward_relays_bytes(tunnel: pytunnel.Tunnel, echo_port: in
     assert forward.address[0] == "127.0.0.1"
     assert forward.listen_port != 0
     assert await _echo_once(forward.address, b"hello local") == b"hello local"
-    await _eventually(lambda: forward.stats.active_connections == 0)
+    await wait_until(lambda: forward.stats.active_connections == 0)
     assert forward.stats.total_connections == 1
     assert forward.stats.bytes_out == len(b"hello local")
 
@@ -228,7 +221,7 @@ async def test_failed_dials_leave_nothing_behind(
                     for _ in range(250):
                         batch.start_soon(attempt, target_port)
         assert errors == {pytunnel.NodeUnstableError: 1000, pytunnel.NodeTimeoutError: 1000}
-        await _eventually(lambda: count_tasks() == tasks and count_fds() == fds)
+        await wait_until(lambda: count_tasks() == tasks and count_fds() == fds)
         assert count_tasks() == tasks
         assert count_fds() == fds
         assert tunnel.session.open_streams == 0
@@ -574,7 +567,7 @@ async def test_idle_listeners_hold_no_stream_slot(
     for forward in (second, first, second):
         with trio.fail_after(10):  # hang detector
             assert await _echo_once(forward.address, b"through") == b"through"
-        await _eventually(
+        await wait_until(
             lambda: tunnel.session is not None and tunnel.session.free_stream_slots == 1
         )
 
@@ -742,7 +735,7 @@ ipv6 = pytest.mark.skipif(not _ipv6_loopback(), reason="::1 is not available on 
 @pytest.fixture
 async def echo_port_v6(nursery: trio.Nursery) -> int:
     """The echo service on ``::1`` only, so a dial that went over IPv4 would be refused."""
-    from conftest import echo_handler
+    from helpers import echo_handler
 
     listeners = await nursery.start(functools.partial(trio.serve_tcp, echo_handler, 0, host="::1"))
     assert listeners[0].socket.family == socket.AF_INET6
@@ -783,7 +776,7 @@ async def test_ipv6_forwards_bind_and_dial_loopback_v6(
         assert forward.target == f"[::1]:{echo_port_v6}"
         payload = os.urandom(200_000)
         assert await _echo_over_ipv6(forward.address, payload) == payload
-        await _eventually(lambda f=forward: f.stats.active_connections == 0)  # type: ignore[misc]
+        await wait_until(lambda f=forward: f.stats.active_connections == 0)  # type: ignore[misc]
         assert forward.stats.total_connections == 1
         assert forward.stats.bytes_out == forward.stats.bytes_in == len(payload)
     stream = await tunnel.open_stream("::1", echo_port_v6)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection
 import pytest
 import trio
 import trio.lowlevel
-from conftest import TOKEN
+from helpers import TOKEN
 
 import pytunnel
 import pytunnel._udp
