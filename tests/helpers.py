@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager, suppress
 import trio
 import trio.testing
 
+import pytunnel
 from pytunnel.session import Role, Session, SessionConfig, open_session
 
 SessionPair = tuple[Session, Session]
@@ -161,3 +162,21 @@ class Blackhole:
         for s in self.fillers:
             s.close()
         self.listener.close()
+
+
+class Crash:
+    """Runs ``serve`` in its own nursery and records whatever it raised (instead of letting it
+    tear down the test), so a test can assert that the server is still alive."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[pytunnel.TunnelServer], **kw: object
+    ) -> None:
+        try:
+            await pytunnel.serve(0, token=TOKEN, task_status=task_status, **kw)
+        except trio.Cancelled:
+            raise
+        except BaseException as exc:
+            self.error = exc

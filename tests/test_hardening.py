@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import resource
@@ -12,7 +13,7 @@ import textwrap
 import pytest
 import trio
 import trio.testing
-from helpers import TOKEN, count_fds, count_tasks
+from helpers import TOKEN, Crash, count_fds, count_tasks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -470,3 +471,80 @@ def test_an_explicit_max_streams_over_the_fd_limit_is_capped_with_a_warning(
     assert any(r.levelno == logging.WARNING for r in caplog.records)
     assert _fit_fd_limit(config, 100_000).max_streams == 5000
     assert _fit_fd_limit(config, None).max_streams == 5000
+
+
+async def test_undialable_host_name_does_not_crash_the_server(nursery: trio.Nursery) -> None:
+    crash = Crash()
+    server: pytunnel.TunnelServer = await nursery.start(crash.serve)
+    bystander = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, reconnect=False, probe_interval=0
+    )
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, reconnect=False, probe_interval=0
+    )
+    # 'a' * 64 is a DNS label that is too long: a plain typo-level mistake, or a hostile client
+    try:
+        await tunnel.open_stream("a" * 64 + ".example", 80)
+    except pytunnel.TunnelError as exc:
+        refusal: BaseException = exc
+    await trio.sleep(0.2)
+    assert crash.error is None, repr(crash.error)
+    assert isinstance(refusal, pytunnel.StreamRefusedError), repr(refusal)
+    assert bystander.connected
+
+
+async def test_queued_opens_then_eof_do_not_crash_the_server(nursery: trio.Nursery) -> None:
+    crash = Crash()
+    server: pytunnel.TunnelServer = await nursery.start(crash.serve)
+    for _ in range(5):
+        stream = await trio.open_tcp_stream(*server.address)
+        await client_handshake(stream, TOKEN, max_frame_size=2**20)
+        # 50 opens on an unknown route (refused in _ClientSession.run), then the link drops
+        frames = b"".join(encode_message(Open(2 * i + 1, 65536, "x", 1, 77)) for i in range(50))
+        await stream.send_all(frames)
+        await stream.aclose()
+        await trio.sleep(0.1)
+        if crash.error is not None:
+            break
+    assert crash.error is None, repr(crash.error)
+
+
+async def test_server_stream_limit_holds_for_a_burst(nursery: trio.Nursery, echo_port: int) -> None:
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN, max_streams=2)
+    )
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, reconnect=False, probe_interval=0
+    )
+    opened: list[trio.abc.Stream] = []
+
+    async def one() -> None:
+        with contextlib.suppress(pytunnel.StreamLimitError):
+            opened.append(await tunnel.open_stream("127.0.0.1", echo_port))
+
+    async with trio.open_nursery() as burst:
+        for _ in range(20):
+            burst.start_soon(one)
+    await trio.sleep(0.1)
+    peak = server.active_streams
+    for s in opened:
+        await s.aclose()
+    assert len(opened) <= 2, (len(opened), peak)
+    assert peak <= 2, (len(opened), peak)
+
+
+async def test_cancelled_open_during_server_dial_does_not_crash_the_server(
+    nursery: trio.Nursery, blackhole: object
+) -> None:
+    crash = Crash()
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(crash.serve, connect_timeout=0.5)
+    )
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, reconnect=False, probe_interval=0
+    )
+    with trio.move_on_after(0.1):  # an impatient caller: a plain timeout around open_stream
+        await tunnel.open_stream("127.0.0.1", blackhole.port)  # type: ignore[attr-defined]
+    await trio.sleep(1.0)  # the server's dial times out and it answers the (reset) stream
+    assert crash.error is None, repr(crash.error)
+    assert tunnel.connected

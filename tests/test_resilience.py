@@ -15,6 +15,11 @@ import trio.testing
 from helpers import TOKEN, closed_port, count_fds, count_tasks, port_is_free, wait_until
 
 import pytunnel
+from pytunnel import ErrorCode
+from pytunnel._handshake import open_server_session
+from pytunnel.client import ForwardStatus
+from pytunnel.protocol.frames import encode_message
+from pytunnel.protocol.messages import Bound
 
 pytestmark = pytest.mark.timeout(180)
 FAST = {"backoff_initial": 0.02, "backoff_max": 0.1, "backoff_jitter": 0.0}
@@ -853,3 +858,59 @@ async def test_reconnection_waits_as_long_as_a_rate_limit_says(nursery: trio.Nur
     # refused once, told when to come back, then served: not refused every 50 ms for 2 s
     assert 1 <= failures <= 2, failures
     assert tunnel.connected
+
+
+async def test_reattach_failure_before_bound_does_not_kill_the_tunnel() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    second_done = trio.Event()
+
+    async def fake_server() -> None:
+        # connection 1: register the forward properly, then drop the link
+        stream = await listeners[0].accept()
+        async with open_server_session(stream, TOKEN) as session:
+            incoming = await session.accept_stream()
+            control = incoming.accept()
+            await control.send_all(encode_message(Bound("127.0.0.1", 45678)))
+            await trio.sleep(0.2)
+        # connection 2 (the reconnect): accept the re-registration, then reset it before Bound
+        stream = await listeners[0].accept()
+        async with open_server_session(stream, TOKEN) as session:
+            incoming = await session.accept_stream()
+            incoming.accept().reset(ErrorCode.FORWARD_FAILED, "cannot restore")
+            second_done.set()
+            await trio.sleep(1)
+
+    error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fake_server)
+            tunnel = await pytunnel.connect_tunnel(
+                nursery,
+                ("127.0.0.1", port),
+                token=TOKEN,
+                probe_interval=0,
+                backoff_initial=0.01,
+                backoff_max=0.01,
+            )
+            forward = await tunnel.forward_remote("127.0.0.1", 9, remote_port=45678)
+            with trio.fail_after(5):
+                await second_done.wait()
+                await forward.wait_status(ForwardStatus.ERROR)
+            assert not tunnel.closed
+            await tunnel.aclose()
+    except BaseException as exc:
+        error = exc
+    finally:
+        await listeners[0].aclose()
+    assert error is None, repr(error)
+
+
+async def test_events_after_the_tunnel_ended_terminate(
+    nursery: trio.Nursery, tunnel_server: pytunnel.TunnelServer
+) -> None:
+    tunnel = await pytunnel.connect_tunnel(nursery, tunnel_server.address, token=TOKEN)
+    await tunnel.aclose()
+    with trio.fail_after(1):
+        async for _ in tunnel.events():
+            pass

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
-from helpers import TOKEN, count_tasks, port_is_free, wait_until
+from helpers import TOKEN, Crash, count_tasks, port_is_free, wait_until
 
 import pytunnel
 
@@ -303,3 +303,45 @@ async def test_client_process_killed(nursery: trio.Nursery) -> None:
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+
+
+async def _sees_eof_or_reset(conn: trio.SocketStream, within: float) -> bool:
+    with trio.move_on_after(within):
+        try:
+            while await conn.receive_some():
+                pass
+        except trio.BrokenResourceError:
+            pass
+        return True
+    return False
+
+
+async def test_local_connection_waiting_for_dial_is_closed_with_the_tunnel(
+    tunnel_server: pytunnel.TunnelServer, blackhole: object
+) -> None:
+    async with pytunnel.open_tunnel(tunnel_server.address, token=TOKEN) as tunnel:
+        forward = await tunnel.forward_local("127.0.0.1", blackhole.port)  # type: ignore[attr-defined]
+        conn = await trio.open_tcp_stream(*forward.address)
+        await trio.sleep(0.3)  # the server is now dialling the black hole (5 s)
+    try:
+        assert await _sees_eof_or_reset(conn, 1.0)
+    finally:
+        await conn.aclose()
+
+
+async def test_public_connection_waiting_for_client_dial_is_closed_on_server_shutdown(
+    nursery: trio.Nursery, blackhole: object
+) -> None:
+    crash = Crash()
+    server: pytunnel.TunnelServer = await nursery.start(crash.serve)
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, reconnect=False, probe_interval=0
+    )
+    forward = await tunnel.forward_remote("127.0.0.1", blackhole.port)  # type: ignore[attr-defined]
+    conn = await trio.open_tcp_stream(*forward.address)
+    await trio.sleep(0.3)  # the client is now dialling the black hole (5 s)
+    await server.aclose()
+    try:
+        assert await _sees_eof_or_reset(conn, 1.0)
+    finally:
+        await conn.aclose()

@@ -20,7 +20,7 @@ import trio.testing
 from helpers import TOKEN, Blackhole, closed_port, count_fds, count_tasks, wait_until
 
 import pytunnel
-from pytunnel._handshake import client_handshake
+from pytunnel._handshake import client_handshake, server_handshake
 from pytunnel.protocol import routes
 from pytunnel.protocol.frames import FrameDecoder, encode_message
 from pytunnel.protocol.messages import Accept, Bound, Message, Open, Reset
@@ -808,3 +808,46 @@ async def test_ipv6_target_through_socks(tunnel: pytunnel.Tunnel, echo_port_v6: 
         assert await stream.receive_some() == b"six"
     finally:
         await stream.aclose()
+
+
+async def test_client_survives_queued_opens_then_eof() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    outcome: list[BaseException | None] = []
+
+    async def fake_server() -> None:
+        stream = await listeners[0].accept()
+        await server_handshake(stream, TOKEN, max_frame_size=2**20)
+        frames = b"".join(encode_message(Open(2 * i + 2, 65536, "x", 1, 999)) for i in range(50))
+        await stream.send_all(frames)
+        await stream.aclose()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fake_server)
+            tunnel = await pytunnel.connect_tunnel(
+                nursery, ("127.0.0.1", port), token=TOKEN, reconnect=False, probe_interval=0
+            )
+            with trio.fail_after(5):
+                await tunnel.wait_closed()
+        outcome.append(None)
+    except BaseException as exc:
+        outcome.append(exc)
+    finally:
+        await listeners[0].aclose()
+    assert outcome == [None], repr(outcome)
+    assert isinstance(tunnel.failure, pytunnel.SessionClosedError)
+
+
+async def test_connect_does_not_wrap_cancelled(tunnel_server: pytunnel.TunnelServer) -> None:
+    seen: list[BaseException] = []
+    with trio.CancelScope() as scope:
+        try:
+            async with pytunnel.open_tunnel(tunnel_server.address, token=TOKEN) as _:
+                scope.cancel()
+                await trio.sleep(1)
+        except BaseException as exc:
+            seen.append(exc)
+            raise
+    assert len(seen) == 1
+    assert isinstance(seen[0], trio.Cancelled), repr(seen)
