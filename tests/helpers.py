@@ -113,6 +113,18 @@ async def wait_until(
     assert predicate(), what() if callable(what) else what
 
 
+async def read_all(stream: trio.abc.Stream) -> bytes:
+    """Everything ``stream`` sends until EOF or a reset; 5 s is a hang detector."""
+    out = b""
+    with trio.fail_after(5):
+        try:
+            while chunk := await stream.receive_some():
+                out += chunk
+        except trio.BrokenResourceError:
+            pass
+    return out
+
+
 async def echo_handler(stream: trio.SocketStream) -> None:
     """Echo until EOF, then half-close back (so half-close is visible end to end)."""
     try:

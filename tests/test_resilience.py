@@ -405,18 +405,6 @@ async def test_health_probes_with_virtual_time(
     await tunnel.aclose()
 
 
-async def test_events_never_buffer_without_bound(nursery: trio.Nursery) -> None:
-    server = await nursery.start(functools.partial(pytunnel.serve, 0, token=TOKEN))
-    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
-    unread = tunnel.events(buffer=2)
-    for _ in range(5):
-        forward = await tunnel.forward_local("127.0.0.1", 9)
-        await forward.aclose()
-    assert unread.statistics().current_buffer_used == 2
-    assert tunnel.dropped_events >= 8
-    await tunnel.aclose()
-
-
 # ----------------------------------------------------------------------------- limits
 
 
@@ -451,22 +439,6 @@ async def test_server_wide_stream_limit(nursery: trio.Nursery, echo_port: int) -
     await stream.aclose()
 
 
-async def test_pending_handshake_limit(nursery: trio.Nursery) -> None:
-    server = await nursery.start(
-        functools.partial(pytunnel.serve, 0, token=TOKEN, max_pending_handshakes=3)
-    )
-    silent = [await trio.open_tcp_stream(*server.address) for _ in range(3)]
-    await trio.sleep(0.1)
-    with pytest.raises(pytunnel.ServerBusyError) as info:
-        await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
-    assert info.value.code == pytunnel.ErrorCode.SERVER_BUSY
-    for s in silent:
-        await s.aclose()
-    await trio.sleep(0.1)
-    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
-    assert tunnel.connected
-
-
 async def test_offline_survives_a_reconnect(nursery: trio.Nursery) -> None:
     """A forward whose target is down stays offline (port refusing) after a reconnect,
     instead of accepting into a black hole until the probes notice again."""
@@ -490,40 +462,6 @@ async def test_offline_survives_a_reconnect(nursery: trio.Nursery) -> None:
         await trio.open_tcp_stream(*forward.address)
     await tunnel.aclose()
     await server.aclose()
-
-
-# ------------------------------------------------------------- event subscribers are bounded
-
-
-async def test_abandoned_event_subscribers_are_dropped(
-    nursery: trio.Nursery, tunnel_server: pytunnel.TunnelServer, echo_port: int
-) -> None:
-    """Receivers dropped without closing (garbage-collected) or closed are forgotten, and
-    the number kept is capped; a live subscriber keeps getting events throughout."""
-    tunnel = await pytunnel.connect_tunnel(nursery, tunnel_server.address, token=TOKEN)
-    live = tunnel.events()
-    for _ in range(10_000):
-        tunnel.events()  # dropped at once
-        tunnel.events().close()
-        assert tunnel.subscriber_count <= 3
-    kept = [tunnel.events() for _ in range(tunnel.max_subscribers + 100)]
-    assert tunnel.subscriber_count == tunnel.max_subscribers
-    assert tunnel.dropped_subscribers == 101  # the oldest (including ``live``) went first
-    with trio.fail_after(5):
-        async for _ in live:  # unsubscribed: the iteration ends
-            pass
-    newest = kept[-1]
-    del kept
-    live = tunnel.events()
-    forward = await tunnel.forward_local("127.0.0.1", echo_port)
-    with trio.fail_after(5):
-        event = await live.receive()
-    assert event.kind is pytunnel.EventKind.STATUS
-    assert event.forward is forward
-    assert tunnel.subscriber_count <= 2  # the 1,124 kept receivers were collected
-    with trio.fail_after(5):
-        assert (await newest.receive()).forward is forward
-    await tunnel.aclose()
 
 
 # ----------------------------------------------------------------------------- identity
@@ -904,13 +842,3 @@ async def test_reattach_failure_before_bound_does_not_kill_the_tunnel() -> None:
     finally:
         await listeners[0].aclose()
     assert error is None, repr(error)
-
-
-async def test_events_after_the_tunnel_ended_terminate(
-    nursery: trio.Nursery, tunnel_server: pytunnel.TunnelServer
-) -> None:
-    tunnel = await pytunnel.connect_tunnel(nursery, tunnel_server.address, token=TOKEN)
-    await tunnel.aclose()
-    with trio.fail_after(1):
-        async for _ in tunnel.events():
-            pass
