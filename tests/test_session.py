@@ -802,15 +802,7 @@ async def test_a_pong_overtakes_queued_bulk_data() -> None:
 @pytest.mark.parametrize("transport", ["memory", "tcp"])
 async def test_data_and_fin_received_before_session_end_are_readable(transport: str) -> None:
     async with session_pair(transport) as (client, server):
-        async with trio.open_nursery() as nursery:
-            box: list[trio.abc.HalfCloseableStream] = []
-
-            async def accept() -> None:
-                box.append((await server.accept_stream()).accept())
-
-            nursery.start_soon(accept)
-            mine = await client.open_stream("t", 1)
-        theirs = box[0]
+        mine, theirs = await open_pair(client, server, host="t", port=1)
         await theirs.send_all(b"the whole response")
         await theirs.send_eof()
         await server.aclose()  # GoAway, then the transport closes
@@ -861,14 +853,7 @@ async def test_sender_parked_on_write_buffer_sees_closed_when_we_close() -> None
         open_session(a, Role.CLIENT, config) as client,
         open_session(b, Role.SERVER, config) as server,
     ):
-        async with trio.open_nursery() as nursery:
-            box: list[trio.abc.HalfCloseableStream] = []
-
-            async def accept() -> None:
-                box.append((await server.accept_stream()).accept())
-
-            nursery.start_soon(accept)
-            mine = await client.open_stream("t", 1)
+        mine, _ = await open_pair(client, server, host="t", port=1)
         # stop the server session from reading so the client's writer blocks
         server._cancel_scope.cancel()
         errors: list[BaseException] = []
