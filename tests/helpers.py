@@ -11,6 +11,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
+from typing import Any
 
 import trio
 import trio.testing
@@ -184,7 +185,7 @@ class Crash:
         self.error: BaseException | None = None
 
     async def serve(
-        self, *, task_status: trio.TaskStatus[pytunnel.TunnelServer], **kw: object
+        self, *, task_status: trio.TaskStatus[pytunnel.TunnelServer], **kw: Any
     ) -> None:
         try:
             await pytunnel.serve(0, token=TOKEN, task_status=task_status, **kw)
