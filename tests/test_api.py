@@ -8,7 +8,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from conftest import TOKEN, count_tasks, echo_once
+from helpers import TOKEN, count_tasks, echo_once
 
 import pytunnel
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from conftest import session_pair
+from helpers import session_pair
 
 from pytunnel._control import ControlChannel
 from pytunnel.errors import ErrorCode, ForwardError, LocalProtocolError, RemoteProtocolError

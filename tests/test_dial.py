@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import trio
-from conftest import closed_port, session_pair
+from helpers import closed_port, session_pair
 
 from pytunnel._dial import dial, failure_of
 from pytunnel.errors import (

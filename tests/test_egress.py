@@ -7,7 +7,7 @@ import socket
 
 import pytest
 import trio
-from conftest import session_pair
+from helpers import session_pair
 
 from pytunnel._dial import dial
 from pytunnel._egress import refuse_wrong_kind, serve_egress

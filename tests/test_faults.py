@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import trio
-from conftest import open_pair, session_pair, tcp_stream_pair
+from helpers import open_pair, session_pair, tcp_stream_pair
 from trio.testing import check_half_closeable_stream
 
 import pytunnel
@@ -227,3 +227,24 @@ async def test_reset_connections_resets_a_mux_stream_through_its_wrapper() -> No
         assert faults.reset_connections() == 0
         await outside.aclose()
         await theirs.aclose()
+
+
+async def test_close_after_exact_boundary(tunnel: pytunnel.Tunnel, echo_port: int) -> None:
+    forward = await tunnel.forward_local("127.0.0.1", echo_port)
+    forward.faults.set("in", close_after=5)
+    stream = await trio.open_tcp_stream(*forward.address)
+    await stream.send_all(b"01234")
+    got = b""
+    with trio.fail_after(3):  # the fault should close the connection after these 5 bytes
+        while chunk := await stream.receive_some():
+            got += chunk
+    assert got == b"01234"
+    await stream.aclose()
+
+
+def test_faults_set_is_all_or_nothing() -> None:
+    faults = pytunnel.testing.Faults()
+    with pytest.raises(TypeError):
+        faults.set(latency=1.0, latenzy=2.0)
+    assert faults.out.latency == 0.0
+    assert not faults.out.active

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import TOKEN
+from helpers import TOKEN
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

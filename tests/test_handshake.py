@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from conftest import tcp_stream_pair
+from helpers import tcp_stream_pair
 
 import pytunnel
 from pytunnel import (

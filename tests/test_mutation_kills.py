@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from conftest import open_pair, session_pair, tcp_stream_pair
+from helpers import open_pair, session_pair, tcp_stream_pair
 
 from pytunnel import (
     AuthenticationError,

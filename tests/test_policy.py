@@ -9,7 +9,7 @@ import socket
 
 import pytest
 import trio
-from conftest import TOKEN
+from helpers import TOKEN
 
 import pytunnel
 from pytunnel._dial import dial_permitted
@@ -217,7 +217,7 @@ async def test_a_port_no_pattern_covers_is_forbidden_without_dns() -> None:
 
 
 async def test_dial_failures_keep_their_typing_after_the_check(nursery: trio.Nursery) -> None:
-    from conftest import closed_port
+    from helpers import closed_port
 
     port = closed_port()
     with pytest.raises(pytunnel.NodeUnstableError, match="refused"):

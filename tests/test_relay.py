@@ -9,7 +9,7 @@ import socket
 import pytest
 import trio
 import trio.testing
-from conftest import TOKEN, open_pair, session_pair, tcp_stream_pair
+from helpers import TOKEN, open_pair, session_pair, tcp_stream_pair
 
 import pytunnel
 from pytunnel import ErrorCode, StreamResetError
@@ -278,3 +278,34 @@ async def test_both_directions_meeting_a_break_reset_the_other_side() -> None:
 async def _read_to_the_end(stream: trio.SocketStream) -> None:
     while await stream.receive_some():
         pass
+
+
+async def _partial_then_rst(stream: trio.SocketStream) -> None:
+    import socket
+    import struct
+
+    await stream.send_all(b"partial")
+    await trio.sleep(0.1)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
+
+
+async def test_target_reset_is_not_reported_as_clean_eof(
+    nursery: trio.Nursery, tunnel: pytunnel.Tunnel
+) -> None:
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, _partial_then_rst, 0, host="127.0.0.1")
+    )
+    port = listeners[0].socket.getsockname()[1]
+    forward = await tunnel.forward_local("127.0.0.1", port)
+    conn = await trio.open_tcp_stream(*forward.address)
+    received = b""
+    error: BaseException | None = None
+    with trio.fail_after(5):
+        try:
+            while chunk := await conn.receive_some():
+                received += chunk
+        except trio.BrokenResourceError as exc:
+            error = exc
+    assert received == b"partial"
+    assert isinstance(error, trio.BrokenResourceError), "the far end saw a clean EOF"

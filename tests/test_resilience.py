@@ -8,14 +8,18 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
 
 import pytest
 import trio
 import trio.testing
-from conftest import TOKEN, closed_port, count_fds, count_tasks, echo_once, port_is_free
+from helpers import TOKEN, closed_port, count_fds, count_tasks, echo_once, port_is_free, wait_until
 
 import pytunnel
+from pytunnel import ErrorCode
+from pytunnel._handshake import open_server_session
+from pytunnel.client import ForwardStatus
+from pytunnel.protocol.frames import encode_message
+from pytunnel.protocol.messages import Bound
 
 pytestmark = pytest.mark.timeout(180)
 FAST = {"backoff_initial": 0.02, "backoff_max": 0.1, "backoff_jitter": 0.0}
@@ -394,18 +398,6 @@ async def test_health_probes_with_virtual_time(
     await tunnel.aclose()
 
 
-async def test_events_never_buffer_without_bound(nursery: trio.Nursery) -> None:
-    server = await nursery.start(functools.partial(pytunnel.serve, 0, token=TOKEN))
-    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
-    unread = tunnel.events(buffer=2)
-    for _ in range(5):
-        forward = await tunnel.forward_local("127.0.0.1", 9)
-        await forward.aclose()
-    assert unread.statistics().current_buffer_used == 2
-    assert tunnel.dropped_events >= 8
-    await tunnel.aclose()
-
-
 # ----------------------------------------------------------------------------- limits
 
 
@@ -440,22 +432,6 @@ async def test_server_wide_stream_limit(nursery: trio.Nursery, echo_port: int) -
     await stream.aclose()
 
 
-async def test_pending_handshake_limit(nursery: trio.Nursery) -> None:
-    server = await nursery.start(
-        functools.partial(pytunnel.serve, 0, token=TOKEN, max_pending_handshakes=3)
-    )
-    silent = [await trio.open_tcp_stream(*server.address) for _ in range(3)]
-    await trio.sleep(0.1)
-    with pytest.raises(pytunnel.ServerBusyError) as info:
-        await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
-    assert info.value.code == pytunnel.ErrorCode.SERVER_BUSY
-    for s in silent:
-        await s.aclose()
-    await trio.sleep(0.1)
-    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
-    assert tunnel.connected
-
-
 async def test_offline_survives_a_reconnect(nursery: trio.Nursery) -> None:
     """A forward whose target is down stays offline (port refusing) after a reconnect,
     instead of accepting into a black hole until the probes notice again."""
@@ -479,40 +455,6 @@ async def test_offline_survives_a_reconnect(nursery: trio.Nursery) -> None:
         await trio.open_tcp_stream(*forward.address)
     await tunnel.aclose()
     await server.aclose()
-
-
-# ------------------------------------------------------------- event subscribers are bounded
-
-
-async def test_abandoned_event_subscribers_are_dropped(
-    nursery: trio.Nursery, tunnel_server: pytunnel.TunnelServer, echo_port: int
-) -> None:
-    """Receivers dropped without closing (garbage-collected) or closed are forgotten, and
-    the number kept is capped; a live subscriber keeps getting events throughout."""
-    tunnel = await pytunnel.connect_tunnel(nursery, tunnel_server.address, token=TOKEN)
-    live = tunnel.events()
-    for _ in range(10_000):
-        tunnel.events()  # dropped at once
-        tunnel.events().close()
-        assert tunnel.subscriber_count <= 3
-    kept = [tunnel.events() for _ in range(tunnel.max_subscribers + 100)]
-    assert tunnel.subscriber_count == tunnel.max_subscribers
-    assert tunnel.dropped_subscribers == 101  # the oldest (including ``live``) went first
-    with trio.fail_after(5):
-        async for _ in live:  # unsubscribed: the iteration ends
-            pass
-    newest = kept[-1]
-    del kept
-    live = tunnel.events()
-    forward = await tunnel.forward_local("127.0.0.1", echo_port)
-    with trio.fail_after(5):
-        event = await live.receive()
-    assert event.kind is pytunnel.EventKind.STATUS
-    assert event.forward is forward
-    assert tunnel.subscriber_count <= 2  # the 1,124 kept receivers were collected
-    with trio.fail_after(5):
-        assert (await newest.receive()).forward is forward
-    await tunnel.aclose()
 
 
 # ----------------------------------------------------------------------------- identity
@@ -586,13 +528,6 @@ class LinkProxy:
         self.cut()
         for ghost in self.ghosts:
             ghost.socket.close()
-
-
-async def _poll(predicate: Callable[[], bool], seconds: float, what: str) -> None:
-    with trio.move_on_after(seconds):
-        while not predicate():
-            await trio.sleep(0.01)
-    assert predicate(), what
 
 
 async def test_one_sided_reset_gets_the_same_port_back_at_once(
@@ -676,10 +611,10 @@ async def test_restore_meeting_a_port_in_use_stays_suspended_and_retries(
     try:
         proxy.refusing = True
         proxy.cut()
-        await _poll(lambda: server.session_count == 1, 5, "the cut session is still there")
+        await wait_until(lambda: server.session_count == 1, 5, "the cut session is still there")
         squatter = await other.forward_remote("127.0.0.1", echo_port, remote_port=port)
         proxy.refusing = False
-        await _poll(
+        await wait_until(
             lambda: tunnel.reconnects >= 1 and "in use" in remote.reason, 5, "no restore attempt"
         )
         assert remote.status is pytunnel.ForwardStatus.SUSPENDED
@@ -757,7 +692,7 @@ async def test_closing_a_remote_forward_under_a_connection_storm(
         async with trio.open_nursery() as storm:
             for _ in range(8):
                 storm.start_soon(hammer)
-            await _poll(
+            await wait_until(
                 functools.partial(lambda s: s.total_connections >= 4, remote.stats),
                 10,
                 "no connections",
@@ -769,7 +704,7 @@ async def test_closing_a_remote_forward_under_a_connection_storm(
             stop.set()
         assert remote.status is pytunnel.ForwardStatus.STOPPED
         assert tunnel.connected, tunnel.failure
-    await _poll(lambda: server.active_streams == 0, 10, "the server still holds streams")
+    await wait_until(lambda: server.active_streams == 0, 10, "the server still holds streams")
     local = await tunnel.forward_local("127.0.0.1", echo_port)
     assert await _echo_once(local.address) == b"ping"
     await tunnel.aclose()
@@ -854,3 +789,49 @@ async def test_reconnection_waits_as_long_as_a_rate_limit_says(nursery: trio.Nur
     # refused once, told when to come back, then served: not refused every 50 ms for 2 s
     assert 1 <= failures <= 2, failures
     assert tunnel.connected
+
+
+async def test_reattach_failure_before_bound_does_not_kill_the_tunnel() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    second_done = trio.Event()
+
+    async def fake_server() -> None:
+        # connection 1: register the forward properly, then drop the link
+        stream = await listeners[0].accept()
+        async with open_server_session(stream, TOKEN) as session:
+            incoming = await session.accept_stream()
+            control = incoming.accept()
+            await control.send_all(encode_message(Bound("127.0.0.1", 45678)))
+            await trio.sleep(0.2)
+        # connection 2 (the reconnect): accept the re-registration, then reset it before Bound
+        stream = await listeners[0].accept()
+        async with open_server_session(stream, TOKEN) as session:
+            incoming = await session.accept_stream()
+            incoming.accept().reset(ErrorCode.FORWARD_FAILED, "cannot restore")
+            second_done.set()
+            await trio.sleep(1)
+
+    error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fake_server)
+            tunnel = await pytunnel.connect_tunnel(
+                nursery,
+                ("127.0.0.1", port),
+                token=TOKEN,
+                probe_interval=0,
+                backoff_initial=0.01,
+                backoff_max=0.01,
+            )
+            forward = await tunnel.forward_remote("127.0.0.1", 9, remote_port=45678)
+            with trio.fail_after(5):
+                await second_done.wait()
+                await forward.wait_status(ForwardStatus.ERROR)
+            assert not tunnel.closed
+            await tunnel.aclose()
+    except BaseException as exc:
+        error = exc
+    finally:
+        await listeners[0].aclose()
+    assert error is None, repr(error)

@@ -12,8 +12,9 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
-from conftest import count_tasks, open_pair, session_pair, tcp_stream_pair
+from helpers import count_tasks, open_pair, session_pair, tcp_stream_pair
 
+import pytunnel
 from pytunnel import (
     ErrorCode,
     LocalProtocolError,
@@ -28,7 +29,7 @@ from pytunnel import (
 )
 from pytunnel._relay import relay
 from pytunnel.protocol.frames import FrameDecoder, encode_message
-from pytunnel.protocol.messages import Data, Datagram, GoAway, Open, Ping, Pong
+from pytunnel.protocol.messages import Data, Datagram, GoAway, Open, Ping, Pong, Reset
 from pytunnel.session import Role, Session, open_session
 
 
@@ -796,3 +797,132 @@ async def test_a_pong_overtakes_queued_bulk_data() -> None:
             assert data_before_pong <= high
             stream.reset()
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_data_and_fin_received_before_session_end_are_readable(transport: str) -> None:
+    async with session_pair(transport) as (client, server):
+        mine, theirs = await open_pair(client, server, host="t", port=1)
+        await theirs.send_all(b"the whole response")
+        await theirs.send_eof()
+        await server.aclose()  # GoAway, then the transport closes
+        with trio.fail_after(5):
+            await client.wait_closed()
+        received = b""
+        while chunk := await mine.receive_some():
+            received += chunk
+        assert received == b"the whole response"
+
+
+async def test_reset_of_an_opening_stream_wakes_the_opener() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    async with open_session(a, Role.CLIENT) as client:
+        async with trio.open_nursery() as nursery:
+            result: list[BaseException] = []
+
+            async def opener() -> None:
+                try:
+                    await client.open_stream("t", 1)
+                except BaseException as exc:
+                    result.append(exc)
+                    if isinstance(exc, trio.Cancelled):
+                        raise
+
+            nursery.start_soon(opener)
+            # a peer (another implementation) answers the Open with Reset, as yamux allows
+            decoder = FrameDecoder(2**20)
+            while True:
+                decoder.receive_data(await b.receive_some())
+                message = decoder.next_message()
+                if message is not None:
+                    break
+            assert isinstance(message, Open)
+            await b.send_all(encode_message(Reset(message.stream, ErrorCode.CANCELLED, "no")))
+            with trio.move_on_after(2):
+                while not result:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert result
+        assert isinstance(result[0], pytunnel.TunnelError), result
+
+
+async def test_sender_parked_on_write_buffer_sees_closed_when_we_close() -> None:
+    a, b = await tcp_stream_pair()  # b is never read: the writer blocks, the buffer fills
+    config = pytunnel.SessionConfig(write_buffer_high=0, close_timeout=0.1)
+    async with (
+        open_session(a, Role.CLIENT, config) as client,
+        open_session(b, Role.SERVER, config) as server,
+    ):
+        mine, _ = await open_pair(client, server, host="t", port=1)
+        # stop the server session from reading so the client's writer blocks
+        server._cancel_scope.cancel()
+        errors: list[BaseException] = []
+
+        async def sender() -> None:
+            try:
+                while True:
+                    await mine.send_all(b"x" * 65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender)
+            await trio.sleep(0.5)
+            await client.aclose()
+        assert errors
+        assert isinstance(errors[0], trio.ClosedResourceError), errors
+
+
+class _InFlight(trio.abc.HalfCloseableStream):
+    """Delegates to a socket stream and records how many bytes one send_all holds."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+        self.in_flight = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.in_flight = len(data)
+        try:
+            await self.inner.send_all(data)
+        finally:
+            self.in_flight = 0
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_write_buffer_is_bounded_by_the_high_water_mark() -> None:
+    raw, b = await tcp_stream_pair()
+    a = _InFlight(raw)
+    config = pytunnel.SessionConfig(write_buffer_high=256 * 1024)
+    async with (
+        open_session(a, Role.CLIENT, config) as client,
+        open_session(b, Role.SERVER, config) as server,
+    ):
+        streams: list[trio.abc.HalfCloseableStream] = []
+        for _ in range(64):
+            async with trio.open_nursery() as nursery:
+
+                async def accept() -> None:
+                    (await server.accept_stream()).accept()
+
+                nursery.start_soon(accept)
+                streams.append(await client.open_stream("t", 1))
+        server._cancel_scope.cancel()  # the peer stops reading: the link is congested
+        async with trio.open_nursery() as nursery:
+            for s in streams:
+                nursery.start_soon(s.send_all, b"x" * 256 * 1024)
+            await trio.sleep(0.5)
+            queued = client._mux.bytes_to_send + a.in_flight
+            nursery.cancel_scope.cancel()
+        # allow the mark plus one frame's worth of slack; today it is ~60 x the mark
+        assert queued <= 2 * config.write_buffer_high, f"{queued / 2**20:.1f} MiB queued"

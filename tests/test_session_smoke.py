@@ -1,4 +1,4 @@
-from conftest import open_pair, session_pair
+from helpers import open_pair, session_pair
 
 
 async def test_roundtrip(transport: str) -> None:

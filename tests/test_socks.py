@@ -10,12 +10,12 @@ import queue
 import shutil
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import trio
-from conftest import TOKEN, Blackhole, closed_port
+from helpers import TOKEN, Blackhole, closed_port, wait_until
 from python_socks import ProxyError, ProxyType
 from python_socks.async_.trio import Proxy
 
@@ -41,13 +41,6 @@ async def _through(proxy_port: int, host: str, port: int, payload: bytes, **kw: 
             parts.append(chunk)
     await stream.aclose()
     return b"".join(parts)
-
-
-async def _eventually(predicate: Callable[[], bool], timeout: float = 10) -> None:
-    """Poll ``predicate`` until it holds; fail after a generous ``timeout``."""
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
 
 
 #: A name that only the server's resolver knows (``.test`` is reserved: no DNS has it).
@@ -146,7 +139,7 @@ async def test_socks5_domain_resolved_at_server_byte_exact(
             assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
             got = await _through(forward.listen_port, "127.0.0.1", echo_port, b"ipv4 literal")
             assert got == b"ipv4 literal"
-            await _eventually(lambda: forward.stats.active_connections == 0)
+            await wait_until(lambda: forward.stats.active_connections == 0)
             assert forward.stats.total_connections == 2
             assert forward.status is pytunnel.ForwardStatus.ACTIVE
             await tunnel.aclose()

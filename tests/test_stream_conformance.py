@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
-from conftest import open_pair, session_pair
+from helpers import open_pair, session_pair
 from trio.testing import check_half_closeable_stream
 
 from pytunnel import SessionConfig

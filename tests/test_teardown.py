@@ -9,13 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
 import trio.testing
-from conftest import TOKEN, count_tasks, port_is_free
+from helpers import TOKEN, Crash, count_tasks, port_is_free, wait_until
 
 import pytunnel
 
@@ -105,7 +105,7 @@ class Load:
         """Wait until every connection completed one more round trip after all of them were
         open: the teardown then cuts relays that are all carrying bytes at that moment."""
         before = list(self.roundtrips)
-        await _until(
+        await wait_until(
             lambda: all(now > then for now, then in zip(self.roundtrips, before, strict=True)),
             HANG,
             lambda: "some connections stopped carrying data before the teardown",
@@ -115,13 +115,6 @@ class Load:
 #: A hang detector, not a timing claim: 500 relays are torn down in 0.1-1.5 s on a quiet
 #: 2-core machine (the slowest case waits for the server's GoAway flush to reach the client).
 HANG = 30.0
-
-
-async def _until(predicate: Callable[[], bool], seconds: float, what: Callable[[], str]) -> None:
-    with trio.move_on_after(seconds):
-        while not predicate():
-            await trio.sleep(0.01)
-    assert predicate(), what()
 
 
 class Loads:
@@ -160,7 +153,7 @@ async def _loaded_tunnel(
                 await loads.remote.all_moving()
                 await loads.local.all_moving()
                 yield tunnel, loads, remote.listen_port
-            await _until(
+            await wait_until(
                 lambda: loads.ended == 2 * PER_FORWARD, HANG, lambda: f"only {loads.ended} closed"
             )
         finally:
@@ -168,13 +161,13 @@ async def _loaded_tunnel(
 
 
 async def _check_after(loads: Loads, echo: EchoService, port: int, baseline: int) -> None:
-    await _until(
+    await wait_until(
         lambda: loads.ended == 2 * PER_FORWARD, HANG, lambda: f"only {loads.ended} sockets closed"
     )
-    await _until(lambda: echo.live == 0, HANG, lambda: f"{echo.live} target sockets still open")
+    await wait_until(lambda: echo.live == 0, HANG, lambda: f"{echo.live} target sockets still open")
     _assert_all_reset(loads, echo)
     assert port_is_free(port), "the remote forward's port is still bound"
-    await _until(lambda: count_tasks() <= baseline, HANG, lambda: "tasks outlived the teardown")
+    await wait_until(lambda: count_tasks() <= baseline, HANG, lambda: "tasks outlived the teardown")
 
 
 def _assert_all_reset(loads: Loads, echo: EchoService) -> None:
@@ -205,14 +198,18 @@ async def test_closing_the_server(nursery: trio.Nursery) -> None:
     baseline = count_tasks()
     async with _loaded_tunnel(server.address, echo) as (tunnel, loads, port):
         await server.aclose()
-        await _until(
+        await wait_until(
             lambda: loads.ended == 2 * PER_FORWARD, HANG, lambda: f"only {loads.ended} closed"
         )
-        await _until(lambda: echo.live == 0, HANG, lambda: f"{echo.live} target sockets still open")
+        await wait_until(
+            lambda: echo.live == 0, HANG, lambda: f"{echo.live} target sockets still open"
+        )
         _assert_all_reset(loads, echo)
         assert port_is_free(port)
         await tunnel.wait_closed()
-    await _until(lambda: count_tasks() <= baseline - 2, HANG, lambda: "tasks outlived the teardown")
+    await wait_until(
+        lambda: count_tasks() <= baseline - 2, HANG, lambda: "tasks outlived the teardown"
+    )
 
 
 async def test_cancelling_the_server_from_outside(nursery: trio.Nursery) -> None:
@@ -229,14 +226,16 @@ async def test_cancelling_the_server_from_outside(nursery: trio.Nursery) -> None
     server: pytunnel.TunnelServer = await nursery.start(run_server)
     async with _loaded_tunnel(server.address, echo) as (tunnel, loads, port):
         server_scope.cancel()
-        await _until(
+        await wait_until(
             lambda: loads.ended == 2 * PER_FORWARD, HANG, lambda: f"only {loads.ended} closed"
         )
-        await _until(lambda: echo.live == 0, HANG, lambda: f"{echo.live} target sockets still open")
+        await wait_until(
+            lambda: echo.live == 0, HANG, lambda: f"{echo.live} target sockets still open"
+        )
         _assert_all_reset(loads, echo)
         assert port_is_free(port)
         await tunnel.wait_closed()
-    await _until(lambda: count_tasks() <= baseline, HANG, lambda: "tasks outlived the teardown")
+    await wait_until(lambda: count_tasks() <= baseline, HANG, lambda: "tasks outlived the teardown")
 
 
 async def test_client_process_killed(nursery: trio.Nursery) -> None:
@@ -283,22 +282,66 @@ async def test_client_process_killed(nursery: trio.Nursery) -> None:
             await loads.remote.all_moving()
             await loads.local.all_moving()
             os.kill(proc.pid, signal.SIGKILL)
-            await _until(
+            await wait_until(
                 lambda: loads.ended == 2 * PER_FORWARD, HANG, lambda: f"only {loads.ended} closed"
             )
-            await _until(
+            await wait_until(
                 lambda: echo.live == 0, HANG, lambda: f"{echo.live} target sockets still open"
             )
-            await _until(lambda: server.session_count == 0, HANG, lambda: "server kept the session")
+            await wait_until(
+                lambda: server.session_count == 0, HANG, lambda: "server kept the session"
+            )
             # the server's relays (the public port's connections, the local forward's targets)
             # are reset; the killed process's own sockets are closed by its kernel, FIN or RST
             assert (loads.remote.resets, loads.remote.eofs) == (PER_FORWARD, 0)
             assert echo.resets >= PER_FORWARD
             assert port_is_free(remote_port)
-        await _until(
+        await wait_until(
             lambda: count_tasks() <= baseline, HANG, lambda: "server tasks outlived the client"
         )
     finally:
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+
+
+async def _sees_eof_or_reset(conn: trio.SocketStream, within: float) -> bool:
+    with trio.move_on_after(within):
+        try:
+            while await conn.receive_some():
+                pass
+        except trio.BrokenResourceError:
+            pass
+        return True
+    return False
+
+
+async def test_local_connection_waiting_for_dial_is_closed_with_the_tunnel(
+    tunnel_server: pytunnel.TunnelServer, blackhole: object
+) -> None:
+    async with pytunnel.open_tunnel(tunnel_server.address, token=TOKEN) as tunnel:
+        forward = await tunnel.forward_local("127.0.0.1", blackhole.port)  # type: ignore[attr-defined]
+        conn = await trio.open_tcp_stream(*forward.address)
+        await trio.sleep(0.3)  # the server is now dialling the black hole (5 s)
+    try:
+        assert await _sees_eof_or_reset(conn, 1.0)
+    finally:
+        await conn.aclose()
+
+
+async def test_public_connection_waiting_for_client_dial_is_closed_on_server_shutdown(
+    nursery: trio.Nursery, blackhole: object
+) -> None:
+    crash = Crash()
+    server: pytunnel.TunnelServer = await nursery.start(crash.serve)
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, reconnect=False, probe_interval=0
+    )
+    forward = await tunnel.forward_remote("127.0.0.1", blackhole.port)  # type: ignore[attr-defined]
+    conn = await trio.open_tcp_stream(*forward.address)
+    await trio.sleep(0.3)  # the client is now dialling the black hole (5 s)
+    await server.aclose()
+    try:
+        assert await _sees_eof_or_reset(conn, 1.0)
+    finally:
+        await conn.aclose()

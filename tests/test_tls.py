@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import trio
 import trustme
-from conftest import TOKEN
+from helpers import TOKEN
 
 import pytunnel
 from pytunnel.protocol.frames import encode_message

@@ -10,10 +10,11 @@ from collections.abc import Callable, Collection
 import pytest
 import trio
 import trio.lowlevel
-from conftest import TOKEN
+from helpers import TOKEN
 
 import pytunnel
 import pytunnel._udp
+from pytunnel.testing import open_tunnel_pair
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -453,3 +454,16 @@ async def test_udp_port_in_use_and_policy(nursery: trio.Nursery) -> None:
             "127.0.0.1", 53, local_port=taken.getsockname()[1], protocol="udp"
         )
     taken.close()
+
+
+async def test_udp_refused_association_counted_once() -> None:
+    async with open_tunnel_pair(server_options={"permit_open": ["127.0.0.1:1"]}) as (_, tunnel):
+        forward = await tunnel.forward_local("127.0.0.1", 9, protocol="udp")
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        with sock:
+            await sock.sendto(b"x", forward.address)
+            with trio.fail_after(5):
+                while not forward.stats.errors:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.2)
+        assert forward.stats.errors == {"REFUSED": 1}

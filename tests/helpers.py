@@ -1,0 +1,217 @@
+"""Plain helpers shared by the test files: constants, loopback socket tricks, session pair
+builders, resource counters and the one polling helper.
+
+Nothing here is a fixture (fixtures live in ``conftest.py``, which imports from here), so a
+test file imports what it uses by name and a reader sees where it comes from.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import trio
+import trio.testing
+
+import pytunnel
+from pytunnel.session import Role, Session, SessionConfig, open_session
+
+SessionPair = tuple[Session, Session]
+
+TOKEN = "test-token-5f1b"
+
+
+async def tcp_stream_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """Two ends of a real loopback TCP connection."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    listener = listeners[0]
+    try:
+        port = listener.socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            client_box: list[trio.SocketStream] = []
+
+            async def dial() -> None:
+                client_box.append(await trio.open_tcp_stream("127.0.0.1", port))
+
+            nursery.start_soon(dial)
+            server = await listener.accept()
+        return client_box[0], server
+    finally:
+        await listener.aclose()
+
+
+@asynccontextmanager
+async def session_pair(
+    transport: str = "memory", config: SessionConfig | None = None, **kw: object
+) -> AsyncIterator[SessionPair]:
+    """A client and a server session connected to each other (no handshake)."""
+    config = config or SessionConfig(**kw)  # type: ignore[arg-type]
+    a: trio.abc.Stream
+    b: trio.abc.Stream
+    if transport == "memory":
+        a, b = trio.testing.memory_stream_pair()
+    else:
+        a, b = await tcp_stream_pair()
+    async with (
+        open_session(a, Role.CLIENT, config, name="client") as client,
+        open_session(b, Role.SERVER, config, name="server") as server,
+    ):
+        yield client, server
+
+
+async def open_pair(
+    client: Session, server: Session, **kw: object
+) -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
+    """Open one stream from ``client`` and accept it on ``server``."""
+    async with trio.open_nursery() as nursery:
+        box: list[trio.abc.HalfCloseableStream] = []
+
+        async def accept() -> None:
+            incoming = await server.accept_stream()
+            box.append(incoming.accept())
+
+        nursery.start_soon(accept)
+        opened = await client.open_stream(**kw)  # type: ignore[arg-type]
+    return opened, box[0]
+
+
+def count_tasks() -> int:
+    """Every live task in this run, walking the task tree from the root."""
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    count = 0
+    stack = [root]
+    while stack:
+        task = stack.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return count
+
+
+def count_fds() -> int:
+    """Open file descriptors of this process."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def wait_until(
+    predicate: Callable[[], bool],
+    seconds: float = 10,
+    what: str | Callable[[], str] = "the condition never held",
+) -> None:
+    """Poll ``predicate`` until it holds, then return; fail with ``what`` after ``seconds``.
+
+    A hang detector, not a timing claim: ``seconds`` is generous, and the state polled is
+    owned by other tasks, the kernel or another process, so there is no event to wait on.
+    ``what`` may be a callable so the message can report the state at the deadline.
+    """
+    with trio.move_on_after(seconds):
+        while not predicate():
+            await trio.sleep(0.01)
+    assert predicate(), what() if callable(what) else what
+
+
+async def read_all(stream: trio.abc.Stream) -> bytes:
+    """Everything ``stream`` sends until EOF or a reset; 5 s is a hang detector."""
+    out = b""
+    with trio.fail_after(5):
+        try:
+            while chunk := await stream.receive_some():
+                out += chunk
+        except trio.BrokenResourceError:
+            pass
+    return out
+
+
+async def echo_handler(stream: trio.SocketStream) -> None:
+    """Echo until EOF, then half-close back (so half-close is visible end to end)."""
+    try:
+        async for chunk in stream:
+            await stream.send_all(chunk)
+        await stream.send_eof()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening (bound then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    """Whether ``port`` on 127.0.0.1 can be bound right now (nothing listens on it)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+class Blackhole:
+    """A loopback port whose listen queue is full, so new connects hang (SYN dropped):
+    the only way to get a real dial timeout without leaving loopback."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.port = int(self.listener.getsockname()[1])
+        self.fillers: list[socket.socket] = []
+        for _ in range(4):  # fill the accept queue; never accepted
+            s = socket.socket()
+            s.setblocking(False)
+            with suppress(BlockingIOError):
+                s.connect(("127.0.0.1", self.port))
+            self.fillers.append(s)
+
+    def close(self) -> None:
+        for s in self.fillers:
+            s.close()
+        self.listener.close()
+
+
+class Crash:
+    """Runs ``serve`` in its own nursery and records whatever it raised (instead of letting it
+    tear down the test), so a test can assert that the server is still alive."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[pytunnel.TunnelServer], **kw: Any
+    ) -> None:
+        try:
+            await pytunnel.serve(0, token=TOKEN, task_status=task_status, **kw)
+        except trio.Cancelled:
+            raise
+        except BaseException as exc:
+            self.error = exc
+
+
+async def echo_once(address: tuple[str, int], payload: bytes) -> bytes:
+    """Send ``payload`` then EOF while reading concurrently (so a payload larger than the
+    socket buffers cannot deadlock against an echo); return everything read."""
+    stream = await trio.open_tcp_stream(*address)
+
+    async def send() -> None:
+        view = memoryview(payload)
+        for i in range(0, len(payload), 1 << 20):
+            await stream.send_all(view[i : i + (1 << 20)])
+        await stream.send_eof()
+
+    try:
+        parts = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            while chunk := await stream.receive_some():
+                parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        await stream.aclose()
