@@ -955,8 +955,13 @@ def test_data_frame_of_exactly_the_limit_is_allowed_and_one_byte_more_is_not() -
         _DATA_HEAD + b"\x80" + _DATA_KEY + b"\xc4\x01x" + _DATA_TAIL,
         # a map header announcing four entries where three follow
         b"\x84" + _DATA_HEAD[1:] + b"\x01" + _DATA_KEY + b"\xc4\x01x" + _DATA_TAIL,
+        # cut right after the "stream" key, or right after the "data" key
+        _DATA_HEAD,
+        _DATA_HEAD + b"\x01" + _DATA_KEY,
+        # another key of the same length where "data" belongs
+        _DATA_HEAD + b"\x01\xa4dato\xc4\x01x" + _DATA_TAIL,
     ],
-    ids=["0x80-is-a-map", "wrong-map-length"],
+    ids=["0x80-is-a-map", "wrong-map-length", "cut-after-stream", "cut-after-data", "other-key"],
 )
 def test_a_body_that_only_looks_like_data_is_left_to_the_generic_decoder(body: bytes) -> None:
     with pytest.raises(RemoteProtocolError):
