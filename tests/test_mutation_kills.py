@@ -74,6 +74,7 @@ from pytunnel.protocol.messages import (
     Ping,
     Welcome,
 )
+from pytunnel.protocol.socks import AddressType, SocksError, SocksServerConnection
 from pytunnel.testing import Faults
 
 # --- server policy: --allow-ports ranges ------------------------------------------------------
@@ -956,8 +957,13 @@ def test_data_frame_of_exactly_the_limit_is_allowed_and_one_byte_more_is_not() -
         _DATA_HEAD + b"\x80" + _DATA_KEY + b"\xc4\x01x" + _DATA_TAIL,
         # a map header announcing four entries where three follow
         b"\x84" + _DATA_HEAD[1:] + b"\x01" + _DATA_KEY + b"\xc4\x01x" + _DATA_TAIL,
+        # cut right after the "stream" key, or right after the "data" key
+        _DATA_HEAD,
+        _DATA_HEAD + b"\x01" + _DATA_KEY,
+        # another key of the same length where "data" belongs
+        _DATA_HEAD + b"\x01\xa4dato\xc4\x01x" + _DATA_TAIL,
     ],
-    ids=["0x80-is-a-map", "wrong-map-length"],
+    ids=["0x80-is-a-map", "wrong-map-length", "cut-after-stream", "cut-after-data", "other-key"],
 )
 def test_a_body_that_only_looks_like_data_is_left_to_the_generic_decoder(body: bytes) -> None:
     with pytest.raises(RemoteProtocolError):
@@ -1006,3 +1012,273 @@ def test_a_map_of_256_or_more_distinct_keys_is_not_taken_for_duplicates() -> Non
     with pytest.raises(RemoteProtocolError) as info:
         decode_body(body)
     assert info.value.code == ErrorCode.INVALID_FIELD  # extra fields, not duplicate keys
+
+
+# --- SOCKS: what the parser tells the log and the client, and its edges ---------------------------
+
+_PASSWORD = ("u", "p")
+_S5_NONE = b"\x05\x01\x00"
+_S5_GENERAL = "05010001000000000000"
+_S4_REJECTED = "005b000000000000"
+
+
+@pytest.mark.parametrize(
+    ("auth", "allow_socks4", "chunks", "reason", "reply"),
+    [
+        (None, True, [b"\x05\x00"], "SOCKS5 greeting offers no methods", "05ff"),
+        (
+            _PASSWORD,
+            True,
+            [b"\x05\x02\x00\x01"],
+            "SOCKS5 client does not offer username/password authentication, which this proxy "
+            "requires (offered 00 01)",
+            "05ff",
+        ),
+        (
+            None,
+            True,
+            [b"\x05\x02\x01\x02"],
+            "SOCKS5 client does not offer 'no authentication', the only method this proxy has "
+            "(offered 01 02)",
+            "05ff",
+        ),
+        # the method list is exactly NMETHODS bytes: the 00 after it is not offered
+        (
+            None,
+            True,
+            [b"\x05\x01\x02\x00"],
+            "SOCKS5 client does not offer 'no authentication', the only method this proxy has "
+            "(offered 02)",
+            "05ff",
+        ),
+        (
+            _PASSWORD,
+            True,
+            [b"\x05\x01\x02", b"\x02\x01u\x01p"],
+            "username/password sub-negotiation has version 0x02, expected 0x01",
+            "05020101",
+        ),
+        (
+            _PASSWORD,
+            True,
+            [b"\x05\x01\x02", b"\x01\x46" + b"a" * 70 + b"\x01p"],
+            f"SOCKS5 authentication failed for user {'a' * 64!r}",
+            "05020101",
+        ),
+        (
+            None,
+            True,
+            [_S5_NONE, b"\x04\x01\x00\x01"],
+            "SOCKS5 request has version 0x04, expected 0x05",
+            "0500" + _S5_GENERAL,
+        ),
+        (
+            None,
+            True,
+            [_S5_NONE, b"\x05\x01\x00\x03\x00"],
+            "SOCKS5 request has an empty domain name",
+            "0500" + _S5_GENERAL,
+        ),
+        (
+            None,
+            True,
+            [_S5_NONE, b"\x05\x01\x00\x07"],
+            "SOCKS5 request has unknown address type 0x07",
+            "050005080001000000000000",
+        ),
+        (
+            None,
+            True,
+            [_S5_NONE, b"\x05\x01\x00\x03\x46" + b"a" * 69 + b" \x00\x50"],
+            f"SOCKS5 request has an invalid domain name {b'a' * 64!r}",
+            "0500" + _S5_GENERAL,
+        ),
+        (
+            None,
+            True,
+            [_S5_NONE, b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x00"],
+            "SOCKS5 CONNECT to port 0",
+            "0500" + _S5_GENERAL,
+        ),
+        (
+            None,
+            True,
+            [b"\x04\x02\x00\x50\x7f\x00\x00\x01\x00"],
+            "SOCKS4 BIND is not supported, only CONNECT",
+            _S4_REJECTED,
+        ),
+        (
+            _PASSWORD,
+            True,
+            [b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00"],
+            "SOCKS4 client refused: this proxy requires username/password authentication, "
+            "which only SOCKS5 can carry",
+            _S4_REJECTED,
+        ),
+        (
+            None,
+            False,
+            [b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00"],
+            "SOCKS4 client refused: this proxy serves SOCKS5 only",
+            _S4_REJECTED,
+        ),
+        (
+            None,
+            True,
+            [b"\x04\x01\x00\x00\x7f\x00\x00\x01\x00"],
+            "SOCKS4 CONNECT to port 0",
+            _S4_REJECTED,
+        ),
+        (
+            None,
+            True,
+            [b"\x04\x01\x00\x50\x00\x00\x00\x01\x00" + b"a" * 69 + b" \x00"],
+            f"SOCKS4a request has an invalid domain name {b'a' * 64!r}",
+            _S4_REJECTED,
+        ),
+        (
+            None,
+            True,
+            [b"\x04\x01\x00\x50\x7f\x00\x00\x01" + b"u" * 256],
+            "SOCKS4 USERID longer than 255 bytes",
+            _S4_REJECTED,
+        ),
+        (
+            None,
+            True,
+            [b"\x04\x01\x00\x50\x00\x00\x00\x01\x00" + b"n" * 256],
+            "SOCKS4 domain name longer than 255 bytes",
+            _S4_REJECTED,
+        ),
+        (
+            _PASSWORD,
+            True,
+            [b"\x05\x01\x02", b"\x01\x01", b""],
+            "client closed the connection during SOCKS negotiation "
+            "(with 2 bytes of an unfinished message)",
+            "05020101",
+        ),
+        (
+            None,
+            True,
+            [_S5_NONE, b"\x05\x01", b""],
+            "client closed the connection during SOCKS negotiation "
+            "(with 2 bytes of an unfinished message)",
+            "0500" + _S5_GENERAL,
+        ),
+        (
+            None,
+            True,
+            [_S5_NONE, b""],
+            "client closed the connection during SOCKS negotiation (early)",
+            "0500" + _S5_GENERAL,
+        ),
+        (
+            None,
+            True,
+            [b"\x05\x03\x00", b""],
+            "client closed the connection during SOCKS negotiation "
+            "(with 3 bytes of an unfinished message)",
+            "05ff",
+        ),
+        (
+            None,
+            True,
+            [b"\x04\x01\x00", b""],
+            "client closed the connection during SOCKS negotiation "
+            "(with 3 bytes of an unfinished message)",
+            _S4_REJECTED,
+        ),
+        (None, True, [b""], "client closed the connection before sending anything", ""),
+        (
+            None,
+            True,
+            [b"GET /index.html HTTP/1.1\r\n"],
+            "not a SOCKS client (looks like HTTP: b'GET /index.html '); this port speaks SOCKS 4/5",
+            "",
+        ),
+        (
+            None,
+            True,
+            [b"M-SEARCH * HTTP/1.1\r\n"],
+            "not a SOCKS client (looks like HTTP: b'M-SEARCH * HTTP/'); this port speaks SOCKS 4/5",
+            "",
+        ),
+        (
+            None,
+            True,
+            [b"get / HTTP/1.1\r\n"],
+            "not a SOCKS client: first byte 0x67, expected 0x04 or 0x05",
+            "",
+        ),
+    ],
+)
+def test_socks_refusals_say_exactly_why_and_answer_the_client(
+    auth: tuple[str, str] | None,
+    allow_socks4: bool,
+    chunks: list[bytes],
+    reason: str,
+    reply: str,
+) -> None:
+    conn = SocksServerConnection(auth, allow_socks4=allow_socks4)
+    for chunk in chunks[:-1]:
+        assert conn.receive_data(chunk) == []
+    with pytest.raises(SocksError) as caught:
+        conn.receive_data(chunks[-1])
+    assert (caught.value.reason, caught.value.reply.hex()) == (reason, reply)
+
+
+def test_socks_calls_out_of_turn_are_named() -> None:
+    conn = SocksServerConnection()
+    assert (conn.request, conn.leftover) == (None, b"")
+    for call, name in ((conn.accept, "accept"), (conn.reject, "reject")):
+        with pytest.raises(LocalProtocolError) as caught:
+            call()
+        assert caught.value.message == f"{name}() needs a pending ConnectRequest (state greeting)"
+    conn.receive_data(_S5_NONE + b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50")
+    with pytest.raises(LocalProtocolError) as caught:
+        conn.receive_data(b"x")
+    assert caught.value.message == "the SOCKS request is complete: relay further bytes directly"
+    conn.reject()
+    with pytest.raises(LocalProtocolError) as caught:
+        conn.receive_data(b"x")
+    assert caught.value.message == "the SOCKS connection already failed or was rejected"
+
+
+def _requested(conn: SocksServerConnection, request: bytes) -> SocksServerConnection:
+    conn.receive_data(_S5_NONE + request)
+    return conn
+
+
+def test_socks_accept_takes_every_port_and_names_of_1_to_255_bytes() -> None:
+    request = b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50"
+    reply = _requested(SocksServerConnection(), request).accept("0.0.0.0", 0xFFFF)
+    assert reply.hex() == "0500" + "05000001" + "00000000" + "ffff"
+    for name in ("a", "n" * 255):
+        reply = _requested(SocksServerConnection(), request).accept(name, 1)
+        assert reply == b"\x05\x00\x05\x00\x00\x03" + bytes([len(name)]) + name.encode() + b"\0\1"
+
+
+def test_socks_domain_refuses_only_spaces_and_control_characters() -> None:
+    def host(name: bytes) -> str:
+        conn = SocksServerConnection()
+        request = b"\x05\x01\x00\x03" + bytes([len(name)]) + name + b"\x00\x50"
+        (event,) = conn.receive_data(_S5_NONE + request)
+        assert event.atyp is AddressType.DOMAIN
+        return event.host
+
+    assert host(b"a!b.example") == "a!b.example"
+    assert host("é.example".encode()) == "é.example"
+    with pytest.raises(SocksError, match="invalid domain name"):
+        host(b"a\x7fb")
+
+
+def test_socks4_userid_that_is_not_utf8_is_decoded_with_replacement() -> None:
+    conn = SocksServerConnection()
+    (event,) = conn.receive_data(b"\x04\x01\x00\x50\x7f\x00\x00\x01\xffu\x00")
+    assert event.username == "\ufffdu"
+
+
+def test_socks_error_built_by_hand_owes_the_client_nothing() -> None:
+    error = SocksError("why")
+    assert (error.reply, error.version) == (b"", None)
