@@ -8,7 +8,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from helpers import TOKEN, count_tasks, echo_once
+from helpers import TOKEN, closed_port, count_tasks, echo_once
 
 import pytunnel
 
@@ -87,6 +87,16 @@ async def test_wrap_server_stream_and_wrap_tunnel_over_memory_streams(
         await tunnel.wait_closed()
     assert server.session_count == 0
     assert isinstance(tunnel.failure, pytunnel.SessionClosedError)
+
+
+async def test_unreachable_server_is_one_connect_error_naming_server_and_cause() -> None:
+    port = closed_port()
+    with trio.fail_after(10), pytest.raises(pytunnel.ConnectError) as info:
+        async with pytunnel.open_tunnel(("127.0.0.1", port), token=TOKEN):
+            pass  # pragma: no cover - the connection is refused
+    assert info.value.message == (
+        f"cannot reach tunnel server 127.0.0.1:{port}: Connection refused"
+    )
 
 
 async def test_a_closed_server_turns_away_a_stream_handed_to_it(nursery: trio.Nursery) -> None:

@@ -82,6 +82,26 @@ async def test_invalid_host_name_dial_carries_its_reason() -> None:
     with trio.fail_after(10), pytest.raises(NodeUnstableError) as info:
         await dial("a" * 64 + ".example", 80)  # a label over 63 bytes: no lookup possible
     assert info.value.failure is DialFailure.INVALID_HOST
+    assert info.value.reason.startswith("invalid host name (")
+
+
+async def test_dial_reason_names_the_cause_without_the_target() -> None:
+    """``reason`` is the cause alone, so a caller can name the target its own way."""
+    port = closed_port()
+    with trio.fail_after(10), pytest.raises(NodeUnstableError) as refused:
+        await dial("127.0.0.1", port)
+    assert refused.value.reason == "Connection refused"
+    assert refused.value.message == f"dial 127.0.0.1:{port} failed: Connection refused"
+    with trio.fail_after(10), pytest.raises(NodeTimeoutError) as slow:
+        await dial("127.0.0.1", port, timeout=0)
+    assert slow.value.reason == "timed out after 0 s"
+    assert slow.value.message == f"dial 127.0.0.1:{port} timed out after 0 s"
+
+
+def test_dial_reason_of_a_peers_refusal_is_its_message() -> None:
+    error = refusal_error(ErrorCode.NODE_TIMEOUT, "dial db:5432 timed out", target="db:5432")
+    assert isinstance(error, NodeTimeoutError)
+    assert error.reason == "dial db:5432 timed out"
 
 
 # ----------------------------------------------------------------------------- the wire

@@ -215,21 +215,29 @@ async def _guarded(
         with trio.fail_after(timeout):
             return await connect()
     except trio.TooSlowError:
-        error = NodeTimeoutError(f"dial {target} timed out after {timeout:g} s", target=target)
+        reason = f"timed out after {timeout:g} s"
+        error = NodeTimeoutError(f"dial {target} {reason}", target=target, reason=reason)
     except (UnicodeError, ValueError) as exc:
         # not a name that can be looked up at all (IDNA: empty or over-long labels)
+        reason = f"invalid host name ({exc})"
         error = NodeUnstableError(
-            f"dial {target} failed: invalid host name ({exc})",
+            f"dial {target} failed: {reason}",
             target=target,
             failure=DialFailure.INVALID_HOST,
+            reason=reason,
         )
     except OSError as exc:
         reason = describe_os_error(exc)
         if _errnos(exc) & _TIMEOUT_ERRNOS:
-            error = NodeTimeoutError(f"dial {target} failed: {reason}", target=target)
+            error = NodeTimeoutError(
+                f"dial {target} failed: {reason}", target=target, reason=reason
+            )
         else:
             error = NodeUnstableError(
-                f"dial {target} failed: {reason}", target=target, failure=failure_of(exc)
+                f"dial {target} failed: {reason}",
+                target=target,
+                failure=failure_of(exc),
+                reason=reason,
             )
     logger.log(level, "[%s] %s", error.category, error.message)
     raise error

@@ -274,9 +274,8 @@ def tcp_connector(host: str, port: int, timeout: float) -> Connector:
         try:
             return await dial(host, port, timeout=timeout, level=logging.DEBUG)
         except DialError as exc:
-            reason = exc.message.partition(": ")[2] or "timed out"
             raise ConnectError(
-                f"cannot reach tunnel server {format_target(host, port)}: {reason}"
+                f"cannot reach tunnel server {format_target(host, port)}: {exc.reason}"
             ) from None
 
     return connect_tcp

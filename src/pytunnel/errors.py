@@ -275,7 +275,10 @@ class DialFailure(enum.IntEnum):
 
 class DialError(StreamRefusedError):
     """Dialling a target failed. ``target`` is ``"host:port"``; ``category`` is the log tag;
-    ``failure`` says why, as a :class:`DialFailure`."""
+    ``failure`` says why, as a :class:`DialFailure`, and ``reason`` in a few words without the
+    target (``"connection refused"``, ``"timed out after 5 s"``), for callers that name the
+    target their own way; it is the whole message when only the message is known (a peer's
+    refusal)."""
 
     default_code = ErrorCode.DIAL_FAILED
     category: ClassVar[str] = "DIAL_FAILED"
@@ -288,10 +291,12 @@ class DialError(StreamRefusedError):
         target: str = "",
         code: int | None = None,
         failure: DialFailure | None = None,
+        reason: str = "",
     ) -> None:
         super().__init__(message, code=code)
         self.target = target
         self.failure = self.default_failure if failure is None else failure
+        self.reason = reason or self.message
 
 
 class NodeTimeoutError(DialError):

@@ -212,6 +212,3 @@ class Forward:
             name=f"{self.kind} {self.listen_port}->{self.target}",
             faults=self.faults,
         )
-
-    def _count_failure(self, exc: BaseException) -> None:
-        self.stats.count_failure(exc)

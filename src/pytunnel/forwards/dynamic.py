@@ -88,7 +88,7 @@ class DynamicForward(LocalForward):
         try:
             stream = await self._link.open(request.host, request.port, routes.CONNECT, slot=slot)
         except (StreamRefusedError, SessionClosedError) as exc:
-            self._count_failure(exc)
+            self.stats.count_failure(exc)
             target = format_target(request.host, request.port)
             log.warning("dynamic forward %s: %s unreachable: %s", self.listen_port, target, exc)
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):

@@ -129,7 +129,7 @@ class LocalForward(Forward):
         )
 
     def _open_failed(self, exc: TunnelError | OSError) -> None:
-        self._count_failure(exc)
+        self.stats.count_failure(exc)
         if isinstance(exc, DialError):
             log.warning(
                 "[%s] local forward %s: the server could not reach the target: %s",

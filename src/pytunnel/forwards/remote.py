@@ -235,7 +235,7 @@ class RemoteForward(Forward):
                 dial, self.target_host, self.target_port, timeout=self.connect_timeout
             ),
             self._relay,
-            self._count_failure,
+            self.stats.count_failure,
         )
 
     async def _probe_loop(self, channel: ControlChannel) -> None:

@@ -62,5 +62,5 @@ class UdpRemoteForward(RemoteForward):
             functools.partial(
                 relay_association, idle_timeout=self._link.config.udp_idle_timeout, stats=self.stats
             ),
-            self._count_failure,
+            self.stats.count_failure,
         )
