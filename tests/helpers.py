@@ -7,6 +7,7 @@ test file imports what it uses by name and a reader sees where it comes from.
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -78,18 +79,29 @@ async def open_pair(
     return opened, box[0]
 
 
-def count_tasks() -> int:
+def live_tasks() -> list[trio.lowlevel.Task]:
     """Every live task in this run, walking the task tree from the root."""
     root = trio.lowlevel.current_root_task()
     assert root is not None
-    count = 0
+    tasks = []
     stack = [root]
     while stack:
         task = stack.pop()
-        count += 1
+        tasks.append(task)
         for nursery in task.child_nurseries:
             stack.extend(nursery.child_tasks)
-    return count
+    return tasks
+
+
+def count_tasks() -> int:
+    """How many tasks are alive in this run."""
+    return len(live_tasks())
+
+
+def describe_tasks() -> str:
+    """The live tasks by name and count, for the message of a leak check that failed."""
+    names = collections.Counter(task.name for task in live_tasks())
+    return ", ".join(f"{name} x{n}" for name, n in names.most_common())
 
 
 def count_fds() -> int:

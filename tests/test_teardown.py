@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
-from helpers import TOKEN, Crash, count_tasks, port_is_free, wait_until
+from helpers import TOKEN, Crash, count_tasks, describe_tasks, port_is_free, wait_until
 
 import pytunnel
 
@@ -167,7 +167,11 @@ async def _check_after(loads: Loads, echo: EchoService, port: int, baseline: int
     await wait_until(lambda: echo.live == 0, HANG, lambda: f"{echo.live} target sockets still open")
     _assert_all_reset(loads, echo)
     assert port_is_free(port), "the remote forward's port is still bound"
-    await wait_until(lambda: count_tasks() <= baseline, HANG, lambda: "tasks outlived the teardown")
+    await wait_until(
+        lambda: count_tasks() <= baseline,
+        HANG,
+        lambda: f"tasks outlived the teardown ({count_tasks()} > {baseline}): {describe_tasks()}",
+    )
 
 
 def _assert_all_reset(loads: Loads, echo: EchoService) -> None:
@@ -235,7 +239,11 @@ async def test_cancelling_the_server_from_outside(nursery: trio.Nursery) -> None
         _assert_all_reset(loads, echo)
         assert port_is_free(port)
         await tunnel.wait_closed()
-    await wait_until(lambda: count_tasks() <= baseline, HANG, lambda: "tasks outlived the teardown")
+    await wait_until(
+        lambda: count_tasks() <= baseline,
+        HANG,
+        lambda: f"tasks outlived the teardown ({count_tasks()} > {baseline}): {describe_tasks()}",
+    )
 
 
 async def test_client_process_killed(nursery: trio.Nursery) -> None:
