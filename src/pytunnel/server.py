@@ -239,8 +239,10 @@ class TunnelServer:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
                     # each control connection is served in this nursery; one that cannot be
-                    # accepted for want of descriptors is retried after a pause
-                    nursery.start_soon(
+                    # accepted for want of descriptors is retried after a pause. Started once
+                    # the accept loops run, so a caller that counts tasks or stops the server
+                    # right away sees it whole.
+                    await nursery.start(
                         functools.partial(
                             trio.serve_listeners,
                             self._handle_socket,
