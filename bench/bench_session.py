@@ -49,7 +49,7 @@ from typing import Any
 
 import trio
 
-from pytunnel import Role, SessionConfig, open_session
+from pytunnel.session import Role, SessionConfig, open_session
 
 KiB = 1024
 MiB = 1024 * KiB
