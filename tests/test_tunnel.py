@@ -14,7 +14,16 @@ from collections.abc import Callable
 import pytest
 import trio
 import trio.testing
-from helpers import TOKEN, Blackhole, closed_port, count_fds, count_tasks, echo_once, wait_until
+from helpers import (
+    TOKEN,
+    Blackhole,
+    closed_port,
+    count_fds,
+    count_tasks,
+    describe_tasks,
+    echo_once,
+    wait_until,
+)
 
 import pytunnel
 from pytunnel._handshake import client_handshake, server_handshake
@@ -202,7 +211,14 @@ async def test_failed_dials_leave_nothing_behind(
                     for _ in range(250):
                         batch.start_soon(attempt, via, target_port)
         assert errors == {pytunnel.NodeUnstableError: 1000, pytunnel.NodeTimeoutError: 1000}
-        await wait_until(lambda: count_tasks() == tasks and count_fds() == fds)
+        await wait_until(
+            lambda: count_tasks() == tasks and count_fds() == fds,
+            30,
+            lambda: (
+                f"tasks {count_tasks()} (baseline {tasks}): {describe_tasks()}; "
+                f"fds {count_fds()} (baseline {fds})"
+            ),
+        )
         assert count_tasks() == tasks
         assert count_fds() == fds
         for via in (tunnel, refused_via):
