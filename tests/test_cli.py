@@ -658,3 +658,44 @@ def test_status_interval_fields(
             block = []
     finally:
         client.kill()
+
+
+def test_proxy_protocol_through_the_cli(
+    server: tuple[Proc, tuple[str, int], str], echo_address: tuple[str, int]
+) -> None:
+    """``--proxy-protocol v1``: the echo target sends back the header the forward wrote
+    before the payload, naming our own socket as the public peer."""
+    _, (host, port), token = server
+    echo = f"{echo_address[0]}:{echo_address[1]}"
+    client = Proc(
+        "connect", f"{host}:{port}", "--token", token, "-R", f"0:{echo}", "--proxy-protocol", "v1"
+    )
+    try:
+        assert client.readline() == f"connected to {host}:{port}"
+        remote = _address(client.readline())
+        with socket.create_connection(remote, timeout=10) as s:
+            ours = s.getsockname()
+            s.sendall(b"payload")
+            s.shutdown(socket.SHUT_WR)
+            out = b""
+            while data := s.recv(65536):
+                out += data
+        assert out == (
+            f"PROXY TCP4 {ours[0]} {remote[0]} {ours[1]} {remote[1]}\r\n".encode() + b"payload"
+        )
+        code, err = client.stop()
+        assert code == 0, err
+    finally:
+        client.kill()
+
+
+def test_proxy_protocol_version_is_checked_by_the_cli() -> None:
+    result = subprocess.run(
+        [*PYTUNNEL, "connect", "127.0.0.1:1", "--token", "x", "--proxy-protocol", "v3"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "'v3' is not one of 'v1', 'v2'" in result.stderr

@@ -43,6 +43,7 @@ from .forwards import (
     UdpRemoteForward,
 )
 from .protocol import routes
+from .protocol.proxy import ProxyVersion
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -238,21 +239,30 @@ class Tunnel:
         remote_host: str = "",
         connect_timeout: float | None = None,
         protocol: str = "tcp",
+        proxy_protocol: ProxyVersion | None = None,
     ) -> RemoteForward:
         """Ask the server to listen on ``remote_port`` (0: any); relay each connection there
         to the target, dialled here. Raises ``AddressInUseError``, ``PermissionDeniedError``,
         ``PortNotAllowedError`` or ``ForwardLimitError`` and leaves nothing bound;
-        ``InvalidTargetError`` for a target (or remote host) no request can carry."""
+        ``InvalidTargetError`` for a target (or remote host) no request can carry.
+
+        ``proxy_protocol`` (``"v1"`` or ``"v2"``, TCP only) starts every connection to the
+        target with a PROXY protocol header naming the public peer's address, for services
+        (nginx ``listen ... proxy_protocol``, HAProxy, Postfix) that then see who connected."""
         check_target(target_host, target_port)
         check_target(remote_host, remote_port, allow_port_zero=True)
-        forward = _REMOTE_KINDS[_protocol(protocol)](
-            self._link,
-            target_host,
-            target_port,
-            remote_host,
-            remote_port,
-            self.config.connect_timeout if connect_timeout is None else connect_timeout,
-        )
+        kind = _protocol(protocol)
+        if proxy_protocol is not None and (kind != "tcp" or proxy_protocol not in ("v1", "v2")):
+            raise ValueError(
+                f"proxy_protocol must be 'v1' or 'v2' on a TCP forward, not {proxy_protocol!r}"
+                + ("" if kind == "tcp" else " (this forward is UDP)")
+            )
+        timeout = self.config.connect_timeout if connect_timeout is None else connect_timeout
+        args = (self._link, target_host, target_port, remote_host, remote_port, timeout)
+        if proxy_protocol is None:
+            forward = _REMOTE_KINDS[kind](*args)
+        else:
+            forward = RemoteForward(*args, proxy_protocol=proxy_protocol)
         await forward.start()
         return forward
 

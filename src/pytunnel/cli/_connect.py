@@ -6,6 +6,8 @@ call and prints one line per forward; reconnection and relaying are the library'
 
 from __future__ import annotations
 
+from typing import Literal
+
 import attrs
 import click
 import trio
@@ -79,6 +81,14 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
     metavar="[BIND:]PORT:HOST:HOSTPORT",
     help="Remote forward: the server listens on PORT (0: any), connections reach HOST:HOSTPORT "
     "from here. Repeatable.",
+)
+@click.option(
+    "--proxy-protocol",
+    type=click.Choice(["v1", "v2"]),
+    default=None,
+    help="Start each connection of the TCP remote forwards with a PROXY protocol header (v1 "
+    "text, v2 binary) naming the public peer, for services that read it (nginx "
+    "'listen ... proxy_protocol', HAProxy).",
 )
 @click.option(
     "-L",
@@ -172,6 +182,7 @@ def connect(
     tls_cert: str | None,
     tls_key: str | None,
     remote: list[pytunnel.ForwardSpec],
+    proxy_protocol: Literal["v1", "v2"] | None,
     local: list[pytunnel.ForwardSpec],
     connect_timeout: float,
     idle_timeout: float,
@@ -225,6 +236,7 @@ def connect(
                     remote_port=spec.bind_port,
                     remote_host=spec.bind_host or "",
                     protocol=spec.protocol,
+                    proxy_protocol=proxy_protocol if spec.protocol == "tcp" else None,
                 )
                 say(f"{fwd.kind} {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
             for spec in local:

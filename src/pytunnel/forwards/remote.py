@@ -9,6 +9,7 @@ into a black hole.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import math
 from typing import TYPE_CHECKING
@@ -22,8 +23,10 @@ from .._events import EventKind, TunnelEvent
 from ..errors import (
     AddressInUseError,
     DialError,
+    DialFailure,
     ErrorCode,
     ForwardError,
+    NodeUnstableError,
     SessionClosedError,
     StreamResetError,
     TunnelError,
@@ -31,6 +34,7 @@ from ..errors import (
 from ..protocol import routes
 from ..protocol.control import ControlRole
 from ..protocol.messages import Bound, ForwardState, truncate_text
+from ..protocol.proxy import ProxyVersion, encode_header, encode_unknown
 from ..session import IncomingStream, wait_stream_end
 from ._base import FINAL, Forward, ForwardKind, ForwardStatus
 
@@ -62,9 +66,14 @@ class RemoteForward(Forward):
         remote_host: str,
         remote_port: int,
         connect_timeout: float,
+        *,
+        proxy_protocol: ProxyVersion | None = None,
     ) -> None:
         super().__init__(link, target_host, target_port)
         self.connect_timeout = connect_timeout
+        #: ``"v1"`` or ``"v2"``: each connection to the target starts with a PROXY protocol
+        #: header naming the public peer, so the service sees who really connected.
+        self.proxy_protocol = proxy_protocol
         self._remote_host = remote_host
         self._remote_port = remote_port
         #: Where incoming streams go while registered; ``None`` (or closed): they are refused.
@@ -231,12 +240,36 @@ class RemoteForward(Forward):
         # the server may give up on the public connection, cancelling the dial
         await serve_egress(
             incoming,
-            functools.partial(
-                dial, self.target_host, self.target_port, timeout=self.connect_timeout
-            ),
+            functools.partial(self._connect_target, incoming),
             self._relay,
             self.stats.count_failure,
         )
+
+    async def _connect_target(self, incoming: IncomingStream) -> trio.SocketStream:
+        """Dial the target; with ``proxy_protocol``, announce the public peer to it first."""
+        target = await dial(self.target_host, self.target_port, timeout=self.connect_timeout)
+        if self.proxy_protocol is None:
+            return target
+        try:
+            # the public peer is what the server saw (the stream's Open names it); the
+            # destination is the public listener
+            header = encode_header(
+                self.proxy_protocol, (incoming.host, incoming.port), _ip_or_any(self.address)
+            )
+        except ValueError:
+            header = encode_unknown(self.proxy_protocol)
+        try:
+            await target.send_all(header)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            await trio.aclose_forcefully(target)
+            reason = f"reset before the PROXY header was sent ({exc})"
+            raise NodeUnstableError(
+                f"dial {self.target} failed: {reason}",
+                target=self.target,
+                failure=DialFailure.RESET,
+                reason=reason,
+            ) from None
+        return target
 
     async def _probe_loop(self, channel: ControlChannel) -> None:
         """TCP-connect the target every ``probe_interval``; after ``probe_failures`` failures
@@ -278,6 +311,16 @@ class RemoteForward(Forward):
                 if not await _tell(channel, ForwardState(True, "target reachable")):
                     return
                 self._set_status(ForwardStatus.ACTIVE, "target reachable again")
+
+
+def _ip_or_any(address: tuple[str, int]) -> tuple[str, int]:
+    """``address`` if its host is an IP literal, else the unspecified address (which PROXY
+    protocol readers take as "not known") with the same port."""
+    try:
+        ipaddress.ip_address(address[0].strip("[]"))
+    except ValueError:
+        return "0.0.0.0", address[1]
+    return address[0].strip("[]"), address[1]
 
 
 async def _tell(channel: ControlChannel, message: ForwardState) -> bool:

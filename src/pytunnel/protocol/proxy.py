@@ -35,6 +35,7 @@ __all__ = [
     "ProxyHeaderReader",
     "ProxyVersion",
     "encode_header",
+    "encode_unknown",
 ]
 
 ProxyVersion = Literal["v1", "v2"]
@@ -114,6 +115,16 @@ def encode_header(version: ProxyVersion, source: Address, destination: Address) 
         family_byte = _TCP4 if src.version == 4 else _TCP6
         body = src.packed + dst.packed + struct.pack("!HH", sport, dport)
         return V2_SIGNATURE + struct.pack("!BBH", 0x20 | _CMD_PROXY, family_byte, len(body)) + body
+    raise ValueError(f"PROXY protocol version must be 'v1' or 'v2', not {version!r}")
+
+
+def encode_unknown(version: ProxyVersion) -> bytes:
+    """The header that says the addresses are not known (``PROXY UNKNOWN``; in version 2 a
+    proxied connection of unspecified family): the reader uses the socket's own addresses."""
+    if version == "v1":
+        return b"PROXY UNKNOWN\r\n"
+    if version == "v2":
+        return V2_SIGNATURE + struct.pack("!BBH", 0x20 | _CMD_PROXY, _UNSPEC, 0)
     raise ValueError(f"PROXY protocol version must be 'v1' or 'v2', not {version!r}")
 
 
