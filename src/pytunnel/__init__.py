@@ -62,6 +62,7 @@ from ._dial import format_target as format_target
 from ._spec import ForwardSpec as ForwardSpec
 from ._spec import parse_forward_spec as parse_forward_spec
 from ._spec import parse_host_port as parse_host_port
+from ._ratelimit import parse_rate as parse_rate
 
 # errors: one hierarchy under TunnelError, each with a stable numeric code
 from .errors import AddressInUseError as AddressInUseError

@@ -75,6 +75,16 @@ _LOCAL_KINDS: dict[str, type[LocalForward]] = {"tcp": LocalForward, "udp": UdpLo
 _REMOTE_KINDS: dict[str, type[RemoteForward]] = {"tcp": RemoteForward, "udp": UdpRemoteForward}
 
 
+def _check_limit(limit: float | None, kind: str) -> None:
+    """A bandwidth limit is bytes per second of a TCP forward (datagrams are not paced)."""
+    if limit is None:
+        return
+    if kind != "tcp":
+        raise ValueError("a bandwidth limit applies to TCP forwards only (this forward is UDP)")
+    if not (limit > 0 and math.isfinite(limit)):
+        raise ValueError(f"a limit must be a positive number of bytes per second, not {limit!r}")
+
+
 def _protocol(protocol: str) -> str:
     if protocol not in ("tcp", "udp"):
         raise ValueError(f"protocol must be 'tcp' or 'udp', not {protocol!r}")
@@ -207,12 +217,19 @@ class Tunnel:
         local_port: int = 0,
         local_host: str = "127.0.0.1",
         protocol: str = "tcp",
+        limit: float | None = None,
     ) -> LocalForward:
         """Listen on ``local_host:local_port`` here; relay each connection to the target,
         dialled by the server. Raises ``AddressInUseError`` / ``PermissionDeniedError``, or
-        ``InvalidTargetError`` for a target no connection could ever reach."""
+        ``InvalidTargetError`` for a target no connection could ever reach.
+
+        ``limit``: bytes per second in each direction, all connections together (TCP only;
+        :meth:`Forward.set_limit` changes it later)."""
         check_target(target_host, target_port)
-        forward = _LOCAL_KINDS[_protocol(protocol)](self._link, target_host, target_port)
+        kind = _protocol(protocol)
+        _check_limit(limit, kind)
+        forward = _LOCAL_KINDS[kind](self._link, target_host, target_port)
+        forward.set_limit(limit)
         await forward.start(local_host, local_port)
         return forward
 
@@ -223,10 +240,14 @@ class Tunnel:
         local_host: str = "127.0.0.1",
         auth: tuple[str, str] | None = None,
         negotiation_timeout: float = 10.0,
+        limit: float | None = None,
     ) -> DynamicForward:
         """A SOCKS proxy on ``local_host:local_port`` whose connections exit at the server
-        (``ssh -D``). ``auth``: require RFC 1929 username/password (SOCKS5 only then)."""
+        (``ssh -D``). ``auth``: require RFC 1929 username/password (SOCKS5 only then).
+        ``limit``: as for :meth:`forward_local`."""
+        _check_limit(limit, "tcp")
         forward = DynamicForward(self._link, auth, negotiation_timeout)
+        forward.set_limit(limit)
         await forward.start(local_host, local_port)
         return forward
 
@@ -240,6 +261,7 @@ class Tunnel:
         connect_timeout: float | None = None,
         protocol: str = "tcp",
         proxy_protocol: ProxyVersion | None = None,
+        limit: float | None = None,
     ) -> RemoteForward:
         """Ask the server to listen on ``remote_port`` (0: any); relay each connection there
         to the target, dialled here. Raises ``AddressInUseError``, ``PermissionDeniedError``,
@@ -248,10 +270,12 @@ class Tunnel:
 
         ``proxy_protocol`` (``"v1"`` or ``"v2"``, TCP only) starts every connection to the
         target with a PROXY protocol header naming the public peer's address, for services
-        (nginx ``listen ... proxy_protocol``, HAProxy, Postfix) that then see who connected."""
+        (nginx ``listen ... proxy_protocol``, HAProxy, Postfix) that then see who connected.
+        ``limit``: as for :meth:`forward_local`."""
         check_target(target_host, target_port)
         check_target(remote_host, remote_port, allow_port_zero=True)
         kind = _protocol(protocol)
+        _check_limit(limit, kind)
         if proxy_protocol is not None and (kind != "tcp" or proxy_protocol not in ("v1", "v2")):
             raise ValueError(
                 f"proxy_protocol must be 'v1' or 'v2' on a TCP forward, not {proxy_protocol!r}"
@@ -263,6 +287,7 @@ class Tunnel:
             forward = _REMOTE_KINDS[kind](*args)
         else:
             forward = RemoteForward(*args, proxy_protocol=proxy_protocol)
+        forward.set_limit(limit)
         await forward.start()
         return forward
 

@@ -83,6 +83,13 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
     "from here. Repeatable.",
 )
 @click.option(
+    "--limit",
+    metavar="RATE",
+    callback=parsed(lambda value: None if value is None else pytunnel.parse_rate(value)),
+    help="Bandwidth limit of each TCP forward, per direction, all its connections together "
+    "(10MB/s, 500KiB/s, 100Mbit/s).",
+)
+@click.option(
     "--proxy-protocol",
     type=click.Choice(["v1", "v2"]),
     default=None,
@@ -182,6 +189,7 @@ def connect(
     tls_cert: str | None,
     tls_key: str | None,
     remote: list[pytunnel.ForwardSpec],
+    limit: float | None,
     proxy_protocol: Literal["v1", "v2"] | None,
     local: list[pytunnel.ForwardSpec],
     connect_timeout: float,
@@ -237,6 +245,7 @@ def connect(
                     remote_host=spec.bind_host or "",
                     protocol=spec.protocol,
                     proxy_protocol=proxy_protocol if spec.protocol == "tcp" else None,
+                    limit=limit if spec.protocol == "tcp" else None,
                 )
                 say(f"{fwd.kind} {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
             for spec in local:
@@ -246,11 +255,12 @@ def connect(
                     local_port=spec.bind_port,
                     local_host=spec.bind_host or "127.0.0.1",
                     protocol=spec.protocol,
+                    limit=limit if spec.protocol == "tcp" else None,
                 )
                 say(f"{fwd.kind} {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
             for bind_host, bind_port in dynamic:
                 fwd = await tunnel.forward_dynamic(
-                    local_port=bind_port, local_host=bind_host, auth=socks_auth
+                    local_port=bind_port, local_host=bind_host, auth=socks_auth, limit=limit
                 )
                 say(f"dynamic forward {pytunnel.format_target(*fwd.address)} -> SOCKS")
             async with trio.open_nursery() as nursery:

@@ -17,6 +17,7 @@ import trio
 
 from .._dial import format_target
 from .._events import EventKind, TunnelEvent
+from .._ratelimit import LimitedStream, TokenBucket
 from .._relay import RelayStats, relay
 from ..errors import ForwardError
 from ..testing.faults import Faults
@@ -100,6 +101,10 @@ class Forward:
         self.stats = RelayStats()
         #: Fault injection for tests (latency, bandwidth, blackhole, resets...), per direction.
         self.faults = Faults()
+        #: Bandwidth limit in bytes per second, each direction, shared by all connections
+        #: (``None``: unlimited); see :meth:`set_limit`.
+        self.limit: float | None = None
+        self._buckets: tuple[TokenBucket, TokenBucket] | None = None
         self._cancel_scope = trio.CancelScope()
         self._done = trio.Event()
         self._changed = trio.lowlevel.ParkingLot()
@@ -200,15 +205,35 @@ class Forward:
             self._fail(failure, f"tunnel ended: {failure}")
         self._set_status(ForwardStatus.STOPPED, "tunnel closed")
 
+    def set_limit(self, rate: float | None) -> None:
+        """Limit the forward to ``rate`` bytes per second in each direction, all of its
+        connections together (``None``: no limit). A new rate applies at once to every
+        connection already limited; the first limit, to the connections opened after it."""
+        if rate is None:
+            self.limit = self._buckets = None
+            return
+        if self._buckets is None:
+            self._buckets = (TokenBucket(rate), TokenBucket(rate))
+        else:
+            for bucket in self._buckets:
+                bucket.rate = rate
+        self.limit = float(rate)
+
     async def _relay(
         self, accepted: trio.abc.HalfCloseableStream, toward_target: trio.abc.HalfCloseableStream
     ) -> None:
-        """Relay one connection of this forward, counted in its stats."""
+        """Relay one connection of this forward, counted in its stats, through its faults
+        and within its limit."""
+        name = f"{self.kind} {self.listen_port}->{self.target}"
+        accepted, toward_target = self.faults.wrap(accepted, toward_target, name)
+        if self._buckets is not None:
+            out_bucket, in_bucket = self._buckets
+            accepted = LimitedStream(accepted, in_bucket)
+            toward_target = LimitedStream(toward_target, out_bucket)
         await relay(
             accepted,
             toward_target,
             idle_timeout=self._link.config.idle_timeout,
             stats=self.stats,
-            name=f"{self.kind} {self.listen_port}->{self.target}",
-            faults=self.faults,
+            name=name,
         )
