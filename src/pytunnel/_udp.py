@@ -20,7 +20,7 @@ import attrs
 import trio
 
 from ._dial import format_target
-from ._listen import udp_socket_for
+from ._listen import receive_batch, udp_socket_for
 from ._relay import RelayStats
 from ._util import aclose_all
 from .errors import NodeUnstableError
@@ -151,61 +151,60 @@ async def serve_associations(
     table = _Table(idle_timeout, max_associations, refusal_memory)
     async with trio.open_nursery() as nursery:
         while True:
-            try:
-                data, raw_address = await sock.recvfrom(_RECV_SIZE)
-            except ConnectionError:  # ICMP errors are reported here on some systems
-                continue
-            address: Address = (str(raw_address[0]), int(raw_address[1]))
-            association = table.associations.get(address)
-            if association is None:
-                if table.is_refused(address):
-                    stats.datagrams_dropped += 1
-                    continue
-                admitted = admit()
-                if not admitted and table.associations:
-                    # the budget is spent: this forward's least recently used association
-                    # makes way (its slot given back now, not when its task gets to run), so
-                    # sources that went quiet (or were spoofed) cannot lock live ones out
-                    evicted = table.evict_oldest()
-                    evicted.release(release)
-                    log.debug(
-                        "%s: association for %s evicted (stream budget spent)",
-                        name,
-                        format_target(*evicted.address),
-                    )
+            # every datagram already waiting in one pass through the scheduler (ICMP errors
+            # reported on the socket are skipped there)
+            for data, raw_address in await receive_batch(sock, _RECV_SIZE):
+                address: Address = (str(raw_address[0]), int(raw_address[1]))
+                association = table.associations.get(address)
+                if association is None:
+                    if table.is_refused(address):
+                        stats.datagrams_dropped += 1
+                        continue
                     admitted = admit()
-                if not admitted:
-                    stats.count_error("REFUSED")
-                    stats.datagrams_dropped += 1
-                    table.refuse(address)
-                    continue
-                if len(table.associations) >= max_associations:
-                    evicted = table.evict_oldest()
-                    log.debug(
-                        "%s: association for %s evicted (table full)",
+                    if not admitted and table.associations:
+                        # the budget is spent: this forward's least recently used association
+                        # makes way (its slot given back now, not when its task gets to run), so
+                        # sources that went quiet (or were spoofed) cannot lock live ones out
+                        evicted = table.evict_oldest()
+                        evicted.release(release)
+                        log.debug(
+                            "%s: association for %s evicted (stream budget spent)",
+                            name,
+                            format_target(*evicted.address),
+                        )
+                        admitted = admit()
+                    if not admitted:
+                        stats.count_error("REFUSED")
+                        stats.datagrams_dropped += 1
+                        table.refuse(address)
+                        continue
+                    if len(table.associations) >= max_associations:
+                        evicted = table.evict_oldest()
+                        log.debug(
+                            "%s: association for %s evicted (table full)",
+                            name,
+                            format_target(*evicted.address),
+                        )
+                    association = table.associations[address] = _Association(address)
+                    nursery.start_soon(
+                        _run_association,
+                        sock,
+                        association,
+                        table,
+                        open_association,
+                        release,
+                        stats,
                         name,
-                        format_target(*evicted.address),
                     )
-                association = table.associations[address] = _Association(address)
-                nursery.start_soon(
-                    _run_association,
-                    sock,
-                    association,
-                    table,
-                    open_association,
-                    release,
-                    stats,
-                    name,
-                )
-            stream = association.stream
-            if stream is None:
-                if len(association.pending) < _PENDING_LIMIT:
-                    association.pending.append(data)
-                else:
-                    stats.datagrams_dropped += 1
-            elif _forward(stream, data, stats):
-                stats.bytes_out += len(data)
-                table.touch(association)
+                stream = association.stream
+                if stream is None:
+                    if len(association.pending) < _PENDING_LIMIT:
+                        association.pending.append(data)
+                    else:
+                        stats.datagrams_dropped += 1
+                elif _forward(stream, data, stats):
+                    stats.bytes_out += len(data)
+                    table.touch(association)
 
 
 def _forward(stream: MuxStream, data: bytes, stats: RelayStats) -> bool:
@@ -327,22 +326,23 @@ async def relay_association(
             async def inbound() -> None:
                 while True:
                     try:
-                        data = await sock.recv(_RECV_SIZE)
-                    except OSError:  # ICMP errors surface here on connected UDP sockets
+                        batch = await receive_batch(sock, _RECV_SIZE)
+                    except OSError:  # other ICMP errors surface here on connected sockets
                         continue
-                    if len(data) > MAX_DATAGRAM:  # pragma: no cover - cannot happen over IPv4
-                        continue
-                    try:
-                        sent = stream.send_datagram(data)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        scope.cancel()
-                        return
+                    for data, _ in batch:
+                        if len(data) > MAX_DATAGRAM:  # pragma: no cover - not over IPv4
+                            continue
+                        try:
+                            sent = stream.send_datagram(data)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            scope.cancel()
+                            return
+                        if stats is not None:
+                            if sent:
+                                stats.bytes_in += len(data)
+                            else:
+                                stats.datagrams_dropped += 1
                     scope.deadline = trio.current_time() + idle_timeout
-                    if stats is not None:
-                        if sent:
-                            stats.bytes_in += len(data)
-                        else:
-                            stats.datagrams_dropped += 1
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(outbound)
