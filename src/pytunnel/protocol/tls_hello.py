@@ -27,6 +27,7 @@ __all__ = [
     "ClientHelloError",
     "ClientHelloReader",
     "alert",
+    "valid_host_name",
 ]
 
 _HANDSHAKE = 22
@@ -213,19 +214,27 @@ def _server_name(data: bytes) -> str:
     return found
 
 
+def valid_host_name(name: str) -> bool:
+    """Whether ``name`` is a DNS host name as SNI and ``Host`` carry it: ASCII letters,
+    digits, hyphens (not at either end of a label) and underscores, labels of 1-63
+    characters, 253 at most in all, no trailing dot."""
+    labels = name.split(".")
+    return (
+        name.isascii()
+        and 0 < len(name) <= 253
+        and all(0 < len(label) <= 63 for label in labels)
+        and not any(label.startswith("-") or label.endswith("-") for label in labels)
+        and all(c.isalnum() or c in "-_" for c in name.replace(".", ""))
+    )
+
+
 def _host_name(raw: bytes) -> str:
     """``raw`` as a DNS host name (RFC 6066: ASCII, no trailing dot), lower-cased."""
     try:
         name = raw.decode("ascii")
     except UnicodeDecodeError:
         raise ClientHelloError("ClientHello: server name is not ASCII") from None
-    labels = name.split(".")
-    if (
-        not 0 < len(name) <= 253
-        or any(not 0 < len(label) <= 63 for label in labels)
-        or any(label.startswith("-") or label.endswith("-") for label in labels)
-        or any(not (c.isalnum() or c in "-_") for c in name.replace(".", ""))
-    ):
+    if not valid_host_name(name):
         raise ClientHelloError(f"ClientHello: {name[:80]!r} is not a valid host name")
     return name.lower()
 
