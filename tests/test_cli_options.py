@@ -45,6 +45,8 @@ _CLI_ONLY = {
         "server",
         "token",
         "token_file",
+        "limit",  # per forward: Tunnel.forward_*(limit=)
+        "proxy_protocol",  # per remote forward: Tunnel.forward_remote(proxy_protocol=)
         "dynamic",
         "socks_auth",
         "use_tls",
