@@ -699,3 +699,50 @@ def test_proxy_protocol_version_is_checked_by_the_cli() -> None:
     )
     assert result.returncode == 2
     assert "'v3' is not one of 'v1', 'v2'" in result.stderr
+
+
+def test_a_name_route_through_the_cli(echo_address: tuple[str, int]) -> None:
+    """``serve --http-listen --domain`` and ``connect -R app:80:HOST:PORT``: a connection for
+    ``app.<domain>`` on the shared port reaches the target; another name gets a 404."""
+    shared = _free_port()
+    proc = Proc(
+        "serve", "--listen", "127.0.0.1:0", "--http-listen", f"127.0.0.1:{shared}",
+        "--domain", "tunnel.test",
+    )  # fmt: skip
+    try:
+        host, port = _address(proc.readline())
+        assert proc.readline() == f"routing HTTP by name on 127.0.0.1:{shared}"
+        token = proc.readline().split("--token ")[1].strip()
+        echo = f"{echo_address[0]}:{echo_address[1]}"
+        client = Proc("connect", f"{host}:{port}", "--token", token, "-R", f"app:80:{echo}")
+        try:
+            assert client.readline() == f"connected to {host}:{port}"
+            assert client.readline() == f"name route http://app.tunnel.test:{shared} -> {echo}"
+            head = b"GET / HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n"
+            assert _roundtrip(("127.0.0.1", shared), head) == head
+            stranger = b"GET / HTTP/1.1\r\nHost: x.tunnel.test\r\n\r\n"
+            other = _roundtrip(("127.0.0.1", shared), stranger)
+            assert other.startswith(b"HTTP/1.1 404 ")
+            code, err = client.stop()
+            assert code == 0, err
+        finally:
+            client.kill()
+    finally:
+        proc.kill()
+
+
+def test_a_name_the_server_does_not_route_is_one_line_through_the_cli(
+    server: tuple[Proc, tuple[str, int], str], echo_address: tuple[str, int]
+) -> None:
+    _, (host, port), token = server
+    echo = f"{echo_address[0]}:{echo_address[1]}"
+    out = subprocess.run(
+        [*PYTUNNEL, "connect", f"{host}:{port}", "--token", token, "-R", f"app:443:{echo}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 1
+    assert "[NAME_NOT_ALLOWED] this server has no shared HTTPS listener" in out.stderr
+    assert "Traceback" not in out.stderr

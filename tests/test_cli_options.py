@@ -31,6 +31,8 @@ _RENAMED: dict[str, dict[str, tuple[type[Any], str]]] = {
 _CLI_ONLY = {
     "serve": {
         "listen",  # checked against serve()'s own parameters below
+        "http_listen",  # serve()'s own parameters, both None
+        "https_listen",
         "token",
         "token_file",
         "tls_cert",

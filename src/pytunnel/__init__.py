@@ -34,6 +34,7 @@ from .forwards import Forward as Forward
 from .forwards import ForwardKind as ForwardKind
 from .forwards import ForwardStatus as ForwardStatus
 from .forwards import LocalForward as LocalForward
+from .forwards import NameForward as NameForward
 from .forwards import RemoteForward as RemoteForward
 from .forwards import UdpLocalForward as UdpLocalForward
 from .forwards import UdpRemoteForward as UdpRemoteForward
@@ -76,6 +77,8 @@ from .errors import ForwardLimitError as ForwardLimitError
 from .errors import HandshakeTimeoutError as HandshakeTimeoutError
 from .errors import InvalidTargetError as InvalidTargetError
 from .errors import LocalProtocolError as LocalProtocolError
+from .errors import NameInUseError as NameInUseError
+from .errors import NameNotAllowedError as NameNotAllowedError
 from .errors import NodeTimeoutError as NodeTimeoutError
 from .errors import NodeUnstableError as NodeUnstableError
 from .errors import PermissionDeniedError as PermissionDeniedError

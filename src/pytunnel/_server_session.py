@@ -32,6 +32,8 @@ from .errors import (
     DialError,
     ErrorCode,
     ForwardError,
+    ForwardLimitError,
+    NameNotAllowedError,
     PortNotAllowedError,
     RemoteProtocolError,
     SessionClosedError,
@@ -39,6 +41,7 @@ from .errors import (
     TunnelError,
     printable,
 )
+from .forwards._public_name import _PublicName
 from .forwards._public_port import _PublicPort
 from .protocol import routes
 from .protocol.control import ControlRole
@@ -78,12 +81,16 @@ class _ClientSession:
         self._refused_streams: Episodes[None] = Episodes()
         #: The client's TCP remote forwards, whose listeners close the moment the session ends.
         self.public_ports: set[_PublicPort] = set()
+        #: The client's name routes, given back the moment the session ends.
+        self.public_names: set[_PublicName] = set()
         #: Set once nothing of this client runs any more (listeners closed, relays gone).
         self.ended = trio.Event()
 
     def _stop_listening(self) -> None:
         for forward in list(self.public_ports):
             forward.stop_listening()
+        for name in list(self.public_names):
+            name.stop_listening()
 
     async def run(self) -> None:
         # Called inside the session's end, before its streams (and so the relays) break.
@@ -105,6 +112,10 @@ class _ClientSession:
                             else self._serve_udp_connect
                         )
                         nursery.start_soon(self._counted, handler, incoming)
+                elif incoming.tag == routes.NAME:
+                    route = self._register_name(incoming)
+                    if route is not None:
+                        nursery.start_soon(self._serve_name, incoming, route)
                 elif incoming.tag in (routes.LISTEN, routes.UDP_LISTEN):
                     if self.forwards >= self.config.max_forwards_per_client:
                         log.warning(
@@ -399,16 +410,95 @@ class _ClientSession:
             await aclose_all(*forward.listeners, control)
             log.info("client %s: remote forward on %s closed", self.peer, forward.address)
 
-    async def relay_public(self, conn: trio.SocketStream, forward_id: int) -> None:
+    # ---------------------------------------------------------------- name routes
+
+    def _register_name(self, incoming: IncomingStream) -> _PublicName | None:
+        """Register the name route ``incoming`` asks for, or refuse it (and say why).
+
+        Synchronous, in the session's accept loop, so that two requests of one client are
+        counted against its limit one after the other."""
+        requested = printable(incoming.host[:255])
+        tls = incoming.port == routes.NAME_TLS
+        name_routes = self.server.https_routes if tls else self.server.http_routes
+        limit = self.config.max_names_per_client
+        try:
+            if incoming.port not in (routes.NAME_HTTP, routes.NAME_TLS):
+                raise NameNotAllowedError(
+                    f"a name route is for port {routes.NAME_HTTP} (HTTP) or "
+                    f"{routes.NAME_TLS} (HTTPS), not {incoming.port}",
+                    address=requested,
+                )
+            if name_routes is None:
+                what = "HTTPS" if tls else "HTTP"
+                raise NameNotAllowedError(
+                    f"this server has no shared {what} listener", address=requested
+                )
+            if len(self.public_names) >= limit:
+                raise ForwardLimitError(f"limit of {limit} names reached", address=requested)
+            route = _PublicName(self, incoming.stream_id, name_routes, incoming.host, tls=tls)
+        except ForwardError as exc:
+            log.warning("client %s: name route %s refused: %s", self.peer, requested, exc)
+            incoming.refuse_with(exc)
+            return None
+        self.public_names.add(route)
+        return route
+
+    async def _serve_name(self, incoming: IncomingStream, route: _PublicName) -> None:
+        try:
+            control = incoming.accept()
+        except SessionClosedError:
+            route.stop_listening()
+            self.public_names.discard(route)
+            return
+        if self.session.closed:  # ended while we were registering
+            route.stop_listening()
+        port = route.routes.port
+        outcome: TunnelError | None = SessionClosedError("server shutting down")
+        try:
+            channel = ControlChannel(control, ControlRole.SERVER)
+            await channel.send(Bound(route.name, port))
+            log.info(
+                "client %s: routing %s for %s on port %d",
+                self.peer,
+                "TLS" if route.tls else "HTTP",
+                route.name,
+                port,
+            )
+            async with trio.open_nursery() as nursery:
+                route.relays = nursery
+                try:
+                    await route.follow_control_stream(channel)
+                    outcome = None
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    outcome = None
+                except (RemoteProtocolError, ForwardError) as exc:
+                    log.warning("client %s: name %s failed: %s", self.peer, route.name, exc)
+                    outcome = exc
+                finally:
+                    # no new connection is routed into a route that is going away
+                    route.stop_listening()
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            outcome = None
+        finally:
+            self.public_names.discard(route)
+            route.stop_listening()
+            if outcome is not None:
+                control.reset(outcome.code, outcome.message)
+            await trio.aclose_forcefully(control)
+            log.info("client %s: name route %s closed", self.peer, route.name)
+
+    async def relay_public(
+        self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int], forward_id: int
+    ) -> None:
         """Open a stream of forward ``forward_id`` to the client and relay ``conn`` over it;
         a client that does not answer within ``connect_timeout`` loses the connection."""
         timeout = self.config.connect_timeout
 
         async def open_to_client() -> MuxStream | None:
-            host, port = conn.socket.getpeername()[:2]
             # bounded: a client that never answers must not pin the connection and its slot
             with trio.move_on_after(timeout):
-                return await self.session.open_stream(str(host), int(port), tag=forward_id)
+                return await self.session.open_stream(peer[0], peer[1], tag=forward_id)
             log.warning(
                 "[NODE_TIMEOUT] client %s did not answer a public connection within %g s",
                 self.peer,

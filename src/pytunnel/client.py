@@ -38,6 +38,7 @@ from .forwards import (
     ForwardKind,
     ForwardStatus,
     LocalForward,
+    NameForward,
     RemoteForward,
     UdpLocalForward,
     UdpRemoteForward,
@@ -287,6 +288,47 @@ class Tunnel:
             forward = _REMOTE_KINDS[kind](*args)
         else:
             forward = RemoteForward(*args, proxy_protocol=proxy_protocol)
+        forward.set_limit(limit)
+        await forward.start()
+        return forward
+
+    async def forward_name(
+        self,
+        name: str,
+        target_host: str,
+        target_port: int,
+        *,
+        tls: bool = False,
+        connect_timeout: float | None = None,
+        proxy_protocol: ProxyVersion | None = None,
+        limit: float | None = None,
+    ) -> NameForward:
+        """Route the host name ``name`` on the server's shared HTTP listener (with ``tls``,
+        its shared HTTPS listener) to the target, dialled here.
+
+        ``name`` is a single label (``app``, which the server puts under its ``--domain``) or
+        a full name its ``--allow-domains`` admit. HTTP is routed by the request's ``Host``,
+        TLS by the ClientHello's server name and passed through untouched: the target holds
+        the certificate. ``forward.url`` says where the public reaches it. Raises
+        ``NameInUseError`` (another client holds the name), ``NameNotAllowedError`` or
+        ``ForwardLimitError``; ``proxy_protocol`` and ``limit`` as for
+        :meth:`forward_remote`."""
+        check_target(target_host, target_port)
+        _check_limit(limit, "tcp")
+        if proxy_protocol is not None and proxy_protocol not in ("v1", "v2"):
+            raise ValueError(f"proxy_protocol must be 'v1' or 'v2', not {proxy_protocol!r}")
+        if not name or len(name.encode()) > 253:
+            raise ValueError(f"not a host name: {name[:80]!r}")
+        timeout = self.config.connect_timeout if connect_timeout is None else connect_timeout
+        forward = NameForward(
+            self._link,
+            target_host,
+            target_port,
+            name,
+            timeout,
+            tls=tls,
+            proxy_protocol=proxy_protocol,
+        )
         forward.set_limit(limit)
         await forward.start()
         return forward

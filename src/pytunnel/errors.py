@@ -108,6 +108,11 @@ class ErrorCode(enum.IntEnum):
     PORT_NOT_ALLOWED = 2103
     #: The client already has as many forwards as the server allows.
     FORWARD_LIMIT = 2104
+    #: The host name of a name route is already routed to another client.
+    NAME_IN_USE = 2105
+    #: The server does not route that name: not a host name, not under its domain, not
+    #: admitted by its allowed domains, or no shared HTTP/HTTPS listener for it.
+    NAME_NOT_ALLOWED = 2106
 
 
 class TunnelError(Exception):
@@ -369,12 +374,30 @@ class ForwardLimitError(ForwardError):
     default_code = ErrorCode.FORWARD_LIMIT
 
 
+class NameInUseError(AddressInUseError):
+    """The host name of a name route is already routed to another client.
+
+    An ``AddressInUseError``: a name on a shared port is a public address like a port, and it
+    is handled the same way (a restore that meets it keeps retrying, as the other owner may
+    leave)."""
+
+    default_code = ErrorCode.NAME_IN_USE
+
+
+class NameNotAllowedError(ForwardError, ValueError):
+    """The server does not route that name (see ``ErrorCode.NAME_NOT_ALLOWED``)."""
+
+    default_code = ErrorCode.NAME_NOT_ALLOWED
+
+
 _BY_CODE: dict[int, type[TunnelError]] = {
     ErrorCode.FORWARD_FAILED: ForwardError,
     ErrorCode.ADDRESS_IN_USE: AddressInUseError,
     ErrorCode.PERMISSION_DENIED: PermissionDeniedError,
     ErrorCode.PORT_NOT_ALLOWED: PortNotAllowedError,
     ErrorCode.FORWARD_LIMIT: ForwardLimitError,
+    ErrorCode.NAME_IN_USE: NameInUseError,
+    ErrorCode.NAME_NOT_ALLOWED: NameNotAllowedError,
     ErrorCode.SERVER_BUSY: ServerBusyError,
     ErrorCode.RATE_LIMITED: RateLimitedError,
     ErrorCode.AUTHENTICATION_FAILED: AuthenticationError,

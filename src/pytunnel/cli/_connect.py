@@ -80,7 +80,8 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
     callback=forward_specs,
     metavar="[BIND:]PORT:HOST:HOSTPORT",
     help="Remote forward: the server listens on PORT (0: any), connections reach HOST:HOSTPORT "
-    "from here. Repeatable.",
+    "from here. With a host name as BIND and PORT 80 or 443 (app:80:127.0.0.1:3000), a name "
+    "route on the server's shared HTTP or HTTPS port instead. Repeatable.",
 )
 @click.option(
     "--limit",
@@ -238,6 +239,18 @@ def connect(
         async with pytunnel.open_tunnel(server, config=client_config) as tunnel:
             say(f"connected to {pytunnel.format_target(*server)}")
             for spec in remote:
+                if spec.name_route:
+                    assert spec.bind_host is not None
+                    route = await tunnel.forward_name(
+                        spec.bind_host,
+                        spec.target_host,
+                        spec.target_port,
+                        tls=spec.bind_port == 443,
+                        proxy_protocol=proxy_protocol,
+                        limit=limit,
+                    )
+                    say(f"{route.kind} {route.url} -> {route.target}")
+                    continue
                 fwd: pytunnel.Forward = await tunnel.forward_remote(
                     spec.target_host,
                     spec.target_port,

@@ -26,6 +26,7 @@ from ._options import (
     log_format_option,
     log_level_option,
     max_streams_option,
+    parsed,
     permit_open,
     port_ranges,
     usage_errors,
@@ -59,6 +60,51 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
     "--allow-ports",
     callback=port_ranges,
     help="Ports remote forwards may use, e.g. 8000,9000-9100. Default: any.",
+)
+@click.option(
+    "--http-listen",
+    default=None,
+    callback=parsed(lambda value: None if value is None else pytunnel.parse_host_port(value)),
+    metavar="HOST:PORT",
+    help="A shared HTTP port: each connection goes to the client whose name route holds its "
+    "Host (clients: -R app:80:HOST:PORT). Default: none.",
+)
+@click.option(
+    "--https-listen",
+    default=None,
+    callback=parsed(lambda value: None if value is None else pytunnel.parse_host_port(value)),
+    metavar="HOST:PORT",
+    help="A shared HTTPS port, routed by the TLS server name and passed through untouched: "
+    "the client's service holds the certificate (clients: -R app:443:HOST:PORT).",
+)
+@click.option(
+    "--domain",
+    default=_SERVER.domain.default,
+    help="Name routes for a single label (app) get app.DOMAIN.",
+)
+@click.option(
+    "--allow-domains",
+    multiple=True,
+    help="Full names clients may route besides DOMAIN's subdomains: shop.example.org or "
+    "*.example.org. Comma lists or repeated.",
+)
+@click.option(
+    "--max-names-per-client",
+    type=click.IntRange(min=0),
+    default=_SERVER.max_names_per_client.default,
+    help="Name routes one client may hold.",
+)
+@click.option(
+    "--name-head-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_SERVER.name_head_timeout.default,
+    help="Seconds a connection on a shared port has to send its request head or TLS hello.",
+)
+@click.option(
+    "--max-name-head",
+    type=click.IntRange(min=1024),
+    default=_SERVER.max_name_head.default,
+    help="Largest request head or TLS hello read to learn a connection's name, in bytes.",
 )
 @click.option(
     "--permit-open",
@@ -141,6 +187,13 @@ def serve(
     token: str | None,
     public_host: str,
     allow_ports: tuple[pytunnel.PortRange, ...] | None,
+    http_listen: tuple[str, int] | None,
+    https_listen: tuple[str, int] | None,
+    domain: str | None,
+    allow_domains: tuple[str, ...],
+    max_names_per_client: int,
+    name_head_timeout: float,
+    max_name_head: int,
     permit_open: pytunnel.PermitOpen,
     connect_timeout: float,
     idle_timeout: float,
@@ -174,6 +227,11 @@ def serve(
             token=secret,
             public_host=public_host,
             allow_ports=allow_ports,
+            domain=domain,
+            allow_domains=[p for value in allow_domains for p in value.split(",")],
+            max_names_per_client=max_names_per_client,
+            name_head_timeout=name_head_timeout,
+            max_name_head=max_name_head,
             permit_open=permit_open,
             connect_timeout=connect_timeout,
             idle_timeout=idle_timeout,
@@ -201,10 +259,15 @@ def serve(
                     listen[1],
                     host=listen[0],
                     config=attrs.evolve(config, tls=tls),
+                    http_listen=http_listen,
+                    https_listen=https_listen,
                 )
             )
             address = pytunnel.format_target(*server.address)
             say(f"pytunnel server listening on {address}" + (" (TLS)" if tls else ""))
+            for what, shared in (("HTTP", server.http_address), ("HTTPS", server.https_address)):
+                if shared is not None:
+                    say(f"routing {what} by name on {pytunnel.format_target(*shared)}")
             if fingerprint is not None:
                 say(f"TLS certificate fingerprint: {fingerprint}")
             if generated:

@@ -127,7 +127,7 @@ class RemoteForward(Forward):
                 channel = ControlChannel(control, ControlRole.CLIENT)
                 bound = await _receive_bound(channel)
                 self.listen_host, self.listen_port = bound.host, bound.port
-                self._remote_port = bound.port  # after a reconnect, ask for the same port
+                self._remember(bound)
                 # unbounded, as the session's stream limit already bounds incoming streams
                 send, receive = trio.open_memory_channel[IncomingStream](math.inf)
                 async with trio.open_nursery() as nursery:
@@ -142,7 +142,7 @@ class RemoteForward(Forward):
                     else:
                         self._set_status(ForwardStatus.ACTIVE, "registered at the server")
                     task_status.started()
-                    if link.config.probe_interval > 0 and self._listen_route == routes.LISTEN:
+                    if link.config.probe_interval > 0 and self._listen_route != routes.UDP_LISTEN:
                         nursery.start_soon(self._probe_loop, channel)
                     # errors are handled here, inside the nursery, so they are not wrapped
                     self._follow_server(await wait_stream_end(control), session)
@@ -151,6 +151,10 @@ class RemoteForward(Forward):
                 self._incoming = None
                 link.unroute(control.stream_id)
                 await trio.aclose_forcefully(control)
+
+    def _remember(self, bound: Bound) -> None:
+        """After a reconnect, ask for the same port (the real one, when 0 was asked for)."""
+        self._remote_port = bound.port
 
     def _follow_server(self, end: BaseException | None, session: Session) -> None:
         """Why the control stream ended decides what the forward becomes."""
