@@ -49,6 +49,9 @@ _CLI_ONLY = {
         "token_file",
         "limit",  # per forward: Tunnel.forward_*(limit=)
         "proxy_protocol",  # per remote forward: Tunnel.forward_remote(proxy_protocol=)
+        "forwarded_headers",  # per name route: Tunnel.forward_name(forwarded_headers=)
+        "host_header",
+        "basic_auth",
         "dynamic",
         "socks_auth",
         "use_tls",

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import pathlib
 import shutil
 import ssl
 from collections.abc import AsyncIterator
 
+import h11
 import pytest
 import trio
 import trustme
@@ -394,3 +397,129 @@ async def test_a_client_without_the_ca_cannot_read_a_passed_through_session(
             with pytest.raises(trio.BrokenResourceError) as info, trio.fail_after(10):
                 await tls.do_handshake()
         assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
+
+
+# --------------------------------------------------------------------------- HTTP options
+
+
+def header_echo():  # type: ignore[no-untyped-def]
+    """A service that answers each request with its head as it arrived and its body's size
+    and digest, so a test sees exactly what the route changed."""
+
+    async def serve(stream: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> None:
+        conn = h11.Connection(h11.SERVER)
+        request: h11.Request | None = None
+        body = b""
+        async with stream:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    try:
+                        data = await stream.receive_some()
+                    except trio.BrokenResourceError:
+                        return
+                    conn.receive_data(data)
+                    if not data and conn.their_state is not h11.DONE:
+                        return
+                    continue
+                if isinstance(event, h11.Request):
+                    request, body = event, b""
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    assert request is not None
+                    lines = [f"{request.method.decode()} {request.target.decode()}"]
+                    lines += [f"{n.decode()}: {v.decode()}" for n, v in request.headers.raw_items()]
+                    lines.append(f"body {len(body)} {hashlib.sha256(body).hexdigest()}")
+                    answer = ("\n".join(lines) + "\n").encode()
+                    headers = [("content-length", str(len(answer)))]
+                    await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
+                    await stream.send_all(conn.send(h11.Data(data=answer)))
+                    await stream.send_all(conn.send(h11.EndOfMessage()))
+                    if conn.our_state is h11.MUST_CLOSE:
+                        return
+                    conn.start_next_cycle()
+                else:
+                    return
+
+    return serve
+
+
+@needs_curl
+async def test_forwarded_headers_name_the_public_peer_on_every_request(
+    nursery: trio.Nursery, server: pytunnel.TunnelServer
+) -> None:
+    service = await serve_route_target(nursery, header_echo())
+    async with pytunnel.open_tunnel(server.address, token=TOKEN) as client:
+        await client.forward_name("app", "127.0.0.1", service, forwarded_headers=True)
+        port = http_port(server)
+        host = f"app.{DOMAIN}:{port}"
+        # two requests on one kept-alive connection (curl reuses it): both are rewritten
+        code, body = await curl(
+            port,
+            f"app.{DOMAIN}",
+            "/one",
+            "-H",
+            "X-Forwarded-For: 203.0.113.9",
+            "-H",
+            "X-Forwarded-Proto: https",
+            f"http://{host}/two",
+        )
+        assert code == 200
+        answers = body.split("GET ")[1:]
+        assert sorted(a.splitlines()[0] for a in answers) == ["/one", "/two"]
+        for answer in answers:
+            lines = answer.splitlines()
+            assert "X-Forwarded-For: 203.0.113.9, 127.0.0.1" in lines
+            assert "X-Forwarded-Proto: http" in lines  # the public's own claim is replaced
+            assert "X-Forwarded-Proto: https" not in lines
+            assert f"X-Forwarded-Host: {host}" in lines
+            assert f'Forwarded: for=127.0.0.1;proto=http;host="{host}"' in lines
+            assert f"Host: {host}" in lines
+
+
+@needs_curl
+async def test_a_chunked_body_and_a_sized_body_arrive_whole(
+    nursery: trio.Nursery, server: pytunnel.TunnelServer, tmp_path: pathlib.Path
+) -> None:
+    service = await serve_route_target(nursery, header_echo())
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    (tmp_path / "body").write_bytes(payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    async with pytunnel.open_tunnel(server.address, token=TOKEN) as client:
+        await client.forward_name("app", "127.0.0.1", service, host_header="internal.local")
+        for extra in ([], ["-H", "Transfer-Encoding: chunked"]):
+            code, body = await curl(
+                http_port(server), f"app.{DOMAIN}", "/up", "--data-binary", f"@{tmp_path}/body",
+                *extra,
+            )  # fmt: skip
+            assert code == 200
+            assert f"body {len(payload)} {digest}" in body.splitlines()
+            assert "Host: internal.local" in body.splitlines()
+
+
+@needs_curl
+async def test_basic_auth_is_checked_at_the_client_and_never_passed_on(
+    nursery: trio.Nursery, server: pytunnel.TunnelServer
+) -> None:
+    service = await serve_route_target(nursery, header_echo())
+    async with pytunnel.open_tunnel(server.address, token=TOKEN) as client:
+        forward = await client.forward_name(
+            "app", "127.0.0.1", service, basic_auth=("alice", "s3cret")
+        )
+        port, name = http_port(server), f"app.{DOMAIN}"
+        code, body = await curl(port, name)
+        assert code == 401
+        assert "requires a user name and password" in body
+        assert (await curl(port, name, "/", "-u", "alice:wrong"))[0] == 401
+        assert (await curl(port, name, "/", "-H", "Authorization: Basic !!!"))[0] == 401
+        code, body = await curl(port, name, "/in", "-u", "alice:s3cret")
+        assert code == 200
+        assert body.startswith("GET /in\n")
+        assert "authorization" not in body.lower()
+        assert "s3cret" not in repr(forward.http)
+
+
+async def test_header_options_on_a_tls_route_are_refused(tunnel: pytunnel.Tunnel) -> None:
+    with pytest.raises(ValueError, match="need an HTTP route"):
+        await tunnel.forward_name("app", "127.0.0.1", 9, tls=True, forwarded_headers=True)

@@ -27,6 +27,7 @@ import trio
 from ._client_config import ClientConfig, ClientOptions
 from ._dial import dial, format_target
 from ._events import EventKind, TunnelEvent
+from ._http_rewrite import HttpRouteOptions
 from ._link import Link
 from ._spec import check_target, parse_host_port
 from ._supervisor import Connector, Supervisor
@@ -302,6 +303,9 @@ class Tunnel:
         connect_timeout: float | None = None,
         proxy_protocol: ProxyVersion | None = None,
         limit: float | None = None,
+        forwarded_headers: bool = False,
+        host_header: str | None = None,
+        basic_auth: tuple[str, str] | None = None,
     ) -> NameForward:
         """Route the host name ``name`` on the server's shared HTTP listener (with ``tls``,
         its shared HTTPS listener) to the target, dialled here.
@@ -312,13 +316,24 @@ class Tunnel:
         the certificate. ``forward.url`` says where the public reaches it. Raises
         ``NameInUseError`` (another client holds the name), ``NameNotAllowedError`` or
         ``ForwardLimitError``; ``proxy_protocol`` and ``limit`` as for
-        :meth:`forward_remote`."""
+        :meth:`forward_remote`.
+
+        HTTP routes only, applied here to every request of each connection:
+        ``forwarded_headers`` adds ``X-Forwarded-For``/``-Proto``/``-Host`` and
+        ``Forwarded`` naming the public peer; ``host_header`` replaces ``Host``;
+        ``basic_auth=(user, password)`` answers 401 to requests without them."""
         check_target(target_host, target_port)
         _check_limit(limit, "tcp")
         if proxy_protocol is not None and proxy_protocol not in ("v1", "v2"):
             raise ValueError(f"proxy_protocol must be 'v1' or 'v2', not {proxy_protocol!r}")
         if not name or len(name.encode()) > 253:
             raise ValueError(f"not a host name: {name[:80]!r}")
+        http = HttpRouteOptions(forwarded_headers, host_header, basic_auth)
+        if tls and http.active:
+            raise ValueError(
+                "forwarded_headers, host_header and basic_auth need an HTTP route: a TLS "
+                "route is passed through encrypted"
+            )
         timeout = self.config.connect_timeout if connect_timeout is None else connect_timeout
         forward = NameForward(
             self._link,
@@ -328,6 +343,7 @@ class Tunnel:
             timeout,
             tls=tls,
             proxy_protocol=proxy_protocol,
+            http=http,
         )
         forward.set_limit(limit)
         await forward.start()

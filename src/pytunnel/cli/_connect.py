@@ -99,6 +99,24 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
     "'listen ... proxy_protocol', HAProxy).",
 )
 @click.option(
+    "--forwarded-headers",
+    is_flag=True,
+    help="HTTP name routes: add X-Forwarded-For/-Proto/-Host and Forwarded naming the public "
+    "peer to every request.",
+)
+@click.option(
+    "--host-header",
+    metavar="HOST",
+    help="HTTP name routes: replace each request's Host with HOST.",
+)
+@click.option(
+    "--basic-auth",
+    metavar="USER:PASSWORD",
+    callback=parsed(_credentials),
+    help="HTTP name routes: answer 401 to requests without this user and password (checked "
+    "here, not passed on to the service).",
+)
+@click.option(
     "-L",
     "--local",
     "local",
@@ -190,6 +208,9 @@ def connect(
     tls_cert: str | None,
     tls_key: str | None,
     remote: list[pytunnel.ForwardSpec],
+    forwarded_headers: bool,
+    host_header: str | None,
+    basic_auth: tuple[str, str] | None,
     limit: float | None,
     proxy_protocol: Literal["v1", "v2"] | None,
     local: list[pytunnel.ForwardSpec],
@@ -241,13 +262,17 @@ def connect(
             for spec in remote:
                 if spec.name_route:
                     assert spec.bind_host is not None
+                    tls = spec.bind_port == 443
                     route = await tunnel.forward_name(
                         spec.bind_host,
                         spec.target_host,
                         spec.target_port,
-                        tls=spec.bind_port == 443,
+                        tls=tls,
                         proxy_protocol=proxy_protocol,
                         limit=limit,
+                        forwarded_headers=forwarded_headers and not tls,
+                        host_header=None if tls else host_header,
+                        basic_auth=None if tls else basic_auth,
                     )
                     say(f"{route.kind} {route.url} -> {route.target}")
                     continue

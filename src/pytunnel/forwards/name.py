@@ -9,8 +9,13 @@ the certificate and the server never sees the plain text).
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
+import trio
+
+from .._egress import serve_egress
+from .._http_rewrite import HttpRouteOptions, RequestRewriter
 from ..protocol import routes
 from ..protocol.messages import Bound
 from ..protocol.proxy import ProxyVersion
@@ -19,6 +24,7 @@ from .remote import RemoteForward
 
 if TYPE_CHECKING:
     from .._link import Link
+    from ..session import IncomingStream, MuxStream
 
 __all__ = ["NameForward"]
 
@@ -44,6 +50,7 @@ class NameForward(RemoteForward):
         *,
         tls: bool = False,
         proxy_protocol: ProxyVersion | None = None,
+        http: HttpRouteOptions | None = None,
     ) -> None:
         super().__init__(
             link,
@@ -56,6 +63,8 @@ class NameForward(RemoteForward):
         )
         self.name = name
         self.tls = tls
+        #: What is changed in each HTTP request (HTTP routes only); ``None``: nothing.
+        self.http = http if http is not None and http.active else None
 
     @property
     def url(self) -> str:
@@ -64,6 +73,22 @@ class NameForward(RemoteForward):
         default = routes.NAME_TLS if self.tls else routes.NAME_HTTP
         port = "" if self.listen_port in (default, 0) else f":{self.listen_port}"
         return f"{scheme}://{self.listen_host or self.name}{port}"
+
+    async def _handle(self, incoming: IncomingStream) -> None:
+        if self.http is None:
+            await super()._handle(incoming)
+            return
+        options, peer = self.http, (incoming.host, incoming.port)
+
+        async def relay(accepted: MuxStream, target: trio.SocketStream) -> None:
+            await self._relay(RequestRewriter(accepted, options, peer), target)
+
+        await serve_egress(
+            incoming,
+            functools.partial(self._connect_target, incoming),
+            relay,
+            self.stats.count_failure,
+        )
 
     def _remember(self, bound: Bound) -> None:
         # a reconnect asks for the full name the server gave, on the same listener
