@@ -752,3 +752,74 @@ def test_a_name_the_server_does_not_route_is_one_line_through_the_cli(
     assert out.returncode == 1
     assert "[NAME_NOT_ALLOWED] this server has no shared HTTPS listener" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_load_balanced_group_through_the_cli(
+    server: tuple[Proc, tuple[str, int], str], tmp_path: Path
+) -> None:
+    """Two ``pytunnel connect --group web --group-key-file F -R PORT:...`` share one public
+    port, answering in turn; a third with another key is refused with one line."""
+    _, (host, port), token = server
+    key_file = tmp_path / "group.key"
+    key_file.write_text("group secret\n")
+    public = _free_port()
+    targets = []
+    for name in (b"first", b"second"):
+
+        class Named(socketserver.BaseRequestHandler):
+            label = name
+
+            def handle(self) -> None:
+                self.request.sendall(self.label)
+
+        target = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Named)
+        target.daemon_threads = True
+        threading.Thread(target=target.serve_forever, daemon=True).start()
+        targets.append(target)
+    clients = []
+    try:
+        for target in targets:
+            client = Proc(
+                "connect", f"{host}:{port}", "--token", token, "--group", "web",
+                "--group-key-file", str(key_file),
+                "-R", f"{public}:127.0.0.1:{target.server_address[1]}",
+            )  # fmt: skip
+            clients.append(client)
+            assert client.readline() == f"connected to {host}:{port}"
+            assert client.readline().startswith(f"remote forward 127.0.0.1:{public} ")
+        answers = [_roundtrip(("127.0.0.1", public), b"") for _ in range(4)]
+        assert sorted(answers) == [b"first", b"first", b"second", b"second"]
+        other_key = tmp_path / "other.key"
+        other_key.write_text("not the secret")
+        out = subprocess.run(
+            [
+                *PYTUNNEL, "connect", f"{host}:{port}", "--token", token, "--group", "web",
+                "--group-key-file", str(other_key), "-R", f"{public}:127.0.0.1:9",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )  # fmt: skip
+        assert out.returncode == 1
+        assert "[GROUP_MISMATCH]" in out.stderr
+        assert "not the secret" not in out.stderr
+        assert "Traceback" not in out.stderr
+    finally:
+        for client in clients:
+            client.kill()
+        for target in targets:
+            target.shutdown()
+            target.server_close()
+
+
+def test_group_options_go_together() -> None:
+    result = subprocess.run(
+        [*PYTUNNEL, "connect", "127.0.0.1:1", "--token", "x", "--group", "web", "-R", "1:h:2"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--group and --group-key-file go together" in result.stderr

@@ -49,6 +49,8 @@ _CLI_ONLY = {
         "token_file",
         "limit",  # per forward: Tunnel.forward_*(limit=)
         "proxy_protocol",  # per remote forward: Tunnel.forward_remote(proxy_protocol=)
+        "group",  # per remote forward: Tunnel.forward_remote(group=, group_key=)
+        "group_key_file",
         "forwarded_headers",  # per name route: Tunnel.forward_name(forwarded_headers=)
         "host_header",
         "basic_auth",

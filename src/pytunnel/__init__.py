@@ -74,6 +74,7 @@ from .errors import DialFailure as DialFailure
 from .errors import ErrorCode as ErrorCode
 from .errors import ForwardError as ForwardError
 from .errors import ForwardLimitError as ForwardLimitError
+from .errors import GroupMismatchError as GroupMismatchError
 from .errors import HandshakeTimeoutError as HandshakeTimeoutError
 from .errors import InvalidTargetError as InvalidTargetError
 from .errors import LocalProtocolError as LocalProtocolError

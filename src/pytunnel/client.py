@@ -45,6 +45,7 @@ from .forwards import (
     UdpRemoteForward,
 )
 from .protocol import routes
+from .protocol.messages import MAX_GROUP
 from .protocol.proxy import ProxyVersion
 
 if TYPE_CHECKING:
@@ -85,6 +86,19 @@ def _check_limit(limit: float | None, kind: str) -> None:
         raise ValueError("a bandwidth limit applies to TCP forwards only (this forward is UDP)")
     if not (limit > 0 and math.isfinite(limit)):
         raise ValueError(f"a limit must be a positive number of bytes per second, not {limit!r}")
+
+
+def _group(group: str | None, key: str | bytes | None, kind: str) -> tuple[str, bytes] | None:
+    """``(name, secret)`` of a load-balanced group membership, checked; ``None`` without."""
+    if group is None and key is None:
+        return None
+    if not group or not key:
+        raise ValueError("a load-balanced group needs both a group name and a group key")
+    if kind != "tcp":
+        raise ValueError("load-balanced groups are for TCP forwards")
+    if len(group.encode()) > MAX_GROUP or not group.isprintable():
+        raise ValueError(f"group name {group[:80]!r} is not printable text of 1-{MAX_GROUP} bytes")
+    return group, key.encode() if isinstance(key, str) else bytes(key)
 
 
 def _protocol(protocol: str) -> str:
@@ -264,6 +278,8 @@ class Tunnel:
         protocol: str = "tcp",
         proxy_protocol: ProxyVersion | None = None,
         limit: float | None = None,
+        group: str | None = None,
+        group_key: str | bytes | None = None,
     ) -> RemoteForward:
         """Ask the server to listen on ``remote_port`` (0: any); relay each connection there
         to the target, dialled here. Raises ``AddressInUseError``, ``PermissionDeniedError``,
@@ -273,11 +289,19 @@ class Tunnel:
         ``proxy_protocol`` (``"v1"`` or ``"v2"``, TCP only) starts every connection to the
         target with a PROXY protocol header naming the public peer's address, for services
         (nginx ``listen ... proxy_protocol``, HAProxy, Postfix) that then see who connected.
-        ``limit``: as for :meth:`forward_local`."""
+        ``limit``: as for :meth:`forward_local`.
+
+        ``group`` and ``group_key`` (TCP, a fixed ``remote_port``): join the load-balanced
+        group of that name serving the port, or form it; the server spreads the public
+        connections across the group's live members, and refuses a member with another
+        name or key (``GroupMismatchError``)."""
         check_target(target_host, target_port)
         check_target(remote_host, remote_port, allow_port_zero=True)
         kind = _protocol(protocol)
         _check_limit(limit, kind)
+        membership = _group(group, group_key, kind)
+        if membership is not None and not remote_port:
+            raise ValueError("a load-balanced group needs a fixed remote_port, not 0")
         if proxy_protocol is not None and (kind != "tcp" or proxy_protocol not in ("v1", "v2")):
             raise ValueError(
                 f"proxy_protocol must be 'v1' or 'v2' on a TCP forward, not {proxy_protocol!r}"
@@ -285,10 +309,10 @@ class Tunnel:
             )
         timeout = self.config.connect_timeout if connect_timeout is None else connect_timeout
         args = (self._link, target_host, target_port, remote_host, remote_port, timeout)
-        if proxy_protocol is None:
+        if proxy_protocol is None and membership is None:
             forward = _REMOTE_KINDS[kind](*args)
         else:
-            forward = RemoteForward(*args, proxy_protocol=proxy_protocol)
+            forward = RemoteForward(*args, proxy_protocol=proxy_protocol, group=membership)
         forward.set_limit(limit)
         await forward.start()
         return forward
@@ -306,6 +330,8 @@ class Tunnel:
         forwarded_headers: bool = False,
         host_header: str | None = None,
         basic_auth: tuple[str, str] | None = None,
+        group: str | None = None,
+        group_key: str | bytes | None = None,
     ) -> NameForward:
         """Route the host name ``name`` on the server's shared HTTP listener (with ``tls``,
         its shared HTTPS listener) to the target, dialled here.
@@ -321,7 +347,9 @@ class Tunnel:
         HTTP routes only, applied here to every request of each connection:
         ``forwarded_headers`` adds ``X-Forwarded-For``/``-Proto``/``-Host`` and
         ``Forwarded`` naming the public peer; ``host_header`` replaces ``Host``;
-        ``basic_auth=(user, password)`` answers 401 to requests without them."""
+        ``basic_auth=(user, password)`` answers 401 to requests without them.
+
+        ``group`` and ``group_key``: as for :meth:`forward_remote`, for the name."""
         check_target(target_host, target_port)
         _check_limit(limit, "tcp")
         if proxy_protocol is not None and proxy_protocol not in ("v1", "v2"):
@@ -344,6 +372,7 @@ class Tunnel:
             tls=tls,
             proxy_protocol=proxy_protocol,
             http=http,
+            group=_group(group, group_key, "tcp"),
         )
         forward.set_limit(limit)
         await forward.start()

@@ -113,6 +113,8 @@ class ErrorCode(enum.IntEnum):
     #: The server does not route that name: not a host name, not under its domain, not
     #: admitted by its allowed domains, or no shared HTTP/HTTPS listener for it.
     NAME_NOT_ALLOWED = 2106
+    #: A load-balanced group holds the port or name with another group name or secret.
+    GROUP_MISMATCH = 2107
 
 
 class TunnelError(Exception):
@@ -384,6 +386,13 @@ class NameInUseError(AddressInUseError):
     default_code = ErrorCode.NAME_IN_USE
 
 
+class GroupMismatchError(ForwardError):
+    """The port or name is served by a load-balanced group, and this forward's group name or
+    secret is not that group's."""
+
+    default_code = ErrorCode.GROUP_MISMATCH
+
+
 class NameNotAllowedError(ForwardError, ValueError):
     """The server does not route that name (see ``ErrorCode.NAME_NOT_ALLOWED``)."""
 
@@ -398,6 +407,7 @@ _BY_CODE: dict[int, type[TunnelError]] = {
     ErrorCode.FORWARD_LIMIT: ForwardLimitError,
     ErrorCode.NAME_IN_USE: NameInUseError,
     ErrorCode.NAME_NOT_ALLOWED: NameNotAllowedError,
+    ErrorCode.GROUP_MISMATCH: GroupMismatchError,
     ErrorCode.SERVER_BUSY: ServerBusyError,
     ErrorCode.RATE_LIMITED: RateLimitedError,
     ErrorCode.AUTHENTICATION_FAILED: AuthenticationError,

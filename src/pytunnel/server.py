@@ -41,6 +41,7 @@ from .errors import (
     SessionClosedError,
     TunnelError,
 )
+from .forwards._group import Group
 from .protocol.mux import Role
 from .session import (
     SessionConfig,
@@ -223,6 +224,9 @@ class TunnelServer:
         #: The names routed on each shared listener; ``None`` without that listener.
         self.http_routes = self._name_routes(self.http_listeners)
         self.https_routes = self._name_routes(self.https_listeners)
+        #: Load-balanced groups by what they serve: ``("tcp", "8080")``, ``("http", name)``,
+        #: ``("https", name)``.
+        self.groups: dict[tuple[str, str], Group] = {}
         self._sessions: set[_ClientSession] = set()
         #: The live session of each client identity (clients that sent one).
         self._by_identity: dict[str, _ClientSession] = {}

@@ -17,6 +17,7 @@ import pytunnel
 from ._logs import setup_logging
 from ._options import (
     CONTEXT,
+    EXISTING_FILE,
     config_check,
     connect_timeout_option,
     dynamic_specs,
@@ -34,7 +35,7 @@ from ._output import say
 from ._run import run as run_command
 from ._status import print_status
 from ._tlsfiles import client_tls, client_tls_options
-from ._token import read_token, token_file_option, token_option
+from ._token import read_secret_file, read_token, token_file_option, token_option
 
 # Every default shown is the config classes' own.
 _CLIENT = attrs.fields(pytunnel.ClientConfig)
@@ -97,6 +98,18 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
     help="Start each connection of the TCP remote forwards with a PROXY protocol header (v1 "
     "text, v2 binary) naming the public peer, for services that read it (nginx "
     "'listen ... proxy_protocol', HAProxy).",
+)
+@click.option(
+    "--group",
+    metavar="NAME",
+    help="Join the remote forwards and name routes to the load-balanced group NAME: the "
+    "server spreads their connections across every client of the group. Needs "
+    "--group-key-file.",
+)
+@click.option(
+    "--group-key-file",
+    type=EXISTING_FILE,
+    help="The group's secret, in a file: every member needs the same one.",
 )
 @click.option(
     "--forwarded-headers",
@@ -211,6 +224,8 @@ def connect(
     forwarded_headers: bool,
     host_header: str | None,
     basic_auth: tuple[str, str] | None,
+    group: str | None,
+    group_key_file: str | None,
     limit: float | None,
     proxy_protocol: Literal["v1", "v2"] | None,
     local: list[pytunnel.ForwardSpec],
@@ -234,6 +249,15 @@ def connect(
     secret = read_token(ctx, token, token_file)
     if secret is None:
         raise click.UsageError("a token is needed: --token, --token-file or PYTUNNEL_TOKEN")
+    if (group is None) != (group_key_file is None):
+        raise click.UsageError("--group and --group-key-file go together")
+    if group is not None and any(spec.protocol != "tcp" for spec in remote):
+        raise click.UsageError("load-balanced groups (--group) are for TCP remote forwards")
+    group_key = (
+        None
+        if group_key_file is None
+        else read_secret_file(group_key_file, "--group-key-file", "group key")
+    )
     with usage_errors():
         config = pytunnel.ClientConfig(
             token=secret,
@@ -273,6 +297,8 @@ def connect(
                         forwarded_headers=forwarded_headers and not tls,
                         host_header=None if tls else host_header,
                         basic_auth=None if tls else basic_auth,
+                        group=group,
+                        group_key=group_key,
                     )
                     say(f"{route.kind} {route.url} -> {route.target}")
                     continue
@@ -284,6 +310,8 @@ def connect(
                     protocol=spec.protocol,
                     proxy_protocol=proxy_protocol if spec.protocol == "tcp" else None,
                     limit=limit if spec.protocol == "tcp" else None,
+                    group=group if spec.protocol == "tcp" else None,
+                    group_key=group_key if spec.protocol == "tcp" else None,
                 )
                 say(f"{fwd.kind} {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
             for spec in local:

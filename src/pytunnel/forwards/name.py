@@ -51,6 +51,7 @@ class NameForward(RemoteForward):
         tls: bool = False,
         proxy_protocol: ProxyVersion | None = None,
         http: HttpRouteOptions | None = None,
+        group: tuple[str, bytes] | None = None,
     ) -> None:
         super().__init__(
             link,
@@ -60,6 +61,7 @@ class NameForward(RemoteForward):
             routes.NAME_TLS if tls else routes.NAME_HTTP,
             connect_timeout,
             proxy_protocol=proxy_protocol,
+            group=group,
         )
         self.name = name
         self.tls = tls

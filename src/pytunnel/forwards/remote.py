@@ -30,10 +30,11 @@ from ..errors import (
     SessionClosedError,
     StreamResetError,
     TunnelError,
+    refusal_error,
 )
 from ..protocol import routes
 from ..protocol.control import ControlRole
-from ..protocol.messages import Bound, ForwardState, truncate_text
+from ..protocol.messages import Bound, ForwardState, Join, group_proof, truncate_text
 from ..protocol.proxy import ProxyVersion, encode_header, encode_unknown
 from ..session import IncomingStream, wait_stream_end
 from ._base import FINAL, Forward, ForwardKind, ForwardStatus
@@ -68,8 +69,12 @@ class RemoteForward(Forward):
         connect_timeout: float,
         *,
         proxy_protocol: ProxyVersion | None = None,
+        group: tuple[str, bytes] | None = None,
     ) -> None:
         super().__init__(link, target_host, target_port)
+        #: ``(name, secret)`` of the load-balanced group this forward is a member of: the
+        #: server spreads the public connections across the group's live members.
+        self.group = group
         self.connect_timeout = connect_timeout
         #: ``"v1"`` or ``"v2"``: each connection to the target starts with a PROXY protocol
         #: header naming the public peer, so the service sees who really connected.
@@ -119,13 +124,21 @@ class RemoteForward(Forward):
 
     async def _serve_attached(self, session: Session, task_status: trio.TaskStatus[None]) -> None:
         with self._attach_scope:
-            control = await session.open_stream(
-                self._remote_host, self._remote_port, tag=self._listen_route
-            )
+            route = self._listen_route
+            if self.group is not None:
+                route = routes.NAME_GROUP if route == routes.NAME else routes.LISTEN_GROUP
+            control = await session.open_stream(self._remote_host, self._remote_port, tag=route)
             link = self._link
             try:
-                channel = ControlChannel(control, ControlRole.CLIENT)
-                bound = await _receive_bound(channel)
+                channel = ControlChannel(
+                    control, ControlRole.CLIENT, grouped=self.group is not None
+                )
+                if self.group is not None:
+                    name, key = self.group
+                    await channel.send(Join(name, group_proof(name, key)))
+                bound = await _receive_bound(
+                    channel, format_target(self._remote_host, self._remote_port)
+                )
                 self.listen_host, self.listen_port = bound.host, bound.port
                 self._remember(bound)
                 # unbounded, as the session's stream limit already bounds incoming streams
@@ -336,12 +349,15 @@ async def _tell(channel: ControlChannel, message: ForwardState) -> bool:
     return True
 
 
-async def _receive_bound(channel: ControlChannel) -> Bound:
-    """Where the server listens for this forward, or why it will not."""
+async def _receive_bound(channel: ControlChannel, address: str) -> Bound:
+    """Where the server listens for this forward, or why it will not (a group member's
+    refusal comes as a reset carrying the refusal's code, raised as its own error)."""
     try:
         return await channel.receive_bound()
     except trio.BrokenResourceError as exc:
         cause = exc.__cause__
         if isinstance(cause, StreamResetError):
+            if ErrorCode.FORWARD_FAILED <= cause.code < ErrorCode.FORWARD_FAILED + 100:
+                raise refusal_error(cause.code, cause.message, target=address) from None
             raise ForwardError(f"the server withdrew the forward: {cause}") from None
         raise SessionClosedError("the tunnel connection was lost") from exc
