@@ -789,6 +789,13 @@ def test_a_load_balanced_group_through_the_cli(
             assert client.readline().startswith(f"remote forward 127.0.0.1:{public} ")
         answers = [_roundtrip(("127.0.0.1", public), b"") for _ in range(4)]
         assert sorted(answers) == [b"first", b"first", b"second", b"second"]
+        # SIGKILL one member: once the server has seen its link go, every connection is
+        # served by the other
+        clients[0].popen.kill()
+        deadline = time.monotonic() + 15
+        while [_roundtrip(("127.0.0.1", public), b"") for _ in range(2)] != [b"second"] * 2:
+            assert time.monotonic() < deadline, "the killed member is still handed connections"
+        assert [_roundtrip(("127.0.0.1", public), b"") for _ in range(20)] == [b"second"] * 20
         other_key = tmp_path / "other.key"
         other_key.write_text("not the secret")
         out = subprocess.run(

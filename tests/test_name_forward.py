@@ -9,8 +9,11 @@ import functools
 import hashlib
 import pathlib
 import shutil
+import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import h11
 import pytest
@@ -523,3 +526,43 @@ async def test_basic_auth_is_checked_at_the_client_and_never_passed_on(
 async def test_header_options_on_a_tls_route_are_refused(tunnel: pytunnel.Tunnel) -> None:
     with pytest.raises(ValueError, match="need an HTTP route"):
         await tunnel.forward_name("app", "127.0.0.1", 9, tls=True, forwarded_headers=True)
+
+
+# --------------------------------------------------------------------------- WebSocket
+
+
+async def test_a_websocket_client_talks_to_its_server_through_a_name_route(
+    server: pytunnel.TunnelServer,
+) -> None:
+    """The ``websockets`` library on both ends (its own server as the target, its own client
+    as the public): the upgrade and every frame after it pass through the route."""
+    ws_sync = pytest.importorskip("websockets.sync.server")
+    ws_client = pytest.importorskip("websockets.sync.client")
+
+    def echo(connection: Any) -> None:
+        for message in connection:
+            connection.send(message)
+
+    target = ws_sync.serve(echo, "127.0.0.1", 0)
+    thread = threading.Thread(target=target.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = target.socket.getsockname()[1]
+        async with pytunnel.open_tunnel(server.address, token=TOKEN) as client:
+            await client.forward_name("ws", "127.0.0.1", port, forwarded_headers=True)
+            url = f"ws://ws.{DOMAIN}:{http_port(server)}/chat"
+
+            def talk() -> list[str | bytes]:
+                sock = socket.create_connection(("127.0.0.1", http_port(server)), timeout=10)
+                with ws_client.connect(url, sock=sock, open_timeout=10) as ws:
+                    replies: list[str | bytes] = []
+                    for message in ("hello", b"\x00\x01binary", "x" * 100_000):
+                        ws.send(message)
+                        replies.append(ws.recv(timeout=10))
+                    return replies
+
+            replies = await trio.to_thread.run_sync(talk)
+            assert replies == ["hello", b"\x00\x01binary", "x" * 100_000]
+    finally:
+        target.shutdown()
+        thread.join(10)

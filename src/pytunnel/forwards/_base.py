@@ -102,6 +102,8 @@ class Forward:
         self.stats = RelayStats()
         #: Fault injection for tests (latency, bandwidth, blackhole, resets...), per direction.
         self.faults = Faults()
+        #: ``(name, secret)`` of the load-balanced group it belongs to (remote kinds only).
+        self.group: tuple[str, bytes] | None = None
         #: Bandwidth limit in bytes per second, each direction, shared by all connections
         #: (``None``: unlimited); see :meth:`set_limit`.
         self.limit: float | None = None
