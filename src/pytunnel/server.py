@@ -44,6 +44,7 @@ from .protocol.mux import Role
 from .session import (
     SessionConfig,
 )
+from .transports.websocket import DEFAULT_PING_INTERVAL
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -73,6 +74,11 @@ def _ranges(value: str | Iterable[PortRange] | None) -> tuple[PortRange, ...] | 
 
 def _permit(value: PermitOpen | Iterable[str] | str | None) -> PermitOpen:
     return value if isinstance(value, PermitOpen) else PermitOpen.parse(value)
+
+
+def _valid_ws_path(_inst: object, _attribute: object, value: str | None) -> None:
+    if value is not None and (not value.startswith("/") or "?" in value or not value.isprintable()):
+        raise ValueError(f"ws_path must be a path starting with '/' (no query), not {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -120,6 +126,13 @@ class ServerConfig:
     #: worth every ``auth_failure_interval`` seconds.
     auth_failure_burst: int = 10
     auth_failure_interval: float = 6.0
+    #: Also accept the control connection as a WebSocket upgrade at this path (``/tunnel``),
+    #: on the same listener: a connection starting with an HTTP request is upgraded, one
+    #: starting with a tunnel handshake is served as before. ``None``: raw connections only.
+    ws_path: str | None = attrs.field(default=None, validator=_valid_ws_path)
+    #: A WebSocket ping whenever a WebSocket client sent nothing for this long (``None``:
+    #: off), so proxies in front of the server never see an idle WebSocket.
+    ws_ping_interval: float | None = DEFAULT_PING_INTERVAL
 
     def port_allowed(self, port: int) -> bool:
         return self.allow_ports is None or any(port in r for r in self.allow_ports)
@@ -149,6 +162,8 @@ class ServerOptions(TypedDict, total=False):
     first_frame_timeout: float
     auth_failure_burst: int
     auth_failure_interval: float
+    ws_path: str | None
+    ws_ping_interval: float | None
 
 
 def _server_config(
