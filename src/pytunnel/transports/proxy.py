@@ -184,7 +184,7 @@ async def _http_connect(proxy: ProxyURL, host: str, port: int, timeout: float) -
     if not 200 <= status < 300:
         await trio.aclose_forcefully(stream)
         reason = printable(response.reason.decode("latin-1"))
-        if status == 407:
+        if status in (401, 407):  # tinyproxy answers a forward proxy's 407 as 401
             hint = (
                 "it rejected the credentials"
                 if proxy.username is not None
