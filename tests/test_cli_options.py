@@ -24,6 +24,8 @@ _RENAMED: dict[str, dict[str, tuple[type[Any], str]]] = {
     "connect": {
         "max_streams": (pytunnel.SessionConfig, "max_streams"),
         "tls_server_name": (pytunnel.ClientConfig, "tls_server_hostname"),
+        "header": (pytunnel.ClientConfig, "ws_headers"),
+        "host_header": (pytunnel.ClientConfig, "ws_host"),
     },
 }
 #: Options with no default in any config class: where the value comes from is the CLI's own
@@ -56,6 +58,7 @@ _CLI_ONLY = {
         "remote",
         "local",
         "status_interval",
+        "stdio",  # one connection instead of forwards: Tunnel.open_stream + relay_stdio
         "log_level",
         "log_format",
     },
