@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 import trustme
+from click.testing import CliRunner
 from helpers import (
     TOKEN,
     count_fds,
@@ -32,6 +33,7 @@ from wsproto.events import (
 )
 
 import pytunnel
+from pytunnel.cli import main
 from pytunnel.transports import websocket
 from pytunnel.transports.websocket import (
     WebSocketStream,
@@ -341,10 +343,14 @@ def test_websocket_urls() -> None:
 
 
 def test_options_are_checked_when_the_config_is_made() -> None:
-    with pytest.raises(ValueError, match="line break"):
+    with pytest.raises(ValueError, match="bad header"):
         pytunnel.ClientConfig(token="t", ws_headers=(("X-A", "1\r\nInjected: yes"),))
-    with pytest.raises(ValueError, match="bad header name"):
+    with pytest.raises(ValueError, match="bad header"):
         pytunnel.ClientConfig(token="t", ws_headers=(("Bad Name", "1"),))
+    with pytest.raises(ValueError, match="the WebSocket upgrade's own"):
+        pytunnel.ClientConfig(token="t", ws_headers=(("Sec-WebSocket-Key", "x"),))
+    with pytest.raises(ValueError, match="positive"):
+        pytunnel.ServerConfig(token="t", ws_ping_interval=-1)
     with pytest.raises(ValueError, match="positive"):
         pytunnel.ClientConfig(token="t", ws_ping_interval=0)
     with pytest.raises(ValueError, match="ws_path"):
@@ -534,3 +540,19 @@ async def _peer_certificate(address: tuple[str, int]) -> bytes:
         der = stream.getpeercert(binary_form=True)
     assert der is not None
     return der
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["connect", "ftp://x/t"], "scheme must be ws:// or wss://"),
+        (["connect", "ws://x/t", "--header", "no colon"], "expected 'Name: value'"),
+        (["connect", "ws://x/t", "--header", "Bad Name: 1"], "bad header"),
+        (["connect", "ws://x/t", "--stdio", "nohost"], "--stdio"),
+        (["serve", "--ws-path", "tunnel"], "ws_path must be a path"),
+    ],
+)
+def test_transport_options_are_usage_errors(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, [*args, "--token", "t"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output

@@ -12,6 +12,7 @@ import ssl
 from typing import TypedDict
 
 import attrs
+import h11
 
 from ._dial import DEFAULT_CONNECT_TIMEOUT
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT
@@ -47,20 +48,27 @@ def _valid_proxy(_inst: object, _attribute: object, value: str | None) -> None:
         parse_proxy_url(value)
 
 
+#: Headers the WebSocket upgrade itself writes (``Host`` has ``ws_host``).
+_UPGRADE_HEADERS = ("host", "upgrade", "connection", "sec-websocket-")
+
+
 def _headers(value: object) -> tuple[tuple[str, str], ...]:
-    """Headers as pairs, from pairs or a mapping; each name a token, no line breaks."""
-    pairs = list(value.items()) if isinstance(value, dict) else list(value)  # type: ignore[call-overload]
-    checked = []
-    for pair in pairs:
+    """Headers as pairs (from pairs or a mapping), each one h11 would send (so no line
+    breaks or bad names), none of those the upgrade writes itself."""
+    items = value.items() if isinstance(value, dict) else value
+    pairs: list[tuple[str, str]] = []
+    for pair in items:  # type: ignore[attr-defined]
         name, header_value = pair
         if not (isinstance(name, str) and isinstance(header_value, str)):
             raise ValueError(f"a header is a pair of strings, not {pair!r}")
-        if not name or any(c in name for c in ' \t\r\n:()<>@,;"/[]?={}') or not name.isascii():
-            raise ValueError(f"bad header name {name!r}")
-        if "\r" in header_value or "\n" in header_value or "\0" in header_value:
-            raise ValueError(f"the value of header {name!r} contains a line break")
-        checked.append((name, header_value))
-    return tuple(checked)
+        if name.lower().startswith(_UPGRADE_HEADERS):
+            raise ValueError(f"the header {name!r} is the WebSocket upgrade's own")
+        pairs.append((name, header_value))
+    try:
+        h11.Request(method="GET", target="/", headers=[("Host", "-"), *pairs])
+    except h11.LocalProtocolError as exc:
+        raise ValueError(f"bad header: {exc}") from None
+    return tuple(pairs)
 
 
 def _valid_ping_interval(_inst: object, _attribute: object, value: float | None) -> None:

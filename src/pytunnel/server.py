@@ -81,6 +81,11 @@ def _valid_ws_path(_inst: object, _attribute: object, value: str | None) -> None
         raise ValueError(f"ws_path must be a path starting with '/' (no query), not {value!r}")
 
 
+def _valid_ping_interval(_inst: object, _attribute: object, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"ws_ping_interval must be positive (or None: off), not {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class ServerConfig:
     """Everything that decides how a server treats its clients."""
@@ -132,7 +137,9 @@ class ServerConfig:
     ws_path: str | None = attrs.field(default=None, validator=_valid_ws_path)
     #: A WebSocket ping whenever a WebSocket client sent nothing for this long (``None``:
     #: off), so proxies in front of the server never see an idle WebSocket.
-    ws_ping_interval: float | None = DEFAULT_PING_INTERVAL
+    ws_ping_interval: float | None = attrs.field(
+        default=DEFAULT_PING_INTERVAL, validator=_valid_ping_interval
+    )
 
     def port_allowed(self, port: int) -> bool:
         return self.allow_ports is None or any(port in r for r in self.allow_ports)
