@@ -9,12 +9,14 @@ import importlib.util
 import os
 import pathlib
 import shutil
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 
 import pytest
 import trio
+import trustme
 from helpers import (
     TOKEN,
     closed_port,
@@ -416,3 +418,23 @@ def test_a_bad_proxy_url_is_a_usage_error() -> None:
     )
     assert result.returncode == 2
     assert b"unsupported scheme" in result.stderr
+
+
+@needs_pproxy
+async def test_tls_and_wss_tunnels_through_a_proxy(
+    processes: list[trio.Process], echo_port: int
+) -> None:
+    """The proxy carries TLS end to end (raw tunnel with TLS) and wss:// alike."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    proxy = await pproxy(processes, "http")
+    async with pytunnel.open_server(token=TOKEN, ws_path="/tunnel", tls=server_context) as server:
+        for address in [server.address, f"wss://127.0.0.1:{server.port}/tunnel"]:
+            async with pytunnel.open_tunnel(
+                address, token=TOKEN, proxy=proxy, tls=client_context
+            ) as tunnel:
+                forward = await tunnel.forward_local("127.0.0.1", echo_port)
+                assert await echo_once(forward.address, b"tls via proxy") == b"tls via proxy"

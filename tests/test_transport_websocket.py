@@ -556,3 +556,25 @@ def test_transport_options_are_usage_errors(args: list[str], message: str) -> No
     result = CliRunner().invoke(main, [*args, "--token", "t"])
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+@pytest.mark.parametrize("first", [b"", b"GET /tunnel HTTP/1.1\r\nHost: x\r\n"])
+async def test_a_silent_or_stalled_upgrade_is_dropped_at_the_first_frame_deadline(
+    first: bytes, echo_port: int
+) -> None:
+    """Silent, or an upgrade request that never ends: the connection is closed within the
+    first-frame deadline, its slot is freed, and the server goes on serving."""
+    async with pytunnel.open_server(
+        token=TOKEN, ws_path="/tunnel", first_frame_timeout=0.3
+    ) as server:
+        stream = await trio.open_tcp_stream(*server.address)
+        async with stream:
+            await stream.send_all(first)
+            with trio.fail_after(10):
+                while await stream.receive_some():
+                    pass
+        await wait_until(lambda: server.pending_handshakes == 0)
+        url = f"ws://127.0.0.1:{server.port}/tunnel"
+        async with pytunnel.open_tunnel(url, token=TOKEN) as tunnel:
+            forward = await tunnel.forward_local("127.0.0.1", echo_port)
+            assert await echo_once(forward.address, b"still serving") == b"still serving"
