@@ -578,3 +578,16 @@ async def test_a_silent_or_stalled_upgrade_is_dropped_at_the_first_frame_deadlin
         async with pytunnel.open_tunnel(url, token=TOKEN) as tunnel:
             forward = await tunnel.forward_local("127.0.0.1", echo_port)
             assert await echo_once(forward.address, b"still serving") == b"still serving"
+
+
+async def test_a_framing_violation_breaks_the_stream_and_is_answered_with_a_close() -> None:
+    """A client frame without a mask (RFC 6455 5.1): the server closes with 1002."""
+    stream, peer = await _server_with_raw_client()
+    async with stream:
+        await peer.stream.send_all(b"\x82\x03abc")  # binary, FIN, unmasked
+        with pytest.raises(trio.BrokenResourceError) as info:
+            await stream.receive_some()
+        assert isinstance(info.value.__cause__, pytunnel.WebSocketError)
+        event = await peer.next_event()
+        assert isinstance(event, CloseConnection)
+        assert event.code == 1002

@@ -276,6 +276,14 @@ class WebSocketStream(trio.abc.Stream):
                 self._eof = True
                 self.close_code = event.code
                 self.close_reason = event.reason
+                if self._ws.state is ConnectionState.OPEN:
+                    # not a close frame: wsproto found a framing violation (unmasked client
+                    # frames, a bad opcode...) and says so as a close it wants sent
+                    await self._send_control(self._ws.send(event))
+                    reason = printable(event.reason or "")
+                    raise trio.BrokenResourceError(
+                        f"the WebSocket {self.name} broke the protocol"
+                    ) from WebSocketError(f"{self.name}: {reason} ({event.code})", url=self.name)
                 log.debug(
                     "WebSocket %s closed by the peer (%s %s)",
                     self.name,
