@@ -716,7 +716,7 @@ def test_a_name_route_through_the_cli(echo_address: tuple[str, int]) -> None:
         echo = f"{echo_address[0]}:{echo_address[1]}"
         client = Proc(
             "connect", f"{host}:{port}", "--token", token, "-R", f"app:80:{echo}",
-            "--host-header", "inside",
+            "--rewrite-host", "inside",
         )  # fmt: skip
         try:
             assert client.readline() == f"connected to {host}:{port}"

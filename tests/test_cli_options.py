@@ -24,6 +24,8 @@ _RENAMED: dict[str, dict[str, tuple[type[Any], str]]] = {
     "connect": {
         "max_streams": (pytunnel.SessionConfig, "max_streams"),
         "tls_server_name": (pytunnel.ClientConfig, "tls_server_hostname"),
+        "header": (pytunnel.ClientConfig, "ws_headers"),
+        "host_header": (pytunnel.ClientConfig, "ws_host"),
     },
 }
 #: Options with no default in any config class: where the value comes from is the CLI's own
@@ -52,7 +54,7 @@ _CLI_ONLY = {
         "group",  # per remote forward: Tunnel.forward_remote(group=, group_key=)
         "group_key_file",
         "forwarded_headers",  # per name route: Tunnel.forward_name(forwarded_headers=)
-        "host_header",
+        "rewrite_host",
         "basic_auth",
         "dynamic",
         "socks_auth",
@@ -63,6 +65,7 @@ _CLI_ONLY = {
         "remote",
         "local",
         "status_interval",
+        "stdio",  # one connection instead of forwards: Tunnel.open_stream + relay_stdio
         "log_level",
         "log_format",
     },

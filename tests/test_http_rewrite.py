@@ -34,7 +34,7 @@ async def test_pipelined_requests_are_each_rewritten_and_bodies_kept() -> None:
         b"3\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n"
         b"GET /c HTTP/1.0\r\nHost: app\r\n\r\n"
     )
-    out = await rewritten(data, HttpRouteOptions(host_header="inside"))
+    out = await rewritten(data, HttpRouteOptions(rewrite_host="inside"))
     assert out == (
         b"POST /a HTTP/1.1\r\nHost: inside\r\nContent-Length: 5\r\n\r\nhello"
         b"POST /b HTTP/1.1\r\nHost: inside\r\nTransfer-Encoding: chunked\r\n\r\n"

@@ -490,7 +490,7 @@ async def test_a_chunked_body_and_a_sized_body_arrive_whole(
     (tmp_path / "body").write_bytes(payload)
     digest = hashlib.sha256(payload).hexdigest()
     async with pytunnel.open_tunnel(server.address, token=TOKEN) as client:
-        await client.forward_name("app", "127.0.0.1", service, host_header="internal.local")
+        await client.forward_name("app", "127.0.0.1", service, rewrite_host="internal.local")
         for extra in ([], ["-H", "Transfer-Encoding: chunked"]):
             code, body = await curl(
                 http_port(server), f"app.{DOMAIN}", "/up", "--data-binary", f"@{tmp_path}/body",

@@ -9,7 +9,8 @@ layers have namespaces of their own:
 - ``pytunnel.tls``: TLS contexts, certificate fingerprints and pins, self-signed certificates;
 - ``pytunnel.testing``: fault injection, ``open_tunnel_pair`` and the pytest plugin;
 - ``pytunnel.protocol``: the sans-IO core (frames, messages, state machines, SOCKS);
-- ``pytunnel.sync``: the tunnel in a background thread, for code that is not Trio.
+- ``pytunnel.sync``: the tunnel in a background thread, for code that is not Trio;
+- ``pytunnel.transports``: WebSocket, proxies and stdio as trio streams.
 
 Public names are re-exported explicitly here, grouped by the module that defines them;
 everything else is private.
@@ -84,6 +85,7 @@ from .errors import NodeTimeoutError as NodeTimeoutError
 from .errors import NodeUnstableError as NodeUnstableError
 from .errors import PermissionDeniedError as PermissionDeniedError
 from .errors import PortNotAllowedError as PortNotAllowedError
+from .errors import ProxyError as ProxyError
 from .errors import ProtocolError as ProtocolError
 from .errors import RateLimitedError as RateLimitedError
 from .errors import RemoteProtocolError as RemoteProtocolError
@@ -96,6 +98,7 @@ from .errors import TargetForbiddenError as TargetForbiddenError
 from .errors import TLSError as TLSError
 from .errors import TunnelError as TunnelError
 from .errors import VersionMismatchError as VersionMismatchError
+from .errors import WebSocketError as WebSocketError
 
 # the namespaces of the lower layers (see the docstring)
 from . import protocol as protocol
@@ -103,6 +106,7 @@ from . import session as session
 from . import sync as sync
 from . import testing as testing
 from . import tls as tls
+from . import transports as transports
 
 # isort: on
 

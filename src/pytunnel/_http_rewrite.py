@@ -36,14 +36,14 @@ class HttpRouteOptions:
     #: ``X-Forwarded-Host`` and ``Forwarded`` (RFC 7239) naming the public peer.
     forwarded_headers: bool = False
     #: Replace the request's ``Host`` with this (services that only answer to their own).
-    host_header: str | None = None
+    rewrite_host: str | None = None
     #: Require HTTP basic auth with this ``(user, password)``; the ``Authorization`` header
     #: is checked here and not passed on. A request without it gets 401.
     basic_auth: tuple[str, str] | None = attrs.field(default=None, repr=False)
 
     @property
     def active(self) -> bool:
-        return self.forwarded_headers or self.host_header is not None or bool(self.basic_auth)
+        return self.forwarded_headers or self.rewrite_host is not None or bool(self.basic_auth)
 
 
 def _unauthorized() -> bytes:
@@ -185,8 +185,8 @@ class RequestRewriter(trio.abc.HalfCloseableStream):
             lower = name.lower()
             if lower == b"host":
                 host_value = value
-                if options.host_header is not None:
-                    value = options.host_header.encode("idna")
+                if options.rewrite_host is not None:
+                    value = options.rewrite_host.encode("idna")
             elif lower == b"authorization" and self._credentials is not None:
                 continue  # the tunnel's credentials, not the service's
             elif options.forwarded_headers and lower == b"x-forwarded-for":

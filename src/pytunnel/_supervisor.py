@@ -72,8 +72,11 @@ class Supervisor:
         *,
         client_id: str,
         server_host: str | None,
+        connector_tls: bool = False,
     ) -> None:
         self._link = link
+        #: The connector's stream already is the TLS layer the config describes (wss://).
+        self._connector_tls = connector_tls
         self._config = link.config
         self._connector = connector
         self._first_stream = first_stream
@@ -135,7 +138,9 @@ class Supervisor:
     ) -> tuple[trio.abc.Stream, HandshakeResult]:
         """Open a connection (unless given one) and authenticate; close it on failure."""
         config = self._config
-        use_tls = config.tls is not None or config.tls_fingerprint is not None
+        use_tls = not self._connector_tls and (
+            config.tls is not None or config.tls_fingerprint is not None
+        )
         if use_tls and self._tls_context is None:
             self._tls_context = await client_tls_context(pinned=True)
         if stream is None:

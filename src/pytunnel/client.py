@@ -29,7 +29,7 @@ from ._dial import dial, format_target
 from ._events import EventKind, TunnelEvent
 from ._http_rewrite import HttpRouteOptions
 from ._link import Link
-from ._spec import check_target, parse_host_port
+from ._spec import check_target
 from ._supervisor import Connector, Supervisor
 from ._util import unwrap_cancelled
 from .errors import ConnectError, DialError, TunnelError
@@ -47,6 +47,7 @@ from .forwards import (
 from .protocol import routes
 from .protocol.messages import MAX_GROUP
 from .protocol.proxy import ProxyVersion
+from .transports._connector import server_transport
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -122,13 +123,19 @@ class Tunnel:
         stream: trio.abc.Stream | None = None,
         *,
         server_host: str | None = None,
+        connector_tls: bool = False,
     ) -> None:
         self.config = config
         #: This client's identity at the server, the same for every connection of the tunnel.
         self.client_id = config.client_id or secrets.token_hex(16)
         self._link = Link(config)
         self._supervisor = Supervisor(
-            self._link, connector, stream, client_id=self.client_id, server_host=server_host
+            self._link,
+            connector,
+            stream,
+            client_id=self.client_id,
+            server_host=server_host,
+            connector_tls=connector_tls,
         )
 
     # ------------------------------------------------------------------ state
@@ -328,7 +335,7 @@ class Tunnel:
         proxy_protocol: ProxyVersion | None = None,
         limit: float | None = None,
         forwarded_headers: bool = False,
-        host_header: str | None = None,
+        rewrite_host: str | None = None,
         basic_auth: tuple[str, str] | None = None,
         group: str | None = None,
         group_key: str | bytes | None = None,
@@ -346,7 +353,7 @@ class Tunnel:
 
         HTTP routes only, applied here to every request of each connection:
         ``forwarded_headers`` adds ``X-Forwarded-For``/``-Proto``/``-Host`` and
-        ``Forwarded`` naming the public peer; ``host_header`` replaces ``Host``;
+        ``Forwarded`` naming the public peer; ``rewrite_host`` replaces ``Host``;
         ``basic_auth=(user, password)`` answers 401 to requests without them.
 
         ``group`` and ``group_key``: as for :meth:`forward_remote`, for the name."""
@@ -356,10 +363,10 @@ class Tunnel:
             raise ValueError(f"proxy_protocol must be 'v1' or 'v2', not {proxy_protocol!r}")
         if not name or len(name.encode()) > 253:
             raise ValueError(f"not a host name: {name[:80]!r}")
-        http = HttpRouteOptions(forwarded_headers, host_header, basic_auth)
+        http = HttpRouteOptions(forwarded_headers, rewrite_host, basic_auth)
         if tls and http.active:
             raise ValueError(
-                "forwarded_headers, host_header and basic_auth need an HTTP route: a TLS "
+                "forwarded_headers, rewrite_host and basic_auth need an HTTP route: a TLS "
                 "route is passed through encrypted"
             )
         timeout = self.config.connect_timeout if connect_timeout is None else connect_timeout
@@ -455,7 +462,8 @@ async def connect_tunnel(
     config: ClientConfig | None = None,
     **options: Unpack[ClientOptions],
 ) -> Tunnel:
-    """Connect to a server at ``address`` (``"host:port"`` or a tuple) in the caller's nursery.
+    """Connect to a server at ``address`` (``"host:port"``, a tuple, or a ``ws://`` /
+    ``wss://`` URL) in the caller's nursery.
 
     For code that already runs a nursery whose lifetime should bound the tunnel; otherwise
     :func:`open_tunnel` is simpler. Same arguments as :func:`open_tunnel`, plus ``nursery``.
@@ -464,9 +472,13 @@ async def connect_tunnel(
     ``reconnect=False``); ``Tunnel.failure`` says why a tunnel ended.
     """
     client_config = _config(token, config, options)
-    host, port = parse_host_port(address, allow_zero=False)
-    connector = tcp_connector(host, port, client_config.connect_timeout)
-    tunnel = Tunnel(client_config, connector, server_host=host)
+    transport = server_transport(address, client_config)
+    tunnel = Tunnel(
+        client_config,
+        transport.connector,
+        server_host=transport.server_host,
+        connector_tls=transport.carries_tls,
+    )
     started: Tunnel = await nursery.start(tunnel._run)
     return started
 
@@ -485,7 +497,10 @@ async def open_tunnel(
     forward and the connection; no task outlives it.
 
     Args:
-      address: the server, ``"host:port"`` or ``(host, port)``.
+      address: the server, ``"host:port"`` or ``(host, port)``; or a WebSocket endpoint,
+        ``ws://host[:port]/path`` or ``wss://...`` (see ``docs/transports.md``: then the TLS
+        options describe the ``wss://`` layer, and ``ws_headers`` / ``ws_host`` /
+        ``ws_ping_interval`` apply). ``proxy=`` reaches either through a proxy.
       token: the shared secret (or give it in ``config``, not both).
       config: every option in one object; ``options`` override its fields.
       **options: :class:`ClientConfig` fields (``reconnect=False``, ``heartbeat_interval``,
@@ -493,8 +508,9 @@ async def open_tunnel(
 
     Raises:
       ConnectError: the server cannot be reached (1001), or the handshake's errors
-        (``AuthenticationError``, ...). Errors are raised as themselves, not wrapped in an
-        ``ExceptionGroup``.
+        (``AuthenticationError``, ...); ``ProxyError`` (1020) for a proxy that fails,
+        ``WebSocketError`` (1021) for a refused upgrade. Errors are raised as themselves,
+        not wrapped in an ``ExceptionGroup``.
     """
     error: BaseException | None = None
     with unwrap_cancelled():

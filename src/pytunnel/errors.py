@@ -50,6 +50,12 @@ class ErrorCode(enum.IntEnum):
     TLS_FAILED = 1011
     #: Too many failed authentications from this address: try again later.
     RATE_LIMITED = 1012
+    # -- transports (1020-1029): what stands between the client and the server --
+    #: A proxy on the way to the server (HTTP CONNECT, SOCKS) could not be reached, refused
+    #: (407, 403, a SOCKS failure) or stalled.
+    PROXY_FAILED = 1020
+    #: The WebSocket upgrade was refused (403, 404, 502...) or the WebSocket broke the rules.
+    WEBSOCKET_FAILED = 1021
 
     # -- protocol violations (1100-1199): remote ones end the session with GoAway --
     #: A protocol violation with no more precise code; also an ``Open`` with an unknown route.
@@ -222,6 +228,31 @@ class RateLimitedError(ConnectError):
     def retry_after(self) -> float | None:
         match = _RETRY_IN.search(self.message)
         return float(match.group(1)) if match else None
+
+
+class ProxyError(ConnectError):
+    """A proxy on the way to the server failed us: unreachable, refused the request (HTTP
+    status or SOCKS reply, in ``status``), or stalled. ``proxy`` names it (no password)."""
+
+    default_code = ErrorCode.PROXY_FAILED
+
+    def __init__(self, message: str = "", *, proxy: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.proxy = proxy
+        self.status = status
+
+
+class WebSocketError(ConnectError):
+    """The WebSocket transport failed: the upgrade was refused (``status``, the HTTP status
+    of the answer) or not answered, or the peer broke the WebSocket protocol. ``url`` names
+    the endpoint."""
+
+    default_code = ErrorCode.WEBSOCKET_FAILED
+
+    def __init__(self, message: str = "", *, url: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
 
 
 class SessionClosedError(TunnelError):

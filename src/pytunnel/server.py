@@ -46,6 +46,7 @@ from .protocol.mux import Role
 from .session import (
     SessionConfig,
 )
+from .transports.websocket import DEFAULT_PING_INTERVAL
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -91,6 +92,16 @@ def _patterns(value: str | Iterable[str] | None) -> tuple[str, ...]:
 
 def _permit(value: PermitOpen | Iterable[str] | str | None) -> PermitOpen:
     return value if isinstance(value, PermitOpen) else PermitOpen.parse(value)
+
+
+def _valid_ws_path(_inst: object, _attribute: object, value: str | None) -> None:
+    if value is not None and (not value.startswith("/") or "?" in value or not value.isprintable()):
+        raise ValueError(f"ws_path must be a path starting with '/' (no query), not {value!r}")
+
+
+def _valid_ping_interval(_inst: object, _attribute: object, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"ws_ping_interval must be positive (or None: off), not {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -150,6 +161,15 @@ class ServerConfig:
     max_name_head: int = DEFAULT_MAX_HEAD
     #: Seconds a connection on a shared listener has to send that head (slow-loris bound).
     name_head_timeout: float = DEFAULT_HEAD_TIMEOUT
+    #: Also accept the control connection as a WebSocket upgrade at this path (``/tunnel``),
+    #: on the same listener: a connection starting with an HTTP request is upgraded, one
+    #: starting with a tunnel handshake is served as before. ``None``: raw connections only.
+    ws_path: str | None = attrs.field(default=None, validator=_valid_ws_path)
+    #: A WebSocket ping whenever a WebSocket client sent nothing for this long (``None``:
+    #: off), so proxies in front of the server never see an idle WebSocket.
+    ws_ping_interval: float | None = attrs.field(
+        default=DEFAULT_PING_INTERVAL, validator=_valid_ping_interval
+    )
 
     def port_allowed(self, port: int) -> bool:
         return self.allow_ports is None or any(port in r for r in self.allow_ports)
@@ -184,6 +204,8 @@ class ServerOptions(TypedDict, total=False):
     max_names_per_client: int
     max_name_head: int
     name_head_timeout: float
+    ws_path: str | None
+    ws_ping_interval: float | None
 
 
 def _server_config(

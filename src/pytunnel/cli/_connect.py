@@ -28,7 +28,7 @@ from ._options import (
     log_level_option,
     max_streams_option,
     parsed,
-    server_address,
+    server_endpoint,
     usage_errors,
 )
 from ._output import say
@@ -36,6 +36,7 @@ from ._run import run as run_command
 from ._status import print_status
 from ._tlsfiles import client_tls, client_tls_options
 from ._token import read_secret_file, read_token, token_file_option, token_option
+from ._transport import resolve_proxy, run_stdio, take_stdio, transport_options
 
 # Every default shown is the config classes' own.
 _CLIENT = attrs.fields(pytunnel.ClientConfig)
@@ -53,7 +54,7 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("server", callback=server_address, envvar="PYTUNNEL_SERVER")
+@click.argument("server", callback=server_endpoint, envvar="PYTUNNEL_SERVER")
 @token_option(help="Shared secret of the server (or --token-file).")
 @token_file_option
 @click.option(
@@ -118,7 +119,7 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
     "peer to every request.",
 )
 @click.option(
-    "--host-header",
+    "--rewrite-host",
     metavar="HOST",
     help="HTTP name routes: replace each request's Host with HOST.",
 )
@@ -204,12 +205,13 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
     "per run). A new connection with it replaces the server's old session of this client at "
     "once, ports included; never give two clients the same one.",
 )
+@transport_options
 @log_level_option
 @log_format_option
 @click.pass_context
 def connect(
     ctx: click.Context,
-    server: tuple[str, int],
+    server: str | tuple[str, int],
     token: str | None,
     token_file: str | None,
     dynamic: list[tuple[str, int]],
@@ -222,7 +224,7 @@ def connect(
     tls_key: str | None,
     remote: list[pytunnel.ForwardSpec],
     forwarded_headers: bool,
-    host_header: str | None,
+    rewrite_host: str | None,
     basic_auth: tuple[str, str] | None,
     group: str | None,
     group_key_file: str | None,
@@ -241,10 +243,20 @@ def connect(
     max_streams: int,
     status_interval: float,
     client_id: str | None,
+    proxy: str | None,
+    header: tuple[tuple[str, str], ...],
+    host_header: str | None,
+    ws_ping_interval: float,
+    stdio: tuple[str, int] | None,
     log_level: str,
     log_format: str,
 ) -> None:
-    """Connect to a tunnel server and set up forwards; keep them up until interrupted."""
+    """Connect to a tunnel server and set up forwards; keep them up until interrupted.
+
+    SERVER is HOST:PORT, or a WebSocket URL (ws://HOST[:PORT]/PATH, wss://...) for a server
+    behind a reverse proxy that forwards WebSocket upgrades."""
+    # stdout carries the relayed bytes in --stdio mode: taken before anything is printed
+    stdio_fds = take_stdio() if stdio is not None else None
     setup_logging(log_level, log_format)
     secret = read_token(ctx, token, token_file)
     if secret is None:
@@ -274,6 +286,10 @@ def connect(
             probe_interval=probe_interval,
             probe_failures=probe_failures,
             session=pytunnel.SessionConfig(max_streams=max_streams),
+            proxy=resolve_proxy(proxy, server),
+            ws_headers=header,
+            ws_host=host_header,
+            ws_ping_interval=ws_ping_interval or None,
         )
 
     async def run() -> None:
@@ -282,7 +298,11 @@ def connect(
         if context is not None:
             client_config = attrs.evolve(config, tls=context)
         async with pytunnel.open_tunnel(server, config=client_config) as tunnel:
-            say(f"connected to {pytunnel.format_target(*server)}")
+            if stdio is not None and stdio_fds is not None:
+                await run_stdio(tunnel, stdio, stdio_fds)
+                return
+            shown = server if isinstance(server, str) else pytunnel.format_target(*server)
+            say(f"connected to {shown}")
             for spec in remote:
                 if spec.name_route:
                     assert spec.bind_host is not None
@@ -295,7 +315,7 @@ def connect(
                         proxy_protocol=proxy_protocol,
                         limit=limit,
                         forwarded_headers=forwarded_headers and not tls,
-                        host_header=None if tls else host_header,
+                        rewrite_host=None if tls else rewrite_host,
                         basic_auth=None if tls else basic_auth,
                         group=group,
                         group_key=group_key,

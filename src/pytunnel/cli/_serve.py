@@ -19,6 +19,7 @@ import pytunnel
 from ._logs import setup_logging
 from ._options import (
     CONTEXT,
+    config_check,
     connect_timeout_option,
     heartbeat_timeout_option,
     idle_timeout_option,
@@ -178,6 +179,20 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
 )
 @token_file_option
 @server_tls_options
+@click.option(
+    "--ws-path",
+    metavar="PATH",
+    callback=config_check(pytunnel.ServerConfig, "ws_path"),
+    help="Also accept clients as WebSocket upgrades at this path (/tunnel), on the same "
+    "listener, e.g. behind a reverse proxy; raw clients are still served.",
+)
+@click.option(
+    "--ws-ping-interval",
+    type=click.FloatRange(min=0),
+    default=_SERVER.ws_ping_interval.default,
+    help="Ping a WebSocket client that sent nothing for this many seconds (0: never), so "
+    "proxies in front never see the WebSocket idle.",
+)
 @log_level_option
 @log_format_option
 @click.pass_context
@@ -213,6 +228,8 @@ def serve(
     tls_self_signed: bool,
     tls_dir: str,
     tls_client_ca: str | None,
+    ws_path: str | None,
+    ws_ping_interval: float,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -243,6 +260,8 @@ def serve(
             first_frame_timeout=first_frame_timeout,
             auth_failure_burst=auth_failure_burst,
             auth_failure_interval=auth_failure_interval,
+            ws_path=ws_path,
+            ws_ping_interval=ws_ping_interval or None,
             session=pytunnel.SessionConfig(
                 max_streams=max_session_streams, max_frame_size=max_frame_size
             ),
@@ -268,6 +287,9 @@ def serve(
             for what, shared in (("HTTP", server.http_address), ("HTTPS", server.https_address)):
                 if shared is not None:
                     say(f"routing {what} by name on {pytunnel.format_target(*shared)}")
+            if ws_path is not None:
+                scheme = "wss" if tls else "ws"
+                say(f"WebSocket clients: {scheme}://{address}{ws_path}")
             if fingerprint is not None:
                 say(f"TLS certificate fingerprint: {fingerprint}")
             if generated:
