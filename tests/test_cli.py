@@ -830,3 +830,19 @@ def test_group_options_go_together() -> None:
     )
     assert result.returncode == 2
     assert "--group and --group-key-file go together" in result.stderr
+
+
+def test_several_servers_through_the_cli(
+    server: tuple[Proc, tuple[str, int], str], echo_address: tuple[str, int]
+) -> None:
+    """``pytunnel connect DOWN UP -L ...``: the server that refuses is passed over."""
+    _, (host, port), token = server
+    down = f"127.0.0.1:{_free_port()}"
+    echo = f"{echo_address[0]}:{echo_address[1]}"
+    client = Proc("connect", down, f"{host}:{port}", "--token", token, "-L", f"0:{echo}")
+    try:
+        assert client.readline() == f"connected to {host}:{port}"
+        local = _address(client.readline())
+        assert _roundtrip(local, b"through the second") == b"through the second"
+    finally:
+        client.kill()

@@ -71,7 +71,7 @@ class Supervisor:
         first_stream: trio.abc.Stream | None,
         *,
         client_id: str,
-        server_host: str | None,
+        server_host: str | Callable[[], str] | None,
         connector_tls: bool = False,
     ) -> None:
         self._link = link
@@ -93,6 +93,11 @@ class Supervisor:
         #: The TLS context of every connection of this tunnel, built (off the event loop)
         #: for the first one and reused for each reconnection.
         self._tls_context: ssl.SSLContext | None = self._config.tls
+
+    def _current_host(self) -> str | None:
+        """The host the connector reached (several servers: the one that answered)."""
+        host = self._server_host
+        return host() if callable(host) else host
 
     @property
     def done(self) -> bool:
@@ -151,7 +156,7 @@ class Supervisor:
             stream = await tls_connect(
                 stream,
                 self._tls_context,
-                server_hostname=config.tls_server_hostname or self._server_host,
+                server_hostname=config.tls_server_hostname or self._current_host(),
                 fingerprint=config.tls_fingerprint,
                 timeout=config.handshake_timeout,
             )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -47,7 +47,7 @@ from .forwards import (
 from .protocol import routes
 from .protocol.messages import MAX_GROUP
 from .protocol.proxy import ProxyVersion
-from .transports._connector import server_transport
+from .transports._connector import Address, servers_transport
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -102,6 +102,15 @@ def _group(group: str | None, key: str | bytes | None, kind: str) -> tuple[str, 
     return group, key.encode() if isinstance(key, str) else bytes(key)
 
 
+def _addresses(address: Address | Sequence[Address]) -> list[Address]:
+    """One server (``"host:port"``, ``(host, port)``, a URL) or a list of them."""
+    if isinstance(address, str):
+        return [address]
+    if isinstance(address, tuple) and len(address) == 2 and isinstance(address[1], int):
+        return [(str(address[0]), address[1])]
+    return list(address)
+
+
 def _protocol(protocol: str) -> str:
     if protocol not in ("tcp", "udp"):
         raise ValueError(f"protocol must be 'tcp' or 'udp', not {protocol!r}")
@@ -122,10 +131,12 @@ class Tunnel:
         connector: Connector | None,
         stream: trio.abc.Stream | None = None,
         *,
-        server_host: str | None = None,
+        server_host: str | Callable[[], str] | None = None,
         connector_tls: bool = False,
+        server: Callable[[], str] | None = None,
     ) -> None:
         self.config = config
+        self._server = server
         #: This client's identity at the server, the same for every connection of the tunnel.
         self.client_id = config.client_id or secrets.token_hex(16)
         self._link = Link(config)
@@ -139,6 +150,12 @@ class Tunnel:
         )
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def server(self) -> str | None:
+        """The server the current (or last) connection reached, as it was given: with
+        several server addresses, the one that answered. ``None`` over a given stream."""
+        return None if self._server is None else self._server()
 
     @property
     def session(self) -> Session | None:
@@ -456,14 +473,14 @@ async def wrap_tunnel(
 
 async def connect_tunnel(
     nursery: trio.Nursery,
-    address: str | tuple[str, int],
+    address: Address | Sequence[Address],
     *,
     token: str | bytes | None = None,
     config: ClientConfig | None = None,
     **options: Unpack[ClientOptions],
 ) -> Tunnel:
     """Connect to a server at ``address`` (``"host:port"``, a tuple, or a ``ws://`` /
-    ``wss://`` URL) in the caller's nursery.
+    ``wss://`` URL, or a list of them) in the caller's nursery.
 
     For code that already runs a nursery whose lifetime should bound the tunnel; otherwise
     :func:`open_tunnel` is simpler. Same arguments as :func:`open_tunnel`, plus ``nursery``.
@@ -472,12 +489,13 @@ async def connect_tunnel(
     ``reconnect=False``); ``Tunnel.failure`` says why a tunnel ended.
     """
     client_config = _config(token, config, options)
-    transport = server_transport(address, client_config)
+    transport = servers_transport(_addresses(address), client_config)
     tunnel = Tunnel(
         client_config,
         transport.connector,
         server_host=transport.server_host,
         connector_tls=transport.carries_tls,
+        server=transport.current,
     )
     started: Tunnel = await nursery.start(tunnel._run)
     return started
@@ -485,7 +503,7 @@ async def connect_tunnel(
 
 @asynccontextmanager
 async def open_tunnel(
-    address: str | tuple[str, int],
+    address: Address | Sequence[Address],
     *,
     token: str | bytes | None = None,
     config: ClientConfig | None = None,
@@ -500,7 +518,10 @@ async def open_tunnel(
       address: the server, ``"host:port"`` or ``(host, port)``; or a WebSocket endpoint,
         ``ws://host[:port]/path`` or ``wss://...`` (see ``docs/transports.md``: then the TLS
         options describe the ``wss://`` layer, and ``ws_headers`` / ``ws_host`` /
-        ``ws_ping_interval`` apply). ``proxy=`` reaches either through a proxy.
+        ``ws_ping_interval`` apply). ``proxy=`` reaches either through a proxy. A list of
+        servers: each connection (the first and every reconnection) goes to the first that
+        answers, tried in order 250 ms apart (happy eyeballs across servers); forwards are
+        restored on whichever it reaches. ``Tunnel.server`` says which.
       token: the shared secret (or give it in ``config``, not both).
       config: every option in one object; ``options`` override its fields.
       **options: :class:`ClientConfig` fields (``reconnect=False``, ``heartbeat_interval``,

@@ -28,7 +28,7 @@ from ._options import (
     log_level_option,
     max_streams_option,
     parsed,
-    server_endpoint,
+    server_endpoints,
     usage_errors,
 )
 from ._output import say
@@ -54,7 +54,9 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("server", callback=server_endpoint, envvar="PYTUNNEL_SERVER")
+@click.argument(
+    "server", nargs=-1, required=True, callback=server_endpoints, envvar="PYTUNNEL_SERVER"
+)
 @token_option(help="Shared secret of the server (or --token-file).")
 @token_file_option
 @click.option(
@@ -211,7 +213,7 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
 @click.pass_context
 def connect(
     ctx: click.Context,
-    server: str | tuple[str, int],
+    server: list[str | tuple[str, int]],
     token: str | None,
     token_file: str | None,
     dynamic: list[tuple[str, int]],
@@ -254,7 +256,9 @@ def connect(
     """Connect to a tunnel server and set up forwards; keep them up until interrupted.
 
     SERVER is HOST:PORT, or a WebSocket URL (ws://HOST[:PORT]/PATH, wss://...) for a server
-    behind a reverse proxy that forwards WebSocket upgrades."""
+    behind a reverse proxy that forwards WebSocket upgrades. Several servers: each connection
+    goes to the first that answers (tried in order, 250 ms apart), and the forwards are
+    restored on whichever a reconnection reaches."""
     # stdout carries the relayed bytes in --stdio mode: taken before anything is printed
     stdio_fds = take_stdio() if stdio is not None else None
     setup_logging(log_level, log_format)
@@ -286,7 +290,7 @@ def connect(
             probe_interval=probe_interval,
             probe_failures=probe_failures,
             session=pytunnel.SessionConfig(max_streams=max_streams),
-            proxy=resolve_proxy(proxy, server),
+            proxy=resolve_proxy(proxy, server[0]),
             ws_headers=header,
             ws_host=host_header,
             ws_ping_interval=ws_ping_interval or None,
@@ -301,8 +305,7 @@ def connect(
             if stdio is not None and stdio_fds is not None:
                 await run_stdio(tunnel, stdio, stdio_fds)
                 return
-            shown = server if isinstance(server, str) else pytunnel.format_target(*server)
-            say(f"connected to {shown}")
+            say(f"connected to {tunnel.server}")
             for spec in remote:
                 if spec.name_route:
                     assert spec.bind_host is not None

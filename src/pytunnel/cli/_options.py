@@ -91,8 +91,8 @@ def _server_endpoint(value: str) -> str | tuple[str, int]:
     return pytunnel.parse_host_port(value, allow_zero=False)
 
 
-#: What ``connect`` reaches: ``HOST:PORT`` or a WebSocket URL.
-server_endpoint = parsed(_server_endpoint)
+#: What ``connect`` reaches: ``HOST:PORT`` or a WebSocket URL, one or several.
+server_endpoints = parsed(lambda values: [_server_endpoint(v) for v in values])
 #: ``-L``/``-R`` specifications and ``-D`` listening addresses, each repeatable.
 forward_specs = parsed(lambda values: [pytunnel.parse_forward_spec(v) for v in values])
 dynamic_specs = parsed(lambda values: [pytunnel.parse_host_port(v) for v in values])

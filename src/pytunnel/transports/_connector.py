@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
@@ -20,11 +21,11 @@ from .._dial import dial, format_target
 from .._spec import parse_host_port
 from .._supervisor import Connector
 from .._tls import client_tls_context, tls_connect
-from ..errors import ConnectError, DialError, TLSError
+from ..errors import ConnectError, DialError, TLSError, TunnelError
 from .proxy import ProxyURL, connect_via_proxy, parse_proxy_url
 from .websocket import WebSocketURL, connect_websocket, parse_websocket_url
 
-__all__ = ["ServerTransport", "server_transport"]
+__all__ = ["ServerTransport", "server_transport", "servers_transport"]
 
 
 @attrs.frozen
@@ -32,10 +33,85 @@ class ServerTransport:
     """How a tunnel reaches its server."""
 
     connector: Connector
-    #: The host connected to (the default name its certificate must carry).
-    server_host: str
+    #: The host connected to (the default name its certificate must carry); with several
+    #: servers, that of the one the last connection reached.
+    server_host: Callable[[], str]
     #: Whether the connector's stream already is the TLS layer the config describes.
     carries_tls: bool
+    #: The server the last connection reached, as the user wrote it.
+    current: Callable[[], str]
+
+
+#: Seconds each server has to answer before the next one is tried too (RFC 8305's
+#: "connection attempt delay"): a dead server costs this, not a whole connect timeout.
+ATTEMPT_DELAY = 0.25
+
+Address = str | tuple[str, int]
+
+
+def _label(address: Address) -> str:
+    return address if isinstance(address, str) else format_target(*address)
+
+
+def servers_transport(addresses: Sequence[Address], config: ClientConfig) -> ServerTransport:
+    """The transport to the first of ``addresses`` that answers, tried in order with
+    :data:`ATTEMPT_DELAY` between starts (happy eyeballs across servers), anew at every
+    reconnection. One address is :func:`server_transport`."""
+    if not addresses:
+        raise ValueError("no server address given")
+    transports = [server_transport(address, config) for address in addresses]
+    if len(transports) == 1:
+        return transports[0]
+    if len({t.carries_tls for t in transports}) != 1:
+        raise ValueError("wss:// servers cannot be mixed with ws:// or host:port ones")
+    labels = [_label(address) for address in addresses]
+    chosen = [0]
+
+    async def connect() -> trio.abc.Stream:
+        index, stream = await _first_to_answer([t.connector for t in transports], labels)
+        chosen[0] = index
+        return stream
+
+    return ServerTransport(
+        connect,
+        lambda: transports[chosen[0]].server_host(),
+        transports[0].carries_tls,
+        lambda: labels[chosen[0]],
+    )
+
+
+async def _first_to_answer(
+    connectors: list[Connector], labels: list[str]
+) -> tuple[int, trio.abc.Stream]:
+    """Start the connectors one after another, each :data:`ATTEMPT_DELAY` after the last
+    (or at once when the last failed); the first stream wins, the others are cancelled (or
+    closed, if they connected too). ``ConnectError`` naming every failure if none does."""
+    winner: list[tuple[int, trio.abc.Stream]] = []
+    errors: dict[int, BaseException] = {}
+    async with trio.open_nursery() as nursery:
+
+        async def attempt(index: int, failed: trio.Event) -> None:
+            try:
+                stream = await connectors[index]()
+            except (TunnelError, OSError) as exc:
+                errors[index] = exc
+                failed.set()
+                return
+            if winner:
+                await trio.aclose_forcefully(stream)
+                return
+            winner.append((index, stream))
+            nursery.cancel_scope.cancel()
+
+        for index in range(len(connectors)):
+            failed = trio.Event()
+            nursery.start_soon(attempt, index, failed)
+            with trio.move_on_after(ATTEMPT_DELAY):
+                await failed.wait()
+    if winner:
+        return winner[0]
+    reasons = "; ".join(f"{labels[i]}: {errors[i]}" for i in sorted(errors))
+    raise ConnectError(f"cannot reach any of {len(labels)} tunnel servers ({reasons})")
 
 
 def _is_url(address: str | tuple[str, int]) -> bool:
@@ -49,9 +125,17 @@ def server_transport(address: str | tuple[str, int], config: ClientConfig) -> Se
     if _is_url(address):
         assert isinstance(address, str)
         url = parse_websocket_url(address)
-        return ServerTransport(_websocket_connector(url, config, proxy), url.host, url.secure)
+        return ServerTransport(
+            _websocket_connector(url, config, proxy),
+            lambda: url.host,
+            url.secure,
+            lambda: address,
+        )
     host, port = parse_host_port(address, allow_zero=False)
-    return ServerTransport(_tcp_connector(host, port, config, proxy), host, False)
+    label = format_target(host, port)
+    return ServerTransport(
+        _tcp_connector(host, port, config, proxy), lambda: host, False, lambda: label
+    )
 
 
 async def _open_tcp(
