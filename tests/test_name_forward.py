@@ -23,6 +23,8 @@ from helpers import (
     TOKEN,
     closed_port,
     count_fds,
+    count_tasks,
+    describe_tasks,
     http_service,
     raw_echo,
     serve_route_target,
@@ -35,6 +37,7 @@ import pytunnel
 from pytunnel.protocol.proxy import ProxyHeaderReader
 
 CURL = shutil.which("curl")
+OPENSSL = shutil.which("openssl")
 DOMAIN = "tunnel.test"
 LOOPBACK = ("127.0.0.1", 0)
 
@@ -336,13 +339,16 @@ async def test_bad_heads_are_answered_and_leave_nothing_behind(
     echo = await serve_route_target(nursery, raw_echo)
     async with pytunnel.open_tunnel(server.address, token=TOKEN) as client:
         await client.forward_name("app", "127.0.0.1", echo)
-        fds = count_fds()
+        fds, tasks = count_fds(), count_tasks()
         port = http_port(server)
         assert (await exchange(port, b"\x16\x03\x01garbage\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
         big = b"GET / HTTP/1.1\r\nHost: app.tunnel.test\r\nX: " + b"a" * 40_000 + b"\r\n\r\n"
         assert (await exchange(port, big)).startswith(b"HTTP/1.1 431 ")
         assert (await exchange(port, b"GET / HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+        tls = https_port(server)
+        assert await exchange(tls, b"\x16\x03\x01\x00\x05hello") == b""  # not a ClientHello
         await wait_until(lambda: count_fds() <= fds, 10, lambda: f"fds {count_fds()} > {fds}")
+        await wait_until(lambda: count_tasks() <= tasks, 10, describe_tasks)
 
 
 # --------------------------------------------------------------------------- TLS
@@ -566,3 +572,27 @@ async def test_a_websocket_client_talks_to_its_server_through_a_name_route(
     finally:
         target.shutdown()
         thread.join(10)
+
+
+@pytest.mark.skipif(OPENSSL is None, reason="openssl is not installed")
+async def test_openssl_s_client_verifies_the_services_own_certificate_through_the_tunnel(
+    nursery: trio.Nursery, server: pytunnel.TunnelServer, ca: trustme.CA, tmp_path: pathlib.Path
+) -> None:
+    assert OPENSSL is not None
+    service = await serve_route_target(nursery, tls_service(ca, "shop.example.org"))
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    async with pytunnel.open_tunnel(server.address, token=TOKEN) as client:
+        await client.forward_name("shop.example.org", "127.0.0.1", service, tls=True)
+        result = await trio.run_process(
+            [
+                OPENSSL, "s_client", "-connect", f"127.0.0.1:{https_port(server)}",
+                "-servername", "shop.example.org", "-verify_hostname", "shop.example.org",
+                "-CAfile", str(ca_file), "-verify_return_error", "-quiet",
+            ],
+            stdin=b"ping",
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )  # fmt: skip
+        assert b"hello from shop.example.org: ping" in result.stdout, result.stderr
