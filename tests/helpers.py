@@ -8,10 +8,12 @@ test file imports what it uses by name and a reader sees where it comes from.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -321,3 +323,74 @@ async def serve_route_target(
 
     listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
     return int(listeners[0].socket.getsockname()[1])
+
+
+class LinkProxy:
+    """A TCP relay between a client and the server, to break the link in chosen ways.
+
+    ``reset_client_side()`` resets (RST, ``SO_LINGER`` 0) only the client-facing sockets and
+    keeps the server-facing ones open and silent: the server still sees a healthy, quiet
+    client, as after a NAT rebinding or a middlebox reset. ``cut()`` closes both sides.
+    While ``refusing`` is set, new connections are closed at once.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self.refusing = False
+        self._links: list[tuple[trio.SocketStream, trio.SocketStream, trio.CancelScope]] = []
+        self.ghosts: list[trio.SocketStream] = []
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
+        )
+        self.port = int(listeners[0].socket.getsockname()[1])
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        if self.refusing:
+            return  # serve_tcp closes it
+        server = await trio.open_tcp_stream(*self.target)
+        scope = trio.CancelScope()
+        self._links.append((client, server, scope))
+        with scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, server)
+                nursery.start_soon(self._pump, server, client)
+
+    @staticmethod
+    async def _pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async for chunk in source:
+                await sink.send_all(chunk)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await sink.send_eof()
+
+    @staticmethod
+    def _reset(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(OSError):  # already closed by its own side: nothing to reset
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()
+
+    def reset_client_side(self) -> None:
+        links, self._links = self._links, []
+        for client, server, scope in links:
+            scope.cancel()
+            self._reset(client)
+            self.ghosts.append(server)  # open, and nobody reads or writes it any more
+
+    def cut(self) -> None:
+        links, self._links = self._links, []
+        for client, server, scope in links:
+            scope.cancel()
+            self._reset(client)
+            self._reset(server)
+
+    def close(self) -> None:
+        self.cut()
+        for ghost in self.ghosts:
+            ghost.socket.close()

@@ -21,6 +21,7 @@ import trio
 import trustme
 from helpers import (
     TOKEN,
+    LinkProxy,
     closed_port,
     count_fds,
     count_tasks,
@@ -596,3 +597,35 @@ async def test_openssl_s_client_verifies_the_services_own_certificate_through_th
             check=False,
         )  # fmt: skip
         assert b"hello from shop.example.org: ping" in result.stdout, result.stderr
+
+
+@needs_curl
+async def test_a_one_sided_reset_gets_the_same_name_back_at_once(
+    nursery: trio.Nursery, server: pytunnel.TunnelServer
+) -> None:
+    """Only the client's side of the link dies; the server still holds the session and the
+    name. The reconnecting client has the same identity, so its new session replaces the
+    ghost and gets the name back at once (never NAME_IN_USE against itself)."""
+    app = await serve_route_target(nursery, http_service("app"))
+    proxy = LinkProxy(server.address)
+    await proxy.start(nursery)
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, proxy.address, token=TOKEN, backoff_initial=0.2, backoff_jitter=0.0
+    )
+    try:
+        forward = await tunnel.forward_name("app", "127.0.0.1", app)
+        assert (await curl(http_port(server), f"app.{DOMAIN}"))[0] == 200
+        proxy.reset_client_side()
+        with trio.fail_after(5):
+            while tunnel.reconnects < 1:
+                await trio.sleep(0.01)
+            status = await forward.wait_status(
+                pytunnel.ForwardStatus.ACTIVE, pytunnel.ForwardStatus.ERROR
+            )
+        assert status is pytunnel.ForwardStatus.ACTIVE, forward.reason
+        assert await curl(http_port(server), f"app.{DOMAIN}") == (200, "app / from 127.0.0.1\n")
+        assert server.session_count == 1
+        assert proxy.ghosts
+    finally:
+        await tunnel.aclose()
+        proxy.close()
