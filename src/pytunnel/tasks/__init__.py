@@ -1,0 +1,48 @@
+"""Tasks and events over HTTP, wire-compatible with the Runner framework's HTTP exposure
+(``@bluelibs/runner`` 5.5): a :class:`TaskServer` that Runner's own clients can call, and a
+:class:`TaskClient` that can call a Runner server. See ``docs/tasks.md``."""
+
+from __future__ import annotations
+
+from .._http import HttpLimits
+from ._server import CorsConfig, EventHandler, TaskHandler, TaskServer
+from .errors import (
+    AuthNotConfiguredError,
+    ForbiddenError,
+    InternalError,
+    InvalidJsonError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PayloadTooLargeError,
+    TaskCallError,
+    TaskError,
+    TaskTimeoutError,
+    UnauthorizedError,
+)
+from .serializer import UNDEFINED, URL, JsError, RegExp, RunnerMap, SerializationError, Undefined
+
+__all__ = [
+    "UNDEFINED",
+    "URL",
+    "AuthNotConfiguredError",
+    "CorsConfig",
+    "EventHandler",
+    "ForbiddenError",
+    "HttpLimits",
+    "InternalError",
+    "InvalidJsonError",
+    "JsError",
+    "MethodNotAllowedError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "RegExp",
+    "RunnerMap",
+    "SerializationError",
+    "TaskCallError",
+    "TaskError",
+    "TaskHandler",
+    "TaskServer",
+    "TaskTimeoutError",
+    "UnauthorizedError",
+    "Undefined",
+]
