@@ -5,12 +5,16 @@
 from __future__ import annotations
 
 from .._http import HttpLimits
+from ._client import Discovery, SyncTaskClient, TaskClient
 from ._server import CorsConfig, EventHandler, TaskHandler, TaskServer
 from .errors import (
     AuthNotConfiguredError,
+    ConnectionFailedError,
     ForbiddenError,
+    HttpStatusError,
     InternalError,
     InvalidJsonError,
+    InvalidResponseError,
     MethodNotAllowedError,
     NotFoundError,
     PayloadTooLargeError,
@@ -25,12 +29,16 @@ __all__ = [
     "UNDEFINED",
     "URL",
     "AuthNotConfiguredError",
+    "ConnectionFailedError",
     "CorsConfig",
+    "Discovery",
     "EventHandler",
     "ForbiddenError",
     "HttpLimits",
+    "HttpStatusError",
     "InternalError",
     "InvalidJsonError",
+    "InvalidResponseError",
     "JsError",
     "MethodNotAllowedError",
     "NotFoundError",
@@ -38,7 +46,9 @@ __all__ = [
     "RegExp",
     "RunnerMap",
     "SerializationError",
+    "SyncTaskClient",
     "TaskCallError",
+    "TaskClient",
     "TaskError",
     "TaskHandler",
     "TaskServer",

@@ -9,9 +9,12 @@ from .serializer import UNDEFINED
 
 __all__ = [
     "AuthNotConfiguredError",
+    "ConnectionFailedError",
     "ForbiddenError",
+    "HttpStatusError",
     "InternalError",
     "InvalidJsonError",
+    "InvalidResponseError",
     "MethodNotAllowedError",
     "NotFoundError",
     "PayloadTooLargeError",
@@ -112,6 +115,24 @@ class TaskTimeoutError(TaskCallError):
     code = "TIMEOUT"
 
 
+class InvalidResponseError(TaskCallError):
+    """The answer is not the protocol's envelope (another server, or a truncated answer)."""
+
+    code = "INVALID_RESPONSE"
+
+
+class HttpStatusError(TaskCallError):
+    """An error status with no protocol body (a proxy's page, say)."""
+
+    code = "HTTP_ERROR"
+
+
+class ConnectionFailedError(TaskCallError):
+    """The server could not be reached or the connection broke; ``status`` is 0."""
+
+    code = "CONNECTION_ERROR"
+
+
 _BY_CODE: dict[str, type[TaskCallError]] = {
     cls.code: cls
     for cls in (
@@ -124,6 +145,9 @@ _BY_CODE: dict[str, type[TaskCallError]] = {
         PayloadTooLargeError,
         InternalError,
         TaskTimeoutError,
+        InvalidResponseError,
+        HttpStatusError,
+        ConnectionFailedError,
     )
 }
 
