@@ -42,6 +42,7 @@ from .forwards import (
     UdpLocalForward,
     UdpRemoteForward,
 )
+from .forwards.remote import StreamHandler
 from .protocol import routes
 from .protocol.proxy import ProxyVersion
 
@@ -253,8 +254,8 @@ class Tunnel:
 
     async def forward_remote(
         self,
-        target_host: str,
-        target_port: int,
+        target_host: str | None = None,
+        target_port: int | None = None,
         *,
         remote_port: int = 0,
         remote_host: str = "",
@@ -262,6 +263,7 @@ class Tunnel:
         protocol: str = "tcp",
         proxy_protocol: ProxyVersion | None = None,
         limit: float | None = None,
+        handler: StreamHandler | None = None,
     ) -> RemoteForward:
         """Ask the server to listen on ``remote_port`` (0: any); relay each connection there
         to the target, dialled here. Raises ``AddressInUseError``, ``PermissionDeniedError``,
@@ -271,7 +273,25 @@ class Tunnel:
         ``proxy_protocol`` (``"v1"`` or ``"v2"``, TCP only) starts every connection to the
         target with a PROXY protocol header naming the public peer's address, for services
         (nginx ``listen ... proxy_protocol``, HAProxy, Postfix) that then see who connected.
-        ``limit``: as for :meth:`forward_local`."""
+        ``limit``: as for :meth:`forward_local`.
+
+        ``handler`` instead of a target: each public connection's stream is handed to
+        ``handler(stream)`` here, with no local port and no dial (an HTTP server's
+        ``handle_stream``, say); TCP only."""
+        if handler is not None:
+            return await self._forward_to_handler(
+                handler,
+                target_host,
+                target_port,
+                remote_host,
+                remote_port,
+                protocol,
+                proxy_protocol,
+                limit,
+                connect_timeout,
+            )
+        if target_host is None or target_port is None:
+            raise TypeError("forward_remote needs a target (host and port) or a handler")
         check_target(target_host, target_port)
         check_target(remote_host, remote_port, allow_port_zero=True)
         kind = _protocol(protocol)
@@ -288,6 +308,31 @@ class Tunnel:
         else:
             forward = RemoteForward(*args, proxy_protocol=proxy_protocol)
         forward.set_limit(limit)
+        await forward.start()
+        return forward
+
+    async def _forward_to_handler(
+        self,
+        handler: StreamHandler,
+        target_host: str | None,
+        target_port: int | None,
+        remote_host: str,
+        remote_port: int,
+        protocol: str,
+        proxy_protocol: ProxyVersion | None,
+        limit: float | None,
+        connect_timeout: float | None,
+    ) -> RemoteForward:
+        if target_host is not None or target_port is not None:
+            raise TypeError("forward_remote takes a target or a handler, not both")
+        if _protocol(protocol) != "tcp" or proxy_protocol is not None or limit is not None:
+            raise ValueError("a handler serves TCP streams, with no PROXY header and no limit")
+        check_target(remote_host, remote_port, allow_port_zero=True)
+        timeout = self.config.connect_timeout if connect_timeout is None else connect_timeout
+        name = getattr(handler, "__qualname__", type(handler).__name__)
+        forward = RemoteForward(
+            self._link, f"<{name}>", 0, remote_host, remote_port, timeout, handler=handler
+        )
         await forward.start()
         return forward
 
