@@ -7,6 +7,7 @@ from __future__ import annotations
 from .._http import HttpLimits
 from ._client import Discovery, SyncTaskClient, TaskClient
 from ._server import CorsConfig, EventHandler, TaskHandler, TaskServer
+from ._uploads import BodyStream, InputFile, MultipartLimits
 from .errors import (
     AuthNotConfiguredError,
     ConnectionFailedError,
@@ -29,6 +30,7 @@ __all__ = [
     "UNDEFINED",
     "URL",
     "AuthNotConfiguredError",
+    "BodyStream",
     "ConnectionFailedError",
     "CorsConfig",
     "Discovery",
@@ -36,11 +38,13 @@ __all__ = [
     "ForbiddenError",
     "HttpLimits",
     "HttpStatusError",
+    "InputFile",
     "InternalError",
     "InvalidJsonError",
     "InvalidResponseError",
     "JsError",
     "MethodNotAllowedError",
+    "MultipartLimits",
     "NotFoundError",
     "PayloadTooLargeError",
     "RegExp",

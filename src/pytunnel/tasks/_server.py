@@ -48,6 +48,14 @@ from .._http import (
 )
 from ..errors import printable
 from . import serializer
+from ._uploads import (
+    BodyStream,
+    MultipartLimits,
+    UploadRefused,
+    is_multipart,
+    is_octet_stream,
+    read_multipart,
+)
 from .errors import TaskError
 from .serializer import UNDEFINED, SerializationError
 
@@ -125,6 +133,7 @@ class TaskServer:
         max_json_body: int = DEFAULT_MAX_JSON,
         task_timeout: float = 60.0,
         disable_discovery: bool = False,
+        multipart_limits: MultipartLimits | None = None,
         http_limits: HttpLimits | None = None,
     ) -> None:
         tokens = [token] if isinstance(token, str) else list(token or ())
@@ -139,6 +148,7 @@ class TaskServer:
         self.max_json_body = max_json_body
         self.task_timeout = task_timeout
         self.disable_discovery = disable_discovery
+        self.multipart_limits = multipart_limits or MultipartLimits()
         limits = http_limits or HttpLimits()
         # the body limit is the protocol's (per content type), so the HTTP layer counts none;
         # its last-resort handler bound stays above the task's own timeout
@@ -278,6 +288,20 @@ class TaskServer:
         fn = self._tasks.get(task_id)
         if fn is None:
             return self._error(request, headers, 404, f"Task {task_id} not found", "NOT_FOUND")
+        content_type = request.header("content-type") or ""
+        if is_multipart(content_type):
+            try:
+                task_input, files = await read_multipart(request, self.multipart_limits)
+            except UploadRefused as exc:
+                return self._error(request, headers, exc.status, exc.message, exc.code)
+            try:
+                return await self._run(request, headers, f"task {task_id}", fn, task_input)
+            finally:
+                for file in files:
+                    file.close()
+        if is_octet_stream(content_type):
+            stream = BodyStream(request)
+            return await self._run(request, headers, f"task {task_id}", fn, stream)
         body = await self._json_body(request, headers)
         if isinstance(body, Response):
             return body
