@@ -44,6 +44,7 @@ from .forwards import (
     UdpLocalForward,
     UdpRemoteForward,
 )
+from .forwards.remote import StreamHandler
 from .protocol import routes
 from .protocol.messages import MAX_GROUP
 from .protocol.proxy import ProxyVersion
@@ -293,8 +294,8 @@ class Tunnel:
 
     async def forward_remote(
         self,
-        target_host: str,
-        target_port: int,
+        target_host: str | None = None,
+        target_port: int | None = None,
         *,
         remote_port: int = 0,
         remote_host: str = "",
@@ -304,6 +305,7 @@ class Tunnel:
         limit: float | None = None,
         group: str | None = None,
         group_key: str | bytes | None = None,
+        handler: StreamHandler | None = None,
     ) -> RemoteForward:
         """Ask the server to listen on ``remote_port`` (0: any); relay each connection there
         to the target, dialled here. Raises ``AddressInUseError``, ``PermissionDeniedError``,
@@ -318,7 +320,26 @@ class Tunnel:
         ``group`` and ``group_key`` (TCP, a fixed ``remote_port``): join the load-balanced
         group of that name serving the port, or form it; the server spreads the public
         connections across the group's live members, and refuses a member with another
-        name or key (``GroupMismatchError``)."""
+        name or key (``GroupMismatchError``).
+
+        ``handler`` instead of a target: each public connection's stream is handed to
+        ``handler(stream)`` here, with no local port and no dial (an HTTP server's
+        ``handle_stream``, say); TCP only."""
+        if handler is not None:
+            return await self._forward_to_handler(
+                handler,
+                target_host,
+                target_port,
+                remote_host,
+                remote_port,
+                protocol,
+                proxy_protocol,
+                limit,
+                connect_timeout,
+                _group(group, group_key, _protocol(protocol)),
+            )
+        if target_host is None or target_port is None:
+            raise TypeError("forward_remote needs a target (host and port) or a handler")
         check_target(target_host, target_port)
         check_target(remote_host, remote_port, allow_port_zero=True)
         kind = _protocol(protocol)
@@ -399,6 +420,41 @@ class Tunnel:
             group=_group(group, group_key, "tcp"),
         )
         forward.set_limit(limit)
+        await forward.start()
+        return forward
+
+    async def _forward_to_handler(
+        self,
+        handler: StreamHandler,
+        target_host: str | None,
+        target_port: int | None,
+        remote_host: str,
+        remote_port: int,
+        protocol: str,
+        proxy_protocol: ProxyVersion | None,
+        limit: float | None,
+        connect_timeout: float | None,
+        membership: tuple[str, bytes] | None,
+    ) -> RemoteForward:
+        if target_host is not None or target_port is not None:
+            raise TypeError("forward_remote takes a target or a handler, not both")
+        if _protocol(protocol) != "tcp" or proxy_protocol is not None or limit is not None:
+            raise ValueError("a handler serves TCP streams, with no PROXY header and no limit")
+        check_target(remote_host, remote_port, allow_port_zero=True)
+        if membership is not None and not remote_port:
+            raise ValueError("a load-balanced group needs a fixed remote_port, not 0")
+        timeout = self.config.connect_timeout if connect_timeout is None else connect_timeout
+        name = getattr(handler, "__qualname__", type(handler).__name__)
+        forward = RemoteForward(
+            self._link,
+            f"<{name}>",
+            0,
+            remote_host,
+            remote_port,
+            timeout,
+            handler=handler,
+            group=membership,
+        )
         await forward.start()
         return forward
 

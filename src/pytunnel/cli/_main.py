@@ -1,4 +1,4 @@
-"""The ``pytunnel`` command group: its version option and its two commands.
+"""The ``pytunnel`` command group: its version option and its commands.
 
 Each command lives in its own module; this one only assembles them.
 """
@@ -12,6 +12,7 @@ import pytunnel
 from ._connect import connect
 from ._options import CONTEXT
 from ._serve import serve
+from ._tasks import tasks
 
 
 @click.group(context_settings=CONTEXT)
@@ -22,3 +23,4 @@ def main() -> None:
 
 main.add_command(serve)
 main.add_command(connect)
+main.add_command(tasks)

@@ -12,6 +12,7 @@ import functools
 import ipaddress
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -43,9 +44,13 @@ if TYPE_CHECKING:
     from .._link import Link
     from ..session import Session
 
-__all__ = ["RemoteForward"]
+__all__ = ["RemoteForward", "StreamHandler"]
 
 log = logging.getLogger("pytunnel.client")
+
+#: What a remote forward with no target does with each public connection: it gets the
+#: tunnel's stream itself (no local port, no dial) and owns it until it returns.
+StreamHandler = Callable[[trio.abc.HalfCloseableStream], Awaitable[None]]
 
 
 class RemoteForward(Forward):
@@ -70,11 +75,15 @@ class RemoteForward(Forward):
         *,
         proxy_protocol: ProxyVersion | None = None,
         group: tuple[str, bytes] | None = None,
+        handler: StreamHandler | None = None,
     ) -> None:
         super().__init__(link, target_host, target_port)
         #: ``(name, secret)`` of the load-balanced group this forward is a member of: the
         #: server spreads the public connections across the group's live members.
         self.group = group
+        #: Set: each public connection's stream is handed to it instead of relayed to a
+        #: dialled target (and there is no target to health-probe).
+        self.handler = handler
         self.connect_timeout = connect_timeout
         #: ``"v1"`` or ``"v2"``: each connection to the target starts with a PROXY protocol
         #: header naming the public peer, so the service sees who really connected.
@@ -155,7 +164,11 @@ class RemoteForward(Forward):
                     else:
                         self._set_status(ForwardStatus.ACTIVE, "registered at the server")
                     task_status.started()
-                    if link.config.probe_interval > 0 and self._listen_route != routes.UDP_LISTEN:
+                    if (
+                        link.config.probe_interval > 0
+                        and self._listen_route != routes.UDP_LISTEN
+                        and self.handler is None
+                    ):
                         nursery.start_soon(self._probe_loop, channel)
                     # errors are handled here, inside the nursery, so they are not wrapped
                     self._follow_server(await wait_stream_end(control), session)
@@ -254,6 +267,9 @@ class RemoteForward(Forward):
                 incoming.refuse(ErrorCode.FORWARD_FAILED, "forward is closing")
 
     async def _handle(self, incoming: IncomingStream) -> None:
+        if self.handler is not None:
+            await self._hand_over(incoming, self.handler)
+            return
         # the server may give up on the public connection, cancelling the dial
         await serve_egress(
             incoming,
@@ -261,6 +277,23 @@ class RemoteForward(Forward):
             self._relay,
             self.stats.count_failure,
         )
+
+    async def _hand_over(self, incoming: IncomingStream, handler: StreamHandler) -> None:
+        """Accept the public connection's stream and let ``handler`` serve it; its failure
+        ends that one connection (logged), never the forward."""
+        try:
+            stream = incoming.accept()
+        except SessionClosedError:
+            return
+        self.stats.active_connections += 1
+        self.stats.total_connections += 1
+        try:
+            await handler(stream)
+        except Exception:
+            log.exception("%s %s: the stream handler failed", self.kind, self.listen_port)
+        finally:
+            self.stats.active_connections -= 1
+            await trio.aclose_forcefully(stream)
 
     async def _connect_target(self, incoming: IncomingStream) -> trio.SocketStream:
         """Dial the target; with ``proxy_protocol``, announce the public peer to it first."""
