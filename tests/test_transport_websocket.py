@@ -591,3 +591,29 @@ async def test_a_framing_violation_breaks_the_stream_and_is_answered_with_a_clos
         event = await peer.next_event()
         assert isinstance(event, CloseConnection)
         assert event.code == 1002
+
+
+async def test_a_tls_server_takes_tls_outside_or_inside_the_websocket(
+    ca: trustme.CA, echo_port: int
+) -> None:
+    """wss:// straight to the server (TLS outside), ws:// with the tunnel's TLS inside (what
+    passes a proxy that terminated its own TLS), raw TLS; a WebSocket without TLS at all is
+    refused, with the usual hint."""
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
+    async with pytunnel.open_server(
+        token=TOKEN, ws_path="/tunnel", tls=_server_context(ca)
+    ) as server:
+        for address in [
+            f"wss://127.0.0.1:{server.port}/tunnel",
+            f"ws://127.0.0.1:{server.port}/tunnel",
+            server.address,
+        ]:
+            async with pytunnel.open_tunnel(address, token=TOKEN, tls=trusted) as tunnel:
+                forward = await tunnel.forward_local("127.0.0.1", echo_port)
+                assert await echo_once(forward.address, b"tls") == b"tls", address
+        with pytest.raises(pytunnel.ConnectError, match="connect with TLS"):
+            async with pytunnel.open_tunnel(
+                f"ws://127.0.0.1:{server.port}/tunnel", token=TOKEN, reconnect=False
+            ):
+                pass  # pragma: no cover

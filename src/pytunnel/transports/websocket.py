@@ -29,6 +29,7 @@ import logging
 import math
 import urllib.parse
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
 import attrs
@@ -55,7 +56,9 @@ __all__ = [
     "DEFAULT_PING_INTERVAL",
     "WebSocketStream",
     "WebSocketURL",
+    "accept_tunnel_transport",
     "accept_websocket",
+    "accept_websocket_or_raw",
     "connect_websocket",
     "looks_like_http",
     "parse_websocket_url",
@@ -553,3 +556,45 @@ async def accept_websocket_or_raw(
             peer=peer,
         )
     return PrefixedStream(first, transport)
+
+
+#: The server's TLS handshake over a stream, within a timeout (``_tls.tls_accept`` bound to
+#: the server's context and the peer's name).
+TLSAccept = Callable[[trio.abc.Stream, float], Awaitable[trio.abc.Stream]]
+
+
+async def accept_tunnel_transport(
+    transport: trio.abc.Stream,
+    *,
+    path: str,
+    tls: TLSAccept | None,
+    timeout: float,
+    ping_interval: float | None = DEFAULT_PING_INTERVAL,
+    peer: str = "?",
+) -> trio.abc.Stream:
+    """What a server with a WebSocket path accepts, all within ``timeout``: a tunnel
+    handshake, or a WebSocket upgrade; with ``tls``, each has TLS, either outside
+    (TLS first: raw, or ``wss://`` straight to this server) or inside (a WebSocket upgrade,
+    then TLS end to end through a proxy that terminated its own TLS in front). The first
+    byte decides (:func:`looks_like_http`); the stream the session runs on is returned.
+    Raises as :func:`accept_websocket_or_raw` does, and ``TLSError``."""
+    deadline = trio.current_time() + timeout
+
+    def left() -> float:
+        return max(0.0, deadline - trio.current_time())
+
+    stream = await accept_websocket_or_raw(
+        transport, path=path, timeout=timeout, ping_interval=ping_interval, peer=peer
+    )
+    if tls is None:
+        return stream
+    if isinstance(stream, WebSocketStream):
+        return await tls(stream, left())
+    secured = await tls(stream, left())
+    try:
+        return await accept_websocket_or_raw(
+            secured, path=path, timeout=left(), ping_interval=ping_interval, peer=peer
+        )
+    except BaseException:
+        await trio.aclose_forcefully(secured)
+        raise
