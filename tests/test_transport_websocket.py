@@ -549,6 +549,7 @@ async def _peer_certificate(address: tuple[str, int]) -> bytes:
         (["connect", "ws://x/t", "--header", "no colon"], "expected 'Name: value'"),
         (["connect", "ws://x/t", "--header", "Bad Name: 1"], "bad header"),
         (["connect", "ws://x/t", "--stdio", "nohost"], "--stdio"),
+        (["connect", "ws://x/t", "--stdio", "h:22", "-L", "1:h:2"], "takes no -L, -R or -D"),
         (["serve", "--ws-path", "tunnel"], "ws_path must be a path"),
     ],
 )

@@ -218,6 +218,8 @@ def connect(
 
     SERVER is HOST:PORT, or a WebSocket URL (ws://HOST[:PORT]/PATH, wss://...) for a server
     behind a reverse proxy that forwards WebSocket upgrades."""
+    if stdio is not None and (local or remote or dynamic):
+        raise click.UsageError("--stdio carries one connection: it takes no -L, -R or -D")
     # stdout carries the relayed bytes in --stdio mode: taken before anything is printed
     stdio_fds = take_stdio() if stdio is not None else None
     setup_logging(log_level, log_format)
