@@ -385,7 +385,7 @@ async def connect_tunnel(
     ``reconnect=False``); ``Tunnel.failure`` says why a tunnel ended.
     """
     client_config = _config(token, config, options)
-    transport = server_transport(address, client_config)
+    transport = server_transport(address, client_config, direct=tcp_connector)
     tunnel = Tunnel(
         client_config,
         transport.connector,
