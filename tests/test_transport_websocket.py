@@ -210,6 +210,31 @@ async def test_a_busy_writer_never_blocks_the_reader_on_a_pong() -> None:
         assert got == len(big)
 
 
+async def test_pings_while_the_writer_is_stuck_owe_one_pong_not_one_each() -> None:
+    """A peer pinging without reading cannot make us queue a pong per ping: only the latest
+    is owed (RFC 6455 5.5.3), and it goes out once the stuck send completes."""
+    stream, peer = await _server_with_raw_client()
+    async with stream, trio.open_nursery() as nursery:
+        big = b"x" * (8 << 20)
+        nursery.start_soon(stream.send_all, big)
+        await trio.sleep(0.2)
+        for i in range(2000):
+            await peer.send(Ping(payload=b"%d" % i))
+        await peer.send(BytesMessage(data=b"marker"))
+        with trio.fail_after(10):
+            assert await stream.receive_some() == b"marker"
+        pongs = []
+        got = 0
+        while got < len(big) or not pongs:
+            event = await peer.next_event()
+            if isinstance(event, BytesMessage):
+                got += len(event.data)
+            elif isinstance(event, Pong):
+                pongs.append(event.payload)
+        assert pongs[-1] == b"1999"
+        assert len(pongs) < 2000
+
+
 async def test_a_text_message_breaks_the_stream_with_a_typed_cause() -> None:
     stream, peer = await _server_with_raw_client()
     async with stream:

@@ -167,6 +167,9 @@ class WebSocketStream(trio.abc.Stream):
         self._send_lock = trio.Lock()
         #: Control frames owed to the peer, written by whoever holds the send lock next.
         self._owed = bytearray()
+        #: The pong owed for the latest ping (RFC 6455 5.5.3 lets earlier ones go
+        #: unanswered), so a peer that pings while we cannot write holds 125 bytes, not more.
+        self._owed_pong = b""
         self._sending = False
         self._receiving = False
         #: How the peer closed the WebSocket (1006: the transport ended without a close).
@@ -181,8 +184,9 @@ class WebSocketStream(trio.abc.Stream):
         """Write ``data`` and then whatever control frames became owed meanwhile; the
         caller holds the send lock."""
         await self.transport.send_all(data)
-        while self._owed:
-            owed = bytes(self._owed)
+        while self._owed or self._owed_pong:
+            owed = self._owed_pong + bytes(self._owed)
+            self._owed_pong = b""
             self._owed.clear()
             await self.transport.send_all(owed)
 
@@ -213,11 +217,15 @@ class WebSocketStream(trio.abc.Stream):
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
 
-    async def _send_control(self, frame: bytes, *, skip_if_busy: bool = False) -> None:
+    async def _send_control(
+        self, frame: bytes, *, skip_if_busy: bool = False, pong: bool = False
+    ) -> None:
         """Send a control frame without ever waiting for the writer: while it holds the lock
         the frame is owed (written right after its send), or dropped if ``skip_if_busy``."""
         if self._send_lock.locked():
-            if not skip_if_busy:
+            if pong:
+                self._owed_pong = frame
+            elif not skip_if_busy:
                 self._owed += frame
             await trio.lowlevel.checkpoint()
             return
@@ -274,7 +282,7 @@ class WebSocketStream(trio.abc.Stream):
                 if event.data:
                     self._chunks.append(bytes(event.data))
             elif isinstance(event, Ping):
-                await self._send_control(self._ws.send(event.response()))
+                await self._send_control(self._ws.send(event.response()), pong=True)
             elif isinstance(event, CloseConnection):
                 self._eof = True
                 self.close_code = event.code
