@@ -217,15 +217,14 @@ class WebSocketStream(trio.abc.Stream):
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
 
-    async def _send_control(
-        self, frame: bytes, *, skip_if_busy: bool = False, pong: bool = False
-    ) -> None:
+    async def _send_control(self, frame: bytes, *, pong: bool = False) -> None:
         """Send a control frame without ever waiting for the writer: while it holds the lock
-        the frame is owed (written right after its send), or dropped if ``skip_if_busy``."""
+        the frame is owed, written right after its send (a ``pong`` replaces any pong owed
+        before it)."""
         if self._send_lock.locked():
             if pong:
                 self._owed_pong = frame
-            elif not skip_if_busy:
+            else:
                 self._owed += frame
             await trio.lowlevel.checkpoint()
             return
@@ -272,9 +271,10 @@ class WebSocketStream(trio.abc.Stream):
         while True:
             with trio.move_on_after(self._ping_interval):
                 return await self.transport.receive_some(_RECEIVE_SIZE)
-            if self._ws.state is ConnectionState.OPEN:
+            # skipped while a send is under way: the link is not idle then
+            if self._ws.state is ConnectionState.OPEN and not self._send_lock.locked():
                 self.pings_sent += 1
-                await self._send_control(self._encode(Ping(payload=b"pytunnel")), skip_if_busy=True)
+                await self._send_control(self._encode(Ping(payload=b"pytunnel")))
 
     async def _handle_events(self) -> None:
         for event in self._ws.events():
