@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import signal
+import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -643,3 +648,62 @@ async def test_a_tls_server_takes_tls_outside_or_inside_the_websocket(
                 f"ws://127.0.0.1:{server.port}/tunnel", token=TOKEN, reconnect=False
             ):
                 pass  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+async def test_the_cli_over_websocket_and_stdio_over_it(echo_port: int) -> None:
+    """``serve --ws-path`` and ``connect ws://``: a forward, and ``--stdio`` over ws://."""
+    await trio.to_thread.run_sync(_cli_over_websocket, echo_port)
+
+
+def _cli_over_websocket(echo_port: int) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cli = [sys.executable, "-m", "pytunnel"]
+    server = subprocess.Popen(
+        [*cli, "serve", "--listen", "127.0.0.1:0", "--token", TOKEN, "--ws-path", "/t"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    client = None
+    try:
+        assert server.stdout is not None
+        listening = server.stdout.readline().decode()
+        port = int(listening.rsplit(":", 1)[1].split()[0])
+        url = f"ws://127.0.0.1:{port}/t"
+        assert server.stdout.readline().decode().strip() == f"WebSocket clients: {url}"
+        client = subprocess.Popen(
+            [*cli, "connect", url, "--token", TOKEN, "-L", f"0:127.0.0.1:{echo_port}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        assert client.stdout is not None
+        assert client.stdout.readline().decode().strip() == f"connected to {url}"
+        forward = client.stdout.readline().decode().split()[2]
+        host, forward_port = forward.rsplit(":", 1)
+        with socket.create_connection((host, int(forward_port)), timeout=10) as s:
+            s.sendall(b"cli over ws")
+            s.shutdown(socket.SHUT_WR)
+            assert s.makefile("rb").read() == b"cli over ws"
+        result = subprocess.run(
+            [*cli, "connect", url, "--token", TOKEN, "--stdio", f"127.0.0.1:{echo_port}"],
+            input=b"stdio over ws",
+            capture_output=True,
+            env=env,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        assert result.stdout == b"stdio over ws"
+    finally:
+        for process in [client, server]:
+            if process is not None:
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
