@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+import trio.testing
 import trustme
 from click.testing import CliRunner
 from helpers import (
@@ -26,6 +27,8 @@ from helpers import (
     tcp_stream_pair,
     wait_until,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -707,3 +710,79 @@ def _cli_over_websocket(echo_port: int) -> None:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+
+
+# --------------------------------------------------------------------------- any chunking
+
+
+def _client_wire(messages: list[tuple[bytes, bool]], pings: list[int]) -> tuple[bytes, bytes]:
+    """What a wsproto client sends: the upgrade request; then, once answered (RFC 6455 4.1:
+    nothing before the answer), the messages (a ping before each index in ``pings``) and a
+    close."""
+    client = WSConnection(ConnectionType.CLIENT)
+    request = client.send(Request(host="x", target="/tunnel"))
+    helper = WSConnection(ConnectionType.SERVER)  # only to answer the client's upgrade
+    helper.receive_data(request)
+    assert any(isinstance(e, Request) for e in helper.events())
+    client.receive_data(helper.send(AcceptConnection()))
+    assert isinstance(next(client.events()), AcceptConnection)
+    frames = b""
+    for i, (data, finished) in enumerate(messages):
+        if i in pings:
+            frames += client.send(Ping(payload=b"p"))
+        frames += client.send(BytesMessage(data=data, message_finished=finished))
+    if messages and not messages[-1][1]:
+        frames += client.send(BytesMessage(data=b"", message_finished=True))
+    return request, frames + client.send(CloseConnection(code=1000))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    messages=st.lists(st.tuples(st.binary(max_size=3000), st.booleans()), max_size=12),
+    pings=st.sets(st.integers(0, 11), max_size=4),
+    cuts=st.lists(st.integers(1, 700), min_size=1, max_size=40),
+    max_bytes=st.one_of(st.none(), st.integers(1, 5000)),
+)
+def test_any_chunking_of_any_messages_reads_back_the_same_bytes(
+    messages: list[tuple[bytes, bool]], pings: set[int], cuts: list[int], max_bytes: int | None
+) -> None:
+    request, frames = _client_wire(messages, sorted(pings))
+    expected = b"".join(data for data, _ in messages)
+
+    async def main() -> bytes:
+        theirs, ours = trio.testing.memory_stream_pair()
+        answered = trio.Event()
+
+        async def send_cut(wire: bytes) -> None:
+            view, i = memoryview(wire), 0
+            while view:
+                cut = cuts[i % len(cuts)]
+                await theirs.send_all(view[:cut])
+                view, i = view[cut:], i + 1
+
+        async def send() -> None:
+            await send_cut(request)
+            await answered.wait()
+            await send_cut(frames)
+
+        async def drain() -> None:  # our 101, pongs and close
+            while await theirs.receive_some():
+                answered.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            nursery.start_soon(drain)
+            stream = await accept_websocket(
+                ours, await ours.receive_some(), path="/tunnel", timeout=5, ping_interval=None
+            )
+            got = b""
+            with trio.fail_after(5):
+                while chunk := await stream.receive_some(max_bytes):
+                    assert max_bytes is None or len(chunk) <= max_bytes
+                    got += chunk
+            assert stream.close_code == 1000
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+        return got
+
+    assert trio.run(main) == expected

@@ -481,6 +481,11 @@ async def accept_websocket(
     A request for another path is answered 404, anything that is not a WebSocket upgrade
     400 (with wsproto's reason), and an upgrade not complete within ``timeout`` is dropped.
     Raises :class:`WebSocketError` for each (``transport`` is closed then).
+
+    The client must wait for the answer before it sends frames (RFC 6455 4.1; ours does):
+    wsproto's server side drops bytes that came with the request, so a client that does not
+    wait loses its first frames and fails on the next ones (a framing error, or the
+    heartbeat timeout).
     """
     ws = WSConnection(ConnectionType.SERVER)
     data = bytes(first)
