@@ -786,3 +786,23 @@ def test_any_chunking_of_any_messages_reads_back_the_same_bytes(
         return got
 
     assert trio.run(main) == expected
+
+
+async def test_frames_that_come_with_the_upgrade_answer_are_read() -> None:
+    """A server may send right after its 101, in the same segment: nothing is lost."""
+    ours, theirs = await tcp_stream_pair()
+    ws = WSConnection(ConnectionType.SERVER)
+
+    async def serve() -> None:
+        while not any(isinstance(e, Request) for e in ws.events()):
+            ws.receive_data(await theirs.receive_some())
+        await theirs.send_all(
+            ws.send(AcceptConnection()) + ws.send(BytesMessage(data=b"early bytes"))
+        )
+
+    url = WebSocketURL(secure=False, host="x", port=80, resource="/")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        stream = await connect_websocket(ours, url, timeout=5, ping_interval=None)
+    async with stream, theirs:
+        assert await stream.receive_some() == b"early bytes"
