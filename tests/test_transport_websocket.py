@@ -511,14 +511,19 @@ async def test_a_websocket_cut_mid_session_reconnects_and_forwards_resume(
     relay = CuttableRelay(ws_server.address)
     port = await _listener(nursery, relay.handle)
     url = f"ws://127.0.0.1:{port}/tunnel"
+    tasks, fds = count_tasks(), count_fds()
     async with pytunnel.open_tunnel(
         url, token=TOKEN, backoff_initial=0.05, backoff_max=0.2
     ) as tunnel:
         forward = await tunnel.forward_local("127.0.0.1", echo_port)
         assert await echo_once(forward.address, b"before") == b"before"
-        relay.cut()
-        await wait_until(lambda: tunnel.reconnects == 1 and tunnel.connected)
-        assert await echo_once(forward.address, b"after") == b"after"
+        for cut in range(1, 4):
+            relay.cut()
+            await wait_until(lambda: tunnel.reconnects == cut and tunnel.connected)  # noqa: B023
+            assert await echo_once(forward.address, b"after") == b"after"
+    await wait_until(lambda: ws_server.session_count == 0)
+    await wait_until(lambda: count_tasks() == tasks, what=describe_tasks)
+    await wait_until(lambda: count_fds() == fds, what=lambda: f"{count_fds()} fds, not {fds}")
 
 
 # --------------------------------------------------------------------------- wss
