@@ -48,6 +48,15 @@ def _valid_proxy(_inst: object, _attribute: object, value: str | None) -> None:
         parse_proxy_url(value)
 
 
+def _proxy_repr(value: str | None) -> str:
+    # the URL without its password
+    return repr(None if value is None else str(parse_proxy_url(value)))
+
+
+def _headers_repr(value: tuple[tuple[str, str], ...]) -> str:
+    return repr(tuple(f"{name}: ..." for name, _ in value))
+
+
 #: Headers the WebSocket upgrade itself writes (``Host`` has ``ws_host``).
 _UPGRADE_HEADERS = ("host", "upgrade", "connection", "sec-websocket-")
 
@@ -125,9 +134,12 @@ class ClientConfig:
     #: Reach the server through this proxy: ``http://[user:pass@]host:port`` (HTTP CONNECT,
     #: basic auth) or ``socks5://`` / ``socks5h://``. ``None``: directly (the CLI reads
     #: ``HTTPS_PROXY`` / ``ALL_PROXY`` / ``NO_PROXY`` when ``--proxy`` is not given).
-    proxy: str | None = attrs.field(default=None, validator=_valid_proxy)
-    #: Extra request headers of the WebSocket upgrade (``Authorization`` for a gateway).
-    ws_headers: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_headers)
+    proxy: str | None = attrs.field(default=None, validator=_valid_proxy, repr=_proxy_repr)
+    #: Extra request headers of the WebSocket upgrade (``Authorization`` for a gateway);
+    #: their values are never shown (they are often credentials).
+    ws_headers: tuple[tuple[str, str], ...] = attrs.field(
+        default=(), converter=_headers, repr=_headers_repr
+    )
     #: The ``Host`` header of the WebSocket upgrade; default: the URL's host.
     ws_host: str | None = None
     #: A WebSocket ping whenever nothing was received for this long, so that proxies which
