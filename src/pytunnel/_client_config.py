@@ -22,7 +22,7 @@ from ._udp import DEFAULT_MAX_ASSOCIATIONS, DEFAULT_UDP_IDLE_TIMEOUT
 from .protocol.messages import valid_client_id
 from .session import SessionConfig
 from .transports.proxy import parse_proxy_url
-from .transports.websocket import DEFAULT_PING_INTERVAL
+from .transports.websocket import DEFAULT_PING_INTERVAL, check_ping_interval
 
 __all__ = ["ClientConfig", "ClientOptions"]
 
@@ -78,11 +78,6 @@ def _headers(value: object) -> tuple[tuple[str, str], ...]:
     except h11.LocalProtocolError as exc:
         raise ValueError(f"bad header: {exc}") from None
     return tuple(pairs)
-
-
-def _valid_ping_interval(_inst: object, _attribute: object, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"ws_ping_interval must be positive (or None: off), not {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -145,7 +140,7 @@ class ClientConfig:
     #: A WebSocket ping whenever nothing was received for this long, so that proxies which
     #: drop idle WebSockets never see one idle; ``None``: off (the heartbeat still runs).
     ws_ping_interval: float | None = attrs.field(
-        default=DEFAULT_PING_INTERVAL, validator=_valid_ping_interval
+        default=DEFAULT_PING_INTERVAL, validator=check_ping_interval
     )
 
     def backoff(self, attempt: int) -> float:

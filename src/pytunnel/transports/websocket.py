@@ -59,6 +59,7 @@ __all__ = [
     "accept_tunnel_transport",
     "accept_websocket",
     "accept_websocket_or_raw",
+    "check_ping_interval",
     "connect_websocket",
     "looks_like_http",
     "parse_websocket_url",
@@ -125,6 +126,12 @@ def parse_websocket_url(text: str) -> WebSocketURL:
         port=port if port is not None else (443 if secure else 80),
         resource=resource,
     )
+
+
+def check_ping_interval(_inst: object, _attribute: object, value: float | None) -> None:
+    """The attrs validator of the configs' ``ws_ping_interval``: positive, or ``None``."""
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"ws_ping_interval must be positive (or None: off), not {value!r}")
 
 
 def looks_like_http(first: bytes | bytearray) -> bool:
