@@ -11,7 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import trio
@@ -811,3 +811,37 @@ async def test_frames_that_come_with_the_upgrade_answer_are_read() -> None:
         stream = await connect_websocket(ours, url, timeout=5, ping_interval=None)
     async with stream, theirs:
         assert await stream.receive_some() == b"early bytes"
+
+
+# --------------------------------------------------------------------------- conformance
+
+
+async def _websocket_pair(
+    make_pair: Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]],
+) -> tuple[WebSocketStream, WebSocketStream]:
+    """Our client and our server stream, upgraded over ``make_pair()``'s two ends."""
+    client_end, server_end = make_pair()
+    url = WebSocketURL(secure=False, host="x", port=80, resource="/tunnel")
+    box: list[WebSocketStream] = []
+
+    async def accept() -> None:
+        first = await server_end.receive_some()
+        box.append(
+            await accept_websocket(server_end, first, path="/tunnel", timeout=5, ping_interval=1)
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accept)
+        client = await connect_websocket(client_end, url, timeout=5, ping_interval=1)
+    return client, box[0]
+
+
+async def test_the_websocket_stream_passes_trios_stream_conformance_checks() -> None:
+    async def maker() -> tuple[WebSocketStream, WebSocketStream]:
+        return await _websocket_pair(trio.testing.memory_stream_pair)
+
+    async def clogged() -> tuple[WebSocketStream, WebSocketStream]:
+        # a lockstep pair: a send waits until the other side reads
+        return await _websocket_pair(trio.testing.lockstep_stream_pair)
+
+    await trio.testing.check_two_way_stream(maker, clogged)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -235,8 +236,11 @@ class WebSocketStream(trio.abc.Stream):
                 self._owed += frame
             await trio.lowlevel.checkpoint()
             return
-        async with self._send_lock:
-            await self._write(frame)
+        # best effort: a peer that is gone cannot take its pong or close reply, and what it
+        # sent before going must still be read; the next send_all reports the break
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async with self._send_lock:
+                await self._write(frame)
 
     # ------------------------------------------------------------------ receiving
 
@@ -245,8 +249,10 @@ class WebSocketStream(trio.abc.Stream):
             raise trio.ClosedResourceError("the WebSocket stream was closed")
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
-        if max_bytes is not None and max_bytes < 1:
-            raise ValueError("max_bytes must be at least 1")
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)  # TypeError for 1.5, as trio's streams
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be at least 1")
         self._receiving = True
         try:
             while True:
