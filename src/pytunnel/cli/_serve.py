@@ -102,6 +102,12 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
     help="Seconds a connection on a shared port has to send its request head or TLS hello.",
 )
 @click.option(
+    "--max-name-pending",
+    type=click.IntRange(min=1),
+    default=_SERVER.max_name_pending.default,
+    help="Connections each shared HTTP/HTTPS port lets send their head at once.",
+)
+@click.option(
     "--max-name-head",
     type=click.IntRange(min=1024),
     default=_SERVER.max_name_head.default,
@@ -209,6 +215,7 @@ def serve(
     allow_domains: tuple[str, ...],
     max_names_per_client: int,
     name_head_timeout: float,
+    max_name_pending: int,
     max_name_head: int,
     permit_open: pytunnel.PermitOpen,
     connect_timeout: float,
@@ -249,6 +256,7 @@ def serve(
             allow_domains=[p for value in allow_domains for p in value.split(",")],
             max_names_per_client=max_names_per_client,
             name_head_timeout=name_head_timeout,
+            max_name_pending=max_name_pending,
             max_name_head=max_name_head,
             permit_open=permit_open,
             connect_timeout=connect_timeout,
