@@ -465,7 +465,7 @@ class _ClientSession:
                 port,
             )
             async with trio.open_nursery() as nursery:
-                route.relays = nursery
+                route.attach(nursery)
                 try:
                     await route.follow_control_stream(channel)
                     outcome = None
@@ -557,7 +557,7 @@ class _ClientSession:
         try:
             await channel.send(Bound(*address))
             async with trio.open_nursery() as nursery:
-                member.relays = nursery
+                member.attach(nursery)
                 group.ready(member)
                 try:
                     await member.follow_control_stream(channel)
