@@ -244,3 +244,78 @@ def test_join_is_refused_where_there_is_no_group_and_required_where_there_is() -
     client = ControlProtocol(ControlRole.CLIENT, grouped=True)
     with pytest.raises(RemoteProtocolError, match="before Bound"):
         _deliver(encode_message(JOIN, CONTROL_MAX_FRAME_SIZE), client)
+
+
+# ----------------------------------------------------------------------------- exact behaviour
+# Pinned down by the mutation run (docs/mutation.md).
+
+
+def test_control_local_refusals_say_exactly_why() -> None:
+    def refusal(role: ControlRole, *messages: Any) -> str:
+        end = ControlProtocol(role)
+        *first, last = messages
+        for message in first:
+            end.send(message)
+        with pytest.raises(LocalProtocolError) as info:
+            end.send(last)
+        return info.value.message
+
+    assert refusal(ControlRole.SERVER, OFFLINE) == (
+        "the server sends nothing but Bound on a control stream"
+    )
+    assert refusal(ControlRole.SERVER, BOUND, BOUND) == (
+        "Bound was already sent on this control stream"
+    )
+    assert refusal(ControlRole.CLIENT, BOUND) == (
+        "the client sends nothing but ForwardState (and a group's Join, first) on a control stream"
+    )
+    assert refusal(ControlRole.CLIENT, OFFLINE) == "ForwardState before the server's Bound"
+
+
+@pytest.mark.parametrize(
+    ("role", "frames", "text"),
+    [
+        (
+            ControlRole.CLIENT,
+            [OFFLINE],
+            "unexpected ForwardState on a forward's control stream (before Bound)",
+        ),
+        (
+            ControlRole.CLIENT,
+            [BOUND, BOUND],
+            "unexpected Bound on a forward's control stream (after Bound)",
+        ),
+        (
+            ControlRole.SERVER,
+            [BOUND],
+            "unexpected Bound on a forward's control stream (from the client)",
+        ),
+        (
+            ControlRole.SERVER,
+            [OFFLINE],
+            "unexpected ForwardState on a forward's control stream (before Bound)",
+        ),
+    ],
+)
+def test_control_remote_refusals_say_exactly_why(
+    role: ControlRole, frames: list[Any], text: str
+) -> None:
+    end = ControlProtocol(role)
+    with pytest.raises(RemoteProtocolError) as info:
+        _deliver(b"".join(encode_message(f) for f in frames), end)
+    assert info.value.message == text
+
+
+def test_control_eof_texts_and_flags() -> None:
+    client = ControlProtocol(ControlRole.CLIENT)
+    assert client.bound is False
+    assert client.eof is False
+    client.receive_data(b"")
+    with pytest.raises(ForwardError) as info:
+        client.next_message()
+    assert info.value.message == "the server closed the forward before confirming it"
+    # the server may see the client leave before it sent Bound (the listen failed): no error
+    server = ControlProtocol(ControlRole.SERVER)
+    server.receive_data(b"")
+    assert server.next_message() is None
+    assert server.eof is True

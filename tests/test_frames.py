@@ -15,11 +15,16 @@ from hypothesis import strategies as st
 from test_messages import any_message
 
 from pytunnel.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from pytunnel.protocol import frames
 from pytunnel.protocol import messages as m
 from pytunnel.protocol.frames import (
+    _DATA_HEAD,
+    _DATA_KEY,
+    _DATA_TAIL,
     DEFAULT_MAX_FRAME_SIZE,
     HEADER_SIZE,
     FrameDecoder,
+    _parse_data,
     encode_message,
 )
 
@@ -597,3 +602,108 @@ def test_layers_partition_the_messages() -> None:
     assert m.HANDSHAKE.types & m.SESSION.types == {m.GoAway}
     assert not m.CONTROL.types & (m.HANDSHAKE.types | m.SESSION.types)
     assert m.ANY_LAYER.types == set(m.MESSAGE_TYPES)
+
+
+# ----------------------------------------------------------------------------- exact behaviour
+# Pinned down by the mutation run (docs/mutation.md).
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _DATA_HEAD + b"\xcc",  # cut inside a 1-byte stream id
+        _DATA_HEAD + b"\x01" + _DATA_KEY + b"\xc4",  # cut inside the bin header
+    ],
+)
+def test_a_data_body_cut_inside_a_field_is_malformed_not_a_crash(body: bytes) -> None:
+    """Regression: the Data fast path read one byte past such a body and raised IndexError
+    when the frame ended the buffer, instead of leaving the body to the generic decoder."""
+    with pytest.raises(RemoteProtocolError) as info:
+        FrameDecoder().feed(frame(body))
+    assert info.value.code == ErrorCode.MALFORMED_FRAME
+
+
+@pytest.mark.parametrize("stream", [1, 2, 127, 128, 255, 256, 65535, 65536, 2**32 - 1])
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 65535, 65536])
+@pytest.mark.parametrize("kind", [bytes, bytearray])
+def test_the_data_fast_path_recognises_every_canonical_data_body(
+    stream: int, size: int, kind: type[bytes]
+) -> None:
+    """The fast path must not give up on a body it was written for (the generic decoder would
+    return the same message, only slower), wherever the body sits in the buffer."""
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    body = encode_message(m.Data(stream, payload))[HEADER_SIZE:]
+    buf = kind(b"junk" + body + b"more")
+    message = _parse_data(buf, 4, 4 + len(body))
+    assert message == m.Data(stream, payload)
+    assert message is not None
+    assert type(message.data) is bytes
+
+
+def test_a_data_body_with_another_tag_is_not_taken_for_data() -> None:
+    body = _DATA_HEAD + b"\x01" + _DATA_KEY + b"\xc4\x01x" + b"\xa1t\xa4open"
+    assert len(body) == len(_DATA_HEAD + b"\x01" + _DATA_KEY + b"\xc4\x01x" + _DATA_TAIL)
+    assert _parse_data(body, 0, len(body)) is None
+    with pytest.raises(RemoteProtocolError) as info:
+        FrameDecoder().feed(frame(body))
+    assert info.value.code == ErrorCode.INVALID_FIELD
+
+
+def test_data_frames_never_reach_the_generic_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    def generic(*_: object) -> None:
+        raise AssertionError("a Data frame went through the generic decoder")
+
+    monkeypatch.setattr(frames, "decode_body", generic)
+    data = encode_message(m.Data(1, b"x")) + encode_message(m.Data(70000, bytes(300)))
+    assert FrameDecoder().feed(data) == [m.Data(1, b"x"), m.Data(70000, bytes(300))]
+
+
+def test_the_decoder_keeps_its_own_copy_of_a_mutable_buffer() -> None:
+    decoder = FrameDecoder()
+    buf = bytearray(encode_message(m.Ping(1)) + encode_message(m.Ping(2)))
+    decoder.receive_data(buf)
+    assert decoder.next_message() == m.Ping(1)
+    buf[:] = bytes(len(buf))  # the caller reuses its buffer
+    assert decoder.next_message() == m.Ping(2)
+
+
+def test_a_tiny_bad_frame_is_refused_however_it_is_split() -> None:
+    """A 1-byte body (an empty map) split anywhere, with more frames behind it, is still read
+    as exactly its own bytes."""
+    data = frame(b"\x80") + encode_message(m.Ping(1)) * 2
+    for cut in range(1, len(data)):
+        decoder = FrameDecoder()
+
+        def first_message(decoder: FrameDecoder = decoder, cut: int = cut) -> object:
+            decoder.receive_data(data[:cut])
+            message = decoder.next_message()
+            if message is None:
+                decoder.receive_data(data[cut:])
+                message = decoder.next_message()
+            return message
+
+        with pytest.raises(RemoteProtocolError) as info:
+            first_message()
+        assert info.value.code == ErrorCode.UNKNOWN_MESSAGE, cut
+
+
+def test_decoder_errors_say_exactly_what_is_wrong() -> None:
+    decoder = FrameDecoder(100)
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.feed((101).to_bytes(4, "big"))
+    assert info.value.message == "frame of 101 bytes exceeds the limit of 100"
+    decoder = FrameDecoder()
+    decoder.receive_data(encode_message(m.Ping(1))[:7])
+    assert decoder.next_message() is None
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.feed(b"")
+    assert info.value.message == "connection closed in the middle of a frame (7 bytes pending)"
+    with pytest.raises(LocalProtocolError) as local:
+        decoder.receive_data(b"x")
+    assert local.value.message == "data received after end of stream"
+
+
+def test_the_data_fast_path_reads_all_four_bytes_of_a_large_payloads_length() -> None:
+    payload = bytes(2**24 + 1)
+    body = encode_message(m.Data(1, payload))[HEADER_SIZE:]
+    assert _parse_data(body, 0, len(body)) == m.Data(1, payload)

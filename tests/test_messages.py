@@ -481,3 +481,77 @@ def test_the_group_proof_is_an_hmac_of_the_group_name() -> None:
     assert proof == hmac.new(b"secret", b"pytunnel-group\0web", hashlib.sha256).digest()
     assert proof != m.group_proof("web2", b"secret")
     assert proof != m.group_proof("web", b"secret2")
+
+
+# ----------------------------------------------------------------------------- exact behaviour
+# Pinned down by the mutation run (docs/mutation.md).
+
+
+@pytest.mark.parametrize(
+    ("obj", "text"),
+    [
+        (
+            {"t": "hello", "versions": "5", "nonce": bytes(32)},
+            "invalid 'hello' message: TypeError: expected array, got str",
+        ),
+        (
+            {"t": "hello", "versions": [1, "x"], "nonce": bytes(32)},
+            "invalid 'hello' message: TypeError: expected array of integers",
+        ),
+        ({"t": "ping", "opaque": "5"}, "invalid 'ping' message: TypeError: expected int, got str"),
+        (
+            {"t": "hello", "versions": [1], "nonce": bytes(3)},
+            "invalid 'hello' message: ValueError: nonce must be exactly 32 bytes",
+        ),
+        (
+            {"t": "dgram", "stream": 1, "data": bytes(m.MAX_DATAGRAM + 1)},
+            f"invalid 'dgram' message: ValueError: data is longer than {m.MAX_DATAGRAM} bytes",
+        ),
+        (
+            {"t": "auth", "mac": bytes(32), "max_frame_size": 4096, "client_id": "a b"},
+            "invalid 'auth' message: ValueError: client_id must be at most 64 characters of "
+            "[A-Za-z0-9._:-]",
+        ),
+        (
+            {"t": "goaway", "code": 0, "message": "\u00e9" * (m.MAX_TEXT // 2 + 1)},
+            f"invalid 'goaway' message: ValueError: message is longer than {m.MAX_TEXT} bytes "
+            "of UTF-8",
+        ),
+    ],
+)
+def test_invalid_fields_are_named_exactly(obj: dict[str, Any], text: str) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_body(msgpack.packb(obj))
+    assert (info.value.code, info.value.message) == (ErrorCode.INVALID_FIELD, text)
+
+
+def test_client_ids_are_up_to_64_characters_of_the_alphabet() -> None:
+    assert m.valid_client_id("a" * m.MAX_CLIENT_ID)
+    assert not m.valid_client_id("a" * (m.MAX_CLIENT_ID + 1))
+    assert m.valid_client_id("host-1.example:a_B9")
+    assert m.valid_client_id("")
+    assert not m.valid_client_id("a b")
+    assert m.Auth(bytes(32), 4096, "x" * m.MAX_CLIENT_ID).client_id == "x" * m.MAX_CLIENT_ID
+
+
+def test_text_limits_are_inclusive_in_utf8_bytes() -> None:
+    exact = "\u00e9" * (m.MAX_TEXT // 2)  # 2 bytes each: exactly the limit
+    assert m.GoAway(0, exact).message == exact
+    with pytest.raises(ValueError, match=f"^message is longer than {m.MAX_TEXT} bytes of UTF-8$"):
+        m.GoAway(0, exact + "e")
+
+
+def test_a_datagram_of_exactly_the_limit_is_valid() -> None:
+    assert len(m.Datagram(1, bytes(m.MAX_DATAGRAM)).data) == m.MAX_DATAGRAM
+
+
+def test_truncate_text_replaces_what_utf8_cannot_encode() -> None:
+    assert m.truncate_text("a\ud800b") == "a?b"
+    assert m.truncate_text("\ud800" * 3, 2) == "??"
+
+
+def test_a_layer_contains_exactly_its_kinds() -> None:
+    assert m.Ping in m.SESSION
+    assert m.Hello not in m.SESSION
+    assert m.Bound in m.CONTROL
+    assert m.Open not in m.CONTROL

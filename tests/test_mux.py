@@ -579,6 +579,8 @@ def test_wrong_parity(role: Role, sid: int) -> None:
     mux = Multiplexer(role)
     with remote_error(ErrorCode.STREAM_STATE_ERROR):
         feed(mux, m.Open(sid, 100))
+    assert mux.error is not None
+    assert mux.error.message == f"peer used our stream id parity: {sid}"
 
 
 @pytest.mark.parametrize(
@@ -1317,8 +1319,9 @@ def test_datagram_edge_cases_on_a_datagram_stream() -> None:
 
 @pytest.mark.parametrize("window", [0, -1, MAX_WINDOW + 1])
 def test_constructor_refuses_a_window_outside_the_protocol_range(window: int) -> None:
-    with pytest.raises(ValueError, match="window"):
+    with pytest.raises(ValueError, match=r"^window must be in") as info:
         Multiplexer(Role.CLIENT, window=window)
+    assert str(info.value) == f"window must be in 1..2**31-1, got {window}"
 
 
 @pytest.mark.parametrize("max_streams", [0, -5])
@@ -1345,7 +1348,10 @@ def test_opening_past_the_last_stream_id_is_a_typed_local_error(role: Role, last
     assert [type(f) for f in sent_frames(mux)] == [m.Open]
     with pytest.raises(LocalProtocolError) as info:
         mux.open_stream()
-    assert info.value.code == ErrorCode.STREAM_STATE_ERROR
+    assert (info.value.code, info.value.message) == (
+        ErrorCode.STREAM_STATE_ERROR,
+        "stream ids exhausted",
+    )
     assert mux.open_streams == 1
     assert mux.bytes_to_send == 0
 
@@ -1612,3 +1618,240 @@ def test_local_misuse_is_not_sticky() -> None:
     assert client.error is None
     client.send_data(sid, b"ok")
     assert received(pump(client, server), sid) == b"ok"
+
+
+# ----------------------------------------------------------------------------- exact behaviour
+# Pinned down by the mutation run (docs/mutation.md): texts, bounds and orderings that the
+# tests above exercised without checking exactly.
+
+
+def test_local_misuse_errors_say_exactly_what_is_wrong() -> None:
+    client, server = make_pair(window=10, max_streams=1)
+    with pytest.raises(LocalProtocolError) as info:
+        client.send_data(9, b"x")
+    assert (info.value.code, info.value.message) == (
+        ErrorCode.STREAM_STATE_ERROR,
+        "stream 9 is not open",
+    )
+    sid = opened(client, server)
+    with pytest.raises(StreamLimitError) as limit:
+        client.open_stream()
+    assert limit.value.message == "already 1 streams open"
+    with pytest.raises(LocalProtocolError) as info:
+        client.send_data(sid, bytes(11))
+    assert (info.value.code, info.value.message) == (
+        ErrorCode.FLOW_CONTROL_ERROR,
+        "11 bytes exceed the send window of 10",
+    )
+    with pytest.raises(LocalProtocolError) as info:
+        client.send_datagram(sid, b"x")
+    assert (info.value.code, info.value.message) == (
+        ErrorCode.STREAM_STATE_ERROR,
+        f"stream {sid} is a byte stream, not a datagram stream",
+    )
+    client.go_away()
+    with pytest.raises(LocalProtocolError) as info:
+        client.open_stream()
+    assert (info.value.code, info.value.message) == (
+        ErrorCode.GOING_AWAY,
+        "session is going away",
+    )
+
+
+def test_calls_after_a_violation_name_it() -> None:
+    _, server = make_pair()
+    with remote_error(ErrorCode.STREAM_STATE_ERROR):
+        feed(server, m.Data(7, b"x"))
+    error = server.error
+    assert error is not None
+    assert error.message == "frame for unknown stream 7"
+    assert str(error) == "[STREAM_STATE_ERROR] frame for unknown stream 7"
+    with pytest.raises(LocalProtocolError) as info:
+        server.send_data(7, b"x")
+    assert info.value.message == (
+        "the multiplexer stopped after a protocol violation: frame for unknown stream 7"
+    )
+
+
+def test_a_datagram_of_exactly_the_limit_is_sent() -> None:
+    client, server = make_pair()
+    sid = opened(client, server, datagrams=True)
+    client.send_datagram(sid, bytes(m.MAX_DATAGRAM))
+    assert pump(client, server) == [DatagramReceived(sid, bytes(m.MAX_DATAGRAM))]
+    with pytest.raises(LocalProtocolError) as info:
+        client.send_datagram(sid, bytes(m.MAX_DATAGRAM + 1))
+    assert info.value.message == f"datagram of {m.MAX_DATAGRAM + 1} bytes exceeds {m.MAX_DATAGRAM}"
+
+
+def test_refusal_and_goaway_without_a_message_carry_none() -> None:
+    client, server = make_pair()
+    sid = client.open_stream()
+    pump(client, server)
+    server.refuse_stream(sid, ErrorCode.CONNECT_FAILED)
+    server.go_away()
+    assert pump(server, client) == [
+        StreamRefused(sid, ErrorCode.CONNECT_FAILED, ""),
+        GoAwayReceived(ErrorCode.NORMAL, ""),
+    ]
+
+
+def test_a_stream_closed_before_it_opened_is_reset_saying_so() -> None:
+    client, server = make_pair()
+    sid = client.open_stream()
+    pump(client, server)
+    client.close_stream(sid)
+    assert sent_frames(client) == [
+        m.Reset(sid, ErrorCode.CANCELLED, "closed before the stream opened")
+    ]
+
+
+def test_a_stream_closed_without_a_time_lingers_from_time_zero() -> None:
+    client, server = make_pair()
+    sid = opened(client, server)
+    client.close_stream(sid)
+    assert client.oldest_lingering == 0.0
+    assert client.expire_lingering(0.0) == 1
+
+
+@pytest.mark.parametrize(
+    "last",
+    ["accept", "data", "datagram", "fin"],
+)
+def test_a_reset_never_overtakes_a_queued_frame_of_its_own_stream(last: str) -> None:
+    """Whatever frame of the stream is still queued (not only its Open), its Reset follows it:
+    the peer must not see the stream end before a frame that belongs to it."""
+    client, server = make_pair()
+    if last == "accept":
+        sid = client.open_stream(datagrams=True)
+        pump(client, server)
+        server.accept_stream(sid)
+        frame: Any = m.Accept(sid, server.window)
+    else:
+        sid = opened(client, server, datagrams=True)
+        if last == "data":
+            server.send_data(sid, b"x")
+            frame = m.Data(sid, b"x")
+        elif last == "datagram":
+            server.send_datagram(sid, b"x")
+            frame = m.Datagram(sid, b"x")
+        else:
+            server.send_fin(sid)
+            frame = m.Fin(sid)
+    server.reset_stream(sid)
+    assert sent_frames(server) == [frame, m.Reset(sid, ErrorCode.CANCELLED, "")]
+
+
+def test_window_is_granted_at_half_an_odd_window_rounded_down() -> None:
+    client, server = make_pair(window=3)
+    sid = opened(client, server)
+    client.send_data(sid, b"x")
+    pump(client, server)
+    server.consumed(sid, 1)
+    assert sent_frames(server) == [m.WindowUpdate(sid, 1)]
+
+
+def test_consuming_nothing_grants_nothing_even_with_a_one_byte_window() -> None:
+    client, server = make_pair(window=1)
+    sid = opened(client, server)
+    server.consumed(sid, 0)
+    assert server.bytes_to_send == 0
+
+
+def test_only_the_reset_itself_counts_as_a_reply_to_data_on_a_closed_stream() -> None:
+    """The flood bound counts the reply bytes, not what else is waiting for the transport."""
+    client, server = make_pair(max_control_queue=100)
+    closed = opened(client, server)
+    busy = opened(client, server)
+    server.close_stream(closed)
+    server.data_to_send()
+    server.send_data(busy, bytes(10_000))  # our own data, queued: not a reply
+    assert feed(server, m.Data(closed, b"x")) == []
+    assert server.error is None
+
+
+def test_no_frame_larger_than_the_peers_limit_is_queued() -> None:
+    """Even a control frame or a reply is checked against the peer's limit (the handshake
+    makes it at least 4096, which every control frame fits)."""
+    _, server = make_pair(peer_max_frame_size=10)
+    with pytest.raises(LocalProtocolError) as info:
+        server.open_stream()
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE
+    with pytest.raises(LocalProtocolError) as info:
+        server.ping(1)
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE
+    with pytest.raises(LocalProtocolError) as info:
+        feed(server, m.Ping(1))
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE
+    assert server.bytes_to_send == 0
+
+
+def test_a_new_multiplexer_starts_idle_with_its_settings() -> None:
+    mux = Multiplexer(Role.SERVER, peer_max_frame_size=60)
+    assert mux.role is Role.SERVER
+    assert mux.goaway_sent is False
+    assert mux.goaway_received is False
+    assert mux.frames_pending is False
+    # a peer limit with no room for a payload beside the envelope still gets 1-byte chunks
+    assert mux.max_data_chunk == 1
+    with pytest.raises(ValueError, match=r"^max_streams must be at least 1$"):
+        Multiplexer(Role.CLIENT, max_streams=0)
+
+
+def test_data_is_chunked_to_one_byte_for_a_tiny_peer_limit() -> None:
+    client, server = make_pair(peer_max_frame_size=60)
+    sid = opened(client, server)
+    client.send_data(sid, b"ab")
+    assert sent_frames(client) == [m.Data(sid, b"a"), m.Data(sid, b"b")]
+
+
+def test_peer_violations_say_exactly_what_is_wrong() -> None:
+    def message_of(mux: Multiplexer, *frames: Any) -> str:
+        with pytest.raises(RemoteProtocolError) as info:
+            feed(mux, *frames)
+        return info.value.message
+
+    client, server = make_pair()
+    sid = opened(client, server)
+    assert message_of(client, m.Datagram(sid, b"x")) == (
+        f"datagram on stream {sid}, which is a byte stream"
+    )
+    client, server = make_pair()
+    sid = opened(client, server)
+    assert message_of(client, m.WindowUpdate(sid, MAX_WINDOW)) == f"window of {sid} overflowed"
+    _, server = make_pair()
+    assert message_of(server, m.Open(3, 100), m.Open(1, 100)) == (
+        "stream id 1 reused or not increasing"
+    )
+
+
+def test_a_window_update_up_to_exactly_the_largest_window_is_allowed() -> None:
+    client, server = make_pair(window=MAX_WINDOW - 1)
+    sid = opened(client, server)
+    assert feed(client, m.WindowUpdate(sid, 1)) == [WindowOpened(sid)]
+    assert client.send_window(sid) == MAX_WINDOW
+
+
+def test_replies_of_exactly_the_bound_are_not_a_flood() -> None:
+    pong = len(encode_message(m.Pong(1)))
+    _, server = make_pair(max_control_queue=pong)
+    assert feed(server, m.Ping(1)) == [PingReceived(1)]
+    server.data_to_send()  # taken: the count starts again from nothing
+    assert feed(server, m.Ping(1)) == [PingReceived(1)]
+    with remote_error(ErrorCode.FLOOD):
+        feed(server, m.Ping(1))
+    assert server.error is not None
+    assert server.error.message == (
+        f"the peer sends requests without reading the replies ({2 * pong} bytes of replies queued)"
+    )
+
+
+def test_a_reset_of_a_stream_with_nothing_queued_overtakes_data_after_one_write() -> None:
+    """After exactly one transport write, a stream the peer opened (nothing of it queued yet)
+    is still known to have nothing queued: its Reset goes ahead of other streams' data."""
+    client, server = make_pair()
+    other = opened(client, server)  # the server's Accept was its one write so far
+    sid = client.open_stream()
+    pump(client, server)
+    server.send_data(other, b"x")
+    server.reset_stream(sid)
+    assert sent_frames(server) == [m.Reset(sid, ErrorCode.CANCELLED, ""), m.Data(other, b"x")]

@@ -7,7 +7,7 @@ import itertools
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytunnel.protocol.proxy import (
@@ -17,6 +17,7 @@ from pytunnel.protocol.proxy import (
     ProxyHeaderError,
     ProxyHeaderReader,
     encode_header,
+    encode_unknown,
 )
 
 # --------------------------------------------------------------------------- writing
@@ -111,6 +112,8 @@ def test_reading_gives_back_what_was_written_and_the_bytes_after(
     assert reader.rest == b"GET / HTTP/1.1\r\n"
 
 
+# no deadline: a loaded machine (or a mutation run's trampolines) is not a failure
+@settings(deadline=None)
 @given(
     version=st.sampled_from(["v1", "v2"]),
     cuts=st.lists(st.integers(min_value=1, max_value=90), max_size=6),
@@ -210,6 +213,8 @@ def test_a_header_is_read_only_once() -> None:
         reader.feed(b"more")
 
 
+# no deadline: a loaded machine (or a mutation run's trampolines) is not a failure
+@settings(deadline=None)
 @given(st.lists(st.binary(max_size=300), max_size=8))
 def test_any_bytes_are_a_header_an_error_or_a_bounded_wait(chunks: list[bytes]) -> None:
     """Garbage never raises anything but ProxyHeaderError, and the reader never holds more
@@ -224,6 +229,8 @@ def test_any_bytes_are_a_header_an_error_or_a_bounded_wait(chunks: list[bytes]) 
         assert len(reader._buffer) <= 16 + 512
 
 
+# no deadline: a loaded machine (or a mutation run's trampolines) is not a failure
+@settings(deadline=None)
 @given(st.binary(min_size=1, max_size=200))
 def test_any_prefix_of_a_valid_header_waits_for_more(after: bytes) -> None:
     data = encode_header("v2", ("192.0.2.1", 1), ("192.0.2.2", 2))
@@ -233,3 +240,102 @@ def test_any_prefix_of_a_valid_header_waits_for_more(after: bytes) -> None:
     for end in range(len(data)):
         assert ProxyHeaderReader().feed(data[:end]) is None
     assert ProxyHeaderReader().feed(data + after) is not None
+
+
+# --------------------------------------------------------------------------- exact behaviour
+# Pinned down by the mutation run (docs/mutation.md).
+
+
+def _refusal(data: bytes) -> str:
+    with pytest.raises(ProxyHeaderError) as info:
+        ProxyHeaderReader().feed(data)
+    return str(info.value)
+
+
+def _v2(family: int, body: bytes, command: int = 0x21) -> bytes:
+    return V2_SIGNATURE + struct.pack("!BBH", command, family, len(body)) + body
+
+
+def test_unknown_headers_are_the_specifications_bytes_and_read_back() -> None:
+    assert encode_unknown("v1") == b"PROXY UNKNOWN\r\n"
+    assert encode_unknown("v2") == V2_SIGNATURE + b"\x21\x00\x00\x00"
+    for version in ("v1", "v2"):
+        reader = ProxyHeaderReader()
+        assert reader.feed(encode_unknown(version) + b"GET") == ProxyHeader(version, None, None)
+        assert reader.rest == b"GET"
+    with pytest.raises(
+        ValueError, match=r"^PROXY protocol version must be 'v1' or 'v2', not 'v3'$"
+    ):
+        encode_unknown("v3")  # type: ignore[arg-type]
+
+
+def test_the_zone_of_a_link_local_address_is_not_written() -> None:
+    header = encode_header("v1", ("fe80::1%eth0", 1), ("fe80::2", 2))
+    assert header == b"PROXY TCP6 fe80::1 fe80::2 1 2\r\n"
+
+
+def test_ports_are_0_to_65535_both_ways() -> None:
+    with pytest.raises(ValueError, match=r"^port 65536 out of range$"):
+        encode_header("v1", ("127.0.0.1", 65536), ("127.0.0.1", 1))
+    line = b"PROXY TCP4 1.2.3.4 5.6.7.8 65535 0\r\n"
+    assert ProxyHeaderReader().feed(line) == ProxyHeader("v1", ("1.2.3.4", 65535), ("5.6.7.8", 0))
+
+
+def test_the_reader_has_no_rest_before_the_header_and_reads_one_header_only() -> None:
+    reader = ProxyHeaderReader()
+    assert reader.rest == b""
+    assert reader.feed(b"PROXY UNK") is None
+    assert reader.rest == b""
+    reader.feed(b"NOWN\r\n")
+    with pytest.raises(RuntimeError, match=r"^the header was already read$"):
+        reader.feed(b"more")
+
+
+def test_v1_refusals_say_exactly_why() -> None:
+    long_tail = "x" * 80
+    assert _refusal(b"GET / HTTP/1.1\r\n") == (
+        "the connection does not start with a PROXY protocol header"
+    )
+    # a CRLF past the bound does not make an over-long line a header
+    assert _refusal(b"PROXY UNKNOWN " + b"x" * 100 + b"\r\n") == (
+        f"PROXY v1 header longer than {V1_MAX} bytes"
+    )
+    assert _refusal(b"PROXY UNKNOWN " + b"x" * (V1_MAX - 14)) == (
+        f"PROXY v1 header longer than {V1_MAX} bytes"
+    )
+    assert _refusal(b"PROXY UNKNOWN\rX") == "PROXY v1 header not ended by CRLF"
+    assert _refusal("PROXY UNKNOWN \u00e9\r\n".encode()) == "PROXY v1 header is not ASCII"
+    line = f"PROXY TCP4 {long_tail}"
+    assert _refusal(line.encode() + b"\r\n") == f"malformed PROXY v1 header {line[:60]!r}"
+    line = "PROXY TCP4 1.2.3.x 5.6.7.8 1 " + "9" * 40
+    assert _refusal(line.encode() + b"\r\n") == (
+        f"PROXY v1 header with a bad address: {line[:60]!r}"
+    )
+    line = "PROXY TCP4 ::1 5.6.7.8 1 " + "9" * 40
+    assert _refusal(line.encode() + b"\r\n") == (
+        f"PROXY v1 TCP4 header with a bad address: {line[:60]!r}"
+    )
+    line = "PROXY TCP4 1.2.3.4 5.6.7.8 01 " + "9" * 40
+    assert _refusal(line.encode() + b"\r\n") == (f"PROXY v1 header with a bad port: {line[:60]!r}")
+    line = "PROXY TCP4 1.2.3.4 5.6.7.8 65536 " + "9" * 40
+    assert _refusal(line.encode() + b"\r\n") == (f"PROXY v1 header with a bad port: {line[:60]!r}")
+
+
+def test_v2_lengths_are_unsigned_and_the_limit_inclusive() -> None:
+    tcp4 = bytes([1, 2, 3, 4, 5, 6, 7, 8]) + struct.pack("!HH", 1, 2)
+    header = ProxyHeaderReader(max_v2_length=12).feed(_v2(0x11, tcp4))
+    assert header == ProxyHeader("v2", ("1.2.3.4", 1), ("5.6.7.8", 2))
+    big = V2_SIGNATURE + struct.pack("!BBH", 0x21, 0x11, 0x8000)
+    assert _refusal(big) == "PROXY v2 header of 32768 bytes, over the limit of 2048"
+
+
+def test_v2_tlvs_are_unsigned_and_a_cut_one_is_refused() -> None:
+    tcp4 = bytes([1, 2, 3, 4, 5, 6, 7, 8]) + struct.pack("!HH", 1, 2)
+    tlv = struct.pack("!BH", 0xEE, 2) + b"ab"
+    header = ProxyHeaderReader().feed(_v2(0x11, tcp4 + tlv))
+    assert header is not None
+    assert header.tlvs == ((0xEE, b"ab"),)
+    assert _refusal(_v2(0x11, tcp4 + tlv + b"\x01\x00")) == "PROXY v2 header with a truncated TLV"
+    assert _refusal(_v2(0x11, tcp4 + struct.pack("!BH", 1, 5) + b"ab")) == (
+        "PROXY v2 header with a truncated TLV"
+    )

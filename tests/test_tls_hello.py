@@ -22,6 +22,7 @@ from pytunnel.protocol.tls_hello import (
     ClientHelloError,
     ClientHelloReader,
     alert,
+    valid_host_name,
 )
 
 
@@ -161,6 +162,24 @@ def _hello(
     return bytes([1]) + len(body).to_bytes(3, "big") + body
 
 
+def _cut_hello(**field: bytes) -> bytes:
+    """A hello whose body stops inside the one field given: that field's length claims one
+    byte more than follows, and nothing comes after it."""
+    [(name, value)] = field.items()
+    body = struct.pack("!H", 0x0303) + bytes(32)
+    for key, size, default in (
+        ("session", 1, b""),
+        ("suites", 2, b"\x13\x01"),
+        ("compression", 1, b"\x00"),
+        ("extensions", 2, b""),
+    ):
+        if key == name:
+            body += (len(value) + 1).to_bytes(size, "big") + value
+            break
+        body += len(default).to_bytes(size, "big") + default
+    return bytes([1]) + len(body).to_bytes(3, "big") + body
+
+
 def _ext(kind: int, data: bytes) -> bytes:
     return struct.pack("!HH", kind, len(data)) + data
 
@@ -189,55 +208,137 @@ def test_an_unknown_name_type_is_ignored_beside_a_host_name() -> None:
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (b"GET / HTTP/1.1\r\n", "content type 71, not a handshake"),
-        (b"\x80\x2e\x01\x00\x02", "an SSL 2 hello"),
-        (bytes([22, 2, 0, 0, 1, 1]), "version 2.0, not TLS"),
-        (bytes([22, 3, 5, 0, 1, 1]), "version 3.5, not TLS"),
+        (b"GET / HTTP/1.1\r\n", "a TLS record of content type 71, not a handshake"),
+        (b"\x80\x2e\x01\x00\x02", "an SSL 2 hello, not TLS"),
+        (bytes([22, 2, 0, 0, 1, 1]), "a record of version 2.0, not TLS"),
+        (bytes([22, 3, 5, 0, 1, 1]), "a record of version 3.5, not TLS"),
         (bytes([22, 3, 1, 0, 0]), "an empty handshake record"),
-        (bytes([22, 3, 1, 0x50, 0x01]), "over the TLS limit"),
-        (_one_record(bytes([2, 0, 0, 0])), "message type 2, not a ClientHello"),
+        (bytes([22, 3, 1, 0x50, 0x01]), "a record of 20481 bytes, over the TLS limit"),
+        (_one_record(bytes([2, 0, 0, 0])), "handshake message type 2, not a ClientHello"),
         (_one_record(_hello() + b"\x01"), "handshake bytes after the ClientHello"),
-        (_one_record(_hello(version=0x0200)), "version 0x0200, not TLS"),
-        (_one_record(_hello(session=bytes(33))), "session id longer than 32 bytes"),
-        (_one_record(_hello(suites=b"")), "cipher suites empty or of odd length"),
-        (_one_record(_hello(suites=b"\x13")), "cipher suites empty or of odd length"),
-        (_one_record(_hello(compression=b"")), "no compression method"),
-        (_one_record(_hello(extensions=b"\x00")), "extension type runs past its end"),
-        (_one_record(_hello(extensions=_ext(0, b""))), "name list length runs past its end"),
-        (_one_record(_hello(extensions=_ext(5, b"") + _ext(5, b""))), "extension 5 twice"),
+        (_one_record(_hello(version=0x0200)), "ClientHello version 0x0200, not TLS"),
+        (_one_record(_hello(session=bytes(33))), "ClientHello: session id longer than 32 bytes"),
+        (_one_record(_hello(suites=b"")), "ClientHello: cipher suites empty or of odd length"),
+        (_one_record(_hello(suites=b"\x13")), "ClientHello: cipher suites empty or of odd length"),
+        (_one_record(_hello(compression=b"")), "ClientHello: no compression method"),
+        (
+            _one_record(_hello(extensions=b"\x00")),
+            "ClientHello extensions: extension type runs past its end",
+        ),
+        (
+            _one_record(_hello(extensions=_ext(0, b""))),
+            "server_name: name list length runs past its end",
+        ),
+        (
+            _one_record(_hello(extensions=_ext(5, b"") + _ext(5, b""))),
+            "ClientHello: extension 5 twice",
+        ),
         (
             _one_record(_hello(extensions=_sni((0, b"a.example"), (0, b"b.example")))),
-            "more than one host name",
+            "ClientHello: more than one host name",
         ),
-        (_one_record(_hello(extensions=_sni((7, b"x")))), "server_name without a host name"),
-        (_one_record(_hello(extensions=_sni((0, "é.example".encode())))), "not ASCII"),
-        (_one_record(_hello(extensions=_sni((0, b"a..example")))), "not a valid host name"),
-        (_one_record(_hello(extensions=_sni((0, b"example.")))), "not a valid host name"),
-        (_one_record(_hello(extensions=_sni((0, b"-a.example")))), "not a valid host name"),
-        (_one_record(_hello(extensions=_sni((0, b"a b.example")))), "not a valid host name"),
+        (
+            _one_record(_hello(extensions=_sni((7, b"x")))),
+            "ClientHello: server_name without a host name",
+        ),
+        (
+            _one_record(_hello(extensions=_sni((0, "é.example".encode())))),
+            "ClientHello: server name is not ASCII",
+        ),
+        (
+            _one_record(_hello(extensions=_sni((0, b"a..example")))),
+            "ClientHello: 'a..example' is not a valid host name",
+        ),
+        (
+            _one_record(_hello(extensions=_sni((0, b"example.")))),
+            "ClientHello: 'example.' is not a valid host name",
+        ),
+        (
+            _one_record(_hello(extensions=_sni((0, b"-a.example")))),
+            "ClientHello: '-a.example' is not a valid host name",
+        ),
+        (
+            _one_record(_hello(extensions=_sni((0, b"a b.example")))),
+            "ClientHello: 'a b.example' is not a valid host name",
+        ),
         (
             _one_record(_hello(extensions=_sni((0, b"a" * 64 + b".example")))),
-            "not a valid host name",
+            f"ClientHello: {'a' * 64 + '.example'!r} is not a valid host name",
         ),
-        (_one_record(_hello(extensions=_sni((0, b"")))), "not a valid host name"),
-        (_one_record(_hello(extensions=_ext(16, b"\x00\x01\x00"))), "empty ALPN protocol"),
+        (
+            _one_record(_hello(extensions=_sni((0, b"")))),
+            "ClientHello: '' is not a valid host name",
+        ),
+        (
+            _one_record(_hello(extensions=_ext(16, b"\x00\x01\x00"))),
+            "ClientHello: an empty ALPN protocol name",
+        ),
         (
             _one_record(_hello(extensions=_ext(16, b"\x00\x05\x02h2"))),
-            "protocol list runs past its end",
+            "ALPN: protocol list runs past its end",
+        ),
+        (
+            _one_record(_hello(extensions=_sni((0, b"a-.example")))),
+            "ClientHello: 'a-.example' is not a valid host name",
+        ),
+        (
+            _one_record(_hello(extensions=_sni((0, b"a" * 100)))),
+            f"ClientHello: {'a' * 80!r} is not a valid host name",
+        ),
+        (_one_record(bytes([1, 0, 0, 1, 3])), "ClientHello: version runs past its end"),
+        (_one_record(bytes([1, 0, 0, 4, 3, 3, 0, 0])), "ClientHello: random runs past its end"),
+        (
+            _one_record(bytes([1, 0, 0, 34, 3, 3]) + bytes(32)),
+            "ClientHello: session id length runs past its end",
+        ),
+        (_one_record(_cut_hello(session=b"ab")), "ClientHello: session id runs past its end"),
+        (
+            _one_record(_cut_hello(suites=b"\x13\x01")),
+            "ClientHello: cipher suites runs past its end",
+        ),
+        (
+            _one_record(_cut_hello(compression=b"\x00")),
+            "ClientHello: compression methods runs past its end",
+        ),
+        (
+            _one_record(_cut_hello(extensions=b"\x00\x00\x00\x00")),
+            "ClientHello: extensions runs past its end",
+        ),
+        (
+            _one_record(_hello(extensions=b"\x00\x00\x00\x05\x00")),
+            "ClientHello extensions: extension 0 runs past its end",
+        ),
+        (
+            _one_record(_hello(extensions=_ext(0, b"\x00\x01\x00"))),
+            "server_name list: host name length runs past its end",
+        ),
+        (
+            _one_record(_hello(extensions=_ext(0, b"\x00\x03\x00\x00\x05"))),
+            "server_name list: host name runs past its end",
+        ),
+        (
+            _one_record(_hello(extensions=_ext(16, b"\x00\x02\x05h"))),
+            "ALPN list: protocol runs past its end",
+        ),
+        (
+            _one_record(_hello(extensions=_ext(16, b"\x00"))),
+            "ALPN: protocol list length runs past its end",
         ),
     ],
 )
 def test_a_bad_hello_is_one_clear_error(data: bytes, message: str) -> None:
-    with pytest.raises(ClientHelloError, match=message):
+    with pytest.raises(ClientHelloError) as info:
         ClientHelloReader().feed(data)
+    assert str(info.value) == message
 
 
 def test_bytes_after_the_extensions_are_refused() -> None:
     handshake = _hello()
     body = handshake[4:] + b"\x00"
     data = _one_record(bytes([1]) + len(body).to_bytes(3, "big") + body)
-    with pytest.raises(ClientHelloError, match="bytes after the extensions"):
+    with pytest.raises(ClientHelloError) as info:
         ClientHelloReader().feed(data)
+    assert str(info.value) == "ClientHello: bytes after the extensions"
 
 
 def test_a_hello_larger_than_the_limit_is_refused_before_it_is_all_in() -> None:
@@ -292,3 +393,67 @@ def test_a_real_hello_with_one_byte_changed_is_never_misread(data: st.DataObject
     if result is not None and result.server_name is not None:
         assert result.server_name == result.server_name.lower()
         assert all(0 < len(label) <= 63 for label in result.server_name.split("."))
+
+
+# --------------------------------------------------------------------------- exact behaviour
+# Pinned down by the mutation run (docs/mutation.md).
+
+
+def test_host_name_bounds_are_inclusive() -> None:
+    assert valid_host_name("a")
+    assert valid_host_name("a" * 63 + ".example")
+    assert not valid_host_name("a" * 64 + ".example")
+    exact = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    assert len(exact) == 253
+    assert valid_host_name(exact)
+    assert not valid_host_name(exact + "d")
+    assert not valid_host_name("a-.example")
+
+
+def test_a_hello_with_a_name_and_no_alpn_offers_none() -> None:
+    hello = ClientHelloReader().feed(_one_record(_hello(extensions=_sni((0, b"a.example")))))
+    assert hello == ClientHello("a.example", (), 0x0303)
+
+
+def test_one_byte_that_is_not_a_handshake_is_refused_at_once() -> None:
+    with pytest.raises(ClientHelloError) as info:
+        ClientHelloReader().feed(b"G")
+    assert str(info.value) == "a TLS record of content type 71, not a handshake"
+
+
+def test_a_record_header_cut_after_a_record_waits() -> None:
+    reader = ClientHelloReader()
+    partial = _hello()[:10]
+    assert reader.feed(_one_record(partial) + bytes([22, 3, 1])) is None
+
+
+def test_record_versions_up_to_3_4_and_records_of_exactly_the_limit_are_read() -> None:
+    data = bytes([22, 3, 4]) + struct.pack("!H", len(_hello())) + _hello()
+    assert ClientHelloReader().feed(data) == ClientHello(None, (), 0x0303)
+    limit = 2**14 + 2048
+    header = bytes([1]) + (limit + 10).to_bytes(3, "big")
+    record = bytes([22, 3, 1]) + struct.pack("!H", limit) + header + bytes(limit - 4)
+    assert ClientHelloReader().feed(record) is None
+
+
+def test_limits_on_the_hello_are_inclusive() -> None:
+    handshake = _hello()
+    assert ClientHelloReader(max_size=len(handshake)).feed(_one_record(handshake)) is not None
+    reader = ClientHelloReader(max_size=100)
+    start = _one_record(bytes([1]) + (96).to_bytes(3, "big") + bytes(85))
+    assert reader.feed(start + _one_record(b"\x00")) is None
+    assert len(reader.data) == 100  # exactly the limit in, still waiting
+
+
+def test_a_hello_length_uses_all_three_bytes() -> None:
+    reader = ClientHelloReader(max_size=2**17)
+    handshake = bytes([1]) + (70000).to_bytes(3, "big") + bytes(5000)
+    assert reader.feed(_records(handshake, 2**14)) is None
+
+
+def test_a_hello_is_read_only_once_and_says_so() -> None:
+    reader = ClientHelloReader()
+    reader.feed(python_hello("once.example"))
+    with pytest.raises(RuntimeError) as info:
+        reader.feed(b"x")
+    assert str(info.value) == "the ClientHello was already read"

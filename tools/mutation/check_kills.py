@@ -13,6 +13,12 @@ from ``MUTANT_UNDER_TEST`` at call time, so one process can run the tests once p
 Prints ``KILLED <name>`` or ``SURVIVED <name>`` per mutant, then a run on the original code
 (``original``), which must pass. Knows nothing about which test targets which mutant: select
 with ``-k``.
+
+``--fresh`` (first argument) runs each mutant in its own interpreter instead. A function that
+runs while a module is imported (``messages._build_converter``, the validator factories) is
+mutated only in a process that imports the module with the mutant already selected; in one
+process the first run's import fixes it for every later run. ``mutmut run`` itself forks its
+workers after the stats run imported everything, so it cannot kill such a mutant at all.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import subprocess
 import sys
 
 import pytest
@@ -47,17 +54,33 @@ def _run(mutant: str, pytest_args: list[str]) -> _Outcome:
     return outcome
 
 
+def _run_fresh(mutant: str, pytest_args: list[str]) -> _Outcome:
+    """One interpreter per run, so import-time code runs with the mutant selected."""
+    env = {**os.environ, "MUTANT_UNDER_TEST": mutant}
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *pytest_args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    outcome = _Outcome()
+    # pytest's exit status: 0 all passed, 1 some failed; anything else (collection or import
+    # error, as a mutant that breaks an import causes) counts as failed too
+    if done.returncode != 0:
+        outcome.failed = 1
+    return outcome
+
+
 def main(argv: list[str]) -> int:
+    runner = _run
+    if argv and argv[0] == "--fresh":
+        runner, argv = _run_fresh, argv[1:]
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2
     with open(argv[0], encoding="utf-8") as handle:
         names = [line.strip() for line in handle if line.strip()]
     for name in names:
-        outcome = _run(name, argv[1:])
+        outcome = runner(name, argv[1:])
         verdict = "KILLED" if outcome.failed else "SURVIVED"
         print(f"{verdict} {name} ({outcome.passed} passed)", flush=True)
-    original = _run("", argv[1:])  # no mutant: every selected test must pass
+    original = runner("", argv[1:])  # no mutant: every selected test must pass
     print(f"original: {original.passed} passed, {original.failed} failed", flush=True)
     return 1 if original.failed else 0
 

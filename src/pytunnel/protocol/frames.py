@@ -91,7 +91,10 @@ def _parse_data(buf: bytes | bytearray, start: int, end: int) -> Data | None:
     """The Data message if ``buf[start:end]`` is exactly the canonical Data body, else None
     (then the generic decoder decides, with all its checks)."""
     p = start + 8
-    if buf[start:p] != _DATA_HEAD or p >= end:
+    # each bound check leaves room for the two bytes read by index after it (a body cut short
+    # inside the stream id or the bin header must fall through to the generic decoder, not
+    # index past the end of the buffer)
+    if buf[start:p] != _DATA_HEAD or p + 1 >= end:
         return None
     b = buf[p]
     if b < 0x80:
@@ -104,7 +107,7 @@ def _parse_data(buf: bytes | bytearray, start: int, end: int) -> Data | None:
         stream, p = int.from_bytes(buf[p + 1 : p + 5], "big"), p + 5
     else:
         return None
-    if buf[p : p + 5] != _DATA_KEY or p + 5 >= end:
+    if buf[p : p + 5] != _DATA_KEY or p + 6 >= end:
         return None
     p += 5
     b = buf[p]
