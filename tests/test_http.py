@@ -437,3 +437,11 @@ async def test_reset_by_peer_mid_request_is_quiet(nursery: trio.Nursery) -> None
     await wait_until(lambda: count_tasks() <= before, 30, describe_tasks)
     out = parse(await raw(port, b"GET /json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
     assert [r.status_code for r, _ in out] == [200]
+
+
+async def test_repeated_headers_are_joined_and_names_case_blind(nursery: trio.Nursery) -> None:
+    port = await start(nursery)
+    data = (
+        b"GET /header HTTP/1.1\r\nHost: x\r\nX-Thing: a\r\nx-thing: b\r\nConnection: close\r\n\r\n"
+    )
+    assert parse(await raw(port, data))[0][1] == b"a, b"

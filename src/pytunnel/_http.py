@@ -187,6 +187,7 @@ class Request:
         self._body_deadline = trio.current_time() + conn.limits.body_timeout
         self._started = False
         self._received = 0
+        self._index: dict[str, str] | None = None
         #: the body was refused (too large, too slow, malformed): the connection cannot be
         #: reused
         self.aborted = False
@@ -194,9 +195,12 @@ class Request:
 
     def header(self, name: str) -> str | None:
         """The header's value (repeated headers joined with ", "), or ``None``."""
-        name = name.lower()
-        values = [value for key, value in self.headers if key == name]
-        return ", ".join(values) if values else None
+        if self._index is None:
+            index: dict[str, str] = {}
+            for key, value in self.headers:
+                index[key] = f"{index[key]}, {value}" if key in index else value
+            self._index = index
+        return self._index.get(name.lower())
 
     def content_length(self) -> int | None:
         value = self.header("content-length")
