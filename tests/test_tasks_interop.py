@@ -9,7 +9,6 @@ import datetime as dt
 import functools
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,35 +32,7 @@ from pytunnel.tasks import (
 pytestmark = pytest.mark.timeout(240)
 
 NODE_DIR = Path(__file__).parent / "node"
-RUNNER_DIR = Path(os.environ.get("PYTUNNEL_NPM_RUNNER", "/tmp/pytunnel-npm-runner"))
-RUNNER_VERSION = "5.5"
 HTTP_TOKEN = "interop-token"
-
-
-@pytest.fixture(scope="session")
-def runner_dir() -> Path:
-    """``@bluelibs/runner`` installed once per machine under ``RUNNER_DIR``."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are not installed (Debian: apt-get install nodejs npm)")
-    package = RUNNER_DIR / "node_modules" / "@bluelibs" / "runner" / "package.json"
-    if not package.exists() or not json.loads(package.read_text())["version"].startswith(
-        RUNNER_VERSION + "."
-    ):
-        RUNNER_DIR.mkdir(parents=True, exist_ok=True)
-        manifest = RUNNER_DIR / "package.json"
-        if not manifest.exists():
-            manifest.write_text('{"name": "pytunnel-runner-interop", "private": true}\n')
-        try:
-            subprocess.run(
-                ["npm", "install", "--no-audit", "--no-fund", f"@bluelibs/runner@{RUNNER_VERSION}"],
-                cwd=RUNNER_DIR,
-                capture_output=True,
-                timeout=300,
-                check=True,
-            )
-        except (subprocess.SubprocessError, OSError) as exc:
-            pytest.skip(f"npm install @bluelibs/runner@{RUNNER_VERSION} failed: {exc}")
-    return RUNNER_DIR
 
 
 def python_server() -> TaskServer:

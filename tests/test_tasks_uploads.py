@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from pytunnel.tasks import serializer as ser
 
 TOKEN = "upload-token"
 AUTH = {"x-runner-token": TOKEN}
-RUNNER_DIR = Path(os.environ.get("PYTUNNEL_NPM_RUNNER", "/tmp/pytunnel-npm-runner"))
 seen_files: list[InputFile] = []
 
 
@@ -267,15 +265,12 @@ async def test_uploads_leak_nothing(small: str, http: httpx.AsyncClient) -> None
 
 
 @pytest.mark.timeout(240)
-async def test_runner_node_clients_upload_files_and_streams(base: str) -> None:
-    package = RUNNER_DIR / "node_modules" / "@bluelibs" / "runner" / "package.json"
-    if shutil.which("node") is None or not package.exists():
-        pytest.skip("node or @bluelibs/runner is missing (tests/test_tasks_interop.py installs it)")
+async def test_runner_node_clients_upload_files_and_streams(base: str, runner_dir: Path) -> None:
     result = await trio.run_process(
         ["node", str(Path(__file__).parent / "node" / "runner_upload.mjs")],
         env={
             **os.environ,
-            "RUNNER_DIR": str(RUNNER_DIR),
+            "RUNNER_DIR": str(runner_dir),
             "RUNNER_BASE": base,
             "RUNNER_TOKEN": TOKEN,
         },
