@@ -124,7 +124,7 @@ async def test_files_reach_the_task_with_metadata(base: str, http: httpx.AsyncCl
     }
     # the spools are released once the call is answered
     assert seen_files
-    assert all(file._spool.closed for file in seen_files)
+    assert all(file.closed for file in seen_files)
 
 
 async def test_octet_stream_body_is_a_stream(base: str, http: httpx.AsyncClient) -> None:

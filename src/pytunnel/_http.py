@@ -141,10 +141,8 @@ class _Connection:
             if event is not h11.NEED_DATA:
                 return event
             with trio.move_on_at(deadline):
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-                self.h11.receive_data(
-                    bytes(data)
-                )  # b"": the peer closed, h11 decides what it means
+                # b"" is the peer's close; h11 decides what it means here
+                self.h11.receive_data(bytes(await self.stream.receive_some(RECEIVE_SIZE)))
                 continue
             return None
 
@@ -349,6 +347,10 @@ async def serve_http_stream(
         linger = await _serve_requests(conn, handler, peer)
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
         pass  # the peer went away or stopped reading: nothing left to tell it
+    except Exception:
+        # a bug here or in a handler's answer costs this one connection, never the server
+        # (an exception out of a connection's task would end every connection)
+        log.exception("HTTP connection failed")
     finally:
         if linger:
             await _linger_close(stream)
@@ -435,22 +437,24 @@ async def _answer(conn: _Connection, handler: Handler, request: Request) -> bool
         log.warning("HTTP handler timed out on %s %s", request.method, printable(request.target))
         response = _plain(504, "Gateway Timeout")
     keep = not request.aborted and await request._drain()
-    headers = list(response.headers)
-    if not keep:
-        headers.append(("connection", "close"))
+    try:
+        head = _head(response, keep)
+    except (h11.LocalProtocolError, UnicodeEncodeError, ValueError):
+        log.exception(
+            "HTTP handler gave an invalid answer to %s %s",
+            request.method,
+            printable(request.target),
+        )
+        response = _plain(500, "Internal Error")
+        head = _head(response, keep)
     if isinstance(response.body, bytes):
-        headers.append(("content-length", str(len(response.body))))
-    head = h11.Response(
-        status_code=response.status, headers=_encode(headers), reason=_reason(response.status)
-    )
-    if isinstance(response.body, bytes):
-        if request.method == "HEAD":
+        if request.method == "HEAD" or response.status in (204, 304):
             await conn.send(head, h11.EndOfMessage())
         else:
             await conn.send(head, h11.Data(data=response.body), h11.EndOfMessage())
         return keep
     await conn.send(head)
-    if request.method == "HEAD":
+    if request.method == "HEAD" or response.status in (204, 304):
         await conn.send(h11.EndOfMessage())
         return keep
     try:
@@ -467,6 +471,25 @@ async def _answer(conn: _Connection, handler: Handler, request: Request) -> bool
         return False  # the head is out: all that is left is to cut the body short
     await conn.send(h11.EndOfMessage())
     return keep
+
+
+def _head(response: Response, keep: bool) -> h11.Response:
+    """The answer's head, checked by h11 before anything is sent (a handler's invalid
+    header or status must not break the connection's state half way through)."""
+    if not 200 <= response.status <= 599:
+        raise ValueError(f"a handler's answer must have a final status, not {response.status}")
+    headers = list(response.headers)
+    if isinstance(response.body, bytes):  # its length is the body's, whatever was given
+        headers = [(k, v) for k, v in headers if k.lower() not in _FRAMING]
+        headers.append(("content-length", str(len(response.body))))
+    if not keep:
+        headers.append(("connection", "close"))
+    return h11.Response(
+        status_code=response.status, headers=_encode(headers), reason=_reason(response.status)
+    )
+
+
+_FRAMING = frozenset({"content-length", "transfer-encoding"})
 
 
 class _aclosing_iter:

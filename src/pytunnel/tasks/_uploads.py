@@ -99,6 +99,11 @@ class InputFile:
     def close(self) -> None:
         self._spool.close()
 
+    @property
+    def closed(self) -> bool:
+        """Whether the spool was released (the call it came with was answered)."""
+        return bool(self._spool.closed)
+
     def _apply_meta(self, meta: object) -> None:
         if not isinstance(meta, dict):
             return
