@@ -515,3 +515,22 @@ async def test_an_unexpected_failure_costs_the_connection_only(
         await serve_http_stream(stream, app)
     assert "HTTP connection failed" in caplog.text
     assert stream.closed
+
+
+async def test_a_peer_that_stops_reading_is_cut_off_at_the_send_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    async def handler(request: Request) -> Response:
+        async def endless() -> AsyncIterator[bytes]:
+            while True:
+                yield b"x" * 65536
+
+        return Response(200, [], endless())
+
+    port = await start(nursery, HttpLimits(send_timeout=0.5), handler=handler)
+    before = count_tasks()
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        # never read: the server's writes block once the socket buffers are full
+        await wait_until(lambda: count_tasks() <= before, 30, describe_tasks)

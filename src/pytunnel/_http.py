@@ -130,6 +130,21 @@ class _Connection:
         self.stream = stream
         self.limits = limits
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
+        #: one scope for the connection's life, its deadline moved to whatever the
+        #: connection waits for (a head, a write): cheaper than a scope per wait, and a
+        #: deadline that fires ends the connection anyway
+        self.scope = trio.CancelScope()
+        #: what the deadline of :attr:`scope` is for: ``"head"`` or ``"send"``
+        self.waiting = ""
+
+    async def receive_into_h11(self, deadline: float) -> None:
+        """Read once into h11 (a head's bytes), under the connection's deadline."""
+        self.scope.deadline = deadline
+        self.waiting = "head"
+        data = await self.stream.receive_some(RECEIVE_SIZE)
+        self.scope.deadline = math.inf
+        self.waiting = ""
+        self.h11.receive_data(bytes(data))  # b"" is the peer's close; h11 decides its meaning
 
     async def next_event(self, deadline: float) -> object:
         """The next event, reading as needed until ``deadline`` (then ``None``).
@@ -149,8 +164,11 @@ class _Connection:
     async def send(self, *events: h11.Event) -> None:
         out = b"".join(self.h11.send(event) or b"" for event in events)
         if out:
-            with trio.fail_after(self.limits.send_timeout):
-                await self.stream.send_all(out)
+            self.scope.deadline = trio.current_time() + self.limits.send_timeout
+            self.waiting = "send"
+            await self.stream.send_all(out)
+            self.scope.deadline = math.inf
+            self.waiting = ""
 
     def buffered_size(self) -> int:
         return len(self.h11.trailing_data[0])
@@ -344,7 +362,10 @@ async def serve_http_stream(
     peer = peer or _peer_of(stream)
     linger = False
     try:
-        linger = await _serve_requests(conn, handler, peer)
+        with conn.scope:
+            linger = await _serve_requests(conn, handler, peer)
+        if conn.scope.cancelled_caught:
+            linger = await _deadline_passed(conn)
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
         pass  # the peer went away or stopped reading: nothing left to tell it
     except Exception:
@@ -364,11 +385,21 @@ class _HeadFailed(Exception):
         self.text = text
 
 
+async def _deadline_passed(conn: _Connection) -> bool:
+    """The connection's deadline fired: a head that started and never ended is 408; an
+    idle connection or a write the peer would not take ends without a word. Returns
+    whether the close should linger."""
+    if conn.waiting != "head" or not conn.buffered():
+        return False
+    with trio.move_on_after(conn.limits.send_timeout):
+        await _send_error(conn, 408, "Request Timeout")
+    return True
+
+
 async def _read_head(conn: _Connection, first: bool) -> object:
-    """The next request's head, or ``None`` when the connection stayed idle until its
-    deadline (the first request's head must be complete ``head_timeout`` after the start;
-    a later one ``head_timeout`` after its first byte, which may come ``keepalive_timeout``
-    after the previous answer)."""
+    """The next request's head (the first request's head must be complete ``head_timeout``
+    after the start; a later one ``head_timeout`` after its first byte, which may come
+    ``keepalive_timeout`` after the previous answer)."""
     limits = conn.limits
     in_head = first
     deadline = trio.current_time() + (limits.head_timeout if first else limits.keepalive_timeout)
@@ -388,12 +419,7 @@ async def _read_head(conn: _Connection, first: bool) -> object:
             if before - conn.buffered_size() > limits.max_head:
                 raise _HeadFailed(431, "Request Header Fields Too Large")
             return event
-        with trio.move_on_at(deadline):
-            conn.h11.receive_data(bytes(await conn.stream.receive_some(RECEIVE_SIZE)))
-            continue
-        if conn.buffered():
-            raise _HeadFailed(408, "Request Timeout")
-        return None
+        await conn.receive_into_h11(deadline)  # past the deadline: see _deadline_passed
 
 
 async def _serve_requests(
@@ -410,7 +436,7 @@ async def _serve_requests(
             return True
         first = False
         if not isinstance(event, h11.Request):
-            return False  # idle, or ConnectionClosed (PAUSED cannot come: one cycle at a time)
+            return False  # ConnectionClosed (PAUSED cannot come: one cycle at a time)
         request = Request(conn, event, peer, conn.limits.max_body)
         if not await _answer(conn, handler, request):
             return not request.body_done
