@@ -259,6 +259,36 @@ SAME_ANSWERS: list[tuple[str, str, list[tuple[str, str]], bytes]] = [
     ("POST", "/__runner/task/echo", [TOKEN_HEADER, ("x-runner-request-id", "ok.id:1")], b""),
     ("POST", "/__runner/task/echo", [TOKEN_HEADER, ("x-runner-request-id", "bad id")], b""),
 ]
+
+
+def multipart(*parts: tuple[str, str | None, bytes]) -> tuple[list[tuple[str, str]], bytes]:
+    """Headers and body of a multipart call: (name, filename, content) parts."""
+    body = b""
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--b0undary\r\nContent-Disposition: {disposition}\r\n\r\n".encode()
+        body += content + b"\r\n"
+    body += b"--b0undary--\r\n"
+    return [TOKEN_HEADER, ("content-type", "multipart/form-data; boundary=b0undary")], body
+
+
+for _parts in (
+    [("__manifest", None, b'{"input":{"a":1,"b":2}}')],
+    [("file:1", "a.txt", b"x")],
+    [("__manifest", None, b"5")],
+    [("__manifest", None, b"{")],
+    [("__manifest", None, b'{"input":{"f":{"$runnerFile":"File","id":"9"}}}')],
+):
+    SAME_ANSWERS.append(("POST", "/__runner/task/math.add", *multipart(*_parts)))
+SAME_ANSWERS.append(
+    (
+        "POST",
+        "/__runner/task/math.add",
+        [TOKEN_HEADER, ("content-type", "multipart/form-data; boundary=b0undary")],
+        b"--b0undary\r\ngarbage",
+    )
+)
+
 COMPARED_HEADERS = (
     "content-type",
     "x-content-type-options",

@@ -161,7 +161,7 @@ async def test_octet_stream_body_is_a_stream(base: str, http: httpx.AsyncClient)
         (
             {"__manifest": manifest({"f": sentinel("9")})},
             [("file:1", ("a", b"x", "text/plain"))],
-            (500, "MISSING_FILE_PART", "Missing file part for id 9"),
+            (500, "MISSING_FILE_PART", "Internal Error"),
         ),
     ],
 )
