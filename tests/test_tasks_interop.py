@@ -278,6 +278,9 @@ for _parts in (
     [("__manifest", None, b"5")],
     [("__manifest", None, b"{")],
     [("__manifest", None, b'{"input":{"f":{"$runnerFile":"File","id":"9"}}}')],
+    [("__manifest", None, b"{}"), *[(f"file:{i}", "f.bin", b"x") for i in range(11)]],
+    [("__manifest", None, b"{}"), *[(f"field{i}", None, b"v") for i in range(101)]],
+    [("__manifest", None, b'{"input":"' + b"x" * (1024 * 1024) + b'"}')],
 ):
     SAME_ANSWERS.append(("POST", "/__runner/task/math.add", *multipart(*_parts)))
 SAME_ANSWERS.append(
