@@ -12,13 +12,16 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import attrs
 import click
 import trio
 
 import pytunnel
-from pytunnel.tasks import TaskServer
+
+if TYPE_CHECKING:  # imported when the command runs: every other command starts without it
+    from pytunnel.tasks import TaskServer
 
 from ._logs import setup_logging
 from ._options import CONTEXT, log_format_option, log_level_option, parsed, server_address
@@ -31,6 +34,8 @@ from ._token import read_token, token_file_option, token_option
 def load_server(spec: str) -> TaskServer:
     """The :class:`TaskServer` that ``MODULE:ATTR`` names; ``ValueError`` saying what is
     wrong otherwise. The working directory is importable, as for ``python -m``."""
+    from pytunnel.tasks import TaskServer
+
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"expected MODULE:ATTR, not {spec!r}")
