@@ -7,11 +7,15 @@ them from there, never from this module.
 from __future__ import annotations
 
 import functools
+import json
+import shutil
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
-from helpers import TOKEN, Blackhole, echo_handler
+from helpers import RUNNER_DIR, RUNNER_VERSION, TOKEN, Blackhole, echo_handler
 
 import pytunnel
 
@@ -48,3 +52,29 @@ def blackhole() -> Iterator[Blackhole]:
     hole = Blackhole()
     yield hole
     hole.close()
+
+
+@pytest.fixture(scope="session")
+def runner_dir() -> Path:
+    """``@bluelibs/runner`` installed once per machine under ``RUNNER_DIR``."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are not installed (Debian: apt-get install nodejs npm)")
+    package = RUNNER_DIR / "node_modules" / "@bluelibs" / "runner" / "package.json"
+    if not package.exists() or not json.loads(package.read_text())["version"].startswith(
+        RUNNER_VERSION + "."
+    ):
+        RUNNER_DIR.mkdir(parents=True, exist_ok=True)
+        manifest = RUNNER_DIR / "package.json"
+        if not manifest.exists():
+            manifest.write_text('{"name": "pytunnel-runner-interop", "private": true}\n')
+        try:
+            subprocess.run(
+                ["npm", "install", "--no-audit", "--no-fund", f"@bluelibs/runner@{RUNNER_VERSION}"],
+                cwd=RUNNER_DIR,
+                capture_output=True,
+                timeout=300,
+                check=True,
+            )
+        except (subprocess.SubprocessError, OSError) as exc:
+            pytest.skip(f"npm install @bluelibs/runner@{RUNNER_VERSION} failed: {exc}")
+    return RUNNER_DIR

@@ -16,6 +16,7 @@ import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -29,6 +30,11 @@ from pytunnel.session import Role, Session, SessionConfig, open_session
 SessionPair = tuple[Session, Session]
 
 TOKEN = "test-token-5f1b"
+
+#: where the Runner interoperability tests install ``@bluelibs/runner`` (kept between runs;
+#: ``.ci/run`` points it into its temporary folder)
+RUNNER_DIR = Path(os.environ.get("PYTUNNEL_NPM_RUNNER", "/tmp/pytunnel-npm-runner"))
+RUNNER_VERSION = "5.5"
 
 
 async def tcp_stream_pair() -> tuple[trio.SocketStream, trio.SocketStream]:

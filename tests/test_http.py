@@ -437,3 +437,100 @@ async def test_reset_by_peer_mid_request_is_quiet(nursery: trio.Nursery) -> None
     await wait_until(lambda: count_tasks() <= before, 30, describe_tasks)
     out = parse(await raw(port, b"GET /json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
     assert [r.status_code for r, _ in out] == [200]
+
+
+async def test_repeated_headers_are_joined_and_names_case_blind(nursery: trio.Nursery) -> None:
+    port = await start(nursery)
+    data = (
+        b"GET /header HTTP/1.1\r\nHost: x\r\nX-Thing: a\r\nx-thing: b\r\nConnection: close\r\n\r\n"
+    )
+    assert parse(await raw(port, data))[0][1] == b"a, b"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        Response(200, [("x-bad", "line\r\nbreak")]),  # h11 refuses the header value
+        Response(200, [("x-name", "\u20ac")]),  # not latin-1
+        Response(101, []),  # not a final status
+        Response(200, [("content-length", "999")], b"short"),  # framing is ours: fixed
+    ],
+)
+async def test_invalid_answer_from_a_handler_is_500_and_the_server_lives(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, bad: Response
+) -> None:
+    async def handler(request: Request) -> Response:
+        return bad if request.path == "/bad" else Response.text(200, "fine")
+
+    port = await start(nursery, handler=handler)
+    data = (
+        b"GET /bad HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /good HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    with caplog.at_level(logging.ERROR, logger="pytunnel.http"):
+        responses = parse(await raw(port, data))
+    if bad.body == b"short":
+        assert [(r.status_code, body) for r, body in responses] == [(200, b"short"), (200, b"fine")]
+    else:
+        assert [r.status_code for r, _ in responses] == [500, 200]
+        assert "invalid answer" in caplog.text
+
+
+async def test_no_content_answers_carry_no_body(nursery: trio.Nursery) -> None:
+    async def handler(request: Request) -> Response:
+        return Response(204, [], b"dropped") if request.path == "/nc" else Response.text(200, "ok")
+
+    port = await start(nursery, handler=handler)
+    data = (
+        b"GET /nc HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    responses = parse(await raw(port, data))
+    assert [(r.status_code, body) for r, body in responses] == [(204, b""), (200, b"ok")]
+
+
+async def test_an_unexpected_failure_costs_the_connection_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whatever goes wrong on one connection is logged there, never raised to the server
+    (whose other connections would end with it)."""
+
+    class Failing(trio.abc.Stream):
+        closed = False
+
+        async def receive_some(self, max_bytes: int | None = None) -> bytes:
+            raise RuntimeError("a transport bug")
+
+        async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+            raise AssertionError("nothing to send")
+
+        async def wait_send_all_might_not_block(self) -> None:
+            return None
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    stream = Failing()
+    with caplog.at_level(logging.ERROR, logger="pytunnel.http"), trio.fail_after(10):
+        await serve_http_stream(stream, app)
+    assert "HTTP connection failed" in caplog.text
+    assert stream.closed
+
+
+async def test_a_peer_that_stops_reading_is_cut_off_at_the_send_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    async def handler(request: Request) -> Response:
+        async def endless() -> AsyncIterator[bytes]:
+            while True:
+                yield b"x" * 65536
+
+        return Response(200, [], endless())
+
+    port = await start(nursery, HttpLimits(send_timeout=0.5), handler=handler)
+    before = count_tasks()
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        # never read: the server's writes block once the socket buffers are full
+        await wait_until(lambda: count_tasks() <= before, 30, describe_tasks)

@@ -159,3 +159,40 @@ def test_usage_errors(app_dir: Path, args: list[str], message: str) -> None:
     )
     assert out.returncode == 2, out.stderr
     assert message in out.stderr.decode()
+
+
+def test_tasks_through_a_tls_tunnel_pinned(app_dir: Path) -> None:
+    """The tunnel's TLS options are connect's: a self-signed server, its pinned fingerprint."""
+    server = Proc(
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-self-signed",
+        "--tls-dir",
+        str(app_dir / "tls"),
+    )
+    try:
+        listening = server.readline()
+        fingerprint = server.readline().split(": ")[1]
+        token = server.readline().split("--token ")[1].split()[0]
+        address = re.search(r"(\d+\.\d+\.\d+\.\d+:\d+)", listening).group(1)  # type: ignore[union-attr]
+        proc = Proc(
+            "tasks",
+            "serve",
+            "taskapp:server",
+            "--tunnel",
+            address,
+            "--tls-fingerprint",
+            fingerprint,
+            cwd=app_dir,
+            env={"PYTUNNEL_TOKEN": token},
+        )
+        try:
+            port = int(re.search(r"on port (\d+)/", proc.readline()).group(1))  # type: ignore[union-attr]
+            with SyncTaskClient(f"http://127.0.0.1:{port}/__runner", token=HTTP_TOKEN) as client:
+                assert client.task("math.add", {"a": 1, "b": 1}) == 2
+            assert proc.stop() == 0
+        finally:
+            proc.kill()
+    finally:
+        server.kill()

@@ -168,3 +168,15 @@ def test_sync_client_connection_refused() -> None:
         pytest.raises(ConnectionFailedError),
     ):
         client.discovery()
+
+
+def test_a_server_alone_does_not_load_the_client() -> None:
+    """httpx is the client's: a process that only serves tasks never imports it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pytunnel.tasks as t; s = t.TaskServer(token='x'); "
+        "assert 'httpx' not in sys.modules; t.TaskClient; assert 'httpx' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

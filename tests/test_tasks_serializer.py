@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -217,3 +218,64 @@ json_values = st.recursive(
 @given(json_values)
 def test_round_trip(value: Any) -> None:
     assert loads(dumps(value)) == value
+
+
+def _corpus() -> list[Any]:
+    """Values of every kind, and random nestings of them (seeded: the same every run)."""
+    import random
+
+    leaves: list[Any] = [
+        None,
+        True,
+        0,
+        -7,
+        2**53 - 1,
+        2**53,
+        -(2**70),
+        1.5,
+        -0.25,
+        math.nan,
+        math.inf,
+        -math.inf,
+        "",
+        "text with \u00e9 and \u2028 and \U0001f600",
+        UNDEFINED,
+        dt.datetime(2024, 2, 29, 23, 59, 59, 999000, tzinfo=UTC),
+        dt.datetime(1, 1, 1, tzinfo=UTC),
+        RegExp("^a+(b|c)$", "gimsuy"),
+        URL("https://example.com/a?b=1#c"),
+        {1, "two"},
+        RunnerMap({"k": 1, 2: [3]}),
+        {"__type": "Date", "value": "x", "__graph": 1, "$runner.escape::y": 2},
+    ]
+    rng = random.Random(15)
+
+    def nest(depth: int) -> Any:
+        if depth == 0 or rng.random() < 0.3:
+            return rng.choice(leaves)
+        if rng.random() < 0.5:
+            return [nest(depth - 1) for _ in range(rng.randint(0, 3))]
+        return {f"k{i}": nest(depth - 1) for i in range(rng.randint(0, 3))}
+
+    return leaves + [nest(4) for _ in range(200)]
+
+
+def test_runner_serializer_writes_back_the_same_text(runner_dir: Path) -> None:
+    """Runner's own Serializer reads what this one writes and writes back the same text."""
+    import os
+    import subprocess
+
+    texts = [dumps(value) for value in _corpus()]
+    out = subprocess.run(
+        ["node", str(Path(__file__).parent / "node" / "runner_serializer.mjs")],
+        input="\n".join(texts) + "\n",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RUNNER_DIR": str(runner_dir)},
+        timeout=120,
+        check=True,
+    )
+    back = out.stdout.split("\n")[:-1]  # not splitlines(): U+2028 is inside the texts
+    assert len(back) == len(texts)
+    for text, node_text in zip(texts, back, strict=True):
+        assert node_text == text

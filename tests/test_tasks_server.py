@@ -532,3 +532,37 @@ async def test_keepalive_many_calls_one_connection(base: str, http: httpx.AsyncC
     for i in range(20):
         r = await http.post(f"{base}/task/math.add", json={"input": {"a": i, "b": 1}}, headers=AUTH)
         assert body_of(r)["result"] == i + 1
+
+
+@pytest.mark.parametrize(
+    ("path", "result"),
+    [
+        ("/__runner/task/../task/math.add", 3),
+        ("/__runner/./task/math.add", 3),
+        ("/__runner/task/x/%2E%2E/math.add", 3),
+        ("/../__runner/task/math.add", 3),
+    ],
+)
+async def test_dot_segments_resolve_as_in_a_url_parser(
+    base: str, http: httpx.AsyncClient, path: str, result: int
+) -> None:
+    """Node's ``new URL`` resolves ``.``/``..`` before Runner routes; so does the server (the
+    raw target is sent: httpx would normalise it first)."""
+    port = port_of(base)
+    body = b'{"input":{"a":1,"b":2}}'
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nx-runner-token: {TOKEN}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    out = await raw(port, head + body)
+    assert out.startswith(b"HTTP/1.1 200"), out[:100]
+    assert json.loads(out.partition(b"\r\n\r\n")[2]) == {"ok": True, "result": result}
+
+
+async def test_dot_segments_reach_discovery_like_runner(base: str) -> None:
+    head = (
+        f"GET /__runner/task/../discovery HTTP/1.1\r\nHost: x\r\nx-runner-token: {TOKEN}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    out = await raw(port_of(base), head)
+    assert json.loads(out.partition(b"\r\n\r\n")[2])["result"]["allowList"]["enabled"] is True

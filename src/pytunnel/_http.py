@@ -130,6 +130,21 @@ class _Connection:
         self.stream = stream
         self.limits = limits
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
+        #: one scope for the connection's life, its deadline moved to whatever the
+        #: connection waits for (a head, a write): cheaper than a scope per wait, and a
+        #: deadline that fires ends the connection anyway
+        self.scope = trio.CancelScope()
+        #: what the deadline of :attr:`scope` is for: ``"head"`` or ``"send"``
+        self.waiting = ""
+
+    async def receive_into_h11(self, deadline: float) -> None:
+        """Read once into h11 (a head's bytes), under the connection's deadline."""
+        self.scope.deadline = deadline
+        self.waiting = "head"
+        data = await self.stream.receive_some(RECEIVE_SIZE)
+        self.scope.deadline = math.inf
+        self.waiting = ""
+        self.h11.receive_data(bytes(data))  # b"" is the peer's close; h11 decides its meaning
 
     async def next_event(self, deadline: float) -> object:
         """The next event, reading as needed until ``deadline`` (then ``None``).
@@ -141,18 +156,19 @@ class _Connection:
             if event is not h11.NEED_DATA:
                 return event
             with trio.move_on_at(deadline):
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-                self.h11.receive_data(
-                    bytes(data)
-                )  # b"": the peer closed, h11 decides what it means
+                # b"" is the peer's close; h11 decides what it means here
+                self.h11.receive_data(bytes(await self.stream.receive_some(RECEIVE_SIZE)))
                 continue
             return None
 
     async def send(self, *events: h11.Event) -> None:
         out = b"".join(self.h11.send(event) or b"" for event in events)
         if out:
-            with trio.fail_after(self.limits.send_timeout):
-                await self.stream.send_all(out)
+            self.scope.deadline = trio.current_time() + self.limits.send_timeout
+            self.waiting = "send"
+            await self.stream.send_all(out)
+            self.scope.deadline = math.inf
+            self.waiting = ""
 
     def buffered_size(self) -> int:
         return len(self.h11.trailing_data[0])
@@ -187,6 +203,7 @@ class Request:
         self._body_deadline = trio.current_time() + conn.limits.body_timeout
         self._started = False
         self._received = 0
+        self._index: dict[str, str] | None = None
         #: the body was refused (too large, too slow, malformed): the connection cannot be
         #: reused
         self.aborted = False
@@ -194,9 +211,12 @@ class Request:
 
     def header(self, name: str) -> str | None:
         """The header's value (repeated headers joined with ", "), or ``None``."""
-        name = name.lower()
-        values = [value for key, value in self.headers if key == name]
-        return ", ".join(values) if values else None
+        if self._index is None:
+            index: dict[str, str] = {}
+            for key, value in self.headers:
+                index[key] = f"{index[key]}, {value}" if key in index else value
+            self._index = index
+        return self._index.get(name.lower())
 
     def content_length(self) -> int | None:
         value = self.header("content-length")
@@ -342,9 +362,16 @@ async def serve_http_stream(
     peer = peer or _peer_of(stream)
     linger = False
     try:
-        linger = await _serve_requests(conn, handler, peer)
+        with conn.scope:
+            linger = await _serve_requests(conn, handler, peer)
+        if conn.scope.cancelled_caught:
+            linger = await _deadline_passed(conn)
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
         pass  # the peer went away or stopped reading: nothing left to tell it
+    except Exception:
+        # a bug here or in a handler's answer costs this one connection, never the server
+        # (an exception out of a connection's task would end every connection)
+        log.exception("HTTP connection failed")
     finally:
         if linger:
             await _linger_close(stream)
@@ -358,11 +385,21 @@ class _HeadFailed(Exception):
         self.text = text
 
 
+async def _deadline_passed(conn: _Connection) -> bool:
+    """The connection's deadline fired: a head that started and never ended is 408; an
+    idle connection or a write the peer would not take ends without a word. Returns
+    whether the close should linger."""
+    if conn.waiting != "head" or not conn.buffered():
+        return False
+    with trio.move_on_after(conn.limits.send_timeout):
+        await _send_error(conn, 408, "Request Timeout")
+    return True
+
+
 async def _read_head(conn: _Connection, first: bool) -> object:
-    """The next request's head, or ``None`` when the connection stayed idle until its
-    deadline (the first request's head must be complete ``head_timeout`` after the start;
-    a later one ``head_timeout`` after its first byte, which may come ``keepalive_timeout``
-    after the previous answer)."""
+    """The next request's head (the first request's head must be complete ``head_timeout``
+    after the start; a later one ``head_timeout`` after its first byte, which may come
+    ``keepalive_timeout`` after the previous answer)."""
     limits = conn.limits
     in_head = first
     deadline = trio.current_time() + (limits.head_timeout if first else limits.keepalive_timeout)
@@ -382,12 +419,7 @@ async def _read_head(conn: _Connection, first: bool) -> object:
             if before - conn.buffered_size() > limits.max_head:
                 raise _HeadFailed(431, "Request Header Fields Too Large")
             return event
-        with trio.move_on_at(deadline):
-            conn.h11.receive_data(bytes(await conn.stream.receive_some(RECEIVE_SIZE)))
-            continue
-        if conn.buffered():
-            raise _HeadFailed(408, "Request Timeout")
-        return None
+        await conn.receive_into_h11(deadline)  # past the deadline: see _deadline_passed
 
 
 async def _serve_requests(
@@ -404,7 +436,7 @@ async def _serve_requests(
             return True
         first = False
         if not isinstance(event, h11.Request):
-            return False  # idle, or ConnectionClosed (PAUSED cannot come: one cycle at a time)
+            return False  # ConnectionClosed (PAUSED cannot come: one cycle at a time)
         request = Request(conn, event, peer, conn.limits.max_body)
         if not await _answer(conn, handler, request):
             return not request.body_done
@@ -431,22 +463,24 @@ async def _answer(conn: _Connection, handler: Handler, request: Request) -> bool
         log.warning("HTTP handler timed out on %s %s", request.method, printable(request.target))
         response = _plain(504, "Gateway Timeout")
     keep = not request.aborted and await request._drain()
-    headers = list(response.headers)
-    if not keep:
-        headers.append(("connection", "close"))
+    try:
+        head = _head(response, keep)
+    except (h11.LocalProtocolError, UnicodeEncodeError, ValueError):
+        log.exception(
+            "HTTP handler gave an invalid answer to %s %s",
+            request.method,
+            printable(request.target),
+        )
+        response = _plain(500, "Internal Error")
+        head = _head(response, keep)
     if isinstance(response.body, bytes):
-        headers.append(("content-length", str(len(response.body))))
-    head = h11.Response(
-        status_code=response.status, headers=_encode(headers), reason=_reason(response.status)
-    )
-    if isinstance(response.body, bytes):
-        if request.method == "HEAD":
+        if request.method == "HEAD" or response.status in (204, 304):
             await conn.send(head, h11.EndOfMessage())
         else:
             await conn.send(head, h11.Data(data=response.body), h11.EndOfMessage())
         return keep
     await conn.send(head)
-    if request.method == "HEAD":
+    if request.method == "HEAD" or response.status in (204, 304):
         await conn.send(h11.EndOfMessage())
         return keep
     try:
@@ -463,6 +497,25 @@ async def _answer(conn: _Connection, handler: Handler, request: Request) -> bool
         return False  # the head is out: all that is left is to cut the body short
     await conn.send(h11.EndOfMessage())
     return keep
+
+
+def _head(response: Response, keep: bool) -> h11.Response:
+    """The answer's head, checked by h11 before anything is sent (a handler's invalid
+    header or status must not break the connection's state half way through)."""
+    if not 200 <= response.status <= 599:
+        raise ValueError(f"a handler's answer must have a final status, not {response.status}")
+    headers = list(response.headers)
+    if isinstance(response.body, bytes):  # its length is the body's, whatever was given
+        headers = [(k, v) for k, v in headers if k.lower() not in _FRAMING]
+        headers.append(("content-length", str(len(response.body))))
+    if not keep:
+        headers.append(("connection", "close"))
+    return h11.Response(
+        status_code=response.status, headers=_encode(headers), reason=_reason(response.status)
+    )
+
+
+_FRAMING = frozenset({"content-length", "transfer-encoding"})
 
 
 class _aclosing_iter:

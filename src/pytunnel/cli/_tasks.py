@@ -3,7 +3,8 @@ no local port, or both.
 
 ``ATTR`` names a :class:`pytunnel.tasks.TaskServer` (or a callable returning one) in an
 importable module, as ASGI servers name their app; the module configures the server (its
-tasks, its HTTP token). The tunnel's own token comes as for ``pytunnel connect``.
+tasks, its HTTP token). The tunnel's own token and TLS options are those of ``pytunnel
+connect``.
 """
 
 from __future__ import annotations
@@ -11,23 +12,30 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import TYPE_CHECKING
 
+import attrs
 import click
 import trio
 
 import pytunnel
-from pytunnel.tasks import TaskServer
+
+if TYPE_CHECKING:  # imported when the command runs: every other command starts without it
+    from pytunnel.tasks import TaskServer
 
 from ._logs import setup_logging
 from ._options import CONTEXT, log_format_option, log_level_option, parsed, server_address
 from ._output import say
 from ._run import run as run_command
+from ._tlsfiles import client_tls, client_tls_options
 from ._token import read_token, token_file_option, token_option
 
 
 def load_server(spec: str) -> TaskServer:
     """The :class:`TaskServer` that ``MODULE:ATTR`` names; ``ValueError`` saying what is
     wrong otherwise. The working directory is importable, as for ``python -m``."""
+    from pytunnel.tasks import TaskServer
+
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"expected MODULE:ATTR, not {spec!r}")
@@ -89,6 +97,7 @@ def tasks() -> None:
 )
 @token_option(help="Shared secret of the tunnel server (or --token-file).")
 @token_file_option
+@client_tls_options
 @log_level_option
 @log_format_option
 @click.pass_context
@@ -101,6 +110,12 @@ def serve(
     remote_host: str,
     token: str | None,
     token_file: str | None,
+    use_tls: bool,
+    tls_ca: str | None,
+    tls_fingerprint: str | None,
+    tls_server_name: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -124,7 +139,15 @@ def serve(
                 )
             if tunnel_server is not None:
                 assert secret is not None
-                async with pytunnel.open_tunnel(tunnel_server, token=secret) as tunnel:
+                config = pytunnel.ClientConfig(
+                    token=secret,
+                    tls_fingerprint=tls_fingerprint,
+                    tls_server_hostname=tls_server_name,
+                )
+                context = await client_tls(use_tls, tls_ca, tls_cert, tls_key, tls_fingerprint)
+                if context is not None:
+                    config = attrs.evolve(config, tls=context)
+                async with pytunnel.open_tunnel(tunnel_server, config=config) as tunnel:
                     forward = await tunnel.forward_remote(
                         remote_port=remote_port, remote_host=remote_host, handler=app.handle_stream
                     )

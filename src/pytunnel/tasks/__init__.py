@@ -4,8 +4,9 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .._http import HttpLimits
-from ._client import Discovery, SyncTaskClient, TaskClient
 from ._server import CorsConfig, EventHandler, TaskHandler, TaskServer
 from ._uploads import BodyStream, InputFile, MultipartLimits
 from .errors import (
@@ -25,6 +26,21 @@ from .errors import (
     UnauthorizedError,
 )
 from .serializer import UNDEFINED, URL, JsError, RegExp, RunnerMap, SerializationError, Undefined
+
+if TYPE_CHECKING:
+    from ._client import Discovery, SyncTaskClient, TaskClient
+
+_CLIENT_NAMES = frozenset({"Discovery", "SyncTaskClient", "TaskClient"})
+
+
+def __getattr__(name: str) -> Any:
+    """The client is imported on first use: a server alone never loads httpx."""
+    if name in _CLIENT_NAMES:
+        from . import _client
+
+        return getattr(_client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "UNDEFINED",

@@ -109,6 +109,33 @@ def _decode_id(raw: str) -> str | None:
         return None
 
 
+_DOT = frozenset({".", "%2e"})
+_DOT_DOT = frozenset({"..", ".%2e", "%2e.", "%2e%2e"})
+
+
+def _without_dot_segments(path: str) -> str:
+    """The path as a WHATWG URL parser (Node's ``new URL``) leaves it: ``.`` and ``..``
+    segments (also percent-encoded) resolved, so a route is matched as Runner matches it."""
+    if "." not in path and "%2e" not in path.lower():
+        return path
+    out: list[str] = []
+    segments = path.split("/")
+    for index, segment in enumerate(segments):
+        lowered = segment.lower()
+        last = index == len(segments) - 1
+        if lowered in _DOT:
+            if last:
+                out.append("")
+        elif lowered in _DOT_DOT:
+            if len(out) > 1:
+                out.pop()
+            if last:
+                out.append("")
+        else:
+            out.append(segment)
+    return "/".join(out) or "/"
+
+
 def _js_truthy(value: Any) -> bool:
     if value is UNDEFINED or value is None:
         return False
@@ -232,6 +259,7 @@ class TaskServer:
         path = request.path
         if "://" in path:  # absolute-form target (a proxy's request)
             path = urlsplit(path).path or "/"
+        path = _without_dot_segments(path)
         if not (path == self.base_path or path.startswith(self.base_path.rstrip("/") + "/")):
             return self._error(request, [], 404, "Not Found", "NOT_FOUND")
         if request.method == "OPTIONS":

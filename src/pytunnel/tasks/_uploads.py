@@ -99,6 +99,11 @@ class InputFile:
     def close(self) -> None:
         self._spool.close()
 
+    @property
+    def closed(self) -> bool:
+        """Whether the spool was released (the call it came with was answered)."""
+        return bool(self._spool.closed)
+
     def _apply_meta(self, meta: object) -> None:
         if not isinstance(meta, dict):
             return
@@ -317,7 +322,8 @@ async def read_multipart(request: Request, limits: MultipartLimits) -> tuple[Any
         task_input = _hydrate(manifest.get("input", UNDEFINED), parts)
         for file in parts.files.values():
             if file._expected and not file._connected:
-                raise UploadRefused(500, f"Missing file part for id {file.id}", "MISSING_FILE_PART")
+                # a 500 says only "Internal Error", as Runner sanitises every 500
+                raise UploadRefused(500, "Internal Error", "MISSING_FILE_PART")
     except BaseException:
         for file in parts.files.values():
             file.close()

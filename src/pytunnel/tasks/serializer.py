@@ -120,7 +120,10 @@ class JsError:
 def dumps(value: object) -> str:
     """``value`` as Runner's typed JSON text."""
     try:
-        tree = _encode(value, 0, set())
+        try:
+            tree = _fast(value, 0)
+        except _TooDeep:  # deep or circular: the careful walk says which
+            tree = _encode(value, 0, set())
     except RecursionError:
         raise SerializationError("the value is nested too deeply") from None
     return json.dumps(tree, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -131,15 +134,28 @@ def loads(text: str | bytes) -> Any:
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        parsed = json.loads(text, parse_constant=_reject_constant)
+        # the tree form is revived as the JSON parser builds each object, innermost first
+        parsed = json.loads(text, parse_constant=_reject_constant, object_hook=_revive_object)
+        if _is_graph(parsed):  # rare (Runner never writes it): read again, as a graph
+            raw = json.loads(text, parse_constant=_reject_constant)
+            return _Graph(raw["nodes"]).value(raw["root"], 0)
+    except SerializationError:
+        raise
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError too
         raise SerializationError(f"invalid JSON: {exc}") from None
-    try:
-        if _is_graph(parsed):
-            return _Graph(parsed["nodes"]).value(parsed["root"], 0)
-        return _decode(parsed, 0)
-    except RecursionError:
-        raise SerializationError("the payload is nested too deeply") from None
+    return parsed
+
+
+def _revive_object(record: dict[str, Any]) -> Any:
+    """One JSON object of the tree form (its members already read): a typed record is
+    revived, escaped keys are unescaped, anything else stays as it is."""
+    name = record.get("__type")
+    if isinstance(name, str) and "value" in record:
+        return _revive(name, record["value"])
+    for key in record:
+        if key.startswith(ESCAPE_PREFIX):
+            return {_unescape_key(k): v for k, v in record.items()}
+    return record
 
 
 def _reject_constant(name: str) -> object:
@@ -167,6 +183,48 @@ def _iso(value: _dt.datetime) -> str:
         f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:"
         f"{utc.second:02d}.{utc.microsecond // 1000:03d}Z"
     )
+
+
+#: past this depth the fast walk hands over to the careful one (well within the interpreter's
+#: recursion limit, so a cycle is reported as one)
+_FAST_DEPTH = 100
+
+
+class _TooDeep(Exception):
+    """The fast walk went deeper than allowed (a cycle, or a value too deep)."""
+
+
+def _fast(value: object, depth: int) -> object:
+    """:func:`_encode` for the plain JSON types, by exact type (no ``isinstance`` chain,
+    no cycle bookkeeping: a cycle only ever goes too deep, and then the careful walk runs);
+    anything else goes to :func:`_encode`."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is int:
+        if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:  # type: ignore[operator]
+            return value
+        return _typed("BigInt", str(value))
+    if kind is float:
+        if value - value == 0:  # type: ignore[operator]  # finite (NaN and inf give NaN)
+            return value
+        return _encode(value, depth, set())
+    if kind is dict:
+        if depth > _FAST_DEPTH:
+            raise _TooDeep
+        out: dict[str, object] = {}
+        for key, item in value.items():  # type: ignore[attr-defined]
+            if type(key) is not str:
+                return _encode(value, depth, set())  # a Map
+            if key in _MARKER_KEYS or key.startswith(ESCAPE_PREFIX):
+                key = ESCAPE_PREFIX + key
+            out[key] = _fast(item, depth + 1)
+        return out
+    if kind is list or kind is tuple:
+        if depth > _FAST_DEPTH:
+            raise _TooDeep
+        return [_fast(item, depth + 1) for item in value]  # type: ignore[attr-defined]
+    return _encode(value, depth, set())
 
 
 def _encode(value: object, depth: int, stack: set[int]) -> object:
@@ -255,19 +313,6 @@ def _is_graph(value: object) -> bool:
 
 def _is_typed(value: dict[str, Any]) -> bool:
     return isinstance(value.get("__type"), str) and "value" in value
-
-
-def _decode(value: Any, depth: int) -> Any:
-    """The tree form (what Runner's ``stringify`` writes): escaped keys unescaped."""
-    if depth > MAX_DEPTH:
-        raise SerializationError(f"the payload is nested deeper than {MAX_DEPTH}")
-    if isinstance(value, list):
-        return [_decode(item, depth + 1) for item in value]
-    if not isinstance(value, dict):
-        return value
-    if _is_typed(value):
-        return _revive(value["__type"], _decode(value["value"], depth + 1))
-    return {_unescape_key(k): _decode(v, depth + 1) for k, v in value.items()}
 
 
 def _unescape_key(key: str) -> str:
