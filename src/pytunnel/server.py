@@ -218,6 +218,19 @@ class TunnelServer:
         """Authenticated clients connected right now."""
         return len(self._sessions)
 
+    def reconfigure(self, config: ServerConfig) -> None:
+        """Apply ``config`` to every connection accepted from now on (a reload).
+
+        Clients already connected keep the limits and policy they were admitted under, as a
+        client's session is one agreement; failed authentications counted so far stay
+        counted. ``max_streams`` is fitted to the file descriptor limit as at start.
+        """
+        config = _fit_fd_limit(config, raise_fd_limit())
+        self.config = config
+        self._admission.config = config
+        self._admission.throttle.burst = config.auth_failure_burst
+        self._admission.throttle.interval = config.auth_failure_interval
+
     async def aclose(self) -> None:
         """Stop serving: close the control listener and end every client session, including
         those handed to :meth:`handle_stream` from elsewhere. Returns once all have ended."""

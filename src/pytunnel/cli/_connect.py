@@ -6,7 +6,10 @@ call and prints one line per forward; reconnection and relaying are the library'
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+import logging
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import attrs
 import click
@@ -14,6 +17,8 @@ import trio
 
 import pytunnel
 
+from ._config import ConfigCommand, config_option, config_path, file_forwards, watch_reload
+from ._declared import Declared, DeclaredForwards, from_flags
 from ._logs import setup_logging
 from ._options import (
     CONTEXT,
@@ -51,8 +56,9 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=ConfigCommand, context_settings=CONTEXT)
 @click.argument("server", callback=server_address, envvar="PYTUNNEL_SERVER")
+@config_option
 @token_option(help="Shared secret of the server (or --token-file).")
 @token_file_option
 @click.option(
@@ -212,23 +218,7 @@ def connect(
     secret = read_token(ctx, token, token_file)
     if secret is None:
         raise click.UsageError("a token is needed: --token, --token-file or PYTUNNEL_TOKEN")
-    with usage_errors():
-        config = pytunnel.ClientConfig(
-            token=secret,
-            client_id=client_id,
-            tls_fingerprint=tls_fingerprint,
-            tls_server_hostname=tls_server_name,
-            connect_timeout=connect_timeout,
-            idle_timeout=idle_timeout,
-            reconnect=reconnect,
-            max_attempts=max_attempts or None,
-            backoff_max=backoff_max,
-            heartbeat_interval=heartbeat_interval,
-            heartbeat_timeout=heartbeat_timeout,
-            probe_interval=probe_interval,
-            probe_failures=probe_failures,
-            session=pytunnel.SessionConfig(max_streams=max_streams),
-        )
+    config = client_config(ctx.params, secret)
 
     async def run() -> None:
         client_config = config
@@ -237,33 +227,12 @@ def connect(
             client_config = attrs.evolve(config, tls=context)
         async with pytunnel.open_tunnel(server, config=client_config) as tunnel:
             say(f"connected to {pytunnel.format_target(*server)}")
-            for spec in remote:
-                fwd: pytunnel.Forward = await tunnel.forward_remote(
-                    spec.target_host,
-                    spec.target_port,
-                    remote_port=spec.bind_port,
-                    remote_host=spec.bind_host or "",
-                    protocol=spec.protocol,
-                    proxy_protocol=proxy_protocol if spec.protocol == "tcp" else None,
-                    limit=limit if spec.protocol == "tcp" else None,
-                )
-                say(f"{fwd.kind} {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
-            for spec in local:
-                fwd = await tunnel.forward_local(
-                    spec.target_host,
-                    spec.target_port,
-                    local_port=spec.bind_port,
-                    local_host=spec.bind_host or "127.0.0.1",
-                    protocol=spec.protocol,
-                    limit=limit if spec.protocol == "tcp" else None,
-                )
-                say(f"{fwd.kind} {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
-            for bind_host, bind_port in dynamic:
-                fwd = await tunnel.forward_dynamic(
-                    local_port=bind_port, local_host=bind_host, auth=socks_auth, limit=limit
-                )
-                say(f"dynamic forward {pytunnel.format_target(*fwd.address)} -> SOCKS")
+            forwards = DeclaredForwards(tunnel)
             async with trio.open_nursery() as nursery:
+                if config_path(ctx) is not None:
+                    reload = functools.partial(_reload, ctx, forwards)
+                    await nursery.start(watch_reload, ctx, reload)
+                await forwards.apply(declared_forwards(ctx))
                 if status_interval > 0:
                     nursery.start_soon(print_status, tunnel, status_interval)
                 await tunnel.wait_closed()
@@ -272,3 +241,65 @@ def connect(
                 raise tunnel.failure
 
     run_command(run)
+
+
+def client_config(params: Mapping[str, Any], secret: str) -> pytunnel.ClientConfig:
+    """The client's config from the command's parsed options (TLS comes later, built from
+    its files); a value the config class refuses is a usage error."""
+    with usage_errors():
+        return pytunnel.ClientConfig(
+            token=secret,
+            client_id=params["client_id"],
+            tls_fingerprint=params["tls_fingerprint"],
+            tls_server_hostname=params["tls_server_name"],
+            connect_timeout=params["connect_timeout"],
+            idle_timeout=params["idle_timeout"],
+            reconnect=params["reconnect"],
+            max_attempts=params["max_attempts"] or None,
+            backoff_max=params["backoff_max"],
+            heartbeat_interval=params["heartbeat_interval"],
+            heartbeat_timeout=params["heartbeat_timeout"],
+            probe_interval=params["probe_interval"],
+            probe_failures=params["probe_failures"],
+            session=pytunnel.SessionConfig(max_streams=params["max_streams"]),
+        )
+
+
+def _check(ctx: click.Context) -> None:
+    client_config(ctx.params, "checked")
+    declared_forwards(ctx)
+
+
+connect.check = _check
+
+#: The settings a reload applies; a change to any other says that it needs a restart.
+_FORWARD_PARAMS = ("remote", "local", "dynamic", "limit", "proxy_protocol", "socks_auth")
+
+
+def declared_forwards(ctx: click.Context) -> list[Declared]:
+    """The forwards the options and the config file of ``ctx`` declare."""
+    params = ctx.params
+    return from_flags(
+        params["remote"],
+        params["local"],
+        params["dynamic"],
+        limit=params["limit"],
+        proxy_protocol=params["proxy_protocol"],
+        socks_auth=params["socks_auth"],
+        tables=file_forwards(ctx),
+    )
+
+
+async def _reload(running: click.Context, forwards: DeclaredForwards, fresh: click.Context) -> str:
+    """Apply a reloaded file: the forwards change; other settings need a restart."""
+    summary = await forwards.apply(declared_forwards(fresh))
+    stale = [
+        name
+        for name, value in fresh.params.items()
+        if name not in _FORWARD_PARAMS and running.params.get(name) != value
+    ]
+    if stale:
+        logging.getLogger("pytunnel.cli").warning(
+            "changed settings take effect on restart only: %s", ", ".join(sorted(stale))
+        )
+    return summary

@@ -1,4 +1,4 @@
-"""The ``pytunnel`` command group: its version option and its two commands.
+"""The ``pytunnel`` command group: its version option and its commands.
 
 Each command lives in its own module; this one only assembles them.
 """
@@ -9,6 +9,7 @@ import click
 
 import pytunnel
 
+from ._config import check_config
 from ._connect import connect
 from ._options import CONTEXT
 from ._serve import serve
@@ -22,3 +23,4 @@ def main() -> None:
 
 main.add_command(serve)
 main.add_command(connect)
+main.add_command(check_config)

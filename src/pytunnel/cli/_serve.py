@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import secrets
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import click
@@ -16,6 +19,7 @@ import trio
 
 import pytunnel
 
+from ._config import ConfigCommand, config_option, config_path, watch_reload
 from ._logs import setup_logging
 from ._options import (
     CONTEXT,
@@ -42,7 +46,8 @@ _SESSION = attrs.fields(pytunnel.SessionConfig)
 _SERVE = inspect.signature(pytunnel.serve).parameters
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=ConfigCommand, context_settings=CONTEXT)
+@config_option
 @click.option(
     "--listen",
     default=pytunnel.format_target(_SERVE["host"].default, _SERVE["port"].default),
@@ -169,26 +174,7 @@ def serve(
     generated = token is None
     secret = token or secrets.token_urlsafe(24)
     check_server_tls(tls_cert, tls_key, tls_self_signed)
-    with usage_errors():
-        config = pytunnel.ServerConfig(
-            token=secret,
-            public_host=public_host,
-            allow_ports=allow_ports,
-            permit_open=permit_open,
-            connect_timeout=connect_timeout,
-            idle_timeout=idle_timeout,
-            heartbeat_timeout=heartbeat_timeout,
-            max_forwards_per_client=max_forwards_per_client,
-            max_streams=max_streams,
-            max_pending_handshakes=max_pending_handshakes,
-            max_handshakes_per_address=max_handshakes_per_address,
-            first_frame_timeout=first_frame_timeout,
-            auth_failure_burst=auth_failure_burst,
-            auth_failure_interval=auth_failure_interval,
-            session=pytunnel.SessionConfig(
-                max_streams=max_session_streams, max_frame_size=max_frame_size
-            ),
-        )
+    config = server_config(ctx.params, secret)
 
     async def run() -> None:
         tls, fingerprint = await server_tls(
@@ -203,6 +189,9 @@ def serve(
                     config=attrs.evolve(config, tls=tls),
                 )
             )
+            if config_path(ctx) is not None:
+                reload = functools.partial(_reload, ctx, server, secret)
+                await nursery.start(watch_reload, ctx, reload)
             address = pytunnel.format_target(*server.address)
             say(f"pytunnel server listening on {address}" + (" (TLS)" if tls else ""))
             if fingerprint is not None:
@@ -213,3 +202,69 @@ def serve(
                 say(f"connect with: pytunnel connect {address} --token {secret}{tls_flag}{pin}")
 
     run_command(run)
+
+
+def server_config(params: Mapping[str, Any], secret: str) -> pytunnel.ServerConfig:
+    """The server's config from the command's parsed options (TLS comes later, built from
+    its files); a value the config class refuses is a usage error."""
+    with usage_errors():
+        return pytunnel.ServerConfig(
+            token=secret,
+            public_host=params["public_host"],
+            allow_ports=params["allow_ports"],
+            permit_open=params["permit_open"],
+            connect_timeout=params["connect_timeout"],
+            idle_timeout=params["idle_timeout"],
+            heartbeat_timeout=params["heartbeat_timeout"],
+            max_forwards_per_client=params["max_forwards_per_client"],
+            max_streams=params["max_streams"],
+            max_pending_handshakes=params["max_pending_handshakes"],
+            max_handshakes_per_address=params["max_handshakes_per_address"],
+            first_frame_timeout=params["first_frame_timeout"],
+            auth_failure_burst=params["auth_failure_burst"],
+            auth_failure_interval=params["auth_failure_interval"],
+            session=pytunnel.SessionConfig(
+                max_streams=params["max_session_streams"], max_frame_size=params["max_frame_size"]
+            ),
+        )
+
+
+#: Settings a running server cannot change (its listener, its TLS, its logging).
+_RESTART_ONLY = ("listen", "tls_cert", "tls_key", "tls_self_signed", "tls_dir", "tls_client_ca")
+
+
+async def _reload(
+    running: click.Context, server: pytunnel.TunnelServer, secret: str, fresh: click.Context
+) -> str:
+    """Apply a reloaded file to the connections accepted from now on; the token too (a
+    generated one stays when the file names none)."""
+    params = fresh.params
+    if params["token"] is None and params["token_file"] is None:
+        token = secret
+    else:
+        token = await trio.to_thread.run_sync(_read_token_file, params)
+    config = attrs.evolve(server_config(params, token), tls=server.config.tls)
+    server.reconfigure(config)
+    stale = [n for n in _RESTART_ONLY if running.params.get(n) != params.get(n)]
+    if stale:
+        logging.getLogger("pytunnel.cli").warning(
+            "changed settings take effect on restart only: %s", ", ".join(stale)
+        )
+    return "limits and policy apply to new connections"
+
+
+def _read_token_file(params: Mapping[str, Any]) -> str:
+    """The token a reloaded file names (its own value, or its token file's content)."""
+    if params["token_file"] is None:
+        return str(params["token"])
+    try:
+        with open(params["token_file"], encoding="utf-8") as handle:
+            token = handle.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"the token file cannot be read: {exc}") from None
+    if not token:
+        raise ValueError("the token file is empty")
+    return token
+
+
+serve.check = lambda ctx: server_config(ctx.params, "checked")
