@@ -1,0 +1,529 @@
+"""One small HTTP/1.1 server on Trio, shared by every HTTP surface of pytunnel.
+
+It serves any :class:`trio.abc.Stream`: a socket accepted by :func:`serve_http`, or a stream a
+tunnel hands over directly (a remote forward with no local port), so the same handler answers
+both. Parsing and framing are h11's; this module only drives it and decides what a peer's
+misbehaviour costs:
+
+- every wait is bounded: the idle time between requests, the head (slow-loris), the body, the
+  handler's run and each write, so a silent or slow peer cannot hold a connection's task;
+- a peer's mistake is one answer (400, 408, 413, 431) and the connection is closed, never an
+  exception to the caller; a handler's own failure is a 500 whose body says only
+  "Internal Error" (the traceback goes to the log, never to the peer);
+- a body is streamed to the handler and counted as it arrives, so an over-size body is refused
+  at the limit without buffering the rest; the connection is then closed, because the only way
+  to reuse it would be to read what the peer still sends.
+
+Requests on one connection are answered one after the other (HTTP/1.1 has no other order);
+concurrency comes from connections, each in its own task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+)
+from contextlib import aclosing
+from http import HTTPStatus
+from typing import NoReturn
+
+import attrs
+import h11
+import trio
+
+from .errors import printable
+
+__all__ = [
+    "BodyError",
+    "BodyTimeout",
+    "BodyTooLarge",
+    "Handler",
+    "HttpError",
+    "HttpLimits",
+    "Request",
+    "Response",
+    "serve_http",
+    "serve_http_stream",
+]
+
+log = logging.getLogger("pytunnel.http")
+
+RECEIVE_SIZE = 64 * 1024
+#: what is read and thrown away of a body its handler did not read, so the connection can be
+#: reused; a longer unread body closes the connection instead
+DRAIN_LIMIT = 64 * 1024
+#: how long a closing connection keeps discarding what the peer still sends, so the peer
+#: reads our answer before it sees the close (closing with unread bytes resets the
+#: connection, and a reset can destroy the answer in flight)
+LINGER_TIME = 1.0
+LINGER_LIMIT = 4 * 1024 * 1024
+
+
+@attrs.define
+class HttpLimits:
+    """The bounds one connection lives within (seconds and bytes)."""
+
+    #: request line + headers (h11's ``max_incomplete_event_size``); over it: 431
+    max_head: int = 16 * 1024
+    #: first byte of a head to its end (the first request: from the connection's start); 408
+    head_timeout: float = 10.0
+    #: the whole body, from the end of its head; 408
+    body_timeout: float = 30.0
+    #: idle between two requests on a kept-alive connection, then closed silently
+    keepalive_timeout: float = 60.0
+    #: the handler's run for one request (not the streaming of its response body); 504
+    handler_timeout: float = 60.0
+    #: the default body limit of :meth:`Request.body_chunks` / :meth:`Request.read_body`;
+    #: ``None``: unlimited (the handler reads the body as a stream and decides)
+    max_body: int | None = 2 * 1024 * 1024
+    #: one write to the peer (a head, a body chunk); a peer that stops reading is cut off
+    send_timeout: float = 30.0
+
+
+class HttpError(Exception):
+    """A request the peer got wrong: answered with :attr:`status`, then the connection
+    closes."""
+
+    status = 400
+    reason = "Bad Request"
+
+
+class BodyTooLarge(HttpError):
+    """The body went over its limit (declared in ``Content-Length`` or counted while
+    streaming in); the rest is never read."""
+
+    status = 413
+    reason = "Payload Too Large"
+
+
+class BodyTimeout(HttpError):
+    """The body did not arrive within :attr:`HttpLimits.body_timeout`."""
+
+    status = 408
+    reason = "Request Timeout"
+
+
+class BodyError(HttpError):
+    """The body is malformed (bad chunked framing) or the peer went away in its middle."""
+
+
+class _Default:
+    """The type of :data:`_DEFAULT`: "use the connection's limit"."""
+
+
+_DEFAULT = _Default()
+
+
+class _Connection:
+    """One h11 connection over one stream, with the waits bounded."""
+
+    def __init__(self, stream: trio.abc.Stream, limits: HttpLimits) -> None:
+        self.stream = stream
+        self.limits = limits
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
+
+    async def next_event(self, deadline: float) -> object:
+        """The next event, reading as needed until ``deadline`` (then ``None``).
+
+        Raises :class:`h11.RemoteProtocolError` for a malformed message and the stream's
+        errors for a broken one."""
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            with trio.move_on_at(deadline):
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                self.h11.receive_data(
+                    bytes(data)
+                )  # b"": the peer closed, h11 decides what it means
+                continue
+            return None
+
+    async def send(self, *events: h11.Event) -> None:
+        out = b"".join(self.h11.send(event) or b"" for event in events)
+        if out:
+            with trio.fail_after(self.limits.send_timeout):
+                await self.stream.send_all(out)
+
+    def buffered_size(self) -> int:
+        return len(self.h11.trailing_data[0])
+
+    def buffered(self) -> bool:
+        """Whether bytes of the next request already arrived."""
+        return bool(self.h11.trailing_data[0])
+
+
+class Request:
+    """One request: the head parsed, the body still on the wire until the handler reads it."""
+
+    def __init__(
+        self,
+        conn: _Connection,
+        event: h11.Request,
+        peer: tuple[str, int] | None,
+        max_body: int | None,
+    ) -> None:
+        self._conn = conn
+        self.method: str = event.method.decode("ascii")
+        self.target: str = event.target.decode("latin-1")
+        path, _, query = self.target.partition("?")
+        self.path: str = path
+        self.query: str = query
+        self.headers: list[tuple[str, str]] = [
+            (name.decode("latin-1").lower(), value.decode("latin-1"))
+            for name, value in event.headers
+        ]
+        self.peer = peer
+        self.max_body = max_body
+        self._body_deadline = trio.current_time() + conn.limits.body_timeout
+        self._started = False
+        #: the body was refused (too large, too slow, malformed): the connection cannot be
+        #: reused
+        self.aborted = False
+        self.body_done = False
+
+    def header(self, name: str) -> str | None:
+        """The header's value (repeated headers joined with ", "), or ``None``."""
+        name = name.lower()
+        values = [value for key, value in self.headers if key == name]
+        return ", ".join(values) if values else None
+
+    def content_length(self) -> int | None:
+        value = self.header("content-length")
+        return int(value) if value is not None else None  # h11 checked it is digits
+
+    async def body_chunks(
+        self, limit: int | _Default | None = _DEFAULT
+    ) -> AsyncGenerator[bytes, None]:
+        """The body as it arrives. ``limit`` (default: the connection's ``max_body``) counts
+        bytes as they come: over it, :class:`BodyTooLarge` and nothing more is read.
+
+        Raises :class:`BodyTimeout` past the body's deadline, :class:`BodyError` for a
+        malformed body or a peer gone in its middle. The body can be read once."""
+        if self._started:
+            raise RuntimeError("the request body was already read")
+        self._started = True
+        cap = self.max_body if isinstance(limit, _Default) else limit
+        declared = self.content_length()
+        if cap is not None and declared is not None and declared > cap:
+            self.aborted = True
+            raise BodyTooLarge(f"the body ({declared} bytes) is over the limit of {cap}")
+        if self._conn.h11.they_are_waiting_for_100_continue:
+            await self._send_or_fail(h11.InformationalResponse(status_code=100, headers=[]))
+        total = 0
+        while True:
+            try:
+                event = await self._conn.next_event(self._body_deadline)
+            except h11.RemoteProtocolError as exc:
+                self.aborted = True
+                raise BodyError(f"malformed body: {exc}") from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.aborted = True
+                raise BodyError("the connection broke while reading the body") from exc
+            if event is None:
+                self.aborted = True
+                raise BodyTimeout("the body did not arrive in time")
+            if isinstance(event, h11.Data):
+                total += len(event.data)
+                if cap is not None and total > cap:
+                    self.aborted = True
+                    raise BodyTooLarge(f"the body is over the limit of {cap} bytes")
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self.body_done = True
+                return
+            else:  # pragma: no cover - h11 sends only Data and EndOfMessage in a body
+                self.aborted = True
+                raise BodyError(f"unexpected {type(event).__name__} in a body")
+
+    async def read_body(self, limit: int | _Default | None = _DEFAULT) -> bytes:
+        """The whole body, with the same limit and errors as :meth:`body_chunks`."""
+        parts: list[bytes] = []
+        async with aclosing(self.body_chunks(limit)) as chunks:
+            async for chunk in chunks:
+                parts.append(chunk)
+        return b"".join(parts)
+
+    async def _send_or_fail(self, event: h11.Event) -> None:
+        try:
+            await self._conn.send(event)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+            self.aborted = True
+            raise BodyError("the connection broke") from exc
+
+    async def _drain(self) -> bool:
+        """Read and drop a small unread body so the connection can be reused."""
+        if self.body_done:
+            return True
+        if self.aborted or self._started:
+            return False
+        declared = self.content_length()
+        if declared is not None and declared > DRAIN_LIMIT:
+            return False
+        try:
+            async with aclosing(self.body_chunks(DRAIN_LIMIT)) as chunks:
+                async for _ in chunks:
+                    pass
+        except HttpError:
+            return False
+        return True
+
+
+@attrs.define
+class Response:
+    """What a handler answers. A ``bytes`` body is sent with its length; an async iterable
+    body is sent chunked as it is produced (Server-Sent Events use this)."""
+
+    status: int
+    headers: list[tuple[str, str]] = attrs.field(factory=list)
+    body: bytes | AsyncIterable[bytes] = b""
+
+    @classmethod
+    def json(cls, status: int, value: object, headers: Iterable[tuple[str, str]] = ()) -> Response:
+        body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return cls(
+            status,
+            [("content-type", "application/json; charset=utf-8"), *headers],
+            body,
+        )
+
+    @classmethod
+    def text(cls, status: int, text: str, headers: Iterable[tuple[str, str]] = ()) -> Response:
+        return cls(status, [("content-type", "text/plain; charset=utf-8"), *headers], text.encode())
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _peer_of(stream: trio.abc.Stream) -> tuple[str, int] | None:
+    if isinstance(stream, trio.SocketStream):
+        try:
+            name = stream.socket.getpeername()
+        except OSError:
+            return None
+        if isinstance(name, tuple) and len(name) >= 2:
+            return str(name[0]), int(name[1])
+    return None
+
+
+async def serve_http_stream(
+    stream: trio.abc.Stream,
+    handler: Handler,
+    *,
+    limits: HttpLimits | None = None,
+    peer: tuple[str, int] | None = None,
+) -> None:
+    """Serve HTTP/1.1 requests on ``stream`` until either side ends the connection, then
+    close ``stream``. A peer's misbehaviour never raises here (it costs the connection); only
+    cancellation does."""
+    limits = limits or HttpLimits()
+    conn = _Connection(stream, limits)
+    peer = peer or _peer_of(stream)
+    linger = False
+    try:
+        linger = await _serve_requests(conn, handler, peer)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        pass  # the peer went away or stopped reading: nothing left to tell it
+    finally:
+        if linger:
+            await _linger_close(stream)
+        await trio.aclose_forcefully(stream)
+
+
+class _HeadFailed(Exception):
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+async def _read_head(conn: _Connection, first: bool) -> object:
+    """The next request's head, or ``None`` when the connection stayed idle until its
+    deadline (the first request's head must be complete ``head_timeout`` after the start;
+    a later one ``head_timeout`` after its first byte, which may come ``keepalive_timeout``
+    after the previous answer)."""
+    limits = conn.limits
+    in_head = first
+    deadline = trio.current_time() + (limits.head_timeout if first else limits.keepalive_timeout)
+    while True:
+        if not in_head and conn.buffered():
+            in_head = True
+            deadline = trio.current_time() + limits.head_timeout
+        before = conn.buffered_size()
+        try:
+            event = conn.h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            text = "Request Header Fields Too Large" if status == 431 else "Bad Request"
+            raise _HeadFailed(status, text) from None
+        if event is not h11.NEED_DATA:
+            # h11 bounds only a head still incomplete; one that arrived whole is measured here
+            if before - conn.buffered_size() > limits.max_head:
+                raise _HeadFailed(431, "Request Header Fields Too Large")
+            return event
+        with trio.move_on_at(deadline):
+            conn.h11.receive_data(bytes(await conn.stream.receive_some(RECEIVE_SIZE)))
+            continue
+        if conn.buffered():
+            raise _HeadFailed(408, "Request Timeout")
+        return None
+
+
+async def _serve_requests(
+    conn: _Connection, handler: Handler, peer: tuple[str, int] | None
+) -> bool:
+    """The keep-alive loop; returns whether the close should linger (the peer may still be
+    sending)."""
+    first = True
+    while True:
+        try:
+            event = await _read_head(conn, first)
+        except _HeadFailed as exc:
+            await _send_error(conn, exc.status, exc.text)
+            return True
+        first = False
+        if not isinstance(event, h11.Request):
+            return False  # idle, or ConnectionClosed (PAUSED cannot come: one cycle at a time)
+        request = Request(conn, event, peer, conn.limits.max_body)
+        if not await _answer(conn, handler, request):
+            return not request.body_done
+        if conn.h11.our_state is not h11.DONE or conn.h11.their_state is not h11.DONE:
+            return False
+        conn.h11.start_next_cycle()
+
+
+async def _answer(conn: _Connection, handler: Handler, request: Request) -> bool:
+    """Run the handler and send its answer; returns whether the connection may go on."""
+    response: Response | None = None
+    with trio.move_on_after(conn.limits.handler_timeout) as scope:
+        try:
+            response = await handler(request)
+        except HttpError as exc:
+            response = _plain(exc.status, exc.reason)
+        except Exception:
+            log.exception("HTTP handler failed on %s %s", request.method, printable(request.target))
+            response = _plain(500, "Internal Error")
+    if scope.cancelled_caught or response is None:
+        log.warning("HTTP handler timed out on %s %s", request.method, printable(request.target))
+        response = _plain(504, "Gateway Timeout")
+    keep = not request.aborted and await request._drain()
+    headers = list(response.headers)
+    if not keep:
+        headers.append(("connection", "close"))
+    if isinstance(response.body, bytes):
+        headers.append(("content-length", str(len(response.body))))
+    head = h11.Response(
+        status_code=response.status, headers=_encode(headers), reason=_reason(response.status)
+    )
+    if isinstance(response.body, bytes):
+        if request.method == "HEAD":
+            await conn.send(head, h11.EndOfMessage())
+        else:
+            await conn.send(head, h11.Data(data=response.body), h11.EndOfMessage())
+        return keep
+    await conn.send(head)
+    if request.method == "HEAD":
+        await conn.send(h11.EndOfMessage())
+        return keep
+    try:
+        async with _aclosing_iter(response.body) as chunks:
+            async for chunk in chunks:
+                if chunk:
+                    await conn.send(h11.Data(data=chunk))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        raise
+    except Exception:
+        log.exception(
+            "HTTP response body failed on %s %s", request.method, printable(request.target)
+        )
+        return False  # the head is out: all that is left is to cut the body short
+    await conn.send(h11.EndOfMessage())
+    return keep
+
+
+class _aclosing_iter:
+    """``aclosing`` for any async iterable: closes it if it is an async generator."""
+
+    def __init__(self, iterable: AsyncIterable[bytes]) -> None:
+        self.iterable = iterable
+
+    async def __aenter__(self) -> AsyncIterator[bytes]:
+        return aiter(self.iterable)
+
+    async def __aexit__(self, *exc: object) -> None:
+        close = getattr(self.iterable, "aclose", None)
+        if close is not None:
+            await close()
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+def _plain(status: int, text: str) -> Response:
+    return Response.text(status, text)
+
+
+def _encode(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+
+
+async def _send_error(conn: _Connection, status: int, text: str) -> None:
+    """Answer a request the peer got wrong, if h11 still allows an answer."""
+    if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return
+    body = text.encode()
+    headers = [
+        ("content-type", "text/plain; charset=utf-8"),
+        ("content-length", str(len(body))),
+        ("connection", "close"),
+    ]
+    head = h11.Response(status_code=status, headers=_encode(headers), reason=_reason(status))
+    await conn.send(head, h11.Data(data=body), h11.EndOfMessage())
+
+
+async def _linger_close(stream: trio.abc.Stream) -> None:
+    """Half-close, then drop what the peer still sends for a moment (bounded in time and
+    bytes), so our last answer is read before the connection closes."""
+    with trio.move_on_after(LINGER_TIME):
+        try:
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
+            dropped = 0
+            while dropped < LINGER_LIMIT:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    break
+                dropped += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+            pass
+
+
+async def serve_http(
+    handler: Handler,
+    host: str,
+    port: int,
+    *,
+    limits: HttpLimits | None = None,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Listen on ``host:port`` and serve ``handler`` on every connection, in trio's
+    ``serve_tcp`` style: ``task_status.started(listeners)`` once bound (port 0: see
+    ``listeners[0].socket.getsockname()``)."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+
+    async def connection(stream: trio.SocketStream) -> None:
+        await serve_http_stream(stream, handler, limits=limits)
+
+    await trio.serve_listeners(connection, listeners, task_status=task_status)
+    raise AssertionError("unreachable")  # pragma: no cover - serve_listeners never returns
