@@ -40,6 +40,7 @@ _CLI_ONLY = {
         "tls_client_ca",
         "log_level",
         "log_format",
+        "metrics",
     },
     "connect": {
         "server",
@@ -58,6 +59,7 @@ _CLI_ONLY = {
         "status_interval",
         "log_level",
         "log_format",
+        "metrics",
     },
 }
 #: Config defaults an option cannot hold as such, and how it spells them instead.

@@ -40,6 +40,7 @@ from .forwards import UdpRemoteForward as UdpRemoteForward
 from ._relay import RelayStats as RelayStats
 
 # the server: three tiers and its configuration
+from .server import ClientInfo as ClientInfo
 from .server import ServerConfig as ServerConfig
 from .server import ServerOptions as ServerOptions
 from .server import TunnelServer as TunnelServer

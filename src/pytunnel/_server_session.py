@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -74,6 +75,8 @@ class _ClientSession:
         #: The identity the client authenticated with ("" for none).
         self.client_id = client_id
         self.forwards = 0
+        #: Wall-clock time the client was admitted.
+        self.connected_at = time.time()
         #: Streams refused at the server's limit since the last one admitted.
         self._refused_streams: Episodes[None] = Episodes()
         #: The client's TCP remote forwards, whose listeners close the moment the session ends.
@@ -107,6 +110,7 @@ class _ClientSession:
                         nursery.start_soon(self._counted, handler, incoming)
                 elif incoming.tag in (routes.LISTEN, routes.UDP_LISTEN):
                     if self.forwards >= self.config.max_forwards_per_client:
+                        self.server.count_limit("forwards")
                         log.warning(
                             "client %s: remote forward refused: limit of %d forwards reached",
                             self.peer,
@@ -160,6 +164,7 @@ class _ClientSession:
                     refused,
                 )
             return True
+        self.server.count_limit("streams")
         if self._refused_streams.refuse(None):
             log.warning(
                 "client %s: refusing streams: the server's limit of %d streams is reached",

@@ -16,10 +16,12 @@ import click
 import trio
 
 import pytunnel
+import pytunnel.metrics
 
 from ._config import ConfigCommand, config_option, config_path, file_forwards, watch_reload
 from ._declared import Declared, DeclaredForwards, from_flags
 from ._logs import setup_logging
+from ._metrics import start_metrics
 from ._options import (
     CONTEXT,
     config_check,
@@ -31,6 +33,7 @@ from ._options import (
     log_format_option,
     log_level_option,
     max_streams_option,
+    metrics_option,
     parsed,
     server_address,
     usage_errors,
@@ -178,6 +181,7 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
     "per run). A new connection with it replaces the server's old session of this client at "
     "once, ports included; never give two clients the same one.",
 )
+@metrics_option
 @log_level_option
 @log_format_option
 @click.pass_context
@@ -210,6 +214,7 @@ def connect(
     max_streams: int,
     status_interval: float,
     client_id: str | None,
+    metrics: tuple[str, int] | None,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -233,6 +238,12 @@ def connect(
                     reload = functools.partial(_reload, ctx, forwards)
                     await nursery.start(watch_reload, ctx, reload)
                 await forwards.apply(declared_forwards(ctx))
+                if metrics is not None:
+                    await start_metrics(
+                        nursery,
+                        pytunnel.metrics.TunnelCollector(tunnel, forwards.labelled),
+                        metrics,
+                    )
                 if status_interval > 0:
                     nursery.start_soon(print_status, tunnel, status_interval)
                 await tunnel.wait_closed()

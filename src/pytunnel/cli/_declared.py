@@ -240,6 +240,10 @@ class DeclaredForwards:
     def running(self) -> list[Running]:
         return list(self._running.values())
 
+    def labelled(self) -> list[tuple[str, str, pytunnel.Forward]]:
+        """Each running forward with its id and name (the metrics' labels)."""
+        return [(e.id, e.declared.name or "", e.forward) for e in self._running.values()]
+
     def find(self, name_or_id: str) -> Running | None:
         """The forward with this id, else the one with this name."""
         for entry in self._running.values():

@@ -18,9 +18,11 @@ import click
 import trio
 
 import pytunnel
+import pytunnel.metrics
 
 from ._config import ConfigCommand, config_option, config_path, watch_reload
 from ._logs import setup_logging
+from ._metrics import start_metrics
 from ._options import (
     CONTEXT,
     connect_timeout_option,
@@ -30,6 +32,7 @@ from ._options import (
     log_format_option,
     log_level_option,
     max_streams_option,
+    metrics_option,
     permit_open,
     port_ranges,
     usage_errors,
@@ -137,6 +140,7 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
 )
 @token_file_option
 @server_tls_options
+@metrics_option
 @log_level_option
 @log_format_option
 @click.pass_context
@@ -165,6 +169,7 @@ def serve(
     tls_self_signed: bool,
     tls_dir: str,
     tls_client_ca: str | None,
+    metrics: tuple[str, int] | None,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -200,6 +205,8 @@ def serve(
                 pin = f" --tls-fingerprint {fingerprint}" if tls_self_signed else ""
                 tls_flag = " --tls" if tls and not tls_self_signed else ""
                 say(f"connect with: pytunnel connect {address} --token {secret}{tls_flag}{pin}")
+            if metrics is not None:
+                await start_metrics(nursery, pytunnel.metrics.ServerCollector(server), metrics)
 
     run_command(run)
 
