@@ -60,6 +60,8 @@ _CLI_ONLY = {
         "log_level",
         "log_format",
         "metrics",
+        "admin",
+        "admin_token_file",
     },
 }
 #: Config defaults an option cannot hold as such, and how it spells them instead.

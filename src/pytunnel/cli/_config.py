@@ -209,7 +209,7 @@ def _table_list(value: Any, _type: Any) -> list[ForwardTable]:
     tables = []
     for index, item in enumerate(value):
         try:
-            tables.append(_structure_table(item, ForwardTable))
+            tables.append(structure_table(item, ForwardTable))
         except Exception as exc:
             raise _AtIndex(index, exc) from None
     return tables
@@ -233,7 +233,7 @@ def _table_structurer(cls: type[Any]) -> Callable[[Any, Any], Any]:
     return _structurers[cls]
 
 
-def _structure_table(value: Any, cls: type[Any]) -> Any:
+def structure_table(value: Any, cls: type[Any]) -> Any:
     """``value`` as ``cls``, if it is a table with ``cls``'s keys only."""
     if not isinstance(value, dict):
         raise TypeError(f"expected a table, got {_toml_name(value)}")
@@ -366,7 +366,7 @@ def load_section(ctx: click.Context, path: str) -> Section:
             f"{path}: no [{section}] table (pytunnel {command.name} reads [{section}])"
         )
     try:
-        parsed = _structure_table(document[section], _schema(command))
+        parsed = structure_table(document[section], _schema(command))
     except Exception as exc:  # cattrs collects what is wrong; the first one is said
         raise _structure_error(path, text, section, exc, _schema(command)) from None
     params = _file_params(command)

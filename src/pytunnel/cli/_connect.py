@@ -18,7 +18,9 @@ import trio
 import pytunnel
 import pytunnel.metrics
 
+from . import _admin
 from ._config import ConfigCommand, config_option, config_path, file_forwards, watch_reload
+from ._config import reload as reload_config
 from ._declared import Declared, DeclaredForwards, from_flags
 from ._logs import setup_logging
 from ._metrics import start_metrics
@@ -182,6 +184,7 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
     "once, ports included; never give two clients the same one.",
 )
 @metrics_option
+@_admin.serve_options
 @log_level_option
 @log_format_option
 @click.pass_context
@@ -215,6 +218,8 @@ def connect(
     status_interval: float,
     client_id: str | None,
     metrics: tuple[str, int] | None,
+    admin: _admin.AdminAddress,
+    admin_token_file: str | None,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -224,6 +229,11 @@ def connect(
     if secret is None:
         raise click.UsageError("a token is needed: --token, --token-file or PYTUNNEL_TOKEN")
     config = client_config(ctx.params, secret)
+    admin_token = _admin.read_admin_token(admin_token_file)
+    if admin.tcp is not None and admin_token is None:
+        raise click.UsageError(
+            "--admin HOST:PORT needs a token: --admin-token-file or PYTUNNEL_ADMIN_TOKEN"
+        )
 
     async def run() -> None:
         client_config = config
@@ -234,10 +244,19 @@ def connect(
             say(f"connected to {pytunnel.format_target(*server)}")
             forwards = DeclaredForwards(tunnel)
             async with trio.open_nursery() as nursery:
+                apply = functools.partial(_reload, ctx, forwards)
                 if config_path(ctx) is not None:
-                    reload = functools.partial(_reload, ctx, forwards)
-                    await nursery.start(watch_reload, ctx, reload)
+                    await nursery.start(watch_reload, ctx, apply)
                 await forwards.apply(declared_forwards(ctx))
+                api = _admin.client_api(
+                    tunnel,
+                    forwards,
+                    functools.partial(reload_config, ctx, apply),
+                    pytunnel.format_target(*server),
+                )
+                where = await _admin.serve_admin(nursery, api, admin, admin_token)
+                if where is not None:
+                    logging.getLogger("pytunnel.cli").info("admin API on %s", where)
                 if metrics is not None:
                     await start_metrics(
                         nursery,

@@ -217,6 +217,9 @@ class Running:
     id: str
     declared: Declared
     forward: pytunnel.Forward
+    #: ``"config"`` (flags and file: a reload manages it) or ``"api"`` (added at run time:
+    #: a reload leaves it alone, as ``ssh -O forward`` does).
+    origin: str = "config"
 
 
 def describe(forward: pytunnel.Forward) -> str:
@@ -254,14 +257,14 @@ class DeclaredForwards:
                 return entry
         return None
 
-    async def add(self, declared: Declared) -> Running:
+    async def add(self, declared: Declared, origin: str = "config") -> Running:
         """Start one more forward; ``ValueError`` if one with its name (or the same
         unnamed declaration) already runs, else what starting it raises."""
         if declared.key in self._running:
             what = f"name {declared.name!r}" if declared.name else f"declaration {declared.spec}"
             raise ValueError(f"a forward with the {what} already exists")
         forward = await declared.start(self.tunnel)
-        entry = Running(next(self._ids), declared, forward)
+        entry = Running(next(self._ids), declared, forward, origin)
         self._running[declared.key] = entry
         say(describe(forward))
         return entry
@@ -283,6 +286,7 @@ class DeclaredForwards:
     async def apply(self, declared: Sequence[Declared]) -> str:
         """Make the running forwards those of ``declared``, changing only what differs.
 
+        Forwards added through the admin API are not the file's: they are left alone.
         Additions come first: if one cannot start, the ones this call started are closed
         again and the error is raised, with the running forwards as they were. Then the
         forwards no longer declared are closed, then each named forward whose declaration
@@ -296,6 +300,12 @@ class DeclaredForwards:
         wanted = {d.key: d for d in declared}
         if len(wanted) != len(declared):
             raise ValueError("the same forward is declared twice")
+        clash = [e for k, e in self._running.items() if k in wanted and e.origin != "config"]
+        if clash:
+            raise ValueError(
+                f"forward {clash[0].id} was added through the admin API with the same name or "
+                "declaration; remove it first"
+            )
         added = [d for k, d in wanted.items() if k not in self._running]
         started: list[Running] = []
         try:
@@ -305,7 +315,7 @@ class DeclaredForwards:
             for entry in started:
                 await self.remove(entry)
             raise
-        removed = [e for k, e in self._running.items() if k not in wanted]
+        removed = [e for k, e in self._running.items() if k not in wanted and e.origin == "config"]
         for entry in removed:
             await self.remove(entry)
         changed = 0

@@ -9,6 +9,7 @@ import click
 
 import pytunnel
 
+from ._admin import forwards, reload, status
 from ._config import check_config
 from ._connect import connect
 from ._options import CONTEXT
@@ -24,3 +25,6 @@ def main() -> None:
 main.add_command(serve)
 main.add_command(connect)
 main.add_command(check_config)
+main.add_command(status)
+main.add_command(forwards)
+main.add_command(reload)
