@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import time
@@ -240,8 +241,19 @@ async def serve_admin(
             )
         )
         return pytunnel.format_target(host, port)
-    path = where.unix or pytunnel.admin.default_socket_dir() / f"connect-{os.getpid()}.sock"
-    bound = await nursery.start(pytunnel.admin.serve_admin_unix, handler, path)
+    if where.unix is not None:
+        bound = await nursery.start(pytunnel.admin.serve_admin_unix, handler, where.unix)
+        return f"unix:{bound}"
+    # the default socket is a convenience: a runtime directory that cannot be used costs the
+    # admin API (said once), never the tunnel
+    path = pytunnel.admin.default_socket_dir() / f"connect-{os.getpid()}.sock"
+    try:
+        bound = await nursery.start(pytunnel.admin.serve_admin_unix, handler, path)
+    except (pytunnel.TunnelError, OSError) as exc:
+        logging.getLogger("pytunnel.cli").warning(
+            "no admin API: %s (choose a socket with --admin unix:PATH)", describe(exc)
+        )
+        return None
     return f"unix:{bound}"
 
 
