@@ -293,3 +293,41 @@ def test_status_finds_the_only_running_client(server: str, tmp_path: Path) -> No
         assert json.loads(out.stdout)["pid"] == client.pid
     finally:
         _stop(client)
+
+
+def test_server_admin_shows_clients_and_limits(rundir: Path, echo: str) -> None:
+    sock = rundir / "s.sock"
+    admin = ["--admin", f"unix:{sock}"]
+    limits = ["--max-forwards-per-client", "1"]
+    server = subprocess.Popen(
+        [*PYTUNNEL, "serve", "--listen", "127.0.0.1:0", "--token", "t", *admin, *limits],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    client = None
+    try:
+        address = "{}:{}".format(*_address(_readline(server)))
+        _wait_for(sock)
+        client = _connect(address, "-R", f"0:{echo}", "--client-id", "laptop", "--admin", "off")
+        public = _address(_readline(client))
+        out = _cli("status", *admin)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].startswith(f"server {address}: 1 clients, 0/")
+        assert lines[1].split() == ["PEER", "CLIENT_ID", "FORWARDS", "PUBLIC_PORTS", "UPTIME"]
+        assert lines[2].split()[1:4] == ["laptop", "1", "{}:{}".format(*public)]
+        answer = json.loads(_cli("status", "--json", *admin).stdout)
+        assert answer["role"] == "server"
+        assert answer["limits"]["max_forwards_per_client"] == 1
+        assert answer["clients"][0]["client_id"] == "laptop"
+        out = _cli("reload", *admin)
+        assert out.returncode == 1
+        assert "started without --config (HTTP 422)" in out.stderr
+        out = _cli("forwards", "list", *admin)
+        assert out.returncode == 1
+        assert "no such endpoint: /api/forwards (HTTP 404)" in out.stderr
+    finally:
+        if client is not None:
+            _stop(client)
+        _stop(server)
+    assert not sock.exists()

@@ -41,6 +41,8 @@ _CLI_ONLY = {
         "log_level",
         "log_format",
         "metrics",
+        "admin",
+        "admin_token_file",
     },
     "connect": {
         "server",

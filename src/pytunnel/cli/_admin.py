@@ -42,6 +42,8 @@ __all__ = [
     "read_admin_token",
     "reload",
     "serve_admin",
+    "server_api",
+    "server_options",
     "serve_options",
     "status",
 ]
@@ -165,6 +167,7 @@ def client_api(
             return Response.json(
                 200,
                 {
+                    "role": "client",
                     "server": server,
                     "connected": tunnel.connected,
                     "client_id": tunnel.client_id,
@@ -219,12 +222,71 @@ def client_api(
     return handle
 
 
+def server_api(server: pytunnel.TunnelServer, reload: Reload) -> pytunnel.admin.Handler:
+    """The handler of ``serve``'s admin API: its clients, their forwards, its limits."""
+    started = time.time()
+
+    def clients() -> list[dict[str, Any]]:
+        return [
+            {**attrs.asdict(c), "uptime": time.time() - c.connected_at}
+            for c in sorted(server.clients, key=lambda c: c.connected_at)
+        ]
+
+    async def handle(request: Request) -> Response:
+        path, method = request.path.rstrip("/") or "/", request.method
+        if path == "/api/status" and method == "GET":
+            config = server.config
+            return Response.json(
+                200,
+                {
+                    "role": "server",
+                    "listen": pytunnel.format_target(*server.address),
+                    "uptime": time.time() - started,
+                    "pid": os.getpid(),
+                    "version": pytunnel.__version__,
+                    "sessions": server.session_count,
+                    "streams_open": server.active_streams,
+                    "pending_handshakes": server.pending_handshakes,
+                    "auth_failures": server.auth_failures,
+                    "throttled_addresses": server.throttled_addresses,
+                    "limits_hit": dict(server.limits_hit),
+                    "limits": {
+                        "max_streams": config.max_streams,
+                        "max_session_streams": config.session.max_streams,
+                        "max_forwards_per_client": config.max_forwards_per_client,
+                        "max_pending_handshakes": config.max_pending_handshakes,
+                        "max_handshakes_per_address": config.max_handshakes_per_address,
+                        "idle_timeout": config.idle_timeout,
+                        "heartbeat_timeout": config.heartbeat_timeout,
+                        "public_host": config.public_host,
+                    },
+                    "clients": clients(),
+                },
+            )
+        if path == "/api/clients" and method == "GET":
+            return Response.json(200, clients())
+        if path == "/api/reload" and method == "POST":
+            result = await reload()
+            if not result.ok:
+                raise AdminError(422, result.message)
+            return Response.json(200, {"ok": True, "message": result.message})
+        if path in ("/api/status", "/api/clients", "/api/reload"):
+            raise AdminError(405, f"{method} is not allowed on {path}")
+        raise AdminError(404, f"no such endpoint: {path}")
+
+    return handle
+
+
 def _describe(exc: pytunnel.TunnelError | OSError) -> str:
     return describe(exc)
 
 
 async def serve_admin(
-    nursery: trio.Nursery, handler: pytunnel.admin.Handler, where: AdminAddress, token: str | None
+    nursery: trio.Nursery,
+    handler: pytunnel.admin.Handler,
+    where: AdminAddress,
+    token: str | None,
+    role: str = "connect",
 ) -> str | None:
     """Start the admin API in ``nursery`` where ``--admin`` says; returns its address as
     the verbs take it (``unix:PATH`` or ``HOST:PORT``), ``None`` when off."""
@@ -246,7 +308,7 @@ async def serve_admin(
         return f"unix:{bound}"
     # the default socket is a convenience: a runtime directory that cannot be used costs the
     # admin API (said once), never the tunnel
-    path = pytunnel.admin.default_socket_dir() / f"connect-{os.getpid()}.sock"
+    path = pytunnel.admin.default_socket_dir() / f"{role}-{os.getpid()}.sock"
     try:
         bound = await nursery.start(pytunnel.admin.serve_admin_unix, handler, path)
     except (pytunnel.TunnelError, OSError) as exc:
@@ -268,6 +330,27 @@ serve_options = stack(
         help="Where this client's admin API listens: a Unix socket (mode 0600; default "
         "connect-PID.sock in $XDG_RUNTIME_DIR/pytunnel), a loopback port (needs "
         "--admin-token-file), or off.",
+    ),
+    click.option(
+        "--admin-token-file",
+        type=EXISTING_FILE,
+        help="Token the admin API on a port requires (Authorization: Bearer); also "
+        "PYTUNNEL_ADMIN_TOKEN.",
+    ),
+)
+
+
+#: ``serve``'s ``--admin`` (off unless asked for) and ``--admin-token-file``.
+server_options = stack(
+    click.option(
+        "--admin",
+        "admin",
+        default="off",
+        metavar="unix[:PATH]|HOST:PORT|off",
+        callback=parsed(parse_admin),
+        help="Serve an admin API (clients, limits, reload): a Unix socket (mode 0600; unix: "
+        "serve-PID.sock in $XDG_RUNTIME_DIR/pytunnel) or a loopback port (needs "
+        "--admin-token-file).",
     ),
     click.option(
         "--admin-token-file",
@@ -370,10 +453,14 @@ def _table(rows: list[dict[str, Any]]) -> None:
 @click.command()
 @_client_options
 def status(admin: str | None, admin_token_file: str | None, as_json: bool) -> None:
-    """Show the link and the forwards of a running pytunnel connect."""
+    """Show the link and the forwards of a running pytunnel connect (or the clients of a
+    pytunnel serve, with --admin)."""
     answer = _call(admin, admin_token_file, "GET", "/api/status")
     if as_json:
         say(json.dumps(answer, indent=2))
+        return
+    if answer.get("role") == "server":
+        _server_status(answer)
         return
     link = "up" if answer["connected"] else "down"
     rtt = f"{answer['rtt'] * 1000:.1f} ms" if answer["rtt"] is not None else "-"
@@ -382,6 +469,29 @@ def status(admin: str | None, admin_token_file: str | None, as_json: bool) -> No
         f"pid {answer['pid']}"
     )
     _table(answer["forwards"])
+
+
+def _server_status(answer: dict[str, Any]) -> None:
+    hits = ",".join(f"{k}={v}" for k, v in sorted(answer["limits_hit"].items())) or "-"
+    say(
+        f"server {answer['listen']}: {answer['sessions']} clients, "
+        f"{answer['streams_open']}/{answer['limits']['max_streams']} streams, "
+        f"auth failures {answer['auth_failures']}, limits hit {hits}, pid {answer['pid']}"
+    )
+    columns = ["peer", "client_id", "forwards", "public_ports", "uptime"]
+    cells = [
+        [
+            c["peer"],
+            c["client_id"] or "-",
+            str(c["forwards"]),
+            ",".join(c["public_ports"]) or "-",
+            f"{c['uptime']:.0f}s",
+        ]
+        for c in answer["clients"]
+    ]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    for line in [[c.upper() for c in columns], *cells]:
+        say("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
 
 
 @click.group()

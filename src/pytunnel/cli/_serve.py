@@ -20,7 +20,9 @@ import trio
 import pytunnel
 import pytunnel.metrics
 
+from . import _admin
 from ._config import ConfigCommand, config_option, config_path, watch_reload
+from ._config import reload as reload_config
 from ._logs import setup_logging
 from ._metrics import start_metrics
 from ._options import (
@@ -141,6 +143,7 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
 @token_file_option
 @server_tls_options
 @metrics_option
+@_admin.server_options
 @log_level_option
 @log_format_option
 @click.pass_context
@@ -170,6 +173,8 @@ def serve(
     tls_dir: str,
     tls_client_ca: str | None,
     metrics: tuple[str, int] | None,
+    admin: _admin.AdminAddress,
+    admin_token_file: str | None,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -180,6 +185,11 @@ def serve(
     secret = token or secrets.token_urlsafe(24)
     check_server_tls(tls_cert, tls_key, tls_self_signed)
     config = server_config(ctx.params, secret)
+    admin_token = _admin.read_admin_token(admin_token_file)
+    if admin.tcp is not None and admin_token is None:
+        raise click.UsageError(
+            "--admin HOST:PORT needs a token: --admin-token-file or PYTUNNEL_ADMIN_TOKEN"
+        )
 
     async def run() -> None:
         tls, fingerprint = await server_tls(
@@ -194,9 +204,9 @@ def serve(
                     config=attrs.evolve(config, tls=tls),
                 )
             )
+            apply = functools.partial(_reload, ctx, server, secret)
             if config_path(ctx) is not None:
-                reload = functools.partial(_reload, ctx, server, secret)
-                await nursery.start(watch_reload, ctx, reload)
+                await nursery.start(watch_reload, ctx, apply)
             address = pytunnel.format_target(*server.address)
             say(f"pytunnel server listening on {address}" + (" (TLS)" if tls else ""))
             if fingerprint is not None:
@@ -207,6 +217,10 @@ def serve(
                 say(f"connect with: pytunnel connect {address} --token {secret}{tls_flag}{pin}")
             if metrics is not None:
                 await start_metrics(nursery, pytunnel.metrics.ServerCollector(server), metrics)
+            api = _admin.server_api(server, functools.partial(reload_config, ctx, apply))
+            where = await _admin.serve_admin(nursery, api, admin, admin_token, role="serve")
+            if where is not None:
+                logging.getLogger("pytunnel.cli").info("admin API on %s", where)
 
     run_command(run)
 
