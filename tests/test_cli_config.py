@@ -479,3 +479,26 @@ def test_every_option_has_a_key_named_like_it(command: str) -> None:
     for param in options:
         assert keys[option_key(param)] is param
     assert "tls" in keys or command == "serve"  # the key is the flag, not the variable
+
+
+_DOC = Path(__file__).parent.parent / "docs" / "configuration.md"
+
+
+@pytest.mark.parametrize("command", ["serve", "connect"])
+def test_the_documentation_names_every_key(command: str) -> None:
+    assert isinstance(main, click.Group)
+    text = _DOC.read_text()
+    keys = _file_params(main.commands[command])
+    missing = [key for key in keys if f"`{key}`" not in text]
+    assert missing == []
+
+
+def test_the_documented_example_is_a_valid_file(tmp_path: Path) -> None:
+    text = _DOC.read_text()
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "token").write_text("t\n")
+    example = example.replace('"/etc/pytunnel/token"', '"token"')
+    example = example.replace('"~/.config/pytunnel/token"', '"token"')
+    out = _check(tmp_path, example)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1] == "pytunnel.toml: [client] ok, 2 named forwards"
