@@ -64,6 +64,7 @@ _CLI_ONLY = {
         "metrics",
         "admin",
         "admin_token_file",
+        "quiet",
     },
 }
 #: Config defaults an option cannot hold as such, and how it spells them instead.

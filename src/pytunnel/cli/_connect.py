@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from . import _admin
 from ._config import ConfigCommand, config_option, config_path, file_forwards, watch_reload
 from ._config import reload as reload_config
 from ._declared import Declared, DeclaredForwards, from_flags
+from ._live import show_live
 from ._logs import setup_logging
 from ._metrics import start_metrics
 from ._options import (
@@ -185,6 +187,11 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
 )
 @metrics_option
 @_admin.serve_options
+@click.option(
+    "--quiet",
+    is_flag=True,
+    help="No live table of the forwards on a terminal (elsewhere there is none).",
+)
 @log_level_option
 @log_format_option
 @click.pass_context
@@ -220,6 +227,7 @@ def connect(
     metrics: tuple[str, int] | None,
     admin: _admin.AdminAddress,
     admin_token_file: str | None,
+    quiet: bool,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -265,6 +273,8 @@ def connect(
                     )
                 if status_interval > 0:
                     nursery.start_soon(print_status, tunnel, status_interval)
+                if not quiet and sys.stdout.isatty():
+                    nursery.start_soon(show_live, tunnel, forwards, pytunnel.format_target(*server))
                 await tunnel.wait_closed()
                 nursery.cancel_scope.cancel()
             if tunnel.failure is not None:
