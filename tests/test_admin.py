@@ -130,3 +130,53 @@ def test_request_to_nothing_is_an_os_error(tmp_path: Path) -> None:
         pytunnel.admin.request("GET", "/", unix_path=str(tmp_path / "none.sock"))
     with pytest.raises(ValueError, match="give unix_path or address"):
         pytunnel.admin.request("GET", "/")
+
+
+async def _raw(port: int, head: str) -> tuple[int, bytes]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(head.encode() + b"\r\n")
+    data = b""
+    with trio.fail_after(10):
+        while chunk := await stream.receive_some():
+            data += chunk
+            if b"\r\n\r\n" in data and data.endswith(b"}"):
+                break
+    await stream.aclose()
+    return int(data.split()[1]), data
+
+
+async def test_foreign_pages_and_rebound_names_are_refused() -> None:
+    """CSRF and DNS rebinding: the token is not even looked at for a request another site
+    made a browser send."""
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(
+            functools.partial(
+                pytunnel.admin.serve_admin_tcp,
+                _hello,
+                "127.0.0.1",
+                0,
+                token="s3",
+                public_paths=("/",),
+            )
+        )
+        auth = "authorization: Bearer s3\r\nconnection: close\r\n"
+        here = f"host: 127.0.0.1:{port}\r\n"
+        assert (await _raw(port, f"GET /a HTTP/1.1\r\n{here}{auth}"))[0] == 200
+        # the public page needs no token, the API does
+        assert (await _raw(port, f"GET / HTTP/1.1\r\n{here}connection: close\r\n"))[0] == 200
+        assert (await _raw(port, f"GET /a HTTP/1.1\r\n{here}connection: close\r\n"))[0] == 401
+        assert (await _raw(port, f"POST / HTTP/1.1\r\n{here}connection: close\r\n"))[0] == 401
+        same = f"origin: http://127.0.0.1:{port}\r\n"
+        assert (await _raw(port, f"POST /a HTTP/1.1\r\n{here}{same}{auth}"))[0] == 200
+        for extra in (
+            "origin: http://evil.example\r\n",
+            f"origin: http://localhost:{port}\r\n",
+            "sec-fetch-site: cross-site\r\n",
+        ):
+            status, data = await _raw(port, f"POST /a HTTP/1.1\r\n{here}{extra}{auth}")
+            assert status == 403, data
+            assert b"refused" in data
+        status, data = await _raw(port, f"GET /a HTTP/1.1\r\nhost: evil.example:{port}\r\n{auth}")
+        assert status == 403
+        assert b"loopback names only" in data
+        nursery.cancel_scope.cancel()

@@ -28,7 +28,7 @@ import os
 import socket
 import stat
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -207,10 +207,36 @@ def _check_loopback(host: str) -> None:
         )
 
 
-def _with_token(handler: Handler, token: str) -> Handler:
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def _foreign(req: Request) -> str | None:
+    """Why a request is refused as coming from another site, or ``None``.
+
+    A browser on this machine may be asked by any page to send requests to a loopback port:
+    such a request carries an ``Origin`` (or ``Sec-Fetch-Site: cross-site``) that is not this
+    API's, or, through DNS rebinding, a ``Host`` that is not a loopback name."""
+    host = req.header("host") or ""
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if name not in _LOOPBACK_NAMES:
+        return f"unexpected Host {host!r}: the admin API answers loopback names only"
+    origin = req.header("origin")
+    if origin is not None and origin != f"http://{host}":
+        return "cross-origin request refused"
+    if req.header("sec-fetch-site") == "cross-site":
+        return "cross-site request refused"
+    return None
+
+
+def _with_token(handler: Handler, token: str, public_paths: Collection[str]) -> Handler:
     expected = f"Bearer {token}".encode()
 
     async def checked(req: Request) -> Response:
+        foreign = _foreign(req)
+        if foreign is not None:
+            return error_response(403, foreign)
+        if req.method in ("GET", "HEAD") and req.path in public_paths:
+            return await handler(req)
         given = (req.header("authorization") or "").encode("latin-1")
         if not hmac.compare_digest(given, expected):
             return error_response(401, "a valid admin token is needed (Authorization: Bearer)")
@@ -225,9 +251,15 @@ async def serve_admin_tcp(
     port: int,
     *,
     token: str,
+    public_paths: Collection[str] = (),
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve ``handler`` on ``host:port`` (loopback only) for requests bearing ``token``.
+
+    ``public_paths`` may be read (GET) without the token: static pages that hold no data
+    (the dashboard, which asks for the token itself). Every request must come from this
+    machine's own pages: a foreign ``Origin``, ``Sec-Fetch-Site: cross-site`` or a ``Host``
+    that is not a loopback name (DNS rebinding) is a 403.
 
     ``task_status.started((host, port))`` with the real port. Raises
     ``PermissionDeniedError`` for a host that is not loopback, ``ValueError`` for an empty
@@ -235,7 +267,7 @@ async def serve_admin_tcp(
     _check_loopback(host)
     if not token:
         raise ValueError("the admin API on a port needs a token")
-    guarded = _with_token(_guarded(handler), token)
+    guarded = _with_token(_guarded(handler), token, public_paths)
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()
 

@@ -16,6 +16,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -195,14 +196,21 @@ def client_api(
             except (pytunnel.TunnelError, OSError) as exc:
                 raise AdminError(409, _describe(exc)) from None
             return Response.json(201, forward_view(entry))
-        match = re.fullmatch(r"/api/forwards/([^/]+)(/retry)?", path)
+        if path == "/" and method in ("GET", "HEAD"):
+            return dashboard()
+        match = re.fullmatch(r"/api/forwards/([^/]+)(/retry|/stop)?", path)
         key = unquote(match.group(1)) if match else ""
         if match and method == "DELETE" and match.group(2) is None:
             async with declared.lock:
                 entry = find(key)
                 await declared.remove(entry)
             return Response.json(200, forward_view(entry))
-        if match and method == "POST" and match.group(2) is not None:
+        if match and method == "POST" and match.group(2) == "/stop":
+            async with declared.lock:
+                entry = find(key)
+                await declared.stop(entry)
+            return Response.json(200, forward_view(entry))
+        if match and method == "POST" and match.group(2) == "/retry":
             async with declared.lock:
                 entry = find(key)
                 try:
@@ -263,6 +271,8 @@ def server_api(server: pytunnel.TunnelServer, reload: Reload) -> pytunnel.admin.
                     "clients": clients(),
                 },
             )
+        if path == "/" and method in ("GET", "HEAD"):
+            return dashboard()
         if path == "/api/clients" and method == "GET":
             return Response.json(200, clients())
         if path == "/api/reload" and method == "POST":
@@ -275,6 +285,22 @@ def server_api(server: pytunnel.TunnelServer, reload: Reload) -> pytunnel.admin.
         raise AdminError(404, f"no such endpoint: {path}")
 
     return handle
+
+
+def dashboard() -> Response:
+    """The dashboard page: static, no data of its own (it reads the API with the token)."""
+    page = resources.files("pytunnel.cli").joinpath("dashboard/index.html").read_bytes()
+    return Response(
+        200,
+        [
+            ("content-type", "text/html; charset=utf-8"),
+            ("cache-control", "no-store"),
+            ("x-frame-options", "DENY"),
+            ("x-content-type-options", "nosniff"),
+            ("referrer-policy", "no-referrer"),
+        ],
+        page,
+    )
 
 
 def _describe(exc: pytunnel.TunnelError | OSError) -> str:
@@ -299,7 +325,12 @@ async def serve_admin(
             )
         host, port = await nursery.start(
             functools.partial(
-                pytunnel.admin.serve_admin_tcp, handler, where.tcp[0], where.tcp[1], token=token
+                pytunnel.admin.serve_admin_tcp,
+                handler,
+                where.tcp[0],
+                where.tcp[1],
+                token=token,
+                public_paths=("/",),
             )
         )
         return pytunnel.format_target(host, port)
@@ -563,6 +594,17 @@ def remove_forward(
     """Stop a forward and forget it."""
     answer = _call(admin, admin_token_file, "DELETE", f"/api/forwards/{_quote(forward)}")
     say(json.dumps(answer, indent=2) if as_json else f"removed {answer['id']}")
+
+
+@forwards.command("stop")
+@click.argument("forward", metavar="NAME|ID")
+@_client_options
+def stop_forward(
+    forward: str, admin: str | None, admin_token_file: str | None, as_json: bool
+) -> None:
+    """Stop a forward but keep it, under its id, for a later retry."""
+    answer = _call(admin, admin_token_file, "POST", f"/api/forwards/{_quote(forward)}/stop")
+    say(json.dumps(answer, indent=2) if as_json else f"stopped {answer['id']}")
 
 
 @forwards.command("retry")

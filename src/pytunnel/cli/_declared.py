@@ -275,6 +275,11 @@ class DeclaredForwards:
         await entry.forward.aclose()
         log.info("forward %s (%s) removed", entry.id, entry.declared.spec)
 
+    async def stop(self, entry: Running) -> None:
+        """Close one forward but keep it (stopped) under its id: retry starts it again."""
+        await entry.forward.aclose()
+        log.info("forward %s (%s) stopped", entry.id, entry.declared.spec)
+
     async def retry(self, entry: Running) -> Running:
         """Start the declaration of a forward again, under the same id (a forward that ended
         in error, or any other: it is closed first)."""
