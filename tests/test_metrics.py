@@ -4,12 +4,17 @@ prometheus-client's own parser, and checked against traffic and failures made fo
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.parse
+import urllib.request
 from typing import Any
 
 import pytest
@@ -219,3 +224,81 @@ def test_serve_and_connect_metrics_scraped_by_curl(tmp_path: Any) -> None:
             if proc is not None:
                 proc.send_signal(signal.SIGINT)
                 proc.wait(timeout=10)
+
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt-get install prometheus)")
+def test_a_real_prometheus_scrapes_and_queries_a_counter(tmp_path: Any) -> None:
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    echo = socket.create_server(("127.0.0.1", 0))
+    metrics_port, prom_port = free_port(), free_port()
+    server = subprocess.Popen(
+        [*PYTUNNEL, "serve", "--listen", "127.0.0.1:0", "--token", "t"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    client = prometheus = None
+    try:
+        address = _line(server, "pytunnel server listening on ").rsplit(" ", 1)[1]
+        target = f"127.0.0.1:{echo.getsockname()[1]}"
+        args = ["-L", f"0:{target}", "--metrics", f"127.0.0.1:{metrics_port}", "--admin", "off"]
+        client = subprocess.Popen(
+            [*PYTUNNEL, "connect", address, "--token", "t", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        match = re.search(r"127\.0\.0\.1:(\d+)", _line(client, "local forward "))
+        assert match
+        with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=10) as conn:
+            accepted, _ = echo.accept()
+            conn.sendall(b"p" * 1234)
+            got = b""
+            while len(got) < 1234:
+                got += accepted.recv(65536)
+            accepted.close()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: pytunnel\n"
+            f"    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
+        )
+        assert PROMETHEUS is not None
+        prometheus = subprocess.Popen(
+            [
+                PROMETHEUS,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        query = urllib.parse.quote('pytunnel_forward_bytes_total{direction="out",id="f1"}')
+        url = f"http://127.0.0.1:{prom_port}/api/v1/query?query={query}"
+        deadline = time.monotonic() + 60
+        result: list[Any] = []
+        while not result:
+            assert time.monotonic() < deadline, "prometheus never had the sample"
+            time.sleep(0.5)
+            try:
+                with urllib.request.urlopen(url, timeout=5) as answer:
+                    result = json.load(answer)["data"]["result"]
+            except OSError:
+                continue
+        assert result[0]["metric"]["job"] == "pytunnel"
+        assert result[0]["metric"]["kind"] == "local"
+        assert float(result[0]["value"][1]) == 1234
+    finally:
+        for proc in (prometheus, client, server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        echo.close()
