@@ -180,3 +180,23 @@ async def test_foreign_pages_and_rebound_names_are_refused() -> None:
         assert status == 403
         assert b"loopback names only" in data
         nursery.cancel_scope.cancel()
+
+
+async def test_a_body_over_the_limit_is_refused_unread(sockdir: Path) -> None:
+    path = sockdir / "a.sock"
+
+    async def reads(request: Request) -> Response:
+        return Response.json(200, {"size": len(await request.read_body())})
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pytunnel.admin.serve_admin_unix, reads, path)
+        status, body = await _request("POST", "/", {"x": "y" * 1000}, unix_path=str(path))
+        assert (status, body) == (200, {"size": len('{"x": ""}') + 1000})
+        # a declared 70 kB body is refused from its head alone, none of it sent
+        stream = await trio.open_unix_socket(str(path))
+        await stream.send_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 70000\r\n\r\n")
+        with trio.fail_after(10):
+            answer = await stream.receive_some()
+        await stream.aclose()
+        assert answer.startswith(b"HTTP/1.1 413 ")
+        nursery.cancel_scope.cancel()

@@ -177,6 +177,10 @@ def test_verbs_manage_forwards_of_a_running_client(server: str, rundir: Path, ec
         assert "no forward has the id or name 'nope' (HTTP 404)" in out.stderr
         out = _cli("forwards", "add", *admin)
         assert out.returncode == 2
+        out = _cli("forwards", "add", "-L", f"{first[1]}:{echo}", *admin)
+        assert out.returncode == 1
+        assert "[ADDRESS_IN_USE]" in out.stderr
+        assert "(HTTP 409)" in out.stderr
         out = _cli("reload", *admin)
         assert out.returncode == 1
         assert "started without --config (HTTP 422)" in out.stderr
