@@ -433,6 +433,9 @@ class Path_:
     #: (role, child) of the processes relaying the traffic, e.g. ("client", ...)
     procs: list[tuple[str, Child]] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
+    #: The ``Host`` its HTTP requests must carry (a name route); such a path carries only the
+    #: HTTP target, so the bulk and memory cases skip it.
+    host: str | None = None
 
 
 class Env:
@@ -614,6 +617,47 @@ LogLevel ERROR
             [cmd_s, cmd_c],
         )
 
+    def path_pytunnel_name(self, targets: list[int], http: int) -> Path_:
+        """The HTTP target behind a name route on the server's shared HTTP port (``-R
+        app:80:...``): what the routing costs next to a plain ``-R`` of the same target."""
+        argv = [
+            self.pytunnel, "serve", "--listen", f"{HOST}:0", "--log-level", "warning",
+            "--http-listen", f"{HOST}:0", "--domain", "bench.test",
+        ]  # fmt: skip
+        server = self.procs.start("pytunnel-serve-name", argv, env={"PYTUNNEL_TOKEN": self.token})
+
+        def addresses() -> tuple[int, int] | None:
+            log = _read(str(server.log)) or ""
+            m = re.search(r"pytunnel server listening on \S+:(\d+)", log)
+            h = re.search(r"routing HTTP by name on \S+:(\d+)", log)
+            return (int(m.group(1)), int(h.group(1))) if m and h else None
+
+        port, shared = wait_for("pytunnel server addresses", addresses, 20, server)
+        client_argv = [
+            self.pytunnel, "connect", f"{HOST}:{port}", "--log-level", "warning",
+            "-R", f"app:80:{HOST}:{http}",
+        ]  # fmt: skip
+        client = self.procs.start(
+            "pytunnel-connect-name", client_argv, env={"PYTUNNEL_TOKEN": self.token}
+        )
+        wait_for(
+            "pytunnel name route",
+            lambda: "name route http://app.bench.test" in (_read(str(client.log)) or ""),
+            20,
+            client,
+        )
+        return Path_(
+            "pytunnel-name",
+            "pytunnel -R app:80",
+            {http: shared},
+            [("client", client), ("server", server)],
+            [
+                "PYTUNNEL_TOKEN=... " + shlex.join(argv),
+                "PYTUNNEL_TOKEN=... " + shlex.join(client_argv),
+            ],
+            host="app.bench.test",
+        )
+
     def path_ssh(self, targets: list[int], cipher: str | None) -> Path_:
         assert self.sshd_child is not None
         front = {t: free_port() for t in targets}
@@ -714,6 +758,8 @@ LogLevel ERROR
             return self.path_pytunnel("R", targets)
         if key == "pytunnel-L-tls":
             return self.path_pytunnel("L", targets, tls=True)
+        if key == "pytunnel-name":
+            return self.path_pytunnel_name(targets, targets[-1])
         if key == "ssh-L":
             return self.path_ssh(targets, None)
         if key == "ssh-L-aes":
@@ -741,9 +787,10 @@ def path_cpu(procs: Processes, path: Path_) -> int:
 
 def check_http(path: Path_, http_port: int) -> None:
     url = f"http://{HOST}:{path.front[http_port]}/{HTTP_FILE}"
+    request = urllib.request.Request(url, headers={"Host": path.host} if path.host else {})
     for attempt in range(5):
         try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
+            with urllib.request.urlopen(request, timeout=5) as resp:
                 body = resp.read()
             if len(body) == HTTP_FILE_SIZE:
                 return
@@ -806,7 +853,9 @@ def run_iperf(env: Env, port: int, extra: list[str], seconds: float) -> tuple[di
     return data, cmd
 
 
-def run_wrk(env: Env, port: int, seconds: float, threads: int, conns: int) -> tuple[dict, str]:
+def run_wrk(
+    env: Env, port: int, seconds: float, threads: int, conns: int, host: str | None = None
+) -> tuple[dict, str]:
     url = f"http://{HOST}:{port}/{HTTP_FILE}"
     argv = [
         env.wrk,
@@ -816,6 +865,7 @@ def run_wrk(env: Env, port: int, seconds: float, threads: int, conns: int) -> tu
         "--latency",
         "--timeout",
         "5s",
+        *(["-H", f"Host: {host}"] if host else []),
         url,
     ]
     r = run(argv, seconds + 30)
@@ -1251,6 +1301,7 @@ ALL_PATHS = [
     "pytunnel-L",
     "pytunnel-R",
     "pytunnel-L-tls",
+    "pytunnel-name",
     "ssh-L",
     "ssh-L-aes",
     "socat",
@@ -1530,7 +1581,8 @@ def _main(args, env: Env, procs: Processes, tmp: Path, nofile) -> int:
             log("paths (front port per target):")
             for p in paths:
                 check_http(p, http_port)
-                log(f"  {p.label}: iperf3 via {p.front[iperf_port]}, http via {p.front[http_port]}")
+                bulk = p.front.get(iperf_port, "-")
+                log(f"  {p.label}: iperf3 via {bulk}, http via {p.front[http_port]}")
                 for c in p.commands:
                     log(f"      {c}")
             log("")
@@ -1540,6 +1592,8 @@ def _main(args, env: Env, procs: Processes, tmp: Path, nofile) -> int:
                 if not args.no_iperf:
                     for case, extra in iperf_cases(args.quick):
                         for p in order:
+                            if iperf_port not in p.front:  # an HTTP-only path (a name route)
+                                continue
                             busy = wait_quiet(args.quiet_wait, QUIET_THRESHOLD)
                             c0, t0 = path_cpu(procs, p), time.monotonic()
                             err, gbps, cmd = None, None, ""
@@ -1576,6 +1630,7 @@ def _main(args, env: Env, procs: Processes, tmp: Path, nofile) -> int:
                                 args.wrk_seconds,
                                 args.wrk_threads,
                                 args.wrk_conns,
+                                p.host,
                             )
                         except (BenchError, subprocess.TimeoutExpired) as exc:
                             err = str(exc)

@@ -8,14 +8,20 @@ test file imports what it uses by name and a reader sees where it comes from.
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+import ssl
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
+import h11
 import trio
 import trio.testing
+import trustme
 
 import pytunnel
 from pytunnel.session import Role, Session, SessionConfig, open_session
@@ -227,3 +233,164 @@ async def echo_once(address: tuple[str, int], payload: bytes) -> bytes:
         return b"".join(parts)
     finally:
         await stream.aclose()
+
+
+# --------------------------------------------------------------------------- name routes
+# Services behind a name route, as (stream, peer) handlers: the router hands them the
+# connection directly; serve_route_target puts one on a TCP port, for a tunnel to dial.
+
+
+def http_service(name: str):  # type: ignore[no-untyped-def]
+    """A service behind a route: answers every request on the connection with its name and
+    the request's path (h11 on the routed stream, so the replayed head must be intact)."""
+
+    async def serve(stream: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> None:
+        conn = h11.Connection(h11.SERVER)
+        async with stream:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    try:
+                        data = await stream.receive_some()
+                    except trio.BrokenResourceError:  # reset by the relay: the client left
+                        return
+                    conn.receive_data(data)
+                    if not data:
+                        return
+                    continue
+                if isinstance(event, h11.Request):
+                    body = f"{name} {event.target.decode()} from {peer[0]}\n".encode()
+                    headers = [("content-length", str(len(body)))]
+                    await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
+                    await stream.send_all(conn.send(h11.Data(data=body)))
+                    await stream.send_all(conn.send(h11.EndOfMessage()))
+                elif isinstance(event, h11.EndOfMessage):
+                    if conn.our_state is h11.MUST_CLOSE:
+                        return
+                    conn.start_next_cycle()
+                elif isinstance(event, h11.ConnectionClosed):
+                    return
+
+    return serve
+
+
+async def raw_echo(stream: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> None:
+    """A service that sends back every byte it gets, the request head included."""
+    async with stream:
+        async for chunk in stream:
+            await stream.send_all(chunk)
+
+
+def tls_service(ca: trustme.CA, name: str):  # type: ignore[no-untyped-def]
+    """A service behind an SNI route that terminates TLS itself with its own certificate."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(context)
+
+    async def serve(stream: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> None:
+        tls = trio.SSLStream(stream, context, server_side=True)
+        async with tls:
+            try:
+                request = await tls.receive_some()
+                await tls.send_all(b"hello from " + name.encode() + b": " + request)
+            except trio.BrokenResourceError:
+                return
+
+    return serve
+
+
+async def tls_get(ca: trustme.CA, port: int, name: str | None) -> bytes:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    if name is None:
+        context.check_hostname = False
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    tls = trio.SSLStream(stream, context, server_hostname=name)
+    async with tls:
+        with trio.fail_after(10):
+            await tls.send_all(b"ping")
+            return bytes(await tls.receive_some())
+
+
+async def serve_route_target(
+    nursery: trio.Nursery,
+    service: Callable[[trio.abc.HalfCloseableStream, tuple[str, int]], Awaitable[None]],
+) -> int:
+    """Put a route handler on a loopback TCP port; returns the port."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        host, port = stream.socket.getpeername()[:2]
+        await service(stream, (str(host), int(port)))
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    return int(listeners[0].socket.getsockname()[1])
+
+
+class LinkProxy:
+    """A TCP relay between a client and the server, to break the link in chosen ways.
+
+    ``reset_client_side()`` resets (RST, ``SO_LINGER`` 0) only the client-facing sockets and
+    keeps the server-facing ones open and silent: the server still sees a healthy, quiet
+    client, as after a NAT rebinding or a middlebox reset. ``cut()`` closes both sides.
+    While ``refusing`` is set, new connections are closed at once.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self.refusing = False
+        self._links: list[tuple[trio.SocketStream, trio.SocketStream, trio.CancelScope]] = []
+        self.ghosts: list[trio.SocketStream] = []
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
+        )
+        self.port = int(listeners[0].socket.getsockname()[1])
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        if self.refusing:
+            return  # serve_tcp closes it
+        server = await trio.open_tcp_stream(*self.target)
+        scope = trio.CancelScope()
+        self._links.append((client, server, scope))
+        with scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, server)
+                nursery.start_soon(self._pump, server, client)
+
+    @staticmethod
+    async def _pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async for chunk in source:
+                await sink.send_all(chunk)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await sink.send_eof()
+
+    @staticmethod
+    def _reset(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(OSError):  # already closed by its own side: nothing to reset
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()
+
+    def reset_client_side(self) -> None:
+        links, self._links = self._links, []
+        for client, server, scope in links:
+            scope.cancel()
+            self._reset(client)
+            self.ghosts.append(server)  # open, and nobody reads or writes it any more
+
+    def cut(self) -> None:
+        links, self._links = self._links, []
+        for client, server, scope in links:
+            scope.cancel()
+            self._reset(client)
+            self._reset(server)
+
+    def close(self) -> None:
+        self.cut()
+        for ghost in self.ghosts:
+            ghost.socket.close()

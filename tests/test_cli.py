@@ -699,3 +699,150 @@ def test_proxy_protocol_version_is_checked_by_the_cli() -> None:
     )
     assert result.returncode == 2
     assert "'v3' is not one of 'v1', 'v2'" in result.stderr
+
+
+def test_a_name_route_through_the_cli(echo_address: tuple[str, int]) -> None:
+    """``serve --http-listen --domain`` and ``connect -R app:80:HOST:PORT``: a connection for
+    ``app.<domain>`` on the shared port reaches the target; another name gets a 404."""
+    shared = _free_port()
+    proc = Proc(
+        "serve", "--listen", "127.0.0.1:0", "--http-listen", f"127.0.0.1:{shared}",
+        "--domain", "tunnel.test",
+    )  # fmt: skip
+    try:
+        host, port = _address(proc.readline())
+        assert proc.readline() == f"routing HTTP by name on 127.0.0.1:{shared}"
+        token = proc.readline().split("--token ")[1].strip()
+        echo = f"{echo_address[0]}:{echo_address[1]}"
+        client = Proc(
+            "connect", f"{host}:{port}", "--token", token, "-R", f"app:80:{echo}",
+            "--rewrite-host", "inside",
+        )  # fmt: skip
+        try:
+            assert client.readline() == f"connected to {host}:{port}"
+            assert client.readline() == f"name route http://app.tunnel.test:{shared} -> {echo}"
+            head = b"GET / HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n"
+            # the echo target sends back the head as the route rewrote it
+            assert _roundtrip(("127.0.0.1", shared), head) == head.replace(
+                b"app.tunnel.test", b"inside"
+            )
+            stranger = b"GET / HTTP/1.1\r\nHost: x.tunnel.test\r\n\r\n"
+            other = _roundtrip(("127.0.0.1", shared), stranger)
+            assert other.startswith(b"HTTP/1.1 404 ")
+            code, err = client.stop()
+            assert code == 0, err
+        finally:
+            client.kill()
+    finally:
+        proc.kill()
+
+
+def test_a_name_the_server_does_not_route_is_one_line_through_the_cli(
+    server: tuple[Proc, tuple[str, int], str], echo_address: tuple[str, int]
+) -> None:
+    _, (host, port), token = server
+    echo = f"{echo_address[0]}:{echo_address[1]}"
+    out = subprocess.run(
+        [*PYTUNNEL, "connect", f"{host}:{port}", "--token", token, "-R", f"app:443:{echo}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 1
+    assert "[NAME_NOT_ALLOWED] this server has no shared HTTPS listener" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_load_balanced_group_through_the_cli(
+    server: tuple[Proc, tuple[str, int], str], tmp_path: Path
+) -> None:
+    """Two ``pytunnel connect --group web --group-key-file F -R PORT:...`` share one public
+    port, answering in turn; a third with another key is refused with one line."""
+    _, (host, port), token = server
+    key_file = tmp_path / "group.key"
+    key_file.write_text("group secret\n")
+    public = _free_port()
+    targets = []
+    for name in (b"first", b"second"):
+
+        class Named(socketserver.BaseRequestHandler):
+            label = name
+
+            def handle(self) -> None:
+                self.request.sendall(self.label)
+
+        target = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Named)
+        target.daemon_threads = True
+        threading.Thread(target=target.serve_forever, daemon=True).start()
+        targets.append(target)
+    clients = []
+    try:
+        for target in targets:
+            client = Proc(
+                "connect", f"{host}:{port}", "--token", token, "--group", "web",
+                "--group-key-file", str(key_file),
+                "-R", f"{public}:127.0.0.1:{target.server_address[1]}",
+            )  # fmt: skip
+            clients.append(client)
+            assert client.readline() == f"connected to {host}:{port}"
+            assert client.readline().startswith(f"remote forward 127.0.0.1:{public} ")
+        answers = [_roundtrip(("127.0.0.1", public), b"") for _ in range(4)]
+        assert sorted(answers) == [b"first", b"first", b"second", b"second"]
+        # SIGKILL one member: once the server has seen its link go, every connection is
+        # served by the other
+        clients[0].popen.kill()
+        deadline = time.monotonic() + 15
+        while [_roundtrip(("127.0.0.1", public), b"") for _ in range(2)] != [b"second"] * 2:
+            assert time.monotonic() < deadline, "the killed member is still handed connections"
+        assert [_roundtrip(("127.0.0.1", public), b"") for _ in range(20)] == [b"second"] * 20
+        other_key = tmp_path / "other.key"
+        other_key.write_text("not the secret")
+        out = subprocess.run(
+            [
+                *PYTUNNEL, "connect", f"{host}:{port}", "--token", token, "--group", "web",
+                "--group-key-file", str(other_key), "-R", f"{public}:127.0.0.1:9",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )  # fmt: skip
+        assert out.returncode == 1
+        assert "[GROUP_MISMATCH]" in out.stderr
+        assert "not the secret" not in out.stderr
+        assert "Traceback" not in out.stderr
+    finally:
+        for client in clients:
+            client.kill()
+        for target in targets:
+            target.shutdown()
+            target.server_close()
+
+
+def test_group_options_go_together() -> None:
+    result = subprocess.run(
+        [*PYTUNNEL, "connect", "127.0.0.1:1", "--token", "x", "--group", "web", "-R", "1:h:2"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--group and --group-key-file go together" in result.stderr
+
+
+def test_several_servers_through_the_cli(
+    server: tuple[Proc, tuple[str, int], str], echo_address: tuple[str, int]
+) -> None:
+    """``pytunnel connect DOWN UP -L ...``: the server that refuses is passed over."""
+    _, (host, port), token = server
+    down = f"127.0.0.1:{_free_port()}"
+    echo = f"{echo_address[0]}:{echo_address[1]}"
+    client = Proc("connect", down, f"{host}:{port}", "--token", token, "-L", f"0:{echo}")
+    try:
+        assert client.readline() == f"connected to {host}:{port}"
+        local = _address(client.readline())
+        assert _roundtrip(local, b"through the second") == b"through the second"
+    finally:
+        client.kill()

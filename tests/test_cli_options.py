@@ -24,6 +24,8 @@ _RENAMED: dict[str, dict[str, tuple[type[Any], str]]] = {
     "connect": {
         "max_streams": (pytunnel.SessionConfig, "max_streams"),
         "tls_server_name": (pytunnel.ClientConfig, "tls_server_hostname"),
+        "header": (pytunnel.ClientConfig, "ws_headers"),
+        "host_header": (pytunnel.ClientConfig, "ws_host"),
     },
 }
 #: Options with no default in any config class: where the value comes from is the CLI's own
@@ -31,6 +33,8 @@ _RENAMED: dict[str, dict[str, tuple[type[Any], str]]] = {
 _CLI_ONLY = {
     "serve": {
         "listen",  # checked against serve()'s own parameters below
+        "http_listen",  # serve()'s own parameters, both None
+        "https_listen",
         "token",
         "token_file",
         "tls_cert",
@@ -50,6 +54,11 @@ _CLI_ONLY = {
         "token_file",
         "limit",  # per forward: Tunnel.forward_*(limit=)
         "proxy_protocol",  # per remote forward: Tunnel.forward_remote(proxy_protocol=)
+        "group",  # per remote forward: Tunnel.forward_remote(group=, group_key=)
+        "group_key_file",
+        "forwarded_headers",  # per name route: Tunnel.forward_name(forwarded_headers=)
+        "rewrite_host",
+        "basic_auth",
         "dynamic",
         "socks_auth",
         "use_tls",
@@ -59,6 +68,7 @@ _CLI_ONLY = {
         "remote",
         "local",
         "status_interval",
+        "stdio",  # one connection instead of forwards: Tunnel.open_stream + relay_stdio
         "log_level",
         "log_format",
         "metrics",

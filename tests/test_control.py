@@ -15,7 +15,16 @@ from pytunnel.errors import ErrorCode, ForwardError, LocalProtocolError, RemoteP
 from pytunnel.protocol import routes
 from pytunnel.protocol.control import CONTROL_MAX_FRAME_SIZE, ControlProtocol, ControlRole
 from pytunnel.protocol.frames import encode_message
-from pytunnel.protocol.messages import MAX_HOST, MAX_TEXT, Bound, Data, ForwardState, Open
+from pytunnel.protocol.messages import (
+    MAX_HOST,
+    MAX_TEXT,
+    Bound,
+    Data,
+    ForwardState,
+    Join,
+    Open,
+    group_proof,
+)
 
 BOUND = Bound("0.0.0.0", 8080)
 OFFLINE = ForwardState(False, "3 health probes failed")
@@ -198,3 +207,40 @@ async def test_control_channel_refuses_a_bad_message_from_the_peer() -> None:
         with pytest.raises(RemoteProtocolError) as info:
             await ControlChannel(b, ControlRole.SERVER).receive()
     assert info.value.code == ErrorCode.UNEXPECTED_MESSAGE
+
+
+# ----------------------------------------------------------------------------- groups
+
+JOIN = Join("web", group_proof("web", b"group secret"))
+
+
+def test_a_group_member_joins_first_then_the_sequence_is_the_usual_one() -> None:
+    server = ControlProtocol(ControlRole.SERVER, grouped=True)
+    client = ControlProtocol(ControlRole.CLIENT, grouped=True)
+    with pytest.raises(LocalProtocolError, match="Bound before the client's Join"):
+        server.send(BOUND)
+    assert _deliver(client.send(JOIN), server) == [JOIN]
+    assert server.joined
+    assert client.joined
+    assert _deliver(server.send(BOUND), client) == [BOUND]
+    assert _deliver(client.send(OFFLINE), server) == [OFFLINE]
+    with pytest.raises(LocalProtocolError, match="Join was already sent"):
+        client.send(JOIN)
+
+
+def test_join_is_refused_where_there_is_no_group_and_required_where_there_is() -> None:
+    with pytest.raises(LocalProtocolError, match="no group"):
+        ControlProtocol(ControlRole.CLIENT).send(JOIN)
+    plain = ControlProtocol(ControlRole.SERVER)
+    with pytest.raises(RemoteProtocolError, match="no group") as info:
+        _deliver(encode_message(JOIN, CONTROL_MAX_FRAME_SIZE), plain)
+    assert info.value.code == ErrorCode.UNEXPECTED_MESSAGE
+    grouped = ControlProtocol(ControlRole.SERVER, grouped=True)
+    with pytest.raises(RemoteProtocolError, match="before Join"):
+        _deliver(encode_message(OFFLINE, CONTROL_MAX_FRAME_SIZE), grouped)
+    twice = ControlProtocol(ControlRole.SERVER, grouped=True)
+    with pytest.raises(RemoteProtocolError, match="again"):
+        _deliver(encode_message(JOIN, CONTROL_MAX_FRAME_SIZE) * 2, twice)
+    client = ControlProtocol(ControlRole.CLIENT, grouped=True)
+    with pytest.raises(RemoteProtocolError, match="before Bound"):
+        _deliver(encode_message(JOIN, CONTROL_MAX_FRAME_SIZE), client)

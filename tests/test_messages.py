@@ -6,6 +6,8 @@ The hypothesis strategies here build *valid* instances of every class in ``MESSA
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Any
 
 import attrs
@@ -85,6 +87,7 @@ STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     m.Bound: st.builds(m.Bound, host=utf8_text(m.MAX_HOST), port=ports),
     m.Datagram: st.builds(m.Datagram, stream=stream_ids, data=st.binary(max_size=2000)),
     m.ForwardState: st.builds(m.ForwardState, online=st.booleans(), reason=utf8_text(m.MAX_TEXT)),
+    m.Join: st.builds(m.Join, group=utf8_text(m.MAX_GROUP), proof=macs),
 }
 
 #: One fixed, valid instance of every type (for table-driven tests).
@@ -106,6 +109,7 @@ EXAMPLES: dict[type[Any], Any] = {
     m.Bound: m.Bound("0.0.0.0", 8080),
     m.Datagram: m.Datagram(5, b"\x12\x34 dns query"),
     m.ForwardState: m.ForwardState(False, "3 probes failed"),
+    m.Join: m.Join("web", m.group_proof("web", b"secret")),
 }
 
 #: Any valid message of any type.
@@ -221,6 +225,7 @@ def test_field_names_and_tags_are_stable() -> None:
         "pong": ["opaque"],
         "goaway": ["code", "message"],
         "bound": ["host", "port"],
+        "join": ["group", "proof"],
         "fwdstate": ["online", "reason"],
         "dgram": ["stream", "data"],
     }
@@ -468,3 +473,11 @@ def test_truncate_text_keeps_short_non_ascii_whole() -> None:
     """Text that is not ASCII but fits in the limit is returned as it is, not re-cut."""
     assert m.truncate_text("caf\u00e9", 5) == "caf\u00e9"
     assert m.truncate_text("caf\u00e9", 4) == "caf"
+
+
+def test_the_group_proof_is_an_hmac_of_the_group_name() -> None:
+    """Published in docs/protocol.md: another implementation must derive the same proof."""
+    proof = m.group_proof("web", b"secret")
+    assert proof == hmac.new(b"secret", b"pytunnel-group\0web", hashlib.sha256).digest()
+    assert proof != m.group_proof("web2", b"secret")
+    assert proof != m.group_proof("web", b"secret2")

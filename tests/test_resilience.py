@@ -5,14 +5,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import socket
-import struct
 import subprocess
 import sys
 
 import pytest
 import trio
 import trio.testing
-from helpers import TOKEN, closed_port, count_fds, count_tasks, echo_once, port_is_free, wait_until
+from helpers import (
+    TOKEN,
+    LinkProxy,
+    closed_port,
+    count_fds,
+    count_tasks,
+    echo_once,
+    port_is_free,
+    wait_until,
+)
 
 import pytunnel
 from pytunnel import ErrorCode
@@ -458,76 +466,6 @@ async def test_offline_survives_a_reconnect(nursery: trio.Nursery) -> None:
 
 
 # ----------------------------------------------------------------------------- identity
-
-
-class LinkProxy:
-    """A TCP relay between a client and the server, to break the link in chosen ways.
-
-    ``reset_client_side()`` resets (RST, ``SO_LINGER`` 0) only the client-facing sockets and
-    keeps the server-facing ones open and silent: the server still sees a healthy, quiet
-    client, as after a NAT rebinding or a middlebox reset. ``cut()`` closes both sides.
-    While ``refusing`` is set, new connections are closed at once.
-    """
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = 0
-        self.refusing = False
-        self._links: list[tuple[trio.SocketStream, trio.SocketStream, trio.CancelScope]] = []
-        self.ghosts: list[trio.SocketStream] = []
-
-    async def start(self, nursery: trio.Nursery) -> None:
-        listeners = await nursery.start(
-            functools.partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
-        )
-        self.port = int(listeners[0].socket.getsockname()[1])
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
-
-    async def _handle(self, client: trio.SocketStream) -> None:
-        if self.refusing:
-            return  # serve_tcp closes it
-        server = await trio.open_tcp_stream(*self.target)
-        scope = trio.CancelScope()
-        self._links.append((client, server, scope))
-        with scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump, client, server)
-                nursery.start_soon(self._pump, server, client)
-
-    @staticmethod
-    async def _pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            async for chunk in source:
-                await sink.send_all(chunk)
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            await sink.send_eof()
-
-    @staticmethod
-    def _reset(stream: trio.SocketStream) -> None:
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        stream.socket.close()
-
-    def reset_client_side(self) -> None:
-        links, self._links = self._links, []
-        for client, server, scope in links:
-            scope.cancel()
-            self._reset(client)
-            self.ghosts.append(server)  # open, and nobody reads or writes it any more
-
-    def cut(self) -> None:
-        links, self._links = self._links, []
-        for client, server, scope in links:
-            scope.cancel()
-            self._reset(client)
-            self._reset(server)
-
-    def close(self) -> None:
-        self.cut()
-        for ghost in self.ghosts:
-            ghost.socket.close()
 
 
 async def test_one_sided_reset_gets_the_same_port_back_at_once(

@@ -7,21 +7,14 @@ from __future__ import annotations
 import functools
 import pathlib
 import shutil
-import ssl
 
-import h11
 import pytest
 import trio
 import trustme
-from helpers import count_fds, wait_until
+from helpers import count_fds, http_service, raw_echo, tls_get, tls_service, wait_until
 
-from pytunnel._vhost import (
-    NameNotAllowedError,
-    NameRouteError,
-    NameRoutes,
-    NameTakenError,
-    serve_name_routing,
-)
+from pytunnel._vhost import NameRoutes, serve_name_routing
+from pytunnel.errors import NameInUseError, NameNotAllowedError
 
 CURL = shutil.which("curl")
 OPENSSL = shutil.which("openssl")
@@ -57,14 +50,14 @@ def test_without_a_domain_a_single_label_is_refused() -> None:
 
 @pytest.mark.parametrize("name", ["", "a b", "-a", "a..b", "é.example", "a" * 64, "x/y"])
 def test_a_name_that_is_not_a_host_name_is_refused(name: str) -> None:
-    with pytest.raises(NameRouteError, match="not a valid host name"):
+    with pytest.raises(NameNotAllowedError, match="not a valid host name"):
         NameRoutes(domain="example.com").full_name(name)
 
 
 def test_one_name_one_route_and_only_its_holder_gives_it_back() -> None:
     routes = NameRoutes(domain="example.com")
     full = routes.register("app", _nothing)
-    with pytest.raises(NameTakenError, match=r"app\.example\.com is already routed"):
+    with pytest.raises(NameInUseError, match=r"app\.example\.com is already routed"):
         routes.register("APP.example.com", _other)
     routes.unregister(full, _other)  # not the holder: nothing changes
     assert routes.lookup("app.example.com") is _nothing
@@ -83,44 +76,6 @@ def test_lookup_ignores_case_port_and_trailing_dot() -> None:
 
 
 # --------------------------------------------------------------------------- HTTP
-
-
-def http_service(name: str):  # type: ignore[no-untyped-def]
-    """A service behind a route: answers every request on the connection with its name and
-    the request's path (h11 on the routed stream, so the replayed head must be intact)."""
-
-    async def serve(stream: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> None:
-        conn = h11.Connection(h11.SERVER)
-        async with stream:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some()
-                    conn.receive_data(data)
-                    if not data:
-                        return
-                    continue
-                if isinstance(event, h11.Request):
-                    body = f"{name} {event.target.decode()} from {peer[0]}\n".encode()
-                    headers = [("content-length", str(len(body)))]
-                    await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
-                    await stream.send_all(conn.send(h11.Data(data=body)))
-                    await stream.send_all(conn.send(h11.EndOfMessage()))
-                elif isinstance(event, h11.EndOfMessage):
-                    if conn.our_state is h11.MUST_CLOSE:
-                        return
-                    conn.start_next_cycle()
-                elif isinstance(event, h11.ConnectionClosed):
-                    return
-
-    return serve
-
-
-async def raw_echo(stream: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> None:
-    """A service that sends back every byte it gets, the request head included."""
-    async with stream:
-        async for chunk in stream:
-            await stream.send_all(chunk)
 
 
 async def _router(nursery: trio.Nursery, routes: NameRoutes, *, tls: bool, **options: float) -> int:
@@ -254,36 +209,6 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-def tls_service(ca: trustme.CA, name: str):  # type: ignore[no-untyped-def]
-    """A service behind an SNI route that terminates TLS itself with its own certificate."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(name).configure_cert(context)
-
-    async def serve(stream: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> None:
-        tls = trio.SSLStream(stream, context, server_side=True)
-        async with tls:
-            try:
-                request = await tls.receive_some()
-                await tls.send_all(b"hello from " + name.encode() + b": " + request)
-            except trio.BrokenResourceError:
-                return
-
-    return serve
-
-
-async def _tls_get(ca: trustme.CA, port: int, name: str | None) -> bytes:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    if name is None:
-        context.check_hostname = False
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    tls = trio.SSLStream(stream, context, server_hostname=name)
-    async with tls:
-        with trio.fail_after(10):
-            await tls.send_all(b"ping")
-            return bytes(await tls.receive_some())
-
-
 async def test_tls_is_routed_by_sni_end_to_end_encrypted(
     nursery: trio.Nursery, ca: trustme.CA
 ) -> None:
@@ -293,8 +218,8 @@ async def test_tls_is_routed_by_sni_end_to_end_encrypted(
     routes.register("app", tls_service(ca, "app.tunnel.test"))
     routes.register("shop.example.org", tls_service(ca, "shop.example.org"))
     port = await _router(nursery, routes, tls=True)
-    assert await _tls_get(ca, port, "app.tunnel.test") == b"hello from app.tunnel.test: ping"
-    assert await _tls_get(ca, port, "shop.example.org") == b"hello from shop.example.org: ping"
+    assert await tls_get(ca, port, "app.tunnel.test") == b"hello from app.tunnel.test: ping"
+    assert await tls_get(ca, port, "shop.example.org") == b"hello from shop.example.org: ping"
 
 
 @pytest.mark.parametrize("name", ["nobody.tunnel.test", None])
@@ -305,7 +230,7 @@ async def test_an_unknown_or_missing_server_name_gets_an_alert(
     routes.register("app", tls_service(ca, "app.tunnel.test"))
     port = await _router(nursery, routes, tls=True)
     with pytest.raises(trio.BrokenResourceError) as info:
-        await _tls_get(ca, port, name)
+        await tls_get(ca, port, name)
     assert "UNRECOGNIZED_NAME" in repr(info.value.__cause__).upper()
 
 

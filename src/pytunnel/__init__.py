@@ -9,7 +9,8 @@ layers have namespaces of their own:
 - ``pytunnel.tls``: TLS contexts, certificate fingerprints and pins, self-signed certificates;
 - ``pytunnel.testing``: fault injection, ``open_tunnel_pair`` and the pytest plugin;
 - ``pytunnel.protocol``: the sans-IO core (frames, messages, state machines, SOCKS);
-- ``pytunnel.sync``: the tunnel in a background thread, for code that is not Trio.
+- ``pytunnel.sync``: the tunnel in a background thread, for code that is not Trio;
+- ``pytunnel.transports``: WebSocket, proxies and stdio as trio streams.
 
 Public names are re-exported explicitly here, grouped by the module that defines them;
 everything else is private.
@@ -34,6 +35,7 @@ from .forwards import Forward as Forward
 from .forwards import ForwardKind as ForwardKind
 from .forwards import ForwardStatus as ForwardStatus
 from .forwards import LocalForward as LocalForward
+from .forwards import NameForward as NameForward
 from .forwards import RemoteForward as RemoteForward
 from .forwards import UdpLocalForward as UdpLocalForward
 from .forwards import UdpRemoteForward as UdpRemoteForward
@@ -74,13 +76,17 @@ from .errors import DialFailure as DialFailure
 from .errors import ErrorCode as ErrorCode
 from .errors import ForwardError as ForwardError
 from .errors import ForwardLimitError as ForwardLimitError
+from .errors import GroupMismatchError as GroupMismatchError
 from .errors import HandshakeTimeoutError as HandshakeTimeoutError
 from .errors import InvalidTargetError as InvalidTargetError
 from .errors import LocalProtocolError as LocalProtocolError
+from .errors import NameInUseError as NameInUseError
+from .errors import NameNotAllowedError as NameNotAllowedError
 from .errors import NodeTimeoutError as NodeTimeoutError
 from .errors import NodeUnstableError as NodeUnstableError
 from .errors import PermissionDeniedError as PermissionDeniedError
 from .errors import PortNotAllowedError as PortNotAllowedError
+from .errors import ProxyError as ProxyError
 from .errors import ProtocolError as ProtocolError
 from .errors import RateLimitedError as RateLimitedError
 from .errors import RemoteProtocolError as RemoteProtocolError
@@ -93,6 +99,7 @@ from .errors import TargetForbiddenError as TargetForbiddenError
 from .errors import TLSError as TLSError
 from .errors import TunnelError as TunnelError
 from .errors import VersionMismatchError as VersionMismatchError
+from .errors import WebSocketError as WebSocketError
 
 # the namespaces of the lower layers (see the docstring)
 from . import protocol as protocol
@@ -100,6 +107,7 @@ from . import session as session
 from . import sync as sync
 from . import testing as testing
 from . import tls as tls
+from . import transports as transports
 
 # isort: on
 

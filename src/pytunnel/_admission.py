@@ -18,7 +18,8 @@ import trio
 from ._handshake import HandshakeResult, send_goaway, server_handshake
 from ._tls import tls_accept
 from ._util import Episodes
-from .errors import AuthenticationError, ErrorCode, TLSError
+from .errors import AuthenticationError, ErrorCode, TLSError, WebSocketError
+from .transports.websocket import accept_websocket_or_raw
 
 if TYPE_CHECKING:
     from .server import ServerConfig
@@ -258,6 +259,16 @@ class Admission:
                     timeout=max(0.0, first_deadline - trio.current_time()),
                     peer=peer,
                 )
+            if self.config.ws_path is not None:
+                # a WebSocket upgrade or a tunnel handshake, told apart by the first bytes;
+                # within the first-frame deadline, inside this pending-handshake slot
+                stream = await accept_websocket_or_raw(
+                    stream,
+                    path=self.config.ws_path,
+                    timeout=max(0.0, first_deadline - trio.current_time()),
+                    ping_interval=self.config.ws_ping_interval,
+                    peer=peer,
+                )
             result = await server_handshake(
                 stream,
                 self.config.token,
@@ -271,6 +282,8 @@ class Admission:
                 self.throttle.failure(peer_host)
             elif isinstance(exc, TLSError):
                 log.warning("%s", exc)
+            elif isinstance(exc, WebSocketError):
+                log.info("%s", exc)
             if stream is not transport:  # the TLS wrapper owns the transport
                 await trio.aclose_forcefully(stream)
             raise

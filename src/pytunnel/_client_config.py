@@ -12,6 +12,7 @@ import ssl
 from typing import TypedDict
 
 import attrs
+import h11
 
 from ._dial import DEFAULT_CONNECT_TIMEOUT
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT
@@ -20,6 +21,8 @@ from ._tls import parse_fingerprint
 from ._udp import DEFAULT_MAX_ASSOCIATIONS, DEFAULT_UDP_IDLE_TIMEOUT
 from .protocol.messages import valid_client_id
 from .session import SessionConfig
+from .transports.proxy import parse_proxy_url
+from .transports.websocket import DEFAULT_PING_INTERVAL
 
 __all__ = ["ClientConfig", "ClientOptions"]
 
@@ -38,6 +41,39 @@ def _valid_fingerprint(_inst: object, _attribute: object, value: str | None) -> 
     not a surprise after the first TLS handshake."""
     if value is not None:
         parse_fingerprint(value)
+
+
+def _valid_proxy(_inst: object, _attribute: object, value: str | None) -> None:
+    if value is not None:
+        parse_proxy_url(value)
+
+
+#: Headers the WebSocket upgrade itself writes (``Host`` has ``ws_host``).
+_UPGRADE_HEADERS = ("host", "upgrade", "connection", "sec-websocket-")
+
+
+def _headers(value: object) -> tuple[tuple[str, str], ...]:
+    """Headers as pairs (from pairs or a mapping), each one h11 would send (so no line
+    breaks or bad names), none of those the upgrade writes itself."""
+    items = value.items() if isinstance(value, dict) else value
+    pairs: list[tuple[str, str]] = []
+    for pair in items:  # type: ignore[attr-defined]
+        name, header_value = pair
+        if not (isinstance(name, str) and isinstance(header_value, str)):
+            raise ValueError(f"a header is a pair of strings, not {pair!r}")
+        if name.lower().startswith(_UPGRADE_HEADERS):
+            raise ValueError(f"the header {name!r} is the WebSocket upgrade's own")
+        pairs.append((name, header_value))
+    try:
+        h11.Request(method="GET", target="/", headers=[("Host", "-"), *pairs])
+    except h11.LocalProtocolError as exc:
+        raise ValueError(f"bad header: {exc}") from None
+    return tuple(pairs)
+
+
+def _valid_ping_interval(_inst: object, _attribute: object, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"ws_ping_interval must be positive (or None: off), not {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -86,6 +122,19 @@ class ClientConfig:
     #: Pin the server certificate (``SHA256:...``, as printed by ``pytunnel serve``) instead of
     #: (or on top of) verifying its chain: for self-signed servers.
     tls_fingerprint: str | None = attrs.field(default=None, validator=_valid_fingerprint)
+    #: Reach the server through this proxy: ``http://[user:pass@]host:port`` (HTTP CONNECT,
+    #: basic auth) or ``socks5://`` / ``socks5h://``. ``None``: directly (the CLI reads
+    #: ``HTTPS_PROXY`` / ``ALL_PROXY`` / ``NO_PROXY`` when ``--proxy`` is not given).
+    proxy: str | None = attrs.field(default=None, validator=_valid_proxy)
+    #: Extra request headers of the WebSocket upgrade (``Authorization`` for a gateway).
+    ws_headers: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_headers)
+    #: The ``Host`` header of the WebSocket upgrade; default: the URL's host.
+    ws_host: str | None = None
+    #: A WebSocket ping whenever nothing was received for this long, so that proxies which
+    #: drop idle WebSockets never see one idle; ``None``: off (the heartbeat still runs).
+    ws_ping_interval: float | None = attrs.field(
+        default=DEFAULT_PING_INTERVAL, validator=_valid_ping_interval
+    )
 
     def backoff(self, attempt: int) -> float:
         """Delay before reconnection attempt ``attempt`` (1-based), jitter included."""
@@ -119,3 +168,7 @@ class ClientOptions(TypedDict, total=False):
     tls: ssl.SSLContext | None
     tls_server_hostname: str | None
     tls_fingerprint: str | None
+    proxy: str | None
+    ws_headers: tuple[tuple[str, str], ...]
+    ws_host: str | None
+    ws_ping_interval: float | None

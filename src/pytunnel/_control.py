@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from .protocol.control import ControlProtocol, ControlRole
-from .protocol.messages import Bound, ControlMessage, ForwardState
+from .protocol.messages import Bound, ControlMessage, ForwardState, Join
 
 __all__ = ["ControlChannel"]
 
@@ -35,9 +35,11 @@ class ControlChannel:
     ``async for message in channel`` reads until that end.
     """
 
-    def __init__(self, stream: trio.abc.Stream, role: ControlRole) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, role: ControlRole, *, grouped: bool = False
+    ) -> None:
         self.stream = stream
-        self.protocol = ControlProtocol(role)
+        self.protocol = ControlProtocol(role, grouped=grouped)
 
     async def send(self, message: ControlMessage) -> None:
         """Send one message (``LocalProtocolError`` if our role or the order forbids it)."""
@@ -64,6 +66,12 @@ class ControlChannel:
         """(Client) wait for the server's ``Bound``: where the forward listens."""
         message = await self.receive()  # the protocol lets nothing but Bound come first
         assert isinstance(message, Bound)
+        return message
+
+    async def receive_join(self) -> Join:
+        """(Server, grouped) wait for the client's ``Join``: the group it joins."""
+        message = await self.receive()  # the protocol lets nothing but Join come first
+        assert isinstance(message, Join)
         return message
 
     async def forward_states(self) -> AsyncIterator[ForwardState]:

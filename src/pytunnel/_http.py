@@ -20,8 +20,10 @@ concurrency comes from connections, each in its own task.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -184,6 +186,7 @@ class Request:
         self.max_body = max_body
         self._body_deadline = trio.current_time() + conn.limits.body_timeout
         self._started = False
+        self._received = 0
         #: the body was refused (too large, too slow, malformed): the connection cannot be
         #: reused
         self.aborted = False
@@ -207,6 +210,21 @@ class Request:
 
         Raises :class:`BodyTimeout` past the body's deadline, :class:`BodyError` for a
         malformed body or a peer gone in its middle. The body can be read once."""
+        cap = await self._begin(limit)
+        while (chunk := await self._next_chunk(cap)) is not None:
+            yield chunk
+
+    async def read_body(self, limit: int | _Default | None = _DEFAULT) -> bytes:
+        """The whole body, with the same limit and errors as :meth:`body_chunks`."""
+        cap = await self._begin(limit)
+        parts: list[bytes] = []
+        while (chunk := await self._next_chunk(cap)) is not None:
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def _begin(self, limit: int | _Default | None) -> int | None:
+        """Start reading the body: the byte limit that applies, checked against a declared
+        length before anything is read."""
         if self._started:
             raise RuntimeError("the request body was already read")
         self._started = True
@@ -217,7 +235,10 @@ class Request:
             raise BodyTooLarge(f"the body ({declared} bytes) is over the limit of {cap}")
         if self._conn.h11.they_are_waiting_for_100_continue:
             await self._send_or_fail(h11.InformationalResponse(status_code=100, headers=[]))
-        total = 0
+        return cap
+
+    async def _next_chunk(self, cap: int | None) -> bytes | None:
+        """The next piece of the body, or ``None`` at its end."""
         while True:
             try:
                 event = await self._conn.next_event(self._body_deadline)
@@ -231,25 +252,18 @@ class Request:
                 self.aborted = True
                 raise BodyTimeout("the body did not arrive in time")
             if isinstance(event, h11.Data):
-                total += len(event.data)
-                if cap is not None and total > cap:
+                self._received += len(event.data)
+                if cap is not None and self._received > cap:
                     self.aborted = True
                     raise BodyTooLarge(f"the body is over the limit of {cap} bytes")
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
+                if event.data:
+                    return bytes(event.data)
+                continue
+            if isinstance(event, h11.EndOfMessage):
                 self.body_done = True
-                return
-            else:  # pragma: no cover - h11 sends only Data and EndOfMessage in a body
-                self.aborted = True
-                raise BodyError(f"unexpected {type(event).__name__} in a body")
-
-    async def read_body(self, limit: int | _Default | None = _DEFAULT) -> bytes:
-        """The whole body, with the same limit and errors as :meth:`body_chunks`."""
-        parts: list[bytes] = []
-        async with aclosing(self.body_chunks(limit)) as chunks:
-            async for chunk in chunks:
-                parts.append(chunk)
-        return b"".join(parts)
+                return None
+            self.aborted = True  # pragma: no cover - h11 sends only Data and EndOfMessage here
+            raise BodyError(f"unexpected {type(event).__name__} in a body")  # pragma: no cover
 
     async def _send_or_fail(self, event: h11.Event) -> None:
         try:
@@ -402,7 +416,10 @@ async def _serve_requests(
 async def _answer(conn: _Connection, handler: Handler, request: Request) -> bool:
     """Run the handler and send its answer; returns whether the connection may go on."""
     response: Response | None = None
-    with trio.move_on_after(conn.limits.handler_timeout) as scope:
+    timeout = conn.limits.handler_timeout
+    # no scope at all when unbounded (a handler that bounds its own work): a scope per
+    # request is a measurable share of a small request's cost
+    with trio.move_on_after(timeout) if timeout != math.inf else contextlib.nullcontext():
         try:
             response = await handler(request)
         except HttpError as exc:
@@ -410,7 +427,7 @@ async def _answer(conn: _Connection, handler: Handler, request: Request) -> bool
         except Exception:
             log.exception("HTTP handler failed on %s %s", request.method, printable(request.target))
             response = _plain(500, "Internal Error")
-    if scope.cancelled_caught or response is None:
+    if response is None:  # the handler's time ran out
         log.warning("HTTP handler timed out on %s %s", request.method, printable(request.target))
         response = _plain(504, "Gateway Timeout")
     keep = not request.aborted and await request._drain()

@@ -27,6 +27,7 @@ from .session import MuxStream
 __all__ = ["carry_over_stream", "serve_ingress"]
 
 _Slot = TypeVar("_Slot")
+_Conn = TypeVar("_Conn", bound=trio.abc.HalfCloseableStream)
 
 
 async def serve_ingress(
@@ -80,9 +81,9 @@ async def _carry(
 
 
 async def carry_over_stream(
-    conn: trio.SocketStream,
+    conn: _Conn,
     open_stream: Callable[[], Awaitable[MuxStream | None]],
-    carry: Callable[[trio.SocketStream, MuxStream], Awaitable[object]],
+    carry: Callable[[_Conn, MuxStream], Awaitable[object]],
     on_failure: Callable[[TunnelError | OSError], None],
 ) -> None:
     """The second half of ingress: open the stream an accepted connection goes through, then

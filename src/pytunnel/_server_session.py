@@ -29,17 +29,23 @@ from ._udp import (
     udp_connect,
 )
 from ._util import Episodes, aclose_all
+from ._vhost import NameRoutes
 from .errors import (
     DialError,
     ErrorCode,
     ForwardError,
+    ForwardLimitError,
+    NameNotAllowedError,
     PortNotAllowedError,
     RemoteProtocolError,
     SessionClosedError,
     TargetForbiddenError,
     TunnelError,
     printable,
+    refusal_code,
 )
+from .forwards._group import Group, PortGroup
+from .forwards._public_name import _Endpoint, _PublicName, group_route
 from .forwards._public_port import _PublicPort
 from .protocol import routes
 from .protocol.control import ControlRole
@@ -77,16 +83,26 @@ class _ClientSession:
         self.forwards = 0
         #: Wall-clock time the client was admitted.
         self.connected_at = time.time()
+        #: Name group members admitted and not yet ended (counted with the names).
+        self._pending_members = 0
         #: Streams refused at the server's limit since the last one admitted.
         self._refused_streams: Episodes[None] = Episodes()
         #: The client's TCP remote forwards, whose listeners close the moment the session ends.
         self.public_ports: set[_PublicPort] = set()
+        #: The client's name routes, given back the moment the session ends.
+        self.public_names: set[_PublicName] = set()
+        #: The client's memberships of load-balanced groups, left the moment it ends.
+        self.memberships: set[_Endpoint] = set()
         #: Set once nothing of this client runs any more (listeners closed, relays gone).
         self.ended = trio.Event()
 
     def _stop_listening(self) -> None:
         for forward in list(self.public_ports):
             forward.stop_listening()
+        for name in list(self.public_names):
+            name.stop_listening()
+        for member in list(self.memberships):
+            member.stop_listening()
 
     async def run(self) -> None:
         # Called inside the session's end, before its streams (and so the relays) break.
@@ -108,6 +124,13 @@ class _ClientSession:
                             else self._serve_udp_connect
                         )
                         nursery.start_soon(self._counted, handler, incoming)
+                elif incoming.tag == routes.NAME:
+                    route = self._register_name(incoming)
+                    if route is not None:
+                        nursery.start_soon(self._serve_name, incoming, route)
+                elif incoming.tag in (routes.LISTEN_GROUP, routes.NAME_GROUP):
+                    if self._admit_group_member(incoming):
+                        nursery.start_soon(self._serve_group_member, incoming)
                 elif incoming.tag in (routes.LISTEN, routes.UDP_LISTEN):
                     if self.forwards >= self.config.max_forwards_per_client:
                         self.server.count_limit("forwards")
@@ -404,16 +427,249 @@ class _ClientSession:
             await aclose_all(*forward.listeners, control)
             log.info("client %s: remote forward on %s closed", self.peer, forward.address)
 
-    async def relay_public(self, conn: trio.SocketStream, forward_id: int) -> None:
+    # ---------------------------------------------------------------- name routes
+
+    def _register_name(self, incoming: IncomingStream) -> _PublicName | None:
+        """Register the name route ``incoming`` asks for, or refuse it (and say why).
+
+        Synchronous, in the session's accept loop, so that two requests of one client are
+        counted against its limit one after the other."""
+        requested = printable(incoming.host[:255])
+        limit = self.config.max_names_per_client
+        try:
+            name_routes, tls = self._name_routes_for(incoming)
+            if len(self.public_names) + self._pending_members >= limit:
+                raise ForwardLimitError(f"limit of {limit} names reached", address=requested)
+            route = _PublicName(self, incoming.stream_id, name_routes, incoming.host, tls=tls)
+        except ForwardError as exc:
+            log.warning("client %s: name route %s refused: %s", self.peer, requested, exc)
+            incoming.refuse_with(exc)
+            return None
+        self.public_names.add(route)
+        return route
+
+    async def _serve_name(self, incoming: IncomingStream, route: _PublicName) -> None:
+        try:
+            control = incoming.accept()
+        except SessionClosedError:
+            route.stop_listening()
+            self.public_names.discard(route)
+            return
+        if self.session.closed:  # ended while we were registering
+            route.stop_listening()
+        port = route.routes.port
+        outcome: TunnelError | None = SessionClosedError("server shutting down")
+        try:
+            channel = ControlChannel(control, ControlRole.SERVER)
+            await channel.send(Bound(route.name, port))
+            log.info(
+                "client %s: routing %s for %s on port %d",
+                self.peer,
+                "TLS" if route.tls else "HTTP",
+                route.name,
+                port,
+            )
+            async with trio.open_nursery() as nursery:
+                route.relays = nursery
+                try:
+                    await route.follow_control_stream(channel)
+                    outcome = None
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    outcome = None
+                except (RemoteProtocolError, ForwardError) as exc:
+                    log.warning("client %s: name %s failed: %s", self.peer, route.name, exc)
+                    outcome = exc
+                finally:
+                    # no new connection is routed into a route that is going away
+                    route.stop_listening()
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            outcome = None
+        finally:
+            self.public_names.discard(route)
+            route.stop_listening()
+            if outcome is not None:
+                control.reset(outcome.code, outcome.message)
+            await trio.aclose_forcefully(control)
+            log.info("client %s: name route %s closed", self.peer, route.name)
+
+    # ---------------------------------------------------------------- groups
+
+    def _admit_group_member(self, incoming: IncomingStream) -> bool:
+        """A group member is a forward (port) or a name of this client: the same limits."""
+        if incoming.tag == routes.NAME_GROUP:
+            limit = self.config.max_names_per_client
+            if len(self.public_names) + self._pending_members < limit:
+                self._pending_members += 1
+                return True
+            error: ForwardError = ForwardLimitError(f"limit of {limit} names reached")
+        else:
+            limit = self.config.max_forwards_per_client
+            if self.forwards < limit:
+                self.forwards += 1
+                return True
+            error = ForwardLimitError(f"limit of {limit} forwards reached")
+        log.warning("client %s: group member refused: %s", self.peer, error.message)
+        incoming.refuse_with(error)
+        return False
+
+    async def _serve_group_member(self, incoming: IncomingStream) -> None:
+        """A forward that joins (or forms) a load-balanced group: accepted first, then its
+        ``Join`` read, then its port or name joined, then served like any other."""
+        named = incoming.tag == routes.NAME_GROUP
+        try:
+            try:
+                control = incoming.accept()
+            except SessionClosedError:
+                return
+            try:
+                await self._run_group_member(incoming, control, named)
+            finally:
+                await trio.aclose_forcefully(control)
+        finally:
+            if named:
+                self._pending_members -= 1
+            else:
+                self.forwards -= 1
+
+    async def _run_group_member(
+        self, incoming: IncomingStream, control: MuxStream, named: bool
+    ) -> None:
+        channel = ControlChannel(control, ControlRole.SERVER, grouped=True)
+        requested = printable(format_target(incoming.host, incoming.port))
+        try:
+            with trio.fail_after(self.config.connect_timeout):
+                join = await channel.receive_join()
+        except (trio.TooSlowError, RemoteProtocolError) as exc:
+            reason = "no Join in time" if isinstance(exc, trio.TooSlowError) else exc.message
+            log.warning("client %s: group member %s dropped: %s", self.peer, requested, reason)
+            control.reset(ErrorCode.PROTOCOL_ERROR, reason)
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.EndOfChannel):
+            return
+        try:
+            member, group, address = await self._join(incoming, join.group, join.proof, named)
+        except ForwardError as exc:
+            log.warning("client %s: group member %s refused: %s", self.peer, requested, exc)
+            control.reset(refusal_code(exc), exc.message)
+            return
+        if self.session.closed:  # ended while we were joining
+            member.stop_listening()
+        outcome: TunnelError | None = SessionClosedError("server shutting down")
+        try:
+            await channel.send(Bound(*address))
+            async with trio.open_nursery() as nursery:
+                member.relays = nursery
+                group.add(member)
+                try:
+                    await member.follow_control_stream(channel)
+                    outcome = None
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    outcome = None
+                except (RemoteProtocolError, ForwardError) as exc:
+                    log.warning("client %s: %s failed: %s", self.peer, member.what, exc)
+                    outcome = exc
+                finally:
+                    member.stop_listening()
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            outcome = None
+        finally:
+            member.stop_listening()
+            self.memberships.discard(member)
+            if outcome is not None:
+                control.reset(outcome.code, outcome.message)
+            log.info("client %s: left group %s (%s)", self.peer, printable(group.name), group.what)
+
+    async def _join(
+        self, incoming: IncomingStream, name: str, proof: bytes, named: bool
+    ) -> tuple[_Endpoint, Group, tuple[str, int]]:
+        """Join the group serving the port or name ``incoming`` asks for, forming it if there
+        is none; raises the refusal (``GroupMismatchError``, ``AddressInUseError``, ...)."""
+        groups = self.server.groups
+        if named:
+            name_routes, tls = self._name_routes_for(incoming)
+            full = name_routes.full_name(incoming.host)
+            key = ("https" if tls else "http", full)
+            group = groups.get(key)
+            if group is None:
+                group = Group(name, proof, full, lambda g: self._forget_group(key, g))
+                target = group_route(group, tls=tls, name=full)
+                name_routes.register(full, target)  # NameInUseError if a route holds it
+                group.on_given_back = functools.partial(name_routes.unregister, full, target)
+                groups[key] = group
+            else:
+                group.check(name, proof)
+            member: _Endpoint = _PublicName(
+                self, incoming.stream_id, name_routes, full, tls=tls, group=group
+            )
+            address = (full, name_routes.port)
+        else:
+            host = self._check_bind(incoming.host, incoming.port)
+            if not incoming.port:
+                raise PortNotAllowedError(
+                    "a load-balanced group needs a fixed port, not 0",
+                    address=format_target(host, 0),
+                )
+            key = ("tcp", str(incoming.port))
+            group = groups.get(key)
+            if group is None:
+                listeners = await bind(host, incoming.port)
+                group = groups.get(key)  # another member may have formed it meanwhile
+                if group is not None:
+                    await aclose_all(*listeners)
+                    group.check(name, proof)
+                else:
+                    address_text = format_target(host, incoming.port)
+                    group = PortGroup(
+                        name, proof, listeners, address_text, lambda g: self._forget_group(key, g)
+                    )
+                    groups[key] = group
+            else:
+                group.check(name, proof)
+            member = _Endpoint(self, incoming.stream_id, f"port {group.what}")
+            address = (host, incoming.port)
+        member.group = group
+        self.memberships.add(member)
+        return member, group, address
+
+    def _name_routes_for(self, incoming: IncomingStream) -> tuple[NameRoutes, bool]:
+        tls = incoming.port == routes.NAME_TLS
+        name_routes = self.server.https_routes if tls else self.server.http_routes
+        requested = printable(incoming.host[:255])
+        if incoming.port not in (routes.NAME_HTTP, routes.NAME_TLS):
+            raise NameNotAllowedError(
+                f"a name route is for port {routes.NAME_HTTP} (HTTP) or "
+                f"{routes.NAME_TLS} (HTTPS), not {incoming.port}",
+                address=requested,
+            )
+        if name_routes is None:
+            what = "HTTPS" if tls else "HTTP"
+            raise NameNotAllowedError(
+                f"this server has no shared {what} listener", address=requested
+            )
+        return name_routes, tls
+
+    def _forget_group(self, key: tuple[str, str], group: Group) -> None:
+        """The last member left: the group's port or name is given back."""
+        if self.server.groups.get(key) is group:
+            del self.server.groups[key]
+        if isinstance(group, PortGroup):
+            group.close_listeners()
+        group.on_given_back()
+        log.info("group %s (%s) ended: its last member left", printable(group.name), group.what)
+
+    async def relay_public(
+        self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int], forward_id: int
+    ) -> None:
         """Open a stream of forward ``forward_id`` to the client and relay ``conn`` over it;
         a client that does not answer within ``connect_timeout`` loses the connection."""
         timeout = self.config.connect_timeout
 
         async def open_to_client() -> MuxStream | None:
-            host, port = conn.socket.getpeername()[:2]
             # bounded: a client that never answers must not pin the connection and its slot
             with trio.move_on_after(timeout):
-                return await self.session.open_stream(str(host), int(port), tag=forward_id)
+                return await self.session.open_stream(peer[0], peer[1], tag=forward_id)
             log.warning(
                 "[NODE_TIMEOUT] client %s did not answer a public connection within %g s",
                 self.peer,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import attrs
 
 from .errors import InvalidTargetError
@@ -40,6 +42,25 @@ class ForwardSpec:
     target_host: str
     target_port: int
     protocol: str = "tcp"
+
+    @property
+    def name_route(self) -> bool:
+        """Whether this ``-R`` names a host on the server's shared HTTP or HTTPS port, as
+        sish reads OpenSSH's syntax: ``app:80:127.0.0.1:3000`` routes HTTP for ``app`` (under
+        the server's domain) to port 3000 here, ``shop.example.org:443:...`` routes TLS by
+        its server name. The bind address is then a host name, not an IP address or
+        ``localhost``, and the port is 80 (HTTP) or 443 (HTTPS), whatever ports the shared
+        listeners really use."""
+        host = self.bind_host
+        if host is None or self.protocol != "tcp" or self.bind_port not in (80, 443):
+            return False
+        if host.lower() in ("localhost", "*") or ":" in host:
+            return False
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return True
+        return False
 
 
 def _split(spec: str) -> list[str]:

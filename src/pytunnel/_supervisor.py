@@ -71,9 +71,12 @@ class Supervisor:
         first_stream: trio.abc.Stream | None,
         *,
         client_id: str,
-        server_host: str | None,
+        server_host: str | Callable[[], str] | None,
+        connector_tls: bool = False,
     ) -> None:
         self._link = link
+        #: The connector's stream already is the TLS layer the config describes (wss://).
+        self._connector_tls = connector_tls
         self._config = link.config
         self._connector = connector
         self._first_stream = first_stream
@@ -90,6 +93,11 @@ class Supervisor:
         #: The TLS context of every connection of this tunnel, built (off the event loop)
         #: for the first one and reused for each reconnection.
         self._tls_context: ssl.SSLContext | None = self._config.tls
+
+    def _current_host(self) -> str | None:
+        """The host the connector reached (several servers: the one that answered)."""
+        host = self._server_host
+        return host() if callable(host) else host
 
     @property
     def done(self) -> bool:
@@ -135,7 +143,9 @@ class Supervisor:
     ) -> tuple[trio.abc.Stream, HandshakeResult]:
         """Open a connection (unless given one) and authenticate; close it on failure."""
         config = self._config
-        use_tls = config.tls is not None or config.tls_fingerprint is not None
+        use_tls = not self._connector_tls and (
+            config.tls is not None or config.tls_fingerprint is not None
+        )
         if use_tls and self._tls_context is None:
             self._tls_context = await client_tls_context(pinned=True)
         if stream is None:
@@ -146,7 +156,7 @@ class Supervisor:
             stream = await tls_connect(
                 stream,
                 self._tls_context,
-                server_hostname=config.tls_server_hostname or self._server_host,
+                server_hostname=config.tls_server_hostname or self._current_host(),
                 fingerprint=config.tls_fingerprint,
                 timeout=config.handshake_timeout,
             )

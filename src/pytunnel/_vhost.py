@@ -25,8 +25,9 @@ import h11
 import trio
 
 from ._listen import accept
-from .errors import printable
+from .errors import NameInUseError, NameNotAllowedError, printable
 from .protocol.tls_hello import (
+    ALERT_INTERNAL_ERROR,
     ALERT_UNRECOGNIZED_NAME,
     ClientHelloError,
     ClientHelloReader,
@@ -35,13 +36,12 @@ from .protocol.tls_hello import (
 )
 
 __all__ = [
-    "NameNotAllowedError",
-    "NameRouteError",
     "NameRoutes",
-    "NameTakenError",
     "ReplayStream",
     "RouteTarget",
+    "answer_and_close",
     "serve_name_routing",
+    "unavailable_reply",
 ]
 
 log = logging.getLogger("pytunnel.vhost")
@@ -54,18 +54,6 @@ DEFAULT_MAX_HEAD = 16 * 1024
 DEFAULT_HEAD_TIMEOUT = 10.0
 
 
-class NameRouteError(ValueError):
-    """A name cannot be routed: not a host name, not allowed here, or already taken."""
-
-
-class NameNotAllowedError(NameRouteError):
-    """The name is neither under the server's domain nor admitted by ``allow_domains``."""
-
-
-class NameTakenError(NameRouteError):
-    """Another route holds the name."""
-
-
 def _pattern_admits(pattern: str, name: str) -> bool:
     if pattern.startswith("*."):
         suffix = pattern[1:]  # ".example.org": one or more labels before it
@@ -76,7 +64,11 @@ def _pattern_admits(pattern: str, name: str) -> bool:
 class NameRoutes:
     """Which route holds which name."""
 
-    def __init__(self, *, domain: str | None = None, allow_domains: Sequence[str] = ()) -> None:
+    def __init__(
+        self, *, domain: str | None = None, allow_domains: Sequence[str] = (), port: int = 0
+    ) -> None:
+        #: The real port of the shared listener these routes are served on (told to clients).
+        self.port = port
         self.domain = _normal(domain) if domain else None
         self.allow_domains = tuple(
             "*." + _normal(p[2:]) if p.startswith("*.") else _normal(p) for p in allow_domains
@@ -85,7 +77,8 @@ class NameRoutes:
 
     def full_name(self, name: str) -> str:
         """The name a route asking for ``name`` gets: a single label goes under ``domain``;
-        a name with dots is taken as it is and must be allowed. ``NameRouteError`` if not."""
+        a name with dots is taken as it is and must be allowed. ``NameNotAllowedError`` if
+        not."""
         name = _normal(name)
         if "." not in name:
             if self.domain is None:
@@ -104,11 +97,11 @@ class NameRoutes:
         raise NameNotAllowedError(f"{name!r} is not a name this server routes")
 
     def register(self, name: str, target: RouteTarget) -> str:
-        """Route ``name`` to ``target``; returns the full name. ``NameTakenError`` if another
+        """Route ``name`` to ``target``; returns the full name. ``NameInUseError`` if another
         route holds it."""
         full = self.full_name(name)
         if full in self._routes:
-            raise NameTakenError(f"{full} is already routed to another client")
+            raise NameInUseError(f"{full} is already routed to another client", address=full)
         self._routes[full] = target
         return full
 
@@ -132,7 +125,7 @@ class NameRoutes:
 def _normal(name: str) -> str:
     name = name.strip().lower().rstrip(".")
     if not valid_host_name(name):
-        raise NameRouteError(f"{printable(name[:80])!r} is not a valid host name")
+        raise NameNotAllowedError(f"{printable(name[:80])!r} is not a valid host name")
     return name
 
 
@@ -286,16 +279,30 @@ async def _route_one(
         log.info(
             "%s connection from %s:%d refused: %s", what, peer[0], peer[1], printable(str(refused))
         )
-        if refused.reply:
-            with trio.move_on_after(1), trio.CancelScope(shield=True):
-                try:
-                    await conn.send_all(refused.reply)
-                    await conn.send_eof()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-        await trio.aclose_forcefully(conn)
+        await answer_and_close(conn, refused.reply)
         return
     await target(ReplayStream(conn, buffered), peer)
+
+
+def unavailable_reply(tls: bool, name: str, reason: str) -> bytes:
+    """What a connection for a route that cannot take it now gets: a 502 page (HTTP) or an
+    ``internal_error`` alert (TLS)."""
+    if tls:
+        return alert(ALERT_INTERNAL_ERROR)
+    text = f"the tunnel serving {printable(name[:200])} cannot take it: {printable(reason)}"
+    return _http_error(502, b"Bad Gateway", text)
+
+
+async def answer_and_close(conn: trio.abc.HalfCloseableStream, reply: bytes) -> None:
+    """Send ``reply`` (if any; at most one second, even under cancellation) and close."""
+    if reply:
+        with trio.move_on_after(1), trio.CancelScope(shield=True):
+            try:
+                await conn.send_all(reply)
+                await conn.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+    await trio.aclose_forcefully(conn)
 
 
 async def serve_name_routing(

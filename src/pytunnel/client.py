@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -27,8 +27,9 @@ import trio
 from ._client_config import ClientConfig, ClientOptions
 from ._dial import dial, format_target
 from ._events import EventKind, TunnelEvent
+from ._http_rewrite import HttpRouteOptions
 from ._link import Link
-from ._spec import check_target, parse_host_port
+from ._spec import check_target
 from ._supervisor import Connector, Supervisor
 from ._util import unwrap_cancelled
 from .errors import ConnectError, DialError, TunnelError
@@ -38,12 +39,16 @@ from .forwards import (
     ForwardKind,
     ForwardStatus,
     LocalForward,
+    NameForward,
     RemoteForward,
     UdpLocalForward,
     UdpRemoteForward,
 )
+from .forwards.remote import StreamHandler
 from .protocol import routes
+from .protocol.messages import MAX_GROUP
 from .protocol.proxy import ProxyVersion
+from .transports._connector import Address, servers_transport
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -85,6 +90,28 @@ def _check_limit(limit: float | None, kind: str) -> None:
         raise ValueError(f"a limit must be a positive number of bytes per second, not {limit!r}")
 
 
+def _group(group: str | None, key: str | bytes | None, kind: str) -> tuple[str, bytes] | None:
+    """``(name, secret)`` of a load-balanced group membership, checked; ``None`` without."""
+    if group is None and key is None:
+        return None
+    if not group or not key:
+        raise ValueError("a load-balanced group needs both a group name and a group key")
+    if kind != "tcp":
+        raise ValueError("load-balanced groups are for TCP forwards")
+    if len(group.encode()) > MAX_GROUP or not group.isprintable():
+        raise ValueError(f"group name {group[:80]!r} is not printable text of 1-{MAX_GROUP} bytes")
+    return group, key.encode() if isinstance(key, str) else bytes(key)
+
+
+def _addresses(address: Address | Sequence[Address]) -> list[Address]:
+    """One server (``"host:port"``, ``(host, port)``, a URL) or a list of them."""
+    if isinstance(address, str):
+        return [address]
+    if isinstance(address, tuple) and len(address) == 2 and isinstance(address[1], int):
+        return [(str(address[0]), address[1])]
+    return list(address)
+
+
 def _protocol(protocol: str) -> str:
     if protocol not in ("tcp", "udp"):
         raise ValueError(f"protocol must be 'tcp' or 'udp', not {protocol!r}")
@@ -105,17 +132,31 @@ class Tunnel:
         connector: Connector | None,
         stream: trio.abc.Stream | None = None,
         *,
-        server_host: str | None = None,
+        server_host: str | Callable[[], str] | None = None,
+        connector_tls: bool = False,
+        server: Callable[[], str] | None = None,
     ) -> None:
         self.config = config
+        self._server = server
         #: This client's identity at the server, the same for every connection of the tunnel.
         self.client_id = config.client_id or secrets.token_hex(16)
         self._link = Link(config)
         self._supervisor = Supervisor(
-            self._link, connector, stream, client_id=self.client_id, server_host=server_host
+            self._link,
+            connector,
+            stream,
+            client_id=self.client_id,
+            server_host=server_host,
+            connector_tls=connector_tls,
         )
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def server(self) -> str | None:
+        """The server the current (or last) connection reached, as it was given: with
+        several server addresses, the one that answered. ``None`` over a given stream."""
+        return None if self._server is None else self._server()
 
     @property
     def session(self) -> Session | None:
@@ -253,8 +294,8 @@ class Tunnel:
 
     async def forward_remote(
         self,
-        target_host: str,
-        target_port: int,
+        target_host: str | None = None,
+        target_port: int | None = None,
         *,
         remote_port: int = 0,
         remote_host: str = "",
@@ -262,6 +303,9 @@ class Tunnel:
         protocol: str = "tcp",
         proxy_protocol: ProxyVersion | None = None,
         limit: float | None = None,
+        group: str | None = None,
+        group_key: str | bytes | None = None,
+        handler: StreamHandler | None = None,
     ) -> RemoteForward:
         """Ask the server to listen on ``remote_port`` (0: any); relay each connection there
         to the target, dialled here. Raises ``AddressInUseError``, ``PermissionDeniedError``,
@@ -271,11 +315,38 @@ class Tunnel:
         ``proxy_protocol`` (``"v1"`` or ``"v2"``, TCP only) starts every connection to the
         target with a PROXY protocol header naming the public peer's address, for services
         (nginx ``listen ... proxy_protocol``, HAProxy, Postfix) that then see who connected.
-        ``limit``: as for :meth:`forward_local`."""
+        ``limit``: as for :meth:`forward_local`.
+
+        ``group`` and ``group_key`` (TCP, a fixed ``remote_port``): join the load-balanced
+        group of that name serving the port, or form it; the server spreads the public
+        connections across the group's live members, and refuses a member with another
+        name or key (``GroupMismatchError``).
+
+        ``handler`` instead of a target: each public connection's stream is handed to
+        ``handler(stream)`` here, with no local port and no dial (an HTTP server's
+        ``handle_stream``, say); TCP only."""
+        if handler is not None:
+            return await self._forward_to_handler(
+                handler,
+                target_host,
+                target_port,
+                remote_host,
+                remote_port,
+                protocol,
+                proxy_protocol,
+                limit,
+                connect_timeout,
+                _group(group, group_key, _protocol(protocol)),
+            )
+        if target_host is None or target_port is None:
+            raise TypeError("forward_remote needs a target (host and port) or a handler")
         check_target(target_host, target_port)
         check_target(remote_host, remote_port, allow_port_zero=True)
         kind = _protocol(protocol)
         _check_limit(limit, kind)
+        membership = _group(group, group_key, kind)
+        if membership is not None and not remote_port:
+            raise ValueError("a load-balanced group needs a fixed remote_port, not 0")
         if proxy_protocol is not None and (kind != "tcp" or proxy_protocol not in ("v1", "v2")):
             raise ValueError(
                 f"proxy_protocol must be 'v1' or 'v2' on a TCP forward, not {proxy_protocol!r}"
@@ -283,11 +354,107 @@ class Tunnel:
             )
         timeout = self.config.connect_timeout if connect_timeout is None else connect_timeout
         args = (self._link, target_host, target_port, remote_host, remote_port, timeout)
-        if proxy_protocol is None:
+        if proxy_protocol is None and membership is None:
             forward = _REMOTE_KINDS[kind](*args)
         else:
-            forward = RemoteForward(*args, proxy_protocol=proxy_protocol)
+            forward = RemoteForward(*args, proxy_protocol=proxy_protocol, group=membership)
         forward.set_limit(limit)
+        await forward.start()
+        return forward
+
+    async def forward_name(
+        self,
+        name: str,
+        target_host: str,
+        target_port: int,
+        *,
+        tls: bool = False,
+        connect_timeout: float | None = None,
+        proxy_protocol: ProxyVersion | None = None,
+        limit: float | None = None,
+        forwarded_headers: bool = False,
+        rewrite_host: str | None = None,
+        basic_auth: tuple[str, str] | None = None,
+        group: str | None = None,
+        group_key: str | bytes | None = None,
+    ) -> NameForward:
+        """Route the host name ``name`` on the server's shared HTTP listener (with ``tls``,
+        its shared HTTPS listener) to the target, dialled here.
+
+        ``name`` is a single label (``app``, which the server puts under its ``--domain``) or
+        a full name its ``--allow-domains`` admit. HTTP is routed by the request's ``Host``,
+        TLS by the ClientHello's server name and passed through untouched: the target holds
+        the certificate. ``forward.url`` says where the public reaches it. Raises
+        ``NameInUseError`` (another client holds the name), ``NameNotAllowedError`` or
+        ``ForwardLimitError``; ``proxy_protocol`` and ``limit`` as for
+        :meth:`forward_remote`.
+
+        HTTP routes only, applied here to every request of each connection:
+        ``forwarded_headers`` adds ``X-Forwarded-For``/``-Proto``/``-Host`` and
+        ``Forwarded`` naming the public peer; ``rewrite_host`` replaces ``Host``;
+        ``basic_auth=(user, password)`` answers 401 to requests without them.
+
+        ``group`` and ``group_key``: as for :meth:`forward_remote`, for the name."""
+        check_target(target_host, target_port)
+        _check_limit(limit, "tcp")
+        if proxy_protocol is not None and proxy_protocol not in ("v1", "v2"):
+            raise ValueError(f"proxy_protocol must be 'v1' or 'v2', not {proxy_protocol!r}")
+        if not name or len(name.encode()) > 253:
+            raise ValueError(f"not a host name: {name[:80]!r}")
+        http = HttpRouteOptions(forwarded_headers, rewrite_host, basic_auth)
+        if tls and http.active:
+            raise ValueError(
+                "forwarded_headers, rewrite_host and basic_auth need an HTTP route: a TLS "
+                "route is passed through encrypted"
+            )
+        timeout = self.config.connect_timeout if connect_timeout is None else connect_timeout
+        forward = NameForward(
+            self._link,
+            target_host,
+            target_port,
+            name,
+            timeout,
+            tls=tls,
+            proxy_protocol=proxy_protocol,
+            http=http,
+            group=_group(group, group_key, "tcp"),
+        )
+        forward.set_limit(limit)
+        await forward.start()
+        return forward
+
+    async def _forward_to_handler(
+        self,
+        handler: StreamHandler,
+        target_host: str | None,
+        target_port: int | None,
+        remote_host: str,
+        remote_port: int,
+        protocol: str,
+        proxy_protocol: ProxyVersion | None,
+        limit: float | None,
+        connect_timeout: float | None,
+        membership: tuple[str, bytes] | None,
+    ) -> RemoteForward:
+        if target_host is not None or target_port is not None:
+            raise TypeError("forward_remote takes a target or a handler, not both")
+        if _protocol(protocol) != "tcp" or proxy_protocol is not None or limit is not None:
+            raise ValueError("a handler serves TCP streams, with no PROXY header and no limit")
+        check_target(remote_host, remote_port, allow_port_zero=True)
+        if membership is not None and not remote_port:
+            raise ValueError("a load-balanced group needs a fixed remote_port, not 0")
+        timeout = self.config.connect_timeout if connect_timeout is None else connect_timeout
+        name = getattr(handler, "__qualname__", type(handler).__name__)
+        forward = RemoteForward(
+            self._link,
+            f"<{name}>",
+            0,
+            remote_host,
+            remote_port,
+            timeout,
+            handler=handler,
+            group=membership,
+        )
         await forward.start()
         return forward
 
@@ -362,13 +529,14 @@ async def wrap_tunnel(
 
 async def connect_tunnel(
     nursery: trio.Nursery,
-    address: str | tuple[str, int],
+    address: Address | Sequence[Address],
     *,
     token: str | bytes | None = None,
     config: ClientConfig | None = None,
     **options: Unpack[ClientOptions],
 ) -> Tunnel:
-    """Connect to a server at ``address`` (``"host:port"`` or a tuple) in the caller's nursery.
+    """Connect to a server at ``address`` (``"host:port"``, a tuple, or a ``ws://`` /
+    ``wss://`` URL, or a list of them) in the caller's nursery.
 
     For code that already runs a nursery whose lifetime should bound the tunnel; otherwise
     :func:`open_tunnel` is simpler. Same arguments as :func:`open_tunnel`, plus ``nursery``.
@@ -377,16 +545,21 @@ async def connect_tunnel(
     ``reconnect=False``); ``Tunnel.failure`` says why a tunnel ended.
     """
     client_config = _config(token, config, options)
-    host, port = parse_host_port(address, allow_zero=False)
-    connector = tcp_connector(host, port, client_config.connect_timeout)
-    tunnel = Tunnel(client_config, connector, server_host=host)
+    transport = servers_transport(_addresses(address), client_config)
+    tunnel = Tunnel(
+        client_config,
+        transport.connector,
+        server_host=transport.server_host,
+        connector_tls=transport.carries_tls,
+        server=transport.current,
+    )
     started: Tunnel = await nursery.start(tunnel._run)
     return started
 
 
 @asynccontextmanager
 async def open_tunnel(
-    address: str | tuple[str, int],
+    address: Address | Sequence[Address],
     *,
     token: str | bytes | None = None,
     config: ClientConfig | None = None,
@@ -398,7 +571,13 @@ async def open_tunnel(
     forward and the connection; no task outlives it.
 
     Args:
-      address: the server, ``"host:port"`` or ``(host, port)``.
+      address: the server, ``"host:port"`` or ``(host, port)``; or a WebSocket endpoint,
+        ``ws://host[:port]/path`` or ``wss://...`` (see ``docs/transports.md``: then the TLS
+        options describe the ``wss://`` layer, and ``ws_headers`` / ``ws_host`` /
+        ``ws_ping_interval`` apply). ``proxy=`` reaches either through a proxy. A list of
+        servers: each connection (the first and every reconnection) goes to the first that
+        answers, tried in order 250 ms apart (happy eyeballs across servers); forwards are
+        restored on whichever it reaches. ``Tunnel.server`` says which.
       token: the shared secret (or give it in ``config``, not both).
       config: every option in one object; ``options`` override its fields.
       **options: :class:`ClientConfig` fields (``reconnect=False``, ``heartbeat_interval``,
@@ -406,8 +585,9 @@ async def open_tunnel(
 
     Raises:
       ConnectError: the server cannot be reached (1001), or the handshake's errors
-        (``AuthenticationError``, ...). Errors are raised as themselves, not wrapped in an
-        ``ExceptionGroup``.
+        (``AuthenticationError``, ...); ``ProxyError`` (1020) for a proxy that fails,
+        ``WebSocketError`` (1021) for a refused upgrade. Errors are raised as themselves,
+        not wrapped in an ``ExceptionGroup``.
     """
     error: BaseException | None = None
     with unwrap_cancelled():

@@ -50,6 +50,12 @@ class ErrorCode(enum.IntEnum):
     TLS_FAILED = 1011
     #: Too many failed authentications from this address: try again later.
     RATE_LIMITED = 1012
+    # -- transports (1020-1029): what stands between the client and the server --
+    #: A proxy on the way to the server (HTTP CONNECT, SOCKS) could not be reached, refused
+    #: (407, 403, a SOCKS failure) or stalled.
+    PROXY_FAILED = 1020
+    #: The WebSocket upgrade was refused (403, 404, 502...) or the WebSocket broke the rules.
+    WEBSOCKET_FAILED = 1021
 
     # -- protocol violations (1100-1199): remote ones end the session with GoAway --
     #: A protocol violation with no more precise code; also an ``Open`` with an unknown route.
@@ -108,6 +114,13 @@ class ErrorCode(enum.IntEnum):
     PORT_NOT_ALLOWED = 2103
     #: The client already has as many forwards as the server allows.
     FORWARD_LIMIT = 2104
+    #: The host name of a name route is already routed to another client.
+    NAME_IN_USE = 2105
+    #: The server does not route that name: not a host name, not under its domain, not
+    #: admitted by its allowed domains, or no shared HTTP/HTTPS listener for it.
+    NAME_NOT_ALLOWED = 2106
+    #: A load-balanced group holds the port or name with another group name or secret.
+    GROUP_MISMATCH = 2107
 
 
 class TunnelError(Exception):
@@ -215,6 +228,31 @@ class RateLimitedError(ConnectError):
     def retry_after(self) -> float | None:
         match = _RETRY_IN.search(self.message)
         return float(match.group(1)) if match else None
+
+
+class ProxyError(ConnectError):
+    """A proxy on the way to the server failed us: unreachable, refused the request (HTTP
+    status or SOCKS reply, in ``status``), or stalled. ``proxy`` names it (no password)."""
+
+    default_code = ErrorCode.PROXY_FAILED
+
+    def __init__(self, message: str = "", *, proxy: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.proxy = proxy
+        self.status = status
+
+
+class WebSocketError(ConnectError):
+    """The WebSocket transport failed: the upgrade was refused (``status``, the HTTP status
+    of the answer) or not answered, or the peer broke the WebSocket protocol. ``url`` names
+    the endpoint."""
+
+    default_code = ErrorCode.WEBSOCKET_FAILED
+
+    def __init__(self, message: str = "", *, url: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
 
 
 class SessionClosedError(TunnelError):
@@ -369,12 +407,38 @@ class ForwardLimitError(ForwardError):
     default_code = ErrorCode.FORWARD_LIMIT
 
 
+class NameInUseError(AddressInUseError):
+    """The host name of a name route is already routed to another client.
+
+    An ``AddressInUseError``: a name on a shared port is a public address like a port, and it
+    is handled the same way (a restore that meets it keeps retrying, as the other owner may
+    leave)."""
+
+    default_code = ErrorCode.NAME_IN_USE
+
+
+class GroupMismatchError(ForwardError):
+    """The port or name is served by a load-balanced group, and this forward's group name or
+    secret is not that group's."""
+
+    default_code = ErrorCode.GROUP_MISMATCH
+
+
+class NameNotAllowedError(ForwardError, ValueError):
+    """The server does not route that name (see ``ErrorCode.NAME_NOT_ALLOWED``)."""
+
+    default_code = ErrorCode.NAME_NOT_ALLOWED
+
+
 _BY_CODE: dict[int, type[TunnelError]] = {
     ErrorCode.FORWARD_FAILED: ForwardError,
     ErrorCode.ADDRESS_IN_USE: AddressInUseError,
     ErrorCode.PERMISSION_DENIED: PermissionDeniedError,
     ErrorCode.PORT_NOT_ALLOWED: PortNotAllowedError,
     ErrorCode.FORWARD_LIMIT: ForwardLimitError,
+    ErrorCode.NAME_IN_USE: NameInUseError,
+    ErrorCode.NAME_NOT_ALLOWED: NameNotAllowedError,
+    ErrorCode.GROUP_MISMATCH: GroupMismatchError,
     ErrorCode.SERVER_BUSY: ServerBusyError,
     ErrorCode.RATE_LIMITED: RateLimitedError,
     ErrorCode.AUTHENTICATION_FAILED: AuthenticationError,

@@ -35,15 +35,18 @@ from ._udp import (
     DEFAULT_UDP_IDLE_TIMEOUT,
 )
 from ._util import aclose_all, unwrap_cancelled
+from ._vhost import DEFAULT_HEAD_TIMEOUT, DEFAULT_MAX_HEAD, NameRoutes, serve_name_routing
 from .errors import (
     ErrorCode,
     SessionClosedError,
     TunnelError,
 )
+from .forwards._group import Group
 from .protocol.mux import Role
 from .session import (
     SessionConfig,
 )
+from .transports.websocket import DEFAULT_PING_INTERVAL
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -72,8 +75,34 @@ def _ranges(value: str | Iterable[PortRange] | None) -> tuple[PortRange, ...] | 
     return tuple(value)
 
 
+def _domain(value: str | None) -> str | None:
+    if not value:
+        return None
+    NameRoutes(domain=value)  # a domain that is not a host name is an error here, not later
+    return value.strip().lower().rstrip(".")
+
+
+def _patterns(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    if not value:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    patterns = tuple(p.strip().lower() for p in items if p.strip())
+    NameRoutes(allow_domains=patterns)  # checked here, once
+    return patterns
+
+
 def _permit(value: PermitOpen | Iterable[str] | str | None) -> PermitOpen:
     return value if isinstance(value, PermitOpen) else PermitOpen.parse(value)
+
+
+def _valid_ws_path(_inst: object, _attribute: object, value: str | None) -> None:
+    if value is not None and (not value.startswith("/") or "?" in value or not value.isprintable()):
+        raise ValueError(f"ws_path must be a path starting with '/' (no query), not {value!r}")
+
+
+def _valid_ping_interval(_inst: object, _attribute: object, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"ws_ping_interval must be positive (or None: off), not {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -121,6 +150,27 @@ class ServerConfig:
     #: worth every ``auth_failure_interval`` seconds.
     auth_failure_burst: int = 10
     auth_failure_interval: float = 6.0
+    #: Name routes: a single label a client asks for goes under this domain (``app`` ->
+    #: ``app.<domain>``); ``None``: only full names that ``allow_domains`` admits.
+    domain: str | None = attrs.field(default=None, converter=_domain)
+    #: Full names clients may route besides those under ``domain``: exact names or
+    #: ``*.example.org`` patterns (one or more labels before the suffix).
+    allow_domains: tuple[str, ...] = attrs.field(default=(), converter=_patterns)
+    #: Name routes one client may hold at once.
+    max_names_per_client: int = 16
+    #: Largest request head (HTTP) or ClientHello (TLS) read to learn a connection's name.
+    max_name_head: int = DEFAULT_MAX_HEAD
+    #: Seconds a connection on a shared listener has to send that head (slow-loris bound).
+    name_head_timeout: float = DEFAULT_HEAD_TIMEOUT
+    #: Also accept the control connection as a WebSocket upgrade at this path (``/tunnel``),
+    #: on the same listener: a connection starting with an HTTP request is upgraded, one
+    #: starting with a tunnel handshake is served as before. ``None``: raw connections only.
+    ws_path: str | None = attrs.field(default=None, validator=_valid_ws_path)
+    #: A WebSocket ping whenever a WebSocket client sent nothing for this long (``None``:
+    #: off), so proxies in front of the server never see an idle WebSocket.
+    ws_ping_interval: float | None = attrs.field(
+        default=DEFAULT_PING_INTERVAL, validator=_valid_ping_interval
+    )
 
     def port_allowed(self, port: int) -> bool:
         return self.allow_ports is None or any(port in r for r in self.allow_ports)
@@ -150,6 +200,13 @@ class ServerOptions(TypedDict, total=False):
     first_frame_timeout: float
     auth_failure_burst: int
     auth_failure_interval: float
+    domain: str | None
+    allow_domains: str | Iterable[str] | None
+    max_names_per_client: int
+    max_name_head: int
+    name_head_timeout: float
+    ws_path: str | None
+    ws_ping_interval: float | None
 
 
 def _server_config(
@@ -193,9 +250,25 @@ class TunnelServer:
     :func:`wrap_server_stream`) serves only the streams handed to :meth:`handle_stream`.
     """
 
-    def __init__(self, config: ServerConfig, listeners: Sequence[trio.SocketListener] = ()) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        listeners: Sequence[trio.SocketListener] = (),
+        *,
+        http_listeners: Sequence[trio.SocketListener] = (),
+        https_listeners: Sequence[trio.SocketListener] = (),
+    ) -> None:
         self.listeners = list(listeners)
         self.config = config
+        #: The shared listeners of name routes: HTTP routed by Host, TLS by server name.
+        self.http_listeners = list(http_listeners)
+        self.https_listeners = list(https_listeners)
+        #: The names routed on each shared listener; ``None`` without that listener.
+        self.http_routes = self._name_routes(self.http_listeners)
+        self.https_routes = self._name_routes(self.https_listeners)
+        #: Load-balanced groups by what they serve: ``("tcp", "8080")``, ``("http", name)``,
+        #: ``("https", name)``.
+        self.groups: dict[tuple[str, str], Group] = {}
         self._sessions: set[_ClientSession] = set()
         #: The live session of each client identity (clients that sent one).
         self._by_identity: dict[str, _ClientSession] = {}
@@ -216,6 +289,25 @@ class TunnelServer:
         if self.listeners:
             host, port = self.listeners[0].socket.getsockname()[:2]
             self._address = (str(host), int(port))
+
+    def _name_routes(self, listeners: list[trio.SocketListener]) -> NameRoutes | None:
+        if not listeners:
+            return None
+        return NameRoutes(
+            domain=self.config.domain,
+            allow_domains=self.config.allow_domains,
+            port=int(listeners[0].socket.getsockname()[1]),
+        )
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the shared HTTP listener, if the server has one."""
+        return _address_of(self.http_listeners)
+
+    @property
+    def https_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the shared HTTPS (TLS passthrough) listener, if any."""
+        return _address_of(self.https_listeners)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -315,10 +407,25 @@ class TunnelServer:
                             handler_nursery=nursery,
                         )
                     )
+                    for listeners, name_routes, tls in (
+                        (self.http_listeners, self.http_routes, False),
+                        (self.https_listeners, self.https_routes, True),
+                    ):
+                        if name_routes is not None:
+                            await nursery.start(
+                                functools.partial(
+                                    serve_name_routing,
+                                    listeners,
+                                    name_routes,
+                                    tls=tls,
+                                    max_head=self.config.max_name_head,
+                                    head_timeout=self.config.name_head_timeout,
+                                )
+                            )
                     task_status.started(self)
         finally:
             try:
-                await aclose_all(*self.listeners)
+                await aclose_all(*self.listeners, *self.http_listeners, *self.https_listeners)
             finally:
                 self._done.set()
 
@@ -415,12 +522,21 @@ class TunnelServer:
         await old.ended.wait()
 
 
+def _address_of(listeners: list[trio.SocketListener]) -> tuple[str, int] | None:
+    if not listeners:
+        return None
+    host, port = listeners[0].socket.getsockname()[:2]
+    return str(host), int(port)
+
+
 async def serve(
     port: int = 7000,
     *,
     host: str = "127.0.0.1",
     token: str | bytes | None = None,
     config: ServerConfig | None = None,
+    http_listen: tuple[str, int] | None = None,
+    https_listen: tuple[str, int] | None = None,
     task_status: trio.TaskStatus[TunnelServer] = trio.TASK_STATUS_IGNORED,
     **options: Unpack[ServerOptions],
 ) -> None:
@@ -436,6 +552,10 @@ async def serve(
       host: the address to listen on (loopback unless told otherwise).
       token: the shared secret (or give it in ``config``, not both).
       config: every option in one object; ``options`` override its fields.
+      http_listen: ``(host, port)`` of a shared HTTP listener: each connection goes to the
+        client whose name route holds its ``Host`` (``Tunnel.forward_name``).
+      https_listen: the same for TLS, routed by the ClientHello's server name and passed
+        through untouched (the client's service holds the certificate).
       **options: :class:`ServerConfig` fields (``public_host``, ``allow_ports``,
         ``permit_open``, ``heartbeat_timeout``, limits...; see :class:`ServerOptions`).
 
@@ -444,8 +564,20 @@ async def serve(
     """
     server_config = _fit_fd_limit(_server_config(token, config, options), raise_fd_limit())
     listeners = await bind(host, port)
-    server = TunnelServer(server_config, listeners)
+    shared: list[list[trio.SocketListener]] = []
+    try:
+        for address in (http_listen, https_listen):
+            shared.append(await bind(*address) if address is not None else [])
+    except BaseException:
+        await aclose_all(*listeners, *(one for group in shared for one in group))
+        raise
+    server = TunnelServer(
+        server_config, listeners, http_listeners=shared[0], https_listeners=shared[1]
+    )
     log.info("listening for tunnel clients on %s", format_target(*server.address))
+    for what, address_of in (("HTTP", server.http_address), ("HTTPS", server.https_address)):
+        if address_of is not None:
+            log.info("routing %s by name on %s", what, format_target(*address_of))
     await server.serve_forever(task_status=task_status)
 
 
@@ -456,6 +588,8 @@ async def open_server(
     host: str = "127.0.0.1",
     token: str | bytes | None = None,
     config: ServerConfig | None = None,
+    http_listen: tuple[str, int] | None = None,
+    https_listen: tuple[str, int] | None = None,
     **options: Unpack[ServerOptions],
 ) -> AsyncIterator[TunnelServer]:
     """``async with pytunnel.open_server(token=...) as server:`` a listening server
@@ -469,7 +603,16 @@ async def open_server(
         async with trio.open_nursery() as nursery:
             try:
                 server: TunnelServer = await nursery.start(
-                    functools.partial(serve, port, host=host, token=token, config=config, **options)
+                    functools.partial(
+                        serve,
+                        port,
+                        host=host,
+                        token=token,
+                        config=config,
+                        http_listen=http_listen,
+                        https_listen=https_listen,
+                        **options,
+                    )
                 )
             except BaseException as exc:
                 error = exc

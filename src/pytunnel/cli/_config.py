@@ -114,8 +114,15 @@ def option_key(param: click.Parameter) -> str:
     return param.name
 
 
+class _OneOrMore(list[str]):
+    """The type of an argument that takes several values (``server``): a string for the
+    usual one, or an array."""
+
+
 def _toml_type(param: click.Parameter) -> Any:
     """The TOML type a key holds: a list for repeatable options, else the option's type."""
+    if isinstance(param, click.Argument) and param.nargs == -1:
+        return _OneOrMore
     if param.multiple or param.nargs != 1:
         return list[str]
     if isinstance(param, click.Option) and param.is_flag:
@@ -201,6 +208,10 @@ def _string_list(value: Any, _type: Any) -> list[str]:
     return list(value)
 
 
+def _one_or_more(value: Any, _type: Any) -> list[str]:
+    return [value] if isinstance(value, str) else _string_list(value, _type)
+
+
 def _table_list(value: Any, _type: Any) -> list[ForwardTable]:
     if not isinstance(value, list):
         raise TypeError(
@@ -221,6 +232,7 @@ _converter.register_structure_hook(int, _strict(int, "an integer"))
 _converter.register_structure_hook(float, _strict(float, "a number"))
 _converter.register_structure_hook(bool, _strict(bool, "true or false"))
 _converter.register_structure_hook_func(lambda t: t == list[str], _string_list)
+_converter.register_structure_hook(_OneOrMore, _one_or_more)
 _converter.register_structure_hook_func(lambda t: t == list[ForwardTable], _table_list)
 
 
@@ -375,6 +387,8 @@ def load_section(ctx: click.Context, path: str) -> Section:
         value = getattr(parsed, key)
         if value is None:
             continue
+        if isinstance(value, _OneOrMore):
+            value = list(value)
         try:
             param.process_value(ctx, value)
         except click.BadParameter as exc:

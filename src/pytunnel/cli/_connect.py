@@ -28,6 +28,7 @@ from ._logs import setup_logging
 from ._metrics import start_metrics
 from ._options import (
     CONTEXT,
+    EXISTING_FILE,
     config_check,
     connect_timeout_option,
     dynamic_specs,
@@ -39,14 +40,15 @@ from ._options import (
     max_streams_option,
     metrics_option,
     parsed,
-    server_address,
+    server_endpoints,
     usage_errors,
 )
 from ._output import say
 from ._run import run as run_command
 from ._status import print_status
 from ._tlsfiles import client_tls, client_tls_options
-from ._token import read_token, token_file_option, token_option
+from ._token import read_secret_file, read_token, token_file_option, token_option
+from ._transport import resolve_proxy, run_stdio, take_stdio, transport_options
 
 # Every default shown is the config classes' own.
 _CLIENT = attrs.fields(pytunnel.ClientConfig)
@@ -64,7 +66,9 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
 
 
 @click.command(cls=ConfigCommand, context_settings=CONTEXT)
-@click.argument("server", callback=server_address, envvar="PYTUNNEL_SERVER")
+@click.argument(
+    "server", nargs=-1, required=True, callback=server_endpoints, envvar="PYTUNNEL_SERVER"
+)
 @config_option
 @token_option(help="Shared secret of the server (or --token-file).")
 @token_file_option
@@ -93,7 +97,8 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
     callback=forward_specs,
     metavar="[BIND:]PORT:HOST:HOSTPORT",
     help="Remote forward: the server listens on PORT (0: any), connections reach HOST:HOSTPORT "
-    "from here. Repeatable.",
+    "from here. With a host name as BIND and PORT 80 or 443 (app:80:127.0.0.1:3000), a name "
+    "route on the server's shared HTTP or HTTPS port instead. Repeatable.",
 )
 @click.option(
     "--limit",
@@ -109,6 +114,36 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
     help="Start each connection of the TCP remote forwards with a PROXY protocol header (v1 "
     "text, v2 binary) naming the public peer, for services that read it (nginx "
     "'listen ... proxy_protocol', HAProxy).",
+)
+@click.option(
+    "--group",
+    metavar="NAME",
+    help="Join the remote forwards and name routes to the load-balanced group NAME: the "
+    "server spreads their connections across every client of the group. Needs "
+    "--group-key-file.",
+)
+@click.option(
+    "--group-key-file",
+    type=EXISTING_FILE,
+    help="The group's secret, in a file: every member needs the same one.",
+)
+@click.option(
+    "--forwarded-headers",
+    is_flag=True,
+    help="HTTP name routes: add X-Forwarded-For/-Proto/-Host and Forwarded naming the public "
+    "peer to every request.",
+)
+@click.option(
+    "--rewrite-host",
+    metavar="HOST",
+    help="HTTP name routes: replace each request's Host with HOST.",
+)
+@click.option(
+    "--basic-auth",
+    metavar="USER:PASSWORD",
+    callback=parsed(_credentials),
+    help="HTTP name routes: answer 401 to requests without this user and password (checked "
+    "here, not passed on to the service).",
 )
 @click.option(
     "-L",
@@ -192,12 +227,13 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
     is_flag=True,
     help="No live table of the forwards on a terminal (elsewhere there is none).",
 )
+@transport_options
 @log_level_option
 @log_format_option
 @click.pass_context
 def connect(
     ctx: click.Context,
-    server: tuple[str, int],
+    server: list[str | tuple[str, int]],
     token: str | None,
     token_file: str | None,
     dynamic: list[tuple[str, int]],
@@ -209,6 +245,11 @@ def connect(
     tls_cert: str | None,
     tls_key: str | None,
     remote: list[pytunnel.ForwardSpec],
+    forwarded_headers: bool,
+    rewrite_host: str | None,
+    basic_auth: tuple[str, str] | None,
+    group: str | None,
+    group_key_file: str | None,
     limit: float | None,
     proxy_protocol: Literal["v1", "v2"] | None,
     local: list[pytunnel.ForwardSpec],
@@ -228,14 +269,35 @@ def connect(
     admin: _admin.AdminAddress,
     admin_token_file: str | None,
     quiet: bool,
+    proxy: str | None,
+    header: tuple[tuple[str, str], ...],
+    host_header: str | None,
+    ws_ping_interval: float,
+    stdio: tuple[str, int] | None,
     log_level: str,
     log_format: str,
 ) -> None:
-    """Connect to a tunnel server and set up forwards; keep them up until interrupted."""
+    """Connect to a tunnel server and set up forwards; keep them up until interrupted.
+
+    SERVER is HOST:PORT, or a WebSocket URL (ws://HOST[:PORT]/PATH, wss://...) for a server
+    behind a reverse proxy that forwards WebSocket upgrades. Several servers: each connection
+    goes to the first that answers (tried in order, 250 ms apart), and the forwards are
+    restored on whichever a reconnection reaches."""
+    # stdout carries the relayed bytes in --stdio mode: taken before anything is printed
+    stdio_fds = take_stdio() if stdio is not None else None
     setup_logging(log_level, log_format)
     secret = read_token(ctx, token, token_file)
     if secret is None:
         raise click.UsageError("a token is needed: --token, --token-file or PYTUNNEL_TOKEN")
+    if (group is None) != (group_key_file is None):
+        raise click.UsageError("--group and --group-key-file go together")
+    if group is not None and any(spec.protocol != "tcp" for spec in remote):
+        raise click.UsageError("load-balanced groups (--group) are for TCP remote forwards")
+    group_key = (
+        None
+        if group_key_file is None
+        else read_secret_file(group_key_file, "--group-key-file", "group key")
+    )
     config = client_config(ctx.params, secret)
     admin_token = _admin.read_admin_token(admin_token_file)
     if admin.tcp is not None and admin_token is None:
@@ -249,18 +311,41 @@ def connect(
         if context is not None:
             client_config = attrs.evolve(config, tls=context)
         async with pytunnel.open_tunnel(server, config=client_config) as tunnel:
-            say(f"connected to {pytunnel.format_target(*server)}")
+            if stdio is not None and stdio_fds is not None:
+                await run_stdio(tunnel, stdio, stdio_fds)
+                return
+            say(f"connected to {tunnel.server}")
+            # name routes are set up once, as the flags say; the forwards are declared (and
+            # reloaded, and managed through the admin API) below
+            for spec in remote:
+                if spec.name_route:
+                    assert spec.bind_host is not None
+                    tls = spec.bind_port == 443
+                    route = await tunnel.forward_name(
+                        spec.bind_host,
+                        spec.target_host,
+                        spec.target_port,
+                        tls=tls,
+                        proxy_protocol=proxy_protocol,
+                        limit=limit,
+                        forwarded_headers=forwarded_headers and not tls,
+                        rewrite_host=None if tls else rewrite_host,
+                        basic_auth=None if tls else basic_auth,
+                        group=group,
+                        group_key=group_key,
+                    )
+                    say(f"{route.kind} {route.url} -> {route.target}")
             forwards = DeclaredForwards(tunnel)
             async with trio.open_nursery() as nursery:
-                apply = functools.partial(_reload, ctx, forwards)
+                apply = functools.partial(_reload, ctx, forwards, group_key)
                 if config_path(ctx) is not None:
                     await nursery.start(watch_reload, ctx, apply)
-                await forwards.apply(declared_forwards(ctx))
+                await forwards.apply(declared_forwards(ctx, group_key))
                 api = _admin.client_api(
                     tunnel,
                     forwards,
                     functools.partial(reload_config, ctx, apply),
-                    pytunnel.format_target(*server),
+                    tunnel.server or "",
                 )
                 where = await _admin.serve_admin(nursery, api, admin, admin_token)
                 if where is not None:
@@ -274,7 +359,7 @@ def connect(
                 if status_interval > 0:
                     nursery.start_soon(print_status, tunnel, status_interval)
                 if not quiet and sys.stdout.isatty():
-                    nursery.start_soon(show_live, tunnel, forwards, pytunnel.format_target(*server))
+                    nursery.start_soon(show_live, tunnel, forwards, tunnel.server or "")
                 await tunnel.wait_closed()
                 nursery.cancel_scope.cancel()
             if tunnel.failure is not None:
@@ -302,6 +387,10 @@ def client_config(params: Mapping[str, Any], secret: str) -> pytunnel.ClientConf
             probe_interval=params["probe_interval"],
             probe_failures=params["probe_failures"],
             session=pytunnel.SessionConfig(max_streams=params["max_streams"]),
+            proxy=resolve_proxy(params["proxy"], params["server"][0]),
+            ws_headers=params["header"],
+            ws_host=params["host_header"],
+            ws_ping_interval=params["ws_ping_interval"] or None,
         )
 
 
@@ -316,23 +405,31 @@ connect.check = _check
 _FORWARD_PARAMS = ("remote", "local", "dynamic", "limit", "proxy_protocol", "socks_auth")
 
 
-def declared_forwards(ctx: click.Context) -> list[Declared]:
-    """The forwards the options and the config file of ``ctx`` declare."""
+def declared_forwards(ctx: click.Context, group_key: str | None = None) -> list[Declared]:
+    """The forwards the options and the config file of ``ctx`` declare (name routes are
+    set up apart: they are no forwards)."""
     params = ctx.params
     return from_flags(
-        params["remote"],
+        [spec for spec in params["remote"] if not spec.name_route],
         params["local"],
         params["dynamic"],
         limit=params["limit"],
         proxy_protocol=params["proxy_protocol"],
         socks_auth=params["socks_auth"],
+        group=params["group"] if group_key is not None else None,
+        group_key=group_key,
         tables=file_forwards(ctx),
     )
 
 
-async def _reload(running: click.Context, forwards: DeclaredForwards, fresh: click.Context) -> str:
+async def _reload(
+    running: click.Context,
+    forwards: DeclaredForwards,
+    group_key: str | None,
+    fresh: click.Context,
+) -> str:
     """Apply a reloaded file: the forwards change; other settings need a restart."""
-    summary = await forwards.apply(declared_forwards(fresh))
+    summary = await forwards.apply(declared_forwards(fresh, group_key))
     stale = [
         name
         for name, value in fresh.params.items()

@@ -53,6 +53,9 @@ class Declared:
     limit: float | None = None
     proxy_protocol: Literal["v1", "v2"] | None = None
     socks_auth: tuple[str, str] | None = attrs.field(default=None, repr=False)
+    #: A load-balanced group of TCP remote forwards (``--group``) and its key.
+    group: str | None = None
+    group_key: str | None = attrs.field(default=None, repr=False)
 
     @property
     def key(self) -> object:
@@ -84,6 +87,8 @@ class Declared:
                 protocol=self.protocol,
                 proxy_protocol=self.proxy_protocol if tcp else None,
                 limit=limit,
+                group=self.group if tcp else None,
+                group_key=self.group_key if tcp else None,
             )
         if self.kind == "local":
             return await tunnel.forward_local(
@@ -169,6 +174,8 @@ def from_flags(
     limit: float | None,
     proxy_protocol: Literal["v1", "v2"] | None,
     socks_auth: tuple[str, str] | None,
+    group: str | None = None,
+    group_key: str | None = None,
     tables: Iterable[ForwardTable] = (),
 ) -> list[Declared]:
     """Every forward the options declare, in the order they are started: ``-R``, ``-L``,
@@ -183,6 +190,8 @@ def from_flags(
             protocol=spec.protocol,
             limit=limit,
             proxy_protocol=proxy_protocol,
+            group=group if spec.protocol == "tcp" else None,
+            group_key=group_key if spec.protocol == "tcp" else None,
         )
         for spec in remote
     ]

@@ -14,6 +14,7 @@ from ._config import check_config
 from ._connect import connect
 from ._options import CONTEXT
 from ._serve import serve
+from ._tasks import tasks
 
 
 @click.group(context_settings=CONTEXT)
@@ -28,3 +29,4 @@ main.add_command(check_config)
 main.add_command(status)
 main.add_command(forwards)
 main.add_command(reload)
+main.add_command(tasks)

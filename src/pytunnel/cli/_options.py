@@ -81,6 +81,18 @@ def usage_errors() -> Iterator[None]:
 #: ``HOST:PORT`` to listen on (port 0: any free port) and to connect to (a real port).
 listen_address = parsed(pytunnel.parse_host_port)
 server_address = parsed(functools.partial(pytunnel.parse_host_port, allow_zero=False))
+
+
+def _server_endpoint(value: str) -> str | tuple[str, int]:
+    """A ``ws://`` / ``wss://`` URL as it is (checked), or ``HOST:PORT`` parsed."""
+    if "://" in value:
+        pytunnel.transports.parse_websocket_url(value)
+        return value
+    return pytunnel.parse_host_port(value, allow_zero=False)
+
+
+#: What ``connect`` reaches: ``HOST:PORT`` or a WebSocket URL, one or several.
+server_endpoints = parsed(lambda values: [_server_endpoint(v) for v in values])
 #: ``-L``/``-R`` specifications and ``-D`` listening addresses, each repeatable.
 forward_specs = parsed(lambda values: [pytunnel.parse_forward_spec(v) for v in values])
 dynamic_specs = parsed(lambda values: [pytunnel.parse_host_port(v) for v in values])

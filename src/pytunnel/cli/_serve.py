@@ -27,6 +27,7 @@ from ._logs import setup_logging
 from ._metrics import start_metrics
 from ._options import (
     CONTEXT,
+    config_check,
     connect_timeout_option,
     heartbeat_timeout_option,
     idle_timeout_option,
@@ -35,6 +36,7 @@ from ._options import (
     log_level_option,
     max_streams_option,
     metrics_option,
+    parsed,
     permit_open,
     port_ranges,
     usage_errors,
@@ -69,6 +71,51 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
     "--allow-ports",
     callback=port_ranges,
     help="Ports remote forwards may use, e.g. 8000,9000-9100. Default: any.",
+)
+@click.option(
+    "--http-listen",
+    default=None,
+    callback=parsed(lambda value: None if value is None else pytunnel.parse_host_port(value)),
+    metavar="HOST:PORT",
+    help="A shared HTTP port: each connection goes to the client whose name route holds its "
+    "Host (clients: -R app:80:HOST:PORT). Default: none.",
+)
+@click.option(
+    "--https-listen",
+    default=None,
+    callback=parsed(lambda value: None if value is None else pytunnel.parse_host_port(value)),
+    metavar="HOST:PORT",
+    help="A shared HTTPS port, routed by the TLS server name and passed through untouched: "
+    "the client's service holds the certificate (clients: -R app:443:HOST:PORT).",
+)
+@click.option(
+    "--domain",
+    default=_SERVER.domain.default,
+    help="Name routes for a single label (app) get app.DOMAIN.",
+)
+@click.option(
+    "--allow-domains",
+    multiple=True,
+    help="Full names clients may route besides DOMAIN's subdomains: shop.example.org or "
+    "*.example.org. Comma lists or repeated.",
+)
+@click.option(
+    "--max-names-per-client",
+    type=click.IntRange(min=0),
+    default=_SERVER.max_names_per_client.default,
+    help="Name routes one client may hold.",
+)
+@click.option(
+    "--name-head-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_SERVER.name_head_timeout.default,
+    help="Seconds a connection on a shared port has to send its request head or TLS hello.",
+)
+@click.option(
+    "--max-name-head",
+    type=click.IntRange(min=1024),
+    default=_SERVER.max_name_head.default,
+    help="Largest request head or TLS hello read to learn a connection's name, in bytes.",
 )
 @click.option(
     "--permit-open",
@@ -144,6 +191,20 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
 @server_tls_options
 @metrics_option
 @_admin.server_options
+@click.option(
+    "--ws-path",
+    metavar="PATH",
+    callback=config_check(pytunnel.ServerConfig, "ws_path"),
+    help="Also accept clients as WebSocket upgrades at this path (/tunnel), on the same "
+    "listener, e.g. behind a reverse proxy; raw clients are still served.",
+)
+@click.option(
+    "--ws-ping-interval",
+    type=click.FloatRange(min=0),
+    default=_SERVER.ws_ping_interval.default,
+    help="Ping a WebSocket client that sent nothing for this many seconds (0: never), so "
+    "proxies in front never see the WebSocket idle.",
+)
 @log_level_option
 @log_format_option
 @click.pass_context
@@ -153,6 +214,13 @@ def serve(
     token: str | None,
     public_host: str,
     allow_ports: tuple[pytunnel.PortRange, ...] | None,
+    http_listen: tuple[str, int] | None,
+    https_listen: tuple[str, int] | None,
+    domain: str | None,
+    allow_domains: tuple[str, ...],
+    max_names_per_client: int,
+    name_head_timeout: float,
+    max_name_head: int,
     permit_open: pytunnel.PermitOpen,
     connect_timeout: float,
     idle_timeout: float,
@@ -175,6 +243,8 @@ def serve(
     metrics: tuple[str, int] | None,
     admin: _admin.AdminAddress,
     admin_token_file: str | None,
+    ws_path: str | None,
+    ws_ping_interval: float,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -202,6 +272,8 @@ def serve(
                     listen[1],
                     host=listen[0],
                     config=attrs.evolve(config, tls=tls),
+                    http_listen=http_listen,
+                    https_listen=https_listen,
                 )
             )
             apply = functools.partial(_reload, ctx, server, secret)
@@ -209,6 +281,12 @@ def serve(
                 await nursery.start(watch_reload, ctx, apply)
             address = pytunnel.format_target(*server.address)
             say(f"pytunnel server listening on {address}" + (" (TLS)" if tls else ""))
+            for what, shared in (("HTTP", server.http_address), ("HTTPS", server.https_address)):
+                if shared is not None:
+                    say(f"routing {what} by name on {pytunnel.format_target(*shared)}")
+            if ws_path is not None:
+                scheme = "wss" if tls else "ws"
+                say(f"WebSocket clients: {scheme}://{address}{ws_path}")
             if fingerprint is not None:
                 say(f"TLS certificate fingerprint: {fingerprint}")
             if generated:
@@ -244,6 +322,13 @@ def server_config(params: Mapping[str, Any], secret: str) -> pytunnel.ServerConf
             first_frame_timeout=params["first_frame_timeout"],
             auth_failure_burst=params["auth_failure_burst"],
             auth_failure_interval=params["auth_failure_interval"],
+            domain=params["domain"],
+            allow_domains=[p for value in params["allow_domains"] for p in value.split(",")],
+            max_names_per_client=params["max_names_per_client"],
+            name_head_timeout=params["name_head_timeout"],
+            max_name_head=params["max_name_head"],
+            ws_path=params["ws_path"],
+            ws_ping_interval=params["ws_ping_interval"] or None,
             session=pytunnel.SessionConfig(
                 max_streams=params["max_session_streams"], max_frame_size=params["max_frame_size"]
             ),

@@ -20,10 +20,11 @@ def format_status(tunnel: pytunnel.Tunnel) -> list[str]:
         errors = ",".join(f"{k}={v}" for k, v in sorted(stats.errors.items())) or "-"
         dropped = f" dropped={stats.datagrams_dropped}" if fwd.kind.udp else ""
         limit = f" limit={fwd.limit / 1e6:g}MB/s" if fwd.limit is not None else ""
+        member = f" group={fwd.group[0]}" if fwd.group is not None else ""
         lines.append(
             f"status {fwd.kind} {pytunnel.format_target(*fwd.address)} -> {fwd.target}: "
             f"{fwd.status.value} conns={stats.active_connections}/{stats.total_connections} "
-            f"out={stats.bytes_out} in={stats.bytes_in} errors={errors}{dropped}{limit}"
+            f"out={stats.bytes_out} in={stats.bytes_in} errors={errors}{dropped}{limit}{member}"
         )
     link = "up" if tunnel.connected else "down"
     rtt = f"{tunnel.rtt * 1000:.1f} ms" if tunnel.rtt is not None else "-"

@@ -20,16 +20,7 @@ def read_token(ctx: click.Context, token: str | None, token_file: str | None) ->
     """The token from --token-file, or --token / PYTUNNEL_TOKEN; warn when it was typed on
     the command line, where every user of the machine can read it in ``ps``."""
     if token_file is not None:
-        try:
-            with open(token_file, encoding="utf-8") as handle:
-                token = handle.read().strip()
-        except OSError as exc:
-            fail(f"{describe(exc)} (--token-file)")
-        except UnicodeDecodeError:
-            fail(f"[INVALID_FIELD] {token_file}: the token file is not UTF-8 text")
-        if not token:
-            raise click.BadParameter("the token file is empty", param_hint="--token-file")
-        return token
+        return read_secret_file(token_file, "--token-file", "token")
     if (
         token is not None
         and ctx.get_parameter_source("token") is click.core.ParameterSource.COMMANDLINE
@@ -39,6 +30,21 @@ def read_token(ctx: click.Context, token: str | None, token_file: str | None) ->
             "prefer --token-file or PYTUNNEL_TOKEN"
         )
     return token
+
+
+def read_secret_file(path: str, option: str, what: str) -> str:
+    """A secret kept in a file (trailing white space dropped); one line and exit 1 when it
+    cannot be read, a usage error when it is empty."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            secret = handle.read().strip()
+    except OSError as exc:
+        fail(f"{describe(exc)} ({option})")
+    except UnicodeDecodeError:
+        fail(f"[INVALID_FIELD] {path}: the {what} file is not UTF-8 text")
+    if not secret:
+        raise click.BadParameter(f"the {what} file is empty", param_hint=option)
+    return secret
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])

@@ -57,6 +57,7 @@ class ForwardKind(str, enum.Enum):
     REMOTE = "remote forward"  #: ``-R``: listens at the server, dials here
     LOCAL_UDP = "local udp forward"  #: ``-L`` for UDP datagrams
     REMOTE_UDP = "remote udp forward"  #: ``-R`` for UDP datagrams
+    NAME = "name route"  #: ``-R name:80|443:...``: a host name on the server's shared port
 
     def __str__(self) -> str:
         return self.value
@@ -69,7 +70,7 @@ class ForwardKind(str, enum.Enum):
     @property
     def remote(self) -> bool:
         """Whether it listens at the server (``-R``)."""
-        return self in (ForwardKind.REMOTE, ForwardKind.REMOTE_UDP)
+        return self in (ForwardKind.REMOTE, ForwardKind.REMOTE_UDP, ForwardKind.NAME)
 
 
 #: The statuses a forward never leaves.
@@ -101,6 +102,8 @@ class Forward:
         self.stats = RelayStats()
         #: Fault injection for tests (latency, bandwidth, blackhole, resets...), per direction.
         self.faults = Faults()
+        #: ``(name, secret)`` of the load-balanced group it belongs to (remote kinds only).
+        self.group: tuple[str, bytes] | None = None
         #: Bandwidth limit in bytes per second, each direction, shared by all connections
         #: (``None``: unlimited); see :meth:`set_limit`.
         self.limit: float | None = None

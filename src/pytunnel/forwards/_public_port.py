@@ -45,8 +45,11 @@ class PortOwner(Protocol):
         """Give back a slot :meth:`reserve_stream` took."""
         ...
 
-    async def relay_public(self, conn: trio.SocketStream, forward_id: int) -> None:
-        """Open a stream of forward ``forward_id`` to the client and relay ``conn`` over it."""
+    async def relay_public(
+        self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int], forward_id: int
+    ) -> None:
+        """Open a stream of forward ``forward_id`` to the client, naming ``peer`` (the public
+        connection's source), and relay ``conn`` over it."""
         ...
 
 
@@ -112,8 +115,13 @@ class _PublicPort:
         return self.client.reserve_stream()
 
     async def _carry(self, conn: trio.SocketStream, admitted: bool) -> None:
-        if admitted:
-            await self.client.relay_public(conn, self.control.stream_id)
+        if not admitted:
+            return
+        try:
+            host, port = conn.socket.getpeername()[:2]
+        except OSError:  # gone already
+            return
+        await self.client.relay_public(conn, (str(host), int(port)), self.control.stream_id)
 
     def _release(self, admitted: bool) -> None:
         if admitted:

@@ -12,6 +12,7 @@ import functools
 import ipaddress
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -30,10 +31,11 @@ from ..errors import (
     SessionClosedError,
     StreamResetError,
     TunnelError,
+    refusal_error,
 )
 from ..protocol import routes
 from ..protocol.control import ControlRole
-from ..protocol.messages import Bound, ForwardState, truncate_text
+from ..protocol.messages import Bound, ForwardState, Join, group_proof, truncate_text
 from ..protocol.proxy import ProxyVersion, encode_header, encode_unknown
 from ..session import IncomingStream, wait_stream_end
 from ._base import FINAL, Forward, ForwardKind, ForwardStatus
@@ -42,9 +44,13 @@ if TYPE_CHECKING:
     from .._link import Link
     from ..session import Session
 
-__all__ = ["RemoteForward"]
+__all__ = ["RemoteForward", "StreamHandler"]
 
 log = logging.getLogger("pytunnel.client")
+
+#: What a remote forward with no target does with each public connection: it gets the
+#: tunnel's stream itself (no local port, no dial) and owns it until it returns.
+StreamHandler = Callable[[trio.abc.HalfCloseableStream], Awaitable[None]]
 
 
 class RemoteForward(Forward):
@@ -68,8 +74,16 @@ class RemoteForward(Forward):
         connect_timeout: float,
         *,
         proxy_protocol: ProxyVersion | None = None,
+        group: tuple[str, bytes] | None = None,
+        handler: StreamHandler | None = None,
     ) -> None:
         super().__init__(link, target_host, target_port)
+        #: ``(name, secret)`` of the load-balanced group this forward is a member of: the
+        #: server spreads the public connections across the group's live members.
+        self.group = group
+        #: Set: each public connection's stream is handed to it instead of relayed to a
+        #: dialled target (and there is no target to health-probe).
+        self.handler = handler
         self.connect_timeout = connect_timeout
         #: ``"v1"`` or ``"v2"``: each connection to the target starts with a PROXY protocol
         #: header naming the public peer, so the service sees who really connected.
@@ -119,15 +133,23 @@ class RemoteForward(Forward):
 
     async def _serve_attached(self, session: Session, task_status: trio.TaskStatus[None]) -> None:
         with self._attach_scope:
-            control = await session.open_stream(
-                self._remote_host, self._remote_port, tag=self._listen_route
-            )
+            route = self._listen_route
+            if self.group is not None:
+                route = routes.NAME_GROUP if route == routes.NAME else routes.LISTEN_GROUP
+            control = await session.open_stream(self._remote_host, self._remote_port, tag=route)
             link = self._link
             try:
-                channel = ControlChannel(control, ControlRole.CLIENT)
-                bound = await _receive_bound(channel)
+                channel = ControlChannel(
+                    control, ControlRole.CLIENT, grouped=self.group is not None
+                )
+                if self.group is not None:
+                    name, key = self.group
+                    await channel.send(Join(name, group_proof(name, key)))
+                bound = await _receive_bound(
+                    channel, format_target(self._remote_host, self._remote_port)
+                )
                 self.listen_host, self.listen_port = bound.host, bound.port
-                self._remote_port = bound.port  # after a reconnect, ask for the same port
+                self._remember(bound)
                 # unbounded, as the session's stream limit already bounds incoming streams
                 send, receive = trio.open_memory_channel[IncomingStream](math.inf)
                 async with trio.open_nursery() as nursery:
@@ -142,7 +164,11 @@ class RemoteForward(Forward):
                     else:
                         self._set_status(ForwardStatus.ACTIVE, "registered at the server")
                     task_status.started()
-                    if link.config.probe_interval > 0 and self._listen_route == routes.LISTEN:
+                    if (
+                        link.config.probe_interval > 0
+                        and self._listen_route != routes.UDP_LISTEN
+                        and self.handler is None
+                    ):
                         nursery.start_soon(self._probe_loop, channel)
                     # errors are handled here, inside the nursery, so they are not wrapped
                     self._follow_server(await wait_stream_end(control), session)
@@ -151,6 +177,10 @@ class RemoteForward(Forward):
                 self._incoming = None
                 link.unroute(control.stream_id)
                 await trio.aclose_forcefully(control)
+
+    def _remember(self, bound: Bound) -> None:
+        """After a reconnect, ask for the same port (the real one, when 0 was asked for)."""
+        self._remote_port = bound.port
 
     def _follow_server(self, end: BaseException | None, session: Session) -> None:
         """Why the control stream ended decides what the forward becomes."""
@@ -237,6 +267,9 @@ class RemoteForward(Forward):
                 incoming.refuse(ErrorCode.FORWARD_FAILED, "forward is closing")
 
     async def _handle(self, incoming: IncomingStream) -> None:
+        if self.handler is not None:
+            await self._hand_over(incoming, self.handler)
+            return
         # the server may give up on the public connection, cancelling the dial
         await serve_egress(
             incoming,
@@ -244,6 +277,23 @@ class RemoteForward(Forward):
             self._relay,
             self.stats.count_failure,
         )
+
+    async def _hand_over(self, incoming: IncomingStream, handler: StreamHandler) -> None:
+        """Accept the public connection's stream and let ``handler`` serve it; its failure
+        ends that one connection (logged), never the forward."""
+        try:
+            stream = incoming.accept()
+        except SessionClosedError:
+            return
+        self.stats.active_connections += 1
+        self.stats.total_connections += 1
+        try:
+            await handler(stream)
+        except Exception:
+            log.exception("%s %s: the stream handler failed", self.kind, self.listen_port)
+        finally:
+            self.stats.active_connections -= 1
+            await trio.aclose_forcefully(stream)
 
     async def _connect_target(self, incoming: IncomingStream) -> trio.SocketStream:
         """Dial the target; with ``proxy_protocol``, announce the public peer to it first."""
@@ -332,12 +382,15 @@ async def _tell(channel: ControlChannel, message: ForwardState) -> bool:
     return True
 
 
-async def _receive_bound(channel: ControlChannel) -> Bound:
-    """Where the server listens for this forward, or why it will not."""
+async def _receive_bound(channel: ControlChannel, address: str) -> Bound:
+    """Where the server listens for this forward, or why it will not (a group member's
+    refusal comes as a reset carrying the refusal's code, raised as its own error)."""
     try:
         return await channel.receive_bound()
     except trio.BrokenResourceError as exc:
         cause = exc.__cause__
         if isinstance(cause, StreamResetError):
+            if ErrorCode.FORWARD_FAILED <= cause.code < ErrorCode.FORWARD_FAILED + 100:
+                raise refusal_error(cause.code, cause.message, target=address) from None
             raise ForwardError(f"the server withdrew the forward: {cause}") from None
         raise SessionClosedError("the tunnel connection was lost") from exc

@@ -6,10 +6,18 @@ stream. Inside it, framed like session frames but decoded as the control layer o
     server -> client   Bound(host, port)          exactly once, first: where it listens
     client -> server   ForwardState(online, why)  any number, only after Bound
 
+A member of a load-balanced group (routes ``LISTEN_GROUP``, ``NAME_GROUP``; the protocol is
+made ``grouped``) says which group first, before the server binds anything::
+
+    client -> server   Join(group, proof)         exactly once, before anything else
+    server -> client   Bound(host, port)          only after Join
+    client -> server   ForwardState(online, why)  any number, only after Bound
+
 Nothing else ever travels on it: the server sends nothing after ``Bound`` and the client
-nothing but ``ForwardState``. Closing the stream (either side) ends the forward, so the end
-of the stream is the protocol's end, not an error, except before ``Bound``: the server
-closing then means it never confirmed the forward.
+nothing but ``Join`` (grouped, first) and ``ForwardState``. Closing the stream (either side)
+ends the forward, so the end of the stream is the protocol's end, not an error, except before
+``Bound``: the server closing then means it never confirmed the forward (a group member's is
+reset with the refusal's code instead).
 
 One :class:`ControlProtocol` per end and role checks both directions; it knows nothing of
 streams or trio (``_control.py`` runs it over a stream).
@@ -21,7 +29,7 @@ import enum
 
 from ..errors import ErrorCode, ForwardError, LocalProtocolError, RemoteProtocolError
 from .frames import FrameDecoder, encode_message
-from .messages import CONTROL, MIN_MAX_FRAME_SIZE, Bound, ControlMessage, ForwardState
+from .messages import CONTROL, MIN_MAX_FRAME_SIZE, Bound, ControlMessage, ForwardState, Join
 
 __all__ = [
     "CONTROL_MAX_FRAME_SIZE",
@@ -52,8 +60,8 @@ class ControlProtocol:
 
     Errors:
       LocalProtocolError: we tried to send what our role or the order forbids (a second
-        ``Bound``, a ``ForwardState`` before ``Bound`` was received, a message of the other
-        role). Nothing is encoded.
+        ``Bound``, a ``ForwardState`` before ``Bound`` was received, ``Join`` where there is
+        no group, a message of the other role). Nothing is encoded.
       RemoteProtocolError: the peer did (``UNEXPECTED_MESSAGE``), or sent a bad frame (the
         decoder's codes).
       ForwardError: (client) the server ended the stream before sending ``Bound``.
@@ -61,8 +69,12 @@ class ControlProtocol:
     A receiving error is sticky: every later :meth:`next_message` raises it again.
     """
 
-    def __init__(self, role: ControlRole) -> None:
+    def __init__(self, role: ControlRole, *, grouped: bool = False) -> None:
         self.role = role
+        #: Whether this control stream is a group member's (``Join`` first).
+        self.grouped = grouped
+        #: Whether ``Join`` has crossed the stream (grouped only).
+        self.joined = False
         #: Whether ``Bound`` has crossed the stream (sent by the server, read by the client).
         self.bound = False
         #: Whether the peer has ended its side and every message it sent was taken.
@@ -80,11 +92,20 @@ class ControlProtocol:
                 raise LocalProtocolError("the server sends nothing but Bound on a control stream")
             if self.bound:
                 raise LocalProtocolError("Bound was already sent on this control stream")
+            if self.grouped and not self.joined:
+                raise LocalProtocolError("Bound before the client's Join")
             self.bound = True
+        elif isinstance(message, Join):
+            if not self.grouped:
+                raise LocalProtocolError("Join on the control stream of a forward with no group")
+            if self.joined:
+                raise LocalProtocolError("Join was already sent on this control stream")
+            self.joined = True
         else:
             if not isinstance(message, ForwardState):
                 raise LocalProtocolError(
-                    "the client sends nothing but ForwardState on a control stream"
+                    "the client sends nothing but ForwardState (and a group's Join, first) on a "
+                    "control stream"
                 )
             if not self.bound:
                 raise LocalProtocolError("ForwardState before the server's Bound")
@@ -117,13 +138,19 @@ class ControlProtocol:
                 if self.role is ControlRole.CLIENT and not self.bound:
                     raise ForwardError("the server closed the forward before confirming it")
             return None
-        assert isinstance(message, (Bound, ForwardState))  # the decoder's layer is CONTROL
+        assert isinstance(message, (Bound, Join, ForwardState))  # the decoder's layer: CONTROL
         if self.role is ControlRole.CLIENT:
             if self.bound or not isinstance(message, Bound):
                 raise _unexpected(message, "after Bound" if self.bound else "before Bound")
             self.bound = True
+        elif isinstance(message, Join):
+            if not self.grouped or self.joined:
+                raise _unexpected(message, "again" if self.joined else "on a forward with no group")
+            self.joined = True
         elif not isinstance(message, ForwardState):
             raise _unexpected(message, "from the client")
+        elif self.grouped and not self.joined:
+            raise _unexpected(message, "before Join")
         elif not self.bound:
             raise _unexpected(message, "before Bound")
         return message

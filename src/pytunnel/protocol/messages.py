@@ -16,6 +16,8 @@ of them, for encoding.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Any, ClassVar, TypeVar, Union
 
 import attrs
@@ -28,6 +30,7 @@ __all__ = [
     "CONTROL",
     "HANDSHAKE",
     "MAX_CLIENT_ID",
+    "MAX_GROUP",
     "MAX_STREAM_ID",
     "MAX_WINDOW",
     "MIN_MAX_FRAME_SIZE",
@@ -43,6 +46,7 @@ __all__ = [
     "GoAway",
     "HandshakeMessage",
     "Hello",
+    "Join",
     "Layer",
     "Message",
     "Open",
@@ -55,6 +59,7 @@ __all__ = [
     "WindowUpdate",
     "Welcome",
     "converter",
+    "group_proof",
     "truncate_text",
     "valid_client_id",
 ]
@@ -72,6 +77,8 @@ MAX_HOST = 255
 MAX_VERSIONS = 16
 #: A client identity is at most this many bytes (a 128-bit random id is 32 hex digits).
 MAX_CLIENT_ID = 64
+#: The longest load-balanced group name, in UTF-8 bytes.
+MAX_GROUP = 64
 NONCE_SIZE = 32
 MAC_SIZE = 32
 #: Largest UDP payload carried (the IPv4 maximum: 65535 - 8 - 20).
@@ -375,6 +382,26 @@ class Bound:
 
 
 @attrs.frozen
+class Join:
+    """Sent framed inside a grouped remote forward's or name route's control stream, client ->
+    server, first and once: the load-balanced group the forward joins.
+
+    ``proof`` is HMAC-SHA256 of ``b"pytunnel-group\0" + group`` keyed with the group's secret
+    (:func:`group_proof`): every member of a group must send the same one, and the secret
+    itself never crosses the wire.
+    """
+
+    TAG: ClassVar[str] = "join"
+    group: str = attrs.field(validator=_max_utf8(MAX_GROUP))
+    proof: bytes = attrs.field(validator=_exact_len(MAC_SIZE))
+
+
+def group_proof(group: str, key: bytes) -> bytes:
+    """What a member of ``group`` holding ``key`` sends in its :class:`Join`."""
+    return hmac.new(key, b"pytunnel-group\0" + group.encode(), hashlib.sha256).digest()
+
+
+@attrs.frozen
 class ForwardState:
     """Sent framed inside a remote-forward control stream, client -> server.
 
@@ -407,7 +434,7 @@ SessionMessage = Union[  # noqa: UP007
     GoAway,
 ]
 #: What travels framed inside a remote forward's control stream.
-ControlMessage = Union[Bound, ForwardState]  # noqa: UP007
+ControlMessage = Union[Bound, Join, ForwardState]  # noqa: UP007
 
 #: Every message, for encoding (a real Union object: cattrs needs one at runtime on 3.10).
 Message = Union[HandshakeMessage, SessionMessage, ControlMessage]  # noqa: UP007
@@ -440,7 +467,7 @@ def _kinds(union: Any) -> frozenset[type[Any]]:
 HANDSHAKE = Layer("during the handshake", _kinds(HandshakeMessage))
 #: The multiplexer's frames.
 SESSION = Layer("after the handshake", _kinds(SessionMessage))
-#: ``Bound`` and ``ForwardState``, framed inside a control stream.
+#: ``Bound``, ``Join`` and ``ForwardState``, framed inside a control stream.
 CONTROL = Layer("on a forward's control stream", _kinds(ControlMessage))
 #: Every message: for tools and tests that decode any frame.
 ANY_LAYER = Layer("anywhere", frozenset(MESSAGE_TYPES))

@@ -9,6 +9,14 @@ Streams the *client* opens:
 * ``UDP_CONNECT`` (2): a UDP association with ``host:port`` at the server; datagrams travel
   as ``Datagram`` messages on the stream.
 * ``UDP_LISTEN`` (3): a UDP remote forward request, like ``LISTEN``.
+* ``LISTEN_GROUP`` (5), ``NAME_GROUP`` (6): ``LISTEN`` and ``NAME`` for a member of a
+  load-balanced group: the server accepts the stream first, the client sends ``Join`` (the
+  group and the proof of its secret) before anything else, and the server answers ``Bound``
+  or resets the stream with the refusal's code.
+* ``NAME`` (4): a name route request: route the connections for host name ``host`` on the
+  server's shared HTTP listener (``port`` 80, by the request's ``Host``) or shared HTTPS
+  listener (``port`` 443, by the ClientHello's server name). The control stream stays open
+  like ``LISTEN``'s; ``Bound`` answers the full name and the listener's real port.
 
 Streams the *server* opens carry, as ``tag``, the stream id of the remote forward's control
 stream they belong to, and the public peer's address as ``host``/``port`` (informational).
@@ -22,3 +30,13 @@ LISTEN = 1
 UDP_CONNECT = 2
 #: UDP remote forward request; the control stream stays open like ``LISTEN``'s.
 UDP_LISTEN = 3
+#: Name route request (``host`` the name; ``port`` 80: HTTP by Host, 443: TLS by SNI).
+NAME = 4
+#: The ``port`` of a ``NAME`` request for the shared HTTP listener.
+NAME_HTTP = 80
+#: The ``port`` of a ``NAME`` request for the shared HTTPS (TLS passthrough) listener.
+NAME_TLS = 443
+#: ``LISTEN`` for a member of a load-balanced group (``Join`` first on the control stream).
+LISTEN_GROUP = 5
+#: ``NAME`` for a member of a load-balanced group.
+NAME_GROUP = 6

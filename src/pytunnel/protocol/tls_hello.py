@@ -22,6 +22,7 @@ from __future__ import annotations
 import attrs
 
 __all__ = [
+    "ALERT_INTERNAL_ERROR",
     "ALERT_UNRECOGNIZED_NAME",
     "ClientHello",
     "ClientHelloError",
@@ -41,6 +42,8 @@ _RECORD_HEADER = 5
 _MAX_RECORD = 2**14 + 2048
 #: RFC 8446 alert descriptions this module's users send.
 ALERT_UNRECOGNIZED_NAME = 112
+#: ``internal_error``: the name is known but cannot be served now.
+ALERT_INTERNAL_ERROR = 80
 _ALERT_FATAL = 2
 _ALERT_CONTENT_TYPE = 21
 

@@ -1,0 +1,193 @@
+"""Load-balanced groups at the server: several clients serving one public port or one name.
+
+Members of one group present the same group name and the same proof of the group's secret
+(``Join``). Public connections are handed to the live members in turn (round robin); a member
+that is offline (its health probes), at a limit or gone is skipped, and a member leaves the
+group synchronously when its forward or its session ends, so the next connection never goes
+to it. The port or name is the group's, not any member's: it stays served while one member is
+left and is given back when the last leaves.
+
+Each connection is carried in the nursery of the member it is handed to, inside that
+member's session nursery, so a session ending still ends every relay it carries. A port
+group's accept loop runs in one member's nursery (its owner's) and moves to another member
+when the owner leaves; the listening socket stays open meanwhile, so connections waiting in
+the kernel's backlog are not lost.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import trio
+
+from .._listen import accept
+from ..errors import GroupMismatchError, printable
+
+log = logging.getLogger("pytunnel.server")
+
+
+class Member(Protocol):
+    """What a group needs of each member (a name route's or a port's server side)."""
+
+    #: False while the member's health probes find its target down.
+    online: bool
+
+    @property
+    def peer(self) -> str:
+        """The member's client, for logs and stats."""
+        ...
+
+    def take(self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> bool:
+        """Carry ``conn`` in the member's nursery (true), or refuse to (false: closing, at
+        the stream limit); never blocks."""
+        ...
+
+    def start_soon(self, task: Callable[[], Awaitable[object]]) -> bool:
+        """Run ``task`` in the member's nursery; false if it has none (not running yet or
+        ending)."""
+        ...
+
+
+class Group:
+    """The members serving one port or name, in the order they joined."""
+
+    def __init__(
+        self,
+        name: str,
+        proof: bytes,
+        what: str,
+        on_empty: Callable[[Group], None],
+    ) -> None:
+        self.name = name
+        self._proof = proof
+        #: What the group serves, for logs: ``"port 8080"``, ``"app.example.com"``.
+        self.what = what
+        self.members: list[Member] = []
+        self._next = 0
+        self._on_empty = on_empty
+        #: Gives the group's name back where it was registered (name groups).
+        self.on_given_back: Callable[[], None] = lambda: None
+        #: Connections handed to members since the group was formed.
+        self.connections = 0
+
+    def check(self, name: str, proof: bytes) -> None:
+        """Raise ``GroupMismatchError`` unless ``name`` and ``proof`` are this group's."""
+        if name != self.name or not hmac.compare_digest(proof, self._proof):
+            raise GroupMismatchError(
+                f"{self.what} is served by a load-balanced group this forward cannot join "
+                "(another group name, or another group secret)",
+                address=self.what,
+            )
+
+    def add(self, member: Member) -> None:
+        self.members.append(member)
+        log.info(
+            "group %s (%s): client %s joined; %d member(s)",
+            printable(self.name),
+            self.what,
+            member.peer,
+            len(self.members),
+        )
+
+    def remove(self, member: Member) -> None:
+        """Take ``member`` out now; the last one out gives the port or name back."""
+        if member not in self.members:
+            return
+        index = self.members.index(member)
+        del self.members[index]
+        if index < self._next:
+            self._next -= 1
+        if self._next >= len(self.members):
+            self._next = 0
+        log.info(
+            "group %s (%s): client %s left; %d member(s)",
+            printable(self.name),
+            self.what,
+            member.peer,
+            len(self.members),
+        )
+        if not self.members:
+            self._on_empty(self)
+
+    def take(self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> bool:
+        """Hand ``conn`` to the next live member that takes it; false if none does."""
+        count = len(self.members)
+        for step in range(count):
+            member = self.members[(self._next + step) % count]
+            if member.online and member.take(conn, peer):
+                self._next = (self._next + step + 1) % count
+                self.connections += 1
+                return True
+        return False
+
+
+class PortGroup(Group):
+    """A group serving one public TCP port: owns its listeners and their accept loop."""
+
+    def __init__(
+        self,
+        name: str,
+        proof: bytes,
+        listeners: list[trio.SocketListener],
+        address: str,
+        on_empty: Callable[[Group], None],
+    ) -> None:
+        super().__init__(name, proof, f"port {address}", on_empty)
+        self.listeners = listeners
+        self._owner: Member | None = None
+        self._accepting = trio.CancelScope()
+
+    def add(self, member: Member) -> None:
+        super().add(member)
+        self._ensure_accepting()
+
+    def remove(self, member: Member) -> None:
+        if member is self._owner:
+            self._accepting.cancel()
+            self._owner = None
+        if len(self.members) == 1 and member in self.members:
+            # the last one: the port refuses before that member's relays are torn down
+            self.close_listeners()
+        super().remove(member)
+        if self.members:
+            self._ensure_accepting()
+
+    def close_listeners(self) -> None:
+        self._accepting.cancel()
+        listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            listener.socket.close()
+
+    def _ensure_accepting(self) -> None:
+        """Run the accept loop in some member's nursery, if it runs nowhere."""
+        if self._owner is not None or not self.listeners:
+            return
+        for member in self.members:
+            scope = trio.CancelScope()
+            if member.start_soon(functools.partial(self._accept_all, scope)):
+                self._owner, self._accepting = member, scope
+                return
+
+    async def _accept_all(self, scope: trio.CancelScope) -> None:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                for listener in list(self.listeners):
+                    nursery.start_soon(self._accept_loop, listener)
+
+    async def _accept_loop(self, listener: trio.SocketListener) -> None:
+        while True:
+            try:
+                conn = await accept(listener)
+            except trio.ClosedResourceError:
+                return
+            try:
+                host, port = conn.socket.getpeername()[:2]
+            except OSError:
+                await trio.aclose_forcefully(conn)
+                continue
+            if not self.take(conn, (str(host), int(port))):
+                await trio.aclose_forcefully(conn)

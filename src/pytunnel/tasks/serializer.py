@@ -1,0 +1,437 @@
+"""Runner's typed JSON, read and written the way ``@bluelibs/runner`` 5.5 does.
+
+Plain JSON carries what JSON can; a value JSON cannot carry is a record
+``{"__type": NAME, "value": PAYLOAD}``. Python values map to Runner's as follows:
+
+========================  =========================================================
+Runner                    Python
+========================  =========================================================
+``Date``                  an aware :class:`datetime.datetime` (written in UTC, to
+                          the millisecond, as ``Date.toISOString`` does)
+``Undefined``             :data:`UNDEFINED` (``undefined`` is not ``null``)
+``Map``                   :class:`RunnerMap` (a ``dict``); a plain ``dict`` with a
+                          key that is not a ``str`` is written as a ``Map`` too
+``Set``                   ``set`` / ``frozenset``
+``BigInt``                ``int`` (written as a ``BigInt`` beyond 2**53 - 1, where a
+                          JavaScript number would lose digits)
+``NonFiniteNumber``       ``float`` NaN and the infinities
+``RegExp``                :class:`RegExp` (JavaScript's syntax is not Python's)
+``URL``                   :class:`URL`
+``Error``                 :class:`JsError`
+========================  =========================================================
+
+A user's own key named ``__type`` or ``__graph`` (or starting with the escape prefix) is
+written escaped (``$runner.escape::__type``) so it cannot be taken for a marker, and read
+back unescaped. Runner's graph form (``{"__graph": true, "root": ..., "nodes": ...}``, which
+keeps shared and circular references) is read too; it is never written, as Runner's own
+``stringify`` never writes it either.
+
+Reading is strict where Runner's is: an unknown ``__type``, a malformed payload, NaN
+literals, over-deep nesting are one :class:`SerializationError` (the server answers it with
+400 ``INVALID_JSON``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+import attrs
+
+__all__ = [
+    "UNDEFINED",
+    "URL",
+    "JsError",
+    "RegExp",
+    "RunnerMap",
+    "SerializationError",
+    "Undefined",
+    "dumps",
+    "loads",
+]
+
+ESCAPE_PREFIX: Final = "$runner.escape::"
+_MARKER_KEYS: Final = frozenset({"__type", "__graph"})
+MAX_SAFE_INTEGER: Final = 2**53 - 1
+MAX_DEPTH: Final = 500
+_BIGINT = re.compile(r"[+-]?\d+")
+_REGEXP_FLAGS: Final = frozenset("dgimsuvy")
+
+
+class SerializationError(ValueError):
+    """A payload that is not Runner's typed JSON, or a value it cannot carry."""
+
+
+class Undefined:
+    """JavaScript's ``undefined``: an absent input, distinct from ``null`` (``None``)."""
+
+    _instance: Undefined | None = None
+
+    def __new__(cls) -> Undefined:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNDEFINED"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNDEFINED: Final = Undefined()
+
+
+class RunnerMap(dict[Any, Any]):
+    """A JavaScript ``Map``: a ``dict`` that is written back as a ``Map`` (keys of any kind,
+    order kept)."""
+
+
+@attrs.frozen
+class RegExp:
+    """A JavaScript regular expression, carried as its source and flags."""
+
+    pattern: str
+    flags: str = ""
+
+
+@attrs.frozen
+class URL:
+    """A JavaScript ``URL``, carried as its ``href``."""
+
+    href: str
+
+
+@attrs.define
+class JsError:
+    """A JavaScript ``Error`` value (an error as data, not one raised here)."""
+
+    name: str
+    message: str
+    stack: str | None = None
+    cause: object = UNDEFINED
+    custom_fields: dict[str, Any] = attrs.field(factory=dict)
+
+
+def dumps(value: object) -> str:
+    """``value`` as Runner's typed JSON text."""
+    try:
+        tree = _encode(value, 0, set())
+    except RecursionError:
+        raise SerializationError("the value is nested too deeply") from None
+    return json.dumps(tree, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def loads(text: str | bytes) -> Any:
+    """Runner's typed JSON text back to Python values."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        parsed = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError too
+        raise SerializationError(f"invalid JSON: {exc}") from None
+    try:
+        if _is_graph(parsed):
+            return _Graph(parsed["nodes"]).value(parsed["root"], 0)
+        return _decode(parsed, 0)
+    except RecursionError:
+        raise SerializationError("the payload is nested too deeply") from None
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def _typed(name: str, value: object) -> dict[str, object]:
+    return {"__type": name, "value": value}
+
+
+def _escape_key(key: str) -> str:
+    if key in _MARKER_KEYS or key.startswith(ESCAPE_PREFIX):
+        return ESCAPE_PREFIX + key
+    return key
+
+
+def _iso(value: _dt.datetime) -> str:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise SerializationError("a naive datetime has no instant: give it a time zone")
+    utc = value.astimezone(_dt.timezone.utc)
+    return (
+        f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:"
+        f"{utc.second:02d}.{utc.microsecond // 1000:03d}Z"
+    )
+
+
+def _encode(value: object, depth: int, stack: set[int]) -> object:
+    if depth > MAX_DEPTH:
+        raise SerializationError(f"the value is nested deeper than {MAX_DEPTH}")
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        if abs(value) > MAX_SAFE_INTEGER:
+            return _typed("BigInt", str(value))
+        return value
+    if isinstance(value, float):
+        if math.isnan(value):
+            return _typed("NonFiniteNumber", "NaN")
+        if math.isinf(value):
+            return _typed("NonFiniteNumber", "Infinity" if value > 0 else "-Infinity")
+        return value
+    if value is UNDEFINED:
+        return _typed("Undefined", None)
+    if isinstance(value, _dt.datetime):
+        return _typed("Date", _iso(value))
+    if isinstance(value, RegExp):
+        return _typed("RegExp", {"pattern": value.pattern, "flags": value.flags})
+    if isinstance(value, URL):
+        return _typed("URL", value.href)
+    key = id(value)
+    if key in stack:
+        raise SerializationError("a circular structure cannot be written")
+    stack.add(key)
+    try:
+        return _encode_container(value, depth, stack)
+    finally:
+        stack.discard(key)
+
+
+def _encode_container(value: object, depth: int, stack: set[int]) -> object:
+    nested = depth + 1
+    if isinstance(value, JsError):
+        payload: dict[str, object] = {
+            "name": value.name,
+            "message": value.message,
+            "customFields": {
+                _escape_key(k): _encode(v, nested + 1, stack)
+                for k, v in value.custom_fields.items()
+            },
+        }
+        if value.stack is not None:
+            payload["stack"] = value.stack
+        if value.cause is not UNDEFINED:
+            payload["cause"] = _encode(value.cause, nested, stack)
+        return _typed("Error", payload)
+    if isinstance(value, BaseException):
+        return _typed(
+            "Error", {"name": type(value).__name__, "message": str(value), "customFields": {}}
+        )
+    if isinstance(value, RunnerMap) or (
+        isinstance(value, Mapping) and not all(isinstance(k, str) for k in value)
+    ):
+        return _typed(
+            "Map",
+            [
+                [_encode(k, nested + 1, stack), _encode(v, nested + 1, stack)]
+                for k, v in value.items()
+            ],
+        )
+    if isinstance(value, Mapping):
+        return {_escape_key(k): _encode(v, nested, stack) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(item, nested, stack) for item in value]
+    if isinstance(value, (set, frozenset)):
+        return _typed("Set", [_encode(item, nested + 1, stack) for item in value])
+    raise SerializationError(f"a {type(value).__name__} cannot be written as Runner JSON")
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def _is_graph(value: object) -> bool:
+    return (
+        isinstance(value, dict)
+        and value.get("__graph") is True
+        and "root" in value
+        and isinstance(value.get("nodes"), dict)
+    )
+
+
+def _is_typed(value: dict[str, Any]) -> bool:
+    return isinstance(value.get("__type"), str) and "value" in value
+
+
+def _decode(value: Any, depth: int) -> Any:
+    """The tree form (what Runner's ``stringify`` writes): escaped keys unescaped."""
+    if depth > MAX_DEPTH:
+        raise SerializationError(f"the payload is nested deeper than {MAX_DEPTH}")
+    if isinstance(value, list):
+        return [_decode(item, depth + 1) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if _is_typed(value):
+        return _revive(value["__type"], _decode(value["value"], depth + 1))
+    return {_unescape_key(k): _decode(v, depth + 1) for k, v in value.items()}
+
+
+def _unescape_key(key: str) -> str:
+    return key[len(ESCAPE_PREFIX) :] if key.startswith(ESCAPE_PREFIX) else key
+
+
+def _revive(name: str, data: Any) -> Any:
+    reviver = _REVIVERS.get(name)
+    if reviver is None:
+        raise SerializationError(f"unknown type {name!r}")
+    try:
+        return reviver(data)
+    except SerializationError:
+        raise
+    except (TypeError, ValueError, KeyError) as exc:
+        raise SerializationError(f"invalid {name} payload") from exc
+
+
+def _revive_date(data: Any) -> _dt.datetime:
+    if not isinstance(data, str):
+        raise SerializationError("invalid Date payload")
+    text = data[:-1] + "+00:00" if data.endswith("Z") else data
+    parsed = _dt.datetime.fromisoformat(text)
+    if parsed.tzinfo is None:  # JavaScript reads a date-time without offset as local time
+        parsed = parsed.astimezone()
+    return parsed
+
+
+def _revive_regexp(data: Any) -> RegExp:
+    if not isinstance(data, dict) or not isinstance(data.get("pattern"), str):
+        raise SerializationError("invalid RegExp payload")
+    flags = data.get("flags", "")
+    if (
+        not isinstance(flags, str)
+        or not set(flags) <= _REGEXP_FLAGS
+        or len(set(flags)) != len(flags)
+    ):
+        raise SerializationError("invalid RegExp flags")
+    return RegExp(data["pattern"], flags)
+
+
+def _revive_map(data: Any) -> RunnerMap:
+    if not isinstance(data, list) or not all(
+        isinstance(entry, list) and len(entry) == 2 for entry in data
+    ):
+        raise SerializationError("invalid Map payload")
+    out = RunnerMap()
+    for key, item in data:
+        out[_hashable(key)] = item
+    return out
+
+
+def _revive_set(data: Any) -> set[Any]:
+    if not isinstance(data, list):
+        raise SerializationError("invalid Set payload")
+    return {_hashable(item) for item in data}
+
+
+def _hashable(value: Any) -> Any:
+    try:
+        hash(value)
+    except TypeError:
+        raise SerializationError(
+            "a Map key or Set member that is an object cannot be held in Python"
+        ) from None
+    return value
+
+
+def _revive_bigint(data: Any) -> int:
+    if not isinstance(data, str) or not _BIGINT.fullmatch(data.strip()):
+        raise SerializationError("invalid bigint payload")
+    return int(data.strip())
+
+
+def _revive_nonfinite(data: Any) -> float:
+    values = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+    if data not in values:
+        raise SerializationError("invalid non-finite number payload")
+    return values[data]
+
+
+def _revive_url(data: Any) -> URL:
+    if not isinstance(data, str):
+        raise SerializationError("invalid URL payload")
+    return URL(data)
+
+
+def _revive_error(data: Any) -> JsError:
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("name"), str)
+        or not isinstance(data.get("message"), str)
+    ):
+        raise SerializationError("invalid Error payload")
+    stack = data.get("stack")
+    custom = data.get("customFields", {})
+    if (stack is not None and not isinstance(stack, str)) or not isinstance(custom, dict):
+        raise SerializationError("invalid Error payload")
+    return JsError(data["name"], data["message"], stack, data.get("cause", UNDEFINED), custom)
+
+
+_REVIVERS: dict[str, Any] = {
+    "Date": _revive_date,
+    "Undefined": lambda _data: UNDEFINED,
+    "Map": _revive_map,
+    "Set": _revive_set,
+    "BigInt": _revive_bigint,
+    "NonFiniteNumber": _revive_nonfinite,
+    "RegExp": _revive_regexp,
+    "URL": _revive_url,
+    "Error": _revive_error,
+}
+
+
+class _Graph:
+    """Runner's graph form: ``{"__ref": id}`` points into ``nodes``; a node is read once, so
+    a shared reference stays one Python object and a cycle through a list or dict holds."""
+
+    def __init__(self, nodes: dict[str, Any]) -> None:
+        self.nodes = nodes
+        self.resolved: dict[str, Any] = {}
+
+    def value(self, value: Any, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise SerializationError(f"the payload is nested deeper than {MAX_DEPTH}")
+        if isinstance(value, list):
+            return [self.value(item, depth + 1) for item in value]
+        if not isinstance(value, dict):
+            return value
+        if "__ref" in value:
+            if len(value) != 1 or not isinstance(value["__ref"], str):
+                raise SerializationError("invalid object reference payload")
+            return self.node(value["__ref"], depth + 1)
+        if _is_typed(value):
+            return _revive(value["__type"], self.value(value["value"], depth + 1))
+        return {k: self.value(v, depth + 1) for k, v in value.items()}
+
+    def node(self, ref: str, depth: int) -> Any:
+        if ref in self.resolved:
+            return self.resolved[ref]
+        node = self.nodes.get(ref)
+        if not isinstance(node, dict):
+            raise SerializationError(f"unresolved reference id {ref!r}")
+        kind = node.get("kind")
+        payload = node.get("value")
+        if kind == "array":
+            if not isinstance(payload, list):
+                raise SerializationError("invalid array node payload")
+            items: list[Any] = []
+            self.resolved[ref] = items
+            items.extend(self.value(item, depth + 1) for item in payload)
+            return items
+        if kind == "object":
+            if not isinstance(payload, dict):
+                raise SerializationError("invalid object node payload")
+            record: dict[str, Any] = {}
+            self.resolved[ref] = record
+            record.update((k, self.value(v, depth + 1)) for k, v in payload.items())
+            return record
+        if kind == "type":
+            name = node.get("type")
+            if not isinstance(name, str):
+                raise SerializationError("invalid type node")
+            result = _revive(name, self.value(payload, depth + 1))
+            self.resolved[ref] = result
+            return result
+        raise SerializationError("unsupported node kind")

@@ -1,0 +1,197 @@
+"""From the address a client is given to a connector that opens its transport each time.
+
+``host:port`` is the raw tunnel (TLS on top of it is the supervisor's, end to end with the
+server); ``ws://`` and ``wss://`` URLs are the WebSocket transport. Either may go through a
+proxy. The TLS options of the client describe the first TLS layer on the way: for ``wss://``
+that is the WebSocket's own (the one a TLS-terminating reverse proxy presents, which the
+client trusts by CA or pins), so the supervisor adds none; otherwise it is the tunnel's.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable, Sequence
+
+import attrs
+import trio
+
+from .._client_config import ClientConfig
+from .._dial import dial, format_target
+from .._spec import parse_host_port
+from .._supervisor import Connector
+from .._tls import client_tls_context, tls_connect
+from ..errors import ConnectError, DialError, TLSError, TunnelError
+from .proxy import ProxyURL, connect_via_proxy, parse_proxy_url
+from .websocket import WebSocketURL, connect_websocket, parse_websocket_url
+
+__all__ = ["ServerTransport", "server_transport", "servers_transport"]
+
+
+@attrs.frozen
+class ServerTransport:
+    """How a tunnel reaches its server."""
+
+    connector: Connector
+    #: The host connected to (the default name its certificate must carry); with several
+    #: servers, that of the one the last connection reached.
+    server_host: Callable[[], str]
+    #: Whether the connector's stream already is the TLS layer the config describes.
+    carries_tls: bool
+    #: The server the last connection reached, as the user wrote it.
+    current: Callable[[], str]
+
+
+#: Seconds each server has to answer before the next one is tried too (RFC 8305's
+#: "connection attempt delay"): a dead server costs this, not a whole connect timeout.
+ATTEMPT_DELAY = 0.25
+
+Address = str | tuple[str, int]
+
+
+def _label(address: Address) -> str:
+    return address if isinstance(address, str) else format_target(*address)
+
+
+def servers_transport(addresses: Sequence[Address], config: ClientConfig) -> ServerTransport:
+    """The transport to the first of ``addresses`` that answers, tried in order with
+    :data:`ATTEMPT_DELAY` between starts (happy eyeballs across servers), anew at every
+    reconnection. One address is :func:`server_transport`."""
+    if not addresses:
+        raise ValueError("no server address given")
+    transports = [server_transport(address, config) for address in addresses]
+    if len(transports) == 1:
+        return transports[0]
+    if len({t.carries_tls for t in transports}) != 1:
+        raise ValueError("wss:// servers cannot be mixed with ws:// or host:port ones")
+    labels = [_label(address) for address in addresses]
+    chosen = [0]
+
+    async def connect() -> trio.abc.Stream:
+        index, stream = await _first_to_answer([t.connector for t in transports], labels)
+        chosen[0] = index
+        return stream
+
+    return ServerTransport(
+        connect,
+        lambda: transports[chosen[0]].server_host(),
+        transports[0].carries_tls,
+        lambda: labels[chosen[0]],
+    )
+
+
+async def _first_to_answer(
+    connectors: list[Connector], labels: list[str]
+) -> tuple[int, trio.abc.Stream]:
+    """Start the connectors one after another, each :data:`ATTEMPT_DELAY` after the last
+    (or at once when the last failed); the first stream wins, the others are cancelled (or
+    closed, if they connected too). ``ConnectError`` naming every failure if none does."""
+    winner: list[tuple[int, trio.abc.Stream]] = []
+    errors: dict[int, BaseException] = {}
+    async with trio.open_nursery() as nursery:
+
+        async def attempt(index: int, failed: trio.Event) -> None:
+            try:
+                stream = await connectors[index]()
+            except (TunnelError, OSError) as exc:
+                errors[index] = exc
+                failed.set()
+                return
+            if winner:
+                await trio.aclose_forcefully(stream)
+                return
+            winner.append((index, stream))
+            nursery.cancel_scope.cancel()
+
+        for index in range(len(connectors)):
+            failed = trio.Event()
+            nursery.start_soon(attempt, index, failed)
+            with trio.move_on_after(ATTEMPT_DELAY):
+                await failed.wait()
+    if winner:
+        return winner[0]
+    reasons = "; ".join(f"{labels[i]}: {errors[i]}" for i in sorted(errors))
+    raise ConnectError(f"cannot reach any of {len(labels)} tunnel servers ({reasons})")
+
+
+def _is_url(address: str | tuple[str, int]) -> bool:
+    return isinstance(address, str) and "://" in address
+
+
+def server_transport(address: str | tuple[str, int], config: ClientConfig) -> ServerTransport:
+    """The transport to ``address`` (``host:port``, ``(host, port)``, ``ws://``/``wss://``
+    URL) with ``config``'s proxy and WebSocket options. ``ValueError`` for a bad address."""
+    proxy = None if config.proxy is None else parse_proxy_url(config.proxy)
+    if _is_url(address):
+        assert isinstance(address, str)
+        url = parse_websocket_url(address)
+        return ServerTransport(
+            _websocket_connector(url, config, proxy),
+            lambda: url.host,
+            url.secure,
+            lambda: address,
+        )
+    host, port = parse_host_port(address, allow_zero=False)
+    label = format_target(host, port)
+    return ServerTransport(
+        _tcp_connector(host, port, config, proxy), lambda: host, False, lambda: label
+    )
+
+
+async def _open_tcp(
+    host: str, port: int, timeout: float, proxy: ProxyURL | None
+) -> trio.abc.Stream:
+    if proxy is not None:
+        return await connect_via_proxy(proxy, host, port, timeout=timeout)
+    try:
+        return await dial(host, port, timeout=timeout, level=logging.DEBUG)
+    except DialError as exc:
+        raise ConnectError(
+            f"cannot reach tunnel server {format_target(host, port)}: {exc.reason}"
+        ) from None
+
+
+def _tcp_connector(host: str, port: int, config: ClientConfig, proxy: ProxyURL | None) -> Connector:
+    async def connect() -> trio.abc.Stream:
+        return await _open_tcp(host, port, config.connect_timeout, proxy)
+
+    return connect
+
+
+def _websocket_connector(
+    url: WebSocketURL, config: ClientConfig, proxy: ProxyURL | None
+) -> Connector:
+    #: built off the loop for the first connection, reused for every reconnection
+    context: list[ssl.SSLContext] = [] if config.tls is None else [config.tls]
+
+    async def connect() -> trio.abc.Stream:
+        stream = await _open_tcp(url.host, url.port, config.connect_timeout, proxy)
+        if url.secure:
+            if not context:
+                try:
+                    context.append(
+                        await client_tls_context(pinned=config.tls_fingerprint is not None)
+                    )
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
+            try:
+                stream = await tls_connect(
+                    stream,
+                    context[0],
+                    server_hostname=config.tls_server_hostname or url.host,
+                    fingerprint=config.tls_fingerprint,
+                    timeout=config.handshake_timeout,
+                )
+            except TLSError as exc:
+                raise TLSError(f"{url}: {exc.message}") from None
+        return await connect_websocket(
+            stream,
+            url,
+            host_header=config.ws_host,
+            headers=config.ws_headers,
+            timeout=config.handshake_timeout,
+            ping_interval=config.ws_ping_interval,
+        )
+
+    return connect

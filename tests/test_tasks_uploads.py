@@ -1,0 +1,306 @@
+"""Multipart uploads and octet-stream bodies at the task server, over real sockets: files
+handed to the task as streams with their metadata, each limit and malformed body its answer,
+and Runner's own Node clients uploading (skipped without node/npm)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from helpers import count_tasks, describe_tasks, wait_until
+
+from pytunnel.tasks import BodyStream, InputFile, MultipartLimits, TaskServer
+from pytunnel.tasks import serializer as ser
+
+TOKEN = "upload-token"
+AUTH = {"x-runner-token": TOKEN}
+RUNNER_DIR = Path(os.environ.get("PYTUNNEL_NPM_RUNNER", "/tmp/pytunnel-npm-runner"))
+seen_files: list[InputFile] = []
+
+
+def build(limits: MultipartLimits | None = None) -> TaskServer:
+    server = TaskServer(token=TOKEN, multipart_limits=limits)
+
+    @server.task("files.describe")
+    async def describe(value: Any) -> Any:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if isinstance(item, InputFile):
+                seen_files.append(item)
+                data = await item.read()
+                again = b"".join([chunk async for chunk in item.chunks(1000)])
+                assert again == data
+                out[key] = {
+                    "name": item.name,
+                    "type": item.type,
+                    "size": len(data),
+                    "head": data[:5].decode(),
+                    "extra": None if item.extra is ser.UNDEFINED else item.extra,
+                }
+            else:
+                out[key] = item
+        return out
+
+    @server.task("raw.count")
+    async def count(value: Any) -> Any:
+        assert isinstance(value, BodyStream)
+        total = 0
+        async for chunk in value.chunks():
+            total += len(chunk)
+        return {"bytes": total, "type": value.content_type}
+
+    return server
+
+
+@pytest.fixture
+async def base(nursery: trio.Nursery) -> str:
+    listeners = await nursery.start(functools.partial(build().serve, "127.0.0.1", 0))
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/__runner"
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        yield client
+
+
+def manifest(value: Any) -> str:
+    return ser.dumps({"input": value})
+
+
+def sentinel(file_id: str, **meta: Any) -> dict[str, Any]:
+    return {"$runnerFile": "File", "id": file_id, "meta": meta}
+
+
+def error_of(response: httpx.Response) -> tuple[int, str, str]:
+    body = json.loads(response.content)
+    return response.status_code, body["error"]["code"], body["error"]["message"]
+
+
+async def test_files_reach_the_task_with_metadata(base: str, http: httpx.AsyncClient) -> None:
+    seen_files.clear()
+    big = b"b" * (3 * 1024 * 1024)  # spooled past memory to disk
+    r = await http.post(
+        f"{base}/task/files.describe",
+        headers=AUTH,
+        data={
+            "__manifest": manifest(
+                {
+                    "label": "x",
+                    "doc": sentinel("1", name="from-manifest.txt", extra={"k": 1}),
+                    "blob": sentinel("2"),
+                }
+            )
+        },
+        files=[
+            ("file:1", ("part-name.txt", b"hello world", "text/plain")),
+            ("file:2", ("big.bin", big, "application/x-big")),
+            ("file:unlisted", ("u.bin", b"ignored", "application/octet-stream")),
+        ],
+    )
+    assert r.status_code == 200, r.content
+    assert ser.loads(r.content)["result"] == {
+        "label": "x",
+        "doc": {
+            "name": "from-manifest.txt",
+            "type": "text/plain",
+            "size": 11,
+            "head": "hello",
+            "extra": {"k": 1},
+        },
+        "blob": {
+            "name": "big.bin",
+            "type": "application/x-big",
+            "size": len(big),
+            "head": "bbbbb",
+            "extra": None,
+        },
+    }
+    # the spools are released once the call is answered
+    assert seen_files
+    assert all(file._spool.closed for file in seen_files)
+
+
+async def test_octet_stream_body_is_a_stream(base: str, http: httpx.AsyncClient) -> None:
+    async def parts() -> AsyncIterator[bytes]:
+        for _ in range(40):
+            yield b"z" * 100_000
+
+    r = await http.post(
+        f"{base}/task/raw.count",
+        headers={**AUTH, "content-type": "application/octet-stream"},
+        content=parts(),
+    )
+    assert ser.loads(r.content)["result"] == {
+        "bytes": 4_000_000,
+        "type": "application/octet-stream",
+    }
+
+
+@pytest.mark.parametrize(
+    ("data", "files", "expected"),
+    [
+        (
+            {},
+            [("file:1", ("a", b"x", "text/plain"))],
+            (400, "MISSING_MANIFEST", "Missing manifest"),
+        ),
+        ({"__manifest": "5"}, [], (400, "MISSING_MANIFEST", "Missing manifest")),
+        ({"__manifest": "{"}, [], (400, "INVALID_MULTIPART", "Invalid manifest")),
+        (
+            {"__manifest": '{"input": {"__type": "Nope", "value": 1}}'},
+            [],
+            (400, "INVALID_MULTIPART", "Invalid manifest"),
+        ),
+        (
+            {"__manifest": manifest({"f": sentinel("9")})},
+            [("file:1", ("a", b"x", "text/plain"))],
+            (500, "MISSING_FILE_PART", "Missing file part for id 9"),
+        ),
+    ],
+)
+async def test_manifest_errors(
+    base: str, http: httpx.AsyncClient, data: dict[str, str], files: list[Any], expected: Any
+) -> None:
+    # a file part that is no upload (not named file:ID) makes httpx send multipart
+    files = files or [("other", ("o", b"", "text/plain"))]
+    r = await http.post(f"{base}/task/files.describe", headers=AUTH, data=data, files=files)
+    assert error_of(r) == expected
+
+
+@pytest.fixture
+async def small(nursery: trio.Nursery) -> str:
+    limits = MultipartLimits(file_size=1000, files=2, fields=3, field_size=200)
+    listeners = await nursery.start(functools.partial(build(limits).serve, "127.0.0.1", 0))
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/__runner"
+
+
+@pytest.mark.parametrize(
+    ("data", "files", "message"),
+    [
+        (
+            {"__manifest": manifest({})},
+            [("file:1", ("a", b"x" * 1001, "text/plain"))],
+            "File size limit exceeded",
+        ),
+        (
+            {"__manifest": manifest({})},
+            [(f"file:{i}", ("a", b"x", "text/plain")) for i in range(3)],
+            "Files limit exceeded",
+        ),
+        (
+            {"__manifest": manifest({"a": sentinel("1"), "b": sentinel("2"), "c": sentinel("3")})},
+            [],
+            "Files limit exceeded",
+        ),
+        ({"__manifest": manifest({}), "a": "1", "b": "2", "c": "3"}, [], "Fields limit exceeded"),
+        ({"__manifest": manifest("x" * 300)}, [], "Field limit exceeded"),
+        ({"__manifest": manifest({}), "other": "y" * 300}, [], "Field limit exceeded"),
+    ],
+)
+async def test_limits_are_413(
+    small: str, http: httpx.AsyncClient, data: dict[str, str], files: list[Any], message: str
+) -> None:
+    files = files or [("x", ("o", b"", "text/plain"))]
+    r = await http.post(f"{small}/task/files.describe", headers=AUTH, data=data, files=files)
+    assert error_of(r) == (413, "PAYLOAD_TOO_LARGE", message)
+
+
+async def raw(port: int, data: bytes) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    out = b""
+    async with stream:
+        await stream.send_all(data)
+        with trio.fail_after(15):
+            try:
+                while chunk := await stream.receive_some():
+                    out += chunk
+            except trio.BrokenResourceError:
+                pass
+    return out
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", b"--x\r\n"),  # no boundary
+        ("multipart/form-data; boundary=x", b"garbage without boundary"),
+        (
+            "multipart/form-data; boundary=x",
+            b"--x\r\nContent-Disposition: form-data\r\n\r\nv\r\n--x--\r\n",
+        ),
+        (
+            "multipart/form-data; boundary=x",
+            b'--x\r\nContent-Disposition: form-data; name="__manifest"\r\n\r\n{}',
+        ),
+    ],
+)
+async def test_malformed_multipart_is_400(base: str, content_type: str, body: bytes) -> None:
+    port = int(base.split(":")[2].split("/")[0])
+    head = (
+        f"POST /__runner/task/files.describe HTTP/1.1\r\nHost: x\r\nx-runner-token: {TOKEN}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    out = await raw(port, head + body)
+    assert out.startswith(b"HTTP/1.1 400"), out[:200]
+    assert b"INVALID_MULTIPART" in out
+
+
+async def test_uploads_leak_nothing(small: str, http: httpx.AsyncClient) -> None:
+    before = count_tasks()
+    for _ in range(5):
+        await http.post(
+            f"{small}/task/files.describe",
+            headers=AUTH,
+            data={"__manifest": manifest({})},
+            files=[("file:1", ("a", b"x" * 5000, "text/plain"))],
+        )
+    await wait_until(lambda: count_tasks() <= before + 2, 30, describe_tasks)
+
+
+@pytest.mark.timeout(240)
+async def test_runner_node_clients_upload_files_and_streams(base: str) -> None:
+    package = RUNNER_DIR / "node_modules" / "@bluelibs" / "runner" / "package.json"
+    if shutil.which("node") is None or not package.exists():
+        pytest.skip("node or @bluelibs/runner is missing (tests/test_tasks_interop.py installs it)")
+    result = await trio.run_process(
+        ["node", str(Path(__file__).parent / "node" / "runner_upload.mjs")],
+        env={
+            **os.environ,
+            "RUNNER_DIR": str(RUNNER_DIR),
+            "RUNNER_BASE": base,
+            "RUNNER_TOKEN": TOKEN,
+        },
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    out = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    for name in ("smart", "mixed"):
+        assert out[name]["files"] == {
+            "label": "two files",
+            "doc": {
+                "name": "a.txt",
+                "type": "text/plain",
+                "size": 5,
+                "head": "hello",
+                "extra": None,
+            },
+            "blob": {
+                "name": "big.bin",
+                "type": "application/octet-stream",
+                "size": 3 * 1024 * 1024,
+                "head": "aaaaa",
+                "extra": None,
+            },
+        }, name
+        assert out[name]["raw"] == {"bytes": 7, "type": "application/octet-stream"}, name
