@@ -335,3 +335,34 @@ def test_server_admin_shows_clients_and_limits(rundir: Path, echo: str) -> None:
             _stop(client)
         _stop(server)
     assert not sock.exists()
+
+
+def test_reload_through_the_api_reports_what_it_did(
+    server: str, rundir: Path, tmp_path: Path, echo: str
+) -> None:
+    sock = rundir / "c.sock"
+    admin = ["--admin", f"unix:{sock}"]
+    config = tmp_path / "client.toml"
+    config.write_text(f'[client]\n[[client.forwards]]\nname = "a"\nlocal = "0:{echo}"\n')
+    client = _connect(server, "--config", str(config), *admin)
+    try:
+        first = _address(_readline(client))
+        _wait_for(sock)
+        config.write_text(
+            config.read_text() + f'[[client.forwards]]\nname = "b"\nremote = "0:{echo}"\n'
+        )
+        out = _cli("reload", *admin)
+        assert (out.returncode, out.stdout) == (
+            0,
+            "reloaded: 1 added, 0 removed, 0 changed, 0 restarted, 1 unchanged\n",
+        )
+        config.write_text(config.read_text() + "max_streams = 'lots'\n")
+        out = _cli("reload", "--json", *admin)
+        assert out.returncode == 1
+        assert "client.forwards[1].max_streams: unknown key" in out.stderr
+        assert "(HTTP 422)" in out.stderr
+        names = [r["name"] for r in json.loads(_cli("forwards", "list", "--json", *admin).stdout)]
+        assert names == ["a", "b"]
+        assert _roundtrip(first, b"kept") == b"kept"
+    finally:
+        _stop(client)

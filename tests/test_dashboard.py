@@ -162,3 +162,58 @@ def test_dashboard_shows_forwards_traffic_and_a_lost_link(
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_server_dashboard_shows_clients_come_and_go(
+    browser: object, echo: int, tmp_path: Path
+) -> None:
+    expect = playwright_sync.expect
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("srv-token\n")
+    admin = _free_port()
+    args = ["--admin", f"127.0.0.1:{admin}", "--admin-token-file", str(token_file)]
+    server = subprocess.Popen(
+        [*PYTUNNEL, "serve", "--listen", "127.0.0.1:0", "--token", "t", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    client = None
+    try:
+        address = _line(server, "pytunnel server listening on ").rsplit(" ", 1)[1]
+        page = browser.new_page()  # type: ignore[attr-defined]
+        for _ in range(50):
+            try:
+                page.goto(f"http://127.0.0.1:{admin}/")
+                break
+            except playwright_sync.Error:
+                page.wait_for_timeout(200)
+        page.fill("#token", "srv-token")
+        page.click("#login-form button")
+        expect(page.locator("#role")).to_have_text("server")
+        expect(page.locator("#link")).to_contain_text("0 clients")
+
+        remote = ["-R", f"0:127.0.0.1:{echo}", "--client-id", "laptop", "--admin", "off"]
+        client = subprocess.Popen(
+            [*PYTUNNEL, "connect", address, "--token", "t", *remote],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        public = _line(client, "remote forward ").split()[2]
+        row = page.locator("#forwards tbody tr")
+        expect(row).to_have_count(1)
+        expect(row).to_contain_text("laptop")
+        expect(row).to_contain_text(public)
+        expect(page.locator("#link")).to_contain_text("1 clients")
+        expect(page.locator("#events")).to_contain_text("client laptop connected")
+
+        client.kill()
+        client.wait()
+        expect(row).to_have_count(0, timeout=30_000)
+        expect(page.locator("#events")).to_contain_text("disconnected")
+    finally:
+        for proc in (client, server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
