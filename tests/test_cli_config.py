@@ -502,3 +502,25 @@ def test_the_documented_example_is_a_valid_file(tmp_path: Path) -> None:
     out = _check(tmp_path, example)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[1] == "pytunnel.toml: [client] ok, 2 named forwards"
+
+
+def test_the_file_may_come_from_the_environment_and_reloads(
+    tmp_path: Path, server: tuple[Proc, Path, str], echo: str
+) -> None:
+    """``PYTUNNEL_CONFIG`` names the file as ``--config`` does, SIGHUP included."""
+    _, _, address = server
+    path = _client_file(tmp_path, address, f'[[client.forwards]]\nname = "a"\nlocal = "0:{echo}"\n')
+    os.environ["PYTUNNEL_CONFIG"] = str(path)
+    try:
+        client = Proc(tmp_path, "connect")
+    finally:
+        del os.environ["PYTUNNEL_CONFIG"]
+    try:
+        assert client.readline() == f"connected to {address}"
+        client.readline()
+        path.write_text(path.read_text() + f'[[client.forwards]]\nname = "b"\nlocal = "0:{echo}"\n')
+        client.popen.send_signal(signal.SIGHUP)
+        added = client.readline()
+        assert _roundtrip(_address(added), b"env") == b"env"
+    finally:
+        client.kill()

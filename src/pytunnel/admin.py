@@ -120,12 +120,13 @@ def _alive(path: Path) -> bool:
         return True
 
 
-def find_sockets(directory: Path | None = None) -> list[Path]:
-    """The live admin sockets in ``directory`` (default: :func:`default_socket_dir`); stale
-    ones (left by a killed process) are removed on the way."""
+def find_sockets(directory: Path | None = None, pattern: str = "*.sock") -> list[Path]:
+    """The live admin sockets matching ``pattern`` in ``directory`` (default:
+    :func:`default_socket_dir`); stale ones (left by a killed process) are removed on the
+    way."""
     directory = directory or default_socket_dir()
     found = []
-    for path in sorted(directory.glob("*.sock")) if directory.is_dir() else []:
+    for path in sorted(directory.glob(pattern)) if directory.is_dir() else []:
         if _alive(path):
             found.append(path)
         else:

@@ -169,7 +169,7 @@ def client_api(
                 200,
                 {
                     "role": "client",
-                    "server": server,
+                    "server": tunnel.server or server,
                     "connected": tunnel.connected,
                     "client_id": tunnel.client_id,
                     "rtt": tunnel.rtt,
@@ -422,7 +422,7 @@ def _call(
     try:
         if admin is None:
             directory = pytunnel.admin.default_socket_dir()
-            found = pytunnel.admin.find_sockets(directory)
+            found = pytunnel.admin.find_sockets(directory, "connect-*.sock")
             if not found:
                 fail(f"no running pytunnel connect found (no admin socket in {directory})")
             if len(found) > 1:

@@ -58,8 +58,10 @@ log = logging.getLogger("pytunnel.cli")
 #: The top-level table each command reads; a file may hold both (one file for a test setup).
 SECTIONS = {"serve": "server", "connect": "client"}
 
-#: Where a command keeps its arguments, so that a reload can parse them again.
+#: Where a command keeps its arguments, so that a reload can parse them again, and the path
+#: of its config file.
 _ARGS = "pytunnel.config.args"
+_PATH = "pytunnel.config.path"
 
 
 class ConfigFileError(click.ClickException):
@@ -422,6 +424,7 @@ def _check_forwards(path: str, text: str, forwards: list[ForwardTable]) -> None:
 def _load_into_defaults(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
     if value is None or ctx.resilient_parsing:
         return
+    ctx.meta[f"{_PATH}.{id(ctx)}"] = value  # from the command line or PYTUNNEL_*_CONFIG
     section = load_section(ctx, value)
     ctx.default_map = {**(ctx.default_map or {}), **section.defaults, "forwards": section.forwards}
 
@@ -448,14 +451,9 @@ def file_forwards(ctx: click.Context) -> list[ForwardTable]:
 
 
 def config_path(ctx: click.Context) -> str | None:
-    """The ``--config`` file of ``ctx``'s command line, if it had one."""
-    args = ctx.meta.get(f"{_ARGS}.{id(ctx)}", [])
-    for i, arg in enumerate(args):
-        if arg == "--config" and i + 1 < len(args):
-            return str(args[i + 1])
-        if arg.startswith("--config="):
-            return str(arg.partition("=")[2])
-    return None
+    """The ``--config`` file ``ctx`` was made with, if any."""
+    path = ctx.meta.get(f"{_PATH}.{id(ctx)}")
+    return None if path is None else str(path)
 
 
 def reparse(ctx: click.Context) -> click.Context:

@@ -53,13 +53,12 @@ class LiveView:
         if tunnel.connected != self._connected:
             self._connected, self._since = tunnel.connected, now
         since = time.strftime("%H:%M:%S", time.localtime(self._since))
+        server = tunnel.server or self.server  # with several addresses, the one reached
         if tunnel.connected:
             rtt = f", rtt {tunnel.rtt * 1000:.1f} ms" if tunnel.rtt is not None else ""
-            head = Text(f"link up to {self.server} since {since}{rtt}", style="green")
+            head = Text(f"link up to {server} since {since}{rtt}", style="green")
         else:
-            head = Text(
-                f"link down since {since}: reconnecting to {self.server}", style="bold yellow"
-            )
+            head = Text(f"link down since {since}: reconnecting to {server}", style="bold yellow")
         head.append(f"  reconnects {tunnel.reconnects}", style="dim")
         table = Table(box=None, pad_edge=False, header_style="bold")
         for column in ("id", "name", "kind", "bind", "target", "status", "conns"):
