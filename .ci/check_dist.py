@@ -31,7 +31,13 @@ from pathlib import Path
 
 DISTRIBUTION = "trio-pytunnel"
 #: Modules a user imports (the console script is checked by running it).
-PUBLIC_MODULES = ("pytunnel", "pytunnel.protocol", "pytunnel.testing", "pytunnel.sync")
+PUBLIC_MODULES = (
+    "pytunnel",
+    "pytunnel.protocol",
+    "pytunnel.testing",
+    "pytunnel.sync",
+    "pytunnel.transports",
+)
 #: Paths that must never ship: caches, build output, local results.
 JUNK = ("__pycache__/", ".pyc", ".coverage", ".hypothesis/", ".mypy_cache/", "bench/results/")
 

@@ -307,6 +307,15 @@ def test_proxy_urls() -> None:
             parse_proxy_url(bad)
     with pytest.raises(ValueError, match="unsupported scheme"):
         pytunnel.ClientConfig(token="t", proxy="ftp://proxy")
+    config = pytunnel.ClientConfig(
+        token="t",
+        proxy="http://u:hunter2@proxy:3128",
+        ws_headers=(("Authorization", "Bearer hunter3"),),
+    )
+    shown = repr(config)
+    assert "proxy='http://u@proxy:3128'" in shown
+    assert "Authorization: ..." in shown
+    assert "hunter" not in shown
 
 
 def test_proxies_from_the_environment_and_no_proxy() -> None:

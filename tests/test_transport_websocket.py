@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import signal
+import socket
 import ssl
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import trio
+import trio.testing
 import trustme
 from click.testing import CliRunner
 from helpers import (
@@ -21,6 +27,8 @@ from helpers import (
     tcp_stream_pair,
     wait_until,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -208,6 +216,31 @@ async def test_a_busy_writer_never_blocks_the_reader_on_a_pong() -> None:
             elif isinstance(event, Pong):
                 pong = True
         assert got == len(big)
+
+
+async def test_pings_while_the_writer_is_stuck_owe_one_pong_not_one_each() -> None:
+    """A peer pinging without reading cannot make us queue a pong per ping: only the latest
+    is owed (RFC 6455 5.5.3), and it goes out once the stuck send completes."""
+    stream, peer = await _server_with_raw_client()
+    async with stream, trio.open_nursery() as nursery:
+        big = b"x" * (8 << 20)
+        nursery.start_soon(stream.send_all, big)
+        await trio.sleep(0.2)
+        for i in range(2000):
+            await peer.send(Ping(payload=b"%d" % i))
+        await peer.send(BytesMessage(data=b"marker"))
+        with trio.fail_after(10):
+            assert await stream.receive_some() == b"marker"
+        pongs = []
+        got = 0
+        while got < len(big) or not pongs:
+            event = await peer.next_event()
+            if isinstance(event, BytesMessage):
+                got += len(event.data)
+            elif isinstance(event, Pong):
+                pongs.append(event.payload)
+        assert pongs[-1] == b"1999"
+        assert len(pongs) < 2000
 
 
 async def test_a_text_message_breaks_the_stream_with_a_typed_cause() -> None:
@@ -478,14 +511,19 @@ async def test_a_websocket_cut_mid_session_reconnects_and_forwards_resume(
     relay = CuttableRelay(ws_server.address)
     port = await _listener(nursery, relay.handle)
     url = f"ws://127.0.0.1:{port}/tunnel"
+    tasks, fds = count_tasks(), count_fds()
     async with pytunnel.open_tunnel(
         url, token=TOKEN, backoff_initial=0.05, backoff_max=0.2
     ) as tunnel:
         forward = await tunnel.forward_local("127.0.0.1", echo_port)
         assert await echo_once(forward.address, b"before") == b"before"
-        relay.cut()
-        await wait_until(lambda: tunnel.reconnects == 1 and tunnel.connected)
-        assert await echo_once(forward.address, b"after") == b"after"
+        for cut in range(1, 4):
+            relay.cut()
+            await wait_until(lambda: tunnel.reconnects == cut and tunnel.connected)  # noqa: B023
+            assert await echo_once(forward.address, b"after") == b"after"
+    await wait_until(lambda: ws_server.session_count == 0)
+    await wait_until(lambda: count_tasks() == tasks, what=describe_tasks)
+    await wait_until(lambda: count_fds() == fds, what=lambda: f"{count_fds()} fds, not {fds}")
 
 
 # --------------------------------------------------------------------------- wss
@@ -549,6 +587,7 @@ async def _peer_certificate(address: tuple[str, int]) -> bytes:
         (["connect", "ws://x/t", "--header", "no colon"], "expected 'Name: value'"),
         (["connect", "ws://x/t", "--header", "Bad Name: 1"], "bad header"),
         (["connect", "ws://x/t", "--stdio", "nohost"], "--stdio"),
+        (["connect", "ws://x/t", "--stdio", "h:22", "-L", "1:h:2"], "takes no -L, -R or -D"),
         (["serve", "--ws-path", "tunnel"], "ws_path must be a path"),
     ],
 )
@@ -591,3 +630,218 @@ async def test_a_framing_violation_breaks_the_stream_and_is_answered_with_a_clos
         event = await peer.next_event()
         assert isinstance(event, CloseConnection)
         assert event.code == 1002
+
+
+async def test_a_tls_server_takes_tls_outside_or_inside_the_websocket(
+    ca: trustme.CA, echo_port: int
+) -> None:
+    """wss:// straight to the server (TLS outside), ws:// with the tunnel's TLS inside (what
+    passes a proxy that terminated its own TLS), raw TLS; a WebSocket without TLS at all is
+    refused, with the usual hint."""
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
+    async with pytunnel.open_server(
+        token=TOKEN, ws_path="/tunnel", tls=_server_context(ca)
+    ) as server:
+        for address in [
+            f"wss://127.0.0.1:{server.port}/tunnel",
+            f"ws://127.0.0.1:{server.port}/tunnel",
+            server.address,
+        ]:
+            async with pytunnel.open_tunnel(address, token=TOKEN, tls=trusted) as tunnel:
+                forward = await tunnel.forward_local("127.0.0.1", echo_port)
+                assert await echo_once(forward.address, b"tls") == b"tls", address
+        with pytest.raises(pytunnel.ConnectError, match="connect with TLS"):
+            async with pytunnel.open_tunnel(
+                f"ws://127.0.0.1:{server.port}/tunnel", token=TOKEN, reconnect=False
+            ):
+                pass  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+async def test_the_cli_over_websocket_and_stdio_over_it(echo_port: int) -> None:
+    """``serve --ws-path`` and ``connect ws://``: a forward, and ``--stdio`` over ws://."""
+    await trio.to_thread.run_sync(_cli_over_websocket, echo_port)
+
+
+def _cli_over_websocket(echo_port: int) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cli = [sys.executable, "-m", "pytunnel"]
+    server = subprocess.Popen(
+        [*cli, "serve", "--listen", "127.0.0.1:0", "--token", TOKEN, "--ws-path", "/t"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    client = None
+    try:
+        assert server.stdout is not None
+        listening = server.stdout.readline().decode()
+        port = int(listening.rsplit(":", 1)[1].split()[0])
+        url = f"ws://127.0.0.1:{port}/t"
+        assert server.stdout.readline().decode().strip() == f"WebSocket clients: {url}"
+        client = subprocess.Popen(
+            [*cli, "connect", url, "--token", TOKEN, "-L", f"0:127.0.0.1:{echo_port}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        assert client.stdout is not None
+        assert client.stdout.readline().decode().strip() == f"connected to {url}"
+        forward = client.stdout.readline().decode().split()[2]
+        host, forward_port = forward.rsplit(":", 1)
+        with socket.create_connection((host, int(forward_port)), timeout=10) as s:
+            s.sendall(b"cli over ws")
+            s.shutdown(socket.SHUT_WR)
+            assert s.makefile("rb").read() == b"cli over ws"
+        result = subprocess.run(
+            [*cli, "connect", url, "--token", TOKEN, "--stdio", f"127.0.0.1:{echo_port}"],
+            input=b"stdio over ws",
+            capture_output=True,
+            env=env,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        assert result.stdout == b"stdio over ws"
+    finally:
+        for process in [client, server]:
+            if process is not None:
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+# --------------------------------------------------------------------------- any chunking
+
+
+def _client_wire(messages: list[tuple[bytes, bool]], pings: list[int]) -> tuple[bytes, bytes]:
+    """What a wsproto client sends: the upgrade request; then, once answered (RFC 6455 4.1:
+    nothing before the answer), the messages (a ping before each index in ``pings``) and a
+    close."""
+    client = WSConnection(ConnectionType.CLIENT)
+    request = client.send(Request(host="x", target="/tunnel"))
+    helper = WSConnection(ConnectionType.SERVER)  # only to answer the client's upgrade
+    helper.receive_data(request)
+    assert any(isinstance(e, Request) for e in helper.events())
+    client.receive_data(helper.send(AcceptConnection()))
+    assert isinstance(next(client.events()), AcceptConnection)
+    frames = b""
+    for i, (data, finished) in enumerate(messages):
+        if i in pings:
+            frames += client.send(Ping(payload=b"p"))
+        frames += client.send(BytesMessage(data=data, message_finished=finished))
+    if messages and not messages[-1][1]:
+        frames += client.send(BytesMessage(data=b"", message_finished=True))
+    return request, frames + client.send(CloseConnection(code=1000))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    messages=st.lists(st.tuples(st.binary(max_size=3000), st.booleans()), max_size=12),
+    pings=st.sets(st.integers(0, 11), max_size=4),
+    cuts=st.lists(st.integers(1, 700), min_size=1, max_size=40),
+    max_bytes=st.one_of(st.none(), st.integers(1, 5000)),
+)
+def test_any_chunking_of_any_messages_reads_back_the_same_bytes(
+    messages: list[tuple[bytes, bool]], pings: set[int], cuts: list[int], max_bytes: int | None
+) -> None:
+    request, frames = _client_wire(messages, sorted(pings))
+    expected = b"".join(data for data, _ in messages)
+
+    async def main() -> bytes:
+        theirs, ours = trio.testing.memory_stream_pair()
+        answered = trio.Event()
+
+        async def send_cut(wire: bytes) -> None:
+            view, i = memoryview(wire), 0
+            while view:
+                cut = cuts[i % len(cuts)]
+                await theirs.send_all(view[:cut])
+                view, i = view[cut:], i + 1
+
+        async def send() -> None:
+            await send_cut(request)
+            await answered.wait()
+            await send_cut(frames)
+
+        async def drain() -> None:  # our 101, pongs and close
+            while await theirs.receive_some():
+                answered.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            nursery.start_soon(drain)
+            stream = await accept_websocket(
+                ours, await ours.receive_some(), path="/tunnel", timeout=5, ping_interval=None
+            )
+            got = b""
+            with trio.fail_after(5):
+                while chunk := await stream.receive_some(max_bytes):
+                    assert max_bytes is None or len(chunk) <= max_bytes
+                    got += chunk
+            assert stream.close_code == 1000
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+        return got
+
+    assert trio.run(main) == expected
+
+
+async def test_frames_that_come_with_the_upgrade_answer_are_read() -> None:
+    """A server may send right after its 101, in the same segment: nothing is lost."""
+    ours, theirs = await tcp_stream_pair()
+    ws = WSConnection(ConnectionType.SERVER)
+
+    async def serve() -> None:
+        while not any(isinstance(e, Request) for e in ws.events()):
+            ws.receive_data(await theirs.receive_some())
+        await theirs.send_all(
+            ws.send(AcceptConnection()) + ws.send(BytesMessage(data=b"early bytes"))
+        )
+
+    url = WebSocketURL(secure=False, host="x", port=80, resource="/")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        stream = await connect_websocket(ours, url, timeout=5, ping_interval=None)
+    async with stream, theirs:
+        assert await stream.receive_some() == b"early bytes"
+
+
+# --------------------------------------------------------------------------- conformance
+
+
+async def _websocket_pair(
+    make_pair: Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]],
+) -> tuple[WebSocketStream, WebSocketStream]:
+    """Our client and our server stream, upgraded over ``make_pair()``'s two ends."""
+    client_end, server_end = make_pair()
+    url = WebSocketURL(secure=False, host="x", port=80, resource="/tunnel")
+    box: list[WebSocketStream] = []
+
+    async def accept() -> None:
+        first = await server_end.receive_some()
+        box.append(
+            await accept_websocket(server_end, first, path="/tunnel", timeout=5, ping_interval=1)
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accept)
+        client = await connect_websocket(client_end, url, timeout=5, ping_interval=1)
+    return client, box[0]
+
+
+async def test_the_websocket_stream_passes_trios_stream_conformance_checks() -> None:
+    async def maker() -> tuple[WebSocketStream, WebSocketStream]:
+        return await _websocket_pair(trio.testing.memory_stream_pair)
+
+    async def clogged() -> tuple[WebSocketStream, WebSocketStream]:
+        # a lockstep pair: a send waits until the other side reads
+        return await _websocket_pair(trio.testing.lockstep_stream_pair)
+
+    await trio.testing.check_two_way_stream(maker, clogged)

@@ -19,7 +19,7 @@ from ._handshake import HandshakeResult, send_goaway, server_handshake
 from ._tls import tls_accept
 from ._util import Episodes
 from .errors import AuthenticationError, ErrorCode, TLSError, WebSocketError
-from .transports.websocket import accept_websocket_or_raw
+from .transports.websocket import TLSAccept, accept_tunnel_transport
 
 if TYPE_CHECKING:
     from .server import ServerConfig
@@ -191,6 +191,16 @@ class Admission:
         else:
             await trio.aclose_forcefully(stream)
 
+    def _tls_accept(self, peer: str) -> TLSAccept | None:
+        context = self.config.tls
+        if context is None:
+            return None
+
+        async def accept(stream: trio.abc.Stream, timeout: float) -> trio.abc.Stream:
+            return await tls_accept(stream, context, timeout=timeout, peer=peer)
+
+        return accept
+
     async def authenticate(
         self, stream: trio.abc.Stream, peer: str, peer_host: str | None
     ) -> tuple[trio.abc.Stream, HandshakeResult] | None:
@@ -252,21 +262,22 @@ class Admission:
             now = trio.current_time()
             deadline = now + self.config.handshake_timeout
             first_deadline = min(deadline, now + self.config.first_frame_timeout)
-            if self.config.tls is not None:
+            if self.config.ws_path is not None:
+                # a WebSocket upgrade or a tunnel handshake (TLS outside or inside), told
+                # apart by the first bytes, within the first-frame deadline
+                stream = await accept_tunnel_transport(
+                    stream,
+                    path=self.config.ws_path,
+                    tls=self._tls_accept(peer),
+                    timeout=max(0.0, first_deadline - trio.current_time()),
+                    ping_interval=self.config.ws_ping_interval,
+                    peer=peer,
+                )
+            elif self.config.tls is not None:
                 stream = await tls_accept(
                     stream,
                     self.config.tls,
                     timeout=max(0.0, first_deadline - trio.current_time()),
-                    peer=peer,
-                )
-            if self.config.ws_path is not None:
-                # a WebSocket upgrade or a tunnel handshake, told apart by the first bytes;
-                # within the first-frame deadline, inside this pending-handshake slot
-                stream = await accept_websocket_or_raw(
-                    stream,
-                    path=self.config.ws_path,
-                    timeout=max(0.0, first_deadline - trio.current_time()),
-                    ping_interval=self.config.ws_ping_interval,
                     peer=peer,
                 )
             result = await server_handshake(

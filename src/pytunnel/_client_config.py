@@ -22,7 +22,7 @@ from ._udp import DEFAULT_MAX_ASSOCIATIONS, DEFAULT_UDP_IDLE_TIMEOUT
 from .protocol.messages import valid_client_id
 from .session import SessionConfig
 from .transports.proxy import parse_proxy_url
-from .transports.websocket import DEFAULT_PING_INTERVAL
+from .transports.websocket import DEFAULT_PING_INTERVAL, check_ping_interval
 
 __all__ = ["ClientConfig", "ClientOptions"]
 
@@ -48,6 +48,15 @@ def _valid_proxy(_inst: object, _attribute: object, value: str | None) -> None:
         parse_proxy_url(value)
 
 
+def _proxy_repr(value: str | None) -> str:
+    # the URL without its password
+    return repr(None if value is None else str(parse_proxy_url(value)))
+
+
+def _headers_repr(value: tuple[tuple[str, str], ...]) -> str:
+    return repr(tuple(f"{name}: ..." for name, _ in value))
+
+
 #: Headers the WebSocket upgrade itself writes (``Host`` has ``ws_host``).
 _UPGRADE_HEADERS = ("host", "upgrade", "connection", "sec-websocket-")
 
@@ -69,11 +78,6 @@ def _headers(value: object) -> tuple[tuple[str, str], ...]:
     except h11.LocalProtocolError as exc:
         raise ValueError(f"bad header: {exc}") from None
     return tuple(pairs)
-
-
-def _valid_ping_interval(_inst: object, _attribute: object, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"ws_ping_interval must be positive (or None: off), not {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -125,15 +129,18 @@ class ClientConfig:
     #: Reach the server through this proxy: ``http://[user:pass@]host:port`` (HTTP CONNECT,
     #: basic auth) or ``socks5://`` / ``socks5h://``. ``None``: directly (the CLI reads
     #: ``HTTPS_PROXY`` / ``ALL_PROXY`` / ``NO_PROXY`` when ``--proxy`` is not given).
-    proxy: str | None = attrs.field(default=None, validator=_valid_proxy)
-    #: Extra request headers of the WebSocket upgrade (``Authorization`` for a gateway).
-    ws_headers: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_headers)
+    proxy: str | None = attrs.field(default=None, validator=_valid_proxy, repr=_proxy_repr)
+    #: Extra request headers of the WebSocket upgrade (``Authorization`` for a gateway);
+    #: their values are never shown (they are often credentials).
+    ws_headers: tuple[tuple[str, str], ...] = attrs.field(
+        default=(), converter=_headers, repr=_headers_repr
+    )
     #: The ``Host`` header of the WebSocket upgrade; default: the URL's host.
     ws_host: str | None = None
     #: A WebSocket ping whenever nothing was received for this long, so that proxies which
     #: drop idle WebSockets never see one idle; ``None``: off (the heartbeat still runs).
     ws_ping_interval: float | None = attrs.field(
-        default=DEFAULT_PING_INTERVAL, validator=_valid_ping_interval
+        default=DEFAULT_PING_INTERVAL, validator=check_ping_interval
     )
 
     def backoff(self, attempt: int) -> float:

@@ -545,7 +545,7 @@ async def connect_tunnel(
     ``reconnect=False``); ``Tunnel.failure`` says why a tunnel ended.
     """
     client_config = _config(token, config, options)
-    transport = servers_transport(_addresses(address), client_config)
+    transport = servers_transport(_addresses(address), client_config, direct=tcp_connector)
     tunnel = Tunnel(
         client_config,
         transport.connector,

@@ -46,7 +46,7 @@ from .protocol.mux import Role
 from .session import (
     SessionConfig,
 )
-from .transports.websocket import DEFAULT_PING_INTERVAL
+from .transports.websocket import DEFAULT_PING_INTERVAL, check_ping_interval
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -98,11 +98,6 @@ def _permit(value: PermitOpen | Iterable[str] | str | None) -> PermitOpen:
 def _valid_ws_path(_inst: object, _attribute: object, value: str | None) -> None:
     if value is not None and (not value.startswith("/") or "?" in value or not value.isprintable()):
         raise ValueError(f"ws_path must be a path starting with '/' (no query), not {value!r}")
-
-
-def _valid_ping_interval(_inst: object, _attribute: object, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"ws_ping_interval must be positive (or None: off), not {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -169,7 +164,7 @@ class ServerConfig:
     #: A WebSocket ping whenever a WebSocket client sent nothing for this long (``None``:
     #: off), so proxies in front of the server never see an idle WebSocket.
     ws_ping_interval: float | None = attrs.field(
-        default=DEFAULT_PING_INTERVAL, validator=_valid_ping_interval
+        default=DEFAULT_PING_INTERVAL, validator=check_ping_interval
     )
 
     def port_allowed(self, port: int) -> bool:

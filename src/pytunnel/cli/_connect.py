@@ -283,6 +283,8 @@ def connect(
     behind a reverse proxy that forwards WebSocket upgrades. Several servers: each connection
     goes to the first that answers (tried in order, 250 ms apart), and the forwards are
     restored on whichever a reconnection reaches."""
+    if stdio is not None and (local or remote or dynamic):
+        raise click.UsageError("--stdio carries one connection: it takes no -L, -R or -D")
     # stdout carries the relayed bytes in --stdio mode: taken before anything is printed
     stdio_fds = take_stdio() if stdio is not None else None
     setup_logging(log_level, log_format)

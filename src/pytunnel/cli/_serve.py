@@ -200,6 +200,7 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
 )
 @click.option(
     "--ws-ping-interval",
+    metavar="SECONDS",
     type=click.FloatRange(min=0),
     default=_SERVER.ws_ping_interval.default,
     help="Ping a WebSocket client that sent nothing for this many seconds (0: never), so "

@@ -63,6 +63,7 @@ transport_options = stack(
     ),
     click.option(
         "--ws-ping-interval",
+        metavar="SECONDS",
         type=click.FloatRange(min=0),
         default=_CLIENT.ws_ping_interval.default,
         help="Ping over the WebSocket after this many seconds without receiving anything "

@@ -9,7 +9,6 @@ client trusts by CA or pins), so the supervisor adds none; otherwise it is the t
 
 from __future__ import annotations
 
-import logging
 import ssl
 from collections.abc import Callable, Sequence
 
@@ -17,15 +16,19 @@ import attrs
 import trio
 
 from .._client_config import ClientConfig
-from .._dial import dial, format_target
+from .._dial import format_target
 from .._spec import parse_host_port
 from .._supervisor import Connector
 from .._tls import client_tls_context, tls_connect
-from ..errors import ConnectError, DialError, TLSError, TunnelError
+from ..errors import ConnectError, TLSError, TunnelError
 from .proxy import ProxyURL, connect_via_proxy, parse_proxy_url
 from .websocket import WebSocketURL, connect_websocket, parse_websocket_url
 
-__all__ = ["ServerTransport", "server_transport", "servers_transport"]
+__all__ = ["DirectConnector", "ServerTransport", "server_transport", "servers_transport"]
+
+#: The connector of a direct TCP connection to ``host:port`` within a timeout (the client's
+#: ``tcp_connector``, with its "cannot reach tunnel server" errors).
+DirectConnector = Callable[[str, int, float], Connector]
 
 
 @attrs.frozen
@@ -53,13 +56,15 @@ def _label(address: Address) -> str:
     return address if isinstance(address, str) else format_target(*address)
 
 
-def servers_transport(addresses: Sequence[Address], config: ClientConfig) -> ServerTransport:
+def servers_transport(
+    addresses: Sequence[Address], config: ClientConfig, *, direct: DirectConnector
+) -> ServerTransport:
     """The transport to the first of ``addresses`` that answers, tried in order with
     :data:`ATTEMPT_DELAY` between starts (happy eyeballs across servers), anew at every
     reconnection. One address is :func:`server_transport`."""
     if not addresses:
         raise ValueError("no server address given")
-    transports = [server_transport(address, config) for address in addresses]
+    transports = [server_transport(address, config, direct=direct) for address in addresses]
     if len(transports) == 1:
         return transports[0]
     if len({t.carries_tls for t in transports}) != 1:
@@ -118,15 +123,19 @@ def _is_url(address: str | tuple[str, int]) -> bool:
     return isinstance(address, str) and "://" in address
 
 
-def server_transport(address: str | tuple[str, int], config: ClientConfig) -> ServerTransport:
+def server_transport(
+    address: str | tuple[str, int], config: ClientConfig, *, direct: DirectConnector
+) -> ServerTransport:
     """The transport to ``address`` (``host:port``, ``(host, port)``, ``ws://``/``wss://``
-    URL) with ``config``'s proxy and WebSocket options. ``ValueError`` for a bad address."""
+    URL) with ``config``'s proxy and WebSocket options; ``direct`` reaches a host when there
+    is no proxy. ``ValueError`` for a bad address."""
     proxy = None if config.proxy is None else parse_proxy_url(config.proxy)
     if _is_url(address):
         assert isinstance(address, str)
         url = parse_websocket_url(address)
+        opener = _tcp_opener(url.host, url.port, config, proxy, direct)
         return ServerTransport(
-            _websocket_connector(url, config, proxy),
+            _websocket_connector(url, config, opener),
             lambda: url.host,
             url.secure,
             lambda: address,
@@ -134,38 +143,29 @@ def server_transport(address: str | tuple[str, int], config: ClientConfig) -> Se
     host, port = parse_host_port(address, allow_zero=False)
     label = format_target(host, port)
     return ServerTransport(
-        _tcp_connector(host, port, config, proxy), lambda: host, False, lambda: label
+        _tcp_opener(host, port, config, proxy, direct), lambda: host, False, lambda: label
     )
 
 
-async def _open_tcp(
-    host: str, port: int, timeout: float, proxy: ProxyURL | None
-) -> trio.abc.Stream:
-    if proxy is not None:
-        return await connect_via_proxy(proxy, host, port, timeout=timeout)
-    try:
-        return await dial(host, port, timeout=timeout, level=logging.DEBUG)
-    except DialError as exc:
-        raise ConnectError(
-            f"cannot reach tunnel server {format_target(host, port)}: {exc.reason}"
-        ) from None
-
-
-def _tcp_connector(host: str, port: int, config: ClientConfig, proxy: ProxyURL | None) -> Connector:
-    async def connect() -> trio.abc.Stream:
-        return await _open_tcp(host, port, config.connect_timeout, proxy)
-
-    return connect
-
-
-def _websocket_connector(
-    url: WebSocketURL, config: ClientConfig, proxy: ProxyURL | None
+def _tcp_opener(
+    host: str, port: int, config: ClientConfig, proxy: ProxyURL | None, direct: DirectConnector
 ) -> Connector:
+    """A TCP connection to ``host:port``, through ``proxy`` if there is one."""
+    if proxy is None:
+        return direct(host, port, config.connect_timeout)
+
+    async def through_proxy() -> trio.abc.Stream:
+        return await connect_via_proxy(proxy, host, port, timeout=config.connect_timeout)
+
+    return through_proxy
+
+
+def _websocket_connector(url: WebSocketURL, config: ClientConfig, opener: Connector) -> Connector:
     #: built off the loop for the first connection, reused for every reconnection
     context: list[ssl.SSLContext] = [] if config.tls is None else [config.tls]
 
     async def connect() -> trio.abc.Stream:
-        stream = await _open_tcp(url.host, url.port, config.connect_timeout, proxy)
+        stream = await opener()
         if url.secure:
             if not context:
                 try:

@@ -7,6 +7,8 @@ bytes back through this wrapper, so the next reader sees the connection from its
 
 from __future__ import annotations
 
+import operator
+
 import trio
 
 __all__ = ["PrefixedStream"]
@@ -29,6 +31,10 @@ class PrefixedStream(trio.abc.Stream):
         await self.transport.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be at least 1")
         if self._prefix:
             if max_bytes is None or max_bytes >= len(self._prefix):
                 chunk, self._prefix = self._prefix, b""

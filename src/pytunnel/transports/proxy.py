@@ -24,9 +24,9 @@ from collections.abc import Mapping
 
 import attrs
 import h11
+import python_socks
 import trio
 from python_socks import ProxyType
-from python_socks import _errors as socks_errors
 from python_socks.async_.trio import Proxy as SocksProxy
 
 from .._dial import describe_os_error, dial, format_target
@@ -240,16 +240,16 @@ async def _socks_connect(proxy: ProxyURL, host: str, port: int, timeout: float) 
     )
     try:
         sock = await client.connect(host, port, timeout=timeout)
-    except socks_errors.ProxyTimeoutError:
+    except python_socks.ProxyTimeoutError:
         raise ProxyError(
             f"the SOCKS proxy {proxy} did not connect to {target} within {timeout:g} s",
             proxy=str(proxy),
         ) from None
-    except socks_errors.ProxyConnectionError as exc:
+    except python_socks.ProxyConnectionError as exc:
         raise ProxyError(
             f"cannot reach the proxy {proxy}: {describe_os_error(exc)}", proxy=str(proxy)
         ) from None
-    except socks_errors.ProxyError as exc:
+    except python_socks.ProxyError as exc:
         code = getattr(exc, "error_code", None)
         raise ProxyError(
             f"the SOCKS proxy {proxy} refused the connection to {target}: {printable(str(exc))}",

@@ -20,8 +20,6 @@ from .._relay import RelayStats, relay
 
 __all__ = ["open_stdio_stream", "relay_stdio", "take_stdio"]
 
-StdioStream = trio.StapledStream[trio.lowlevel.FdStream, trio.lowlevel.FdStream]
-
 
 def take_stdio() -> tuple[int, int]:
     """Take stdin and stdout for a relay: ``(stdin, stdout)`` descriptors of our own, with
@@ -32,7 +30,9 @@ def take_stdio() -> tuple[int, int]:
     return stdin, stdout
 
 
-def open_stdio_stream(stdin: int, stdout: int) -> StdioStream:
+def open_stdio_stream(
+    stdin: int, stdout: int
+) -> trio.StapledStream[trio.lowlevel.FdStream, trio.lowlevel.FdStream]:
     """A stream that receives from descriptor ``stdin`` and sends to ``stdout``, owning
     both (trio's ``FdStream``: set non-blocking, closed with the stream). Its ``send_eof``
     closes ``stdout``, so the reader there sees the end while stdin is still read."""

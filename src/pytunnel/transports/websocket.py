@@ -27,8 +27,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 import urllib.parse
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
 import attrs
@@ -55,7 +57,10 @@ __all__ = [
     "DEFAULT_PING_INTERVAL",
     "WebSocketStream",
     "WebSocketURL",
+    "accept_tunnel_transport",
     "accept_websocket",
+    "accept_websocket_or_raw",
+    "check_ping_interval",
     "connect_websocket",
     "looks_like_http",
     "parse_websocket_url",
@@ -124,6 +129,12 @@ def parse_websocket_url(text: str) -> WebSocketURL:
     )
 
 
+def check_ping_interval(_inst: object, _attribute: object, value: float | None) -> None:
+    """The attrs validator of the configs' ``ws_ping_interval``: positive, or ``None``."""
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"ws_ping_interval must be positive (or None: off), not {value!r}")
+
+
 def looks_like_http(first: bytes | bytearray) -> bool:
     """Whether a connection that starts with ``first`` is an HTTP request, not a tunnel
     handshake. A tunnel frame starts with its 4-byte big-endian length, and every handshake
@@ -164,6 +175,9 @@ class WebSocketStream(trio.abc.Stream):
         self._send_lock = trio.Lock()
         #: Control frames owed to the peer, written by whoever holds the send lock next.
         self._owed = bytearray()
+        #: The pong owed for the latest ping (RFC 6455 5.5.3 lets earlier ones go
+        #: unanswered), so a peer that pings while we cannot write holds 125 bytes, not more.
+        self._owed_pong = b""
         self._sending = False
         self._receiving = False
         #: How the peer closed the WebSocket (1006: the transport ended without a close).
@@ -178,8 +192,9 @@ class WebSocketStream(trio.abc.Stream):
         """Write ``data`` and then whatever control frames became owed meanwhile; the
         caller holds the send lock."""
         await self.transport.send_all(data)
-        while self._owed:
-            owed = bytes(self._owed)
+        while self._owed or self._owed_pong:
+            owed = self._owed_pong + bytes(self._owed)
+            self._owed_pong = b""
             self._owed.clear()
             await self.transport.send_all(owed)
 
@@ -210,16 +225,22 @@ class WebSocketStream(trio.abc.Stream):
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
 
-    async def _send_control(self, frame: bytes, *, skip_if_busy: bool = False) -> None:
+    async def _send_control(self, frame: bytes, *, pong: bool = False) -> None:
         """Send a control frame without ever waiting for the writer: while it holds the lock
-        the frame is owed (written right after its send), or dropped if ``skip_if_busy``."""
+        the frame is owed, written right after its send (a ``pong`` replaces any pong owed
+        before it)."""
         if self._send_lock.locked():
-            if not skip_if_busy:
+            if pong:
+                self._owed_pong = frame
+            else:
                 self._owed += frame
             await trio.lowlevel.checkpoint()
             return
-        async with self._send_lock:
-            await self._write(frame)
+        # best effort: a peer that is gone cannot take its pong or close reply, and what it
+        # sent before going must still be read; the next send_all reports the break
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async with self._send_lock:
+                await self._write(frame)
 
     # ------------------------------------------------------------------ receiving
 
@@ -228,8 +249,10 @@ class WebSocketStream(trio.abc.Stream):
             raise trio.ClosedResourceError("the WebSocket stream was closed")
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
-        if max_bytes is not None and max_bytes < 1:
-            raise ValueError("max_bytes must be at least 1")
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)  # TypeError for 1.5, as trio's streams
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be at least 1")
         self._receiving = True
         try:
             while True:
@@ -261,9 +284,10 @@ class WebSocketStream(trio.abc.Stream):
         while True:
             with trio.move_on_after(self._ping_interval):
                 return await self.transport.receive_some(_RECEIVE_SIZE)
-            if self._ws.state is ConnectionState.OPEN:
+            # skipped while a send is under way: the link is not idle then
+            if self._ws.state is ConnectionState.OPEN and not self._send_lock.locked():
                 self.pings_sent += 1
-                await self._send_control(self._encode(Ping(payload=b"pytunnel")), skip_if_busy=True)
+                await self._send_control(self._encode(Ping(payload=b"pytunnel")))
 
     async def _handle_events(self) -> None:
         for event in self._ws.events():
@@ -271,7 +295,7 @@ class WebSocketStream(trio.abc.Stream):
                 if event.data:
                     self._chunks.append(bytes(event.data))
             elif isinstance(event, Ping):
-                await self._send_control(self._ws.send(event.response()))
+                await self._send_control(self._ws.send(event.response()), pong=True)
             elif isinstance(event, CloseConnection):
                 self._eof = True
                 self.close_code = event.code
@@ -470,6 +494,11 @@ async def accept_websocket(
     A request for another path is answered 404, anything that is not a WebSocket upgrade
     400 (with wsproto's reason), and an upgrade not complete within ``timeout`` is dropped.
     Raises :class:`WebSocketError` for each (``transport`` is closed then).
+
+    The client must wait for the answer before it sends frames (RFC 6455 4.1; ours does):
+    wsproto's server side drops bytes that came with the request, so a client that does not
+    wait loses its first frames and fails on the next ones (a framing error, or the
+    heartbeat timeout).
     """
     ws = WSConnection(ConnectionType.SERVER)
     data = bytes(first)
@@ -553,3 +582,45 @@ async def accept_websocket_or_raw(
             peer=peer,
         )
     return PrefixedStream(first, transport)
+
+
+#: The server's TLS handshake over a stream, within a timeout (``_tls.tls_accept`` bound to
+#: the server's context and the peer's name).
+TLSAccept = Callable[[trio.abc.Stream, float], Awaitable[trio.abc.Stream]]
+
+
+async def accept_tunnel_transport(
+    transport: trio.abc.Stream,
+    *,
+    path: str,
+    tls: TLSAccept | None,
+    timeout: float,
+    ping_interval: float | None = DEFAULT_PING_INTERVAL,
+    peer: str = "?",
+) -> trio.abc.Stream:
+    """What a server with a WebSocket path accepts, all within ``timeout``: a tunnel
+    handshake, or a WebSocket upgrade; with ``tls``, each has TLS, either outside
+    (TLS first: raw, or ``wss://`` straight to this server) or inside (a WebSocket upgrade,
+    then TLS end to end through a proxy that terminated its own TLS in front). The first
+    byte decides (:func:`looks_like_http`); the stream the session runs on is returned.
+    Raises as :func:`accept_websocket_or_raw` does, and ``TLSError``."""
+    deadline = trio.current_time() + timeout
+
+    def left() -> float:
+        return max(0.0, deadline - trio.current_time())
+
+    stream = await accept_websocket_or_raw(
+        transport, path=path, timeout=timeout, ping_interval=ping_interval, peer=peer
+    )
+    if tls is None:
+        return stream
+    if isinstance(stream, WebSocketStream):
+        return await tls(stream, left())
+    secured = await tls(stream, left())
+    try:
+        return await accept_websocket_or_raw(
+            secured, path=path, timeout=left(), ping_interval=ping_interval, peer=peer
+        )
+    except BaseException:
+        await trio.aclose_forcefully(secured)
+        raise
