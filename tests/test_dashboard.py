@@ -202,11 +202,22 @@ def test_server_dashboard_shows_clients_come_and_go(
         )
         public = _line(client, "remote forward ").split()[2]
         row = page.locator("#forwards tbody tr")
-        expect(row).to_have_count(1)
+        expect(row).to_have_count(1)  # the clients table
         expect(row).to_contain_text("laptop")
         expect(row).to_contain_text(public)
         expect(page.locator("#link")).to_contain_text("1 clients")
         expect(page.locator("#events")).to_contain_text("client laptop connected")
+        forward_row = page.locator(f'#ports tr[data-port="{public}"]')
+        expect(forward_row.locator(".status")).to_have_text("active")
+        expect(forward_row.locator(".out")).to_have_text("0B")
+        host, port = public.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b"z" * 2000)
+            got = b""
+            while len(got) < 2000:
+                got += conn.recv(65536)
+        expect(forward_row.locator(".out")).to_have_text("2.0KB")
+        expect(forward_row.locator(".conns")).to_have_text("0/1")
 
         client.kill()
         client.wait()

@@ -8,7 +8,7 @@ import functools
 import attrs
 import pytest
 import trio
-from helpers import TOKEN, wait_until
+from helpers import TOKEN, echo_once, wait_until
 
 import pytunnel
 
@@ -71,6 +71,21 @@ async def test_clients_and_limit_counters(nursery: trio.Nursery, echo_port: int)
     assert client.public_ports == [pytunnel.format_target(*forward.address)]
     assert client.bytes_received > 0
     assert server.limits_hit == {"forwards": 1}
+    (port,) = client.ports
+    assert (port.address, port.status, port.connections_total) == (
+        client.public_ports[0],
+        "active",
+        0,
+    )
+    payload = b"counted at the server" * 100
+    assert await echo_once(forward.address, payload) == payload
+    await wait_until(lambda: server.clients[0].ports[0].connections == 0)
+    (port,) = server.clients[0].ports
+    assert (port.connections_total, port.bytes_out, port.bytes_in) == (
+        1,
+        len(payload),
+        len(payload),
+    )
 
     server.reconfigure(attrs.evolve(server.config, max_streams=1))
     held = await tunnel.open_stream("127.0.0.1", echo_port)

@@ -46,6 +46,7 @@ from ._relay import RelayStats as RelayStats
 
 # the server: three tiers and its configuration
 from .server import ClientInfo as ClientInfo
+from .server import PublicPortInfo as PublicPortInfo
 from .server import ServerConfig as ServerConfig
 from .server import ServerOptions as ServerOptions
 from .server import TunnelServer as TunnelServer

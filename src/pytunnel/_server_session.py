@@ -209,9 +209,13 @@ class _ClientSession:
             self.release_stream()
 
     async def _relay(
-        self, a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream, name: str
+        self,
+        a: trio.abc.HalfCloseableStream,
+        b: trio.abc.HalfCloseableStream,
+        name: str,
+        stats: RelayStats | None = None,
     ) -> None:
-        await relay(a, b, idle_timeout=self.config.idle_timeout, name=name)
+        await relay(a, b, idle_timeout=self.config.idle_timeout, name=name, stats=stats)
 
     # ---------------------------------------------------------------- local forwards
 
@@ -660,10 +664,15 @@ class _ClientSession:
         log.info("group %s (%s) ended: its last member left", printable(group.name), group.what)
 
     async def relay_public(
-        self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int], forward_id: int
+        self,
+        conn: trio.abc.HalfCloseableStream,
+        peer: tuple[str, int],
+        forward_id: int,
+        stats: RelayStats | None = None,
     ) -> None:
-        """Open a stream of forward ``forward_id`` to the client and relay ``conn`` over it;
-        a client that does not answer within ``connect_timeout`` loses the connection."""
+        """Open a stream of forward ``forward_id`` to the client and relay ``conn`` over it
+        (counted in ``stats``); a client that does not answer within ``connect_timeout``
+        loses the connection."""
         timeout = self.config.connect_timeout
 
         async def open_to_client() -> MuxStream | None:
@@ -691,6 +700,6 @@ class _ClientSession:
         await carry_over_stream(
             conn,
             open_to_client,
-            functools.partial(self._relay, name=f"public->{self.peer}"),
+            functools.partial(self._relay, name=f"public->{self.peer}", stats=stats),
             failed,
         )

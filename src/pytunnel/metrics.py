@@ -185,6 +185,38 @@ class ServerCollector(Collector):
         for limit in sorted({"streams", "forwards", *server.limits_hit}):
             limits.add_metric([limit], server.limits_hit.get(limit, 0))
         yield limits
+        yield from _port_metrics(server)
+
+
+def _port_metrics(server: TunnelServer) -> Iterator[Metric]:
+    """The clients' TCP remote forwards, labelled ``client`` (its identity, else its
+    address) and ``bind``."""
+    labels = ["client", "bind"]
+    online = GaugeMetricFamily(
+        "pytunnel_server_forward_online",
+        "1 while a remote forward accepts connections, 0 while its client reports it offline.",
+        labels=labels,
+    )
+    streams_open = GaugeMetricFamily(
+        "pytunnel_server_forward_streams_open", "Public connections open.", labels=labels
+    )
+    streams = CounterMetricFamily(
+        "pytunnel_server_forward_streams", "Public connections accepted.", labels=labels
+    )
+    relayed = CounterMetricFamily(
+        "pytunnel_server_forward_bytes",
+        "Bytes relayed: out is from the public peers towards the client, in is back.",
+        labels=[*labels, "direction"],
+    )
+    for client in server.clients:
+        for port in client.ports:
+            values = [client.client_id or client.peer, port.address]
+            online.add_metric(values, 1 if port.status == "active" else 0)
+            streams_open.add_metric(values, port.connections)
+            streams.add_metric(values, port.connections_total)
+            relayed.add_metric([*values, "out"], port.bytes_out)
+            relayed.add_metric([*values, "in"], port.bytes_in)
+    yield from (online, streams_open, streams, relayed)
 
 
 def metrics_handler(registry: CollectorRegistry) -> Handler:

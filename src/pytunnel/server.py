@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ClientInfo",
+    "PublicPortInfo",
     "ServerConfig",
     "ServerOptions",
     "TunnelServer",
@@ -219,6 +220,22 @@ def _server_config(
 
 
 @attrs.frozen
+class PublicPortInfo:
+    """One TCP remote forward of a client, at the server."""
+
+    #: ``host:port`` it listens on.
+    address: str
+    #: ``active``, or ``offline`` while the client reports its target down.
+    status: str
+    #: Public connections open now, and accepted in all.
+    connections: int
+    connections_total: int
+    #: Bytes from the public peers towards the client's target, and back.
+    bytes_out: int
+    bytes_in: int
+
+
+@attrs.frozen
 class ClientInfo:
     """One connected client as :attr:`TunnelServer.clients` shows it."""
 
@@ -235,6 +252,8 @@ class ClientInfo:
     #: Bytes of its control connection each way (frames included).
     bytes_received: int
     bytes_sent: int
+    #: Its TCP remote forwards, with their counters.
+    ports: list[PublicPortInfo] = attrs.field(factory=list)
 
 
 class TunnelServer:
@@ -353,6 +372,17 @@ class TunnelServer:
                 public_ports=sorted(p.address for p in c.public_ports),
                 bytes_received=c.session.bytes_read,
                 bytes_sent=c.session.bytes_written,
+                ports=[
+                    PublicPortInfo(
+                        address=p.address,
+                        status="active" if p.online else "offline",
+                        connections=p.stats.active_connections,
+                        connections_total=p.stats.total_connections,
+                        bytes_out=p.stats.bytes_out,
+                        bytes_in=p.stats.bytes_in,
+                    )
+                    for p in sorted(c.public_ports, key=lambda p: p.address)
+                ],
             )
             for c in self._sessions
         ]
