@@ -100,3 +100,31 @@ async def test_no_address_at_all_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="no server address"):
         async with pytunnel.open_tunnel([], token=TOKEN):
             pass  # pragma: no cover
+
+
+async def test_a_server_that_accepts_but_never_answers_is_passed_over(
+    nursery: trio.Nursery,
+) -> None:
+    """The first address takes the TCP connection and then says nothing (a balancer in front
+    of a dead backend): its handshake times out and the second server is tried at once, for
+    the first connection and for a reconnection alike."""
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+    stalled = ("127.0.0.1", listeners[0].socket.getsockname()[1])
+    server = await start_server(nursery)
+    async with pytunnel.open_tunnel(
+        [stalled, server.address], token=TOKEN, handshake_timeout=0.5, backoff_initial=0.05
+    ) as tunnel:
+        assert tunnel.server == label(server)
+        session = tunnel.session
+        assert session is not None
+        await session.abort(pytunnel.SessionClosedError("cut"))
+        await wait_until(
+            lambda: tunnel.connected and tunnel.session is not session,
+            15,
+            lambda: f"not reconnected; server {tunnel.server}",
+        )
+        assert tunnel.server == label(server)

@@ -14,6 +14,10 @@ import trio
 from helpers import TOKEN, closed_port, count_fds, port_is_free, wait_until
 
 import pytunnel
+from pytunnel._control import ControlChannel
+from pytunnel.protocol import routes
+from pytunnel.protocol.control import ControlRole
+from pytunnel.protocol.messages import Join, group_proof
 
 KEY = "group secret"
 CURL = shutil.which("curl")
@@ -284,3 +288,63 @@ async def test_a_name_is_served_by_its_group(nursery: trio.Nursery) -> None:
         await wait_until(lambda: not server.groups, 10, lambda: "the group is left")
         gone = await ask(port, b"GET / HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n")
         assert gone.startswith(b"HTTP/1.1 404 ")
+
+
+async def test_members_that_join_at_the_same_moment_all_get_in(
+    nursery: trio.Nursery, tunnel_server: pytunnel.TunnelServer
+) -> None:
+    """Ten rounds of three members starting at once: one forms the group, the others join it
+    (never ADDRESS_IN_USE against their own group)."""
+    target = await named_echo(nursery, "m")
+    for _ in range(10):
+        port = free_port()
+        async with members(tunnel_server, 3) as clients:
+            forwards: list[pytunnel.RemoteForward] = []
+
+            async with trio.open_nursery() as starts:
+                for client in clients:
+                    starts.start_soon(_join_group, client, target, port, forwards)
+            assert len(forwards) == 3
+            assert len(group_of(tunnel_server, ("tcp", str(port)))) == 3
+            assert await ask(port) == b"m:hi"
+        await wait_until(lambda: not tunnel_server.groups, 10, lambda: "a group is left")
+
+
+async def _join_group(
+    client: pytunnel.Tunnel, target: int, port: int, forwards: list[pytunnel.RemoteForward]
+) -> None:
+    forwards.append(
+        await client.forward_remote(
+            "127.0.0.1", target, remote_port=port, group="web", group_key=KEY
+        )
+    )
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["port", "name"])
+async def test_a_member_that_vanishes_right_after_join_leaves_nothing_registered(
+    nursery: trio.Nursery, named: bool
+) -> None:
+    """Join and then gone before the server's Bound (reset, or the whole client): the group
+    it formed is given back, so the real owner can have the port or name."""
+    async with pytunnel.open_server(
+        token=TOKEN, http_listen=("127.0.0.1", 0), domain="tunnel.test"
+    ) as server:
+        port = free_port()
+        for _ in range(5):
+            async with pytunnel.open_tunnel(server.address, token=TOKEN) as client:
+                session = client.session
+                assert session is not None
+                route = routes.NAME_GROUP if named else routes.LISTEN_GROUP
+                control = await session.open_stream(
+                    "app" if named else "", 80 if named else port, tag=route
+                )
+                await ControlChannel(control, ControlRole.CLIENT, grouped=True).send(
+                    Join("web", group_proof("web", KEY.encode()))
+                )
+                control.reset(pytunnel.ErrorCode.CANCELLED, "gone")
+            await wait_until(lambda: not server.groups, 10, lambda: f"left: {server.groups}")
+        async with pytunnel.open_tunnel(server.address, token=TOKEN) as owner:
+            if named:
+                await owner.forward_name("app", "127.0.0.1", 9)
+            else:
+                await owner.forward_remote("127.0.0.1", 9, remote_port=port)

@@ -4,6 +4,8 @@ what follows untouched, a head that cannot be parsed ending the connection."""
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 import trio
 from helpers import tcp_stream_pair
@@ -86,3 +88,69 @@ async def test_a_request_without_credentials_gets_401_and_nothing_reaches_the_se
 def test_options_do_not_show_the_password() -> None:
     assert "pw" not in repr(HttpRouteOptions(basic_auth=("u", "pw")))
     assert not HttpRouteOptions().active
+
+
+async def test_http_1_0_keep_alive_requests_are_each_rewritten() -> None:
+    data = (
+        b"GET /a HTTP/1.0\r\nHost: app\r\nConnection: keep-alive\r\n"
+        b"X-Forwarded-For: 1.2.3.4\r\n\r\n"
+        b"GET /b HTTP/1.0\r\nHost: app\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+    )
+    out = await rewritten(data, HttpRouteOptions(forwarded_headers=True))
+    first, second = out.split(b"\r\n\r\n")[:2]
+    assert first.startswith(b"GET /a HTTP/1.0\r\n")
+    assert b"X-Forwarded-For: 1.2.3.4, 198.51.100.7" in first
+    assert second.startswith(b"GET /b HTTP/1.0\r\n")
+    assert b"X-Forwarded-For: 6.6.6.6, 198.51.100.7" in second
+
+
+async def test_a_body_with_both_framings_keeps_only_the_chunked_one() -> None:
+    """Content-Length next to chunked (request smuggling's classic): the service never sees
+    the length, so it cannot read the body another way than the rewriter did."""
+    data = (
+        b"POST /a HTTP/1.1\r\nHost: app\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    )
+    out = await rewritten(data, HttpRouteOptions(forwarded_headers=True))
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert b"content-length" not in head.lower()
+    assert body == b"5\r\nhello\r\n0\r\n\r\n"
+
+
+async def test_a_later_request_without_credentials_ends_the_connection_unanswered() -> None:
+    """A 401 for it would overtake the answers to the requests before it."""
+    ok = "Basic " + base64.b64encode(b"u:p").decode()
+    data = (
+        f"GET /a HTTP/1.1\r\nHost: app\r\nAuthorization: {ok}\r\n\r\n".encode()
+        + b"GET /b HTTP/1.1\r\nHost: app\r\n\r\n"
+    )
+    public, ours = await tcp_stream_pair()
+    rewriter = RequestRewriter(ours, HttpRouteOptions(basic_auth=("u", "p")), PEER)
+    async with public, rewriter:
+        await public.send_all(data)
+        with trio.fail_after(10):
+            first = await rewriter.receive_some()
+            assert first.startswith(b"GET /a HTTP/1.1\r\n")
+            assert b"authorization" not in first.lower()
+            with pytest.raises(trio.BrokenResourceError, match="without the credentials"):
+                await _drain(rewriter)
+        with trio.move_on_after(0.2):  # a hang detector would hide the 401 it looks for
+            assert await public.receive_some() == b"", "something was written back"
+
+
+async def _drain(stream: trio.abc.ReceiveStream) -> None:
+    while await stream.receive_some():
+        pass
+
+
+@pytest.mark.parametrize(
+    "value", ["a" * 64, "inside\r\nX-Evil: 1", "two words", "host:99999", "host:x", ""]
+)
+def test_a_rewritten_host_that_cannot_be_a_host_header_is_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="rewrite_host"):
+        HttpRouteOptions(rewrite_host=value)
+
+
+@pytest.mark.parametrize("value", ["inside", "inside.example:8080", "10.0.0.1", "[::1]:80"])
+def test_a_rewritten_host_may_be_a_name_or_an_address_with_a_port(value: str) -> None:
+    assert HttpRouteOptions(rewrite_host=value).rewrite_host == value

@@ -11,6 +11,7 @@ import pathlib
 import shutil
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -464,7 +465,8 @@ async def test_forwarded_headers_name_the_public_peer_on_every_request(
         await client.forward_name("app", "127.0.0.1", service, forwarded_headers=True)
         port = http_port(server)
         host = f"app.{DOMAIN}:{port}"
-        # two requests on one kept-alive connection (curl reuses it): both are rewritten
+        # two requests in one curl run: both are rewritten (keep-alive itself is pinned by
+        # test_a_kept_alive_connection_carries_request_after_request)
         code, body = await curl(
             port,
             f"app.{DOMAIN}",
@@ -629,3 +631,62 @@ async def test_a_one_sided_reset_gets_the_same_name_back_at_once(
     finally:
         await tunnel.aclose()
         proxy.close()
+
+
+@pytest.mark.parametrize("forwarded", [False, True], ids=["bytes", "rewritten"])
+async def test_a_kept_alive_connection_carries_request_after_request(
+    nursery: trio.Nursery, server: pytunnel.TunnelServer, forwarded: bool
+) -> None:
+    """One raw connection, each request sent after the previous answer: every one is
+    answered (and rewritten, with the options), none lost to an early end of input."""
+    service = await serve_route_target(nursery, header_echo())
+    async with pytunnel.open_tunnel(server.address, token=TOKEN) as client:
+        await client.forward_name("app", "127.0.0.1", service, forwarded_headers=forwarded)
+        stream = await trio.open_tcp_stream("127.0.0.1", http_port(server))
+        conn = h11.Connection(h11.CLIENT)
+        async with stream:
+            for path in ("/one", "/two", "/three"):
+                request = h11.Request(
+                    method="GET", target=path, headers=[("Host", "app.tunnel.test")]
+                )
+                await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+                body = b""
+                with trio.fail_after(10):
+                    while True:
+                        event = conn.next_event()
+                        if event is h11.NEED_DATA:
+                            conn.receive_data(await stream.receive_some())
+                        elif isinstance(event, h11.Data):
+                            body += event.data
+                        elif isinstance(event, h11.EndOfMessage):
+                            break
+                conn.start_next_cycle()
+                assert body.startswith(f"GET {path}\n".encode())
+                assert (b"X-Forwarded-For: 127.0.0.1" in body) is forwarded
+
+
+@pytest.mark.parametrize("forwarded", [False, True], ids=["bytes", "rewritten"])
+async def test_a_service_that_dies_mid_answer_resets_the_public_connection(
+    nursery: trio.Nursery, server: pytunnel.TunnelServer, forwarded: bool
+) -> None:
+    """A close-delimited answer cut short must not look complete: the public sees a reset."""
+
+    async def dies(stream: trio.SocketStream) -> None:
+        await stream.receive_some()
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npartial")
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, dies, 0, host="127.0.0.1"))
+    async with pytunnel.open_tunnel(server.address, token=TOKEN) as client:
+        await client.forward_name(
+            "app", "127.0.0.1", listeners[0].socket.getsockname()[1], forwarded_headers=forwarded
+        )
+        stream = await trio.open_tcp_stream("127.0.0.1", http_port(server))
+        async with stream:
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n")
+            got = b""
+            with pytest.raises(trio.BrokenResourceError), trio.fail_after(10):  # noqa: PT012
+                while chunk := await stream.receive_some():
+                    got += chunk
+            assert got.endswith(b"partial") or got == b""

@@ -11,7 +11,16 @@ import shutil
 import pytest
 import trio
 import trustme
-from helpers import count_fds, http_service, raw_echo, tls_get, tls_service, wait_until
+from helpers import (
+    count_fds,
+    count_tasks,
+    describe_tasks,
+    http_service,
+    raw_echo,
+    tls_get,
+    tls_service,
+    wait_until,
+)
 
 from pytunnel._vhost import NameRoutes, serve_name_routing
 from pytunnel.errors import NameInUseError, NameNotAllowedError
@@ -270,3 +279,29 @@ async def test_openssl_s_client_verifies_the_services_certificate_through_the_ro
         check=False,
     )
     assert b"hello from shop.example.org: ping" in result.stdout, result.stderr
+
+
+async def test_connections_still_in_their_head_are_capped(nursery: trio.Nursery) -> None:
+    """With the cap reached by silent connections, a new one is closed at once; once they
+    are gone (head timeout), connections are routed again."""
+    routes = NameRoutes(domain="tunnel.test")
+    routes.register("app", raw_echo)
+    port = await _router(nursery, routes, tls=False, max_pending=3, head_timeout=1.0)
+    tasks = count_tasks()
+    silent = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
+    try:
+        # the router accepted them (a task each), though they never send a byte
+        await wait_until(lambda: count_tasks() >= tasks + 3, 10, describe_tasks)
+        with trio.fail_after(10):
+            assert await _exchange(port, b"GET / HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n") == b""
+            for stream in silent:  # closed by the head timeout
+                assert await stream.receive_some() == b""
+        head = b"GET / HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n"
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(head)
+                assert await stream.receive_some() == head
+    finally:
+        for stream in silent:
+            await stream.aclose()

@@ -18,10 +18,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import ipaddress
 
 import attrs
 import h11
 import trio
+
+from ._relay import abort
+from .protocol.tls_hello import valid_host_name
 
 __all__ = ["HttpRouteOptions", "RequestRewriter"]
 
@@ -35,8 +39,9 @@ class HttpRouteOptions:
     #: Add ``X-Forwarded-For`` (appended to what the request had), ``X-Forwarded-Proto``,
     #: ``X-Forwarded-Host`` and ``Forwarded`` (RFC 7239) naming the public peer.
     forwarded_headers: bool = False
-    #: Replace the request's ``Host`` with this (services that only answer to their own).
-    rewrite_host: str | None = None
+    #: Replace the request's ``Host`` with this (services that only answer to their own):
+    #: a host name or address, with an optional ``:port``; checked here, once.
+    rewrite_host: str | None = attrs.field(default=None, validator=lambda _i, _a, v: _host(v))
     #: Require HTTP basic auth with this ``(user, password)``; the ``Authorization`` header
     #: is checked here and not passed on. A request without it gets 401.
     basic_auth: tuple[str, str] | None = attrs.field(default=None, repr=False)
@@ -44,6 +49,31 @@ class HttpRouteOptions:
     @property
     def active(self) -> bool:
         return self.forwarded_headers or self.rewrite_host is not None or bool(self.basic_auth)
+
+
+def _host(value: str | None) -> None:
+    """``ValueError`` unless ``value`` can be a ``Host`` header (no header injection)."""
+    if value is None:
+        return
+    if value.startswith("["):  # an IPv6 literal, with or without a port
+        bare, _, rest = value[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"rewrite_host {value[:80]!r}: text after the address")
+        port = rest[1:]
+    elif value.count(":") == 1:
+        bare, _, port = value.partition(":")
+    else:
+        bare, port = value, ""
+    if (port or value.endswith(":")) and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"rewrite_host {value[:80]!r}: bad port")
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        if not valid_host_name(bare.lower().rstrip(".")):
+            raise ValueError(
+                f"rewrite_host {value[:80]!r} is not a host name or address (with an optional "
+                ":port)"
+            ) from None
 
 
 def _unauthorized() -> bytes:
@@ -81,8 +111,12 @@ class RequestRewriter(trio.abc.HalfCloseableStream):
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
         self._out = bytearray()
         self._chunked = False
+        #: Whether the request being read proposes a protocol switch (upgrade, CONNECT).
+        self._switching = False
         self._passthrough = False
         self._eof = False
+        #: Requests read so far on the connection.
+        self._requests = 0
         if options.basic_auth is not None:
             user, password = options.basic_auth
             self._credentials: bytes | None = f"{user}:{password}".encode()
@@ -116,13 +150,22 @@ class RequestRewriter(trio.abc.HalfCloseableStream):
             data = await self.stream.receive_some(64 * 1024)
             self._conn.receive_data(bytes(data))
         elif isinstance(event, h11.Request):
+            self._requests += 1
             if not self._authorized(event):
+                if self._requests > 1:
+                    # answers to earlier requests may still be on their way: a 401 now would
+                    # overtake them, so the connection ends instead
+                    raise trio.BrokenResourceError("a later request without the credentials")
                 with trio.CancelScope(shield=True), trio.move_on_after(1):
                     await self.stream.send_all(_unauthorized())
                 self._eof = True
                 return
             self._chunked = any(
                 name == b"transfer-encoding" and b"chunked" in value.lower()
+                for name, value in event.headers
+            )
+            self._switching = event.method == b"CONNECT" or any(
+                name == b"connection" and b"upgrade" in value.lower()
                 for name, value in event.headers
             )
             self._out += self._head(event)
@@ -145,14 +188,17 @@ class RequestRewriter(trio.abc.HalfCloseableStream):
 
     def _next_request(self) -> None:
         rest, closed = self._conn.trailing_data
-        if self._conn.their_state is not h11.DONE:
-            # a proposed upgrade or CONNECT: whether or not the service accepts it, what follows is
-            # not ours to parse
+        if self._switching:
+            # a proposed upgrade or CONNECT: whether or not the service accepts it, what
+            # follows is not ours to parse
             self._out += rest
             self._passthrough = True
             return
+        # a new parser for the next request, even after HTTP/1.0 or "Connection: close":
+        # a client that keeps sending (HTTP/1.0 keep-alive) has its requests rewritten too
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
-        self._conn.receive_data(rest)
+        if rest:
+            self._conn.receive_data(rest)
         if closed:
             self._conn.receive_data(b"")
 
@@ -194,6 +240,10 @@ class RequestRewriter(trio.abc.HalfCloseableStream):
                 continue
             elif options.forwarded_headers and lower in (b"x-forwarded-proto", b"x-forwarded-host"):
                 continue  # ours replace what the public may have claimed
+            elif lower == b"content-length" and self._chunked:
+                # both framings: chunked wins (RFC 9112 6.3) and a proxy drops the length,
+                # so no service behind can be made to read the body another way
+                continue
             headers.append((name, value))
         if options.forwarded_headers:
             peer = self._peer[0].encode()
@@ -204,7 +254,8 @@ class RequestRewriter(trio.abc.HalfCloseableStream):
             node = b'"[' + peer + b']"' if b":" in peer else peer
             forwarded = b"for=" + node + b";proto=" + self._proto.encode()
             if host_value:
-                forwarded += b';host="' + host_value.replace(b'"', b"") + b'"'
+                quoted = host_value.replace(b"\\", b"").replace(b'"', b"")
+                forwarded += b';host="' + quoted + b'"'
             headers.append((b"Forwarded", forwarded))
         lines = [request.method + b" " + request.target + b" HTTP/" + request.http_version]
         lines += [name + b": " + value for name, value in headers]
@@ -218,6 +269,10 @@ class RequestRewriter(trio.abc.HalfCloseableStream):
 
     async def send_eof(self) -> None:
         await self.stream.send_eof()
+
+    def reset(self, code: int, message: str) -> None:
+        """A relay cut short resets the public side, as it would without the rewriter."""
+        abort(self.stream, code, message)
 
     async def aclose(self) -> None:
         await self.stream.aclose()

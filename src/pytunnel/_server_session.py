@@ -474,7 +474,7 @@ class _ClientSession:
                 port,
             )
             async with trio.open_nursery() as nursery:
-                route.relays = nursery
+                route.attach(nursery)
                 try:
                     await route.follow_control_stream(channel)
                     outcome = None
@@ -552,7 +552,10 @@ class _ClientSession:
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.EndOfChannel):
             return
         try:
-            member, group, address = await self._join(incoming, join.group, join.proof, named)
+            # one group formation at a time, so members joining at once cannot race each
+            # other to the bind of the group's port
+            async with self.server.group_lock:
+                member, group, address = await self._join(incoming, join.group, join.proof, named)
         except ForwardError as exc:
             log.warning("client %s: group member %s refused: %s", self.peer, requested, exc)
             control.reset(refusal_code(exc), exc.message)
@@ -563,8 +566,8 @@ class _ClientSession:
         try:
             await channel.send(Bound(*address))
             async with trio.open_nursery() as nursery:
-                member.relays = nursery
-                group.add(member)
+                member.attach(nursery)
+                group.ready(member)
                 try:
                     await member.follow_control_stream(channel)
                     outcome = None
@@ -617,23 +620,21 @@ class _ClientSession:
                 )
             key = ("tcp", str(incoming.port))
             group = groups.get(key)
-            if group is None:
+            if group is None:  # the caller holds the group lock: nobody forms it meanwhile
                 listeners = await bind(host, incoming.port)
-                group = groups.get(key)  # another member may have formed it meanwhile
-                if group is not None:
-                    await aclose_all(*listeners)
-                    group.check(name, proof)
-                else:
-                    address_text = format_target(host, incoming.port)
-                    group = PortGroup(
-                        name, proof, listeners, address_text, lambda g: self._forget_group(key, g)
-                    )
-                    groups[key] = group
+                address_text = format_target(host, incoming.port)
+                group = PortGroup(
+                    name, proof, listeners, address_text, lambda g: self._forget_group(key, g)
+                )
+                groups[key] = group
             else:
                 group.check(name, proof)
-            member = _Endpoint(self, incoming.stream_id, f"port {group.what}")
+            member = _Endpoint(self, incoming.stream_id, group.what)
             address = (host, incoming.port)
         member.group = group
+        # a member from now on (taking no connection until its nursery is set), so that
+        # whatever ends it, its leaving frees the group's port or name with the last member
+        group.add(member)
         self.memberships.add(member)
         return member, group, address
 

@@ -73,8 +73,12 @@ class Supervisor:
         client_id: str,
         server_host: str | Callable[[], str] | None,
         connector_tls: bool = False,
+        on_refused: Callable[[], bool] | None = None,
     ) -> None:
         self._link = link
+        #: Told when a connection the connector made failed its TLS or handshake; true if
+        #: another server should be tried at once.
+        self._on_refused = on_refused
         #: The connector's stream already is the TLS layer the config describes (wss://).
         self._connector_tls = connector_tls
         self._config = link.config
@@ -148,6 +152,23 @@ class Supervisor:
         )
         if use_tls and self._tls_context is None:
             self._tls_context = await client_tls_context(pinned=True)
+        while True:
+            connected = stream is None
+            try:
+                return await self._establish_once(stream)
+            except TunnelError:
+                # a server that took the connection but not the tunnel (stalled, busy, a bad
+                # certificate): with several servers, another one is tried at once
+                if not (connected and self._on_refused is not None and self._on_refused()):
+                    raise
+
+    async def _establish_once(
+        self, stream: trio.abc.Stream | None
+    ) -> tuple[trio.abc.Stream, HandshakeResult]:
+        config = self._config
+        use_tls = not self._connector_tls and (
+            config.tls is not None or config.tls_fingerprint is not None
+        )
         if stream is None:
             if self._connector is None:
                 raise SessionClosedError("nothing to reconnect to")

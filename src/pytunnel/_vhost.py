@@ -25,6 +25,8 @@ import h11
 import trio
 
 from ._listen import accept
+from ._relay import abort
+from ._util import Episodes
 from .errors import NameInUseError, NameNotAllowedError, printable
 from .protocol.tls_hello import (
     ALERT_INTERNAL_ERROR,
@@ -52,6 +54,8 @@ RouteTarget = Callable[[trio.abc.HalfCloseableStream, tuple[str, int]], Awaitabl
 
 DEFAULT_MAX_HEAD = 16 * 1024
 DEFAULT_HEAD_TIMEOUT = 10.0
+#: Connections one shared listener lets read their head at once.
+DEFAULT_MAX_PENDING = 1024
 
 
 def _pattern_admits(pattern: str, name: str) -> bool:
@@ -153,6 +157,10 @@ class ReplayStream(trio.abc.HalfCloseableStream):
     async def send_eof(self) -> None:
         await self.stream.send_eof()
 
+    def reset(self, code: int, message: str) -> None:
+        """A relay cut short resets the connection (RST), as it would without the replay."""
+        abort(self.stream, code, message)
+
     async def aclose(self) -> None:
         await self.stream.aclose()
 
@@ -247,6 +255,30 @@ async def _route_one(
     tls: bool,
     max_head: int,
     head_timeout: float,
+    pending: list[int],
+) -> None:
+    """Read the name of ``conn``, hand it to its route or answer and close it; ``pending``
+    (connections still in their head) is decremented once the head phase is over."""
+    counted = [True]
+
+    def head_done() -> None:
+        if counted[0]:
+            counted[0] = False
+            pending[0] -= 1
+
+    try:
+        await _read_and_route(conn, routes, tls, max_head, head_timeout, head_done)
+    finally:
+        head_done()
+
+
+async def _read_and_route(
+    conn: trio.SocketStream,
+    routes: NameRoutes,
+    tls: bool,
+    max_head: int,
+    head_timeout: float,
+    head_done: Callable[[], None],
 ) -> None:
     try:
         host, port = conn.socket.getpeername()[:2]
@@ -281,6 +313,7 @@ async def _route_one(
         )
         await answer_and_close(conn, refused.reply)
         return
+    head_done()
     await target(ReplayStream(conn, buffered), peer)
 
 
@@ -312,17 +345,40 @@ async def serve_name_routing(
     tls: bool,
     max_head: int = DEFAULT_MAX_HEAD,
     head_timeout: float = DEFAULT_HEAD_TIMEOUT,
+    max_pending: int = DEFAULT_MAX_PENDING,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on ``listeners`` forever; route each connection by its HTTP ``Host`` (or, with
     ``tls``, its SNI name) to the route that holds the name. Each connection runs in its own
-    task of this call's nursery, so cancelling this call ends them all."""
+    task of this call's nursery, so cancelling this call ends them all.
+
+    At most ``max_pending`` connections may be reading their head at once (each holds a
+    descriptor for up to ``head_timeout``); more are closed as they arrive, so slow heads
+    cannot spend the process's descriptors. A routed connection no longer counts."""
+    pending = [0]
+    refused: Episodes[None] = Episodes()
+    what = "TLS" if tls else "HTTP"
+
     async with trio.open_nursery() as nursery:
 
         async def accept_loop(listener: trio.SocketListener) -> None:
             while True:
                 conn = await accept(listener)
-                nursery.start_soon(_route_one, conn, routes, tls, max_head, head_timeout)
+                if pending[0] >= max_pending:
+                    if refused.refuse(None):
+                        log.warning(
+                            "shared %s port: %d connections still sending their head; closing "
+                            "new ones until fewer are",
+                            what,
+                            max_pending,
+                        )
+                    await trio.aclose_forcefully(conn)
+                    continue
+                count = refused.end(None)
+                if count:
+                    log.info("shared %s port: accepting again after %d closed", what, count)
+                pending[0] += 1
+                nursery.start_soon(_route_one, conn, routes, tls, max_head, head_timeout, pending)
 
         for listener in listeners:
             nursery.start_soon(accept_loop, listener)

@@ -135,6 +135,7 @@ class Tunnel:
         server_host: str | Callable[[], str] | None = None,
         connector_tls: bool = False,
         server: Callable[[], str] | None = None,
+        on_refused: Callable[[], bool] | None = None,
     ) -> None:
         self.config = config
         self._server = server
@@ -148,6 +149,7 @@ class Tunnel:
             client_id=self.client_id,
             server_host=server_host,
             connector_tls=connector_tls,
+            on_refused=on_refused,
         )
 
     # ------------------------------------------------------------------ state
@@ -552,6 +554,7 @@ async def connect_tunnel(
         server_host=transport.server_host,
         connector_tls=transport.carries_tls,
         server=transport.current,
+        on_refused=transport.passed_over,
     )
     started: Tunnel = await nursery.start(tunnel._run)
     return started

@@ -35,7 +35,13 @@ from ._udp import (
     DEFAULT_UDP_IDLE_TIMEOUT,
 )
 from ._util import aclose_all, unwrap_cancelled
-from ._vhost import DEFAULT_HEAD_TIMEOUT, DEFAULT_MAX_HEAD, NameRoutes, serve_name_routing
+from ._vhost import (
+    DEFAULT_HEAD_TIMEOUT,
+    DEFAULT_MAX_HEAD,
+    DEFAULT_MAX_PENDING,
+    NameRoutes,
+    serve_name_routing,
+)
 from .errors import (
     ErrorCode,
     SessionClosedError,
@@ -158,6 +164,9 @@ class ServerConfig:
     max_name_head: int = DEFAULT_MAX_HEAD
     #: Seconds a connection on a shared listener has to send that head (slow-loris bound).
     name_head_timeout: float = DEFAULT_HEAD_TIMEOUT
+    #: Connections each shared listener lets send their head at once; more are closed as they
+    #: arrive (slow heads cannot spend the process's descriptors).
+    max_name_pending: int = DEFAULT_MAX_PENDING
     #: Also accept the control connection as a WebSocket upgrade at this path (``/tunnel``),
     #: on the same listener: a connection starting with an HTTP request is upgraded, one
     #: starting with a tunnel handshake is served as before. ``None``: raw connections only.
@@ -201,6 +210,7 @@ class ServerOptions(TypedDict, total=False):
     max_names_per_client: int
     max_name_head: int
     name_head_timeout: float
+    max_name_pending: int
     ws_path: str | None
     ws_ping_interval: float | None
 
@@ -283,6 +293,8 @@ class TunnelServer:
         #: Load-balanced groups by what they serve: ``("tcp", "8080")``, ``("http", name)``,
         #: ``("https", name)``.
         self.groups: dict[tuple[str, str], Group] = {}
+        #: Held while a member joins or forms a group (the lookup, the bind, the creation).
+        self.group_lock = trio.Lock()
         self._sessions: set[_ClientSession] = set()
         #: The live session of each client identity (clients that sent one).
         self._by_identity: dict[str, _ClientSession] = {}
@@ -445,6 +457,7 @@ class TunnelServer:
                                     tls=tls,
                                     max_head=self.config.max_name_head,
                                     head_timeout=self.config.name_head_timeout,
+                                    max_pending=self.config.max_name_pending,
                                 )
                             )
                     task_status.started(self)

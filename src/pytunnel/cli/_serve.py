@@ -112,6 +112,12 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
     help="Seconds a connection on a shared port has to send its request head or TLS hello.",
 )
 @click.option(
+    "--max-name-pending",
+    type=click.IntRange(min=1),
+    default=_SERVER.max_name_pending.default,
+    help="Connections each shared HTTP/HTTPS port lets send their head at once.",
+)
+@click.option(
     "--max-name-head",
     type=click.IntRange(min=1024),
     default=_SERVER.max_name_head.default,
@@ -221,6 +227,7 @@ def serve(
     allow_domains: tuple[str, ...],
     max_names_per_client: int,
     name_head_timeout: float,
+    max_name_pending: int,
     max_name_head: int,
     permit_open: pytunnel.PermitOpen,
     connect_timeout: float,
@@ -327,6 +334,7 @@ def server_config(params: Mapping[str, Any], secret: str) -> pytunnel.ServerConf
             allow_domains=[p for value in params["allow_domains"] for p in value.split(",")],
             max_names_per_client=params["max_names_per_client"],
             name_head_timeout=params["name_head_timeout"],
+            max_name_pending=params["max_name_pending"],
             max_name_head=params["max_name_head"],
             ws_path=params["ws_path"],
             ws_ping_interval=params["ws_ping_interval"] or None,

@@ -93,6 +93,9 @@ class Group:
             len(self.members),
         )
 
+    def ready(self, member: Member) -> None:
+        """``member`` can take connections now (its nursery runs)."""
+
     def remove(self, member: Member) -> None:
         """Take ``member`` out now; the last one out gives the port or name back."""
         if member not in self.members:
@@ -141,8 +144,7 @@ class PortGroup(Group):
         self._owner: Member | None = None
         self._accepting = trio.CancelScope()
 
-    def add(self, member: Member) -> None:
-        super().add(member)
+    def ready(self, member: Member) -> None:
         self._ensure_accepting()
 
     def remove(self, member: Member) -> None:

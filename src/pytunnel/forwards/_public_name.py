@@ -23,6 +23,9 @@ from ._public_port import PortOwner
 
 log = logging.getLogger("pytunnel.server")
 
+#: Seconds a connection routed to a name whose forward is being set up waits for it.
+_ATTACH_WAIT = 5.0
+
 
 class _Endpoint:
     """Where one forward's public connections go at the server: into its client's nursery.
@@ -40,6 +43,8 @@ class _Endpoint:
         #: Where the relays run: the client session's nursery for this forward (set by the
         #: owner before any connection can reach it).
         self.relays: trio.Nursery | None = None
+        #: Set once ``relays`` is (the forward runs), or once it stops without ever running.
+        self.attached = trio.Event()
         self.online = True
         #: The load-balanced group the forward is a member of, if any.
         self.group: Group | None = None
@@ -49,9 +54,15 @@ class _Endpoint:
     def peer(self) -> str:
         return self.client.peer
 
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Connections go into ``nursery`` (the forward's, inside its client's session) now."""
+        self.relays = nursery
+        self.attached.set()
+
     def stop_listening(self) -> None:
         """No connection reaches the forward from now on (it is ending)."""
         self._stopped = True
+        self.attached.set()  # nobody waits for a nursery that will never come
         if self.group is not None:
             self.group.remove(self)
 
@@ -142,6 +153,11 @@ class _PublicName(_Endpoint):
 
     async def _route(self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> None:
         """Take one routed connection: into the client's nursery, or answered and closed."""
+        if self.relays is None and not self._stopped:
+            # registered a moment before its nursery runs (a name restored after a reconnect):
+            # a connection arriving then waits for it rather than being turned away
+            with trio.move_on_after(_ATTACH_WAIT):
+                await self.attached.wait()
         if not self.online:
             # the client's reason names its own target: it goes to the log, not to the public
             reason = "its service is offline"

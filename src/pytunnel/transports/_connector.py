@@ -43,6 +43,10 @@ class ServerTransport:
     carries_tls: bool
     #: The server the last connection reached, as the user wrote it.
     current: Callable[[], str]
+    #: Called when that connection failed its TLS or handshake: with several servers, the
+    #: next connection starts with the one after it, and the answer says whether to make it
+    #: at once (false once every server of the round was passed over: back off instead).
+    passed_over: Callable[[], bool] = lambda: False
 
 
 #: Seconds each server has to answer before the next one is tried too (RFC 8305's
@@ -70,18 +74,32 @@ def servers_transport(
     if len({t.carries_tls for t in transports}) != 1:
         raise ValueError("wss:// servers cannot be mixed with ws:// or host:port ones")
     labels = [_label(address) for address in addresses]
-    chosen = [0]
+    count = len(transports)
+    #: The server the last connection reached, and where the next round of attempts starts.
+    chosen, start = [0], [0]
 
     async def connect() -> trio.abc.Stream:
-        index, stream = await _first_to_answer([t.connector for t in transports], labels)
-        chosen[0] = index
+        order = [(start[0] + step) % count for step in range(count)]
+        index, stream = await _first_to_answer(
+            [transports[i].connector for i in order], [labels[i] for i in order]
+        )
+        chosen[0] = order[index]
         return stream
+
+    #: Servers passed over since the last time every one was (a round of refusals).
+    refused = [0]
+
+    def passed_over() -> bool:
+        start[0] = (chosen[0] + 1) % count
+        refused[0] = (refused[0] + 1) % count
+        return refused[0] != 0
 
     return ServerTransport(
         connect,
         lambda: transports[chosen[0]].server_host(),
         transports[0].carries_tls,
         lambda: labels[chosen[0]],
+        passed_over,
     )
 
 
@@ -93,6 +111,23 @@ async def _first_to_answer(
     closed, if they connected too). ``ConnectError`` naming every failure if none does."""
     winner: list[tuple[int, trio.abc.Stream]] = []
     errors: dict[int, BaseException] = {}
+    try:
+        await _race(connectors, winner, errors)
+    except BaseException:
+        for _, stream in winner:  # cancelled from outside after a winner: not ours to keep
+            await trio.aclose_forcefully(stream)
+        raise
+    if winner:
+        return winner[0]
+    reasons = "; ".join(f"{labels[i]}: {errors[i]}" for i in sorted(errors))
+    raise ConnectError(f"cannot reach any of {len(labels)} tunnel servers ({reasons})")
+
+
+async def _race(
+    connectors: list[Connector],
+    winner: list[tuple[int, trio.abc.Stream]],
+    errors: dict[int, BaseException],
+) -> None:
     async with trio.open_nursery() as nursery:
 
         async def attempt(index: int, failed: trio.Event) -> None:
@@ -113,10 +148,6 @@ async def _first_to_answer(
             nursery.start_soon(attempt, index, failed)
             with trio.move_on_after(ATTEMPT_DELAY):
                 await failed.wait()
-    if winner:
-        return winner[0]
-    reasons = "; ".join(f"{labels[i]}: {errors[i]}" for i in sorted(errors))
-    raise ConnectError(f"cannot reach any of {len(labels)} tunnel servers ({reasons})")
 
 
 def _is_url(address: str | tuple[str, int]) -> bool:
