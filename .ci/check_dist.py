@@ -37,6 +37,9 @@ PUBLIC_MODULES = (
     "pytunnel.testing",
     "pytunnel.sync",
     "pytunnel.transports",
+    # their dependency (prometheus-client) must come with the wheel
+    "pytunnel.metrics",
+    "pytunnel.admin",
 )
 #: Paths that must never ship: caches, build output, local results.
 JUNK = ("__pycache__/", ".pyc", ".coverage", ".hypothesis/", ".mypy_cache/", "bench/results/")

@@ -44,6 +44,9 @@ _CLI_ONLY = {
         "tls_client_ca",
         "log_level",
         "log_format",
+        "metrics",
+        "admin",
+        "admin_token_file",
     },
     "connect": {
         "server",
@@ -68,6 +71,10 @@ _CLI_ONLY = {
         "stdio",  # one connection instead of forwards: Tunnel.open_stream + relay_stdio
         "log_level",
         "log_format",
+        "metrics",
+        "admin",
+        "admin_token_file",
+        "quiet",
     },
 }
 #: Config defaults an option cannot hold as such, and how it spells them instead.

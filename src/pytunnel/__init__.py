@@ -10,7 +10,10 @@ layers have namespaces of their own:
 - ``pytunnel.testing``: fault injection, ``open_tunnel_pair`` and the pytest plugin;
 - ``pytunnel.protocol``: the sans-IO core (frames, messages, state machines, SOCKS);
 - ``pytunnel.sync``: the tunnel in a background thread, for code that is not Trio;
-- ``pytunnel.transports``: WebSocket, proxies and stdio as trio streams.
+- ``pytunnel.transports``: WebSocket, proxies and stdio as trio streams;
+- ``pytunnel.metrics``: Prometheus collectors of a tunnel or a server, and their endpoint;
+- ``pytunnel.admin``: the admin API's transport (a private Unix socket, or loopback and a
+  token) and its client.
 
 Public names are re-exported explicitly here, grouped by the module that defines them;
 everything else is private.
@@ -42,6 +45,8 @@ from .forwards import UdpRemoteForward as UdpRemoteForward
 from ._relay import RelayStats as RelayStats
 
 # the server: three tiers and its configuration
+from .server import ClientInfo as ClientInfo
+from .server import PublicPortInfo as PublicPortInfo
 from .server import ServerConfig as ServerConfig
 from .server import ServerOptions as ServerOptions
 from .server import TunnelServer as TunnelServer

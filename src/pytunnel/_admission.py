@@ -58,6 +58,8 @@ class AuthThrottle:
         self.burst = burst
         self.interval = interval
         self.max_entries = max_entries
+        #: Failed authentications counted so far (all addresses, for metrics).
+        self.failures = 0
         # host -> (tokens left, when that was computed)
         self._buckets: dict[str, tuple[float, float]] = {}
 
@@ -77,7 +79,13 @@ class AuthThrottle:
             return 0.0
         return (1 - tokens) * self.interval
 
+    def throttled(self) -> int:
+        """Addresses refused right now (fewer than one token left)."""
+        now = trio.current_time()
+        return sum(1 for host in self._buckets if self._tokens(host, now) < 1 - self._EPSILON)
+
     def failure(self, host: str) -> None:
+        self.failures += 1
         now = trio.current_time()
         # down to one burst of debt: handshakes admitted together while a token was left each
         # fail on their own account, so concurrency buys no extra guesses (and the debt is

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -80,6 +81,8 @@ class _ClientSession:
         #: The identity the client authenticated with ("" for none).
         self.client_id = client_id
         self.forwards = 0
+        #: Wall-clock time the client was admitted.
+        self.connected_at = time.time()
         #: Name group members admitted and not yet ended (counted with the names).
         self._pending_members = 0
         #: Streams refused at the server's limit since the last one admitted.
@@ -130,6 +133,7 @@ class _ClientSession:
                         nursery.start_soon(self._serve_group_member, incoming)
                 elif incoming.tag in (routes.LISTEN, routes.UDP_LISTEN):
                     if self.forwards >= self.config.max_forwards_per_client:
+                        self.server.count_limit("forwards")
                         log.warning(
                             "client %s: remote forward refused: limit of %d forwards reached",
                             self.peer,
@@ -183,6 +187,7 @@ class _ClientSession:
                     refused,
                 )
             return True
+        self.server.count_limit("streams")
         if self._refused_streams.refuse(None):
             log.warning(
                 "client %s: refusing streams: the server's limit of %d streams is reached",
@@ -204,9 +209,13 @@ class _ClientSession:
             self.release_stream()
 
     async def _relay(
-        self, a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream, name: str
+        self,
+        a: trio.abc.HalfCloseableStream,
+        b: trio.abc.HalfCloseableStream,
+        name: str,
+        stats: RelayStats | None = None,
     ) -> None:
-        await relay(a, b, idle_timeout=self.config.idle_timeout, name=name)
+        await relay(a, b, idle_timeout=self.config.idle_timeout, name=name, stats=stats)
 
     # ---------------------------------------------------------------- local forwards
 
@@ -656,10 +665,15 @@ class _ClientSession:
         log.info("group %s (%s) ended: its last member left", printable(group.name), group.what)
 
     async def relay_public(
-        self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int], forward_id: int
+        self,
+        conn: trio.abc.HalfCloseableStream,
+        peer: tuple[str, int],
+        forward_id: int,
+        stats: RelayStats | None = None,
     ) -> None:
-        """Open a stream of forward ``forward_id`` to the client and relay ``conn`` over it;
-        a client that does not answer within ``connect_timeout`` loses the connection."""
+        """Open a stream of forward ``forward_id`` to the client and relay ``conn`` over it
+        (counted in ``stats``); a client that does not answer within ``connect_timeout``
+        loses the connection."""
         timeout = self.config.connect_timeout
 
         async def open_to_client() -> MuxStream | None:
@@ -687,6 +701,6 @@ class _ClientSession:
         await carry_over_stream(
             conn,
             open_to_client,
-            functools.partial(self._relay, name=f"public->{self.peer}"),
+            functools.partial(self._relay, name=f"public->{self.peer}", stats=stats),
             failed,
         )

@@ -58,6 +58,8 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 __all__ = [
+    "ClientInfo",
+    "PublicPortInfo",
     "ServerConfig",
     "ServerOptions",
     "TunnelServer",
@@ -227,6 +229,43 @@ def _server_config(
     return attrs.evolve(config, **options)
 
 
+@attrs.frozen
+class PublicPortInfo:
+    """One TCP remote forward of a client, at the server."""
+
+    #: ``host:port`` it listens on.
+    address: str
+    #: ``active``, or ``offline`` while the client reports its target down.
+    status: str
+    #: Public connections open now, and accepted in all.
+    connections: int
+    connections_total: int
+    #: Bytes from the public peers towards the client's target, and back.
+    bytes_out: int
+    bytes_in: int
+
+
+@attrs.frozen
+class ClientInfo:
+    """One connected client as :attr:`TunnelServer.clients` shows it."""
+
+    #: ``host:port`` its control connection comes from.
+    peer: str
+    #: The identity it authenticated with ("" for none).
+    client_id: str
+    #: Wall-clock time it was admitted.
+    connected_at: float
+    #: Remote forwards it holds.
+    forwards: int
+    #: ``host:port`` of each public TCP port listening for it.
+    public_ports: list[str]
+    #: Bytes of its control connection each way (frames included).
+    bytes_received: int
+    bytes_sent: int
+    #: Its TCP remote forwards, with their counters.
+    ports: list[PublicPortInfo] = attrs.field(factory=list)
+
+
 class TunnelServer:
     """A running server, as handed back by ``await nursery.start(serve, ...)``,
     ``open_server`` and ``wrap_server_stream``.
@@ -262,6 +301,8 @@ class TunnelServer:
         self._admission = Admission(config)
         #: Relayed streams open across all clients.
         self.active_streams = 0
+        #: Requests refused at a limit, by limit (``"streams"``, ``"forwards"``).
+        self.limits_hit: dict[str, int] = {}
         self._cancel_scope = trio.CancelScope()
         self._done = trio.Event()
         #: Whether ``serve_forever`` runs (so ``aclose`` waits for its listeners to close).
@@ -316,6 +357,60 @@ class TunnelServer:
     def session_count(self) -> int:
         """Authenticated clients connected right now."""
         return len(self._sessions)
+
+    @property
+    def auth_failures(self) -> int:
+        """Failed authentications since the server started."""
+        return self._admission.throttle.failures
+
+    @property
+    def throttled_addresses(self) -> int:
+        """Source addresses refused right now for too many failed authentications."""
+        return self._admission.throttle.throttled()
+
+    def count_limit(self, limit: str) -> None:
+        """Count one request refused at a limit (``"streams"``, ``"forwards"``)."""
+        self.limits_hit[limit] = self.limits_hit.get(limit, 0) + 1
+
+    @property
+    def clients(self) -> list[ClientInfo]:
+        """The clients connected right now, as snapshots."""
+        return [
+            ClientInfo(
+                peer=c.peer,
+                client_id=c.client_id,
+                connected_at=c.connected_at,
+                forwards=c.forwards,
+                public_ports=sorted(p.address for p in c.public_ports),
+                bytes_received=c.session.bytes_read,
+                bytes_sent=c.session.bytes_written,
+                ports=[
+                    PublicPortInfo(
+                        address=p.address,
+                        status="active" if p.online else "offline",
+                        connections=p.stats.active_connections,
+                        connections_total=p.stats.total_connections,
+                        bytes_out=p.stats.bytes_out,
+                        bytes_in=p.stats.bytes_in,
+                    )
+                    for p in sorted(c.public_ports, key=lambda p: p.address)
+                ],
+            )
+            for c in self._sessions
+        ]
+
+    def reconfigure(self, config: ServerConfig) -> None:
+        """Apply ``config`` to every connection accepted from now on (a reload).
+
+        Clients already connected keep the limits and policy they were admitted under, as a
+        client's session is one agreement; failed authentications counted so far stay
+        counted. ``max_streams`` is fitted to the file descriptor limit as at start.
+        """
+        config = _fit_fd_limit(config, raise_fd_limit())
+        self.config = config
+        self._admission.config = config
+        self._admission.throttle.burst = config.auth_failure_burst
+        self._admission.throttle.interval = config.auth_failure_interval
 
     async def aclose(self) -> None:
         """Stop serving: close the control listener and end every client session, including

@@ -6,15 +6,26 @@ call and prints one line per forward; reconnection and relaying are the library'
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import attrs
 import click
 import trio
 
 import pytunnel
+import pytunnel.metrics
 
+from . import _admin
+from ._config import ConfigCommand, config_option, config_path, file_forwards, watch_reload
+from ._config import reload as reload_config
+from ._declared import Declared, DeclaredForwards, from_flags
+from ._live import show_live
 from ._logs import setup_logging
+from ._metrics import start_metrics
 from ._options import (
     CONTEXT,
     EXISTING_FILE,
@@ -27,6 +38,7 @@ from ._options import (
     log_format_option,
     log_level_option,
     max_streams_option,
+    metrics_option,
     parsed,
     server_endpoints,
     usage_errors,
@@ -53,10 +65,11 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=ConfigCommand, context_settings=CONTEXT)
 @click.argument(
     "server", nargs=-1, required=True, callback=server_endpoints, envvar="PYTUNNEL_SERVER"
 )
+@config_option
 @token_option(help="Shared secret of the server (or --token-file).")
 @token_file_option
 @click.option(
@@ -207,6 +220,13 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
     "per run). A new connection with it replaces the server's old session of this client at "
     "once, ports included; never give two clients the same one.",
 )
+@metrics_option
+@_admin.serve_options
+@click.option(
+    "--quiet",
+    is_flag=True,
+    help="No live table of the forwards on a terminal (elsewhere there is none).",
+)
 @transport_options
 @log_level_option
 @log_format_option
@@ -245,6 +265,10 @@ def connect(
     max_streams: int,
     status_interval: float,
     client_id: str | None,
+    metrics: tuple[str, int] | None,
+    admin: _admin.AdminAddress,
+    admin_token_file: str | None,
+    quiet: bool,
     proxy: str | None,
     header: tuple[tuple[str, str], ...],
     host_header: str | None,
@@ -276,26 +300,11 @@ def connect(
         if group_key_file is None
         else read_secret_file(group_key_file, "--group-key-file", "group key")
     )
-    with usage_errors():
-        config = pytunnel.ClientConfig(
-            token=secret,
-            client_id=client_id,
-            tls_fingerprint=tls_fingerprint,
-            tls_server_hostname=tls_server_name,
-            connect_timeout=connect_timeout,
-            idle_timeout=idle_timeout,
-            reconnect=reconnect,
-            max_attempts=max_attempts or None,
-            backoff_max=backoff_max,
-            heartbeat_interval=heartbeat_interval,
-            heartbeat_timeout=heartbeat_timeout,
-            probe_interval=probe_interval,
-            probe_failures=probe_failures,
-            session=pytunnel.SessionConfig(max_streams=max_streams),
-            proxy=resolve_proxy(proxy, server[0]),
-            ws_headers=header,
-            ws_host=host_header,
-            ws_ping_interval=ws_ping_interval or None,
+    config = client_config(ctx.params, secret)
+    admin_token = _admin.read_admin_token(admin_token_file)
+    if admin.tcp is not None and admin_token is None:
+        raise click.UsageError(
+            "--admin HOST:PORT needs a token: --admin-token-file or PYTUNNEL_ADMIN_TOKEN"
         )
 
     async def run() -> None:
@@ -308,6 +317,8 @@ def connect(
                 await run_stdio(tunnel, stdio, stdio_fds)
                 return
             say(f"connected to {tunnel.server}")
+            # name routes are set up once, as the flags say; the forwards are declared (and
+            # reloaded, and managed through the admin API) below
             for spec in remote:
                 if spec.name_route:
                     assert spec.bind_host is not None
@@ -326,40 +337,108 @@ def connect(
                         group_key=group_key,
                     )
                     say(f"{route.kind} {route.url} -> {route.target}")
-                    continue
-                fwd: pytunnel.Forward = await tunnel.forward_remote(
-                    spec.target_host,
-                    spec.target_port,
-                    remote_port=spec.bind_port,
-                    remote_host=spec.bind_host or "",
-                    protocol=spec.protocol,
-                    proxy_protocol=proxy_protocol if spec.protocol == "tcp" else None,
-                    limit=limit if spec.protocol == "tcp" else None,
-                    group=group if spec.protocol == "tcp" else None,
-                    group_key=group_key if spec.protocol == "tcp" else None,
-                )
-                say(f"{fwd.kind} {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
-            for spec in local:
-                fwd = await tunnel.forward_local(
-                    spec.target_host,
-                    spec.target_port,
-                    local_port=spec.bind_port,
-                    local_host=spec.bind_host or "127.0.0.1",
-                    protocol=spec.protocol,
-                    limit=limit if spec.protocol == "tcp" else None,
-                )
-                say(f"{fwd.kind} {pytunnel.format_target(*fwd.address)} -> {fwd.target}")
-            for bind_host, bind_port in dynamic:
-                fwd = await tunnel.forward_dynamic(
-                    local_port=bind_port, local_host=bind_host, auth=socks_auth, limit=limit
-                )
-                say(f"dynamic forward {pytunnel.format_target(*fwd.address)} -> SOCKS")
+            forwards = DeclaredForwards(tunnel)
             async with trio.open_nursery() as nursery:
+                apply = functools.partial(_reload, ctx, forwards, group_key)
+                if config_path(ctx) is not None:
+                    await nursery.start(watch_reload, ctx, apply)
+                await forwards.apply(declared_forwards(ctx, group_key))
+                api = _admin.client_api(
+                    tunnel,
+                    forwards,
+                    functools.partial(reload_config, ctx, apply),
+                    tunnel.server or "",
+                )
+                where = await _admin.serve_admin(nursery, api, admin, admin_token)
+                if where is not None:
+                    logging.getLogger("pytunnel.cli").info("admin API on %s", where)
+                if metrics is not None:
+                    await start_metrics(
+                        nursery,
+                        pytunnel.metrics.TunnelCollector(tunnel, forwards.labelled),
+                        metrics,
+                    )
                 if status_interval > 0:
                     nursery.start_soon(print_status, tunnel, status_interval)
+                if not quiet and sys.stdout.isatty():
+                    nursery.start_soon(show_live, tunnel, forwards, tunnel.server or "")
                 await tunnel.wait_closed()
                 nursery.cancel_scope.cancel()
             if tunnel.failure is not None:
                 raise tunnel.failure
 
     run_command(run)
+
+
+def client_config(params: Mapping[str, Any], secret: str) -> pytunnel.ClientConfig:
+    """The client's config from the command's parsed options (TLS comes later, built from
+    its files); a value the config class refuses is a usage error."""
+    with usage_errors():
+        return pytunnel.ClientConfig(
+            token=secret,
+            client_id=params["client_id"],
+            tls_fingerprint=params["tls_fingerprint"],
+            tls_server_hostname=params["tls_server_name"],
+            connect_timeout=params["connect_timeout"],
+            idle_timeout=params["idle_timeout"],
+            reconnect=params["reconnect"],
+            max_attempts=params["max_attempts"] or None,
+            backoff_max=params["backoff_max"],
+            heartbeat_interval=params["heartbeat_interval"],
+            heartbeat_timeout=params["heartbeat_timeout"],
+            probe_interval=params["probe_interval"],
+            probe_failures=params["probe_failures"],
+            session=pytunnel.SessionConfig(max_streams=params["max_streams"]),
+            proxy=resolve_proxy(params["proxy"], params["server"][0]),
+            ws_headers=params["header"],
+            ws_host=params["host_header"],
+            ws_ping_interval=params["ws_ping_interval"] or None,
+        )
+
+
+def _check(ctx: click.Context) -> None:
+    client_config(ctx.params, "checked")
+    declared_forwards(ctx)
+
+
+connect.check = _check
+
+#: The settings a reload applies; a change to any other says that it needs a restart.
+_FORWARD_PARAMS = ("remote", "local", "dynamic", "limit", "proxy_protocol", "socks_auth")
+
+
+def declared_forwards(ctx: click.Context, group_key: str | None = None) -> list[Declared]:
+    """The forwards the options and the config file of ``ctx`` declare (name routes are
+    set up apart: they are no forwards)."""
+    params = ctx.params
+    return from_flags(
+        [spec for spec in params["remote"] if not spec.name_route],
+        params["local"],
+        params["dynamic"],
+        limit=params["limit"],
+        proxy_protocol=params["proxy_protocol"],
+        socks_auth=params["socks_auth"],
+        group=params["group"] if group_key is not None else None,
+        group_key=group_key,
+        tables=file_forwards(ctx),
+    )
+
+
+async def _reload(
+    running: click.Context,
+    forwards: DeclaredForwards,
+    group_key: str | None,
+    fresh: click.Context,
+) -> str:
+    """Apply a reloaded file: the forwards change; other settings need a restart."""
+    summary = await forwards.apply(declared_forwards(fresh, group_key))
+    stale = [
+        name
+        for name, value in fresh.params.items()
+        if name not in _FORWARD_PARAMS and running.params.get(name) != value
+    ]
+    if stale:
+        logging.getLogger("pytunnel.cli").warning(
+            "changed settings take effect on restart only: %s", ", ".join(sorted(stale))
+        )
+    return summary

@@ -9,6 +9,8 @@ import click
 
 import pytunnel
 
+from ._admin import forwards, reload, status
+from ._config import check_config
 from ._connect import connect
 from ._options import CONTEXT
 from ._serve import serve
@@ -23,4 +25,8 @@ def main() -> None:
 
 main.add_command(serve)
 main.add_command(connect)
+main.add_command(check_config)
+main.add_command(status)
+main.add_command(forwards)
+main.add_command(reload)
 main.add_command(tasks)

@@ -147,3 +147,12 @@ log_format_option = click.option(
     default="text",
     help="Log line format on stderr.",
 )
+
+
+#: ``--metrics HOST:PORT``: where Prometheus scrapes the command (port 0: any free port).
+metrics_option = click.option(
+    "--metrics",
+    metavar="HOST:PORT",
+    callback=parsed(lambda value: None if value is None else pytunnel.parse_host_port(value)),
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port).",
+)

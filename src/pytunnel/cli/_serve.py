@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import secrets
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import click
 import trio
 
 import pytunnel
+import pytunnel.metrics
 
+from . import _admin
+from ._config import ConfigCommand, config_option, config_path, watch_reload
+from ._config import reload as reload_config
 from ._logs import setup_logging
+from ._metrics import start_metrics
 from ._options import (
     CONTEXT,
     config_check,
@@ -27,6 +35,7 @@ from ._options import (
     log_format_option,
     log_level_option,
     max_streams_option,
+    metrics_option,
     parsed,
     permit_open,
     port_ranges,
@@ -44,7 +53,8 @@ _SESSION = attrs.fields(pytunnel.SessionConfig)
 _SERVE = inspect.signature(pytunnel.serve).parameters
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=ConfigCommand, context_settings=CONTEXT)
+@config_option
 @click.option(
     "--listen",
     default=pytunnel.format_target(_SERVE["host"].default, _SERVE["port"].default),
@@ -185,6 +195,8 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
 )
 @token_file_option
 @server_tls_options
+@metrics_option
+@_admin.server_options
 @click.option(
     "--ws-path",
     metavar="PATH",
@@ -236,6 +248,9 @@ def serve(
     tls_self_signed: bool,
     tls_dir: str,
     tls_client_ca: str | None,
+    metrics: tuple[str, int] | None,
+    admin: _admin.AdminAddress,
+    admin_token_file: str | None,
     ws_path: str | None,
     ws_ping_interval: float,
     log_level: str,
@@ -247,33 +262,11 @@ def serve(
     generated = token is None
     secret = token or secrets.token_urlsafe(24)
     check_server_tls(tls_cert, tls_key, tls_self_signed)
-    with usage_errors():
-        config = pytunnel.ServerConfig(
-            token=secret,
-            public_host=public_host,
-            allow_ports=allow_ports,
-            domain=domain,
-            allow_domains=[p for value in allow_domains for p in value.split(",")],
-            max_names_per_client=max_names_per_client,
-            name_head_timeout=name_head_timeout,
-            max_name_pending=max_name_pending,
-            max_name_head=max_name_head,
-            permit_open=permit_open,
-            connect_timeout=connect_timeout,
-            idle_timeout=idle_timeout,
-            heartbeat_timeout=heartbeat_timeout,
-            max_forwards_per_client=max_forwards_per_client,
-            max_streams=max_streams,
-            max_pending_handshakes=max_pending_handshakes,
-            max_handshakes_per_address=max_handshakes_per_address,
-            first_frame_timeout=first_frame_timeout,
-            auth_failure_burst=auth_failure_burst,
-            auth_failure_interval=auth_failure_interval,
-            ws_path=ws_path,
-            ws_ping_interval=ws_ping_interval or None,
-            session=pytunnel.SessionConfig(
-                max_streams=max_session_streams, max_frame_size=max_frame_size
-            ),
+    config = server_config(ctx.params, secret)
+    admin_token = _admin.read_admin_token(admin_token_file)
+    if admin.tcp is not None and admin_token is None:
+        raise click.UsageError(
+            "--admin HOST:PORT needs a token: --admin-token-file or PYTUNNEL_ADMIN_TOKEN"
         )
 
     async def run() -> None:
@@ -291,6 +284,9 @@ def serve(
                     https_listen=https_listen,
                 )
             )
+            apply = functools.partial(_reload, ctx, server, secret)
+            if config_path(ctx) is not None:
+                await nursery.start(watch_reload, ctx, apply)
             address = pytunnel.format_target(*server.address)
             say(f"pytunnel server listening on {address}" + (" (TLS)" if tls else ""))
             for what, shared in (("HTTP", server.http_address), ("HTTPS", server.https_address)):
@@ -305,5 +301,85 @@ def serve(
                 pin = f" --tls-fingerprint {fingerprint}" if tls_self_signed else ""
                 tls_flag = " --tls" if tls and not tls_self_signed else ""
                 say(f"connect with: pytunnel connect {address} --token {secret}{tls_flag}{pin}")
+            if metrics is not None:
+                await start_metrics(nursery, pytunnel.metrics.ServerCollector(server), metrics)
+            api = _admin.server_api(server, functools.partial(reload_config, ctx, apply))
+            where = await _admin.serve_admin(nursery, api, admin, admin_token, role="serve")
+            if where is not None:
+                logging.getLogger("pytunnel.cli").info("admin API on %s", where)
 
     run_command(run)
+
+
+def server_config(params: Mapping[str, Any], secret: str) -> pytunnel.ServerConfig:
+    """The server's config from the command's parsed options (TLS comes later, built from
+    its files); a value the config class refuses is a usage error."""
+    with usage_errors():
+        return pytunnel.ServerConfig(
+            token=secret,
+            public_host=params["public_host"],
+            allow_ports=params["allow_ports"],
+            permit_open=params["permit_open"],
+            connect_timeout=params["connect_timeout"],
+            idle_timeout=params["idle_timeout"],
+            heartbeat_timeout=params["heartbeat_timeout"],
+            max_forwards_per_client=params["max_forwards_per_client"],
+            max_streams=params["max_streams"],
+            max_pending_handshakes=params["max_pending_handshakes"],
+            max_handshakes_per_address=params["max_handshakes_per_address"],
+            first_frame_timeout=params["first_frame_timeout"],
+            auth_failure_burst=params["auth_failure_burst"],
+            auth_failure_interval=params["auth_failure_interval"],
+            domain=params["domain"],
+            allow_domains=[p for value in params["allow_domains"] for p in value.split(",")],
+            max_names_per_client=params["max_names_per_client"],
+            name_head_timeout=params["name_head_timeout"],
+            max_name_pending=params["max_name_pending"],
+            max_name_head=params["max_name_head"],
+            ws_path=params["ws_path"],
+            ws_ping_interval=params["ws_ping_interval"] or None,
+            session=pytunnel.SessionConfig(
+                max_streams=params["max_session_streams"], max_frame_size=params["max_frame_size"]
+            ),
+        )
+
+
+#: Settings a running server cannot change (its listener, its TLS, its logging).
+_RESTART_ONLY = ("listen", "tls_cert", "tls_key", "tls_self_signed", "tls_dir", "tls_client_ca")
+
+
+async def _reload(
+    running: click.Context, server: pytunnel.TunnelServer, secret: str, fresh: click.Context
+) -> str:
+    """Apply a reloaded file to the connections accepted from now on; the token too (a
+    generated one stays when the file names none)."""
+    params = fresh.params
+    if params["token"] is None and params["token_file"] is None:
+        token = secret
+    else:
+        token = await trio.to_thread.run_sync(_read_token_file, params)
+    config = attrs.evolve(server_config(params, token), tls=server.config.tls)
+    server.reconfigure(config)
+    stale = [n for n in _RESTART_ONLY if running.params.get(n) != params.get(n)]
+    if stale:
+        logging.getLogger("pytunnel.cli").warning(
+            "changed settings take effect on restart only: %s", ", ".join(stale)
+        )
+    return "limits and policy apply to new connections"
+
+
+def _read_token_file(params: Mapping[str, Any]) -> str:
+    """The token a reloaded file names (its own value, or its token file's content)."""
+    if params["token_file"] is None:
+        return str(params["token"])
+    try:
+        with open(params["token_file"], encoding="utf-8") as handle:
+            token = handle.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"the token file cannot be read: {exc}") from None
+    if not token:
+        raise ValueError("the token file is empty")
+    return token
+
+
+serve.check = lambda ctx: server_config(ctx.params, "checked")

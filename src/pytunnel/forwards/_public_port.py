@@ -16,6 +16,7 @@ from .._control import ControlChannel
 from .._dial import format_target
 from .._ingress import serve_ingress
 from .._listen import bind
+from .._relay import RelayStats
 from .._util import aclose_all
 from ..errors import (
     ForwardError,
@@ -46,10 +47,14 @@ class PortOwner(Protocol):
         ...
 
     async def relay_public(
-        self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int], forward_id: int
+        self,
+        conn: trio.abc.HalfCloseableStream,
+        peer: tuple[str, int],
+        forward_id: int,
+        stats: RelayStats | None = None,
     ) -> None:
         """Open a stream of forward ``forward_id`` to the client, naming ``peer`` (the public
-        connection's source), and relay ``conn`` over it."""
+        connection's source), and relay ``conn`` over it, counted in ``stats``."""
         ...
 
 
@@ -75,6 +80,8 @@ class _PublicPort:
         self.port = port
         self.address = format_target(host, port)
         self.listeners = listeners
+        #: The public connections of this forward: bytes each way, open and total.
+        self.stats = RelayStats()
         self.relays: trio.Nursery | None = None
         self._accepting = trio.CancelScope()
         #: Set for good once the forward stops listening (it is ending).
@@ -92,6 +99,11 @@ class _PublicPort:
             async with trio.open_nursery() as nursery:
                 for listener in self.listeners:
                     nursery.start_soon(self._accept_loop, listener)
+
+    @property
+    def online(self) -> bool:
+        """Whether it accepts connections (not while the client reports its target down)."""
+        return bool(self.listeners)
 
     def stop_listening(self) -> None:
         """Close the public listeners now, synchronously, for good.
@@ -121,7 +133,9 @@ class _PublicPort:
             host, port = conn.socket.getpeername()[:2]
         except OSError:  # gone already
             return
-        await self.client.relay_public(conn, (str(host), int(port)), self.control.stream_id)
+        await self.client.relay_public(
+            conn, (str(host), int(port)), self.control.stream_id, self.stats
+        )
 
     def _release(self, admitted: bool) -> None:
         if admitted:

@@ -1,0 +1,30 @@
+"""``--metrics HOST:PORT`` of both commands: a registry with the command's collector, served
+over HTTP, and the line that says where."""
+
+from __future__ import annotations
+
+import functools
+
+import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.registry import Collector
+
+import pytunnel
+import pytunnel.metrics
+
+from ._output import say
+
+
+async def start_metrics(
+    nursery: trio.Nursery, collector: Collector, address: tuple[str, int]
+) -> None:
+    """Serve ``collector`` at ``address`` in ``nursery`` and print where (the real port when
+    0 was asked for). A registry of its own: the process's default one would add Python's
+    process and GC metrics, which say nothing about the tunnel."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(collector)
+    listeners = await nursery.start(
+        functools.partial(pytunnel.metrics.serve_metrics, registry, address[0], address[1])
+    )
+    host, port = listeners[0].socket.getsockname()[:2]
+    say(f"metrics at http://{pytunnel.format_target(str(host), int(port))}/metrics")

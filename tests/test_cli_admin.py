@@ -1,0 +1,368 @@
+"""``pytunnel status`` / ``forwards`` / ``reload`` against a real running ``pytunnel connect``,
+over its Unix socket and over a loopback port with a token; bytes relayed through forwards
+added at run time."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import socket
+import socketserver
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+PYTUNNEL = [sys.executable, "-m", "pytunnel"]
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+@pytest.fixture
+def echo() -> Iterator[str]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _readline(proc: subprocess.Popen[bytes], timeout: float = 20) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    line = b""
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select([proc.stdout], [], [], max(0, deadline - time.monotonic()))
+        assert ready, "no output line"
+        byte = os.read(proc.stdout.fileno(), 1)
+        assert byte, "the process ended"
+        line += byte
+    return line.decode().rstrip("\n")
+
+
+def _address(line: str) -> tuple[str, int]:
+    match = re.search(r"(\d+\.\d+\.\d+\.\d+):(\d+)", line)
+    assert match, line
+    return match.group(1), int(match.group(2))
+
+
+def _roundtrip(address: tuple[str, int], payload: bytes) -> bytes:
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while data := s.recv(65536):
+            out += data
+        return out
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    proc = subprocess.Popen(
+        [*PYTUNNEL, "serve", "--listen", "127.0.0.1:0", "--token", "t"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield "{}:{}".format(*_address(_readline(proc)))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def rundir(tmp_path: Path) -> Path:
+    path = tmp_path / "run"
+    path.mkdir(mode=0o700)
+    return path
+
+
+def _connect(server: str, *args: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [*PYTUNNEL, "connect", server, "--token", "t", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert _readline(proc) == f"connected to {server}"
+    return proc
+
+
+def _wait_for(path: Path, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PYTUNNEL, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_verbs_manage_forwards_of_a_running_client(server: str, rundir: Path, echo: str) -> None:
+    sock = rundir / "c.sock"
+    admin = ["--admin", f"unix:{sock}"]
+    client = _connect(server, "-L", f"0:{echo}", *admin)
+    try:
+        first = _address(_readline(client))
+        _wait_for(sock)
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+
+        out = _cli("status", *admin)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].startswith(f"server {server}: link up")
+        assert lines[1].split() == [
+            "ID", "NAME", "KIND", "BIND", "TARGET", "STATUS", "CONNS", "OUT", "IN", "ERROR",
+        ]  # fmt: skip
+        assert lines[2].split()[:6] == ["f1", "-", "local", "{}:{}".format(*first), echo, "active"]
+
+        out = _cli("forwards", "add", "-R", f"0:{echo}", "--name", "web", *admin)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("added f2: remote 127.0.0.1:")
+        public = _address(out.stdout)
+        assert _roundtrip(public, b"through the new forward") == b"through the new forward"
+        assert _roundtrip(first, b"x" * 1000) == b"x" * 1000
+
+        out = _cli("forwards", "list", "--json", *admin)
+        rows = json.loads(out.stdout)
+        assert [(r["id"], r["name"], r["kind"], r["status"]) for r in rows] == [
+            ("f1", None, "local", "active"),
+            ("f2", "web", "remote", "active"),
+        ]
+        assert rows[0]["bytes_out"] == rows[0]["bytes_in"] == 1000
+        assert rows[0]["connections_total"] == 1
+        assert rows[1]["origin"] == "api"
+
+        # bad input: one error each, exit 1 (API) or 2 (usage), nothing running disturbed
+        out = _cli("forwards", "add", "-R", f"0:{echo}", "--name", "web", *admin)
+        assert (out.returncode, out.stderr.strip()) == (
+            1,
+            "pytunnel: error: a forward with the name 'web' already exists (HTTP 409)",
+        )
+        out = _cli("forwards", "add", "-L", "nonsense", *admin)
+        assert out.returncode == 1
+        assert "local: expected [bind_address:]port:host:hostport" in out.stderr
+        out = _cli("forwards", "remove", "nope", *admin)
+        assert out.returncode == 1
+        assert "no forward has the id or name 'nope' (HTTP 404)" in out.stderr
+        out = _cli("forwards", "add", *admin)
+        assert out.returncode == 2
+        out = _cli("forwards", "add", "-L", f"{first[1]}:{echo}", *admin)
+        assert out.returncode == 1
+        assert "[ADDRESS_IN_USE]" in out.stderr
+        assert "(HTTP 409)" in out.stderr
+        out = _cli("reload", *admin)
+        assert out.returncode == 1
+        assert "started without --config (HTTP 422)" in out.stderr
+
+        out = _cli("forwards", "retry", "web", *admin)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("f2: active 127.0.0.1:")
+        out = _cli("forwards", "remove", "f2", *admin)
+        assert (out.returncode, out.stdout) == (0, "removed f2\n")
+        assert "f2" not in _cli("forwards", "list", *admin).stdout
+        assert _roundtrip(first, b"still") == b"still"
+    finally:
+        _stop(client)
+    assert not sock.exists()
+
+
+def test_a_stale_socket_of_a_killed_client_is_replaced(
+    server: str, rundir: Path, echo: str
+) -> None:
+    sock = rundir / "c.sock"
+    killed = _connect(server, "--admin", f"unix:{sock}")
+    try:
+        _wait_for(sock)
+        killed.kill()
+        killed.wait()
+    finally:
+        _stop(killed)
+    assert sock.exists()  # a killed process leaves its socket file behind
+    out = _cli("status", "--admin", f"unix:{sock}")
+    assert out.returncode == 1
+    assert "cannot reach the admin API" in out.stderr
+
+    client = _connect(server, "-L", f"0:{echo}", "--admin", f"unix:{sock}")
+    try:
+        _readline(client)
+        deadline = time.monotonic() + 20
+        while (out := _cli("status", "--admin", f"unix:{sock}")).returncode != 0:
+            assert time.monotonic() < deadline, out.stderr
+            time.sleep(0.1)
+        assert "f1" in out.stdout
+        # a second client asking for the same live socket is refused, the first unharmed
+        second = subprocess.run(
+            [*PYTUNNEL, "connect", server, "--token", "t", "--admin", f"unix:{sock}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert second.returncode == 1
+        assert "another process serves its admin API" in second.stderr
+        assert _cli("status", "--admin", f"unix:{sock}").returncode == 0
+    finally:
+        _stop(client)
+
+
+def test_admin_on_a_port_needs_the_token(server: str, tmp_path: Path, echo: str) -> None:
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("adm1n\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = _connect(
+        server, "-L", f"0:{echo}", "--admin", f"127.0.0.1:{port}", "--admin-token-file",
+        str(token_file),
+    )  # fmt: skip
+    try:
+        _readline(client)
+        admin = ["--admin", f"127.0.0.1:{port}"]
+        deadline = time.monotonic() + 20
+        while (
+            out := _cli("status", "--json", *admin, "--admin-token-file", str(token_file))
+        ).returncode:
+            assert time.monotonic() < deadline, out.stderr
+            time.sleep(0.1)
+        assert json.loads(out.stdout)["connected"] is True
+        out = _cli("status", *admin, env={"PYTUNNEL_ADMIN_TOKEN": "adm1n"})
+        assert out.returncode == 0, out.stderr
+        for env in ({}, {"PYTUNNEL_ADMIN_TOKEN": "wrong"}):
+            out = _cli("status", *admin, env=env)
+            assert out.returncode == 1
+            assert "a valid admin token is needed" in out.stderr
+            assert "(HTTP 401)" in out.stderr
+    finally:
+        _stop(client)
+    out = subprocess.run(
+        [*PYTUNNEL, "connect", server, "--token", "t", "--admin", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={k: v for k, v in os.environ.items() if k != "PYTUNNEL_ADMIN_TOKEN"},
+    )
+    assert out.returncode == 2
+    assert "--admin HOST:PORT needs a token" in out.stderr
+
+
+def test_status_finds_the_only_running_client(server: str, tmp_path: Path) -> None:
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    out = _cli("status", env=env)
+    assert out.returncode == 1
+    assert "no running pytunnel connect found" in out.stderr
+    client = subprocess.Popen(
+        [*PYTUNNEL, "connect", server, "--token", "t"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        _readline(client)
+        sock = runtime / "pytunnel" / f"connect-{client.pid}.sock"
+        _wait_for(sock)
+        out = _cli("status", "--json", env=env)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["pid"] == client.pid
+    finally:
+        _stop(client)
+
+
+def test_server_admin_shows_clients_and_limits(rundir: Path, echo: str) -> None:
+    sock = rundir / "s.sock"
+    admin = ["--admin", f"unix:{sock}"]
+    limits = ["--max-forwards-per-client", "1"]
+    server = subprocess.Popen(
+        [*PYTUNNEL, "serve", "--listen", "127.0.0.1:0", "--token", "t", *admin, *limits],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    client = None
+    try:
+        address = "{}:{}".format(*_address(_readline(server)))
+        _wait_for(sock)
+        client = _connect(address, "-R", f"0:{echo}", "--client-id", "laptop", "--admin", "off")
+        public = _address(_readline(client))
+        out = _cli("status", *admin)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].startswith(f"server {address}: 1 clients, 0/")
+        assert lines[1].split() == ["PEER", "CLIENT_ID", "FORWARDS", "PUBLIC_PORTS", "UPTIME"]
+        assert lines[2].split()[1:4] == ["laptop", "1", "{}:{}".format(*public)]
+        answer = json.loads(_cli("status", "--json", *admin).stdout)
+        assert answer["role"] == "server"
+        assert answer["limits"]["max_forwards_per_client"] == 1
+        assert answer["clients"][0]["client_id"] == "laptop"
+        out = _cli("reload", *admin)
+        assert out.returncode == 1
+        assert "started without --config (HTTP 422)" in out.stderr
+        out = _cli("forwards", "list", *admin)
+        assert out.returncode == 1
+        assert "no such endpoint: /api/forwards (HTTP 404)" in out.stderr
+    finally:
+        if client is not None:
+            _stop(client)
+        _stop(server)
+    assert not sock.exists()
+
+
+def test_reload_through_the_api_reports_what_it_did(
+    server: str, rundir: Path, tmp_path: Path, echo: str
+) -> None:
+    sock = rundir / "c.sock"
+    admin = ["--admin", f"unix:{sock}"]
+    config = tmp_path / "client.toml"
+    config.write_text(f'[client]\n[[client.forwards]]\nname = "a"\nlocal = "0:{echo}"\n')
+    client = _connect(server, "--config", str(config), *admin)
+    try:
+        first = _address(_readline(client))
+        _wait_for(sock)
+        config.write_text(
+            config.read_text() + f'[[client.forwards]]\nname = "b"\nremote = "0:{echo}"\n'
+        )
+        out = _cli("reload", *admin)
+        assert (out.returncode, out.stdout) == (
+            0,
+            "reloaded: 1 added, 0 removed, 0 changed, 0 restarted, 1 unchanged\n",
+        )
+        config.write_text(config.read_text() + "max_streams = 'lots'\n")
+        out = _cli("reload", "--json", *admin)
+        assert out.returncode == 1
+        assert "client.forwards[1].max_streams: unknown key" in out.stderr
+        assert "(HTTP 422)" in out.stderr
+        names = [r["name"] for r in json.loads(_cli("forwards", "list", "--json", *admin).stdout)]
+        assert names == ["a", "b"]
+        assert _roundtrip(first, b"kept") == b"kept"
+    finally:
+        _stop(client)

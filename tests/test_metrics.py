@@ -1,0 +1,313 @@
+"""Prometheus metrics: scraped over a real socket (h11 via trio, and curl), parsed with
+prometheus-client's own parser, and checked against traffic and failures made for real."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from typing import Any
+
+import pytest
+import trio
+from helpers import TOKEN, closed_port, echo_once, wait_until
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+import pytunnel
+from pytunnel.metrics import ServerCollector, TunnelCollector, serve_metrics
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _get(port: int, target: str = "/metrics", method: str = "GET") -> tuple[int, str]:
+    """One HTTP/1.1 request over a fresh connection; status and body."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    request = f"{method} {target} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    await stream.send_all(request.encode())
+    data = b""
+    with trio.fail_after(10):
+        while chunk := await stream.receive_some():
+            data += chunk
+    await stream.aclose()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample by (name, sorted labels)."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    found = [
+        v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items()
+    ]
+    assert len(found) == 1, (name, labels, [k for k in samples if k[0] == name])
+    return found[0]
+
+
+async def _serve(nursery: trio.Nursery, *collectors: Any) -> int:
+    registry = CollectorRegistry()
+    for collector in collectors:
+        registry.register(collector)
+    listeners = await nursery.start(functools.partial(serve_metrics, registry, "127.0.0.1", 0))
+    return int(listeners[0].socket.getsockname()[1])
+
+
+async def test_client_metrics_follow_traffic_errors_and_status(
+    nursery: trio.Nursery,
+    tunnel: pytunnel.Tunnel,
+    tunnel_server: pytunnel.TunnelServer,
+    echo_port: int,
+) -> None:
+    port = await _serve(nursery, TunnelCollector(tunnel))
+    local = await tunnel.forward_local("127.0.0.1", echo_port)
+    broken = await tunnel.forward_local("127.0.0.1", closed_port())
+    await tunnel.wait_connected()
+    bind = pytunnel.format_target(*local.address)
+
+    status, text = await _get(port)
+    assert status == 200
+    samples = _samples(text)
+    assert _value(samples, "pytunnel_client_connected") == 1
+    assert _value(samples, "pytunnel_forward_bytes_total", bind=bind, direction="out") == 0
+    assert _value(samples, "pytunnel_forward_status", bind=bind, status="active") == 1
+    assert _value(samples, "pytunnel_forward_status", bind=bind, status="error") == 0
+
+    payload = os.urandom(50_000)
+    assert await echo_once(local.address, payload) == payload
+    refused = await trio.open_tcp_stream(*broken.address)
+    await wait_until(lambda: broken.stats.errors.get("NODE_UNSTABLE", 0) == 1)
+    await refused.aclose()
+    await wait_until(lambda: local.stats.active_connections == 0)
+
+    samples = _samples((await _get(port))[1])
+    out = _value(samples, "pytunnel_forward_bytes_total", bind=bind, direction="out")
+    back = _value(samples, "pytunnel_forward_bytes_total", bind=bind, direction="in")
+    assert out == back == len(payload)
+    assert _value(samples, "pytunnel_forward_streams_total", bind=bind) == 1
+    assert _value(samples, "pytunnel_forward_streams_open", bind=bind) == 0
+    broken_bind = pytunnel.format_target(*broken.address)
+    assert (
+        _value(
+            samples,
+            "pytunnel_forward_dial_errors_total",
+            bind=broken_bind,
+            category="NODE_UNSTABLE",
+        )
+        == 1
+    )
+    assert (
+        _value(
+            samples, "pytunnel_forward_dial_errors_total", bind=broken_bind, category="NODE_TIMEOUT"
+        )
+        == 0
+    )
+    families = {f.name for f in text_string_to_metric_families((await _get(port))[1])}
+    assert "pytunnel_client_heartbeat_rtt_seconds" in families
+
+    # the link drops: the forward is suspended, the client disconnected
+    await tunnel_server.aclose()
+    await wait_until(lambda: not tunnel.connected)
+    samples = _samples((await _get(port))[1])
+    assert _value(samples, "pytunnel_client_connected") == 0
+    assert _value(samples, "pytunnel_forward_status", bind=bind, status="suspended") == 1
+
+
+async def test_server_metrics_count_sessions_failures_and_limits(
+    nursery: trio.Nursery, echo_port: int
+) -> None:
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN, max_forwards_per_client=1)
+    )
+    port = await _serve(nursery, ServerCollector(server))
+    samples = _samples((await _get(port))[1])
+    assert _value(samples, "pytunnel_server_sessions") == 0
+    assert _value(samples, "pytunnel_server_auth_failures_total") == 0
+    assert _value(samples, "pytunnel_server_limits_hit_total", limit="forwards") == 0
+
+    with pytest.raises(pytunnel.AuthenticationError):
+        async with pytunnel.open_tunnel(server.address, token="wrong", reconnect=False):
+            pass  # pragma: no cover
+    async with pytunnel.open_tunnel(server.address, token=TOKEN) as tunnel:
+        await tunnel.forward_remote("127.0.0.1", echo_port)
+        with pytest.raises(pytunnel.ForwardLimitError):
+            await tunnel.forward_remote("127.0.0.1", echo_port)
+        samples = _samples((await _get(port))[1])
+        assert _value(samples, "pytunnel_server_sessions") == 1
+        assert _value(samples, "pytunnel_server_remote_forwards") == 1
+        assert _value(samples, "pytunnel_server_auth_failures_total") == 1
+        assert _value(samples, "pytunnel_server_throttled_addresses") == 0
+        assert _value(samples, "pytunnel_server_limits_hit_total", limit="forwards") == 1
+        assert _value(samples, "pytunnel_server_max_streams") == server.config.max_streams
+        bind = pytunnel.format_target(*tunnel.forwards[0].address)
+        assert _value(samples, "pytunnel_server_forward_online", bind=bind) == 1
+        assert _value(samples, "pytunnel_server_forward_streams_total", bind=bind) == 0
+        assert await echo_once(tunnel.forwards[0].address, b"y" * 777) == b"y" * 777
+        await wait_until(lambda: server.clients[0].ports[0].connections == 0)
+        samples = _samples((await _get(port))[1])
+        out = _value(samples, "pytunnel_server_forward_bytes_total", bind=bind, direction="out")
+        assert out == 777
+        assert _value(samples, "pytunnel_server_forward_streams_total", bind=bind) == 1
+    await wait_until(lambda: server.session_count == 0)
+    assert _value(_samples((await _get(port))[1]), "pytunnel_server_sessions") == 0
+
+
+async def test_other_paths_and_methods_are_refused(nursery: trio.Nursery) -> None:
+    port = await _serve(nursery)
+    assert (await _get(port, "/"))[0] == 404
+    assert (await _get(port, "/metrics", "POST"))[0] == 405
+    status, body = await _get(port, "/metrics", "HEAD")
+    assert status == 200
+    assert body == ""
+
+
+# ------------------------------------------------------------------- through the CLI, with curl
+
+PYTUNNEL = [sys.executable, "-m", "pytunnel"]
+
+
+def _line(proc: subprocess.Popen[str], prefix: str) -> str:
+    assert proc.stdout is not None
+    for _ in range(10):
+        line = proc.stdout.readline()
+        if line.startswith(prefix):
+            return line.strip()
+        assert line, "the process ended"
+    raise AssertionError(f"no line starting with {prefix!r}")
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_serve_and_connect_metrics_scraped_by_curl(tmp_path: Any) -> None:
+    server = subprocess.Popen(
+        [*PYTUNNEL, "serve", "--listen", "127.0.0.1:0", "--token", "t", "--metrics", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    client = None
+    try:
+        address = _line(server, "pytunnel server listening on ").rsplit(" ", 1)[1]
+        server_metrics = _line(server, "metrics at ").split()[-1]
+        args = ["connect", address, "--token", "t", "-L", "0:127.0.0.1:9"]
+        client = subprocess.Popen(
+            [*PYTUNNEL, *args, "--metrics", "127.0.0.1:0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        forward = _line(client, "local forward ")
+        client_metrics = _line(client, "metrics at ").split()[-1]
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", client_metrics)
+
+        def scrape(url: str) -> dict[Any, float]:
+            out = subprocess.run(
+                ["curl", "-sSf", url], capture_output=True, text=True, timeout=20, check=True
+            )
+            return _samples(out.stdout)
+
+        samples = scrape(client_metrics)
+        bind = re.search(r"127\.0\.0\.1:\d+", forward)
+        assert bind is not None
+        assert (
+            _value(samples, "pytunnel_forward_status", id="f1", bind=bind.group(), status="active")
+            == 1
+        )
+        assert _value(scrape(server_metrics), "pytunnel_server_sessions") == 1
+    finally:
+        for proc in (client, server):
+            if proc is not None:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=10)
+
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt-get install prometheus)")
+def test_a_real_prometheus_scrapes_and_queries_a_counter(tmp_path: Any) -> None:
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    echo = socket.create_server(("127.0.0.1", 0))
+    metrics_port, prom_port = free_port(), free_port()
+    server = subprocess.Popen(
+        [*PYTUNNEL, "serve", "--listen", "127.0.0.1:0", "--token", "t"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    client = prometheus = None
+    try:
+        address = _line(server, "pytunnel server listening on ").rsplit(" ", 1)[1]
+        target = f"127.0.0.1:{echo.getsockname()[1]}"
+        args = ["-L", f"0:{target}", "--metrics", f"127.0.0.1:{metrics_port}", "--admin", "off"]
+        client = subprocess.Popen(
+            [*PYTUNNEL, "connect", address, "--token", "t", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        match = re.search(r"127\.0\.0\.1:(\d+)", _line(client, "local forward "))
+        assert match
+        with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=10) as conn:
+            accepted, _ = echo.accept()
+            conn.sendall(b"p" * 1234)
+            got = b""
+            while len(got) < 1234:
+                got += accepted.recv(65536)
+            accepted.close()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: pytunnel\n"
+            f"    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
+        )
+        assert PROMETHEUS is not None
+        prometheus = subprocess.Popen(
+            [
+                PROMETHEUS,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        query = urllib.parse.quote('pytunnel_forward_bytes_total{direction="out",id="f1"}')
+        url = f"http://127.0.0.1:{prom_port}/api/v1/query?query={query}"
+        deadline = time.monotonic() + 60
+        result: list[Any] = []
+        while not result:
+            assert time.monotonic() < deadline, "prometheus never had the sample"
+            time.sleep(0.5)
+            try:
+                with urllib.request.urlopen(url, timeout=5) as answer:
+                    result = json.load(answer)["data"]["result"]
+            except OSError:
+                continue
+        assert result[0]["metric"]["job"] == "pytunnel"
+        assert result[0]["metric"]["kind"] == "local"
+        assert float(result[0]["value"][1]) == 1234
+    finally:
+        for proc in (prometheus, client, server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        echo.close()
