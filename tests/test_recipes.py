@@ -32,7 +32,7 @@ def test_recipe(pytester: pytest.Pytester, index: int) -> None:
 
 def test_the_readme_library_example_runs_as_written(tmp_path: Path) -> None:
     """Nothing in it dials outside loopback: the forwards only listen until a connection."""
-    assert len(README_EXAMPLES) == 1
+    assert len(README_EXAMPLES) == 2
     script = tmp_path / "example.py"
     script.write_text(README_EXAMPLES[0])
     done = subprocess.run(
@@ -41,3 +41,13 @@ def test_the_readme_library_example_runs_as_written(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "public address: ('127.0.0.1'," in done.stdout
     assert "active" in done.stdout
+
+
+def test_the_readme_task_example_runs_as_written(tmp_path: Path) -> None:
+    """It only declares a task; run, it must import and register without an error."""
+    script = tmp_path / "tasks_example.py"
+    script.write_text(README_EXAMPLES[1])
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
