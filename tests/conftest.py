@@ -7,11 +7,12 @@ them from there, never from this module.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+import shutil
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import trio
-from helpers import TOKEN, Blackhole, echo_handler
+from helpers import TOKEN, Blackhole, EtcdServer, echo_handler
 
 import pytunnel
 
@@ -48,3 +49,16 @@ def blackhole() -> Iterator[Blackhole]:
     hole = Blackhole()
     yield hole
     hole.close()
+
+
+@pytest.fixture
+async def etcd(tmp_path: object) -> AsyncIterator[EtcdServer]:
+    """A private etcd on loopback (the cluster tests' engine); skips without the binary."""
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd is not installed (.ci/run installs etcd-server)")
+    server = EtcdServer(f"{tmp_path}/etcd")
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.kill()

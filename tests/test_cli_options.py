@@ -44,6 +44,9 @@ _CLI_ONLY = {
         "tls_client_ca",
         "log_level",
         "log_format",
+        "node_id",  # these three build the registry given as ServerConfig.cluster
+        "node_address",
+        "cluster_lease_ttl",  # EtcdRegistry(lease_ttl=), default DEFAULT_LEASE_TTL
     },
     "connect": {
         "server",

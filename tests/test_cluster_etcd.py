@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -35,16 +34,6 @@ async def main():
 
 trio.run(main)
 """
-
-
-@pytest.fixture
-async def etcd(tmp_path: object) -> AsyncIterator[EtcdServer]:
-    server = EtcdServer(str(tmp_path) + "/etcd")
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.kill()
 
 
 async def test_a_dead_nodes_keys_expire_with_its_lease(

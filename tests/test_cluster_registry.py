@@ -61,6 +61,20 @@ async def test_a_claim_has_one_owner_until_released(pair: tuple[Registry, Regist
     assert b.available
 
 
+async def test_replace_takes_a_key_from_its_holder(pair: tuple[Registry, Registry]) -> None:
+    a, b = pair
+    seen: list[Change] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(a.watch, "clients/", seen.append))
+        assert await a.replace("clients/laptop", "a/1") is None
+        assert await b.replace("clients/laptop", "b/7") == "a/1"
+        assert await a.release("clients/laptop", "a/1") is False  # the old one leaves late
+        assert await a.lookup("clients/laptop") == "b/7"
+        await wait_until(lambda: len(seen) >= 2, what=lambda: f"seen {seen}")
+        nursery.cancel_scope.cancel()
+    assert seen == [Change("clients/laptop", "a/1"), Change("clients/laptop", "b/7")]
+
+
 async def test_racing_claims_have_exactly_one_winner(pair: tuple[Registry, Registry]) -> None:
     a, b = pair
     for round_ in range(40):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -29,11 +30,14 @@ from ._udp import (
 )
 from ._util import Episodes, aclose_all
 from ._vhost import NameRoutes
+from .cluster._ownership import claim_or_refuse, name_key, port_key, release_quietly
 from .errors import (
+    AddressInUseError,
     DialError,
     ErrorCode,
     ForwardError,
     ForwardLimitError,
+    NameInUseError,
     NameNotAllowedError,
     PortNotAllowedError,
     RemoteProtocolError,
@@ -92,6 +96,9 @@ class _ClientSession:
         self.memberships: set[_Endpoint] = set()
         #: Set once nothing of this client runs any more (listeners closed, relays gone).
         self.ended = trio.Event()
+        #: Who holds what this session claims in the cluster: ``<node-id>/<session>``.
+        node = server.cluster.node_id if server.cluster is not None else "local"
+        self.owner = f"{node}/{secrets.token_hex(6)}"
 
     def _stop_listening(self) -> None:
         for forward in list(self.public_ports):
@@ -373,7 +380,7 @@ class _ClientSession:
             format_target(incoming.host or self.config.public_host, incoming.port)
         )
         try:
-            listeners = await self._bind(incoming.host, incoming.port, bind)
+            listeners = await self._bind_owned(incoming.host, incoming.port)
         except ForwardError as exc:
             log.warning("client %s: remote forward on %s refused: %s", self.peer, requested, exc)
             incoming.refuse_with(exc)
@@ -381,7 +388,10 @@ class _ClientSession:
         try:
             control = incoming.accept()
         except SessionClosedError:
-            await aclose_all(*listeners)
+            try:
+                await aclose_all(*listeners)
+            finally:
+                await self._release_port(bound_port(listeners))
             return
         host, port = self.config.public_host, bound_port(listeners)
         forward = _PublicPort(self, control, host, port, listeners)
@@ -419,8 +429,78 @@ class _ClientSession:
             forward.stop_listening()
             if outcome is not None:
                 control.reset(outcome.code, outcome.message)
-            await aclose_all(*forward.listeners, control)
+            try:
+                await aclose_all(*forward.listeners, control)
+            finally:  # under cancellation too: the close re-raises it
+                await self._release_port(port)
             log.info("client %s: remote forward on %s closed", self.peer, forward.address)
+
+    async def _bind_owned(self, host: str, port: int) -> list[trio.SocketListener]:
+        """Bind a remote forward's port; in a cluster, only a port this client holds
+        cluster-wide: a fixed port is claimed before the bind (one winner of a race across
+        nodes, the loser refused with ADDRESS_IN_USE), port 0 is bound first and its port
+        claimed, another one tried if a client elsewhere holds it."""
+        cluster = self.server.cluster
+        if cluster is None:
+            return await self._bind(host, port, bind)
+        if port:
+            address = printable(format_target(host or self.config.public_host, port))
+            self._check_bind(host, port)  # a port the policy refuses is never claimed
+            await claim_or_refuse(
+                cluster, port_key(port), self.owner, what=f"port {port}", address=address
+            )
+            try:
+                return await self._bind(host, port, bind)
+            except BaseException:
+                await self._release_port(port)
+                raise
+        for _ in range(_PORT_0_ATTEMPTS):
+            listeners = await self._bind(host, 0, bind)
+            chosen = bound_port(listeners)
+            try:
+                await claim_or_refuse(
+                    cluster, port_key(chosen), self.owner, what=f"port {chosen}", address=""
+                )
+            except AddressInUseError:
+                await aclose_all(*listeners)
+                continue
+            except BaseException:
+                await aclose_all(*listeners)
+                raise
+            return listeners
+        raise AddressInUseError("no port free across the cluster", address=format_target(host, 0))
+
+    async def _release_port(self, port: int) -> None:
+        if self.server.cluster is not None:
+            await release_quietly(self.server.cluster, port_key(port), self.owner)
+
+    async def _claim_name(self, incoming: IncomingStream, route: _PublicName) -> bool:
+        """In a cluster, claim the name cluster-wide before the route is served (refused
+        with NAME_IN_USE when a client on another node holds it); always true on its own."""
+        cluster = self.server.cluster
+        if cluster is None:
+            return True
+        try:
+            await claim_or_refuse(
+                cluster,
+                name_key(route.name, tls=route.tls),
+                self.owner,
+                what=f"name {route.name}",
+                address=route.name,
+                error=NameInUseError,
+            )
+        except ForwardError as exc:
+            log.warning("client %s: name route %s refused: %s", self.peer, route.name, exc)
+            route.stop_listening()
+            self.public_names.discard(route)
+            incoming.refuse_with(exc)
+            return False
+        return True
+
+    async def _release_name(self, route: _PublicName) -> None:
+        if self.server.cluster is not None:
+            key = name_key(route.name, tls=route.tls)
+            await release_quietly(self.server.cluster, key, self.owner)
 
     # ---------------------------------------------------------------- name routes
 
@@ -444,11 +524,14 @@ class _ClientSession:
         return route
 
     async def _serve_name(self, incoming: IncomingStream, route: _PublicName) -> None:
+        if not await self._claim_name(incoming, route):
+            return
         try:
             control = incoming.accept()
         except SessionClosedError:
             route.stop_listening()
             self.public_names.discard(route)
+            await self._release_name(route)
             return
         if self.session.closed:  # ended while we were registering
             route.stop_listening()
@@ -485,7 +568,10 @@ class _ClientSession:
             route.stop_listening()
             if outcome is not None:
                 control.reset(outcome.code, outcome.message)
-            await trio.aclose_forcefully(control)
+            try:
+                await trio.aclose_forcefully(control)
+            finally:  # under cancellation too: the close re-raises it
+                await self._release_name(route)
             log.info("client %s: name route %s closed", self.peer, route.name)
 
     # ---------------------------------------------------------------- groups

@@ -65,6 +65,11 @@ class Registry(Protocol):
         (``owner`` itself when this call won, or when ``owner`` held it already)."""
         ...
 
+    async def replace(self, key: str, owner: str) -> str | None:
+        """Make ``owner`` the holder of ``key`` whoever held it (the newest session of a
+        client identity wins); return the previous holder, ``None`` if there was none."""
+        ...
+
     async def release(self, key: str, owner: str) -> bool:
         """Delete ``key`` if ``owner`` still holds it; whether it did."""
         ...
@@ -122,6 +127,14 @@ class LocalRegistry:
         self._keys[key] = owner
         self._notify(key, owner)
         return owner
+
+    async def replace(self, key: str, owner: str) -> str | None:
+        await trio.lowlevel.checkpoint()
+        previous = self._keys.get(key)
+        self._keys[key] = owner
+        if previous != owner:
+            self._notify(key, owner)
+        return previous
 
     async def release(self, key: str, owner: str) -> bool:
         await trio.lowlevel.checkpoint()

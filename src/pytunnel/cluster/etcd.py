@@ -258,6 +258,17 @@ class EtcdRegistry:
                 return _text(kvs[0].get("value", ""))
         raise ClusterUnavailableError(f"{printable(key)} keeps changing owner; try again")
 
+    async def replace(self, key: str, owner: str) -> str | None:
+        lease = self._require()
+        reply = await self._post(
+            "/v3/kv/put",
+            {"key": self._key(key), "value": _b64(owner), "lease": lease, "prev_kv": True},
+        )
+        self._claims[key] = owner
+        self._pending_releases.pop(key, None)
+        previous = reply.get("prev_kv")
+        return _text(previous.get("value", "")) if previous else None
+
     async def release(self, key: str, owner: str) -> bool:
         """Delete ``key`` if ``owner`` still holds it. When the engine cannot be reached the
         release is kept and made after the next good renewal (returns ``False`` now), so a key

@@ -1,0 +1,217 @@
+"""Servers as nodes of one cluster (``serve(cluster=...)``) on a real etcd: ports and names
+owned cluster-wide, client takeover across nodes, engine loss and return.
+
+Each node's public host is its own loopback address (127.0.0.1, 127.0.0.2), so two nodes
+could both bind a port: only the cluster's claim can refuse the second one.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import socket
+
+import pytest
+import trio
+from helpers import TOKEN, EtcdServer, LinkProxy, closed_port, wait_until
+
+import pytunnel
+from pytunnel.cluster import EtcdRegistry
+from pytunnel.errors import ClusterUnavailableError, ErrorCode
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
+)
+
+FAST = {"backoff_initial": 0.2, "backoff_jitter": 0.0}
+
+
+async def _node(
+    nursery: trio.Nursery, etcd: EtcdServer, name: str, public_host: str, **options: object
+) -> pytunnel.TunnelServer:
+    registry = EtcdRegistry(etcd.endpoint, name, lease_ttl=3, request_timeout=1.0)
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(
+            pytunnel.serve,
+            0,
+            token=TOKEN,
+            public_host=public_host,
+            cluster=registry,
+            **options,  # type: ignore[arg-type]
+        )
+    )
+    return server
+
+
+async def _echo(address: tuple[str, int], payload: bytes = b"ping") -> bytes:
+    with trio.fail_after(10):  # a hang detector
+        stream = await trio.open_tcp_stream(*address)
+        async with stream:
+            await stream.send_all(payload)
+            await stream.send_eof()
+            out = b""
+            while chunk := await stream.receive_some():
+                out += chunk
+            return out
+
+
+async def test_two_clients_on_two_nodes_racing_for_a_port_one_wins(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    ta = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    tb = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
+    for round_ in range(10):
+        port = _free_port_on_both()
+        outcomes: dict[str, object] = {}
+
+        async def forward(
+            name: str, tunnel: pytunnel.Tunnel, port: int = port, out: dict[str, object] = outcomes
+        ) -> None:
+            try:
+                out[name] = await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+            except pytunnel.ForwardError as exc:
+                out[name] = exc
+
+        with trio.fail_after(20):  # a hang detector
+            async with trio.open_nursery() as racers:
+                racers.start_soon(forward, "a", ta)
+                racers.start_soon(forward, "b", tb)
+        errors = [o for o in outcomes.values() if isinstance(o, Exception)]
+        winners = [(k, o) for k, o in outcomes.items() if not isinstance(o, Exception)]
+        assert len(winners) == 1, (round_, outcomes)
+        assert len(errors) == 1
+        error = errors[0]
+        assert isinstance(error, pytunnel.AddressInUseError)
+        assert error.code == ErrorCode.ADDRESS_IN_USE
+        assert "held by another client of the cluster" in error.message
+        name, remote = winners[0]
+        host = "127.0.0.1" if name == "a" else "127.0.0.2"
+        assert await _echo((host, port)) == b"ping"
+        # released when the forward ends: the other node's client gets it now
+        assert isinstance(remote, pytunnel.RemoteForward)
+        await remote.aclose()
+        await _until_released(a, f"tcp/{port}")
+        loser = tb if name == "a" else ta
+        again = await loser.forward_remote("127.0.0.1", echo_port, remote_port=port)
+        await again.aclose()
+
+
+async def test_a_name_belongs_to_one_client_across_nodes(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    http = ("127.0.0.1", 0)
+    a = await _node(nursery, etcd, "a", "127.0.0.1", http_listen=http, domain="example.test")
+    b = await _node(nursery, etcd, "b", "127.0.0.2", http_listen=http, domain="example.test")
+    ta = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    tb = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
+    route = await ta.forward_name("app", "127.0.0.1", echo_port)
+    with pytest.raises(pytunnel.NameInUseError, match="node a") as info:
+        await tb.forward_name("app", "127.0.0.1", echo_port)
+    assert info.value.code == ErrorCode.NAME_IN_USE
+    registry = b.cluster
+    assert registry is not None
+    assert await registry.lookup("http/app.example.test") is not None
+    await route.aclose()
+    await _until_released(b, "http/app.example.test")
+    moved = await tb.forward_name("app", "127.0.0.1", echo_port)
+    assert moved.status is pytunnel.ForwardStatus.ACTIVE
+
+
+async def test_a_client_reconnecting_to_another_node_replaces_its_ghost_at_once(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """The client's side of its link to node A dies (A still sees a healthy, quiet session);
+    it reconnects to node B with the same identity: A is told through the engine and drops
+    the ghost (and its port) long before its heartbeat would, and B serves the forward."""
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    proxy = LinkProxy(a.address)
+    listening = trio.CancelScope()
+
+    async def run_proxy(task_status: trio.TaskStatus[None]) -> None:
+        with listening:
+            async with trio.open_nursery() as proxy_nursery:
+                await proxy.start(proxy_nursery)
+                task_status.started()
+                await trio.sleep_forever()
+
+    await nursery.start(run_proxy)
+    tunnel = await pytunnel.connect_tunnel(nursery, [proxy.address, b.address], token=TOKEN, **FAST)
+    port = _free_port_on_both()
+    remote = await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    assert await _echo(("127.0.0.1", port)) == b"ping"
+    try:
+        proxy.reset_client_side()
+        listening.cancel()  # node A's address refuses from now on: the client reaches B
+        await wait_until(lambda: b.session_count == 1, seconds=20)
+        await wait_until(lambda: a.session_count == 0, seconds=20, what="the ghost stayed on A")
+        assert proxy.ghosts  # ... although its connection to A is still open
+        with trio.fail_after(20):
+            status = await remote.wait_status(
+                pytunnel.ForwardStatus.ACTIVE, pytunnel.ForwardStatus.ERROR
+            )
+        assert status is pytunnel.ForwardStatus.ACTIVE, remote.reason
+        assert await _echo(("127.0.0.2", port)) == b"ping"
+    finally:
+        await tunnel.aclose()
+        proxy.close()
+
+
+async def test_engine_loss_keeps_relays_refuses_new_ports_and_recovers(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    live = await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=_free_port_on_both())
+    public = ("127.0.0.1", live.listen_port)
+    assert await _echo(public) == b"ping"
+
+    await etcd.kill()
+    assert await _echo(public, b"still") == b"still"
+    with trio.fail_after(20):
+        with pytest.raises(ClusterUnavailableError) as info:
+            await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=_free_port_on_both())
+    assert info.value.code == ErrorCode.CLUSTER_UNAVAILABLE
+    assert await _echo(public, b"after") == b"after"
+
+    await etcd.start()
+    registry = a.cluster
+    assert registry is not None
+    await wait_until(lambda: registry.available, seconds=20)
+    with trio.fail_after(20):
+        fresh = await tunnel.forward_remote(
+            "127.0.0.1", echo_port, remote_port=_free_port_on_both()
+        )
+    assert await _echo(("127.0.0.1", fresh.listen_port)) == b"ping"
+    assert await _echo(public) == b"ping"
+
+
+async def test_a_node_that_cannot_reach_its_engine_does_not_start(nursery: trio.Nursery) -> None:
+    registry = EtcdRegistry(f"http://127.0.0.1:{closed_port()}", "a")
+    with trio.fail_after(20), pytest.raises(ClusterUnavailableError, match="unreachable"):
+        await nursery.start(functools.partial(pytunnel.serve, 0, token=TOKEN, cluster=registry))
+
+
+async def _until_released(node: pytunnel.TunnelServer, key: str) -> None:
+    """Wait until nobody holds ``key``: the server gives it back once the forward has ended,
+    after the client's ``aclose`` returned."""
+    assert node.cluster is not None
+    with trio.fail_after(20):  # a hang detector
+        while await node.cluster.lookup(key) is not None:
+            await trio.sleep(0.05)
+
+
+def _free_port_on_both() -> int:
+    """A port free on 127.0.0.1 and 127.0.0.2 alike."""
+    while True:
+        with socket.socket() as one:
+            one.bind(("127.0.0.1", 0))
+            port = int(one.getsockname()[1])
+            with socket.socket() as two:
+                try:
+                    two.bind(("127.0.0.2", port))
+                except OSError:
+                    continue
+                return port
