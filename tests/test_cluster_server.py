@@ -98,6 +98,65 @@ async def test_two_clients_on_two_nodes_racing_for_a_port_one_wins(
         await again.aclose()
 
 
+async def test_a_udp_port_belongs_to_one_client_across_nodes(
+    nursery: trio.Nursery, etcd: EtcdServer
+) -> None:
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    ta = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    tb = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
+    port = _free_port_on_both(socket.SOCK_DGRAM)
+    held = await ta.forward_remote("127.0.0.1", 9, remote_port=port, protocol="udp")
+    with pytest.raises(pytunnel.AddressInUseError, match=rf"udp port {port} is held .*\(node a\)"):
+        await tb.forward_remote("127.0.0.1", 9, remote_port=port, protocol="udp")
+    # a TCP port of the same number is another address
+    tcp = await tb.forward_remote("127.0.0.1", 9, remote_port=port)
+    await tcp.aclose()
+    await held.aclose()
+    await _until_released(a, f"udp/{port}")
+    moved = await tb.forward_remote("127.0.0.1", 9, remote_port=port, protocol="udp")
+    assert moved.listen_port == port
+
+
+async def test_a_load_balanced_group_lives_on_one_node(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """Members of one group on node A form it together (racing to form it: one forms, the
+    other joins); the port is the group's across the cluster, so neither a plain forward nor
+    a member of the same group on node B gets it, until the group's last member leaves."""
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    first = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    second = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    elsewhere = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
+    port = _free_port_on_both()
+    members: list[pytunnel.RemoteForward] = []
+
+    async def join(tunnel: pytunnel.Tunnel) -> None:
+        members.append(
+            await tunnel.forward_remote(
+                "127.0.0.1", echo_port, remote_port=port, group="web", group_key="k"
+            )
+        )
+
+    with trio.fail_after(20):  # a hang detector
+        async with trio.open_nursery() as racers:
+            racers.start_soon(join, first)
+            racers.start_soon(join, second)
+    assert len(members) == 2
+    assert len(a.groups) == 1
+    assert await _echo(("127.0.0.1", port)) == b"ping"
+    for kwargs in ({}, {"group": "web", "group_key": "k"}):
+        with pytest.raises(pytunnel.AddressInUseError, match=r"\(node a\)"):
+            await elsewhere.forward_remote("127.0.0.1", echo_port, remote_port=port, **kwargs)
+    await members[0].aclose()
+    await members[1].aclose()
+    await _until_released(a, f"tcp/{port}")
+    moved = await elsewhere.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    assert await _echo(("127.0.0.2", port)) == b"ping"
+    await moved.aclose()
+
+
 async def test_a_name_belongs_to_one_client_across_nodes(
     nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
 ) -> None:
@@ -203,13 +262,13 @@ async def _until_released(node: pytunnel.TunnelServer, key: str) -> None:
             await trio.sleep(0.05)
 
 
-def _free_port_on_both() -> int:
-    """A port free on 127.0.0.1 and 127.0.0.2 alike."""
+def _free_port_on_both(kind: int = socket.SOCK_STREAM) -> int:
+    """A port free on 127.0.0.1 and 127.0.0.2 alike (TCP, or UDP with ``SOCK_DGRAM``)."""
     while True:
-        with socket.socket() as one:
+        with socket.socket(type=kind) as one:
             one.bind(("127.0.0.1", 0))
             port = int(one.getsockname()[1])
-            with socket.socket() as two:
+            with socket.socket(type=kind) as two:
                 try:
                     two.bind(("127.0.0.2", port))
                 except OSError:

@@ -276,7 +276,9 @@ class TunnelServer:
         #: The cluster's registry (``None`` on its own); started by ``serve_forever``.
         self.cluster = config.cluster
         #: Where tasks the cluster's callbacks need are started (``serve_forever``'s nursery).
-        self._cluster_nursery: trio.Nursery | None = None
+        self.cluster_nursery: trio.Nursery | None = None
+        #: Groups being formed on this node, by what they serve (their claim is in flight).
+        self.forming_groups: dict[tuple[str, str], trio.Event] = {}
         if self.listeners:
             host, port = self.listeners[0].socket.getsockname()[:2]
             self._address = (str(host), int(port))
@@ -488,7 +490,7 @@ class TunnelServer:
         """Join before the first client is accepted: a node that cannot reach its engine at
         start does not serve, rather than own nothing. The error is handed back (and
         ``nursery`` cancelled) so that ``serve`` raises it as itself, not in a group."""
-        self._cluster_nursery = nursery
+        self.cluster_nursery = nursery
         try:
             await nursery.start(cluster.run)
             cluster.on_lost(self._lost_claim)
@@ -518,7 +520,7 @@ class TunnelServer:
     def _client_moved(self, change: Change) -> None:
         """A client identity changed owner: a local session of it that is not the new
         owner is a ghost (the client is connected elsewhere now) and ends at once."""
-        if change.value is None or self._cluster_nursery is None:
+        if change.value is None or self.cluster_nursery is None:
             return
         client = self._by_identity.get(change.key.removeprefix("clients/"))
         if client is None or client.owner == change.value:
@@ -528,7 +530,7 @@ class TunnelServer:
             client.peer,
             client.client_id,
         )
-        self._cluster_nursery.start_soon(
+        self.cluster_nursery.start_soon(
             client.session.abort,
             SessionClosedError(
                 "replaced by a newer session of the same client on another node",
@@ -540,9 +542,9 @@ class TunnelServer:
         """A claim expired while the engine was out of reach and another node took it: the
         client holding it here is dropped, so that it reconnects and learns the truth."""
         for client in list(self._sessions):
-            if client.owner == owner and self._cluster_nursery is not None:
+            if client.owner == owner and self.cluster_nursery is not None:
                 log.warning("client %s lost %s in the cluster; dropping it", client.peer, key)
-                self._cluster_nursery.start_soon(
+                self.cluster_nursery.start_soon(
                     client.session.abort,
                     SessionClosedError(
                         f"{printable(key)} is now held on another node",

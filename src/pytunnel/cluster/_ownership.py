@@ -24,8 +24,9 @@ log = logging.getLogger("pytunnel.cluster")
 RELEASE_TIMEOUT = 2.0
 
 
-def port_key(port: int) -> str:
-    return f"tcp/{port}"
+def port_key(port: int, *, kind: str = "tcp") -> str:
+    """``tcp/<port>`` or ``udp/<port>``: one key for a port on every node's public host."""
+    return f"{kind}/{port}"
 
 
 def name_key(name: str, *, tls: bool) -> str:
