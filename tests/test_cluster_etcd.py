@@ -85,6 +85,12 @@ async def test_a_clean_stop_frees_the_nodes_keys_at_once(
     assert await other.lookup("http/app.example.com") is None
     assert list(await other.nodes()) == ["other"]
     assert count_tasks() == baseline
+    # what is still asked of a node that left is one typed refusal, never a crash
+    with pytest.raises(ClusterUnavailableError, match="has left the cluster"):
+        await registry.lookup("http/app.example.com")
+    assert await registry.release("http/app.example.com", "leaving/1") is False
+    with pytest.raises(ClusterUnavailableError, match="cannot watch"):
+        await registry.watch("", lambda change: None)
 
 
 async def test_engine_loss_refuses_claims_and_recovery_is_automatic(

@@ -202,10 +202,12 @@ async def test_a_client_reconnecting_to_another_node_replaces_its_ghost_at_once(
     remote = await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
     assert await _echo(("127.0.0.1", port)) == b"ping"
     try:
+        reset_at = trio.current_time()
         proxy.reset_client_side()
         listening.cancel()  # node A's address refuses from now on: the client reaches B
         await wait_until(lambda: b.session_count == 1, seconds=20)
         await wait_until(lambda: a.session_count == 0, seconds=20, what="the ghost stayed on A")
+        dropped = trio.current_time() - reset_at
         assert proxy.ghosts  # ... although its connection to A is still open
         with trio.fail_after(20):
             status = await remote.wait_status(
@@ -213,6 +215,8 @@ async def test_a_client_reconnecting_to_another_node_replaces_its_ghost_at_once(
             )
         assert status is pytunnel.ForwardStatus.ACTIVE, remote.reason
         assert await _echo(("127.0.0.2", port)) == b"ping"
+        moved = trio.current_time() - reset_at
+        print(f"ghost dropped on A after {dropped:.2f} s, port served by B after {moved:.2f} s")
     finally:
         await tunnel.aclose()
         proxy.close()
@@ -245,6 +249,82 @@ async def test_engine_loss_keeps_relays_refuses_new_ports_and_recovers(
         )
     assert await _echo(("127.0.0.1", fresh.listen_port)) == b"ping"
     assert await _echo(public) == b"ping"
+
+
+async def test_a_node_partitioned_from_the_engine_but_not_from_its_clients(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """Node A loses the engine (its link to etcd is cut) but keeps its clients: it refuses
+    new registrations and keeps relaying; once its lease has expired node B may give the
+    port to another client; when A's link comes back, A finds the port lost and drops its
+    client, which reconnects and is told the truth (the port is taken)."""
+    link = LinkProxy(("127.0.0.1", etcd.client_port))
+    await link.start(nursery)
+    registry = EtcdRegistry(f"http://127.0.0.1:{link.port}", "a", lease_ttl=3, request_timeout=1.0)
+    a: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN, public_host="127.0.0.1", cluster=registry)
+    )
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    ta = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN, **FAST)
+    tb = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
+    port = _free_port_on_both()
+    held = await ta.forward_remote("127.0.0.1", echo_port, remote_port=port)
+
+    link.refusing = True
+    link.cut()
+    with trio.fail_after(20), pytest.raises(ClusterUnavailableError):
+        await ta.forward_remote("127.0.0.1", echo_port, remote_port=_free_port_on_both())
+    assert await _echo(("127.0.0.1", port), b"still here") == b"still here"
+    await wait_until(lambda: not registry.available, seconds=20)
+    with trio.fail_after(30):  # A's lease expires in etcd: B's client may have the port
+        while True:
+            try:
+                taken = await tb.forward_remote("127.0.0.1", echo_port, remote_port=port)
+                break
+            except pytunnel.AddressInUseError:
+                await trio.sleep(0.2)
+    assert await _echo(("127.0.0.2", port)) == b"ping"
+
+    sessions_before = a.session_count
+    link.refusing = False  # healed: A joins again and learns it lost the port
+    await wait_until(lambda: registry.available, seconds=20)
+    lost = "held by another client of the cluster (node b)"
+    await wait_until(lambda: ta.reconnects >= 1, seconds=20)
+    await wait_until(lambda: lost in (held.reason or ""), seconds=20, what=lambda: held.reason)
+    assert held.status is pytunnel.ForwardStatus.SUSPENDED  # and retrying, as on one server
+    assert sessions_before == 1
+    assert taken.status is pytunnel.ForwardStatus.ACTIVE
+
+
+async def test_a_node_closing_with_clients_frees_everything_in_the_engine(
+    etcd: EtcdServer, echo_port: int
+) -> None:
+    """Closing a node while its clients hold ports, names and identities ends cleanly
+    (whichever of the releases and the lease's revocation comes first) and leaves nothing
+    in the engine."""
+    watcher = EtcdRegistry(etcd.endpoint, "watcher")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watcher.run)
+        for _ in range(3):
+            registry = EtcdRegistry(etcd.endpoint, "a", lease_ttl=60)
+            async with (
+                pytunnel.open_server(
+                    token=TOKEN, cluster=registry, http_listen=("127.0.0.1", 0), domain="t.test"
+                ) as server,
+                trio.open_nursery() as clients,
+            ):
+                tunnel = await pytunnel.connect_tunnel(
+                    clients, server.address, token=TOKEN, client_id="laptop"
+                )
+                await tunnel.forward_remote("127.0.0.1", echo_port)
+                await tunnel.forward_name("app", "127.0.0.1", echo_port)
+                assert await watcher.lookup("clients/laptop") is not None
+                await server.aclose()  # the node goes first, its clients still there
+                clients.cancel_scope.cancel()
+            assert await watcher.lookup("clients/laptop") is None
+            assert await watcher.lookup("http/app.t.test") is None
+            assert list(await watcher.nodes()) == ["watcher"]
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_node_that_cannot_reach_its_engine_does_not_start(nursery: trio.Nursery) -> None:

@@ -337,6 +337,7 @@ class EtcdRegistry:
             if next_revision is not None:
                 request["start_revision"] = str(next_revision)
             try:
+                self._check_open()
                 async with self._http.stream(
                     "POST",
                     f"{self.endpoint}/v3/watch",
@@ -382,6 +383,12 @@ class EtcdRegistry:
 
     # ------------------------------------------------------------------ requests
 
+    def _check_open(self) -> None:
+        """After ``run`` has ended (its lease revoked, its HTTP client closed) the node is out
+        of the cluster: what is still asked of it (a release on the way out) is refused."""
+        if self._http.is_closed:
+            raise ClusterUnavailableError(f"node {self.node_id} has left the cluster")
+
     def _key(self, key: str) -> str:
         return _b64(self.prefix + key)
 
@@ -395,6 +402,7 @@ class EtcdRegistry:
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """One request to the gateway; every way it can fail is a ClusterUnavailableError."""
+        self._check_open()
         try:
             response = await self._http.post(f"{self.endpoint}{path}", json=body)
             reply = response.json()
