@@ -403,13 +403,25 @@ class EtcdServer:
     """A private etcd (the cluster tests' engine) on loopback, in its own data directory.
 
     Started and stopped by pid only; ``kill`` and ``start`` again on the same directory and
-    ports is an engine that went away and came back with its data (and leases)."""
+    ports is an engine that went away and came back with its data (and leases).
+    :meth:`members` makes the members of one multi-member etcd instead."""
 
-    def __init__(self, data_dir: str) -> None:
+    def __init__(self, data_dir: str, name: str = "test") -> None:
         self.data_dir = data_dir
+        self.name = name
         self.client_port = closed_port()
         self.peer_port = closed_port()
         self.process: trio.Process | None = None
+        self.initial_cluster = f"{name}=http://127.0.0.1:{self.peer_port}"
+
+    @classmethod
+    def members(cls, base_dir: str, count: int) -> list[EtcdServer]:
+        """The members of one etcd of ``count`` members (start them all, then wait)."""
+        members = [cls(f"{base_dir}/m{i}", f"m{i}") for i in range(count)]
+        initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in members)
+        for member in members:
+            member.initial_cluster = initial
+        return members
 
     @property
     def url(self) -> str:
@@ -420,6 +432,10 @@ class EtcdServer:
         return f"http://127.0.0.1:{self.client_port}"
 
     async def start(self) -> None:
+        await self.launch()
+        await self.wait_healthy()
+
+    async def launch(self) -> None:
         etcd = shutil.which("etcd")
         assert etcd is not None
         client = f"http://127.0.0.1:{self.client_port}"
@@ -427,24 +443,28 @@ class EtcdServer:
         self.process = await trio.lowlevel.open_process(
             [
                 etcd,
-                "--name=test",
+                f"--name={self.name}",
                 f"--data-dir={self.data_dir}",
                 f"--listen-client-urls={client}",
                 f"--advertise-client-urls={client}",
                 f"--listen-peer-urls={peer}",
                 f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster=test={peer}",
+                f"--initial-cluster={self.initial_cluster}",
                 "--log-level=error",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+
+    async def wait_healthy(self) -> None:
+        """Until this member serves (it has a leader); 30 s is a hang detector."""
         async with httpx.AsyncClient(timeout=1.0) as http:
-            with trio.fail_after(30):  # a hang detector: etcd starts in well under a second
+            with trio.fail_after(30):
                 while True:
+                    assert self.process is not None
                     assert self.process.poll() is None, "etcd exited at start"
                     with suppress(httpx.HTTPError):
-                        if (await http.get(f"{client}/health")).status_code == 200:
+                        if (await http.get(f"{self.endpoint}/health")).status_code == 200:
                             return
                     await trio.sleep(0.1)
 

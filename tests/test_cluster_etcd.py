@@ -168,3 +168,59 @@ async def test_an_engine_that_never_answered_is_a_typed_error_at_start() -> None
                 await nursery.start(functools.partial(watcher.watch, "", lambda change: None))
             with pytest.raises(ClusterUnavailableError, match="no current lease"):
                 await watcher.claim("tcp/1", "n2/a")
+
+
+async def test_a_three_member_etcd_serves_on_with_one_member_down(
+    tmp_path: object, nursery: trio.Nursery
+) -> None:
+    """Every member listed: with the member in use killed, requests, renewals and the watch
+    go to the others; with the quorum lost, claims are refused; with it back, all recovers."""
+    members = EtcdServer.members(str(tmp_path), 3)
+    try:
+        for member in members:
+            await member.launch()
+        for member in members:
+            await member.wait_healthy()
+        registry = EtcdRegistry(
+            [m.endpoint for m in members], "n1", lease_ttl=3, request_timeout=1.0
+        )
+        other = EtcdRegistry([m.endpoint for m in reversed(members)], "n2")
+        await nursery.start(registry.run)
+        await nursery.start(other.run)
+        seen: list[Change] = []
+        await nursery.start(functools.partial(registry.watch, "tcp/", seen.append))
+        assert await registry.claim("tcp/1", "n1/a") == "n1/a"
+        assert registry.endpoint == members[0].endpoint
+
+        await members[0].kill()
+        assert await registry.claim("tcp/2", "n1/a") == "n1/a"  # served by another member
+        assert registry.endpoint != members[0].endpoint
+        assert await other.claim("tcp/3", "n2/b") == "n2/b"
+        await wait_until(
+            lambda: Change("tcp/3", "n2/b") in seen, seconds=20, what=lambda: str(seen)
+        )
+        await trio.sleep(4)  # longer than the TTL: renewals went to the living members
+        assert registry.available
+        assert await other.lookup("tcp/1") == "n1/a"
+
+        await members[1].kill()  # one of three left: no quorum
+        with trio.fail_after(30), pytest.raises(ClusterUnavailableError):
+            await registry.claim("tcp/4", "n1/a")
+
+        await members[0].start()
+        await members[1].start()
+        await wait_until(lambda: registry.available, seconds=30)
+        with trio.fail_after(30):
+            while True:
+                try:
+                    assert await registry.claim("tcp/4", "n1/a") == "n1/a"
+                    break
+                except ClusterUnavailableError:
+                    await trio.sleep(0.2)
+        await wait_until(
+            lambda: Change("tcp/4", "n1/a") in seen, seconds=20, what=lambda: str(seen)
+        )
+        nursery.cancel_scope.cancel()
+    finally:
+        for member in members:
+            await member.kill()

@@ -136,17 +136,30 @@ async def test_the_local_registry_is_always_available_and_never_loses() -> None:
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("etcd://127.0.0.1:2379", ("http://127.0.0.1:2379", "/pytunnel/")),
-        ("etcd://etcd.internal", ("http://etcd.internal:2379", "/pytunnel/")),
-        ("etcd://[::1]:23790/edge/eu/", ("http://[::1]:23790", "/edge/eu/")),
+        ("etcd://127.0.0.1:2379", (("http://127.0.0.1:2379",), "/pytunnel/")),
+        ("etcd://etcd.internal", (("http://etcd.internal:2379",), "/pytunnel/")),
+        ("etcd://[::1]:23790/edge/eu/", (("http://[::1]:23790",), "/edge/eu/")),
+        (
+            "etcd://10.0.0.1:2379,10.0.0.2,[::1]:3/x",
+            (("http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://[::1]:3"), "/x/"),
+        ),
     ],
 )
-def test_cluster_urls(url: str, expected: tuple[str, str]) -> None:
+def test_cluster_urls(url: str, expected: tuple[tuple[str, ...], str]) -> None:
     assert parse_etcd_url(url) == expected
 
 
 @pytest.mark.parametrize(
-    "url", ["redis://127.0.0.1:6379", "etcd://", "etcd://h:notaport", "etcd://h:1?x=1", "h:1"]
+    "url",
+    [
+        "redis://127.0.0.1:6379",
+        "etcd://",
+        "etcd://h:notaport",
+        "etcd://h:1?x=1",
+        "h:1",
+        "etcd://h:1,,h:2",
+        "etcd://user:pw@h:1",
+    ],
 )
 def test_bad_cluster_urls_are_one_clear_error(url: str) -> None:
     with pytest.raises(ValueError, match="etcd://HOST:PORT"):

@@ -196,9 +196,9 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
 )
 @click.option(
     "--cluster",
-    metavar="etcd://HOST:PORT[/PREFIX]",
-    help="Be a node of the cluster whose registry is this etcd: ports, names and client "
-    "identities are owned cluster-wide (see docs/cluster.md).",
+    metavar="etcd://HOST:PORT[,HOST:PORT...][/PREFIX]",
+    help="Be a node of the cluster whose registry is this etcd (list every member): ports, "
+    "names and client identities are owned cluster-wide (see docs/cluster.md).",
 )
 @click.option(
     "--node-id",

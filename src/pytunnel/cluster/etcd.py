@@ -21,6 +21,7 @@ import base64
 import json
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -46,20 +47,30 @@ DEFAULT_RETRY_INTERVAL = 0.5
 _CLAIM_ATTEMPTS = 3
 
 
-def parse_etcd_url(url: str) -> tuple[str, str]:
-    """``etcd://host:port[/prefix]`` -> (the gateway's base URL, the key prefix).
+def parse_etcd_url(url: str) -> tuple[tuple[str, ...], str]:
+    """``etcd://host:port[,host:port...][/prefix]`` -> (the members' gateway URLs, the key
+    prefix).
 
-    The prefix keeps several services apart on one engine (default ``/pytunnel/``)."""
+    Every member of a multi-member etcd can be listed: requests go to the first that answers
+    (see :class:`EtcdRegistry`). The prefix keeps several services apart on one engine
+    (default ``/pytunnel/``)."""
     parts = urlsplit(url)
-    if parts.scheme != "etcd" or not parts.hostname or parts.query or parts.fragment:
-        raise ValueError(f"a cluster address is etcd://HOST:PORT[/PREFIX], not {url!r}")
-    try:
-        port = parts.port or 2379
-    except ValueError:
-        raise ValueError(f"a cluster address is etcd://HOST:PORT[/PREFIX], not {url!r}") from None
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    usage = f"a cluster address is etcd://HOST:PORT[,HOST:PORT...][/PREFIX], not {url!r}"
+    if parts.scheme != "etcd" or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(usage)
+    endpoints = []
+    for member in parts.netloc.split(","):
+        one = urlsplit(f"//{member}")
+        try:
+            port = one.port or 2379
+        except ValueError:
+            raise ValueError(usage) from None
+        if not one.hostname or one.username is not None or one.password is not None:
+            raise ValueError(usage)
+        host = f"[{one.hostname}]" if ":" in one.hostname else one.hostname
+        endpoints.append(f"http://{host}:{port}")
     prefix = parts.path.strip("/")
-    return f"http://{host}:{port}", f"/{prefix}/" if prefix else "/pytunnel/"
+    return tuple(endpoints), f"/{prefix}/" if prefix else "/pytunnel/"
 
 
 def _b64(text: str) -> str:
@@ -80,6 +91,11 @@ def _range_end(prefix: str) -> str:
 class EtcdRegistry:
     """A :class:`~pytunnel.cluster.Registry` in etcd; see the module docstring.
 
+    ``endpoints`` are the gateway URLs of the engine's members (one, or all of them): each
+    request goes to the member that answered last, and to the next one when that one does
+    not answer or answers that it cannot serve (a member cut off from its quorum), so a
+    three-member etcd keeps the cluster going with one member down.
+
     ``run`` must be running (``await nursery.start(registry.run)``) for claims to succeed; it
     takes the lease, registers the node under ``nodes/<node_id>`` and renews the lease until
     cancelled, then revokes it (the node's keys are freed at once on a clean stop) and closes
@@ -88,7 +104,7 @@ class EtcdRegistry:
 
     def __init__(
         self,
-        endpoint: str,
+        endpoints: str | Sequence[str],
         node_id: str,
         node_address: str = "",
         *,
@@ -103,7 +119,11 @@ class EtcdRegistry:
             raise ValueError(f"the lease TTL is 2 s or more, not {lease_ttl!r}")
         self.node_id = node_id
         self.node_address = node_address
-        self.endpoint = endpoint.rstrip("/")
+        listed = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        if not listed:
+            raise ValueError("an etcd registry needs at least one endpoint")
+        self.endpoints = tuple(one.rstrip("/") for one in listed)
+        self._member = 0
         self.prefix = prefix
         self.lease_ttl = lease_ttl
         self._retry_interval = retry_interval
@@ -124,8 +144,16 @@ class EtcdRegistry:
         cls, url: str, node_id: str, node_address: str = "", **kwargs: Any
     ) -> EtcdRegistry:
         """The registry at ``etcd://host:port[/prefix]``."""
-        endpoint, prefix = parse_etcd_url(url)
-        return cls(endpoint, node_id, node_address, prefix=prefix, **kwargs)
+        endpoints, prefix = parse_etcd_url(url)
+        return cls(endpoints, node_id, node_address, prefix=prefix, **kwargs)
+
+    @property
+    def endpoint(self) -> str:
+        """The member requests go to now."""
+        return self.endpoints[self._member]
+
+    def _next_member(self) -> None:
+        self._member = (self._member + 1) % len(self.endpoints)
 
     @property
     def available(self) -> bool:
@@ -139,7 +167,7 @@ class EtcdRegistry:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             await self._join()
-            log.info("node %s joined the cluster at %s", self.node_id, self.endpoint)
+            log.info("node %s joined the cluster (etcd at %s)", self.node_id, self.endpoint)
             task_status.started()
             while True:
                 await trio.sleep(self.lease_ttl / 3 if self._reachable else self._retry_interval)
@@ -332,6 +360,7 @@ class EtcdRegistry:
         full = self.prefix + prefix
         next_revision: int | None = None
         started = False
+        attempts = 0  # members tried before the first watch opened
         while True:
             request: dict[str, Any] = {"key": _b64(full), "range_end": _range_end(full)}
             if next_revision is not None:
@@ -370,9 +399,14 @@ class EtcdRegistry:
                             )
                             on_change(Change(_text(kv["key"])[len(self.prefix) :], value))
             except (httpx.HTTPError, ClusterUnavailableError, ValueError, KeyError) as exc:
+                failed_at = self.endpoint
+                self._next_member()
                 if not started:
+                    attempts += 1
+                    if attempts < len(self.endpoints):
+                        continue  # the next member, at once
                     raise ClusterUnavailableError(
-                        f"cannot watch {printable(prefix)} at {self.endpoint}: {_describe(exc)}"
+                        f"cannot watch {printable(prefix)} at {failed_at}: {_describe(exc)}"
                     ) from None
                 log.info(
                     "watch of %s broken (%s); opening it again", printable(prefix), _describe(exc)
@@ -401,22 +435,40 @@ class EtcdRegistry:
         return self._lease
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """One request to the gateway; every way it can fail is a ClusterUnavailableError."""
-        self._check_open()
-        try:
-            response = await self._http.post(f"{self.endpoint}{path}", json=body)
-            reply = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise ClusterUnavailableError(
-                f"cluster engine at {self.endpoint} unreachable: {_describe(exc)}"
-            ) from None
-        if response.status_code != 200 or not isinstance(reply, dict) or "error" in reply:
-            reason = reply.get("message", reply.get("error")) if isinstance(reply, dict) else None
-            raise ClusterUnavailableError(
-                f"cluster engine at {self.endpoint} refused {path}: "
-                f"{printable(str(reason or response.status_code))}"
-            )
-        return reply
+        """One request to the gateway, to each member in turn until one serves it; every way
+        it can fail is a ClusterUnavailableError.
+
+        A request a member took but did not answer may be sent again to the next one; each
+        is safe to repeat: a claim finds its own owner, a release finds nothing to delete, a
+        put writes the same value, a second lease would only expire unused."""
+        failures = []
+        for _ in self.endpoints:
+            self._check_open()
+            endpoint = self.endpoint
+            try:
+                response = await self._http.post(f"{endpoint}{path}", json=body)
+                reply = response.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                failures.append(f"{endpoint}: {_describe(exc)}")
+                self._next_member()
+                continue
+            if response.status_code >= 500:  # no leader, quorum lost: another member may serve
+                failures.append(f"{endpoint}: {printable(_reason(reply, response.status_code))}")
+                self._next_member()
+                continue
+            if response.status_code != 200 or not isinstance(reply, dict) or "error" in reply:
+                raise ClusterUnavailableError(
+                    f"cluster engine at {endpoint} refused {path}: "
+                    f"{printable(_reason(reply, response.status_code))}"
+                )
+            return reply
+        raise ClusterUnavailableError(f"cluster engine unreachable: {'; '.join(failures)}")
+
+
+def _reason(reply: object, status: int) -> str:
+    if isinstance(reply, dict):
+        return str(reply.get("message", reply.get("error", status)))
+    return str(status)
 
 
 def _watch_result(line: str) -> dict[str, Any]:
