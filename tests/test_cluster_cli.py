@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -10,7 +11,7 @@ import sys
 
 import pytest
 import trio
-from helpers import EtcdServer
+from helpers import EtcdServer, closed_port
 
 PYTUNNEL = [sys.executable, "-m", "pytunnel"]
 TOKEN = "cluster-cli-token"
@@ -165,3 +166,57 @@ async def test_cluster_options_that_do_not_fit_are_one_usage_error(
     assert result.returncode == 2, stderr
     assert message in stderr
     assert "Traceback" not in stderr
+
+
+async def test_cluster_status_shows_each_node_and_what_its_clients_hold(
+    etcd: EtcdServer, echo_port: int
+) -> None:
+    port = _free_port()
+    a, a_address = await _node(etcd, "a", "127.0.0.1")
+    b, _ = await _node(etcd, "b", "127.0.0.2")
+    client: Process | None = None
+    try:
+        client = await Process.start(
+            "connect", a_address, "--client-id", "laptop", "-R", f"{port}:127.0.0.1:{echo_port}"
+        )
+        await client.line_with(f"remote forward 127.0.0.1:{port}")
+        with trio.fail_after(30):
+            out = await trio.run_process(
+                [*PYTUNNEL, "cluster", "status", "--cluster", etcd.url, "--json"],
+                capture_stdout=True,
+                capture_stderr=True,
+            )
+        status = json.loads(out.stdout)
+        assert set(status["nodes"]) == {"a", "b"}
+        assert status["nodes"]["a"]["address"] == a_address
+        held = status["nodes"]["a"]["holds"]
+        assert set(held) == {"clients/laptop", f"tcp/{port}"}
+        assert held["clients/laptop"] == held[f"tcp/{port}"]  # one session holds both
+        assert status["nodes"]["b"]["holds"] == {}
+        with trio.fail_after(30):
+            text = await trio.run_process(
+                [*PYTUNNEL, "cluster", "status", "--cluster", etcd.url], capture_stdout=True
+            )
+        lines = text.stdout.decode().splitlines()
+        assert lines[0] == f"2 node(s) in the cluster at {etcd.url}"
+        assert f"node a at {a_address}: 2 key(s)" in lines
+        assert any(line.startswith(f"  tcp/{port}  a/") for line in lines)
+    finally:
+        if client is not None:
+            await client.kill()
+        await a.kill()
+        await b.kill()
+
+
+async def test_cluster_status_of_an_engine_that_does_not_answer_is_one_line() -> None:
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [*PYTUNNEL, "cluster", "status", "--cluster", f"etcd://127.0.0.1:{closed_port()}"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == 1
+    assert stderr.startswith("pytunnel: error: cluster engine unreachable")
+    assert len(stderr.splitlines()) == 1

@@ -130,6 +130,8 @@ async def test_the_local_registry_is_always_available_and_never_loses() -> None:
     assert registry.available
     assert await registry.claim("clients/x", "local/1") == "local/1"
     assert await registry.nodes() == {"local": ""}
+    assert await registry.entries() == {"clients/x": "local/1", "nodes/local": ""}
+    assert await registry.entries("clients/") == {"clients/x": "local/1"}
     assert lost == []
 
 

@@ -491,6 +491,8 @@ class TunnelServer:
         start does not serve, rather than own nothing. The error is handed back (and
         ``nursery`` cancelled) so that ``serve`` raises it as itself, not in a group."""
         self.cluster_nursery = nursery
+        if not cluster.node_address and self._address is not None:
+            cluster.node_address = format_target(*self._address)
         try:
             await nursery.start(cluster.run)
             cluster.on_lost(self._lost_claim)

@@ -9,6 +9,7 @@ import click
 
 import pytunnel
 
+from ._cluster import cluster
 from ._connect import connect
 from ._options import CONTEXT
 from ._serve import serve
@@ -24,3 +25,4 @@ def main() -> None:
 main.add_command(serve)
 main.add_command(connect)
 main.add_command(tasks)
+main.add_command(cluster)

@@ -208,7 +208,7 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
 @click.option(
     "--node-address",
     metavar="HOST:PORT",
-    help="Where the other nodes reach this one (default: the --listen address).",
+    help="Where the other nodes reach this one (default: the address --listen bound).",
 )
 @click.option(
     "--cluster-lease-ttl",
@@ -299,8 +299,7 @@ def serve(
         tls, fingerprint = await server_tls(
             tls_cert, tls_key, tls_self_signed, tls_dir, tls_client_ca
         )
-        reach = node_address or pytunnel.format_target(*listen)
-        node = node_registry(cluster, node_id, reach, cluster_lease_ttl)
+        node = node_registry(cluster, node_id, node_address or "", cluster_lease_ttl)
         async with trio.open_nursery() as nursery:
             server: pytunnel.TunnelServer = await nursery.start(
                 functools.partial(

@@ -50,6 +50,9 @@ class Registry(Protocol):
 
     #: This node's name in the cluster (``--node-id``).
     node_id: str
+    #: Where the other nodes reach this one (``--node-address``); a server fills in its
+    #: control listener's address when this is empty, before the node joins.
+    node_address: str
 
     @property
     def available(self) -> bool:
@@ -82,6 +85,10 @@ class Registry(Protocol):
         """The live nodes: node id -> the address it gave (``--node-address``)."""
         ...
 
+    async def entries(self, prefix: str = "") -> dict[str, str]:
+        """Every key under ``prefix`` and its owner (what ``pytunnel cluster status`` shows)."""
+        ...
+
     async def watch(
         self,
         prefix: str,
@@ -107,7 +114,7 @@ class LocalRegistry:
 
     def __init__(self, node_id: str = "local", address: str = "") -> None:
         self.node_id = node_id
-        self._address = address
+        self.node_address = address
         self._keys: dict[str, str] = {}
         self._watchers: list[tuple[str, WatchCallback]] = []
 
@@ -150,7 +157,13 @@ class LocalRegistry:
 
     async def nodes(self) -> dict[str, str]:
         await trio.lowlevel.checkpoint()
-        return {self.node_id: self._address}
+        return {self.node_id: self.node_address}
+
+    async def entries(self, prefix: str = "") -> dict[str, str]:
+        await trio.lowlevel.checkpoint()
+        found = {f"nodes/{self.node_id}": self.node_address}
+        found.update(self._keys)
+        return {key: value for key, value in sorted(found.items()) if key.startswith(prefix)}
 
     async def watch(
         self,

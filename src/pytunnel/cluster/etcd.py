@@ -338,12 +338,20 @@ class EtcdRegistry:
         return _text(kvs[0].get("value", "")) if kvs else None
 
     async def nodes(self) -> dict[str, str]:
-        prefix = self.prefix + "nodes/"
-        reply = await self._post(
-            "/v3/kv/range", {"key": _b64(prefix), "range_end": _range_end(prefix)}
-        )
-        skip = len(prefix)
+        entries = await self.entries("nodes/")
+        return {key[len("nodes/") :]: value for key, value in entries.items()}
+
+    async def entries(self, prefix: str = "") -> dict[str, str]:
+        """Every key under ``prefix`` (relative to the registry's prefix) and its value; a
+        read, which needs no lease (``pytunnel cluster status`` makes it without joining)."""
+        full = self.prefix + prefix
+        reply = await self._post("/v3/kv/range", {"key": _b64(full), "range_end": _range_end(full)})
+        skip = len(self.prefix)
         return {_text(kv["key"])[skip:]: _text(kv.get("value", "")) for kv in reply.get("kvs", [])}
+
+    async def aclose(self) -> None:
+        """Close the HTTP client of a registry used without :meth:`run` (which closes it)."""
+        await self._http.aclose()
 
     # ------------------------------------------------------------------ watches
 
