@@ -98,6 +98,36 @@ async def test_two_clients_on_two_nodes_racing_for_a_port_one_wins(
         await again.aclose()
 
 
+async def test_port_0_gets_a_port_nobody_holds_in_the_cluster(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """Port 0 in an allowed range: a port another node's client holds is bound here (it is
+    free on this host) but not claimed, so another one is taken; with every port of the
+    range held elsewhere the forward is refused."""
+    taken, free = _free_port_on_both(), _free_port_on_both()
+    allowed = f"{taken},{free}"
+    a = await _node(nursery, etcd, "a", "127.0.0.1", allow_ports=allowed)
+    b = await _node(nursery, etcd, "b", "127.0.0.2", allow_ports=allowed)
+    ta = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    tb = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
+    await ta.forward_remote("127.0.0.1", echo_port, remote_port=taken)
+    for _ in range(5):  # the range is sampled at random: either order of the two
+        chosen = await tb.forward_remote("127.0.0.1", echo_port)
+        assert chosen.listen_port == free
+        assert await _echo(("127.0.0.2", free)) == b"ping"
+        await chosen.aclose()
+        await _until_released(b, f"tcp/{free}")
+    await ta.forward_remote("127.0.0.1", echo_port, remote_port=free)
+    with pytest.raises(pytunnel.AddressInUseError, match="no port free across the cluster"):
+        await tb.forward_remote("127.0.0.1", echo_port)
+    # and without a range, port 0 is the kernel's choice, claimed as it is
+    c = await _node(nursery, etcd, "c", "127.0.0.2")
+    tc = await pytunnel.connect_tunnel(nursery, c.address, token=TOKEN)
+    anywhere = await tc.forward_remote("127.0.0.1", echo_port)
+    assert c.cluster is not None
+    assert (await c.cluster.lookup(f"tcp/{anywhere.listen_port}") or "").startswith("c/")
+
+
 async def test_a_udp_port_belongs_to_one_client_across_nodes(
     nursery: trio.Nursery, etcd: EtcdServer
 ) -> None:
@@ -225,7 +255,9 @@ async def test_a_client_reconnecting_to_another_node_replaces_its_ghost_at_once(
 async def test_engine_loss_keeps_relays_refuses_new_ports_and_recovers(
     nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
 ) -> None:
-    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    a = await _node(
+        nursery, etcd, "a", "127.0.0.1", http_listen=("127.0.0.1", 0), domain="example.test"
+    )
     tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
     live = await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=_free_port_on_both())
     public = ("127.0.0.1", live.listen_port)
@@ -236,7 +268,13 @@ async def test_engine_loss_keeps_relays_refuses_new_ports_and_recovers(
     with trio.fail_after(20):
         with pytest.raises(ClusterUnavailableError) as info:
             await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=_free_port_on_both())
+        with pytest.raises(ClusterUnavailableError):
+            await tunnel.forward_name("app", "127.0.0.1", echo_port)
+        with pytest.raises(ClusterUnavailableError):
+            await tunnel.forward_remote("127.0.0.1", 9, protocol="udp")
     assert info.value.code == ErrorCode.CLUSTER_UNAVAILABLE
+    assert a.http_routes is not None
+    assert a.http_routes.lookup("app.example.test") is None  # the refused route left nothing
     assert await _echo(public, b"after") == b"after"
 
     await etcd.start()
@@ -249,6 +287,8 @@ async def test_engine_loss_keeps_relays_refuses_new_ports_and_recovers(
         )
     assert await _echo(("127.0.0.1", fresh.listen_port)) == b"ping"
     assert await _echo(public) == b"ping"
+    named = await tunnel.forward_name("app", "127.0.0.1", echo_port)
+    assert named.status is pytunnel.ForwardStatus.ACTIVE
 
 
 async def test_a_node_partitioned_from_the_engine_but_not_from_its_clients(
