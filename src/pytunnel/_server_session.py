@@ -325,8 +325,9 @@ class _ClientSession:
         try:
             control = incoming.accept()
         except SessionClosedError:
+            chosen = _socket_port(sock)
             sock.close()
-            await self._release_port(_socket_port(sock), kind="udp")
+            await self._release_port(chosen, kind="udp")
             return
         host, port = self.config.public_host, int(sock.getsockname()[1])
         address = format_target(host, port)

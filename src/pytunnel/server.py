@@ -543,9 +543,14 @@ class TunnelServer:
     def _lost_claim(self, key: str, owner: str) -> None:
         """A claim expired while the engine was out of reach and another node took it: the
         client holding it here is dropped, so that it reconnects and learns the truth."""
-        for client in list(self._sessions):
-            if client.owner == owner and self.cluster_nursery is not None:
-                log.warning("client %s lost %s in the cluster; dropping it", client.peer, key)
+        holders = [client for client in self._sessions if client.owner == owner]
+        if not holders:  # a group's claim: its members keep serving until they leave
+            log.warning("%s (held by %s) is now held on another node", printable(key), owner)
+        for client in holders:
+            if self.cluster_nursery is not None:
+                log.warning(
+                    "client %s lost %s in the cluster; dropping it", client.peer, printable(key)
+                )
                 self.cluster_nursery.start_soon(
                     client.session.abort,
                     SessionClosedError(
