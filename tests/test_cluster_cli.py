@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,9 @@ import trio
 from helpers import EtcdServer, closed_port
 
 PYTUNNEL = [sys.executable, "-m", "pytunnel"]
+needs_etcd = pytest.mark.skipif(
+    shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
+)
 TOKEN = "cluster-cli-token"
 
 
@@ -91,6 +95,7 @@ async def _echo(host: str, port: int, payload: bytes) -> bytes:
         return out
 
 
+@needs_etcd
 async def test_two_nodes_one_port_and_the_port_follows_its_client_when_a_node_dies(
     etcd: EtcdServer, echo_port: int
 ) -> None:
@@ -168,6 +173,7 @@ async def test_cluster_options_that_do_not_fit_are_one_usage_error(
     assert "Traceback" not in stderr
 
 
+@needs_etcd
 async def test_cluster_status_shows_each_node_and_what_its_clients_hold(
     etcd: EtcdServer, echo_port: int
 ) -> None:
