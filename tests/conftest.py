@@ -10,12 +10,12 @@ import functools
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import trio
-from helpers import RUNNER_DIR, RUNNER_VERSION, TOKEN, Blackhole, echo_handler
+from helpers import RUNNER_DIR, RUNNER_VERSION, TOKEN, Blackhole, EtcdServer, echo_handler
 
 import pytunnel
 
@@ -78,3 +78,16 @@ def runner_dir() -> Path:
         except (subprocess.SubprocessError, OSError) as exc:
             pytest.skip(f"npm install @bluelibs/runner@{RUNNER_VERSION} failed: {exc}")
     return RUNNER_DIR
+
+
+@pytest.fixture
+async def etcd(tmp_path: object) -> AsyncIterator[EtcdServer]:
+    """A private etcd on loopback (the cluster tests' engine); skips without the binary."""
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd is not installed (.ci/run installs etcd-server)")
+    server = EtcdServer(f"{tmp_path}/etcd")
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.kill()

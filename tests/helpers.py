@@ -11,15 +11,18 @@ import collections
 import contextlib
 import functools
 import os
+import shutil
 import socket
 import ssl
 import struct
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import h11
+import httpx
 import trio
 import trio.testing
 import trustme
@@ -400,3 +403,81 @@ class LinkProxy:
         self.cut()
         for ghost in self.ghosts:
             ghost.socket.close()
+
+
+class EtcdServer:
+    """A private etcd (the cluster tests' engine) on loopback, in its own data directory.
+
+    Started and stopped by pid only; ``kill`` and ``start`` again on the same directory and
+    ports is an engine that went away and came back with its data (and leases).
+    :meth:`members` makes the members of one multi-member etcd instead."""
+
+    def __init__(self, data_dir: str, name: str = "test") -> None:
+        self.data_dir = data_dir
+        self.name = name
+        self.client_port = closed_port()
+        self.peer_port = closed_port()
+        self.process: trio.Process | None = None
+        self.initial_cluster = f"{name}=http://127.0.0.1:{self.peer_port}"
+
+    @classmethod
+    def members(cls, base_dir: str, count: int) -> list[EtcdServer]:
+        """The members of one etcd of ``count`` members (start them all, then wait)."""
+        members = [cls(f"{base_dir}/m{i}", f"m{i}") for i in range(count)]
+        initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in members)
+        for member in members:
+            member.initial_cluster = initial
+        return members
+
+    @property
+    def url(self) -> str:
+        return f"etcd://127.0.0.1:{self.client_port}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    async def start(self) -> None:
+        await self.launch()
+        await self.wait_healthy()
+
+    async def launch(self) -> None:
+        etcd = shutil.which("etcd")
+        assert etcd is not None
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        self.process = await trio.lowlevel.open_process(
+            [
+                etcd,
+                f"--name={self.name}",
+                f"--data-dir={self.data_dir}",
+                f"--listen-client-urls={client}",
+                f"--advertise-client-urls={client}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster={self.initial_cluster}",
+                "--log-level=error",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    async def wait_healthy(self) -> None:
+        """Until this member serves (it has a leader); 30 s is a hang detector."""
+        async with httpx.AsyncClient(timeout=1.0) as http:
+            with trio.fail_after(30):
+                while True:
+                    assert self.process is not None
+                    assert self.process.poll() is None, "etcd exited at start"
+                    with suppress(httpx.HTTPError):
+                        if (await http.get(f"{self.endpoint}/health")).status_code == 200:
+                            return
+                    await trio.sleep(0.1)
+
+    async def kill(self) -> None:
+        """SIGKILL by pid: the engine vanishes the way a crashed machine's would."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            os.kill(process.pid, 9)
+            with trio.CancelScope(shield=True):
+                await process.wait()

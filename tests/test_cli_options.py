@@ -47,6 +47,9 @@ _CLI_ONLY = {
         "metrics",
         "admin",
         "admin_token_file",
+        "node_id",  # these three build the registry given as ServerConfig.cluster
+        "node_address",
+        "cluster_lease_ttl",  # EtcdRegistry(lease_ttl=), default DEFAULT_LEASE_TTL
     },
     "connect": {
         "server",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -30,11 +31,14 @@ from ._udp import (
 )
 from ._util import Episodes, aclose_all
 from ._vhost import NameRoutes
+from .cluster._ownership import claim_or_refuse, name_key, port_key, release_quietly
 from .errors import (
+    AddressInUseError,
     DialError,
     ErrorCode,
     ForwardError,
     ForwardLimitError,
+    NameInUseError,
     NameNotAllowedError,
     PortNotAllowedError,
     RemoteProtocolError,
@@ -64,6 +68,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pytunnel.server")
 
 _PORT_0_ATTEMPTS = 64
+#: What a remote forward binds: TCP listeners or a UDP socket.
+_Closeable = TypeVar("_Closeable", list[trio.SocketListener], trio.socket.SocketType)
 _Bound = TypeVar("_Bound")
 _T = TypeVar("_T")
 
@@ -95,6 +101,9 @@ class _ClientSession:
         self.memberships: set[_Endpoint] = set()
         #: Set once nothing of this client runs any more (listeners closed, relays gone).
         self.ended = trio.Event()
+        #: Who holds what this session claims in the cluster: ``<node-id>/<session>``.
+        node = server.cluster.node_id if server.cluster is not None else "local"
+        self.owner = f"{node}/{secrets.token_hex(6)}"
 
     def _stop_listening(self) -> None:
         for forward in list(self.public_ports):
@@ -315,7 +324,9 @@ class _ClientSession:
 
     async def _run_udp_forward(self, incoming: IncomingStream) -> None:
         try:
-            sock = await self._bind(incoming.host, incoming.port, bind_udp)
+            sock = await self._bind_owned(
+                incoming.host, incoming.port, bind_udp, _socket_port, kind="udp"
+            )
         except ForwardError as exc:
             log.warning("client %s: udp remote forward refused: %s", self.peer, exc)
             incoming.refuse_with(exc)
@@ -323,7 +334,9 @@ class _ClientSession:
         try:
             control = incoming.accept()
         except SessionClosedError:
+            chosen = _socket_port(sock)
             sock.close()
+            await self._release_port(chosen, kind="udp")
             return
         host, port = self.config.public_host, int(sock.getsockname()[1])
         address = format_target(host, port)
@@ -368,7 +381,10 @@ class _ClientSession:
             pass
         finally:
             sock.close()
-            await trio.aclose_forcefully(control)
+            try:
+                await trio.aclose_forcefully(control)
+            finally:  # under cancellation too: the close re-raises it
+                await self._release_port(port, kind="udp")
             log.info("client %s: udp remote forward on %s closed", self.peer, address)
 
     async def _serve_listen(self, incoming: IncomingStream) -> None:
@@ -382,7 +398,7 @@ class _ClientSession:
             format_target(incoming.host or self.config.public_host, incoming.port)
         )
         try:
-            listeners = await self._bind(incoming.host, incoming.port, bind)
+            listeners = await self._bind_owned(incoming.host, incoming.port, bind, bound_port)
         except ForwardError as exc:
             log.warning("client %s: remote forward on %s refused: %s", self.peer, requested, exc)
             incoming.refuse_with(exc)
@@ -390,7 +406,10 @@ class _ClientSession:
         try:
             control = incoming.accept()
         except SessionClosedError:
-            await aclose_all(*listeners)
+            try:
+                await aclose_all(*listeners)
+            finally:
+                await self._release_port(bound_port(listeners))
             return
         host, port = self.config.public_host, bound_port(listeners)
         forward = _PublicPort(self, control, host, port, listeners)
@@ -428,8 +447,94 @@ class _ClientSession:
             forward.stop_listening()
             if outcome is not None:
                 control.reset(outcome.code, outcome.message)
-            await aclose_all(*forward.listeners, control)
+            try:
+                await aclose_all(*forward.listeners, control)
+            finally:  # under cancellation too: the close re-raises it
+                await self._release_port(port)
             log.info("client %s: remote forward on %s closed", self.peer, forward.address)
+
+    async def _bind_owned(
+        self,
+        host: str,
+        port: int,
+        binder: Callable[[str, int], Awaitable[_Closeable]],
+        port_of: Callable[[_Closeable], int],
+        *,
+        kind: str = "tcp",
+    ) -> _Closeable:
+        """Bind a remote forward's port; in a cluster, only a port this client holds
+        cluster-wide: a fixed port is claimed before the bind (one winner of a race across
+        nodes, the loser refused with ADDRESS_IN_USE), port 0 is bound first and its port
+        claimed, another one tried if a client elsewhere holds it."""
+        cluster = self.server.cluster
+        if cluster is None:
+            return await self._bind(host, port, binder)
+        if port:
+            address = printable(format_target(host or self.config.public_host, port))
+            self._check_bind(host, port)  # a port the policy refuses is never claimed
+            await claim_or_refuse(
+                cluster,
+                port_key(port, kind=kind),
+                self.owner,
+                what=f"port {port}" if kind == "tcp" else f"{kind} port {port}",
+                address=address,
+            )
+            try:
+                return await self._bind(host, port, binder)
+            except BaseException:
+                await self._release_port(port, kind=kind)
+                raise
+        for _ in range(_PORT_0_ATTEMPTS):
+            bound = await self._bind(host, 0, binder)
+            chosen = port_of(bound)
+            try:
+                await claim_or_refuse(
+                    cluster,
+                    port_key(chosen, kind=kind),
+                    self.owner,
+                    what=f"port {chosen}" if kind == "tcp" else f"{kind} port {chosen}",
+                    address="",
+                )
+            except AddressInUseError:
+                await _close(bound)
+                continue
+            except BaseException:
+                await _close(bound)
+                raise
+            return bound
+        raise AddressInUseError("no port free across the cluster", address=format_target(host, 0))
+
+    async def _release_port(self, port: int, *, kind: str = "tcp") -> None:
+        if self.server.cluster is not None:
+            await release_quietly(self.server.cluster, port_key(port, kind=kind), self.owner)
+
+    async def _claim_name(self, incoming: IncomingStream, route: _PublicName) -> bool:
+        """In a cluster, claim the name cluster-wide before the route is served (refused
+        with NAME_IN_USE when a client on another node holds it); always true on its own."""
+        cluster = self.server.cluster
+        if cluster is None:
+            return True
+        try:
+            await claim_or_refuse(
+                cluster,
+                name_key(route.name, tls=route.tls),
+                self.owner,
+                what=f"name {route.name}",
+                address=route.name,
+                error=NameInUseError,
+            )
+        except ForwardError as exc:
+            log.warning("client %s: name route %s refused: %s", self.peer, route.name, exc)
+            route.stop_listening()
+            self.public_names.discard(route)
+            incoming.refuse_with(exc)
+            return False
+        return True
+
+    async def _release_name(self, route: _PublicName) -> None:
+        if self.server.cluster is not None:
+            key = name_key(route.name, tls=route.tls)
+            await release_quietly(self.server.cluster, key, self.owner)
 
     # ---------------------------------------------------------------- name routes
 
@@ -453,11 +558,14 @@ class _ClientSession:
         return route
 
     async def _serve_name(self, incoming: IncomingStream, route: _PublicName) -> None:
+        if not await self._claim_name(incoming, route):
+            return
         try:
             control = incoming.accept()
         except SessionClosedError:
             route.stop_listening()
             self.public_names.discard(route)
+            await self._release_name(route)
             return
         if self.session.closed:  # ended while we were registering
             route.stop_listening()
@@ -494,7 +602,10 @@ class _ClientSession:
             route.stop_listening()
             if outcome is not None:
                 control.reset(outcome.code, outcome.message)
-            await trio.aclose_forcefully(control)
+            try:
+                await trio.aclose_forcefully(control)
+            finally:  # under cancellation too: the close re-raises it
+                await self._release_name(route)
             log.info("client %s: name route %s closed", self.peer, route.name)
 
     # ---------------------------------------------------------------- groups
@@ -599,12 +710,25 @@ class _ClientSession:
             full = name_routes.full_name(incoming.host)
             key = ("https" if tls else "http", full)
             group = groups.get(key)
+            claim = None
+            if group is None and self.server.cluster is not None:
+                claim = await self._claim_group(
+                    name_key(full, tls=tls), key, f"name {full}", full, NameInUseError
+                )
+                group = groups.get(key)  # another member may have formed it meanwhile
             if group is None:
                 group = Group(name, proof, full, lambda g: self._forget_group(key, g))
                 target = group_route(group, tls=tls, name=full)
-                name_routes.register(full, target)  # NameInUseError if a route holds it
-                group.on_given_back = functools.partial(name_routes.unregister, full, target)
+                try:
+                    name_routes.register(full, target)  # NameInUseError if a route holds it
+                except ForwardError:
+                    self._give_back_later(claim, key)
+                    raise
+                group.on_given_back = functools.partial(
+                    self._given_back, functools.partial(name_routes.unregister, full, target), claim
+                )
                 groups[key] = group
+                self._formed(key)
             else:
                 group.check(name, proof)
             member: _Endpoint = _PublicName(
@@ -620,13 +744,31 @@ class _ClientSession:
                 )
             key = ("tcp", str(incoming.port))
             group = groups.get(key)
-            if group is None:  # the caller holds the group lock: nobody forms it meanwhile
-                listeners = await bind(host, incoming.port)
+            claim = None
+            if group is None and self.server.cluster is not None:
                 address_text = format_target(host, incoming.port)
-                group = PortGroup(
-                    name, proof, listeners, address_text, lambda g: self._forget_group(key, g)
+                claim = await self._claim_group(
+                    port_key(incoming.port), key, f"port {incoming.port}", address_text
                 )
-                groups[key] = group
+                group = groups.get(key)  # another member may have formed it meanwhile
+            if group is None:
+                try:
+                    listeners = await bind(host, incoming.port)
+                except BaseException:
+                    self._give_back_later(claim, key)
+                    raise
+                group = groups.get(key)  # another member may have formed it meanwhile
+                if group is not None:
+                    await aclose_all(*listeners)
+                    group.check(name, proof)
+                else:
+                    address_text = format_target(host, incoming.port)
+                    group = PortGroup(
+                        name, proof, listeners, address_text, lambda g: self._forget_group(key, g)
+                    )
+                    group.on_given_back = functools.partial(self._given_back, None, claim)
+                    groups[key] = group
+                    self._formed(key)
             else:
                 group.check(name, proof)
             member = _Endpoint(self, incoming.stream_id, group.what)
@@ -654,6 +796,57 @@ class _ClientSession:
                 f"this server has no shared {what} listener", address=requested
             )
         return name_routes, tls
+
+    async def _claim_group(
+        self,
+        cluster_key: str,
+        key: tuple[str, str],
+        what: str,
+        address: str,
+        error: type[AddressInUseError] = AddressInUseError,
+    ) -> tuple[str, str] | None:
+        """Claim the port or name of a group about to be formed here, for this group alone
+        (an owner string of its own, so a group formed again later is never confused with
+        it): in a cluster a group lives on one node. Members of this node wait while one of
+        them forms it; ``None`` when it was formed meanwhile (join it), otherwise the claim
+        to give back when the group ends, and this member must form the group and then call
+        :meth:`_formed` (or :meth:`_give_back_later` if it could not)."""
+        cluster = self.server.cluster
+        assert cluster is not None
+        forming = self.server.forming_groups
+        while (others := forming.get(key)) is not None:
+            await others.wait()
+        if key in self.server.groups:
+            return None
+        forming[key] = trio.Event()
+        owner = f"{cluster.node_id}/group-{secrets.token_hex(6)}"
+        try:
+            await claim_or_refuse(
+                cluster, cluster_key, owner, what=what, address=address, error=error
+            )
+        except BaseException:
+            self._formed(key)
+            raise
+        return cluster_key, owner
+
+    def _formed(self, key: tuple[str, str]) -> None:
+        """The group of ``key`` is formed here (or will not be): members waiting go on."""
+        event = self.server.forming_groups.pop(key, None)
+        if event is not None:
+            event.set()
+
+    def _given_back(self, first: Callable[[], None] | None, claim: tuple[str, str] | None) -> None:
+        if first is not None:
+            first()
+        self._give_back_later(claim, None)
+
+    def _give_back_later(self, claim: tuple[str, str] | None, key: tuple[str, str] | None) -> None:
+        """Release a group's claim from synchronous code, in the server's cluster tasks."""
+        if key is not None:
+            self._formed(key)
+        cluster, nursery = self.server.cluster, self.server.cluster_nursery
+        if claim is not None and cluster is not None and nursery is not None:
+            nursery.start_soon(release_quietly, cluster, *claim)
 
     def _forget_group(self, key: tuple[str, str], group: Group) -> None:
         """The last member left: the group's port or name is given back."""
@@ -704,3 +897,15 @@ class _ClientSession:
             functools.partial(self._relay, name=f"public->{self.peer}", stats=stats),
             failed,
         )
+
+
+def _socket_port(sock: trio.socket.SocketType) -> int:
+    return int(sock.getsockname()[1])
+
+
+async def _close(bound: list[trio.SocketListener] | trio.socket.SocketType) -> None:
+    if isinstance(bound, list):
+        await aclose_all(*bound)
+    else:
+        bound.close()
+        await trio.lowlevel.checkpoint()

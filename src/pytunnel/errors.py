@@ -121,6 +121,8 @@ class ErrorCode(enum.IntEnum):
     NAME_NOT_ALLOWED = 2106
     #: A load-balanced group holds the port or name with another group name or secret.
     GROUP_MISMATCH = 2107
+    #: A cluster node cannot reach its engine or renew its lease, so it owns nothing new.
+    CLUSTER_UNAVAILABLE = 2108
 
 
 class TunnelError(Exception):
@@ -430,7 +432,16 @@ class NameNotAllowedError(ForwardError, ValueError):
     default_code = ErrorCode.NAME_NOT_ALLOWED
 
 
+class ClusterUnavailableError(ForwardError):
+    """A node of a cluster cannot register anything right now: its engine is unreachable or
+    its lease could not be renewed in time, so it could not be sure to be the only owner (no
+    split brain). Transient: the node recovers by itself once the engine answers again."""
+
+    default_code = ErrorCode.CLUSTER_UNAVAILABLE
+
+
 _BY_CODE: dict[int, type[TunnelError]] = {
+    ErrorCode.CLUSTER_UNAVAILABLE: ClusterUnavailableError,
     ErrorCode.FORWARD_FAILED: ForwardError,
     ErrorCode.ADDRESS_IN_USE: AddressInUseError,
     ErrorCode.PERMISSION_DENIED: PermissionDeniedError,

@@ -42,10 +42,14 @@ from ._vhost import (
     NameRoutes,
     serve_name_routing,
 )
+from .cluster._ownership import client_key, release_quietly
+from .cluster._registry import Change, Registry
 from .errors import (
+    ClusterUnavailableError,
     ErrorCode,
     SessionClosedError,
     TunnelError,
+    printable,
 )
 from .forwards._group import Group
 from .protocol.mux import Role
@@ -176,6 +180,10 @@ class ServerConfig:
     ws_ping_interval: float | None = attrs.field(
         default=DEFAULT_PING_INTERVAL, validator=check_ping_interval
     )
+    #: The registry of the cluster this server is a node of (``pytunnel.cluster``): ports,
+    #: names and client identities are claimed there before they are bound or registered.
+    #: ``None``: a server on its own, whose binds and routes are its only ownership.
+    cluster: Registry | None = None
 
     def port_allowed(self, port: int) -> bool:
         return self.allow_ports is None or any(port in r for r in self.allow_ports)
@@ -213,6 +221,7 @@ class ServerOptions(TypedDict, total=False):
     max_name_pending: int
     ws_path: str | None
     ws_ping_interval: float | None
+    cluster: Registry | None
 
 
 def _server_config(
@@ -312,6 +321,12 @@ class TunnelServer:
         self._handlers: dict[int, trio.CancelScope] = {}
         self._handlers_left = trio.lowlevel.ParkingLot()
         self._address: tuple[str, int] | None = None
+        #: The cluster's registry (``None`` on its own); started by ``serve_forever``.
+        self.cluster = config.cluster
+        #: Where tasks the cluster's callbacks need are started (``serve_forever``'s nursery).
+        self.cluster_nursery: trio.Nursery | None = None
+        #: Groups being formed on this node, by what they serve (their claim is in flight).
+        self.forming_groups: dict[tuple[str, str], trio.Event] = {}
         if self.listeners:
             host, port = self.listeners[0].socket.getsockname()[:2]
             self._address = (str(host), int(port))
@@ -429,9 +444,12 @@ class TunnelServer:
         self, *, task_status: trio.TaskStatus[TunnelServer] = trio.TASK_STATUS_IGNORED
     ) -> None:
         self._serving = True
+        join_error: ClusterUnavailableError | None = None
         try:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
+                    if self.cluster is not None:
+                        join_error = await self._join_cluster(nursery, self.cluster)
                     # each control connection is served in this nursery; one that cannot be
                     # accepted for want of descriptors is retried after a pause. Started once
                     # the accept loops run, so a caller that counts tasks or stops the server
@@ -461,6 +479,8 @@ class TunnelServer:
                                 )
                             )
                     task_status.started(self)
+            if join_error is not None:
+                raise join_error
         finally:
             try:
                 await aclose_all(*self.listeners, *self.http_listeners, *self.https_listeners)
@@ -521,6 +541,10 @@ class TunnelServer:
                 finally:
                     if self._by_identity.get(client.client_id) is client:
                         del self._by_identity[client.client_id]
+                    if self.cluster is not None and client.client_id:
+                        await release_quietly(
+                            self.cluster, client_key(client.client_id), client.owner
+                        )
                     client.ended.set()
                     self._sessions.discard(client)
                     log.info("client %s disconnected", peer)
@@ -542,6 +566,8 @@ class TunnelServer:
         """
         if not client.client_id:
             return
+        if self.cluster is not None:
+            await self._take_over_in_cluster(client, self.cluster)
         old = self._by_identity.get(client.client_id)
         self._by_identity[client.client_id] = client
         if old is None:
@@ -558,6 +584,83 @@ class TunnelServer:
             )
         )
         await old.ended.wait()
+
+    # ------------------------------------------------------------------ cluster
+
+    async def _join_cluster(
+        self, nursery: trio.Nursery, cluster: Registry
+    ) -> ClusterUnavailableError | None:
+        """Join before the first client is accepted: a node that cannot reach its engine at
+        start does not serve, rather than own nothing. The error is handed back (and
+        ``nursery`` cancelled) so that ``serve`` raises it as itself, not in a group."""
+        self.cluster_nursery = nursery
+        if not cluster.node_address and self._address is not None:
+            cluster.node_address = format_target(*self._address)
+        try:
+            await nursery.start(cluster.run)
+            cluster.on_lost(self._lost_claim)
+            await nursery.start(functools.partial(cluster.watch, "clients/", self._client_moved))
+        except ClusterUnavailableError as exc:
+            log.error("cannot join the cluster: %s", exc)
+            nursery.cancel_scope.cancel()
+            return exc
+        return None
+
+    async def _take_over_in_cluster(self, client: _ClientSession, cluster: Registry) -> None:
+        """Take the client's identity cluster-wide: the node holding its previous session
+        sees the key change (its watch) and drops that ghost at once."""
+        try:
+            previous = await cluster.replace(client_key(client.client_id), client.owner)
+        except TunnelError as exc:  # the session is served; what it registers is refused
+            log.warning("client %s: identity not registered in the cluster: %s", client.peer, exc)
+            return
+        if previous is not None and previous != client.owner:
+            log.info(
+                "client %s (id %s) was last on %s; that session is dropped there",
+                client.peer,
+                client.client_id,
+                printable(previous),
+            )
+
+    def _client_moved(self, change: Change) -> None:
+        """A client identity changed owner: a local session of it that is not the new
+        owner is a ghost (the client is connected elsewhere now) and ends at once."""
+        if change.value is None or self.cluster_nursery is None:
+            return
+        client = self._by_identity.get(change.key.removeprefix("clients/"))
+        if client is None or client.owner == change.value:
+            return
+        log.warning(
+            "client %s (id %s) reconnected to another node; dropping its session here",
+            client.peer,
+            client.client_id,
+        )
+        self.cluster_nursery.start_soon(
+            client.session.abort,
+            SessionClosedError(
+                "replaced by a newer session of the same client on another node",
+                code=ErrorCode.GOING_AWAY,
+            ),
+        )
+
+    def _lost_claim(self, key: str, owner: str) -> None:
+        """A claim expired while the engine was out of reach and another node took it: the
+        client holding it here is dropped, so that it reconnects and learns the truth."""
+        holders = [client for client in self._sessions if client.owner == owner]
+        if not holders:  # a group's claim: its members keep serving until they leave
+            log.warning("%s (held by %s) is now held on another node", printable(key), owner)
+        for client in holders:
+            if self.cluster_nursery is not None:
+                log.warning(
+                    "client %s lost %s in the cluster; dropping it", client.peer, printable(key)
+                )
+                self.cluster_nursery.start_soon(
+                    client.session.abort,
+                    SessionClosedError(
+                        f"{printable(key)} is now held on another node",
+                        code=ErrorCode.CLUSTER_UNAVAILABLE,
+                    ),
+                )
 
 
 def _address_of(listeners: list[trio.SocketListener]) -> tuple[str, int] | None:

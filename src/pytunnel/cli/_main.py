@@ -10,6 +10,7 @@ import click
 import pytunnel
 
 from ._admin import forwards, reload, status
+from ._cluster import cluster
 from ._config import check_config
 from ._connect import connect
 from ._options import CONTEXT
@@ -30,3 +31,4 @@ main.add_command(status)
 main.add_command(forwards)
 main.add_command(reload)
 main.add_command(tasks)
+main.add_command(cluster)

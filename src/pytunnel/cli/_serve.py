@@ -21,6 +21,7 @@ import pytunnel
 import pytunnel.metrics
 
 from . import _admin
+from ._cluster import DEFAULT_LEASE_TTL, check_cluster_options, node_registry
 from ._config import ConfigCommand, config_option, config_path, watch_reload
 from ._config import reload as reload_config
 from ._logs import setup_logging
@@ -212,6 +213,28 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
     help="Ping a WebSocket client that sent nothing for this many seconds (0: never), so "
     "proxies in front never see the WebSocket idle.",
 )
+@click.option(
+    "--cluster",
+    metavar="etcd://HOST:PORT[,HOST:PORT...][/PREFIX]",
+    help="Be a node of the cluster whose registry is this etcd (list every member): ports, "
+    "names and client identities are owned cluster-wide (see docs/cluster.md).",
+)
+@click.option(
+    "--node-id",
+    metavar="NAME",
+    help="This node's name in the cluster (unique; needed with --cluster).",
+)
+@click.option(
+    "--node-address",
+    metavar="HOST:PORT",
+    help="Where the other nodes reach this one (default: the address --listen bound).",
+)
+@click.option(
+    "--cluster-lease-ttl",
+    type=click.IntRange(min=2),
+    default=DEFAULT_LEASE_TTL,
+    help="Seconds a dead node's ports and names stay taken (the lease it renews).",
+)
 @log_level_option
 @log_format_option
 @click.pass_context
@@ -253,11 +276,16 @@ def serve(
     admin_token_file: str | None,
     ws_path: str | None,
     ws_ping_interval: float,
+    cluster: str | None,
+    node_id: str | None,
+    node_address: str | None,
+    cluster_lease_ttl: int,
     log_level: str,
     log_format: str,
 ) -> None:
     """Run a tunnel server."""
     setup_logging(log_level, log_format)
+    check_cluster_options(cluster, node_id, node_address)
     token = read_token(ctx, token, token_file)
     generated = token is None
     secret = token or secrets.token_urlsafe(24)
@@ -273,13 +301,14 @@ def serve(
         tls, fingerprint = await server_tls(
             tls_cert, tls_key, tls_self_signed, tls_dir, tls_client_ca
         )
+        node = node_registry(cluster, node_id, node_address or "", cluster_lease_ttl)
         async with trio.open_nursery() as nursery:
             server: pytunnel.TunnelServer = await nursery.start(
                 functools.partial(
                     pytunnel.serve,
                     listen[1],
                     host=listen[0],
-                    config=attrs.evolve(config, tls=tls),
+                    config=attrs.evolve(config, tls=tls, cluster=node),
                     http_listen=http_listen,
                     https_listen=https_listen,
                 )
@@ -289,6 +318,8 @@ def serve(
                 await nursery.start(watch_reload, ctx, apply)
             address = pytunnel.format_target(*server.address)
             say(f"pytunnel server listening on {address}" + (" (TLS)" if tls else ""))
+            if node is not None:
+                say(f"node {node_id} of the cluster at {cluster}")
             for what, shared in (("HTTP", server.http_address), ("HTTPS", server.https_address)):
                 if shared is not None:
                     say(f"routing {what} by name on {pytunnel.format_target(*shared)}")

@@ -1,0 +1,105 @@
+"""The cluster options of ``pytunnel serve`` (checked together, turned into a registry) and
+``pytunnel cluster status``, which reads the registry without joining it."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import trio
+
+import pytunnel
+
+from ..cluster import EtcdRegistry, parse_etcd_url
+from ..cluster.etcd import DEFAULT_LEASE_TTL
+from ..errors import printable
+from ._options import CONTEXT
+from ._output import fail, say
+
+__all__ = ["DEFAULT_LEASE_TTL", "check_cluster_options", "cluster", "node_registry"]
+
+
+def check_cluster_options(
+    cluster: str | None, node_id: str | None, node_address: str | None
+) -> None:
+    """One usage error for options that cannot go together, before anything starts."""
+    if cluster is None:
+        if node_id is not None or node_address is not None:
+            raise click.UsageError("--node-id and --node-address are for a node of a --cluster")
+        return
+    try:
+        parse_etcd_url(cluster)
+    except ValueError as exc:
+        raise click.UsageError(f"--cluster: {exc}") from None
+    if not node_id:
+        raise click.UsageError("--cluster needs --node-id NAME (unique in the cluster)")
+    if "/" in node_id or not node_id.isprintable():
+        raise click.UsageError(f"--node-id: a printable name without '/', not {node_id!r}")
+
+
+def node_registry(
+    cluster: str | None, node_id: str | None, node_address: str, lease_ttl: int
+) -> EtcdRegistry | None:
+    """The registry of this node (made on the event loop, where its HTTP client lives)."""
+    if cluster is None or node_id is None:
+        return None
+    return EtcdRegistry.from_url(cluster, node_id, node_address, lease_ttl=lease_ttl)
+
+
+@click.group(context_settings=CONTEXT)
+def cluster() -> None:
+    """Look at a cluster of servers (see docs/cluster.md)."""
+
+
+@cluster.command(context_settings=CONTEXT)
+@click.option(
+    "--cluster",
+    "url",
+    required=True,
+    metavar="etcd://HOST:PORT[,HOST:PORT...][/PREFIX]",
+    help="The cluster's etcd, as given to its nodes' --cluster.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
+def status(url: str, as_json: bool) -> None:
+    """The live nodes and what each one's clients hold: identities, ports, names, groups."""
+    try:
+        endpoints, prefix = parse_etcd_url(url)
+    except ValueError as exc:
+        raise click.UsageError(f"--cluster: {exc}") from None
+
+    async def read() -> dict[str, str]:
+        registry = EtcdRegistry(endpoints, "status", prefix=prefix)
+        try:
+            return await registry.entries()
+        finally:
+            await registry.aclose()
+
+    try:
+        entries = trio.run(read)
+    except pytunnel.ClusterUnavailableError as exc:
+        fail(exc.message)
+    nodes: dict[str, dict[str, object]] = {}
+    for key, value in entries.items():
+        if key.startswith("nodes/"):
+            nodes[key[len("nodes/") :]] = {"address": value, "holds": {}}
+    orphans: dict[str, str] = {}
+    for key, value in entries.items():
+        if key.startswith("nodes/"):
+            continue
+        node = nodes.get(value.split("/", 1)[0])
+        holds = node["holds"] if node is not None else orphans
+        assert isinstance(holds, dict)
+        holds[key] = value
+    if as_json:
+        say(json.dumps({"nodes": nodes, "unowned": orphans}, sort_keys=True))
+        return
+    say(f"{len(nodes)} node(s) in the cluster at {url}")
+    for name, node in sorted(nodes.items()):
+        holds = node["holds"]
+        assert isinstance(holds, dict)
+        address = printable(str(node["address"]) or "?")
+        say(f"node {printable(name)} at {address}: {len(holds)} key(s)")
+        for key, owner in sorted(holds.items()):
+            say(f"  {printable(key)}  {printable(owner)}")
+    for key, owner in sorted(orphans.items()):  # a node's key expired, not yet its claims
+        say(f"without a live node: {printable(key)}  {printable(owner)}")

@@ -1,0 +1,42 @@
+"""``pytunnel.cluster``: the registry several servers share to act as one service.
+
+A server on its own owns its ports and names by binding them (the in-process
+:class:`LocalRegistry` states the same contract for one process); with
+``--cluster etcd://...`` it claims them in an :class:`EtcdRegistry` first. See
+``docs/cluster.md``.
+
+``EtcdRegistry`` is imported on first use, so a server without a cluster never loads its
+HTTP client.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._registry import Change as Change
+from ._registry import LocalRegistry as LocalRegistry
+from ._registry import LostCallback as LostCallback
+from ._registry import Registry as Registry
+from ._registry import WatchCallback as WatchCallback
+
+if TYPE_CHECKING:
+    from .etcd import EtcdRegistry as EtcdRegistry
+    from .etcd import parse_etcd_url as parse_etcd_url
+
+__all__ = [
+    "Change",
+    "EtcdRegistry",
+    "LocalRegistry",
+    "LostCallback",
+    "Registry",
+    "WatchCallback",
+    "parse_etcd_url",
+]
+
+
+def __getattr__(name: str) -> object:
+    if name in ("EtcdRegistry", "parse_etcd_url"):
+        from . import etcd
+
+        return getattr(etcd, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

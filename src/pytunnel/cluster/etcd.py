@@ -1,0 +1,494 @@
+"""The registry of a cluster, kept in etcd (v3) through its JSON gateway.
+
+etcd gives exactly what cluster-wide ownership needs: leases that expire by themselves when a
+node dies, transactions for compare-and-swap (a claim is one ``create_revision == 0`` txn:
+one winner, whatever the race), and watches that stream every change in order from a given
+revision, so nothing is polled and a watch that reconnects misses nothing. Its gRPC gateway
+speaks JSON over HTTP/1.1 (``/v3/kv/txn``, ``/v3/lease/keepalive``, ``/v3/watch`` as a
+streaming POST; keys and values base64), which httpx drives on Trio through anyio: no
+blocking client on the event loop and no extra dependency.
+
+No split brain: a node only claims while its lease is known to be current (renewed less than
+its TTL ago, timed from when the renewal was sent). Once it cannot tell, every claim raises
+``ClusterUnavailableError`` until the engine answers again; relays already running are not
+touched. When the lease did expire meanwhile, the node takes a new one, joins again and claims
+again what it still holds; a key another node took in between is reported as lost.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+
+from ..errors import ClusterUnavailableError, printable
+from ._registry import Change, LostCallback, WatchCallback
+
+__all__ = ["DEFAULT_LEASE_TTL", "EtcdRegistry", "parse_etcd_url"]
+
+log = logging.getLogger("pytunnel.cluster")
+
+#: Seconds a dead node's ports and names stay taken. Short enough for a failover that people
+#: do not notice as an outage, long enough that a busy engine or a GC pause does not expire a
+#: live node (it renews every third of it).
+DEFAULT_LEASE_TTL = 10
+#: Seconds one request to the engine may take before the engine counts as unreachable.
+DEFAULT_REQUEST_TIMEOUT = 2.0
+#: Seconds between attempts while the engine does not answer (renewals, watches).
+DEFAULT_RETRY_INTERVAL = 0.5
+#: Claims retried when the key vanished between the compare and the read of its owner.
+_CLAIM_ATTEMPTS = 3
+
+
+def parse_etcd_url(url: str) -> tuple[tuple[str, ...], str]:
+    """``etcd://host:port[,host:port...][/prefix]`` -> (the members' gateway URLs, the key
+    prefix).
+
+    Every member of a multi-member etcd can be listed: requests go to the first that answers
+    (see :class:`EtcdRegistry`). The prefix keeps several services apart on one engine
+    (default ``/pytunnel/``)."""
+    parts = urlsplit(url)
+    usage = f"a cluster address is etcd://HOST:PORT[,HOST:PORT...][/PREFIX], not {url!r}"
+    if parts.scheme != "etcd" or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(usage)
+    endpoints = []
+    for member in parts.netloc.split(","):
+        one = urlsplit(f"//{member}")
+        try:
+            port = one.port or 2379
+        except ValueError:
+            raise ValueError(usage) from None
+        if not one.hostname or one.username is not None or one.password is not None:
+            raise ValueError(usage)
+        host = f"[{one.hostname}]" if ":" in one.hostname else one.hostname
+        endpoints.append(f"http://{host}:{port}")
+    prefix = parts.path.strip("/")
+    return tuple(endpoints), f"/{prefix}/" if prefix else "/pytunnel/"
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode("ascii")
+
+
+def _text(b64: str) -> str:
+    return base64.b64decode(b64).decode(errors="replace")
+
+
+def _range_end(prefix: str) -> str:
+    """The end of etcd's range that holds every key starting with ``prefix``."""
+    raw = bytearray(prefix.encode())
+    raw[-1] += 1  # prefixes end in "/", never in 0xff
+    return base64.b64encode(bytes(raw)).decode("ascii")
+
+
+class EtcdRegistry:
+    """A :class:`~pytunnel.cluster.Registry` in etcd; see the module docstring.
+
+    ``endpoints`` are the gateway URLs of the engine's members (one, or all of them): each
+    request goes to the member that answered last, and to the next one when that one does
+    not answer or answers that it cannot serve (a member cut off from its quorum), so a
+    three-member etcd keeps the cluster going with one member down.
+
+    ``run`` must be running (``await nursery.start(registry.run)``) for claims to succeed; it
+    takes the lease, registers the node under ``nodes/<node_id>`` and renews the lease until
+    cancelled, then revokes it (the node's keys are freed at once on a clean stop) and closes
+    its HTTP client.
+    """
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        node_id: str,
+        node_address: str = "",
+        *,
+        prefix: str = "/pytunnel/",
+        lease_ttl: int = DEFAULT_LEASE_TTL,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        retry_interval: float = DEFAULT_RETRY_INTERVAL,
+    ) -> None:
+        if not node_id or "/" in node_id or not node_id.isprintable():
+            raise ValueError(f"a node id is a non-empty printable name without '/': {node_id!r}")
+        if lease_ttl < 2:
+            raise ValueError(f"the lease TTL is 2 s or more, not {lease_ttl!r}")
+        self.node_id = node_id
+        self.node_address = node_address
+        listed = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        if not listed:
+            raise ValueError("an etcd registry needs at least one endpoint")
+        self.endpoints = tuple(one.rstrip("/") for one in listed)
+        self._member = 0
+        self.prefix = prefix
+        self.lease_ttl = lease_ttl
+        self._retry_interval = retry_interval
+        self._http = httpx.AsyncClient(timeout=request_timeout)
+        self._watch_timeout = httpx.Timeout(request_timeout, read=None)
+        self._lease: str | None = None
+        self._valid_until = -math.inf
+        #: What this node holds, claimed again under a new lease after an expiry.
+        self._claims: dict[str, str] = {}
+        #: Releases the engine did not take yet; retried after each good renewal.
+        self._pending_releases: dict[str, str] = {}
+        self._lost: list[LostCallback] = []
+        #: Whether the last exchange with the engine worked (logged on each change only).
+        self._reachable = True
+
+    @classmethod
+    def from_url(
+        cls, url: str, node_id: str, node_address: str = "", **kwargs: Any
+    ) -> EtcdRegistry:
+        """The registry at ``etcd://host:port[/prefix]``."""
+        endpoints, prefix = parse_etcd_url(url)
+        return cls(endpoints, node_id, node_address, prefix=prefix, **kwargs)
+
+    @property
+    def endpoint(self) -> str:
+        """The member requests go to now."""
+        return self.endpoints[self._member]
+
+    def _next_member(self) -> None:
+        self._member = (self._member + 1) % len(self.endpoints)
+
+    @property
+    def available(self) -> bool:
+        return self._lease is not None and trio.current_time() < self._valid_until
+
+    def on_lost(self, callback: LostCallback) -> None:
+        self._lost.append(callback)
+
+    # ------------------------------------------------------------------ lifetime
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._join()
+            log.info("node %s joined the cluster (etcd at %s)", self.node_id, self.endpoint)
+            task_status.started()
+            while True:
+                await trio.sleep(self.lease_ttl / 3 if self._reachable else self._retry_interval)
+                await self._renew()
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(1.0):
+                    await self._revoke()
+                await self._http.aclose()
+
+    async def _join(self) -> None:
+        sent = trio.current_time()
+        reply = await self._post("/v3/lease/grant", {"TTL": self.lease_ttl})
+        lease, ttl = str(reply["ID"]), int(reply["TTL"])
+        await self._post(
+            "/v3/kv/put",
+            {
+                "key": self._key(f"nodes/{self.node_id}"),
+                "value": _b64(self.node_address),
+                "lease": lease,
+            },
+        )
+        self._lease, self._valid_until = lease, sent + ttl
+
+    async def _renew(self) -> None:
+        lease = self._lease
+        sent = trio.current_time()
+        try:
+            if lease is None:
+                await self._rejoin()
+                return
+            reply = await self._post("/v3/lease/keepalive", {"ID": lease})
+        except ClusterUnavailableError as exc:
+            self._unreachable(exc)
+            return
+        ttl = int(reply.get("result", {}).get("TTL", 0))
+        if ttl <= 0:  # expired while the engine was out of reach: its keys are gone
+            log.warning("node %s: its lease expired; joining the cluster again", self.node_id)
+            self._lease = None
+            try:
+                await self._rejoin()
+            except ClusterUnavailableError as exc:
+                self._unreachable(exc)
+            return
+        self._valid_until = sent + ttl
+        self._reached()
+        await self._flush_releases()
+
+    async def _rejoin(self) -> None:
+        """A new lease, the node key again, then every claim still held claimed again."""
+        await self._join()
+        self._reached()
+        for key, owner in list(self._claims.items()):
+            holder = await self._claim_once(key, owner)
+            if holder == owner:
+                continue
+            del self._claims[key]
+            log.warning(
+                "node %s lost %s to %s while its lease was expired",
+                self.node_id,
+                printable(key),
+                printable(holder or "nobody"),
+            )
+            for callback in list(self._lost):
+                callback(key, owner)
+        await self._flush_releases()
+
+    async def _revoke(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is None:
+            return
+        try:
+            await self._post("/v3/lease/revoke", {"ID": lease})
+        except ClusterUnavailableError as exc:
+            log.info("node %s: lease not revoked (it will expire): %s", self.node_id, exc.message)
+
+    def _unreachable(self, exc: ClusterUnavailableError) -> None:
+        if self._reachable:
+            log.warning("node %s: cluster engine unreachable: %s", self.node_id, exc.message)
+        self._reachable = False
+
+    def _reached(self) -> None:
+        if not self._reachable:
+            log.info("node %s: cluster engine reachable again", self.node_id)
+        self._reachable = True
+
+    # ------------------------------------------------------------------ keys
+
+    async def claim(self, key: str, owner: str) -> str:
+        holder = await self._claim_once(key, owner)
+        if holder == owner:
+            self._claims[key] = owner
+            self._pending_releases.pop(key, None)
+        return holder
+
+    async def _claim_once(self, key: str, owner: str) -> str:
+        lease = self._require()
+        full = self._key(key)
+        for _ in range(_CLAIM_ATTEMPTS):
+            reply = await self._post(
+                "/v3/kv/txn",
+                {
+                    "compare": [
+                        {"key": full, "target": "CREATE", "create_revision": "0", "result": "EQUAL"}
+                    ],
+                    "success": [
+                        {"request_put": {"key": full, "value": _b64(owner), "lease": lease}}
+                    ],
+                    "failure": [{"request_range": {"key": full}}],
+                },
+            )
+            if reply.get("succeeded"):
+                return owner
+            kvs = reply["responses"][0]["response_range"].get("kvs", [])
+            if kvs:
+                return _text(kvs[0].get("value", ""))
+        raise ClusterUnavailableError(f"{printable(key)} keeps changing owner; try again")
+
+    async def replace(self, key: str, owner: str) -> str | None:
+        lease = self._require()
+        reply = await self._post(
+            "/v3/kv/put",
+            {"key": self._key(key), "value": _b64(owner), "lease": lease, "prev_kv": True},
+        )
+        self._claims[key] = owner
+        self._pending_releases.pop(key, None)
+        previous = reply.get("prev_kv")
+        return _text(previous.get("value", "")) if previous else None
+
+    async def release(self, key: str, owner: str) -> bool:
+        """Delete ``key`` if ``owner`` still holds it. When the engine cannot be reached the
+        release is kept and made after the next good renewal (returns ``False`` now), so a key
+        is never left behind under a lease that lives on."""
+        if self._claims.get(key) == owner:
+            del self._claims[key]
+        try:
+            return await self._release_once(key, owner)
+        except ClusterUnavailableError:
+            self._pending_releases[key] = owner
+            return False
+
+    async def _release_once(self, key: str, owner: str) -> bool:
+        full = self._key(key)
+        reply = await self._post(
+            "/v3/kv/txn",
+            {
+                "compare": [
+                    {"key": full, "target": "VALUE", "value": _b64(owner), "result": "EQUAL"}
+                ],
+                "success": [{"request_delete_range": {"key": full}}],
+                "failure": [],
+            },
+        )
+        return bool(reply.get("succeeded"))
+
+    async def _flush_releases(self) -> None:
+        for key, owner in list(self._pending_releases.items()):
+            try:
+                await self._release_once(key, owner)
+            except ClusterUnavailableError:
+                return
+            if self._pending_releases.get(key) == owner:
+                del self._pending_releases[key]
+
+    async def lookup(self, key: str) -> str | None:
+        reply = await self._post("/v3/kv/range", {"key": self._key(key)})
+        kvs = reply.get("kvs", [])
+        return _text(kvs[0].get("value", "")) if kvs else None
+
+    async def nodes(self) -> dict[str, str]:
+        entries = await self.entries("nodes/")
+        return {key[len("nodes/") :]: value for key, value in entries.items()}
+
+    async def entries(self, prefix: str = "") -> dict[str, str]:
+        """Every key under ``prefix`` (relative to the registry's prefix) and its value; a
+        read, which needs no lease (``pytunnel cluster status`` makes it without joining)."""
+        full = self.prefix + prefix
+        reply = await self._post("/v3/kv/range", {"key": _b64(full), "range_end": _range_end(full)})
+        skip = len(self.prefix)
+        return {_text(kv["key"])[skip:]: _text(kv.get("value", "")) for kv in reply.get("kvs", [])}
+
+    async def aclose(self) -> None:
+        """Close the HTTP client of a registry used without :meth:`run` (which closes it)."""
+        await self._http.aclose()
+
+    # ------------------------------------------------------------------ watches
+
+    async def watch(
+        self,
+        prefix: str,
+        on_change: WatchCallback,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """See :meth:`Registry.watch`. A watch the engine drops is opened again from the
+        revision after the last one seen, so no change is missed; the first one must open,
+        or this raises ``ClusterUnavailableError``."""
+        full = self.prefix + prefix
+        next_revision: int | None = None
+        started = False
+        attempts = 0  # members tried before the first watch opened
+        while True:
+            request: dict[str, Any] = {"key": _b64(full), "range_end": _range_end(full)}
+            if next_revision is not None:
+                request["start_revision"] = str(next_revision)
+            try:
+                self._check_open()
+                async with self._http.stream(
+                    "POST",
+                    f"{self.endpoint}/v3/watch",
+                    json={"create_request": request},
+                    timeout=self._watch_timeout,
+                ) as response:
+                    if response.status_code != 200:
+                        raise ClusterUnavailableError(f"watch refused: HTTP {response.status_code}")
+                    async for line in response.aiter_lines():
+                        if not line.strip():
+                            continue
+                        result = _watch_result(line)
+                        revision = int(result.get("header", {}).get("revision", 0))
+                        if result.get("created"):
+                            next_revision = max(next_revision or 0, revision + 1)
+                            if not started:
+                                started = True
+                                task_status.started()
+                        if result.get("canceled"):  # compacted past what we need: from now on
+                            log.warning("watch of %s cancelled by the engine", printable(prefix))
+                            next_revision = None
+                            break
+                        for event in result.get("events", []):
+                            kv = event["kv"]
+                            next_revision = int(kv["mod_revision"]) + 1
+                            value = (
+                                None
+                                if event.get("type") == "DELETE"
+                                else _text(kv.get("value", ""))
+                            )
+                            on_change(Change(_text(kv["key"])[len(self.prefix) :], value))
+            except (httpx.HTTPError, ClusterUnavailableError, ValueError, KeyError) as exc:
+                failed_at = self.endpoint
+                self._next_member()
+                if not started:
+                    attempts += 1
+                    if attempts < len(self.endpoints):
+                        continue  # the next member, at once
+                    raise ClusterUnavailableError(
+                        f"cannot watch {printable(prefix)} at {failed_at}: {_describe(exc)}"
+                    ) from None
+                log.info(
+                    "watch of %s broken (%s); opening it again", printable(prefix), _describe(exc)
+                )
+            if not started:
+                raise ClusterUnavailableError(f"the watch of {printable(prefix)} ended at once")
+            await trio.sleep(self._retry_interval)
+
+    # ------------------------------------------------------------------ requests
+
+    def _check_open(self) -> None:
+        """After ``run`` has ended (its lease revoked, its HTTP client closed) the node is out
+        of the cluster: what is still asked of it (a release on the way out) is refused."""
+        if self._http.is_closed:
+            raise ClusterUnavailableError(f"node {self.node_id} has left the cluster")
+
+    def _key(self, key: str) -> str:
+        return _b64(self.prefix + key)
+
+    def _require(self) -> str:
+        if self._lease is None or not self.available:
+            raise ClusterUnavailableError(
+                f"node {self.node_id} has no current lease on the cluster engine at "
+                f"{self.endpoint}; it registers nothing until the engine answers again"
+            )
+        return self._lease
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One request to the gateway, to each member in turn until one serves it; every way
+        it can fail is a ClusterUnavailableError.
+
+        A request a member took but did not answer may be sent again to the next one; each
+        is safe to repeat: a claim finds its own owner, a release finds nothing to delete, a
+        put writes the same value, a second lease would only expire unused."""
+        failures = []
+        for _ in self.endpoints:
+            self._check_open()
+            endpoint = self.endpoint
+            try:
+                response = await self._http.post(f"{endpoint}{path}", json=body)
+                reply = response.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                failures.append(f"{endpoint}: {_describe(exc)}")
+                self._next_member()
+                continue
+            if response.status_code >= 500:  # no leader, quorum lost: another member may serve
+                failures.append(f"{endpoint}: {printable(_reason(reply, response.status_code))}")
+                self._next_member()
+                continue
+            if response.status_code != 200 or not isinstance(reply, dict) or "error" in reply:
+                raise ClusterUnavailableError(
+                    f"cluster engine at {endpoint} refused {path}: "
+                    f"{printable(_reason(reply, response.status_code))}"
+                )
+            return reply
+        raise ClusterUnavailableError(f"cluster engine unreachable: {'; '.join(failures)}")
+
+
+def _reason(reply: object, status: int) -> str:
+    if isinstance(reply, dict):
+        return str(reply.get("message", reply.get("error", status)))
+    return str(status)
+
+
+def _watch_result(line: str) -> dict[str, Any]:
+    message = json.loads(line)
+    if not isinstance(message, dict) or "result" not in message:
+        reason = message.get("error") if isinstance(message, dict) else message
+        raise ClusterUnavailableError(f"watch failed: {printable(str(reason))}")
+    result: dict[str, Any] = message["result"]
+    return result
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ClusterUnavailableError):
+        return exc.message
+    return printable(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)

@@ -1,0 +1,228 @@
+"""``pytunnel serve --cluster``: real node processes on one real etcd, real clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import trio
+from helpers import EtcdServer, closed_port
+
+PYTUNNEL = [sys.executable, "-m", "pytunnel"]
+needs_etcd = pytest.mark.skipif(
+    shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
+)
+TOKEN = "cluster-cli-token"
+
+
+class Process:
+    """A pytunnel process whose stdout lines are awaited with a deadline (a hang detector)."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self._pending = b""
+
+    @classmethod
+    async def start(cls, *args: str) -> Process:
+        process = await trio.lowlevel.open_process(
+            [*PYTUNNEL, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTUNNEL_TOKEN": TOKEN},
+        )
+        return cls(process)
+
+    async def line_with(self, text: str, seconds: float = 30) -> str:
+        assert self.process.stdout is not None
+        with trio.fail_after(seconds):
+            while True:
+                while b"\n" in self._pending:
+                    line, _, self._pending = self._pending.partition(b"\n")
+                    if text in line.decode():
+                        return line.decode()
+                chunk = await self.process.stdout.receive_some()
+                assert chunk, f"the process exited before saying {text!r}"
+                self._pending += chunk
+
+    async def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, sig)
+        with trio.CancelScope(shield=True):
+            await self.process.wait()
+
+
+async def _node(etcd: EtcdServer, name: str, public_host: str) -> tuple[Process, str]:
+    node = await Process.start(
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--public-host",
+        public_host,
+        "--cluster",
+        etcd.url,
+        "--node-id",
+        name,
+        "--cluster-lease-ttl",
+        "3",
+    )
+    listening = await node.line_with("listening on")
+    await node.line_with(f"node {name} of the cluster at {etcd.url}")
+    return node, listening.rsplit(" ", 1)[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as one, socket.socket() as two:
+        one.bind(("127.0.0.1", 0))
+        port = int(one.getsockname()[1])
+        two.bind(("127.0.0.2", port))
+        return port
+
+
+async def _echo(host: str, port: int, payload: bytes) -> bytes:
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(payload)
+        await stream.send_eof()
+        out = b""
+        while chunk := await stream.receive_some():
+            out += chunk
+        return out
+
+
+@needs_etcd
+async def test_two_nodes_one_port_and_the_port_follows_its_client_when_a_node_dies(
+    etcd: EtcdServer, echo_port: int
+) -> None:
+    """Two ``pytunnel serve`` nodes on one etcd. A client on node A holds a port; a client on
+    node B asking for it is refused with one line. Node A is killed (SIGKILL); its lease
+    expires, the first client reconnects to B and gets its port back there."""
+    port = _free_port()
+    a, a_address = await _node(etcd, "a", "127.0.0.1")
+    b, b_address = await _node(etcd, "b", "127.0.0.2")
+    holder: Process | None = None
+    try:
+        holder = await Process.start(
+            "connect", a_address, b_address, "-R", f"{port}:127.0.0.1:{echo_port}"
+        )
+        await holder.line_with(f"remote forward 127.0.0.1:{port}")
+        assert await _echo("127.0.0.1", port, b"on a") == b"on a"
+
+        with trio.fail_after(30):
+            refused = await trio.run_process(
+                [*PYTUNNEL, "connect", b_address, "-R", f"{port}:127.0.0.1:{echo_port}"],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env={**os.environ, "PYTUNNEL_TOKEN": TOKEN},
+            )
+        stderr = refused.stderr.decode()
+        assert refused.returncode == 1, stderr
+        assert (
+            f"[ADDRESS_IN_USE] port {port} is held by another client of the cluster (node a)"
+            in stderr
+        )
+        assert "Traceback" not in stderr
+
+        killed_at = trio.current_time()
+        await a.kill()
+        with trio.fail_after(60):  # a hang detector; the lease is 3 s
+            while True:
+                try:
+                    if await _echo("127.0.0.2", port, b"on b") == b"on b":
+                        break
+                except (OSError, trio.BrokenResourceError):
+                    pass  # nothing listens yet, or the forward is being restored
+                await trio.sleep(0.1)
+        failover = trio.current_time() - killed_at
+        print(f"port back on node b {failover:.1f} s after node a was killed")
+    finally:
+        if holder is not None:
+            await holder.kill()
+        await a.kill()
+        await b.kill()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cluster", "etcd://127.0.0.1:2379"], "--cluster needs --node-id NAME"),
+        (["--node-id", "a"], "--node-id and --node-address are for a node of a --cluster"),
+        (["--cluster", "redis://127.0.0.1:6379", "--node-id", "a"], "etcd://HOST:PORT"),
+        (["--cluster", "etcd://127.0.0.1:2379", "--node-id", "a/b"], "without '/'"),
+    ],
+)
+async def test_cluster_options_that_do_not_fit_are_one_usage_error(
+    args: list[str], message: str
+) -> None:
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [*PYTUNNEL, "serve", "--listen", "127.0.0.1:0", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert message in stderr
+    assert "Traceback" not in stderr
+
+
+@needs_etcd
+async def test_cluster_status_shows_each_node_and_what_its_clients_hold(
+    etcd: EtcdServer, echo_port: int
+) -> None:
+    port = _free_port()
+    a, a_address = await _node(etcd, "a", "127.0.0.1")
+    b, _ = await _node(etcd, "b", "127.0.0.2")
+    client: Process | None = None
+    try:
+        client = await Process.start(
+            "connect", a_address, "--client-id", "laptop", "-R", f"{port}:127.0.0.1:{echo_port}"
+        )
+        await client.line_with(f"remote forward 127.0.0.1:{port}")
+        with trio.fail_after(30):
+            out = await trio.run_process(
+                [*PYTUNNEL, "cluster", "status", "--cluster", etcd.url, "--json"],
+                capture_stdout=True,
+                capture_stderr=True,
+            )
+        status = json.loads(out.stdout)
+        assert set(status["nodes"]) == {"a", "b"}
+        assert status["nodes"]["a"]["address"] == a_address
+        held = status["nodes"]["a"]["holds"]
+        assert set(held) == {"clients/laptop", f"tcp/{port}"}
+        assert held["clients/laptop"] == held[f"tcp/{port}"]  # one session holds both
+        assert status["nodes"]["b"]["holds"] == {}
+        with trio.fail_after(30):
+            text = await trio.run_process(
+                [*PYTUNNEL, "cluster", "status", "--cluster", etcd.url], capture_stdout=True
+            )
+        lines = text.stdout.decode().splitlines()
+        assert lines[0] == f"2 node(s) in the cluster at {etcd.url}"
+        assert f"node a at {a_address}: 2 key(s)" in lines
+        assert any(line.startswith(f"  tcp/{port}  a/") for line in lines)
+    finally:
+        if client is not None:
+            await client.kill()
+        await a.kill()
+        await b.kill()
+
+
+async def test_cluster_status_of_an_engine_that_does_not_answer_is_one_line() -> None:
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [*PYTUNNEL, "cluster", "status", "--cluster", f"etcd://127.0.0.1:{closed_port()}"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == 1
+    assert stderr.startswith("pytunnel: error: cluster engine unreachable")
+    assert len(stderr.splitlines()) == 1

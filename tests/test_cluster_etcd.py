@@ -1,0 +1,226 @@
+"""``pytunnel.cluster.etcd``: leases, engine loss and recovery, against a real etcd."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+
+import httpx
+import pytest
+import trio
+from helpers import EtcdServer, closed_port, count_tasks, wait_until
+
+from pytunnel.cluster import Change, EtcdRegistry
+from pytunnel.errors import ClusterUnavailableError, ErrorCode
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
+)
+
+# A node process that claims a key, says so, and then only keeps its lease alive.
+_NODE = """
+import sys, trio
+from pytunnel.cluster import EtcdRegistry
+
+async def main():
+    registry = EtcdRegistry(sys.argv[1], "doomed", lease_ttl=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        assert await registry.claim("tcp/7777", "doomed/1") == "doomed/1"
+        print("ready", flush=True)
+
+trio.run(main)
+"""
+
+
+async def test_a_dead_nodes_keys_expire_with_its_lease(
+    etcd: EtcdServer, nursery: trio.Nursery
+) -> None:
+    survivor = EtcdRegistry(etcd.endpoint, "survivor")
+    await nursery.start(survivor.run)
+    seen: list[Change] = []
+    await nursery.start(functools.partial(survivor.watch, "", seen.append))
+    node = await trio.lowlevel.open_process(
+        [sys.executable, "-c", _NODE, etcd.endpoint], stdout=subprocess.PIPE
+    )
+    try:
+        assert node.stdout is not None
+        with trio.fail_after(30):  # a hang detector
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = await node.stdout.receive_some()
+                assert chunk, "the node process exited"
+                line += chunk
+        assert line == b"ready\n"
+        assert await survivor.claim("tcp/7777", "survivor/1") == "doomed/1"
+        assert "doomed" in await survivor.nodes()
+    finally:
+        os.kill(node.pid, 9)  # by pid: a node dying without a word
+        with trio.CancelScope(shield=True):
+            await node.wait()
+    # the lease (2 s) expires: both the node's key and its claim go, and the watch says so
+    await wait_until(
+        lambda: Change("tcp/7777", None) in seen, seconds=20, what=lambda: f"seen {seen}"
+    )
+    assert Change("nodes/doomed", None) in seen
+    assert await survivor.claim("tcp/7777", "survivor/1") == "survivor/1"
+    assert list(await survivor.nodes()) == ["survivor"]
+
+
+async def test_a_clean_stop_frees_the_nodes_keys_at_once(
+    etcd: EtcdServer, nursery: trio.Nursery
+) -> None:
+    other = EtcdRegistry(etcd.endpoint, "other")
+    await nursery.start(other.run)
+    baseline = count_tasks()
+    registry = EtcdRegistry(etcd.endpoint, "leaving", lease_ttl=60)
+    async with trio.open_nursery() as inner:
+        await inner.start(registry.run)
+        assert await registry.claim("http/app.example.com", "leaving/1") == "leaving/1"
+        inner.cancel_scope.cancel()
+    # revoked on the way out, not left for 60 s
+    assert await other.lookup("http/app.example.com") is None
+    assert list(await other.nodes()) == ["other"]
+    assert count_tasks() == baseline
+    # what is still asked of a node that left is one typed refusal, never a crash
+    with pytest.raises(ClusterUnavailableError, match="has left the cluster"):
+        await registry.lookup("http/app.example.com")
+    assert await registry.release("http/app.example.com", "leaving/1") is False
+    with pytest.raises(ClusterUnavailableError, match="cannot watch"):
+        await registry.watch("", lambda change: None)
+
+
+async def test_engine_loss_refuses_claims_and_recovery_is_automatic(
+    etcd: EtcdServer, nursery: trio.Nursery
+) -> None:
+    registry = EtcdRegistry(etcd.endpoint, "n1", lease_ttl=3, request_timeout=1.0)
+    await nursery.start(registry.run)
+    seen: list[Change] = []
+    await nursery.start(functools.partial(registry.watch, "tcp/", seen.append))
+    assert await registry.claim("tcp/1", "n1/a") == "n1/a"
+    assert await registry.claim("tcp/2", "n1/a") == "n1/a"
+
+    await etcd.kill()
+    with trio.fail_after(10):  # a hang detector: a refused connection answers at once
+        with pytest.raises(ClusterUnavailableError) as info:
+            await registry.claim("tcp/3", "n1/a")
+    assert info.value.code == ErrorCode.CLUSTER_UNAVAILABLE
+    with pytest.raises(ClusterUnavailableError):
+        await registry.lookup("tcp/1")
+    # a release while the engine is away is kept, not lost
+    assert await registry.release("tcp/2", "n1/a") is False
+    # once the lease may have expired the node refuses on its own, engine or not
+    await wait_until(lambda: not registry.available, seconds=20)
+    with pytest.raises(ClusterUnavailableError, match="no current lease"):
+        await registry.claim("tcp/3", "n1/a")
+
+    await etcd.start()  # the same data: the engine comes back with its keys and leases
+    await wait_until(lambda: registry.available, seconds=20)
+    assert await registry.claim("tcp/3", "n1/a") == "n1/a"
+    assert await registry.lookup("tcp/1") == "n1/a"
+    await wait_until(lambda: Change("tcp/2", None) in seen, seconds=20, what=lambda: str(seen))
+    assert await registry.lookup("tcp/2") is None
+    # the watch reopened where it left off: later changes still arrive
+    await registry.release("tcp/3", "n1/a")
+    await wait_until(lambda: Change("tcp/3", None) in seen, what=lambda: str(seen))
+
+
+async def test_a_lost_lease_is_replaced_and_claims_taken_meanwhile_are_reported(
+    etcd: EtcdServer, nursery: trio.Nursery
+) -> None:
+    registry = EtcdRegistry(etcd.endpoint, "n1", lease_ttl=3)
+    other = EtcdRegistry(etcd.endpoint, "n2")
+    await nursery.start(registry.run)
+    await nursery.start(other.run)
+    lost: list[tuple[str, str]] = []
+    registry.on_lost(lambda key, owner: lost.append((key, owner)))
+    await registry.claim("tcp/1", "n1/a")
+    await registry.claim("tcp/2", "n1/a")
+    # the lease ends behind the node's back (what an expiry during a partition looks like),
+    # and another node takes one of its keys before it notices
+    async with httpx.AsyncClient() as http:
+        leases = (await http.post(f"{etcd.endpoint}/v3/lease/leases", json={})).json()
+        for lease in leases["leases"]:
+            reply = await http.post(
+                f"{etcd.endpoint}/v3/lease/timetolive", json={"ID": lease["ID"], "keys": True}
+            )
+            if len(reply.json().get("keys", [])) == 3:  # n1's: its node key and two claims
+                await http.post(f"{etcd.endpoint}/v3/lease/revoke", json={"ID": lease["ID"]})
+    assert await other.claim("tcp/2", "n2/b") == "n2/b"
+    await wait_until(lambda: lost == [("tcp/2", "n1/a")], seconds=20, what=lambda: str(lost))
+    await wait_until(lambda: registry.available, seconds=20)
+    assert await other.lookup("tcp/1") == "n1/a"  # claimed again under the new lease
+    assert await other.lookup("tcp/2") == "n2/b"
+    assert set(await other.nodes()) == {"n1", "n2"}
+
+
+async def test_an_engine_that_never_answered_is_a_typed_error_at_start() -> None:
+    nowhere = f"http://127.0.0.1:{closed_port()}"
+    with trio.fail_after(10):  # a hang detector
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(ClusterUnavailableError, match="unreachable"):
+                await nursery.start(EtcdRegistry(nowhere, "n1").run)
+            watcher = EtcdRegistry(nowhere, "n2")
+            with pytest.raises(ClusterUnavailableError, match="cannot watch"):
+                await nursery.start(functools.partial(watcher.watch, "", lambda change: None))
+            with pytest.raises(ClusterUnavailableError, match="no current lease"):
+                await watcher.claim("tcp/1", "n2/a")
+
+
+async def test_a_three_member_etcd_serves_on_with_one_member_down(
+    tmp_path: object, nursery: trio.Nursery
+) -> None:
+    """Every member listed: with the member in use killed, requests, renewals and the watch
+    go to the others; with the quorum lost, claims are refused; with it back, all recovers."""
+    members = EtcdServer.members(str(tmp_path), 3)
+    try:
+        for member in members:
+            await member.launch()
+        for member in members:
+            await member.wait_healthy()
+        registry = EtcdRegistry(
+            [m.endpoint for m in members], "n1", lease_ttl=3, request_timeout=1.0
+        )
+        other = EtcdRegistry([m.endpoint for m in reversed(members)], "n2")
+        await nursery.start(registry.run)
+        await nursery.start(other.run)
+        seen: list[Change] = []
+        await nursery.start(functools.partial(registry.watch, "tcp/", seen.append))
+        assert await registry.claim("tcp/1", "n1/a") == "n1/a"
+        assert registry.endpoint == members[0].endpoint
+
+        await members[0].kill()
+        assert await registry.claim("tcp/2", "n1/a") == "n1/a"  # served by another member
+        assert registry.endpoint != members[0].endpoint
+        assert await other.claim("tcp/3", "n2/b") == "n2/b"
+        await wait_until(
+            lambda: Change("tcp/3", "n2/b") in seen, seconds=20, what=lambda: str(seen)
+        )
+        await trio.sleep(4)  # longer than the TTL: renewals went to the living members
+        assert registry.available
+        assert await other.lookup("tcp/1") == "n1/a"
+
+        await members[1].kill()  # one of three left: no quorum
+        with trio.fail_after(30), pytest.raises(ClusterUnavailableError):
+            await registry.claim("tcp/4", "n1/a")
+
+        await members[0].start()
+        await members[1].start()
+        await wait_until(lambda: registry.available, seconds=30)
+        with trio.fail_after(30):
+            while True:
+                try:
+                    assert await registry.claim("tcp/4", "n1/a") == "n1/a"
+                    break
+                except ClusterUnavailableError:
+                    await trio.sleep(0.2)
+        await wait_until(
+            lambda: Change("tcp/4", "n1/a") in seen, seconds=20, what=lambda: str(seen)
+        )
+        nursery.cancel_scope.cancel()
+    finally:
+        for member in members:
+            await member.kill()
