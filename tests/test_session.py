@@ -939,12 +939,17 @@ class _WriterSpy:
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.calls: list[bytes] = []
+        self.in_flight = 0
         self._send_all = stream.send_all
         stream.send_all = self  # type: ignore[method-assign]
 
     async def __call__(self, data: bytes | bytearray | memoryview) -> None:
         self.calls.append(bytes(data))
-        await self._send_all(data)
+        self.in_flight = len(data)
+        try:
+            await self._send_all(data)
+        finally:
+            self.in_flight = 0
 
     @property
     def bytes(self) -> int:
@@ -1128,3 +1133,30 @@ async def test_a_send_after_the_peer_vanished_raises_broken() -> None:
             await server.wait_closed()
         with pytest.raises(trio.BrokenResourceError):  # the peer ended it, not we
             await stream.send_all(b"after")
+
+
+async def test_the_write_buffer_stays_bounded_when_inline_writes_meet_a_full_socket() -> None:
+    """Over a congested plain TCP transport, what inline writes leave behind counts against
+    ``write_buffer_high`` like anything queued: 64 senders do not pile up more than the mark."""
+    a, b = await tcp_stream_pair()
+    spy = _WriterSpy(a)
+    config = SessionConfig(write_buffer_high=256 * 1024)
+    with trio.fail_after(60):
+        async with (
+            open_session(a, Role.CLIENT, config) as client,
+            open_session(b, Role.SERVER, config) as server,
+        ):
+            streams = [(await open_pair(client, server, host="t", port=1))[0] for _ in range(64)]
+            server._cancel_scope.cancel()  # the peer stops reading: the link is congested
+            inline_before = client.bytes_written - spy.bytes
+            async with trio.open_nursery() as nursery:
+                for s in streams:
+                    nursery.start_soon(s.send_all, b"x" * 256 * 1024)
+                await trio.testing.wait_all_tasks_blocked()
+                queued = client._queued() + spy.in_flight
+                # bytes_written counts a writer's send_all once it is done, not while in flight
+                inline = client.bytes_written - (spy.bytes - spy.in_flight)
+                nursery.cancel_scope.cancel()
+    assert inline > inline_before, "nothing went inline"
+    assert spy.calls, "the socket never filled"
+    assert queued <= 2 * config.write_buffer_high, f"{queued / 2**20:.1f} MiB queued"
