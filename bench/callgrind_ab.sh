@@ -3,7 +3,7 @@
 # (NEW defaults to HEAD; WORKTREE = the checkout as it is). Each ref is unpacked with
 # git archive into a temporary directory; bench/callgrind_session.py (from the checkout, so
 # both run the same workload) runs at two counts per mode and the difference is divided by
-# the extra messages, so start-up and setup cancel out. Needs valgrind; ~10 minutes.
+# the extra messages, so start-up and setup cancel out. Needs valgrind; ~15 minutes.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 old=$1 new=${2:-HEAD}
@@ -22,7 +22,10 @@ instructions() {  # tree mode count [chunk]
         sed -n 's/.*Collected : *\([0-9]*\).*/\1/p'
 }
 printf '%-6s %-4s %8s %8s %16s\n' mode tree low high 'instr/message'
-for spec in "ping 300 900" "bulk 200 600"; do
+specs=("ping 300 900" "bulk 200 600" "bulk8 200 600")
+# CG_SPECS="bulk8 200 600,ping 100 300" runs only those (mode low high, comma-separated)
+if [ -n "${CG_SPECS:-}" ]; then IFS=, read -ra specs <<< "$CG_SPECS"; fi
+for spec in "${specs[@]}"; do
     set -- $spec
     mode=$1 low=$2 high=$3
     for tree in old new; do

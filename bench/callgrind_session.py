@@ -5,7 +5,9 @@ the same script over the same code does not. This runs one fixed workload, both 
 in one process over real loopback TCP (one ``trio.run``):
 
 * ``ping``  -- ``--count`` 64-byte echo round trips on one stream (the latency path);
-* ``bulk``  -- ``--count`` chunks of ``--chunk`` bytes one way on one stream, then Fin.
+* ``bulk``  -- ``--count`` chunks of ``--chunk`` bytes one way on one stream, then Fin;
+* ``bulk8`` -- the same chunks over 8 streams sending at once (``--count`` a multiple of 8),
+  where frames of several streams used to share one write of the writer task.
 
 Run it twice with different counts and subtract, so that start-up, imports and the session's
 setup cancel out and what is left is the cost per message::
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 
 import trio
+import trio.testing
 
 from pytunnel.session import Role, open_session
 
@@ -54,6 +57,27 @@ async def _receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> None:
         got += len(chunk)
 
 
+async def _bulk(
+    mine: trio.abc.HalfCloseableStream, theirs: trio.abc.HalfCloseableStream, count: int, chunk: int
+) -> None:
+    payload = bytes(chunk)
+    async with trio.open_nursery() as nursery:
+
+        async def sink() -> None:
+            total = 0
+            while data := await theirs.receive_some():
+                total += len(data)
+            if total != count * chunk:
+                raise RuntimeError(f"received {total} of {count * chunk} bytes")
+
+        nursery.start_soon(sink)
+        for _ in range(count):
+            await mine.send_all(payload)
+        await mine.send_eof()
+    await mine.aclose()
+    await theirs.aclose()
+
+
 async def run(mode: str, count: int, chunk: int) -> None:
     a, b = await _tcp_pair()
     async with (
@@ -62,15 +86,27 @@ async def run(mode: str, count: int, chunk: int) -> None:
         trio.open_nursery() as nursery,
     ):
         box: list[trio.abc.HalfCloseableStream] = []
-        accepted = trio.Event()
 
         async def accept() -> None:
             box.append((await server.accept_stream()).accept())
-            accepted.set()
 
+        if mode == "bulk8":
+            pairs = []
+            for i in range(8):
+                nursery.start_soon(accept)
+                mine = await client.open_stream("t", i + 1)
+                while len(box) <= i:
+                    await trio.testing.wait_all_tasks_blocked()
+                pairs.append((mine, box[i]))
+            async with trio.open_nursery() as senders:
+                for mine, theirs in pairs:
+                    senders.start_soon(_bulk, mine, theirs, count // 8, chunk)
+            nursery.cancel_scope.cancel()
+            return
         nursery.start_soon(accept)
         mine = await client.open_stream("t", 1)
-        await accepted.wait()
+        while not box:
+            await trio.testing.wait_all_tasks_blocked()
         theirs = box[0]
         if mode == "ping":
 
@@ -83,29 +119,14 @@ async def run(mode: str, count: int, chunk: int) -> None:
                 await mine.send_all(PING)
                 await _receive_exactly(mine, len(PING))
         else:
-            payload = bytes(chunk)
-            done = trio.Event()
-
-            async def sink() -> None:
-                total = 0
-                while data := await theirs.receive_some():
-                    total += len(data)
-                if total != count * chunk:
-                    raise RuntimeError(f"received {total} of {count * chunk} bytes")
-                done.set()
-
-            nursery.start_soon(sink)
-            for _ in range(count):
-                await mine.send_all(payload)
-            await mine.send_eof()
-            await done.wait()
+            await _bulk(mine, theirs, count, chunk)
         await mine.aclose()
         nursery.cancel_scope.cancel()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["ping", "bulk"])
+    parser.add_argument("mode", choices=["ping", "bulk", "bulk8"])
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--chunk", type=int, default=64 * 1024, help="bytes per bulk send_all")
     args = parser.parse_args()
