@@ -7,6 +7,7 @@ import hashlib
 import os
 import random
 import socket
+import struct
 
 import pytest
 import trio
@@ -926,3 +927,236 @@ async def test_write_buffer_is_bounded_by_the_high_water_mark() -> None:
             nursery.cancel_scope.cancel()
         # allow the mark plus one frame's worth of slack; today it is ~60 x the mark
         assert queued <= 2 * config.write_buffer_high, f"{queued / 2**20:.1f} MiB queued"
+
+
+# ----------------------------------------------------------------------------- inline writes
+
+
+class _WriterSpy:
+    """Records what the writer task hands to a real ``SocketStream``'s ``send_all`` (the
+    bytes themselves go to the real method): whatever the session wrote without it went
+    inline."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.calls: list[bytes] = []
+        self.in_flight = 0
+        self._send_all = stream.send_all
+        stream.send_all = self  # type: ignore[method-assign]
+
+    async def __call__(self, data: bytes | bytearray | memoryview) -> None:
+        self.calls.append(bytes(data))
+        self.in_flight = len(data)
+        try:
+            await self._send_all(data)
+        finally:
+            self.in_flight = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(map(len, self.calls))
+
+
+def _small_buffers(sender: trio.SocketStream, receiver: trio.SocketStream) -> None:
+    """Kernel buffers small enough that an inline write soon meets a full socket."""
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+
+async def test_inline_and_queued_writes_interleave_without_reordering() -> None:
+    """Eight streams send at once over a socket that fills up: part of what they send goes
+    inline, part through the writer task, and every stream still arrives whole and in order."""
+    a, b = await tcp_stream_pair()
+    _small_buffers(a, b)
+    spy = _WriterSpy(a)
+    tasks_before = count_tasks()
+    rng = random.Random(12)
+    payloads = [rng.randbytes(40_000 + 7919 * i) for i in range(8)]
+    received: dict[int, bytes] = {}
+    config = SessionConfig(write_buffer_high=32 * 1024, max_data_chunk=16 * 1024)
+    with trio.fail_after(60):
+        async with (
+            open_session(a, Role.CLIENT, config) as client,
+            open_session(b, Role.SERVER, config) as server,
+        ):
+            pairs = [await open_pair(client, server, host="t", port=i + 1) for i in range(8)]
+
+            async def send(i: int) -> None:
+                data, pos, chunk = payloads[i], 0, 1 + 1000 * i  # odd sizes: frames cut anywhere
+                while pos < len(data):
+                    await pairs[i][0].send_all(data[pos : pos + chunk])
+                    pos += chunk
+                    chunk = chunk * 3 % 40_000 + 1
+                await pairs[i][0].send_eof()
+
+            async def receive(i: int) -> None:
+                received[i] = await _read_all(pairs[i][1])
+
+            async with trio.open_nursery() as nursery:
+                for i in range(8):
+                    nursery.start_soon(send, i)
+                    nursery.start_soon(receive, i)
+            written = client.bytes_written
+            for mine, theirs in pairs:
+                await mine.aclose()
+                await theirs.aclose()
+    for i, payload in enumerate(payloads):
+        assert received[i] == payload, f"stream {i} arrived damaged"
+    assert spy.calls, "nothing went through the writer task: the socket never filled"
+    assert written > spy.bytes, "nothing was written inline"
+    assert count_tasks() == tasks_before
+
+
+async def test_a_write_that_would_block_mid_frame_leaves_the_rest_to_the_writer() -> None:
+    """An inline write the kernel takes only part of: the rest of the frame goes out first,
+    then a Pong queued meanwhile overtakes the data queued behind it, and nothing is lost."""
+    a, raw = await tcp_stream_pair()
+    _small_buffers(a, raw)
+    spy = _WriterSpy(a)
+    payload = random.Random(5).randbytes(512 * 1024)
+    config = SessionConfig(write_buffer_high=128 * 1024)
+    decoder = FrameDecoder(2**24)
+    with trio.fail_after(60):
+        async with open_session(a, Role.SERVER, config) as server, trio.open_nursery() as nursery:
+            await raw.send_all(encode_message(Open(1, 2**24)))
+            stream = (await server.accept_stream()).accept()
+            await trio.testing.wait_all_tasks_blocked()
+            decoder.receive_data(await raw.receive_some(65536))
+            assert decoder.next_message() is not None  # the Accept, all there is so far
+            before = server.bytes_written
+            nursery.start_soon(stream.send_all, payload)
+            await trio.testing.wait_all_tasks_blocked()  # the socket is full, nobody reads it
+            assert spy.calls, "the first write was not cut short"
+            # the kernel took part of the first Data frame: the writer holds the rest of it
+            inline = server.bytes_written - before
+            frame = len(encode_message(Data(1, bytes(config.max_data_chunk))))
+            assert 0 < inline < frame
+            assert (inline + len(spy.calls[0])) % frame == 0
+            assert server._mux.bytes_to_send, "no data queued behind the cut-short write"
+            await raw.send_all(encode_message(Ping(77)))
+            await trio.testing.wait_all_tasks_blocked()
+            data = bytearray()
+            data_at_pong: int | None = None
+            while len(data) < len(payload):
+                decoder.receive_data(await raw.receive_some(65536))
+                while (message := decoder.next_message()) is not None:
+                    if isinstance(message, Data):
+                        data += message.data
+                    elif isinstance(message, Pong):
+                        assert message == Pong(77)
+                        data_at_pong = len(data)
+            assert bytes(data) == payload
+            assert data_at_pong is not None, "no Pong"
+            # the Pong waited for the cut-short write, then overtook the queued data
+            assert data_at_pong < len(payload) - config.write_buffer_high // 2
+            assert len(spy.calls) > 1
+            nursery.cancel_scope.cancel()
+    await raw.aclose()
+
+
+async def test_control_frames_overtake_data_queued_behind_an_unsent_tail() -> None:
+    """While the rest of a cut-short write waits, a window update from the reading side
+    and a Pong are control frames: both go out before payload queued after the tail."""
+    a, raw = await tcp_stream_pair()
+    _small_buffers(a, raw)
+    spy = _WriterSpy(a)
+    config = SessionConfig(write_buffer_high=256 * 1024, window=64 * 1024)
+    decoder = FrameDecoder(2**24)
+    with trio.fail_after(60):
+        async with open_session(a, Role.SERVER, config) as server, trio.open_nursery() as nursery:
+            await raw.send_all(encode_message(Open(1, 2**24)))
+            stream = (await server.accept_stream()).accept()
+            nursery.start_soon(stream.send_all, bytes(384 * 1024))
+            await trio.testing.wait_all_tasks_blocked()
+            assert spy.calls
+            assert server._mux.bytes_to_send
+            # the peer sends data it may (the window is ours), the app reads it: a window
+            # update is due
+            await raw.send_all(encode_message(Data(1, bytes(60 * 1024))))
+            got = 0
+            while got < 60 * 1024:
+                got += len(await stream.receive_some())
+            await raw.send_all(encode_message(Ping(9)))
+            await trio.testing.wait_all_tasks_blocked()
+            order: list[str] = []
+            data = 0
+            while data < 384 * 1024:
+                decoder.receive_data(await raw.receive_some(65536))
+                while (message := decoder.next_message()) is not None:
+                    if isinstance(message, Data):
+                        data += len(message.data)
+                        if not order or order[-1] != "data":
+                            order.append("data")
+                    else:
+                        order.append(type(message).__name__)
+            assert "Pong" in order, order
+            assert "WindowUpdate" in order, order
+            assert order.index("Pong") < len(order) - 1, "the Pong came after all the data"
+            nursery.cancel_scope.cancel()
+    await raw.aclose()
+
+
+async def _send_until_it_raises(stream: trio.abc.SendStream) -> None:
+    while True:
+        await stream.send_all(b"x" * 1000)
+
+
+async def test_a_send_after_the_transport_died_raises() -> None:
+    """The transport's socket closed under the session: the inline write has no socket, the
+    writer task reports it, and the stream's next send raises instead of hanging."""
+    a, b = await tcp_stream_pair()
+    tasks_before = count_tasks()
+    with trio.fail_after(20):
+        async with (
+            open_session(a, Role.CLIENT) as client,
+            open_session(b, Role.SERVER) as server,
+        ):
+            mine, _ = await open_pair(client, server, host="t", port=1)
+            await mine.send_all(b"before")
+            a.socket.close()
+            with pytest.raises(trio.BrokenResourceError):
+                await _send_until_it_raises(mine)
+            await client.wait_closed()
+    assert count_tasks() == tasks_before
+
+
+async def test_a_send_after_the_peer_vanished_raises_broken() -> None:
+    a, raw = await tcp_stream_pair()
+    with trio.fail_after(20):
+        async with open_session(a, Role.SERVER) as server:
+            await raw.send_all(encode_message(Open(1, 2**20)))
+            stream = (await server.accept_stream()).accept()
+            await stream.send_all(b"hello")
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await raw.aclose()  # a reset: the next inline write fails
+            with pytest.raises(trio.BrokenResourceError):
+                await _send_until_it_raises(stream)
+            await server.wait_closed()
+        with pytest.raises(trio.BrokenResourceError):  # the peer ended it, not we
+            await stream.send_all(b"after")
+
+
+async def test_the_write_buffer_stays_bounded_when_inline_writes_meet_a_full_socket() -> None:
+    """Over a congested plain TCP transport, what inline writes leave behind counts against
+    ``write_buffer_high`` like anything queued: 64 senders do not pile up more than the mark."""
+    a, b = await tcp_stream_pair()
+    spy = _WriterSpy(a)
+    config = SessionConfig(write_buffer_high=256 * 1024)
+    with trio.fail_after(60):
+        async with (
+            open_session(a, Role.CLIENT, config) as client,
+            open_session(b, Role.SERVER, config) as server,
+        ):
+            streams = [(await open_pair(client, server, host="t", port=1))[0] for _ in range(64)]
+            server._cancel_scope.cancel()  # the peer stops reading: the link is congested
+            inline_before = client.bytes_written - spy.bytes
+            async with trio.open_nursery() as nursery:
+                for s in streams:
+                    nursery.start_soon(s.send_all, b"x" * 256 * 1024)
+                await trio.testing.wait_all_tasks_blocked()
+                queued = client._queued() + spy.in_flight
+                # bytes_written counts a writer's send_all once it is done, not while in flight
+                inline = client.bytes_written - (spy.bytes - spy.in_flight)
+                nursery.cancel_scope.cancel()
+    assert inline > inline_before, "nothing went inline"
+    assert spy.calls, "the socket never filled"
+    assert queued <= 2 * config.write_buffer_high, f"{queued / 2**20:.1f} MiB queued"

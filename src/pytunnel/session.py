@@ -6,6 +6,11 @@ the transport, coalescing whatever accumulated since its last write into a singl
 There is no task per frame or per stream: application tasks calling ``send_all`` enqueue frames
 synchronously and park only when the stream's window or the session's write buffer is full.
 
+Over a plain TCP transport the writer task is skipped while it is idle: whoever queues a frame
+hands the queue to the kernel at once with one non-blocking write (``Session._kick_writer``),
+because waking the writer costs a scheduler pass per message, most of a small message's
+latency. What the kernel does not take waits, ahead of everything queued later, for the writer.
+
 Both background tasks live in the session's own nursery, so leaving :func:`open_session` (or
 losing the transport, or a protocol violation) ends them and wakes every parked stream with
 ``ClosedResourceError`` (we closed) or ``BrokenResourceError`` (the peer or transport did).
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -181,6 +187,17 @@ class Session:
         #: True when we ended the session (streams then raise ClosedResourceError).
         self._closed_locally = False
         self._writing = False
+        #: The socket of a plain TCP transport, which a sender may write to itself while the
+        #: writer task is idle; ``None`` for any other transport (TLS, WebSocket, memory...),
+        #: whose ``send_all`` is the only way to write it.
+        self._inline_socket: trio.socket.SocketType | None = (
+            transport.socket
+            if isinstance(transport, trio.SocketStream) and os.name == "posix"
+            else None
+        )
+        #: The tail of an inline write the kernel did not take: it goes out before anything
+        #: queued since (it may end mid-frame), and only the writer task sends it.
+        self._unsent: memoryview | None = None
         #: ``trio.current_time()`` when the transport last delivered bytes (heartbeat checks).
         self.last_received = trio.current_time()
         self.bytes_written = 0
@@ -442,7 +459,7 @@ class Session:
     def send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> bool:
         """Queue one datagram on ``stream_id`` unless the write buffer is over its mark or it
         does not fit the peer's frames; ``False`` if dropped."""
-        if self.closed or self._mux.bytes_to_send > self.config.write_buffer_high:
+        if self.closed or self._queued() > self.config.write_buffer_high:
             return False
         if not self._mux.can_send_datagram(stream_id) or len(data) > self._max_datagram:
             return False
@@ -451,12 +468,47 @@ class Session:
         return True
 
     def _kick_writer(self) -> None:
+        """Get what was just queued moving: written inline when the writer task is idle over a
+        plain TCP transport, else handed to the writer task.
+
+        Inline only when nothing is in flight (the writer is not inside ``send_all``) and no
+        earlier tail waits (``_unsent``): the write then takes the whole queue, control frames
+        first, exactly what the writer task would have sent next, so no frame overtakes another
+        and the control queue's priority is the writer's. A write that would block or fails
+        leaves its tail to the writer task, which waits for the socket and reports the error.
+        """
+        sock = self._inline_socket
+        if (
+            sock is not None
+            and not self._writing
+            and self._unsent is None
+            and self._mux.bytes_to_send
+            and not self.closed
+        ):
+            data = self._mux.data_to_send()
+            fd = sock.fileno()
+            try:
+                sent = os.write(fd, data) if fd >= 0 else 0
+            except OSError:  # BlockingIOError included; a real error is the writer's to raise
+                sent = 0
+            self.bytes_written += sent
+            if sent < len(data):
+                self._unsent = memoryview(data)[sent:]
+            elif not self._mux.bytes_to_send:
+                if self._drain_lot:
+                    self._drain_lot.unpark_all()
+                return
         self._write_event.set()
+
+    def _queued(self) -> int:
+        """Bytes waiting for the transport (not counting a write in flight)."""
+        unsent = self._unsent
+        return self._mux.bytes_to_send + (0 if unsent is None else len(unsent))
 
     def has_room(self, size: int) -> bool:
         """Whether ``size`` more bytes fit under the write buffer's high-water mark (always
         when nothing is queued, so a chunk larger than the mark still goes)."""
-        queued = self._mux.bytes_to_send
+        queued = self._queued()
         return queued == 0 or queued + size <= self.config.write_buffer_high
 
     async def wait_for_room(self, size: int) -> None:
@@ -470,7 +522,7 @@ class Session:
 
     async def _flush(self) -> None:
         """Wait until everything queued so far has been handed to the transport."""
-        while (self._mux.bytes_to_send or self._writing) and not self.closed:
+        while (self._queued() or self._writing) and not self.closed:
             await self._drain_lot.park()
 
     # -------------------------------------------------------------- background tasks
@@ -506,12 +558,16 @@ class Session:
         with self._writer_scope:
             try:
                 while True:
-                    if not mux.bytes_to_send:
+                    data: bytes | bytearray | memoryview
+                    if self._unsent is not None:
+                        data, self._unsent = self._unsent, None
+                    elif mux.bytes_to_send:
+                        data = mux.data_to_send()
+                    else:
                         self._drain_lot.unpark_all()
                         self._write_event = trio.Event()
                         await self._write_event.wait()
                         continue
-                    data = mux.data_to_send()
                     self._drain_lot.unpark_all()
                     self._writing = True
                     try:

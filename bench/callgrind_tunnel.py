@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Instructions per 64-byte round trip through a whole tunnel (``pytunnel serve`` plus
+``pytunnel connect -L``, both under ``valgrind --tool=callgrind``), for one or more source trees.
+
+On a shared machine the wall clock of a round trip moves with the load; the instructions the
+two processes execute for it do not. For each tree, a fresh tunnel runs twice, once with
+``--low`` and once with ``--high`` round trips through an echo target (a thread of this
+script), and ``(I(high) - I(low)) / (high - low)`` is what one round trip costs, both processes
+together: start-up, the handshake and the warm-up cancel out. The processes are ended with
+SIGINT (a clean exit, so callgrind writes its totals) and, failing that, by their pid.
+
+    git archive OLD src | tar -x -C /tmp/old    # likewise NEW into /tmp/new
+    python bench/callgrind_tunnel.py /tmp/old /tmp/new --low 100 --high 400
+
+Slow (callgrind runs Python 30-60 times slower): a few minutes per tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_tunnel import HOST, BenchError, Child, Processes, free_port, listening, run_dir, wait_for
+
+PING = b"p" * 64
+CLI = "import sys; sys.argv[0] = 'pytunnel'; from pytunnel.cli import main; sys.exit(main())"
+
+
+def _echo_server() -> int:
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen(64)
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def accept_loop() -> None:
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept_loop, daemon=True).start()
+    port: int = listener.getsockname()[1]
+    return port
+
+
+def _round_trips(port: int, count: int) -> None:
+    with socket.create_connection((HOST, port), timeout=120) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(count):
+            s.sendall(PING)
+            got = 0
+            while got < len(PING):
+                data = s.recv(len(PING) - got)
+                if not data:
+                    raise BenchError("the tunnel closed the connection")
+                got += len(data)
+
+
+def _collected(child: Child) -> int:
+    found = re.findall(r"Collected : (\d+)", child.log.read_text(errors="replace"))
+    if not found:
+        raise BenchError(f"{child.name}: no callgrind totals:\n{child.log_tail()}")
+    return int(found[-1])
+
+
+def measure(procs: Processes, tree: Path, echo: int, count: int) -> int:
+    """Instructions of both tunnel processes over start-up, a warm-up and ``count`` round
+    trips."""
+    env = {"PYTHONPATH": str(tree / "src"), "PYTUNNEL_TOKEN": "cg-" + os.urandom(8).hex()}
+    grind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+    port, front = free_port(), free_port()
+    server = procs.start(
+        "serve",
+        [
+            *grind,
+            sys.executable,
+            "-c",
+            CLI,
+            "serve",
+            "--listen",
+            f"{HOST}:{port}",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+    )
+    wait_for("the server", lambda: listening(port), 300, server, step=0.5)
+    client = procs.start(
+        "connect",
+        [
+            *grind,
+            sys.executable,
+            "-c",
+            CLI,
+            "connect",
+            f"{HOST}:{port}",
+            "--log-level",
+            "warning",
+            "-L",
+            f"{HOST}:{front}:{HOST}:{echo}",
+        ],
+        env=env,
+    )
+
+    def echoes() -> bool:
+        try:
+            _round_trips(front, 20)  # the warm-up: first connection, first frames
+        except OSError:
+            return False
+        return True
+
+    wait_for("the tunnel to echo", echoes, 300, client, step=1.0)
+    _round_trips(front, count)
+    total = 0
+    for child in (client, server):
+        child.popen.send_signal(signal.SIGINT)
+        try:
+            child.popen.wait(timeout=120)
+        except Exception:
+            procs.stop(child)
+            raise
+        total += _collected(child)
+        procs.stop(child)
+    return total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("trees", nargs="+", type=Path, help="directories holding src/pytunnel")
+    parser.add_argument("--low", type=int, default=100)
+    parser.add_argument("--high", type=int, default=400)
+    args = parser.parse_args()
+    echo = _echo_server()
+    print(f"{'tree':<30} {'I(low)':>14} {'I(high)':>14} {'instr/round trip':>18}", flush=True)
+    with run_dir("pytunnel-callgrind-") as procs:
+        for tree in args.trees:
+            start = time.monotonic()
+            low = measure(procs, tree, echo, args.low)
+            high = measure(procs, tree, echo, args.high)
+            per = (high - low) // (args.high - args.low)
+            print(
+                f"{tree!s:<30} {low:>14} {high:>14} {per:>18}   ({time.monotonic() - start:.0f} s)",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
