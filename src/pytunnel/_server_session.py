@@ -570,33 +570,15 @@ class _ClientSession:
         if self.session.closed:  # ended while we were registering
             route.stop_listening()
         port = route.routes.port
+
+        def announce() -> None:
+            what = "TLS" if route.tls else "HTTP"
+            log.info("client %s: routing %s for %s on port %d", self.peer, what, route.name, port)
+
         outcome: TunnelError | None = SessionClosedError("server shutting down")
         try:
             channel = ControlChannel(control, ControlRole.SERVER)
-            await channel.send(Bound(route.name, port))
-            log.info(
-                "client %s: routing %s for %s on port %d",
-                self.peer,
-                "TLS" if route.tls else "HTTP",
-                route.name,
-                port,
-            )
-            async with trio.open_nursery() as nursery:
-                route.attach(nursery)
-                try:
-                    await route.follow_control_stream(channel)
-                    outcome = None
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    outcome = None
-                except (RemoteProtocolError, ForwardError) as exc:
-                    log.warning("client %s: name %s failed: %s", self.peer, route.name, exc)
-                    outcome = exc
-                finally:
-                    # no new connection is routed into a route that is going away
-                    route.stop_listening()
-                nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            outcome = None
+            outcome = await self._serve_endpoint(route, channel, Bound(route.name, port), announce)
         finally:
             self.public_names.discard(route)
             route.stop_listening()
@@ -607,6 +589,39 @@ class _ClientSession:
             finally:  # under cancellation too: the close re-raises it
                 await self._release_name(route)
             log.info("client %s: name route %s closed", self.peer, route.name)
+
+    async def _serve_endpoint(
+        self,
+        endpoint: _Endpoint,
+        channel: ControlChannel,
+        bound: Bound,
+        ready: Callable[[], None],
+    ) -> TunnelError | None:
+        """Answer a name route or group member with ``bound``, carry its connections in a
+        nursery of its own until the client ends the control stream, and stop it taking
+        any before that nursery is torn down. Returns what to reset the control stream with
+        (``None``: nothing to tell); a cancellation propagates, for the caller to reset with
+        ``GOING_AWAY``."""
+        try:
+            await channel.send(bound)
+            async with trio.open_nursery() as nursery:
+                endpoint.attach(nursery)
+                ready()
+                try:
+                    await endpoint.follow_control_stream(channel)
+                    outcome: TunnelError | None = None
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    outcome = None
+                except (RemoteProtocolError, ForwardError) as exc:
+                    log.warning("client %s: %s failed: %s", self.peer, endpoint.what, exc)
+                    outcome = exc
+                finally:
+                    # no new connection reaches a forward that is going away
+                    endpoint.stop_listening()
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            outcome = None
+        return outcome
 
     # ---------------------------------------------------------------- groups
 
@@ -675,23 +690,9 @@ class _ClientSession:
             member.stop_listening()
         outcome: TunnelError | None = SessionClosedError("server shutting down")
         try:
-            await channel.send(Bound(*address))
-            async with trio.open_nursery() as nursery:
-                member.attach(nursery)
-                group.ready(member)
-                try:
-                    await member.follow_control_stream(channel)
-                    outcome = None
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    outcome = None
-                except (RemoteProtocolError, ForwardError) as exc:
-                    log.warning("client %s: %s failed: %s", self.peer, member.what, exc)
-                    outcome = exc
-                finally:
-                    member.stop_listening()
-                nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            outcome = None
+            outcome = await self._serve_endpoint(
+                member, channel, Bound(*address), functools.partial(group.ready, member)
+            )
         finally:
             member.stop_listening()
             self.memberships.discard(member)
