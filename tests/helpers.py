@@ -11,12 +11,20 @@ import collections
 import contextlib
 import functools
 import os
+import re
+import select
 import shutil
+import signal
 import socket
+import socketserver
 import ssl
 import struct
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -481,3 +489,133 @@ class EtcdServer:
             os.kill(process.pid, 9)
             with trio.CancelScope(shield=True):
                 await process.wait()
+
+
+# ------------------------------------------------------------------ the command in subprocesses
+
+#: how a test runs the real ``pytunnel`` command
+PYTUNNEL = [sys.executable, "-m", "pytunnel"]
+
+
+class CliProcess:
+    """A ``pytunnel`` subprocess.
+
+    Its stdout lines are awaited with a deadline, so a hang fails the test instead of stopping
+    the run; its stderr goes to an unnamed temporary file, so a test can read the log while
+    the process runs (or wait for a line) without the pipe filling up and blocking it.
+    """
+
+    def __init__(
+        self, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        # kept open for the object's life: the log stays readable after the process ends
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115
+        self.popen = subprocess.Popen(
+            [*PYTUNNEL, *args],
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+        )
+        self._pending = b""
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def stderr(self) -> str:
+        """Everything the process has logged so far."""
+        return os.pread(self._err.fileno(), os.fstat(self._err.fileno()).st_size, 0).decode(
+            errors="replace"
+        )
+
+    def readline(self, timeout: float = 20) -> str:
+        """The next stdout line, without its newline."""
+        assert self.popen.stdout is not None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._pending:
+            ready, _, _ = select.select(
+                [self.popen.stdout], [], [], max(0, deadline - time.monotonic())
+            )
+            if not ready:
+                raise TimeoutError(f"no output line; stderr: {self.stderr}")
+            chunk = os.read(self.popen.stdout.fileno(), 4096)
+            if not chunk:
+                raise EOFError(f"process exited; stderr: {self.stderr}")
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line.decode()
+
+    def wait_log(self, text: str, count: int = 1, timeout: float = 20) -> None:
+        """Wait until ``text`` has been logged ``count`` times by the running process."""
+        deadline = time.monotonic() + timeout
+        while self.stderr.count(text) < count:
+            assert time.monotonic() < deadline, f"no log {text!r}; stderr: {self.stderr}"
+            assert self.popen.poll() is None, f"process exited; stderr: {self.stderr}"
+            time.sleep(0.05)
+
+    def wait(self, timeout: float = 20) -> int:
+        """The exit code of a process that ends by itself within ``timeout``."""
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"process still runs; stderr: {self.stderr}") from None
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 10) -> int:
+        """Send ``sig`` and return the exit code; a process that outlives it fails the test."""
+        self.popen.send_signal(sig)
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"process did not exit after signal {sig}") from None
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        """Kill the process if it still runs and reap it (idempotent)."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait()
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+
+
+def address_in(line: str) -> tuple[str, int]:
+    """The first ``IPv4:port`` in a line the command printed."""
+    match = re.search(r"(\d+\.\d+\.\d+\.\d+):(\d+)", line)
+    assert match, line
+    return match.group(1), int(match.group(2))
+
+
+def roundtrip(address: tuple[str, int], payload: bytes) -> bytes:
+    """Send ``payload``, half-close, and read until the other side closes (blocking)."""
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while data := s.recv(65536):
+            out += data
+        return out
+
+
+class _ThreadedEcho(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+        with contextlib.suppress(OSError):
+            self.request.shutdown(socket.SHUT_WR)
+
+
+@contextlib.contextmanager
+def threaded_echo() -> Iterator[tuple[str, int]]:
+    """An echo service in threads, for tests that are not themselves Trio code (the CLI and
+    sync API tests); it half-closes after echoing everything, so a relay's EOF is seen."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _ThreadedEcho)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[0], server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import re
-import select
 import signal
 import socket
 import socketserver
@@ -19,114 +18,41 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import PYTUNNEL, CliProcess, address_in, roundtrip, threaded_echo
 
 from pytunnel.cli import main
 
 pytestmark = pytest.mark.timeout(60)
-PYTUNNEL = [sys.executable, "-m", "pytunnel"]
-
-
-class _Echo(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        while data := self.request.recv(65536):
-            self.request.sendall(data)
-        self.request.shutdown(socket.SHUT_WR)
 
 
 @pytest.fixture
 def echo_address() -> Iterator[tuple[str, int]]:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[0], server.server_address[1]
-    server.shutdown()
-    server.server_close()
-
-
-class Proc:
-    """A pytunnel subprocess whose stdout lines can be awaited with a deadline."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.popen = subprocess.Popen(
-            [*PYTUNNEL, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={**os.environ, **(env or {})},
-        )
-        self._pending = b""
-
-    def readline(self, timeout: float = 15) -> str:
-        assert self.popen.stdout is not None
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._pending:
-            remaining = deadline - time.monotonic()
-            ready, _, _ = select.select([self.popen.stdout], [], [], max(0, remaining))
-            if not ready:
-                raise TimeoutError(f"no output line; stderr: {self.stderr_so_far()}")
-            chunk = os.read(self.popen.stdout.fileno(), 4096)
-            if not chunk:
-                raise EOFError(f"process exited; stderr: {self.stderr_so_far()}")
-            self._pending += chunk
-        line, _, self._pending = self._pending.partition(b"\n")
-        return line.decode()
-
-    def stderr_so_far(self) -> str:
-        return "(see process stderr)"
-
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 5) -> tuple[int, str]:
-        self.popen.send_signal(sig)
-        try:
-            _, err = self.popen.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.communicate()
-            raise AssertionError("process did not exit after the signal") from None
-        return self.popen.returncode, err.decode()
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.communicate()
-
-
-def _address(line: str) -> tuple[str, int]:
-    match = re.search(r"(\d+\.\d+\.\d+\.\d+):(\d+)", line)
-    assert match, line
-    return match.group(1), int(match.group(2))
-
-
-def _roundtrip(address: tuple[str, int], payload: bytes) -> bytes:
-    with socket.create_connection(address, timeout=10) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        while data := s.recv(65536):
-            out += data
-        return out
+    with threaded_echo() as address:
+        yield address
 
 
 @pytest.fixture
-def server() -> Iterator[tuple[Proc, tuple[str, int], str]]:
-    proc = Proc("serve", "--listen", "127.0.0.1:0")
+def server() -> Iterator[tuple[CliProcess, tuple[str, int], str]]:
+    proc = CliProcess("serve", "--listen", "127.0.0.1:0")
     try:
         listening = proc.readline()
         connect_line = proc.readline()
         assert listening.startswith("pytunnel server listening on ")
         token = connect_line.split("--token ")[1].strip()
-        assert connect_line.startswith(f"connect with: pytunnel connect {_address(listening)[0]}:")
-        yield proc, _address(listening), token
+        host, port = address_in(listening)
+        assert connect_line.startswith(f"connect with: pytunnel connect {host}:")
+        yield proc, (host, port), token
     finally:
         proc.kill()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_serve_and_connect_relay_bytes(
-    server: tuple[Proc, tuple[str, int], str], echo_address: tuple[str, int], sig: int
+    server: tuple[CliProcess, tuple[str, int], str], echo_address: tuple[str, int], sig: int
 ) -> None:
     _, (host, port), token = server
     echo = f"{echo_address[0]}:{echo_address[1]}"
-    client = Proc(
+    client = CliProcess(
         "connect", f"{host}:{port}", "--token", token, "-R", f"0:{echo}", "-L", f"0:{echo}"
     )
     try:
@@ -137,22 +63,22 @@ def test_serve_and_connect_relay_bytes(
         assert local_line.startswith("local forward 127.0.0.1:")
         assert local_line.endswith(echo)
         payload = os.urandom(300_000)
-        assert _roundtrip(_address(remote_line), payload) == payload
-        assert _roundtrip(_address(local_line), payload) == payload
-        code, err = client.stop(sig)
+        assert roundtrip(address_in(remote_line), payload) == payload
+        assert roundtrip(address_in(local_line), payload) == payload
+        code, err = client.stop(sig), client.stderr
         assert code == 0, err
         assert "Traceback" not in err
     finally:
         client.kill()
-    code, err = server[0].stop(sig)
+    code, err = server[0].stop(sig), server[0].stderr
     assert code == 0, err
 
 
 def test_token_from_environment(
-    server: tuple[Proc, tuple[str, int], str], echo_address: tuple[str, int]
+    server: tuple[CliProcess, tuple[str, int], str], echo_address: tuple[str, int]
 ) -> None:
     _, (host, port), token = server
-    client = Proc(
+    client = CliProcess(
         "connect",
         f"{host}:{port}",
         "-L",
@@ -161,12 +87,12 @@ def test_token_from_environment(
     )
     try:
         client.readline()
-        assert _roundtrip(_address(client.readline()), b"env") == b"env"
+        assert roundtrip(address_in(client.readline()), b"env") == b"env"
     finally:
         client.kill()
 
 
-def test_wrong_token_is_one_clear_line(server: tuple[Proc, tuple[str, int], str]) -> None:
+def test_wrong_token_is_one_clear_line(server: tuple[CliProcess, tuple[str, int], str]) -> None:
     _, (host, port), _ = server
     out = subprocess.run(
         [*PYTUNNEL, "connect", f"{host}:{port}", "--token", "wrong"],
@@ -196,26 +122,25 @@ def test_unreachable_server_is_one_clear_line() -> None:
 
 
 def test_server_killed_ends_client_with_error(
-    server: tuple[Proc, tuple[str, int], str], echo_address: tuple[str, int]
+    server: tuple[CliProcess, tuple[str, int], str], echo_address: tuple[str, int]
 ) -> None:
     proc, (host, port), token = server
-    client = Proc("connect", f"{host}:{port}", "--token", token, "--no-reconnect")
+    client = CliProcess("connect", f"{host}:{port}", "--token", token, "--no-reconnect")
     try:
         client.readline()
         proc.popen.kill()
-        _, err = client.popen.communicate(timeout=15)
-        assert client.popen.returncode == 1
-        assert "the connection to the server was lost" in err.decode()
+        assert client.wait(15) == 1
+        assert "the connection to the server was lost" in client.stderr
     finally:
         client.kill()
 
 
-def test_json_log_format(server: tuple[Proc, tuple[str, int], str]) -> None:
+def test_json_log_format(server: tuple[CliProcess, tuple[str, int], str]) -> None:
     _, (host, port), token = server
-    client = Proc("connect", f"{host}:{port}", "--token", token, "--log-format", "json")
+    client = CliProcess("connect", f"{host}:{port}", "--token", token, "--log-format", "json")
     try:
         client.readline()
-        code, err = client.stop()
+        code, err = client.stop(), client.stderr
     finally:
         client.kill()
     assert code == 0
@@ -257,17 +182,17 @@ def test_help_shows_environment_variables() -> None:
 
 
 def test_status_interval_prints_summaries(
-    server: tuple[Proc, tuple[str, int], str], echo_address: tuple[str, int]
+    server: tuple[CliProcess, tuple[str, int], str], echo_address: tuple[str, int]
 ) -> None:
     _, (host, port), token = server
     echo = f"{echo_address[0]}:{echo_address[1]}"
-    client = Proc(
+    client = CliProcess(
         "connect", f"{host}:{port}", "--token", token, "-L", f"0:{echo}", "--status-interval", "0.2"
     )
     try:
         client.readline()
         local_line = client.readline()
-        assert _roundtrip(_address(local_line), b"count me") == b"count me"
+        assert roundtrip(address_in(local_line), b"count me") == b"count me"
         lines = [client.readline() for _ in range(4)]
     finally:
         client.kill()
@@ -282,7 +207,7 @@ def test_status_interval_prints_summaries(
 def test_tls_self_signed_two_commands(tmp_path: Path, echo_address: tuple[str, int]) -> None:
     """A secure setup is still two commands: serve prints the pinned connect command."""
     tls_dir = tmp_path / "tls"
-    server = Proc(
+    server = CliProcess(
         "serve", "--listen", "127.0.0.1:0", "--tls-self-signed", "--tls-dir", str(tls_dir)
     )
     try:
@@ -295,10 +220,10 @@ def test_tls_self_signed_two_commands(tmp_path: Path, echo_address: tuple[str, i
         assert connect_line.endswith(f"--tls-fingerprint {fingerprint}")
         args = connect_line.removeprefix("connect with: pytunnel ").split()
         echo = f"{echo_address[0]}:{echo_address[1]}"
-        client = Proc(*args, "-L", f"0:{echo}")
+        client = CliProcess(*args, "-L", f"0:{echo}")
         try:
             client.readline()
-            assert _roundtrip(_address(client.readline()), b"secure") == b"secure"
+            assert roundtrip(address_in(client.readline()), b"secure") == b"secure"
         finally:
             client.kill()
         assert oct(os.stat(tls_dir / "server.key").st_mode & 0o777) == "0o600"
@@ -307,41 +232,42 @@ def test_tls_self_signed_two_commands(tmp_path: Path, echo_address: tuple[str, i
 
 
 def test_token_file_and_command_line_warning(
-    tmp_path: Path, server: tuple[Proc, tuple[str, int], str]
+    tmp_path: Path, server: tuple[CliProcess, tuple[str, int], str]
 ) -> None:
     _, (host, port), token = server
     token_file = tmp_path / "token"
     token_file.write_text(token + "\n")
-    client = Proc("connect", f"{host}:{port}", "--token-file", str(token_file))
+    client = CliProcess("connect", f"{host}:{port}", "--token-file", str(token_file))
     try:
         assert client.readline().startswith("connected to")
-        code, err = client.stop()
+        code, err = client.stop(), client.stderr
     finally:
         client.kill()
     assert code == 0
     assert "visible to other users" not in err
-    client = Proc("connect", f"{host}:{port}", "--token", token)
+    client = CliProcess("connect", f"{host}:{port}", "--token", token)
     try:
         client.readline()
-        _, err = client.stop()
+        client.stop()
+        err = client.stderr
     finally:
         client.kill()
     assert "--token on the command line is visible to other users" in err
 
 
 def test_dynamic_forward_cli(
-    server: tuple[Proc, tuple[str, int], str], echo_address: tuple[str, int]
+    server: tuple[CliProcess, tuple[str, int], str], echo_address: tuple[str, int]
 ) -> None:
     import struct
 
     _, (host, port), token = server
-    client = Proc("connect", f"{host}:{port}", "-D", "0", env={"PYTUNNEL_TOKEN": token})
+    client = CliProcess("connect", f"{host}:{port}", "-D", "0", env={"PYTUNNEL_TOKEN": token})
     try:
         client.readline()
         line = client.readline()
         assert line.startswith("dynamic forward 127.0.0.1:")
         assert line.endswith("-> SOCKS")
-        with socket.create_connection(_address(line), timeout=10) as s:
+        with socket.create_connection(address_in(line), timeout=10) as s:
             s.sendall(b"\x05\x01\x00")
             assert s.recv(2) == b"\x05\x00"
             s.sendall(
@@ -442,7 +368,7 @@ def test_undecodable_token_file_is_one_line(tmp_path: Path, command: str) -> Non
 
 
 def test_connect_with_local_port_in_use_is_one_line(
-    server: tuple[Proc, tuple[str, int], str], port_in_use: int
+    server: tuple[CliProcess, tuple[str, int], str], port_in_use: int
 ) -> None:
     _, (host, port), token = server
     line = _startup_failure(
@@ -452,7 +378,7 @@ def test_connect_with_local_port_in_use_is_one_line(
 
 
 def test_connect_with_remote_port_in_use_is_one_line(
-    server: tuple[Proc, tuple[str, int], str], port_in_use: int
+    server: tuple[CliProcess, tuple[str, int], str], port_in_use: int
 ) -> None:
     _, (host, port), token = server
     line = _startup_failure(
@@ -462,7 +388,7 @@ def test_connect_with_remote_port_in_use_is_one_line(
 
 
 def test_connect_with_tls_to_a_plain_server_is_one_line(
-    server: tuple[Proc, tuple[str, int], str],
+    server: tuple[CliProcess, tuple[str, int], str],
 ) -> None:
     _, (host, port), token = server
     line = _startup_failure("connect", f"{host}:{port}", "--tls", token=token)
@@ -470,7 +396,7 @@ def test_connect_with_tls_to_a_plain_server_is_one_line(
 
 
 def test_connect_with_unloadable_tls_ca_is_one_line(
-    server: tuple[Proc, tuple[str, int], str], garbage_pem: str
+    server: tuple[CliProcess, tuple[str, int], str], garbage_pem: str
 ) -> None:
     _, (host, port), token = server
     line = _startup_failure("connect", f"{host}:{port}", "--tls-ca", garbage_pem, token=token)
@@ -503,11 +429,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serve(*args: str) -> tuple[Proc, tuple[str, int], str]:
-    proc = Proc("serve", "--listen", "127.0.0.1:0", *args)
+def _serve(*args: str) -> tuple[CliProcess, tuple[str, int], str]:
+    proc = CliProcess("serve", "--listen", "127.0.0.1:0", *args)
     listening = proc.readline()
     token = proc.readline().split("--token ")[1].strip()
-    return proc, _address(listening), token
+    return proc, address_in(listening), token
 
 
 def test_allow_ports_comma_list_through_the_cli(echo_address: tuple[str, int]) -> None:
@@ -517,12 +443,12 @@ def test_allow_ports_comma_list_through_the_cli(echo_address: tuple[str, int]) -
     proc, (host, port), token = _serve("--allow-ports", f"1-2, {allowed}")
     echo = f"{echo_address[0]}:{echo_address[1]}"
     env = {"PYTUNNEL_TOKEN": token}
-    client = Proc("connect", f"{host}:{port}", "-R", f"{allowed}:{echo}", env=env)
+    client = CliProcess("connect", f"{host}:{port}", "-R", f"{allowed}:{echo}", env=env)
     try:
         client.readline()
         line = client.readline()
         assert line.startswith(f"remote forward 127.0.0.1:{allowed} ")
-        assert _roundtrip(_address(line), b"in the list") == b"in the list"
+        assert roundtrip(address_in(line), b"in the list") == b"in the list"
     finally:
         client.kill()
     try:
@@ -545,7 +471,7 @@ def test_permit_open_wildcard_through_the_cli(echo_address: tuple[str, int]) -> 
     refuses a port the pattern does not cover."""
     echo_port = echo_address[1]
     proc, (host, port), token = _serve("--permit-open", f"127.0.0.*:{echo_port}")
-    client = Proc(
+    client = CliProcess(
         "connect",
         f"{host}:{port}",
         "-L",
@@ -557,10 +483,10 @@ def test_permit_open_wildcard_through_the_cli(echo_address: tuple[str, int]) -> 
     try:
         client.readline()
         allowed, forbidden = client.readline(), client.readline()
-        assert _roundtrip(_address(allowed), b"wildcard") == b"wildcard"
+        assert roundtrip(address_in(allowed), b"wildcard") == b"wildcard"
         # refused by the server: the local connection is closed (or reset), nothing echoed
         with contextlib.suppress(ConnectionResetError):
-            assert _roundtrip(_address(forbidden), b"refused") == b""
+            assert roundtrip(address_in(forbidden), b"refused") == b""
     finally:
         client.kill()
         proc.kill()
@@ -590,7 +516,7 @@ def greeter_address() -> Iterator[tuple[str, int]]:
 
 
 def test_status_interval_fields(
-    server: tuple[Proc, tuple[str, int], str],
+    server: tuple[CliProcess, tuple[str, int], str],
     greeter_address: tuple[str, int],
     echo_address: tuple[str, int],
 ) -> None:
@@ -603,7 +529,7 @@ def test_status_interval_fields(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = f"127.0.0.1:{s.getsockname()[1]}"
-    client = Proc(
+    client = CliProcess(
         "connect",
         f"{host}:{port}",
         "--token",
@@ -622,8 +548,8 @@ def test_status_interval_fields(
     try:
         assert client.readline() == f"connected to {host}:{port}"
         declared = [client.readline() for _ in range(3)]
-        greeter_port, closed_port, udp_port = (_address(line)[1] for line in declared)
-        assert _roundtrip(("127.0.0.1", greeter_port), b"count me") == b"greetings"
+        greeter_port, closed_port, udp_port = (address_in(line)[1] for line in declared)
+        assert roundtrip(("127.0.0.1", greeter_port), b"count me") == b"greetings"
         with (
             socket.create_connection(("127.0.0.1", closed_port), timeout=10) as refused,
             contextlib.suppress(ConnectionResetError),
@@ -661,18 +587,18 @@ def test_status_interval_fields(
 
 
 def test_proxy_protocol_through_the_cli(
-    server: tuple[Proc, tuple[str, int], str], echo_address: tuple[str, int]
+    server: tuple[CliProcess, tuple[str, int], str], echo_address: tuple[str, int]
 ) -> None:
     """``--proxy-protocol v1``: the echo target sends back the header the forward wrote
     before the payload, naming our own socket as the public peer."""
     _, (host, port), token = server
     echo = f"{echo_address[0]}:{echo_address[1]}"
-    client = Proc(
+    client = CliProcess(
         "connect", f"{host}:{port}", "--token", token, "-R", f"0:{echo}", "--proxy-protocol", "v1"
     )
     try:
         assert client.readline() == f"connected to {host}:{port}"
-        remote = _address(client.readline())
+        remote = address_in(client.readline())
         with socket.create_connection(remote, timeout=10) as s:
             ours = s.getsockname()
             s.sendall(b"payload")
@@ -683,7 +609,7 @@ def test_proxy_protocol_through_the_cli(
         assert out == (
             f"PROXY TCP4 {ours[0]} {remote[0]} {ours[1]} {remote[1]}\r\n".encode() + b"payload"
         )
-        code, err = client.stop()
+        code, err = client.stop(), client.stderr
         assert code == 0, err
     finally:
         client.kill()
@@ -705,16 +631,16 @@ def test_a_name_route_through_the_cli(echo_address: tuple[str, int]) -> None:
     """``serve --http-listen --domain`` and ``connect -R app:80:HOST:PORT``: a connection for
     ``app.<domain>`` on the shared port reaches the target; another name gets a 404."""
     shared = _free_port()
-    proc = Proc(
+    proc = CliProcess(
         "serve", "--listen", "127.0.0.1:0", "--http-listen", f"127.0.0.1:{shared}",
         "--domain", "tunnel.test",
     )  # fmt: skip
     try:
-        host, port = _address(proc.readline())
+        host, port = address_in(proc.readline())
         assert proc.readline() == f"routing HTTP by name on 127.0.0.1:{shared}"
         token = proc.readline().split("--token ")[1].strip()
         echo = f"{echo_address[0]}:{echo_address[1]}"
-        client = Proc(
+        client = CliProcess(
             "connect", f"{host}:{port}", "--token", token, "-R", f"app:80:{echo}",
             "--rewrite-host", "inside",
         )  # fmt: skip
@@ -723,13 +649,13 @@ def test_a_name_route_through_the_cli(echo_address: tuple[str, int]) -> None:
             assert client.readline() == f"name route http://app.tunnel.test:{shared} -> {echo}"
             head = b"GET / HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n"
             # the echo target sends back the head as the route rewrote it
-            assert _roundtrip(("127.0.0.1", shared), head) == head.replace(
+            assert roundtrip(("127.0.0.1", shared), head) == head.replace(
                 b"app.tunnel.test", b"inside"
             )
             stranger = b"GET / HTTP/1.1\r\nHost: x.tunnel.test\r\n\r\n"
-            other = _roundtrip(("127.0.0.1", shared), stranger)
+            other = roundtrip(("127.0.0.1", shared), stranger)
             assert other.startswith(b"HTTP/1.1 404 ")
-            code, err = client.stop()
+            code, err = client.stop(), client.stderr
             assert code == 0, err
         finally:
             client.kill()
@@ -738,7 +664,7 @@ def test_a_name_route_through_the_cli(echo_address: tuple[str, int]) -> None:
 
 
 def test_a_name_the_server_does_not_route_is_one_line_through_the_cli(
-    server: tuple[Proc, tuple[str, int], str], echo_address: tuple[str, int]
+    server: tuple[CliProcess, tuple[str, int], str], echo_address: tuple[str, int]
 ) -> None:
     _, (host, port), token = server
     echo = f"{echo_address[0]}:{echo_address[1]}"
@@ -755,7 +681,7 @@ def test_a_name_the_server_does_not_route_is_one_line_through_the_cli(
 
 
 def test_a_load_balanced_group_through_the_cli(
-    server: tuple[Proc, tuple[str, int], str], tmp_path: Path
+    server: tuple[CliProcess, tuple[str, int], str], tmp_path: Path
 ) -> None:
     """Two ``pytunnel connect --group web --group-key-file F -R PORT:...`` share one public
     port, answering in turn; a third with another key is refused with one line."""
@@ -779,7 +705,7 @@ def test_a_load_balanced_group_through_the_cli(
     clients = []
     try:
         for target in targets:
-            client = Proc(
+            client = CliProcess(
                 "connect", f"{host}:{port}", "--token", token, "--group", "web",
                 "--group-key-file", str(key_file),
                 "-R", f"{public}:127.0.0.1:{target.server_address[1]}",
@@ -787,15 +713,15 @@ def test_a_load_balanced_group_through_the_cli(
             clients.append(client)
             assert client.readline() == f"connected to {host}:{port}"
             assert client.readline().startswith(f"remote forward 127.0.0.1:{public} ")
-        answers = [_roundtrip(("127.0.0.1", public), b"") for _ in range(4)]
+        answers = [roundtrip(("127.0.0.1", public), b"") for _ in range(4)]
         assert sorted(answers) == [b"first", b"first", b"second", b"second"]
         # SIGKILL one member: once the server has seen its link go, every connection is
         # served by the other
         clients[0].popen.kill()
         deadline = time.monotonic() + 15
-        while [_roundtrip(("127.0.0.1", public), b"") for _ in range(2)] != [b"second"] * 2:
+        while [roundtrip(("127.0.0.1", public), b"") for _ in range(2)] != [b"second"] * 2:
             assert time.monotonic() < deadline, "the killed member is still handed connections"
-        assert [_roundtrip(("127.0.0.1", public), b"") for _ in range(20)] == [b"second"] * 20
+        assert [roundtrip(("127.0.0.1", public), b"") for _ in range(20)] == [b"second"] * 20
         other_key = tmp_path / "other.key"
         other_key.write_text("not the secret")
         out = subprocess.run(
@@ -833,16 +759,16 @@ def test_group_options_go_together() -> None:
 
 
 def test_several_servers_through_the_cli(
-    server: tuple[Proc, tuple[str, int], str], echo_address: tuple[str, int]
+    server: tuple[CliProcess, tuple[str, int], str], echo_address: tuple[str, int]
 ) -> None:
     """``pytunnel connect DOWN UP -L ...``: the server that refuses is passed over."""
     _, (host, port), token = server
     down = f"127.0.0.1:{_free_port()}"
     echo = f"{echo_address[0]}:{echo_address[1]}"
-    client = Proc("connect", down, f"{host}:{port}", "--token", token, "-L", f"0:{echo}")
+    client = CliProcess("connect", down, f"{host}:{port}", "--token", token, "-L", f"0:{echo}")
     try:
         assert client.readline() == f"connected to {host}:{port}"
-        local = _address(client.readline())
-        assert _roundtrip(local, b"through the second") == b"through the second"
+        local = address_in(client.readline())
+        assert roundtrip(local, b"through the second") == b"through the second"
     finally:
         client.kill()

@@ -6,82 +6,32 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import select
-import signal
 import socket
-import socketserver
 import stat
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import PYTUNNEL, CliProcess, address_in, roundtrip, threaded_echo
 
 pytestmark = pytest.mark.timeout(120)
-PYTUNNEL = [sys.executable, "-m", "pytunnel"]
-
-
-class _Echo(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        while data := self.request.recv(65536):
-            self.request.sendall(data)
 
 
 @pytest.fixture
 def echo() -> Iterator[str]:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-def _readline(proc: subprocess.Popen[bytes], timeout: float = 20) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    line = b""
-    while not line.endswith(b"\n"):
-        ready, _, _ = select.select([proc.stdout], [], [], max(0, deadline - time.monotonic()))
-        assert ready, "no output line"
-        byte = os.read(proc.stdout.fileno(), 1)
-        assert byte, "the process ended"
-        line += byte
-    return line.decode().rstrip("\n")
-
-
-def _address(line: str) -> tuple[str, int]:
-    match = re.search(r"(\d+\.\d+\.\d+\.\d+):(\d+)", line)
-    assert match, line
-    return match.group(1), int(match.group(2))
-
-
-def _roundtrip(address: tuple[str, int], payload: bytes) -> bytes:
-    with socket.create_connection(address, timeout=10) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        while data := s.recv(65536):
-            out += data
-        return out
+    with threaded_echo() as (host, port):
+        yield f"{host}:{port}"
 
 
 @pytest.fixture
 def server() -> Iterator[str]:
-    proc = subprocess.Popen(
-        [*PYTUNNEL, "serve", "--listen", "127.0.0.1:0", "--token", "t"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = CliProcess("serve", "--listen", "127.0.0.1:0", "--token", "t")
     try:
-        yield "{}:{}".format(*_address(_readline(proc)))
+        yield "{}:{}".format(*address_in(proc.readline()))
     finally:
         proc.kill()
-        proc.wait()
 
 
 @pytest.fixture
@@ -91,13 +41,9 @@ def rundir(tmp_path: Path) -> Path:
     return path
 
 
-def _connect(server: str, *args: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [*PYTUNNEL, "connect", server, "--token", "t", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert _readline(proc) == f"connected to {server}"
+def _connect(server: str, *args: str) -> CliProcess:
+    proc = CliProcess("connect", server, "--token", "t", *args)
+    assert proc.readline() == f"connected to {server}"
     return proc
 
 
@@ -118,22 +64,12 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def test_verbs_manage_forwards_of_a_running_client(server: str, rundir: Path, echo: str) -> None:
     sock = rundir / "c.sock"
     admin = ["--admin", f"unix:{sock}"]
     client = _connect(server, "-L", f"0:{echo}", *admin)
     try:
-        first = _address(_readline(client))
+        first = address_in(client.readline())
         _wait_for(sock)
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
 
@@ -149,9 +85,9 @@ def test_verbs_manage_forwards_of_a_running_client(server: str, rundir: Path, ec
         out = _cli("forwards", "add", "-R", f"0:{echo}", "--name", "web", *admin)
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith("added f2: remote 127.0.0.1:")
-        public = _address(out.stdout)
-        assert _roundtrip(public, b"through the new forward") == b"through the new forward"
-        assert _roundtrip(first, b"x" * 1000) == b"x" * 1000
+        public = address_in(out.stdout)
+        assert roundtrip(public, b"through the new forward") == b"through the new forward"
+        assert roundtrip(first, b"x" * 1000) == b"x" * 1000
 
         out = _cli("forwards", "list", "--json", *admin)
         rows = json.loads(out.stdout)
@@ -191,9 +127,9 @@ def test_verbs_manage_forwards_of_a_running_client(server: str, rundir: Path, ec
         out = _cli("forwards", "remove", "f2", *admin)
         assert (out.returncode, out.stdout) == (0, "removed f2\n")
         assert "f2" not in _cli("forwards", "list", *admin).stdout
-        assert _roundtrip(first, b"still") == b"still"
+        assert roundtrip(first, b"still") == b"still"
     finally:
-        _stop(client)
+        client.stop()
     assert not sock.exists()
 
 
@@ -204,10 +140,8 @@ def test_a_stale_socket_of_a_killed_client_is_replaced(
     killed = _connect(server, "--admin", f"unix:{sock}")
     try:
         _wait_for(sock)
-        killed.kill()
-        killed.wait()
     finally:
-        _stop(killed)
+        killed.kill()
     assert sock.exists()  # a killed process leaves its socket file behind
     out = _cli("status", "--admin", f"unix:{sock}")
     assert out.returncode == 1
@@ -215,7 +149,7 @@ def test_a_stale_socket_of_a_killed_client_is_replaced(
 
     client = _connect(server, "-L", f"0:{echo}", "--admin", f"unix:{sock}")
     try:
-        _readline(client)
+        client.readline()
         deadline = time.monotonic() + 20
         while (out := _cli("status", "--admin", f"unix:{sock}")).returncode != 0:
             assert time.monotonic() < deadline, out.stderr
@@ -232,7 +166,7 @@ def test_a_stale_socket_of_a_killed_client_is_replaced(
         assert "another process serves its admin API" in second.stderr
         assert _cli("status", "--admin", f"unix:{sock}").returncode == 0
     finally:
-        _stop(client)
+        client.stop()
 
 
 def test_admin_on_a_port_needs_the_token(server: str, tmp_path: Path, echo: str) -> None:
@@ -246,7 +180,7 @@ def test_admin_on_a_port_needs_the_token(server: str, tmp_path: Path, echo: str)
         str(token_file),
     )  # fmt: skip
     try:
-        _readline(client)
+        client.readline()
         admin = ["--admin", f"127.0.0.1:{port}"]
         deadline = time.monotonic() + 20
         while (
@@ -263,7 +197,7 @@ def test_admin_on_a_port_needs_the_token(server: str, tmp_path: Path, echo: str)
             assert "a valid admin token is needed" in out.stderr
             assert "(HTTP 401)" in out.stderr
     finally:
-        _stop(client)
+        client.stop()
     out = subprocess.run(
         [*PYTUNNEL, "connect", server, "--token", "t", "--admin", "127.0.0.1:0"],
         capture_output=True,
@@ -282,38 +216,29 @@ def test_status_finds_the_only_running_client(server: str, tmp_path: Path) -> No
     out = _cli("status", env=env)
     assert out.returncode == 1
     assert "no running pytunnel connect found" in out.stderr
-    client = subprocess.Popen(
-        [*PYTUNNEL, "connect", server, "--token", "t"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
+    client = CliProcess("connect", server, "--token", "t", env=env)
     try:
-        _readline(client)
+        client.readline()
         sock = runtime / "pytunnel" / f"connect-{client.pid}.sock"
         _wait_for(sock)
         out = _cli("status", "--json", env=env)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["pid"] == client.pid
     finally:
-        _stop(client)
+        client.stop()
 
 
 def test_server_admin_shows_clients_and_limits(rundir: Path, echo: str) -> None:
     sock = rundir / "s.sock"
     admin = ["--admin", f"unix:{sock}"]
     limits = ["--max-forwards-per-client", "1"]
-    server = subprocess.Popen(
-        [*PYTUNNEL, "serve", "--listen", "127.0.0.1:0", "--token", "t", *admin, *limits],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
+    server = CliProcess("serve", "--listen", "127.0.0.1:0", "--token", "t", *admin, *limits)
     client = None
     try:
-        address = "{}:{}".format(*_address(_readline(server)))
+        address = "{}:{}".format(*address_in(server.readline()))
         _wait_for(sock)
         client = _connect(address, "-R", f"0:{echo}", "--client-id", "laptop", "--admin", "off")
-        public = _address(_readline(client))
+        public = address_in(client.readline())
         out = _cli("status", *admin)
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
@@ -332,8 +257,8 @@ def test_server_admin_shows_clients_and_limits(rundir: Path, echo: str) -> None:
         assert "no such endpoint: /api/forwards (HTTP 404)" in out.stderr
     finally:
         if client is not None:
-            _stop(client)
-        _stop(server)
+            client.stop()
+        server.stop()
     assert not sock.exists()
 
 
@@ -346,7 +271,7 @@ def test_reload_through_the_api_reports_what_it_did(
     config.write_text(f'[client]\n[[client.forwards]]\nname = "a"\nlocal = "0:{echo}"\n')
     client = _connect(server, "--config", str(config), *admin)
     try:
-        first = _address(_readline(client))
+        first = address_in(client.readline())
         _wait_for(sock)
         config.write_text(
             config.read_text() + f'[[client.forwards]]\nname = "b"\nremote = "0:{echo}"\n'
@@ -363,6 +288,6 @@ def test_reload_through_the_api_reports_what_it_did(
         assert "(HTTP 422)" in out.stderr
         names = [r["name"] for r in json.loads(_cli("forwards", "list", "--json", *admin).stdout)]
         assert names == ["a", "b"]
-        assert _roundtrip(first, b"kept") == b"kept"
+        assert roundtrip(first, b"kept") == b"kept"
     finally:
-        _stop(client)
+        client.stop()

@@ -4,127 +4,40 @@ real files, bytes relayed through what the files declare."""
 from __future__ import annotations
 
 import os
-import re
-import select
 import signal
 import socket
-import socketserver
 import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import click
 import pytest
 from click.testing import CliRunner
+from helpers import PYTUNNEL, CliProcess, address_in, roundtrip, threaded_echo
 
 from pytunnel.cli import main
 from pytunnel.cli._config import _file_params, option_key
 
 pytestmark = pytest.mark.timeout(90)
-PYTUNNEL = [sys.executable, "-m", "pytunnel"]
-
-
-class _Echo(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        while data := self.request.recv(65536):
-            self.request.sendall(data)
 
 
 @pytest.fixture
 def echo() -> Iterator[str]:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-class Proc:
-    """A pytunnel subprocess: stdout lines awaited with a deadline, stderr kept in a file so a
-    test can wait for a log line."""
-
-    def __init__(self, tmp: Path, *args: str) -> None:
-        self.err_path = tmp / f"stderr-{time.monotonic_ns()}"
-        self._err = self.err_path.open("wb")
-        self.popen = subprocess.Popen(
-            [*PYTUNNEL, *args], stdout=subprocess.PIPE, stderr=self._err, cwd=tmp
-        )
-        self._pending = b""
-
-    @property
-    def stderr(self) -> str:
-        return self.err_path.read_text()
-
-    def readline(self, timeout: float = 20) -> str:
-        assert self.popen.stdout is not None
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._pending:
-            ready, _, _ = select.select(
-                [self.popen.stdout], [], [], max(0, deadline - time.monotonic())
-            )
-            if not ready:
-                raise TimeoutError(f"no output line; stderr: {self.stderr}")
-            chunk = os.read(self.popen.stdout.fileno(), 4096)
-            if not chunk:
-                raise EOFError(f"process exited; stderr: {self.stderr}")
-            self._pending += chunk
-        line, _, self._pending = self._pending.partition(b"\n")
-        return line.decode()
-
-    def wait_log(self, text: str, count: int = 1, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while self.stderr.count(text) < count:
-            assert time.monotonic() < deadline, f"no log {text!r}; stderr: {self.stderr}"
-            assert self.popen.poll() is None, f"process exited; stderr: {self.stderr}"
-            time.sleep(0.05)
-
-    def stop(self) -> int:
-        self.popen.send_signal(signal.SIGINT)
-        try:
-            return self.popen.wait(timeout=10)
-        finally:
-            self.kill()
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait()
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
-        self._err.close()
-
-
-def _address(line: str) -> tuple[str, int]:
-    match = re.search(r"(\d+\.\d+\.\d+\.\d+):(\d+)", line)
-    assert match, line
-    return match.group(1), int(match.group(2))
-
-
-def _roundtrip(address: tuple[str, int], payload: bytes) -> bytes:
-    with socket.create_connection(address, timeout=10) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        while data := s.recv(65536):
-            out += data
-        return out
+    with threaded_echo() as (host, port):
+        yield f"{host}:{port}"
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[Proc, Path, str]]:
+def server(tmp_path: Path) -> Iterator[tuple[CliProcess, Path, str]]:
     """A server started from a config file; yields it, its file and its address."""
     path = tmp_path / "server.toml"
     path.write_text('[server]\nlisten = "127.0.0.1:0"\ntoken_file = "token"\n')
     (tmp_path / "token").write_text("s3cret\n")
-    proc = Proc(tmp_path, "serve", "--config", str(path))
+    proc = CliProcess("serve", "--config", str(path), cwd=tmp_path)
     try:
         line = proc.readline()
         assert line.startswith("pytunnel server listening on 127.0.0.1:"), line
-        yield proc, path, "{}:{}".format(*_address(line))
+        yield proc, path, "{}:{}".format(*address_in(line))
     finally:
         proc.kill()
 
@@ -139,7 +52,7 @@ def _client_file(tmp_path: Path, server: str, body: str) -> Path:
 
 
 def test_serve_and_connect_from_files_relay_bytes(
-    tmp_path: Path, server: tuple[Proc, Path, str], echo: str
+    tmp_path: Path, server: tuple[CliProcess, Path, str], echo: str
 ) -> None:
     _, _, address = server
     path = _client_file(
@@ -147,15 +60,15 @@ def test_serve_and_connect_from_files_relay_bytes(
         address,
         f'local = ["0:{echo}"]\n\n[[client.forwards]]\nname = "web"\nremote = "0:{echo}"\n',
     )
-    client = Proc(tmp_path, "connect", "--config", str(path))
+    client = CliProcess("connect", "--config", str(path), cwd=tmp_path)
     try:
         assert client.readline() == f"connected to {address}"
         local_line, remote_line = client.readline(), client.readline()
         assert local_line.startswith("local forward 127.0.0.1:")
         assert remote_line.startswith("remote forward 127.0.0.1:")
         payload = os.urandom(100_000)
-        assert _roundtrip(_address(local_line), payload) == payload
-        assert _roundtrip(_address(remote_line), payload) == payload
+        assert roundtrip(address_in(local_line), payload) == payload
+        assert roundtrip(address_in(remote_line), payload) == payload
         assert client.stop() == 0
         assert "Traceback" not in client.stderr
         assert "s3cret" not in client.stderr
@@ -163,20 +76,22 @@ def test_serve_and_connect_from_files_relay_bytes(
         client.kill()
 
 
-def test_flags_override_the_file(tmp_path: Path, server: tuple[Proc, Path, str], echo: str) -> None:
+def test_flags_override_the_file(
+    tmp_path: Path, server: tuple[CliProcess, Path, str], echo: str
+) -> None:
     """``-L`` on the command line replaces the file's ``local`` list (the named forwards
     stay), and ``--token`` the file's token file."""
     _, _, address = server
     path = tmp_path / "client.toml"
     path.write_text(f'[client]\nserver = "{address}"\ntoken = "wrong"\nlocal = ["0:127.0.0.1:9"]\n')
-    client = Proc(
-        tmp_path, "connect", "--config", str(path), "--token", "s3cret", "-L", f"0:{echo}"
+    client = CliProcess(
+        "connect", "--config", str(path), "--token", "s3cret", "-L", f"0:{echo}", cwd=tmp_path
     )
     try:
         assert client.readline() == f"connected to {address}"
         line = client.readline()
         assert line.endswith(f"-> {echo}"), line
-        assert _roundtrip(_address(line), b"flag") == b"flag"
+        assert roundtrip(address_in(line), b"flag") == b"flag"
     finally:
         client.kill()
 
@@ -185,18 +100,18 @@ def test_flags_override_the_file(tmp_path: Path, server: tuple[Proc, Path, str],
 
 
 def test_reload_adds_and_removes_forwards_and_leaves_the_rest_alone(
-    tmp_path: Path, server: tuple[Proc, Path, str], echo: str
+    tmp_path: Path, server: tuple[CliProcess, Path, str], echo: str
 ) -> None:
     _, _, address = server
     keep = f'[[client.forwards]]\nname = "keep"\nlocal = "0:{echo}"\n'
     drop = f'[[client.forwards]]\nname = "drop"\nlocal = "0:{echo}"\n'
     add = f'[[client.forwards]]\nname = "add"\nremote = "0:{echo}"\n'
     path = _client_file(tmp_path, address, keep + drop)
-    client = Proc(tmp_path, "connect", "--config", str(path))
+    client = CliProcess("connect", "--config", str(path), cwd=tmp_path)
     try:
         client.readline()
-        keep_address = _address(client.readline())
-        drop_address = _address(client.readline())
+        keep_address = address_in(client.readline())
+        drop_address = address_in(client.readline())
         # a live relayed connection through the forward that stays
         live = socket.create_connection(keep_address, timeout=10)
         live.sendall(b"before")
@@ -207,12 +122,12 @@ def test_reload_adds_and_removes_forwards_and_leaves_the_rest_alone(
         added = client.readline()
         assert added.startswith("remote forward 127.0.0.1:"), added
         client.wait_log("configuration reloaded: 1 added, 1 removed, 0 changed")
-        assert _roundtrip(_address(added), b"new") == b"new"
+        assert roundtrip(address_in(added), b"new") == b"new"
         with pytest.raises(ConnectionRefusedError):
-            _roundtrip(drop_address, b"gone")
+            roundtrip(drop_address, b"gone")
         live.sendall(b"after")
         assert live.recv(100) == b"after"
-        assert _roundtrip(keep_address, b"kept") == b"kept"
+        assert roundtrip(keep_address, b"kept") == b"kept"
 
         # a bad file is rejected whole: the running forwards stay, the error is logged
         path.write_text(path.read_text() + 'conect_timeout = 3\n[[client.forwards]]\nlocal="x"\n')
@@ -222,7 +137,7 @@ def test_reload_adds_and_removes_forwards_and_leaves_the_rest_alone(
         assert "unknown key" in client.stderr
         live.sendall(b"still")
         assert live.recv(100) == b"still"
-        assert _roundtrip(_address(added), b"new") == b"new"
+        assert roundtrip(address_in(added), b"new") == b"new"
         live.close()
         assert client.stop() == 0
         assert "Traceback" not in client.stderr
@@ -231,7 +146,7 @@ def test_reload_adds_and_removes_forwards_and_leaves_the_rest_alone(
 
 
 def test_reload_with_a_forward_that_cannot_bind_changes_nothing(
-    tmp_path: Path, server: tuple[Proc, Path, str], echo: str
+    tmp_path: Path, server: tuple[CliProcess, Path, str], echo: str
 ) -> None:
     _, _, address = server
     taken = socket.socket()
@@ -239,10 +154,10 @@ def test_reload_with_a_forward_that_cannot_bind_changes_nothing(
     taken.listen()
     busy = taken.getsockname()[1]
     path = _client_file(tmp_path, address, f'[[client.forwards]]\nname = "a"\nlocal = "0:{echo}"\n')
-    client = Proc(tmp_path, "connect", "--config", str(path))
+    client = CliProcess("connect", "--config", str(path), cwd=tmp_path)
     try:
         client.readline()
-        first = _address(client.readline())
+        first = address_in(client.readline())
         path.write_text(
             path.read_text()
             + f'[[client.forwards]]\nname = "b"\nlocal = "0:{echo}"\n'
@@ -253,33 +168,33 @@ def test_reload_with_a_forward_that_cannot_bind_changes_nothing(
         assert "[ADDRESS_IN_USE]" in client.stderr
         b_line = client.readline()  # "b" started, then closed again with the rest
         with pytest.raises(ConnectionRefusedError):
-            _roundtrip(_address(b_line), b"x")
-        assert _roundtrip(first, b"a") == b"a"
+            roundtrip(address_in(b_line), b"x")
+        assert roundtrip(first, b"a") == b"a"
     finally:
         client.kill()
         taken.close()
 
 
 def test_server_reload_applies_limits_to_new_clients(
-    tmp_path: Path, server: tuple[Proc, Path, str], echo: str
+    tmp_path: Path, server: tuple[CliProcess, Path, str], echo: str
 ) -> None:
     proc, path, address = server
     client_path = _client_file(tmp_path, address, f'remote = ["0:{echo}"]\n')
-    first = Proc(tmp_path, "connect", "--config", str(client_path))
+    first = CliProcess("connect", "--config", str(client_path), cwd=tmp_path)
     try:
         first.readline()
-        first_remote = _address(first.readline())
+        first_remote = address_in(first.readline())
         path.write_text(path.read_text() + "max_forwards_per_client = 0\n")
         proc.popen.send_signal(signal.SIGHUP)
         proc.wait_log("configuration reloaded")
-        second = Proc(tmp_path, "connect", "--config", str(client_path))
+        second = CliProcess("connect", "--config", str(client_path), cwd=tmp_path)
         try:
             assert second.popen.wait(timeout=30) == 1
             assert "[FORWARD_LIMIT]" in second.stderr, second.stderr
         finally:
             second.kill()
         # the client admitted before keeps what it had
-        assert _roundtrip(first_remote, b"old") == b"old"
+        assert roundtrip(first_remote, b"old") == b"old"
 
         path.write_text(path.read_text() + "max_streams = 0\n")
         proc.popen.send_signal(signal.SIGHUP)
@@ -294,7 +209,7 @@ def test_server_reload_applies_limits_to_new_clients(
     reason="SIGHUP is ignored in this process (nohup), and the server inherits that",
 )
 def test_sighup_without_a_config_file_keeps_its_usual_meaning(tmp_path: Path) -> None:
-    proc = Proc(tmp_path, "serve", "--listen", "127.0.0.1:0", "--token", "t")
+    proc = CliProcess("serve", "--listen", "127.0.0.1:0", "--token", "t", cwd=tmp_path)
     try:
         proc.readline()
         proc.popen.send_signal(signal.SIGHUP)
@@ -509,14 +424,14 @@ def test_the_documented_example_is_a_valid_file(tmp_path: Path) -> None:
 
 
 def test_the_file_may_come_from_the_environment_and_reloads(
-    tmp_path: Path, server: tuple[Proc, Path, str], echo: str
+    tmp_path: Path, server: tuple[CliProcess, Path, str], echo: str
 ) -> None:
     """``PYTUNNEL_CONFIG`` names the file as ``--config`` does, SIGHUP included."""
     _, _, address = server
     path = _client_file(tmp_path, address, f'[[client.forwards]]\nname = "a"\nlocal = "0:{echo}"\n')
     os.environ["PYTUNNEL_CONFIG"] = str(path)
     try:
-        client = Proc(tmp_path, "connect")
+        client = CliProcess("connect", cwd=tmp_path)
     finally:
         del os.environ["PYTUNNEL_CONFIG"]
     try:
@@ -525,6 +440,6 @@ def test_the_file_may_come_from_the_environment_and_reloads(
         path.write_text(path.read_text() + f'[[client.forwards]]\nname = "b"\nlocal = "0:{echo}"\n')
         client.popen.send_signal(signal.SIGHUP)
         added = client.readline()
-        assert _roundtrip(_address(added), b"env") == b"env"
+        assert roundtrip(address_in(added), b"env") == b"env"
     finally:
         client.kill()

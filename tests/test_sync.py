@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import socketserver
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+from helpers import roundtrip, threaded_echo
 
 import pytunnel
 import pytunnel.sync
@@ -18,26 +17,10 @@ import pytunnel.sync
 pytestmark = pytest.mark.timeout(60)
 
 
-class _Echo(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        while data := self.request.recv(65536):
-            self.request.sendall(data)
-
-
 @pytest.fixture
 def echo_address() -> Iterator[tuple[str, int]]:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[0], server.server_address[1]
-    server.shutdown()
-    server.server_close()
-
-
-def _roundtrip(address: tuple[str, int], payload: bytes) -> bytes:
-    with socket.create_connection(address, timeout=10) as s:
-        s.sendall(payload)
-        return s.recv(65536)
+    with threaded_echo() as address:
+        yield address
 
 
 def test_plain_threads(echo_address: tuple[str, int]) -> None:
@@ -48,9 +31,9 @@ def test_plain_threads(echo_address: tuple[str, int]) -> None:
         assert tunnel.connected
         with tunnel.forward_local(*echo_address) as fwd:
             assert fwd.status == "active"
-            assert _roundtrip(fwd.address, b"local") == b"local"
+            assert roundtrip(fwd.address, b"local") == b"local"
         with tunnel.forward_remote(*echo_address) as fwd:
-            assert _roundtrip(fwd.address, b"remote") == b"remote"
+            assert roundtrip(fwd.address, b"remote") == b"remote"
 
 
 def test_typed_errors_cross_the_thread() -> None:

@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import os
 import re
-import select
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import PYTUNNEL, CliProcess
 
 from pytunnel.tasks import ForbiddenError, SyncTaskClient
 
 pytestmark = pytest.mark.timeout(90)
-PYTUNNEL = [sys.executable, "-m", "pytunnel"]
 HTTP_TOKEN = "http-token-7"
 
 APP = """
@@ -38,51 +34,6 @@ def make():
 """
 
 
-class Proc:
-    """A pytunnel subprocess whose stdout lines can be awaited with a deadline."""
-
-    def __init__(self, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
-        self.popen = subprocess.Popen(
-            [*PYTUNNEL, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=cwd,
-            env={**os.environ, **(env or {})},
-        )
-        self._pending = b""
-
-    def readline(self, timeout: float = 20) -> str:
-        assert self.popen.stdout is not None
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._pending:
-            ready, _, _ = select.select(
-                [self.popen.stdout], [], [], max(0, deadline - time.monotonic())
-            )
-            if not ready:
-                raise TimeoutError("no output line")
-            chunk = os.read(self.popen.stdout.fileno(), 4096)
-            if not chunk:
-                raise EOFError(f"exited: {self.popen.communicate()[1].decode()}")
-            self._pending += chunk
-        line, _, self._pending = self._pending.partition(b"\n")
-        return line.decode()
-
-    def stop(self) -> int:
-        self.popen.send_signal(signal.SIGINT)
-        try:
-            self.popen.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.communicate()
-            raise AssertionError("did not exit after SIGINT") from None
-        return self.popen.returncode
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.communicate()
-
-
 @pytest.fixture
 def app_dir(tmp_path: Path) -> Path:
     (tmp_path / "taskapp.py").write_text(APP)
@@ -91,7 +42,7 @@ def app_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tunnel_server() -> Iterator[tuple[str, str]]:
-    proc = Proc("serve", "--listen", "127.0.0.1:0")
+    proc = CliProcess("serve", "--listen", "127.0.0.1:0")
     try:
         listening = proc.readline()
         token = proc.readline().split("--token ")[1].strip()
@@ -108,7 +59,7 @@ def test_tasks_through_the_tunnel_and_locally(
     address, token = tunnel_server
     token_file = app_dir / "token"
     token_file.write_text(token)
-    proc = Proc(
+    proc = CliProcess(
         "tasks",
         "serve",
         "taskapp:make",
@@ -163,7 +114,7 @@ def test_usage_errors(app_dir: Path, args: list[str], message: str) -> None:
 
 def test_tasks_through_a_tls_tunnel_pinned(app_dir: Path) -> None:
     """The tunnel's TLS options are connect's: a self-signed server, its pinned fingerprint."""
-    server = Proc(
+    server = CliProcess(
         "serve",
         "--listen",
         "127.0.0.1:0",
@@ -176,7 +127,7 @@ def test_tasks_through_a_tls_tunnel_pinned(app_dir: Path) -> None:
         fingerprint = server.readline().split(": ")[1]
         token = server.readline().split("--token ")[1].split()[0]
         address = re.search(r"(\d+\.\d+\.\d+\.\d+:\d+)", listening).group(1)  # type: ignore[union-attr]
-        proc = Proc(
+        proc = CliProcess(
             "tasks",
             "serve",
             "taskapp:server",
