@@ -35,10 +35,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+# the private nginx configuration frame the tests use too
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from nginx_conf import NGINX, nginx_conf
+
 HOST = "127.0.0.1"
 TOKEN = "bench-transports"
 CASES = ["direct", "raw", "tls", "ws", "ws-nginx"]
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 CHUNK = 256 * 1024
 
@@ -140,20 +143,9 @@ def _wait_listening(port: int, timeout: float = 20) -> None:
 
 
 def _nginx_config(prefix: Path, port: int, upstream: int) -> str:
-    return f"""
-daemon off;
-master_process off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
+    return nginx_conf(
+        prefix,
+        f"""
     server {{
         listen {HOST}:{port} ssl;
         ssl_certificate {prefix}/tls/server.crt;
@@ -165,9 +157,9 @@ http {{
             proxy_set_header Connection "upgrade";
             proxy_read_timeout 1h;
         }}
-    }}
-}}
-"""
+    }}""",
+        log_level="warn",
+    )
 
 
 def forward_port(procs: Processes, case: str, sink: int, tmp: Path) -> int:

@@ -31,9 +31,11 @@ from typing import Any
 
 import h11
 import httpx
+import pytest
 import trio
 import trio.testing
 import trustme
+from nginx_conf import NGINX
 
 import pytunnel
 from pytunnel.session import Role, Session, SessionConfig, open_session
@@ -619,3 +621,102 @@ def threaded_echo() -> Iterator[tuple[str, int]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class NginxProcess:
+    """A private nginx (see ``nginx_conf.py``) run by a Trio test: started from
+    ``prefix/nginx.conf`` and awaited until ``port`` accepts, stopped by SIGTERM (then
+    SIGKILL) however the test ends."""
+
+    def __init__(self, prefix: Path, port: int) -> None:
+        self.prefix = prefix
+        self.port = port
+        self.process: trio.Process | None = None
+
+    async def start(self) -> None:
+        assert NGINX is not None, "nginx is not installed"
+        self.process = await trio.lowlevel.open_process(
+            [NGINX, "-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        with trio.fail_after(20):
+            while not await self._listening():
+                assert self.process.poll() is None, (self.prefix / "error.log").read_text()
+                await trio.sleep(0.05)
+
+    async def _listening(self) -> bool:
+        try:
+            await (await trio.open_tcp_stream("127.0.0.1", self.port)).aclose()
+        except OSError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        if self.process is None:
+            return
+        with trio.CancelScope(shield=True):
+            self.process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(10):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
+        self.process = None
+
+
+@asynccontextmanager
+async def running_nginx(prefix: Path, port: int) -> AsyncIterator[NginxProcess]:
+    """An :class:`NginxProcess` for the body of an ``async with``."""
+    nginx = NginxProcess(prefix, port)
+    await nginx.start()
+    try:
+        yield nginx
+    finally:
+        await nginx.stop()
+
+
+# ------------------------------------------------------------------ curl and raw HTTP exchanges
+
+#: curl, the real HTTP client of the name-routing tests (``.ci/run`` installs it)
+CURL = shutil.which("curl")
+needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed (.ci/run installs it)")
+
+
+async def curl(port: int, host: str, path: str = "/", *extra: str) -> tuple[int, str]:
+    """GET ``http://host:port/path`` with curl, ``host`` resolved to 127.0.0.1 (as a public
+    DNS name pointing at the server would be): the status code and the body."""
+    assert CURL is not None
+    result = await trio.run_process(
+        [
+            CURL,
+            "-s",
+            "--max-time",
+            "10",
+            "--resolve",
+            f"{host}:{port}:127.0.0.1",
+            "-w",
+            "\n%{http_code}",
+            *extra,
+            f"http://{host}:{port}{path}",
+        ],
+        capture_stdout=True,
+        check=False,
+    )
+    body, _, code = result.stdout.decode().rpartition("\n")
+    return int(code), body
+
+
+async def exchange(port: int, data: bytes, *, read_until_close: bool = True) -> bytes:
+    """Send ``data`` to a loopback port and read the answer: to the end, or only as many
+    bytes as were sent (for an echo behind a connection that stays open)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(data)
+        out = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some():
+                out += chunk
+                if not read_until_close and len(out) >= len(data):
+                    break
+        return out

@@ -26,8 +26,11 @@ from helpers import (
     closed_port,
     count_fds,
     count_tasks,
+    curl,
     describe_tasks,
+    exchange,
     http_service,
+    needs_curl,
     raw_echo,
     serve_route_target,
     tls_get,
@@ -38,7 +41,6 @@ from helpers import (
 import pytunnel
 from pytunnel.protocol.proxy import ProxyHeaderReader
 
-CURL = shutil.which("curl")
 OPENSSL = shutil.which("openssl")
 DOMAIN = "tunnel.test"
 LOOPBACK = ("127.0.0.1", 0)
@@ -76,43 +78,6 @@ def http_port(server: pytunnel.TunnelServer) -> int:
 def https_port(server: pytunnel.TunnelServer) -> int:
     assert server.https_address is not None
     return server.https_address[1]
-
-
-async def curl(port: int, host: str, path: str = "/", *extra: str) -> tuple[int, str]:
-    assert CURL is not None
-    result = await trio.run_process(
-        [
-            CURL,
-            "-s",
-            "--max-time",
-            "10",
-            "--resolve",
-            f"{host}:{port}:127.0.0.1",
-            "-w",
-            "\n%{http_code}",
-            *extra,
-            f"http://{host}:{port}{path}",
-        ],
-        capture_stdout=True,
-        check=False,
-    )
-    body, _, code = result.stdout.decode().rpartition("\n")
-    return int(code), body
-
-
-async def exchange(port: int, data: bytes) -> bytes:
-    """Send ``data`` to the shared port, read to the end."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(data)
-        answer = b""
-        with trio.fail_after(10):
-            async for chunk in stream:
-                answer += chunk
-        return answer
-
-
-needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed (.ci/run installs it)")
 
 
 # --------------------------------------------------------------------------- HTTP

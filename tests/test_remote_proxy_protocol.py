@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import pathlib
-import shutil
-import signal
-import subprocess
 import tempfile
 
 import pytest
 import trio
-from helpers import TOKEN, closed_port, wait_until
+from helpers import TOKEN, closed_port, running_nginx, wait_until
+from nginx_conf import NGINX, nginx_conf
 
 import pytunnel
 from pytunnel.protocol.proxy import ProxyHeader, ProxyHeaderReader, ProxyVersion
@@ -92,24 +89,11 @@ async def test_proxy_protocol_is_refused_where_it_cannot_apply(
 
 # --------------------------------------------------------------------------- nginx
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-
 
 def _nginx_config(prefix: pathlib.Path, port: int) -> str:
-    return f"""
-daemon off;
-master_process off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
+    return nginx_conf(
+        prefix,
+        f"""
     server {{
         listen 127.0.0.1:{port} proxy_protocol;
         location / {{
@@ -118,9 +102,8 @@ http {{
                 "client=$proxy_protocol_addr:$proxy_protocol_port
                     server=$proxy_protocol_server_port";
         }}
-    }}
-}}
-"""
+    }}""",
+    )
 
 
 async def _get(address: tuple[str, int]) -> tuple[bytes, tuple[str, int]]:
@@ -145,37 +128,13 @@ async def test_nginx_behind_a_remote_forward_sees_the_public_peer(
         prefix = pathlib.Path(tmp)
         port = closed_port()
         (prefix / "nginx.conf").write_text(_nginx_config(prefix, port))
-        process = await trio.lowlevel.open_process(
-            [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-
-            async def listening() -> bool:
-                try:
-                    await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
-                except OSError:
-                    return False
-                return True
-
-            with trio.fail_after(20):
-                while not await listening():
-                    assert process.poll() is None, (prefix / "error.log").read_text()
-                    await trio.sleep(0.05)
+        async with running_nginx(prefix, port):
             forward = await tunnel.forward_remote("127.0.0.1", port, proxy_protocol=version)
             with trio.fail_after(10):
                 answer, ours = await _get(forward.address)
             assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
             body = b" ".join(answer.partition(b"\r\n\r\n")[2].split())
             assert body == f"client={ours[0]}:{ours[1]} server={forward.listen_port}".encode()
-        finally:
-            process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(10):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
 
 
 async def test_a_target_that_refuses_is_counted_as_a_dial_failure(

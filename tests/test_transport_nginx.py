@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 import signal
 import ssl
 import subprocess
@@ -17,11 +16,18 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trustme
-from helpers import TOKEN, closed_port, count_tasks, describe_tasks, echo_once, wait_until
+from helpers import (
+    TOKEN,
+    NginxProcess,
+    closed_port,
+    count_tasks,
+    describe_tasks,
+    echo_once,
+    wait_until,
+)
+from nginx_conf import NGINX, nginx_conf
 
 import pytunnel
-
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 
 pytestmark = [
     pytest.mark.timeout(90),
@@ -34,20 +40,9 @@ READ_TIMEOUT = 2
 
 def nginx_config(prefix: pathlib.Path, port: int, upstream: int) -> str:
     """The configuration docs/transports.md shows, with test paths and a short read timeout."""
-    return f"""
-daemon off;
-master_process off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
+    return nginx_conf(
+        prefix,
+        f"""
     map $http_upgrade $connection_upgrade {{
         default upgrade;
         ''      close;
@@ -71,50 +66,20 @@ http {{
             proxy_set_header Upgrade $http_upgrade;
             proxy_set_header Connection $connection_upgrade;
         }}
-    }}
-}}
-"""
+    }}""",
+        connections=256,
+    )
 
 
-class Nginx:
+class Nginx(NginxProcess):
+    """The nginx in front of a WebSocket tunnel server, and the CA its certificate is from."""
+
     def __init__(self, prefix: pathlib.Path, port: int, ca: trustme.CA) -> None:
-        self.prefix = prefix
-        self.port = port
+        super().__init__(prefix, port)
         self.ca = ca
-        self.process: trio.Process | None = None
 
     def url(self, path: str = "/tunnel") -> str:
         return f"wss://127.0.0.1:{self.port}{path}"
-
-    async def start(self) -> None:
-        assert NGINX is not None
-        self.process = await trio.lowlevel.open_process(
-            [NGINX, "-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        with trio.fail_after(20):
-            while not await self._listening():
-                assert self.process.poll() is None, (self.prefix / "error.log").read_text()
-                await trio.sleep(0.05)
-
-    async def _listening(self) -> bool:
-        try:
-            await (await trio.open_tcp_stream("127.0.0.1", self.port)).aclose()
-        except OSError:
-            return False
-        return True
-
-    async def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(10):
-            await self.process.wait()
-        if self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
-        self.process = None
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +106,7 @@ async def nginx_in_front(upstream: int, ca: trustme.CA, tmp: pathlib.Path) -> As
     try:
         yield nginx
     finally:
-        with trio.CancelScope(shield=True):
-            await nginx.stop()
+        await nginx.stop()
 
 
 @pytest.fixture

@@ -14,8 +14,11 @@ import trustme
 from helpers import (
     count_fds,
     count_tasks,
+    curl,
     describe_tasks,
+    exchange,
     http_service,
+    needs_curl,
     raw_echo,
     tls_get,
     tls_service,
@@ -25,7 +28,6 @@ from helpers import (
 from pytunnel._vhost import NameRoutes, serve_name_routing
 from pytunnel.errors import NameInUseError, NameNotAllowedError
 
-CURL = shutil.which("curl")
 OPENSSL = shutil.which("openssl")
 
 
@@ -95,53 +97,19 @@ async def _router(nursery: trio.Nursery, routes: NameRoutes, *, tls: bool, **opt
     return int(listeners[0].socket.getsockname()[1])
 
 
-async def _curl(port: int, host: str, path: str = "/") -> tuple[int, str]:
-    assert CURL is not None
-    result = await trio.run_process(
-        [
-            CURL,
-            "-s",
-            "--max-time",
-            "10",
-            "--resolve",
-            f"{host}:{port}:127.0.0.1",
-            "-w",
-            "\n%{http_code}",
-            f"http://{host}:{port}{path}",
-        ],
-        capture_stdout=True,
-        check=False,
-    )
-    body, _, code = result.stdout.decode().rpartition("\n")
-    return int(code), body
-
-
-@pytest.mark.skipif(CURL is None, reason="curl is not installed (.ci/run installs it)")
+@needs_curl
 async def test_curl_reaches_each_name_on_one_port(nursery: trio.Nursery) -> None:
     routes = NameRoutes(domain="tunnel.test", allow_domains=["shop.example.org"])
     routes.register("app", http_service("app"))
     routes.register("shop.example.org", http_service("shop"))
     port = await _router(nursery, routes, tls=False)
-    assert await _curl(port, "app.tunnel.test", "/a") == (200, "app /a from 127.0.0.1\n")
-    assert await _curl(port, "shop.example.org", "/b?c=d") == (200, "shop /b?c=d from 127.0.0.1\n")
-    code, body = await _curl(port, "nobody.tunnel.test")
+    assert await curl(port, "app.tunnel.test", "/a") == (200, "app /a from 127.0.0.1\n")
+    assert await curl(port, "shop.example.org", "/b?c=d") == (200, "shop /b?c=d from 127.0.0.1\n")
+    code, body = await curl(port, "nobody.tunnel.test")
     assert (code, body) == (
         404,
         f"404 Not Found: no tunnel is serving nobody.tunnel.test:{port}\n",
     )
-
-
-async def _exchange(port: int, data: bytes, *, read_until_close: bool = True) -> bytes:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(data)
-        out = b""
-        with trio.fail_after(10):
-            while chunk := await stream.receive_some():
-                out += chunk
-                if not read_until_close and len(out) >= len(data):
-                    break
-        return out
 
 
 async def test_an_upgrade_and_everything_after_it_pass_untouched(nursery: trio.Nursery) -> None:
@@ -154,7 +122,7 @@ async def test_an_upgrade_and_everything_after_it_pass_untouched(nursery: trio.N
         b"Sec-WebSocket-Version: 13\r\n\r\n"
     )
     frames = b"\x81\x85\x00\x00\x00\x00hello" + bytes(range(256))
-    assert await _exchange(port, head + frames, read_until_close=False) == head + frames
+    assert await exchange(port, head + frames, read_until_close=False) == head + frames
 
 
 async def test_a_second_request_on_the_connection_goes_to_the_same_route(
@@ -193,7 +161,7 @@ async def test_a_connection_that_cannot_be_routed_gets_one_clear_answer(
     routes = NameRoutes(domain="tunnel.test")
     routes.register("app", raw_echo)
     port = await _router(nursery, routes, tls=False)
-    answer = await _exchange(port, data)
+    answer = await exchange(port, data)
     assert answer.startswith(b"HTTP/1.1 " + status + b"\r\n"), answer[:100]
     assert b"connection: close" in answer.lower()
 
@@ -245,7 +213,7 @@ async def test_an_unknown_or_missing_server_name_gets_an_alert(
 
 async def test_not_tls_at_all_is_closed(nursery: trio.Nursery) -> None:
     port = await _router(nursery, NameRoutes(domain="tunnel.test"), tls=True)
-    assert await _exchange(port, b"GET / HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n") == b""
+    assert await exchange(port, b"GET / HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n") == b""
 
 
 @pytest.mark.skipif(OPENSSL is None, reason="openssl is not installed")
@@ -293,7 +261,7 @@ async def test_connections_still_in_their_head_are_capped(nursery: trio.Nursery)
         # the router accepted them (a task each), though they never send a byte
         await wait_until(lambda: count_tasks() >= tasks + 3, 10, describe_tasks)
         with trio.fail_after(10):
-            assert await _exchange(port, b"GET / HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n") == b""
+            assert await exchange(port, b"GET / HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n") == b""
             for stream in silent:  # closed by the head timeout
                 assert await stream.receive_some() == b""
         head = b"GET / HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n"
