@@ -14,6 +14,7 @@ from helpers import TOKEN, open_pair, session_pair, tcp_stream_pair
 import pytunnel
 from pytunnel import ErrorCode, StreamResetError
 from pytunnel._relay import relay
+from pytunnel._stream import MuxStream
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -309,3 +310,58 @@ async def test_target_reset_is_not_reported_as_clean_eof(
             error = exc
     assert received == b"partial"
     assert isinstance(error, trio.BrokenResourceError), "the far end saw a clean EOF"
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["bare", "through-faults"])
+async def test_a_broken_mux_stream_resets_its_tcp_side_at_once(wrapped: bool) -> None:
+    """When the mux stream breaks (its session died, its peer reset it), the relay's TCP
+    connection is reset in that same synchronous step, before any relay task runs again: a
+    session carrying thousands of relays resets all their peers in one pass, not after each
+    relay has unwound in turn."""
+    from pytunnel.errors import SessionClosedError
+    from pytunnel.testing import Faults
+
+    async with session_pair("tcp") as (client, server):
+        mine, theirs = await open_pair(client, server)
+        outside, relay_side = await tcp_stream_pair()
+        a: trio.abc.HalfCloseableStream = relay_side
+        b: trio.abc.HalfCloseableStream = mine
+        if wrapped:
+            a, b = Faults().wrap(relay_side, mine)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(relay, a, b, idle_timeout=30))
+            await trio.testing.wait_all_tasks_blocked()
+            assert isinstance(mine, MuxStream)
+            mine.break_with(SessionClosedError("the session died"))
+            # no checkpoint since: the relay's tasks have not run, the socket is closed
+            assert relay_side.socket.fileno() == -1
+            with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+                await _read_to_the_end(outside)  # a reset, never a clean EOF
+        await outside.aclose()
+        await theirs.aclose()
+
+
+async def test_what_a_finished_peer_sent_still_arrives_when_its_session_dies() -> None:
+    """A peer that had sent everything and its EOF before the session died: the relay still
+    delivers the bytes, then the EOF (the immediate reset is only for a stream that broke
+    with data possibly missing)."""
+    async with session_pair("tcp") as (client, server):
+        mine, theirs = await open_pair(client, server)
+        outside, relay_side = await tcp_stream_pair()
+        outside.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(relay, relay_side, mine, idle_timeout=30))
+            await theirs.send_all(b"the whole answer")
+            await theirs.send_eof()
+            await trio.testing.wait_all_tasks_blocked()
+            assert isinstance(mine, MuxStream)
+            mine.session_ended(trio.BrokenResourceError("session died"), locally=False)
+            assert relay_side.socket.fileno() != -1
+            got = b""
+            with trio.fail_after(10):
+                while chunk := await outside.receive_some():
+                    got += chunk
+            assert got == b"the whole answer"
+            await outside.send_eof()
+        await outside.aclose()
+        await theirs.aclose()

@@ -18,8 +18,8 @@ import logging
 import math
 import socket
 import struct
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 
 import attrs
 import trio
@@ -88,6 +88,12 @@ class ResettableStream(Protocol):
     def reset(self, code: int, message: str) -> None: ...
 
 
+class BreakableStream(Protocol):
+    """A stream that can tell, synchronously, the moment it breaks (a mux stream)."""
+
+    def call_on_break(self, callback: Callable[[], None] | None) -> None: ...
+
+
 @runtime_checkable
 class PacedStream(Protocol):
     """A stream whose sends may be slow on purpose (injected latency, bandwidth caps)."""
@@ -153,7 +159,8 @@ async def _copy(
     outbound: bool,
     ending: _Ending,
 ) -> None:
-    paced = sink if isinstance(sink, PacedStream) else None
+    # duck-typed, as in abort(): a runtime Protocol isinstance is slow
+    paced = cast("PacedStream", sink) if hasattr(sink, "paced") else None
     while True:
         chunk = await source.receive_some(_CHUNK)
         ending.touch()
@@ -212,6 +219,7 @@ async def relay(
         a, b = faults.wrap(a, b, name)
     clean = False
     reason = (ErrorCode.CANCELLED, "the other side of the relay broke")
+    breakable = _reset_on_break(a, b) or _reset_on_break(b, a)
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
             ending = _Ending(scope, idle_timeout)
@@ -224,6 +232,8 @@ async def relay(
         # both directions ended with EOF: a clean close
         clean = ending.finished == 2
     finally:
+        if breakable is not None:
+            breakable.call_on_break(None)
         if stats is not None:
             stats.active_connections -= 1
         if not clean:
@@ -235,12 +245,47 @@ async def relay(
         await aclose_all(a, b)
 
 
+def _unwrapped(stream: trio.abc.AsyncResource) -> trio.abc.AsyncResource:
+    """What the relay's own wrappers (faults, rate limits) wrap: they keep it as ``stream``."""
+    while isinstance(inner := getattr(stream, "stream", None), trio.abc.AsyncResource):
+        stream = inner
+    return stream
+
+
+def _reset_on_break(
+    tunnelled: trio.abc.AsyncResource, other: trio.abc.AsyncResource
+) -> BreakableStream | None:
+    """When ``tunnelled`` is a mux stream and ``other`` a TCP connection, have the stream
+    reset the connection the moment it breaks (its session died or its peer reset it), not
+    once the relay's tasks have unwound; the relay would reset it then anyway. Returns the
+    stream the callback was given to, for the relay to take it back when it ends."""
+    inner, sock = _unwrapped(tunnelled), _unwrapped(other)
+    if not isinstance(sock, trio.SocketStream):
+        return None
+    call_on_break = getattr(inner, "call_on_break", None)
+    if call_on_break is None:
+        return None
+
+    def reset_now() -> None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # closing the trio socket wakes whatever waits on it with ClosedResourceError, which
+        # the relay treats as the broken side it is
+        sock.socket.close()
+
+    call_on_break(reset_now)
+    return inner  # type: ignore[return-value]
+
+
 def abort(stream: trio.abc.AsyncResource, code: int, message: str) -> None:
     """Arrange for the coming close of ``stream`` to be a reset, not a clean end: ``reset``
     on a stream that has it (a mux stream's ``Reset`` carries ``code`` and ``message``), RST
     (``SO_LINGER`` 0) on a TCP socket; other streams are left to close as they do."""
-    if isinstance(stream, ResettableStream):
-        stream.reset(code, message)
+    # a duck-typed check: ``isinstance`` against a runtime Protocol costs tens of
+    # microseconds, paid twice per relay, thousands of times when a session dies
+    reset = getattr(stream, "reset", None)
+    if reset is not None:
+        reset(code, message)
     elif isinstance(stream, trio.SocketStream):
         with contextlib.suppress(OSError):
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol
 
@@ -147,6 +148,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self.datagrams_received = 0
         #: Datagrams dropped because a queue was full (either direction).
         self.datagrams_dropped = 0
+        self._on_break: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"<MuxStream {self.stream_id} {self.host}:{self.port}>"
@@ -197,6 +199,20 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._receive_lot.unpark_all()
         self._send_lot.unpark_all()
         self._wake_datagram_readers()
+        callback, self._on_break = self._on_break, None
+        if callback is not None:
+            callback()
+
+    def call_on_break(self, callback: Callable[[], None] | None) -> None:
+        """Run ``callback`` synchronously, once, when the stream breaks (:meth:`break_with`);
+        ``None`` takes it back.
+
+        A session that dies breaks all its streams in one pass, before any of their tasks
+        runs again; a relay uses this to reset its other side right then, so with thousands
+        of relays the peers see their resets at once instead of after every task has
+        unwound in turn. ``callback`` must not raise or block.
+        """
+        self._on_break = callback
 
     def _break_sending(self, cause: BaseException) -> None:
         self._send_broken = cause
