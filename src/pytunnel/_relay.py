@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import socket
 import struct
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import attrs
 import trio
 
+from ._stream import DirectWriter
 from ._util import aclose_all
 from .errors import ErrorCode, SessionClosedError
 
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
+    "DirectSource",
     "PacedStream",
     "RelayStats",
     "ResettableStream",
@@ -98,6 +101,14 @@ class PacedStream(Protocol):
         ...
 
 
+@runtime_checkable
+class DirectSource(Protocol):
+    """A stream that can hand arriving data to a writer while its reader waits (a mux
+    stream: :meth:`pytunnel._stream.MuxStream.deliver_directly`)."""
+
+    def deliver_directly(self, writer: DirectWriter | None) -> None: ...
+
+
 @attrs.define
 class RelayStats:
     """Live counters, shared by every relay of one forward."""
@@ -153,6 +164,63 @@ async def _copy(
     outbound: bool,
     ending: _Ending,
 ) -> None:
+    # trio.SocketStream is final: its send_all only writes to the socket
+    if (
+        isinstance(sink, trio.SocketStream)
+        and os.name == "posix"
+        and isinstance(source, DirectSource)
+    ):
+        source.deliver_directly(_socket_writer(sink, stats, outbound, ending))
+        try:
+            await _copy_loop(source, sink, stats, outbound, ending)
+        finally:
+            source.deliver_directly(None)
+    else:
+        await _copy_loop(source, sink, stats, outbound, ending)
+    with ending.send():
+        await sink.send_eof()
+
+
+def _socket_writer(
+    sink: trio.SocketStream, stats: RelayStats | None, outbound: bool, ending: _Ending
+) -> DirectWriter:
+    """A non-blocking write straight to a plain TCP socket, for a source that delivers data
+    directly: the session's reader writes a Data frame's bytes itself while the pump waits,
+    so a small message reaches the socket without waking the pump.
+
+    Only a plain ``trio.SocketStream`` qualifies (not a TLS stream or a fault wrapper, whose
+    ``send_all`` does more than write). A write that would block, or fails,
+    takes nothing: the source buffers the data and the pump's ``send_all`` waits for the
+    socket or raises the typed error.
+    """
+    sock = sink.socket
+
+    def write(data: bytes) -> int:
+        fd = sock.fileno()  # -1 once closed: never a descriptor reused by someone else
+        if fd < 0:
+            return 0
+        try:
+            sent = os.write(fd, data)
+        except OSError:  # BlockingIOError included
+            return 0
+        ending.touch()
+        if stats is not None:
+            if outbound:
+                stats.bytes_out += sent
+            else:
+                stats.bytes_in += sent
+        return sent
+
+    return write
+
+
+async def _copy_loop(
+    source: trio.abc.ReceiveStream,
+    sink: trio.abc.HalfCloseableStream,
+    stats: RelayStats | None,
+    outbound: bool,
+    ending: _Ending,
+) -> None:
     paced = sink if isinstance(sink, PacedStream) else None
     while True:
         chunk = await source.receive_some(_CHUNK)
@@ -175,8 +243,6 @@ async def _copy(
                 stats.bytes_out += len(chunk)
             else:
                 stats.bytes_in += len(chunk)
-    with ending.send():
-        await sink.send_eof()
 
 
 async def relay(

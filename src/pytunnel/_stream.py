@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol
 
@@ -17,7 +18,11 @@ import trio
 
 from .errors import ErrorCode, LocalProtocolError
 
-__all__ = ["MuxStream", "StreamCarrier"]
+__all__ = ["DirectWriter", "MuxStream", "StreamCarrier"]
+
+#: Writes what it can of a chunk without blocking and returns how many bytes it took (0 when
+#: it would block or failed): a sink that takes a stream's bytes straight from the session.
+DirectWriter = Callable[[bytes], int]
 
 
 class StreamCarrier(Protocol):
@@ -147,6 +152,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self.datagrams_received = 0
         #: Datagrams dropped because a queue was full (either direction).
         self.datagrams_dropped = 0
+        self._direct: DirectWriter | None = None
+        #: Bytes the direct writer took (included in ``bytes_received``).
+        self.bytes_delivered_directly = 0
 
     def __repr__(self) -> str:
         return f"<MuxStream {self.stream_id} {self.host}:{self.port}>"
@@ -159,10 +167,40 @@ class MuxStream(trio.abc.HalfCloseableStream):
     # -------------------------------------------------------------- called by the carrier
 
     def deliver_data(self, data: bytes) -> None:
-        """The peer sent ``data``: buffer it for ``receive_some``."""
-        self._buffer.append(data)
+        """The peer sent ``data``: hand it to the direct writer if one may take it now, else
+        buffer it (what the writer did not take) for ``receive_some``.
+
+        The direct writer runs only while the buffer is empty and a reader is parked in
+        ``receive_some``: that reader then holds no chunk it has yet to pass on (it is waiting
+        for one), so bytes written directly cannot overtake any, and the reader stays asleep.
+        Window credit goes back for what the writer took, as if it had been read; the rest
+        earns its credit when it is read.
+        """
         self.bytes_received += len(data)
+        direct = self._direct
+        if direct is not None and not self._buffer and self._receive_lot:
+            sent = direct(data)
+            if sent:
+                self.bytes_delivered_directly += sent
+                self._carrier.consumed(self.stream_id, sent)
+                if sent >= len(data):
+                    return
+                data = data[sent:]
+        self._buffer.append(data)
         self._receive_lot.unpark_all()
+
+    def deliver_directly(self, writer: DirectWriter | None) -> None:
+        """Let ``writer`` take arriving data while this stream's reader waits for some
+        (``None`` stops it).
+
+        For a relay whose only job is to copy this stream into a socket: when the reader
+        task of the session can write a chunk to the socket itself, the relay task is not
+        woken for it, which is most of a small message's cost. The caller must be the only
+        reader of the stream and the only writer of the writer's sink, writing to the sink
+        only with what it read from this stream (a chunk the writer left over, then
+        ``send_eof``), and must stop the writer before the sink is closed.
+        """
+        self._direct = writer
 
     def _wake_datagram_readers(self) -> None:
         if self._datagram_lot is not None:
