@@ -222,24 +222,42 @@ async def test_window_credit_is_returned_only_for_bytes_delivered() -> None:
         assert t.accepted.bytes_received == len(payload)
 
 
-async def test_a_wrapped_sink_is_never_written_directly() -> None:
-    """Fault injection wraps both streams: the relay then only sends through ``send_all``
-    (which does more than write to the socket), so nothing goes directly, and every byte
-    still arrives in order."""
+async def test_a_sink_with_a_fault_set_is_never_written_directly() -> None:
+    """Fault injection wraps both streams; with a fault set towards the target, every byte
+    goes through the wrapper's ``send_all``, which applies it (here: 1000-byte slices), so
+    nothing goes directly, and every byte still arrives in order."""
     payload = _pattern(300_000, 9)
-    async with _tunnel(faults=Faults()) as t:
+    faults = Faults()
+    faults.set("out", slice_size=1000)
+    async with _tunnel(faults=faults) as t:
         got: list[bytes] = []
-
-        async def read() -> None:
-            got.append(await _read_until_eof(t.target))
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(read)
+            nursery.start_soon(_read_into, t.target, got)
             for start in range(0, len(payload), 3000):
                 await t.opened.send_all(payload[start : start + 3000])
             await t.opened.send_eof()
         assert got[0] == payload
         assert t.accepted.bytes_delivered_directly == 0
+
+
+async def test_a_fault_set_on_an_open_connection_counts_what_went_directly() -> None:
+    """No fault set: a fault wrapper lets bytes go directly. A ``close_after`` set while the
+    connection is open then counts those bytes too: the target gets exactly that many bytes
+    in all, then EOF."""
+    faults = Faults()
+    async with _tunnel(faults=faults) as t:
+        first = _pattern(100, 1)
+        await t.opened.send_all(first)
+        got = b""
+        with trio.fail_after(5):
+            while len(got) < len(first):
+                got += await t.target.receive_some()
+        assert t.accepted.bytes_delivered_directly == len(first)
+        faults.set("out", close_after=150)
+        await t.opened.send_all(_pattern(100, 2))
+        with trio.fail_after(5):
+            got += await _read_until_eof(t.target)
+        assert got == first + _pattern(100, 2)[:50]
 
 
 async def test_a_target_that_resets_ends_the_relay_with_a_reset() -> None:

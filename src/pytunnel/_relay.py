@@ -34,11 +34,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
+    "DirectSink",
     "DirectSource",
     "PacedStream",
     "RelayStats",
     "ResettableStream",
     "abort",
+    "direct_writer",
     "relay",
 ]
 
@@ -109,6 +111,14 @@ class DirectSource(Protocol):
     def deliver_directly(self, writer: DirectWriter | None) -> None: ...
 
 
+@runtime_checkable
+class DirectSink(Protocol):
+    """A wrapper that may let a direct writer bypass its ``send_all`` (a fault injector with
+    no fault set), given the writer of the stream it wraps (:func:`direct_writer`)."""
+
+    def direct_writer(self) -> DirectWriter | None: ...
+
+
 @attrs.define
 class RelayStats:
     """Live counters, shared by every relay of one forward."""
@@ -164,13 +174,9 @@ async def _copy(
     outbound: bool,
     ending: _Ending,
 ) -> None:
-    # trio.SocketStream is final: its send_all only writes to the socket
-    if (
-        isinstance(sink, trio.SocketStream)
-        and os.name == "posix"
-        and isinstance(source, DirectSource)
-    ):
-        source.deliver_directly(_socket_writer(sink, stats, outbound, ending))
+    writer = direct_writer(sink) if isinstance(source, DirectSource) else None
+    if writer is not None and isinstance(source, DirectSource):
+        source.deliver_directly(_counted(writer, stats, outbound, ending))
         try:
             await _copy_loop(source, sink, stats, outbound, ending)
         finally:
@@ -181,34 +187,53 @@ async def _copy(
         await sink.send_eof()
 
 
-def _socket_writer(
-    sink: trio.SocketStream, stats: RelayStats | None, outbound: bool, ending: _Ending
-) -> DirectWriter:
-    """A non-blocking write straight to a plain TCP socket, for a source that delivers data
-    directly: the session's reader writes a Data frame's bytes itself while the pump waits,
-    so a small message reaches the socket without waking the pump.
+def direct_writer(stream: trio.abc.SendStream) -> DirectWriter | None:
+    """A non-blocking write into ``stream`` for a source that delivers data directly, or
+    ``None`` if ``stream`` cannot take one.
 
-    Only a plain ``trio.SocketStream`` qualifies (not a TLS stream or a fault wrapper, whose
-    ``send_all`` does more than write). A write that would block, or fails,
-    takes nothing: the source buffers the data and the pump's ``send_all`` waits for the
-    socket or raises the typed error.
+    A plain ``trio.SocketStream`` (final: its ``send_all`` only writes to the socket) gets a
+    write to its socket, so the session's reader writes a Data frame's bytes itself while the
+    pump waits, and a small message reaches the socket without waking the pump. A wrapper
+    (:class:`DirectSink`) decides for itself, from its wrapped stream's writer; a TLS stream
+    or any other stream gets none. A write that would block, or fails, takes nothing: the
+    source buffers the data and the pump's ``send_all`` waits for the socket or raises the
+    typed error.
     """
-    sock = sink.socket
+    if isinstance(stream, trio.SocketStream):
+        return _socket_writer(stream.socket) if os.name == "posix" else None
+    if isinstance(stream, DirectSink):
+        return stream.direct_writer()
+    return None
 
+
+def _socket_writer(sock: trio.socket.SocketType) -> DirectWriter:
     def write(data: bytes) -> int:
         fd = sock.fileno()  # -1 once closed: never a descriptor reused by someone else
         if fd < 0:
             return 0
         try:
-            sent = os.write(fd, data)
+            return os.write(fd, data)
         except OSError:  # BlockingIOError included
             return 0
-        ending.touch()
-        if stats is not None:
-            if outbound:
-                stats.bytes_out += sent
-            else:
-                stats.bytes_in += sent
+
+    return write
+
+
+def _counted(
+    writer: DirectWriter, stats: RelayStats | None, outbound: bool, ending: _Ending
+) -> DirectWriter:
+    """``writer`` with what it took counted as the pump counts what it sends: the idle
+    clock restarts and the forward's byte counters grow."""
+
+    def write(data: bytes) -> int:
+        sent = writer(data)
+        if sent:
+            ending.touch()
+            if stats is not None:
+                if outbound:
+                    stats.bytes_out += sent
+                else:
+                    stats.bytes_in += sent
         return sent
 
     return write
