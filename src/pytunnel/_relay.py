@@ -1,7 +1,8 @@
 """The bidirectional pump between two streams: half-close, idle timeout, byte counters.
 
-One relay is one child nursery with two pump tasks, so cancelling the relay's parent (the
-forward, the session) ends both directions at once and closes both streams. There is no task
+One relay is one child nursery with the two pumps (one in a child task, the other in the
+relay's own task), so cancelling the relay's parent (the forward, the session) ends both
+directions at once and closes both streams. There is no task
 per chunk and no buffer beyond the chunk in hand: back-pressure flows through ``send_all``.
 
 Every stream is treated alike, whatever its class: a stream that can be reset (``reset``: a mux
@@ -307,8 +308,10 @@ async def relay(
         with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
             ending = _Ending(scope, idle_timeout)
             async with trio.open_nursery() as nursery:
-                for source, sink, outbound in ((a, b, True), (b, a, False)):
-                    nursery.start_soon(_pump, source, sink, stats, outbound, name, ending)
+                # the way back runs in this task: one task fewer per relay (its memory and
+                # its start-up), with the same fate as a child, since the nursery ends with it
+                nursery.start_soon(_pump, a, b, stats, True, name, ending)
+                await _pump(b, a, stats, False, name, ending)
         if scope.cancelled_caught and trio.current_time() >= scope.deadline:
             log.info("%s reset after %g s idle", name, idle_timeout)
             reason = (ErrorCode.IDLE_TIMEOUT, f"idle for {idle_timeout:g} s")

@@ -107,6 +107,37 @@ class MuxStream(trio.abc.HalfCloseableStream):
     more than the stream's receive window because the peer may not send more than that.
     """
 
+    # one per stream, thousands per session: no per-instance dict
+    __slots__ = (
+        "_broken",
+        "_buffer",
+        "_carrier",
+        "_closed",
+        "_datagram_lot",
+        "_datagrams",
+        "_direct",
+        "_eof",
+        "_fin_sent",
+        "_offset",
+        "_receive_conflict",
+        "_receive_lot",
+        "_send_broken",
+        "_send_conflict",
+        "_send_lot",
+        "bytes_delivered_directly",
+        "bytes_received",
+        "bytes_sent",
+        "datagram_queue",
+        "datagrams",
+        "datagrams_dropped",
+        "datagrams_received",
+        "datagrams_sent",
+        "host",
+        "port",
+        "stream_id",
+        "tag",
+    )
+
     def __init__(
         self,
         carrier: StreamCarrier,
@@ -125,7 +156,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self.host = host
         self.port = port
         self.tag = tag
-        self._buffer: deque[bytes] = deque()
+        #: Chunks received and not read yet; created when one has to wait (data delivered
+        #: directly, or read at once, never needs it), dropped when empty again.
+        self._buffer: deque[bytes] | None = None
         #: Bytes of ``_buffer[0]`` already handed out: a small ``max_bytes`` reads on from here
         #: instead of re-slicing the rest of the chunk each time (quadratic).
         self._offset = 0
@@ -136,7 +169,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
         #: Set when only the sending side is gone (the peer had finished before the end).
         self._send_broken: BaseException | None = None
         self._receive_lot = trio.lowlevel.ParkingLot()
-        self._send_lot = trio.lowlevel.ParkingLot()
+        #: Created when a sender first waits for window (most streams never do).
+        self._send_lot: trio.lowlevel.ParkingLot | None = None
         self._receive_conflict = _ConflictDetector("receiving on this stream")
         self._send_conflict = _ConflictDetector("sending on this stream")
         self.bytes_sent = 0
@@ -162,7 +196,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
     @property
     def bytes_buffered(self) -> int:
         """Bytes received and not read yet (never more than the stream's receive window)."""
-        return sum(map(len, self._buffer)) - self._offset
+        buffer = self._buffer
+        return 0 if buffer is None else sum(map(len, buffer)) - self._offset
 
     # -------------------------------------------------------------- called by the carrier
 
@@ -186,6 +221,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 if sent >= len(data):
                     return
                 data = data[sent:]
+        if self._buffer is None:
+            self._buffer = deque()
         self._buffer.append(data)
         self._receive_lot.unpark_all()
 
@@ -230,20 +267,30 @@ class MuxStream(trio.abc.HalfCloseableStream):
         pending or later, raises ``BrokenResourceError`` caused by ``cause``."""
         if self._broken is None:
             self._broken = cause
-        self._buffer.clear()
+        self._buffer = None
         self._offset = 0
         self._receive_lot.unpark_all()
-        self._send_lot.unpark_all()
+        self._wake_senders()
         self._wake_datagram_readers()
 
     def _break_sending(self, cause: BaseException) -> None:
         self._send_broken = cause
-        self._send_lot.unpark_all()
+        self._wake_senders()
         self._wake_datagram_readers()
+
+    def _senders(self) -> trio.lowlevel.ParkingLot:
+        lot = self._send_lot
+        if lot is None:
+            lot = self._send_lot = trio.lowlevel.ParkingLot()
+        return lot
+
+    def _wake_senders(self) -> None:
+        if self._send_lot is not None:
+            self._send_lot.unpark_all()
 
     def window_opened(self) -> None:
         """The peer granted more window: a parked sender may go on."""
-        self._send_lot.unpark_all()
+        self._wake_senders()
 
     def session_ended(self, reason: BaseException, *, locally: bool) -> None:
         """The carrying session ended. Closed ``locally`` (we closed it), the stream raises
@@ -252,7 +299,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if locally:
             self._closed = True
             self._receive_lot.unpark_all()
-            self._send_lot.unpark_all()
+            self._wake_senders()
             self._wake_datagram_readers()
         elif self._eof:
             self._break_sending(reason)
@@ -287,10 +334,14 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     await trio.lowlevel.cancel_shielded_checkpoint()
                     return b""
                 await self._receive_lot.park()
-            head, start = self._buffer[0], self._offset
+            buffer = self._buffer
+            assert buffer is not None  # not empty: the loop above checked
+            head, start = buffer[0], self._offset
             end = len(head) if max_bytes is None else min(len(head), start + max_bytes)
             if end == len(head):
-                self._buffer.popleft()
+                buffer.popleft()
+                if not buffer:
+                    self._buffer = None
                 self._offset = 0
                 chunk = head if start == 0 else head[start:]
             else:
@@ -315,7 +366,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     self._check_send()
                     window = carrier.send_window(self.stream_id)
                     if window <= 0:
-                        await self._send_lot.park()
+                        await self._senders().park()
                         continue
                     size = min(window, total - pos, chunk)
                     # Room first, then queue (nothing awaits in between): however many
@@ -387,7 +438,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             while self._broken is None and self._send_broken is None and not self._closed:
                 if self._carrier.send_window(self.stream_id) > 0:
                     break
-                await self._send_lot.park()
+                await self._senders().park()
             self._check_send()
             await trio.lowlevel.cancel_shielded_checkpoint()
 
@@ -409,11 +460,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
         ``BrokenResourceError`` caused by a :class:`StreamResetError` carrying ``code``."""
         if not self._closed:
             self._closed = True
-            self._buffer.clear()
+            self._buffer = None
             self._offset = 0
             self._carrier.reset_stream(self.stream_id, code, message)
             self._receive_lot.unpark_all()
-            self._send_lot.unpark_all()
+            self._wake_senders()
 
     async def aclose(self) -> None:
         """Close both directions. Clean (Fin) if everything received was read, else Reset.
@@ -423,11 +474,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if not self._closed:
             self._closed = True
             unread = bool(self._buffer)
-            self._buffer.clear()
+            self._buffer = None
             self._offset = 0
             self._datagrams = None
             self._carrier.close_stream(self.stream_id, abort=unread)
             self._receive_lot.unpark_all()
-            self._send_lot.unpark_all()
+            self._wake_senders()
             self._wake_datagram_readers()
         await trio.lowlevel.checkpoint()
