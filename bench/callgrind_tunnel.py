@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Instructions per 64-byte round trip through a whole tunnel (``pytunnel serve`` plus
-``pytunnel connect -L``, both under ``valgrind --tool=callgrind``), for one or more source trees.
+``pytunnel connect -L``, both under ``valgrind --tool=callgrind``), for one or more source trees;
+with ``--workload connect``, per new connection instead (connect, one byte echoed, close).
 
 On a shared machine the wall clock of a round trip moves with the load; the instructions the
 two processes execute for it do not. For each tree, a fresh tunnel runs twice, once with
@@ -11,6 +12,7 @@ SIGINT (a clean exit, so callgrind writes its totals) and, failing that, by thei
 
     git archive OLD src | tar -x -C /tmp/old    # likewise NEW into /tmp/new
     python bench/callgrind_tunnel.py /tmp/old /tmp/new --low 100 --high 400
+    python bench/callgrind_tunnel.py /tmp/old /tmp/new --workload connect --low 30 --high 130
 
 Slow (callgrind runs Python 30-60 times slower): a few minutes per tree.
 """
@@ -70,6 +72,19 @@ def _round_trips(port: int, count: int) -> None:
                 got += len(data)
 
 
+def _connections(port: int, count: int) -> None:
+    """``count`` connections one after the other, each echoing one byte before it closes."""
+    for _ in range(count):
+        with socket.create_connection((HOST, port), timeout=120) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(b"c")
+            if s.recv(1) != b"c":
+                raise BenchError("the tunnel closed the connection")
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(4096):
+                pass
+
+
 def _collected(child: Child) -> int:
     found = re.findall(r"Collected : (\d+)", child.log.read_text(errors="replace"))
     if not found:
@@ -77,9 +92,9 @@ def _collected(child: Child) -> int:
     return int(found[-1])
 
 
-def measure(procs: Processes, tree: Path, echo: int, count: int) -> int:
+def measure(procs: Processes, tree: Path, echo: int, count: int, workload: str = "ping") -> int:
     """Instructions of both tunnel processes over start-up, a warm-up and ``count`` round
-    trips."""
+    trips (or connections)."""
     env = {"PYTHONPATH": str(tree / "src"), "PYTUNNEL_TOKEN": "cg-" + os.urandom(8).hex()}
     grind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
     port, front = free_port(), free_port()
@@ -124,7 +139,12 @@ def measure(procs: Processes, tree: Path, echo: int, count: int) -> int:
         return True
 
     wait_for("the tunnel to echo", echoes, 300, client, step=1.0)
-    _round_trips(front, count)
+    if workload == "connect":
+        _connections(front, 5)  # the warm-up of the connection path
+        _connections(front, count)
+        time.sleep(2)  # both sides finish closing the last ones before the totals
+    else:
+        _round_trips(front, count)
     total = 0
     for child in (client, server):
         child.popen.send_signal(signal.SIGINT)
@@ -143,14 +163,16 @@ def main() -> int:
     parser.add_argument("trees", nargs="+", type=Path, help="directories holding src/pytunnel")
     parser.add_argument("--low", type=int, default=100)
     parser.add_argument("--high", type=int, default=400)
+    parser.add_argument("--workload", choices=("ping", "connect"), default="ping")
     args = parser.parse_args()
     echo = _echo_server()
-    print(f"{'tree':<30} {'I(low)':>14} {'I(high)':>14} {'instr/round trip':>18}", flush=True)
+    unit = "instr/connection" if args.workload == "connect" else "instr/round trip"
+    print(f"{'tree':<30} {'I(low)':>14} {'I(high)':>14} {unit:>18}", flush=True)
     with run_dir("pytunnel-callgrind-") as procs:
         for tree in args.trees:
             start = time.monotonic()
-            low = measure(procs, tree, echo, args.low)
-            high = measure(procs, tree, echo, args.high)
+            low = measure(procs, tree, echo, args.low, args.workload)
+            high = measure(procs, tree, echo, args.high, args.workload)
             per = (high - low) // (args.high - args.low)
             print(
                 f"{tree!s:<30} {low:>14} {high:>14} {per:>18}   ({time.monotonic() - start:.0f} s)",

@@ -1,7 +1,8 @@
 """The bidirectional pump between two streams: half-close, idle timeout, byte counters.
 
-One relay is one child nursery with two pump tasks, so cancelling the relay's parent (the
-forward, the session) ends both directions at once and closes both streams. There is no task
+One relay is one child nursery with the two pumps (one in a child task, the other in the
+relay's own task), so cancelling the relay's parent (the forward, the session) ends both
+directions at once and closes both streams. There is no task
 per chunk and no buffer beyond the chunk in hand: back-pressure flows through ``send_all``.
 
 Every stream is treated alike, whatever its class: a stream that can be reset (``reset``: a mux
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 import attrs
 import trio
 
+from ._stream import DirectWriter
 from ._util import aclose_all
 from .errors import ErrorCode, SessionClosedError
 
@@ -32,10 +35,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
+    "DirectSink",
+    "DirectSource",
     "PacedStream",
     "RelayStats",
     "ResettableStream",
     "abort",
+    "direct_writer",
     "relay",
 ]
 
@@ -104,6 +110,22 @@ class PacedStream(Protocol):
         ...
 
 
+@runtime_checkable
+class DirectSource(Protocol):
+    """A stream that can hand arriving data to a writer while its reader waits (a mux
+    stream: :meth:`pytunnel._stream.MuxStream.deliver_directly`)."""
+
+    def deliver_directly(self, writer: DirectWriter | None) -> None: ...
+
+
+@runtime_checkable
+class DirectSink(Protocol):
+    """A wrapper that may let a direct writer bypass its ``send_all`` (a fault injector with
+    no fault set), given the writer of the stream it wraps (:func:`direct_writer`)."""
+
+    def direct_writer(self) -> DirectWriter | None: ...
+
+
 @attrs.define
 class RelayStats:
     """Live counters, shared by every relay of one forward."""
@@ -159,6 +181,78 @@ async def _copy(
     outbound: bool,
     ending: _Ending,
 ) -> None:
+    writer = direct_writer(sink) if isinstance(source, DirectSource) else None
+    if writer is not None and isinstance(source, DirectSource):
+        source.deliver_directly(_counted(writer, stats, outbound, ending))
+        try:
+            await _copy_loop(source, sink, stats, outbound, ending)
+        finally:
+            source.deliver_directly(None)
+    else:
+        await _copy_loop(source, sink, stats, outbound, ending)
+    with ending.send():
+        await sink.send_eof()
+
+
+def direct_writer(stream: trio.abc.SendStream) -> DirectWriter | None:
+    """A non-blocking write into ``stream`` for a source that delivers data directly, or
+    ``None`` if ``stream`` cannot take one.
+
+    A plain ``trio.SocketStream`` (final: its ``send_all`` only writes to the socket) gets a
+    write to its socket, so the session's reader writes a Data frame's bytes itself while the
+    pump waits, and a small message reaches the socket without waking the pump. A wrapper
+    (:class:`DirectSink`) decides for itself, from its wrapped stream's writer; a TLS stream
+    or any other stream gets none. A write that would block, or fails, takes nothing: the
+    source buffers the data and the pump's ``send_all`` waits for the socket or raises the
+    typed error.
+    """
+    if isinstance(stream, trio.SocketStream):
+        return _socket_writer(stream.socket) if os.name == "posix" else None
+    if isinstance(stream, DirectSink):
+        return stream.direct_writer()
+    return None
+
+
+def _socket_writer(sock: trio.socket.SocketType) -> DirectWriter:
+    def write(data: bytes) -> int:
+        fd = sock.fileno()  # -1 once closed: never a descriptor reused by someone else
+        if fd < 0:
+            return 0
+        try:
+            return os.write(fd, data)
+        except OSError:  # BlockingIOError included
+            return 0
+
+    return write
+
+
+def _counted(
+    writer: DirectWriter, stats: RelayStats | None, outbound: bool, ending: _Ending
+) -> DirectWriter:
+    """``writer`` with what it took counted as the pump counts what it sends: the idle
+    clock restarts and the forward's byte counters grow."""
+
+    def write(data: bytes) -> int:
+        sent = writer(data)
+        if sent:
+            ending.touch()
+            if stats is not None:
+                if outbound:
+                    stats.bytes_out += sent
+                else:
+                    stats.bytes_in += sent
+        return sent
+
+    return write
+
+
+async def _copy_loop(
+    source: trio.abc.ReceiveStream,
+    sink: trio.abc.HalfCloseableStream,
+    stats: RelayStats | None,
+    outbound: bool,
+    ending: _Ending,
+) -> None:
     # duck-typed, as in abort(): a runtime Protocol isinstance is slow
     paced = cast("PacedStream", sink) if hasattr(sink, "paced") else None
     while True:
@@ -182,8 +276,6 @@ async def _copy(
                 stats.bytes_out += len(chunk)
             else:
                 stats.bytes_in += len(chunk)
-    with ending.send():
-        await sink.send_eof()
 
 
 async def relay(
@@ -224,8 +316,10 @@ async def relay(
         with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
             ending = _Ending(scope, idle_timeout)
             async with trio.open_nursery() as nursery:
-                for source, sink, outbound in ((a, b, True), (b, a, False)):
-                    nursery.start_soon(_pump, source, sink, stats, outbound, name, ending)
+                # the way back runs in this task: one task fewer per relay (its memory and
+                # its start-up), with the same fate as a child, since the nursery ends with it
+                nursery.start_soon(_pump, a, b, stats, True, name, ending)
+                await _pump(b, a, stats, False, name, ending)
         if scope.cancelled_caught and trio.current_time() >= scope.deadline:
             log.info("%s reset after %g s idle", name, idle_timeout)
             reason = (ErrorCode.IDLE_TIMEOUT, f"idle for {idle_timeout:g} s")

@@ -18,7 +18,11 @@ import trio
 
 from .errors import ErrorCode, LocalProtocolError
 
-__all__ = ["MuxStream", "StreamCarrier"]
+__all__ = ["DirectWriter", "MuxStream", "StreamCarrier"]
+
+#: Writes what it can of a chunk without blocking and returns how many bytes it took (0 when
+#: it would block or failed): a sink that takes a stream's bytes straight from the session.
+DirectWriter = Callable[[bytes], int]
 
 
 class StreamCarrier(Protocol):
@@ -103,6 +107,38 @@ class MuxStream(trio.abc.HalfCloseableStream):
     more than the stream's receive window because the peer may not send more than that.
     """
 
+    # one per stream, thousands per session: no per-instance dict
+    __slots__ = (
+        "_broken",
+        "_buffer",
+        "_carrier",
+        "_closed",
+        "_datagram_lot",
+        "_datagrams",
+        "_direct",
+        "_eof",
+        "_fin_sent",
+        "_offset",
+        "_on_break",
+        "_receive_conflict",
+        "_receive_lot",
+        "_send_broken",
+        "_send_conflict",
+        "_send_lot",
+        "bytes_delivered_directly",
+        "bytes_received",
+        "bytes_sent",
+        "datagram_queue",
+        "datagrams",
+        "datagrams_dropped",
+        "datagrams_received",
+        "datagrams_sent",
+        "host",
+        "port",
+        "stream_id",
+        "tag",
+    )
+
     def __init__(
         self,
         carrier: StreamCarrier,
@@ -121,7 +157,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self.host = host
         self.port = port
         self.tag = tag
-        self._buffer: deque[bytes] = deque()
+        #: Chunks received and not read yet; created when one has to wait (data delivered
+        #: directly, or read at once, never needs it), dropped when empty again.
+        self._buffer: deque[bytes] | None = None
         #: Bytes of ``_buffer[0]`` already handed out: a small ``max_bytes`` reads on from here
         #: instead of re-slicing the rest of the chunk each time (quadratic).
         self._offset = 0
@@ -132,7 +170,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
         #: Set when only the sending side is gone (the peer had finished before the end).
         self._send_broken: BaseException | None = None
         self._receive_lot = trio.lowlevel.ParkingLot()
-        self._send_lot = trio.lowlevel.ParkingLot()
+        #: Created when a sender first waits for window (most streams never do).
+        self._send_lot: trio.lowlevel.ParkingLot | None = None
         self._receive_conflict = _ConflictDetector("receiving on this stream")
         self._send_conflict = _ConflictDetector("sending on this stream")
         self.bytes_sent = 0
@@ -148,6 +187,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self.datagrams_received = 0
         #: Datagrams dropped because a queue was full (either direction).
         self.datagrams_dropped = 0
+        self._direct: DirectWriter | None = None
+        #: Bytes the direct writer took (included in ``bytes_received``).
+        self.bytes_delivered_directly = 0
         self._on_break: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
@@ -156,15 +198,48 @@ class MuxStream(trio.abc.HalfCloseableStream):
     @property
     def bytes_buffered(self) -> int:
         """Bytes received and not read yet (never more than the stream's receive window)."""
-        return sum(map(len, self._buffer)) - self._offset
+        buffer = self._buffer
+        return 0 if buffer is None else sum(map(len, buffer)) - self._offset
 
     # -------------------------------------------------------------- called by the carrier
 
     def deliver_data(self, data: bytes) -> None:
-        """The peer sent ``data``: buffer it for ``receive_some``."""
-        self._buffer.append(data)
+        """The peer sent ``data``: hand it to the direct writer if one may take it now, else
+        buffer it (what the writer did not take) for ``receive_some``.
+
+        The direct writer runs only while the buffer is empty and a reader is parked in
+        ``receive_some``: that reader then holds no chunk it has yet to pass on (it is waiting
+        for one), so bytes written directly cannot overtake any, and the reader stays asleep.
+        Window credit goes back for what the writer took, as if it had been read; the rest
+        earns its credit when it is read.
+        """
         self.bytes_received += len(data)
+        direct = self._direct
+        if direct is not None and not self._buffer and self._receive_lot:
+            sent = direct(data)
+            if sent:
+                self.bytes_delivered_directly += sent
+                self._carrier.consumed(self.stream_id, sent)
+                if sent >= len(data):
+                    return
+                data = data[sent:]
+        if self._buffer is None:
+            self._buffer = deque()
+        self._buffer.append(data)
         self._receive_lot.unpark_all()
+
+    def deliver_directly(self, writer: DirectWriter | None) -> None:
+        """Let ``writer`` take arriving data while this stream's reader waits for some
+        (``None`` stops it).
+
+        For a relay whose only job is to copy this stream into a socket: when the reader
+        task of the session can write a chunk to the socket itself, the relay task is not
+        woken for it, which is most of a small message's cost. The caller must be the only
+        reader of the stream and the only writer of the writer's sink, writing to the sink
+        only with what it read from this stream (a chunk the writer left over, then
+        ``send_eof``), and must stop the writer before the sink is closed.
+        """
+        self._direct = writer
 
     def _wake_datagram_readers(self) -> None:
         if self._datagram_lot is not None:
@@ -194,10 +269,10 @@ class MuxStream(trio.abc.HalfCloseableStream):
         pending or later, raises ``BrokenResourceError`` caused by ``cause``."""
         if self._broken is None:
             self._broken = cause
-        self._buffer.clear()
+        self._buffer = None
         self._offset = 0
         self._receive_lot.unpark_all()
-        self._send_lot.unpark_all()
+        self._wake_senders()
         self._wake_datagram_readers()
         callback, self._on_break = self._on_break, None
         if callback is not None:
@@ -216,12 +291,22 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
     def _break_sending(self, cause: BaseException) -> None:
         self._send_broken = cause
-        self._send_lot.unpark_all()
+        self._wake_senders()
         self._wake_datagram_readers()
+
+    def _senders(self) -> trio.lowlevel.ParkingLot:
+        lot = self._send_lot
+        if lot is None:
+            lot = self._send_lot = trio.lowlevel.ParkingLot()
+        return lot
+
+    def _wake_senders(self) -> None:
+        if self._send_lot is not None:
+            self._send_lot.unpark_all()
 
     def window_opened(self) -> None:
         """The peer granted more window: a parked sender may go on."""
-        self._send_lot.unpark_all()
+        self._wake_senders()
 
     def session_ended(self, reason: BaseException, *, locally: bool) -> None:
         """The carrying session ended. Closed ``locally`` (we closed it), the stream raises
@@ -230,7 +315,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if locally:
             self._closed = True
             self._receive_lot.unpark_all()
-            self._send_lot.unpark_all()
+            self._wake_senders()
             self._wake_datagram_readers()
         elif self._eof:
             self._break_sending(reason)
@@ -265,10 +350,14 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     await trio.lowlevel.cancel_shielded_checkpoint()
                     return b""
                 await self._receive_lot.park()
-            head, start = self._buffer[0], self._offset
+            buffer = self._buffer
+            assert buffer is not None  # not empty: the loop above checked
+            head, start = buffer[0], self._offset
             end = len(head) if max_bytes is None else min(len(head), start + max_bytes)
             if end == len(head):
-                self._buffer.popleft()
+                buffer.popleft()
+                if not buffer:
+                    self._buffer = None
                 self._offset = 0
                 chunk = head if start == 0 else head[start:]
             else:
@@ -293,7 +382,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     self._check_send()
                     window = carrier.send_window(self.stream_id)
                     if window <= 0:
-                        await self._send_lot.park()
+                        await self._senders().park()
                         continue
                     size = min(window, total - pos, chunk)
                     # Room first, then queue (nothing awaits in between): however many
@@ -365,7 +454,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             while self._broken is None and self._send_broken is None and not self._closed:
                 if self._carrier.send_window(self.stream_id) > 0:
                     break
-                await self._send_lot.park()
+                await self._senders().park()
             self._check_send()
             await trio.lowlevel.cancel_shielded_checkpoint()
 
@@ -387,11 +476,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
         ``BrokenResourceError`` caused by a :class:`StreamResetError` carrying ``code``."""
         if not self._closed:
             self._closed = True
-            self._buffer.clear()
+            self._buffer = None
             self._offset = 0
             self._carrier.reset_stream(self.stream_id, code, message)
             self._receive_lot.unpark_all()
-            self._send_lot.unpark_all()
+            self._wake_senders()
 
     async def aclose(self) -> None:
         """Close both directions. Clean (Fin) if everything received was read, else Reset.
@@ -401,11 +490,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if not self._closed:
             self._closed = True
             unread = bool(self._buffer)
-            self._buffer.clear()
+            self._buffer = None
             self._offset = 0
             self._datagrams = None
             self._carrier.close_stream(self.stream_id, abort=unread)
             self._receive_lot.unpark_all()
-            self._send_lot.unpark_all()
+            self._wake_senders()
             self._wake_datagram_readers()
         await trio.lowlevel.checkpoint()

@@ -23,7 +23,8 @@ from typing import Literal
 import attrs
 import trio
 
-from .._relay import abort
+from .._relay import DirectSource, abort, direct_writer
+from .._stream import DirectWriter
 
 #: The relay's logger: a connection a fault closed is said where relays are.
 log = logging.getLogger("pytunnel.relay")
@@ -190,6 +191,41 @@ class FaultyStream(trio.abc.HalfCloseableStream):
     def reset(self, code: int, message: str) -> None:
         """Abort the wrapped stream (RST on TCP, Reset on a mux stream)."""
         abort(self.stream, code, message)
+
+    def direct_writer(self) -> DirectWriter | None:
+        """The wrapped stream's direct writer, taking nothing while a fault is set for this
+        direction or the connection is cut or reset: then every byte goes through
+        ``send_all``, which applies them (and counts for ``close_after`` as before)."""
+        inner = direct_writer(self.stream)
+        if inner is None:
+            return None
+        link = self._link
+        side = self._faults.side
+
+        def write(data: bytes) -> int:
+            if link.cut or link.reset or side(self._outbound).active:
+                return 0
+            sent = inner(data)
+            self._sent += sent
+            return sent
+
+        return write
+
+    def deliver_directly(self, writer: DirectWriter | None) -> None:
+        """Hand ``writer`` to the wrapped stream if it delivers directly, stopped once the
+        connection is cut or reset (``receive_some`` then ends or raises instead)."""
+        stream = self.stream
+        if not isinstance(stream, DirectSource):
+            return
+        if writer is None:
+            stream.deliver_directly(None)
+            return
+        link = self._link
+
+        def write(data: bytes) -> int:
+            return 0 if link.cut or link.reset else writer(data)
+
+        stream.deliver_directly(write)
 
     def _check(self) -> None:
         if self._link.reset:
