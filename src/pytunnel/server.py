@@ -28,6 +28,7 @@ from ._dial import DEFAULT_CONNECT_TIMEOUT, format_target
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT
 from ._listen import bind
 from ._policy import PermitOpen, PortRange, parse_port_ranges
+from ._proxied import Network, ProxyHeaderError, real_peer, trusted_networks
 from ._relay import DEFAULT_IDLE_TIMEOUT
 from ._server_session import _ClientSession
 from ._udp import (
@@ -184,6 +185,12 @@ class ServerConfig:
     #: names and client identities are claimed there before they are bound or registered.
     #: ``None``: a server on its own, whose binds and routes are its only ownership.
     cluster: Registry | None = None
+    #: Proxies in front of the server (addresses or networks: HAProxy, nginx ``stream``, a
+    #: cloud balancer) that begin each connection with a PROXY protocol header (v1 or v2)
+    #: naming its real source. A connection from one of them must start with a valid header
+    #: (it is closed otherwise); its source is then the client's address everywhere: logs,
+    #: the per-address limits, and what targets are told. Nobody else's header is read.
+    trusted_proxies: tuple[Network, ...] = attrs.field(default=(), converter=trusted_networks)
 
     def port_allowed(self, port: int) -> bool:
         return self.allow_ports is None or any(port in r for r in self.allow_ports)
@@ -222,6 +229,7 @@ class ServerOptions(TypedDict, total=False):
     ws_path: str | None
     ws_ping_interval: float | None
     cluster: Registry | None
+    trusted_proxies: Iterable[str | Network]
 
 
 def _server_config(
@@ -490,11 +498,28 @@ class TunnelServer:
     async def _handle_socket(self, stream: trio.SocketStream) -> None:
         try:
             host, port = stream.socket.getpeername()[:2]
-            peer = format_target(str(host), int(port))
         except OSError:  # the peer is already gone
             await trio.aclose_forcefully(stream)
             return
-        await self.handle_stream(stream, peer=peer, peer_host=str(host))
+        source: tuple[str, int] = (str(host), int(port))
+        proxy: tuple[str, int] | None = None
+        if self.config.trusted_proxies:
+            try:
+                source, proxy = await real_peer(
+                    stream, source, self.config.trusted_proxies, self.config.first_frame_timeout
+                )
+            except ProxyHeaderError as exc:
+                log.warning(
+                    "closing a control connection from trusted proxy %s: %s",
+                    format_target(*source),
+                    exc,
+                )
+                await trio.aclose_forcefully(stream)
+                return
+        peer = format_target(*source)
+        if proxy is not None and proxy != source:
+            peer = f"{peer} via {format_target(*proxy)}"
+        await self.handle_stream(stream, peer=peer, peer_host=source[0])
 
     async def handle_stream(
         self, stream: trio.abc.Stream, *, peer: str = "?", peer_host: str | None = None

@@ -101,6 +101,14 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
     "*.example.org. Comma lists or repeated.",
 )
 @click.option(
+    "--trusted-proxies",
+    multiple=True,
+    metavar="ADDRESS|CIDR",
+    help="A proxy in front of the server (HAProxy, nginx stream) that starts each connection "
+    "with a PROXY protocol header naming the real client; its connections must. Comma lists "
+    "or repeated.",
+)
+@click.option(
     "--max-names-per-client",
     type=click.IntRange(min=0),
     default=_SERVER.max_names_per_client.default,
@@ -248,6 +256,7 @@ def serve(
     https_listen: tuple[str, int] | None,
     domain: str | None,
     allow_domains: tuple[str, ...],
+    trusted_proxies: tuple[str, ...],
     max_names_per_client: int,
     name_head_timeout: float,
     max_name_pending: int,
@@ -363,6 +372,9 @@ def server_config(params: Mapping[str, Any], secret: str) -> pytunnel.ServerConf
             auth_failure_interval=params["auth_failure_interval"],
             domain=params["domain"],
             allow_domains=[p for value in params["allow_domains"] for p in value.split(",")],
+            trusted_proxies=[
+                p for value in params["trusted_proxies"] for p in value.split(",") if p.strip()
+            ],
             max_names_per_client=params["max_names_per_client"],
             name_head_timeout=params["name_head_timeout"],
             max_name_pending=params["max_name_pending"],
