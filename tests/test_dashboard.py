@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import pytunnel
+
 playwright_sync = pytest.importorskip(
     "playwright.sync_api", reason="the playwright package drives the browser"
 )
@@ -205,6 +207,9 @@ def test_server_dashboard_shows_clients_come_and_go(
         expect(row).to_have_count(1)  # the clients table
         expect(row).to_contain_text("laptop")
         expect(row).to_contain_text(public)
+        # the version the client named and the round-trip time the server measured
+        expect(row.locator(".version")).to_have_text(f"pytunnel/{pytunnel.__version__}")
+        expect(row.locator(".rtt")).to_have_text(re.compile(r"^\d+\.\d ms$"))
         expect(page.locator("#link")).to_contain_text("1 clients")
         expect(page.locator("#events")).to_contain_text("client laptop connected")
         forward_row = page.locator(f'#ports tr[data-port="{public}"]')
