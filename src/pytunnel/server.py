@@ -51,7 +51,7 @@ from .errors import (
     TunnelError,
     printable,
 )
-from .forwards._group import Group
+from .forwards._group import Group, PortGroup
 from .forwards._public_name import _Endpoint, _PublicName
 from .protocol.mux import Role
 from .session import (
@@ -307,7 +307,9 @@ def _route_info(endpoint: _Endpoint) -> RouteInfo:
     if isinstance(endpoint, _PublicName):
         address, kind = endpoint.name, "https" if endpoint.tls else "http"
     else:
-        address, kind = endpoint.what, "tcp"
+        group = endpoint.group
+        address = group.address if isinstance(group, PortGroup) else endpoint.what
+        kind = "tcp"
     return RouteInfo(
         address=address,
         kind=kind,
