@@ -455,3 +455,16 @@ def test_a_group_declared_in_tables_is_shared_and_listed_by_the_server(
         for service in services:
             service.shutdown()
             service.server_close()
+
+
+def test_the_documented_name_route_and_group_tables_are_valid(tmp_path: Path) -> None:
+    docs = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    text = docs.read_text().split("### Name routes and groups in tables", 1)[1]
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "web.key").write_text("group secret\n")
+    config = tmp_path / "pytunnel.toml"
+    config.write_text(example.replace('"web.key"', f'"{tmp_path / "web.key"}"'))
+    out = _cli("check-config", str(config))
+    assert (out.returncode, out.stdout) == (0, f"{config}: [client] ok, 2 named forwards\n"), (
+        out.stderr
+    )
