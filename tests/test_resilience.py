@@ -26,8 +26,8 @@ import pytunnel
 from pytunnel import ErrorCode
 from pytunnel._handshake import open_server_session
 from pytunnel.client import ForwardStatus
-from pytunnel.protocol.frames import encode_message
 from pytunnel.protocol import routes
+from pytunnel.protocol.frames import encode_message
 from pytunnel.protocol.messages import Bound
 from pytunnel.session import IncomingStream, Session
 

@@ -20,8 +20,8 @@ import click
 import trio
 
 import pytunnel
+from pytunnel.forwards.name import HttpRouteOptions
 
-from .._http_rewrite import HttpRouteOptions
 from ._config import ForwardTable
 from ._output import say
 
