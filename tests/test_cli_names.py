@@ -468,3 +468,31 @@ def test_the_documented_name_route_and_group_tables_are_valid(tmp_path: Path) ->
     assert (out.returncode, out.stdout) == (0, f"{config}: [client] ok, 2 named forwards\n"), (
         out.stderr
     )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--rewrite-host", "bad host", "-R", "app:80:127.0.0.1:1"],
+            "Invalid value for --rewrite-host: rewrite_host 'bad host' is not a host name",
+        ),
+        (
+            ["--group", "web", "--group-key-file", "{key}", "-R", "0:127.0.0.1:1"],
+            "a load-balanced group (--group) needs a fixed port, not 0 (-R 0:127.0.0.1:1)",
+        ),
+    ],
+)
+def test_bad_route_flags_are_usage_errors_before_connecting(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    key = tmp_path / "web.key"
+    key.write_text("secret\n")
+    with socket.socket() as closed:  # nothing listens there: nothing may be tried
+        closed.bind(("127.0.0.1", 0))
+        server = f"127.0.0.1:{closed.getsockname()[1]}"
+    args = [f.replace("{key}", str(key)) for f in flags]
+    out = _cli("connect", server, "--token-file", str(key), "--admin", "off", *args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr

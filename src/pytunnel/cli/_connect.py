@@ -307,6 +307,10 @@ def connect(
             "--admin HOST:PORT needs a token: --admin-token-file or PYTUNNEL_ADMIN_TOKEN"
         )
 
+    # before the event loop: a table's group key is read from its file, and a bad value is
+    # a usage error before anything connects
+    initial = declared_forwards(ctx, group, group_key)
+
     async def run() -> None:
         client_config = config
         context = await client_tls(use_tls, tls_ca, tls_cert, tls_key, tls_fingerprint)
@@ -322,9 +326,7 @@ def connect(
                 apply = functools.partial(_reload, ctx, forwards, group_key)
                 if config_path(ctx) is not None:
                     await nursery.start(watch_reload, ctx, apply)
-                # a table's group key is read from its file: not on the event loop
-                initial = functools.partial(declared_forwards, ctx, group, group_key)
-                await forwards.apply(await trio.to_thread.run_sync(initial))
+                await forwards.apply(initial)
                 api = _admin.client_api(
                     tunnel,
                     forwards,
