@@ -496,3 +496,50 @@ def test_bad_route_flags_are_usage_errors_before_connecting(
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_forwards_add_joins_a_group_and_a_wrong_key_is_refused(
+    server: Server, rundir: Path, tmp_path: Path
+) -> None:
+    """One member joins at start (flags), another through ``forwards add --group``: the
+    name's requests go to both; a member with another key gets one clear refusal."""
+    key = tmp_path / "web.key"
+    key.write_text("group secret\n")
+    services = [_service(b"first"), _service(b"second")]
+    targets = [f"127.0.0.1:{s.server_address[1]}" for s in services]
+    flags = ["--group", "web", "--group-key-file", str(key), "--admin", "off"]
+    first = _connect(server, *flags, "-R", f"app:80:{targets[0]}")
+    sock = rundir / "c.sock"
+    admin = ["--admin", f"unix:{sock}"]
+    second = _connect(server, *admin)
+    try:
+        assert _readline(first).startswith(f"name route http://app.{DOMAIN}")
+        _wait_for(sock)
+        group = ["--group", "web", "--group-key-file", str(key)]
+        out = _cli("forwards", "add", "-R", f"app:80:{targets[1]}", *group, *admin)
+        assert out.returncode == 0, out.stderr
+        (row,) = _forwards(admin)
+        assert (row["kind"], row["group"], row["status"]) == ("name", "web", "active")
+        answers = sorted(server.get("app", "/g")[1] for _ in range(4))
+        assert answers == ["first /g", "first /g", "second /g", "second /g"]
+
+        other = tmp_path / "other.key"
+        other.write_text("not the secret\n")
+        wrong = ["--group", "web", "--group-key-file", str(other)]
+        out = _cli("forwards", "add", "-R", f"api:80:{targets[1]}", "--name", "x", *wrong, *admin)
+        assert out.returncode == 0, out.stderr  # a new name: this key forms its group
+        out = _cli("forwards", "add", "-R", f"app:80:{targets[0]}", *wrong, *admin)
+        assert out.returncode == 1
+        assert "[GROUP_MISMATCH]" in out.stderr
+        assert "(HTTP 409)" in out.stderr
+        assert "not the secret" not in out.stderr
+        out = _cli("forwards", "add", "-R", f"app:80:{targets[0]}", "--group", "web", *admin)
+        assert out.returncode == 1
+        assert "group_key_file: group and group_key_file go together (HTTP 400)" in out.stderr
+        assert len(_forwards(admin)) == 2
+    finally:
+        _stop(second)
+        _stop(first)
+        for service in services:
+            service.shutdown()
+            service.server_close()

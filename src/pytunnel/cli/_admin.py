@@ -31,7 +31,7 @@ import pytunnel.admin
 from pytunnel.admin import AdminError, Request, Response
 
 from ._config import ForwardTable, ReloadResult, structure_table
-from ._declared import DeclaredForwards, Running, TableError, declare_table
+from ._declared import DeclaredForwards, Running, TableError, bind_of, declare_table
 from ._options import EXISTING_FILE, parsed, stack
 from ._output import fail, say
 from ._run import describe
@@ -94,18 +94,12 @@ def forward_view(entry: Running) -> dict[str, Any]:
     forward = entry.forward
     stats = forward.stats
     error = forward.reason if forward.status is pytunnel.ForwardStatus.ERROR else None
-    bind = (
-        forward.url
-        if isinstance(forward, pytunnel.NameForward)
-        else pytunnel.format_target(*forward.address)
-    )
     return {
         "id": entry.id,
         "name": entry.declared.name,
         "kind": forward.kind.name.lower(),
         "spec": entry.declared.spec,
-        # a name route's public side is its URL (the full name the server gave, its port)
-        "bind": bind,
+        "bind": bind_of(forward),
         "target": "socks" if forward.kind is pytunnel.ForwardKind.DYNAMIC else forward.target,
         "status": forward.status.value,
         "reason": forward.reason,

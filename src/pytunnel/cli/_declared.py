@@ -25,7 +25,7 @@ from pytunnel.forwards.name import HttpRouteOptions
 from ._config import ForwardTable
 from ._output import say
 
-__all__ = ["Declared", "DeclaredForwards", "Running", "declare_table", "from_flags"]
+__all__ = ["Declared", "DeclaredForwards", "Running", "bind_of", "declare_table", "from_flags"]
 
 log = logging.getLogger("pytunnel.cli")
 
@@ -349,6 +349,14 @@ class Running:
     #: ``"config"`` (flags and file: a reload manages it) or ``"api"`` (added at run time:
     #: a reload leaves it alone, as ``ssh -O forward`` does).
     origin: str = "config"
+
+
+def bind_of(forward: pytunnel.Forward) -> str:
+    """Where a forward takes its connections: ``host:port``, or a name route's public URL
+    (the full name the server gave, and the shared listener's port)."""
+    if isinstance(forward, pytunnel.NameForward):
+        return forward.url
+    return pytunnel.format_target(*forward.address)
 
 
 def describe(forward: pytunnel.Forward) -> str:
