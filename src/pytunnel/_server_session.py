@@ -214,6 +214,7 @@ class _ClientSession:
         and cut short: it is shown, not parsed); the stream carries nothing."""
         if self.software is None:
             self.software = printable(incoming.host[:64])
+            log.info("client %s runs %s", self.peer, self.software)
         incoming.refuse(ErrorCode.NORMAL, "")
 
     def reserve_stream(self, incoming: IncomingStream | None = None) -> bool:
