@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import pytunnel
+
 playwright_sync = pytest.importorskip(
     "playwright.sync_api", reason="the playwright package drives the browser"
 )
@@ -205,6 +207,9 @@ def test_server_dashboard_shows_clients_come_and_go(
         expect(row).to_have_count(1)  # the clients table
         expect(row).to_contain_text("laptop")
         expect(row).to_contain_text(public)
+        # the version the client named and the round-trip time the server measured
+        expect(row.locator(".version")).to_have_text(f"pytunnel/{pytunnel.__version__}")
+        expect(row.locator(".rtt")).to_have_text(re.compile(r"^\d+\.\d ms$"))
         expect(page.locator("#link")).to_contain_text("1 clients")
         expect(page.locator("#events")).to_contain_text("client laptop connected")
         forward_row = page.locator(f'#ports tr[data-port="{public}"]')
@@ -223,6 +228,83 @@ def test_server_dashboard_shows_clients_come_and_go(
         client.wait()
         expect(row).to_have_count(0, timeout=30_000)
         expect(page.locator("#events")).to_contain_text("disconnected")
+    finally:
+        for proc in (client, server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_name_routes_on_both_dashboards(browser: object, echo: int, tmp_path: Path) -> None:
+    """A name route added through the client's form is a row of its forwards (kind ``name``,
+    its public URL) and, on the server's dashboard, a row of that client's routes; Remove
+    takes it off both."""
+    expect = playwright_sync.expect
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("names-token\n")
+    server_admin, client_admin = _free_port(), _free_port()
+    server = subprocess.Popen(
+        [
+            *PYTUNNEL, "serve", "--listen", "127.0.0.1:0", "--token", "t",
+            "--http-listen", "127.0.0.1:0", "--domain", "tunnel.test",
+            "--admin", f"127.0.0.1:{server_admin}", "--admin-token-file", str(token_file),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+    client = None
+    try:
+        address = _line(server, "pytunnel server listening on ").rsplit(" ", 1)[1]
+        shared = _line(server, "routing HTTP by name on ").rsplit(":", 1)[1]
+        client = subprocess.Popen(
+            [
+                *PYTUNNEL, "connect", address, "--token", "t", "--client-id", "laptop",
+                "--admin", f"127.0.0.1:{client_admin}", "--admin-token-file", str(token_file),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )  # fmt: skip
+        _line(client, "connected to ")
+        pages = []
+        for port in (client_admin, server_admin):
+            page = browser.new_page()  # type: ignore[attr-defined]
+            for _ in range(50):
+                try:
+                    page.goto(f"http://127.0.0.1:{port}/")
+                    break
+                except playwright_sync.Error:
+                    page.wait_for_timeout(200)
+            page.fill("#token", "names-token")
+            page.click("#login-form button")
+            pages.append(page)
+        mine, theirs = pages
+        expect(mine.locator("#role")).to_have_text("client")
+        mine.select_option("#add-kind", "remote")
+        mine.fill("#add-spec", f"app:80:127.0.0.1:{echo}")
+        mine.fill("#add-name", "app")
+        mine.click("#add button")
+        row = mine.locator('tr[data-id="f1"]')
+        expect(row.locator(".status")).to_have_text("active")
+        expect(row).to_contain_text("name")
+        expect(row).to_contain_text(f"http://app.tunnel.test:{shared}")
+
+        route = theirs.locator('#ports tr[data-port="http://app.tunnel.test"]')
+        expect(route.locator(".status")).to_have_text("active")
+        expect(route).to_contain_text("laptop")
+        with socket.create_connection(("127.0.0.1", int(shared)), timeout=10) as conn:
+            head = b"GET / HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n"
+            conn.sendall(head)
+            got = b""
+            while len(got) < len(head):
+                got += conn.recv(65536)
+        expect(route.locator(".conns")).to_have_text("0/1")
+        expect(row.locator(".conns")).to_have_text("0/1")
+
+        row.locator('button[data-action="remove"]').click()
+        expect(row).to_have_count(0)
+        expect(route).to_have_count(0)
     finally:
         for proc in (client, server):
             if proc is not None and proc.poll() is None:

@@ -26,8 +26,10 @@ import pytunnel
 from pytunnel import ErrorCode
 from pytunnel._handshake import open_server_session
 from pytunnel.client import ForwardStatus
+from pytunnel.protocol import routes
 from pytunnel.protocol.frames import encode_message
 from pytunnel.protocol.messages import Bound
+from pytunnel.session import IncomingStream, Session
 
 pytestmark = pytest.mark.timeout(180)
 FAST = {"backoff_initial": 0.02, "backoff_max": 0.1, "backoff_jitter": 0.0}
@@ -735,6 +737,14 @@ async def test_reconnection_waits_as_long_as_a_rate_limit_says(nursery: trio.Nur
     assert tunnel.connected
 
 
+async def _accept_forward(session: Session) -> IncomingStream:
+    """The next stream the client opens other than its CLIENT_INFO (refused, as a server
+    that records it does)."""
+    while (incoming := await session.accept_stream()).tag == routes.CLIENT_INFO:
+        incoming.refuse(ErrorCode.NORMAL, "")
+    return incoming
+
+
 async def test_reattach_failure_before_bound_does_not_kill_the_tunnel() -> None:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
@@ -744,14 +754,14 @@ async def test_reattach_failure_before_bound_does_not_kill_the_tunnel() -> None:
         # connection 1: register the forward properly, then drop the link
         stream = await listeners[0].accept()
         async with open_server_session(stream, TOKEN) as session:
-            incoming = await session.accept_stream()
+            incoming = await _accept_forward(session)
             control = incoming.accept()
             await control.send_all(encode_message(Bound("127.0.0.1", 45678)))
             await trio.sleep(0.2)
         # connection 2 (the reconnect): accept the re-registration, then reset it before Bound
         stream = await listeners[0].accept()
         async with open_server_session(stream, TOKEN) as session:
-            incoming = await session.accept_stream()
+            incoming = await _accept_forward(session)
             incoming.accept().reset(ErrorCode.FORWARD_FAILED, "cannot restore")
             second_done.set()
             await trio.sleep(1)

@@ -89,6 +89,11 @@ class _ClientSession:
         self.forwards = 0
         #: Wall-clock time the client was admitted.
         self.connected_at = time.time()
+        #: The software and version the client named (``CLIENT_INFO``); ``None`` until it
+        #: does, and for good from a client that predates the route.
+        self.software: str | None = None
+        #: Round-trip time of the server's last ping to the client, in seconds.
+        self.rtt: float | None = None
         #: Name group members admitted and not yet ended (counted with the names).
         self._pending_members = 0
         #: Streams refused at the server's limit since the last one admitted.
@@ -105,6 +110,10 @@ class _ClientSession:
         node = server.cluster.node_id if server.cluster is not None else "local"
         self.owner = f"{node}/{secrets.token_hex(6)}"
 
+    def routes(self) -> list[_Endpoint]:
+        """Its name routes and group memberships, in a stable order (the admin API's)."""
+        return sorted([*self.public_names, *self.memberships], key=lambda e: e.what)
+
     def _stop_listening(self) -> None:
         for forward in list(self.public_ports):
             forward.stop_listening()
@@ -118,6 +127,7 @@ class _ClientSession:
         self.session.on_terminate(self._stop_listening)
         async with trio.open_nursery() as nursery:  # the session nursery
             nursery.start_soon(self._watch_heartbeat)
+            nursery.start_soon(self._measure_rtt)
             while True:
                 try:
                     incoming = await self.session.accept_stream()
@@ -125,6 +135,8 @@ class _ClientSession:
                     break
                 if refuse_wrong_kind(incoming, incoming.tag == routes.UDP_CONNECT):
                     pass
+                elif incoming.tag == routes.CLIENT_INFO:
+                    self._record_software(incoming)
                 elif incoming.tag in (routes.CONNECT, routes.UDP_CONNECT):
                     if self.reserve_stream(incoming):
                         handler = (
@@ -182,6 +194,28 @@ class _ClientSession:
                     )
                 )
                 return
+
+    async def _measure_rtt(self) -> None:
+        """Ping the client at once and then every ``heartbeat_check_interval``, for the RTT
+        the admin API and the metrics show. The client's own pings keep the link alive and
+        tell the client its RTT; a server learns nothing from answering them, so it asks
+        for itself (a few bytes per client every few seconds). An unanswered ping is
+        abandoned after ``heartbeat_timeout``: the watchdog drops such a client."""
+        while True:
+            with trio.move_on_after(self.config.heartbeat_timeout):
+                try:
+                    self.rtt = await self.session.ping()
+                except SessionClosedError:
+                    return
+            await trio.sleep(self.config.heartbeat_check_interval)
+
+    def _record_software(self, incoming: IncomingStream) -> None:
+        """Keep the first software name the client gives (escaped: it is the peer's text,
+        and cut short: it is shown, not parsed); the stream carries nothing."""
+        if self.software is None:
+            self.software = printable(incoming.host[:64])
+            log.info("client %s runs %s", self.peer, self.software)
+        incoming.refuse(ErrorCode.NORMAL, "")
 
     def reserve_stream(self, incoming: IncomingStream | None = None) -> bool:
         """Take one of the server's stream slots at admission (before any dial), so a burst

@@ -37,6 +37,7 @@ from .errors import (
     TunnelError,
     VersionMismatchError,
 )
+from .protocol import routes
 from .protocol.mux import Role
 from .session import Session
 
@@ -261,6 +262,7 @@ class Supervisor:
             ):
                 link.link_up(session, nursery)
                 nursery.start_soon(self._heartbeat, session)
+                nursery.start_soon(_announce, session)
                 for forward in link.forwards:
                     forward.on_link_up(session, nursery)
                 link.emit(TunnelEvent(EventKind.CONNECTED, "link up"))
@@ -319,3 +321,15 @@ class Supervisor:
                 incoming.refuse(ErrorCode.FORWARD_FAILED, f"no forward with id {incoming.tag}")
             elif not refuse_wrong_kind(incoming, forward.kind.udp, what="forward"):
                 forward.dispatch(incoming)
+
+
+async def _announce(session: Session) -> None:
+    """Tell the server our software and version (its admin API shows them). The server
+    refuses the stream (``NORMAL`` from one that records it, ``PROTOCOL_ERROR`` from one that
+    predates the route): either way there is nothing more to do."""
+    from . import __version__  # the package's, set once its modules are imported
+
+    try:
+        await session.open_stream(f"pytunnel/{__version__}", 0, tag=routes.CLIENT_INFO)
+    except TunnelError:  # the refusal, or the session ending first
+        return

@@ -185,6 +185,15 @@ class ServerCollector(Collector):
         for limit in sorted({"streams", "forwards", *server.limits_hit}):
             limits.add_metric([limit], server.limits_hit.get(limit, 0))
         yield limits
+        rtt = GaugeMetricFamily(
+            "pytunnel_server_client_heartbeat_rtt_seconds",
+            "Round-trip time of the server's last ping to each client (absent before the first).",
+            labels=["client"],
+        )
+        for client in server.clients:
+            if client.rtt is not None:
+                rtt.add_metric([client.client_id or client.peer], client.rtt)
+        yield rtt
         yield from _port_metrics(server)
 
 

@@ -52,7 +52,8 @@ from .errors import (
     TunnelError,
     printable,
 )
-from .forwards._group import Group
+from .forwards._group import Group, PortGroup
+from .forwards._public_name import _Endpoint, _PublicName
 from .protocol.mux import Role
 from .session import (
     SessionConfig,
@@ -263,6 +264,26 @@ class PublicPortInfo:
 
 
 @attrs.frozen
+class RouteInfo:
+    """One name route of a client, or one membership of a load-balanced port group."""
+
+    #: The full name routed (``app.example.com``), or the group's ``host:port``.
+    address: str
+    #: ``http`` or ``https`` for a name route, ``tcp`` for a port group's member.
+    kind: str
+    #: The load-balanced group it is a member of, if any.
+    group: str | None
+    #: ``active``, or ``offline`` while the client reports its target down.
+    status: str
+    #: Public connections handed to this client, open now and in all.
+    connections: int
+    connections_total: int
+    #: Bytes from the public peers towards the client's target, and back.
+    bytes_out: int
+    bytes_in: int
+
+
+@attrs.frozen
 class ClientInfo:
     """One connected client as :attr:`TunnelServer.clients` shows it."""
 
@@ -281,6 +302,32 @@ class ClientInfo:
     bytes_sent: int
     #: Its TCP remote forwards, with their counters.
     ports: list[PublicPortInfo] = attrs.field(factory=list)
+    #: Its name routes and port group memberships, with their counters.
+    routes: list[RouteInfo] = attrs.field(factory=list)
+    #: The software and version it named (``pytunnel/0.1.0``); ``None`` from a client that
+    #: predates that message, or before it arrives.
+    version: str | None = None
+    #: Round-trip time of the server's last ping to it, in seconds (``None`` before one).
+    rtt: float | None = None
+
+
+def _route_info(endpoint: _Endpoint) -> RouteInfo:
+    if isinstance(endpoint, _PublicName):
+        address, kind = endpoint.name, "https" if endpoint.tls else "http"
+    else:
+        group = endpoint.group
+        address = group.address if isinstance(group, PortGroup) else endpoint.what
+        kind = "tcp"
+    return RouteInfo(
+        address=address,
+        kind=kind,
+        group=None if endpoint.group is None else endpoint.group.name,
+        status="active" if endpoint.online else "offline",
+        connections=endpoint.stats.active_connections,
+        connections_total=endpoint.stats.total_connections,
+        bytes_out=endpoint.stats.bytes_out,
+        bytes_in=endpoint.stats.bytes_in,
+    )
 
 
 class TunnelServer:
@@ -418,6 +465,9 @@ class TunnelServer:
                     )
                     for p in sorted(c.public_ports, key=lambda p: p.address)
                 ],
+                routes=[_route_info(r) for r in c.routes()],
+                version=c.software,
+                rtt=c.rtt,
             )
             for c in self._sessions
         ]

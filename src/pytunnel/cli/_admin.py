@@ -31,7 +31,7 @@ import pytunnel.admin
 from pytunnel.admin import AdminError, Request, Response
 
 from ._config import ForwardTable, ReloadResult, structure_table
-from ._declared import DeclaredForwards, Running, TableError, declare_table
+from ._declared import DeclaredForwards, Running, TableError, bind_of, declare_table
 from ._options import EXISTING_FILE, parsed, stack
 from ._output import fail, say
 from ._run import describe
@@ -99,7 +99,7 @@ def forward_view(entry: Running) -> dict[str, Any]:
         "name": entry.declared.name,
         "kind": forward.kind.name.lower(),
         "spec": entry.declared.spec,
-        "bind": pytunnel.format_target(*forward.address),
+        "bind": bind_of(forward),
         "target": "socks" if forward.kind is pytunnel.ForwardKind.DYNAMIC else forward.target,
         "status": forward.status.value,
         "reason": forward.reason,
@@ -111,6 +111,7 @@ def forward_view(entry: Running) -> dict[str, Any]:
         "bytes_in": stats.bytes_in,
         "dial_errors": dict(stats.errors),
         "limit": forward.limit,
+        "group": entry.declared.group,
         "origin": entry.origin,
     }
 
@@ -185,7 +186,8 @@ def client_api(
         if path == "/api/forwards" and method == "POST":
             table = _table_of(await _json_body(request))
             try:
-                item = declare_table(table)
+                # a group's key is read from its file: not on the event loop
+                item = await trio.to_thread.run_sync(declare_table, table)
             except TableError as exc:
                 raise AdminError(400, f"{exc.key}: {exc}") from None
             try:
@@ -459,6 +461,16 @@ def _size(value: int) -> str:
     raise AssertionError  # pragma: no cover
 
 
+def _trouble(row: dict[str, Any]) -> str:
+    """The ERROR column: the error of a forward in error, and why one is suspended or
+    offline (a name another client took meanwhile, a target down)."""
+    if row["error"]:
+        return str(row["error"])
+    if row["status"] in ("suspended", "offline") and row["reason"]:
+        return str(row["reason"])
+    return "-"
+
+
 def _table(rows: list[dict[str, Any]]) -> None:
     columns = ["id", "name", "kind", "bind", "target", "status", "conns", "out", "in", "error"]
     cells = [
@@ -472,7 +484,7 @@ def _table(rows: list[dict[str, Any]]) -> None:
             f"{row['connections']}/{row['connections_total']}",
             _size(row["bytes_out"]),
             _size(row["bytes_in"]),
-            row["error"] or "-",
+            _trouble(row),
         ]
         for row in rows
     ]
@@ -549,6 +561,17 @@ def list_forwards(admin: str | None, admin_token_file: str | None, as_json: bool
 @click.option("--limit", metavar="RATE", help="Bandwidth limit (TCP), as connect --limit.")
 @click.option("--proxy-protocol", type=click.Choice(["v1", "v2"]), help="As connect's.")
 @click.option("--socks-auth", metavar="USER:PASSWORD", help="As connect's (-D).")
+@click.option("--group", metavar="NAME", help="Join this load-balanced group (-R), as connect's.")
+@click.option(
+    "--group-key-file",
+    type=EXISTING_FILE,
+    help="The group's secret, in a file (read by the running client).",
+)
+@click.option(
+    "--forwarded-headers", is_flag=True, default=None, help="As connect's (HTTP name routes)."
+)
+@click.option("--rewrite-host", metavar="HOST", help="As connect's (HTTP name routes).")
+@click.option("--basic-auth", metavar="USER:PASSWORD", help="As connect's (HTTP name routes).")
 @_client_options
 def add_forward(
     local: str | None,
@@ -558,11 +581,16 @@ def add_forward(
     limit: str | None,
     proxy_protocol: str | None,
     socks_auth: str | None,
+    group: str | None,
+    group_key_file: str | None,
+    forwarded_headers: bool | None,
+    rewrite_host: str | None,
+    basic_auth: str | None,
     admin: str | None,
     admin_token_file: str | None,
     as_json: bool,
 ) -> None:
-    """Add a forward (exactly one of -L, -R, -D)."""
+    """Add a forward (exactly one of -L, -R, -D); -R NAME:80:HOST:PORT adds a name route."""
     if sum(v is not None for v in (local, remote, dynamic)) != 1:
         raise click.UsageError("give exactly one of -L, -R, -D")
     body = {
@@ -575,6 +603,12 @@ def add_forward(
             "limit": limit,
             "proxy_protocol": proxy_protocol,
             "socks_auth": socks_auth,
+            "group": group,
+            # the running client reads it, from its own working directory
+            "group_key_file": None if group_key_file is None else os.path.abspath(group_key_file),
+            "forwarded_headers": forwarded_headers,
+            "rewrite_host": rewrite_host,
+            "basic_auth": basic_auth,
         }.items()
         if v is not None
     }

@@ -90,8 +90,9 @@ class ConfigCommand(click.Command):
 @attrs.frozen(kw_only=True)
 class ForwardTable:
     """One ``[[client.forwards]]`` table: exactly one of ``local``, ``remote``, ``dynamic``
-    (each written as its flag's argument), with an optional stable ``name`` a reload and the
-    admin API know it by, and the per-forward settings the flags apply to all forwards."""
+    (each written as its flag's argument; ``remote = "app:80:HOST:PORT"`` is a name route),
+    with an optional stable ``name`` a reload and the admin API know it by, and the
+    per-forward settings the flags apply to all forwards."""
 
     name: str | None = None
     local: str | None = None
@@ -103,6 +104,14 @@ class ForwardTable:
     proxy_protocol: str | None = None
     #: ``USER:PASSWORD``, as ``--socks-auth`` (dynamic forwards).
     socks_auth: str | None = attrs.field(default=None, repr=False)
+    #: A load-balanced group to join and the file holding its secret, as ``--group`` and
+    #: ``--group-key-file`` (TCP remote forwards with a fixed port, and name routes).
+    group: str | None = None
+    group_key_file: str | None = None
+    #: HTTP name routes (``remote = "app:80:HOST:PORT"``) only, as the flags of that name.
+    forwarded_headers: bool | None = None
+    rewrite_host: str | None = None
+    basic_auth: str | None = attrs.field(default=None, repr=False)
 
 
 def option_key(param: click.Parameter) -> str:

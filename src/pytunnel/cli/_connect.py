@@ -307,6 +307,10 @@ def connect(
             "--admin HOST:PORT needs a token: --admin-token-file or PYTUNNEL_ADMIN_TOKEN"
         )
 
+    # before the event loop: a table's group key is read from its file, and a bad value is
+    # a usage error before anything connects
+    initial = declared_forwards(ctx, group, group_key)
+
     async def run() -> None:
         client_config = config
         context = await client_tls(use_tls, tls_ca, tls_cert, tls_key, tls_fingerprint)
@@ -317,32 +321,12 @@ def connect(
                 await run_stdio(tunnel, stdio, stdio_fds)
                 return
             say(f"connected to {tunnel.server}")
-            # name routes are set up once, as the flags say; the forwards are declared (and
-            # reloaded, and managed through the admin API) below
-            for spec in remote:
-                if spec.name_route:
-                    assert spec.bind_host is not None
-                    tls = spec.bind_port == 443
-                    route = await tunnel.forward_name(
-                        spec.bind_host,
-                        spec.target_host,
-                        spec.target_port,
-                        tls=tls,
-                        proxy_protocol=proxy_protocol,
-                        limit=limit,
-                        forwarded_headers=forwarded_headers and not tls,
-                        rewrite_host=None if tls else rewrite_host,
-                        basic_auth=None if tls else basic_auth,
-                        group=group,
-                        group_key=group_key,
-                    )
-                    say(f"{route.kind} {route.url} -> {route.target}")
             forwards = DeclaredForwards(tunnel)
             async with trio.open_nursery() as nursery:
                 apply = functools.partial(_reload, ctx, forwards, group_key)
                 if config_path(ctx) is not None:
                     await nursery.start(watch_reload, ctx, apply)
-                await forwards.apply(declared_forwards(ctx, group_key))
+                await forwards.apply(initial)
                 api = _admin.client_api(
                     tunnel,
                     forwards,
@@ -398,28 +382,45 @@ def client_config(params: Mapping[str, Any], secret: str) -> pytunnel.ClientConf
 
 def _check(ctx: click.Context) -> None:
     client_config(ctx.params, "checked")
-    declared_forwards(ctx)
+    declared_forwards(ctx, ctx.params["group"], "checked")
 
 
 connect.check = _check
 
-#: The settings a reload applies; a change to any other says that it needs a restart.
-_FORWARD_PARAMS = ("remote", "local", "dynamic", "limit", "proxy_protocol", "socks_auth")
+#: The settings a reload applies; a change to any other says that it needs a restart (the
+#: group too: its key was read at start).
+_FORWARD_PARAMS = (
+    "remote",
+    "local",
+    "dynamic",
+    "limit",
+    "proxy_protocol",
+    "socks_auth",
+    "forwarded_headers",
+    "rewrite_host",
+    "basic_auth",
+)
 
 
-def declared_forwards(ctx: click.Context, group_key: str | None = None) -> list[Declared]:
-    """The forwards the options and the config file of ``ctx`` declare (name routes are
-    set up apart: they are no forwards)."""
+def declared_forwards(
+    ctx: click.Context, group: str | None = None, group_key: str | None = None
+) -> list[Declared]:
+    """The forwards (port forwards and name routes) the options and the config file of
+    ``ctx`` declare; the flags' forwards join ``group`` when its key is given. Blocking: a
+    table's group key is read from its file."""
     params = ctx.params
     return from_flags(
-        [spec for spec in params["remote"] if not spec.name_route],
+        params["remote"],
         params["local"],
         params["dynamic"],
         limit=params["limit"],
         proxy_protocol=params["proxy_protocol"],
         socks_auth=params["socks_auth"],
-        group=params["group"] if group_key is not None else None,
+        group=group if group_key is not None else None,
         group_key=group_key,
+        forwarded_headers=params["forwarded_headers"],
+        rewrite_host=params["rewrite_host"],
+        basic_auth=params["basic_auth"],
         tables=file_forwards(ctx),
     )
 
@@ -431,7 +432,9 @@ async def _reload(
     fresh: click.Context,
 ) -> str:
     """Apply a reloaded file: the forwards change; other settings need a restart."""
-    summary = await forwards.apply(declared_forwards(fresh, group_key))
+    group = running.params["group"]
+    declared = await trio.to_thread.run_sync(declared_forwards, fresh, group, group_key)
+    summary = await forwards.apply(declared)
     stale = [
         name
         for name, value in fresh.params.items()

@@ -20,11 +20,12 @@ import click
 import trio
 
 import pytunnel
+from pytunnel.forwards.name import HttpRouteOptions
 
 from ._config import ForwardTable
 from ._output import say
 
-__all__ = ["Declared", "DeclaredForwards", "Running", "declare_table", "from_flags"]
+__all__ = ["Declared", "DeclaredForwards", "Running", "bind_of", "declare_table", "from_flags"]
 
 log = logging.getLogger("pytunnel.cli")
 
@@ -53,9 +54,24 @@ class Declared:
     limit: float | None = None
     proxy_protocol: Literal["v1", "v2"] | None = None
     socks_auth: tuple[str, str] | None = attrs.field(default=None, repr=False)
-    #: A load-balanced group of TCP remote forwards (``--group``) and its key.
+    #: A load-balanced group of TCP remote forwards and name routes (``--group``) and its key.
     group: str | None = None
     group_key: str | None = attrs.field(default=None, repr=False)
+    #: HTTP name routes only: what the client changes in each request (``--forwarded-headers``,
+    #: ``--rewrite-host``, ``--basic-auth``).
+    forwarded_headers: bool = False
+    rewrite_host: str | None = None
+    basic_auth: tuple[str, str] | None = attrs.field(default=None, repr=False)
+
+    @property
+    def name_route(self) -> bool:
+        """Whether it is a name route (``-R app:80:HOST:PORT``) rather than a port forward."""
+        return (
+            self.kind == "remote"
+            and pytunnel.ForwardSpec(
+                self.bind_host, self.bind_port, self.target_host, self.target_port, self.protocol
+            ).name_route
+        )
 
     @property
     def key(self) -> object:
@@ -78,6 +94,21 @@ class Declared:
         port the server does not allow, ...)."""
         tcp = self.protocol == "tcp"
         limit = self.limit if tcp else None
+        if self.name_route:
+            assert self.bind_host is not None
+            return await tunnel.forward_name(
+                self.bind_host,
+                self.target_host,
+                self.target_port,
+                tls=self.bind_port == 443,
+                proxy_protocol=self.proxy_protocol,
+                limit=limit,
+                forwarded_headers=self.forwarded_headers,
+                rewrite_host=self.rewrite_host,
+                basic_auth=self.basic_auth,
+                group=self.group,
+                group_key=self.group_key,
+            )
         if self.kind == "remote":
             return await tunnel.forward_remote(
                 self.target_host,
@@ -148,12 +179,25 @@ def declare_table(table: ForwardTable) -> Declared:
     try:
         if kind == "dynamic":
             host, port = pytunnel.parse_host_port(value)
+            _no_route_keys(table, "a dynamic forward")
             return Declared(kind=kind, bind_host=host, bind_port=port, name=table.name, **common)  # type: ignore[arg-type]
         spec = pytunnel.parse_forward_spec(value)
     except ValueError as exc:
         raise TableError(kind, str(exc)) from None
     if "limit" in common and spec.protocol != "tcp":
         raise TableError("limit", "a bandwidth limit applies to TCP forwards only")
+    http_route = kind == "remote" and spec.name_route and spec.bind_port == 80
+    if not http_route:
+        what = "a TLS name route" if kind == "remote" and spec.name_route else "a port forward"
+        _no_http_keys(table, what)
+    else:
+        common.update(_http_options(table))
+    if table.group is not None or table.group_key_file is not None:
+        if kind != "remote" or spec.protocol != "tcp":
+            raise TableError("group", "groups are for TCP remote forwards and name routes")
+        if not spec.name_route and not spec.bind_port:
+            raise TableError("group", "a load-balanced group needs a fixed port, not 0")
+        common.update(_group_of(table))
     return Declared(
         kind=kind,
         bind_host=spec.bind_host,
@@ -166,6 +210,63 @@ def declare_table(table: ForwardTable) -> Declared:
     )
 
 
+#: The keys of a ``[[client.forwards]]`` table that only an HTTP name route takes.
+_HTTP_KEYS = ("forwarded_headers", "rewrite_host", "basic_auth")
+
+
+def _no_http_keys(table: ForwardTable, what: str) -> None:
+    for key in _HTTP_KEYS:
+        if getattr(table, key) not in (None, False):
+            raise TableError(
+                key, f'{key} applies to HTTP name routes (remote = "NAME:80:HOST:PORT"), not {what}'
+            )
+
+
+def _no_route_keys(table: ForwardTable, what: str) -> None:
+    _no_http_keys(table, what)
+    if table.group is not None or table.group_key_file is not None:
+        raise TableError("group", "groups are for TCP remote forwards and name routes")
+
+
+def _http_options(table: ForwardTable) -> dict[str, object]:
+    """An HTTP route's request changes, checked as ``forward_name`` checks them."""
+    options: dict[str, object] = {}
+    if table.forwarded_headers:
+        options["forwarded_headers"] = True
+    if table.rewrite_host is not None:
+        try:
+            HttpRouteOptions(rewrite_host=table.rewrite_host)
+        except ValueError as exc:
+            raise TableError("rewrite_host", str(exc)) from None
+        options["rewrite_host"] = table.rewrite_host
+    if table.basic_auth is not None:
+        try:
+            options["basic_auth"] = _credentials(table.basic_auth)
+        except ValueError as exc:
+            raise TableError("basic_auth", str(exc)) from None
+    return options
+
+
+def _group_of(table: ForwardTable) -> dict[str, object]:
+    """The group a table joins and its key, read from ``group_key_file`` (blocking: tables
+    are declared before the event loop runs, or in a thread)."""
+    if table.group is None or table.group_key_file is None:
+        missing = "group_key_file" if table.group is not None else "group"
+        raise TableError(missing, "group and group_key_file go together")
+    if not table.group:
+        raise TableError("group", "a group name is not empty")
+    try:
+        with open(table.group_key_file, encoding="utf-8") as handle:
+            key = handle.read().strip()
+    except OSError as exc:
+        raise TableError("group_key_file", f"cannot read it: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise TableError("group_key_file", "the group key file is not UTF-8 text") from None
+    if not key:
+        raise TableError("group_key_file", "the group key file is empty")
+    return {"group": table.group, "group_key": key}
+
+
 def from_flags(
     remote: Sequence[pytunnel.ForwardSpec],
     local: Sequence[pytunnel.ForwardSpec],
@@ -176,25 +277,44 @@ def from_flags(
     socks_auth: tuple[str, str] | None,
     group: str | None = None,
     group_key: str | None = None,
+    forwarded_headers: bool = False,
+    rewrite_host: str | None = None,
+    basic_auth: tuple[str, str] | None = None,
     tables: Iterable[ForwardTable] = (),
 ) -> list[Declared]:
-    """Every forward the options declare, in the order they are started: ``-R``, ``-L``,
-    ``-D`` (with the flags' shared settings), then the file's tables."""
-    declared = [
-        Declared(
-            kind="remote",
-            bind_host=spec.bind_host,
-            bind_port=spec.bind_port,
-            target_host=spec.target_host,
-            target_port=spec.target_port,
-            protocol=spec.protocol,
-            limit=limit,
-            proxy_protocol=proxy_protocol,
-            group=group if spec.protocol == "tcp" else None,
-            group_key=group_key if spec.protocol == "tcp" else None,
+    """Every forward the options declare, in the order they are started: ``-R`` (port
+    forwards and name routes), ``-L``, ``-D`` (with the flags' shared settings: the HTTP
+    options go to the HTTP name routes only), then the file's tables."""
+    try:
+        HttpRouteOptions(rewrite_host=rewrite_host)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--rewrite-host") from None
+    declared: list[Declared] = []
+    for spec in remote:
+        tcp = spec.protocol == "tcp"
+        http = spec.name_route and spec.bind_port == 80
+        if group is not None and tcp and not spec.name_route and not spec.bind_port:
+            raise click.UsageError(
+                f"a load-balanced group (--group) needs a fixed port, not 0 (-R {spec.bind_port}:"
+                f"{pytunnel.format_target(spec.target_host, spec.target_port)})"
+            )
+        declared.append(
+            Declared(
+                kind="remote",
+                bind_host=spec.bind_host,
+                bind_port=spec.bind_port,
+                target_host=spec.target_host,
+                target_port=spec.target_port,
+                protocol=spec.protocol,
+                limit=limit,
+                proxy_protocol=proxy_protocol,
+                group=group if tcp else None,
+                group_key=group_key if tcp else None,
+                forwarded_headers=forwarded_headers and http,
+                rewrite_host=rewrite_host if http else None,
+                basic_auth=basic_auth if http else None,
+            )
         )
-        for spec in remote
-    ]
     declared += [
         Declared(
             kind="local",
@@ -231,10 +351,20 @@ class Running:
     origin: str = "config"
 
 
+def bind_of(forward: pytunnel.Forward) -> str:
+    """Where a forward takes its connections: ``host:port``, or a name route's public URL
+    (the full name the server gave, and the shared listener's port)."""
+    if isinstance(forward, pytunnel.NameForward):
+        return forward.url
+    return pytunnel.format_target(*forward.address)
+
+
 def describe(forward: pytunnel.Forward) -> str:
     """The line printed when a forward starts (scripts read the port from it)."""
     if forward.kind is pytunnel.ForwardKind.DYNAMIC:
         return f"dynamic forward {pytunnel.format_target(*forward.address)} -> SOCKS"
+    if isinstance(forward, pytunnel.NameForward):
+        return f"{forward.kind} {forward.url} -> {forward.target}"
     return f"{forward.kind} {pytunnel.format_target(*forward.address)} -> {forward.target}"
 
 

@@ -21,7 +21,7 @@ from rich.text import Text
 
 import pytunnel
 
-from ._declared import DeclaredForwards
+from ._declared import DeclaredForwards, bind_of
 
 #: Seconds between redraws: often enough to follow a transfer, rare enough to cost nothing.
 REFRESH = 2.0
@@ -79,7 +79,7 @@ class LiveView:
                 entry.id,
                 entry.declared.name or "-",
                 forward.kind.name.lower(),
-                pytunnel.format_target(*forward.address),
+                bind_of(forward),
                 "socks" if forward.kind is pytunnel.ForwardKind.DYNAMIC else forward.target,
                 Text(status, style=style),
                 f"{stats.active_connections}/{stats.total_connections}",

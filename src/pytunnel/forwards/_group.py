@@ -140,6 +140,8 @@ class PortGroup(Group):
         on_empty: Callable[[Group], None],
     ) -> None:
         super().__init__(name, proof, f"port {address}", on_empty)
+        #: ``host:port`` of the group's public port.
+        self.address = address
         self.listeners = listeners
         self._owner: Member | None = None
         self._accepting = trio.CancelScope()

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from .._control import ControlChannel
+from .._relay import RelayStats
 from .._vhost import NameRoutes, RouteTarget, answer_and_close, unavailable_reply
 from ..errors import printable
 from ._group import Group
@@ -48,6 +49,8 @@ class _Endpoint:
         self.online = True
         #: The load-balanced group the forward is a member of, if any.
         self.group: Group | None = None
+        #: Its public connections and their bytes (the admin API's, the metrics').
+        self.stats = RelayStats()
         self._stopped = False
 
     @property
@@ -92,7 +95,7 @@ class _Endpoint:
 
     async def _carry(self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> None:
         try:
-            await self.client.relay_public(conn, peer, self.forward_id)
+            await self.client.relay_public(conn, peer, self.forward_id, self.stats)
         finally:
             self.client.release_stream()
             await trio.aclose_forcefully(conn)

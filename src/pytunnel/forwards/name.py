@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from .._link import Link
     from ..session import IncomingStream, MuxStream
 
-__all__ = ["NameForward"]
+# HttpRouteOptions is public here: callers check an HTTP route's options with it before
+# declaring the route (the CLI's config tables, at check-config time).
+__all__ = ["HttpRouteOptions", "NameForward"]
 
 
 class NameForward(RemoteForward):

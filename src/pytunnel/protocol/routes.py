@@ -17,6 +17,12 @@ Streams the *client* opens:
   server's shared HTTP listener (``port`` 80, by the request's ``Host``) or shared HTTPS
   listener (``port`` 443, by the ClientHello's server name). The control stream stays open
   like ``LISTEN``'s; ``Bound`` answers the full name and the listener's real port.
+* ``CLIENT_INFO`` (7): the client names its software and version in ``host``
+  (``pytunnel/0.1.0``), once per session, for the server's admin API. The server records it
+  and refuses the stream with ``NORMAL`` (0): nothing is carried. A stream rather than a
+  handshake field because handshake messages take no unknown key: a server that predates
+  the route refuses it as an unknown route, which the client ignores, and a client that
+  predates it simply never sends it.
 
 Streams the *server* opens carry, as ``tag``, the stream id of the remote forward's control
 stream they belong to, and the public peer's address as ``host``/``port`` (informational).
@@ -40,3 +46,5 @@ NAME_TLS = 443
 LISTEN_GROUP = 5
 #: ``NAME`` for a member of a load-balanced group.
 NAME_GROUP = 6
+#: The client's software and version, in ``host`` (refused with ``NORMAL``: nothing carried).
+CLIENT_INFO = 7
