@@ -9,7 +9,7 @@ import logging
 import pytest
 import trio
 import trio.testing
-from helpers import TOKEN, Crash, count_fds, count_tasks, read_all
+from helpers import TOKEN, Crash, count_fds, count_tasks, read_all, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -84,9 +84,11 @@ async def test_wrong_token_storm_is_throttled(
     assert outcomes["AuthenticationError"] <= 5 + 50
     assert outcomes["RateLimitedError"] >= 10_000 - 55
     assert server.session_count == 1
-    await trio.sleep(0.1)
-    assert count_tasks() == tasks
-    assert count_fds() == fds
+    # the last refused connections may still be closing: what is left must go, not grow
+    await wait_until(
+        lambda: count_tasks() <= tasks and count_fds() <= fds,
+        what=lambda: f"tasks {count_tasks()} (was {tasks}), fds {count_fds()} (was {fds})",
+    )
     assert any("throttled" in r.getMessage() for r in caplog.records)
     assert all("wrong-token-123" not in r.getMessage() for r in caplog.records)
     assert good.connected
