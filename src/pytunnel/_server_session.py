@@ -479,6 +479,8 @@ class _ClientSession:
                 what=f"port {port}" if kind == "tcp" else f"{kind} port {port}",
                 address=address,
             )
+            if kind == "tcp":
+                self.server.stop_mirror(port)
             try:
                 return await self._bind(host, port, binder)
             except BaseException:
@@ -753,6 +755,7 @@ class _ClientSession:
                 )
                 group = groups.get(key)  # another member may have formed it meanwhile
             if group is None:
+                self.server.stop_mirror(incoming.port)
                 try:
                     listeners = await bind(host, incoming.port)
                 except BaseException:

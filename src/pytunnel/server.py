@@ -27,6 +27,7 @@ from ._admission import (
 from ._dial import DEFAULT_CONNECT_TIMEOUT, format_target
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT
 from ._listen import bind
+from ._node_link import NodeLinks, NodeLinkStats, Take, serve_node_link
 from ._policy import PermitOpen, PortRange, parse_port_ranges
 from ._relay import DEFAULT_IDLE_TIMEOUT
 from ._server_session import _ClientSession
@@ -184,6 +185,11 @@ class ServerConfig:
     #: names and client identities are claimed there before they are bound or registered.
     #: ``None``: a server on its own, whose binds and routes are its only ownership.
     cluster: Registry | None = None
+    #: The secret the nodes of ``cluster`` share: with it, public traffic that reaches this
+    #: node for a port or name another node's client holds is relayed there over a node link
+    #: (authenticated by it; never logged). ``None``: no relaying, public traffic must reach
+    #: the client's own node.
+    cluster_secret: str | bytes | None = attrs.field(default=None, repr=False)
 
     def port_allowed(self, port: int) -> bool:
         return self.allow_ports is None or any(port in r for r in self.allow_ports)
@@ -222,6 +228,7 @@ class ServerOptions(TypedDict, total=False):
     ws_path: str | None
     ws_ping_interval: float | None
     cluster: Registry | None
+    cluster_secret: str | bytes | None
 
 
 def _server_config(
@@ -327,6 +334,8 @@ class TunnelServer:
         self.cluster_nursery: trio.Nursery | None = None
         #: Groups being formed on this node, by what they serve (their claim is in flight).
         self.forming_groups: dict[tuple[str, str], trio.Event] = {}
+        #: The relaying of public traffic between nodes (a cluster with a secret), once joined.
+        self.node_links: NodeLinks | None = None
         if self.listeners:
             host, port = self.listeners[0].socket.getsockname()[:2]
             self._address = (str(host), int(port))
@@ -467,6 +476,7 @@ class TunnelServer:
                         (self.https_listeners, self.https_routes, True),
                     ):
                         if name_routes is not None:
+                            links = self.node_links
                             await nursery.start(
                                 functools.partial(
                                     serve_name_routing,
@@ -476,6 +486,9 @@ class TunnelServer:
                                     max_head=self.config.max_name_head,
                                     head_timeout=self.config.name_head_timeout,
                                     max_pending=self.config.max_name_pending,
+                                    elsewhere=None
+                                    if links is None
+                                    else functools.partial(links.relay_name, tls),
                                 )
                             )
                     task_status.started(self)
@@ -529,6 +542,14 @@ class TunnelServer:
             if admitted is None:
                 return
             stream, result = admitted
+            if result.node:
+                async with result.open_session(
+                    stream, Role.SERVER, self.config.session, name=f"node-link<{peer}>"
+                ) as session:
+                    log.info("link from node %s (%s) up", printable(result.client_id), peer)
+                    await serve_node_link(self, session, result.client_id)
+                    log.info("link from node %s (%s) ended", printable(result.client_id), peer)
+                return
             async with result.open_session(
                 stream, Role.SERVER, self.config.session, name=f"server<{peer}>"
             ) as session:
@@ -600,6 +621,10 @@ class TunnelServer:
             await nursery.start(cluster.run)
             cluster.on_lost(self._lost_claim)
             await nursery.start(functools.partial(cluster.watch, "clients/", self._client_moved))
+            if self.config.cluster_secret is not None:
+                links = NodeLinks(self, cluster, self.config.cluster_secret)
+                await nursery.start(links.run)
+                self.node_links = links
         except ClusterUnavailableError as exc:
             log.error("cannot join the cluster: %s", exc)
             nursery.cancel_scope.cancel()
@@ -642,6 +667,29 @@ class TunnelServer:
                 code=ErrorCode.GOING_AWAY,
             ),
         )
+
+    @property
+    def node_link_stats(self) -> NodeLinkStats | None:
+        """Traffic relayed between this node and the others; ``None`` without relaying."""
+        return None if self.node_links is None else self.node_links.stats
+
+    def port_target(self, port: int) -> Take | None:
+        """What takes a public connection to TCP ``port`` that another node relayed here:
+        the load-balanced group or the client's forward holding it on this node."""
+        group = self.groups.get(("tcp", str(port)))
+        if group is not None:
+            return group.take
+        for client in self._sessions:
+            for forward in client.public_ports:
+                if forward.port == port:
+                    return forward.take
+        return None
+
+    def stop_mirror(self, port: int) -> None:
+        """A client of this node is about to bind ``port``: stop listening on it for
+        another node first (the registry said it moved here; the watch may not have yet)."""
+        if self.node_links is not None:
+            self.node_links.stop_mirror(port)
 
     def _lost_claim(self, key: str, owner: str) -> None:
         """A claim expired while the engine was out of reach and another node took it: the

@@ -45,7 +45,7 @@ from ._options import (
 from ._output import say
 from ._run import run as run_command
 from ._tlsfiles import check_server_tls, server_tls, server_tls_options
-from ._token import read_token, token_file_option, token_option
+from ._token import read_secret_file, read_token, token_file_option, token_option
 
 # Every default shown comes from the library: the config classes' fields, and ``serve``'s own
 # parameters for the address it listens on.
@@ -230,6 +230,12 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
     help="Where the other nodes reach this one (default: the address --listen bound).",
 )
 @click.option(
+    "--cluster-secret-file",
+    metavar="FILE",
+    help="The secret the nodes share (one line): with it, public traffic reaching this node "
+    "for another node's client is relayed there over a node link (see docs/cluster.md).",
+)
+@click.option(
     "--cluster-lease-ttl",
     type=click.IntRange(min=2),
     default=DEFAULT_LEASE_TTL,
@@ -280,12 +286,15 @@ def serve(
     node_id: str | None,
     node_address: str | None,
     cluster_lease_ttl: int,
+    cluster_secret_file: str | None,
     log_level: str,
     log_format: str,
 ) -> None:
     """Run a tunnel server."""
     setup_logging(log_level, log_format)
     check_cluster_options(cluster, node_id, node_address)
+    if cluster_secret_file is not None and cluster is None:
+        raise click.UsageError("--cluster-secret-file is for a node of a --cluster")
     token = read_token(ctx, token, token_file)
     generated = token is None
     secret = token or secrets.token_urlsafe(24)
@@ -369,10 +378,18 @@ def server_config(params: Mapping[str, Any], secret: str) -> pytunnel.ServerConf
             max_name_head=params["max_name_head"],
             ws_path=params["ws_path"],
             ws_ping_interval=params["ws_ping_interval"] or None,
+            cluster_secret=_cluster_secret(params.get("cluster_secret_file")),
             session=pytunnel.SessionConfig(
                 max_streams=params["max_session_streams"], max_frame_size=params["max_frame_size"]
             ),
         )
+
+
+def _cluster_secret(path: str | None) -> str | None:
+    """The nodes' shared secret from ``--cluster-secret-file`` (``None`` without one)."""
+    if path is None:
+        return None
+    return read_secret_file(path, "--cluster-secret-file", "cluster secret")
 
 
 #: Settings a running server cannot change (its listener, its TLS, its logging).

@@ -1,0 +1,453 @@
+"""Node links: public traffic that reached a node whose client is on another node.
+
+In a cluster a public port or name belongs to one client on one node, but a balancer (or DNS)
+may send its public connections to any node. Every node therefore watches who holds each
+TCP port and name (the registry's ``tcp/``, ``http/`` and ``https/`` keys): for a port held
+on another node it listens on the same port too (the same policy: its ``public_host``, its
+``allow_ports``), and on its shared listeners a name held elsewhere is not a 404. Each such
+connection is relayed to the owner node as one stream of a *node link*: a pytunnel session
+from this node to the owner's ``--node-address`` (its control listener), authenticated by
+the cluster secret with the node proofs of the handshake, so a node link is never a client.
+
+One link per peer node, opened on first need, opened again on the next need after a loss,
+closed when the peer's ``nodes/`` key goes. The streams carry the multiplexer's flow
+control, so a slow public peer or client slows its own stream only. Losing a link resets
+every connection relayed over it (RST to the public peer): a cut relay never looks like a
+complete one.
+
+The owner node serves the link's streams in :func:`serve_node_link`: each is handed to its
+client exactly as a connection accepted on the owner's own listener (stream slot, stats,
+PROXY protocol and ``X-Forwarded-For`` naming the real public peer).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from ._dial import dial, format_target
+from ._handshake import client_handshake
+from ._listen import accept, bind
+from ._relay import RelayStats, abort, relay
+from ._vhost import NameRoutes, route_connection, route_name
+from .cluster._ownership import node_of
+from .cluster._registry import Change, Registry
+from .errors import ConnectError, ErrorCode, ForwardError, TunnelError, printable
+from .protocol import routes
+from .protocol.mux import Role
+from .session import IncomingStream, MuxStream, Session
+
+if TYPE_CHECKING:
+    from .server import TunnelServer
+
+__all__ = ["NodeLinkStats", "NodeLinks", "serve_node_link"]
+
+log = logging.getLogger("pytunnel.cluster")
+
+#: Seconds between pings on an idle node link, so a peer that vanished without a word (its
+#: machine lost) is found by the answering side's silence check rather than by TCP.
+LINK_PING_INTERVAL = 5.0
+
+#: What a port's node-side handler takes: the stream and the public peer; false: refused.
+Take = Callable[[trio.abc.HalfCloseableStream, tuple[str, int]], bool]
+
+
+@attrs.define
+class NodeLinkStats:
+    """Traffic between this node and the others (for metrics): streams this node relayed out
+    to owner nodes and streams it served for other nodes, with their bytes."""
+
+    links_opened: int = 0
+    streams_out: int = 0
+    streams_in: int = 0
+    relayed: RelayStats = attrs.field(factory=RelayStats)
+
+
+class _Peer:
+    """The link to one other node: its session once up, or why it could not be opened."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.session: Session | None = None
+        self.ready = trio.Event()
+        self.scope = trio.CancelScope()
+        self.error: TunnelError | None = None
+
+
+class _Mirror:
+    """One port listened on for another node's client: its accept scope and its sockets."""
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.listeners: list[trio.SocketListener] = []
+
+    def close(self) -> None:
+        self.scope.cancel()
+        listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            listener.socket.close()
+
+
+class NodeLinks:
+    """This node's side of the cluster's relaying: the mirrors of ports held elsewhere, the
+    name fallback of the shared listeners and the links to the other nodes.
+
+    ``run`` (started in the server's nursery) holds the watches, the mirror listeners, the
+    links and every relayed connection, so stopping the server ends them all.
+    """
+
+    def __init__(self, server: TunnelServer, registry: Registry, secret: str | bytes) -> None:
+        self.server = server
+        self.registry = registry
+        self._secret = secret
+        #: Registry keys held by other nodes' clients: key -> owner (``<node>/<session>``).
+        self.elsewhere: dict[str, str] = {}
+        #: The other nodes and their addresses, from their ``nodes/`` keys.
+        self.nodes: dict[str, str] = {}
+        self._peers: dict[str, _Peer] = {}
+        #: Ports this node listens on for another node's client.
+        self._mirrors: dict[int, _Mirror] = {}
+        self.stats = NodeLinkStats()
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def mirrored_ports(self) -> list[int]:
+        """The ports this node listens on for clients of other nodes."""
+        return sorted(self._mirrors)
+
+    @property
+    def linked_nodes(self) -> list[str]:
+        """The nodes a link is up to now."""
+        return sorted(n for n, p in self._peers.items() if p.session is not None)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            seen: set[str] = set()
+
+            def changed(change: Change) -> None:
+                seen.add(change.key)
+                self._apply(change)
+
+            for prefix in ("nodes/", "tcp/", "http/", "https/"):
+                await nursery.start(functools.partial(self.registry.watch, prefix, changed))
+            # what was there before the watches started; a key a watch already reported is
+            # newer than this snapshot
+            for key, value in (await self.registry.entries("")).items():
+                if key not in seen and key.startswith(("nodes/", "tcp/", "http/", "https/")):
+                    self._apply(Change(key, value))
+            task_status.started()
+            await trio.sleep_forever()
+
+    # ---------------------------------------------------------------- the registry's view
+
+    def _apply(self, change: Change) -> None:
+        kind, _, rest = change.key.partition("/")
+        own = self.registry.node_id
+        if kind == "nodes":
+            if change.value is None:
+                self.nodes.pop(rest, None)
+                self._drop_peer(rest, "its node left the cluster")
+            elif rest != own:
+                self.nodes[rest] = change.value
+            return
+        if change.value is None or node_of(change.value) == own:
+            self.elsewhere.pop(change.key, None)
+        else:
+            self.elsewhere[change.key] = change.value
+        if kind == "tcp" and rest.isdigit():
+            port = int(rest)
+            if change.key in self.elsewhere:
+                self._mirror(port)
+            else:
+                self.stop_mirror(port)
+
+    def owner_node(self, key: str) -> str | None:
+        """The other node whose client holds ``key``, ``None`` if none does."""
+        owner = self.elsewhere.get(key)
+        return None if owner is None else node_of(owner)
+
+    # ---------------------------------------------------------------- mirrored ports
+
+    def _mirror(self, port: int) -> None:
+        if port in self._mirrors or self._nursery is None:
+            return
+        config = self.server.config
+        if not config.port_allowed(port):
+            log.info("port %d is held on another node but not allowed here; not mirrored", port)
+            return
+        mirror = self._mirrors[port] = _Mirror()
+        self._nursery.start_soon(self._serve_mirror, port, mirror)
+
+    def stop_mirror(self, port: int) -> None:
+        """Stop listening on ``port`` for another node (it is gone there, or a client of
+        this node is about to bind it): synchronously, so the port is free on return."""
+        mirror = self._mirrors.pop(port, None)
+        if mirror is not None:
+            mirror.close()
+
+    async def _serve_mirror(self, port: int, mirror: _Mirror) -> None:
+        host = self.server.config.public_host
+        with mirror.scope:
+            try:
+                listeners = await bind(host, port)
+            except ForwardError as exc:  # never fatal: this node just cannot serve the port
+                log.warning("port %d of another node's client not served here: %s", port, exc)
+                if self._mirrors.get(port) is mirror:
+                    del self._mirrors[port]
+                return
+            # kept on the mirror, so that stop_mirror closes the sockets synchronously
+            mirror.listeners = listeners
+            if mirror.scope.cancel_called:  # stopped while binding
+                mirror.close()
+                return
+            log.info("listening on %s for a client of another node", format_target(host, port))
+            try:
+                async with trio.open_nursery() as accepting:
+                    for listener in listeners:
+                        accepting.start_soon(self._accept_mirrored, listener, port)
+            finally:
+                for listener in listeners:
+                    listener.socket.close()
+        log.info("no longer listening on %s for another node", format_target(host, port))
+
+    async def _accept_mirrored(self, listener: trio.SocketListener, port: int) -> None:
+        assert self._nursery is not None
+        while True:
+            try:
+                conn = await accept(listener)
+            except (trio.ClosedResourceError, OSError):
+                return
+            try:
+                host, peer_port = conn.socket.getpeername()[:2]
+            except OSError:
+                await trio.aclose_forcefully(conn)
+                continue
+            # relays run in the links' nursery, not the mirror's: a port that moves stops
+            # accepting, and the connections already relayed finish on their own
+            self._nursery.start_soon(
+                self._relay_out,
+                conn,
+                f"tcp/{port}",
+                routes.RELAY_TCP | port,
+                (str(host), int(peer_port)),
+            )
+
+    # ---------------------------------------------------------------- names
+
+    async def relay_name(
+        self, tls: bool, name: str, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]
+    ) -> bool:
+        """The shared listener's fallback for a name no local route holds: relay it to the
+        node whose client holds it (true), or leave it to the 404 (false)."""
+        routed = route_name(name)
+        key = f"{'https' if tls else 'http'}/{routed}"
+        if routed is None or self.owner_node(key) is None:
+            return False
+        await self._relay_out(conn, key, routes.RELAY_HTTPS if tls else routes.RELAY_HTTP, peer)
+        return True
+
+    # ---------------------------------------------------------------- relaying out
+
+    async def _relay_out(
+        self, conn: trio.abc.HalfCloseableStream, key: str, tag: int, peer: tuple[str, int]
+    ) -> None:
+        """Carry one public connection to the node holding ``key`` over the link to it; a
+        connection that cannot be carried is reset, never left hanging. It takes one of the
+        server's stream slots, like a public connection of a local client."""
+        server = self.server
+        if server.active_streams >= server.config.max_streams:
+            server.count_limit("streams")
+            abort(conn, ErrorCode.STREAM_LIMIT, "server stream limit reached")
+            await trio.aclose_forcefully(conn)
+            return
+        server.active_streams += 1
+        try:
+            await self._relay_counted(conn, key, tag, peer)
+        finally:
+            server.active_streams -= 1
+
+    async def _relay_counted(
+        self, conn: trio.abc.HalfCloseableStream, key: str, tag: int, peer: tuple[str, int]
+    ) -> None:
+        node = self.owner_node(key)
+        try:
+            if node is None:
+                raise ForwardError(f"{printable(key)} is not held on another node any more")
+            stream = await self.open_stream(node, tag, peer)
+        except (TunnelError, OSError) as exc:
+            log.info(
+                "public connection from %s for %s not relayed: %s",
+                format_target(*peer),
+                printable(key),
+                exc,
+            )
+            abort(conn, ErrorCode.FORWARD_FAILED, "not relayed")
+            await trio.aclose_forcefully(conn)
+            return
+        self.stats.streams_out += 1
+        await relay(
+            conn,
+            stream,
+            idle_timeout=self.server.config.idle_timeout,
+            name=f"public->node {printable(node)}",
+            stats=self.stats.relayed,
+        )
+
+    async def open_stream(self, node: str, tag: int, peer: tuple[str, int]) -> MuxStream:
+        """A stream to ``node`` over the link to it (opened now if there is none), naming
+        the route ``tag`` and the public ``peer``. Raises ``ConnectError`` when no link can
+        be opened, or the node's refusal."""
+        link = self._peers.get(node)
+        if link is None:
+            link = self._peers[node] = _Peer(node)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_link, link)
+        with trio.move_on_after(self.server.config.connect_timeout):
+            await link.ready.wait()
+        session = link.session
+        if session is None:
+            raise link.error or ConnectError(f"no link to node {printable(node)} in time")
+        return await session.open_stream(peer[0], peer[1], tag=tag)
+
+    async def _run_link(self, link: _Peer) -> None:
+        node = link.node_id
+        with link.scope:
+            try:
+                await self._open_link(link)
+            except (TunnelError, OSError) as exc:
+                link.error = (
+                    exc
+                    if isinstance(exc, TunnelError)
+                    else ConnectError(f"link to node {printable(node)}: {exc}")
+                )
+                log.warning("no link to node %s: %s", printable(node), link.error)
+            finally:
+                link.session = None
+                link.ready.set()
+                if self._peers.get(node) is link:
+                    del self._peers[node]
+
+    async def _open_link(self, link: _Peer) -> None:
+        node = link.node_id
+        address = self.nodes.get(node)
+        if not address:
+            raise ConnectError(f"node {printable(node)} has no known address")
+        host, _, port = address.rpartition(":")
+        config = self.server.config
+        stream: trio.abc.Stream = await dial(
+            host.strip("[]"), int(port), timeout=config.connect_timeout, logger=log
+        )
+        result = await client_handshake(
+            stream,
+            self._secret,
+            timeout=config.handshake_timeout,
+            max_frame_size=config.session.max_frame_size,
+            client_id=self.registry.node_id,
+            node=True,
+        )
+        name = f"node-link<{node}>"
+        try:
+            async with result.open_session(stream, Role.CLIENT, config.session, name=name) as s:
+                link.session = s
+                self.stats.links_opened += 1
+                link.ready.set()
+                log.info("link to node %s at %s up", printable(node), printable(address))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_ping_loop, s)
+                    await s.wait_closed()
+                    nursery.cancel_scope.cancel()
+                log.warning("link to node %s lost: %s", printable(node), s.close_reason)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    def _drop_peer(self, node: str, why: str) -> None:
+        link = self._peers.pop(node, None)
+        if link is not None:
+            log.info("closing the link to node %s: %s", printable(node), why)
+            link.scope.cancel()
+
+
+async def _ping_loop(session: Session) -> None:
+    while True:
+        await trio.sleep(LINK_PING_INTERVAL)
+        try:
+            await session.ping()
+        except TunnelError:
+            return
+
+
+async def serve_node_link(server: TunnelServer, session: Session, node: str) -> None:
+    """Serve the streams another node relays to this one until its link ends: each goes to
+    the local route it names, as if it had arrived on this node's own listener."""
+    stats = server.node_link_stats
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_silence, server, session, node)
+        while True:
+            try:
+                incoming = await session.accept_stream()
+            except TunnelError:
+                break
+            kind = incoming.tag & routes.RELAY_KIND_MASK
+            peer = (incoming.host, incoming.port)
+            if kind == routes.RELAY_TCP:
+                take = server.port_target(incoming.tag & routes.RELAY_PORT_MASK)
+                if take is None:
+                    incoming.refuse(ErrorCode.FORWARD_FAILED, "no client of this node holds it")
+                    continue
+                stream = _accept(incoming)
+                if stream is None:
+                    continue
+                if stats is not None:
+                    stats.streams_in += 1
+                if not take(stream, peer):
+                    stream.reset(ErrorCode.FORWARD_FAILED, "the forward cannot take it now")
+                    await trio.aclose_forcefully(stream)
+            elif kind in (routes.RELAY_HTTP, routes.RELAY_HTTPS):
+                tls = kind == routes.RELAY_HTTPS
+                name_routes: NameRoutes | None = server.https_routes if tls else server.http_routes
+                if name_routes is None:
+                    incoming.refuse(ErrorCode.FORWARD_FAILED, "no shared listener here")
+                    continue
+                stream = _accept(incoming)
+                if stream is None:
+                    continue
+                if stats is not None:
+                    stats.streams_in += 1
+                nursery.start_soon(
+                    functools.partial(
+                        route_connection,
+                        stream,
+                        peer,
+                        name_routes,
+                        tls=tls,
+                        max_head=server.config.max_name_head,
+                        head_timeout=server.config.name_head_timeout,
+                    )
+                )
+            else:
+                incoming.refuse(ErrorCode.PROTOCOL_ERROR, f"unknown node link route {incoming.tag}")
+        nursery.cancel_scope.cancel()
+
+
+def _accept(incoming: IncomingStream) -> MuxStream | None:
+    try:
+        return incoming.accept()
+    except TunnelError:
+        return None
+
+
+async def _watch_silence(server: TunnelServer, session: Session, node: str) -> None:
+    """End a link whose node sent nothing (not even its pings) for the heartbeat timeout."""
+    timeout = server.config.heartbeat_timeout
+    while True:
+        await trio.sleep(server.config.heartbeat_check_interval)
+        if trio.current_time() - session.last_received > timeout:
+            log.warning("link from node %s silent; closing it", printable(node))
+            await session.aclose(ErrorCode.HEARTBEAT_TIMEOUT, "no traffic")
+            return

@@ -1,0 +1,194 @@
+"""Public traffic that reaches a node whose client is on another node, relayed over a node
+link (a pytunnel session between the nodes, authenticated by the cluster secret), on a real
+etcd.
+
+Each node's public host is its own loopback address (127.0.0.1, 127.0.0.2), so both can
+listen on one port: node B listens on the port of node A's client and relays to A.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+
+import pytest
+import trio
+from helpers import TOKEN, EtcdServer, wait_until
+from test_cluster_server import _free_port_on_both
+
+import pytunnel
+from pytunnel.cluster import EtcdRegistry
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
+)
+
+SECRET = "the nodes' own secret"
+HTTP = ("127.0.0.1", 0)
+
+
+async def _node(
+    nursery: trio.Nursery,
+    etcd: EtcdServer,
+    name: str,
+    public_host: str,
+    secret: str | None = SECRET,
+    **options: object,
+) -> pytunnel.TunnelServer:
+    registry = EtcdRegistry(etcd.endpoint, name, lease_ttl=3, request_timeout=1.0)
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(
+            pytunnel.serve,
+            0,
+            host=public_host,
+            token=TOKEN,
+            public_host=public_host,
+            cluster=registry,
+            cluster_secret=secret,
+            **options,  # type: ignore[arg-type]
+        )
+    )
+    return server
+
+
+async def _exchange(address: tuple[str, int], payload: bytes) -> bytes:
+    """Send ``payload``, half-close, read until EOF (a reset raises)."""
+    with trio.fail_after(10):  # a hang detector
+        stream = await trio.open_tcp_stream(*address)
+        async with stream:
+            await stream.send_all(payload)
+            await stream.send_eof()
+            out = b""
+            while chunk := await stream.receive_some():
+                out += chunk
+            return out
+
+
+async def _until_eof(stream: trio.SocketStream) -> None:
+    while await stream.receive_some():
+        pass
+
+
+async def _mirrored(node: pytunnel.TunnelServer, port: int) -> None:
+    links = node.node_links
+    assert links is not None
+    await wait_until(lambda: port in links.mirrored_ports, seconds=20, what=f"{port} not mirrored")
+
+
+async def test_a_port_of_a_client_on_node_a_is_served_through_node_b(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """The client holds a port on A; B listens on it too and relays every connection to A
+    over one link, with the real public peer named to the client (PROXY protocol), both
+    directions' bytes intact, the forward's stats counting it at A; when the forward ends
+    B stops listening."""
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    port = _free_port_on_both()
+    remote = await tunnel.forward_remote(
+        "127.0.0.1", echo_port, remote_port=port, proxy_protocol="v1"
+    )
+    await _mirrored(b, port)
+    payload = bytes(range(256)) * 4096  # 1 MiB, more than any window
+    for _ in range(3):
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.2", port)
+            source_port = stream.socket.getsockname()[1]
+            async with stream:
+                await stream.send_all(payload)
+                await stream.send_eof()
+                out = b""
+                while chunk := await stream.receive_some():
+                    out += chunk
+        header, _, body = out.partition(b"\r\n")
+        # the client's target sees who really connected, through B: not B's own address
+        fields = header.split()
+        assert fields[:2] == [b"PROXY", b"TCP4"], header
+        assert fields[4] == str(source_port).encode(), header
+        assert body == payload
+    assert b.node_links is not None
+    assert b.node_links.stats.streams_out == 3
+    assert a.node_links is not None
+    assert a.node_links.stats.streams_in == 3
+    assert b.node_links.linked_nodes == ["a"]  # one link carried the three
+    port_info = a.clients[0].ports[0]
+    assert port_info.connections_total == 3
+    # A serves its own port as before
+    assert (await _exchange(("127.0.0.1", port), b"direct")).endswith(b"direct")
+    await remote.aclose()
+    links = b.node_links
+    await wait_until(lambda: port not in links.mirrored_ports, seconds=20)
+    with trio.fail_after(10), pytest.raises(OSError, match="all attempts to connect"):
+        await trio.open_tcp_stream("127.0.0.2", port)
+
+
+async def test_a_name_held_on_node_a_is_served_through_node_b(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """B's shared HTTP listener has no route for the name; the registry says A's client
+    holds it, so B replays the request head it read to A, which routes it as its own. A
+    name nobody holds still gets B's 404."""
+    a = await _node(nursery, etcd, "a", "127.0.0.1", http_listen=HTTP, domain="example.test")
+    b = await _node(nursery, etcd, "b", "127.0.0.2", http_listen=HTTP, domain="example.test")
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    await tunnel.forward_name("app", "127.0.0.1", echo_port)
+    links = b.node_links
+    assert links is not None
+    await wait_until(lambda: links.owner_node("http/app.example.test") == "a", seconds=20)
+    assert b.http_address is not None
+    request = b"GET /x HTTP/1.1\r\nHost: app.example.test\r\n\r\n" + b"body" * 1000
+    assert await _exchange(b.http_address, request) == request  # the echo: head replayed once
+    missing = await _exchange(b.http_address, b"GET / HTTP/1.1\r\nHost: nope.example.test\r\n\r\n")
+    assert missing.startswith(b"HTTP/1.1 404 ")
+    assert links.stats.streams_out == 1
+
+
+async def test_losing_the_link_resets_the_connections_relayed_over_it(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """A relayed connection is live when node A goes away: its public peer at B sees a
+    reset, not a clean end that would pass for a complete reply; B stops listening once
+    A's key is gone and nothing of the link is left."""
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN, reconnect=False)
+    port = _free_port_on_both()
+    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    await _mirrored(b, port)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.2", port)
+        await stream.send_all(b"first")
+        got = b""
+        while len(got) < 5:
+            got += await stream.receive_some()
+        assert got == b"first"
+        await a.aclose()
+        with pytest.raises(trio.BrokenResourceError):
+            await _until_eof(stream)
+        await stream.aclose()
+    links = b.node_links
+    assert links is not None
+    await wait_until(lambda: not links.mirrored_ports, seconds=20)
+    await wait_until(lambda: not links.linked_nodes, seconds=20)
+    assert b.active_streams == 0
+
+
+async def test_a_node_with_the_wrong_secret_relays_nothing(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """B's link to A is refused (wrong secret): the public connection at B is reset, A
+    counts a failed authentication; and a client cannot log in with the cluster secret."""
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2", secret="not the secret")
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    port = _free_port_on_both()
+    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    await _mirrored(b, port)
+    with pytest.raises(trio.BrokenResourceError):
+        await _exchange(("127.0.0.2", port), b"hello")
+    assert a.auth_failures == 1
+    assert b.node_links is not None
+    assert b.node_links.linked_nodes == []
+    with trio.fail_after(10), pytest.raises(pytunnel.AuthenticationError):
+        await pytunnel.connect_tunnel(nursery, a.address, token=SECRET, reconnect=False)
