@@ -299,3 +299,13 @@ def test_with_one_key_for_both_the_roles_stay_apart() -> None:
         server = hs.ServerHandshake(TOKEN, max_frame_size=65536, node_secret=TOKEN)
         assert _exchange(client, server).node is node
     assert hs.node_proof(TOKEN, 1, CN, SN, "n") != hs.client_proof(TOKEN, 1, CN, SN, "n")
+
+
+def test_node_proofs_are_pinned() -> None:
+    """The test vector docs/protocol.md gives for node links (section 5.1a)."""
+    assert hs.node_proof(TOKEN, 1, CN, SN, "edge-2").hex() == (
+        "e4ede662fa9f16ce3d8a8d669dabc03b24515a35ec49e2e40da236ce188a2441"
+    )
+    assert hs.node_server_proof(TOKEN, 1, CN, SN, "edge-2").hex() == (
+        "1c397185bd1b6eef9207cef97504d361beef70d6de9de38acf7f94c1b5a2fa22"
+    )

@@ -71,6 +71,7 @@ __all__ = [
     "client_proof",
     "new_nonce",
     "node_proof",
+    "node_server_proof",
     "server_proof",
     "verify",
 ]
