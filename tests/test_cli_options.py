@@ -51,6 +51,7 @@ _CLI_ONLY = {
         "node_address",
         "cluster_lease_ttl",  # EtcdRegistry(lease_ttl=), default DEFAULT_LEASE_TTL
         "cluster_secret_file",  # read into ServerConfig.cluster_secret
+        "cluster_tls_ca",  # builds ServerConfig.cluster_tls, as tls_cert builds tls
     },
     "connect": {
         "server",

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import functools
 import shutil
+import socket
+import ssl
 
 import pytest
 import trio
-from helpers import TOKEN, EtcdServer, wait_until
+import trustme
+from helpers import TOKEN, EtcdServer, closed_port, wait_until
 from test_cluster_server import _free_port_on_both
 
 import pytunnel
@@ -192,3 +195,88 @@ async def test_a_node_with_the_wrong_secret_relays_nothing(
     assert b.node_links.linked_nodes == []
     with trio.fail_after(10), pytest.raises(pytunnel.AuthenticationError):
         await pytunnel.connect_tunnel(nursery, a.address, token=SECRET, reconnect=False)
+
+
+def _contexts(ca: trustme.CA) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context for both nodes' addresses and a client context trusting ``ca``."""
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "127.0.0.2").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+async def test_node_links_to_tls_listeners_are_tls_and_verify_the_peer(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both nodes' control listeners are TLS: B's link to A is TLS too, verified against the
+    nodes' CA, and carries the relayed connection. A node trusting another CA cannot open a
+    link (a TLS error, logged) and resets the public connection."""
+    ca = trustme.CA()
+    server_tls, client_tls = _contexts(ca)
+    a = await _node(nursery, etcd, "a", "127.0.0.1", tls=server_tls, cluster_tls=client_tls)
+    b = await _node(nursery, etcd, "b", "127.0.0.2", tls=server_tls, cluster_tls=client_tls)
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN, tls=client_tls)
+    port = _free_port_on_both()
+    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    await _mirrored(b, port)
+    assert await _exchange(("127.0.0.2", port), b"over tls") == b"over tls"
+    assert b.node_links is not None
+    assert b.node_links.linked_nodes == ["a"]
+
+    _, stranger = _contexts(trustme.CA())
+    c = await _node(nursery, etcd, "c", "127.0.0.3", tls=server_tls, cluster_tls=stranger)
+    await _mirrored(c, port)
+    with pytest.raises(trio.BrokenResourceError):
+        await _exchange(("127.0.0.3", port), b"hello")
+    assert "certificate verification failed" in caplog.text
+    assert c.node_links is not None
+    assert c.node_links.linked_nodes == []
+
+
+async def test_a_stream_for_a_port_the_owner_no_longer_serves_is_reset(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """B relays a connection for a port while A's forward is offline (its target is down):
+    A refuses the stream and the public peer at B is reset, as at A's own closed port."""
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, a.address, token=TOKEN, probe_interval=0.05, probe_failures=1
+    )
+    port = _free_port_on_both()
+    target = closed_port()
+    forward = await tunnel.forward_remote("127.0.0.1", target, remote_port=port)
+    await _mirrored(b, port)
+    with trio.fail_after(20):
+        await forward.wait_status(pytunnel.ForwardStatus.OFFLINE)
+    await wait_until(lambda: a.clients[0].ports[0].status != "active", seconds=20)
+    with pytest.raises(trio.BrokenResourceError):
+        await _exchange(("127.0.0.2", port), b"hello")
+    assert a.node_links is not None
+    assert a.node_links.stats.streams_in == 0  # refused before it was taken
+
+
+async def test_a_port_another_program_holds_here_is_not_mirrored_and_nothing_breaks(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """B cannot listen on the port of A's client (another program has it on B's address):
+    logged, and B goes on serving everything else."""
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    port = _free_port_on_both()
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.2", port))
+    squatter.listen()
+    try:
+        tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+        await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+        await wait_until(lambda: "not served here" in caplog.text, seconds=20)
+        assert b.node_links is not None
+        assert port not in b.node_links.mirrored_ports
+        other = _free_port_on_both()
+        await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=other)
+        await _mirrored(b, other)
+        assert await _exchange(("127.0.0.2", other), b"still relays") == b"still relays"
+    finally:
+        squatter.close()

@@ -8,6 +8,8 @@ on another node it listens on the same port too (the same policy: its ``public_h
 connection is relayed to the owner node as one stream of a *node link*: a pytunnel session
 from this node to the owner's ``--node-address`` (its control listener), authenticated by
 the cluster secret with the node proofs of the handshake, so a node link is never a client.
+When the nodes' control listeners are TLS, so are the links (``ServerConfig.cluster_tls``
+verifies the peer node).
 
 One link per peer node, opened on first need, opened again on the next need after a loss,
 closed when the peer's ``nodes/`` key goes. The streams carry the multiplexer's flow
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -34,6 +37,7 @@ from ._dial import dial, format_target
 from ._handshake import client_handshake
 from ._listen import accept, bind
 from ._relay import RelayStats, abort, relay
+from ._tls import client_tls_context, tls_connect
 from ._vhost import NameRoutes, route_connection, route_name
 from .cluster._ownership import node_of
 from .cluster._registry import Change, Registry
@@ -114,6 +118,8 @@ class NodeLinks:
         self._mirrors: dict[int, _Mirror] = {}
         self.stats = NodeLinkStats()
         self._nursery: trio.Nursery | None = None
+        #: The client context of the links, when the nodes' listeners are TLS.
+        self._tls: ssl.SSLContext | None = None
 
     @property
     def mirrored_ports(self) -> list[int]:
@@ -126,6 +132,9 @@ class NodeLinks:
         return sorted(n for n, p in self._peers.items() if p.session is not None)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.server.config
+        if config.tls is not None:  # the nodes' listeners are TLS: so are the links to them
+            self._tls = config.cluster_tls or await client_tls_context()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             seen: set[str] = set()
@@ -343,6 +352,13 @@ class NodeLinks:
         stream: trio.abc.Stream = await dial(
             host.strip("[]"), int(port), timeout=config.connect_timeout, logger=log
         )
+        if self._tls is not None:
+            stream = await tls_connect(
+                stream,
+                self._tls,
+                server_hostname=host.strip("[]"),
+                timeout=config.handshake_timeout,
+            )
         result = await client_handshake(
             stream,
             self._secret,

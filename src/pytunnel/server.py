@@ -190,6 +190,11 @@ class ServerConfig:
     #: (authenticated by it; never logged). ``None``: no relaying, public traffic must reach
     #: the client's own node.
     cluster_secret: str | bytes | None = attrs.field(default=None, repr=False)
+    #: The client context of node links when the nodes' control listeners are TLS (``tls``
+    #: set): it verifies the peer node's certificate (``pytunnel.client_tls_context(ca_file=
+    #: ...)``, with this node's own certificate when the listeners require client
+    #: certificates). ``None`` with ``tls`` set: the system's trust store.
+    cluster_tls: ssl.SSLContext | None = None
 
     def port_allowed(self, port: int) -> bool:
         return self.allow_ports is None or any(port in r for r in self.allow_ports)
@@ -229,6 +234,7 @@ class ServerOptions(TypedDict, total=False):
     ws_ping_interval: float | None
     cluster: Registry | None
     cluster_secret: str | bytes | None
+    cluster_tls: ssl.SSLContext | None
 
 
 def _server_config(
@@ -675,13 +681,14 @@ class TunnelServer:
 
     def port_target(self, port: int) -> Take | None:
         """What takes a public connection to TCP ``port`` that another node relayed here:
-        the load-balanced group or the client's forward holding it on this node."""
+        the load-balanced group or the client's forward holding it on this node (``None``
+        while that forward is offline: the stream is refused, as its closed port would)."""
         group = self.groups.get(("tcp", str(port)))
         if group is not None:
             return group.take
         for client in self._sessions:
             for forward in client.public_ports:
-                if forward.port == port:
+                if forward.port == port and forward.online:
                     return forward.take
         return None
 
