@@ -17,9 +17,11 @@ import pytest
 import trio
 import trustme
 from helpers import TOKEN, EtcdServer, closed_port, wait_until
+from prometheus_client import CollectorRegistry, generate_latest
 from test_cluster_server import _free_port_on_both
 
 import pytunnel
+import pytunnel.metrics
 from pytunnel.cluster import EtcdRegistry
 
 pytestmark = pytest.mark.skipif(
@@ -280,3 +282,37 @@ async def test_a_port_another_program_holds_here_is_not_mirrored_and_nothing_bre
         assert await _exchange(("127.0.0.2", other), b"still relays") == b"still relays"
     finally:
         squatter.close()
+
+
+async def test_metrics_name_the_node_and_count_node_link_traffic(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """Scraped from each node: every server metric has the node's label; the relaying node
+    counts its streams and bytes out, the owner its streams in and the forward's own
+    counters."""
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    port = _free_port_on_both()
+    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    await _mirrored(b, port)
+    payload = b"x" * 10_000
+    for _ in range(2):
+        assert await _exchange(("127.0.0.2", port), payload) == payload
+    pages = {}
+    for node in (a, b):
+        registry = CollectorRegistry()
+        registry.register(pytunnel.metrics.ServerCollector(node))
+        pages[node] = generate_latest(registry).decode()
+    samples_b = [line for line in pages[b].splitlines() if line and not line.startswith("#")]
+    assert samples_b
+    assert all('node="b"' in line for line in samples_b)
+    assert 'pytunnel_server_node_link_streams_total{direction="out",node="b"} 2.0' in pages[b]
+    assert 'pytunnel_server_node_link_bytes_total{direction="out",node="b"} 20000.0' in pages[b]
+    assert 'pytunnel_server_node_mirrored_ports{node="b"} 1.0' in pages[b]
+    assert 'pytunnel_server_node_links{node="b"} 1.0' in pages[b]
+    assert 'pytunnel_server_node_link_streams_total{direction="in",node="a"} 2.0' in pages[a]
+    assert 'pytunnel_server_sessions{node="a"} 1.0' in pages[a]
+    forward = [line for line in pages[a].splitlines() if "forward_streams_total{" in line]
+    assert len(forward) == 1
+    assert forward[0].endswith(" 2.0")
