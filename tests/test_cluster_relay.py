@@ -316,3 +316,54 @@ async def test_metrics_name_the_node_and_count_node_link_traffic(
     forward = [line for line in pages[a].splitlines() if "forward_streams_total{" in line]
     assert len(forward) == 1
     assert forward[0].endswith(" 2.0")
+
+
+async def test_a_udp_port_of_a_client_on_node_a_is_served_through_node_b(
+    nursery: trio.Nursery, etcd: EtcdServer
+) -> None:
+    """B listens on the UDP port of A's client too: each public source is one association,
+    a datagram stream of the link, handed at A to the client's UDP forward (boundaries kept,
+    each source its own replies); when the forward ends B stops listening."""
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    echo = await nursery.start(_udp_echo)
+    port = _free_port_on_both(socket.SOCK_DGRAM)
+    forward = await tunnel.forward_remote("127.0.0.1", echo, remote_port=port, protocol="udp")
+    links = b.node_links
+    assert links is not None
+    await wait_until(lambda: port in links.mirrored_udp_ports, seconds=20)
+    for source in range(3):
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        with sock:
+            await sock.bind(("127.0.0.1", 0))
+            for message in range(3):
+                payload = f"source {source} datagram {message} ".encode() * 100
+                assert await _ask(sock, ("127.0.0.2", port), payload) == payload
+    assert links.stats.streams_out == 3  # one association per source
+    assert forward.stats.total_connections == 3  # ... each one of the forward's own at A
+    await forward.aclose()
+    await wait_until(lambda: port not in links.mirrored_udp_ports, seconds=20)
+
+
+async def _udp_echo(*, task_status: trio.TaskStatus[int]) -> None:
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    with sock:
+        await sock.bind(("127.0.0.1", 0))
+        task_status.started(sock.getsockname()[1])
+        while True:
+            data, address = await sock.recvfrom(65536)
+            await sock.sendto(data, address)
+
+
+async def _ask(sock: trio.socket.SocketType, address: tuple[str, int], payload: bytes) -> bytes:
+    """Send ``payload`` until its answer comes (UDP: the association may not be up yet);
+    an answer to an earlier try of another payload is skipped."""
+    with trio.fail_after(15):  # a hang detector
+        while True:
+            await sock.sendto(payload, address)
+            with trio.move_on_after(0.5):
+                while True:
+                    data, _ = await sock.recvfrom(65536)
+                    if data == payload:
+                        return data

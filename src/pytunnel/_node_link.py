@@ -27,17 +27,19 @@ from __future__ import annotations
 import functools
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
 from ._dial import dial, format_target
+from ._egress import refuse_wrong_kind
 from ._handshake import client_handshake
-from ._listen import accept, bind
+from ._listen import accept, bind, bind_udp
 from ._relay import RelayStats, abort, relay
 from ._tls import client_tls_context, tls_connect
+from ._udp import pump_datagrams, serve_associations
 from ._vhost import NameRoutes, route_connection, route_name
 from .cluster._ownership import node_of
 from .cluster._registry import Change, Registry
@@ -47,9 +49,17 @@ from .protocol.mux import Role
 from .session import IncomingStream, MuxStream, Session
 
 if TYPE_CHECKING:
+    from ._server_session import _ClientSession
     from .server import TunnelServer
 
-__all__ = ["NodeLinkStats", "NodeLinks", "serve_node_link"]
+__all__ = [
+    "NodeLinkStats",
+    "NodeLinks",
+    "Take",
+    "TakeAssociation",
+    "serve_node_link",
+    "take_relayed_association",
+]
 
 log = logging.getLogger("pytunnel.cluster")
 
@@ -59,6 +69,8 @@ LINK_PING_INTERVAL = 5.0
 
 #: What a port's node-side handler takes: the stream and the public peer; false: refused.
 Take = Callable[[trio.abc.HalfCloseableStream, tuple[str, int]], bool]
+#: The same for a UDP forward: one association (a datagram stream) and its public source.
+TakeAssociation = Callable[[MuxStream, tuple[str, int]], bool]
 
 
 @attrs.define
@@ -70,6 +82,12 @@ class NodeLinkStats:
     streams_out: int = 0
     streams_in: int = 0
     relayed: RelayStats = attrs.field(factory=RelayStats)
+    #: The UDP associations this node relayed to other nodes.
+    relayed_udp: RelayStats = attrs.field(factory=RelayStats)
+
+
+#: The registry prefixes a node with node links follows.
+_WATCHED = ("nodes/", "tcp/", "udp/", "http/", "https/")
 
 
 class _Peer:
@@ -84,17 +102,20 @@ class _Peer:
 
 
 class _Mirror:
-    """One port listened on for another node's client: its accept scope and its sockets."""
+    """One port listened on for another node's client: its scope and its sockets."""
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
         self.listeners: list[trio.SocketListener] = []
+        self.udp: trio.socket.SocketType | None = None
 
     def close(self) -> None:
         self.scope.cancel()
         listeners, self.listeners = self.listeners, []
         for listener in listeners:
             listener.socket.close()
+        if self.udp is not None:
+            self.udp.close()
 
 
 class NodeLinks:
@@ -114,8 +135,8 @@ class NodeLinks:
         #: The other nodes and their addresses, from their ``nodes/`` keys.
         self.nodes: dict[str, str] = {}
         self._peers: dict[str, _Peer] = {}
-        #: Ports this node listens on for another node's client.
-        self._mirrors: dict[int, _Mirror] = {}
+        #: Ports this node listens on for another node's client, by ``(kind, port)``.
+        self._mirrors: dict[tuple[str, int], _Mirror] = {}
         self.stats = NodeLinkStats()
         self._nursery: trio.Nursery | None = None
         #: The client context of the links, when the nodes' listeners are TLS.
@@ -123,8 +144,13 @@ class NodeLinks:
 
     @property
     def mirrored_ports(self) -> list[int]:
-        """The ports this node listens on for clients of other nodes."""
-        return sorted(self._mirrors)
+        """The TCP ports this node listens on for clients of other nodes."""
+        return sorted(port for kind, port in self._mirrors if kind == "tcp")
+
+    @property
+    def mirrored_udp_ports(self) -> list[int]:
+        """The UDP ports this node listens on for clients of other nodes."""
+        return sorted(port for kind, port in self._mirrors if kind == "udp")
 
     @property
     def linked_nodes(self) -> list[str]:
@@ -143,12 +169,12 @@ class NodeLinks:
                 seen.add(change.key)
                 self._apply(change)
 
-            for prefix in ("nodes/", "tcp/", "http/", "https/"):
+            for prefix in _WATCHED:
                 await nursery.start(functools.partial(self.registry.watch, prefix, changed))
             # what was there before the watches started; a key a watch already reported is
             # newer than this snapshot
             for key, value in (await self.registry.entries("")).items():
-                if key not in seen and key.startswith(("nodes/", "tcp/", "http/", "https/")):
+                if key not in seen and key.startswith(_WATCHED):
                     self._apply(Change(key, value))
             task_status.started()
             await trio.sleep_forever()
@@ -169,12 +195,12 @@ class NodeLinks:
             self.elsewhere.pop(change.key, None)
         else:
             self.elsewhere[change.key] = change.value
-        if kind == "tcp" and rest.isdigit():
+        if kind in ("tcp", "udp") and rest.isdigit():
             port = int(rest)
             if change.key in self.elsewhere:
-                self._mirror(port)
+                self._mirror(port, kind)
             else:
-                self.stop_mirror(port)
+                self.stop_mirror(port, kind=kind)
 
     def owner_node(self, key: str) -> str | None:
         """The other node whose client holds ``key``, ``None`` if none does."""
@@ -183,32 +209,93 @@ class NodeLinks:
 
     # ---------------------------------------------------------------- mirrored ports
 
-    def _mirror(self, port: int) -> None:
-        if port in self._mirrors or self._nursery is None:
+    def _mirror(self, port: int, kind: str) -> None:
+        if (kind, port) in self._mirrors or self._nursery is None:
             return
         config = self.server.config
         if not config.port_allowed(port):
-            log.info("port %d is held on another node but not allowed here; not mirrored", port)
+            log.info(
+                "%s port %d is held on another node but not allowed here; not served", kind, port
+            )
             return
-        mirror = self._mirrors[port] = _Mirror()
-        self._nursery.start_soon(self._serve_mirror, port, mirror)
+        mirror = self._mirrors[kind, port] = _Mirror()
+        serve = self._serve_mirror if kind == "tcp" else self._serve_udp_mirror
+        self._nursery.start_soon(serve, port, mirror)
 
-    def stop_mirror(self, port: int) -> None:
+    def stop_mirror(self, port: int, *, kind: str = "tcp") -> None:
         """Stop listening on ``port`` for another node (it is gone there, or a client of
         this node is about to bind it): synchronously, so the port is free on return."""
-        mirror = self._mirrors.pop(port, None)
+        mirror = self._mirrors.pop((kind, port), None)
         if mirror is not None:
             mirror.close()
+
+    def _bind_failed(self, kind: str, port: int, mirror: _Mirror, exc: ForwardError) -> None:
+        # never fatal: this node just cannot serve the port
+        log.warning("%s port %d of another node's client not served here: %s", kind, port, exc)
+        if self._mirrors.get((kind, port)) is mirror:
+            del self._mirrors[kind, port]
+
+    async def _serve_udp_mirror(self, port: int, mirror: _Mirror) -> None:
+        """A UDP port held on another node: each public source's association is one
+        datagram stream of the link to that node."""
+        config = self.server.config
+        host = config.public_host
+        key = f"udp/{port}"
+        with mirror.scope:
+            try:
+                sock = mirror.udp = await bind_udp(host, port)
+            except ForwardError as exc:
+                self._bind_failed("udp", port, mirror, exc)
+                return
+            if mirror.scope.cancel_called:  # stopped while binding
+                mirror.close()
+                return
+            log.info("listening on udp %s for a client of another node", format_target(host, port))
+
+            async def open_association(source: tuple[str, int]) -> MuxStream:
+                node = self.owner_node(key)
+                if node is None:
+                    raise ForwardError(f"{key} is not held on another node any more")
+                stream = await self.open_stream(node, routes.RELAY_UDP | port, source, True)
+                self.stats.streams_out += 1
+                return stream
+
+            server = self.server
+
+            def admit() -> bool:
+                if server.active_streams >= config.max_streams:
+                    server.count_limit("streams")
+                    return False
+                server.active_streams += 1
+                return True
+
+            def release() -> None:
+                server.active_streams -= 1
+
+            try:
+                await serve_associations(
+                    sock,
+                    open_association,
+                    idle_timeout=config.udp_idle_timeout,
+                    max_associations=max(
+                        1, min(config.max_udp_associations, config.max_streams // 4)
+                    ),
+                    admit=admit,
+                    release=release,
+                    stats=self.stats.relayed_udp,
+                    name=f"udp {format_target(host, port)} for another node",
+                )
+            finally:
+                sock.close()
+        log.info("no longer listening on udp %s for another node", format_target(host, port))
 
     async def _serve_mirror(self, port: int, mirror: _Mirror) -> None:
         host = self.server.config.public_host
         with mirror.scope:
             try:
                 listeners = await bind(host, port)
-            except ForwardError as exc:  # never fatal: this node just cannot serve the port
-                log.warning("port %d of another node's client not served here: %s", port, exc)
-                if self._mirrors.get(port) is mirror:
-                    del self._mirrors[port]
+            except ForwardError as exc:
+                self._bind_failed("tcp", port, mirror, exc)
                 return
             # kept on the mirror, so that stop_mirror closes the sockets synchronously
             mirror.listeners = listeners
@@ -308,10 +395,12 @@ class NodeLinks:
             stats=self.stats.relayed,
         )
 
-    async def open_stream(self, node: str, tag: int, peer: tuple[str, int]) -> MuxStream:
+    async def open_stream(
+        self, node: str, tag: int, peer: tuple[str, int], datagrams: bool = False
+    ) -> MuxStream:
         """A stream to ``node`` over the link to it (opened now if there is none), naming
-        the route ``tag`` and the public ``peer``. Raises ``ConnectError`` when no link can
-        be opened, or the node's refusal."""
+        the route ``tag`` and the public ``peer`` (a datagram stream with ``datagrams``).
+        Raises ``ConnectError`` when no link can be opened, or the node's refusal."""
         link = self._peers.get(node)
         if link is None:
             link = self._peers[node] = _Peer(node)
@@ -322,7 +411,7 @@ class NodeLinks:
         session = link.session
         if session is None:
             raise link.error or ConnectError(f"no link to node {printable(node)} in time")
-        return await session.open_stream(peer[0], peer[1], tag=tag)
+        return await session.open_stream(peer[0], peer[1], tag=tag, datagrams=datagrams)
 
     async def _run_link(self, link: _Peer) -> None:
         node = link.node_id
@@ -411,7 +500,22 @@ async def serve_node_link(server: TunnelServer, session: Session, node: str) -> 
                 break
             kind = incoming.tag & routes.RELAY_KIND_MASK
             peer = (incoming.host, incoming.port)
-            if kind == routes.RELAY_TCP:
+            if refuse_wrong_kind(incoming, kind == routes.RELAY_UDP):
+                continue
+            if kind == routes.RELAY_UDP:
+                take_udp = server.udp_targets.get(incoming.tag & routes.RELAY_PORT_MASK)
+                if take_udp is None:
+                    incoming.refuse(ErrorCode.FORWARD_FAILED, "no client of this node holds it")
+                    continue
+                stream = _accept(incoming)
+                if stream is None:
+                    continue
+                if stats is not None:
+                    stats.streams_in += 1
+                if not take_udp(stream, peer):
+                    stream.reset(ErrorCode.FORWARD_FAILED, "the forward cannot take it now")
+                    await trio.aclose_forcefully(stream)
+            elif kind == routes.RELAY_TCP:
                 take = server.port_target(incoming.tag & routes.RELAY_PORT_MASK)
                 if take is None:
                     incoming.refuse(ErrorCode.FORWARD_FAILED, "no client of this node holds it")
@@ -449,6 +553,49 @@ async def serve_node_link(server: TunnelServer, session: Session, node: str) -> 
             else:
                 incoming.refuse(ErrorCode.PROTOCOL_ERROR, f"unknown node link route {incoming.tag}")
         nursery.cancel_scope.cancel()
+
+
+def take_relayed_association(
+    client: _ClientSession,
+    nursery: trio.Nursery,
+    open_association: Callable[[tuple[str, int]], Awaitable[MuxStream]],
+    stats: RelayStats,
+    link_stream: MuxStream,
+    source: tuple[str, int],
+) -> bool:
+    """Carry one association another node relays (``link_stream``, a datagram stream) to
+    ``client`` as one of its UDP forward's own: in that forward's ``nursery``, within the
+    same stream budget, opened by the forward's ``open_association`` and counted in its
+    ``stats``. False at the stream limit or while the forward ends; never blocks."""
+    if not client.reserve_stream(None):
+        return False
+    try:
+        nursery.start_soon(_carry_association, client, open_association, stats, link_stream, source)
+    except RuntimeError:  # the forward is ending
+        client.release_stream()
+        return False
+    return True
+
+
+async def _carry_association(
+    client: _ClientSession,
+    open_association: Callable[[tuple[str, int]], Awaitable[MuxStream]],
+    stats: RelayStats,
+    link_stream: MuxStream,
+    source: tuple[str, int],
+) -> None:
+    try:
+        try:
+            client_stream = await open_association(source)
+        except TunnelError as exc:
+            log.info("relayed udp association from %s not opened: %s", format_target(*source), exc)
+            return
+        await pump_datagrams(
+            link_stream, client_stream, idle_timeout=client.config.udp_idle_timeout, stats=stats
+        )
+    finally:
+        client.release_stream()
+        await trio.aclose_forcefully(link_stream)
 
 
 def _accept(incoming: IncomingStream) -> MuxStream | None:

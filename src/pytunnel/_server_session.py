@@ -23,6 +23,7 @@ from ._dial import dial_permitted, format_target
 from ._egress import refuse_wrong_kind, serve_egress
 from ._ingress import carry_over_stream
 from ._listen import bind, bind_udp, bound_port
+from ._node_link import take_relayed_association
 from ._relay import RelayStats, relay
 from ._udp import (
     relay_association,
@@ -358,6 +359,10 @@ class _ClientSession:
             await ControlChannel(control, ControlRole.SERVER).send(Bound(host, port))
             log.info("client %s: udp remote forward listening on %s", self.peer, address)
             async with trio.open_nursery() as nursery:
+                # associations another node of the cluster relays here, in this nursery
+                self.server.udp_targets[port] = functools.partial(
+                    take_relayed_association, self, nursery, open_association, stats
+                )
                 nursery.start_soon(
                     functools.partial(
                         serve_associations,
@@ -380,6 +385,7 @@ class _ClientSession:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
+            self.server.udp_targets.pop(port, None)
             sock.close()
             try:
                 await trio.aclose_forcefully(control)
@@ -479,8 +485,7 @@ class _ClientSession:
                 what=f"port {port}" if kind == "tcp" else f"{kind} port {port}",
                 address=address,
             )
-            if kind == "tcp":
-                self.server.stop_mirror(port)
+            self.server.stop_mirror(port, kind=kind)
             try:
                 return await self._bind(host, port, binder)
             except BaseException:

@@ -221,8 +221,8 @@ def _node_link_metrics(server: TunnelServer) -> Iterator[Metric]:
     )
     yield GaugeMetricFamily(
         "pytunnel_server_node_mirrored_ports",
-        "Ports this node listens on for clients of other nodes.",
-        value=len(links.mirrored_ports),
+        "TCP and UDP ports this node listens on for clients of other nodes.",
+        value=len(links.mirrored_ports) + len(links.mirrored_udp_ports),
     )
     streams = CounterMetricFamily(
         "pytunnel_server_node_link_streams",

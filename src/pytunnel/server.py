@@ -27,7 +27,7 @@ from ._admission import (
 from ._dial import DEFAULT_CONNECT_TIMEOUT, format_target
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT
 from ._listen import bind
-from ._node_link import NodeLinks, NodeLinkStats, Take, serve_node_link
+from ._node_link import NodeLinks, NodeLinkStats, Take, TakeAssociation, serve_node_link
 from ._policy import PermitOpen, PortRange, parse_port_ranges
 from ._relay import DEFAULT_IDLE_TIMEOUT
 from ._server_session import _ClientSession
@@ -342,6 +342,9 @@ class TunnelServer:
         self.forming_groups: dict[tuple[str, str], trio.Event] = {}
         #: The relaying of public traffic between nodes (a cluster with a secret), once joined.
         self.node_links: NodeLinks | None = None
+        #: What takes a UDP association another node relays here, by the public UDP port
+        #: of the forward holding it on this node.
+        self.udp_targets: dict[int, TakeAssociation] = {}
         if self.listeners:
             host, port = self.listeners[0].socket.getsockname()[:2]
             self._address = (str(host), int(port))
@@ -692,11 +695,12 @@ class TunnelServer:
                     return forward.take
         return None
 
-    def stop_mirror(self, port: int) -> None:
-        """A client of this node is about to bind ``port``: stop listening on it for
-        another node first (the registry said it moved here; the watch may not have yet)."""
+    def stop_mirror(self, port: int, *, kind: str = "tcp") -> None:
+        """A client of this node is about to bind ``port`` (``kind`` ``tcp`` or ``udp``):
+        stop listening on it for another node first (the registry said it moved here; the
+        watch may not have yet)."""
         if self.node_links is not None:
-            self.node_links.stop_mirror(port)
+            self.node_links.stop_mirror(port, kind=kind)
 
     def _lost_claim(self, key: str, owner: str) -> None:
         """A claim expired while the engine was out of reach and another node took it: the
