@@ -28,7 +28,7 @@ import functools
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 import trio
@@ -85,6 +85,11 @@ class NodeLinkStats:
     #: The UDP associations this node relayed to other nodes.
     relayed_udp: RelayStats = attrs.field(factory=RelayStats)
 
+
+#: Binds of a mirrored port before it is given up (logged), and the pause between them.
+_MIRROR_BIND_ATTEMPTS = 5
+_MIRROR_BIND_RETRY = 0.5
+_B = TypeVar("_B")
 
 #: The registry prefixes a node with node links follows.
 _WATCHED = ("nodes/", "tcp/", "udp/", "http/", "https/")
@@ -235,6 +240,22 @@ class NodeLinks:
         if self._mirrors.get((kind, port)) is mirror:
             del self._mirrors[kind, port]
 
+    async def _bind_mirror(
+        self, kind: str, port: int, mirror: _Mirror, binder: Callable[[str, int], Awaitable[_B]]
+    ) -> _B | None:
+        """Bind a mirror, trying a few times: the port may still be closing here (a client
+        of this node that just moved to another node); ``None`` if it stays taken."""
+        host = self.server.config.public_host
+        for attempt in range(_MIRROR_BIND_ATTEMPTS):
+            try:
+                return await binder(host, port)
+            except ForwardError as exc:
+                if attempt == _MIRROR_BIND_ATTEMPTS - 1:
+                    self._bind_failed(kind, port, mirror, exc)
+                    return None
+            await trio.sleep(_MIRROR_BIND_RETRY)
+        return None  # pragma: no cover - the loop returns
+
     async def _serve_udp_mirror(self, port: int, mirror: _Mirror) -> None:
         """A UDP port held on another node: each public source's association is one
         datagram stream of the link to that node."""
@@ -242,10 +263,8 @@ class NodeLinks:
         host = config.public_host
         key = f"udp/{port}"
         with mirror.scope:
-            try:
-                sock = mirror.udp = await bind_udp(host, port)
-            except ForwardError as exc:
-                self._bind_failed("udp", port, mirror, exc)
+            sock = mirror.udp = await self._bind_mirror("udp", port, mirror, bind_udp)
+            if sock is None:
                 return
             if mirror.scope.cancel_called:  # stopped while binding
                 mirror.close()
@@ -292,10 +311,8 @@ class NodeLinks:
     async def _serve_mirror(self, port: int, mirror: _Mirror) -> None:
         host = self.server.config.public_host
         with mirror.scope:
-            try:
-                listeners = await bind(host, port)
-            except ForwardError as exc:
-                self._bind_failed("tcp", port, mirror, exc)
+            listeners = await self._bind_mirror("tcp", port, mirror, bind)
+            if listeners is None:
                 return
             # kept on the mirror, so that stop_mirror closes the sockets synchronously
             mirror.listeners = listeners
