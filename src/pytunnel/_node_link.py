@@ -171,11 +171,12 @@ class NodeLinks:
             seen: set[str] = set()
 
             def changed(change: Change) -> None:
-                seen.add(change.key)
-                self._apply(change)
+                if change.key.startswith(_WATCHED):
+                    seen.add(change.key)
+                    self._apply(change)
 
-            for prefix in _WATCHED:
-                await nursery.start(functools.partial(self.registry.watch, prefix, changed))
+            # one watch of the whole registry (one stream to the engine), filtered here
+            await nursery.start(functools.partial(self.registry.watch, "", changed))
             # what was there before the watches started; a key a watch already reported is
             # newer than this snapshot
             for key, value in (await self.registry.entries("")).items():
