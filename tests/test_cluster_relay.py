@@ -12,11 +12,20 @@ import functools
 import shutil
 import socket
 import ssl
+import struct
 
 import pytest
 import trio
 import trustme
-from helpers import TOKEN, EtcdServer, closed_port, wait_until
+from helpers import (
+    TOKEN,
+    EtcdServer,
+    closed_port,
+    count_fds,
+    count_tasks,
+    describe_tasks,
+    wait_until,
+)
 from prometheus_client import CollectorRegistry, generate_latest
 from test_cluster_server import _free_port_on_both
 
@@ -367,3 +376,47 @@ async def _ask(sock: trio.socket.SocketType, address: tuple[str, int], payload: 
                     data, _ = await sock.recvfrom(65536)
                     if data == payload:
                         return data
+
+
+async def test_relayed_connections_leave_nothing_behind(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """Ten connections relayed at once through B, held open, then closed (half of them by
+    a reset): every task and descriptor they took at both nodes is given back, and only the
+    one link stays."""
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    port = _free_port_on_both()
+    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    await _mirrored(b, port)
+    assert await _exchange(("127.0.0.2", port), b"link up") == b"link up"
+    await wait_until(lambda: b.active_streams == 0 and a.active_streams == 0, seconds=20)
+    tasks, fds = count_tasks(), count_fds()
+    streams = []
+    with trio.fail_after(20):
+        for i in range(10):
+            stream = await trio.open_tcp_stream("127.0.0.2", port)
+            await stream.send_all(b"held %d" % i)
+            got = b""
+            while len(got) < len(b"held %d" % i):
+                got += await stream.receive_some()
+            streams.append(stream)
+    assert b.active_streams == 10
+    assert a.active_streams == 10
+    for i, stream in enumerate(streams):
+        if i % 2:
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+    await wait_until(
+        lambda: count_tasks() == tasks and count_fds() == fds,
+        seconds=20,
+        what=lambda: (
+            f"tasks {count_tasks()} (was {tasks}), fds {count_fds()} (was {fds}): "
+            + describe_tasks()
+        ),
+    )
+    assert a.active_streams == b.active_streams == 0
+    assert b.node_links is not None
+    assert b.node_links.linked_nodes == ["a"]
+    assert b.node_links.stats.links_opened == 1
