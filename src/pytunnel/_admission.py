@@ -288,7 +288,9 @@ class Admission:
                 max_frame_size=self.config.session.max_frame_size,
                 peer=peer,
                 # the other nodes of a cluster connect with its secret (node links)
-                node_secret=self.config.cluster_secret if self.config.cluster else None,
+                node_secret=(
+                    self.config.cluster_secret if self.config.cluster is not None else None
+                ),
             )
         except BaseException as exc:
             if isinstance(exc, AuthenticationError) and peer_host is not None:
