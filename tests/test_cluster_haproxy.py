@@ -56,11 +56,12 @@ def _port_free_everywhere() -> int:
         return port
 
 
-def _config(control: list[str], control_port: int, public_port: int) -> str:
+def _config(control: list[str], control_port: int, public_port: int, http_port: int) -> str:
     servers = "\n".join(f"    server n{i} {address}" for i, address in enumerate(control, start=1))
     public = "\n".join(
         f"    server n{i} {host}:{public_port}" for i, host in enumerate(HOSTS, start=1)
     )
+    http = "\n".join(f"    server n{i} {host}:{http_port}" for i, host in enumerate(HOSTS, start=1))
     return f"""
 global
     maxconn 256
@@ -83,10 +84,18 @@ frontend public
 backend public
     balance roundrobin
 {public}
+frontend http
+    bind {BALANCER}:{http_port}
+    default_backend http
+backend http
+    balance roundrobin
+{http}
 """
 
 
-async def _node(etcd: EtcdServer, index: int, secret_file: Path) -> tuple[Process, str]:
+async def _node(
+    etcd: EtcdServer, index: int, secret_file: Path, http_port: int
+) -> tuple[Process, str]:
     host = HOSTS[index - 1]
     node = await Process.start(
         "serve",
@@ -94,6 +103,10 @@ async def _node(etcd: EtcdServer, index: int, secret_file: Path) -> tuple[Proces
         f"{host}:0",
         "--public-host",
         host,
+        "--http-listen",
+        f"{host}:{http_port}",
+        "--domain",
+        "tunnel.test",
         "--cluster",
         etcd.url,
         "--node-id",
@@ -133,7 +146,7 @@ async def _until_served(host: str, port: int, payload: bytes, seconds: float = 6
             await trio.sleep(0.1)
 
 
-async def _owner(etcd: EtcdServer, port: int) -> str:
+async def _owner(etcd: EtcdServer, key: str) -> str:
     with trio.fail_after(30):
         out = await trio.run_process(
             [*PYTUNNEL, "cluster", "status", "--cluster", etcd.url, "--json"],
@@ -141,7 +154,7 @@ async def _owner(etcd: EtcdServer, port: int) -> str:
             capture_stderr=True,
         )
     status = json.loads(out.stdout)
-    owners = [n for n, node in status["nodes"].items() if f"tcp/{port}" in node["holds"]]
+    owners = [n for n, node in status["nodes"].items() if key in node["holds"]]
     assert len(owners) == 1, status
     return str(owners[0])
 
@@ -160,11 +173,13 @@ async def test_three_nodes_behind_haproxy_serve_every_connection_and_survive_a_k
     balancer: trio.Process | None = None
     client: Process | None = None
     try:
+        http_port = _port_free_everywhere()
         for index in (1, 2, 3):
-            nodes[f"n{index}"] = await _node(etcd, index, secret_file)
+            nodes[f"n{index}"] = await _node(etcd, index, secret_file, http_port)
         control_port, public_port = _port_free_everywhere(), _port_free_everywhere()
         config = tmp_path / "haproxy.cfg"
-        config.write_text(_config([a for _, a in nodes.values()], control_port, public_port))
+        control = [a for _, a in nodes.values()]
+        config.write_text(_config(control, control_port, public_port, http_port))
         balancer = await trio.lowlevel.open_process(
             [_haproxy(), "-db", "-f", str(config)],
             stdout=subprocess.DEVNULL,
@@ -177,9 +192,16 @@ async def test_three_nodes_behind_haproxy_serve_every_connection_and_survive_a_k
             "1",
             "-R",
             f"{public_port}:127.0.0.1:{echo_port}",
+            "-R",
+            f"app:80:127.0.0.1:{echo_port}",
         )
-        await client.line_with(f"remote forward 127.0.0.1:{public_port}", seconds=60)
-        owner = await _owner(etcd, public_port)
+        wanted = {f"remote forward 127.0.0.1:{public_port}", "name route http://app.tunnel.test"}
+        with trio.fail_after(60):  # a hang detector; the two lines come in either order
+            while wanted:
+                line = await client.line_with("")
+                wanted = {text for text in wanted if text not in line}
+        owner = await _owner(etcd, f"tcp/{public_port}")
+        assert await _owner(etcd, "http/app.tunnel.test") == owner
 
         # every node serves the port (two of them relay it to the owner) ...
         for host in HOSTS:
@@ -189,6 +211,11 @@ async def test_three_nodes_behind_haproxy_serve_every_connection_and_survive_a_k
         for i in range(6):
             payload = f"through haproxy {i} ".encode() * 1000
             assert await _exchange(BALANCER, public_port, payload) == payload
+        # and the name on the shared HTTP port: each node's listener routes it (two of them
+        # by replaying the request head to the owner); the echo target sends the head back
+        for host in (*HOSTS, BALANCER, BALANCER, BALANCER):
+            head = f"GET /{host} HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n".encode()
+            assert await _exchange(host, http_port, head) == head
 
         # a connection relayed by another node to the owner is live when the owner dies
         other = next(h for n, h in zip(nodes, HOSTS, strict=True) if n != owner)
@@ -208,8 +235,10 @@ async def test_three_nodes_behind_haproxy_serve_every_connection_and_survive_a_k
         # once the dead node's lease has expired; new connections work through it again
         await _until_served(BALANCER, public_port, b"after the kill")
         failover = trio.current_time() - killed_at
-        new_owner = await _owner(etcd, public_port)
+        new_owner = await _owner(etcd, f"tcp/{public_port}")
         assert new_owner != owner
+        head = b"GET /after HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n"
+        await _until_served(BALANCER, http_port, head)
         for name, host in zip(nodes, HOSTS, strict=True):
             if name != owner:
                 await _until_served(host, public_port, f"survivor {name}".encode())
