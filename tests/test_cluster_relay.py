@@ -420,3 +420,31 @@ async def test_relayed_connections_leave_nothing_behind(
     assert b.node_links is not None
     assert b.node_links.linked_nodes == ["a"]
     assert b.node_links.stats.links_opened == 1
+
+
+async def test_a_node_that_gave_no_usable_address_gets_nothing_relayed(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A's membership names no usable address: B resets the public connection, says why,
+    and keeps serving (a later connection meets the same, nothing crashes)."""
+    registry = EtcdRegistry(etcd.endpoint, "a", "no port here", lease_ttl=3, request_timeout=1.0)
+    a: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(
+            pytunnel.serve,
+            0,
+            token=TOKEN,
+            public_host="127.0.0.1",
+            cluster=registry,
+            cluster_secret=SECRET,
+        )
+    )
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    port = _free_port_on_both()
+    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    await _mirrored(b, port)
+    for _ in range(2):
+        with pytest.raises(trio.BrokenResourceError):
+            await _exchange(("127.0.0.2", port), b"hello")
+    assert "node a gave no usable address" in caplog.text
+    assert await _exchange(("127.0.0.1", port), b"direct") == b"direct"

@@ -2,8 +2,8 @@
 
 In a cluster a public port or name belongs to one client on one node, but a balancer (or DNS)
 may send its public connections to any node. Every node therefore watches who holds each
-TCP port and name (the registry's ``tcp/``, ``http/`` and ``https/`` keys): for a port held
-on another node it listens on the same port too (the same policy: its ``public_host``, its
+port and name (the registry's ``tcp/``, ``udp/``, ``http/`` and ``https/`` keys): for a port
+held on another node it listens on the same port too (the same policy: its ``public_host``, its
 ``allow_ports``), and on its shared listeners a name held elsewhere is not a 404. Each such
 connection is relayed to the owner node as one stream of a *node link*: a pytunnel session
 from this node to the owner's ``--node-address`` (its control listener), authenticated by
@@ -399,7 +399,7 @@ class NodeLinks:
                 "public connection from %s for %s not relayed: %s",
                 format_target(*peer),
                 printable(key),
-                exc,
+                printable(str(exc)),
             )
             abort(conn, ErrorCode.FORWARD_FAILED, "not relayed")
             await trio.aclose_forcefully(conn)
@@ -442,7 +442,8 @@ class NodeLinks:
                     if isinstance(exc, TunnelError)
                     else ConnectError(f"link to node {printable(node)}: {exc}")
                 )
-                log.warning("no link to node %s: %s", printable(node), link.error)
+                # the error may carry the peer's own words (its GoAway)
+                log.warning("no link to node %s: %s", printable(node), printable(str(link.error)))
             finally:
                 link.session = None
                 link.ready.set()
@@ -454,10 +455,12 @@ class NodeLinks:
         address = self.nodes.get(node)
         if not address:
             raise ConnectError(f"node {printable(node)} has no known address")
-        host, _, port = address.rpartition(":")
+        host, _, port_text = address.rpartition(":")
+        if not host or not port_text.isdigit():
+            raise ConnectError(f"node {printable(node)} gave no usable address")
         config = self.server.config
         stream: trio.abc.Stream = await dial(
-            host.strip("[]"), int(port), timeout=config.connect_timeout, logger=log
+            host.strip("[]"), int(port_text), timeout=config.connect_timeout, logger=log
         )
         if self._tls is not None:
             stream = await tls_connect(
@@ -485,7 +488,9 @@ class NodeLinks:
                     nursery.start_soon(_ping_loop, s)
                     await s.wait_closed()
                     nursery.cancel_scope.cancel()
-                log.warning("link to node %s lost: %s", printable(node), s.close_reason)
+                log.warning(
+                    "link to node %s lost: %s", printable(node), printable(str(s.close_reason))
+                )
         finally:
             await trio.aclose_forcefully(stream)
 
