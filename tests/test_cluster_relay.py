@@ -448,3 +448,44 @@ async def test_a_node_that_gave_no_usable_address_gets_nothing_relayed(
             await _exchange(("127.0.0.2", port), b"hello")
     assert "node a gave no usable address" in caplog.text
     assert await _exchange(("127.0.0.1", port), b"direct") == b"direct"
+
+
+async def test_relaying_goes_on_while_the_engine_is_away(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """The engine is killed: a connection relayed through B before goes on, and new ones are
+    relayed too (B's table of who holds what comes from its watch, not from a request per
+    connection); once the engine is back the table follows it again."""
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    port = _free_port_on_both()
+    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    await _mirrored(b, port)
+    with trio.fail_after(10):
+        live = await trio.open_tcp_stream("127.0.0.2", port)
+        await live.send_all(b"before")
+        got = b""
+        while len(got) < 6:
+            got += await live.receive_some()
+    await etcd.kill()
+    with trio.fail_after(10):
+        await live.send_all(b"during")
+        got = b""
+        while len(got) < 6:
+            got += await live.receive_some()
+        assert got == b"during"
+        await live.aclose()
+    for i in range(3):
+        assert await _exchange(("127.0.0.2", port), b"new %d" % i) == b"new %d" % i
+    await etcd.start()
+    other = _free_port_on_both()
+    with trio.fail_after(30):
+        while True:  # the node's claims are refused until its lease is known current
+            try:
+                await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=other)
+                break
+            except pytunnel.ClusterUnavailableError:
+                await trio.sleep(0.2)
+    await _mirrored(b, other)
+    assert await _exchange(("127.0.0.2", other), b"after") == b"after"
