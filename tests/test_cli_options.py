@@ -50,6 +50,8 @@ _CLI_ONLY = {
         "node_id",  # these three build the registry given as ServerConfig.cluster
         "node_address",
         "cluster_lease_ttl",  # EtcdRegistry(lease_ttl=), default DEFAULT_LEASE_TTL
+        "cluster_secret_file",  # read into ServerConfig.cluster_secret
+        "cluster_tls_ca",  # builds ServerConfig.cluster_tls, as tls_cert builds tls
     },
     "connect": {
         "server",

@@ -155,6 +155,14 @@ async def test_two_nodes_one_port_and_the_port_follows_its_client_when_a_node_di
         (["--node-id", "a"], "--node-id and --node-address are for a node of a --cluster"),
         (["--cluster", "redis://127.0.0.1:6379", "--node-id", "a"], "etcd://HOST:PORT"),
         (["--cluster", "etcd://127.0.0.1:2379", "--node-id", "a/b"], "without '/'"),
+        (["--cluster-secret-file", "/dev/null"], "--cluster-secret-file is for a node of a"),
+        (
+            [
+                *("--cluster", "etcd://127.0.0.1:2379", "--node-id", "a"),
+                *("--cluster-secret-file", "/dev/null"),
+            ],
+            "the cluster secret file is empty",
+        ),
     ],
 )
 async def test_cluster_options_that_do_not_fit_are_one_usage_error(

@@ -291,6 +291,56 @@ async def test_engine_loss_keeps_relays_refuses_new_ports_and_recovers(
     assert named.status is pytunnel.ForwardStatus.ACTIVE
 
 
+@pytest.mark.slow
+async def test_a_forward_restored_while_the_engine_is_away_retries_until_it_is_back(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """The client reconnects while its node cannot reach the engine: restoring its port and
+    its name meets CLUSTER_UNAVAILABLE, which passes, so both stay suspended and retry with
+    the reconnect backoff, and are served again once the engine is back."""
+    a = await _node(
+        nursery, etcd, "a", "127.0.0.1", http_listen=("127.0.0.1", 0), domain="example.test"
+    )
+    proxy = LinkProxy(a.address)
+    await proxy.start(nursery)
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, proxy.address, token=TOKEN, backoff_max=0.5, **FAST
+    )
+    port = _free_port_on_both()
+    remote = await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    named = await tunnel.forward_name("app", "127.0.0.1", echo_port)
+    try:
+        await etcd.kill()
+        proxy.cut()  # the client reconnects to a node that cannot claim anything now
+        await wait_until(lambda: tunnel.reconnects >= 1, seconds=20)
+        for forward in (remote, named):
+            await wait_until(
+                lambda f=forward: "CLUSTER_UNAVAILABLE" in (f.reason or ""),
+                seconds=20,
+                what=lambda f=forward: str(f.reason),
+            )
+            assert forward.status is pytunnel.ForwardStatus.SUSPENDED, forward.reason
+            assert "retrying in" in (forward.reason or "")
+        await trio.sleep(1.5)  # several retries refused: still suspended, not failed
+        assert remote.status is pytunnel.ForwardStatus.SUSPENDED, remote.reason
+        assert named.status is pytunnel.ForwardStatus.SUSPENDED, named.reason
+
+        await etcd.start()
+        with trio.fail_after(30):
+            for forward in (remote, named):
+                status = await forward.wait_status(
+                    pytunnel.ForwardStatus.ACTIVE, pytunnel.ForwardStatus.ERROR
+                )
+                assert status is pytunnel.ForwardStatus.ACTIVE, forward.reason
+        assert remote.listen_port == port
+        assert await _echo(("127.0.0.1", port)) == b"ping"
+        assert a.http_routes is not None
+        assert a.http_routes.lookup("app.example.test") is not None
+    finally:
+        await tunnel.aclose()
+        proxy.close()
+
+
 async def test_a_node_partitioned_from_the_engine_but_not_from_its_clients(
     nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
 ) -> None:

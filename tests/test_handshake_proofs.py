@@ -241,3 +241,71 @@ async def test_client_refuses_a_forged_welcome(
         while not seen:
             await trio.sleep(0.01)
     assert seen in (["eof"], ["reset"])
+
+
+def _exchange(client: hs.ClientHandshake, server: hs.ServerHandshake) -> hs.Authenticated:
+    """Run the two machines against each other, synchronously; the server's result."""
+    step = server.receive(client.start())
+    assert step.send is not None
+    auth = client.receive(step.send).send
+    assert auth is not None
+    done = server.receive(auth)
+    assert done.send is not None
+    assert done.result is not None
+    client.receive(done.send)
+    return done.result
+
+
+SECRET = b"the cluster secret"
+
+
+def test_a_node_authenticates_with_the_cluster_secret_as_a_node() -> None:
+    client = hs.ClientHandshake(SECRET, max_frame_size=65536, client_id="edge-2", node=True)
+    server = hs.ServerHandshake(TOKEN, max_frame_size=65536, node_secret=SECRET)
+    result = _exchange(client, server)
+    assert result.node
+    assert result.client_id == "edge-2"
+    # and a client with the token is a client, on a server that takes nodes too
+    again = hs.ServerHandshake(TOKEN, max_frame_size=65536, node_secret=SECRET)
+    assert not _exchange(hs.ClientHandshake(TOKEN, max_frame_size=65536), again).node
+
+
+@pytest.mark.parametrize(
+    ("key", "node", "node_secret"),
+    [
+        (SECRET, False, SECRET),  # the secret as a client's token: not a client
+        (TOKEN, True, SECRET),  # a node proof keyed by the client token: not a node
+        (SECRET, True, None),  # a server that takes no nodes
+    ],
+)
+def test_node_and_client_proofs_never_pass_for_each_other(
+    key: bytes, node: bool, node_secret: bytes | None
+) -> None:
+    client = hs.ClientHandshake(key, max_frame_size=65536, client_id="n", node=node)
+    server = hs.ServerHandshake(TOKEN, max_frame_size=65536, node_secret=node_secret)
+    step = server.receive(client.start())
+    assert step.send is not None
+    auth = client.receive(step.send).send
+    assert auth is not None
+    with pytest.raises(pytunnel.AuthenticationError):
+        server.receive(auth)
+
+
+def test_with_one_key_for_both_the_roles_stay_apart() -> None:
+    """The node proofs have labels of their own: even with the token as cluster secret, a
+    client is told apart from a node, and a node checks the answering node's own proof."""
+    for node in (False, True):
+        client = hs.ClientHandshake(TOKEN, max_frame_size=65536, client_id="n", node=node)
+        server = hs.ServerHandshake(TOKEN, max_frame_size=65536, node_secret=TOKEN)
+        assert _exchange(client, server).node is node
+    assert hs.node_proof(TOKEN, 1, CN, SN, "n") != hs.client_proof(TOKEN, 1, CN, SN, "n")
+
+
+def test_node_proofs_are_pinned() -> None:
+    """The test vector docs/protocol.md gives for node links (section 5.1a)."""
+    assert hs.node_proof(TOKEN, 1, CN, SN, "edge-2").hex() == (
+        "e4ede662fa9f16ce3d8a8d669dabc03b24515a35ec49e2e40da236ce188a2441"
+    )
+    assert hs.node_server_proof(TOKEN, 1, CN, SN, "edge-2").hex() == (
+        "1c397185bd1b6eef9207cef97504d361beef70d6de9de38acf7f94c1b5a2fa22"
+    )

@@ -287,6 +287,10 @@ class Admission:
                 first_frame_timeout=max(0.0, first_deadline - trio.current_time()),
                 max_frame_size=self.config.session.max_frame_size,
                 peer=peer,
+                # the other nodes of a cluster connect with its secret (node links)
+                node_secret=(
+                    self.config.cluster_secret if self.config.cluster is not None else None
+                ),
             )
         except BaseException as exc:
             if isinstance(exc, AuthenticationError) and peer_host is not None:

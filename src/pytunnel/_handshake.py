@@ -56,8 +56,10 @@ class HandshakeResult:
     decoder: FrameDecoder
     #: Largest frame body the peer accepts.
     peer_max_frame_size: int
-    #: The identity the client authenticated with ("" for none).
+    #: The identity the client authenticated with ("" for none); a node link's node id.
     client_id: str = ""
+    #: Whether the peer is a node of the cluster (authenticated by the cluster secret).
+    node: bool = False
 
     def open_session(
         self, stream: trio.abc.Stream, role: Role, config: SessionConfig, *, name: str
@@ -123,12 +125,14 @@ async def client_handshake(
     max_frame_size: int,
     versions: tuple[int, ...] = hs.SUPPORTED_VERSIONS,
     client_id: str = "",
+    node: bool = False,
 ) -> HandshakeResult:
-    """Authenticate to a server, as ``client_id`` if given. On failure the stream is closed
+    """Authenticate to a server, as ``client_id`` if given (with ``node``, as the node
+    ``client_id`` of a cluster whose secret is ``token``). On failure the stream is closed
     and a typed error raised: ``AuthenticationError`` (1002), ``VersionMismatchError`` (1003),
     ``HandshakeTimeoutError``, ``RemoteProtocolError`` or ``ConnectError``."""
     machine = hs.ClientHandshake(
-        token, max_frame_size=max_frame_size, versions=versions, client_id=client_id
+        token, max_frame_size=max_frame_size, versions=versions, client_id=client_id, node=node
     )
     decoder = _new_decoder()
     try:
@@ -161,7 +165,9 @@ async def client_handshake(
 
 def _result(done: hs.Authenticated, decoder: FrameDecoder, max_frame_size: int) -> HandshakeResult:
     decoder.max_frame_size = max_frame_size
-    return HandshakeResult(done.version, decoder, done.peer_max_frame_size, done.client_id)
+    return HandshakeResult(
+        done.version, decoder, done.peer_max_frame_size, done.client_id, node=done.node
+    )
 
 
 async def server_handshake(
@@ -173,14 +179,23 @@ async def server_handshake(
     versions: tuple[int, ...] = hs.SUPPORTED_VERSIONS,
     peer: str = "?",
     first_frame_timeout: float | None = None,
+    node_secret: str | bytes | None = None,
 ) -> HandshakeResult:
     """Authenticate a client. On failure the peer is told why (``GoAway``), the stream is
     closed and the same typed error is raised here. The token is never logged.
 
     ``first_frame_timeout`` bounds the wait for the client's ``Hello`` alone: an honest client
     sends it at once, so a connection that stays silent is dropped long before ``timeout``
-    and cannot hold a pending-handshake slot for the whole handshake deadline."""
-    machine = hs.ServerHandshake(token, max_frame_size=max_frame_size, versions=versions, peer=peer)
+    and cannot hold a pending-handshake slot for the whole handshake deadline.
+    ``node_secret``: a peer may authenticate as a node of the cluster with it (see
+    ``HandshakeResult.node``)."""
+    machine = hs.ServerHandshake(
+        token,
+        max_frame_size=max_frame_size,
+        versions=versions,
+        peer=peer,
+        node_secret=node_secret,
+    )
     decoder = _new_decoder()
     first_timeout = timeout if first_frame_timeout is None else min(timeout, first_frame_timeout)
     waiting_for = machine.expecting

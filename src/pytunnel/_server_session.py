@@ -23,6 +23,7 @@ from ._dial import dial_permitted, format_target
 from ._egress import refuse_wrong_kind, serve_egress
 from ._ingress import carry_over_stream
 from ._listen import bind, bind_udp, bound_port
+from ._node_link import take_relayed_association
 from ._relay import RelayStats, relay
 from ._udp import (
     relay_association,
@@ -392,6 +393,10 @@ class _ClientSession:
             await ControlChannel(control, ControlRole.SERVER).send(Bound(host, port))
             log.info("client %s: udp remote forward listening on %s", self.peer, address)
             async with trio.open_nursery() as nursery:
+                # associations another node of the cluster relays here, in this nursery
+                self.server.udp_targets[port] = functools.partial(
+                    take_relayed_association, self, nursery, open_association, stats
+                )
                 nursery.start_soon(
                     functools.partial(
                         serve_associations,
@@ -414,6 +419,7 @@ class _ClientSession:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
+            self.server.udp_targets.pop(port, None)
             sock.close()
             try:
                 await trio.aclose_forcefully(control)
@@ -513,6 +519,7 @@ class _ClientSession:
                 what=f"port {port}" if kind == "tcp" else f"{kind} port {port}",
                 address=address,
             )
+            self.server.stop_mirror(port, kind=kind)
             try:
                 return await self._bind(host, port, binder)
             except BaseException:
@@ -787,6 +794,7 @@ class _ClientSession:
                 )
                 group = groups.get(key)  # another member may have formed it meanwhile
             if group is None:
+                self.server.stop_mirror(incoming.port)
                 try:
                     listeners = await bind(host, incoming.port)
                 except BaseException:

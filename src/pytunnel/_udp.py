@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_MAX_ASSOCIATIONS",
     "DEFAULT_REFUSAL_MEMORY",
     "DEFAULT_UDP_IDLE_TIMEOUT",
+    "pump_datagrams",
     "relay_association",
     "serve_associations",
     "udp_connect",
@@ -352,3 +353,51 @@ async def relay_association(
             stats.active_connections -= 1
         sock.close()
         await aclose_all(stream)
+
+
+async def pump_datagrams(
+    a: MuxStream,
+    b: MuxStream,
+    *,
+    idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT,
+    stats: RelayStats | None = None,
+) -> None:
+    """Carry datagrams between two datagram streams (a node link's association and the
+    client's) both ways until either ends or nothing moves for ``idle_timeout``; then close
+    both. A datagram the far side has no room for is dropped (counted), as UDP would."""
+    if stats is not None:
+        stats.active_connections += 1
+        stats.total_connections += 1
+    try:
+        with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
+
+            async def pump(source: MuxStream, sink: MuxStream, outbound: bool) -> None:
+                while True:
+                    try:
+                        data = await source.receive_datagram()
+                    except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
+                        scope.cancel()
+                        return
+                    scope.deadline = trio.current_time() + idle_timeout
+                    try:
+                        sent = sink.send_datagram(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        scope.cancel()
+                        return
+                    if stats is None:
+                        continue
+                    if not sent:
+                        stats.datagrams_dropped += 1
+                    elif outbound:
+                        stats.bytes_out += len(data)
+                    else:
+                        stats.bytes_in += len(data)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, a, b, True)
+                nursery.start_soon(pump, b, a, False)
+    finally:
+        if stats is not None:
+            stats.active_connections -= 1
+        await trio.aclose_forcefully(a)
+        await trio.aclose_forcefully(b)

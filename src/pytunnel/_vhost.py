@@ -38,10 +38,13 @@ from .protocol.tls_hello import (
 )
 
 __all__ = [
+    "Elsewhere",
     "NameRoutes",
     "ReplayStream",
     "RouteTarget",
     "answer_and_close",
+    "route_connection",
+    "route_name",
     "serve_name_routing",
     "unavailable_reply",
 ]
@@ -51,6 +54,10 @@ log = logging.getLogger("pytunnel.vhost")
 #: What a route does with a connection routed to it: the stream (with the bytes read so far
 #: put back) and the peer's address.
 RouteTarget = Callable[[trio.abc.HalfCloseableStream, tuple[str, int]], Awaitable[None]]
+#: Asked for a name no local route holds: ``(name, stream, peer)``, the stream with the bytes
+#: read so far put back; true if it took the connection (a node of a cluster relays it to
+#: the node whose client holds the name), false for the 404 as usual.
+Elsewhere = Callable[[str, trio.abc.HalfCloseableStream, tuple[str, int]], Awaitable[bool]]
 
 DEFAULT_MAX_HEAD = 16 * 1024
 DEFAULT_HEAD_TIMEOUT = 10.0
@@ -116,14 +123,21 @@ class NameRoutes:
 
     def lookup(self, host: str) -> RouteTarget | None:
         """The route for a ``Host`` header or SNI name (a port and a trailing dot ignored)."""
-        name = host.strip().lower()
-        if name.startswith("["):  # an IPv6 literal is never a routed name
-            return None
-        name = name.rpartition(":")[0] if ":" in name else name
-        return self._routes.get(name.rstrip("."))
+        name = route_name(host)
+        return None if name is None else self._routes.get(name)
 
     def __len__(self) -> int:
         return len(self._routes)
+
+
+def route_name(host: str) -> str | None:
+    """The name a ``Host`` header or SNI name is routed by (lower case, no port, no trailing
+    dot); ``None`` for an IPv6 literal, which is never a routed name."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        return None
+    name = name.rpartition(":")[0] if ":" in name else name
+    return name.rstrip(".")
 
 
 def _normal(name: str) -> str:
@@ -256,6 +270,7 @@ async def _route_one(
     max_head: int,
     head_timeout: float,
     pending: list[int],
+    elsewhere: Elsewhere | None,
 ) -> None:
     """Read the name of ``conn``, hand it to its route or answer and close it; ``pending``
     (connections still in their head) is decremented once the head phase is over."""
@@ -267,25 +282,44 @@ async def _route_one(
             pending[0] -= 1
 
     try:
-        await _read_and_route(conn, routes, tls, max_head, head_timeout, head_done)
+        try:
+            host, port = conn.socket.getpeername()[:2]
+        except OSError:
+            await trio.aclose_forcefully(conn)
+            return
+        await _read_and_route(
+            conn, (str(host), int(port)), routes, tls, max_head, head_timeout, head_done, elsewhere
+        )
     finally:
         head_done()
 
 
+async def route_connection(
+    conn: trio.abc.HalfCloseableStream,
+    peer: tuple[str, int],
+    routes: NameRoutes,
+    *,
+    tls: bool,
+    max_head: int = DEFAULT_MAX_HEAD,
+    head_timeout: float = DEFAULT_HEAD_TIMEOUT,
+) -> None:
+    """Route one connection whose public peer is ``peer`` as the shared listener would, to a
+    local route only: a node link's stream, relayed by the node the connection reached, is
+    served here exactly as if it had arrived on this node's own listener (and a name not
+    served here any more gets the 404, never a relay back)."""
+    await _read_and_route(conn, peer, routes, tls, max_head, head_timeout, lambda: None, None)
+
+
 async def _read_and_route(
-    conn: trio.SocketStream,
+    conn: trio.abc.HalfCloseableStream,
+    peer: tuple[str, int],
     routes: NameRoutes,
     tls: bool,
     max_head: int,
     head_timeout: float,
     head_done: Callable[[], None],
+    elsewhere: Elsewhere | None,
 ) -> None:
-    try:
-        host, port = conn.socket.getpeername()[:2]
-    except OSError:
-        await trio.aclose_forcefully(conn)
-        return
-    peer = (str(host), int(port))
     what = "TLS" if tls else "HTTP"
     target: RouteTarget | None = None
     try:
@@ -300,6 +334,10 @@ async def _read_and_route(
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise _Refused("the connection broke during the head", b"") from None
         target = routes.lookup(name)
+        if target is None and elsewhere is not None:
+            head_done()
+            if await elsewhere(name, ReplayStream(conn, buffered), peer):
+                return
         if target is None:
             reply = (
                 alert(ALERT_UNRECOGNIZED_NAME)
@@ -346,6 +384,7 @@ async def serve_name_routing(
     max_head: int = DEFAULT_MAX_HEAD,
     head_timeout: float = DEFAULT_HEAD_TIMEOUT,
     max_pending: int = DEFAULT_MAX_PENDING,
+    elsewhere: Elsewhere | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on ``listeners`` forever; route each connection by its HTTP ``Host`` (or, with
@@ -354,7 +393,8 @@ async def serve_name_routing(
 
     At most ``max_pending`` connections may be reading their head at once (each holds a
     descriptor for up to ``head_timeout``); more are closed as they arrive, so slow heads
-    cannot spend the process's descriptors. A routed connection no longer counts."""
+    cannot spend the process's descriptors. A routed connection no longer counts. A name no
+    local route holds is offered to ``elsewhere`` (if given) before it gets the 404."""
     pending = [0]
     refused: Episodes[None] = Episodes()
     what = "TLS" if tls else "HTTP"
@@ -378,7 +418,9 @@ async def serve_name_routing(
                 if count:
                     log.info("shared %s port: accepting again after %d closed", what, count)
                 pending[0] += 1
-                nursery.start_soon(_route_one, conn, routes, tls, max_head, head_timeout, pending)
+                nursery.start_soon(
+                    _route_one, conn, routes, tls, max_head, head_timeout, pending, elsewhere
+                )
 
         for listener in listeners:
             nursery.start_soon(accept_loop, listener)

@@ -142,6 +142,20 @@ class ServerCollector(Collector):
         self.server = server
 
     def collect(self) -> Iterator[Metric]:
+        cluster = self.server.cluster
+        if cluster is None:
+            yield from self._collect()
+            return
+        # in a cluster every metric names its node, so that series scraped from several
+        # nodes never merge (through a balancer, or summed across nodes)
+        node = cluster.node_id
+        for family in self._collect():
+            family.samples = [
+                sample._replace(labels={**sample.labels, "node": node}) for sample in family.samples
+            ]
+            yield family
+
+    def _collect(self) -> Iterator[Metric]:
         server = self.server
         yield GaugeMetricFamily(
             "pytunnel_server_sessions",
@@ -195,6 +209,48 @@ class ServerCollector(Collector):
                 rtt.add_metric([client.client_id or client.peer], client.rtt)
         yield rtt
         yield from _port_metrics(server)
+        yield from _node_link_metrics(server)
+
+
+def _node_link_metrics(server: TunnelServer) -> Iterator[Metric]:
+    """Traffic between this node and the other nodes of its cluster (node links)."""
+    links = server.node_links
+    if links is None:
+        return
+    stats = links.stats
+    yield GaugeMetricFamily(
+        "pytunnel_server_node_links",
+        "Node links from this node to other nodes, up now.",
+        value=len(links.linked_nodes),
+    )
+    yield CounterMetricFamily(
+        "pytunnel_server_node_links_opened",
+        "Node links this node opened to other nodes.",
+        value=stats.links_opened,
+    )
+    yield GaugeMetricFamily(
+        "pytunnel_server_node_mirrored_ports",
+        "TCP and UDP ports this node listens on for clients of other nodes.",
+        value=len(links.mirrored_ports) + len(links.mirrored_udp_ports),
+    )
+    streams = CounterMetricFamily(
+        "pytunnel_server_node_link_streams",
+        "Public connections over node links: out relayed by this node to the client's node, "
+        "in relayed here by another node.",
+        labels=["direction"],
+    )
+    streams.add_metric(["out"], stats.streams_out)
+    streams.add_metric(["in"], stats.streams_in)
+    yield streams
+    relayed = CounterMetricFamily(
+        "pytunnel_server_node_link_bytes",
+        "Bytes of the connections this node relayed to other nodes: out from the public "
+        "peers towards the client's node, in back.",
+        labels=["direction"],
+    )
+    relayed.add_metric(["out"], stats.relayed.bytes_out)
+    relayed.add_metric(["in"], stats.relayed.bytes_in)
+    yield relayed
 
 
 def _port_metrics(server: TunnelServer) -> Iterator[Metric]:

@@ -27,6 +27,7 @@ from ._admission import (
 from ._dial import DEFAULT_CONNECT_TIMEOUT, format_target
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT
 from ._listen import bind
+from ._node_link import NodeLinks, NodeLinkStats, Take, TakeAssociation, serve_node_link
 from ._policy import PermitOpen, PortRange, parse_port_ranges
 from ._proxied import Network, ProxyHeaderError, real_peer, trusted_networks
 from ._relay import DEFAULT_IDLE_TIMEOUT
@@ -186,6 +187,16 @@ class ServerConfig:
     #: names and client identities are claimed there before they are bound or registered.
     #: ``None``: a server on its own, whose binds and routes are its only ownership.
     cluster: Registry | None = None
+    #: The secret the nodes of ``cluster`` share: with it, public traffic that reaches this
+    #: node for a port or name another node's client holds is relayed there over a node link
+    #: (authenticated by it; never logged). ``None``: no relaying, public traffic must reach
+    #: the client's own node.
+    cluster_secret: str | bytes | None = attrs.field(default=None, repr=False)
+    #: The client context of node links when the nodes' control listeners are TLS (``tls``
+    #: set): it verifies the peer node's certificate (``pytunnel.client_tls_context(ca_file=
+    #: ...)``, with this node's own certificate when the listeners require client
+    #: certificates). ``None`` with ``tls`` set: the system's trust store.
+    cluster_tls: ssl.SSLContext | None = None
     #: Proxies in front of the server (addresses or networks: HAProxy, nginx ``stream``, a
     #: cloud balancer) that begin each connection with a PROXY protocol header (v1 or v2)
     #: naming its real source. A connection from one of them must start with a valid header
@@ -230,6 +241,8 @@ class ServerOptions(TypedDict, total=False):
     ws_path: str | None
     ws_ping_interval: float | None
     cluster: Registry | None
+    cluster_secret: str | bytes | None
+    cluster_tls: ssl.SSLContext | None
     trusted_proxies: Iterable[str | Network]
 
 
@@ -382,6 +395,11 @@ class TunnelServer:
         self.cluster_nursery: trio.Nursery | None = None
         #: Groups being formed on this node, by what they serve (their claim is in flight).
         self.forming_groups: dict[tuple[str, str], trio.Event] = {}
+        #: The relaying of public traffic between nodes (a cluster with a secret), once joined.
+        self.node_links: NodeLinks | None = None
+        #: What takes a UDP association another node relays here, by the public UDP port
+        #: of the forward holding it on this node.
+        self.udp_targets: dict[int, TakeAssociation] = {}
         if self.listeners:
             host, port = self.listeners[0].socket.getsockname()[:2]
             self._address = (str(host), int(port))
@@ -525,6 +543,7 @@ class TunnelServer:
                         (self.https_listeners, self.https_routes, True),
                     ):
                         if name_routes is not None:
+                            links = self.node_links
                             await nursery.start(
                                 functools.partial(
                                     serve_name_routing,
@@ -534,6 +553,9 @@ class TunnelServer:
                                     max_head=self.config.max_name_head,
                                     head_timeout=self.config.name_head_timeout,
                                     max_pending=self.config.max_name_pending,
+                                    elsewhere=None
+                                    if links is None
+                                    else functools.partial(links.relay_name, tls),
                                 )
                             )
                     task_status.started(self)
@@ -604,6 +626,14 @@ class TunnelServer:
             if admitted is None:
                 return
             stream, result = admitted
+            if result.node:
+                async with result.open_session(
+                    stream, Role.SERVER, self.config.session, name=f"node-link<{peer}>"
+                ) as session:
+                    log.info("link from node %s (%s) up", printable(result.client_id), peer)
+                    await serve_node_link(self, session, result.client_id)
+                    log.info("link from node %s (%s) ended", printable(result.client_id), peer)
+                return
             async with result.open_session(
                 stream, Role.SERVER, self.config.session, name=f"server<{peer}>"
             ) as session:
@@ -675,6 +705,10 @@ class TunnelServer:
             await nursery.start(cluster.run)
             cluster.on_lost(self._lost_claim)
             await nursery.start(functools.partial(cluster.watch, "clients/", self._client_moved))
+            if self.config.cluster_secret is not None:
+                links = NodeLinks(self, cluster, self.config.cluster_secret)
+                await nursery.start(links.run)
+                self.node_links = links
         except ClusterUnavailableError as exc:
             log.error("cannot join the cluster: %s", exc)
             nursery.cancel_scope.cancel()
@@ -717,6 +751,31 @@ class TunnelServer:
                 code=ErrorCode.GOING_AWAY,
             ),
         )
+
+    @property
+    def node_link_stats(self) -> NodeLinkStats | None:
+        """Traffic relayed between this node and the others; ``None`` without relaying."""
+        return None if self.node_links is None else self.node_links.stats
+
+    def port_target(self, port: int) -> Take | None:
+        """What takes a public connection to TCP ``port`` that another node relayed here:
+        the load-balanced group or the client's forward holding it on this node (``None``
+        while that forward is offline: the stream is refused, as its closed port would)."""
+        group = self.groups.get(("tcp", str(port)))
+        if group is not None:
+            return group.take
+        for client in self._sessions:
+            for forward in client.public_ports:
+                if forward.port == port and forward.online:
+                    return forward.take
+        return None
+
+    def stop_mirror(self, port: int, *, kind: str = "tcp") -> None:
+        """A client of this node is about to bind ``port`` (``kind`` ``tcp`` or ``udp``):
+        stop listening on it for another node first (the registry said it moved here; the
+        watch may not have yet)."""
+        if self.node_links is not None:
+            self.node_links.stop_mirror(port, kind=kind)
 
     def _lost_claim(self, key: str, owner: str) -> None:
         """A claim expired while the engine was out of reach and another node took it: the

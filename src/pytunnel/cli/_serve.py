@@ -45,7 +45,7 @@ from ._options import (
 from ._output import say
 from ._run import run as run_command
 from ._tlsfiles import check_server_tls, server_tls, server_tls_options
-from ._token import read_token, token_file_option, token_option
+from ._token import read_secret_file, read_token, token_file_option, token_option
 
 # Every default shown comes from the library: the config classes' fields, and ``serve``'s own
 # parameters for the address it listens on.
@@ -238,6 +238,19 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
     help="Where the other nodes reach this one (default: the address --listen bound).",
 )
 @click.option(
+    "--cluster-secret-file",
+    metavar="FILE",
+    help="The secret the nodes share (one line): with it, public traffic reaching this node "
+    "for another node's client is relayed there over a node link (see docs/cluster.md).",
+)
+@click.option(
+    "--cluster-tls-ca",
+    metavar="FILE",
+    help="With --tls-cert: the CA that signed the other nodes' certificates, which node links "
+    "verify (default: the system's trust store); with --tls-client-ca, links present this "
+    "node's own --tls-cert.",
+)
+@click.option(
     "--cluster-lease-ttl",
     type=click.IntRange(min=2),
     default=DEFAULT_LEASE_TTL,
@@ -289,12 +302,16 @@ def serve(
     node_id: str | None,
     node_address: str | None,
     cluster_lease_ttl: int,
+    cluster_secret_file: str | None,
+    cluster_tls_ca: str | None,
     log_level: str,
     log_format: str,
 ) -> None:
     """Run a tunnel server."""
     setup_logging(log_level, log_format)
     check_cluster_options(cluster, node_id, node_address)
+    if cluster_secret_file is not None and cluster is None:
+        raise click.UsageError("--cluster-secret-file is for a node of a --cluster")
     token = read_token(ctx, token, token_file)
     generated = token is None
     secret = token or secrets.token_urlsafe(24)
@@ -311,13 +328,21 @@ def serve(
             tls_cert, tls_key, tls_self_signed, tls_dir, tls_client_ca
         )
         node = node_registry(cluster, node_id, node_address or "", cluster_lease_ttl)
+        links_tls = None
+        if tls is not None and config.cluster_secret is not None:
+            mutual = tls_client_ca is not None
+            links_tls = await pytunnel.tls.client_tls_context(
+                ca_file=cluster_tls_ca,
+                cert_file=tls_cert if mutual else None,
+                key_file=tls_key if mutual else None,
+            )
         async with trio.open_nursery() as nursery:
             server: pytunnel.TunnelServer = await nursery.start(
                 functools.partial(
                     pytunnel.serve,
                     listen[1],
                     host=listen[0],
-                    config=attrs.evolve(config, tls=tls, cluster=node),
+                    config=attrs.evolve(config, tls=tls, cluster=node, cluster_tls=links_tls),
                     http_listen=http_listen,
                     https_listen=https_listen,
                 )
@@ -381,14 +406,35 @@ def server_config(params: Mapping[str, Any], secret: str) -> pytunnel.ServerConf
             max_name_head=params["max_name_head"],
             ws_path=params["ws_path"],
             ws_ping_interval=params["ws_ping_interval"] or None,
+            cluster_secret=_cluster_secret(params.get("cluster_secret_file")),
             session=pytunnel.SessionConfig(
                 max_streams=params["max_session_streams"], max_frame_size=params["max_frame_size"]
             ),
         )
 
 
+def _cluster_secret(path: str | None) -> str | None:
+    """The nodes' shared secret from ``--cluster-secret-file`` (``None`` without one)."""
+    if path is None:
+        return None
+    return read_secret_file(path, "--cluster-secret-file", "cluster secret")
+
+
 #: Settings a running server cannot change (its listener, its TLS, its logging).
-_RESTART_ONLY = ("listen", "tls_cert", "tls_key", "tls_self_signed", "tls_dir", "tls_client_ca")
+_RESTART_ONLY = (
+    "listen",
+    "tls_cert",
+    "tls_key",
+    "tls_self_signed",
+    "tls_dir",
+    "tls_client_ca",
+    "cluster",
+    "node_id",
+    "node_address",
+    "cluster_lease_ttl",
+    "cluster_secret_file",
+    "cluster_tls_ca",
+)
 
 
 async def _reload(
@@ -401,7 +447,15 @@ async def _reload(
         token = secret
     else:
         token = await trio.to_thread.run_sync(_read_token_file, params)
-    config = attrs.evolve(server_config(params, token), tls=server.config.tls)
+    running_config = server.config
+    # the node's membership, its links' secret and TLS are the running process's
+    config = attrs.evolve(
+        server_config({**params, "cluster_secret_file": None}, token),
+        tls=running_config.tls,
+        cluster=running_config.cluster,
+        cluster_secret=running_config.cluster_secret,
+        cluster_tls=running_config.cluster_tls,
+    )
     server.reconfigure(config)
     stale = [n for n in _RESTART_ONLY if running.params.get(n) != params.get(n)]
     if stale:

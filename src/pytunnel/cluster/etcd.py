@@ -133,8 +133,10 @@ class EtcdRegistry:
         self._valid_until = -math.inf
         #: What this node holds, claimed again under a new lease after an expiry.
         self._claims: dict[str, str] = {}
-        #: Releases the engine did not take yet; retried after each good renewal.
-        self._pending_releases: dict[str, str] = {}
+        #: Releases the engine did not take yet, as ``(key, owner)``; retried after each good
+        #: renewal. By pair, not by key: a session's release and the release of a claim that
+        #: failed for its successor (same key, another owner) are both kept.
+        self._pending_releases: set[tuple[str, str]] = set()
         self._lost: list[LostCallback] = []
         #: Whether the last exchange with the engine worked (logged on each change only).
         self._reachable = True
@@ -260,7 +262,7 @@ class EtcdRegistry:
         holder = await self._claim_once(key, owner)
         if holder == owner:
             self._claims[key] = owner
-            self._pending_releases.pop(key, None)
+            self._pending_releases.discard((key, owner))
         return holder
 
     async def _claim_once(self, key: str, owner: str) -> str:
@@ -293,7 +295,7 @@ class EtcdRegistry:
             {"key": self._key(key), "value": _b64(owner), "lease": lease, "prev_kv": True},
         )
         self._claims[key] = owner
-        self._pending_releases.pop(key, None)
+        self._pending_releases.discard((key, owner))
         previous = reply.get("prev_kv")
         return _text(previous.get("value", "")) if previous else None
 
@@ -306,7 +308,7 @@ class EtcdRegistry:
         try:
             return await self._release_once(key, owner)
         except ClusterUnavailableError:
-            self._pending_releases[key] = owner
+            self._pending_releases.add((key, owner))
             return False
 
     async def _release_once(self, key: str, owner: str) -> bool:
@@ -324,13 +326,12 @@ class EtcdRegistry:
         return bool(reply.get("succeeded"))
 
     async def _flush_releases(self) -> None:
-        for key, owner in list(self._pending_releases.items()):
+        for key, owner in sorted(self._pending_releases):
             try:
                 await self._release_once(key, owner)
             except ClusterUnavailableError:
                 return
-            if self._pending_releases.get(key) == owner:
-                del self._pending_releases[key]
+            self._pending_releases.discard((key, owner))
 
     async def lookup(self, key: str) -> str | None:
         reply = await self._post("/v3/kv/range", {"key": self._key(key)})

@@ -137,6 +137,29 @@ class _PublicPort:
             conn, (str(host), int(port)), self.control.stream_id, self.stats
         )
 
+    def take(self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> bool:
+        """Carry a public connection that reached another node of the cluster (``conn`` is
+        its node link stream) exactly as one accepted here: a stream slot, the forward's
+        stats, the public ``peer`` named to the client. False while the forward is offline,
+        ending or at the server's limit; never blocks."""
+        if self._stopped or not self.listeners or self.relays is None:
+            return False
+        if not self.client.reserve_stream():
+            return False
+        try:
+            self.relays.start_soon(self._carry_taken, conn, peer)
+        except RuntimeError:  # the nursery closed since the check above: ending
+            self.client.release_stream()
+            return False
+        return True
+
+    async def _carry_taken(self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> None:
+        try:
+            await self.client.relay_public(conn, peer, self.control.stream_id, self.stats)
+        finally:
+            self.client.release_stream()
+            await trio.aclose_forcefully(conn)
+
     def _release(self, admitted: bool) -> None:
         if admitted:
             self.client.release_stream()

@@ -23,6 +23,7 @@ from .._egress import serve_egress
 from .._events import EventKind, TunnelEvent
 from ..errors import (
     AddressInUseError,
+    ClusterUnavailableError,
     DialError,
     DialFailure,
     ErrorCode,
@@ -198,9 +199,10 @@ class RemoteForward(Forward):
         """After a reconnect: register again, asking for the port the forward had.
 
         A port in use by another owner may be released (a client that has not yet been
-        dropped, a program that exits), so the forward stays suspended, says why, and asks
-        again with the reconnect backoff for as long as this session lives. Any other refusal
-        (the port is not allowed, the forward limit) cannot be fixed by waiting: it is final.
+        dropped, a program that exits), and a cluster's engine out of reach comes back by
+        itself, so the forward stays suspended, says why, and asks again with the reconnect
+        backoff for as long as this session lives. Any other refusal (the port is not
+        allowed, the forward limit) cannot be fixed by waiting: it is final.
         """
         attempt = 0
         while True:
@@ -209,7 +211,7 @@ class RemoteForward(Forward):
                 return
             except SessionClosedError:
                 return  # lost the link again; stays suspended
-            except AddressInUseError as exc:
+            except (AddressInUseError, ClusterUnavailableError) as exc:
                 attempt += 1
                 delay = self._link.config.backoff(attempt)
                 self._explain(f"could not be restored: {exc}; retrying in {delay:.1f} s")

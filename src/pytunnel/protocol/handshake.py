@@ -20,6 +20,11 @@ two transcripts are domain-separated so the server's proof cannot be reflected b
 client's. The client's identity (``Auth.client_id``) is part of both transcripts, so nobody
 without the token can present a session under another client's identity. The token itself
 never crosses the wire.
+
+A *node link* (one node of a cluster connecting to another) runs the same exchange keyed by
+the cluster secret, with transcripts of their own labels (``node_proof``): a node's proof is
+never a client's, whatever the two keys are, so a client cannot pass as a node nor a node as
+a client. ``Auth.client_id`` carries the connecting node's id.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ __all__ = [
     "choose_version",
     "client_proof",
     "new_nonce",
+    "node_proof",
+    "node_server_proof",
     "server_proof",
     "verify",
 ]
@@ -80,6 +87,9 @@ _Proof: TypeAlias = Callable[[bytes, int, bytes, bytes, str], bytes]
 
 _CLIENT_LABEL = b"pytunnel client proof\x00"
 _SERVER_LABEL = b"pytunnel server proof\x00"
+#: The labels of a node link's transcripts (the connecting node's, then the answering one's).
+_NODE_LABEL = b"pytunnel node proof\x00"
+_NODE_SERVER_LABEL = b"pytunnel node server proof\x00"
 
 
 def new_nonce() -> bytes:
@@ -124,6 +134,22 @@ def server_proof(
     return hmac.new(token, msg, hashlib.sha256).digest()
 
 
+def node_proof(
+    secret: bytes, version: int, client_nonce: bytes, server_nonce: bytes, node_id: str = ""
+) -> bytes:
+    """HMAC-SHA256 proving a connecting node knows the cluster ``secret``."""
+    msg = _transcript(_NODE_LABEL, version, client_nonce, server_nonce, node_id)
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def node_server_proof(
+    secret: bytes, version: int, client_nonce: bytes, server_nonce: bytes, node_id: str = ""
+) -> bytes:
+    """HMAC-SHA256 proving the node answering a node link knows the cluster ``secret``."""
+    msg = _transcript(_NODE_SERVER_LABEL, version, client_nonce, server_nonce, node_id)
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
 def verify(expected: bytes, received: bytes) -> bool:
     """Constant-time comparison, so timing does not leak how much of a MAC was right."""
     return hmac.compare_digest(expected, received)
@@ -156,8 +182,10 @@ class Authenticated:
     version: int
     #: Largest frame body the peer accepts from now on.
     peer_max_frame_size: int
-    #: The identity the client authenticated with ("" for none).
+    #: The identity the client authenticated with ("" for none); a node link's node id.
     client_id: str = ""
+    #: Whether the peer authenticated as a node of the cluster (by the cluster secret).
+    node: bool = False
 
 
 @attrs.frozen
@@ -223,6 +251,8 @@ class ClientHandshake(_Machine):
       versions: the versions we offer.
       client_id: the identity we claim ("" for none); bound into both proofs.
       nonce: our nonce; a fresh random one unless given (tests pin it).
+      node: authenticate as a node of the cluster (``token`` is then the cluster secret and
+        ``client_id`` this node's id), with the node link's proofs.
 
     Errors from :meth:`receive`: ``SessionClosedError`` and the ``ConnectError`` subclasses a
     server's ``GoAway`` stands for, :class:`VersionMismatchError` for a version we did not
@@ -238,9 +268,11 @@ class ClientHandshake(_Machine):
         versions: tuple[int, ...] = SUPPORTED_VERSIONS,
         client_id: str = "",
         nonce: bytes | None = None,
+        node: bool = False,
     ) -> None:
         super().__init__("")
         self.state = HandshakeState.START
+        self._node = node
         self._key = token_bytes(token)
         self._max_frame_size = max_frame_size
         self._versions = versions
@@ -269,15 +301,19 @@ class ClientHandshake(_Machine):
                 )
             self._challenge = message
             self._expect("Welcome")
-            proof = self._proof(client_proof, message)
+            proof = self._proof(node_proof if self._node else client_proof, message)
             return Step(send=Auth(proof, self._max_frame_size, self._client_id))
         if not isinstance(message, Welcome):
             raise _unexpected(message, "Welcome")
-        if not verify(self._proof(server_proof, challenge), message.mac):
+        if not verify(
+            self._proof(node_server_proof if self._node else server_proof, challenge), message.mac
+        ):
             raise AuthenticationError("the server could not prove it knows the token")
         self._finish()
         return Step(
-            result=Authenticated(challenge.version, message.max_frame_size, self._client_id)
+            result=Authenticated(
+                challenge.version, message.max_frame_size, self._client_id, node=self._node
+            )
         )
 
     def _proof(self, kind: _Proof, challenge: Challenge) -> bytes:
@@ -294,6 +330,8 @@ class ServerHandshake(_Machine):
       versions: the versions we speak; the highest one in common is chosen.
       peer: who the client is, for error messages (never sent to it).
       nonce: our nonce; a fresh random one unless given (tests pin it).
+      node_secret: the cluster secret; set, a peer may also authenticate as a node with it
+        (``Authenticated.node``). ``None``: clients only.
 
     Errors from :meth:`receive`: :class:`VersionMismatchError` (no common version),
     :class:`AuthenticationError` (a wrong proof), :class:`RemoteProtocolError` for a message
@@ -308,9 +346,11 @@ class ServerHandshake(_Machine):
         versions: tuple[int, ...] = SUPPORTED_VERSIONS,
         peer: str = "?",
         nonce: bytes | None = None,
+        node_secret: str | bytes | None = None,
     ) -> None:
         super().__init__("Hello")
         self._key = token_bytes(token)
+        self._node_key = None if node_secret is None else token_bytes(node_secret)
         self._max_frame_size = max_frame_size
         self._versions = versions
         self._peer = peer
@@ -335,12 +375,20 @@ class ServerHandshake(_Machine):
         if not isinstance(message, Auth):
             raise _unexpected(message, "Auth")
         args = (self._key, self._version, hello.nonce, self._nonce, message.client_id)
-        if not verify(client_proof(*args), message.mac):
+        if verify(client_proof(*args), message.mac):
+            answer, node = server_proof(*args), False
+        elif self._node_key is not None and verify(
+            node_proof(self._node_key, *args[1:]), message.mac
+        ):
+            answer, node = node_server_proof(self._node_key, *args[1:]), True
+        else:
             raise AuthenticationError(f"client {self._peer} sent a wrong token proof")
         self._finish()
         return Step(
-            send=Welcome(server_proof(*args), self._max_frame_size),
-            result=Authenticated(self._version, message.max_frame_size, message.client_id),
+            send=Welcome(answer, self._max_frame_size),
+            result=Authenticated(
+                self._version, message.max_frame_size, message.client_id, node=node
+            ),
         )
 
     @staticmethod

@@ -26,6 +26,14 @@ Streams the *client* opens:
 
 Streams the *server* opens carry, as ``tag``, the stream id of the remote forward's control
 stream they belong to, and the public peer's address as ``host``/``port`` (informational).
+
+Streams a node opens on a *node link* (a session between two nodes of a cluster, see
+``docs/cluster.md``) are public connections that reached it for a route the other node
+serves. ``host``/``port`` are the public peer's address and ``tag`` names the route:
+``RELAY_TCP | port`` for a TCP port, ``RELAY_HTTP`` or ``RELAY_HTTPS`` for a name on the
+shared listener (the name is in the request head or ClientHello the stream starts with),
+``RELAY_UDP | port`` for one public source's association with a UDP port (a datagram
+stream).
 """
 
 from __future__ import annotations
@@ -48,3 +56,15 @@ LISTEN_GROUP = 5
 NAME_GROUP = 6
 #: The client's software and version, in ``host`` (refused with ``NORMAL``: nothing carried).
 CLIENT_INFO = 7
+
+#: Node link streams: a public connection to TCP port ``tag & RELAY_PORT_MASK``.
+RELAY_TCP = 0x10000
+#: Node link streams: a connection of the shared HTTP listener (the request head follows).
+RELAY_HTTP = 0x20000
+#: Node link streams: a connection of the shared HTTPS listener (the ClientHello follows).
+RELAY_HTTPS = 0x30000
+#: Node link streams: a UDP association with public port ``tag & RELAY_PORT_MASK`` (a
+#: datagram stream; ``host``/``port`` the public source).
+RELAY_UDP = 0x40000
+RELAY_KIND_MASK = 0xFF0000
+RELAY_PORT_MASK = 0xFFFF

@@ -1,0 +1,639 @@
+"""Node links: public traffic that reached a node whose client is on another node.
+
+In a cluster a public port or name belongs to one client on one node, but a balancer (or DNS)
+may send its public connections to any node. Every node therefore watches who holds each
+port and name (the registry's ``tcp/``, ``udp/``, ``http/`` and ``https/`` keys): for a port
+held on another node it listens on the same port too (the same policy: its ``public_host``, its
+``allow_ports``), and on its shared listeners a name held elsewhere is not a 404. Each such
+connection is relayed to the owner node as one stream of a *node link*: a pytunnel session
+from this node to the owner's ``--node-address`` (its control listener), authenticated by
+the cluster secret with the node proofs of the handshake, so a node link is never a client.
+When the nodes' control listeners are TLS, so are the links (``ServerConfig.cluster_tls``
+verifies the peer node).
+
+One link per peer node, opened on first need, opened again on the next need after a loss,
+closed when the peer's ``nodes/`` key goes. The streams carry the multiplexer's flow
+control, so a slow public peer or client slows its own stream only. Losing a link resets
+every connection relayed over it (RST to the public peer): a cut relay never looks like a
+complete one.
+
+The owner node serves the link's streams in :func:`serve_node_link`: each is handed to its
+client exactly as a connection accepted on the owner's own listener (stream slot, stats,
+PROXY protocol and ``X-Forwarded-For`` naming the real public peer).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+import attrs
+import trio
+
+from ._dial import dial, format_target
+from ._egress import refuse_wrong_kind
+from ._handshake import client_handshake
+from ._listen import accept, bind, bind_udp
+from ._relay import RelayStats, abort, relay
+from ._tls import client_tls_context, tls_connect
+from ._udp import pump_datagrams, serve_associations
+from ._vhost import NameRoutes, route_connection, route_name
+from .cluster._ownership import node_of
+from .cluster._registry import Change, Registry
+from .errors import ConnectError, ErrorCode, ForwardError, TunnelError, printable
+from .protocol import routes
+from .protocol.mux import Role
+from .session import IncomingStream, MuxStream, Session
+
+if TYPE_CHECKING:
+    from ._server_session import _ClientSession
+    from .server import TunnelServer
+
+__all__ = [
+    "NodeLinkStats",
+    "NodeLinks",
+    "Take",
+    "TakeAssociation",
+    "serve_node_link",
+    "take_relayed_association",
+]
+
+log = logging.getLogger("pytunnel.cluster")
+
+#: Seconds between pings on an idle node link, so a peer that vanished without a word (its
+#: machine lost) is found by the answering side's silence check rather than by TCP.
+LINK_PING_INTERVAL = 5.0
+
+#: What a port's node-side handler takes: the stream and the public peer; false: refused.
+Take = Callable[[trio.abc.HalfCloseableStream, tuple[str, int]], bool]
+#: The same for a UDP forward: one association (a datagram stream) and its public source.
+TakeAssociation = Callable[[MuxStream, tuple[str, int]], bool]
+
+
+@attrs.define
+class NodeLinkStats:
+    """Traffic between this node and the others (for metrics): streams this node relayed out
+    to owner nodes and streams it served for other nodes, with their bytes."""
+
+    links_opened: int = 0
+    streams_out: int = 0
+    streams_in: int = 0
+    relayed: RelayStats = attrs.field(factory=RelayStats)
+    #: The UDP associations this node relayed to other nodes.
+    relayed_udp: RelayStats = attrs.field(factory=RelayStats)
+
+
+#: Binds of a mirrored port before it is given up (logged), and the pause between them.
+_MIRROR_BIND_ATTEMPTS = 5
+_MIRROR_BIND_RETRY = 0.5
+_B = TypeVar("_B")
+
+#: The registry prefixes a node with node links follows.
+_WATCHED = ("nodes/", "tcp/", "udp/", "http/", "https/")
+
+
+class _Peer:
+    """The link to one other node: its session once up, or why it could not be opened."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.session: Session | None = None
+        self.ready = trio.Event()
+        self.scope = trio.CancelScope()
+        self.error: TunnelError | None = None
+
+
+class _Mirror:
+    """One port listened on for another node's client: its scope and its sockets."""
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.listeners: list[trio.SocketListener] = []
+        self.udp: trio.socket.SocketType | None = None
+
+    def close(self) -> None:
+        self.scope.cancel()
+        listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            listener.socket.close()
+        if self.udp is not None:
+            self.udp.close()
+
+
+class NodeLinks:
+    """This node's side of the cluster's relaying: the mirrors of ports held elsewhere, the
+    name fallback of the shared listeners and the links to the other nodes.
+
+    ``run`` (started in the server's nursery) holds the watches, the mirror listeners, the
+    links and every relayed connection, so stopping the server ends them all.
+    """
+
+    def __init__(self, server: TunnelServer, registry: Registry, secret: str | bytes) -> None:
+        self.server = server
+        self.registry = registry
+        self._secret = secret
+        #: Registry keys held by other nodes' clients: key -> owner (``<node>/<session>``).
+        self.elsewhere: dict[str, str] = {}
+        #: The other nodes and their addresses, from their ``nodes/`` keys.
+        self.nodes: dict[str, str] = {}
+        self._peers: dict[str, _Peer] = {}
+        #: Ports this node listens on for another node's client, by ``(kind, port)``.
+        self._mirrors: dict[tuple[str, int], _Mirror] = {}
+        self.stats = NodeLinkStats()
+        self._nursery: trio.Nursery | None = None
+        #: The client context of the links, when the nodes' listeners are TLS.
+        self._tls: ssl.SSLContext | None = None
+
+    @property
+    def mirrored_ports(self) -> list[int]:
+        """The TCP ports this node listens on for clients of other nodes."""
+        return sorted(port for kind, port in self._mirrors if kind == "tcp")
+
+    @property
+    def mirrored_udp_ports(self) -> list[int]:
+        """The UDP ports this node listens on for clients of other nodes."""
+        return sorted(port for kind, port in self._mirrors if kind == "udp")
+
+    @property
+    def linked_nodes(self) -> list[str]:
+        """The nodes a link is up to now."""
+        return sorted(n for n, p in self._peers.items() if p.session is not None)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.server.config
+        if config.tls is not None:  # the nodes' listeners are TLS: so are the links to them
+            self._tls = config.cluster_tls or await client_tls_context()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            seen: set[str] = set()
+
+            def changed(change: Change) -> None:
+                if change.key.startswith(_WATCHED):
+                    seen.add(change.key)
+                    self._apply(change)
+
+            # one watch of the whole registry (one stream to the engine), filtered here
+            await nursery.start(functools.partial(self.registry.watch, "", changed))
+            # what was there before the watches started; a key a watch already reported is
+            # newer than this snapshot
+            for key, value in (await self.registry.entries("")).items():
+                if key not in seen and key.startswith(_WATCHED):
+                    self._apply(Change(key, value))
+            task_status.started()
+            await trio.sleep_forever()
+
+    # ---------------------------------------------------------------- the registry's view
+
+    def _apply(self, change: Change) -> None:
+        kind, _, rest = change.key.partition("/")
+        own = self.registry.node_id
+        if kind == "nodes":
+            if change.value is None:
+                self.nodes.pop(rest, None)
+                self._drop_peer(rest, "its node left the cluster")
+            elif rest != own:
+                self.nodes[rest] = change.value
+            return
+        if change.value is None or node_of(change.value) == own:
+            self.elsewhere.pop(change.key, None)
+        else:
+            self.elsewhere[change.key] = change.value
+        if kind in ("tcp", "udp") and rest.isdigit():
+            port = int(rest)
+            if change.key in self.elsewhere:
+                self._mirror(port, kind)
+            else:
+                self.stop_mirror(port, kind=kind)
+
+    def owner_node(self, key: str) -> str | None:
+        """The other node whose client holds ``key``, ``None`` if none does."""
+        owner = self.elsewhere.get(key)
+        return None if owner is None else node_of(owner)
+
+    # ---------------------------------------------------------------- mirrored ports
+
+    def _mirror(self, port: int, kind: str) -> None:
+        if (kind, port) in self._mirrors or self._nursery is None:
+            return
+        config = self.server.config
+        if not config.port_allowed(port):
+            log.info(
+                "%s port %d is held on another node but not allowed here; not served", kind, port
+            )
+            return
+        mirror = self._mirrors[kind, port] = _Mirror()
+        serve = self._serve_mirror if kind == "tcp" else self._serve_udp_mirror
+        self._nursery.start_soon(serve, port, mirror)
+
+    def stop_mirror(self, port: int, *, kind: str = "tcp") -> None:
+        """Stop listening on ``port`` for another node (it is gone there, or a client of
+        this node is about to bind it): synchronously, so the port is free on return."""
+        mirror = self._mirrors.pop((kind, port), None)
+        if mirror is not None:
+            mirror.close()
+
+    def _bind_failed(self, kind: str, port: int, mirror: _Mirror, exc: ForwardError) -> None:
+        # never fatal: this node just cannot serve the port
+        log.warning("%s port %d of another node's client not served here: %s", kind, port, exc)
+        if self._mirrors.get((kind, port)) is mirror:
+            del self._mirrors[kind, port]
+
+    async def _bind_mirror(
+        self, kind: str, port: int, mirror: _Mirror, binder: Callable[[str, int], Awaitable[_B]]
+    ) -> _B | None:
+        """Bind a mirror, trying a few times: the port may still be closing here (a client
+        of this node that just moved to another node); ``None`` if it stays taken."""
+        host = self.server.config.public_host
+        for attempt in range(_MIRROR_BIND_ATTEMPTS):
+            try:
+                return await binder(host, port)
+            except ForwardError as exc:
+                if attempt == _MIRROR_BIND_ATTEMPTS - 1:
+                    self._bind_failed(kind, port, mirror, exc)
+                    return None
+            await trio.sleep(_MIRROR_BIND_RETRY)
+        return None  # pragma: no cover - the loop returns
+
+    async def _serve_udp_mirror(self, port: int, mirror: _Mirror) -> None:
+        """A UDP port held on another node: each public source's association is one
+        datagram stream of the link to that node."""
+        config = self.server.config
+        host = config.public_host
+        key = f"udp/{port}"
+        with mirror.scope:
+            sock = mirror.udp = await self._bind_mirror("udp", port, mirror, bind_udp)
+            if sock is None:
+                return
+            if mirror.scope.cancel_called:  # stopped while binding
+                mirror.close()
+                return
+            log.info("listening on udp %s for a client of another node", format_target(host, port))
+
+            async def open_association(source: tuple[str, int]) -> MuxStream:
+                node = self.owner_node(key)
+                if node is None:
+                    raise ForwardError(f"{key} is not held on another node any more")
+                stream = await self.open_stream(node, routes.RELAY_UDP | port, source, True)
+                self.stats.streams_out += 1
+                return stream
+
+            server = self.server
+
+            def admit() -> bool:
+                if server.active_streams >= config.max_streams:
+                    server.count_limit("streams")
+                    return False
+                server.active_streams += 1
+                return True
+
+            def release() -> None:
+                server.active_streams -= 1
+
+            try:
+                await serve_associations(
+                    sock,
+                    open_association,
+                    idle_timeout=config.udp_idle_timeout,
+                    max_associations=max(
+                        1, min(config.max_udp_associations, config.max_streams // 4)
+                    ),
+                    admit=admit,
+                    release=release,
+                    stats=self.stats.relayed_udp,
+                    name=f"udp {format_target(host, port)} for another node",
+                )
+            finally:
+                sock.close()
+        log.info("no longer listening on udp %s for another node", format_target(host, port))
+
+    async def _serve_mirror(self, port: int, mirror: _Mirror) -> None:
+        host = self.server.config.public_host
+        with mirror.scope:
+            listeners = await self._bind_mirror("tcp", port, mirror, bind)
+            if listeners is None:
+                return
+            # kept on the mirror, so that stop_mirror closes the sockets synchronously
+            mirror.listeners = listeners
+            if mirror.scope.cancel_called:  # stopped while binding
+                mirror.close()
+                return
+            log.info("listening on %s for a client of another node", format_target(host, port))
+            try:
+                async with trio.open_nursery() as accepting:
+                    for listener in listeners:
+                        accepting.start_soon(self._accept_mirrored, listener, port)
+            finally:
+                for listener in listeners:
+                    listener.socket.close()
+        log.info("no longer listening on %s for another node", format_target(host, port))
+
+    async def _accept_mirrored(self, listener: trio.SocketListener, port: int) -> None:
+        assert self._nursery is not None
+        while True:
+            try:
+                conn = await accept(listener)
+            except (trio.ClosedResourceError, OSError):
+                return
+            try:
+                host, peer_port = conn.socket.getpeername()[:2]
+            except OSError:
+                await trio.aclose_forcefully(conn)
+                continue
+            # relays run in the links' nursery, not the mirror's: a port that moves stops
+            # accepting, and the connections already relayed finish on their own
+            self._nursery.start_soon(
+                self._relay_out,
+                conn,
+                f"tcp/{port}",
+                routes.RELAY_TCP | port,
+                (str(host), int(peer_port)),
+            )
+
+    # ---------------------------------------------------------------- names
+
+    async def relay_name(
+        self, tls: bool, name: str, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]
+    ) -> bool:
+        """The shared listener's fallback for a name no local route holds: relay it to the
+        node whose client holds it (true), or leave it to the 404 (false)."""
+        routed = route_name(name)
+        key = f"{'https' if tls else 'http'}/{routed}"
+        if routed is None or self.owner_node(key) is None:
+            return False
+        await self._relay_out(conn, key, routes.RELAY_HTTPS if tls else routes.RELAY_HTTP, peer)
+        return True
+
+    # ---------------------------------------------------------------- relaying out
+
+    async def _relay_out(
+        self, conn: trio.abc.HalfCloseableStream, key: str, tag: int, peer: tuple[str, int]
+    ) -> None:
+        """Carry one public connection to the node holding ``key`` over the link to it; a
+        connection that cannot be carried is reset, never left hanging. It takes one of the
+        server's stream slots, like a public connection of a local client."""
+        server = self.server
+        if server.active_streams >= server.config.max_streams:
+            server.count_limit("streams")
+            abort(conn, ErrorCode.STREAM_LIMIT, "server stream limit reached")
+            await trio.aclose_forcefully(conn)
+            return
+        server.active_streams += 1
+        try:
+            await self._relay_counted(conn, key, tag, peer)
+        finally:
+            server.active_streams -= 1
+
+    async def _relay_counted(
+        self, conn: trio.abc.HalfCloseableStream, key: str, tag: int, peer: tuple[str, int]
+    ) -> None:
+        node = self.owner_node(key)
+        try:
+            if node is None:
+                raise ForwardError(f"{printable(key)} is not held on another node any more")
+            stream = await self.open_stream(node, tag, peer)
+        except (TunnelError, OSError) as exc:
+            log.info(
+                "public connection from %s for %s not relayed: %s",
+                format_target(*peer),
+                printable(key),
+                printable(str(exc)),
+            )
+            abort(conn, ErrorCode.FORWARD_FAILED, "not relayed")
+            await trio.aclose_forcefully(conn)
+            return
+        self.stats.streams_out += 1
+        await relay(
+            conn,
+            stream,
+            idle_timeout=self.server.config.idle_timeout,
+            name=f"public->node {printable(node)}",
+            stats=self.stats.relayed,
+        )
+
+    async def open_stream(
+        self, node: str, tag: int, peer: tuple[str, int], datagrams: bool = False
+    ) -> MuxStream:
+        """A stream to ``node`` over the link to it (opened now if there is none), naming
+        the route ``tag`` and the public ``peer`` (a datagram stream with ``datagrams``).
+        Raises ``ConnectError`` when no link can be opened, or the node's refusal."""
+        link = self._peers.get(node)
+        if link is None:
+            link = self._peers[node] = _Peer(node)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_link, link)
+        with trio.move_on_after(self.server.config.connect_timeout):
+            await link.ready.wait()
+        session = link.session
+        if session is None:
+            raise link.error or ConnectError(f"no link to node {printable(node)} in time")
+        return await session.open_stream(peer[0], peer[1], tag=tag, datagrams=datagrams)
+
+    async def _run_link(self, link: _Peer) -> None:
+        node = link.node_id
+        with link.scope:
+            try:
+                await self._open_link(link)
+            except (TunnelError, OSError) as exc:
+                link.error = (
+                    exc
+                    if isinstance(exc, TunnelError)
+                    else ConnectError(f"link to node {printable(node)}: {exc}")
+                )
+                # the error may carry the peer's own words (its GoAway)
+                log.warning("no link to node %s: %s", printable(node), printable(str(link.error)))
+            finally:
+                link.session = None
+                link.ready.set()
+                if self._peers.get(node) is link:
+                    del self._peers[node]
+
+    async def _open_link(self, link: _Peer) -> None:
+        node = link.node_id
+        address = self.nodes.get(node)
+        if not address:
+            raise ConnectError(f"node {printable(node)} has no known address")
+        host, _, port_text = address.rpartition(":")
+        if not host or not port_text.isdigit():
+            raise ConnectError(f"node {printable(node)} gave no usable address")
+        config = self.server.config
+        stream: trio.abc.Stream = await dial(
+            host.strip("[]"), int(port_text), timeout=config.connect_timeout, logger=log
+        )
+        if self._tls is not None:
+            stream = await tls_connect(
+                stream,
+                self._tls,
+                server_hostname=host.strip("[]"),
+                timeout=config.handshake_timeout,
+            )
+        result = await client_handshake(
+            stream,
+            self._secret,
+            timeout=config.handshake_timeout,
+            max_frame_size=config.session.max_frame_size,
+            client_id=self.registry.node_id,
+            node=True,
+        )
+        name = f"node-link<{node}>"
+        try:
+            async with result.open_session(stream, Role.CLIENT, config.session, name=name) as s:
+                link.session = s
+                self.stats.links_opened += 1
+                link.ready.set()
+                log.info("link to node %s at %s up", printable(node), printable(address))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_ping_loop, s)
+                    await s.wait_closed()
+                    nursery.cancel_scope.cancel()
+                log.warning(
+                    "link to node %s lost: %s", printable(node), printable(str(s.close_reason))
+                )
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    def _drop_peer(self, node: str, why: str) -> None:
+        link = self._peers.pop(node, None)
+        if link is not None:
+            log.info("closing the link to node %s: %s", printable(node), why)
+            link.scope.cancel()
+
+
+async def _ping_loop(session: Session) -> None:
+    while True:
+        await trio.sleep(LINK_PING_INTERVAL)
+        try:
+            await session.ping()
+        except TunnelError:
+            return
+
+
+async def serve_node_link(server: TunnelServer, session: Session, node: str) -> None:
+    """Serve the streams another node relays to this one until its link ends: each goes to
+    the local route it names, as if it had arrived on this node's own listener."""
+    stats = server.node_link_stats
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_silence, server, session, node)
+        while True:
+            try:
+                incoming = await session.accept_stream()
+            except TunnelError:
+                break
+            kind = incoming.tag & routes.RELAY_KIND_MASK
+            peer = (incoming.host, incoming.port)
+            if refuse_wrong_kind(incoming, kind == routes.RELAY_UDP):
+                continue
+            if kind == routes.RELAY_UDP:
+                take_udp = server.udp_targets.get(incoming.tag & routes.RELAY_PORT_MASK)
+                if take_udp is None:
+                    incoming.refuse(ErrorCode.FORWARD_FAILED, "no client of this node holds it")
+                    continue
+                stream = _accept(incoming)
+                if stream is None:
+                    continue
+                if stats is not None:
+                    stats.streams_in += 1
+                if not take_udp(stream, peer):
+                    stream.reset(ErrorCode.FORWARD_FAILED, "the forward cannot take it now")
+                    await trio.aclose_forcefully(stream)
+            elif kind == routes.RELAY_TCP:
+                take = server.port_target(incoming.tag & routes.RELAY_PORT_MASK)
+                if take is None:
+                    incoming.refuse(ErrorCode.FORWARD_FAILED, "no client of this node holds it")
+                    continue
+                stream = _accept(incoming)
+                if stream is None:
+                    continue
+                if stats is not None:
+                    stats.streams_in += 1
+                if not take(stream, peer):
+                    stream.reset(ErrorCode.FORWARD_FAILED, "the forward cannot take it now")
+                    await trio.aclose_forcefully(stream)
+            elif kind in (routes.RELAY_HTTP, routes.RELAY_HTTPS):
+                tls = kind == routes.RELAY_HTTPS
+                name_routes: NameRoutes | None = server.https_routes if tls else server.http_routes
+                if name_routes is None:
+                    incoming.refuse(ErrorCode.FORWARD_FAILED, "no shared listener here")
+                    continue
+                stream = _accept(incoming)
+                if stream is None:
+                    continue
+                if stats is not None:
+                    stats.streams_in += 1
+                nursery.start_soon(
+                    functools.partial(
+                        route_connection,
+                        stream,
+                        peer,
+                        name_routes,
+                        tls=tls,
+                        max_head=server.config.max_name_head,
+                        head_timeout=server.config.name_head_timeout,
+                    )
+                )
+            else:
+                incoming.refuse(ErrorCode.PROTOCOL_ERROR, f"unknown node link route {incoming.tag}")
+        nursery.cancel_scope.cancel()
+
+
+def take_relayed_association(
+    client: _ClientSession,
+    nursery: trio.Nursery,
+    open_association: Callable[[tuple[str, int]], Awaitable[MuxStream]],
+    stats: RelayStats,
+    link_stream: MuxStream,
+    source: tuple[str, int],
+) -> bool:
+    """Carry one association another node relays (``link_stream``, a datagram stream) to
+    ``client`` as one of its UDP forward's own: in that forward's ``nursery``, within the
+    same stream budget, opened by the forward's ``open_association`` and counted in its
+    ``stats``. False at the stream limit or while the forward ends; never blocks."""
+    if not client.reserve_stream(None):
+        return False
+    try:
+        nursery.start_soon(_carry_association, client, open_association, stats, link_stream, source)
+    except RuntimeError:  # the forward is ending
+        client.release_stream()
+        return False
+    return True
+
+
+async def _carry_association(
+    client: _ClientSession,
+    open_association: Callable[[tuple[str, int]], Awaitable[MuxStream]],
+    stats: RelayStats,
+    link_stream: MuxStream,
+    source: tuple[str, int],
+) -> None:
+    try:
+        try:
+            client_stream = await open_association(source)
+        except TunnelError as exc:
+            log.info("relayed udp association from %s not opened: %s", format_target(*source), exc)
+            return
+        await pump_datagrams(
+            link_stream, client_stream, idle_timeout=client.config.udp_idle_timeout, stats=stats
+        )
+    finally:
+        client.release_stream()
+        await trio.aclose_forcefully(link_stream)
+
+
+def _accept(incoming: IncomingStream) -> MuxStream | None:
+    try:
+        return incoming.accept()
+    except TunnelError:
+        return None
+
+
+async def _watch_silence(server: TunnelServer, session: Session, node: str) -> None:
+    """End a link whose node sent nothing (not even its pings) for the heartbeat timeout."""
+    timeout = server.config.heartbeat_timeout
+    while True:
+        await trio.sleep(server.config.heartbeat_check_interval)
+        if trio.current_time() - session.last_received > timeout:
+            log.warning("link from node %s silent; closing it", printable(node))
+            await session.aclose(ErrorCode.HEARTBEAT_TIMEOUT, "no traffic")
+            return

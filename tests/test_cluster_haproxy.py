@@ -1,0 +1,257 @@
+"""Three ``pytunnel serve --cluster`` node processes behind a real HAProxy (TCP mode), on a
+real etcd: the client reaches a node through the balancer, public connections through the
+balancer land on any node and all reach the client; the client's node is killed (SIGKILL)
+and the service comes back on the others.
+
+Node ``i`` listens (control and public) on its own loopback address 127.0.0.``i``; HAProxy
+listens on 127.0.0.4 and spreads connections round robin, retrying another node when one
+refuses (``option redispatch``), as a balancer in front of a cluster is set up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+from helpers import EtcdServer
+from test_cluster_cli import PYTUNNEL, Process
+
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
+    ),
+    pytest.mark.skipif(
+        shutil.which("haproxy") is None and not os.path.exists("/usr/sbin/haproxy"),
+        reason="haproxy is not installed (.ci/run installs it)",
+    ),
+    pytest.mark.slow,
+]
+
+HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+BALANCER = "127.0.0.4"
+
+
+def _haproxy() -> str:
+    return shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+
+def _port_free_everywhere() -> int:
+    """A TCP port free on the three nodes' addresses and the balancer's."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind((HOSTS[0], 0))
+            port = int(probe.getsockname()[1])
+        try:
+            for host in (*HOSTS, BALANCER):
+                with socket.socket() as other:
+                    other.bind((host, port))
+        except OSError:
+            continue
+        return port
+
+
+def _config(control: list[str], control_port: int, public_port: int, http_port: int) -> str:
+    servers = "\n".join(f"    server n{i} {address}" for i, address in enumerate(control, start=1))
+    public = "\n".join(
+        f"    server n{i} {host}:{public_port}" for i, host in enumerate(HOSTS, start=1)
+    )
+    http = "\n".join(f"    server n{i} {host}:{http_port}" for i, host in enumerate(HOSTS, start=1))
+    return f"""
+global
+    maxconn 256
+defaults
+    mode tcp
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+    retries 3
+    option redispatch 1
+frontend control
+    bind {BALANCER}:{control_port}
+    default_backend nodes
+backend nodes
+    balance roundrobin
+{servers}
+frontend public
+    bind {BALANCER}:{public_port}
+    default_backend public
+backend public
+    balance roundrobin
+{public}
+frontend http
+    bind {BALANCER}:{http_port}
+    default_backend http
+backend http
+    balance roundrobin
+{http}
+"""
+
+
+async def _node(
+    etcd: EtcdServer, index: int, secret_file: Path, http_port: int
+) -> tuple[Process, str]:
+    host = HOSTS[index - 1]
+    node = await Process.start(
+        "serve",
+        "--listen",
+        f"{host}:0",
+        "--public-host",
+        host,
+        "--http-listen",
+        f"{host}:{http_port}",
+        "--domain",
+        "tunnel.test",
+        "--cluster",
+        etcd.url,
+        "--node-id",
+        f"n{index}",
+        "--cluster-secret-file",
+        str(secret_file),
+        "--cluster-lease-ttl",
+        "3",
+    )
+    listening = await node.line_with("listening on")
+    await node.line_with(f"node n{index} of the cluster at {etcd.url}")
+    return node, listening.rsplit(" ", 1)[1]
+
+
+async def _exchange(host: str, port: int, payload: bytes) -> bytes:
+    with trio.fail_after(10):  # a hang detector
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            await stream.send_all(payload)
+            await stream.send_eof()
+            out = b""
+            while chunk := await stream.receive_some():
+                out += chunk
+            return out
+
+
+async def _until_served(host: str, port: int, payload: bytes, seconds: float = 60) -> None:
+    """Until a connection to ``host:port`` gets its bytes back (refused or reset meanwhile:
+    nothing listens there yet, or the owner is not known yet)."""
+    with trio.fail_after(seconds):
+        while True:
+            try:
+                if await _exchange(host, port, payload) == payload:
+                    return
+            except (OSError, trio.BrokenResourceError):
+                pass
+            await trio.sleep(0.1)
+
+
+async def _owner(etcd: EtcdServer, key: str) -> str:
+    with trio.fail_after(30):
+        out = await trio.run_process(
+            [*PYTUNNEL, "cluster", "status", "--cluster", etcd.url, "--json"],
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+    status = json.loads(out.stdout)
+    owners = [n for n, node in status["nodes"].items() if key in node["holds"]]
+    assert len(owners) == 1, status
+    return str(owners[0])
+
+
+async def _until_eof(stream: trio.SocketStream) -> None:
+    while await stream.receive_some():
+        pass
+
+
+async def test_three_nodes_behind_haproxy_serve_every_connection_and_survive_a_kill(
+    etcd: EtcdServer, echo_port: int, tmp_path: Path
+) -> None:
+    secret_file = tmp_path / "cluster-secret"
+    secret_file.write_text("a secret only the nodes know\n")
+    nodes: dict[str, tuple[Process, str]] = {}
+    balancer: trio.Process | None = None
+    client: Process | None = None
+    try:
+        http_port = _port_free_everywhere()
+        for index in (1, 2, 3):
+            nodes[f"n{index}"] = await _node(etcd, index, secret_file, http_port)
+        control_port, public_port = _port_free_everywhere(), _port_free_everywhere()
+        config = tmp_path / "haproxy.cfg"
+        control = [a for _, a in nodes.values()]
+        config.write_text(_config(control, control_port, public_port, http_port))
+        balancer = await trio.lowlevel.open_process(
+            [_haproxy(), "-db", "-f", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = await Process.start(
+            "connect",
+            f"{BALANCER}:{control_port}",
+            "--backoff-max",
+            "1",
+            "-R",
+            f"{public_port}:127.0.0.1:{echo_port}",
+            "-R",
+            f"app:80:127.0.0.1:{echo_port}",
+        )
+        wanted = {f"remote forward 127.0.0.1:{public_port}", "name route http://app.tunnel.test"}
+        with trio.fail_after(60):  # a hang detector; the two lines come in either order
+            while wanted:
+                line = await client.line_with("")
+                wanted = {text for text in wanted if text not in line}
+        owner = await _owner(etcd, f"tcp/{public_port}")
+        assert await _owner(etcd, "http/app.tunnel.test") == owner
+
+        # every node serves the port (two of them relay it to the owner) ...
+        for host in HOSTS:
+            await _until_served(host, public_port, f"direct to {host}".encode())
+        # ... so every connection through the balancer reaches the client, whichever node
+        # it lands on (round robin: each node twice)
+        for i in range(6):
+            payload = f"through haproxy {i} ".encode() * 1000
+            assert await _exchange(BALANCER, public_port, payload) == payload
+        # and the name on the shared HTTP port: each node's listener routes it (two of them
+        # by replaying the request head to the owner); the echo target sends the head back
+        for host in (*HOSTS, BALANCER, BALANCER, BALANCER):
+            head = f"GET /{host} HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n".encode()
+            assert await _exchange(host, http_port, head) == head
+
+        # a connection relayed by another node to the owner is live when the owner dies
+        other = next(h for n, h in zip(nodes, HOSTS, strict=True) if n != owner)
+        live = await trio.open_tcp_stream(other, public_port)
+        await live.send_all(b"live")
+        with trio.fail_after(10):
+            got = b""
+            while len(got) < 4:
+                got += await live.receive_some()
+        killed_at = trio.current_time()
+        await nodes[owner][0].kill()
+        with trio.fail_after(20), pytest.raises(trio.BrokenResourceError):
+            await _until_eof(live)  # reset, never a clean end
+        await live.aclose()
+
+        # the client reconnects through the balancer to another node and restores its port
+        # once the dead node's lease has expired; new connections work through it again
+        await _until_served(BALANCER, public_port, b"after the kill")
+        failover = trio.current_time() - killed_at
+        new_owner = await _owner(etcd, f"tcp/{public_port}")
+        assert new_owner != owner
+        head = b"GET /after HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n"
+        await _until_served(BALANCER, http_port, head)
+        for name, host in zip(nodes, HOSTS, strict=True):
+            if name != owner:
+                await _until_served(host, public_port, f"survivor {name}".encode())
+        for i in range(4):
+            payload = f"again {i}".encode()
+            assert await _exchange(BALANCER, public_port, payload) == payload
+        print(f"failover through haproxy: served again {failover:.1f} s after the kill -9")
+    finally:
+        if client is not None:
+            await client.kill()
+        if balancer is not None and balancer.poll() is None:
+            os.kill(balancer.pid, 9)
+            with trio.CancelScope(shield=True):
+                await balancer.wait()
+        for process, _ in nodes.values():
+            await process.kill()
