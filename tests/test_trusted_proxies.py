@@ -8,6 +8,7 @@ bind), so the server can tell the proxy (trusted) from everyone else.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -22,6 +23,7 @@ import pytest
 import trio
 from click.testing import CliRunner
 from helpers import TOKEN, closed_port, echo_once, wait_until
+from test_remote_proxy_protocol import HeaderTarget
 
 import pytunnel
 from pytunnel._handshake import client_handshake
@@ -325,3 +327,133 @@ async def test_haproxy_in_front_of_a_server_that_does_not_trust_it_fails_clearly
                 nursery, ("127.0.0.1", port), token=TOKEN, reconnect=False
             )
     assert server.clients == []
+
+
+# ------------------------------------------------------------------ public listeners
+
+
+async def _header_target(nursery: trio.Nursery) -> tuple[HeaderTarget, int]:
+    target = HeaderTarget()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        # the public side of each test ends with a reset, which reaches the target
+        with contextlib.suppress(trio.BrokenResourceError):
+            await target.handler(stream)
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    return target, listeners[0].socket.getsockname()[1]
+
+
+async def test_a_public_port_behind_the_proxy_tells_the_target_the_real_peer(
+    nursery: trio.Nursery,
+) -> None:
+    """The public connection comes from the proxy with a header naming 198.51.100.7: the
+    client's target is told 198.51.100.7 (PROXY v2 from the client), not the proxy."""
+    server = await _serve(nursery, trusted_proxies=[PROXY_SOURCE])
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN, reconnect=False)
+    target, port = await _header_target(nursery)
+    forward = await tunnel.forward_remote("127.0.0.1", port, proxy_protocol="v2")
+    stream = await trio.open_tcp_stream(*forward.address, local_address=PROXY_SOURCE)
+    public = _HeaderFirst(stream, _v1("198.51.100.7", 5555))
+    with trio.fail_after(10):
+        await public.send_all(b"hello")
+        assert await public.receive_some() == b"hello"
+    await public.aclose()
+    assert [h.source for h in target.headers] == [("198.51.100.7", 5555)]
+    # a direct public connection (not from the proxy) is taken as it comes
+    with trio.fail_after(10):
+        direct = await trio.open_tcp_stream(*forward.address)
+        ours = direct.socket.getsockname()
+        await direct.send_all(b"direct")
+        assert await direct.receive_some() == b"direct"
+        await direct.aclose()
+    assert target.headers[1].source == (ours[0], ours[1])
+    await tunnel.aclose()
+
+
+async def test_a_public_connection_from_the_proxy_without_a_header_is_closed(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pytunnel.server")
+    server = await _serve(nursery, trusted_proxies=[PROXY_SOURCE])
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN, reconnect=False)
+    target, port = await _header_target(nursery)
+    forward = await tunnel.forward_remote("127.0.0.1", port, proxy_protocol="v1")
+    stream = await trio.open_tcp_stream(*forward.address, local_address=PROXY_SOURCE)
+    await stream.send_all(b"no header, just data\r\n")
+    with trio.fail_after(10):
+        # closed with our bytes unread: a reset, or an EOF
+        with contextlib.suppress(trio.BrokenResourceError):
+            assert await stream.receive_some() == b""
+    await stream.aclose()
+    assert target.headers == []
+    warnings = [r.getMessage() for r in caplog.records if "trusted proxy" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"closing a connection to port {forward.listen_port} from")
+    await tunnel.aclose()
+
+
+async def test_a_name_route_behind_the_proxy_forwards_the_real_peer(
+    nursery: trio.Nursery,
+) -> None:
+    """On the shared HTTP port, the header comes before the request head: it is read first,
+    the request is routed by its Host, and X-Forwarded-For names the real client."""
+    server = await _serve(
+        nursery,
+        trusted_proxies=[PROXY_SOURCE],
+        http_listen=("127.0.0.1", 0),
+        domain="tunnel.test",
+    )
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN, reconnect=False)
+    seen: list[bytes] = []
+
+    async def app(stream: trio.SocketStream) -> None:
+        async with stream:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = await stream.receive_some()
+                if not chunk:
+                    return
+                head += chunk
+            seen.append(head)
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+            )
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, app, 0, host="127.0.0.1"))
+    await tunnel.forward_name(
+        "app", "127.0.0.1", listeners[0].socket.getsockname()[1], forwarded_headers=True
+    )
+    assert server.http_address is not None
+    stream = await trio.open_tcp_stream(*server.http_address, local_address=PROXY_SOURCE)
+    public = _HeaderFirst(stream, _v1("203.0.113.50", 6000))
+    with trio.fail_after(10):
+        await public.send_all(b"GET / HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n")
+        answer = b""
+        while chunk := await public.receive_some():
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer
+    assert b"X-Forwarded-For: 203.0.113.50\r\n" in seen[0], seen
+    await public.aclose()
+    await tunnel.aclose()
+
+
+@needs_haproxy
+async def test_a_public_port_behind_haproxy_names_the_real_peer(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    server = await _serve(nursery, trusted_proxies=[PROXY_SOURCE])
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN, reconnect=False)
+    target, port = await _header_target(nursery)
+    forward = await tunnel.forward_remote("127.0.0.1", port, proxy_protocol="v1")
+    async with _haproxy(tmp_path, forward.listen_port, "send-proxy-v2") as front:
+        with trio.fail_after(10):
+            public = await trio.open_tcp_stream("127.0.0.1", front)
+            ours = public.socket.getsockname()
+            await public.send_all(b"via haproxy")
+            assert await public.receive_some() == b"via haproxy"
+            await public.aclose()
+    # the last one: HAProxy also relayed the probe that saw it listening
+    assert target.headers[-1].source == (ours[0], ours[1])
+    assert all(h.source is not None and h.source[0] == "127.0.0.1" for h in target.headers)
+    await tunnel.aclose()

@@ -37,6 +37,7 @@ from ._dial import dial, format_target
 from ._egress import refuse_wrong_kind
 from ._handshake import client_handshake
 from ._listen import accept, bind, bind_udp
+from ._proxied import public_peer
 from ._relay import RelayStats, abort, relay
 from ._tls import client_tls_context, tls_connect
 from ._udp import pump_datagrams, serve_associations
@@ -337,20 +338,16 @@ class NodeLinks:
                 conn = await accept(listener)
             except (trio.ClosedResourceError, OSError):
                 return
-            try:
-                host, peer_port = conn.socket.getpeername()[:2]
-            except OSError:
-                await trio.aclose_forcefully(conn)
-                continue
             # relays run in the links' nursery, not the mirror's: a port that moves stops
             # accepting, and the connections already relayed finish on their own
-            self._nursery.start_soon(
-                self._relay_out,
-                conn,
-                f"tcp/{port}",
-                routes.RELAY_TCP | port,
-                (str(host), int(peer_port)),
-            )
+            self._nursery.start_soon(self._relay_mirrored, conn, port)
+
+    async def _relay_mirrored(self, conn: trio.SocketStream, port: int) -> None:
+        peer = await public_peer(conn, self.server.config.trusted_proxies, f"port {port}")
+        if peer is None:  # gone already, or a trusted proxy without its header
+            await trio.aclose_forcefully(conn)
+            return
+        await self._relay_out(conn, f"tcp/{port}", routes.RELAY_TCP | port, peer)
 
     # ---------------------------------------------------------------- names
 

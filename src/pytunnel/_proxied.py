@@ -17,23 +17,28 @@ that reads next.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 from collections.abc import Iterable
 
 import trio
 
+from ._dial import format_target
 from .protocol.proxy import V2_SIGNATURE, ProxyHeader, ProxyHeaderError, ProxyHeaderReader
 
 __all__ = [
     "Network",
     "ProxyHeaderError",
     "is_trusted",
+    "public_peer",
     "read_proxy_header",
     "real_peer",
     "trusted_networks",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+log = logging.getLogger("pytunnel.server")
 
 #: The longest version 2 header read (its fixed part and addresses plus TLVs); version 1
 #: headers are at most 107 bytes.
@@ -139,3 +144,34 @@ async def real_peer(
     if header.source is None:
         return peer, peer
     return (header.source[0], int(header.source[1])), peer
+
+
+#: Seconds a trusted proxy has to send its header on a public listener (proxies write it
+#: with the connection, before any client byte).
+HEADER_TIMEOUT = 5.0
+
+
+async def public_peer(
+    conn: trio.SocketStream, networks: tuple[Network, ...], what: str
+) -> tuple[str, int] | None:
+    """The address a public connection (to a port, a shared listener) really comes from;
+    ``None`` when it is gone already or came from a trusted proxy without a valid header
+    (logged; the caller closes it). ``what`` names the listener in that log line."""
+    try:
+        host, port = conn.socket.getpeername()[:2]
+    except OSError:
+        return None
+    peer = (str(host), int(port))
+    if not networks:
+        return peer
+    try:
+        real, _ = await real_peer(conn, peer, networks, HEADER_TIMEOUT)
+    except ProxyHeaderError as exc:
+        log.warning(
+            "closing a connection to %s from trusted proxy %s: %s",
+            what,
+            format_target(*peer),
+            exc,
+        )
+        return None
+    return real

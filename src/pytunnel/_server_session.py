@@ -24,6 +24,7 @@ from ._egress import refuse_wrong_kind, serve_egress
 from ._ingress import carry_over_stream
 from ._listen import bind, bind_udp, bound_port
 from ._node_link import take_relayed_association
+from ._proxied import Network
 from ._relay import RelayStats, relay
 from ._udp import (
     relay_association,
@@ -217,6 +218,12 @@ class _ClientSession:
             self.software = printable(incoming.host[:64])
             log.info("client %s runs %s", self.peer, self.software)
         incoming.refuse(ErrorCode.NORMAL, "")
+
+    @property
+    def trusted_proxies(self) -> tuple[Network, ...]:
+        """Proxies whose PROXY header names a public connection's real source (the server's
+        configuration as it is now, reloads included)."""
+        return self.config.trusted_proxies
 
     def reserve_stream(self, incoming: IncomingStream | None = None) -> bool:
         """Take one of the server's stream slots at admission (before any dial), so a burst
@@ -807,7 +814,12 @@ class _ClientSession:
                 else:
                     address_text = format_target(host, incoming.port)
                     group = PortGroup(
-                        name, proof, listeners, address_text, lambda g: self._forget_group(key, g)
+                        name,
+                        proof,
+                        listeners,
+                        address_text,
+                        lambda g: self._forget_group(key, g),
+                        self.config.trusted_proxies,
                     )
                     group.on_given_back = functools.partial(self._given_back, None, claim)
                     groups[key] = group

@@ -25,6 +25,7 @@ import h11
 import trio
 
 from ._listen import accept
+from ._proxied import Network, public_peer
 from ._relay import abort
 from ._util import Episodes
 from .errors import NameInUseError, NameNotAllowedError, printable
@@ -271,6 +272,7 @@ async def _route_one(
     head_timeout: float,
     pending: list[int],
     elsewhere: Elsewhere | None,
+    trusted_proxies: tuple[Network, ...] = (),
 ) -> None:
     """Read the name of ``conn``, hand it to its route or answer and close it; ``pending``
     (connections still in their head) is decremented once the head phase is over."""
@@ -282,14 +284,14 @@ async def _route_one(
             pending[0] -= 1
 
     try:
-        try:
-            host, port = conn.socket.getpeername()[:2]
-        except OSError:
+        # within the head phase: a trusted proxy's header counts as part of the head
+        peer = await public_peer(
+            conn, trusted_proxies, f"the shared {'HTTPS' if tls else 'HTTP'} port"
+        )
+        if peer is None:
             await trio.aclose_forcefully(conn)
             return
-        await _read_and_route(
-            conn, (str(host), int(port)), routes, tls, max_head, head_timeout, head_done, elsewhere
-        )
+        await _read_and_route(conn, peer, routes, tls, max_head, head_timeout, head_done, elsewhere)
     finally:
         head_done()
 
@@ -385,6 +387,7 @@ async def serve_name_routing(
     head_timeout: float = DEFAULT_HEAD_TIMEOUT,
     max_pending: int = DEFAULT_MAX_PENDING,
     elsewhere: Elsewhere | None = None,
+    trusted_proxies: tuple[Network, ...] = (),
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on ``listeners`` forever; route each connection by its HTTP ``Host`` (or, with
@@ -394,7 +397,9 @@ async def serve_name_routing(
     At most ``max_pending`` connections may be reading their head at once (each holds a
     descriptor for up to ``head_timeout``); more are closed as they arrive, so slow heads
     cannot spend the process's descriptors. A routed connection no longer counts. A name no
-    local route holds is offered to ``elsewhere`` (if given) before it gets the 404."""
+    local route holds is offered to ``elsewhere`` (if given) before it gets the 404. A
+    connection from one of ``trusted_proxies`` starts with a PROXY header naming its real
+    source (``pytunnel._proxied``)."""
     pending = [0]
     refused: Episodes[None] = Episodes()
     what = "TLS" if tls else "HTTP"
@@ -419,7 +424,15 @@ async def serve_name_routing(
                     log.info("shared %s port: accepting again after %d closed", what, count)
                 pending[0] += 1
                 nursery.start_soon(
-                    _route_one, conn, routes, tls, max_head, head_timeout, pending, elsewhere
+                    _route_one,
+                    conn,
+                    routes,
+                    tls,
+                    max_head,
+                    head_timeout,
+                    pending,
+                    elsewhere,
+                    trusted_proxies,
                 )
 
         for listener in listeners:

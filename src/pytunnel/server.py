@@ -556,6 +556,7 @@ class TunnelServer:
                                     elsewhere=None
                                     if links is None
                                     else functools.partial(links.relay_name, tls),
+                                    trusted_proxies=self.config.trusted_proxies,
                                 )
                             )
                     task_status.started(self)

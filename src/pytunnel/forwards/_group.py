@@ -25,6 +25,7 @@ from typing import Protocol
 import trio
 
 from .._listen import accept
+from .._proxied import Network, public_peer
 from ..errors import GroupMismatchError, printable
 
 log = logging.getLogger("pytunnel.server")
@@ -138,8 +139,11 @@ class PortGroup(Group):
         listeners: list[trio.SocketListener],
         address: str,
         on_empty: Callable[[Group], None],
+        trusted_proxies: tuple[Network, ...] = (),
     ) -> None:
         super().__init__(name, proof, f"port {address}", on_empty)
+        #: Proxies whose PROXY header names a connection's real source.
+        self.trusted_proxies = trusted_proxies
         #: ``host:port`` of the group's public port.
         self.address = address
         self.listeners = listeners
@@ -180,14 +184,19 @@ class PortGroup(Group):
         with scope:
             async with trio.open_nursery() as nursery:
                 for listener in list(self.listeners):
-                    nursery.start_soon(self._accept_loop, listener)
+                    nursery.start_soon(self._accept_loop, listener, nursery)
 
-    async def _accept_loop(self, listener: trio.SocketListener) -> None:
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
             try:
                 conn = await accept(listener)
             except trio.ClosedResourceError:
                 return
+            if self.trusted_proxies:
+                # a header to read first: in a task of its own, so one slow proxy connection
+                # does not hold up the accept loop
+                nursery.start_soon(self._take_proxied, conn)
+                continue
             try:
                 host, port = conn.socket.getpeername()[:2]
             except OSError:
@@ -195,3 +204,8 @@ class PortGroup(Group):
                 continue
             if not self.take(conn, (str(host), int(port))):
                 await trio.aclose_forcefully(conn)
+
+    async def _take_proxied(self, conn: trio.SocketStream) -> None:
+        peer = await public_peer(conn, self.trusted_proxies, self.what)
+        if peer is None or not self.take(conn, peer):
+            await trio.aclose_forcefully(conn)

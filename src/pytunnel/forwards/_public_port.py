@@ -16,6 +16,7 @@ from .._control import ControlChannel
 from .._dial import format_target
 from .._ingress import serve_ingress
 from .._listen import bind
+from .._proxied import Network, public_peer
 from .._relay import RelayStats
 from .._util import aclose_all
 from ..errors import (
@@ -35,6 +36,11 @@ class PortOwner(Protocol):
     @property
     def peer(self) -> str:
         """The client's name, for logs."""
+        ...
+
+    @property
+    def trusted_proxies(self) -> tuple[Network, ...]:
+        """Proxies whose PROXY header names a public connection's real source."""
         ...
 
     def reserve_stream(self) -> bool:
@@ -129,13 +135,10 @@ class _PublicPort:
     async def _carry(self, conn: trio.SocketStream, admitted: bool) -> None:
         if not admitted:
             return
-        try:
-            host, port = conn.socket.getpeername()[:2]
-        except OSError:  # gone already
+        peer = await public_peer(conn, self.client.trusted_proxies, f"port {self.port}")
+        if peer is None:  # gone already, or a trusted proxy without its header
             return
-        await self.client.relay_public(
-            conn, (str(host), int(port)), self.control.stream_id, self.stats
-        )
+        await self.client.relay_public(conn, peer, self.control.stream_id, self.stats)
 
     def take(self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> bool:
         """Carry a public connection that reached another node of the cluster (``conn`` is
