@@ -21,9 +21,12 @@ concurrency comes from connections, each in its own task.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
+import os
+import socket
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -579,6 +582,83 @@ async def _linger_close(stream: trio.abc.Stream) -> None:
             pass
 
 
+#: accept(2) errors that say the system is out of something: wait, then accept again
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: accept(2) errors that concern only the connection being accepted (it is gone)
+_ACCEPT_IGNORABLE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED",
+        "EPROTO",
+        "EPERM",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+    )
+    if hasattr(errno, name)
+)
+#: how long to wait after a capacity error before accepting again
+ACCEPT_RETRY_TIME = 0.1
+#: the most connections taken from the backlog in one go before the others get a turn
+ACCEPT_BATCH = 64
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    nursery: trio.Nursery,
+    connection: Callable[[trio.SocketStream], Awaitable[None]],
+) -> NoReturn:
+    """Take every connection waiting in the listener's backlog at once, then wait.
+
+    trio's ``SocketListener.accept`` yields to the scheduler after each connection, so under
+    load a burst of new connections is taken one per scheduler pass: with a hundred busy
+    connections a pass lasts tens of milliseconds and the last connection of a burst waits
+    for its first answer a second or more (its request waits in a backlog nobody reads).
+    Draining the backlog in one step (bounded by :data:`ACCEPT_BATCH`), as asyncio's servers
+    do, starts them all in the same pass. The accepting is done on a duplicate of the
+    listening descriptor (same socket, its own Python object), so trio's listener keeps its
+    own and closes it as usual."""
+    sock = listener.socket
+    async with listener:
+        with socket.fromfd(sock.fileno(), sock.family, sock.type) as backlog:
+            backlog.setblocking(False)
+            await _drain_backlog(backlog, nursery, connection)
+
+
+async def _drain_backlog(
+    backlog: socket.socket,
+    nursery: trio.Nursery,
+    connection: Callable[[trio.SocketStream], Awaitable[None]],
+) -> NoReturn:
+    while True:
+        await trio.lowlevel.wait_readable(backlog)
+        for _ in range(ACCEPT_BATCH):
+            try:
+                accepted, _ = backlog.accept()
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in _ACCEPT_IGNORABLE_ERRNOS:
+                    continue
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error(
+                    "accept failed (%s); accepting again in %s s",
+                    os.strerror(exc.errno),
+                    ACCEPT_RETRY_TIME,
+                )
+                await trio.sleep(ACCEPT_RETRY_TIME)
+                break
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(accepted))
+            nursery.start_soon(connection, stream)
+        else:
+            await trio.lowlevel.checkpoint()  # a full batch: let the rest run first
+
+
 async def serve_http(
     handler: Handler,
     host: str,
@@ -595,5 +675,8 @@ async def serve_http(
     async def connection(stream: trio.SocketStream) -> None:
         await serve_http_stream(stream, handler, limits=limits)
 
-    await trio.serve_listeners(connection, listeners, task_status=task_status)
-    raise AssertionError("unreachable")  # pragma: no cover - serve_listeners never returns
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, nursery, connection)
+        task_status.started(listeners)
+    raise AssertionError("unreachable")  # pragma: no cover - the accept loops never return
