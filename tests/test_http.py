@@ -678,3 +678,33 @@ async def test_out_of_descriptors_waits_and_accepts_again(tmp_path: pathlib.Path
         proc.terminate()
         await proc.wait()
     assert "accept failed (Too many open files); accepting again in 0.1 s" in log_path.read_text()
+
+
+class _StepsOf(trio.abc.Instrument):
+    """How many times tasks whose name contains ``name`` ran."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.name in task.name:
+            self.steps += 1
+
+
+async def test_pipelined_requests_still_let_other_tasks_run(nursery: trio.Nursery) -> None:
+    """Answers are written without waiting when the socket takes them, so requests that are
+    already buffered could be answered one after the other without a checkpoint: each
+    still yields once, and no connection can hold the scheduler."""
+    port = await start(nursery)
+    steps = _StepsOf("serve_http.<locals>.connection")
+    trio.lowlevel.add_instrument(steps)
+    try:
+        count = 50
+        data = b"GET /json HTTP/1.1\r\nHost: x\r\n\r\n" * (count - 1)
+        data += b"GET /json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        answers = parse(await raw(port, data))
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert [head.status_code for head, _ in answers] == [200] * count
+    assert steps.steps >= count

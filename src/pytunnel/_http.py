@@ -139,6 +139,8 @@ class _Connection:
         self.scope = trio.CancelScope()
         #: what the deadline of :attr:`scope` is for: ``"head"`` or ``"send"``
         self.waiting = ""
+        #: a plain socket's descriptor, asked for at each write (``None``: another stream)
+        self.fileno = stream.socket.fileno if isinstance(stream, trio.SocketStream) else None
 
     async def receive_into_h11(self, deadline: float) -> None:
         """Read once into h11 (a head's bytes), under the connection's deadline."""
@@ -164,8 +166,21 @@ class _Connection:
                 continue
             return None
 
-    async def send(self, *events: h11.Event) -> None:
-        out = b"".join(self.h11.send(event) or b"" for event in events)
+    async def send(self, *events: h11.Event, inline: bool = True) -> None:
+        """Write the events' bytes. On a plain socket, unless ``inline`` is false, what the
+        kernel takes at once is written without waiting (an answer almost always fits), so
+        a small answer costs no trip through the scheduler and no deadline; the rest, or
+        any error, is left to ``send_all``, which waits under the send deadline and raises
+        the typed error. The checkpoint that skips is made up by the next read, or by
+        :func:`_read_head` when the next request is already here; a streamed body, which
+        has no read between its pieces, is written with ``inline=False``."""
+        out = b"".join([self.h11.send(event) or b"" for event in events])
+        if out and inline and self.fileno is not None:
+            try:
+                sent = os.write(self.fileno(), out)
+            except OSError:  # would block, or broken: send_all waits or says which
+                sent = 0
+            out = out[sent:]
         if out:
             self.scope.deadline = trio.current_time() + self.limits.send_timeout
             self.waiting = "send"
@@ -197,10 +212,8 @@ class Request:
         path, _, query = self.target.partition("?")
         self.path: str = path
         self.query: str = query
-        self.headers: list[tuple[str, str]] = [
-            (name.decode("latin-1").lower(), value.decode("latin-1"))
-            for name, value in event.headers
-        ]
+        self._raw_headers = event.headers
+        self._headers: list[tuple[str, str]] | None = None
         self.peer = peer
         self.max_body = max_body
         self._body_deadline = trio.current_time() + conn.limits.body_timeout
@@ -212,14 +225,26 @@ class Request:
         self.aborted = False
         self.body_done = False
 
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """The headers in their order, names in lower case (as h11 gives them)."""
+        if self._headers is None:
+            self._headers = [
+                (name.decode("latin-1"), value.decode("latin-1"))
+                for name, value in self._raw_headers
+            ]
+        return self._headers
+
     def header(self, name: str) -> str | None:
         """The header's value (repeated headers joined with ", "), or ``None``."""
-        if self._index is None:
-            index: dict[str, str] = {}
-            for key, value in self.headers:
+        index = self._index
+        if index is None:
+            index = self._index = {}
+            for raw_key, raw_value in self._raw_headers:
+                key = raw_key.decode("latin-1")
+                value = raw_value.decode("latin-1")
                 index[key] = f"{index[key]}, {value}" if key in index else value
-            self._index = index
-        return self._index.get(name.lower())
+        return index.get(name.lower())
 
     def content_length(self) -> int | None:
         value = self.header("content-length")
@@ -406,11 +431,12 @@ async def _read_head(conn: _Connection, first: bool) -> object:
     limits = conn.limits
     in_head = first
     deadline = trio.current_time() + (limits.head_timeout if first else limits.keepalive_timeout)
+    received = False
     while True:
-        if not in_head and conn.buffered():
+        before = conn.buffered_size()
+        if not in_head and before:
             in_head = True
             deadline = trio.current_time() + limits.head_timeout
-        before = conn.buffered_size()
         try:
             event = conn.h11.next_event()
         except h11.RemoteProtocolError as exc:
@@ -419,10 +445,14 @@ async def _read_head(conn: _Connection, first: bool) -> object:
             raise _HeadFailed(status, text) from None
         if event is not h11.NEED_DATA:
             # h11 bounds only a head still incomplete; one that arrived whole is measured here
-            if before - conn.buffered_size() > limits.max_head:
+            if before > limits.max_head and before - conn.buffered_size() > limits.max_head:
                 raise _HeadFailed(431, "Request Header Fields Too Large")
+            if not received and not first:
+                # pipelined: no read checkpointed since the last answer (written inline)
+                await trio.lowlevel.checkpoint()
             return event
         await conn.receive_into_h11(deadline)  # past the deadline: see _deadline_passed
+        received = True
 
 
 async def _serve_requests(
@@ -490,7 +520,7 @@ async def _answer(conn: _Connection, handler: Handler, request: Request) -> bool
         async with _aclosing_iter(response.body) as chunks:
             async for chunk in chunks:
                 if chunk:
-                    await conn.send(h11.Data(data=chunk))
+                    await conn.send(h11.Data(data=chunk), inline=False)
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
         raise
     except Exception:
@@ -507,14 +537,20 @@ def _head(response: Response, keep: bool) -> h11.Response:
     header or status must not break the connection's state half way through)."""
     if not 200 <= response.status <= 599:
         raise ValueError(f"a handler's answer must have a final status, not {response.status}")
-    headers = list(response.headers)
-    if isinstance(response.body, bytes):  # its length is the body's, whatever was given
-        headers = [(k, v) for k, v in headers if k.lower() not in _FRAMING]
-        headers.append(("content-length", str(len(response.body))))
+    body = response.body
+    if isinstance(body, bytes):  # its length is the body's, whatever was given
+        headers = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in response.headers
+            if k.lower() not in _FRAMING
+        ]
+        headers.append((b"content-length", str(len(body)).encode("ascii")))
+    else:
+        headers = _encode(response.headers)
     if not keep:
-        headers.append(("connection", "close"))
+        headers.append((b"connection", b"close"))
     return h11.Response(
-        status_code=response.status, headers=_encode(headers), reason=_reason(response.status)
+        status_code=response.status, headers=headers, reason=_reason(response.status)
     )
 
 
@@ -536,11 +572,11 @@ class _aclosing_iter:
             await close()
 
 
+_REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+
+
 def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        return b""
+    return _REASONS.get(status, b"")
 
 
 def _plain(status: int, text: str) -> Response:
