@@ -134,6 +134,10 @@ def loads(text: str | bytes) -> Any:
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
+        if "__" not in text and "\\u" not in text and ESCAPE_PREFIX not in text:
+            # no marker key (``__type``, ``__graph``) and no escaped key, nor one spelled
+            # with ``\u`` escapes: plain JSON, with nothing to revive
+            return json.loads(text, parse_constant=_reject_constant)
         # the tree form is revived as the JSON parser builds each object, innermost first
         parsed = json.loads(text, parse_constant=_reject_constant, object_hook=_revive_object)
         if _is_graph(parsed):  # rare (Runner never writes it): read again, as a graph
