@@ -314,11 +314,16 @@ async def test_task_timeout(base: str, http: httpx.AsyncClient) -> None:
 async def test_request_id_echoed_or_fresh(base: str, http: httpx.AsyncClient) -> None:
     r = await http.post(f"{base}/task/echo", headers={**AUTH, "x-runner-request-id": "abc.1:2-3_"})
     assert r.headers["x-runner-request-id"] == "abc.1:2-3_"
+    fresh = []
     for bad in ("has space", "x" * 129, "semi;colon", ""):
         r = await http.post(f"{base}/task/echo", headers={**AUTH, "x-runner-request-id": bad})
-        uuid.UUID(r.headers["x-runner-request-id"])
+        fresh.append(r.headers["x-runner-request-id"])
     r = await http.post(f"{base}/task/nothing")  # errors carry it too
-    uuid.UUID(r.headers["x-runner-request-id"])
+    fresh.append(r.headers["x-runner-request-id"])
+    for text in fresh:  # a random UUID, written as Node's randomUUID writes one
+        value = uuid.UUID(text)
+        assert (value.version, value.variant, str(value)) == (4, uuid.RFC_4122, text)
+    assert len(set(fresh)) == len(fresh)
 
 
 async def test_preflight_before_auth(base: str, http: httpx.AsyncClient) -> None:

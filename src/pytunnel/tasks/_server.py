@@ -28,8 +28,8 @@ import hmac
 import inspect
 import logging
 import math
+import os
 import re
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import unquote_to_bytes, urlsplit
@@ -146,6 +146,17 @@ def _without_dot_segments(path: str) -> str:
         else:
             out.append(segment)
     return "/".join(out) or "/"
+
+
+def _fresh_request_id() -> str:
+    """A random (version 4) UUID's text, as ``str(uuid.uuid4())`` writes it, for a fifth of
+    its cost (no ``UUID`` object on the way): set the version and variant bits of 16
+    random bytes and write them as hex."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _js_truthy(value: Any) -> bool:
@@ -485,10 +496,12 @@ class TaskServer:
             return self._error(request, headers, 500, "Internal Error", "INTERNAL_ERROR")
 
     def _request_id(self, request: Request) -> str:
-        given = (request.header(REQUEST_ID_HEADER) or "").strip()
-        if _REQUEST_ID.fullmatch(given):
-            return given
-        return str(uuid.uuid4())
+        given = request.header(REQUEST_ID_HEADER)
+        if given is not None:
+            given = given.strip()
+            if _REQUEST_ID.fullmatch(given):
+                return given
+        return _fresh_request_id()
 
     def _cors_headers(self, request: Request) -> Iterable[tuple[str, str]]:
         cors = self.cors
