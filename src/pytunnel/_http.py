@@ -146,10 +146,36 @@ class _Connection:
         """Read once into h11 (a head's bytes), under the connection's deadline."""
         self.scope.deadline = deadline
         self.waiting = "head"
-        data = await self.stream.receive_some(RECEIVE_SIZE)
+        data = await self.receive()
         self.scope.deadline = math.inf
         self.waiting = ""
-        self.h11.receive_data(bytes(data))  # b"" is the peer's close; h11 decides its meaning
+        self.h11.receive_data(data)  # b"" is the peer's close; h11 decides its meaning
+
+    async def receive(self) -> bytes:
+        """One read. On a plain socket it is the descriptor's ``read``, waiting for it to
+        be readable only when it is not: the same checkpoints and errors as
+        ``receive_some``, without the failed read and its exception that ``receive_some``
+        pays when nothing has arrived yet (as after each answer on a kept-alive
+        connection)."""
+        if self.fileno is None:
+            return bytes(await self.stream.receive_some(RECEIVE_SIZE))
+        await trio.lowlevel.checkpoint_if_cancelled()
+        fd = self.fileno()
+        waited = False
+        while True:
+            try:
+                data = os.read(fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                waited = True
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    raise trio.ClosedResourceError("the socket was closed") from None
+                raise trio.BrokenResourceError(f"the socket broke: {exc}") from exc
+            if not waited:  # as receive_some: a read that did not wait still yields
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
 
     async def next_event(self, deadline: float) -> object:
         """The next event, reading as needed until ``deadline`` (then ``None``).
@@ -162,7 +188,7 @@ class _Connection:
                 return event
             with trio.move_on_at(deadline):
                 # b"" is the peer's close; h11 decides what it means here
-                self.h11.receive_data(bytes(await self.stream.receive_some(RECEIVE_SIZE)))
+                self.h11.receive_data(await self.receive())
                 continue
             return None
 
