@@ -37,7 +37,7 @@ from collections.abc import (
 )
 from contextlib import aclosing
 from http import HTTPStatus
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import attrs
 import h11
@@ -59,6 +59,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("pytunnel.http")
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 RECEIVE_SIZE = 64 * 1024
 #: what is read and thrown away of a body its handler did not read, so the connection can be
@@ -137,8 +140,12 @@ class _Connection:
         #: connection waits for (a head, a write): cheaper than a scope per wait, and a
         #: deadline that fires ends the connection anyway
         self.scope = trio.CancelScope()
-        #: what the deadline of :attr:`scope` is for: ``"head"`` or ``"send"``
+        #: what the deadline of :attr:`scope` is for: ``"head"``, ``"send"`` or
+        #: ``"handler"`` (:meth:`Request.bounded`, answered by :attr:`timeout_answer`)
         self.waiting = ""
+        self.timeout_answer: Callable[[], Response] | None = None
+        #: the bounded request is a HEAD (its timeout answer has no body)
+        self.timeout_head = False
         #: a plain socket's descriptor, asked for at each write (``None``: another stream)
         self.fileno = stream.socket.fileno if isinstance(stream, trio.SocketStream) else None
 
@@ -208,11 +215,13 @@ class _Connection:
                 sent = 0
             out = out[sent:]
         if out:
+            # a write inside a bounded handler (a 100 Continue) restores its bound after
+            deadline, waiting = self.scope.deadline, self.waiting
             self.scope.deadline = trio.current_time() + self.limits.send_timeout
             self.waiting = "send"
             await self.stream.send_all(out)
-            self.scope.deadline = math.inf
-            self.waiting = ""
+            self.scope.deadline = deadline
+            self.waiting = waiting
 
     def buffered_size(self) -> int:
         return len(self.h11.trailing_data[0])
@@ -275,6 +284,33 @@ class Request:
     def content_length(self) -> int | None:
         value = self.header("content-length")
         return int(value) if value is not None else None  # h11 checked it is digits
+
+    async def bounded(
+        self,
+        seconds: float,
+        fn: Callable[[_T], Awaitable[_R]],
+        arg: _T,
+        on_timeout: Callable[[], Response],
+    ) -> _R:
+        """``await fn(arg)`` within ``seconds``. Past them the handler is cancelled outright,
+        ``on_timeout()`` is the answer and the connection closes.
+
+        The bound is the connection's own cancel scope with its deadline moved (as for a
+        head or a write), not a scope of its own: entering and leaving a cancel scope costs
+        as much as the rest of a small request's handling. The price is the connection:
+        a cancelled scope stays cancelled, so it closes after the timeout's answer."""
+        conn = self._conn
+        conn.scope.deadline = trio.current_time() + seconds
+        conn.waiting = "handler"
+        conn.timeout_answer = on_timeout
+        conn.timeout_head = self.method == "HEAD"
+        try:
+            return await fn(arg)
+        finally:
+            if not conn.scope.cancel_called:
+                conn.scope.deadline = math.inf
+                conn.waiting = ""
+                conn.timeout_answer = None
 
     async def body_chunks(
         self, limit: int | _Default | None = _DEFAULT
@@ -440,9 +476,22 @@ class _HeadFailed(Exception):
 
 
 async def _deadline_passed(conn: _Connection) -> bool:
-    """The connection's deadline fired: a head that started and never ended is 408; an
-    idle connection or a write the peer would not take ends without a word. Returns
-    whether the close should linger."""
+    """The connection's deadline fired: a head that started and never ended is 408, a
+    bounded handler that ran out of time gets its timeout answer; an idle connection or a
+    write the peer would not take ends without a word. Returns whether the close should
+    linger."""
+    if conn.waiting == "handler" and conn.timeout_answer is not None:
+        if conn.h11.our_state is not h11.SEND_RESPONSE:
+            return False  # pragma: no cover - the answer is sent after the handler returns
+        response = conn.timeout_answer()
+        body = response.body if isinstance(response.body, bytes) else b""
+        head = _head(Response(response.status, response.headers, body), False)
+        with trio.move_on_after(conn.limits.send_timeout):
+            if conn.timeout_head:
+                await conn.send(head, h11.EndOfMessage())
+            else:
+                await conn.send(head, h11.Data(data=body), h11.EndOfMessage())
+        return True
     if conn.waiting != "head" or not conn.buffered():
         return False
     with trio.move_on_after(conn.limits.send_timeout):
