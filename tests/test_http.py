@@ -708,3 +708,31 @@ async def test_pipelined_requests_still_let_other_tasks_run(nursery: trio.Nurser
         trio.lowlevel.remove_instrument(steps)
     assert [head.status_code for head, _ in answers] == [200] * count
     assert steps.steps >= count
+
+
+async def test_closing_the_listener_ends_serving_and_frees_the_port() -> None:
+    """The backlog is drained through a duplicate descriptor; closing trio's listener still
+    ends the loop (as it ends trio's own) and nothing keeps the port open."""
+    errors: list[BaseException] = []
+
+    async def run(task_status: trio.TaskStatus[list[trio.SocketListener]]) -> None:
+        try:
+            await serve_http(app, "127.0.0.1", 0, task_status=task_status)
+        except BaseException as exc:  # examined below
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(run)
+        port = listeners[0].socket.getsockname()[1]
+        [(head, _)] = parse(
+            await raw(port, b"GET /json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        )
+        assert head.status_code == 200
+        await listeners[0].aclose()
+    [error] = errors
+    leaves = [error]
+    while any(hasattr(leaf, "exceptions") for leaf in leaves):  # flatten exception groups
+        leaves = [e for leaf in leaves for e in getattr(leaf, "exceptions", (leaf,))]
+    assert [type(leaf) for leaf in leaves] == [trio.ClosedResourceError], repr(error)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()

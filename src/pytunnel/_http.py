@@ -731,22 +731,26 @@ async def _accept_loop(
     for its first answer a second or more (its request waits in a backlog nobody reads).
     Draining the backlog in one step (bounded by :data:`ACCEPT_BATCH`), as asyncio's servers
     do, starts them all in the same pass. The accepting is done on a duplicate of the
-    listening descriptor (same socket, its own Python object), so trio's listener keeps its
-    own and closes it as usual."""
+    listening descriptor (same socket, its own Python object); the waiting is on trio's
+    own, so closing the listener elsewhere ends this loop with ``ClosedResourceError``, as
+    it ends trio's."""
     sock = listener.socket
     async with listener:
         with socket.fromfd(sock.fileno(), sock.family, sock.type) as backlog:
             backlog.setblocking(False)
-            await _drain_backlog(backlog, nursery, connection)
+            await _drain_backlog(sock, backlog, nursery, connection)
 
 
 async def _drain_backlog(
+    sock: trio.socket.SocketType,
     backlog: socket.socket,
     nursery: trio.Nursery,
     connection: Callable[[trio.SocketStream], Awaitable[None]],
 ) -> NoReturn:
     while True:
-        await trio.lowlevel.wait_readable(backlog)
+        if sock.fileno() == -1:
+            raise trio.ClosedResourceError("the listener was closed")
+        await trio.lowlevel.wait_readable(sock)
         for _ in range(ACCEPT_BATCH):
             try:
                 accepted, _ = backlog.accept()
