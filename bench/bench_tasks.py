@@ -307,6 +307,10 @@ def main() -> None:
     parser.add_argument("--child", choices=["python", "starlette"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        # a child started from a background job inherits SIGINT ignored; it is how the
+        # callgrind count ends a server cleanly
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.child == "python":
         serve_python(args.port)
         return

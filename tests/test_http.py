@@ -3,10 +3,16 @@ client for well-formed traffic, raw bytes for everything a peer can get wrong.""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
+import pathlib
 import shutil
 import socket
+import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import h11
@@ -534,3 +540,199 @@ async def test_a_peer_that_stops_reading_is_cut_off_at_the_send_timeout(
         await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         # never read: the server's writes block once the socket buffers are full
         await wait_until(lambda: count_tasks() <= before, 30, describe_tasks)
+
+
+# -- accepting ----------------------------------------------------------------------------------
+
+
+class _SpawnsPerPass(trio.abc.Instrument):
+    """How many tasks were spawned in each scheduler pass (between two waits for I/O)."""
+
+    def __init__(self) -> None:
+        self.passes: list[int] = [0]
+
+    def after_io_wait(self, timeout: float) -> None:
+        self.passes.append(0)
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.passes[-1] += 1
+
+
+async def test_a_burst_of_connections_is_accepted_in_one_scheduler_pass(
+    nursery: trio.Nursery,
+) -> None:
+    """A backlog is drained in one go: one connection per pass would leave the last of a
+    burst waiting for its first answer as many passes as there are connections before it."""
+    port = await start(nursery)
+    await trio.testing.wait_all_tasks_blocked()
+    spawns = _SpawnsPerPass()
+    burst = []
+    trio.lowlevel.add_instrument(spawns)
+    try:
+        # blocking connects without yielding: all 40 wait in the backlog before the server runs
+        for _ in range(40):
+            client = socket.create_connection(("127.0.0.1", port))
+            client.sendall(b"GET /json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            burst.append(client)
+        await trio.testing.wait_all_tasks_blocked()
+    finally:
+        trio.lowlevel.remove_instrument(spawns)
+    assert max(spawns.passes) >= 40, spawns.passes
+    for client in burst:
+        with client:
+            client.settimeout(10)
+            data = b""
+            while chunk := client.recv(65536):
+                data += chunk
+        [(head, body)] = parse(data)
+        assert head.status_code == 200
+        assert b'"ok":true' in body
+
+
+def _server_side_socket(client: socket.socket) -> socket.socket:
+    """This process's other end of ``client`` (the server runs in this process), found among
+    the open descriptors; a duplicate, to be closed by the caller."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        with contextlib.suppress(OSError):
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            candidate = socket.socket(fileno=os.dup(fd))
+            try:
+                if candidate.getpeername() == client.getsockname():
+                    return candidate
+            except OSError:
+                pass
+            candidate.close()
+    raise AssertionError("the accepted socket is not in this process")
+
+
+async def test_accepted_connections_have_nagle_off(nursery: trio.Nursery) -> None:
+    """An answer written in pieces (a head, then a streamed body) must not wait for the
+    peer's delayed ACK."""
+    port = await start(nursery)
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.settimeout(10)
+        client.sendall(b"GET /json HTTP/1.1\r\nHost: x\r\n\r\n")
+        # answered: the server has accepted it
+        assert (await trio.to_thread.run_sync(client.recv, 65536)).startswith(b"HTTP/1.1 200 ")
+        with _server_side_socket(client) as accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+ACCEPT_EMFILE = r"""
+import logging, os, resource, trio
+from pytunnel._http import Response, serve_http
+
+logging.basicConfig(level=logging.WARNING)
+
+async def handler(request):
+    return Response.text(200, "ok")
+
+async def main():
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(serve_http, handler, "127.0.0.1", 0)
+        used = len(os.listdir("/proc/self/fd"))
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + 3, hard))  # a few connections
+        print(listeners[0].socket.getsockname()[1], flush=True)
+
+trio.run(main)
+"""
+
+
+async def _answered(stream: trio.SocketStream) -> bytes:
+    with trio.fail_after(20):  # a hang detector
+        return bytes(await stream.receive_some(65536))
+
+
+async def test_out_of_descriptors_waits_and_accepts_again(tmp_path: pathlib.Path) -> None:
+    """accept(2) failing for want of descriptors is logged and retried, never the end of the
+    server: the connections that waited are served once descriptors are free again."""
+    script = tmp_path / "server.py"
+    script.write_text(ACCEPT_EMFILE)
+    log_path = tmp_path / "server.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with log_path.open("wb") as log_file:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=log_file, env=env
+        )
+    try:
+        assert proc.stdout is not None
+        line = b""
+        with trio.fail_after(30):
+            while not line.endswith(b"\n"):
+                line += await proc.stdout.receive_some(100)
+        port = int(line)
+        # connected, nothing sent: the server holds as many as it has descriptors for
+        clients = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(8)]
+        await wait_until(lambda: "Too many open files" in log_path.read_text())
+        assert proc.poll() is None  # the server lives on
+        for client in clients:  # each connection answered is closed, freeing a descriptor
+            await client.send_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        for client in clients:
+            assert (await _answered(client)).startswith(b"HTTP/1.1 200 ")
+            await client.aclose()
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        await proc.wait()
+    assert "accept failed (Too many open files); accepting again in 0.1 s" in log_path.read_text()
+
+
+class _StepsOf(trio.abc.Instrument):
+    """How many times tasks whose name contains ``name`` ran."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.name in task.name:
+            self.steps += 1
+
+
+async def test_pipelined_requests_still_let_other_tasks_run(nursery: trio.Nursery) -> None:
+    """Answers are written without waiting when the socket takes them, so requests that are
+    already buffered could be answered one after the other without a checkpoint: each
+    still yields once, and no connection can hold the scheduler."""
+    port = await start(nursery)
+    steps = _StepsOf("serve_http.<locals>.connection")
+    trio.lowlevel.add_instrument(steps)
+    try:
+        count = 50
+        data = b"GET /json HTTP/1.1\r\nHost: x\r\n\r\n" * (count - 1)
+        data += b"GET /json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        answers = parse(await raw(port, data))
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert [head.status_code for head, _ in answers] == [200] * count
+    assert steps.steps >= count
+
+
+async def test_closing_the_listener_ends_serving_and_frees_the_port() -> None:
+    """The backlog is drained through a duplicate descriptor; closing trio's listener still
+    ends the loop (as it ends trio's own) and nothing keeps the port open."""
+    errors: list[BaseException] = []
+
+    async def run(task_status: trio.TaskStatus[list[trio.SocketListener]]) -> None:
+        try:
+            await serve_http(app, "127.0.0.1", 0, task_status=task_status)
+        except BaseException as exc:  # examined below
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(run)
+        port = listeners[0].socket.getsockname()[1]
+        [(head, _)] = parse(
+            await raw(port, b"GET /json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        )
+        assert head.status_code == 200
+        await listeners[0].aclose()
+    [error] = errors
+    leaves = [error]
+    while any(hasattr(leaf, "exceptions") for leaf in leaves):  # flatten exception groups
+        leaves = [e for leaf in leaves for e in getattr(leaf, "exceptions", (leaf,))]
+    assert [type(leaf) for leaf in leaves] == [trio.ClosedResourceError], repr(error)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()

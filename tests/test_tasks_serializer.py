@@ -106,6 +106,22 @@ def test_marker_keys_are_escaped_and_unescaped() -> None:
     assert loads(text) == value
 
 
+def test_markers_spelled_with_unicode_escapes_are_still_markers() -> None:
+    """Plain JSON is read without the reviving walk; a marker key or an escaped key written
+    with ``\\u`` escapes is JSON for the same key, and is read as Runner reads it."""
+    assert loads('{"\\u005f_type":"Undefined","value":null}') is UNDEFINED
+    assert loads('{"a":{"__t\\u0079pe":"BigInt","value":"12345678901234567890"}}') == {
+        "a": 12345678901234567890
+    }
+    assert loads('{"\\u0024runner.escape::__type":1}') == {"__type": 1}
+    assert loads('{"k":"\\u00e9","n":[1,2.5,null,true]}') == {
+        "k": "\u00e9",
+        "n": [1, 2.5, None, True],
+    }
+    with pytest.raises(SerializationError):
+        loads('{"\\u005f_type":"NoSuchType","value":1}')
+
+
 def test_type_record_without_value_is_a_plain_object() -> None:
     assert loads('{"__type": "Date"}') == {"__type": "Date"}
 

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import h11
 import httpx
 import pytest
 import trio
@@ -311,14 +312,85 @@ async def test_task_timeout(base: str, http: httpx.AsyncClient) -> None:
     assert error_of(r)[:2] == (504, "TIMEOUT")
 
 
+async def _exchange(stream: trio.SocketStream, request: bytes) -> tuple[h11.Response, bytes]:
+    """One request on a kept-alive connection, its answer parsed by an h11 client."""
+    client = h11.Connection(h11.CLIENT)
+    await stream.send_all(request)
+    head: h11.Response | None = None
+    body = b""
+    with trio.fail_after(10):  # a hang detector
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(bytes(await stream.receive_some()))
+            elif isinstance(event, h11.Response):
+                head = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert head is not None
+                return head, body
+
+
+def _post(path: str, extra: str = "", body: str = "{}") -> bytes:
+    return (
+        f"POST /__runner/task/{path} HTTP/1.1\r\nHost: x\r\nx-runner-token: {TOKEN}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n{extra}\r\n{body}"
+    ).encode()
+
+
+async def test_task_timeout_answers_then_closes_and_the_server_lives_on(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The task's bound is the connection's own cancel scope, so the connection ends with
+    the 504; the tasks of the call are gone, and other connections are served."""
+    server = make_server(task_timeout=0.3)
+
+    @server.task("nested")
+    async def nested(value: Any) -> Any:
+        with trio.move_on_after(0.01):  # the task's own scopes nest inside the bound
+            await trio.sleep_forever()
+        await trio.lowlevel.checkpoint()
+        return "done"
+
+    listeners = await nursery.start(functools.partial(server.serve, "127.0.0.1", 0))
+    port = listeners[0].socket.getsockname()[1]
+    before = count_tasks()
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        # a task that waits and ends in time leaves the connection reusable
+        for _ in range(2):
+            head, body = await _exchange(stream, _post("nested", "x-runner-request-id: r1\r\n"))
+            assert (head.status_code, ser.loads(body)) == (200, {"ok": True, "result": "done"})
+        head, body = await _exchange(stream, _post("slow", "x-runner-request-id: r2\r\n"))
+        headers = {k.decode(): v.decode() for k, v in head.headers}
+        assert head.status_code == 504
+        assert ser.loads(body)["error"]["code"] == "TIMEOUT"
+        assert headers["connection"] == "close"
+        assert headers["x-runner-request-id"] == "r2"
+        assert headers["x-content-type-options"] == "nosniff"
+        with trio.fail_after(10):
+            assert await stream.receive_some() == b""  # closed after the answer
+    assert "task slow timed out after 0.3 s" in caplog.text
+    await wait_until(lambda: count_tasks() <= before, 10, describe_tasks)
+    async with await trio.open_tcp_stream("127.0.0.1", port) as other:
+        head, body = await _exchange(other, _post("math.add", body='{"input":{"a":1,"b":2}}'))
+        assert (head.status_code, ser.loads(body)) == (200, {"ok": True, "result": 3})
+
+
 async def test_request_id_echoed_or_fresh(base: str, http: httpx.AsyncClient) -> None:
     r = await http.post(f"{base}/task/echo", headers={**AUTH, "x-runner-request-id": "abc.1:2-3_"})
     assert r.headers["x-runner-request-id"] == "abc.1:2-3_"
+    fresh = []
     for bad in ("has space", "x" * 129, "semi;colon", ""):
         r = await http.post(f"{base}/task/echo", headers={**AUTH, "x-runner-request-id": bad})
-        uuid.UUID(r.headers["x-runner-request-id"])
+        fresh.append(r.headers["x-runner-request-id"])
     r = await http.post(f"{base}/task/nothing")  # errors carry it too
-    uuid.UUID(r.headers["x-runner-request-id"])
+    fresh.append(r.headers["x-runner-request-id"])
+    for text in fresh:  # a random UUID, written as Node's randomUUID writes one
+        value = uuid.UUID(text)
+        assert (value.version, value.variant, str(value)) == (4, uuid.RFC_4122, text)
+    assert len(set(fresh)) == len(fresh)
 
 
 async def test_preflight_before_auth(base: str, http: httpx.AsyncClient) -> None:

@@ -21,9 +21,12 @@ concurrency comes from connections, each in its own task.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
+import os
+import socket
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -34,7 +37,7 @@ from collections.abc import (
 )
 from contextlib import aclosing
 from http import HTTPStatus
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import attrs
 import h11
@@ -56,6 +59,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("pytunnel.http")
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 RECEIVE_SIZE = 64 * 1024
 #: what is read and thrown away of a body its handler did not read, so the connection can be
@@ -134,17 +140,49 @@ class _Connection:
         #: connection waits for (a head, a write): cheaper than a scope per wait, and a
         #: deadline that fires ends the connection anyway
         self.scope = trio.CancelScope()
-        #: what the deadline of :attr:`scope` is for: ``"head"`` or ``"send"``
+        #: what the deadline of :attr:`scope` is for: ``"head"``, ``"send"`` or
+        #: ``"handler"`` (:meth:`Request.bounded`, answered by :attr:`timeout_answer`)
         self.waiting = ""
+        self.timeout_answer: Callable[[], Response] | None = None
+        #: the bounded request is a HEAD (its timeout answer has no body)
+        self.timeout_head = False
+        #: a plain socket's descriptor, asked for at each write (``None``: another stream)
+        self.fileno = stream.socket.fileno if isinstance(stream, trio.SocketStream) else None
 
     async def receive_into_h11(self, deadline: float) -> None:
         """Read once into h11 (a head's bytes), under the connection's deadline."""
         self.scope.deadline = deadline
         self.waiting = "head"
-        data = await self.stream.receive_some(RECEIVE_SIZE)
+        data = await self.receive()
         self.scope.deadline = math.inf
         self.waiting = ""
-        self.h11.receive_data(bytes(data))  # b"" is the peer's close; h11 decides its meaning
+        self.h11.receive_data(data)  # b"" is the peer's close; h11 decides its meaning
+
+    async def receive(self) -> bytes:
+        """One read. On a plain socket it is the descriptor's ``read``, waiting for it to
+        be readable only when it is not: the same checkpoints and errors as
+        ``receive_some``, without the failed read and its exception that ``receive_some``
+        pays when nothing has arrived yet (as after each answer on a kept-alive
+        connection)."""
+        if self.fileno is None:
+            return bytes(await self.stream.receive_some(RECEIVE_SIZE))
+        await trio.lowlevel.checkpoint_if_cancelled()
+        fd = self.fileno()
+        waited = False
+        while True:
+            try:
+                data = os.read(fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                waited = True
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    raise trio.ClosedResourceError("the socket was closed") from None
+                raise trio.BrokenResourceError(f"the socket broke: {exc}") from exc
+            if not waited:  # as receive_some: a read that did not wait still yields
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
 
     async def next_event(self, deadline: float) -> object:
         """The next event, reading as needed until ``deadline`` (then ``None``).
@@ -157,18 +195,33 @@ class _Connection:
                 return event
             with trio.move_on_at(deadline):
                 # b"" is the peer's close; h11 decides what it means here
-                self.h11.receive_data(bytes(await self.stream.receive_some(RECEIVE_SIZE)))
+                self.h11.receive_data(await self.receive())
                 continue
             return None
 
-    async def send(self, *events: h11.Event) -> None:
-        out = b"".join(self.h11.send(event) or b"" for event in events)
+    async def send(self, *events: h11.Event, inline: bool = True) -> None:
+        """Write the events' bytes. On a plain socket, unless ``inline`` is false, what the
+        kernel takes at once is written without waiting (an answer almost always fits), so
+        a small answer costs no trip through the scheduler and no deadline; the rest, or
+        any error, is left to ``send_all``, which waits under the send deadline and raises
+        the typed error. The checkpoint that skips is made up by the next read, or by
+        :func:`_read_head` when the next request is already here; a streamed body, which
+        has no read between its pieces, is written with ``inline=False``."""
+        out = b"".join([self.h11.send(event) or b"" for event in events])
+        if out and inline and self.fileno is not None:
+            try:
+                sent = os.write(self.fileno(), out)
+            except OSError:  # would block, or broken: send_all waits or says which
+                sent = 0
+            out = out[sent:]
         if out:
+            # a write inside a bounded handler (a 100 Continue) restores its bound after
+            deadline, waiting = self.scope.deadline, self.waiting
             self.scope.deadline = trio.current_time() + self.limits.send_timeout
             self.waiting = "send"
             await self.stream.send_all(out)
-            self.scope.deadline = math.inf
-            self.waiting = ""
+            self.scope.deadline = deadline
+            self.waiting = waiting
 
     def buffered_size(self) -> int:
         return len(self.h11.trailing_data[0])
@@ -194,10 +247,8 @@ class Request:
         path, _, query = self.target.partition("?")
         self.path: str = path
         self.query: str = query
-        self.headers: list[tuple[str, str]] = [
-            (name.decode("latin-1").lower(), value.decode("latin-1"))
-            for name, value in event.headers
-        ]
+        self._raw_headers = event.headers
+        self._headers: list[tuple[str, str]] | None = None
         self.peer = peer
         self.max_body = max_body
         self._body_deadline = trio.current_time() + conn.limits.body_timeout
@@ -209,18 +260,57 @@ class Request:
         self.aborted = False
         self.body_done = False
 
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """The headers in their order, names in lower case (as h11 gives them)."""
+        if self._headers is None:
+            self._headers = [
+                (name.decode("latin-1"), value.decode("latin-1"))
+                for name, value in self._raw_headers
+            ]
+        return self._headers
+
     def header(self, name: str) -> str | None:
         """The header's value (repeated headers joined with ", "), or ``None``."""
-        if self._index is None:
-            index: dict[str, str] = {}
-            for key, value in self.headers:
+        index = self._index
+        if index is None:
+            index = self._index = {}
+            for raw_key, raw_value in self._raw_headers:
+                key = raw_key.decode("latin-1")
+                value = raw_value.decode("latin-1")
                 index[key] = f"{index[key]}, {value}" if key in index else value
-            self._index = index
-        return self._index.get(name.lower())
+        return index.get(name.lower())
 
     def content_length(self) -> int | None:
         value = self.header("content-length")
         return int(value) if value is not None else None  # h11 checked it is digits
+
+    async def bounded(
+        self,
+        seconds: float,
+        fn: Callable[[_T], Awaitable[_R]],
+        arg: _T,
+        on_timeout: Callable[[], Response],
+    ) -> _R:
+        """``await fn(arg)`` within ``seconds``. Past them the handler is cancelled outright,
+        ``on_timeout()`` is the answer and the connection closes.
+
+        The bound is the connection's own cancel scope with its deadline moved (as for a
+        head or a write), not a scope of its own: entering and leaving a cancel scope costs
+        as much as the rest of a small request's handling. The price is the connection:
+        a cancelled scope stays cancelled, so it closes after the timeout's answer."""
+        conn = self._conn
+        conn.scope.deadline = trio.current_time() + seconds
+        conn.waiting = "handler"
+        conn.timeout_answer = on_timeout
+        conn.timeout_head = self.method == "HEAD"
+        try:
+            return await fn(arg)
+        finally:
+            if not conn.scope.cancel_called:
+                conn.scope.deadline = math.inf
+                conn.waiting = ""
+                conn.timeout_answer = None
 
     async def body_chunks(
         self, limit: int | _Default | None = _DEFAULT
@@ -386,9 +476,22 @@ class _HeadFailed(Exception):
 
 
 async def _deadline_passed(conn: _Connection) -> bool:
-    """The connection's deadline fired: a head that started and never ended is 408; an
-    idle connection or a write the peer would not take ends without a word. Returns
-    whether the close should linger."""
+    """The connection's deadline fired: a head that started and never ended is 408, a
+    bounded handler that ran out of time gets its timeout answer; an idle connection or a
+    write the peer would not take ends without a word. Returns whether the close should
+    linger."""
+    if conn.waiting == "handler" and conn.timeout_answer is not None:
+        if conn.h11.our_state is not h11.SEND_RESPONSE:
+            return False  # pragma: no cover - the answer is sent after the handler returns
+        response = conn.timeout_answer()
+        body = response.body if isinstance(response.body, bytes) else b""
+        head = _head(Response(response.status, response.headers, body), False)
+        with trio.move_on_after(conn.limits.send_timeout):
+            if conn.timeout_head:
+                await conn.send(head, h11.EndOfMessage())
+            else:
+                await conn.send(head, h11.Data(data=body), h11.EndOfMessage())
+        return True
     if conn.waiting != "head" or not conn.buffered():
         return False
     with trio.move_on_after(conn.limits.send_timeout):
@@ -403,11 +506,12 @@ async def _read_head(conn: _Connection, first: bool) -> object:
     limits = conn.limits
     in_head = first
     deadline = trio.current_time() + (limits.head_timeout if first else limits.keepalive_timeout)
+    received = False
     while True:
-        if not in_head and conn.buffered():
+        before = conn.buffered_size()
+        if not in_head and before:
             in_head = True
             deadline = trio.current_time() + limits.head_timeout
-        before = conn.buffered_size()
         try:
             event = conn.h11.next_event()
         except h11.RemoteProtocolError as exc:
@@ -416,10 +520,14 @@ async def _read_head(conn: _Connection, first: bool) -> object:
             raise _HeadFailed(status, text) from None
         if event is not h11.NEED_DATA:
             # h11 bounds only a head still incomplete; one that arrived whole is measured here
-            if before - conn.buffered_size() > limits.max_head:
+            if before > limits.max_head and before - conn.buffered_size() > limits.max_head:
                 raise _HeadFailed(431, "Request Header Fields Too Large")
+            if not received and not first:
+                # pipelined: no read checkpointed since the last answer (written inline)
+                await trio.lowlevel.checkpoint()
             return event
         await conn.receive_into_h11(deadline)  # past the deadline: see _deadline_passed
+        received = True
 
 
 async def _serve_requests(
@@ -487,7 +595,7 @@ async def _answer(conn: _Connection, handler: Handler, request: Request) -> bool
         async with _aclosing_iter(response.body) as chunks:
             async for chunk in chunks:
                 if chunk:
-                    await conn.send(h11.Data(data=chunk))
+                    await conn.send(h11.Data(data=chunk), inline=False)
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
         raise
     except Exception:
@@ -504,14 +612,20 @@ def _head(response: Response, keep: bool) -> h11.Response:
     header or status must not break the connection's state half way through)."""
     if not 200 <= response.status <= 599:
         raise ValueError(f"a handler's answer must have a final status, not {response.status}")
-    headers = list(response.headers)
-    if isinstance(response.body, bytes):  # its length is the body's, whatever was given
-        headers = [(k, v) for k, v in headers if k.lower() not in _FRAMING]
-        headers.append(("content-length", str(len(response.body))))
+    body = response.body
+    if isinstance(body, bytes):  # its length is the body's, whatever was given
+        headers = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in response.headers
+            if k.lower() not in _FRAMING
+        ]
+        headers.append((b"content-length", str(len(body)).encode("ascii")))
+    else:
+        headers = _encode(response.headers)
     if not keep:
-        headers.append(("connection", "close"))
+        headers.append((b"connection", b"close"))
     return h11.Response(
-        status_code=response.status, headers=_encode(headers), reason=_reason(response.status)
+        status_code=response.status, headers=headers, reason=_reason(response.status)
     )
 
 
@@ -533,11 +647,11 @@ class _aclosing_iter:
             await close()
 
 
+_REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+
+
 def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        return b""
+    return _REASONS.get(status, b"")
 
 
 def _plain(status: int, text: str) -> Response:
@@ -579,6 +693,87 @@ async def _linger_close(stream: trio.abc.Stream) -> None:
             pass
 
 
+#: accept(2) errors that say the system is out of something: wait, then accept again
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: accept(2) errors that concern only the connection being accepted (it is gone)
+_ACCEPT_IGNORABLE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED",
+        "EPROTO",
+        "EPERM",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+    )
+    if hasattr(errno, name)
+)
+#: how long to wait after a capacity error before accepting again
+ACCEPT_RETRY_TIME = 0.1
+#: the most connections taken from the backlog in one go before the others get a turn
+ACCEPT_BATCH = 64
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    nursery: trio.Nursery,
+    connection: Callable[[trio.SocketStream], Awaitable[None]],
+) -> NoReturn:
+    """Take every connection waiting in the listener's backlog at once, then wait.
+
+    trio's ``SocketListener.accept`` yields to the scheduler after each connection, so under
+    load a burst of new connections is taken one per scheduler pass: with a hundred busy
+    connections a pass lasts tens of milliseconds and the last connection of a burst waits
+    for its first answer a second or more (its request waits in a backlog nobody reads).
+    Draining the backlog in one step (bounded by :data:`ACCEPT_BATCH`), as asyncio's servers
+    do, starts them all in the same pass. The accepting is done on a duplicate of the
+    listening descriptor (same socket, its own Python object); the waiting is on trio's
+    own, so closing the listener elsewhere ends this loop with ``ClosedResourceError``, as
+    it ends trio's."""
+    sock = listener.socket
+    async with listener:
+        with socket.fromfd(sock.fileno(), sock.family, sock.type) as backlog:
+            backlog.setblocking(False)
+            await _drain_backlog(sock, backlog, nursery, connection)
+
+
+async def _drain_backlog(
+    sock: trio.socket.SocketType,
+    backlog: socket.socket,
+    nursery: trio.Nursery,
+    connection: Callable[[trio.SocketStream], Awaitable[None]],
+) -> NoReturn:
+    while True:
+        if sock.fileno() == -1:
+            raise trio.ClosedResourceError("the listener was closed")
+        await trio.lowlevel.wait_readable(sock)
+        for _ in range(ACCEPT_BATCH):
+            try:
+                accepted, _ = backlog.accept()
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in _ACCEPT_IGNORABLE_ERRNOS:
+                    continue
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error(
+                    "accept failed (%s); accepting again in %s s",
+                    os.strerror(exc.errno),
+                    ACCEPT_RETRY_TIME,
+                )
+                await trio.sleep(ACCEPT_RETRY_TIME)
+                break
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(accepted))
+            nursery.start_soon(connection, stream)
+        else:
+            await trio.lowlevel.checkpoint()  # a full batch: let the rest run first
+
+
 async def serve_http(
     handler: Handler,
     host: str,
@@ -595,5 +790,8 @@ async def serve_http(
     async def connection(stream: trio.SocketStream) -> None:
         await serve_http_stream(stream, handler, limits=limits)
 
-    await trio.serve_listeners(connection, listeners, task_status=task_status)
-    raise AssertionError("unreachable")  # pragma: no cover - serve_listeners never returns
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, nursery, connection)
+        task_status.started(listeners)
+    raise AssertionError("unreachable")  # pragma: no cover - the accept loops never return

@@ -126,7 +126,7 @@ def dumps(value: object) -> str:
             tree = _encode(value, 0, set())
     except RecursionError:
         raise SerializationError("the value is nested too deeply") from None
-    return json.dumps(tree, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(tree)
 
 
 def loads(text: str | bytes) -> Any:
@@ -134,10 +134,14 @@ def loads(text: str | bytes) -> Any:
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
+        if "__" not in text and "\\u" not in text and ESCAPE_PREFIX not in text:
+            # no marker key (``__type``, ``__graph``) and no escaped key, nor one spelled
+            # with ``\u`` escapes: plain JSON, with nothing to revive
+            return _PLAIN.decode(text)
         # the tree form is revived as the JSON parser builds each object, innermost first
-        parsed = json.loads(text, parse_constant=_reject_constant, object_hook=_revive_object)
+        parsed = _REVIVING.decode(text)
         if _is_graph(parsed):  # rare (Runner never writes it): read again, as a graph
-            raw = json.loads(text, parse_constant=_reject_constant)
+            raw = _PLAIN.decode(text)
             return _Graph(raw["nodes"]).value(raw["root"], 0)
     except SerializationError:
         raise
@@ -160,6 +164,12 @@ def _revive_object(record: dict[str, Any]) -> Any:
 
 def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
+
+
+# made once: ``json.loads`` and ``json.dumps`` with any option build a new one per call
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_PLAIN = json.JSONDecoder(parse_constant=_reject_constant)
+_REVIVING = json.JSONDecoder(parse_constant=_reject_constant, object_hook=_revive_object)
 
 
 # -- writing ----------------------------------------------------------------------------------
