@@ -21,13 +21,13 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 
 import attrs
 import trio
 
 from ._stream import DirectWriter
-from ._util import aclose_all
+from ._util import aclose_all, implements
 from .errors import ErrorCode, SessionClosedError
 
 if TYPE_CHECKING:
@@ -175,13 +175,14 @@ async def _copy(
     outbound: bool,
     ending: _Ending,
 ) -> None:
-    writer = direct_writer(sink) if isinstance(source, DirectSource) else None
-    if writer is not None and isinstance(source, DirectSource):
-        source.deliver_directly(_counted(writer, stats, outbound, ending))
+    writer = direct_writer(sink) if implements(source, DirectSource) else None
+    if writer is not None:
+        direct = cast(DirectSource, source)
+        direct.deliver_directly(_counted(writer, stats, outbound, ending))
         try:
             await _copy_loop(source, sink, stats, outbound, ending)
         finally:
-            source.deliver_directly(None)
+            direct.deliver_directly(None)
     else:
         await _copy_loop(source, sink, stats, outbound, ending)
     with ending.send():
@@ -202,8 +203,8 @@ def direct_writer(stream: trio.abc.SendStream) -> DirectWriter | None:
     """
     if isinstance(stream, trio.SocketStream):
         return _socket_writer(stream.socket) if os.name == "posix" else None
-    if isinstance(stream, DirectSink):
-        return stream.direct_writer()
+    if implements(stream, DirectSink):
+        return cast(DirectSink, stream).direct_writer()
     return None
 
 
@@ -247,7 +248,7 @@ async def _copy_loop(
     outbound: bool,
     ending: _Ending,
 ) -> None:
-    paced = sink if isinstance(sink, PacedStream) else None
+    paced = cast(PacedStream, sink) if implements(sink, PacedStream) else None
     while True:
         chunk = await source.receive_some(_CHUNK)
         ending.touch()
@@ -333,8 +334,8 @@ def abort(stream: trio.abc.AsyncResource, code: int, message: str) -> None:
     """Arrange for the coming close of ``stream`` to be a reset, not a clean end: ``reset``
     on a stream that has it (a mux stream's ``Reset`` carries ``code`` and ``message``), RST
     (``SO_LINGER`` 0) on a TCP socket; other streams are left to close as they do."""
-    if isinstance(stream, ResettableStream):
-        stream.reset(code, message)
+    if implements(stream, ResettableStream):
+        cast(ResettableStream, stream).reset(code, message)
     elif isinstance(stream, trio.SocketStream):
         with contextlib.suppress(OSError):
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
