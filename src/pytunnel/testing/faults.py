@@ -203,7 +203,7 @@ class FaultyStream(trio.abc.HalfCloseableStream):
         link = self._link
         side = self._faults.side
 
-        def write(data: bytes) -> int:
+        def write(data: bytes | bytearray | memoryview) -> int:
             if link.cut or link.reset or side(self._outbound).active:
                 return 0
             sent = inner(data)
@@ -223,7 +223,7 @@ class FaultyStream(trio.abc.HalfCloseableStream):
             return
         link = self._link
 
-        def write(data: bytes) -> int:
+        def write(data: bytes | bytearray | memoryview) -> int:
             return 0 if link.cut or link.reset else writer(data)
 
         stream.deliver_directly(write)
