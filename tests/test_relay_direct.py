@@ -341,3 +341,34 @@ async def test_data_arriving_while_the_pump_waits_to_send_waits_behind_it() -> N
                     got += await t.target.receive_some(65536)
             assert bytes(got) == bytes(sent), f"out of order in round {i}"
         assert blocked_rounds > 0
+
+
+async def test_chunks_into_a_stream_with_little_window_arrive_whole_and_in_order() -> None:
+    """The other way: the relay copies a TCP connection into a stream whose window (16 KiB)
+    is far smaller than the chunks it reads. What the window takes at once is queued without
+    ``send_all``, the rest waits in ``send_all`` for window; the opener reads every byte once,
+    in order, then EOF."""
+    payload = _pattern(600_000, 11)
+    async with _tunnel(window=16 * 1024) as t:
+        got: list[bytes] = []
+
+        async def read() -> None:
+            got.append(await _read_stream_until_eof(t.opened))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            for start in range(0, len(payload), 100_000):
+                await t.target.send_all(payload[start : start + 100_000])
+            await t.target.send_eof()
+        assert got[0] == payload
+        assert t.accepted.bytes_sent == len(payload)
+        assert t.stats.bytes_in == len(payload)
+
+
+async def _read_stream_until_eof(stream: MuxStream) -> bytes:
+    got = bytearray()
+    with trio.fail_after(20):
+        while chunk := await stream.receive_some(5000):
+            got += chunk
+            await trio.lowlevel.checkpoint()
+    return bytes(got)

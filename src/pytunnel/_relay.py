@@ -27,7 +27,7 @@ import attrs
 import trio
 
 from ._stream import DirectWriter
-from ._util import aclose_all
+from ._util import aclose_all, implements
 from .errors import ErrorCode, SessionClosedError
 
 if TYPE_CHECKING:
@@ -120,8 +120,9 @@ class DirectSource(Protocol):
 
 @runtime_checkable
 class DirectSink(Protocol):
-    """A wrapper that may let a direct writer bypass its ``send_all`` (a fault injector with
-    no fault set), given the writer of the stream it wraps (:func:`direct_writer`)."""
+    """A stream that takes bytes without waiting when it can: a mux stream (within its
+    window), or a wrapper that lets the writer of the stream it wraps (:func:`direct_writer`)
+    bypass its ``send_all`` (a fault injector with no fault set)."""
 
     def direct_writer(self) -> DirectWriter | None: ...
 
@@ -181,13 +182,14 @@ async def _copy(
     outbound: bool,
     ending: _Ending,
 ) -> None:
-    writer = direct_writer(sink) if isinstance(source, DirectSource) else None
-    if writer is not None and isinstance(source, DirectSource):
-        source.deliver_directly(_counted(writer, stats, outbound, ending))
+    writer = direct_writer(sink) if implements(source, DirectSource) else None
+    if writer is not None:
+        direct = cast(DirectSource, source)
+        direct.deliver_directly(_counted(writer, stats, outbound, ending))
         try:
             await _copy_loop(source, sink, stats, outbound, ending)
         finally:
-            source.deliver_directly(None)
+            direct.deliver_directly(None)
     else:
         await _copy_loop(source, sink, stats, outbound, ending)
     with ending.send():
@@ -200,21 +202,22 @@ def direct_writer(stream: trio.abc.SendStream) -> DirectWriter | None:
 
     A plain ``trio.SocketStream`` (final: its ``send_all`` only writes to the socket) gets a
     write to its socket, so the session's reader writes a Data frame's bytes itself while the
-    pump waits, and a small message reaches the socket without waking the pump. A wrapper
-    (:class:`DirectSink`) decides for itself, from its wrapped stream's writer; a TLS stream
-    or any other stream gets none. A write that would block, or fails, takes nothing: the
-    source buffers the data and the pump's ``send_all`` waits for the socket or raises the
-    typed error.
+    pump waits, and a small message reaches the socket without waking the pump. A mux stream
+    (:class:`DirectSink`) queues what its window and write buffer take; a wrapper decides for
+    itself, from its wrapped stream's writer; a TLS stream or any other stream gets none. The
+    pump also writes each chunk it holds through it first, before ``send_all``. A write that
+    would block, or fails, takes nothing: the data waits (in the source's buffer, or in the
+    pump's hands) and the pump's ``send_all`` waits for the sink or raises the typed error.
     """
     if isinstance(stream, trio.SocketStream):
         return _socket_writer(stream.socket) if os.name == "posix" else None
-    if isinstance(stream, DirectSink):
-        return stream.direct_writer()
+    if implements(stream, DirectSink):
+        return cast(DirectSink, stream).direct_writer()
     return None
 
 
 def _socket_writer(sock: trio.socket.SocketType) -> DirectWriter:
-    def write(data: bytes) -> int:
+    def write(data: bytes | bytearray | memoryview) -> int:
         fd = sock.fileno()  # -1 once closed: never a descriptor reused by someone else
         if fd < 0:
             return 0
@@ -232,7 +235,7 @@ def _counted(
     """``writer`` with what it took counted as the pump counts what it sends: the idle
     clock restarts and the forward's byte counters grow."""
 
-    def write(data: bytes) -> int:
+    def write(data: bytes | bytearray | memoryview) -> int:
         sent = writer(data)
         if sent:
             ending.touch()
@@ -253,22 +256,29 @@ async def _copy_loop(
     outbound: bool,
     ending: _Ending,
 ) -> None:
-    # duck-typed, as in abort(): a runtime Protocol isinstance is slow
-    paced = cast("PacedStream", sink) if hasattr(sink, "paced") else None
+    paced = cast(PacedStream, sink) if implements(sink, PacedStream) else None
+    # what the sink takes at once needs no send_all, whose checkpoint would cost a scheduler
+    # pass per chunk; receive_some still checkpoints on every round
+    writer = direct_writer(sink)
     while True:
         chunk = await source.receive_some(_CHUNK)
         ending.touch()
         if not chunk:
             break
-        if paced is not None and paced.paced:
+        taken = writer(chunk) if writer is not None else 0
+        if taken:
+            ending.touch()
+        if taken >= len(chunk):
+            pass
+        elif paced is not None and paced.paced:
             with ending.send():  # deliberate delays are the test's, not the peers' idleness
-                await sink.send_all(chunk)
+                await sink.send_all(chunk[taken:])
         else:
             # in pieces, each completed piece restarting the idle clock: a reader that takes
             # its bytes slowly keeps the relay alive, one that takes nothing for idle_timeout
             # (a stalled or hostile peer holding the relay's sockets and slot) does not
             with memoryview(chunk) as view:
-                for start in range(0, len(view), _PIECE):
+                for start in range(taken, len(view), _PIECE):
                     await sink.send_all(view[start : start + _PIECE])
                     ending.touch()
         if stats is not None:
@@ -375,11 +385,8 @@ def abort(stream: trio.abc.AsyncResource, code: int, message: str) -> None:
     """Arrange for the coming close of ``stream`` to be a reset, not a clean end: ``reset``
     on a stream that has it (a mux stream's ``Reset`` carries ``code`` and ``message``), RST
     (``SO_LINGER`` 0) on a TCP socket; other streams are left to close as they do."""
-    # a duck-typed check: ``isinstance`` against a runtime Protocol costs tens of
-    # microseconds, paid twice per relay, thousands of times when a session dies
-    reset = getattr(stream, "reset", None)
-    if reset is not None:
-        reset(code, message)
+    if implements(stream, ResettableStream):
+        cast(ResettableStream, stream).reset(code, message)
     elif isinstance(stream, trio.SocketStream):
         with contextlib.suppress(OSError):
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -21,8 +21,8 @@ from .errors import ErrorCode, LocalProtocolError
 __all__ = ["DirectWriter", "MuxStream", "StreamCarrier"]
 
 #: Writes what it can of a chunk without blocking and returns how many bytes it took (0 when
-#: it would block or failed): a sink that takes a stream's bytes straight from the session.
-DirectWriter = Callable[[bytes], int]
+#: it would block or failed, which the sink's ``send_all`` then waits for or raises).
+DirectWriter = Callable[[bytes | bytearray | memoryview], int]
 
 
 class StreamCarrier(Protocol):
@@ -293,6 +293,35 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._send_broken = cause
         self._wake_senders()
         self._wake_datagram_readers()
+
+    def direct_writer(self) -> DirectWriter:
+        """Queue what the window and the write buffer take now, without waiting (for a
+        relay that copies into this stream: no checkpoint, so no scheduler pass, per chunk
+        that fits)."""
+        return self._send_nowait
+
+    def _send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        if self._send_conflict._held:  # a send_all is in progress: it goes first
+            return 0
+        if self._closed or self._fin_sent or self._broken or self._send_broken:
+            return 0  # send_all raises the error
+        carrier = self._carrier
+        pos = 0
+        with memoryview(data) as view:
+            view = view.cast("B")
+            total = len(view)
+            chunk = carrier.max_data_chunk
+            while pos < total:
+                window = carrier.send_window(self.stream_id)
+                if window <= 0:
+                    break
+                size = min(window, total - pos, chunk)
+                if not carrier.has_room(size):
+                    break
+                carrier.send_data(self.stream_id, view[pos : pos + size])
+                pos += size
+        self.bytes_sent += pos
+        return pos
 
     def _senders(self) -> trio.lowlevel.ParkingLot:
         lot = self._send_lot

@@ -12,7 +12,26 @@ import trio
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]
 
-__all__ = ["Episodes", "aclose_all", "owned", "unwrap_cancelled"]
+__all__ = ["Episodes", "aclose_all", "implements", "owned", "unwrap_cancelled"]
+
+#: (class, protocol) -> whether instances of the class implement the protocol.
+_IMPLEMENTS: dict[tuple[type, object], bool] = {}
+
+
+def implements(obj: object, protocol: object) -> bool:
+    """``isinstance(obj, protocol)`` for a ``runtime_checkable`` protocol, remembered per
+    class.
+
+    The check itself walks the protocol's members on every call (15-45 us each here), and
+    the relay asks several of them of both streams of every connection: a sizeable part of
+    what a new connection costs. The protocols asked this way are made of methods and
+    properties, which the class decides, so one answer per class is the answer.
+    """
+    key = (type(obj), protocol)
+    found = _IMPLEMENTS.get(key)
+    if found is None:
+        found = _IMPLEMENTS[key] = isinstance(obj, protocol)  # type: ignore[arg-type]
+    return found
 
 
 async def aclose_all(*resources: trio.abc.AsyncResource) -> None:

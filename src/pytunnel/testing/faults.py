@@ -18,13 +18,14 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import Literal, cast
 
 import attrs
 import trio
 
 from .._relay import DirectSource, abort, direct_writer
 from .._stream import DirectWriter
+from .._util import implements
 
 #: The relay's logger: a connection a fault closed is said where relays are.
 log = logging.getLogger("pytunnel.relay")
@@ -202,7 +203,7 @@ class FaultyStream(trio.abc.HalfCloseableStream):
         link = self._link
         side = self._faults.side
 
-        def write(data: bytes) -> int:
+        def write(data: bytes | bytearray | memoryview) -> int:
             if link.cut or link.reset or side(self._outbound).active:
                 return 0
             sent = inner(data)
@@ -214,15 +215,15 @@ class FaultyStream(trio.abc.HalfCloseableStream):
     def deliver_directly(self, writer: DirectWriter | None) -> None:
         """Hand ``writer`` to the wrapped stream if it delivers directly, stopped once the
         connection is cut or reset (``receive_some`` then ends or raises instead)."""
-        stream = self.stream
-        if not isinstance(stream, DirectSource):
+        if not implements(self.stream, DirectSource):
             return
+        stream = cast(DirectSource, self.stream)
         if writer is None:
             stream.deliver_directly(None)
             return
         link = self._link
 
-        def write(data: bytes) -> int:
+        def write(data: bytes | bytearray | memoryview) -> int:
             return 0 if link.cut or link.reset else writer(data)
 
         stream.deliver_directly(write)
