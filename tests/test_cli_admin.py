@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pytest
 from helpers import PYTUNNEL, CliProcess, address_in, roundtrip, threaded_echo
+
+import pytunnel
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -243,8 +246,13 @@ def test_server_admin_shows_clients_and_limits(rundir: Path, echo: str) -> None:
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
         assert lines[0].startswith(f"server {address}: 1 clients, 0/")
-        assert lines[1].split() == ["PEER", "CLIENT_ID", "FORWARDS", "PUBLIC_PORTS", "UPTIME"]
-        assert lines[2].split()[1:4] == ["laptop", "1", "{}:{}".format(*public)]
+        assert lines[1].split() == [
+            "PEER", "CLIENT_ID", "VERSION", "RTT", "FORWARDS", "PUBLIC_PORTS", "UPTIME",
+        ]  # fmt: skip
+        row = lines[2].split()
+        assert row[1:3] == ["laptop", f"pytunnel/{pytunnel.__version__}"], row
+        assert row[3] == "-" or re.fullmatch(r"\d+\.\dms", row[3]), row
+        assert row[4:6] == ["1", "{}:{}".format(*public)], row
         answer = json.loads(_cli("status", "--json", *admin).stdout)
         assert answer["role"] == "server"
         assert answer["limits"]["max_forwards_per_client"] == 1

@@ -521,11 +521,13 @@ def _server_status(answer: dict[str, Any]) -> None:
         f"{answer['streams_open']}/{answer['limits']['max_streams']} streams, "
         f"auth failures {answer['auth_failures']}, limits hit {hits}, pid {answer['pid']}"
     )
-    columns = ["peer", "client_id", "forwards", "public_ports", "uptime"]
+    columns = ["peer", "client_id", "version", "rtt", "forwards", "public_ports", "uptime"]
     cells = [
         [
             c["peer"],
             c["client_id"] or "-",
+            c.get("version") or "-",
+            "-" if c.get("rtt") is None else f"{c['rtt'] * 1000:.1f}ms",
             str(c["forwards"]),
             ",".join(c["public_ports"]) or "-",
             f"{c['uptime']:.0f}s",
