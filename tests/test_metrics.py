@@ -311,3 +311,47 @@ def test_a_real_prometheus_scrapes_and_queries_a_counter(tmp_path: Any) -> None:
                 proc.kill()
                 proc.wait()
         echo.close()
+
+
+async def test_server_metrics_count_name_routes_under_their_url(nursery: trio.Nursery) -> None:
+    """A name route is a forward at the server too: its connections and bytes are counted
+    with ``bind="http://<name>"`` (the HTTPS route of the same name would be ``https://``)."""
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(
+            pytunnel.serve, 0, token=TOKEN, http_listen=("127.0.0.1", 0), domain="tunnel.test"
+        )
+    )
+    port = await _serve(nursery, ServerCollector(server))
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+
+    async def app(stream: trio.SocketStream) -> None:
+        async with stream:
+            head = b""
+            while b"\r\n\r\n" not in head and (chunk := await stream.receive_some()):
+                head += chunk
+            await stream.send_all(answer)
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, app, 0, host="127.0.0.1"))
+    async with pytunnel.open_tunnel(server.address, token=TOKEN) as tunnel:
+        await tunnel.forward_name("app", "127.0.0.1", listeners[0].socket.getsockname()[1])
+        bind = "http://app.tunnel.test"
+        samples = _samples((await _get(port))[1])
+        assert _value(samples, "pytunnel_server_forward_online", bind=bind) == 1
+        assert _value(samples, "pytunnel_server_forward_streams_total", bind=bind) == 0
+        assert server.http_address is not None
+        request = b"GET / HTTP/1.1\r\nHost: app.tunnel.test\r\n\r\n"
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream(*server.http_address)
+            async with stream:
+                await stream.send_all(request)
+                got = b""
+                while chunk := await stream.receive_some():
+                    got += chunk
+        assert got == answer
+        await wait_until(lambda: server.clients[0].routes[0].connections == 0)
+        samples = _samples((await _get(port))[1])
+        assert _value(samples, "pytunnel_server_forward_streams_total", bind=bind) == 1
+        sent = _value(samples, "pytunnel_server_forward_bytes_total", bind=bind, direction="out")
+        assert sent == len(request)
+        back = _value(samples, "pytunnel_server_forward_bytes_total", bind=bind, direction="in")
+        assert back == len(answer)

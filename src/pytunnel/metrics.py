@@ -254,8 +254,9 @@ def _node_link_metrics(server: TunnelServer) -> Iterator[Metric]:
 
 
 def _port_metrics(server: TunnelServer) -> Iterator[Metric]:
-    """The clients' TCP remote forwards, labelled ``client`` (its identity, else its
-    address) and ``bind``."""
+    """The clients' TCP remote forwards, name routes and group memberships, labelled
+    ``client`` (its identity, else its address) and ``bind`` (``host:port``, or a name
+    route's ``http://name`` / ``https://name``)."""
     labels = ["client", "bind"]
     online = GaugeMetricFamily(
         "pytunnel_server_forward_online",
@@ -281,6 +282,15 @@ def _port_metrics(server: TunnelServer) -> Iterator[Metric]:
             streams.add_metric(values, port.connections_total)
             relayed.add_metric([*values, "out"], port.bytes_out)
             relayed.add_metric([*values, "in"], port.bytes_in)
+        for route in client.routes:
+            # a name route's bind is its URL, so the HTTP and HTTPS routes of one name differ
+            bind = route.address if route.kind == "tcp" else f"{route.kind}://{route.address}"
+            values = [client.client_id or client.peer, bind]
+            online.add_metric(values, 1 if route.status == "active" else 0)
+            streams_open.add_metric(values, route.connections)
+            streams.add_metric(values, route.connections_total)
+            relayed.add_metric([*values, "out"], route.bytes_out)
+            relayed.add_metric([*values, "in"], route.bytes_in)
     yield from (online, streams_open, streams, relayed)
 
 
