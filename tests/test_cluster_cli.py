@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import trio
@@ -57,7 +58,7 @@ class Process:
             await self.process.wait()
 
 
-async def _node(etcd: EtcdServer, name: str, public_host: str) -> tuple[Process, str]:
+async def _node(etcd: EtcdServer, name: str, public_host: str, *extra: str) -> tuple[Process, str]:
     node = await Process.start(
         "serve",
         "--listen",
@@ -70,6 +71,7 @@ async def _node(etcd: EtcdServer, name: str, public_host: str) -> tuple[Process,
         name,
         "--cluster-lease-ttl",
         "3",
+        *extra,
     )
     listening = await node.line_with("listening on")
     await node.line_with(f"node {name} of the cluster at {etcd.url}")
@@ -234,3 +236,57 @@ async def test_cluster_status_of_an_engine_that_does_not_answer_is_one_line() ->
     assert result.returncode == 1
     assert stderr.startswith("pytunnel: error: cluster engine unreachable")
     assert len(stderr.splitlines()) == 1
+
+
+@needs_etcd
+async def test_cluster_status_through_a_nodes_admin_api(
+    etcd: EtcdServer, echo_port: int, tmp_path: Path
+) -> None:
+    """``cluster status --admin``: the registry as one node reads it, and that node's links;
+    a server without ``--cluster`` answers one clear error."""
+    port = _free_port()
+    sock = tmp_path / "a.sock"
+    a, a_address = await _node(etcd, "a", "127.0.0.1", "--admin", f"unix:{sock}")
+    b, _ = await _node(etcd, "b", "127.0.0.2")
+    lone = await Process.start("serve", "--listen", "127.0.0.1:0", "--admin", f"unix:{tmp_path}/l")
+    client: Process | None = None
+    try:
+        await lone.line_with("listening on")
+        client = await Process.start(
+            "connect", a_address, "--client-id", "laptop", "-R", f"{port}:127.0.0.1:{echo_port}"
+        )
+        await client.line_with(f"remote forward 127.0.0.1:{port}")
+        with trio.fail_after(30):
+            out = await trio.run_process(
+                [*PYTUNNEL, "cluster", "status", "--admin", f"unix:{sock}", "--json"],
+                capture_stdout=True,
+                capture_stderr=True,
+            )
+        status = json.loads(out.stdout)
+        assert set(status["nodes"]) == {"a", "b"}
+        assert set(status["nodes"]["a"]["holds"]) == {"clients/laptop", f"tcp/{port}"}
+        assert status["links"] is None  # no --cluster-secret-file: this node relays nothing
+        with trio.fail_after(30):
+            text = await trio.run_process(
+                [*PYTUNNEL, "cluster", "status", "--admin", f"unix:{sock}"], capture_stdout=True
+            )
+        lines = text.stdout.decode().splitlines()
+        assert lines[0] == "2 node(s) in the cluster as node a sees it"
+        assert f"node a at {a_address}: 2 key(s)" in lines
+        with trio.fail_after(30):
+            refused = await trio.run_process(
+                [*PYTUNNEL, "cluster", "status", "--admin", f"unix:{tmp_path}/l"],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        assert refused.returncode == 1
+        assert refused.stderr.decode().strip() == (
+            "pytunnel: error: this server is not a node of a cluster (started without --cluster)"
+            " (HTTP 409)"
+        )
+    finally:
+        if client is not None:
+            await client.kill()
+        for process in (a, b, lone):
+            await process.kill()

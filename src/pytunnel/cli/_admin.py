@@ -282,11 +282,42 @@ def server_api(server: pytunnel.TunnelServer, reload: Reload) -> pytunnel.admin.
             if not result.ok:
                 raise AdminError(422, result.message)
             return Response.json(200, {"ok": True, "message": result.message})
-        if path in ("/api/status", "/api/clients", "/api/reload"):
+        if path == "/api/cluster" and method == "GET":
+            return Response.json(200, await cluster_view(server))
+        if path in ("/api/status", "/api/clients", "/api/reload", "/api/cluster"):
             raise AdminError(405, f"{method} is not allowed on {path}")
         raise AdminError(404, f"no such endpoint: {path}")
 
     return handle
+
+
+async def cluster_view(server: pytunnel.TunnelServer) -> dict[str, Any]:
+    """What ``GET /api/cluster`` answers: the registry as this node reads it, and this node's
+    links to the others (``pytunnel cluster status --admin``)."""
+    registry = server.config.cluster
+    if registry is None:
+        raise AdminError(409, "this server is not a node of a cluster (started without --cluster)")
+    try:
+        entries = await registry.entries()
+    except pytunnel.ClusterUnavailableError as exc:
+        raise AdminError(503, exc.message) from None
+    view: dict[str, Any] = {
+        "node_id": registry.node_id,
+        "node_address": registry.node_address,
+        "available": registry.available,
+        "entries": entries,
+        "links": None,
+    }
+    links = server.node_links
+    if links is not None:
+        view["links"] = {
+            "up": links.linked_nodes,
+            "mirrored_ports": links.mirrored_ports,
+            "mirrored_udp_ports": links.mirrored_udp_ports,
+            "streams_out": links.stats.streams_out,
+            "streams_in": links.stats.streams_in,
+        }
+    return view
 
 
 def dashboard() -> Response:
@@ -415,7 +446,7 @@ def _client_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
-def _call(
+def call_admin(
     admin: str | None, token_file: str | None, method: str, path: str, body: object = None
 ) -> Any:
     """One request to the running client's API; its JSON, or the command ends with the
@@ -498,7 +529,7 @@ def _table(rows: list[dict[str, Any]]) -> None:
 def status(admin: str | None, admin_token_file: str | None, as_json: bool) -> None:
     """Show the link and the forwards of a running pytunnel connect (or the clients of a
     pytunnel serve, with --admin)."""
-    answer = _call(admin, admin_token_file, "GET", "/api/status")
+    answer = call_admin(admin, admin_token_file, "GET", "/api/status")
     if as_json:
         say(json.dumps(answer, indent=2))
         return
@@ -548,7 +579,7 @@ def forwards() -> None:
 @_client_options
 def list_forwards(admin: str | None, admin_token_file: str | None, as_json: bool) -> None:
     """List the forwards."""
-    answer = _call(admin, admin_token_file, "GET", "/api/forwards")
+    answer = call_admin(admin, admin_token_file, "GET", "/api/forwards")
     if as_json:
         say(json.dumps(answer, indent=2))
     else:
@@ -614,7 +645,7 @@ def add_forward(
         }.items()
         if v is not None
     }
-    answer = _call(admin, admin_token_file, "POST", "/api/forwards", body)
+    answer = call_admin(admin, admin_token_file, "POST", "/api/forwards", body)
     if as_json:
         say(json.dumps(answer, indent=2))
     else:
@@ -628,7 +659,7 @@ def remove_forward(
     forward: str, admin: str | None, admin_token_file: str | None, as_json: bool
 ) -> None:
     """Stop a forward and forget it."""
-    answer = _call(admin, admin_token_file, "DELETE", f"/api/forwards/{_quote(forward)}")
+    answer = call_admin(admin, admin_token_file, "DELETE", f"/api/forwards/{_quote(forward)}")
     say(json.dumps(answer, indent=2) if as_json else f"removed {answer['id']}")
 
 
@@ -639,7 +670,7 @@ def stop_forward(
     forward: str, admin: str | None, admin_token_file: str | None, as_json: bool
 ) -> None:
     """Stop a forward but keep it, under its id, for a later retry."""
-    answer = _call(admin, admin_token_file, "POST", f"/api/forwards/{_quote(forward)}/stop")
+    answer = call_admin(admin, admin_token_file, "POST", f"/api/forwards/{_quote(forward)}/stop")
     say(json.dumps(answer, indent=2) if as_json else f"stopped {answer['id']}")
 
 
@@ -650,7 +681,7 @@ def retry_forward(
     forward: str, admin: str | None, admin_token_file: str | None, as_json: bool
 ) -> None:
     """Start a forward again (one in error, say), under the same id."""
-    answer = _call(admin, admin_token_file, "POST", f"/api/forwards/{_quote(forward)}/retry")
+    answer = call_admin(admin, admin_token_file, "POST", f"/api/forwards/{_quote(forward)}/retry")
     if as_json:
         say(json.dumps(answer, indent=2))
     else:
@@ -661,7 +692,7 @@ def retry_forward(
 @_client_options
 def reload(admin: str | None, admin_token_file: str | None, as_json: bool) -> None:
     """Reload the config file of a running pytunnel connect (as SIGHUP does)."""
-    answer = _call(admin, admin_token_file, "POST", "/api/reload")
+    answer = call_admin(admin, admin_token_file, "POST", "/api/reload")
     say(json.dumps(answer, indent=2) if as_json else f"reloaded: {answer['message']}")
 
 

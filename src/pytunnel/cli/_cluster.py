@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 import trio
@@ -13,7 +14,8 @@ import pytunnel
 from ..cluster import EtcdRegistry, parse_etcd_url
 from ..cluster.etcd import DEFAULT_LEASE_TTL
 from ..errors import printable
-from ._options import CONTEXT
+from ._admin import call_admin
+from ._options import CONTEXT, EXISTING_FILE
 from ._output import fail, say
 
 __all__ = ["DEFAULT_LEASE_TTL", "check_cluster_options", "cluster", "node_registry"]
@@ -55,29 +57,50 @@ def cluster() -> None:
 @click.option(
     "--cluster",
     "url",
-    required=True,
     metavar="etcd://HOST:PORT[,HOST:PORT...][/PREFIX]",
-    help="The cluster's etcd, as given to its nodes' --cluster.",
+    help="The cluster's etcd, as given to its nodes' --cluster (read directly).",
+)
+@click.option(
+    "--admin",
+    metavar="unix:PATH|HOST:PORT",
+    help="Or a node's admin API (serve --admin): the registry as that node reads it, with "
+    "its links to the other nodes.",
+)
+@click.option(
+    "--admin-token-file",
+    type=EXISTING_FILE,
+    help="Token of an admin API on a port (also PYTUNNEL_ADMIN_TOKEN).",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
-def status(url: str, as_json: bool) -> None:
+def status(url: str | None, admin: str | None, admin_token_file: str | None, as_json: bool) -> None:
     """The live nodes and what each one's clients hold: identities, ports, names, groups."""
-    try:
-        endpoints, prefix = parse_etcd_url(url)
-    except ValueError as exc:
-        raise click.UsageError(f"--cluster: {exc}") from None
-
-    async def read() -> dict[str, str]:
-        registry = EtcdRegistry(endpoints, "status", prefix=prefix)
+    if (url is None) == (admin is None):
+        raise click.UsageError("give one of --cluster URL (the engine) or --admin (a node)")
+    links: dict[str, Any] | None = None
+    seen_by = ""
+    if admin is not None:
+        answer = call_admin(admin, admin_token_file, "GET", "/api/cluster")
+        entries: dict[str, str] = answer["entries"]
+        links = answer["links"]
+        seen_by = f"node {printable(answer['node_id'])}"
+    else:
+        assert url is not None
         try:
-            return await registry.entries()
-        finally:
-            await registry.aclose()
+            endpoints, prefix = parse_etcd_url(url)
+        except ValueError as exc:
+            raise click.UsageError(f"--cluster: {exc}") from None
 
-    try:
-        entries = trio.run(read)
-    except pytunnel.ClusterUnavailableError as exc:
-        fail(exc.message)
+        async def read() -> dict[str, str]:
+            registry = EtcdRegistry(endpoints, "status", prefix=prefix)
+            try:
+                return await registry.entries()
+            finally:
+                await registry.aclose()
+
+        try:
+            entries = trio.run(read)
+        except pytunnel.ClusterUnavailableError as exc:
+            fail(exc.message)
     nodes: dict[str, dict[str, object]] = {}
     for key, value in entries.items():
         if key.startswith("nodes/"):
@@ -91,9 +114,13 @@ def status(url: str, as_json: bool) -> None:
         assert isinstance(holds, dict)
         holds[key] = value
     if as_json:
-        say(json.dumps({"nodes": nodes, "unowned": orphans}, sort_keys=True))
+        view: dict[str, Any] = {"nodes": nodes, "unowned": orphans}
+        if admin is not None:
+            view["links"] = links
+        say(json.dumps(view, sort_keys=True))
         return
-    say(f"{len(nodes)} node(s) in the cluster at {url}")
+    where = f"as {seen_by} sees it" if seen_by else f"at {url}"
+    say(f"{len(nodes)} node(s) in the cluster {where}")
     for name, node in sorted(nodes.items()):
         holds = node["holds"]
         assert isinstance(holds, dict)
@@ -103,3 +130,10 @@ def status(url: str, as_json: bool) -> None:
             say(f"  {printable(key)}  {printable(owner)}")
     for key, owner in sorted(orphans.items()):  # a node's key expired, not yet its claims
         say(f"without a live node: {printable(key)}  {printable(owner)}")
+    if links is not None:
+        up = ", ".join(printable(n) for n in links["up"]) or "none"
+        mirrored = ", ".join(str(p) for p in links["mirrored_ports"]) or "none"
+        say(
+            f"{seen_by}: links up to {up}; mirrored TCP ports {mirrored}; "
+            f"{links['streams_out']} connection(s) relayed out, {links['streams_in']} in"
+        )
