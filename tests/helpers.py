@@ -549,6 +549,14 @@ class CliProcess:
         line, _, self._pending = self._pending.partition(b"\n")
         return line.decode()
 
+    def line_with(self, prefix: str, lines: int = 12, timeout: float = 20) -> str:
+        """The first of the next ``lines`` stdout lines that starts with ``prefix``."""
+        for _ in range(lines):
+            line = self.readline(timeout)
+            if line.startswith(prefix):
+                return line
+        raise AssertionError(f"no line starting with {prefix!r} in {lines} lines")
+
     def wait_log(self, text: str, count: int = 1, timeout: float = 20) -> None:
         """Wait until ``text`` has been logged ``count`` times by the running process."""
         deadline = time.monotonic() + timeout

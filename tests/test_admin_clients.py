@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import select
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -24,7 +20,7 @@ from typing import Any
 
 import pytest
 import trio
-from helpers import TOKEN, wait_until
+from helpers import TOKEN, CliProcess, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 import pytunnel
@@ -34,40 +30,8 @@ from pytunnel.protocol import routes
 from pytunnel.protocol.mux import Role
 
 pytestmark = pytest.mark.timeout(120)
-PYTUNNEL = [sys.executable, "-m", "pytunnel"]
 CURL = shutil.which("curl")
 DOMAIN = "tunnel.test"
-
-
-def _readline(proc: subprocess.Popen[bytes], timeout: float = 20) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    line = b""
-    while not line.endswith(b"\n"):
-        ready, _, _ = select.select([proc.stdout], [], [], max(0, deadline - time.monotonic()))
-        assert ready, "no output line"
-        byte = os.read(proc.stdout.fileno(), 1)
-        assert byte, "the process ended"
-        line += byte
-    return line.decode().rstrip("\n")
-
-
-def _line_with(proc: subprocess.Popen[bytes], prefix: str) -> str:
-    for _ in range(12):
-        line = _readline(proc)
-        if line.startswith(prefix):
-            return line
-    raise AssertionError(f"no line starting with {prefix!r}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _curl_json(sock: Path, path: str) -> Any:
@@ -115,29 +79,21 @@ def web() -> Iterator[int]:
 def test_server_api_shows_version_rtt_and_name_routes(tmp_path: Path, web: int) -> None:
     sock = tmp_path / "run" / "serve.sock"
     sock.parent.mkdir(mode=0o700)
-    server = subprocess.Popen(
-        [
-            *PYTUNNEL, "serve", "--listen", "127.0.0.1:0", "--token", "t",
-            "--admin", f"unix:{sock}", "--metrics", "127.0.0.1:0",
-            "--http-listen", "127.0.0.1:0", "--domain", DOMAIN,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+    server = CliProcess(
+        "serve", "--listen", "127.0.0.1:0", "--token", "t",
+        "--admin", f"unix:{sock}", "--metrics", "127.0.0.1:0",
+        "--http-listen", "127.0.0.1:0", "--domain", DOMAIN,
     )  # fmt: skip
     client = None
     try:
-        address = _line_with(server, "pytunnel server listening on ").rsplit(" ", 1)[1]
-        shared = _line_with(server, "routing HTTP by name on ").rsplit(" ", 1)[1]
-        metrics = _line_with(server, "metrics at ").rsplit(" ", 1)[1]
-        client = subprocess.Popen(
-            [
-                *PYTUNNEL, "connect", address, "--token", "t", "--client-id", "laptop",
-                "--admin", "off", "-R", f"app:80:127.0.0.1:{web}",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+        address = server.line_with("pytunnel server listening on ").rsplit(" ", 1)[1]
+        shared = server.line_with("routing HTTP by name on ").rsplit(" ", 1)[1]
+        metrics = server.line_with("metrics at ").rsplit(" ", 1)[1]
+        client = CliProcess(
+            "connect", address, "--token", "t", "--client-id", "laptop",
+            "--admin", "off", "-R", f"app:80:127.0.0.1:{web}",
         )  # fmt: skip
-        assert _line_with(client, "name route ").startswith(f"name route http://app.{DOMAIN}")
+        assert client.line_with("name route ").startswith(f"name route http://app.{DOMAIN}")
 
         def laptop() -> dict[str, Any]:
             clients = _curl_json(sock, "/api/clients")
@@ -192,8 +148,8 @@ def test_server_api_shows_version_rtt_and_name_routes(tmp_path: Path, web: int) 
         assert samples[("pytunnel_server_client_heartbeat_rtt_seconds", "laptop")] > 0
     finally:
         if client is not None:
-            _stop(client)
-        _stop(server)
+            client.stop()
+        server.stop()
 
 
 async def test_a_client_that_never_names_its_version_is_shown_without_one() -> None:

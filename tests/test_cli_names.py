@@ -6,14 +6,10 @@ processes, curl (and plain sockets) as the public."""
 from __future__ import annotations
 
 import json
-import os
-import select
 import shutil
-import signal
 import socket
 import socketserver
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import PYTUNNEL, CliProcess
 
 pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed"),
 ]
-PYTUNNEL = [sys.executable, "-m", "pytunnel"]
 CURL = shutil.which("curl") or "curl"
 DOMAIN = "tunnel.test"
 
@@ -68,37 +64,6 @@ def web() -> Iterator[str]:
     server.server_close()
 
 
-def _readline(proc: subprocess.Popen[bytes], timeout: float = 20) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    line = b""
-    while not line.endswith(b"\n"):
-        ready, _, _ = select.select([proc.stdout], [], [], max(0, deadline - time.monotonic()))
-        assert ready, "no output line"
-        byte = os.read(proc.stdout.fileno(), 1)
-        assert byte, "the process ended"
-        line += byte
-    return line.decode().rstrip("\n")
-
-
-def _line_with(proc: subprocess.Popen[bytes], prefix: str) -> str:
-    for _ in range(12):
-        line = _readline(proc)
-        if line.startswith(prefix):
-            return line
-    raise AssertionError(f"no line starting with {prefix!r}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*PYTUNNEL, *args], capture_output=True, text=True, timeout=30)
 
@@ -114,16 +79,12 @@ class Server:
     """A ``pytunnel serve`` with a shared HTTP port for names under ``tunnel.test``."""
 
     def __init__(self, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [
-                *PYTUNNEL, "serve", "--listen", "127.0.0.1:0", "--token", "t",
-                "--http-listen", "127.0.0.1:0", "--domain", DOMAIN, *extra,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+        self.proc = CliProcess(
+            "serve", "--listen", "127.0.0.1:0", "--token", "t",
+            "--http-listen", "127.0.0.1:0", "--domain", DOMAIN, *extra,
         )  # fmt: skip
-        self.address = _line_with(self.proc, "pytunnel server listening on ").rsplit(" ", 1)[1]
-        self.http_port = int(_line_with(self.proc, "routing HTTP by name on ").rsplit(":", 1)[1])
+        self.address = self.proc.line_with("pytunnel server listening on ").rsplit(" ", 1)[1]
+        self.http_port = int(self.proc.line_with("routing HTTP by name on ").rsplit(":", 1)[1])
 
     def get(self, name: str, path: str = "/", *extra: str) -> tuple[int, str]:
         """curl ``http://NAME.tunnel.test:PORT/PATH``: the status and the body."""
@@ -146,16 +107,12 @@ class Server:
 def server() -> Iterator[Server]:
     running = Server()
     yield running
-    _stop(running.proc)
+    running.proc.stop()
 
 
-def _connect(server: Server, *args: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [*PYTUNNEL, "connect", server.address, "--token", "t", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert _readline(proc) == f"connected to {server.address}"
+def _connect(server: Server, *args: str) -> CliProcess:
+    proc = CliProcess("connect", server.address, "--token", "t", *args)
+    assert proc.readline() == f"connected to {server.address}"
     return proc
 
 
@@ -209,7 +166,7 @@ def test_a_name_route_added_stopped_retried_and_removed(
         assert server.get("app")[0] == 404
         assert _forwards(admin) == []
     finally:
-        _stop(client)
+        client.stop()
 
 
 def test_per_route_http_options_through_forwards_add(
@@ -234,7 +191,7 @@ def test_per_route_http_options_through_forwards_add(
             assert "(HTTP 400)" in out.stderr
         assert len(_forwards(admin)) == 1
     finally:
-        _stop(client)
+        client.stop()
 
 
 def test_names_the_server_refuses_are_one_clear_error(
@@ -245,7 +202,7 @@ def test_names_the_server_refuses_are_one_clear_error(
     admin = ["--admin", f"unix:{sock}"]
     client = _connect(server, *admin)
     try:
-        assert _readline(holder).startswith("name route http://taken.")
+        assert holder.readline().startswith("name route http://taken.")
         _wait_for(sock)
         out = _cli("forwards", "add", "-R", f"taken:80:{web}", *admin)
         assert out.returncode == 1
@@ -259,8 +216,8 @@ def test_names_the_server_refuses_are_one_clear_error(
         assert _forwards(admin) == []  # nothing half-added
         assert server.get("taken", "/still") == (200, "web /still")
     finally:
-        _stop(client)
-        _stop(holder)
+        client.stop()
+        holder.stop()
 
 
 def test_a_restored_name_the_new_server_refuses_shows_in_status(
@@ -277,17 +234,12 @@ def test_a_restored_name_the_new_server_refuses_shows_in_status(
     client = _connect(first, "-R", f"app:80:{web}", *admin)
     second = None
     try:
-        _readline(client)
+        client.readline()
         _wait_for(sock)
         first.proc.kill()
-        first.proc.wait()
-        second = subprocess.Popen(
-            [
-                *PYTUNNEL, "serve", "--listen", f"127.0.0.1:{port}", "--token", "t",
-                "--http-listen", "127.0.0.1:0", "--domain", "elsewhere.test",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+        second = CliProcess(
+            "serve", "--listen", f"127.0.0.1:{port}", "--token", "t",
+            "--http-listen", "127.0.0.1:0", "--domain", "elsewhere.test",
         )  # fmt: skip
         deadline = time.monotonic() + 30
         while (row := _forwards(admin)[0])["status"] != "error":
@@ -298,9 +250,9 @@ def test_a_restored_name_the_new_server_refuses_shows_in_status(
         assert status.returncode == 0, status.stderr
         assert "[NAME_NOT_ALLOWED]" in status.stdout.splitlines()[2]
     finally:
-        _stop(client)
+        client.stop()
         if second is not None:
-            _stop(second)
+            second.stop()
 
 
 def test_reload_adds_and_removes_a_name_route_and_leaves_the_other_alone(
@@ -314,7 +266,7 @@ def test_reload_adds_and_removes_a_name_route_and_leaves_the_other_alone(
     config.write_text("[client]\n" + app)
     client = _connect(server, "--config", str(config), *admin)
     try:
-        assert _readline(client).startswith(f"name route http://app.{DOMAIN}")
+        assert client.readline().startswith(f"name route http://app.{DOMAIN}")
         _wait_for(sock)
         # a kept-alive connection through the route that stays: it must outlive the reloads
         conn = socket.create_connection(("127.0.0.1", server.http_port), timeout=10)
@@ -348,7 +300,7 @@ def test_reload_adds_and_removes_a_name_route_and_leaves_the_other_alone(
         assert "client.forwards[0].forwarded_header: unknown key (did you mean" in out.stderr
         assert server.get("app", "/kept") == (200, "web /kept")
     finally:
-        _stop(client)
+        client.stop()
 
 
 @pytest.mark.parametrize(
@@ -433,8 +385,8 @@ def test_a_group_declared_in_tables_is_shared_and_listed_by_the_server(
             )
             client = _connect(server, "--config", str(config), "--admin", "off")
             clients.append(client)
-            assert _readline(client).startswith(f"remote forward 127.0.0.1:{public} ")
-            assert _readline(client).startswith(f"name route http://app.{DOMAIN}")
+            assert client.readline().startswith(f"remote forward 127.0.0.1:{public} ")
+            assert client.readline().startswith(f"name route http://app.{DOMAIN}")
         answers = sorted(server.get("app", "/x")[1] for _ in range(4))
         assert answers == ["first /x", "first /x", "second /x", "second /x"]
         clients_info = json.loads(_cli("status", "--json", "--admin", f"unix:{sock}").stdout)[
@@ -450,8 +402,8 @@ def test_a_group_declared_in_tables_is_shared_and_listed_by_the_server(
         assert sum(r["connections_total"] for c in clients_info for r in c["routes"]) == 4
     finally:
         for client in clients:
-            _stop(client)
-        _stop(server.proc)
+            client.stop()
+        server.proc.stop()
         for service in services:
             service.shutdown()
             service.server_close()
@@ -513,7 +465,7 @@ def test_forwards_add_joins_a_group_and_a_wrong_key_is_refused(
     admin = ["--admin", f"unix:{sock}"]
     second = _connect(server, *admin)
     try:
-        assert _readline(first).startswith(f"name route http://app.{DOMAIN}")
+        assert first.readline().startswith(f"name route http://app.{DOMAIN}")
         _wait_for(sock)
         group = ["--group", "web", "--group-key-file", str(key)]
         out = _cli("forwards", "add", "-R", f"app:80:{targets[1]}", *group, *admin)
@@ -538,8 +490,8 @@ def test_forwards_add_joins_a_group_and_a_wrong_key_is_refused(
         assert "group_key_file: group and group_key_file go together (HTTP 400)" in out.stderr
         assert len(_forwards(admin)) == 2
     finally:
-        _stop(second)
-        _stop(first)
+        second.stop()
+        first.stop()
         for service in services:
             service.shutdown()
             service.server_close()
