@@ -181,6 +181,35 @@ async def test_cluster_options_that_do_not_fit_are_one_usage_error(
     assert "Traceback" not in stderr
 
 
+async def test_the_client_token_as_cluster_secret_is_a_usage_error(tmp_path: object) -> None:
+    """A node link may name any public peer and reach any client's route: a secret every
+    client holds would make every client a node."""
+    import pathlib
+
+    secret = pathlib.Path(str(tmp_path)) / "secret"
+    secret.write_text(TOKEN + "\n")
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [
+                *PYTUNNEL,
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                *("--cluster", "etcd://127.0.0.1:2379", "--node-id", "a"),
+                *("--cluster-secret-file", str(secret)),
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={**os.environ, "PYTUNNEL_TOKEN": TOKEN},
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert "must not be the client token" in stderr
+    assert TOKEN not in stderr
+    assert "Traceback" not in stderr
+
+
 @needs_etcd
 async def test_cluster_status_shows_each_node_and_what_its_clients_hold(
     etcd: EtcdServer, echo_port: int

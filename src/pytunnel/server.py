@@ -9,6 +9,7 @@ once (so the same port can be bound again immediately) and every relay is torn d
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 import ssl
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -114,6 +115,19 @@ def _valid_ws_path(_inst: object, _attribute: object, value: str | None) -> None
         raise ValueError(f"ws_path must be a path starting with '/' (no query), not {value!r}")
 
 
+def _secret_bytes(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+def _not_the_token(inst: ServerConfig, _attribute: object, value: str | bytes | None) -> None:
+    # a node link is trusted to name any public peer and reach any client's route: with the
+    # token as its secret, every client could make one
+    if value is not None and hmac.compare_digest(_secret_bytes(value), _secret_bytes(inst.token)):
+        raise ValueError(
+            "cluster_secret must not be the client token (every client would be a node)"
+        )
+
+
 @attrs.frozen(kw_only=True)
 class ServerConfig:
     """Everything that decides how a server treats its clients."""
@@ -191,7 +205,9 @@ class ServerConfig:
     #: node for a port or name another node's client holds is relayed there over a node link
     #: (authenticated by it; never logged). ``None``: no relaying, public traffic must reach
     #: the client's own node.
-    cluster_secret: str | bytes | None = attrs.field(default=None, repr=False)
+    cluster_secret: str | bytes | None = attrs.field(
+        default=None, repr=False, validator=_not_the_token
+    )
     #: The client context of node links when the nodes' control listeners are TLS (``tls``
     #: set): it verifies the peer node's certificate (``pytunnel.client_tls_context(ca_file=
     #: ...)``, with this node's own certificate when the listeners require client
