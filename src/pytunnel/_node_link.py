@@ -25,6 +25,7 @@ PROXY protocol and ``X-Forwarded-For`` naming the real public peer).
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -58,6 +59,7 @@ __all__ = [
     "NodeLinks",
     "Take",
     "TakeAssociation",
+    "relayed_peer",
     "serve_node_link",
     "take_relayed_association",
 ]
@@ -519,7 +521,18 @@ async def serve_node_link(server: TunnelServer, session: Session, node: str) -> 
             except TunnelError:
                 break
             kind = incoming.tag & routes.RELAY_KIND_MASK
-            peer = (incoming.host, incoming.port)
+            peer = relayed_peer(incoming.host, incoming.port)
+            if peer is None:
+                # it reaches the client as the public peer (PROXY protocol, X-Forwarded-For):
+                # only what getpeername() could have said is passed on
+                log.warning(
+                    "stream from node %s refused: public peer %s:%d is not an IP address",
+                    printable(node),
+                    printable(incoming.host[:100]),
+                    incoming.port,
+                )
+                incoming.refuse(ErrorCode.PROTOCOL_ERROR, "the public peer is not an IP address")
+                continue
             if refuse_wrong_kind(incoming, kind == routes.RELAY_UDP):
                 continue
             if kind == routes.RELAY_UDP:
@@ -575,6 +588,20 @@ async def serve_node_link(server: TunnelServer, session: Session, node: str) -> 
         nursery.cancel_scope.cancel()
 
 
+def relayed_peer(host: str, port: int) -> tuple[str, int] | None:
+    """The public peer another node names for a relayed stream, normalised; ``None`` unless
+    it is an IP literal (no IPv6 zone, whose text is free) and a port."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        return None
+    if not 0 <= port <= 65535:
+        return None
+    return str(address), port
+
+
 def take_relayed_association(
     client: _ClientSession,
     nursery: trio.Nursery,
@@ -608,7 +635,11 @@ async def _carry_association(
         try:
             client_stream = await open_association(source)
         except TunnelError as exc:
-            log.info("relayed udp association from %s not opened: %s", format_target(*source), exc)
+            log.info(
+                "relayed udp association from %s not opened: %s",
+                printable(format_target(*source)),
+                printable(str(exc)),
+            )
             return
         await pump_datagrams(
             link_stream, client_stream, idle_timeout=client.config.udp_idle_timeout, stats=stats
