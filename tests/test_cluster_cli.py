@@ -154,7 +154,8 @@ async def test_two_nodes_one_port_and_the_port_follows_its_client_when_a_node_di
         (["--cluster", "etcd://127.0.0.1:2379"], "--cluster needs --node-id NAME"),
         (["--node-id", "a"], "--node-id and --node-address are for a node of a --cluster"),
         (["--cluster", "redis://127.0.0.1:6379", "--node-id", "a"], "etcd://HOST:PORT"),
-        (["--cluster", "etcd://127.0.0.1:2379", "--node-id", "a/b"], "without '/'"),
+        (["--cluster", "etcd://127.0.0.1:2379", "--node-id", "a/b"], "[A-Za-z0-9._:-]"),
+        (["--cluster", "etcd://127.0.0.1:2379", "--node-id", "edge 2"], "rule of client ids"),
         (["--cluster-secret-file", "/dev/null"], "--cluster-secret-file is for a node of a"),
         (
             [

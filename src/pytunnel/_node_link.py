@@ -435,11 +435,13 @@ class NodeLinks:
         with link.scope:
             try:
                 await self._open_link(link)
-            except (TunnelError, OSError) as exc:
+            except (TunnelError, OSError, ValueError) as exc:
+                # ValueError: what this node would send cannot be sent (its own id, say);
+                # never the end of the node, only of this link attempt
                 link.error = (
                     exc
                     if isinstance(exc, TunnelError)
-                    else ConnectError(f"link to node {printable(node)}: {exc}")
+                    else ConnectError(f"link to node {printable(node)}: {printable(str(exc))}")
                 )
                 # the error may carry the peer's own words (its GoAway)
                 log.warning("no link to node %s: %s", printable(node), printable(str(link.error)))

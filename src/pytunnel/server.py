@@ -46,7 +46,7 @@ from ._vhost import (
     serve_name_routing,
 )
 from .cluster._ownership import client_key, release_quietly
-from .cluster._registry import Change, Registry
+from .cluster._registry import Change, Registry, check_node_id
 from .errors import (
     ClusterUnavailableError,
     ErrorCode,
@@ -113,6 +113,11 @@ def _permit(value: PermitOpen | Iterable[str] | str | None) -> PermitOpen:
 def _valid_ws_path(_inst: object, _attribute: object, value: str | None) -> None:
     if value is not None and (not value.startswith("/") or "?" in value or not value.isprintable()):
         raise ValueError(f"ws_path must be a path starting with '/' (no query), not {value!r}")
+
+
+def _valid_node_id(_inst: object, _attribute: object, value: Registry | None) -> None:
+    if value is not None:
+        check_node_id(value.node_id)
 
 
 def _secret_bytes(value: str | bytes) -> bytes:
@@ -200,7 +205,7 @@ class ServerConfig:
     #: The registry of the cluster this server is a node of (``pytunnel.cluster``): ports,
     #: names and client identities are claimed there before they are bound or registered.
     #: ``None``: a server on its own, whose binds and routes are its only ownership.
-    cluster: Registry | None = None
+    cluster: Registry | None = attrs.field(default=None, validator=_valid_node_id)
     #: The secret the nodes of ``cluster`` share: with it, public traffic that reaches this
     #: node for a port or name another node's client holds is relayed there over a node link
     #: (authenticated by it; never logged). ``None``: no relaying, public traffic must reach
