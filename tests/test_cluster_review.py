@@ -366,7 +366,6 @@ async def _etcd_put(etcd: EtcdServer, key: str, value: str) -> None:
         reply.raise_for_status()
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed yet: registry keys (4)")
 async def test_registry_port_keys_are_validated_before_a_port_is_mirrored(
     nursery: trio.Nursery, etcd: EtcdServer
 ) -> None:
@@ -383,9 +382,8 @@ async def test_registry_port_keys_are_validated_before_a_port_is_mirrored(
     assert 99999 not in links.mirrored_ports
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed yet: registry keys (4)")
 async def test_a_bad_registry_key_does_not_stop_a_node_from_starting(
-    nursery: trio.Nursery, etcd: EtcdServer
+    nursery: trio.Nursery, etcd: EtcdServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``"²".isdigit()`` is true but ``int("²")`` raises ValueError: one such key under
     the prefix (any etcd writer, another version's key) and no node with a cluster secret
@@ -393,6 +391,16 @@ async def test_a_bad_registry_key_does_not_stop_a_node_from_starting(
     await _etcd_put(etcd, "tcp/\u00b2", "x/s1")
     b = await _node(nursery, etcd, "b", "127.0.0.2")
     assert b.node_links is not None
+    # nor does one the watch reports: the node goes on following the registry after it
+    await _etcd_put(etcd, "nodes/x", "127.0.0.1:9")
+    for bad in ("udp/\u00b2", "tcp/0", "tcp/65536", "tcp/\n8080"):
+        await _etcd_put(etcd, bad, "x/s1")
+    port = _free_port_on_both()
+    await _etcd_put(etcd, f"tcp/{port}", "x/s1")
+    await _mirrored(b, port)
+    assert b.node_links.mirrored_ports == [port]
+    ignored = [r.getMessage() for r in caplog.records if "ignored: not a port" in r.getMessage()]
+    assert "registry key tcp/\\n8080 ignored: not a port" in ignored, ignored
 
 
 async def test_a_port_that_moves_to_the_node_mirroring_it_is_served_by_both(

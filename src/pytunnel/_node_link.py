@@ -98,6 +98,15 @@ _B = TypeVar("_B")
 _WATCHED = ("nodes/", "tcp/", "udp/", "http/", "https/")
 
 
+def _registry_port(text: str) -> int:
+    """The port of a ``tcp/<port>`` or ``udp/<port>`` key; 0 unless it is ASCII digits of
+    1-65535 (``str.isdigit`` also takes "²", which ``int`` refuses)."""
+    if not text.isascii() or not text.isdigit() or len(text) > 5:
+        return 0
+    port = int(text)
+    return port if 1 <= port <= 65535 else 0
+
+
 class _Peer:
     """The link to one other node: its session once up, or why it could not be opened."""
 
@@ -200,12 +209,19 @@ class NodeLinks:
             elif rest != own:
                 self.nodes[rest] = change.value
             return
+        port = 0
+        if kind in ("tcp", "udp"):
+            port = _registry_port(rest)
+            if not port:
+                # any etcd writer (another version, a hand) may have put it there: it names
+                # no port this node could listen on, and must never stop the node
+                log.warning("registry key %s ignored: not a port", printable(change.key[:200]))
+                return
         if change.value is None or node_of(change.value) == own:
             self.elsewhere.pop(change.key, None)
         else:
             self.elsewhere[change.key] = change.value
-        if kind in ("tcp", "udp") and rest.isdigit():
-            port = int(rest)
+        if port:
             if change.key in self.elsewhere:
                 self._mirror(port, kind)
             else:
