@@ -167,7 +167,6 @@ class _Freezer:
             nursery.start_soon(pump, upstream, conn)
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed yet: partition (5)")
 async def test_a_link_to_a_partitioned_node_is_given_up_and_connections_are_reset(
     nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
 ) -> None:

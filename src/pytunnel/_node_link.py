@@ -45,7 +45,15 @@ from ._udp import pump_datagrams, serve_associations
 from ._vhost import NameRoutes, route_connection, route_name
 from .cluster._ownership import node_of
 from .cluster._registry import Change, Registry
-from .errors import ConnectError, ErrorCode, ForwardError, TunnelError, printable
+from .errors import (
+    ConnectError,
+    ErrorCode,
+    ForwardError,
+    HandshakeTimeoutError,
+    SessionClosedError,
+    TunnelError,
+    printable,
+)
 from .protocol import routes
 from .protocol.mux import Role
 from .session import IncomingStream, MuxStream, Session
@@ -66,8 +74,8 @@ __all__ = [
 
 log = logging.getLogger("pytunnel.cluster")
 
-#: Seconds between pings on an idle node link, so a peer that vanished without a word (its
-#: machine lost) is found by the answering side's silence check rather than by TCP.
+#: Seconds between pings on an idle node link: a peer that vanished without a word (its
+#: machine lost, a partition) is found by the clock on both sides rather than by TCP.
 LINK_PING_INTERVAL = 5.0
 
 #: What a port's node-side handler takes: the stream and the public peer; false: refused.
@@ -439,12 +447,20 @@ class NodeLinks:
             link = self._peers[node] = _Peer(node)
             assert self._nursery is not None
             self._nursery.start_soon(self._run_link, link)
-        with trio.move_on_after(self.server.config.connect_timeout):
+        config = self.server.config
+        # the dial (connect_timeout), then TLS and the handshake (handshake_timeout together)
+        with trio.move_on_after(config.connect_timeout + config.handshake_timeout):
             await link.ready.wait()
         session = link.session
         if session is None:
             raise link.error or ConnectError(f"no link to node {printable(node)} in time")
-        return await session.open_stream(peer[0], peer[1], tag=tag, datagrams=datagrams)
+        # a node that stopped answering (a partition its pings have not found yet) must not
+        # hold the public connection: bounded like a dial
+        with trio.move_on_after(config.connect_timeout):
+            return await session.open_stream(peer[0], peer[1], tag=tag, datagrams=datagrams)
+        raise ConnectError(
+            f"node {printable(node)} did not answer within {config.connect_timeout:g} s"
+        )
 
     async def _run_link(self, link: _Peer) -> None:
         node = link.node_id
@@ -479,21 +495,34 @@ class NodeLinks:
         stream: trio.abc.Stream = await dial(
             host.strip("[]"), int(port_text), timeout=config.connect_timeout, logger=log
         )
-        if self._tls is not None:
-            stream = await tls_connect(
-                stream,
-                self._tls,
-                server_hostname=host.strip("[]"),
-                timeout=config.handshake_timeout,
+        handshaken = False
+        try:
+            # TLS and the handshake share one deadline, so the link-ready wait bounds them
+            with trio.move_on_after(config.handshake_timeout):
+                if self._tls is not None:
+                    stream = await tls_connect(
+                        stream,
+                        self._tls,
+                        server_hostname=host.strip("[]"),
+                        timeout=config.handshake_timeout,
+                    )
+                result = await client_handshake(
+                    stream,
+                    self._secret,
+                    timeout=config.handshake_timeout,
+                    max_frame_size=config.session.max_frame_size,
+                    client_id=self.registry.node_id,
+                    node=True,
+                )
+                handshaken = True
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        if not handshaken:
+            await trio.aclose_forcefully(stream)
+            raise HandshakeTimeoutError(
+                f"node {printable(node)}: no handshake within {config.handshake_timeout:g} s"
             )
-        result = await client_handshake(
-            stream,
-            self._secret,
-            timeout=config.handshake_timeout,
-            max_frame_size=config.session.max_frame_size,
-            client_id=self.registry.node_id,
-            node=True,
-        )
         name = f"node-link<{node}>"
         try:
             async with result.open_session(stream, Role.CLIENT, config.session, name=name) as s:
@@ -502,7 +531,7 @@ class NodeLinks:
                 link.ready.set()
                 log.info("link to node %s at %s up", printable(node), printable(address))
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_ping_loop, s)
+                    nursery.start_soon(_ping_loop, s, node, config.heartbeat_timeout)
                     await s.wait_closed()
                     nursery.cancel_scope.cancel()
                 log.warning(
@@ -518,13 +547,26 @@ class NodeLinks:
             link.scope.cancel()
 
 
-async def _ping_loop(session: Session) -> None:
+async def _ping_loop(session: Session, node: str, timeout: float) -> None:
+    """Ping the link; one ping unanswered for ``timeout`` (the answering node's silence
+    check) ends it, so its relays are reset and the next connection makes a new link."""
     while True:
         await trio.sleep(LINK_PING_INTERVAL)
-        try:
-            await session.ping()
-        except TunnelError:
-            return
+        with trio.move_on_after(timeout):
+            try:
+                await session.ping()
+            except TunnelError:
+                return
+            continue
+        log.warning(
+            "link to node %s: no answer to a ping within %g s; closing it", printable(node), timeout
+        )
+        await session.abort(
+            SessionClosedError(
+                f"no ping answer within {timeout:g} s", code=ErrorCode.HEARTBEAT_TIMEOUT
+            )
+        )
+        return
 
 
 async def serve_node_link(server: TunnelServer, session: Session, node: str) -> None:
