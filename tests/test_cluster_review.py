@@ -92,7 +92,6 @@ async def test_a_link_that_cannot_send_the_node_id_does_not_stop_the_node(
             assert await _echo_once(stream, b"hello") == b"hello"
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed yet: link ping interval (6)")
 async def test_an_idle_relayed_connection_survives_a_short_heartbeat_timeout(
     nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
 ) -> None:

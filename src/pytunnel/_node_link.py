@@ -74,9 +74,17 @@ __all__ = [
 
 log = logging.getLogger("pytunnel.cluster")
 
-#: Seconds between pings on an idle node link: a peer that vanished without a word (its
-#: machine lost, a partition) is found by the clock on both sides rather than by TCP.
+#: Longest pause between the pings of a node link: a peer that vanished without a word (its
+#: machine lost, a partition) is found by the clock on both sides rather than by TCP. A
+#: shorter ``heartbeat_timeout`` pings at a third of it (see :func:`link_ping_interval`).
 LINK_PING_INTERVAL = 5.0
+
+
+def link_ping_interval(heartbeat_timeout: float) -> float:
+    """Seconds between a link's pings: well within the answering node's silence check
+    (``heartbeat_timeout``), so an idle link is never taken for a dead one."""
+    return min(LINK_PING_INTERVAL, heartbeat_timeout / 3)
+
 
 #: What a port's node-side handler takes: the stream and the public peer; false: refused.
 Take = Callable[[trio.abc.HalfCloseableStream, tuple[str, int]], bool]
@@ -551,7 +559,7 @@ async def _ping_loop(session: Session, node: str, timeout: float) -> None:
     """Ping the link; one ping unanswered for ``timeout`` (the answering node's silence
     check) ends it, so its relays are reset and the next connection makes a new link."""
     while True:
-        await trio.sleep(LINK_PING_INTERVAL)
+        await trio.sleep(link_ping_interval(timeout))
         with trio.move_on_after(timeout):
             try:
                 await session.ping()
