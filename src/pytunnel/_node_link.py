@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, TypeVar
 import attrs
 import trio
 
+from ._client_config import DEFAULT_BACKOFF_MAX
 from ._dial import dial, format_target
 from ._egress import refuse_wrong_kind
 from ._handshake import client_handshake
@@ -42,6 +43,7 @@ from ._proxied import public_peer
 from ._relay import RelayStats, abort, relay
 from ._tls import client_tls_context, tls_connect
 from ._udp import pump_datagrams, serve_associations
+from ._util import Episodes
 from ._vhost import NameRoutes, route_connection, route_name
 from .cluster._ownership import node_of
 from .cluster._registry import Change, Registry
@@ -123,6 +125,22 @@ def _registry_port(text: str) -> int:
     return port if 1 <= port <= 65535 else 0
 
 
+#: The pause after a failed link attempt to one node, doubled by each failure in a row up
+#: to the client's reconnect cap: a node being restarted (or with another secret) is not
+#: dialled, and authenticated against, once per public connection.
+_LINK_BACKOFF_INITIAL = 1.0
+_LINK_BACKOFF_MAX = DEFAULT_BACKOFF_MAX
+
+
+@attrs.define
+class _Backoff:
+    """The failures in a row of the links to one node and when the next attempt may be."""
+
+    failures: int
+    retry_at: float
+    error: TunnelError
+
+
 class _Peer:
     """The link to one other node: its session once up, or why it could not be opened."""
 
@@ -168,6 +186,10 @@ class NodeLinks:
         #: The other nodes and their addresses, from their ``nodes/`` keys.
         self.nodes: dict[str, str] = {}
         self._peers: dict[str, _Peer] = {}
+        #: Nodes whose last link attempt failed: no new attempt before ``retry_at``.
+        self._backoff: dict[str, _Backoff] = {}
+        #: Failed link attempts per node: the first one of a run is logged, the count at the end.
+        self._failures: Episodes[str] = Episodes()
         #: Ports this node listens on for another node's client, by ``(kind, port)``.
         self._mirrors: dict[tuple[str, int], _Mirror] = {}
         self.stats = NodeLinkStats()
@@ -221,8 +243,11 @@ class NodeLinks:
         if kind == "nodes":
             if change.value is None:
                 self.nodes.pop(rest, None)
+                self._forget_failures(rest)
                 self._drop_peer(rest, "its node left the cluster")
             elif rest != own:
+                if self.nodes.get(rest) != change.value:
+                    self._forget_failures(rest)  # (re)started elsewhere: worth a try at once
                 self.nodes[rest] = change.value
             return
         port = 0
@@ -452,6 +477,14 @@ class NodeLinks:
         Raises ``ConnectError`` when no link can be opened, or the node's refusal."""
         link = self._peers.get(node)
         if link is None:
+            backoff = self._backoff.get(node)
+            if backoff is not None and trio.current_time() < backoff.retry_at:
+                raise ConnectError(
+                    f"no link to node {printable(node)} (next attempt in "
+                    f"{backoff.retry_at - trio.current_time():.1f} s): "
+                    f"{printable(backoff.error.message)}",
+                    code=backoff.error.code,
+                )
             link = self._peers[node] = _Peer(node)
             assert self._nursery is not None
             self._nursery.start_soon(self._run_link, link)
@@ -483,8 +516,7 @@ class NodeLinks:
                     if isinstance(exc, TunnelError)
                     else ConnectError(f"link to node {printable(node)}: {printable(str(exc))}")
                 )
-                # the error may carry the peer's own words (its GoAway)
-                log.warning("no link to node %s: %s", printable(node), printable(str(link.error)))
+                self._link_failed(node, link.error)
             finally:
                 link.session = None
                 link.ready.set()
@@ -536,6 +568,7 @@ class NodeLinks:
             async with result.open_session(stream, Role.CLIENT, config.session, name=name) as s:
                 link.session = s
                 self.stats.links_opened += 1
+                self._link_up(node)
                 link.ready.set()
                 log.info("link to node %s at %s up", printable(node), printable(address))
                 async with trio.open_nursery() as nursery:
@@ -547,6 +580,31 @@ class NodeLinks:
                 )
         finally:
             await trio.aclose_forcefully(stream)
+
+    def _link_failed(self, node: str, error: TunnelError) -> None:
+        previous = self._backoff.get(node)
+        failures = 1 if previous is None else previous.failures + 1
+        delay = min(_LINK_BACKOFF_MAX, _LINK_BACKOFF_INITIAL * 2 ** (failures - 1))
+        self._backoff[node] = _Backoff(failures, trio.current_time() + delay, error)
+        if self._failures.refuse(node):
+            # the error may carry the peer's own words (its GoAway)
+            log.warning(
+                "no link to node %s: %s (retried with backoff; further failures counted)",
+                printable(node),
+                printable(str(error)),
+            )
+
+    def _link_up(self, node: str) -> None:
+        self._backoff.pop(node, None)
+        failed = self._failures.end(node)
+        if failed > 1:
+            log.info("link to node %s up after %d failed attempts", printable(node), failed)
+
+    def _forget_failures(self, node: str) -> None:
+        self._backoff.pop(node, None)
+        failed = self._failures.end(node)
+        if failed > 1:
+            log.info("%d failed link attempts to node %s", failed, printable(node))
 
     def _drop_peer(self, node: str, why: str) -> None:
         link = self._peers.pop(node, None)
