@@ -486,7 +486,6 @@ async def test_link_attempts_to_a_failing_node_back_off(
     assert len(warned) == 1, [r.getMessage() for r in warned]
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed yet: own listeners (8)")
 async def test_a_client_of_another_node_cannot_keep_a_node_from_starting(
     nursery: trio.Nursery, etcd: EtcdServer, echo_port: int, tmp_path: object
 ) -> None:
@@ -541,6 +540,29 @@ async def test_a_client_of_another_node_cannot_keep_a_node_from_starting(
             process.kill()
             with trio.CancelScope(shield=True):
                 await process.wait()
+
+
+async def test_a_port_this_node_listens_on_itself_is_never_mirrored(
+    nursery: trio.Nursery, etcd: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key naming this node's own control or shared HTTP port (another node's client on
+    that port of its own host) is not mirrored here: the node keeps its listeners."""
+    caplog.set_level(logging.INFO)
+    b = await _node(nursery, etcd, "b", "127.0.0.2", http_listen=("127.0.0.2", 0))
+    links = b.node_links
+    assert links is not None
+    assert b.http_address is not None
+    await _etcd_put(etcd, "nodes/x", "127.0.0.1:9")
+    own = [b.address[1], b.http_address[1]]
+    for port in own:
+        await _etcd_put(etcd, f"tcp/{port}", "x/s1")
+    other = _free_port_on_both()
+    await _etcd_put(etcd, f"tcp/{other}", "x/s1")
+    await _mirrored(b, other)  # the keys before it were seen
+    assert links.mirrored_ports == [other]
+    said = [r.getMessage() for r in caplog.records]
+    for port in own:
+        assert f"tcp port {port} is held on another node but this node listens on it" in said
 
 
 async def test_a_link_cut_mid_stream_resets_and_gives_back_everything(

@@ -284,9 +284,20 @@ class NodeLinks:
                 "%s port %d is held on another node but not allowed here; not served", kind, port
             )
             return
+        if kind == "tcp" and port in self._own_ports():
+            log.info("tcp port %d is held on another node but this node listens on it", port)
+            return
         mirror = self._mirrors[kind, port] = _Mirror()
         serve = self._serve_mirror if kind == "tcp" else self._serve_udp_mirror
         self._nursery.start_soon(serve, port, mirror)
+
+    def _own_ports(self) -> set[int]:
+        """The TCP ports of this node's own listeners (control, shared HTTP and HTTPS)."""
+        server = self.server
+        found = {a[1] for a in (server.http_address, server.https_address) if a is not None}
+        if server._address is not None:
+            found.add(server._address[1])
+        return found
 
     def stop_mirror(self, port: int, *, kind: str = "tcp") -> None:
         """Stop listening on ``port`` for another node (it is gone there, or a client of
