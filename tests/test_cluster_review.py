@@ -676,7 +676,6 @@ async def test_an_upload_cut_on_the_link_reaches_the_target_as_a_reset(
     assert seen == ["reset"]
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed yet: link stream limit (9)")
 async def test_one_link_carries_more_than_one_sessions_worth_of_streams(
     nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
 ) -> None:

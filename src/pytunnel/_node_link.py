@@ -58,15 +58,16 @@ from .errors import (
 )
 from .protocol import routes
 from .protocol.mux import Role
-from .session import IncomingStream, MuxStream, Session
+from .session import IncomingStream, MuxStream, Session, SessionConfig
 
 if TYPE_CHECKING:
     from ._server_session import _ClientSession
-    from .server import TunnelServer
+    from .server import ServerConfig, TunnelServer
 
 __all__ = [
     "NodeLinkStats",
     "NodeLinks",
+    "link_session_config",
     "Take",
     "TakeAssociation",
     "relayed_peer",
@@ -576,7 +577,8 @@ class NodeLinks:
             )
         name = f"node-link<{node}>"
         try:
-            async with result.open_session(stream, Role.CLIENT, config.session, name=name) as s:
+            link_config = link_session_config(config)
+            async with result.open_session(stream, Role.CLIENT, link_config, name=name) as s:
                 link.session = s
                 self.stats.links_opened += 1
                 self._link_up(node)
@@ -644,6 +646,13 @@ async def _ping_loop(session: Session, node: str, timeout: float) -> None:
             )
         )
         return
+
+
+def link_session_config(config: ServerConfig) -> SessionConfig:
+    """The session config of a node link, on both sides: one link carries every connection
+    between two nodes, so its stream limit is the server's (``max_streams``), not that of
+    one client's session."""
+    return attrs.evolve(config.session, max_streams=config.max_streams)
 
 
 async def serve_node_link(server: TunnelServer, session: Session, node: str) -> None:

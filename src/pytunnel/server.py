@@ -28,7 +28,14 @@ from ._admission import (
 from ._dial import DEFAULT_CONNECT_TIMEOUT, format_target
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT
 from ._listen import bind
-from ._node_link import NodeLinks, NodeLinkStats, Take, TakeAssociation, serve_node_link
+from ._node_link import (
+    NodeLinks,
+    NodeLinkStats,
+    Take,
+    TakeAssociation,
+    link_session_config,
+    serve_node_link,
+)
 from ._policy import PermitOpen, PortRange, parse_port_ranges
 from ._proxied import Network, ProxyHeaderError, real_peer, trusted_networks
 from ._relay import DEFAULT_IDLE_TIMEOUT
@@ -650,7 +657,7 @@ class TunnelServer:
             stream, result = admitted
             if result.node:
                 async with result.open_session(
-                    stream, Role.SERVER, self.config.session, name=f"node-link<{peer}>"
+                    stream, Role.SERVER, link_session_config(self.config), name=f"node-link<{peer}>"
                 ) as session:
                     log.info("link from node %s (%s) up", printable(result.client_id), peer)
                     await serve_node_link(self, session, result.client_id)
