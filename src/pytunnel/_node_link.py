@@ -151,6 +151,8 @@ class _Peer:
         self.ready = trio.Event()
         self.scope = trio.CancelScope()
         self.error: TunnelError | None = None
+        #: Set once the link is out of use (it can open no more streams).
+        self.retired = trio.Event()
 
 
 class _Mirror:
@@ -482,7 +484,13 @@ class NodeLinks:
         )
 
     async def open_stream(
-        self, node: str, tag: int, peer: tuple[str, int], datagrams: bool = False
+        self,
+        node: str,
+        tag: int,
+        peer: tuple[str, int],
+        datagrams: bool = False,
+        *,
+        retried: bool = False,
     ) -> MuxStream:
         """A stream to ``node`` over the link to it (opened now if there is none), naming
         the route ``tag`` and the public ``peer`` (a datagram stream with ``datagrams``).
@@ -507,13 +515,28 @@ class NodeLinks:
         session = link.session
         if session is None:
             raise link.error or ConnectError(f"no link to node {printable(node)} in time")
-        # a node that stopped answering (a partition its pings have not found yet) must not
-        # hold the public connection: bounded like a dial
-        with trio.move_on_after(config.connect_timeout):
-            return await session.open_stream(peer[0], peer[1], tag=tag, datagrams=datagrams)
+        try:
+            # a node that stopped answering (a partition its pings have not found yet) must
+            # not hold the public connection: bounded like a dial
+            with trio.move_on_after(config.connect_timeout):
+                return await session.open_stream(peer[0], peer[1], tag=tag, datagrams=datagrams)
+        except SessionClosedError:
+            # the link opens no more streams (ended, going away, its stream ids used up):
+            # the next connection, this one included, gets a new link
+            if self._peers.get(node) is not link or retried:
+                raise
+            self._retire(link)
+            return await self.open_stream(node, tag, peer, datagrams, retried=True)
         raise ConnectError(
             f"node {printable(node)} did not answer within {config.connect_timeout:g} s"
         )
+
+    def _retire(self, link: _Peer) -> None:
+        """Take ``link`` out of use: new connections get a new link, and it closes once
+        the relays still on it are done."""
+        if self._peers.get(link.node_id) is link:
+            del self._peers[link.node_id]
+        link.retired.set()
 
     async def _run_link(self, link: _Peer) -> None:
         node = link.node_id
@@ -586,6 +609,7 @@ class NodeLinks:
                 log.info("link to node %s at %s up", printable(node), printable(address))
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_ping_loop, s, node, config.heartbeat_timeout)
+                    nursery.start_soon(_close_when_retired, link, s)
                     await s.wait_closed()
                     nursery.cancel_scope.cancel()
                 log.warning(
@@ -624,6 +648,19 @@ class NodeLinks:
         if link is not None:
             log.info("closing the link to node %s: %s", printable(node), why)
             link.scope.cancel()
+
+
+#: Seconds between looks at a retired link's streams, until the last relay on it is done.
+_RETIRED_CHECK_INTERVAL = 1.0
+
+
+async def _close_when_retired(link: _Peer, session: Session) -> None:
+    await link.retired.wait()
+    log.info("link to node %s opens no more streams; replaced", printable(link.node_id))
+    # the session tells no one when its last stream ends; a slow look is enough here
+    while session.open_streams:  # noqa: ASYNC110
+        await trio.sleep(_RETIRED_CHECK_INTERVAL)
+    await session.aclose(ErrorCode.GOING_AWAY, "replaced by a new link")
 
 
 async def _ping_loop(session: Session, node: str, timeout: float) -> None:
