@@ -24,6 +24,7 @@ PROXY protocol and ``X-Forwarded-For`` naming the real public peer).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -298,8 +299,8 @@ class NodeLinks:
         """The TCP ports of this node's own listeners (control, shared HTTP and HTTPS)."""
         server = self.server
         found = {a[1] for a in (server.http_address, server.https_address) if a is not None}
-        if server._address is not None:
-            found.add(server._address[1])
+        with contextlib.suppress(RuntimeError):  # serving listeners it was given, none its own
+            found.add(server.address[1])
         return found
 
     def stop_mirror(self, port: int, *, kind: str = "tcp") -> None:
@@ -467,7 +468,7 @@ class NodeLinks:
         except (TunnelError, OSError) as exc:
             log.info(
                 "public connection from %s for %s not relayed: %s",
-                format_target(*peer),
+                printable(format_target(*peer)),
                 printable(key),
                 printable(str(exc)),
             )
