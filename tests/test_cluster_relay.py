@@ -715,13 +715,24 @@ async def test_a_relayed_peer_address_is_validated_before_it_reaches_http_header
     assert b"\r\nX-Injected: yes\r\n" not in out, out
 
 
+@pytest.mark.parametrize(("kind", "datagrams"), [("http", False), ("tcp", False), ("udp", True)])
 async def test_a_relayed_peer_address_is_escaped_in_the_owner_log(
-    nursery: trio.Nursery, etcd: EtcdServer, caplog: pytest.LogCaptureFixture
+    nursery: trio.Nursery,
+    etcd: EtcdServer,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+    datagrams: bool,
 ) -> None:
     """``route_connection`` logs a refused relayed connection with the other node's
-    ``Open.host`` as it is ("%s:%d", no printable()): a newline in it forges log lines."""
+    ``Open.host`` as it is ("%s:%d", no printable()): a newline in it forges log lines.
+    Every kind of relayed stream (a port, a UDP association, a name) is checked alike."""
     from pytunnel.protocol import routes
 
+    tag = {
+        "http": routes.RELAY_HTTP,
+        "tcp": routes.RELAY_TCP | 8080,
+        "udp": routes.RELAY_UDP | 8080,
+    }[kind]
     caplog.set_level(logging.INFO)
     a = await _node(
         nursery, etcd, "a", "127.0.0.1", http_listen=("127.0.0.1", 0), domain="example.test"
@@ -731,7 +742,7 @@ async def test_a_relayed_peer_address_is_escaped_in_the_owner_log(
             # refused (what the owner does with a peer that is not an IP), logged escaped
             with pytest.raises(pytunnel.errors.TunnelError, match="not an IP address"):
                 await session.open_stream(
-                    "203.0.113.9 refused\nCRITICAL forged line", 1, tag=routes.RELAY_HTTP
+                    "203.0.113.9 refused\nCRITICAL forged line", 1, tag=tag, datagrams=datagrams
                 )
     forged = [r.getMessage() for r in caplog.records if "\n" in r.getMessage()]
     assert not forged, forged
