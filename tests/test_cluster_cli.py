@@ -156,7 +156,8 @@ async def test_two_nodes_one_port_and_the_port_follows_its_client_when_a_node_di
         (["--cluster", "etcd://127.0.0.1:2379"], "--cluster needs --node-id NAME"),
         (["--node-id", "a"], "--node-id and --node-address are for a node of a --cluster"),
         (["--cluster", "redis://127.0.0.1:6379", "--node-id", "a"], "etcd://HOST:PORT"),
-        (["--cluster", "etcd://127.0.0.1:2379", "--node-id", "a/b"], "without '/'"),
+        (["--cluster", "etcd://127.0.0.1:2379", "--node-id", "a/b"], "[A-Za-z0-9._:-]"),
+        (["--cluster", "etcd://127.0.0.1:2379", "--node-id", "edge 2"], "rule of client ids"),
         (["--cluster-secret-file", "/dev/null"], "--cluster-secret-file is for a node of a"),
         (
             [
@@ -180,6 +181,35 @@ async def test_cluster_options_that_do_not_fit_are_one_usage_error(
     stderr = result.stderr.decode()
     assert result.returncode == 2, stderr
     assert message in stderr
+    assert "Traceback" not in stderr
+
+
+async def test_the_client_token_as_cluster_secret_is_a_usage_error(tmp_path: object) -> None:
+    """A node link may name any public peer and reach any client's route: a secret every
+    client holds would make every client a node."""
+    import pathlib
+
+    secret = pathlib.Path(str(tmp_path)) / "secret"
+    secret.write_text(TOKEN + "\n")
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [
+                *PYTUNNEL,
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                *("--cluster", "etcd://127.0.0.1:2379", "--node-id", "a"),
+                *("--cluster-secret-file", str(secret)),
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={**os.environ, "PYTUNNEL_TOKEN": TOKEN},
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert "must not be the client token" in stderr
+    assert TOKEN not in stderr
     assert "Traceback" not in stderr
 
 

@@ -9,6 +9,7 @@ listen on one port: node B listens on the port of node A's client and relays to 
 from __future__ import annotations
 
 import functools
+import logging
 import shutil
 import socket
 import ssl
@@ -47,9 +48,10 @@ async def _node(
     name: str,
     public_host: str,
     secret: str | None = SECRET,
+    node_address: str = "",
     **options: object,
 ) -> pytunnel.TunnelServer:
-    registry = EtcdRegistry(etcd.endpoint, name, lease_ttl=3, request_timeout=1.0)
+    registry = EtcdRegistry(etcd.endpoint, name, node_address, lease_ttl=3, request_timeout=1.0)
     server: pytunnel.TunnelServer = await nursery.start(
         functools.partial(
             pytunnel.serve,
@@ -489,3 +491,690 @@ async def test_relaying_goes_on_while_the_engine_is_away(
                 await trio.sleep(0.2)
     await _mirrored(b, other)
     assert await _exchange(("127.0.0.2", other), b"after") == b"after"
+
+
+# ---------------------------------------------------------------- review findings (issue 17)
+# peer text, node ids, registry keys, partitions, backoff, the node's own ports, limits
+
+
+async def _echo_once(stream: trio.SocketStream, data: bytes) -> bytes:
+    await stream.send_all(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = await stream.receive_some()
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_a_node_id_is_held_to_the_rule_of_client_ids() -> None:
+    """The node link sends the node id as ``Auth.client_id`` (only [A-Za-z0-9._:-]): a
+    node id such as "edge 2" is refused where it is given, in one clear error, rather than
+    taking the node down at its first relayed connection."""
+    with pytest.raises(ValueError, match=r"node id is 1-64 characters of \[A-Za-z0-9._:-\]"):
+        EtcdRegistry("http://127.0.0.1:2379", "edge 2")
+    registry = pytunnel.cluster.LocalRegistry("edge 2")
+    with pytest.raises(ValueError, match="node id is 1-64 characters"):
+        pytunnel.ServerConfig(token=TOKEN, cluster=registry)
+
+
+async def test_a_link_that_cannot_send_the_node_id_does_not_stop_the_node(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """Whatever ``ValueError`` a link attempt meets (white box: a node id changed under a
+    running node, which the handshake refuses to send) ends that attempt only: the public
+    connection is reset and the node goes on relaying once the link can be made."""
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    port = _free_port_on_both()
+    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    await _mirrored(b, port)
+    assert b.cluster is not None
+    b.cluster.node_id = "edge 2"
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.2", port)
+        async with stream:
+            with pytest.raises(trio.BrokenResourceError):
+                await _echo_once(stream, b"hello")
+    b.cluster.node_id = "b"
+    links = b.node_links
+    assert links is not None
+    links._backoff.clear()  # the failed attempt's backoff, not under test here
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.2", port)
+        async with stream:
+            assert await _echo_once(stream, b"hello") == b"hello"
+
+
+async def test_an_idle_relayed_connection_survives_a_short_heartbeat_timeout(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """The answering node drops a link silent for ``heartbeat_timeout``, but the connecting
+    node pings only every LINK_PING_INTERVAL (5 s, fixed). With --heartbeat-timeout 3 (and
+    clients pinging every second, which is fine for them) every idle link is cut after 3 s,
+    resetting every idle relayed connection (an SSH session, a keep-alive HTTP connection)."""
+    options = {"heartbeat_timeout": 3.0, "heartbeat_check_interval": 0.5}
+    a = await _node(nursery, etcd, "a", "127.0.0.1", **options)
+    b = await _node(nursery, etcd, "b", "127.0.0.2", **options)
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, a.address, token=TOKEN, heartbeat_interval=1.0, heartbeat_timeout=3.0
+    )
+    port = _free_port_on_both()
+    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    await _mirrored(b, port)
+    with trio.fail_after(30):
+        stream = await trio.open_tcp_stream("127.0.0.2", port)
+        async with stream:
+            assert await _echo_once(stream, b"first") == b"first"
+            await trio.sleep(7)  # idle, well within idle_timeout (300 s)
+            # the client's own session lived through it
+            assert a.clients
+            assert await _echo_once(stream, b"second") == b"second"
+
+
+async def _drain(stream: trio.SocketStream) -> None:
+    while await stream.receive_some():
+        pass
+
+
+class _Freezer:
+    """A TCP proxy in front of node A's control port that can stop carrying bytes in both
+    directions without closing anything: a partition between the nodes (A still talks to
+    etcd, so its lease and keys live on)."""
+
+    def __init__(self) -> None:
+        self.target: tuple[str, int] | None = None
+        self.frozen = trio.Event()
+        self.listener: trio.SocketListener | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[int]) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.listener = listeners[0]
+        task_status.started(int(self.listener.socket.getsockname()[1]))
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn = await self.listener.accept()
+                nursery.start_soon(self._carry, conn)
+
+    async def _carry(self, conn: trio.SocketStream) -> None:
+        assert self.target is not None
+        upstream = await trio.open_tcp_stream(*self.target)
+
+        async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+            try:
+                while True:
+                    if self.frozen.is_set():
+                        await trio.sleep_forever()
+                    data = await src.receive_some()
+                    if self.frozen.is_set():
+                        await trio.sleep_forever()
+                    if not data:
+                        await dst.send_eof()
+                        return
+                    await dst.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, conn, upstream)
+            nursery.start_soon(pump, upstream, conn)
+
+
+async def test_a_link_to_a_partitioned_node_is_given_up_and_connections_are_reset(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """Only the *answering* node watches a link's silence; the connecting node pings every
+    5 s but never times a ping out (``Session.ping`` waits for ever) and
+    ``session.open_stream`` waits for the Accept for ever. When the nodes are cut off from
+    each other (A still renews its lease), B keeps the dead link for good: every public
+    connection it relays to A hangs (holding a descriptor and a stream slot) instead of
+    being reset, until TCP itself gives up many minutes later."""
+    freezer = _Freezer()
+    proxy_port = await nursery.start(freezer.run)
+    options = {"heartbeat_timeout": 6.0, "heartbeat_check_interval": 0.5}
+    a = await _node(
+        nursery, etcd, "a", "127.0.0.1", node_address=f"127.0.0.1:{proxy_port}", **options
+    )
+    freezer.target = a.address
+    b = await _node(
+        nursery, etcd, "b", "127.0.0.2", handshake_timeout=3.0, connect_timeout=3.0, **options
+    )
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN, heartbeat_interval=1.0)
+    port = _free_port_on_both()
+    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    await _mirrored(b, port)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.2", port)
+        async with stream:
+            assert await _echo_once(stream, b"up") == b"up"
+    links = b.node_links
+    assert links is not None
+    assert links.linked_nodes == ["a"]
+    freezer.frozen.set()
+    # A drops its side after 6 s of silence; B should notice unanswered pings about as fast
+    await trio.sleep(15)
+    assert port in links.mirrored_ports  # A's lease lives on: B still serves the port
+    stream = await trio.open_tcp_stream("127.0.0.2", port)
+    async with stream:
+        await stream.send_all(b"lost?")
+        # a connection that cannot be relayed is reset (docs/cluster.md), in bounded time
+        with trio.fail_after(15), pytest.raises(trio.BrokenResourceError):
+            await _drain(stream)
+    await wait_until(lambda: not links.linked_nodes, seconds=5, what="dead link kept")
+
+
+async def _rogue_link(a: pytunnel.TunnelServer):  # type: ignore[no-untyped-def]
+    """A node link to A made by hand (the secret known), as another node's code would."""
+    from pytunnel._handshake import client_handshake
+    from pytunnel.protocol.mux import Role
+
+    stream = await trio.open_tcp_stream(*a.address)
+    result = await client_handshake(
+        stream,
+        SECRET,
+        max_frame_size=a.config.session.max_frame_size,
+        client_id="rogue",
+        node=True,
+    )
+    return result.open_session(stream, Role.CLIENT, a.config.session, name="rogue")
+
+
+async def test_a_relayed_peer_address_is_validated_before_it_reaches_http_headers(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """The owner hands the relaying node's ``Open.host`` to its client as the public peer,
+    unchecked (on one server it is always getpeername()'s IP). The client's name route with
+    forwarded headers writes it into X-Forwarded-For as it is: a node (a buggy or
+    compromised one, or a session relayed by a man in the middle) injects headers into
+    every request of the service. The owner should refuse a host that is not an IP."""
+    from pytunnel.protocol import routes
+
+    a = await _node(
+        nursery, etcd, "a", "127.0.0.1", http_listen=("127.0.0.1", 0), domain="example.test"
+    )
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    await tunnel.forward_name("app", "127.0.0.1", echo_port, forwarded_headers=True)
+    out = b""
+    with trio.fail_after(10):
+        async with await _rogue_link(a) as session:
+            try:
+                ms = await session.open_stream(
+                    "203.0.113.9\r\nX-Injected: yes", 1234, tag=routes.RELAY_HTTP
+                )
+            except pytunnel.errors.TunnelError:
+                return  # refused: what a fix does
+            await ms.send_all(b"GET / HTTP/1.1\r\nHost: app.example.test\r\n\r\n")
+            await ms.send_eof()
+            try:
+                while chunk := await ms.receive_some():
+                    out += chunk
+            except trio.BrokenResourceError:
+                pass
+    assert b"\r\nX-Injected: yes\r\n" not in out, out
+
+
+@pytest.mark.parametrize(("kind", "datagrams"), [("http", False), ("tcp", False), ("udp", True)])
+async def test_a_relayed_peer_address_is_escaped_in_the_owner_log(
+    nursery: trio.Nursery,
+    etcd: EtcdServer,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+    datagrams: bool,
+) -> None:
+    """``route_connection`` logs a refused relayed connection with the other node's
+    ``Open.host`` as it is ("%s:%d", no printable()): a newline in it forges log lines.
+    Every kind of relayed stream (a port, a UDP association, a name) is checked alike."""
+    from pytunnel.protocol import routes
+
+    tag = {
+        "http": routes.RELAY_HTTP,
+        "tcp": routes.RELAY_TCP | 8080,
+        "udp": routes.RELAY_UDP | 8080,
+    }[kind]
+    caplog.set_level(logging.INFO)
+    a = await _node(
+        nursery, etcd, "a", "127.0.0.1", http_listen=("127.0.0.1", 0), domain="example.test"
+    )
+    with trio.fail_after(10):
+        async with await _rogue_link(a) as session:
+            # refused (what the owner does with a peer that is not an IP), logged escaped
+            with pytest.raises(pytunnel.errors.TunnelError, match="not an IP address"):
+                await session.open_stream(
+                    "203.0.113.9 refused\nCRITICAL forged line", 1, tag=tag, datagrams=datagrams
+                )
+    forged = [r.getMessage() for r in caplog.records if "\n" in r.getMessage()]
+    assert not forged, forged
+    assert any("203.0.113.9 refused\\nCRITICAL" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_link_that_can_open_no_more_streams_is_replaced(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """One link carries every connection between two nodes for as long as both live; its
+    stream ids run out after 2**31 opens (~25 days at 1,000 relayed connections/s). Then
+    ``open_stream`` raises "going away" for every connection, but the session itself stays
+    up, so ``NodeLinks`` keeps it for ever: all relaying to that node is dead until a
+    restart. (White box: the id counter is moved to its end.)"""
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    port = _free_port_on_both()
+    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    await _mirrored(b, port)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.2", port)
+        async with stream:
+            assert await _echo_once(stream, b"one") == b"one"
+    links = b.node_links
+    assert links is not None
+    session = links._peers["a"].session
+    assert session is not None
+    session._mux._next_id = 2**32 + 1  # the ids of a long-lived link, used up
+    results = []
+    for _ in range(3):
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.2", port)
+            async with stream:
+                try:
+                    results.append(await _echo_once(stream, b"two"))
+                except trio.BrokenResourceError:
+                    results.append(b"<reset>")
+    assert results[-1] == b"two", results
+    assert results == [b"two"] * 3, results  # the first connection already takes a new link
+    assert links._peers["a"].session is not session
+    await wait_until(lambda: session.closed, seconds=10, what="the used-up link kept open")
+    assert links.linked_nodes == ["a"]
+
+
+async def test_a_client_token_is_never_also_the_cluster_secret(
+    nursery: trio.Nursery, etcd: EtcdServer
+) -> None:
+    """Nothing stops an operator from giving the token file as --cluster-secret-file (the
+    docs: "the secret the nodes share, one line in a file"), and then every holder of the
+    client token can authenticate as a node (test_handshake_proofs even pins that): it
+    then relays into any client's port or name with any public address it likes (PROXY
+    protocol, X-Forwarded-For). A node should refuse a cluster secret equal to the token."""
+    from pytunnel._handshake import client_handshake
+
+    registry = EtcdRegistry(etcd.endpoint, "a", lease_ttl=3, request_timeout=1.0)
+    try:
+        a: pytunnel.TunnelServer = await nursery.start(
+            functools.partial(
+                pytunnel.serve,
+                0,
+                host="127.0.0.1",
+                token=TOKEN,
+                cluster=registry,
+                cluster_secret=TOKEN,
+            )
+        )
+    except ValueError:
+        return  # refused: what a fix does
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(*a.address)
+        result = await client_handshake(
+            stream, TOKEN, max_frame_size=65536, client_id="just-a-client", node=True
+        )
+        await stream.aclose()
+    assert not result.node, "a client with the token got a node link"
+
+
+async def _etcd_put(etcd: EtcdServer, key: str, value: str) -> None:
+    import base64
+
+    import httpx
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    async with httpx.AsyncClient() as http:
+        reply = await http.post(
+            f"{etcd.endpoint}/v3/kv/put", json={"key": b64("/pytunnel/" + key), "value": b64(value)}
+        )
+        reply.raise_for_status()
+
+
+async def test_registry_port_keys_are_validated_before_a_port_is_mirrored(
+    nursery: trio.Nursery, etcd: EtcdServer
+) -> None:
+    """``_apply`` takes any ``tcp/<digits>`` key as a port: ``tcp/99999`` (str.isdigit,
+    no range check) is "mirrored", and getaddrinfo wraps the port, so the node listens on
+    99999 - 65536 = 34463 and relays it with tag RELAY_TCP | 99999, which the owner reads
+    as port 34463 too."""
+    await _etcd_put(etcd, "nodes/x", "127.0.0.1:9")
+    await _etcd_put(etcd, "tcp/99999", "x/s1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    links = b.node_links
+    assert links is not None
+    await trio.sleep(1)
+    assert 99999 not in links.mirrored_ports
+
+
+async def test_a_bad_registry_key_does_not_stop_a_node_from_starting(
+    nursery: trio.Nursery, etcd: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``"²".isdigit()`` is true but ``int("²")`` raises ValueError: one such key under
+    the prefix (any etcd writer, another version's key) and no node with a cluster secret
+    can start (the snapshot in NodeLinks.run raises out of serve)."""
+    await _etcd_put(etcd, "tcp/\u00b2", "x/s1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    assert b.node_links is not None
+    # nor does one the watch reports: the node goes on following the registry after it
+    await _etcd_put(etcd, "nodes/x", "127.0.0.1:9")
+    for bad in ("udp/\u00b2", "tcp/0", "tcp/65536", "tcp/\n8080"):
+        await _etcd_put(etcd, bad, "x/s1")
+    port = _free_port_on_both()
+    await _etcd_put(etcd, f"tcp/{port}", "x/s1")
+    await _mirrored(b, port)
+    assert b.node_links.mirrored_ports == [port]
+    ignored = [r.getMessage() for r in caplog.records if "ignored: not a port" in r.getMessage()]
+    assert "registry key tcp/\\n8080 ignored: not a port" in ignored, ignored
+
+
+async def test_a_port_that_moves_to_the_node_mirroring_it_is_served_by_both(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """The client holds a port on A, which B mirrors; its link to A dies one-sidedly and it
+    reconnects to B: B stops its mirror and binds the port for the client, A drops the
+    ghost and mirrors the port for B. Both nodes must serve it afterwards."""
+    from helpers import LinkProxy
+    from test_cluster_server import FAST, _echo
+
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    proxy = LinkProxy(a.address)
+    listening = trio.CancelScope()
+
+    async def run_proxy(task_status: trio.TaskStatus[None]) -> None:
+        with listening:
+            async with trio.open_nursery() as proxy_nursery:
+                await proxy.start(proxy_nursery)
+                task_status.started()
+                await trio.sleep_forever()
+
+    await nursery.start(run_proxy)
+    tunnel = await pytunnel.connect_tunnel(nursery, [proxy.address, b.address], token=TOKEN, **FAST)
+    port = _free_port_on_both()
+    remote = await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    await _mirrored(b, port)
+    assert await _echo(("127.0.0.2", port)) == b"ping"  # relayed B -> A
+    try:
+        proxy.reset_client_side()
+        listening.cancel()
+        await wait_until(lambda: b.session_count == 1, seconds=20)
+        with trio.fail_after(20):
+            status = await remote.wait_status(
+                pytunnel.ForwardStatus.ACTIVE, pytunnel.ForwardStatus.ERROR
+            )
+        assert status is pytunnel.ForwardStatus.ACTIVE, remote.reason
+        await _mirrored(a, port)
+        assert b.node_links is not None
+        assert port not in b.node_links.mirrored_ports
+        assert await _echo(("127.0.0.2", port)) == b"ping"  # B's own client now
+        assert await _echo(("127.0.0.1", port)) == b"ping"  # relayed A -> B
+    finally:
+        await tunnel.aclose()
+        proxy.close()
+
+
+async def test_link_attempts_to_a_failing_node_back_off(
+    nursery: trio.Nursery, etcd: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node whose link cannot be made (here: it answers and hangs up at once, as a node
+    being restarted or with the wrong secret does) is dialled again for *every* public
+    connection that lands on a port it holds: no backoff, no memory of the failure, so a
+    burst of public connections is a burst of dials and handshakes at that node (and, with a
+    wrong secret, of authentication failures that get this node's address throttled)."""
+    accepted = [0]
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    node_port = listeners[0].socket.getsockname()[1]
+
+    async def hang_up(conn: trio.SocketStream) -> None:
+        accepted[0] += 1
+        await conn.aclose()
+
+    nursery.start_soon(trio.serve_listeners, hang_up, listeners)
+    port = _free_port_on_both()
+    await _etcd_put(etcd, "nodes/x", f"127.0.0.1:{node_port}")
+    await _etcd_put(etcd, f"tcp/{port}", "x/s1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    await _mirrored(b, port)
+    for _ in range(30):
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.2", port)
+            async with stream:
+                try:
+                    while await stream.receive_some():
+                        pass
+                except trio.BrokenResourceError:
+                    pass
+    assert accepted[0] <= 5, f"{accepted[0]} link attempts for 30 public connections"
+    warned = [r for r in caplog.records if r.getMessage().startswith("no link to node x")]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+
+
+async def test_a_client_of_another_node_cannot_keep_a_node_from_starting(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int, tmp_path: object
+) -> None:
+    """``serve`` mirrors every port held elsewhere while it joins the cluster, before the
+    CLI binds its own --metrics / --admin listeners. A client of node A (the token only)
+    that holds port P therefore makes node B, started with --metrics on P of its public
+    host, fail to start (on one server the metrics port is bound before any client can
+    ask for it). A node's own listeners should be bound first, or never mirrored."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    port = _free_port_on_both()
+    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    secret = pathlib.Path(str(tmp_path)) / "secret"
+    secret.write_text(SECRET + "\n")
+    process = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "pytunnel",
+            "serve",
+            "--listen",
+            "127.0.0.2:0",
+            "--public-host",
+            "127.0.0.2",
+            "--cluster",
+            etcd.url,
+            "--node-id",
+            "b",
+            "--cluster-lease-ttl",
+            "3",
+            "--cluster-secret-file",
+            str(secret),
+            "--metrics",
+            f"127.0.0.2:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(pathlib.Path(str(tmp_path)) / "stderr").open("wb"),
+        env={**os.environ, "PYTUNNEL_TOKEN": "another"},
+    )
+    try:
+        with trio.move_on_after(8):
+            await process.wait()
+        said = (pathlib.Path(str(tmp_path)) / "stderr").read_text()[-600:]
+        assert process.returncode is None, f"node b exited with {process.returncode}: {said}"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+
+
+async def test_a_port_this_node_listens_on_itself_is_never_mirrored(
+    nursery: trio.Nursery, etcd: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key naming this node's own control or shared HTTP port (another node's client on
+    that port of its own host) is not mirrored here: the node keeps its listeners."""
+    caplog.set_level(logging.INFO)
+    b = await _node(nursery, etcd, "b", "127.0.0.2", http_listen=("127.0.0.2", 0))
+    links = b.node_links
+    assert links is not None
+    assert b.http_address is not None
+    await _etcd_put(etcd, "nodes/x", "127.0.0.1:9")
+    own = [b.address[1], b.http_address[1]]
+    for port in own:
+        await _etcd_put(etcd, f"tcp/{port}", "x/s1")
+    other = _free_port_on_both()
+    await _etcd_put(etcd, f"tcp/{other}", "x/s1")
+    await _mirrored(b, other)  # the keys before it were seen
+    assert links.mirrored_ports == [other]
+    said = [r.getMessage() for r in caplog.records]
+    for port in own:
+        assert f"tcp port {port} is held on another node but this node listens on it" in said
+
+
+async def test_a_link_cut_mid_stream_resets_and_gives_back_everything(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """Ten connections held through B when the link's transport dies under B: each public
+    peer sees a reset, both nodes give back every slot, task and descriptor (a new link
+    replaces the old one)."""
+    import socket as _socket  # noqa: F401
+
+    from helpers import count_fds, count_tasks, describe_tasks
+
+    from pytunnel.errors import SessionClosedError
+
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    port = _free_port_on_both()
+    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    await _mirrored(b, port)
+    with trio.fail_after(10):
+        s = await trio.open_tcp_stream("127.0.0.2", port)
+        async with s:
+            assert await _echo_once(s, b"up") == b"up"
+    await wait_until(lambda: b.active_streams == 0 and a.active_streams == 0, seconds=20)
+    tasks, fds = count_tasks(), count_fds()
+    streams = []
+    with trio.fail_after(20):
+        for i in range(10):
+            s = await trio.open_tcp_stream("127.0.0.2", port)
+            assert await _echo_once(s, b"held %d" % i) == b"held %d" % i
+            streams.append(s)
+    links = b.node_links
+    assert links is not None
+    session = links._peers["a"].session
+    assert session is not None
+    await session.abort(SessionClosedError("transport lost"))
+    resets = 0
+    with trio.fail_after(20):
+        for s in streams:
+            try:
+                while await s.receive_some():
+                    pass
+            except trio.BrokenResourceError:
+                resets += 1
+            await s.aclose()
+    assert resets == 10
+    await wait_until(
+        lambda: b.active_streams == 0 and a.active_streams == 0,
+        seconds=20,
+        what=lambda: f"slots a={a.active_streams} b={b.active_streams}",
+    )
+    with trio.fail_after(10):
+        s = await trio.open_tcp_stream("127.0.0.2", port)
+        async with s:
+            assert await _echo_once(s, b"again") == b"again"
+    await wait_until(
+        lambda: count_tasks() == tasks and count_fds() == fds,
+        seconds=20,
+        what=lambda: (
+            f"tasks {count_tasks()} (was {tasks}), fds {count_fds()} (was {fds}): "
+            + describe_tasks()
+        ),
+    )
+
+
+async def test_an_upload_cut_on_the_link_reaches_the_target_as_a_reset(
+    nursery: trio.Nursery, etcd: EtcdServer
+) -> None:
+    """The public peer at B uploads without finishing (no EOF) when the link dies: the
+    client's target (behind A's client) must see a reset, never a clean EOF that would
+    pass for a complete upload."""
+    from pytunnel.errors import SessionClosedError
+
+    seen: list[str] = []
+    got_bytes = trio.Event()
+    ended = trio.Event()
+
+    async def target(conn: trio.SocketStream) -> None:
+        try:
+            while data := await conn.receive_some():
+                got_bytes.set()
+                del data
+            seen.append("eof")
+        except trio.BrokenResourceError:
+            seen.append("reset")
+        finally:
+            ended.set()
+            await conn.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    target_port = listeners[0].socket.getsockname()[1]
+    nursery.start_soon(trio.serve_listeners, target, listeners)
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    port = _free_port_on_both()
+    await tunnel.forward_remote("127.0.0.1", target_port, remote_port=port)
+    await _mirrored(b, port)
+    with trio.fail_after(20):
+        s = await trio.open_tcp_stream("127.0.0.2", port)
+        await s.send_all(b"x" * 100_000)
+        await got_bytes.wait()
+        links = b.node_links
+        assert links is not None
+        session = links._peers["a"].session
+        assert session is not None
+        await session.abort(SessionClosedError("transport lost"))
+        await ended.wait()
+        await s.aclose()
+    assert seen == ["reset"]
+
+
+async def test_one_link_carries_more_than_one_sessions_worth_of_streams(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """Every connection from B to A shares one link, a session with the *client* session
+    limit (``--max-session-streams``, 4,096 by default) rather than the server's
+    ``max_streams`` (16,384): past it B resets public connections that A would take
+    directly. Here the session limit is 4: three clients at A with three held connections
+    each through B (9 < max_streams, 3 <= 4 per client session)."""
+    options = {"session": pytunnel.SessionConfig(max_streams=4)}
+    a = await _node(nursery, etcd, "a", "127.0.0.1", **options)
+    b = await _node(nursery, etcd, "b", "127.0.0.2", **options)
+    ports = []
+    for _ in range(3):
+        tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+        port = _free_port_on_both()
+        await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+        ports.append(port)
+    for port in ports:
+        await _mirrored(b, port)
+    held = []
+    results = []
+    with trio.fail_after(20):
+        for port in ports:
+            for i in range(3):
+                s = await trio.open_tcp_stream("127.0.0.2", port)
+                held.append(s)
+                try:
+                    results.append(await _echo_once(s, b"n%d" % i) == b"n%d" % i)
+                except trio.BrokenResourceError:
+                    results.append(False)
+    for s in held:
+        await s.aclose()
+    assert all(results), results

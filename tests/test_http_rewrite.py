@@ -67,6 +67,28 @@ async def test_an_ipv6_peer_is_quoted_in_forwarded() -> None:
     assert b'Forwarded: for="[2001:db8::1]";proto=http;host="app"\r\n' in head
 
 
+@pytest.mark.parametrize(
+    "host", ["203.0.113.9\r\nX-Injected: yes", "evil.example", "fe80::1%eth0\r\nX: y", ""]
+)
+async def test_a_peer_that_is_not_an_ip_literal_is_unknown_in_the_headers(host: str) -> None:
+    """A peer address that came from a socket is an IP; anything else (text another node
+    sent) never lands in the request head."""
+    public, ours = await tcp_stream_pair()
+    rewriter = RequestRewriter(ours, HttpRouteOptions(forwarded_headers=True), (host, 1))
+    async with public, rewriter:
+        await public.send_all(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+        with trio.fail_after(10):
+            head = await rewriter.receive_some()
+    assert b"X-Injected" not in head
+    assert b"X: y" not in head
+    assert b"evil" not in head
+    if "%" in host:
+        assert b"X-Forwarded-For: fe80::1\r\n" in head
+    else:
+        assert b"X-Forwarded-For: unknown\r\n" in head
+        assert b"Forwarded: for=unknown;proto=http" in head
+
+
 async def test_a_head_that_cannot_be_parsed_ends_the_connection() -> None:
     data = b"GET / HTTP/1.1\r\nHost: app\r\n\r\n" + b"\x00\x01 not http\r\n\r\n"
     with pytest.raises(trio.BrokenResourceError, match="not an HTTP request"):

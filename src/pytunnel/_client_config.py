@@ -24,6 +24,10 @@ from .session import SessionConfig
 from .transports.proxy import parse_proxy_url
 from .transports.websocket import DEFAULT_PING_INTERVAL, check_ping_interval
 
+#: The longest pause between reconnection attempts (``ClientConfig.backoff_max``); node
+#: links back off up to it too.
+DEFAULT_BACKOFF_MAX = 16.0
+
 __all__ = ["ClientConfig", "ClientOptions"]
 
 
@@ -104,7 +108,7 @@ class ClientConfig:
     #: Backoff: ``initial * factor**(n-1)`` seconds, at most ``max``, times 1 +- ``jitter``.
     backoff_initial: float = 1.0
     backoff_factor: float = 2.0
-    backoff_max: float = 16.0
+    backoff_max: float = DEFAULT_BACKOFF_MAX
     backoff_jitter: float = 0.2
     #: Consecutive failed reconnection attempts before giving up; ``None``: never give up.
     max_attempts: int | None = None

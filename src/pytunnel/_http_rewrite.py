@@ -246,12 +246,12 @@ class RequestRewriter(trio.abc.HalfCloseableStream):
                 continue
             headers.append((name, value))
         if options.forwarded_headers:
-            peer = self._peer[0].encode()
+            peer = _header_peer(self._peer[0])
             headers.append((b"X-Forwarded-For", b", ".join([*forwarded_for, peer])))
             headers.append((b"X-Forwarded-Proto", self._proto.encode()))
             if host_value:
                 headers.append((b"X-Forwarded-Host", host_value))
-            node = b'"[' + peer + b']"' if b":" in peer else peer
+            node = b'"[' + peer + b']"' if b":" in peer else peer  # "unknown" has none
             forwarded = b"for=" + node + b";proto=" + self._proto.encode()
             if host_value:
                 quoted = host_value.replace(b"\\", b"").replace(b'"', b"")
@@ -276,3 +276,16 @@ class RequestRewriter(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+def _header_peer(host: str) -> bytes:
+    """The public peer as the forwarded headers name it: an IP literal as it is, anything
+    else (a peer address that did not come from a socket) as RFC 7239's ``unknown``, so
+    no text of a peer's choosing ever lands in a request head."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return b"unknown"
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        return str(address).partition("%")[0].encode()
+    return str(address).encode()

@@ -24,7 +24,9 @@ PROXY protocol and ``X-Forwarded-For`` naming the real public peer).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import ipaddress
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING, TypeVar
 import attrs
 import trio
 
+from ._client_config import DEFAULT_BACKOFF_MAX
 from ._dial import dial, format_target
 from ._egress import refuse_wrong_kind
 from ._handshake import client_handshake
@@ -41,32 +44,51 @@ from ._proxied import public_peer
 from ._relay import RelayStats, abort, relay
 from ._tls import client_tls_context, tls_connect
 from ._udp import pump_datagrams, serve_associations
+from ._util import Episodes
 from ._vhost import NameRoutes, route_connection, route_name
 from .cluster._ownership import node_of
 from .cluster._registry import Change, Registry
-from .errors import ConnectError, ErrorCode, ForwardError, TunnelError, printable
+from .errors import (
+    ConnectError,
+    ErrorCode,
+    ForwardError,
+    HandshakeTimeoutError,
+    SessionClosedError,
+    TunnelError,
+    printable,
+)
 from .protocol import routes
 from .protocol.mux import Role
-from .session import IncomingStream, MuxStream, Session
+from .session import IncomingStream, MuxStream, Session, SessionConfig
 
 if TYPE_CHECKING:
     from ._server_session import _ClientSession
-    from .server import TunnelServer
+    from .server import ServerConfig, TunnelServer
 
 __all__ = [
     "NodeLinkStats",
     "NodeLinks",
+    "link_session_config",
     "Take",
     "TakeAssociation",
+    "relayed_peer",
     "serve_node_link",
     "take_relayed_association",
 ]
 
 log = logging.getLogger("pytunnel.cluster")
 
-#: Seconds between pings on an idle node link, so a peer that vanished without a word (its
-#: machine lost) is found by the answering side's silence check rather than by TCP.
+#: Longest pause between the pings of a node link: a peer that vanished without a word (its
+#: machine lost, a partition) is found by the clock on both sides rather than by TCP. A
+#: shorter ``heartbeat_timeout`` pings at a third of it (see :func:`link_ping_interval`).
 LINK_PING_INTERVAL = 5.0
+
+
+def link_ping_interval(heartbeat_timeout: float) -> float:
+    """Seconds between a link's pings: well within the answering node's silence check
+    (``heartbeat_timeout``), so an idle link is never taken for a dead one."""
+    return min(LINK_PING_INTERVAL, heartbeat_timeout / 3)
+
 
 #: What a port's node-side handler takes: the stream and the public peer; false: refused.
 Take = Callable[[trio.abc.HalfCloseableStream, tuple[str, int]], bool]
@@ -96,6 +118,31 @@ _B = TypeVar("_B")
 _WATCHED = ("nodes/", "tcp/", "udp/", "http/", "https/")
 
 
+def _registry_port(text: str) -> int:
+    """The port of a ``tcp/<port>`` or ``udp/<port>`` key; 0 unless it is ASCII digits of
+    1-65535 (``str.isdigit`` also takes "²", which ``int`` refuses)."""
+    if not text.isascii() or not text.isdigit() or len(text) > 5:
+        return 0
+    port = int(text)
+    return port if 1 <= port <= 65535 else 0
+
+
+#: The pause after a failed link attempt to one node, doubled by each failure in a row up
+#: to the client's reconnect cap: a node being restarted (or with another secret) is not
+#: dialled, and authenticated against, once per public connection.
+_LINK_BACKOFF_INITIAL = 1.0
+_LINK_BACKOFF_MAX = DEFAULT_BACKOFF_MAX
+
+
+@attrs.define
+class _Backoff:
+    """The failures in a row of the links to one node and when the next attempt may be."""
+
+    failures: int
+    retry_at: float
+    error: TunnelError
+
+
 class _Peer:
     """The link to one other node: its session once up, or why it could not be opened."""
 
@@ -105,6 +152,8 @@ class _Peer:
         self.ready = trio.Event()
         self.scope = trio.CancelScope()
         self.error: TunnelError | None = None
+        #: Set once the link is out of use (it can open no more streams).
+        self.retired = trio.Event()
 
 
 class _Mirror:
@@ -141,6 +190,10 @@ class NodeLinks:
         #: The other nodes and their addresses, from their ``nodes/`` keys.
         self.nodes: dict[str, str] = {}
         self._peers: dict[str, _Peer] = {}
+        #: Nodes whose last link attempt failed: no new attempt before ``retry_at``.
+        self._backoff: dict[str, _Backoff] = {}
+        #: Failed link attempts per node: the first one of a run is logged, the count at the end.
+        self._failures: Episodes[str] = Episodes()
         #: Ports this node listens on for another node's client, by ``(kind, port)``.
         self._mirrors: dict[tuple[str, int], _Mirror] = {}
         self.stats = NodeLinkStats()
@@ -194,16 +247,26 @@ class NodeLinks:
         if kind == "nodes":
             if change.value is None:
                 self.nodes.pop(rest, None)
+                self._forget_failures(rest)
                 self._drop_peer(rest, "its node left the cluster")
             elif rest != own:
+                if self.nodes.get(rest) != change.value:
+                    self._forget_failures(rest)  # (re)started elsewhere: worth a try at once
                 self.nodes[rest] = change.value
             return
+        port = 0
+        if kind in ("tcp", "udp"):
+            port = _registry_port(rest)
+            if not port:
+                # any etcd writer (another version, a hand) may have put it there: it names
+                # no port this node could listen on, and must never stop the node
+                log.warning("registry key %s ignored: not a port", printable(change.key[:200]))
+                return
         if change.value is None or node_of(change.value) == own:
             self.elsewhere.pop(change.key, None)
         else:
             self.elsewhere[change.key] = change.value
-        if kind in ("tcp", "udp") and rest.isdigit():
-            port = int(rest)
+        if port:
             if change.key in self.elsewhere:
                 self._mirror(port, kind)
             else:
@@ -225,9 +288,20 @@ class NodeLinks:
                 "%s port %d is held on another node but not allowed here; not served", kind, port
             )
             return
+        if kind == "tcp" and port in self._own_ports():
+            log.info("tcp port %d is held on another node but this node listens on it", port)
+            return
         mirror = self._mirrors[kind, port] = _Mirror()
         serve = self._serve_mirror if kind == "tcp" else self._serve_udp_mirror
         self._nursery.start_soon(serve, port, mirror)
+
+    def _own_ports(self) -> set[int]:
+        """The TCP ports of this node's own listeners (control, shared HTTP and HTTPS)."""
+        server = self.server
+        found = {a[1] for a in (server.http_address, server.https_address) if a is not None}
+        with contextlib.suppress(RuntimeError):  # serving listeners it was given, none its own
+            found.add(server.address[1])
+        return found
 
     def stop_mirror(self, port: int, *, kind: str = "tcp") -> None:
         """Stop listening on ``port`` for another node (it is gone there, or a client of
@@ -394,7 +468,7 @@ class NodeLinks:
         except (TunnelError, OSError) as exc:
             log.info(
                 "public connection from %s for %s not relayed: %s",
-                format_target(*peer),
+                printable(format_target(*peer)),
                 printable(key),
                 printable(str(exc)),
             )
@@ -411,36 +485,74 @@ class NodeLinks:
         )
 
     async def open_stream(
-        self, node: str, tag: int, peer: tuple[str, int], datagrams: bool = False
+        self,
+        node: str,
+        tag: int,
+        peer: tuple[str, int],
+        datagrams: bool = False,
+        *,
+        retried: bool = False,
     ) -> MuxStream:
         """A stream to ``node`` over the link to it (opened now if there is none), naming
         the route ``tag`` and the public ``peer`` (a datagram stream with ``datagrams``).
         Raises ``ConnectError`` when no link can be opened, or the node's refusal."""
         link = self._peers.get(node)
         if link is None:
+            backoff = self._backoff.get(node)
+            if backoff is not None and trio.current_time() < backoff.retry_at:
+                raise ConnectError(
+                    f"no link to node {printable(node)} (next attempt in "
+                    f"{backoff.retry_at - trio.current_time():.1f} s): "
+                    f"{printable(backoff.error.message)}",
+                    code=backoff.error.code,
+                )
             link = self._peers[node] = _Peer(node)
             assert self._nursery is not None
             self._nursery.start_soon(self._run_link, link)
-        with trio.move_on_after(self.server.config.connect_timeout):
+        config = self.server.config
+        # the dial (connect_timeout), then TLS and the handshake (handshake_timeout together)
+        with trio.move_on_after(config.connect_timeout + config.handshake_timeout):
             await link.ready.wait()
         session = link.session
         if session is None:
             raise link.error or ConnectError(f"no link to node {printable(node)} in time")
-        return await session.open_stream(peer[0], peer[1], tag=tag, datagrams=datagrams)
+        try:
+            # a node that stopped answering (a partition its pings have not found yet) must
+            # not hold the public connection: bounded like a dial
+            with trio.move_on_after(config.connect_timeout):
+                return await session.open_stream(peer[0], peer[1], tag=tag, datagrams=datagrams)
+        except SessionClosedError:
+            # the link opens no more streams (ended, going away, its stream ids used up):
+            # the next connection, this one included, gets a new link
+            if self._peers.get(node) is not link or retried:
+                raise
+            self._retire(link)
+            return await self.open_stream(node, tag, peer, datagrams, retried=True)
+        raise ConnectError(
+            f"node {printable(node)} did not answer within {config.connect_timeout:g} s"
+        )
+
+    def _retire(self, link: _Peer) -> None:
+        """Take ``link`` out of use: new connections get a new link, and it closes once
+        the relays still on it are done."""
+        if self._peers.get(link.node_id) is link:
+            del self._peers[link.node_id]
+        link.retired.set()
 
     async def _run_link(self, link: _Peer) -> None:
         node = link.node_id
         with link.scope:
             try:
                 await self._open_link(link)
-            except (TunnelError, OSError) as exc:
+            except (TunnelError, OSError, ValueError) as exc:
+                # ValueError: what this node would send cannot be sent (its own id, say);
+                # never the end of the node, only of this link attempt
                 link.error = (
                     exc
                     if isinstance(exc, TunnelError)
-                    else ConnectError(f"link to node {printable(node)}: {exc}")
+                    else ConnectError(f"link to node {printable(node)}: {printable(str(exc))}")
                 )
-                # the error may carry the peer's own words (its GoAway)
-                log.warning("no link to node %s: %s", printable(node), printable(str(link.error)))
+                self._link_failed(node, link.error)
             finally:
                 link.session = None
                 link.ready.set()
@@ -459,30 +571,46 @@ class NodeLinks:
         stream: trio.abc.Stream = await dial(
             host.strip("[]"), int(port_text), timeout=config.connect_timeout, logger=log
         )
-        if self._tls is not None:
-            stream = await tls_connect(
-                stream,
-                self._tls,
-                server_hostname=host.strip("[]"),
-                timeout=config.handshake_timeout,
+        handshaken = False
+        try:
+            # TLS and the handshake share one deadline, so the link-ready wait bounds them
+            with trio.move_on_after(config.handshake_timeout):
+                if self._tls is not None:
+                    stream = await tls_connect(
+                        stream,
+                        self._tls,
+                        server_hostname=host.strip("[]"),
+                        timeout=config.handshake_timeout,
+                    )
+                result = await client_handshake(
+                    stream,
+                    self._secret,
+                    timeout=config.handshake_timeout,
+                    max_frame_size=config.session.max_frame_size,
+                    client_id=self.registry.node_id,
+                    node=True,
+                )
+                handshaken = True
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        if not handshaken:
+            await trio.aclose_forcefully(stream)
+            raise HandshakeTimeoutError(
+                f"node {printable(node)}: no handshake within {config.handshake_timeout:g} s"
             )
-        result = await client_handshake(
-            stream,
-            self._secret,
-            timeout=config.handshake_timeout,
-            max_frame_size=config.session.max_frame_size,
-            client_id=self.registry.node_id,
-            node=True,
-        )
         name = f"node-link<{node}>"
         try:
-            async with result.open_session(stream, Role.CLIENT, config.session, name=name) as s:
+            link_config = link_session_config(config)
+            async with result.open_session(stream, Role.CLIENT, link_config, name=name) as s:
                 link.session = s
                 self.stats.links_opened += 1
+                self._link_up(node)
                 link.ready.set()
                 log.info("link to node %s at %s up", printable(node), printable(address))
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_ping_loop, s)
+                    nursery.start_soon(_ping_loop, s, node, config.heartbeat_timeout)
+                    nursery.start_soon(_close_when_retired, link, s)
                     await s.wait_closed()
                     nursery.cancel_scope.cancel()
                 log.warning(
@@ -491,6 +619,31 @@ class NodeLinks:
         finally:
             await trio.aclose_forcefully(stream)
 
+    def _link_failed(self, node: str, error: TunnelError) -> None:
+        previous = self._backoff.get(node)
+        failures = 1 if previous is None else previous.failures + 1
+        delay = min(_LINK_BACKOFF_MAX, _LINK_BACKOFF_INITIAL * 2 ** (failures - 1))
+        self._backoff[node] = _Backoff(failures, trio.current_time() + delay, error)
+        if self._failures.refuse(node):
+            # the error may carry the peer's own words (its GoAway)
+            log.warning(
+                "no link to node %s: %s (retried with backoff; further failures counted)",
+                printable(node),
+                printable(str(error)),
+            )
+
+    def _link_up(self, node: str) -> None:
+        self._backoff.pop(node, None)
+        failed = self._failures.end(node)
+        if failed > 1:
+            log.info("link to node %s up after %d failed attempts", printable(node), failed)
+
+    def _forget_failures(self, node: str) -> None:
+        self._backoff.pop(node, None)
+        failed = self._failures.end(node)
+        if failed > 1:
+            log.info("%d failed link attempts to node %s", failed, printable(node))
+
     def _drop_peer(self, node: str, why: str) -> None:
         link = self._peers.pop(node, None)
         if link is not None:
@@ -498,13 +651,46 @@ class NodeLinks:
             link.scope.cancel()
 
 
-async def _ping_loop(session: Session) -> None:
+#: Seconds between looks at a retired link's streams, until the last relay on it is done.
+_RETIRED_CHECK_INTERVAL = 1.0
+
+
+async def _close_when_retired(link: _Peer, session: Session) -> None:
+    await link.retired.wait()
+    log.info("link to node %s opens no more streams; replaced", printable(link.node_id))
+    # the session tells no one when its last stream ends; a slow look is enough here
+    while session.open_streams:  # noqa: ASYNC110
+        await trio.sleep(_RETIRED_CHECK_INTERVAL)
+    await session.aclose(ErrorCode.GOING_AWAY, "replaced by a new link")
+
+
+async def _ping_loop(session: Session, node: str, timeout: float) -> None:
+    """Ping the link; one ping unanswered for ``timeout`` (the answering node's silence
+    check) ends it, so its relays are reset and the next connection makes a new link."""
     while True:
-        await trio.sleep(LINK_PING_INTERVAL)
-        try:
-            await session.ping()
-        except TunnelError:
-            return
+        await trio.sleep(link_ping_interval(timeout))
+        with trio.move_on_after(timeout):
+            try:
+                await session.ping()
+            except TunnelError:
+                return
+            continue
+        log.warning(
+            "link to node %s: no answer to a ping within %g s; closing it", printable(node), timeout
+        )
+        await session.abort(
+            SessionClosedError(
+                f"no ping answer within {timeout:g} s", code=ErrorCode.HEARTBEAT_TIMEOUT
+            )
+        )
+        return
+
+
+def link_session_config(config: ServerConfig) -> SessionConfig:
+    """The session config of a node link, on both sides: one link carries every connection
+    between two nodes, so its stream limit is the server's (``max_streams``), not that of
+    one client's session."""
+    return attrs.evolve(config.session, max_streams=config.max_streams)
 
 
 async def serve_node_link(server: TunnelServer, session: Session, node: str) -> None:
@@ -519,7 +705,18 @@ async def serve_node_link(server: TunnelServer, session: Session, node: str) -> 
             except TunnelError:
                 break
             kind = incoming.tag & routes.RELAY_KIND_MASK
-            peer = (incoming.host, incoming.port)
+            peer = relayed_peer(incoming.host, incoming.port)
+            if peer is None:
+                # it reaches the client as the public peer (PROXY protocol, X-Forwarded-For):
+                # only what getpeername() could have said is passed on
+                log.warning(
+                    "stream from node %s refused: public peer %s:%d is not an IP address",
+                    printable(node),
+                    printable(incoming.host[:100]),
+                    incoming.port,
+                )
+                incoming.refuse(ErrorCode.PROTOCOL_ERROR, "the public peer is not an IP address")
+                continue
             if refuse_wrong_kind(incoming, kind == routes.RELAY_UDP):
                 continue
             if kind == routes.RELAY_UDP:
@@ -575,6 +772,20 @@ async def serve_node_link(server: TunnelServer, session: Session, node: str) -> 
         nursery.cancel_scope.cancel()
 
 
+def relayed_peer(host: str, port: int) -> tuple[str, int] | None:
+    """The public peer another node names for a relayed stream, normalised; ``None`` unless
+    it is an IP literal (no IPv6 zone, whose text is free) and a port."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        return None
+    if not 0 <= port <= 65535:
+        return None
+    return str(address), port
+
+
 def take_relayed_association(
     client: _ClientSession,
     nursery: trio.Nursery,
@@ -608,7 +819,11 @@ async def _carry_association(
         try:
             client_stream = await open_association(source)
         except TunnelError as exc:
-            log.info("relayed udp association from %s not opened: %s", format_target(*source), exc)
+            log.info(
+                "relayed udp association from %s not opened: %s",
+                printable(format_target(*source)),
+                printable(str(exc)),
+            )
             return
         await pump_datagrams(
             link_stream, client_stream, idle_timeout=client.config.udp_idle_timeout, stats=stats

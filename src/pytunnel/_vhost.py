@@ -349,7 +349,10 @@ async def _read_and_route(
             raise _Refused(f"no route for {name!r}", reply)
     except _Refused as refused:
         log.info(
-            "%s connection from %s:%d refused: %s", what, peer[0], peer[1], printable(str(refused))
+            "%s connection from %s refused: %s",
+            what,
+            printable(f"{peer[0]}:{peer[1]}"),
+            printable(str(refused)),
         )
         await answer_and_close(conn, refused.reply)
         return

@@ -9,6 +9,7 @@ once (so the same port can be bound again immediately) and every relay is torn d
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 import ssl
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -27,7 +28,14 @@ from ._admission import (
 from ._dial import DEFAULT_CONNECT_TIMEOUT, format_target
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT
 from ._listen import bind
-from ._node_link import NodeLinks, NodeLinkStats, Take, TakeAssociation, serve_node_link
+from ._node_link import (
+    NodeLinks,
+    NodeLinkStats,
+    Take,
+    TakeAssociation,
+    link_session_config,
+    serve_node_link,
+)
 from ._policy import PermitOpen, PortRange, parse_port_ranges
 from ._proxied import Network, ProxyHeaderError, real_peer, trusted_networks
 from ._relay import DEFAULT_IDLE_TIMEOUT
@@ -45,7 +53,7 @@ from ._vhost import (
     serve_name_routing,
 )
 from .cluster._ownership import client_key, release_quietly
-from .cluster._registry import Change, Registry
+from .cluster._registry import Change, Registry, check_node_id
 from .errors import (
     ClusterUnavailableError,
     ErrorCode,
@@ -112,6 +120,24 @@ def _permit(value: PermitOpen | Iterable[str] | str | None) -> PermitOpen:
 def _valid_ws_path(_inst: object, _attribute: object, value: str | None) -> None:
     if value is not None and (not value.startswith("/") or "?" in value or not value.isprintable()):
         raise ValueError(f"ws_path must be a path starting with '/' (no query), not {value!r}")
+
+
+def _valid_node_id(_inst: object, _attribute: object, value: Registry | None) -> None:
+    if value is not None:
+        check_node_id(value.node_id)
+
+
+def _secret_bytes(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+def _not_the_token(inst: ServerConfig, _attribute: object, value: str | bytes | None) -> None:
+    # a node link is trusted to name any public peer and reach any client's route: with the
+    # token as its secret, every client could make one
+    if value is not None and hmac.compare_digest(_secret_bytes(value), _secret_bytes(inst.token)):
+        raise ValueError(
+            "cluster_secret must not be the client token (every client would be a node)"
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -186,12 +212,14 @@ class ServerConfig:
     #: The registry of the cluster this server is a node of (``pytunnel.cluster``): ports,
     #: names and client identities are claimed there before they are bound or registered.
     #: ``None``: a server on its own, whose binds and routes are its only ownership.
-    cluster: Registry | None = None
+    cluster: Registry | None = attrs.field(default=None, validator=_valid_node_id)
     #: The secret the nodes of ``cluster`` share: with it, public traffic that reaches this
     #: node for a port or name another node's client holds is relayed there over a node link
     #: (authenticated by it; never logged). ``None``: no relaying, public traffic must reach
     #: the client's own node.
-    cluster_secret: str | bytes | None = attrs.field(default=None, repr=False)
+    cluster_secret: str | bytes | None = attrs.field(
+        default=None, repr=False, validator=_not_the_token
+    )
     #: The client context of node links when the nodes' control listeners are TLS (``tls``
     #: set): it verifies the peer node's certificate (``pytunnel.client_tls_context(ca_file=
     #: ...)``, with this node's own certificate when the listeners require client
@@ -629,7 +657,7 @@ class TunnelServer:
             stream, result = admitted
             if result.node:
                 async with result.open_session(
-                    stream, Role.SERVER, self.config.session, name=f"node-link<{peer}>"
+                    stream, Role.SERVER, link_session_config(self.config), name=f"node-link<{peer}>"
                 ) as session:
                     log.info("link from node %s (%s) up", printable(result.client_id), peer)
                     await serve_node_link(self, session, result.client_id)

@@ -12,6 +12,7 @@ import trio
 import pytunnel
 
 from ..cluster import EtcdRegistry, parse_etcd_url
+from ..cluster._registry import check_node_id
 from ..cluster.etcd import DEFAULT_LEASE_TTL
 from ..errors import printable
 from ._admin import call_admin
@@ -35,8 +36,10 @@ def check_cluster_options(
         raise click.UsageError(f"--cluster: {exc}") from None
     if not node_id:
         raise click.UsageError("--cluster needs --node-id NAME (unique in the cluster)")
-    if "/" in node_id or not node_id.isprintable():
-        raise click.UsageError(f"--node-id: a printable name without '/', not {node_id!r}")
+    try:
+        check_node_id(node_id)
+    except ValueError as exc:
+        raise click.UsageError(f"--node-id: {printable(str(exc))}") from None
 
 
 def node_registry(

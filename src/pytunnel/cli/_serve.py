@@ -18,6 +18,7 @@ import click
 import trio
 
 import pytunnel
+import pytunnel.admin
 import pytunnel.metrics
 
 from . import _admin
@@ -25,7 +26,7 @@ from ._cluster import DEFAULT_LEASE_TTL, check_cluster_options, node_registry
 from ._config import ConfigCommand, config_option, config_path, watch_reload
 from ._config import reload as reload_config
 from ._logs import setup_logging
-from ._metrics import start_metrics
+from ._metrics import open_metrics
 from ._options import (
     CONTEXT,
     config_check,
@@ -337,6 +338,19 @@ def serve(
                 key_file=tls_key if mutual else None,
             )
         async with trio.open_nursery() as nursery:
+            # the node's own listeners first: serving starts mirroring the ports other
+            # nodes' clients hold, which must never take --metrics or --admin from it
+            metrics_at = None if metrics is None else await open_metrics(nursery, metrics)
+            api: list[pytunnel.admin.Handler] = []
+
+            async def admin_handler(request: pytunnel.admin.Request) -> pytunnel.admin.Response:
+                if not api:
+                    return pytunnel.admin.error_response(503, "the server is starting")
+                return await api[0](request)
+
+            where = await _admin.serve_admin(
+                nursery, admin_handler, admin, admin_token, role="serve"
+            )
             server: pytunnel.TunnelServer = await nursery.start(
                 functools.partial(
                     pytunnel.serve,
@@ -366,10 +380,10 @@ def serve(
                 pin = f" --tls-fingerprint {fingerprint}" if tls_self_signed else ""
                 tls_flag = " --tls" if tls and not tls_self_signed else ""
                 say(f"connect with: pytunnel connect {address} --token {secret}{tls_flag}{pin}")
-            if metrics is not None:
-                await start_metrics(nursery, pytunnel.metrics.ServerCollector(server), metrics)
-            api = _admin.server_api(server, functools.partial(reload_config, ctx, apply))
-            where = await _admin.serve_admin(nursery, api, admin, admin_token, role="serve")
+            if metrics_at is not None:
+                metrics_at[0].register(pytunnel.metrics.ServerCollector(server))
+                say(metrics_at[1])
+            api.append(_admin.server_api(server, functools.partial(reload_config, ctx, apply)))
             if where is not None:
                 logging.getLogger("pytunnel.cli").info("admin API on %s", where)
 

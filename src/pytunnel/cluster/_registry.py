@@ -20,7 +20,26 @@ from typing import Protocol
 import attrs
 import trio
 
-__all__ = ["Change", "LocalRegistry", "LostCallback", "Registry", "WatchCallback"]
+from ..protocol.messages import MAX_CLIENT_ID, valid_client_id
+
+__all__ = [
+    "Change",
+    "LocalRegistry",
+    "LostCallback",
+    "Registry",
+    "WatchCallback",
+    "check_node_id",
+]
+
+
+def check_node_id(node_id: str) -> None:
+    """Refuse (``ValueError``) a node id that could not be a client id: a node link sends
+    it as its handshake's client id, and owner strings and logs carry it as it is."""
+    if not node_id or not valid_client_id(node_id):
+        raise ValueError(
+            f"a node id is 1-{MAX_CLIENT_ID} characters of [A-Za-z0-9._:-] (the rule of "
+            f"client ids), not {node_id!r}"
+        )
 
 
 @attrs.frozen

@@ -29,7 +29,7 @@ import httpx
 import trio
 
 from ..errors import ClusterUnavailableError, printable
-from ._registry import Change, LostCallback, WatchCallback
+from ._registry import Change, LostCallback, WatchCallback, check_node_id
 
 __all__ = ["DEFAULT_LEASE_TTL", "EtcdRegistry", "parse_etcd_url"]
 
@@ -113,8 +113,7 @@ class EtcdRegistry:
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         retry_interval: float = DEFAULT_RETRY_INTERVAL,
     ) -> None:
-        if not node_id or "/" in node_id or not node_id.isprintable():
-            raise ValueError(f"a node id is a non-empty printable name without '/': {node_id!r}")
+        check_node_id(node_id)
         if lease_ttl < 2:
             raise ValueError(f"the lease TTL is 2 s or more, not {lease_ttl!r}")
         self.node_id = node_id
