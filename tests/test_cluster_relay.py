@@ -91,6 +91,20 @@ async def _mirrored(node: pytunnel.TunnelServer, port: int) -> None:
     await wait_until(lambda: port in links.mirrored_ports, seconds=20, what=f"{port} not mirrored")
 
 
+async def _two_nodes_one_port(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int, *, reconnect: bool = True
+) -> tuple[pytunnel.TunnelServer, pytunnel.TunnelServer, pytunnel.Tunnel, int]:
+    """Nodes a (127.0.0.1) and b (127.0.0.2), a client of a holding ``port`` (free on both
+    addresses) for the echo service, and b mirroring it: the usual start of a relay test."""
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN, reconnect=reconnect)
+    port = _free_port_on_both()
+    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    await _mirrored(b, port)
+    return a, b, tunnel, port
+
+
 async def test_a_port_of_a_client_on_node_a_is_served_through_node_b(
     nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
 ) -> None:
@@ -166,12 +180,7 @@ async def test_losing_the_link_resets_the_connections_relayed_over_it(
     """A relayed connection is live when node A goes away: its public peer at B sees a
     reset, not a clean end that would pass for a complete reply; B stops listening once
     A's key is gone and nothing of the link is left."""
-    a = await _node(nursery, etcd, "a", "127.0.0.1")
-    b = await _node(nursery, etcd, "b", "127.0.0.2")
-    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN, reconnect=False)
-    port = _free_port_on_both()
-    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
-    await _mirrored(b, port)
+    a, b, _tunnel, port = await _two_nodes_one_port(nursery, etcd, echo_port, reconnect=False)
     with trio.fail_after(10):
         stream = await trio.open_tcp_stream("127.0.0.2", port)
         await stream.send_all(b"first")
@@ -301,12 +310,7 @@ async def test_metrics_name_the_node_and_count_node_link_traffic(
     """Scraped from each node: every server metric has the node's label; the relaying node
     counts its streams and bytes out, the owner its streams in and the forward's own
     counters."""
-    a = await _node(nursery, etcd, "a", "127.0.0.1")
-    b = await _node(nursery, etcd, "b", "127.0.0.2")
-    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
-    port = _free_port_on_both()
-    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
-    await _mirrored(b, port)
+    a, b, _tunnel, port = await _two_nodes_one_port(nursery, etcd, echo_port)
     payload = b"x" * 10_000
     for _ in range(2):
         assert await _exchange(("127.0.0.2", port), payload) == payload
@@ -386,12 +390,7 @@ async def test_relayed_connections_leave_nothing_behind(
     """Ten connections relayed at once through B, held open, then closed (half of them by
     a reset): every task and descriptor they took at both nodes is given back, and only the
     one link stays."""
-    a = await _node(nursery, etcd, "a", "127.0.0.1")
-    b = await _node(nursery, etcd, "b", "127.0.0.2")
-    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
-    port = _free_port_on_both()
-    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
-    await _mirrored(b, port)
+    a, b, _tunnel, port = await _two_nodes_one_port(nursery, etcd, echo_port)
     assert await _exchange(("127.0.0.2", port), b"link up") == b"link up"
     await wait_until(lambda: b.active_streams == 0 and a.active_streams == 0, seconds=20)
     tasks, fds = count_tasks(), count_fds()
@@ -458,12 +457,7 @@ async def test_relaying_goes_on_while_the_engine_is_away(
     """The engine is killed: a connection relayed through B before goes on, and new ones are
     relayed too (B's table of who holds what comes from its watch, not from a request per
     connection); once the engine is back the table follows it again."""
-    a = await _node(nursery, etcd, "a", "127.0.0.1")
-    b = await _node(nursery, etcd, "b", "127.0.0.2")
-    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
-    port = _free_port_on_both()
-    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
-    await _mirrored(b, port)
+    _a, b, tunnel, port = await _two_nodes_one_port(nursery, etcd, echo_port)
     with trio.fail_after(10):
         live = await trio.open_tcp_stream("127.0.0.2", port)
         await live.send_all(b"before")
@@ -525,12 +519,7 @@ async def test_a_link_that_cannot_send_the_node_id_does_not_stop_the_node(
     """Whatever ``ValueError`` a link attempt meets (white box: a node id changed under a
     running node, which the handshake refuses to send) ends that attempt only: the public
     connection is reset and the node goes on relaying once the link can be made."""
-    a = await _node(nursery, etcd, "a", "127.0.0.1")
-    b = await _node(nursery, etcd, "b", "127.0.0.2")
-    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
-    port = _free_port_on_both()
-    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
-    await _mirrored(b, port)
+    _a, b, _tunnel, port = await _two_nodes_one_port(nursery, etcd, echo_port)
     assert b.cluster is not None
     b.cluster.node_id = "edge 2"
     with trio.fail_after(10):
@@ -757,12 +746,7 @@ async def test_a_link_that_can_open_no_more_streams_is_replaced(
     ``open_stream`` raises "going away" for every connection, but the session itself stays
     up, so ``NodeLinks`` keeps it for ever: all relaying to that node is dead until a
     restart. (White box: the id counter is moved to its end.)"""
-    a = await _node(nursery, etcd, "a", "127.0.0.1")
-    b = await _node(nursery, etcd, "b", "127.0.0.2")
-    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
-    port = _free_port_on_both()
-    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
-    await _mirrored(b, port)
+    _a, b, _tunnel, port = await _two_nodes_one_port(nursery, etcd, echo_port)
     with trio.fail_after(10):
         stream = await trio.open_tcp_stream("127.0.0.2", port)
         async with stream:
@@ -1046,12 +1030,7 @@ async def test_a_link_cut_mid_stream_resets_and_gives_back_everything(
 
     from pytunnel.errors import SessionClosedError
 
-    a = await _node(nursery, etcd, "a", "127.0.0.1")
-    b = await _node(nursery, etcd, "b", "127.0.0.2")
-    tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
-    port = _free_port_on_both()
-    await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
-    await _mirrored(b, port)
+    a, b, _tunnel, port = await _two_nodes_one_port(nursery, etcd, echo_port)
     with trio.fail_after(10):
         s = await trio.open_tcp_stream("127.0.0.2", port)
         async with s:

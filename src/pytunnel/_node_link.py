@@ -719,21 +719,14 @@ async def serve_node_link(server: TunnelServer, session: Session, node: str) -> 
                 continue
             if refuse_wrong_kind(incoming, kind == routes.RELAY_UDP):
                 continue
-            if kind == routes.RELAY_UDP:
-                take_udp = server.udp_targets.get(incoming.tag & routes.RELAY_PORT_MASK)
-                if take_udp is None:
-                    incoming.refuse(ErrorCode.FORWARD_FAILED, "no client of this node holds it")
-                    continue
-                stream = _accept(incoming)
-                if stream is None:
-                    continue
-                if stats is not None:
-                    stats.streams_in += 1
-                if not take_udp(stream, peer):
-                    stream.reset(ErrorCode.FORWARD_FAILED, "the forward cannot take it now")
-                    await trio.aclose_forcefully(stream)
-            elif kind == routes.RELAY_TCP:
-                take = server.port_target(incoming.tag & routes.RELAY_PORT_MASK)
+            if kind in (routes.RELAY_UDP, routes.RELAY_TCP):
+                # a UDP association or a TCP connection: handed to the forward holding the port
+                port = incoming.tag & routes.RELAY_PORT_MASK
+                take = (
+                    server.udp_targets.get(port)
+                    if kind == routes.RELAY_UDP
+                    else server.port_target(port)
+                )
                 if take is None:
                     incoming.refuse(ErrorCode.FORWARD_FAILED, "no client of this node holds it")
                     continue
