@@ -11,8 +11,7 @@ import trio
 
 import pytunnel
 
-from ..cluster import EtcdRegistry, parse_etcd_url
-from ..cluster._registry import check_node_id
+from ..cluster import EtcdRegistry, check_node_id, parse_etcd_url
 from ..cluster.etcd import DEFAULT_LEASE_TTL
 from ..errors import printable
 from ._admin import call_admin

@@ -18,6 +18,7 @@ from ._registry import LocalRegistry as LocalRegistry
 from ._registry import LostCallback as LostCallback
 from ._registry import Registry as Registry
 from ._registry import WatchCallback as WatchCallback
+from ._registry import check_node_id as check_node_id
 
 if TYPE_CHECKING:
     from .etcd import EtcdRegistry as EtcdRegistry
@@ -30,6 +31,7 @@ __all__ = [
     "LostCallback",
     "Registry",
     "WatchCallback",
+    "check_node_id",
     "parse_etcd_url",
 ]
 
