@@ -11,6 +11,7 @@ import collections
 import contextlib
 import functools
 import os
+import random
 import re
 import select
 import shutil
@@ -173,8 +174,29 @@ async def echo_handler(stream: trio.SocketStream) -> None:
         pass
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def closed_port() -> int:
-    """A loopback port with nothing listening (bound then released)."""
+    """A loopback port with nothing listening (bound then released).
+
+    It is picked below the kernel's ephemeral range: a port from ``bind(0)`` could be handed
+    out again, to another listener on port 0 or to an outgoing connection's local end, before
+    the test binds it, and the test would fail with "address in use" for no fault of its own."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 16384), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import PYTUNNEL, CliProcess, address_in, roundtrip, threaded_echo
+from helpers import PYTUNNEL, CliProcess, address_in, closed_port, roundtrip, threaded_echo
 
 from pytunnel.cli import main
 
@@ -423,12 +423,6 @@ def test_startup_error_is_found_inside_nested_groups() -> None:
     assert startup_error(ExceptionGroup("g", [typed, ValueError("bug")])) is None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _serve(*args: str) -> tuple[CliProcess, tuple[str, int], str]:
     proc = CliProcess("serve", "--listen", "127.0.0.1:0", *args)
     listening = proc.readline()
@@ -439,7 +433,7 @@ def _serve(*args: str) -> tuple[CliProcess, tuple[str, int], str]:
 def test_allow_ports_comma_list_through_the_cli(echo_address: tuple[str, int]) -> None:
     """``--allow-ports 1-2,PORT``: a port in a later element of the list is allowed, one in
     none of them is refused with one line."""
-    allowed, other = _free_port(), _free_port()
+    allowed, other = closed_port(), closed_port()
     proc, (host, port), token = _serve("--allow-ports", f"1-2, {allowed}")
     echo = f"{echo_address[0]}:{echo_address[1]}"
     env = {"PYTUNNEL_TOKEN": token}
@@ -477,7 +471,7 @@ def test_permit_open_wildcard_through_the_cli(echo_address: tuple[str, int]) -> 
         "-L",
         f"0:localhost:{echo_port}",
         "-L",
-        f"0:localhost:{_free_port()}",
+        f"0:localhost:{closed_port()}",
         env={"PYTUNNEL_TOKEN": token},
     )
     try:
@@ -630,7 +624,7 @@ def test_proxy_protocol_version_is_checked_by_the_cli() -> None:
 def test_a_name_route_through_the_cli(echo_address: tuple[str, int]) -> None:
     """``serve --http-listen --domain`` and ``connect -R app:80:HOST:PORT``: a connection for
     ``app.<domain>`` on the shared port reaches the target; another name gets a 404."""
-    shared = _free_port()
+    shared = closed_port()
     proc = CliProcess(
         "serve", "--listen", "127.0.0.1:0", "--http-listen", f"127.0.0.1:{shared}",
         "--domain", "tunnel.test",
@@ -688,7 +682,7 @@ def test_a_load_balanced_group_through_the_cli(
     _, (host, port), token = server
     key_file = tmp_path / "group.key"
     key_file.write_text("group secret\n")
-    public = _free_port()
+    public = closed_port()
     targets = []
     for name in (b"first", b"second"):
 
@@ -763,7 +757,7 @@ def test_several_servers_through_the_cli(
 ) -> None:
     """``pytunnel connect DOWN UP -L ...``: the server that refuses is passed over."""
     _, (host, port), token = server
-    down = f"127.0.0.1:{_free_port()}"
+    down = f"127.0.0.1:{closed_port()}"
     echo = f"{echo_address[0]}:{echo_address[1]}"
     client = CliProcess("connect", down, f"{host}:{port}", "--token", token, "-L", f"0:{echo}")
     try:

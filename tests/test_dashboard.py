@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import closed_port
 
 import pytunnel
 
@@ -34,12 +35,6 @@ FLAGS = [
     "--disable-dev-shm-usage",
     "--no-first-run",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _line(proc: subprocess.Popen[str], prefix: str) -> str:
@@ -96,7 +91,7 @@ def test_dashboard_shows_forwards_traffic_and_a_lost_link(
         address = _line(server, "pytunnel server listening on ").rsplit(" ", 1)[1]
         token_file = tmp_path / "admin-token"
         token_file.write_text("dash-token\n")
-        admin = _free_port()
+        admin = closed_port()
         args = ["-L", f"0:127.0.0.1:{echo}", "--admin", f"127.0.0.1:{admin}"]
         args += ["--admin-token-file", str(token_file)]
         client = subprocess.Popen(
@@ -172,7 +167,7 @@ def test_server_dashboard_shows_clients_come_and_go(
     expect = playwright_sync.expect
     token_file = tmp_path / "admin-token"
     token_file.write_text("srv-token\n")
-    admin = _free_port()
+    admin = closed_port()
     args = ["--admin", f"127.0.0.1:{admin}", "--admin-token-file", str(token_file)]
     server = subprocess.Popen(
         [*PYTUNNEL, "serve", "--listen", "127.0.0.1:0", "--token", "t", *args],
@@ -242,7 +237,7 @@ def test_name_routes_on_both_dashboards(browser: object, echo: int, tmp_path: Pa
     expect = playwright_sync.expect
     token_file = tmp_path / "admin-token"
     token_file.write_text("names-token\n")
-    server_admin, client_admin = _free_port(), _free_port()
+    server_admin, client_admin = closed_port(), closed_port()
     server = subprocess.Popen(
         [
             *PYTUNNEL, "serve", "--listen", "127.0.0.1:0", "--token", "t",

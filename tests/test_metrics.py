@@ -241,13 +241,8 @@ PROMETHEUS = shutil.which("prometheus")
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt-get install prometheus)")
 def test_a_real_prometheus_scrapes_and_queries_a_counter(tmp_path: Any) -> None:
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-
     echo = socket.create_server(("127.0.0.1", 0))
-    metrics_port, prom_port = free_port(), free_port()
+    metrics_port, prom_port = closed_port(), closed_port()
     server = subprocess.Popen(
         [*PYTUNNEL, "serve", "--listen", "127.0.0.1:0", "--token", "t"],
         stdout=subprocess.PIPE,
