@@ -6,10 +6,13 @@ them from there, never from this module.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
+import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -47,6 +50,23 @@ async def tunnel(nursery: trio.Nursery, tunnel_server: pytunnel.TunnelServer) ->
     return await pytunnel.connect_tunnel(nursery, tunnel_server.address, token=TOKEN)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Admin sockets of the clients and servers the tests start go to a runtime folder of
+    this run's own, not the user's: a test that looks for "the only running client" must
+    not find one of another run, or of a parallel worker."""
+    os.environ["XDG_RUNTIME_DIR"] = config.stash.setdefault(
+        _RUNTIME, tempfile.mkdtemp(prefix="pytunnel-tests-")
+    )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _RUNTIME in config.stash:
+        shutil.rmtree(config.stash[_RUNTIME], ignore_errors=True)
+
+
+_RUNTIME = pytest.StashKey[str]()
+
+
 @pytest.fixture
 def blackhole() -> Iterator[Blackhole]:
     hole = Blackhole()
@@ -60,24 +80,32 @@ def runner_dir() -> Path:
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("node and npm are not installed (Debian: apt-get install nodejs npm)")
     package = RUNNER_DIR / "node_modules" / "@bluelibs" / "runner" / "package.json"
-    if not package.exists() or not json.loads(package.read_text())["version"].startswith(
-        RUNNER_VERSION + "."
-    ):
-        RUNNER_DIR.mkdir(parents=True, exist_ok=True)
-        manifest = RUNNER_DIR / "package.json"
-        if not manifest.exists():
-            manifest.write_text('{"name": "pytunnel-runner-interop", "private": true}\n')
-        try:
-            subprocess.run(
-                ["npm", "install", "--no-audit", "--no-fund", f"@bluelibs/runner@{RUNNER_VERSION}"],
-                cwd=RUNNER_DIR,
-                capture_output=True,
-                timeout=300,
-                check=True,
-            )
-        except (subprocess.SubprocessError, OSError) as exc:
-            pytest.skip(f"npm install @bluelibs/runner@{RUNNER_VERSION} failed: {exc}")
+    RUNNER_DIR.mkdir(parents=True, exist_ok=True)
+    # one install at a time: parallel test workers share the folder
+    with open(RUNNER_DIR / ".install-lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not package.exists() or not json.loads(package.read_text())["version"].startswith(
+            RUNNER_VERSION + "."
+        ):
+            _npm_install_runner()
     return RUNNER_DIR
+
+
+def _npm_install_runner() -> None:
+    """``npm install`` into ``RUNNER_DIR``; a failure skips the tests that need it."""
+    manifest = RUNNER_DIR / "package.json"
+    if not manifest.exists():
+        manifest.write_text('{"name": "pytunnel-runner-interop", "private": true}\n')
+    try:
+        subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", f"@bluelibs/runner@{RUNNER_VERSION}"],
+            cwd=RUNNER_DIR,
+            capture_output=True,
+            timeout=300,
+            check=True,
+        )
+    except (subprocess.SubprocessError, OSError) as exc:
+        pytest.skip(f"npm install @bluelibs/runner@{RUNNER_VERSION} failed: {exc}")
 
 
 @pytest.fixture
