@@ -40,7 +40,7 @@ async def test_nothing_before_authentication(tunnel_server: pytunnel.TunnelServe
 async def test_wrong_token_storm_is_throttled(
     nursery: trio.Nursery, echo_port: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """10,000 wrong-token attempts from one address: refused cheaply after a few, no session,
+    """2,000 wrong-token attempts from one address: refused cheaply after a few, no session,
     task or fd left behind, and an authenticated client elsewhere keeps working throughout."""
     caplog.set_level(logging.WARNING)
     server: pytunnel.TunnelServer = await nursery.start(
@@ -76,13 +76,13 @@ async def test_wrong_token_storm_is_throttled(
         storm.start_soon(legit_traffic, done)
         async with trio.open_nursery() as attackers:
             for _ in range(50):
-                attackers.start_soon(attacker, 200)
+                attackers.start_soon(attacker, 40)
         done.set()
-    assert sum(outcomes.values()) == 10_000
+    assert sum(outcomes.values()) == 2_000
     # only attempts already in flight when the ban began (at most one per attacker task,
     # plus the first five) cost a handshake; everything else is refused up front
     assert outcomes["AuthenticationError"] <= 5 + 50
-    assert outcomes["RateLimitedError"] >= 10_000 - 55
+    assert outcomes["RateLimitedError"] >= 2_000 - 55
     assert server.session_count == 1
     # the last refused connections may still be closing: what is left must go, not grow
     await wait_until(
