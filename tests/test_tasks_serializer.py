@@ -22,10 +22,33 @@ from pytunnel.tasks.serializer import (
     SerializationError,
     Undefined,
     dumps,
+    dumps_bytes,
     loads,
 )
 
 UTC = dt.timezone.utc
+
+
+def test_lone_surrogates_are_written_escaped_on_the_wire() -> None:
+    """``"\\ud800"`` is valid JSON (and a valid JavaScript string): read back it is a lone
+    surrogate, which UTF-8 cannot hold, so the wire form escapes it as JSON.stringify does."""
+    value = loads(b'{"s":"a\\ud800b","\\udc00":1}')
+    assert value == {"s": "a\ud800b", "\udc00": 1}
+    data = dumps_bytes(value)
+    assert data == b'{"s":"a\\ud800b","\\udc00":1}'
+    assert loads(data) == value
+    assert dumps_bytes({"s": "\u00e9"}) == '{"s":"\u00e9"}'.encode()  # no escaping otherwise
+
+
+@pytest.mark.parametrize(
+    "text", ["0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00", "0001-01-01T00:30:00+01:00"]
+)
+def test_dates_python_cannot_hold_in_utc_are_invalid_not_a_crash(text: str) -> None:
+    with pytest.raises(SerializationError):
+        loads(json.dumps({"__type": "Date", "value": text}))
+    east = dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=5)))
+    with pytest.raises(SerializationError):
+        dumps(east)
 
 
 def test_plain_json_is_plain() -> None:

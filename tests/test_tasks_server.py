@@ -142,6 +142,21 @@ async def test_input_forms(base: str, http: httpx.AsyncClient) -> None:
     assert await call(typed) == {"got": {"when": when, "s": {1}}, "undefined": False}
 
 
+async def test_peer_values_that_utf8_or_utc_cannot_hold_get_protocol_answers(
+    base: str, http: httpx.AsyncClient
+) -> None:
+    """A lone surrogate (``"\\ud800"`` is valid JSON) echoed back, and a Date at the edge of
+    Python's range with an offset, are each a JSON answer, not a bare plain-text 500."""
+    r = await http.post(f"{base}/task/echo", content=b'{"input":"a\\ud800"}', headers=AUTH)
+    assert r.status_code == 200
+    assert b'"a\\ud800"' in r.content
+    assert body_of(r)["result"]["got"] == "a\ud800"
+    edge = b'{"input":{"__type":"Date","value":"0001-01-01T00:00:00+05:00"}}'
+    r = await http.post(f"{base}/task/echo", content=edge, headers=AUTH)
+    assert error_of(r)[:2] == (400, "INVALID_JSON")
+    assert "x-runner-request-id" in r.headers
+
+
 async def test_id_is_percent_decoded_and_may_hold_slashes(
     base: str, http: httpx.AsyncClient
 ) -> None:

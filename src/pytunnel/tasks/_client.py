@@ -60,7 +60,7 @@ class _Protocol:
 
     @staticmethod
     def body(value: object) -> bytes:
-        return serializer.dumps(value).encode("utf-8")
+        return serializer.dumps_bytes(value)
 
     @staticmethod
     def result(response: httpx.Response, *, want_result: bool = True) -> Any:

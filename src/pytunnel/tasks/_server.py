@@ -541,19 +541,19 @@ class TaskServer:
         self, request: Request, headers: Iterable[tuple[str, str]], status: int, body: object
     ) -> Response:
         try:
-            text = serializer.dumps(body)
+            data = serializer.dumps_bytes(body)
         except SerializationError:
             if status != 200:
                 raise
             log.exception("a result cannot be written as Runner JSON")
             status = 500
-            text = serializer.dumps(
+            data = serializer.dumps_bytes(
                 {"ok": False, "error": {"message": "Internal Error", "code": "INTERNAL_ERROR"}}
             )
         out = [*_ANSWER_HEADERS, *headers, *self._cors_headers(request)]
         if self.cors is not None and self.cors.exposed_headers:
             out.append(("access-control-expose-headers", ", ".join(self.cors.exposed_headers)))
-        return Response(status, out, text.encode("utf-8"))
+        return Response(status, out, data)
 
     def _error(
         self,

@@ -51,6 +51,7 @@ __all__ = [
     "SerializationError",
     "Undefined",
     "dumps",
+    "dumps_bytes",
     "loads",
 ]
 
@@ -118,15 +119,31 @@ class JsError:
 
 
 def dumps(value: object) -> str:
-    """``value`` as Runner's typed JSON text."""
+    """``value`` as Runner's typed JSON text (a lone surrogate in a string stays one: use
+    :func:`dumps_bytes` for what goes on the wire)."""
+    return _ENCODER.encode(_tree(value))
+
+
+def dumps_bytes(value: object) -> bytes:
+    """``value`` as Runner's typed JSON in UTF-8, always encodable: a string holding a lone
+    surrogate (valid in JSON and in JavaScript strings, and what ``\\ud800`` in a peer's
+    JSON reads as) is written as its ``\\u`` escape, as ``JSON.stringify`` writes it, where
+    encoding it raw would fail."""
+    tree = _tree(value)
+    try:
+        return _ENCODER.encode(tree).encode("utf-8")
+    except UnicodeEncodeError:  # rare: only then is the escaping encoder's cost paid
+        return _ASCII_ENCODER.encode(tree).encode("ascii")
+
+
+def _tree(value: object) -> object:
     try:
         try:
-            tree = _fast(value, 0)
+            return _fast(value, 0)
         except _TooDeep:  # deep or circular: the careful walk says which
-            tree = _encode(value, 0, set())
+            return _encode(value, 0, set())
     except RecursionError:
         raise SerializationError("the value is nested too deeply") from None
-    return _ENCODER.encode(tree)
 
 
 def loads(text: str | bytes) -> Any:
@@ -168,6 +185,7 @@ def _reject_constant(name: str) -> object:
 
 # made once: ``json.loads`` and ``json.dumps`` with any option build a new one per call
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 _PLAIN = json.JSONDecoder(parse_constant=_reject_constant)
 _REVIVING = json.JSONDecoder(parse_constant=_reject_constant, object_hook=_revive_object)
 
@@ -188,7 +206,10 @@ def _escape_key(key: str) -> str:
 def _iso(value: _dt.datetime) -> str:
     if value.tzinfo is None or value.utcoffset() is None:
         raise SerializationError("a naive datetime has no instant: give it a time zone")
-    utc = value.astimezone(_dt.timezone.utc)
+    try:
+        utc = value.astimezone(_dt.timezone.utc)
+    except OverflowError:  # 0001-01-01 east of UTC, 9999-12-31 west of it
+        raise SerializationError("the date is out of the range Python can write") from None
     return (
         f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:"
         f"{utc.second:02d}.{utc.microsecond // 1000:03d}Z"
@@ -337,7 +358,7 @@ def _revive(name: str, data: Any) -> Any:
         return reviver(data)
     except SerializationError:
         raise
-    except (TypeError, ValueError, KeyError) as exc:
+    except (TypeError, ValueError, KeyError, OverflowError) as exc:
         raise SerializationError(f"invalid {name} payload") from exc
 
 
@@ -348,6 +369,7 @@ def _revive_date(data: Any) -> _dt.datetime:
     parsed = _dt.datetime.fromisoformat(text)
     if parsed.tzinfo is None:  # JavaScript reads a date-time without offset as local time
         parsed = parsed.astimezone()
+    parsed.astimezone(_dt.timezone.utc)  # an instant Python cannot hold in UTC: OverflowError
     return parsed
 
 
