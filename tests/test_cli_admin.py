@@ -18,6 +18,7 @@ import pytest
 from helpers import PYTUNNEL, CliProcess, address_in, roundtrip, threaded_echo
 
 import pytunnel
+import pytunnel.admin
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -134,6 +135,44 @@ def test_verbs_manage_forwards_of_a_running_client(server: str, rundir: Path, ec
     finally:
         client.stop()
     assert not sock.exists()
+
+
+def test_malformed_bodies_of_forwards_add_are_json_400s(server: str, rundir: Path) -> None:
+    """Each malformed body is one 400 with a JSON error, also JSON nested deeper than the
+    parser goes (it fits in the 64 KiB body limit), and the client goes on serving."""
+    sock = rundir / "c.sock"
+    client = _connect(server, "--admin", f"unix:{sock}")
+    try:
+        _wait_for(sock)
+        bodies = [
+            b"[" * 30000 + b"]" * 30000,
+            b"{" * 10 + b"}",
+            b'{"local": "\xff"}',
+            b"\xff\xfe",
+        ]
+        for body in bodies:
+            with socket.socket(socket.AF_UNIX) as raw:
+                raw.settimeout(30)
+                raw.connect(str(sock))
+                head = (
+                    "POST /api/forwards HTTP/1.1\r\nHost: localhost\r\n"
+                    f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                    "connection: close\r\n\r\n"
+                )
+                raw.sendall(head.encode() + body)
+                answer = b""
+                while chunk := raw.recv(65536):
+                    answer += chunk
+            status_line, _, rest = answer.partition(b"\r\n")
+            assert status_line == b"HTTP/1.1 400 Bad Request", (body[:20], answer[:200])
+            head_part, _, payload = rest.partition(b"\r\n\r\n")
+            assert b"content-type: application/json" in head_part
+            assert json.loads(payload) == {"error": "the body is not JSON", "status": 400}
+        status, answer = pytunnel.admin.request("GET", "/api/status", unix_path=str(sock))
+        assert status == 200
+        assert answer["connected"] is True
+    finally:
+        client.stop()
 
 
 def test_a_stale_socket_of_a_killed_client_is_replaced(

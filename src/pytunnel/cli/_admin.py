@@ -123,7 +123,9 @@ async def _json_body(request: Request) -> Any:
     raw = await request.read_body()
     try:
         return json.loads(raw) if raw else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        # RecursionError: nesting too deep for the parser (a 64 KiB body can hold 30,000
+        # brackets), the peer's mistake like any other malformed body
         raise AdminError(400, "the body is not JSON") from None
 
 
