@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import trio
 from helpers import count_tasks, describe_tasks, wait_until
 
+from pytunnel._http import HttpLimits
 from pytunnel.tasks import BodyStream, InputFile, MultipartLimits, TaskServer
 from pytunnel.tasks import serializer as ser
 
@@ -299,3 +301,55 @@ async def test_runner_node_clients_upload_files_and_streams(base: str, runner_di
             },
         }, name
         assert out[name]["raw"] == {"bytes": 7, "type": "application/octet-stream"}, name
+
+
+async def test_octet_stream_body_refused_while_the_task_reads_it(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body the task reads as a stream and the HTTP layer refuses (over the task's limit,
+    too slow, malformed chunks) is the peer's mistake: 413, 408 or 400 as for a JSON body,
+    never a 500 logged as the task's failure."""
+    server = TaskServer(token=TOKEN, http_limits=HttpLimits(body_timeout=1.0))
+
+    @server.task("raw.capped")
+    async def capped(value: BodyStream) -> int:
+        return len(await value.read(limit=10))
+
+    listeners = await nursery.start(functools.partial(server.serve, "127.0.0.1", 0))
+    port = listeners[0].socket.getsockname()[1]
+
+    async def exchange(head: bytes, body: bytes) -> bytes:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(
+                b"POST /__runner/task/raw.capped HTTP/1.1\r\nhost: x\r\n"
+                b"x-runner-token: " + TOKEN.encode() + b"\r\n"
+                b"content-type: application/octet-stream\r\n" + head + b"\r\n" + body
+            )
+            answer = b""
+            with trio.fail_after(30):
+                while chunk := await stream.receive_some(65536):
+                    answer += chunk
+            return answer
+
+    def status_and_code(answer: bytes) -> tuple[bytes, Any]:
+        status_line, _, rest = answer.partition(b"\r\n")
+        payload = rest.partition(b"\r\n\r\n")[2]
+        if b"application/json" not in rest.partition(b"\r\n\r\n")[0]:
+            return status_line, payload
+        return status_line, ser.loads(payload)["error"]["code"]
+
+    with caplog.at_level(logging.WARNING, logger="pytunnel"):
+        big = await exchange(b"content-length: 20\r\n", b"a" * 20)
+        too_large = (b"HTTP/1.1 413 Request Entity Too Large", "PAYLOAD_TOO_LARGE")
+        assert status_and_code(big) == too_large
+        assert b"connection: close" in big
+        slow = await exchange(b"content-length: 5\r\n", b"ab")  # the rest never comes
+        assert status_and_code(slow) == (b"HTTP/1.1 408 Request Timeout", "REQUEST_TIMEOUT")
+        bad = await exchange(b"transfer-encoding: chunked\r\n", b"zz\r\n")
+        assert status_and_code(bad) == (b"HTTP/1.1 400 Bad Request", b"Bad Request")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert sum("request body refused" in r.getMessage() for r in caplog.records) == 3
+    fine = await exchange(b"content-length: 3\r\nconnection: close\r\n", b"abc")
+    assert fine.startswith(b"HTTP/1.1 200 OK")
+    assert ser.loads(fine.partition(b"\r\n\r\n")[2]) == {"ok": True, "result": 3}

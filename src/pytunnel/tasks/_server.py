@@ -475,10 +475,39 @@ class TaskServer:
             result = await request.bounded(self.task_timeout, fn, value, timed_out)
         except TaskError as exc:
             return self._typed_error(request, headers, exc)
+        except (BodyTooLarge, BodyTimeout, BodyError) as exc:
+            if request.aborted:
+                # the task read this request's body (an octet stream) and the peer sent
+                # too much, too slowly or malformed: the peer's mistake, not the task's
+                return self._refused_body(request, headers, what, exc)
+            log.exception("%s failed (request id %s)", printable(what), headers[0][1])
+            return self._error(request, headers, 500, "Internal Error", "INTERNAL_ERROR")
         except Exception:
             log.exception("%s failed (request id %s)", printable(what), headers[0][1])
             return self._error(request, headers, 500, "Internal Error", "INTERNAL_ERROR")
         return self._json(request, headers, 200, {"ok": True, "result": result})
+
+    def _refused_body(
+        self,
+        request: Request,
+        headers: list[tuple[str, str]],
+        what: str,
+        exc: BodyTooLarge | BodyTimeout | BodyError,
+    ) -> Response:
+        """The answer to a body the task was reading and the HTTP layer refused: the same
+        as for a JSON body (413, 408; a malformed body or a peer gone ends the connection
+        with the HTTP layer's 400). The connection closes after it either way."""
+        log.warning(
+            "%s: request body refused: %s (request id %s)",
+            printable(what),
+            printable(str(exc)),
+            headers[0][1],
+        )
+        if isinstance(exc, BodyTooLarge):
+            return self._error(request, headers, 413, "Payload too large", "PAYLOAD_TOO_LARGE")
+        if isinstance(exc, BodyTimeout):
+            return self._error(request, headers, 408, "Request Timeout", "REQUEST_TIMEOUT")
+        raise exc
 
     def _typed_error(
         self, request: Request, headers: list[tuple[str, str]], exc: TaskError
