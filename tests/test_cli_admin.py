@@ -139,7 +139,8 @@ def test_verbs_manage_forwards_of_a_running_client(server: str, rundir: Path, ec
 
 def test_malformed_bodies_of_forwards_add_are_json_400s(server: str, rundir: Path) -> None:
     """Each malformed body is one 400 with a JSON error, also JSON nested deeper than the
-    parser goes (it fits in the 64 KiB body limit), and the client goes on serving."""
+    parser goes (it fits in the 64 KiB body limit) and a lone surrogate, and the client
+    goes on serving with nothing added."""
     sock = rundir / "c.sock"
     client = _connect(server, "--admin", f"unix:{sock}")
     try:
@@ -168,9 +169,15 @@ def test_malformed_bodies_of_forwards_add_are_json_400s(server: str, rundir: Pat
             head_part, _, payload = rest.partition(b"\r\n\r\n")
             assert b"content-type: application/json" in head_part
             assert json.loads(payload) == {"error": "the body is not JSON", "status": 400}
+        # a name no UTF-8 text can hold would break every answer (and scrape) naming it
+        lone = {"local": "0:127.0.0.1:1", "name": "bad\ud800"}
+        status, answer = pytunnel.admin.request("POST", "/api/forwards", lone, unix_path=str(sock))
+        assert status == 400
+        assert "lone surrogate" in answer["error"]
         status, answer = pytunnel.admin.request("GET", "/api/status", unix_path=str(sock))
         assert status == 200
         assert answer["connected"] is True
+        assert answer["forwards"] == []
     finally:
         client.stop()
 

@@ -144,6 +144,14 @@ async def curl(*args: str) -> tuple[int, str]:
     return result.returncode, result.stdout.decode()
 
 
+def test_json_answer_with_a_lone_surrogate_is_escaped_not_a_failure() -> None:
+    """Python strings may hold lone surrogates (JSON's ``"\\ud800"`` reads as one), which
+    UTF-8 cannot: such an answer is written with the ``\\u`` escape instead of failing."""
+    response = Response.json(200, {"name": "a\ud800", "é": "é"})
+    assert response.body == b'{"name":"a\\ud800","\\u00e9":"\\u00e9"}'
+    assert Response.json(200, {"é": 1}).body == '{"é":1}'.encode()
+
+
 @needs_curl
 async def test_curl_get_post_head(nursery: trio.Nursery) -> None:
     port = await start(nursery)

@@ -411,7 +411,10 @@ class Response:
 
     @classmethod
     def json(cls, status: int, value: object, headers: Iterable[tuple[str, str]] = ()) -> Response:
-        body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        try:
+            body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, which UTF-8 cannot hold: escaped
+            body = json.dumps(value, separators=(",", ":")).encode("ascii")
         return cls(
             status,
             [("content-type", "application/json; charset=utf-8"), *headers],

@@ -122,11 +122,19 @@ Reload = Callable[[], Awaitable[ReloadResult]]
 async def _json_body(request: Request) -> Any:
     raw = await request.read_body()
     try:
-        return json.loads(raw) if raw else None
+        value = json.loads(raw) if raw else None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         # RecursionError: nesting too deep for the parser (a 64 KiB body can hold 30,000
         # brackets), the peer's mistake like any other malformed body
         raise AdminError(400, "the body is not JSON") from None
+    try:
+        # JSON may spell a lone surrogate ("\ud800"), which no UTF-8 text can hold: kept in
+        # a forward's name, it would break every later answer and metrics scrape that
+        # writes the name
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise AdminError(400, "the body holds a lone surrogate (\\uD800-\\uDFFF)") from None
+    return value
 
 
 def _table_of(body: Any) -> ForwardTable:
