@@ -165,6 +165,17 @@ async def test_octet_stream_body_is_a_stream(base: str, http: httpx.AsyncClient)
             [("file:1", ("a", b"x", "text/plain"))],
             (500, "MISSING_FILE_PART", "Internal Error"),
         ),
+        # nested deeper than the serializer goes, yet within what the JSON parser reads
+        (
+            {"__manifest": '{"input":' + "[" * 800 + "]" * 800 + "}"},
+            [],
+            (400, "INVALID_MULTIPART", "Invalid manifest"),
+        ),
+        (
+            {"__manifest": '{"input":' + '{"a":' * 800 + "1" + "}" * 800 + "}"},
+            [],
+            (400, "INVALID_MULTIPART", "Invalid manifest"),
+        ),
     ],
 )
 async def test_manifest_errors(

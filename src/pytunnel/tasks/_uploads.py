@@ -275,10 +275,21 @@ def _file_sink(file: InputFile, limit: int) -> Callable[[bytes], None]:
     return write
 
 
-def _hydrate(value: Any, parts: _Parts) -> Any:
-    """The manifest's input with each file sentinel replaced by its :class:`InputFile`."""
+def _hydrate(value: Any, parts: _Parts, depth: int = 0) -> Any:
+    """The manifest's input with each file sentinel replaced by its :class:`InputFile`.
+
+    The walk is bounded as the serializer's is (:data:`serializer.MAX_DEPTH`): the JSON
+    parser reads nestings nearly as deep as the interpreter's recursion limit, and this walk
+    starts deeper in the stack, so an unbounded one would fail half way with a
+    ``RecursionError`` instead of the protocol's answer."""
+    if depth > serializer.MAX_DEPTH:
+        raise _invalid("Invalid manifest")
+    # plain loops, not comprehensions: a comprehension is one more frame per level
     if isinstance(value, list):
-        return [_hydrate(item, parts) for item in value]
+        items = []
+        for item in value:
+            items.append(_hydrate(item, parts, depth + 1))
+        return items
     if not isinstance(value, dict):
         return value
     if value.get("$runnerFile") == "File" and isinstance(value.get("id"), str):
@@ -286,7 +297,10 @@ def _hydrate(value: Any, parts: _Parts) -> Any:
         file._expected = True
         file._apply_meta(value.get("meta"))
         return file
-    return {key: _hydrate(item, parts) for key, item in value.items()}
+    record = {}
+    for key, item in value.items():
+        record[key] = _hydrate(item, parts, depth + 1)
+    return record
 
 
 async def read_multipart(request: Request, limits: MultipartLimits) -> tuple[Any, list[InputFile]]:
