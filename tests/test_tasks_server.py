@@ -322,6 +322,49 @@ async def test_typed_application_errors(base: str, http: httpx.AsyncClient) -> N
     }
 
 
+async def test_typed_error_raised_in_a_nursery_stays_typed(
+    nursery: trio.Nursery, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A task doing its work in a nursery gets a child's TaskError wrapped in an exception
+    group (Trio's strict groups): the caller still gets the typed error; a group of several
+    failures is the opaque 500."""
+    server = TaskServer(token=TOKEN)
+
+    @server.task("nursery.typed")
+    async def typed(value: Any) -> Any:
+        async def child() -> None:
+            raise TaskError("Out of stock", id="app.errors.stock", data={"left": 0}, http_code=409)
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(child)
+
+    @server.task("nursery.two")
+    async def two(value: Any) -> Any:
+        async def child(message: str) -> None:
+            raise TaskError(message)
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(child, "first secret")
+            inner.start_soon(child, "second secret")
+
+    listeners = await nursery.start(functools.partial(server.serve, "127.0.0.1", 0))
+    base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/__runner"
+    r = await http.post(f"{base}/task/nursery.typed", headers=AUTH)
+    assert r.status_code == 409
+    assert body_of(r)["error"] == {
+        "message": "Out of stock",
+        "code": "INTERNAL_ERROR",
+        "id": "app.errors.stock",
+        "data": {"left": 0},
+        "httpCode": 409,
+    }
+    with caplog.at_level(logging.ERROR, logger="pytunnel.tasks"):
+        r = await http.post(f"{base}/task/nursery.two", headers=AUTH)
+    assert error_of(r) == (500, "INTERNAL_ERROR", "Internal Error")
+    assert b"secret" not in r.content
+    assert "nursery.two failed" in caplog.text
+
+
 async def test_task_timeout(base: str, http: httpx.AsyncClient) -> None:
     r = await http.post(f"{base}/task/slow", headers=AUTH)
     assert error_of(r)[:2] == (504, "TIMEOUT")

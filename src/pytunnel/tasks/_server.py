@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import re
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import unquote_to_bytes, urlsplit
@@ -59,6 +60,9 @@ from ._uploads import (
 )
 from .errors import TaskError
 from .serializer import UNDEFINED, SerializationError
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]
 
 __all__ = ["CorsConfig", "EventHandler", "TaskHandler", "TaskServer"]
 
@@ -482,7 +486,10 @@ class TaskServer:
                 return self._refused_body(request, headers, what, exc)
             log.exception("%s failed (request id %s)", printable(what), headers[0][1])
             return self._error(request, headers, 500, "Internal Error", "INTERNAL_ERROR")
-        except Exception:
+        except Exception as exc:
+            typed = _only_task_error(exc)
+            if typed is not None:
+                return self._typed_error(request, headers, typed)
             log.exception("%s failed (request id %s)", printable(what), headers[0][1])
             return self._error(request, headers, 500, "Internal Error", "INTERNAL_ERROR")
         return self._json(request, headers, 200, {"ok": True, "result": result})
@@ -595,6 +602,16 @@ class TaskServer:
         return self._json(
             request, headers, status, {"ok": False, "error": {"message": message, "code": code}}
         )
+
+
+def _only_task_error(exc: BaseException) -> TaskError | None:
+    """The :class:`TaskError` an exception group holds as its only leaf: a task that runs
+    its work in a nursery gets what a child raised wrapped in a group (Trio's strict
+    groups), and the caller should still get the typed error. A group of several failures
+    is no one typed error: ``None``."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, TaskError) else None
 
 
 def _check_async(fn: Callable[..., Any]) -> None:
