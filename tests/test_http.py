@@ -247,6 +247,30 @@ async def test_malformed_head_is_400(nursery: trio.Nursery, data: bytes) -> None
     assert header(responses[0][0], "connection") == "close"
 
 
+async def test_both_content_length_and_chunked_is_400_and_closed(nursery: trio.Nursery) -> None:
+    """A request with both framings could hide a second request from a proxy in front that
+    reads the other one: refused, and nothing after it on the connection is answered."""
+    port = await start(nursery)
+    smuggled = b"GET /json HTTP/1.1\r\nHost: x\r\n\r\n"
+    for framing in (
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 0\r\n",
+    ):
+        data = b"POST /echo HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n0\r\n\r\n" + smuggled
+        responses = parse(await raw(port, data))
+        assert [r.status_code for r, _ in responses] == [400]
+        assert header(responses[0][0], "connection") == "close"
+    # either framing alone is served as before
+    responses = parse(
+        await raw(
+            port,
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+            + smuggled.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"),
+        )
+    )
+    assert [(r.status_code, body[:2]) for r, body in responses] == [(200, b"hi"), (200, b'{"')]
+
+
 async def test_head_too_large_is_431(nursery: trio.Nursery) -> None:
     port = await start(nursery, HttpLimits(max_head=1024))
     data = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n"

@@ -549,6 +549,15 @@ async def _serve_requests(
         if not isinstance(event, h11.Request):
             return False  # ConnectionClosed (PAUSED cannot come: one cycle at a time)
         request = Request(conn, event, peer, conn.limits.max_body)
+        if (
+            request.header("transfer-encoding") is not None
+            and request.header("content-length") is not None
+        ):
+            # both framings: a proxy in front may have read the other one, so what follows
+            # could be a request smuggled past it. Refused and closed, as Node's parser does
+            # (RFC 9112 6.3 allows either, but the connection must close after the answer)
+            await _send_error(conn, 400, "Bad Request")
+            return True
         if not await _answer(conn, handler, request):
             return not request.body_done
         if conn.h11.our_state is not h11.DONE or conn.h11.their_state is not h11.DONE:
