@@ -51,6 +51,14 @@ def test_dates_python_cannot_hold_in_utc_are_invalid_not_a_crash(text: str) -> N
         dumps(east)
 
 
+def test_an_int_too_long_for_str_is_a_serialization_error() -> None:
+    """Python refuses str() of an int past 4,300 digits; that is one SerializationError (the
+    server's 500 in the protocol's JSON), not a bare ValueError."""
+    for value in (2**20000, {"a": [2**20000]}, {1: 2**20000}):
+        with pytest.raises(SerializationError):
+            dumps(value)
+
+
 def test_plain_json_is_plain() -> None:
     value = {"a": [1, 2.5, "x", None, True], "b": {}}
     assert json.loads(dumps(value)) == value

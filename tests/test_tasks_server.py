@@ -322,6 +322,28 @@ async def test_typed_application_errors(base: str, http: httpx.AsyncClient) -> N
     }
 
 
+async def test_results_that_cannot_be_written_are_a_json_500(
+    nursery: trio.Nursery, http: httpx.AsyncClient
+) -> None:
+    """A result (or a typed error's data) the serializer cannot write is the protocol's
+    500 JSON answer, never a bare plain-text 500."""
+    server = TaskServer(token=TOKEN)
+
+    @server.task("huge.int")
+    async def huge(value: Any) -> Any:
+        return {"n": 2**20000}
+
+    @server.task("huge.data")
+    async def huge_data(value: Any) -> Any:
+        raise TaskError("typed", data=2**20000)
+
+    listeners = await nursery.start(functools.partial(server.serve, "127.0.0.1", 0))
+    base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/__runner"
+    for task in ("huge.int", "huge.data"):
+        r = await http.post(f"{base}/task/{task}", headers=AUTH)
+        assert error_of(r) == (500, "INTERNAL_ERROR", "Internal Error"), task
+
+
 async def test_typed_error_raised_in_a_nursery_stays_typed(
     nursery: trio.Nursery, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:

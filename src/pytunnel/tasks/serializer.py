@@ -144,6 +144,10 @@ def _tree(value: object) -> object:
             return _encode(value, 0, set())
     except RecursionError:
         raise SerializationError("the value is nested too deeply") from None
+    except SerializationError:
+        raise
+    except ValueError as exc:  # an int past Python's limit of digits for str() (4,300)
+        raise SerializationError(f"the value cannot be written: {exc}") from None
 
 
 def loads(text: str | bytes) -> Any:
