@@ -329,6 +329,10 @@ def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
             ":7: client.forwards[1].name: name 'a' is used twice",
         ),
         (
+            "[client]\nserver = 'h:1'\n[[client.forwards]]\nname = 'f2'\nlocal = '1:h:2'\n",
+            ":4: client.forwards[0].name: 'f2' has the form of a forward id",
+        ),
+        (
             "[client]\nserver = 'h:1'\n[[client.forwards]]\nlocal = '1:h:2'\nlimit = 5\n",
             ":5: client.forwards[0].limit: expected a string, got a number (5)",
         ),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -30,6 +31,10 @@ __all__ = ["Declared", "DeclaredForwards", "Running", "bind_of", "declare_table"
 log = logging.getLogger("pytunnel.cli")
 
 Kind = Literal["local", "remote", "dynamic"]
+
+
+#: the form of the ids forwards get (``f1``, ``f2``, ...), which no name may take
+_ID = re.compile(r"f[0-9]+")
 
 
 class TableError(ValueError):
@@ -160,6 +165,9 @@ def declare_table(table: ForwardTable) -> Declared:
     common: dict[str, object] = {}
     if table.name is not None and not table.name:
         raise TableError("name", "a name is not empty")
+    if table.name is not None and _ID.fullmatch(table.name):
+        # ``f<n>`` are the ids the forwards get: a name like one would shadow another forward
+        raise TableError("name", f"{table.name!r} has the form of a forward id (f1, f2, ...)")
     try:
         if table.limit is not None:
             common["limit"] = pytunnel.parse_rate(table.limit)
