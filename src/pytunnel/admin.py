@@ -146,15 +146,16 @@ def _bind_unix(path: Path) -> socket.socket:
         log.warning("replacing stale admin socket %s (its process is gone)", path)
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # the file is made 0600: no moment when others could connect
+    # Made 0600 between bind and listen: until listen() nobody can connect, so there is no
+    # moment when others could. (Not through the umask: that is the whole process's, and
+    # this runs in a worker thread while other threads may be creating files.)
     try:
         sock.bind(str(path))
+        os.chmod(path, 0o600)
         sock.listen(64)
     except BaseException:
         sock.close()
         raise
-    finally:
-        os.umask(old)
     return sock
 
 
