@@ -335,8 +335,13 @@ def serve(
         )
 
     async def run() -> None:
+        # a node's self-signed certificate also names the host other nodes link to
+        names = None
+        if node_address:
+            host = node_address.rsplit(":", 1)[0].strip("[]")
+            names = list(dict.fromkeys([host, "localhost", "127.0.0.1", "::1"]))
         tls, fingerprint = await server_tls(
-            tls_cert, tls_key, tls_self_signed, tls_dir, tls_client_ca
+            tls_cert, tls_key, tls_self_signed, tls_dir, tls_client_ca, names
         )
         node = await node_registry(
             cluster, node_id, node_address or "", cluster_lease_ttl, engine, engine_password
