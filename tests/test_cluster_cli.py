@@ -75,7 +75,7 @@ async def _node(etcd: EtcdServer, name: str, public_host: str, *extra: str) -> t
     )
     listening = await node.line_with("listening on")
     await node.line_with(f"node {name} of the cluster at {etcd.url}")
-    return node, listening.rsplit(" ", 1)[1]
+    return node, listening.split("listening on ", 1)[1].split()[0]  # then " (TLS)", if so
 
 
 def _free_port() -> int:
@@ -320,3 +320,110 @@ async def test_cluster_status_through_a_nodes_admin_api(
             await client.kill()
         for process in (a, b, lone):
             await process.kill()
+
+
+async def _until_eof(stream: trio.SocketStream) -> None:
+    while await stream.receive_some():
+        pass
+
+
+async def _served(host: str, port: int, payload: bytes) -> bool:
+    try:
+        with trio.fail_after(10):  # a hang detector
+            return await _echo(host, port, payload) == payload
+    except (OSError, trio.BrokenResourceError):
+        return False  # nothing listens yet, or the connection was reset
+
+
+@needs_etcd
+@pytest.mark.slow
+async def test_self_signed_nodes_link_with_a_bundle_of_their_certificates(
+    etcd: EtcdServer, echo_port: int, tmp_path: Path
+) -> None:
+    """Nodes with ``--tls-self-signed`` (one certificate each, no CA): ``--cluster-tls-ca`` is
+    a file of every node's certificate, each its own trust anchor, so a node links to the
+    others and to nobody else. A node whose bundle lacks the owner's certificate cannot link
+    to it: its connections for that port are reset, never served unverified."""
+    import pytunnel
+
+    certs = {}
+    for name in ("a", "b", "c"):
+        cert, _, fingerprint = await pytunnel.tls.ensure_self_signed(tmp_path / name)
+        certs[name] = (cert.read_text(), fingerprint)
+    every = tmp_path / "nodes.pem"
+    every.write_text("".join(text for text, _ in certs.values()))
+    without_a = tmp_path / "without-a.pem"
+    without_a.write_text(certs["b"][0] + certs["c"][0])
+    secret = tmp_path / "secret"
+    secret.write_text("a secret only the nodes know\n")
+    port = _free_port()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.3", port))  # the third node's public address must be free too
+    processes: list[Process] = []
+    try:
+        for name, host, bundle in (
+            ("a", "127.0.0.1", every),
+            ("b", "127.0.0.2", every),
+            ("c", "127.0.0.3", without_a),
+        ):
+            node, address = await _node(
+                etcd,
+                name,
+                host,
+                *("--tls-self-signed", "--tls-dir", str(tmp_path / name)),
+                *("--cluster-secret-file", str(secret), "--cluster-tls-ca", str(bundle)),
+            )
+            processes.append(node)
+            if name == "a":
+                a_address = address
+        client = await Process.start(
+            "connect",
+            a_address,
+            *("--tls-fingerprint", certs["a"][1]),
+            *("-R", f"{port}:127.0.0.1:{echo_port}"),
+        )
+        processes.append(client)
+        await client.line_with(f"remote forward 127.0.0.1:{port}")
+        assert await _served("127.0.0.1", port, b"at the owner")
+        # b mirrors the port and relays over a TLS link that verified a's certificate
+        with trio.fail_after(60):
+            while not await _served("127.0.0.2", port, b"through b"):
+                await trio.sleep(0.2)
+        # c mirrors it too, but cannot verify a: accepted, then reset
+        with trio.fail_after(60):
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.3", port)
+                    break
+                except OSError:  # not mirrored yet
+                    await trio.sleep(0.2)
+        async with stream:
+            await stream.send_all(b"through c")
+            with trio.fail_after(30), pytest.raises(trio.BrokenResourceError):
+                await _until_eof(stream)
+        assert await _served("127.0.0.2", port, b"b still links")
+    finally:
+        for process in processes:
+            await process.kill()
+
+
+@needs_etcd
+async def test_a_nodes_self_signed_certificate_names_its_node_address(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """So the other nodes' links, which check the host name, can verify it."""
+    from cryptography import x509
+
+    node, _ = await _node(
+        etcd,
+        "a",
+        "127.0.0.1",
+        *("--tls-self-signed", "--tls-dir", str(tmp_path / "tls")),
+        *("--node-address", "edge-1.example.net:7000"),
+    )
+    try:
+        cert = x509.load_pem_x509_certificate((tmp_path / "tls" / "server.crt").read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert names.get_values_for_type(x509.DNSName) == ["edge-1.example.net", "localhost"]
+    finally:
+        await node.kill()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 from helpers import EtcdServer
-from test_cluster_cli import PYTUNNEL, Process
+from test_cluster_cli import PYTUNNEL, TOKEN, Process
 
 pytestmark = [
     pytest.mark.skipif(
@@ -56,20 +56,40 @@ def _port_free_everywhere() -> int:
         return port
 
 
-def _config(control: list[str], control_port: int, public_port: int, http_port: int) -> str:
+def _backend(name: str, port: int) -> str:
+    """A frontend on the balancer's ``port`` and its backend: that port on every node."""
+    servers = "\n".join(f"    server n{i} {host}:{port}" for i, host in enumerate(HOSTS, start=1))
+    return f"""
+frontend {name}
+    bind {BALANCER}:{port}
+    default_backend {name}
+backend {name}
+    balance roundrobin
+{servers}
+"""
+
+
+def _config(
+    control: list[str],
+    control_port: int,
+    public_port: int,
+    http_port: int,
+    more_ports: tuple[int, ...] = (),
+) -> str:
     servers = "\n".join(f"    server n{i} {address}" for i, address in enumerate(control, start=1))
     public = "\n".join(
         f"    server n{i} {host}:{public_port}" for i, host in enumerate(HOSTS, start=1)
     )
     http = "\n".join(f"    server n{i} {host}:{http_port}" for i, host in enumerate(HOSTS, start=1))
+    more = "".join(_backend(f"public_{port}", port) for port in more_ports)
     return f"""
 global
     maxconn 256
 defaults
     mode tcp
     timeout connect 1s
-    timeout client 30s
-    timeout server 30s
+    timeout client 120s
+    timeout server 120s
     retries 3
     option redispatch 1
 frontend control
@@ -90,7 +110,7 @@ frontend http
 backend http
     balance roundrobin
 {http}
-"""
+{more}"""
 
 
 async def _node(
@@ -248,6 +268,145 @@ async def test_three_nodes_behind_haproxy_serve_every_connection_and_survive_a_k
         print(f"failover through haproxy: served again {failover:.1f} s after the kill -9")
     finally:
         if client is not None:
+            await client.kill()
+        if balancer is not None and balancer.poll() is None:
+            os.kill(balancer.pid, 9)
+            with trio.CancelScope(shield=True):
+                await balancer.wait()
+        for process, _ in nodes.values():
+            await process.kill()
+
+
+async def _round(stream: trio.SocketStream, payload: bytes) -> None:
+    """``payload`` over a held connection, and exactly it back (the echo target)."""
+    with trio.fail_after(20):  # a hang detector
+        await stream.send_all(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = await stream.receive_some()
+            assert chunk, "the relayed connection ended"
+            got += chunk
+    assert got == payload
+
+
+async def _connect_refused(control: str, port: int, echo_port: int) -> str:
+    """A ``pytunnel connect`` through the balancer asking for ``port``: refused, its stderr."""
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            [*PYTUNNEL, "connect", control, "-R", f"{port}:127.0.0.1:{echo_port}"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={**os.environ, "PYTUNNEL_TOKEN": TOKEN},
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert "Traceback" not in stderr
+    return stderr
+
+
+async def test_the_engine_killed_and_restarted_under_traffic_through_haproxy(
+    etcd: EtcdServer, echo_port: int, tmp_path: Path
+) -> None:
+    """etcd is killed (SIGKILL) while connections through the balancer are relayed between
+    nodes: they keep carrying bytes for longer than the nodes' leases, a new forward is
+    refused with ``CLUSTER_UNAVAILABLE`` on whichever node the balancer picks, and once
+    etcd is back everything recovers by itself: a new forward registers and its port is
+    served through every node."""
+    secret_file = tmp_path / "cluster-secret"
+    secret_file.write_text("a secret only the nodes know\n")
+    nodes: dict[str, tuple[Process, str]] = {}
+    balancer: trio.Process | None = None
+    clients: list[Process] = []
+    live: list[trio.SocketStream] = []
+    try:
+        http_port = _port_free_everywhere()
+        for index in (1, 2, 3):
+            nodes[f"n{index}"] = await _node(etcd, index, secret_file, http_port)
+        control_port, public_port = _port_free_everywhere(), _port_free_everywhere()
+        late_port = _port_free_everywhere()
+        config = tmp_path / "haproxy.cfg"
+        control = [a for _, a in nodes.values()]
+        config.write_text(_config(control, control_port, public_port, http_port, (late_port,)))
+        balancer = await trio.lowlevel.open_process(
+            [_haproxy(), "-db", "-f", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        through = f"{BALANCER}:{control_port}"
+        first = await Process.start(
+            "connect", through, "--backoff-max", "1", "-R", f"{public_port}:127.0.0.1:{echo_port}"
+        )
+        clients.append(first)
+        await first.line_with(f"remote forward 127.0.0.1:{public_port}")
+        owner = await _owner(etcd, f"tcp/{public_port}")
+        for host in HOSTS:  # every node knows the owner (mirrors the port) before the outage
+            await _until_served(host, public_port, f"before, via {host}".encode())
+        # six held connections through the balancer: two land on each node, so four of them
+        # are relayed over node links to the owner
+        for i in range(6):
+            stream = await trio.open_tcp_stream(BALANCER, public_port)
+            live.append(stream)
+            await _round(stream, f"hello {i} ".encode() * 100)
+
+        await etcd.kill()
+        stderr = await _connect_refused(through, late_port, echo_port)
+        assert "[CLUSTER_UNAVAILABLE]" in stderr
+        # traffic for longer than a lease (3 s): the nodes' leases are past renewing, the
+        # relays do not care
+        outage = trio.current_time()
+        rounds = 0
+        while trio.current_time() - outage < 6 or rounds < 4:
+            for i, stream in enumerate(live):
+                await _round(stream, f"during {rounds} on {i} ".encode() * 500)
+            rounds += 1
+            await trio.sleep(0.25)
+        # a node that can no longer tell whether its lease lives refuses on its own
+        stderr = await _connect_refused(through, late_port, echo_port)
+        assert "[CLUSTER_UNAVAILABLE]" in stderr
+        # new public connections to the port held before the outage still work: every node
+        # keeps the table it had
+        for i in range(3):
+            payload = f"new during the outage {i}".encode()
+            assert await _exchange(BALANCER, public_port, payload) == payload
+
+        await etcd.start()  # the same data: its keys and leases come back with it
+        restarted = trio.current_time()
+        # nobody restarts anything: a new forward through the balancer registers (retried
+        # while a node has not renewed yet) ...
+        with trio.fail_after(90):
+            while True:
+                late = await Process.start(
+                    "connect", through, "-R", f"{late_port}:127.0.0.1:{echo_port}"
+                )
+                clients.append(late)
+                try:
+                    await late.line_with(f"remote forward 127.0.0.1:{late_port}")
+                    break
+                except AssertionError:  # it exited: refused, the node not back yet
+                    await late.kill()
+                    await trio.sleep(0.5)
+        registered = trio.current_time() - restarted
+        # ... and both ports are served through every node and the balancer
+        for host in (*HOSTS, BALANCER):
+            await _until_served(host, late_port, f"late, via {host}".encode())
+            await _until_served(host, public_port, f"first, via {host}".encode())
+        print(
+            f"engine outage {restarted - outage:.1f} s: {rounds} rounds on 6 held connections; "
+            f"a new forward registered {registered:.1f} s after the restart, served through "
+            f"every node {trio.current_time() - restarted:.1f} s after it"
+        )
+        assert await _owner(etcd, f"tcp/{public_port}") == owner  # nothing moved
+        # the connections held since before the outage never stopped
+        for i, stream in enumerate(live):
+            await _round(stream, f"after on {i} ".encode() * 500)
+            await stream.send_eof()
+            with trio.fail_after(20):
+                assert await stream.receive_some() == b""  # a clean end, echoed through
+    finally:
+        for stream in live:
+            await stream.aclose()
+        for client in clients:
             await client.kill()
         if balancer is not None and balancer.poll() is None:
             os.kill(balancer.pid, 9)

@@ -74,6 +74,7 @@ from ._ratelimit import parse_rate as parse_rate
 # errors: one hierarchy under TunnelError, each with a stable numeric code
 from .errors import AddressInUseError as AddressInUseError
 from .errors import AuthenticationError as AuthenticationError
+from .errors import ClusterAuthError as ClusterAuthError
 from .errors import ClusterUnavailableError as ClusterUnavailableError
 from .errors import ConnectError as ConnectError
 from .errors import DialError as DialError

@@ -440,6 +440,14 @@ class ClusterUnavailableError(ForwardError):
     default_code = ErrorCode.CLUSTER_UNAVAILABLE
 
 
+class ClusterAuthError(ClusterUnavailableError):
+    """The cluster's engine and this node do not accept each other: its certificate does
+    not verify against the CA given, it refused this node's client certificate, or it
+    refused the user and password (or the user may not use the registry's keys). Waiting
+    does not fix a wrong setting, so at start this ends ``serve`` with one line; later (a
+    password changed under a running node) it is handled as an outage, which it is."""
+
+
 _BY_CODE: dict[int, type[TunnelError]] = {
     ErrorCode.CLUSTER_UNAVAILABLE: ClusterUnavailableError,
     ErrorCode.FORWARD_FAILED: ForwardError,

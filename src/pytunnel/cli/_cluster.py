@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import attrs
 import click
 import trio
 
@@ -17,8 +20,117 @@ from ..errors import printable
 from ._admin import call_admin
 from ._options import CONTEXT, EXISTING_FILE
 from ._output import fail, say
+from ._token import read_secret_file
 
-__all__ = ["DEFAULT_LEASE_TTL", "check_cluster_options", "cluster", "node_registry"]
+__all__ = [
+    "DEFAULT_LEASE_TTL",
+    "EngineAccess",
+    "check_cluster_options",
+    "cluster",
+    "engine_options",
+    "node_registry",
+]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@attrs.frozen
+class EngineAccess:
+    """How a node (or ``cluster status``) reaches etcd: TLS files, an etcd user and its
+    password file; given to the command as one ``engine`` argument."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password_file: str | None = None
+
+    def check(self, cluster: str | None) -> str | None:
+        """One usage error for options that do not fit together; the password (read now,
+        before anything starts: a file that cannot be read is one line at once)."""
+        tls = self.ca is not None or self.cert is not None or self.key is not None
+        if cluster is None:
+            if tls or self.user is not None or self.password_file is not None:
+                raise click.UsageError(
+                    "--cluster-ca, --cluster-cert, --cluster-key, --cluster-user and "
+                    "--cluster-password-file are for a --cluster"
+                )
+            return None
+        if tls and not cluster.startswith("etcds://"):
+            raise click.UsageError(
+                "--cluster-ca, --cluster-cert and --cluster-key are for a TLS engine: "
+                "--cluster etcds://HOST:PORT"
+            )
+        if self.key is not None and self.cert is None:
+            raise click.UsageError("--cluster-key needs --cluster-cert")
+        if (self.user is None) != (self.password_file is None):
+            raise click.UsageError("--cluster-user and --cluster-password-file go together")
+        if self.password_file is None:
+            return None
+        return read_secret_file(self.password_file, "--cluster-password-file", "etcd password")
+
+    async def registry_options(self, password: str | None) -> dict[str, Any]:
+        """The ``EtcdRegistry`` keyword arguments (its TLS context built off the loop)."""
+        options: dict[str, Any] = {"user": self.user, "password": password}
+        if self.ca is not None or self.cert is not None:
+            options["tls"] = await pytunnel.tls.client_tls_context(
+                ca_file=self.ca, cert_file=self.cert, key_file=self.key
+            )
+        return options
+
+
+_ENGINE_OPTIONS = (
+    click.option(
+        "--cluster-ca",
+        metavar="FILE",
+        type=EXISTING_FILE,
+        help="With --cluster etcds://: the CA that signed the etcd members' certificates "
+        "(default: the system's trust store).",
+    ),
+    click.option(
+        "--cluster-cert",
+        metavar="FILE",
+        type=EXISTING_FILE,
+        help="With --cluster etcds://: this node's client certificate for etcd (PEM; the key "
+        "too, or in --cluster-key), for members started with --client-cert-auth.",
+    ),
+    click.option(
+        "--cluster-key",
+        metavar="FILE",
+        type=EXISTING_FILE,
+        help="The key of --cluster-cert, if not in the same file.",
+    ),
+    click.option(
+        "--cluster-user",
+        metavar="NAME",
+        help="An etcd user to authenticate as (etcd with authentication enabled).",
+    ),
+    click.option(
+        "--cluster-password-file",
+        metavar="FILE",
+        help="The password of --cluster-user (one line; never logged).",
+    ),
+)
+
+
+def engine_options(command: _F) -> _F:
+    """The options of how to reach etcd, handed to ``command`` as one ``engine``."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        engine = EngineAccess(
+            kwargs.pop("cluster_ca"),
+            kwargs.pop("cluster_cert"),
+            kwargs.pop("cluster_key"),
+            kwargs.pop("cluster_user"),
+            kwargs.pop("cluster_password_file"),
+        )
+        return command(*args, engine=engine, **kwargs)
+
+    decorated: Any = wrapper
+    for option in reversed(_ENGINE_OPTIONS):
+        decorated = option(decorated)
+    return decorated  # type: ignore[no-any-return]
 
 
 def check_cluster_options(
@@ -41,13 +153,19 @@ def check_cluster_options(
         raise click.UsageError(f"--node-id: {printable(str(exc))}") from None
 
 
-def node_registry(
-    cluster: str | None, node_id: str | None, node_address: str, lease_ttl: int
+async def node_registry(
+    cluster: str | None,
+    node_id: str | None,
+    node_address: str,
+    lease_ttl: int,
+    engine: EngineAccess = EngineAccess(),
+    password: str | None = None,
 ) -> EtcdRegistry | None:
     """The registry of this node (made on the event loop, where its HTTP client lives)."""
     if cluster is None or node_id is None:
         return None
-    return EtcdRegistry.from_url(cluster, node_id, node_address, lease_ttl=lease_ttl)
+    options = await engine.registry_options(password)
+    return EtcdRegistry.from_url(cluster, node_id, node_address, lease_ttl=lease_ttl, **options)
 
 
 @click.group(context_settings=CONTEXT)
@@ -59,7 +177,7 @@ def cluster() -> None:
 @click.option(
     "--cluster",
     "url",
-    metavar="etcd://HOST:PORT[,HOST:PORT...][/PREFIX]",
+    metavar="etcd[s]://HOST:PORT[,HOST:PORT...][/PREFIX]",
     help="The cluster's etcd, as given to its nodes' --cluster (read directly).",
 )
 @click.option(
@@ -73,11 +191,19 @@ def cluster() -> None:
     type=EXISTING_FILE,
     help="Token of an admin API on a port (also PYTUNNEL_ADMIN_TOKEN).",
 )
+@engine_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
-def status(url: str | None, admin: str | None, admin_token_file: str | None, as_json: bool) -> None:
+def status(
+    url: str | None,
+    admin: str | None,
+    admin_token_file: str | None,
+    as_json: bool,
+    engine: EngineAccess,
+) -> None:
     """The live nodes and what each one's clients hold: identities, ports, names, groups."""
     if (url is None) == (admin is None):
         raise click.UsageError("give one of --cluster URL (the engine) or --admin (a node)")
+    password = engine.check(url)
     links: dict[str, Any] | None = None
     seen_by = ""
     if admin is not None:
@@ -93,7 +219,8 @@ def status(url: str | None, admin: str | None, admin_token_file: str | None, as_
             raise click.UsageError(f"--cluster: {exc}") from None
 
         async def read() -> dict[str, str]:
-            registry = EtcdRegistry(endpoints, "status", prefix=prefix)
+            options = await engine.registry_options(password)
+            registry = EtcdRegistry(endpoints, "status", prefix=prefix, **options)
             try:
                 return await registry.entries()
             finally:

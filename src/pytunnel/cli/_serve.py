@@ -22,7 +22,13 @@ import pytunnel.admin
 import pytunnel.metrics
 
 from . import _admin
-from ._cluster import DEFAULT_LEASE_TTL, check_cluster_options, node_registry
+from ._cluster import (
+    DEFAULT_LEASE_TTL,
+    EngineAccess,
+    check_cluster_options,
+    engine_options,
+    node_registry,
+)
 from ._config import ConfigCommand, config_option, config_path, watch_reload
 from ._config import reload as reload_config
 from ._logs import setup_logging
@@ -224,10 +230,12 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
 )
 @click.option(
     "--cluster",
-    metavar="etcd://HOST:PORT[,HOST:PORT...][/PREFIX]",
-    help="Be a node of the cluster whose registry is this etcd (list every member): ports, "
-    "names and client identities are owned cluster-wide (see docs/cluster.md).",
+    metavar="etcd[s]://HOST:PORT[,HOST:PORT...][/PREFIX]",
+    help="Be a node of the cluster whose registry is this etcd (list every member; etcds:// "
+    "for TLS): ports, names and client identities are owned cluster-wide (see "
+    "docs/cluster.md).",
 )
+@engine_options
 @click.option(
     "--node-id",
     metavar="NAME",
@@ -307,10 +315,12 @@ def serve(
     cluster_tls_ca: str | None,
     log_level: str,
     log_format: str,
+    engine: EngineAccess,
 ) -> None:
     """Run a tunnel server."""
     setup_logging(log_level, log_format)
     check_cluster_options(cluster, node_id, node_address)
+    engine_password = engine.check(cluster)
     if cluster_secret_file is not None and cluster is None:
         raise click.UsageError("--cluster-secret-file is for a node of a --cluster")
     token = read_token(ctx, token, token_file)
@@ -325,10 +335,17 @@ def serve(
         )
 
     async def run() -> None:
+        # a node's self-signed certificate also names the host other nodes link to
+        names = None
+        if node_address:
+            host = node_address.rsplit(":", 1)[0].strip("[]")
+            names = list(dict.fromkeys([host, "localhost", "127.0.0.1", "::1"]))
         tls, fingerprint = await server_tls(
-            tls_cert, tls_key, tls_self_signed, tls_dir, tls_client_ca
+            tls_cert, tls_key, tls_self_signed, tls_dir, tls_client_ca, names
         )
-        node = node_registry(cluster, node_id, node_address or "", cluster_lease_ttl)
+        node = await node_registry(
+            cluster, node_id, node_address or "", cluster_lease_ttl, engine, engine_password
+        )
         links_tls = None
         if tls is not None and config.cluster_secret is not None:
             mutual = tls_client_ca is not None
@@ -448,6 +465,11 @@ _RESTART_ONLY = (
     "cluster_lease_ttl",
     "cluster_secret_file",
     "cluster_tls_ca",
+    "cluster_ca",
+    "cluster_cert",
+    "cluster_key",
+    "cluster_user",
+    "cluster_password_file",
 )
 
 

@@ -96,8 +96,10 @@ async def server_tls(
     tls_self_signed: bool,
     tls_dir: str,
     tls_client_ca: str | None,
+    names: list[str] | None = None,
 ) -> tuple[ssl.SSLContext | None, str | None]:
     """The server's TLS context and its certificate's fingerprint (both ``None``: plain).
+    ``names``: what a self-signed certificate made now names (default: loopback's).
 
     Runs inside ``trio.run`` so that an unreadable file is a startup error (one line), like
     every other failure after the arguments were parsed.
@@ -106,7 +108,7 @@ async def server_tls(
     fingerprint: str | None = None
     cert, key = tls_cert, tls_key
     if tls_self_signed:
-        cert_path, key_path, fingerprint = await pytunnel.tls.ensure_self_signed(tls_dir)
+        cert_path, key_path, fingerprint = await pytunnel.tls.ensure_self_signed(tls_dir, names)
         cert, key = str(cert_path), str(key_path)
     if cert is not None and key is not None:
         tls = await pytunnel.tls.server_tls_context(cert, key, client_ca_file=tls_client_ca)

@@ -13,6 +13,13 @@ its TTL ago, timed from when the renewal was sent). Once it cannot tell, every c
 ``ClusterUnavailableError`` until the engine answers again; relays already running are not
 touched. When the lease did expire meanwhile, the node takes a new one, joins again and claims
 again what it still holds; a key another node took in between is reported as lost.
+
+The connection to the engine may be TLS (``https://`` members, ``etcds://`` in a cluster
+address) with a CA and a client certificate in an ``ssl.SSLContext``, and may authenticate as
+an etcd user: ``/v3/auth/authenticate`` trades the user and password for a token sent in the
+``Authorization`` header of every request, taken again whenever the engine says it no
+longer knows it (expired, or the engine restarted). Neither the password nor the token is
+ever logged or put in an error.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import base64
 import json
 import logging
 import math
+import ssl
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,7 +36,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
-from ..errors import ClusterUnavailableError, printable
+from ..errors import ClusterAuthError, ClusterUnavailableError, printable
 from ._registry import Change, LostCallback, WatchCallback, check_node_id
 
 __all__ = ["DEFAULT_LEASE_TTL", "EtcdRegistry", "parse_etcd_url"]
@@ -45,18 +53,28 @@ DEFAULT_REQUEST_TIMEOUT = 2.0
 DEFAULT_RETRY_INTERVAL = 0.5
 #: Claims retried when the key vanished between the compare and the read of its owner.
 _CLAIM_ATTEMPTS = 3
+#: What etcd answers for a token it no longer takes (expired unused, or issued before its
+#: users or roles changed): a new token is taken and the request sent again.
+_STALE_TOKEN = ("invalid auth token", "auth store is old")
+#: What etcd answers when the credentials themselves are the trouble (no token sent, a wrong
+#: password, a user without the right to the keys): a wrong setting, not an outage.
+_REFUSED = ("user name is empty", "authentication failed", "permission denied")
 
 
 def parse_etcd_url(url: str) -> tuple[tuple[str, ...], str]:
     """``etcd://host:port[,host:port...][/prefix]`` -> (the members' gateway URLs, the key
-    prefix).
+    prefix); ``etcds://`` for members that serve TLS (``https://`` gateway URLs).
 
     Every member of a multi-member etcd can be listed: requests go to the first that answers
     (see :class:`EtcdRegistry`). The prefix keeps several services apart on one engine
     (default ``/pytunnel/``)."""
     parts = urlsplit(url)
-    usage = f"a cluster address is etcd://HOST:PORT[,HOST:PORT...][/PREFIX], not {url!r}"
-    if parts.scheme != "etcd" or not parts.netloc or parts.query or parts.fragment:
+    usage = (
+        f"a cluster address is etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (etcds:// for TLS), "
+        f"not {url!r}"
+    )
+    schemes = {"etcd": "http", "etcds": "https"}
+    if parts.scheme not in schemes or not parts.netloc or parts.query or parts.fragment:
         raise ValueError(usage)
     endpoints = []
     for member in parts.netloc.split(","):
@@ -68,7 +86,7 @@ def parse_etcd_url(url: str) -> tuple[tuple[str, ...], str]:
         if not one.hostname or one.username is not None or one.password is not None:
             raise ValueError(usage)
         host = f"[{one.hostname}]" if ":" in one.hostname else one.hostname
-        endpoints.append(f"http://{host}:{port}")
+        endpoints.append(f"{schemes[parts.scheme]}://{host}:{port}")
     prefix = parts.path.strip("/")
     return tuple(endpoints), f"/{prefix}/" if prefix else "/pytunnel/"
 
@@ -96,6 +114,10 @@ class EtcdRegistry:
     not answer or answers that it cannot serve (a member cut off from its quorum), so a
     three-member etcd keeps the cluster going with one member down.
 
+    ``tls`` verifies ``https://`` members (its CA, its client certificate if the engine asks
+    for one; default: the system's store); ``user`` and ``password`` authenticate to an etcd
+    with authentication enabled (see the module docstring).
+
     ``run`` must be running (``await nursery.start(registry.run)``) for claims to succeed; it
     takes the lease, registers the node under ``nodes/<node_id>`` and renews the lease until
     cancelled, then revokes it (the node's keys are freed at once on a clean stop) and closes
@@ -112,8 +134,13 @@ class EtcdRegistry:
         lease_ttl: int = DEFAULT_LEASE_TTL,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         retry_interval: float = DEFAULT_RETRY_INTERVAL,
+        tls: ssl.SSLContext | None = None,
+        user: str | None = None,
+        password: str | None = None,
     ) -> None:
         check_node_id(node_id)
+        if (user is None) != (password is None):
+            raise ValueError("etcd authentication needs both a user and a password")
         if lease_ttl < 2:
             raise ValueError(f"the lease TTL is 2 s or more, not {lease_ttl!r}")
         self.node_id = node_id
@@ -126,7 +153,12 @@ class EtcdRegistry:
         self.prefix = prefix
         self.lease_ttl = lease_ttl
         self._retry_interval = retry_interval
-        self._http = httpx.AsyncClient(timeout=request_timeout)
+        self._http = httpx.AsyncClient(timeout=request_timeout, verify=tls or True)
+        self._user = user
+        self._password = password
+        #: The engine's token for ``user`` (``None``: none taken yet, or the last one stale).
+        self._auth_token: str | None = None
+        self._auth_lock = trio.Lock()
         self._watch_timeout = httpx.Timeout(request_timeout, read=None)
         self._lease: str | None = None
         self._valid_until = -math.inf
@@ -369,16 +401,20 @@ class EtcdRegistry:
         next_revision: int | None = None
         started = False
         attempts = 0  # members tried before the first watch opened
+        denied = 0  # refusals in a row, each after a new token
         while True:
             request: dict[str, Any] = {"key": _b64(full), "range_end": _range_end(full)}
             if next_revision is not None:
                 request["start_revision"] = str(next_revision)
             try:
                 self._check_open()
+                endpoint = self.endpoint
+                headers, token = await self._auth_headers(endpoint)
                 async with self._http.stream(
                     "POST",
-                    f"{self.endpoint}/v3/watch",
+                    f"{endpoint}/v3/watch",
                     json={"create_request": request},
+                    headers=headers,
                     timeout=self._watch_timeout,
                 ) as response:
                     if response.status_code != 200:
@@ -388,15 +424,27 @@ class EtcdRegistry:
                             continue
                         result = _watch_result(line)
                         revision = int(result.get("header", {}).get("revision", 0))
+                        if result.get("canceled"):
+                            reason = str(result.get("cancel_reason", ""))
+                            if any(t in reason for t in (*_STALE_TOKEN, "permission denied")):
+                                # a stale token (expired, or older than the engine's users)
+                                # or a user without the right: a new token once, then it is
+                                # the user's right
+                                denied += 1
+                                self._forget_token(token)
+                                if self._user is None or denied > 1:
+                                    raise ClusterAuthError(f"watch refused: {printable(reason)}")
+                                break
+                            # compacted past what we need: from now on
+                            log.warning("watch of %s cancelled by the engine", printable(prefix))
+                            next_revision = None
+                            break
                         if result.get("created"):
+                            denied = 0
                             next_revision = max(next_revision or 0, revision + 1)
                             if not started:
                                 started = True
                                 task_status.started()
-                        if result.get("canceled"):  # compacted past what we need: from now on
-                            log.warning("watch of %s cancelled by the engine", printable(prefix))
-                            next_revision = None
-                            break
                         for event in result.get("events", []):
                             kv = event["kv"]
                             next_revision = int(kv["mod_revision"]) + 1
@@ -406,6 +454,8 @@ class EtcdRegistry:
                                 else _text(kv.get("value", ""))
                             )
                             on_change(Change(_text(kv["key"])[len(self.prefix) :], value))
+                if denied == 1:
+                    continue  # at once, with the new token
             except (httpx.HTTPError, ClusterUnavailableError, ValueError, KeyError) as exc:
                 failed_at = self.endpoint
                 self._next_member()
@@ -413,7 +463,8 @@ class EtcdRegistry:
                     attempts += 1
                     if attempts < len(self.endpoints):
                         continue  # the next member, at once
-                    raise ClusterUnavailableError(
+                    error = ClusterAuthError if _refused(exc) else ClusterUnavailableError
+                    raise error(
                         f"cannot watch {printable(prefix)} at {failed_at}: {_describe(exc)}"
                     ) from None
                 log.info(
@@ -444,20 +495,27 @@ class EtcdRegistry:
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """One request to the gateway, to each member in turn until one serves it; every way
-        it can fail is a ClusterUnavailableError.
+        it can fail is a ClusterUnavailableError (a ClusterAuthError when every member
+        refused this node's credentials or certificate, or failed its TLS verification).
 
         A request a member took but did not answer may be sent again to the next one; each
         is safe to repeat: a claim finds its own owner, a release finds nothing to delete, a
         put writes the same value, a second lease would only expire unused."""
         failures = []
+        refused = 0
         for _ in self.endpoints:
             self._check_open()
             endpoint = self.endpoint
             try:
-                response = await self._http.post(f"{endpoint}{path}", json=body)
-                reply = response.json()
+                response, reply = await self._send(endpoint, path, body)
             except (httpx.HTTPError, ValueError) as exc:
+                refused += isinstance(_tls_failure(exc), ssl.SSLError)
                 failures.append(f"{endpoint}: {_describe(exc)}")
+                self._next_member()
+                continue
+            except ClusterUnavailableError as exc:  # no token could be had from this member
+                refused += isinstance(exc, ClusterAuthError)
+                failures.append(f"{endpoint}: {exc.message}")
                 self._next_member()
                 continue
             if response.status_code >= 500:  # no leader, quorum lost: another member may serve
@@ -465,12 +523,87 @@ class EtcdRegistry:
                 self._next_member()
                 continue
             if response.status_code != 200 or not isinstance(reply, dict) or "error" in reply:
-                raise ClusterUnavailableError(
-                    f"cluster engine at {endpoint} refused {path}: "
-                    f"{printable(_reason(reply, response.status_code))}"
+                reason = _reason(reply, response.status_code)
+                error = ClusterAuthError if _refused(reason) else ClusterUnavailableError
+                raise error(
+                    f"cluster engine at {endpoint} refused {path}: {printable(reason)}"
+                    + (_AUTH_HINT if self._user is None and "user name is empty" in reason else "")
                 )
             return reply
+        if refused == len(self.endpoints):
+            raise ClusterAuthError(f"cluster engine refused this node: {'; '.join(failures)}")
         raise ClusterUnavailableError(f"cluster engine unreachable: {'; '.join(failures)}")
+
+    async def _send(
+        self, endpoint: str, path: str, body: dict[str, Any]
+    ) -> tuple[httpx.Response, Any]:
+        """One request to one member, with this node's token; sent once more with a new
+        token when the member says the one sent is stale."""
+        headers, token = await self._auth_headers(endpoint)
+        response = await self._http.post(f"{endpoint}{path}", json=body, headers=headers)
+        reply = response.json()
+        if token is not None and any(s in _reason(reply, 200) for s in _STALE_TOKEN):
+            self._forget_token(token)
+            headers, token = await self._auth_headers(endpoint)
+            response = await self._http.post(f"{endpoint}{path}", json=body, headers=headers)
+            reply = response.json()
+        return response, reply
+
+    async def _auth_headers(self, endpoint: str) -> tuple[dict[str, str], str | None]:
+        """The headers that authenticate a request (none without a user) and the token in
+        them; a token is taken first if there is none. One authentication at a time: the
+        requests that find the token stale together wait for one new token."""
+        if self._user is None or self._password is None:
+            return {}, None
+        async with self._auth_lock:
+            if self._auth_token is None:
+                self._auth_token = await self._authenticate(endpoint, self._user, self._password)
+            token = self._auth_token
+        return {"Authorization": token}, token
+
+    def _forget_token(self, token: str | None) -> None:
+        """Drop ``token`` as stale, unless another request already replaced it."""
+        if token is not None and self._auth_token == token:
+            self._auth_token = None
+
+    async def _authenticate(self, endpoint: str, user: str, password: str) -> str:
+        response = await self._http.post(
+            f"{endpoint}/v3/auth/authenticate", json={"name": user, "password": password}
+        )
+        reply = response.json()
+        token = reply.get("token") if isinstance(reply, dict) else None
+        if response.status_code >= 500:  # no leader: the member cannot tell, another may
+            raise ClusterUnavailableError(printable(_reason(reply, response.status_code)))
+        if response.status_code != 200 or not isinstance(token, str) or not token:
+            raise ClusterAuthError(
+                f"user {printable(user)} refused: {printable(_reason(reply, response.status_code))}"
+            )
+        log.info("node %s: authenticated to the engine as %s", self.node_id, printable(user))
+        return token
+
+
+_AUTH_HINT = " (the engine requires authentication: give a user and a password)"
+
+
+def _refused(reason: object) -> bool:
+    """Whether a refusal (a message or an exception) is about this node's credentials or
+    certificate rather than the engine's health."""
+    if isinstance(reason, ClusterAuthError):
+        return True
+    if isinstance(reason, BaseException):
+        return isinstance(_tls_failure(reason), ssl.SSLError)
+    return any(text in str(reason) for text in _REFUSED)
+
+
+def _tls_failure(exc: BaseException) -> BaseException | None:
+    """The ``ssl.SSLError`` behind an httpx error (a CA that does not verify the member, a
+    client certificate the member refused), if that is what it is."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None or isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _reason(reply: object, status: int) -> str:
@@ -491,4 +624,7 @@ def _watch_result(line: str) -> dict[str, Any]:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ClusterUnavailableError):
         return exc.message
+    tls = _tls_failure(exc)
+    if tls is not None and tls is not exc:  # httpx says only "ConnectError": say why
+        return printable(f"{type(exc).__name__}: {tls}")
     return printable(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
