@@ -68,6 +68,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.timeout(360)  # two dozen CLI processes, each a full interpreter start
 def test_verbs_manage_forwards_of_a_running_client(server: str, rundir: Path, echo: str) -> None:
     sock = rundir / "c.sock"
     admin = ["--admin", f"unix:{sock}"]
