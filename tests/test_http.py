@@ -743,8 +743,8 @@ async def test_pipelined_requests_still_let_other_tasks_run(nursery: trio.Nurser
 
 
 async def test_closing_the_listener_ends_serving_and_frees_the_port() -> None:
-    """The backlog is drained through a duplicate descriptor; closing trio's listener still
-    ends the loop (as it ends trio's own) and nothing keeps the port open."""
+    """The backlog is drained by non-blocking accepts of our own; closing trio's listener
+    still ends the loop (as it ends trio's own) and nothing keeps the port open."""
     errors: list[BaseException] = []
 
     async def run(task_status: trio.TaskStatus[list[trio.SocketListener]]) -> None:

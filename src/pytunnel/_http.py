@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import socket
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -43,6 +42,7 @@ import attrs
 import h11
 import trio
 
+from ._listen import serve_backlog
 from .errors import printable
 
 __all__ = [
@@ -705,29 +705,12 @@ async def _linger_close(stream: trio.abc.Stream) -> None:
             pass
 
 
-#: accept(2) errors that say the system is out of something: wait, then accept again
-_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-#: accept(2) errors that concern only the connection being accepted (it is gone)
-_ACCEPT_IGNORABLE_ERRNOS = frozenset(
-    getattr(errno, name)
-    for name in (
-        "ECONNABORTED",
-        "EPROTO",
-        "EPERM",
-        "ENETDOWN",
-        "ENOPROTOOPT",
-        "EHOSTDOWN",
-        "ENONET",
-        "EHOSTUNREACH",
-        "EOPNOTSUPP",
-        "ENETUNREACH",
-    )
-    if hasattr(errno, name)
-)
-#: how long to wait after a capacity error before accepting again
-ACCEPT_RETRY_TIME = 0.1
-#: the most connections taken from the backlog in one go before the others get a turn
-ACCEPT_BATCH = 64
+async def _no_slot() -> None:
+    """Connections to this server need nothing reserved before they are accepted."""
+
+
+def _nothing_to_release(_slot: None) -> None:
+    pass
 
 
 async def _accept_loop(
@@ -741,49 +724,16 @@ async def _accept_loop(
     load a burst of new connections is taken one per scheduler pass: with a hundred busy
     connections a pass lasts tens of milliseconds and the last connection of a burst waits
     for its first answer a second or more (its request waits in a backlog nobody reads).
-    Draining the backlog in one step (bounded by :data:`ACCEPT_BATCH`), as asyncio's servers
-    do, starts them all in the same pass. The accepting is done on a duplicate of the
-    listening descriptor (same socket, its own Python object); the waiting is on trio's
-    own, so closing the listener elsewhere ends this loop with ``ClosedResourceError``, as
-    it ends trio's."""
-    sock = listener.socket
+    :func:`._listen.serve_backlog` takes them all in the same pass (up to its batch bound).
+    Closing the listener elsewhere ends this loop with ``ClosedResourceError``, as it ends
+    trio's."""
+
+    def start(stream: trio.SocketStream, _slot: None) -> None:
+        nursery.start_soon(connection, stream)
+
     async with listener:
-        with socket.fromfd(sock.fileno(), sock.family, sock.type) as backlog:
-            backlog.setblocking(False)
-            await _drain_backlog(sock, backlog, nursery, connection)
-
-
-async def _drain_backlog(
-    sock: trio.socket.SocketType,
-    backlog: socket.socket,
-    nursery: trio.Nursery,
-    connection: Callable[[trio.SocketStream], Awaitable[None]],
-) -> NoReturn:
-    while True:
-        if sock.fileno() == -1:
-            raise trio.ClosedResourceError("the listener was closed")
-        await trio.lowlevel.wait_readable(sock)
-        for _ in range(ACCEPT_BATCH):
-            try:
-                accepted, _ = backlog.accept()
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno in _ACCEPT_IGNORABLE_ERRNOS:
-                    continue
-                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                log.error(
-                    "accept failed (%s); accepting again in %s s",
-                    os.strerror(exc.errno),
-                    ACCEPT_RETRY_TIME,
-                )
-                await trio.sleep(ACCEPT_RETRY_TIME)
-                break
-            stream = trio.SocketStream(trio.socket.from_stdlib_socket(accepted))
-            nursery.start_soon(connection, stream)
-        else:
-            await trio.lowlevel.checkpoint()  # a full batch: let the rest run first
+        await serve_backlog(listener, _no_slot, start, _nothing_to_release)
+    raise trio.ClosedResourceError("the listener was closed")
 
 
 async def serve_http(

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
+import select
 import socket
 import weakref
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import trio
 
@@ -21,6 +24,7 @@ __all__ = [
     "bind_udp",
     "bound_port",
     "receive_batch",
+    "serve_backlog",
     "tune_udp_socket",
     "udp_socket_for",
 ]
@@ -28,7 +32,33 @@ __all__ = [
 log = logging.getLogger("pytunnel.listen")
 
 #: accept() failures that mean "out of resources right now", not "this listener is broken".
-_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: accept() failures that concern only the connection being accepted (it is gone): the next
+#: one waiting is taken instead (the list trio's ``SocketListener.accept`` skips).
+_GONE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED",
+        "EPROTO",
+        "EPERM",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+    )
+    if hasattr(errno, name)
+)
+#: How long to wait after an accept failed for want of descriptors or memory: long enough
+#: for connections to end and give some back, short enough that a burst is not kept waiting.
+ACCEPT_RETRY_TIME = 0.1
+#: Connections taken from one listener per scheduler pass at most, so that a burst on one
+#: port cannot hold up everything else the process runs.
+ACCEPT_BATCH = 64
+
+_Slot = TypeVar("_Slot")
 
 
 #: Receive buffer asked for on every UDP socket (the kernel caps it at net.core.rmem_max):
@@ -89,6 +119,126 @@ async def accept(listener: trio.SocketListener) -> trio.SocketStream:
                 raise
             log.error("accept failed (%s); pausing 100 ms", exc.strerror)
             await trio.sleep(0.1)
+
+
+async def serve_backlog(
+    listener: trio.SocketListener,
+    reserve: Callable[[], Awaitable[_Slot]],
+    start: Callable[[trio.SocketStream, _Slot], object],
+    release: Callable[[_Slot], None],
+) -> None:
+    """Accept connections on ``listener`` for ever, every one waiting per scheduler pass
+    (up to :data:`ACCEPT_BATCH`), each after ``reserve()``; return once the listener is
+    closed.
+
+    trio's ``SocketListener.accept`` yields to the scheduler after each connection, so a
+    burst of N connections is taken one per pass, and under load a pass lasts long: the
+    last of a burst waits in a backlog nobody reads. Here the connections that wait are
+    taken in one pass, as asyncio's servers do, by non-blocking ``accept(2)`` calls.
+
+    Args:
+      reserve: takes whatever a connection needs before it is accepted (a stream slot);
+        it may wait, leaving the connection in the kernel's backlog meanwhile. It is
+        called only when a connection is known to wait, so a refusal it counts or logs is
+        always a real one.
+      start: hands on an accepted connection with its slot (``nursery.start_soon``, say);
+        it must not wait. From then on the connection and the slot are its to close and
+        release.
+      release: gives back a slot that no connection got (the one waiting went away, the
+        accept failed, or ``start`` raised; the connection is closed then).
+
+    Resources: while the system is out of descriptors or memory (``EMFILE``, ``ENFILE``,
+    ...) the failure is logged, the slot given back and the accepting paused for
+    :data:`ACCEPT_RETRY_TIME`; the connections keep waiting in the backlog, none is lost.
+    A failure of one connection only (``ECONNABORTED``, ...) skips it. Any other
+    ``OSError`` of ``accept(2)`` is raised.
+    """
+    sock = listener.socket
+    waiting = select.poll()
+    while True:
+        if sock.fileno() < 0:  # closed between two passes: waiting on it would be an error
+            return
+        try:
+            await trio.lowlevel.wait_readable(sock)
+        except trio.ClosedResourceError:
+            return
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        waiting.register(fd, select.POLLIN)
+        try:
+            for _ in range(ACCEPT_BATCH):
+                slot = await reserve()
+                try:
+                    accepted = _accept_now(sock)
+                except trio.ClosedResourceError:  # closed while ``reserve`` waited
+                    release(slot)
+                    return
+                except OSError as exc:
+                    release(slot)
+                    if exc.errno not in _RESOURCE_ERRNOS:
+                        raise
+                    log.error(
+                        "accept failed (%s); accepting again in %s s",
+                        os.strerror(exc.errno),
+                        ACCEPT_RETRY_TIME,
+                    )
+                    await trio.sleep(ACCEPT_RETRY_TIME)
+                    break
+                if accepted is None:  # it went away while the slot was taken
+                    release(slot)
+                    break
+                try:
+                    start(trio.SocketStream(trio.socket.from_stdlib_socket(accepted)), slot)
+                except BaseException:
+                    accepted.close()
+                    release(slot)
+                    raise
+                if not waiting.poll(0):  # the backlog is empty: wait for the next one
+                    break
+            else:
+                await trio.lowlevel.checkpoint()  # a full batch: let the rest run first
+        finally:
+            waiting.unregister(fd)
+
+
+def _accept_now(sock: trio.socket.SocketType) -> socket.socket | None:
+    """One connection waiting on the listening ``sock``, or ``None`` if none is left; raises
+    ``ClosedResourceError`` if ``sock`` has been closed and ``OSError`` if accept(2) fails
+    for more than the one connection."""
+    with _borrowed(sock) as view:
+        while True:
+            try:
+                accepted, _ = view.accept()
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                if exc.errno in _GONE_ERRNOS:
+                    continue
+                raise
+            return accepted
+
+
+@contextlib.contextmanager
+def _borrowed(sock: trio.socket.SocketType) -> Iterator[socket.socket]:
+    """A standard-library socket object over ``sock``'s descriptor, for synchronous calls
+    without trio's checkpoint; it does not own the descriptor (it is detached, never closed,
+    on the way out), so it must not outlive the synchronous stretch it is made in.
+
+    trio's own socket object has no public way to make a call without its checkpoint, and a
+    duplicate descriptor held across waits would keep the port listening after trio's
+    listener is closed (connections would queue in a backlog nobody reads).
+    """
+    fd = sock.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("the listener was closed")
+    view = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
+    try:
+        if view.gettimeout() is not None:  # a process-wide default timeout would make it wait
+            view.setblocking(False)
+        yield view
+    finally:
+        view.detach()
 
 
 async def udp_socket_for(
