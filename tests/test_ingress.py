@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
 import pytest
 import trio
 import trio.testing
@@ -87,3 +93,104 @@ async def test_ingress_returns_quietly_on_a_listener_closed_under_it() -> None:
         listener.socket.close()
         async with trio.open_nursery() as nursery:
             await serve_ingress(listener, slot, carry, lambda _slot: None, nursery)
+
+
+INGRESS_EMFILE = r"""
+import logging, os, resource, sys, trio, trio.testing
+from pytunnel._ingress import serve_ingress
+from pytunnel._listen import bind
+
+logging.basicConfig(level=logging.WARNING)
+COUNT = int(sys.argv[1])
+
+
+async def main():
+    go = trio.Event()
+    held = 0
+    carried = []
+
+    async def reserve():
+        nonlocal held
+        await go.wait()  # the first slot only once every connection is in the backlog
+        held += 1
+        return held
+
+    def release(slot):
+        nonlocal held
+        held -= 1
+
+    async def carry(conn, slot):
+        data = await conn.receive_some()
+        await conn.send_all(data)
+        assert await conn.receive_some() == b""  # until the client closes
+        carried.append(data)
+
+    with trio.fail_after(60):
+        [listener] = await bind("127.0.0.1", 0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_ingress, listener, reserve, carry, release, nursery)
+            baseline = len(os.listdir("/proc/self/fd"))
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (baseline + 3, hard))  # 3 at a time
+            print(listener.socket.getsockname()[1], flush=True)
+            await trio.to_thread.run_sync(sys.stdin.readline)
+            go.set()
+            while len(carried) < COUNT or held:
+                await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            fds = len(os.listdir("/proc/self/fd"))
+            print(f"carried {len(set(carried))} held {held} fds {fds - baseline}", flush=True)
+            nursery.cancel_scope.cancel()
+
+trio.run(main)
+"""
+
+
+async def test_ingress_out_of_descriptors_mid_batch_loses_and_leaks_nothing(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Twelve connections waiting at once, descriptors for three: the batch stops at
+    ``EMFILE`` (logged, slot given back) and the rest stay in the backlog, each served once a
+    descriptor is free; at the end every slot is back and no descriptor is left open."""
+    count = 12
+    script = tmp_path / "ingress.py"
+    script.write_text(INGRESS_EMFILE)
+    log_path = tmp_path / "ingress.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with log_path.open("wb") as log_file:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, str(script), str(count)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            env=env,
+        )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    out = b""
+    try:
+        with trio.fail_after(60):  # a hang detector
+            while not out.endswith(b"\n"):
+                out += await proc.stdout.receive_some(100)
+            port = int(out)
+            clients = [
+                socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(count)
+            ]
+            await proc.stdin.send_all(b"go\n")
+            for i, client in enumerate(clients):  # each closed frees a descriptor
+                with client:
+                    client.sendall(b"conn %02d" % i)
+                    assert await trio.to_thread.run_sync(client.recv, 100) == b"conn %02d" % i
+            out = b""
+            while not out.endswith(b"\n"):
+                chunk = await proc.stdout.receive_some(100)
+                assert chunk, log_path.read_text()
+                out += chunk
+            assert await proc.wait() == 0, log_path.read_text()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert out.decode().split() == ["carried", str(count), "held", "0", "fds", "0"]
+    text = log_path.read_text()
+    assert "accept failed (Too many open files); accepting again in 0.1 s" in text, text

@@ -9,8 +9,10 @@ of sessions, forwards, limits or logs.
 
 It does not use ``trio.serve_listeners``: that accepts every connection as soon as it arrives,
 while here the slot is taken *before* the accept, so that a side waiting for a slot leaves
-the connections in the kernel's backlog instead of accepting them to reset them. Riding out
-``EMFILE`` is kept, by :func:`._listen.accept`.
+the connections in the kernel's backlog instead of accepting them to reset them. The
+accepting is :func:`._listen.serve_backlog`'s: every connection waiting is taken in one
+scheduler pass (a burst is not accepted one per pass), each after its own slot, and
+``EMFILE`` is ridden out.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import TypeVar
 
 import trio
 
-from ._listen import accept
+from ._listen import serve_backlog
 from .errors import TunnelError
 from .session import MuxStream
 
@@ -43,28 +45,17 @@ async def serve_ingress(
     even a refusal such as ``False``, is handed on), then the connection is accepted and
     ``carry(conn, slot)`` runs in ``handler_nursery``. The connection is closed and
     ``release(slot)`` called when ``carry`` returns, whatever happened; a slot taken for an
-    accept that failed is released at once.
+    accept that failed is released at once. All the connections waiting are taken in one
+    pass (up to :data:`._listen.ACCEPT_BATCH`), so ``reserve`` runs once per connection
+    without a scheduler pass between them.
 
     Returns quietly when the listener is closed under it (a port going offline or away).
     """
-    while True:
-        if listener.socket.fileno() < 0:
-            # closed between two connections: waiting on it would be an error, not a wait
-            return
-        try:
-            await trio.lowlevel.wait_readable(listener.socket)
-        except trio.ClosedResourceError:
-            return
-        slot = await reserve()
-        try:
-            conn = await accept(listener)
-        except trio.ClosedResourceError:
-            release(slot)
-            return
-        except BaseException:
-            release(slot)
-            raise
+
+    def start(conn: trio.SocketStream, slot: _Slot) -> None:
         handler_nursery.start_soon(_carry, conn, slot, carry, release)
+
+    await serve_backlog(listener, reserve, start, release)
 
 
 async def _carry(
