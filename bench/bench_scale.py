@@ -15,6 +15,10 @@ kill, when the connections on the far side of the surviving process close:
 * client killed: the server must close its connections to the target (the target sees EOF);
 * server killed: the client must close the connections it accepted (the driver sees EOF).
 
+With ``--forward R`` the connections go through a remote forward instead (the server accepts
+them on its public port, the client dials the target), and the two cases swap: a dead client
+shows at the driver, a dead server at the target.
+
 Reported: opening rate (connections/s), CPU milliseconds per connection of each pytunnel
 process while opening, resident memory per connection of each, and the teardown times (first,
 median, 99th percentile, last close after the kill; how many closed within 1 s).
@@ -22,6 +26,7 @@ median, 99th percentile, last close after the kill; how many closed within 1 s).
     python bench/bench_scale.py                    # 10,000 connections, kill client then server
     python bench/bench_scale.py --quick            # 1,000 connections
     python bench/bench_scale.py --conns 10000 --kill server --json out.json
+    python bench/bench_scale.py --forward R --conns 3000 --kill client
 
 Every wait is bounded (``--timeout``); at the bound the figures say how many never closed.
 """
@@ -175,17 +180,23 @@ def one_run(args: argparse.Namespace, kill: str) -> dict[str, object]:
              *limits, *session_limit],
         )  # fmt: skip
         line = wait_for("serve", lambda: _match(server, r"listening on [\d.]+:(\d+)"), 30, server)
+        flag, kind = ("-L", "local") if args.forward == "L" else ("-R", "remote")
         client = procs.start(
             "connect",
             [exe, "connect", f"{HOST}:{line}", "--token", TOKEN, "--quiet", "--max-streams",
-             str(args.conns + 100), "-L", f"0:{HOST}:{target_port}"],
+             str(args.conns + 100), flag, f"{HOST}:0:{HOST}:{target_port}"],
         )  # fmt: skip
         local = int(
-            wait_for("connect", lambda: _match(client, r"local forward [\d.]+:(\d+)"), 30, client)
+            wait_for("connect", lambda: _match(client, kind + r" forward [\d.]+:(\d+)"), 30, client)
         )
         base = {"serve": rss_kib(server.pid), "connect": rss_kib(client.pid)}
         ticks = {"serve": cpu_ticks(server.pid), "connect": cpu_ticks(client.pid)}
-        result: dict[str, object] = {"conns": args.conns, "kill": kill, "load_start": loadavg()}
+        result: dict[str, object] = {
+            "conns": args.conns,
+            "forward": args.forward,
+            "kill": kill,
+            "load_start": loadavg(),
+        }
 
         async def drive() -> None:
             streams: list[trio.SocketStream] = []
@@ -243,11 +254,13 @@ def one_run(args: argparse.Namespace, kill: str) -> dict[str, object]:
                 ["py-spy", "record", "--nonblocking", "-p", str(survivor.pid), "-d", "10",
                  "-r", "250", "-f", "raw", "-o", str(out)],
             )  # fmt: skip
-        if kill == "server":
+        # the survivor must close its far side: the driver's connections if it is the one
+        # that accepted them (the client of -L, the server of -R), else the target's
+        if (survivor is client) == (args.forward == "L"):
             closed = watch_closes(socks, args.timeout)
         else:
-            # the driver's own sockets die with the client's process; the figure is the
-            # target's, read from its log until every connection closed
+            # the driver's own sockets die with the victim; the figure is the target's,
+            # read from its log until every connection closed
             deadline = time.monotonic() + args.timeout
             while (
                 len(closes(target.log)) < closed_before + len(socks) and time.monotonic() < deadline
@@ -284,6 +297,12 @@ def main() -> None:
     parser.add_argument("--conns", type=int, default=10_000)
     parser.add_argument("--parallel", type=int, default=100, help="connections in flight")
     parser.add_argument("--kill", choices=["client", "server", "both"], default="both")
+    parser.add_argument(
+        "--forward",
+        choices=["L", "R"],
+        default="L",
+        help="through a local forward (the client accepts) or a remote one (the server does)",
+    )
     parser.add_argument("--timeout", type=float, default=60, help="bound of each phase, s")
     parser.add_argument("--quick", action="store_true", help="1,000 connections")
     parser.add_argument("--pytunnel", default=default_pytunnel())
