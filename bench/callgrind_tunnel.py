@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Instructions per 64-byte round trip through a whole tunnel (``pytunnel serve`` plus
 ``pytunnel connect -L``, both under ``valgrind --tool=callgrind``), for one or more source trees;
-with ``--workload connect``, per new connection instead (connect, one byte echoed, close).
+with ``--workload connect``, per new connection instead (connect, one byte echoed, close), and
+with ``--workload burst`` the same for connections opened 50 at once.
 
 On a shared machine the wall clock of a round trip moves with the load; the instructions the
 two processes execute for it do not. For each tree, a fresh tunnel runs twice, once with
@@ -13,6 +14,7 @@ SIGINT (a clean exit, so callgrind writes its totals) and, failing that, by thei
     git archive OLD src | tar -x -C /tmp/old    # likewise NEW into /tmp/new
     python bench/callgrind_tunnel.py /tmp/old /tmp/new --low 100 --high 400
     python bench/callgrind_tunnel.py /tmp/old /tmp/new --workload connect --low 30 --high 130
+    python bench/callgrind_tunnel.py /tmp/old /tmp/new --workload burst --low 50 --high 250
 
 Slow (callgrind runs Python 30-60 times slower): a few minutes per tree.
 """
@@ -85,6 +87,32 @@ def _connections(port: int, count: int) -> None:
                 pass
 
 
+#: Connections opened at once by the ``burst`` workload.
+BURST = 50
+
+
+def _bursts(port: int, count: int) -> None:
+    """``count`` connections in bursts of :data:`BURST`: all of a burst connected before any
+    is used (they wait in the listener's backlog together), then one byte echoed on each,
+    then each closed."""
+    for _ in range(0, count, BURST):
+        socks = [socket.create_connection((HOST, port), timeout=120) for _ in range(BURST)]
+        try:
+            for s in socks:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s.sendall(b"c")
+            for s in socks:
+                if s.recv(1) != b"c":
+                    raise BenchError("the tunnel closed the connection")
+                s.shutdown(socket.SHUT_WR)
+            for s in socks:
+                while s.recv(4096):
+                    pass
+        finally:
+            for s in socks:
+                s.close()
+
+
 def _collected(child: Child) -> int:
     found = re.findall(r"Collected : (\d+)", child.log.read_text(errors="replace"))
     if not found:
@@ -139,9 +167,9 @@ def measure(procs: Processes, tree: Path, echo: int, count: int, workload: str =
         return True
 
     wait_for("the tunnel to echo", echoes, 300, client, step=1.0)
-    if workload == "connect":
+    if workload in ("connect", "burst"):
         _connections(front, 5)  # the warm-up of the connection path
-        _connections(front, count)
+        (_connections if workload == "connect" else _bursts)(front, count)
         time.sleep(2)  # both sides finish closing the last ones before the totals
     else:
         _round_trips(front, count)
@@ -163,10 +191,12 @@ def main() -> int:
     parser.add_argument("trees", nargs="+", type=Path, help="directories holding src/pytunnel")
     parser.add_argument("--low", type=int, default=100)
     parser.add_argument("--high", type=int, default=400)
-    parser.add_argument("--workload", choices=("ping", "connect"), default="ping")
+    parser.add_argument("--workload", choices=("ping", "connect", "burst"), default="ping")
     args = parser.parse_args()
     echo = _echo_server()
-    unit = "instr/connection" if args.workload == "connect" else "instr/round trip"
+    if args.workload == "burst" and (args.low % BURST or args.high % BURST):
+        parser.error(f"--low and --high must be multiples of {BURST} for bursts")
+    unit = "instr/round trip" if args.workload == "ping" else "instr/connection"
     print(f"{'tree':<30} {'I(low)':>14} {'I(high)':>14} {unit:>18}", flush=True)
     with run_dir("pytunnel-callgrind-") as procs:
         for tree in args.trees:
