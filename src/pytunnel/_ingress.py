@@ -46,8 +46,8 @@ async def serve_ingress(
     ``carry(conn, slot)`` runs in ``handler_nursery``. The connection is closed and
     ``release(slot)`` called when ``carry`` returns, whatever happened; a slot taken for an
     accept that failed is released at once. All the connections waiting are taken in one
-    pass (up to :data:`._listen.ACCEPT_BATCH`), so ``reserve`` runs once per connection
-    without a scheduler pass between them.
+    pass (up to :data:`._listen.ACCEPT_BATCH`): ``reserve`` runs once per connection, with
+    no scheduler pass between them unless it waits.
 
     Returns quietly when the listener is closed under it (a port going offline or away).
     """

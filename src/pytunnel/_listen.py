@@ -117,8 +117,10 @@ async def accept(listener: trio.SocketListener) -> trio.SocketStream:
         except OSError as exc:
             if exc.errno not in _RESOURCE_ERRNOS:
                 raise
-            log.error("accept failed (%s); pausing 100 ms", exc.strerror)
-            await trio.sleep(0.1)
+            log.error(
+                "accept failed (%s); accepting again in %s s", exc.strerror, ACCEPT_RETRY_TIME
+            )
+            await trio.sleep(ACCEPT_RETRY_TIME)
 
 
 async def serve_backlog(
@@ -127,9 +129,8 @@ async def serve_backlog(
     start: Callable[[trio.SocketStream, _Slot], object],
     release: Callable[[_Slot], None],
 ) -> None:
-    """Accept connections on ``listener`` for ever, every one waiting per scheduler pass
-    (up to :data:`ACCEPT_BATCH`), each after ``reserve()``; return once the listener is
-    closed.
+    """Accept connections on ``listener`` until it is closed, then return: all those waiting
+    in one scheduler pass (up to :data:`ACCEPT_BATCH`), each after its own ``reserve()``.
 
     trio's ``SocketListener.accept`` yields to the scheduler after each connection, so a
     burst of N connections is taken one per pass, and under load a pass lasts long: the
