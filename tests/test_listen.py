@@ -153,9 +153,21 @@ async def test_serve_backlog_takes_a_burst_in_a_few_passes_each_after_its_slot()
         await listener.aclose()
 
 
-async def test_serve_backlog_gives_back_the_slot_of_a_connection_gone_meanwhile() -> None:
+@pytest.mark.parametrize("default_timeout", [None, 5.0])
+async def test_serve_backlog_gives_back_the_slot_of_a_connection_gone_meanwhile(
+    default_timeout: float | None,
+) -> None:
     """``reserve`` may wait; a connection taken by someone else meanwhile leaves nothing to
-    accept: the slot is given back and the loop waits for the next one."""
+    accept: the slot is given back at once (even with a process-wide default socket timeout,
+    which must not make the accept wait) and the loop waits for the next one."""
+    socket.setdefaulttimeout(default_timeout)
+    try:
+        await _gone_meanwhile()
+    finally:
+        socket.setdefaulttimeout(None)
+
+
+async def _gone_meanwhile() -> None:
     free = trio.Event()
     asked = trio.Event()
     started: list[int] = []
