@@ -461,13 +461,20 @@ class EtcdServer:
             member.initial_cluster = initial
         return members
 
+    #: what clients speak to it (a subclass with TLS flags says ``https``)
+    scheme = "http"
+
+    def extra(self) -> list[str]:
+        """Flags of a subclass's own (TLS, authentication), after the common ones."""
+        return []
+
     @property
     def url(self) -> str:
-        return f"etcd://127.0.0.1:{self.client_port}"
+        return f"etcd{'s' if self.scheme == 'https' else ''}://127.0.0.1:{self.client_port}"
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     async def start(self) -> None:
         await self.launch()
@@ -476,18 +483,18 @@ class EtcdServer:
     async def launch(self) -> None:
         etcd = shutil.which("etcd")
         assert etcd is not None
-        client = f"http://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
         self.process = await trio.lowlevel.open_process(
             [
                 etcd,
                 f"--name={self.name}",
                 f"--data-dir={self.data_dir}",
-                f"--listen-client-urls={client}",
-                f"--advertise-client-urls={client}",
+                f"--listen-client-urls={self.endpoint}",
+                f"--advertise-client-urls={self.endpoint}",
                 f"--listen-peer-urls={peer}",
                 f"--initial-advertise-peer-urls={peer}",
                 f"--initial-cluster={self.initial_cluster}",
+                *self.extra(),
                 "--log-level=error",
             ],
             stdout=subprocess.DEVNULL,

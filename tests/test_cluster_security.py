@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import ssl
-import subprocess
 from collections.abc import AsyncIterator
 from contextlib import suppress
 from pathlib import Path
@@ -38,40 +37,6 @@ PASSWORD = "correct horse battery staple"
 class FlaggedEtcd(EtcdServer):
     """A private etcd started with flags of its own (``extra``), on ``scheme`` for clients;
     started and stopped by pid like the plain one."""
-
-    scheme = "http"
-
-    def extra(self) -> list[str]:
-        return []
-
-    @property
-    def url(self) -> str:
-        return f"etcd{'s' if self.scheme == 'https' else ''}://127.0.0.1:{self.client_port}"
-
-    @property
-    def endpoint(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.client_port}"
-
-    async def launch(self) -> None:
-        etcd = shutil.which("etcd")
-        assert etcd is not None
-        peer = f"http://127.0.0.1:{self.peer_port}"
-        self.process = await trio.lowlevel.open_process(
-            [
-                etcd,
-                f"--name={self.name}",
-                f"--data-dir={self.data_dir}",
-                f"--listen-client-urls={self.endpoint}",
-                f"--advertise-client-urls={self.endpoint}",
-                f"--listen-peer-urls={peer}",
-                f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster={self.initial_cluster}",
-                *self.extra(),
-                "--log-level=error",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
 
 
 class TlsEtcd(FlaggedEtcd):
