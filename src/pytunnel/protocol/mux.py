@@ -318,6 +318,8 @@ class Multiplexer:
         self.window_floor = max(1, min(window, receive_budget // (2 * max_streams)))
         #: Credit above the floors, shared by the streams that use it.
         self._pool = max(0, receive_budget - max_streams * self.window_floor)
+        #: A stream holding more credit than this is never due a window update.
+        self._no_grant_above = window - window // 2
         #: Credit taken from the pool: the sum over streams of what each holds above its floor.
         self._extra = 0
         #: Streams holding pool credit (the fair share divides the pool among them).
@@ -698,14 +700,17 @@ class Multiplexer:
         st.held -= size
         self._held -= size
         credit = before - size
+        floor = self.window_floor
         if not st.read:  # its credit moves from the unproven half to the rest of the pool
             st.read = True
-            floor = self.window_floor
             self._unproven -= before - floor if before > floor else 0
-        if before > self.window_floor:
-            self._charge(before, credit)
+        if before > floor:
+            if credit > floor:  # still a holder: only the amount changes
+                self._extra -= size
+            else:
+                self._charge(before, credit)
         # no grant can be due above half a window (the common case: most reads end here)
-        if credit > self.window - self.window // 2 or st.state is StreamState.REMOTE_FIN:
+        if credit > self._no_grant_above or st.state is StreamState.REMOTE_FIN:
             return False
         limit = self._credit_limit(credit)
         delta = limit - credit
