@@ -62,6 +62,8 @@ from bench_tunnel import (
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TOKEN = "bench-scale"
+#: Streams per session and per server that both commands allow by default.
+DEFAULT_STREAMS = 16384
 
 
 # --------------------------------------------------------------------------- the target
@@ -171,20 +173,24 @@ def one_run(args: argparse.Namespace, kill: str) -> dict[str, object]:
         target_port = int(
             wait_for("the target", lambda: port_file.exists() and port_file.read_text(), 20, target)
         )
-        limits = ["--max-streams", str(args.conns + 100)]
-        session_limit = ["--max-session-streams", str(args.conns + 100)]
+        # the defaults carry DEFAULT_STREAMS connections; the flags only for more, or for a
+        # build from before the defaults were raised (--stream-limits)
+        flags = args.stream_limits or args.conns + 100 > DEFAULT_STREAMS
+        cap = str(max(args.conns + 100, DEFAULT_STREAMS))
+        limits = ["--max-streams", cap, "--max-session-streams", cap] if flags else []
+        client_limit = ["--max-streams", cap] if flags else []
         exe = args.pytunnel
         server = procs.start(
             "serve",
             [exe, "serve", "--listen", f"{HOST}:0", "--token", TOKEN, "--log-level", "warning",
-             *limits, *session_limit],
+             *limits],
         )  # fmt: skip
         line = wait_for("serve", lambda: _match(server, r"listening on [\d.]+:(\d+)"), 30, server)
         flag, kind = ("-L", "local") if args.forward == "L" else ("-R", "remote")
         client = procs.start(
             "connect",
-            [exe, "connect", f"{HOST}:{line}", "--token", TOKEN, "--quiet", "--max-streams",
-             str(args.conns + 100), flag, f"{HOST}:0:{HOST}:{target_port}"],
+            [exe, "connect", f"{HOST}:{line}", "--token", TOKEN, "--quiet", *client_limit,
+             flag, f"{HOST}:0:{HOST}:{target_port}"],
         )  # fmt: skip
         local = int(
             wait_for("connect", lambda: _match(client, kind + r" forward [\d.]+:(\d+)"), 30, client)
@@ -307,6 +313,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1,000 connections")
     parser.add_argument("--pytunnel", default=default_pytunnel())
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--stream-limits",
+        action="store_true",
+        help="pass --max-streams / --max-session-streams for --conns (builds whose defaults "
+        "are below 10,000; automatic above the defaults)",
+    )
     parser.add_argument(
         "--py-spy", type=Path, metavar="DIR", help="profile the survivor's teardown into DIR"
     )

@@ -20,9 +20,11 @@ _RENAMED: dict[str, dict[str, tuple[type[Any], str]]] = {
     "serve": {
         "max_session_streams": (pytunnel.SessionConfig, "max_streams"),
         "max_frame_size": (pytunnel.SessionConfig, "max_frame_size"),
+        "receive_budget": (pytunnel.SessionConfig, "receive_budget"),
     },
     "connect": {
         "max_streams": (pytunnel.SessionConfig, "max_streams"),
+        "receive_budget": (pytunnel.SessionConfig, "receive_budget"),
         "tls_server_name": (pytunnel.ClientConfig, "tls_server_hostname"),
         "header": (pytunnel.ClientConfig, "ws_headers"),
         "host_header": (pytunnel.ClientConfig, "ws_host"),
@@ -174,3 +176,25 @@ def test_server_port_zero_is_a_usage_error() -> None:
     assert isinstance(main, click.Group)
     with main.commands["serve"].make_context("serve", ["--listen", "127.0.0.1:0"]) as ctx:
         assert ctx.params["listen"] == ("127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("command", ["serve", "connect"])
+def test_receive_budget_reaches_the_session_config(
+    command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--receive-budget`` on either command is the sessions' ``receive_budget``."""
+    from pytunnel.cli._connect import client_config
+    from pytunnel.cli._serve import server_config
+
+    for name in list(os.environ):
+        if name.startswith("PYTUNNEL_"):
+            monkeypatch.delenv(name)
+    assert isinstance(main, click.Group)
+    args = [*_ARGS[command], "--receive-budget", "1048576"]
+    with main.commands[command].make_context(command, args) as ctx:
+        build = server_config if command == "serve" else client_config
+        config = build(ctx.params, "secret")
+    assert config.session.receive_budget == 1048576
+    result = CliRunner().invoke(main, [command, *_ARGS[command], "--receive-budget", "0"])
+    assert result.exit_code == 2
+    assert "--receive-budget" in result.output

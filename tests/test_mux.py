@@ -28,6 +28,7 @@ from pytunnel.protocol import messages as m
 from pytunnel.protocol.frames import FrameDecoder, encode_message
 from pytunnel.protocol.messages import MAX_WINDOW
 from pytunnel.protocol.mux import (
+    DEFAULT_RECEIVE_BUDGET,
     DatagramReceived,
     DataReceived,
     Event,
@@ -45,6 +46,23 @@ from pytunnel.protocol.mux import (
 )
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def check_budget(mux: Multiplexer) -> None:
+    """The receive budget's books balance and hold: the credit above the floors, counted
+    afresh from every stream, is what the multiplexer keeps, and stays within the pool."""
+    floor = mux.window_floor
+    streams = mux._streams.values()
+    over = [max(0, st.recv_window + st.held - floor) for st in streams]
+    over += [max(0, held - floor) for held in mux._unread.values()]
+    assert mux._extra == sum(over)
+    assert mux._holders == sum(1 for n in over if n)
+    unproven = sum(max(0, st.recv_window + st.held - floor) for st in streams if not st.read)
+    assert mux._unproven == unproven
+    assert mux._extra <= mux._pool
+    assert mux.bytes_buffered == sum(st.held for st in streams) + sum(mux._unread.values())
+    assert mux.receive_committed <= max(mux.receive_budget, mux.max_streams)
+    assert all(st.recv_window + st.held <= mux.window for st in streams)
 
 
 def make_pair(**kw: Any) -> tuple[Multiplexer, Multiplexer]:
@@ -293,7 +311,8 @@ def test_zero_window_announced() -> None:
 
 
 def test_window_update_overflow() -> None:
-    client, server = make_pair(window=MAX_WINDOW)
+    # a budget with room for the largest window (the default one grants at most a quarter)
+    client, server = make_pair(window=MAX_WINDOW, receive_budget=2**34)
     sid = opened(client, server)
     assert client.send_window(sid) == MAX_WINDOW
     with remote_error(ErrorCode.FLOW_CONTROL_ERROR):
@@ -684,10 +703,16 @@ class Model:
 
     SIDES = ("client", "server")
 
-    def __init__(self, window: int, chunk: int, max_streams: int) -> None:
+    def __init__(
+        self, window: int, chunk: int, max_streams: int, budget: int = DEFAULT_RECEIVE_BUDGET
+    ) -> None:
         self.mux = {
             role.name.lower(): Multiplexer(
-                role, window=window, max_data_chunk=chunk, max_streams=max_streams
+                role,
+                window=window,
+                max_data_chunk=chunk,
+                max_streams=max_streams,
+                receive_budget=budget,
             )
             for role in Role
         }
@@ -823,8 +848,11 @@ class Model:
         assert not self.pings["server"]
 
     def check(self) -> None:
-        for mux in self.mux.values():
+        for side, mux in self.mux.items():
             assert mux.open_streams <= mux.max_streams
+            check_budget(mux)
+            unconsumed = sum(n for (where, _), n in self.unconsumed.items() if where == side)
+            assert mux.bytes_buffered <= unconsumed
             for sid in self.known:
                 assert 0 <= mux.send_window(sid) <= MAX_WINDOW
 
@@ -867,9 +895,10 @@ class MuxPair(RuleBasedStateMachine):
         window=st.sampled_from([1, 2, 7, 64, 1000]),
         chunk=st.sampled_from([1, 3, 64]),
         max_streams=st.integers(1, 6),
+        budget=st.sampled_from([DEFAULT_RECEIVE_BUDGET, 1, 5, 40, 3000]),
     )
-    def setup(self, window: int, chunk: int, max_streams: int) -> None:
-        self.model = Model(window, chunk, max_streams)
+    def setup(self, window: int, chunk: int, max_streams: int, budget: int) -> None:
+        self.model = Model(window, chunk, max_streams, budget)
 
     @rule(side=sides)
     def open(self, side: str) -> None:
@@ -954,6 +983,7 @@ def test_random_operations_soak(seed: int) -> None:
         window=rnd.choice([1, 10, 100, 1000, 5000]),
         chunk=rnd.choice([1, 7, 100, 1000]),
         max_streams=rnd.randint(1, 8),
+        budget=rnd.choice([DEFAULT_RECEIVE_BUDGET, 1, 20, 2000, 20000]),
     )
     weighted: list[tuple[float, Callable[[str], None]]] = [
         (3, lambda side: model.open_and_accept(side)),
@@ -1089,7 +1119,7 @@ def test_control_frames_overtake_queued_data() -> None:
     client.send_fin(sid)
     client.ping(7)
     feed(client, m.Ping(9))
-    feed(client, m.Data(sid, bytes(600)))
+    feed(client, m.Data(sid, bytes(6000)))
     client.consumed(sid, 6000)
     client.go_away(ErrorCode.NORMAL, "bye")
     assert [type(f).__name__ for f in sent_frames(client)] == [
@@ -1825,7 +1855,7 @@ def test_peer_violations_say_exactly_what_is_wrong() -> None:
 
 
 def test_a_window_update_up_to_exactly_the_largest_window_is_allowed() -> None:
-    client, server = make_pair(window=MAX_WINDOW - 1)
+    client, server = make_pair(window=MAX_WINDOW - 1, receive_budget=2**34)
     sid = opened(client, server)
     assert feed(client, m.WindowUpdate(sid, 1)) == [WindowOpened(sid)]
     assert client.send_window(sid) == MAX_WINDOW

@@ -58,6 +58,7 @@ from .protocol.mux import (
     DEFAULT_MAX_CONTROL_QUEUE,
     DEFAULT_MAX_DATA_CHUNK,
     DEFAULT_MAX_STREAMS,
+    DEFAULT_RECEIVE_BUDGET,
     DEFAULT_WINDOW,
     DatagramReceived,
     DataReceived,
@@ -117,6 +118,11 @@ class SessionConfig:
     max_data_chunk: int = attrs.field(default=DEFAULT_MAX_DATA_CHUNK, validator=_positive)
     #: Concurrently open streams (both directions); further opens are refused.
     max_streams: int = attrs.field(default=DEFAULT_MAX_STREAMS, validator=_positive)
+    #: Bytes the peer may make this session buffer, all streams together: received and not
+    #: read yet, plus the windows still granted. Each stream gets at least
+    #: ``receive_budget / (2 * max_streams)`` (capped at ``window``), so a reader that stopped
+    #: never blocks the others; the rest is shared up to ``window`` per stream.
+    receive_budget: int = attrs.field(default=DEFAULT_RECEIVE_BUDGET, validator=_positive)
     #: Senders park once this many bytes are queued for the transport.
     write_buffer_high: int = attrs.field(default=256 * 1024, validator=attrs.validators.ge(0))
     #: ``max_bytes`` for each transport ``receive_some``.
@@ -157,6 +163,7 @@ class Session:
             max_streams=config.max_streams,
             max_control_queue=config.max_control_queue,
             decoder=decoder,
+            receive_budget=config.receive_budget,
         )
         self._streams: dict[int, MuxStream] = {}
         # a datagram must fit the peer's frame limit with its envelope
@@ -215,6 +222,18 @@ class Session:
     @property
     def open_streams(self) -> int:
         return len(self._streams)
+
+    @property
+    def bytes_buffered(self) -> int:
+        """Bytes received on all streams that the application has not read yet (at most
+        ``config.receive_budget``)."""
+        return self._mux.bytes_buffered
+
+    @property
+    def receive_committed(self) -> int:
+        """Bytes the peer could make this session hold right now: :attr:`bytes_buffered` plus
+        the windows still granted (at most ``config.receive_budget``)."""
+        return self._mux.receive_committed
 
     async def wait_closed(self) -> None:
         """Wait until the session has ended, for whatever reason (see ``close_reason``)."""
@@ -404,7 +423,8 @@ class Session:
         """The application read ``size`` bytes of ``stream_id`` (window credit for the peer)."""
         if not self.closed:
             before = self._mux.bytes_to_send
-            self._mux.consumed(stream_id, size)
+            if self._mux.consumed(stream_id, size):
+                self._wake_slot_waiters()  # an ended stream's last unread byte: a free slot
             if self._mux.bytes_to_send != before:
                 self._kick_writer()
 

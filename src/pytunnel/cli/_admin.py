@@ -273,6 +273,7 @@ def server_api(server: pytunnel.TunnelServer, reload: Reload) -> pytunnel.admin.
                     "limits": {
                         "max_streams": config.max_streams,
                         "max_session_streams": config.session.max_streams,
+                        "receive_budget": config.session.receive_budget,
                         "max_forwards_per_client": config.max_forwards_per_client,
                         "max_pending_handshakes": config.max_pending_handshakes,
                         "max_handshakes_per_address": config.max_handshakes_per_address,

@@ -40,6 +40,7 @@ from ._options import (
     max_streams_option,
     metrics_option,
     parsed,
+    receive_budget_option,
     server_endpoints,
     usage_errors,
 )
@@ -204,6 +205,7 @@ def _credentials(value: str | None) -> tuple[str, str] | None:
     help="Concurrent streams on the tunnel connection; at the limit, local forwards stop "
     "accepting until one closes.",
 )
+@receive_budget_option(default=_SESSION.receive_budget.default)
 @click.option(
     "--status-interval",
     type=float,
@@ -263,6 +265,7 @@ def connect(
     probe_interval: float,
     probe_failures: int,
     max_streams: int,
+    receive_budget: int,
     status_interval: float,
     client_id: str | None,
     metrics: tuple[str, int] | None,
@@ -372,7 +375,9 @@ def client_config(params: Mapping[str, Any], secret: str) -> pytunnel.ClientConf
             heartbeat_timeout=params["heartbeat_timeout"],
             probe_interval=params["probe_interval"],
             probe_failures=params["probe_failures"],
-            session=pytunnel.SessionConfig(max_streams=params["max_streams"]),
+            session=pytunnel.SessionConfig(
+                max_streams=params["max_streams"], receive_budget=params["receive_budget"]
+            ),
             proxy=resolve_proxy(params["proxy"], params["server"][0]),
             ws_headers=params["header"],
             ws_host=params["host_header"],

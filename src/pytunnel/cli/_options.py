@@ -135,6 +135,17 @@ def max_streams_option(*, default: int | None, help: str) -> Callable[[_F], _F]:
     return click.option("--max-streams", type=click.IntRange(min=1), default=default, help=help)
 
 
+def receive_budget_option(*, default: int | None) -> Callable[[_F], _F]:
+    """``--receive-budget``: what the peer may make one session buffer, both commands."""
+    return click.option(
+        "--receive-budget",
+        type=click.IntRange(min=1),
+        default=default,
+        help="Bytes the peer may make one session buffer, all its streams together (each "
+        "stream still gets at least budget / (2 x streams per session)).",
+    )
+
+
 log_level_option = click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),

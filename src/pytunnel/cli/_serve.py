@@ -47,6 +47,7 @@ from ._options import (
     parsed,
     permit_open,
     port_ranges,
+    receive_budget_option,
     usage_errors,
 )
 from ._output import say
@@ -173,6 +174,7 @@ _SERVE = inspect.signature(pytunnel.serve).parameters
     default=_SESSION.max_streams.default,
     help="Concurrent streams in one client's session.",
 )
+@receive_budget_option(default=_SESSION.receive_budget.default)
 @click.option(
     "--max-pending-handshakes",
     type=click.IntRange(min=1),
@@ -290,6 +292,7 @@ def serve(
     max_forwards_per_client: int,
     max_streams: int,
     max_session_streams: int,
+    receive_budget: int,
     max_pending_handshakes: int,
     max_handshakes_per_address: int,
     first_frame_timeout: float,
@@ -439,7 +442,9 @@ def server_config(params: Mapping[str, Any], secret: str) -> pytunnel.ServerConf
             ws_ping_interval=params["ws_ping_interval"] or None,
             cluster_secret=_cluster_secret(params.get("cluster_secret_file")),
             session=pytunnel.SessionConfig(
-                max_streams=params["max_session_streams"], max_frame_size=params["max_frame_size"]
+                max_streams=params["max_session_streams"],
+                max_frame_size=params["max_frame_size"],
+                receive_budget=params["receive_budget"],
             ),
         )
 

@@ -24,6 +24,18 @@ more with ``WindowUpdate`` once the application has consumed at least half the w
 rule h2's ``WindowManager`` uses), so a slow reader bounds its own buffer without touching any
 other stream.
 
+Receive budget: every byte of window we grant is a byte the peer may make us buffer, so the
+credit outstanding on all streams together (bytes received and not yet consumed, plus the
+windows still open) never exceeds ``receive_budget``. Half of the budget is reserved as a
+*floor* for every stream slot (``receive_budget / (2 * max_streams)`` each, at most ``window``):
+a stream always gets at least its floor back once it has been read, however much the others
+hold, so readers that stopped cannot starve the rest. The other half is a *pool* the streams
+grow into up to ``window``, each at most its fair share (the pool divided among the streams
+holding some of it); streams not read from yet (new, idle) may hold at most half of the pool
+between them, so a stream that is being read can grow however many idle ones are open. Credit
+taken from the pool returns to it as the stream is read. Purely a rule about what we grant:
+nothing on the wire changes and the peer needs no support for it.
+
 Output goes into two queues, drained control first: frames that are not ordered relative to a
 stream's payload (``WindowUpdate``, ``Ping``, ``Pong``, ``Refuse`` and a ``Reset``
 of a stream with nothing queued) overtake bulk data, so a heartbeat answer never waits behind
@@ -69,6 +81,7 @@ __all__ = [
     "DEFAULT_MAX_CONTROL_QUEUE",
     "DEFAULT_MAX_DATA_CHUNK",
     "DEFAULT_MAX_STREAMS",
+    "DEFAULT_RECEIVE_BUDGET",
     "DEFAULT_WINDOW",
     "DataReceived",
     "DatagramReceived",
@@ -92,7 +105,13 @@ DEFAULT_WINDOW = 1024 * 1024
 #: Largest payload put in one Data frame: big enough to amortise per-frame cost, small enough
 #: that one bulk stream does not delay another stream's frames for long.
 DEFAULT_MAX_DATA_CHUNK = 64 * 1024
-DEFAULT_MAX_STREAMS = 4096
+#: Concurrent streams per session, both directions. The receive budget, not this cap, bounds
+#: what a session may buffer, so it only has to cover the connections one client relays.
+DEFAULT_MAX_STREAMS = 16384
+#: Bytes all streams of a session together may hold unread plus the window still granted.
+#: Half of it is the floors: 8 KiB per stream slot at the default ``max_streams``; the other
+#: half lets 128 streams at once run with a full 1 MiB window.
+DEFAULT_RECEIVE_BUDGET = 256 * 1024 * 1024
 #: Bytes of replies (Pong, Refuse, Reset) that may wait for the transport before the peer is
 #: considered a flood: about 9,000 unanswered pings. A peer that reads never gets near it,
 #: since every transport write takes the whole queue.
@@ -218,13 +237,14 @@ Event = Union[  # noqa: UP007
 class _Stream:
     __slots__ = (
         "datagrams",
+        "held",
         "id",
         "local_closed",
         "queued",
+        "read",
         "recv_window",
         "send_window",
         "state",
-        "unacked",
     )
 
     def __init__(
@@ -247,8 +267,11 @@ class _Stream:
         self.send_window = send_window
         #: How many more bytes the peer may send before a WindowUpdate.
         self.recv_window = recv_window
-        #: Bytes the application consumed that we have not yet granted back.
-        self.unacked = 0
+        #: Bytes delivered to the application and not consumed yet. ``recv_window + held`` is
+        #: the stream's credit: what the peer may make us buffer on it.
+        self.held = 0
+        #: The application has consumed from it: its credit no longer counts as unproven.
+        self.read = False
         #: The application closed its end: further data from the peer is answered with Reset.
         self.local_closed = False
 
@@ -264,6 +287,7 @@ class Multiplexer:
     largest frame body the peer accepts (we chunk data to fit it); ``max_frame_size`` the largest
     we accept. ``max_streams`` caps concurrently open streams, counting both directions.
     ``max_control_queue`` bounds the replies waiting for the transport (see ``FLOOD``).
+    ``receive_budget`` bounds the credit of all streams together (see the module docstring).
     """
 
     def __init__(
@@ -277,14 +301,38 @@ class Multiplexer:
         max_streams: int = DEFAULT_MAX_STREAMS,
         max_control_queue: int = DEFAULT_MAX_CONTROL_QUEUE,
         decoder: FrameDecoder | None = None,
+        receive_budget: int = DEFAULT_RECEIVE_BUDGET,
     ) -> None:
         if not 1 <= window <= MAX_WINDOW:
             raise ValueError(f"window must be in 1..2**31-1, got {window}")
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
+        if receive_budget < 1:
+            raise ValueError("receive_budget must be at least 1")
         self.role = role
         self.window = window
         self.max_streams = max_streams
+        self.receive_budget = receive_budget
+        #: Credit every stream slot can always have: half the budget shared by all slots (at
+        #: least one byte, so a stream can always make progress, at most a window).
+        self.window_floor = max(1, min(window, receive_budget // (2 * max_streams)))
+        #: Credit above the floors, shared by the streams that use it.
+        self._pool = max(0, receive_budget - max_streams * self.window_floor)
+        #: A stream holding more credit than this is never due a window update.
+        self._no_grant_above = window - window // 2
+        #: Credit taken from the pool: the sum over streams of what each holds above its floor.
+        self._extra = 0
+        #: Streams holding pool credit (the fair share divides the pool among them).
+        self._holders = 0
+        #: Pool credit of streams whose application has not read from them yet (opened and
+        #: idle, or written to and never read): at most half the pool, so idle streams cannot
+        #: take what streams that are being read need.
+        self._unproven = 0
+        #: Bytes delivered to the application and not consumed yet, all streams together.
+        self._held = 0
+        #: Streams that ended both ways while the application still had unread bytes of them:
+        #: those bytes, which still count against the budget and the stream cap until read.
+        self._unread: dict[int, int] = {}
         self.max_control_queue = max_control_queue
         self.max_data_chunk = max(1, min(max_data_chunk, peer_max_frame_size - _DATA_OVERHEAD))
         self._peer_max_frame_size = peer_max_frame_size
@@ -318,8 +366,56 @@ class Multiplexer:
 
     @property
     def open_streams(self) -> int:
-        """Streams currently tracked (any phase)."""
-        return len(self._streams)
+        """Streams currently tracked (any phase), counting those that have ended but still
+        have bytes the application has not read: each holds a slot of ``max_streams``."""
+        return len(self._streams) + len(self._unread)
+
+    @property
+    def bytes_buffered(self) -> int:
+        """Bytes received on all streams and not yet consumed by the application."""
+        return self._held
+
+    @property
+    def receive_committed(self) -> int:
+        """The most the peer could make us hold right now: bytes buffered plus every window
+        still granted. Never above ``max(receive_budget, max_streams)``."""
+        return self._held + sum(st.recv_window for st in self._streams.values())
+
+    def _charge(self, old: int, new: int, unproven: bool = False) -> None:
+        """A stream's credit went from ``old`` to ``new``: book the change of the part above
+        its floor, which is the pool's."""
+        floor = self.window_floor
+        before = old - floor if old > floor else 0
+        after = new - floor if new > floor else 0
+        if before != after:
+            self._extra += after - before
+            if unproven:
+                self._unproven += after - before
+            if not before:
+                self._holders += 1
+            elif not after:
+                self._holders -= 1
+
+    def _credit_limit(self, credit: int, *, first: bool = False) -> int:
+        """The most credit a stream holding ``credit`` may have: its fair share of the pool
+        (divided among the streams holding some) up to a window, as far as the pool has
+        room, and never less than its floor. A ``first`` grant (a stream not read yet) takes
+        from the half of the pool that such streams may hold."""
+        floor = self.window_floor
+        over = credit - floor if credit > floor else 0
+        pool = self._pool
+        share = min(self.window, floor + pool // (self._holders + (0 if over else 1)))
+        free = pool - self._extra
+        if first:
+            free = min(free, pool // 2 - self._unproven)
+        room = floor + over + (free if free > 0 else 0)
+        return share if share < room else room
+
+    def _initial_window(self) -> int:
+        """Credit for a stream that is being added, taken from the pool as far as it may."""
+        window = self._credit_limit(0, first=True)
+        self._charge(0, window, unproven=True)
+        return window
 
     def has_stream(self, stream_id: int) -> bool:
         return stream_id in self._streams
@@ -397,16 +493,36 @@ class Multiplexer:
     def bytes_to_send(self) -> int:
         return len(self._control) + len(self._out)
 
-    def _forget(self, stream_id: int) -> None:
-        del self._streams[stream_id]
+    def _forget(self, stream_id: int, *, unread: bool = False) -> None:
+        """Stop tracking the stream and give its credit back. ``unread``: the application
+        still has the bytes it was delivered (the stream ended cleanly), which stay counted
+        until it reads or drops them; otherwise it has dropped them (a reset)."""
+        st = self._streams.pop(stream_id)
         self._lingering.pop(stream_id, None)
+        self._charge(st.recv_window + st.held, 0, not st.read)
+        if unread and st.held:
+            self._unread[stream_id] = st.held
+            self._charge(0, st.held)
+        else:
+            self._held -= st.held
 
-    def _enter(self, st: _Stream, state: StreamState) -> None:
-        """Move ``st`` to ``state`` (from :func:`.streams.next_state`); CLOSED forgets it."""
+    def _enter(self, st: _Stream, state: StreamState, *, unread: bool = False) -> None:
+        """Move ``st`` to ``state`` (from :func:`.streams.next_state`); CLOSED forgets it
+        (``unread``: as :meth:`_forget`)."""
         if state is StreamState.CLOSED:
-            self._forget(st.id)
+            self._forget(st.id, unread=unread)
         else:
             st.state = state
+
+    def _drop_unread(self, stream_id: int) -> bool:
+        """The application dropped what it had not read of an ended stream; ``True`` if
+        there was any (its slot is free now)."""
+        held = self._unread.pop(stream_id, None)
+        if held is None:
+            return False
+        self._held -= held
+        self._charge(held, 0)
+        return True
 
     def _get(self, stream_id: int) -> _Stream:
         st = self._streams.get(stream_id)
@@ -433,13 +549,14 @@ class Multiplexer:
             raise LocalProtocolError(
                 "session is going away", code=ErrorCode.GOING_AWAY
             ) from self._error
-        if len(self._streams) >= self.max_streams:
-            raise StreamLimitError(f"already {len(self._streams)} streams open")
+        if self.open_streams >= self.max_streams:
+            raise StreamLimitError(f"already {self.open_streams} streams open")
         stream_id = self._next_id
         if stream_id > 2**32 - 1:
             raise LocalProtocolError("stream ids exhausted", code=ErrorCode.STREAM_STATE_ERROR)
-        st = _Stream(stream_id, StreamState.OPENING, 0, self.window, datagrams)
-        self._emit(Open(stream_id, self.window, host, port, tag, datagrams), st)
+        window = self._initial_window()
+        st = _Stream(stream_id, StreamState.OPENING, 0, window, datagrams)
+        self._emit(Open(stream_id, window, host, port, tag, datagrams), st)
         self._next_id += 2
         self._streams[stream_id] = st
         return stream_id
@@ -448,7 +565,10 @@ class Multiplexer:
         """Accept a stream the peer opened."""
         st = self._get(stream_id)
         self._enter(st, next_state(st.state, StreamEvent.SEND_ACCEPT, stream_id))
-        self._emit(Accept(stream_id, self.window), st)
+        # the credit is granted only now: a stream refused never took any
+        st.recv_window = window = self._credit_limit(0, first=True)
+        self._charge(0, window, unproven=True)
+        self._emit(Accept(stream_id, window), st)
 
     def refuse_stream(self, stream_id: int, code: int, message: str = "") -> None:
         """Refuse a stream the peer opened; ``code`` says why (an ``ErrorCode``)."""
@@ -498,7 +618,7 @@ class Multiplexer:
         if st.state is StreamState.LOCAL_FIN:
             return
         self._emit(Fin(stream_id), st)
-        self._enter(st, state)
+        self._enter(st, state, unread=True)
 
     def reset_stream(
         self, stream_id: int, code: int = ErrorCode.CANCELLED, message: str = ""
@@ -506,6 +626,7 @@ class Multiplexer:
         """Abort the stream both ways. A no-op for a stream that is already gone."""
         st = self._streams.get(stream_id)
         if st is None:
+            self._drop_unread(stream_id)
             return
         self._enter(st, next_state(st.state, StreamEvent.SEND_RESET, stream_id))
         self._emit_reset(st, code, message)
@@ -521,10 +642,15 @@ class Multiplexer:
         """
         st = self._streams.get(stream_id)
         if st is None:
+            self._drop_unread(stream_id)
             return
         if st.state in (StreamState.OPENING, StreamState.PENDING):
             self.reset_stream(stream_id, ErrorCode.CANCELLED, "closed before the stream opened")
             return
+        if st.held:  # the caller says it read everything: nothing it was given is kept
+            self._charge(st.recv_window + st.held, st.recv_window, not st.read)
+            self._held -= st.held
+            st.held = 0
         st.local_closed = True
         # A stream finished both ways is already gone (the last Fin, sent or received, forgets
         # it), so one still here has not sent its Fin or waits for the peer's.
@@ -544,17 +670,55 @@ class Multiplexer:
             expired += 1
         return expired
 
-    def consumed(self, stream_id: int, size: int) -> None:
-        """The application consumed ``size`` received bytes; grant window back when due."""
+    def consumed(self, stream_id: int, size: int) -> bool:
+        """The application consumed ``size`` received bytes; grant window back when due.
+
+        Due once the stream's credit is at most half of what it may have now (with the pool
+        free, half a window consumed: h2's rule), and always once it is down to nothing, so
+        a stream that was granted only its floor still moves. Returns ``True`` when this
+        consumed the last unread byte of a stream that has ended, whose slot is free now.
+        """
+        if size <= 0:
+            return False
         st = self._streams.get(stream_id)
-        if st is None or st.state is StreamState.REMOTE_FIN or size <= 0:
-            return
-        st.unacked += size
-        if st.unacked >= self.window // 2:
-            delta = st.unacked
-            st.unacked = 0
+        if st is None:
+            held = self._unread.get(stream_id)
+            if held is None:
+                return False
+            left = held - min(size, held)
+            self._held -= held - left
+            self._charge(held, left)
+            if left:
+                self._unread[stream_id] = left
+                return False
+            del self._unread[stream_id]
+            return True
+        size = min(size, st.held)
+        if not size:
+            return False
+        before = st.recv_window + st.held
+        st.held -= size
+        self._held -= size
+        credit = before - size
+        floor = self.window_floor
+        if not st.read:  # its credit moves from the unproven half to the rest of the pool
+            st.read = True
+            self._unproven -= before - floor if before > floor else 0
+        if before > floor:
+            if credit > floor:  # still a holder: only the amount changes
+                self._extra -= size
+            else:
+                self._charge(before, credit)
+        # no grant can be due above half a window (the common case: most reads end here)
+        if credit > self._no_grant_above or st.state is StreamState.REMOTE_FIN:
+            return False
+        limit = self._credit_limit(credit)
+        delta = limit - credit
+        if delta > 0 and delta >= limit // 2:
             st.recv_window += delta
+            self._charge(credit, limit)
             self._emit_control(WindowUpdate(stream_id, delta))
+        return False
 
     def ping(self, opaque: int) -> None:
         """Queue a Ping; after a protocol violation nothing is queued (the session is ending,
@@ -590,6 +754,8 @@ class Multiplexer:
         self._error = error
         self._streams.clear()
         self._lingering.clear()
+        self._unread.clear()
+        self._extra = self._held = self._holders = self._unproven = 0
         return error
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
@@ -684,7 +850,7 @@ class Multiplexer:
             case Fin(stream_id):
                 if (live := self._live(stream_id, StreamEvent.RECV_FIN)) is None:
                     return None
-                self._enter(*live)
+                self._enter(*live, unread=True)
                 return StreamEnded(stream_id)
             case Reset(stream_id, code, message):
                 if (live := self._live(stream_id, StreamEvent.RECV_RESET)) is None:
@@ -727,12 +893,11 @@ class Multiplexer:
             # an Open after the peer's own GoAway is refused like one crossing ours
             self._reply(Refuse(sid, ErrorCode.GOING_AWAY, "session is going away"))
             return None
-        if len(self._streams) >= self.max_streams:
+        if self.open_streams >= self.max_streams:
             self._reply(Refuse(sid, ErrorCode.STREAM_LIMIT, f"limit of {self.max_streams} streams"))
             return None
-        self._streams[sid] = _Stream(
-            sid, StreamState.PENDING, msg.window, self.window, msg.datagrams
-        )
+        # no credit until accept_stream grants it: the peer may not send before Accept
+        self._streams[sid] = _Stream(sid, StreamState.PENDING, msg.window, 0, msg.datagrams)
         return StreamOpened(sid, msg.host, msg.port, msg.tag, msg.datagrams)
 
     def _on_data(self, msg: Data) -> Event | None:
@@ -745,8 +910,11 @@ class Multiplexer:
                 ErrorCode.FLOW_CONTROL_ERROR,
                 f"stream {st.id}: {size} bytes exceed the window of {st.recv_window}",
             )
+        # window becomes held bytes: the stream's credit does not change
         st.recv_window -= size
-        if st.local_closed:
+        st.held += size
+        self._held += size
+        if st.local_closed:  # forgetting the stream drops (and uncounts) the bytes
             self._enter(st, next_state(st.state, StreamEvent.SEND_RESET, st.id))
             before = self.bytes_to_send
             self._emit_reset(st, ErrorCode.CANCELLED, "stream closed by the receiver")
