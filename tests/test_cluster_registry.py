@@ -172,3 +172,76 @@ def test_bad_cluster_urls_are_one_clear_error(url: str) -> None:
 def test_bad_node_ids_are_refused(node_id: str) -> None:
     with pytest.raises(ValueError, match="node id"):
         EtcdRegistry("http://127.0.0.1:1", node_id)
+
+
+async def test_a_watch_broken_again_before_its_backlog_arrives_resumes_from_it(
+    nursery: trio.Nursery,
+) -> None:
+    """A watch opened again from revision R answers "created" with the store's current
+    revision before it sends the changes since R; cut again before they arrive, the next
+    watch must still start at R, not after the current revision (those changes would be
+    lost, and a port would never be mirrored). No real etcd can be made to break at that
+    moment, so a scripted gateway on loopback plays the three watches."""
+    import base64
+    import json
+
+    import h11
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    def created(revision: int) -> bytes:
+        return json.dumps(
+            {"result": {"header": {"revision": str(revision)}, "created": True}}
+        ).encode()
+
+    def put(key: str, value: str, revision: int) -> bytes:
+        kv = {"key": b64("/pytunnel/" + key), "value": b64(value), "mod_revision": str(revision)}
+        event = {"header": {"revision": str(revision)}, "events": [{"kv": kv}]}
+        return json.dumps({"result": event}).encode()
+
+    scripts = [
+        [created(10), put("tcp/1", "a/s1", 11)],  # then cut
+        [created(50)],  # resumed at 12, cut before the backlog 12..50 arrives
+        [created(50), put("tcp/2", "b/s1", 12)],  # must resume at 12 again: then kept open
+    ]
+    asked: list[str | None] = []
+    done = trio.Event()
+
+    async def gateway(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        body = b""
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some())
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        asked.append(json.loads(body)["create_request"].get("start_revision"))
+        lines = scripts[min(len(asked), len(scripts)) - 1]
+        head = h11.Response(
+            status_code=200,
+            headers=[("content-type", "application/json"), ("connection", "close")],
+        )
+        await stream.send_all(conn.send(head) or b"")
+        for line in lines:
+            await stream.send_all(conn.send(h11.Data(data=line + b"\n")) or b"")
+        if len(asked) >= len(scripts):
+            await done.wait()
+        await stream.aclose()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, gateway, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    registry = EtcdRegistry(f"http://127.0.0.1:{port}", "n1", retry_interval=0.05)
+    seen: list[Change] = []
+    try:
+        with trio.fail_after(20):
+            await nursery.start(functools.partial(registry.watch, "tcp/", seen.append))
+            await wait_until(lambda: len(seen) == 2, seconds=15, what=lambda: f"{seen} {asked}")
+        assert asked == [None, "12", "12"]
+        assert seen == [Change("tcp/1", "a/s1"), Change("tcp/2", "b/s1")]
+    finally:
+        done.set()
+        await registry.aclose()

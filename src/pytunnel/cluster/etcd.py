@@ -441,7 +441,11 @@ class EtcdRegistry:
                             break
                         if result.get("created"):
                             denied = 0
-                            next_revision = max(next_revision or 0, revision + 1)
+                            if next_revision is None:
+                                # a watch from "now": it begins after the current revision.
+                                # One resumed from a revision keeps it until its backlog
+                                # arrives: cut again before, it must resume there again
+                                next_revision = revision + 1
                             if not started:
                                 started = True
                                 task_status.started()
