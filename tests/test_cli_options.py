@@ -54,6 +54,11 @@ _CLI_ONLY = {
         "cluster_lease_ttl",  # EtcdRegistry(lease_ttl=), default DEFAULT_LEASE_TTL
         "cluster_secret_file",  # read into ServerConfig.cluster_secret
         "cluster_tls_ca",  # builds ServerConfig.cluster_tls, as tls_cert builds tls
+        "cluster_ca",  # these five build the EtcdRegistry's TLS context and credentials
+        "cluster_cert",
+        "cluster_key",
+        "cluster_user",
+        "cluster_password_file",
     },
     "connect": {
         "server",
