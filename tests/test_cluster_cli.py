@@ -166,6 +166,23 @@ async def test_two_nodes_one_port_and_the_port_follows_its_client_when_a_node_di
             ],
             "the cluster secret file is empty",
         ),
+        (["--cluster-ca", "/dev/null"], "are for a --cluster"),
+        (
+            ["--cluster", "etcd://127.0.0.1:2379", "--node-id", "a", "--cluster-ca", "/dev/null"],
+            "etcds://",
+        ),
+        (
+            [
+                *("--cluster", "etcds://127.0.0.1:2379", "--node-id", "a"),
+                "--cluster-key",
+                "/dev/null",
+            ],
+            "--cluster-key needs --cluster-cert",
+        ),
+        (
+            ["--cluster", "etcd://127.0.0.1:2379", "--node-id", "a", "--cluster-user", "node"],
+            "go together",
+        ),
     ],
 )
 async def test_cluster_options_that_do_not_fit_are_one_usage_error(

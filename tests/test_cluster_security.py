@@ -13,7 +13,7 @@ import re
 import shutil
 import ssl
 from collections.abc import AsyncIterator
-from contextlib import suppress
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -167,6 +167,36 @@ def _port_in(line: str) -> int:
     return int(found.group(1))
 
 
+@asynccontextmanager
+async def _a_node_a_client_and_its_status(
+    url: str, access: list[str], echo_port: int
+) -> AsyncIterator[None]:
+    """Node ``a`` on the engine at ``url`` with the ``access`` flags, a client with one remote
+    forward through it, and ``cluster status`` with the same flags showing that port; both
+    processes are killed when the block ends."""
+    node = await Process.start(
+        "serve", *("--listen", "127.0.0.1:0", "--cluster", url, "--node-id", "a"), *access
+    )
+    client: Process | None = None
+    try:
+        address = (await node.line_with("listening on")).rsplit(" ", 1)[1]
+        await node.line_with(f"node a of the cluster at {url}")
+        client = await Process.start("connect", address, "-R", f"0:127.0.0.1:{echo_port}")
+        port = _port_in(await client.line_with("remote forward 127.0.0.1:"))
+        with trio.fail_after(30):
+            out = await trio.run_process(
+                [*PYTUNNEL, "cluster", "status", "--cluster", url, *access],
+                capture_stdout=True,
+                capture_stderr=True,
+            )
+        assert f"  tcp/{port}  a/" in out.stdout.decode()
+        yield
+    finally:
+        if client is not None:
+            await client.kill()
+        await node.kill()
+
+
 def _secrets_in(caplog: pytest.LogCaptureFixture, *secrets: str | None) -> list[str]:
     text = caplog.text + "".join(str(r.args) for r in caplog.records)
     return [s for s in secrets if s and s in text]
@@ -237,24 +267,7 @@ async def test_serve_and_cluster_status_over_tls_through_the_cli(
         *("--cluster-cert", str(files / "client.pem")),
         *("--cluster-key", str(files / "client-key.pem")),
     ]
-    node = await Process.start(
-        "serve",
-        *("--listen", "127.0.0.1:0", "--cluster", tls_etcd.url, "--node-id", "a"),
-        *access,
-    )
-    client: Process | None = None
-    try:
-        address = (await node.line_with("listening on")).rsplit(" ", 1)[1]
-        await node.line_with(f"node a of the cluster at {tls_etcd.url}")
-        client = await Process.start("connect", address, "-R", f"0:127.0.0.1:{echo_port}")
-        port = _port_in(await client.line_with("remote forward 127.0.0.1:"))
-        with trio.fail_after(30):
-            out = await trio.run_process(
-                [*PYTUNNEL, "cluster", "status", "--cluster", tls_etcd.url, *access],
-                capture_stdout=True,
-                capture_stderr=True,
-            )
-        assert f"  tcp/{port}  a/" in out.stdout.decode()
+    async with _a_node_a_client_and_its_status(tls_etcd.url, access, echo_port):
         # a CA that did not sign the members' certificates: one line, at start
         other = tmp_path / "other-ca.pem"
         trustme.CA().cert_pem.write_to_path(str(other))
@@ -277,10 +290,6 @@ async def test_serve_and_cluster_status_over_tls_through_the_cli(
             last = stderr.strip().splitlines()[-1]
             assert last.startswith("pytunnel: error: "), last
             assert "cluster engine refused this node" in last, last
-    finally:
-        if client is not None:
-            await client.kill()
-        await node.kill()
 
 
 # ------------------------------------------------------------------ authentication
@@ -367,24 +376,7 @@ async def test_serve_with_an_etcd_user_through_the_cli(
     password_file = tmp_path / "etcd-password"
     password_file.write_text(PASSWORD + "\n")
     access = ["--cluster-user", "node", "--cluster-password-file", str(password_file)]
-    node = await Process.start(
-        "serve",
-        *("--listen", "127.0.0.1:0", "--cluster", auth_etcd.url, "--node-id", "a"),
-        *access,
-    )
-    client: Process | None = None
-    try:
-        address = (await node.line_with("listening on")).rsplit(" ", 1)[1]
-        await node.line_with(f"node a of the cluster at {auth_etcd.url}")
-        client = await Process.start("connect", address, "-R", f"0:127.0.0.1:{echo_port}")
-        port = _port_in(await client.line_with("remote forward 127.0.0.1:"))
-        with trio.fail_after(30):
-            out = await trio.run_process(
-                [*PYTUNNEL, "cluster", "status", "--cluster", auth_etcd.url, *access],
-                capture_stdout=True,
-                capture_stderr=True,
-            )
-        assert f"  tcp/{port}  a/" in out.stdout.decode()
+    async with _a_node_a_client_and_its_status(auth_etcd.url, access, echo_port):
         wrong = tmp_path / "wrong-password"
         wrong.write_text("hunter2\n")
         with trio.fail_after(60):
@@ -406,44 +398,3 @@ async def test_serve_with_an_etcd_user_through_the_cli(
         assert "user node refused" in stderr
         assert "hunter2" not in stderr + refused.stdout.decode()
         assert "Traceback" not in stderr
-    finally:
-        if client is not None:
-            await client.kill()
-        await node.kill()
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--cluster-ca", "/dev/null"], "are for a --cluster"),
-        (
-            ["--cluster", "etcd://127.0.0.1:2379", "--node-id", "a", "--cluster-ca", "/dev/null"],
-            "etcds://",
-        ),
-        (
-            [
-                *("--cluster", "etcds://127.0.0.1:2379", "--node-id", "a"),
-                "--cluster-key",
-                "/dev/null",
-            ],
-            "--cluster-key needs --cluster-cert",
-        ),
-        (
-            ["--cluster", "etcd://127.0.0.1:2379", "--node-id", "a", "--cluster-user", "node"],
-            "go together",
-        ),
-    ],
-)
-async def test_engine_options_that_do_not_fit_are_one_usage_error(
-    args: list[str], message: str
-) -> None:
-    with trio.fail_after(30):
-        result = await trio.run_process(
-            [*PYTUNNEL, "serve", "--listen", "127.0.0.1:0", *args],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    stderr = result.stderr.decode()
-    assert result.returncode == 2, stderr
-    assert message in stderr
