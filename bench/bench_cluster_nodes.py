@@ -34,9 +34,7 @@ import functools
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +43,7 @@ from typing import Any
 
 import httpx
 import trio
+from bench_cluster import start_etcd
 
 import pytunnel
 
@@ -52,45 +51,8 @@ TOKEN = "bench-cluster-token"
 SECRET = "bench-cluster-secret, not the token"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def public_host(index: int) -> str:
     return f"127.0.0.{11 + index}"
-
-
-async def start_etcd(data_dir: str) -> tuple[trio.Process, str]:
-    etcd = shutil.which("etcd")
-    if etcd is None:
-        sys.exit("etcd is not installed (apt-get install etcd-server)")
-    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    process = await trio.lowlevel.open_process(
-        [
-            etcd,
-            "--name=bench",
-            f"--data-dir={data_dir}",
-            f"--listen-client-urls={client}",
-            f"--advertise-client-urls={client}",
-            f"--listen-peer-urls={peer}",
-            f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster=bench={peer}",
-            "--log-level=error",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    async with httpx.AsyncClient(timeout=1.0) as http:
-        with trio.fail_after(30):
-            while True:
-                try:
-                    if (await http.get(f"{client}/health")).status_code == 200:
-                        return process, client
-                except httpx.HTTPError:
-                    pass
-                await trio.sleep(0.1)
 
 
 class Node:
@@ -219,7 +181,8 @@ async def served(host: str, port: int) -> bool:
 
 
 async def run_one(args: argparse.Namespace, count: int, work: str) -> dict[str, Any]:
-    etcd, endpoint = await start_etcd(os.path.join(work, "etcd"))
+    # its health wait in a thread: the loop is already running
+    etcd, endpoint = await trio.to_thread.run_sync(start_etcd, os.path.join(work, "etcd"))
     nodes: list[Node] = []
     try:
         for index in range(count):
@@ -323,7 +286,7 @@ async def run_one(args: argparse.Namespace, count: int, work: str) -> dict[str, 
                 await node.stop()
             if etcd.poll() is None:
                 os.kill(etcd.pid, signal.SIGKILL)  # by pid: ours
-            await etcd.wait()
+            await trio.to_thread.run_sync(etcd.wait)
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     clients = args.clients
     unary = ("Txn", "Put", "Range", "DeleteRange", "LeaseGrant", "LeaseRevoke")
