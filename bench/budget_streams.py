@@ -19,6 +19,7 @@ import resource
 import sys
 
 import trio
+from memory_streams import tcp_pair
 
 from pytunnel.session import Role, open_session
 
@@ -30,18 +31,8 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / MIB
 
 
-async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    try:
-        port = listener.socket.getsockname()[1]
-        dialled = await trio.open_tcp_stream("127.0.0.1", port)
-        return dialled, await listener.accept()
-    finally:
-        await listener.aclose()
-
-
 async def _measure(count: int) -> None:
-    a, b = await _tcp_pair()
+    a, b = await tcp_pair()
     rss_before = _rss_mib()
     async with (
         open_session(a, Role.CLIENT, name="writer") as writer,

@@ -30,7 +30,8 @@ from pytunnel._relay import relay
 from pytunnel.session import Role, open_session
 
 
-async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """Two ends of a loopback TCP connection (also the session transport of budget_streams)."""
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     try:
         port = listener.socket.getsockname()[1]
@@ -41,7 +42,7 @@ async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
 
 
 async def _measure(count: int, top: int) -> None:
-    a, b = await _tcp_pair()
+    a, b = await tcp_pair()
     held: list[trio.SocketStream] = []
     async with (
         open_session(a, Role.CLIENT, name="client") as client,
@@ -52,13 +53,13 @@ async def _measure(count: int, top: int) -> None:
         async def accept_loop() -> None:
             while True:
                 stream = (await server.accept_stream()).accept()
-                far, near = await _tcp_pair()
+                far, near = await tcp_pair()
                 held.append(far)
                 nursery.start_soon(functools.partial(relay, stream, near))
 
         async def connection() -> None:
             stream = await client.open_stream("127.0.0.1", 1)
-            far, near = await _tcp_pair()
+            far, near = await tcp_pair()
             held.append(far)
             nursery.start_soon(functools.partial(relay, stream, near))
 
