@@ -19,7 +19,7 @@ import resource
 import sys
 
 import trio
-from memory_streams import tcp_pair
+from bench_session import tcp_pair
 
 from pytunnel.session import Role, open_session
 

@@ -25,20 +25,10 @@ import tracemalloc
 
 import trio
 import trio.testing
+from bench_session import tcp_pair
 
 from pytunnel._relay import relay
 from pytunnel.session import Role, open_session
-
-
-async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
-    """Two ends of a loopback TCP connection (also the session transport of budget_streams)."""
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    try:
-        port = listener.socket.getsockname()[1]
-        dialled = await trio.open_tcp_stream("127.0.0.1", port)
-        return dialled, await listener.accept()
-    finally:
-        await listener.aclose()
 
 
 async def _measure(count: int, top: int) -> None:
