@@ -18,7 +18,7 @@ from ..cluster import EtcdRegistry, check_node_id, parse_etcd_url
 from ..cluster.etcd import DEFAULT_LEASE_TTL
 from ..errors import printable
 from ._admin import call_admin
-from ._options import CONTEXT, EXISTING_FILE
+from ._options import CONTEXT, EXISTING_FILE, stack
 from ._output import fail, say
 from ._token import read_secret_file
 
@@ -127,10 +127,7 @@ def engine_options(command: _F) -> _F:
         )
         return command(*args, engine=engine, **kwargs)
 
-    decorated: Any = wrapper
-    for option in reversed(_ENGINE_OPTIONS):
-        decorated = option(decorated)
-    return decorated  # type: ignore[no-any-return]
+    return stack(*_ENGINE_OPTIONS)(wrapper)  # type: ignore[return-value]
 
 
 def check_cluster_options(
