@@ -73,6 +73,7 @@ class HandshakeResult:
             decoder=self.decoder,
             peer_max_frame_size=self.peer_max_frame_size,
             name=name,
+            version=self.version,
         )
 
 

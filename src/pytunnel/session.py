@@ -149,11 +149,15 @@ class Session:
         decoder: FrameDecoder | None = None,
         peer_max_frame_size: int | None = None,
         name: str = "",
+        version: int = 1,
     ) -> None:
         self._transport = transport
         self.role = role
         self.config = config
         self.name = name or role.name.lower()
+        #: The protocol version the handshake chose (1 when there was none, as in tests that
+        #: run a bare session): what either side may send beyond version 1 depends on it.
+        self.version = version
         self._mux = Multiplexer(
             role,
             window=config.window,
@@ -757,10 +761,12 @@ async def open_session(
     decoder: FrameDecoder | None = None,
     peer_max_frame_size: int | None = None,
     name: str = "",
+    version: int = 1,
 ) -> AsyncIterator[Session]:
     """Run a session over ``transport`` for the duration of the ``async with`` block.
 
-    ``decoder`` hands over bytes already read past the handshake. The block's own exceptions
+    ``decoder`` hands over bytes already read past the handshake, ``version`` is the protocol
+    version it chose. The block's own exceptions
     propagate unwrapped (no ``ExceptionGroup``); leaving the block closes the session and the
     transport, and no task started here outlives it.
     """
@@ -771,6 +777,7 @@ async def open_session(
         decoder=decoder,
         peer_max_frame_size=peer_max_frame_size,
         name=name,
+        version=version,
     )
     body_error: BaseException | None = None
     with unwrap_cancelled():
