@@ -117,6 +117,8 @@ class Load:
 
 #: A hang detector, not a timing claim: 500 relays are torn down in 0.1-1.5 s on a quiet
 #: 2-core machine (the slowest case waits for the server's GoAway flush to reach the client).
+#: Also the servers' dial timeout: opening 500 relays in one busy process may take a target's
+#: accept past the default 5 s.
 HANG = 30.0
 
 
@@ -187,7 +189,7 @@ async def test_leaving_client_block(nursery: trio.Nursery) -> None:
     echo = EchoService()
     await echo.start(nursery)
     server: pytunnel.TunnelServer = await nursery.start(
-        functools.partial(pytunnel.serve, 0, token=TOKEN)
+        functools.partial(pytunnel.serve, 0, token=TOKEN, connect_timeout=HANG)
     )
     baseline = count_tasks()
     async with _loaded_tunnel(server.address, echo) as (_tunnel, loads, port):
@@ -200,7 +202,7 @@ async def test_closing_the_server(nursery: trio.Nursery) -> None:
     echo = EchoService()
     await echo.start(nursery)
     server: pytunnel.TunnelServer = await nursery.start(
-        functools.partial(pytunnel.serve, 0, token=TOKEN)
+        functools.partial(pytunnel.serve, 0, token=TOKEN, connect_timeout=HANG)
     )
     baseline = count_tasks()
     async with _loaded_tunnel(server.address, echo) as (tunnel, loads, port):
@@ -228,7 +230,7 @@ async def test_cancelling_the_server_from_outside(nursery: trio.Nursery) -> None
 
     async def run_server(*, task_status: trio.TaskStatus[pytunnel.TunnelServer]) -> None:
         with server_scope:
-            await pytunnel.serve(0, token=TOKEN, task_status=task_status)
+            await pytunnel.serve(0, token=TOKEN, connect_timeout=HANG, task_status=task_status)
 
     server: pytunnel.TunnelServer = await nursery.start(run_server)
     async with _loaded_tunnel(server.address, echo) as (tunnel, loads, port):
@@ -254,7 +256,7 @@ async def test_client_process_killed(nursery: trio.Nursery) -> None:
     echo = EchoService()
     await echo.start(nursery)
     server: pytunnel.TunnelServer = await nursery.start(
-        functools.partial(pytunnel.serve, 0, token=TOKEN)
+        functools.partial(pytunnel.serve, 0, token=TOKEN, connect_timeout=HANG)
     )
     await trio.testing.wait_all_tasks_blocked()  # the server's tasks are all parked
     baseline = count_tasks()
