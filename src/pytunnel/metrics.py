@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -27,9 +27,11 @@ from prometheus_client.registry import Collector
 
 from ._dial import format_target
 from ._http import Handler, HttpLimits, Request, Response, serve_http
-from .client import Tunnel
 from .forwards import Forward, ForwardKind, ForwardStatus
-from .server import TunnelServer
+
+if TYPE_CHECKING:  # a client's metrics do not need the server loaded, nor the reverse
+    from .client import Tunnel
+    from .server import TunnelServer
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
