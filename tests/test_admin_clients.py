@@ -109,6 +109,7 @@ def test_server_api_shows_version_rtt_and_name_routes(tmp_path: Path, web: int) 
         assert info["uptime"] >= 0
         assert info["routes"] == [
             {
+                "forward_id": info["routes"][0]["forward_id"],
                 "address": f"app.{DOMAIN}",
                 "kind": "http",
                 "group": None,
@@ -119,6 +120,7 @@ def test_server_api_shows_version_rtt_and_name_routes(tmp_path: Path, web: int) 
                 "bytes_in": 0,
             }
         ]
+        assert info["routes"][0]["forward_id"] > 0
 
         # a request through the route is counted on it
         assert CURL is not None

@@ -21,6 +21,13 @@ from pytunnel.cli._config import _file_params, option_key
 pytestmark = pytest.mark.timeout(90)
 
 
+def _command(name: str) -> click.Command:
+    """A command of the group, imported if it was not yet (the group is lazy)."""
+    command = main.get_command(click.Context(main), name)
+    assert command is not None, name
+    return command
+
+
 @pytest.fixture
 def echo() -> Iterator[str]:
     with threaded_echo() as (host, port):
@@ -395,7 +402,7 @@ def test_the_table_of_the_other_command_is_required(tmp_path: Path) -> None:
 @pytest.mark.parametrize("command", ["serve", "connect"])
 def test_every_option_has_a_key_named_like_it(command: str) -> None:
     assert isinstance(main, click.Group)
-    cmd = main.commands[command]
+    cmd = _command(command)
     keys = _file_params(cmd)
     options = [p for p in cmd.params if p.expose_value and p.name != "help"]
     assert len(keys) == len(options) >= 20
@@ -411,7 +418,7 @@ _DOC = Path(__file__).parent.parent / "docs" / "configuration.md"
 def test_the_documentation_names_every_key(command: str) -> None:
     assert isinstance(main, click.Group)
     text = _DOC.read_text()
-    keys = _file_params(main.commands[command])
+    keys = _file_params(_command(command))
     missing = [key for key in keys if f"`{key}`" not in text]
     assert missing == []
 

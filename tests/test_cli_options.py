@@ -95,6 +95,13 @@ _CONFIG = {"serve": pytunnel.ServerConfig, "connect": pytunnel.ClientConfig}
 _ARGS = {"serve": [], "connect": ["127.0.0.1:7000"]}
 
 
+def _command(name: str) -> click.Command:
+    """A command of the group, imported if it was not yet (the group is lazy)."""
+    command = main.get_command(click.Context(main), name)
+    assert command is not None, name
+    return command
+
+
 def _field_default(config: type[Any], name: str) -> Any:
     """The value a config built with no arguments but the required token holds."""
     required = {"token": "t"} if "token" in attrs.fields_dict(config) else {}
@@ -108,7 +115,7 @@ def _parsed_defaults(command: str, monkeypatch: pytest.MonkeyPatch) -> dict[str,
         if name.startswith("PYTUNNEL_"):
             monkeypatch.delenv(name)
     assert isinstance(main, click.Group)
-    cmd = main.commands[command]
+    cmd = _command(command)
     with cmd.make_context(command, list(_ARGS[command])) as ctx:
         return dict(ctx.params)
 
@@ -179,7 +186,7 @@ def test_server_port_zero_is_a_usage_error() -> None:
     assert result.exit_code == 2, result.output
     assert "out of range 1-65535" in result.output
     assert isinstance(main, click.Group)
-    with main.commands["serve"].make_context("serve", ["--listen", "127.0.0.1:0"]) as ctx:
+    with _command("serve").make_context("serve", ["--listen", "127.0.0.1:0"]) as ctx:
         assert ctx.params["listen"] == ("127.0.0.1", 0)
 
 
@@ -196,7 +203,7 @@ def test_receive_budget_reaches_the_session_config(
             monkeypatch.delenv(name)
     assert isinstance(main, click.Group)
     args = [*_ARGS[command], "--receive-budget", "1048576"]
-    with main.commands[command].make_context(command, args) as ctx:
+    with _command(command).make_context(command, args) as ctx:
         build = server_config if command == "serve" else client_config
         config = build(ctx.params, "secret")
     assert config.session.receive_budget == 1048576

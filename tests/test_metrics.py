@@ -44,12 +44,15 @@ async def _get(port: int, target: str = "/metrics", method: str = "GET") -> tupl
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample by (name, sorted labels)."""
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    """Every sample by (name, sorted labels); a series given twice fails the test, as it
+    fails a Prometheus scrape ("duplicate sample for timestamp")."""
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in samples, f"duplicate series {key}"
+            samples[key] = sample.value
+    return samples
 
 
 def _value(samples: dict[Any, float], name: str, **labels: str) -> float:
@@ -350,3 +353,145 @@ async def test_server_metrics_count_name_routes_under_their_url(nursery: trio.Nu
         assert sent == len(request)
         back = _value(samples, "pytunnel_server_forward_bytes_total", bind=bind, direction="in")
         assert back == len(answer)
+
+
+# ------------------------------------------------- forwards that listen on the same port
+
+GROUP_KEY = "group secret"
+
+
+async def _twin_members(
+    tunnel: pytunnel.Tunnel, target: int
+) -> tuple[pytunnel.RemoteForward, pytunnel.RemoteForward]:
+    """Two members of one load-balanced group from one tunnel: the same kind, bind and
+    target, and no name, so only their ``id`` tells their series apart."""
+    port = closed_port()
+    twins = [
+        await tunnel.forward_remote(
+            "127.0.0.1", target, remote_port=port, group="web", group_key=GROUP_KEY
+        )
+        for _ in range(2)
+    ]
+    return twins[0], twins[1]
+
+
+async def test_identical_forwards_have_series_of_their_own(
+    nursery: trio.Nursery,
+    tunnel: pytunnel.Tunnel,
+    tunnel_server: pytunnel.TunnelServer,
+    echo_port: int,
+) -> None:
+    first, second = await _twin_members(tunnel, echo_port)
+    port = await _serve(nursery, TunnelCollector(tunnel), ServerCollector(tunnel_server))
+    bind = pytunnel.format_target(*first.address)
+    assert pytunnel.format_target(*second.address) == bind
+    payload = b"z" * 321
+    for _ in range(4):  # the group spreads them over its two members
+        assert await echo_once(first.address, payload) == payload
+    await wait_until(lambda: first.stats.active_connections + second.stats.active_connections == 0)
+
+    samples = _samples((await _get(port))[1])
+    ids = {
+        dict(labels)["id"]
+        for name, labels in samples
+        if name == "pytunnel_forward_streams_total" and dict(labels)["bind"] == bind
+    }
+    assert ids == {"f1", "f2"}
+    counted = sorted(_value(samples, "pytunnel_forward_streams_total", id=i) for i in ids)
+    assert counted == sorted(f.stats.total_connections for f in (first, second))
+    for ident in ids:
+        assert _value(samples, "pytunnel_forward_status", id=ident, status="active") == 1
+    total = sum(
+        _value(samples, "pytunnel_forward_bytes_total", id=ident, direction="out")
+        for ident in ("f1", "f2")
+    )
+    assert total == 4 * len(payload)
+
+    # the server's series of the two memberships differ by id too
+    server_ids = {
+        dict(labels)["id"]
+        for name, labels in samples
+        if name == "pytunnel_server_forward_online" and dict(labels)["bind"] == bind
+    }
+    assert len(server_ids) == 2
+    served = sum(
+        _value(samples, "pytunnel_server_forward_streams_total", bind=bind, id=ident)
+        for ident in server_ids
+    )
+    assert served == 4
+
+    # an id stays with its forward: closing one twin leaves the other's as it was, and a
+    # new forward takes a new id rather than the freed one
+    await first.aclose()
+    samples = _samples((await _get(port))[1])
+    left = {dict(k[1])["id"] for k in samples if k[0] == "pytunnel_forward_streams_total"}
+    assert len(left) == 1
+    assert left < ids
+    third = await tunnel.forward_local("127.0.0.1", echo_port)
+    samples = _samples((await _get(port))[1])
+    assert _value(samples, "pytunnel_forward_status", id="f3", status="active") == 1
+    assert _value(samples, "pytunnel_forward_status", id=left.pop(), status="active") == 1
+    await third.aclose()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt-get install prometheus)")
+async def test_a_real_prometheus_scrapes_identical_forwards(
+    nursery: trio.Nursery,
+    tunnel: pytunnel.Tunnel,
+    tunnel_server: pytunnel.TunnelServer,
+    echo_port: int,
+    tmp_path: Any,
+) -> None:
+    """Of two samples with the same labels Prometheus keeps one and drops the other as a
+    duplicate: each twin must reach it as a series of its own."""
+    await _twin_members(tunnel, echo_port)
+    port = await _serve(nursery, TunnelCollector(tunnel), ServerCollector(tunnel_server))
+    prom_port = closed_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: twins\n"
+        f"    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+    )
+    assert PROMETHEUS is not None
+    command = [
+        PROMETHEUS,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{prom_port}",
+    ]
+    process = await trio.lowlevel.open_process(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+    def target() -> dict[str, Any] | None:
+        url = f"http://127.0.0.1:{prom_port}/api/v1/targets"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                active = json.load(answer)["data"]["activeTargets"]
+        except OSError:
+            return None
+        return active[0] if active and active[0]["health"] != "unknown" else None
+
+    try:
+        found = None
+        with trio.fail_after(90):
+            while found is None:
+                await trio.sleep(0.5)
+                found = await trio.to_thread.run_sync(target)
+        assert (found["health"], found["lastError"]) == ("up", "")
+        query = urllib.parse.quote('count(pytunnel_forward_status{status="active"} == 1)')
+        url = f"http://127.0.0.1:{prom_port}/api/v1/query?query={query}"
+
+        def ask() -> list[Any]:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                result: list[Any] = json.load(answer)["data"]["result"]
+                return result
+
+        result = await trio.to_thread.run_sync(ask)
+        assert result
+        assert float(result[0]["value"][1]) == 2
+    finally:
+        process.kill()
+        await process.wait()

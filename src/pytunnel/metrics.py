@@ -15,8 +15,10 @@ Metric names and labels are listed in docs/monitoring.md.
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -25,9 +27,11 @@ from prometheus_client.registry import Collector
 
 from ._dial import format_target
 from ._http import Handler, HttpLimits, Request, Response, serve_http
-from .client import Tunnel
 from .forwards import Forward, ForwardKind, ForwardStatus
-from .server import TunnelServer
+
+if TYPE_CHECKING:  # a client's metrics do not need the server loaded, nor the reverse
+    from .client import Tunnel
+    from .server import TunnelServer
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
@@ -39,7 +43,8 @@ __all__ = [
 ]
 
 #: The ``id`` and ``name`` labels of a forward, for code that names its forwards (the CLI's
-#: config file); without it both are empty.
+#: config file); the ids must differ. Without it, each forward gets ``f1``, ``f2``, ... as the
+#: collector first sees it, and an empty name.
 ForwardLabels = Callable[[], Iterable[tuple[str, str, Forward]]]
 
 _FORWARD_LABELS = ["id", "name", "kind", "bind", "target"]
@@ -50,11 +55,27 @@ _CATEGORIES = ("NODE_TIMEOUT", "NODE_UNSTABLE", "REFUSED", "LINK_DOWN")
 
 
 class TunnelCollector(Collector):
-    """A tunnel client's metrics (``pytunnel_client_*``, ``pytunnel_forward_*``)."""
+    """A tunnel client's metrics (``pytunnel_client_*``, ``pytunnel_forward_*``).
+
+    ``forwards`` gives each forward its ``id`` and ``name`` labels; without it the collector
+    numbers the tunnel's forwards itself, so that two forwards alike in everything else
+    (members of one group) are still two series."""
 
     def __init__(self, tunnel: Tunnel, forwards: ForwardLabels | None = None) -> None:
         self.tunnel = tunnel
-        self._forwards = forwards or (lambda: (("", "", f) for f in tunnel.forwards))
+        self._forwards = forwards or self._numbered
+        # Two forwards can share kind, bind and target (members of one load-balanced group),
+        # and a series given twice is dropped by Prometheus: an id per forward object, kept
+        # for as long as the forward lives, tells them apart and stays the same across scrapes.
+        self._ids: weakref.WeakKeyDictionary[Forward, str] = weakref.WeakKeyDictionary()
+        self._sequence = itertools.count(1)
+
+    def _numbered(self) -> Iterator[tuple[str, str, Forward]]:
+        for forward in self.tunnel.forwards:
+            ident = self._ids.get(forward)
+            if ident is None:
+                ident = self._ids[forward] = f"f{next(self._sequence)}"
+            yield ident, "", forward
 
     def collect(self) -> Iterator[Metric]:
         tunnel = self.tunnel
@@ -255,9 +276,10 @@ def _node_link_metrics(server: TunnelServer) -> Iterator[Metric]:
 
 def _port_metrics(server: TunnelServer) -> Iterator[Metric]:
     """The clients' TCP remote forwards, name routes and group memberships, labelled
-    ``client`` (its identity, else its address) and ``bind`` (``host:port``, or a name
-    route's ``http://name`` / ``https://name``)."""
-    labels = ["client", "bind"]
+    ``client`` (its identity, else its address), ``bind`` (``host:port``, or a name
+    route's ``http://name`` / ``https://name``) and ``id`` (the forward's control stream:
+    one client's memberships of one group share the rest)."""
+    labels = ["client", "bind", "id"]
     online = GaugeMetricFamily(
         "pytunnel_server_forward_online",
         "1 while a remote forward accepts connections, 0 while its client reports it offline.",
@@ -276,7 +298,7 @@ def _port_metrics(server: TunnelServer) -> Iterator[Metric]:
     )
     for client in server.clients:
         for port in client.ports:
-            values = [client.client_id or client.peer, port.address]
+            values = [client.client_id or client.peer, port.address, str(port.forward_id)]
             online.add_metric(values, 1 if port.status == "active" else 0)
             streams_open.add_metric(values, port.connections)
             streams.add_metric(values, port.connections_total)
@@ -285,7 +307,7 @@ def _port_metrics(server: TunnelServer) -> Iterator[Metric]:
         for route in client.routes:
             # a name route's bind is its URL, so the HTTP and HTTPS routes of one name differ
             bind = route.address if route.kind == "tcp" else f"{route.kind}://{route.address}"
-            values = [client.client_id or client.peer, bind]
+            values = [client.client_id or client.peer, bind, str(route.forward_id)]
             online.add_metric(values, 1 if route.status == "active" else 0)
             streams_open.add_metric(values, route.connections)
             streams.add_metric(values, route.connections_total)

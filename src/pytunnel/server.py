@@ -302,6 +302,9 @@ class PublicPortInfo:
     #: Bytes from the public peers towards the client's target, and back.
     bytes_out: int
     bytes_in: int
+    #: The stream id of the forward's control stream: it stays while the forward lives, and
+    #: tells apart forwards of one client that share an address (group memberships).
+    forward_id: int = 0
 
 
 @attrs.frozen
@@ -322,6 +325,8 @@ class RouteInfo:
     #: Bytes from the public peers towards the client's target, and back.
     bytes_out: int
     bytes_in: int
+    #: As :attr:`PublicPortInfo.forward_id`.
+    forward_id: int = 0
 
 
 @attrs.frozen
@@ -368,6 +373,7 @@ def _route_info(endpoint: _Endpoint) -> RouteInfo:
         connections_total=endpoint.stats.total_connections,
         bytes_out=endpoint.stats.bytes_out,
         bytes_in=endpoint.stats.bytes_in,
+        forward_id=endpoint.forward_id,
     )
 
 
@@ -508,6 +514,7 @@ class TunnelServer:
                         connections_total=p.stats.total_connections,
                         bytes_out=p.stats.bytes_out,
                         bytes_in=p.stats.bytes_in,
+                        forward_id=p.control.stream_id,
                     )
                     for p in sorted(c.public_ports, key=lambda p: p.address)
                 ],

@@ -18,11 +18,10 @@ import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 import attrs
-import cattrs
 import click
 import trio
 
@@ -30,11 +29,17 @@ import pytunnel
 import pytunnel.admin
 from pytunnel.admin import AdminError, Request, Response
 
-from ._config import ForwardTable, ReloadResult, structure_table
-from ._declared import DeclaredForwards, Running, TableError, bind_of, declare_table
 from ._options import EXISTING_FILE, parsed, stack
 from ._output import fail, say
 from ._run import describe
+
+if TYPE_CHECKING:
+    # the API's side (connect and serve) imports these where it uses them: the verbs
+    # (``pytunnel status``...) do not need the forwards, the config files and cattrs
+    from ._config import ForwardTable, ReloadResult
+    from ._declared import DeclaredForwards, Running
+
+    Reload = Callable[[], Awaitable[ReloadResult]]
 
 __all__ = [
     "AdminAddress",
@@ -91,6 +96,8 @@ def read_admin_token(path: str | None) -> str | None:
 
 def forward_view(entry: Running) -> dict[str, Any]:
     """One forward as the API shows it (OxideTerm's rule fields, and the counters)."""
+    from ._declared import bind_of
+
     forward = entry.forward
     stats = forward.stats
     error = forward.reason if forward.status is pytunnel.ForwardStatus.ERROR else None
@@ -116,9 +123,6 @@ def forward_view(entry: Running) -> dict[str, Any]:
     }
 
 
-Reload = Callable[[], Awaitable[ReloadResult]]
-
-
 async def _json_body(request: Request) -> Any:
     raw = await request.read_body()
     try:
@@ -139,6 +143,8 @@ async def _json_body(request: Request) -> Any:
 
 def _table_of(body: Any) -> ForwardTable:
     """A forward to add, from the same keys as a ``[[client.forwards]]`` table."""
+    from ._config import ForwardTable, structure_table
+
     if not isinstance(body, dict):
         raise AdminError(400, "expected a JSON object with one of local, remote or dynamic")
     try:
@@ -149,6 +155,8 @@ def _table_of(body: Any) -> ForwardTable:
 
 
 def _first_message(exc: BaseException) -> str:
+    import cattrs
+
     while isinstance(exc, cattrs.ClassValidationError):
         with_notes, without = exc.group_exceptions()
         if without:
@@ -165,6 +173,8 @@ def client_api(
     tunnel: pytunnel.Tunnel, declared: DeclaredForwards, reload: Reload, server: str
 ) -> pytunnel.admin.Handler:
     """The handler of ``connect``'s admin API."""
+    from ._declared import TableError, declare_table
+
     started = time.time()
 
     def find(key: str) -> Running:

@@ -548,7 +548,8 @@ def check_config(ctx: click.Context, file: str, kind: str) -> None:
         kinds = [kind]
     for section in kinds:
         name = next(c for c, s in SECTIONS.items() if s == section)
-        command = group.commands[name]
+        command = group.get_command(ctx, name)
+        assert command is not None
         try:
             sub = command.make_context(name, ["--config", file], parent=ctx.parent)
             if isinstance(command, ConfigCommand) and command.check is not None:

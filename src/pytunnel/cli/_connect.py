@@ -17,15 +17,12 @@ import click
 import trio
 
 import pytunnel
-import pytunnel.metrics
 
 from . import _admin
 from ._config import ConfigCommand, config_option, config_path, file_forwards, watch_reload
 from ._config import reload as reload_config
 from ._declared import Declared, DeclaredForwards, from_flags
-from ._live import show_live
 from ._logs import setup_logging
-from ._metrics import start_metrics
 from ._options import (
     CONTEXT,
     EXISTING_FILE,
@@ -340,14 +337,17 @@ def connect(
                 if where is not None:
                     logging.getLogger("pytunnel.cli").info("admin API on %s", where)
                 if metrics is not None:
-                    await start_metrics(
-                        nursery,
-                        pytunnel.metrics.TunnelCollector(tunnel, forwards.labelled),
-                        metrics,
-                    )
+                    from pytunnel.metrics import TunnelCollector
+
+                    from ._metrics import start_metrics
+
+                    collector = TunnelCollector(tunnel, forwards.labelled)
+                    await start_metrics(nursery, collector, metrics)
                 if status_interval > 0:
                     nursery.start_soon(print_status, tunnel, status_interval)
                 if not quiet and sys.stdout.isatty():
+                    from ._live import show_live  # rich: only for a terminal
+
                     nursery.start_soon(show_live, tunnel, forwards, tunnel.server or "")
                 await tunnel.wait_closed()
                 nursery.cancel_scope.cancel()

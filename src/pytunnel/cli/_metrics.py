@@ -1,18 +1,23 @@
 """``--metrics HOST:PORT`` of both commands: a registry with the command's collector, served
-over HTTP, and the line that says where."""
+over HTTP, and the line that says where.
+
+prometheus-client and ``pytunnel.metrics`` are imported only by a command that serves metrics:
+the others (and ``--help``) do not pay for them.
+"""
 
 from __future__ import annotations
 
 import functools
-
-import trio
-from prometheus_client import CollectorRegistry
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING
 
 import pytunnel
-import pytunnel.metrics
 
 from ._output import say
+
+if TYPE_CHECKING:
+    import trio
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.registry import Collector
 
 
 async def start_metrics(
@@ -33,9 +38,13 @@ async def open_metrics(
     default one would add Python's process and GC metrics, which say nothing about the
     tunnel. Bound before the server starts, a node's metrics port is never taken first by
     the mirror of a port another node's client holds."""
+    from prometheus_client import CollectorRegistry
+
+    from pytunnel.metrics import serve_metrics
+
     registry = CollectorRegistry(auto_describe=True)
     listeners = await nursery.start(
-        functools.partial(pytunnel.metrics.serve_metrics, registry, address[0], address[1])
+        functools.partial(serve_metrics, registry, address[0], address[1])
     )
     host, port = listeners[0].socket.getsockname()[:2]
     return registry, f"metrics at http://{pytunnel.format_target(str(host), int(port))}/metrics"

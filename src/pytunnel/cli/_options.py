@@ -8,14 +8,15 @@ so no default is written twice.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import attrs
 import click
 
 import pytunnel
+
+if TYPE_CHECKING:
+    import attrs
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _T = TypeVar("_T")
@@ -57,6 +58,8 @@ def config_check(
     """A click callback that checks a value with the validator of ``config``'s field
     ``name``: the rule stays in the config class, and a bad value is this option's usage
     error rather than a failure once the config is built."""
+    import attrs  # not needed by ``pytunnel --help``, which imports this module
+
     field = attrs.fields_dict(config)[name]
 
     def check(value: Any) -> Any:
@@ -79,8 +82,8 @@ def usage_errors() -> Iterator[None]:
 
 
 #: ``HOST:PORT`` to listen on (port 0: any free port) and to connect to (a real port).
-listen_address = parsed(pytunnel.parse_host_port)
-server_address = parsed(functools.partial(pytunnel.parse_host_port, allow_zero=False))
+listen_address = parsed(lambda value: pytunnel.parse_host_port(value))
+server_address = parsed(lambda value: pytunnel.parse_host_port(value, allow_zero=False))
 
 
 def _server_endpoint(value: str) -> str | tuple[str, int]:

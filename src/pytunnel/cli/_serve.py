@@ -19,7 +19,6 @@ import trio
 
 import pytunnel
 import pytunnel.admin
-import pytunnel.metrics
 
 from . import _admin
 from ._cluster import (
@@ -401,7 +400,9 @@ def serve(
                 tls_flag = " --tls" if tls and not tls_self_signed else ""
                 say(f"connect with: pytunnel connect {address} --token {secret}{tls_flag}{pin}")
             if metrics_at is not None:
-                metrics_at[0].register(pytunnel.metrics.ServerCollector(server))
+                from pytunnel.metrics import ServerCollector
+
+                metrics_at[0].register(ServerCollector(server))
                 say(metrics_at[1])
             api.append(_admin.server_api(server, functools.partial(reload_config, ctx, apply)))
             if where is not None:
