@@ -140,6 +140,22 @@ def test_a_batch_is_one_frame_per_datagram_with_a_version_1_peer() -> None:
     assert _datagrams(server.receive_data(wire)) == payloads
 
 
+def test_a_batch_counts_once_per_datagram_against_a_decoding_pass() -> None:
+    """A reader that decodes in bounded passes hands over about as many datagrams per pass
+    as when each datagram had its own frame, so the bounded queues behind it are emptied
+    between passes as before."""
+    client, server, sid = _pair()
+    batches = [[bytes([b, i]) for i in range(8)] for b in range(3)]
+    for batch in batches:
+        client.send_datagrams(sid, batch)
+    server.feed(client.data_to_send())
+    first = server.next_events(10)  # 8 datagrams, then 8 more reach the limit
+    assert first == [DatagramsReceived(sid, tuple(b)) for b in batches[:2]]
+    assert server.frames_pending
+    assert server.next_events(10) == [DatagramsReceived(sid, tuple(batches[2]))]
+    assert not server.frames_pending
+
+
 def test_a_single_datagram_travels_as_a_datagram() -> None:
     client, _, sid = _pair()
     client.send_datagrams(sid, [b"alone"])

@@ -841,8 +841,10 @@ class Multiplexer:
         including any the handshake left in the decoder, and return their events.
 
         A caller that takes a large burst in bounded batches can yield between them, so one
-        peer's backlog never monopolises the event loop; fewer events than ``max_frames`` means
-        nothing complete is left. (Frames without an event count too.)
+        peer's backlog never monopolises the event loop; :attr:`frames_pending` says whether
+        the limit stopped it. (Frames without an event count too, and a ``Datagrams`` frame
+        counts once per datagram, so the receivers of datagrams get to run, and empty their
+        bounded queues, as often as when each datagram had its own frame.)
         """
         if self._error is not None:
             raise self._error
@@ -861,6 +863,8 @@ class Multiplexer:
                     )
                 if event is not None:
                     events.append(event)
+                    if remaining > 0 and type(event) is DatagramsReceived:
+                        remaining = max(0, remaining - len(event.data) + 1)
         except RemoteProtocolError as exc:
             raise self._fail(exc) from None
         self.frames_pending = remaining == 0
