@@ -329,7 +329,9 @@ def test_handshake_machines_complete_against_each_other_without_io() -> None:
     done = server.receive(step.send)
     assert done.result == hs.Authenticated(version, 65536, "laptop-1")
     assert isinstance(done.send, Welcome)
-    assert client.receive(done.send) == hs.Step(result=hs.Authenticated(version, 131072, "laptop-1"))
+    assert client.receive(done.send) == hs.Step(
+        result=hs.Authenticated(version, 131072, "laptop-1")
+    )
     assert client.state is server.state is hs.HandshakeState.DONE
     with pytest.raises(LocalProtocolError):
         server.receive(hello)  # a finished handshake expects nothing
