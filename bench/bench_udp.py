@@ -9,7 +9,12 @@ the tunnel carries two forwards on one local port P: ``-L P:127.0.0.1:IPERF`` (T
 Figures per offered rate and path, each the median of ``--repeat`` samples (3): the rate the
 client sent, the rate the server received (``end.sum_received``), loss % and jitter (the
 server's, as the client reports them in ``end.sum``), the received rate as a ratio to direct,
-and the CPU time of the two pytunnel processes over the sample.
+the CPU time of the two pytunnel processes over the sample, and that CPU time per datagram
+delivered (µs): a figure that depends much less on how busy the machine is than the rates.
+
+``--baseline REV`` also runs the code of git revision REV (``git archive`` of its ``src`` into
+the run's folder, put first on ``PYTHONPATH`` of a second tunnel's two processes), so OLD and
+NEW are measured side by side in one run, samples interleaved.
 
 Every process (iperf3 server, ``pytunnel serve``, ``pytunnel connect``) is a child started and
 ended by its pid through ``bench_tunnel.Processes``; every loop is bounded.
@@ -18,6 +23,7 @@ ended by its pid through ``bench_tunnel.Processes``; every loop is bounded.
     python bench/bench_udp.py --quick    # 1 x 2 s, 3 rates, ~30 s
     python bench/bench_udp.py --reverse  # also -R (server -> client)
     python bench/bench_udp.py --json out.json
+    python bench/bench_udp.py --quick --baseline main --rates 100M,200M,400M
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import json
 import os
 import shlex
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -89,6 +97,31 @@ def parse_rate(text: str) -> float:
     return float(t[:-1]) * mult[t[-1]] if t[-1] in mult else float(t)
 
 
+@dataclass
+class Tunnel:
+    """One ``pytunnel serve`` + ``pytunnel connect`` pair and the local port P it forwards."""
+
+    server: Child
+    client: Child
+    front: int
+
+    def cpu(self) -> int:
+        return sum(cpu_ticks(c.pid) for c in (self.client, self.server))
+
+
+def export_source(rev: str, dest: Path) -> Path:
+    """``src`` of git revision ``rev`` of this repository, unpacked under ``dest``."""
+    repo = Path(__file__).resolve().parent.parent
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", rev, "src"], capture_output=True, check=False
+    )
+    if archive.returncode != 0:
+        raise BenchError(f"git archive {rev}: {archive.stderr.decode(errors='replace')}")
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest / "src"
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, procs: Processes, tmp: Path) -> None:
         self.args = args
@@ -100,9 +133,8 @@ class Bench:
         self.token = "bench-" + os.urandom(12).hex()
         self.iperf_port = 0
         self.iperf_child: Child | None = None
-        self.server: Child | None = None
-        self.client: Child | None = None
-        self.front = 0
+        #: "pytunnel" (the code this runs with) and, with --baseline, "baseline".
+        self.tunnels: dict[str, Tunnel] = {}
         self.commands: list[str] = []
 
     def start_iperf(self) -> None:
@@ -116,44 +148,43 @@ class Bench:
         if len(self.commands) == 0:
             self.commands.append(shlex.join(argv))
 
-    def start_tunnel(self) -> None:
+    def start_tunnel(self, key: str, pythonpath: str | None = None) -> Tunnel:
         pt = self.args.pytunnel
         argv_s = [pt, "serve", "--listen", f"{HOST}:0", "--log-level", "warning"]
         env = {"PYTUNNEL_TOKEN": self.token}
-        self.server = self.procs.start("pytunnel-serve", argv_s, env=env)
+        if pythonpath is not None:
+            env["PYTHONPATH"] = pythonpath
+        server = self.procs.start(f"{key}-serve", argv_s, env=env)
 
         def address() -> int | None:
-            m = _read(str(self.server.log)) or ""
+            m = _read(str(server.log)) or ""
             import re
 
             found = re.search(r"pytunnel server listening on \S+:(\d+)", m)
             return int(found.group(1)) if found else None
 
-        sport = wait_for("pytunnel server address", address, 20, self.server)
-        self.front = free_port_both()
+        sport = wait_for("pytunnel server address", address, 20, server)
+        front = free_port_both()
         t = f"{HOST}:{self.iperf_port}"
         argv_c = [
             pt, "connect", f"{HOST}:{sport}", "--log-level", "warning",
-            "-L", f"{self.front}:{t}", "-L", f"{self.front}:{t}/udp",
+            "-L", f"{front}:{t}", "-L", f"{front}:{t}/udp",
         ]  # fmt: skip
-        self.client = self.procs.start("pytunnel-connect", argv_c, env=env)
+        client = self.procs.start(f"{key}-connect", argv_c, env=env)
         wait_for(
             "pytunnel -L forwards",
             lambda: (
-                "local udp forward" in (_read(str(self.client.log)) or "")
-                and listening(self.front)
-                and udp_bound(self.front)
+                "local udp forward" in (_read(str(client.log)) or "")
+                and listening(front)
+                and udp_bound(front)
             ),
             20,
-            self.client,
+            client,
         )
-        self.commands += [
-            "PYTUNNEL_TOKEN=... " + shlex.join(argv_s),
-            "PYTUNNEL_TOKEN=... " + shlex.join(argv_c),
-        ]
-
-    def tunnel_cpu(self) -> int:
-        return sum(cpu_ticks(c.pid) for c in (self.client, self.server) if c is not None)
+        prefix = "PYTUNNEL_TOKEN=... " + (f"PYTHONPATH={pythonpath} " if pythonpath else "")
+        self.commands += [prefix + shlex.join(argv_s), prefix + shlex.join(argv_c)]
+        tunnel = self.tunnels[key] = Tunnel(server, client, front)
+        return tunnel
 
     def iperf_argv(self, port: int, rate: str, reverse: bool) -> list[str]:
         a = self.args
@@ -164,10 +195,11 @@ class Bench:
         return argv + (["-R"] if reverse else [])
 
     def sample(self, path: str, rate: str, reverse: bool) -> dict:
-        port = self.iperf_port if path == "direct" else self.front
+        tunnel = self.tunnels.get(path)
+        port = self.iperf_port if tunnel is None else tunnel.front
         argv = self.iperf_argv(port, rate, reverse)
         busy = wait_quiet(self.args.quiet_wait, QUIET_THRESHOLD)
-        cpu0, t0 = self.tunnel_cpu(), time.monotonic()
+        cpu0, t0 = (tunnel.cpu() if tunnel else 0), time.monotonic()
         out: dict = {"path": path, "rate": rate, "reverse": reverse, "cmd": shlex.join(argv)}
         out["busy_before"] = round(busy, 3)
         try:
@@ -180,7 +212,8 @@ class Bench:
             out["error"] = repr(exc)
             return out
         wall = time.monotonic() - t0
-        out["tunnel_cpu_pct"] = 100.0 * (self.tunnel_cpu() - cpu0) / CLK_TCK / wall
+        cpu_s = ((tunnel.cpu() if tunnel else 0) - cpu0) / CLK_TCK
+        out["tunnel_cpu_pct"] = 100.0 * cpu_s / wall
         if "error" in data:
             out["error"] = data["error"]
             return out
@@ -200,6 +233,9 @@ class Bench:
             packets=s.get("packets"),
             jitter_ms=s.get("jitter_ms"),
         )
+        packets, lost_packets = s.get("packets"), s.get("lost_packets")
+        if tunnel is not None and packets and lost_packets is not None and packets > lost_packets:
+            out["cpu_us_per_datagram"] = cpu_s * 1e6 / (packets - lost_packets)
         return out
 
 
@@ -214,6 +250,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quiet-wait", type=float, default=3.0, help="max s to wait for idle CPU")
     p.add_argument("--pytunnel", default=default_pytunnel())
     p.add_argument("--json", type=Path, default=None, help="write every sample here")
+    p.add_argument(
+        "--baseline", default=None, metavar="REV", help="also run git revision REV (OLD vs NEW)"
+    )
     a = p.parse_args(argv)
     if a.rates is None:
         a.rates = "10M,100M,200M" if a.quick else "10M,50M,100M,200M"
@@ -225,14 +264,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def report(samples: list[dict], args, log) -> None:
-    paths = [("direct", "direct"), ("pytunnel", "pytunnel -L …/udp")]
+    paths = [("direct", "direct")]
+    if args.baseline:
+        paths.append(("baseline", f"pytunnel {args.baseline} (OLD)"))
+    paths.append(("pytunnel", "pytunnel -L …/udp" + (" (NEW)" if args.baseline else "")))
     dirs = [False, True] if args.reverse else [False]
     log("")
     log(
         "| offered | dir | path | sent Mbit/s | received Mbit/s | loss % | jitter ms "
-        "| recv vs direct | pytunnel CPU % | n |"
+        "| recv vs direct | pytunnel CPU % | CPU µs/datagram | n |"
     )
-    log("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    log("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for reverse in dirs:
         for rate in args.rates:
             ref = None
@@ -256,12 +298,13 @@ def report(samples: list[dict], args, log) -> None:
                     ref = recv
                 rel = "-" if recv is None or not ref else f"{recv / ref:.2f}x"
                 cpu = med("tunnel_cpu_pct") if key != "direct" else None
+                per = med("cpu_us_per_datagram") if key != "direct" else None
                 n = f"{len(ok)}" + (f" ({errs} failed)" if errs else "")
                 log(
                     f"| {rate} | {'-R' if reverse else 'c→s'} | {label} "
                     f"| {fmt(sent and sent / 1e6, 1)} | {fmt(recv and recv / 1e6, 1)} "
                     f"| {fmt(med('lost_percent'), 2)} | {fmt(med('jitter_ms'), 3)} | {rel} "
-                    f"| {fmt(cpu, 0)} | {n} |"
+                    f"| {fmt(cpu, 0)} | {fmt(per, 1)} | {n} |"
                 )
     failed = [s for s in samples if "error" in s]
     for s in failed[:10]:
@@ -283,7 +326,9 @@ def _main(args: argparse.Namespace, procs: Processes, log: Callable[[str], None]
     try:
         b = Bench(args, procs, procs.tmp)
         b.start_iperf()
-        b.start_tunnel()
+        if args.baseline:
+            b.start_tunnel("baseline", str(export_source(args.baseline, procs.tmp / "baseline")))
+        b.start_tunnel("pytunnel")
         log(f"nproc {os.cpu_count()}, loadavg {loadavg()}, {args.repeat} x {args.seconds:g} s, "
             f"-l {args.length}, rates {','.join(args.rates)}")  # fmt: skip
         log("processes:")
@@ -292,15 +337,17 @@ def _main(args: argparse.Namespace, procs: Processes, log: Callable[[str], None]
         log("clients (per sample):")
         for rate in args.rates[:1]:
             log(f"    direct:   {shlex.join(b.iperf_argv(b.iperf_port, rate, False))}")
-            log(f"    pytunnel: {shlex.join(b.iperf_argv(b.front, rate, False))}")
+            for key, tunnel in b.tunnels.items():
+                log(f"    {key}: {shlex.join(b.iperf_argv(tunnel.front, rate, False))}")
         log("    (-b varies per row; --reverse adds -R)")
         samples: list[dict] = []
-        order = ["direct", "pytunnel"]
+        order = ["direct", *b.tunnels]
         dirs = [False, True] if args.reverse else [False]
         for reverse in dirs:
             for rate in args.rates:
                 for rep in range(args.repeat):
-                    rot = order[rep % 2 :] + order[: rep % 2]
+                    k = rep % len(order)
+                    rot = order[k:] + order[:k]
                     for path in rot:
                         s = b.sample(path, rate, reverse)
                         samples.append(s)
@@ -316,13 +363,15 @@ def _main(args: argparse.Namespace, procs: Processes, log: Callable[[str], None]
                                 f"{s['lost_percent']:.2f}%, jitter {s['jitter_ms']:.3f} ms"
                                 + (f", tunnel CPU {s['tunnel_cpu_pct']:.0f}%"
                                    if path != "direct" else "")
+                                + (f", {s['cpu_us_per_datagram']:.1f} µs/datagram"
+                                   if "cpu_us_per_datagram" in s else "")
                             )  # fmt: skip
-                        for c in (b.client, b.server):
-                            if c is not None and not c.alive():
+                        for c in [x for t in b.tunnels.values() for x in (t.client, t.server)]:
+                            if not c.alive():
                                 raise BenchError(f"{c.name} died:\n{c.log_tail()}")
         report(samples, args, log)
         warn = [
-            x for x in (_read(str(b.client.log)) or "").splitlines()
+            x for x in (_read(str(b.tunnels["pytunnel"].client.log)) or "").splitlines()
             if not x.startswith(("connected to", "local forward", "local udp forward"))
         ]  # fmt: skip
         if warn:

@@ -316,19 +316,22 @@ def _machines(
 
 def test_handshake_machines_complete_against_each_other_without_io() -> None:
     client, server = _machines(client_id="laptop-1")
+    version = max(hs.SUPPORTED_VERSIONS)
     hello = client.start()
     assert hello == Hello(hs.SUPPORTED_VERSIONS, CLIENT_NONCE)
     assert server.expecting == "Hello"
     step = server.receive(hello)
-    assert step == hs.Step(send=Challenge(hs.PROTOCOL_VERSION, SERVER_NONCE))
+    assert step == hs.Step(send=Challenge(version, SERVER_NONCE))
     assert server.expecting == "Auth"
     step = client.receive(step.send)
-    proof = hs.client_proof(b"tok", 1, CLIENT_NONCE, SERVER_NONCE, "laptop-1")
+    proof = hs.client_proof(b"tok", version, CLIENT_NONCE, SERVER_NONCE, "laptop-1")
     assert step == hs.Step(send=Auth(proof, 65536, "laptop-1"))
     done = server.receive(step.send)
-    assert done.result == hs.Authenticated(1, 65536, "laptop-1")
+    assert done.result == hs.Authenticated(version, 65536, "laptop-1")
     assert isinstance(done.send, Welcome)
-    assert client.receive(done.send) == hs.Step(result=hs.Authenticated(1, 131072, "laptop-1"))
+    assert client.receive(done.send) == hs.Step(
+        result=hs.Authenticated(version, 131072, "laptop-1")
+    )
     assert client.state is server.state is hs.HandshakeState.DONE
     with pytest.raises(LocalProtocolError):
         server.receive(hello)  # a finished handshake expects nothing

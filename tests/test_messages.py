@@ -86,6 +86,11 @@ STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     m.GoAway: st.builds(m.GoAway, code=error_codes, message=utf8_text(m.MAX_TEXT)),
     m.Bound: st.builds(m.Bound, host=utf8_text(m.MAX_HOST), port=ports),
     m.Datagram: st.builds(m.Datagram, stream=stream_ids, data=st.binary(max_size=2000)),
+    m.Datagrams: st.builds(
+        m.Datagrams,
+        stream=stream_ids,
+        data=st.lists(st.binary(max_size=300), min_size=2, max_size=20).map(tuple),
+    ),
     m.ForwardState: st.builds(m.ForwardState, online=st.booleans(), reason=utf8_text(m.MAX_TEXT)),
     m.Join: st.builds(m.Join, group=utf8_text(m.MAX_GROUP), proof=macs),
 }
@@ -108,6 +113,7 @@ EXAMPLES: dict[type[Any], Any] = {
     m.GoAway: m.GoAway(ErrorCode.NORMAL, "shutdown"),
     m.Bound: m.Bound("0.0.0.0", 8080),
     m.Datagram: m.Datagram(5, b"\x12\x34 dns query"),
+    m.Datagrams: m.Datagrams(5, (b"\x12\x34 dns query", b"", b"third")),
     m.ForwardState: m.ForwardState(False, "3 probes failed"),
     m.Join: m.Join("web", m.group_proof("web", b"secret")),
 }
@@ -177,7 +183,8 @@ def test_wire_map_uses_only_primitive_msgpack_types(message: Any) -> None:
         assert type(key) is str
         assert type(value) in (int, str, bytes, list, bool), (key, value)
         if type(value) is list:
-            assert all(type(v) is int for v in value)
+            entry = bytes if message.TAG == "dgrams" else int
+            assert all(type(v) is entry for v in value)
 
 
 def test_optional_fields_may_be_omitted() -> None:
@@ -228,6 +235,7 @@ def test_field_names_and_tags_are_stable() -> None:
         "join": ["group", "proof"],
         "fwdstate": ["online", "reason"],
         "dgram": ["stream", "data"],
+        "dgrams": ["stream", "data"],
     }
     actual = {cls.TAG: [f.name for f in attrs.fields(cls)] for cls in MESSAGE_TYPES}
     assert actual == expected
@@ -312,6 +320,10 @@ def _wrong_values(kind: Any, name: str) -> list[Any]:
         return [*common, 0, 1, "true", b"\x01"]
     if kind == tuple[int, ...]:
         return [*common[:2], "1", b"\x01", 1, [True], ["1"], [1.0], [-1], [2**32], [0] * 17]
+    if kind == tuple[bytes, ...]:
+        too_many = [b""] * (m.MAX_DATAGRAM_BATCH + 1)
+        too_big = [b"", bytes(m.MAX_DATAGRAM + 1)]
+        return [*common[:2], "1", b"\x01", 1, [], [b"one"], ["x", "y"], [1, 2], too_many, too_big]
     raise AssertionError(f"no wrong values for {kind}")
 
 

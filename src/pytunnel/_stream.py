@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Protocol
 
@@ -62,6 +62,10 @@ class StreamCarrier(Protocol):
 
     def send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> bool:
         """Queue one datagram if it fits now; ``False`` if it was dropped."""
+        ...
+
+    def send_datagrams(self, stream_id: int, payloads: list[bytes]) -> tuple[int, int]:
+        """Queue the datagrams that fit now, in order; how many were queued, and their bytes."""
         ...
 
     def consumed(self, stream_id: int, size: int) -> None:
@@ -264,6 +268,23 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self.datagrams_received += 1
         self._wake_datagram_readers()
 
+    def deliver_datagrams(self, batch: Sequence[bytes]) -> None:
+        """The peer sent several datagrams in one frame: queue what the queue has room for,
+        in order, drop and count the rest, and wake the reader once."""
+        if not self.datagrams:
+            return
+        queue = self._datagrams
+        if queue is None:
+            queue = self._datagrams = deque()
+        room = self.datagram_queue - len(queue)
+        if room < len(batch):
+            self.datagrams_dropped += len(batch) - max(room, 0)
+            batch = batch[: max(room, 0)]
+        if batch:
+            queue.extend(batch)
+            self.datagrams_received += len(batch)
+            self._wake_datagram_readers()
+
     def break_with(self, cause: BaseException) -> None:
         """The stream is unusable (the peer reset it, the session died): every operation,
         pending or later, raises ``BrokenResourceError`` caused by ``cause``."""
@@ -443,6 +464,24 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self.datagrams_dropped += 1
         return False
 
+    def send_datagrams(self, payloads: list[bytes]) -> tuple[int, int]:
+        """Send several datagrams on this stream with one write to the session, never
+        waiting: those the write buffer has no room for (the last ones) or that do not fit
+        the peer's frames are dropped and counted, as :meth:`send_datagram` drops one.
+        Returns how many were sent and their bytes.
+
+        Raises ``LocalProtocolError`` on a byte stream."""
+        if not self.datagrams:
+            raise LocalProtocolError(
+                f"stream {self.stream_id} is a byte stream, not a datagram stream",
+                code=ErrorCode.STREAM_STATE_ERROR,
+            )
+        self._check_send_datagram()
+        sent, size = self._carrier.send_datagrams(self.stream_id, payloads)
+        self.datagrams_sent += sent
+        self.datagrams_dropped += len(payloads) - sent
+        return sent, size
+
     def _check_send_datagram(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("stream was closed")
@@ -467,6 +506,34 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 data = self._datagrams.popleft()
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
+            if self._broken is not None:
+                raise trio.BrokenResourceError("stream is broken") from self._broken
+            if self._eof:
+                raise trio.EndOfChannel
+            if self._datagram_lot is None:
+                self._datagram_lot = trio.lowlevel.ParkingLot()
+            await self._datagram_lot.park()
+
+    async def receive_datagrams(self) -> list[bytes]:
+        """Every datagram queued (at least one, oldest first), with one checkpoint for them
+        all; ``trio.EndOfChannel`` once the peer closed the stream and nothing is queued.
+
+        Raises ``LocalProtocolError`` on a byte stream, where no datagram can ever arrive."""
+        if not self.datagrams:
+            raise LocalProtocolError(
+                f"stream {self.stream_id} is a byte stream, not a datagram stream",
+                code=ErrorCode.STREAM_STATE_ERROR,
+            )
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+            queue = self._datagrams
+            if queue:
+                batch = list(queue)
+                queue.clear()
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return batch
             if self._broken is not None:
                 raise trio.BrokenResourceError("stream is broken") from self._broken
             if self._eof:

@@ -20,7 +20,7 @@ import attrs
 import trio
 
 from ._dial import format_target
-from ._listen import receive_batch, udp_socket_for
+from ._listen import receive_batch, send_batch, udp_socket_for
 from ._relay import RelayStats
 from ._util import aclose_all
 from .errors import NodeUnstableError
@@ -153,7 +153,8 @@ async def serve_associations(
     async with trio.open_nursery() as nursery:
         while True:
             # every datagram already waiting in one pass through the scheduler (ICMP errors
-            # reported on the socket are skipped there)
+            # reported on the socket are skipped there), then one write per association
+            outgoing: dict[_Association, list[bytes]] = {}
             for data, raw_address in await receive_batch(sock, _RECV_SIZE):
                 address: Address = (str(raw_address[0]), int(raw_address[1]))
                 association = table.associations.get(address)
@@ -197,25 +198,32 @@ async def serve_associations(
                         stats,
                         name,
                     )
-                stream = association.stream
-                if stream is None:
+                if association.stream is None:
                     if len(association.pending) < _PENDING_LIMIT:
                         association.pending.append(data)
                     else:
                         stats.datagrams_dropped += 1
-                elif _forward(stream, data, stats):
-                    stats.bytes_out += len(data)
+                else:
+                    batch = outgoing.get(association)
+                    if batch is None:
+                        outgoing[association] = [data]
+                    else:
+                        batch.append(data)
+            for association, batch in outgoing.items():
+                if association.stream is not None and _forward(association.stream, batch, stats):
                     table.touch(association)
 
 
-def _forward(stream: MuxStream, data: bytes, stats: RelayStats) -> bool:
+def _forward(stream: MuxStream, batch: list[bytes], stats: RelayStats) -> bool:
+    """Send ``batch`` on ``stream`` in as few frames as the peer takes, counting what is
+    sent and what is dropped (a stream that has ended counts neither); whether any went."""
     try:
-        sent = stream.send_datagram(data)
+        sent, size = stream.send_datagrams(batch)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return False
-    if not sent:
-        stats.datagrams_dropped += 1
-    return sent
+    stats.datagrams_dropped += len(batch) - sent
+    stats.bytes_out += size
+    return sent > 0
 
 
 async def _run_association(
@@ -248,22 +256,20 @@ async def _run_association(
                 return
             association.stream = stream
             table.touch(association)
-            while association.pending:
-                data = association.pending.popleft()
-                if _forward(stream, data, stats):
-                    stats.bytes_out += len(data)
+            if association.pending:
+                pending = list(association.pending)
+                association.pending.clear()
+                _forward(stream, pending, stats)
             while True:
                 try:
-                    data = await stream.receive_datagram()
+                    batch = await stream.receive_datagrams()
                 except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
                     break
-                try:
-                    await sock.sendto(data, association.address)
-                except OSError:
-                    stats.datagrams_dropped += 1
-                    continue
-                stats.bytes_in += len(data)
-                table.touch(association)
+                sent, size = await send_batch(sock, batch, association.address)
+                stats.datagrams_dropped += len(batch) - sent
+                if sent:
+                    stats.bytes_in += size
+                    table.touch(association)
     finally:
         table.remove(association)
         stats.active_connections -= 1
@@ -310,19 +316,18 @@ async def relay_association(
             async def outbound() -> None:
                 while True:
                     try:
-                        data = await stream.receive_datagram()
+                        batch = await stream.receive_datagrams()
                     except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
                         scope.cancel()
                         return
-                    try:
-                        await sock.send(data)
-                    except OSError:  # e.g. an ICMP "port unreachable" from an earlier send
-                        if stats is not None:
-                            stats.datagrams_dropped += 1
-                        continue
-                    scope.deadline = trio.current_time() + idle_timeout
+                    # a send that fails (e.g. an ICMP "port unreachable" from an earlier one)
+                    # drops that datagram only
+                    sent, size = await send_batch(sock, batch)
+                    if sent:
+                        scope.deadline = trio.current_time() + idle_timeout
                     if stats is not None:
-                        stats.bytes_out += len(data)
+                        stats.datagrams_dropped += len(batch) - sent
+                        stats.bytes_out += size
 
             async def inbound() -> None:
                 while True:
@@ -330,19 +335,15 @@ async def relay_association(
                         batch = await receive_batch(sock, _RECV_SIZE)
                     except OSError:  # other ICMP errors surface here on connected sockets
                         continue
-                    for data, _ in batch:
-                        if len(data) > MAX_DATAGRAM:  # pragma: no cover - not over IPv4
-                            continue
-                        try:
-                            sent = stream.send_datagram(data)
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            scope.cancel()
-                            return
-                        if stats is not None:
-                            if sent:
-                                stats.bytes_in += len(data)
-                            else:
-                                stats.datagrams_dropped += 1
+                    payloads = [data for data, _ in batch if len(data) <= MAX_DATAGRAM]
+                    try:
+                        sent, size = stream.send_datagrams(payloads)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        scope.cancel()
+                        return
+                    if stats is not None:
+                        stats.bytes_in += size
+                        stats.datagrams_dropped += len(payloads) - sent
                     scope.deadline = trio.current_time() + idle_timeout
 
             async with trio.open_nursery() as nursery:
@@ -374,24 +375,23 @@ async def pump_datagrams(
             async def pump(source: MuxStream, sink: MuxStream, outbound: bool) -> None:
                 while True:
                     try:
-                        data = await source.receive_datagram()
+                        batch = await source.receive_datagrams()
                     except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
                         scope.cancel()
                         return
                     scope.deadline = trio.current_time() + idle_timeout
                     try:
-                        sent = sink.send_datagram(data)
+                        sent, size = sink.send_datagrams(batch)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         scope.cancel()
                         return
                     if stats is None:
                         continue
-                    if not sent:
-                        stats.datagrams_dropped += 1
-                    elif outbound:
-                        stats.bytes_out += len(data)
+                    stats.datagrams_dropped += len(batch) - sent
+                    if outbound:
+                        stats.bytes_out += size
                     else:
-                        stats.bytes_in += len(data)
+                        stats.bytes_in += size
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pump, a, b, True)

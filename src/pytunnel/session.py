@@ -61,6 +61,7 @@ from .protocol.mux import (
     DEFAULT_RECEIVE_BUDGET,
     DEFAULT_WINDOW,
     DatagramReceived,
+    DatagramsReceived,
     DataReceived,
     Event,
     GoAwayReceived,
@@ -168,6 +169,7 @@ class Session:
             max_control_queue=config.max_control_queue,
             decoder=decoder,
             receive_budget=config.receive_budget,
+            datagram_batches=version >= 2,
         )
         self._streams: dict[int, MuxStream] = {}
         # a datagram must fit the peer's frame limit with its envelope
@@ -491,6 +493,28 @@ class Session:
         self._kick_writer()
         return True
 
+    def send_datagrams(self, stream_id: int, payloads: list[bytes]) -> tuple[int, int]:
+        """Queue several datagrams on ``stream_id`` with one write, as :meth:`send_datagram`
+        would one by one: each goes while the write buffer is not over its mark, and one that
+        does not fit the peer's frames is dropped alone. Returns how many datagrams were queued
+        and their bytes; the others were dropped."""
+        if self.closed or not self._mux.can_send_datagram(stream_id):
+            return 0, 0
+        room = self.config.write_buffer_high - self._queued()
+        limit = self._max_datagram
+        take: list[bytes] = []
+        size = 0
+        for data in payloads:
+            if size > room:
+                break
+            if len(data) <= limit:
+                take.append(data)
+                size += len(data)
+        if take:
+            self._mux.send_datagrams(stream_id, take)
+            self._kick_writer()
+        return len(take), size
+
     def _kick_writer(self) -> None:
         """Get what was just queued moving: written inline when the writer task is idle over a
         plain TCP transport, else handed to the writer task.
@@ -660,6 +684,10 @@ class Session:
                 stream = self._streams.get(stream_id)
                 if stream is not None:
                     stream.deliver_datagram(data)
+            case DatagramsReceived(stream_id, batch):
+                stream = self._streams.get(stream_id)
+                if stream is not None:
+                    stream.deliver_datagrams(batch)
             case WindowOpened(stream_id):
                 stream = self._streams.get(stream_id)
                 if stream is not None:

@@ -12,12 +12,24 @@ from typing import Any
 import msgpack
 
 from ..errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from .messages import ANY_LAYER, MESSAGE_TYPES, Data, Layer, Message, converter, truncate_text
+from .messages import (
+    ANY_LAYER,
+    MESSAGE_TYPES,
+    Data,
+    Datagrams,
+    Layer,
+    Message,
+    converter,
+    truncate_text,
+)
 
 __all__ = [
+    "DATAGRAMS_ENVELOPE",
     "DEFAULT_MAX_FRAME_SIZE",
     "HEADER_SIZE",
     "FrameDecoder",
+    "append_datagrams_frame",
+    "datagram_entry_size",
     "encode_message",
 ]
 
@@ -85,6 +97,64 @@ def append_data_frame(
     out += head
     out += payload
     out += _DATA_TAIL
+
+
+# A Datagrams body as encode_message builds it: the same map header and "stream" key as Data,
+# the "data" key and an array of bin entries, then the "t" entry last.
+_DATAGRAMS_TAIL = b"\xa1t\xa6dgrams"
+#: The most a Datagrams body holds besides its entries: map header, "stream" and a 32-bit id,
+#: "data" and an array-16 header, the "t" entry (``MAX_DATAGRAM_BATCH`` needs no array 32).
+DATAGRAMS_ENVELOPE = len(_DATA_HEAD) + 5 + len(_DATA_KEY) + 3 + len(_DATAGRAMS_TAIL)
+
+
+def datagram_entry_size(size: int) -> int:
+    """Bytes one datagram of ``size`` bytes takes in a Datagrams body (its bin header too)."""
+    return size + (2 if size < 0x100 else 3 if size < 0x10000 else 5)
+
+
+def append_datagrams_frame(
+    out: bytearray,
+    stream_id: int,
+    payloads: list[bytes],
+    max_frame_size: int = MAX_FRAME_SIZE_LIMIT,
+) -> None:
+    """Append one complete Datagrams frame to ``out``.
+
+    Byte-identical to ``encode_message(Datagrams(stream_id, tuple(payloads)))`` (a test checks
+    it) without the message object: msgpack packs the map in one C call. The caller keeps to
+    the message's rules (2 to ``MAX_DATAGRAM_BATCH`` entries); the frame limit is checked here.
+    """
+    body = _packb({"stream": stream_id, "data": payloads, "t": Datagrams.TAG})
+    size = len(body)
+    if size > max_frame_size:
+        raise LocalProtocolError(
+            f"Datagrams frame of {size} bytes exceeds the limit of {max_frame_size}",
+            code=ErrorCode.FRAME_TOO_LARGE,
+        )
+    out += size.to_bytes(HEADER_SIZE, "big")
+    out += body
+
+
+def _parse_datagrams(buf: bytes | bytearray, start: int, end: int) -> Datagrams | None:
+    """The Datagrams message if ``buf[start:end]`` is a well-formed canonical Datagrams body,
+    else None (then the generic decoder decides, and names what is wrong)."""
+    if buf[end - len(_DATAGRAMS_TAIL) : end] != _DATAGRAMS_TAIL:
+        return None
+    with memoryview(buf) as view, view[start:end] as body:
+        try:
+            obj = _unpackb(body, raw=False, strict_map_key=True, use_list=True)
+        except Exception:
+            return None
+    # three distinct keys under the three-entry map header: no duplicates, nothing extra
+    if type(obj) is not dict or len(obj) != 3:
+        return None
+    stream, data = obj.get("stream"), obj.get("data")
+    if obj.get("t") != Datagrams.TAG or type(stream) is not int or type(data) is not list:
+        return None
+    try:
+        return Datagrams(stream, tuple(data))
+    except ValueError:
+        return None
 
 
 def _parse_data(buf: bytes | bytearray, start: int, end: int) -> Data | None:
@@ -345,7 +415,9 @@ class FrameDecoder:
 
 
 def _decode(buf: bytes | bytearray, start: int, end: int, layer: Layer) -> Message:
-    message = _parse_data(buf, start, end)
+    message: Message | None = _parse_data(buf, start, end)
+    if message is None and buf[start : start + len(_DATA_HEAD)] == _DATA_HEAD:
+        message = _parse_datagrams(buf, start, end)
     if message is None:
         with memoryview(buf) as view, view[start:end] as body:
             return decode_body(body, layer)

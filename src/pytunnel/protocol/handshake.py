@@ -78,7 +78,7 @@ __all__ = [
 
 #: The protocol version this implementation speaks.
 PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS: tuple[int, ...] = (PROTOCOL_VERSION,)
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
 #: Until a peer has authenticated, no frame may be larger than this.
 PRE_AUTH_MAX_FRAME_SIZE = 4096
 

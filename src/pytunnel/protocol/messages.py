@@ -30,6 +30,8 @@ __all__ = [
     "CONTROL",
     "HANDSHAKE",
     "MAX_CLIENT_ID",
+    "MAX_DATAGRAM",
+    "MAX_DATAGRAM_BATCH",
     "MAX_GROUP",
     "MAX_STREAM_ID",
     "MAX_WINDOW",
@@ -41,6 +43,7 @@ __all__ = [
     "ControlMessage",
     "Data",
     "Datagram",
+    "Datagrams",
     "Fin",
     "ForwardState",
     "GoAway",
@@ -83,6 +86,10 @@ NONCE_SIZE = 32
 MAC_SIZE = 32
 #: Largest UDP payload carried (the IPv4 maximum: 65535 - 8 - 20).
 MAX_DATAGRAM = 65507
+#: Most datagrams one ``Datagrams`` message carries: a batch is what one read of a UDP socket
+#: found waiting (64 at most in pytunnel), and a receiver's queue holds 256 per association,
+#: so a peer cannot make one frame cost more than a queue's worth of work.
+MAX_DATAGRAM_BATCH = 256
 #: Smallest ``max_frame_size`` a peer may announce in ``Auth``/``Welcome``. Every message except
 #: ``Data`` encodes to well under this (the text limits above are in bytes for that reason), so a
 #: peer announcing at least this much can always be sent any control frame.
@@ -108,6 +115,16 @@ def _u64(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
 def _stream_id(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
     if not (_is_int(value) and 1 <= value <= MAX_STREAM_ID):
         raise ValueError(f"{attribute.name} must be in 1..2**32-1, got {value!r}")
+
+
+def _datagram_batch(
+    _inst: object, attribute: attrs.Attribute[tuple[bytes, ...]], value: Any
+) -> None:
+    if not 2 <= len(value) <= MAX_DATAGRAM_BATCH:
+        raise ValueError(f"{attribute.name} must hold 2..{MAX_DATAGRAM_BATCH} datagrams")
+    for item in value:
+        if item.__class__ is not bytes or len(item) > MAX_DATAGRAM:
+            raise ValueError(f"{attribute.name} entries must be bytes of at most {MAX_DATAGRAM}")
 
 
 def _window(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -311,6 +328,22 @@ class Datagram:
 
 
 @attrs.frozen
+class Datagrams:
+    """Several UDP datagrams of stream ``stream``, in order: what one read of the sender's
+    socket found waiting, in one frame instead of one frame each (protocol version 2 only).
+
+    Each entry is one datagram, exactly as ``Datagram`` carries it (never merged or split);
+    the same rules apply to each: not flow-controlled, dropped by a receiver with no room.
+    2 to ``MAX_DATAGRAM_BATCH`` entries (one datagram travels as ``Datagram``), and the frame
+    must fit the receiver's frame limit like any other.
+    """
+
+    TAG: ClassVar[str] = "dgrams"
+    stream: int = attrs.field(validator=_stream_id)
+    data: tuple[bytes, ...] = attrs.field(validator=_datagram_batch)
+
+
+@attrs.frozen
 class WindowUpdate:
     """The receiver consumed ``delta`` more bytes: the sender may send that much more."""
 
@@ -426,6 +459,7 @@ SessionMessage = Union[  # noqa: UP007
     Refuse,
     Data,
     Datagram,
+    Datagrams,
     WindowUpdate,
     Fin,
     Reset,
@@ -494,11 +528,20 @@ def _int_tuple(value: object, _type: object) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _bytes_tuple(value: object, _type: object) -> tuple[bytes, ...]:
+    if type(value) is not list:
+        raise TypeError(f"expected array, got {type(value).__name__}")
+    if any(type(v) is not bytes for v in value):
+        raise TypeError("expected array of bin")
+    return tuple(value)
+
+
 def _build_converter() -> Any:
     conv = make_converter(forbid_extra_keys=True)
     for t in (int, str, bytes, bool):
         conv.register_structure_hook(t, _strict(t))
     conv.register_structure_hook_func(lambda t: t == tuple[int, ...], _int_tuple)
+    conv.register_structure_hook_func(lambda t: t == tuple[bytes, ...], _bytes_tuple)
     conv.register_unstructure_hook(
         Open, make_dict_unstructure_fn(Open, conv, datagrams=override(omit_if_default=True))
     )

@@ -55,14 +55,24 @@ from typing import Union, cast
 import attrs
 
 from ..errors import ErrorCode, LocalProtocolError, RemoteProtocolError, StreamLimitError
-from .frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, append_data_frame, encode_message
+from .frames import (
+    DATAGRAMS_ENVELOPE,
+    DEFAULT_MAX_FRAME_SIZE,
+    FrameDecoder,
+    append_data_frame,
+    append_datagrams_frame,
+    datagram_entry_size,
+    encode_message,
+)
 from .messages import (
     MAX_DATAGRAM,
+    MAX_DATAGRAM_BATCH,
     MAX_WINDOW,
     SESSION,
     Accept,
     Data,
     Datagram,
+    Datagrams,
     Fin,
     GoAway,
     Message,
@@ -85,6 +95,7 @@ __all__ = [
     "DEFAULT_WINDOW",
     "DataReceived",
     "DatagramReceived",
+    "DatagramsReceived",
     "Event",
     "GoAwayReceived",
     "Multiplexer",
@@ -175,6 +186,14 @@ class DatagramReceived:
 
 
 @attrs.frozen
+class DatagramsReceived:
+    """Several datagrams arrived on ``stream`` in one ``Datagrams`` frame, in order."""
+
+    stream: int
+    data: tuple[bytes, ...]
+
+
+@attrs.frozen
 class StreamEnded:
     """The peer sent Fin: no more data will arrive on ``stream``."""
 
@@ -225,6 +244,7 @@ Event = Union[  # noqa: UP007
     StreamRefused,
     DataReceived,
     DatagramReceived,
+    DatagramsReceived,
     StreamEnded,
     StreamReset,
     WindowOpened,
@@ -288,6 +308,7 @@ class Multiplexer:
     we accept. ``max_streams`` caps concurrently open streams, counting both directions.
     ``max_control_queue`` bounds the replies waiting for the transport (see ``FLOOD``).
     ``receive_budget`` bounds the credit of all streams together (see the module docstring).
+    ``datagram_batches`` (both ends speak version 2) allows ``Datagrams`` frames both ways.
     """
 
     def __init__(
@@ -302,6 +323,7 @@ class Multiplexer:
         max_control_queue: int = DEFAULT_MAX_CONTROL_QUEUE,
         decoder: FrameDecoder | None = None,
         receive_budget: int = DEFAULT_RECEIVE_BUDGET,
+        datagram_batches: bool = False,
     ) -> None:
         if not 1 <= window <= MAX_WINDOW:
             raise ValueError(f"window must be in 1..2**31-1, got {window}")
@@ -336,6 +358,9 @@ class Multiplexer:
         self.max_control_queue = max_control_queue
         self.max_data_chunk = max(1, min(max_data_chunk, peer_max_frame_size - _DATA_OVERHEAD))
         self._peer_max_frame_size = peer_max_frame_size
+        #: Both ends speak protocol version 2: several datagrams may share one ``Datagrams``
+        #: frame, either way (without it a ``Datagrams`` frame is ``UNEXPECTED_MESSAGE``).
+        self.datagram_batches = datagram_batches
         self._decoder = decoder if decoder is not None else FrameDecoder(max_frame_size)
         self._decoder.max_frame_size = max_frame_size
         # the decoder rejects every other layer's messages, so _handle sees session frames only
@@ -611,6 +636,48 @@ class Multiplexer:
             raise LocalProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
         self._emit(Datagram(stream_id, bytes(data)), st)
 
+    def send_datagrams(self, stream_id: int, payloads: list[bytes]) -> None:
+        """Queue several datagrams on an open stream, in order, in as few frames as fit.
+
+        With ``datagram_batches`` they share ``Datagrams`` frames, each within the peer's
+        frame limit and ``MAX_DATAGRAM_BATCH``; otherwise (a version 1 peer) each is its own
+        ``Datagram``. Every payload must fit one frame on its own (``Datagram``'s limit); a
+        payload too large raises ``LocalProtocolError`` before anything is queued.
+        """
+        st = self._get(stream_id)
+        next_state(st.state, StreamEvent.SEND_DATAGRAM, stream_id)
+        if not st.datagrams:
+            raise LocalProtocolError(
+                f"stream {stream_id} is a byte stream, not a datagram stream",
+                code=ErrorCode.STREAM_STATE_ERROR,
+            )
+        for data in payloads:
+            if len(data) > MAX_DATAGRAM:
+                raise LocalProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
+        if not self.datagram_batches or len(payloads) < 2:
+            for data in payloads:
+                self._emit(Datagram(stream_id, bytes(data)), st)
+            return
+        # greedy: as many datagrams per frame as the peer's limit and the batch cap take
+        room = self._peer_max_frame_size - DATAGRAMS_ENVELOPE
+        batch: list[bytes] = []
+        used = 0
+        for data in payloads:
+            entry = datagram_entry_size(len(data))
+            if batch and (used + entry > room or len(batch) == MAX_DATAGRAM_BATCH):
+                self._emit_datagrams(st, batch)
+                batch, used = [], 0
+            batch.append(data)
+            used += entry
+        self._emit_datagrams(st, batch)
+
+    def _emit_datagrams(self, st: _Stream, batch: list[bytes]) -> None:
+        if len(batch) == 1:
+            self._emit(Datagram(st.id, bytes(batch[0])), st)
+            return
+        append_datagrams_frame(self._out, st.id, batch, self._peer_max_frame_size)
+        st.queued = self._generation
+
     def send_fin(self, stream_id: int) -> None:
         """Half-close: we will send no more data. Idempotent."""
         st = self._get(stream_id)
@@ -774,8 +841,10 @@ class Multiplexer:
         including any the handshake left in the decoder, and return their events.
 
         A caller that takes a large burst in bounded batches can yield between them, so one
-        peer's backlog never monopolises the event loop; fewer events than ``max_frames`` means
-        nothing complete is left. (Frames without an event count too.)
+        peer's backlog never monopolises the event loop; :attr:`frames_pending` says whether
+        the limit stopped it. (Frames without an event count too, and a ``Datagrams`` frame
+        counts once per datagram, so the receivers of datagrams get to run, and empty their
+        bounded queues, as often as when each datagram had its own frame.)
         """
         if self._error is not None:
             raise self._error
@@ -794,6 +863,8 @@ class Multiplexer:
                     )
                 if event is not None:
                     events.append(event)
+                    if remaining > 0 and type(event) is DatagramsReceived:
+                        remaining = max(0, remaining - len(event.data) + 1)
         except RemoteProtocolError as exc:
             raise self._fail(exc) from None
         self.frames_pending = remaining == 0
@@ -824,6 +895,23 @@ class Multiplexer:
                 if st.local_closed:
                     return None
                 return DatagramReceived(stream_id, data)
+            case Datagrams(stream_id, batch):
+                if not self.datagram_batches:
+                    raise _error(
+                        ErrorCode.UNEXPECTED_MESSAGE,
+                        "Datagrams frame, which needs protocol version 2, in a version 1 session",
+                    )
+                if (live := self._live(stream_id, StreamEvent.RECV_DATAGRAM)) is None:
+                    return None
+                st, _ = live
+                if not st.datagrams:
+                    raise _error(
+                        ErrorCode.STREAM_STATE_ERROR,
+                        f"datagrams on stream {st.id}, which is a byte stream",
+                    )
+                if st.local_closed:
+                    return None
+                return DatagramsReceived(stream_id, batch)
             case WindowUpdate(stream_id, delta):
                 if (live := self._live(stream_id, StreamEvent.RECV_WINDOW)) is None:
                     return None
