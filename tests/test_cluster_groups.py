@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -28,7 +29,7 @@ from test_cluster_server import _free_port_on_both
 
 import pytunnel
 from pytunnel.cluster import EtcdRegistry
-from pytunnel.errors import ErrorCode
+from pytunnel.errors import ClusterUnavailableError, ErrorCode
 
 pytestmark = pytest.mark.skipif(
     shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
@@ -228,6 +229,41 @@ async def test_a_mismatched_group_is_refused_across_nodes(
     assert await _ask(("127.0.0.1", port), b"still") == b"still"
 
 
+async def test_a_member_whose_node_cannot_bind_the_port_leaves_nothing_in_the_engine(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """Another program holds the port on B's address: a member on B is refused (it joined
+    the group in the engine first, then could not listen) and its membership is ended, so
+    the group is A's members' alone; first of its group, it leaves no hold behind."""
+    a = await _relay_node(nursery, etcd, "a", "127.0.0.1")
+    b = await _relay_node(nursery, etcd, "b", "127.0.0.2")
+    on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    on_b = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
+    assert b.cluster is not None
+    for first in (False, True):
+        port = _free_port_on_both()
+        key = f"tcp/{port}"
+        squatter = socket.socket()
+        squatter.bind(("127.0.0.2", port))
+        squatter.listen()
+        try:
+            if not first:
+                await on_a.forward_remote("127.0.0.1", echo_port, remote_port=port, **GROUP)
+            with pytest.raises(pytunnel.AddressInUseError):
+                await on_b.forward_remote("127.0.0.1", echo_port, remote_port=port, **GROUP)
+        finally:
+            squatter.close()
+        assert not b.groups
+        with trio.fail_after(20):
+            while any("/b/" in k for k in await b.cluster.entries(f"groups/{key}/")):
+                await trio.sleep(0.05)
+        if first:
+            await _until_released(b, key)
+        else:
+            assert await b.cluster.lookup(key) is not None
+            assert await _ask(("127.0.0.1", port), b"on a") == b"on a"
+
+
 async def test_first_members_racing_on_two_nodes_form_one_group(
     nursery: trio.Nursery, etcd: EtcdServer
 ) -> None:
@@ -388,6 +424,10 @@ async def test_a_group_lost_while_the_lease_was_expired_stops_serving_here(
     )
     link.refusing = True
     link.cut()
+    with trio.fail_after(20), pytest.raises(ClusterUnavailableError):
+        await member_client.forward_remote(
+            "127.0.0.1", echo_port, remote_port=_free_port_on_both(), **GROUP
+        )
     await wait_until(lambda: not registry.available, seconds=20)
     with trio.fail_after(40):  # A's lease expires; B clears the memberless group's hold
         while True:

@@ -174,6 +174,8 @@ class EtcdRegistry:
         self._memberships: set[tuple[str, str, str]] = set()
         #: Memberships the engine did not take the end of yet, retried like releases.
         self._pending_leaves: set[tuple[str, str, str]] = set()
+        #: Whether what this node holds is still to be claimed again under a new lease.
+        self._reclaim_due = False
         self._lost: list[LostCallback] = []
         #: Whether the last exchange with the engine worked (logged on each change only).
         self._reachable = True
@@ -253,14 +255,34 @@ class EtcdRegistry:
             return
         self._valid_until = sent + ttl
         self._reached()
+        if self._reclaim_due:  # a rejoin the engine cut short
+            try:
+                await self._reclaim()
+            except ClusterUnavailableError as exc:
+                self._unreachable(exc)
+            return
         await self._flush_releases()
 
     async def _rejoin(self) -> None:
         """A new lease, the node key again, then every claim still held claimed again."""
         await self._join()
+        self._reclaim_due = True
         self._reached()
+        await self._reclaim()
+
+    async def _reclaim(self) -> None:
+        """Claim again, under the new lease, every key and membership still held; kept due
+        (and resumed after the next good renewal) if the engine goes away meanwhile, so none
+        is left unclaimed. One released while this runs is released again after its claim,
+        so none is left behind either."""
         for key, owner in list(self._claims.items()):
+            if self._claims.get(key) != owner:
+                continue  # released meanwhile
             holder = await self._claim_once(key, owner)
+            if self._claims.get(key) != owner:
+                if holder == owner:
+                    self._pending_releases.add((key, owner))  # flushed below, or later
+                continue
             if holder == owner:
                 continue
             del self._claims[key]
@@ -273,7 +295,13 @@ class EtcdRegistry:
             for callback in list(self._lost):
                 callback(key, owner)
         for key, group, member in sorted(self._memberships):
+            if (key, group, member) not in self._memberships:
+                continue  # ended meanwhile
             holder = await self._join_group_once(key, group, member)
+            if (key, group, member) not in self._memberships:
+                if holder == group:
+                    self._pending_leaves.add((key, group, member))  # flushed below, or later
+                continue
             if holder == group:
                 continue
             self._memberships.discard((key, group, member))
@@ -286,6 +314,7 @@ class EtcdRegistry:
             )
             for callback in list(self._lost):
                 callback(key, group)
+        self._reclaim_due = False
         await self._flush_releases()
 
     async def _revoke(self) -> None:
