@@ -391,6 +391,41 @@ async def test_a_members_node_killed_its_share_goes_to_the_survivor(
 
 
 @pytest.mark.slow
+async def test_a_group_whose_only_members_node_dies_is_given_back_by_another_node(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int, tmp_path: Path
+) -> None:
+    """The group's only members are on node B (a process), killed: no one is left to give
+    the port back, so node A, seeing B's lease expire, clears the group's hold (no claim
+    needed); A stops mirroring the port, and a client of A may have it."""
+    secret_file = tmp_path / "cluster-secret"
+    secret_file.write_text(SECRET + "\n")
+    a = await _relay_node(nursery, etcd, "a", "127.0.0.1")
+    process, b_address = await _node_process(etcd, "b", "127.0.0.2", secret_file)
+    try:
+        on_b = await pytunnel.connect_tunnel(nursery, b_address, token=TOKEN, reconnect=False)
+        port = _free_port_on_both()
+        key = f"tcp/{port}"
+        for _ in range(2):
+            await on_b.forward_remote("127.0.0.1", echo_port, remote_port=port, **GROUP)
+        await _knows_members(a, key, {"b": 2})
+        links = a.node_links
+        assert links is not None
+        await wait_until(lambda: port in links.mirrored_ports)
+        assert await _ask(("127.0.0.1", port), b"via a") == b"via a"
+        os.kill(process.pid, signal.SIGKILL)
+        await _until_released(a, key)
+        await wait_until(lambda: port not in links.mirrored_ports)
+        on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+        await on_a.forward_remote("127.0.0.1", echo_port, remote_port=port)
+        assert await _ask(("127.0.0.1", port), b"a's own") == b"a's own"
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+        with trio.CancelScope(shield=True):
+            await process.wait()
+
+
+@pytest.mark.slow
 async def test_a_group_lost_while_the_lease_was_expired_stops_serving_here(
     nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
 ) -> None:

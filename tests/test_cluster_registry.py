@@ -133,6 +133,7 @@ async def test_a_group_holds_its_key_while_one_member_is_left_anywhere(
         assert await b.claim("tcp/8080", "b/x") == G
         assert await b.join_group("tcp/8080", OTHER_GROUP, "b/2") == G
         assert await a.leave_group("tcp/8080", G, "a/1") is False
+        assert await a.clear_group("tcp/8080", G) is False  # a member is left
         assert await a.lookup("tcp/8080") == G
         assert await b.leave_group("tcp/8080", G, "b/1") is True
         assert await a.lookup("tcp/8080") is None

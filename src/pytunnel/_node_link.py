@@ -46,7 +46,7 @@ from ._tls import client_tls_context, tls_connect
 from ._udp import pump_datagrams, serve_associations
 from ._util import Episodes
 from ._vhost import NameRoutes, route_connection, route_name
-from .cluster._ownership import is_group, leave_quietly, node_of, parse_member_key
+from .cluster._ownership import clear_quietly, is_group, node_of, parse_member_key
 from .cluster._registry import Change, Registry
 from .errors import (
     ConnectError,
@@ -241,13 +241,7 @@ class NodeLinks:
             for key, value in (await self.registry.entries("")).items():
                 if key not in seen and key.startswith(_WATCHED):
                     self._apply(Change(key, value))
-            for key, owner in list(self.elsewhere.items()):
-                if (
-                    is_group(owner)
-                    and not self._group_members.get(key)
-                    and not self._local_group(key)
-                ):
-                    self._clear_group(key, owner)  # its last member's node died unseen
+            self._clear_abandoned_groups()  # their last members' node died unseen
             task_status.started()
             await trio.sleep_forever()
 
@@ -264,6 +258,8 @@ class NodeLinks:
                 self.nodes.pop(rest, None)
                 self._forget_failures(rest)
                 self._drop_peer(rest, "its node left the cluster")
+                # its members' keys went with it (just before, in the same revision)
+                self._clear_abandoned_groups()
             elif rest != own:
                 if self.nodes.get(rest) != change.value:
                     self._forget_failures(rest)  # (re)started elsewhere: worth a try at once
@@ -331,23 +327,28 @@ class NodeLinks:
         if not nodes:
             del self._group_members[key]
             self._group_turns.pop(key, None)
-            owner = self.elsewhere.get(key)
-            if owner is not None and is_group(owner) and not self._local_group(key):
-                self._clear_group(key, owner)
+            if node not in self.nodes:  # not a member leaving: its node is gone
+                self._clear_abandoned_groups()
 
     def _local_group(self, key: str) -> bool:
         """Whether the group holding ``key`` has members on this node."""
         kind, _, what = key.partition("/")
         return (kind, what) in self.server.groups
 
-    def _clear_group(self, key: str, owner: str) -> None:
-        """Give back the hold of a group with no member left anywhere (the last one's node
-        died): leaving it with no member of this node's, so the engine clears it only if
-        no member is left (a member joining meanwhile keeps it)."""
-        if self._nursery is not None:
-            self._nursery.start_soon(
-                leave_quietly, self.registry, key, owner, f"{self.registry.node_id}/-"
-            )
+    def _clear_abandoned_groups(self) -> None:
+        """Give back the hold of every group with no member left anywhere (their last
+        members' node died, so nobody left to do it). A member that leaves gives it back
+        itself; this is for a node that cannot. One node does it, the live node first by
+        id (the engine's guarded delete makes a second one harmless, and a claim of the
+        key clears it too), so a node's death costs the engine one request per such group,
+        not one per node."""
+        if self._nursery is None or min([self.registry.node_id, *self.nodes]) != (
+            self.registry.node_id
+        ):
+            return
+        for key, owner in list(self.elsewhere.items()):
+            if is_group(owner) and not self._group_members.get(key) and not self._local_group(key):
+                self._nursery.start_soon(clear_quietly, self.registry, key, owner)
 
     def group_nodes(self, key: str) -> dict[str, int]:
         """The other nodes with members of the group holding ``key``, and how many each."""

@@ -28,6 +28,7 @@ __all__ = [
     "GROUP_PREFIX",
     "refusal",
     "claim_or_refuse",
+    "clear_quietly",
     "client_key",
     "group_owner",
     "is_group",
@@ -172,3 +173,13 @@ async def leave_quietly(registry: Registry, key: str, group: str, member: str) -
             log.info(
                 "membership of %s not ended now (it goes with the lease): %s", printable(key), exc
             )
+
+
+async def clear_quietly(registry: Registry, key: str, group: str) -> None:
+    """:meth:`Registry.clear_group`, never raising and bounded: the next claim of the key
+    clears it anyway."""
+    with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+        try:
+            await registry.clear_group(key, group)
+        except ClusterUnavailableError as exc:
+            log.info("%s not cleared now (the next claim clears it): %s", printable(key), exc)

@@ -114,6 +114,11 @@ class Registry(Protocol):
         is given back. Whether ``key`` was given back."""
         ...
 
+    async def clear_group(self, key: str, group: str) -> bool:
+        """Give ``key`` back if ``group`` holds it with no member left anywhere (its last
+        members' node died); whether it did."""
+        ...
+
     async def lookup(self, key: str) -> str | None:
         """The owner of ``key``, ``None`` if nobody holds it."""
         ...
@@ -207,6 +212,10 @@ class LocalRegistry:
         if self._keys.get(member_key(key, member)) == group:
             del self._keys[member_key(key, member)]
             self._notify(member_key(key, member), None)
+        return self._drop_empty_group(key, group)
+
+    async def clear_group(self, key: str, group: str) -> bool:
+        await trio.lowlevel.checkpoint()
         return self._drop_empty_group(key, group)
 
     def _drop_empty_group(self, key: str, group: str) -> bool:

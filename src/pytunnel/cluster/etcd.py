@@ -405,6 +405,9 @@ class EtcdRegistry:
             },
         ]
 
+    async def clear_group(self, key: str, group: str) -> bool:
+        return await self._clear_empty_group(key, group)
+
     async def _clear_empty_group(self, key: str, group: str) -> bool:
         reply = await self._post(
             "/v3/kv/txn",
