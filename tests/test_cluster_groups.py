@@ -22,7 +22,15 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers import TOKEN, EtcdServer, LinkProxy, wait_until
+from helpers import (
+    TOKEN,
+    EtcdServer,
+    LinkProxy,
+    count_fds,
+    count_tasks,
+    describe_tasks,
+    wait_until,
+)
 from test_cluster_relay import SECRET
 from test_cluster_relay import _node as _relay_node
 from test_cluster_server import _free_port_on_both
@@ -192,6 +200,53 @@ async def test_the_last_member_leaving_anywhere_frees_the_port(
     await wait_until(lambda: b.node_links is not None and port in b.node_links.mirrored_ports)
     for host in ("127.0.0.1", "127.0.0.2"):
         assert await _ask((host, port), b"plain") == b"plain"
+
+
+async def test_a_group_across_nodes_leaves_nothing_behind(
+    nursery: trio.Nursery, etcd: EtcdServer
+) -> None:
+    """A group formed, served through both nodes and ended, twice: the second time every
+    task and descriptor it took at both nodes is given back (the links, up from the first
+    time, stay), and nothing of it is left in the engine."""
+    a = await _relay_node(nursery, etcd, "a", "127.0.0.1")
+    b = await _relay_node(nursery, etcd, "b", "127.0.0.2")
+    on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    on_b = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
+    tag_a, tag_b = await _tagged(nursery, b"A"), await _tagged(nursery, b"B")
+    assert a.cluster is not None
+    baseline: tuple[int, int] | None = None
+    for _ in range(2):
+        port = _free_port_on_both()
+        key = f"tcp/{port}"
+        first = await on_a.forward_remote("127.0.0.1", tag_a, remote_port=port, **GROUP)
+        second = await on_b.forward_remote("127.0.0.1", tag_b, remote_port=port, **GROUP)
+        await _knows_members(a, key, {"b": 1})
+        await _knows_members(b, key, {"a": 1})
+        for host in ("127.0.0.1", "127.0.0.2"):
+            assert await _served_by((host, port), 4) == {b"A": 2, b"B": 2}
+        await first.aclose()
+        await second.aclose()
+        await _until_released(a, key)
+        for node in (a, b):
+            links = node.node_links
+            assert links is not None
+            await wait_until(lambda links=links, port=port: port not in links.mirrored_ports)
+        await wait_until(lambda: a.active_streams == b.active_streams == 0)
+        if baseline is None:
+            baseline = (count_tasks(), count_fds())
+    assert baseline is not None
+    tasks, fds = baseline
+    await wait_until(
+        lambda: count_tasks() <= tasks and count_fds() <= fds,
+        seconds=20,
+        what=lambda: (
+            f"tasks {count_tasks()} (was {tasks}), fds {count_fds()} (was {fds}): "
+            + describe_tasks()
+        ),
+    )
+    assert await a.cluster.entries("groups/") == {}
+    assert not a.groups
+    assert not b.groups
 
 
 async def test_a_mismatched_group_is_refused_across_nodes(
