@@ -543,6 +543,7 @@ async def test_a_group_lost_while_the_lease_was_expired_stops_serving_here(
     assert taken.status is pytunnel.ForwardStatus.ACTIVE
 
 
+@pytest.mark.slow
 async def test_cluster_status_lists_a_group_and_its_members_under_their_nodes(
     nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
 ) -> None:
