@@ -249,6 +249,36 @@ async def test_a_group_across_nodes_leaves_nothing_behind(
     assert not b.groups
 
 
+async def test_members_on_a_node_no_link_reaches_lose_their_turns_not_the_connections(
+    nursery: trio.Nursery, etcd: EtcdServer
+) -> None:
+    """B holds another cluster secret: A's links to it are refused. A connection whose turn
+    is B's is reset once, then B's turns go to A's member while the link backs off: every
+    reset is a failed link attempt, and most connections are served."""
+    a = await _relay_node(nursery, etcd, "a", "127.0.0.1")
+    b = await _relay_node(nursery, etcd, "b", "127.0.0.2", secret="not the secret")
+    on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    on_b = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
+    port = _free_port_on_both()
+    key = f"tcp/{port}"
+    await on_a.forward_remote("127.0.0.1", await _tagged(nursery, b"A"), remote_port=port, **GROUP)
+    await on_b.forward_remote("127.0.0.1", await _tagged(nursery, b"B"), remote_port=port, **GROUP)
+    await _knows_members(a, key, {"b": 1})
+    links = a.node_links
+    assert links is not None
+    served: Counter[bytes] = Counter()
+    for _ in range(10):
+        try:
+            served[await _ask(("127.0.0.1", port))] += 1
+        except trio.BrokenResourceError:
+            served[b"reset"] += 1
+            assert links._backoff["b"].failures >= 1
+    assert served[b"reset"] >= 1
+    assert set(served) == {b"A", b"reset"}
+    assert served[b"A"] > served[b"reset"], served
+    assert served[b"reset"] <= links._backoff["b"].failures
+
+
 async def test_a_mismatched_group_is_refused_across_nodes(
     nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
 ) -> None:
@@ -409,9 +439,11 @@ async def _node_process(
 async def test_a_members_node_killed_its_share_goes_to_the_survivor(
     nursery: trio.Nursery, etcd: EtcdServer, tmp_path: Path
 ) -> None:
-    """Node B (a process) is killed with its member: until its lease expires A still
-    counts B's member (its share is reset, as for any port of a dead node); once it has
-    expired, every connection to A goes to A's member, and the group is A's alone."""
+    """Node B (a process) is killed with its member, under a stream of connections to A:
+    the connection that finds B's link gone and cannot open another is reset, and B is
+    left out while its link backs off (every reset is one failed link attempt, every other
+    connection A's member's); once B's lease has expired its member is out of the group
+    for good, and the group is A's alone."""
     secret_file = tmp_path / "cluster-secret"
     secret_file.write_text(SECRET + "\n")
     a = await _relay_node(nursery, etcd, "a", "127.0.0.1")
@@ -429,15 +461,34 @@ async def test_a_members_node_killed_its_share_goes_to_the_survivor(
         )
         await _knows_members(a, key, {"b": 1})
         assert await _served_by(("127.0.0.1", port), 4) == {b"A": 2, b"B": 2}
+        assert a.cluster is not None
         killed_at = trio.current_time()
         os.kill(process.pid, signal.SIGKILL)
+        links = a.node_links
+        assert links is not None
+        served: Counter[bytes] = Counter()
+        first_reset: float | None = None
+        with trio.fail_after(60):
+            while any("/b/" in k for k in await a.cluster.entries(f"groups/{key}/")):
+                try:
+                    served[await _ask(("127.0.0.1", port))] += 1
+                except trio.BrokenResourceError:
+                    served[b"reset"] += 1
+                    first_reset = first_reset or trio.current_time() - killed_at
+                    # a failed link attempt, now backing off (or B is gone altogether)
+                    assert "b" in links._backoff or "b" not in links.nodes
+        expired_after = trio.current_time() - killed_at
+        assert set(served) <= {b"A", b"reset"}, served
+        assert served[b"A"] > served[b"reset"], served
         await _knows_members(a, key, {})
-        dropped_after = trio.current_time() - killed_at
         assert await _served_by(("127.0.0.1", port), 6) == {b"A": 6}
-        assert a.cluster is not None
         entries = await a.cluster.entries(f"groups/{key}/")
         assert [k.split("/")[-2] for k in entries] == ["a"]
-        print(f"B's member dropped out {dropped_after:.2f} s after the kill (lease TTL 3 s)")
+        print(
+            f"after the kill: {served[b'A']} connection(s) served by A, {served[b'reset']} "
+            f"reset (the first {first_reset and round(first_reset, 2)} s after it); B's member "
+            f"out of the registry {expired_after:.2f} s after it (lease TTL 3 s)"
+        )
     finally:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)

@@ -351,9 +351,21 @@ class NodeLinks:
                 self._nursery.start_soon(clear_quietly, self.registry, key, owner)
 
     def group_nodes(self, key: str) -> dict[str, int]:
-        """The other nodes with members of the group holding ``key``, and how many each."""
+        """The other nodes with members of the group holding ``key``, and how many each;
+        a node no link could be opened to lately is left out until its next attempt is
+        due, so its share goes to the members that can be reached instead of being reset
+        (a node just killed is left out from its first failed link, not its lease's end)."""
         nodes = self._group_members.get(key, {})
-        return {node: len(members) for node, members in nodes.items() if node in self.nodes}
+        now = trio.current_time()
+        return {
+            node: len(members)
+            for node, members in nodes.items()
+            if node in self.nodes and not self._backing_off(node, now)
+        }
+
+    def _backing_off(self, node: str, now: float) -> bool:
+        backoff = self._backoff.get(node)
+        return backoff is not None and now < backoff.retry_at
 
     def group_elsewhere(self, key: str) -> _GroupElsewhere:
         """What a group formed on this node asks about its members on other nodes."""
