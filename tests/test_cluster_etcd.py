@@ -70,6 +70,41 @@ async def test_a_dead_nodes_keys_expire_with_its_lease(
     assert list(await survivor.nodes()) == ["survivor"]
 
 
+async def test_a_group_whose_last_members_node_is_gone_gives_its_key_back(
+    etcd: EtcdServer, nursery: trio.Nursery
+) -> None:
+    """The group's hold on a key is under no lease (it spans nodes); its members' keys are
+    under their nodes'. When the last member's node goes without a word, the hold is left
+    with no member: the next claim of the key clears it and wins, whatever the claim; or a
+    node that saw it clears it (only that group's, only with no member)."""
+    group = "@group/" + "3" * 32
+    survivor = EtcdRegistry(etcd.endpoint, "survivor")
+    await nursery.start(survivor.run)
+    for claim in ("plain", "group", "cleared"):
+        doomed = EtcdRegistry(etcd.endpoint, "doomed", lease_ttl=2)
+        async with trio.open_nursery() as inner:
+            await inner.start(doomed.run)
+            assert await doomed.join_group("tcp/7777", group, "doomed/1") == group
+            assert await survivor.claim("tcp/7777", "survivor/1") == group
+            assert doomed._lease is not None
+            # the node is gone: its lease revoked (as by expiry), nothing released
+            await doomed._post("/v3/lease/revoke", {"ID": doomed._lease})
+            doomed._lease = None
+            inner.cancel_scope.cancel()
+        assert await survivor.lookup("tcp/7777") == group
+        if claim == "plain":
+            assert await survivor.claim("tcp/7777", "survivor/1") == "survivor/1"
+            assert await survivor.release("tcp/7777", "survivor/1")
+        elif claim == "cleared":  # what a node that saw the last member's node go does
+            assert await survivor.clear_group("tcp/7777", "@group/" + "4" * 32) is False
+            assert await survivor.clear_group("tcp/7777", group) is True
+        else:
+            other = "@group/" + "4" * 32
+            assert await survivor.join_group("tcp/7777", other, "survivor/2") == other
+            assert await survivor.leave_group("tcp/7777", other, "survivor/2")
+        assert await survivor.entries("tcp/") == {}
+
+
 async def test_a_clean_stop_frees_the_nodes_keys_at_once(
     etcd: EtcdServer, nursery: trio.Nursery
 ) -> None:

@@ -9,11 +9,17 @@ from pytunnel.cluster import Change, LocalRegistry
 from pytunnel.cluster._ownership import (
     claim_or_refuse,
     client_key,
+    group_owner,
+    is_group,
+    member_key,
     name_key,
     node_of,
+    parse_member_key,
     port_key,
+    refusal,
     release_quietly,
 )
+from pytunnel.cluster._registry import check_node_id
 from pytunnel.errors import AddressInUseError, ClusterUnavailableError, ErrorCode, NameInUseError
 
 
@@ -23,6 +29,39 @@ def test_keys_and_owners() -> None:
     assert name_key("app.example.com", tls=True) == "https/app.example.com"
     assert client_key("laptop") == "clients/laptop"
     assert node_of("eu-1/4f2a") == "eu-1"
+
+
+def test_group_owners_and_member_keys() -> None:
+    """A group's owner string is the same for the same name and proof on every node, another
+    for another name or proof, never a node id, and does not carry the proof."""
+    proof = bytes(range(32))
+    owner = group_owner("web", proof)
+    assert owner == group_owner("web", proof)
+    assert owner != group_owner("web", bytes(32))
+    assert owner != group_owner("api", proof)
+    assert is_group(owner)
+    assert not is_group("a/1f2e")
+    assert proof.hex() not in owner
+    with pytest.raises(ValueError, match="node id"):
+        check_node_id(node_of(owner))  # "@group" is never a node's
+    key = member_key("tcp/8080", "edge-1/1f2e")
+    assert key == "groups/tcp/8080/edge-1/1f2e"
+    assert parse_member_key(key) == ("tcp/8080", "edge-1", "1f2e")
+    assert parse_member_key("groups/http/app.example.com/a/7") == ("http/app.example.com", "a", "7")
+    for bad in ("groups/tcp/8080", "groups/tcp/8080/a", "groups//a/1", "tcp/8080/a/1", "groups/"):
+        assert parse_member_key(bad) is None, bad
+
+
+def test_refusals_for_a_key_a_group_holds() -> None:
+    owner = group_owner("web", b"p")
+    plain = refusal(owner, what="port 1", address="h:1")
+    assert plain.message.endswith(
+        "port 1 is held by a load-balanced group of the cluster; only its members can serve it"
+    )
+    member = refusal(owner, what="port 1", address="h:1", group=True)
+    assert "(another group name, or another group secret)" in member.message
+    assert member.code == ErrorCode.ADDRESS_IN_USE
+    assert "(node a)" in refusal("a/1", what="port 1", address="h:1", group=True).message
 
 
 async def test_a_refusal_names_the_node_that_holds_the_key() -> None:

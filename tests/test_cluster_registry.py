@@ -115,6 +115,66 @@ async def test_watch_sees_claims_and_releases_in_order(pair: tuple[Registry, Reg
     assert seen == expected
 
 
+G = "@group/" + "1" * 32
+OTHER_GROUP = "@group/" + "2" * 32
+
+
+async def test_a_group_holds_its_key_while_one_member_is_left_anywhere(
+    pair: tuple[Registry, Registry],
+) -> None:
+    """Members on two nodes join one group's hold on a key; neither a client nor another
+    group gets it; the first to leave leaves it held, the last gives it back."""
+    a, b = pair
+    seen: list[Change] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(b.watch, "groups/", seen.append))
+        assert await a.join_group("tcp/8080", G, "a/1") == G
+        assert await b.join_group("tcp/8080", G, "b/1") == G
+        assert await b.claim("tcp/8080", "b/x") == G
+        assert await b.join_group("tcp/8080", OTHER_GROUP, "b/2") == G
+        assert await a.leave_group("tcp/8080", G, "a/1") is False
+        assert await a.clear_group("tcp/8080", G) is False  # a member is left
+        assert await a.lookup("tcp/8080") == G
+        assert await b.leave_group("tcp/8080", G, "b/1") is True
+        assert await a.lookup("tcp/8080") is None
+        assert await b.leave_group("tcp/8080", G, "b/1") is False  # twice: nothing changes
+        assert await b.claim("tcp/8080", "b/x") == "b/x"
+        expected = [
+            Change("groups/tcp/8080/a/1", G),
+            Change("groups/tcp/8080/b/1", G),
+            Change("groups/tcp/8080/a/1", None),
+            Change("groups/tcp/8080/b/1", None),
+        ]
+        await wait_until(lambda: len(seen) >= 4, what=lambda: f"seen {seen}")
+        nursery.cancel_scope.cancel()
+    assert seen == expected
+    assert await a.entries("groups/") == {}
+
+
+async def test_members_racing_to_form_a_group_on_two_nodes_form_one(
+    pair: tuple[Registry, Registry],
+) -> None:
+    a, b = pair
+    for round_ in range(20):
+        key = f"tcp/{9100 + round_}"
+        results: dict[str, str] = {}
+
+        async def join(
+            registry: Registry, member: str, key: str = key, results: dict[str, str] = results
+        ) -> None:
+            results[member] = await registry.join_group(key, G, member)
+
+        with trio.fail_after(20):  # a hang detector
+            async with trio.open_nursery() as racers:
+                racers.start_soon(join, a, "a/1")
+                racers.start_soon(join, b, "b/1")
+        assert results == {"a/1": G, "b/1": G}
+        assert set(await a.entries(f"groups/{key}/")) == {
+            f"groups/{key}/a/1",
+            f"groups/{key}/b/1",
+        }
+
+
 async def test_nodes_lists_every_member(pair: tuple[Registry, Registry]) -> None:
     a, b = pair
     nodes = await a.nodes()

@@ -148,12 +148,14 @@ async def test_a_udp_port_belongs_to_one_client_across_nodes(
     assert moved.listen_port == port
 
 
-async def test_a_load_balanced_group_lives_on_one_node(
+async def test_a_load_balanced_group_spans_nodes(
     nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
 ) -> None:
     """Members of one group on node A form it together (racing to form it: one forms, the
-    other joins); the port is the group's across the cluster, so neither a plain forward nor
-    a member of the same group on node B gets it, until the group's last member leaves."""
+    other joins) and a member on node B joins it; the port is the group's across the
+    cluster, so neither a plain forward nor a member of another group gets it on either
+    node, until the group's last member anywhere leaves. Without a cluster secret each node
+    serves its own members."""
     a = await _node(nursery, etcd, "a", "127.0.0.1")
     b = await _node(nursery, etcd, "b", "127.0.0.2")
     first = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
@@ -176,14 +178,34 @@ async def test_a_load_balanced_group_lives_on_one_node(
     assert len(members) == 2
     assert len(a.groups) == 1
     assert await _echo(("127.0.0.1", port)) == b"ping"
-    for kwargs in ({}, {"group": "web", "group_key": "k"}):
-        with pytest.raises(pytunnel.AddressInUseError, match=r"\(node a\)"):
+    for kwargs in ({}, {"group": "web", "group_key": "other"}, {"group": "api", "group_key": "k"}):
+        # on a node with no member of the group: the cluster's refusal
+        with pytest.raises(pytunnel.AddressInUseError, match="load-balanced group") as info:
             await elsewhere.forward_remote("127.0.0.1", echo_port, remote_port=port, **kwargs)
-    await members[0].aclose()
-    await members[1].aclose()
-    await _until_released(a, f"tcp/{port}")
-    moved = await elsewhere.forward_remote("127.0.0.1", echo_port, remote_port=port)
+        assert info.value.code == ErrorCode.ADDRESS_IN_USE
+        if kwargs:
+            assert "another group name, or another group secret" in info.value.message
+        else:
+            assert "only its members can serve it" in info.value.message
+    await join(elsewhere)
+    on_b = members.pop()
+    assert len(b.groups) == 1
     assert await _echo(("127.0.0.2", port)) == b"ping"
+    # on a node of the group: refused by the group there, as on a server of its own
+    with pytest.raises(pytunnel.GroupMismatchError):
+        await first.forward_remote(
+            "127.0.0.1", echo_port, remote_port=port, group="web", group_key="other"
+        )
+    for member in members:
+        await member.aclose()
+    assert a.cluster is not None
+    assert await a.cluster.lookup(f"tcp/{port}") is not None  # B's member holds it
+    with pytest.raises(pytunnel.AddressInUseError):
+        await first.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    await on_b.aclose()
+    await _until_released(a, f"tcp/{port}")
+    moved = await first.forward_remote("127.0.0.1", echo_port, remote_port=port)
+    assert await _echo(("127.0.0.1", port)) == b"ping"
     await moved.aclose()
 
 

@@ -46,7 +46,7 @@ from ._tls import client_tls_context, tls_connect
 from ._udp import pump_datagrams, serve_associations
 from ._util import Episodes
 from ._vhost import NameRoutes, route_connection, route_name
-from .cluster._ownership import node_of
+from .cluster._ownership import clear_quietly, is_group, node_of, parse_member_key
 from .cluster._registry import Change, Registry
 from .errors import (
     ConnectError,
@@ -57,6 +57,7 @@ from .errors import (
     TunnelError,
     printable,
 )
+from .forwards._group import RELAYED_IN
 from .protocol import routes
 from .protocol.mux import Role
 from .session import IncomingStream, MuxStream, Session, SessionConfig
@@ -115,7 +116,7 @@ _MIRROR_BIND_RETRY = 0.5
 _B = TypeVar("_B")
 
 #: The registry prefixes a node with node links follows.
-_WATCHED = ("nodes/", "tcp/", "udp/", "http/", "https/")
+_WATCHED = ("nodes/", "tcp/", "udp/", "http/", "https/", "groups/")
 
 
 def _registry_port(text: str) -> int:
@@ -200,6 +201,10 @@ class NodeLinks:
         self._nursery: trio.Nursery | None = None
         #: The client context of the links, when the nodes' listeners are TLS.
         self._tls: ssl.SSLContext | None = None
+        #: The members of load-balanced groups on other nodes: key -> node -> member ids.
+        self._group_members: dict[str, dict[str, set[str]]] = {}
+        #: The turn of each group's round robin over the other nodes' members.
+        self._group_turns: dict[str, int] = {}
 
     @property
     def mirrored_ports(self) -> list[int]:
@@ -236,6 +241,7 @@ class NodeLinks:
             for key, value in (await self.registry.entries("")).items():
                 if key not in seen and key.startswith(_WATCHED):
                     self._apply(Change(key, value))
+            self._clear_abandoned_groups()  # their last members' node died unseen
             task_status.started()
             await trio.sleep_forever()
 
@@ -244,11 +250,16 @@ class NodeLinks:
     def _apply(self, change: Change) -> None:
         kind, _, rest = change.key.partition("/")
         own = self.registry.node_id
+        if kind == "groups":
+            self._apply_member(change)
+            return
         if kind == "nodes":
             if change.value is None:
                 self.nodes.pop(rest, None)
                 self._forget_failures(rest)
                 self._drop_peer(rest, "its node left the cluster")
+                # its members' keys went with it (just before, in the same revision)
+                self._clear_abandoned_groups()
             elif rest != own:
                 if self.nodes.get(rest) != change.value:
                     self._forget_failures(rest)  # (re)started elsewhere: worth a try at once
@@ -273,9 +284,122 @@ class NodeLinks:
                 self.stop_mirror(port, kind=kind)
 
     def owner_node(self, key: str) -> str | None:
-        """The other node whose client holds ``key``, ``None`` if none does."""
+        """The other node whose client holds ``key``, ``None`` if none does; for a
+        load-balanced group, the next other node with members (weighted by their number)."""
         owner = self.elsewhere.get(key)
-        return None if owner is None else node_of(owner)
+        if owner is None:
+            return None
+        if not is_group(owner):
+            return node_of(owner)
+        counts = self.group_nodes(key)
+        if not counts:
+            return None
+        slot = self._group_turns.get(key, 0) % sum(counts.values())
+        self._group_turns[key] = slot + 1
+        for node in sorted(counts):
+            if slot < counts[node]:
+                return node
+            slot -= counts[node]
+        return None  # pragma: no cover - the slots add up
+
+    # ---------------------------------------------------------------- groups
+
+    def _apply_member(self, change: Change) -> None:
+        """A member of a group joined or left on some node (its key expires with its node's
+        lease): other nodes' members take their share of this node's connections."""
+        parsed = parse_member_key(change.key)
+        if parsed is None:
+            log.warning("registry key %s ignored: not a group member", printable(change.key[:200]))
+            return
+        key, node, member = parsed
+        if node == self.registry.node_id:
+            return  # this node's own members are its group's
+        nodes = self._group_members.setdefault(key, {})
+        if change.value is not None:
+            nodes.setdefault(node, set()).add(member)
+            return
+        members = nodes.get(node)
+        if members is None:
+            return
+        members.discard(member)
+        if not members:
+            del nodes[node]
+        if not nodes:
+            del self._group_members[key]
+            self._group_turns.pop(key, None)
+            if node not in self.nodes:  # not a member leaving: its node is gone
+                self._clear_abandoned_groups()
+
+    def _local_group(self, key: str) -> bool:
+        """Whether the group holding ``key`` has members on this node."""
+        kind, _, what = key.partition("/")
+        return (kind, what) in self.server.groups
+
+    def _clear_abandoned_groups(self) -> None:
+        """Give back the hold of every group with no member left anywhere (their last
+        members' node died, so nobody left to do it). A member that leaves gives it back
+        itself; this is for a node that cannot. One node does it, the live node first by
+        id (the engine's guarded delete makes a second one harmless, and a claim of the
+        key clears it too), so a node's death costs the engine one request per such group,
+        not one per node."""
+        if self._nursery is None or min([self.registry.node_id, *self.nodes]) != (
+            self.registry.node_id
+        ):
+            return
+        for key, owner in list(self.elsewhere.items()):
+            if is_group(owner) and not self._group_members.get(key) and not self._local_group(key):
+                self._nursery.start_soon(clear_quietly, self.registry, key, owner)
+
+    def group_nodes(self, key: str) -> dict[str, int]:
+        """The other nodes with members of the group holding ``key``, and how many each;
+        a node no link could be opened to lately is left out until its next attempt is
+        due, so its share goes to the members that can be reached instead of being reset
+        (a node just killed is left out from its first failed link, not its lease's end)."""
+        nodes = self._group_members.get(key, {})
+        now = trio.current_time()
+        return {
+            node: len(members)
+            for node, members in nodes.items()
+            if node in self.nodes and not self._backing_off(node, now)
+        }
+
+    def _backing_off(self, node: str, now: float) -> bool:
+        backoff = self._backoff.get(node)
+        return backoff is not None and now < backoff.retry_at
+
+    def group_elsewhere(self, key: str) -> _GroupElsewhere:
+        """What a group formed on this node asks about its members on other nodes."""
+        return _GroupElsewhere(self, key)
+
+    def refresh(self, key: str) -> None:
+        """This node's own group of ``key`` ended: serve the port for the members left on
+        other nodes (a name needs nothing: the shared listeners ask :meth:`relay_name`)."""
+        kind, _, rest = key.partition("/")
+        if kind == "tcp" and key in self.elsewhere:
+            port = _registry_port(rest)
+            if port:
+                self._mirror(port, kind)
+
+    def relay_to(
+        self, node: str, conn: trio.abc.HalfCloseableStream, key: str, peer: tuple[str, int]
+    ) -> bool:
+        """Carry ``conn`` for ``key`` to ``node`` (one of its group's member nodes), in the
+        links' nursery; false without one (never blocks)."""
+        if self._nursery is None:
+            return False
+        kind, _, rest = key.partition("/")
+        tag = {
+            "tcp": routes.RELAY_TCP | (_registry_port(rest) if kind == "tcp" else 0),
+            "http": routes.RELAY_HTTP,
+            "https": routes.RELAY_HTTPS,
+        }.get(kind)
+        if tag is None:
+            return False
+        try:
+            self._nursery.start_soon(self._relay_out, conn, key, tag, peer, node)
+        except RuntimeError:  # the node is stopping
+            return False
+        return True
 
     # ---------------------------------------------------------------- mirrored ports
 
@@ -291,6 +415,8 @@ class NodeLinks:
         if kind == "tcp" and port in self._own_ports():
             log.info("tcp port %d is held on another node but this node listens on it", port)
             return
+        if kind == "tcp" and ("tcp", str(port)) in self.server.groups:
+            return  # a group with members here too: its own listener serves the port
         mirror = self._mirrors[kind, port] = _Mirror()
         serve = self._serve_mirror if kind == "tcp" else self._serve_udp_mirror
         self._nursery.start_soon(serve, port, mirror)
@@ -440,7 +566,12 @@ class NodeLinks:
     # ---------------------------------------------------------------- relaying out
 
     async def _relay_out(
-        self, conn: trio.abc.HalfCloseableStream, key: str, tag: int, peer: tuple[str, int]
+        self,
+        conn: trio.abc.HalfCloseableStream,
+        key: str,
+        tag: int,
+        peer: tuple[str, int],
+        node: str | None = None,
     ) -> None:
         """Carry one public connection to the node holding ``key`` over the link to it; a
         connection that cannot be carried is reset, never left hanging. It takes one of the
@@ -453,14 +584,20 @@ class NodeLinks:
             return
         server.active_streams += 1
         try:
-            await self._relay_counted(conn, key, tag, peer)
+            await self._relay_counted(conn, key, tag, peer, node)
         finally:
             server.active_streams -= 1
 
     async def _relay_counted(
-        self, conn: trio.abc.HalfCloseableStream, key: str, tag: int, peer: tuple[str, int]
+        self,
+        conn: trio.abc.HalfCloseableStream,
+        key: str,
+        tag: int,
+        peer: tuple[str, int],
+        node: str | None,
     ) -> None:
-        node = self.owner_node(key)
+        if node is None:
+            node = self.owner_node(key)
         try:
             if node is None:
                 raise ForwardError(f"{printable(key)} is not held on another node any more")
@@ -751,7 +888,7 @@ async def serve_node_link(server: TunnelServer, session: Session, node: str) -> 
                     stats.streams_in += 1
                 nursery.start_soon(
                     functools.partial(
-                        route_connection,
+                        _route_relayed,
                         stream,
                         peer,
                         name_routes,
@@ -763,6 +900,37 @@ async def serve_node_link(server: TunnelServer, session: Session, node: str) -> 
             else:
                 incoming.refuse(ErrorCode.PROTOCOL_ERROR, f"unknown node link route {incoming.tag}")
         nursery.cancel_scope.cancel()
+
+
+async def _route_relayed(
+    conn: trio.abc.HalfCloseableStream,
+    peer: tuple[str, int],
+    name_routes: NameRoutes,
+    *,
+    tls: bool,
+    max_head: int,
+    head_timeout: float,
+) -> None:
+    """Route a name another node relayed here to a local route, a group's local members
+    included (never a second hop)."""
+    RELAYED_IN.set(True)  # this task's own context: it serves this connection only
+    await route_connection(
+        conn, peer, name_routes, tls=tls, max_head=max_head, head_timeout=head_timeout
+    )
+
+
+class _GroupElsewhere:
+    """A group's members on other nodes, for the group's own round robin."""
+
+    def __init__(self, links: NodeLinks, key: str) -> None:
+        self._links = links
+        self._key = key
+
+    def nodes(self) -> dict[str, int]:
+        return self._links.group_nodes(self._key)
+
+    def relay(self, node: str, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> bool:
+        return self._links.relay_to(node, conn, self._key, peer)
 
 
 def relayed_peer(host: str, port: int) -> tuple[str, int] | None:

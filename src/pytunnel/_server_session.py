@@ -14,7 +14,7 @@ import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import trio
 
@@ -33,7 +33,15 @@ from ._udp import (
 )
 from ._util import Episodes, aclose_all
 from ._vhost import NameRoutes
-from .cluster._ownership import claim_or_refuse, name_key, port_key, release_quietly
+from .cluster._ownership import (
+    claim_or_refuse,
+    group_owner,
+    leave_quietly,
+    name_key,
+    port_key,
+    refusal,
+    release_quietly,
+)
 from .errors import (
     AddressInUseError,
     DialError,
@@ -74,6 +82,15 @@ _PORT_0_ATTEMPTS = 64
 _Closeable = TypeVar("_Closeable", list[trio.SocketListener], trio.socket.SocketType)
 _Bound = TypeVar("_Bound")
 _T = TypeVar("_T")
+
+
+class _Membership(NamedTuple):
+    """One member's place in a group cluster-wide: the group's key, its owner string, and
+    the member's own id (``<node-id>/<id>``), as the registry takes them."""
+
+    key: str
+    group: str
+    member: str
 
 
 class _ClientSession:
@@ -729,7 +746,9 @@ class _ClientSession:
             # one group formation at a time, so members joining at once cannot race each
             # other to the bind of the group's port
             async with self.server.group_lock:
-                member, group, address = await self._join(incoming, join.group, join.proof, named)
+                member, group, address, membership = await self._join(
+                    incoming, join.group, join.proof, named
+                )
         except ForwardError as exc:
             log.warning("client %s: group member %s refused: %s", self.peer, requested, exc)
             control.reset(refusal_code(exc), exc.message)
@@ -744,42 +763,41 @@ class _ClientSession:
         finally:
             member.stop_listening()
             self.memberships.discard(member)
+            self._leave_later(membership)
             if outcome is not None:
                 control.reset(outcome.code, outcome.message)
             log.info("client %s: left group %s (%s)", self.peer, printable(group.name), group.what)
 
     async def _join(
         self, incoming: IncomingStream, name: str, proof: bytes, named: bool
-    ) -> tuple[_Endpoint, Group, tuple[str, int]]:
-        """Join the group serving the port or name ``incoming`` asks for, forming it if there
-        is none; raises the refusal (``GroupMismatchError``, ``AddressInUseError``, ...)."""
+    ) -> tuple[_Endpoint, Group, tuple[str, int], _Membership | None]:
+        """Join the group serving the port or name ``incoming`` asks for, forming it here if
+        this node has none (in a cluster, joining or forming its hold cluster-wide first);
+        raises the refusal (``GroupMismatchError``, ``AddressInUseError``, ...)."""
         groups = self.server.groups
         if named:
             name_routes, tls = self._name_routes_for(incoming)
             full = name_routes.full_name(incoming.host)
             key = ("https" if tls else "http", full)
             group = groups.get(key)
-            claim = None
-            if group is None and self.server.cluster is not None:
-                claim = await self._claim_group(
-                    name_key(full, tls=tls), key, f"name {full}", full, NameInUseError
-                )
-                group = groups.get(key)  # another member may have formed it meanwhile
-            if group is None:
-                group = Group(name, proof, full, lambda g: self._forget_group(key, g))
-                target = group_route(group, tls=tls, name=full)
-                try:
-                    name_routes.register(full, target)  # NameInUseError if a route holds it
-                except ForwardError:
-                    self._give_back_later(claim, key)
-                    raise
-                group.on_given_back = functools.partial(
-                    self._given_back, functools.partial(name_routes.unregister, full, target), claim
-                )
-                groups[key] = group
-                self._formed(key)
-            else:
+            if group is not None:
                 group.check(name, proof)
+            membership = await self._join_in_cluster(
+                name_key(full, tls=tls), name, proof, f"name {full}", full, NameInUseError
+            )
+            try:
+                group = groups.get(key)
+                if group is None:
+                    group = Group(name, proof, full, lambda g: self._forget_group(key, g))
+                    target = group_route(group, tls=tls, name=full)
+                    name_routes.register(full, target)  # NameInUseError if a route holds it
+                    group.on_given_back = functools.partial(name_routes.unregister, full, target)
+                    self._formed(key, group, membership)
+                else:
+                    group.check(name, proof)
+            except BaseException:
+                self._leave_later(membership)
+                raise
             member: _Endpoint = _PublicName(
                 self, incoming.stream_id, name_routes, full, tls=tls, group=group
             )
@@ -792,27 +810,18 @@ class _ClientSession:
                     address=format_target(host, 0),
                 )
             key = ("tcp", str(incoming.port))
+            address_text = format_target(host, incoming.port)
             group = groups.get(key)
-            claim = None
-            if group is None and self.server.cluster is not None:
-                address_text = format_target(host, incoming.port)
-                claim = await self._claim_group(
-                    port_key(incoming.port), key, f"port {incoming.port}", address_text
-                )
-                group = groups.get(key)  # another member may have formed it meanwhile
-            if group is None:
-                self.server.stop_mirror(incoming.port)
-                try:
+            if group is not None:
+                group.check(name, proof)
+            membership = await self._join_in_cluster(
+                port_key(incoming.port), name, proof, f"port {incoming.port}", address_text
+            )
+            try:
+                group = groups.get(key)
+                if group is None:
+                    self.server.stop_mirror(incoming.port)
                     listeners = await bind(host, incoming.port)
-                except BaseException:
-                    self._give_back_later(claim, key)
-                    raise
-                group = groups.get(key)  # another member may have formed it meanwhile
-                if group is not None:
-                    await aclose_all(*listeners)
-                    group.check(name, proof)
-                else:
-                    address_text = format_target(host, incoming.port)
                     group = PortGroup(
                         name,
                         proof,
@@ -821,11 +830,12 @@ class _ClientSession:
                         lambda g: self._forget_group(key, g),
                         self.config.trusted_proxies,
                     )
-                    group.on_given_back = functools.partial(self._given_back, None, claim)
-                    groups[key] = group
-                    self._formed(key)
-            else:
-                group.check(name, proof)
+                    self._formed(key, group, membership)
+                else:
+                    group.check(name, proof)
+            except BaseException:
+                self._leave_later(membership)
+                raise
             member = _Endpoint(self, incoming.stream_id, group.what)
             address = (host, incoming.port)
         member.group = group
@@ -833,7 +843,7 @@ class _ClientSession:
         # whatever ends it, its leaving frees the group's port or name with the last member
         group.add(member)
         self.memberships.add(member)
-        return member, group, address
+        return member, group, address, membership
 
     def _name_routes_for(self, incoming: IncomingStream) -> tuple[NameRoutes, bool]:
         tls = incoming.port == routes.NAME_TLS
@@ -852,65 +862,71 @@ class _ClientSession:
             )
         return name_routes, tls
 
-    async def _claim_group(
+    async def _join_in_cluster(
         self,
         cluster_key: str,
-        key: tuple[str, str],
+        name: str,
+        proof: bytes,
         what: str,
         address: str,
         error: type[AddressInUseError] = AddressInUseError,
-    ) -> tuple[str, str] | None:
-        """Claim the port or name of a group about to be formed here, for this group alone
-        (an owner string of its own, so a group formed again later is never confused with
-        it): in a cluster a group lives on one node. Members of this node wait while one of
-        them forms it; ``None`` when it was formed meanwhile (join it), otherwise the claim
-        to give back when the group ends, and this member must form the group and then call
-        :meth:`_formed` (or :meth:`_give_back_later` if it could not)."""
+    ) -> _Membership | None:
+        """In a cluster, make this member one of the group's cluster-wide (forming its hold
+        on ``cluster_key`` if nobody holds it), or raise ``error`` (a client or another
+        group holds it), ``ClusterUnavailableError`` (the engine cannot tell); ``None`` on
+        its own. Every member has a key of its own under its node's lease, so the group
+        lives on while a member is left on any node."""
         cluster = self.server.cluster
-        assert cluster is not None
-        forming = self.server.forming_groups
-        while (others := forming.get(key)) is not None:
-            await others.wait()
-        if key in self.server.groups:
+        if cluster is None:
             return None
-        forming[key] = trio.Event()
-        owner = f"{cluster.node_id}/group-{secrets.token_hex(6)}"
+        membership = _Membership(
+            cluster_key, group_owner(name, proof), f"{cluster.node_id}/{secrets.token_hex(6)}"
+        )
         try:
-            await claim_or_refuse(
-                cluster, cluster_key, owner, what=what, address=address, error=error
-            )
+            holder = await cluster.join_group(*membership)
         except BaseException:
-            self._formed(key)
+            # cancelled or timed out mid-request: the engine may have made it all the same
+            await leave_quietly(cluster, *membership)
             raise
-        return cluster_key, owner
+        if holder != membership.group:
+            raise refusal(holder, what=what, address=address, error=error, group=True)
+        return membership
 
-    def _formed(self, key: tuple[str, str]) -> None:
-        """The group of ``key`` is formed here (or will not be): members waiting go on."""
-        event = self.server.forming_groups.pop(key, None)
-        if event is not None:
-            event.set()
+    def _formed(self, key: tuple[str, str], group: Group, membership: _Membership | None) -> None:
+        """``group`` is this node's now; in a cluster with node links its members on other
+        nodes take their share of the public connections reaching this one."""
+        self.server.groups[key] = group
+        if membership is None:
+            return
+        group.owner = membership.group
+        links = self.server.node_links
+        if links is not None:
+            group.elsewhere = links.group_elsewhere(membership.key)
 
-    def _given_back(self, first: Callable[[], None] | None, claim: tuple[str, str] | None) -> None:
-        if first is not None:
-            first()
-        self._give_back_later(claim, None)
-
-    def _give_back_later(self, claim: tuple[str, str] | None, key: tuple[str, str] | None) -> None:
-        """Release a group's claim from synchronous code, in the server's cluster tasks."""
-        if key is not None:
-            self._formed(key)
+    def _leave_later(self, membership: _Membership | None) -> None:
+        """End a member's membership from synchronous code, in the server's cluster tasks."""
         cluster, nursery = self.server.cluster, self.server.cluster_nursery
-        if claim is not None and cluster is not None and nursery is not None:
-            nursery.start_soon(release_quietly, cluster, *claim)
+        if membership is not None and cluster is not None and nursery is not None:
+            nursery.start_soon(leave_quietly, cluster, *membership)
 
     def _forget_group(self, key: tuple[str, str], group: Group) -> None:
-        """The last member left: the group's port or name is given back."""
+        """The last member here left: this node serves the group's port or name no more
+        (its members elsewhere may: another node's, relayed, see ``NodeLinks``)."""
         if self.server.groups.get(key) is group:
             del self.server.groups[key]
         if isinstance(group, PortGroup):
             group.close_listeners()
         group.on_given_back()
-        log.info("group %s (%s) ended: its last member left", printable(group.name), group.what)
+        log.info(
+            "group %s (%s) ended here: its last member left", printable(group.name), group.what
+        )
+        links = self.server.node_links
+        if links is not None:
+            links.refresh(
+                port_key(int(key[1]))
+                if key[0] == "tcp"
+                else name_key(key[1], tls=key[0] == "https")
+            )
 
     async def relay_public(
         self,

@@ -52,7 +52,7 @@ from ._vhost import (
     NameRoutes,
     serve_name_routing,
 )
-from .cluster._ownership import client_key, release_quietly
+from .cluster._ownership import client_key, is_group, release_quietly
 from .cluster._registry import Change, Registry, check_node_id
 from .errors import (
     ClusterUnavailableError,
@@ -427,8 +427,6 @@ class TunnelServer:
         self.cluster = config.cluster
         #: Where tasks the cluster's callbacks need are started (``serve_forever``'s nursery).
         self.cluster_nursery: trio.Nursery | None = None
-        #: Groups being formed on this node, by what they serve (their claim is in flight).
-        self.forming_groups: dict[tuple[str, str], trio.Event] = {}
         #: The relaying of public traffic between nodes (a cluster with a secret), once joined.
         self.node_links: NodeLinks | None = None
         #: What takes a UDP association another node relays here, by the public UDP port
@@ -795,11 +793,12 @@ class TunnelServer:
 
     def port_target(self, port: int) -> Take | None:
         """What takes a public connection to TCP ``port`` that another node relayed here:
-        the load-balanced group or the client's forward holding it on this node (``None``
-        while that forward is offline: the stream is refused, as its closed port would)."""
+        the load-balanced group (its members on this node: never a second hop) or the
+        client's forward holding it on this node (``None`` while that forward is offline:
+        the stream is refused, as its closed port would)."""
         group = self.groups.get(("tcp", str(port)))
         if group is not None:
-            return group.take
+            return group.take_local
         for client in self._sessions:
             for forward in client.public_ports:
                 if forward.port == port and forward.online:
@@ -816,21 +815,47 @@ class TunnelServer:
     def _lost_claim(self, key: str, owner: str) -> None:
         """A claim expired while the engine was out of reach and another node took it: the
         client holding it here is dropped, so that it reconnects and learns the truth."""
-        holders = [client for client in self._sessions if client.owner == owner]
-        if not holders:  # a group's claim: its members keep serving until they leave
-            log.warning("%s (held by %s) is now held on another node", printable(key), owner)
-        for client in holders:
-            if self.cluster_nursery is not None:
-                log.warning(
-                    "client %s lost %s in the cluster; dropping it", client.peer, printable(key)
-                )
-                self.cluster_nursery.start_soon(
-                    client.session.abort,
-                    SessionClosedError(
-                        f"{printable(key)} is now held on another node",
-                        code=ErrorCode.CLUSTER_UNAVAILABLE,
-                    ),
-                )
+        if is_group(owner):
+            self._lost_group(key, owner)
+            return
+        for client in self._sessions:
+            if client.owner == owner:
+                self._drop(client, f"{printable(key)} is now held on another node")
+
+    def _lost_group(self, key: str, owner: str) -> None:
+        """A group's hold was lost the same way (its members' keys expired with this node's
+        lease, and its key was given to another holder before this node joined again):
+        its port or name stops taking connections here at once, and the clients of its
+        members here are dropped, to reconnect and find the port or name held elsewhere
+        (their forwards stay suspended, retrying, while it is)."""
+        kind, _, what = key.partition("/")
+        group = self.groups.get((kind, what))
+        if group is None or group.owner != owner:
+            return  # already ended here, or another member of it reported it first
+        log.warning(
+            "group %s (%s) lost %s in the cluster; dropping its members here",
+            printable(group.name),
+            group.what,
+            printable(key),
+        )
+        del self.groups[kind, what]
+        if isinstance(group, PortGroup):
+            group.close_listeners()
+        group.on_given_back()
+        if self.node_links is not None:
+            self.node_links.refresh(key)  # the port's new holder, served from here too
+        for client in self._sessions:
+            if any(member.group is group for member in client.memberships):
+                self._drop(client, f"the group's {printable(key)} is now held on another node")
+
+    def _drop(self, client: _ClientSession, why: str) -> None:
+        if self.cluster_nursery is None:
+            return
+        log.warning("client %s dropped: %s", client.peer, why)
+        self.cluster_nursery.start_soon(
+            client.session.abort,
+            SessionClosedError(why, code=ErrorCode.CLUSTER_UNAVAILABLE),
+        )
 
 
 def _address_of(listeners: list[trio.SocketListener]) -> tuple[str, int] | None:

@@ -15,6 +15,7 @@ import trio
 import pytunnel
 
 from ..cluster import EtcdRegistry, check_node_id, parse_etcd_url
+from ..cluster._ownership import is_group, parse_member_key
 from ..cluster.etcd import DEFAULT_LEASE_TTL
 from ..errors import printable
 from ._admin import call_admin
@@ -232,15 +233,21 @@ def status(
         if key.startswith("nodes/"):
             nodes[key[len("nodes/") :]] = {"address": value, "holds": {}}
     orphans: dict[str, str] = {}
+    #: Keys held by load-balanced groups (whose members may be on any node).
+    groups: dict[str, str] = {}
     for key, value in entries.items():
         if key.startswith("nodes/"):
             continue
-        node = nodes.get(value.split("/", 1)[0])
+        member = parse_member_key(key)
+        if is_group(value) and member is None:
+            groups[key] = value
+            continue
+        node = nodes.get(member[1] if member is not None else value.split("/", 1)[0])
         holds = node["holds"] if node is not None else orphans
         assert isinstance(holds, dict)
         holds[key] = value
     if as_json:
-        view: dict[str, Any] = {"nodes": nodes, "unowned": orphans}
+        view: dict[str, Any] = {"nodes": nodes, "unowned": orphans, "groups": groups}
         if admin is not None:
             view["links"] = links
         say(json.dumps(view, sort_keys=True))
@@ -254,6 +261,8 @@ def status(
         say(f"node {printable(name)} at {address}: {len(holds)} key(s)")
         for key, owner in sorted(holds.items()):
             say(f"  {printable(key)}  {printable(owner)}")
+    for key, owner in sorted(groups.items()):  # its members are listed under their nodes
+        say(f"held by a load-balanced group: {printable(key)}  {printable(owner)}")
     for key, owner in sorted(orphans.items()):  # a node's key expired, not yet its claims
         say(f"without a live node: {printable(key)}  {printable(owner)}")
     if links is not None:

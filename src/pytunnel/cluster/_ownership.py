@@ -4,18 +4,43 @@ One key per public address a client can hold (``tcp/<port>``, ``http/<name>``,
 ``https/<name>``) and one per client identity (``clients/<id>``). The value is the owner,
 ``<node-id>/<session>``, so a refusal can say which node holds the address and a node can
 tell its own sessions from another node's.
+
+A load-balanced group holds its address cluster-wide under a value of its own,
+``@group/<digest>`` (see :func:`group_owner`: ``@`` is never in a node id, so it is never
+taken for a node), and each member, on whichever node, has a key under
+``groups/<address key>/<node-id>/<member>`` in its node's lease.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from typing import TYPE_CHECKING
 
 import trio
 
 from ..errors import AddressInUseError, ClusterUnavailableError, printable
-from ._registry import Registry
 
-__all__ = ["claim_or_refuse", "client_key", "name_key", "node_of", "port_key", "release_quietly"]
+if TYPE_CHECKING:
+    from ._registry import Registry
+
+__all__ = [
+    "GROUP_PREFIX",
+    "refusal",
+    "claim_or_refuse",
+    "clear_quietly",
+    "client_key",
+    "group_owner",
+    "is_group",
+    "member_key",
+    "members_prefix",
+    "name_key",
+    "node_of",
+    "parse_member_key",
+    "port_key",
+    "leave_quietly",
+    "release_quietly",
+]
 
 log = logging.getLogger("pytunnel.cluster")
 
@@ -42,6 +67,45 @@ def node_of(owner: str) -> str:
     return owner.split("/", 1)[0]
 
 
+#: How the owner string of a load-balanced group begins (never a node id: ``@`` is not in
+#: the node id alphabet).
+GROUP_PREFIX = "@group/"
+
+
+def group_owner(name: str, proof: bytes) -> str:
+    """The owner string of the group ``name`` whose members prove ``proof``: the same on
+    every node, so members of one group on any node find each other, and a digest, so the
+    engine's readers learn nothing that would let them join (the proof stays secret)."""
+    digest = hashlib.sha256(b"pytunnel-group-owner\0" + name.encode() + b"\0" + proof)
+    return GROUP_PREFIX + digest.hexdigest()[:32]
+
+
+def is_group(owner: str) -> bool:
+    return owner.startswith(GROUP_PREFIX)
+
+
+def members_prefix(key: str) -> str:
+    """Where the members of the group holding ``key`` are registered."""
+    return f"groups/{key}/"
+
+
+def member_key(key: str, member: str) -> str:
+    """The key of one member (``<node-id>/<member>``) of the group holding ``key``."""
+    return members_prefix(key) + member
+
+
+def parse_member_key(key: str) -> tuple[str, str, str] | None:
+    """``groups/<address key>/<node>/<member>`` -> (address key, node, member); ``None`` for
+    anything else under ``groups/``."""
+    if not key.startswith("groups/"):
+        return None
+    address, _, rest = key[len("groups/") :].rpartition("/")
+    address, _, node = address.rpartition("/")
+    if not address or not node or not rest or "/" not in address:
+        return None
+    return address, node, rest
+
+
 async def claim_or_refuse(
     registry: Registry,
     key: str,
@@ -61,10 +125,32 @@ async def claim_or_refuse(
         await release_quietly(registry, key, owner)
         raise
     if holder != owner:
-        raise error(
-            f"{what} is held by another client of the cluster (node {printable(node_of(holder))})",
-            address=address,
+        raise refusal(holder, what=what, address=address, error=error)
+
+
+def refusal(
+    holder: str,
+    *,
+    what: str,
+    address: str,
+    error: type[AddressInUseError] = AddressInUseError,
+    group: bool = False,
+) -> AddressInUseError:
+    """The refusal of ``what`` held by ``holder``: a client on a named node, or a group
+    (whose members may be on any node); ``group``: the one refused is a group member."""
+    if is_group(holder):
+        why = (
+            " (another group name, or another group secret)"
+            if group
+            else "; only its members can serve it"
         )
+        return error(
+            f"{what} is held by a load-balanced group of the cluster{why}", address=address
+        )
+    return error(
+        f"{what} is held by another client of the cluster (node {printable(node_of(holder))})",
+        address=address,
+    )
 
 
 async def release_quietly(registry: Registry, key: str, owner: str) -> None:
@@ -75,3 +161,25 @@ async def release_quietly(registry: Registry, key: str, owner: str) -> None:
             await registry.release(key, owner)
         except ClusterUnavailableError as exc:
             log.info("%s not released now (it goes with the lease): %s", printable(key), exc)
+
+
+async def leave_quietly(registry: Registry, key: str, group: str, member: str) -> None:
+    """End ``member``'s membership of ``group`` (the last one's gives ``key`` back); never
+    raises, bounded, and runs under cancellation too, as :func:`release_quietly`."""
+    with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+        try:
+            await registry.leave_group(key, group, member)
+        except ClusterUnavailableError as exc:
+            log.info(
+                "membership of %s not ended now (it goes with the lease): %s", printable(key), exc
+            )
+
+
+async def clear_quietly(registry: Registry, key: str, group: str) -> None:
+    """:meth:`Registry.clear_group`, never raising and bounded: the next claim of the key
+    clears it anyway."""
+    with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+        try:
+            await registry.clear_group(key, group)
+        except ClusterUnavailableError as exc:
+            log.info("%s not cleared now (the next claim clears it): %s", printable(key), exc)

@@ -10,6 +10,11 @@ Keys are relative paths (``tcp/8080``, ``http/app.example.com``, ``clients/<id>`
 are owner strings chosen by the caller (the server writes ``<node-id>/<session>``). Every
 claim of a node lives under that node's lease: when the node dies or loses its engine for
 longer than the lease, its keys disappear by themselves.
+
+A load-balanced group spans nodes, so its hold on a key cannot live under one node's lease:
+the key names the group (its owner string) under no lease, and each member has a key of its
+own, ``groups/<key>/<member>``, under its node's lease. The key is the group's while one
+member is left anywhere; the last member leaving (or its node's lease expiring) lets it go.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import attrs
 import trio
 
 from ..protocol.messages import MAX_CLIENT_ID, valid_client_id
+from ._ownership import is_group, member_key, members_prefix
 
 __all__ = [
     "Change",
@@ -96,6 +102,23 @@ class Registry(Protocol):
         """Delete ``key`` if ``owner`` still holds it; whether it did."""
         ...
 
+    async def join_group(self, key: str, group: str, member: str) -> str:
+        """Make ``member`` (``<node-id>/<id>``) a member of ``group`` (a group's owner
+        string), forming the group's hold on ``key`` if nobody holds it; return the holder
+        of ``key`` now (``group`` itself when ``member`` is in). A group whose every member
+        is gone is cleared first, so its key never stays taken by nobody."""
+        ...
+
+    async def leave_group(self, key: str, group: str, member: str) -> bool:
+        """Take ``member`` out of ``group``; when it was the last member anywhere, ``key``
+        is given back. Whether ``key`` was given back."""
+        ...
+
+    async def clear_group(self, key: str, group: str) -> bool:
+        """Give ``key`` back if ``group`` holds it with no member left anywhere (its last
+        members' node died); whether it did."""
+        ...
+
     async def lookup(self, key: str) -> str | None:
         """The owner of ``key``, ``None`` if nobody holds it."""
         ...
@@ -165,6 +188,39 @@ class LocalRegistry:
     async def release(self, key: str, owner: str) -> bool:
         await trio.lowlevel.checkpoint()
         if self._keys.get(key) != owner:
+            return False
+        del self._keys[key]
+        self._notify(key, None)
+        return True
+
+    async def join_group(self, key: str, group: str, member: str) -> str:
+        await trio.lowlevel.checkpoint()
+        holder = self._keys.get(key)
+        if holder is not None and is_group(holder) and holder != group:
+            self._drop_empty_group(key, holder)
+            holder = self._keys.get(key)
+        if holder is None:
+            self._keys[key] = holder = group
+            self._notify(key, group)
+        if holder == group:
+            self._keys[member_key(key, member)] = group
+            self._notify(member_key(key, member), group)
+        return holder
+
+    async def leave_group(self, key: str, group: str, member: str) -> bool:
+        await trio.lowlevel.checkpoint()
+        if self._keys.get(member_key(key, member)) == group:
+            del self._keys[member_key(key, member)]
+            self._notify(member_key(key, member), None)
+        return self._drop_empty_group(key, group)
+
+    async def clear_group(self, key: str, group: str) -> bool:
+        await trio.lowlevel.checkpoint()
+        return self._drop_empty_group(key, group)
+
+    def _drop_empty_group(self, key: str, group: str) -> bool:
+        prefix = members_prefix(key)
+        if self._keys.get(key) != group or any(k.startswith(prefix) for k in self._keys):
             return False
         del self._keys[key]
         self._notify(key, None)

@@ -37,6 +37,7 @@ import httpx
 import trio
 
 from ..errors import ClusterAuthError, ClusterUnavailableError, printable
+from ._ownership import is_group, member_key, members_prefix
 from ._registry import Change, LostCallback, WatchCallback, check_node_id
 
 __all__ = ["DEFAULT_LEASE_TTL", "EtcdRegistry", "parse_etcd_url"]
@@ -168,6 +169,13 @@ class EtcdRegistry:
         #: renewal. By pair, not by key: a session's release and the release of a claim that
         #: failed for its successor (same key, another owner) are both kept.
         self._pending_releases: set[tuple[str, str]] = set()
+        #: The group memberships of this node's members, as ``(key, group, member)``: joined
+        #: again under a new lease after an expiry.
+        self._memberships: set[tuple[str, str, str]] = set()
+        #: Memberships the engine did not take the end of yet, retried like releases.
+        self._pending_leaves: set[tuple[str, str, str]] = set()
+        #: Whether what this node holds is still to be claimed again under a new lease.
+        self._reclaim_due = False
         self._lost: list[LostCallback] = []
         #: Whether the last exchange with the engine worked (logged on each change only).
         self._reachable = True
@@ -247,14 +255,34 @@ class EtcdRegistry:
             return
         self._valid_until = sent + ttl
         self._reached()
+        if self._reclaim_due:  # a rejoin the engine cut short
+            try:
+                await self._reclaim()
+            except ClusterUnavailableError as exc:
+                self._unreachable(exc)
+            return
         await self._flush_releases()
 
     async def _rejoin(self) -> None:
         """A new lease, the node key again, then every claim still held claimed again."""
         await self._join()
+        self._reclaim_due = True
         self._reached()
+        await self._reclaim()
+
+    async def _reclaim(self) -> None:
+        """Claim again, under the new lease, every key and membership still held; kept due
+        (and resumed after the next good renewal) if the engine goes away meanwhile, so none
+        is left unclaimed. One released while this runs is released again after its claim,
+        so none is left behind either."""
         for key, owner in list(self._claims.items()):
+            if self._claims.get(key) != owner:
+                continue  # released meanwhile
             holder = await self._claim_once(key, owner)
+            if self._claims.get(key) != owner:
+                if holder == owner:
+                    self._pending_releases.add((key, owner))  # flushed below, or later
+                continue
             if holder == owner:
                 continue
             del self._claims[key]
@@ -266,6 +294,27 @@ class EtcdRegistry:
             )
             for callback in list(self._lost):
                 callback(key, owner)
+        for key, group, member in sorted(self._memberships):
+            if (key, group, member) not in self._memberships:
+                continue  # ended meanwhile
+            holder = await self._join_group_once(key, group, member)
+            if (key, group, member) not in self._memberships:
+                if holder == group:
+                    self._pending_leaves.add((key, group, member))  # flushed below, or later
+                continue
+            if holder == group:
+                continue
+            self._memberships.discard((key, group, member))
+            log.warning(
+                "node %s: a member of the group holding %s lost it to %s while its lease "
+                "was expired",
+                self.node_id,
+                printable(key),
+                printable(holder),
+            )
+            for callback in list(self._lost):
+                callback(key, group)
+        self._reclaim_due = False
         await self._flush_releases()
 
     async def _revoke(self) -> None:
@@ -309,15 +358,146 @@ class EtcdRegistry:
                     "success": [
                         {"request_put": {"key": full, "value": _b64(owner), "lease": lease}}
                     ],
-                    "failure": [{"request_range": {"key": full}}],
+                    "failure": [{"request_range": {"key": full}}, self._count_members(key)],
                 },
             )
             if reply.get("succeeded"):
                 return owner
-            kvs = reply["responses"][0]["response_range"].get("kvs", [])
-            if kvs:
-                return _text(kvs[0].get("value", ""))
+            holder = await self._holder(key, reply["responses"])
+            if holder is not None:
+                return holder
         raise ClusterUnavailableError(f"{printable(key)} keeps changing owner; try again")
+
+    def _count_members(self, key: str) -> dict[str, Any]:
+        prefix = self.prefix + members_prefix(key)
+        return {
+            "request_range": {
+                "key": _b64(prefix),
+                "range_end": _range_end(prefix),
+                "count_only": True,
+            }
+        }
+
+    async def _holder(self, key: str, responses: list[dict[str, Any]]) -> str | None:
+        """The holder in a reply of ``[range of the key, count of its members]``; ``None``
+        if nobody holds it, or if a group with no member left did (the last one's node
+        died), cleared now: either way the caller tries again."""
+        kvs = responses[0]["response_range"].get("kvs", [])
+        if not kvs:
+            return None
+        holder = _text(kvs[0].get("value", ""))
+        if is_group(holder) and not int(responses[1]["response_range"].get("count", 0)):
+            await self._clear_empty_group(key, holder)
+            return None
+        return holder
+
+    def _group_empty(self, key: str, group: str) -> list[dict[str, Any]]:
+        """Compares true while ``group`` holds ``key`` and has no member anywhere."""
+        prefix = self.prefix + members_prefix(key)
+        return [
+            {"key": self._key(key), "target": "VALUE", "value": _b64(group), "result": "EQUAL"},
+            {
+                "key": _b64(prefix),
+                "range_end": _range_end(prefix),
+                "target": "CREATE",
+                "create_revision": "0",
+                "result": "EQUAL",
+            },
+        ]
+
+    async def clear_group(self, key: str, group: str) -> bool:
+        return await self._clear_empty_group(key, group)
+
+    async def _clear_empty_group(self, key: str, group: str) -> bool:
+        reply = await self._post(
+            "/v3/kv/txn",
+            {
+                "compare": self._group_empty(key, group),
+                "success": [{"request_delete_range": {"key": self._key(key)}}],
+                "failure": [],
+            },
+        )
+        cleared = bool(reply.get("succeeded"))
+        if cleared:
+            log.info("%s given back: its group has no member left", printable(key))
+        return cleared
+
+    async def join_group(self, key: str, group: str, member: str) -> str:
+        holder = await self._join_group_once(key, group, member)
+        if holder == group:
+            self._memberships.add((key, group, member))
+            self._pending_leaves.discard((key, group, member))
+        return holder
+
+    async def _join_group_once(self, key: str, group: str, member: str) -> str:
+        """One transaction joins the group if it holds ``key``, or forms it (the key under
+        no lease, the member under this node's) if nobody does: a member racing another
+        member on another node either forms the group or joins the one that did."""
+        lease = self._require()
+        full = self._key(key)
+        put_member = {
+            "request_put": {
+                "key": self._key(member_key(key, member)),
+                "value": _b64(group),
+                "lease": lease,
+            }
+        }
+        for _ in range(_CLAIM_ATTEMPTS):
+            reply = await self._post(
+                "/v3/kv/txn",
+                {
+                    "compare": [
+                        {"key": full, "target": "VALUE", "value": _b64(group), "result": "EQUAL"}
+                    ],
+                    "success": [put_member],
+                    "failure": [
+                        {
+                            "request_txn": {
+                                "compare": [
+                                    {
+                                        "key": full,
+                                        "target": "CREATE",
+                                        "create_revision": "0",
+                                        "result": "EQUAL",
+                                    }
+                                ],
+                                "success": [
+                                    {"request_put": {"key": full, "value": _b64(group)}},
+                                    put_member,
+                                ],
+                                "failure": [
+                                    {"request_range": {"key": full}},
+                                    self._count_members(key),
+                                ],
+                            }
+                        }
+                    ],
+                },
+            )
+            if reply.get("succeeded"):
+                return group
+            inner = reply["responses"][0]["response_txn"]
+            if inner.get("succeeded"):
+                return group
+            holder = await self._holder(key, inner["responses"])
+            if holder is not None:
+                return holder
+        raise ClusterUnavailableError(f"{printable(key)} keeps changing owner; try again")
+
+    async def leave_group(self, key: str, group: str, member: str) -> bool:
+        """See :meth:`Registry.leave_group`; kept and made after the next good renewal when
+        the engine cannot be reached (``False`` now), as a release is."""
+        self._memberships.discard((key, group, member))
+        try:
+            return await self._leave_once(key, group, member)
+        except ClusterUnavailableError:
+            self._pending_leaves.add((key, group, member))
+            return False
+
+    async def _leave_once(self, key: str, group: str, member: str) -> bool:
+        await self._release_once(member_key(key, member), group)
+        # a second transaction: the compares of one see none of its own writes
+        return await self._clear_empty_group(key, group)
 
     async def replace(self, key: str, owner: str) -> str | None:
         lease = self._require()
@@ -363,6 +543,12 @@ class EtcdRegistry:
             except ClusterUnavailableError:
                 return
             self._pending_releases.discard((key, owner))
+        for key, group, member in sorted(self._pending_leaves):
+            try:
+                await self._leave_once(key, group, member)
+            except ClusterUnavailableError:
+                return
+            self._pending_leaves.discard((key, group, member))
 
     async def lookup(self, key: str) -> str | None:
         reply = await self._post("/v3/kv/range", {"key": self._key(key)})

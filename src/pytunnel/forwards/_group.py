@@ -12,10 +12,17 @@ member's session nursery, so a session ending still ends every relay it carries.
 group's accept loop runs in one member's nursery (its owner's) and moves to another member
 when the owner leaves; the listening socket stays open meanwhile, so connections waiting in
 the kernel's backlog are not lost.
+
+In a cluster a group spans nodes: its members on other nodes are reached over node links
+(:class:`Elsewhere`), so a public connection reaching any node is handed to a member
+anywhere, local members and each other node weighted by their number of members. A
+connection another node relayed here is for this node's members only (:func:`take_local`):
+never a second hop.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import hmac
 import logging
@@ -29,6 +36,23 @@ from .._proxied import Network, public_peer
 from ..errors import GroupMismatchError, printable
 
 log = logging.getLogger("pytunnel.server")
+
+
+#: True in a task serving a connection another node relayed here: it goes to a local member.
+RELAYED_IN: contextvars.ContextVar[bool] = contextvars.ContextVar("relayed_in", default=False)
+
+
+class Elsewhere(Protocol):
+    """The group's members on other nodes, as this node's node links see them."""
+
+    def nodes(self) -> dict[str, int]:
+        """The other nodes with members of the group, and how many each has."""
+        ...
+
+    def relay(self, node: str, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> bool:
+        """Carry ``conn`` to the group's members on ``node`` (false: it cannot be carried
+        now); never blocks."""
+        ...
 
 
 class Member(Protocol):
@@ -74,6 +98,13 @@ class Group:
         self.on_given_back: Callable[[], None] = lambda: None
         #: Connections handed to members since the group was formed.
         self.connections = 0
+        #: The group's owner string in the cluster's registry (``None`` on its own).
+        self.owner: str | None = None
+        #: Its members on other nodes of the cluster (``None`` on its own, or without
+        #: node links: this node's public connections go to its own members only).
+        self.elsewhere: Elsewhere | None = None
+        #: The turn of the cluster-wide round robin (local members and other nodes).
+        self._turn = 0
 
     def check(self, name: str, proof: bytes) -> None:
         """Raise ``GroupMismatchError`` unless ``name`` and ``proof`` are this group's."""
@@ -118,7 +149,39 @@ class Group:
             self._on_empty(self)
 
     def take(self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> bool:
-        """Hand ``conn`` to the next live member that takes it; false if none does."""
+        """Hand a public connection that reached this node to the next member, here or on
+        another node (weighted by their members), or to any that takes it; false if none
+        does. A connection another node relayed here (:data:`RELAYED_IN`) stays here."""
+        remote = {} if self.elsewhere is None or RELAYED_IN.get() else self.elsewhere.nodes()
+        if not remote:
+            return self.take_local(conn, peer)
+        assert self.elsewhere is not None
+        local = len(self.members)
+        nodes = sorted(remote)
+        slot = self._turn % (local + sum(remote.values()))
+        self._turn += 1
+        tried_here = slot < local
+        if tried_here:
+            if self.take_local(conn, peer):
+                return True
+            first = 0
+        else:
+            slot -= local
+            first = 0
+            for index, node in enumerate(nodes):
+                if slot < remote[node]:
+                    first = index
+                    break
+                slot -= remote[node]
+        for node in nodes[first:] + nodes[:first]:
+            if self.elsewhere.relay(node, conn, peer):
+                self.connections += 1
+                return True
+        return not tried_here and self.take_local(conn, peer)
+
+    def take_local(self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> bool:
+        """Hand ``conn`` to the next live member of this node that takes it; false if none
+        does."""
         count = len(self.members)
         for step in range(count):
             member = self.members[(self._next + step) % count]
