@@ -244,3 +244,16 @@ def test_a_datagram_stream_gets_no_early_window() -> None:
     with pytest.raises(RemoteProtocolError) as info:
         server.receive_data(encode_message(m.Data(sid, b"x")))
     assert info.value.code == ErrorCode.FLOW_CONTROL_ERROR
+
+
+def test_early_data_after_an_automatic_refusal_is_dropped() -> None:
+    """An Open refused at the stream limit took no credit; its early data is dropped."""
+    server = Multiplexer(Role.SERVER, version=2, max_streams=1, early_window=1)
+    server.receive_data(encode_message(m.Open(1, WINDOW)))
+    events = server.receive_data(
+        encode_message(m.Open(3, WINDOW)) + encode_message(m.Data(3, b"x"))
+    )
+    assert events == []
+    assert [type(f) for f in sent_frames(server)] == [m.Refuse]
+    assert server.bytes_buffered == 0
+    assert server.open_streams == 1
