@@ -257,3 +257,17 @@ def test_early_data_after_an_automatic_refusal_is_dropped() -> None:
     assert [type(f) for f in sent_frames(server)] == [m.Refuse]
     assert server.bytes_buffered == 0
     assert server.open_streams == 1
+
+
+def test_early_data_consumed_before_the_accept_grants_no_window() -> None:
+    """A window update before the Accept would be a state error at the opener."""
+    client, server = v2_pair()
+    sid = client.open_stream()
+    client.send_data(sid, b"x" * EARLY)
+    pump(client, server)
+    server.consumed(sid, EARLY)
+    assert server.data_to_send() == b""
+    server.accept_stream(sid)
+    assert pump(server, client) == [StreamAccepted(sid)]
+    assert client.send_window(sid) == server._streams[sid].recv_window
+    check_budget(server)

@@ -127,6 +127,8 @@ DEFAULT_RECEIVE_BUDGET = 256 * 1024 * 1024
 #: considered a flood: about 9,000 unanswered pings. A peer that reads never gets near it,
 #: since every transport write takes the whole queue.
 DEFAULT_MAX_CONTROL_QUEUE = 256 * 1024
+_REMOTE_FIN = StreamState.REMOTE_FIN
+_PENDING = StreamState.PENDING
 #: Room for a Data frame's msgpack envelope around its payload.
 _DATA_OVERHEAD = 64
 
@@ -769,8 +771,10 @@ class Multiplexer:
                 self._extra -= size
             else:
                 self._charge(before, credit)
-        # no grant can be due above half a window (the common case: most reads end here)
-        if credit > self._no_grant_above or st.state is StreamState.REMOTE_FIN:
+        # no grant can be due above half a window (the common case: most reads end here);
+        # none before our Accept either (early data): the opener takes no window update then
+        state = st.state
+        if credit > self._no_grant_above or state is _REMOTE_FIN or state is _PENDING:
             return False
         limit = self._credit_limit(credit)
         delta = limit - credit
