@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import trio
-from helpers import closed_port, session_pair
+from helpers import closed_port, count_fds, session_pair
 
 from pytunnel._dial import dial, failure_of
 from pytunnel.errors import (
@@ -152,3 +152,44 @@ async def test_dial_reason_crosses_a_real_session() -> None:
     assert info.value.code == ErrorCode.NODE_UNSTABLE
     assert info.value.failure is DialFailure.DNS
     assert reply_code_for(info.value) is ReplyCode.HOST_UNREACHABLE
+
+
+async def test_an_ip_literal_is_dialled_directly_and_a_failed_one_leaves_no_socket() -> None:
+    """IP literals skip ``open_tcp_stream`` (no lookup, nursery or attempt task): the
+    connection works like one it made, and refused or timed-out dials close their socket."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    async with listener:
+        with trio.fail_after(10):
+            stream = await dial("127.0.0.1", port)
+            accepted = await listener.accept()
+        assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        await stream.send_all(b"x")
+        assert await accepted.receive_some(1) == b"x"
+        await stream.aclose()
+        await accepted.aclose()
+    fds = count_fds()
+    closed = closed_port()
+    for _ in range(50):
+        with trio.fail_after(10), pytest.raises(NodeUnstableError) as info:
+            await dial("127.0.0.1", closed)
+        assert info.value.failure is DialFailure.REFUSED
+        with pytest.raises(NodeTimeoutError):
+            await dial("127.0.0.1", closed, timeout=0)  # cancelled mid-connect
+    assert count_fds() <= fds
+
+
+async def test_an_ipv6_literal_is_dialled_directly() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        listener = (await trio.open_tcp_listeners(0, host="::1"))[0]
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    async with listener:
+        with trio.fail_after(10):
+            stream = await dial("::1", listener.socket.getsockname()[1])
+            accepted = await listener.accept()
+        assert stream.socket.family == socket.AF_INET6
+        await stream.aclose()
+        await accepted.aclose()

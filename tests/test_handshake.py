@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -29,7 +30,15 @@ from pytunnel._handshake import (
 from pytunnel.errors import LocalProtocolError
 from pytunnel.protocol import handshake as hs
 from pytunnel.protocol.frames import FrameDecoder, encode_message
-from pytunnel.protocol.messages import Auth, Challenge, GoAway, Hello, Welcome
+from pytunnel.protocol.messages import (
+    Auth,
+    Challenge,
+    GoAway,
+    Hello,
+    Message,
+    Welcome,
+    converter,
+)
 
 TOKEN = "correct horse battery staple"
 CLIENT_PROOF_WITH_ID = "7a8ba2dfc77151509e8ea949b1eafc0fdb5a29b420052402b8ad5d90178455e0"
@@ -405,3 +414,74 @@ def test_client_machine_checks_version_order_and_server_proof() -> None:
     with pytest.raises(pytunnel.ServerBusyError):
         client.receive(GoAway(ErrorCode.SERVER_BUSY, "busy"))
     assert client.state is hs.HandshakeState.ERROR
+
+
+# ----------------------------------------------------------------------------- version 2
+
+
+def _early_machines(
+    client_versions: tuple[int, ...] = hs.SUPPORTED_VERSIONS,
+    server_versions: tuple[int, ...] = hs.SUPPORTED_VERSIONS,
+) -> tuple[hs.ClientHandshake, hs.ServerHandshake]:
+    client = hs.ClientHandshake(
+        b"tok", max_frame_size=65536, versions=client_versions, early_window=1000
+    )
+    server = hs.ServerHandshake(
+        b"tok", max_frame_size=65536, versions=server_versions, early_window=2000
+    )
+    return client, server
+
+
+def _run(
+    client: hs.ClientHandshake, server: hs.ServerHandshake
+) -> tuple[Auth, Welcome, hs.Authenticated, hs.Authenticated]:
+    auth = client.receive(server.receive(client.start()).send).send
+    done = server.receive(auth)
+    assert isinstance(auth, Auth)
+    assert isinstance(done.send, Welcome)
+    ours = client.receive(done.send).result
+    assert ours is not None
+    assert done.result is not None
+    return auth, done.send, ours, done.result
+
+
+def test_version_2_handshake_exchanges_the_early_windows() -> None:
+    """Each side announces what the other may send on a stream before its Accept."""
+    auth, welcome, client_result, server_result = _run(*_early_machines())
+    assert (auth.early_window, welcome.early_window) == (1000, 2000)
+    assert client_result.version == server_result.version == 2
+    assert client_result.peer_early_window == 2000  # the client may send 2000 early bytes
+    assert server_result.peer_early_window == 1000
+
+
+@pytest.mark.parametrize(
+    "versions",
+    [((1,), hs.SUPPORTED_VERSIONS), (hs.SUPPORTED_VERSIONS, (1,))],
+    ids=["old client, new server", "new client, old server"],
+)
+def test_a_version_1_peer_sees_no_early_window_on_the_wire(
+    versions: tuple[tuple[int, ...], tuple[int, ...]],
+) -> None:
+    auth, welcome, client_result, server_result = _run(*_early_machines(*versions))
+    assert client_result.version == server_result.version == 1
+    assert auth.early_window == welcome.early_window == 0
+    assert "early_window" not in converter.unstructure(auth, Message)
+    assert "early_window" not in converter.unstructure(welcome, Message)
+    assert client_result.peer_early_window == server_result.peer_early_window == 0
+
+
+def test_an_early_window_in_a_version_1_handshake_is_invalid() -> None:
+    """Only version 2 has the field: a peer that sends it in version 1 breaks the protocol."""
+    client, server = _early_machines(server_versions=(1,))
+    auth = client.receive(server.receive(client.start()).send).send
+    assert isinstance(auth, Auth)
+    with pytest.raises(RemoteProtocolError) as info:
+        server.receive(attrs.evolve(auth, early_window=5))
+    assert info.value.code == ErrorCode.INVALID_FIELD
+    client, server = _early_machines(client_versions=(1,))
+    auth = client.receive(server.receive(client.start()).send).send
+    welcome = server.receive(auth).send
+    assert isinstance(welcome, Welcome)
+    with pytest.raises(RemoteProtocolError) as info:
+        client.receive(attrs.evolve(welcome, early_window=5))
+    assert info.value.code == ErrorCode.INVALID_FIELD

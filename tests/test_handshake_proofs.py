@@ -154,9 +154,9 @@ def test_choose_version(
 
 
 def test_choose_version_default_is_ours() -> None:
-    assert hs.SUPPORTED_VERSIONS == (1, 2)
+    assert hs.SUPPORTED_VERSIONS == (1, hs.PROTOCOL_VERSION) == (1, 2)
     assert hs.choose_version((1, 2, 3)) == 2
-    assert hs.choose_version((1,)) == 1
+    assert hs.choose_version((1,)) == 1  # a version 1 peer: nothing changes for it
     assert hs.choose_version((3,)) is None
 
 

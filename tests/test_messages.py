@@ -62,8 +62,8 @@ STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
         m.Hello, versions=st.lists(u32s, max_size=m.MAX_VERSIONS).map(tuple), nonce=nonces
     ),
     m.Challenge: st.builds(m.Challenge, version=u32s, nonce=nonces),
-    m.Auth: st.builds(m.Auth, mac=macs, max_frame_size=frame_limits),
-    m.Welcome: st.builds(m.Welcome, mac=macs, max_frame_size=frame_limits),
+    m.Auth: st.builds(m.Auth, mac=macs, max_frame_size=frame_limits, early_window=windows),
+    m.Welcome: st.builds(m.Welcome, mac=macs, max_frame_size=frame_limits, early_window=windows),
     m.Open: st.builds(
         m.Open,
         stream=stream_ids,
@@ -169,6 +169,8 @@ def test_round_trip_each_type(cls: type[Any], data: st.DataObject) -> None:
     expected = {"t", *(f.name for f in attrs.fields(cls))}
     if cls is m.Open and not message.datagrams:
         expected.discard("datagrams")  # left off the wire when false
+    if cls in (m.Auth, m.Welcome) and not message.early_window:
+        expected.discard("early_window")  # version 2 only: left off when 0
     assert set(obj) == expected
     decoded = decode_body(encode_message(message)[4:])
     assert type(decoded) is cls
@@ -203,6 +205,25 @@ def test_a_byte_stream_open_is_encoded_as_before_the_kind_existed() -> None:
     assert decode_map({"t": "open", "stream": 1, "window": 5, "datagrams": False}) == m.Open(1, 5)
 
 
+def test_a_version_1_handshake_is_encoded_as_before_version_2() -> None:
+    """``early_window`` (version 2) is left off when 0, so a version 1 ``Auth`` and
+    ``Welcome`` are byte-identical to what a version 1 implementation sends and accepts."""
+    mac = bytes(32)
+    assert encode_message(m.Auth(mac, 4096, "c")) == (
+        b"\x00\x00\x00L\x84\xa3mac\xc4 " + mac + b"\xaemax_frame_size\xcd\x10\x00"
+        b"\xa9client_id\xa1c\xa1t\xa4auth"
+    )
+    assert set(wire_map(m.Welcome(mac, 4096))) == {"t", "mac", "max_frame_size"}
+    assert wire_map(m.Welcome(mac, 4096, 8192))["early_window"] == 8192
+    assert decode_map(
+        {"t": "auth", "mac": mac, "max_frame_size": 4096, "early_window": 5}
+    ) == m.Auth(mac, 4096, "", 5)
+    assert_rejected(
+        {"t": "welcome", "mac": mac, "max_frame_size": 4096, "early_window": 2**31},
+        ErrorCode.INVALID_FIELD,
+    )
+
+
 def test_open_kind_must_be_a_msgpack_bool() -> None:
     assert_rejected(
         {"t": "open", "stream": 1, "window": 5, "datagrams": 1}, ErrorCode.INVALID_FIELD
@@ -219,8 +240,8 @@ def test_field_names_and_tags_are_stable() -> None:
     expected = {
         "hello": ["versions", "nonce"],
         "challenge": ["version", "nonce"],
-        "auth": ["mac", "max_frame_size", "client_id"],
-        "welcome": ["mac", "max_frame_size"],
+        "auth": ["mac", "max_frame_size", "client_id", "early_window"],
+        "welcome": ["mac", "max_frame_size", "early_window"],
         "open": ["stream", "window", "host", "port", "tag", "datagrams"],
         "accept": ["stream", "window"],
         "refuse": ["stream", "code", "message"],

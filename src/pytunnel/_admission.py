@@ -175,6 +175,13 @@ class Admission:
         self.throttle = AuthThrottle(
             burst=config.auth_failure_burst, interval=config.auth_failure_interval
         )
+        # The early window is announced before we know whether the peer is a client or a
+        # node (a node link holds the server's whole stream limit, so its floor is smaller):
+        # the smaller of the two fits either session.
+        self._early_window = min(
+            config.session.early_window,
+            attrs.evolve(config.session, max_streams=config.max_streams).early_window,
+        )
 
     def _release_pending(self, host: str) -> None:
         left = self._pending_by_host.pop(host) - 1
@@ -291,6 +298,7 @@ class Admission:
                 node_secret=(
                     self.config.cluster_secret if self.config.cluster is not None else None
                 ),
+                early_window=self._early_window,
             )
         except BaseException as exc:
             if isinstance(exc, AuthenticationError) and peer_host is not None:

@@ -60,6 +60,10 @@ class HandshakeResult:
     client_id: str = ""
     #: Whether the peer is a node of the cluster (authenticated by the cluster secret).
     node: bool = False
+    #: Version 2: what we announced the peer may send before our Accept, and what it
+    #: announced we may (0 in a version 1 session).
+    early_window: int = 0
+    peer_early_window: int = 0
 
     def open_session(
         self, stream: trio.abc.Stream, role: Role, config: SessionConfig, *, name: str
@@ -74,6 +78,8 @@ class HandshakeResult:
             peer_max_frame_size=self.peer_max_frame_size,
             name=name,
             version=self.version,
+            early_window=self.early_window,
+            peer_early_window=self.peer_early_window,
         )
 
 
@@ -127,13 +133,22 @@ async def client_handshake(
     versions: tuple[int, ...] = hs.SUPPORTED_VERSIONS,
     client_id: str = "",
     node: bool = False,
+    early_window: int = 0,
 ) -> HandshakeResult:
     """Authenticate to a server, as ``client_id`` if given (with ``node``, as the node
     ``client_id`` of a cluster whose secret is ``token``). On failure the stream is closed
     and a typed error raised: ``AuthenticationError`` (1002), ``VersionMismatchError`` (1003),
-    ``HandshakeTimeoutError``, ``RemoteProtocolError`` or ``ConnectError``."""
+    ``HandshakeTimeoutError``, ``RemoteProtocolError`` or ``ConnectError``.
+
+    ``early_window`` (version 2) is what the server may send on a stream it opens before we
+    accept it: the session's ``SessionConfig.early_window``, or 0 for none."""
     machine = hs.ClientHandshake(
-        token, max_frame_size=max_frame_size, versions=versions, client_id=client_id, node=node
+        token,
+        max_frame_size=max_frame_size,
+        versions=versions,
+        client_id=client_id,
+        node=node,
+        early_window=early_window,
     )
     decoder = _new_decoder()
     try:
@@ -161,13 +176,21 @@ async def client_handshake(
     except TunnelError:
         await trio.aclose_forcefully(stream)
         raise
-    return _result(step.result, decoder, max_frame_size)
+    return _result(step.result, decoder, max_frame_size, early_window)
 
 
-def _result(done: hs.Authenticated, decoder: FrameDecoder, max_frame_size: int) -> HandshakeResult:
+def _result(
+    done: hs.Authenticated, decoder: FrameDecoder, max_frame_size: int, early_window: int
+) -> HandshakeResult:
     decoder.max_frame_size = max_frame_size
     return HandshakeResult(
-        done.version, decoder, done.peer_max_frame_size, done.client_id, node=done.node
+        done.version,
+        decoder,
+        done.peer_max_frame_size,
+        done.client_id,
+        node=done.node,
+        early_window=early_window if done.version >= 2 else 0,
+        peer_early_window=done.peer_early_window,
     )
 
 
@@ -181,6 +204,7 @@ async def server_handshake(
     peer: str = "?",
     first_frame_timeout: float | None = None,
     node_secret: str | bytes | None = None,
+    early_window: int = 0,
 ) -> HandshakeResult:
     """Authenticate a client. On failure the peer is told why (``GoAway``), the stream is
     closed and the same typed error is raised here. The token is never logged.
@@ -189,13 +213,15 @@ async def server_handshake(
     sends it at once, so a connection that stays silent is dropped long before ``timeout``
     and cannot hold a pending-handshake slot for the whole handshake deadline.
     ``node_secret``: a peer may authenticate as a node of the cluster with it (see
-    ``HandshakeResult.node``)."""
+    ``HandshakeResult.node``). ``early_window``: as :func:`client_handshake`'s, for the
+    streams the client opens."""
     machine = hs.ServerHandshake(
         token,
         max_frame_size=max_frame_size,
         versions=versions,
         peer=peer,
         node_secret=node_secret,
+        early_window=early_window,
     )
     decoder = _new_decoder()
     first_timeout = timeout if first_frame_timeout is None else min(timeout, first_frame_timeout)
@@ -237,7 +263,7 @@ async def server_handshake(
         refusal = machine.refusal(exc)
         await send_goaway(stream, refusal.code, refusal.message)
         raise
-    return _result(step.result, decoder, max_frame_size)
+    return _result(step.result, decoder, max_frame_size, early_window)
 
 
 @asynccontextmanager
@@ -252,7 +278,11 @@ async def open_client_session(
     """Authenticate as a client over ``stream``, then run a session on it."""
     config = config or SessionConfig()
     result = await client_handshake(
-        stream, token, timeout=handshake_timeout, max_frame_size=config.max_frame_size
+        stream,
+        token,
+        timeout=handshake_timeout,
+        max_frame_size=config.max_frame_size,
+        early_window=config.early_window,
     )
     async with result.open_session(stream, Role.CLIENT, config, name=name) as session:
         yield session
@@ -270,7 +300,12 @@ async def open_server_session(
     """Authenticate a client over ``stream``, then run a session on it."""
     config = config or SessionConfig()
     result = await server_handshake(
-        stream, token, timeout=handshake_timeout, max_frame_size=config.max_frame_size, peer=peer
+        stream,
+        token,
+        timeout=handshake_timeout,
+        max_frame_size=config.max_frame_size,
+        peer=peer,
+        early_window=config.early_window,
     )
     async with result.open_session(stream, Role.SERVER, config, name=f"server<{peer}>") as session:
         yield session

@@ -80,7 +80,8 @@ async def carry_over_stream(
     """The second half of ingress: open the stream an accepted connection goes through, then
     ``carry`` the two. A stream that cannot be opened closes the connection, after
     ``on_failure`` (the caller's count and log line); ``open_stream`` returning ``None`` means
-    it gave up and has said why."""
+    it gave up and has said why. A stream opened with early data and refused while carried
+    is reported to ``on_failure`` too, when the refusal arrives."""
     try:
         stream = await open_stream()
     except (TunnelError, OSError) as exc:
@@ -89,4 +90,8 @@ async def carry_over_stream(
     if stream is None:
         await trio.aclose_forcefully(conn)
         return
+    # opened with early data (version 2): a refusal arrives while the relay runs; it is
+    # reported first, as a failed open is, then breaks the stream and so the relay, which
+    # resets the connection
+    stream.call_on_refusal(on_failure)
     await carry(conn, stream)

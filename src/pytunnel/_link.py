@@ -85,16 +85,23 @@ class Link:
         return session
 
     async def open(
-        self, host: str, port: int, route: int, *, slot: StreamSlot | None = None
+        self,
+        host: str,
+        port: int,
+        route: int,
+        *,
+        slot: StreamSlot | None = None,
+        early: bool = False,
     ) -> MuxStream:
         """Open a stream on the current session; ``slot`` (reserved by a listener) is used if
-        it belongs to that session, else given back (the link changed since it was reserved)."""
+        it belongs to that session, else given back (the link changed since it was reserved).
+        ``early``: as :meth:`Session.open_stream`'s (return before the server's answer)."""
         session = await self.current_session()
         if slot is not None and (slot.session is not session or not slot.held):
             slot.release()
             slot = None
         return await session.open_stream(
-            host, port, tag=route, datagrams=route == routes.UDP_CONNECT, slot=slot
+            host, port, tag=route, datagrams=route == routes.UDP_CONNECT, slot=slot, early=early
         )
 
     # ------------------------------------------------------------------ forwards and events

@@ -726,6 +726,7 @@ class NodeLinks:
                     max_frame_size=config.session.max_frame_size,
                     client_id=self.registry.node_id,
                     node=True,
+                    early_window=link_session_config(config).early_window,
                 )
                 handshaken = True
         except BaseException:

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import trio
 
-from .errors import ErrorCode, LocalProtocolError
+from .errors import ErrorCode, LocalProtocolError, TunnelError
 
 __all__ = ["DirectWriter", "MuxStream", "StreamCarrier"]
 
@@ -124,6 +124,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         "_fin_sent",
         "_offset",
         "_on_break",
+        "_on_refusal",
         "_receive_conflict",
         "_receive_lot",
         "_send_broken",
@@ -139,6 +140,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         "datagrams_sent",
         "host",
         "port",
+        "refusal",
         "stream_id",
         "tag",
     )
@@ -195,6 +197,10 @@ class MuxStream(trio.abc.HalfCloseableStream):
         #: Bytes the direct writer took (included in ``bytes_received``).
         self.bytes_delivered_directly = 0
         self._on_break: Callable[[], None] | None = None
+        #: Opened with early data and then refused: the typed refusal, which is also the
+        #: ``__cause__`` of what its operations raise. ``None`` otherwise.
+        self.refusal: TunnelError | None = None
+        self._on_refusal: Callable[[TunnelError], None] | None = None
 
     def __repr__(self) -> str:
         return f"<MuxStream {self.stream_id} {self.host}:{self.port}>"
@@ -298,6 +304,29 @@ class MuxStream(trio.abc.HalfCloseableStream):
         callback, self._on_break = self._on_break, None
         if callback is not None:
             callback()
+
+    def refuse_early(self, error: TunnelError) -> None:
+        """The peer refused this stream after we had started using it (opened with early
+        data), or the session ended before its answer: tell the refusal callback, then break
+        the stream with ``error``."""
+        self.refusal = error
+        callback, self._on_refusal = self._on_refusal, None
+        if callback is not None:
+            callback(error)
+        self.break_with(error)
+
+    def call_on_refusal(self, callback: Callable[[TunnelError], None]) -> None:
+        """Run ``callback`` with the refusal if the peer refuses this stream (opened with
+        early data) before it is answered, synchronously and before the stream breaks (so
+        before :meth:`call_on_break`'s callback); at once if it was refused already.
+
+        For the opener's accounting and log line, which come first, as they do when a stream
+        is refused before it is handed out. ``callback`` must not raise or block.
+        """
+        if self.refusal is not None:
+            callback(self.refusal)
+        else:
+            self._on_refusal = callback
 
     def call_on_break(self, callback: Callable[[], None] | None) -> None:
         """Run ``callback`` synchronously, once, when the stream breaks (:meth:`break_with`);

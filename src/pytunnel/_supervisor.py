@@ -189,6 +189,7 @@ class Supervisor:
                 timeout=config.handshake_timeout,
                 max_frame_size=config.session.max_frame_size,
                 client_id=self._client_id,
+                early_window=config.session.early_window,
             )
         except BaseException:
             await trio.aclose_forcefully(stream)

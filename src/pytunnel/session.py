@@ -75,6 +75,7 @@ from .protocol.mux import (
     StreamRefused,
     StreamReset,
     WindowOpened,
+    window_floor,
 )
 
 __all__ = [
@@ -137,6 +138,13 @@ class SessionConfig:
     #: freed (TCP's FIN_WAIT_2 timeout, for the same reason: a silent peer).
     close_linger: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
 
+    @property
+    def early_window(self) -> int:
+        """What a version 2 peer may send on a stream before we accept it, announced in the
+        handshake: each stream slot's floor of the receive budget (8 KiB by default), so what
+        peers park on unanswered streams stays inside the budget."""
+        return window_floor(self.window, self.receive_budget, self.max_streams)
+
 
 class Session:
     """Many streams over one transport. Create with :func:`open_session`."""
@@ -151,6 +159,8 @@ class Session:
         peer_max_frame_size: int | None = None,
         name: str = "",
         version: int = 1,
+        early_window: int = 0,
+        peer_early_window: int = 0,
     ) -> None:
         self._transport = transport
         self.role = role
@@ -170,11 +180,17 @@ class Session:
             decoder=decoder,
             receive_budget=config.receive_budget,
             datagram_batches=version >= 2,
+            version=version,
+            early_window=early_window,
+            peer_early_window=peer_early_window,
         )
         self._streams: dict[int, MuxStream] = {}
         # a datagram must fit the peer's frame limit with its envelope
         self._max_datagram = min(MAX_DATAGRAM, (peer_max_frame_size or config.max_frame_size) - 64)
         self._opening: dict[int, trio.Event] = {}
+        #: Streams opened with early data that the peer has not answered yet: a refusal
+        #: breaks them with its typed error, an Accept lets their senders use the new window.
+        self._early: dict[int, MuxStream] = {}
         #: Streams the peer opened that we have not answered yet (their cancel scopes fire if
         #: the peer resets them first).
         self._unanswered: dict[int, IncomingStream] = {}
@@ -228,6 +244,12 @@ class Session:
     @property
     def open_streams(self) -> int:
         return len(self._streams)
+
+    @property
+    def early_data(self) -> bool:
+        """Whether :meth:`open_stream` ``early=True`` can send data before the peer's answer
+        (a version 2 peer that announced an early window)."""
+        return self._mux.peer_early_window > 0
 
     @property
     def bytes_buffered(self) -> int:
@@ -294,9 +316,20 @@ class Session:
         *,
         datagrams: bool = False,
         slot: StreamSlot | None = None,
+        early: bool = False,
     ) -> MuxStream:
         """Open a stream and wait for the peer's answer. ``datagrams`` opens a datagram stream
         (a UDP association) instead of a byte stream.
+
+        ``early`` (a byte stream to a peer that takes early data, see :attr:`early_data`)
+        returns at once, without waiting for the answer: the stream can be written to right
+        away, within the early window the peer announced, and reads wait for the peer's data
+        as usual. A refusal (or a reset before the answer, or the session's end) then breaks
+        the stream: its operations raise ``BrokenResourceError`` whose ``__cause__`` is the
+        typed refusal (``SessionClosedError`` for the end; also :attr:`MuxStream.refusal`
+        and :meth:`MuxStream.call_on_refusal`); the bytes already sent are dropped by the
+        peer.
+        Without early data the call waits as it does without ``early``.
 
         Raises the typed refusal (``NodeTimeoutError``, ``StreamLimitError``...) if the peer
         refuses, ``InvalidTargetError`` for a target no ``Open`` can carry (nothing is sent),
@@ -316,6 +349,10 @@ class Session:
             raise SessionClosedError("session is going away", code=ErrorCode.GOING_AWAY) from exc
         stream = MuxStream(self, stream_id, host, port, tag, datagrams=datagrams)
         self._streams[stream_id] = stream
+        if early and not datagrams and self._mux.send_window(stream_id):
+            self._early[stream_id] = stream
+            self._kick_writer()
+            return stream
         answered = self._opening[stream_id] = trio.Event()
         self._kick_writer()
         try:
@@ -443,6 +480,7 @@ class Session:
     def close_stream(self, stream_id: int, *, abort: bool) -> None:
         """The application closed ``stream_id``: Fin (then linger) or, if ``abort``, Reset."""
         self._streams.pop(stream_id, None)
+        self._early.pop(stream_id, None)
         if self.closed:
             return
         if abort:
@@ -457,6 +495,7 @@ class Session:
     def reset_stream(self, stream_id: int, code: int, message: str) -> None:
         """The application reset ``stream_id``."""
         self._streams.pop(stream_id, None)
+        self._early.pop(stream_id, None)
         if not self.closed:
             self._mux.reset_stream(stream_id, code, message)
             self._kick_writer()
@@ -703,6 +742,8 @@ class Session:
                 answered = self._opening.pop(stream_id, None)
                 if answered is not None:
                     answered.set()
+                elif (stream := self._early.pop(stream_id, None)) is not None:
+                    stream.window_opened()  # a sender past the early window may go on
             case StreamRefused(stream_id, code, message):
                 self._refused(stream_id, self._streams.pop(stream_id, None), code, message)
             case StreamEnded(stream_id):
@@ -715,7 +756,7 @@ class Session:
                 if unanswered is not None:
                     unanswered.cancel_scope.cancel()
                 self._refused(stream_id, stream, code, message)  # reset before Accept
-                if stream is not None:
+                if stream is not None:  # (no-op if _refused broke it with the refusal)
                     stream.break_with(StreamResetError(printable(message), code=code))
             case PongReceived(opaque):
                 waiter = self._pings.get(opaque)
@@ -736,6 +777,9 @@ class Session:
             target = f"{stream.host}:{stream.port}" if stream is not None else ""
             self._refusals[stream_id] = refusal_error(code, message, target=target)
             answered.set()
+        elif (early := self._early.pop(stream_id, None)) is not None:
+            # opened with early data: its user holds it already, and learns of it there
+            early.refuse_early(refusal_error(code, message, target=f"{early.host}:{early.port}"))
 
     def _terminate(self, reason: BaseException) -> None:
         """End everything synchronously: streams, waiters, background tasks."""
@@ -750,6 +794,12 @@ class Session:
             callback()
         self._cancel_scope.cancel()
         self._writer_scope.cancel()
+        # streams opened with early data and not answered: their openers learn of the end as
+        # a waiting open_stream would have
+        early, self._early = list(self._early.values()), {}
+        for stream in early:
+            self._streams.pop(stream.stream_id, None)
+            stream.refuse_early(self._closed_error())
         for stream in list(self._streams.values()):
             stream.session_ended(reason, locally=self._closed_locally)
         self._streams.clear()
@@ -790,11 +840,14 @@ async def open_session(
     peer_max_frame_size: int | None = None,
     name: str = "",
     version: int = 1,
+    early_window: int = 0,
+    peer_early_window: int = 0,
 ) -> AsyncIterator[Session]:
     """Run a session over ``transport`` for the duration of the ``async with`` block.
 
     ``decoder`` hands over bytes already read past the handshake, ``version`` is the protocol
-    version it chose. The block's own exceptions
+    version it chose, ``early_window`` and ``peer_early_window`` the early windows it
+    announced (version 2; see :attr:`SessionConfig.early_window`). The block's own exceptions
     propagate unwrapped (no ``ExceptionGroup``); leaving the block closes the session and the
     transport, and no task started here outlives it.
     """
@@ -806,6 +859,8 @@ async def open_session(
         peer_max_frame_size=peer_max_frame_size,
         name=name,
         version=version,
+        early_window=early_window,
+        peer_early_window=peer_early_window,
     )
     body_error: BaseException | None = None
     with unwrap_cancelled():

@@ -121,8 +121,14 @@ class LocalForward(Forward):
     async def _handle(self, conn: trio.SocketStream, slot: StreamSlot | None = None) -> None:
         await carry_over_stream(
             conn,
+            # early data: the connection's first bytes go with the Open, while the server dials
             functools.partial(
-                self._link.open, self.target_host, self.target_port, routes.CONNECT, slot=slot
+                self._link.open,
+                self.target_host,
+                self.target_port,
+                routes.CONNECT,
+                slot=slot,
+                early=True,
             ),
             self._relay,
             self._open_failed,

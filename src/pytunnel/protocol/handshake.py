@@ -76,9 +76,12 @@ __all__ = [
     "verify",
 ]
 
-#: The protocol version this implementation speaks.
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
+#: The newest protocol version this implementation speaks. Version 2 adds early data and
+#: datagram batches (see ``docs/protocol.md``, "Version 2"): each side announces an
+#: ``early_window`` in its ``Auth``/``Welcome``; a version 1 handshake carries none and is the
+#: same on the wire.
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, PROTOCOL_VERSION)
 #: Until a peer has authenticated, no frame may be larger than this.
 PRE_AUTH_MAX_FRAME_SIZE = 4096
 
@@ -186,6 +189,8 @@ class Authenticated:
     client_id: str = ""
     #: Whether the peer authenticated as a node of the cluster (by the cluster secret).
     node: bool = False
+    #: Version 2: the bytes we may send on a stream we open before the peer accepts it.
+    peer_early_window: int = 0
 
 
 @attrs.frozen
@@ -195,6 +200,15 @@ class Step:
 
     send: HandshakeMessage | None = None
     result: Authenticated | None = None
+
+
+def _early_window(version: int, message: Auth | Welcome) -> int:
+    """The peer's early window, which only a version 2 handshake may carry."""
+    if version < 2 and message.early_window:
+        raise RemoteProtocolError(
+            f"early_window in a version {version} handshake", code=ErrorCode.INVALID_FIELD
+        )
+    return message.early_window
 
 
 def _unexpected(message: HandshakeMessage, wanted: str) -> RemoteProtocolError:
@@ -253,6 +267,8 @@ class ClientHandshake(_Machine):
       nonce: our nonce; a fresh random one unless given (tests pin it).
       node: authenticate as a node of the cluster (``token`` is then the cluster secret and
         ``client_id`` this node's id), with the node link's proofs.
+      early_window: the bytes the server may send on a stream it opens before we accept it
+        (sent in ``Auth`` when the server chose version 2 or later; 0: none).
 
     Errors from :meth:`receive`: ``SessionClosedError`` and the ``ConnectError`` subclasses a
     server's ``GoAway`` stands for, :class:`VersionMismatchError` for a version we did not
@@ -269,8 +285,10 @@ class ClientHandshake(_Machine):
         client_id: str = "",
         nonce: bytes | None = None,
         node: bool = False,
+        early_window: int = 0,
     ) -> None:
         super().__init__("")
+        self._early_window = early_window
         self.state = HandshakeState.START
         self._node = node
         self._key = token_bytes(token)
@@ -302,17 +320,23 @@ class ClientHandshake(_Machine):
             self._challenge = message
             self._expect("Welcome")
             proof = self._proof(node_proof if self._node else client_proof, message)
-            return Step(send=Auth(proof, self._max_frame_size, self._client_id))
+            early = self._early_window if message.version >= 2 else 0
+            return Step(send=Auth(proof, self._max_frame_size, self._client_id, early))
         if not isinstance(message, Welcome):
             raise _unexpected(message, "Welcome")
         if not verify(
             self._proof(node_server_proof if self._node else server_proof, challenge), message.mac
         ):
             raise AuthenticationError("the server could not prove it knows the token")
+        peer_early = _early_window(challenge.version, message)
         self._finish()
         return Step(
             result=Authenticated(
-                challenge.version, message.max_frame_size, self._client_id, node=self._node
+                challenge.version,
+                message.max_frame_size,
+                self._client_id,
+                node=self._node,
+                peer_early_window=peer_early,
             )
         )
 
@@ -332,6 +356,8 @@ class ServerHandshake(_Machine):
       nonce: our nonce; a fresh random one unless given (tests pin it).
       node_secret: the cluster secret; set, a peer may also authenticate as a node with it
         (``Authenticated.node``). ``None``: clients only.
+      early_window: the bytes the client may send on a stream it opens before we accept it
+        (sent in ``Welcome`` when version 2 or later was chosen; 0: none).
 
     Errors from :meth:`receive`: :class:`VersionMismatchError` (no common version),
     :class:`AuthenticationError` (a wrong proof), :class:`RemoteProtocolError` for a message
@@ -347,8 +373,10 @@ class ServerHandshake(_Machine):
         peer: str = "?",
         nonce: bytes | None = None,
         node_secret: str | bytes | None = None,
+        early_window: int = 0,
     ) -> None:
         super().__init__("Hello")
+        self._early_window = early_window
         self._key = token_bytes(token)
         self._node_key = None if node_secret is None else token_bytes(node_secret)
         self._max_frame_size = max_frame_size
@@ -374,6 +402,7 @@ class ServerHandshake(_Machine):
             return Step(send=Challenge(version, self._nonce))
         if not isinstance(message, Auth):
             raise _unexpected(message, "Auth")
+        peer_early = _early_window(self._version, message)
         args = (self._key, self._version, hello.nonce, self._nonce, message.client_id)
         if verify(client_proof(*args), message.mac):
             answer, node = server_proof(*args), False
@@ -384,10 +413,15 @@ class ServerHandshake(_Machine):
         else:
             raise AuthenticationError(f"client {self._peer} sent a wrong token proof")
         self._finish()
+        early = self._early_window if self._version >= 2 else 0
         return Step(
-            send=Welcome(answer, self._max_frame_size),
+            send=Welcome(answer, self._max_frame_size, early),
             result=Authenticated(
-                self._version, message.max_frame_size, message.client_id, node=node
+                self._version,
+                message.max_frame_size,
+                message.client_id,
+                node=node,
+                peer_early_window=peer_early,
             ),
         )
 

@@ -249,6 +249,9 @@ class Auth:
     #: The client's identity for the life of its tunnel ("" for none). A new session with
     #: the identity of a live one replaces it. Covered by ``mac``, so it cannot be swapped.
     client_id: str = attrs.field(default="", validator=_client_id)
+    #: Version 2: the bytes the server may send on a stream it opens before the client's
+    #: Accept (early data); 0 and left off the wire otherwise, as in version 1.
+    early_window: int = attrs.field(default=0, validator=_window)
 
 
 @attrs.frozen
@@ -259,6 +262,9 @@ class Welcome:
     mac: bytes = attrs.field(validator=_exact_len(MAC_SIZE))
     #: The largest frame body the server accepts after the handshake (at least 4096).
     max_frame_size: int = attrs.field(validator=_frame_limit)
+    #: Version 2: the bytes the client may send on a stream it opens before the server's
+    #: Accept (early data); 0 and left off the wire otherwise, as in version 1.
+    early_window: int = attrs.field(default=0, validator=_window)
 
 
 # ----------------------------------------------------------------------------- streams
@@ -545,6 +551,12 @@ def _build_converter() -> Any:
     conv.register_unstructure_hook(
         Open, make_dict_unstructure_fn(Open, conv, datagrams=override(omit_if_default=True))
     )
+    # version 1 handshakes stay byte-identical: the version 2 field is left off when 0
+    for kind in (Auth, Welcome):
+        conv.register_unstructure_hook(
+            kind,
+            make_dict_unstructure_fn(kind, conv, early_window=override(omit_if_default=True)),
+        )
     configure_tagged_union(
         Message,
         conv,

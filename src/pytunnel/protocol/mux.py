@@ -24,6 +24,16 @@ more with ``WindowUpdate`` once the application has consumed at least half the w
 rule h2's ``WindowManager`` uses), so a slow reader bounds its own buffer without touching any
 other stream.
 
+Early data (protocol version 2): an opener may send ``Data`` right after its ``Open``, before
+the ``Accept``, up to the *early window* the acceptor announced in its handshake. The acceptor
+announces no more than its per-stream floor (below), so what a peer parks on streams it has
+not been answered on is inside the receive budget like any received data; a ``Refuse`` (or a
+``Reset``) drops it. The ``Accept`` of such a stream counts its ``window`` from the start of the
+stream, early bytes included, so the two ends agree on the window without knowing how many
+early bytes were in flight when it was sent. An opener's ``Fin`` before the ``Accept`` waits
+here until the ``Accept`` arrives: the acceptor never sees a ``Fin`` on a stream it has not
+answered. In a version 1 session none of this exists (the table of :mod:`.streams` forbids it).
+
 Receive budget: every byte of window we grant is a byte the peer may make us buffer, so the
 credit outstanding on all streams together (bytes received and not yet consumed, plus the
 windows still open) never exceeds ``receive_budget``. Half of the budget is reserved as a
@@ -85,7 +95,7 @@ from .messages import (
     WindowUpdate,
     truncate_text,
 )
-from .streams import StreamEvent, StreamState, allows, next_state
+from .streams import StreamEvent, StreamState, allows, next_state, table_for
 
 __all__ = [
     "DEFAULT_MAX_CONTROL_QUEUE",
@@ -108,6 +118,7 @@ __all__ = [
     "StreamRefused",
     "StreamReset",
     "WindowOpened",
+    "window_floor",
 ]
 
 #: Per-stream receive window. Chosen from ``bench/bench_session.py --window-sweep`` (see
@@ -127,8 +138,17 @@ DEFAULT_RECEIVE_BUDGET = 256 * 1024 * 1024
 #: considered a flood: about 9,000 unanswered pings. A peer that reads never gets near it,
 #: since every transport write takes the whole queue.
 DEFAULT_MAX_CONTROL_QUEUE = 256 * 1024
+_REMOTE_FIN = StreamState.REMOTE_FIN
+_PENDING = StreamState.PENDING
 #: Room for a Data frame's msgpack envelope around its payload.
 _DATA_OVERHEAD = 64
+
+
+def window_floor(window: int, receive_budget: int, max_streams: int) -> int:
+    """The credit every stream slot can always have (see the module docstring): half the
+    budget shared by all slots, at least one byte, at most a window. Also the largest early
+    window a session may announce, since a pending stream's credit must come from its floor."""
+    return max(1, min(window, receive_budget // (2 * max_streams)))
 
 
 class Role(enum.Enum):
@@ -257,6 +277,7 @@ Event = Union[  # noqa: UP007
 class _Stream:
     __slots__ = (
         "datagrams",
+        "fin_pending",
         "held",
         "id",
         "local_closed",
@@ -294,6 +315,8 @@ class _Stream:
         self.read = False
         #: The application closed its end: further data from the peer is answered with Reset.
         self.local_closed = False
+        #: Our Fin, asked for before the Accept (early data): sent when the Accept comes.
+        self.fin_pending = False
 
 
 def _error(code: ErrorCode, message: str) -> RemoteProtocolError:
@@ -309,6 +332,9 @@ class Multiplexer:
     ``max_control_queue`` bounds the replies waiting for the transport (see ``FLOOD``).
     ``receive_budget`` bounds the credit of all streams together (see the module docstring).
     ``datagram_batches`` (both ends speak version 2) allows ``Datagrams`` frames both ways.
+    ``version`` is the protocol version of the session; from version 2 on, ``early_window`` is
+    what we announced the peer may send on a stream before our Accept (at most
+    :func:`window_floor`) and ``peer_early_window`` what the peer announced we may.
     """
 
     def __init__(
@@ -324,6 +350,9 @@ class Multiplexer:
         decoder: FrameDecoder | None = None,
         receive_budget: int = DEFAULT_RECEIVE_BUDGET,
         datagram_batches: bool = False,
+        version: int = 1,
+        early_window: int = 0,
+        peer_early_window: int = 0,
     ) -> None:
         if not 1 <= window <= MAX_WINDOW:
             raise ValueError(f"window must be in 1..2**31-1, got {window}")
@@ -337,7 +366,19 @@ class Multiplexer:
         self.receive_budget = receive_budget
         #: Credit every stream slot can always have: half the budget shared by all slots (at
         #: least one byte, so a stream can always make progress, at most a window).
-        self.window_floor = max(1, min(window, receive_budget // (2 * max_streams)))
+        self.window_floor = window_floor(window, receive_budget, max_streams)
+        if not 0 <= early_window <= self.window_floor:
+            raise ValueError(
+                f"early_window must be in 0..{self.window_floor} (the per-stream floor)"
+            )
+        if not 0 <= peer_early_window <= MAX_WINDOW:
+            raise ValueError(f"peer_early_window must be in 0..2**31-1, got {peer_early_window}")
+        self.version = version
+        #: The transition table of the session's version (early data from version 2 on).
+        self._table = table_for(version)
+        v2 = version >= 2
+        self.early_window = early_window if v2 else 0
+        self.peer_early_window = peer_early_window if v2 else 0
         #: Credit above the floors, shared by the streams that use it.
         self._pool = max(0, receive_budget - max_streams * self.window_floor)
         #: A stream holding more credit than this is never due a window update.
@@ -448,7 +489,7 @@ class Multiplexer:
     def send_window(self, stream_id: int) -> int:
         """How many payload bytes may be sent on ``stream_id`` right now (0 if none)."""
         st = self._streams.get(stream_id)
-        if st is None or not allows(st.state, StreamEvent.SEND_DATA):
+        if st is None or st.fin_pending or not allows(st.state, StreamEvent.SEND_DATA, self._table):
             return 0
         return st.send_window
 
@@ -473,7 +514,11 @@ class Multiplexer:
     def can_send(self, stream_id: int) -> bool:
         """Whether the stream still accepts data from us at all (open, no Fin sent)."""
         st = self._streams.get(stream_id)
-        return st is not None and allows(st.state, StreamEvent.SEND_DATA)
+        return (
+            st is not None
+            and not st.fin_pending
+            and allows(st.state, StreamEvent.SEND_DATA, self._table)
+        )
 
     # ------------------------------------------------------------------ outgoing
 
@@ -580,7 +625,9 @@ class Multiplexer:
         if stream_id > 2**32 - 1:
             raise LocalProtocolError("stream ids exhausted", code=ErrorCode.STREAM_STATE_ERROR)
         window = self._initial_window()
-        st = _Stream(stream_id, StreamState.OPENING, 0, window, datagrams)
+        # a byte stream may carry early data (version 2); a datagram stream waits for Accept
+        early = 0 if datagrams else self.peer_early_window
+        st = _Stream(stream_id, StreamState.OPENING, early, window, datagrams)
         self._emit(Open(stream_id, window, host, port, tag, datagrams), st)
         self._next_id += 2
         self._streams[stream_id] = st
@@ -590,9 +637,16 @@ class Multiplexer:
         """Accept a stream the peer opened."""
         st = self._get(stream_id)
         self._enter(st, next_state(st.state, StreamEvent.SEND_ACCEPT, stream_id))
-        # the credit is granted only now: a stream refused never took any
-        st.recv_window = window = self._credit_limit(0, first=True)
-        self._charge(0, window, unproven=True)
+        # The credit is granted only now: a stream refused never took more than its early
+        # window, which is within its floor. The Accept's window counts from the start of
+        # the stream: the early bytes received so far are part of it.
+        early = 0 if st.datagrams else self.early_window
+        received = early - st.recv_window
+        credit = st.recv_window + st.held
+        limit = self._credit_limit(credit, first=True)
+        window = min(MAX_WINDOW, received + limit - st.held)
+        st.recv_window = window - received
+        self._charge(credit, st.recv_window + st.held, unproven=True)
         self._emit(Accept(stream_id, window), st)
 
     def refuse_stream(self, stream_id: int, code: int, message: str = "") -> None:
@@ -605,7 +659,12 @@ class Multiplexer:
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data``; it must fit the send window (see :meth:`send_window`)."""
         st = self._get(stream_id)
-        next_state(st.state, StreamEvent.SEND_DATA, stream_id)  # data never changes the state
+        # data never changes the state
+        next_state(st.state, StreamEvent.SEND_DATA, stream_id, self._table)
+        if st.fin_pending:
+            raise LocalProtocolError(
+                f"stream {stream_id} was finished", code=ErrorCode.STREAM_STATE_ERROR
+            )
         size = len(data)
         if size > st.send_window:
             raise LocalProtocolError(
@@ -681,6 +740,9 @@ class Multiplexer:
     def send_fin(self, stream_id: int) -> None:
         """Half-close: we will send no more data. Idempotent."""
         st = self._get(stream_id)
+        if st.state is StreamState.OPENING and allows(st.state, StreamEvent.SEND_DATA, self._table):
+            st.fin_pending = True  # early data: the Fin follows the Accept (module docstring)
+            return
         state = next_state(st.state, StreamEvent.SEND_FIN, stream_id)
         if st.state is StreamState.LOCAL_FIN:
             return
@@ -776,8 +838,10 @@ class Multiplexer:
                 self._extra -= size
             else:
                 self._charge(before, credit)
-        # no grant can be due above half a window (the common case: most reads end here)
-        if credit > self._no_grant_above or st.state is StreamState.REMOTE_FIN:
+        # no grant can be due above half a window (the common case: most reads end here);
+        # none before our Accept either (early data): the opener takes no window update then
+        state = st.state
+        if credit > self._no_grant_above or state is _REMOTE_FIN or state is _PENDING:
             return False
         limit = self._credit_limit(credit)
         delta = limit - credit
@@ -877,7 +941,7 @@ class Multiplexer:
         if st is None:
             self._check_known_id(stream_id)
             return None
-        return st, next_state(st.state, event, stream_id)
+        return st, next_state(st.state, event, stream_id, self._table)
 
     def _handle(self, msg: SessionMessage) -> Event | None:
         match msg:
@@ -928,7 +992,17 @@ class Multiplexer:
                     return None
                 st, state = live
                 self._enter(st, state)
-                st.send_window = window
+                # counted from the start of the stream: minus what we sent before it came
+                early = 0 if st.datagrams else self.peer_early_window
+                st.send_window = window - (early - st.send_window)
+                if st.send_window < 0:
+                    raise _error(
+                        ErrorCode.FLOW_CONTROL_ERROR,
+                        f"stream {st.id}: Accept window {window} is below the early data sent",
+                    )
+                if st.fin_pending:
+                    st.fin_pending = False
+                    self.send_fin(st.id)
                 return StreamAccepted(st.id)
             case Refuse(stream_id, code, message):
                 if (live := self._live(stream_id, StreamEvent.RECV_REFUSE)) is None:
@@ -984,8 +1058,10 @@ class Multiplexer:
         if self.open_streams >= self.max_streams:
             self._reply(Refuse(sid, ErrorCode.STREAM_LIMIT, f"limit of {self.max_streams} streams"))
             return None
-        # no credit until accept_stream grants it: the peer may not send before Accept
-        self._streams[sid] = _Stream(sid, StreamState.PENDING, msg.window, 0, msg.datagrams)
+        # no credit until accept_stream grants it, but the early window (version 2; 0 before):
+        # within the stream's floor, so no pool credit is taken for a stream not answered yet
+        early = 0 if msg.datagrams else self.early_window
+        self._streams[sid] = _Stream(sid, StreamState.PENDING, msg.window, early, msg.datagrams)
         return StreamOpened(sid, msg.host, msg.port, msg.tag, msg.datagrams)
 
     def _on_data(self, msg: Data) -> Event | None:

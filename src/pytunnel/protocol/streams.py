@@ -8,6 +8,12 @@ are allowed and what state follows. A pair missing from the table is a violation
 :data:`VIOLATIONS`. This is h11's ``_state.py`` model: the rules live in one place that can be
 read (and tested) as a whole, instead of in a condition per handler.
 
+Version 2 of the protocol adds *early data*: the opener may send ``Data`` right after its
+``Open``, before the peer's ``Accept``, and the acceptor receives it while it has not answered.
+:data:`V2_TRANSITIONS` is :data:`TRANSITIONS` with those two pairs; :func:`table_for` gives a
+session the table of the version its handshake chose, so a version 1 peer that sends data
+before ``Accept`` is a ``STREAM_STATE_ERROR`` exactly as before.
+
 This module knows stream states only: not frames, flow control, windows or stream ids, which
 stay in :mod:`.mux` (a window overflow is not a state rule).
 """
@@ -20,11 +26,13 @@ from ..errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtoco
 
 __all__ = [
     "TRANSITIONS",
+    "V2_TRANSITIONS",
     "VIOLATIONS",
     "StreamEvent",
     "StreamState",
     "allows",
     "next_state",
+    "table_for",
 ]
 
 
@@ -103,6 +111,15 @@ TRANSITIONS: dict[tuple[StreamState, StreamEvent], StreamState] = {
     },
 }
 
+#: Version 2: data may follow ``Open`` before the ``Accept`` (within the early window the
+#: acceptor announced in its handshake; a window is not a state rule, :mod:`.mux` checks it).
+#: The state does not change: the stream opens when the ``Accept`` comes.
+V2_TRANSITIONS: dict[tuple[StreamState, StreamEvent], StreamState] = {
+    **TRANSITIONS,
+    (_S.OPENING, _E.SEND_DATA): _S.OPENING,
+    (_S.PENDING, _E.RECV_DATA): _S.PENDING,
+}
+
 #: The error for an event the stream's state does not allow (``{id}``: the stream id).
 VIOLATIONS: dict[StreamEvent, tuple[ErrorCode, str]] = {
     _E.RECV_ACCEPT: (ErrorCode.STREAM_STATE_ERROR, "stream {id} was not opening"),
@@ -119,19 +136,29 @@ VIOLATIONS: dict[StreamEvent, tuple[ErrorCode, str]] = {
 }
 
 
-def allows(state: StreamState, event: StreamEvent) -> bool:
-    """Whether ``event`` may happen to a stream in ``state``."""
-    return (state, event) in TRANSITIONS
+Table = dict[tuple[StreamState, StreamEvent], StreamState]
 
 
-def next_state(state: StreamState, event: StreamEvent, stream_id: int) -> StreamState:
-    """The state after ``event``, or the violation it is.
+def table_for(version: int) -> Table:
+    """The transition table of protocol ``version`` (1, or 2 and later)."""
+    return TRANSITIONS if version < 2 else V2_TRANSITIONS
+
+
+def allows(state: StreamState, event: StreamEvent, table: Table = TRANSITIONS) -> bool:
+    """Whether ``event`` may happen to a stream in ``state`` (by ``table``)."""
+    return (state, event) in table
+
+
+def next_state(
+    state: StreamState, event: StreamEvent, stream_id: int, table: Table = TRANSITIONS
+) -> StreamState:
+    """The state after ``event`` by ``table``, or the violation it is.
 
     Raises:
       RemoteProtocolError: ``event`` is a frame from the peer that ``state`` forbids.
       LocalProtocolError: ``event`` is a call of ours that ``state`` forbids.
     """
-    new = TRANSITIONS.get((state, event))
+    new = table.get((state, event))
     if new is not None:
         return new
     code, text = VIOLATIONS[event]
