@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -20,11 +21,19 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
-from helpers import count_fds, count_tasks, describe_tasks, tcp_stream_pair, wait_until
+from helpers import (
+    count_fds,
+    count_tasks,
+    describe_tasks,
+    open_pair,
+    tcp_stream_pair,
+    wait_until,
+)
 
 import pytunnel
 from pytunnel._tls import tls_accept, tls_connect
 from pytunnel._tls_stream import TLSSocketStream, wrap_socket_stream
+from pytunnel.session import Role, SessionConfig, open_session
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -213,6 +222,92 @@ async def test_stream_conforms_to_trio_stream_semantics(
         assert server.getpeercert() is None
         assert client.selected_alpn_protocol() is None
         assert "open" in repr(client)
+
+
+async def test_send_nowait_then_send_all_of_the_rest_delivers_everything_once(
+    client_context: ssl.SSLContext, server_context: ssl.SSLContext
+) -> None:
+    """send_nowait takes what the socket takes now; when OpenSSL holds a record it could not
+    write, the rest it reports (data[n:]) starts with that record's bytes, and send_all of
+    the rest delivers every byte exactly once, in order."""
+    async with tls_pair(client_context, server_context) as (client, server):
+        # a small send buffer fills at once; the receiver's stays large (a tiny window on
+        # loopback's 64 KiB MSS leaves the sender to zero-window probes that back off)
+        client.ssl_object.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        data = os.urandom(3 * 1024 * 1024 + 12345)
+        taken = client.send_nowait(data)
+        assert 0 <= taken < len(data)  # the socket filled up
+        assert client.send_nowait(b"") == 0
+        with trio.fail_after(BOUND * 3):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send_all, memoryview(data)[taken:])
+                assert await _receive_exactly(server, len(data)) == data
+        # an error inside send_nowait is kept for the next call to raise
+        await server.aclose()
+        await wait_until(lambda: _sends_fail(client))
+        with pytest.raises(trio.BrokenResourceError):
+            await client.send_all(b"after the reset")
+
+
+def _sends_fail(stream: TLSSocketStream) -> bool:
+    stream.send_nowait(b"x" * 65536)
+    return stream._broken is not None
+
+
+async def test_session_inline_writes_over_tls_keep_every_stream_in_order(
+    client_context: ssl.SSLContext, server_context: ssl.SSLContext
+) -> None:
+    """Eight streams of a session over TLSSocketStream with small socket buffers: part of
+    what they send goes inline (send_nowait, records left half-written included), part
+    through the writer task, and every stream arrives whole and in order."""
+    async with tls_pair(client_context, server_context) as (client_tls, server_tls):
+        client_tls.ssl_object.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        writer_bytes = [0]
+        real_send_all = client_tls.send_all
+
+        async def spy(data: bytes | bytearray | memoryview) -> None:
+            writer_bytes[0] += len(data)
+            await real_send_all(data)
+
+        client_tls.send_all = spy  # type: ignore[method-assign]
+        tasks_before = count_tasks()
+        payloads = [os.urandom(40_000 + 7919 * i) for i in range(8)]
+        received: dict[int, bytes] = {}
+        config = SessionConfig(write_buffer_high=32 * 1024, max_data_chunk=16 * 1024)
+        with trio.fail_after(BOUND * 3):
+            async with (
+                open_session(client_tls, Role.CLIENT, config) as client,
+                open_session(server_tls, Role.SERVER, config) as server,
+            ):
+                pairs = [await open_pair(client, server, host="t", port=i + 1) for i in range(8)]
+
+                async def send(i: int) -> None:
+                    data, pos, chunk = payloads[i], 0, 1 + 1000 * i
+                    while pos < len(data):
+                        await pairs[i][0].send_all(data[pos : pos + chunk])
+                        pos += chunk
+                        chunk = chunk * 3 % 40_000 + 1
+                    await pairs[i][0].send_eof()
+
+                async def receive(i: int) -> None:
+                    out = b""
+                    while chunk := await pairs[i][1].receive_some():
+                        out += chunk
+                    received[i] = out
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(8):
+                        nursery.start_soon(send, i)
+                        nursery.start_soon(receive, i)
+                written = client.bytes_written
+                for mine, theirs in pairs:
+                    await mine.aclose()
+                    await theirs.aclose()
+        for i, payload in enumerate(payloads):
+            assert received[i] == payload, f"stream {i} arrived damaged"
+        assert writer_bytes[0], "nothing went through the writer task: the socket never filled"
+        assert written > writer_bytes[0], "nothing was written inline"
+        assert count_tasks() <= tasks_before, describe_tasks()
 
 
 # ------------------------------------------------------------------ closing
