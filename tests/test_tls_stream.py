@@ -242,6 +242,19 @@ async def test_send_nowait_then_send_all_of_the_rest_delivers_everything_once(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client.send_all, memoryview(data)[taken:])
                 assert await _receive_exactly(server, len(data)) == data
+        # the rest may also go through send_nowait again, call after call
+        data = os.urandom(2 * 1024 * 1024 + 777)
+        with trio.fail_after(BOUND * 3):
+            async with trio.open_nursery() as nursery:
+
+                async def push() -> None:
+                    rest = memoryview(data)
+                    while rest:
+                        rest = rest[client.send_nowait(rest) :]
+                        await trio.sleep(0.001)
+
+                nursery.start_soon(push)
+                assert await _receive_exactly(server, len(data)) == data
         # an error inside send_nowait is kept for the next call to raise
         await server.aclose()
         await wait_until(lambda: _sends_fail(client))

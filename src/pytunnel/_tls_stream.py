@@ -305,7 +305,8 @@ class TLSSocketStream(trio.abc.Stream):
         write = self._write
         try:
             while pos < len(view):
-                piece = view[pos : pos + _WRITE_CHUNK]
+                # a record left half-written last time is retried with the same bytes
+                piece = view[pos : pos + (self._half_written or _WRITE_CHUNK)]
                 try:
                     pos += write(piece)
                 except ssl.SSLWantWriteError:
