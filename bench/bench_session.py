@@ -245,24 +245,47 @@ def _tls_contexts() -> tuple[Any, Any]:
     return server_ctx, client_ctx
 
 
+#: The TLS transports the ``--tls`` cases compare: trio.SSLStream (memory BIOs, what the
+#: control connection used before issue 12 and still uses over non-socket streams) and
+#: TLSSocketStream (OpenSSL on the socket, what ``tls_connect``/``tls_accept`` pick over TCP).
+TLS_KINDS = ("ssl-stream", "socket")
+
+
+async def tls_pair(
+    sock_a: trio.SocketStream, sock_b: trio.SocketStream, kind: str
+) -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    """Both ends of ``sock_a``/``sock_b`` wrapped in TLS of ``kind``, handshake done."""
+    from pytunnel._tls_stream import wrap_socket_stream
+
+    server_ctx, client_ctx = _tls_contexts()
+    tls_a: Any
+    tls_b: Any
+    if kind == "ssl-stream":
+        tls_a = trio.SSLStream(sock_a, client_ctx, server_hostname="localhost")
+        tls_b = trio.SSLStream(sock_b, server_ctx, server_side=True)
+    else:
+        tls_a = wrap_socket_stream(
+            sock_a, client_ctx, server_side=False, server_hostname="localhost"
+        )
+        tls_b = wrap_socket_stream(sock_b, server_ctx, server_side=True)
+    async with trio.open_nursery() as handshakes:
+        handshakes.start_soon(tls_a.do_handshake)
+        handshakes.start_soon(tls_b.do_handshake)
+    return tls_a, tls_b
+
+
 async def case_session(
-    args: argparse.Namespace, streams: int, config: SessionConfig, *, tls: bool = False
+    args: argparse.Namespace, streams: int, config: SessionConfig, *, tls: str | None = None
 ) -> tuple[int, float, float]:
     """``streams`` streams of one session, each sending total/streams bytes client -> server.
 
-    ``tls``: the session runs inside trio.SSLStream on both ends (the control connection's
-    TLS), handshake done before the clock starts."""
+    ``tls``: the session runs inside TLS of that kind (``TLS_KINDS``) on both ends (the
+    control connection's TLS), handshake done before the clock starts."""
     sock_a, sock_b = await tcp_pair()
     a: trio.abc.Stream = sock_a
     b: trio.abc.Stream = sock_b
     if tls:
-        server_ctx, client_ctx = _tls_contexts()
-        tls_a = trio.SSLStream(sock_a, client_ctx, server_hostname="localhost")
-        tls_b = trio.SSLStream(sock_b, server_ctx, server_side=True)
-        async with trio.open_nursery() as handshakes:
-            handshakes.start_soon(tls_a.do_handshake)
-            handshakes.start_soon(tls_b.do_handshake)
-        a, b = tls_a, tls_b
+        a, b = await tls_pair(sock_a, sock_b, tls)
     chunk = b"x" * args.chunk
     sent, got = [0], [0]
     per = args.bytes // streams
@@ -374,9 +397,13 @@ async def case_ping_plain(
 
 
 async def case_ping_session(
-    args: argparse.Namespace, _streams: int, config: SessionConfig
+    args: argparse.Namespace, _streams: int, config: SessionConfig, *, tls: str | None = None
 ) -> tuple[int, float, float]:
-    a, b = await tcp_pair()
+    sock_a, sock_b = await tcp_pair()
+    a: trio.abc.Stream = sock_a
+    b: trio.abc.Stream = sock_b
+    if tls:
+        a, b = await tls_pair(sock_a, sock_b, tls)
     with trio.fail_after(args.seconds + CASE_SLACK):
         async with (
             open_session(a, Role.CLIENT, config, name="client") as client,
@@ -407,6 +434,14 @@ async def run_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
         ("plain trio sockets", lambda: case_ping_plain(args)),
         ("session stream", lambda: case_ping_session(args, 1, cfg)),
     ]
+    if args.tls:
+        for kind in TLS_KINDS:
+            cases.append(
+                (
+                    f"session stream over TLS ({kind})",
+                    lambda kind=kind: case_ping_session(args, 1, cfg, tls=kind),
+                )
+            )
     us: dict[str, list[float]] = {name: [] for name, _ in cases}
     for _name, fn in cases:  # warm-up
         await fn()
@@ -557,12 +592,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if args.plain8:
             cases.append(("plain, 8 sockets in parallel", lambda: case_plain(args, 8)))
         if args.tls:
-            cases.append(
-                ("session over TLS, 1 stream", lambda: case_session(args, 1, cfg, tls=True))
-            )
-            cases.append(
-                ("session over TLS, 8 streams", lambda: case_session(args, 8, cfg, tls=True))
-            )
+            for kind in TLS_KINDS:
+                for n in (1, 8):
+                    cases.append(
+                        (
+                            f"session over TLS ({kind}), {n} stream{'s' if n > 1 else ''}",
+                            lambda kind=kind, n=n: case_session(args, n, cfg, tls=kind),
+                        )
+                    )
         samples = await run_cases(cases, args)
         out["main"] = print_table("Throughput (one-way bulk)", samples, plain[0])
         return out
@@ -628,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tls",
         action="store_true",
-        help="also the session over TLS (trio.SSLStream), 1 and 8 streams",
+        help="also the session over TLS, trio.SSLStream and TLSSocketStream side by side "
+        "(1 and 8 streams; with --latency, round trips)",
     )
     parser.add_argument(
         "--rtt-ms",

@@ -19,11 +19,17 @@ setup cancel out and what is left is the cost per message::
     # (I(1500) - I(500)) / 1000 = instructions per round trip (both ends)
 
 ``bench/callgrind_ab.sh OLD NEW`` does this for two commits and prints the table.
+
+``--tls ssl-stream`` / ``--tls socket`` runs the session over TLS: ``trio.SSLStream``
+(memory BIOs) or ``TLSSocketStream`` (OpenSSL on the socket, what ``tls_connect`` and
+``tls_accept`` pick over TCP). Callgrind counts user-space instructions only: the socket
+variant makes more, smaller system calls, whose kernel time this does not see.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import trio
 import trio.testing
@@ -78,8 +84,40 @@ async def _bulk(
     await theirs.aclose()
 
 
-async def run(mode: str, count: int, chunk: int) -> None:
-    a, b = await _tcp_pair()
+async def _tls(
+    a: trio.SocketStream, b: trio.SocketStream, kind: str
+) -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    import ssl
+
+    import trustme
+
+    from pytunnel._tls_stream import wrap_socket_stream
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ca.configure_trust(client_ctx)
+    tls_a: Any
+    tls_b: Any
+    if kind == "ssl-stream":
+        tls_a = trio.SSLStream(a, client_ctx, server_hostname="localhost")
+        tls_b = trio.SSLStream(b, server_ctx, server_side=True)
+    else:
+        tls_a = wrap_socket_stream(a, client_ctx, server_side=False, server_hostname="localhost")
+        tls_b = wrap_socket_stream(b, server_ctx, server_side=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tls_a.do_handshake)
+        nursery.start_soon(tls_b.do_handshake)
+    return tls_a, tls_b
+
+
+async def run(mode: str, count: int, chunk: int, tls: str = "none") -> None:
+    sock_a, sock_b = await _tcp_pair()
+    a: trio.abc.Stream = sock_a
+    b: trio.abc.Stream = sock_b
+    if tls != "none":
+        a, b = await _tls(sock_a, sock_b, tls)
     async with (
         open_session(a, Role.CLIENT) as client,
         open_session(b, Role.SERVER) as server,
@@ -129,8 +167,11 @@ def main() -> None:
     parser.add_argument("mode", choices=["ping", "bulk", "bulk8"])
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--chunk", type=int, default=64 * 1024, help="bytes per bulk send_all")
+    parser.add_argument(
+        "--tls", choices=["none", "ssl-stream", "socket"], default="none", help="TLS under it"
+    )
     args = parser.parse_args()
-    trio.run(run, args.mode, args.count, args.chunk)
+    trio.run(run, args.mode, args.count, args.chunk, args.tls)
 
 
 if __name__ == "__main__":

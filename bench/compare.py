@@ -36,18 +36,26 @@ is ended by its pid (``bench_tunnel.Processes``); every loop is bounded in count
     python bench/compare.py main                 # main against HEAD, ~5 min
     python bench/compare.py main WORKTREE --quick  # against uncommitted changes, < 3 min
     python bench/compare.py HEAD~3 HEAD --repeat 9 --json ab.json
+
+``--tls both`` puts TLS on both tunnels (``serve --tls-self-signed``, the client pinning the
+certificate's fingerprint); ``--tls old`` / ``--tls new`` on one side only, so that
+``compare.py HEAD HEAD --tls new`` measures what TLS costs against the plain tunnel of the
+same code, paired.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shlex
 import signal
 import socket
+import ssl
 import statistics
 import struct
 import subprocess
@@ -174,6 +182,7 @@ class Version:
     entry: str  # "module:function", from the tree's pyproject.toml
     front: dict[str, int] = field(default_factory=dict)  # target name -> local forward port
     procs: list[Child] = field(default_factory=list)
+    tls: bool = False  # TLS on the tunnel connection (self-signed, pinned)
 
     def cli(self) -> list[str]:
         """The tree's CLI; run it with ``cwd=self.tree`` (``-c`` puts the cwd on sys.path)."""
@@ -252,18 +261,36 @@ def check_imports(version: Version) -> None:
         )
 
 
-def start_tunnel(version: Version, procs: Processes, targets: Targets, token: str) -> None:
+def _fingerprint(cert: Path) -> str | None:
+    """``SHA256:...`` of the PEM certificate ``cert`` (as ``pytunnel serve`` prints it)."""
+    try:
+        der = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    except (OSError, ValueError):
+        return None
+    return "SHA256:" + base64.b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
+
+
+def start_tunnel(
+    version: Version, procs: Processes, targets: Targets, token: str, tmp: Path
+) -> None:
     port = free_port()
     env = {**version.env(), "PYTUNNEL_TOKEN": token}
-    server = procs.start(
-        f"{version.label}-serve",
-        [*version.cli(), "serve", "--listen", f"{HOST}:{port}", "--log-level", "warning"],
-        env=env,
-        cwd=version.tree,
-    )
+    serve = [*version.cli(), "serve", "--listen", f"{HOST}:{port}", "--log-level", "warning"]
+    tls_dir = tmp / f"tls-{version.label}"
+    if version.tls:
+        serve += ["--tls-self-signed", "--tls-dir", str(tls_dir)]
+    server = procs.start(f"{version.label}-serve", serve, env=env, cwd=version.tree)
     wait_for(f"{version.label} server on {port}", lambda: listening(port), 30, server)
     version.front = {name: free_port() for name in ("sink", "source", "echo")}
     argv = [*version.cli(), "connect", f"{HOST}:{port}", "--log-level", "warning"]
+    if version.tls:
+        fingerprint = wait_for(
+            f"{version.label} certificate",
+            lambda: _fingerprint(tls_dir / "server.crt"),
+            30,
+            server,
+        )
+        argv += ["--tls-fingerprint", fingerprint]
     for name, front in version.front.items():
         argv += ["-L", f"{HOST}:{front}:{HOST}:{getattr(targets, name)}"]
     client = procs.start(f"{version.label}-connect", argv, env=env, cwd=version.tree)
@@ -464,6 +491,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--max-minutes", type=float, default=15.0, help="stop repeating after this")
     p.add_argument("--json", type=Path, default=None, help="write every sample here")
+    p.add_argument(
+        "--tls",
+        choices=["none", "both", "old", "new"],
+        default="none",
+        help="TLS on the tunnel of both versions, or of one",
+    )
     p.add_argument("--serve-targets", action="store_true", help=argparse.SUPPRESS)
     q = "--quick" in argv
     if "--serve-targets" in argv:
@@ -500,9 +533,11 @@ def _main(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
     t_start = time.monotonic()
     versions = [checkout("OLD", args.old, tmp), checkout("NEW", args.new, tmp)]
     for v in versions:
+        v.tls = args.tls in ("both", v.label.lower())
         check_imports(v)
         subject = v.subject if len(v.subject) <= 60 else v.subject[:57] + "..."
-        log(f"{v.label}: {v.ref} = {v.commit} {subject!r} (entry point {v.entry})")
+        tls = " over TLS" if v.tls else ""
+        log(f"{v.label}: {v.ref} = {v.commit} {subject!r} (entry point {v.entry}){tls}")
     log(f"python {sys.version.split()[0]}, nproc {os.cpu_count()}, load average {loadavg()}")
     log(
         f"{args.repeat} repeats; bulk {args.mib:g} MiB each way, {args.pings} round trips, "
@@ -533,7 +568,7 @@ def _main(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
         # fresh tunnel processes per repeat, started in the repeat's order: which CPU a
         # process lands on and what its neighbours do then is noise, not a bias for one side
         for v in versions if rep % 2 == 0 else versions[::-1]:
-            start_tunnel(v, procs, targets, token)
+            start_tunnel(v, procs, targets, token, tmp)
         run_rep(rep, versions, warm, lambda _line: None)
         samples += run_rep(rep, versions, args, log)
         for v in versions:

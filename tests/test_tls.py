@@ -28,6 +28,7 @@ import trustme
 from helpers import TOKEN
 
 import pytunnel
+from pytunnel._tls_stream import TLSSocketStream
 from pytunnel.protocol.frames import encode_message
 from pytunnel.protocol.messages import NONCE_SIZE, Hello
 
@@ -74,7 +75,7 @@ async def test_valid_chain(nursery: trio.Nursery, ca: trustme.CA, echo_port: int
     tunnel = await pytunnel.connect_tunnel(
         nursery, server.address, token=TOKEN, tls=_client_ctx(ca), reconnect=False
     )
-    assert isinstance(tunnel.session._transport, trio.SSLStream)  # type: ignore[union-attr]
+    assert isinstance(tunnel.session._transport, TLSSocketStream)  # type: ignore[union-attr]
     await _roundtrip(tunnel, echo_port)
     await tunnel.aclose()
 

@@ -1,8 +1,12 @@
 """TLS for the control connection: contexts, certificate pinning, self-signed certificates.
 
-The session runs unchanged on top of ``trio.SSLStream``. Files are read in a worker thread
-(``trio.to_thread``) so loading a key never blocks the event loop. Fingerprints use OpenSSH's
-notation: ``SHA256:`` followed by the unpadded base64 of the SHA-256 of the DER certificate.
+The session runs unchanged on top of the TLS stream. Over a plain TCP connection that is a
+:class:`~pytunnel._tls_stream.TLSSocketStream` (OpenSSL reads and writes the socket itself);
+over anything else (a WebSocket, a proxy's stream that already holds bytes, stdio) it is
+``trio.SSLStream``, which works over any stream; both behave the same to the session. Files
+are read in a worker thread (``trio.to_thread``) so loading a key never blocks the event
+loop. Fingerprints use OpenSSH's notation: ``SHA256:`` followed by the unpadded base64 of
+the SHA-256 of the DER certificate.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import trio
 
+from ._tls_stream import TLSSocketStream, wrap_socket_stream
 from .errors import ConnectError, TLSError
 
 __all__ = [
@@ -33,6 +38,9 @@ __all__ = [
     "tls_accept",
     "tls_connect",
 ]
+
+#: What :func:`tls_connect` and :func:`tls_accept` return.
+TLSStream = trio.SSLStream[trio.abc.Stream] | TLSSocketStream
 
 log = logging.getLogger("pytunnel.tls")
 
@@ -155,6 +163,23 @@ def _describe_ssl_error(exc: BaseException) -> str:
     return f"TLS handshake failed: {exc}"
 
 
+def _wrap(
+    stream: trio.abc.Stream,
+    context: ssl.SSLContext,
+    *,
+    server_side: bool,
+    server_hostname: str | None = None,
+) -> TLSStream:
+    """The TLS stream over ``stream``, handshake not started: OpenSSL on the socket itself
+    when ``stream`` is exactly a plain ``trio.SocketStream`` (a subclass may change what
+    its bytes are), ``trio.SSLStream`` over any other stream."""
+    if type(stream) is trio.SocketStream:
+        return wrap_socket_stream(
+            stream, context, server_side=server_side, server_hostname=server_hostname
+        )
+    return trio.SSLStream(stream, context, server_side=server_side, server_hostname=server_hostname)
+
+
 async def tls_connect(
     stream: trio.abc.Stream,
     context: ssl.SSLContext,
@@ -162,12 +187,16 @@ async def tls_connect(
     server_hostname: str | None,
     fingerprint: str | None = None,
     timeout: float,
-) -> trio.SSLStream[trio.abc.Stream]:
+) -> TLSStream:
     """Run the client side of the TLS handshake; check the pin if one is given.
 
     Raises :class:`TLSError` with one clear sentence; the stream is closed on failure.
     """
-    tls = trio.SSLStream(stream, context, server_hostname=server_hostname)
+    try:
+        tls = _wrap(stream, context, server_side=False, server_hostname=server_hostname)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
     try:
         with trio.fail_after(timeout):
             await tls.do_handshake()
@@ -194,9 +223,13 @@ async def tls_connect(
 
 async def tls_accept(
     stream: trio.abc.Stream, context: ssl.SSLContext, *, timeout: float, peer: str
-) -> trio.SSLStream[trio.abc.Stream]:
+) -> TLSStream:
     """Run the server side of the TLS handshake; raise :class:`TLSError` (stream closed)."""
-    tls = trio.SSLStream(stream, context, server_side=True)
+    try:
+        tls = _wrap(stream, context, server_side=True)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
     try:
         with trio.fail_after(timeout):
             await tls.do_handshake()
@@ -206,6 +239,11 @@ async def tls_accept(
     except trio.BrokenResourceError as exc:
         await trio.aclose_forcefully(tls)
         raise TLSError(f"TLS handshake with {peer} failed: {_describe_ssl_error(exc)}") from None
+    except BaseException:
+        # the TLS stream may own the socket now (TLSSocketStream): closing the stream
+        # we were given would leave the descriptor open
+        await trio.aclose_forcefully(tls)
+        raise
     return tls
 
 

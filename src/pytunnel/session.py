@@ -40,6 +40,7 @@ import trio
 from ._incoming import IncomingStream, StreamSlot
 from ._spec import check_target
 from ._stream import MuxStream, StreamCarrier
+from ._tls_stream import TLSSocketStream
 from ._util import unwrap_cancelled
 from .errors import (
     ErrorCode,
@@ -217,13 +218,16 @@ class Session:
         self._closed_locally = False
         self._writing = False
         #: The socket of a plain TCP transport, which a sender may write to itself while the
-        #: writer task is idle; ``None`` for any other transport (TLS, WebSocket, memory...),
-        #: whose ``send_all`` is the only way to write it.
+        #: writer task is idle; ``None`` for any other transport (WebSocket, memory...), whose
+        #: ``send_all`` is the only way to write it.
         self._inline_socket: trio.socket.SocketType | None = (
             transport.socket
             if isinstance(transport, trio.SocketStream) and os.name == "posix"
             else None
         )
+        #: The same for TLS on a plain TCP socket: its ``send_nowait`` encrypts and writes
+        #: without waiting, and what it did not take is exactly what must be written next.
+        self._inline_tls = transport if isinstance(transport, TLSSocketStream) else None
         #: The tail of an inline write the kernel did not take: it goes out before anything
         #: queued since (it may end mid-frame), and only the writer task sends it.
         self._unsent: memoryview | None = None
@@ -556,7 +560,7 @@ class Session:
 
     def _kick_writer(self) -> None:
         """Get what was just queued moving: written inline when the writer task is idle over a
-        plain TCP transport, else handed to the writer task.
+        plain TCP transport (or TLS on one), else handed to the writer task.
 
         Inline only when nothing is in flight (the writer is not inside ``send_all``) and no
         earlier tail waits (``_unsent``): the write then takes the whole queue, control frames
@@ -565,19 +569,24 @@ class Session:
         leaves its tail to the writer task, which waits for the socket and reports the error.
         """
         sock = self._inline_socket
+        tls = self._inline_tls
         if (
-            sock is not None
+            (sock is not None or tls is not None)
             and not self._writing
             and self._unsent is None
             and self._mux.bytes_to_send
             and not self.closed
         ):
             data = self._mux.data_to_send()
-            fd = sock.fileno()
-            try:
-                sent = os.write(fd, data) if fd >= 0 else 0
-            except OSError:  # BlockingIOError included; a real error is the writer's to raise
-                sent = 0
+            if tls is not None:
+                sent = tls.send_nowait(data)  # never raises; an error is the writer's
+            else:
+                assert sock is not None
+                fd = sock.fileno()
+                try:
+                    sent = os.write(fd, data) if fd >= 0 else 0
+                except OSError:  # BlockingIOError included; the writer raises a real error
+                    sent = 0
             self.bytes_written += sent
             if sent < len(data):
                 self._unsent = memoryview(data)[sent:]
