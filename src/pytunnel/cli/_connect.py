@@ -310,6 +310,14 @@ def connect(
     # before the event loop: a table's group key is read from its file, and a bad value is
     # a usage error before anything connects
     initial = declared_forwards(ctx, group, group_key)
+    # what only some runs use is imported by those, and here: an import would block the loop
+    live = not quiet and sys.stdout.isatty()
+    if live:
+        from ._live import show_live
+    if metrics is not None:
+        from pytunnel.metrics import TunnelCollector
+
+        from ._metrics import start_metrics
 
     async def run() -> None:
         client_config = config
@@ -337,17 +345,11 @@ def connect(
                 if where is not None:
                     logging.getLogger("pytunnel.cli").info("admin API on %s", where)
                 if metrics is not None:
-                    from pytunnel.metrics import TunnelCollector
-
-                    from ._metrics import start_metrics
-
                     collector = TunnelCollector(tunnel, forwards.labelled)
                     await start_metrics(nursery, collector, metrics)
                 if status_interval > 0:
                     nursery.start_soon(print_status, tunnel, status_interval)
-                if not quiet and sys.stdout.isatty():
-                    from ._live import show_live  # rich: only for a terminal
-
+                if live:
                     nursery.start_soon(show_live, tunnel, forwards, tunnel.server or "")
                 await tunnel.wait_closed()
                 nursery.cancel_scope.cancel()

@@ -9,6 +9,7 @@ connect`` has no use for the server, the cluster engine or the task server, and 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import click
 
@@ -74,8 +75,8 @@ COMMANDS: dict[str, LazyCommand] = {
 class LazyGroup(click.Group):
     """A group whose commands are imported the first time one is looked up by name."""
 
-    def __init__(self, *args: object, lazy: dict[str, LazyCommand], **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, lazy: dict[str, LazyCommand], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.lazy = lazy
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -1,8 +1,9 @@
 """``--metrics HOST:PORT`` of both commands: a registry with the command's collector, served
 over HTTP, and the line that says where.
 
-prometheus-client and ``pytunnel.metrics`` are imported only by a command that serves metrics:
-the others (and ``--help``) do not pay for them.
+prometheus-client and ``pytunnel.metrics`` are imported only by a command that serves metrics
+(which imports them before its event loop starts): the others, and ``--help``, do not pay for
+them.
 """
 
 from __future__ import annotations

@@ -335,6 +335,8 @@ def serve(
         raise click.UsageError(
             "--admin HOST:PORT needs a token: --admin-token-file or PYTUNNEL_ADMIN_TOKEN"
         )
+    if metrics is not None:  # only then, and here: an import would block the event loop
+        from pytunnel.metrics import ServerCollector
 
     async def run() -> None:
         # a node's self-signed certificate also names the host other nodes link to
@@ -400,8 +402,6 @@ def serve(
                 tls_flag = " --tls" if tls and not tls_self_signed else ""
                 say(f"connect with: pytunnel connect {address} --token {secret}{tls_flag}{pin}")
             if metrics_at is not None:
-                from pytunnel.metrics import ServerCollector
-
                 metrics_at[0].register(ServerCollector(server))
                 say(metrics_at[1])
             api.append(_admin.server_api(server, functools.partial(reload_config, ctx, apply)))
