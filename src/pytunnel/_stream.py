@@ -522,6 +522,25 @@ class MuxStream(trio.abc.HalfCloseableStream):
         """The next datagram; ``trio.EndOfChannel`` once the peer closed the stream.
 
         Raises ``LocalProtocolError`` on a byte stream, where no datagram can ever arrive."""
+        data = (await self._datagrams_queued()).popleft()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
+    async def receive_datagrams(self) -> list[bytes]:
+        """Every datagram queued (at least one, oldest first), with one checkpoint for them
+        all; ``trio.EndOfChannel`` once the peer closed the stream and nothing is queued.
+
+        Raises ``LocalProtocolError`` on a byte stream, where no datagram can ever arrive."""
+        queue = await self._datagrams_queued()
+        batch = list(queue)
+        queue.clear()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return batch
+
+    async def _datagrams_queued(self) -> deque[bytes]:
+        """The queue, once a datagram is in it; raise what a receive raises instead (the
+        stream closed, broken or at its end, a byte stream). The caller takes the datagrams
+        with no checkpoint between, so nothing else can take them first."""
         if not self.datagrams:
             raise LocalProtocolError(
                 f"stream {self.stream_id} is a byte stream, not a datagram stream",
@@ -532,37 +551,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             if self._closed:
                 raise trio.ClosedResourceError("stream was closed")
             if self._datagrams:
-                data = self._datagrams.popleft()
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return data
-            if self._broken is not None:
-                raise trio.BrokenResourceError("stream is broken") from self._broken
-            if self._eof:
-                raise trio.EndOfChannel
-            if self._datagram_lot is None:
-                self._datagram_lot = trio.lowlevel.ParkingLot()
-            await self._datagram_lot.park()
-
-    async def receive_datagrams(self) -> list[bytes]:
-        """Every datagram queued (at least one, oldest first), with one checkpoint for them
-        all; ``trio.EndOfChannel`` once the peer closed the stream and nothing is queued.
-
-        Raises ``LocalProtocolError`` on a byte stream, where no datagram can ever arrive."""
-        if not self.datagrams:
-            raise LocalProtocolError(
-                f"stream {self.stream_id} is a byte stream, not a datagram stream",
-                code=ErrorCode.STREAM_STATE_ERROR,
-            )
-        await trio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            if self._closed:
-                raise trio.ClosedResourceError("stream was closed")
-            queue = self._datagrams
-            if queue:
-                batch = list(queue)
-                queue.clear()
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return batch
+                return self._datagrams
             if self._broken is not None:
                 raise trio.BrokenResourceError("stream is broken") from self._broken
             if self._eof:
