@@ -348,6 +348,13 @@ async def test_a_refused_upgrade_names_the_url_and_status(
 
 async def test_a_server_that_closes_at_once_is_a_typed_error(nursery: trio.Nursery) -> None:
     async def hang_up(stream: trio.SocketStream) -> None:
+        # the request read first: closed with it unread, the close would be a reset
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = await stream.receive_some()
+            if not chunk:
+                break
+            request += chunk
         await stream.aclose()
 
     port = await _listener(nursery, hang_up)

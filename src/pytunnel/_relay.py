@@ -340,6 +340,10 @@ async def relay(
             breakable.call_on_break(None)
         if stats is not None:
             stats.active_connections -= 1
+            if _refused(a) or _refused(b):
+                # opened with early data and refused by the peer: a failed open, which the
+                # opener counts as its error, not a relayed connection
+                stats.total_connections -= 1
         if not clean:
             # a direction was cut before its EOF (a broken side, a cancelled relay, the idle
             # timeout): the other end must not mistake the truncated transfer for a complete
@@ -354,6 +358,11 @@ def _unwrapped(stream: trio.abc.AsyncResource) -> trio.abc.AsyncResource:
     while isinstance(inner := getattr(stream, "stream", None), trio.abc.AsyncResource):
         stream = inner
     return stream
+
+
+def _refused(stream: trio.abc.AsyncResource) -> bool:
+    """A mux stream opened with early data and refused by the peer (``MuxStream.refusal``)."""
+    return getattr(_unwrapped(stream), "refusal", None) is not None
 
 
 def _reset_on_break(

@@ -14,8 +14,7 @@ import trio
 
 import pytunnel
 
-from ..cluster import EtcdRegistry, check_node_id, parse_etcd_url
-from ..cluster._ownership import is_group, parse_member_key
+from ..cluster import EtcdRegistry, check_node_id, is_group, parse_etcd_url, parse_member_key
 from ..cluster.etcd import DEFAULT_LEASE_TTL
 from ..errors import printable
 from ._admin import call_admin

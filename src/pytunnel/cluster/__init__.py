@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ._ownership import is_group as is_group
+from ._ownership import parse_member_key as parse_member_key
 from ._registry import Change as Change
 from ._registry import LocalRegistry as LocalRegistry
 from ._registry import LostCallback as LostCallback
@@ -32,7 +34,9 @@ __all__ = [
     "Registry",
     "WatchCallback",
     "check_node_id",
+    "is_group",
     "parse_etcd_url",
+    "parse_member_key",
 ]
 
 
