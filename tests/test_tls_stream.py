@@ -373,63 +373,6 @@ async def test_closing_wakes_a_blocked_receiver_with_closed_resource_error(
                 await server.aclose()
 
 
-async def test_peer_closing_tcp_mid_record_is_a_broken_stream_not_eof(
-    server_context: ssl.SSLContext, client_context: ssl.SSLContext
-) -> None:
-    """The far end (an ssl.SSLObject we drive by hand) sends one whole record, half of the
-    next, then closes TCP: the whole record is delivered, then BrokenResourceError; a
-    truncation must never read as a clean end of the data."""
-    raw_client, raw_server = await tcp_stream_pair()
-    server = wrap_socket_stream(raw_server, server_context, server_side=True)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    peer = client_context.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    try:
-        with trio.fail_after(BOUND):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(server.do_handshake)
-                await _drive_handshake(peer, incoming, outgoing, raw_client)
-            peer.write(b"A" * 1000)
-            whole = outgoing.read()
-            peer.write(b"B" * 1000)
-            second = outgoing.read()
-            await raw_client.send_all(whole + second[: len(second) // 2])
-            await raw_client.aclose()
-            assert await _receive_exactly(server, 1000) == b"A" * 1000
-            with pytest.raises(trio.BrokenResourceError) as info:
-                await server.receive_some()
-            assert isinstance(info.value.__cause__, ssl.SSLError)
-            with pytest.raises(trio.BrokenResourceError):  # and it stays broken
-                await server.receive_some()
-    finally:
-        await trio.aclose_forcefully(server)
-        await trio.aclose_forcefully(raw_client)
-
-
-async def test_peer_closing_tcp_between_records_is_a_broken_stream_not_eof(
-    server_context: ssl.SSLContext, client_context: ssl.SSLContext
-) -> None:
-    """Whole records, then a TCP FIN without close_notify: data first, then the error
-    (https_compatible=False semantics, as the session has always had)."""
-    raw_client, raw_server = await tcp_stream_pair()
-    server = wrap_socket_stream(raw_server, server_context, server_side=True)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    peer = client_context.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    try:
-        with trio.fail_after(BOUND):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(server.do_handshake)
-                await _drive_handshake(peer, incoming, outgoing, raw_client)
-            peer.write(b"C" * 40000)
-            await raw_client.send_all(outgoing.read())
-            await raw_client.aclose()
-            assert await _receive_exactly(server, 40000) == b"C" * 40000
-            with pytest.raises(trio.BrokenResourceError):
-                await server.receive_some()
-    finally:
-        await trio.aclose_forcefully(server)
-        await trio.aclose_forcefully(raw_client)
-
-
 async def _drive_handshake(
     peer: ssl.SSLObject,
     incoming: ssl.MemoryBIO,
@@ -447,6 +390,75 @@ async def _drive_handshake(
         if outgoing.pending:
             await raw.send_all(outgoing.read())
         return
+
+
+@asynccontextmanager
+async def _server_with_a_hand_driven_peer(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> AsyncIterator[tuple[TLSSocketStream, ssl.SSLObject, ssl.MemoryBIO, trio.SocketStream]]:
+    """A server stream past its handshake with an ``ssl.SSLObject`` client: the test writes
+    records with ``peer.write`` and puts ``outgoing.read()`` on ``raw_client`` as it likes,
+    whole, cut short, or followed by a FIN without close_notify."""
+    raw_client, raw_server = await tcp_stream_pair()
+    server = wrap_socket_stream(raw_server, server_context, server_side=True)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    peer = client_context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    try:
+        with trio.fail_after(BOUND):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.do_handshake)
+                await _drive_handshake(peer, incoming, outgoing, raw_client)
+        yield server, peer, outgoing, raw_client
+    finally:
+        await trio.aclose_forcefully(server)
+        await trio.aclose_forcefully(raw_client)
+
+
+async def test_peer_closing_tcp_mid_record_is_a_broken_stream_not_eof(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    """The far end (an ssl.SSLObject we drive by hand) sends one whole record, half of the
+    next, then closes TCP: the whole record is delivered, then BrokenResourceError; a
+    truncation must never read as a clean end of the data."""
+    async with _server_with_a_hand_driven_peer(server_context, client_context) as (
+        server,
+        peer,
+        outgoing,
+        raw_client,
+    ):
+        with trio.fail_after(BOUND):
+            peer.write(b"A" * 1000)
+            whole = outgoing.read()
+            peer.write(b"B" * 1000)
+            second = outgoing.read()
+            await raw_client.send_all(whole + second[: len(second) // 2])
+            await raw_client.aclose()
+            assert await _receive_exactly(server, 1000) == b"A" * 1000
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await server.receive_some()
+            assert isinstance(info.value.__cause__, ssl.SSLError)
+            with pytest.raises(trio.BrokenResourceError):  # and it stays broken
+                await server.receive_some()
+
+
+async def test_peer_closing_tcp_between_records_is_a_broken_stream_not_eof(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    """Whole records, then a TCP FIN without close_notify: data first, then the error
+    (https_compatible=False semantics, as the session has always had)."""
+    async with _server_with_a_hand_driven_peer(server_context, client_context) as (
+        server,
+        peer,
+        outgoing,
+        raw_client,
+    ):
+        with trio.fail_after(BOUND):
+            peer.write(b"C" * 40000)
+            await raw_client.send_all(outgoing.read())
+            await raw_client.aclose()
+            assert await _receive_exactly(server, 40000) == b"C" * 40000
+            with pytest.raises(trio.BrokenResourceError):
+                await server.receive_some()
 
 
 # ------------------------------------------------------------------ failed handshakes
