@@ -18,6 +18,8 @@ import socket
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -393,10 +395,12 @@ async def test_first_members_racing_on_two_nodes_form_one_group(
         await _until_released(a, key)
 
 
+@asynccontextmanager
 async def _node_process(
     etcd: EtcdServer, name: str, host: str, secret_file: Path
-) -> tuple[trio.Process, tuple[str, int]]:
-    """A ``pytunnel serve`` node process (killed by pid), and its control address."""
+) -> AsyncIterator[tuple[trio.Process, tuple[str, int]]]:
+    """A ``pytunnel serve`` node process and its control address; the test may kill it by
+    pid, and whatever is still running at the end is killed then."""
     process = await trio.lowlevel.open_process(
         [
             *PYTUNNEL,
@@ -418,21 +422,27 @@ async def _node_process(
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTUNNEL_TOKEN": TOKEN},
     )
-    assert process.stdout is not None
-    pending = b""
-    address: tuple[str, int] | None = None
-    with trio.fail_after(30):
-        while b"of the cluster at" not in pending:
-            chunk = await process.stdout.receive_some()
-            assert chunk, "the node process exited"
-            pending += chunk
-    for line in pending.decode().splitlines():
-        if "listening on" in line:
-            text = line.split("listening on ", 1)[1].split()[0]
-            host_text, _, port_text = text.rpartition(":")
-            address = (host_text, int(port_text))
-    assert address is not None, pending
-    return process, address
+    try:
+        assert process.stdout is not None
+        pending = b""
+        address: tuple[str, int] | None = None
+        with trio.fail_after(30):
+            while b"of the cluster at" not in pending:
+                chunk = await process.stdout.receive_some()
+                assert chunk, "the node process exited"
+                pending += chunk
+        for line in pending.decode().splitlines():
+            if "listening on" in line:
+                text = line.split("listening on ", 1)[1].split()[0]
+                host_text, _, port_text = text.rpartition(":")
+                address = (host_text, int(port_text))
+        assert address is not None, pending
+        yield process, address
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+        with trio.CancelScope(shield=True):
+            await process.wait()
 
 
 @pytest.mark.slow
@@ -447,8 +457,7 @@ async def test_a_members_node_killed_its_share_goes_to_the_survivor(
     secret_file = tmp_path / "cluster-secret"
     secret_file.write_text(SECRET + "\n")
     a = await _relay_node(nursery, etcd, "a", "127.0.0.1")
-    process, b_address = await _node_process(etcd, "b", "127.0.0.2", secret_file)
-    try:
+    async with _node_process(etcd, "b", "127.0.0.2", secret_file) as (process, b_address):
         on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
         on_b = await pytunnel.connect_tunnel(nursery, b_address, token=TOKEN, reconnect=False)
         port = _free_port_on_both()
@@ -489,11 +498,6 @@ async def test_a_members_node_killed_its_share_goes_to_the_survivor(
             f"reset (the first {first_reset and round(first_reset, 2)} s after it); B's member "
             f"out of the registry {expired_after:.2f} s after it (lease TTL 3 s)"
         )
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-        with trio.CancelScope(shield=True):
-            await process.wait()
 
 
 @pytest.mark.slow
@@ -506,8 +510,7 @@ async def test_a_group_whose_only_members_node_dies_is_given_back_by_another_nod
     secret_file = tmp_path / "cluster-secret"
     secret_file.write_text(SECRET + "\n")
     a = await _relay_node(nursery, etcd, "a", "127.0.0.1")
-    process, b_address = await _node_process(etcd, "b", "127.0.0.2", secret_file)
-    try:
+    async with _node_process(etcd, "b", "127.0.0.2", secret_file) as (process, b_address):
         on_b = await pytunnel.connect_tunnel(nursery, b_address, token=TOKEN, reconnect=False)
         port = _free_port_on_both()
         key = f"tcp/{port}"
@@ -524,11 +527,6 @@ async def test_a_group_whose_only_members_node_dies_is_given_back_by_another_nod
         on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
         await on_a.forward_remote("127.0.0.1", echo_port, remote_port=port)
         assert await _ask(("127.0.0.1", port), b"a's own") == b"a's own"
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-        with trio.CancelScope(shield=True):
-            await process.wait()
 
 
 @pytest.mark.slow
