@@ -682,8 +682,9 @@ class Multiplexer:
                 with view[start : start + chunk] as piece:
                     append_data_frame(self._out, stream_id, piece, self._peer_max_frame_size)
 
-    def send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
-        """Queue one datagram on an open stream (no window: callers bound their own queues)."""
+    def _datagram_stream(self, stream_id: int) -> _Stream:
+        """The open datagram stream ``stream_id``, which may send (a datagram never changes
+        the state); else ``LocalProtocolError``."""
         st = self._get(stream_id)
         next_state(st.state, StreamEvent.SEND_DATAGRAM, stream_id)
         if not st.datagrams:
@@ -691,6 +692,11 @@ class Multiplexer:
                 f"stream {stream_id} is a byte stream, not a datagram stream",
                 code=ErrorCode.STREAM_STATE_ERROR,
             )
+        return st
+
+    def send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue one datagram on an open stream (no window: callers bound their own queues)."""
+        st = self._datagram_stream(stream_id)
         if len(data) > MAX_DATAGRAM:
             raise LocalProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
         self._emit(Datagram(stream_id, bytes(data)), st)
@@ -703,13 +709,7 @@ class Multiplexer:
         ``Datagram``. Every payload must fit one frame on its own (``Datagram``'s limit); a
         payload too large raises ``LocalProtocolError`` before anything is queued.
         """
-        st = self._get(stream_id)
-        next_state(st.state, StreamEvent.SEND_DATAGRAM, stream_id)
-        if not st.datagrams:
-            raise LocalProtocolError(
-                f"stream {stream_id} is a byte stream, not a datagram stream",
-                code=ErrorCode.STREAM_STATE_ERROR,
-            )
+        st = self._datagram_stream(stream_id)
         for data in payloads:
             if len(data) > MAX_DATAGRAM:
                 raise LocalProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
