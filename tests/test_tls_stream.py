@@ -583,6 +583,32 @@ async def test_wrong_pin_is_refused(
     assert "fingerprint mismatch" in str(info.value)
 
 
+async def _connect_and_accept(
+    client_side: trio.abc.Stream,
+    server_side: trio.abc.Stream,
+    client_context: ssl.SSLContext,
+    server_context: ssl.SSLContext,
+    fingerprint: str | None = None,
+) -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    """Both ends of one TLS connection through the public entry points, each handshake in a
+    task of its own (neither side can finish alone)."""
+    box: list[trio.abc.Stream] = []
+
+    async def accept() -> None:
+        box.append(await tls_accept(server_side, server_context, timeout=BOUND, peer="p"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accept)
+        client = await tls_connect(
+            client_side,
+            client_context,
+            server_hostname="localhost",
+            fingerprint=fingerprint,
+            timeout=BOUND,
+        )
+    return client, box[0]
+
+
 async def test_right_pin_is_accepted_and_sni_is_sent(
     ca: trustme.CA, client_context: ssl.SSLContext
 ) -> None:
@@ -594,26 +620,19 @@ async def test_right_pin_is_accepted_and_sni_is_sent(
     der = ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
     raw_client, raw_server = await tcp_stream_pair()
     with trio.fail_after(BOUND):
-        async with trio.open_nursery() as nursery:
-            box: list[trio.abc.Stream] = []
-
-            async def accept() -> None:
-                box.append(await tls_accept(raw_server, context, timeout=BOUND, peer="p"))
-
-            nursery.start_soon(accept)
-            client = await tls_connect(
-                raw_client,
-                client_context,
-                server_hostname="localhost",
-                fingerprint=pytunnel.tls.certificate_fingerprint(der),
-                timeout=BOUND,
-            )
+        client, server = await _connect_and_accept(
+            raw_client,
+            raw_server,
+            client_context,
+            context,
+            fingerprint=pytunnel.tls.certificate_fingerprint(der),
+        )
         assert isinstance(client, TLSSocketStream)
-        assert isinstance(box[0], TLSSocketStream)
+        assert isinstance(server, TLSSocketStream)
         await client.send_all(b"pinned")
-        assert await _receive_exactly(box[0], 6) == b"pinned"
+        assert await _receive_exactly(server, 6) == b"pinned"
         await client.aclose()
-        await box[0].aclose()
+        await server.aclose()
     assert names == ["localhost"]
 
 
@@ -624,18 +643,9 @@ async def test_other_streams_keep_trio_ssl_stream(
     stream pair) keeps trio.SSLStream, which works over any stream."""
     left, right = trio.testing.memory_stream_pair()
     with trio.fail_after(BOUND):
-        async with trio.open_nursery() as nursery:
-            box: list[trio.abc.Stream] = []
-
-            async def accept() -> None:
-                box.append(await tls_accept(right, server_context, timeout=BOUND, peer="m"))
-
-            nursery.start_soon(accept)
-            client = await tls_connect(
-                left, client_context, server_hostname="localhost", timeout=BOUND
-            )
+        client, server = await _connect_and_accept(left, right, client_context, server_context)
     assert isinstance(client, trio.SSLStream)
-    assert isinstance(box[0], trio.SSLStream)
+    assert isinstance(server, trio.SSLStream)
 
 
 async def test_nothing_leaks_after_many_connections_and_failures(
