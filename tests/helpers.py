@@ -254,6 +254,20 @@ class Crash:
             self.error = exc
 
 
+async def send_and_read_all(address: tuple[str, int], payload: bytes) -> bytes:
+    """Send ``payload`` then EOF, and return everything the service answers until its EOF
+    (a small payload: sent before reading; errors come through as they are, ungrouped)."""
+    with trio.fail_after(10):  # a hang detector
+        stream = await trio.open_tcp_stream(*address)
+        async with stream:
+            await stream.send_all(payload)
+            await stream.send_eof()
+            out = b""
+            while chunk := await stream.receive_some():
+                out += chunk
+            return out
+
+
 async def echo_once(address: tuple[str, int], payload: bytes) -> bytes:
     """Send ``payload`` then EOF while reading concurrently (so a payload larger than the
     socket buffers cannot deadlock against an echo); return everything read."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers import EtcdServer, closed_port
+from helpers import EtcdServer, closed_port, send_and_read_all
 
 PYTUNNEL = [sys.executable, "-m", "pytunnel"]
 needs_etcd = pytest.mark.skipif(
@@ -87,14 +87,7 @@ def _free_port() -> int:
 
 
 async def _echo(host: str, port: int, payload: bytes) -> bytes:
-    stream = await trio.open_tcp_stream(host, port)
-    async with stream:
-        await stream.send_all(payload)
-        await stream.send_eof()
-        out = b""
-        while chunk := await stream.receive_some():
-            out += chunk
-        return out
+    return await send_and_read_all((host, port), payload)
 
 
 @needs_etcd

@@ -31,6 +31,7 @@ from helpers import (
     count_fds,
     count_tasks,
     describe_tasks,
+    send_and_read_all,
     wait_until,
 )
 from test_cluster_relay import SECRET
@@ -64,15 +65,7 @@ async def _tagged(nursery: trio.Nursery, tag: bytes) -> int:
 
 
 async def _ask(address: tuple[str, int], payload: bytes = b"who?") -> bytes:
-    with trio.fail_after(10):  # a hang detector
-        stream = await trio.open_tcp_stream(*address)
-        async with stream:
-            await stream.send_all(payload)
-            await stream.send_eof()
-            out = b""
-            while chunk := await stream.receive_some():
-                out += chunk
-            return out
+    return await send_and_read_all(address, payload)
 
 
 async def _served_by(address: tuple[str, int], count: int) -> Counter[bytes]:

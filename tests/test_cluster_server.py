@@ -13,7 +13,7 @@ import socket
 
 import pytest
 import trio
-from helpers import TOKEN, EtcdServer, LinkProxy, closed_port, wait_until
+from helpers import TOKEN, EtcdServer, LinkProxy, closed_port, send_and_read_all, wait_until
 
 import pytunnel
 from pytunnel.cluster import EtcdRegistry
@@ -44,15 +44,7 @@ async def _node(
 
 
 async def _echo(address: tuple[str, int], payload: bytes = b"ping") -> bytes:
-    with trio.fail_after(10):  # a hang detector
-        stream = await trio.open_tcp_stream(*address)
-        async with stream:
-            await stream.send_all(payload)
-            await stream.send_eof()
-            out = b""
-            while chunk := await stream.receive_some():
-                out += chunk
-            return out
+    return await send_and_read_all(address, payload)
 
 
 async def test_two_clients_on_two_nodes_racing_for_a_port_one_wins(
