@@ -254,6 +254,12 @@ class Crash:
             self.error = exc
 
 
+#: The cluster tests' mark: they run on a real etcd, which CI installs.
+needs_etcd = pytest.mark.skipif(
+    shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
+)
+
+
 async def send_and_read_all(address: tuple[str, int], payload: bytes) -> bytes:
     """Send ``payload`` then EOF, and return everything the service answers until its EOF
     (a small payload: sent before reading; errors come through as they are, ungrouped)."""

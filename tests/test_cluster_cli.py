@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -13,12 +12,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers import EtcdServer, closed_port, send_and_read_all
+from helpers import EtcdServer, closed_port, needs_etcd, send_and_read_all
 
 PYTUNNEL = [sys.executable, "-m", "pytunnel"]
-needs_etcd = pytest.mark.skipif(
-    shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
-)
 TOKEN = "cluster-cli-token"
 
 

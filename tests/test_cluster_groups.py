@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +30,7 @@ from helpers import (
     count_fds,
     count_tasks,
     describe_tasks,
+    needs_etcd,
     send_and_read_all,
     wait_until,
 )
@@ -42,9 +42,7 @@ import pytunnel
 from pytunnel.cluster import EtcdRegistry
 from pytunnel.errors import ClusterUnavailableError, ErrorCode
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
-)
+pytestmark = needs_etcd
 
 PYTUNNEL = [sys.executable, "-m", "pytunnel"]
 GROUP = {"group": "web", "group_key": "the group's key"}

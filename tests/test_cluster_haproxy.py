@@ -19,13 +19,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers import EtcdServer, send_and_read_all
+from helpers import EtcdServer, needs_etcd, send_and_read_all
 from test_cluster_cli import PYTUNNEL, TOKEN, Process
 
 pytestmark = [
-    pytest.mark.skipif(
-        shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
-    ),
+    needs_etcd,
     pytest.mark.skipif(
         shutil.which("haproxy") is None and not os.path.exists("/usr/sbin/haproxy"),
         reason="haproxy is not installed (.ci/run installs it)",

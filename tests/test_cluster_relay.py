@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 import socket
 import ssl
 import struct
@@ -25,6 +24,7 @@ from helpers import (
     count_fds,
     count_tasks,
     describe_tasks,
+    needs_etcd,
     wait_until,
 )
 from prometheus_client import CollectorRegistry, generate_latest
@@ -34,9 +34,7 @@ import pytunnel
 import pytunnel.metrics
 from pytunnel.cluster import EtcdRegistry
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
-)
+pytestmark = needs_etcd
 
 SECRET = "the nodes' own secret"
 HTTP = ("127.0.0.1", 0)

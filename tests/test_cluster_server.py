@@ -8,20 +8,25 @@ could both bind a port: only the cluster's claim can refuse the second one.
 from __future__ import annotations
 
 import functools
-import shutil
 import socket
 
 import pytest
 import trio
-from helpers import TOKEN, EtcdServer, LinkProxy, closed_port, send_and_read_all, wait_until
+from helpers import (
+    TOKEN,
+    EtcdServer,
+    LinkProxy,
+    closed_port,
+    needs_etcd,
+    send_and_read_all,
+    wait_until,
+)
 
 import pytunnel
 from pytunnel.cluster import EtcdRegistry
 from pytunnel.errors import ClusterUnavailableError, ErrorCode
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
-)
+pytestmark = needs_etcd
 
 FAST = {"backoff_initial": 0.2, "backoff_jitter": 0.0}
 
