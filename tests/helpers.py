@@ -105,6 +105,35 @@ async def open_pair(
     return opened, box[0]
 
 
+async def send_at_once_in_odd_sizes(
+    pairs: list[tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]],
+    payloads: list[bytes],
+) -> list[bytes]:
+    """Each payload on its own stream pair, all at once, in writes of odd sizes (so that
+    frames and records are cut anywhere) ended with EOF; returns what each far end read."""
+    received: dict[int, bytes] = {}
+
+    async def send(i: int) -> None:
+        data, pos, chunk = payloads[i], 0, 1 + 1000 * i
+        while pos < len(data):
+            await pairs[i][0].send_all(data[pos : pos + chunk])
+            pos += chunk
+            chunk = chunk * 3 % 40_000 + 1
+        await pairs[i][0].send_eof()
+
+    async def receive(i: int) -> None:
+        parts = []
+        while chunk := await pairs[i][1].receive_some():
+            parts.append(chunk)
+        received[i] = b"".join(parts)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(pairs)):
+            nursery.start_soon(send, i)
+            nursery.start_soon(receive, i)
+    return [received[i] for i in range(len(pairs))]
+
+
 def live_tasks() -> list[trio.lowlevel.Task]:
     """Every live task in this run, walking the task tree from the root."""
     root = trio.lowlevel.current_root_task()

@@ -26,6 +26,7 @@ from helpers import (
     count_tasks,
     describe_tasks,
     open_pair,
+    send_at_once_in_odd_sizes,
     tcp_stream_pair,
     wait_until,
 )
@@ -285,7 +286,6 @@ async def test_session_inline_writes_over_tls_keep_every_stream_in_order(
         client_tls.send_all = spy  # type: ignore[method-assign]
         tasks_before = count_tasks()
         payloads = [os.urandom(40_000 + 7919 * i) for i in range(8)]
-        received: dict[int, bytes] = {}
         config = SessionConfig(write_buffer_high=32 * 1024, max_data_chunk=16 * 1024)
         with trio.fail_after(BOUND * 3):
             async with (
@@ -294,24 +294,7 @@ async def test_session_inline_writes_over_tls_keep_every_stream_in_order(
             ):
                 pairs = [await open_pair(client, server, host="t", port=i + 1) for i in range(8)]
 
-                async def send(i: int) -> None:
-                    data, pos, chunk = payloads[i], 0, 1 + 1000 * i
-                    while pos < len(data):
-                        await pairs[i][0].send_all(data[pos : pos + chunk])
-                        pos += chunk
-                        chunk = chunk * 3 % 40_000 + 1
-                    await pairs[i][0].send_eof()
-
-                async def receive(i: int) -> None:
-                    out = b""
-                    while chunk := await pairs[i][1].receive_some():
-                        out += chunk
-                    received[i] = out
-
-                async with trio.open_nursery() as nursery:
-                    for i in range(8):
-                        nursery.start_soon(send, i)
-                        nursery.start_soon(receive, i)
+                received = await send_at_once_in_odd_sizes(pairs, payloads)
                 written = client.bytes_written
                 for mine, theirs in pairs:
                     await mine.aclose()
