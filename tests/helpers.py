@@ -676,9 +676,9 @@ def address_in(line: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
-def roundtrip(address: tuple[str, int], payload: bytes) -> bytes:
+def roundtrip(address: tuple[str, int], payload: bytes, timeout: float = 10) -> bytes:
     """Send ``payload``, half-close, and read until the other side closes (blocking)."""
-    with socket.create_connection(address, timeout=10) as s:
+    with socket.create_connection(address, timeout=timeout) as s:
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
         out = b""
