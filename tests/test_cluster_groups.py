@@ -70,6 +70,19 @@ async def _served_by(address: tuple[str, int], count: int) -> Counter[bytes]:
     return Counter([await _ask(address) for _ in range(count)])
 
 
+async def _members_on_a_and_b(
+    nursery: trio.Nursery, a: pytunnel.TunnelServer, b: pytunnel.TunnelServer
+) -> int:
+    """A client on each of nodes ``a`` and ``b`` with one member of a group (answering
+    ``A`` or ``B``) on a port free on both; returns the port."""
+    on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    on_b = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
+    port = _free_port_on_both()
+    await on_a.forward_remote("127.0.0.1", await _tagged(nursery, b"A"), remote_port=port, **GROUP)
+    await on_b.forward_remote("127.0.0.1", await _tagged(nursery, b"B"), remote_port=port, **GROUP)
+    return port
+
+
 async def _knows_members(node: pytunnel.TunnelServer, key: str, expected: dict[str, int]) -> None:
     links = node.node_links
     assert links is not None
@@ -109,12 +122,8 @@ async def test_public_connections_on_any_node_reach_the_members_on_every_node(
     a = await _relay_node(nursery, etcd, "a", "127.0.0.1")
     b = await _relay_node(nursery, etcd, "b", "127.0.0.2")
     c = await _relay_node(nursery, etcd, "c", "127.0.0.3")
-    on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
-    on_b = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
-    port = _free_port_on_both()
+    port = await _members_on_a_and_b(nursery, a, b)
     key = f"tcp/{port}"
-    await on_a.forward_remote("127.0.0.1", await _tagged(nursery, b"A"), remote_port=port, **GROUP)
-    await on_b.forward_remote("127.0.0.1", await _tagged(nursery, b"B"), remote_port=port, **GROUP)
     await _knows_members(a, key, {"b": 1})
     await _knows_members(b, key, {"a": 1})
     await _knows_members(c, key, {"a": 1, "b": 1})
@@ -250,12 +259,8 @@ async def test_members_on_a_node_no_link_reaches_lose_their_turns_not_the_connec
     reset is a failed link attempt, and most connections are served."""
     a = await _relay_node(nursery, etcd, "a", "127.0.0.1")
     b = await _relay_node(nursery, etcd, "b", "127.0.0.2", secret="not the secret")
-    on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
-    on_b = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
-    port = _free_port_on_both()
+    port = await _members_on_a_and_b(nursery, a, b)
     key = f"tcp/{port}"
-    await on_a.forward_remote("127.0.0.1", await _tagged(nursery, b"A"), remote_port=port, **GROUP)
-    await on_b.forward_remote("127.0.0.1", await _tagged(nursery, b"B"), remote_port=port, **GROUP)
     await _knows_members(a, key, {"b": 1})
     links = a.node_links
     assert links is not None
