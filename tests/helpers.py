@@ -134,6 +134,26 @@ async def send_at_once_in_odd_sizes(
     return [received[i] for i in range(len(pairs))]
 
 
+async def eight_streams_at_once(
+    a: trio.abc.Stream, b: trio.abc.Stream, payloads: list[bytes]
+) -> tuple[list[bytes], int]:
+    """A session over ``a`` and ``b`` with a small write buffer, and one stream a payload
+    sent all at once (see :func:`send_at_once_in_odd_sizes`): what each stream delivered,
+    and the bytes the client wrote (inline and through its writer task)."""
+    config = SessionConfig(write_buffer_high=32 * 1024, max_data_chunk=16 * 1024)
+    async with (
+        open_session(a, Role.CLIENT, config) as client,
+        open_session(b, Role.SERVER, config) as server,
+    ):
+        pairs = [await open_pair(client, server, host="t", port=i + 1) for i in range(8)]
+        received = await send_at_once_in_odd_sizes(pairs, payloads)
+        written = client.bytes_written
+        for mine, theirs in pairs:
+            await mine.aclose()
+            await theirs.aclose()
+    return received, written
+
+
 def live_tasks() -> list[trio.lowlevel.Task]:
     """Every live task in this run, walking the task tree from the root."""
     root = trio.lowlevel.current_root_task()

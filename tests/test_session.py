@@ -15,8 +15,8 @@ import trio.lowlevel
 import trio.testing
 from helpers import (
     count_tasks,
+    eight_streams_at_once,
     open_pair,
-    send_at_once_in_odd_sizes,
     session_pair,
     tcp_stream_pair,
 )
@@ -977,19 +977,8 @@ async def test_inline_and_queued_writes_interleave_without_reordering() -> None:
     tasks_before = count_tasks()
     rng = random.Random(12)
     payloads = [rng.randbytes(40_000 + 7919 * i) for i in range(8)]
-    config = SessionConfig(write_buffer_high=32 * 1024, max_data_chunk=16 * 1024)
     with trio.fail_after(60):
-        async with (
-            open_session(a, Role.CLIENT, config) as client,
-            open_session(b, Role.SERVER, config) as server,
-        ):
-            pairs = [await open_pair(client, server, host="t", port=i + 1) for i in range(8)]
-
-            received = await send_at_once_in_odd_sizes(pairs, payloads)
-            written = client.bytes_written
-            for mine, theirs in pairs:
-                await mine.aclose()
-                await theirs.aclose()
+        received, written = await eight_streams_at_once(a, b, payloads)
     for i, payload in enumerate(payloads):
         assert received[i] == payload, f"stream {i} arrived damaged"
     assert spy.calls, "nothing went through the writer task: the socket never filled"

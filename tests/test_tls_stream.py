@@ -25,8 +25,7 @@ from helpers import (
     count_fds,
     count_tasks,
     describe_tasks,
-    open_pair,
-    send_at_once_in_odd_sizes,
+    eight_streams_at_once,
     tcp_stream_pair,
     wait_until,
 )
@@ -34,7 +33,6 @@ from helpers import (
 import pytunnel
 from pytunnel._tls import tls_accept, tls_connect
 from pytunnel._tls_stream import TLSSocketStream, wrap_socket_stream
-from pytunnel.session import Role, SessionConfig, open_session
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -286,19 +284,8 @@ async def test_session_inline_writes_over_tls_keep_every_stream_in_order(
         client_tls.send_all = spy  # type: ignore[method-assign]
         tasks_before = count_tasks()
         payloads = [os.urandom(40_000 + 7919 * i) for i in range(8)]
-        config = SessionConfig(write_buffer_high=32 * 1024, max_data_chunk=16 * 1024)
         with trio.fail_after(BOUND * 3):
-            async with (
-                open_session(client_tls, Role.CLIENT, config) as client,
-                open_session(server_tls, Role.SERVER, config) as server,
-            ):
-                pairs = [await open_pair(client, server, host="t", port=i + 1) for i in range(8)]
-
-                received = await send_at_once_in_odd_sizes(pairs, payloads)
-                written = client.bytes_written
-                for mine, theirs in pairs:
-                    await mine.aclose()
-                    await theirs.aclose()
+            received, written = await eight_streams_at_once(client_tls, server_tls, payloads)
         for i, payload in enumerate(payloads):
             assert received[i] == payload, f"stream {i} arrived damaged"
         assert writer_bytes[0], "nothing went through the writer task: the socket never filled"
