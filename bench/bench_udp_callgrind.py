@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import sys
 import threading
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_tunnel import HOST, BenchError, Processes, listening, run_dir, wait_for
 from bench_udp import free_port_both, udp_bound
-from callgrind_tunnel import CLI, _collected
+from callgrind_tunnel import CLI, _stopped_total
 
 
 class Sink:
@@ -99,17 +98,7 @@ def measure(procs: Processes, tree: Path, sink: Sink, count: int, args: argparse
     lost = _send(sink, front, count, args.burst, args.length, args.timeout)
     if lost:
         print(f"    ({tree}: {lost} of {count} datagrams lost)", flush=True)
-    total = 0
-    for child in (client, server):
-        child.popen.send_signal(signal.SIGINT)
-        try:
-            child.popen.wait(timeout=120)
-        except Exception:
-            procs.stop(child)
-            raise
-        total += _collected(child)
-        procs.stop(child)
-    return total
+    return _stopped_total(procs, client, server)
 
 
 def main() -> int:

@@ -29,10 +29,10 @@ variant makes more, smaller system calls, whose kernel time this does not see.
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 import trio
 import trio.testing
+from bench_session import tls_pair
 
 from pytunnel.session import Role, open_session
 
@@ -84,40 +84,12 @@ async def _bulk(
     await theirs.aclose()
 
 
-async def _tls(
-    a: trio.SocketStream, b: trio.SocketStream, kind: str
-) -> tuple[trio.abc.Stream, trio.abc.Stream]:
-    import ssl
-
-    import trustme
-
-    from pytunnel._tls_stream import wrap_socket_stream
-
-    ca = trustme.CA()
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    ca.configure_trust(client_ctx)
-    tls_a: Any
-    tls_b: Any
-    if kind == "ssl-stream":
-        tls_a = trio.SSLStream(a, client_ctx, server_hostname="localhost")
-        tls_b = trio.SSLStream(b, server_ctx, server_side=True)
-    else:
-        tls_a = wrap_socket_stream(a, client_ctx, server_side=False, server_hostname="localhost")
-        tls_b = wrap_socket_stream(b, server_ctx, server_side=True)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(tls_a.do_handshake)
-        nursery.start_soon(tls_b.do_handshake)
-    return tls_a, tls_b
-
-
 async def run(mode: str, count: int, chunk: int, tls: str = "none") -> None:
     sock_a, sock_b = await _tcp_pair()
     a: trio.abc.Stream = sock_a
     b: trio.abc.Stream = sock_b
     if tls != "none":
-        a, b = await _tls(sock_a, sock_b, tls)
+        a, b = await tls_pair(sock_a, sock_b, tls)
     async with (
         open_session(a, Role.CLIENT) as client,
         open_session(b, Role.SERVER) as server,

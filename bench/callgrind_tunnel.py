@@ -120,6 +120,22 @@ def _collected(child: Child) -> int:
     return int(found[-1])
 
 
+def _stopped_total(procs: Processes, *children: Child) -> int:
+    """The instructions of ``children``, stopped by SIGINT so that callgrind writes its
+    totals (a child that does not exit in time is killed, and the error raised)."""
+    total = 0
+    for child in children:
+        child.popen.send_signal(signal.SIGINT)
+        try:
+            child.popen.wait(timeout=120)
+        except Exception:
+            procs.stop(child)
+            raise
+        total += _collected(child)
+        procs.stop(child)
+    return total
+
+
 def measure(procs: Processes, tree: Path, echo: int, count: int, workload: str = "ping") -> int:
     """Instructions of both tunnel processes over start-up, a warm-up and ``count`` round
     trips (or connections)."""
@@ -173,17 +189,7 @@ def measure(procs: Processes, tree: Path, echo: int, count: int, workload: str =
         time.sleep(2)  # both sides finish closing the last ones before the totals
     else:
         _round_trips(front, count)
-    total = 0
-    for child in (client, server):
-        child.popen.send_signal(signal.SIGINT)
-        try:
-            child.popen.wait(timeout=120)
-        except Exception:
-            procs.stop(child)
-            raise
-        total += _collected(child)
-        procs.stop(child)
-    return total
+    return _stopped_total(procs, client, server)
 
 
 def main() -> int:

@@ -105,6 +105,55 @@ async def open_pair(
     return opened, box[0]
 
 
+async def send_at_once_in_odd_sizes(
+    pairs: list[tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]],
+    payloads: list[bytes],
+) -> list[bytes]:
+    """Each payload on its own stream pair, all at once, in writes of odd sizes (so that
+    frames and records are cut anywhere) ended with EOF; returns what each far end read."""
+    received: dict[int, bytes] = {}
+
+    async def send(i: int) -> None:
+        data, pos, chunk = payloads[i], 0, 1 + 1000 * i
+        while pos < len(data):
+            await pairs[i][0].send_all(data[pos : pos + chunk])
+            pos += chunk
+            chunk = chunk * 3 % 40_000 + 1
+        await pairs[i][0].send_eof()
+
+    async def receive(i: int) -> None:
+        parts = []
+        while chunk := await pairs[i][1].receive_some():
+            parts.append(chunk)
+        received[i] = b"".join(parts)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(pairs)):
+            nursery.start_soon(send, i)
+            nursery.start_soon(receive, i)
+    return [received[i] for i in range(len(pairs))]
+
+
+async def eight_streams_at_once(
+    a: trio.abc.Stream, b: trio.abc.Stream, payloads: list[bytes]
+) -> tuple[list[bytes], int]:
+    """A session over ``a`` and ``b`` with a small write buffer, and one stream a payload
+    sent all at once (see :func:`send_at_once_in_odd_sizes`): what each stream delivered,
+    and the bytes the client wrote (inline and through its writer task)."""
+    config = SessionConfig(write_buffer_high=32 * 1024, max_data_chunk=16 * 1024)
+    async with (
+        open_session(a, Role.CLIENT, config) as client,
+        open_session(b, Role.SERVER, config) as server,
+    ):
+        pairs = [await open_pair(client, server, host="t", port=i + 1) for i in range(8)]
+        received = await send_at_once_in_odd_sizes(pairs, payloads)
+        written = client.bytes_written
+        for mine, theirs in pairs:
+            await mine.aclose()
+            await theirs.aclose()
+    return received, written
+
+
 def live_tasks() -> list[trio.lowlevel.Task]:
     """Every live task in this run, walking the task tree from the root."""
     root = trio.lowlevel.current_root_task()
@@ -252,6 +301,26 @@ class Crash:
             raise
         except BaseException as exc:
             self.error = exc
+
+
+#: The cluster tests' mark: they run on a real etcd, which CI installs.
+needs_etcd = pytest.mark.skipif(
+    shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
+)
+
+
+async def send_and_read_all(address: tuple[str, int], payload: bytes) -> bytes:
+    """Send ``payload`` then EOF, and return everything the service answers until its EOF
+    (a small payload: sent before reading; errors come through as they are, ungrouped)."""
+    with trio.fail_after(10):  # a hang detector
+        stream = await trio.open_tcp_stream(*address)
+        async with stream:
+            await stream.send_all(payload)
+            await stream.send_eof()
+            out = b""
+            while chunk := await stream.receive_some():
+                out += chunk
+            return out
 
 
 async def echo_once(address: tuple[str, int], payload: bytes) -> bytes:
@@ -627,9 +696,9 @@ def address_in(line: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
-def roundtrip(address: tuple[str, int], payload: bytes) -> bytes:
+def roundtrip(address: tuple[str, int], payload: bytes, timeout: float = 10) -> bytes:
     """Send ``payload``, half-close, and read until the other side closes (blocking)."""
-    with socket.create_connection(address, timeout=10) as s:
+    with socket.create_connection(address, timeout=timeout) as s:
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
         out = b""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -13,12 +12,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers import EtcdServer, closed_port
+from helpers import EtcdServer, closed_port, needs_etcd, send_and_read_all
 
 PYTUNNEL = [sys.executable, "-m", "pytunnel"]
-needs_etcd = pytest.mark.skipif(
-    shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
-)
 TOKEN = "cluster-cli-token"
 
 
@@ -87,14 +83,7 @@ def _free_port() -> int:
 
 
 async def _echo(host: str, port: int, payload: bytes) -> bytes:
-    stream = await trio.open_tcp_stream(host, port)
-    async with stream:
-        await stream.send_all(payload)
-        await stream.send_eof()
-        out = b""
-        while chunk := await stream.receive_some():
-            out += chunk
-        return out
+    return await send_and_read_all((host, port), payload)
 
 
 @needs_etcd

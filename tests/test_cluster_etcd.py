@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import subprocess
 import sys
 
 import httpx
 import pytest
 import trio
-from helpers import EtcdServer, closed_port, count_tasks, wait_until
+from helpers import EtcdServer, closed_port, count_tasks, needs_etcd, wait_until
 
 from pytunnel.cluster import Change, EtcdRegistry
 from pytunnel.errors import ClusterUnavailableError, ErrorCode
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
-)
+pytestmark = needs_etcd
 
 # A node process that claims a key, says so, and then only keeps its lease alive.
 _NODE = """

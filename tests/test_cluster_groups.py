@@ -12,12 +12,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,8 @@ from helpers import (
     count_fds,
     count_tasks,
     describe_tasks,
+    needs_etcd,
+    send_and_read_all,
     wait_until,
 )
 from test_cluster_relay import SECRET
@@ -39,9 +42,7 @@ import pytunnel
 from pytunnel.cluster import EtcdRegistry
 from pytunnel.errors import ClusterUnavailableError, ErrorCode
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
-)
+pytestmark = needs_etcd
 
 PYTUNNEL = [sys.executable, "-m", "pytunnel"]
 GROUP = {"group": "web", "group_key": "the group's key"}
@@ -62,19 +63,24 @@ async def _tagged(nursery: trio.Nursery, tag: bytes) -> int:
 
 
 async def _ask(address: tuple[str, int], payload: bytes = b"who?") -> bytes:
-    with trio.fail_after(10):  # a hang detector
-        stream = await trio.open_tcp_stream(*address)
-        async with stream:
-            await stream.send_all(payload)
-            await stream.send_eof()
-            out = b""
-            while chunk := await stream.receive_some():
-                out += chunk
-            return out
+    return await send_and_read_all(address, payload)
 
 
 async def _served_by(address: tuple[str, int], count: int) -> Counter[bytes]:
     return Counter([await _ask(address) for _ in range(count)])
+
+
+async def _members_on_a_and_b(
+    nursery: trio.Nursery, a: pytunnel.TunnelServer, b: pytunnel.TunnelServer
+) -> int:
+    """A client on each of nodes ``a`` and ``b`` with one member of a group (answering
+    ``A`` or ``B``) on a port free on both; returns the port."""
+    on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    on_b = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
+    port = _free_port_on_both()
+    await on_a.forward_remote("127.0.0.1", await _tagged(nursery, b"A"), remote_port=port, **GROUP)
+    await on_b.forward_remote("127.0.0.1", await _tagged(nursery, b"B"), remote_port=port, **GROUP)
+    return port
 
 
 async def _knows_members(node: pytunnel.TunnelServer, key: str, expected: dict[str, int]) -> None:
@@ -116,12 +122,8 @@ async def test_public_connections_on_any_node_reach_the_members_on_every_node(
     a = await _relay_node(nursery, etcd, "a", "127.0.0.1")
     b = await _relay_node(nursery, etcd, "b", "127.0.0.2")
     c = await _relay_node(nursery, etcd, "c", "127.0.0.3")
-    on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
-    on_b = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
-    port = _free_port_on_both()
+    port = await _members_on_a_and_b(nursery, a, b)
     key = f"tcp/{port}"
-    await on_a.forward_remote("127.0.0.1", await _tagged(nursery, b"A"), remote_port=port, **GROUP)
-    await on_b.forward_remote("127.0.0.1", await _tagged(nursery, b"B"), remote_port=port, **GROUP)
     await _knows_members(a, key, {"b": 1})
     await _knows_members(b, key, {"a": 1})
     await _knows_members(c, key, {"a": 1, "b": 1})
@@ -257,12 +259,8 @@ async def test_members_on_a_node_no_link_reaches_lose_their_turns_not_the_connec
     reset is a failed link attempt, and most connections are served."""
     a = await _relay_node(nursery, etcd, "a", "127.0.0.1")
     b = await _relay_node(nursery, etcd, "b", "127.0.0.2", secret="not the secret")
-    on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
-    on_b = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
-    port = _free_port_on_both()
+    port = await _members_on_a_and_b(nursery, a, b)
     key = f"tcp/{port}"
-    await on_a.forward_remote("127.0.0.1", await _tagged(nursery, b"A"), remote_port=port, **GROUP)
-    await on_b.forward_remote("127.0.0.1", await _tagged(nursery, b"B"), remote_port=port, **GROUP)
     await _knows_members(a, key, {"b": 1})
     links = a.node_links
     assert links is not None
@@ -393,10 +391,12 @@ async def test_first_members_racing_on_two_nodes_form_one_group(
         await _until_released(a, key)
 
 
+@asynccontextmanager
 async def _node_process(
     etcd: EtcdServer, name: str, host: str, secret_file: Path
-) -> tuple[trio.Process, tuple[str, int]]:
-    """A ``pytunnel serve`` node process (killed by pid), and its control address."""
+) -> AsyncIterator[tuple[trio.Process, tuple[str, int]]]:
+    """A ``pytunnel serve`` node process and its control address; the test may kill it by
+    pid, and whatever is still running at the end is killed then."""
     process = await trio.lowlevel.open_process(
         [
             *PYTUNNEL,
@@ -418,21 +418,27 @@ async def _node_process(
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTUNNEL_TOKEN": TOKEN},
     )
-    assert process.stdout is not None
-    pending = b""
-    address: tuple[str, int] | None = None
-    with trio.fail_after(30):
-        while b"of the cluster at" not in pending:
-            chunk = await process.stdout.receive_some()
-            assert chunk, "the node process exited"
-            pending += chunk
-    for line in pending.decode().splitlines():
-        if "listening on" in line:
-            text = line.split("listening on ", 1)[1].split()[0]
-            host_text, _, port_text = text.rpartition(":")
-            address = (host_text, int(port_text))
-    assert address is not None, pending
-    return process, address
+    try:
+        assert process.stdout is not None
+        pending = b""
+        address: tuple[str, int] | None = None
+        with trio.fail_after(30):
+            while b"of the cluster at" not in pending:
+                chunk = await process.stdout.receive_some()
+                assert chunk, "the node process exited"
+                pending += chunk
+        for line in pending.decode().splitlines():
+            if "listening on" in line:
+                text = line.split("listening on ", 1)[1].split()[0]
+                host_text, _, port_text = text.rpartition(":")
+                address = (host_text, int(port_text))
+        assert address is not None, pending
+        yield process, address
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+        with trio.CancelScope(shield=True):
+            await process.wait()
 
 
 @pytest.mark.slow
@@ -447,8 +453,7 @@ async def test_a_members_node_killed_its_share_goes_to_the_survivor(
     secret_file = tmp_path / "cluster-secret"
     secret_file.write_text(SECRET + "\n")
     a = await _relay_node(nursery, etcd, "a", "127.0.0.1")
-    process, b_address = await _node_process(etcd, "b", "127.0.0.2", secret_file)
-    try:
+    async with _node_process(etcd, "b", "127.0.0.2", secret_file) as (process, b_address):
         on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
         on_b = await pytunnel.connect_tunnel(nursery, b_address, token=TOKEN, reconnect=False)
         port = _free_port_on_both()
@@ -489,11 +494,6 @@ async def test_a_members_node_killed_its_share_goes_to_the_survivor(
             f"reset (the first {first_reset and round(first_reset, 2)} s after it); B's member "
             f"out of the registry {expired_after:.2f} s after it (lease TTL 3 s)"
         )
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-        with trio.CancelScope(shield=True):
-            await process.wait()
 
 
 @pytest.mark.slow
@@ -506,8 +506,7 @@ async def test_a_group_whose_only_members_node_dies_is_given_back_by_another_nod
     secret_file = tmp_path / "cluster-secret"
     secret_file.write_text(SECRET + "\n")
     a = await _relay_node(nursery, etcd, "a", "127.0.0.1")
-    process, b_address = await _node_process(etcd, "b", "127.0.0.2", secret_file)
-    try:
+    async with _node_process(etcd, "b", "127.0.0.2", secret_file) as (process, b_address):
         on_b = await pytunnel.connect_tunnel(nursery, b_address, token=TOKEN, reconnect=False)
         port = _free_port_on_both()
         key = f"tcp/{port}"
@@ -524,11 +523,6 @@ async def test_a_group_whose_only_members_node_dies_is_given_back_by_another_nod
         on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
         await on_a.forward_remote("127.0.0.1", echo_port, remote_port=port)
         assert await _ask(("127.0.0.1", port), b"a's own") == b"a's own"
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-        with trio.CancelScope(shield=True):
-            await process.wait()
 
 
 @pytest.mark.slow

@@ -19,13 +19,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers import EtcdServer
+from helpers import EtcdServer, needs_etcd, send_and_read_all
 from test_cluster_cli import PYTUNNEL, TOKEN, Process
 
 pytestmark = [
-    pytest.mark.skipif(
-        shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
-    ),
+    needs_etcd,
     pytest.mark.skipif(
         shutil.which("haproxy") is None and not os.path.exists("/usr/sbin/haproxy"),
         reason="haproxy is not installed (.ci/run installs it)",
@@ -142,15 +140,7 @@ async def _node(
 
 
 async def _exchange(host: str, port: int, payload: bytes) -> bytes:
-    with trio.fail_after(10):  # a hang detector
-        stream = await trio.open_tcp_stream(host, port)
-        async with stream:
-            await stream.send_all(payload)
-            await stream.send_eof()
-            out = b""
-            while chunk := await stream.receive_some():
-                out += chunk
-            return out
+    return await send_and_read_all((host, port), payload)
 
 
 async def _until_served(host: str, port: int, payload: bytes, seconds: float = 60) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 import socket
 import ssl
 import struct
@@ -25,6 +24,8 @@ from helpers import (
     count_fds,
     count_tasks,
     describe_tasks,
+    needs_etcd,
+    send_and_read_all,
     wait_until,
 )
 from prometheus_client import CollectorRegistry, generate_latest
@@ -34,9 +35,7 @@ import pytunnel
 import pytunnel.metrics
 from pytunnel.cluster import EtcdRegistry
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
-)
+pytestmark = needs_etcd
 
 SECRET = "the nodes' own secret"
 HTTP = ("127.0.0.1", 0)
@@ -65,19 +64,6 @@ async def _node(
         )
     )
     return server
-
-
-async def _exchange(address: tuple[str, int], payload: bytes) -> bytes:
-    """Send ``payload``, half-close, read until EOF (a reset raises)."""
-    with trio.fail_after(10):  # a hang detector
-        stream = await trio.open_tcp_stream(*address)
-        async with stream:
-            await stream.send_all(payload)
-            await stream.send_eof()
-            out = b""
-            while chunk := await stream.receive_some():
-                out += chunk
-            return out
 
 
 async def _until_eof(stream: trio.SocketStream) -> None:
@@ -145,7 +131,7 @@ async def test_a_port_of_a_client_on_node_a_is_served_through_node_b(
     port_info = a.clients[0].ports[0]
     assert port_info.connections_total == 3
     # A serves its own port as before
-    assert (await _exchange(("127.0.0.1", port), b"direct")).endswith(b"direct")
+    assert (await send_and_read_all(("127.0.0.1", port), b"direct")).endswith(b"direct")
     await remote.aclose()
     links = b.node_links
     await wait_until(lambda: port not in links.mirrored_ports, seconds=20)
@@ -168,8 +154,11 @@ async def test_a_name_held_on_node_a_is_served_through_node_b(
     await wait_until(lambda: links.owner_node("http/app.example.test") == "a", seconds=20)
     assert b.http_address is not None
     request = b"GET /x HTTP/1.1\r\nHost: app.example.test\r\n\r\n" + b"body" * 1000
-    assert await _exchange(b.http_address, request) == request  # the echo: head replayed once
-    missing = await _exchange(b.http_address, b"GET / HTTP/1.1\r\nHost: nope.example.test\r\n\r\n")
+    # the echo: the head replayed once
+    assert await send_and_read_all(b.http_address, request) == request
+    missing = await send_and_read_all(
+        b.http_address, b"GET / HTTP/1.1\r\nHost: nope.example.test\r\n\r\n"
+    )
     assert missing.startswith(b"HTTP/1.1 404 ")
     assert links.stats.streams_out == 1
 
@@ -211,7 +200,7 @@ async def test_a_node_with_the_wrong_secret_relays_nothing(
     await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
     await _mirrored(b, port)
     with pytest.raises(trio.BrokenResourceError):
-        await _exchange(("127.0.0.2", port), b"hello")
+        await send_and_read_all(("127.0.0.2", port), b"hello")
     assert a.auth_failures == 1
     assert b.node_links is not None
     assert b.node_links.linked_nodes == []
@@ -242,7 +231,7 @@ async def test_node_links_to_tls_listeners_are_tls_and_verify_the_peer(
     port = _free_port_on_both()
     await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
     await _mirrored(b, port)
-    assert await _exchange(("127.0.0.2", port), b"over tls") == b"over tls"
+    assert await send_and_read_all(("127.0.0.2", port), b"over tls") == b"over tls"
     assert b.node_links is not None
     assert b.node_links.linked_nodes == ["a"]
 
@@ -250,7 +239,7 @@ async def test_node_links_to_tls_listeners_are_tls_and_verify_the_peer(
     c = await _node(nursery, etcd, "c", "127.0.0.3", tls=server_tls, cluster_tls=stranger)
     await _mirrored(c, port)
     with pytest.raises(trio.BrokenResourceError):
-        await _exchange(("127.0.0.3", port), b"hello")
+        await send_and_read_all(("127.0.0.3", port), b"hello")
     assert "certificate verification failed" in caplog.text
     assert c.node_links is not None
     assert c.node_links.linked_nodes == []
@@ -274,7 +263,7 @@ async def test_a_stream_for_a_port_the_owner_no_longer_serves_is_reset(
         await forward.wait_status(pytunnel.ForwardStatus.OFFLINE)
     await wait_until(lambda: a.clients[0].ports[0].status != "active", seconds=20)
     with pytest.raises(trio.BrokenResourceError):
-        await _exchange(("127.0.0.2", port), b"hello")
+        await send_and_read_all(("127.0.0.2", port), b"hello")
     assert a.node_links is not None
     assert a.node_links.stats.streams_in == 0  # refused before it was taken
 
@@ -299,7 +288,7 @@ async def test_a_port_another_program_holds_here_is_not_mirrored_and_nothing_bre
         other = _free_port_on_both()
         await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=other)
         await _mirrored(b, other)
-        assert await _exchange(("127.0.0.2", other), b"still relays") == b"still relays"
+        assert await send_and_read_all(("127.0.0.2", other), b"still relays") == b"still relays"
     finally:
         squatter.close()
 
@@ -313,7 +302,7 @@ async def test_metrics_name_the_node_and_count_node_link_traffic(
     a, b, _tunnel, port = await _two_nodes_one_port(nursery, etcd, echo_port)
     payload = b"x" * 10_000
     for _ in range(2):
-        assert await _exchange(("127.0.0.2", port), payload) == payload
+        assert await send_and_read_all(("127.0.0.2", port), payload) == payload
     pages = {}
     for node in (a, b):
         registry = CollectorRegistry()
@@ -391,7 +380,7 @@ async def test_relayed_connections_leave_nothing_behind(
     a reset): every task and descriptor they took at both nodes is given back, and only the
     one link stays."""
     a, b, _tunnel, port = await _two_nodes_one_port(nursery, etcd, echo_port)
-    assert await _exchange(("127.0.0.2", port), b"link up") == b"link up"
+    assert await send_and_read_all(("127.0.0.2", port), b"link up") == b"link up"
     await wait_until(lambda: b.active_streams == 0 and a.active_streams == 0, seconds=20)
     tasks, fds = count_tasks(), count_fds()
     streams = []
@@ -446,9 +435,9 @@ async def test_a_node_that_gave_no_usable_address_gets_nothing_relayed(
     await _mirrored(b, port)
     for _ in range(2):
         with pytest.raises(trio.BrokenResourceError):
-            await _exchange(("127.0.0.2", port), b"hello")
+            await send_and_read_all(("127.0.0.2", port), b"hello")
     assert "node a gave no usable address" in caplog.text
-    assert await _exchange(("127.0.0.1", port), b"direct") == b"direct"
+    assert await send_and_read_all(("127.0.0.1", port), b"direct") == b"direct"
 
 
 async def test_relaying_goes_on_while_the_engine_is_away(
@@ -473,7 +462,7 @@ async def test_relaying_goes_on_while_the_engine_is_away(
         assert got == b"during"
         await live.aclose()
     for i in range(3):
-        assert await _exchange(("127.0.0.2", port), b"new %d" % i) == b"new %d" % i
+        assert await send_and_read_all(("127.0.0.2", port), b"new %d" % i) == b"new %d" % i
     await etcd.start()
     other = _free_port_on_both()
     with trio.fail_after(30):
@@ -484,7 +473,7 @@ async def test_relaying_goes_on_while_the_engine_is_away(
             except pytunnel.ClusterUnavailableError:
                 await trio.sleep(0.2)
     await _mirrored(b, other)
-    assert await _exchange(("127.0.0.2", other), b"after") == b"after"
+    assert await send_and_read_all(("127.0.0.2", other), b"after") == b"after"
 
 
 # ---------------------------------------------------------------- review findings (issue 17)

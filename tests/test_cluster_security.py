@@ -10,7 +10,6 @@ import functools
 import logging
 import os
 import re
-import shutil
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -20,16 +19,14 @@ import httpx
 import pytest
 import trio
 import trustme
-from helpers import EtcdServer, LinkProxy, wait_until
+from helpers import EtcdServer, LinkProxy, needs_etcd, wait_until
 from test_cluster_cli import PYTUNNEL, TOKEN, Process
 
 import pytunnel
 from pytunnel.cluster import Change, EtcdRegistry
 from pytunnel.errors import ClusterAuthError, ClusterUnavailableError, ErrorCode
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
-)
+pytestmark = needs_etcd
 
 PASSWORD = "correct horse battery staple"
 

@@ -8,20 +8,25 @@ could both bind a port: only the cluster's claim can refuse the second one.
 from __future__ import annotations
 
 import functools
-import shutil
 import socket
 
 import pytest
 import trio
-from helpers import TOKEN, EtcdServer, LinkProxy, closed_port, wait_until
+from helpers import (
+    TOKEN,
+    EtcdServer,
+    LinkProxy,
+    closed_port,
+    needs_etcd,
+    send_and_read_all,
+    wait_until,
+)
 
 import pytunnel
 from pytunnel.cluster import EtcdRegistry
 from pytunnel.errors import ClusterUnavailableError, ErrorCode
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("etcd") is None, reason="etcd is not installed (.ci/run installs etcd-server)"
-)
+pytestmark = needs_etcd
 
 FAST = {"backoff_initial": 0.2, "backoff_jitter": 0.0}
 
@@ -44,15 +49,7 @@ async def _node(
 
 
 async def _echo(address: tuple[str, int], payload: bytes = b"ping") -> bytes:
-    with trio.fail_after(10):  # a hang detector
-        stream = await trio.open_tcp_stream(*address)
-        async with stream:
-            await stream.send_all(payload)
-            await stream.send_eof()
-            out = b""
-            while chunk := await stream.receive_some():
-                out += chunk
-            return out
+    return await send_and_read_all(address, payload)
 
 
 async def test_two_clients_on_two_nodes_racing_for_a_port_one_wins(

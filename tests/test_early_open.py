@@ -24,6 +24,7 @@ from helpers import (
     count_fds,
     count_tasks,
     describe_tasks,
+    roundtrip,
     tcp_stream_pair,
     wait_until,
 )
@@ -348,19 +349,10 @@ async def test_local_forward_data_sent_at_once_arrives_in_order_and_complete(
     and half-closing: every echo is whole and in order."""
     forward = await tunnel.forward_local("127.0.0.1", echo_port)
 
-    def one(payload: bytes) -> bytes:
-        with socket.create_connection(forward.address) as sock:
-            sock.settimeout(20)
-            sock.sendall(payload)
-            sock.shutdown(socket.SHUT_WR)
-            out = b""
-            while chunk := sock.recv(65536):
-                out += chunk
-            return out
-
     for size in (1, 100, 8192, 8193, 70000):
         payload = bytes(i % 251 for i in range(size))
-        assert await trio.to_thread.run_sync(one, payload) == payload
+        echoed = await trio.to_thread.run_sync(roundtrip, forward.address, payload, 20)
+        assert echoed == payload
     await wait_until(lambda: forward.stats.active_connections == 0)
     assert forward.stats.total_connections == 5
     assert forward.stats.errors == {}

@@ -13,7 +13,13 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
-from helpers import count_tasks, open_pair, session_pair, tcp_stream_pair
+from helpers import (
+    count_tasks,
+    eight_streams_at_once,
+    open_pair,
+    session_pair,
+    tcp_stream_pair,
+)
 
 import pytunnel
 from pytunnel import (
@@ -971,34 +977,8 @@ async def test_inline_and_queued_writes_interleave_without_reordering() -> None:
     tasks_before = count_tasks()
     rng = random.Random(12)
     payloads = [rng.randbytes(40_000 + 7919 * i) for i in range(8)]
-    received: dict[int, bytes] = {}
-    config = SessionConfig(write_buffer_high=32 * 1024, max_data_chunk=16 * 1024)
     with trio.fail_after(60):
-        async with (
-            open_session(a, Role.CLIENT, config) as client,
-            open_session(b, Role.SERVER, config) as server,
-        ):
-            pairs = [await open_pair(client, server, host="t", port=i + 1) for i in range(8)]
-
-            async def send(i: int) -> None:
-                data, pos, chunk = payloads[i], 0, 1 + 1000 * i  # odd sizes: frames cut anywhere
-                while pos < len(data):
-                    await pairs[i][0].send_all(data[pos : pos + chunk])
-                    pos += chunk
-                    chunk = chunk * 3 % 40_000 + 1
-                await pairs[i][0].send_eof()
-
-            async def receive(i: int) -> None:
-                received[i] = await _read_all(pairs[i][1])
-
-            async with trio.open_nursery() as nursery:
-                for i in range(8):
-                    nursery.start_soon(send, i)
-                    nursery.start_soon(receive, i)
-            written = client.bytes_written
-            for mine, theirs in pairs:
-                await mine.aclose()
-                await theirs.aclose()
+        received, written = await eight_streams_at_once(a, b, payloads)
     for i, payload in enumerate(payloads):
         assert received[i] == payload, f"stream {i} arrived damaged"
     assert spy.calls, "nothing went through the writer task: the socket never filled"

@@ -25,7 +25,7 @@ from helpers import (
     count_fds,
     count_tasks,
     describe_tasks,
-    open_pair,
+    eight_streams_at_once,
     tcp_stream_pair,
     wait_until,
 )
@@ -33,7 +33,6 @@ from helpers import (
 import pytunnel
 from pytunnel._tls import tls_accept, tls_connect
 from pytunnel._tls_stream import TLSSocketStream, wrap_socket_stream
-from pytunnel.session import Role, SessionConfig, open_session
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -285,37 +284,8 @@ async def test_session_inline_writes_over_tls_keep_every_stream_in_order(
         client_tls.send_all = spy  # type: ignore[method-assign]
         tasks_before = count_tasks()
         payloads = [os.urandom(40_000 + 7919 * i) for i in range(8)]
-        received: dict[int, bytes] = {}
-        config = SessionConfig(write_buffer_high=32 * 1024, max_data_chunk=16 * 1024)
         with trio.fail_after(BOUND * 3):
-            async with (
-                open_session(client_tls, Role.CLIENT, config) as client,
-                open_session(server_tls, Role.SERVER, config) as server,
-            ):
-                pairs = [await open_pair(client, server, host="t", port=i + 1) for i in range(8)]
-
-                async def send(i: int) -> None:
-                    data, pos, chunk = payloads[i], 0, 1 + 1000 * i
-                    while pos < len(data):
-                        await pairs[i][0].send_all(data[pos : pos + chunk])
-                        pos += chunk
-                        chunk = chunk * 3 % 40_000 + 1
-                    await pairs[i][0].send_eof()
-
-                async def receive(i: int) -> None:
-                    out = b""
-                    while chunk := await pairs[i][1].receive_some():
-                        out += chunk
-                    received[i] = out
-
-                async with trio.open_nursery() as nursery:
-                    for i in range(8):
-                        nursery.start_soon(send, i)
-                        nursery.start_soon(receive, i)
-                written = client.bytes_written
-                for mine, theirs in pairs:
-                    await mine.aclose()
-                    await theirs.aclose()
+            received, written = await eight_streams_at_once(client_tls, server_tls, payloads)
         for i, payload in enumerate(payloads):
             assert received[i] == payload, f"stream {i} arrived damaged"
         assert writer_bytes[0], "nothing went through the writer task: the socket never filled"
@@ -373,63 +343,6 @@ async def test_closing_wakes_a_blocked_receiver_with_closed_resource_error(
                 await server.aclose()
 
 
-async def test_peer_closing_tcp_mid_record_is_a_broken_stream_not_eof(
-    server_context: ssl.SSLContext, client_context: ssl.SSLContext
-) -> None:
-    """The far end (an ssl.SSLObject we drive by hand) sends one whole record, half of the
-    next, then closes TCP: the whole record is delivered, then BrokenResourceError; a
-    truncation must never read as a clean end of the data."""
-    raw_client, raw_server = await tcp_stream_pair()
-    server = wrap_socket_stream(raw_server, server_context, server_side=True)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    peer = client_context.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    try:
-        with trio.fail_after(BOUND):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(server.do_handshake)
-                await _drive_handshake(peer, incoming, outgoing, raw_client)
-            peer.write(b"A" * 1000)
-            whole = outgoing.read()
-            peer.write(b"B" * 1000)
-            second = outgoing.read()
-            await raw_client.send_all(whole + second[: len(second) // 2])
-            await raw_client.aclose()
-            assert await _receive_exactly(server, 1000) == b"A" * 1000
-            with pytest.raises(trio.BrokenResourceError) as info:
-                await server.receive_some()
-            assert isinstance(info.value.__cause__, ssl.SSLError)
-            with pytest.raises(trio.BrokenResourceError):  # and it stays broken
-                await server.receive_some()
-    finally:
-        await trio.aclose_forcefully(server)
-        await trio.aclose_forcefully(raw_client)
-
-
-async def test_peer_closing_tcp_between_records_is_a_broken_stream_not_eof(
-    server_context: ssl.SSLContext, client_context: ssl.SSLContext
-) -> None:
-    """Whole records, then a TCP FIN without close_notify: data first, then the error
-    (https_compatible=False semantics, as the session has always had)."""
-    raw_client, raw_server = await tcp_stream_pair()
-    server = wrap_socket_stream(raw_server, server_context, server_side=True)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    peer = client_context.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    try:
-        with trio.fail_after(BOUND):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(server.do_handshake)
-                await _drive_handshake(peer, incoming, outgoing, raw_client)
-            peer.write(b"C" * 40000)
-            await raw_client.send_all(outgoing.read())
-            await raw_client.aclose()
-            assert await _receive_exactly(server, 40000) == b"C" * 40000
-            with pytest.raises(trio.BrokenResourceError):
-                await server.receive_some()
-    finally:
-        await trio.aclose_forcefully(server)
-        await trio.aclose_forcefully(raw_client)
-
-
 async def _drive_handshake(
     peer: ssl.SSLObject,
     incoming: ssl.MemoryBIO,
@@ -447,6 +360,75 @@ async def _drive_handshake(
         if outgoing.pending:
             await raw.send_all(outgoing.read())
         return
+
+
+@asynccontextmanager
+async def _server_with_a_hand_driven_peer(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> AsyncIterator[tuple[TLSSocketStream, ssl.SSLObject, ssl.MemoryBIO, trio.SocketStream]]:
+    """A server stream past its handshake with an ``ssl.SSLObject`` client: the test writes
+    records with ``peer.write`` and puts ``outgoing.read()`` on ``raw_client`` as it likes,
+    whole, cut short, or followed by a FIN without close_notify."""
+    raw_client, raw_server = await tcp_stream_pair()
+    server = wrap_socket_stream(raw_server, server_context, server_side=True)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    peer = client_context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    try:
+        with trio.fail_after(BOUND):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.do_handshake)
+                await _drive_handshake(peer, incoming, outgoing, raw_client)
+        yield server, peer, outgoing, raw_client
+    finally:
+        await trio.aclose_forcefully(server)
+        await trio.aclose_forcefully(raw_client)
+
+
+async def test_peer_closing_tcp_mid_record_is_a_broken_stream_not_eof(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    """The far end (an ssl.SSLObject we drive by hand) sends one whole record, half of the
+    next, then closes TCP: the whole record is delivered, then BrokenResourceError; a
+    truncation must never read as a clean end of the data."""
+    async with _server_with_a_hand_driven_peer(server_context, client_context) as (
+        server,
+        peer,
+        outgoing,
+        raw_client,
+    ):
+        with trio.fail_after(BOUND):
+            peer.write(b"A" * 1000)
+            whole = outgoing.read()
+            peer.write(b"B" * 1000)
+            second = outgoing.read()
+            await raw_client.send_all(whole + second[: len(second) // 2])
+            await raw_client.aclose()
+            assert await _receive_exactly(server, 1000) == b"A" * 1000
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await server.receive_some()
+            assert isinstance(info.value.__cause__, ssl.SSLError)
+            with pytest.raises(trio.BrokenResourceError):  # and it stays broken
+                await server.receive_some()
+
+
+async def test_peer_closing_tcp_between_records_is_a_broken_stream_not_eof(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    """Whole records, then a TCP FIN without close_notify: data first, then the error
+    (https_compatible=False semantics, as the session has always had)."""
+    async with _server_with_a_hand_driven_peer(server_context, client_context) as (
+        server,
+        peer,
+        outgoing,
+        raw_client,
+    ):
+        with trio.fail_after(BOUND):
+            peer.write(b"C" * 40000)
+            await raw_client.send_all(outgoing.read())
+            await raw_client.aclose()
+            assert await _receive_exactly(server, 40000) == b"C" * 40000
+            with pytest.raises(trio.BrokenResourceError):
+                await server.receive_some()
 
 
 # ------------------------------------------------------------------ failed handshakes
@@ -571,6 +553,32 @@ async def test_wrong_pin_is_refused(
     assert "fingerprint mismatch" in str(info.value)
 
 
+async def _connect_and_accept(
+    client_side: trio.abc.Stream,
+    server_side: trio.abc.Stream,
+    client_context: ssl.SSLContext,
+    server_context: ssl.SSLContext,
+    fingerprint: str | None = None,
+) -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    """Both ends of one TLS connection through the public entry points, each handshake in a
+    task of its own (neither side can finish alone)."""
+    box: list[trio.abc.Stream] = []
+
+    async def accept() -> None:
+        box.append(await tls_accept(server_side, server_context, timeout=BOUND, peer="p"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accept)
+        client = await tls_connect(
+            client_side,
+            client_context,
+            server_hostname="localhost",
+            fingerprint=fingerprint,
+            timeout=BOUND,
+        )
+    return client, box[0]
+
+
 async def test_right_pin_is_accepted_and_sni_is_sent(
     ca: trustme.CA, client_context: ssl.SSLContext
 ) -> None:
@@ -582,26 +590,19 @@ async def test_right_pin_is_accepted_and_sni_is_sent(
     der = ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
     raw_client, raw_server = await tcp_stream_pair()
     with trio.fail_after(BOUND):
-        async with trio.open_nursery() as nursery:
-            box: list[trio.abc.Stream] = []
-
-            async def accept() -> None:
-                box.append(await tls_accept(raw_server, context, timeout=BOUND, peer="p"))
-
-            nursery.start_soon(accept)
-            client = await tls_connect(
-                raw_client,
-                client_context,
-                server_hostname="localhost",
-                fingerprint=pytunnel.tls.certificate_fingerprint(der),
-                timeout=BOUND,
-            )
+        client, server = await _connect_and_accept(
+            raw_client,
+            raw_server,
+            client_context,
+            context,
+            fingerprint=pytunnel.tls.certificate_fingerprint(der),
+        )
         assert isinstance(client, TLSSocketStream)
-        assert isinstance(box[0], TLSSocketStream)
+        assert isinstance(server, TLSSocketStream)
         await client.send_all(b"pinned")
-        assert await _receive_exactly(box[0], 6) == b"pinned"
+        assert await _receive_exactly(server, 6) == b"pinned"
         await client.aclose()
-        await box[0].aclose()
+        await server.aclose()
     assert names == ["localhost"]
 
 
@@ -612,18 +613,9 @@ async def test_other_streams_keep_trio_ssl_stream(
     stream pair) keeps trio.SSLStream, which works over any stream."""
     left, right = trio.testing.memory_stream_pair()
     with trio.fail_after(BOUND):
-        async with trio.open_nursery() as nursery:
-            box: list[trio.abc.Stream] = []
-
-            async def accept() -> None:
-                box.append(await tls_accept(right, server_context, timeout=BOUND, peer="m"))
-
-            nursery.start_soon(accept)
-            client = await tls_connect(
-                left, client_context, server_hostname="localhost", timeout=BOUND
-            )
+        client, server = await _connect_and_accept(left, right, client_context, server_context)
     assert isinstance(client, trio.SSLStream)
-    assert isinstance(box[0], trio.SSLStream)
+    assert isinstance(server, trio.SSLStream)
 
 
 async def test_nothing_leaks_after_many_connections_and_failures(

@@ -785,19 +785,15 @@ class _ClientSession:
             membership = await self._join_in_cluster(
                 name_key(full, tls=tls), name, proof, f"name {full}", full, NameInUseError
             )
-            try:
-                group = groups.get(key)
-                if group is None:
-                    group = Group(name, proof, full, lambda g: self._forget_group(key, g))
-                    target = group_route(group, tls=tls, name=full)
-                    name_routes.register(full, target)  # NameInUseError if a route holds it
-                    group.on_given_back = functools.partial(name_routes.unregister, full, target)
-                    self._formed(key, group, membership)
-                else:
-                    group.check(name, proof)
-            except BaseException:
-                self._leave_later(membership)
-                raise
+
+            async def form_name() -> Group:
+                group = Group(name, proof, full, lambda g: self._forget_group(key, g))
+                target = group_route(group, tls=tls, name=full)
+                name_routes.register(full, target)  # NameInUseError if a route holds it
+                group.on_given_back = functools.partial(name_routes.unregister, full, target)
+                return group
+
+            group = await self._form_or_check(key, name, proof, membership, form_name)
             member: _Endpoint = _PublicName(
                 self, incoming.stream_id, name_routes, full, tls=tls, group=group
             )
@@ -817,25 +813,20 @@ class _ClientSession:
             membership = await self._join_in_cluster(
                 port_key(incoming.port), name, proof, f"port {incoming.port}", address_text
             )
-            try:
-                group = groups.get(key)
-                if group is None:
-                    self.server.stop_mirror(incoming.port)
-                    listeners = await bind(host, incoming.port)
-                    group = PortGroup(
-                        name,
-                        proof,
-                        listeners,
-                        address_text,
-                        lambda g: self._forget_group(key, g),
-                        self.config.trusted_proxies,
-                    )
-                    self._formed(key, group, membership)
-                else:
-                    group.check(name, proof)
-            except BaseException:
-                self._leave_later(membership)
-                raise
+
+            async def form_port() -> Group:
+                self.server.stop_mirror(incoming.port)
+                listeners = await bind(host, incoming.port)
+                return PortGroup(
+                    name,
+                    proof,
+                    listeners,
+                    address_text,
+                    lambda g: self._forget_group(key, g),
+                    self.config.trusted_proxies,
+                )
+
+            group = await self._form_or_check(key, name, proof, membership, form_port)
             member = _Endpoint(self, incoming.stream_id, group.what)
             address = (host, incoming.port)
         member.group = group
@@ -891,6 +882,29 @@ class _ClientSession:
         if holder != membership.group:
             raise refusal(holder, what=what, address=address, error=error, group=True)
         return membership
+
+    async def _form_or_check(
+        self,
+        key: tuple[str, str],
+        name: str,
+        proof: bytes,
+        membership: _Membership | None,
+        form: Callable[[], Awaitable[Group]],
+    ) -> Group:
+        """The group at ``key`` once the cluster-wide hold is ours: checked again if one formed
+        here while we waited for it, else the one ``form`` builds. Whatever fails gives the
+        hold back, so that another node may form the group."""
+        try:
+            group = self.server.groups.get(key)
+            if group is None:
+                group = await form()
+                self._formed(key, group, membership)
+            else:
+                group.check(name, proof)
+        except BaseException:
+            self._leave_later(membership)
+            raise
+        return group
 
     def _formed(self, key: tuple[str, str], group: Group, membership: _Membership | None) -> None:
         """``group`` is this node's now; in a cluster with node links its members on other

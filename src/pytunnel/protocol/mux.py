@@ -682,8 +682,9 @@ class Multiplexer:
                 with view[start : start + chunk] as piece:
                     append_data_frame(self._out, stream_id, piece, self._peer_max_frame_size)
 
-    def send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
-        """Queue one datagram on an open stream (no window: callers bound their own queues)."""
+    def _datagram_stream(self, stream_id: int) -> _Stream:
+        """The open datagram stream ``stream_id``, which may send (a datagram never changes
+        the state); else ``LocalProtocolError``."""
         st = self._get(stream_id)
         next_state(st.state, StreamEvent.SEND_DATAGRAM, stream_id)
         if not st.datagrams:
@@ -691,6 +692,11 @@ class Multiplexer:
                 f"stream {stream_id} is a byte stream, not a datagram stream",
                 code=ErrorCode.STREAM_STATE_ERROR,
             )
+        return st
+
+    def send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue one datagram on an open stream (no window: callers bound their own queues)."""
+        st = self._datagram_stream(stream_id)
         if len(data) > MAX_DATAGRAM:
             raise LocalProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
         self._emit(Datagram(stream_id, bytes(data)), st)
@@ -703,13 +709,7 @@ class Multiplexer:
         ``Datagram``. Every payload must fit one frame on its own (``Datagram``'s limit); a
         payload too large raises ``LocalProtocolError`` before anything is queued.
         """
-        st = self._get(stream_id)
-        next_state(st.state, StreamEvent.SEND_DATAGRAM, stream_id)
-        if not st.datagrams:
-            raise LocalProtocolError(
-                f"stream {stream_id} is a byte stream, not a datagram stream",
-                code=ErrorCode.STREAM_STATE_ERROR,
-            )
+        st = self._datagram_stream(stream_id)
         for data in payloads:
             if len(data) > MAX_DATAGRAM:
                 raise LocalProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
@@ -943,20 +943,25 @@ class Multiplexer:
             return None
         return st, next_state(st.state, event, stream_id, self._table)
 
+    def _takes_datagrams(self, stream_id: int, what: str) -> bool:
+        """Whether a Datagram or Datagrams frame (``what``, for the error) on ``stream_id`` is
+        delivered: not on a stream gone or closed here; a byte stream is a protocol error."""
+        if (live := self._live(stream_id, StreamEvent.RECV_DATAGRAM)) is None:
+            return False
+        st, _ = live  # a datagram never changes the state
+        if not st.datagrams:
+            raise _error(
+                ErrorCode.STREAM_STATE_ERROR,
+                f"{what} on stream {st.id}, which is a byte stream",
+            )
+        return not st.local_closed
+
     def _handle(self, msg: SessionMessage) -> Event | None:
         match msg:
             case Data():
                 return self._on_data(msg)
             case Datagram(stream_id, data):
-                if (live := self._live(stream_id, StreamEvent.RECV_DATAGRAM)) is None:
-                    return None
-                st, _ = live  # a datagram never changes the state
-                if not st.datagrams:
-                    raise _error(
-                        ErrorCode.STREAM_STATE_ERROR,
-                        f"datagram on stream {st.id}, which is a byte stream",
-                    )
-                if st.local_closed:
+                if not self._takes_datagrams(stream_id, "datagram"):
                     return None
                 return DatagramReceived(stream_id, data)
             case Datagrams(stream_id, batch):
@@ -965,15 +970,7 @@ class Multiplexer:
                         ErrorCode.UNEXPECTED_MESSAGE,
                         "Datagrams frame, which needs protocol version 2, in a version 1 session",
                     )
-                if (live := self._live(stream_id, StreamEvent.RECV_DATAGRAM)) is None:
-                    return None
-                st, _ = live
-                if not st.datagrams:
-                    raise _error(
-                        ErrorCode.STREAM_STATE_ERROR,
-                        f"datagrams on stream {st.id}, which is a byte stream",
-                    )
-                if st.local_closed:
+                if not self._takes_datagrams(stream_id, "datagrams"):
                     return None
                 return DatagramsReceived(stream_id, batch)
             case WindowUpdate(stream_id, delta):
