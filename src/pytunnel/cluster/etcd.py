@@ -31,12 +31,12 @@ import math
 import ssl
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import trio
 
 from ..errors import ClusterAuthError, ClusterUnavailableError, printable
+from ._address import DEFAULT_LEASE_TTL, parse_etcd_url
 from ._ownership import is_group, member_key, members_prefix
 from ._registry import Change, LostCallback, WatchCallback, check_node_id
 
@@ -44,10 +44,6 @@ __all__ = ["DEFAULT_LEASE_TTL", "EtcdRegistry", "parse_etcd_url"]
 
 log = logging.getLogger("pytunnel.cluster")
 
-#: Seconds a dead node's ports and names stay taken. Short enough for a failover that people
-#: do not notice as an outage, long enough that a busy engine or a GC pause does not expire a
-#: live node (it renews every third of it).
-DEFAULT_LEASE_TTL = 10
 #: Seconds one request to the engine may take before the engine counts as unreachable.
 DEFAULT_REQUEST_TIMEOUT = 2.0
 #: Seconds between attempts while the engine does not answer (renewals, watches).
@@ -60,36 +56,6 @@ _STALE_TOKEN = ("invalid auth token", "auth store is old")
 #: What etcd answers when the credentials themselves are the trouble (no token sent, a wrong
 #: password, a user without the right to the keys): a wrong setting, not an outage.
 _REFUSED = ("user name is empty", "authentication failed", "permission denied")
-
-
-def parse_etcd_url(url: str) -> tuple[tuple[str, ...], str]:
-    """``etcd://host:port[,host:port...][/prefix]`` -> (the members' gateway URLs, the key
-    prefix); ``etcds://`` for members that serve TLS (``https://`` gateway URLs).
-
-    Every member of a multi-member etcd can be listed: requests go to the first that answers
-    (see :class:`EtcdRegistry`). The prefix keeps several services apart on one engine
-    (default ``/pytunnel/``)."""
-    parts = urlsplit(url)
-    usage = (
-        f"a cluster address is etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (etcds:// for TLS), "
-        f"not {url!r}"
-    )
-    schemes = {"etcd": "http", "etcds": "https"}
-    if parts.scheme not in schemes or not parts.netloc or parts.query or parts.fragment:
-        raise ValueError(usage)
-    endpoints = []
-    for member in parts.netloc.split(","):
-        one = urlsplit(f"//{member}")
-        try:
-            port = one.port or 2379
-        except ValueError:
-            raise ValueError(usage) from None
-        if not one.hostname or one.username is not None or one.password is not None:
-            raise ValueError(usage)
-        host = f"[{one.hostname}]" if ":" in one.hostname else one.hostname
-        endpoints.append(f"{schemes[parts.scheme]}://{host}:{port}")
-    prefix = parts.path.strip("/")
-    return tuple(endpoints), f"/{prefix}/" if prefix else "/pytunnel/"
 
 
 def _b64(text: str) -> str:
