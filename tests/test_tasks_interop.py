@@ -280,6 +280,10 @@ for _parts in (
     [("__manifest", None, b'{"input":{"f":{"$runnerFile":"File","id":"9"}}}')],
     [("__manifest", None, b"{}"), *[(f"file:{i}", "f.bin", b"x") for i in range(11)]],
     [("__manifest", None, b"{}"), *[(f"field{i}", None, b"v") for i in range(101)]],
+    # at the limits exactly: 10 files, 100 fields with the manifest
+    [("__manifest", None, b"{}"), *[(f"file:{i}", "f.bin", b"x") for i in range(10)]],
+    [("__manifest", None, b"{}"), *[(f"field{i}", None, b"v") for i in range(99)]],
+    [("__manifest", None, b"{}"), *[(f"field{i}", None, b"v") for i in range(100)]],
     [("__manifest", None, b'{"input":"' + b"x" * (1024 * 1024) + b'"}')],
 ):
     SAME_ANSWERS.append(("POST", "/__runner/task/math.add", *multipart(*_parts)))
