@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import PYTUNNEL, CliProcess
+from helpers import PYTUNNEL, CliProcess, closed_port
 
 from pytunnel.tasks import ForbiddenError, SyncTaskClient
 
@@ -59,6 +59,7 @@ def test_tasks_through_the_tunnel_and_locally(
     address, token = tunnel_server
     token_file = app_dir / "token"
     token_file.write_text(token)
+    wanted = closed_port()
     proc = CliProcess(
         "tasks",
         "serve",
@@ -67,6 +68,8 @@ def test_tasks_through_the_tunnel_and_locally(
         "127.0.0.1:0",
         "--tunnel",
         address,
+        "--remote-port",
+        str(wanted),
         "--token-file",
         str(token_file),
         cwd=app_dir,
@@ -77,6 +80,7 @@ def test_tasks_through_the_tunnel_and_locally(
         assert local.startswith("tasks listening on http://127.0.0.1:")
         assert local.endswith("/__runner")
         port = int(re.search(r"on port (\d+)/__runner$", remote).group(1))  # type: ignore[union-attr]
+        assert port == wanted  # --remote-port is the port the tunnel server opened
         for base in (local.split(" on ")[1], f"http://127.0.0.1:{port}/__runner"):
             with SyncTaskClient(base, token=HTTP_TOKEN) as client:
                 assert client.task("math.add", {"a": 40, "b": 2}) == 42
