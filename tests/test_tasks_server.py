@@ -526,7 +526,8 @@ async def test_auth_not_configured_and_anonymous(
 async def test_several_tokens_and_custom_header_and_base(
     nursery: trio.Nursery, http: httpx.AsyncClient
 ) -> None:
-    server = make_server(token=["one", "two"], auth_header="X-Key", base_path="/api/")
+    # the base path is given without its leading slash and with a trailing one: "/api"
+    server = make_server(token=["one", "two"], auth_header="X-Key", base_path="api/")
     listeners = await nursery.start(functools.partial(server.serve, "127.0.0.1", 0))
     base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/api"
     for token in ("one", "two"):
@@ -891,3 +892,22 @@ async def test_every_token_is_compared_in_constant_time(
         r = await http.post(f"{base}/task/echo", headers=headers)
         assert r.status_code == status, token
         assert compared == [(32, 32)] * 3, token
+
+
+async def test_discovery_disabled_is_404_before_any_other_check(
+    nursery: trio.Nursery, http: httpx.AsyncClient
+) -> None:
+    """With discovery off, ``{base}/discovery`` is 404 ``NOT_FOUND`` whatever the method or
+    token (as Runner checks it first); tasks are served as before."""
+    server = make_server(disable_discovery=True)
+    listeners = await nursery.start(functools.partial(server.serve, "127.0.0.1", 0))
+    base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/__runner"
+    for response in [
+        await http.get(f"{base}/discovery", headers=AUTH),
+        await http.get(f"{base}/discovery"),
+        await http.post(f"{base}/discovery", headers=AUTH),
+    ]:
+        assert error_of(response)[:2] == (404, "NOT_FOUND")
+        assert "x-runner-request-id" in response.headers
+    r = await http.post(f"{base}/task/math.add", json={"input": {"a": 1, "b": 2}}, headers=AUTH)
+    assert body_of(r)["result"] == 3
