@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from helpers import count_tasks, describe_tasks, wait_until
+from helpers import count_fds, count_tasks, describe_tasks, wait_until
 
 from pytunnel._http import HttpLimits
 from pytunnel.tasks import BodyStream, InputFile, MultipartLimits, TaskServer
@@ -269,16 +269,38 @@ async def test_malformed_multipart_is_400(base: str, content_type: str, body: by
     assert b"INVALID_MULTIPART" in out
 
 
-async def test_uploads_leak_nothing(small: str, http: httpx.AsyncClient) -> None:
-    before = count_tasks()
-    for _ in range(5):
-        await http.post(
-            f"{small}/task/files.describe",
-            headers=AUTH,
-            data={"__manifest": manifest({})},
-            files=[("file:1", ("a", b"x" * 5000, "text/plain"))],
-        )
-    await wait_until(lambda: count_tasks() <= before + 2, 30, describe_tasks)
+async def test_uploads_leak_nothing(base: str, small: str) -> None:
+    """Uploads answered, refused at a limit, and refused after a file was spooled to disk
+    (a manifest naming a part that never came): afterwards no task and no descriptor (the
+    spools' temporary files) is left over."""
+    before_tasks, before_fds = count_tasks(), count_fds()
+    spooled = b"s" * (2 * 1024 * 1024)  # past what is kept in memory: a temporary file
+    async with httpx.AsyncClient(timeout=30) as client:
+        for _ in range(3):
+            r = await client.post(
+                f"{base}/task/files.received",
+                headers=AUTH,
+                data={"__manifest": manifest({"f": sentinel("1")})},
+                files=[("file:1", ("a", spooled, "text/plain"))],
+            )
+            assert ser.loads(r.content)["result"] == {"f": len(spooled)}
+            r = await client.post(
+                f"{small}/task/files.describe",
+                headers=AUTH,
+                data={"__manifest": manifest({})},
+                files=[("file:1", ("a", b"x" * 5000, "text/plain"))],
+            )
+            assert error_of(r)[:2] == (413, "PAYLOAD_TOO_LARGE")
+            r = await client.post(
+                f"{base}/task/files.received",
+                headers=AUTH,
+                data={"__manifest": manifest({"f": sentinel("1"), "g": sentinel("2")})},
+                files=[("file:1", ("a", spooled, "text/plain"))],
+            )
+            assert error_of(r)[:2] == (500, "MISSING_FILE_PART")
+    await wait_until(
+        lambda: count_tasks() <= before_tasks and count_fds() <= before_fds, 30, describe_tasks
+    )
 
 
 @pytest.mark.timeout(240)
