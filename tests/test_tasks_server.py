@@ -793,6 +793,14 @@ async def test_bad_input_of_every_kind_is_its_answer_and_leaks_nothing(
             b"413",
             "PAYLOAD_TOO_LARGE",
         ),
+        (
+            "slow multipart body",
+            _request("task/echo", no_manifest[1][:40], no_manifest[0]).replace(
+                b"content-length: 40", b"content-length: 400"
+            ),
+            b"408",
+            "REQUEST_TIMEOUT",
+        ),
     ]
     before_tasks, before_fds = count_tasks(), count_fds()
     answers: dict[tuple[str, int], bytes] = {}
