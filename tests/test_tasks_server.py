@@ -919,3 +919,30 @@ async def test_discovery_disabled_is_404_before_any_other_check(
         assert "x-runner-request-id" in response.headers
     r = await http.post(f"{base}/task/math.add", json={"input": {"a": 1, "b": 2}}, headers=AUTH)
     assert body_of(r)["result"] == 3
+
+
+async def test_event_listeners_run_within_the_timeout_too(
+    nursery: trio.Nursery, http: httpx.AsyncClient
+) -> None:
+    """The per-request bound covers an event's listeners as it covers a task: 504, and the
+    server serves the next call."""
+    server = TaskServer(token=TOKEN, task_timeout=0.3)
+
+    @server.event("app.events.stuck")
+    async def stuck(payload: Any) -> Any:
+        await trio.sleep_forever()
+
+    @server.event("app.events.quick")
+    async def quick(payload: Any) -> Any:
+        return {"quick": payload}
+
+    listeners = await nursery.start(functools.partial(server.serve, "127.0.0.1", 0))
+    base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/__runner"
+    r = await http.post(f"{base}/event/app.events.stuck", json={"payload": 1}, headers=AUTH)
+    assert error_of(r) == (504, "TIMEOUT", "event app.events.stuck timed out")
+    r = await http.post(
+        f"{base}/event/app.events.quick",
+        json={"payload": 2, "returnPayload": True},
+        headers=AUTH,
+    )
+    assert body_of(r) == {"ok": True, "result": {"quick": 2}}
