@@ -44,8 +44,8 @@ run back to back over all paths, in an order rotated per repeat.
 The tools come from ``bench/setup_tools.sh`` (Debian packages) and the ``bench`` extra
 (``pip install -e '.[bench]'``: pproxy, asyncssh); this is not part of CI.
 
-    python bench/bench_tunnel.py --issue-table    # issue 12's columns, ~20 min
-    python bench/bench_tunnel.py --issue-table --quick  # 1 repeat, 2 s samples, ~4 min
+    python bench/bench_tunnel.py --issue-table    # issue 12's columns, 17-21 min
+    python bench/bench_tunnel.py --issue-table --quick  # 1 repeat, 2 s samples, 3-4 min
     python bench/bench_tunnel.py                  # every path, ~40 min
     python bench/bench_tunnel.py --json out.json  # + every sample as JSON
     python bench/bench_tunnel.py --report out.json  # the tables again
