@@ -819,8 +819,7 @@ LogLevel ERROR
         (``--asyncssh-client``) holding one ``forward_local_port`` per target, as asyncssh's
         docs show local port forwarding. The cipher is asyncssh's first choice unless
         ``--asyncssh-cipher`` names one; the client prints the one negotiated."""
-        keys = self.tmp / f"asyncssh-{len(self.procs.children)}"
-        keys.mkdir()
+        keys = Path(tempfile.mkdtemp(prefix="asyncssh-", dir=self.tmp))  # one per path made
         me = [sys.executable, str(Path(__file__).resolve())]
         server_argv = [*me, "--asyncssh-server", str(keys)]
         server = self.procs.start("asyncssh-server", server_argv)
