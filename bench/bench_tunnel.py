@@ -44,7 +44,7 @@ run back to back over all paths, in an order rotated per repeat.
 The tools come from ``bench/setup_tools.sh`` (Debian packages) and the ``bench`` extra
 (``pip install -e '.[bench]'``: pproxy, asyncssh); this is not part of CI.
 
-    python bench/bench_tunnel.py --issue-table    # issue 12's columns, 17-21 min
+    python bench/bench_tunnel.py --issue-table    # issue 12's columns, 17-22 min
     python bench/bench_tunnel.py --issue-table --quick  # 1 repeat, 2 s samples, 3-4 min
     python bench/bench_tunnel.py                  # every path, ~40 min
     python bench/bench_tunnel.py --json out.json  # + every sample as JSON
@@ -1970,7 +1970,8 @@ def machine_info(env: Env) -> list[str]:
     return [
         f"machine: nproc {os.cpu_count()}, CPU {cpu}, kernel {platform.release()}",
         f"python {platform.python_version()} | trio {version('trio')} | "
-        f"msgpack {version('msgpack')} | trio-pytunnel {version('trio-pytunnel')} | git {git}",
+        f"msgpack {version('msgpack')} | trio-pytunnel {version('trio-pytunnel')} | "
+        f"pproxy {version('pproxy')} | asyncssh {version('asyncssh')} | git {git}",
         "tools: " + ", ".join(tools),
     ]
 
