@@ -39,7 +39,7 @@ from test_cluster_relay import _node as _relay_node
 from test_cluster_server import _free_port_on_both
 
 import pytunnel
-from pytunnel.cluster import EtcdRegistry
+from pytunnel.cluster import Change, EtcdRegistry, is_group, parse_member_key
 from pytunnel.errors import ClusterUnavailableError, ErrorCode
 
 pytestmark = needs_etcd
@@ -139,6 +139,87 @@ async def test_public_connections_on_any_node_reach_the_members_on_every_node(
     assert c.node_links.stats.streams_out == 10  # all relayed: C has no member
     assert a.node_links.stats.streams_in == 10  # B's and C's shares for A
     await wait_until(lambda: a.active_streams == b.active_streams == c.active_streams == 0)
+
+
+class _Switchable:
+    """A service answering ``tag`` (as :func:`_tagged`) on a fixed port that can be taken
+    down (its listener closed: connections refused, so a health probe fails) and back."""
+
+    def __init__(self, nursery: trio.Nursery, tag: bytes) -> None:
+        self._nursery = nursery
+        self._tag = tag
+        self._scope = trio.CancelScope()
+        self.port = 0
+
+    async def up(self) -> None:
+        async def answer(stream: trio.SocketStream) -> None:
+            while await stream.receive_some():
+                pass
+            await stream.send_all(self._tag)
+
+        self._scope = trio.CancelScope()
+
+        async def serve(task_status: trio.TaskStatus[int]) -> None:
+            with self._scope:
+                listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+                task_status.started(int(listeners[0].socket.getsockname()[1]))
+                await trio.serve_listeners(answer, listeners)
+
+        self.port = await self._nursery.start(serve)
+
+    def down(self) -> None:
+        self._scope.cancel()
+
+
+async def test_a_node_whose_members_are_all_offline_gets_no_turn(
+    nursery: trio.Nursery, etcd: EtcdServer
+) -> None:
+    """B's only member's target goes down (its probes mark it offline): A learns it from
+    its watch, so every connection to the port on A, and on B too, reaches A's member, none
+    reset; the group keeps its key meanwhile. B's member back online, B gets its turns
+    again. Each change of B's member is one engine write."""
+    a = await _relay_node(nursery, etcd, "a", "127.0.0.1")
+    b = await _relay_node(nursery, etcd, "b", "127.0.0.2")
+    assert a.cluster is not None
+    changes: list[Change] = []
+    await nursery.start(functools.partial(a.cluster.watch, "groups/", changes.append))
+    on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    on_b = await pytunnel.connect_tunnel(
+        nursery, b.address, token=TOKEN, probe_interval=0.05, probe_failures=2
+    )
+    target = _Switchable(nursery, b"B")
+    await target.up()
+    port = _free_port_on_both()
+    key = f"tcp/{port}"
+    await on_a.forward_remote("127.0.0.1", await _tagged(nursery, b"A"), remote_port=port, **GROUP)
+    member = await on_b.forward_remote("127.0.0.1", target.port, remote_port=port, **GROUP)
+    await _knows_members(a, key, {"b": 1})
+    await _knows_members(b, key, {"a": 1})
+    group = await a.cluster.lookup(key)
+    assert group is not None
+    assert is_group(group)
+
+    target.down()
+    with trio.fail_after(20):
+        await member.wait_status(pytunnel.ForwardStatus.OFFLINE)
+    await _knows_members(a, key, {})
+    for host in ("127.0.0.1", "127.0.0.2"):
+        served = await _served_by((host, port), 6)  # a reset would raise
+        assert served == {b"A": 6}, (host, served)
+    assert a.node_links is not None
+    assert b.node_links is not None
+    assert a.node_links.stats.streams_out == 0  # none of A's went to B
+    assert b.node_links.stats.streams_out == 6  # B's own, all to A's member
+    assert await a.cluster.lookup(key) == group  # offline members still hold it
+
+    await target.up()
+    with trio.fail_after(20):
+        await member.wait_status(pytunnel.ForwardStatus.ACTIVE)
+    await _knows_members(a, key, {"b": 1})
+    assert await _served_by(("127.0.0.1", port), 10) == {b"A": 5, b"B": 5}
+    assert a.node_links.stats.streams_out == 5
+    on_b_changes = [c.value for c in changes if (parse_member_key(c.key) or "??")[1] == "b"]
+    assert on_b_changes == [group, group + " offline", group]  # one write each
 
 
 async def test_a_name_group_spans_nodes(nursery: trio.Nursery, etcd: EtcdServer) -> None:

@@ -46,7 +46,13 @@ from ._tls import client_tls_context, tls_connect
 from ._udp import pump_datagrams, serve_associations
 from ._util import Episodes
 from ._vhost import NameRoutes, route_connection, route_name
-from .cluster._ownership import clear_quietly, is_group, node_of, parse_member_key
+from .cluster._ownership import (
+    clear_quietly,
+    is_group,
+    member_online,
+    node_of,
+    parse_member_key,
+)
 from .cluster._registry import Change, Registry
 from .errors import (
     ConnectError,
@@ -201,8 +207,9 @@ class NodeLinks:
         self._nursery: trio.Nursery | None = None
         #: The client context of the links, when the nodes' listeners are TLS.
         self._tls: ssl.SSLContext | None = None
-        #: The members of load-balanced groups on other nodes: key -> node -> member ids.
-        self._group_members: dict[str, dict[str, set[str]]] = {}
+        #: The members of load-balanced groups on other nodes: key -> node -> member id ->
+        #: whether it is online (offline ones still hold the group's key, but serve nothing).
+        self._group_members: dict[str, dict[str, dict[str, bool]]] = {}
         #: The turn of each group's round robin over the other nodes' members.
         self._group_turns: dict[str, int] = {}
 
@@ -305,8 +312,9 @@ class NodeLinks:
     # ---------------------------------------------------------------- groups
 
     def _apply_member(self, change: Change) -> None:
-        """A member of a group joined or left on some node (its key expires with its node's
-        lease): other nodes' members take their share of this node's connections."""
+        """A member of a group joined, left, or went offline or online on some node (its key
+        expires with its node's lease): other nodes' online members take their share of
+        this node's connections."""
         parsed = parse_member_key(change.key)
         if parsed is None:
             log.warning("registry key %s ignored: not a group member", printable(change.key[:200]))
@@ -316,12 +324,12 @@ class NodeLinks:
             return  # this node's own members are its group's
         nodes = self._group_members.setdefault(key, {})
         if change.value is not None:
-            nodes.setdefault(node, set()).add(member)
+            nodes.setdefault(node, {})[member] = member_online(change.value)
             return
         members = nodes.get(node)
         if members is None:
             return
-        members.discard(member)
+        members.pop(member, None)
         if not members:
             del nodes[node]
         if not nodes:
@@ -351,17 +359,20 @@ class NodeLinks:
                 self._nursery.start_soon(clear_quietly, self.registry, key, owner)
 
     def group_nodes(self, key: str) -> dict[str, int]:
-        """The other nodes with members of the group holding ``key``, and how many each;
-        a node no link could be opened to lately is left out until its next attempt is
-        due, so its share goes to the members that can be reached instead of being reset
-        (a node just killed is left out from its first failed link, not its lease's end)."""
+        """The other nodes with online members of the group holding ``key``, and how many
+        each: a node whose members are all offline (their health probes) gets no turn, so
+        its share goes to members that can serve. A node no link could be opened to lately
+        is left out too until its next attempt is due, so its share goes to the members
+        that can be reached instead of being reset (a node just killed is left out from its
+        first failed link, not its lease's end)."""
         nodes = self._group_members.get(key, {})
         now = trio.current_time()
-        return {
-            node: len(members)
+        counts = {
+            node: sum(members.values())
             for node, members in nodes.items()
             if node in self.nodes and not self._backing_off(node, now)
         }
+        return {node: count for node, count in counts.items() if count}
 
     def _backing_off(self, node: str, now: float) -> bool:
         backoff = self._backoff.get(node)
