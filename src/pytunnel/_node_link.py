@@ -609,20 +609,32 @@ class NodeLinks:
     ) -> None:
         if node is None:
             node = self.owner_node(key)
-        try:
-            if node is None:
-                raise ForwardError(f"{printable(key)} is not held on another node any more")
-            stream = await self.open_stream(node, tag, peer)
-        except (TunnelError, OSError) as exc:
-            log.info(
-                "public connection from %s for %s not relayed: %s",
-                printable(format_target(*peer)),
-                printable(key),
-                printable(str(exc)),
-            )
-            abort(conn, ErrorCode.FORWARD_FAILED, "not relayed")
-            await trio.aclose_forcefully(conn)
-            return
+        tried: set[str] = set()
+        while True:
+            try:
+                if node is None:
+                    raise ForwardError(f"{printable(key)} is not held on another node any more")
+                stream = await self.open_stream(node, tag, peer)
+                break
+            except (TunnelError, OSError) as exc:
+                if node is not None:
+                    # a group's member node that cannot be reached now (killed, its link
+                    # refused): the connection goes to another member, not to a reset
+                    tried.add(node)
+                    node = self._other_member_node(key, tried)
+                    if node is not None:
+                        continue
+                    if self._take_here(key, conn, peer):
+                        return
+                log.info(
+                    "public connection from %s for %s not relayed: %s",
+                    printable(format_target(*peer)),
+                    printable(key),
+                    printable(str(exc)),
+                )
+                abort(conn, ErrorCode.FORWARD_FAILED, "not relayed")
+                await trio.aclose_forcefully(conn)
+                return
         self.stats.streams_out += 1
         await relay(
             conn,
@@ -631,6 +643,23 @@ class NodeLinks:
             name=f"public->node {printable(node)}",
             stats=self.stats.relayed,
         )
+
+    def _other_member_node(self, key: str, tried: set[str]) -> str | None:
+        """Another node with online members of the group holding ``key``, none of
+        ``tried``; ``None`` if there is none (or ``key`` is not a group's)."""
+        owner = self.elsewhere.get(key)
+        if owner is None or not is_group(owner):
+            return None
+        left = sorted(set(self.group_nodes(key)) - tried)
+        return left[0] if left else None
+
+    def _take_here(
+        self, key: str, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]
+    ) -> bool:
+        """Hand ``conn`` to an online member of this node's own group of ``key``, if any."""
+        kind, _, what = key.partition("/")
+        group = self.server.groups.get((kind, what))
+        return group is not None and group.take_local(conn, peer)
 
     async def open_stream(
         self,
