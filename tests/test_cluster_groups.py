@@ -235,6 +235,30 @@ async def test_a_node_whose_members_are_all_offline_gets_no_turn(
     assert on_b_changes == [group, group + " offline", group]  # one write each
 
 
+async def test_a_node_whose_members_went_offline_refuses_relayed_streams_and_the_sender_moves_on(
+    nursery: trio.Nursery, etcd: EtcdServer
+) -> None:
+    """B's member is offline before A has heard of it (here: never told, as in the moment
+    before the registry's watch event): B refuses A's relayed streams before accepting
+    them, and A hands each to its own member instead, none reset."""
+    a = await _relay_node(nursery, etcd, "a", "127.0.0.1")
+    b = await _relay_node(nursery, etcd, "b", "127.0.0.2")
+    port = await _members_on_a_and_b(nursery, a, b)
+    key = f"tcp/{port}"
+    await _knows_members(a, key, {"b": 1})
+    assert await _served_by(("127.0.0.1", port), 4) == {b"A": 2, b"B": 2}
+    assert b.node_links is not None
+    taken = b.node_links.stats.streams_in
+    (b_member,) = b.groups["tcp", str(port)].members
+    b_member.online = False  # what B's client said; the registry not told
+    assert await _served_by(("127.0.0.1", port), 6) == {b"A": 6}  # a reset would raise
+    assert a.node_links is not None
+    assert a.node_links.group_nodes(key) == {"b": 1}  # A still counts B: B refused
+    assert b.node_links.stats.streams_in == taken  # refused before it was taken
+    b_member.online = True
+    assert set(await _served_by(("127.0.0.1", port), 4)) == {b"A", b"B"}
+
+
 async def test_a_name_group_spans_nodes(nursery: trio.Nursery, etcd: EtcdServer) -> None:
     """The same for a name on the nodes' shared HTTP listeners: a member on A and one on B;
     a request on either node goes to either member; relayed once, never back again."""

@@ -908,6 +908,12 @@ async def serve_node_link(server: TunnelServer, session: Session, node: str) -> 
                 if take is None:
                     incoming.refuse(ErrorCode.FORWARD_FAILED, "no client of this node holds it")
                     continue
+                group = server.groups.get(("tcp", str(port))) if kind == routes.RELAY_TCP else None
+                if group is not None and not any(m.online for m in group.members):
+                    # refused before it is accepted, so the sending node hands the connection
+                    # to a member elsewhere (it may not know yet that ours are offline)
+                    incoming.refuse(ErrorCode.FORWARD_FAILED, "no member of its group online here")
+                    continue
                 stream = _accept(incoming)
                 if stream is None:
                     continue
