@@ -321,3 +321,29 @@ async def test_a_members_state_is_one_write_kept_across_a_lost_lease_and_either_
     registry._forget_membership(("tcp/7777", group, "n1/3"))
     assert await registry.leave_group("tcp/7777", group, "n1/2")
     assert await other.entries("") == {"nodes/n1": "", "nodes/n2": ""}
+
+
+async def test_a_members_state_the_engine_could_not_take_is_written_once_it_answers(
+    etcd: EtcdServer, nursery: trio.Nursery
+) -> None:
+    """The engine is away when a member goes offline, then back online, then offline
+    again: nothing is lost and nothing piles up; once the engine answers, the member's key
+    says offline (the last state), written once."""
+    group = "@group/" + "7" * 32
+    member = "groups/tcp/7777/n1/1"
+    registry = EtcdRegistry(etcd.endpoint, "n1", lease_ttl=3, request_timeout=1.0)
+    await nursery.start(registry.run)
+    assert await registry.join_group("tcp/7777", group, "n1/1") == group
+    await etcd.kill()
+    with trio.fail_after(20):  # a hang detector: a refused connection answers at once
+        for online in (False, True, False):
+            assert await registry.set_member_online("tcp/7777", group, "n1/1", online) is False
+    assert registry._pending_states == {("tcp/7777", group, "n1/1")}
+    await etcd.start()
+    await wait_until(lambda: not registry._pending_states, seconds=30)
+    reader = EtcdRegistry(etcd.endpoint, "reader")
+    try:
+        assert (await reader.entries("groups/"))[member] == group + " offline"
+    finally:
+        await reader.aclose()
+    assert await registry.leave_group("tcp/7777", group, "n1/1")
