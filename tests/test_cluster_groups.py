@@ -235,6 +235,40 @@ async def test_a_node_whose_members_are_all_offline_gets_no_turn(
     assert on_b_changes == [group, group + " offline", group]  # one write each
 
 
+async def test_a_name_groups_offline_members_get_no_turn_on_other_nodes(
+    nursery: trio.Nursery, etcd: EtcdServer
+) -> None:
+    """The same for a name: B's member offline, every request on A and on B reaches A's
+    member; back online, both again."""
+    options = {"http_listen": HTTP, "domain": "example.test"}
+    a = await _relay_node(nursery, etcd, "a", "127.0.0.1", **options)
+    b = await _relay_node(nursery, etcd, "b", "127.0.0.2", **options)
+    on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    on_b = await pytunnel.connect_tunnel(
+        nursery, b.address, token=TOKEN, probe_interval=0.05, probe_failures=2
+    )
+    target = _Switchable(nursery, b"B")
+    await target.up()
+    await on_a.forward_name("app", "127.0.0.1", await _tagged(nursery, b"A"), **GROUP)
+    member = await on_b.forward_name("app", "127.0.0.1", target.port, **GROUP)
+    key = "http/app.example.test"
+    await _knows_members(a, key, {"b": 1})
+    request = b"GET / HTTP/1.1\r\nHost: app.example.test\r\n\r\n"
+    target.down()
+    with trio.fail_after(20):
+        await member.wait_status(pytunnel.ForwardStatus.OFFLINE)
+    await _knows_members(a, key, {})
+    for node in (a, b):
+        assert node.http_address is not None
+        assert Counter([await _ask(node.http_address, request) for _ in range(4)]) == {b"A": 4}
+    await target.up()
+    with trio.fail_after(20):
+        await member.wait_status(pytunnel.ForwardStatus.ACTIVE)
+    await _knows_members(a, key, {"b": 1})
+    assert a.http_address is not None
+    assert Counter([await _ask(a.http_address, request) for _ in range(4)]) == {b"A": 2, b"B": 2}
+
+
 async def test_a_node_whose_members_went_offline_refuses_relayed_streams_and_the_sender_moves_on(
     nursery: trio.Nursery, etcd: EtcdServer
 ) -> None:
