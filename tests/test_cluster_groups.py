@@ -420,6 +420,7 @@ async def test_members_on_a_node_no_link_reaches_lose_their_turns_not_the_connec
     assert await _served_by(("127.0.0.1", port), 10) == {b"A": 10}  # a reset would raise
     assert links._backoff["b"].failures >= 1
     assert links.stats.streams_out == 0
+    assert a.groups["tcp", str(port)].connections == 10  # each counted once
 
 
 async def test_a_mismatched_group_is_refused_across_nodes(

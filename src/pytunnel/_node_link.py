@@ -656,10 +656,11 @@ class NodeLinks:
     def _take_here(
         self, key: str, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]
     ) -> bool:
-        """Hand ``conn`` to an online member of this node's own group of ``key``, if any."""
+        """Hand ``conn`` to an online member of this node's own group of ``key``, if any (the
+        group counted it when it handed it to another node)."""
         kind, _, what = key.partition("/")
         group = self.server.groups.get((kind, what))
-        return group is not None and group.take_local(conn, peer)
+        return group is not None and group.take_local(conn, peer, counted=True)
 
     async def open_stream(
         self,

@@ -182,15 +182,18 @@ class Group:
                 return True
         return not tried_here and self.take_local(conn, peer)
 
-    def take_local(self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> bool:
+    def take_local(
+        self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int], *, counted: bool = False
+    ) -> bool:
         """Hand ``conn`` to the next live member of this node that takes it; false if none
-        does."""
+        does. ``counted``: :attr:`connections` counted it already (when it was handed to
+        another node that could not take it)."""
         count = len(self.members)
         for step in range(count):
             member = self.members[(self._next + step) % count]
             if member.online and member.take(conn, peer):
                 self._next = (self._next + step + 1) % count
-                self.connections += 1
+                self.connections += not counted
                 return True
         return False
 
