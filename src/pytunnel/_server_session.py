@@ -37,6 +37,7 @@ from .cluster._ownership import (
     claim_or_refuse,
     group_owner,
     leave_quietly,
+    member_state_quietly,
     name_key,
     port_key,
     refusal,
@@ -830,6 +831,10 @@ class _ClientSession:
             member = _Endpoint(self, incoming.stream_id, group.what)
             address = (host, incoming.port)
         member.group = group
+        cluster = self.server.cluster
+        if membership is not None and cluster is not None:
+            # its health, cluster-wide: other nodes count only the members that can serve
+            member.report_state = functools.partial(member_state_quietly, cluster, *membership)
         # a member from now on (taking no connection until its nursery is set), so that
         # whatever ends it, its leaving frees the group's port or name with the last member
         group.add(member)
