@@ -303,6 +303,10 @@ def test_server_admin_shows_clients_and_limits(rundir: Path, echo: str) -> None:
         answer = json.loads(_cli("status", "--json", *admin).stdout)
         assert answer["role"] == "server"
         assert answer["limits"]["max_forwards_per_client"] == 1
+        assert (answer["streams_open"], answer["streams_total"]) == (0, 0)
+        assert roundtrip(public, b"counted") == b"counted"
+        answer = json.loads(_cli("status", "--json", *admin).stdout)
+        assert answer["streams_total"] == 1
         assert answer["clients"][0]["client_id"] == "laptop"
         out = _cli("reload", *admin)
         assert out.returncode == 1

@@ -160,12 +160,18 @@ async def test_server_metrics_count_sessions_failures_and_limits(
         bind = pytunnel.format_target(*tunnel.forwards[0].address)
         assert _value(samples, "pytunnel_server_forward_online", bind=bind) == 1
         assert _value(samples, "pytunnel_server_forward_streams_total", bind=bind) == 0
+        assert _value(samples, "pytunnel_server_streams_total") == 0
         assert await echo_once(tunnel.forwards[0].address, b"y" * 777) == b"y" * 777
         await wait_until(lambda: server.clients[0].ports[0].connections == 0)
         samples = _samples((await _get(port))[1])
         out = _value(samples, "pytunnel_server_forward_bytes_total", bind=bind, direction="out")
         assert out == 777
         assert _value(samples, "pytunnel_server_forward_streams_total", bind=bind) == 1
+        assert _value(samples, "pytunnel_server_streams_total") == 1
+        await wait_until(lambda: server.active_streams == 0)
+        samples = _samples((await _get(port))[1])
+        assert _value(samples, "pytunnel_server_streams_open") == 0
+        assert _value(samples, "pytunnel_server_streams_total") == 1  # a counter stays
     await wait_until(lambda: server.session_count == 0)
     assert _value(_samples((await _get(port))[1]), "pytunnel_server_sessions") == 0
 

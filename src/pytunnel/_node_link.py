@@ -499,6 +499,7 @@ class NodeLinks:
                     server.count_limit("streams")
                     return False
                 server.active_streams += 1
+                server.total_streams += 1
                 return True
 
             def release() -> None:
@@ -594,6 +595,7 @@ class NodeLinks:
             await trio.aclose_forcefully(conn)
             return
         server.active_streams += 1
+        server.total_streams += 1
         try:
             await self._relay_counted(conn, key, tag, peer, node)
         finally:

@@ -248,6 +248,7 @@ class _ClientSession:
         cannot overshoot the limit; released by :meth:`_counted` when the stream's task ends."""
         if self.server.active_streams < self.config.max_streams:
             self.server.active_streams += 1
+            self.server.total_streams += 1
             refused = self._refused_streams.end(None)
             if refused:
                 log.info(

@@ -188,6 +188,11 @@ class ServerCollector(Collector):
             "Relayed streams open across all clients.",
             value=server.active_streams,
         )
+        yield CounterMetricFamily(
+            "pytunnel_server_streams",
+            "Relayed streams admitted across all clients since the server started.",
+            value=server.total_streams,
+        )
         yield GaugeMetricFamily(
             "pytunnel_server_max_streams",
             "The limit of relayed streams across all clients.",

@@ -412,6 +412,9 @@ class TunnelServer:
         self._admission = Admission(config)
         #: Relayed streams open across all clients.
         self.active_streams = 0
+        #: Relayed streams admitted since the server started (``active_streams`` counts
+        #: those still open).
+        self.total_streams = 0
         #: Requests refused at a limit, by limit (``"streams"``, ``"forwards"``).
         self.limits_hit: dict[str, int] = {}
         self._cancel_scope = trio.CancelScope()
