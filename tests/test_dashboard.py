@@ -224,6 +224,7 @@ def test_server_dashboard_shows_clients_come_and_go(
         remote = ["-R", f"0:127.0.0.1:{echo}", "--client-id", "laptop", "--admin", "off"]
         remote += ["-R", f"0:127.0.0.1:{probed.getsockname()[1]}"]
         remote += ["--probe-interval", "0.5", "--probe-failures", "1"]
+        remote += ["-R", f"0:127.0.0.1:{echo}/udp"]  # nothing answers there: none is sent
         client = subprocess.Popen(
             [*PYTUNNEL, "connect", address, "--token", "t", *remote],
             stdout=subprocess.PIPE,
@@ -232,6 +233,7 @@ def test_server_dashboard_shows_clients_come_and_go(
         )
         public = _line(client, "remote forward ").split()[2]
         probed_public = _line(client, "remote forward ").split()[2]
+        udp_public = _line(client, "remote udp forward ").split()[3]
         row = page.locator("#forwards tbody tr")
         expect(row).to_have_count(1)  # the clients table
         expect(row).to_contain_text("laptop")
@@ -252,6 +254,11 @@ def test_server_dashboard_shows_clients_come_and_go(
                 got += conn.recv(65536)
         expect(forward_row.locator(".out")).to_have_text("2.0KB")
         expect(forward_row.locator(".conns")).to_have_text("0/1")
+
+        # a UDP remote forward is a row too, its bind marked /udp
+        udp_row = page.locator(f'#ports tr[data-port="{udp_public}/udp"]')
+        expect(udp_row.locator(".status")).to_have_text("active")
+        expect(udp_row.locator(".conns")).to_have_text("0/0")
 
         # a status change of a client's forward is an event
         probed_row = page.locator(f'#ports tr[data-port="{probed_public}"]')

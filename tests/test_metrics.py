@@ -501,3 +501,65 @@ async def test_a_real_prometheus_scrapes_identical_forwards(
     finally:
         process.kill()
         await process.wait()
+
+
+async def _udp_echo(*, task_status: trio.TaskStatus[int]) -> None:
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    with sock:
+        await sock.bind(("127.0.0.1", 0))
+        task_status.started(sock.getsockname()[1])
+        while True:
+            data, addr = await sock.recvfrom(65536)
+            await sock.sendto(data, addr)
+
+
+async def test_server_metrics_count_udp_remote_forwards_and_their_drops(
+    nursery: trio.Nursery, echo_port: int
+) -> None:
+    """A client's UDP remote forward is a forward at the server too (``bind`` ends in
+    ``/udp``): its associations, bytes and the datagrams the server dropped at its port,
+    here one that came while TCP streams held the server's whole stream budget."""
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN, max_streams=3)
+    )
+    port = await _serve(nursery, ServerCollector(server))
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
+    udp = await tunnel.forward_remote("127.0.0.1", await nursery.start(_udp_echo), protocol="udp")
+    bind = f"{pytunnel.format_target(*udp.address)}/udp"
+    samples = _samples((await _get(port))[1])
+    assert _value(samples, "pytunnel_server_forward_online", bind=bind) == 1
+    assert _value(samples, "pytunnel_server_forward_udp_dropped_total", bind=bind) == 0
+    assert _value(samples, "pytunnel_server_forward_streams_total", bind=bind) == 0
+
+    tcp = [await tunnel.open_stream("127.0.0.1", echo_port) for _ in range(3)]
+    await wait_until(lambda: server.active_streams == 3)
+    refused = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    sender = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    with refused, sender:
+        await refused.sendto(b"no room", udp.address)
+        await wait_until(lambda: server.clients[0].udp_ports[0].datagrams_dropped == 1)
+        samples = _samples((await _get(port))[1])
+        assert _value(samples, "pytunnel_server_forward_udp_dropped_total", bind=bind) == 1
+        assert _value(samples, "pytunnel_server_forward_streams_total", bind=bind) == 0
+
+        for stream in tcp:
+            await stream.aclose()
+        await wait_until(lambda: server.active_streams == 0)
+        answer = b""
+        with trio.fail_after(15):
+            while not answer:  # a datagram may be lost: sent again until one comes back
+                await sender.sendto(b"room", udp.address)
+                with trio.move_on_after(0.5):
+                    answer, _ = await sender.recvfrom(100)
+        assert answer == b"room"
+        samples = _samples((await _get(port))[1])
+        assert _value(samples, "pytunnel_server_forward_streams_open", bind=bind) == 1
+        assert _value(samples, "pytunnel_server_forward_streams_total", bind=bind) == 1
+        relayed = _value(samples, "pytunnel_server_forward_bytes_total", bind=bind, direction="in")
+        assert relayed > 0
+        assert relayed % len(b"room") == 0
+        assert _value(samples, "pytunnel_server_forward_udp_dropped_total", bind=bind) == 1
+    await udp.aclose()
+    await wait_until(lambda: server.clients[0].udp_ports == [])
+    samples = _samples((await _get(port))[1])
+    assert not [k for k in samples if dict(k[1]).get("bind") == bind]

@@ -120,6 +120,9 @@ class _ClientSession:
         self._refused_streams: Episodes[None] = Episodes()
         #: The client's TCP remote forwards, whose listeners close the moment the session ends.
         self.public_ports: set[_PublicPort] = set()
+        #: The client's UDP remote forwards: the ``host:port`` of each public port, with its
+        #: control stream's id and its counters (associations, bytes, datagrams dropped).
+        self.udp_ports: dict[str, tuple[int, RelayStats]] = {}
         #: The client's name routes, given back the moment the session ends.
         self.public_names: set[_PublicName] = set()
         #: The client's memberships of load-balanced groups, left the moment it ends.
@@ -418,6 +421,7 @@ class _ClientSession:
         try:
             await ControlChannel(control, ControlRole.SERVER).send(Bound(host, port))
             log.info("client %s: udp remote forward listening on %s", self.peer, address)
+            self.udp_ports[address] = (control.stream_id, stats)
             async with trio.open_nursery() as nursery:
                 # associations another node of the cluster relays here, in this nursery
                 self.server.udp_targets[port] = functools.partial(
@@ -445,6 +449,7 @@ class _ClientSession:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
+            self.udp_ports.pop(address, None)
             self.server.udp_targets.pop(port, None)
             sock.close()
             try:
