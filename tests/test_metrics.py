@@ -563,3 +563,66 @@ async def test_server_metrics_count_udp_remote_forwards_and_their_drops(
     await wait_until(lambda: server.clients[0].udp_ports == [])
     samples = _samples((await _get(port))[1])
     assert not [k for k in samples if dict(k[1]).get("bind") == bind]
+
+
+async def test_client_metrics_count_refusals_udp_drops_and_reconnects(
+    nursery: trio.Nursery, echo_port: int
+) -> None:
+    """What traffic alone does not show: a target the server's policy forbids is a dial
+    error ``REFUSED`` (TCP) and, for UDP, the datagrams that waited for it are dropped; a
+    reconnection after the server came back is counted."""
+    port = closed_port()
+    allowed = [f"127.0.0.1:{echo_port}"]
+    fast = {"backoff_initial": 0.02, "backoff_max": 0.1, "backoff_jitter": 0.0}
+    async with trio.open_nursery() as first:
+        await first.start(functools.partial(pytunnel.serve, port, token=TOKEN, permit_open=allowed))
+        tunnel = await pytunnel.connect_tunnel(nursery, ("127.0.0.1", port), token=TOKEN, **fast)
+        metrics = await _serve(nursery, TunnelCollector(tunnel))
+        tcp = await tunnel.forward_local("127.0.0.1", closed_port())
+        udp = await tunnel.forward_local("127.0.0.1", closed_port(), protocol="udp")
+        samples = _samples((await _get(metrics))[1])
+        assert _value(samples, "pytunnel_client_reconnects_total") == 0
+        udp_bind = pytunnel.format_target(*udp.address)
+        assert _value(samples, "pytunnel_forward_udp_dropped_total", bind=udp_bind) == 0
+
+        refused = await trio.open_tcp_stream(*tcp.address)
+        await wait_until(lambda: tcp.stats.errors.get("REFUSED", 0) == 1)
+        await refused.aclose()
+        with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sender:
+            await sender.sendto(b"forbidden", udp.address)
+            await wait_until(lambda: udp.stats.datagrams_dropped == 1)
+        samples = _samples((await _get(metrics))[1])
+        tcp_bind = pytunnel.format_target(*tcp.address)
+        errors = "pytunnel_forward_dial_errors_total"
+        assert _value(samples, errors, bind=tcp_bind, category="REFUSED") == 1
+        assert _value(samples, errors, bind=tcp_bind, category="NODE_UNSTABLE") == 0
+        assert _value(samples, errors, bind=udp_bind, category="REFUSED") == 1
+        assert _value(samples, "pytunnel_forward_udp_dropped_total", bind=udp_bind) == 1
+        first.cancel_scope.cancel()
+
+    await wait_until(lambda: not tunnel.connected)
+    await nursery.start(functools.partial(pytunnel.serve, port, token=TOKEN))
+    await wait_until(lambda: tunnel.connected, 30)
+    samples = _samples((await _get(metrics))[1])
+    assert _value(samples, "pytunnel_client_reconnects_total") == 1
+    assert _value(samples, "pytunnel_client_connected") == 1
+
+
+async def test_server_metrics_count_throttled_addresses(nursery: trio.Nursery) -> None:
+    """An address past its budget of failed authentications is a throttled address."""
+    from pytunnel._handshake import client_handshake
+
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(
+            pytunnel.serve, 0, token=TOKEN, auth_failure_burst=1, auth_failure_interval=600
+        )
+    )
+    port = await _serve(nursery, ServerCollector(server))
+    for _ in range(2):
+        stream = await trio.open_tcp_stream(*server.address, local_address="127.0.0.2")
+        with pytest.raises(pytunnel.ConnectError):
+            await client_handshake(stream, "wrong", max_frame_size=2**20)
+        await stream.aclose()
+    samples = _samples((await _get(port))[1])
+    assert _value(samples, "pytunnel_server_throttled_addresses") == 1
+    assert _value(samples, "pytunnel_server_auth_failures_total") >= 1
