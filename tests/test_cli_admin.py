@@ -350,3 +350,53 @@ def test_reload_through_the_api_reports_what_it_did(
         assert roundtrip(first, b"kept") == b"kept"
     finally:
         client.stop()
+
+
+def test_a_socks_forward_added_at_run_time_and_the_verbs_json(
+    server: str, rundir: Path, echo: str
+) -> None:
+    """``forwards add -D`` starts a SOCKS proxy that relays; ``--json`` of add, stop, retry
+    and remove prints the forward as the API shows it, with OxideTerm's fields."""
+    sock = rundir / "c.sock"
+    admin = ["--admin", f"unix:{sock}"]
+    client = _connect(server, *admin)
+    try:
+        _wait_for(sock)
+        out = _cli("forwards", "add", "-D", "0", "--name", "socks", "--json", *admin)
+        assert out.returncode == 0, out.stderr
+        added = json.loads(out.stdout)
+        fields = {"id", "name", "kind", "bind", "target", "status", "error", "connections"}
+        assert fields | {"bytes_out", "bytes_in"} <= added.keys()
+        assert (added["id"], added["name"], added["kind"]) == ("f1", "socks", "dynamic")
+        assert (added["target"], added["status"], added["error"]) == ("socks", "active", None)
+        host, port = echo.rsplit(":", 1)
+        with socket.create_connection(address_in(added["bind"]), timeout=10) as conn:
+            conn.sendall(b"\x05\x01\x00")  # SOCKS5, no authentication
+            assert conn.recv(2) == b"\x05\x00"
+            conn.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + int(port).to_bytes(2))
+            reply = b""
+            while len(reply) < 10:
+                reply += conn.recv(10 - len(reply))
+            assert reply[:2] == b"\x05\x00", reply
+            conn.sendall(b"through socks")
+            assert conn.recv(100) == b"through socks"
+        deadline = time.monotonic() + 20
+        while (row := json.loads(_cli("forwards", "list", "--json", *admin).stdout)[0])[
+            "connections"
+        ]:
+            assert time.monotonic() < deadline, row
+            time.sleep(0.1)
+        assert (row["bytes_out"], row["connections_total"]) == (len(b"through socks"), 1)
+
+        for verb, status in (("stop", "stopped"), ("retry", "active")):
+            out = _cli("forwards", verb, "socks", "--json", *admin)
+            assert out.returncode == 0, out.stderr
+            assert json.loads(out.stdout)["status"] == status
+        out = _cli("forwards", "remove", "f1", "--json", *admin)
+        assert out.returncode == 0, out.stderr
+        removed = json.loads(out.stdout)
+        # a retry starts the forward anew under its id: its counters start again
+        assert (removed["id"], removed["bytes_out"], removed["connections_total"]) == ("f1", 0, 0)
+        assert json.loads(_cli("forwards", "list", "--json", *admin).stdout) == []
+    finally:
+        client.stop()
