@@ -108,6 +108,9 @@ def test_dashboard_shows_forwards_traffic_and_a_lost_link(
         port = int(match.group(1))
 
         page = browser.new_page()  # type: ignore[attr-defined]
+        # everything the page loads comes from the admin API itself: no CDN, no font, no other
+        requested: list[str] = []
+        page.on("request", lambda request: requested.append(request.url))
         for _ in range(50):  # the admin port opens just after the forward line
             try:
                 page.goto(f"http://127.0.0.1:{admin}/")
@@ -183,6 +186,9 @@ def test_dashboard_shows_forwards_traffic_and_a_lost_link(
             f"reconnected to {address} (reconnection 1)", timeout=30_000
         )
         expect(page.locator("#events")).to_contain_text("f1 : suspended -> active")
+        assert requested
+        foreign = [u for u in requested if not u.startswith(f"http://127.0.0.1:{admin}/")]
+        assert foreign == []
     finally:
         for proc in (client, server):
             if proc is not None and proc.poll() is None:
