@@ -68,6 +68,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(360)  # two dozen CLI processes, each a full interpreter start
 def test_verbs_manage_forwards_of_a_running_client(server: str, rundir: Path, echo: str) -> None:
     sock = rundir / "c.sock"
@@ -352,6 +353,7 @@ def test_reload_through_the_api_reports_what_it_did(
         client.stop()
 
 
+@pytest.mark.slow  # a dozen CLI processes
 def test_a_socks_forward_added_at_run_time_and_the_verbs_json(
     server: str, rundir: Path, echo: str
 ) -> None:

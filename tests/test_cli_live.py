@@ -94,6 +94,7 @@ def test_the_table_follows_traffic_and_the_link(
     assert child.exitstatus == 0
 
 
+@pytest.mark.slow  # waits for the periodic status line, twice
 def test_quiet_and_non_terminals_get_no_table(
     server: tuple[subprocess.Popen[bytes], str],
 ) -> None:

@@ -24,6 +24,7 @@ playwright_sync = pytest.importorskip(
 )
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
+    pytest.mark.slow,  # a browser and two or three pytunnel processes: 10-20 s each
     pytest.mark.timeout(120),
     pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)"),
 ]
