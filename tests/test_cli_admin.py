@@ -402,3 +402,37 @@ def test_a_socks_forward_added_at_run_time_and_the_verbs_json(
         assert json.loads(_cli("forwards", "list", "--json", *admin).stdout) == []
     finally:
         client.stop()
+
+
+@pytest.mark.slow  # a server and seven CLI processes
+def test_the_server_reloads_through_its_api(rundir: Path, tmp_path: Path, echo: str) -> None:
+    """``pytunnel reload --admin`` against a server started with ``--config``: a changed
+    limit applies (its status says so), a bad file is a 422 with the reason and changes
+    nothing."""
+    sock = rundir / "s.sock"
+    admin = ["--admin", f"unix:{sock}"]
+    config = tmp_path / "server.toml"
+    config.write_text('[server]\nlisten = "127.0.0.1:0"\ntoken = "t"\n')
+    server = CliProcess("serve", "--config", str(config), *admin)
+    try:
+        server.readline()
+        _wait_for(sock)
+        status = json.loads(_cli("status", "--json", *admin).stdout)
+        assert status["limits"]["max_forwards_per_client"] == 64
+
+        config.write_text(config.read_text() + "max_forwards_per_client = 2\n")
+        out = _cli("reload", *admin)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("reloaded: ")
+        status = json.loads(_cli("status", "--json", *admin).stdout)
+        assert status["limits"]["max_forwards_per_client"] == 2
+
+        config.write_text(config.read_text() + "max_streams = 'many'\n")
+        out = _cli("reload", "--json", *admin)
+        assert out.returncode == 1
+        assert "server.max_streams" in out.stderr
+        assert "(HTTP 422)" in out.stderr
+        status = json.loads(_cli("status", "--json", *admin).stdout)
+        assert status["limits"]["max_forwards_per_client"] == 2
+    finally:
+        server.stop()
