@@ -626,3 +626,34 @@ async def test_server_metrics_count_throttled_addresses(nursery: trio.Nursery) -
     samples = _samples((await _get(port))[1])
     assert _value(samples, "pytunnel_server_throttled_addresses") == 1
     assert _value(samples, "pytunnel_server_auth_failures_total") >= 1
+
+
+async def test_docs_name_every_metric(nursery: trio.Nursery, echo_port: int) -> None:
+    """docs/monitoring.md has a row for every series a client and a server export (forwards
+    of every kind included), and names no metric that does not exist (the cluster's
+    ``pytunnel_server_node_*`` ones exist on nodes only)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "monitoring.md").read_text()
+    documented = set(re.findall(r"^\| `(pytunnel_[a-z_]+)` \|", doc, re.MULTILINE))
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN)
+    )
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, heartbeat_interval=0.2
+    )
+    udp_target = await nursery.start(_udp_echo)
+    await tunnel.forward_local("127.0.0.1", echo_port)
+    await tunnel.forward_local("127.0.0.1", udp_target, protocol="udp")
+    await tunnel.forward_remote("127.0.0.1", echo_port)
+    await tunnel.forward_remote("127.0.0.1", udp_target, protocol="udp")
+    await tunnel.forward_dynamic()
+    await wait_until(lambda: tunnel.rtt is not None and server.clients[0].rtt is not None, 30)
+    exported = set()
+    for collector in (TunnelCollector(tunnel), ServerCollector(server)):
+        port = await _serve(nursery, collector)
+        exported |= {name for name, _ in _samples((await _get(port))[1])}
+    assert len(exported) >= 20
+    assert sorted(exported - documented) == []
+    unexported = {n for n in documented - exported if not n.startswith("pytunnel_server_node_")}
+    assert sorted(unexported) == []
