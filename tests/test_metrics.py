@@ -569,7 +569,7 @@ async def test_client_metrics_count_refusals_udp_drops_and_reconnects(
     nursery: trio.Nursery, echo_port: int
 ) -> None:
     """What traffic alone does not show: a target the server's policy forbids is a dial
-    error ``REFUSED`` (TCP) and, for UDP, the datagrams that waited for it are dropped; a
+    error ``FORBIDDEN`` (TCP and UDP, not ``REFUSED``) and, for UDP, the datagrams that waited for it are dropped; a
     reconnection after the server came back is counted."""
     port = closed_port()
     allowed = [f"127.0.0.1:{echo_port}"]
@@ -586,7 +586,7 @@ async def test_client_metrics_count_refusals_udp_drops_and_reconnects(
         assert _value(samples, "pytunnel_forward_udp_dropped_total", bind=udp_bind) == 0
 
         refused = await trio.open_tcp_stream(*tcp.address)
-        await wait_until(lambda: tcp.stats.errors.get("REFUSED", 0) == 1)
+        await wait_until(lambda: tcp.stats.errors.get("FORBIDDEN", 0) == 1)
         await refused.aclose()
         with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sender:
             await sender.sendto(b"forbidden", udp.address)
@@ -594,9 +594,10 @@ async def test_client_metrics_count_refusals_udp_drops_and_reconnects(
         samples = _samples((await _get(metrics))[1])
         tcp_bind = pytunnel.format_target(*tcp.address)
         errors = "pytunnel_forward_dial_errors_total"
-        assert _value(samples, errors, bind=tcp_bind, category="REFUSED") == 1
+        assert _value(samples, errors, bind=tcp_bind, category="FORBIDDEN") == 1
+        assert _value(samples, errors, bind=tcp_bind, category="REFUSED") == 0
         assert _value(samples, errors, bind=tcp_bind, category="NODE_UNSTABLE") == 0
-        assert _value(samples, errors, bind=udp_bind, category="REFUSED") == 1
+        assert _value(samples, errors, bind=udp_bind, category="FORBIDDEN") == 1
         assert _value(samples, "pytunnel_forward_udp_dropped_total", bind=udp_bind) == 1
         first.cancel_scope.cancel()
 

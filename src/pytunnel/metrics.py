@@ -51,7 +51,7 @@ _FORWARD_LABELS = ["id", "name", "kind", "bind", "target"]
 
 #: The dial error categories of ``RelayStats.errors``, always exported (0 until one happens),
 #: so a rate() over them exists before the first failure.
-_CATEGORIES = ("NODE_TIMEOUT", "NODE_UNSTABLE", "REFUSED", "LINK_DOWN")
+_CATEGORIES = ("NODE_TIMEOUT", "NODE_UNSTABLE", "FORBIDDEN", "REFUSED", "LINK_DOWN")
 
 
 class TunnelCollector(Collector):
