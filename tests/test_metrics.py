@@ -569,8 +569,8 @@ async def test_client_metrics_count_refusals_udp_drops_and_reconnects(
     nursery: trio.Nursery, echo_port: int
 ) -> None:
     """What traffic alone does not show: a target the server's policy forbids is a dial
-    error ``FORBIDDEN`` (TCP and UDP, not ``REFUSED``) and, for UDP, the datagrams that waited for it are dropped; a
-    reconnection after the server came back is counted."""
+    error ``FORBIDDEN`` (TCP and UDP, not ``REFUSED``) and, for UDP, the datagrams that
+    waited for it are dropped; a reconnection after the server came back is counted."""
     port = closed_port()
     allowed = [f"127.0.0.1:{echo_port}"]
     fast = {"backoff_initial": 0.02, "backoff_max": 0.1, "backoff_jitter": 0.0}
