@@ -54,6 +54,18 @@ _CHUNK = 256 * 1024
 _PIECE = 64 * 1024
 
 
+def _idle_slack(idle_timeout: float) -> float:
+    """How late an idle reset may come: ``min(1 s, idle_timeout / 10)``.
+
+    Re-arming a cancel scope's deadline costs a clock read, a deadline-heap push and trio's
+    bookkeeping; done on every chunk, that is a sizeable part of a small message's cost. So
+    the deadline is moved only once activity has pushed it more than this slack: a relay is
+    reset between ``idle_timeout`` and ``idle_timeout + slack`` after the last progress,
+    never earlier.
+    """
+    return min(1.0, idle_timeout / 10)
+
+
 @attrs.define
 class _Ending:
     """What the two pumps of one relay share: the idle clock and how their directions ended."""
@@ -68,22 +80,36 @@ class _Ending:
     #: raised (the other pump can meet the break too, before its next checkpoint), so the
     #: cancel scope alone cannot tell a cut relay from a finished one.
     finished: int = 0
+    #: See :func:`_idle_slack`.
+    slack: float = attrs.field(init=False)
+    #: The scope's deadline as last set here (reading it back from the scope costs more).
+    deadline: float = attrs.field(init=False)
+    _now: Callable[[], float] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.slack = _idle_slack(self.idle_timeout)
+        self.deadline = self.scope.deadline
+        # the run's clock, read directly: trio.current_time() is two calls more per touch
+        self._now = trio.lowlevel.current_clock().current_time
 
     def touch(self) -> None:
-        """Restart the idle clock (a byte arrived or a send completed)."""
+        """Restart the idle clock (a byte arrived or a send completed), within the slack."""
         if self.sending:
-            self.scope.deadline = math.inf
-        else:
-            self.scope.deadline = trio.current_time() + self.idle_timeout
+            return  # the deadline is off while such a send lasts
+        now = self._now()
+        if now + self.idle_timeout > self.deadline:
+            self.deadline = self.scope.deadline = now + self.idle_timeout + self.slack
 
     @contextlib.contextmanager
     def send(self) -> Iterator[None]:
         self.sending += 1
-        self.scope.deadline = math.inf
+        self.deadline = self.scope.deadline = math.inf
         try:
             yield
         finally:
             self.sending -= 1
+            if not self.sending:
+                self.deadline = -math.inf  # re-armed from now
             self.touch()
 
 
@@ -265,9 +291,8 @@ async def _copy_loop(
         ending.touch()
         if not chunk:
             break
+        # a chunk the writer takes at once restarts nothing the receive did not: no time passed
         taken = writer(chunk) if writer is not None else 0
-        if taken:
-            ending.touch()
         if taken >= len(chunk):
             pass
         elif paced is not None and paced.paced:
