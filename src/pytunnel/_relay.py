@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 import attrs
 import trio
 
+from ._direct import MAX_STREAK, socket_reader
 from ._stream import DirectWriter
 from ._util import aclose_all, implements
 from .errors import ErrorCode, SessionClosedError
@@ -35,12 +36,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
+    "DirectReader",
+    "DirectReceive",
     "DirectSink",
     "DirectSource",
     "PacedStream",
     "RelayStats",
     "ResettableStream",
     "abort",
+    "direct_reader",
     "direct_writer",
     "relay",
 ]
@@ -153,6 +157,25 @@ class DirectSink(Protocol):
     def direct_writer(self) -> DirectWriter | None: ...
 
 
+class DirectReader(Protocol):
+    """Reads a source without trio's per-call machinery (:class:`pytunnel._direct.SocketReader`
+    for a plain socket): ``receive_nowait`` returns a chunk, ``b""`` at EOF, or ``None`` when
+    nothing is there, and ``wait`` returns once there may be; both raise what
+    ``receive_some`` raises."""
+
+    def receive_nowait(self, max_bytes: int) -> bytes | None: ...
+
+    async def wait(self) -> None: ...
+
+
+@runtime_checkable
+class DirectReceive(Protocol):
+    """A wrapper whose wrapped stream can be read directly (:func:`direct_reader`), with the
+    wrapper's own conditions (a fault injector's cut and reset)."""
+
+    def direct_reader(self) -> DirectReader | None: ...
+
+
 @attrs.define
 class RelayStats:
     """Live counters, shared by every relay of one forward."""
@@ -242,6 +265,21 @@ def direct_writer(stream: trio.abc.SendStream) -> DirectWriter | None:
     return None
 
 
+def direct_reader(stream: trio.abc.ReceiveStream) -> DirectReader | None:
+    """A direct reader of ``stream`` for the pump, or ``None`` to use its ``receive_some``.
+
+    A plain ``trio.SocketStream`` gets a :class:`~pytunnel._direct.SocketReader`; a wrapper
+    (:class:`DirectReceive`) decides for itself, from its wrapped stream's reader; any other
+    stream (a mux stream, TLS) gets none.
+    """
+    reader = socket_reader(stream)
+    if reader is not None:
+        return reader
+    if implements(stream, DirectReceive):
+        return cast(DirectReceive, stream).direct_reader()
+    return None
+
+
 def _socket_writer(sock: trio.socket.SocketType) -> DirectWriter:
     def write(data: bytes | bytearray | memoryview) -> int:
         fd = sock.fileno()  # -1 once closed: never a descriptor reused by someone else
@@ -284,10 +322,31 @@ async def _copy_loop(
 ) -> None:
     paced = cast(PacedStream, sink) if implements(sink, PacedStream) else None
     # what the sink takes at once needs no send_all, whose checkpoint would cost a scheduler
-    # pass per chunk; receive_some still checkpoints on every round
+    # pass per chunk
     writer = direct_writer(sink)
+    # a source read directly: no receive_some per chunk, and after a short read (the socket
+    # was emptied) a wait first instead of a read that fails; a checkpoint every MAX_STREAK
+    # reads that found data without a wait keeps a busy relay fair and cancellable
+    reader = direct_reader(source)
+    drained = False
+    streak = 0
     while True:
-        chunk = await source.receive_some(_CHUNK)
+        if reader is None:
+            chunk = await source.receive_some(_CHUNK)
+        else:
+            if drained:
+                await reader.wait()
+                streak = 0
+            elif streak >= MAX_STREAK:
+                await trio.lowlevel.checkpoint()
+                streak = 0
+            got = reader.receive_nowait(_CHUNK)
+            if got is None:
+                drained = True
+                continue
+            chunk = got
+            drained = len(chunk) < _CHUNK
+            streak += 1
         ending.touch()
         if not chunk:
             break
