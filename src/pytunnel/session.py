@@ -37,6 +37,7 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
+from ._direct import MAX_STREAK, socket_reader
 from ._incoming import IncomingStream, StreamSlot
 from ._spec import check_target
 from ._stream import MuxStream, StreamCarrier
@@ -233,6 +234,8 @@ class Session:
         self._unsent: memoryview | None = None
         #: ``trio.current_time()`` when the transport last delivered bytes (heartbeat checks).
         self.last_received = trio.current_time()
+        # the run's clock, read directly: trio.current_time() is two calls more per read
+        self._now = trio.lowlevel.current_clock().current_time
         self.bytes_written = 0
         self.bytes_read = 0
 
@@ -678,6 +681,14 @@ class Session:
         mux = self._mux
         transport = self._transport
         size = self.config.receive_size
+        now = self._now
+        # a plain TCP transport is read directly (pytunnel._direct): no receive_some per read,
+        # and after a short read (the socket was emptied) a wait first instead of a read that
+        # fails; a checkpoint every MAX_STREAK reads that found data keeps a busy peer from
+        # holding the event loop even when its reads decode into few frames
+        reader = socket_reader(transport)
+        drained = False
+        streak = 0
         eof = False
         try:
             while True:
@@ -704,15 +715,32 @@ class Session:
                     self._kick_writer()
                 if mux.frames_pending:
                     await trio.lowlevel.checkpoint()
+                    streak = 0
                     continue
                 if eof:
                     if mux.goaway_received and self.close_reason is None:
                         return self._terminate(self._goaway_reason or SessionClosedError())
                     self._terminate(trio.BrokenResourceError("transport closed by the peer"))
                     return
-                data = await transport.receive_some(size)
+                if reader is None:
+                    data = await transport.receive_some(size)
+                else:
+                    while True:
+                        if drained:
+                            await reader.wait()
+                            streak = 0
+                        elif streak >= MAX_STREAK:
+                            await trio.lowlevel.checkpoint()
+                            streak = 0
+                        got = reader.receive_nowait(size)
+                        if got is not None:
+                            break
+                        drained = True
+                    data = got
+                    drained = len(data) < size
+                    streak += 1
                 self.bytes_read += len(data)
-                self.last_received = trio.current_time()
+                self.last_received = now()
                 mux.feed(data)
                 eof = not data
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
