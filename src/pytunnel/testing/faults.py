@@ -54,7 +54,12 @@ class DirectionFaults:
 
     @property
     def active(self) -> bool:
-        return self != DirectionFaults()
+        return self != _NO_FAULTS
+
+
+#: What ``active`` compares with (asked on every direct write: no instance built per call).
+#: Never changed: ``Faults.clear`` makes new instances.
+_NO_FAULTS = DirectionFaults()
 
 
 class Faults:
@@ -181,8 +186,15 @@ class _LinkedReader:
         if link.cut or link.reset:  # receive_nowait answers at once
             await trio.lowlevel.checkpoint()
             return
-        with link.guard():  # a cut or reset interrupts the wait
-            await self._inner.wait()
+        # what link.guard() does, without a context manager's generator per wait: a cut or
+        # a reset interrupts it
+        scope = trio.CancelScope()
+        link._pending[scope] = True
+        try:
+            with scope:
+                await self._inner.wait()
+        finally:
+            del link._pending[scope]
 
 
 class FaultyStream(trio.abc.HalfCloseableStream):
