@@ -60,9 +60,12 @@ class SocketReader:
 
     async def wait(self) -> None:
         """Until the socket is readable (data, EOF or an error to read); a checkpoint."""
-        if self._sock.fileno() < 0:
+        fd = self._sock.fileno()
+        if fd < 0:
             raise trio.ClosedResourceError("this socket was already closed")
-        await trio.lowlevel.wait_readable(self._sock)
+        # the descriptor, not the socket: trio would ask the socket for it again; closing the
+        # socket still wakes the wait (trio keys its waits by descriptor)
+        await trio.lowlevel.wait_readable(fd)
 
 
 def socket_reader(stream: object) -> SocketReader | None:

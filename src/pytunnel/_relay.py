@@ -392,7 +392,9 @@ async def relay(
     no progress either way: no byte arrived from either side and no piece (64 KiB) of a send
     completed, so a reader that takes its bytes slowly keeps the relay, while one that stops
     taking them (or a peer that never grants window) loses it after ``idle_timeout``, with a
-    reset, instead of holding its sockets and slot for ever. Never raises for the peers'
+    reset, instead of holding its sockets and slot for ever. The reset comes at most
+    ``min(1 s, idle_timeout / 10)`` late, never early: the idle deadline is moved only once
+    activity pushed it past that slack, not on every chunk. Never raises for the peers'
     failures; those are logged at debug level.
 
     ``faults`` wraps both streams first (:meth:`pytunnel.testing.Faults.wrap`), for the

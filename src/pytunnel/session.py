@@ -211,6 +211,8 @@ class Session:
         self._linger_event = trio.Event()
         self._drain_lot = trio.lowlevel.ParkingLot()
         self._closed_event = trio.Event()
+        #: Set with ``_closed_event`` (a plain flag: asked on every frame sent or read).
+        self._ended = False
         self._cancel_scope = trio.CancelScope()
         self._writer_scope = trio.CancelScope(shield=True)
         self.close_reason: BaseException | None = None
@@ -246,7 +248,7 @@ class Session:
 
     @property
     def closed(self) -> bool:
-        return self._closed_event.is_set()
+        return self._ended
 
     @property
     def open_streams(self) -> int:
@@ -507,11 +509,11 @@ class Session:
 
     def consumed(self, stream_id: int, size: int) -> None:
         """The application read ``size`` bytes of ``stream_id`` (window credit for the peer)."""
-        if not self.closed:
-            before = self._mux.bytes_to_send
-            if self._mux.consumed(stream_id, size):
+        if not self._ended:
+            mux = self._mux
+            if mux.consumed(stream_id, size):
                 self._wake_slot_waiters()  # an ended stream's last unread byte: a free slot
-            if self._mux.bytes_to_send != before:
+            if mux.bytes_to_send:  # a window update, or frames already waiting: no harm
                 self._kick_writer()
 
     def send_fin(self, stream_id: int) -> None:
@@ -614,7 +616,7 @@ class Session:
             and not self._writing
             and self._unsent is None
             and self._mux.bytes_to_send
-            and not self.closed
+            and not self._ended
         ):
             data = self._mux.data_to_send()
             if tls is not None:
@@ -861,6 +863,7 @@ class Session:
         if self._goaway_reason is not None and not self._closed_locally:
             reason = self._goaway_reason
         self.close_reason = reason
+        self._ended = True
         self._closed_event.set()
         callbacks, self._on_terminate = self._on_terminate, []
         for callback in callbacks:

@@ -54,6 +54,8 @@ _structure_message = converter.get_structure_hook(Message)
 _DATA_HEAD = b"\x83\xa6stream"
 _DATA_KEY = b"\xa4data"
 _DATA_TAIL = b"\xa1t\xa4data"
+_new_object = object.__new__
+_set_field = object.__setattr__  # the frozen class's own __setattr__ refuses
 
 
 def _msgpack_uint(n: int) -> bytes:
@@ -205,7 +207,12 @@ def _parse_data(buf: bytes | bytearray, start: int, end: int) -> Data | None:
     else:
         with memoryview(buf) as view, view[p : p + n] as piece:
             payload = bytes(piece)
-    return Data(stream, payload)
+    # both fields are valid by construction (a stream id of 1..2**32-1, bytes): built without
+    # attrs' validators, which would check them again for every frame
+    message: Data = _new_object(Data)
+    _set_field(message, "stream", stream)
+    _set_field(message, "data", payload)
+    return message
 
 
 def encode_message(message: Message, max_frame_size: int = MAX_FRAME_SIZE_LIMIT) -> bytes:
