@@ -353,9 +353,46 @@ def main() -> None:
         )
         figures = f"{m['rps']:>9.0f} {m['p50_ms']:>8.2f} {m['p99_ms']:>8.2f}"
         print(f"{name:<10} {figures} {vs_node:>8} {vs_star:>13}")
+    paired = paired_ratios(samples)
+    if paired:
+        print("paired req/s ratio (median over repetitions of A/B in the same repetition):")
+        for pair, (median, low, high) in paired.items():
+            print(f"  {pair:<20} {median:.2f} ({low:.2f}..{high:.2f})")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"samples": samples, "medians": medians}, fh, indent=2)
+            json.dump(
+                {
+                    "samples": samples,
+                    "medians": medians,
+                    "paired": {k: list(v) for k, v in paired.items()},
+                },
+                fh,
+                indent=2,
+            )
+
+
+def paired_ratios(
+    samples: dict[str, list[dict[str, float]]],
+) -> dict[str, tuple[float, float, float]]:
+    """req/s of each Python path over each reference taken in the same repetition: samples
+    of one repetition saw the same machine, so their ratio moves much less with the load than
+    the ratio of the medians. Median, min and max over the repetitions."""
+    found = {}
+    for mine in ("python", "python-R"):
+        for other in ("starlette", "node"):
+            if mine in samples and other in samples:
+                ratios = [
+                    a["rps"] / b["rps"]
+                    for a, b in zip(samples[mine], samples[other], strict=True)
+                    if b["rps"] > 0
+                ]
+                if ratios:
+                    found[f"{mine} / {other}"] = (
+                        statistics.median(ratios),
+                        min(ratios),
+                        max(ratios),
+                    )
+    return found
 
 
 #: the application ``pytunnel tasks serve bench_tasks:APP`` loads for the tunnelled path

@@ -134,7 +134,18 @@ def test_an_unknown_command_is_still_a_usage_error() -> None:
             "connect",
             {"pytunnel.server", "pytunnel.metrics", "prometheus_client", "rich", "httpx"},
         ),
-        ("serve", {"pytunnel.metrics", "prometheus_client", "pytunnel.tasks", "cryptography"}),
+        # a server without --cluster needs neither the engine's client nor its HTTP stack
+        (
+            "serve",
+            {
+                "pytunnel.metrics",
+                "prometheus_client",
+                "pytunnel.tasks",
+                "cryptography",
+                "httpx",
+                "pytunnel.cluster.etcd",
+            },
+        ),
         ("check-config", {"pytunnel.client", "pytunnel.server", "h11", "httpx", "rich"}),
         # the admin API's clients need none of what runs a tunnel
         ("status", {"pytunnel.session", "pytunnel.client", "pytunnel.server", "cattrs", "rich"}),

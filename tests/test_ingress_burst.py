@@ -109,7 +109,9 @@ async def test_a_burst_at_the_local_stream_cap_waits_in_the_backlog(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Forty connections waiting at once with eight stream slots: eight are accepted, the
-    rest stay in the backlog (not accepted, not reset) and are served as slots free up."""
+    rest stay in the backlog (not accepted, not reset: the listener stops accepting, it does
+    not accept and reset) and are served as slots free up; the cap is logged once per
+    episode, not once per connection."""
     cap, total = 8, 40
     caplog.set_level(logging.INFO, logger="pytunnel")
     tunnel = await pytunnel.connect_tunnel(
@@ -148,6 +150,10 @@ async def test_a_burst_at_the_local_stream_cap_waits_in_the_backlog(
     assert served == {i: b"capped connection %02d" % i for i in range(total)}
     assert forward.stats.total_connections == total
     assert not forward.stats.errors, forward.stats.errors
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # once per episode, never once per connection (40 connections, at most 5 waves of 8)
+    assert 1 <= len(warnings) <= total // cap, [r.getMessage() for r in warnings]
+    assert not any("dropped" in r.getMessage() for r in warnings)
 
 
 async def test_a_burst_past_the_servers_limit_on_a_public_port(

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import PYTUNNEL, CliProcess
+from helpers import PYTUNNEL, CliProcess, closed_port
 
 from pytunnel.tasks import ForbiddenError, SyncTaskClient
 
@@ -32,6 +32,27 @@ async def add(value):
 def make():
     return server
 """
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports a process listens on: its socket descriptors' inodes, looked up in the
+    kernel's tables (``/proc/net/tcp``, ``tcp6``) among the sockets in the listen state."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 @pytest.fixture
@@ -59,6 +80,7 @@ def test_tasks_through_the_tunnel_and_locally(
     address, token = tunnel_server
     token_file = app_dir / "token"
     token_file.write_text(token)
+    wanted = closed_port()
     proc = CliProcess(
         "tasks",
         "serve",
@@ -67,6 +89,8 @@ def test_tasks_through_the_tunnel_and_locally(
         "127.0.0.1:0",
         "--tunnel",
         address,
+        "--remote-port",
+        str(wanted),
         "--token-file",
         str(token_file),
         cwd=app_dir,
@@ -77,6 +101,10 @@ def test_tasks_through_the_tunnel_and_locally(
         assert local.startswith("tasks listening on http://127.0.0.1:")
         assert local.endswith("/__runner")
         port = int(re.search(r"on port (\d+)/__runner$", remote).group(1))  # type: ignore[union-attr]
+        assert port == wanted  # --remote-port is the port the tunnel server opened
+        # the one port of its own is --listen's: the tunnel needs none
+        local_port = int(local.rsplit(":", 1)[1].split("/")[0])
+        assert listening_ports(proc.pid) == {local_port}
         for base in (local.split(" on ")[1], f"http://127.0.0.1:{port}/__runner"):
             with SyncTaskClient(base, token=HTTP_TOKEN) as client:
                 assert client.task("math.add", {"a": 40, "b": 2}) == 42
@@ -140,6 +168,7 @@ def test_tasks_through_a_tls_tunnel_pinned(app_dir: Path) -> None:
         )
         try:
             port = int(re.search(r"on port (\d+)/", proc.readline()).group(1))  # type: ignore[union-attr]
+            assert listening_ports(proc.pid) == set()  # served with no local port at all
             with SyncTaskClient(f"http://127.0.0.1:{port}/__runner", token=HTTP_TOKEN) as client:
                 assert client.task("math.add", {"a": 1, "b": 1}) == 2
             assert proc.stop() == 0

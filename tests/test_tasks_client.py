@@ -14,17 +14,22 @@ from helpers import closed_port
 from pytunnel._http import Request, Response, serve_http
 from pytunnel.tasks import (
     UNDEFINED,
+    AuthNotConfiguredError,
     ConnectionFailedError,
     Discovery,
     ForbiddenError,
     HttpStatusError,
     InternalError,
+    InvalidJsonError,
     InvalidResponseError,
     NotFoundError,
+    PayloadTooLargeError,
+    RegExp,
     SyncTaskClient,
     TaskClient,
     TaskError,
     TaskServer,
+    TaskTimeoutError,
     UnauthorizedError,
 )
 
@@ -180,3 +185,78 @@ def test_a_server_alone_does_not_load_the_client() -> None:
         "assert 'httpx' not in sys.modules; t.TaskClient; assert 'httpx' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.fixture
+async def edge_base(nursery: trio.Nursery) -> str:
+    """A server whose limits are small enough to reach: 256-byte JSON bodies, 0.5 s tasks."""
+    server = TaskServer(token=TOKEN, max_json_body=256, task_timeout=0.5)
+
+    @server.task("echo")
+    async def echo(value: Any) -> Any:
+        return value
+
+    @server.task("slow")
+    async def slow(value: Any) -> Any:
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(functools.partial(server.serve, "127.0.0.1", 0))
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/__runner"
+
+
+async def test_every_protocol_error_a_client_can_meet_is_typed(
+    edge_base: str, nursery: trio.Nursery
+) -> None:
+    """From real servers: 413, 400 (a RegExp the server refuses), 504, 500
+    AUTH_NOT_CONFIGURED, each its class with its status and code."""
+    async with TaskClient(edge_base, token=TOKEN) as client:
+        with pytest.raises(PayloadTooLargeError) as large:
+            await client.task("echo", "x" * 1000)
+        assert (large.value.status, large.value.code) == (413, "PAYLOAD_TOO_LARGE")
+        with pytest.raises(InvalidJsonError) as invalid:
+            await client.task("echo", RegExp("a", "q"))
+        assert (invalid.value.status, invalid.value.code) == (400, "INVALID_JSON")
+        with pytest.raises(TaskTimeoutError) as timed_out:
+            await client.task("slow")
+        assert (timed_out.value.status, timed_out.value.code) == (504, "TIMEOUT")
+        assert await client.task("echo", "still served") == "still served"
+    unconfigured = TaskServer()
+    listeners = await nursery.start(functools.partial(unconfigured.serve, "127.0.0.1", 0))
+    port = listeners[0].socket.getsockname()[1]
+    async with TaskClient(f"http://127.0.0.1:{port}/__runner", token=TOKEN) as client:
+        with pytest.raises(AuthNotConfiguredError) as auth:
+            await client.discovery()
+        assert (auth.value.status, auth.value.code) == (500, "AUTH_NOT_CONFIGURED")
+
+
+async def test_a_call_bounded_by_its_own_timeout(nursery: trio.Nursery) -> None:
+    """A call's ``timeout=`` bounds it alone: past it, TaskTimeoutError with status 0 (the
+    client stopped waiting); the same client's next call has the client's bound."""
+    server = TaskServer(token=TOKEN)
+    release = trio.Event()
+
+    @server.task("wait")
+    async def wait(value: Any) -> Any:
+        if value == "forever":
+            await release.wait()
+        return value
+
+    listeners = await nursery.start(functools.partial(server.serve, "127.0.0.1", 0))
+    base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/__runner"
+    async with TaskClient(base, token=TOKEN, timeout=60) as client:
+        with pytest.raises(TaskTimeoutError) as timed_out:
+            await client.task("wait", "forever", timeout=0.3)
+        assert (timed_out.value.status, timed_out.value.code) == (0, "TIMEOUT")
+        assert await client.task("wait", "now") == "now"
+        assert (await client.discovery(timeout=30)).tasks == ("wait",)
+
+    def sync_calls() -> tuple[Any, ...]:
+        with SyncTaskClient(base, token=TOKEN, timeout=60) as client:
+            try:
+                client.task("wait", "forever", timeout=0.3)
+            except TaskTimeoutError as exc:
+                error: Any = exc
+            return error.status, error.code, client.task("wait", "now", timeout=30)
+
+    assert await trio.to_thread.run_sync(sync_calls) == (0, "TIMEOUT", "now")
+    release.set()

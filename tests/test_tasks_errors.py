@@ -41,3 +41,23 @@ def test_task_error_http_code_must_be_an_error_status() -> None:
     assert TaskError("m", http_code=409).http_code == 409
     with pytest.raises(ValueError, match="400-599"):
         TaskError("m", http_code=200)
+
+
+def test_every_code_has_its_class() -> None:
+    """Each error class of the package is what its code's answer raises, and a subclass of
+    TaskCallError."""
+    import pytunnel.tasks as tasks
+
+    classes = [
+        getattr(tasks, name)
+        for name in tasks.__all__
+        if name.endswith("Error")
+        and isinstance(getattr(tasks, name), type)
+        and issubclass(getattr(tasks, name), TaskCallError)
+        and getattr(tasks, name) is not TaskCallError
+    ]
+    assert len(classes) == 12
+    for cls in classes:
+        err = call_error(500, "m", cls.code)
+        assert type(err) is cls, cls
+        assert err.code == cls.code

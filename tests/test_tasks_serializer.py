@@ -294,6 +294,15 @@ def _corpus() -> list[Any]:
         {1, "two"},
         RunnerMap({"k": 1, 2: [3]}),
         {"__type": "Date", "value": "x", "__graph": 1, "$runner.escape::y": 2},
+        JsError("TypeError", "bad input", "TypeError: bad input\n    at f (a.js:1:1)"),
+        # each with a stack: an Error revived in Node without one gets Node's own
+        JsError(
+            "AppError",
+            "with a cause",
+            "AppError: with a cause",
+            JsError("Error", "the cause", "Error: the cause"),
+            {"code": "E_APP", "when": dt.datetime(2024, 1, 2, tzinfo=UTC), "__type": 1},
+        ),
     ]
     rng = random.Random(15)
 

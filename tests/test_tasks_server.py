@@ -18,7 +18,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from helpers import count_tasks, describe_tasks, wait_until
+from helpers import count_fds, count_tasks, describe_tasks, wait_until
 
 from pytunnel.tasks import UNDEFINED, CorsConfig, TaskError, TaskServer
 from pytunnel.tasks import serializer as ser
@@ -526,7 +526,8 @@ async def test_auth_not_configured_and_anonymous(
 async def test_several_tokens_and_custom_header_and_base(
     nursery: trio.Nursery, http: httpx.AsyncClient
 ) -> None:
-    server = make_server(token=["one", "two"], auth_header="X-Key", base_path="/api/")
+    # the base path is given without its leading slash and with a trailing one: "/api"
+    server = make_server(token=["one", "two"], auth_header="X-Key", base_path="api/")
     listeners = await nursery.start(functools.partial(server.serve, "127.0.0.1", 0))
     base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/api"
     for token in ("one", "two"):
@@ -718,3 +719,230 @@ async def test_dot_segments_reach_discovery_like_runner(base: str) -> None:
     ).encode()
     out = await raw(port_of(base), head)
     assert json.loads(out.partition(b"\r\n\r\n")[2])["result"]["allowList"]["enabled"] is True
+
+
+def _multipart(*parts: tuple[str, str | None, bytes]) -> tuple[str, bytes]:
+    """A multipart body of (name, filename, content) parts, and its content type."""
+    body = b""
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--b0undary\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + content
+        body += b"\r\n"
+    return "multipart/form-data; boundary=b0undary", body + b"--b0undary--\r\n"
+
+
+def _request(path: str, body: bytes = b"", content_type: str = "application/json") -> bytes:
+    return (
+        f"POST /__runner/{path} HTTP/1.1\r\nHost: x\r\nx-runner-token: {TOKEN}\r\n"
+        f"content-type: {content_type}\r\ncontent-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    ).encode() + body
+
+
+async def test_bad_input_of_every_kind_is_its_answer_and_leaks_nothing(
+    nursery: trio.Nursery,
+) -> None:
+    """Each kind of bad input the issue names, several connections of each at once: each
+    gets its status and code, and afterwards no task and no descriptor is left over."""
+    from pytunnel.tasks import HttpLimits
+
+    server = make_server(http_limits=HttpLimits(head_timeout=0.5, body_timeout=0.5))
+    listeners = await nursery.start(functools.partial(server.serve, "127.0.0.1", 0))
+    port = listeners[0].socket.getsockname()[1]
+    many_files = _multipart(
+        ("__manifest", None, b"{}"), *[(f"file:{i}", "f.bin", b"x") for i in range(11)]
+    )
+    no_manifest = _multipart(("file:1", "a.txt", b"x"))
+    cases: list[tuple[str, bytes, bytes, str | None]] = [
+        ("malformed JSON", _request("task/echo", b'{"input":'), b"400", "INVALID_JSON"),
+        ("wrong type", _request("task/math.add", b'{"input":"text"}'), b"500", "INTERNAL_ERROR"),
+        (
+            "unknown __type",
+            _request("task/echo", b'{"input":{"__type":"Nope","value":1}}'),
+            b"400",
+            "INVALID_JSON",
+        ),
+        ("invalid percent-encoding", _request("task/%E0%A4%A"), b"404", "NOT_FOUND"),
+        (
+            "declared too large",
+            _request("task/echo").replace(b"content-length: 0", b"content-length: 3000000"),
+            b"413",
+            "PAYLOAD_TOO_LARGE",
+        ),
+        (
+            "slow head (slow-loris)",
+            b"POST /__runner/task/echo HTTP/1.1\r\nHost: x\r\nx-runner-tok",
+            b"408",
+            None,
+        ),
+        (
+            "slow body",
+            _request("task/echo").replace(b"content-length: 0", b"content-length: 50") + b"{",
+            b"408",
+            "REQUEST_TIMEOUT",
+        ),
+        (
+            "missing manifest",
+            _request("task/echo", no_manifest[1], no_manifest[0]),
+            b"400",
+            "MISSING_MANIFEST",
+        ),
+        (
+            "too many files",
+            _request("task/echo", many_files[1], many_files[0]),
+            b"413",
+            "PAYLOAD_TOO_LARGE",
+        ),
+        (
+            "slow multipart body",
+            _request("task/echo", no_manifest[1][:40], no_manifest[0]).replace(
+                b"content-length: 40", b"content-length: 400"
+            ),
+            b"408",
+            "REQUEST_TIMEOUT",
+        ),
+    ]
+    before_tasks, before_fds = count_tasks(), count_fds()
+    answers: dict[tuple[str, int], bytes] = {}
+
+    async def one(name: str, data: bytes, i: int) -> None:
+        answers[name, i] = await raw(port, data)
+
+    async with trio.open_nursery() as inner:
+        for i in range(3):
+            for name, data, _, _ in cases:
+                inner.start_soon(one, name, data, i)
+    for name, _, status, code in cases:
+        for i in range(3):
+            out = answers[name, i]
+            assert out.startswith(b"HTTP/1.1 " + status), (name, out[:200])
+            if code is not None:
+                assert json.loads(out.partition(b"\r\n\r\n")[2])["error"]["code"] == code, name
+    await wait_until(
+        lambda: count_tasks() <= before_tasks and count_fds() <= before_fds, 30, describe_tasks
+    )
+    # and the server still serves
+    out = await raw(port, _request("task/math.add", b'{"input":{"a":1,"b":2}}'))
+    assert json.loads(out.partition(b"\r\n\r\n")[2]) == {"ok": True, "result": 3}
+
+
+async def test_cors_credentials_without_origins_allow_no_origin(
+    nursery: trio.Nursery, http: httpx.AsyncClient
+) -> None:
+    """Credentials need explicit origins: with none, no ``Access-Control-Allow-Origin`` at all
+    (``*`` with credentials is refused by browsers), as Runner does; the configured
+    allowed and exposed headers are sent as given."""
+    server = make_server(
+        cors=CorsConfig(
+            credentials=True,
+            allowed_headers=["x-runner-token"],
+            exposed_headers=["x-runner-request-id"],
+        )
+    )
+    listeners = await nursery.start(functools.partial(server.serve, "127.0.0.1", 0))
+    base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/__runner"
+    r = await http.post(f"{base}/task/echo", headers={**AUTH, "origin": "https://any.example"})
+    assert r.status_code == 200
+    assert "access-control-allow-origin" not in r.headers
+    assert r.headers["access-control-allow-credentials"] == "true"
+    assert r.headers["vary"] == "Origin"
+    assert r.headers["access-control-expose-headers"] == "x-runner-request-id"
+    r = await http.options(
+        f"{base}/task/echo",
+        headers={"origin": "https://any.example", "access-control-request-headers": "x-other"},
+    )
+    assert r.status_code == 204
+    assert "access-control-allow-origin" not in r.headers
+    assert r.headers["access-control-allow-headers"] == "x-runner-token"
+    assert r.headers["access-control-allow-credentials"] == "true"
+
+
+async def test_cors_default_is_on_every_answer(base: str, http: httpx.AsyncClient) -> None:
+    """``*`` on errors too, before and after the route: 404 outside the base, 405, 401,
+    403, 400, 500."""
+    outside = base.replace("/__runner", "/elsewhere")
+    for response in [
+        await http.get(outside),
+        await http.get(f"{base}/task/echo"),
+        await http.post(f"{base}/task/echo"),
+        await http.post(f"{base}/task/nothing", headers=AUTH),
+        await http.post(f"{base}/task/echo", content=b"{", headers=AUTH),
+        await http.post(f"{base}/task/boom", headers=AUTH),
+    ]:
+        assert response.status_code >= 400
+        assert response.headers["access-control-allow-origin"] == "*", response.request.url
+
+
+async def test_every_token_is_compared_in_constant_time(
+    nursery: trio.Nursery, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token check goes through ``hmac.compare_digest`` on digests of one length, for
+    every configured token each time, whichever matches (no early exit): what the time
+    taken could tell is neither the token's content nor its length nor which one matched."""
+    import hmac
+
+    from pytunnel.tasks import _server
+
+    compared: list[tuple[int, int]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(_server.hmac, "compare_digest", spy)
+    server = make_server(token=["first", "second-longer", "third"])
+    listeners = await nursery.start(functools.partial(server.serve, "127.0.0.1", 0))
+    base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/__runner"
+    for token, status in [("first", 200), ("third", 200), ("x" * 500, 401), ("", 401)]:
+        compared.clear()
+        headers = {"x-runner-token": token} if token else {}
+        r = await http.post(f"{base}/task/echo", headers=headers)
+        assert r.status_code == status, token
+        assert compared == [(32, 32)] * 3, token
+
+
+async def test_discovery_disabled_is_404_before_any_other_check(
+    nursery: trio.Nursery, http: httpx.AsyncClient
+) -> None:
+    """With discovery off, ``{base}/discovery`` is 404 ``NOT_FOUND`` whatever the method or
+    token (as Runner checks it first); tasks are served as before."""
+    server = make_server(disable_discovery=True)
+    listeners = await nursery.start(functools.partial(server.serve, "127.0.0.1", 0))
+    base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/__runner"
+    for response in [
+        await http.get(f"{base}/discovery", headers=AUTH),
+        await http.get(f"{base}/discovery"),
+        await http.post(f"{base}/discovery", headers=AUTH),
+    ]:
+        assert error_of(response)[:2] == (404, "NOT_FOUND")
+        assert "x-runner-request-id" in response.headers
+    r = await http.post(f"{base}/task/math.add", json={"input": {"a": 1, "b": 2}}, headers=AUTH)
+    assert body_of(r)["result"] == 3
+
+
+async def test_event_listeners_run_within_the_timeout_too(
+    nursery: trio.Nursery, http: httpx.AsyncClient
+) -> None:
+    """The per-request bound covers an event's listeners as it covers a task: 504, and the
+    server serves the next call."""
+    server = TaskServer(token=TOKEN, task_timeout=0.3)
+
+    @server.event("app.events.stuck")
+    async def stuck(payload: Any) -> Any:
+        await trio.sleep_forever()
+
+    @server.event("app.events.quick")
+    async def quick(payload: Any) -> Any:
+        return {"quick": payload}
+
+    listeners = await nursery.start(functools.partial(server.serve, "127.0.0.1", 0))
+    base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/__runner"
+    r = await http.post(f"{base}/event/app.events.stuck", json={"payload": 1}, headers=AUTH)
+    assert error_of(r) == (504, "TIMEOUT", "event app.events.stuck timed out")
+    r = await http.post(
+        f"{base}/event/app.events.quick",
+        json={"payload": 2, "returnPayload": True},
+        headers=AUTH,
+    )
+    assert body_of(r) == {"ok": True, "result": {"quick": 2}}

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from helpers import count_tasks, describe_tasks, wait_until
+from helpers import count_fds, count_tasks, describe_tasks, wait_until
 
 from pytunnel._http import HttpLimits
 from pytunnel.tasks import BodyStream, InputFile, MultipartLimits, TaskServer
@@ -48,6 +48,10 @@ def build(limits: MultipartLimits | None = None) -> TaskServer:
             else:
                 out[key] = item
         return out
+
+    @server.task("files.received")
+    async def received(value: Any) -> Any:
+        return {key: item.received for key, item in value.items() if isinstance(item, InputFile)}
 
     @server.task("raw.count")
     async def count(value: Any) -> Any:
@@ -265,16 +269,38 @@ async def test_malformed_multipart_is_400(base: str, content_type: str, body: by
     assert b"INVALID_MULTIPART" in out
 
 
-async def test_uploads_leak_nothing(small: str, http: httpx.AsyncClient) -> None:
-    before = count_tasks()
-    for _ in range(5):
-        await http.post(
-            f"{small}/task/files.describe",
-            headers=AUTH,
-            data={"__manifest": manifest({})},
-            files=[("file:1", ("a", b"x" * 5000, "text/plain"))],
-        )
-    await wait_until(lambda: count_tasks() <= before + 2, 30, describe_tasks)
+async def test_uploads_leak_nothing(base: str, small: str) -> None:
+    """Uploads answered, refused at a limit, and refused after a file was spooled to disk
+    (a manifest naming a part that never came): afterwards no task and no descriptor (the
+    spools' temporary files) is left over."""
+    before_tasks, before_fds = count_tasks(), count_fds()
+    spooled = b"s" * (2 * 1024 * 1024)  # past what is kept in memory: a temporary file
+    async with httpx.AsyncClient(timeout=30) as client:
+        for _ in range(3):
+            r = await client.post(
+                f"{base}/task/files.received",
+                headers=AUTH,
+                data={"__manifest": manifest({"f": sentinel("1")})},
+                files=[("file:1", ("a", spooled, "text/plain"))],
+            )
+            assert ser.loads(r.content)["result"] == {"f": len(spooled)}
+            r = await client.post(
+                f"{small}/task/files.describe",
+                headers=AUTH,
+                data={"__manifest": manifest({})},
+                files=[("file:1", ("a", b"x" * 5000, "text/plain"))],
+            )
+            assert error_of(r)[:2] == (413, "PAYLOAD_TOO_LARGE")
+            r = await client.post(
+                f"{base}/task/files.received",
+                headers=AUTH,
+                data={"__manifest": manifest({"f": sentinel("1"), "g": sentinel("2")})},
+                files=[("file:1", ("a", spooled, "text/plain"))],
+            )
+            assert error_of(r)[:2] == (500, "MISSING_FILE_PART")
+    await wait_until(
+        lambda: count_tasks() <= before_tasks and count_fds() <= before_fds, 30, describe_tasks
+    )
 
 
 @pytest.mark.timeout(240)
@@ -364,3 +390,79 @@ async def test_octet_stream_body_refused_while_the_task_reads_it(
     fine = await exchange(b"content-length: 3\r\nconnection: close\r\n", b"abc")
     assert fine.startswith(b"HTTP/1.1 200 OK")
     assert ser.loads(fine.partition(b"\r\n\r\n")[2]) == {"ok": True, "result": 3}
+
+
+async def test_octet_stream_reaches_the_task_while_it_is_still_sent(nursery: trio.Nursery) -> None:
+    """The task reads the body as it arrives, not once it is all there: the client sends the
+    rest only after the task has seen the first piece (a server that buffered the body
+    first would wait for the rest forever, and the bound below would fail the test)."""
+    server = TaskServer(token=TOKEN)
+    first_seen = trio.Event()
+
+    @server.task("raw.progressive")
+    async def progressive(value: BodyStream) -> Any:
+        pieces = []
+        async for chunk in value.chunks():
+            pieces.append(chunk)
+            first_seen.set()
+        return b"".join(pieces).decode()
+
+    listeners = await nursery.start(functools.partial(server.serve, "127.0.0.1", 0))
+    port = listeners[0].socket.getsockname()[1]
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            b"POST /__runner/task/raw.progressive HTTP/1.1\r\nhost: x\r\n"
+            b"x-runner-token: " + TOKEN.encode() + b"\r\n"
+            b"content-type: application/octet-stream\r\ntransfer-encoding: chunked\r\n"
+            b"connection: close\r\n\r\n5\r\nfirst\r\n"
+        )
+        with trio.fail_after(20):
+            await first_seen.wait()
+            await stream.send_all(b"5\r\n,rest\r\n0\r\n\r\n")
+            answer = b""
+            while chunk := await stream.receive_some():
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert ser.loads(answer.partition(b"\r\n\r\n")[2]) == {"ok": True, "result": "first,rest"}
+
+
+@pytest.mark.parametrize(
+    ("data", "files", "message"),
+    [
+        (
+            {"__manifest": manifest({})},
+            [("file:1", ("a", b"x" * (20 * 1024 * 1024 + 1), "text/plain"))],
+            "File size limit exceeded",
+        ),
+        (
+            {"__manifest": manifest({})},
+            [(f"file:{i}", ("a", b"x", "text/plain")) for i in range(11)],
+            "Files limit exceeded",
+        ),
+        (
+            {"__manifest": manifest({}), **{f"f{i}": "v" for i in range(100)}},
+            [],
+            "Fields limit exceeded",
+        ),
+    ],
+    ids=["20-MiB-file", "10-files", "100-fields"],
+)
+async def test_default_limits_are_runners(
+    base: str, http: httpx.AsyncClient, data: dict[str, str], files: list[Any], message: str
+) -> None:
+    """Runner's defaults: 20 MiB per file, 10 files, 100 fields (the manifest is one); one
+    more of each is 413."""
+    files = files or [("x", ("o", b"", "text/plain"))]
+    r = await http.post(f"{base}/task/files.describe", headers=AUTH, data=data, files=files)
+    assert error_of(r) == (413, "PAYLOAD_TOO_LARGE", message)
+
+
+async def test_default_limits_allow_what_runner_allows(base: str, http: httpx.AsyncClient) -> None:
+    """At the defaults exactly (a 20 MiB file among 10, 100 fields) the call runs."""
+    fields = {"__manifest": manifest({"f": sentinel("0")}), **{f"f{i}": "v" for i in range(99)}}
+    files = [("file:0", ("big", b"x" * (20 * 1024 * 1024), "text/plain"))]
+    files += [(f"file:{i}", ("a", b"x", "text/plain")) for i in range(1, 10)]
+    r = await http.post(f"{base}/task/files.received", headers=AUTH, data=fields, files=files)
+    assert r.status_code == 200, r.content
+    assert ser.loads(r.content)["result"] == {"f": 20 * 1024 * 1024}

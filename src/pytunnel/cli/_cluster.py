@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import click
@@ -14,13 +14,21 @@ import trio
 
 import pytunnel
 
-from ..cluster import EtcdRegistry, check_node_id, is_group, parse_etcd_url, parse_member_key
-from ..cluster.etcd import DEFAULT_LEASE_TTL
+from ..cluster import (
+    DEFAULT_LEASE_TTL,
+    check_node_id,
+    is_group,
+    parse_etcd_url,
+    parse_member_key,
+)
 from ..errors import printable
 from ._admin import call_admin
 from ._options import CONTEXT, EXISTING_FILE, stack
 from ._output import fail, say
 from ._token import read_secret_file
+
+if TYPE_CHECKING:
+    from ..cluster import EtcdRegistry
 
 __all__ = [
     "DEFAULT_LEASE_TTL",
@@ -161,6 +169,8 @@ async def node_registry(
     """The registry of this node (made on the event loop, where its HTTP client lives)."""
     if cluster is None or node_id is None:
         return None
+    from ..cluster import EtcdRegistry  # the HTTP client, only for a node of a cluster
+
     options = await engine.registry_options(password)
     return EtcdRegistry.from_url(cluster, node_id, node_address, lease_ttl=lease_ttl, **options)
 
@@ -216,6 +226,8 @@ def status(
             raise click.UsageError(f"--cluster: {exc}") from None
 
         async def read() -> dict[str, str]:
+            from ..cluster import EtcdRegistry
+
             options = await engine.registry_options(password)
             registry = EtcdRegistry(endpoints, "status", prefix=prefix, **options)
             try:

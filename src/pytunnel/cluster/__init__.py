@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ._address import DEFAULT_LEASE_TTL as DEFAULT_LEASE_TTL
+from ._address import parse_etcd_url as parse_etcd_url
 from ._ownership import is_group as is_group
 from ._ownership import parse_member_key as parse_member_key
 from ._registry import Change as Change
@@ -24,9 +26,9 @@ from ._registry import check_node_id as check_node_id
 
 if TYPE_CHECKING:
     from .etcd import EtcdRegistry as EtcdRegistry
-    from .etcd import parse_etcd_url as parse_etcd_url
 
 __all__ = [
+    "DEFAULT_LEASE_TTL",
     "Change",
     "EtcdRegistry",
     "LocalRegistry",
@@ -41,7 +43,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    if name in ("EtcdRegistry", "parse_etcd_url"):
+    if name == "EtcdRegistry":
         from . import etcd
 
         return getattr(etcd, name)

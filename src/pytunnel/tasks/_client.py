@@ -24,6 +24,7 @@ from .errors import (
     HttpStatusError,
     InvalidResponseError,
     TaskCallError,
+    TaskTimeoutError,
     call_error,
 )
 from .serializer import UNDEFINED, SerializationError
@@ -120,13 +121,30 @@ class _Protocol:
         )
 
 
+#: a call's ``timeout`` when none is given: the client's own
+_CLIENT_DEFAULT: Any = httpx.USE_CLIENT_DEFAULT
+
+
 def _connection_failed(exc: httpx.TransportError) -> TaskCallError:
+    """The typed error of a call that got no answer: :class:`TaskTimeoutError` when the
+    client stopped waiting (so a caller catches every timeout, the server's 504 and its
+    own, as one), else :class:`ConnectionFailedError`; ``status`` 0 for both."""
+    if isinstance(exc, httpx.TimeoutException):
+        return TaskTimeoutError(f"no answer in time ({type(exc).__name__})", status=0)
     return ConnectionFailedError(f"{type(exc).__name__}: {exc}", status=0)
+
+
+def _timeout(seconds: float | None) -> Any:
+    return _CLIENT_DEFAULT if seconds is None else seconds
 
 
 class TaskClient:
     """An async client (Trio or asyncio) of a Runner HTTP exposure at ``base_url``
-    (``http://host:port/__runner``). Use it as ``async with`` or call :meth:`aclose`."""
+    (``http://host:port/__runner``). Use it as ``async with`` or call :meth:`aclose`.
+
+    ``timeout`` bounds each call (connecting, sending, each wait for the answer), unless the
+    call gives its own ``timeout=``; a call that runs out of it raises
+    :class:`TaskTimeoutError` with ``status`` 0."""
 
     def __init__(
         self,
@@ -154,33 +172,43 @@ class TaskClient:
         if self._owns_http:
             await self._http.aclose()
 
-    async def _post(self, url: str, body: object) -> httpx.Response:
+    async def _post(self, url: str, body: object, timeout: float | None) -> httpx.Response:
         try:
-            return await self._http.post(url, content=self._p.body(body), headers=self._p.headers)
+            return await self._http.post(
+                url, content=self._p.body(body), headers=self._p.headers, timeout=_timeout(timeout)
+            )
         except httpx.TransportError as exc:
             raise _connection_failed(exc) from exc
 
-    async def task(self, task_id: str, input: Any = UNDEFINED) -> Any:
-        """Run a task and return its result (typed JSON decoded)."""
-        response = await self._post(self._p.url("task", task_id), {"input": input})
+    async def task(
+        self, task_id: str, input: Any = UNDEFINED, *, timeout: float | None = None
+    ) -> Any:
+        """Run a task and return its result (typed JSON decoded). ``timeout``: this call's
+        bound in seconds (default: the client's); past it, :class:`TaskTimeoutError`."""
+        response = await self._post(self._p.url("task", task_id), {"input": input}, timeout)
         return self._p.result(response)
 
-    async def event(self, event_id: str, payload: Any = UNDEFINED) -> None:
+    async def event(
+        self, event_id: str, payload: Any = UNDEFINED, *, timeout: float | None = None
+    ) -> None:
         """Emit an event."""
-        response = await self._post(self._p.url("event", event_id), {"payload": payload})
+        body = {"payload": payload}
+        response = await self._post(self._p.url("event", event_id), body, timeout)
         self._p.result(response, want_result=False)
 
-    async def event_with_result(self, event_id: str, payload: Any = UNDEFINED) -> Any:
+    async def event_with_result(
+        self, event_id: str, payload: Any = UNDEFINED, *, timeout: float | None = None
+    ) -> Any:
         """Emit an event and return the payload as its listeners left it."""
         body = {"payload": payload, "returnPayload": True}
-        response = await self._post(self._p.url("event", event_id), body)
+        response = await self._post(self._p.url("event", event_id), body, timeout)
         return self._p.result(response)
 
-    async def discovery(self) -> Discovery:
+    async def discovery(self, *, timeout: float | None = None) -> Discovery:
         """What the server exposes."""
         try:
             response = await self._http.get(
-                f"{self._p.base_url}/discovery", headers=self._p.headers
+                f"{self._p.base_url}/discovery", headers=self._p.headers, timeout=_timeout(timeout)
             )
         except httpx.TransportError as exc:
             raise _connection_failed(exc) from exc
@@ -213,27 +241,35 @@ class SyncTaskClient:
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, url: str, body: object) -> httpx.Response:
+    def _post(self, url: str, body: object, timeout: float | None) -> httpx.Response:
         try:
-            return self._http.post(url, content=self._p.body(body), headers=self._p.headers)
+            return self._http.post(
+                url, content=self._p.body(body), headers=self._p.headers, timeout=_timeout(timeout)
+            )
         except httpx.TransportError as exc:
             raise _connection_failed(exc) from exc
 
-    def task(self, task_id: str, input: Any = UNDEFINED) -> Any:
-        return self._p.result(self._post(self._p.url("task", task_id), {"input": input}))
+    def task(self, task_id: str, input: Any = UNDEFINED, *, timeout: float | None = None) -> Any:
+        url = self._p.url("task", task_id)
+        return self._p.result(self._post(url, {"input": input}, timeout))
 
-    def event(self, event_id: str, payload: Any = UNDEFINED) -> None:
-        self._p.result(
-            self._post(self._p.url("event", event_id), {"payload": payload}), want_result=False
-        )
+    def event(
+        self, event_id: str, payload: Any = UNDEFINED, *, timeout: float | None = None
+    ) -> None:
+        url = self._p.url("event", event_id)
+        self._p.result(self._post(url, {"payload": payload}, timeout), want_result=False)
 
-    def event_with_result(self, event_id: str, payload: Any = UNDEFINED) -> Any:
+    def event_with_result(
+        self, event_id: str, payload: Any = UNDEFINED, *, timeout: float | None = None
+    ) -> Any:
         body = {"payload": payload, "returnPayload": True}
-        return self._p.result(self._post(self._p.url("event", event_id), body))
+        return self._p.result(self._post(self._p.url("event", event_id), body, timeout))
 
-    def discovery(self) -> Discovery:
+    def discovery(self, *, timeout: float | None = None) -> Discovery:
         try:
-            response = self._http.get(f"{self._p.base_url}/discovery", headers=self._p.headers)
+            response = self._http.get(
+                f"{self._p.base_url}/discovery", headers=self._p.headers, timeout=_timeout(timeout)
+            )
         except httpx.TransportError as exc:
             raise _connection_failed(exc) from exc
         return self._p.discovery(self._p.result(response), response.status_code)

@@ -112,6 +112,9 @@ class InternalError(TaskCallError):
 
 
 class TaskTimeoutError(TaskCallError):
+    """The call ran out of time: the server's 504 ``TIMEOUT`` (its task ran past its
+    bound), or, with ``status`` 0, the client stopped waiting for the answer."""
+
     code = "TIMEOUT"
 
 
