@@ -365,3 +365,36 @@ async def test_what_a_finished_peer_sent_still_arrives_when_its_session_dies() -
             await outside.send_eof()
         await outside.aclose()
         await theirs.aclose()
+
+
+@pytest.mark.parametrize("timeout", [10.0, 0.5])
+async def test_idle_reset_comes_within_the_slack_after_the_last_byte(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture, timeout: float
+) -> None:
+    """The idle deadline moves only once activity pushed it more than the slack
+    (``min(1 s, timeout / 10)``): the reset never comes before ``timeout`` after the last
+    byte, and at most the slack later. Bytes closer together than the slack, which do not
+    move the deadline, still keep the relay for ``timeout`` after the last of them."""
+    caplog.set_level("INFO", "pytunnel.relay")
+    slack = min(1.0, timeout / 10)
+    left, relay_a = trio.testing.memory_stream_pair()
+    relay_b, right = trio.testing.memory_stream_pair()
+    last = 0.0
+    ended = 0.0
+
+    async def run_relay() -> None:
+        nonlocal ended
+        await relay(relay_a, relay_b, idle_timeout=timeout)
+        ended = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_relay)
+        # three bytes, each well inside the timeout of the one before, the last two closer
+        # together than the slack
+        for pause in (timeout * 0.8, timeout * 0.8, slack * 0.5):
+            await trio.sleep(pause)
+            await left.send_all(b"x")
+            assert await right.receive_some() == b"x"
+            last = trio.current_time()
+    assert last + timeout <= ended <= last + timeout + slack
+    assert [r.getMessage() for r in caplog.records] == [f"relay reset after {timeout:g} s idle"]

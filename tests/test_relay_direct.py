@@ -377,3 +377,36 @@ async def _read_stream_until_eof(stream: MuxStream) -> bytes:
             got += chunk
             await trio.lowlevel.checkpoint()
     return bytes(got)
+
+
+async def test_a_direct_writer_into_a_stream_takes_only_what_window_and_buffer_allow() -> None:
+    """``MuxStream.direct_writer`` (the pump's first try for every chunk) queues at most the
+    peer's window and the write buffer's mark plus one frame, in frames of at most
+    ``max_data_chunk``; what it declines goes again later, and all arrives in order."""
+    window, high, chunk = 100_000, 50_000, 16_384
+    payload = _pattern(1_000_000, 5)
+    got = bytearray()
+    sizes = {"window": window, "write_buffer_high": high, "max_data_chunk": chunk}
+    async with session_pair("tcp", **sizes) as (client, server):
+        mine, theirs = await open_pair(client, server)
+        assert isinstance(mine, MuxStream)
+        write = mine.direct_writer()
+
+        async def read() -> None:
+            while len(got) < len(payload):
+                got.extend(await theirs.receive_some())
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                sent = 0
+                while sent < len(payload):
+                    before = client.send_window(mine.stream_id)
+                    taken = write(memoryview(payload)[sent:])
+                    assert taken <= before
+                    assert client._queued() <= high + chunk
+                    sent += taken
+                    if not taken:
+                        await mine.wait_send_all_might_not_block()
+                        await trio.lowlevel.checkpoint()
+    assert bytes(got) == payload

@@ -42,6 +42,12 @@ class _BackToBack:
     def send_data(self, stream_id: int, data: memoryview) -> None:
         self._to().deliver_data(bytes(data))
 
+    def send_data_nowait(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
+        with memoryview(data) as view:
+            for start in range(0, len(view), self.max_data_chunk):
+                self.send_data(stream_id, view[start : start + self.max_data_chunk])
+        return len(data)
+
     def send_fin(self, stream_id: int) -> None:
         self._to().deliver_eof()
 

@@ -60,6 +60,11 @@ class StreamCarrier(Protocol):
         """Queue the end of what we send on the stream."""
         ...
 
+    def send_data_nowait(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
+        """Queue what the window and the shared write buffer take of ``data`` now, in Data
+        frames of at most :attr:`max_data_chunk`; how many bytes were queued."""
+        ...
+
     def send_datagram(self, stream_id: int, data: bytes | bytearray | memoryview) -> bool:
         """Queue one datagram if it fits now; ``False`` if it was dropped."""
         ...
@@ -355,21 +360,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
             return 0
         if self._closed or self._fin_sent or self._broken or self._send_broken:
             return 0  # send_all raises the error
-        carrier = self._carrier
-        pos = 0
-        with memoryview(data) as view:
-            view = view.cast("B")
-            total = len(view)
-            chunk = carrier.max_data_chunk
-            while pos < total:
-                window = carrier.send_window(self.stream_id)
-                if window <= 0:
-                    break
-                size = min(window, total - pos, chunk)
-                if not carrier.has_room(size):
-                    break
-                carrier.send_data(self.stream_id, view[pos : pos + size])
-                pos += size
+        if type(data) is memoryview and data.format != "B":
+            data = data.cast("B")  # lengths in bytes, as frames count them
+        pos = self._carrier.send_data_nowait(self.stream_id, data)
         self.bytes_sent += pos
         return pos
 

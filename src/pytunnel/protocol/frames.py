@@ -54,6 +54,8 @@ _structure_message = converter.get_structure_hook(Message)
 _DATA_HEAD = b"\x83\xa6stream"
 _DATA_KEY = b"\xa4data"
 _DATA_TAIL = b"\xa1t\xa4data"
+_new_object = object.__new__
+_set_field = object.__setattr__  # the frozen class's own __setattr__ refuses
 
 
 def _msgpack_uint(n: int) -> bytes:
@@ -74,6 +76,13 @@ def _bin_header(n: int) -> bytes:
     return b"\xc6" + n.to_bytes(4, "big")
 
 
+#: msgpack's positive fixint and bin 8 headers, built once: a small message's Data frame then
+#: costs no helper call for its stream id or its length.
+_FIXINT = [n.to_bytes(1, "big") for n in range(0x80)]
+_BIN8 = [b"\xc4" + n.to_bytes(1, "big") for n in range(0x100)]
+_DATA_FIXED = len(_DATA_HEAD) + len(_DATA_KEY) + len(_DATA_TAIL)
+
+
 def append_data_frame(
     out: bytearray,
     stream_id: int,
@@ -86,15 +95,17 @@ def append_data_frame(
     without building the message object or the intermediate copies.
     """
     size = len(payload)
-    head = _DATA_HEAD + _msgpack_uint(stream_id) + _DATA_KEY + _bin_header(size)
-    body_size = len(head) + size + len(_DATA_TAIL)
+    sid = _FIXINT[stream_id] if stream_id < 0x80 else _msgpack_uint(stream_id)
+    bin_header = _BIN8[size] if size < 0x100 else _bin_header(size)
+    body_size = _DATA_FIXED + len(sid) + len(bin_header) + size
     if body_size > max_frame_size:
         raise LocalProtocolError(
             f"Data frame of {body_size} bytes exceeds the limit of {max_frame_size}",
             code=ErrorCode.FRAME_TOO_LARGE,
         )
-    out += body_size.to_bytes(HEADER_SIZE, "big")
-    out += head
+    out += b"".join(
+        (body_size.to_bytes(HEADER_SIZE, "big"), _DATA_HEAD, sid, _DATA_KEY, bin_header)
+    )
     out += payload
     out += _DATA_TAIL
 
@@ -196,7 +207,12 @@ def _parse_data(buf: bytes | bytearray, start: int, end: int) -> Data | None:
     else:
         with memoryview(buf) as view, view[p : p + n] as piece:
             payload = bytes(piece)
-    return Data(stream, payload)
+    # both fields are valid by construction (a stream id of 1..2**32-1, bytes): built without
+    # attrs' validators, which would check them again for every frame
+    message: Data = _new_object(Data)
+    _set_field(message, "stream", stream)
+    _set_field(message, "data", payload)
+    return message
 
 
 def encode_message(message: Message, max_frame_size: int = MAX_FRAME_SIZE_LIMIT) -> bytes:

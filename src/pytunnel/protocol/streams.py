@@ -52,6 +52,11 @@ class StreamState(enum.Enum):
     #: Refused, reset, or finished both ways: the multiplexer forgets the stream.
     CLOSED = "closed"
 
+    # Every frame and every send looks a (state, event) pair up in the transition table, and
+    # Enum's own __hash__ is Python code (hash of the name): members are singletons compared
+    # by identity, so the identity hash is as correct and costs no Python call.
+    __hash__ = object.__hash__
+
 
 class StreamEvent(enum.Enum):
     """Something that happens to a stream: a frame received (``RECV_``) or a call (``SEND_``)."""
@@ -69,6 +74,8 @@ class StreamEvent(enum.Enum):
     SEND_DATAGRAM = "send datagram"
     SEND_FIN = "send fin"
     SEND_RESET = "send reset"
+
+    __hash__ = object.__hash__  # as StreamState's: looked up on every frame
 
     @property
     def from_peer(self) -> bool:

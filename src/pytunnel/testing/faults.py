@@ -23,7 +23,7 @@ from typing import Literal, cast
 import attrs
 import trio
 
-from .._relay import DirectSource, abort, direct_writer
+from .._relay import DirectReader, DirectSource, abort, direct_reader, direct_writer
 from .._stream import DirectWriter
 from .._util import implements
 
@@ -54,7 +54,12 @@ class DirectionFaults:
 
     @property
     def active(self) -> bool:
-        return self != DirectionFaults()
+        return self != _NO_FAULTS
+
+
+#: What ``active`` compares with (asked on every direct write: no instance built per call).
+#: Never changed: ``Faults.clear`` makes new instances.
+_NO_FAULTS = DirectionFaults()
 
 
 class Faults:
@@ -158,6 +163,40 @@ class _Link:
         self._on_close(self)
 
 
+class _LinkedReader:
+    """A direct reader of a wrapped stream that ends as :meth:`FaultyStream.receive_some`
+    does when its link is cut (EOF) or reset (``BrokenResourceError``)."""
+
+    __slots__ = ("_inner", "_link")
+
+    def __init__(self, inner: DirectReader, link: _Link) -> None:
+        self._inner = inner
+        self._link = link
+
+    def receive_nowait(self, max_bytes: int) -> bytes | None:
+        link = self._link
+        if link.reset:
+            raise trio.BrokenResourceError("connection reset by an injected fault")
+        if link.cut:
+            return b""
+        return self._inner.receive_nowait(max_bytes)
+
+    async def wait(self) -> None:
+        link = self._link
+        if link.cut or link.reset:  # receive_nowait answers at once
+            await trio.lowlevel.checkpoint()
+            return
+        # what link.guard() does, without a context manager's generator per wait: a cut or
+        # a reset interrupts it
+        scope = trio.CancelScope()
+        link._pending[scope] = True
+        try:
+            with scope:
+                await self._inner.wait()
+        finally:
+            del link._pending[scope]
+
+
 class FaultyStream(trio.abc.HalfCloseableStream):
     """``stream`` with one direction of ``faults`` applied to what is sent into it.
 
@@ -211,6 +250,13 @@ class FaultyStream(trio.abc.HalfCloseableStream):
             return sent
 
         return write
+
+    def direct_reader(self) -> DirectReader | None:
+        """The wrapped stream's direct reader, with what ``receive_some`` adds: EOF once the
+        connection is cut, ``BrokenResourceError`` once it is reset, and a wait that either
+        interrupts (faults apply to sends only, so nothing else is in the way)."""
+        inner = direct_reader(self.stream)
+        return None if inner is None else _LinkedReader(inner, self._link)
 
     def deliver_directly(self, writer: DirectWriter | None) -> None:
         """Hand ``writer`` to the wrapped stream if it delivers directly, stopped once the

@@ -1,0 +1,76 @@
+"""Reading a plain TCP socket without trio's per-call machinery, for the two hot readers.
+
+``trio.SocketStream.receive_some`` is correct for any caller: it detects two tasks receiving
+at once, translates ``OSError`` into the stream errors through a context manager, tries the
+read, raises and catches ``BlockingIOError`` when there is nothing, then waits. For a 64-byte
+message that is a large part of what a process spends on it. A relay's pump and a session's
+reader are each the only reader of their socket, and know something trio cannot: after a read
+that returned less than it asked for, the socket is empty, so the next read can wait for
+readability first instead of failing once. :class:`SocketReader` is that: a non-blocking read
+and a wait, with the same errors ``receive_some`` raises.
+
+A loop built on it must checkpoint on its own now and then (see :data:`MAX_STREAK`): a read
+that finds data does not yield, so a socket that is always readable would otherwise keep its
+reader running and every other task waiting.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import trio
+
+__all__ = ["MAX_STREAK", "SocketReader"]
+
+#: Reads in a row without a wait after which a reader yields (``trio.lowlevel.checkpoint``):
+#: a busy connection still lets the others run, and sees its cancellation, within this many
+#: reads, while a connection that waits between messages never pays for the checkpoint.
+MAX_STREAK = 8
+
+# what trio.SocketStream reports as "we closed it" rather than as a broken connection
+_CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
+
+
+class SocketReader:
+    """Non-blocking reads of one trio socket, for its only reader.
+
+    :meth:`receive_nowait` returns what ``receive_some`` would (``b""`` at EOF) or ``None``
+    when nothing is there yet; :meth:`wait` returns once the socket may be readable. Both
+    raise ``ClosedResourceError`` once the socket was closed here and ``BrokenResourceError``
+    (its ``__cause__`` the ``OSError``) when the connection broke, as ``receive_some`` does.
+    """
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self._sock = sock
+
+    def receive_nowait(self, max_bytes: int) -> bytes | None:
+        # the descriptor is read each time: -1 once closed, never one reused by someone else
+        fd = self._sock.fileno()
+        try:
+            return os.read(fd, max_bytes)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in _CLOSED_ERRNOS:
+                raise trio.ClosedResourceError("this socket was already closed") from None
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+    async def wait(self) -> None:
+        """Until the socket is readable (data, EOF or an error to read); a checkpoint."""
+        fd = self._sock.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("this socket was already closed")
+        # the descriptor, not the socket: trio would ask the socket for it again; closing the
+        # socket still wakes the wait (trio keys its waits by descriptor)
+        await trio.lowlevel.wait_readable(fd)
+
+
+def socket_reader(stream: object) -> SocketReader | None:
+    """A :class:`SocketReader` for a plain ``trio.SocketStream`` on POSIX (where ``os.read``
+    reads a socket), else ``None``."""
+    if isinstance(stream, trio.SocketStream) and os.name == "posix":
+        return SocketReader(stream.socket)
+    return None

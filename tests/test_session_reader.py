@@ -1,0 +1,102 @@
+"""A session over plain TCP reads its transport directly (``pytunnel._direct.SocketReader``),
+not through ``trio.SocketStream.receive_some``: frames cut anywhere by the reads still arrive
+whole and in order, and a transport that always has data lets the other tasks run."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import trio
+from helpers import open_pair, session_pair
+
+from pytunnel._direct import MAX_STREAK, SocketReader
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def receive_calls(monkeypatch: pytest.MonkeyPatch) -> list[trio.SocketStream]:
+    """The real ``SocketStream.receive_some``, recording each call's stream."""
+    calls: list[trio.SocketStream] = []
+    real = trio.SocketStream.receive_some
+
+    async def spy(self: trio.SocketStream, max_bytes: int | None = None) -> bytes:
+        calls.append(self)
+        return await real(self, max_bytes)
+
+    monkeypatch.setattr(trio.SocketStream, "receive_some", spy)
+    return calls
+
+
+async def _receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    got = bytearray()
+    while len(got) < size:
+        chunk = await stream.receive_some(size - len(got))
+        assert chunk, "EOF before the whole message"
+        got += chunk
+    return bytes(got)
+
+
+async def test_a_tcp_session_reads_its_transport_directly(
+    receive_calls: list[trio.SocketStream],
+) -> None:
+    """Messages from 1 byte to 300 KB each way, reads of 1,000 bytes (so frames straddle
+    reads), then EOF: everything arrives in order and no ``receive_some`` ran on a socket."""
+    with trio.fail_after(30):
+        async with session_pair("tcp", receive_size=1000) as (client, server):
+            mine, theirs = await open_pair(client, server)
+            for i, size in enumerate((1, 64, 999, 1000, 1001, 65_536, 300_000)):
+                message = bytes((i * 31 + n) & 0xFF for n in range(size))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(mine.send_all, message)
+                    assert await _receive_exactly(theirs, size) == message
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(theirs.send_all, message[::-1])
+                    assert await _receive_exactly(mine, size) == message[::-1]
+            await mine.send_eof()
+            assert await theirs.receive_some() == b""
+    assert receive_calls == []
+
+
+async def test_a_transport_that_always_has_data_lets_other_tasks_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """2 MiB on one stream read 1,000 bytes at a time: the socket has data at almost every
+    read, which never yields by itself. Another runnable task runs once per scheduler batch,
+    in any order, so between two of its runs the reader makes at most two streaks of reads
+    (one ending a batch, one starting the next)."""
+    ticks = [0]
+    seen: list[int] = []
+    real = SocketReader.receive_nowait
+
+    def spy(self: SocketReader, max_bytes: int) -> bytes | None:
+        got = real(self, max_bytes)
+        if got and max_bytes == 1000:  # the receiving session's reads that found data
+            seen.append(ticks[0])
+        return got
+
+    monkeypatch.setattr(SocketReader, "receive_nowait", spy)
+
+    async def tick() -> None:
+        while True:
+            ticks[0] += 1
+            await trio.lowlevel.checkpoint()
+
+    payload = bytes(range(256)) * (2 * 1024 * 1024 // 256)
+    with trio.fail_after(30):
+        async with session_pair(
+            "tcp", receive_size=1000, window=4 * 1024 * 1024, receive_budget=64 * 1024 * 1024
+        ) as (client, server):
+            mine, theirs = await open_pair(client, server)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(tick)
+                nursery.start_soon(mine.send_all, payload)
+                assert await _receive_exactly(theirs, len(payload)) == payload
+                nursery.cancel_scope.cancel()
+    longest = run = 1
+    for before, after in itertools.pairwise(seen):
+        run = run + 1 if before == after else 1
+        longest = max(longest, run)
+    assert len(seen) > 4 * MAX_STREAK
+    assert longest <= 2 * MAX_STREAK
