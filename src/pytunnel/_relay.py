@@ -115,7 +115,9 @@ class DirectSource(Protocol):
     """A stream that can hand arriving data to a writer while its reader waits (a mux
     stream: :meth:`pytunnel._stream.MuxStream.deliver_directly`)."""
 
-    def deliver_directly(self, writer: DirectWriter | None) -> None: ...
+    def deliver_directly(
+        self, writer: DirectWriter | None, wake: Callable[[], None] | None = None
+    ) -> bool: ...
 
 
 @runtime_checkable
@@ -255,7 +257,10 @@ async def _copy_loop(
     stats: RelayStats | None,
     outbound: bool,
     ending: _Ending,
-) -> None:
+    idle: Callable[[], bool] | None = None,
+) -> bool:
+    """Copy until EOF (``True``), or until ``idle()``, asked after each chunk, says the
+    direction can go on without this task (``False``)."""
     paced = cast(PacedStream, sink) if implements(sink, PacedStream) else None
     # what the sink takes at once needs no send_all, whose checkpoint would cost a scheduler
     # pass per chunk; receive_some still checkpoints on every round
@@ -264,7 +269,7 @@ async def _copy_loop(
         chunk = await source.receive_some(_CHUNK)
         ending.touch()
         if not chunk:
-            break
+            return True
         taken = writer(chunk) if writer is not None else 0
         if taken:
             ending.touch()
@@ -286,6 +291,126 @@ async def _copy_loop(
                 stats.bytes_out += len(chunk)
             else:
                 stats.bytes_in += len(chunk)
+        if idle is not None and idle():
+            return False
+
+
+class _Taskless:
+    """One direction of a relay, from a stream that delivers directly (a mux stream) into a
+    sink with a non-blocking writer (a socket), run without a task of its own while it can.
+
+    An idle relayed connection is most connections at scale, and a task with its coroutine
+    frames is most of what one costs; this direction usually needs none: the session's
+    reader task writes each Data frame into the sink itself
+    (:meth:`pytunnel._stream.MuxStream.deliver_directly` with ``wake``). A task is started
+    only when the stream has something a reader must handle (what the sink did not take, the
+    EOF, a break, a close); it copies as the relay's pumps do, and hands the direction back
+    and ends once it has read everything, unless the relay's other direction has finished,
+    in which case it runs to this direction's EOF (the relay waits for it then).
+    """
+
+    __slots__ = ("_arming", "_nursery", "_other_done", "_state", "direct", "ending", "name",
+                 "outbound", "sink", "source", "stats", "writer")  # fmt: skip
+
+    def __init__(
+        self,
+        source: trio.abc.ReceiveStream,
+        sink: trio.abc.HalfCloseableStream,
+        writer: DirectWriter,
+        stats: RelayStats | None,
+        outbound: bool,
+        name: str,
+        ending: _Ending,
+    ) -> None:
+        self.source = source
+        self.direct = cast(DirectSource, source)
+        self.sink = sink
+        self.writer = _counted(writer, stats, outbound, ending)
+        self.stats = stats
+        self.outbound = outbound
+        self.name = name
+        self.ending = ending
+        #: _IDLE (no task, the writer takes what arrives), _RUNNING (a task, or the relay's
+        #: own, reads the stream), _DONE (stopped)
+        self._state = _DONE
+        self._arming = False
+        self._other_done = False
+        self._nursery: trio.Nursery | None = None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        if not self._go_idle():
+            nursery.start_soon(self._run)
+
+    def _go_idle(self) -> bool:
+        """Hand the direction to the writer alone, unless a reader is needed now (then
+        ``False``, and the stream stays in the caller's hands)."""
+        if self._other_done:
+            return False
+        self._state = _IDLE
+        self._arming = True
+        try:
+            self.direct.deliver_directly(self.writer, self._wake)
+        finally:
+            self._arming = False
+        return self._state == _IDLE
+
+    def _wake(self) -> None:
+        if self._state == _IDLE:
+            self._state = _RUNNING
+            if not self._arming:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._run)
+
+    async def _run(self) -> None:
+        try:
+            if not await _copy_loop(
+                self.source, self.sink, self.stats, self.outbound, self.ending, self._go_idle
+            ):
+                return  # idle again: no task until a reader is needed
+            self._state = _DONE
+            with self.ending.send():
+                await self.sink.send_eof()
+            self.ending.finished += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("%s ended by a broken side: %r", self.name, exc)
+            self.ending.scope.cancel()
+
+    async def finish(self) -> None:
+        """The relay's other direction ended with its EOF: run this one to its own, in the
+        relay's task if no task runs it now (the relay then waits for that task)."""
+        self._other_done = True
+        if self._state == _IDLE:
+            self._state = _RUNNING
+            self.direct.deliver_directly(self.writer)
+            await self._run()
+
+    def stop(self) -> None:
+        """The relay is ending: no more writes, no task started."""
+        self._state = _DONE
+        self.direct.deliver_directly(None)
+
+
+_IDLE, _RUNNING, _DONE = range(3)
+
+
+def _taskless(
+    source: trio.abc.ReceiveStream,
+    sink: trio.abc.HalfCloseableStream,
+    stats: RelayStats | None,
+    outbound: bool,
+    name: str,
+    ending: _Ending,
+) -> _Taskless | None:
+    # a wrapper may pass direct delivery on, or not (it wraps a socket): ask
+    if not implements(source, DirectSource) or not cast(DirectSource, source).deliver_directly(
+        None
+    ):
+        return None
+    writer = direct_writer(sink)
+    if writer is None:
+        return None
+    return _Taskless(source, sink, writer, stats, outbound, name, ending)
 
 
 async def relay(
@@ -325,11 +450,27 @@ async def relay(
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
             ending = _Ending(scope, idle_timeout)
+            # one direction from a mux stream into a socket needs no task while idle; the
+            # other runs in this task (one task fewer per relay, its memory and its
+            # start-up, with the same fate as a child, since the nursery ends with it)
+            lazy = _taskless(a, b, stats, True, name, ending) or _taskless(
+                b, a, stats, False, name, ending
+            )
             async with trio.open_nursery() as nursery:
-                # the way back runs in this task: one task fewer per relay (its memory and
-                # its start-up), with the same fate as a child, since the nursery ends with it
-                nursery.start_soon(_pump, a, b, stats, True, name, ending)
-                await _pump(b, a, stats, False, name, ending)
+                if lazy is None:
+                    nursery.start_soon(_pump, a, b, stats, True, name, ending)
+                    await _pump(b, a, stats, False, name, ending)
+                else:
+                    try:
+                        lazy.start(nursery)
+                        if lazy.outbound:
+                            await _pump(b, a, stats, False, name, ending)
+                        else:
+                            await _pump(a, b, stats, True, name, ending)
+                        if not scope.cancel_called:
+                            await lazy.finish()
+                    finally:
+                        lazy.stop()
         if scope.cancelled_caught and trio.current_time() >= scope.deadline:
             log.info("%s reset after %g s idle", name, idle_timeout)
             reason = (ErrorCode.IDLE_TIMEOUT, f"idle for {idle_timeout:g} s")
