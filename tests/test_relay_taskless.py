@@ -11,6 +11,7 @@ running after a burst, fails here, as does any lost, reordered or unfinished byt
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
 import struct
@@ -32,6 +33,16 @@ SMALL_BUFFER = 16 * 1024
 def _relay_tasks() -> int:
     """Tasks running a relay or one of its directions (the relay's own task included)."""
     return sum(1 for task in live_tasks() if "relay" in task.name or "_Taskless" in task.name)
+
+
+class _TaskNames(trio.abc.Instrument):
+    """The names of the tasks spawned while installed."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.names.append(task.name)
 
 
 def _pattern(size: int, seed: int) -> bytes:
@@ -64,13 +75,13 @@ async def test_idle_relays_hold_one_task_each_in_both_directions() -> None:
         async with trio.open_nursery() as nursery:
             before = _relay_tasks()
             pairs = []
-            for i in range(20):
+            for _ in range(20):
                 opened, accepted = await open_pair(client, server)
                 assert isinstance(accepted, MuxStream)
                 target, relayed = await tcp_stream_pair()
                 nursery.start_soon(functools.partial(relay, accepted, relayed, idle_timeout=30))
                 pairs.append((opened, accepted, target))
-            for i, (opened, accepted, target) in enumerate(pairs):
+            for i, (opened, _accepted, target) in enumerate(pairs):
                 message = _pattern(100 + i, i)
                 await opened.send_all(message)
                 assert await _receive_exactly(target, len(message)) == message
@@ -197,7 +208,11 @@ async def test_a_reset_while_idle_resets_the_target_and_ends_the_relay() -> None
 async def test_a_session_ending_while_idle_ends_every_relay(locally: bool) -> None:
     """The accepting session is closed (locally) or loses its transport (the peer's end goes)
     while ten relays sit idle with no task on the stream's side: every relay ends, every
-    target connection is closed or reset, no task is left."""
+    target connection is closed or reset, no task is left. A stream that breaks (the
+    transport lost) resets its connection at once and starts no task for its side: the
+    relay's own task, woken by the closed socket, ends the relay."""
+    spawned = _TaskNames()
+    trio.lowlevel.add_instrument(spawned)
     async with session_pair("tcp") as (client, server):
         targets = []
         with trio.fail_after(20):
@@ -207,9 +222,7 @@ async def test_a_session_ending_while_idle_ends_every_relay(locally: bool) -> No
                     _opened, accepted = await open_pair(client, server)
                     target, relayed = await tcp_stream_pair()
                     targets.append(target)
-                    nursery.start_soon(
-                        functools.partial(relay, accepted, relayed, idle_timeout=30)
-                    )
+                    nursery.start_soon(functools.partial(relay, accepted, relayed, idle_timeout=30))
                 await trio.testing.wait_all_tasks_blocked()
                 assert _relay_tasks() - before == 10
                 if locally:
@@ -217,13 +230,14 @@ async def test_a_session_ending_while_idle_ends_every_relay(locally: bool) -> No
                 else:
                     await client.aclose()
             for target in targets:
-                try:
+                with contextlib.suppress(trio.BrokenResourceError):
                     assert await _read_until_eof(target) == b""
-                except trio.BrokenResourceError:
-                    pass
         assert _relay_tasks() == before
+        started = sum(1 for name in spawned.names if "_Taskless" in name)
+        assert started == (10 if locally else 0)
         for target in targets:
             await target.aclose()
+    trio.lowlevel.remove_instrument(spawned)
 
 
 async def test_a_fault_wrapper_passes_the_taskless_direction_through() -> None:
@@ -266,6 +280,5 @@ async def test_a_target_reset_while_idle_breaks_the_opener() -> None:
                 target.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 await target.aclose()
                 with pytest.raises(trio.BrokenResourceError):
-                    while True:
-                        await opened.receive_some()
+                    await _read_until_eof(opened)
         await opened.aclose()

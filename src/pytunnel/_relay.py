@@ -385,6 +385,10 @@ class _Taskless:
             self.direct.deliver_directly(self.writer)
             await self._run()
 
+    def abandon(self) -> None:
+        """The relay is being cut: start no task for this direction any more."""
+        self._state = _DONE
+
     def stop(self) -> None:
         """The relay is ending: no more writes, no task started."""
         self._state = _DONE
@@ -446,7 +450,7 @@ async def relay(
         a, b = faults.wrap(a, b, name)
     clean = False
     reason = (ErrorCode.CANCELLED, "the other side of the relay broke")
-    breakable = _reset_on_break(a, b) or _reset_on_break(b, a)
+    breakable: BreakableStream | None = None
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
             ending = _Ending(scope, idle_timeout)
@@ -456,6 +460,7 @@ async def relay(
             lazy = _taskless(a, b, stats, True, name, ending) or _taskless(
                 b, a, stats, False, name, ending
             )
+            breakable = _reset_on_break(a, b, lazy) or _reset_on_break(b, a, lazy)
             async with trio.open_nursery() as nursery:
                 if lazy is None:
                     nursery.start_soon(_pump, a, b, stats, True, name, ending)
@@ -507,7 +512,9 @@ def _refused(stream: trio.abc.AsyncResource) -> bool:
 
 
 def _reset_on_break(
-    tunnelled: trio.abc.AsyncResource, other: trio.abc.AsyncResource
+    tunnelled: trio.abc.AsyncResource,
+    other: trio.abc.AsyncResource,
+    lazy: _Taskless | None = None,
 ) -> BreakableStream | None:
     """When ``tunnelled`` is a mux stream and ``other`` a TCP connection, have the stream
     reset the connection the moment it breaks (its session died or its peer reset it), not
@@ -526,6 +533,12 @@ def _reset_on_break(
         # closing the trio socket wakes whatever waits on it with ClosedResourceError, which
         # the relay treats as the broken side it is
         sock.socket.close()
+        if lazy is not None:
+            # the relay's own task wakes on the closed socket and ends the relay; a task
+            # started for the broken stream would only find it broken (and at scale, the
+            # tasks started for thousands of streams breaking at once would delay the
+            # resets of the streams after them)
+            lazy.abandon()
 
     call_on_break(reset_now)
     return inner  # type: ignore[return-value]
