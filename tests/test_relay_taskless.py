@@ -282,3 +282,50 @@ async def test_a_target_reset_while_idle_breaks_the_opener() -> None:
                 with pytest.raises(trio.BrokenResourceError):
                     await _read_until_eof(opened)
         await opened.aclose()
+
+
+@pytest.mark.parametrize("size", [100, 400_000])
+async def test_data_buffered_before_the_relay_starts_goes_out_without_a_task(size: int) -> None:
+    """What arrived before the relay started (early data, at the side that dials) is written
+    into the socket when the relay starts, in order, with no task for it when the socket
+    takes it all; more than the socket takes (within the window, so the opener is not held
+    back) has a task carry the rest, and every byte
+    arrives once, in order, before what is sent later."""
+    spawned = _TaskNames()
+    async with session_pair("tcp") as (client, server):
+        opened, accepted = await open_pair(client, server)
+        assert isinstance(accepted, MuxStream)
+        target, relayed = await tcp_stream_pair()
+        for stream in (target, relayed):
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+        pieces = [_pattern(size // 4 + i, i) for i in range(4)]
+        for piece in pieces:
+            await opened.send_all(piece)
+        total = sum(map(len, pieces))
+        await wait_until(lambda: accepted.bytes_received == total)
+        got: list[bytes] = []
+
+        async def read() -> None:
+            got.append(await _receive_exactly(target, total + 5))
+
+        trio.lowlevel.add_instrument(spawned)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                nursery.start_soon(functools.partial(relay, accepted, relayed, idle_timeout=30))
+                await wait_until(lambda: accepted.bytes_buffered == 0)
+                await opened.send_all(b"later")
+                await wait_until(lambda: bool(got))
+                nursery.cancel_scope.cancel()
+        finally:
+            trio.lowlevel.remove_instrument(spawned)
+        assert got == [b"".join(pieces) + b"later"]
+        started = sum(1 for name in spawned.names if "_Taskless" in name)
+        if size == 100:
+            assert started == 0
+            assert accepted.bytes_delivered_directly == total + 5
+        else:
+            assert started >= 1
+        await target.aclose()
+        await opened.aclose()

@@ -270,11 +270,33 @@ class MuxStream(trio.abc.HalfCloseableStream):
         """
         self._direct = writer
         self._on_wake = wake
-        if wake is not None and (
-            self._buffer or self._eof or self._broken is not None or self._closed
-        ):
-            self._wake_reader()
+        if wake is not None:
+            if self._buffer and writer is not None:
+                self._drain_into(writer)
+            if self._buffer or self._eof or self._broken is not None or self._closed:
+                self._wake_reader()
         return True
+
+    def _drain_into(self, writer: DirectWriter) -> None:
+        """Hand what waits in the buffer to ``writer``, oldest first, as if it had just
+        arrived (the caller has no reader task, so nobody holds a later chunk); stop at the
+        first chunk it does not take whole. Data that came before the relay started (early
+        data, at the side that dials) then needs no task to pass it on."""
+        buffer = self._buffer
+        while buffer and not self._closed:
+            head, start = buffer[0], self._offset
+            piece = head if start == 0 else memoryview(head)[start:]
+            sent = writer(piece)
+            if sent:
+                self.bytes_delivered_directly += sent
+                self._carrier.consumed(self.stream_id, sent)
+            if sent < len(piece):
+                self._offset = start + sent
+                return
+            buffer.popleft()
+            self._offset = 0
+        if not buffer:
+            self._buffer = None
 
     def _wake_reader(self) -> None:
         """Something for a reader: wake the parked one, or have one started."""
