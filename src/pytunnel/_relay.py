@@ -2,7 +2,9 @@
 
 One relay is one child nursery with the two pumps (one in a child task, the other in the
 relay's own task), so cancelling the relay's parent (the forward, the session) ends both
-directions at once and closes both streams. There is no task
+directions at once and closes both streams. The direction from a mux stream into a socket
+needs no task while it keeps up (:class:`_Taskless`): the session's reader writes into the
+socket itself, and a child task runs only while something waits for a reader. There is no task
 per chunk and no buffer beyond the chunk in hand: back-pressure flows through ``send_all``.
 
 Every stream is treated alike, whatever its class: a stream that can be reset (``reset``: a mux
