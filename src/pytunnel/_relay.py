@@ -454,7 +454,11 @@ async def relay(
     reason = (ErrorCode.CANCELLED, "the other side of the relay broke")
     breakable: BreakableStream | None = None
     try:
-        with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
+        # the nursery's own scope is the idle clock and the relay's cut: one cancel scope
+        # per relay, not two (thousands of idle relays hold them)
+        async with trio.open_nursery() as nursery:
+            scope = nursery.cancel_scope
+            scope.deadline = trio.current_time() + idle_timeout
             ending = _Ending(scope, idle_timeout)
             # one direction from a mux stream into a socket needs no task while idle; the
             # other runs in this task (one task fewer per relay, its memory and its
@@ -463,21 +467,20 @@ async def relay(
                 b, a, stats, False, name, ending
             )
             breakable = _reset_on_break(a, b, lazy) or _reset_on_break(b, a, lazy)
-            async with trio.open_nursery() as nursery:
-                if lazy is None:
-                    nursery.start_soon(_pump, a, b, stats, True, name, ending)
-                    await _pump(b, a, stats, False, name, ending)
-                else:
-                    try:
-                        lazy.start(nursery)
-                        if lazy.outbound:
-                            await _pump(b, a, stats, False, name, ending)
-                        else:
-                            await _pump(a, b, stats, True, name, ending)
-                        if not scope.cancel_called:
-                            await lazy.finish()
-                    finally:
-                        lazy.stop()
+            if lazy is None:
+                nursery.start_soon(_pump, a, b, stats, True, name, ending)
+                await _pump(b, a, stats, False, name, ending)
+            else:
+                try:
+                    lazy.start(nursery)
+                    if lazy.outbound:
+                        await _pump(b, a, stats, False, name, ending)
+                    else:
+                        await _pump(a, b, stats, True, name, ending)
+                    if not scope.cancel_called:
+                        await lazy.finish()
+                finally:
+                    lazy.stop()
         if scope.cancelled_caught and trio.current_time() >= scope.deadline:
             log.info("%s reset after %g s idle", name, idle_timeout)
             reason = (ErrorCode.IDLE_TIMEOUT, f"idle for {idle_timeout:g} s")
