@@ -2,7 +2,9 @@
 
 One relay is one child nursery with the two pumps (one in a child task, the other in the
 relay's own task), so cancelling the relay's parent (the forward, the session) ends both
-directions at once and closes both streams. There is no task
+directions at once and closes both streams. The direction from a mux stream into a socket
+needs no task while it keeps up (:class:`_Taskless`): the session's reader writes into the
+socket itself, and a child task runs only while something waits for a reader. There is no task
 per chunk and no buffer beyond the chunk in hand: back-pressure flows through ``send_all``.
 
 Every stream is treated alike, whatever its class: a stream that can be reset (``reset``: a mux
@@ -145,7 +147,9 @@ class DirectSource(Protocol):
     """A stream that can hand arriving data to a writer while its reader waits (a mux
     stream: :meth:`pytunnel._stream.MuxStream.deliver_directly`)."""
 
-    def deliver_directly(self, writer: DirectWriter | None) -> None: ...
+    def deliver_directly(
+        self, writer: DirectWriter | None, wake: Callable[[], None] | None = None
+    ) -> bool: ...
 
 
 @runtime_checkable
@@ -325,7 +329,10 @@ async def _copy_loop(
     stats: RelayStats | None,
     outbound: bool,
     ending: _Ending,
-) -> None:
+    idle: Callable[[], bool] | None = None,
+) -> bool:
+    """Copy until EOF (``True``), or until ``idle()``, asked after each chunk, says the
+    direction can go on without this task (``False``)."""
     paced = cast(PacedStream, sink) if implements(sink, PacedStream) else None
     # what the sink takes at once needs no send_all, whose checkpoint would cost a scheduler
     # pass per chunk
@@ -355,7 +362,7 @@ async def _copy_loop(
             streak += 1
         ending.touch()
         if not chunk:
-            break
+            return True
         # a chunk the writer takes at once restarts nothing the receive did not: no time passed
         taken = writer(chunk) if writer is not None else 0
         if taken >= len(chunk):
@@ -376,6 +383,130 @@ async def _copy_loop(
                 stats.bytes_out += len(chunk)
             else:
                 stats.bytes_in += len(chunk)
+        if idle is not None and idle():
+            return False
+
+
+class _Taskless:
+    """One direction of a relay, from a stream that delivers directly (a mux stream) into a
+    sink with a non-blocking writer (a socket), run without a task of its own while it can.
+
+    An idle relayed connection is most connections at scale, and a task with its coroutine
+    frames is most of what one costs; this direction usually needs none: the session's
+    reader task writes each Data frame into the sink itself
+    (:meth:`pytunnel._stream.MuxStream.deliver_directly` with ``wake``). A task is started
+    only when the stream has something a reader must handle (what the sink did not take, the
+    EOF, a break, a close); it copies as the relay's pumps do, and hands the direction back
+    and ends once it has read everything, unless the relay's other direction has finished,
+    in which case it runs to this direction's EOF (the relay waits for it then).
+    """
+
+    __slots__ = ("_arming", "_nursery", "_other_done", "_state", "direct", "ending", "name",
+                 "outbound", "sink", "source", "stats", "writer")  # fmt: skip
+
+    def __init__(
+        self,
+        source: trio.abc.ReceiveStream,
+        sink: trio.abc.HalfCloseableStream,
+        writer: DirectWriter,
+        stats: RelayStats | None,
+        outbound: bool,
+        name: str,
+        ending: _Ending,
+    ) -> None:
+        self.source = source
+        self.direct = cast(DirectSource, source)
+        self.sink = sink
+        self.writer = _counted(writer, stats, outbound, ending)
+        self.stats = stats
+        self.outbound = outbound
+        self.name = name
+        self.ending = ending
+        #: _IDLE (no task, the writer takes what arrives), _RUNNING (a task, or the relay's
+        #: own, reads the stream), _DONE (stopped)
+        self._state = _DONE
+        self._arming = False
+        self._other_done = False
+        self._nursery: trio.Nursery | None = None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        if not self._go_idle():
+            nursery.start_soon(self._run)
+
+    def _go_idle(self) -> bool:
+        """Hand the direction to the writer alone, unless a reader is needed now (then
+        ``False``, and the stream stays in the caller's hands)."""
+        if self._other_done:
+            return False
+        self._state = _IDLE
+        self._arming = True
+        try:
+            self.direct.deliver_directly(self.writer, self._wake)
+        finally:
+            self._arming = False
+        return self._state == _IDLE
+
+    def _wake(self) -> None:
+        if self._state == _IDLE:
+            self._state = _RUNNING
+            if not self._arming:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._run)
+
+    async def _run(self) -> None:
+        try:
+            if not await _copy_loop(
+                self.source, self.sink, self.stats, self.outbound, self.ending, self._go_idle
+            ):
+                return  # idle again: no task until a reader is needed
+            self._state = _DONE
+            with self.ending.send():
+                await self.sink.send_eof()
+            self.ending.finished += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("%s ended by a broken side: %r", self.name, exc)
+            self.ending.scope.cancel()
+
+    async def finish(self) -> None:
+        """The relay's other direction ended with its EOF: run this one to its own, in the
+        relay's task if no task runs it now (the relay then waits for that task)."""
+        self._other_done = True
+        if self._state == _IDLE:
+            self._state = _RUNNING
+            self.direct.deliver_directly(self.writer)
+            await self._run()
+
+    def abandon(self) -> None:
+        """The relay is being cut: start no task for this direction any more."""
+        self._state = _DONE
+
+    def stop(self) -> None:
+        """The relay is ending: no more writes, no task started."""
+        self._state = _DONE
+        self.direct.deliver_directly(None)
+
+
+_IDLE, _RUNNING, _DONE = range(3)
+
+
+def _taskless(
+    source: trio.abc.ReceiveStream,
+    sink: trio.abc.HalfCloseableStream,
+    stats: RelayStats | None,
+    outbound: bool,
+    name: str,
+    ending: _Ending,
+) -> _Taskless | None:
+    # a wrapper may pass direct delivery on, or not (it wraps a socket): ask
+    if not implements(source, DirectSource) or not cast(DirectSource, source).deliver_directly(
+        None
+    ):
+        return None
+    writer = direct_writer(sink)
+    if writer is None:
+        return None
+    return _Taskless(source, sink, writer, stats, outbound, name, ending)
 
 
 async def relay(
@@ -413,15 +544,35 @@ async def relay(
         a, b = faults.wrap(a, b, name)
     clean = False
     reason = (ErrorCode.CANCELLED, "the other side of the relay broke")
-    breakable = _reset_on_break(a, b) or _reset_on_break(b, a)
+    breakable: BreakableStream | None = None
     try:
-        with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
+        # the nursery's own scope is the idle clock and the relay's cut: one cancel scope
+        # per relay, not two (thousands of idle relays hold them)
+        async with trio.open_nursery() as nursery:
+            scope = nursery.cancel_scope
+            scope.deadline = trio.current_time() + idle_timeout
             ending = _Ending(scope, idle_timeout)
-            async with trio.open_nursery() as nursery:
-                # the way back runs in this task: one task fewer per relay (its memory and
-                # its start-up), with the same fate as a child, since the nursery ends with it
+            # one direction from a mux stream into a socket needs no task while idle; the
+            # other runs in this task (one task fewer per relay, its memory and its
+            # start-up, with the same fate as a child, since the nursery ends with it)
+            lazy = _taskless(a, b, stats, True, name, ending) or _taskless(
+                b, a, stats, False, name, ending
+            )
+            breakable = _reset_on_break(a, b, lazy) or _reset_on_break(b, a, lazy)
+            if lazy is None:
                 nursery.start_soon(_pump, a, b, stats, True, name, ending)
                 await _pump(b, a, stats, False, name, ending)
+            else:
+                try:
+                    lazy.start(nursery)
+                    if lazy.outbound:
+                        await _pump(b, a, stats, False, name, ending)
+                    else:
+                        await _pump(a, b, stats, True, name, ending)
+                    if not scope.cancel_called:
+                        await lazy.finish()
+                finally:
+                    lazy.stop()
         if scope.cancelled_caught and trio.current_time() >= scope.deadline:
             log.info("%s reset after %g s idle", name, idle_timeout)
             reason = (ErrorCode.IDLE_TIMEOUT, f"idle for {idle_timeout:g} s")
@@ -458,7 +609,9 @@ def _refused(stream: trio.abc.AsyncResource) -> bool:
 
 
 def _reset_on_break(
-    tunnelled: trio.abc.AsyncResource, other: trio.abc.AsyncResource
+    tunnelled: trio.abc.AsyncResource,
+    other: trio.abc.AsyncResource,
+    lazy: _Taskless | None = None,
 ) -> BreakableStream | None:
     """When ``tunnelled`` is a mux stream and ``other`` a TCP connection, have the stream
     reset the connection the moment it breaks (its session died or its peer reset it), not
@@ -477,6 +630,12 @@ def _reset_on_break(
         # closing the trio socket wakes whatever waits on it with ClosedResourceError, which
         # the relay treats as the broken side it is
         sock.socket.close()
+        if lazy is not None:
+            # the relay's own task wakes on the closed socket and ends the relay; a task
+            # started for the broken stream would only find it broken (and at scale, the
+            # tasks started for thousands of streams breaking at once would delay the
+            # resets of the streams after them)
+            lazy.abandon()
 
     call_on_break(reset_now)
     return inner  # type: ignore[return-value]

@@ -130,6 +130,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         "_offset",
         "_on_break",
         "_on_refusal",
+        "_on_wake",
         "_receive_conflict",
         "_receive_lot",
         "_send_broken",
@@ -180,7 +181,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._broken: BaseException | None = None
         #: Set when only the sending side is gone (the peer had finished before the end).
         self._send_broken: BaseException | None = None
-        self._receive_lot = trio.lowlevel.ParkingLot()
+        #: Created when a reader first waits (a relay direction with no task never does).
+        self._receive_lot: trio.lowlevel.ParkingLot | None = None
         #: Created when a sender first waits for window (most streams never do).
         self._send_lot: trio.lowlevel.ParkingLot | None = None
         self._receive_conflict = _ConflictDetector("receiving on this stream")
@@ -199,6 +201,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
         #: Datagrams dropped because a queue was full (either direction).
         self.datagrams_dropped = 0
         self._direct: DirectWriter | None = None
+        #: Set while the direct writer's owner has no task reading this stream: called
+        #: (once) instead of waking a parked reader.
+        self._on_wake: Callable[[], None] | None = None
         #: Bytes the direct writer took (included in ``bytes_received``).
         self.bytes_delivered_directly = 0
         self._on_break: Callable[[], None] | None = None
@@ -230,7 +235,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
         """
         self.bytes_received += len(data)
         direct = self._direct
-        if direct is not None and not self._buffer and self._receive_lot:
+        if (
+            direct is not None
+            and not self._buffer
+            and (self._receive_lot or self._on_wake is not None)
+        ):
             sent = direct(data)
             if sent:
                 self.bytes_delivered_directly += sent
@@ -241,11 +250,14 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if self._buffer is None:
             self._buffer = deque()
         self._buffer.append(data)
-        self._receive_lot.unpark_all()
+        self._wake_reader()
 
-    def deliver_directly(self, writer: DirectWriter | None) -> None:
+    def deliver_directly(
+        self, writer: DirectWriter | None, wake: Callable[[], None] | None = None
+    ) -> bool:
         """Let ``writer`` take arriving data while this stream's reader waits for some
-        (``None`` stops it).
+        (``None`` stops it). Returns ``True``: this stream delivers directly (a wrapper
+        around a stream that does not answers ``False``).
 
         For a relay whose only job is to copy this stream into a socket: when the reader
         task of the session can write a chunk to the socket itself, the relay task is not
@@ -253,8 +265,53 @@ class MuxStream(trio.abc.HalfCloseableStream):
         reader of the stream and the only writer of the writer's sink, writing to the sink
         only with what it read from this stream (a chunk the writer left over, then
         ``send_eof``), and must stop the writer before the sink is closed.
+
+        With ``wake``, the writer also takes data while *no* task reads the stream: the
+        caller has no reader task (an idle relay direction then costs no task at all), and
+        ``wake`` is called synchronously, once, the first time a reader is needed: data the
+        writer left over, the peer's EOF, a break or a close. It is called at once if one is
+        needed already. The caller then reads the stream from a task as usual, and may hand
+        a new ``wake`` over once it has read everything. ``wake`` must not raise or block.
         """
         self._direct = writer
+        self._on_wake = wake
+        if wake is not None:
+            if self._buffer and writer is not None:
+                self._drain_into(writer)
+            if self._buffer or self._eof or self._broken is not None or self._closed:
+                self._wake_reader()
+        return True
+
+    def _drain_into(self, writer: DirectWriter) -> None:
+        """Hand what waits in the buffer to ``writer``, oldest first, as if it had just
+        arrived (the caller has no reader task, so nobody holds a later chunk); stop at the
+        first chunk it does not take whole. Data that came before the relay started (early
+        data, at the side that dials) then needs no task to pass it on."""
+        buffer = self._buffer
+        while buffer and not self._closed:
+            head, start = buffer[0], self._offset
+            piece = head if start == 0 else memoryview(head)[start:]
+            sent = writer(piece)
+            if sent:
+                self.bytes_delivered_directly += sent
+                self._carrier.consumed(self.stream_id, sent)
+            if sent < len(piece):
+                self._offset = start + sent
+                return
+            buffer.popleft()
+            self._offset = 0
+        if not buffer:
+            self._buffer = None
+
+    def _wake_reader(self) -> None:
+        """Something for a reader: wake the parked one, or have one started."""
+        lot = self._receive_lot
+        if lot:
+            lot.unpark_all()
+        wake = self._on_wake
+        if wake is not None:
+            self._on_wake = None
+            wake()
 
     def _wake_datagram_readers(self) -> None:
         if self._datagram_lot is not None:
@@ -263,7 +320,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
     def deliver_eof(self) -> None:
         """The peer finished sending: ``receive_some`` returns ``b""`` after the buffer."""
         self._eof = True
-        self._receive_lot.unpark_all()
+        self._wake_reader()
         self._wake_datagram_readers()
 
     def deliver_datagram(self, data: bytes) -> None:
@@ -303,12 +360,14 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._broken = cause
         self._buffer = None
         self._offset = 0
-        self._receive_lot.unpark_all()
-        self._wake_senders()
-        self._wake_datagram_readers()
+        # the break callback first: with thousands of streams breaking in one pass, their
+        # relays' resets go out before any reader is woken or started
         callback, self._on_break = self._on_break, None
         if callback is not None:
             callback()
+        self._wake_reader()
+        self._wake_senders()
+        self._wake_datagram_readers()
 
     def refuse_early(self, error: TunnelError) -> None:
         """The peer refused this stream after we had started using it (opened with early
@@ -386,7 +445,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         except that what a peer that had finished sending sent stays readable, then ``b""``."""
         if locally:
             self._closed = True
-            self._receive_lot.unpark_all()
+            self._wake_reader()
             self._wake_senders()
             self._wake_datagram_readers()
         elif self._eof:
@@ -421,7 +480,10 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 if self._eof:
                     await trio.lowlevel.cancel_shielded_checkpoint()
                     return b""
-                await self._receive_lot.park()
+                lot = self._receive_lot
+                if lot is None:
+                    lot = self._receive_lot = trio.lowlevel.ParkingLot()
+                await lot.park()
             buffer = self._buffer
             assert buffer is not None  # not empty: the loop above checked
             head, start = buffer[0], self._offset
@@ -586,7 +648,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._buffer = None
             self._offset = 0
             self._carrier.reset_stream(self.stream_id, code, message)
-            self._receive_lot.unpark_all()
+            self._wake_reader()
             self._wake_senders()
 
     async def aclose(self) -> None:
@@ -601,7 +663,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._offset = 0
             self._datagrams = None
             self._carrier.close_stream(self.stream_id, abort=unread)
-            self._receive_lot.unpark_all()
+            self._wake_reader()
             self._wake_senders()
             self._wake_datagram_readers()
         await trio.lowlevel.checkpoint()

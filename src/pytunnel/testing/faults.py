@@ -258,21 +258,23 @@ class FaultyStream(trio.abc.HalfCloseableStream):
         inner = direct_reader(self.stream)
         return None if inner is None else _LinkedReader(inner, self._link)
 
-    def deliver_directly(self, writer: DirectWriter | None) -> None:
-        """Hand ``writer`` to the wrapped stream if it delivers directly, stopped once the
-        connection is cut or reset (``receive_some`` then ends or raises instead)."""
+    def deliver_directly(
+        self, writer: DirectWriter | None, wake: Callable[[], None] | None = None
+    ) -> bool:
+        """Hand ``writer`` (and ``wake``) to the wrapped stream if it delivers directly,
+        stopped once the connection is cut or reset (``receive_some`` then ends or raises
+        instead); whether it does."""
         if not implements(self.stream, DirectSource):
-            return
+            return False
         stream = cast(DirectSource, self.stream)
         if writer is None:
-            stream.deliver_directly(None)
-            return
+            return stream.deliver_directly(None)
         link = self._link
 
         def write(data: bytes | bytearray | memoryview) -> int:
             return 0 if link.cut or link.reset else writer(data)
 
-        stream.deliver_directly(write)
+        return stream.deliver_directly(write, wake)
 
     def _check(self) -> None:
         if self._link.reset:
