@@ -20,9 +20,18 @@ from .local import LocalForward
 from .remote import RemoteForward
 
 if TYPE_CHECKING:
+    from .._link import Link
     from ..session import IncomingStream, MuxStream
 
 __all__ = ["UdpLocalForward", "UdpRemoteForward"]
+
+
+async def wait_for_room(link: Link, size: int) -> None:
+    """Wait until the link's session can take ``size`` more bytes (at once without one:
+    the datagrams are then dropped as the session's absence dictates)."""
+    session = link.session
+    if session is not None and not session.closed:
+        await session.wait_for_room(size)
 
 
 class UdpLocalForward(LocalForward):
@@ -32,16 +41,20 @@ class UdpLocalForward(LocalForward):
     kind = ForwardKind.LOCAL_UDP
 
     async def _listen(self, host: str, port: int, task_status: trio.TaskStatus[None]) -> None:
-        with await bind_udp(host, port) as sock:
+        with await bind_udp(host, port, buffer=self._link.config.udp_socket_buffer) as sock:
             self._listening(host, int(sock.getsockname()[1]), task_status)
             await serve_associations(
                 sock,
                 self._open_association,
                 idle_timeout=self._link.config.udp_idle_timeout,
                 max_associations=self._link.config.max_udp_associations,
+                wait_for_room=self._wait_for_room,
                 stats=self.stats,
                 name=f"{self.kind} {self.listen_port}",
             )
+
+    async def _wait_for_room(self, size: int) -> None:
+        await wait_for_room(self._link, size)
 
     async def _open_association(self, source: tuple[str, int]) -> MuxStream:
         # a refusal is counted (by category) where associations are run: _udp._run_association
@@ -58,9 +71,17 @@ class UdpRemoteForward(RemoteForward):
     async def _handle(self, incoming: IncomingStream) -> None:
         await serve_egress(
             incoming,
-            functools.partial(udp_connect, self.target_host, self.target_port),
             functools.partial(
-                relay_association, idle_timeout=self._link.config.udp_idle_timeout, stats=self.stats
+                udp_connect,
+                self.target_host,
+                self.target_port,
+                buffer=self._link.config.udp_socket_buffer,
+            ),
+            functools.partial(
+                relay_association,
+                idle_timeout=self._link.config.udp_idle_timeout,
+                stats=self.stats,
+                wait_for_room=functools.partial(wait_for_room, self._link),
             ),
             self.stats.count_failure,
         )
