@@ -12,6 +12,14 @@ server's, as the client reports them in ``end.sum``), the received rate as a rat
 the CPU time of the two pytunnel processes over the sample, and that CPU time per datagram
 delivered (µs): a figure that depends much less on how busy the machine is than the rates.
 
+Where the datagrams were lost, per sample (medians in the table): the kernel's drops on the
+tunnel's UDP listener, on the server's socket to the target and on the iperf3 server's
+socket (the "drops" column of /proc/net/udp, polled during the sample), pytunnel's own
+counts (the client's ``--status-interval`` ``dropped=``, which includes the kernel's drops
+on its sockets, and the server's ``pytunnel_server_udp_dropped`` from ``--metrics``), and
+the machine's ``Udp`` RcvbufErrors / SndbufErrors (every process's). ``--window`` passes
+``iperf3 -w`` to both iperf3 ends, so the receiving iperf3 reads with that receive buffer.
+
 ``--baseline REV`` also runs the code of git revision REV (``git archive`` of its ``src`` into
 the run's folder, put first on ``PYTHONPATH`` of a second tunnel's two processes), so OLD and
 NEW are measured side by side in one run, samples interleaved.
@@ -432,9 +440,10 @@ def report(samples: list[dict], args, log) -> None:
     log("")
     log(
         "| offered | dir | path | sent Mbit/s | received Mbit/s | loss % | jitter ms "
-        "| recv vs direct | pytunnel CPU % | CPU µs/datagram | n |"
+        "| recv vs direct | pytunnel CPU % | CPU µs/datagram | drops: listener / pytunnel client "
+        "/ pytunnel server / iperf3 server | n |"
     )
-    log("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    log("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for reverse in dirs:
         for rate in args.rates:
             ref = None
@@ -460,11 +469,20 @@ def report(samples: list[dict], args, log) -> None:
                 cpu = med("tunnel_cpu_pct") if key != "direct" else None
                 per = med("cpu_us_per_datagram") if key != "direct" else None
                 n = f"{len(ok)}" + (f" ({errs} failed)" if errs else "")
+                drops = " / ".join(
+                    fmt(med(k), 0) if key != "direct" or k == "drops_target" else "-"
+                    for k in (
+                        "drops_listener",
+                        "pytunnel_dropped",
+                        "pytunnel_server_dropped",
+                        "drops_target",
+                    )
+                )
                 log(
                     f"| {rate} | {'-R' if reverse else 'c→s'} | {label} "
                     f"| {fmt(sent and sent / 1e6, 1)} | {fmt(recv and recv / 1e6, 1)} "
                     f"| {fmt(med('lost_percent'), 2)} | {fmt(med('jitter_ms'), 3)} | {rel} "
-                    f"| {fmt(cpu, 0)} | {fmt(per, 1)} | {n} |"
+                    f"| {fmt(cpu, 0)} | {fmt(per, 1)} | {drops} | {n} |"
                 )
     failed = [s for s in samples if "error" in s]
     for s in failed[:10]:
@@ -538,6 +556,14 @@ def _main(args: argparse.Namespace, procs: Processes, log: Callable[[str], None]
         if warn:
             log("\npytunnel connect log (after the forward lines):")
             for line in warn[-10:]:
+                log(f"    {line}")
+        served = [
+            x for x in (_read(str(b.tunnels["pytunnel"].server.log)) or "").splitlines()
+            if not x.startswith("pytunnel server listening")
+        ]  # fmt: skip
+        if served:
+            log("\npytunnel serve log:")
+            for line in served[-20:]:
                 log(f"    {line}")
         if args.json:
             meta = vars(args) | {"json": str(args.json)}
