@@ -356,6 +356,9 @@ class _ClientSession:
 
     # ---------------------------------------------------------------- UDP
 
+    def _udp_room(self) -> Session:
+        return self.session
+
     async def _serve_udp_connect(self, incoming: IncomingStream) -> None:
         host, port = incoming.host, incoming.port
         target = printable(format_target(host, port))  # the client's text, for logs
@@ -376,7 +379,7 @@ class _ClientSession:
                 relay_association,
                 idle_timeout=self.config.udp_idle_timeout,
                 stats=self.server.udp_stats,
-                wait_for_room=self.session.wait_for_room,
+                room=self._udp_room,
             ),
         )
 
@@ -443,7 +446,7 @@ class _ClientSession:
                         ),
                         admit=admit_association,
                         release=release_association,
-                        wait_for_room=self.session.wait_for_room,
+                        room=self._udp_room,
                         stats=stats,
                         name=f"udp {address}",
                     )

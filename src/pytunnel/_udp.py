@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import attrs
 import trio
@@ -35,6 +36,7 @@ __all__ = [
     "DEFAULT_MAX_ASSOCIATIONS",
     "DEFAULT_REFUSAL_MEMORY",
     "DEFAULT_UDP_IDLE_TIMEOUT",
+    "Room",
     "READ_BYTES",
     "SESSION_ROOM",
     "UDP_QUEUE",
@@ -76,6 +78,34 @@ _DROPS_REFRESH = 0.5
 
 
 Address = tuple[str, int]
+
+
+class Room(Protocol):
+    """What a UDP forward needs of the session it writes to (``Session`` is one)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def has_room(self, size: int) -> bool: ...
+
+    async def wait_for_room(self, size: int) -> None: ...
+
+
+def _nothing() -> None:
+    pass
+
+
+async def _wait_for_room(room: Callable[[], Room | None], refresh: Callable[[], None]) -> None:
+    """Return once the current session (``room()``) can take a read's batch, or there is no
+    open session (what is read then is dropped, as its absence dictates); ``refresh`` runs
+    every ``_DROPS_REFRESH`` seconds of waiting. No checkpoint when there is room."""
+    while (session := room()) is not None and not session.closed:
+        if session.has_room(SESSION_ROOM):
+            return
+        with trio.move_on_after(_DROPS_REFRESH):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await session.wait_for_room(SESSION_ROOM)
+        refresh()
 
 
 def _admit_always() -> bool:
@@ -163,7 +193,7 @@ async def serve_associations(
     refusal_memory: float = DEFAULT_REFUSAL_MEMORY,
     admit: Callable[[], bool] = _admit_always,
     release: Callable[[], None] = _release_nothing,
-    wait_for_room: Callable[[int], Awaitable[None]] | None = None,
+    room: Callable[[], Room | None] | None = None,
     stats: RelayStats,
     name: str,
 ) -> None:
@@ -175,10 +205,11 @@ async def serve_associations(
     source is remembered for ``refusal_memory`` seconds, during which its datagrams are
     dropped without opening anything.
 
-    ``wait_for_room(size)``, if given, waits until the session's write buffer takes ``size``
-    more bytes (``Session.wait_for_room``); it is awaited before each read, so datagrams
-    wait in the socket's receive buffer while the session is backed up. An error it raises
-    (the session ended) is ignored: the read goes ahead and what cannot be sent is dropped.
+    ``room``, if given, returns the session the associations write to (``None`` while there
+    is none): the socket is read only once that session's write buffer has room for a read's
+    batch (:data:`SESSION_ROOM`), so datagrams wait in the socket's receive buffer while the
+    session is backed up. Without an open session the read goes ahead and what cannot be
+    sent is dropped.
     """
     table = _Table(idle_timeout, max_associations, refusal_memory)
     # what the kernel dropped on the socket (its buffer full while we waited for room, or
@@ -193,13 +224,9 @@ async def serve_associations(
 
     async with trio.open_nursery() as nursery:
         while True:
-            while wait_for_room is not None:
-                with trio.move_on_after(_DROPS_REFRESH) as waiting:
-                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        await wait_for_room(SESSION_ROOM)
-                if not waiting.cancelled_caught:
-                    break
-                count_kernel_drops()  # still no room: what the kernel drops meanwhile shows
+            if room is not None:
+                # what the kernel drops while we wait shows in the count meanwhile
+                await _wait_for_room(room, count_kernel_drops)
             # every datagram already waiting in one pass through the scheduler (ICMP errors
             # reported on the socket are skipped there), then one write per association
             outgoing: dict[_Association, list[bytes]] = {}
@@ -372,7 +399,7 @@ async def relay_association(
     *,
     idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT,
     stats: RelayStats | None = None,
-    wait_for_room: Callable[[int], Awaitable[None]] | None = None,
+    room: Callable[[], Room | None] | None = None,
 ) -> None:
     """The dialing side of one association: stream datagrams to ``sock`` and back, until the
     peer closes the stream or nothing moves for ``idle_timeout``.
@@ -380,8 +407,8 @@ async def relay_association(
     ``stats.datagrams_dropped`` counts every datagram lost on this side: those the stream's
     full queue turned away, those ``sock`` could not send (its buffer full for
     ``SEND_WAIT_LIMIT``, an error), and replies the session had no room for.
-    ``wait_for_room`` is as for :func:`serve_associations`: replies are read from ``sock``
-    only once the session can take a batch of them."""
+    ``room`` is as for :func:`serve_associations`: replies are read from ``sock`` only once
+    the session can take a batch of them."""
     stream.datagram_queue = max(stream.datagram_queue, UDP_QUEUE)
     if stats is not None:
         stats.active_connections += 1
@@ -418,12 +445,8 @@ async def relay_association(
             async def inbound() -> None:
                 nonlocal kernel_seen
                 while True:
-                    if wait_for_room is not None:
-                        try:
-                            await wait_for_room(SESSION_ROOM)
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            scope.cancel()
-                            return
+                    if room is not None:
+                        await _wait_for_room(room, _nothing)
                     try:
                         batch = await receive_batch(sock, _RECV_SIZE, READ_BYTES)
                     except OSError:  # other ICMP errors surface here on connected sockets

@@ -20,18 +20,9 @@ from .local import LocalForward
 from .remote import RemoteForward
 
 if TYPE_CHECKING:
-    from .._link import Link
-    from ..session import IncomingStream, MuxStream
+    from ..session import IncomingStream, MuxStream, Session
 
 __all__ = ["UdpLocalForward", "UdpRemoteForward"]
-
-
-async def wait_for_room(link: Link, size: int) -> None:
-    """Wait until the link's session can take ``size`` more bytes (at once without one:
-    the datagrams are then dropped as the session's absence dictates)."""
-    session = link.session
-    if session is not None and not session.closed:
-        await session.wait_for_room(size)
 
 
 class UdpLocalForward(LocalForward):
@@ -48,13 +39,13 @@ class UdpLocalForward(LocalForward):
                 self._open_association,
                 idle_timeout=self._link.config.udp_idle_timeout,
                 max_associations=self._link.config.max_udp_associations,
-                wait_for_room=self._wait_for_room,
+                room=self._session,
                 stats=self.stats,
                 name=f"{self.kind} {self.listen_port}",
             )
 
-    async def _wait_for_room(self, size: int) -> None:
-        await wait_for_room(self._link, size)
+    def _session(self) -> Session | None:
+        return self._link.session
 
     async def _open_association(self, source: tuple[str, int]) -> MuxStream:
         # a refusal is counted (by category) where associations are run: _udp._run_association
@@ -67,6 +58,9 @@ class UdpRemoteForward(RemoteForward):
 
     kind = ForwardKind.REMOTE_UDP
     _listen_route = routes.UDP_LISTEN
+
+    def _session(self) -> Session | None:
+        return self._link.session
 
     async def _handle(self, incoming: IncomingStream) -> None:
         await serve_egress(
@@ -81,7 +75,7 @@ class UdpRemoteForward(RemoteForward):
                 relay_association,
                 idle_timeout=self._link.config.udp_idle_timeout,
                 stats=self.stats,
-                wait_for_room=functools.partial(wait_for_room, self._link),
+                room=self._session,
             ),
             self.stats.count_failure,
         )
