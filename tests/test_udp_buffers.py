@@ -4,6 +4,7 @@ limited to what the session has room for, and the kernel's own drops counted."""
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 
@@ -11,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 from helpers import TOKEN, wait_until
+from test_udp_batches import _sessions
 
 import pytunnel
 from pytunnel import _listen
@@ -21,6 +23,8 @@ from pytunnel._listen import (
     receive_batch,
     send_batch,
 )
+from pytunnel._relay import RelayStats
+from pytunnel._udp import relay_association
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -181,3 +185,44 @@ async def test_the_server_counts_its_udp_associations(
             assert dropped == 0
             await tunnel.aclose()
             await wait_until(lambda: server.udp_stats.active_connections == 0)
+
+
+async def test_a_target_that_never_reads_costs_the_rest_of_a_batch_counted_and_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dialing side of an association whose target stops reading: ``send_batch`` waits
+    SEND_WAIT_LIMIT, then drops the rest; every datagram is delivered or counted, and the
+    association's end logs why."""
+    monkeypatch.setattr(_listen, "SEND_WAIT_LIMIT", 0.2)
+    caplog.set_level(logging.DEBUG, logger="pytunnel.udp")
+    sender, receiver = _unix_pair()
+    stats = RelayStats()
+    done = trio.Event()
+    with receiver, trio.fail_after(60):
+        async with _sessions(2) as (client, server), trio.open_nursery() as nursery:
+
+            async def dial_side() -> None:
+                incoming = await server.accept_stream()
+                await relay_association(incoming.accept(), sender, stats=stats)
+                done.set()
+
+            nursery.start_soon(dial_side)
+            stream = await client.open_stream("127.0.0.1", 9, datagrams=True)
+            assert stream.send_datagrams([bytes(1000)] * 200)[0] == 200
+            await wait_until(lambda: stats.datagrams_dropped > 0, 30)
+            await stream.aclose()
+            await done.wait()
+        delivered = 0
+        while True:
+            try:
+                receiver.recv(2000)
+            except BlockingIOError:
+                break
+            delivered += 1
+    assert 0 < delivered < 200
+    assert delivered + stats.datagrams_dropped == 200
+    messages = [r.getMessage() for r in caplog.records if r.name == "pytunnel.udp"]
+    assert any(
+        f"{200 - delivered} datagrams dropped" in m and f"send failed {200 - delivered}" in m
+        for m in messages
+    ), messages

@@ -28,7 +28,7 @@ from ._dial import format_target
 from ._listen import UDP_SOCKET_BUFFER, kernel_drops, receive_batch, send_batch, udp_socket_for
 from ._relay import RelayStats
 from ._util import aclose_all
-from .errors import NodeUnstableError
+from .errors import NodeUnstableError, printable
 from .protocol.messages import MAX_DATAGRAM
 from .session import MuxStream
 
@@ -108,6 +108,34 @@ async def _wait_for_room(room: Callable[[], Room | None], refresh: Callable[[], 
         refresh()
 
 
+@attrs.define
+class _Drops:
+    """Why one association's datagrams were dropped on this side: logged (at debug) when it
+    ends. The stream's own count holds the rest: its full queue, on top of ``session``."""
+
+    #: No room for them in the session's write buffer.
+    session: int = 0
+    #: ``sendto`` failed, or the socket's send buffer stayed full for ``SEND_WAIT_LIMIT``.
+    send: int = 0
+    #: The kernel's, on the association's own socket (its receive buffer full).
+    kernel: int = 0
+
+    def report(self, stream: MuxStream, what: str) -> None:
+        queue = max(0, stream.datagrams_dropped - self.session)
+        total = queue + self.session + self.send + self.kernel
+        if total:
+            log.debug(
+                "%s: %d datagrams dropped (queue full %d, no room in the session %d, "
+                "send failed %d, by the kernel %d)",
+                what,
+                total,
+                queue,
+                self.session,
+                self.send,
+                self.kernel,
+            )
+
+
 def _admit_always() -> bool:
     return True
 
@@ -128,6 +156,7 @@ class _Association:
     released: bool = False
     #: The stream's drop count already added to the forward's.
     dropped_seen: int = 0
+    drops: _Drops = attrs.field(factory=_Drops)
 
     def release(self, release: Callable[[], None]) -> None:
         if not self.released:
@@ -302,6 +331,7 @@ def _forward(
         sent, size = stream.send_datagrams(batch)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return False
+    association.drops.session += len(batch) - sent
     _count_drops(association, stream, stats)
     stats.bytes_out += size
     return sent > 0
@@ -357,6 +387,7 @@ async def _run_association(
                     break
                 sent, size = await send_batch(sock, batch, association.address)
                 stats.datagrams_dropped += len(batch) - sent
+                association.drops.send += len(batch) - sent
                 _count_drops(association, stream, stats)
                 if sent:
                     stats.bytes_in += size
@@ -367,6 +398,9 @@ async def _run_association(
         association.release(release)
         if stream is not None:
             _count_drops(association, stream, stats)
+            association.drops.report(
+                stream, f"{name}: association for {format_target(*association.address)}"
+            )
             await trio.aclose_forcefully(stream)
 
 
@@ -415,6 +449,7 @@ async def relay_association(
         stats.total_connections += 1
     seen = 0  # the stream's drop count already added to ``stats``
     kernel_seen = kernel_drops(sock)  # the same for the kernel's drops of replies on ``sock``
+    drops = _Drops()
 
     def count_drops(also: int = 0) -> None:
         nonlocal seen
@@ -438,6 +473,7 @@ async def relay_association(
                     sent, size = await send_batch(sock, batch)
                     if sent:
                         scope.deadline = trio.current_time() + idle_timeout
+                    drops.send += len(batch) - sent
                     count_drops(len(batch) - sent)
                     if stats is not None:
                         stats.bytes_out += size
@@ -452,14 +488,17 @@ async def relay_association(
                     except OSError:  # other ICMP errors surface here on connected sockets
                         continue
                     kernel_now = kernel_drops(sock)
+                    drops.kernel += kernel_now - kernel_seen
                     count_drops(kernel_now - kernel_seen)
                     kernel_seen = kernel_now
                     payloads = [data for data, _ in batch if len(data) <= MAX_DATAGRAM]
                     try:
-                        _, size = stream.send_datagrams(payloads)
+                        sent, size = stream.send_datagrams(payloads)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         scope.cancel()
                         return
+                    drops.session += len(payloads) - sent
+                    drops.send += len(batch) - len(payloads)  # too large for a datagram stream
                     count_drops(len(batch) - len(payloads))
                     if stats is not None:
                         stats.bytes_in += size
@@ -470,6 +509,9 @@ async def relay_association(
                 nursery.start_soon(inbound)
     finally:
         count_drops()
+        drops.report(
+            stream, f"udp association {printable(format_target(stream.host, stream.port))}"
+        )
         if stats is not None:
             stats.active_connections -= 1
         sock.close()
