@@ -527,10 +527,22 @@ async def pump_datagrams(
 ) -> None:
     """Carry datagrams between two datagram streams (a node link's association and the
     client's) both ways until either ends or nothing moves for ``idle_timeout``; then close
-    both. A datagram the far side has no room for is dropped (counted), as UDP would."""
+    both. A datagram the far side has no room for is dropped (counted), as UDP would, and so
+    is one a full queue turned away (each stream's own count, added up)."""
+    for stream in (a, b):
+        stream.datagram_queue = max(stream.datagram_queue, UDP_QUEUE)
     if stats is not None:
         stats.active_connections += 1
         stats.total_connections += 1
+    seen = 0  # the streams' drop counts already added to ``stats``
+
+    def count_drops() -> None:
+        nonlocal seen
+        if stats is not None:
+            dropped = a.datagrams_dropped + b.datagrams_dropped
+            stats.datagrams_dropped += dropped - seen
+            seen = dropped
+
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
 
@@ -543,13 +555,13 @@ async def pump_datagrams(
                         return
                     scope.deadline = trio.current_time() + idle_timeout
                     try:
-                        sent, size = sink.send_datagrams(batch)
+                        _, size = sink.send_datagrams(batch)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         scope.cancel()
                         return
                     if stats is None:
                         continue
-                    stats.datagrams_dropped += len(batch) - sent
+                    count_drops()
                     if outbound:
                         stats.bytes_out += size
                     else:
@@ -559,6 +571,7 @@ async def pump_datagrams(
                 nursery.start_soon(pump, a, b, True)
                 nursery.start_soon(pump, b, a, False)
     finally:
+        count_drops()
         if stats is not None:
             stats.active_connections -= 1
         await trio.aclose_forcefully(a)
