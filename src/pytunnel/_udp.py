@@ -72,9 +72,13 @@ UDP_QUEUE = 1024
 READ_BYTES = 96 * 1024  # more than 64 datagrams of 1,400 bytes: the count limits those
 SESSION_ROOM = READ_BYTES + MAX_DATAGRAM
 _RECV_SIZE = 65536
-#: While a forward waits for room in the session, its count of the kernel's drops on its
-#: socket is brought up to date this often.
+#: A forward's count of the kernel's drops on its socket is brought up to date at most this
+#: often while datagrams arrive, and this often while it waits for room in the session:
+#: one ``getsockopt`` per read would cost about a tenth of what a datagram costs.
 _DROPS_REFRESH = 0.5
+_DROPS_CHECK = 0.1
+#: A read this long hit ``receive_batch``'s limit: a backlog, after which drops are counted.
+_FULL_READ = 64
 
 
 Address = tuple[str, int]
@@ -244,12 +248,14 @@ async def serve_associations(
     # what the kernel dropped on the socket (its buffer full while we waited for room, or
     # were slow) is counted with the rest, read once per batch
     kernel_seen = kernel_drops(sock)
+    next_check = trio.current_time() + _DROPS_CHECK
 
     def count_kernel_drops() -> None:
-        nonlocal kernel_seen
+        nonlocal kernel_seen, next_check
         kernel_now = kernel_drops(sock)
         stats.datagrams_dropped += kernel_now - kernel_seen
         kernel_seen = kernel_now
+        next_check = trio.current_time() + _DROPS_CHECK
 
     async with trio.open_nursery() as nursery:
         while True:
@@ -260,7 +266,9 @@ async def serve_associations(
             # reported on the socket are skipped there), then one write per association
             outgoing: dict[_Association, list[bytes]] = {}
             received = await receive_batch(sock, _RECV_SIZE, READ_BYTES)
-            count_kernel_drops()
+            # a full read means a backlog, the only time the kernel drops: count at once
+            if len(received) >= _FULL_READ or trio.current_time() >= next_check:
+                count_kernel_drops()
             for data, raw_address in received:
                 address: Address = (str(raw_address[0]), int(raw_address[1]))
                 association = table.associations.get(address)
@@ -449,6 +457,7 @@ async def relay_association(
         stats.total_connections += 1
     seen = 0  # the stream's drop count already added to ``stats``
     kernel_seen = kernel_drops(sock)  # the same for the kernel's drops of replies on ``sock``
+    next_check = trio.current_time() + _DROPS_CHECK
     drops = _Drops()
 
     def count_drops(also: int = 0) -> None:
@@ -479,7 +488,7 @@ async def relay_association(
                         stats.bytes_out += size
 
             async def inbound() -> None:
-                nonlocal kernel_seen
+                nonlocal kernel_seen, next_check
                 while True:
                     if room is not None:
                         await _wait_for_room(room, _nothing)
@@ -487,10 +496,11 @@ async def relay_association(
                         batch = await receive_batch(sock, _RECV_SIZE, READ_BYTES)
                     except OSError:  # other ICMP errors surface here on connected sockets
                         continue
-                    kernel_now = kernel_drops(sock)
-                    drops.kernel += kernel_now - kernel_seen
-                    count_drops(kernel_now - kernel_seen)
-                    kernel_seen = kernel_now
+                    if len(batch) >= _FULL_READ or trio.current_time() >= next_check:
+                        kernel_now = kernel_drops(sock)
+                        drops.kernel += kernel_now - kernel_seen
+                        count_drops(kernel_now - kernel_seen)
+                        kernel_seen, next_check = kernel_now, trio.current_time() + _DROPS_CHECK
                     payloads = [data for data, _ in batch if len(data) <= MAX_DATAGRAM]
                     try:
                         sent, size = stream.send_datagrams(payloads)
@@ -508,7 +518,12 @@ async def relay_association(
                 nursery.start_soon(outbound)
                 nursery.start_soon(inbound)
     finally:
-        count_drops()
+        if sock.fileno() >= 0:
+            kernel_now = kernel_drops(sock)
+            drops.kernel += kernel_now - kernel_seen
+            count_drops(kernel_now - kernel_seen)
+        else:
+            count_drops()
         drops.report(
             stream, f"udp association {printable(format_target(stream.host, stream.port))}"
         )
