@@ -99,10 +99,17 @@ def _nothing() -> None:
     pass
 
 
+def _no_room(room: Callable[[], Room | None]) -> bool:
+    """Whether the current session (``room()``) has no room for a read's batch now: the
+    cheap check made before every read, so the coroutine below runs only when it waits."""
+    session = room()
+    return session is not None and not session.has_room(SESSION_ROOM) and not session.closed
+
+
 async def _wait_for_room(room: Callable[[], Room | None], refresh: Callable[[], None]) -> None:
     """Return once the current session (``room()``) can take a read's batch, or there is no
     open session (what is read then is dropped, as its absence dictates); ``refresh`` runs
-    every ``_DROPS_REFRESH`` seconds of waiting. No checkpoint when there is room."""
+    every ``_DROPS_REFRESH`` seconds of waiting."""
     while (session := room()) is not None and not session.closed:
         if session.has_room(SESSION_ROOM):
             return
@@ -259,7 +266,7 @@ async def serve_associations(
 
     async with trio.open_nursery() as nursery:
         while True:
-            if room is not None:
+            if room is not None and _no_room(room):
                 # what the kernel drops while we wait shows in the count meanwhile
                 await _wait_for_room(room, count_kernel_drops)
             # every datagram already waiting in one pass through the scheduler (ICMP errors
@@ -490,7 +497,7 @@ async def relay_association(
             async def inbound() -> None:
                 nonlocal kernel_seen, next_check
                 while True:
-                    if room is not None:
+                    if room is not None and _no_room(room):
                         await _wait_for_room(room, _nothing)
                     try:
                         batch = await receive_batch(sock, _RECV_SIZE, READ_BYTES)
