@@ -1,29 +1,52 @@
 #!/usr/bin/env python3
-"""End-to-end tunnel benchmark over loopback: pytunnel -L / -R against a direct connection and
-``ssh -L`` (a private sshd), side by side in one run, with references: pytunnel -L with TLS on
-the tunnel, ``ssh -L -c aes128-gcm@openssh.com``, a ``socat`` relay, and two chained plain trio
-relays (the floor for any two-process Python/trio relay).
+"""End-to-end tunnel benchmark over loopback: pytunnel -L / -R against a direct connection,
+``ssh -L`` (a private sshd) and the two Python tunnels pproxy and asyncssh, side by side in one
+run, with references: pytunnel -L with TLS on the tunnel, ``ssh -L -c aes128-gcm@openssh.com``,
+a ``socat`` relay, and two chained plain trio relays (the floor for any two-process
+Python/trio relay).
 
-Figures, each the median of ``--repeat`` samples (3), with its ratio to the direct connection
-and to ``ssh -L`` (default cipher) measured in the same run:
+Figures, each the median of ``--repeat`` samples (3), with its ratio to the direct connection,
+to ``ssh -L`` and to ``pytunnel -L`` measured in the same run (issue 12's rows):
 
 1. bulk throughput, iperf3 (JSON): 1 stream and ``-P 4``, each both directions (``-R``);
-2. HTTP: wrk ``-t2 -c50 -d5s --latency`` against nginx serving a small static file:
+2. HTTP keep-alive: wrk ``-t2 -c50 -d5s --latency`` against nginx serving a 1 KiB static file:
    requests/s, p50 and p99 latency;
-3. memory: RSS growth of the tunnel processes per idle TCP connection (2,000 connections held
+3. HTTP new connection per request: the same wrk with ``-H 'Connection: close'``;
+4. 64 B round trip: p50 and p99 of ``--pings`` (2000) ping-pongs on one connection to an echo
+   target, the client pinned to one CPU (``--pin-cpu``);
+5. connection setup: p50 and p99 of connect + first echoed byte, ``--conns`` (500) sequential
+   connections;
+6. memory: RSS growth of the tunnel processes per idle TCP connection (2,000 connections held
    open through a fresh tunnel, ``VmRSS`` from ``/proc/PID/status``).
 
-Everything runs as child processes on 127.0.0.1 only: iperf3 server, nginx, sshd (own host key,
-authorized_keys and config in a temporary directory), ``pytunnel serve`` / ``pytunnel connect``
-(the CLI), ssh clients, socat, the trio relays (this file, ``--trio-relay``). Each one is ended
-by its pid (and the pids of the children it forked, found in ``/proc``) when the benchmark
-ends, however it ends; the temporary directory is removed. Every loop is bounded in count and
-in time. Samples of one case run back to back over all paths, in an order rotated per repeat.
+The report ends with issue 12's table (a row per figure, a column per path) and its goals as
+PASS/FAIL lines (SKIP where a path a goal compares with was not run). ``--issue-table`` runs
+exactly the issue's columns: direct, ssh -L aes128-gcm, pproxy, asyncssh, pytunnel -L and
+pytunnel -L (TLS).
 
-The tools come from ``bench/setup_tools.sh`` (Debian packages); this is not part of CI.
+The Python peers, each two processes on loopback like pytunnel's ``serve`` + ``connect``:
 
-    python bench/bench_tunnel.py                  # full run, ~20 min
-    python bench/bench_tunnel.py --quick          # 1 repeat, 2 s samples, ~4 min
+* ``pproxy``: ``pproxy -l socks5://...`` as the server and ``pproxy -l
+  tunnel{TARGET}://FRONT -r socks5://...`` as the client; plain bytes between the two (no
+  encryption), one connection between them per relayed connection (no multiplexing).
+* ``asyncssh``: an asyncssh SSH server (this file, ``--asyncssh-server``) and a client holding
+  ``forward_local_port`` per target (``--asyncssh-client``); encrypted, asyncssh's first
+  cipher choice unless ``--asyncssh-cipher`` (the run prints the one negotiated).
+
+Everything runs as child processes on 127.0.0.1 only: iperf3 server, nginx, an echo target
+(``_probes.py``), sshd (own host key, authorized_keys and config in a temporary directory),
+``pytunnel serve`` / ``pytunnel connect`` (the CLI), ssh clients, socat, pproxy, the asyncssh
+ends, the trio relays (this file, ``--trio-relay``). Each one is ended by its pid (and the pids
+of the children it forked, found in ``/proc``) when the benchmark ends, however it ends; the
+temporary directory is removed. Every loop is bounded in count and in time. Samples of one case
+run back to back over all paths, in an order rotated per repeat.
+
+The tools come from ``bench/setup_tools.sh`` (Debian packages) and the ``bench`` extra
+(``pip install -e '.[bench]'``: pproxy, asyncssh); this is not part of CI.
+
+    python bench/bench_tunnel.py --issue-table    # issue 12's columns, 17-22 min
+    python bench/bench_tunnel.py --issue-table --quick  # 1 repeat, 2 s samples, 3-4 min
+    python bench/bench_tunnel.py                  # every path, ~40 min
     python bench/bench_tunnel.py --json out.json  # + every sample as JSON
     python bench/bench_tunnel.py --report out.json  # the tables again
     python bench/bench_tunnel.py --paths direct,pytunnel-L,ssh-L --no-rss
@@ -39,6 +62,7 @@ import atexit
 import contextlib
 import getpass
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -62,9 +86,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _probes import HOST, ProbeError, parse_targets, percentile, pinned, round_trips, setup_times
 from _quiet import wait_quiet
 
-HOST = "127.0.0.1"
 SSH_AES = "aes128-gcm@openssh.com"
 HTTP_FILE = "index.html"
 HTTP_FILE_SIZE = 1024
@@ -417,6 +441,7 @@ class Targets:
     iperf: int
     http: int
     sink: int
+    echo: int
 
 
 # --------------------------------------------------------------------------- paths
@@ -454,9 +479,12 @@ class Env:
         self.ssh = which("ssh")
         self.ssh_keygen = which("ssh-keygen")
         self.socat = which("socat")
+        local = Path(sys.executable).parent / "pproxy"  # the running environment's first
+        self.pproxy = str(local) if local.exists() else (shutil.which("pproxy") or str(local))
         self.sshd_port = 0
         self.sshd_child: Child | None = None
         self.ssh_key = tmp / "id_ed25519"
+        self.asyncssh_cipher = "?"
 
     # ---------------------------------------------------------------- targets
 
@@ -508,6 +536,16 @@ http {{
         child = self.procs.start("nginx", argv)
         wait_for(f"nginx on {port}", lambda: listening(port), 10, child)
         return port, child
+
+    def start_echo(self) -> tuple[int, Child]:
+        """The echo target of the round-trip and setup cases (``_probes.py``, its own process,
+        so the measuring client in this process does not share a GIL with it)."""
+        argv = [sys.executable, str(Path(__file__).resolve().parent / "_probes.py")]
+        child = self.procs.start("echo-target", argv)
+        ports = wait_for(
+            "echo target", lambda: parse_targets(_read(str(child.log)) or ""), 20, child
+        )
+        return ports[2], child
 
     # ---------------------------------------------------------------- sshd
 
@@ -749,7 +787,76 @@ LogLevel ERROR
             [shlex.join(server.argv), shlex.join(client.argv)],
         )
 
-    def make_path(self, key: str, targets: list[int]) -> Path_:
+    def path_pproxy(self, targets: list[int]) -> Path_:
+        """pproxy (pure-Python asyncio) as a two-hop port forward, as its README gives it: a
+        SOCKS5 server process, and a client process listening with the fixed-target
+        ``tunnel{HOST:PORT}://`` scheme per target that reaches it through the server
+        (``-r socks5://...``). One TCP connection between the two per relayed connection: no
+        multiplexing, and no encryption (plain bytes on the hop between the processes)."""
+        near = free_port()
+        server_argv = [self.pproxy, "-l", f"socks5://{HOST}:{near}"]
+        server = self.procs.start("pproxy-server", server_argv)
+        wait_for(f"pproxy server on {near}", lambda: listening(near), 20, server)
+        front = {t: free_port() for t in targets}
+        client_argv = [self.pproxy]
+        for t, f in front.items():
+            client_argv += ["-l", f"tunnel{{{HOST}:{t}}}://{HOST}:{f}"]
+        client_argv += ["-r", f"socks5://{HOST}:{near}"]
+        client = self.procs.start("pproxy-client", client_argv)
+        for f in front.values():
+            wait_for(f"pproxy listener on {f}", lambda f=f: listening(f), 20, client)
+        return Path_(
+            "pproxy",
+            "pproxy",
+            front,
+            [("client", client), ("server", server)],
+            [shlex.join(server_argv), shlex.join(client_argv)],
+        )
+
+    def path_asyncssh(self, targets: list[int]) -> Path_:
+        """asyncssh: an SSH server process of this script (``--asyncssh-server``: host and client
+        keys made in the temp dir, public-key auth, direct-tcpip allowed) and a client process
+        (``--asyncssh-client``) holding one ``forward_local_port`` per target, as asyncssh's
+        docs show local port forwarding. The cipher is asyncssh's first choice unless
+        ``--asyncssh-cipher`` names one; the client prints the one negotiated."""
+        keys = Path(tempfile.mkdtemp(prefix="asyncssh-", dir=self.tmp))  # one per path made
+        me = [sys.executable, str(Path(__file__).resolve())]
+        server_argv = [*me, "--asyncssh-server", str(keys)]
+        server = self.procs.start("asyncssh-server", server_argv)
+
+        def port() -> int | None:
+            m = re.search(r"^asyncssh server on (\d+)$", _read(str(server.log)) or "", re.M)
+            return int(m.group(1)) if m else None
+
+        sport = wait_for("asyncssh server port", port, 30, server)
+        spec = ",".join(str(t) for t in targets)
+        client_argv = [*me, "--asyncssh-client", str(keys), str(sport), spec]
+        if self.args.asyncssh_cipher:
+            client_argv.append(self.args.asyncssh_cipher)
+        client = self.procs.start("asyncssh-client", client_argv)
+        pattern = re.compile(r"^forward (\d+) -> (\d+)$", re.M)
+
+        def forwards() -> dict[int, int] | None:
+            found = {int(t): int(f) for f, t in pattern.findall(_read(str(client.log)) or "")}
+            return found if len(found) == len(targets) else None
+
+        front = wait_for("asyncssh forwards", forwards, 30, client)
+        m = re.search(r"^cipher (\S+)$", _read(str(client.log)) or "", re.M)
+        self.asyncssh_cipher = m.group(1) if m else "?"
+        return Path_(
+            "asyncssh",
+            "asyncssh",
+            front,
+            [("client", client), ("server", server)],
+            [
+                shlex.join(server_argv),
+                shlex.join(client_argv) + f"  # cipher {self.asyncssh_cipher}",
+            ],
+        )
+
+    def make_path(self, key: str, targets: list[int], http: int | None = None) -> Path_:
+        """The path ``key`` to ``targets``; ``http`` is the one a name route carries (default:
+        the last target)."""
         if key == "direct":
             return self.path_direct(targets)
         if key == "pytunnel-L":
@@ -759,7 +866,7 @@ LogLevel ERROR
         if key == "pytunnel-L-tls":
             return self.path_pytunnel("L", targets, tls=True)
         if key == "pytunnel-name":
-            return self.path_pytunnel_name(targets, targets[-1])
+            return self.path_pytunnel_name(targets, targets[-1] if http is None else http)
         if key == "ssh-L":
             return self.path_ssh(targets, None)
         if key == "ssh-L-aes":
@@ -768,6 +875,10 @@ LogLevel ERROR
             return self.path_socat(targets)
         if key == "trio-relay":
             return self.path_trio_relay(targets)
+        if key == "pproxy":
+            return self.path_pproxy(targets)
+        if key == "asyncssh":
+            return self.path_asyncssh(targets)
         raise ValueError(key)
 
     def stop_path(self, path: Path_) -> None:
@@ -854,8 +965,16 @@ def run_iperf(env: Env, port: int, extra: list[str], seconds: float) -> tuple[di
 
 
 def run_wrk(
-    env: Env, port: int, seconds: float, threads: int, conns: int, host: str | None = None
+    env: Env,
+    port: int,
+    seconds: float,
+    threads: int,
+    conns: int,
+    host: str | None = None,
+    close: bool = False,
 ) -> tuple[dict, str]:
+    """wrk against nginx through ``port``; ``close``: ``Connection: close`` on every request,
+    so each request is a new connection (through a tunnel: a new relayed stream)."""
     url = f"http://{HOST}:{port}/{HTTP_FILE}"
     argv = [
         env.wrk,
@@ -866,6 +985,7 @@ def run_wrk(
         "--timeout",
         "5s",
         *(["-H", f"Host: {host}"] if host else []),
+        *(["-H", "Connection: close"] if close else []),
         url,
     ]
     r = run(argv, seconds + 30)
@@ -882,6 +1002,8 @@ def run_wrk(
         return float(m.group(1)) * scale
 
     rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    if not rps:
+        raise BenchError(f"wrk printed no Requests/sec: {out[-300:]}")
     errors = 0
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
@@ -890,17 +1012,126 @@ def run_wrk(
     if m:
         errors += int(m.group(1))
     return {
-        "rps": float(rps.group(1)) if rps else None,
+        "rps": float(rps.group(1)),
         "p50_ms": lat("50"),
         "p99_ms": lat("99"),
         "errors": float(errors),
     }, cmd
 
 
+def measure_round_trip(port: int, pings: int, cpu: int | None) -> tuple[dict, str]:
+    """64-byte ping-pong on one connection, the client pinned to CPU ``cpu``."""
+    with pinned(cpu) as on:
+        times = round_trips(port, pings)
+    us = [t * 1e6 for t in times]
+    where = "unpinned" if on is None else f"client on CPU {on}"
+    return {
+        "p50_us": percentile(us, 50),
+        "p99_us": percentile(us, 99),
+        "n": float(len(us)),
+    }, f"{pings} x 64 B echo round trips on one connection to 127.0.0.1:{port} ({where})"
+
+
+def measure_setup(port: int, conns: int) -> tuple[dict, str]:
+    """Connect + first echoed byte, ``conns`` sequential fresh connections."""
+    us = [t * 1e6 for t in setup_times(port, conns)]
+    return {
+        "p50_us": percentile(us, 50),
+        "p99_us": percentile(us, 99),
+        "n": float(len(us)),
+    }, f"{conns} sequential connect + 1 byte echoed to 127.0.0.1:{port}"
+
+
+#: A case's measurement for one path: None if the path does not carry the target it needs,
+#: else a callable returning (values, command).
+CaseFn = Callable[[Path_], Callable[[], tuple[dict, str]] | None]
+
+
+def cases(
+    args: argparse.Namespace, env: Env, iperf: int, http: int, echo: int
+) -> list[tuple[str, str, CaseFn]]:
+    """(figure, case, measurement) of every case the arguments ask for, in the order run."""
+    out: list[tuple[str, str, CaseFn]] = []
+    if not args.no_iperf:
+        for case, extra in iperf_cases(args.quick):
+
+            def iperf_fn(
+                p: Path_, extra: list[str] = extra
+            ) -> Callable[[], tuple[dict, str]] | None:
+                if iperf not in p.front:  # an HTTP-only path (a name route)
+                    return None
+
+                def go() -> tuple[dict, str]:
+                    data, cmd = run_iperf(env, p.front[iperf], extra, args.seconds)
+                    try:
+                        gbps = data["end"]["sum_received"]["bits_per_second"] / 1e9
+                    except KeyError:
+                        raise BenchError("iperf3 JSON without end.sum_received") from None
+                    return {"gbps": gbps}, cmd
+
+                return go
+
+            out.append(("iperf", case, iperf_fn))
+    for close, wanted in ((False, not args.no_wrk), (True, not args.no_close)):
+        if not wanted:
+            continue
+
+        def wrk_fn(p: Path_, close: bool = close) -> Callable[[], tuple[dict, str]]:
+            return lambda: run_wrk(
+                env,
+                p.front[http],
+                args.wrk_seconds,
+                args.wrk_threads,
+                args.wrk_conns,
+                p.host,
+                close=close,
+            )
+
+        out.append(("wrk", "close" if close else "http", wrk_fn))
+    if not args.no_rtt:
+        out.append(
+            (
+                "rtt",
+                "64 B",
+                lambda p: (
+                    None
+                    if echo not in p.front
+                    else lambda: measure_round_trip(p.front[echo], args.pings, args.pin_cpu)
+                ),
+            )
+        )
+    if not args.no_setup:
+        out.append(
+            (
+                "setup",
+                "connect",
+                lambda p: (
+                    None
+                    if echo not in p.front
+                    else lambda: measure_setup(p.front[echo], args.conns)
+                ),
+            )
+        )
+    return out
+
+
+def show_values(figure: str, vals: dict) -> str:
+    if figure == "iperf":
+        return f"{vals['gbps']:6.2f} Gbit/s"
+    if figure == "wrk":
+        return (
+            f"{vals['rps']:9.0f} req/s  p50 {fmt(vals['p50_ms'])} ms  "
+            f"p99 {fmt(vals['p99_ms'])} ms  errors {vals['errors']:.0f}"
+        )
+    return f"p50 {vals['p50_us']:8.0f} us  p99 {vals['p99_us']:8.0f} us  (n {vals['n']:.0f})"
+
+
 def measure_rss(
     env: Env, procs: Processes, key: str, sink: IdleSink, n: int, rep: int, log
 ) -> Sample:
     """Fresh tunnel processes; warm up; open ``n`` idle connections; VmRSS growth / n."""
+    # sshd's session processes of earlier paths may still be exiting: they are not this path's
+    earlier = set(procs.tree(env.sshd_child)) if env.sshd_child is not None else set()
     path = env.make_path(key, [sink.port])
     conns: list[socket.socket] = []
     values: dict[str, float | None] = {}
@@ -913,7 +1144,8 @@ def measure_rss(
             for role, child in path.procs:
                 pids = procs.tree(child)
                 if child is env.sshd_child:
-                    pids = pids[1:]  # the listener does not grow; its per-connection children do
+                    # the listener does not grow; this path's session processes do
+                    pids = [p for p in pids[1:] if p not in earlier]
                 out[role] = out.get(role, 0) + sum(rss_kib(p) for p in pids)
             return out
 
@@ -1026,161 +1258,282 @@ def cpu_median(samples: list[Sample], figure: str, case: str, path: str) -> floa
     return median(xs)
 
 
+@dataclass(frozen=True)
+class Figure:
+    """One row of the report: a value of the samples of one case."""
+
+    figure: str
+    case: str
+    key: str
+    label: str
+    unit: str
+    higher: bool  # whether a higher value is better
+    digits: int = 0
+    scale: float = 1.0  # shown value = sample value * scale
+
+
+def figures(samples: list[Sample]) -> list[Figure]:
+    """The report's rows that the samples have, in the issue's order."""
+    rss_case = next((s.case for s in samples if s.figure == "rss"), "")
+    rows = [
+        Figure("iperf", c, "gbps", f"iperf3 {c}", "Gbit/s", True, 2) for c, _ in iperf_cases(False)
+    ]
+    rows += [
+        Figure("wrk", "http", "rps", "HTTP keep-alive", "req/s", True),
+        Figure("wrk", "http", "p50_ms", "HTTP keep-alive p50", "ms", False, 2),
+        Figure("wrk", "http", "p99_ms", "HTTP keep-alive p99", "ms", False, 2),
+        Figure("wrk", "close", "rps", "HTTP new connection per request", "req/s", True),
+        Figure("wrk", "close", "p99_ms", "HTTP new connection p99", "ms", False, 2),
+        Figure("rtt", "64 B", "p50_us", "64 B round trip p50", "us", False),
+        Figure("rtt", "64 B", "p99_us", "64 B round trip p99", "us", False),
+        Figure("setup", "connect", "p50_us", "connection setup p50", "us", False),
+        Figure("setup", "connect", "p99_us", "connection setup p99", "us", False),
+        Figure(
+            "rss",
+            rss_case,
+            "total_bytes_per_conn",
+            "memory per idle relayed connection, all processes",
+            "KiB",
+            False,
+            1,
+            1 / 1024,
+        ),
+    ]
+    have = {(s.figure, s.case) for s in samples}
+    return [f for f in rows if (f.figure, f.case) in have]
+
+
+def fig_median(samples: list[Sample], f: Figure, path: str) -> float | None:
+    m = summarize(samples, f.figure, f.case, path, f.key)[0]
+    return None if m is None else m * f.scale
+
+
+def paired(samples: list[Sample], f: Figure, a: str, b: str) -> float | None:
+    """Median over repeats of (a's sample / b's sample) within the same repeat."""
+    by_rep: dict[int, dict[str, float]] = {}
+    for s in samples:
+        if s.figure == f.figure and s.case == f.case and s.error is None and s.path in (a, b):
+            value = s.values.get(f.key)
+            if value:
+                by_rep.setdefault(s.rep, {})[s.path] = value
+    return median([v[a] / v[b] for v in by_rep.values() if a in v and b in v])
+
+
 def report(samples: list[Sample], paths: list[tuple[str, str]], args, log) -> dict[str, Any]:
-    summary: dict[str, Any] = {}
-    ref = "ssh-L"
-    has_ssh = any(k == ref for k, _ in paths)
-    cases = sorted(
-        {s.case for s in samples if s.figure == "iperf"},
-        key=lambda c: [c for c, _ in iperf_cases(False)].index(c),
-    )
-    if cases:
-        log("")
-        log(
-            f"### Bulk throughput (iperf3, {args.seconds:g} s per sample, median of "
-            f"{args.repeat}; Gbit/s received)"
-        )
-        log("")
-        log("| case | path | Gbit/s | min..max | vs direct | vs ssh -L | tunnel CPU |")
-        log("|---|---|---:|---:|---:|---:|---:|")
-        for case in cases:
-            d = summarize(samples, "iperf", case, "direct", "gbps")[0]
-            s = summarize(samples, "iperf", case, ref, "gbps")[0] if has_ssh else None
-            for key, label in paths:
-                m, lo, hi, _n = summarize(samples, "iperf", case, key, "gbps")
-                cpu = cpu_median(samples, "iperf", case, key)
-                summary.setdefault("iperf", {}).setdefault(case, {})[key] = m
-                log(
-                    f"| {case} | {label} | {fmt(m)} | {fmt(lo)}..{fmt(hi)} | {ratio(m, d)} | "
-                    f"{ratio(m, s)} | {'-' if cpu is None else f'{cpu * 100:.0f}%'} |"
-                )
+    """Per figure, each path's median, its spread and its ratio to a direct connection, to
+    ``ssh -L`` and to ``pytunnel -L``; then issue 12's table and its goals as PASS/FAIL."""
+    summary: dict[str, Any] = {"figures": {}, "goals": []}
+    keys = [k for k, _ in paths]
+    label = dict(paths)
+    ssh = "ssh-L" if "ssh-L" in keys else "ssh-L-aes"  # the ratio column's ssh
+    refs = [(r, label[r]) for r in ("direct", ssh, "pytunnel-L") if r in keys]
+    rows = figures(samples)
+    heads = {
+        "iperf": f"Bulk throughput (iperf3, {args.seconds:g} s per sample; Gbit/s received)",
+        "wrk": (
+            f"HTTP (wrk -t{args.wrk_threads} -c{args.wrk_conns} -d{args.wrk_seconds:g}s "
+            f"--latency, nginx, {HTTP_FILE_SIZE}-byte file; 'new connection': "
+            f"-H 'Connection: close')"
+        ),
+        "rtt": (
+            f"64 B round trip ({args.pings} pings on one connection; the client "
+            + ("not pinned" if args.pin_cpu is None else f"pinned to CPU {args.pin_cpu}")
+            + ")"
+        ),
+        "setup": f"Connection setup (connect + first echoed byte, {args.conns} sequential)",
+        "rss": "Memory per idle relayed connection (VmRSS growth / connections, all processes)",
+    }
+    shown: set[str] = set()
+    for f in rows:
+        if f.figure not in shown:
+            shown.add(f.figure)
+            log("")
+            log(f"### {heads[f.figure]}, median of {args.repeat}")
+            log("")
+            log(
+                "| figure | path | median | min..max | "
+                + " | ".join(f"vs {lab}" for _, lab in refs)
+                + " | tunnel CPU |"
+            )
+            log("|---|---|---:|---:|" + "---:|" * len(refs) + "---:|")
+        ref_m = {r: fig_median(samples, f, r) for r, _ in refs}
+        for key, lab in paths:
+            m, lo, hi, n = summarize(samples, f.figure, f.case, key, f.key)
+            if not n:
+                continue
+            m, lo, hi = (None if x is None else x * f.scale for x in (m, lo, hi))
+            cpu = cpu_median(samples, f.figure, f.case, key)
+            summary["figures"].setdefault(f.label, {})[key] = m
+            log(
+                f"| {f.label}, {f.unit} | {lab} | {fmt(m, f.digits)} | "
+                f"{fmt(lo, f.digits)}..{fmt(hi, f.digits)} | "
+                + " | ".join(ratio(m, ref_m[r]) for r, _ in refs)
+                + f" | {'-' if cpu is None else f'{cpu * 100:.0f}%'} |"
+            )
+    if any(f.figure in ("iperf", "wrk") for f in rows):
         log("")
         log(
             "tunnel CPU: CPU time of the relaying processes (both ends, children included) per "
             "second of wall clock; 100% = one core."
         )
-    if any(s.figure == "wrk" for s in samples):
-        log("")
-        log(
-            f"### HTTP (wrk -t{args.wrk_threads} -c{args.wrk_conns} -d{args.wrk_seconds:g}s "
-            f"--latency, nginx, {HTTP_FILE_SIZE}-byte file; median of {args.repeat})"
-        )
-        log("")
-        log(
-            "| path | req/s | vs direct | vs ssh -L | p50 ms | p50 vs ssh -L | p99 ms | "
-            "p99 vs ssh -L | errors | tunnel CPU |"
-        )
-        log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        case = "http"
-        d = summarize(samples, "wrk", case, "direct", "rps")[0]
-        s_rps = summarize(samples, "wrk", case, ref, "rps")[0] if has_ssh else None
-        s50 = summarize(samples, "wrk", case, ref, "p50_ms")[0] if has_ssh else None
-        s99 = summarize(samples, "wrk", case, ref, "p99_ms")[0] if has_ssh else None
-        for key, label in paths:
-            rps = summarize(samples, "wrk", case, key, "rps")[0]
-            p50 = summarize(samples, "wrk", case, key, "p50_ms")[0]
-            p99 = summarize(samples, "wrk", case, key, "p99_ms")[0]
-            err = summarize(samples, "wrk", case, key, "errors")[0]
-            cpu = cpu_median(samples, "wrk", case, key)
-            summary.setdefault("wrk", {})[key] = {"rps": rps, "p50_ms": p50, "p99_ms": p99}
-            log(
-                f"| {label} | {fmt(rps, 0)} | {ratio(rps, d)} | {ratio(rps, s_rps)} | "
-                f"{fmt(p50)} | {ratio(p50, s50)} | {fmt(p99)} | {ratio(p99, s99)} | "
-                f"{fmt(err, 0)} | {'-' if cpu is None else f'{cpu * 100:.0f}%'} |"
-            )
-    rss = [s for s in samples if s.figure == "rss"]
-    if rss:
-        case = rss[0].case
-        log("")
-        log(
-            f"### Memory per idle connection ({case}, fresh processes per sample; VmRSS growth "
-            f"/ connections; median of {args.repeat})"
-        )
-        log("")
-        log(
-            "| path | client side B/conn | server side B/conn | total B/conn | total vs ssh -L | "
-            "client RSS idle -> loaded -> closed (MiB) | server RSS idle -> loaded -> closed "
-            "(MiB) |"
-        )
-        log("|---|---:|---:|---:|---:|---:|---:|")
-        s_tot = summarize(samples, "rss", case, ref, "total_bytes_per_conn")[0]
-        for key, label in paths:
-            if not any(s.path == key for s in rss):
-                continue
-            c = summarize(samples, "rss", case, key, "client_bytes_per_conn")[0]
-            sv = summarize(samples, "rss", case, key, "server_bytes_per_conn")[0]
-            tot = summarize(samples, "rss", case, key, "total_bytes_per_conn")[0]
-            summary.setdefault("rss", {})[key] = {"client": c, "server": sv, "total": tot}
-
-            def trio_(role: str, key: str = key) -> str:
-                parts = [
-                    summarize(samples, "rss", case, key, f"{role}_rss_{w}_kib")[0]
-                    for w in ("before", "loaded", "after_close")
-                ]
-                return " -> ".join(fmt(None if p is None else p / 1024, 1) for p in parts)
-
-            log(
-                f"| {label} | {fmt(c, 0)} | {fmt(sv, 0)} | {fmt(tot, 0)} | {ratio(tot, s_tot)} | "
-                f"{trio_('client')} | {trio_('server')} |"
-            )
-        log("")
-        log(
-            "ssh -L: client = the ssh process; server = sshd's per-connection processes (not the "
-            "listener). Each column is its own median, so total need not equal client + server."
-        )
-    # the issue's target
-    iperf = summary.get("iperf", {})
-    verdicts = []
-    for case in cases:
-        p, s = iperf[case].get("pytunnel-L"), iperf[case].get(ref)
-        if p is not None and s:
-            verdicts.append((case, p / s, paired_ratio(samples, case, "pytunnel-L", ref)))
-    if verdicts:
-        log("")
-        log("### Target: bulk throughput through pytunnel -L >= 0.5x ssh -L (same run)")
-        log("")
-        log(
-            "ratio of medians; in brackets the median of the per-repeat ratios (within one "
-            "repeat the paths of a case run back to back, so they share the machine's load)"
-        )
-        log("")
-        for case, r, pr in verdicts:
-            paired = "" if pr is None else f" [paired {pr:.2f}x]"
-            log(f"- {case}: {r:.2f}x{paired} -> {'met' if r >= 0.5 else 'NOT met'}")
-        met = all(r >= 0.5 for _, r, _ in verdicts)
-        log(f"- overall: {'MET' if met else 'NOT MET'} (every case must reach 0.5x)")
-        tls = [(c, iperf[c].get("pytunnel-L-tls"), iperf[c].get(ref)) for c in cases]
-        tls_r = [
-            (c, t / s, paired_ratio(samples, c, "pytunnel-L-tls", ref))
-            for c, t, s in tls
-            if t is not None and s
-        ]
-        if tls_r:
-            log(
-                "- with TLS on the tunnel (encrypted, as ssh is): "
-                + "; ".join(
-                    f"{c} {r:.2f}x" + ("" if pr is None else f" [paired {pr:.2f}x]")
-                    for c, r, pr in tls_r
-                )
-            )
-        summary["target"] = {
-            "ratios": {c: r for c, r, _ in verdicts},
-            "paired_ratios": {c: pr for c, _, pr in verdicts},
-            "met": met,
-        }
+    if any(f.figure == "rss" for f in rows):
+        rss_detail(samples, paths, args, log)
+    if rows:
+        issue_table(samples, rows, paths, log)
+    goals(samples, keys, label, log, summary)
     return summary
 
 
-def paired_ratio(samples: list[Sample], case: str, a: str, b: str) -> float | None:
-    """Median over repeats of (a's sample / b's sample) within the same repeat."""
-    by_rep: dict[int, dict[str, float]] = {}
-    for s in samples:
-        if s.figure == "iperf" and s.case == case and s.error is None and s.path in (a, b):
-            value = s.values.get("gbps")
-            if value:
-                by_rep.setdefault(s.rep, {})[s.path] = value
-    ratios = [v[a] / v[b] for v in by_rep.values() if a in v and b in v]
-    return median(ratios)
+def rss_detail(samples: list[Sample], paths: list[tuple[str, str]], args, log) -> None:
+    rss = [s for s in samples if s.figure == "rss"]
+    case = rss[0].case
+    log("")
+    log(f"### Memory per idle connection by process ({case}, fresh processes per sample)")
+    log("")
+    log(
+        "| path | client side B/conn | server side B/conn | total B/conn | "
+        "client RSS idle -> loaded -> closed (MiB) | server RSS idle -> loaded -> closed (MiB) |"
+    )
+    log("|---|---:|---:|---:|---:|---:|")
+    for key, label in paths:
+        if not any(s.path == key for s in rss):
+            continue
+        c = summarize(samples, "rss", case, key, "client_bytes_per_conn")[0]
+        sv = summarize(samples, "rss", case, key, "server_bytes_per_conn")[0]
+        tot = summarize(samples, "rss", case, key, "total_bytes_per_conn")[0]
+
+        def trio_(role: str, key: str = key) -> str:
+            parts = [
+                summarize(samples, "rss", case, key, f"{role}_rss_{w}_kib")[0]
+                for w in ("before", "loaded", "after_close")
+            ]
+            return " -> ".join(fmt(None if p is None else p / 1024, 1) for p in parts)
+
+        log(
+            f"| {label} | {fmt(c, 0)} | {fmt(sv, 0)} | {fmt(tot, 0)} | "
+            f"{trio_('client')} | {trio_('server')} |"
+        )
+    log("")
+    log(
+        "ssh -L: client = the ssh process; server = sshd's per-connection processes (not the "
+        "listener). Each column is its own median, so total need not equal client + server."
+    )
+
+
+def issue_table(
+    samples: list[Sample], rows: list[Figure], paths: list[tuple[str, str]], log
+) -> None:
+    """Issue 12's table: a row per figure, a column per path, each cell the median and, in
+    brackets, its ratio to pytunnel -L's."""
+    have = [(k, lab) for k, lab in paths if any(s.path == k for s in samples)]
+    log("")
+    log("### Issue 12's table (medians; in brackets: / pytunnel -L)")
+    log("")
+    log("| figure | " + " | ".join(lab for _, lab in have) + " |")
+    log("|---|" + "---:|" * len(have))
+    for f in rows:
+        base = fig_median(samples, f, "pytunnel-L")
+        cells = []
+        for key, _ in have:
+            m = fig_median(samples, f, key)
+            cells.append(
+                "-"
+                if m is None
+                else f"{m:,.{f.digits}f}"
+                + ("" if key == "pytunnel-L" or base is None else f" ({ratio(m, base)})")
+            )
+        log(f"| {f.label}, {f.unit} | " + " | ".join(cells) + " |")
+
+
+#: Issue 12's goals: (name, figure, case, key, measured path, reference path, factor). Met when
+#: measured / reference >= factor for a figure where higher is better, <= factor otherwise.
+#: "ssh" stands for ssh -L with aes128-gcm (the issue's column), else ssh -L.
+GOALS = [
+    ("round trip p50 <= pproxy's", "rtt", "64 B", "p50_us", "pytunnel-L", "pproxy", 1.0),
+    ("round trip p50 <= 3x ssh -L's", "rtt", "64 B", "p50_us", "pytunnel-L", "ssh", 3.0),
+    ("keep-alive req/s >= pproxy's", "wrk", "http", "rps", "pytunnel-L", "pproxy", 1.0),
+    ("keep-alive req/s >= 0.5x ssh -L's", "wrk", "http", "rps", "pytunnel-L", "ssh", 0.5),
+    ("keep-alive p99 <= pproxy's", "wrk", "http", "p99_ms", "pytunnel-L", "pproxy", 1.0),
+    ("new-connection req/s >= asyncssh's", "wrk", "close", "rps", "pytunnel-L", "asyncssh", 1.0),
+    (
+        "connection setup p50 <= asyncssh's",
+        "setup",
+        "connect",
+        "p50_us",
+        "pytunnel-L",
+        "asyncssh",
+        1.0,
+    ),
+    *[
+        (f"bulk {c} >= 1.0x ssh -L's", "iperf", c, "gbps", "pytunnel-L", "ssh", 1.0)
+        for c, _ in iperf_cases(False)
+    ],
+    *[
+        (f"TLS bulk {c} >= 0.8x plain", "iperf", c, "gbps", "pytunnel-L-tls", "pytunnel-L", 0.8)
+        for c, _ in iperf_cases(False)
+    ],
+]
+#: Bytes per idle relayed connection, all of pytunnel -L's processes together.
+MEMORY_GOAL = 8 * 1024
+
+
+def goals(samples: list[Sample], keys: list[str], label: dict[str, str], log, summary) -> None:
+    ssh = "ssh-L-aes" if "ssh-L-aes" in keys else "ssh-L"
+    lines = []
+    for name, figure, case, key, a, b, factor in GOALS:
+        b = ssh if b == "ssh" else b
+        f = next(
+            (x for x in figures(samples) if (x.figure, x.case, x.key) == (figure, case, key)), None
+        )
+        if f is None:
+            continue
+        ma, mb = fig_median(samples, f, a), fig_median(samples, f, b)
+        if ma is None or not mb:
+            missing = " and ".join(
+                label.get(p, LABELS.get(p, p)) for p, m in ((a, ma), (b, mb)) if not m
+            )
+            lines.append(f"- SKIP {name}: {missing} not measured")
+            summary["goals"].append({"goal": name, "verdict": "SKIP"})
+            continue
+        r = ma / mb
+        ok = r >= factor if f.higher else r <= factor
+        pr = paired(samples, f, a, b)
+        verdict = "PASS" if ok else "FAIL"
+        lines.append(
+            f"- {verdict} {name}: {label.get(a, a)} {ma:,.{f.digits}f} / {label.get(b, b)} "
+            f"{mb:,.{f.digits}f} {f.unit} = {r:.3f}x (goal {'>=' if f.higher else '<='} "
+            f"{factor:g}x)" + ("" if pr is None else f" [paired {pr:.2f}x]")
+        )
+        summary["goals"].append(
+            {"goal": name, "verdict": verdict, "ratio": r, "paired_ratio": pr, "a": a, "b": b}
+        )
+    mem = next((x for x in figures(samples) if x.figure == "rss"), None)
+    if mem is not None:
+        m = summarize(samples, "rss", mem.case, "pytunnel-L", "total_bytes_per_conn")[0]
+        name = "memory per idle relayed connection <= 8 KiB (pytunnel -L, both processes)"
+        if m is None:
+            lines.append(f"- SKIP {name}: pytunnel -L not measured")
+            summary["goals"].append({"goal": name, "verdict": "SKIP"})
+        else:
+            verdict = "PASS" if m <= MEMORY_GOAL else "FAIL"
+            lines.append(f"- {verdict} {name}: {m / 1024:.1f} KiB")
+            summary["goals"].append({"goal": name, "verdict": verdict, "bytes": m})
+    if not lines:
+        return
+    log("")
+    log(
+        f"### Issue 12's goals (ratios of medians of this run; ssh -L = {LABELS[ssh]}; "
+        "in brackets the median of the per-repeat ratios)"
+    )
+    log("")
+    for line in lines:
+        log(line)
+    counts = Counter(g["verdict"] for g in summary["goals"])
+    log("")
+    log(
+        f"{counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP "
+        "(a goal is judged only with both its paths in the run)"
+    )
 
 
 # --------------------------------------------------------------------------- profiling
@@ -1306,6 +1659,39 @@ ALL_PATHS = [
     "ssh-L-aes",
     "socat",
     "trio-relay",
+    "pproxy",
+    "asyncssh",
+]
+
+#: Each path's label in the report (``Path_.label``), also for ``--report`` of a saved run.
+LABELS = {
+    "direct": "direct",
+    "pytunnel-L": "pytunnel -L",
+    "pytunnel-R": "pytunnel -R",
+    "pytunnel-L-tls": "pytunnel -L (TLS)",
+    "pytunnel-name": "pytunnel -R app:80",
+    "ssh-L": "ssh -L",
+    "ssh-L-aes": f"ssh -L -c {SSH_AES.split('@')[0]}",
+    "socat": "socat",
+    "trio-relay": "trio relay x2",
+    "pproxy": "pproxy",
+    "asyncssh": "asyncssh",
+}
+
+#: The columns of issue 12's table, in its order (``--issue-table``).
+ISSUE_PATHS = ["direct", "ssh-L-aes", "pproxy", "asyncssh", "pytunnel-L", "pytunnel-L-tls"]
+
+#: Paths whose memory per idle connection is measured (a direct connection has no relay; a
+#: name route carries HTTP only; socat forks a process per connection).
+RSS_PATHS = [
+    "pytunnel-L",
+    "pytunnel-R",
+    "pytunnel-L-tls",
+    "ssh-L",
+    "ssh-L-aes",
+    "trio-relay",
+    "pproxy",
+    "asyncssh",
 ]
 
 
@@ -1353,6 +1739,81 @@ def trio_relay_main(spec: str) -> int:
     return 0
 
 
+def asyncssh_server_main(keys: str) -> int:
+    """``--asyncssh-server DIR``: an asyncssh SSH server on a free loopback port that accepts
+    the client key it writes to DIR (with its own host key, whose public half it writes there
+    too) and allows direct-tcpip (local forwarding) to any target. Prints ``asyncssh server on
+    PORT`` and serves until it is ended by its pid."""
+    import asyncio
+
+    import asyncssh
+
+    folder = Path(keys)
+
+    class Server(asyncssh.SSHServer):
+        def connection_requested(
+            self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+        ) -> bool:
+            return True  # forward to the target, as sshd's AllowTcpForwarding yes does
+
+    async def serve() -> None:
+        host_key = asyncssh.generate_private_key("ssh-ed25519")
+        client_key = asyncssh.generate_private_key("ssh-ed25519")
+        host_key.write_public_key(str(folder / "host_key.pub"))
+        client_key.write_private_key(str(folder / "client_key"))
+        server = await asyncssh.listen(
+            HOST,
+            0,
+            server_host_keys=[host_key],
+            authorized_client_keys=asyncssh.import_authorized_keys(
+                client_key.export_public_key().decode()
+            ),
+            server_factory=Server,
+        )
+        print(f"asyncssh server on {server.sockets[0].getsockname()[1]}", flush=True)
+        await server.wait_closed()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+    return 0
+
+
+def asyncssh_client_main(keys: str, port: str, spec: str, cipher: str | None = None) -> int:
+    """``--asyncssh-client DIR PORT T1,T2 [CIPHER]``: connect to the ``--asyncssh-server`` of
+    DIR (its host key pinned, its client key) and ``forward_local_port`` a free loopback port
+    to each target port. Prints the cipher negotiated and ``forward FRONT -> TARGET`` per
+    target, then holds the connection until it is ended by its pid."""
+    import asyncio
+
+    import asyncssh
+
+    folder = Path(keys)
+
+    async def run_client() -> None:
+        host_key = asyncssh.read_public_key(str(folder / "host_key.pub"))
+        options: dict[str, Any] = {}
+        if cipher:
+            options["encryption_algs"] = [cipher]
+        async with asyncssh.connect(
+            HOST,
+            int(port),
+            known_hosts=([host_key], [], []),
+            client_keys=[str(folder / "client_key")],
+            username="bench",
+            agent_path=None,
+            **options,
+        ) as conn:
+            print(f"cipher {conn.get_extra_info('send_cipher')}", flush=True)
+            for target in spec.split(","):
+                listener = await conn.forward_local_port(HOST, 0, HOST, int(target))
+                print(f"forward {listener.get_port()} -> {target}", flush=True)
+            await conn.wait_closed()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_client())
+    return 0
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1373,9 +1834,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(ALL_PATHS),
         help=f"comma-separated subset of {','.join(ALL_PATHS)}",
     )
+    p.add_argument(
+        "--issue-table",
+        action="store_true",
+        help=f"issue 12's table: exactly the paths {','.join(ISSUE_PATHS)} (overrides --paths)",
+    )
     p.add_argument("--no-iperf", action="store_true")
-    p.add_argument("--no-wrk", action="store_true")
+    p.add_argument("--no-wrk", action="store_true", help="no HTTP keep-alive case")
+    p.add_argument("--no-close", action="store_true", help="no HTTP new-connection case")
+    p.add_argument("--no-rtt", action="store_true", help="no 64 B round-trip case")
+    p.add_argument("--no-setup", action="store_true", help="no connection-setup case")
     p.add_argument("--no-rss", action="store_true")
+    p.add_argument("--pings", type=int, default=None, help="round trips per sample (2000)")
+    p.add_argument("--conns", type=int, default=None, help="connections per setup sample (500)")
+    p.add_argument(
+        "--pin-cpu",
+        type=int,
+        default=None,
+        help="CPU the round-trip client runs on (default: the last one allowed; -1: not pinned)",
+    )
+    p.add_argument(
+        "--asyncssh-cipher",
+        default=None,
+        help="encryption the asyncssh client asks for alone (default: asyncssh's own order)",
+    )
     p.add_argument(
         "--quiet-wait",
         type=float,
@@ -1411,6 +1893,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seconds = args.seconds or (2.0 if q else 5.0)
     args.wrk_seconds = args.wrk_seconds or (2.0 if q else 5.0)
     args.rss_conns = args.rss_conns or (200 if q else 2000)
+    args.pings = max(1, min(args.pings or (500 if q else 2000), 100_000))
+    args.conns = max(1, min(args.conns or (100 if q else 500), 10_000))
+    if args.pin_cpu is None and hasattr(os, "sched_getaffinity"):
+        args.pin_cpu = max(os.sched_getaffinity(0))
+    elif args.pin_cpu is not None and args.pin_cpu < 0:
+        args.pin_cpu = None
+    if args.issue_table:
+        args.paths = ",".join(ISSUE_PATHS)
     if args.pytunnel is None:
         args.pytunnel = default_pytunnel()
     args.paths = [x.strip() for x in args.paths.split(",") if x.strip()]
@@ -1480,29 +1970,22 @@ def machine_info(env: Env) -> list[str]:
     return [
         f"machine: nproc {os.cpu_count()}, CPU {cpu}, kernel {platform.release()}",
         f"python {platform.python_version()} | trio {version('trio')} | "
-        f"msgpack {version('msgpack')} | trio-pytunnel {version('trio-pytunnel')} | git {git}",
+        f"msgpack {version('msgpack')} | trio-pytunnel {version('trio-pytunnel')} | "
+        f"pproxy {version('pproxy')} | asyncssh {version('asyncssh')} | git {git}",
         "tools: " + ", ".join(tools),
     ]
 
 
 def report_from(path: Path) -> int:
     data = json.loads(path.read_text())
-    saved = argparse.Namespace(**data["args"])
+    # runs saved before the round-trip and setup cases lack their options
+    defaults = {"pings": 2000, "conns": 500, "pin_cpu": None}
+    saved = argparse.Namespace(**{**defaults, **data["args"]})
     samples = [Sample(**s) for s in data["samples"]]
     print(f"report of: {data['command']}")
     for line in data["machine"]:
         print(line)
-    labels = {
-        "direct": "direct",
-        "pytunnel-L": "pytunnel -L",
-        "pytunnel-R": "pytunnel -R",
-        "pytunnel-L-tls": "pytunnel -L (TLS)",
-        "ssh-L": "ssh -L",
-        "ssh-L-aes": f"ssh -L -c {SSH_AES.split('@')[0]}",
-        "socat": "socat",
-        "trio-relay": "trio relay x2",
-    }
-    paths = [(k, labels[k]) for k in saved.paths]
+    paths = [(k, LABELS[k]) for k in saved.paths]
     report(samples, paths, saved, print)
     return 0
 
@@ -1511,6 +1994,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--trio-relay"] and len(argv) == 2:  # the trio-relay reference path
         return trio_relay_main(argv[1])
+    if argv[:1] == ["--asyncssh-server"] and len(argv) == 2:  # the asyncssh path's two ends
+        return asyncssh_server_main(argv[1])
+    if argv[:1] == ["--asyncssh-client"] and len(argv) in (4, 5):
+        return asyncssh_client_main(*argv[1:])
     args = parse_args(argv)
     if args.report is not None:
         return report_from(args.report)
@@ -1547,6 +2034,10 @@ def _main(args, env: Env, procs: Processes, tmp: Path, nofile) -> int:
         ]
     if "socat" in args.paths and env.socat is None:
         missing.append("socat")
+    if "pproxy" in args.paths and not os.access(env.pproxy, os.X_OK):
+        missing.append("pproxy (pip install -e '.[bench]')")
+    if "asyncssh" in args.paths and importlib.util.find_spec("asyncssh") is None:
+        missing.append("asyncssh (pip install -e '.[bench]')")
     if missing:
         log(f"missing tools: {', '.join(missing)}; run bench/setup_tools.sh first")
         return 2
@@ -1560,7 +2051,8 @@ def _main(args, env: Env, procs: Processes, tmp: Path, nofile) -> int:
     http_port, _ = env.start_nginx()
     sink = IdleSink()
     _SINKS.append(sink)
-    targets = Targets(iperf_port, http_port, sink.port)
+    echo_port, _ = env.start_echo()
+    targets = Targets(iperf_port, http_port, sink.port, echo_port)
     if any(k.startswith("ssh") for k in args.paths):
         env.setup_sshd()
         log(f"ssh default cipher (client's first choice): {env.ssh_default_cipher()}")
@@ -1568,8 +2060,8 @@ def _main(args, env: Env, procs: Processes, tmp: Path, nofile) -> int:
     samples: list[Sample] = []
     try:
         if not args.only_profile:
-            target_ports = [iperf_port, http_port]
-            paths = [env.make_path(k, target_ports) for k in args.paths]
+            target_ports = [iperf_port, http_port, echo_port]
+            paths = [env.make_path(k, target_ports, http_port) for k in args.paths]
             labels = [(p.key, p.label) for p in paths]
             log("")
             log("targets:")
@@ -1578,85 +2070,59 @@ def _main(args, env: Env, procs: Processes, tmp: Path, nofile) -> int:
                 f"  nginx: 1 worker, {HTTP_FILE_SIZE}-byte /{HTTP_FILE}, access_log off "
                 f"(port {http_port})"
             )
+            log(
+                "  echo (round trip, setup): bench/_probes.py, a thread per connection "
+                f"(port {echo_port})"
+            )
+            if "asyncssh" in args.paths:
+                log(f"asyncssh cipher negotiated: {env.asyncssh_cipher}")
             log("paths (front port per target):")
             for p in paths:
                 check_http(p, http_port)
                 bulk = p.front.get(iperf_port, "-")
-                log(f"  {p.label}: iperf3 via {bulk}, http via {p.front[http_port]}")
+                echo = p.front.get(echo_port, "-")
+                log(
+                    f"  {p.label}: iperf3 via {bulk}, http via {p.front[http_port]}, "
+                    f"echo via {echo}"
+                )
                 for c in p.commands:
                     log(f"      {c}")
             log("")
             deadline_note = time.monotonic()
             for rep in range(args.repeat):
                 order = paths[rep % len(paths) :] + paths[: rep % len(paths)]  # rotate
-                if not args.no_iperf:
-                    for case, extra in iperf_cases(args.quick):
-                        for p in order:
-                            if iperf_port not in p.front:  # an HTTP-only path (a name route)
-                                continue
-                            busy = wait_quiet(args.quiet_wait, QUIET_THRESHOLD)
-                            c0, t0 = path_cpu(procs, p), time.monotonic()
-                            err, gbps, cmd = None, None, ""
-                            try:
-                                data, cmd = run_iperf(env, p.front[iperf_port], extra, args.seconds)
-                                gbps = data["end"]["sum_received"]["bits_per_second"] / 1e9
-                            except (BenchError, subprocess.TimeoutExpired, KeyError) as exc:
-                                err = str(exc)
-                                # a failed test can leave iperf3's server busy: start a new one
-                                procs.stop(iperf_child)
-                                _, iperf_child = env.start_iperf_server(iperf_port)
-                            wall = time.monotonic() - t0
-                            cpu = (path_cpu(procs, p) - c0) / TICK / wall if p.procs else None
-                            samples.append(
-                                Sample(
-                                    "iperf", case, p.key, rep, {"gbps": gbps}, busy, cpu, cmd, err
-                                )
-                            )
-                            log(
-                                f"  [{rep + 1}] iperf3 {case:<12} {p.label:<22} "
-                                + (f"ERROR {err}" if err else f"{gbps:6.2f} Gbit/s")
-                                + ("" if cpu is None else f"  cpu {cpu * 100:4.0f}%")
-                                + f"  (busy before {busy * 100:.0f}%)"
-                            )
-                if not args.no_wrk:
+                for figure, case, fn in cases(args, env, iperf_port, http_port, echo_port):
                     for p in order:
+                        if fn(p) is None:  # this path does not carry the case's target
+                            continue
                         busy = wait_quiet(args.quiet_wait, QUIET_THRESHOLD)
                         c0, t0 = path_cpu(procs, p), time.monotonic()
                         err, vals, cmd = None, {}, ""
                         try:
-                            vals, cmd = run_wrk(
-                                env,
-                                p.front[http_port],
-                                args.wrk_seconds,
-                                args.wrk_threads,
-                                args.wrk_conns,
-                                p.host,
-                            )
-                        except (BenchError, subprocess.TimeoutExpired) as exc:
-                            err = str(exc)
+                            vals, cmd = fn(p)()
+                        except (BenchError, ProbeError, OSError, subprocess.TimeoutExpired) as exc:
+                            err = str(exc) or type(exc).__name__
+                            if figure == "iperf":
+                                # a failed test can leave iperf3's server busy: start a new one
+                                procs.stop(iperf_child)
+                                _, iperf_child = env.start_iperf_server(iperf_port)
                         wall = time.monotonic() - t0
                         cpu = (path_cpu(procs, p) - c0) / TICK / wall if p.procs else None
-                        samples.append(Sample("wrk", "http", p.key, rep, vals, busy, cpu, cmd, err))
+                        samples.append(Sample(figure, case, p.key, rep, vals, busy, cpu, cmd, err))
                         log(
-                            f"  [{rep + 1}] wrk {p.label:<22} "
-                            + (
-                                f"ERROR {err}"
-                                if err
-                                else f"{vals['rps']:9.0f} req/s  p50 {fmt(vals['p50_ms'])} ms  "
-                                f"p99 {fmt(vals['p99_ms'])} ms  errors {vals['errors']:.0f}"
-                            )
+                            f"  [{rep + 1}] {figure} {case:<12} {p.label:<22} "
+                            + (f"ERROR {err}" if err else show_values(figure, vals))
                             + ("" if cpu is None else f"  cpu {cpu * 100:4.0f}%")
                             + f"  (busy before {busy * 100:.0f}%)"
                         )
             for p in paths:
                 env.stop_path(p)
-            log(f"(bulk + http phase: {time.monotonic() - deadline_note:.0f} s)")
+            log(
+                "(bulk, http, round trip and setup phase: "
+                f"{time.monotonic() - deadline_note:.0f} s)"
+            )
             if not args.no_rss:
-                rss_keys = [
-                    k
-                    for k in ("pytunnel-L", "pytunnel-R", "ssh-L", "trio-relay")
-                    if k in args.paths
-                ]
+                rss_keys = [k for k in RSS_PATHS if k in args.paths]
                 for rep in range(args.repeat):
                     for key in rss_keys:
                         samples.append(measure_rss(env, procs, key, sink, args.rss_conns, rep, log))
@@ -1666,9 +2132,10 @@ def _main(args, env: Env, procs: Processes, tmp: Path, nofile) -> int:
             log("commands (ports are picked per run):")
             seen = set()
             for s in samples:
-                if s.command and (s.figure, s.path) not in seen:
-                    seen.add((s.figure, s.path))
-                    log(f"  {s.figure:5} {s.path:<11} {s.command}")
+                what = f"{s.figure} {s.case}" if s.figure == "wrk" else s.figure
+                if s.command and (what, s.path) not in seen:
+                    seen.add((what, s.path))
+                    log(f"  {what:10} {s.path:<14} {s.command}")
             summary = report(samples, labels, args, log)
             if args.json:
                 args.json.write_text(

@@ -47,20 +47,16 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import hashlib
 import json
 import os
 import re
 import shlex
-import signal
 import socket
 import ssl
 import statistics
-import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,6 +64,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _probes import (
+    CHUNK,
+    COUNT,
+    ProbeError,
+    parse_targets,
+    recv_exact,
+    round_trips,
+    serve_targets,
+    setup_times,
+)
+from _probes import connect as _connect
 from _quiet import wait_quiet
 from bench_tunnel import (
     HOST,
@@ -86,78 +93,9 @@ from bench_tunnel import (
 
 REPO = Path(__file__).resolve().parent.parent
 WORKTREE = "WORKTREE"
-CHUNK = 256 * 1024
-PING = b"p" * 64
-COUNT = struct.Struct("!Q")
-#: Socket timeout of every benchmark connection: a stalled tunnel fails the sample.
-IO_TIMEOUT = 30.0
 
 
 # --------------------------------------------------------------------------- targets
-
-
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        data = conn.recv(n - len(buf))
-        if not data:
-            raise ConnectionError(f"peer closed after {len(buf)} of {n} bytes")
-        buf += data
-    return bytes(buf)
-
-
-def _sink(conn: socket.socket) -> None:
-    """Count bytes until EOF, then reply with the count."""
-    buf = bytearray(CHUNK)
-    total = 0
-    while n := conn.recv_into(buf):
-        total += n
-    conn.sendall(COUNT.pack(total))
-
-
-def _source(conn: socket.socket) -> None:
-    """Read the requested byte count, send that many bytes, close."""
-    (want,) = COUNT.unpack(_recv_exact(conn, COUNT.size))
-    block = memoryview(b"d" * CHUNK)
-    while want > 0:
-        conn.sendall(block[: min(want, CHUNK)])
-        want -= min(want, CHUNK)
-
-
-def _echo(conn: socket.socket) -> None:
-    while data := conn.recv(65536):
-        conn.sendall(data)
-
-
-def serve_targets() -> int:
-    """``--serve-targets``: the sink, source and echo servers, a thread per connection.
-
-    Prints ``targets SINK SOURCE ECHO`` (ports) and serves until it is ended by its pid.
-    """
-
-    def handle(conn: socket.socket, fn: Callable[[socket.socket], None]) -> None:
-        with conn:
-            conn.settimeout(IO_TIMEOUT)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with contextlib.suppress(OSError):
-                fn(conn)
-
-    def accept_loop(listener: socket.socket, fn: Callable[[socket.socket], None]) -> None:
-        while True:
-            conn, _ = listener.accept()
-            threading.Thread(target=handle, args=(conn, fn), daemon=True).start()
-
-    ports = []
-    for fn in (_sink, _source, _echo):
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((HOST, 0))
-        listener.listen(1024)
-        ports.append(listener.getsockname()[1])
-        threading.Thread(target=accept_loop, args=(listener, fn), daemon=True).start()
-    print("targets " + " ".join(map(str, ports)), flush=True)
-    signal.pause()  # SIGTERM's default action ends the process
-    return 0
 
 
 @dataclass
@@ -314,12 +252,6 @@ def tunnel_ticks(version: Version) -> int:
 # --------------------------------------------------------------------------- measurements
 
 
-def _connect(port: int) -> socket.socket:
-    s = socket.create_connection((HOST, port), timeout=IO_TIMEOUT)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return s
-
-
 def upload(version: Version, nbytes: int) -> float:
     block = memoryview(b"u" * CHUNK)
     t0 = time.perf_counter()
@@ -329,7 +261,7 @@ def upload(version: Version, nbytes: int) -> float:
             s.sendall(block[: min(left, CHUNK)])
             left -= min(left, CHUNK)
         s.shutdown(socket.SHUT_WR)
-        (got,) = COUNT.unpack(_recv_exact(s, COUNT.size))
+        (got,) = COUNT.unpack(recv_exact(s, COUNT.size))
     elapsed = time.perf_counter() - t0
     if got != nbytes:
         raise BenchError(f"upload: the target got {got} of {nbytes} bytes")
@@ -351,26 +283,11 @@ def download(version: Version, nbytes: int) -> float:
 
 
 def round_trip(version: Version, pings: int) -> float:
-    times = []
-    with _connect(version.front["echo"]) as s:
-        for _ in range(pings):
-            t0 = time.perf_counter()
-            s.sendall(PING)
-            _recv_exact(s, len(PING))
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    return statistics.median(round_trips(version.front["echo"], pings)) * 1e6
 
 
 def connect_time(version: Version, conns: int) -> float:
-    times = []
-    for _ in range(conns):
-        t0 = time.perf_counter()
-        with _connect(version.front["echo"]) as s:
-            s.sendall(b"c")
-            if s.recv(1) != b"c":
-                raise BenchError("connect: no echo")
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return statistics.median(setup_times(version.front["echo"], conns)) * 1e3
 
 
 #: name, unit, whether higher is better
@@ -419,7 +336,7 @@ def run_rep(
             busy = wait_quiet(args.quiet_wait, QUIET_THRESHOLD) if args.quiet_wait > 0 else 0.0
             try:
                 values = fn(v)
-            except (BenchError, OSError) as exc:
+            except (BenchError, ProbeError, OSError) as exc:
                 samples += [Sample(n, v.label, rep, None, busy, str(exc)) for n in names]
                 log(f"  [{rep + 1}] {v.label} {'/'.join(names)}: ERROR {exc}")
                 continue
@@ -547,11 +464,7 @@ def _main(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
     targets_child = procs.start("targets", [sys.executable, __file__, "--serve-targets"])
 
     def ports() -> list[int] | None:
-        text = targets_child.log.read_text() if targets_child.log.exists() else ""
-        for line in text.splitlines():
-            if line.startswith("targets "):
-                return [int(x) for x in line.split()[1:]]
-        return None
+        return parse_targets(targets_child.log.read_text() if targets_child.log.exists() else "")
 
     targets = Targets(*wait_for("targets", ports, 20, targets_child))
     token = "compare-" + os.urandom(12).hex()

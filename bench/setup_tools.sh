@@ -6,6 +6,9 @@
 #   iperf3       bulk throughput          wrk    HTTP requests/s and latency
 #   nginx        the HTTP target          socat  a plain userspace TCP relay, for reference
 #
+# The Python tunnels it also runs (pproxy, asyncssh) are not Debian packages here: they come
+# with the project's bench extra, `pip install -e '.[bench]'`.
+#
 # Installing openssh-server or nginx on Debian may start their system services; the benchmark
 # does not use them (it runs its own instances on free loopback ports), so they are stopped
 # again here unless KEEP_SERVICES=1.

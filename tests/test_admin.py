@@ -4,6 +4,7 @@ loopback port with a token; exercised with the module's own client and with curl
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 import socket
 import stat
@@ -200,3 +201,13 @@ async def test_a_body_over_the_limit_is_refused_unread(sockdir: Path) -> None:
         await stream.aclose()
         assert answer.startswith(b"HTTP/1.1 413 ")
         nursery.cancel_scope.cancel()
+
+
+def test_the_dashboard_page_loads_nothing_from_elsewhere() -> None:
+    """The page is one file with its script and style inline: no URL of another host, no
+    second file to fetch (its Content-Security-Policy would block one anyway)."""
+    from importlib import resources
+
+    page = resources.files("pytunnel.cli").joinpath("dashboard/index.html").read_text()
+    assert "default-src 'self'" in page
+    assert re.findall(r"""(?:src|href)\s*=|@import|url\(|https?://|//[a-z0-9.-]+\.""", page) == []

@@ -68,6 +68,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(360)  # two dozen CLI processes, each a full interpreter start
 def test_verbs_manage_forwards_of_a_running_client(server: str, rundir: Path, echo: str) -> None:
     sock = rundir / "c.sock"
@@ -303,6 +304,10 @@ def test_server_admin_shows_clients_and_limits(rundir: Path, echo: str) -> None:
         answer = json.loads(_cli("status", "--json", *admin).stdout)
         assert answer["role"] == "server"
         assert answer["limits"]["max_forwards_per_client"] == 1
+        assert (answer["streams_open"], answer["streams_total"]) == (0, 0)
+        assert roundtrip(public, b"counted") == b"counted"
+        answer = json.loads(_cli("status", "--json", *admin).stdout)
+        assert answer["streams_total"] == 1
         assert answer["clients"][0]["client_id"] == "laptop"
         out = _cli("reload", *admin)
         assert out.returncode == 1
@@ -346,3 +351,88 @@ def test_reload_through_the_api_reports_what_it_did(
         assert roundtrip(first, b"kept") == b"kept"
     finally:
         client.stop()
+
+
+@pytest.mark.slow  # a dozen CLI processes
+def test_a_socks_forward_added_at_run_time_and_the_verbs_json(
+    server: str, rundir: Path, echo: str
+) -> None:
+    """``forwards add -D`` starts a SOCKS proxy that relays; ``--json`` of add, stop, retry
+    and remove prints the forward as the API shows it, with OxideTerm's fields."""
+    sock = rundir / "c.sock"
+    admin = ["--admin", f"unix:{sock}"]
+    client = _connect(server, *admin)
+    try:
+        _wait_for(sock)
+        out = _cli("forwards", "add", "-D", "0", "--name", "socks", "--json", *admin)
+        assert out.returncode == 0, out.stderr
+        added = json.loads(out.stdout)
+        fields = {"id", "name", "kind", "bind", "target", "status", "error", "connections"}
+        assert fields | {"bytes_out", "bytes_in"} <= added.keys()
+        assert (added["id"], added["name"], added["kind"]) == ("f1", "socks", "dynamic")
+        assert (added["target"], added["status"], added["error"]) == ("socks", "active", None)
+        host, port = echo.rsplit(":", 1)
+        with socket.create_connection(address_in(added["bind"]), timeout=10) as conn:
+            conn.sendall(b"\x05\x01\x00")  # SOCKS5, no authentication
+            assert conn.recv(2) == b"\x05\x00"
+            conn.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + int(port).to_bytes(2))
+            reply = b""
+            while len(reply) < 10:
+                reply += conn.recv(10 - len(reply))
+            assert reply[:2] == b"\x05\x00", reply
+            conn.sendall(b"through socks")
+            assert conn.recv(100) == b"through socks"
+        deadline = time.monotonic() + 20
+        while (row := json.loads(_cli("forwards", "list", "--json", *admin).stdout)[0])[
+            "connections"
+        ]:
+            assert time.monotonic() < deadline, row
+            time.sleep(0.1)
+        assert (row["bytes_out"], row["connections_total"]) == (len(b"through socks"), 1)
+
+        for verb, status in (("stop", "stopped"), ("retry", "active")):
+            out = _cli("forwards", verb, "socks", "--json", *admin)
+            assert out.returncode == 0, out.stderr
+            assert json.loads(out.stdout)["status"] == status
+        out = _cli("forwards", "remove", "f1", "--json", *admin)
+        assert out.returncode == 0, out.stderr
+        removed = json.loads(out.stdout)
+        # a retry starts the forward anew under its id: its counters start again
+        assert (removed["id"], removed["bytes_out"], removed["connections_total"]) == ("f1", 0, 0)
+        assert json.loads(_cli("forwards", "list", "--json", *admin).stdout) == []
+    finally:
+        client.stop()
+
+
+@pytest.mark.slow  # a server and seven CLI processes
+def test_the_server_reloads_through_its_api(rundir: Path, tmp_path: Path, echo: str) -> None:
+    """``pytunnel reload --admin`` against a server started with ``--config``: a changed
+    limit applies (its status says so), a bad file is a 422 with the reason and changes
+    nothing."""
+    sock = rundir / "s.sock"
+    admin = ["--admin", f"unix:{sock}"]
+    config = tmp_path / "server.toml"
+    config.write_text('[server]\nlisten = "127.0.0.1:0"\ntoken = "t"\n')
+    server = CliProcess("serve", "--config", str(config), *admin)
+    try:
+        server.readline()
+        _wait_for(sock)
+        status = json.loads(_cli("status", "--json", *admin).stdout)
+        assert status["limits"]["max_forwards_per_client"] == 64
+
+        config.write_text(config.read_text() + "max_forwards_per_client = 2\n")
+        out = _cli("reload", *admin)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("reloaded: ")
+        status = json.loads(_cli("status", "--json", *admin).stdout)
+        assert status["limits"]["max_forwards_per_client"] == 2
+
+        config.write_text(config.read_text() + "max_streams = 'many'\n")
+        out = _cli("reload", "--json", *admin)
+        assert out.returncode == 1
+        assert "server.max_streams" in out.stderr
+        assert "(HTTP 422)" in out.stderr
+        status = json.loads(_cli("status", "--json", *admin).stdout)
+        assert status["limits"]["max_forwards_per_client"] == 2
+    finally:
+        server.stop()

@@ -94,6 +94,7 @@ def test_the_table_follows_traffic_and_the_link(
     assert child.exitstatus == 0
 
 
+@pytest.mark.slow  # waits for the periodic status line, twice
 def test_quiet_and_non_terminals_get_no_table(
     server: tuple[subprocess.Popen[bytes], str],
 ) -> None:
@@ -125,3 +126,26 @@ def test_quiet_and_non_terminals_get_no_table(
     assert lines[0].startswith("connected to")
     assert lines[1].startswith("local forward")
     assert lines[2].startswith("status local forward")
+
+
+def test_the_wait_for_the_server_says_what_and_since_when() -> None:
+    """Before the first connection (a server that accepts and never answers), the terminal
+    says which server is awaited, since when, and counts the seconds; the line goes away
+    with the wait, before the error that ends it."""
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody answers
+    address = f"127.0.0.1:{silent.getsockname()[1]}"
+    child = _spawn(address, "-L", "0:127.0.0.1:9")
+    try:
+        child.expect(rf"connecting to {address} since ([0-9:]+) \(0 s\)")
+        since = child.match.group(1).decode()
+        child.expect(rf"connecting to {address} since {since} \(1 s\)")
+        silent.close()  # the connection waiting in the backlog is reset
+        child.expect("pytunnel: error: ")
+        # the last thing drawn before the error erased the waiting line (ESC [2K)
+        drawn = child.before or b""
+        assert b"\x1b[2K" in drawn[drawn.rindex(b" s)") :]
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+        silent.close()
+    assert child.exitstatus == 1

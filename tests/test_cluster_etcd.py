@@ -262,3 +262,88 @@ async def test_a_three_member_etcd_serves_on_with_one_member_down(
     finally:
         for member in members:
             await member.kill()
+
+
+async def test_a_members_state_is_one_write_kept_across_a_lost_lease_and_either_state_leaves(
+    etcd: EtcdServer, nursery: trio.Nursery
+) -> None:
+    """A member's key says whether it is online: each change is one write other nodes'
+    watches see; an offline member still holds the group's key; joined again under a new
+    lease it is still offline; it leaves from either state, the last one giving the key
+    back; a member that left is never written back."""
+    group = "@group/" + "5" * 32
+    member = "groups/tcp/7777/n1/1"
+    registry = EtcdRegistry(etcd.endpoint, "n1", lease_ttl=3)
+    other = EtcdRegistry(etcd.endpoint, "n2")
+    await nursery.start(registry.run)
+    await nursery.start(other.run)
+    seen: list[Change] = []
+    await nursery.start(functools.partial(other.watch, "groups/", seen.append))
+    assert await registry.join_group("tcp/7777", group, "n1/1") == group
+    await wait_until(lambda: seen == [Change(member, group)], what=lambda: str(seen))
+
+    assert await registry.set_member_online("tcp/7777", group, "n1/1", False)
+    offline = Change(member, group + " offline")
+    await wait_until(lambda: seen[1:] == [offline], what=lambda: str(seen))
+    # an offline member still holds the group's key
+    assert await other.claim("tcp/7777", "n2/a") == group
+    assert await other.join_group("tcp/7777", "@group/" + "6" * 32, "n2/1") == group
+
+    # the lease ends behind the node's back: joined again, the member is still offline
+    assert registry._lease is not None
+    await registry._post("/v3/lease/revoke", {"ID": registry._lease})
+    await wait_until(lambda: seen[-2:] == [Change(member, None), offline], seconds=20)
+    assert (await other.entries("groups/"))[member] == group + " offline"
+
+    assert await registry.set_member_online("tcp/7777", group, "n1/1", True)
+    await wait_until(lambda: seen[-1] == Change(member, group), what=lambda: str(seen))
+    assert await registry.set_member_online("tcp/7777", group, "n1/1", False)
+    await wait_until(lambda: seen[-1] == offline, what=lambda: str(seen))
+    events = len(seen)
+    assert await registry.leave_group("tcp/7777", group, "n1/1")  # offline, the last one
+    assert await other.lookup("tcp/7777") is None
+    assert await registry.set_member_online("tcp/7777", group, "n1/1", True) is False
+    assert await other.entries("groups/") == {}
+    await wait_until(lambda: len(seen) == events + 1, what=lambda: str(seen))
+    assert seen[-1] == Change(member, None)
+
+    # one that left online too; and a key that is not under this node's lease (a member
+    # that left while a state was on its way) is never written back
+    assert await registry.join_group("tcp/7777", group, "n1/2") == group
+    await other._post(
+        "/v3/kv/put",
+        {"key": other._key("groups/tcp/7777/n1/3"), "value": "eA=="},  # not n1's lease
+    )
+    registry._memberships.add(("tcp/7777", group, "n1/3"))
+    assert await registry.set_member_online("tcp/7777", group, "n1/3", False) is False
+    assert (await other.entries("groups/"))["groups/tcp/7777/n1/3"] == "x"
+    await other._post("/v3/kv/deleterange", {"key": other._key("groups/tcp/7777/n1/3")})
+    registry._forget_membership(("tcp/7777", group, "n1/3"))
+    assert await registry.leave_group("tcp/7777", group, "n1/2")
+    assert await other.entries("") == {"nodes/n1": "", "nodes/n2": ""}
+
+
+async def test_a_members_state_the_engine_could_not_take_is_written_once_it_answers(
+    etcd: EtcdServer, nursery: trio.Nursery
+) -> None:
+    """The engine is away when a member goes offline, then back online, then offline
+    again: nothing is lost and nothing piles up; once the engine answers, the member's key
+    says offline (the last state), written once."""
+    group = "@group/" + "7" * 32
+    member = "groups/tcp/7777/n1/1"
+    registry = EtcdRegistry(etcd.endpoint, "n1", lease_ttl=3, request_timeout=1.0)
+    await nursery.start(registry.run)
+    assert await registry.join_group("tcp/7777", group, "n1/1") == group
+    await etcd.kill()
+    with trio.fail_after(20):  # a hang detector: a refused connection answers at once
+        for online in (False, True, False):
+            assert await registry.set_member_online("tcp/7777", group, "n1/1", online) is False
+    assert registry._pending_states == {("tcp/7777", group, "n1/1")}
+    await etcd.start()
+    await wait_until(lambda: not registry._pending_states, seconds=30)
+    reader = EtcdRegistry(etcd.endpoint, "reader")
+    try:
+        assert (await reader.entries("groups/"))[member] == group + " offline"
+    finally:
+        await reader.aclose()
+    assert await registry.leave_group("tcp/7777", group, "n1/1")

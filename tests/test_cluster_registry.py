@@ -305,3 +305,39 @@ async def test_a_watch_broken_again_before_its_backlog_arrives_resumes_from_it(
     finally:
         done.set()
         await registry.aclose()
+
+
+async def test_an_offline_member_holds_the_key_and_leaves_from_either_state(
+    pair: tuple[Registry, Registry],
+) -> None:
+    """A member's key says whether it is online (one change each time it flips); an
+    offline member still holds the group's key; it leaves from either state; a member that
+    left is not written back."""
+    a, b = pair
+    seen: list[Change] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(b.watch, "groups/", seen.append))
+        assert await a.join_group("tcp/8080", G, "a/1") == G
+        assert await b.join_group("tcp/8080", G, "b/1") == G
+        assert await a.set_member_online("tcp/8080", G, "a/1", False) is True
+        assert await b.set_member_online("tcp/8080", G, "b/1", False) is True
+        assert await a.claim("tcp/8080", "a/x") == G  # offline members still hold it
+        assert await a.clear_group("tcp/8080", G) is False
+        assert await b.set_member_online("tcp/8080", G, "b/1", True) is True
+        assert await a.leave_group("tcp/8080", G, "a/1") is False  # offline
+        assert await a.set_member_online("tcp/8080", G, "a/1", True) is False  # left
+        assert await b.leave_group("tcp/8080", G, "b/1") is True  # online, the last
+        assert await a.lookup("tcp/8080") is None
+        assert await a.entries("groups/") == {}
+        expected = [
+            Change("groups/tcp/8080/a/1", G),
+            Change("groups/tcp/8080/b/1", G),
+            Change("groups/tcp/8080/a/1", G + " offline"),
+            Change("groups/tcp/8080/b/1", G + " offline"),
+            Change("groups/tcp/8080/b/1", G),
+            Change("groups/tcp/8080/a/1", None),
+            Change("groups/tcp/8080/b/1", None),
+        ]
+        await wait_until(lambda: len(seen) >= len(expected), what=lambda: f"seen {seen}")
+        nursery.cancel_scope.cancel()
+    assert seen == expected

@@ -3,6 +3,7 @@ Playwright) against a real ``pytunnel connect``; traffic and a lost link made fo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ playwright_sync = pytest.importorskip(
 )
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
+    pytest.mark.slow,  # a browser and two or three pytunnel processes: 10-20 s each
     pytest.mark.timeout(120),
     pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)"),
 ]
@@ -107,6 +109,9 @@ def test_dashboard_shows_forwards_traffic_and_a_lost_link(
         port = int(match.group(1))
 
         page = browser.new_page()  # type: ignore[attr-defined]
+        # everything the page loads comes from the admin API itself: no CDN, no font, no other
+        requested: list[str] = []
+        page.on("request", lambda request: requested.append(request.url))
         for _ in range(50):  # the admin port opens just after the forward line
             try:
                 page.goto(f"http://127.0.0.1:{admin}/")
@@ -148,12 +153,43 @@ def test_dashboard_shows_forwards_traffic_and_a_lost_link(
         extra.locator('button[data-action="remove"]').click()
         expect(extra).to_have_count(0)
 
+        # a forward whose target refuses: each failed connection is a dial error event
+        page.fill("#add-spec", f"0:127.0.0.1:{closed_port()}")
+        page.fill("#add-name", "dead")
+        page.click("#add button")
+        dead = page.locator('tr[data-id="f3"]')
+        expect(dead.locator(".status")).to_have_text("active")
+        dead_port = int(dead.locator("td").nth(3).inner_text().rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", dead_port), timeout=10) as conn:
+            conn.settimeout(30)
+            with contextlib.suppress(ConnectionResetError):  # closed or reset, as it fails
+                assert conn.recv(1) == b""
+        expect(page.locator("#events")).to_contain_text("f3 dead: 1 dial error NODE_UNSTABLE")
+
         # the link drops: the forward turns suspended, the page says the link is down
         server.kill()
         server.wait()
         expect(row.locator(".status")).to_have_text("suspended", timeout=30_000)
         expect(page.locator("#link")).to_contain_text("link down")
         expect(page.locator("#events")).to_contain_text("f1 : active -> suspended")
+        expect(page.locator("#events")).to_contain_text(f"link to {address} down: reconnecting")
+
+        # a server on the same address again: the client reconnects, the forward is back
+        server = subprocess.Popen(
+            [*PYTUNNEL, "serve", "--listen", address, "--token", "t"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        _line(server, "pytunnel server listening on ")
+        expect(row.locator(".status")).to_have_text("active", timeout=60_000)
+        expect(page.locator("#events")).to_contain_text(
+            f"reconnected to {address} (reconnection 1)", timeout=30_000
+        )
+        expect(page.locator("#events")).to_contain_text("f1 : suspended -> active")
+        assert requested
+        foreign = [u for u in requested if not u.startswith(f"http://127.0.0.1:{admin}/")]
+        assert foreign == []
     finally:
         for proc in (client, server):
             if proc is not None and proc.poll() is None:
@@ -176,6 +212,8 @@ def test_server_dashboard_shows_clients_come_and_go(
         text=True,
     )
     client = None
+    # a second forward's target, closed later: its health probes take the forward offline
+    probed = socket.create_server(("127.0.0.1", 0))
     try:
         address = _line(server, "pytunnel server listening on ").rsplit(" ", 1)[1]
         page = browser.new_page()  # type: ignore[attr-defined]
@@ -191,6 +229,9 @@ def test_server_dashboard_shows_clients_come_and_go(
         expect(page.locator("#link")).to_contain_text("0 clients")
 
         remote = ["-R", f"0:127.0.0.1:{echo}", "--client-id", "laptop", "--admin", "off"]
+        remote += ["-R", f"0:127.0.0.1:{probed.getsockname()[1]}"]
+        remote += ["--probe-interval", "0.5", "--probe-failures", "1"]
+        remote += ["-R", f"0:127.0.0.1:{echo}/udp"]  # nothing answers there: none is sent
         client = subprocess.Popen(
             [*PYTUNNEL, "connect", address, "--token", "t", *remote],
             stdout=subprocess.PIPE,
@@ -198,6 +239,8 @@ def test_server_dashboard_shows_clients_come_and_go(
             text=True,
         )
         public = _line(client, "remote forward ").split()[2]
+        probed_public = _line(client, "remote forward ").split()[2]
+        udp_public = _line(client, "remote udp forward ").split()[3]
         row = page.locator("#forwards tbody tr")
         expect(row).to_have_count(1)  # the clients table
         expect(row).to_contain_text("laptop")
@@ -219,11 +262,26 @@ def test_server_dashboard_shows_clients_come_and_go(
         expect(forward_row.locator(".out")).to_have_text("2.0KB")
         expect(forward_row.locator(".conns")).to_have_text("0/1")
 
+        # a UDP remote forward is a row too, its bind marked /udp
+        udp_row = page.locator(f'#ports tr[data-port="{udp_public}/udp"]')
+        expect(udp_row.locator(".status")).to_have_text("active")
+        expect(udp_row.locator(".conns")).to_have_text("0/0")
+
+        # a status change of a client's forward is an event
+        probed_row = page.locator(f'#ports tr[data-port="{probed_public}"]')
+        expect(probed_row.locator(".status")).to_have_text("active")
+        probed.close()
+        expect(probed_row.locator(".status")).to_have_text("offline", timeout=30_000)
+        expect(page.locator("#events")).to_contain_text(
+            f"laptop {probed_public}: active -> offline"
+        )
+
         client.kill()
         client.wait()
         expect(row).to_have_count(0, timeout=30_000)
         expect(page.locator("#events")).to_contain_text("disconnected")
     finally:
+        probed.close()
         for proc in (client, server):
             if proc is not None and proc.poll() is None:
                 proc.kill()

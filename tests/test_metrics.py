@@ -160,12 +160,18 @@ async def test_server_metrics_count_sessions_failures_and_limits(
         bind = pytunnel.format_target(*tunnel.forwards[0].address)
         assert _value(samples, "pytunnel_server_forward_online", bind=bind) == 1
         assert _value(samples, "pytunnel_server_forward_streams_total", bind=bind) == 0
+        assert _value(samples, "pytunnel_server_streams_total") == 0
         assert await echo_once(tunnel.forwards[0].address, b"y" * 777) == b"y" * 777
         await wait_until(lambda: server.clients[0].ports[0].connections == 0)
         samples = _samples((await _get(port))[1])
         out = _value(samples, "pytunnel_server_forward_bytes_total", bind=bind, direction="out")
         assert out == 777
         assert _value(samples, "pytunnel_server_forward_streams_total", bind=bind) == 1
+        assert _value(samples, "pytunnel_server_streams_total") == 1
+        await wait_until(lambda: server.active_streams == 0)
+        samples = _samples((await _get(port))[1])
+        assert _value(samples, "pytunnel_server_streams_open") == 0
+        assert _value(samples, "pytunnel_server_streams_total") == 1  # a counter stays
     await wait_until(lambda: server.session_count == 0)
     assert _value(_samples((await _get(port))[1]), "pytunnel_server_sessions") == 0
 
@@ -495,3 +501,160 @@ async def test_a_real_prometheus_scrapes_identical_forwards(
     finally:
         process.kill()
         await process.wait()
+
+
+async def _udp_echo(*, task_status: trio.TaskStatus[int]) -> None:
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    with sock:
+        await sock.bind(("127.0.0.1", 0))
+        task_status.started(sock.getsockname()[1])
+        while True:
+            data, addr = await sock.recvfrom(65536)
+            await sock.sendto(data, addr)
+
+
+async def test_server_metrics_count_udp_remote_forwards_and_their_drops(
+    nursery: trio.Nursery, echo_port: int
+) -> None:
+    """A client's UDP remote forward is a forward at the server too (``bind`` ends in
+    ``/udp``): its associations, bytes and the datagrams the server dropped at its port,
+    here one that came while TCP streams held the server's whole stream budget."""
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN, max_streams=3)
+    )
+    port = await _serve(nursery, ServerCollector(server))
+    tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
+    udp = await tunnel.forward_remote("127.0.0.1", await nursery.start(_udp_echo), protocol="udp")
+    bind = f"{pytunnel.format_target(*udp.address)}/udp"
+    samples = _samples((await _get(port))[1])
+    assert _value(samples, "pytunnel_server_forward_online", bind=bind) == 1
+    assert _value(samples, "pytunnel_server_forward_udp_dropped_total", bind=bind) == 0
+    assert _value(samples, "pytunnel_server_forward_streams_total", bind=bind) == 0
+
+    tcp = [await tunnel.open_stream("127.0.0.1", echo_port) for _ in range(3)]
+    await wait_until(lambda: server.active_streams == 3)
+    refused = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    sender = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    with refused, sender:
+        await refused.sendto(b"no room", udp.address)
+        await wait_until(lambda: server.clients[0].udp_ports[0].datagrams_dropped == 1)
+        samples = _samples((await _get(port))[1])
+        assert _value(samples, "pytunnel_server_forward_udp_dropped_total", bind=bind) == 1
+        assert _value(samples, "pytunnel_server_forward_streams_total", bind=bind) == 0
+
+        for stream in tcp:
+            await stream.aclose()
+        await wait_until(lambda: server.active_streams == 0)
+        answer = b""
+        with trio.fail_after(15):
+            while not answer:  # a datagram may be lost: sent again until one comes back
+                await sender.sendto(b"room", udp.address)
+                with trio.move_on_after(0.5):
+                    answer, _ = await sender.recvfrom(100)
+        assert answer == b"room"
+        samples = _samples((await _get(port))[1])
+        assert _value(samples, "pytunnel_server_forward_streams_open", bind=bind) == 1
+        assert _value(samples, "pytunnel_server_forward_streams_total", bind=bind) == 1
+        relayed = _value(samples, "pytunnel_server_forward_bytes_total", bind=bind, direction="in")
+        assert relayed > 0
+        assert relayed % len(b"room") == 0
+        assert _value(samples, "pytunnel_server_forward_udp_dropped_total", bind=bind) == 1
+    await udp.aclose()
+    await wait_until(lambda: server.clients[0].udp_ports == [])
+    samples = _samples((await _get(port))[1])
+    assert not [k for k in samples if dict(k[1]).get("bind") == bind]
+
+
+async def test_client_metrics_count_refusals_udp_drops_and_reconnects(
+    nursery: trio.Nursery, echo_port: int
+) -> None:
+    """What traffic alone does not show: a target the server's policy forbids is a dial
+    error ``FORBIDDEN`` (TCP and UDP, not ``REFUSED``) and, for UDP, the datagrams that waited for it are dropped; a
+    reconnection after the server came back is counted."""
+    port = closed_port()
+    allowed = [f"127.0.0.1:{echo_port}"]
+    fast = {"backoff_initial": 0.02, "backoff_max": 0.1, "backoff_jitter": 0.0}
+    async with trio.open_nursery() as first:
+        await first.start(functools.partial(pytunnel.serve, port, token=TOKEN, permit_open=allowed))
+        tunnel = await pytunnel.connect_tunnel(nursery, ("127.0.0.1", port), token=TOKEN, **fast)
+        metrics = await _serve(nursery, TunnelCollector(tunnel))
+        tcp = await tunnel.forward_local("127.0.0.1", closed_port())
+        udp = await tunnel.forward_local("127.0.0.1", closed_port(), protocol="udp")
+        samples = _samples((await _get(metrics))[1])
+        assert _value(samples, "pytunnel_client_reconnects_total") == 0
+        udp_bind = pytunnel.format_target(*udp.address)
+        assert _value(samples, "pytunnel_forward_udp_dropped_total", bind=udp_bind) == 0
+
+        refused = await trio.open_tcp_stream(*tcp.address)
+        await wait_until(lambda: tcp.stats.errors.get("FORBIDDEN", 0) == 1)
+        await refused.aclose()
+        with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sender:
+            await sender.sendto(b"forbidden", udp.address)
+            await wait_until(lambda: udp.stats.datagrams_dropped == 1)
+        samples = _samples((await _get(metrics))[1])
+        tcp_bind = pytunnel.format_target(*tcp.address)
+        errors = "pytunnel_forward_dial_errors_total"
+        assert _value(samples, errors, bind=tcp_bind, category="FORBIDDEN") == 1
+        assert _value(samples, errors, bind=tcp_bind, category="REFUSED") == 0
+        assert _value(samples, errors, bind=tcp_bind, category="NODE_UNSTABLE") == 0
+        assert _value(samples, errors, bind=udp_bind, category="FORBIDDEN") == 1
+        assert _value(samples, "pytunnel_forward_udp_dropped_total", bind=udp_bind) == 1
+        first.cancel_scope.cancel()
+
+    await wait_until(lambda: not tunnel.connected)
+    await nursery.start(functools.partial(pytunnel.serve, port, token=TOKEN))
+    await wait_until(lambda: tunnel.connected, 30)
+    samples = _samples((await _get(metrics))[1])
+    assert _value(samples, "pytunnel_client_reconnects_total") == 1
+    assert _value(samples, "pytunnel_client_connected") == 1
+
+
+async def test_server_metrics_count_throttled_addresses(nursery: trio.Nursery) -> None:
+    """An address past its budget of failed authentications is a throttled address."""
+    from pytunnel._handshake import client_handshake
+
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(
+            pytunnel.serve, 0, token=TOKEN, auth_failure_burst=1, auth_failure_interval=600
+        )
+    )
+    port = await _serve(nursery, ServerCollector(server))
+    for _ in range(2):
+        stream = await trio.open_tcp_stream(*server.address, local_address="127.0.0.2")
+        with pytest.raises(pytunnel.ConnectError):
+            await client_handshake(stream, "wrong", max_frame_size=2**20)
+        await stream.aclose()
+    samples = _samples((await _get(port))[1])
+    assert _value(samples, "pytunnel_server_throttled_addresses") == 1
+    assert _value(samples, "pytunnel_server_auth_failures_total") >= 1
+
+
+async def test_docs_name_every_metric(nursery: trio.Nursery, echo_port: int) -> None:
+    """docs/monitoring.md has a row for every series a client and a server export (forwards
+    of every kind included), and names no metric that does not exist (the cluster's
+    ``pytunnel_server_node_*`` ones exist on nodes only)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "monitoring.md").read_text()
+    documented = set(re.findall(r"^\| `(pytunnel_[a-z_]+)` \|", doc, re.MULTILINE))
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN)
+    )
+    tunnel = await pytunnel.connect_tunnel(
+        nursery, server.address, token=TOKEN, heartbeat_interval=0.2
+    )
+    udp_target = await nursery.start(_udp_echo)
+    await tunnel.forward_local("127.0.0.1", echo_port)
+    await tunnel.forward_local("127.0.0.1", udp_target, protocol="udp")
+    await tunnel.forward_remote("127.0.0.1", echo_port)
+    await tunnel.forward_remote("127.0.0.1", udp_target, protocol="udp")
+    await tunnel.forward_dynamic()
+    await wait_until(lambda: tunnel.rtt is not None and server.clients[0].rtt is not None, 30)
+    exported = set()
+    for collector in (TunnelCollector(tunnel), ServerCollector(server)):
+        port = await _serve(nursery, collector)
+        exported |= {name for name, _ in _samples((await _get(port))[1])}
+    assert len(exported) >= 20
+    assert sorted(exported - documented) == []
+    unexported = {n for n in documented - exported if not n.startswith("pytunnel_server_node_")}
+    assert sorted(unexported) == []

@@ -39,6 +39,7 @@ from pytunnel import (
     StreamResetError,
     TLSError,
     VersionMismatchError,
+    errors,
 )
 from pytunnel._handshake import HandshakeResult, client_handshake, send_goaway, server_handshake
 from pytunnel._policy import parse_port_ranges
@@ -614,6 +615,18 @@ def test_relay_stats_count_errors_per_category() -> None:
     stats.count_error("REFUSED")
     stats.count_error("LINK_DOWN")
     assert stats.errors == {"REFUSED": 2, "LINK_DOWN": 1}
+
+
+def test_relay_stats_count_failures_under_their_category() -> None:
+    """A policy refusal is ``FORBIDDEN``, apart from limits (``REFUSED``); a target that
+    cannot even be asked for is a bad argument, not the policy's answer."""
+    stats = RelayStats()
+    stats.count_failure(errors.TargetForbiddenError("x:1 is not permitted", target="x:1"))
+    stats.count_failure(errors.InvalidTargetError("a host of over 255 bytes"))
+    stats.count_failure(errors.StreamLimitError("at the limit"))
+    stats.count_failure(errors.NodeTimeoutError("slow"))
+    stats.count_failure(errors.SessionClosedError("gone"))
+    assert stats.errors == {"FORBIDDEN": 1, "REFUSED": 2, "NODE_TIMEOUT": 1, "LINK_DOWN": 1}
 
 
 async def test_relay_stats_count_relays_open_at_once() -> None:

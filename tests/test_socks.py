@@ -189,7 +189,7 @@ async def test_socks_errors_map_to_replies(
         with pytest.raises(ProxyError) as info:
             await _through(forward.listen_port, host, port, b"x")
         assert expected in str(info.value).lower() or expected in str(info.value)
-    assert forward.stats.errors == {"NODE_UNSTABLE": 1, "NODE_TIMEOUT": 1, "REFUSED": 1}
+    assert forward.stats.errors == {"NODE_UNSTABLE": 1, "NODE_TIMEOUT": 1, "FORBIDDEN": 1}
 
 
 async def test_socks_username_password(tunnel: pytunnel.Tunnel, echo_port: int) -> None:

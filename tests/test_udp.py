@@ -400,7 +400,7 @@ async def test_refused_source_is_remembered_not_reopened_per_datagram(
         await _send_burst(sock, udp.address, 1000)
         await _wait_handled(udp.address[1], lambda: udp.stats.active_connections > 0)
     assert 1 <= udp.stats.total_connections <= 3, udp.stats
-    assert udp.stats.errors == {"REFUSED": udp.stats.total_connections}
+    assert udp.stats.errors == {"FORBIDDEN": udp.stats.total_connections}
     assert udp.stats.bytes_out == 0  # nothing counted as sent that was not
     assert udp.stats.datagrams_dropped > 0
 
@@ -435,12 +435,12 @@ async def test_refusal_memory_expires(
     with sock:
 
         async def send_and_wait(payload: bytes) -> None:
-            dropped, refused = udp.stats.datagrams_dropped, udp.stats.errors.get("REFUSED", 0)
+            dropped, refused = udp.stats.datagrams_dropped, udp.stats.errors.get("FORBIDDEN", 0)
             await sock.sendto(payload, udp.address)
             for _ in range(1000):  # virtual time: each poll is 1 ms of it
                 if (
                     udp.stats.datagrams_dropped > dropped
-                    or udp.stats.errors.get("REFUSED", 0) > refused
+                    or udp.stats.errors.get("FORBIDDEN", 0) > refused
                 ):
                     return
                 await trio.sleep(0.001)
@@ -449,7 +449,7 @@ async def test_refusal_memory_expires(
         await send_and_wait(b"first")
         assert udp.stats.total_connections == 1
         with trio.fail_after(5):
-            while udp.stats.errors.get("REFUSED", 0) < 1:
+            while udp.stats.errors.get("FORBIDDEN", 0) < 1:
                 await trio.sleep(0.001)
         await trio.sleep(2)
         await send_and_wait(b"soon after")  # remembered: dropped, nothing opened
@@ -489,4 +489,4 @@ async def test_udp_refused_association_counted_once() -> None:
                 while not forward.stats.errors:
                     await trio.sleep(0.01)
             await trio.sleep(0.2)
-        assert forward.stats.errors == {"REFUSED": 1}
+        assert forward.stats.errors == {"FORBIDDEN": 1}

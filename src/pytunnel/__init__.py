@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     # the server: three tiers and its configuration
     from .server import ClientInfo as ClientInfo
     from .server import PublicPortInfo as PublicPortInfo
+    from .server import UdpPortInfo as UdpPortInfo
     from .server import ServerConfig as ServerConfig
     from .server import ServerOptions as ServerOptions
     from .server import TunnelServer as TunnelServer
@@ -152,6 +153,7 @@ _LAZY: dict[str, str] = {
     # the server: three tiers and its configuration
     "ClientInfo": ".server",
     "PublicPortInfo": ".server",
+    "UdpPortInfo": ".server",
     "ServerConfig": ".server",
     "ServerOptions": ".server",
     "TunnelServer": ".server",
@@ -239,6 +241,7 @@ __all__ = [
     "RelayStats",
     "ClientInfo",
     "PublicPortInfo",
+    "UdpPortInfo",
     "ServerConfig",
     "ServerOptions",
     "TunnelServer",

@@ -46,7 +46,13 @@ from ._tls import client_tls_context, tls_connect
 from ._udp import pump_datagrams, serve_associations
 from ._util import Episodes
 from ._vhost import NameRoutes, route_connection, route_name
-from .cluster._ownership import clear_quietly, is_group, node_of, parse_member_key
+from .cluster._ownership import (
+    clear_quietly,
+    is_group,
+    member_online,
+    node_of,
+    parse_member_key,
+)
 from .cluster._registry import Change, Registry
 from .errors import (
     ConnectError,
@@ -201,8 +207,9 @@ class NodeLinks:
         self._nursery: trio.Nursery | None = None
         #: The client context of the links, when the nodes' listeners are TLS.
         self._tls: ssl.SSLContext | None = None
-        #: The members of load-balanced groups on other nodes: key -> node -> member ids.
-        self._group_members: dict[str, dict[str, set[str]]] = {}
+        #: The members of load-balanced groups on other nodes: key -> node -> member id ->
+        #: whether it is online (offline ones still hold the group's key, but serve nothing).
+        self._group_members: dict[str, dict[str, dict[str, bool]]] = {}
         #: The turn of each group's round robin over the other nodes' members.
         self._group_turns: dict[str, int] = {}
 
@@ -305,8 +312,9 @@ class NodeLinks:
     # ---------------------------------------------------------------- groups
 
     def _apply_member(self, change: Change) -> None:
-        """A member of a group joined or left on some node (its key expires with its node's
-        lease): other nodes' members take their share of this node's connections."""
+        """A member of a group joined, left, or went offline or online on some node (its key
+        expires with its node's lease): other nodes' online members take their share of
+        this node's connections."""
         parsed = parse_member_key(change.key)
         if parsed is None:
             log.warning("registry key %s ignored: not a group member", printable(change.key[:200]))
@@ -316,12 +324,12 @@ class NodeLinks:
             return  # this node's own members are its group's
         nodes = self._group_members.setdefault(key, {})
         if change.value is not None:
-            nodes.setdefault(node, set()).add(member)
+            nodes.setdefault(node, {})[member] = member_online(change.value)
             return
         members = nodes.get(node)
         if members is None:
             return
-        members.discard(member)
+        members.pop(member, None)
         if not members:
             del nodes[node]
         if not nodes:
@@ -351,17 +359,20 @@ class NodeLinks:
                 self._nursery.start_soon(clear_quietly, self.registry, key, owner)
 
     def group_nodes(self, key: str) -> dict[str, int]:
-        """The other nodes with members of the group holding ``key``, and how many each;
-        a node no link could be opened to lately is left out until its next attempt is
-        due, so its share goes to the members that can be reached instead of being reset
-        (a node just killed is left out from its first failed link, not its lease's end)."""
+        """The other nodes with online members of the group holding ``key``, and how many
+        each: a node whose members are all offline (their health probes) gets no turn, so
+        its share goes to members that can serve. A node no link could be opened to lately
+        is left out too until its next attempt is due, so its share goes to the members
+        that can be reached instead of being reset (a node just killed is left out from its
+        first failed link, not its lease's end)."""
         nodes = self._group_members.get(key, {})
         now = trio.current_time()
-        return {
-            node: len(members)
+        counts = {
+            node: sum(members.values())
             for node, members in nodes.items()
             if node in self.nodes and not self._backing_off(node, now)
         }
+        return {node: count for node, count in counts.items() if count}
 
     def _backing_off(self, node: str, now: float) -> bool:
         backoff = self._backoff.get(node)
@@ -488,6 +499,7 @@ class NodeLinks:
                     server.count_limit("streams")
                     return False
                 server.active_streams += 1
+                server.total_streams += 1
                 return True
 
             def release() -> None:
@@ -583,6 +595,7 @@ class NodeLinks:
             await trio.aclose_forcefully(conn)
             return
         server.active_streams += 1
+        server.total_streams += 1
         try:
             await self._relay_counted(conn, key, tag, peer, node)
         finally:
@@ -598,20 +611,32 @@ class NodeLinks:
     ) -> None:
         if node is None:
             node = self.owner_node(key)
-        try:
-            if node is None:
-                raise ForwardError(f"{printable(key)} is not held on another node any more")
-            stream = await self.open_stream(node, tag, peer)
-        except (TunnelError, OSError) as exc:
-            log.info(
-                "public connection from %s for %s not relayed: %s",
-                printable(format_target(*peer)),
-                printable(key),
-                printable(str(exc)),
-            )
-            abort(conn, ErrorCode.FORWARD_FAILED, "not relayed")
-            await trio.aclose_forcefully(conn)
-            return
+        tried: set[str] = set()
+        while True:
+            try:
+                if node is None:
+                    raise ForwardError(f"{printable(key)} is not held on another node any more")
+                stream = await self.open_stream(node, tag, peer)
+                break
+            except (TunnelError, OSError) as exc:
+                if node is not None:
+                    # a group's member node that cannot be reached now (killed, its link
+                    # refused): the connection goes to another member, not to a reset
+                    tried.add(node)
+                    node = self._other_member_node(key, tried)
+                    if node is not None:
+                        continue
+                    if self._take_here(key, conn, peer):
+                        return
+                log.info(
+                    "public connection from %s for %s not relayed: %s",
+                    printable(format_target(*peer)),
+                    printable(key),
+                    printable(str(exc)),
+                )
+                abort(conn, ErrorCode.FORWARD_FAILED, "not relayed")
+                await trio.aclose_forcefully(conn)
+                return
         self.stats.streams_out += 1
         await relay(
             conn,
@@ -620,6 +645,24 @@ class NodeLinks:
             name=f"public->node {printable(node)}",
             stats=self.stats.relayed,
         )
+
+    def _other_member_node(self, key: str, tried: set[str]) -> str | None:
+        """Another node with online members of the group holding ``key``, none of
+        ``tried``; ``None`` if there is none (or ``key`` is not a group's)."""
+        owner = self.elsewhere.get(key)
+        if owner is None or not is_group(owner):
+            return None
+        left = sorted(set(self.group_nodes(key)) - tried)
+        return left[0] if left else None
+
+    def _take_here(
+        self, key: str, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]
+    ) -> bool:
+        """Hand ``conn`` to an online member of this node's own group of ``key``, if any (the
+        group counted it when it handed it to another node)."""
+        kind, _, what = key.partition("/")
+        group = self.server.groups.get((kind, what))
+        return group is not None and group.take_local(conn, peer, counted=True)
 
     async def open_stream(
         self,
@@ -867,6 +910,12 @@ async def serve_node_link(server: TunnelServer, session: Session, node: str) -> 
                 )
                 if take is None:
                     incoming.refuse(ErrorCode.FORWARD_FAILED, "no client of this node holds it")
+                    continue
+                group = server.groups.get(("tcp", str(port))) if kind == routes.RELAY_TCP else None
+                if group is not None and not any(m.online for m in group.members):
+                    # refused before it is accepted, so the sending node hands the connection
+                    # to a member elsewhere (it may not know yet that ours are offline)
+                    incoming.refuse(ErrorCode.FORWARD_FAILED, "no member of its group online here")
                     continue
                 stream = _accept(incoming)
                 if stream is None:

@@ -28,7 +28,7 @@ import trio
 
 from ._stream import DirectWriter
 from ._util import aclose_all, implements
-from .errors import ErrorCode, SessionClosedError
+from .errors import ErrorCode, InvalidTargetError, SessionClosedError, TargetForbiddenError
 
 if TYPE_CHECKING:
     from .testing.faults import Faults
@@ -137,8 +137,9 @@ class RelayStats:
     bytes_in: int = 0
     active_connections: int = 0
     total_connections: int = 0
-    #: Failed connections by category: ``NODE_TIMEOUT``, ``NODE_UNSTABLE``, ``REFUSED``
-    #: (policy or limit), ``LINK_DOWN`` (no tunnel connection at the time).
+    #: Failed connections by category: ``NODE_TIMEOUT``, ``NODE_UNSTABLE``, ``FORBIDDEN``
+    #: (the dialling side's policy), ``REFUSED`` (a limit, a failed negotiation, any other
+    #: refusal), ``LINK_DOWN`` (no tunnel connection at the time).
     errors: dict[str, int] = attrs.field(factory=dict)
     #: UDP forwards: datagrams dropped (queue full, too many associations, send failed).
     datagrams_dropped: int = 0
@@ -148,10 +149,15 @@ class RelayStats:
 
     def count_failure(self, exc: BaseException) -> None:
         """Count a connection that failed with ``exc`` under its category: the dial's own
-        (``NODE_TIMEOUT`` / ``NODE_UNSTABLE``), ``LINK_DOWN``, or else ``REFUSED``."""
+        (``NODE_TIMEOUT`` / ``NODE_UNSTABLE``), ``FORBIDDEN``, ``LINK_DOWN``, or else
+        ``REFUSED``."""
         category = getattr(exc, "category", None)
         if category in ("NODE_TIMEOUT", "NODE_UNSTABLE"):
             self.count_error(category)
+        elif isinstance(exc, TargetForbiddenError) and not isinstance(exc, InvalidTargetError):
+            # the dialling side's policy (--permit-open), apart from the limits: an operator
+            # tells a client asking for what it may not have from a server that is full
+            self.count_error("FORBIDDEN")
         elif isinstance(exc, SessionClosedError):
             self.count_error("LINK_DOWN")
         else:

@@ -37,6 +37,7 @@ from .cluster._ownership import (
     claim_or_refuse,
     group_owner,
     leave_quietly,
+    member_state_quietly,
     name_key,
     port_key,
     refusal,
@@ -119,6 +120,9 @@ class _ClientSession:
         self._refused_streams: Episodes[None] = Episodes()
         #: The client's TCP remote forwards, whose listeners close the moment the session ends.
         self.public_ports: set[_PublicPort] = set()
+        #: The client's UDP remote forwards: the ``host:port`` of each public port, with its
+        #: control stream's id and its counters (associations, bytes, datagrams dropped).
+        self.udp_ports: dict[str, tuple[int, RelayStats]] = {}
         #: The client's name routes, given back the moment the session ends.
         self.public_names: set[_PublicName] = set()
         #: The client's memberships of load-balanced groups, left the moment it ends.
@@ -247,6 +251,7 @@ class _ClientSession:
         cannot overshoot the limit; released by :meth:`_counted` when the stream's task ends."""
         if self.server.active_streams < self.config.max_streams:
             self.server.active_streams += 1
+            self.server.total_streams += 1
             refused = self._refused_streams.end(None)
             if refused:
                 log.info(
@@ -428,6 +433,7 @@ class _ClientSession:
         try:
             await ControlChannel(control, ControlRole.SERVER).send(Bound(host, port))
             log.info("client %s: udp remote forward listening on %s", self.peer, address)
+            self.udp_ports[address] = (control.stream_id, stats)
             async with trio.open_nursery() as nursery:
                 # associations another node of the cluster relays here, in this nursery
                 self.server.udp_targets[port] = functools.partial(
@@ -456,6 +462,7 @@ class _ClientSession:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
+            self.udp_ports.pop(address, None)
             self.server.udp_targets.pop(port, None)
             sock.close()
             try:
@@ -843,6 +850,10 @@ class _ClientSession:
             member = _Endpoint(self, incoming.stream_id, group.what)
             address = (host, incoming.port)
         member.group = group
+        cluster = self.server.cluster
+        if membership is not None and cluster is not None:
+            # its health, cluster-wide: other nodes count only the members that can serve
+            member.report_state = functools.partial(member_state_quietly, cluster, *membership)
         # a member from now on (taking no connection until its nursery is set), so that
         # whatever ends it, its leaving frees the group's port or name with the last member
         group.add(member)

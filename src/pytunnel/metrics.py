@@ -51,7 +51,7 @@ _FORWARD_LABELS = ["id", "name", "kind", "bind", "target"]
 
 #: The dial error categories of ``RelayStats.errors``, always exported (0 until one happens),
 #: so a rate() over them exists before the first failure.
-_CATEGORIES = ("NODE_TIMEOUT", "NODE_UNSTABLE", "REFUSED", "LINK_DOWN")
+_CATEGORIES = ("NODE_TIMEOUT", "NODE_UNSTABLE", "FORBIDDEN", "REFUSED", "LINK_DOWN")
 
 
 class TunnelCollector(Collector):
@@ -188,6 +188,11 @@ class ServerCollector(Collector):
             "Relayed streams open across all clients.",
             value=server.active_streams,
         )
+        yield CounterMetricFamily(
+            "pytunnel_server_streams",
+            "Relayed streams admitted across all clients since the server started.",
+            value=server.total_streams,
+        )
         yield GaugeMetricFamily(
             "pytunnel_server_max_streams",
             "The limit of relayed streams across all clients.",
@@ -287,10 +292,10 @@ def _node_link_metrics(server: TunnelServer) -> Iterator[Metric]:
 
 
 def _port_metrics(server: TunnelServer) -> Iterator[Metric]:
-    """The clients' TCP remote forwards, name routes and group memberships, labelled
-    ``client`` (its identity, else its address), ``bind`` (``host:port``, or a name
-    route's ``http://name`` / ``https://name``) and ``id`` (the forward's control stream:
-    one client's memberships of one group share the rest)."""
+    """The clients' remote forwards (TCP and UDP), name routes and group memberships,
+    labelled ``client`` (its identity, else its address), ``bind`` (``host:port``,
+    ``host:port/udp``, or a name route's ``http://name`` / ``https://name``) and ``id``
+    (the forward's control stream: one client's memberships of one group share the rest)."""
     labels = ["client", "bind", "id"]
     online = GaugeMetricFamily(
         "pytunnel_server_forward_online",
@@ -307,6 +312,11 @@ def _port_metrics(server: TunnelServer) -> Iterator[Metric]:
         "pytunnel_server_forward_bytes",
         "Bytes relayed: out is from the public peers towards the client, in is back.",
         labels=[*labels, "direction"],
+    )
+    dropped = CounterMetricFamily(
+        "pytunnel_server_forward_udp_dropped",
+        "UDP remote forwards: datagrams from the public peers dropped at the port.",
+        labels=labels,
     )
     for client in server.clients:
         for port in client.ports:
@@ -325,7 +335,16 @@ def _port_metrics(server: TunnelServer) -> Iterator[Metric]:
             streams.add_metric(values, route.connections_total)
             relayed.add_metric([*values, "out"], route.bytes_out)
             relayed.add_metric([*values, "in"], route.bytes_in)
-    yield from (online, streams_open, streams, relayed)
+        for udp in client.udp_ports:
+            # a UDP port's bind says so: the same port number may also be a TCP forward's
+            values = [client.client_id or client.peer, f"{udp.address}/udp", str(udp.forward_id)]
+            online.add_metric(values, 1)
+            streams_open.add_metric(values, udp.connections)
+            streams.add_metric(values, udp.connections_total)
+            relayed.add_metric([*values, "out"], udp.bytes_out)
+            relayed.add_metric([*values, "in"], udp.bytes_in)
+            dropped.add_metric(values, udp.datagrams_dropped)
+    yield from (online, streams_open, streams, relayed, dropped)
 
 
 def metrics_handler(registry: CollectorRegistry) -> Handler:

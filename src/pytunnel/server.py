@@ -79,6 +79,7 @@ __all__ = [
     "ServerConfig",
     "ServerOptions",
     "TunnelServer",
+    "UdpPortInfo",
     "open_server",
     "serve",
     "wrap_server_stream",
@@ -335,6 +336,25 @@ class RouteInfo:
 
 
 @attrs.frozen
+class UdpPortInfo:
+    """One UDP remote forward of a client, at the server."""
+
+    #: ``host:port`` it listens on.
+    address: str
+    #: Associations (one per public source address) open now, and opened in all.
+    connections: int
+    connections_total: int
+    #: Bytes of the datagrams from the public peers towards the client's target, and back.
+    bytes_out: int
+    bytes_in: int
+    #: Datagrams from the public peers dropped at this port (the server's stream budget
+    #: spent, a new association's queue full).
+    datagrams_dropped: int
+    #: As :attr:`PublicPortInfo.forward_id`.
+    forward_id: int = 0
+
+
+@attrs.frozen
 class ClientInfo:
     """One connected client as :attr:`TunnelServer.clients` shows it."""
 
@@ -355,6 +375,8 @@ class ClientInfo:
     ports: list[PublicPortInfo] = attrs.field(factory=list)
     #: Its name routes and port group memberships, with their counters.
     routes: list[RouteInfo] = attrs.field(factory=list)
+    #: Its UDP remote forwards, with their counters.
+    udp_ports: list[UdpPortInfo] = attrs.field(factory=list)
     #: The software and version it named (``pytunnel/0.1.0``); ``None`` from a client that
     #: predates that message, or before it arrives.
     version: str | None = None
@@ -417,6 +439,9 @@ class TunnelServer:
         self._admission = Admission(config)
         #: Relayed streams open across all clients.
         self.active_streams = 0
+        #: Relayed streams admitted since the server started (``active_streams`` counts
+        #: those still open).
+        self.total_streams = 0
         #: Requests refused at a limit, by limit (``"streams"``, ``"forwards"``).
         self.limits_hit: dict[str, int] = {}
         self._cancel_scope = trio.CancelScope()
@@ -525,6 +550,18 @@ class TunnelServer:
                     for p in sorted(c.public_ports, key=lambda p: p.address)
                 ],
                 routes=[_route_info(r) for r in c.routes()],
+                udp_ports=[
+                    UdpPortInfo(
+                        address=address,
+                        connections=stats.active_connections,
+                        connections_total=stats.total_connections,
+                        bytes_out=stats.bytes_out,
+                        bytes_in=stats.bytes_in,
+                        datagrams_dropped=stats.datagrams_dropped,
+                        forward_id=forward_id,
+                    )
+                    for address, (forward_id, stats) in sorted(c.udp_ports.items())
+                ],
                 version=c.software,
                 rtt=c.rtt,
             )

@@ -276,6 +276,7 @@ def server_api(server: pytunnel.TunnelServer, reload: Reload) -> pytunnel.admin.
                     "version": pytunnel.__version__,
                     "sessions": server.session_count,
                     "streams_open": server.active_streams,
+                    "streams_total": server.total_streams,
                     "pending_handshakes": server.pending_handshakes,
                     "auth_failures": server.auth_failures,
                     "throttled_addresses": server.throttled_addresses,

@@ -6,6 +6,7 @@ call and prints one line per forward; reconnection and relaying are the library'
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -313,7 +314,7 @@ def connect(
     # what only some runs use is imported by those, and here: an import would block the loop
     live = not quiet and sys.stdout.isatty()
     if live:
-        from ._live import show_live
+        from ._live import show_live, show_waiting
     if metrics is not None:
         from pytunnel.metrics import TunnelCollector
 
@@ -324,7 +325,13 @@ def connect(
         context = await client_tls(use_tls, tls_ca, tls_cert, tls_key, tls_fingerprint)
         if context is not None:
             client_config = attrs.evolve(config, tls=context)
-        async with pytunnel.open_tunnel(server, config=client_config) as tunnel:
+        async with contextlib.AsyncExitStack() as stack:
+            opening = pytunnel.open_tunnel(server, config=client_config)
+            if live:
+                with show_waiting(f"connecting to {_servers(server)}"):
+                    tunnel = await stack.enter_async_context(opening)
+            else:
+                tunnel = await stack.enter_async_context(opening)
             if stdio is not None and stdio_fds is not None:
                 await run_stdio(tunnel, stdio, stdio_fds)
                 return
@@ -357,6 +364,11 @@ def connect(
                 raise tunnel.failure
 
     run_command(run)
+
+
+def _servers(endpoints: list[str | tuple[str, int]]) -> str:
+    """The servers a connection may reach, as the user wrote them (``HOST:PORT``, a URL)."""
+    return " or ".join(e if isinstance(e, str) else pytunnel.format_target(*e) for e in endpoints)
 
 
 def client_config(params: Mapping[str, Any], secret: str) -> pytunnel.ClientConfig:

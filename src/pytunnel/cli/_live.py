@@ -3,14 +3,17 @@
 Shown only when stdout is a terminal (pipes, systemd and CI get the plain lines and logs) and
 not ``--quiet``. It reads the tunnel's public state and the forwards' counters, like
 ``pytunnel status``; the current rate is the difference between two redraws. While the link is
-down it says so, and since when; log lines printed meanwhile scroll above the table.
+down it says so, and since when; log lines printed meanwhile scroll above the table. Before
+the first connection, :func:`show_waiting` says which server it waits for, since when.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import trio
@@ -110,6 +113,42 @@ async def show_live(tunnel: pytunnel.Tunnel, forwards: DeclaredForwards, server:
             while True:
                 await trio.sleep(REFRESH)
                 live.update(view.render(), refresh=True)
+        finally:
+            _repoint_logs(None, moved)
+
+
+class _Waiting:
+    """A line that says what the command waits for, since when and for how long; rendered
+    afresh at each refresh, so the count of seconds moves while nothing else does."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.since = time.time()
+
+    def __rich__(self) -> Text:
+        since = time.strftime("%H:%M:%S", time.localtime(self.since))
+        waited = time.time() - self.since
+        return Text(f"{self.what} since {since} ({waited:.0f} s)", style="bold yellow")
+
+
+@contextlib.contextmanager
+def show_waiting(what: str) -> Iterator[None]:
+    """Say ``what`` the command waits for (the first connection to the server) until the
+    block ends, then take the line away.
+
+    The line is redrawn by rich's own refresh thread: the block is one ``await`` of the
+    event loop (entering ``open_tunnel``), with no task of its own to redraw it."""
+    console = Console(file=sys.stdout)
+    with Live(
+        _Waiting(what),
+        console=console,
+        refresh_per_second=2,
+        transient=True,
+        redirect_stderr=True,
+    ):
+        moved = _repoint_logs(sys.stderr)
+        try:
+            yield
         finally:
             _repoint_logs(None, moved)
 

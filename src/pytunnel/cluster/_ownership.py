@@ -8,7 +8,9 @@ tell its own sessions from another node's.
 A load-balanced group holds its address cluster-wide under a value of its own,
 ``@group/<digest>`` (see :func:`group_owner`: ``@`` is never in a node id, so it is never
 taken for a node), and each member, on whichever node, has a key under
-``groups/<address key>/<node-id>/<member>`` in its node's lease.
+``groups/<address key>/<node-id>/<member>`` in its node's lease. A member key's value is the
+group's owner string while the member is online, and that string with :data:`OFFLINE_MARK`
+while its health probes find its target down (see :func:`member_value`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GROUP_PREFIX",
+    "OFFLINE_MARK",
     "refusal",
     "claim_or_refuse",
     "clear_quietly",
@@ -33,6 +36,9 @@ __all__ = [
     "group_owner",
     "is_group",
     "member_key",
+    "member_online",
+    "member_state_quietly",
+    "member_value",
     "members_prefix",
     "name_key",
     "node_of",
@@ -82,6 +88,22 @@ def group_owner(name: str, proof: bytes) -> str:
 
 def is_group(owner: str) -> bool:
     return owner.startswith(GROUP_PREFIX)
+
+
+#: What ends a member key's value while the member is offline (a space: never in an owner
+#: string, so the two states can never be taken for each other).
+OFFLINE_MARK = " offline"
+
+
+def member_value(group: str, online: bool) -> str:
+    """The value of a member key of ``group``: the group's owner string, marked while the
+    member is offline, so that every node's watch counts only the members that can serve."""
+    return group if online else group + OFFLINE_MARK
+
+
+def member_online(value: str) -> bool:
+    """Whether the member whose key holds ``value`` is online (see :func:`member_value`)."""
+    return not value.endswith(OFFLINE_MARK)
 
 
 def members_prefix(key: str) -> str:
@@ -183,3 +205,17 @@ async def clear_quietly(registry: Registry, key: str, group: str) -> None:
             await registry.clear_group(key, group)
         except ClusterUnavailableError as exc:
             log.info("%s not cleared now (the next claim clears it): %s", printable(key), exc)
+
+
+async def member_state_quietly(
+    registry: Registry, key: str, group: str, member: str, online: bool
+) -> None:
+    """:meth:`Registry.set_member_online`, never raising and bounded: the registry keeps a
+    state it could not write and writes it after the next good renewal."""
+    with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+        try:
+            await registry.set_member_online(key, group, member, online)
+        except ClusterUnavailableError as exc:
+            log.info(
+                "state of a member of %s not written now (written later): %s", printable(key), exc
+            )

@@ -14,7 +14,9 @@ longer than the lease, its keys disappear by themselves.
 A load-balanced group spans nodes, so its hold on a key cannot live under one node's lease:
 the key names the group (its owner string) under no lease, and each member has a key of its
 own, ``groups/<key>/<member>``, under its node's lease. The key is the group's while one
-member is left anywhere; the last member leaving (or its node's lease expiring) lets it go.
+member is left anywhere, online or not; the last member leaving (or its node's lease
+expiring) lets it go. A member key's value says whether the member is online (its health
+probes), so that other nodes hand connections only to nodes with a member that can serve.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import attrs
 import trio
 
 from ..protocol.messages import MAX_CLIENT_ID, valid_client_id
-from ._ownership import is_group, member_key, members_prefix
+from ._ownership import is_group, member_key, member_value, members_prefix
 
 __all__ = [
     "Change",
@@ -112,6 +114,11 @@ class Registry(Protocol):
     async def leave_group(self, key: str, group: str, member: str) -> bool:
         """Take ``member`` out of ``group``; when it was the last member anywhere, ``key``
         is given back. Whether ``key`` was given back."""
+        ...
+
+    async def set_member_online(self, key: str, group: str, member: str, online: bool) -> bool:
+        """Rewrite ``member``'s key (under the same lease) to say whether it is online; one
+        write, and none once the member has left. Whether it wrote."""
         ...
 
     async def clear_group(self, key: str, group: str) -> bool:
@@ -209,10 +216,24 @@ class LocalRegistry:
 
     async def leave_group(self, key: str, group: str, member: str) -> bool:
         await trio.lowlevel.checkpoint()
-        if self._keys.get(member_key(key, member)) == group:
+        if self._keys.get(member_key(key, member)) in (
+            member_value(group, True),
+            member_value(group, False),
+        ):
             del self._keys[member_key(key, member)]
             self._notify(member_key(key, member), None)
         return self._drop_empty_group(key, group)
+
+    async def set_member_online(self, key: str, group: str, member: str, online: bool) -> bool:
+        await trio.lowlevel.checkpoint()
+        full = member_key(key, member)
+        if full not in self._keys:
+            return False
+        value = member_value(group, online)
+        if self._keys[full] != value:
+            self._keys[full] = value
+            self._notify(full, value)
+        return True
 
     async def clear_group(self, key: str, group: str) -> bool:
         await trio.lowlevel.checkpoint()

@@ -37,7 +37,7 @@ import trio
 
 from ..errors import ClusterAuthError, ClusterUnavailableError, printable
 from ._address import DEFAULT_LEASE_TTL, parse_etcd_url
-from ._ownership import is_group, member_key, members_prefix
+from ._ownership import is_group, member_key, member_value, members_prefix
 from ._registry import Change, LostCallback, WatchCallback, check_node_id
 
 __all__ = ["DEFAULT_LEASE_TTL", "EtcdRegistry", "parse_etcd_url"]
@@ -140,6 +140,12 @@ class EtcdRegistry:
         self._memberships: set[tuple[str, str, str]] = set()
         #: Memberships the engine did not take the end of yet, retried like releases.
         self._pending_leaves: set[tuple[str, str, str]] = set()
+        #: The memberships whose member is offline (its health probes): their keys say so,
+        #: and say so again when joined again under a new lease.
+        self._offline: set[tuple[str, str, str]] = set()
+        #: Memberships whose state the engine did not take yet: written after the next good
+        #: renewal (their current state, once, however often it changed meanwhile).
+        self._pending_states: set[tuple[str, str, str]] = set()
         #: Whether what this node holds is still to be claimed again under a new lease.
         self._reclaim_due = False
         self._lost: list[LostCallback] = []
@@ -263,6 +269,7 @@ class EtcdRegistry:
         for key, group, member in sorted(self._memberships):
             if (key, group, member) not in self._memberships:
                 continue  # ended meanwhile
+            self._pending_states.discard((key, group, member))  # written by the join
             holder = await self._join_group_once(key, group, member)
             if (key, group, member) not in self._memberships:
                 if holder == group:
@@ -270,7 +277,7 @@ class EtcdRegistry:
                 continue
             if holder == group:
                 continue
-            self._memberships.discard((key, group, member))
+            self._forget_membership((key, group, member))
             log.warning(
                 "node %s: a member of the group holding %s lost it to %s while its lease "
                 "was expired",
@@ -389,11 +396,61 @@ class EtcdRegistry:
         return cleared
 
     async def join_group(self, key: str, group: str, member: str) -> str:
+        self._offline.discard((key, group, member))  # a member joins online
         holder = await self._join_group_once(key, group, member)
         if holder == group:
             self._memberships.add((key, group, member))
             self._pending_leaves.discard((key, group, member))
         return holder
+
+    def _forget_membership(self, membership: tuple[str, str, str]) -> None:
+        self._memberships.discard(membership)
+        self._offline.discard(membership)
+        self._pending_states.discard(membership)
+
+    async def set_member_online(self, key: str, group: str, member: str, online: bool) -> bool:
+        """See :meth:`Registry.set_member_online`. The state is kept here first, so a join
+        again under a new lease writes it; one the engine cannot take now is written after
+        the next good renewal (``False`` now)."""
+        membership = (key, group, member)
+        if membership not in self._memberships:
+            return False  # left (or never joined): no key to rewrite
+        if online:
+            self._offline.discard(membership)
+        else:
+            self._offline.add(membership)
+        try:
+            written = await self._write_state_once(key, group, member)
+        except ClusterUnavailableError:
+            self._pending_states.add(membership)
+            return False
+        # a state that changed while the request was out is written by its own call
+        self._pending_states.discard(membership)
+        return written
+
+    async def _write_state_once(self, key: str, group: str, member: str) -> bool:
+        """Put the member key's current state, only while it is under this node's lease:
+        a member that left meanwhile (its key deleted) is never written back."""
+        lease = self._require()
+        full = self._key(member_key(key, member))
+        online = (key, group, member) not in self._offline
+        reply = await self._post(
+            "/v3/kv/txn",
+            {
+                "compare": [{"key": full, "target": "LEASE", "lease": lease, "result": "EQUAL"}],
+                "success": [
+                    {
+                        "request_put": {
+                            "key": full,
+                            "value": _b64(member_value(group, online)),
+                            "lease": lease,
+                        }
+                    }
+                ],
+                "failure": [],
+            },
+        )
+        return bool(reply.get("succeeded"))
 
     async def _join_group_once(self, key: str, group: str, member: str) -> str:
         """One transaction joins the group if it holds ``key``, or forms it (the key under
@@ -401,10 +458,11 @@ class EtcdRegistry:
         member on another node either forms the group or joins the one that did."""
         lease = self._require()
         full = self._key(key)
+        online = (key, group, member) not in self._offline
         put_member = {
             "request_put": {
                 "key": self._key(member_key(key, member)),
-                "value": _b64(group),
+                "value": _b64(member_value(group, online)),
                 "lease": lease,
             }
         }
@@ -453,7 +511,7 @@ class EtcdRegistry:
     async def leave_group(self, key: str, group: str, member: str) -> bool:
         """See :meth:`Registry.leave_group`; kept and made after the next good renewal when
         the engine cannot be reached (``False`` now), as a release is."""
-        self._memberships.discard((key, group, member))
+        self._forget_membership((key, group, member))
         try:
             return await self._leave_once(key, group, member)
         except ClusterUnavailableError:
@@ -461,7 +519,18 @@ class EtcdRegistry:
             return False
 
     async def _leave_once(self, key: str, group: str, member: str) -> bool:
-        await self._release_once(member_key(key, member), group)
+        full = self._key(member_key(key, member))
+
+        def delete_if(online: bool, otherwise: list[dict[str, Any]]) -> dict[str, Any]:
+            value = _b64(member_value(group, online))
+            return {
+                "compare": [{"key": full, "target": "VALUE", "value": value, "result": "EQUAL"}],
+                "success": [{"request_delete_range": {"key": full}}],
+                "failure": otherwise,
+            }
+
+        # the member key in either state, in one request: online, else offline
+        await self._post("/v3/kv/txn", delete_if(True, [{"request_txn": delete_if(False, [])}]))
         # a second transaction: the compares of one see none of its own writes
         return await self._clear_empty_group(key, group)
 
@@ -515,6 +584,14 @@ class EtcdRegistry:
             except ClusterUnavailableError:
                 return
             self._pending_leaves.discard((key, group, member))
+        for membership in sorted(self._pending_states):
+            if membership not in self._pending_states:
+                continue  # written meanwhile, or ended
+            try:
+                await self._write_state_once(*membership)
+            except ClusterUnavailableError:
+                return
+            self._pending_states.discard(membership)
 
     async def lookup(self, key: str) -> str | None:
         reply = await self._post("/v3/kv/range", {"key": self._key(key)})

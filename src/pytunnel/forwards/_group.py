@@ -15,7 +15,9 @@ the kernel's backlog are not lost.
 
 In a cluster a group spans nodes: its members on other nodes are reached over node links
 (:class:`Elsewhere`), so a public connection reaching any node is handed to a member
-anywhere, local members and each other node weighted by their number of members. A
+anywhere, local members and each other node weighted by their number of online members
+(a node whose members are all offline gets no turn; each member's key in the registry says
+whether it is online, so every node learns it from its watch). A
 connection another node relayed here is for this node's members only (:func:`take_local`):
 never a second hop.
 """
@@ -46,7 +48,7 @@ class Elsewhere(Protocol):
     """The group's members on other nodes, as this node's node links see them."""
 
     def nodes(self) -> dict[str, int]:
-        """The other nodes with members of the group, and how many each has."""
+        """The other nodes with online members of the group, and how many each has."""
         ...
 
     def relay(self, node: str, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> bool:
@@ -149,14 +151,15 @@ class Group:
             self._on_empty(self)
 
     def take(self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> bool:
-        """Hand a public connection that reached this node to the next member, here or on
-        another node (weighted by their members), or to any that takes it; false if none
-        does. A connection another node relayed here (:data:`RELAYED_IN`) stays here."""
+        """Hand a public connection that reached this node to the next online member, here
+        or on another node (weighted by their online members), or to any that takes it;
+        false if none does. A connection another node relayed here (:data:`RELAYED_IN`)
+        stays here."""
         remote = {} if self.elsewhere is None or RELAYED_IN.get() else self.elsewhere.nodes()
         if not remote:
             return self.take_local(conn, peer)
         assert self.elsewhere is not None
-        local = len(self.members)
+        local = sum(1 for member in self.members if member.online)
         nodes = sorted(remote)
         slot = self._turn % (local + sum(remote.values()))
         self._turn += 1
@@ -179,15 +182,18 @@ class Group:
                 return True
         return not tried_here and self.take_local(conn, peer)
 
-    def take_local(self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> bool:
+    def take_local(
+        self, conn: trio.abc.HalfCloseableStream, peer: tuple[str, int], *, counted: bool = False
+    ) -> bool:
         """Hand ``conn`` to the next live member of this node that takes it; false if none
-        does."""
+        does. ``counted``: :attr:`connections` counted it already (when it was handed to
+        another node that could not take it)."""
         count = len(self.members)
         for step in range(count):
             member = self.members[(self._next + step) % count]
             if member.online and member.take(conn, peer):
                 self._next = (self._next + step + 1) % count
-                self.connections += 1
+                self.connections += not counted
                 return True
         return False
 

@@ -32,7 +32,9 @@ class _Endpoint:
     """Where one forward's public connections go at the server: into its client's nursery.
 
     Used as it is for a member of a port group; :class:`_PublicName` adds the name. While the
-    client reports its target offline (``ForwardState``), ``online`` is false.
+    client reports its target offline (``ForwardState``), ``online`` is false; a member of a
+    group in a cluster also tells the registry (``report_state``), so that other nodes stop
+    handing it their connections.
     """
 
     def __init__(self, client: PortOwner, forward_id: int, what: str) -> None:
@@ -49,6 +51,9 @@ class _Endpoint:
         self.online = True
         #: The load-balanced group the forward is a member of, if any.
         self.group: Group | None = None
+        #: Tells the cluster's registry each change of ``online`` (a group member in a
+        #: cluster); awaited in order, so the engine ends with the last state.
+        self.report_state: Callable[[bool], Awaitable[None]] | None = None
         #: Its public connections and their bytes (the admin API's, the metrics').
         self.stats = RelayStats()
         self._stopped = False
@@ -114,6 +119,8 @@ class _Endpoint:
                         self.what,
                         printable(message.reason),
                     )
+                if self.report_state is not None:
+                    await self.report_state(message.online)
 
 
 class _PublicName(_Endpoint):
