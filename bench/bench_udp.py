@@ -12,6 +12,14 @@ server's, as the client reports them in ``end.sum``), the received rate as a rat
 the CPU time of the two pytunnel processes over the sample, and that CPU time per datagram
 delivered (µs): a figure that depends much less on how busy the machine is than the rates.
 
+Where the datagrams were lost, per sample (medians in the table): the kernel's drops on the
+tunnel's UDP listener, on the server's socket to the target and on the iperf3 server's
+socket (the "drops" column of /proc/net/udp, polled during the sample), pytunnel's own
+counts (the client's ``--status-interval`` ``dropped=``, which includes the kernel's drops
+on its sockets, and the server's ``pytunnel_server_udp_dropped`` from ``--metrics``), and
+the machine's ``Udp`` RcvbufErrors / SndbufErrors (every process's). ``--window`` passes
+``iperf3 -w`` to both iperf3 ends, so the receiving iperf3 reads with that receive buffer.
+
 ``--baseline REV`` also runs the code of git revision REV (``git archive`` of its ``src`` into
 the run's folder, put first on ``PYTHONPATH`` of a second tunnel's two processes), so OLD and
 NEW are measured side by side in one run, samples interleaved.
@@ -31,11 +39,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +87,87 @@ def udp_bound(port: int) -> bool:
     return False
 
 
+def udp_sockets() -> dict[int, tuple[int, int, int]]:
+    """Every UDP socket on the machine: inode -> (local port, remote port, drops), the
+    kernel's per-socket count of datagrams it dropped for want of receive buffer (the
+    last column of /proc/net/udp*)."""
+    found: dict[int, tuple[int, int, int]] = {}
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        for line in (_read(table) or "").splitlines()[1:]:
+            parts = line.split()
+            if len(parts) < 13:
+                continue
+            try:
+                local = int(parts[1].rsplit(":", 1)[1], 16)
+                remote = int(parts[2].rsplit(":", 1)[1], 16)
+                found[int(parts[9])] = (local, remote, int(parts[12]))
+            except ValueError:
+                continue
+    return found
+
+
+def udp_snmp() -> dict[str, int]:
+    """The machine's ``Udp:`` counters from /proc/net/snmp (RcvbufErrors, SndbufErrors, ...):
+    every process's, so other work on the machine shows in them too."""
+    text = _read("/proc/net/snmp") or ""
+    lines = [x.split() for x in text.splitlines() if x.startswith("Udp:")]
+    if len(lines) < 2:
+        return {}
+    return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:], strict=False)}
+
+
+class DropWatch:
+    """Kernel drop counts per hop over one sample, by polling /proc/net/udp from a thread
+    (the iperf3 server's data socket lives only as long as its test): for each socket the
+    drops it gained between the first and the last time it was seen, summed per hop, the
+    hop told by its ports (``front``: the tunnel's UDP listener; ``target``: the iperf3
+    server's port)."""
+
+    def __init__(self, front: int | None, target: int) -> None:
+        self.front, self.target = front, target
+        self.first: dict[int, int] = {}
+        self.last: dict[int, tuple[int, int, int]] = {}
+        self.snmp0: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _poll(self) -> None:
+        for inode, (local, remote, drops) in udp_sockets().items():
+            self.first.setdefault(inode, drops)
+            self.last[inode] = (local, remote, drops)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self._poll()
+
+    def __enter__(self) -> DropWatch:
+        self.snmp0 = udp_snmp()
+        self._poll()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._poll()
+
+    def result(self) -> dict[str, int]:
+        hops = {"drops_listener": 0, "drops_target": 0, "drops_tunnel_target_socket": 0}
+        for inode, (local, remote, drops) in self.last.items():
+            gained = drops - self.first.get(inode, drops)
+            if self.front is not None and local == self.front:
+                hops["drops_listener"] += gained
+            elif local == self.target:
+                hops["drops_target"] += gained
+            elif remote == self.target:
+                hops["drops_tunnel_target_socket"] += gained
+        snmp = udp_snmp()
+        for key in ("RcvbufErrors", "SndbufErrors", "InErrors"):
+            if key in snmp and key in self.snmp0:
+                hops[f"snmp_{key}"] = snmp[key] - self.snmp0[key]
+        return hops
+
+
 def free_port_both() -> int:
     """A port free for both TCP and UDP on HOST (bounded tries)."""
     for _ in range(200):
@@ -104,9 +196,45 @@ class Tunnel:
     server: Child
     client: Child
     front: int
+    #: The server's ``--metrics`` port.
+    metrics: int
 
     def cpu(self) -> int:
         return sum(cpu_ticks(c.pid) for c in (self.client, self.server))
+
+    def server_dropped(self) -> int | None:
+        """The server's ``pytunnel_server_udp_dropped`` (datagrams its associations dropped:
+        stream queue full, sendto failed or its buffer full too long), ``None`` if it has no
+        such metric (older code)."""
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{self.metrics}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        found = re.search(r"^pytunnel_server_udp_dropped(?:_total)? (\S+)$", text, re.M)
+        return int(float(found.group(1))) if found else None
+
+    def status(self) -> tuple[int, int | None]:
+        """How many status reports ``connect --status-interval`` printed so far, and the UDP
+        forward's ``dropped=`` in the last one: datagrams pytunnel itself dropped on the
+        listening side (session write buffer full, association refused, ...)."""
+        reports = [
+            line for line in (_read(str(self.client.log)) or "").splitlines()
+            if line.startswith("status ") and " udp " in line
+        ]  # fmt: skip
+        found = re.findall(r"dropped=(\d+)", reports[-1]) if reports else []
+        return len(reports), (int(found[0]) if found else None)
+
+    def dropped_after(self, before: tuple[int, int | None]) -> int | None:
+        """The UDP forward's drops since ``before`` (a :meth:`status`), from the first
+        report printed after it (waited for, at most 3 s)."""
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            now = self.status()
+            if now[0] > before[0] and now[1] is not None and before[1] is not None:
+                return now[1] - before[1]
+            time.sleep(0.1)
+        return None
 
 
 def export_source(rev: str, dest: Path) -> Path:
@@ -150,7 +278,9 @@ class Bench:
 
     def start_tunnel(self, key: str, pythonpath: str | None = None) -> Tunnel:
         pt = self.args.pytunnel
+        metrics = free_port_both()
         argv_s = [pt, "serve", "--listen", f"{HOST}:0", "--log-level", "warning"]
+        argv_s += ["--metrics", f"{HOST}:{metrics}"]
         env = {"PYTUNNEL_TOKEN": self.token}
         if pythonpath is not None:
             env["PYTHONPATH"] = pythonpath
@@ -167,7 +297,7 @@ class Bench:
         front = free_port_both()
         t = f"{HOST}:{self.iperf_port}"
         argv_c = [
-            pt, "connect", f"{HOST}:{sport}", "--log-level", "warning",
+            pt, "connect", f"{HOST}:{sport}", "--log-level", "warning", "--status-interval", "0.5",
             "-L", f"{front}:{t}", "-L", f"{front}:{t}/udp",
         ]  # fmt: skip
         client = self.procs.start(f"{key}-connect", argv_c, env=env)
@@ -183,7 +313,7 @@ class Bench:
         )
         prefix = "PYTUNNEL_TOKEN=... " + (f"PYTHONPATH={pythonpath} " if pythonpath else "")
         self.commands += [prefix + shlex.join(argv_s), prefix + shlex.join(argv_c)]
-        tunnel = self.tunnels[key] = Tunnel(server, client, front)
+        tunnel = self.tunnels[key] = Tunnel(server, client, front, metrics)
         return tunnel
 
     def iperf_argv(self, port: int, rate: str, reverse: bool) -> list[str]:
@@ -192,6 +322,8 @@ class Bench:
             self.iperf3, "-c", HOST, "-p", str(port), "-u", "-b", rate,
             "-l", str(a.length), "-t", f"{a.seconds:g}", "-J", "--connect-timeout", "5000",
         ]  # fmt: skip
+        if a.window:
+            argv += ["-w", a.window]
         return argv + (["-R"] if reverse else [])
 
     def sample(self, path: str, rate: str, reverse: bool) -> dict:
@@ -200,10 +332,14 @@ class Bench:
         argv = self.iperf_argv(port, rate, reverse)
         busy = wait_quiet(self.args.quiet_wait, QUIET_THRESHOLD)
         cpu0, t0 = (tunnel.cpu() if tunnel else 0), time.monotonic()
+        status0 = tunnel.status() if tunnel else None
+        server0 = tunnel.server_dropped() if tunnel else None
         out: dict = {"path": path, "rate": rate, "reverse": reverse, "cmd": shlex.join(argv)}
         out["busy_before"] = round(busy, 3)
+        watch = DropWatch(tunnel.front if tunnel else None, self.iperf_port)
         try:
-            r = run(argv, self.args.seconds + 30)
+            with watch:
+                r = run(argv, self.args.seconds + 30)
             data = json.loads(r.stdout)
         except (json.JSONDecodeError, OSError) as exc:
             out["error"] = f"no JSON: {exc}"
@@ -214,6 +350,15 @@ class Bench:
         wall = time.monotonic() - t0
         cpu_s = ((tunnel.cpu() if tunnel else 0) - cpu0) / CLK_TCK
         out["tunnel_cpu_pct"] = 100.0 * cpu_s / wall
+        out.update(watch.result())
+        if tunnel is not None and status0 is not None:
+            dropped = tunnel.dropped_after(status0)
+            if dropped is not None:
+                out["pytunnel_dropped"] = dropped
+        if tunnel is not None and server0 is not None:
+            server1 = tunnel.server_dropped()
+            if server1 is not None:
+                out["pytunnel_server_dropped"] = server1 - server0
         if "error" in data:
             out["error"] = data["error"]
             return out
@@ -239,6 +384,23 @@ class Bench:
         return out
 
 
+#: Drop counters of a sample, in the order of the hops, and their short names.
+DROP_KEYS = (
+    ("drops_listener", "listener"),
+    ("pytunnel_dropped", "pytunnel-client"),
+    ("pytunnel_server_dropped", "pytunnel-server"),
+    ("drops_tunnel_target_socket", "tunnel-target-sock"),
+    ("drops_target", "iperf3-server"),
+    ("snmp_RcvbufErrors", "Rcvbuf"),
+    ("snmp_SndbufErrors", "Sndbuf"),
+)
+
+
+def drop_summary(s: dict) -> str:
+    """The sample's drop counters, one ``name=count`` per hop it has."""
+    return " ".join(f"{name}={s[key]}" for key, name in DROP_KEYS if key in s)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 repeat, 2 s samples, 10M/100M/200M")
@@ -247,6 +409,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=None)
     p.add_argument("--length", type=int, default=1400, help="datagram payload (iperf3 -l)")
     p.add_argument("--reverse", action="store_true", help="also run -R (server sends)")
+    p.add_argument(
+        "--window",
+        default=None,
+        help="iperf3 -w: socket buffer of both iperf3 ends (the receiving iperf3's receive "
+        "buffer; default: the kernel's, net.core.rmem_default)",
+    )
     p.add_argument("--quiet-wait", type=float, default=3.0, help="max s to wait for idle CPU")
     p.add_argument("--pytunnel", default=default_pytunnel())
     p.add_argument("--json", type=Path, default=None, help="write every sample here")
@@ -272,9 +440,10 @@ def report(samples: list[dict], args, log) -> None:
     log("")
     log(
         "| offered | dir | path | sent Mbit/s | received Mbit/s | loss % | jitter ms "
-        "| recv vs direct | pytunnel CPU % | CPU µs/datagram | n |"
+        "| recv vs direct | pytunnel CPU % | CPU µs/datagram | drops: listener / pytunnel client "
+        "/ pytunnel server / iperf3 server | n |"
     )
-    log("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    log("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for reverse in dirs:
         for rate in args.rates:
             ref = None
@@ -300,11 +469,20 @@ def report(samples: list[dict], args, log) -> None:
                 cpu = med("tunnel_cpu_pct") if key != "direct" else None
                 per = med("cpu_us_per_datagram") if key != "direct" else None
                 n = f"{len(ok)}" + (f" ({errs} failed)" if errs else "")
+                drops = " / ".join(
+                    fmt(med(k), 0) if key != "direct" or k == "drops_target" else "-"
+                    for k in (
+                        "drops_listener",
+                        "pytunnel_dropped",
+                        "pytunnel_server_dropped",
+                        "drops_target",
+                    )
+                )
                 log(
                     f"| {rate} | {'-R' if reverse else 'c→s'} | {label} "
                     f"| {fmt(sent and sent / 1e6, 1)} | {fmt(recv and recv / 1e6, 1)} "
                     f"| {fmt(med('lost_percent'), 2)} | {fmt(med('jitter_ms'), 3)} | {rel} "
-                    f"| {fmt(cpu, 0)} | {fmt(per, 1)} | {n} |"
+                    f"| {fmt(cpu, 0)} | {fmt(per, 1)} | {drops} | {n} |"
                 )
     failed = [s for s in samples if "error" in s]
     for s in failed[:10]:
@@ -365,6 +543,7 @@ def _main(args: argparse.Namespace, procs: Processes, log: Callable[[str], None]
                                    if path != "direct" else "")
                                 + (f", {s['cpu_us_per_datagram']:.1f} µs/datagram"
                                    if "cpu_us_per_datagram" in s else "")
+                                + f"; drops {drop_summary(s)}"
                             )  # fmt: skip
                         for c in [x for t in b.tunnels.values() for x in (t.client, t.server)]:
                             if not c.alive():
@@ -377,6 +556,14 @@ def _main(args: argparse.Namespace, procs: Processes, log: Callable[[str], None]
         if warn:
             log("\npytunnel connect log (after the forward lines):")
             for line in warn[-10:]:
+                log(f"    {line}")
+        served = [
+            x for x in (_read(str(b.tunnels["pytunnel"].server.log)) or "").splitlines()
+            if not x.startswith("pytunnel server listening")
+        ]  # fmt: skip
+        if served:
+            log("\npytunnel serve log:")
+            for line in served[-20:]:
                 log(f"    {line}")
         if args.json:
             meta = vars(args) | {"json": str(args.json)}

@@ -18,7 +18,7 @@ from ._dial import DEFAULT_CONNECT_TIMEOUT
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT
 from ._relay import DEFAULT_IDLE_TIMEOUT
 from ._tls import parse_fingerprint
-from ._udp import DEFAULT_MAX_ASSOCIATIONS, DEFAULT_UDP_IDLE_TIMEOUT
+from ._udp import DEFAULT_MAX_ASSOCIATIONS, DEFAULT_UDP_IDLE_TIMEOUT, UDP_SOCKET_BUFFER
 from .protocol.messages import valid_client_id
 from .session import SessionConfig
 from .transports.proxy import parse_proxy_url
@@ -122,6 +122,9 @@ class ClientConfig:
     udp_idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT
     #: Associations one local UDP forward keeps at once.
     max_udp_associations: int = DEFAULT_MAX_ASSOCIATIONS
+    #: Receive and send buffer asked for on each UDP socket (the kernel grants at most its
+    #: ``net.core.rmem_max`` / ``wmem_max``; 0: the kernel's defaults).
+    udp_socket_buffer: int = UDP_SOCKET_BUFFER
     #: TLS for the control connection (see ``pytunnel.client_tls_context``); ``None``: plain
     #: unless ``tls_fingerprint`` is set.
     tls: ssl.SSLContext | None = None
@@ -176,6 +179,7 @@ class ClientOptions(TypedDict, total=False):
     probe_failures: int
     udp_idle_timeout: float
     max_udp_associations: int
+    udp_socket_buffer: int
     tls: ssl.SSLContext | None
     tls_server_hostname: str | None
     tls_fingerprint: str | None

@@ -8,6 +8,8 @@ import logging
 import os
 import select
 import socket
+import struct
+import sys
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -19,10 +21,13 @@ from ._util import aclose_all
 from .errors import AddressInUseError, ForwardError, PermissionDeniedError
 
 __all__ = [
+    "UDP_SOCKET_BUFFER",
     "accept",
+    "adopt_datagram_socket",
     "bind",
     "bind_udp",
     "bound_port",
+    "kernel_drops",
     "receive_batch",
     "send_batch",
     "serve_backlog",
@@ -62,15 +67,47 @@ ACCEPT_BATCH = 64
 _Slot = TypeVar("_Slot")
 
 
-#: Receive buffer asked for on every UDP socket (the kernel caps it at net.core.rmem_max):
-#: bursts are absorbed instead of being dropped by the kernel before we read them.
-UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+#: Receive and send buffer asked for on every UDP socket pytunnel opens (the kernel caps
+#: them at net.core.rmem_max and net.core.wmem_max, and doubles what it grants for its own
+#: bookkeeping): a burst is absorbed instead of being dropped by the kernel before we read
+#: it, and a burst we write waits in the kernel instead of making ``sendto`` fail. 4 MiB is
+#: about 100 ms of 1400-byte datagrams at 400 Mbit/s. ``udp_socket_buffer`` in the client's
+#: and the server's configuration overrides it (0: the kernel's defaults).
+UDP_SOCKET_BUFFER = 4 * 1024 * 1024
+#: The former name of :data:`UDP_SOCKET_BUFFER`, when it set the receive buffer only.
+UDP_RECEIVE_BUFFER = UDP_SOCKET_BUFFER
 
 
-def tune_udp_socket(sock: trio.socket.SocketType) -> None:
-    """Ask for a larger receive buffer (best effort)."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+def tune_udp_socket(sock: trio.socket.SocketType, buffer: int = UDP_SOCKET_BUFFER) -> None:
+    """Ask for ``buffer`` bytes of receive and of send buffer (best effort: the kernel grants
+    at most its ``rmem_max`` / ``wmem_max``; 0 keeps its defaults)."""
+    if buffer <= 0:
+        return
+    for option in (trio.socket.SO_RCVBUF, trio.socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(trio.socket.SOL_SOCKET, option, buffer)
+
+
+#: ``SO_MEMINFO`` (Linux; the socket module does not name it) and the index, in the array of
+#: counters it reads, of the datagrams the kernel dropped for the socket (its receive
+#: buffer full, mostly: the "drops" column of /proc/net/udp).
+_SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)
+_SK_MEMINFO_DROPS = 8
+_MEMINFO_SIZE = 9 * 4
+
+
+def kernel_drops(sock: trio.socket.SocketType) -> int:
+    """Datagrams the kernel dropped on ``sock`` so far, before any read: one ``getsockopt``.
+    0 where the system cannot say (not Linux, or too old for ``SO_MEMINFO``)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        raw = sock.getsockopt(trio.socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO_SIZE)
+    except OSError:
+        return 0
+    if len(raw) < _MEMINFO_SIZE:
+        return 0
+    return int(struct.unpack_from("=I", raw, _SK_MEMINFO_DROPS * 4)[0])
 
 
 def _bind_error(exc: OSError, address: str, what: str = "") -> ForwardError:
@@ -244,18 +281,25 @@ def _borrowed(sock: trio.socket.SocketType) -> Iterator[socket.socket]:
 
 
 async def udp_socket_for(
-    host: str, port: int
+    host: str, port: int, *, buffer: int = UDP_SOCKET_BUFFER
 ) -> tuple[trio.socket.SocketType, tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes]]:
-    """A tuned UDP socket of the family ``host`` resolves to, and the address to bind or
-    connect it to. Raises what the lookup raises (``OSError``, ``ValueError``): each caller
-    says it its own way."""
+    """A UDP socket of the family ``host`` resolves to, with ``buffer`` bytes of socket
+    buffers asked for (:func:`tune_udp_socket`), and the address to bind or connect it to.
+    Raises what the lookup raises (``OSError``, ``ValueError``): each caller says it its
+    own way."""
     infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
     family, _, _, _, sockaddr = infos[0]
-    std = socket.socket(family, socket.SOCK_DGRAM)
-    sock = trio.socket.from_stdlib_socket(std)  # non-blocking from here on
-    _STDLIB[sock] = std
-    tune_udp_socket(sock)
+    sock = adopt_datagram_socket(socket.socket(family, socket.SOCK_DGRAM))
+    tune_udp_socket(sock, buffer)
     return sock, sockaddr
+
+
+def adopt_datagram_socket(std: socket.socket) -> trio.socket.SocketType:
+    """The trio socket over the datagram socket ``std`` (made non-blocking), read and
+    written in batches by :func:`receive_batch` and :func:`send_batch`; it owns ``std``."""
+    sock = trio.socket.from_stdlib_socket(std)
+    _STDLIB[sock] = std
+    return sock
 
 
 #: The standard-library socket under each UDP socket made here, for :func:`receive_batch`.
@@ -266,12 +310,15 @@ _STDLIB: weakref.WeakKeyDictionary[trio.socket.SocketType, socket.socket] = (
 _BATCH = 64
 
 
-async def receive_batch(sock: trio.socket.SocketType, size: int) -> list[tuple[bytes, Any]]:
-    """Every datagram ``sock`` holds (up to 64), with its source address, after at most one
-    wait: one pass through the scheduler per batch instead of one per datagram, which is
-    what caps a UDP forward's rate. ``ConnectionError`` (an ICMP error reported on the
-    socket) is skipped as ``recvfrom`` callers skip it. A socket not made by
-    :func:`udp_socket_for` is read one datagram at a time."""
+async def receive_batch(
+    sock: trio.socket.SocketType, size: int, max_bytes: int | None = None
+) -> list[tuple[bytes, Any]]:
+    """Every datagram ``sock`` holds (up to 64, and no more once they add up to ``max_bytes``),
+    with its source address, after at most one wait: one pass through the scheduler per
+    batch instead of one per datagram, which is what caps a UDP forward's rate.
+    ``ConnectionError`` (an ICMP error reported on the socket) is skipped as ``recvfrom``
+    callers skip it. A socket not made by :func:`udp_socket_for` is read one datagram at a
+    time."""
     std = _STDLIB.get(sock)
     if std is None:
         while True:
@@ -279,15 +326,22 @@ async def receive_batch(sock: trio.socket.SocketType, size: int) -> list[tuple[b
                 return [await sock.recvfrom(size)]
             except ConnectionError:
                 continue
+    limit = max_bytes if max_bytes is not None and max_bytes > 0 else None
     while True:
         batch: list[tuple[bytes, Any]] = []
+        taken = 0
         while len(batch) < _BATCH:
             try:
-                batch.append(std.recvfrom(size))
+                item = std.recvfrom(size)
             except BlockingIOError:
                 break
             except ConnectionError:
                 continue
+            batch.append(item)
+            if limit is not None:
+                taken += len(item[0])
+                if taken >= limit:
+                    break
         if batch:
             await trio.lowlevel.checkpoint()
             return batch
@@ -299,9 +353,13 @@ async def send_batch(
 ) -> tuple[int, int]:
     """Send every datagram of ``batch`` on ``sock`` (to ``address``, or the connected peer),
     in order, with one checkpoint for them all: a tight loop of non-blocking sends, waiting
-    only when the socket's buffer is full. One that fails (``OSError``, such as an ICMP
-    error reported by an earlier send) is skipped. Returns how many were sent and their
-    bytes. A socket not made by :func:`udp_socket_for` sends through trio one at a time."""
+    only when the socket's buffer is full (``EAGAIN``: until it is writable) or the device's
+    queue is (``ENOBUFS``: retried every :data:`ENOBUFS_RETRY`), for at most
+    :data:`SEND_WAIT_LIMIT` per datagram; after that wait the rest of the batch is dropped
+    (a full buffer) or that datagram alone (``ENOBUFS``). One that fails otherwise
+    (``OSError``, such as an ICMP error reported by an earlier send) is skipped. Returns how
+    many were sent and their bytes. A socket not made by :func:`udp_socket_for` (or adopted,
+    :func:`adopt_datagram_socket`) sends through trio one at a time."""
     sent = size = 0
     std = _STDLIB.get(sock)
     if std is None:
@@ -317,6 +375,7 @@ async def send_batch(
             size += len(data)
         return sent, size
     for data in batch:
+        deadline: float | None = None  # of the ENOBUFS retries of this datagram
         while True:
             try:
                 if address is None:
@@ -324,9 +383,19 @@ async def send_batch(
                 else:
                     std.sendto(data, address)
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(std)
-                continue
-            except OSError:
+                # the send buffer is full: wait for room (the datagrams behind this one wait
+                # in the caller's bounded queue meanwhile) rather than drop it
+                if await _wait_writable(std):
+                    continue
+                return sent, size  # no room for SEND_WAIT_LIMIT: the rest is dropped
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:  # a device queue full: transient, as above
+                    now = trio.current_time()
+                    if deadline is None:
+                        deadline = now + SEND_WAIT_LIMIT
+                    if now < deadline:
+                        await trio.sleep(ENOBUFS_RETRY)
+                        continue
                 break
             sent += 1
             size += len(data)
@@ -335,12 +404,31 @@ async def send_batch(
     return sent, size
 
 
-async def bind_udp(host: str, port: int) -> trio.socket.SocketType:
+#: How long :func:`send_batch` waits for a full send buffer to take a datagram before it
+#: drops the rest of its batch: long enough for any receiver that reads at all, short
+#: enough that a stuck one cannot hold the association's queue for ever.
+SEND_WAIT_LIMIT = 1.0
+#: The pause before a send that failed with ``ENOBUFS`` is tried again (no readiness event
+#: says when a device queue has room again).
+ENOBUFS_RETRY = 0.001
+
+
+async def _wait_writable(std: socket.socket) -> bool:
+    """Wait until ``std`` is writable; ``False`` if it was not within SEND_WAIT_LIMIT."""
+    with trio.move_on_after(SEND_WAIT_LIMIT):
+        await trio.lowlevel.wait_writable(std)
+        return True
+    return False
+
+
+async def bind_udp(
+    host: str, port: int, *, buffer: int = UDP_SOCKET_BUFFER
+) -> trio.socket.SocketType:
     """A UDP socket bound to ``host:port`` (0 = any free port), with the same typed errors as
-    :func:`bind`."""
+    :func:`bind`; ``buffer`` as for :func:`tune_udp_socket`."""
     address = format_target(host, port)
     try:
-        sock, sockaddr = await udp_socket_for(host, port)
+        sock, sockaddr = await udp_socket_for(host, port, buffer=buffer)
     except OSError as exc:
         raise ForwardError(f"cannot listen on {address}: {exc}", address=address) from None
     try:

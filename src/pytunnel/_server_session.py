@@ -361,6 +361,9 @@ class _ClientSession:
 
     # ---------------------------------------------------------------- UDP
 
+    def _udp_room(self) -> Session:
+        return self.session
+
     async def _serve_udp_connect(self, incoming: IncomingStream) -> None:
         host, port = incoming.host, incoming.port
         target = printable(format_target(host, port))  # the client's text, for logs
@@ -376,8 +379,13 @@ class _ClientSession:
         # the client may give up (Reset) while we resolve
         await serve_egress(
             incoming,
-            functools.partial(udp_connect, host, port),
-            functools.partial(relay_association, idle_timeout=self.config.udp_idle_timeout),
+            functools.partial(udp_connect, host, port, buffer=self.config.udp_socket_buffer),
+            functools.partial(
+                relay_association,
+                idle_timeout=self.config.udp_idle_timeout,
+                stats=self.server.udp_stats,
+                room=self._udp_room,
+            ),
         )
 
     async def _serve_udp_listen(self, incoming: IncomingStream) -> None:
@@ -389,7 +397,11 @@ class _ClientSession:
     async def _run_udp_forward(self, incoming: IncomingStream) -> None:
         try:
             sock = await self._bind_owned(
-                incoming.host, incoming.port, bind_udp, _socket_port, kind="udp"
+                incoming.host,
+                incoming.port,
+                functools.partial(bind_udp, buffer=self.config.udp_socket_buffer),
+                _socket_port,
+                kind="udp",
             )
         except ForwardError as exc:
             log.warning("client %s: udp remote forward refused: %s", self.peer, exc)
@@ -440,6 +452,7 @@ class _ClientSession:
                         ),
                         admit=admit_association,
                         release=release_association,
+                        room=self._udp_room,
                         stats=stats,
                         name=f"udp {address}",
                     )

@@ -7,23 +7,28 @@ by one mux stream whose datagrams travel as ``Datagram`` messages, boundaries ke
 No task per packet, so a burst of datagrams costs no tasks: the listening side has one receive
 loop per forward plus one task per association; the dialing side two tasks per association.
 Every queue is bounded and drops (counting) when full: dropping is UDP's contract, stalling
-the TCP streams that share the session is not.
+the TCP streams that share the session is not. Before that, each side pushes back where it
+costs nobody else: a socket is read only while the session's write buffer has room for a
+batch (the datagrams wait in the socket's receive buffer meanwhile), and a full send buffer
+is waited for (``send_batch``) while the stream's queue takes what arrives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import attrs
 import trio
 
 from ._dial import format_target
-from ._listen import receive_batch, send_batch, udp_socket_for
+from ._listen import UDP_SOCKET_BUFFER, kernel_drops, receive_batch, send_batch, udp_socket_for
 from ._relay import RelayStats
 from ._util import aclose_all
-from .errors import NodeUnstableError
+from .errors import NodeUnstableError, printable
 from .protocol.messages import MAX_DATAGRAM
 from .session import MuxStream
 
@@ -31,6 +36,11 @@ __all__ = [
     "DEFAULT_MAX_ASSOCIATIONS",
     "DEFAULT_REFUSAL_MEMORY",
     "DEFAULT_UDP_IDLE_TIMEOUT",
+    "Room",
+    "READ_BYTES",
+    "SESSION_ROOM",
+    "UDP_QUEUE",
+    "UDP_SOCKET_BUFFER",
     "pump_datagrams",
     "relay_association",
     "serve_associations",
@@ -49,10 +59,92 @@ DEFAULT_MAX_ASSOCIATIONS = 1024
 DEFAULT_REFUSAL_MEMORY = 5.0
 #: Datagrams held for an association whose stream is still opening.
 _PENDING_LIMIT = 16
+#: Datagrams an association's stream queues for its relay task (the stream's default is
+#: 256). The session's reader delivers up to 256 datagrams per scheduler pass and the relay
+#: takes the queue once every two passes (its receive and its send each end in a
+#: checkpoint), so with a backlog on the transport 256 overflowed by design; 1024 also
+#: rides out a send buffer that is full for a while (``send_batch`` waits then).
+UDP_QUEUE = 1024
+#: Bytes of datagrams one read takes at most (the last one may go past it), and, with the
+#: largest datagram, the room in the session's write buffer a read waits for: datagrams are
+#: read only once they fit, so while the transport is slow they wait in the socket's
+#: receive buffer (megabytes) instead of being dropped at the session's high-water mark.
+READ_BYTES = 96 * 1024  # more than 64 datagrams of 1,400 bytes: the count limits those
+SESSION_ROOM = READ_BYTES + MAX_DATAGRAM
 _RECV_SIZE = 65536
+#: A forward's count of the kernel's drops on its socket is brought up to date at most this
+#: often while datagrams arrive, and this often while it waits for room in the session:
+#: one ``getsockopt`` per read would cost about a tenth of what a datagram costs.
+_DROPS_REFRESH = 0.5
+_DROPS_CHECK = 0.1
+#: A read this long hit ``receive_batch``'s limit: a backlog, after which drops are counted.
+_FULL_READ = 64
 
 
 Address = tuple[str, int]
+
+
+class Room(Protocol):
+    """What a UDP forward needs of the session it writes to (``Session`` is one)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def has_room(self, size: int) -> bool: ...
+
+    async def wait_for_room(self, size: int) -> None: ...
+
+
+def _nothing() -> None:
+    pass
+
+
+def _no_room(room: Callable[[], Room | None]) -> bool:
+    """Whether the current session (``room()``) has no room for a read's batch now: the
+    cheap check made before every read, so the coroutine below runs only when it waits."""
+    session = room()
+    return session is not None and not session.has_room(SESSION_ROOM) and not session.closed
+
+
+async def _wait_for_room(room: Callable[[], Room | None], refresh: Callable[[], None]) -> None:
+    """Return once the current session (``room()``) can take a read's batch, or there is no
+    open session (what is read then is dropped, as its absence dictates); ``refresh`` runs
+    every ``_DROPS_REFRESH`` seconds of waiting."""
+    while (session := room()) is not None and not session.closed:
+        if session.has_room(SESSION_ROOM):
+            return
+        with trio.move_on_after(_DROPS_REFRESH):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await session.wait_for_room(SESSION_ROOM)
+        refresh()
+
+
+@attrs.define
+class _Drops:
+    """Why one association's datagrams were dropped on this side: logged (at debug) when it
+    ends. The stream's own count holds the rest: its full queue, on top of ``session``."""
+
+    #: No room for them in the session's write buffer.
+    session: int = 0
+    #: ``sendto`` failed, or the socket's send buffer stayed full for ``SEND_WAIT_LIMIT``.
+    send: int = 0
+    #: The kernel's, on the association's own socket (its receive buffer full).
+    kernel: int = 0
+
+    def report(self, stream: MuxStream, what: str) -> None:
+        queue = max(0, stream.datagrams_dropped - self.session)
+        total = queue + self.session + self.send + self.kernel
+        if total:
+            log.debug(
+                "%s: %d datagrams dropped (queue full %d, no room in the session %d, "
+                "send failed %d, by the kernel %d)",
+                what,
+                total,
+                queue,
+                self.session,
+                self.send,
+                self.kernel,
+            )
 
 
 def _admit_always() -> bool:
@@ -73,6 +165,9 @@ class _Association:
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     #: Whether its slot of the owner's stream budget was given back (exactly once).
     released: bool = False
+    #: The stream's drop count already added to the forward's.
+    dropped_seen: int = 0
+    drops: _Drops = attrs.field(factory=_Drops)
 
     def release(self, release: Callable[[], None]) -> None:
         if not self.released:
@@ -138,6 +233,7 @@ async def serve_associations(
     refusal_memory: float = DEFAULT_REFUSAL_MEMORY,
     admit: Callable[[], bool] = _admit_always,
     release: Callable[[], None] = _release_nothing,
+    room: Callable[[], Room | None] | None = None,
     stats: RelayStats,
     name: str,
 ) -> None:
@@ -148,14 +244,39 @@ async def serve_associations(
     source is refused); ``release`` gives it back when that association ends. A refused
     source is remembered for ``refusal_memory`` seconds, during which its datagrams are
     dropped without opening anything.
+
+    ``room``, if given, returns the session the associations write to (``None`` while there
+    is none): the socket is read only once that session's write buffer has room for a read's
+    batch (:data:`SESSION_ROOM`), so datagrams wait in the socket's receive buffer while the
+    session is backed up. Without an open session the read goes ahead and what cannot be
+    sent is dropped.
     """
     table = _Table(idle_timeout, max_associations, refusal_memory)
+    # what the kernel dropped on the socket (its buffer full while we waited for room, or
+    # were slow) is counted with the rest, read once per batch
+    kernel_seen = kernel_drops(sock)
+    next_check = trio.current_time() + _DROPS_CHECK
+
+    def count_kernel_drops() -> None:
+        nonlocal kernel_seen, next_check
+        kernel_now = kernel_drops(sock)
+        stats.datagrams_dropped += kernel_now - kernel_seen
+        kernel_seen = kernel_now
+        next_check = trio.current_time() + _DROPS_CHECK
+
     async with trio.open_nursery() as nursery:
         while True:
+            if room is not None and _no_room(room):
+                # what the kernel drops while we wait shows in the count meanwhile
+                await _wait_for_room(room, count_kernel_drops)
             # every datagram already waiting in one pass through the scheduler (ICMP errors
             # reported on the socket are skipped there), then one write per association
             outgoing: dict[_Association, list[bytes]] = {}
-            for data, raw_address in await receive_batch(sock, _RECV_SIZE):
+            received = await receive_batch(sock, _RECV_SIZE, READ_BYTES)
+            # a full read means a backlog, the only time the kernel drops: count at once
+            if len(received) >= _FULL_READ or trio.current_time() >= next_check:
+                count_kernel_drops()
+            for data, raw_address in received:
                 address: Address = (str(raw_address[0]), int(raw_address[1]))
                 association = table.associations.get(address)
                 if association is None:
@@ -210,20 +331,33 @@ async def serve_associations(
                     else:
                         batch.append(data)
             for association, batch in outgoing.items():
-                if association.stream is not None and _forward(association.stream, batch, stats):
+                if association.stream is not None and _forward(
+                    association, association.stream, batch, stats
+                ):
                     table.touch(association)
 
 
-def _forward(stream: MuxStream, batch: list[bytes], stats: RelayStats) -> bool:
+def _forward(
+    association: _Association, stream: MuxStream, batch: list[bytes], stats: RelayStats
+) -> bool:
     """Send ``batch`` on ``stream`` in as few frames as the peer takes, counting what is
     sent and what is dropped (a stream that has ended counts neither); whether any went."""
     try:
         sent, size = stream.send_datagrams(batch)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return False
-    stats.datagrams_dropped += len(batch) - sent
+    association.drops.session += len(batch) - sent
+    _count_drops(association, stream, stats)
     stats.bytes_out += size
     return sent > 0
+
+
+def _count_drops(association: _Association, stream: MuxStream, stats: RelayStats) -> None:
+    """Add the datagrams ``stream`` dropped since the last call to the forward's count: those
+    the session's write buffer had no room for, and replies its full queue turned away."""
+    dropped = stream.datagrams_dropped
+    stats.datagrams_dropped += dropped - association.dropped_seen
+    association.dropped_seen = dropped
 
 
 async def _run_association(
@@ -255,11 +389,12 @@ async def _run_association(
                 )
                 return
             association.stream = stream
+            stream.datagram_queue = max(stream.datagram_queue, UDP_QUEUE)
             table.touch(association)
             if association.pending:
                 pending = list(association.pending)
                 association.pending.clear()
-                _forward(stream, pending, stats)
+                _forward(association, stream, pending, stats)
             while True:
                 try:
                     batch = await stream.receive_datagrams()
@@ -267,6 +402,8 @@ async def _run_association(
                     break
                 sent, size = await send_batch(sock, batch, association.address)
                 stats.datagrams_dropped += len(batch) - sent
+                association.drops.send += len(batch) - sent
+                _count_drops(association, stream, stats)
                 if sent:
                     stats.bytes_in += size
                     table.touch(association)
@@ -275,15 +412,22 @@ async def _run_association(
         stats.active_connections -= 1
         association.release(release)
         if stream is not None:
+            _count_drops(association, stream, stats)
+            association.drops.report(
+                stream, f"{name}: association for {format_target(*association.address)}"
+            )
             await trio.aclose_forcefully(stream)
 
 
-async def udp_connect(host: str, port: int) -> trio.socket.SocketType:
-    """A UDP socket connected to ``host:port`` (DNS at this side); ``NodeUnstableError`` if
-    the name does not resolve. (UDP has no handshake, so there is no dial timeout.)"""
+async def udp_connect(
+    host: str, port: int, *, buffer: int = UDP_SOCKET_BUFFER
+) -> trio.socket.SocketType:
+    """A UDP socket connected to ``host:port`` (DNS at this side), with ``buffer`` bytes of
+    socket buffers asked for; ``NodeUnstableError`` if the name does not resolve. (UDP has
+    no handshake, so there is no dial timeout.)"""
     target = format_target(host, port)
     try:
-        sock, sockaddr = await udp_socket_for(host, port)
+        sock, sockaddr = await udp_socket_for(host, port, buffer=buffer)
     except (OSError, ValueError) as exc:
         error = NodeUnstableError(f"udp target {target}: {exc}", target=target)
         log.warning("[%s] %s", error.category, error.message)
@@ -304,12 +448,32 @@ async def relay_association(
     *,
     idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT,
     stats: RelayStats | None = None,
+    room: Callable[[], Room | None] | None = None,
 ) -> None:
     """The dialing side of one association: stream datagrams to ``sock`` and back, until the
-    peer closes the stream or nothing moves for ``idle_timeout``."""
+    peer closes the stream or nothing moves for ``idle_timeout``.
+
+    ``stats.datagrams_dropped`` counts every datagram lost on this side: those the stream's
+    full queue turned away, those ``sock`` could not send (its buffer full for
+    ``SEND_WAIT_LIMIT``, an error), and replies the session had no room for.
+    ``room`` is as for :func:`serve_associations`: replies are read from ``sock`` only once
+    the session can take a batch of them."""
+    stream.datagram_queue = max(stream.datagram_queue, UDP_QUEUE)
     if stats is not None:
         stats.active_connections += 1
         stats.total_connections += 1
+    seen = 0  # the stream's drop count already added to ``stats``
+    kernel_seen = kernel_drops(sock)  # the same for the kernel's drops of replies on ``sock``
+    next_check = trio.current_time() + _DROPS_CHECK
+    drops = _Drops()
+
+    def count_drops(also: int = 0) -> None:
+        nonlocal seen
+        if stats is not None:
+            dropped = stream.datagrams_dropped
+            stats.datagrams_dropped += dropped - seen + also
+            seen = dropped
+
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
 
@@ -325,31 +489,51 @@ async def relay_association(
                     sent, size = await send_batch(sock, batch)
                     if sent:
                         scope.deadline = trio.current_time() + idle_timeout
+                    drops.send += len(batch) - sent
+                    count_drops(len(batch) - sent)
                     if stats is not None:
-                        stats.datagrams_dropped += len(batch) - sent
                         stats.bytes_out += size
 
             async def inbound() -> None:
+                nonlocal kernel_seen, next_check
                 while True:
+                    if room is not None and _no_room(room):
+                        await _wait_for_room(room, _nothing)
                     try:
-                        batch = await receive_batch(sock, _RECV_SIZE)
+                        batch = await receive_batch(sock, _RECV_SIZE, READ_BYTES)
                     except OSError:  # other ICMP errors surface here on connected sockets
                         continue
+                    if len(batch) >= _FULL_READ or trio.current_time() >= next_check:
+                        kernel_now = kernel_drops(sock)
+                        drops.kernel += kernel_now - kernel_seen
+                        count_drops(kernel_now - kernel_seen)
+                        kernel_seen, next_check = kernel_now, trio.current_time() + _DROPS_CHECK
                     payloads = [data for data, _ in batch if len(data) <= MAX_DATAGRAM]
                     try:
                         sent, size = stream.send_datagrams(payloads)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         scope.cancel()
                         return
+                    drops.session += len(payloads) - sent
+                    drops.send += len(batch) - len(payloads)  # too large for a datagram stream
+                    count_drops(len(batch) - len(payloads))
                     if stats is not None:
                         stats.bytes_in += size
-                        stats.datagrams_dropped += len(payloads) - sent
                     scope.deadline = trio.current_time() + idle_timeout
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(outbound)
                 nursery.start_soon(inbound)
     finally:
+        if sock.fileno() >= 0:
+            kernel_now = kernel_drops(sock)
+            drops.kernel += kernel_now - kernel_seen
+            count_drops(kernel_now - kernel_seen)
+        else:
+            count_drops()
+        drops.report(
+            stream, f"udp association {printable(format_target(stream.host, stream.port))}"
+        )
         if stats is not None:
             stats.active_connections -= 1
         sock.close()
@@ -365,10 +549,22 @@ async def pump_datagrams(
 ) -> None:
     """Carry datagrams between two datagram streams (a node link's association and the
     client's) both ways until either ends or nothing moves for ``idle_timeout``; then close
-    both. A datagram the far side has no room for is dropped (counted), as UDP would."""
+    both. A datagram the far side has no room for is dropped (counted), as UDP would, and so
+    is one a full queue turned away (each stream's own count, added up)."""
+    for stream in (a, b):
+        stream.datagram_queue = max(stream.datagram_queue, UDP_QUEUE)
     if stats is not None:
         stats.active_connections += 1
         stats.total_connections += 1
+    seen = 0  # the streams' drop counts already added to ``stats``
+
+    def count_drops() -> None:
+        nonlocal seen
+        if stats is not None:
+            dropped = a.datagrams_dropped + b.datagrams_dropped
+            stats.datagrams_dropped += dropped - seen
+            seen = dropped
+
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
 
@@ -381,13 +577,13 @@ async def pump_datagrams(
                         return
                     scope.deadline = trio.current_time() + idle_timeout
                     try:
-                        sent, size = sink.send_datagrams(batch)
+                        _, size = sink.send_datagrams(batch)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         scope.cancel()
                         return
                     if stats is None:
                         continue
-                    stats.datagrams_dropped += len(batch) - sent
+                    count_drops()
                     if outbound:
                         stats.bytes_out += size
                     else:
@@ -397,6 +593,7 @@ async def pump_datagrams(
                 nursery.start_soon(pump, a, b, True)
                 nursery.start_soon(pump, b, a, False)
     finally:
+        count_drops()
         if stats is not None:
             stats.active_connections -= 1
         await trio.aclose_forcefully(a)

@@ -225,6 +225,18 @@ class ServerCollector(Collector):
         for limit in sorted({"streams", "forwards", *server.limits_hit}):
             limits.add_metric([limit], server.limits_hit.get(limit, 0))
         yield limits
+        udp = server.udp_stats
+        yield GaugeMetricFamily(
+            "pytunnel_server_udp_associations_open",
+            "UDP associations clients opened through this server (-L .../udp) open now.",
+            value=udp.active_connections,
+        )
+        yield CounterMetricFamily(
+            "pytunnel_server_udp_dropped",
+            "Datagrams of those associations dropped here (queue full, send failed or its "
+            "buffer full too long, no room in the session for a reply).",
+            value=udp.datagrams_dropped,
+        )
         rtt = GaugeMetricFamily(
             "pytunnel_server_client_heartbeat_rtt_seconds",
             "Round-trip time of the server's last ping to each client (absent before the first).",

@@ -38,11 +38,12 @@ from ._node_link import (
 )
 from ._policy import PermitOpen, PortRange, parse_port_ranges
 from ._proxied import Network, ProxyHeaderError, real_peer, trusted_networks
-from ._relay import DEFAULT_IDLE_TIMEOUT
+from ._relay import DEFAULT_IDLE_TIMEOUT, RelayStats
 from ._server_session import _ClientSession
 from ._udp import (
     DEFAULT_MAX_ASSOCIATIONS,
     DEFAULT_UDP_IDLE_TIMEOUT,
+    UDP_SOCKET_BUFFER,
 )
 from ._util import aclose_all, unwrap_cancelled
 from ._vhost import (
@@ -172,6 +173,9 @@ class ServerConfig:
     udp_idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT
     #: Associations one UDP remote forward keeps at once.
     max_udp_associations: int = DEFAULT_MAX_ASSOCIATIONS
+    #: Receive and send buffer asked for on each UDP socket (the kernel grants at most its
+    #: ``net.core.rmem_max`` / ``wmem_max``; 0: the kernel's defaults).
+    udp_socket_buffer: int = UDP_SOCKET_BUFFER
     #: TLS for the control connection (see ``pytunnel.server_tls_context``); ``None``: plain.
     tls: ssl.SSLContext | None = None
     #: Connections one source address may have in their handshake at once, so a single
@@ -256,6 +260,7 @@ class ServerOptions(TypedDict, total=False):
     max_pending_handshakes: int
     udp_idle_timeout: float
     max_udp_associations: int
+    udp_socket_buffer: int
     tls: ssl.SSLContext | None
     max_handshakes_per_address: int
     first_frame_timeout: float
@@ -457,6 +462,9 @@ class TunnelServer:
         #: What takes a UDP association another node relays here, by the public UDP port
         #: of the forward holding it on this node.
         self.udp_targets: dict[int, TakeAssociation] = {}
+        #: The UDP associations clients open through this server (``-L .../udp``): counts
+        #: across all clients, datagrams dropped on this side included.
+        self.udp_stats = RelayStats()
         if self.listeners:
             host, port = self.listeners[0].socket.getsockname()[:2]
             self._address = (str(host), int(port))

@@ -20,7 +20,7 @@ from .local import LocalForward
 from .remote import RemoteForward
 
 if TYPE_CHECKING:
-    from ..session import IncomingStream, MuxStream
+    from ..session import IncomingStream, MuxStream, Session
 
 __all__ = ["UdpLocalForward", "UdpRemoteForward"]
 
@@ -32,16 +32,20 @@ class UdpLocalForward(LocalForward):
     kind = ForwardKind.LOCAL_UDP
 
     async def _listen(self, host: str, port: int, task_status: trio.TaskStatus[None]) -> None:
-        with await bind_udp(host, port) as sock:
+        with await bind_udp(host, port, buffer=self._link.config.udp_socket_buffer) as sock:
             self._listening(host, int(sock.getsockname()[1]), task_status)
             await serve_associations(
                 sock,
                 self._open_association,
                 idle_timeout=self._link.config.udp_idle_timeout,
                 max_associations=self._link.config.max_udp_associations,
+                room=self._session,
                 stats=self.stats,
                 name=f"{self.kind} {self.listen_port}",
             )
+
+    def _session(self) -> Session | None:
+        return self._link.session
 
     async def _open_association(self, source: tuple[str, int]) -> MuxStream:
         # a refusal is counted (by category) where associations are run: _udp._run_association
@@ -55,12 +59,23 @@ class UdpRemoteForward(RemoteForward):
     kind = ForwardKind.REMOTE_UDP
     _listen_route = routes.UDP_LISTEN
 
+    def _session(self) -> Session | None:
+        return self._link.session
+
     async def _handle(self, incoming: IncomingStream) -> None:
         await serve_egress(
             incoming,
-            functools.partial(udp_connect, self.target_host, self.target_port),
             functools.partial(
-                relay_association, idle_timeout=self._link.config.udp_idle_timeout, stats=self.stats
+                udp_connect,
+                self.target_host,
+                self.target_port,
+                buffer=self._link.config.udp_socket_buffer,
+            ),
+            functools.partial(
+                relay_association,
+                idle_timeout=self._link.config.udp_idle_timeout,
+                stats=self.stats,
+                room=self._session,
             ),
             self.stats.count_failure,
         )
