@@ -38,6 +38,21 @@ async def echo_port(nursery: trio.Nursery) -> int:
 
 
 @pytest.fixture
+def receive_calls(monkeypatch: pytest.MonkeyPatch) -> list[trio.SocketStream]:
+    """Each stream ``trio.SocketStream.receive_some`` is called on (the real method still
+    runs), for tests that show a path reads its socket directly instead."""
+    calls: list[trio.SocketStream] = []
+    real = trio.SocketStream.receive_some
+
+    async def spy(self: trio.SocketStream, max_bytes: int | None = None) -> bytes:
+        calls.append(self)
+        return await real(self, max_bytes)
+
+    monkeypatch.setattr(trio.SocketStream, "receive_some", spy)
+    return calls
+
+
+@pytest.fixture
 async def tunnel_server(nursery: trio.Nursery) -> pytunnel.TunnelServer:
     server: pytunnel.TunnelServer = await nursery.start(
         functools.partial(pytunnel.serve, 0, token=TOKEN)

@@ -309,6 +309,19 @@ needs_etcd = pytest.mark.skipif(
 )
 
 
+async def udp_echo(*, task_status: trio.TaskStatus[int]) -> None:
+    """A UDP echo service on loopback (``nursery.start`` gives its port); a request starting
+    with b"Q" gets a DNS-like b"A" + rest answer."""
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    with sock:
+        await sock.bind(("127.0.0.1", 0))
+        task_status.started(sock.getsockname()[1])
+        while True:
+            data, addr = await sock.recvfrom(65536)
+            reply = b"A" + data[1:] if data.startswith(b"Q") else data
+            await sock.sendto(reply, addr)
+
+
 async def send_and_read_all(address: tuple[str, int], payload: bytes) -> bytes:
     """Send ``payload`` then EOF, and return everything the service answers until its EOF
     (a small payload: sent before reading; errors come through as they are, ungrouped)."""

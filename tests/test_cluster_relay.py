@@ -26,6 +26,7 @@ from helpers import (
     describe_tasks,
     needs_etcd,
     send_and_read_all,
+    udp_echo,
     wait_until,
 )
 from prometheus_client import CollectorRegistry, generate_latest
@@ -331,7 +332,7 @@ async def test_a_udp_port_of_a_client_on_node_a_is_served_through_node_b(
     a = await _node(nursery, etcd, "a", "127.0.0.1")
     b = await _node(nursery, etcd, "b", "127.0.0.2")
     tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
-    echo = await nursery.start(_udp_echo)
+    echo = await nursery.start(udp_echo)
     port = _free_port_on_both(socket.SOCK_DGRAM)
     forward = await tunnel.forward_remote("127.0.0.1", echo, remote_port=port, protocol="udp")
     links = b.node_links
@@ -348,16 +349,6 @@ async def test_a_udp_port_of_a_client_on_node_a_is_served_through_node_b(
     assert forward.stats.total_connections == 3  # ... each one of the forward's own at A
     await forward.aclose()
     await wait_until(lambda: port not in links.mirrored_udp_ports, seconds=20)
-
-
-async def _udp_echo(*, task_status: trio.TaskStatus[int]) -> None:
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
-    with sock:
-        await sock.bind(("127.0.0.1", 0))
-        task_status.started(sock.getsockname()[1])
-        while True:
-            data, address = await sock.recvfrom(65536)
-            await sock.sendto(data, address)
 
 
 async def _ask(sock: trio.socket.SocketType, address: tuple[str, int], payload: bytes) -> bytes:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import trio
-from helpers import TOKEN, closed_port, echo_once, wait_until
+from helpers import TOKEN, closed_port, echo_once, udp_echo, wait_until
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -503,16 +503,6 @@ async def test_a_real_prometheus_scrapes_identical_forwards(
         await process.wait()
 
 
-async def _udp_echo(*, task_status: trio.TaskStatus[int]) -> None:
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
-    with sock:
-        await sock.bind(("127.0.0.1", 0))
-        task_status.started(sock.getsockname()[1])
-        while True:
-            data, addr = await sock.recvfrom(65536)
-            await sock.sendto(data, addr)
-
-
 async def test_server_metrics_count_udp_remote_forwards_and_their_drops(
     nursery: trio.Nursery, echo_port: int
 ) -> None:
@@ -524,7 +514,7 @@ async def test_server_metrics_count_udp_remote_forwards_and_their_drops(
     )
     port = await _serve(nursery, ServerCollector(server))
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
-    udp = await tunnel.forward_remote("127.0.0.1", await nursery.start(_udp_echo), protocol="udp")
+    udp = await tunnel.forward_remote("127.0.0.1", await nursery.start(udp_echo), protocol="udp")
     bind = f"{pytunnel.format_target(*udp.address)}/udp"
     samples = _samples((await _get(port))[1])
     assert _value(samples, "pytunnel_server_forward_online", bind=bind) == 1
@@ -643,7 +633,7 @@ async def test_docs_name_every_metric(nursery: trio.Nursery, echo_port: int) -> 
     tunnel = await pytunnel.connect_tunnel(
         nursery, server.address, token=TOKEN, heartbeat_interval=0.2
     )
-    udp_target = await nursery.start(_udp_echo)
+    udp_target = await nursery.start(udp_echo)
     await tunnel.forward_local("127.0.0.1", echo_port)
     await tunnel.forward_local("127.0.0.1", udp_target, protocol="udp")
     await tunnel.forward_remote("127.0.0.1", echo_port)

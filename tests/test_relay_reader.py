@@ -26,20 +26,6 @@ from pytunnel.testing import Faults
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def receive_calls(monkeypatch: pytest.MonkeyPatch) -> list[trio.SocketStream]:
-    """The real ``SocketStream.receive_some``, recording which stream each call was on."""
-    calls: list[trio.SocketStream] = []
-    real = trio.SocketStream.receive_some
-
-    async def spy(self: trio.SocketStream, max_bytes: int | None = None) -> bytes:
-        calls.append(self)
-        return await real(self, max_bytes)
-
-    monkeypatch.setattr(trio.SocketStream, "receive_some", spy)
-    return calls
-
-
 async def _receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
     got = bytearray()
     while len(got) < size:

@@ -15,20 +15,6 @@ from pytunnel._direct import MAX_STREAK, SocketReader
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def receive_calls(monkeypatch: pytest.MonkeyPatch) -> list[trio.SocketStream]:
-    """The real ``SocketStream.receive_some``, recording each call's stream."""
-    calls: list[trio.SocketStream] = []
-    real = trio.SocketStream.receive_some
-
-    async def spy(self: trio.SocketStream, max_bytes: int | None = None) -> bytes:
-        calls.append(self)
-        return await real(self, max_bytes)
-
-    monkeypatch.setattr(trio.SocketStream, "receive_some", spy)
-    return calls
-
-
 async def _receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
     got = bytearray()
     while len(got) < size:

@@ -12,25 +12,13 @@ from collections.abc import Callable, Collection
 import pytest
 import trio
 import trio.lowlevel
-from helpers import TOKEN
+from helpers import TOKEN, udp_echo
 
 import pytunnel
 import pytunnel._udp
 from pytunnel.testing import open_tunnel_pair
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def _udp_echo(*, task_status: trio.TaskStatus[int]) -> None:
-    """A UDP echo service; a request starting with b"Q" gets a DNS-like b"A" + rest answer."""
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
-    with sock:
-        await sock.bind(("127.0.0.1", 0))
-        task_status.started(sock.getsockname()[1])
-        while True:
-            data, addr = await sock.recvfrom(65536)
-            reply = b"A" + data[1:] if data.startswith(b"Q") else data
-            await sock.sendto(reply, addr)
 
 
 async def _client_socket() -> trio.socket.SocketType:
@@ -68,7 +56,7 @@ async def _ask(
 async def test_udp_request_response(
     tunnel: pytunnel.Tunnel, nursery: trio.Nursery, kind: str
 ) -> None:
-    port = await nursery.start(_udp_echo)
+    port = await nursery.start(udp_echo)
     if kind == "local":
         forward: pytunnel.Forward = await tunnel.forward_local("127.0.0.1", port, protocol="udp")
     else:
@@ -82,7 +70,7 @@ async def test_udp_request_response(
 async def test_fifty_sources_get_their_own_replies(
     tunnel: pytunnel.Tunnel, nursery: trio.Nursery
 ) -> None:
-    port = await nursery.start(_udp_echo)
+    port = await nursery.start(udp_echo)
     forward = await tunnel.forward_local("127.0.0.1", port, protocol="udp")
     results: list[bool] = []
 
@@ -106,7 +94,7 @@ async def test_fifty_sources_get_their_own_replies(
 async def test_association_expiry(autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
     server = await nursery.start(functools.partial(pytunnel.serve, 0, token="t"))
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token="t", udp_idle_timeout=60)
-    port = await nursery.start(_udp_echo)
+    port = await nursery.start(udp_echo)
     forward = await tunnel.forward_local("127.0.0.1", port, protocol="udp")
     assert await _ask(forward.address, b"ping") == b"ping"
     assert forward.stats.active_connections == 1
@@ -130,7 +118,7 @@ async def test_flood_is_bounded_and_tcp_stays_responsive(
     process: one trio ``sendto`` per datagram would let the whole tunnel, running in this
     same process, take a scheduler pass per datagram, and the flood would trickle for its
     full time bound (about 550 datagrams/s) instead of flooding."""
-    port = await nursery.start(_udp_echo)
+    port = await nursery.start(udp_echo)
     udp = await tunnel.forward_local("127.0.0.1", port, protocol="udp")
     tcp = await tunnel.forward_local("127.0.0.1", echo_port)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -219,7 +207,7 @@ async def test_datagrams_beyond_a_stalled_link_wait_in_the_socket_and_drops_are_
     tunnel = await pytunnel.connect_tunnel(
         nursery, ("127.0.0.1", proxy_port), token=TOKEN, heartbeat_timeout=600
     )
-    port = await nursery.start(_udp_echo)
+    port = await nursery.start(udp_echo)
     udp = await tunnel.forward_local("127.0.0.1", port, protocol="udp")
     sock = await _client_socket()
     with sock:
@@ -301,7 +289,7 @@ async def test_udp_associations_count_against_the_server_stream_budget(
     server = await nursery.start(functools.partial(pytunnel.serve, 0, token=TOKEN, max_streams=8))
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
     tcp = [await tunnel.open_stream("127.0.0.1", echo_port) for _ in range(6)]
-    port = await nursery.start(_udp_echo)
+    port = await nursery.start(udp_echo)
     udp = await tunnel.forward_remote("127.0.0.1", port, protocol="udp")
     first, second, third = [await _client_socket() for _ in range(3)]
     try:
@@ -334,7 +322,7 @@ async def test_one_udp_forward_takes_at_most_a_quarter_of_the_stream_budget(
 
     server = await nursery.start(functools.partial(pytunnel.serve, 0, token=TOKEN, max_streams=8))
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
-    port = await nursery.start(_udp_echo)
+    port = await nursery.start(udp_echo)
     udp = await tunnel.forward_remote("127.0.0.1", port, protocol="udp")
     sockets = [await _client_socket() for _ in range(5)]
     try:
@@ -393,7 +381,7 @@ async def test_refused_source_is_remembered_not_reopened_per_datagram(
         functools.partial(pytunnel.serve, 0, token=TOKEN, permit_open="127.0.0.1:1")
     )
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
-    port = await nursery.start(_udp_echo)
+    port = await nursery.start(udp_echo)
     udp = await tunnel.forward_local("127.0.0.1", port, protocol="udp")
     sock = await _client_socket()
     with sock:
@@ -429,7 +417,7 @@ async def test_refusal_memory_expires(
         functools.partial(pytunnel.serve, 0, token=TOKEN, permit_open="127.0.0.1:1")
     )
     tunnel = await pytunnel.connect_tunnel(nursery, server.address, token=TOKEN)
-    port = await nursery.start(_udp_echo)
+    port = await nursery.start(udp_echo)
     udp = await tunnel.forward_local("127.0.0.1", port, protocol="udp")
     sock = await _client_socket()
     with sock:
