@@ -95,10 +95,6 @@ class Room(Protocol):
     async def wait_for_room(self, size: int) -> None: ...
 
 
-def _nothing() -> None:
-    pass
-
-
 def _no_room(room: Callable[[], Room | None]) -> bool:
     """Whether the current session (``room()``) has no room for a read's batch now: the
     cheap check made before every read, so the coroutine below runs only when it waits."""
@@ -117,6 +113,32 @@ async def _wait_for_room(room: Callable[[], Room | None], refresh: Callable[[], 
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await session.wait_for_room(SESSION_ROOM)
         refresh()
+
+
+class _KernelDrops:
+    """The kernel's drops on one socket since the last look (:func:`kernel_drops`), looked
+    up after a full read (a backlog, the only time it drops) or once ``_DROPS_CHECK`` has
+    passed: one ``getsockopt`` per read would cost about a tenth of a datagram."""
+
+    __slots__ = ("_next", "_seen", "_sock")
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self._sock = sock
+        self._seen = kernel_drops(sock)
+        self._next = trio.current_time() + _DROPS_CHECK
+
+    def due(self, read: int) -> bool:
+        """Whether a read of ``read`` datagrams calls for a look."""
+        return read >= _FULL_READ or trio.current_time() >= self._next
+
+    def take(self) -> int:
+        """The drops since the last look (0 once the socket is closed)."""
+        if self._sock.fileno() < 0:
+            return 0
+        now = kernel_drops(self._sock)
+        new, self._seen = now - self._seen, now
+        self._next = trio.current_time() + _DROPS_CHECK
+        return new
 
 
 @attrs.define
@@ -151,7 +173,7 @@ def _admit_always() -> bool:
     return True
 
 
-def _release_nothing() -> None:
+def _nothing() -> None:
     pass
 
 
@@ -232,7 +254,7 @@ async def serve_associations(
     max_associations: int = DEFAULT_MAX_ASSOCIATIONS,
     refusal_memory: float = DEFAULT_REFUSAL_MEMORY,
     admit: Callable[[], bool] = _admit_always,
-    release: Callable[[], None] = _release_nothing,
+    release: Callable[[], None] = _nothing,
     room: Callable[[], Room | None] | None = None,
     stats: RelayStats,
     name: str,
@@ -253,16 +275,11 @@ async def serve_associations(
     """
     table = _Table(idle_timeout, max_associations, refusal_memory)
     # what the kernel dropped on the socket (its buffer full while we waited for room, or
-    # were slow) is counted with the rest, read once per batch
-    kernel_seen = kernel_drops(sock)
-    next_check = trio.current_time() + _DROPS_CHECK
+    # were slow) is counted with the rest
+    kernel = _KernelDrops(sock)
 
     def count_kernel_drops() -> None:
-        nonlocal kernel_seen, next_check
-        kernel_now = kernel_drops(sock)
-        stats.datagrams_dropped += kernel_now - kernel_seen
-        kernel_seen = kernel_now
-        next_check = trio.current_time() + _DROPS_CHECK
+        stats.datagrams_dropped += kernel.take()
 
     async with trio.open_nursery() as nursery:
         while True:
@@ -274,7 +291,7 @@ async def serve_associations(
             outgoing: dict[_Association, list[bytes]] = {}
             received = await receive_batch(sock, _RECV_SIZE, READ_BYTES)
             # a full read means a backlog, the only time the kernel drops: count at once
-            if len(received) >= _FULL_READ or trio.current_time() >= next_check:
+            if kernel.due(len(received)):
                 count_kernel_drops()
             for data, raw_address in received:
                 address: Address = (str(raw_address[0]), int(raw_address[1]))
@@ -463,9 +480,13 @@ async def relay_association(
         stats.active_connections += 1
         stats.total_connections += 1
     seen = 0  # the stream's drop count already added to ``stats``
-    kernel_seen = kernel_drops(sock)  # the same for the kernel's drops of replies on ``sock``
-    next_check = trio.current_time() + _DROPS_CHECK
+    kernel = _KernelDrops(sock)  # the kernel's drops of replies on ``sock``
     drops = _Drops()
+
+    def count_kernel_drops() -> None:
+        new = kernel.take()
+        drops.kernel += new
+        count_drops(new)
 
     def count_drops(also: int = 0) -> None:
         nonlocal seen
@@ -495,7 +516,6 @@ async def relay_association(
                         stats.bytes_out += size
 
             async def inbound() -> None:
-                nonlocal kernel_seen, next_check
                 while True:
                     if room is not None and _no_room(room):
                         await _wait_for_room(room, _nothing)
@@ -503,11 +523,8 @@ async def relay_association(
                         batch = await receive_batch(sock, _RECV_SIZE, READ_BYTES)
                     except OSError:  # other ICMP errors surface here on connected sockets
                         continue
-                    if len(batch) >= _FULL_READ or trio.current_time() >= next_check:
-                        kernel_now = kernel_drops(sock)
-                        drops.kernel += kernel_now - kernel_seen
-                        count_drops(kernel_now - kernel_seen)
-                        kernel_seen, next_check = kernel_now, trio.current_time() + _DROPS_CHECK
+                    if kernel.due(len(batch)):
+                        count_kernel_drops()
                     payloads = [data for data, _ in batch if len(data) <= MAX_DATAGRAM]
                     try:
                         sent, size = stream.send_datagrams(payloads)
@@ -525,12 +542,7 @@ async def relay_association(
                 nursery.start_soon(outbound)
                 nursery.start_soon(inbound)
     finally:
-        if sock.fileno() >= 0:
-            kernel_now = kernel_drops(sock)
-            drops.kernel += kernel_now - kernel_seen
-            count_drops(kernel_now - kernel_seen)
-        else:
-            count_drops()
+        count_kernel_drops()
         drops.report(
             stream, f"udp association {printable(format_target(stream.host, stream.port))}"
         )
