@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Protocol
 
 import trio
 
-__all__ = ["MAX_STREAK", "SocketReader"]
+__all__ = ["MAX_STREAK", "DirectReader", "PacedReads", "SocketReader"]
 
 #: Reads in a row without a wait after which a reader yields (``trio.lowlevel.checkpoint``):
 #: a busy connection still lets the others run, and sees its cancellation, within this many
@@ -30,6 +31,50 @@ MAX_STREAK = 8
 
 # what trio.SocketStream reports as "we closed it" rather than as a broken connection
 _CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
+
+
+class DirectReader(Protocol):
+    """Reads a source without trio's per-call machinery (:class:`SocketReader` for a plain
+    socket): ``receive_nowait`` returns a chunk, ``b""`` at EOF, or ``None`` when nothing is
+    there, and ``wait`` returns once there may be; both raise what ``receive_some`` raises."""
+
+    def receive_nowait(self, max_bytes: int) -> bytes | None: ...
+
+    async def wait(self) -> None: ...
+
+
+class PacedReads:
+    """The read loop both hot readers share, over a :class:`DirectReader`: after a short read
+    (the source was emptied) a wait first instead of a read that fails, and a checkpoint
+    after :data:`MAX_STREAK` reads in a row that found data, so a source that is always
+    readable keeps its reader neither running for ever nor deaf to its cancellation.
+
+    ``streak`` may be reset by a caller that checkpoints on its own between reads."""
+
+    __slots__ = ("_drained", "_reader", "streak")
+
+    def __init__(self, reader: DirectReader) -> None:
+        self._reader = reader
+        self._drained = False
+        self.streak = 0
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        """The next chunk of at most ``max_bytes`` (``b""`` at EOF), as ``receive_some``."""
+        reader = self._reader
+        while True:
+            if self._drained:
+                await reader.wait()
+                self.streak = 0
+            elif self.streak >= MAX_STREAK:
+                await trio.lowlevel.checkpoint()
+                self.streak = 0
+            got = reader.receive_nowait(max_bytes)
+            if got is not None:
+                break
+            self._drained = True
+        self._drained = len(got) < max_bytes
+        self.streak += 1
+        return got
 
 
 class SocketReader:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 import attrs
 import trio
 
-from ._direct import MAX_STREAK, socket_reader
+from ._direct import DirectReader, PacedReads, socket_reader
 from ._stream import DirectWriter
 from ._util import aclose_all, implements
 from .errors import ErrorCode, InvalidTargetError, SessionClosedError, TargetForbiddenError
@@ -159,17 +159,6 @@ class DirectSink(Protocol):
     bypass its ``send_all`` (a fault injector with no fault set)."""
 
     def direct_writer(self) -> DirectWriter | None: ...
-
-
-class DirectReader(Protocol):
-    """Reads a source without trio's per-call machinery (:class:`pytunnel._direct.SocketReader`
-    for a plain socket): ``receive_nowait`` returns a chunk, ``b""`` at EOF, or ``None`` when
-    nothing is there, and ``wait`` returns once there may be; both raise what
-    ``receive_some`` raises."""
-
-    def receive_nowait(self, max_bytes: int) -> bytes | None: ...
-
-    async def wait(self) -> None: ...
 
 
 @runtime_checkable
@@ -341,25 +330,9 @@ async def _copy_loop(
     # was emptied) a wait first instead of a read that fails; a checkpoint every MAX_STREAK
     # reads that found data without a wait keeps a busy relay fair and cancellable
     reader = direct_reader(source)
-    drained = False
-    streak = 0
+    receive_some = source.receive_some if reader is None else PacedReads(reader).receive_some
     while True:
-        if reader is None:
-            chunk = await source.receive_some(_CHUNK)
-        else:
-            if drained:
-                await reader.wait()
-                streak = 0
-            elif streak >= MAX_STREAK:
-                await trio.lowlevel.checkpoint()
-                streak = 0
-            got = reader.receive_nowait(_CHUNK)
-            if got is None:
-                drained = True
-                continue
-            chunk = got
-            drained = len(chunk) < _CHUNK
-            streak += 1
+        chunk = await receive_some(_CHUNK)
         ending.touch()
         if not chunk:
             return True

@@ -37,7 +37,7 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
-from ._direct import MAX_STREAK, socket_reader
+from ._direct import PacedReads, socket_reader
 from ._incoming import IncomingStream, StreamSlot
 from ._spec import check_target
 from ._stream import MuxStream, StreamCarrier
@@ -725,8 +725,8 @@ class Session:
         # fails; a checkpoint every MAX_STREAK reads that found data keeps a busy peer from
         # holding the event loop even when its reads decode into few frames
         reader = socket_reader(transport)
-        drained = False
-        streak = 0
+        reads = None if reader is None else PacedReads(reader)
+        receive_some = transport.receive_some if reads is None else reads.receive_some
         eof = False
         try:
             while True:
@@ -753,30 +753,15 @@ class Session:
                     self._kick_writer()
                 if mux.frames_pending:
                     await trio.lowlevel.checkpoint()
-                    streak = 0
+                    if reads is not None:
+                        reads.streak = 0
                     continue
                 if eof:
                     if mux.goaway_received and self.close_reason is None:
                         return self._terminate(self._goaway_reason or SessionClosedError())
                     self._terminate(trio.BrokenResourceError("transport closed by the peer"))
                     return
-                if reader is None:
-                    data = await transport.receive_some(size)
-                else:
-                    while True:
-                        if drained:
-                            await reader.wait()
-                            streak = 0
-                        elif streak >= MAX_STREAK:
-                            await trio.lowlevel.checkpoint()
-                            streak = 0
-                        got = reader.receive_nowait(size)
-                        if got is not None:
-                            break
-                        drained = True
-                    data = got
-                    drained = len(data) < size
-                    streak += 1
+                data = await receive_some(size)
                 self.bytes_read += len(data)
                 self.last_received = now()
                 mux.feed(data)
