@@ -205,6 +205,46 @@ async def test_close_after_ends_both_directions_of_a_plain_relay_cleanly() -> No
     await right.aclose()
 
 
+async def test_a_cut_interrupts_the_reader_waiting_on_the_idle_side() -> None:
+    """``close_after`` fires on replies while the accepting side sends nothing: the relay's
+    reader of that side is parked waiting for it, and the cut must end that wait, so the
+    target sees the clean EOF without the idle side doing anything."""
+    faults = pytunnel.testing.Faults()
+    faults.set("in", close_after=3)
+    left, right, a, b = await _wrapped_pair(faults)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay, a, b)
+        await trio.sleep(0.05)  # the reader of the idle side parks (a wait either way)
+        await right.send_all(b"abcdef")
+        got = b""
+        with trio.fail_after(10):
+            while chunk := await left.receive_some():
+                got += chunk
+            assert await right.receive_some() == b""  # left never sent, closed or shut down
+    assert got == b"abc"
+    assert faults.reset_connections() == 0
+    await left.aclose()
+    await right.aclose()
+
+
+async def test_a_reset_interrupts_both_parked_readers() -> None:
+    """Both sides idle, both readers parked: ``reset_connections`` ends both waits and
+    resets both connections (not a clean EOF on either)."""
+    faults = pytunnel.testing.Faults()
+    left, right, a, b = await _wrapped_pair(faults)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay, a, b)
+        await left.send_all(b"x")
+        with trio.fail_after(10):
+            assert await right.receive_some() == b"x"
+        assert faults.reset_connections() == 1
+        for end in (left, right):
+            with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+                await end.receive_some()
+    await left.aclose()
+    await right.aclose()
+
+
 async def test_reset_connections_resets_a_mux_stream_through_its_wrapper() -> None:
     """``reset_connections`` breaks the wrapped pair; the relay's reset reaches the mux
     stream inside the wrapper (``reset`` is a capability, not a class check)."""

@@ -42,6 +42,12 @@ class DirectReader(Protocol):
 
     async def wait(self) -> None: ...
 
+    def fileno(self) -> int:
+        """The descriptor ``wait`` waits on (-1 once closed): trio's ``notify_closing`` on
+        it interrupts the wait with ``ClosedResourceError``, which is how a wrapper ends a
+        wait without a cancel scope around each one."""
+        ...
+
 
 class PacedReads:
     """The read loop both hot readers share, over a :class:`DirectReader`: after a short read
@@ -102,6 +108,9 @@ class SocketReader:
             if exc.errno in _CLOSED_ERRNOS:
                 raise trio.ClosedResourceError("this socket was already closed") from None
             raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
 
     async def wait(self) -> None:
         """Until the socket is readable (data, EOF or an error to read); a checkpoint."""

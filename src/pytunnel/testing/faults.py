@@ -140,6 +140,8 @@ class _Link:
         #: In-flight operations, each with whether a cut interrupts it (a half-close does not:
         #: it is how the cut reaches the peers).
         self._pending: dict[trio.CancelScope, bool] = {}
+        #: Descriptors a direct reader is waiting on right now (see :meth:`waiting_on`).
+        self._waiting: list[int] = []
 
     @contextlib.contextmanager
     def guard(self, *, cuttable: bool = True) -> Iterator[trio.CancelScope]:
@@ -147,6 +149,11 @@ class _Link:
             self._pending[scope] = cuttable
             try:
                 yield scope
+            except trio.ClosedResourceError:
+                # the end's wake-up of a reader on the same socket reached this operation
+                # first: it was interrupted on purpose, as its cancelled scope says
+                if not scope.cancel_called:
+                    raise
             finally:
                 del self._pending[scope]
 
@@ -158,6 +165,11 @@ class _Link:
         for scope, cuttable in list(self._pending.items()):
             if reset or cuttable:
                 scope.cancel()
+        for fd in self._waiting:
+            # wakes every wait on the descriptor, this reader's and a guarded send's (whose
+            # guard takes it as the cancellation it also got); the socket itself is left
+            # alone: the relay still carries the end across and closes it
+            trio.lowlevel.notify_closing(fd)
 
     def close(self) -> None:
         self._on_close(self)
@@ -181,20 +193,27 @@ class _LinkedReader:
             return b""
         return self._inner.receive_nowait(max_bytes)
 
+    def fileno(self) -> int:
+        return self._inner.fileno()
+
     async def wait(self) -> None:
         link = self._link
         if link.cut or link.reset:  # receive_nowait answers at once
             await trio.lowlevel.checkpoint()
             return
-        # what link.guard() does, without a context manager's generator per wait: a cut or
-        # a reset interrupts it
-        scope = trio.CancelScope()
-        link._pending[scope] = True
+        fd = self._inner.fileno()
+        if fd < 0:  # closed here: the inner wait says so
+            await self._inner.wait()
+            return
+        waiting = link._waiting
+        waiting.append(fd)
         try:
-            with scope:
-                await self._inner.wait()
+            await self._inner.wait()
+        except trio.ClosedResourceError:
+            if not (link.cut or link.reset):  # closed for another reason
+                raise
         finally:
-            del link._pending[scope]
+            waiting.remove(fd)
 
 
 class FaultyStream(trio.abc.HalfCloseableStream):
