@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import trio
 
+from ._util import aclose_all
 from .errors import DialError, ErrorCode, SessionClosedError
 from .session import IncomingStream, MuxStream
 
@@ -23,7 +24,7 @@ _Target = TypeVar("_Target", trio.SocketStream, trio.socket.SocketType)
 
 async def _close(target: trio.SocketStream | trio.socket.SocketType) -> None:
     if isinstance(target, trio.SocketStream):
-        await trio.aclose_forcefully(target)
+        await aclose_all(target)
     else:
         target.close()
 

@@ -23,6 +23,7 @@ from typing import TypeVar
 import trio
 
 from ._listen import serve_backlog
+from ._util import aclose_all
 from .errors import TunnelError
 from .session import MuxStream
 
@@ -68,7 +69,7 @@ async def _carry(
         await carry(conn, slot)
     finally:
         release(slot)
-        await trio.aclose_forcefully(conn)
+        await aclose_all(conn)
 
 
 async def carry_over_stream(

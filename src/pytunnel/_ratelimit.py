@@ -20,6 +20,7 @@ import re
 import trio
 
 from ._relay import abort
+from ._util import close_now
 
 __all__ = ["LimitedStream", "TokenBucket", "parse_rate"]
 
@@ -116,6 +117,10 @@ class LimitedStream(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+    def close_now(self) -> bool:
+        """:meth:`aclose` without a checkpoint, when the wrapped stream allows it."""
+        return close_now(self.stream)
 
 
 _UNITS = {

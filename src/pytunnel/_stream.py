@@ -656,6 +656,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
         Completes its work before its checkpoint, so a cancelled ``aclose`` still closes.
         """
+        self.close_now()
+        await trio.lowlevel.checkpoint()
+
+    def close_now(self) -> bool:
+        """What :meth:`aclose` does, without its checkpoint (see ``_util.close_now``)."""
         if not self._closed:
             self._closed = True
             unread = bool(self._buffer)
@@ -666,4 +671,4 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._wake_reader()
             self._wake_senders()
             self._wake_datagram_readers()
-        await trio.lowlevel.checkpoint()
+        return True

@@ -25,7 +25,7 @@ import trio
 
 from .._relay import DirectReader, DirectSource, abort, direct_reader, direct_writer
 from .._stream import DirectWriter
-from .._util import implements
+from .._util import close_now, implements
 
 #: The relay's logger: a connection a fault closed is said where relays are.
 log = logging.getLogger("pytunnel.relay")
@@ -365,3 +365,8 @@ class FaultyStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         self._link.close()
         await self.stream.aclose()
+
+    def close_now(self) -> bool:
+        """:meth:`aclose` without a checkpoint, when the wrapped stream allows it."""
+        self._link.close()
+        return close_now(self.stream)
