@@ -20,7 +20,7 @@ import re
 import trio
 
 from ._relay import abort
-from ._util import close_now
+from ._util import close_now, send_eof_now
 
 __all__ = ["LimitedStream", "TokenBucket", "parse_rate"]
 
@@ -111,6 +111,10 @@ class LimitedStream(trio.abc.HalfCloseableStream):
 
     async def send_eof(self) -> None:
         await self.stream.send_eof()
+
+    def send_eof_now(self) -> bool:
+        """:meth:`send_eof` without a checkpoint, when the wrapped stream allows it."""
+        return send_eof_now(self.stream)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         return await self.stream.receive_some(max_bytes)

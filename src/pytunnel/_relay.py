@@ -30,7 +30,7 @@ import trio
 
 from ._direct import DirectReader, PacedReads, socket_reader
 from ._stream import DirectWriter
-from ._util import aclose_all, implements
+from ._util import aclose_all, implements, send_eof_now
 from .errors import ErrorCode, InvalidTargetError, SessionClosedError, TargetForbiddenError
 
 if TYPE_CHECKING:
@@ -241,7 +241,8 @@ async def _copy(
     else:
         await _copy_loop(source, sink, stats, outbound, ending)
     with ending.send():
-        await sink.send_eof()
+        if not send_eof_now(sink):
+            await sink.send_eof()
 
 
 def direct_writer(stream: trio.abc.SendStream) -> DirectWriter | None:
@@ -435,7 +436,8 @@ class _Taskless:
                 return  # idle again: no task until a reader is needed
             self._state = _DONE
             with self.ending.send():
-                await self.sink.send_eof()
+                if not send_eof_now(self.sink):
+                    await self.sink.send_eof()
             self.ending.finished += 1
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("%s ended by a broken side: %r", self.name, exc)

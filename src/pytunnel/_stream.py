@@ -633,12 +633,23 @@ class MuxStream(trio.abc.HalfCloseableStream):
             if self._closed:
                 raise trio.ClosedResourceError("stream was closed")
             await trio.lowlevel.checkpoint_if_cancelled()
-            if not self._fin_sent:
-                if self._broken is not None:
-                    raise trio.BrokenResourceError("stream is broken") from self._broken
-                self._fin_sent = True
-                self._carrier.send_fin(self.stream_id)
+            self._send_fin()
             await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def send_eof_now(self) -> bool:
+        """What :meth:`send_eof` does, without its checkpoints (see ``_util.send_eof_now``)."""
+        with self._send_conflict:
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+            self._send_fin()
+        return True
+
+    def _send_fin(self) -> None:
+        if not self._fin_sent:
+            if self._broken is not None:
+                raise trio.BrokenResourceError("stream is broken") from self._broken
+            self._fin_sent = True
+            self._carrier.send_fin(self.stream_id)
 
     def reset(self, code: int = ErrorCode.CANCELLED, message: str = "") -> None:
         """Abort both directions now. The peer's operations on the stream raise

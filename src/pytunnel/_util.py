@@ -51,6 +51,25 @@ def close_now(resource: trio.abc.AsyncResource) -> bool:
     return close is not None and bool(close())
 
 
+def send_eof_now(stream: trio.abc.AsyncResource) -> bool:
+    """Half-close ``stream`` at once, as ``send_eof`` would, without its checkpoint, if it can
+    be (see :func:`close_now`): ``False`` if ``send_eof`` must be awaited. Raises what
+    ``send_eof`` raises: ``ClosedResourceError`` once closed here, ``BrokenResourceError``
+    (its ``__cause__`` the ``OSError``) when the connection broke."""
+    if type(stream) is trio.SocketStream:
+        sock = stream.socket
+        if sock.fileno() < 0:
+            raise trio.ClosedResourceError("this socket was already closed")
+        if not sock.did_shutdown_SHUT_WR:
+            try:
+                sock.shutdown(trio.socket.SHUT_WR)
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        return True
+    send_eof = getattr(stream, "send_eof_now", None)
+    return send_eof is not None and bool(send_eof())
+
+
 async def aclose_all(*resources: trio.abc.AsyncResource) -> None:
     """Close every resource, even when the caller is being cancelled.
 

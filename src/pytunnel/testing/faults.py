@@ -25,7 +25,7 @@ import trio
 
 from .._relay import DirectReader, DirectSource, abort, direct_reader, direct_writer
 from .._stream import DirectWriter
-from .._util import close_now, implements
+from .._util import close_now, implements, send_eof_now
 
 #: The relay's logger: a connection a fault closed is said where relays are.
 log = logging.getLogger("pytunnel.relay")
@@ -361,6 +361,12 @@ class FaultyStream(trio.abc.HalfCloseableStream):
         with self._link.guard(cuttable=False):
             await self.stream.send_eof()
         self._check()
+
+    def send_eof_now(self) -> bool:
+        """:meth:`send_eof` without a checkpoint, when the wrapped stream allows it (then it
+        does not wait either, so there is nothing for a reset to interrupt)."""
+        self._check()
+        return send_eof_now(self.stream)
 
     async def aclose(self) -> None:
         self._link.close()
