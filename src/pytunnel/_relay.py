@@ -240,8 +240,10 @@ async def _copy(
             direct.deliver_directly(None)
     else:
         await _copy_loop(source, sink, stats, outbound, ending)
-    with ending.send():
-        if not send_eof_now(sink):
+    if send_eof_now(sink):
+        ending.touch()  # nothing waited: the idle clock needs no stopping
+    else:
+        with ending.send():
             await sink.send_eof()
 
 
@@ -435,8 +437,10 @@ class _Taskless:
             ):
                 return  # idle again: no task until a reader is needed
             self._state = _DONE
-            with self.ending.send():
-                if not send_eof_now(self.sink):
+            if send_eof_now(self.sink):
+                self.ending.touch()
+            else:
+                with self.ending.send():
                     await self.sink.send_eof()
             self.ending.finished += 1
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
