@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import attrs
 import pytest
 import trio
 from helpers import open_pair, session_pair, tcp_stream_pair
@@ -288,3 +289,22 @@ def test_faults_set_is_all_or_nothing() -> None:
         faults.set(latency=1.0, latenzy=2.0)
     assert faults.out.latency == 0.0
     assert not faults.out.active
+
+
+@pytest.mark.parametrize("name", [f.name for f in attrs.fields(pytunnel.testing.DirectionFaults)])
+def test_active_is_any_fault_off_its_default(name: str) -> None:
+    """``active`` (asked on every write) says exactly "differs from the defaults", for each
+    fault alone, set through ``set`` or by assignment, and cleared again."""
+    faults = pytunnel.testing.Faults()
+    value = True if name == "blackhole" else 3
+    faults.set("out", **{name: value})
+    assert faults.out.active
+    assert faults.out != pytunnel.testing.DirectionFaults()
+    assert not faults.in_.active
+    faults.clear()
+    assert not faults.out.active
+    setattr(faults.in_, name, value)
+    assert faults.in_.active
+    default = attrs.fields_dict(pytunnel.testing.DirectionFaults)[name].default
+    setattr(faults.in_, name, default)
+    assert not faults.in_.active

@@ -54,12 +54,17 @@ class DirectionFaults:
 
     @property
     def active(self) -> bool:
-        return self != _NO_FAULTS
-
-
-#: What ``active`` compares with (asked on every direct write: no instance built per call).
-#: Never changed: ``Faults.clear`` makes new instances.
-_NO_FAULTS = DirectionFaults()
+        """Whether any fault differs from its default (asked on every direct write: a
+        field-by-field test, cheaper than comparing with a default instance)."""
+        return bool(
+            self.latency
+            or self.jitter
+            or self.bandwidth is not None
+            or self.blackhole
+            or self.close_after is not None
+            or self.slice_size is not None
+            or self.slice_delay
+        )
 
 
 class Faults:
