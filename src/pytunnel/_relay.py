@@ -240,8 +240,14 @@ async def _copy(
             direct.deliver_directly(None)
     else:
         await _copy_loop(source, sink, stats, outbound, ending)
+    await _carry_eof(sink, ending)
+
+
+async def _carry_eof(sink: trio.abc.HalfCloseableStream, ending: _Ending) -> None:
+    """Half-close ``sink``: at once where it can be (then the idle clock needs no stopping),
+    else with ``send_eof``, the idle clock stopped while it waits."""
     if send_eof_now(sink):
-        ending.touch()  # nothing waited: the idle clock needs no stopping
+        ending.touch()
     else:
         with ending.send():
             await sink.send_eof()
@@ -437,11 +443,7 @@ class _Taskless:
             ):
                 return  # idle again: no task until a reader is needed
             self._state = _DONE
-            if send_eof_now(self.sink):
-                self.ending.touch()
-            else:
-                with self.ending.send():
-                    await self.sink.send_eof()
+            await _carry_eof(self.sink, self.ending)
             self.ending.finished += 1
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("%s ended by a broken side: %r", self.name, exc)
