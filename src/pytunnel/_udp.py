@@ -141,6 +141,22 @@ class _KernelDrops:
         return new
 
 
+class _QueueDrops:
+    """The part of a stream drop count (``MuxStream.datagrams_dropped``, or the sum of
+    several) not yet added to a forward's: the count only grows, so what is new since the
+    last look is the count less what was seen then."""
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        self._seen = 0
+
+    def take(self, dropped: int) -> int:
+        """What of ``dropped`` (the count now) is new since the last call."""
+        new, self._seen = dropped - self._seen, dropped
+        return new
+
+
 @attrs.define
 class _Drops:
     """Why one association's datagrams were dropped on this side: logged (at debug) when it
@@ -187,8 +203,8 @@ class _Association:
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     #: Whether its slot of the owner's stream budget was given back (exactly once).
     released: bool = False
-    #: The stream's drop count already added to the forward's.
-    dropped_seen: int = 0
+    #: The stream's drops not yet added to the forward's count.
+    queue_drops: _QueueDrops = attrs.field(factory=_QueueDrops)
     drops: _Drops = attrs.field(factory=_Drops)
 
     def release(self, release: Callable[[], None]) -> None:
@@ -372,9 +388,7 @@ def _forward(
 def _count_drops(association: _Association, stream: MuxStream, stats: RelayStats) -> None:
     """Add the datagrams ``stream`` dropped since the last call to the forward's count: those
     the session's write buffer had no room for, and replies its full queue turned away."""
-    dropped = stream.datagrams_dropped
-    stats.datagrams_dropped += dropped - association.dropped_seen
-    association.dropped_seen = dropped
+    stats.datagrams_dropped += association.queue_drops.take(stream.datagrams_dropped)
 
 
 async def _run_association(
@@ -479,7 +493,7 @@ async def relay_association(
     if stats is not None:
         stats.active_connections += 1
         stats.total_connections += 1
-    seen = 0  # the stream's drop count already added to ``stats``
+    queue = _QueueDrops()  # the stream's drops not yet added to ``stats``
     kernel = _KernelDrops(sock)  # the kernel's drops of replies on ``sock``
     drops = _Drops()
 
@@ -489,11 +503,8 @@ async def relay_association(
         count_drops(new)
 
     def count_drops(also: int = 0) -> None:
-        nonlocal seen
         if stats is not None:
-            dropped = stream.datagrams_dropped
-            stats.datagrams_dropped += dropped - seen + also
-            seen = dropped
+            stats.datagrams_dropped += queue.take(stream.datagrams_dropped) + also
 
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
@@ -568,14 +579,11 @@ async def pump_datagrams(
     if stats is not None:
         stats.active_connections += 1
         stats.total_connections += 1
-    seen = 0  # the streams' drop counts already added to ``stats``
+    queue = _QueueDrops()  # the streams' drops not yet added to ``stats``
 
     def count_drops() -> None:
-        nonlocal seen
         if stats is not None:
-            dropped = a.datagrams_dropped + b.datagrams_dropped
-            stats.datagrams_dropped += dropped - seen
-            seen = dropped
+            stats.datagrams_dropped += queue.take(a.datagrams_dropped + b.datagrams_dropped)
 
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
