@@ -40,6 +40,7 @@ __all__ = [
     "READ_BYTES",
     "SESSION_ROOM",
     "UDP_QUEUE",
+    "UDP_QUEUE_BYTES",
     "UDP_SOCKET_BUFFER",
     "pump_datagrams",
     "relay_association",
@@ -65,6 +66,12 @@ _PENDING_LIMIT = 16
 #: checkpoint), so with a backlog on the transport 256 overflowed by design; 1024 also
 #: rides out a send buffer that is full for a while (``send_batch`` waits then).
 UDP_QUEUE = 1024
+#: Bytes of datagrams that queue holds (the stream's default is 512 KiB): 1024 full-size
+#: Ethernet datagrams (1,472 bytes of UDP payload, 1.5 MiB) fit with room to spare, and so
+#: do eight of the session reader's 256 KiB reads, while datagrams near 64 KiB can no longer
+#: make one association hold 64 MiB. Past it a datagram is dropped (counted) as at the count,
+#: unless the queue is empty.
+UDP_QUEUE_BYTES = 2 * 1024 * 1024
 #: Bytes of datagrams one read takes at most (the last one may go past it), and, with the
 #: largest datagram, the room in the session's write buffer a read waits for: datagrams are
 #: read only once they fit, so while the transport is slow they wait in the socket's
@@ -113,6 +120,13 @@ async def _wait_for_room(room: Callable[[], Room | None], refresh: Callable[[], 
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await session.wait_for_room(SESSION_ROOM)
         refresh()
+
+
+def _association_queue(stream: MuxStream) -> None:
+    """Give ``stream`` an association's queue (``UDP_QUEUE`` datagrams, ``UDP_QUEUE_BYTES``
+    bytes), unless it has a larger one."""
+    stream.datagram_queue = max(stream.datagram_queue, UDP_QUEUE)
+    stream.datagram_queue_bytes = max(stream.datagram_queue_bytes, UDP_QUEUE_BYTES)
 
 
 class _KernelDrops:
@@ -420,7 +434,7 @@ async def _run_association(
                 )
                 return
             association.stream = stream
-            stream.datagram_queue = max(stream.datagram_queue, UDP_QUEUE)
+            _association_queue(stream)
             table.touch(association)
             if association.pending:
                 pending = list(association.pending)
@@ -489,7 +503,7 @@ async def relay_association(
     ``SEND_WAIT_LIMIT``, an error), and replies the session had no room for.
     ``room`` is as for :func:`serve_associations`: replies are read from ``sock`` only once
     the session can take a batch of them."""
-    stream.datagram_queue = max(stream.datagram_queue, UDP_QUEUE)
+    _association_queue(stream)
     if stats is not None:
         stats.active_connections += 1
         stats.total_connections += 1
@@ -574,8 +588,8 @@ async def pump_datagrams(
     client's) both ways until either ends or nothing moves for ``idle_timeout``; then close
     both. A datagram the far side has no room for is dropped (counted), as UDP would, and so
     is one a full queue turned away (each stream's own count, added up)."""
-    for stream in (a, b):
-        stream.datagram_queue = max(stream.datagram_queue, UDP_QUEUE)
+    _association_queue(a)
+    _association_queue(b)
     if stats is not None:
         stats.active_connections += 1
         stats.total_connections += 1
