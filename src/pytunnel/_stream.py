@@ -351,13 +351,29 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._wake_datagram_readers()
 
     def deliver_datagram(self, data: bytes) -> None:
-        """The peer sent a datagram: queue it, or drop and count it if the queue is full."""
-        self.deliver_datagrams((data,))
+        """The peer sent a datagram: queue it, or drop and count it if the queue is full.
+        (What :meth:`deliver_datagrams` does for one, without its loop: a datagram alone in
+        its frame is what every datagram is at low rates.)"""
+        if not self.datagrams:  # the multiplexer already refuses these; never queue one
+            return
+        queue = self._datagrams
+        if queue is None:
+            queue = self._datagrams = deque()
+        queued = self._datagram_bytes + len(data)
+        if len(queue) >= self.datagram_queue or (queue and queued > self.datagram_queue_bytes):
+            self.datagrams_dropped += 1
+            return
+        queue.append(data)
+        self._datagram_bytes = queued
+        if queued > self._datagram_bytes_peak:
+            self._datagram_bytes_peak = queued
+        self.datagrams_received += 1
+        self._wake_datagram_readers()
 
     def deliver_datagrams(self, batch: Sequence[bytes]) -> None:
-        """The peer sent one datagram, or several in one frame: queue what the queue has room
-        for, in order, drop and count the rest, and wake the reader once."""
-        if not self.datagrams:  # the multiplexer already refuses these; never queue one
+        """The peer sent several datagrams in one frame: queue what the queue has room for,
+        in order, drop and count the rest, and wake the reader once."""
+        if not self.datagrams:
             return
         queue = self._datagrams
         if queue is None:
