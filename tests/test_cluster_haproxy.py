@@ -17,9 +17,11 @@ import shutil
 import socket
 import subprocess
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 from helpers import EtcdServer, needs_etcd, send_and_read_all
@@ -142,6 +144,51 @@ async def _node(
     return node, listening.rsplit(" ", 1)[1]
 
 
+@attrs.frozen
+class _Cluster:
+    """Three nodes (name -> process and control address) behind a running HAProxy, which
+    balances the control port, a public port, the shared HTTP port and a spare port (for a
+    forward a test registers later) over them."""
+
+    nodes: dict[str, tuple[Process, str]]
+    control_port: int
+    public_port: int
+    http_port: int
+    spare_port: int
+
+
+@pytest.fixture
+async def cluster(etcd: EtcdServer, tmp_path: Path) -> AsyncIterator[_Cluster]:
+    """The nodes and the balancer, killed (SIGKILL) after the test, clients first: a test
+    kills its own clients in its own ``finally``."""
+    secret_file = tmp_path / "cluster-secret"
+    secret_file.write_text("a secret only the nodes know\n")
+    nodes: dict[str, tuple[Process, str]] = {}
+    balancer: trio.Process | None = None
+    try:
+        http_port = _port_free_everywhere()
+        for index in (1, 2, 3):
+            nodes[f"n{index}"] = await _node(etcd, index, secret_file, http_port)
+        control_port, public_port = _port_free_everywhere(), _port_free_everywhere()
+        spare_port = _port_free_everywhere()
+        config = tmp_path / "haproxy.cfg"
+        control = [a for _, a in nodes.values()]
+        config.write_text(_config(control, control_port, public_port, http_port, (spare_port,)))
+        balancer = await trio.lowlevel.open_process(
+            [_haproxy(), "-db", "-f", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        yield _Cluster(nodes, control_port, public_port, http_port, spare_port)
+    finally:
+        if balancer is not None and balancer.poll() is None:
+            os.kill(balancer.pid, 9)
+            with trio.CancelScope(shield=True):
+                await balancer.wait()
+        for process, _ in nodes.values():
+            await process.kill()
+
+
 async def _exchange(host: str, port: int, payload: bytes) -> bytes:
     return await send_and_read_all((host, port), payload)
 
@@ -178,26 +225,12 @@ async def _until_eof(stream: trio.SocketStream) -> None:
 
 
 async def test_three_nodes_behind_haproxy_serve_every_connection_and_survive_a_kill(
-    etcd: EtcdServer, echo_port: int, tmp_path: Path
+    cluster: _Cluster, etcd: EtcdServer, echo_port: int
 ) -> None:
-    secret_file = tmp_path / "cluster-secret"
-    secret_file.write_text("a secret only the nodes know\n")
-    nodes: dict[str, tuple[Process, str]] = {}
-    balancer: trio.Process | None = None
+    nodes, control_port, public_port = cluster.nodes, cluster.control_port, cluster.public_port
+    http_port = cluster.http_port
     client: Process | None = None
     try:
-        http_port = _port_free_everywhere()
-        for index in (1, 2, 3):
-            nodes[f"n{index}"] = await _node(etcd, index, secret_file, http_port)
-        control_port, public_port = _port_free_everywhere(), _port_free_everywhere()
-        config = tmp_path / "haproxy.cfg"
-        control = [a for _, a in nodes.values()]
-        config.write_text(_config(control, control_port, public_port, http_port))
-        balancer = await trio.lowlevel.open_process(
-            [_haproxy(), "-db", "-f", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         client = await Process.start(
             "connect",
             f"{BALANCER}:{control_port}",
@@ -262,12 +295,6 @@ async def test_three_nodes_behind_haproxy_serve_every_connection_and_survive_a_k
     finally:
         if client is not None:
             await client.kill()
-        if balancer is not None and balancer.poll() is None:
-            os.kill(balancer.pid, 9)
-            with trio.CancelScope(shield=True):
-                await balancer.wait()
-        for process, _ in nodes.values():
-            await process.kill()
 
 
 async def _round(stream: trio.SocketStream, payload: bytes) -> None:
@@ -299,33 +326,18 @@ async def _connect_refused(control: str, port: int, echo_port: int) -> str:
 
 
 async def test_the_engine_killed_and_restarted_under_traffic_through_haproxy(
-    etcd: EtcdServer, echo_port: int, tmp_path: Path
+    cluster: _Cluster, etcd: EtcdServer, echo_port: int
 ) -> None:
     """etcd is killed (SIGKILL) while connections through the balancer are relayed between
     nodes: they keep carrying bytes for longer than the nodes' leases, a new forward is
     refused with ``CLUSTER_UNAVAILABLE`` on whichever node the balancer picks, and once
     etcd is back everything recovers by itself: a new forward registers and its port is
     served through every node."""
-    secret_file = tmp_path / "cluster-secret"
-    secret_file.write_text("a secret only the nodes know\n")
-    nodes: dict[str, tuple[Process, str]] = {}
-    balancer: trio.Process | None = None
+    control_port, public_port = cluster.control_port, cluster.public_port
+    late_port = cluster.spare_port
     clients: list[Process] = []
     live: list[trio.SocketStream] = []
     try:
-        http_port = _port_free_everywhere()
-        for index in (1, 2, 3):
-            nodes[f"n{index}"] = await _node(etcd, index, secret_file, http_port)
-        control_port, public_port = _port_free_everywhere(), _port_free_everywhere()
-        late_port = _port_free_everywhere()
-        config = tmp_path / "haproxy.cfg"
-        control = [a for _, a in nodes.values()]
-        config.write_text(_config(control, control_port, public_port, http_port, (late_port,)))
-        balancer = await trio.lowlevel.open_process(
-            [_haproxy(), "-db", "-f", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         through = f"{BALANCER}:{control_port}"
         first = await Process.start(
             "connect", through, "--backoff-max", "1", "-R", f"{public_port}:127.0.0.1:{echo_port}"
@@ -401,12 +413,6 @@ async def test_the_engine_killed_and_restarted_under_traffic_through_haproxy(
             await stream.aclose()
         for client in clients:
             await client.kill()
-        if balancer is not None and balancer.poll() is None:
-            os.kill(balancer.pid, 9)
-            with trio.CancelScope(shield=True):
-                await balancer.wait()
-        for process, _ in nodes.values():
-            await process.kill()
 
 
 async def _tagged(nursery: trio.Nursery, tag: bytes) -> int:
@@ -453,7 +459,7 @@ async def _answer(host: str, port: int) -> bytes | None:
 
 
 async def test_a_group_across_nodes_behind_haproxy_survives_a_members_node_killed(
-    nursery: trio.Nursery, etcd: EtcdServer, tmp_path: Path
+    cluster: _Cluster, nursery: trio.Nursery, etcd: EtcdServer, tmp_path: Path
 ) -> None:
     """Two ``pytunnel connect --group`` clients through the balancer, on two different
     nodes, in one group on one port: connections through HAProxy (landing on any of the
@@ -461,26 +467,11 @@ async def test_a_group_across_nodes_behind_haproxy_survives_a_members_node_kille
     other member serves every connection from then on (a node that finds the dead node's
     link gone hands the connection to a member it can reach; only one relayed at the
     moment of the kill may be cut); once the dead node's lease has expired, none is."""
-    secret_file = tmp_path / "cluster-secret"
-    secret_file.write_text("a secret only the nodes know\n")
     key_file = tmp_path / "group-key"
     key_file.write_text("the group's own secret\n")
-    nodes: dict[str, tuple[Process, str]] = {}
-    balancer: trio.Process | None = None
+    nodes, control_port, public_port = cluster.nodes, cluster.control_port, cluster.public_port
     clients: dict[bytes, Process] = {}
     try:
-        http_port = _port_free_everywhere()
-        for index in (1, 2, 3):
-            nodes[f"n{index}"] = await _node(etcd, index, secret_file, http_port)
-        control_port, public_port = _port_free_everywhere(), _port_free_everywhere()
-        config = tmp_path / "haproxy.cfg"
-        control = [a for _, a in nodes.values()]
-        config.write_text(_config(control, control_port, public_port, http_port))
-        balancer = await trio.lowlevel.open_process(
-            [_haproxy(), "-db", "-f", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         key = f"tcp/{public_port}"
         on_node: dict[bytes, str] = {}
         for tag, reconnect in ((b"X", "--no-reconnect"), (b"Y", "--reconnect")):
@@ -544,9 +535,3 @@ async def test_a_group_across_nodes_behind_haproxy_survives_a_members_node_kille
     finally:
         for client in clients.values():
             await client.kill()
-        if balancer is not None and balancer.poll() is None:
-            os.kill(balancer.pid, 9)
-            with trio.CancelScope(shield=True):
-                await balancer.wait()
-        for process, _ in nodes.values():
-            await process.kill()

@@ -303,6 +303,49 @@ async def test_a_batch_beyond_the_receivers_queue_is_dropped_and_counted() -> No
         assert accepted.datagrams_received == 10
 
 
+@pytest.mark.parametrize("version", [1, 2])
+async def test_a_queue_takes_datagrams_up_to_its_bytes_and_drops_the_rest_counted(
+    version: int,
+) -> None:
+    """Past the byte bound a datagram is dropped and counted as at the count bound (one
+    ``Datagrams`` frame with version 2, one frame each with version 1); a smaller one after
+    it still fits, and the queue's bytes never went past the bound."""
+    async with _sessions(version) as (client, server):
+        opened, accepted = await _datagram_streams(client, server)
+        accepted.datagram_queue_bytes = 10_000
+        payloads = [bytes([i]) * 3000 for i in range(5)] + [b"small" * 100]
+        assert opened.send_datagrams(payloads)[0] == 6
+        await wait_until(lambda: accepted.datagrams_received + accepted.datagrams_dropped == 6)
+        assert accepted.datagrams_dropped == 2
+        assert accepted.datagram_bytes_queued == accepted.datagram_bytes_peak == 9500
+        assert await accepted.receive_datagrams() == [*payloads[:3], payloads[5]]
+        assert accepted.datagram_bytes_queued == 0
+        # taken one at a time, the bytes go down with each
+        assert opened.send_datagrams([bytes(4000), bytes(2000)])[0] == 2
+        await wait_until(lambda: accepted.datagrams_received == 6)
+        assert accepted.datagram_bytes_queued == 6000
+        assert await accepted.receive_datagram() == bytes(4000)
+        assert accepted.datagram_bytes_queued == 2000
+        assert accepted.datagram_bytes_peak == 9500
+
+
+@pytest.mark.parametrize("version", [1, 2])
+async def test_a_datagram_larger_than_the_byte_bound_fits_an_empty_queue(version: int) -> None:
+    async with _sessions(version) as (client, server):
+        opened, accepted = await _datagram_streams(client, server)
+        accepted.datagram_queue_bytes = 1000
+        big = [bytes([i]) * 5000 for i in range(3)]
+        assert opened.send_datagrams(big)[0] == 3
+        await wait_until(lambda: accepted.datagrams_received + accepted.datagrams_dropped == 3)
+        assert (accepted.datagrams_received, accepted.datagrams_dropped) == (1, 2)
+        assert accepted.datagram_bytes_peak == 5000
+        assert await accepted.receive_datagrams() == big[:1]
+        # empty again: the next one fits too
+        assert opened.send_datagrams(big[1:2])[0] == 1
+        assert await _receive(accepted, 1) == big[1:2]
+        assert accepted.datagrams_dropped == 2
+
+
 async def test_a_batch_beyond_the_write_buffer_is_dropped_and_counted() -> None:
     """Not flow-controlled: what the write buffer has no room for is dropped at once (the
     tail of the batch), never queued beyond the mark or waited for."""

@@ -24,7 +24,8 @@ from pytunnel._listen import (
     send_batch,
 )
 from pytunnel._relay import RelayStats
-from pytunnel._udp import relay_association
+from pytunnel._udp import UDP_QUEUE_BYTES, relay_association
+from pytunnel.session import MuxStream
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -226,3 +227,75 @@ async def test_a_target_that_never_reads_costs_the_rest_of_a_batch_counted_and_l
         f"{200 - delivered} datagrams dropped" in m and f"send failed {200 - delivered}" in m
         for m in messages
     ), messages
+
+
+@pytest.mark.parametrize(("size", "count"), [(60_000, 100), (1400, 1000)], ids=["large", "small"])
+async def test_a_stalled_target_holds_the_association_queue_to_its_bytes(
+    size: int, count: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dialing side of an association over real sessions, its target a datagram socket
+    whose queue is full (a UNIX one: over loopback a UDP send never waits). While the send
+    waits, what arrives queues on the stream: datagrams near 64 KiB up to UDP_QUEUE_BYTES,
+    the rest dropped and counted; 1400-byte ones up to the count, as before, none dropped.
+    Once the target reads again, every datagram was delivered, in order, or counted."""
+    monkeypatch.setattr(_listen, "SEND_WAIT_LIMIT", 60.0)  # the target reads long before
+    std, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    std.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    receiver.setblocking(False)
+    sender = adopt_datagram_socket(std)
+    while True:  # the target's queue full before the burst
+        try:
+            std.send(b"f")
+        except BlockingIOError:
+            break
+    stats = RelayStats()
+    accepted: list[MuxStream] = []
+    payloads = [i.to_bytes(4, "big") * (size // 4) for i in range(count)]
+    delivered: list[bytes] = []
+
+    def read() -> bool:
+        while True:
+            try:
+                data = receiver.recv(65536)
+            except BlockingIOError:
+                return len(delivered) + stats.datagrams_dropped >= count
+            if data != b"f":
+                delivered.append(data)
+
+    with receiver, trio.fail_after(90):
+        async with _sessions(2) as (client, server), trio.open_nursery() as nursery:
+
+            async def dial_side() -> None:
+                incoming = await server.accept_stream()
+                accepted.append(incoming.accept())
+                await relay_association(accepted[0], sender, stats=stats)
+
+            nursery.start_soon(dial_side)
+            stream = await client.open_stream("127.0.0.1", 9, datagrams=True)
+            queue = accepted[0]
+            # the first one alone: the relay takes it and waits for the target to have room
+            assert stream.send_datagrams(payloads[:1])[0] == 1
+            await wait_until(lambda: queue.datagrams_received == 1)
+            await wait_until(lambda: queue.datagram_bytes_queued == 0)
+            for payload in payloads[1:]:
+                await client.wait_for_room(size)
+                assert stream.send_datagrams([payload])[0] == 1
+            await wait_until(
+                lambda: queue.datagrams_received + queue.datagrams_dropped == count,
+                30,
+                lambda: f"{queue.datagrams_received} queued, {queue.datagrams_dropped} dropped",
+            )
+            peak, dropped = queue.datagram_bytes_peak, queue.datagrams_dropped
+            await wait_until(read, 30, lambda: f"{len(delivered)} delivered, {stats}")
+            await stream.aclose()
+    # all but the first waited in the queue, as many as its bytes allow
+    held = min(count - 1, UDP_QUEUE_BYTES // size)
+    assert peak == held * size <= UDP_QUEUE_BYTES
+    assert dropped == count - 1 - held
+    assert dropped > 0 if size > 2048 else dropped == 0
+    # every drop was the queue's, and counted once
+    assert stats.datagrams_dropped == dropped
+    assert len(delivered) + dropped == count
+    indices = [int.from_bytes(data[:4], "big") for data in delivered]
+    assert indices == sorted(set(indices))
+    assert delivered == [payloads[i] for i in indices]

@@ -72,6 +72,11 @@ def _idle_slack(idle_timeout: float) -> float:
     return min(1.0, idle_timeout / 10)
 
 
+#: What a direction meets when a side breaks: the peer's reset or a lost transport
+#: (``BrokenResourceError``, ``OSError``), or a stream closed under it (the relay is ending).
+_BROKEN_SIDE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
 @attrs.define
 class _Ending:
     """What the two pumps of one relay share: the idle clock and how their directions ended."""
@@ -117,6 +122,12 @@ class _Ending:
             if not self.sending:
                 self.deadline = -math.inf  # re-armed from now
             self.touch()
+
+    def broken(self, name: str, exc: BaseException) -> None:
+        """A direction met a broken side: the other direction has nothing left to do either,
+        so the relay is cut (and, not finished, ends with resets)."""
+        log.debug("%s ended by a broken side: %r", name, exc)
+        self.scope.cancel()
 
 
 @runtime_checkable
@@ -217,10 +228,8 @@ async def _pump(
     try:
         await _copy(source, sink, stats, outbound, ending)
         ending.finished += 1
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        # one side broke: the other direction has nothing left to do either
-        log.debug("%s ended by a broken side: %r", name, exc)
-        ending.scope.cancel()
+    except _BROKEN_SIDE as exc:
+        ending.broken(name, exc)
 
 
 async def _copy(
@@ -445,9 +454,8 @@ class _Taskless:
             self._state = _DONE
             await _carry_eof(self.sink, self.ending)
             self.ending.finished += 1
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.debug("%s ended by a broken side: %r", self.name, exc)
-            self.ending.scope.cancel()
+        except _BROKEN_SIDE as exc:
+            self.ending.broken(self.name, exc)
 
     async def finish(self) -> None:
         """The relay's other direction ended with its EOF: run this one to its own, in the

@@ -24,6 +24,13 @@ __all__ = ["DirectWriter", "MuxStream", "StreamCarrier"]
 #: it would block or failed, which the sink's ``send_all`` then waits for or raises).
 DirectWriter = Callable[[bytes | bytearray | memoryview], int]
 
+#: Datagrams a datagram stream's queue holds (``MuxStream.datagram_queue``), and bytes
+#: (``datagram_queue_bytes``): 2 KiB a datagram, so a queue full of full-size Ethernet ones
+#: (1,472 bytes of UDP payload) is bounded by its count, while one of datagrams near 64 KiB
+#: holds 512 KiB instead of 16 MiB.
+DATAGRAM_QUEUE = 256
+DATAGRAM_QUEUE_BYTES = DATAGRAM_QUEUE * 2048
+
 
 class StreamCarrier(Protocol):
     """What a :class:`MuxStream` needs from the session that carries it, and nothing more.
@@ -122,6 +129,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
         "_buffer",
         "_carrier",
         "_closed",
+        "_datagram_bytes",
+        "_datagram_bytes_peak",
         "_datagram_lot",
         "_datagrams",
         "_direct",
@@ -140,6 +149,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         "bytes_received",
         "bytes_sent",
         "datagram_queue",
+        "datagram_queue_bytes",
         "datagrams",
         "datagrams_dropped",
         "datagrams_received",
@@ -192,10 +202,15 @@ class MuxStream(trio.abc.HalfCloseableStream):
         # UDP associations: datagrams ride on the stream, outside its flow control, in a
         # bounded queue that drops (and counts) when full instead of growing. Only a datagram
         # stream ever gets one (the multiplexer rejects datagrams on byte streams), created on
-        # first use.
+        # first use. Full means ``datagram_queue`` datagrams, or a datagram that would take it
+        # past ``datagram_queue_bytes`` (one always fits an empty queue: MAX_DATAGRAM may be
+        # above a bound set low).
         self._datagrams: deque[bytes] | None = None
         self._datagram_lot: trio.lowlevel.ParkingLot | None = None
-        self.datagram_queue = 256
+        self.datagram_queue = DATAGRAM_QUEUE
+        self.datagram_queue_bytes = DATAGRAM_QUEUE_BYTES
+        self._datagram_bytes = 0
+        self._datagram_bytes_peak = 0
         self.datagrams_sent = 0
         self.datagrams_received = 0
         #: Datagrams dropped because a queue was full (either direction).
@@ -220,6 +235,18 @@ class MuxStream(trio.abc.HalfCloseableStream):
         """Bytes received and not read yet (never more than the stream's receive window)."""
         buffer = self._buffer
         return 0 if buffer is None else sum(map(len, buffer)) - self._offset
+
+    @property
+    def datagram_bytes_queued(self) -> int:
+        """Bytes of the datagrams received and not read yet (never more than
+        ``datagram_queue_bytes``, but for a single datagram larger than that)."""
+        return self._datagram_bytes
+
+    @property
+    def datagram_bytes_peak(self) -> int:
+        """The most :attr:`datagram_bytes_queued` has been: how close a burst came to the
+        bound, which a look now and then would miss."""
+        return self._datagram_bytes_peak
 
     # -------------------------------------------------------------- called by the carrier
 
@@ -324,15 +351,22 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._wake_datagram_readers()
 
     def deliver_datagram(self, data: bytes) -> None:
-        """The peer sent a datagram: queue it, or drop and count it if the queue is full."""
+        """The peer sent a datagram: queue it, or drop and count it if the queue is full.
+        (What :meth:`deliver_datagrams` does for one, without its loop: a datagram alone in
+        its frame is what every datagram is at low rates.)"""
         if not self.datagrams:  # the multiplexer already refuses these; never queue one
             return
-        if self._datagrams is None:
-            self._datagrams = deque()
-        if len(self._datagrams) >= self.datagram_queue:
+        queue = self._datagrams
+        if queue is None:
+            queue = self._datagrams = deque()
+        queued = self._datagram_bytes + len(data)
+        if len(queue) >= self.datagram_queue or (queue and queued > self.datagram_queue_bytes):
             self.datagrams_dropped += 1
             return
-        self._datagrams.append(data)
+        queue.append(data)
+        self._datagram_bytes = queued
+        if queued > self._datagram_bytes_peak:
+            self._datagram_bytes_peak = queued
         self.datagrams_received += 1
         self._wake_datagram_readers()
 
@@ -344,13 +378,25 @@ class MuxStream(trio.abc.HalfCloseableStream):
         queue = self._datagrams
         if queue is None:
             queue = self._datagrams = deque()
-        room = self.datagram_queue - len(queue)
-        if room < len(batch):
-            self.datagrams_dropped += len(batch) - max(room, 0)
-            batch = batch[: max(room, 0)]
-        if batch:
-            queue.extend(batch)
-            self.datagrams_received += len(batch)
+        queued = self._datagram_bytes + sum(map(len, batch))
+        if len(queue) + len(batch) <= self.datagram_queue and queued <= self.datagram_queue_bytes:
+            queue.extend(batch)  # the usual case: all of it fits
+            taken = len(batch)
+        else:
+            queued, taken = self._datagram_bytes, 0
+            count, limit = self.datagram_queue, self.datagram_queue_bytes
+            for data in batch:
+                # a datagram that does not fit is dropped alone: a smaller one after it may fit
+                if len(queue) < count and (not queue or queued + len(data) <= limit):
+                    queue.append(data)
+                    queued += len(data)
+                    taken += 1
+            self.datagrams_dropped += len(batch) - taken
+        if taken:
+            self._datagram_bytes = queued
+            if queued > self._datagram_bytes_peak:
+                self._datagram_bytes_peak = queued
+            self.datagrams_received += taken
             self._wake_datagram_readers()
 
     def break_with(self, cause: BaseException) -> None:
@@ -578,6 +624,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
         Raises ``LocalProtocolError`` on a byte stream, where no datagram can ever arrive."""
         data = (await self._datagrams_queued()).popleft()
+        self._datagram_bytes -= len(data)
         await trio.lowlevel.cancel_shielded_checkpoint()
         return data
 
@@ -589,6 +636,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         queue = await self._datagrams_queued()
         batch = list(queue)
         queue.clear()
+        self._datagram_bytes = 0
         await trio.lowlevel.cancel_shielded_checkpoint()
         return batch
 
@@ -678,6 +726,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._buffer = None
             self._offset = 0
             self._datagrams = None
+            self._datagram_bytes = 0
             self._carrier.close_stream(self.stream_id, abort=unread)
             self._wake_reader()
             self._wake_senders()

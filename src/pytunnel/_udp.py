@@ -40,6 +40,7 @@ __all__ = [
     "READ_BYTES",
     "SESSION_ROOM",
     "UDP_QUEUE",
+    "UDP_QUEUE_BYTES",
     "UDP_SOCKET_BUFFER",
     "pump_datagrams",
     "relay_association",
@@ -65,6 +66,12 @@ _PENDING_LIMIT = 16
 #: checkpoint), so with a backlog on the transport 256 overflowed by design; 1024 also
 #: rides out a send buffer that is full for a while (``send_batch`` waits then).
 UDP_QUEUE = 1024
+#: Bytes of datagrams that queue holds (the stream's default is 512 KiB): 1024 full-size
+#: Ethernet datagrams (1,472 bytes of UDP payload, 1.5 MiB) fit with room to spare, and so
+#: do eight of the session reader's 256 KiB reads, while datagrams near 64 KiB can no longer
+#: make one association hold 64 MiB. Past it a datagram is dropped (counted) as at the count,
+#: unless the queue is empty.
+UDP_QUEUE_BYTES = 2 * 1024 * 1024
 #: Bytes of datagrams one read takes at most (the last one may go past it), and, with the
 #: largest datagram, the room in the session's write buffer a read waits for: datagrams are
 #: read only once they fit, so while the transport is slow they wait in the socket's
@@ -115,6 +122,13 @@ async def _wait_for_room(room: Callable[[], Room | None], refresh: Callable[[], 
         refresh()
 
 
+def _association_queue(stream: MuxStream) -> None:
+    """Give ``stream`` an association's queue (``UDP_QUEUE`` datagrams, ``UDP_QUEUE_BYTES``
+    bytes), unless it has a larger one."""
+    stream.datagram_queue = max(stream.datagram_queue, UDP_QUEUE)
+    stream.datagram_queue_bytes = max(stream.datagram_queue_bytes, UDP_QUEUE_BYTES)
+
+
 class _KernelDrops:
     """The kernel's drops on one socket since the last look (:func:`kernel_drops`), looked
     up after a full read (a backlog, the only time it drops) or once ``_DROPS_CHECK`` has
@@ -138,6 +152,22 @@ class _KernelDrops:
         now = kernel_drops(self._sock)
         new, self._seen = now - self._seen, now
         self._next = trio.current_time() + _DROPS_CHECK
+        return new
+
+
+class _QueueDrops:
+    """The part of a stream drop count (``MuxStream.datagrams_dropped``, or the sum of
+    several) not yet added to a forward's: the count only grows, so what is new since the
+    last look is the count less what was seen then."""
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        self._seen = 0
+
+    def take(self, dropped: int) -> int:
+        """What of ``dropped`` (the count now) is new since the last call."""
+        new, self._seen = dropped - self._seen, dropped
         return new
 
 
@@ -187,8 +217,8 @@ class _Association:
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     #: Whether its slot of the owner's stream budget was given back (exactly once).
     released: bool = False
-    #: The stream's drop count already added to the forward's.
-    dropped_seen: int = 0
+    #: The stream's drops not yet added to the forward's count.
+    queue_drops: _QueueDrops = attrs.field(factory=_QueueDrops)
     drops: _Drops = attrs.field(factory=_Drops)
 
     def release(self, release: Callable[[], None]) -> None:
@@ -372,9 +402,7 @@ def _forward(
 def _count_drops(association: _Association, stream: MuxStream, stats: RelayStats) -> None:
     """Add the datagrams ``stream`` dropped since the last call to the forward's count: those
     the session's write buffer had no room for, and replies its full queue turned away."""
-    dropped = stream.datagrams_dropped
-    stats.datagrams_dropped += dropped - association.dropped_seen
-    association.dropped_seen = dropped
+    stats.datagrams_dropped += association.queue_drops.take(stream.datagrams_dropped)
 
 
 async def _run_association(
@@ -406,7 +434,7 @@ async def _run_association(
                 )
                 return
             association.stream = stream
-            stream.datagram_queue = max(stream.datagram_queue, UDP_QUEUE)
+            _association_queue(stream)
             table.touch(association)
             if association.pending:
                 pending = list(association.pending)
@@ -475,11 +503,11 @@ async def relay_association(
     ``SEND_WAIT_LIMIT``, an error), and replies the session had no room for.
     ``room`` is as for :func:`serve_associations`: replies are read from ``sock`` only once
     the session can take a batch of them."""
-    stream.datagram_queue = max(stream.datagram_queue, UDP_QUEUE)
+    _association_queue(stream)
     if stats is not None:
         stats.active_connections += 1
         stats.total_connections += 1
-    seen = 0  # the stream's drop count already added to ``stats``
+    queue = _QueueDrops()  # the stream's drops not yet added to ``stats``
     kernel = _KernelDrops(sock)  # the kernel's drops of replies on ``sock``
     drops = _Drops()
 
@@ -489,11 +517,8 @@ async def relay_association(
         count_drops(new)
 
     def count_drops(also: int = 0) -> None:
-        nonlocal seen
         if stats is not None:
-            dropped = stream.datagrams_dropped
-            stats.datagrams_dropped += dropped - seen + also
-            seen = dropped
+            stats.datagrams_dropped += queue.take(stream.datagrams_dropped) + also
 
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
@@ -563,19 +588,16 @@ async def pump_datagrams(
     client's) both ways until either ends or nothing moves for ``idle_timeout``; then close
     both. A datagram the far side has no room for is dropped (counted), as UDP would, and so
     is one a full queue turned away (each stream's own count, added up)."""
-    for stream in (a, b):
-        stream.datagram_queue = max(stream.datagram_queue, UDP_QUEUE)
+    _association_queue(a)
+    _association_queue(b)
     if stats is not None:
         stats.active_connections += 1
         stats.total_connections += 1
-    seen = 0  # the streams' drop counts already added to ``stats``
+    queue = _QueueDrops()  # the streams' drops not yet added to ``stats``
 
     def count_drops() -> None:
-        nonlocal seen
         if stats is not None:
-            dropped = a.datagrams_dropped + b.datagrams_dropped
-            stats.datagrams_dropped += dropped - seen
-            seen = dropped
+            stats.datagrams_dropped += queue.take(a.datagrams_dropped + b.datagrams_dropped)
 
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:

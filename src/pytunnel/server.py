@@ -384,6 +384,26 @@ class ClientInfo:
     rtt: float | None = None
 
 
+class _Traffic(TypedDict):
+    """The figures of a port or route snapshot that come from its relay counters."""
+
+    connections: int
+    connections_total: int
+    bytes_out: int
+    bytes_in: int
+
+
+def _traffic(stats: RelayStats) -> _Traffic:
+    """One port's or route's counters, as its snapshot (``PublicPortInfo``, ``UdpPortInfo``,
+    ``RouteInfo``) names them: one place that maps the one to the other."""
+    return _Traffic(
+        connections=stats.active_connections,
+        connections_total=stats.total_connections,
+        bytes_out=stats.bytes_out,
+        bytes_in=stats.bytes_in,
+    )
+
+
 def _route_info(endpoint: _Endpoint) -> RouteInfo:
     if isinstance(endpoint, _PublicName):
         address, kind = endpoint.name, "https" if endpoint.tls else "http"
@@ -396,11 +416,8 @@ def _route_info(endpoint: _Endpoint) -> RouteInfo:
         kind=kind,
         group=None if endpoint.group is None else endpoint.group.name,
         status="active" if endpoint.online else "offline",
-        connections=endpoint.stats.active_connections,
-        connections_total=endpoint.stats.total_connections,
-        bytes_out=endpoint.stats.bytes_out,
-        bytes_in=endpoint.stats.bytes_in,
         forward_id=endpoint.forward_id,
+        **_traffic(endpoint.stats),
     )
 
 
@@ -541,11 +558,8 @@ class TunnelServer:
                     PublicPortInfo(
                         address=p.address,
                         status="active" if p.online else "offline",
-                        connections=p.stats.active_connections,
-                        connections_total=p.stats.total_connections,
-                        bytes_out=p.stats.bytes_out,
-                        bytes_in=p.stats.bytes_in,
                         forward_id=p.control.stream_id,
+                        **_traffic(p.stats),
                     )
                     for p in sorted(c.public_ports, key=lambda p: p.address)
                 ],
@@ -553,12 +567,9 @@ class TunnelServer:
                 udp_ports=[
                     UdpPortInfo(
                         address=address,
-                        connections=stats.active_connections,
-                        connections_total=stats.total_connections,
-                        bytes_out=stats.bytes_out,
-                        bytes_in=stats.bytes_in,
                         datagrams_dropped=stats.datagrams_dropped,
                         forward_id=forward_id,
+                        **_traffic(stats),
                     )
                     for address, (forward_id, stats) in sorted(c.udp_ports.items())
                 ],
