@@ -31,7 +31,7 @@ from helpers import (
 
 import pytunnel
 from pytunnel._handshake import client_handshake, server_handshake
-from pytunnel.errors import ErrorCode, NodeTimeoutError, NodeUnstableError
+from pytunnel.errors import ErrorCode, NodeTimeoutError, NodeUnstableError, UnansweredError
 from pytunnel.protocol import handshake as hs
 from pytunnel.protocol.frames import encode_message
 from pytunnel.protocol.messages import Data, Open
@@ -177,6 +177,62 @@ async def test_the_session_ending_before_the_answer_breaks_an_early_stream() -> 
                 await stream.receive_some()
     assert isinstance(info.value.__cause__, pytunnel.SessionClosedError)
     assert reported == [info.value.__cause__]
+
+
+async def test_an_early_open_nobody_answers_is_reset_at_its_answer_timeout() -> None:
+    """``answer_timeout``: the acceptor takes the stream but never answers; the opener's
+    stream breaks with the typed timeout (refusal callback first), the acceptor's side is
+    reset, and nothing stays open on either side."""
+    reported: list[BaseException] = []
+    async with handshaken_pair() as (client, server):
+        with trio.fail_after(30):
+            stream = await client.open_stream("app", 8080, early=True, answer_timeout=0.3)
+            stream.call_on_refusal(reported.append)
+            await stream.send_all(b"hello")
+            await server.accept_stream()  # held, never accepted or refused
+            await wait_until(lambda: server.bytes_buffered == 5)
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await stream.receive_some()
+            error = info.value.__cause__
+            assert isinstance(error, UnansweredError)
+            assert isinstance(error, NodeTimeoutError)
+            assert error.target == "app:8080"
+            assert reported == [error]
+            await stream.aclose()
+            await wait_until(lambda: client.open_streams == server.open_streams == 0)
+            assert server.bytes_buffered == 0
+
+
+async def test_an_early_open_answered_in_time_outlives_its_answer_timeout() -> None:
+    async with handshaken_pair() as (client, server):
+        with trio.fail_after(30):
+            stream = await client.open_stream(early=True, answer_timeout=0.2)
+            await stream.send_all(b"ping")
+            accepted = (await server.accept_stream()).accept()
+            assert await accepted.receive_some() == b"ping"
+            await trio.sleep(0.6)  # well past the deadline and its slack
+            await accepted.send_all(b"pong")
+            assert await stream.receive_some() == b"pong"
+            assert stream.refusal is None
+            await stream.aclose()
+            await accepted.aclose()
+
+
+async def test_a_shorter_answer_timeout_armed_later_fires_first() -> None:
+    """The timer sleeping towards a 60 s deadline is woken for a 0.3 s one opened after it."""
+    async with handshaken_pair() as (client, server):
+        with trio.fail_after(30):
+            slow = await client.open_stream(early=True, answer_timeout=60.0)
+            await server.accept_stream()
+            await trio.sleep(0.05)  # the timer is asleep towards the 60 s deadline
+            fast = await client.open_stream(early=True, answer_timeout=0.3)
+            await server.accept_stream()
+            with trio.fail_after(10), pytest.raises(trio.BrokenResourceError) as info:
+                await fast.receive_some()
+            assert isinstance(info.value.__cause__, UnansweredError)
+            assert slow.refusal is None  # its own deadline is far off
+            await slow.aclose()
+            await fast.aclose()
 
 
 async def test_a_peer_exceeding_the_early_window_is_a_protocol_error() -> None:

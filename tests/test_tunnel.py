@@ -495,6 +495,43 @@ async def test_public_connection_gives_up_when_the_client_never_answers(
     assert "did not answer a public connection" in caplog.text
 
 
+async def test_public_connection_to_an_early_data_client_that_never_answers(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A version 2 client that takes early data: the server starts the relay at once (the
+    public peer's first bytes reach the client before any answer), and its session's answer
+    timer, not a wait, gives the connection up after ``connect_timeout``: reset, logged as
+    before, nothing left open."""
+    server: pytunnel.TunnelServer = await nursery.start(
+        functools.partial(pytunnel.serve, 0, token=TOKEN, connect_timeout=0.5)
+    )
+    config = pytunnel.SessionConfig()
+    transport = await trio.open_tcp_stream(*server.address)
+    result = await client_handshake(
+        transport, TOKEN, max_frame_size=2**20, early_window=config.early_window
+    )
+    assert result.version >= 2
+    assert result.peer_early_window > 0
+    async with result.open_session(
+        transport, pytunnel.session.Role.CLIENT, config, name="client"
+    ) as session:
+        control = await session.open_stream("", 0, tag=routes.LISTEN)
+        bound = await _next_message(control, FrameDecoder(4096), Bound)
+        assert isinstance(bound, Bound)
+        conn = await trio.open_tcp_stream("127.0.0.1", bound.port)
+        await conn.send_all(b"first bytes")
+        with trio.fail_after(10):
+            await session.accept_stream()  # never answered
+            await wait_until(lambda: session.bytes_buffered == len(b"first bytes"))
+            with pytest.raises(trio.BrokenResourceError):  # a reset, not a clean end
+                await conn.receive_some()
+        assert await _wait_for(lambda: server.active_streams == 0, 10.0)
+        await wait_until(lambda: session.bytes_buffered == 0)  # the server's Reset came
+        await conn.aclose()
+    assert "[NODE_TIMEOUT]" in caplog.text
+    assert "did not answer a public connection within 0.5 s" in caplog.text
+
+
 async def test_public_connection_given_up_by_the_server_cancels_the_client_dial(
     nursery: trio.Nursery, blackhole: Blackhole
 ) -> None:

@@ -56,6 +56,7 @@ from .errors import (
     SessionClosedError,
     TargetForbiddenError,
     TunnelError,
+    UnansweredError,
     printable,
     refusal_code,
 )
@@ -975,22 +976,33 @@ class _ClientSession:
     ) -> None:
         """Open a stream of forward ``forward_id`` to the client and relay ``conn`` over it
         (counted in ``stats``); a client that does not answer within ``connect_timeout``
-        loses the connection."""
+        loses the connection.
+
+        With a client that takes early data (version 2), the relay starts at once: the public
+        peer's first bytes go with the ``Open`` while the client dials, and the session's
+        answer timer enforces ``connect_timeout`` instead of a wait here."""
         timeout = self.config.connect_timeout
 
-        async def open_to_client() -> MuxStream | None:
-            # bounded: a client that never answers must not pin the connection and its slot
-            with trio.move_on_after(timeout):
-                return await self.session.open_stream(peer[0], peer[1], tag=forward_id)
+        def unanswered() -> None:
             log.warning(
                 "[NODE_TIMEOUT] client %s did not answer a public connection within %g s",
                 self.peer,
                 timeout,
             )
+
+        async def open_to_client() -> MuxStream | None:
+            # bounded: a client that never answers must not pin the connection and its slot
+            with trio.move_on_after(timeout):
+                return await self.session.open_stream(
+                    peer[0], peer[1], tag=forward_id, early=True, answer_timeout=timeout
+                )
+            unanswered()
             return None
 
         def failed(exc: TunnelError | OSError) -> None:
-            if isinstance(exc, DialError):
+            if isinstance(exc, UnansweredError):
+                unanswered()
+            elif isinstance(exc, DialError):
                 log.warning(
                     "[%s] client %s could not reach its target: %s",
                     exc.category,

@@ -347,6 +347,11 @@ class NodeTimeoutError(DialError):
     default_failure = DialFailure.TIMEOUT
 
 
+class UnansweredError(NodeTimeoutError):
+    """The peer did not answer a stream opened with early data within its answer timeout
+    (``Session.open_stream(..., answer_timeout=)``): the far end is silent, not refusing."""
+
+
 class NodeUnstableError(DialError):
     """The dial failed fast: refused, unreachable, DNS failure or reset."""
 

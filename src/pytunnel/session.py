@@ -28,6 +28,7 @@ split apart, each half would have to reach into the other's state.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import os
@@ -50,6 +51,7 @@ from .errors import (
     SessionClosedError,
     StreamResetError,
     TunnelError,
+    UnansweredError,
     goaway_error,
     printable,
     refusal_error,
@@ -193,6 +195,13 @@ class Session:
         #: Streams opened with early data that the peer has not answered yet: a refusal
         #: breaks them with its typed error, an Accept lets their senders use the new window.
         self._early: dict[int, MuxStream] = {}
+        #: ``(deadline, stream id)`` of early-data opens with an answer timeout, a heap; an
+        #: entry whose stream was answered since is skipped when it comes up.
+        self._answer_deadlines: list[tuple[float, int, float]] = []
+        #: The answer timer's sleep, whose deadline a shorter timeout moves earlier.
+        self._answer_scope: trio.CancelScope | None = None
+        self._answer_running = False
+        self._task_nursery: trio.Nursery | None = None
         #: Streams the peer opened that we have not answered yet (their cancel scopes fire if
         #: the peer resets them first).
         self._unanswered: dict[int, IncomingStream] = {}
@@ -326,6 +335,7 @@ class Session:
         datagrams: bool = False,
         slot: StreamSlot | None = None,
         early: bool = False,
+        answer_timeout: float | None = None,
     ) -> MuxStream:
         """Open a stream and wait for the peer's answer. ``datagrams`` opens a datagram stream
         (a UDP association) instead of a byte stream.
@@ -338,7 +348,12 @@ class Session:
         typed refusal (``SessionClosedError`` for the end; also :attr:`MuxStream.refusal`
         and :meth:`MuxStream.call_on_refusal`); the bytes already sent are dropped by the
         peer.
-        Without early data the call waits as it does without ``early``.
+        Without early data the call waits as it does without ``early``. ``answer_timeout``
+        bounds the wait for the answer of a stream opened with early data: without an answer
+        by then the stream is reset and broken with :class:`UnansweredError` (a
+        ``NodeTimeoutError``), as a refusal would break it; one timer task per session keeps
+        every such deadline, not a scope per stream. (A waiting open is bounded by its
+        caller, with a cancel scope.)
 
         Raises the typed refusal (``NodeTimeoutError``, ``StreamLimitError``...) if the peer
         refuses, ``InvalidTargetError`` for a target no ``Open`` can carry (nothing is sent),
@@ -360,6 +375,8 @@ class Session:
         self._streams[stream_id] = stream
         if early and not datagrams and self._mux.send_window(stream_id):
             self._early[stream_id] = stream
+            if answer_timeout is not None:
+                self._arm_answer_timer(stream_id, answer_timeout)
             self._kick_writer()
             return stream
         answered = self._opening[stream_id] = trio.Event()
@@ -667,9 +684,13 @@ class Session:
     async def _run(self) -> None:
         with self._cancel_scope:
             async with trio.open_nursery() as nursery:
+                self._task_nursery = nursery
                 nursery.start_soon(self._reader)
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._reaper)
+                if self._answer_deadlines:  # armed before the tasks started
+                    self._answer_running = True
+                    nursery.start_soon(self._answer_timer)
 
     async def _reaper(self) -> None:
         """Reset the streams we closed whose peer has not sent its Fin within
@@ -686,6 +707,50 @@ class Session:
             if mux.expire_lingering(trio.current_time() - linger):
                 self._kick_writer()
                 self._wake_slot_waiters()  # the freed slots may be what a listener waits for
+
+    def _arm_answer_timer(self, stream_id: int, timeout: float) -> None:
+        deadline = trio.current_time() + timeout
+        heap = self._answer_deadlines
+        heapq.heappush(heap, (deadline, stream_id, timeout))
+        if self._task_nursery is None:  # not running (yet, or any more): nothing to time
+            return
+        if not self._answer_running:
+            self._answer_running = True
+            self._task_nursery.start_soon(self._answer_timer)
+        elif self._answer_scope is not None and deadline < self._answer_scope.deadline:
+            self._answer_scope.deadline = deadline  # only a shorter timeout than the others
+
+    async def _answer_timer(self) -> None:
+        """Break the streams opened with early data whose answer did not come in time
+        (``open_stream(..., answer_timeout=)``). Runs while deadlines are pending: a
+        session whose opens are all answered and past their deadlines holds no timer task."""
+        heap = self._answer_deadlines
+        while True:
+            if not heap:
+                self._answer_running = False
+                return
+            # late by up to a tenth of the timeout (at most 1 s), never early: the deadlines
+            # of a burst of opens, most of them answered long before, expire in one wake-up
+            first, _, timeout = heap[0]
+            with trio.CancelScope(deadline=first + min(1.0, timeout / 10)) as self._answer_scope:
+                await trio.sleep_forever()
+            self._answer_scope = None
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:  # every deadline passed, the slack's included
+                _, stream_id, timeout = heapq.heappop(heap)
+                stream = self._early.pop(stream_id, None)
+                if stream is None:
+                    continue  # answered (or ended) in time
+                self._streams.pop(stream_id, None)
+                self._mux.reset_stream(stream_id, ErrorCode.CANCELLED, "no answer in time")
+                self._kick_writer()
+                self._wake_slot_waiters()
+                stream.refuse_early(
+                    UnansweredError(
+                        f"no answer within {timeout:g} s",
+                        target=f"{stream.host}:{stream.port}",
+                    )
+                )
 
     async def _writer(self) -> None:
         # Shielded: when the surrounding task tree is cancelled, the writer must stay alive long
