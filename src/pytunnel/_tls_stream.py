@@ -22,6 +22,7 @@ means we closed it.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from collections.abc import Callable
@@ -441,6 +442,485 @@ class TLSSocketStream(trio.abc.Stream):
         for _ in range(_DISCARD_READS):
             try:
                 if len(raw_recv(self._tls, 65536)) < 65536:
+                    return
+            except OSError:  # BlockingIOError: nothing (more) unread
+                return
+
+
+#: Ciphertext bytes per ``recv_into`` of the socket: a whole default ``receive_some`` of
+#: records in one system call (sixteen 16 KiB records plus their headers and tags).
+_RAW_RECEIVE_SIZE = DEFAULT_RECEIVE_SIZE + 16 * 1024
+
+
+def wrap_socket_stream_batched(
+    stream: trio.SocketStream,
+    context: ssl.SSLContext,
+    *,
+    server_side: bool,
+    server_hostname: str | None = None,
+) -> TLSBatchStream:
+    """As :func:`wrap_socket_stream`, for a :class:`TLSBatchStream`."""
+    trio_socket = stream.socket
+    family, kind, proto = trio_socket.family, trio_socket.type, trio_socket.proto
+    fd = trio_socket.detach()
+    plain = socket.socket(family, kind, proto, fileno=fd)
+    try:
+        plain.setblocking(False)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = context.wrap_bio(
+            incoming, outgoing, server_side=server_side, server_hostname=server_hostname
+        )
+    except BaseException:
+        plain.close()
+        raise
+    return TLSBatchStream(plain, obj, incoming, outgoing)
+
+
+class TLSBatchStream(TLSSocketStream):
+    """TLS over a TCP socket through an ``ssl.SSLObject`` and memory BIOs, with the socket
+    I/O batched: one ``send`` puts every record of a ``send_all`` chunk (sixteen 16 KiB
+    records for 256 KiB) on the socket, one ``recv_into`` takes as many as the socket holds.
+
+    OpenSSL on the socket itself (``ssl.SSLSocket``) writes each record with its own system
+    call and reads each with two (header, then body); here OpenSSL never touches the socket.
+    The price is one more copy each way (the socket's bytes into the incoming BIO, the
+    outgoing BIO's bytes out), far cheaper than the system calls it saves.
+
+    Ciphertext leaves in the order OpenSSL produced it, whichever task puts it on the
+    socket: it all goes through the outgoing BIO, then ``_tail`` (what a partial ``send``
+    left), and every write to the socket sends ``_tail`` first, then the BIO.
+
+    The semantics are :class:`TLSSocketStream`'s (see the module's docstring).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        obj: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+    ) -> None:
+        self._sock = sock
+        self._obj = obj
+        self._incoming = incoming
+        self._outgoing = outgoing
+        # ssl.SSLObject's read and write are Python wrappers around its private _SSLObject's;
+        # called per record, the wrappers cost more than they check
+        inner = getattr(obj, "_sslobj", None)
+        self._read: Callable[[int, memoryview], int] = (
+            inner.read if inner is not None else obj.read  # type: ignore[assignment]
+        )
+        self._write: Callable[[memoryview], int] = inner.write if inner is not None else obj.write
+        self._closed = False
+        #: Set after an error or an interrupted write: every later operation raises and
+        #: ``aclose`` sends no ``close_notify``.
+        self._broken: BaseException | None = None
+        self._handshook = False
+        self._sending = False
+        self._receiving = False
+        self._waiting_readable = False
+        self._waiting_writable = False
+        #: Plaintext at the start of the caller's next write that :meth:`send_nowait`
+        #: already encrypted (its records are in ``_tail`` / the BIO, not all on the socket
+        #: yet): the next write skips these bytes and flushes the records.
+        self._half_written = 0
+        #: Ciphertext a partial ``send`` left: it goes out before anything else.
+        self._tail: bytes | memoryview | None = None
+        #: The last ``recv_into`` filled less than the buffer: the socket is (most likely)
+        #: empty, so the next receive waits for readability instead of failing a ``recv``.
+        self._drained = False
+        #: Decrypted plaintext, then ciphertext from the socket; allocated on the first
+        #: read, so an idle stream holds none.
+        self._scratch = bytearray()
+        self._raw = bytearray()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "broken" if self._broken else "open"
+        return f"<TLSBatchStream {state} fd={self._sock.fileno()}>"
+
+    # -------------------------------------------------------------- information
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject:  # type: ignore[override]
+        """The underlying ``ssl.SSLObject``, for inspection only (``version()``,
+        ``cipher()``...); reading or writing it directly would desynchronise this stream."""
+        return self._obj
+
+    @property
+    def socket(self) -> socket.socket:
+        """The TCP socket, for its options only (reading or writing it would corrupt the
+        TLS stream)."""
+        return self._sock
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        """``ssl.SSLObject.getpeercert``: the peer's certificate, as ``trio.SSLStream``
+        forwards it."""
+        return self._obj.getpeercert(binary_form)
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self._obj.selected_alpn_protocol()
+
+    def version(self) -> str | None:
+        return self._obj.version()
+
+    def fileno(self) -> int:
+        """The socket's descriptor (-1 once closed)."""
+        return self._sock.fileno()
+
+    # -------------------------------------------------------------- helpers
+
+    def _check(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the TLS stream was closed")
+        if self._broken is not None:
+            raise trio.BrokenResourceError("the TLS stream is broken") from self._broken
+
+    def _fail(self, exc: BaseException) -> trio.BrokenResourceError:
+        """Mark the stream broken by ``exc`` and return the error to raise."""
+        if self._broken is None:
+            self._broken = exc
+        error = trio.BrokenResourceError(f"TLS connection failed: {exc}")
+        error.__cause__ = exc
+        return error
+
+    async def _wait_readable(self) -> None:
+        if self._waiting_readable:
+            await trio.sleep(_SHARED_WAIT_POLL)
+            return
+        self._waiting_readable = True
+        try:
+            await trio.lowlevel.wait_readable(self._sock)
+        finally:
+            self._waiting_readable = False
+
+    async def _wait_writable(self) -> None:
+        if self._waiting_writable:
+            await trio.sleep(_SHARED_WAIT_POLL)
+            return
+        self._waiting_writable = True
+        try:
+            await trio.lowlevel.wait_writable(self._sock)
+        finally:
+            self._waiting_writable = False
+
+    def _after_close(self) -> None:
+        """Raise ``ClosedResourceError`` if the stream was closed while we waited."""
+        if self._closed:
+            raise trio.ClosedResourceError("the TLS stream was closed")
+
+    def _flush_nowait(self) -> bool:
+        """Put the ciphertext OpenSSL produced on the socket, oldest first, as far as the
+        socket takes it now; ``True`` once all of it is out. Raises the socket's
+        ``OSError``."""
+        tail = self._tail
+        outgoing = self._outgoing
+        send = self._sock.send
+        while True:
+            if tail is None:
+                if not outgoing.pending:
+                    return True
+                tail = outgoing.read()
+            try:
+                sent = send(tail)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(tail):
+                self._tail = memoryview(tail)[sent:]
+                return False
+            tail = self._tail = None
+
+    async def _flush(self) -> None:
+        """Put all the ciphertext produced so far on the socket, waiting when it is full."""
+        while not self._flush_nowait():
+            await self._wait_writable()
+            self._after_close()
+
+    def _fill_nowait(self) -> bool:
+        """Move what the socket holds into the incoming BIO (its end too); ``False`` when
+        there was nothing, or nothing is expected before the socket turns readable."""
+        if self._drained:
+            return False
+        raw = self._raw
+        if not raw:
+            raw = self._raw = bytearray(_RAW_RECEIVE_SIZE)
+        try:
+            got = self._sock.recv_into(raw)
+        except BlockingIOError:
+            self._drained = True
+            return False
+        if not got:
+            self._incoming.write_eof()
+            self._drained = True  # nothing more will come; the BIO reports the end
+            return True
+        with memoryview(raw) as view, view[:got] as piece:
+            self._incoming.write(piece)
+        self._drained = got < len(raw)
+        return True
+
+    async def _fill(self) -> None:
+        """Wait until the socket is readable, then move its bytes into the incoming BIO."""
+        while not self._fill_nowait():
+            if self._incoming.eof:
+                return
+            await self._wait_readable()
+            self._after_close()
+            self._drained = False
+
+    # -------------------------------------------------------------- handshake
+
+    async def do_handshake(self) -> None:
+        """Run the TLS handshake; raises ``BrokenResourceError`` (``__cause__`` the
+        ``ssl.SSLError`` or ``OSError``). A cancelled handshake leaves the stream broken."""
+        self._check()
+        if self._handshook:
+            await trio.lowlevel.checkpoint()
+            return
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            while True:
+                try:
+                    self._obj.do_handshake()
+                except ssl.SSLWantReadError:
+                    await self._flush()  # our flight first: the answer depends on it
+                    await self._fill()
+                    continue
+                break
+            await self._flush()
+        except OSError as exc:
+            # an alert OpenSSL wrote before failing (to a client speaking plaintext, say)
+            # goes out, as it does when OpenSSL owns the socket
+            self._flush_quietly()
+            raise self._fail(exc) from exc
+        except BaseException as exc:
+            if not isinstance(exc, trio.ClosedResourceError):
+                self._fail(exc)
+            raise
+        self._handshook = True
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _flush_quietly(self) -> None:
+        with contextlib.suppress(OSError):
+            self._flush_nowait()
+
+    # -------------------------------------------------------------- receiving
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """Decrypt up to ``max_bytes`` of plaintext: every record already available, after
+        waiting for the first one if none is. ``b""`` after the peer's ``close_notify``."""
+        if max_bytes is None:
+            max_bytes = DEFAULT_RECEIVE_SIZE
+        elif max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._check()
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return await self._receive(max_bytes)
+        finally:
+            self._receiving = False
+
+    async def _receive(self, max_bytes: int) -> bytes | bytearray:
+        read = self._read
+        scratch = self._scratch
+        if len(scratch) < max_bytes:
+            scratch = self._scratch = bytearray(max_bytes)
+        filled = 0
+        waited = False
+        view = memoryview(scratch)
+        try:
+            while filled < max_bytes:
+                try:
+                    got = read(max_bytes - filled, view[filled:])
+                except ssl.SSLWantReadError:
+                    # no whole record in the BIO: take what the socket has, else return
+                    # what we have, else wait
+                    if (self._outgoing.pending or self._tail is not None) and not self._sending:
+                        await self._flush()  # reading made OpenSSL answer (a key update, say)
+                    if self._fill_nowait():
+                        continue
+                    if filled:
+                        break
+                    if self._incoming.eof:
+                        continue  # the BIO turns the end into close_notify or an error
+                    waited = True
+                    await self._wait_readable()
+                    self._after_close()
+                    self._drained = False
+                    continue
+                if not got:  # close_notify: a clean end of the stream
+                    break
+                filled += got
+        except OSError as exc:
+            if not filled:
+                raise self._fail(exc) from exc
+            # hand over what was decrypted; the error comes back on the next call
+            self._broken = exc
+        finally:
+            # a copy: the caller may keep (slices of) what it gets, the scratch is reused
+            data = view[:filled].tobytes()
+            view.release()
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
+    # -------------------------------------------------------------- sending
+
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Encrypt ``data`` and write as much as the socket takes now, without waiting;
+        returns how many bytes of ``data`` were handed over for good.
+
+        The rest (``data[returned:]``) must be what is written next, by this method or by
+        :meth:`send_all`, byte for byte: when the records of a chunk did not all fit in the
+        socket, that chunk counts as not handed over, and the next write skips its
+        plaintext (already encrypted) and sends the records left. Any error leaves
+        everything to the next call, which raises it. For the session's inline writes; only
+        one task may write at a time.
+        """
+        if (
+            self._closed
+            or self._broken is not None
+            or not self._handshook
+            or self._sending
+            or self._half_written
+        ):
+            return 0
+        try:
+            if not self._flush_nowait():
+                return 0
+        except OSError as exc:
+            self._broken = exc
+            return 0
+        view = memoryview(data)
+        pos = 0
+        total = len(view)
+        write = self._write
+        try:
+            while pos < total:
+                piece = view[pos : pos + _WRITE_CHUNK]
+                written = write(piece)
+                if not self._flush_nowait():
+                    self._half_written = written
+                    break
+                pos += written
+        except ssl.SSLWantReadError:
+            pass  # a renegotiation wants the peer first: the writer task waits for it
+        except OSError as exc:
+            self._broken = exc
+        return pos
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt ``data`` and write it all. A cancelled ``send_all`` may have written part
+        of ``data``; the stream is broken then (as ``trio.SSLStream`` may be)."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._check()
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            await self._send(data)
+        finally:
+            self._sending = False
+
+    async def _send(self, data: bytes | bytearray | memoryview) -> None:
+        write = self._write
+        with memoryview(data) as view:
+            total = len(view)
+            pos = self._half_written
+            if pos and total < pos:
+                raise RuntimeError("send_nowait's unwritten bytes were not repeated")
+            self._half_written = 0
+            try:
+                waited = not self._flush_nowait()
+                if waited:
+                    await self._flush()
+                while pos < total:
+                    piece = view[pos : pos + _WRITE_CHUNK]
+                    try:
+                        written = write(piece)
+                    except ssl.SSLWantReadError:
+                        # a renegotiation: OpenSSL needs the peer's answer first (the same
+                        # bytes are retried); the receiving task, if any, brings it in
+                        waited = True
+                        await self._flush()
+                        if self._receiving:
+                            await trio.sleep(_SHARED_WAIT_POLL)
+                        else:
+                            await self._fill()
+                        continue
+                    pos += written
+                    if not self._flush_nowait():
+                        waited = True
+                        await self._flush()
+            except OSError as exc:
+                raise self._fail(exc) from exc
+            except BaseException as exc:
+                if not isinstance(exc, trio.ClosedResourceError) and (
+                    self._tail is not None or self._outgoing.pending or pos < total
+                ):
+                    self._fail(exc)  # records cut short on the wire
+                raise
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check()
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await self._wait_writable()
+        finally:
+            self._sending = False
+        self._after_close()
+
+    # -------------------------------------------------------------- closing
+
+    async def aclose(self) -> None:
+        """Send our ``close_notify`` (once, not waiting for the peer's) and close the
+        socket. When cancelled, or after an error, the socket is just closed."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            if self._broken is None and self._handshook:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                await self._close_notify()
+        finally:
+            self._close_socket()
+        await trio.lowlevel.checkpoint()
+
+    async def _close_notify(self) -> None:
+        try:
+            self._obj.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # sent; the peer's close_notify has not come (we do not wait for it)
+        except (OSError, ValueError):
+            return
+        # the alert (after any records still queued) may not fit in the socket buffer: wait,
+        # as trio.SSLStream's aclose waits for its transport's send_all (an error: the peer
+        # is gone already)
+        with contextlib.suppress(OSError, trio.ClosedResourceError):
+            await self._flush()
+
+    def _close_socket(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        sock = self._sock
+        if sock.fileno() >= 0:
+            self._discard_unread()
+            trio.lowlevel.notify_closing(sock)
+        sock.close()
+
+    def _discard_unread(self) -> None:
+        """Read and drop what the peer sent that we did not read (see
+        :meth:`TLSSocketStream._discard_unread`: an unread byte turns our FIN into a reset,
+        which can destroy the alert we sent last). Non-blocking and bounded."""
+        for _ in range(_DISCARD_READS):
+            try:
+                if len(self._sock.recv(65536)) < 65536:
                     return
             except OSError:  # BlockingIOError: nothing (more) unread
                 return
