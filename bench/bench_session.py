@@ -255,7 +255,7 @@ async def tls_pair(
     sock_a: trio.SocketStream, sock_b: trio.SocketStream, kind: str
 ) -> tuple[trio.abc.Stream, trio.abc.Stream]:
     """Both ends of ``sock_a``/``sock_b`` wrapped in TLS of ``kind``, handshake done."""
-    from pytunnel._tls_stream import wrap_socket_stream, wrap_socket_stream_batched
+    from pytunnel._tls_stream import wrap_socket_stream
 
     server_ctx, client_ctx = _tls_contexts()
     tls_a: Any
@@ -264,9 +264,10 @@ async def tls_pair(
         tls_a = trio.SSLStream(sock_a, client_ctx, server_hostname="localhost")
         tls_b = trio.SSLStream(sock_b, server_ctx, server_side=True)
     else:
-        wrap = wrap_socket_stream_batched if kind == "batch" else wrap_socket_stream
-        tls_a = wrap(sock_a, client_ctx, server_side=False, server_hostname="localhost")
-        tls_b = wrap(sock_b, server_ctx, server_side=True)
+        tls_a = wrap_socket_stream(
+            sock_a, client_ctx, server_side=False, server_hostname="localhost"
+        )
+        tls_b = wrap_socket_stream(sock_b, server_ctx, server_side=True)
     async with trio.open_nursery() as handshakes:
         handshakes.start_soon(tls_a.do_handshake)
         handshakes.start_soon(tls_b.do_handshake)

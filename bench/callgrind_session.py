@@ -140,10 +140,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--chunk", type=int, default=64 * 1024, help="bytes per bulk send_all")
     parser.add_argument(
-        "--tls",
-        choices=["none", "ssl-stream", "socket", "batch"],
-        default="none",
-        help="TLS under it",
+        "--tls", choices=["none", "ssl-stream", "socket"], default="none", help="TLS under it"
     )
     args = parser.parse_args()
     trio.run(run, args.mode, args.count, args.chunk, args.tls)

@@ -174,12 +174,6 @@ def _wrap(
     when ``stream`` is exactly a plain ``trio.SocketStream`` (a subclass may change what
     its bytes are), ``trio.SSLStream`` over any other stream."""
     if type(stream) is trio.SocketStream:
-        if os.environ.get("PYTUNNEL_TLS_BATCH"):
-            from ._tls_stream import wrap_socket_stream_batched
-
-            return wrap_socket_stream_batched(
-                stream, context, server_side=server_side, server_hostname=server_hostname
-            )
         return wrap_socket_stream(
             stream, context, server_side=server_side, server_hostname=server_hostname
         )
