@@ -26,13 +26,16 @@ from helpers import (
     count_tasks,
     describe_tasks,
     eight_streams_at_once,
+    open_pair,
     tcp_stream_pair,
     wait_until,
 )
 
 import pytunnel
+from pytunnel._direct import PacedReads
 from pytunnel._tls import tls_accept, tls_connect
 from pytunnel._tls_stream import TLSSocketStream, wrap_socket_stream
+from pytunnel.session import Role, open_session
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -431,6 +434,191 @@ async def test_peer_closing_tcp_between_records_is_a_broken_stream_not_eof(
                 await server.receive_some()
 
 
+# ------------------------------------------------------------------ the session's direct reads
+
+
+async def test_direct_reads_take_every_record_there_and_none_when_empty(
+    client_context: ssl.SSLContext, server_context: ssl.SSLContext
+) -> None:
+    """receive_nowait never waits: None when no whole record is there, every record already
+    there in one call (up to max_bytes), the rest of a record cut by max_bytes next."""
+    async with tls_pair(client_context, server_context) as (client, server):
+        with trio.fail_after(BOUND):
+            assert server.receive_nowait(65536) is None
+            data = os.urandom(5 * 16384)
+            await client.send_all(data)
+            await wait_until(lambda: _readable_bytes(server) >= len(data) + 5 * 22)
+            assert server.receive_nowait(1 << 20) == data
+            assert server.receive_nowait(65536) is None
+            await client.send_all(b"0123456789")
+            await server.wait()
+            await wait_until(lambda: _readable_bytes(server) >= 10 + 22)
+            assert server.receive_nowait(4) == b"0123"
+            assert server.receive_nowait(65536) == b"456789"  # buffered in OpenSSL
+            assert server.receive_nowait(65536) is None
+
+
+async def test_direct_wait_returns_when_a_record_arrives(
+    client_context: ssl.SSLContext, server_context: ssl.SSLContext
+) -> None:
+    async with tls_pair(client_context, server_context) as (client, server):
+        with trio.fail_after(BOUND):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.wait)
+                await trio.testing.wait_all_tasks_blocked()
+                await client.send_all(b"wake up")
+            assert await PacedReads(server).receive_some(65536) == b"wake up"
+
+
+async def test_direct_reads_after_close_notify_are_a_clean_eof(
+    client_context: ssl.SSLContext, server_context: ssl.SSLContext
+) -> None:
+    async with tls_pair(client_context, server_context) as (client, server):
+        with trio.fail_after(BOUND):
+            await client.send_all(b"last words")
+            await client.aclose()
+            reads = PacedReads(server)
+            got = b""
+            while chunk := await reads.receive_some(65536):
+                got += chunk
+            assert got == b"last words"
+            assert server.receive_nowait(65536) == b""  # EOF stays EOF
+            await server.aclose()
+            with pytest.raises(trio.ClosedResourceError):
+                server.receive_nowait(65536)
+            with pytest.raises(trio.ClosedResourceError):
+                await server.wait()
+
+
+async def test_direct_read_of_a_record_cut_by_a_tcp_close_is_broken_not_eof(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    """The whole record first, then BrokenResourceError (the SSLError its cause), and it
+    stays broken: a truncation never reads as the end of the data."""
+    async with _server_with_a_hand_driven_peer(server_context, client_context) as (
+        server,
+        peer,
+        outgoing,
+        raw_client,
+    ):
+        with trio.fail_after(BOUND):
+            peer.write(b"A" * 1000)
+            whole = outgoing.read()
+            peer.write(b"B" * 1000)
+            second = outgoing.read()
+            await raw_client.send_all(whole + second[: len(second) // 2])
+            await raw_client.aclose()
+            reads = PacedReads(server)
+            assert await reads.receive_some(65536) == b"A" * 1000
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await reads.receive_some(65536)
+            assert isinstance(info.value.__cause__, ssl.SSLError)
+            with pytest.raises(trio.BrokenResourceError):
+                server.receive_nowait(65536)
+            with pytest.raises(trio.BrokenResourceError):
+                await server.wait()
+
+
+async def test_direct_read_of_garbage_after_the_handshake_is_broken(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    async with _server_with_a_hand_driven_peer(server_context, client_context) as (
+        server,
+        _peer,
+        _outgoing,
+        raw_client,
+    ):
+        with trio.fail_after(BOUND):
+            await raw_client.send_all(b"\x17\x03\x03\x00\x40" + b"not a record" * 40)
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await PacedReads(server).receive_some(65536)
+            assert isinstance(info.value.__cause__, ssl.SSLError)
+
+
+async def test_closing_wakes_a_direct_wait_with_closed_resource_error(
+    client_context: ssl.SSLContext, server_context: ssl.SSLContext
+) -> None:
+    async with tls_pair(client_context, server_context) as (_client, server):
+        with trio.fail_after(BOUND):
+            async with trio.open_nursery() as nursery:
+
+                async def wait() -> None:
+                    with pytest.raises(trio.ClosedResourceError):
+                        await server.wait()
+
+                nursery.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                await server.aclose()
+
+
+async def test_direct_reads_while_receive_some_runs_are_busy(
+    client_context: ssl.SSLContext, server_context: ssl.SSLContext
+) -> None:
+    async with tls_pair(client_context, server_context) as (client, server):
+        with trio.fail_after(BOUND):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.receive_some)
+                await trio.testing.wait_all_tasks_blocked()
+                with pytest.raises(trio.BusyResourceError):
+                    server.receive_nowait(65536)
+                await client.send_all(b"x")
+
+
+async def test_a_session_over_tls_reads_without_receive_some_and_leaks_nothing(
+    client_context: ssl.SSLContext,
+    server_context: ssl.SSLContext,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both session readers read the TLS stream directly (receive_nowait / wait, never
+    receive_some); every byte arrives in order both ways; after the sessions close and the
+    streams with them, no task or descriptor is left."""
+    calls: list[object] = []
+    real = TLSSocketStream.receive_some
+
+    async def spy(self: TLSSocketStream, max_bytes: int | None = None) -> bytes:
+        calls.append(self)
+        return await real(self, max_bytes)
+
+    monkeypatch.setattr(TLSSocketStream, "receive_some", spy)
+    fds, tasks = count_fds(), count_tasks()
+    async with tls_pair(client_context, server_context) as (client_tls, server_tls):
+        up, down = os.urandom(3 << 20), os.urandom(1 << 20)
+        with trio.fail_after(BOUND * 3):
+            async with (
+                open_session(client_tls, Role.CLIENT) as client,
+                open_session(server_tls, Role.SERVER) as server,
+            ):
+                mine, theirs = await open_pair(client, server, host="t", port=1)
+                got: dict[str, bytes] = {}
+
+                async def pump(
+                    name: str, a: trio.abc.HalfCloseableStream, b: trio.abc.Stream, data: bytes
+                ) -> None:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_send_then_eof, a, data)
+                        out = bytearray()
+                        while chunk := await b.receive_some():
+                            out += chunk
+                        got[name] = bytes(out)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(pump, "up", mine, theirs, up)
+                    nursery.start_soon(pump, "down", theirs, mine, down)
+                await mine.aclose()
+                await theirs.aclose()
+        assert got["up"] == up
+        assert got["down"] == down
+        assert calls == []
+    assert count_fds() <= fds
+    assert count_tasks() <= tasks, describe_tasks()
+
+
+async def _send_then_eof(stream: trio.abc.HalfCloseableStream, data: bytes) -> None:
+    for start in range(0, len(data), 100_000):
+        await stream.send_all(data[start : start + 100_000])
+    await stream.send_eof()
+
+
 # ------------------------------------------------------------------ failed handshakes
 
 
@@ -692,11 +880,17 @@ async def test_interop_with_openssl_s_server(
 
 
 @needs_openssl
+@pytest.mark.parametrize("direct", [False, True], ids=["receive_some", "direct_reads"])
 async def test_interop_with_openssl_s_client(
-    ca: trustme.CA, server_context: ssl.SSLContext, tmp_path: Path, nursery: trio.Nursery
+    ca: trustme.CA,
+    server_context: ssl.SSLContext,
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    direct: bool,
 ) -> None:
     """OpenSSL's client against our server: what it sends arrives, what we send it prints;
-    its stdin closing makes it close (a close_notify: a clean EOF for us)."""
+    its stdin closing makes it close (a close_notify: a clean EOF for us), read through
+    ``receive_some`` or through the session's direct reads."""
     _, ca_file = _pem_files(ca, tmp_path)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
@@ -710,8 +904,9 @@ async def test_interop_with_openssl_s_client(
         assert isinstance(tls, TLSSocketStream)
         async with tls:
             await tls.send_all(b"hello from pytunnel\n")
+            receive = PacedReads(tls).receive_some if direct else tls.receive_some
             data = b""
-            while chunk := await tls.receive_some():
+            while chunk := await receive(65536):
                 data += chunk
             got.append(data)
         done.set()

@@ -8,7 +8,9 @@ Python (and a scheduler pass) per record. When the control connection is a plain
 non-blocking ``ssl.SSLSocket`` instead: OpenSSL reads and writes the socket directly, one
 ``receive_some`` decrypts every record already available up to ``max_bytes``, and one
 ``send_all`` encrypts its whole buffer in one call. Trio only waits for readiness
-(``wait_readable`` / ``wait_writable``) when OpenSSL says it wants to read or write.
+(``wait_readable`` / ``wait_writable``) when OpenSSL says it wants to read or write. The
+session reads it as it reads a plain socket (``receive_nowait`` / ``wait``, the
+``pytunnel._direct.DirectReader`` protocol) and writes it inline (``send_nowait``).
 
 The semantics are ``trio.SSLStream``'s with ``https_compatible=False``, which is what the
 session was written against: ``receive_some`` returns ``b""`` only after the peer's
@@ -120,6 +122,9 @@ class TLSSocketStream(trio.abc.Stream):
         #: Decrypted records land here first; grown to the largest ``max_bytes`` asked for
         #: (allocated on the first read, so an idle stream holds none).
         self._scratch = bytearray()
+        #: The last read stopped because OpenSSL wanted to write (a renegotiation-style
+        #: want): what the reader waits for is writability, not readability.
+        self._read_wants_write = False
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "broken" if self._broken else "open"
@@ -225,7 +230,7 @@ class TLSSocketStream(trio.abc.Stream):
 
     # -------------------------------------------------------------- receiving
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Decrypt up to ``max_bytes`` of plaintext: every record already available, after
         waiting for the first one if none is. ``b""`` after the peer's ``close_notify``."""
         if max_bytes is None:
@@ -238,53 +243,81 @@ class TLSSocketStream(trio.abc.Stream):
         self._receiving = True
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
-            return await self._receive(max_bytes)
+            data = self._receive_nowait(max_bytes)
+            if data is None:
+                while True:
+                    await self._wait_for_read()
+                    data = self._receive_nowait(max_bytes)
+                    if data is not None:
+                        return data
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
         finally:
             self._receiving = False
 
-    async def _receive(self, max_bytes: int) -> bytes | bytearray:
+    # The session's reader reads through these two (``pytunnel._direct.DirectReader``, driven
+    # by ``PacedReads``) instead of ``receive_some``: no coroutine and no checkpoint per
+    # read, and after a short read (OpenSSL found the socket empty) a wait for readability
+    # first instead of a read that fails.
+
+    def receive_nowait(self, max_bytes: int) -> bytes | None:
+        """What :meth:`receive_some` would return now without waiting (``b""`` after the
+        peer's ``close_notify``), or ``None`` when no whole record is there yet. Raises as
+        :meth:`receive_some` does. For the stream's only reader; it is no checkpoint."""
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._check()
+        return self._receive_nowait(max_bytes)
+
+    async def wait(self) -> None:
+        """Return once :meth:`receive_nowait` may find something (a checkpoint): the socket
+        turned readable, or writable when OpenSSL's read wanted to write."""
+        self._check()
+        await self._wait_for_read()
+
+    async def _wait_for_read(self) -> None:
+        if self._read_wants_write:
+            await self._wait_writable()
+        else:
+            await self._wait_readable()
+        self._after_close()
+
+    def _receive_nowait(self, max_bytes: int) -> bytes | None:
         read = self._read
         scratch = self._scratch
         if len(scratch) < max_bytes:
             scratch = self._scratch = bytearray(max_bytes)
         filled = 0
-        waited = False
+        ended = False
         view = memoryview(scratch)
         try:
             while filled < max_bytes:
                 try:
                     got = read(max_bytes - filled, view[filled:])
                 except ssl.SSLWantReadError:
-                    # nothing buffered in OpenSSL either (pending() is 0 when it
-                    # wants to read): return what we have, or wait for the socket
-                    if filled:
-                        break
-                    waited = True
-                    await self._wait_readable()
-                    self._after_close()
-                    continue
+                    # nothing buffered in OpenSSL either (pending() is 0 when it wants
+                    # to read): the socket is empty
+                    self._read_wants_write = False
+                    break
                 except ssl.SSLWantWriteError:
-                    if filled:
-                        break
-                    waited = True
-                    await self._wait_writable()
-                    self._after_close()
-                    continue
+                    self._read_wants_write = True
+                    break
                 if not got:  # close_notify: a clean end of the stream
+                    ended = True
                     break
                 filled += got
         except OSError as exc:
             if not filled:
+                view.release()
                 raise self._fail(exc) from exc
             # hand over what was decrypted; the error comes back on the next call
             self._broken = exc
-        finally:
-            # a copy: the caller may keep (slices of) what it gets, the scratch is reused
-            data = view[:filled].tobytes()
+        if not filled:
             view.release()
-        if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        return data
+            return b"" if ended else None
+        # a copy: the caller may keep (slices of) what it gets, the scratch is reused
+        with view, view[:filled] as piece:
+            return piece.tobytes()
 
     # -------------------------------------------------------------- sending
 

@@ -789,7 +789,7 @@ class Session:
         # and after a short read (the socket was emptied) a wait first instead of a read that
         # fails; a checkpoint every MAX_STREAK reads that found data keeps a busy peer from
         # holding the event loop even when its reads decode into few frames
-        reader = socket_reader(transport)
+        reader = socket_reader(transport) or self._inline_tls  # TLS on TCP: the same
         reads = None if reader is None else PacedReads(reader)
         receive_some = transport.receive_some if reads is None else reads.receive_some
         eof = False
