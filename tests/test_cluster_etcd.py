@@ -347,3 +347,44 @@ async def test_a_members_state_the_engine_could_not_take_is_written_once_it_answ
     finally:
         await reader.aclose()
     assert await registry.leave_group("tcp/7777", group, "n1/1")
+
+
+@pytest.mark.slow
+async def test_a_node_under_a_burst_of_claims_keeps_its_lease(
+    etcd: EtcdServer, nursery: trio.Nursery
+) -> None:
+    """Far more claims in flight than the node has connections to the engine (a mass
+    failover onto it), and its event loop saturated by them: its renewals are never queued
+    behind them, so its lease, and with it every key it holds, outlives the burst (the
+    node never leaves the registry, never joins again). Each claim succeeds or is refused
+    with the typed error."""
+    observer = EtcdRegistry(etcd.endpoint, "observer")
+    await nursery.start(observer.run)
+    seen: list[Change] = []
+    await nursery.start(functools.partial(observer.watch, "nodes/", seen.append))
+    busy = EtcdRegistry(etcd.endpoint, "busy", lease_ttl=3)
+    await nursery.start(busy.run)
+    assert await busy.claim("tcp/1", "busy/held") == "busy/held"
+    outcomes = {"claimed": 0, "refused": 0}
+
+    async def claimant(index: int, until: float) -> None:
+        while trio.current_time() < until:
+            key, owner = f"tcp/{1000 + index}", f"busy/s{index}"
+            try:
+                if await busy.claim(key, owner) == owner:
+                    outcomes["claimed"] += 1
+                    await busy.release(key, owner)
+            except ClusterUnavailableError:  # no connection free in time: typed, retried
+                outcomes["refused"] += 1
+                await trio.sleep(0.05)
+
+    with trio.fail_after(120):  # a hang detector
+        until = trio.current_time() + 4 * busy.lease_ttl
+        async with trio.open_nursery() as burst:
+            for index in range(600):
+                burst.start_soon(claimant, index, until)
+    assert outcomes["claimed"] > 0, outcomes
+    assert [change for change in seen if change.value is None] == [], (seen, outcomes)
+    assert len(seen) <= 1, seen  # the node key written once (before the watch, or seen)
+    assert await observer.lookup("tcp/1") == "busy/held"
+    assert "busy" in await observer.nodes()
