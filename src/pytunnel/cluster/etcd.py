@@ -49,6 +49,11 @@ log = logging.getLogger("pytunnel.cluster")
 DEFAULT_REQUEST_TIMEOUT = 2.0
 #: Seconds between attempts while the engine does not answer (renewals, watches).
 DEFAULT_RETRY_INTERVAL = 0.5
+#: Requests to the engine in flight at once (each on a connection kept open): the node's own
+#: CPU, not the engine, bounds its rate, so more would only queue inside the HTTP client.
+_REQUESTS = 16
+#: Connections kept besides them for watches (each holds one for as long as it runs).
+_WATCHES = 8
 #: Claims retried when the key vanished between the compare and the read of its owner.
 _CLAIM_ATTEMPTS = 3
 #: What etcd answers for a token it no longer takes (expired unused, or issued before its
@@ -124,7 +129,20 @@ class EtcdRegistry:
         self.prefix = prefix
         self.lease_ttl = lease_ttl
         self._retry_interval = retry_interval
-        self._http = httpx.AsyncClient(timeout=request_timeout, verify=tls or True)
+        #: Claims, releases, reads and watches, over a few connections kept open. Requests
+        #: beyond them wait in ``_requests`` (a FIFO), not in the HTTP client's own queue:
+        #: with hundreds of claims in flight (a mass failover onto the node) httpx's pool
+        #: (100 connections, 20 kept) connected and closed again for most of them, and its
+        #: bookkeeping walks every connection for every queued request at each change.
+        self._http = httpx.AsyncClient(
+            timeout=request_timeout,
+            verify=tls or True,
+            limits=httpx.Limits(
+                max_connections=_REQUESTS + _WATCHES, max_keepalive_connections=_REQUESTS + _WATCHES
+            ),
+        )
+        self._requests = trio.CapacityLimiter(_REQUESTS)
+        self._request_timeout = request_timeout
         #: The lease's own connection (its grant, renewals, revoke, and authentication),
         #: driven from a thread of its own: a node busy with claims (a mass failover onto
         #: it) may have every connection of ``_http`` taken with a queue behind them, and its
@@ -842,7 +860,16 @@ class EtcdRegistry:
     async def _shared_post(
         self, url: str, body: dict[str, Any], headers: dict[str, str]
     ) -> httpx.Response:
-        return await self._http.post(url, json=body, headers=headers)
+        # a turn not had within the request timeout fails like a pool that had no free
+        # connection in time (httpx's own pool timeout, which this replaces)
+        with trio.move_on_after(self._request_timeout) as waiting:
+            await self._requests.acquire()
+        if waiting.cancelled_caught:
+            raise httpx.PoolTimeout("no connection to the cluster engine free in time")
+        try:
+            return await self._http.post(url, json=body, headers=headers)
+        finally:
+            self._requests.release()
 
     async def _lease_post(
         self, url: str, body: dict[str, Any], headers: dict[str, str]
