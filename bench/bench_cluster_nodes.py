@@ -210,7 +210,7 @@ async def run_one(args: argparse.Namespace, count: int, work: str) -> dict[str, 
                                 token=TOKEN,
                                 client_id=f"c{i}",
                                 backoff_initial=0.2,
-                                backoff_max=1.0,
+                                backoff_max=args.backoff_max,
                                 backoff_jitter=0.0,
                             )
                         except pytunnel.ConnectError:  # a node too busy: its backlog, a reset
@@ -380,6 +380,9 @@ def cli() -> None:
     parser.add_argument("--concurrency", type=int, default=64, help="client connects in flight")
     parser.add_argument("--ttl", type=int, default=10, help="the nodes' lease TTL, seconds")
     parser.add_argument("--timeout", type=float, default=300, help="bound of each phase, s")
+    parser.add_argument(
+        "--backoff-max", type=float, default=1.0, help="the clients' reconnect backoff cap, s"
+    )
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument(
         "--profile-failover",

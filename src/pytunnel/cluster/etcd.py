@@ -187,6 +187,16 @@ class EtcdRegistry:
         #: states kept): done by its own task, so that it never delays the next renewal.
         self._upkeep_wanted = trio.Event()
         self._lost: list[LostCallback] = []
+        #: Where ``run`` starts the tasks it needs while it runs.
+        self._nursery: trio.Nursery | None = None
+        #: Each session's predecessor, as ``replace`` of its client identity found it:
+        #: owner -> the previous owner (the same client's older session, on any node).
+        self._previous: dict[str, str] = {}
+        #: Claims waiting for a key their client's older session still holds to go:
+        #: key -> [(that holder, set once the key no longer holds it)].
+        self._ghost_waiters: dict[str, list[tuple[str, trio.Event]]] = {}
+        #: The watch those waits use while there are any: its scope and "it is open".
+        self._ghost_watch: tuple[trio.CancelScope, trio.Event] | None = None
         #: Whether the last exchange with the engine worked (logged on each change only).
         self._reachable = True
 
@@ -221,6 +231,7 @@ class EtcdRegistry:
             await self._join()
             log.info("node %s joined the cluster (etcd at %s)", self.node_id, self.endpoint)
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._upkeep)
                 task_status.started()
                 await self._keep_lease(joined)
@@ -398,7 +409,15 @@ class EtcdRegistry:
     # ------------------------------------------------------------------ keys
 
     async def claim(self, key: str, owner: str) -> str:
+        """See :meth:`Registry.claim`. A key held by this client's own previous session
+        (``replace`` of its identity named it: a session on a node that died, its lease
+        not expired yet, or on a live node dropping it as a ghost) is waited for, up to
+        one lease TTL and a second, and claimed the moment it goes, instead of being
+        refused: the client would only try again on its backoff, each try a request."""
         holder = await self._claim_once(key, owner)
+        ghost = self._previous.get(owner)
+        if holder != owner and holder == ghost and not is_group(holder):
+            holder = await self._claim_after_ghost(key, owner, holder)
         if holder == owner:
             self._claims[key] = owner
             self._pending_releases.discard((key, owner))
@@ -620,6 +639,58 @@ class EtcdRegistry:
         # a second transaction: the compares of one see none of its own writes
         return await self._clear_empty_group(key, group)
 
+    async def _claim_after_ghost(self, key: str, owner: str, ghost: str) -> str:
+        if self._nursery is None:
+            return ghost
+        entry = (ghost, trio.Event())
+        self._ghost_waiters.setdefault(key, []).append(entry)
+        try:
+            await self._open_ghost_watch()
+            # checked again once the watch is open: a release between the first claim and
+            # the watch's start is seen here, every later one by the watch
+            holder = await self._claim_once(key, owner)
+            if holder != ghost:
+                return holder
+            with trio.move_on_after(self.lease_ttl + 1.0):
+                await entry[1].wait()
+            return await self._claim_once(key, owner)
+        finally:
+            waiters = self._ghost_waiters.get(key, [])
+            if entry in waiters:
+                waiters.remove(entry)
+            if not waiters:
+                self._ghost_waiters.pop(key, None)
+            if not self._ghost_waiters and self._ghost_watch is not None:
+                self._ghost_watch[0].cancel()  # nobody waits: no watch
+                self._ghost_watch = None
+
+    async def _open_ghost_watch(self) -> None:
+        """One watch of the registry for all the claims waiting for a ghost's key, opened
+        for the first of them and closed after the last (a failover's moment)."""
+        if self._ghost_watch is None:
+            assert self._nursery is not None
+            watch = self._ghost_watch = (trio.CancelScope(), trio.Event())
+            self._nursery.start_soon(self._run_ghost_watch, *watch)
+        await self._ghost_watch[1].wait()
+
+    async def _run_ghost_watch(self, scope: trio.CancelScope, opened: trio.Event) -> None:
+        try:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(functools.partial(self.watch, "", self._ghost_changed))
+                    opened.set()
+        except ClusterUnavailableError as exc:  # the waits end by their bound instead
+            log.info("node %s: no watch for restores: %s", self.node_id, exc.message)
+        finally:
+            opened.set()
+            if self._ghost_watch is not None and self._ghost_watch[0] is scope:
+                self._ghost_watch = None
+
+    def _ghost_changed(self, change: Change) -> None:
+        for ghost, gone in self._ghost_waiters.get(change.key, []):
+            if change.value != ghost:
+                gone.set()
+
     async def replace(self, key: str, owner: str) -> str | None:
         lease = self._require()
         reply = await self._post(
@@ -629,7 +700,10 @@ class EtcdRegistry:
         self._claims[key] = owner
         self._pending_releases.discard((key, owner))
         previous = reply.get("prev_kv")
-        return _text(previous.get("value", "")) if previous else None
+        replaced = _text(previous.get("value", "")) if previous else None
+        if replaced is not None and replaced != owner and key.startswith("clients/"):
+            self._previous[owner] = replaced
+        return replaced
 
     async def release(self, key: str, owner: str) -> bool:
         """Delete ``key`` if ``owner`` still holds it. When the engine cannot be reached the
@@ -637,6 +711,8 @@ class EtcdRegistry:
         is never left behind under a lease that lives on."""
         if self._claims.get(key) == owner:
             del self._claims[key]
+        if key.startswith("clients/"):
+            self._previous.pop(owner, None)  # the session ends
         try:
             return await self._release_once(key, owner)
         except ClusterUnavailableError:
