@@ -295,12 +295,8 @@ class EtcdRegistry:
             return True
         self._valid_until = sent + ttl
         self._reached()
-        if (
-            self._reclaim_due
-            or self._pending_releases
-            or self._pending_leaves
-            or (self._pending_states)
-        ):
+        pending = self._pending_releases or self._pending_leaves or self._pending_states
+        if self._reclaim_due or pending:
             self._upkeep_wanted.set()
         return True
 
