@@ -407,6 +407,7 @@ trio.run(main)
 """
 
 
+@pytest.mark.slow
 async def test_a_restore_meeting_its_own_dead_session_is_claimed_when_that_lease_ends(
     etcd: EtcdServer, nursery: trio.Nursery
 ) -> None:
