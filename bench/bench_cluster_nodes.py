@@ -210,7 +210,7 @@ async def run_one(args: argparse.Namespace, count: int, work: str) -> dict[str, 
                                 token=TOKEN,
                                 client_id=f"c{i}",
                                 backoff_initial=0.2,
-                                backoff_max=1.0,
+                                backoff_max=args.backoff_max,
                                 backoff_jitter=0.0,
                             )
                         except pytunnel.ConnectError:  # a node too busy: its backlog, a reset
@@ -259,10 +259,23 @@ async def run_one(args: argparse.Namespace, count: int, work: str) -> dict[str, 
                 for key, owner in held.items()
                 if key.startswith("tcp/") and owner.startswith("n0/")
             )
+            profiler = None
+            if args.profile_failover:  # the survivor, from the kill to the last restore
+                profiler = await trio.lowlevel.open_process(
+                    [
+                        *("py-spy", "record", "--nonblocking", "--format", "raw"),
+                        *("-o", args.profile_failover, "--pid", str(nodes[1].process.pid)),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                await trio.sleep(1.0)
+            before_failover = await etcd_counters(endpoint)
             killed = time.perf_counter()
             await nodes[0].stop(signal.SIGKILL)
             probe = public_host(1)
             pending = set(victims)
+            first_served: dict[int, float] = {}  # port -> when a probe first got its echo
             with trio.fail_after(args.timeout):
                 while pending:
                     done: set[int] = set()
@@ -271,6 +284,7 @@ async def run_one(args: argparse.Namespace, count: int, work: str) -> dict[str, 
                         async with limit:
                             if await served(probe, port):
                                 done.add(port)
+                                first_served[port] = time.perf_counter()
 
                     async with trio.open_nursery() as probes:
                         for port in pending:
@@ -279,6 +293,18 @@ async def run_one(args: argparse.Namespace, count: int, work: str) -> dict[str, 
                     if pending:
                         await trio.sleep(0.2)
             failover = time.perf_counter() - killed
+            after_failover = await etcd_counters(endpoint)
+            # the restores themselves: from the first port served again to the last (the
+            # lease's remainder before the first is the engine's, not the survivor's)
+            served_at = sorted(first_served.values())
+            restore_window = served_at[-1] - served_at[0] if served_at else 0.0
+            if args.profile_failover and profiler is not None:
+                profiler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            if profiler is not None:
+                with trio.move_on_after(30):
+                    await profiler.wait()
+                if profiler.poll() is None:
+                    profiler.kill()  # by its handle: ours
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
@@ -288,6 +314,7 @@ async def run_one(args: argparse.Namespace, count: int, work: str) -> dict[str, 
                 os.kill(etcd.pid, signal.SIGKILL)  # by pid: ours
             await trio.to_thread.run_sync(etcd.wait)
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    moved = {k: after_failover.get(k, 0) - before_failover.get(k, 0) for k in after_failover}
     clients = args.clients
     unary = ("Txn", "Put", "Range", "DeleteRange", "LeaseGrant", "LeaseRevoke")
     writes = delta.get("put_total", 0) + delta.get("delete_total", 0)
@@ -310,6 +337,13 @@ async def run_one(args: argparse.Namespace, count: int, work: str) -> dict[str, 
         "connects_failed_retried": refused[1],
         "failover_clients": len(victims),
         "failover_s": failover,
+        "engine_ops_per_restore": {
+            m: moved.get(m, 0) / len(victims)
+            for m in ("Txn", "Put", "Range", "DeleteRange")
+            if victims and moved.get(m)
+        },
+        "restore_window_s": restore_window,
+        "restores_per_s": len(victims) / restore_window if restore_window else 0.0,
     }
 
 
@@ -326,7 +360,11 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
             f"events/write {row['events_per_write']:.2f}  "
             f"mirrors {row['mirrors']}/{row['mirrors_expected']} after "
             f"{row['all_nodes_mirror_all_s']:.1f} s  "
-            f"failover of {row['failover_clients']} clients {row['failover_s']:.1f} s  "
+            f"failover of {row['failover_clients']} clients {row['failover_s']:.1f} s "
+            f"(restores over {row['restore_window_s']:.1f} s: {row['restores_per_s']:.0f}/s; "
+            f"engine ops/restore: "
+            + " ".join(f"{m} {v:.2f}" for m, v in row["engine_ops_per_restore"].items())
+            + ")  "
             f"retried: claims {row['claims_refused_retried']} "
             f"connects {row['connects_failed_retried']}  "
             f"(load {os.getloadavg()[0]:.1f})",
@@ -342,7 +380,15 @@ def cli() -> None:
     parser.add_argument("--concurrency", type=int, default=64, help="client connects in flight")
     parser.add_argument("--ttl", type=int, default=10, help="the nodes' lease TTL, seconds")
     parser.add_argument("--timeout", type=float, default=300, help="bound of each phase, s")
+    parser.add_argument(
+        "--backoff-max", type=float, default=1.0, help="the clients' reconnect backoff cap, s"
+    )
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument(
+        "--profile-failover",
+        metavar="FILE",
+        help="py-spy record (raw format) of the surviving node 1 during the failover",
+    )
     args = parser.parse_args()
     print(
         f"{' '.join(sys.argv)}; load average {os.getloadavg()[0]:.2f}; {os.cpu_count()} cores",

@@ -347,3 +347,111 @@ async def test_a_members_state_the_engine_could_not_take_is_written_once_it_answ
     finally:
         await reader.aclose()
     assert await registry.leave_group("tcp/7777", group, "n1/1")
+
+
+@pytest.mark.slow
+async def test_a_node_under_a_burst_of_claims_keeps_its_lease(
+    etcd: EtcdServer, nursery: trio.Nursery
+) -> None:
+    """Far more claims in flight than the node has connections to the engine (a mass
+    failover onto it), and its event loop saturated by them: its renewals are never queued
+    behind them, so its lease, and with it every key it holds, outlives the burst (the
+    node never leaves the registry, never joins again). Each claim succeeds or is refused
+    with the typed error."""
+    observer = EtcdRegistry(etcd.endpoint, "observer")
+    await nursery.start(observer.run)
+    seen: list[Change] = []
+    await nursery.start(functools.partial(observer.watch, "nodes/", seen.append))
+    busy = EtcdRegistry(etcd.endpoint, "busy", lease_ttl=3)
+    await nursery.start(busy.run)
+    assert await busy.claim("tcp/1", "busy/held") == "busy/held"
+    outcomes = {"claimed": 0, "refused": 0}
+
+    async def claimant(index: int, until: float) -> None:
+        while trio.current_time() < until:
+            key, owner = f"tcp/{1000 + index}", f"busy/s{index}"
+            try:
+                if await busy.claim(key, owner) == owner:
+                    outcomes["claimed"] += 1
+                    await busy.release(key, owner)
+            except ClusterUnavailableError:  # no connection free in time: typed, retried
+                outcomes["refused"] += 1
+                await trio.sleep(0.05)
+
+    with trio.fail_after(120):  # a hang detector
+        until = trio.current_time() + 4 * busy.lease_ttl
+        async with trio.open_nursery() as burst:
+            for index in range(600):
+                burst.start_soon(claimant, index, until)
+    assert outcomes["claimed"] > 0, outcomes
+    assert [change for change in seen if change.value is None] == [], (seen, outcomes)
+    assert len(seen) <= 1, seen  # the node key written once (before the watch, or seen)
+    assert await observer.lookup("tcp/1") == "busy/held"
+    assert "busy" in await observer.nodes()
+
+
+# A node process whose client holds its identity and a port, then only keeps its lease.
+_CLIENTS_NODE = """
+import sys, trio
+from pytunnel.cluster import EtcdRegistry
+
+async def main():
+    registry = EtcdRegistry(sys.argv[1], "doomed", lease_ttl=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        await registry.replace("clients/laptop", "doomed/1")
+        assert await registry.claim("tcp/7778", "doomed/1") == "doomed/1"
+        print("ready", flush=True)
+
+trio.run(main)
+"""
+
+
+@pytest.mark.slow
+async def test_a_restore_meeting_its_own_dead_session_is_claimed_when_that_lease_ends(
+    etcd: EtcdServer, nursery: trio.Nursery
+) -> None:
+    """A client whose node died reconnects to another node at once; its port is still held
+    by its old session there until that node's lease expires. The claim of its restored
+    forward waits for the key to go (the survivor's watch) and wins then, in one call,
+    instead of being refused and tried again on the client's backoff; any other client is
+    refused at once, as before, and a wait is bounded."""
+    survivor = EtcdRegistry(etcd.endpoint, "survivor", lease_ttl=3)
+    await nursery.start(survivor.run)
+    node = await trio.lowlevel.open_process(
+        [sys.executable, "-c", _CLIENTS_NODE, etcd.endpoint], stdout=subprocess.PIPE
+    )
+    try:
+        assert node.stdout is not None
+        with trio.fail_after(30):  # a hang detector
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = await node.stdout.receive_some()
+                assert chunk, "the node process exited"
+                line += chunk
+        assert line == b"ready\n"
+    finally:
+        os.kill(node.pid, 9)  # by pid: a node dying without a word
+        with trio.CancelScope(shield=True):
+            await node.wait()
+    # another client: refused at once, whatever the holder's state
+    assert await survivor.claim("tcp/7778", "survivor/other") == "doomed/1"
+    # the same client, reconnected here: its identity names the old session
+    assert await survivor.replace("clients/laptop", "survivor/laptop") == "doomed/1"
+    with trio.fail_after(30):  # the dead node's 2 s lease, and a hang detector
+        assert await survivor.claim("tcp/7778", "survivor/laptop") == "survivor/laptop"
+    assert await survivor.lookup("tcp/7778") == "survivor/laptop"
+    assert "doomed" not in await survivor.nodes()
+    # a predecessor that never lets go (alive, not dropping it): refused once the wait ends
+    alive = EtcdRegistry(etcd.endpoint, "alive", lease_ttl=60)
+    await nursery.start(alive.run)
+    assert await alive.replace("clients/desk", "alive/1") is None
+    assert await alive.claim("tcp/7779", "alive/1") == "alive/1"
+    assert await survivor.replace("clients/desk", "survivor/desk") == "alive/1"
+    with trio.fail_after(30):
+        assert await survivor.claim("tcp/7779", "survivor/desk") == "alive/1"
+    # the session's end forgets its predecessor: the next claim is refused at once
+    await survivor.release("clients/desk", "survivor/desk")
+    with trio.fail_after(20):  # a hang detector
+        assert await survivor.claim("tcp/7779", "survivor/desk") == "alive/1"
+    assert survivor._ghost_watch is None  # no watch left open with nobody waiting

@@ -293,6 +293,42 @@ async def test_a_node_whose_members_went_offline_refuses_relayed_streams_and_the
     assert set(await _served_by(("127.0.0.1", port), 4)) == {b"A", b"B"}
 
 
+async def test_a_name_relayed_to_a_node_whose_members_went_offline_goes_to_another_member(
+    nursery: trio.Nursery, etcd: EtcdServer
+) -> None:
+    """The same for a name group's requests, whose stream carries the request head: B's
+    only member is offline before A has heard of it (never told here, as in the moment
+    before the watch event); B resets each request A relays before answering it, and A,
+    which still holds the request, hands it to its own member: every request served, none
+    answered 502 (nor reset). A request B resets that way leaves A counting B."""
+    options = {"http_listen": HTTP, "domain": "example.test"}
+    a = await _relay_node(nursery, etcd, "a", "127.0.0.1", **options)
+    b = await _relay_node(nursery, etcd, "b", "127.0.0.2", **options)
+    on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    on_b = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
+    await on_a.forward_name("app", "127.0.0.1", await _tagged(nursery, b"A"), **GROUP)
+    await on_b.forward_name("app", "127.0.0.1", await _tagged(nursery, b"B"), **GROUP)
+    key = "http/app.example.test"
+    await _knows_members(a, key, {"b": 1})
+    request = b"GET / HTTP/1.1\r\nHost: app.example.test\r\n\r\n"
+    assert a.http_address is not None
+    assert b.http_address is not None
+    assert Counter([await _ask(a.http_address, request) for _ in range(4)]) == {b"A": 2, b"B": 2}
+    (b_member,) = b.groups["http", "app.example.test"].members
+    b_member.online = False  # what B's client said; the registry not told
+    assert a.node_links is not None
+    assert b.node_links is not None
+    relayed = b.node_links.stats.streams_in
+    served = Counter([await _ask(a.http_address, request) for _ in range(6)])
+    assert served == {b"A": 6}, served  # a 502 page or a reset would show here
+    assert a.node_links.group_nodes(key) == {"b": 1}  # A still counts B: B reset them
+    assert b.node_links.stats.streams_in == relayed + 3  # A's turns for B, each bounced
+    # on B itself, with no other node to send it to... B's own turn goes to A's member
+    assert Counter([await _ask(b.http_address, request) for _ in range(2)]) == {b"A": 2}
+    b_member.online = True
+    assert set(Counter([await _ask(a.http_address, request) for _ in range(4)])) == {b"A", b"B"}
+
+
 async def test_a_name_group_spans_nodes(nursery: trio.Nursery, etcd: EtcdServer) -> None:
     """The same for a name on the nodes' shared HTTP listeners: a member on A and one on B;
     a request on either node goes to either member; relayed once, never back again."""

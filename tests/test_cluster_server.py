@@ -12,6 +12,7 @@ import socket
 
 import pytest
 import trio
+import trio.testing
 from helpers import (
     TOKEN,
     EtcdServer,
@@ -463,3 +464,46 @@ def _free_port_on_both(kind: int = socket.SOCK_STREAM) -> int:
                 except OSError:
                     continue
                 return port
+
+
+async def test_a_server_over_a_stream_joins_the_cluster_as_serve_does(
+    etcd: EtcdServer, echo_port: int
+) -> None:
+    """``wrap_server_stream`` with a cluster: joined before the session is served, its
+    client's identity and port claimed cluster-wide (refused to a client of another node),
+    everything given back when it closes."""
+    watcher = EtcdRegistry(etcd.endpoint, "watcher")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watcher.run)
+        other = await _node(nursery, etcd, "other", "127.0.0.2")
+        a, b = trio.testing.memory_stream_pair()
+        registry = EtcdRegistry(etcd.endpoint, "wrapped", lease_ttl=60)
+        server = await pytunnel.wrap_server_stream(
+            nursery, b, token=TOKEN, cluster=registry, public_host="127.0.0.1"
+        )
+        assert "wrapped" in await watcher.nodes()
+        tunnel = await pytunnel.wrap_tunnel(nursery, a, token=TOKEN, client_id="laptop")
+        forward = await tunnel.forward_remote("127.0.0.1", echo_port)
+        port = forward.address[1]
+        assert await _echo(forward.address) == b"ping"
+        assert (await watcher.lookup("clients/laptop") or "").startswith("wrapped/")
+        assert (await watcher.lookup(f"tcp/{port}") or "").startswith("wrapped/")
+        rival = await pytunnel.connect_tunnel(nursery, other.address, token=TOKEN)
+        with pytest.raises(pytunnel.ForwardError) as info:
+            await rival.forward_remote("127.0.0.1", echo_port, remote_port=port)
+        assert info.value.code == ErrorCode.ADDRESS_IN_USE
+        with trio.fail_after(20):
+            await server.aclose()
+        assert await watcher.lookup(f"tcp/{port}") is None
+        assert await watcher.lookup("clients/laptop") is None
+        assert "wrapped" not in await watcher.nodes()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_server_over_a_stream_that_cannot_reach_its_engine_raises_at_once(
+    nursery: trio.Nursery,
+) -> None:
+    _a, b = trio.testing.memory_stream_pair()
+    registry = EtcdRegistry(f"http://127.0.0.1:{closed_port()}", "a")
+    with trio.fail_after(20), pytest.raises(ClusterUnavailableError, match="unreachable"):
+        await pytunnel.wrap_server_stream(nursery, b, token=TOKEN, cluster=registry)

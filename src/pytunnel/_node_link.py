@@ -28,6 +28,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import math
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -45,7 +46,7 @@ from ._relay import RelayStats, abort, relay
 from ._tls import client_tls_context, tls_connect
 from ._udp import pump_datagrams, serve_associations
 from ._util import Episodes
-from ._vhost import NameRoutes, route_connection, route_name
+from ._vhost import NameRoutes, ReplayStream, route_connection, route_name
 from .cluster._ownership import (
     clear_quietly,
     is_group,
@@ -60,10 +61,11 @@ from .errors import (
     ForwardError,
     HandshakeTimeoutError,
     SessionClosedError,
+    StreamResetError,
     TunnelError,
     printable,
 )
-from .forwards._group import RELAYED_IN
+from .forwards._group import NO_MEMBER_HERE, RELAYED_IN
 from .protocol import routes
 from .protocol.mux import Role
 from .session import IncomingStream, MuxStream, Session, SessionConfig
@@ -612,21 +614,44 @@ class NodeLinks:
         if node is None:
             node = self.owner_node(key)
         tried: set[str] = set()
+        # a group's name: the request head (or ClientHello) the shared listener read is
+        # kept here until the owner answers, so that an owner whose members cannot take it
+        # (it resets the stream at once) is replaced by another member
+        head = b""
+        if (
+            tag in (routes.RELAY_HTTP, routes.RELAY_HTTPS)
+            and isinstance(conn, ReplayStream)
+            and is_group(self.elsewhere.get(key, ""))
+        ):
+            head = bytes(await conn.receive_some())  # the head put back in front: no I/O
+        answered = _FirstAnswer(b"", b"")
         while True:
             try:
                 if node is None:
                     raise ForwardError(f"{printable(key)} is not held on another node any more")
                 stream = await self.open_stream(node, tag, peer)
+                if head:
+                    self.stats.streams_out += 1
+                    answered = await self._first_answer(conn, stream, head)
                 break
             except (TunnelError, OSError) as exc:
+                if isinstance(exc, _Bounced):
+                    head = exc.held
+                    log.info(
+                        "node %s could not take a request for %s (%s); another member takes it",
+                        printable(node or "?"),
+                        printable(key),
+                        printable(exc.message),
+                    )
                 if node is not None:
                     # a group's member node that cannot be reached now (killed, its link
-                    # refused): the connection goes to another member, not to a reset
+                    # refused, its members offline): the connection goes to another member,
+                    # not to a reset
                     tried.add(node)
                     node = self._other_member_node(key, tried)
                     if node is not None:
                         continue
-                    if self._take_here(key, conn, peer):
+                    if self._take_here(key, ReplayStream(conn, head) if head else conn, peer):
                         return
                 log.info(
                     "public connection from %s for %s not relayed: %s",
@@ -637,7 +662,18 @@ class NodeLinks:
                 abort(conn, ErrorCode.FORWARD_FAILED, "not relayed")
                 await trio.aclose_forcefully(conn)
                 return
-        self.stats.streams_out += 1
+        if not head:
+            self.stats.streams_out += 1
+        try:
+            if answered.to_owner:
+                await stream.send_all(answered.to_owner)
+            if answered.to_public:
+                await conn.send_all(answered.to_public)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            abort(conn, ErrorCode.FORWARD_FAILED, "relay broken")
+            await trio.aclose_forcefully(conn)
+            await trio.aclose_forcefully(stream)
+            return
         await relay(
             conn,
             stream,
@@ -645,6 +681,58 @@ class NodeLinks:
             name=f"public->node {printable(node)}",
             stats=self.stats.relayed,
         )
+
+    async def _first_answer(
+        self, conn: trio.abc.HalfCloseableStream, stream: MuxStream, head: bytes
+    ) -> _FirstAnswer:
+        """Send ``head`` to the owner and wait for the first of its answer (handed back, to
+        go to the public peer) or more from the public peer (handed back, to go on to the
+        owner: the request is the owner's from then on). An owner that resets the stream
+        with :data:`NO_MEMBER_HERE` first raises :class:`_Bounced`, holding everything the
+        public peer sent, for another member. The public peer's EOF is passed on and
+        waited past: it stays EOF for whoever reads next (another member's stream, the
+        relay)."""
+        try:
+            await stream.send_all(head)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            _raise_if_bounced(exc, head)
+            return _FirstAnswer(b"", b"")  # the relay finds it broken and resets
+        answer: bytes | None = None
+        broken: BaseException | None = None
+        more: bytes | None = None
+
+        async def from_owner() -> None:
+            nonlocal answer, broken
+            try:
+                answer = bytes(await stream.receive_some())
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                broken = exc
+            race.cancel_scope.cancel()
+
+        async def from_public() -> None:
+            nonlocal more
+            try:
+                data = bytes(await conn.receive_some())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            else:
+                if not data:
+                    # EOF: the request is complete, passed on, and the owner's answer
+                    # decides (it stays EOF, for another member's stream too)
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await stream.send_eof()
+                    await trio.sleep_forever()
+            more = data
+            race.cancel_scope.cancel()
+
+        # bounded like a relay that sees nothing: the relay then times out by itself
+        with trio.move_on_after(self.server.config.idle_timeout or math.inf):
+            async with trio.open_nursery() as race:
+                race.start_soon(from_owner)
+                race.start_soon(from_public)
+        if broken is not None:
+            _raise_if_bounced(broken, head + (more or b""))
+        return _FirstAnswer(more or b"", answer or b"")
 
     def _other_member_node(self, key: str, tried: set[str]) -> str | None:
         """Another node with online members of the group holding ``key``, none of
@@ -830,6 +918,29 @@ class NodeLinks:
         if link is not None:
             log.info("closing the link to node %s: %s", printable(node), why)
             link.scope.cancel()
+
+
+@attrs.frozen
+class _FirstAnswer:
+    """What :meth:`NodeLinks._first_answer` read before the relay takes over."""
+
+    to_owner: bytes
+    to_public: bytes
+
+
+class _Bounced(ConnectError):
+    """The owner node reset a relayed request before answering it, as none of its members
+    can take it (:data:`NO_MEMBER_HERE`); ``held`` is all the public peer sent so far."""
+
+    def __init__(self, message: str, held: bytes) -> None:
+        super().__init__(message, code=ErrorCode.FORWARD_FAILED)
+        self.held = held
+
+
+def _raise_if_bounced(exc: BaseException, held: bytes) -> None:
+    cause = exc.__cause__
+    if isinstance(cause, StreamResetError) and cause.message == NO_MEMBER_HERE:
+        raise _Bounced(cause.message, held) from None
 
 
 #: Seconds between looks at a retired link's streams, until the last relay on it is done.

@@ -476,6 +476,8 @@ class TunnelServer:
         self.cluster_nursery: trio.Nursery | None = None
         #: The relaying of public traffic between nodes (a cluster with a secret), once joined.
         self.node_links: NodeLinks | None = None
+        #: Set once :meth:`run_cluster` has ended (``None``: not started).
+        self._cluster_done: trio.Event | None = None
         #: What takes a UDP association another node relays here, by the public UDP port
         #: of the forward holding it on this node.
         self.udp_targets: dict[int, TakeAssociation] = {}
@@ -601,6 +603,8 @@ class TunnelServer:
             scope.cancel()
         if self._serving:
             await self._done.wait()
+        if self._cluster_done is not None:  # out of the cluster: its lease revoked
+            await self._cluster_done.wait()
         while self._handlers:
             await self._handlers_left.park()
         await trio.lowlevel.checkpoint()
@@ -781,6 +785,29 @@ class TunnelServer:
         await old.ended.wait()
 
     # ------------------------------------------------------------------ cluster
+
+    async def run_cluster(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Be a node of ``config.cluster`` without serving a listener (what
+        :func:`wrap_server_stream` starts): join as :meth:`serve_forever` does, the lease,
+        the watches and the node links in this task, until cancelled or :meth:`aclose`.
+        A node that cannot reach its engine raises ``ClusterUnavailableError`` before it
+        is started."""
+        if self.cluster is None:
+            raise RuntimeError("this server is not configured as a node of a cluster")
+        join_error: ClusterUnavailableError | None = None
+        done = self._cluster_done = trio.Event()
+        try:
+            with self._cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    join_error = await self._join_cluster(nursery, self.cluster)
+                    if join_error is None:
+                        task_status.started()
+        finally:
+            done.set()
+        if join_error is not None:
+            raise join_error
 
     async def _join_cluster(
         self, nursery: trio.Nursery, cluster: Registry
@@ -1036,8 +1063,16 @@ async def wrap_server_stream(
     on a port. The returned server has no control listener; more streams can be handed to
     its :meth:`TunnelServer.handle_stream`. The session ends when the stream does, or when
     ``nursery`` is cancelled. Remote forwards of that client still bind public ports.
+
+    With ``cluster=`` the server joins the cluster first, in ``nursery``, as :func:`serve`
+    does (raising ``ClusterUnavailableError`` at once if the engine cannot be reached), and
+    stays a node until ``nursery`` is cancelled or :meth:`TunnelServer.aclose`; having no
+    listener, it is reached by other nodes' links only where its ``node_address`` leads
+    to its :meth:`TunnelServer.handle_stream`.
     """
     server = TunnelServer(_server_config(token, config, options))
+    if server.cluster is not None:
+        await nursery.start(server.run_cluster)
     nursery.start_soon(functools.partial(server.handle_stream, stream, peer=peer))
     await trio.lowlevel.checkpoint()
     return server

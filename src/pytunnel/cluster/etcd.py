@@ -25,11 +25,12 @@ ever logged or put in an error.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import math
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import httpx
@@ -48,6 +49,11 @@ log = logging.getLogger("pytunnel.cluster")
 DEFAULT_REQUEST_TIMEOUT = 2.0
 #: Seconds between attempts while the engine does not answer (renewals, watches).
 DEFAULT_RETRY_INTERVAL = 0.5
+#: Requests to the engine in flight at once (each on a connection kept open): the node's own
+#: CPU, not the engine, bounds its rate, so more would only queue inside the HTTP client.
+_REQUESTS = 16
+#: Connections kept besides them for watches (each holds one for as long as it runs).
+_WATCHES = 8
 #: Claims retried when the key vanished between the compare and the read of its owner.
 _CLAIM_ATTEMPTS = 3
 #: What etcd answers for a token it no longer takes (expired unused, or issued before its
@@ -56,6 +62,9 @@ _STALE_TOKEN = ("invalid auth token", "auth store is old")
 #: What etcd answers when the credentials themselves are the trouble (no token sent, a wrong
 #: password, a user without the right to the keys): a wrong setting, not an outage.
 _REFUSED = ("user name is empty", "authentication failed", "permission denied")
+
+#: Sends one request: ``(url, body, headers)`` -> the response.
+_Poster = Callable[[str, dict[str, Any], dict[str, str]], Awaitable[httpx.Response]]
 
 
 def _b64(text: str) -> str:
@@ -120,7 +129,33 @@ class EtcdRegistry:
         self.prefix = prefix
         self.lease_ttl = lease_ttl
         self._retry_interval = retry_interval
-        self._http = httpx.AsyncClient(timeout=request_timeout, verify=tls or True)
+        #: Claims, releases, reads and watches, over a few connections kept open. Requests
+        #: beyond them wait in ``_requests`` (a FIFO), not in the HTTP client's own queue:
+        #: with hundreds of claims in flight (a mass failover onto the node) httpx's pool
+        #: (100 connections, 20 kept) connected and closed again for most of them, and its
+        #: bookkeeping walks every connection for every queued request at each change.
+        self._http = httpx.AsyncClient(
+            timeout=request_timeout,
+            verify=tls or True,
+            limits=httpx.Limits(
+                max_connections=_REQUESTS + _WATCHES, max_keepalive_connections=_REQUESTS + _WATCHES
+            ),
+        )
+        self._requests = trio.CapacityLimiter(_REQUESTS)
+        self._request_timeout = request_timeout
+        #: The lease's own connection (its grant, renewals, revoke, and authentication),
+        #: driven from a thread of its own: a node busy with claims (a mass failover onto
+        #: it) may have every connection of ``_http`` taken with a queue behind them, and its
+        #: event loop so busy that each step of an exchange waits for hundreds of other
+        #: tasks. A renewal waiting behind either would let the lease, and every key under
+        #: it, lapse; in the thread it costs the loop two wake-ups, whatever the load.
+        self._lease_http = httpx.Client(
+            timeout=request_timeout,
+            verify=tls or True,
+            limits=httpx.Limits(max_connections=2, max_keepalive_connections=2),
+        )
+        #: The lease thread's own limiter: never queued behind other threads (name lookups).
+        self._lease_thread = trio.CapacityLimiter(1)
         self._user = user
         self._password = password
         #: The engine's token for ``user`` (``None``: none taken yet, or the last one stale).
@@ -148,7 +183,20 @@ class EtcdRegistry:
         self._pending_states: set[tuple[str, str, str]] = set()
         #: Whether what this node holds is still to be claimed again under a new lease.
         self._reclaim_due = False
+        #: Set after a good renewal when there is upkeep to do (claims again, releases and
+        #: states kept): done by its own task, so that it never delays the next renewal.
+        self._upkeep_wanted = trio.Event()
         self._lost: list[LostCallback] = []
+        #: Where ``run`` starts the tasks it needs while it runs.
+        self._nursery: trio.Nursery | None = None
+        #: Each session's predecessor, as ``replace`` of its client identity found it:
+        #: owner -> the previous owner (the same client's older session, on any node).
+        self._previous: dict[str, str] = {}
+        #: Claims waiting for a key their client's older session still holds to go:
+        #: key -> [(that holder, set once the key no longer holds it)].
+        self._ghost_waiters: dict[str, list[tuple[str, trio.Event]]] = {}
+        #: The watch those waits use while there are any: its scope and "it is open".
+        self._ghost_watch: tuple[trio.CancelScope, trio.Event] | None = None
         #: Whether the last exchange with the engine worked (logged on each change only).
         self._reachable = True
 
@@ -179,21 +227,37 @@ class EtcdRegistry:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
+            joined = trio.current_time()
             await self._join()
             log.info("node %s joined the cluster (etcd at %s)", self.node_id, self.endpoint)
-            task_status.started()
-            while True:
-                await trio.sleep(self.lease_ttl / 3 if self._reachable else self._retry_interval)
-                await self._renew()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._upkeep)
+                task_status.started()
+                await self._keep_lease(joined)
         finally:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(1.0):
                     await self._revoke()
                 await self._http.aclose()
+                self._lease_http.close()
+
+    async def _keep_lease(self, sent: float) -> None:
+        """Renew every TTL / 3, timed from when the last good renewal was *sent* (a slow
+        answer does not stretch the interval), and every retry interval while renewals
+        fail. Nothing else runs in this task."""
+        next_at = sent + self.lease_ttl / 3
+        while True:
+            await trio.sleep_until(next_at)
+            sent = trio.current_time()
+            if await self._renew():
+                next_at = sent + self.lease_ttl / 3
+            else:
+                next_at = trio.current_time() + self._retry_interval
 
     async def _join(self) -> None:
         sent = trio.current_time()
-        reply = await self._post("/v3/lease/grant", {"TTL": self.lease_ttl})
+        reply = await self._post("/v3/lease/grant", {"TTL": self.lease_ttl}, http=self._lease_post)
         lease, ttl = str(reply["ID"]), int(reply["TTL"])
         await self._post(
             "/v3/kv/put",
@@ -202,20 +266,23 @@ class EtcdRegistry:
                 "value": _b64(self.node_address),
                 "lease": lease,
             },
+            http=self._lease_post,
         )
         self._lease, self._valid_until = lease, sent + ttl
 
-    async def _renew(self) -> None:
+    async def _renew(self) -> bool:
+        """One renewal (or a new lease and the node key again, once it expired); true if
+        the lease is current afterwards."""
         lease = self._lease
         sent = trio.current_time()
         try:
             if lease is None:
                 await self._rejoin()
-                return
-            reply = await self._post("/v3/lease/keepalive", {"ID": lease})
+                return True
+            reply = await self._post("/v3/lease/keepalive", {"ID": lease}, http=self._lease_post)
         except ClusterUnavailableError as exc:
             self._unreachable(exc)
-            return
+            return False
         ttl = int(reply.get("result", {}).get("TTL", 0))
         if ttl <= 0:  # expired while the engine was out of reach: its keys are gone
             log.warning("node %s: its lease expired; joining the cluster again", self.node_id)
@@ -224,29 +291,57 @@ class EtcdRegistry:
                 await self._rejoin()
             except ClusterUnavailableError as exc:
                 self._unreachable(exc)
-            return
+                return False
+            return True
         self._valid_until = sent + ttl
         self._reached()
-        if self._reclaim_due:  # a rejoin the engine cut short
-            try:
-                await self._reclaim()
-            except ClusterUnavailableError as exc:
-                self._unreachable(exc)
-            return
-        await self._flush_releases()
+        pending = self._pending_releases or self._pending_leaves or self._pending_states
+        if self._reclaim_due or pending:
+            self._upkeep_wanted.set()
+        return True
 
     async def _rejoin(self) -> None:
-        """A new lease, the node key again, then every claim still held claimed again."""
+        """A new lease and the node key again; every claim still held is then claimed
+        again by the upkeep task."""
         await self._join()
         self._reclaim_due = True
         self._reached()
-        await self._reclaim()
+        self._upkeep_wanted.set()
+
+    async def _upkeep(self) -> None:
+        """What a good renewal leaves to do: claim again what is held (after a new lease),
+        make the releases, leaves and member states the engine did not take. Its own task,
+        so that a long reclaim (thousands of keys) never delays a renewal; cut short by the
+        engine, it is resumed after the next good renewal."""
+        while True:
+            await self._upkeep_wanted.wait()
+            self._upkeep_wanted = trio.Event()
+            try:
+                if self._reclaim_due:
+                    await self._reclaim()
+                else:
+                    await self._flush_releases()
+            except ClusterUnavailableError as exc:
+                log.info(
+                    "node %s: upkeep cut short (resumed after the next renewal): %s",
+                    self.node_id,
+                    exc.message,
+                )
 
     async def _reclaim(self) -> None:
         """Claim again, under the new lease, every key and membership still held; kept due
         (and resumed after the next good renewal) if the engine goes away meanwhile, so none
         is left unclaimed. One released while this runs is released again after its claim,
-        so none is left behind either."""
+        so none is left behind either. A rejoin while this runs makes it due again."""
+        self._reclaim_due = False
+        try:
+            await self._reclaim_all()
+        except BaseException:
+            self._reclaim_due = True
+            raise
+        await self._flush_releases()
+
+    async def _reclaim_all(self) -> None:
         for key, owner in list(self._claims.items()):
             if self._claims.get(key) != owner:
                 continue  # released meanwhile
@@ -287,15 +382,13 @@ class EtcdRegistry:
             )
             for callback in list(self._lost):
                 callback(key, group)
-        self._reclaim_due = False
-        await self._flush_releases()
 
     async def _revoke(self) -> None:
         lease, self._lease = self._lease, None
         if lease is None:
             return
         try:
-            await self._post("/v3/lease/revoke", {"ID": lease})
+            await self._post("/v3/lease/revoke", {"ID": lease}, http=self._lease_post)
         except ClusterUnavailableError as exc:
             log.info("node %s: lease not revoked (it will expire): %s", self.node_id, exc.message)
 
@@ -312,7 +405,15 @@ class EtcdRegistry:
     # ------------------------------------------------------------------ keys
 
     async def claim(self, key: str, owner: str) -> str:
+        """See :meth:`Registry.claim`. A key held by this client's own previous session
+        (``replace`` of its identity named it: a session on a node that died, its lease
+        not expired yet, or on a live node dropping it as a ghost) is waited for, up to
+        one lease TTL and a second, and claimed the moment it goes, instead of being
+        refused: the client would only try again on its backoff, each try a request."""
         holder = await self._claim_once(key, owner)
+        ghost = self._previous.get(owner)
+        if holder != owner and holder == ghost and not is_group(holder):
+            holder = await self._claim_after_ghost(key, owner, holder)
         if holder == owner:
             self._claims[key] = owner
             self._pending_releases.discard((key, owner))
@@ -534,6 +635,58 @@ class EtcdRegistry:
         # a second transaction: the compares of one see none of its own writes
         return await self._clear_empty_group(key, group)
 
+    async def _claim_after_ghost(self, key: str, owner: str, ghost: str) -> str:
+        if self._nursery is None:
+            return ghost
+        entry = (ghost, trio.Event())
+        self._ghost_waiters.setdefault(key, []).append(entry)
+        try:
+            await self._open_ghost_watch()
+            # checked again once the watch is open: a release between the first claim and
+            # the watch's start is seen here, every later one by the watch
+            holder = await self._claim_once(key, owner)
+            if holder != ghost:
+                return holder
+            with trio.move_on_after(self.lease_ttl + 1.0):
+                await entry[1].wait()
+            return await self._claim_once(key, owner)
+        finally:
+            waiters = self._ghost_waiters.get(key, [])
+            if entry in waiters:
+                waiters.remove(entry)
+            if not waiters:
+                self._ghost_waiters.pop(key, None)
+            if not self._ghost_waiters and self._ghost_watch is not None:
+                self._ghost_watch[0].cancel()  # nobody waits: no watch
+                self._ghost_watch = None
+
+    async def _open_ghost_watch(self) -> None:
+        """One watch of the registry for all the claims waiting for a ghost's key, opened
+        for the first of them and closed after the last (a failover's moment)."""
+        if self._ghost_watch is None:
+            assert self._nursery is not None
+            watch = self._ghost_watch = (trio.CancelScope(), trio.Event())
+            self._nursery.start_soon(self._run_ghost_watch, *watch)
+        await self._ghost_watch[1].wait()
+
+    async def _run_ghost_watch(self, scope: trio.CancelScope, opened: trio.Event) -> None:
+        try:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(functools.partial(self.watch, "", self._ghost_changed))
+                    opened.set()
+        except ClusterUnavailableError as exc:  # the waits end by their bound instead
+            log.info("node %s: no watch for restores: %s", self.node_id, exc.message)
+        finally:
+            opened.set()
+            if self._ghost_watch is not None and self._ghost_watch[0] is scope:
+                self._ghost_watch = None
+
+    def _ghost_changed(self, change: Change) -> None:
+        for ghost, gone in self._ghost_waiters.get(change.key, []):
+            if change.value != ghost:
+                gone.set()
+
     async def replace(self, key: str, owner: str) -> str | None:
         lease = self._require()
         reply = await self._post(
@@ -543,7 +696,10 @@ class EtcdRegistry:
         self._claims[key] = owner
         self._pending_releases.discard((key, owner))
         previous = reply.get("prev_kv")
-        return _text(previous.get("value", "")) if previous else None
+        replaced = _text(previous.get("value", "")) if previous else None
+        if replaced is not None and replaced != owner and key.startswith("clients/"):
+            self._previous[owner] = replaced
+        return replaced
 
     async def release(self, key: str, owner: str) -> bool:
         """Delete ``key`` if ``owner`` still holds it. When the engine cannot be reached the
@@ -551,6 +707,8 @@ class EtcdRegistry:
         is never left behind under a lease that lives on."""
         if self._claims.get(key) == owner:
             del self._claims[key]
+        if key.startswith("clients/"):
+            self._previous.pop(owner, None)  # the session ends
         try:
             return await self._release_once(key, owner)
         except ClusterUnavailableError:
@@ -611,8 +769,9 @@ class EtcdRegistry:
         return {_text(kv["key"])[skip:]: _text(kv.get("value", "")) for kv in reply.get("kvs", [])}
 
     async def aclose(self) -> None:
-        """Close the HTTP client of a registry used without :meth:`run` (which closes it)."""
+        """Close the HTTP clients of a registry used without :meth:`run` (which closes them)."""
         await self._http.aclose()
+        self._lease_http.close()
 
     # ------------------------------------------------------------------ watches
 
@@ -726,21 +885,24 @@ class EtcdRegistry:
             )
         return self._lease
 
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post(
+        self, path: str, body: dict[str, Any], *, http: _Poster | None = None
+    ) -> dict[str, Any]:
         """One request to the gateway, to each member in turn until one serves it; every way
         it can fail is a ClusterUnavailableError (a ClusterAuthError when every member
         refused this node's credentials or certificate, or failed its TLS verification).
 
         A request a member took but did not answer may be sent again to the next one; each
         is safe to repeat: a claim finds its own owner, a release finds nothing to delete, a
-        put writes the same value, a second lease would only expire unused."""
+        put writes the same value, a second lease would only expire unused. ``http`` sends
+        it (default: :meth:`_shared_post`, the connections of claims and reads)."""
         failures = []
         refused = 0
         for _ in self.endpoints:
             self._check_open()
             endpoint = self.endpoint
             try:
-                response, reply = await self._send(endpoint, path, body)
+                response, reply = await self._send(endpoint, path, body, http or self._shared_post)
             except (httpx.HTTPError, ValueError) as exc:
                 refused += isinstance(_tls_failure(exc), ssl.SSLError)
                 failures.append(f"{endpoint}: {_describe(exc)}")
@@ -767,18 +929,43 @@ class EtcdRegistry:
             raise ClusterAuthError(f"cluster engine refused this node: {'; '.join(failures)}")
         raise ClusterUnavailableError(f"cluster engine unreachable: {'; '.join(failures)}")
 
+    async def _shared_post(
+        self, url: str, body: dict[str, Any], headers: dict[str, str]
+    ) -> httpx.Response:
+        # a turn not had within the request timeout fails like a pool that had no free
+        # connection in time (httpx's own pool timeout, which this replaces)
+        with trio.move_on_after(self._request_timeout) as waiting:
+            await self._requests.acquire()
+        if waiting.cancelled_caught:
+            raise httpx.PoolTimeout("no connection to the cluster engine free in time")
+        try:
+            return await self._http.post(url, json=body, headers=headers)
+        finally:
+            self._requests.release()
+
+    async def _lease_post(
+        self, url: str, body: dict[str, Any], headers: dict[str, str]
+    ) -> httpx.Response:
+        """A request over the lease's own connection, in its own thread (see ``__init__``).
+        Abandoned if cancelled (a node stopping): its timeout ends it soon anyway."""
+        return await trio.to_thread.run_sync(
+            functools.partial(self._lease_http.post, url, json=body, headers=headers),
+            abandon_on_cancel=True,
+            limiter=self._lease_thread,
+        )
+
     async def _send(
-        self, endpoint: str, path: str, body: dict[str, Any]
+        self, endpoint: str, path: str, body: dict[str, Any], http: _Poster
     ) -> tuple[httpx.Response, Any]:
         """One request to one member, with this node's token; sent once more with a new
         token when the member says the one sent is stale."""
         headers, token = await self._auth_headers(endpoint)
-        response = await self._http.post(f"{endpoint}{path}", json=body, headers=headers)
+        response = await http(f"{endpoint}{path}", body, headers)
         reply = response.json()
         if token is not None and any(s in _reason(reply, 200) for s in _STALE_TOKEN):
             self._forget_token(token)
             headers, token = await self._auth_headers(endpoint)
-            response = await self._http.post(f"{endpoint}{path}", json=body, headers=headers)
+            response = await http(f"{endpoint}{path}", body, headers)
             reply = response.json()
         return response, reply
 
@@ -800,8 +987,10 @@ class EtcdRegistry:
             self._auth_token = None
 
     async def _authenticate(self, endpoint: str, user: str, password: str) -> str:
-        response = await self._http.post(
-            f"{endpoint}/v3/auth/authenticate", json={"name": user, "password": password}
+        # over the lease's connection: a renewal waiting for a new token must not wait for
+        # a connection behind the claims too
+        response = await self._lease_post(
+            f"{endpoint}/v3/auth/authenticate", {"name": user, "password": password}, {}
         )
         reply = response.json()
         token = reply.get("token") if isinstance(reply, dict) else None

@@ -43,6 +43,12 @@ log = logging.getLogger("pytunnel.server")
 #: True in a task serving a connection another node relayed here: it goes to a local member.
 RELAYED_IN: contextvars.ContextVar[bool] = contextvars.ContextVar("relayed_in", default=False)
 
+#: The reset message of a name another node relayed here for a group none of whose members
+#: here can take it (offline, a moment before the sending node hears of it): sent before
+#: any byte of an answer, so the sending node, which still holds the request, hands it to
+#: another member (``_node_link``) instead of the public peer getting a 502.
+NO_MEMBER_HERE = "no member of its group can take it here"
+
 
 class Elsewhere(Protocol):
     """The group's members on other nodes, as this node's node links see them."""

@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from .._control import ControlChannel
-from .._relay import RelayStats
+from .._relay import RelayStats, abort
 from .._vhost import NameRoutes, RouteTarget, answer_and_close, unavailable_reply
-from ..errors import printable
-from ._group import Group
+from ..errors import ErrorCode, printable
+from ._group import NO_MEMBER_HERE, RELAYED_IN, Group
 from ._public_port import PortOwner
 
 log = logging.getLogger("pytunnel.server")
@@ -182,8 +182,15 @@ def group_route(group: Group, *, tls: bool, name: str) -> RouteTarget:
     """The route a name group registers: the next live member takes each connection."""
 
     async def route(conn: trio.abc.HalfCloseableStream, peer: tuple[str, int]) -> None:
-        if not group.take(conn, peer):
-            reason = "no member of its group can take the connection now"
-            await answer_and_close(conn, unavailable_reply(tls, name, reason))
+        if group.take(conn, peer):
+            return
+        if RELAYED_IN.get():
+            # reset before any answer: the sending node still holds the request and gives it
+            # to another member (it may not know yet that ours are offline)
+            abort(conn, ErrorCode.FORWARD_FAILED, NO_MEMBER_HERE)
+            await trio.aclose_forcefully(conn)
+            return
+        reason = "no member of its group can take the connection now"
+        await answer_and_close(conn, unavailable_reply(tls, name, reason))
 
     return route
