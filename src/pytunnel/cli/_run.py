@@ -82,9 +82,9 @@ def tune_allocator() -> bool:
     The session reads its socket 256 KiB at a time, and TLS and the relays hand on buffers
     of that size: above glibc's default thresholds every one of them is its own ``mmap``
     (or grows and trims the heap), so each read costs page faults and zeroed pages in the
-    kernel. Measured on bulk through ``-L``: 90,000-220,000 minor page faults per GiB
-    received, down to about 7,000 with these thresholds, and iperf3 through the tunnel
-    10-25 % faster (docs/performance.md, "The allocator's thresholds"). The cost is up to
+    kernel. Measured on bulk through TLS: 90,000-220,000 minor page faults per GiB
+    received, down to about 7,000 with these thresholds; plain bulk through ``-L`` 8 %
+    less CPU per GB (docs/performance.md, "The allocator's thresholds"). The cost is up to
     ``TRIM_THRESHOLD`` of freed memory kept per process. A threshold set in the
     environment (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) is left as it is;
     other C libraries, and platforms without ``mallopt``, are left alone.
