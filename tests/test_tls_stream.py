@@ -330,18 +330,20 @@ async def test_forceful_close_sends_no_close_notify(
             assert isinstance(info.value.__cause__, ssl.SSLError)
 
 
-async def test_closing_wakes_a_blocked_receiver_with_closed_resource_error(
-    client_context: ssl.SSLContext, server_context: ssl.SSLContext
+@pytest.mark.parametrize("how", ["receive_some", "wait"])
+async def test_closing_wakes_a_blocked_reader_with_closed_resource_error(
+    client_context: ssl.SSLContext, server_context: ssl.SSLContext, how: str
 ) -> None:
+    """A reader parked in ``receive_some`` or in the session's direct ``wait``."""
     async with tls_pair(client_context, server_context) as (_client, server):
         with trio.fail_after(BOUND):
             async with trio.open_nursery() as nursery:
 
-                async def receive() -> None:
+                async def read() -> None:
                     with pytest.raises(trio.ClosedResourceError):
-                        await server.receive_some()
+                        await getattr(server, how)()
 
-                nursery.start_soon(receive)
+                nursery.start_soon(read)
                 await trio.testing.wait_all_tasks_blocked()
                 await server.aclose()
 
@@ -533,22 +535,6 @@ async def test_direct_read_of_garbage_after_the_handshake_is_broken(
             with pytest.raises(trio.BrokenResourceError) as info:
                 await PacedReads(server).receive_some(65536)
             assert isinstance(info.value.__cause__, ssl.SSLError)
-
-
-async def test_closing_wakes_a_direct_wait_with_closed_resource_error(
-    client_context: ssl.SSLContext, server_context: ssl.SSLContext
-) -> None:
-    async with tls_pair(client_context, server_context) as (_client, server):
-        with trio.fail_after(BOUND):
-            async with trio.open_nursery() as nursery:
-
-                async def wait() -> None:
-                    with pytest.raises(trio.ClosedResourceError):
-                        await server.wait()
-
-                nursery.start_soon(wait)
-                await trio.testing.wait_all_tasks_blocked()
-                await server.aclose()
 
 
 async def test_direct_reads_while_receive_some_runs_are_busy(
