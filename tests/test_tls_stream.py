@@ -389,12 +389,14 @@ async def _server_with_a_hand_driven_peer(
         await trio.aclose_forcefully(raw_client)
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["receive_some", "direct"])
 async def test_peer_closing_tcp_mid_record_is_a_broken_stream_not_eof(
-    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext, direct: bool
 ) -> None:
     """The far end (an ssl.SSLObject we drive by hand) sends one whole record, half of the
-    next, then closes TCP: the whole record is delivered, then BrokenResourceError; a
-    truncation must never read as a clean end of the data."""
+    next, then closes TCP: the whole record is delivered, then BrokenResourceError (the
+    SSLError its cause), and it stays broken, through ``receive_some`` or the session's
+    direct reads alike; a truncation must never read as a clean end of the data."""
     async with _server_with_a_hand_driven_peer(server_context, client_context) as (
         server,
         peer,
@@ -408,12 +410,17 @@ async def test_peer_closing_tcp_mid_record_is_a_broken_stream_not_eof(
             second = outgoing.read()
             await raw_client.send_all(whole + second[: len(second) // 2])
             await raw_client.aclose()
-            assert await _receive_exactly(server, 1000) == b"A" * 1000
+            receive = PacedReads(server).receive_some if direct else server.receive_some
+            assert await receive(65536) == b"A" * 1000
             with pytest.raises(trio.BrokenResourceError) as info:
-                await server.receive_some()
+                await receive(65536)
             assert isinstance(info.value.__cause__, ssl.SSLError)
             with pytest.raises(trio.BrokenResourceError):  # and it stays broken
                 await server.receive_some()
+            with pytest.raises(trio.BrokenResourceError):
+                server.receive_nowait(65536)
+            with pytest.raises(trio.BrokenResourceError):
+                await server.wait()
 
 
 async def test_peer_closing_tcp_between_records_is_a_broken_stream_not_eof(
@@ -489,35 +496,6 @@ async def test_direct_reads_after_close_notify_are_a_clean_eof(
             with pytest.raises(trio.ClosedResourceError):
                 server.receive_nowait(65536)
             with pytest.raises(trio.ClosedResourceError):
-                await server.wait()
-
-
-async def test_direct_read_of_a_record_cut_by_a_tcp_close_is_broken_not_eof(
-    server_context: ssl.SSLContext, client_context: ssl.SSLContext
-) -> None:
-    """The whole record first, then BrokenResourceError (the SSLError its cause), and it
-    stays broken: a truncation never reads as the end of the data."""
-    async with _server_with_a_hand_driven_peer(server_context, client_context) as (
-        server,
-        peer,
-        outgoing,
-        raw_client,
-    ):
-        with trio.fail_after(BOUND):
-            peer.write(b"A" * 1000)
-            whole = outgoing.read()
-            peer.write(b"B" * 1000)
-            second = outgoing.read()
-            await raw_client.send_all(whole + second[: len(second) // 2])
-            await raw_client.aclose()
-            reads = PacedReads(server)
-            assert await reads.receive_some(65536) == b"A" * 1000
-            with pytest.raises(trio.BrokenResourceError) as info:
-                await reads.receive_some(65536)
-            assert isinstance(info.value.__cause__, ssl.SSLError)
-            with pytest.raises(trio.BrokenResourceError):
-                server.receive_nowait(65536)
-            with pytest.raises(trio.BrokenResourceError):
                 await server.wait()
 
 
