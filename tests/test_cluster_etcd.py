@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import subprocess
@@ -13,6 +14,7 @@ import trio
 from helpers import EtcdServer, closed_port, count_tasks, needs_etcd, wait_until
 
 from pytunnel.cluster import Change, EtcdRegistry
+from pytunnel.cluster._ownership import RELEASE_TIMEOUT, release_quietly
 from pytunnel.errors import ClusterUnavailableError, ErrorCode
 
 pytestmark = needs_etcd
@@ -455,3 +457,71 @@ async def test_a_restore_meeting_its_own_dead_session_is_claimed_when_that_lease
     with trio.fail_after(20):  # a hang detector
         assert await survivor.claim("tcp/7779", "survivor/desk") == "alive/1"
     assert survivor._ghost_watch is None  # no watch left open with nobody waiting
+
+
+class _SilentRelay:
+    """A TCP relay to etcd that, while ``silent``, drops whatever either side sends: the
+    engine neither answers nor refuses, as across a network that loses packets. Nothing
+    held back is sent later, so a request cut short while it is silent never lands."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self.silent = False
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
+        )
+        self.port = int(listeners[0].socket.getsockname()[1])
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        async with await trio.open_tcp_stream(*self.target) as server, trio.open_nursery() as n:
+            n.start_soon(self._pump, client, server)
+            n.start_soon(self._pump, server, client)
+
+    async def _pump(self, source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        try:
+            async for chunk in source:
+                if not self.silent:
+                    await sink.send_all(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await sink.aclose()
+
+
+@pytest.mark.slow
+async def test_a_release_cut_short_by_its_bound_is_made_after_the_next_renewal(
+    etcd: EtcdServer, nursery: trio.Nursery
+) -> None:
+    """A forward's release is bounded (``release_quietly``: RELEASE_TIMEOUT); when the engine
+    stays silent for longer, the bound cancels the request before it could fail. That
+    release is kept all the same and made after the next good renewal, by the release and
+    not by the lease's end: the node's lease (and its key) lives on meanwhile, so a key
+    left behind would stay taken by nobody for as long as the node runs."""
+    relay = _SilentRelay(("127.0.0.1", etcd.client_port))
+    await relay.start(nursery)
+    # a request may take longer than the release's bound, so the bound is what ends it; a
+    # renewal lost while the relay is silent fails and is retried well within the lease
+    registry = EtcdRegistry(
+        f"http://127.0.0.1:{relay.port}",
+        "n1",
+        lease_ttl=12,
+        request_timeout=RELEASE_TIMEOUT * 1.5,
+    )
+    watcher = EtcdRegistry(etcd.endpoint, "watcher")
+    await nursery.start(registry.run)
+    await nursery.start(watcher.run)
+    assert await registry.claim("tcp/1", "n1/a") == "n1/a"
+
+    relay.silent = True
+    with trio.fail_after(RELEASE_TIMEOUT * 10):  # a hang detector
+        await release_quietly(registry, "tcp/1", "n1/a")  # gives up at its bound
+    assert await watcher.lookup("tcp/1") == "n1/a"  # nothing reached the engine
+    relay.silent = False
+
+    with trio.fail_after(60):  # the next good renewal (every TTL / 3), and a hang detector
+        while await watcher.lookup("tcp/1") is not None:
+            await trio.sleep(0.2)
+    assert "n1" in await watcher.nodes()  # its lease lives: the release deleted the key
