@@ -14,7 +14,12 @@ import trio
 from helpers import EtcdServer, closed_port, count_tasks, needs_etcd, wait_until
 
 from pytunnel.cluster import Change, EtcdRegistry
-from pytunnel.cluster._ownership import RELEASE_TIMEOUT, release_quietly
+from pytunnel.cluster._ownership import (
+    RELEASE_TIMEOUT,
+    leave_quietly,
+    member_state_quietly,
+    release_quietly,
+)
 from pytunnel.errors import ClusterUnavailableError, ErrorCode
 
 pytestmark = needs_etcd
@@ -491,15 +496,20 @@ class _SilentRelay:
             await sink.aclose()
 
 
+GROUP = "@group/" + "7" * 32
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("what", ["release", "leave", "state"])
 async def test_a_release_cut_short_by_its_bound_is_made_after_the_next_renewal(
-    etcd: EtcdServer, nursery: trio.Nursery
+    etcd: EtcdServer, nursery: trio.Nursery, what: str
 ) -> None:
-    """A forward's release is bounded (``release_quietly``: RELEASE_TIMEOUT); when the engine
-    stays silent for longer, the bound cancels the request before it could fail. That
-    release is kept all the same and made after the next good renewal, by the release and
-    not by the lease's end: the node's lease (and its key) lives on meanwhile, so a key
-    left behind would stay taken by nobody for as long as the node runs."""
+    """A forward's release is bounded (``release_quietly``: RELEASE_TIMEOUT), and so are a
+    group member's leave and its state's write; when the engine stays silent for longer,
+    the bound cancels the request before it could fail. It is kept all the same and made
+    after the next good renewal, by the node and not by its lease's end: the lease (and the
+    node's key) lives on meanwhile, so a key left behind would stay taken by nobody (or a
+    member shown online while it is not) for as long as the node runs."""
     relay = _SilentRelay(("127.0.0.1", etcd.client_port))
     await relay.start(nursery)
     # a request may take longer than the release's bound, so the bound is what ends it; a
@@ -513,15 +523,29 @@ async def test_a_release_cut_short_by_its_bound_is_made_after_the_next_renewal(
     watcher = EtcdRegistry(etcd.endpoint, "watcher")
     await nursery.start(registry.run)
     await nursery.start(watcher.run)
-    assert await registry.claim("tcp/1", "n1/a") == "n1/a"
+    member = "groups/tcp/1/n1/1"
+    if what == "release":
+        assert await registry.claim("tcp/1", "n1/a") == "n1/a"
+        key, before, after = "tcp/1", "n1/a", None
+    else:
+        assert await registry.join_group("tcp/1", GROUP, "n1/1") == GROUP
+        key, before = member, GROUP
+        after = None if what == "leave" else GROUP + " offline"
 
     relay.silent = True
-    with trio.fail_after(RELEASE_TIMEOUT * 10):  # a hang detector
-        await release_quietly(registry, "tcp/1", "n1/a")  # gives up at its bound
-    assert await watcher.lookup("tcp/1") == "n1/a"  # nothing reached the engine
+    with trio.fail_after(RELEASE_TIMEOUT * 10):  # a hang detector; each gives up at its bound
+        if what == "release":
+            await release_quietly(registry, "tcp/1", "n1/a")
+        elif what == "leave":
+            await leave_quietly(registry, "tcp/1", GROUP, "n1/1")
+        else:
+            await member_state_quietly(registry, "tcp/1", GROUP, "n1/1", False)
+    assert (await watcher.entries()).get(key) == before  # nothing reached the engine
     relay.silent = False
 
     with trio.fail_after(60):  # the next good renewal (every TTL / 3), and a hang detector
-        while await watcher.lookup("tcp/1") is not None:
+        while (await watcher.entries()).get(key) != after:
             await trio.sleep(0.2)
-    assert "n1" in await watcher.nodes()  # its lease lives: the release deleted the key
+    assert "n1" in await watcher.nodes()  # its lease lives: the node made the change
+    if what == "leave":  # the last member gone: the group's key too
+        assert await watcher.lookup("tcp/1") is None
