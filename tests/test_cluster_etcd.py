@@ -16,6 +16,7 @@ from helpers import EtcdServer, closed_port, count_tasks, needs_etcd, wait_until
 from pytunnel.cluster import Change, EtcdRegistry
 from pytunnel.cluster._ownership import (
     RELEASE_TIMEOUT,
+    claim_or_refuse,
     leave_quietly,
     member_state_quietly,
     release_quietly,
@@ -473,6 +474,8 @@ class _SilentRelay:
         self.target = target
         self.port = 0
         self.silent = False
+        #: while set, only etcd's answers are dropped: requests still reach it
+        self.deaf = False
 
     async def start(self, nursery: trio.Nursery) -> None:
         listeners = await nursery.start(
@@ -482,13 +485,15 @@ class _SilentRelay:
 
     async def _handle(self, client: trio.SocketStream) -> None:
         async with await trio.open_tcp_stream(*self.target) as server, trio.open_nursery() as n:
-            n.start_soon(self._pump, client, server)
-            n.start_soon(self._pump, server, client)
+            n.start_soon(self._pump, client, server, False)
+            n.start_soon(self._pump, server, client, True)
 
-    async def _pump(self, source: trio.SocketStream, sink: trio.SocketStream) -> None:
+    async def _pump(
+        self, source: trio.SocketStream, sink: trio.SocketStream, answers: bool
+    ) -> None:
         try:
             async for chunk in source:
-                if not self.silent:
+                if not (self.silent or (answers and self.deaf)):
                     await sink.send_all(chunk)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -549,3 +554,33 @@ async def test_a_release_cut_short_by_its_bound_is_made_after_the_next_renewal(
     assert "n1" in await watcher.nodes()  # its lease lives: the node made the change
     if what == "leave":  # the last member gone: the group's key too
         assert await watcher.lookup("tcp/1") is None
+
+
+@pytest.mark.slow
+async def test_a_claim_whose_answer_is_lost_is_given_back(
+    etcd: EtcdServer, nursery: trio.Nursery
+) -> None:
+    """The engine makes a claim and its answer is lost (the requests reach etcd, nothing
+    comes back): the claim fails at the request's timeout and is given back, so the key does
+    not stay under the node's live lease for a forward that was refused."""
+    relay = _SilentRelay(("127.0.0.1", etcd.client_port))
+    await relay.start(nursery)
+    registry = EtcdRegistry(
+        f"http://127.0.0.1:{relay.port}", "n1", lease_ttl=12, request_timeout=1.0
+    )
+    watcher = EtcdRegistry(etcd.endpoint, "watcher")
+    await nursery.start(registry.run)
+    await nursery.start(watcher.run)
+    seen: list[Change] = []
+    await nursery.start(functools.partial(watcher.watch, "tcp/", seen.append))
+
+    relay.deaf = True
+    with trio.fail_after(30), pytest.raises(ClusterUnavailableError):  # and a hang detector
+        await claim_or_refuse(registry, "tcp/2", "n1/a", what="port 2", address="")
+    relay.deaf = False
+    # the engine made the claim, and then deleted it: the release went through, or was
+    # kept and made after the next good renewal
+    gone = [Change("tcp/2", "n1/a"), Change("tcp/2", None)]
+    await wait_until(lambda: seen == gone, seconds=60, what=lambda: str(seen))
+    assert await watcher.lookup("tcp/2") is None
+    assert "n1" in await watcher.nodes()  # its lease lives: the node gave the key back
