@@ -9,10 +9,11 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
-from helpers import EtcdServer, closed_port, needs_etcd, send_and_read_all
+from helpers import EtcdServer, LinkProxy, closed_port, needs_etcd, send_and_read_all
 
 PYTUNNEL = [sys.executable, "-m", "pytunnel"]
 TOKEN = "cluster-cli-token"
@@ -217,6 +218,98 @@ async def test_the_client_token_as_cluster_secret_is_a_usage_error(tmp_path: obj
     assert "must not be the client token" in stderr
     assert TOKEN not in stderr
     assert "Traceback" not in stderr
+
+
+async def _status(etcd: EtcdServer) -> dict[str, Any]:
+    """What ``pytunnel cluster status --json`` reads from the engine."""
+    with trio.fail_after(30):
+        out = await trio.run_process(
+            [*PYTUNNEL, "cluster", "status", "--cluster", etcd.url, "--json"],
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+    status: dict[str, Any] = json.loads(out.stdout)
+    return status
+
+
+async def _holders(etcd: EtcdServer, key: str) -> list[str]:
+    """The nodes whose clients hold ``key``."""
+    nodes = (await _status(etcd))["nodes"]
+    return sorted(name for name, node in nodes.items() if key in node["holds"])
+
+
+@needs_etcd
+@pytest.mark.slow
+async def test_a_node_process_cut_off_from_the_engine_but_not_from_its_client(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """Node A reaches etcd through a relay that is cut (and then refuses), while its client
+    stays connected: a new ``-R`` on A is refused with ``CLUSTER_UNAVAILABLE`` in one line,
+    A's held port goes on serving; once A's lease has expired in etcd, a client of node B
+    takes the port. When the relay lets A through again A rejoins by itself, finds the port
+    lost and drops its client, so A stops serving it and only B's client does: the two
+    held it at once only while A could not learn otherwise."""
+    link = LinkProxy(("127.0.0.1", etcd.client_port))
+    await link.start(nursery)
+    through = f"etcd://127.0.0.1:{link.port}"
+    port, other = _free_port(), _free_port()
+    a = await Process.start(
+        "serve",
+        *("--listen", "127.0.0.1:0", "--public-host", "127.0.0.1"),
+        *("--cluster", through, "--node-id", "a", "--cluster-lease-ttl", "3"),
+    )
+    b: Process | None = None
+    clients: list[Process] = []
+    try:
+        a_address = (await a.line_with("listening on")).split("listening on ", 1)[1].split()[0]
+        await a.line_with(f"node a of the cluster at {through}")
+        b, b_address = await _node(etcd, "b", "127.0.0.2")
+        holder = await Process.start(
+            "connect", a_address, "--backoff-max", "1", "-R", f"{port}:127.0.0.1:{echo_port}"
+        )
+        clients.append(holder)
+        await holder.line_with(f"remote forward 127.0.0.1:{port}")
+        assert await _holders(etcd, f"tcp/{port}") == ["a"]
+
+        link.refusing = True
+        link.cut()
+        with trio.fail_after(30):
+            refused = await trio.run_process(
+                [*PYTUNNEL, "connect", a_address, "-R", f"{other}:127.0.0.1:{echo_port}"],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env={**os.environ, "PYTUNNEL_TOKEN": TOKEN},
+            )
+        stderr = refused.stderr.decode()
+        assert refused.returncode == 1, stderr
+        assert "[CLUSTER_UNAVAILABLE]" in stderr
+        assert "Traceback" not in stderr
+        assert await _echo("127.0.0.1", port, b"still on a") == b"still on a"
+        with trio.fail_after(60):  # a hang detector: A's lease (3 s) expires in etcd
+            while await _holders(etcd, f"tcp/{port}"):
+                await trio.sleep(0.2)
+        taker = await Process.start("connect", b_address, "-R", f"{port}:127.0.0.1:{echo_port}")
+        clients.append(taker)
+        await taker.line_with(f"remote forward 127.0.0.2:{port}")
+        assert await _holders(etcd, f"tcp/{port}") == ["b"]
+        assert await _echo("127.0.0.2", port, b"on b") == b"on b"
+
+        link.refusing = False  # healed: A renews, finds its lease gone, joins again
+        with trio.fail_after(60):  # a hang detector
+            while await _served("127.0.0.1", port, b"a still serves it"):
+                await trio.sleep(0.2)
+        assert set((await _status(etcd))["nodes"]) == {"a", "b"}  # A is a node again
+        assert await _holders(etcd, f"tcp/{port}") == ["b"]
+        assert await _echo("127.0.0.2", port, b"b keeps it") == b"b keeps it"
+        assert holder.process.poll() is None  # suspended and retrying, as on one server
+    finally:
+        for client in clients:
+            await client.kill()
+        await a.kill()
+        if b is not None:
+            await b.kill()
+        link.close()
 
 
 @needs_etcd

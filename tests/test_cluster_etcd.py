@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import subprocess
@@ -13,6 +14,13 @@ import trio
 from helpers import EtcdServer, closed_port, count_tasks, needs_etcd, wait_until
 
 from pytunnel.cluster import Change, EtcdRegistry
+from pytunnel.cluster._ownership import (
+    RELEASE_TIMEOUT,
+    claim_or_refuse,
+    leave_quietly,
+    member_state_quietly,
+    release_quietly,
+)
 from pytunnel.errors import ClusterUnavailableError, ErrorCode
 
 pytestmark = needs_etcd
@@ -455,3 +463,124 @@ async def test_a_restore_meeting_its_own_dead_session_is_claimed_when_that_lease
     with trio.fail_after(20):  # a hang detector
         assert await survivor.claim("tcp/7779", "survivor/desk") == "alive/1"
     assert survivor._ghost_watch is None  # no watch left open with nobody waiting
+
+
+class _SilentRelay:
+    """A TCP relay to etcd that, while ``silent``, drops whatever either side sends: the
+    engine neither answers nor refuses, as across a network that loses packets. Nothing
+    held back is sent later, so a request cut short while it is silent never lands."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self.silent = False
+        #: while set, only etcd's answers are dropped: requests still reach it
+        self.deaf = False
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
+        )
+        self.port = int(listeners[0].socket.getsockname()[1])
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        async with await trio.open_tcp_stream(*self.target) as server, trio.open_nursery() as n:
+            n.start_soon(self._pump, client, server, False)
+            n.start_soon(self._pump, server, client, True)
+
+    async def _pump(
+        self, source: trio.SocketStream, sink: trio.SocketStream, answers: bool
+    ) -> None:
+        try:
+            async for chunk in source:
+                if not (self.silent or (answers and self.deaf)):
+                    await sink.send_all(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await sink.aclose()
+
+
+GROUP = "@group/" + "7" * 32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["release", "leave", "state"])
+async def test_a_release_cut_short_by_its_bound_is_made_after_the_next_renewal(
+    etcd: EtcdServer, nursery: trio.Nursery, what: str
+) -> None:
+    """A forward's release is bounded (``release_quietly``: RELEASE_TIMEOUT), and so are a
+    group member's leave and its state's write; when the engine stays silent for longer,
+    the bound cancels the request before it could fail. It is kept all the same and made
+    after the next good renewal, by the node and not by its lease's end: the lease (and the
+    node's key) lives on meanwhile, so a key left behind would stay taken by nobody (or a
+    member shown online while it is not) for as long as the node runs."""
+    relay = _SilentRelay(("127.0.0.1", etcd.client_port))
+    await relay.start(nursery)
+    # a request may take longer than the release's bound, so the bound is what ends it; a
+    # renewal lost while the relay is silent fails and is retried well within the lease
+    registry = EtcdRegistry(
+        f"http://127.0.0.1:{relay.port}",
+        "n1",
+        lease_ttl=12,
+        request_timeout=RELEASE_TIMEOUT * 1.5,
+    )
+    watcher = EtcdRegistry(etcd.endpoint, "watcher")
+    await nursery.start(registry.run)
+    await nursery.start(watcher.run)
+    member = "groups/tcp/1/n1/1"
+    if what == "release":
+        assert await registry.claim("tcp/1", "n1/a") == "n1/a"
+        key, before, after = "tcp/1", "n1/a", None
+    else:
+        assert await registry.join_group("tcp/1", GROUP, "n1/1") == GROUP
+        key, before = member, GROUP
+        after = None if what == "leave" else GROUP + " offline"
+
+    relay.silent = True
+    with trio.fail_after(RELEASE_TIMEOUT * 10):  # a hang detector; each gives up at its bound
+        if what == "release":
+            await release_quietly(registry, "tcp/1", "n1/a")
+        elif what == "leave":
+            await leave_quietly(registry, "tcp/1", GROUP, "n1/1")
+        else:
+            await member_state_quietly(registry, "tcp/1", GROUP, "n1/1", False)
+    assert (await watcher.entries()).get(key) == before  # nothing reached the engine
+    relay.silent = False
+
+    with trio.fail_after(60):  # the next good renewal (every TTL / 3), and a hang detector
+        while (await watcher.entries()).get(key) != after:
+            await trio.sleep(0.2)
+    assert "n1" in await watcher.nodes()  # its lease lives: the node made the change
+    if what == "leave":  # the last member gone: the group's key too
+        assert await watcher.lookup("tcp/1") is None
+
+
+@pytest.mark.slow
+async def test_a_claim_whose_answer_is_lost_is_given_back(
+    etcd: EtcdServer, nursery: trio.Nursery
+) -> None:
+    """The engine makes a claim and its answer is lost (the requests reach etcd, nothing
+    comes back): the claim fails at the request's timeout and is given back, so the key does
+    not stay under the node's live lease for a forward that was refused."""
+    relay = _SilentRelay(("127.0.0.1", etcd.client_port))
+    await relay.start(nursery)
+    registry = EtcdRegistry(
+        f"http://127.0.0.1:{relay.port}", "n1", lease_ttl=12, request_timeout=1.0
+    )
+    watcher = EtcdRegistry(etcd.endpoint, "watcher")
+    await nursery.start(registry.run)
+    await nursery.start(watcher.run)
+    seen: list[Change] = []
+    await nursery.start(functools.partial(watcher.watch, "tcp/", seen.append))
+
+    relay.deaf = True
+    with trio.fail_after(30), pytest.raises(ClusterUnavailableError):  # and a hang detector
+        await claim_or_refuse(registry, "tcp/2", "n1/a", what="port 2", address="")
+    relay.deaf = False
+    # the engine made the claim, and then deleted it: the release went through, or was
+    # kept and made after the next good renewal
+    gone = [Change("tcp/2", "n1/a"), Change("tcp/2", None)]
+    await wait_until(lambda: seen == gone, seconds=60, what=lambda: str(seen))
+    assert await watcher.lookup("tcp/2") is None
+    assert "n1" in await watcher.nodes()  # its lease lives: the node gave the key back

@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from helpers import EtcdServer, needs_etcd, send_and_read_all
+from helpers import EtcdServer, LinkProxy, needs_etcd, send_and_read_all
 from test_cluster_cli import PYTUNNEL, TOKEN, Process
 
 pytestmark = [
@@ -217,6 +217,18 @@ async def _owner(etcd: EtcdServer, key: str) -> str:
     owners = [n for n, node in status["nodes"].items() if key in node["holds"]]
     assert len(owners) == 1, status
     return str(owners[0])
+
+
+async def _holders(etcd: EtcdServer, key: str) -> list[str]:
+    """The nodes whose clients hold ``key`` (none, one, or more if the registry were wrong)."""
+    with trio.fail_after(30):
+        out = await trio.run_process(
+            [*PYTUNNEL, "cluster", "status", "--cluster", etcd.url, "--json"],
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+    status = json.loads(out.stdout)
+    return sorted(name for name, node in status["nodes"].items() if key in node["holds"])
 
 
 async def _until_eof(stream: trio.SocketStream) -> None:
@@ -535,3 +547,159 @@ async def test_a_group_across_nodes_behind_haproxy_survives_a_members_node_kille
     finally:
         for client in clients.values():
             await client.kill()
+
+
+@attrs.define
+class _Racer:
+    """A ``pytunnel connect -R`` whose outcome is awaited: its forward up (the line naming
+    it) or its exit (status and stderr)."""
+
+    process: trio.Process
+    line: str = ""
+    returncode: int | None = None
+    stderr: str = ""
+
+    @classmethod
+    async def start(cls, *args: str) -> _Racer:
+        process = await trio.lowlevel.open_process(
+            [*PYTUNNEL, "connect", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTUNNEL_TOKEN": TOKEN},
+        )
+        return cls(process)
+
+    async def outcome(self, port: int) -> None:
+        """Until the forward of ``port`` is up, or the process has ended."""
+        assert self.process.stdout is not None
+        assert self.process.stderr is not None
+        pending = b""
+        with trio.fail_after(60):  # a hang detector
+            while True:
+                chunk = await self.process.stdout.receive_some()
+                if not chunk:
+                    break
+                pending += chunk
+                for line in pending.decode(errors="replace").splitlines():
+                    if "remote forward 127.0.0." in line and f":{port} " in line:
+                        self.line = line
+                        return
+            errors = b""
+            while chunk := await self.process.stderr.receive_some():
+                errors += chunk
+            self.returncode = await self.process.wait()
+            self.stderr = errors.decode(errors="replace")
+
+    async def kill(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, 9)
+        with trio.CancelScope(shield=True):
+            await self.process.wait()
+
+
+async def test_two_clients_through_haproxy_racing_for_a_port_one_wins_one_is_refused(
+    cluster: _Cluster, etcd: EtcdServer, echo_port: int
+) -> None:
+    """Two ``pytunnel connect -R PORT`` started together through the balancer, which hands
+    their control connections to two different nodes (round robin: nothing else connects
+    to the control port): exactly one forward comes up, the other client ends with one line,
+    ``ADDRESS_IN_USE`` naming the winner's node, and nothing of it is left in the engine;
+    the winner's port is served through every node and the balancer. Three rounds, so each
+    pair of nodes races once; the port is given back when the winner ends."""
+    control, port = f"{BALANCER}:{cluster.control_port}", cluster.spare_port
+    key = f"tcp/{port}"
+    racers: list[_Racer] = []
+    try:
+        for round_ in range(3):
+            pair = [
+                await _Racer.start(control, "-R", f"{port}:127.0.0.1:{echo_port}") for _ in range(2)
+            ]
+            racers.extend(pair)
+            async with trio.open_nursery() as waiting:
+                for racer in pair:
+                    waiting.start_soon(racer.outcome, port)
+            winners = [racer for racer in pair if racer.line]
+            losers = [racer for racer in pair if not racer.line]
+            outcomes = [(racer.line, racer.stderr) for racer in pair]
+            assert len(winners) == 1, outcomes
+            assert len(losers) == 1, outcomes
+            owner = await _owner(etcd, key)
+            assert f"remote forward {HOSTS[int(owner[1:]) - 1]}:{port} " in winners[0].line
+            loser = losers[0]
+            assert loser.returncode == 1, loser.stderr
+            assert (
+                f"[ADDRESS_IN_USE] port {port} is held by another client of the cluster "
+                f"(node {owner})" in loser.stderr
+            ), (round_, loser.stderr)
+            assert "Traceback" not in loser.stderr
+            assert await _holders(etcd, key) == [owner]  # the loser left no claim
+            for host in (*HOSTS, BALANCER):
+                await _until_served(host, port, f"round {round_} via {host}".encode())
+
+            await winners[0].kill()  # its session ends: the node gives the port back
+            with trio.fail_after(30):  # a hang detector
+                while await _holders(etcd, key):
+                    await trio.sleep(0.2)
+    finally:
+        for racer in racers:
+            await racer.kill()
+
+
+async def test_a_client_reconnecting_through_haproxy_to_another_node_replaces_its_ghost(
+    cluster: _Cluster, nursery: trio.Nursery, etcd: EtcdServer, echo_port: int
+) -> None:
+    """A ``pytunnel connect`` through a relay to the balancer (node A behind it) has its
+    side of the connection reset while A's side stays open and quiet (A sees a healthy
+    client); it reconnects through the balancer itself, which hands it to node B. B's
+    registration of the client's identity reaches A through the engine: A drops the ghost
+    and gives back its port, B restores it, and it is served through every node again, all
+    long before A's heartbeat timeout (30 s) would have ended the ghost."""
+    control = f"{BALANCER}:{cluster.control_port}"
+    port = cluster.spare_port
+    proxy = LinkProxy((BALANCER, cluster.control_port))
+    listening = trio.CancelScope()
+
+    async def run_proxy(task_status: trio.TaskStatus[None]) -> None:
+        with listening:
+            async with trio.open_nursery() as proxy_nursery:
+                await proxy.start(proxy_nursery)
+                task_status.started()
+                await trio.sleep_forever()
+
+    await nursery.start(run_proxy)
+    client: Process | None = None
+    try:
+        client = await Process.start(
+            "connect",
+            f"127.0.0.1:{proxy.port}",
+            control,
+            "--client-id",
+            "laptop",
+            "--backoff-max",
+            "1",
+            "-R",
+            f"{port}:127.0.0.1:{echo_port}",
+        )
+        await client.line_with("remote forward 127.0.0.")
+        first = await _owner(etcd, f"tcp/{port}")
+        assert await _holders(etcd, "clients/laptop") == [first]
+        await _until_served(BALANCER, port, b"before")
+
+        proxy.reset_client_side()
+        listening.cancel()  # the relay refuses from now on: the client goes to the balancer
+        # a hang detector, and less than the nodes' heartbeat timeout: the ghost is dropped
+        # because the engine told A, not because it fell silent
+        with trio.fail_after(20):
+            while (moved := await _holders(etcd, "clients/laptop")) in ([first], []):
+                await trio.sleep(0.2)
+            assert len(moved) == 1, moved
+            assert moved[0] != first, moved
+            while await _holders(etcd, f"tcp/{port}") != moved:
+                await trio.sleep(0.2)
+        assert proxy.ghosts  # A's end of the old connection was still open
+        for host in (*HOSTS, BALANCER):
+            await _until_served(host, port, f"after the move, via {host}".encode())
+    finally:
+        if client is not None:
+            await client.kill()
+        proxy.close()

@@ -525,6 +525,9 @@ class EtcdRegistry:
         except ClusterUnavailableError:
             self._pending_states.add(membership)
             return False
+        except BaseException:  # cut short before it could fail: kept as a release is
+            self._pending_states.add(membership)
+            raise
         # a state that changed while the request was out is written by its own call
         self._pending_states.discard(membership)
         return written
@@ -618,6 +621,9 @@ class EtcdRegistry:
         except ClusterUnavailableError:
             self._pending_leaves.add((key, group, member))
             return False
+        except BaseException:  # cut short before it could fail: kept as a release is
+            self._pending_leaves.add((key, group, member))
+            raise
 
     async def _leave_once(self, key: str, group: str, member: str) -> bool:
         full = self._key(member_key(key, member))
@@ -702,9 +708,10 @@ class EtcdRegistry:
         return replaced
 
     async def release(self, key: str, owner: str) -> bool:
-        """Delete ``key`` if ``owner`` still holds it. When the engine cannot be reached the
-        release is kept and made after the next good renewal (returns ``False`` now), so a key
-        is never left behind under a lease that lives on."""
+        """Delete ``key`` if ``owner`` still holds it. When the engine cannot be reached, or
+        the request is cut short before it could fail (the caller's bound, a cancellation),
+        the release is kept and made after the next good renewal (returns ``False`` now, or
+        raises what cut it short), so a key is never left behind under a lease that lives on."""
         if self._claims.get(key) == owner:
             del self._claims[key]
         if key.startswith("clients/"):
@@ -714,6 +721,11 @@ class EtcdRegistry:
         except ClusterUnavailableError:
             self._pending_releases.add((key, owner))
             return False
+        except BaseException:
+            # cut short before it could fail (the caller's bound, a cancellation): the
+            # engine may not have it, and the lease lives on, so it is kept the same way
+            self._pending_releases.add((key, owner))
+            raise
 
     async def _release_once(self, key: str, owner: str) -> bool:
         full = self._key(key)
