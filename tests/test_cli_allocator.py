@@ -57,3 +57,18 @@ def test_thresholds_from_the_environment_are_left_alone() -> None:
     )
     assert not tuned
     assert faults >= 200 * 64, faults
+
+
+def test_thresholds_from_glibc_tunables_are_left_alone() -> None:
+    # GLIBC_TUNABLES is glibc's current way to set them; MALLOC_*_ are its older aliases
+    tuned, faults = _faults(
+        "tune",
+        GLIBC_TUNABLES="glibc.malloc.mmap_threshold=131072:glibc.malloc.trim_threshold=131072",
+    )
+    assert not tuned
+    assert faults >= 200 * 64, faults
+
+
+def test_one_threshold_from_glibc_tunables_leaves_the_other_to_the_cli() -> None:
+    tuned, _ = _faults("tune", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=131072")
+    assert tuned  # the trim threshold is still raised

@@ -86,8 +86,9 @@ def tune_allocator() -> bool:
     received, down to about 7,000 with these thresholds; plain bulk through ``-L`` 8 %
     less CPU per GB (docs/performance.md, "The allocator's thresholds"). The cost is up to
     ``TRIM_THRESHOLD`` of freed memory kept per process. A threshold set in the
-    environment (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) is left as it is;
-    other C libraries, and platforms without ``mallopt``, are left alone.
+    environment (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or their tunables in
+    ``GLIBC_TUNABLES``) is left as it is: ``mallopt`` would override it; other C libraries,
+    and platforms without ``mallopt``, are left alone.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -97,12 +98,24 @@ def tune_allocator() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
+    tunables = _glibc_tunables()
     done = False
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ and "mmap_threshold" not in tunables:
         done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ and "trim_threshold" not in tunables:
         done = bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) or done
     return done
+
+
+def _glibc_tunables() -> set[str]:
+    """The ``glibc.malloc.*`` tunables named in ``GLIBC_TUNABLES`` (``name=value`` pairs
+    separated by colons), without their prefix."""
+    names = set()
+    for item in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, _ = item.partition("=")
+        if name.startswith("glibc.malloc."):
+            names.add(name.removeprefix("glibc.malloc."))
+    return names
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:
