@@ -8,10 +8,12 @@ import functools
 import attrs
 import pytest
 import trio
+import trio.testing
 from helpers import open_pair, session_pair, tcp_stream_pair
 from trio.testing import check_half_closeable_stream
 
 import pytunnel
+import pytunnel._direct
 from pytunnel import StreamResetError
 from pytunnel._relay import relay
 from pytunnel.testing import FaultyStream
@@ -308,3 +310,35 @@ def test_active_is_any_fault_off_its_default(name: str) -> None:
     default = attrs.fields_dict(pytunnel.testing.DirectionFaults)[name].default
     setattr(faults.in_, name, default)
     assert not faults.in_.active
+
+
+async def test_an_end_does_not_wake_a_socket_that_took_a_closed_readers_descriptor() -> None:
+    """A reader whose socket was closed while it waited (woken, not yet run) still has its
+    entry; the descriptor number may already belong to another socket. A reset then must not
+    interrupt that other socket's wait."""
+    faults = pytunnel.testing.Faults()
+    left, right, a, b = await _wrapped_pair(faults)
+    other, far = await tcp_stream_pair()
+    closed, _peer = await tcp_stream_pair()
+    stale = pytunnel._direct.SocketReader(closed.socket)
+    await closed.aclose()  # its descriptor is gone: fileno() is -1 now
+    link = a._link
+    link._waiting.append((other.socket.fileno(), stale))  # as if the number were reused
+    woken: list[BaseException] = []
+    async with trio.open_nursery() as nursery:
+
+        async def wait_on_other() -> None:
+            try:
+                await trio.lowlevel.wait_readable(other.socket)
+            except trio.ClosedResourceError as exc:
+                woken.append(exc)
+
+        nursery.start_soon(wait_on_other)
+        await trio.testing.wait_all_tasks_blocked()
+        assert faults.reset_connections() == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert woken == []  # the unrelated socket's wait goes on
+        await far.send_all(b"x")  # and ends the normal way
+    link._waiting.clear()
+    for s in (left, right, a, b, other, far, _peer):
+        await s.aclose()

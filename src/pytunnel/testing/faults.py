@@ -145,8 +145,8 @@ class _Link:
         #: In-flight operations, each with whether a cut interrupts it (a half-close does not:
         #: it is how the cut reaches the peers).
         self._pending: dict[trio.CancelScope, bool] = {}
-        #: Descriptors a direct reader is waiting on right now (see :meth:`waiting_on`).
-        self._waiting: list[int] = []
+        #: Direct readers waiting right now, each with the descriptor it waits on.
+        self._waiting: list[tuple[int, DirectReader]] = []
 
     @contextlib.contextmanager
     def guard(self, *, cuttable: bool = True) -> Iterator[trio.CancelScope]:
@@ -170,11 +170,14 @@ class _Link:
         for scope, cuttable in list(self._pending.items()):
             if reset or cuttable:
                 scope.cancel()
-        for fd in self._waiting:
+        for fd, reader in self._waiting:
             # wakes every wait on the descriptor, this reader's and a guarded send's (whose
             # guard takes it as the cancellation it also got); the socket itself is left
-            # alone: the relay still carries the end across and closes it
-            trio.lowlevel.notify_closing(fd)
+            # alone: the relay still carries the end across and closes it. Only while the
+            # reader's socket still has that descriptor: one closed since (its reader woken,
+            # not yet run) may have given the number to an unrelated socket
+            if reader.fileno() == fd:
+                trio.lowlevel.notify_closing(fd)
 
     def close(self) -> None:
         self._on_close(self)
@@ -211,14 +214,15 @@ class _LinkedReader:
             await self._inner.wait()
             return
         waiting = link._waiting
-        waiting.append(fd)
+        entry = (fd, self._inner)
+        waiting.append(entry)
         try:
             await self._inner.wait()
         except trio.ClosedResourceError:
             if not (link.cut or link.reset):  # closed for another reason
                 raise
         finally:
-            waiting.remove(fd)
+            waiting.remove(entry)
 
 
 class FaultyStream(trio.abc.HalfCloseableStream):
