@@ -519,6 +519,25 @@ class LinkProxy:
             ghost.socket.close()
 
 
+async def start_link_proxy(
+    nursery: trio.Nursery, target: tuple[str, int]
+) -> tuple[LinkProxy, trio.CancelScope]:
+    """A :class:`LinkProxy` to ``target`` running in ``nursery``, and the scope that stops
+    it listening (``cancel()``: its address refuses from then on, as a dead node's would)."""
+    proxy = LinkProxy(target)
+    listening = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[None]) -> None:
+        with listening:
+            async with trio.open_nursery() as proxy_nursery:
+                await proxy.start(proxy_nursery)
+                task_status.started()
+                await trio.sleep_forever()
+
+    await nursery.start(run)
+    return proxy, listening
+
+
 class EtcdServer:
     """A private etcd (the cluster tests' engine) on loopback, in its own data directory.
 

@@ -41,6 +41,18 @@ trio.run(main)
 """
 
 
+async def _ready(node: trio.Process) -> None:
+    """Until the node process says it holds its keys (its one line, ``ready``)."""
+    assert node.stdout is not None
+    with trio.fail_after(30):  # a hang detector
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = await node.stdout.receive_some()
+            assert chunk, "the node process exited"
+            line += chunk
+    assert line == b"ready\n"
+
+
 async def test_a_dead_nodes_keys_expire_with_its_lease(
     etcd: EtcdServer, nursery: trio.Nursery
 ) -> None:
@@ -52,14 +64,7 @@ async def test_a_dead_nodes_keys_expire_with_its_lease(
         [sys.executable, "-c", _NODE, etcd.endpoint], stdout=subprocess.PIPE
     )
     try:
-        assert node.stdout is not None
-        with trio.fail_after(30):  # a hang detector
-            line = b""
-            while not line.endswith(b"\n"):
-                chunk = await node.stdout.receive_some()
-                assert chunk, "the node process exited"
-                line += chunk
-        assert line == b"ready\n"
+        await _ready(node)
         assert await survivor.claim("tcp/7777", "survivor/1") == "doomed/1"
         assert "doomed" in await survivor.nodes()
     finally:
@@ -430,14 +435,7 @@ async def test_a_restore_meeting_its_own_dead_session_is_claimed_when_that_lease
         [sys.executable, "-c", _CLIENTS_NODE, etcd.endpoint], stdout=subprocess.PIPE
     )
     try:
-        assert node.stdout is not None
-        with trio.fail_after(30):  # a hang detector
-            line = b""
-            while not line.endswith(b"\n"):
-                chunk = await node.stdout.receive_some()
-                assert chunk, "the node process exited"
-                line += chunk
-        assert line == b"ready\n"
+        await _ready(node)
     finally:
         os.kill(node.pid, 9)  # by pid: a node dying without a word
         with trio.CancelScope(shield=True):

@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from helpers import EtcdServer, LinkProxy, needs_etcd, send_and_read_all
+from helpers import EtcdServer, needs_etcd, send_and_read_all, start_link_proxy
 from test_cluster_cli import PYTUNNEL, TOKEN, Process
 
 pytestmark = [
@@ -656,17 +656,7 @@ async def test_a_client_reconnecting_through_haproxy_to_another_node_replaces_it
     long before A's heartbeat timeout (30 s) would have ended the ghost."""
     control = f"{BALANCER}:{cluster.control_port}"
     port = cluster.spare_port
-    proxy = LinkProxy((BALANCER, cluster.control_port))
-    listening = trio.CancelScope()
-
-    async def run_proxy(task_status: trio.TaskStatus[None]) -> None:
-        with listening:
-            async with trio.open_nursery() as proxy_nursery:
-                await proxy.start(proxy_nursery)
-                task_status.started()
-                await trio.sleep_forever()
-
-    await nursery.start(run_proxy)
+    proxy, listening = await start_link_proxy(nursery, (BALANCER, cluster.control_port))
     client: Process | None = None
     try:
         client = await Process.start(

@@ -843,22 +843,12 @@ async def test_a_port_that_moves_to_the_node_mirroring_it_is_served_by_both(
     """The client holds a port on A, which B mirrors; its link to A dies one-sidedly and it
     reconnects to B: B stops its mirror and binds the port for the client, A drops the
     ghost and mirrors the port for B. Both nodes must serve it afterwards."""
-    from helpers import LinkProxy
+    from helpers import start_link_proxy
     from test_cluster_server import FAST, _echo
 
     a = await _node(nursery, etcd, "a", "127.0.0.1")
     b = await _node(nursery, etcd, "b", "127.0.0.2")
-    proxy = LinkProxy(a.address)
-    listening = trio.CancelScope()
-
-    async def run_proxy(task_status: trio.TaskStatus[None]) -> None:
-        with listening:
-            async with trio.open_nursery() as proxy_nursery:
-                await proxy.start(proxy_nursery)
-                task_status.started()
-                await trio.sleep_forever()
-
-    await nursery.start(run_proxy)
+    proxy, listening = await start_link_proxy(nursery, a.address)
     tunnel = await pytunnel.connect_tunnel(nursery, [proxy.address, b.address], token=TOKEN, **FAST)
     port = _free_port_on_both()
     remote = await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)

@@ -20,6 +20,7 @@ from helpers import (
     closed_port,
     needs_etcd,
     send_and_read_all,
+    start_link_proxy,
     wait_until,
 )
 
@@ -236,17 +237,7 @@ async def test_a_client_reconnecting_to_another_node_replaces_its_ghost_at_once(
     the ghost (and its port) long before its heartbeat would, and B serves the forward."""
     a = await _node(nursery, etcd, "a", "127.0.0.1")
     b = await _node(nursery, etcd, "b", "127.0.0.2")
-    proxy = LinkProxy(a.address)
-    listening = trio.CancelScope()
-
-    async def run_proxy(task_status: trio.TaskStatus[None]) -> None:
-        with listening:
-            async with trio.open_nursery() as proxy_nursery:
-                await proxy.start(proxy_nursery)
-                task_status.started()
-                await trio.sleep_forever()
-
-    await nursery.start(run_proxy)
+    proxy, listening = await start_link_proxy(nursery, a.address)
     tunnel = await pytunnel.connect_tunnel(nursery, [proxy.address, b.address], token=TOKEN, **FAST)
     port = _free_port_on_both()
     remote = await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
