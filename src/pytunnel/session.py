@@ -195,8 +195,8 @@ class Session:
         #: Streams opened with early data that the peer has not answered yet: a refusal
         #: breaks them with its typed error, an Accept lets their senders use the new window.
         self._early: dict[int, MuxStream] = {}
-        #: ``(deadline, stream id)`` of early-data opens with an answer timeout, a heap; an
-        #: entry whose stream was answered since is skipped when it comes up.
+        #: ``(deadline, stream id, timeout)`` of early-data opens with an answer timeout, a
+        #: heap; an entry whose stream was answered since is skipped when it comes up.
         self._answer_deadlines: list[tuple[float, int, float]] = []
         #: The answer timer's sleep, whose deadline a shorter timeout moves earlier.
         self._answer_scope: trio.CancelScope | None = None
@@ -738,13 +738,10 @@ class Session:
             now = trio.current_time()
             while heap and heap[0][0] <= now:  # every deadline passed, the slack's included
                 _, stream_id, timeout = heapq.heappop(heap)
-                stream = self._early.pop(stream_id, None)
+                stream = self._early.get(stream_id)
                 if stream is None:
                     continue  # answered (or ended) in time
-                self._streams.pop(stream_id, None)
-                self._mux.reset_stream(stream_id, ErrorCode.CANCELLED, "no answer in time")
-                self._kick_writer()
-                self._wake_slot_waiters()
+                self.reset_stream(stream_id, ErrorCode.CANCELLED, "no answer in time")
                 stream.refuse_early(
                     UnansweredError(
                         f"no answer within {timeout:g} s",
