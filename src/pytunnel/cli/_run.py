@@ -100,10 +100,12 @@ def tune_allocator() -> bool:
     mallopt.restype = ctypes.c_int
     tunables = _glibc_tunables()
     done = False
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ and "mmap_threshold" not in tunables:
-        done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ and "trim_threshold" not in tunables:
-        done = bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) or done
+    for name, param, value in (
+        ("mmap_threshold", _M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        ("trim_threshold", _M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+    ):
+        if f"MALLOC_{name.upper()}_" not in os.environ and name not in tunables:
+            done = bool(mallopt(param, value)) or done
     return done
 
 
