@@ -30,6 +30,16 @@ pytestmark = pytest.mark.timeout(60)
 SMALL_BUFFER = 16 * 1024
 
 
+async def _small_buffered_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """A loopback connection whose both ends ask for ``SMALL_BUFFER`` socket buffers: a
+    burst into it blocks the writer soon."""
+    pair = await tcp_stream_pair()
+    for stream in pair:
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+    return pair
+
+
 def _relay_tasks() -> int:
     """Tasks running a relay or one of its directions (the relay's own task included)."""
     return sum(1 for task in live_tasks() if "relay" in task.name or "_Taskless" in task.name)
@@ -106,10 +116,7 @@ async def test_a_burst_into_a_slow_socket_starts_a_task_that_ends_when_drained()
     async with session_pair("tcp") as (client, server):
         opened, accepted = await open_pair(client, server)
         assert isinstance(accepted, MuxStream)
-        target, relayed = await tcp_stream_pair()
-        for stream in (target, relayed):
-            stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
-            stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+        target, relayed = await _small_buffered_pair()
         async with trio.open_nursery() as nursery:
             before = _relay_tasks()
             nursery.start_soon(functools.partial(relay, accepted, relayed, idle_timeout=30))
@@ -166,10 +173,7 @@ async def test_the_socket_side_ending_first_leaves_the_taskless_side_running_to_
     target, and the relay ends cleanly."""
     async with session_pair("tcp") as (client, server):
         opened, accepted = await open_pair(client, server)
-        target, relayed = await tcp_stream_pair()
-        for stream in (target, relayed):
-            stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
-            stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+        target, relayed = await _small_buffered_pair()
         big, small = _pattern(500_000, 1), _pattern(10, 2)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(functools.partial(relay, accepted, relayed, idle_timeout=30))
@@ -295,10 +299,7 @@ async def test_data_buffered_before_the_relay_starts_goes_out_without_a_task(siz
     async with session_pair("tcp") as (client, server):
         opened, accepted = await open_pair(client, server)
         assert isinstance(accepted, MuxStream)
-        target, relayed = await tcp_stream_pair()
-        for stream in (target, relayed):
-            stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
-            stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+        target, relayed = await _small_buffered_pair()
         pieces = [_pattern(size // 4 + i, i) for i in range(4)]
         for piece in pieces:
             await opened.send_all(piece)
