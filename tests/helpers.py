@@ -201,6 +201,17 @@ async def wait_until(
     assert predicate(), what() if callable(what) else what
 
 
+async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    """The next ``size`` bytes of ``stream``, read a chunk at a time and never past them; an
+    EOF before them fails the test."""
+    got = bytearray()
+    while len(got) < size:
+        chunk = await stream.receive_some(size - len(got))
+        assert chunk, f"EOF after {len(got)} of {size} bytes"
+        got += chunk
+    return bytes(got)
+
+
 async def read_all(stream: trio.abc.Stream) -> bytes:
     """Everything ``stream`` sends until EOF or a reset; 5 s is a hang detector."""
     out = b""

@@ -17,22 +17,13 @@ import struct
 import pytest
 import trio
 import trio.testing
-from helpers import tcp_stream_pair
+from helpers import receive_exactly, tcp_stream_pair
 
 from pytunnel._direct import MAX_STREAK, SocketReader
 from pytunnel._relay import _CHUNK, relay
 from pytunnel.testing import Faults
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def _receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
-    got = bytearray()
-    while len(got) < size:
-        chunk = await stream.receive_some(size - len(got))
-        assert chunk, "EOF before the whole message"
-        got += chunk
-    return bytes(got)
 
 
 @pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "fault-wrapper"])
@@ -53,12 +44,12 @@ async def test_a_relay_between_sockets_reads_them_directly(
             for i in range(40):
                 message = bytes([i]) * (1 + i * 997)
                 await left.send_all(message)
-                assert await _receive_exactly(right, len(message)) == message
+                assert await receive_exactly(right, len(message)) == message
                 await right.send_all(message[::-1])
-                assert await _receive_exactly(left, len(message)) == message[::-1]
+                assert await receive_exactly(left, len(message)) == message[::-1]
             await left.send_all(b"last")
             await left.send_eof()
-            assert await _receive_exactly(right, 4) == b"last"
+            assert await receive_exactly(right, 4) == b"last"
             assert await right.receive_some() == b""
             await right.send_eof()
             assert await left.receive_some() == b""

@@ -19,7 +19,14 @@ import struct
 import pytest
 import trio
 import trio.testing
-from helpers import live_tasks, open_pair, session_pair, tcp_stream_pair, wait_until
+from helpers import (
+    live_tasks,
+    open_pair,
+    receive_exactly,
+    session_pair,
+    tcp_stream_pair,
+    wait_until,
+)
 
 from pytunnel._relay import RelayStats, relay
 from pytunnel.session import MuxStream
@@ -60,13 +67,8 @@ def _pattern(size: int, seed: int) -> bytes:
 
 
 async def _receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
-    got = bytearray()
     with trio.fail_after(10):
-        while len(got) < size:
-            chunk = await stream.receive_some(65536)
-            assert chunk, "EOF before every byte arrived"
-            got += chunk
-    return bytes(got)
+        return await receive_exactly(stream, size)
 
 
 async def _read_until_eof(stream: trio.abc.ReceiveStream) -> bytes:

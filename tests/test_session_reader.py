@@ -8,20 +8,11 @@ import itertools
 
 import pytest
 import trio
-from helpers import open_pair, session_pair
+from helpers import open_pair, receive_exactly, session_pair
 
 from pytunnel._direct import MAX_STREAK, SocketReader
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def _receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
-    got = bytearray()
-    while len(got) < size:
-        chunk = await stream.receive_some(size - len(got))
-        assert chunk, "EOF before the whole message"
-        got += chunk
-    return bytes(got)
 
 
 async def test_a_tcp_session_reads_its_transport_directly(
@@ -36,10 +27,10 @@ async def test_a_tcp_session_reads_its_transport_directly(
                 message = bytes((i * 31 + n) & 0xFF for n in range(size))
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(mine.send_all, message)
-                    assert await _receive_exactly(theirs, size) == message
+                    assert await receive_exactly(theirs, size) == message
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(theirs.send_all, message[::-1])
-                    assert await _receive_exactly(mine, size) == message[::-1]
+                    assert await receive_exactly(mine, size) == message[::-1]
             await mine.send_eof()
             assert await theirs.receive_some() == b""
     assert receive_calls == []
@@ -78,7 +69,7 @@ async def test_a_transport_that_always_has_data_lets_other_tasks_run(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(tick)
                 nursery.start_soon(mine.send_all, payload)
-                assert await _receive_exactly(theirs, len(payload)) == payload
+                assert await receive_exactly(theirs, len(payload)) == payload
                 nursery.cancel_scope.cancel()
     longest = run = 1
     for before, after in itertools.pairwise(seen):

@@ -27,6 +27,7 @@ from helpers import (
     describe_tasks,
     eight_streams_at_once,
     open_pair,
+    receive_exactly,
     tcp_stream_pair,
     wait_until,
 )
@@ -81,15 +82,6 @@ async def tls_pair(
     finally:
         await trio.aclose_forcefully(client)
         await trio.aclose_forcefully(server)
-
-
-async def _receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
-    out = bytearray()
-    while len(out) < size:
-        chunk = await stream.receive_some(size - len(out))
-        assert chunk, f"EOF after {len(out)} of {size} bytes"
-        out += chunk
-    return bytes(out)
 
 
 # ------------------------------------------------------------------ data
@@ -178,7 +170,7 @@ async def test_cancelled_receive_leaves_the_stream_usable(
             await server.receive_some()
         with trio.fail_after(BOUND):
             await client.send_all(b"after the cancel")
-            assert await _receive_exactly(server, 16) == b"after the cancel"
+            assert await receive_exactly(server, 16) == b"after the cancel"
 
 
 async def test_two_receivers_or_two_senders_are_busy(
@@ -243,7 +235,7 @@ async def test_send_nowait_then_send_all_of_the_rest_delivers_everything_once(
         with trio.fail_after(BOUND * 3):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client.send_all, memoryview(data)[taken:])
-                assert await _receive_exactly(server, len(data)) == data
+                assert await receive_exactly(server, len(data)) == data
         # the rest may also go through send_nowait again, call after call
         data = os.urandom(2 * 1024 * 1024 + 777)
         with trio.fail_after(BOUND * 3):
@@ -256,7 +248,7 @@ async def test_send_nowait_then_send_all_of_the_rest_delivers_everything_once(
                         await trio.sleep(0.001)
 
                 nursery.start_soon(push)
-                assert await _receive_exactly(server, len(data)) == data
+                assert await receive_exactly(server, len(data)) == data
         # an error inside send_nowait is kept for the next call to raise
         await server.aclose()
         await wait_until(lambda: _sends_fail(client))
@@ -306,7 +298,7 @@ async def test_aclose_sends_close_notify_the_peer_sees_a_clean_eof(
         with trio.fail_after(BOUND):
             await client.send_all(b"last words")
             await client.aclose()
-            assert await _receive_exactly(server, 10) == b"last words"
+            assert await receive_exactly(server, 10) == b"last words"
             assert await server.receive_some() == b""
             assert await server.receive_some() == b""  # and again: EOF stays EOF
             await client.aclose()  # idempotent
@@ -438,7 +430,7 @@ async def test_peer_closing_tcp_between_records_is_a_broken_stream_not_eof(
             peer.write(b"C" * 40000)
             await raw_client.send_all(outgoing.read())
             await raw_client.aclose()
-            assert await _receive_exactly(server, 40000) == b"C" * 40000
+            assert await receive_exactly(server, 40000) == b"C" * 40000
             with pytest.raises(trio.BrokenResourceError):
                 await server.receive_some()
 
@@ -752,7 +744,7 @@ async def test_right_pin_is_accepted_and_sni_is_sent(
         assert isinstance(client, TLSSocketStream)
         assert isinstance(server, TLSSocketStream)
         await client.send_all(b"pinned")
-        assert await _receive_exactly(server, 6) == b"pinned"
+        assert await receive_exactly(server, 6) == b"pinned"
         await client.aclose()
         await server.aclose()
     assert names == ["localhost"]
@@ -833,7 +825,7 @@ async def test_interop_with_openssl_s_server(
             await _read_line(process, lambda s: b"hello from pytunnel\n" in s)
             assert process.stdin is not None
             await process.stdin.send_all(b"hello from openssl\n")
-            assert await _receive_exactly(client, 19) == b"hello from openssl\n"
+            assert await receive_exactly(client, 19) == b"hello from openssl\n"
             await client.aclose()
             await process.wait()
     finally:
