@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import json
 import os
 import random
 import re
@@ -638,6 +639,24 @@ class EtcdServer:
 
 #: how a test runs the real ``pytunnel`` command
 PYTUNNEL = [sys.executable, "-m", "pytunnel"]
+
+
+async def cluster_status(etcd: EtcdServer) -> dict[str, Any]:
+    """What ``pytunnel cluster status --json`` reads from the engine (the real CLI)."""
+    with trio.fail_after(30):
+        out = await trio.run_process(
+            [*PYTUNNEL, "cluster", "status", "--cluster", etcd.url, "--json"],
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+    status: dict[str, Any] = json.loads(out.stdout)
+    return status
+
+
+async def cluster_holders(etcd: EtcdServer, key: str) -> list[str]:
+    """The nodes whose clients hold ``key`` (none, one, or more if the registry were wrong)."""
+    nodes = (await cluster_status(etcd))["nodes"]
+    return sorted(name for name, node in nodes.items() if key in node["holds"])
 
 
 class CliProcess:

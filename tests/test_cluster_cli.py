@@ -9,11 +9,18 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
-from helpers import EtcdServer, LinkProxy, closed_port, needs_etcd, send_and_read_all
+from helpers import (
+    EtcdServer,
+    LinkProxy,
+    closed_port,
+    cluster_holders,
+    cluster_status,
+    needs_etcd,
+    send_and_read_all,
+)
 
 PYTUNNEL = [sys.executable, "-m", "pytunnel"]
 TOKEN = "cluster-cli-token"
@@ -220,24 +227,6 @@ async def test_the_client_token_as_cluster_secret_is_a_usage_error(tmp_path: obj
     assert "Traceback" not in stderr
 
 
-async def _status(etcd: EtcdServer) -> dict[str, Any]:
-    """What ``pytunnel cluster status --json`` reads from the engine."""
-    with trio.fail_after(30):
-        out = await trio.run_process(
-            [*PYTUNNEL, "cluster", "status", "--cluster", etcd.url, "--json"],
-            capture_stdout=True,
-            capture_stderr=True,
-        )
-    status: dict[str, Any] = json.loads(out.stdout)
-    return status
-
-
-async def _holders(etcd: EtcdServer, key: str) -> list[str]:
-    """The nodes whose clients hold ``key``."""
-    nodes = (await _status(etcd))["nodes"]
-    return sorted(name for name, node in nodes.items() if key in node["holds"])
-
-
 @needs_etcd
 @pytest.mark.slow
 async def test_a_node_process_cut_off_from_the_engine_but_not_from_its_client(
@@ -269,7 +258,7 @@ async def test_a_node_process_cut_off_from_the_engine_but_not_from_its_client(
         )
         clients.append(holder)
         await holder.line_with(f"remote forward 127.0.0.1:{port}")
-        assert await _holders(etcd, f"tcp/{port}") == ["a"]
+        assert await cluster_holders(etcd, f"tcp/{port}") == ["a"]
 
         link.refusing = True
         link.cut()
@@ -287,20 +276,20 @@ async def test_a_node_process_cut_off_from_the_engine_but_not_from_its_client(
         assert "Traceback" not in stderr
         assert await _echo("127.0.0.1", port, b"still on a") == b"still on a"
         with trio.fail_after(60):  # a hang detector: A's lease (3 s) expires in etcd
-            while await _holders(etcd, f"tcp/{port}"):
+            while await cluster_holders(etcd, f"tcp/{port}"):
                 await trio.sleep(0.2)
         taker = await Process.start("connect", b_address, "-R", f"{port}:127.0.0.1:{echo_port}")
         clients.append(taker)
         await taker.line_with(f"remote forward 127.0.0.2:{port}")
-        assert await _holders(etcd, f"tcp/{port}") == ["b"]
+        assert await cluster_holders(etcd, f"tcp/{port}") == ["b"]
         assert await _echo("127.0.0.2", port, b"on b") == b"on b"
 
         link.refusing = False  # healed: A renews, finds its lease gone, joins again
         with trio.fail_after(60):  # a hang detector
             while await _served("127.0.0.1", port, b"a still serves it"):
                 await trio.sleep(0.2)
-        assert set((await _status(etcd))["nodes"]) == {"a", "b"}  # A is a node again
-        assert await _holders(etcd, f"tcp/{port}") == ["b"]
+        assert set((await cluster_status(etcd))["nodes"]) == {"a", "b"}  # A is a node again
+        assert await cluster_holders(etcd, f"tcp/{port}") == ["b"]
         assert await _echo("127.0.0.2", port, b"b keeps it") == b"b keeps it"
         assert holder.process.poll() is None  # suspended and retrying, as on one server
     finally:
@@ -325,13 +314,7 @@ async def test_cluster_status_shows_each_node_and_what_its_clients_hold(
             "connect", a_address, "--client-id", "laptop", "-R", f"{port}:127.0.0.1:{echo_port}"
         )
         await client.line_with(f"remote forward 127.0.0.1:{port}")
-        with trio.fail_after(30):
-            out = await trio.run_process(
-                [*PYTUNNEL, "cluster", "status", "--cluster", etcd.url, "--json"],
-                capture_stdout=True,
-                capture_stderr=True,
-            )
-        status = json.loads(out.stdout)
+        status = await cluster_status(etcd)
         assert set(status["nodes"]) == {"a", "b"}
         assert status["nodes"]["a"]["address"] == a_address
         held = status["nodes"]["a"]["holds"]

@@ -11,7 +11,6 @@ refuses (``option redispatch``), as a balancer in front of a cluster is set up.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import socket
@@ -24,7 +23,14 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from helpers import EtcdServer, needs_etcd, send_and_read_all, start_link_proxy
+from helpers import (
+    EtcdServer,
+    cluster_holders,
+    cluster_status,
+    needs_etcd,
+    send_and_read_all,
+    start_link_proxy,
+)
 from test_cluster_cli import PYTUNNEL, TOKEN, Process
 
 pytestmark = [
@@ -207,28 +213,9 @@ async def _until_served(host: str, port: int, payload: bytes, seconds: float = 6
 
 
 async def _owner(etcd: EtcdServer, key: str) -> str:
-    with trio.fail_after(30):
-        out = await trio.run_process(
-            [*PYTUNNEL, "cluster", "status", "--cluster", etcd.url, "--json"],
-            capture_stdout=True,
-            capture_stderr=True,
-        )
-    status = json.loads(out.stdout)
-    owners = [n for n, node in status["nodes"].items() if key in node["holds"]]
-    assert len(owners) == 1, status
-    return str(owners[0])
-
-
-async def _holders(etcd: EtcdServer, key: str) -> list[str]:
-    """The nodes whose clients hold ``key`` (none, one, or more if the registry were wrong)."""
-    with trio.fail_after(30):
-        out = await trio.run_process(
-            [*PYTUNNEL, "cluster", "status", "--cluster", etcd.url, "--json"],
-            capture_stdout=True,
-            capture_stderr=True,
-        )
-    status = json.loads(out.stdout)
-    return sorted(name for name, node in status["nodes"].items() if key in node["holds"])
+    owners = await cluster_holders(etcd, key)
+    assert len(owners) == 1, owners
+    return owners[0]
 
 
 async def _until_eof(stream: trio.SocketStream) -> None:
@@ -440,17 +427,6 @@ async def _tagged(nursery: trio.Nursery, tag: bytes) -> int:
     return int(listeners[0].socket.getsockname()[1])
 
 
-async def _status(etcd: EtcdServer) -> dict[str, Any]:
-    with trio.fail_after(30):
-        out = await trio.run_process(
-            [*PYTUNNEL, "cluster", "status", "--cluster", etcd.url, "--json"],
-            capture_stdout=True,
-            capture_stderr=True,
-        )
-    status: dict[str, Any] = json.loads(out.stdout)
-    return status
-
-
 def _member_nodes(status: dict[str, Any], key: str) -> list[str]:
     """The nodes holding a member key of the group holding ``key``, one entry per member."""
     prefix = f"groups/{key}/"
@@ -502,7 +478,7 @@ async def test_a_group_across_nodes_behind_haproxy_survives_a_members_node_kille
             )
             line = await client.line_with("remote forward 127.0.0.")  # its node's address
             assert f":{public_port} " in line, line
-            members = _member_nodes(await _status(etcd), key)
+            members = _member_nodes(await cluster_status(etcd), key)
             # round robin: the two clients' control connections went to two nodes
             new = set(members) - set(on_node.values())
             assert len(new) == 1, members
@@ -522,7 +498,7 @@ async def test_a_group_across_nodes_behind_haproxy_survives_a_members_node_kille
         await nodes[on_node[b"X"]][0].kill()
         after: Counter[bytes | None] = Counter()
         with trio.fail_after(60):
-            while on_node[b"X"] in _member_nodes(await _status(etcd), key):
+            while on_node[b"X"] in _member_nodes(await cluster_status(etcd), key):
                 for _ in range(10):  # between looks at the registry (a process each)
                     after[await _answer(BALANCER, public_port)] += 1
         expired = trio.current_time() - killed_at
@@ -632,13 +608,13 @@ async def test_two_clients_through_haproxy_racing_for_a_port_one_wins_one_is_ref
                 f"(node {owner})" in loser.stderr
             ), (round_, loser.stderr)
             assert "Traceback" not in loser.stderr
-            assert await _holders(etcd, key) == [owner]  # the loser left no claim
+            assert await cluster_holders(etcd, key) == [owner]  # the loser left no claim
             for host in (*HOSTS, BALANCER):
                 await _until_served(host, port, f"round {round_} via {host}".encode())
 
             await winners[0].kill()  # its session ends: the node gives the port back
             with trio.fail_after(30):  # a hang detector
-                while await _holders(etcd, key):
+                while await cluster_holders(etcd, key):
                     await trio.sleep(0.2)
     finally:
         for racer in racers:
@@ -672,7 +648,7 @@ async def test_a_client_reconnecting_through_haproxy_to_another_node_replaces_it
         )
         await client.line_with("remote forward 127.0.0.")
         first = await _owner(etcd, f"tcp/{port}")
-        assert await _holders(etcd, "clients/laptop") == [first]
+        assert await cluster_holders(etcd, "clients/laptop") == [first]
         await _until_served(BALANCER, port, b"before")
 
         proxy.reset_client_side()
@@ -680,11 +656,11 @@ async def test_a_client_reconnecting_through_haproxy_to_another_node_replaces_it
         # a hang detector, and less than the nodes' heartbeat timeout: the ghost is dropped
         # because the engine told A, not because it fell silent
         with trio.fail_after(20):
-            while (moved := await _holders(etcd, "clients/laptop")) in ([first], []):
+            while (moved := await cluster_holders(etcd, "clients/laptop")) in ([first], []):
                 await trio.sleep(0.2)
             assert len(moved) == 1, moved
             assert moved[0] != first, moved
-            while await _holders(etcd, f"tcp/{port}") != moved:
+            while await cluster_holders(etcd, f"tcp/{port}") != moved:
                 await trio.sleep(0.2)
         assert proxy.ghosts  # A's end of the old connection was still open
         for host in (*HOSTS, BALANCER):
