@@ -26,6 +26,22 @@ PYTUNNEL = [sys.executable, "-m", "pytunnel"]
 TOKEN = "cluster-cli-token"
 
 
+async def _fails(*args: str, status: int = 1) -> str:
+    """Run ``pytunnel ARGS`` (the client token in the environment), which must exit with
+    ``status``; its stderr."""
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [*PYTUNNEL, *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={**os.environ, "PYTUNNEL_TOKEN": TOKEN},
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == status, stderr
+    return stderr
+
+
 class Process:
     """A pytunnel process whose stdout lines are awaited with a deadline (a hang detector)."""
 
@@ -112,16 +128,7 @@ async def test_two_nodes_one_port_and_the_port_follows_its_client_when_a_node_di
         await holder.line_with(f"remote forward 127.0.0.1:{port}")
         assert await _echo("127.0.0.1", port, b"on a") == b"on a"
 
-        with trio.fail_after(30):
-            refused = await trio.run_process(
-                [*PYTUNNEL, "connect", b_address, "-R", f"{port}:127.0.0.1:{echo_port}"],
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-                env={**os.environ, "PYTUNNEL_TOKEN": TOKEN},
-            )
-        stderr = refused.stderr.decode()
-        assert refused.returncode == 1, stderr
+        stderr = await _fails("connect", b_address, "-R", f"{port}:127.0.0.1:{echo_port}")
         assert (
             f"[ADDRESS_IN_USE] port {port} is held by another client of the cluster (node a)"
             in stderr
@@ -205,23 +212,12 @@ async def test_the_client_token_as_cluster_secret_is_a_usage_error(tmp_path: obj
 
     secret = pathlib.Path(str(tmp_path)) / "secret"
     secret.write_text(TOKEN + "\n")
-    with trio.fail_after(30):
-        result = await trio.run_process(
-            [
-                *PYTUNNEL,
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                *("--cluster", "etcd://127.0.0.1:2379", "--node-id", "a"),
-                *("--cluster-secret-file", str(secret)),
-            ],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env={**os.environ, "PYTUNNEL_TOKEN": TOKEN},
-        )
-    stderr = result.stderr.decode()
-    assert result.returncode == 2, stderr
+    stderr = await _fails(
+        *("serve", "--listen", "127.0.0.1:0"),
+        *("--cluster", "etcd://127.0.0.1:2379", "--node-id", "a"),
+        *("--cluster-secret-file", str(secret)),
+        status=2,
+    )
     assert "must not be the client token" in stderr
     assert TOKEN not in stderr
     assert "Traceback" not in stderr
@@ -262,16 +258,7 @@ async def test_a_node_process_cut_off_from_the_engine_but_not_from_its_client(
 
         link.refusing = True
         link.cut()
-        with trio.fail_after(30):
-            refused = await trio.run_process(
-                [*PYTUNNEL, "connect", a_address, "-R", f"{other}:127.0.0.1:{echo_port}"],
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-                env={**os.environ, "PYTUNNEL_TOKEN": TOKEN},
-            )
-        stderr = refused.stderr.decode()
-        assert refused.returncode == 1, stderr
+        stderr = await _fails("connect", a_address, "-R", f"{other}:127.0.0.1:{echo_port}")
         assert "[CLUSTER_UNAVAILABLE]" in stderr
         assert "Traceback" not in stderr
         assert await _echo("127.0.0.1", port, b"still on a") == b"still on a"
