@@ -293,6 +293,22 @@ async def test_a_node_whose_members_went_offline_refuses_relayed_streams_and_the
     assert set(await _served_by(("127.0.0.1", port), 4)) == {b"A", b"B"}
 
 
+async def _name_group_on_two_nodes(
+    nursery: trio.Nursery, etcd: EtcdServer
+) -> tuple[pytunnel.TunnelServer, pytunnel.TunnelServer]:
+    """Nodes A and B sharing HTTP listeners for ``example.test``, and a name group ``app``
+    with one member on each (answering ``A`` and ``B``), once A knows of B's member."""
+    options = {"http_listen": HTTP, "domain": "example.test"}
+    a = await _relay_node(nursery, etcd, "a", "127.0.0.1", **options)
+    b = await _relay_node(nursery, etcd, "b", "127.0.0.2", **options)
+    on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+    on_b = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
+    await on_a.forward_name("app", "127.0.0.1", await _tagged(nursery, b"A"), **GROUP)
+    await on_b.forward_name("app", "127.0.0.1", await _tagged(nursery, b"B"), **GROUP)
+    await _knows_members(a, "http/app.example.test", {"b": 1})
+    return a, b
+
+
 async def test_a_name_relayed_to_a_node_whose_members_went_offline_goes_to_another_member(
     nursery: trio.Nursery, etcd: EtcdServer
 ) -> None:
@@ -301,15 +317,8 @@ async def test_a_name_relayed_to_a_node_whose_members_went_offline_goes_to_anoth
     before the watch event); B resets each request A relays before answering it, and A,
     which still holds the request, hands it to its own member: every request served, none
     answered 502 (nor reset). A request B resets that way leaves A counting B."""
-    options = {"http_listen": HTTP, "domain": "example.test"}
-    a = await _relay_node(nursery, etcd, "a", "127.0.0.1", **options)
-    b = await _relay_node(nursery, etcd, "b", "127.0.0.2", **options)
-    on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
-    on_b = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
-    await on_a.forward_name("app", "127.0.0.1", await _tagged(nursery, b"A"), **GROUP)
-    await on_b.forward_name("app", "127.0.0.1", await _tagged(nursery, b"B"), **GROUP)
+    a, b = await _name_group_on_two_nodes(nursery, etcd)
     key = "http/app.example.test"
-    await _knows_members(a, key, {"b": 1})
     request = b"GET / HTTP/1.1\r\nHost: app.example.test\r\n\r\n"
     assert a.http_address is not None
     assert b.http_address is not None
@@ -332,15 +341,8 @@ async def test_a_name_relayed_to_a_node_whose_members_went_offline_goes_to_anoth
 async def test_a_name_group_spans_nodes(nursery: trio.Nursery, etcd: EtcdServer) -> None:
     """The same for a name on the nodes' shared HTTP listeners: a member on A and one on B;
     a request on either node goes to either member; relayed once, never back again."""
-    options = {"http_listen": HTTP, "domain": "example.test"}
-    a = await _relay_node(nursery, etcd, "a", "127.0.0.1", **options)
-    b = await _relay_node(nursery, etcd, "b", "127.0.0.2", **options)
-    on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
-    on_b = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
-    await on_a.forward_name("app", "127.0.0.1", await _tagged(nursery, b"A"), **GROUP)
-    await on_b.forward_name("app", "127.0.0.1", await _tagged(nursery, b"B"), **GROUP)
+    a, b = await _name_group_on_two_nodes(nursery, etcd)
     key = "http/app.example.test"
-    await _knows_members(a, key, {"b": 1})
     await _knows_members(b, key, {"a": 1})
     request = b"GET / HTTP/1.1\r\nHost: app.example.test\r\n\r\n"
     for node in (a, b):
