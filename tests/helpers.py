@@ -202,6 +202,19 @@ async def wait_until(
     assert predicate(), what() if callable(what) else what
 
 
+async def tagged_service(nursery: trio.Nursery, tag: bytes) -> int:
+    """A service answering every connection with ``tag`` once the peer has sent all it will
+    (so a reply names the member that served it); its port."""
+
+    async def answer(stream: trio.SocketStream) -> None:
+        while await stream.receive_some():
+            pass
+        await stream.send_all(tag)
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+    return int(listeners[0].socket.getsockname()[1])
+
+
 async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
     """The next ``size`` bytes of ``stream``, read a chunk at a time and never past them; an
     EOF before them fails the test."""

@@ -32,6 +32,7 @@ from helpers import (
     describe_tasks,
     needs_etcd,
     send_and_read_all,
+    tagged_service,
     wait_until,
 )
 from test_cluster_relay import SECRET
@@ -47,19 +48,6 @@ pytestmark = needs_etcd
 PYTUNNEL = [sys.executable, "-m", "pytunnel"]
 GROUP = {"group": "web", "group_key": "the group's key"}
 HTTP = ("127.0.0.1", 0)
-
-
-async def _tagged(nursery: trio.Nursery, tag: bytes) -> int:
-    """A service that answers every connection with ``tag`` once the peer has sent all it
-    will (so a reply names the member that served it)."""
-
-    async def answer(stream: trio.SocketStream) -> None:
-        while await stream.receive_some():
-            pass
-        await stream.send_all(tag)
-
-    listeners = await nursery.start(functools.partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
-    return int(listeners[0].socket.getsockname()[1])
 
 
 async def _ask(address: tuple[str, int], payload: bytes = b"who?") -> bytes:
@@ -78,8 +66,12 @@ async def _members_on_a_and_b(
     on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
     on_b = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
     port = _free_port_on_both()
-    await on_a.forward_remote("127.0.0.1", await _tagged(nursery, b"A"), remote_port=port, **GROUP)
-    await on_b.forward_remote("127.0.0.1", await _tagged(nursery, b"B"), remote_port=port, **GROUP)
+    await on_a.forward_remote(
+        "127.0.0.1", await tagged_service(nursery, b"A"), remote_port=port, **GROUP
+    )
+    await on_b.forward_remote(
+        "127.0.0.1", await tagged_service(nursery, b"B"), remote_port=port, **GROUP
+    )
     return port
 
 
@@ -204,7 +196,9 @@ async def test_a_node_whose_members_are_all_offline_gets_no_turn(
     await target.up()
     port = _free_port_on_both()
     key = f"tcp/{port}"
-    await on_a.forward_remote("127.0.0.1", await _tagged(nursery, b"A"), remote_port=port, **GROUP)
+    await on_a.forward_remote(
+        "127.0.0.1", await tagged_service(nursery, b"A"), remote_port=port, **GROUP
+    )
     member = await on_b.forward_remote("127.0.0.1", target.port, remote_port=port, **GROUP)
     await _knows_members(a, key, {"b": 1})
     await _knows_members(b, key, {"a": 1})
@@ -249,7 +243,7 @@ async def test_a_name_groups_offline_members_get_no_turn_on_other_nodes(
     )
     target = _Switchable(nursery, b"B")
     await target.up()
-    await on_a.forward_name("app", "127.0.0.1", await _tagged(nursery, b"A"), **GROUP)
+    await on_a.forward_name("app", "127.0.0.1", await tagged_service(nursery, b"A"), **GROUP)
     member = await on_b.forward_name("app", "127.0.0.1", target.port, **GROUP)
     key = "http/app.example.test"
     await _knows_members(a, key, {"b": 1})
@@ -303,8 +297,8 @@ async def _name_group_on_two_nodes(
     b = await _relay_node(nursery, etcd, "b", "127.0.0.2", **options)
     on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
     on_b = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
-    await on_a.forward_name("app", "127.0.0.1", await _tagged(nursery, b"A"), **GROUP)
-    await on_b.forward_name("app", "127.0.0.1", await _tagged(nursery, b"B"), **GROUP)
+    await on_a.forward_name("app", "127.0.0.1", await tagged_service(nursery, b"A"), **GROUP)
+    await on_b.forward_name("app", "127.0.0.1", await tagged_service(nursery, b"B"), **GROUP)
     await _knows_members(a, "http/app.example.test", {"b": 1})
     return a, b
 
@@ -367,10 +361,10 @@ async def test_the_last_member_leaving_anywhere_frees_the_port(
     port = _free_port_on_both()
     key = f"tcp/{port}"
     first = await on_a.forward_remote(
-        "127.0.0.1", await _tagged(nursery, b"A"), remote_port=port, **GROUP
+        "127.0.0.1", await tagged_service(nursery, b"A"), remote_port=port, **GROUP
     )
     last = await on_b.forward_remote(
-        "127.0.0.1", await _tagged(nursery, b"B"), remote_port=port, **GROUP
+        "127.0.0.1", await tagged_service(nursery, b"B"), remote_port=port, **GROUP
     )
     await _knows_members(a, key, {"b": 1})
     await first.aclose()
@@ -405,7 +399,7 @@ async def test_a_group_across_nodes_leaves_nothing_behind(
     b = await _relay_node(nursery, etcd, "b", "127.0.0.2")
     on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
     on_b = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
-    tag_a, tag_b = await _tagged(nursery, b"A"), await _tagged(nursery, b"B")
+    tag_a, tag_b = await tagged_service(nursery, b"A"), await tagged_service(nursery, b"B")
     assert a.cluster is not None
     baseline: tuple[int, int] | None = None
     for _ in range(2):
@@ -540,7 +534,7 @@ async def test_first_members_racing_on_two_nodes_form_one_group(
     b = await _relay_node(nursery, etcd, "b", "127.0.0.2")
     on_a = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
     on_b = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
-    tag_a, tag_b = await _tagged(nursery, b"A"), await _tagged(nursery, b"B")
+    tag_a, tag_b = await tagged_service(nursery, b"A"), await tagged_service(nursery, b"B")
     assert a.cluster is not None
     for round_ in range(5):
         port = _free_port_on_both()
@@ -643,10 +637,10 @@ async def test_a_members_node_killed_its_share_goes_to_the_survivor(
         port = _free_port_on_both()
         key = f"tcp/{port}"
         await on_a.forward_remote(
-            "127.0.0.1", await _tagged(nursery, b"A"), remote_port=port, **GROUP
+            "127.0.0.1", await tagged_service(nursery, b"A"), remote_port=port, **GROUP
         )
         await on_b.forward_remote(
-            "127.0.0.1", await _tagged(nursery, b"B"), remote_port=port, **GROUP
+            "127.0.0.1", await tagged_service(nursery, b"B"), remote_port=port, **GROUP
         )
         await _knows_members(a, key, {"b": 1})
         assert await _served_by(("127.0.0.1", port), 4) == {b"A": 2, b"B": 2}
@@ -738,7 +732,7 @@ async def test_a_group_lost_while_the_lease_was_expired_stops_serving_here(
     on_b = await pytunnel.connect_tunnel(nursery, b.address, token=TOKEN)
     port = _free_port_on_both()
     member = await member_client.forward_remote(
-        "127.0.0.1", await _tagged(nursery, b"A"), remote_port=port, **GROUP
+        "127.0.0.1", await tagged_service(nursery, b"A"), remote_port=port, **GROUP
     )
     link.refusing = True
     link.cut()

@@ -10,7 +10,6 @@ refuses (``option redispatch``), as a balancer in front of a cluster is set up.
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import socket
@@ -30,6 +29,7 @@ from helpers import (
     needs_etcd,
     send_and_read_all,
     start_link_proxy,
+    tagged_service,
 )
 from test_cluster_cli import PYTUNNEL, TOKEN, Process
 
@@ -414,19 +414,6 @@ async def test_the_engine_killed_and_restarted_under_traffic_through_haproxy(
             await client.kill()
 
 
-async def _tagged(nursery: trio.Nursery, tag: bytes) -> int:
-    """A service answering every connection with ``tag`` once the peer has sent all it will
-    (so a reply names the member that served it)."""
-
-    async def answer(stream: trio.SocketStream) -> None:
-        while await stream.receive_some():
-            pass
-        await stream.send_all(tag)
-
-    listeners = await nursery.start(functools.partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
-    return int(listeners[0].socket.getsockname()[1])
-
-
 def _member_nodes(status: dict[str, Any], key: str) -> list[str]:
     """The nodes holding a member key of the group holding ``key``, one entry per member."""
     prefix = f"groups/{key}/"
@@ -474,7 +461,7 @@ async def test_a_group_across_nodes_behind_haproxy_survives_a_members_node_kille
                 "--group-key-file",
                 str(key_file),
                 "-R",
-                f"{public_port}:127.0.0.1:{await _tagged(nursery, tag)}",
+                f"{public_port}:127.0.0.1:{await tagged_service(nursery, tag)}",
             )
             line = await client.line_with("remote forward 127.0.0.")  # its node's address
             assert f":{public_port} " in line, line
