@@ -2,8 +2,9 @@
 """End-to-end tunnel benchmark over loopback: pytunnel -L / -R against a direct connection,
 ``ssh -L`` (a private sshd) and the two Python tunnels pproxy and asyncssh, side by side in one
 run, with references: pytunnel -L with TLS on the tunnel, ``ssh -L -c aes128-gcm@openssh.com``,
-a ``socat`` relay, and two chained plain trio relays (the floor for any two-process
-Python/trio relay).
+a ``socat`` relay, an ``haproxy`` TCP proxy (one process, event-driven C: what a
+user-space relay without Python costs), and two chained plain trio relays (the floor for any
+two-process Python/trio relay).
 
 Figures, each the median of ``--repeat`` samples (3), with its ratio to the direct connection,
 to ``ssh -L`` and to ``pytunnel -L`` measured in the same run (issue 12's rows):
@@ -35,11 +36,11 @@ The Python peers, each two processes on loopback like pytunnel's ``serve`` + ``c
 
 Everything runs as child processes on 127.0.0.1 only: iperf3 server, nginx, an echo target
 (``_probes.py``), sshd (own host key, authorized_keys and config in a temporary directory),
-``pytunnel serve`` / ``pytunnel connect`` (the CLI), ssh clients, socat, pproxy, the asyncssh
-ends, the trio relays (this file, ``--trio-relay``). Each one is ended by its pid (and the pids
-of the children it forked, found in ``/proc``) when the benchmark ends, however it ends; the
-temporary directory is removed. Every loop is bounded in count and in time. Samples of one case
-run back to back over all paths, in an order rotated per repeat.
+``pytunnel serve`` / ``pytunnel connect`` (the CLI), ssh clients, socat, haproxy, pproxy, the
+asyncssh ends, the trio relays (this file, ``--trio-relay``). Each one is ended by its pid (and
+the pids of the children it forked, found in ``/proc``) when the benchmark ends, however it
+ends; the temporary directory is removed. Every loop is bounded in count and in time. Samples
+of one case run back to back over all paths, in an order rotated per repeat.
 
 The tools come from ``bench/setup_tools.sh`` (Debian packages) and the ``bench`` extra
 (``pip install -e '.[bench]'``: pproxy, asyncssh); this is not part of CI.
@@ -479,6 +480,7 @@ class Env:
         self.ssh = which("ssh")
         self.ssh_keygen = which("ssh-keygen")
         self.socat = which("socat")
+        self.haproxy = which("haproxy")
         local = Path(sys.executable).parent / "pproxy"  # the running environment's first
         self.pproxy = str(local) if local.exists() else (shutil.which("pproxy") or str(local))
         self.sshd_port = 0
@@ -757,6 +759,36 @@ LogLevel ERROR
             cmds.append(shlex.join(argv))
         return Path_("socat", "socat", front, children, cmds)
 
+    def path_haproxy(self, targets: list[int]) -> Path_:
+        """One ``haproxy`` process in TCP mode with a ``listen`` section per target: an
+        event-driven relay in C, a single thread (``nbthread 1``, as each pytunnel process
+        runs one), long timeouts so idle connections stay open for the memory case."""
+        assert self.haproxy is not None
+        front: dict[int, int] = {}
+        # two descriptors a connection, within the hard limit haproxy may raise itself to
+        maxconn = min(20000, (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 100) // 2)
+        lines = [
+            "global",
+            f"    maxconn {maxconn}",
+            "    nbthread 1",
+            "defaults",
+            "    mode tcp",
+            "    timeout connect 5s",
+            "    timeout client 1h",
+            "    timeout server 1h",
+        ]
+        for t in targets:
+            f = free_port()
+            front[t] = f
+            lines += [f"listen t{t}", f"    bind {HOST}:{f}", f"    server s {HOST}:{t}"]
+        config = self.tmp / f"haproxy-{targets[0]}.cfg"
+        config.write_text("\n".join(lines) + "\n")
+        argv = [self.haproxy, "-db", "-f", str(config)]
+        child = self.procs.start("haproxy", argv)
+        for f in front.values():
+            wait_for(f"haproxy on {f}", lambda f=f: listening(f), 10, child)
+        return Path_("haproxy", "haproxy", front, [("relay", child)], [shlex.join(argv)])
+
     def _trio_relay(self, name: str, maps: list[int]) -> tuple[Child, dict[int, int]]:
         argv = [
             sys.executable,
@@ -873,6 +905,8 @@ LogLevel ERROR
             return self.path_ssh(targets, SSH_AES)
         if key == "socat":
             return self.path_socat(targets)
+        if key == "haproxy":
+            return self.path_haproxy(targets)
         if key == "trio-relay":
             return self.path_trio_relay(targets)
         if key == "pproxy":
@@ -1658,6 +1692,7 @@ ALL_PATHS = [
     "ssh-L",
     "ssh-L-aes",
     "socat",
+    "haproxy",
     "trio-relay",
     "pproxy",
     "asyncssh",
@@ -1673,6 +1708,7 @@ LABELS = {
     "ssh-L": "ssh -L",
     "ssh-L-aes": f"ssh -L -c {SSH_AES.split('@')[0]}",
     "socat": "socat",
+    "haproxy": "haproxy",
     "trio-relay": "trio relay x2",
     "pproxy": "pproxy",
     "asyncssh": "asyncssh",
@@ -1689,6 +1725,7 @@ RSS_PATHS = [
     "pytunnel-L-tls",
     "ssh-L",
     "ssh-L-aes",
+    "haproxy",
     "trio-relay",
     "pproxy",
     "asyncssh",
@@ -1966,6 +2003,7 @@ def machine_info(env: Env) -> list[str]:
         "wrk " + tool([env.wrk, "-v"], r"wrk (\S+)"),
         tool([env.nginx, "-v"], r"(nginx/\S+)"),
         "socat " + tool([env.socat, "-V"], r"socat version (\S+)"),
+        tool([env.haproxy or "haproxy", "-v"], r"(HAProxy version \S+)"),
     ]
     return [
         f"machine: nproc {os.cpu_count()}, CPU {cpu}, kernel {platform.release()}",
@@ -2034,6 +2072,8 @@ def _main(args, env: Env, procs: Processes, tmp: Path, nofile) -> int:
         ]
     if "socat" in args.paths and env.socat is None:
         missing.append("socat")
+    if "haproxy" in args.paths and env.haproxy is None:
+        missing.append("haproxy")
     if "pproxy" in args.paths and not os.access(env.pproxy, os.X_OK):
         missing.append("pproxy (pip install -e '.[bench]')")
     if "asyncssh" in args.paths and importlib.util.find_spec("asyncssh") is None:
