@@ -451,23 +451,26 @@ class _Taskless:
     in which case it runs to this direction's EOF (the relay waits for it then).
     """
 
-    __slots__ = ("_arming", "_nursery", "_other_done", "_state", "direct", "ending", "name",
-                 "outbound", "sink", "source", "stats", "writer")  # fmt: skip
+    __slots__ = ("_arming", "_inner", "_nursery", "_other_done", "_sock", "_state", "ending",
+                 "name", "outbound", "sink", "source", "stats")  # fmt: skip
 
     def __init__(
         self,
         source: trio.abc.ReceiveStream,
         sink: trio.abc.HalfCloseableStream,
-        writer: DirectWriter,
+        sock: trio.socket.SocketType | None,
+        writer: DirectWriter | None,
         stats: RelayStats | None,
         outbound: bool,
         name: str,
         ending: _Ending,
     ) -> None:
         self.source = source
-        self.direct = cast(DirectSource, source)
         self.sink = sink
-        self.writer = _counted(writer, stats, outbound, ending)
+        #: The sink's socket when it is a plain one (written by :meth:`write` itself, with no
+        #: writer closure per relay), else ``None`` and ``_inner`` is the sink's writer.
+        self._sock = sock
+        self._inner = writer
         self.stats = stats
         self.outbound = outbound
         self.name = name
@@ -478,6 +481,31 @@ class _Taskless:
         self._arming = False
         self._other_done = False
         self._nursery: trio.Nursery | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """The direct writer handed to the stream: what the sink takes now, counted as the
+        pumps count what they send (the idle clock restarts, the byte counters grow)."""
+        sock = self._sock
+        if sock is None:
+            assert self._inner is not None
+            sent = self._inner(data)
+        else:
+            fd = sock.fileno()  # -1 once closed: never a descriptor reused by someone else
+            if fd < 0:
+                return 0
+            try:
+                sent = os.write(fd, data)
+            except OSError:  # BlockingIOError included
+                return 0
+        if sent:
+            self.ending.touch()
+            stats = self.stats
+            if stats is not None:
+                if self.outbound:
+                    stats.bytes_out += sent
+                else:
+                    stats.bytes_in += sent
+        return sent
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -492,7 +520,7 @@ class _Taskless:
         self._state = _IDLE
         self._arming = True
         try:
-            self.direct.deliver_directly(self.writer, self._wake)
+            cast(DirectSource, self.source).deliver_directly(self.write, self._wake)
         finally:
             self._arming = False
         return self._state == _IDLE
@@ -522,7 +550,7 @@ class _Taskless:
         self._other_done = True
         if self._state == _IDLE:
             self._state = _RUNNING
-            self.direct.deliver_directly(self.writer)
+            cast(DirectSource, self.source).deliver_directly(self.write)
             await self._run()
 
     def abandon(self) -> None:
@@ -532,7 +560,7 @@ class _Taskless:
     def stop(self) -> None:
         """The relay is ending: no more writes, no task started."""
         self._state = _DONE
-        self.direct.deliver_directly(None)
+        cast(DirectSource, self.source).deliver_directly(None)
 
 
 _IDLE, _RUNNING, _DONE = range(3)
@@ -551,10 +579,13 @@ def _taskless(
         None
     ):
         return None
+    if isinstance(sink, trio.SocketStream) and os.name == "posix":
+        # direct_writer's socket write, done by the _Taskless itself
+        return _Taskless(source, sink, sink.socket, None, stats, outbound, name, ending)
     writer = direct_writer(sink)
     if writer is None:
         return None
-    return _Taskless(source, sink, writer, stats, outbound, name, ending)
+    return _Taskless(source, sink, None, writer, stats, outbound, name, ending)
 
 
 async def relay(
@@ -672,21 +703,33 @@ def _reset_on_break(
     if call_on_break is None:
         return None
 
-    def reset_now() -> None:
+    call_on_break(_ResetNow(sock, lazy))
+    return inner  # type: ignore[return-value]
+
+
+class _ResetNow:
+    """The reset-on-break callback of :func:`_reset_on_break` (an object with two slots
+    rather than a closure with its cells: thousands of idle relays hold one each)."""
+
+    __slots__ = ("lazy", "sock")
+
+    def __init__(self, sock: trio.SocketStream, lazy: _Taskless | None) -> None:
+        self.sock = sock
+        self.lazy = lazy
+
+    def __call__(self) -> None:
+        sock = self.sock
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         # closing the trio socket wakes whatever waits on it with ClosedResourceError, which
         # the relay treats as the broken side it is
         sock.socket.close()
-        if lazy is not None:
+        if self.lazy is not None:
             # the relay's own task wakes on the closed socket and ends the relay; a task
             # started for the broken stream would only find it broken (and at scale, the
             # tasks started for thousands of streams breaking at once would delay the
             # resets of the streams after them)
-            lazy.abandon()
-
-    call_on_break(reset_now)
-    return inner  # type: ignore[return-value]
+            self.lazy.abandon()
 
 
 def abort(stream: trio.abc.AsyncResource, code: int, message: str) -> None:
