@@ -147,15 +147,20 @@ class _Link:
         #: :meth:`Faults.reset_connections`: every operation raises ``BrokenResourceError``.
         self.reset = False
         #: In-flight operations, each with whether a cut interrupts it (a half-close does not:
-        #: it is how the cut reaches the peers).
-        self._pending: dict[trio.CancelScope, bool] = {}
-        #: Direct readers waiting right now, each with the descriptor it waits on.
+        #: it is how the cut reaches the peers). Created on first use, dropped when empty
+        #: again: most links of idle relays never have one.
+        self._pending: dict[trio.CancelScope, bool] | None = None
+        #: Direct readers waiting right now, each with the descriptor it waits on (the idle
+        #: relay's own reader, most of the time: one entry).
         self._waiting: list[tuple[int, DirectReader]] = []
 
     @contextlib.contextmanager
     def guard(self, *, cuttable: bool = True) -> Iterator[trio.CancelScope]:
         with trio.CancelScope() as scope:
-            self._pending[scope] = cuttable
+            pending = self._pending
+            if pending is None:
+                pending = self._pending = {}
+            pending[scope] = cuttable
             try:
                 yield scope
             except trio.ClosedResourceError:
@@ -164,14 +169,16 @@ class _Link:
                 if not scope.cancel_called:
                     raise
             finally:
-                del self._pending[scope]
+                del pending[scope]
+                if not pending:
+                    self._pending = None
 
     def end(self, *, reset: bool) -> None:
         if reset:
             self.reset = True
         else:
             self.cut = True
-        for scope, cuttable in list(self._pending.items()):
+        for scope, cuttable in list((self._pending or {}).items()):
             if reset or cuttable:
                 scope.cancel()
         for fd, reader in self._waiting:
