@@ -100,8 +100,9 @@ class _Ending:
     def __attrs_post_init__(self) -> None:
         self.slack = _idle_slack(self.idle_timeout)
         self.deadline = self.scope.deadline
-        # the run's clock, read directly: trio.current_time() is two calls more per touch
-        self._now = trio.lowlevel.current_clock().current_time
+        # the run's clock, read directly: trio.current_time() is two calls more per touch;
+        # its bound method shared by the run's relays, not one per relay
+        self._now = _clock_reader()
 
     def touch(self) -> None:
         """Restart the idle clock (a byte arrived or a send completed), within the slack."""
@@ -128,6 +129,19 @@ class _Ending:
         so the relay is cut (and, not finished, ends with resets)."""
         log.debug("%s ended by a broken side: %r", name, exc)
         self.scope.cancel()
+
+
+#: The last run's clock and its bound ``current_time`` (see :func:`_clock_reader`).
+_clock: tuple[trio.abc.Clock | None, Callable[[], float]] = (None, trio.current_time)
+
+
+def _clock_reader() -> Callable[[], float]:
+    """The current run's clock's ``current_time``, one bound method for all its relays."""
+    global _clock
+    clock = trio.lowlevel.current_clock()
+    if _clock[0] is not clock:
+        _clock = (clock, clock.current_time)
+    return _clock[1]
 
 
 @runtime_checkable
