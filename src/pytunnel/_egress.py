@@ -63,7 +63,9 @@ async def serve_egress(
     except SessionClosedError:
         await _close(target)
         return False
-    await carry(stream, target)
+    relaying = carry(stream, target)
+    del carry, stream, target  # the relay holds what it needs
+    await relaying
     return True
 
 

@@ -306,11 +306,8 @@ class _ClientSession:
             incoming.refuse(ErrorCode.TARGET_FORBIDDEN, f"invalid target {target}")
             return
 
-        def forbidden(exc: DialError) -> None:
-            if isinstance(exc, TargetForbiddenError):
-                log.warning("[TARGET_FORBIDDEN] client %s may not open %s", self.peer, target)
-
-        # the client may give up (Reset) while we dial, cancelling it
+        # the client may give up (Reset) while we dial, cancelling it; nothing the dial
+        # alone needs is held in this frame, which stays parked above the relay
         carried = await serve_egress(
             incoming,
             functools.partial(
@@ -322,10 +319,14 @@ class _ClientSession:
                 logger=log,
             ),
             functools.partial(self._relay, name=f"{self.peer}->{target}"),
-            forbidden,
+            functools.partial(self._dial_failed, target),
         )
         if not carried and incoming.abandoned:
             log.debug("client %s: open of %s cancelled during the dial", self.peer, target)
+
+    def _dial_failed(self, target: str, exc: DialError) -> None:
+        if isinstance(exc, TargetForbiddenError):
+            log.warning("[TARGET_FORBIDDEN] client %s may not open %s", self.peer, target)
 
     # ---------------------------------------------------------------- remote forwards
 
