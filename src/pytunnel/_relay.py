@@ -72,6 +72,9 @@ def _idle_slack(idle_timeout: float) -> float:
     return min(1.0, idle_timeout / 10)
 
 
+#: Why a relay that was cut resets its streams (a shared tuple, not one per idle relay).
+_CUT = (ErrorCode.CANCELLED, "the other side of the relay broke")
+
 #: What a direction meets when a side breaks: the peer's reset or a lost transport
 #: (``BrokenResourceError``, ``OSError``), or a stream closed under it (the relay is ending).
 _BROKEN_SIDE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -636,7 +639,7 @@ async def relay(
     if faults is not None:
         a, b = faults.wrap(a, b, name)
     clean = False
-    reason = (ErrorCode.CANCELLED, "the other side of the relay broke")
+    reason = _CUT
     breakable: BreakableStream | None = None
     try:
         # the nursery's own scope is the idle clock and the relay's cut: one cancel scope
