@@ -332,3 +332,49 @@ async def test_data_buffered_before_the_relay_starts_goes_out_without_a_task(siz
             assert started >= 1
         await target.aclose()
         await opened.aclose()
+
+
+def _parked_chain(task: trio.lowlevel.Task) -> list[str]:
+    """The names of the coroutines a parked task is suspended in, outermost first."""
+    names: list[str] = []
+    awaited: object = task.coro
+    while awaited is not None:
+        code = getattr(awaited, "cr_code", None) or getattr(awaited, "gi_code", None)
+        if code is None:
+            break
+        names.append(code.co_name)
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return names
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "fault-wrapper"])
+async def test_an_idle_relay_is_parked_in_trio_right_under_its_pump(wrapped: bool) -> None:
+    """An idle relay's task waits in trio's ``wait_readable`` directly from the pump (with
+    the fault wrapper: from its linked reader's wait): no read-loop or reader coroutines in
+    between, whose frames thousands of idle relays would each hold. It still carries a
+    message each way and its EOFs afterwards."""
+    async with session_pair("tcp") as (client, server):
+        async with trio.open_nursery() as nursery:
+            opened, accepted = await open_pair(client, server)
+            target, relayed = await tcp_stream_pair()
+            a: trio.abc.HalfCloseableStream = accepted
+            b: trio.abc.HalfCloseableStream = relayed
+            if wrapped:
+                a, b = Faults().wrap(accepted, relayed)
+            nursery.start_soon(functools.partial(relay, a, b, idle_timeout=30), name="idle-relay")
+            await trio.testing.wait_all_tasks_blocked()
+            (task,) = [t for t in live_tasks() if t.name == "idle-relay"]
+            chain = _parked_chain(task)
+            below = ["wait"] if wrapped else []
+            assert chain[: 3 + len(below)] == ["relay", "_pump", *below, "wait_readable"]
+            await opened.send_all(b"ping")
+            assert await _receive_exactly(target, 4) == b"ping"
+            await target.send_all(b"pong")
+            with trio.fail_after(10):
+                assert await opened.receive_some() == b"pong"
+            await opened.send_eof()
+            assert await _read_until_eof(target) == b""
+            await target.send_eof()
+            assert await _read_until_eof(opened) == b""
+        await target.aclose()
+        await opened.aclose()

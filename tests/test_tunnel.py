@@ -22,6 +22,7 @@ from helpers import (
     count_tasks,
     describe_tasks,
     echo_once,
+    live_tasks,
     wait_until,
 )
 
@@ -800,3 +801,46 @@ async def test_connect_does_not_wrap_cancelled(tunnel_server: pytunnel.TunnelSer
             raise
     assert len(seen) == 1
     assert isinstance(seen[0], trio.Cancelled), repr(seen)
+
+
+def _coroutine_names(task: trio.lowlevel.Task) -> list[str]:
+    """The coroutines a parked task is suspended in, outermost first."""
+    names: list[str] = []
+    awaited: object = task.coro
+    while (
+        code := getattr(awaited, "cr_code", None) or getattr(awaited, "gi_code", None)
+    ) is not None:
+        names.append(code.co_name)
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return names
+
+
+async def test_an_idle_local_forward_connection_parks_no_wrapper_frames(
+    tunnel: pytunnel.Tunnel, echo_port: int
+) -> None:
+    """With one connection through a local forward open and idle, each side's relay task
+    is suspended in the relay with no wrapper coroutines above it that only hand the call
+    on (thousands of idle connections would hold their frames), and the connection still
+    echoes and closes cleanly afterwards."""
+    forward = await tunnel.forward_local("127.0.0.1", echo_port)
+    conn = await trio.open_tcp_stream(*forward.address)
+    try:
+        await conn.send_all(b"first")
+        with trio.fail_after(10):
+            assert await conn.receive_some() == b"first"
+        await trio.testing.wait_all_tasks_blocked()
+        chains = [names for task in live_tasks() if "relay" in (names := _coroutine_names(task))]
+        assert len(chains) == 2  # the client's relay and the server's
+        for names in chains:
+            above = names[: names.index("relay")]
+            assert "_relay" not in above, names
+            assert "_handle" not in above, names
+        await conn.send_all(b"again")
+        with trio.fail_after(10):
+            assert await conn.receive_some() == b"again"
+        await conn.send_eof()
+        with trio.fail_after(10):
+            assert await conn.receive_some() == b""
+    finally:
+        await conn.aclose()
+    await wait_until(lambda: forward.stats.active_connections == 0)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 import attrs
 import trio
 
-from ._direct import DirectReader, PacedReads, socket_reader
+from ._direct import MAX_STREAK, DirectReader, PacedReads, SocketReader, socket_reader
 from ._stream import DirectWriter
 from ._util import aclose_all, implements, send_eof_now
 from .errors import ErrorCode, InvalidTargetError, SessionClosedError, TargetForbiddenError
@@ -72,6 +72,9 @@ def _idle_slack(idle_timeout: float) -> float:
     return min(1.0, idle_timeout / 10)
 
 
+#: Why a relay that was cut resets its streams (a shared tuple, not one per idle relay).
+_CUT = (ErrorCode.CANCELLED, "the other side of the relay broke")
+
 #: What a direction meets when a side breaks: the peer's reset or a lost transport
 #: (``BrokenResourceError``, ``OSError``), or a stream closed under it (the relay is ending).
 _BROKEN_SIDE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -100,8 +103,9 @@ class _Ending:
     def __attrs_post_init__(self) -> None:
         self.slack = _idle_slack(self.idle_timeout)
         self.deadline = self.scope.deadline
-        # the run's clock, read directly: trio.current_time() is two calls more per touch
-        self._now = trio.lowlevel.current_clock().current_time
+        # the run's clock, read directly: trio.current_time() is two calls more per touch;
+        # its bound method shared by the run's relays, not one per relay
+        self._now = _clock_reader()
 
     def touch(self) -> None:
         """Restart the idle clock (a byte arrived or a send completed), within the slack."""
@@ -128,6 +132,19 @@ class _Ending:
         so the relay is cut (and, not finished, ends with resets)."""
         log.debug("%s ended by a broken side: %r", name, exc)
         self.scope.cancel()
+
+
+#: The last run's clock and its bound ``current_time`` (see :func:`_clock_reader`).
+_clock: tuple[trio.abc.Clock | None, Callable[[], float]] = (None, trio.current_time)
+
+
+def _clock_reader() -> Callable[[], float]:
+    """The current run's clock's ``current_time``, one bound method for all its relays."""
+    global _clock
+    clock = trio.lowlevel.current_clock()
+    if _clock[0] is not clock:
+        _clock = (clock, clock.current_time)
+    return _clock[1]
 
 
 @runtime_checkable
@@ -225,8 +242,57 @@ async def _pump(
     name: str,
     ending: _Ending,
 ) -> None:
+    """One direction, to its EOF (carried across) or to a broken side (the relay is cut).
+
+    A source read directly (a plain socket, or a wrapper around one: the relay's own
+    direction at both ends of a ``-L`` forward) is read in this frame: an idle relay's task
+    is parked here, in trio's ``wait_readable`` under it, with no coroutine of a read loop
+    or a reader in between (each frame is a few hundred bytes, thousands of idle relays).
+    The loop is :class:`~pytunnel._direct.PacedReads`'s: after a short read a wait first,
+    and a checkpoint after :data:`~pytunnel._direct.MAX_STREAK` reads without one.
+    """
     try:
-        await _copy(source, sink, stats, outbound, ending)
+        reader = direct_reader(source)
+        if reader is None:
+            await _copy(source, sink, stats, outbound, ending)
+        else:
+            paced = cast(PacedStream, sink) if implements(sink, PacedStream) else None
+            writer = direct_writer(sink)
+            # a plain socket's wait is trio's, called here rather than through the reader
+            sock = cast(trio.SocketStream, source).socket if type(reader) is SocketReader else None
+            drained = False
+            streak = 0
+            while True:
+                if drained:
+                    if sock is None:
+                        await reader.wait()
+                    else:
+                        fd = sock.fileno()
+                        if fd < 0:
+                            raise trio.ClosedResourceError("this socket was already closed")
+                        await trio.lowlevel.wait_readable(fd)
+                    streak = 0
+                elif streak >= MAX_STREAK:
+                    await trio.lowlevel.checkpoint()
+                    streak = 0
+                chunk = reader.receive_nowait(_CHUNK)
+                if chunk is None:
+                    drained = True
+                    continue
+                drained = len(chunk) < _CHUNK
+                streak += 1
+                ending.touch()
+                if not chunk:
+                    break
+                taken = writer(chunk) if writer is not None else 0
+                if taken < len(chunk):
+                    await _send_rest(sink, chunk, taken, paced, ending)
+                if stats is not None:
+                    if outbound:
+                        stats.bytes_out += len(chunk)
+                    else:
+                        stats.bytes_in += len(chunk)
+            await _carry_eof(sink, ending)
         ending.finished += 1
     except _BROKEN_SIDE as exc:
         ending.broken(name, exc)
@@ -356,19 +422,8 @@ async def _copy_loop(
             return True
         # a chunk the writer takes at once restarts nothing the receive did not: no time passed
         taken = writer(chunk) if writer is not None else 0
-        if taken >= len(chunk):
-            pass
-        elif paced is not None and paced.paced:
-            with ending.send():  # deliberate delays are the test's, not the peers' idleness
-                await sink.send_all(chunk[taken:])
-        else:
-            # in pieces, each completed piece restarting the idle clock: a reader that takes
-            # its bytes slowly keeps the relay alive, one that takes nothing for idle_timeout
-            # (a stalled or hostile peer holding the relay's sockets and slot) does not
-            with memoryview(chunk) as view:
-                for start in range(taken, len(view), _PIECE):
-                    await sink.send_all(view[start : start + _PIECE])
-                    ending.touch()
+        if taken < len(chunk):
+            await _send_rest(sink, chunk, taken, paced, ending)
         if stats is not None:
             if outbound:
                 stats.bytes_out += len(chunk)
@@ -376,6 +431,27 @@ async def _copy_loop(
                 stats.bytes_in += len(chunk)
         if idle is not None and idle():
             return False
+
+
+async def _send_rest(
+    sink: trio.abc.SendStream,
+    chunk: bytes | bytearray,
+    taken: int,
+    paced: PacedStream | None,
+    ending: _Ending,
+) -> None:
+    """Send what the direct writer did not take of ``chunk`` (from ``taken`` on)."""
+    if paced is not None and paced.paced:
+        with ending.send():  # deliberate delays are the test's, not the peers' idleness
+            await sink.send_all(chunk[taken:])
+    else:
+        # in pieces, each completed piece restarting the idle clock: a reader that takes its
+        # bytes slowly keeps the relay alive, one that takes nothing for idle_timeout (a
+        # stalled or hostile peer holding the relay's sockets and slot) does not
+        with memoryview(chunk) as view:
+            for start in range(taken, len(view), _PIECE):
+                await sink.send_all(view[start : start + _PIECE])
+                ending.touch()
 
 
 class _Taskless:
@@ -392,23 +468,26 @@ class _Taskless:
     in which case it runs to this direction's EOF (the relay waits for it then).
     """
 
-    __slots__ = ("_arming", "_nursery", "_other_done", "_state", "direct", "ending", "name",
-                 "outbound", "sink", "source", "stats", "writer")  # fmt: skip
+    __slots__ = ("_arming", "_inner", "_nursery", "_other_done", "_sock", "_state", "ending",
+                 "name", "outbound", "sink", "source", "stats")  # fmt: skip
 
     def __init__(
         self,
         source: trio.abc.ReceiveStream,
         sink: trio.abc.HalfCloseableStream,
-        writer: DirectWriter,
+        sock: trio.socket.SocketType | None,
+        writer: DirectWriter | None,
         stats: RelayStats | None,
         outbound: bool,
         name: str,
         ending: _Ending,
     ) -> None:
         self.source = source
-        self.direct = cast(DirectSource, source)
         self.sink = sink
-        self.writer = _counted(writer, stats, outbound, ending)
+        #: The sink's socket when it is a plain one (written by :meth:`write` itself, with no
+        #: writer closure per relay), else ``None`` and ``_inner`` is the sink's writer.
+        self._sock = sock
+        self._inner = writer
         self.stats = stats
         self.outbound = outbound
         self.name = name
@@ -419,6 +498,31 @@ class _Taskless:
         self._arming = False
         self._other_done = False
         self._nursery: trio.Nursery | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """The direct writer handed to the stream: what the sink takes now, counted as the
+        pumps count what they send (the idle clock restarts, the byte counters grow)."""
+        sock = self._sock
+        if sock is None:
+            assert self._inner is not None
+            sent = self._inner(data)
+        else:
+            fd = sock.fileno()  # -1 once closed: never a descriptor reused by someone else
+            if fd < 0:
+                return 0
+            try:
+                sent = os.write(fd, data)
+            except OSError:  # BlockingIOError included
+                return 0
+        if sent:
+            self.ending.touch()
+            stats = self.stats
+            if stats is not None:
+                if self.outbound:
+                    stats.bytes_out += sent
+                else:
+                    stats.bytes_in += sent
+        return sent
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -433,7 +537,7 @@ class _Taskless:
         self._state = _IDLE
         self._arming = True
         try:
-            self.direct.deliver_directly(self.writer, self._wake)
+            cast(DirectSource, self.source).deliver_directly(self.write, self._wake)
         finally:
             self._arming = False
         return self._state == _IDLE
@@ -463,7 +567,7 @@ class _Taskless:
         self._other_done = True
         if self._state == _IDLE:
             self._state = _RUNNING
-            self.direct.deliver_directly(self.writer)
+            cast(DirectSource, self.source).deliver_directly(self.write)
             await self._run()
 
     def abandon(self) -> None:
@@ -473,7 +577,7 @@ class _Taskless:
     def stop(self) -> None:
         """The relay is ending: no more writes, no task started."""
         self._state = _DONE
-        self.direct.deliver_directly(None)
+        cast(DirectSource, self.source).deliver_directly(None)
 
 
 _IDLE, _RUNNING, _DONE = range(3)
@@ -492,10 +596,13 @@ def _taskless(
         None
     ):
         return None
+    if isinstance(sink, trio.SocketStream) and os.name == "posix":
+        # direct_writer's socket write, done by the _Taskless itself
+        return _Taskless(source, sink, sink.socket, None, stats, outbound, name, ending)
     writer = direct_writer(sink)
     if writer is None:
         return None
-    return _Taskless(source, sink, writer, stats, outbound, name, ending)
+    return _Taskless(source, sink, None, writer, stats, outbound, name, ending)
 
 
 async def relay(
@@ -532,7 +639,7 @@ async def relay(
     if faults is not None:
         a, b = faults.wrap(a, b, name)
     clean = False
-    reason = (ErrorCode.CANCELLED, "the other side of the relay broke")
+    reason = _CUT
     breakable: BreakableStream | None = None
     try:
         # the nursery's own scope is the idle clock and the relay's cut: one cancel scope
@@ -613,21 +720,33 @@ def _reset_on_break(
     if call_on_break is None:
         return None
 
-    def reset_now() -> None:
+    call_on_break(_ResetNow(sock, lazy))
+    return inner  # type: ignore[return-value]
+
+
+class _ResetNow:
+    """The reset-on-break callback of :func:`_reset_on_break` (an object with two slots
+    rather than a closure with its cells: thousands of idle relays hold one each)."""
+
+    __slots__ = ("lazy", "sock")
+
+    def __init__(self, sock: trio.SocketStream, lazy: _Taskless | None) -> None:
+        self.sock = sock
+        self.lazy = lazy
+
+    def __call__(self) -> None:
+        sock = self.sock
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         # closing the trio socket wakes whatever waits on it with ClosedResourceError, which
         # the relay treats as the broken side it is
         sock.socket.close()
-        if lazy is not None:
+        if self.lazy is not None:
             # the relay's own task wakes on the closed socket and ends the relay; a task
             # started for the broken stream would only find it broken (and at scale, the
             # tasks started for thousands of streams breaking at once would delay the
             # resets of the streams after them)
-            lazy.abandon()
-
-    call_on_break(reset_now)
-    return inner  # type: ignore[return-value]
+            self.lazy.abandon()
 
 
 def abort(stream: trio.abc.AsyncResource, code: int, message: str) -> None:

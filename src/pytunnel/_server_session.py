@@ -13,8 +13,8 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import trio
 
@@ -282,14 +282,16 @@ class _ClientSession:
         finally:
             self.release_stream()
 
-    async def _relay(
+    def _relay(
         self,
         a: trio.abc.HalfCloseableStream,
         b: trio.abc.HalfCloseableStream,
         name: str,
         stats: RelayStats | None = None,
-    ) -> None:
-        await relay(a, b, idle_timeout=self.config.idle_timeout, name=name, stats=stats)
+    ) -> Coroutine[Any, Any, None]:
+        # the relay's coroutine itself, not one awaiting it: no frame of this wrapper stays
+        # parked above each of thousands of idle relays
+        return relay(a, b, idle_timeout=self.config.idle_timeout, name=name, stats=stats)
 
     # ---------------------------------------------------------------- local forwards
 
@@ -304,11 +306,8 @@ class _ClientSession:
             incoming.refuse(ErrorCode.TARGET_FORBIDDEN, f"invalid target {target}")
             return
 
-        def forbidden(exc: DialError) -> None:
-            if isinstance(exc, TargetForbiddenError):
-                log.warning("[TARGET_FORBIDDEN] client %s may not open %s", self.peer, target)
-
-        # the client may give up (Reset) while we dial, cancelling it
+        # the client may give up (Reset) while we dial, cancelling it; nothing the dial
+        # alone needs is held in this frame, which stays parked above the relay
         carried = await serve_egress(
             incoming,
             functools.partial(
@@ -320,10 +319,14 @@ class _ClientSession:
                 logger=log,
             ),
             functools.partial(self._relay, name=f"{self.peer}->{target}"),
-            forbidden,
+            functools.partial(self._dial_failed, target),
         )
         if not carried and incoming.abandoned:
             log.debug("client %s: open of %s cancelled during the dial", self.peer, target)
+
+    def _dial_failed(self, target: str, exc: DialError) -> None:
+        if isinstance(exc, TargetForbiddenError):
+            log.warning("[TARGET_FORBIDDEN] client %s may not open %s", self.peer, target)
 
     # ---------------------------------------------------------------- remote forwards
 

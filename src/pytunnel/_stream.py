@@ -11,7 +11,6 @@ from __future__ import annotations
 import operator
 from collections import deque
 from collections.abc import Callable, Sequence
-from types import TracebackType
 from typing import Protocol
 
 import trio
@@ -93,29 +92,6 @@ class StreamCarrier(Protocol):
         ...
 
 
-class _ConflictDetector:
-    """Raise ``BusyResourceError`` when two tasks use the same half of a stream at once."""
-
-    __slots__ = ("_held", "_what")
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self._held = False
-
-    def __enter__(self) -> None:
-        if self._held:
-            raise trio.BusyResourceError(f"another task is already {self._what}")
-        self._held = True
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._held = False
-
-
 class MuxStream(trio.abc.HalfCloseableStream):
     """One stream of a session: a full-duplex, half-closeable trio stream.
 
@@ -140,11 +116,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
         "_on_break",
         "_on_refusal",
         "_on_wake",
-        "_receive_conflict",
         "_receive_lot",
+        "_receiving",
         "_send_broken",
-        "_send_conflict",
         "_send_lot",
+        "_sending",
         "bytes_delivered_directly",
         "bytes_received",
         "bytes_sent",
@@ -195,8 +171,10 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._receive_lot: trio.lowlevel.ParkingLot | None = None
         #: Created when a sender first waits for window (most streams never do).
         self._send_lot: trio.lowlevel.ParkingLot | None = None
-        self._receive_conflict = _ConflictDetector("receiving on this stream")
-        self._send_conflict = _ConflictDetector("sending on this stream")
+        #: A task is receiving / sending now (a second one raises ``BusyResourceError``): two
+        #: flags rather than two conflict-detector objects per stream.
+        self._receiving = False
+        self._sending = False
         self.bytes_sent = 0
         self.bytes_received = 0
         # UDP associations: datagrams ride on the stream, outside its flow control, in a
@@ -461,7 +439,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         return self._send_nowait
 
     def _send_nowait(self, data: bytes | bytearray | memoryview) -> int:
-        if self._send_conflict._held:  # a send_all is in progress: it goes first
+        if self._sending:  # a send_all is in progress: it goes first
             return 0
         if self._closed or self._fin_sent or self._broken or self._send_broken:
             return 0  # send_all raises the error
@@ -514,7 +492,10 @@ class MuxStream(trio.abc.HalfCloseableStream):
             max_bytes = operator.index(max_bytes)
             if max_bytes < 1:
                 raise ValueError("max_bytes must be >= 1")
-        with self._receive_conflict:
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._receiving = True
+        try:
             await trio.lowlevel.checkpoint_if_cancelled()
             while True:
                 if self._closed:
@@ -546,10 +527,15 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._carrier.consumed(self.stream_id, len(chunk))
             await trio.lowlevel.cancel_shielded_checkpoint()
             return chunk
+        finally:
+            self._receiving = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send every byte, parking while the peer's window or our write buffer is full."""
-        with self._send_conflict:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_send()
             carrier = self._carrier
@@ -574,6 +560,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     pos += size
                     self.bytes_sent += size
             await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
 
     def send_datagram(self, data: bytes | bytearray | memoryview) -> bool:
         """Send one datagram on this stream, never waiting: if the session's write buffer is
@@ -665,7 +653,10 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
     async def wait_send_all_might_not_block(self) -> None:
         """Return once the peer's window has room (or the stream can no longer send)."""
-        with self._send_conflict:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_send()
             while self._broken is None and self._send_broken is None and not self._closed:
@@ -674,22 +665,34 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 await self._senders().park()
             self._check_send()
             await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
 
     async def send_eof(self) -> None:
         """Half-close: the peer reads ``b""`` after everything sent so far. Idempotent."""
-        with self._send_conflict:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
             if self._closed:
                 raise trio.ClosedResourceError("stream was closed")
             await trio.lowlevel.checkpoint_if_cancelled()
             self._send_fin()
             await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
 
     def send_eof_now(self) -> bool:
         """What :meth:`send_eof` does, without its checkpoints (see ``_util.send_eof_now``)."""
-        with self._send_conflict:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
             if self._closed:
                 raise trio.ClosedResourceError("stream was closed")
             self._send_fin()
+        finally:
+            self._sending = False
         return True
 
     def _send_fin(self) -> None:

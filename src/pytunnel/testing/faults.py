@@ -23,6 +23,7 @@ from typing import Literal, cast
 import attrs
 import trio
 
+from .._direct import SocketReader
 from .._relay import DirectReader, DirectSource, abort, direct_reader, direct_writer
 from .._stream import DirectWriter
 from .._util import close_now, implements, send_eof_now
@@ -134,6 +135,9 @@ class _Link:
     """What the wrapped ends of one connection share: whether a fault ended it, and the
     operations in flight that the end must interrupt."""
 
+    # one per wrapped connection, thousands of idle ones: no per-instance dict
+    __slots__ = ("_on_close", "_pending", "_waiting", "cut", "name", "reset")
+
     def __init__(self, on_close: Callable[[_Link], None], name: str = "relay") -> None:
         self._on_close = on_close
         self.name = name
@@ -143,15 +147,20 @@ class _Link:
         #: :meth:`Faults.reset_connections`: every operation raises ``BrokenResourceError``.
         self.reset = False
         #: In-flight operations, each with whether a cut interrupts it (a half-close does not:
-        #: it is how the cut reaches the peers).
-        self._pending: dict[trio.CancelScope, bool] = {}
-        #: Direct readers waiting right now, each with the descriptor it waits on.
+        #: it is how the cut reaches the peers). Created on first use, dropped when empty
+        #: again: most links of idle relays never have one.
+        self._pending: dict[trio.CancelScope, bool] | None = None
+        #: Direct readers waiting right now, each with the descriptor it waits on (the idle
+        #: relay's own reader, most of the time: one entry).
         self._waiting: list[tuple[int, DirectReader]] = []
 
     @contextlib.contextmanager
     def guard(self, *, cuttable: bool = True) -> Iterator[trio.CancelScope]:
         with trio.CancelScope() as scope:
-            self._pending[scope] = cuttable
+            pending = self._pending
+            if pending is None:
+                pending = self._pending = {}
+            pending[scope] = cuttable
             try:
                 yield scope
             except trio.ClosedResourceError:
@@ -160,14 +169,16 @@ class _Link:
                 if not scope.cancel_called:
                     raise
             finally:
-                del self._pending[scope]
+                del pending[scope]
+                if not pending:
+                    self._pending = None
 
     def end(self, *, reset: bool) -> None:
         if reset:
             self.reset = True
         else:
             self.cut = True
-        for scope, cuttable in list(self._pending.items()):
+        for scope, cuttable in list((self._pending or {}).items()):
             if reset or cuttable:
                 scope.cancel()
         for fd, reader in self._waiting:
@@ -214,10 +225,15 @@ class _LinkedReader:
             await self._inner.wait()
             return
         waiting = link._waiting
-        entry = (fd, self._inner)
+        inner = self._inner
+        entry = (fd, inner)
         waiting.append(entry)
         try:
-            await self._inner.wait()
+            if type(inner) is SocketReader:
+                # its wait, called here: one coroutine frame fewer parked per idle relay
+                await trio.lowlevel.wait_readable(fd)
+            else:
+                await inner.wait()
         except trio.ClosedResourceError:
             if not (link.cut or link.reset):  # closed for another reason
                 raise
@@ -233,6 +249,9 @@ class FaultyStream(trio.abc.HalfCloseableStream):
     applies the other direction). Prefer :meth:`Faults.wrap`, which links the two ends of a
     connection so that ``close_after`` and :meth:`Faults.reset_connections` act on both.
     """
+
+    # two per wrapped connection: no per-instance dict
+    __slots__ = ("_faults", "_link", "_outbound", "_sent", "stream")
 
     def __init__(
         self,
