@@ -213,6 +213,17 @@ def test_large_data_is_chunked() -> None:
     assert b"".join(f.data for f in frames) == payload
 
 
+def test_a_256_kib_write_is_one_frame_by_default() -> None:
+    """The default chunk is a relay's whole read (256 KiB); 600,000 bytes are three frames."""
+    client, server = make_pair()
+    sid = opened(client, server)
+    payload = bytes(range(256)) * 2344 + bytes(256)  # 600,320 bytes
+    client.send_data(sid, payload)
+    frames = sent_frames(client)
+    assert [len(f.data) for f in frames] == [262_144, 262_144, 76_032]
+    assert b"".join(f.data for f in frames) == payload
+
+
 def test_chunks_fit_the_peers_frame_limit() -> None:
     client = Multiplexer(Role.CLIENT, peer_max_frame_size=4096)
     server = Multiplexer(Role.SERVER, max_frame_size=4096)

@@ -77,3 +77,42 @@ async def test_a_transport_that_always_has_data_lets_other_tasks_run(
         longest = max(longest, run)
     assert len(seen) > 4 * MAX_STREAK
     assert longest <= 2 * MAX_STREAK
+
+
+async def test_with_the_defaults_a_relay_read_crosses_a_tcp_session_as_one_frame(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A relay reads its socket 256 KiB at a time; with the default ``max_data_chunk`` each
+    such write is one Data frame, delivered whole to the far stream (one write into the far
+    socket), and a ``receive_size`` of twice that lets reads hold whole frames. 4 MiB in
+    256 KiB writes: every byte in order, no frame larger than a write, the first whole."""
+    from pytunnel import SessionConfig
+    from pytunnel._stream import MuxStream
+
+    config = SessionConfig()
+    assert config.max_data_chunk == 256 * 1024
+    assert config.receive_size == 2 * config.max_data_chunk
+    sizes: list[int] = []
+    real = MuxStream.deliver_data
+
+    def spy(self: MuxStream, data: bytes) -> None:
+        sizes.append(len(data))
+        real(self, data)
+
+    monkeypatch.setattr(MuxStream, "deliver_data", spy)
+    piece = 256 * 1024
+    message = bytes(n * 7 & 0xFF for n in range(16 * piece))
+    with trio.fail_after(30):
+        async with session_pair("tcp", config) as (client, server):
+            mine, theirs = await open_pair(client, server)
+
+            async def send() -> None:
+                for start in range(0, len(message), piece):
+                    await mine.send_all(message[start : start + piece])
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                assert await receive_exactly(theirs, len(message)) == message
+    assert sum(sizes) == len(message)
+    assert sizes[0] == piece
+    assert max(sizes) == piece

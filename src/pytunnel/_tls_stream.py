@@ -34,7 +34,7 @@ import trio
 __all__ = ["TLSSocketStream", "wrap_socket_stream"]
 
 #: Plaintext bytes per ``receive_some`` when the caller gives no ``max_bytes``: sixteen full
-#: TLS records, the session's ``receive_size`` default.
+#: TLS records (the session asks for its own ``receive_size``).
 DEFAULT_RECEIVE_SIZE = 256 * 1024
 
 #: Plaintext bytes per ``SSL_write`` call. OpenSSL cuts them into 16 KiB records itself; a

@@ -124,9 +124,12 @@ __all__ = [
 #: Per-stream receive window. Chosen from ``bench/bench_session.py --window-sweep`` (see
 #: docs/performance.md): on loopback, single-stream throughput stops growing at this size.
 DEFAULT_WINDOW = 1024 * 1024
-#: Largest payload put in one Data frame: big enough to amortise per-frame cost, small enough
-#: that one bulk stream does not delay another stream's frames for long.
-DEFAULT_MAX_DATA_CHUNK = 64 * 1024
+#: Largest payload put in one Data frame: a relay's whole 256 KiB read, so each read crosses as
+#: one frame and the far side makes one write of it (per-frame and per-write costs were most
+#: of a bulk transfer's CPU at 64 KiB; see docs/performance.md, "Bulk and TLS data path"),
+#: and no longer than the write buffer's mark, the head-of-line delay another stream's frames
+#: can see behind a bulk one anyway.
+DEFAULT_MAX_DATA_CHUNK = 256 * 1024
 #: Concurrent streams per session, both directions. The receive budget, not this cap, bounds
 #: what a session may buffer, so it only has to cover the connections one client relays.
 DEFAULT_MAX_STREAMS = 16384
