@@ -41,6 +41,7 @@ def _fallback(why: str) -> None:
     if _flag("PYTUNNEL_REQUIRE_COMPILED"):
         raise SystemExit(f"pytunnel: PYTUNNEL_REQUIRE_COMPILED is set, but {why}")
     print(f"pytunnel: building pure Python: {why}", file=sys.stderr)
+    _drop_compiled_in_place()
 
 
 class _BuildExt(build_ext):
@@ -57,8 +58,18 @@ class _BuildExt(build_ext):
             self.extensions = []
 
 
+def _drop_compiled_in_place() -> None:
+    """Remove extension modules an earlier ``pip install -e .`` built into src/: they would
+    shadow the sources of a pure build."""
+    for name in [*_hot_modules(), "pytunnel__mypyc"]:
+        module = Path(ROOT, "src", *name.split("."))
+        for built in module.parent.glob(f"{module.name}.*.so"):
+            built.unlink()
+
+
 def _ext_modules() -> list[Any]:
     if _flag("PYTUNNEL_PURE"):
+        _drop_compiled_in_place()
         return []
     try:
         from mypyc.build import mypycify
