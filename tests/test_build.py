@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import os
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +36,19 @@ def test_the_flag_and_the_version_line_agree_with_the_report() -> None:
 def test_a_compiled_build_compiles_all_hot_modules_or_none() -> None:
     """The modules share one runtime library; a build holds all of them or none."""
     assert len(compiled_modules()) in (0, len(HOT_MODULES))
+
+
+def test_no_compiled_module_is_older_than_its_source() -> None:
+    """An editable install's extension modules shadow their sources: one built before its
+    ``.py`` was last changed runs the old code (rebuild with ``pip install -e .``, or
+    ``PYTUNNEL_PURE=1 pip install -e .`` for pure Python)."""
+    stale = []
+    for name in compiled_modules():
+        built = Path(importlib.import_module(name).__file__ or "")
+        source = built.with_name(built.name.split(".", 1)[0] + ".py")
+        if source.is_file() and source.stat().st_mtime > built.stat().st_mtime:
+            stale.append(name)
+    assert stale == []
 
 
 @pytest.mark.skipif(
