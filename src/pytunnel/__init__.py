@@ -27,6 +27,8 @@ import importlib
 import logging
 from typing import TYPE_CHECKING
 
+from ._build import compiled_modules as _compiled_modules
+
 if TYPE_CHECKING:
     # isort: off
     # the client: three tiers, its configuration, its events
@@ -126,9 +128,8 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0.dev0"
 
-if TYPE_CHECKING:
-    #: Whether the hot modules run compiled by mypyc (see ``pytunnel._build``), not pure Python.
-    __compiled__: bool
+#: Whether the hot modules run compiled by mypyc (``pytunnel._build``), not pure Python.
+__compiled__ = bool(_compiled_modules())
 
 #: Where each public name is defined, relative to this package, in the groups above; a
 #: module's own name is the module (``pytunnel.session``). ``tests/test_lazy_import.py``
@@ -313,10 +314,6 @@ if not TYPE_CHECKING:  # hidden from type checkers, which would take any name as
     def __getattr__(name: str) -> object:
         """Import a public name the first time it is asked for, and keep it as a plain module
         attribute, so later lookups never come back here."""
-        if name == "__compiled__":
-            from ._build import compiled_modules
-
-            return bool(compiled_modules())
         module = _LAZY.get(name)
         if module is None:
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
