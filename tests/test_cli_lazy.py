@@ -65,6 +65,8 @@ def test_the_group_help_imports_no_command() -> None:
     assert _heavy(modules) == set()
     assert sorted(m for m in modules if m.startswith("pytunnel")) == [
         "pytunnel",
+        # the build that --version names (compiled or pure): the standard library only
+        "pytunnel._build",
         "pytunnel.cli",
         "pytunnel.cli._main",
         "pytunnel.cli._options",

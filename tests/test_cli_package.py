@@ -12,6 +12,7 @@ import pytest
 
 import pytunnel
 import pytunnel.cli
+from pytunnel._build import describe as describe_build
 
 _CLI_DIR = Path(pytunnel.cli.__file__).parent
 _ROOT = Path(__file__).resolve().parents[1]
@@ -94,5 +95,6 @@ def test_python_dash_m_runs_the_command(module: str) -> None:
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == f"pytunnel, version {pytunnel.__version__}"
+    build = describe_build()  # "pure Python", or how many hot modules run compiled
+    assert out.stdout.strip() == f"pytunnel, version {pytunnel.__version__} ({build})"
     assert out.stderr == ""

@@ -6,6 +6,11 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# coverage cannot see into the modules mypyc compiled: measure the pure build
+if python -c 'import sys, pytunnel; sys.exit(0 if pytunnel.__compiled__ else 1)'; then
+    echo "coverage.sh: the hot modules are compiled; PYTUNNEL_PURE=1 pip install -e . first" >&2
+    exit 2
+fi
 rm -f .coverage .coverage.*
 python -m coverage run -m pytest -q -p no:cacheprovider "$@"
 status=$?

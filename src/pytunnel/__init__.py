@@ -27,6 +27,8 @@ import importlib
 import logging
 from typing import TYPE_CHECKING
 
+from ._build import compiled_modules as _compiled_modules
+
 if TYPE_CHECKING:
     # isort: off
     # the client: three tiers, its configuration, its events
@@ -125,6 +127,9 @@ if TYPE_CHECKING:
     # isort: on
 
 __version__ = "0.1.0.dev0"
+
+#: Whether the hot modules run compiled by mypyc (``pytunnel._build``), not pure Python.
+__compiled__ = bool(_compiled_modules())
 
 #: Where each public name is defined, relative to this package, in the groups above; a
 #: module's own name is the module (``pytunnel.session``). ``tests/test_lazy_import.py``

@@ -22,6 +22,8 @@ from typing import Protocol
 
 import trio
 
+from .errors import caused_by
+
 __all__ = ["MAX_STREAK", "DirectReader", "PacedReads", "SocketReader"]
 
 #: Reads in a row without a wait after which a reader yields (``trio.lowlevel.checkpoint``):
@@ -106,8 +108,12 @@ class SocketReader:
             return None
         except OSError as exc:
             if exc.errno in _CLOSED_ERRNOS:
-                raise trio.ClosedResourceError("this socket was already closed") from None
-            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+                raise caused_by(
+                    trio.ClosedResourceError("this socket was already closed"), None
+                ) from None
+            raise caused_by(
+                trio.BrokenResourceError(f"socket connection broken: {exc}"), exc
+            ) from exc
 
     def fileno(self) -> int:
         return self._sock.fileno()

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import trio
 
-from .errors import ErrorCode, LocalProtocolError, TunnelError
+from .errors import ErrorCode, LocalProtocolError, TunnelError, caused_by
 
 __all__ = ["DirectWriter", "MuxStream", "StreamCarrier"]
 
@@ -482,7 +482,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("stream was closed for sending")
         broken = self._broken or self._send_broken
         if broken is not None:
-            raise trio.BrokenResourceError("stream is broken") from broken
+            raise caused_by(trio.BrokenResourceError("stream is broken"), broken)
 
     # -------------------------------------------------------------- trio stream API
 
@@ -503,7 +503,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 if self._buffer:
                     break
                 if self._broken is not None:
-                    raise trio.BrokenResourceError("stream is broken") from self._broken
+                    raise caused_by(trio.BrokenResourceError("stream is broken"), self._broken)
                 if self._eof:
                     await trio.lowlevel.cancel_shielded_checkpoint()
                     return b""
@@ -605,7 +605,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("stream was closed")
         broken = self._broken or self._send_broken
         if broken is not None:
-            raise trio.BrokenResourceError("stream is broken") from broken
+            raise caused_by(trio.BrokenResourceError("stream is broken"), broken)
 
     async def receive_datagram(self) -> bytes:
         """The next datagram; ``trio.EndOfChannel`` once the peer closed the stream.
@@ -644,7 +644,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             if self._datagrams:
                 return self._datagrams
             if self._broken is not None:
-                raise trio.BrokenResourceError("stream is broken") from self._broken
+                raise caused_by(trio.BrokenResourceError("stream is broken"), self._broken)
             if self._eof:
                 raise trio.EndOfChannel
             if self._datagram_lot is None:
@@ -698,7 +698,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
     def _send_fin(self) -> None:
         if not self._fin_sent:
             if self._broken is not None:
-                raise trio.BrokenResourceError("stream is broken") from self._broken
+                raise caused_by(trio.BrokenResourceError("stream is broken"), self._broken)
             self._fin_sent = True
             self._carrier.send_fin(self.stream_id)
 

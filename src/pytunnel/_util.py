@@ -9,6 +9,8 @@ from typing import Generic, TypeVar
 
 import trio
 
+from .errors import caused_by
+
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]
 
@@ -64,7 +66,9 @@ def send_eof_now(stream: trio.abc.AsyncResource) -> bool:
             try:
                 sock.shutdown(trio.socket.SHUT_WR)
             except OSError as exc:
-                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+                raise caused_by(
+                    trio.BrokenResourceError(f"socket connection broken: {exc}"), exc
+                ) from exc
         return True
     send_eof = getattr(stream, "send_eof_now", None)
     return send_eof is not None and bool(send_eof())
@@ -125,7 +129,7 @@ def unwrap_cancelled() -> Iterator[None]:
             leaf: BaseException = cancelled
             while isinstance(leaf, BaseExceptionGroup):
                 leaf = leaf.exceptions[0]
-            raise leaf from None
+            raise caused_by(leaf, None) from None
         raise
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 #: How a refusal names the time to retry ("... retry in 4.5 s"); part of the GoAway text.
 _RETRY_IN = re.compile(r"retry in (\d+(?:\.\d+)?) s")
@@ -555,3 +555,19 @@ class StreamResetError(TunnelError):
     of the ``BrokenResourceError`` that stream operations raise."""
 
     default_code = ErrorCode.CANCELLED
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def caused_by(exc: _E, cause: BaseException | None) -> _E:
+    """``exc`` with ``cause`` as its ``__cause__`` (and its context suppressed), as
+    ``raise exc from cause`` would leave it.
+
+    The modules that may be compiled by mypyc raise through this: compiled code drops the
+    ``from`` clause of a ``raise`` in many cases (in coroutines, in ``except`` blocks, with an
+    attribute or a narrowed local as the cause), while an assigned ``__cause__`` survives. A
+    ``from`` kept next to it (where a linter wants one) changes nothing in either build.
+    """
+    exc.__cause__ = cause
+    return exc

@@ -105,6 +105,12 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings=CONTEXT)
-@click.version_option(pytunnel.__version__, prog_name="pytunnel")
+# the build (pure Python, or the hot modules compiled by mypyc) follows the version
+@click.version_option(
+    pytunnel.__version__,
+    prog_name="pytunnel",
+    message="%(prog)s, version %(version)s "
+    + ("(compiled by mypyc)" if pytunnel.__compiled__ else "(pure Python)"),
+)
 def main() -> None:
     """Expose local services and reach remote ones through one authenticated connection."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgpack
 
-from ..errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from ..errors import ErrorCode, LocalProtocolError, RemoteProtocolError, caused_by
 from .messages import (
     ANY_LAYER,
     MESSAGE_TYPES,
@@ -237,8 +237,11 @@ def decode_body(body: bytes | memoryview, layer: Layer = ANY_LAYER) -> Message:
     try:
         obj = _unpackb(body, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises a zoo of types; all mean "not valid msgpack"
-        raise RemoteProtocolError(
-            f"frame body is not valid msgpack: {exc}", code=ErrorCode.MALFORMED_FRAME
+        raise caused_by(
+            RemoteProtocolError(
+                f"frame body is not valid msgpack: {exc}", code=ErrorCode.MALFORMED_FRAME
+            ),
+            None,
         ) from None
     if type(obj) is not dict:
         raise RemoteProtocolError(
@@ -259,9 +262,12 @@ def decode_body(body: bytes | memoryview, layer: Layer = ANY_LAYER) -> Message:
     try:
         message: Message = _structure_message(obj, Message)
     except Exception as exc:  # cattrs/attrs validation: wrong type, range, missing field
-        raise RemoteProtocolError(
-            truncate_text(f"invalid {tag!r} message: {_describe(exc)}", 300),
-            code=ErrorCode.INVALID_FIELD,
+        raise caused_by(
+            RemoteProtocolError(
+                truncate_text(f"invalid {tag!r} message: {_describe(exc)}", 300),
+                code=ErrorCode.INVALID_FIELD,
+            ),
+            None,
         ) from None
     return _check_layer(message, layer)
 

@@ -64,7 +64,13 @@ from typing import Union, cast
 
 import attrs
 
-from ..errors import ErrorCode, LocalProtocolError, RemoteProtocolError, StreamLimitError
+from ..errors import (
+    ErrorCode,
+    LocalProtocolError,
+    RemoteProtocolError,
+    StreamLimitError,
+    caused_by,
+)
 from .frames import (
     DATAGRAMS_ENVELOPE,
     DEFAULT_MAX_FRAME_SIZE,
@@ -601,10 +607,14 @@ class Multiplexer:
         st = self._streams.get(stream_id)
         if st is None:
             if self._error is not None:
-                raise LocalProtocolError(
-                    f"the multiplexer stopped after a protocol violation: {self._error.message}",
-                    code=self._error.code,
-                ) from self._error
+                violation = self._error.message
+                raise caused_by(
+                    LocalProtocolError(
+                        f"the multiplexer stopped after a protocol violation: {violation}",
+                        code=self._error.code,
+                    ),
+                    self._error,
+                )
             raise LocalProtocolError(
                 f"stream {stream_id} is not open", code=ErrorCode.STREAM_STATE_ERROR
             )
@@ -619,9 +629,9 @@ class Multiplexer:
         carry datagrams, in either direction.
         """
         if self.goaway_sent or self.goaway_received or self._error is not None:
-            raise LocalProtocolError(
-                "session is going away", code=ErrorCode.GOING_AWAY
-            ) from self._error
+            raise caused_by(
+                LocalProtocolError("session is going away", code=ErrorCode.GOING_AWAY), self._error
+            )
         if self.open_streams >= self.max_streams:
             raise StreamLimitError(f"already {self.open_streams} streams open")
         stream_id = self._next_id
@@ -933,7 +943,7 @@ class Multiplexer:
                     if remaining > 0 and type(event) is DatagramsReceived:
                         remaining = max(0, remaining - len(event.data) + 1)
         except RemoteProtocolError as exc:
-            raise self._fail(exc) from None
+            raise caused_by(self._fail(exc), None) from None
         self.frames_pending = remaining == 0
         return events
 
