@@ -269,6 +269,35 @@ async def test_a_stream_for_a_port_the_owner_no_longer_serves_is_reset(
     assert a.node_links.stats.streams_in == 0  # refused before it was taken
 
 
+async def test_a_mirror_is_listed_only_once_it_listens(
+    nursery: trio.Nursery, etcd: EtcdServer, echo_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``mirrored_ports`` names a port only once B's socket for it is bound: while another
+    program holds the port on B's address (B retrying its bind) it is not listed, and once
+    listed a connection to it is accepted at once."""
+    a = await _node(nursery, etcd, "a", "127.0.0.1")
+    b = await _node(nursery, etcd, "b", "127.0.0.2")
+    links = b.node_links
+    assert links is not None
+    port = _free_port_on_both()
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.2", port))
+    squatter.listen()
+    try:
+        tunnel = await pytunnel.connect_tunnel(nursery, a.address, token=TOKEN)
+        await tunnel.forward_remote("127.0.0.1", echo_port, remote_port=port)
+        await wait_until(lambda: f"tcp/{port}" in links.elsewhere, seconds=20)
+        await trio.sleep(0.1)  # B's mirror task runs its first bind attempt
+        assert port not in links.mirrored_ports
+    finally:
+        squatter.close()
+    await wait_until(
+        lambda: port in links.mirrored_ports or "not served here" in caplog.text, seconds=20
+    )
+    if port in links.mirrored_ports:  # B's retries outlasted the squatter (the usual case)
+        assert await send_and_read_all(("127.0.0.2", port), b"listed") == b"listed"
+
+
 async def test_a_port_another_program_holds_here_is_not_mirrored_and_nothing_breaks(
     nursery: trio.Nursery, etcd: EtcdServer, echo_port: int, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -217,13 +217,19 @@ class NodeLinks:
 
     @property
     def mirrored_ports(self) -> list[int]:
-        """The TCP ports this node listens on for clients of other nodes."""
-        return sorted(port for kind, port in self._mirrors if kind == "tcp")
+        """The TCP ports this node listens on for clients of other nodes: only once their
+        sockets are bound, so a port listed here accepts connections (a mirror is made as
+        soon as the engine names the port, and binds in a task of its own)."""
+        return sorted(
+            port for (kind, port), m in self._mirrors.items() if kind == "tcp" and m.listeners
+        )
 
     @property
     def mirrored_udp_ports(self) -> list[int]:
-        """The UDP ports this node listens on for clients of other nodes."""
-        return sorted(port for kind, port in self._mirrors if kind == "udp")
+        """The UDP ports this node listens on for clients of other nodes, once bound."""
+        return sorted(
+            port for (kind, port), m in self._mirrors.items() if kind == "udp" and m.udp is not None
+        )
 
     @property
     def linked_nodes(self) -> list[str]:
