@@ -789,11 +789,13 @@ LogLevel ERROR
             wait_for(f"haproxy on {f}", lambda f=f: listening(f), 10, child)
         return Path_("haproxy", "haproxy", front, [("relay", child)], [shlex.join(argv)])
 
-    def _trio_relay(self, name: str, maps: list[int]) -> tuple[Child, dict[int, int]]:
+    def _trio_relay(
+        self, name: str, maps: list[int], flag: str = "--trio-relay"
+    ) -> tuple[Child, dict[int, int]]:
         argv = [
             sys.executable,
             str(Path(__file__).resolve()),
-            "--trio-relay",
+            flag,
             ",".join(str(t) for t in maps),
         ]
         child = self.procs.start(name, argv)
@@ -818,6 +820,29 @@ LogLevel ERROR
             [("client", client), ("server", server)],
             [shlex.join(server.argv), shlex.join(client.argv)],
         )
+
+    def _relay_pair(self, key: str, flag: str, targets: list[int]) -> Path_:
+        server, near = self._trio_relay(f"{key}-server", targets, flag)
+        client, far = self._trio_relay(f"{key}-client", [near[t] for t in targets], flag)
+        front = {t: far[near[t]] for t in targets}
+        return Path_(
+            key,
+            LABELS[key],
+            front,
+            [("client", client), ("server", server)],
+            [shlex.join(server.argv), shlex.join(client.argv)],
+        )
+
+    def path_trio_raw_relay(self, targets: list[int]) -> Path_:
+        """Two chained trio relays written the way pytunnel's pumps are (a task per direction
+        on the bare socket: a non-blocking ``os.read``, trio's ``wait_readable`` only when it
+        finds nothing): the floor for any design with a trio task per relayed direction."""
+        return self._relay_pair("trio-raw-relay", "--trio-raw-relay", targets)
+
+    def path_asyncio_relay(self, targets: list[int]) -> Path_:
+        """Two chained plain asyncio relays (streams, ``read``/``write``+``drain``): what the
+        same two-process shape costs on asyncio's event loop, next to pproxy's."""
+        return self._relay_pair("asyncio-relay", "--asyncio-relay", targets)
 
     def path_pproxy(self, targets: list[int]) -> Path_:
         """pproxy (pure-Python asyncio) as a two-hop port forward, as its README gives it: a
@@ -909,6 +934,10 @@ LogLevel ERROR
             return self.path_haproxy(targets)
         if key == "trio-relay":
             return self.path_trio_relay(targets)
+        if key == "trio-raw-relay":
+            return self.path_trio_raw_relay(targets)
+        if key == "asyncio-relay":
+            return self.path_asyncio_relay(targets)
         if key == "pproxy":
             return self.path_pproxy(targets)
         if key == "asyncssh":
@@ -1694,6 +1723,8 @@ ALL_PATHS = [
     "socat",
     "haproxy",
     "trio-relay",
+    "trio-raw-relay",
+    "asyncio-relay",
     "pproxy",
     "asyncssh",
 ]
@@ -1710,6 +1741,8 @@ LABELS = {
     "socat": "socat",
     "haproxy": "haproxy",
     "trio-relay": "trio relay x2",
+    "trio-raw-relay": "trio raw relay x2",
+    "asyncio-relay": "asyncio relay x2",
     "pproxy": "pproxy",
     "asyncssh": "asyncssh",
 }
@@ -1727,6 +1760,8 @@ RSS_PATHS = [
     "ssh-L-aes",
     "haproxy",
     "trio-relay",
+    "trio-raw-relay",
+    "asyncio-relay",
     "pproxy",
     "asyncssh",
 ]
@@ -1773,6 +1808,122 @@ def trio_relay_main(spec: str) -> int:
 
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(main)
+    return 0
+
+
+def trio_raw_relay_main(spec: str) -> int:
+    """``--trio-raw-relay T1,T2``: as ``--trio-relay``, but each direction is a task on the
+    bare file descriptors (``os.read`` / ``os.write`` on the non-blocking sockets, trio's
+    ``wait_readable`` / ``wait_writable`` only when a call would block, a checkpoint every
+    eight reads that found data so busy connections take turns), as pytunnel's pumps read a
+    socket. Prints ``relay FRONT -> TARGET`` per target."""
+    import socket as stdlib_socket
+
+    import trio
+
+    async def pump(src: Any, dst: Any) -> None:
+        sfd, dfd = src.fileno(), dst.fileno()
+        streak = 0
+        try:
+            while True:
+                try:
+                    data = os.read(sfd, 256 * 1024)
+                except BlockingIOError:
+                    streak = 0
+                    await trio.lowlevel.wait_readable(src)
+                    continue
+                if not data:
+                    dst.shutdown(stdlib_socket.SHUT_WR)
+                    return
+                view = memoryview(data)
+                while view:
+                    try:
+                        view = view[os.write(dfd, view) :]
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(dst)
+                streak += 1
+                if streak >= 8:
+                    streak = 0
+                    await trio.lowlevel.checkpoint()
+        except OSError:
+            pass
+
+    async def handle(conn: Any, target: int) -> None:
+        async with conn:
+            try:
+                upstream = await trio.open_tcp_stream(HOST, target)
+            except OSError:
+                return
+            async with upstream, trio.open_nursery() as nursery:
+                nursery.start_soon(pump, conn.socket, upstream.socket)
+                nursery.start_soon(pump, upstream.socket, conn.socket)
+
+    async def serve(target: int, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host=HOST, backlog=4096)
+        print(f"relay {listeners[0].socket.getsockname()[1]} -> {target}", flush=True)
+        task_status.started()
+
+        async def one(conn: Any) -> None:
+            await handle(conn, target)
+
+        await trio.serve_listeners(one, listeners)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for t in spec.split(","):
+                await nursery.start(serve, int(t))
+
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(main)
+    return 0
+
+
+def asyncio_relay_main(spec: str) -> int:
+    """``--asyncio-relay T1,T2``: as ``--trio-relay`` on asyncio's event loop (the default
+    loop, streams: ``read`` then ``write`` and ``drain``, two tasks per connection): the
+    same shape as pproxy's relays without its protocol. Prints ``relay FRONT -> TARGET``."""
+    import asyncio
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(256 * 1024):
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+        except OSError:
+            pass
+
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: int
+    ) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(HOST, target)
+        except OSError:
+            writer.close()
+            return
+        try:
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        finally:
+            writer.close()
+            up_writer.close()
+
+    async def main() -> None:
+        servers = []
+        for t in spec.split(","):
+
+            async def one(
+                r: asyncio.StreamReader, w: asyncio.StreamWriter, t: int = int(t)
+            ) -> None:
+                await handle(r, w, t)
+
+            server = await asyncio.start_server(one, HOST, 0, backlog=4096)
+            print(f"relay {server.sockets[0].getsockname()[1]} -> {t}", flush=True)
+            servers.append(server)
+        await asyncio.gather(*(s.serve_forever() for s in servers))
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
     return 0
 
 
@@ -2032,6 +2183,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--trio-relay"] and len(argv) == 2:  # the trio-relay reference path
         return trio_relay_main(argv[1])
+    if argv[:1] == ["--trio-raw-relay"] and len(argv) == 2:
+        return trio_raw_relay_main(argv[1])
+    if argv[:1] == ["--asyncio-relay"] and len(argv) == 2:
+        return asyncio_relay_main(argv[1])
     if argv[:1] == ["--asyncssh-server"] and len(argv) == 2:  # the asyncssh path's two ends
         return asyncssh_server_main(argv[1])
     if argv[:1] == ["--asyncssh-client"] and len(argv) in (4, 5):
