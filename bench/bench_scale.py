@@ -284,6 +284,12 @@ def one_run(args: argparse.Namespace, kill: str) -> dict[str, object]:
             closed = closes(target.log)[closed_before:]
         result["survivor_cpu_s"] = (cpu_ticks(survivor.pid) - survivor_ticks) / CLK_TCK
         watched = time.monotonic()
+        if args.settle:
+            # the survivor's tasks unwind after the resets went out: their cost too
+            time.sleep(args.settle)
+            settled = (cpu_ticks(survivor.pid) - survivor_ticks) / CLK_TCK
+            result["survivor_cpu_settled_s"] = settled
+            watched = time.monotonic()
         if spy is not None:
             spy.popen.wait(timeout=30)
         for sock in socks:
@@ -347,6 +353,14 @@ def main() -> None:
     parser.add_argument(
         "--py-spy", type=Path, metavar="DIR", help="profile the survivor's teardown into DIR"
     )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="after the last close, wait S seconds and report the survivor's CPU since the "
+        "kill again (its tasks unwinding; the collections to then with --gc-trace)",
+    )
     parser.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples per s")
     parser.add_argument(
         "--gc-trace",
@@ -389,6 +403,10 @@ def main() -> None:
         if "gc_teardown" in r:
             gct = r["gc_teardown"]
             print(f"# kill {r['kill']}: survivor's collections to its last close: {gct}")
+            print(f"# kill {r['kill']}: and to the end of the watch: {r['gc_watch']}")
+        if "survivor_cpu_settled_s" in r:
+            cpu = r["survivor_cpu_settled_s"]
+            print(f"# kill {r['kill']}: survivor CPU s, kill to last close + settle: {cpu}")
     print(f"\n# load average at end: {loadavg()}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

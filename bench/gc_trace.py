@@ -89,6 +89,10 @@ def summarize(rows: list[dict[str, float]], start: float, end: float) -> dict[st
 
 
 def main() -> None:
+    if sys.argv[1:] in (["--help"], ["-h"]):
+        # the wrapper's own help (a command's, such as ``serve --help``, is pytunnel's)
+        print(f"usage: {Path(sys.argv[0]).name} PYTUNNEL_ARGUMENTS...\n\n{__doc__}")
+        return
     trace = os.environ.get("PYTUNNEL_GC_TRACE")
     if trace:
         install(trace, types=bool(os.environ.get("PYTUNNEL_GC_TRACE_TYPES")))
