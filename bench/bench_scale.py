@@ -58,6 +58,8 @@ from bench_tunnel import (
     run_dir,
     wait_for,
 )
+from gc_trace import read_trace
+from gc_trace import summarize as summarize_gc
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -180,10 +182,16 @@ def one_run(args: argparse.Namespace, kill: str) -> dict[str, object]:
         limits = ["--max-streams", cap, "--max-session-streams", cap] if flags else []
         client_limit = ["--max-streams", cap] if flags else []
         exe = args.pytunnel
+        traces = {name: tmp / f"gc-{name}.log" for name in ("serve", "connect")}
+
+        def gc_env(name: str) -> dict[str, str] | None:
+            return {"PYTUNNEL_GC_TRACE": str(traces[name])} if args.gc_trace else None
+
         server = procs.start(
             "serve",
             [exe, "serve", "--listen", f"{HOST}:0", "--token", TOKEN, "--log-level", "warning",
              *limits],
+            env=gc_env("serve"),
         )  # fmt: skip
         line = wait_for("serve", lambda: _match(server, r"listening on [\d.]+:(\d+)"), 30, server)
         flag, kind = ("-L", "local") if args.forward == "L" else ("-R", "remote")
@@ -191,6 +199,7 @@ def one_run(args: argparse.Namespace, kill: str) -> dict[str, object]:
             "connect",
             [exe, "connect", f"{HOST}:{line}", "--token", TOKEN, "--quiet", *client_limit,
              flag, f"{HOST}:0:{HOST}:{target_port}"],
+            env=gc_env("connect"),
         )  # fmt: skip
         local = int(
             wait_for("connect", lambda: _match(client, kind + r" forward [\d.]+:(\d+)"), 30, client)
@@ -258,7 +267,7 @@ def one_run(args: argparse.Namespace, kill: str) -> dict[str, object]:
             spy = procs.start(
                 "py-spy",
                 ["py-spy", "record", "--nonblocking", "-p", str(survivor.pid), "-d", "10",
-                 "-r", "250", "-f", "raw", "-o", str(out)],
+                 "-r", str(args.py_spy_rate), "-f", "raw", "-o", str(out)],
             )  # fmt: skip
         # the survivor must close its far side: the driver's connections if it is the one
         # that accepted them (the client of -L, the server of -R), else the target's
@@ -274,11 +283,33 @@ def one_run(args: argparse.Namespace, kill: str) -> dict[str, object]:
                 time.sleep(0.05)
             closed = closes(target.log)[closed_before:]
         result["survivor_cpu_s"] = (cpu_ticks(survivor.pid) - survivor_ticks) / CLK_TCK
+        watched = time.monotonic()
+        if args.settle:
+            # the survivor's tasks unwind after the resets went out: their cost too
+            time.sleep(args.settle)
+            settled = (cpu_ticks(survivor.pid) - survivor_ticks) / CLK_TCK
+            result["survivor_cpu_settled_s"] = settled
+            watched = time.monotonic()
         if spy is not None:
             spy.popen.wait(timeout=30)
         for sock in socks:
             sock.close()
         result["teardown"] = summarize(closed, t0, len(socks))
+        result["kill_monotonic"] = t0
+        if args.gc_trace:
+            # the survivor's collections from the kill to its last close (the teardown), and
+            # to the end of the watch
+            name = "serve" if survivor is server else "connect"
+            rows = read_trace(traces[name])
+            last = max(closed) if closed else t0 + args.timeout
+            result["gc_teardown"] = summarize_gc(rows, t0, last)
+            result["gc_watch"] = summarize_gc(rows, t0, watched)
+            args.gc_trace.mkdir(parents=True, exist_ok=True)
+            for path in traces.values():
+                for src in (path, path.with_name(path.name + ".types")):
+                    if src.exists():
+                        dst = src.name.replace("gc-", f"gc-{kill}-killed-", 1)
+                        (args.gc_trace / dst).write_text(src.read_text())
         result["load_end"] = loadavg()
         return result
 
@@ -322,6 +353,22 @@ def main() -> None:
     parser.add_argument(
         "--py-spy", type=Path, metavar="DIR", help="profile the survivor's teardown into DIR"
     )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="after the last close, wait S seconds and report the survivor's CPU since the "
+        "kill again (its tasks unwinding; the collections to then with --gc-trace)",
+    )
+    parser.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples per s")
+    parser.add_argument(
+        "--gc-trace",
+        type=Path,
+        metavar="DIR",
+        help="log the garbage collector's passes of both processes (--pytunnel must run "
+        "bench/gc_trace.py) and summarize the survivor's during the teardown; logs kept in DIR",
+    )
     args = parser.parse_args()
     if args.target:
         target_main(args.target)
@@ -352,6 +399,14 @@ def main() -> None:
             f"| {fmt(t['p50'])} | {fmt(t['p99'])} | {fmt(t['last'])} "
             f"| {fmt(r['survivor_cpu_s'])} |"
         )
+    for r in results:
+        if "gc_teardown" in r:
+            gct = r["gc_teardown"]
+            print(f"# kill {r['kill']}: survivor's collections to its last close: {gct}")
+            print(f"# kill {r['kill']}: and to the end of the watch: {r['gc_watch']}")
+        if "survivor_cpu_settled_s" in r:
+            cpu = r["survivor_cpu_settled_s"]
+            print(f"# kill {r['kill']}: survivor CPU s, kill to last close + settle: {cpu}")
     print(f"\n# load average at end: {loadavg()}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -98,4 +98,7 @@ async def carry_over_stream(
     # reported first, as a failed open is, then breaks the stream and so the relay, which
     # resets the connection
     stream.call_on_refusal(on_failure)
+    # the stream alone holds it from here, and lets go of it when it breaks (one object
+    # fewer left behind by each relay of a dying session: see MuxStream.break_with)
+    del on_failure
     await carry(conn, stream)

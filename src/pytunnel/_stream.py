@@ -389,6 +389,15 @@ class MuxStream(trio.abc.HalfCloseableStream):
         callback, self._on_break = self._on_break, None
         if callback is not None:
             callback()
+        # nothing is delivered to a broken stream, nor can it be refused any more: let go of
+        # the writer and the refusal callback now. A session's death breaks thousands of
+        # streams in one pass, and trio allocates three or four objects to wake each relay's
+        # task (the error, its outcome, the bound send); releasing at least as many per
+        # stream keeps the pass from driving the garbage collector into collections, one of
+        # which may be a full pass over every object of every live relay
+        # (docs/performance.md, "Teardown after a kill, profiled")
+        self._direct = None
+        self._on_refusal = None
         self._wake_reader()
         self._wake_senders()
         self._wake_datagram_readers()
