@@ -52,6 +52,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tunnel import HOST, BenchError, Child, Processes, free_port, listening, run_dir, wait_for
 
 PING = b"p" * 64
+#: Every measured process hashes strings alike: with Python's per-process random seed, dicts
+#: and sets lay out differently in each run, and their probing costs a different number of
+#: instructions (a run-to-run spread of a few per cent per process, more than a small
+#: change saves).
+SAME_HASHES = {"PYTHONHASHSEED": "0"}
 CLI = "import sys; sys.argv[0] = 'pytunnel'; from pytunnel.cli import main; sys.exit(main())"
 
 
@@ -243,7 +248,7 @@ def measure_reference(
 
     def relay_to(label: str, target: int) -> tuple[Child, int]:
         name, argv = tool.argv(label, [script, "--trio-raw-relay", str(target)])
-        child = procs.start(name, argv)
+        child = procs.start(name, argv, env=SAME_HASHES)
 
         def front() -> int | None:
             found = pattern.findall(child.log.read_text(errors="replace"))
@@ -278,7 +283,11 @@ def measure(
     """Both tunnel processes over start-up, a warm-up and ``count`` round trips (or
     connections): instructions, or calls with ``--tool cprofile``."""
     tool = tool or Tool("callgrind", None)
-    env = {"PYTHONPATH": str(tree / "src"), "PYTUNNEL_TOKEN": "cg-" + os.urandom(8).hex()}
+    env = {
+        **SAME_HASHES,
+        "PYTHONPATH": str(tree / "src"),
+        "PYTUNNEL_TOKEN": "cg-" + os.urandom(8).hex(),
+    }
     port, front = free_port(), free_port()
     name, argv = tool.argv(
         "serve",
