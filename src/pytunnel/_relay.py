@@ -34,7 +34,7 @@ try:
 except ImportError:  # pragma: no cover - another trio: every clock is read through its method
     _SystemClock = None  # type: ignore[assignment,misc]
 
-from ._direct import MAX_STREAK, DirectReader, PacedReads, SocketReader, socket_reader
+from ._direct import MAX_STREAK, DirectReader, PacedReads, SocketReader, raw_socket, socket_reader
 from ._stream import DirectWriter
 from ._util import aclose_all, implements, send_eof_now
 from .errors import ErrorCode, InvalidTargetError, SessionClosedError, TargetForbiddenError
@@ -172,16 +172,8 @@ def _clock_reader() -> tuple[Callable[[], float], float | None]:
     return _clock[1], _clock[2]
 
 
-def _raw(sock: trio.socket.SocketType) -> _HasFileno:
-    """What to ask for ``sock``'s descriptor once per chunk: the standard socket trio's
-    wraps (its ``fileno`` is C; trio's is a Python method around it), or ``sock`` itself if
-    that is not there. Closing the trio socket closes that one: ``fileno()`` is -1 then."""
-    inner = getattr(sock, "_sock", None)
-    return inner if type(inner) is socket.socket else sock
-
-
-class _HasFileno(Protocol):
-    def fileno(self) -> int: ...
+#: What the pump and the taskless writer ask for a socket's descriptor, once per chunk.
+_raw = raw_socket
 
 
 @runtime_checkable
