@@ -24,8 +24,8 @@ from typing import Literal, cast
 import attrs
 import trio
 
-from .._direct import SocketReader
-from .._relay import DirectReader, DirectSource, _raw, abort, direct_reader, direct_writer
+from .._direct import SocketReader, raw_socket
+from .._relay import DirectReader, DirectSource, abort, direct_reader, direct_writer
 from .._stream import DirectWriter
 from .._util import close_now, implements, send_eof_now
 
@@ -319,7 +319,7 @@ class FaultyStream(trio.abc.HalfCloseableStream):
         faults = self._faults
         outbound = self._outbound
         if isinstance(stream, trio.SocketStream) and os.name == "posix":
-            sock = _raw(stream.socket)
+            sock = raw_socket(stream.socket)
 
             def write(data: bytes | bytearray | memoryview) -> int:
                 if link.ended or (faults.out if outbound else faults.in_)._active:
