@@ -398,3 +398,55 @@ async def test_idle_reset_comes_within_the_slack_after_the_last_byte(
             last = trio.current_time()
     assert last + timeout <= ended <= last + timeout + slack
     assert [r.getMessage() for r in caplog.records] == [f"relay reset after {timeout:g} s idle"]
+
+
+def test_the_idle_clock_reads_trios_own_clock_without_its_method() -> None:
+    """With trio's own clock the relay reads the time as ``offset + perf_counter()``: the
+    same clock as ``trio.current_time()`` (each read falls between two of trio's), and with
+    any other clock (a test's) through the clock's method, as the idle tests rely on."""
+    import time
+
+    from pytunnel._relay import _clock_reader
+
+    async def system() -> None:
+        now, offset = _clock_reader()
+        assert offset is not None
+        for _ in range(100):
+            before = trio.current_time()
+            mine = offset + time.perf_counter()
+            after = trio.current_time()
+            assert before <= mine <= after
+            assert before <= now() <= trio.current_time()
+
+    trio.run(system)
+
+    clock = trio.testing.MockClock(autojump_threshold=0)
+
+    async def mock() -> None:
+        now, offset = _clock_reader()
+        assert offset is None
+        await trio.sleep(1000)
+        assert now() == trio.current_time() >= 1000
+
+    trio.run(mock, clock=clock)
+
+
+async def test_the_relay_asks_the_standard_socket_for_its_descriptor() -> None:
+    """The per-chunk descriptor read goes to the standard socket under trio's (one Python
+    call fewer), which answers as trio's does, -1 once trio's socket is closed."""
+    from pytunnel._relay import _raw
+
+    a, b = await tcp_stream_pair()
+    raw = _raw(a.socket)
+    assert type(raw) is socket.socket
+    assert raw.fileno() == a.socket.fileno() >= 0
+    a.socket.close()
+    assert raw.fileno() == a.socket.fileno() == -1
+    await b.aclose()
+
+    class Bare:
+        def fileno(self) -> int:
+            return 7
+
+    bare = Bare()
+    assert _raw(bare) is bare  # type: ignore[arg-type]

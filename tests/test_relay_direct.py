@@ -265,6 +265,54 @@ async def test_a_fault_set_on_an_open_connection_counts_what_went_directly() -> 
         assert got == first + _pattern(100, 2)[:50]
 
 
+@pytest.mark.parametrize("how", ["assignment", "set"])
+async def test_a_fault_assigned_on_an_open_connection_stops_direct_writes_both_ways(
+    how: str,
+) -> None:
+    """The direct writers read a fault's ``active`` answer on every write, from a slot that
+    every assignment refreshes: a ``blackhole`` switched on while the connection is open (by
+    plain assignment or ``set``) drops what is sent either way, nothing slipping past it
+    directly, and switched off again (by assignment, or ``clear``, which replaces the
+    objects) the bytes flow again, directly."""
+    faults = Faults()
+    async with _tunnel(faults=faults) as t:
+
+        async def both_ways(out: bytes, back: bytes) -> None:
+            await t.opened.send_all(out)
+            got = b""
+            with trio.fail_after(5):
+                while len(got) < len(out):
+                    got += await t.target.receive_some()
+            assert got == out
+            await t.target.send_all(back)
+            got = b""
+            with trio.fail_after(5):
+                while len(got) < len(back):
+                    got += await t.opened.receive_some()
+            assert got == back
+
+        await both_ways(b"before", b"BEFORE")
+        direct = t.accepted.bytes_delivered_directly
+        assert direct == len(b"before")
+        if how == "set":
+            faults.set(blackhole=True)
+        else:
+            faults.out.blackhole = True
+            faults.in_.blackhole = True
+        await t.opened.send_all(b"dropped out")
+        await t.target.send_all(b"dropped in")
+        await trio.testing.wait_all_tasks_blocked()
+        assert t.accepted.bytes_delivered_directly == direct
+        if how == "set":
+            faults.clear()
+        else:
+            faults.out.blackhole = False
+            faults.in_.blackhole = False
+        # what the blackhole took never arrives: the first bytes after it are these
+        await both_ways(b"after", b"AFTER")
+        assert t.accepted.bytes_delivered_directly == direct + len(b"after")
+
+
 async def test_a_target_that_resets_ends_the_relay_with_a_reset() -> None:
     """The target resets its connection while data keeps coming: the direct write fails,
     the data falls back to the buffer, and the pump's send raises the typed error, so the

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 from typing import Protocol
 
 import trio
 
 from .errors import caused_by
 
-__all__ = ["MAX_STREAK", "DirectReader", "PacedReads", "SocketReader"]
+__all__ = ["MAX_STREAK", "DirectReader", "HasFileno", "PacedReads", "SocketReader", "raw_socket"]
 
 #: Reads in a row without a wait after which a reader yields (``trio.lowlevel.checkpoint``):
 #: a busy connection still lets the others run, and sees its cancellation, within this many
@@ -33,6 +34,22 @@ MAX_STREAK = 8
 
 # what trio.SocketStream reports as "we closed it" rather than as a broken connection
 _CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
+
+
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+def raw_socket(sock: object) -> HasFileno:
+    """What to ask for a trio socket's descriptor once per read or write: the standard socket
+    trio's wraps (its ``fileno`` is C; trio's is a Python method around it), or ``sock``
+    itself if that is not there. Closing the trio socket closes that one: ``fileno()`` is -1
+    then, as trio's is."""
+    inner = getattr(sock, "_sock", None)
+    if type(inner) is socket.socket:
+        return inner
+    assert hasattr(sock, "fileno")
+    return sock
 
 
 class DirectReader(Protocol):
@@ -97,7 +114,9 @@ class SocketReader:
     __slots__ = ("_sock",)
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
-        self._sock = sock
+        # asked for its descriptor on every read: the standard socket's answer costs no
+        # Python call
+        self._sock: HasFileno = raw_socket(sock)
 
     def receive_nowait(self, max_bytes: int) -> bytes | None:
         # the descriptor is read each time: -1 once closed, never one reused by someone else

@@ -23,12 +23,18 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Iterator
+from time import perf_counter as _perf_counter
 from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 
 import attrs
 import trio
 
-from ._direct import MAX_STREAK, DirectReader, PacedReads, SocketReader, socket_reader
+try:
+    from trio._core._run import SystemClock as _SystemClock
+except ImportError:  # pragma: no cover - another trio: every clock is read through its method
+    _SystemClock = None  # type: ignore[assignment,misc]
+
+from ._direct import MAX_STREAK, DirectReader, PacedReads, SocketReader, raw_socket, socket_reader
 from ._stream import DirectWriter
 from ._util import aclose_all, implements, send_eof_now
 from .errors import ErrorCode, InvalidTargetError, SessionClosedError, TargetForbiddenError
@@ -99,21 +105,32 @@ class _Ending:
     #: The scope's deadline as last set here (reading it back from the scope costs more).
     deadline: float = attrs.field(init=False)
     _now: Callable[[], float] = attrs.field(init=False)
+    #: With trio's own clock, its offset: the time is then ``offset + perf_counter()``, read
+    #: with no Python call (``SystemClock.current_time`` is one); ``None`` with any other
+    #: clock (a test's), which ``_now`` reads.
+    offset: float | None = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.slack = _idle_slack(self.idle_timeout)
         self.deadline = self.scope.deadline
         # the run's clock, read directly: trio.current_time() is two calls more per touch;
         # its bound method shared by the run's relays, not one per relay
-        self._now = _clock_reader()
+        self._now, self.offset = _clock_reader()
 
     def touch(self) -> None:
-        """Restart the idle clock (a byte arrived or a send completed), within the slack."""
+        """Restart the idle clock (a byte arrived or a send completed), within the slack.
+
+        The pump and the taskless direction do the same inline, once per chunk."""
         if self.sending:
             return  # the deadline is off while such a send lasts
-        now = self._now()
+        offset = self.offset
+        now = self._now() if offset is None else offset + _perf_counter()
         if now + self.idle_timeout > self.deadline:
-            self.deadline = self.scope.deadline = now + self.idle_timeout + self.slack
+            self.rearm(now)
+
+    def rearm(self, now: float) -> None:
+        """Move the deadline to ``now + idle_timeout + slack`` (see :func:`_idle_slack`)."""
+        self.deadline = self.scope.deadline = now + self.idle_timeout + self.slack
 
     @contextlib.contextmanager
     def send(self) -> Iterator[None]:
@@ -134,17 +151,29 @@ class _Ending:
         self.scope.cancel()
 
 
-#: The last run's clock and its bound ``current_time`` (see :func:`_clock_reader`).
-_clock: tuple[trio.abc.Clock | None, Callable[[], float]] = (None, trio.current_time)
+#: The last run's clock, its bound ``current_time`` and, for trio's own clock, its offset
+#: (see :func:`_clock_reader`).
+_clock: tuple[trio.abc.Clock | None, Callable[[], float], float | None] = (
+    None,
+    trio.current_time,
+    None,
+)
 
 
-def _clock_reader() -> Callable[[], float]:
-    """The current run's clock's ``current_time``, one bound method for all its relays."""
+def _clock_reader() -> tuple[Callable[[], float], float | None]:
+    """The current run's clock's ``current_time``, one bound method for all its relays, and
+    the offset to ``time.perf_counter`` when that clock is trio's own ``SystemClock`` (whose
+    ``current_time`` is exactly ``offset + perf_counter()``), else ``None``."""
     global _clock
     clock = trio.lowlevel.current_clock()
     if _clock[0] is not clock:
-        _clock = (clock, clock.current_time)
-    return _clock[1]
+        offset = clock.offset if type(clock) is _SystemClock else None
+        _clock = (clock, clock.current_time, offset)
+    return _clock[1], _clock[2]
+
+
+#: What the pump and the taskless writer ask for a socket's descriptor, once per chunk.
+_raw = raw_socket
 
 
 @runtime_checkable
@@ -259,7 +288,11 @@ async def _pump(
             paced = cast(PacedStream, sink) if implements(sink, PacedStream) else None
             writer = direct_writer(sink)
             # a plain socket's wait is trio's, called here rather than through the reader
-            sock = cast(trio.SocketStream, source).socket if type(reader) is SocketReader else None
+            sock = (
+                _raw(cast(trio.SocketStream, source).socket)
+                if type(reader) is SocketReader
+                else None
+            )
             drained = False
             streak = 0
             while True:
@@ -281,7 +314,11 @@ async def _pump(
                     continue
                 drained = len(chunk) < _CHUNK
                 streak += 1
-                ending.touch()
+                if not ending.sending:  # ending.touch(), inline: once per chunk
+                    offset = ending.offset
+                    now = ending._now() if offset is None else offset + _perf_counter()
+                    if now + ending.idle_timeout > ending.deadline:
+                        ending.rearm(now)
                 if not chunk:
                     break
                 taken = writer(chunk) if writer is not None else 0
@@ -486,7 +523,7 @@ class _Taskless:
         self.sink = sink
         #: The sink's socket when it is a plain one (written by :meth:`write` itself, with no
         #: writer closure per relay), else ``None`` and ``_inner`` is the sink's writer.
-        self._sock = sock
+        self._sock = None if sock is None else _raw(sock)
         self._inner = writer
         self.stats = stats
         self.outbound = outbound
@@ -515,7 +552,12 @@ class _Taskless:
             except OSError:  # BlockingIOError included
                 return 0
         if sent:
-            self.ending.touch()
+            ending = self.ending
+            if not ending.sending:  # ending.touch(), inline: once per message
+                offset = ending.offset
+                now = ending._now() if offset is None else offset + _perf_counter()
+                if now + ending.idle_timeout > ending.deadline:
+                    ending.rearm(now)
             stats = self.stats
             if stats is not None:
                 if self.outbound:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 from collections.abc import Callable, Iterator
 from typing import Literal, cast
@@ -23,7 +24,7 @@ from typing import Literal, cast
 import attrs
 import trio
 
-from .._direct import SocketReader
+from .._direct import SocketReader, raw_socket
 from .._relay import DirectReader, DirectSource, abort, direct_reader, direct_writer
 from .._stream import DirectWriter
 from .._util import close_now, implements, send_eof_now
@@ -36,8 +37,16 @@ __all__ = ["DirectionFaults", "Faults", "FaultyStream"]
 Direction = Literal["out", "in", "both"]
 
 
+class _Activity:
+    """Where :class:`DirectionFaults` keeps its ``active`` answer (a slot outside attrs'
+    fields, so that ``attrs.fields`` lists the faults only)."""
+
+    __slots__ = ("_active",)
+    _active: bool
+
+
 @attrs.define
-class DirectionFaults:
+class DirectionFaults(_Activity):
     """Faults for one direction. All off by default."""
 
     #: Added delay per chunk, in seconds, plus a uniform random jitter of +- ``jitter``.
@@ -53,10 +62,21 @@ class DirectionFaults:
     slice_size: int | None = None
     slice_delay: float = 0.0
 
-    @property
-    def active(self) -> bool:
-        """Whether any fault differs from its default (asked on every direct write: a
-        field-by-field test, cheaper than comparing with a default instance)."""
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_active", self._any())
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # every assignment (through Faults.set or directly) refreshes the answer, so the
+        # direct writers, which ask on every write, read a slot instead of testing seven
+        # fields through a property
+        object.__setattr__(self, name, value)
+        try:
+            self._active  # noqa: B018 - unset only while attrs' __init__ assigns the fields
+        except AttributeError:
+            return
+        object.__setattr__(self, "_active", self._any())
+
+    def _any(self) -> bool:
         return bool(
             self.latency
             or self.jitter
@@ -66,6 +86,11 @@ class DirectionFaults:
             or self.slice_size is not None
             or self.slice_delay
         )
+
+    @property
+    def active(self) -> bool:
+        """Whether any fault differs from its default."""
+        return self._active
 
 
 class Faults:
@@ -136,7 +161,7 @@ class _Link:
     operations in flight that the end must interrupt."""
 
     # one per wrapped connection, thousands of idle ones: no per-instance dict
-    __slots__ = ("_on_close", "_pending", "_waiting", "cut", "name", "reset")
+    __slots__ = ("_on_close", "_pending", "_waiting", "cut", "ended", "name", "reset")
 
     def __init__(self, on_close: Callable[[_Link], None], name: str = "relay") -> None:
         self._on_close = on_close
@@ -146,6 +171,8 @@ class _Link:
         self.cut = False
         #: :meth:`Faults.reset_connections`: every operation raises ``BrokenResourceError``.
         self.reset = False
+        #: ``cut or reset``, in one slot: the direct paths ask it on every write.
+        self.ended = False
         #: In-flight operations, each with whether a cut interrupts it (a half-close does not:
         #: it is how the cut reaches the peers). Created on first use, dropped when empty
         #: again: most links of idle relays never have one.
@@ -178,6 +205,7 @@ class _Link:
             self.reset = True
         else:
             self.cut = True
+        self.ended = True
         for scope, cuttable in list((self._pending or {}).items()):
             if reset or cuttable:
                 scope.cancel()
@@ -206,9 +234,9 @@ class _LinkedReader:
 
     def receive_nowait(self, max_bytes: int) -> bytes | None:
         link = self._link
-        if link.reset:
-            raise trio.BrokenResourceError("connection reset by an injected fault")
-        if link.cut:
+        if link.ended:
+            if link.reset:
+                raise trio.BrokenResourceError("connection reset by an injected fault")
             return b""
         return self._inner.receive_nowait(max_bytes)
 
@@ -217,7 +245,7 @@ class _LinkedReader:
 
     async def wait(self) -> None:
         link = self._link
-        if link.cut or link.reset:  # receive_nowait answers at once
+        if link.ended:  # receive_nowait answers at once
             await trio.lowlevel.checkpoint()
             return
         fd = self._inner.fileno()
@@ -235,7 +263,7 @@ class _LinkedReader:
             else:
                 await inner.wait()
         except trio.ClosedResourceError:
-            if not (link.cut or link.reset):  # closed for another reason
+            if not link.ended:  # closed for another reason
                 raise
         finally:
             waiting.remove(entry)
@@ -282,21 +310,43 @@ class FaultyStream(trio.abc.HalfCloseableStream):
     def direct_writer(self) -> DirectWriter | None:
         """The wrapped stream's direct writer, taking nothing while a fault is set for this
         direction or the connection is cut or reset: then every byte goes through
-        ``send_all``, which applies them (and counts for ``close_after`` as before)."""
-        inner = direct_writer(self.stream)
+        ``send_all``, which applies them (and counts for ``close_after`` as before).
+
+        Asked on every write, so each check is a slot read; a plain socket's write is done
+        here, not through the socket's own writer (one call fewer per chunk)."""
+        stream = self.stream
+        link = self._link
+        faults = self._faults
+        outbound = self._outbound
+        if isinstance(stream, trio.SocketStream) and os.name == "posix":
+            sock = raw_socket(stream.socket)
+
+            def write(data: bytes | bytearray | memoryview) -> int:
+                if link.ended or (faults.out if outbound else faults.in_)._active:
+                    return 0
+                fd = sock.fileno()  # -1 once closed: never a descriptor reused by another
+                if fd < 0:
+                    return 0
+                try:
+                    sent = os.write(fd, data)
+                except OSError:  # BlockingIOError included
+                    return 0
+                self._sent += sent
+                return sent
+
+            return write
+        inner = direct_writer(stream)
         if inner is None:
             return None
-        link = self._link
-        side = self._faults.side
 
-        def write(data: bytes | bytearray | memoryview) -> int:
-            if link.cut or link.reset or side(self._outbound).active:
+        def write_inner(data: bytes | bytearray | memoryview) -> int:
+            if link.ended or (faults.out if outbound else faults.in_)._active:
                 return 0
             sent = inner(data)
             self._sent += sent
             return sent
 
-        return write
+        return write_inner
 
     def direct_reader(self) -> DirectReader | None:
         """The wrapped stream's direct reader, with what ``receive_some`` adds: EOF once the
@@ -319,7 +369,7 @@ class FaultyStream(trio.abc.HalfCloseableStream):
         link = self._link
 
         def write(data: bytes | bytearray | memoryview) -> int:
-            return 0 if link.cut or link.reset else writer(data)
+            return 0 if link.ended else writer(data)
 
         return stream.deliver_directly(write, wake)
 
