@@ -672,7 +672,8 @@ class Session:
             elif not self._mux.bytes_to_send:
                 # every waiter: with the writer task idle, nothing would wake one that a grant
                 # passed over (see _grant_room)
-                self._wake_all_room()
+                if self._room_waiters:
+                    self._wake_all_room()
                 if self._drain_lot:
                     self._drain_lot.unpark_all()
                 return
