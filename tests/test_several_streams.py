@@ -237,3 +237,53 @@ async def test_relays_that_wait_for_room_still_send_whole_reads_as_one_frame() -
     # cut into 64 KiB pieces, none would be larger
     assert large >= 2 * size, f"{large} of {4 * size} bytes in frames over 64 KiB: {sizes[:40]}"
     assert count_tasks() == tasks_before
+
+
+async def test_a_send_parks_or_checkpoints_once_and_one_that_fits_still_checkpoints() -> None:
+    """A ``send_all`` that fits at once ends with a checkpoint, as every trio operation; one
+    that had to wait for room has yielded already and adds no scheduler pass of its own: a
+    sender parked behind another stream's bulk is woken once, and that step finishes it."""
+    a, b = await tcp_stream_pair()
+    _small_buffers(a, b)
+    steps = _Steps()
+    with trio.fail_after(60):
+        async with (
+            open_session(a, Role.CLIENT, _CONFIG) as client,
+            open_session(b, Role.SERVER, _CONFIG) as server,
+        ):
+            bulk, _ = await open_pair(client, server, host="t", port=1)
+            mine, theirs = await open_pair(client, server, host="t", port=2)
+            with trio.testing.assert_checkpoints():
+                await mine.send_all(b"z" * 1000)
+            assert await theirs.receive_some() == b"z" * 1000
+            server._cancel_scope.cancel()  # the peer stops reading: the link is congested
+            done: list[str] = []
+
+            async def send() -> None:
+                steps.tasks.add(trio.lowlevel.current_task())
+                await mine.send_all(b"w" * 1000)
+                done.append("sent")
+
+            async def drain() -> None:
+                while await b.receive_some(1 << 20):
+                    pass
+
+            trio.lowlevel.add_instrument(steps)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(bulk.send_all, b"x" * (1024 * 1024))
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert len(client._room_waiters) == 1  # the bulk sender waits for room
+                    nursery.start_soon(send)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert len(client._room_waiters) == 2  # and the small one behind it
+                    before = steps.steps
+                    nursery.start_soon(drain)
+                    while not done:
+                        await trio.sleep(0.01)
+                    await trio.testing.wait_all_tasks_blocked()
+                    # woken once; that step queued the bytes and returned
+                    assert steps.steps == before + 1
+                    nursery.cancel_scope.cancel()
+            finally:
+                trio.lowlevel.remove_instrument(steps)
