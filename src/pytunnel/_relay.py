@@ -62,8 +62,12 @@ log = logging.getLogger("pytunnel.relay")
 #: Seconds without a byte moving in either direction before a relay is reset.
 DEFAULT_IDLE_TIMEOUT = 300.0
 _CHUNK = 256 * 1024
-#: Progress granularity of a send: the size of one Data frame of a tunnel stream.
-_PIECE = 64 * 1024
+#: Progress granularity of a send: a whole chunk, the size of one Data frame of a tunnel
+#: stream. Smaller pieces cut every chunk that waited for a session's write buffer into as
+#: many frames, each with its own ``send_all``, its checkpoint and the far side's write: most
+#: chunks wait when several streams of one session are busy (docs/performance.md, "Several
+#: busy streams").
+_PIECE = _CHUNK
 
 
 def _idle_slack(idle_timeout: float) -> float:
@@ -664,7 +668,7 @@ async def relay(
     relay is cancelled, or it is idle for ``idle_timeout`` seconds, both streams are reset
     (RST on TCP, ``Reset`` on a mux stream), because a direction that had not reached its EOF
     was cut short and its reader must not take what it got for the whole transfer. Idle means
-    no progress either way: no byte arrived from either side and no piece (64 KiB) of a send
+    no progress either way: no byte arrived from either side and no piece (256 KiB) of a send
     completed, so a reader that takes its bytes slowly keeps the relay, while one that stops
     taking them (or a peer that never grants window) loses it after ``idle_timeout``, with a
     reset, instead of holding its sockets and slot for ever. The reset comes at most

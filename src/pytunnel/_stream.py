@@ -53,7 +53,8 @@ class StreamCarrier(Protocol):
         ...
 
     async def wait_for_room(self, size: int) -> None:
-        """Park until ``size`` more bytes fit in the shared write buffer.
+        """Park until ``size`` more bytes fit in the shared write buffer (called only when
+        :meth:`has_room` just said no: it always yields, which the caller counts on).
 
         Raises ``ClosedResourceError`` or ``BrokenResourceError`` if the session ends first."""
         ...
@@ -548,6 +549,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_send()
             carrier = self._carrier
+            # a send that parked (for window or room) has yielded already: a checkpoint at the
+            # end would be one more scheduler pass per chunk of a busy session, for nothing
+            parked = False
             with memoryview(data) as view:
                 view = view.cast("B")
                 total = len(view)
@@ -557,18 +561,21 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     self._check_send()
                     window = carrier.send_window(self.stream_id)
                     if window <= 0:
+                        parked = True
                         await self._senders().park()
                         continue
                     size = min(window, total - pos, chunk)
                     # Room first, then queue (nothing awaits in between): however many
                     # streams send at once, the queue holds at most the mark plus one chunk.
                     if not carrier.has_room(size):
+                        parked = True
                         await carrier.wait_for_room(size)
                         continue
                     carrier.send_data(self.stream_id, view[pos : pos + size])
                     pos += size
                     self.bytes_sent += size
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if not parked:
+                await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
 

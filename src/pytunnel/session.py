@@ -32,6 +32,7 @@ import heapq
 import logging
 import math
 import os
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -102,6 +103,17 @@ _FRAMES_PER_BATCH = 256
 
 
 _positive = attrs.validators.ge(1)
+
+
+class _RoomWaiter:
+    """A sender parked in :meth:`Session.wait_for_room`: the bytes it wants queued, and its
+    task (``None`` once it was cancelled: dropped when it reaches the head)."""
+
+    __slots__ = ("size", "task")
+
+    def __init__(self, size: int, task: trio.lowlevel.Task) -> None:
+        self.size = size
+        self.task: trio.lowlevel.Task | None = task
 
 
 @attrs.frozen(kw_only=True)
@@ -219,7 +231,15 @@ class Session:
         self._write_event = trio.Event()
         #: Set when a closed stream starts lingering (wakes the reaper).
         self._linger_event = trio.Event()
+        #: Tasks waiting for the queue to empty (:meth:`_flush`).
         self._drain_lot = trio.lowlevel.ParkingLot()
+        #: Senders waiting for room in the write buffer, oldest first. The writer wakes only
+        #: those the room it just made takes (see :meth:`_grant_room`): waking them all, as a
+        #: parking lot would, made every busy stream but one run only to park again, once per
+        #: write, when several streams sent bulk at once.
+        self._room_waiters: deque[_RoomWaiter] = deque()
+        #: Waiters in ``_room_waiters`` that were cancelled (compacted when they are half).
+        self._room_cancelled = 0
         self._closed_event = trio.Event()
         #: Set with ``_closed_event`` (a plain flag: asked on every frame sent or read).
         self._ended = False
@@ -650,6 +670,10 @@ class Session:
             if sent < len(data):
                 self._unsent = memoryview(data)[sent:]
             elif not self._mux.bytes_to_send:
+                # every waiter: with the writer task idle, nothing would wake one that a grant
+                # passed over (see _grant_room)
+                if self._room_waiters:
+                    self._wake_all_room()
                 if self._drain_lot:
                     self._drain_lot.unpark_all()
                 return
@@ -667,13 +691,61 @@ class Session:
         return queued == 0 or queued + size <= self.config.write_buffer_high
 
     async def wait_for_room(self, size: int) -> None:
-        """Back-pressure: park until ``size`` more bytes fit under the high-water mark."""
+        """Back-pressure: park until ``size`` more bytes fit under the high-water mark.
+
+        Waiters are woken in the order they came, each when the room the writer makes takes
+        its ``size`` (:meth:`_grant_room`), and all of them whenever the queue empties."""
         while not self.has_room(size):
             if self.closed:
                 if self._closed_locally:
                     raise trio.ClosedResourceError("session was closed")
                 raise trio.BrokenResourceError("session ended") from self.close_reason
-            await self._drain_lot.park()
+            waiter = _RoomWaiter(size, trio.lowlevel.current_task())
+            self._room_waiters.append(waiter)
+
+            def abort(_: object, waiter: _RoomWaiter = waiter) -> trio.lowlevel.Abort:
+                waiter.task = None  # left in place: removing it from the middle is O(n)
+                self._room_cancelled += 1
+                if self._room_cancelled * 2 > len(self._room_waiters):
+                    self._room_waiters = deque(w for w in self._room_waiters if w.task)
+                    self._room_cancelled = 0
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _grant_room(self) -> None:
+        """Wake the oldest room waiters, as many as fit under the mark now (the first always
+        when the queue is empty, as :meth:`has_room` lets any size into an empty queue).
+
+        Called by the writer task before each write. A waiter woken that does not queue after
+        all (its stream broke, its window closed) leaves room unused for one write at most:
+        the writer wakes the next at its next write, and every waiter once the queue empties
+        (:meth:`_wake_all_room`), so none waits while there is room and nothing to write."""
+        waiters = self._room_waiters
+        queued = self._queued()
+        high = self.config.write_buffer_high
+        while waiters:
+            waiter = waiters[0]
+            task = waiter.task
+            if task is None:
+                waiters.popleft()
+                self._room_cancelled -= 1
+                continue
+            if queued and queued + waiter.size > high:
+                return
+            waiters.popleft()
+            queued += waiter.size
+            trio.lowlevel.reschedule(task)
+
+    def _wake_all_room(self) -> None:
+        """Wake every room waiter (the queue is empty, or the session ended)."""
+        waiters = self._room_waiters
+        if waiters:
+            self._room_waiters = deque()
+            self._room_cancelled = 0
+            for waiter in waiters:
+                if waiter.task is not None:
+                    trio.lowlevel.reschedule(waiter.task)
 
     async def _flush(self) -> None:
         """Wait until everything queued so far has been handed to the transport."""
@@ -764,10 +836,12 @@ class Session:
                     elif mux.bytes_to_send:
                         data = mux.data_to_send()
                     else:
+                        self._wake_all_room()
                         self._drain_lot.unpark_all()
                         self._write_event = trio.Event()
                         await self._write_event.wait()
                         continue
+                    self._grant_room()
                     self._drain_lot.unpark_all()
                     self._writing = True
                     try:
@@ -936,6 +1010,7 @@ class Session:
         for event in list(self._pings.values()):
             event.set()
         self._incoming_send.close()
+        self._wake_all_room()
         self._drain_lot.unpark_all()
         self._slot_lot.unpark_all()
         self._write_event.set()
