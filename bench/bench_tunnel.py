@@ -1782,19 +1782,11 @@ def _run_until_interrupted(run: Callable[..., Any], main: Callable[[], Any]) -> 
             raise
 
 
-def trio_relay_main(spec: str) -> int:
-    """``--trio-relay T1,T2``: listen on a free port per target port and relay each
-    connection to it with two trio tasks (the simplest trio relay: no framing, no
-    multiplexing). Prints ``relay FRONT -> TARGET`` per target."""
+def _serve_trio_relays(spec: str, pump: Any, bare: bool) -> None:
+    """Serve each target of ``T1,T2`` on a free port, relaying every connection with two
+    ``pump(src, dst)`` tasks, given the ``SocketStream``s or (``bare``) their trio sockets;
+    prints ``relay FRONT -> TARGET`` per target and runs until interrupted."""
     import trio
-
-    async def pump(src: Any, dst: Any) -> None:
-        try:
-            while data := await src.receive_some(256 * 1024):
-                await dst.send_all(data)
-            await dst.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
 
     async def handle(conn: Any, target: int) -> None:
         async with conn:
@@ -1802,9 +1794,10 @@ def trio_relay_main(spec: str) -> int:
                 upstream = await trio.open_tcp_stream(HOST, target)
             except OSError:
                 return
+            near, far = (conn.socket, upstream.socket) if bare else (conn, upstream)
             async with upstream, trio.open_nursery() as nursery:
-                nursery.start_soon(pump, conn, upstream)
-                nursery.start_soon(pump, upstream, conn)
+                nursery.start_soon(pump, near, far)
+                nursery.start_soon(pump, far, near)
 
     async def serve(target: int, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host=HOST, backlog=4096)
@@ -1822,6 +1815,23 @@ def trio_relay_main(spec: str) -> int:
                 await nursery.start(serve, int(t))
 
     _run_until_interrupted(trio.run, main)
+
+
+def trio_relay_main(spec: str) -> int:
+    """``--trio-relay T1,T2``: listen on a free port per target port and relay each
+    connection to it with two trio tasks (the simplest trio relay: no framing, no
+    multiplexing). Prints ``relay FRONT -> TARGET`` per target."""
+    import trio
+
+    async def pump(src: Any, dst: Any) -> None:
+        try:
+            while data := await src.receive_some(256 * 1024):
+                await dst.send_all(data)
+            await dst.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    _serve_trio_relays(spec, pump, bare=False)
     return 0
 
 
@@ -1862,32 +1872,7 @@ def trio_raw_relay_main(spec: str) -> int:
         except OSError:
             pass
 
-    async def handle(conn: Any, target: int) -> None:
-        async with conn:
-            try:
-                upstream = await trio.open_tcp_stream(HOST, target)
-            except OSError:
-                return
-            async with upstream, trio.open_nursery() as nursery:
-                nursery.start_soon(pump, conn.socket, upstream.socket)
-                nursery.start_soon(pump, upstream.socket, conn.socket)
-
-    async def serve(target: int, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host=HOST, backlog=4096)
-        print(f"relay {listeners[0].socket.getsockname()[1]} -> {target}", flush=True)
-        task_status.started()
-
-        async def one(conn: Any) -> None:
-            await handle(conn, target)
-
-        await trio.serve_listeners(one, listeners)
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            for t in spec.split(","):
-                await nursery.start(serve, int(t))
-
-    _run_until_interrupted(trio.run, main)
+    _serve_trio_relays(spec, pump, bare=True)
     return 0
 
 
