@@ -16,6 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)  # four measurements, each starting two profiled processes
 def test_the_floor_and_a_tree_are_counted_per_process_and_by_site(
     tmp_path: pathlib.Path,
 ) -> None:
