@@ -1771,7 +1771,10 @@ RSS_PATHS = [
 def _run_until_interrupted(run: Callable[..., Any], main: Callable[[], Any]) -> None:
     """``run(main)``, ending quietly on SIGINT (how the benchmarks stop a reference relay)
     also when trio raises the ``KeyboardInterrupt`` inside an exception group: a traceback
-    printed at exit would be counted by callgrind_tunnel.py as the relay's work."""
+    printed at exit would be counted by callgrind_tunnel.py as the relay's work. SIGINT is
+    armed first: a process started by one that ignores it (a pytest-xdist worker does)
+    inherits the ignoring, and Python then installs no handler of its own."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         run(main)
     except KeyboardInterrupt:
