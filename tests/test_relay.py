@@ -434,7 +434,7 @@ def test_the_idle_clock_reads_trios_own_clock_without_its_method() -> None:
 async def test_the_relay_asks_the_standard_socket_for_its_descriptor() -> None:
     """The per-chunk descriptor read goes to the standard socket under trio's (one Python
     call fewer), which answers as trio's does, -1 once trio's socket is closed."""
-    from pytunnel._relay import _raw
+    from pytunnel._direct import raw_socket as _raw
 
     a, b = await tcp_stream_pair()
     raw = _raw(a.socket)

@@ -176,10 +176,6 @@ def _clock_reader() -> tuple[Callable[[], float], float | None]:
     return _clock[1], _clock[2]
 
 
-#: What the pump and the taskless writer ask for a socket's descriptor, once per chunk.
-_raw = raw_socket
-
-
 @runtime_checkable
 class ResettableStream(Protocol):
     """A stream that can abort both directions at once, so its peer sees a reset, not EOF."""
@@ -293,7 +289,7 @@ async def _pump(
             writer = direct_writer(sink)
             # a plain socket's wait is trio's, called here rather than through the reader
             sock = (
-                _raw(cast(trio.SocketStream, source).socket)
+                raw_socket(cast(trio.SocketStream, source).socket)
                 if type(reader) is SocketReader
                 else None
             )
@@ -527,7 +523,7 @@ class _Taskless:
         self.sink = sink
         #: The sink's socket when it is a plain one (written by :meth:`write` itself, with no
         #: writer closure per relay), else ``None`` and ``_inner`` is the sink's writer.
-        self._sock = None if sock is None else _raw(sock)
+        self._sock = None if sock is None else raw_socket(sock)
         self._inner = writer
         self.stats = stats
         self.outbound = outbound
