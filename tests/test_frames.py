@@ -707,3 +707,53 @@ def test_the_data_fast_path_reads_all_four_bytes_of_a_large_payloads_length() ->
     payload = bytes(2**24 + 1)
     body = encode_message(m.Data(1, payload))[HEADER_SIZE:]
     assert _parse_data(body, 0, len(body)) == m.Data(1, payload)
+
+
+@pytest.mark.parametrize("stream", [1, 127, 128, 256, 65536, 2**32 - 1])
+@pytest.mark.parametrize("size", [0, 1, 256, 65536])
+def test_next_frame_reads_a_canonical_data_frame_into_fields_however_it_is_split(
+    stream: int, size: int
+) -> None:
+    """In one chunk or straddling two (the pending path), at every cut: ``DATA_FRAME`` with the
+    stream id and payload, and ``next_message`` the same frame as a message."""
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    wire = encode_message(m.Data(stream, payload)) + encode_message(m.Ping(9))
+    cuts = range(1, len(wire)) if size <= 256 else [1, 4, 5, 20, 30, len(wire) - 20]
+    for cut in [0, *cuts]:
+        decoder = FrameDecoder(2**32 - 1, layer=m.SESSION)
+        decoder.receive_data(wire[:cut] or wire)
+        got = decoder.next_frame()
+        if cut:
+            if got is None:
+                decoder.receive_data(wire[cut:])
+                got = decoder.next_frame()
+            else:
+                decoder.receive_data(wire[cut:])
+        assert got is frames.DATA_FRAME, cut
+        assert (decoder.data_stream, decoder.data_payload) == (stream, payload)
+        assert type(decoder.data_payload) is bytes
+        assert decoder.next_frame() == m.Ping(9)
+        assert decoder.next_frame() is None
+        other = FrameDecoder(2**32 - 1)
+        got_messages = other.feed(wire[:cut] or wire) + (other.feed(wire[cut:]) if cut else [])
+        assert got_messages == [m.Data(stream, payload), m.Ping(9)], cut
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_data_frame_in_a_layer_without_data_is_unexpected_on_the_fast_path(split: bool) -> None:
+    wire = encode_message(m.Data(1, b"x" * 300))
+    decoder = FrameDecoder(layer=m.HANDSHAKE)
+    if split:
+        decoder.receive_data(wire[:10])
+        assert decoder.next_frame() is None
+    decoder.receive_data(wire[10:] if split else wire)
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next_frame()
+    assert info.value.code == ErrorCode.UNEXPECTED_MESSAGE
+    assert info.value.message == f"Data is not valid {m.HANDSHAKE.where}"
+    # the layer may change between frames: the fast path follows it
+    decoder = FrameDecoder(layer=m.HANDSHAKE)
+    decoder.layer = m.SESSION
+    decoder.receive_data(wire)
+    assert decoder.next_frame() is frames.DATA_FRAME
+    assert decoder.layer is m.SESSION

@@ -203,6 +203,32 @@ def test_data_both_directions() -> None:
     assert pump(server, client) == [DataReceived(sid, b"pong"), DataReceived(sid, b"!!")]
 
 
+def test_the_data_sink_takes_data_that_no_event_precedes_and_keeps_frame_order() -> None:
+    client, server = make_pair()
+    one, two, three = opened(client, server), opened(client, server), opened(client, server)
+    sunk: list[tuple[int, bytes, int]] = []
+    # the sink sees the multiplexer as it is at that frame: its bytes are booked already
+    server.data_sink = lambda sid, data: sunk.append((sid, data, server.bytes_buffered))
+    client.send_data(one, b"a")
+    client.send_data(two, b"bb")
+    client.send_fin(one)
+    client.send_data(two, b"ccc")  # after an event: returned as an event, in order
+    assert pump(client, server) == [StreamEnded(one), DataReceived(two, b"ccc")]
+    assert sunk == [(one, b"a", 1), (two, b"bb", 3)]
+    # a frame the multiplexer drops (its stream is closed here) never reaches the sink
+    server.close_stream(two, 0.0)
+    client.send_data(two, b"dd")
+    assert pump(client, server) == []
+    assert len(sunk) == 2
+    # a Data frame in a non-canonical encoding (keys in another order) goes the same way
+    body = b"\x83\xa1t\xa4data\xa6stream" + bytes([three]) + b"\xa4data\xc4\x01z"
+    assert server.receive_data(len(body).to_bytes(4, "big") + body) == []
+    assert sunk[2:] == [(three, b"z", server.bytes_buffered)]
+    server.data_sink = None
+    client.send_data(three, b"e")
+    assert pump(client, server) == [DataReceived(three, b"e")]
+
+
 def test_large_data_is_chunked() -> None:
     client, server = make_pair(max_data_chunk=1000)
     sid = opened(client, server)

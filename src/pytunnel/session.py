@@ -202,6 +202,8 @@ class Session:
             peer_early_window=peer_early_window,
         )
         self._streams: dict[int, MuxStream] = {}
+        # a Data frame with no event before it in its read goes to its stream as it is decoded
+        self._mux.data_sink = self._deliver_data
         # a datagram must fit the peer's frame limit with its envelope
         self._max_datagram = min(MAX_DATAGRAM, (peer_max_frame_size or config.max_frame_size) - 64)
         self._opening: dict[int, trio.Event] = {}
@@ -908,14 +910,19 @@ class Session:
 
     _goaway_reason: TunnelError | None = None
 
+    def _deliver_data(self, stream_id: int, data: bytes) -> None:
+        """A Data frame's payload to its stream (the multiplexer's ``data_sink``, and the
+        ``DataReceived`` events it returns)."""
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream.deliver_data(data)
+        elif self._mux.consumed(stream_id, len(data)):  # the app closed it: credit back
+            self._wake_slot_waiters()
+
     def _dispatch(self, event: Event) -> None:
         match event:
             case DataReceived(stream_id, data):
-                stream = self._streams.get(stream_id)
-                if stream is not None:
-                    stream.deliver_data(data)
-                else:  # the app closed it; the multiplexer already knows
-                    self._mux.consumed(stream_id, len(data))
+                self._deliver_data(stream_id, data)
             case DatagramReceived(stream_id, data):
                 stream = self._streams.get(stream_id)
                 if stream is not None:
@@ -986,6 +993,7 @@ class Session:
             reason = self._goaway_reason
         self.close_reason = reason
         self._ended = True
+        self._mux.data_sink = None  # the one reference cycle of a session, gone with it
         self._closed_event.set()
         callbacks, self._on_terminate = self._on_terminate, []
         for callback in callbacks:

@@ -7,7 +7,7 @@ Everything a peer can send wrong ends in :class:`RemoteProtocolError` with a pre
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final, cast
 
 import msgpack
 
@@ -25,6 +25,7 @@ from .messages import (
 
 __all__ = [
     "DATAGRAMS_ENVELOPE",
+    "DATA_FRAME",
     "DEFAULT_MAX_FRAME_SIZE",
     "HEADER_SIZE",
     "FrameDecoder",
@@ -51,11 +52,15 @@ _structure_message = converter.get_structure_hook(Message)
 # key, then the stream id, the "data" key, the bin header and payload, and the "t" entry last.
 # Data frames are built and recognised with these directly (the hot path); the output is
 # byte-identical to the generic encoder's, and anything else goes through msgpack + cattrs.
-_DATA_HEAD = b"\x83\xa6stream"
-_DATA_KEY = b"\xa4data"
-_DATA_TAIL = b"\xa1t\xa4data"
-_new_object = object.__new__
-_set_field = object.__setattr__  # the frozen class's own __setattr__ refuses
+# (Final: the compiled build reads them as constants, not from the module's dict per frame.)
+_DATA_HEAD: Final = b"\x83\xa6stream"
+_DATA_KEY: Final = b"\xa4data"
+_DATA_TAIL: Final = b"\xa1t\xa4data"
+#: A Data body's bytes before its payload, at most: the head, a 32-bit stream id, the "data"
+#: key and a bin 32 header.
+_DATA_PREFIX_MAX: Final = 8 + 5 + 5 + 5
+_new_object: Final = object.__new__
+_set_field: Final = object.__setattr__  # the frozen class's own __setattr__ refuses
 
 
 def _msgpack_uint(n: int) -> bytes:
@@ -78,9 +83,9 @@ def _bin_header(n: int) -> bytes:
 
 #: msgpack's positive fixint and bin 8 headers, built once: a small message's Data frame then
 #: costs no helper call for its stream id or its length.
-_FIXINT = [n.to_bytes(1, "big") for n in range(0x80)]
-_BIN8 = [b"\xc4" + n.to_bytes(1, "big") for n in range(0x100)]
-_DATA_FIXED = len(_DATA_HEAD) + len(_DATA_KEY) + len(_DATA_TAIL)
+_FIXINT: Final = [n.to_bytes(1, "big") for n in range(0x80)]
+_BIN8: Final = [b"\xc4" + n.to_bytes(1, "big") for n in range(0x100)]
+_DATA_FIXED: Final = len(_DATA_HEAD) + len(_DATA_KEY) + len(_DATA_TAIL)
 
 
 def append_data_frame(
@@ -168,51 +173,70 @@ def _parse_datagrams(buf: bytes | bytearray, start: int, end: int) -> Datagrams 
         return None
 
 
-def _parse_data(buf: bytes | bytearray, start: int, end: int) -> Data | None:
-    """The Data message if ``buf[start:end]`` is exactly the canonical Data body, else None
-    (then the generic decoder decides, with all its checks)."""
+def _data_layout(buf: bytes, start: int, end: int) -> tuple[int, int]:
+    """``(stream id, payload offset)`` when the Data body ``buf[start:end]`` has exactly the
+    canonical layout up to its payload, and the payload runs to ``len(_DATA_TAIL)`` bytes
+    before ``end``; ``(0, 0)`` for anything else (then the generic decoder decides, with all
+    its checks). The tail itself is the caller's to check.
+
+    ``buf`` may hold only the body's first ``_DATA_PREFIX_MAX`` bytes (``end`` beyond its
+    length): everything read here lies in them. Typed ``bytes`` so that the compiled build
+    indexes and slices it directly, without a generic call per byte.
+    """
+    limit = min(end, len(buf))
     p = start + 8
-    # each bound check leaves room for the two bytes read by index after it (a body cut short
+    # each bound check leaves room for the bytes read by index after it (a body cut short
     # inside the stream id or the bin header must fall through to the generic decoder, not
     # index past the end of the buffer)
-    if buf[start:p] != _DATA_HEAD or p + 1 >= end:
-        return None
+    if p + 1 >= limit or buf[start:p] != _DATA_HEAD:
+        return 0, 0
     b = buf[p]
     if b < 0x80:
         stream, p = b, p + 1
     elif b == 0xCC:
         stream, p = buf[p + 1], p + 2
-    elif b == 0xCD:
-        stream, p = int.from_bytes(buf[p + 1 : p + 3], "big"), p + 3
-    elif b == 0xCE:
-        stream, p = int.from_bytes(buf[p + 1 : p + 5], "big"), p + 5
+    elif b == 0xCD and p + 2 < limit:
+        stream, p = buf[p + 1] << 8 | buf[p + 2], p + 3
+    elif b == 0xCE and p + 4 < limit:
+        stream = buf[p + 1] << 24 | buf[p + 2] << 16 | buf[p + 3] << 8 | buf[p + 4]
+        p += 5
     else:
-        return None
-    if buf[p : p + 5] != _DATA_KEY or p + 6 >= end:
-        return None
+        return 0, 0
+    if p + 6 >= limit or buf[p : p + 5] != _DATA_KEY:
+        return 0, 0
     p += 5
     b = buf[p]
     if b == 0xC4:
         n, p = buf[p + 1], p + 2
-    elif b == 0xC5:
-        n, p = int.from_bytes(buf[p + 1 : p + 3], "big"), p + 3
-    elif b == 0xC6:
-        n, p = int.from_bytes(buf[p + 1 : p + 5], "big"), p + 5
+    elif b == 0xC5 and p + 2 < limit:
+        n, p = buf[p + 1] << 8 | buf[p + 2], p + 3
+    elif b == 0xC6 and p + 4 < limit:
+        n = buf[p + 1] << 24 | buf[p + 2] << 16 | buf[p + 3] << 8 | buf[p + 4]
+        p += 5
     else:
-        return None
-    if p + n + len(_DATA_TAIL) != end or buf[p + n : end] != _DATA_TAIL or stream < 1:
-        return None
-    if type(buf) is bytes:
-        payload = buf[p : p + n]
-    else:
-        with memoryview(buf) as view, view[p : p + n] as piece:
-            payload = bytes(piece)
+        return 0, 0
+    if p + n + len(_DATA_TAIL) != end or stream < 1:
+        return 0, 0
+    return stream, p
+
+
+def _data_message(stream: int, payload: bytes) -> Data:
     # both fields are valid by construction (a stream id of 1..2**32-1, bytes): built without
     # attrs' validators, which would check them again for every frame
     message: Data = _new_object(Data)
     _set_field(message, "stream", stream)
     _set_field(message, "data", payload)
     return message
+
+
+def _parse_data(buf: bytes | bytearray, start: int, end: int) -> Data | None:
+    """The Data message if ``buf[start:end]`` is exactly the canonical Data body, else None
+    (then the generic decoder decides, with all its checks)."""
+    body = buf if type(buf) is bytes else bytes(buf)
+    stream, p = _data_layout(body, start, end)
+    if not p or body[end - len(_DATA_TAIL) : end] != _DATA_TAIL:
+        return None
+    return _data_message(stream, body[p : end - len(_DATA_TAIL)])
 
 
 def encode_message(message: Message, max_frame_size: int = MAX_FRAME_SIZE_LIMIT) -> bytes:
@@ -300,6 +324,17 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class _DataFrame:
+    """The type of :data:`DATA_FRAME`."""
+
+    __slots__ = ()
+
+
+#: What :meth:`FrameDecoder.next_frame` returns for a Data frame: its fields are then in the
+#: decoder's ``data_stream`` and ``data_payload``, and no message object was built.
+DATA_FRAME: Final = _DataFrame()
+
+
 class FrameDecoder:
     """Incremental decoder: feed any chunking of the byte stream, take out whole messages.
 
@@ -324,6 +359,19 @@ class FrameDecoder:
         self._pending = bytearray()
         self._error: RemoteProtocolError | None = None
         self._eof = False
+        #: The last Data frame :meth:`next_frame` answered ``DATA_FRAME`` for.
+        self.data_stream = 0
+        self.data_payload = b""
+
+    @property
+    def layer(self) -> Layer:
+        """The message kinds accepted; may be changed between frames."""
+        return self._layer
+
+    @layer.setter
+    def layer(self, value: Layer) -> None:
+        self._layer = value
+        self._takes_data = Data in value.types  # asked once here, not per Data frame
 
     @property
     def max_frame_size(self) -> int:
@@ -369,6 +417,16 @@ class FrameDecoder:
 
         At end of stream with a partial frame left, raises ``TRUNCATED_FRAME``.
         """
+        frame = self.next_frame()
+        if frame is DATA_FRAME:
+            return _data_message(self.data_stream, self.data_payload)
+        return cast("Message | None", frame)
+
+    def next_frame(self) -> Message | _DataFrame | None:
+        """:meth:`next_message`, except that a canonical Data frame of an accepting layer is
+        answered with :data:`DATA_FRAME`, its stream id and payload left in ``data_stream``
+        and ``data_payload`` (valid until the next call): the multiplexer's way of reading
+        the most common frame without building a message object for it."""
         if self._error is not None:
             raise self._error
         try:
@@ -398,7 +456,7 @@ class FrameDecoder:
             return take
         return 0
 
-    def _next(self) -> Message | None:
+    def _next(self) -> Message | _DataFrame | None:
         pending = self._pending
         if pending:  # finish the frame that straddles chunks
             if len(pending) < HEADER_SIZE:
@@ -408,16 +466,23 @@ class FrameDecoder:
                 need = HEADER_SIZE + size - len(pending)
                 if self._take(need) == need:
                     self._pending = bytearray()
-                    return _decode(pending, HEADER_SIZE, HEADER_SIZE + size, self.layer)
+                    return self._pending_frame(pending, size)
         else:
             chunk, pos = self._chunk, self._pos
             available = len(chunk) - pos
             if available >= HEADER_SIZE:
-                size = self._size(chunk[pos : pos + HEADER_SIZE])
-                end = pos + HEADER_SIZE + size
+                size = (chunk[pos] << 24 | chunk[pos + 1] << 16 | chunk[pos + 2] << 8
+                        | chunk[pos + 3])  # fmt: skip
+                if size > self._max_frame_size:
+                    self._size(chunk[pos : pos + HEADER_SIZE])  # raises FRAME_TOO_LARGE
+                start = pos + HEADER_SIZE
+                end = start + size
                 if end <= len(chunk):
                     self._pos = end
-                    return _decode(chunk, pos + HEADER_SIZE, end, self.layer)
+                    stream, p = _data_layout(chunk, start, end)
+                    if p and chunk[end - len(_DATA_TAIL) : end] == _DATA_TAIL:
+                        return self._data(stream, chunk[p : end - len(_DATA_TAIL)])
+                    return _decode(chunk, start, end, self._layer)
             if available > 0:
                 self._take(available)
         if self._eof and self._pending:
@@ -426,6 +491,24 @@ class FrameDecoder:
                 code=ErrorCode.TRUNCATED_FRAME,
             )
         return None
+
+    def _pending_frame(self, frame: bytearray, size: int) -> Message | _DataFrame:
+        """The frame of ``size`` body bytes that straddled chunks, whole in ``frame``: its
+        prefix is parsed from a small copy, its payload copied out once."""
+        stream, p = _data_layout(bytes(frame[: HEADER_SIZE + _DATA_PREFIX_MAX]), HEADER_SIZE,
+                                 HEADER_SIZE + size)  # fmt: skip
+        end = HEADER_SIZE + size
+        if p and frame[end - len(_DATA_TAIL) :] == _DATA_TAIL:
+            with memoryview(frame) as view, view[p : end - len(_DATA_TAIL)] as payload:
+                return self._data(stream, bytes(payload))
+        return _decode(frame, HEADER_SIZE, end, self._layer)
+
+    def _data(self, stream: int, payload: bytes) -> Message | _DataFrame:
+        if not self._takes_data:  # the layer's own error, as for any other message
+            return _check_layer(_data_message(stream, payload), self._layer)
+        self.data_stream = stream
+        self.data_payload = payload
+        return DATA_FRAME
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         """Convenience: :meth:`receive_data` then every message now complete."""
@@ -437,8 +520,9 @@ class FrameDecoder:
 
 
 def _decode(buf: bytes | bytearray, start: int, end: int, layer: Layer) -> Message:
-    message: Message | None = _parse_data(buf, start, end)
-    if message is None and buf[start : start + len(_DATA_HEAD)] == _DATA_HEAD:
+    """Any frame body but a canonical Data one (which :class:`FrameDecoder` reads itself)."""
+    message: Message | None = None
+    if buf[start : start + len(_DATA_HEAD)] == _DATA_HEAD:
         message = _parse_datagrams(buf, start, end)
     if message is None:
         with memoryview(buf) as view, view[start:end] as body:

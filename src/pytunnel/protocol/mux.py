@@ -60,6 +60,7 @@ stream's record; split apart they would reach into each other's private state.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Union, cast
 
 import attrs
@@ -72,6 +73,7 @@ from ..errors import (
     caused_by,
 )
 from .frames import (
+    DATA_FRAME,
     DATAGRAMS_ENVELOPE,
     DEFAULT_MAX_FRAME_SIZE,
     FrameDecoder,
@@ -436,6 +438,13 @@ class Multiplexer:
         self.frames_pending = False
         #: The peer's violation once the multiplexer has stopped (see :attr:`error`).
         self._error: RemoteProtocolError | None = None
+        #: Optional: called as ``data_sink(stream_id, data)`` during :meth:`next_events` for
+        #: a ``DataReceived`` that no other event of the same call precedes, in place of the
+        #: event (one that an earlier event precedes is returned as usual, so that every event
+        #: is seen in frame order). For a caller that would hand each such event straight to
+        #: its stream: no event object per Data frame. It may call back into the multiplexer
+        #: (``consumed``) but must not raise.
+        self.data_sink: Callable[[int, bytes], None] | None = None
 
     # ------------------------------------------------------------------ introspection
 
@@ -927,11 +936,25 @@ class Multiplexer:
             raise self._error
         decoder = self._decoder
         events: list[Event] = []
+        sink = self.data_sink
         remaining = -1 if max_frames is None else max_frames
         try:
-            while remaining and (message := decoder.next_message()) is not None:
+            while remaining and (frame := decoder.next_frame()) is not None:
                 remaining -= 1
-                event = self._handle(cast(SessionMessage, message))
+                if frame is DATA_FRAME or type(frame) is Data:
+                    if frame is DATA_FRAME:
+                        stream, data = decoder.data_stream, decoder.data_payload
+                    else:  # a Data frame in a non-canonical encoding
+                        message = cast(Data, frame)
+                        stream, data = message.stream, message.data
+                    if self._on_data(stream, data):
+                        if sink is not None and not events:
+                            sink(stream, data)
+                        else:
+                            events.append(DataReceived(stream, data))
+                    event = None
+                else:
+                    event = self._handle(cast(SessionMessage, frame))
                 if self._replies > self.max_control_queue:
                     raise _error(
                         ErrorCode.FLOOD,
@@ -971,8 +994,6 @@ class Multiplexer:
 
     def _handle(self, msg: SessionMessage) -> Event | None:
         match msg:
-            case Data():
-                return self._on_data(msg)
             case Datagram(stream_id, data):
                 if not self._takes_datagrams(stream_id, "datagram"):
                     return None
@@ -1037,6 +1058,8 @@ class Multiplexer:
             case GoAway(code, message):
                 self.goaway_received = True
                 return GoAwayReceived(code, message)
+            case Data():  # pragma: no cover - next_events reads Data frames itself
+                raise AssertionError("a Data frame reached _handle")
 
     def _is_peer_id(self, stream_id: int) -> bool:
         return stream_id % 2 == self._peer_parity
@@ -1074,11 +1097,12 @@ class Multiplexer:
         self._streams[sid] = _Stream(sid, StreamState.PENDING, msg.window, early, msg.datagrams)
         return StreamOpened(sid, msg.host, msg.port, msg.tag, msg.datagrams)
 
-    def _on_data(self, msg: Data) -> Event | None:
-        if (live := self._live(msg.stream, StreamEvent.RECV_DATA)) is None:
-            return None
+    def _on_data(self, stream_id: int, data: bytes) -> bool:
+        """Book a received Data frame; ``True`` when its payload goes to the application."""
+        if (live := self._live(stream_id, StreamEvent.RECV_DATA)) is None:
+            return False
         st, _ = live  # data never changes the state
-        size = len(msg.data)
+        size = len(data)
         if size > st.recv_window:
             raise _error(
                 ErrorCode.FLOW_CONTROL_ERROR,
@@ -1093,7 +1117,5 @@ class Multiplexer:
             before = self.bytes_to_send
             self._emit_reset(st, ErrorCode.CANCELLED, "stream closed by the receiver")
             self._replies += self.bytes_to_send - before
-            return None
-        if not size:
-            return None
-        return DataReceived(st.id, msg.data)
+            return False
+        return size > 0
