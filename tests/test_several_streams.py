@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 import trio
 import trio.testing
-from helpers import count_tasks, open_pair, tcp_stream_pair
+from helpers import count_tasks, open_pair, read_to_eof, tcp_stream_pair
 
 from pytunnel import SessionConfig
 from pytunnel._relay import relay
@@ -62,13 +62,6 @@ class _Steps(trio.abc.Instrument):
             self.steps += 1
 
 
-async def _read_all(stream: trio.abc.ReceiveStream) -> bytes:
-    parts = []
-    while chunk := await stream.receive_some():
-        parts.append(chunk)
-    return b"".join(parts)
-
-
 async def test_parked_senders_are_woken_only_as_far_as_the_room_takes_them() -> None:
     """Eight senders of 1 MiB each share a 64 KiB write buffer over a socket that fills:
     every frame but the first makes its sender wait for room. Each time the writer makes
@@ -88,7 +81,7 @@ async def test_parked_senders_are_woken_only_as_far_as_the_room_takes_them() -> 
                 await pairs[i][0].send_eof()
 
             async def receive(i: int) -> None:
-                received[i] = await _read_all(pairs[i][1])
+                received[i] = await read_to_eof(pairs[i][1])
 
             trio.lowlevel.add_instrument(steps)
             try:
