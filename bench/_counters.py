@@ -17,6 +17,7 @@ import collections
 import json
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,43 @@ def dump(*_: Any) -> None:
     out.write_text(json.dumps(dict(C)))
 
 
+def _written(data: Any, n: int) -> tuple[int, bool]:
+    """What an ``os.write`` moved, and whether it took only part of ``data``."""
+    return n, n < len(data)
+
+
+def _read(size: int, got: bytes) -> tuple[int, bool]:
+    """What an ``os.read`` moved, and whether it filled its ``size`` (more may wait)."""
+    return len(got), len(got) == size
+
+
+def _counted(
+    real: Callable[[int, Any], Any],
+    op: str,
+    flag: str,
+    outcome: Callable[[Any, Any], tuple[int, bool]],
+) -> Callable[[int, Any], Any]:
+    """``real`` (``os.read`` or ``os.write``) counting ``{kind}.{op}``, its bytes, its
+    ``eagain`` and its ``flag`` per kind of descriptor (``session`` or ``target``), as
+    ``outcome(argument, result)`` tells the bytes moved and whether to count ``flag``."""
+
+    def counted(fd: int, arg: Any) -> Any:
+        kind = "session" if fd in SESSION_FDS else "target"
+        try:
+            result = real(fd, arg)
+        except BlockingIOError:
+            C[f"{kind}.{op}.eagain"] += 1
+            raise
+        moved, flagged = outcome(arg, result)
+        C[f"{kind}.{op}"] += 1
+        C[f"{kind}.{op}.bytes"] += moved
+        if flagged:
+            C[f"{kind}.{op}.{flag}"] += 1
+        return result
+
+    return counted
+
+
 def install() -> None:
     import trio
 
@@ -46,35 +84,8 @@ def install() -> None:
     from pytunnel._stream import MuxStream
     from pytunnel.protocol import mux
 
-    real_write, real_read = os.write, os.read
-
-    def write(fd: int, data: Any) -> int:
-        kind = "session" if fd in SESSION_FDS else "target"
-        try:
-            n = real_write(fd, data)
-        except BlockingIOError:
-            C[f"{kind}.write.eagain"] += 1
-            raise
-        C[f"{kind}.write"] += 1
-        C[f"{kind}.write.bytes"] += n
-        if n < len(data):
-            C[f"{kind}.write.partial"] += 1
-        return n
-
-    def read(fd: int, size: int) -> bytes:
-        kind = "session" if fd in SESSION_FDS else "target"
-        try:
-            got = real_read(fd, size)
-        except BlockingIOError:
-            C[f"{kind}.read.eagain"] += 1
-            raise
-        C[f"{kind}.read"] += 1
-        C[f"{kind}.read.bytes"] += len(got)
-        if len(got) == size:
-            C[f"{kind}.read.full"] += 1
-        return got
-
-    os.write, os.read = write, read  # type: ignore[assignment]
+    os.write = _counted(os.write, "write", "partial", _written)
+    os.read = _counted(os.read, "read", "full", _read)
 
     real_init = session.Session.__init__
 

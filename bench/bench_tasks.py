@@ -75,9 +75,20 @@ def build_python(task_server: Any) -> Any:
 
 def _serve_main(server: Any, port: int) -> Any:
     async def main() -> None:
-        await server.serve(HOST, port)
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(server.serve, HOST, port)
+            _bound(listeners[0].socket.getsockname()[1])
 
     return main
+
+
+def _bound(port: int) -> None:
+    """Say which port a ``--child`` server listens on: asked for port 0, it is the only one
+    that knows (``callgrind_tasks.py`` reads this line; a port chosen before the child bound
+    it could be taken in between by another process)."""
+    print(f"listening on {port}", flush=True)
 
 
 def serve_starlette(port: int) -> None:
@@ -97,7 +108,13 @@ def serve_starlette(port: int) -> None:
         return JSONResponse({"ok": True, "result": value["a"] + value["b"]})
 
     app = Starlette(routes=[Route("/__runner/task/math.add", add, methods=["POST"])])
-    uvicorn.run(app, host=HOST, port=port, log_level="warning", access_log=False)
+    # bound here, not by uvicorn, so that the port it got is known at any log level
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((HOST, port))
+    _bound(sock.getsockname()[1])
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 # --------------------------------------------------------------------------- processes

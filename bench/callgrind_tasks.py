@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_tasks import BODY, TOKEN
-from bench_tunnel import HOST, BenchError, Processes, free_port, listening, run_dir, wait_for
+from bench_tunnel import HOST, BenchError, Processes, listening, run_dir, wait_for
 
 BENCH_TASKS = Path(__file__).resolve().parent / "bench_tasks.py"
 HEADERS = {"content-type": "application/json; charset=utf-8", "x-runner-token": TOKEN}
@@ -75,7 +75,6 @@ def _load(port: int, count: int, connections: int) -> None:
 def measure(procs: Processes, server: str, tree: Path | None, count: int, connections: int) -> int:
     """Instructions of one server process over start-up, a warm-up, ``count`` requests and
     its shutdown."""
-    port = free_port()
     env = {"PYTHONPATH": str(tree / "src")} if tree is not None else {}
     child = procs.start(
         server,
@@ -88,10 +87,17 @@ def measure(procs: Processes, server: str, tree: Path | None, count: int, connec
             "--child",
             server,
             "--port",
-            str(port),
+            "0",  # the child binds and says which port: none chosen here can be taken first
         ],
         env=env,
     )
+
+    def bound() -> int | None:
+        found = re.search(r"^listening on (\d+)$", child.log.read_text(errors="replace"), re.M)
+        return int(found.group(1)) if found else None
+
+    port: int = wait_for(f"{server}'s port", bound, 300, child, step=0.5)
+    # a child may say its port once bound, before it listens (uvicorn listens later)
     wait_for(f"{server} to listen", lambda: listening(port), 300, child, step=0.5)
     _load(port, WARM_UP, connections)
     _load(port, count, connections)

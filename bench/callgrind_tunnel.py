@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_tunnel import HOST, BenchError, Child, Processes, free_port, listening, run_dir, wait_for
+from bench_tunnel import HOST, BenchError, Child, Processes, run_dir, wait_for
 
 PING = b"p" * 64
 #: Every measured process hashes strings alike: with Python's per-process random seed, dicts
@@ -238,23 +238,32 @@ def _finish(procs: Processes, tool: Tool, sites: bool, **children: Child) -> Cou
     return counts
 
 
+def _reported_port(child: Child, pattern: str, what: str) -> int:
+    """The port in the first line of ``child``'s output that ``pattern`` matches (its first
+    group). Each measured process binds port 0 and prints the port it got: a number chosen
+    here and bound by the child later could be taken in between by another process (a
+    neighbouring pytest-xdist worker, say)."""
+    regex = re.compile(pattern, re.M)
+
+    def port() -> int | None:
+        found = regex.search(child.log.read_text(errors="replace"))
+        return int(found.group(1)) if found else None
+
+    found: int = wait_for(what, port, 300, child, step=0.5)
+    return found
+
+
 def measure_reference(
     procs: Processes, tool: Tool, echo: int, count: int, sites: bool = False
 ) -> Counts:
     """Both processes of the floor, two chained ``bench_tunnel.py --trio-raw-relay``
     processes, over start-up, a warm-up and ``count`` round trips."""
     script = str(Path(__file__).resolve().parent / "bench_tunnel.py")
-    pattern = re.compile(r"^relay (\d+) -> (\d+)$", re.M)
 
     def relay_to(label: str, target: int) -> tuple[Child, int]:
         name, argv = tool.argv(label, [script, "--trio-raw-relay", str(target)])
         child = procs.start(name, argv, env=SAME_HASHES)
-
-        def front() -> int | None:
-            found = pattern.findall(child.log.read_text(errors="replace"))
-            return int(found[0][0]) if found else None
-
-        return child, wait_for(f"{label}'s port", front, 300, child, step=0.5)
+        return child, _reported_port(child, rf"^relay (\d+) -> {target}$", f"{label}'s port")
 
     server, near = relay_to("raw-server", echo)
     client, front = relay_to("raw-client", near)
@@ -288,7 +297,6 @@ def measure(
         "PYTHONPATH": str(tree / "src"),
         "PYTUNNEL_TOKEN": "cg-" + os.urandom(8).hex(),
     }
-    port, front = free_port(), free_port()
     name, argv = tool.argv(
         "serve",
         [
@@ -296,13 +304,15 @@ def measure(
             CLI,
             "serve",
             "--listen",
-            f"{HOST}:{port}",
+            f"{HOST}:0",
             "--log-level",
             "warning",
         ],
     )
     server = procs.start(name, argv, env=env)
-    wait_for("the server", lambda: listening(port), 300, server, step=0.5)
+    port = _reported_port(
+        server, r"^pytunnel server listening on \S+:(\d+)$", "the server's address"
+    )
     name, argv = tool.argv(
         "connect",
         [
@@ -313,10 +323,13 @@ def measure(
             "--log-level",
             "warning",
             "-L",
-            f"{HOST}:{front}:{HOST}:{echo}",
+            f"{HOST}:0:{HOST}:{echo}",
         ],
     )
     client = procs.start(name, argv, env=env)
+    front = _reported_port(
+        client, rf"^local forward \S+:(\d+) -> \S+:{echo}$", "the local forward's address"
+    )
 
     def echoes() -> bool:
         try:

@@ -238,6 +238,16 @@ async def read_all(stream: trio.abc.Stream) -> bytes:
     return out
 
 
+async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
+    """Everything ``stream`` sends until its EOF. Unlike :func:`read_all`, a reset raises and
+    the deadline is the caller's, for bulk transfers that take longer than 5 s on a loaded
+    machine and for tests in which only a clean EOF will do."""
+    parts = []
+    while chunk := await stream.receive_some():
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 async def echo_handler(stream: trio.SocketStream) -> None:
     """Echo until EOF, then half-close back (so half-close is visible end to end)."""
     try:

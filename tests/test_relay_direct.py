@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
-from helpers import open_pair, session_pair, tcp_stream_pair, wait_until
+from helpers import open_pair, receive_exactly, session_pair, tcp_stream_pair, wait_until
 
 from pytunnel._relay import RelayStats, relay
 from pytunnel.session import MuxStream, Session
@@ -278,18 +278,10 @@ async def test_a_fault_assigned_on_an_open_connection_stops_direct_writes_both_w
     async with _tunnel(faults=faults) as t:
 
         async def both_ways(out: bytes, back: bytes) -> None:
-            await t.opened.send_all(out)
-            got = b""
-            with trio.fail_after(5):
-                while len(got) < len(out):
-                    got += await t.target.receive_some()
-            assert got == out
-            await t.target.send_all(back)
-            got = b""
-            with trio.fail_after(5):
-                while len(got) < len(back):
-                    got += await t.opened.receive_some()
-            assert got == back
+            for sender, receiver, data in ((t.opened, t.target, out), (t.target, t.opened, back)):
+                await sender.send_all(data)
+                with trio.fail_after(5):
+                    assert await receive_exactly(receiver, len(data)) == data
 
         await both_ways(b"before", b"BEFORE")
         direct = t.accepted.bytes_delivered_directly

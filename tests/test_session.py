@@ -17,6 +17,7 @@ from helpers import (
     count_tasks,
     eight_streams_at_once,
     open_pair,
+    read_to_eof,
     session_pair,
     tcp_stream_pair,
 )
@@ -46,13 +47,6 @@ async def _send_and_eof(stream: trio.abc.HalfCloseableStream, data: bytes, chunk
     await stream.send_eof()
 
 
-async def _read_all(stream: trio.abc.ReceiveStream) -> bytes:
-    parts = []
-    while chunk := await stream.receive_some():
-        parts.append(chunk)
-    return b"".join(parts)
-
-
 async def test_100_concurrent_streams_sha256(transport: str) -> None:
     """Each stream carries random data both ways; the far end checks SHA-256."""
     rng = random.Random(1234)
@@ -68,7 +62,7 @@ async def test_100_concurrent_streams_sha256(transport: str) -> None:
 
             async def echo_digest(stream: trio.abc.HalfCloseableStream) -> None:
                 # read everything, answer with its digest followed by a payload of our own
-                data = await _read_all(stream)
+                data = await read_to_eof(stream)
                 reply = os.urandom(len(data) // 3 + 1)
                 await stream.send_all(hashlib.sha256(data).digest())
                 await stream.send_all(hashlib.sha256(reply).digest())
@@ -79,7 +73,7 @@ async def test_100_concurrent_streams_sha256(transport: str) -> None:
                 data = os.urandom(size)
                 stream = await client.open_stream(tag=index)
                 await _send_and_eof(stream, data, rng.randint(1, 100_000))
-                got = await _read_all(stream)
+                got = await read_to_eof(stream)
                 await stream.aclose()
                 digest, reply_digest, reply = got[:32], got[32:64], got[64:]
                 if digest != hashlib.sha256(data).digest():
@@ -135,22 +129,22 @@ async def test_half_close_each_direction(transport: str) -> None:
             a, b = await open_pair(client, server)
             await a.send_all(b"request")
             await a.send_eof()
-            assert await _read_all(b) == b"request"
+            assert await read_to_eof(b) == b"request"
             await b.send_all(b"reply " * 1000)
             await b.send_eof()
-            assert await _read_all(a) == b"reply " * 1000
+            assert await read_to_eof(a) == b"reply " * 1000
             await a.aclose()
             await b.aclose()
             # server finishes first
             a, b = await open_pair(client, server)
             await b.send_all(b"banner")
             await b.send_eof()
-            assert await _read_all(a) == b"banner"
+            assert await read_to_eof(a) == b"banner"
             with pytest.raises(trio.ClosedResourceError):
                 await b.send_all(b"more")
             await a.send_all(b"late")
             await a.send_eof()
-            assert await _read_all(b) == b"late"
+            assert await read_to_eof(b) == b"late"
             await a.aclose()
             await b.aclose()
             assert client.open_streams == 0
@@ -591,7 +585,7 @@ async def test_send_eof_crosses_a_session_and_a_relay() -> None:
     received: list[bytes] = []
 
     async def target(conn: trio.SocketStream) -> None:
-        data = await _read_all(conn)  # returns only at EOF
+        data = await read_to_eof(conn)  # returns only at EOF
         received.append(data)
         await conn.send_all(hashlib.sha256(data).digest())
         await conn.send_eof()
@@ -614,7 +608,7 @@ async def test_send_eof_crosses_a_session_and_a_relay() -> None:
                 payload = os.urandom(300_000)
                 await stream.send_all(payload)
                 await stream.send_eof()
-                assert await _read_all(stream) == hashlib.sha256(payload).digest()
+                assert await read_to_eof(stream) == hashlib.sha256(payload).digest()
                 assert received == [payload]
             nursery.cancel_scope.cancel()
 

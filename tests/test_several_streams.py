@@ -7,23 +7,47 @@ from __future__ import annotations
 
 import random
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import trio
 import trio.testing
-from helpers import count_tasks, open_pair, tcp_stream_pair
+from helpers import count_tasks, open_pair, read_to_eof, tcp_stream_pair
 
 from pytunnel import SessionConfig
 from pytunnel._relay import relay
-from pytunnel.session import Role, open_session
+from pytunnel.session import Role, Session, open_session
 
 #: Small frames and a mark of one frame: every sender parks for room at almost every frame.
 _CONFIG = SessionConfig(write_buffer_high=64 * 1024, max_data_chunk=64 * 1024)
 
+_Pair = tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]
 
-def _small_buffers(sender: trio.SocketStream, receiver: trio.SocketStream) -> None:
-    """Kernel buffers small enough that the writer soon meets a full socket."""
-    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
-    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+
+@asynccontextmanager
+async def _congested(
+    streams: int, config: SessionConfig = _CONFIG
+) -> AsyncIterator[tuple[Session, Session, trio.SocketStream, list[_Pair]]]:
+    """A client and a server session over loopback TCP with kernel buffers small enough
+    that the client's writer soon meets a full socket, ``streams`` streams opened from the
+    client (ports 1, 2, ...), and the server's socket itself, for a test that stops the
+    server session and reads the bytes raw (:func:`_drain`)."""
+    a, b = await tcp_stream_pair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    async with (
+        open_session(a, Role.CLIENT, config) as client,
+        open_session(b, Role.SERVER, config) as server,
+    ):
+        pairs = [await open_pair(client, server, host="t", port=i + 1) for i in range(streams)]
+        yield client, server, b, pairs
+
+
+async def _drain(far: trio.SocketStream) -> None:
+    """Read the server's socket raw until EOF: with the server session stopped, this is
+    what makes room in the client's writer again."""
+    while await far.receive_some(1 << 20):
+        pass
 
 
 class _Steps(trio.abc.Instrument):
@@ -38,30 +62,17 @@ class _Steps(trio.abc.Instrument):
             self.steps += 1
 
 
-async def _read_all(stream: trio.abc.ReceiveStream) -> bytes:
-    parts = []
-    while chunk := await stream.receive_some():
-        parts.append(chunk)
-    return b"".join(parts)
-
-
 async def test_parked_senders_are_woken_only_as_far_as_the_room_takes_them() -> None:
     """Eight senders of 1 MiB each share a 64 KiB write buffer over a socket that fills:
     every frame but the first makes its sender wait for room. Each time the writer makes
     room for one frame it wakes one sender, not all eight (of which seven would only park
     again): the senders' scheduler steps stay near one per frame, and every byte arrives."""
-    a, b = await tcp_stream_pair()
-    _small_buffers(a, b)
     rng = random.Random(7)
     payloads = [rng.randbytes(1024 * 1024) for _ in range(8)]
     steps = _Steps()
     tasks_before = count_tasks()
     with trio.fail_after(120):
-        async with (
-            open_session(a, Role.CLIENT, _CONFIG) as client,
-            open_session(b, Role.SERVER, _CONFIG) as server,
-        ):
-            pairs = [await open_pair(client, server, host="t", port=i + 1) for i in range(8)]
+        async with _congested(8) as (client, _, _, pairs):
             received: dict[int, bytes] = {}
 
             async def send(i: int) -> None:
@@ -70,7 +81,7 @@ async def test_parked_senders_are_woken_only_as_far_as_the_room_takes_them() -> 
                 await pairs[i][0].send_eof()
 
             async def receive(i: int) -> None:
-                received[i] = await _read_all(pairs[i][1])
+                received[i] = await read_to_eof(pairs[i][1])
 
             trio.lowlevel.add_instrument(steps)
             try:
@@ -98,14 +109,8 @@ async def test_senders_woken_for_room_that_break_instead_strand_no_one() -> None
     in their turn and raise; the senders behind them still get their room and finish, and
     no waiter is left behind. The peer's reading is stopped until all of them wait, so the
     reset ones are at the head of the line when the writer makes room again."""
-    a, b = await tcp_stream_pair()
-    _small_buffers(a, b)
     with trio.fail_after(120):
-        async with (
-            open_session(a, Role.CLIENT, _CONFIG) as client,
-            open_session(b, Role.SERVER, _CONFIG) as server,
-        ):
-            pairs = [await open_pair(client, server, host="t", port=i + 1) for i in range(6)]
+        async with _congested(6) as (client, server, far, pairs):
             # the server session stops reading: its socket fills and the client's writer blocks
             server._cancel_scope.cancel()
             outcomes: dict[int, str] = {}
@@ -126,13 +131,7 @@ async def test_senders_woken_for_room_that_break_instead_strand_no_one() -> None
                 for mine, _ in pairs[:3]:
                     mine.reset()
 
-                # now the far end is read (raw: the server session has stopped), so the
-                # writer makes room again
-                async def drain() -> None:
-                    while await b.receive_some(1 << 20):
-                        pass
-
-                nursery.start_soon(drain)
+                nursery.start_soon(_drain, far)
                 while len(outcomes) < 6:
                     await trio.sleep(0.01)
                 nursery.cancel_scope.cancel()
@@ -149,14 +148,8 @@ async def test_cancelled_room_waiters_leave_nothing_behind() -> None:
     """Forty senders wait for room; thirty of them are cancelled while they wait. The ten
     left still get their room and finish once the peer reads again, and the line of waiters
     is empty afterwards (cancelled waiters are not kept)."""
-    a, b = await tcp_stream_pair()
-    _small_buffers(a, b)
     with trio.fail_after(120):
-        async with (
-            open_session(a, Role.CLIENT, _CONFIG) as client,
-            open_session(b, Role.SERVER, _CONFIG) as server,
-        ):
-            pairs = [await open_pair(client, server, host="t", port=i + 1) for i in range(40)]
+        async with _congested(40) as (client, server, far, pairs):
             server._cancel_scope.cancel()  # stops reading: the client's writer blocks
             sent: list[int] = []
 
@@ -176,12 +169,7 @@ async def test_cancelled_room_waiters_leave_nothing_behind() -> None:
                 await trio.testing.wait_all_tasks_blocked()
                 # cancelled waiters are marked and compacted, never woken
                 assert sum(w.task is not None for w in client._room_waiters) <= 10
-
-                async def drain() -> None:
-                    while await b.receive_some(1 << 20):
-                        pass
-
-                nursery.start_soon(drain)
+                nursery.start_soon(_drain, far)
                 while not set(range(30, 40)) <= set(sent):
                     await trio.sleep(0.01)
                 nursery.cancel_scope.cancel()
@@ -196,8 +184,6 @@ async def test_relays_that_wait_for_room_still_send_whole_reads_as_one_frame() -
     room. What waited still crosses as Data frames of up to a whole read (256 KiB), not cut
     into 64 KiB pieces: the far side receives its bytes in chunks of more than 64 KiB.
     (Each chunk ``receive_some()`` returns to a reader with no relay is one Data frame.)"""
-    a, b = await tcp_stream_pair()
-    _small_buffers(a, b)
     size = 4 * 1024 * 1024
     rng = random.Random(3)
     payloads = [rng.randbytes(size) for _ in range(4)]
@@ -206,30 +192,28 @@ async def test_relays_that_wait_for_room_still_send_whole_reads_as_one_frame() -
     tasks_before = count_tasks()
     with trio.fail_after(120):
         async with (
-            open_session(a, Role.CLIENT) as client,
-            open_session(b, Role.SERVER) as server,
+            _congested(4, SessionConfig()) as (_, _, _, pairs),
+            trio.open_nursery() as nursery,
         ):
-            pairs = [await open_pair(client, server, host="t", port=i + 1) for i in range(4)]
-            async with trio.open_nursery() as nursery:
-                for i in range(4):
-                    outer, inner = await tcp_stream_pair()
+            for i in range(4):
+                outer, inner = await tcp_stream_pair()
 
-                    async def feed(stream: trio.SocketStream, data: bytes) -> None:
-                        await stream.send_all(data)
-                        await stream.send_eof()
-                        await stream.receive_some()  # until the relay closes it
+                async def feed(stream: trio.SocketStream, data: bytes) -> None:
+                    await stream.send_all(data)
+                    await stream.send_eof()
+                    await stream.receive_some()  # until the relay closes it
 
-                    async def receive(i: int) -> None:
-                        parts = []
-                        while chunk := await pairs[i][1].receive_some():
-                            chunks[i].append(len(chunk))
-                            parts.append(chunk)
-                        received[i] = b"".join(parts)
-                        await pairs[i][1].aclose()
+                async def receive(i: int) -> None:
+                    parts = []
+                    while chunk := await pairs[i][1].receive_some():
+                        chunks[i].append(len(chunk))
+                        parts.append(chunk)
+                    received[i] = b"".join(parts)
+                    await pairs[i][1].aclose()
 
-                    nursery.start_soon(relay, inner, pairs[i][0])
-                    nursery.start_soon(feed, outer, payloads[i])
-                    nursery.start_soon(receive, i)
+                nursery.start_soon(relay, inner, pairs[i][0])
+                nursery.start_soon(feed, outer, payloads[i])
+                nursery.start_soon(receive, i)
     for i, payload in enumerate(payloads):
         assert received[i] == payload, f"stream {i} arrived damaged"
     sizes = [n for i in range(4) for n in chunks[i]]
@@ -243,16 +227,10 @@ async def test_a_send_parks_or_checkpoints_once_and_one_that_fits_still_checkpoi
     """A ``send_all`` that fits at once ends with a checkpoint, as every trio operation; one
     that had to wait for room has yielded already and adds no scheduler pass of its own: a
     sender parked behind another stream's bulk is woken once, and that step finishes it."""
-    a, b = await tcp_stream_pair()
-    _small_buffers(a, b)
     steps = _Steps()
     with trio.fail_after(60):
-        async with (
-            open_session(a, Role.CLIENT, _CONFIG) as client,
-            open_session(b, Role.SERVER, _CONFIG) as server,
-        ):
-            bulk, _ = await open_pair(client, server, host="t", port=1)
-            mine, theirs = await open_pair(client, server, host="t", port=2)
+        async with _congested(2) as (client, server, far, pairs):
+            (bulk, _), (mine, theirs) = pairs
             with trio.testing.assert_checkpoints():
                 await mine.send_all(b"z" * 1000)
             assert await theirs.receive_some() == b"z" * 1000
@@ -264,10 +242,6 @@ async def test_a_send_parks_or_checkpoints_once_and_one_that_fits_still_checkpoi
                 await mine.send_all(b"w" * 1000)
                 done.append("sent")
 
-            async def drain() -> None:
-                while await b.receive_some(1 << 20):
-                    pass
-
             trio.lowlevel.add_instrument(steps)
             try:
                 async with trio.open_nursery() as nursery:
@@ -278,7 +252,7 @@ async def test_a_send_parks_or_checkpoints_once_and_one_that_fits_still_checkpoi
                     await trio.testing.wait_all_tasks_blocked()
                     assert len(client._room_waiters) == 2  # and the small one behind it
                     before = steps.steps
-                    nursery.start_soon(drain)
+                    nursery.start_soon(_drain, far)
                     while not done:
                         await trio.sleep(0.01)
                     await trio.testing.wait_all_tasks_blocked()

@@ -20,7 +20,8 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -54,14 +55,6 @@ class _ReaderSteps(trio.abc.Instrument):
         if self._before is not None:
             self.growth.append(gc.get_count()[0] - self._before)
             self._before = None
-
-
-async def _echo(stream: trio.SocketStream) -> None:
-    try:
-        async for chunk in stream:
-            await stream.send_all(chunk)
-    except trio.BrokenResourceError:
-        pass
 
 
 async def _open_proven(address: tuple[str, int], count: int) -> list[trio.SocketStream]:
@@ -107,43 +100,45 @@ async def _measure_pass(
     return steps.growth
 
 
-def _pytunnel(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pytunnel", *args]
-
-
-async def _first_match(proc: trio.Process, pattern: str) -> str:
-    assert proc.stdout is not None
-    output = b""
-    with trio.fail_after(30):
-        while (found := re.search(pattern.encode(), output)) is None:
-            chunk = await proc.stdout.receive_some()
-            assert chunk, f"the process ended: {output!r}"
-            output += chunk
-    return found.group(1).decode()
-
-
-async def test_the_client_breaking_its_relays_after_a_server_kill_leaves_no_garbage(
-    nursery: trio.Nursery,
-) -> None:
-    listeners = await nursery.start(functools.partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
-    echo_port = listeners[0].socket.getsockname()[1]
-    server = await trio.lowlevel.open_process(
-        _pytunnel("serve", "--listen", "127.0.0.1:0", "--token", TOKEN),
+@asynccontextmanager
+async def _pytunnel(pattern: str, *args: str) -> AsyncIterator[tuple[trio.Process, int]]:
+    """A ``pytunnel`` process (the one the test SIGKILLs) and the port in the first of its
+    output lines that ``pattern`` matches; killed if it still runs, and reaped, at the end."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "pytunnel", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
     try:
-        port = int(await _first_match(server, r"listening on [\d.]+:(\d+)"))
-        async with pytunnel.open_tunnel(("127.0.0.1", port), token=TOKEN) as tunnel:
-            local = await tunnel.forward_local("127.0.0.1", echo_port)
-            conns = await _open_proven(local.address, CONNS)
-            growth = await _measure_pass(server, conns)
-            for conn in conns:
-                await conn.aclose()
+        assert proc.stdout is not None
+        output = b""
+        with trio.fail_after(30):
+            while (found := re.search(pattern.encode(), output)) is None:
+                chunk = await proc.stdout.receive_some()
+                assert chunk, f"the process ended: {output!r}"
+                output += chunk
+        yield proc, int(found.group(1))
     finally:
-        if server.returncode is None:
-            server.kill()
-        await server.wait()
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_the_client_breaking_its_relays_after_a_server_kill_leaves_no_garbage(
+    echo_port: int,
+) -> None:
+    serving = _pytunnel(
+        r"listening on [\d.]+:(\d+)", "serve", "--listen", "127.0.0.1:0", "--token", TOKEN
+    )
+    async with (
+        serving as (server, port),
+        pytunnel.open_tunnel(("127.0.0.1", port), token=TOKEN) as tunnel,
+    ):
+        local = await tunnel.forward_local("127.0.0.1", echo_port)
+        conns = await _open_proven(local.address, CONNS)
+        growth = await _measure_pass(server, conns)
+        for conn in conns:
+            await conn.aclose()
     # the pass is the step with the most work by far; one object per relay left behind
     # would show as CONNS
     assert growth, "the session's reader never ran after the kill"
@@ -151,31 +146,23 @@ async def test_the_client_breaking_its_relays_after_a_server_kill_leaves_no_garb
 
 
 async def test_the_server_breaking_its_relays_after_a_client_kill_leaves_no_garbage(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery, echo_port: int
 ) -> None:
-    listeners = await nursery.start(functools.partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
-    echo_port = listeners[0].socket.getsockname()[1]
     server: pytunnel.TunnelServer = await nursery.start(
         functools.partial(pytunnel.serve, 0, token=TOKEN, connect_timeout=HANG)
     )
     host, port = server.address
-    client = await trio.lowlevel.open_process(
-        _pytunnel("connect", f"{host}:{port}", "--token", TOKEN, "-L", f"0:127.0.0.1:{echo_port}"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    forward = f"0:127.0.0.1:{echo_port}"
+    connecting = _pytunnel(
+        r"local forward [\d.]+:(\d+)", "connect", f"{host}:{port}", "--token", TOKEN, "-L", forward
     )
-    try:
-        local = int(await _first_match(client, r"local forward [\d.]+:(\d+)"))
+    async with connecting as (client, local):
         conns = await _open_proven(("127.0.0.1", local), CONNS)
         # the connections the server's relays reset are its own, to the echo target; the
         # driver's (to the killed client) end with the client, and show only that it died
         growth = await _measure_pass(client, conns, lambda: server.session_count == 0)
         for conn in conns:
             await conn.aclose()
-    finally:
-        if client.returncode is None:
-            client.kill()
-        await client.wait()
     assert growth, "the session's reader never ran after the kill"
     # here the pass still leaves about one object per relay: trio's four for waking the
     # relay's task against the three the stream lets go of (its direct writer, the taskless
