@@ -993,7 +993,7 @@ class Session:
             reason = self._goaway_reason
         self.close_reason = reason
         self._ended = True
-        self._mux.data_sink = None  # the one reference cycle of a session, gone with it
+        self._mux.data_sink = None  # session -> mux -> this bound method: the cycle ends here
         self._closed_event.set()
         callbacks, self._on_terminate = self._on_terminate, []
         for callback in callbacks:

@@ -173,6 +173,16 @@ def _parse_datagrams(buf: bytes | bytearray, start: int, end: int) -> Datagrams 
         return None
 
 
+def _be16(buf: bytes, p: int) -> int:
+    return buf[p] << 8 | buf[p + 1]
+
+
+def _be32(buf: bytes, p: int) -> int:
+    """The big-endian 32-bit number at ``buf[p]`` (a frame's length, a stream id, a bin 32
+    length), read by index: no slice and no ``int.from_bytes`` call in the compiled build."""
+    return buf[p] << 24 | buf[p + 1] << 16 | buf[p + 2] << 8 | buf[p + 3]
+
+
 def _data_layout(buf: bytes, start: int, end: int) -> tuple[int, int]:
     """``(stream id, payload offset)`` when the Data body ``buf[start:end]`` has exactly the
     canonical layout up to its payload, and the payload runs to ``len(_DATA_TAIL)`` bytes
@@ -196,10 +206,9 @@ def _data_layout(buf: bytes, start: int, end: int) -> tuple[int, int]:
     elif b == 0xCC:
         stream, p = buf[p + 1], p + 2
     elif b == 0xCD and p + 2 < limit:
-        stream, p = buf[p + 1] << 8 | buf[p + 2], p + 3
+        stream, p = _be16(buf, p + 1), p + 3
     elif b == 0xCE and p + 4 < limit:
-        stream = buf[p + 1] << 24 | buf[p + 2] << 16 | buf[p + 3] << 8 | buf[p + 4]
-        p += 5
+        stream, p = _be32(buf, p + 1), p + 5
     else:
         return 0, 0
     if p + 6 >= limit or buf[p : p + 5] != _DATA_KEY:
@@ -209,10 +218,9 @@ def _data_layout(buf: bytes, start: int, end: int) -> tuple[int, int]:
     if b == 0xC4:
         n, p = buf[p + 1], p + 2
     elif b == 0xC5 and p + 2 < limit:
-        n, p = buf[p + 1] << 8 | buf[p + 2], p + 3
+        n, p = _be16(buf, p + 1), p + 3
     elif b == 0xC6 and p + 4 < limit:
-        n = buf[p + 1] << 24 | buf[p + 2] << 16 | buf[p + 3] << 8 | buf[p + 4]
-        p += 5
+        n, p = _be32(buf, p + 1), p + 5
     else:
         return 0, 0
     if p + n + len(_DATA_TAIL) != end or stream < 1:
@@ -436,8 +444,9 @@ class FrameDecoder:
             self._chunk, self._pos, self._pending = b"", 0, bytearray()
             raise
 
-    def _size(self, header: bytes | bytearray) -> int:
-        size = int.from_bytes(header, "big")
+    def _checked_size(self, size: int) -> int:
+        """A frame header's body length, refused above the limit before any byte of the body
+        is buffered."""
         if size > self._max_frame_size:
             raise RemoteProtocolError(
                 f"frame of {size} bytes exceeds the limit of {self._max_frame_size}",
@@ -462,7 +471,7 @@ class FrameDecoder:
             if len(pending) < HEADER_SIZE:
                 self._take(HEADER_SIZE - len(pending))
             if len(pending) >= HEADER_SIZE:
-                size = self._size(pending[:HEADER_SIZE])
+                size = self._checked_size(int.from_bytes(pending[:HEADER_SIZE], "big"))
                 need = HEADER_SIZE + size - len(pending)
                 if self._take(need) == need:
                     self._pending = bytearray()
@@ -471,10 +480,7 @@ class FrameDecoder:
             chunk, pos = self._chunk, self._pos
             available = len(chunk) - pos
             if available >= HEADER_SIZE:
-                size = (chunk[pos] << 24 | chunk[pos + 1] << 16 | chunk[pos + 2] << 8
-                        | chunk[pos + 3])  # fmt: skip
-                if size > self._max_frame_size:
-                    self._size(chunk[pos : pos + HEADER_SIZE])  # raises FRAME_TOO_LARGE
+                size = self._checked_size(_be32(chunk, pos))
                 start = pos + HEADER_SIZE
                 end = start + size
                 if end <= len(chunk):

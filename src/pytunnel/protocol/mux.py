@@ -941,18 +941,13 @@ class Multiplexer:
         try:
             while remaining and (frame := decoder.next_frame()) is not None:
                 remaining -= 1
-                if frame is DATA_FRAME or type(frame) is Data:
-                    if frame is DATA_FRAME:
-                        stream, data = decoder.data_stream, decoder.data_payload
-                    else:  # a Data frame in a non-canonical encoding
-                        message = cast(Data, frame)
-                        stream, data = message.stream, message.data
-                    if self._on_data(stream, data):
-                        if sink is not None and not events:
-                            sink(stream, data)
-                        else:
-                            events.append(DataReceived(stream, data))
-                    event = None
+                event: Event | None
+                if frame is DATA_FRAME:
+                    event = self._take_data(
+                        decoder.data_stream, decoder.data_payload, sink, not events
+                    )
+                elif type(frame) is Data:  # a Data frame in a non-canonical encoding
+                    event = self._take_data(frame.stream, frame.data, sink, not events)
                 else:
                     event = self._handle(cast(SessionMessage, frame))
                 if self._replies > self.max_control_queue:
@@ -1096,6 +1091,22 @@ class Multiplexer:
         early = 0 if msg.datagrams else self.early_window
         self._streams[sid] = _Stream(sid, StreamState.PENDING, msg.window, early, msg.datagrams)
         return StreamOpened(sid, msg.host, msg.port, msg.tag, msg.datagrams)
+
+    def _take_data(
+        self,
+        stream_id: int,
+        data: bytes,
+        sink: Callable[[int, bytes], None] | None,
+        first: bool,
+    ) -> DataReceived | None:
+        """A received Data frame, booked: its event, or ``None`` when the payload went to
+        ``sink`` (allowed while no other event came ``first`` in this call) or nowhere."""
+        if not self._on_data(stream_id, data):
+            return None
+        if sink is not None and first:
+            sink(stream_id, data)
+            return None
+        return DataReceived(stream_id, data)
 
     def _on_data(self, stream_id: int, data: bytes) -> bool:
         """Book a received Data frame; ``True`` when its payload goes to the application."""
