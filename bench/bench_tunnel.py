@@ -361,6 +361,21 @@ def wait_for(what: str, check, timeout: float, child: Child | None = None, step:
     raise BenchError(f"timed out after {timeout:g} s waiting for {what}{tail}")
 
 
+def reported_port(child: Child, pattern: str, what: str, timeout: float = 300) -> int:
+    """The port in the first line of ``child``'s output that ``pattern`` matches (its first
+    group). For a process that binds port 0 and prints the port it got: a number chosen
+    here and bound by the child later could be taken in between by another process (a
+    neighbouring pytest-xdist worker, say)."""
+    regex = re.compile(pattern, re.M)
+
+    def port() -> int | None:
+        found = regex.search(child.log.read_text(errors="replace"))
+        return int(found.group(1)) if found else None
+
+    found: int = wait_for(what, port, timeout, child, step=0.5)
+    return found
+
+
 def run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout

@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_tasks import BODY, TOKEN
-from bench_tunnel import HOST, BenchError, Processes, listening, run_dir, wait_for
+from bench_tunnel import HOST, BenchError, Processes, listening, reported_port, run_dir, wait_for
 
 BENCH_TASKS = Path(__file__).resolve().parent / "bench_tasks.py"
 HEADERS = {"content-type": "application/json; charset=utf-8", "x-runner-token": TOKEN}
@@ -91,12 +91,7 @@ def measure(procs: Processes, server: str, tree: Path | None, count: int, connec
         ],
         env=env,
     )
-
-    def bound() -> int | None:
-        found = re.search(r"^listening on (\d+)$", child.log.read_text(errors="replace"), re.M)
-        return int(found.group(1)) if found else None
-
-    port: int = wait_for(f"{server}'s port", bound, 300, child, step=0.5)
+    port = reported_port(child, r"^listening on (\d+)$", f"{server}'s port")
     # a child may say its port once bound, before it listens (uvicorn listens later)
     wait_for(f"{server} to listen", lambda: listening(port), 300, child, step=0.5)
     _load(port, WARM_UP, connections)

@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_tunnel import HOST, BenchError, Child, Processes, run_dir, wait_for
+from bench_tunnel import HOST, BenchError, Child, Processes, reported_port, run_dir, wait_for
 
 PING = b"p" * 64
 #: Every measured process hashes strings alike: with Python's per-process random seed, dicts
@@ -238,21 +238,6 @@ def _finish(procs: Processes, tool: Tool, sites: bool, **children: Child) -> Cou
     return counts
 
 
-def _reported_port(child: Child, pattern: str, what: str) -> int:
-    """The port in the first line of ``child``'s output that ``pattern`` matches (its first
-    group). Each measured process binds port 0 and prints the port it got: a number chosen
-    here and bound by the child later could be taken in between by another process (a
-    neighbouring pytest-xdist worker, say)."""
-    regex = re.compile(pattern, re.M)
-
-    def port() -> int | None:
-        found = regex.search(child.log.read_text(errors="replace"))
-        return int(found.group(1)) if found else None
-
-    found: int = wait_for(what, port, 300, child, step=0.5)
-    return found
-
-
 def measure_reference(
     procs: Processes, tool: Tool, echo: int, count: int, sites: bool = False
 ) -> Counts:
@@ -263,7 +248,7 @@ def measure_reference(
     def relay_to(label: str, target: int) -> tuple[Child, int]:
         name, argv = tool.argv(label, [script, "--trio-raw-relay", str(target)])
         child = procs.start(name, argv, env=SAME_HASHES)
-        return child, _reported_port(child, rf"^relay (\d+) -> {target}$", f"{label}'s port")
+        return child, reported_port(child, rf"^relay (\d+) -> {target}$", f"{label}'s port")
 
     server, near = relay_to("raw-server", echo)
     client, front = relay_to("raw-client", near)
@@ -310,7 +295,7 @@ def measure(
         ],
     )
     server = procs.start(name, argv, env=env)
-    port = _reported_port(
+    port = reported_port(
         server, r"^pytunnel server listening on \S+:(\d+)$", "the server's address"
     )
     name, argv = tool.argv(
@@ -327,7 +312,7 @@ def measure(
         ],
     )
     client = procs.start(name, argv, env=env)
-    front = _reported_port(
+    front = reported_port(
         client, rf"^local forward \S+:(\d+) -> \S+:{echo}$", "the local forward's address"
     )
 
