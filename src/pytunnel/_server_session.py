@@ -491,15 +491,15 @@ class _ClientSession:
             log.warning("client %s: remote forward on %s refused: %s", self.peer, requested, exc)
             incoming.refuse_with(exc)
             return
+        host, port = self.config.public_host, bound_port(listeners)  # read while it is open
         try:
             control = incoming.accept()
         except SessionClosedError:
             try:
                 await aclose_all(*listeners)
-            finally:
-                await self._release_port(bound_port(listeners))
+            finally:  # under cancellation too: the close re-raises it
+                await self._release_port(port)
             return
-        host, port = self.config.public_host, bound_port(listeners)
         forward = _PublicPort(self, control, host, port, listeners)
         self.public_ports.add(forward)
         if self.session.closed:  # ended while we were binding
