@@ -28,6 +28,7 @@ from helpers import (
     wait_until,
 )
 
+from pytunnel._build import compiled_modules
 from pytunnel._relay import RelayStats, relay
 from pytunnel.session import MuxStream
 from pytunnel.testing import Faults
@@ -341,6 +342,11 @@ def _parked_chain(task: trio.lowlevel.Task) -> list[str]:
     while awaited is not None:
         code = getattr(awaited, "cr_code", None) or getattr(awaited, "gi_code", None)
         if code is None:
+            # a coroutine compiled by mypyc (``relay_gen``): named by its type, and opaque
+            # below (it does not say what it awaits)
+            name = type(awaited).__name__
+            if name.endswith("_gen"):
+                names.append(name.removesuffix("_gen"))
             break
         names.append(code.co_name)
         awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
@@ -365,8 +371,13 @@ async def test_an_idle_relay_is_parked_in_trio_right_under_its_pump(wrapped: boo
             await trio.testing.wait_all_tasks_blocked()
             (task,) = [t for t in live_tasks() if t.name == "idle-relay"]
             chain = _parked_chain(task)
-            below = ["wait"] if wrapped else []
-            assert chain[: 3 + len(below)] == ["relay", "_pump", *below, "wait_readable"]
+            if "pytunnel._relay" in compiled_modules():
+                # trio runs a compiled coroutine under its own wrapper, and what the compiled
+                # relay awaits cannot be walked: only the top can be checked
+                assert chain == ["python_wrapper", "relay"]
+            else:
+                below = ["wait"] if wrapped else []
+                assert chain[: 3 + len(below)] == ["relay", "_pump", *below, "wait_readable"]
             await opened.send_all(b"ping")
             assert await _receive_exactly(target, 4) == b"ping"
             await target.send_all(b"pong")

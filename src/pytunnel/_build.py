@@ -22,6 +22,7 @@ HOT_MODULES = (
     "pytunnel._stream",
     "pytunnel._direct",
     "pytunnel._util",
+    "pytunnel._relay",
 )
 
 
