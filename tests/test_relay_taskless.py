@@ -20,6 +20,7 @@ import pytest
 import trio
 import trio.testing
 from helpers import (
+    coroutine_names,
     live_tasks,
     open_pair,
     receive_exactly,
@@ -335,24 +336,6 @@ async def test_data_buffered_before_the_relay_starts_goes_out_without_a_task(siz
         await opened.aclose()
 
 
-def _parked_chain(task: trio.lowlevel.Task) -> list[str]:
-    """The names of the coroutines a parked task is suspended in, outermost first."""
-    names: list[str] = []
-    awaited: object = task.coro
-    while awaited is not None:
-        code = getattr(awaited, "cr_code", None) or getattr(awaited, "gi_code", None)
-        if code is None:
-            # a coroutine compiled by mypyc (``relay_gen``): named by its type, and opaque
-            # below (it does not say what it awaits)
-            name = type(awaited).__name__
-            if name.endswith("_gen"):
-                names.append(name.removesuffix("_gen"))
-            break
-        names.append(code.co_name)
-        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
-    return names
-
-
 @pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "fault-wrapper"])
 async def test_an_idle_relay_is_parked_in_trio_right_under_its_pump(wrapped: bool) -> None:
     """An idle relay's task waits in trio's ``wait_readable`` directly from the pump (with
@@ -370,7 +353,7 @@ async def test_an_idle_relay_is_parked_in_trio_right_under_its_pump(wrapped: boo
             nursery.start_soon(functools.partial(relay, a, b, idle_timeout=30), name="idle-relay")
             await trio.testing.wait_all_tasks_blocked()
             (task,) = [t for t in live_tasks() if t.name == "idle-relay"]
-            chain = _parked_chain(task)
+            chain = coroutine_names(task)
             if "pytunnel._relay" in compiled_modules():
                 # trio runs a compiled coroutine under its own wrapper, and what the compiled
                 # relay awaits cannot be walked: only the top can be checked

@@ -23,6 +23,7 @@ HOT_MODULES = (
     "pytunnel._direct",
     "pytunnel._util",
     "pytunnel._relay",
+    "pytunnel._fault_io",
 )
 
 
