@@ -169,6 +169,24 @@ def live_tasks() -> list[trio.lowlevel.Task]:
     return tasks
 
 
+def coroutine_names(task: trio.lowlevel.Task) -> list[str]:
+    """The coroutines a parked task is suspended in, outermost first. A coroutine compiled
+    by mypyc (``relay_gen``, say) is named by its type and ends the list: it does not say
+    what it awaits."""
+    names: list[str] = []
+    awaited: object = task.coro
+    while awaited is not None:
+        code = getattr(awaited, "cr_code", None) or getattr(awaited, "gi_code", None)
+        if code is None:
+            name = type(awaited).__name__
+            if name.endswith("_gen"):
+                names.append(name.removesuffix("_gen"))
+            break
+        names.append(code.co_name)
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return names
+
+
 def count_tasks() -> int:
     """How many tasks are alive in this run."""
     return len(live_tasks())

@@ -323,7 +323,7 @@ async def test_an_end_does_not_wake_a_socket_that_took_a_closed_readers_descript
     stale = pytunnel._direct.SocketReader(closed.socket)
     await closed.aclose()  # its descriptor is gone: fileno() is -1 now
     link = a._link
-    link._waiting.append((other.socket.fileno(), stale))  # as if the number were reused
+    link.waiting.append((other.socket.fileno(), stale))  # as if the number were reused
     woken: list[BaseException] = []
     async with trio.open_nursery() as nursery:
 
@@ -339,6 +339,6 @@ async def test_an_end_does_not_wake_a_socket_that_took_a_closed_readers_descript
         await trio.testing.wait_all_tasks_blocked()
         assert woken == []  # the unrelated socket's wait goes on
         await far.send_all(b"x")  # and ends the normal way
-    link._waiting.clear()
+    link.waiting.clear()
     for s in (left, right, a, b, other, far, _peer):
         await s.aclose()

@@ -20,6 +20,7 @@ import pytest
 import trio
 import trio.testing
 from helpers import (
+    coroutine_names,
     live_tasks,
     open_pair,
     receive_exactly,
@@ -28,6 +29,7 @@ from helpers import (
     wait_until,
 )
 
+from pytunnel._build import compiled_modules
 from pytunnel._relay import RelayStats, relay
 from pytunnel.session import MuxStream
 from pytunnel.testing import Faults
@@ -334,19 +336,6 @@ async def test_data_buffered_before_the_relay_starts_goes_out_without_a_task(siz
         await opened.aclose()
 
 
-def _parked_chain(task: trio.lowlevel.Task) -> list[str]:
-    """The names of the coroutines a parked task is suspended in, outermost first."""
-    names: list[str] = []
-    awaited: object = task.coro
-    while awaited is not None:
-        code = getattr(awaited, "cr_code", None) or getattr(awaited, "gi_code", None)
-        if code is None:
-            break
-        names.append(code.co_name)
-        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
-    return names
-
-
 @pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "fault-wrapper"])
 async def test_an_idle_relay_is_parked_in_trio_right_under_its_pump(wrapped: bool) -> None:
     """An idle relay's task waits in trio's ``wait_readable`` directly from the pump (with
@@ -364,9 +353,14 @@ async def test_an_idle_relay_is_parked_in_trio_right_under_its_pump(wrapped: boo
             nursery.start_soon(functools.partial(relay, a, b, idle_timeout=30), name="idle-relay")
             await trio.testing.wait_all_tasks_blocked()
             (task,) = [t for t in live_tasks() if t.name == "idle-relay"]
-            chain = _parked_chain(task)
-            below = ["wait"] if wrapped else []
-            assert chain[: 3 + len(below)] == ["relay", "_pump", *below, "wait_readable"]
+            chain = coroutine_names(task)
+            if "pytunnel._relay" in compiled_modules():
+                # trio runs a compiled coroutine under its own wrapper, and what the compiled
+                # relay awaits cannot be walked: only the top can be checked
+                assert chain == ["python_wrapper", "relay"]
+            else:
+                below = ["wait"] if wrapped else []
+                assert chain[: 3 + len(below)] == ["relay", "_pump", *below, "wait_readable"]
             await opened.send_all(b"ping")
             assert await _receive_exactly(target, 4) == b"ping"
             await target.send_all(b"pong")

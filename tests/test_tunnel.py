@@ -18,6 +18,7 @@ from helpers import (
     TOKEN,
     Blackhole,
     closed_port,
+    coroutine_names,
     count_fds,
     count_tasks,
     describe_tasks,
@@ -803,18 +804,6 @@ async def test_connect_does_not_wrap_cancelled(tunnel_server: pytunnel.TunnelSer
     assert isinstance(seen[0], trio.Cancelled), repr(seen)
 
 
-def _coroutine_names(task: trio.lowlevel.Task) -> list[str]:
-    """The coroutines a parked task is suspended in, outermost first."""
-    names: list[str] = []
-    awaited: object = task.coro
-    while (
-        code := getattr(awaited, "cr_code", None) or getattr(awaited, "gi_code", None)
-    ) is not None:
-        names.append(code.co_name)
-        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
-    return names
-
-
 async def test_an_idle_local_forward_connection_parks_no_wrapper_frames(
     tunnel: pytunnel.Tunnel, echo_port: int
 ) -> None:
@@ -829,7 +818,7 @@ async def test_an_idle_local_forward_connection_parks_no_wrapper_frames(
         with trio.fail_after(10):
             assert await conn.receive_some() == b"first"
         await trio.testing.wait_all_tasks_blocked()
-        chains = [names for task in live_tasks() if "relay" in (names := _coroutine_names(task))]
+        chains = [names for task in live_tasks() if "relay" in (names := coroutine_names(task))]
         assert len(chains) == 2  # the client's relay and the server's
         for names in chains:
             above = names[: names.index("relay")]

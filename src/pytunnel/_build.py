@@ -13,8 +13,9 @@ import importlib.machinery
 from pathlib import Path
 
 #: The per-message path: frame codec, multiplexer and its state tables, the session's streams,
-#: the direct readers and the close/half-close helpers. ``setup.py`` reads this tuple (without
-#: importing the package).
+#: the direct readers, the relay, the fault wrapper's per-message paths (every forward's
+#: relays go through it) and the close/half-close helpers. ``setup.py`` reads this tuple
+#: (without importing the package).
 HOT_MODULES = (
     "pytunnel.protocol.frames",
     "pytunnel.protocol.mux",
@@ -22,6 +23,8 @@ HOT_MODULES = (
     "pytunnel._stream",
     "pytunnel._direct",
     "pytunnel._util",
+    "pytunnel._relay",
+    "pytunnel._fault_io",
 )
 
 

@@ -24,9 +24,8 @@ import socket
 import struct
 from collections.abc import Callable, Iterator
 from time import perf_counter as _perf_counter
-from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, cast
 
-import attrs
 import trio
 
 try:
@@ -35,6 +34,14 @@ except ImportError:  # pragma: no cover - another trio: every clock is read thro
     _SystemClock = None  # type: ignore[assignment,misc]
 
 from ._direct import MAX_STREAK, DirectReader, PacedReads, SocketReader, raw_socket, socket_reader
+from ._relay_protocols import (
+    BreakableStream,
+    DirectReceive,
+    DirectSink,
+    DirectSource,
+    PacedStream,
+    ResettableStream,
+)
 from ._stream import DirectWriter
 from ._util import aclose_all, implements, send_eof_now
 from .errors import ErrorCode, InvalidTargetError, SessionClosedError, TargetForbiddenError
@@ -90,35 +97,43 @@ _CUT = (ErrorCode.CANCELLED, "the other side of the relay broke")
 _BROKEN_SIDE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-@attrs.define
 class _Ending:
     """What the two pumps of one relay share: the idle clock and how their directions ended."""
 
-    scope: trio.CancelScope
-    idle_timeout: float
-    #: Sends that stop the idle clock while they last: half-closes and sends into paced
-    #: streams (whose delays are deliberate). Plain sends restart the clock piece by piece.
-    sending: int = 0
-    #: Directions that reached their EOF and carried it across. Only when both have is the
-    #: relay complete: a pump that met a broken side may end without any ``Cancelled`` being
-    #: raised (the other pump can meet the break too, before its next checkpoint), so the
-    #: cancel scope alone cannot tell a cut relay from a finished one.
-    finished: int = 0
-    #: See :func:`_idle_slack`.
-    slack: float = attrs.field(init=False)
-    #: The scope's deadline as last set here (reading it back from the scope costs more).
-    deadline: float = attrs.field(init=False)
-    _now: Callable[[], float] = attrs.field(init=False)
-    #: With trio's own clock, its offset: the time is then ``offset + perf_counter()``, read
-    #: with no Python call (``SystemClock.current_time`` is one); ``None`` with any other
-    #: clock (a test's), which ``_now`` reads.
-    offset: float | None = attrs.field(init=False)
+    __slots__ = (
+        "_now",
+        "deadline",
+        "finished",
+        "idle_timeout",
+        "offset",
+        "scope",
+        "sending",
+        "slack",
+    )
 
-    def __attrs_post_init__(self) -> None:
-        self.slack = _idle_slack(self.idle_timeout)
-        self.deadline = self.scope.deadline
+    def __init__(self, scope: trio.CancelScope, idle_timeout: float) -> None:
+        self.scope = scope
+        self.idle_timeout = idle_timeout
+        #: Sends that stop the idle clock while they last: half-closes and sends into paced
+        #: streams (whose delays are deliberate). Plain sends restart the clock piece by
+        #: piece.
+        self.sending = 0
+        #: Directions that reached their EOF and carried it across. Only when both have is
+        #: the relay complete: a pump that met a broken side may end without any
+        #: ``Cancelled`` being raised (the other pump can meet the break too, before its next
+        #: checkpoint), so the cancel scope alone cannot tell a cut relay from a finished one.
+        self.finished = 0
+        #: See :func:`_idle_slack`.
+        self.slack = _idle_slack(idle_timeout)
+        #: The scope's deadline as last set here (reading it back from the scope costs more).
+        self.deadline: float = scope.deadline
         # the run's clock, read directly: trio.current_time() is two calls more per touch;
-        # its bound method shared by the run's relays, not one per relay
+        # its bound method shared by the run's relays, not one per relay. With trio's own
+        # clock, ``offset`` is its offset: the time is then ``offset + perf_counter()``, read
+        # with no Python call (``SystemClock.current_time`` is one); ``None`` with any other
+        # clock (a test's), which ``_now`` reads.
+        self._now: Callable[[], float]
+        self.offset: float | None
         self._now, self.offset = _clock_reader()
 
     def touch(self) -> None:
@@ -176,72 +191,39 @@ def _clock_reader() -> tuple[Callable[[], float], float | None]:
     return _clock[1], _clock[2]
 
 
-@runtime_checkable
-class ResettableStream(Protocol):
-    """A stream that can abort both directions at once, so its peer sees a reset, not EOF."""
-
-    def reset(self, code: int, message: str) -> None: ...
-
-
-class BreakableStream(Protocol):
-    """A stream that can tell, synchronously, the moment it breaks (a mux stream)."""
-
-    def call_on_break(self, callback: Callable[[], None] | None) -> None: ...
-
-
-@runtime_checkable
-class PacedStream(Protocol):
-    """A stream whose sends may be slow on purpose (injected latency, bandwidth caps)."""
-
-    @property
-    def paced(self) -> bool:
-        """True while sends are delayed deliberately: the relay's idle clock stops for them."""
-        ...
-
-
-@runtime_checkable
-class DirectSource(Protocol):
-    """A stream that can hand arriving data to a writer while its reader waits (a mux
-    stream: :meth:`pytunnel._stream.MuxStream.deliver_directly`)."""
-
-    def deliver_directly(
-        self, writer: DirectWriter | None, wake: Callable[[], None] | None = None
-    ) -> bool: ...
-
-
-@runtime_checkable
-class DirectSink(Protocol):
-    """A stream that takes bytes without waiting when it can: a mux stream (within its
-    window), or a wrapper that lets the writer of the stream it wraps (:func:`direct_writer`)
-    bypass its ``send_all`` (a fault injector with no fault set)."""
-
-    def direct_writer(self) -> DirectWriter | None: ...
-
-
-@runtime_checkable
-class DirectReceive(Protocol):
-    """A wrapper whose wrapped stream can be read directly (:func:`direct_reader`), with the
-    wrapper's own conditions (a fault injector's cut and reset)."""
-
-    def direct_reader(self) -> DirectReader | None: ...
-
-
-@attrs.define
 class RelayStats:
     """Live counters, shared by every relay of one forward."""
 
-    #: Bytes from the side that accepted the connection towards the target.
-    bytes_out: int = 0
-    #: Bytes from the target back.
-    bytes_in: int = 0
-    active_connections: int = 0
-    total_connections: int = 0
-    #: Failed connections by category: ``NODE_TIMEOUT``, ``NODE_UNSTABLE``, ``FORBIDDEN``
-    #: (the dialling side's policy), ``REFUSED`` (a limit, a failed negotiation, any other
-    #: refusal), ``LINK_DOWN`` (no tunnel connection at the time).
-    errors: dict[str, int] = attrs.field(factory=dict)
-    #: UDP forwards: datagrams dropped (queue full, too many associations, send failed).
-    datagrams_dropped: int = 0
+    __slots__ = (
+        "active_connections",
+        "bytes_in",
+        "bytes_out",
+        "datagrams_dropped",
+        "errors",
+        "total_connections",
+    )
+
+    def __init__(self) -> None:
+        #: Bytes from the side that accepted the connection towards the target.
+        self.bytes_out = 0
+        #: Bytes from the target back.
+        self.bytes_in = 0
+        self.active_connections = 0
+        self.total_connections = 0
+        #: Failed connections by category: ``NODE_TIMEOUT``, ``NODE_UNSTABLE``,
+        #: ``FORBIDDEN`` (the dialling side's policy), ``REFUSED`` (a limit, a failed
+        #: negotiation, any other refusal), ``LINK_DOWN`` (no tunnel connection at the time).
+        self.errors: dict[str, int] = {}
+        #: UDP forwards: datagrams dropped (queue full, too many associations, send failed).
+        self.datagrams_dropped = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"RelayStats(bytes_out={self.bytes_out}, bytes_in={self.bytes_in}, "
+            f"active_connections={self.active_connections}, "
+            f"total_connections={self.total_connections}, errors={self.errors!r}, "
+            f"datagrams_dropped={self.datagrams_dropped})"
+        )
 
     def count_error(self, category: str) -> None:
         self.errors[category] = self.errors.get(category, 0) + 1

@@ -24,7 +24,8 @@ from typing import Literal, cast
 import attrs
 import trio
 
-from .._direct import SocketReader, raw_socket
+from .._direct import raw_socket
+from .._fault_io import DeliveryGate, Link, LinkedReader, LinkedSocketWriter, LinkedWriter
 from .._relay import DirectReader, DirectSource, abort, direct_reader, direct_writer
 from .._stream import DirectWriter
 from .._util import close_now, implements, send_eof_now
@@ -99,7 +100,7 @@ class Faults:
     def __init__(self) -> None:
         self.out = DirectionFaults()
         self.in_ = DirectionFaults()
-        self._links: set[_Link] = set()
+        self._links: set[Link] = set()
 
     def set(self, direction: Direction = "both", **settings: object) -> None:
         """``faults.set("in", latency=0.2, jitter=0.02)``; unknown names raise ``TypeError``."""
@@ -140,7 +141,7 @@ class Faults:
         towards the target, "in" faults to what is sent back. The two share their fate: a
         ``close_after`` closes both, :meth:`reset_connections` resets both. ``name`` is the
         connection's name in the log line that says a fault closed it."""
-        link = _Link(self._links.discard, name)
+        link = Link(self._links.discard, name)
         self._links.add(link)
         return (
             FaultyStream(accepted, self, "in", _link=link),
@@ -156,117 +157,26 @@ class Faults:
         return self.out if outbound else self.in_
 
 
-class _Link:
-    """What the wrapped ends of one connection share: whether a fault ended it, and the
-    operations in flight that the end must interrupt."""
-
-    # one per wrapped connection, thousands of idle ones: no per-instance dict
-    __slots__ = ("_on_close", "_pending", "_waiting", "cut", "ended", "name", "reset")
-
-    def __init__(self, on_close: Callable[[_Link], None], name: str = "relay") -> None:
-        self._on_close = on_close
-        self.name = name
-        #: ``close_after`` fired: both ends read EOF and drop what is sent, so the relay
-        #: carries the close across like any EOF, cleanly.
-        self.cut = False
-        #: :meth:`Faults.reset_connections`: every operation raises ``BrokenResourceError``.
-        self.reset = False
-        #: ``cut or reset``, in one slot: the direct paths ask it on every write.
-        self.ended = False
-        #: In-flight operations, each with whether a cut interrupts it (a half-close does not:
-        #: it is how the cut reaches the peers). Created on first use, dropped when empty
-        #: again: most links of idle relays never have one.
-        self._pending: dict[trio.CancelScope, bool] | None = None
-        #: Direct readers waiting right now, each with the descriptor it waits on (the idle
-        #: relay's own reader, most of the time: one entry).
-        self._waiting: list[tuple[int, DirectReader]] = []
-
-    @contextlib.contextmanager
-    def guard(self, *, cuttable: bool = True) -> Iterator[trio.CancelScope]:
-        with trio.CancelScope() as scope:
-            pending = self._pending
-            if pending is None:
-                pending = self._pending = {}
-            pending[scope] = cuttable
-            try:
-                yield scope
-            except trio.ClosedResourceError:
-                # the end's wake-up of a reader on the same socket reached this operation
-                # first: it was interrupted on purpose, as its cancelled scope says
-                if not scope.cancel_called:
-                    raise
-            finally:
-                del pending[scope]
-                if not pending:
-                    self._pending = None
-
-    def end(self, *, reset: bool) -> None:
-        if reset:
-            self.reset = True
-        else:
-            self.cut = True
-        self.ended = True
-        for scope, cuttable in list((self._pending or {}).items()):
-            if reset or cuttable:
-                scope.cancel()
-        for fd, reader in self._waiting:
-            # wakes every wait on the descriptor, this reader's and a guarded send's (whose
-            # guard takes it as the cancellation it also got); the socket itself is left
-            # alone: the relay still carries the end across and closes it. Only while the
-            # reader's socket still has that descriptor: one closed since (its reader woken,
-            # not yet run) may have given the number to an unrelated socket
-            if reader.fileno() == fd:
-                trio.lowlevel.notify_closing(fd)
-
-    def close(self) -> None:
-        self._on_close(self)
-
-
-class _LinkedReader:
-    """A direct reader of a wrapped stream that ends as :meth:`FaultyStream.receive_some`
-    does when its link is cut (EOF) or reset (``BrokenResourceError``)."""
-
-    __slots__ = ("_inner", "_link")
-
-    def __init__(self, inner: DirectReader, link: _Link) -> None:
-        self._inner = inner
-        self._link = link
-
-    def receive_nowait(self, max_bytes: int) -> bytes | None:
-        link = self._link
-        if link.ended:
-            if link.reset:
-                raise trio.BrokenResourceError("connection reset by an injected fault")
-            return b""
-        return self._inner.receive_nowait(max_bytes)
-
-    def fileno(self) -> int:
-        return self._inner.fileno()
-
-    async def wait(self) -> None:
-        link = self._link
-        if link.ended:  # receive_nowait answers at once
-            await trio.lowlevel.checkpoint()
-            return
-        fd = self._inner.fileno()
-        if fd < 0:  # closed here: the inner wait says so
-            await self._inner.wait()
-            return
-        waiting = link._waiting
-        inner = self._inner
-        entry = (fd, inner)
-        waiting.append(entry)
+@contextlib.contextmanager
+def _guard(link: Link, *, cuttable: bool = True) -> Iterator[trio.CancelScope]:
+    """An operation in flight on a wrapped end, which the link's end interrupts (a cut only
+    when ``cuttable``: a half-close is how the cut reaches the peers)."""
+    with trio.CancelScope() as scope:
+        pending = link.pending
+        if pending is None:
+            pending = link.pending = {}
+        pending[scope] = cuttable
         try:
-            if type(inner) is SocketReader:
-                # its wait, called here: one coroutine frame fewer parked per idle relay
-                await trio.lowlevel.wait_readable(fd)
-            else:
-                await inner.wait()
+            yield scope
         except trio.ClosedResourceError:
-            if not link.ended:  # closed for another reason
+            # the end's wake-up of a reader on the same socket reached this operation
+            # first: it was interrupted on purpose, as its cancelled scope says
+            if not scope.cancel_called:
                 raise
         finally:
-            waiting.remove(entry)
+            del pending[scope]
+            if not pending:
+                link.pending = None
 
 
 class FaultyStream(trio.abc.HalfCloseableStream):
@@ -279,7 +189,7 @@ class FaultyStream(trio.abc.HalfCloseableStream):
     """
 
     # two per wrapped connection: no per-instance dict
-    __slots__ = ("_faults", "_link", "_outbound", "_sent", "stream")
+    __slots__ = ("_faults", "_link", "_outbound", "stream")
 
     def __init__(
         self,
@@ -287,16 +197,20 @@ class FaultyStream(trio.abc.HalfCloseableStream):
         faults: Faults,
         direction: Literal["out", "in"],
         *,
-        _link: _Link | None = None,
+        _link: Link | None = None,
     ) -> None:
         if direction not in ("out", "in"):
             raise ValueError(f"direction must be 'out' or 'in', not {direction!r}")
         self.stream = stream
         self._faults = faults
         self._outbound = direction == "out"
-        self._link = _link if _link is not None else _Link(lambda link: None)
-        #: Bytes delivered into ``stream`` so far (what ``close_after`` counts).
-        self._sent = 0
+        self._link = _link if _link is not None else Link(lambda link: None)
+
+    @property
+    def _sent(self) -> int:
+        """Bytes delivered into ``stream`` so far (what ``close_after`` counts), kept by the
+        link, where the direct writers count them too."""
+        return self._link.sent(self._outbound)
 
     @property
     def paced(self) -> bool:
@@ -315,45 +229,20 @@ class FaultyStream(trio.abc.HalfCloseableStream):
         Asked on every write, so each check is a slot read; a plain socket's write is done
         here, not through the socket's own writer (one call fewer per chunk)."""
         stream = self.stream
-        link = self._link
-        faults = self._faults
-        outbound = self._outbound
         if isinstance(stream, trio.SocketStream) and os.name == "posix":
             sock = raw_socket(stream.socket)
-
-            def write(data: bytes | bytearray | memoryview) -> int:
-                if link.ended or (faults.out if outbound else faults.in_)._active:
-                    return 0
-                fd = sock.fileno()  # -1 once closed: never a descriptor reused by another
-                if fd < 0:
-                    return 0
-                try:
-                    sent = os.write(fd, data)
-                except OSError:  # BlockingIOError included
-                    return 0
-                self._sent += sent
-                return sent
-
-            return write
+            return LinkedSocketWriter(sock, self._link, self._faults, self._outbound)
         inner = direct_writer(stream)
         if inner is None:
             return None
-
-        def write_inner(data: bytes | bytearray | memoryview) -> int:
-            if link.ended or (faults.out if outbound else faults.in_)._active:
-                return 0
-            sent = inner(data)
-            self._sent += sent
-            return sent
-
-        return write_inner
+        return LinkedWriter(inner, self._link, self._faults, self._outbound)
 
     def direct_reader(self) -> DirectReader | None:
         """The wrapped stream's direct reader, with what ``receive_some`` adds: EOF once the
         connection is cut, ``BrokenResourceError`` once it is reset, and a wait that either
         interrupts (faults apply to sends only, so nothing else is in the way)."""
         inner = direct_reader(self.stream)
-        return None if inner is None else _LinkedReader(inner, self._link)
+        return None if inner is None else LinkedReader(inner, self._link)
 
     def deliver_directly(
         self, writer: DirectWriter | None, wake: Callable[[], None] | None = None
@@ -366,12 +255,7 @@ class FaultyStream(trio.abc.HalfCloseableStream):
         stream = cast(DirectSource, self.stream)
         if writer is None:
             return stream.deliver_directly(None)
-        link = self._link
-
-        def write(data: bytes | bytearray | memoryview) -> int:
-            return 0 if link.ended else writer(data)
-
-        return stream.deliver_directly(write, wake)
+        return stream.deliver_directly(DeliveryGate(writer, self._link), wake)
 
     def _check(self) -> None:
         if self._link.reset:
@@ -380,7 +264,7 @@ class FaultyStream(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         self._check()
         if not self._link.cut:
-            with self._link.guard():
+            with _guard(self._link):
                 return await self.stream.receive_some(max_bytes)
             self._check()
         await trio.lowlevel.checkpoint()
@@ -393,7 +277,7 @@ class FaultyStream(trio.abc.HalfCloseableStream):
             return
         cut = False
         side = self._faults.side(self._outbound)
-        with self._link.guard():
+        with _guard(self._link):
             cut = await self._send(data, side)
         if cut:
             log.debug("%s: closed after %d bytes", self._link.name, side.close_after)
@@ -404,7 +288,7 @@ class FaultyStream(trio.abc.HalfCloseableStream):
         """Send ``data`` through ``faults``; True once ``close_after`` is reached."""
         if not faults.active:
             await self.stream.send_all(data)
-            self._sent += len(data)
+            self._link.count(self._outbound, len(data))
             return False
         if faults.blackhole:
             return False
@@ -412,7 +296,7 @@ class FaultyStream(trio.abc.HalfCloseableStream):
             allowed = max(0, faults.close_after - self._sent)
             if allowed:
                 await self.stream.send_all(data[:allowed])
-                self._sent += allowed
+                self._link.count(self._outbound, allowed)
             return True
         if faults.latency or faults.jitter:
             delay = faults.latency + random.uniform(-faults.jitter, faults.jitter)
@@ -423,20 +307,20 @@ class FaultyStream(trio.abc.HalfCloseableStream):
             if faults.bandwidth:
                 await trio.sleep(len(piece) / faults.bandwidth)
             await self.stream.send_all(piece)
-            self._sent += len(piece)
+            self._link.count(self._outbound, len(piece))
             if faults.slice_size and faults.slice_delay and start + size < len(data):
                 await trio.sleep(faults.slice_delay)
         return False
 
     async def wait_send_all_might_not_block(self) -> None:
         self._check()
-        with self._link.guard():
+        with _guard(self._link):
             await self.stream.wait_send_all_might_not_block()
         self._check()
 
     async def send_eof(self) -> None:
         self._check()
-        with self._link.guard(cuttable=False):
+        with _guard(self._link, cuttable=False):
             await self.stream.send_eof()
         self._check()
 
