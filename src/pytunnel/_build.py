@@ -12,13 +12,14 @@ from __future__ import annotations
 import importlib.machinery
 from pathlib import Path
 
-#: The per-message path: frame codec, multiplexer and its state tables, the session's streams,
-#: the direct readers and the close/half-close helpers. ``setup.py`` reads this tuple (without
-#: importing the package).
+#: The per-message path: frame codec, multiplexer and its state tables, the session and its
+#: streams, the direct readers and the close/half-close helpers. ``setup.py`` reads this tuple
+#: (without importing the package).
 HOT_MODULES = (
     "pytunnel.protocol.frames",
     "pytunnel.protocol.mux",
     "pytunnel.protocol.streams",
+    "pytunnel._session",
     "pytunnel._stream",
     "pytunnel._direct",
     "pytunnel._util",
