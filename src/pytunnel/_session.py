@@ -86,6 +86,11 @@ log = logging.getLogger("pytunnel.session")
 #: Frames decoded between two checkpoints of the reader (a 512 KiB read of pings is ~18,000).
 _FRAMES_PER_BATCH = 256
 
+#: The prefix of the session's task names, given explicitly: trio names a task after its
+#: function, and a compiled method has no module (its name would be the session's repr). The
+#: names are the pure build's from before ``Session`` left ``pytunnel.session``.
+_TASK = "pytunnel.session.Session."
+
 
 class _RoomWaiter:
     """A sender parked in :meth:`Session.wait_for_room`: the bytes it wants queued, and its
@@ -701,12 +706,12 @@ class Session:
         with self._cancel_scope:
             async with trio.open_nursery() as nursery:
                 self._task_nursery = nursery
-                nursery.start_soon(self._reader)
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._reaper)
+                nursery.start_soon(self._reader, name=_TASK + "_reader")
+                nursery.start_soon(self._writer, name=_TASK + "_writer")
+                nursery.start_soon(self._reaper, name=_TASK + "_reaper")
                 if self._answer_deadlines:  # armed before the tasks started
                     self._answer_running = True
-                    nursery.start_soon(self._answer_timer)
+                    nursery.start_soon(self._answer_timer, name=_TASK + "_answer_timer")
 
     async def _reaper(self) -> None:
         """Reset the streams we closed whose peer has not sent its Fin within
@@ -732,7 +737,7 @@ class Session:
             return
         if not self._answer_running:
             self._answer_running = True
-            self._task_nursery.start_soon(self._answer_timer)
+            self._task_nursery.start_soon(self._answer_timer, name=_TASK + "_answer_timer")
         elif self._answer_scope is not None and deadline < self._answer_scope.deadline:
             self._answer_scope.deadline = deadline  # only a shorter timeout than the others
 

@@ -86,7 +86,7 @@ async def open_session(
     body_error: BaseException | None = None
     with unwrap_cancelled():
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(session._run)
+            nursery.start_soon(session._run, name="pytunnel.session.Session._run")
             try:
                 yield session
             except BaseException as exc:
