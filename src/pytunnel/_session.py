@@ -811,7 +811,6 @@ class Session:
         # holding the event loop even when its reads decode into few frames
         reader = socket_reader(transport) or self._inline_tls  # TLS on TCP: the same
         reads = None if reader is None else PacedReads(reader)
-        receive_some = transport.receive_some if reads is None else reads.receive_some
         eof = False
         try:
             while True:
@@ -846,7 +845,11 @@ class Session:
                         return self._terminate(self._goaway_reason or SessionClosedError())
                     self._terminate(trio.BrokenResourceError("transport closed by the peer"))
                     return
-                data = await receive_some(size)
+                data: bytes | bytearray
+                if reads is not None:  # a native call and await in a compiled build
+                    data = await reads.receive_some(size)
+                else:
+                    data = await transport.receive_some(size)
                 self.bytes_read += len(data)
                 self.last_received = now()
                 mux.feed(data)
