@@ -12,14 +12,15 @@ from __future__ import annotations
 import importlib.machinery
 from pathlib import Path
 
-#: The per-message path: frame codec, multiplexer and its state tables, the session's streams,
-#: the direct readers, the relay, the fault wrapper's per-message paths (every forward's
-#: relays go through it) and the close/half-close helpers. ``setup.py`` reads this tuple
+#: The per-message path: frame codec, multiplexer and its state tables, the session and its
+#: streams, the direct readers, the relay, the fault wrapper's per-message paths (every
+#: forward's relays go through it) and the close/half-close helpers. ``setup.py`` reads this tuple
 #: (without importing the package).
 HOT_MODULES = (
     "pytunnel.protocol.frames",
     "pytunnel.protocol.mux",
     "pytunnel.protocol.streams",
+    "pytunnel._session",
     "pytunnel._stream",
     "pytunnel._direct",
     "pytunnel._util",
