@@ -443,8 +443,9 @@ async def _wait_for(predicate: Callable[[], bool], within: float) -> bool:
 
 
 async def test_open_then_reset_releases_the_server_slot_and_cancels_the_dial(
-    nursery: trio.Nursery, blackhole: Blackhole, echo_port: int
+    nursery: trio.Nursery, blackhole: Blackhole, echo_port: int, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="pytunnel.server")
     # the dial would hang for a minute: only the Reset can end it promptly
     server: pytunnel.TunnelServer = await nursery.start(
         functools.partial(pytunnel.serve, 0, token=TOKEN, connect_timeout=60.0)
@@ -469,6 +470,10 @@ async def test_open_then_reset_releases_the_server_slot_and_cancels_the_dial(
         # only the accepted stream holds a slot: the 500 dials were cancelled by their resets
         assert await _wait_for(lambda: server.active_streams == 1, 10.0), server.active_streams
         assert server.session_count == 1
+        # each said so once, at debug level, and none was taken for a failed dial
+        said = f"open of 127.0.0.1:{blackhole.port} cancelled during the dial"
+        assert caplog.text.count(said) == pairs
+        assert "NODE_" not in caplog.text
     finally:
         await stream.aclose()
 
