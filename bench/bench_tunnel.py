@@ -376,6 +376,15 @@ def reported_port(child: Child, pattern: str, what: str, timeout: float = 300) -
     return found
 
 
+def callgrind_total(child: Child, what: str) -> int:
+    """The instructions a child run under ``valgrind --tool=callgrind`` reports in its log
+    once it has exited (the last "Collected" line: a child that forked reports twice)."""
+    found = re.findall(r"Collected : (\d+)", child.log.read_text(errors="replace"))
+    if not found:
+        raise BenchError(f"{what}: no callgrind totals:\n{child.log_tail()}")
+    return int(found[-1])
+
+
 def run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout

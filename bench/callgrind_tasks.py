@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import re
 import signal
 import sys
 import threading
@@ -32,7 +31,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_tasks import BODY, TOKEN
-from bench_tunnel import HOST, BenchError, Processes, listening, reported_port, run_dir, wait_for
+from bench_tunnel import (
+    HOST,
+    BenchError,
+    Processes,
+    callgrind_total,
+    listening,
+    reported_port,
+    run_dir,
+    wait_for,
+)
 
 BENCH_TASKS = Path(__file__).resolve().parent / "bench_tasks.py"
 HEADERS = {"content-type": "application/json; charset=utf-8", "x-runner-token": TOKEN}
@@ -101,10 +109,7 @@ def measure(procs: Processes, server: str, tree: Path | None, count: int, connec
         child.popen.wait(timeout=120)
     finally:
         procs.stop(child)
-    found = re.findall(r"Collected : (\d+)", child.log.read_text(errors="replace"))
-    if not found:
-        raise BenchError(f"{server}: no callgrind totals:\n{child.log_tail()}")
-    return int(found[-1])
+    return callgrind_total(child, server)
 
 
 def main() -> int:

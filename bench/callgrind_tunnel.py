@@ -49,7 +49,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_tunnel import HOST, BenchError, Child, Processes, reported_port, run_dir, wait_for
+from bench_tunnel import (
+    HOST,
+    BenchError,
+    Child,
+    Processes,
+    callgrind_total,
+    reported_port,
+    run_dir,
+    wait_for,
+)
 
 PING = b"p" * 64
 #: Every measured process hashes strings alike: with Python's per-process random seed, dicts
@@ -136,10 +145,7 @@ def _bursts(port: int, count: int) -> None:
 def _collected(child: Child) -> int:
     if child.name.endswith("-cprofile"):
         return _cprofile_sites(Path(child.argv[child.argv.index("-o") + 1]))[""]
-    found = re.findall(r"Collected : (\d+)", child.log.read_text(errors="replace"))
-    if not found:
-        raise BenchError(f"{child.name}: no callgrind totals:\n{child.log_tail()}")
-    return int(found[-1])
+    return callgrind_total(child, child.name)
 
 
 def _stopped_total(procs: Processes, *children: Child) -> int:
