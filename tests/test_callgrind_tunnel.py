@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from pytunnel._build import compiled_modules
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -57,8 +59,14 @@ def test_the_floor_and_a_tree_are_counted_per_process_and_by_site(
         assert connect > 0
         assert serve > 0
         assert abs(per - (connect + serve)) <= 2  # the shares add up (each rounded down)
-    # the tunnel costs more calls per round trip than the bare relays
-    assert rows[str(ROOT)][2] > rows["trio-raw-relay"][2]
+    tunnel, floor = rows[str(ROOT)][2], rows["trio-raw-relay"][2]
+    if not compiled_modules():
+        # cProfile sees pytunnel's own calls too: more per round trip than the bare relays
+        assert tunnel > floor
+    else:
+        # compiled, pytunnel's calls are C calls that cProfile does not see: what it counts
+        # is mostly trio's, of the same order as the bare relays'
+        assert floor / 2 < tunnel < floor * 2
     assert result.stdout.count("sites that grew most") == 4
     # both runs of both processes of both measurements kept: 8 profiles
     assert len(list(keep.iterdir())) == 8
