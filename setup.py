@@ -48,6 +48,8 @@ class _BuildExt(build_ext):
     """``build_ext`` whose failure leaves a working pure-Python build."""
 
     def run(self) -> None:
+        if not self.inplace:
+            self._drop_stale()
         try:
             super().run()
         except Exception as exc:  # a compiler's failure takes many forms
@@ -56,6 +58,17 @@ class _BuildExt(build_ext):
                 Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
             _fallback(f"compiling the hot modules failed ({exc})")
             self.extensions = []
+
+    def _drop_stale(self) -> None:
+        """Remove extension modules an earlier build left in ``build_lib`` that this one does
+        not make (``HOT_MODULES`` changed since): the wheel would
+        carry them, and Python would import them instead of their sources, built against
+        another runtime library."""
+        wanted = {Path(self.get_ext_fullpath(ext.name)).resolve() for ext in self.extensions}
+        lib = Path(self.build_lib)
+        for built in [*lib.glob("pytunnel/**/*.so"), *lib.glob("pytunnel__mypyc*.so")]:
+            if built.resolve() not in wanted:
+                built.unlink()
 
 
 def _drop_compiled_in_place() -> None:
