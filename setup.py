@@ -61,9 +61,8 @@ class _BuildExt(build_ext):
 
     def _drop_stale(self) -> None:
         """Remove extension modules an earlier build left in ``build_lib`` that this one does
-        not make (``HOT_MODULES`` changed since): the wheel would
-        carry them, and Python would import them instead of their sources, built against
-        another runtime library."""
+        not make (``HOT_MODULES`` changed since): the wheel would carry them, and Python would
+        import them instead of their sources, built against another runtime library."""
         wanted = {Path(self.get_ext_fullpath(ext.name)).resolve() for ext in self.extensions}
         lib = Path(self.build_lib)
         for built in [*lib.glob("pytunnel/**/*.so"), *lib.glob("pytunnel__mypyc*.so")]:

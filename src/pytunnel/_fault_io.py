@@ -21,7 +21,7 @@ import trio
 from ._direct import DirectReader, HasFileno, SocketReader
 from ._stream import DirectWriter
 
-__all__ = ["DeliveryGate", "Link", "LinkedReader", "LinkedSocketWriter", "LinkedWriter"]
+__all__ = ["DeliveryGate", "Link", "LinkedReader", "LinkedWriter"]
 
 
 class _Side(Protocol):
@@ -146,40 +146,21 @@ class LinkedReader:
             waiting.remove(entry)
 
 
-class LinkedSocketWriter:
-    """``FaultyStream.direct_writer`` for a plain socket: the write done here, taking
-    nothing while a fault is set for this direction or the connection ended (then every byte
-    goes through ``send_all``, which applies them)."""
-
-    def __init__(self, sock: HasFileno, link: Link, faults: Sides, outbound: bool) -> None:
-        self._sock = sock
-        self._link = link
-        self._faults = faults
-        self._outbound = outbound
-
-    def __call__(self, data: bytes | bytearray | memoryview) -> int:
-        link = self._link
-        if link.ended:
-            return 0
-        faults = self._faults
-        if (faults.out if self._outbound else faults.in_)._active:
-            return 0
-        fd = self._sock.fileno()  # -1 once closed: never a descriptor reused by another
-        if fd < 0:
-            return 0
-        try:
-            sent = os.write(fd, data)
-        except OSError:  # BlockingIOError included
-            return 0
-        link.count(self._outbound, sent)
-        return sent
-
-
 class LinkedWriter:
-    """``FaultyStream.direct_writer`` for any other stream with a direct writer (a mux
-    stream), with the same conditions as :class:`LinkedSocketWriter`."""
+    """``FaultyStream.direct_writer``: a plain socket's write done here (``sock``), or the
+    wrapped stream's own direct writer (``inner``: a mux stream's), taking nothing while a
+    fault is set for this direction or the connection ended (then every byte goes through
+    ``send_all``, which applies them)."""
 
-    def __init__(self, inner: DirectWriter, link: Link, faults: Sides, outbound: bool) -> None:
+    def __init__(
+        self,
+        sock: HasFileno | None,
+        inner: DirectWriter | None,
+        link: Link,
+        faults: Sides,
+        outbound: bool,
+    ) -> None:
+        self._sock = sock
         self._inner = inner
         self._link = link
         self._faults = faults
@@ -192,7 +173,18 @@ class LinkedWriter:
         faults = self._faults
         if (faults.out if self._outbound else faults.in_)._active:
             return 0
-        sent = self._inner(data)
+        sock = self._sock
+        if sock is None:
+            assert self._inner is not None
+            sent = self._inner(data)
+        else:
+            fd = sock.fileno()  # -1 once closed: never a descriptor reused by another
+            if fd < 0:
+                return 0
+            try:
+                sent = os.write(fd, data)
+            except OSError:  # BlockingIOError included
+                return 0
         link.count(self._outbound, sent)
         return sent
 

@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from .._direct import raw_socket
-from .._fault_io import DeliveryGate, Link, LinkedReader, LinkedSocketWriter, LinkedWriter
+from .._fault_io import DeliveryGate, Link, LinkedReader, LinkedWriter
 from .._relay import DirectReader, DirectSource, abort, direct_reader, direct_writer
 from .._stream import DirectWriter
 from .._util import close_now, implements, send_eof_now
@@ -231,11 +231,11 @@ class FaultyStream(trio.abc.HalfCloseableStream):
         stream = self.stream
         if isinstance(stream, trio.SocketStream) and os.name == "posix":
             sock = raw_socket(stream.socket)
-            return LinkedSocketWriter(sock, self._link, self._faults, self._outbound)
+            return LinkedWriter(sock, None, self._link, self._faults, self._outbound)
         inner = direct_writer(stream)
         if inner is None:
             return None
-        return LinkedWriter(inner, self._link, self._faults, self._outbound)
+        return LinkedWriter(None, inner, self._link, self._faults, self._outbound)
 
     def direct_reader(self) -> DirectReader | None:
         """The wrapped stream's direct reader, with what ``receive_some`` adds: EOF once the
