@@ -375,6 +375,23 @@ async def udp_echo(*, task_status: trio.TaskStatus[int]) -> None:
             await sock.sendto(reply, addr)
 
 
+async def until_listening(process: trio.Process, host: str, port: int, seconds: float = 20) -> None:
+    """Until ``host:port`` accepts a connection (closed at once), while ``process`` runs.
+
+    A daemon started with ``open_process`` binds its ports some time after the call returns;
+    a client started before that is refused, and a client refused on its first connect exits
+    (as ``ssh`` does), so a test waits here instead of racing the bind.
+    """
+    with trio.fail_after(seconds):
+        while True:
+            assert process.poll() is None, f"{process.args!r} exited: {process.returncode}"
+            try:
+                await (await trio.open_tcp_stream(host, port)).aclose()
+                return
+            except OSError:
+                await trio.sleep(0.05)
+
+
 async def send_and_read_all(address: tuple[str, int], payload: bytes) -> bytes:
     """Send ``payload`` then EOF, and return everything the service answers until its EOF
     (a small payload: sent before reading; errors come through as they are, ungrouped)."""

@@ -8,7 +8,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import IO
 
 import pytest
 import trio
@@ -42,40 +44,66 @@ async def _fails(*args: str, status: int = 1) -> str:
     return stderr
 
 
-class Process:
-    """A pytunnel process whose stdout lines are awaited with a deadline (a hang detector)."""
+class Exited(AssertionError):
+    """The process ended before printing the line a test waited for."""
 
-    def __init__(self, process: trio.Process) -> None:
+
+class Process:
+    """A pytunnel process whose stdout lines are awaited with a deadline (a hang detector).
+
+    Its stderr goes to an unnamed temporary file (a pipe nobody reads would fill up and block
+    the process), so a process that exits early fails the test with its own last words.
+    """
+
+    def __init__(self, process: trio.Process, errors: IO[bytes]) -> None:
         self.process = process
+        self._errors = errors
         self._pending = b""
 
     @classmethod
     async def start(cls, *args: str) -> Process:
+        errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed with the process, in kill)
         process = await trio.lowlevel.open_process(
             [*PYTUNNEL, *args],
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=errors,
             env={**os.environ, "PYTUNNEL_TOKEN": TOKEN},
         )
-        return cls(process)
+        return cls(process, errors)
+
+    def stderr(self, tail: int = 4000) -> str:
+        """The last ``tail`` characters the process has logged so far."""
+        fd = self._errors.fileno()
+        size = os.fstat(fd).st_size
+        return os.pread(fd, tail, max(0, size - tail)).decode(errors="replace")
 
     async def line_with(self, text: str, seconds: float = 30) -> str:
         assert self.process.stdout is not None
-        with trio.fail_after(seconds):
+        with trio.move_on_after(seconds):
             while True:
                 while b"\n" in self._pending:
                     line, _, self._pending = self._pending.partition(b"\n")
                     if text in line.decode():
                         return line.decode()
                 chunk = await self.process.stdout.receive_some()
-                assert chunk, f"the process exited before saying {text!r}"
+                if not chunk:
+                    status = await self.process.wait()
+                    raise Exited(
+                        f"the process exited ({status}) before saying {text!r}; its stderr "
+                        f"ends with:\n{self.stderr()}"
+                    )
                 self._pending += chunk
+        raise AssertionError(
+            f"no line with {text!r} in {seconds} s; the process's stderr ends with:\n"
+            f"{self.stderr()}"
+        )
 
     async def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.process.poll() is None:
             os.kill(self.process.pid, sig)
         with trio.CancelScope(shield=True):
             await self.process.wait()
+        self._errors.close()
 
 
 async def _node(etcd: EtcdServer, name: str, public_host: str, *extra: str) -> tuple[Process, str]:

@@ -30,8 +30,9 @@ from helpers import (
     send_and_read_all,
     start_link_proxy,
     tagged_service,
+    until_listening,
 )
-from test_cluster_cli import PYTUNNEL, TOKEN, Process
+from test_cluster_cli import PYTUNNEL, TOKEN, Exited, Process
 
 pytestmark = [
     needs_etcd,
@@ -185,6 +186,8 @@ async def cluster(etcd: EtcdServer, tmp_path: Path) -> AsyncIterator[_Cluster]:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        for port in (control_port, public_port, http_port, spare_port):
+            await until_listening(balancer, BALANCER, port)
         yield _Cluster(nodes, control_port, public_port, http_port, spare_port)
     finally:
         if balancer is not None and balancer.poll() is None:
@@ -210,6 +213,20 @@ async def _until_served(host: str, port: int, payload: bytes, seconds: float = 6
             except (OSError, trio.BrokenResourceError):
                 pass
             await trio.sleep(0.1)
+
+
+def _forward_host(line: str, port: int) -> str | None:
+    """The node's public host if ``line`` is the client's line for its remote forward of
+    ``port``, on whichever node the balancer picked; else None."""
+    return next((h for h in HOSTS if f"remote forward {h}:{port} " in line), None)
+
+
+async def _forward_up(client: Process, port: int) -> str:
+    """Until ``client`` says its remote forward of ``port`` is up; the node's host in it."""
+    while True:
+        host = _forward_host(await client.line_with("remote forward "), port)
+        if host is not None:
+            return host
 
 
 async def _owner(etcd: EtcdServer, key: str) -> str:
@@ -240,12 +257,15 @@ async def test_three_nodes_behind_haproxy_serve_every_connection_and_survive_a_k
             "-R",
             f"app:80:127.0.0.1:{echo_port}",
         )
-        wanted = {f"remote forward 127.0.0.1:{public_port}", "name route http://app.tunnel.test"}
+        forwarded: str | None = None
+        routed = False
         with trio.fail_after(60):  # a hang detector; the two lines come in either order
-            while wanted:
+            while forwarded is None or not routed:
                 line = await client.line_with("")
-                wanted = {text for text in wanted if text not in line}
+                forwarded = forwarded or _forward_host(line, public_port)
+                routed = routed or "name route http://app.tunnel.test" in line
         owner = await _owner(etcd, f"tcp/{public_port}")
+        assert HOSTS[int(owner[1:]) - 1] == forwarded, (owner, forwarded)
         assert await _owner(etcd, "http/app.tunnel.test") == owner
 
         # every node serves the port (two of them relay it to the owner) ...
@@ -342,8 +362,9 @@ async def test_the_engine_killed_and_restarted_under_traffic_through_haproxy(
             "connect", through, "--backoff-max", "1", "-R", f"{public_port}:127.0.0.1:{echo_port}"
         )
         clients.append(first)
-        await first.line_with(f"remote forward 127.0.0.1:{public_port}")
+        host = await _forward_up(first, public_port)
         owner = await _owner(etcd, f"tcp/{public_port}")
+        assert HOSTS[int(owner[1:]) - 1] == host, (owner, host)
         for host in HOSTS:  # every node knows the owner (mirrors the port) before the outage
             await _until_served(host, public_port, f"before, via {host}".encode())
         # six held connections through the balancer: two land on each node, so four of them
@@ -385,9 +406,9 @@ async def test_the_engine_killed_and_restarted_under_traffic_through_haproxy(
                 )
                 clients.append(late)
                 try:
-                    await late.line_with(f"remote forward 127.0.0.1:{late_port}")
+                    await _forward_up(late, late_port)
                     break
-                except AssertionError:  # it exited: refused, the node not back yet
+                except Exited:  # refused, the node not back yet
                     await late.kill()
                     await trio.sleep(0.5)
         registered = trio.current_time() - restarted

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 from click.testing import CliRunner
-from helpers import TOKEN, closed_port, echo_once, wait_until
+from helpers import TOKEN, closed_port, echo_once, until_listening, wait_until
 from test_remote_proxy_protocol import HeaderTarget
 
 import pytunnel
@@ -278,14 +278,7 @@ backend server
         stderr=subprocess.DEVNULL,
     )
     try:
-        with trio.fail_after(20):
-            while True:
-                assert process.poll() is None, "haproxy exited"
-                try:
-                    await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
-                    break
-                except OSError:
-                    await trio.sleep(0.05)
+        await until_listening(process, "127.0.0.1", port)
         yield port
     finally:
         with trio.CancelScope(shield=True):
