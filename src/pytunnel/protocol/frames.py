@@ -237,16 +237,6 @@ def _data_message(stream: int, payload: bytes) -> Data:
     return message
 
 
-def _parse_data(buf: bytes | bytearray, start: int, end: int) -> Data | None:
-    """The Data message if ``buf[start:end]`` is exactly the canonical Data body, else None
-    (then the generic decoder decides, with all its checks)."""
-    body = buf if type(buf) is bytes else bytes(buf)
-    stream, p = _data_layout(body, start, end)
-    if not p or body[end - len(_DATA_TAIL) : end] != _DATA_TAIL:
-        return None
-    return _data_message(stream, body[p : end - len(_DATA_TAIL)])
-
-
 def encode_message(message: Message, max_frame_size: int = MAX_FRAME_SIZE_LIMIT) -> bytes:
     """Serialize one message as a complete frame (header included).
 
