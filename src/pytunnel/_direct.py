@@ -25,7 +25,15 @@ import trio
 
 from .errors import caused_by
 
-__all__ = ["MAX_STREAK", "DirectReader", "HasFileno", "PacedReads", "SocketReader", "raw_socket"]
+__all__ = [
+    "MAX_STREAK",
+    "DirectReader",
+    "HasFileno",
+    "PacedReads",
+    "SocketReader",
+    "raw_socket",
+    "write_now",
+]
 
 #: Reads in a row without a wait after which a reader yields (``trio.lowlevel.checkpoint``):
 #: a busy connection still lets the others run, and sees its cancellation, within this many
@@ -50,6 +58,22 @@ def raw_socket(sock: object) -> HasFileno:
         return inner
     assert hasattr(sock, "fileno")
     return sock
+
+
+def write_now(sock: HasFileno, data: bytes | bytearray | memoryview) -> int:
+    """What the socket takes of ``data`` without blocking: the bytes written, 0 when it would
+    block, is closed or broke (a direct writer's contract: the caller falls back to
+    ``send_all``, which waits, or reports the broken connection itself).
+
+    The descriptor is asked for on every write: -1 once the socket was closed, never one a
+    later socket reused."""
+    fd = sock.fileno()
+    if fd < 0:
+        return 0
+    try:
+        return os.write(fd, data)
+    except OSError:  # BlockingIOError included
+        return 0
 
 
 class DirectReader(Protocol):

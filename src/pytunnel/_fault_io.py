@@ -12,13 +12,12 @@ ended, is a fault set for this direction", and counts what it sent.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Protocol
 
 import trio
 
-from ._direct import DirectReader, HasFileno, SocketReader
+from ._direct import DirectReader, HasFileno, SocketReader, write_now
 from ._stream import DirectWriter
 
 __all__ = ["DeliveryGate", "Link", "LinkedReader", "LinkedWriter"]
@@ -178,13 +177,7 @@ class LinkedWriter:
             assert self._inner is not None
             sent = self._inner(data)
         else:
-            fd = sock.fileno()  # -1 once closed: never a descriptor reused by another
-            if fd < 0:
-                return 0
-            try:
-                sent = os.write(fd, data)
-            except OSError:  # BlockingIOError included
-                return 0
+            sent = write_now(sock, data)
         link.count(self._outbound, sent)
         return sent
 

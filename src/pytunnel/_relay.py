@@ -33,7 +33,15 @@ try:
 except ImportError:  # pragma: no cover - another trio: every clock is read through its method
     _SystemClock = None  # type: ignore[assignment,misc]
 
-from ._direct import MAX_STREAK, DirectReader, PacedReads, SocketReader, raw_socket, socket_reader
+from ._direct import (
+    MAX_STREAK,
+    DirectReader,
+    PacedReads,
+    SocketReader,
+    raw_socket,
+    socket_reader,
+    write_now,
+)
 from ._relay_protocols import (
     BreakableStream,
     DirectReceive,
@@ -383,14 +391,10 @@ def direct_reader(stream: trio.abc.ReceiveStream) -> DirectReader | None:
 
 
 def _socket_writer(sock: trio.socket.SocketType) -> DirectWriter:
+    raw = raw_socket(sock)
+
     def write(data: bytes | bytearray | memoryview) -> int:
-        fd = sock.fileno()  # -1 once closed: never a descriptor reused by someone else
-        if fd < 0:
-            return 0
-        try:
-            return os.write(fd, data)
-        except OSError:  # BlockingIOError included
-            return 0
+        return write_now(raw, data)
 
     return write
 
@@ -526,13 +530,7 @@ class _Taskless:
             assert self._inner is not None
             sent = self._inner(data)
         else:
-            fd = sock.fileno()  # -1 once closed: never a descriptor reused by someone else
-            if fd < 0:
-                return 0
-            try:
-                sent = os.write(fd, data)
-            except OSError:  # BlockingIOError included
-                return 0
+            sent = write_now(sock, data)
         if sent:
             ending = self.ending
             if not ending.sending:  # ending.touch(), inline: once per message
